@@ -1,0 +1,136 @@
+//! What the host and the guest agent say to each other.
+//!
+//! The control port carries JSON Lines in both directions: the host sends one `Job`, the
+//! agent answers with `hello` first and `done` last. The tunnel port carries multiplexed
+//! TCP streams; each stream opened by the guest starts with one byte naming its target.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The name of the control port (virtio-serial) as the guest sees it.
+pub const CONTROL_PORT: &str = "org.contractor.control";
+/// The name of the tunnel port (virtio-serial) as the guest sees it.
+pub const TUNNEL_PORT: &str = "org.contractor.tunnel";
+/// Guest loopback port where the proxy is reachable.
+pub const GUEST_PROXY_PORT: u16 = 3128;
+/// Guest loopback port where the store is reachable.
+pub const GUEST_STORE_PORT: u16 = 8480;
+
+/// Where a tunnel stream goes: its first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelTarget {
+    /// The filtering proxy.
+    Proxy,
+    /// The artifact store.
+    Store,
+    /// The build's output (guest to host only, raw bytes).
+    Log,
+}
+
+impl TunnelTarget {
+    /// The byte that opens a stream to this target.
+    pub fn tag(self) -> u8 {
+        match self {
+            TunnelTarget::Proxy => b'p',
+            TunnelTarget::Store => b's',
+            TunnelTarget::Log => b'l',
+        }
+    }
+
+    /// The target a stream's first byte names.
+    pub fn from_tag(tag: u8) -> Option<Self> {
+        match tag {
+            b'p' => Some(TunnelTarget::Proxy),
+            b's' => Some(TunnelTarget::Store),
+            b'l' => Some(TunnelTarget::Log),
+            _ => None,
+        }
+    }
+}
+
+/// The build the agent runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Job {
+    /// Run with `sh -e -c` in the unpacked source directory.
+    pub script: String,
+    /// Extra environment for the script.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Store path (URL path) of the source tar, e.g. `/builds/ID/source.tar`.
+    pub source: String,
+    /// Paths or globs, relative to the source root, uploaded after a successful script.
+    #[serde(default)]
+    pub artifacts: Vec<String>,
+    /// Store path prefix the artifacts are uploaded under, e.g. `/builds/ID/artifacts/`.
+    pub artifacts_dest: String,
+}
+
+/// Host to guest, on the control port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum HostMessage {
+    /// Run this build.
+    Job {
+        /// Protocol version, 1.
+        version: u32,
+        /// The build.
+        job: Job,
+    },
+}
+
+/// A phase of the build inside the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Fetching and unpacking the source.
+    Source,
+    /// Running the script.
+    Script,
+    /// Uploading artifacts.
+    Artifacts,
+}
+
+/// Guest to host, on the control port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum GuestMessage {
+    /// The agent is up. First message.
+    Hello {
+        /// Protocol version, 1.
+        version: u32,
+        /// The agent's version.
+        agent_version: String,
+    },
+    /// A phase began.
+    Phase {
+        /// Which phase.
+        phase: Phase,
+    },
+    /// One artifact was uploaded.
+    Artifact {
+        /// Path relative to the source root.
+        path: String,
+        /// Size in bytes.
+        size: u64,
+    },
+    /// The script ended.
+    ScriptExited {
+        /// Its exit code, if it exited.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<i32>,
+        /// The signal that killed it, if one did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<i32>,
+    },
+    /// The agent could not do its part (not the script's failure).
+    Error {
+        /// A short machine-readable code, e.g. `source_fetch`.
+        code: String,
+        /// The error and its causes, outermost first.
+        chain: Vec<String>,
+    },
+    /// The agent is finished and powers off. Last message.
+    Done,
+}

@@ -1,0 +1,23 @@
+//! The wire types every Contractor tool speaks.
+//!
+//! Each tool reads one request object (JSON) on stdin and writes either one result object or
+//! a stream of JSON Lines events on stdout. Every message carries a `"type"` tag; the first
+//! message of a stream carries `"version": 1`. Inputs reject unknown fields so a typo fails
+//! loudly; event readers tolerate unknown message types (`Unknown`) so that adding a message
+//! type is a compatible change. docs/protocol.md shows an example of every message.
+
+#![warn(missing_docs)]
+
+pub mod agent;
+pub mod exit;
+pub mod jsonl;
+pub mod proxy;
+pub mod result;
+pub mod run;
+pub mod service;
+pub mod vm;
+
+pub use exit::ExitCode;
+
+/// The protocol version carried by the first message of every stream.
+pub const PROTOCOL_VERSION: u32 = 1;

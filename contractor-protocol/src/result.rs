@@ -1,0 +1,83 @@
+//! How a build ended: the outcome shared by `contractor-run`'s closing event and the build
+//! record's `result.json`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// How a build ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The script exited 0 and every artifact was collected.
+    Success,
+    /// The script failed, or an artifact was missing.
+    Failed,
+    /// The build ran past its timeout and was stopped.
+    Timeout,
+    /// The machinery failed: the VM, the agent, libvirt.
+    Infrastructure,
+    /// The user interrupted the build.
+    Interrupted,
+}
+
+impl Outcome {
+    /// The exit code a tool reports for this outcome.
+    pub fn exit_code(self) -> crate::ExitCode {
+        use crate::ExitCode;
+        match self {
+            Outcome::Success => ExitCode::Success,
+            Outcome::Failed | Outcome::Timeout => ExitCode::BuildFailed,
+            Outcome::Infrastructure => ExitCode::Infrastructure,
+            Outcome::Interrupted => ExitCode::Interrupted,
+        }
+    }
+}
+
+/// An error reported as data: a code and the chain of messages, outermost first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorInfo {
+    /// A short machine-readable code.
+    pub code: String,
+    /// The error and its causes, outermost first.
+    pub chain: Vec<String>,
+}
+
+/// One collected artifact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Artifact {
+    /// Path relative to the source root.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// `builds/<id>/result.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildResult {
+    /// Protocol version, 1.
+    pub version: u32,
+    /// The build's id.
+    pub id: String,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// The script's exit code, when it exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Wall time of the whole build, in seconds.
+    pub duration_secs: f64,
+    /// The build's output.
+    pub log: PathBuf,
+    /// The VM's serial console.
+    pub console_log: PathBuf,
+    /// Collected artifacts (paths on the host).
+    pub artifacts: Vec<PathBuf>,
+    /// Hosts the proxy refused.
+    pub refused_hosts: Vec<String>,
+    /// What went wrong, for infrastructure failures and timeouts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+}

@@ -1,0 +1,80 @@
+//! `contractor-run`: its request (stdin) and its event stream (stdout, JSON Lines).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::agent::{Job, Phase};
+use crate::result::{ErrorInfo, Outcome};
+
+/// What `contractor-run` is asked to do: run `job` in the VM whose channels are given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    /// Protocol version, 1.
+    pub version: u32,
+    /// Host end of the VM's control channel.
+    pub control_socket: PathBuf,
+    /// Host end of the VM's tunnel channel.
+    pub tunnel_socket: PathBuf,
+    /// The filtering proxy the guest's proxy streams go to.
+    pub proxy: SocketAddr,
+    /// The artifact store the guest's store streams go to.
+    pub store: SocketAddr,
+    /// File the build's output is written to (raw bytes, as produced).
+    pub log: PathBuf,
+    /// Wall-clock limit for the whole run, in seconds, from the moment the request is read.
+    pub timeout_secs: u64,
+    /// The build.
+    pub job: Job,
+}
+
+/// One event of `contractor-run`'s stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RunEvent {
+    /// First event.
+    Started {
+        /// Protocol version, 1.
+        version: u32,
+    },
+    /// The guest agent answered.
+    AgentReady {
+        /// The agent's version.
+        agent_version: String,
+    },
+    /// A phase began in the guest.
+    Phase {
+        /// Which phase.
+        phase: Phase,
+    },
+    /// Build output (lossy UTF-8; the log file has the exact bytes).
+    Output {
+        /// The text.
+        text: String,
+    },
+    /// An artifact was stored.
+    Artifact {
+        /// Path relative to the source root.
+        path: String,
+        /// Size in bytes.
+        size: u64,
+    },
+    /// Last event: how the run ended.
+    Finished {
+        /// How it ended.
+        outcome: Outcome,
+        /// The script's exit code, when it exited.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit_code: Option<i32>,
+        /// Seconds from request to end.
+        duration_secs: f64,
+        /// What went wrong, unless it succeeded or the script failed on its own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<ErrorInfo>,
+    },
+    /// A message type this reader does not know (from a newer writer).
+    #[serde(other)]
+    Unknown,
+}

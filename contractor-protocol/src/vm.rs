@@ -1,0 +1,151 @@
+//! Requests to and results from `contractor-vm`: one request enum (create, status, destroy,
+//! list, reap), one result per request. What the user asked for (`VmSpec`) is kept apart
+//! from what exists at run time (`VmInfo`).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Which accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Accel {
+    /// KVM when the CPU has the vmx or svm flag, otherwise TCG.
+    #[default]
+    Auto,
+    /// Hardware virtualisation; fails where KVM cannot boot the guest.
+    Kvm,
+    /// Software emulation; works everywhere, slower.
+    Tcg,
+}
+
+/// The boot files of a builder image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootImage {
+    /// The qcow2 base disk; never written: each VM gets an overlay on it.
+    pub disk: PathBuf,
+    /// The kernel for direct kernel boot.
+    pub kernel: PathBuf,
+    /// The initrd, if the kernel needs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+}
+
+/// What the caller asks for when creating a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// Domain name; must start with `contractor-`. Generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The image to boot.
+    pub image: BootImage,
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Size of the VM's disk in GiB (the overlay's virtual size; at least the base's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_gib: Option<u64>,
+    /// Accelerator choice.
+    #[serde(default)]
+    pub accel: Accel,
+    /// Where the serial console is logged.
+    pub console_log: PathBuf,
+    /// Directory for the overlay disk (deleted with the VM).
+    pub work_dir: PathBuf,
+}
+
+/// A request to `contractor-vm`, on stdin or built from flags.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum VmRequest {
+    /// Create and start a transient VM.
+    Create {
+        /// Protocol version, 1.
+        version: u32,
+        /// libvirt connection URI.
+        uri: String,
+        /// What to create.
+        spec: VmSpec,
+    },
+    /// Report one VM's state.
+    Status {
+        /// Protocol version, 1.
+        version: u32,
+        /// libvirt connection URI.
+        uri: String,
+        /// Domain name.
+        name: String,
+    },
+    /// Destroy a VM and delete its overlay.
+    Destroy {
+        /// Protocol version, 1.
+        version: u32,
+        /// libvirt connection URI.
+        uri: String,
+        /// Domain name.
+        name: String,
+    },
+    /// List Contractor's VMs.
+    List {
+        /// Protocol version, 1.
+        version: u32,
+        /// libvirt connection URI.
+        uri: String,
+    },
+}
+
+/// A VM as it exists at run time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmInfo {
+    /// Domain name.
+    pub name: String,
+    /// libvirt connection URI.
+    pub uri: String,
+    /// libvirt's state: `running`, `shutoff`, ...
+    pub state: String,
+    /// Host end of the control channel (a Unix socket), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_socket: Option<PathBuf>,
+    /// Host end of the tunnel channel (a Unix socket), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_socket: Option<PathBuf>,
+    /// The VM's overlay disk, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<PathBuf>,
+    /// The accelerator in use (`kvm` or `tcg`), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<Accel>,
+}
+
+/// The single result object `contractor-vm` prints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum VmResult {
+    /// A VM (after create or status).
+    Vm {
+        /// Protocol version, 1.
+        version: u32,
+        /// The VM.
+        vm: VmInfo,
+    },
+    /// The VM is gone.
+    Destroyed {
+        /// Protocol version, 1.
+        version: u32,
+        /// Domain name.
+        name: String,
+    },
+    /// Contractor's VMs.
+    List {
+        /// Protocol version, 1.
+        version: u32,
+        /// The VMs.
+        vms: Vec<VmInfo>,
+    },
+}

@@ -1,0 +1,1 @@
+//! contractor-store.

@@ -84,7 +84,7 @@ mod tests {
         match err {
             JsonlError::Parse { line, source } => {
                 assert_eq!(line, 3);
-                assert!(source.to_string().contains("version"), "{source}");
+                assert!(source.to_string().contains("oops"), "{source}");
             }
             other => panic!("unexpected error {other:?}"),
         }

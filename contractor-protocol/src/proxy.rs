@@ -15,8 +15,11 @@ pub enum Verdict {
 /// `{"type":"decision","time":"...","client":"127.0.0.1:5000","method":"CONNECT",
 /// "host":"example.com","port":443,"decision":"deny","reason":"host not on the allowlist"}`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename = "decision", deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct Decision {
+    /// Always `decision`.
+    #[serde(rename = "type")]
+    pub kind: DecisionTag,
     /// Seconds since the Unix epoch, with milliseconds.
     pub time: f64,
     /// The client's address.
@@ -31,4 +34,12 @@ pub struct Decision {
     pub decision: Verdict,
     /// Why: the rule that matched, or why none did.
     pub reason: String,
+}
+
+/// The `"type"` of a [`Decision`] line (a one-value field, see `service::ReadyTag`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionTag {
+    /// `"decision"`
+    Decision,
 }

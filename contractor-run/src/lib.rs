@@ -1,1 +1,15 @@
-//! contractor-run.
+//! Runs one build in a started builder VM.
+//!
+//! `host` is the host side (`contractor-run`): it talks to the guest agent over the VM's
+//! control channel and relays the tunnel's streams to the proxy and the store. `guest` is
+//! the agent itself, built into a static binary and installed in the builder image.
+//! `tunnel` is the multiplexing both sides share.
+
+#![warn(missing_docs)]
+
+pub mod guest;
+pub mod host;
+pub mod text;
+pub mod tunnel;
+
+pub use host::{run, EventSink};

@@ -1,0 +1,24 @@
+//! The guest agent: init (PID 1) of the builder VM, or `contractor-agent serve` under
+//! another init.
+
+use contractor_run::guest;
+
+fn main() -> std::process::ExitCode {
+    if std::process::id() == 1 {
+        guest::init::run_as_init();
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("contractor-agent: cannot start the async runtime: {err}");
+            return std::process::ExitCode::from(3);
+        }
+    };
+    match runtime.block_on(guest::agent::serve()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("contractor-agent: {}", anyhow::Error::from(err).chain().map(|e| e.to_string()).collect::<Vec<_>>().join(": "));
+            std::process::ExitCode::from(3)
+        }
+    }
+}

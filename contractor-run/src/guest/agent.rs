@@ -1,0 +1,462 @@
+//! The agent's conversation with the host: say hello, take the job, fetch the source from
+//! the store, run the script with its output on the log stream, upload the artifacts,
+//! report, and finish with `done`.
+//!
+//! Inside the guest, the proxy and the store are loopback ports served by this agent; each
+//! connection to them becomes one tunnel stream. The build reaches nothing else.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::Bytes;
+use contractor_protocol::agent::{
+    GuestMessage, HostMessage, Job, Phase, TunnelTarget, CONTROL_PORT, GUEST_PROXY_PORT, GUEST_STORE_PORT,
+    TUNNEL_PORT,
+};
+use contractor_protocol::PROTOCOL_VERSION;
+use futures::TryStreamExt;
+use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper::body::Frame;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+
+use crate::tunnel::{self, Opener, Side};
+
+/// Where the source is unpacked and the script runs.
+pub const WORK_DIR: &str = "/build";
+/// The agent's version, reported in `hello`.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+const PORT_WAIT: Duration = Duration::from_secs(60);
+const OUTPUT_GRACE: Duration = Duration::from_secs(5);
+
+/// Characters escaped in an artifact's URL path (everything but unreserved and `/`).
+const PATH_ESCAPES: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~').remove(b'/');
+
+/// Errors of the agent. Those after `hello` are reported to the host as `error` messages.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A virtio-serial port is missing or broken.
+    #[error("cannot open the {name} port")]
+    Port {
+        /// The port name.
+        name: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The control conversation failed.
+    #[error("control channel failed")]
+    Control(#[source] std::io::Error),
+    /// The host sent something else than a job.
+    #[error("the host sent an invalid job")]
+    BadJob(#[source] serde_json::Error),
+    /// The host closed the control channel before sending a job.
+    #[error("the host sent no job")]
+    NoJob,
+    /// A loopback listener could not be started.
+    #[error("cannot listen on {addr}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Talking to the store failed.
+    #[error("store request {what} failed")]
+    Store {
+        /// What was asked.
+        what: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The store answered with an error status.
+    #[error("store refused {what}: {status} {body}")]
+    StoreStatus {
+        /// What was asked.
+        what: String,
+        /// The status.
+        status: StatusCode,
+        /// The body, truncated.
+        body: String,
+    },
+    /// Local file work failed.
+    #[error("{what} {path}")]
+    File {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The script could not be started.
+    #[error("cannot start the script")]
+    Spawn(#[source] std::io::Error),
+    /// An artifact pattern matched nothing.
+    #[error("artifact {pattern:?} matched no file")]
+    ArtifactMissing {
+        /// The pattern from the spec.
+        pattern: String,
+    },
+    /// An artifact pattern is not a valid relative glob.
+    #[error("artifact pattern {pattern:?} is invalid: {reason}")]
+    BadPattern {
+        /// The pattern.
+        pattern: String,
+        /// Why.
+        reason: String,
+    },
+    /// The tunnel failed.
+    #[error("tunnel failed")]
+    Tunnel(#[source] tunnel::TunnelError),
+}
+
+impl AgentError {
+    /// The machine-readable code sent to the host.
+    fn code(&self) -> &'static str {
+        match self {
+            AgentError::ArtifactMissing { .. } | AgentError::BadPattern { .. } => "artifact_missing",
+            AgentError::Store { .. } | AgentError::StoreStatus { .. } => "store",
+            AgentError::Spawn(_) => "spawn",
+            _ => "agent",
+        }
+    }
+}
+
+/// The agent's whole life: returns when it has said `done` (or cannot talk to the host).
+pub async fn serve() -> Result<(), AgentError> {
+    let control = crate::guest::port::open(CONTROL_PORT, PORT_WAIT)
+        .map_err(|source| AgentError::Port { name: CONTROL_PORT, source })?;
+    let tunnel_io = crate::guest::port::open(TUNNEL_PORT, PORT_WAIT)
+        .map_err(|source| AgentError::Port { name: TUNNEL_PORT, source })?;
+    let (opener, _) = tunnel::spawn(tunnel_io, Side::Guest);
+    let (read_half, mut control_out) = tokio::io::split(control);
+
+    send(&mut control_out, &GuestMessage::Hello { version: PROTOCOL_VERSION, agent_version: AGENT_VERSION.into() })
+        .await?;
+    let job = receive_job(read_half).await?;
+
+    let result = run_job(&job, &opener, &mut control_out).await;
+    if let Err(err) = &result {
+        let mut chain = vec![err.to_string()];
+        let mut source = std::error::Error::source(err);
+        while let Some(cause) = source {
+            chain.push(cause.to_string());
+            source = cause.source();
+        }
+        send(&mut control_out, &GuestMessage::Error { code: err.code().into(), chain }).await?;
+    }
+    send(&mut control_out, &GuestMessage::Done).await
+}
+
+async fn run_job<W: AsyncWrite + Unpin>(job: &Job, opener: &Opener, control: &mut W) -> Result<(), AgentError> {
+    forward(GUEST_PROXY_PORT, TunnelTarget::Proxy, opener).await?;
+    forward(GUEST_STORE_PORT, TunnelTarget::Store, opener).await?;
+
+    send(control, &GuestMessage::Phase { phase: Phase::Source }).await?;
+    fetch_source(opener, &job.source, Path::new(WORK_DIR)).await?;
+
+    send(control, &GuestMessage::Phase { phase: Phase::Script }).await?;
+    let (code, signal) = run_script(job, opener).await?;
+    send(control, &GuestMessage::ScriptExited { code, signal }).await?;
+
+    if code == Some(0) && !job.artifacts.is_empty() {
+        send(control, &GuestMessage::Phase { phase: Phase::Artifacts }).await?;
+        for (path, relative) in artifact_files(Path::new(WORK_DIR), &job.artifacts)? {
+            let size = upload(opener, &path, &format!("{}{}", job.artifacts_dest, relative)).await?;
+            send(control, &GuestMessage::Artifact { path: relative, size }).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn send<W: AsyncWrite + Unpin>(out: &mut W, message: &GuestMessage) -> Result<(), AgentError> {
+    let mut line = serde_json::to_vec(message).map_err(|e| AgentError::Control(e.into()))?;
+    line.push(b'\n');
+    out.write_all(&line).await.map_err(AgentError::Control)?;
+    out.flush().await.map_err(AgentError::Control)
+}
+
+async fn receive_job<R: tokio::io::AsyncRead + Unpin>(input: R) -> Result<Job, AgentError> {
+    let mut lines = BufReader::new(input).lines();
+    loop {
+        let line = lines.next_line().await.map_err(AgentError::Control)?.ok_or(AgentError::NoJob)?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let HostMessage::Job { job, .. } = serde_json::from_str(&line).map_err(AgentError::BadJob)?;
+        return Ok(job);
+    }
+}
+
+/// Serves a guest loopback port by carrying each connection over the tunnel to `target`.
+async fn forward(port: u16, target: TunnelTarget, opener: &Opener) -> Result<(), AgentError> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let listener = TcpListener::bind(addr).await.map_err(|source| AgentError::Listen { addr, source })?;
+    let opener = opener.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let opener = opener.clone();
+            tokio::spawn(async move {
+                if let Ok(mut stream) = opener.open(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut stream).await;
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// One HTTP/1.1 request to the store over a fresh tunnel stream.
+async fn store_request<B>(
+    opener: &Opener,
+    request: Request<B>,
+) -> Result<hyper::Response<hyper::body::Incoming>, Box<dyn std::error::Error + Send + Sync>>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = opener.open(TunnelTarget::Store).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    Ok(sender.send_request(request).await?)
+}
+
+async fn check_status(what: &str, response: hyper::Response<hyper::body::Incoming>) -> Result<hyper::Response<hyper::body::Incoming>, AgentError> {
+    if response.status().is_success() {
+        return Ok(response);
+    }
+    let status = response.status();
+    let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    Err(AgentError::StoreStatus {
+        what: what.to_string(),
+        status,
+        body: String::from_utf8_lossy(&body).chars().take(300).collect(),
+    })
+}
+
+async fn fetch_source(opener: &Opener, source: &str, dest: &Path) -> Result<(), AgentError> {
+    let what = format!("GET {source}");
+    let store_err = |source: Box<dyn std::error::Error + Send + Sync>| AgentError::Store { what: what.clone(), source };
+    let request = Request::get(source)
+        .header(hyper::header::HOST, format!("127.0.0.1:{GUEST_STORE_PORT}"))
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| store_err(e.into()))?;
+    let response = store_request(opener, request).await.map_err(store_err)?;
+    let mut body = check_status(&what, response).await?.into_body();
+
+    let tar_path = PathBuf::from("/var/tmp/contractor-source.tar");
+    let file_err = |what, source| AgentError::File { what, path: tar_path.clone(), source };
+    let mut file = tokio::fs::File::create(&tar_path).await.map_err(|e| file_err("cannot create", e))?;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| store_err(e.into()))?;
+        if let Ok(data) = frame.into_data() {
+            file.write_all(&data).await.map_err(|e| file_err("cannot write", e))?;
+        }
+    }
+    file.flush().await.map_err(|e| file_err("cannot write", e))?;
+    drop(file);
+
+    let dest = dest.to_path_buf();
+    let unpack_path = tar_path.clone();
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        std::fs::create_dir_all(&dest)?;
+        let mut archive = tar::Archive::new(std::fs::File::open(&unpack_path)?);
+        archive.set_preserve_permissions(true);
+        archive.set_preserve_mtime(true);
+        archive.unpack(&dest)?;
+        std::fs::remove_file(&unpack_path)
+    })
+    .await
+    .map_err(|e| file_err("cannot unpack", std::io::Error::other(e)))?
+    .map_err(|e| file_err("cannot unpack", e))
+}
+
+/// The script's environment: a clean one, with the proxy and the store.
+fn script_env(job: &Job) -> BTreeMap<String, String> {
+    let proxy = format!("http://127.0.0.1:{GUEST_PROXY_PORT}");
+    let mut env: BTreeMap<String, String> = [
+        ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+        ("HOME", "/root"),
+        ("LANG", "C.UTF-8"),
+        ("TERM", "dumb"),
+        ("no_proxy", "127.0.0.1,localhost"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for key in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"] {
+        env.insert(key.into(), proxy.clone());
+    }
+    env.insert("CONTRACTOR_STORE".into(), format!("http://127.0.0.1:{GUEST_STORE_PORT}"));
+    env.extend(job.env.clone());
+    env
+}
+
+/// Runs `sh -e -c SCRIPT`; its stdout and stderr, interleaved as written, go to the log
+/// stream. Returns the exit code or the signal.
+async fn run_script(job: &Job, opener: &Opener) -> Result<(Option<i32>, Option<i32>), AgentError> {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+
+    let (mut output, writer) = std::io::pipe().map_err(AgentError::Spawn)?;
+    let mut child = {
+        let mut command = tokio::process::Command::new("/bin/sh");
+        command
+            .arg("-e")
+            .arg("-c")
+            .arg(&job.script)
+            .current_dir(WORK_DIR)
+            .env_clear()
+            .envs(script_env(job))
+            .stdin(Stdio::null())
+            .stdout(writer.try_clone().map_err(AgentError::Spawn)?)
+            .stderr(writer);
+        command.spawn().map_err(AgentError::Spawn)?
+        // `command` drops here, closing our copies of the pipe's write end.
+    };
+
+    let mut log = opener.open(TunnelTarget::Log).await.map_err(AgentError::Tunnel)?;
+    let (chunks_tx, mut chunks) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = output.read(&mut buf) {
+            if n == 0 || chunks_tx.blocking_send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let pump = tokio::spawn(async move {
+        while let Some(chunk) = chunks.recv().await {
+            if log.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        let _ = log.shutdown().await;
+    });
+
+    let status = child.wait().await.map_err(AgentError::Spawn)?;
+    // Background processes may hold the pipe open; do not wait for them for long.
+    let _ = tokio::time::timeout(OUTPUT_GRACE, pump).await;
+    Ok((status.code(), status.signal()))
+}
+
+/// The files the artifact patterns name, with their paths relative to `root`. Directories
+/// contribute every file below them.
+fn artifact_files(root: &Path, patterns: &[String]) -> Result<Vec<(PathBuf, String)>, AgentError> {
+    let mut files = Vec::new();
+    for pattern in patterns {
+        let bad = |reason: &str| AgentError::BadPattern { pattern: pattern.clone(), reason: reason.into() };
+        if pattern.starts_with('/') || pattern.split('/').any(|part| part == "..") {
+            return Err(bad("it must be relative to the source root and stay inside it"));
+        }
+        let full = format!("{}/{}", root.display(), pattern);
+        let matches = glob::glob(&full).map_err(|e| bad(&e.to_string()))?;
+        let before = files.len();
+        for path in matches.flatten() {
+            collect_files(&path, &mut files);
+        }
+        if files.len() == before {
+            return Err(AgentError::ArtifactMissing { pattern: pattern.clone() });
+        }
+    }
+    let mut out = Vec::new();
+    for path in files {
+        if let Ok(relative) = path.strip_prefix(root) {
+            let relative = relative.to_string_lossy().into_owned();
+            if !out.iter().any(|(_, r)| r == &relative) {
+                out.push((path.clone(), relative));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn collect_files(path: &Path, files: &mut Vec<PathBuf>) {
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return };
+    if meta.is_file() {
+        files.push(path.to_path_buf());
+    } else if meta.is_dir() {
+        if let Ok(entries) = std::fs::read_dir(path) {
+            let mut children: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+            children.sort();
+            for child in children {
+                collect_files(&child, files);
+            }
+        }
+    }
+}
+
+/// PUTs one file to the store, streaming it. Returns its size.
+async fn upload(opener: &Opener, path: &Path, dest: &str) -> Result<u64, AgentError> {
+    let file_err = |what, source| AgentError::File { what, path: path.to_path_buf(), source };
+    let file = tokio::fs::File::open(path).await.map_err(|e| file_err("cannot open artifact", e))?;
+    let size = file.metadata().await.map_err(|e| file_err("cannot read artifact", e))?.len();
+    let url = utf8_percent_encode(dest, PATH_ESCAPES).to_string();
+    let what = format!("PUT {dest}");
+    let store_err = |source: Box<dyn std::error::Error + Send + Sync>| AgentError::Store { what: what.clone(), source };
+    let body = StreamBody::new(tokio_util::io::ReaderStream::new(file).map_ok(Frame::data));
+    let request = Request::put(url)
+        .header(hyper::header::HOST, format!("127.0.0.1:{GUEST_STORE_PORT}"))
+        .header(hyper::header::CONTENT_LENGTH, size)
+        .body(body)
+        .map_err(|e| store_err(e.into()))?;
+    let response = store_request(opener, request).await.map_err(store_err)?;
+    check_status(&what, response).await?;
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn artifact_patterns_expand_to_files_relative_to_the_root() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("out/sub")).expect("mkdir");
+        std::fs::write(root.join("hello"), b"x").expect("write");
+        std::fs::write(root.join("out/a.txt"), b"a").expect("write");
+        std::fs::write(root.join("out/sub/b.txt"), b"b").expect("write");
+        let files = artifact_files(root, &["hello".into(), "out".into(), "out/*.txt".into()]).expect("patterns");
+        let names: Vec<&str> = files.iter().map(|(_, r)| r.as_str()).collect();
+        assert_eq!(names, ["hello", "out/a.txt", "out/sub/b.txt"]);
+    }
+
+    #[test]
+    fn a_pattern_that_matches_nothing_or_escapes_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = artifact_files(dir.path(), &["missing".into()]).expect_err("nothing matches");
+        assert_eq!(err.code(), "artifact_missing");
+        assert!(err.to_string().contains("\"missing\""), "{err}");
+        let err = artifact_files(dir.path(), &["../etc/passwd".into()]).expect_err("escapes");
+        assert!(err.to_string().contains("stay inside"), "{err}");
+    }
+
+    #[test]
+    fn the_script_environment_points_at_the_tunnel_and_keeps_job_overrides() {
+        let mut job = Job {
+            script: "true".into(),
+            env: BTreeMap::new(),
+            source: "/s".into(),
+            artifacts: vec![],
+            artifacts_dest: "/a/".into(),
+        };
+        job.env.insert("HOME".into(), "/build".into());
+        let env = script_env(&job);
+        assert_eq!(env["https_proxy"], "http://127.0.0.1:3128");
+        assert_eq!(env["CONTRACTOR_STORE"], "http://127.0.0.1:8480");
+        assert_eq!(env["HOME"], "/build");
+    }
+}

@@ -1,0 +1,268 @@
+//! The store's basic contract, against the real binary: startup, GET, HEAD, PUT, other
+//! methods, and shutdown on a signal.
+
+mod util;
+
+use std::io::Write;
+use std::time::Duration;
+
+use util::{binary, read_response, send_head, Fixture, StoreProcess};
+
+#[test]
+fn get_returns_exactly_the_file() {
+    let fixture = Fixture::new();
+    let contents = util::pattern(7, 100_003);
+    fixture.write("builds/b1/source.tar", &contents);
+    let store = StoreProcess::start(&fixture.root);
+
+    let response = store.get("/builds/b1/source.tar");
+    assert_eq!(response.status, 200);
+    assert_eq!(
+        response.header("content-type"),
+        Some("application/octet-stream")
+    );
+    assert_eq!(response.header("content-length"), Some("100003"));
+    assert!(response.body == contents, "body differs from the file");
+}
+
+#[test]
+fn get_of_an_empty_file_is_empty() {
+    let fixture = Fixture::new();
+    fixture.write("empty", b"");
+    let store = StoreProcess::start(&fixture.root);
+    let response = store.get("/empty");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("content-length"), Some("0"));
+    assert!(response.body.is_empty());
+}
+
+#[test]
+fn head_gives_the_length_and_no_body() {
+    let fixture = Fixture::new();
+    fixture.write("builds/b1/source.tar", &[1u8; 4321]);
+    let store = StoreProcess::start(&fixture.root);
+
+    let response = store.head("/builds/b1/source.tar");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("content-length"), Some("4321"));
+    assert_eq!(
+        response.header("content-type"),
+        Some("application/octet-stream")
+    );
+    assert!(response.body.is_empty());
+}
+
+#[test]
+fn missing_files_and_directories_are_not_found() {
+    let fixture = Fixture::new();
+    fixture.write("builds/b1/source.tar", b"tar");
+    let store = StoreProcess::start(&fixture.root);
+    for path in [
+        "/missing",
+        "/builds/b1",
+        "/builds",
+        "/",
+        "/builds/b1/source.tar/x",
+    ] {
+        assert_eq!(store.get(path).status, 404, "GET {path}");
+        assert_eq!(store.head(path).status, 404, "HEAD {path}");
+    }
+}
+
+#[test]
+fn percent_encoded_names_are_served() {
+    let fixture = Fixture::new();
+    fixture.write("with space", b"spaced");
+    let store = StoreProcess::start(&fixture.root);
+    let response = store.get("/with%20space");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, b"spaced");
+}
+
+#[test]
+fn put_under_artifacts_creates_the_file_then_replaces_it() {
+    let fixture = Fixture::new();
+    let store = StoreProcess::start(&fixture.root);
+    let contents = util::pattern(3, 12_345);
+
+    let created = store.put("/builds/b1/artifacts/out/hello", &contents);
+    assert_eq!(created.status, 201, "{}", created.text());
+    let path = fixture.root.join("builds/b1/artifacts/out/hello");
+    assert!(std::fs::read(&path).expect("artifact") == contents);
+
+    let replaced = store.put("/builds/b1/artifacts/out/hello", b"second");
+    assert_eq!(replaced.status, 204, "{}", replaced.text());
+    assert_eq!(std::fs::read(&path).expect("artifact"), b"second");
+    assert_eq!(fixture.files(), ["builds/b1/artifacts/out/hello"]);
+
+    let fetched = store.get("/builds/b1/artifacts/out/hello");
+    assert_eq!(fetched.body, b"second");
+}
+
+#[test]
+fn chunked_put_is_accepted() {
+    let fixture = Fixture::new();
+    let store = StoreProcess::start(&fixture.root);
+    let head = "PUT /builds/b1/artifacts/chunked HTTP/1.1\r\nTransfer-Encoding: chunked";
+    let response = store.request(head, b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n");
+    assert_eq!(response.status, 201, "{}", response.text());
+    let path = fixture.root.join("builds/b1/artifacts/chunked");
+    assert_eq!(std::fs::read(path).expect("artifact"), b"hello world");
+}
+
+#[test]
+fn put_outside_artifacts_is_forbidden_and_writes_nothing() {
+    let fixture = Fixture::new();
+    fixture.write("builds/b1/source.tar", b"original");
+    let store = StoreProcess::start(&fixture.root);
+    let refused = [
+        "/evil",
+        "/builds/b1/source.tar",
+        "/builds/b1/artifacts",
+        "/builds/b1/other/x",
+        "/builds/bad%20id/artifacts/x",
+        "/builds/a+b/artifacts/x",
+        "/other/b1/artifacts/x",
+    ];
+    for path in refused {
+        let response = store.put(path, b"overwritten");
+        assert_eq!(response.status, 403, "PUT {path}");
+        assert!(
+            response.text().contains("/builds/<id>/artifacts/"),
+            "{}",
+            response.text()
+        );
+    }
+    assert_eq!(fixture.files(), ["builds/b1/source.tar"]);
+    assert_eq!(
+        std::fs::read(fixture.root.join("builds/b1/source.tar")).expect("read"),
+        b"original"
+    );
+}
+
+#[test]
+fn put_onto_a_directory_or_through_a_file_conflicts() {
+    let fixture = Fixture::new();
+    fixture.write("builds/b1/artifacts/dir/inner", b"x");
+    fixture.write("builds/b1/artifacts/file", b"x");
+    let store = StoreProcess::start(&fixture.root);
+    assert_eq!(store.put("/builds/b1/artifacts/dir", b"y").status, 409);
+    assert_eq!(
+        store.put("/builds/b1/artifacts/file/below", b"y").status,
+        409
+    );
+    assert_eq!(
+        fixture.files(),
+        ["builds/b1/artifacts/dir/inner", "builds/b1/artifacts/file"]
+    );
+}
+
+#[test]
+fn other_methods_are_not_allowed() {
+    let fixture = Fixture::new();
+    fixture.write("f", b"x");
+    let store = StoreProcess::start(&fixture.root);
+    for method in ["POST", "DELETE", "OPTIONS", "PATCH"] {
+        let response = store.request(&format!("{method} /f HTTP/1.1\r\nContent-Length: 0"), b"");
+        assert_eq!(response.status, 405, "{method}");
+        assert_eq!(response.header("allow"), Some("GET, HEAD, PUT"), "{method}");
+    }
+    assert!(fixture.root.join("f").exists());
+}
+
+#[test]
+fn requests_are_logged_on_stderr() {
+    let fixture = Fixture::new();
+    let store = StoreProcess::start(&fixture.root);
+    store.get("/nothing-here");
+    store.wait_for_log("GET /nothing-here 404");
+}
+
+#[test]
+fn missing_root_is_bad_input_naming_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let missing = dir.path().join("no-such-store");
+    let output = binary()
+        .args(["serve", "--root"])
+        .arg(&missing)
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(output.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("no-such-store") && stderr.contains("--root"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn root_that_is_a_file_is_bad_input() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, b"x").expect("write");
+    let output = binary()
+        .args(["serve", "--root"])
+        .arg(&file)
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("plain-file") && stderr.contains("not a directory"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn unusable_listen_address_is_an_infrastructure_failure() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let output = binary()
+        .args(["serve", "--root"])
+        .arg(dir.path())
+        .args(["--listen", &addr])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&output.stderr).contains(&addr));
+}
+
+#[test]
+fn sigint_stops_an_idle_store_with_success() {
+    let fixture = Fixture::new();
+    let mut store = StoreProcess::start(&fixture.root);
+    store.signal("INT");
+    assert!(store.wait_exit(Duration::from_secs(5)).success());
+}
+
+#[test]
+fn sigterm_lets_an_upload_in_flight_finish() {
+    let fixture = Fixture::new();
+    let mut store = StoreProcess::start(&fixture.root);
+    let mut stream = store.connect();
+    send_head(
+        &mut stream,
+        "PUT /builds/b1/artifacts/late HTTP/1.1\r\nContent-Length: 10",
+    );
+    stream.write_all(b"first").expect("send");
+    store.wait_for_temp_file(&fixture.root.join("builds/b1/artifacts"));
+
+    store.signal("TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    stream
+        .write_all(b"-last")
+        .expect("send the rest after SIGTERM");
+    let response = read_response(&mut stream);
+    assert_eq!(response.status, 201, "{}", response.text());
+    assert!(store.wait_exit(Duration::from_secs(5)).success());
+    assert_eq!(
+        std::fs::read(fixture.root.join("builds/b1/artifacts/late")).expect("read"),
+        b"first-last"
+    );
+    assert!(
+        std::net::TcpStream::connect(store.addr).is_err(),
+        "still accepting after exit"
+    );
+}

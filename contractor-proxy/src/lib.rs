@@ -1,1 +1,22 @@
-//! contractor-proxy.
+//! contractor-proxy: a filtering HTTP/HTTPS forward proxy, the build's only way to the
+//! internet, also usable on its own.
+//!
+//! Clients send `CONNECT host:port` (HTTPS and any other TCP) or plain HTTP requests with
+//! an absolute URI. A request goes through only if its host is on the [`Allowlist`], its
+//! port is allowed, and the host's address is public (or in an allowed network): never
+//! loopback, private, link-local or the like, so an allowed name cannot lead back into the
+//! host's own network. Every request yields one [`Decision`](contractor_protocol::proxy::Decision).
+//! [`allowlist`] and [`address`] parse and classify, [`policy`] decides, [`server`] speaks
+//! HTTP.
+
+#![warn(missing_docs)]
+
+pub mod address;
+pub mod allowlist;
+pub mod policy;
+pub mod server;
+
+pub use address::{IpNet, NetError, Restriction};
+pub use allowlist::{Allowlist, HostRule, RuleError};
+pub use policy::{Denial, ProxyConfig, DEFAULT_LISTEN, DEFAULT_PORTS};
+pub use server::{serve, CONNECT_TIMEOUT, ERROR_HEADER, SHUTDOWN_GRACE};

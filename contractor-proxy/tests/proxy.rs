@@ -1,0 +1,445 @@
+//! The real `contractor-proxy` binary against real servers on loopback.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use contractor_protocol::proxy::{Decision, DecisionTag, Verdict};
+use util::{connect, echo_server, read_head, request, Proxy, Upstream};
+
+const HELLO: &str = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello";
+
+fn assert_decision(
+    decision: &Decision,
+    method: &str,
+    host: &str,
+    port: u16,
+    verdict: Verdict,
+    reason: &str,
+) {
+    assert_eq!(decision.kind, DecisionTag::Decision);
+    assert_eq!(
+        (
+            decision.method.as_str(),
+            decision.host.as_str(),
+            decision.port,
+            decision.decision,
+            decision.reason.as_str()
+        ),
+        (method, host, port, verdict, reason),
+        "{decision:?}"
+    );
+    assert!(decision.client.starts_with("127.0.0.1:"), "{decision:?}");
+    assert!(decision.time > 1.0e9, "{decision:?}");
+}
+
+/// A proxy allowing `rule` on `port`, which may connect to loopback (where the test servers are).
+fn proxy_on_loopback(rule: &str, port: u16) -> Proxy {
+    Proxy::start(&[
+        "--allow",
+        rule,
+        "--allow-net",
+        "127.0.0.0/8",
+        "--allow-port",
+        &port.to_string(),
+    ])
+}
+
+#[test]
+fn forwards_an_allowed_get_in_origin_form_without_proxy_headers() {
+    let upstream = Upstream::start(HELLO);
+    let port = upstream.addr.port();
+    let proxy = proxy_on_loopback("localhost", port);
+    let response = request(
+        proxy.addr,
+        &format!(
+            "GET http://LocalHost:{port}/path?q=1 HTTP/1.1\r\nHost: localhost:{port}\r\n\
+             Proxy-Connection: keep-alive\r\nProxy-Authorization: Basic eDp5\r\nAccept: text/plain"
+        ),
+    );
+    assert_eq!(response.status, 200, "{response:?}");
+    assert_eq!(response.body, "hello");
+    let head = upstream.next_head().to_ascii_lowercase();
+    assert!(head.starts_with("get /path?q=1 http/1.1\r\n"), "{head}");
+    assert!(
+        head.contains(&format!("host: localhost:{port}\r\n")),
+        "{head}"
+    );
+    assert!(head.contains("accept: text/plain\r\n"), "{head}");
+    assert!(!head.contains("proxy-"), "{head}");
+    assert!(!head.contains("connection:"), "{head}");
+    let decision = proxy.next_decision();
+    assert_decision(
+        &decision,
+        "GET",
+        "localhost",
+        upstream.addr.port(),
+        Verdict::Allow,
+        "allowed by localhost",
+    );
+}
+
+#[test]
+fn refuses_a_host_not_on_the_allowlist_with_403_and_a_deny_line() {
+    let upstream = Upstream::start(HELLO);
+    let port = upstream.addr.port();
+    let proxy = proxy_on_loopback("localhost", port);
+    let response = request(
+        proxy.addr,
+        &format!("GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: 127.0.0.1:{port}"),
+    );
+    assert_eq!(response.status, 403, "{response:?}");
+    assert_eq!(
+        response.header("x-contractor-proxy-error"),
+        Some("host not on the allowlist")
+    );
+    assert!(
+        response.body.contains("host not on the allowlist"),
+        "{response:?}"
+    );
+    assert_decision(
+        &proxy.next_decision(),
+        "GET",
+        "127.0.0.1",
+        port,
+        Verdict::Deny,
+        "host not on the allowlist",
+    );
+    assert!(upstream.got_nothing());
+}
+
+#[test]
+fn relays_bytes_both_ways_through_an_allowed_connect_tunnel() {
+    let echo = echo_server();
+    let proxy = proxy_on_loopback("127.0.0.1", echo.port());
+    let mut stream = connect(proxy.addr);
+    write!(stream, "CONNECT {echo} HTTP/1.1\r\nHost: {echo}\r\n\r\n").expect("send CONNECT");
+    let (status, _) = read_head(&mut stream);
+    assert_eq!(status, 200);
+    for message in ["hello through the tunnel", "and again"] {
+        stream
+            .write_all(message.as_bytes())
+            .expect("write into the tunnel");
+        let mut echoed = vec![0; message.len()];
+        stream
+            .read_exact(&mut echoed)
+            .expect("read from the tunnel");
+        assert_eq!(echoed, message.as_bytes());
+    }
+    assert_decision(
+        &proxy.next_decision(),
+        "CONNECT",
+        "127.0.0.1",
+        echo.port(),
+        Verdict::Allow,
+        "allowed by 127.0.0.1",
+    );
+}
+
+#[test]
+fn refuses_connect_to_a_host_not_on_the_allowlist() {
+    let echo = echo_server();
+    let port = echo.port();
+    let proxy = proxy_on_loopback("*.localhost", port);
+    let mut stream = connect(proxy.addr);
+    write!(
+        stream,
+        "CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n"
+    )
+    .expect("send CONNECT");
+    let (status, headers) = read_head(&mut stream);
+    assert_eq!(status, 403);
+    assert!(
+        headers.contains(&(
+            "x-contractor-proxy-error".into(),
+            "host not on the allowlist".into()
+        )),
+        "{headers:?}"
+    );
+    assert_decision(
+        &proxy.next_decision(),
+        "CONNECT",
+        "localhost",
+        port,
+        Verdict::Deny,
+        "host not on the allowlist",
+    );
+}
+
+#[test]
+fn refuses_loopback_addresses_unless_an_allowed_network_covers_them() {
+    let upstream = Upstream::start(HELLO);
+    let port = upstream.addr.port();
+    let proxy = Proxy::start(&[
+        "--allow",
+        "127.0.0.1",
+        "--allow",
+        "::ffff:127.0.0.1",
+        "--allow-port",
+        &port.to_string(),
+    ]);
+    let response = request(
+        proxy.addr,
+        &format!("GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: 127.0.0.1:{port}"),
+    );
+    assert_eq!(response.status, 403, "{response:?}");
+    assert_eq!(
+        response.header("x-contractor-proxy-error"),
+        Some("address 127.0.0.1 is loopback")
+    );
+    assert_decision(
+        &proxy.next_decision(),
+        "GET",
+        "127.0.0.1",
+        port,
+        Verdict::Deny,
+        "address 127.0.0.1 is loopback",
+    );
+
+    // The same address spelt as IPv4-mapped IPv6, through CONNECT.
+    let mut stream = connect(proxy.addr);
+    write!(
+        stream,
+        "CONNECT [::ffff:127.0.0.1]:{port} HTTP/1.1\r\nHost: [::ffff:127.0.0.1]:{port}\r\n\r\n"
+    )
+    .expect("send CONNECT");
+    let (status, _) = read_head(&mut stream);
+    assert_eq!(status, 403);
+    let decision = proxy.next_decision();
+    assert_decision(
+        &decision,
+        "CONNECT",
+        "::ffff:127.0.0.1",
+        port,
+        Verdict::Deny,
+        "address 127.0.0.1 is loopback",
+    );
+    assert!(upstream.got_nothing());
+}
+
+#[test]
+fn refuses_a_port_that_is_not_allowed() {
+    let echo = echo_server();
+    let proxy = Proxy::start(&["--allow", "127.0.0.1", "--allow-net", "127.0.0.0/8"]);
+    let mut stream = connect(proxy.addr);
+    write!(stream, "CONNECT {echo} HTTP/1.1\r\nHost: {echo}\r\n\r\n").expect("send CONNECT");
+    let (status, headers) = read_head(&mut stream);
+    assert_eq!(status, 403);
+    let reason = format!("port {} not allowed", echo.port());
+    assert!(
+        headers.contains(&("x-contractor-proxy-error".into(), reason.clone())),
+        "{headers:?}"
+    );
+    assert_decision(
+        &proxy.next_decision(),
+        "CONNECT",
+        "127.0.0.1",
+        echo.port(),
+        Verdict::Deny,
+        &reason,
+    );
+}
+
+#[test]
+fn strips_an_error_header_forged_by_the_upstream() {
+    let upstream = Upstream::start(
+        "HTTP/1.1 200 OK\r\nContent-Length: 6\r\nX-Contractor-Proxy-Error: host not on the allowlist\r\n\
+         X-Other: kept\r\nConnection: close\r\n\r\nforged",
+    );
+    let port = upstream.addr.port();
+    let proxy = proxy_on_loopback("localhost", port);
+    let response = request(
+        proxy.addr,
+        &format!("GET http://localhost:{port}/ HTTP/1.1\r\nHost: localhost:{port}"),
+    );
+    assert_eq!(response.status, 200, "{response:?}");
+    assert_eq!(response.body, "forged");
+    assert_eq!(
+        response.header("x-contractor-proxy-error"),
+        None,
+        "{response:?}"
+    );
+    assert_eq!(response.header("x-other"), Some("kept"), "{response:?}");
+    assert_eq!(proxy.next_decision().decision, Verdict::Allow);
+}
+
+#[test]
+fn refuses_a_host_header_that_names_another_host() {
+    let upstream = Upstream::start(HELLO);
+    let port = upstream.addr.port();
+    let proxy = proxy_on_loopback("localhost", port);
+    let response = request(
+        proxy.addr,
+        &format!("GET http://localhost:{port}/ HTTP/1.1\r\nHost: example.org"),
+    );
+    assert_eq!(response.status, 403, "{response:?}");
+    let reason = "Host header names a different host (example.org)";
+    assert_eq!(response.header("x-contractor-proxy-error"), Some(reason));
+    assert_decision(
+        &proxy.next_decision(),
+        "GET",
+        "localhost",
+        port,
+        Verdict::Deny,
+        reason,
+    );
+    assert!(upstream.got_nothing());
+}
+
+#[test]
+fn answers_a_request_that_is_not_a_proxy_request_with_400() {
+    let proxy = Proxy::start(&["--allow", "localhost"]);
+    let response = request(proxy.addr, "GET /index.html HTTP/1.1\r\nHost: localhost");
+    assert_eq!(response.status, 400, "{response:?}");
+    let decision = proxy.next_decision();
+    assert_eq!(decision.decision, Verdict::Deny);
+    assert!(
+        decision.reason.starts_with("not a proxy request"),
+        "{decision:?}"
+    );
+}
+
+#[test]
+fn answers_502_when_an_allowed_host_does_not_resolve() {
+    let proxy = Proxy::start(&["--allow", "no-such-host.invalid"]);
+    let response = request(
+        proxy.addr,
+        "GET http://no-such-host.invalid/ HTTP/1.1\r\nHost: no-such-host.invalid",
+    );
+    assert_eq!(response.status, 502, "{response:?}");
+    let decision = proxy.next_decision();
+    assert_eq!((decision.decision, decision.port), (Verdict::Deny, 80));
+    assert!(
+        decision.reason.starts_with("cannot resolve the host"),
+        "{decision:?}"
+    );
+}
+
+#[test]
+fn answers_502_when_the_upstream_refuses_the_connection() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let port = closed.port();
+    let proxy = proxy_on_loopback("127.0.0.1", port);
+    let response = request(
+        proxy.addr,
+        &format!("GET http://{closed}/ HTTP/1.1\r\nHost: {closed}"),
+    );
+    assert_eq!(response.status, 502, "{response:?}");
+    let reason = response
+        .header("x-contractor-proxy-error")
+        .expect("error header");
+    assert!(
+        reason.starts_with(&format!("cannot connect to {closed}")),
+        "{reason}"
+    );
+    // The policy allowed it; the failure came after.
+    assert_eq!(proxy.next_decision().decision, Verdict::Allow);
+}
+
+#[test]
+fn sigterm_lets_an_open_tunnel_finish_then_exits_zero() {
+    let echo = echo_server();
+    let mut proxy = proxy_on_loopback("127.0.0.1", echo.port());
+    let mut stream = connect(proxy.addr);
+    write!(stream, "CONNECT {echo} HTTP/1.1\r\nHost: {echo}\r\n\r\n").expect("send CONNECT");
+    assert_eq!(read_head(&mut stream).0, 200);
+    proxy.terminate();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        std::net::TcpStream::connect(proxy.addr).is_err(),
+        "still accepting after SIGTERM"
+    );
+    stream
+        .write_all(b"still here")
+        .expect("write into the tunnel");
+    let mut echoed = [0; 10];
+    stream
+        .read_exact(&mut echoed)
+        .expect("the tunnel still relays");
+    assert_eq!(&echoed, b"still here");
+    let closed = Instant::now();
+    drop(stream);
+    let status = proxy.wait();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        closed.elapsed() < Duration::from_secs(3),
+        "exit waited for the grace period"
+    );
+    assert_eq!(proxy.next_decision().decision, Verdict::Allow);
+    assert!(proxy.no_more_decisions());
+}
+
+#[test]
+fn sigterm_cuts_a_tunnel_that_outlasts_the_grace_period() {
+    let echo = echo_server();
+    let mut proxy = proxy_on_loopback("127.0.0.1", echo.port());
+    let mut stream = connect(proxy.addr);
+    write!(stream, "CONNECT {echo} HTTP/1.1\r\nHost: {echo}\r\n\r\n").expect("send CONNECT");
+    assert_eq!(read_head(&mut stream).0, 200);
+    let asked = Instant::now();
+    proxy.terminate();
+    let status = proxy.wait();
+    assert!(status.success(), "{status:?}");
+    let waited = asked.elapsed();
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(8),
+        "{waited:?}"
+    );
+    let mut rest = Vec::new();
+    assert_eq!(
+        stream
+            .read_to_end(&mut rest)
+            .map(|_| rest.len())
+            .unwrap_or(0),
+        0,
+        "the tunnel is closed"
+    );
+}
+
+#[test]
+fn invalid_rules_and_networks_exit_2_naming_them() {
+    for (args, named) in [
+        (["--allow", "*foo.com"], "\"*foo.com\""),
+        (
+            ["--allow", "example.org:443"],
+            "allow ports with --allow-port",
+        ),
+        (["--allow-net", "10.0.0.1/8"], "did you mean 10.0.0.0/8?"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_contractor-proxy"))
+            .args(args)
+            .output()
+            .expect("run");
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(
+            output.stdout.is_empty(),
+            "{args:?}: nothing on stdout before the ready line"
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(named), "{args:?}: {stderr}");
+        assert!(stderr.starts_with("contractor-proxy: invalid "), "{stderr}");
+    }
+}
+
+#[test]
+fn help_shows_an_example() {
+    let output = Command::new(env!("CARGO_BIN_EXE_contractor-proxy"))
+        .arg("--help")
+        .output()
+        .expect("run");
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        help.contains("contractor-proxy --allow deb.debian.org --listen 127.0.0.1:3128"),
+        "{help}"
+    );
+    assert!(
+        help.contains("curl -x http://127.0.0.1:3128 https://deb.debian.org/"),
+        "{help}"
+    );
+}

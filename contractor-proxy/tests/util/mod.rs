@@ -1,0 +1,258 @@
+//! The test harness: the real `contractor-proxy` binary, real upstream servers on loopback,
+//! and a raw HTTP client, all over real sockets. Output is read with the protocol types,
+//! which reject unknown fields, so a change to the wire format fails here.
+
+use std::io::{BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use contractor_protocol::jsonl::JsonlReader;
+use contractor_protocol::proxy::Decision;
+use contractor_protocol::service::{Ready, ReadyTag};
+
+/// What the decision reader reports when the proxy's stdout ends.
+const END_OF_STDOUT: &str = "end of stdout";
+
+/// How long any single wait in a test may take.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A running proxy, killed when dropped.
+pub struct Proxy {
+    child: Child,
+    /// Where it listens, from its ready line.
+    pub addr: SocketAddr,
+    decisions: mpsc::Receiver<Result<Decision, String>>,
+}
+
+impl Proxy {
+    /// Starts the binary with `args` and reads its ready line.
+    pub fn start(args: &[&str]) -> Proxy {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_contractor-proxy"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start contractor-proxy");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = JsonlReader::new(BufReader::new(stdout));
+        let ready: Ready = lines
+            .next_message()
+            .expect("a valid ready line")
+            .expect("a ready line");
+        assert_eq!(ready.kind, ReadyTag::Ready);
+        assert_eq!(ready.version, 1);
+        assert_eq!(ready.service, "proxy");
+        assert_ne!(
+            ready.addr.port(),
+            0,
+            "the ready line must carry the bound port"
+        );
+        let (sender, decisions) = mpsc::channel();
+        thread::spawn(move || loop {
+            let next = match lines.next_message::<Decision>() {
+                Ok(Some(decision)) => Ok(decision),
+                Ok(None) => Err(END_OF_STDOUT.to_string()),
+                Err(e) => Err(format!("invalid decision line: {e:?}")),
+            };
+            let last = next.is_err();
+            if sender.send(next).is_err() || last {
+                return;
+            }
+        });
+        Proxy {
+            child,
+            addr: ready.addr,
+            decisions,
+        }
+    }
+
+    /// The next decision line.
+    pub fn next_decision(&self) -> Decision {
+        match self.decisions.recv_timeout(PATIENCE) {
+            Ok(Ok(decision)) => decision,
+            Ok(Err(e)) => panic!("no decision line: {e}"),
+            Err(e) => panic!("no decision line within {PATIENCE:?}: {e}"),
+        }
+    }
+
+    /// Whether stdout ended (after the process exited) with no more decisions.
+    pub fn no_more_decisions(&self) -> bool {
+        matches!(self.decisions.recv_timeout(PATIENCE), Ok(Err(e)) if e == END_OF_STDOUT)
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll the proxy") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the proxy did not exit within {PATIENCE:?}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP response as read off the wire.
+#[derive(Debug)]
+pub struct HttpResponse {
+    /// The status code.
+    pub status: u16,
+    /// Headers, names lower-cased, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body (the responses in these tests are never chunked).
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The value of header `name`, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Connects to `addr` with timeouts set.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(PATIENCE))
+        .expect("read timeout");
+    stream
+        .set_write_timeout(Some(PATIENCE))
+        .expect("write timeout");
+    stream
+}
+
+/// Sends `head` (a request line and headers, without the blank line; `Connection: close`
+/// is added) to the proxy and reads the whole response.
+pub fn request(proxy: SocketAddr, head: &str) -> HttpResponse {
+    let mut stream = connect(proxy);
+    write!(stream, "{head}\r\nConnection: close\r\n\r\n").expect("send request");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read response");
+    let raw = String::from_utf8(raw).expect("utf-8 response");
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .expect("a complete response head");
+    let (status, headers) = parse_head(head);
+    HttpResponse {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+/// Reads a response head from `stream`, byte by byte so that nothing after it is consumed.
+pub fn read_head(stream: &mut TcpStream) -> (u16, Vec<(String, String)>) {
+    let mut head = Vec::new();
+    let mut byte = [0u8];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).expect("read response head");
+        head.push(byte[0]);
+    }
+    parse_head(std::str::from_utf8(&head).expect("utf-8 head").trim_end())
+}
+
+fn parse_head(head: &str) -> (u16, Vec<(String, String)>) {
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().expect("a status line");
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect(status_line);
+    let headers = lines
+        .map(|line| {
+            let (name, value) = line.split_once(':').expect("a header line");
+            (name.trim().to_ascii_lowercase(), value.trim().to_string())
+        })
+        .collect();
+    (status, headers)
+}
+
+/// A one-response-per-connection HTTP server on 127.0.0.1 that reports every request head
+/// it receives.
+pub struct Upstream {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    heads: mpsc::Receiver<String>,
+}
+
+impl Upstream {
+    /// Answers every request with `response` (a complete HTTP response).
+    pub fn start(response: &'static str) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+        let addr = listener.local_addr().expect("upstream address");
+        let (sender, heads) = mpsc::channel();
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut head = Vec::new();
+                let mut byte = [0u8];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read_exact(&mut byte).is_err() {
+                        break;
+                    }
+                    head.push(byte[0]);
+                }
+                let _ = sender.send(String::from_utf8_lossy(&head).into_owned());
+                let _ = stream.write_all(response.as_bytes());
+            }
+        });
+        Upstream { addr, heads }
+    }
+
+    /// The next request head received.
+    pub fn next_head(&self) -> String {
+        self.heads
+            .recv_timeout(PATIENCE)
+            .expect("the upstream got no request")
+    }
+
+    /// Whether no request arrived.
+    pub fn got_nothing(&self) -> bool {
+        self.heads.recv_timeout(Duration::from_millis(200)).is_err()
+    }
+}
+
+/// A TCP echo server on 127.0.0.1.
+pub fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind echo server");
+    let addr = listener.local_addr().expect("echo address");
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            thread::spawn(move || {
+                let mut reader = stream.try_clone().expect("clone stream");
+                let _ = std::io::copy(&mut reader, &mut stream);
+            });
+        }
+    });
+    addr
+}

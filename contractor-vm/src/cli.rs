@@ -1,0 +1,613 @@
+//! The `contractor-vm` command line: flags or a JSON request in, one JSON result out.
+//!
+//! The rule for input is simple: with `--json` the request is read from stdin (and no other
+//! request flags are allowed); without it the request is built from flags. Either way the
+//! tool prints exactly one `VmResult` object on stdout, messages on stderr, and exits with a
+//! `contractor_protocol::ExitCode` (2 for bad input, 3 when libvirt or the host fails).
+//! Core modules never see clap types: this module turns them into a `VmRequest`.
+
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use contractor_protocol::jsonl::{write_line, JsonlError};
+use contractor_protocol::vm::{Accel, BootImage, VmRequest, VmResult, VmSpec};
+use contractor_protocol::{ExitCode, PROTOCOL_VERSION};
+
+use crate::lifecycle::{connect, create, default_uri, destroy_vm, exists, reap};
+use crate::{generate_name, handle_owned, VmError, VmOwner};
+
+const EXAMPLE: &str = r#"Examples:
+  contractor-vm create --disk /images/base.qcow2 --kernel /images/vmlinuz \
+      --initrd /images/initrd.img --work-dir /var/tmp/contractor --accel tcg --memory-mib 512
+  contractor-vm status --name contractor-0123456789ab
+  contractor-vm destroy --name contractor-0123456789ab
+  echo '{"type":"list","version":1,"uri":"qemu:///system"}' | contractor-vm list --json
+
+A JSON create request (`contractor-vm create --json < request.json`):
+  {"type": "create", "version": 1, "uri": "qemu:///system",
+   "spec": {"image": {"disk": "/images/base.qcow2", "kernel": "/images/vmlinuz",
+                      "initrd": "/images/initrd.img",
+                      "cmdline": "console=ttyS0 root=/dev/vda rw"},
+            "cpus": 1, "memory_mib": 512, "disk_gib": 8, "accel": "auto",
+            "console_log": "/var/tmp/contractor/console.log",
+            "work_dir": "/var/tmp/contractor"}}
+
+Input: with --json the request is read from stdin, otherwise it is built from flags.
+Output: exactly one JSON object on stdout ({"type":"vm"|"destroyed"|"list",...}).
+Exit codes: 0 done, 2 bad input (flags, JSON, names, missing files), 3 libvirt or host
+failure, 130 a held VM was ended by SIGINT/SIGTERM.
+The URI defaults to $CONTRACTOR_LIBVIRT_URI, else qemu:///system for root and
+qemu:///session for other users.
+Ownership: a VM made by `create` belongs to the calling process (this tool's parent) and
+`reap` destroys it once that process has exited; with --hold it belongs to this process."#;
+
+/// Create, inspect and destroy Contractor's builder VMs (libvirt, no network interface).
+#[derive(Debug, Parser)]
+#[command(name = "contractor-vm", version, after_long_help = EXAMPLE)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create and start a transient VM on a fresh overlay of a base image.
+    Create(CreateArgs),
+    /// Report a VM's state and channel sockets.
+    Status(NameArgs),
+    /// Destroy a VM and delete its overlay.
+    Destroy(NameArgs),
+    /// List Contractor's VMs (domains named contractor-*).
+    List(UriArgs),
+    /// Destroy VMs whose owning process on this host has exited (prints them as a list).
+    Reap(ReapArgs),
+}
+
+/// Accelerator names on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AccelArg {
+    /// KVM when the CPU has vmx/svm and /dev/kvm exists, else TCG.
+    Auto,
+    /// Hardware virtualisation.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+impl From<AccelArg> for Accel {
+    fn from(a: AccelArg) -> Self {
+        match a {
+            AccelArg::Auto => Accel::Auto,
+            AccelArg::Kvm => Accel::Kvm,
+            AccelArg::Tcg => Accel::Tcg,
+        }
+    }
+}
+
+/// Flags of `create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Read the request (type "create") from stdin instead of flags.
+    #[arg(long)]
+    pub json: bool,
+    /// After printing the result, keep the VM until stdin reaches EOF or SIGINT/SIGTERM
+    /// arrives (or the VM stops), then destroy it and delete its overlay. The VM also dies
+    /// if this process is killed.
+    #[arg(long)]
+    pub hold: bool,
+    /// libvirt connection URI.
+    #[arg(long, conflicts_with = "json")]
+    pub uri: Option<String>,
+    /// VM name (contractor-[a-z0-9-]{1,50}); generated when absent.
+    #[arg(long, conflicts_with = "json")]
+    pub name: Option<String>,
+    /// The base disk (qcow2 or raw); never written.
+    #[arg(long, required_unless_present = "json", conflicts_with = "json")]
+    pub disk: Option<PathBuf>,
+    /// The kernel to boot.
+    #[arg(long, required_unless_present = "json", conflicts_with = "json")]
+    pub kernel: Option<PathBuf>,
+    /// The initrd, if the kernel needs one.
+    #[arg(long, conflicts_with = "json")]
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    #[arg(
+        long,
+        default_value = "console=ttyS0 root=/dev/vda rw",
+        conflicts_with = "json"
+    )]
+    pub cmdline: String,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1, conflicts_with = "json")]
+    pub cpus: u32,
+    /// Memory in MiB.
+    #[arg(long, default_value_t = 1024, conflicts_with = "json")]
+    pub memory_mib: u64,
+    /// Disk size in GiB (ignored when not larger than the base).
+    #[arg(long, conflicts_with = "json")]
+    pub disk_gib: Option<u64>,
+    /// Where the serial console is logged [default: WORK_DIR/NAME.console.log].
+    #[arg(long, conflicts_with = "json")]
+    pub console_log: Option<PathBuf>,
+    /// Directory for the overlay (created with mode 0755).
+    #[arg(long, required_unless_present = "json", conflicts_with = "json")]
+    pub work_dir: Option<PathBuf>,
+    /// Accelerator.
+    #[arg(long, value_enum, default_value = "auto", conflicts_with = "json")]
+    pub accel: AccelArg,
+}
+
+/// Flags of `status` and `destroy`.
+#[derive(Debug, Args)]
+pub struct NameArgs {
+    /// Read the request from stdin instead of flags.
+    #[arg(long)]
+    pub json: bool,
+    /// libvirt connection URI.
+    #[arg(long, conflicts_with = "json")]
+    pub uri: Option<String>,
+    /// VM name.
+    #[arg(long, required_unless_present = "json", conflicts_with = "json")]
+    pub name: Option<String>,
+}
+
+/// Flags of `list`.
+#[derive(Debug, Args)]
+pub struct UriArgs {
+    /// Read the request from stdin instead of flags.
+    #[arg(long)]
+    pub json: bool,
+    /// libvirt connection URI.
+    #[arg(long, conflicts_with = "json")]
+    pub uri: Option<String>,
+}
+
+/// Flags of `reap` (which has no JSON request type in the protocol yet).
+#[derive(Debug, Args)]
+pub struct ReapArgs {
+    /// libvirt connection URI.
+    #[arg(long)]
+    pub uri: Option<String>,
+}
+
+/// Errors of the command line layer.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// stdin could not be read.
+    #[error("cannot read the request from stdin")]
+    Stdin(#[source] io::Error),
+    /// stdin held no request.
+    #[error("--json was given but stdin is empty: pipe one JSON request into it")]
+    NoRequest,
+    /// stdin held invalid JSON or an invalid request.
+    #[error("bad JSON request on stdin{}", position(.0))]
+    Json(#[source] serde_json::Error),
+    /// The request's type does not match the subcommand.
+    #[error("stdin holds a `{got}` request but the subcommand is `{expected}`")]
+    WrongType {
+        /// The subcommand.
+        expected: &'static str,
+        /// The request's type.
+        got: &'static str,
+    },
+    /// The request failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The result could not be written.
+    #[error("cannot write the result to stdout")]
+    Output(#[source] JsonlError),
+}
+
+/// ` at line L, column C` when serde knows where (it does not for errors inside a tagged
+/// request, whose message names the field instead).
+fn position(e: &serde_json::Error) -> String {
+    if e.line() == 0 {
+        String::new()
+    } else {
+        format!(" at line {}, column {}", e.line(), e.column())
+    }
+}
+
+impl CliError {
+    /// The exit code for this error.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            CliError::Json(_) | CliError::NoRequest | CliError::WrongType { .. } => {
+                ExitCode::BadInput
+            }
+            CliError::Vm(e) => e.exit_code(),
+            CliError::Stdin(_) | CliError::Output(_) => ExitCode::Infrastructure,
+        }
+    }
+}
+
+/// The `type` tag of a request.
+pub fn request_type(request: &VmRequest) -> &'static str {
+    match request {
+        VmRequest::Create { .. } => "create",
+        VmRequest::Status { .. } => "status",
+        VmRequest::Destroy { .. } => "destroy",
+        VmRequest::List { .. } => "list",
+    }
+}
+
+/// Parses one JSON request and checks its type is `expected`. Trailing data after the
+/// object is left unread only when `rest_allowed` (for `create --hold`, whose stdin stays
+/// open to hold the VM).
+pub fn parse_request<R: Read>(
+    input: R,
+    expected: &'static str,
+    rest_allowed: bool,
+) -> Result<VmRequest, CliError> {
+    let request = if rest_allowed {
+        let mut stream = serde_json::Deserializer::from_reader(input).into_iter::<VmRequest>();
+        match stream.next() {
+            None => return Err(CliError::NoRequest),
+            Some(r) => r.map_err(CliError::Json)?,
+        }
+    } else {
+        let mut text = String::new();
+        let mut input = input;
+        input.read_to_string(&mut text).map_err(CliError::Stdin)?;
+        if text.trim().is_empty() {
+            return Err(CliError::NoRequest);
+        }
+        serde_json::from_str(&text).map_err(CliError::Json)?
+    };
+    let got = request_type(&request);
+    if got == expected {
+        Ok(request)
+    } else {
+        Err(CliError::WrongType { expected, got })
+    }
+}
+
+/// Builds a create request from flags (generating the name, so that the console log's
+/// default path can include it).
+pub fn create_request(args: &CreateArgs) -> Result<VmRequest, CliError> {
+    let name = match &args.name {
+        Some(n) => n.clone(),
+        None => generate_name().map_err(VmError::from)?,
+    };
+    // clap guarantees these without --json; the fallbacks only satisfy the types.
+    let work_dir = args.work_dir.clone().unwrap_or_default();
+    let console_log = args
+        .console_log
+        .clone()
+        .unwrap_or_else(|| work_dir.join(format!("{name}.console.log")));
+    Ok(VmRequest::Create {
+        version: PROTOCOL_VERSION,
+        uri: args.uri.clone().unwrap_or_else(default_uri),
+        spec: VmSpec {
+            name: Some(name),
+            image: BootImage {
+                disk: args.disk.clone().unwrap_or_default(),
+                kernel: args.kernel.clone().unwrap_or_default(),
+                initrd: args.initrd.clone(),
+                cmdline: args.cmdline.clone(),
+            },
+            cpus: args.cpus,
+            memory_mib: args.memory_mib,
+            disk_gib: args.disk_gib,
+            accel: args.accel.into(),
+            console_log,
+            work_dir,
+        },
+    })
+}
+
+fn print_result(result: &VmResult) -> Result<(), CliError> {
+    write_line(&mut io::stdout().lock(), result).map_err(CliError::Output)
+}
+
+/// Runs the tool with the process's arguments and returns its exit code.
+pub fn run() -> std::process::ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::BadInput.into()
+            } else {
+                ExitCode::Success.into()
+            };
+        }
+    };
+    match execute(cli.command) {
+        Ok(code) => code.into(),
+        Err(e) => {
+            report(&e);
+            e.exit_code().into()
+        }
+    }
+}
+
+/// Prints an error and its chain of causes on one stderr line.
+pub fn report(error: &(dyn std::error::Error + 'static)) {
+    let mut line = format!("contractor-vm: {error}");
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    let _ = writeln!(io::stderr(), "{line}");
+}
+
+/// Carries out one parsed command line.
+pub fn execute(command: Command) -> Result<ExitCode, CliError> {
+    let stdin = || io::stdin().lock();
+    let (request, hold) = match command {
+        Command::Create(args) if args.json => {
+            (parse_request(stdin(), "create", args.hold)?, args.hold)
+        }
+        Command::Create(args) => (create_request(&args)?, args.hold),
+        Command::Status(a) if a.json => (parse_request(stdin(), "status", false)?, false),
+        Command::Destroy(a) if a.json => (parse_request(stdin(), "destroy", false)?, false),
+        Command::Status(a) => (
+            VmRequest::Status {
+                version: PROTOCOL_VERSION,
+                uri: a.uri.unwrap_or_else(default_uri),
+                name: a.name.unwrap_or_default(),
+            },
+            false,
+        ),
+        Command::Destroy(a) => (
+            VmRequest::Destroy {
+                version: PROTOCOL_VERSION,
+                uri: a.uri.unwrap_or_else(default_uri),
+                name: a.name.unwrap_or_default(),
+            },
+            false,
+        ),
+        Command::List(a) if a.json => (parse_request(stdin(), "list", false)?, false),
+        Command::List(a) => (
+            VmRequest::List {
+                version: PROTOCOL_VERSION,
+                uri: a.uri.unwrap_or_else(default_uri),
+            },
+            false,
+        ),
+        Command::Reap(a) => {
+            let uri = a.uri.unwrap_or_else(default_uri);
+            let conn = connect(&uri)?;
+            let vms = reap(&conn)?;
+            for vm in &vms {
+                let _ = writeln!(io::stderr(), "contractor-vm: reaped {}", vm.name);
+            }
+            print_result(&VmResult::List {
+                version: PROTOCOL_VERSION,
+                vms,
+            })?;
+            return Ok(ExitCode::Success);
+        }
+    };
+    if hold {
+        return create_and_hold(request);
+    }
+    // A VM made here outlives this process: it belongs to whoever called us.
+    let result = handle_owned(request, VmOwner::parent())?;
+    print_result(&result)?;
+    Ok(ExitCode::Success)
+}
+
+/// Why a held VM was let go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Release {
+    StdinClosed,
+    Signal,
+    VmStopped,
+}
+
+fn create_and_hold(request: VmRequest) -> Result<ExitCode, CliError> {
+    let VmRequest::Create { version, uri, spec } = request else {
+        return Err(CliError::WrongType {
+            expected: "create",
+            got: request_type(&request),
+        });
+    };
+    if version != PROTOCOL_VERSION {
+        return Err(VmError::Unsupported {
+            reason: format!(
+                "protocol version {version}; this contractor-vm speaks {PROTOCOL_VERSION}"
+            ),
+        }
+        .into());
+    }
+    let (tx, rx) = mpsc::channel();
+    // Registered before the VM exists, so a signal during creation is not lost.
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
+        .map_err(CliError::Stdin)?;
+    let signal_tx = tx.clone();
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            let _ = signal_tx.send(Release::Signal);
+        }
+    });
+    let conn = connect(&uri)?;
+    let vm = create(&conn, &spec, true)?;
+    if let Err(e) = print_result(&VmResult::Vm {
+        version: PROTOCOL_VERSION,
+        vm: vm.clone(),
+    }) {
+        let _ = destroy_vm(&conn, &vm);
+        return Err(e);
+    }
+    std::thread::spawn(move || {
+        let mut sink = [0u8; 4096];
+        let mut stdin = io::stdin().lock();
+        while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
+        let _ = tx.send(Release::StdinClosed);
+    });
+    let release = loop {
+        match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(release) => break release,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break Release::StdinClosed,
+            Err(mpsc::RecvTimeoutError::Timeout) if !exists(&conn, &vm.name) => {
+                break Release::VmStopped
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+    };
+    let reason = match release {
+        Release::StdinClosed => "stdin closed",
+        Release::Signal => "signal received",
+        Release::VmStopped => "the VM stopped",
+    };
+    let _ = writeln!(
+        io::stderr(),
+        "contractor-vm: {reason}; destroying {}",
+        vm.name
+    );
+    destroy_vm(&conn, &vm)?;
+    Ok(if release == Release::Signal {
+        ExitCode::Interrupted
+    } else {
+        ExitCode::Success
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_args(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("contractor-vm").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn flags_build_the_same_request_as_json() {
+        let cli = parse_args(&[
+            "create",
+            "--uri",
+            "qemu:///system",
+            "--name",
+            "contractor-t1",
+            "--disk",
+            "/i/b.qcow2",
+            "--kernel",
+            "/i/k",
+            "--initrd",
+            "/i/i",
+            "--cpus",
+            "2",
+            "--memory-mib",
+            "512",
+            "--disk-gib",
+            "8",
+            "--work-dir",
+            "/w",
+            "--accel",
+            "tcg",
+        ])
+        .expect("flags parse");
+        let Command::Create(args) = cli.command else {
+            panic!("not create")
+        };
+        let from_flags = create_request(&args).expect("request");
+        let json = r#"{"type":"create","version":1,"uri":"qemu:///system","spec":{
+            "name":"contractor-t1","image":{"disk":"/i/b.qcow2","kernel":"/i/k","initrd":"/i/i",
+            "cmdline":"console=ttyS0 root=/dev/vda rw"},"cpus":2,"memory_mib":512,"disk_gib":8,
+            "accel":"tcg","console_log":"/w/contractor-t1.console.log","work_dir":"/w"}}"#;
+        let from_json = parse_request(json.as_bytes(), "create", false).expect("json");
+        assert_eq!(from_flags, from_json);
+    }
+
+    #[test]
+    fn create_flags_need_disk_kernel_and_work_dir_unless_json() {
+        assert!(parse_args(&["create", "--kernel", "/k", "--work-dir", "/w"]).is_err());
+        assert!(parse_args(&["create", "--json"]).is_ok());
+        assert!(
+            parse_args(&["create", "--json", "--disk", "/d"]).is_err(),
+            "flags conflict with --json"
+        );
+        assert!(parse_args(&["status"]).is_err());
+        assert!(parse_args(&["reap", "--uri", "test:///default"]).is_ok());
+    }
+
+    #[test]
+    fn generated_name_names_the_console_log() {
+        let cli = parse_args(&[
+            "create",
+            "--disk",
+            "/d",
+            "--kernel",
+            "/k",
+            "--work-dir",
+            "/w",
+        ])
+        .expect("flags parse");
+        let Command::Create(args) = cli.command else {
+            panic!("not create")
+        };
+        let VmRequest::Create { spec, .. } = create_request(&args).expect("request") else {
+            panic!("not create")
+        };
+        let name = spec.name.expect("generated name");
+        assert!(crate::validate_name(&name).is_ok());
+        assert_eq!(
+            spec.console_log,
+            PathBuf::from(format!("/w/{name}.console.log"))
+        );
+        assert_eq!(spec.accel, Accel::Auto);
+    }
+
+    #[test]
+    fn bad_json_is_bad_input_with_a_position() {
+        let err = parse_request("{\n  \"type\": \"list\",\n  oops".as_bytes(), "list", false)
+            .expect_err("bad json");
+        assert_eq!(err.exit_code(), ExitCode::BadInput);
+        assert!(err.to_string().contains("line 3"), "{err}");
+        let unknown = r#"{"type":"list","version":1,"uri":"x","extra":1}"#;
+        let err = parse_request(unknown.as_bytes(), "list", false).expect_err("unknown field");
+        assert!(format!("{:?}", err).contains("extra"), "{err:?}");
+        assert!(matches!(
+            parse_request("  ".as_bytes(), "list", false),
+            Err(CliError::NoRequest)
+        ));
+        let status = r#"{"type":"status","version":1,"uri":"x","name":"contractor-a"}"#;
+        assert!(matches!(
+            parse_request(status.as_bytes(), "destroy", false),
+            Err(CliError::WrongType {
+                expected: "destroy",
+                got: "status"
+            })
+        ));
+    }
+
+    #[test]
+    fn held_requests_leave_the_rest_of_stdin_unread() {
+        let mut input: &[u8] = b"{\"type\":\"list\",\"version\":1,\"uri\":\"x\"}\nkeep";
+        let request = parse_request(&mut input, "list", true).expect("first object");
+        assert_eq!(request_type(&request), "list");
+        assert!(input.ends_with(b"keep"));
+    }
+
+    #[test]
+    fn handle_lists_through_the_test_driver() {
+        let request = VmRequest::List {
+            version: 1,
+            uri: String::from("test:///default"),
+        };
+        let result = crate::handle(request).expect("list");
+        assert_eq!(
+            result,
+            VmResult::List {
+                version: 1,
+                vms: Vec::new()
+            }
+        );
+        let future = VmRequest::List {
+            version: 2,
+            uri: String::from("test:///default"),
+        };
+        assert!(matches!(
+            crate::handle(future),
+            Err(VmError::Unsupported { .. })
+        ));
+    }
+}

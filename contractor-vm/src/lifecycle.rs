@@ -1,0 +1,393 @@
+//! Creating, inspecting and destroying builder domains through a libvirt connection.
+//!
+//! Every domain is transient (`virDomainCreateXML`): it disappears from libvirt when it
+//! stops, and with autodestroy it also dies when the connection that created it closes, so
+//! a caller killed with SIGKILL leaves no running VM behind. Only domains with Contractor
+//! names are ever listed, reaped or destroyed.
+//!
+//! What runs where: the overlay is made with the local `qemu-img`, and files are checked and
+//! deleted on the local file system. With a remote URI (`qemu+ssh://host/system`) the base
+//! image, work directory and console log paths must therefore name the same files on both
+//! hosts (a shared file system); overlays of remote VMs are not deleted by `destroy`.
+
+use std::path::{Path, PathBuf};
+
+use contractor_protocol::vm::{Accel, VmInfo, VmSpec};
+use virt::connect::Connect;
+use virt::domain::{Domain, DomainState};
+use virt::enumutil::Enum;
+use virt::error::ErrorNumber;
+
+use crate::accel::{is_local_uri, resolve};
+use crate::name::{generate_name, is_contractor_name, validate_name};
+use crate::overlay::{create_overlay, delete_overlay};
+use crate::owner::VmOwner;
+use crate::xml::{domain_xml, parse_domain, DomainFacts};
+use crate::VmError;
+
+/// The environment variable that overrides [`default_uri`].
+pub const URI_ENV: &str = "CONTRACTOR_LIBVIRT_URI";
+
+/// `VIR_DOMAIN_START_AUTODESTROY`: the domain dies when its creating connection closes.
+const START_AUTODESTROY: u32 = virt::sys::VIR_DOMAIN_START_AUTODESTROY;
+
+/// The libvirt URI to use when none is given: `$CONTRACTOR_LIBVIRT_URI` if set, else
+/// `qemu:///system` for root and `qemu:///session` for everyone else.
+pub fn default_uri() -> String {
+    if let Some(uri) = std::env::var(URI_ENV).ok().filter(|u| !u.is_empty()) {
+        return uri;
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid == 0 {
+        String::from("qemu:///system")
+    } else {
+        String::from("qemu:///session")
+    }
+}
+
+/// Opens a connection to `uri`. libvirt's own printing of errors to stderr is switched
+/// off: errors come back as values.
+pub fn connect(uri: &str) -> Result<Connect, VmError> {
+    virt::error::clear_error_callback();
+    Connect::open(Some(uri)).map_err(|source| VmError::Connect {
+        uri: uri.to_owned(),
+        source,
+    })
+}
+
+fn is_code(e: &virt::error::Error, code: ErrorNumber) -> bool {
+    e.code() == Enum::Known(code)
+}
+
+fn conn_uri(conn: &Connect) -> String {
+    conn.uri().unwrap_or_else(|_| String::from("(unknown URI)"))
+}
+
+fn libvirt(action: String) -> impl FnOnce(virt::error::Error) -> VmError {
+    move |source| VmError::Libvirt { action, source }
+}
+
+/// libvirt's name for a domain state.
+pub fn state_name(state: Enum<DomainState, u32>) -> &'static str {
+    match state {
+        Enum::Known(DomainState::NoState) => "nostate",
+        Enum::Known(DomainState::Running) => "running",
+        Enum::Known(DomainState::Blocked) => "blocked",
+        Enum::Known(DomainState::Paused) => "paused",
+        Enum::Known(DomainState::Shutdown) => "shutdown",
+        Enum::Known(DomainState::Shutoff) => "shutoff",
+        Enum::Known(DomainState::Crashed) => "crashed",
+        Enum::Known(DomainState::PMSuspended) => "pmsuspended",
+        Enum::Unknown(_) => "unknown",
+    }
+}
+
+fn absolute(path: &Path, what: &str) -> Result<PathBuf, VmError> {
+    let abs = std::path::absolute(path).map_err(|e| VmError::BadSpec {
+        reason: format!("{what} {}: {e}", path.display()),
+    })?;
+    if abs.to_str().is_none() {
+        return Err(VmError::BadSpec {
+            reason: format!("{what} {} is not valid UTF-8", abs.display()),
+        });
+    }
+    Ok(abs)
+}
+
+fn check_file(what: &'static str, path: &Path) -> Result<(), VmError> {
+    if std::fs::File::open(path).is_ok_and(|f| f.metadata().is_ok_and(|m| m.is_file())) {
+        Ok(())
+    } else {
+        Err(VmError::MissingFile {
+            what,
+            path: path.to_owned(),
+        })
+    }
+}
+
+/// The spec with every path made absolute, checked as far as this host can tell.
+fn checked_spec(spec: &VmSpec, local: bool) -> Result<VmSpec, VmError> {
+    if spec.cpus == 0 {
+        return Err(VmError::BadSpec {
+            reason: String::from("cpus must be at least 1"),
+        });
+    }
+    if spec.memory_mib < 64 {
+        return Err(VmError::BadSpec {
+            reason: format!("memory_mib is {}; a VM needs at least 64", spec.memory_mib),
+        });
+    }
+    let mut spec = spec.clone();
+    spec.image.disk = absolute(&spec.image.disk, "base disk")?;
+    spec.image.kernel = absolute(&spec.image.kernel, "kernel")?;
+    if let Some(initrd) = &spec.image.initrd {
+        spec.image.initrd = Some(absolute(initrd, "initrd")?);
+    }
+    spec.console_log = absolute(&spec.console_log, "console log")?;
+    spec.work_dir = absolute(&spec.work_dir, "work dir")?;
+    if local {
+        check_file("base disk", &spec.image.disk)?;
+        check_file("kernel", &spec.image.kernel)?;
+        if let Some(initrd) = &spec.image.initrd {
+            check_file("initrd", initrd)?;
+        }
+    }
+    Ok(spec)
+}
+
+fn info_from(
+    conn: &Connect,
+    domain: &Domain,
+    name: &str,
+) -> Result<(VmInfo, DomainFacts), VmError> {
+    let (state, _) = domain
+        .state()
+        .map_err(libvirt(format!("read the state of {name}")))?;
+    let xml = domain
+        .xml_desc(0)
+        .map_err(libvirt(format!("read the XML of {name}")))?;
+    let facts = parse_domain(&xml)?;
+    let info = VmInfo {
+        name: name.to_owned(),
+        uri: conn_uri(conn),
+        state: state_name(state).to_owned(),
+        control_socket: facts.control_socket.clone(),
+        tunnel_socket: facts.tunnel_socket.clone(),
+        overlay: facts.overlay.clone(),
+        accel: facts.accel,
+    };
+    Ok((info, facts))
+}
+
+/// Creates and starts a VM owned by the current process. See [`create_owned`].
+pub fn create(conn: &Connect, spec: &VmSpec, autodestroy: bool) -> Result<VmInfo, VmError> {
+    create_owned(conn, spec, autodestroy, VmOwner::current())
+}
+
+/// Creates and starts a transient VM from `spec`, recording `owner` in its metadata.
+///
+/// With `autodestroy` the VM dies when `conn` closes (keep `conn` open for as long as the VM
+/// should live). The overlay `<name>.qcow2` is made in `spec.work_dir` (created with mode
+/// 0755) and deleted again if the domain cannot start.
+///
+/// The caller must ensure that QEMU's user can read the kernel, initrd and base disk, and
+/// search every directory above them and above the work directory (as root with
+/// `qemu:///system` QEMU runs as `libvirt-qemu`; note that libvirt then chowns these files
+/// to that user while the VM runs and restores the owner afterwards). The console log's
+/// directory is created if missing.
+pub fn create_owned(
+    conn: &Connect,
+    spec: &VmSpec,
+    autodestroy: bool,
+    owner: VmOwner,
+) -> Result<VmInfo, VmError> {
+    let name = match &spec.name {
+        Some(name) => {
+            validate_name(name)?;
+            name.clone()
+        }
+        None => generate_name()?,
+    };
+    let uri = conn_uri(conn);
+    let local = is_local_uri(&uri);
+    let spec = checked_spec(spec, local)?;
+    match conn.lookup_domain_by_name(&name) {
+        Ok(_) => {
+            return Err(VmError::BadSpec {
+                reason: format!("a VM named {name} exists already at {uri}"),
+            })
+        }
+        Err(e) if is_code(&e, ErrorNumber::NoDomain) => {}
+        Err(e) => return Err(libvirt(format!("look up domain {name}"))(e)),
+    }
+    let accel = resolve(spec.accel, &uri, || conn.capabilities().ok());
+    if let Some(dir) = spec.console_log.parent() {
+        crate::overlay::create_work_dir(dir)?;
+    }
+    let overlay = create_overlay(&spec.image.disk, &spec.work_dir, &name, spec.disk_gib)?;
+    let xml = domain_xml(&name, &spec, accel, &overlay, &owner);
+    let flags = if autodestroy { START_AUTODESTROY } else { 0 };
+    let started = conn
+        .create_domain_xml(&xml, flags)
+        .map_err(libvirt(format!("start domain {name}")))
+        .and_then(|domain| match info_from(conn, &domain, &name) {
+            Ok((info, _)) => Ok(info),
+            Err(e) => {
+                let _ = domain.destroy();
+                Err(e)
+            }
+        });
+    if started.is_err() {
+        let _ = delete_overlay(&overlay, &name);
+    }
+    started
+}
+
+fn lookup(conn: &Connect, name: &str) -> Result<Domain, VmError> {
+    validate_name(name)?;
+    conn.lookup_domain_by_name(name).map_err(|e| {
+        if is_code(&e, ErrorNumber::NoDomain) {
+            VmError::NotFound {
+                name: name.to_owned(),
+                uri: conn_uri(conn),
+            }
+        } else {
+            libvirt(format!("look up domain {name}"))(e)
+        }
+    })
+}
+
+/// The VM `name` as it is now.
+pub fn status(conn: &Connect, name: &str) -> Result<VmInfo, VmError> {
+    let domain = lookup(conn, name)?;
+    Ok(info_from(conn, &domain, name)?.0)
+}
+
+/// Destroys VM `name` (powering it off at once) and deletes its overlay, which is found
+/// from the domain's disk and deleted only if it is named `<name>.qcow2` and the connection
+/// is local. Fails with [`VmError::NotFound`] if no such domain exists; to clean up after a
+/// VM that is already gone, use [`destroy_vm`] with the `VmInfo` from its creation.
+pub fn destroy(conn: &Connect, name: &str) -> Result<(), VmError> {
+    let domain = lookup(conn, name)?;
+    let overlay = info_from(conn, &domain, name)
+        .ok()
+        .and_then(|(info, _)| info.overlay);
+    stop(&domain, name)?;
+    remove_overlay(conn, overlay.as_deref(), name)
+}
+
+/// Destroys the VM described by `vm` if it still exists, then deletes `vm.overlay` (same
+/// rules as [`destroy`]). A VM that is already gone is not an error.
+pub fn destroy_vm(conn: &Connect, vm: &VmInfo) -> Result<(), VmError> {
+    validate_name(&vm.name)?;
+    match conn.lookup_domain_by_name(&vm.name) {
+        Ok(domain) => stop(&domain, &vm.name)?,
+        Err(e) if is_code(&e, ErrorNumber::NoDomain) => {}
+        Err(e) => return Err(libvirt(format!("look up domain {}", vm.name))(e)),
+    }
+    remove_overlay(conn, vm.overlay.as_deref(), &vm.name)
+}
+
+fn stop(domain: &Domain, name: &str) -> Result<(), VmError> {
+    let persistent = domain.is_persistent().unwrap_or(false);
+    if let Err(e) = domain.destroy() {
+        // Not running (or gone in the meantime) is what we wanted.
+        if !is_code(&e, ErrorNumber::OperationInvalid) && !is_code(&e, ErrorNumber::NoDomain) {
+            return Err(libvirt(format!("destroy domain {name}"))(e));
+        }
+    }
+    if persistent {
+        domain
+            .undefine()
+            .map_err(libvirt(format!("undefine domain {name}")))?;
+    }
+    Ok(())
+}
+
+fn remove_overlay(conn: &Connect, overlay: Option<&Path>, name: &str) -> Result<(), VmError> {
+    if let Some(path) = overlay {
+        if is_local_uri(&conn_uri(conn)) {
+            delete_overlay(path, name)?;
+        }
+    }
+    Ok(())
+}
+
+/// Contractor's VMs (domains named `contractor-*`) at this connection, by name.
+pub fn list(conn: &Connect) -> Result<Vec<VmInfo>, VmError> {
+    Ok(list_with_facts(conn)?
+        .into_iter()
+        .map(|(info, _)| info)
+        .collect())
+}
+
+fn list_with_facts(conn: &Connect) -> Result<Vec<(VmInfo, DomainFacts)>, VmError> {
+    let domains = conn
+        .list_all_domains(0)
+        .map_err(libvirt(String::from("list domains")))?;
+    let mut vms = Vec::new();
+    for domain in domains {
+        let Ok(name) = domain.name() else { continue };
+        if !is_contractor_name(&name) {
+            continue;
+        }
+        // A domain that vanished between listing and reading is simply not listed.
+        if let Ok(found) = info_from(conn, &domain, &name) {
+            vms.push(found);
+        }
+    }
+    vms.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    Ok(vms)
+}
+
+/// Destroys every Contractor VM whose recorded owner ran on this host and has exited, and
+/// deletes its overlay. Returns the reaped VMs with `state` set to `destroyed`. VMs without
+/// owner metadata, or owned by processes on other hosts, are left alone.
+pub fn reap(conn: &Connect) -> Result<Vec<VmInfo>, VmError> {
+    let mut reaped = Vec::new();
+    for (mut info, facts) in list_with_facts(conn)? {
+        if facts
+            .owner
+            .as_ref()
+            .is_some_and(VmOwner::is_gone_from_this_host)
+        {
+            destroy_vm(conn, &info)?;
+            info.state = String::from("destroyed");
+            reaped.push(info);
+        }
+    }
+    Ok(reaped)
+}
+
+/// True while VM `name` exists at `conn`; a failed lookup for any reason other than "no
+/// such domain" counts as existing.
+pub fn exists(conn: &Connect, name: &str) -> bool {
+    match conn.lookup_domain_by_name(name) {
+        Ok(_) => true,
+        Err(e) => !is_code(&e, ErrorNumber::NoDomain),
+    }
+}
+
+/// The accelerator `spec` would get at `conn` (resolving `auto`).
+pub fn chosen_accel(conn: &Connect, requested: Accel) -> Accel {
+    resolve(requested, &conn_uri(conn), || conn.capabilities().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_uri_honours_the_environment() {
+        // Only this test touches the variable.
+        std::env::set_var(URI_ENV, "test:///default");
+        assert_eq!(default_uri(), "test:///default");
+        std::env::remove_var(URI_ENV);
+        let uri = default_uri();
+        assert!(uri == "qemu:///system" || uri == "qemu:///session", "{uri}");
+    }
+
+    #[test]
+    fn test_driver_lists_no_foreign_domains() {
+        // test:///default has one domain, `test`, which is not ours.
+        let conn = connect("test:///default").expect("test driver");
+        assert!(list(&conn).expect("list").is_empty());
+        assert!(reap(&conn).expect("reap").is_empty());
+        assert!(matches!(
+            status(&conn, "contractor-nope"),
+            Err(VmError::NotFound { .. })
+        ));
+        assert!(matches!(destroy(&conn, "test"), Err(VmError::Name(_))));
+        assert!(exists(&conn, "test"));
+    }
+
+    #[test]
+    fn unreachable_libvirt_says_what_to_do() {
+        let err = connect("qemu+unix:///system?socket=/nonexistent/libvirt-sock")
+            .expect_err("no daemon there");
+        let text = err.to_string();
+        assert!(text.contains("libvirtd -d"), "{text}");
+        assert!(text.contains("/nonexistent/libvirt-sock"), "{text}");
+    }
+}

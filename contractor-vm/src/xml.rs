@@ -1,0 +1,395 @@
+//! The libvirt domain XML of a builder VM, written and read back. The invariant this module
+//! keeps: a builder domain has exactly one disk (its qcow2 overlay), no network interface,
+//! no graphics, USB or sound, and two virtio-serial channels (control and tunnel) whose host
+//! ends are Unix sockets that libvirt places itself. Every text and attribute value is
+//! escaped, so a path or command line cannot inject elements.
+
+use std::path::{Path, PathBuf};
+
+use contractor_protocol::agent::{CONTROL_PORT, TUNNEL_PORT};
+use contractor_protocol::vm::{Accel, VmSpec};
+
+use crate::owner::VmOwner;
+
+/// The XML namespace of Contractor's `<metadata>` element.
+pub const METADATA_NAMESPACE: &str = "https://contractor.invalid/vm/1";
+
+/// Errors reading a domain's XML.
+#[derive(Debug, thiserror::Error)]
+pub enum XmlError {
+    /// libvirt returned XML that does not parse.
+    #[error("libvirt returned unparsable domain XML")]
+    Parse(#[source] roxmltree::Error),
+}
+
+/// Escapes `&`, `<`, `>`, `'` and `"` for use in XML text and attribute values.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\'' => out.push_str("&apos;"),
+            '"' => out.push_str("&quot;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn esc_path(path: &Path) -> String {
+    escape(&path.to_string_lossy())
+}
+
+/// The XML of a transient builder domain.
+///
+/// `accel` should already be resolved (see [`crate::accel::resolve`]); `Auto` is written as
+/// TCG. Paths are written as given: [`crate::create`] makes them absolute and rejects
+/// paths that are not UTF-8 before calling this.
+pub fn domain_xml(
+    name: &str,
+    spec: &VmSpec,
+    accel: Accel,
+    overlay: &Path,
+    owner: &VmOwner,
+) -> String {
+    let (domain_type, cpu) = match accel {
+        Accel::Kvm => ("kvm", "<cpu mode='host-passthrough' check='none'/>"),
+        Accel::Tcg | Accel::Auto => ("qemu", "<cpu mode='maximum' check='none'/>"),
+    };
+    let image = &spec.image;
+    let initrd = image
+        .initrd
+        .as_deref()
+        .map(|p| format!("\n    <initrd>{}</initrd>", esc_path(p)))
+        .unwrap_or_default();
+    let process_start = owner
+        .process_start
+        .map(|s| format!(" process-start='{s}'"))
+        .unwrap_or_default();
+    let channel = |port: &str| {
+        format!(
+            "    <channel type='unix'>\n      <source mode='bind'/>\n      \
+             <target type='virtio' name='{}'/>\n    </channel>\n",
+            escape(port)
+        )
+    };
+    format!(
+        "<domain type='{domain_type}'>
+  <name>{name}</name>
+  <metadata>
+    <contractor:vm xmlns:contractor='{ns}'>
+      <contractor:owner pid='{pid}'{process_start} host='{host}' created='{created}'/>
+    </contractor:vm>
+  </metadata>
+  <memory unit='MiB'>{memory}</memory>
+  <vcpu placement='static'>{cpus}</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{kernel}</kernel>{initrd}
+    <cmdline>{cmdline}</cmdline>
+  </os>
+  <features>
+    <acpi/>
+  </features>
+  {cpu}
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' cache='unsafe'/>
+      <source file='{overlay}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <controller type='usb' model='none'/>
+    <serial type='pty'>
+      <log file='{console_log}' append='off'/>
+      <target port='0'/>
+    </serial>
+    <console type='pty'>
+      <target type='serial' port='0'/>
+    </console>
+{control}{tunnel}    <rng model='virtio'>
+      <backend model='random'>/dev/urandom</backend>
+    </rng>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+",
+        name = escape(name),
+        ns = METADATA_NAMESPACE,
+        pid = owner.pid,
+        host = escape(&owner.host),
+        created = owner.created_unix,
+        memory = spec.memory_mib,
+        cpus = spec.cpus,
+        kernel = esc_path(&image.kernel),
+        cmdline = escape(&image.cmdline),
+        overlay = esc_path(overlay),
+        console_log = esc_path(&spec.console_log),
+        control = channel(CONTROL_PORT),
+        tunnel = channel(TUNNEL_PORT),
+    )
+}
+
+/// What a running domain's XML tells about it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DomainFacts {
+    /// `kvm` or `tcg`, from the domain type.
+    pub accel: Option<Accel>,
+    /// The source file of the first disk.
+    pub overlay: Option<PathBuf>,
+    /// Host end of the control channel.
+    pub control_socket: Option<PathBuf>,
+    /// Host end of the tunnel channel.
+    pub tunnel_socket: Option<PathBuf>,
+    /// The owner from Contractor's metadata, when present.
+    pub owner: Option<VmOwner>,
+}
+
+fn children<'a, 'i>(
+    node: roxmltree::Node<'a, 'i>,
+    tag: &'static str,
+) -> impl Iterator<Item = roxmltree::Node<'a, 'i>> {
+    node.children().filter(move |n| n.has_tag_name(tag))
+}
+
+/// Reads the facts out of a domain's XML (as returned by `virDomainGetXMLDesc`).
+pub fn parse_domain(xml: &str) -> Result<DomainFacts, XmlError> {
+    let doc = roxmltree::Document::parse(xml).map_err(XmlError::Parse)?;
+    let root = doc.root_element();
+    let mut facts = DomainFacts {
+        accel: match root.attribute("type") {
+            Some("kvm") => Some(Accel::Kvm),
+            Some("qemu") => Some(Accel::Tcg),
+            _ => None,
+        },
+        ..DomainFacts::default()
+    };
+    for devices in children(root, "devices") {
+        if facts.overlay.is_none() {
+            facts.overlay = children(devices, "disk")
+                .filter(|d| d.attribute("device").unwrap_or("disk") == "disk")
+                .flat_map(|d| children(d, "source"))
+                .find_map(|s| s.attribute("file"))
+                .map(PathBuf::from);
+        }
+        for channel in children(devices, "channel") {
+            let port = children(channel, "target").find_map(|t| t.attribute("name"));
+            let path = children(channel, "source")
+                .find_map(|s| s.attribute("path"))
+                .map(PathBuf::from);
+            match port {
+                Some(p) if p == CONTROL_PORT => facts.control_socket = path,
+                Some(p) if p == TUNNEL_PORT => facts.tunnel_socket = path,
+                _ => {}
+            }
+        }
+    }
+    facts.owner = root
+        .descendants()
+        .find(|n| n.has_tag_name((METADATA_NAMESPACE, "owner")))
+        .and_then(|owner| {
+            let number = |attr: &str| owner.attribute(attr).and_then(|v| v.parse::<u64>().ok());
+            Some(VmOwner {
+                pid: owner.attribute("pid")?.parse().ok()?,
+                process_start: number("process-start"),
+                host: owner.attribute("host")?.to_owned(),
+                created_unix: number("created").unwrap_or(0),
+            })
+        });
+    Ok(facts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use contractor_protocol::vm::BootImage;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            name: None,
+            image: BootImage {
+                disk: "/images/base.qcow2".into(),
+                kernel: "/images/vmlinuz".into(),
+                initrd: Some("/images/initrd.img".into()),
+                cmdline: "console=ttyS0 root=/dev/vda rw x=\"<&'>\"".into(),
+            },
+            cpus: 2,
+            memory_mib: 768,
+            disk_gib: None,
+            accel: Accel::Auto,
+            console_log: "/work/it's <here>/console.log".into(),
+            work_dir: "/work".into(),
+        }
+    }
+
+    fn owner() -> VmOwner {
+        VmOwner {
+            pid: 4242,
+            process_start: Some(99),
+            host: "h&st".into(),
+            created_unix: 7,
+        }
+    }
+
+    fn xml(accel: Accel) -> String {
+        domain_xml(
+            "contractor-abc",
+            &spec(),
+            accel,
+            Path::new("/work/contractor-abc.qcow2"),
+            &owner(),
+        )
+    }
+
+    #[test]
+    fn tcg_domain_has_what_a_builder_needs_and_nothing_else() {
+        let text = xml(Accel::Tcg);
+        let doc = roxmltree::Document::parse(&text).expect("well-formed XML");
+        let root = doc.root_element();
+        assert_eq!(root.attribute("type"), Some("qemu"));
+        let find = |tag: &str| {
+            doc.descendants()
+                .filter(|n| n.has_tag_name(tag))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(find("name")[0].text(), Some("contractor-abc"));
+        assert_eq!(find("memory")[0].attribute("unit"), Some("MiB"));
+        assert_eq!(find("memory")[0].text(), Some("768"));
+        assert_eq!(find("vcpu")[0].text(), Some("2"));
+        let os_type = find("type")[0];
+        assert_eq!(os_type.attribute("machine"), Some("q35"));
+        assert_eq!(os_type.attribute("arch"), Some("x86_64"));
+        assert_eq!(find("kernel")[0].text(), Some("/images/vmlinuz"));
+        assert_eq!(find("initrd")[0].text(), Some("/images/initrd.img"));
+        assert_eq!(
+            find("cmdline")[0].text(),
+            Some("console=ttyS0 root=/dev/vda rw x=\"<&'>\"")
+        );
+        assert_eq!(find("cpu")[0].attribute("mode"), Some("maximum"));
+        for action in ["on_poweroff", "on_reboot", "on_crash"] {
+            assert_eq!(find(action)[0].text(), Some("destroy"), "{action}");
+        }
+        let disks = find("disk");
+        assert_eq!(disks.len(), 1, "exactly one disk");
+        let driver = find("driver")[0];
+        assert_eq!(driver.attribute("type"), Some("qcow2"));
+        assert_eq!(driver.attribute("cache"), Some("unsafe"));
+        assert_eq!(
+            find("target")
+                .iter()
+                .filter(|t| t.attribute("dev") == Some("vda"))
+                .count(),
+            1
+        );
+        for absent in [
+            "interface",
+            "graphics",
+            "sound",
+            "video",
+            "hostdev",
+            "filesystem",
+        ] {
+            assert!(find(absent).is_empty(), "<{absent}> must not exist");
+        }
+        assert!(!text.contains("<interface"));
+        assert_eq!(find("controller")[0].attribute("model"), Some("none"));
+        assert_eq!(find("memballoon")[0].attribute("model"), Some("none"));
+        assert_eq!(find("backend")[0].text(), Some("/dev/urandom"));
+        let log = find("log")[0];
+        assert_eq!(log.attribute("file"), Some("/work/it's <here>/console.log"));
+        assert_eq!(log.attribute("append"), Some("off"));
+        let ports: Vec<_> = find("channel")
+            .iter()
+            .map(|c| {
+                assert_eq!(c.attribute("type"), Some("unix"));
+                c.descendants()
+                    .find(|n| n.has_tag_name("target"))
+                    .and_then(|t| t.attribute("name"))
+            })
+            .collect();
+        assert_eq!(ports, vec![Some(CONTROL_PORT), Some(TUNNEL_PORT)]);
+    }
+
+    #[test]
+    fn kvm_domain_passes_the_host_cpu_through() {
+        let text = xml(Accel::Kvm);
+        let doc = roxmltree::Document::parse(&text).expect("well-formed XML");
+        assert_eq!(doc.root_element().attribute("type"), Some("kvm"));
+        let cpu = doc
+            .descendants()
+            .find(|n| n.has_tag_name("cpu"))
+            .expect("cpu");
+        assert_eq!(cpu.attribute("mode"), Some("host-passthrough"));
+    }
+
+    #[test]
+    fn no_initrd_means_no_initrd_element() {
+        let mut s = spec();
+        s.image.initrd = None;
+        let text = domain_xml(
+            "contractor-x",
+            &s,
+            Accel::Tcg,
+            Path::new("/o.qcow2"),
+            &owner(),
+        );
+        assert!(!text.contains("<initrd"));
+    }
+
+    #[test]
+    fn written_xml_reads_back() {
+        let facts = parse_domain(&xml(Accel::Tcg)).expect("parse");
+        assert_eq!(facts.accel, Some(Accel::Tcg));
+        assert_eq!(
+            facts.overlay,
+            Some(PathBuf::from("/work/contractor-abc.qcow2"))
+        );
+        assert_eq!(facts.owner, Some(owner()));
+        assert_eq!(facts.control_socket, None, "libvirt fills the paths in");
+    }
+
+    #[test]
+    fn live_xml_socket_paths_are_found() {
+        // As libvirt 9.0 reports a running domain (abridged).
+        let live = "<domain type='qemu' id='3'><name>contractor-abc</name>\
+          <metadata><c:vm xmlns:c='https://contractor.invalid/vm/1'>\
+          <c:owner pid='12' host='h' created='5'/></c:vm></metadata><devices>\
+          <disk type='file' device='disk'><source file='/w/contractor-abc.qcow2' index='1'/>\
+          <backingStore type='file' index='2'><format type='qcow2'/>\
+          <source file='/images/base.qcow2'/></backingStore><target dev='vda'/></disk>\
+          <channel type='unix'><source mode='bind' path='/var/lib/libvirt/qemu/channel/target/domain-3-contractor-abc/org.contractor.control'/>\
+          <target type='virtio' name='org.contractor.control' state='disconnected'/></channel>\
+          <channel type='unix'><source mode='bind' path='/run/t.sock'/>\
+          <target type='virtio' name='org.contractor.tunnel'/></channel></devices></domain>";
+        let facts = parse_domain(live).expect("parse");
+        assert_eq!(
+            facts.overlay,
+            Some(PathBuf::from("/w/contractor-abc.qcow2"))
+        );
+        assert_eq!(
+            facts.control_socket,
+            Some(PathBuf::from(
+                "/var/lib/libvirt/qemu/channel/target/domain-3-contractor-abc/org.contractor.control"
+            ))
+        );
+        assert_eq!(facts.tunnel_socket, Some(PathBuf::from("/run/t.sock")));
+        let owner = facts.owner.expect("owner");
+        assert_eq!(
+            (owner.pid, owner.process_start, owner.host.as_str()),
+            (12, None, "h")
+        );
+    }
+
+    #[test]
+    fn escaping() {
+        assert_eq!(
+            escape(r#"a<b>&'c'"d""#),
+            "a&lt;b&gt;&amp;&apos;c&apos;&quot;d&quot;"
+        );
+    }
+}

@@ -1,1 +1,11 @@
-//! contractor.
+//! The `contractor` front end: reads `contractor.toml`, prepares the image, and composes
+//! the store, the proxy, the VM and the run into one build.
+
+#![warn(missing_docs)]
+
+pub mod build;
+pub mod image;
+pub mod paths;
+pub mod progress;
+pub mod source;
+pub mod spec;

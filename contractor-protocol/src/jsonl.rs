@@ -44,14 +44,21 @@ pub struct JsonlReader<R> {
 impl<R: BufRead> JsonlReader<R> {
     /// Wraps a buffered reader.
     pub fn new(input: R) -> Self {
-        JsonlReader { input, line: 0, buf: String::new() }
+        JsonlReader {
+            input,
+            line: 0,
+            buf: String::new(),
+        }
     }
 
     /// The next message, or `None` at the end of the stream.
     pub fn next_message<T: DeserializeOwned>(&mut self) -> Result<Option<T>, JsonlError> {
         loop {
             self.buf.clear();
-            let n = self.input.read_line(&mut self.buf).map_err(JsonlError::Io)?;
+            let n = self
+                .input
+                .read_line(&mut self.buf)
+                .map_err(JsonlError::Io)?;
             if n == 0 {
                 return Ok(None);
             }
@@ -61,7 +68,10 @@ impl<R: BufRead> JsonlReader<R> {
             }
             return serde_json::from_str(&self.buf)
                 .map(Some)
-                .map_err(|source| JsonlError::Parse { line: self.line, source });
+                .map_err(|source| JsonlError::Parse {
+                    line: self.line,
+                    source,
+                });
         }
     }
 }
@@ -80,7 +90,9 @@ mod tests {
         let mut reader = JsonlReader::new(&out[..]);
         let first: Ready = reader.next_message().expect("read").expect("one message");
         assert_eq!(first, ready);
-        let err = reader.next_message::<Ready>().expect_err("second line is invalid");
+        let err = reader
+            .next_message::<Ready>()
+            .expect_err("second line is invalid");
         match err {
             JsonlError::Parse { line, source } => {
                 assert_eq!(line, 3);

@@ -24,8 +24,11 @@ pub struct RunRequest {
     pub store: SocketAddr,
     /// File the build's output is written to (raw bytes, as produced).
     pub log: PathBuf,
-    /// Wall-clock limit for the whole run, in seconds, from the moment the request is read.
+    /// Limit for the build itself, in seconds, from the moment the agent has the job.
     pub timeout_secs: u64,
+    /// Limit for the VM to boot and its agent to answer, in seconds (default 300).
+    #[serde(default = "default_boot_timeout")]
+    pub boot_timeout_secs: u64,
     /// The build.
     pub job: Job,
 }
@@ -77,4 +80,8 @@ pub enum RunEvent {
     /// A message type this reader does not know (from a newer writer).
     #[serde(other)]
     Unknown,
+}
+
+fn default_boot_timeout() -> u64 {
+    300
 }

@@ -25,7 +25,12 @@ pub struct Ready {
 impl Ready {
     /// A ready line for `service` listening on `addr`.
     pub fn new(service: &str, addr: SocketAddr) -> Self {
-        Ready { kind: ReadyTag::Ready, version: PROTOCOL_VERSION, service: service.to_string(), addr }
+        Ready {
+            kind: ReadyTag::Ready,
+            version: PROTOCOL_VERSION,
+            service: service.to_string(),
+            addr,
+        }
     }
 }
 

@@ -68,14 +68,15 @@ pub enum RunError {
     #[error("the agent did not start with hello")]
     NoHello,
     /// The VM went away before the agent reported the script's end.
-    #[error("the VM stopped before the agent reported the end of the script (see the console log)")]
+    #[error(
+        "the VM stopped before the agent reported the end of the script (see the console log)"
+    )]
     AgentGone,
 }
 
-/// What the run learned so far; read when the timeout cuts it short.
+/// What the agent reported so far; read even when the timeout cuts the run short.
 #[derive(Debug, Default)]
 struct Progress {
-    agent_ready: bool,
     exit_code: Option<i32>,
     signal: Option<i32>,
     agent_error: Option<ErrorInfo>,
@@ -85,33 +86,40 @@ struct Progress {
 /// to `events`). Never fails: every failure is an outcome.
 pub async fn run(request: RunRequest, events: EventSink) -> RunEvent {
     let started = Instant::now();
-    let _ = events.send(RunEvent::Started { version: PROTOCOL_VERSION });
+    let _ = events.send(RunEvent::Started {
+        version: PROTOCOL_VERSION,
+    });
     let mut progress = Progress::default();
-    let limit = Duration::from_secs(request.timeout_secs);
-    let driven = tokio::time::timeout(limit, drive(&request, &events, &mut progress)).await;
-    let (outcome, error) = match driven {
-        Ok(Ok(())) => judge(&progress),
-        Ok(Err(err)) => (Outcome::Infrastructure, Some(error_info("infrastructure", &err))),
-        Err(_) if !progress.agent_ready => (
+    let boot_limit = Duration::from_secs(request.boot_timeout_secs);
+    let (outcome, error) = match tokio::time::timeout(boot_limit, connect(&request, &events)).await {
+        Err(_) => (
             Outcome::Infrastructure,
             Some(ErrorInfo {
                 code: "boot_timeout".into(),
                 chain: vec![format!(
-                    "the guest agent did not answer within the timeout of {} s (the VM did not boot? see the console log)",
-                    request.timeout_secs
+                    "the guest agent did not answer within {} s (the VM did not boot? see the console log)",
+                    request.boot_timeout_secs
                 )],
             }),
         ),
-        Err(_) => (
-            Outcome::Timeout,
-            Some(ErrorInfo {
-                code: "timeout".into(),
-                chain: vec![format!(
-                    "the build ran past its timeout of {} s and was stopped",
-                    request.timeout_secs
-                )],
-            }),
-        ),
+        Ok(Err(err)) => (Outcome::Infrastructure, Some(error_info("infrastructure", &err))),
+        Ok(Ok(session)) => {
+            let limit = Duration::from_secs(request.timeout_secs);
+            match tokio::time::timeout(limit, session.run_job(&request, &events, &mut progress)).await {
+                Ok(Ok(())) => judge(&progress),
+                Ok(Err(err)) => (Outcome::Infrastructure, Some(error_info("infrastructure", &err))),
+                Err(_) => (
+                    Outcome::Timeout,
+                    Some(ErrorInfo {
+                        code: "timeout".into(),
+                        chain: vec![format!(
+                            "the build ran past its timeout of {} s and was stopped",
+                            request.timeout_secs
+                        )],
+                    }),
+                ),
+            }
+        }
     };
     let finished = RunEvent::Finished {
         outcome,
@@ -143,7 +151,10 @@ fn judge(progress: &Progress) -> (Outcome, Option<ErrorInfo>) {
                 chain: vec![format!("the script was killed by signal {signal}")],
             }),
         ),
-        (None, None) => (Outcome::Infrastructure, Some(error_info("agent_gone", &RunError::AgentGone))),
+        (None, None) => (
+            Outcome::Infrastructure,
+            Some(error_info("agent_gone", &RunError::AgentGone)),
+        ),
     }
 }
 
@@ -155,15 +166,31 @@ pub fn error_info(code: &str, err: &(dyn std::error::Error + 'static)) -> ErrorI
         chain.push(cause.to_string());
         source = cause.source();
     }
-    ErrorInfo { code: code.to_string(), chain }
+    ErrorInfo {
+        code: code.to_string(),
+        chain,
+    }
 }
 
-async fn drive(request: &RunRequest, events: &EventSink, progress: &mut Progress) -> Result<(), RunError> {
+type ControlLines = tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>;
+
+/// A VM whose agent has said hello.
+struct Session {
+    lines: ControlLines,
+    control_out: tokio::net::unix::OwnedWriteHalf,
+    log_done: oneshot::Receiver<()>,
+}
+
+/// Connects to the VM's channels, starts relaying the tunnel, and waits for the agent.
+async fn connect(request: &RunRequest, events: &EventSink) -> Result<Session, RunError> {
     let control = connect_channel("control", &request.control_socket).await?;
     let tunnel_io = connect_channel("tunnel", &request.tunnel_socket).await?;
     let log = tokio::fs::File::create(&request.log)
         .await
-        .map_err(|source| RunError::Log { path: request.log.clone(), source })?;
+        .map_err(|source| RunError::Log {
+            path: request.log.clone(),
+            source,
+        })?;
 
     let (log_done_tx, log_done) = oneshot::channel();
     let relay = Relay {
@@ -179,48 +206,67 @@ async fn drive(request: &RunRequest, events: &EventSink, progress: &mut Progress
         }
     });
 
-    let (read_half, mut write_half) = control.into_split();
+    let (read_half, control_out) = control.into_split();
     let mut lines = BufReader::new(read_half).lines();
     match next_message(&mut lines).await? {
         Some(GuestMessage::Hello { agent_version, .. }) => {
-            progress.agent_ready = true;
             let _ = events.send(RunEvent::AgentReady { agent_version });
         }
         Some(_) => return Err(RunError::NoHello),
         None => return Err(RunError::AgentGone),
     }
-    let job = HostMessage::Job { version: PROTOCOL_VERSION, job: request.job.clone() };
-    let mut line = serde_json::to_vec(&job).map_err(|e| RunError::Control(e.into()))?;
-    line.push(b'\n');
-    write_half.write_all(&line).await.map_err(RunError::Control)?;
-
-    while let Some(message) = next_message(&mut lines).await? {
-        match message {
-            GuestMessage::Hello { .. } => {}
-            GuestMessage::Phase { phase } => {
-                let _ = events.send(RunEvent::Phase { phase });
-            }
-            GuestMessage::Artifact { path, size } => {
-                let _ = events.send(RunEvent::Artifact { path, size });
-            }
-            GuestMessage::ScriptExited { code, signal } => {
-                progress.exit_code = code;
-                progress.signal = signal;
-            }
-            GuestMessage::Error { code, chain } => {
-                progress.agent_error = Some(ErrorInfo { code, chain });
-            }
-            GuestMessage::Done => break,
-        }
-    }
-    // The output travels on its own stream; let it catch up before the closing event.
-    let _ = tokio::time::timeout(LOG_DRAIN, log_done).await;
-    Ok(())
+    Ok(Session {
+        lines,
+        control_out,
+        log_done,
+    })
 }
 
-async fn next_message(
-    lines: &mut tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
-) -> Result<Option<GuestMessage>, RunError> {
+impl Session {
+    /// Hands the agent its job and follows it to `done`.
+    async fn run_job(
+        mut self,
+        request: &RunRequest,
+        events: &EventSink,
+        progress: &mut Progress,
+    ) -> Result<(), RunError> {
+        let job = HostMessage::Job {
+            version: PROTOCOL_VERSION,
+            job: request.job.clone(),
+        };
+        let mut line = serde_json::to_vec(&job).map_err(|e| RunError::Control(e.into()))?;
+        line.push(b'\n');
+        self.control_out
+            .write_all(&line)
+            .await
+            .map_err(RunError::Control)?;
+
+        while let Some(message) = next_message(&mut self.lines).await? {
+            match message {
+                GuestMessage::Hello { .. } => {}
+                GuestMessage::Phase { phase } => {
+                    let _ = events.send(RunEvent::Phase { phase });
+                }
+                GuestMessage::Artifact { path, size } => {
+                    let _ = events.send(RunEvent::Artifact { path, size });
+                }
+                GuestMessage::ScriptExited { code, signal } => {
+                    progress.exit_code = code;
+                    progress.signal = signal;
+                }
+                GuestMessage::Error { code, chain } => {
+                    progress.agent_error = Some(ErrorInfo { code, chain });
+                }
+                GuestMessage::Done => break,
+            }
+        }
+        // The output travels on its own stream; let it catch up before the closing event.
+        let _ = tokio::time::timeout(LOG_DRAIN, self.log_done).await;
+        Ok(())
+    }
+}
+
+async fn next_message(lines: &mut ControlLines) -> Result<Option<GuestMessage>, RunError> {
     loop {
         let Some(line) = lines.next_line().await.map_err(RunError::Control)? else {
             return Ok(None);
@@ -228,10 +274,12 @@ async fn next_message(
         if line.trim().is_empty() {
             continue;
         }
-        return serde_json::from_str(&line).map(Some).map_err(|source| RunError::BadMessage {
-            line: line.chars().take(200).collect(),
-            source,
-        });
+        return serde_json::from_str(&line)
+            .map(Some)
+            .map_err(|source| RunError::BadMessage {
+                line: line.chars().take(200).collect(),
+                source,
+            });
     }
 }
 
@@ -242,7 +290,11 @@ async fn connect_channel(name: &'static str, path: &Path) -> Result<UnixStream, 
         match UnixStream::connect(path).await {
             Ok(stream) => return Ok(stream),
             Err(source) if Instant::now() >= deadline => {
-                return Err(RunError::Channel { name, path: path.to_path_buf(), source })
+                return Err(RunError::Channel {
+                    name,
+                    path: path.to_path_buf(),
+                    source,
+                })
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
@@ -274,7 +326,10 @@ impl Relay {
                 let slot = self.log.lock().map(|mut slot| slot.take()).ok().flatten();
                 if let Some((file, path, done)) = slot {
                     if let Err(err) = copy_log(stream, file, &self.events).await {
-                        eprintln!("contractor-run: cannot write the build log {}: {err}", path.display());
+                        eprintln!(
+                            "contractor-run: cannot write the build log {}: {err}",
+                            path.display()
+                        );
                     }
                     let _ = done.send(());
                 }
@@ -291,7 +346,11 @@ async fn splice(mut stream: TunnelStream, target: std::net::SocketAddr) {
     let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
 }
 
-async fn copy_log(mut stream: TunnelStream, mut file: tokio::fs::File, events: &EventSink) -> std::io::Result<()> {
+async fn copy_log(
+    mut stream: TunnelStream,
+    mut file: tokio::fs::File,
+    events: &EventSink,
+) -> std::io::Result<()> {
     let mut chunker = Utf8Chunker::default();
     let mut buf = vec![0u8; 64 * 1024];
     loop {

@@ -18,7 +18,7 @@ use contractor_protocol::ExitCode;
   {"version":1,
    "control_socket":"/var/lib/libvirt/qemu/channel/target/domain-1-contractor-ab12/org.contractor.control",
    "tunnel_socket":"/var/lib/libvirt/qemu/channel/target/domain-1-contractor-ab12/org.contractor.tunnel",
-   "proxy":"127.0.0.1:40123","store":"127.0.0.1:40124","log":"build.log","timeout_secs":600,
+   "proxy":"127.0.0.1:40123","store":"127.0.0.1:40124","log":"build.log","timeout_secs":600,"boot_timeout_secs":300,
    "job":{"script":"make","source":"/builds/ID/source.tar","artifacts":["hello"],
           "artifacts_dest":"/builds/ID/artifacts/"}}
 
@@ -47,7 +47,9 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> anyhow::Result<ExitCode> {
     let mut input = String::new();
-    std::io::stdin().read_to_string(&mut input).context("cannot read the request on stdin")?;
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .context("cannot read the request on stdin")?;
     let request: RunRequest = serde_json::from_str(&input).context("invalid request on stdin")?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let code = runtime.block_on(async {

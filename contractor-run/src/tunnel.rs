@@ -41,10 +41,19 @@ impl Opener {
     /// Opens a stream to `target` (writes the target byte first).
     pub async fn open(&self, target: TunnelTarget) -> Result<TunnelStream, TunnelError> {
         let (reply, answer) = oneshot::channel();
-        self.requests.send(reply).await.map_err(|_| TunnelError::Closed)?;
-        let stream = answer.await.map_err(|_| TunnelError::Closed)?.map_err(TunnelError::Yamux)?;
+        self.requests
+            .send(reply)
+            .await
+            .map_err(|_| TunnelError::Closed)?;
+        let stream = answer
+            .await
+            .map_err(|_| TunnelError::Closed)?
+            .map_err(TunnelError::Yamux)?;
         let mut stream = stream.compat();
-        stream.write_all(&[target.tag()]).await.map_err(TunnelError::Io)?;
+        stream
+            .write_all(&[target.tag()])
+            .await
+            .map_err(TunnelError::Io)?;
         Ok(stream)
     }
 }
@@ -111,8 +120,14 @@ mod tests {
         let (opener, _) = spawn(guest_io, Side::Guest);
         let (_, mut inbound) = spawn(host_io, Side::Host);
 
-        let mut a = opener.open(TunnelTarget::Proxy).await.expect("open proxy stream");
-        let mut b = opener.open(TunnelTarget::Store).await.expect("open store stream");
+        let mut a = opener
+            .open(TunnelTarget::Proxy)
+            .await
+            .expect("open proxy stream");
+        let mut b = opener
+            .open(TunnelTarget::Store)
+            .await
+            .expect("open store stream");
         b.write_all(b"to the store").await.expect("write b");
         b.shutdown().await.expect("close b");
         a.write_all(b"to the proxy").await.expect("write a");
@@ -126,7 +141,10 @@ mod tests {
             seen.push(data);
         }
         seen.sort();
-        assert_eq!(seen, vec![b"pto the proxy".to_vec(), b"sto the store".to_vec()]);
+        assert_eq!(
+            seen,
+            vec![b"pto the proxy".to_vec(), b"sto the store".to_vec()]
+        );
     }
 
     #[tokio::test]

@@ -198,9 +198,16 @@ impl Upload {
             .map_err(FileError::io("write", &self.temp))
     }
 
-    /// Syncs the temporary file and renames it onto the destination, atomically.
-    pub async fn commit(mut self) -> Result<Written, FileError> {
+    /// Syncs the temporary file, gives it `mode` (when set), and renames it onto the
+    /// destination, atomically.
+    pub async fn commit(mut self, mode: Option<u32>) -> Result<Written, FileError> {
         let mut file = self.file.take().ok_or_else(|| closed(&self.temp))?;
+        if let Some(mode) = mode {
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(std::fs::Permissions::from_mode(mode))
+                .await
+                .map_err(FileError::io("set the mode of", &self.temp))?;
+        }
         file.flush()
             .await
             .map_err(FileError::io("write", &self.temp))?;
@@ -318,13 +325,20 @@ mod tests {
         upload.write(b"world").await.expect("write");
         let destination = root.join("builds/b/artifacts/out/file");
         assert!(!destination.exists());
-        assert_eq!(upload.commit().await.expect("commit"), Written::Created);
+        assert_eq!(upload.commit(None).await.expect("commit"), Written::Created);
         assert_eq!(std::fs::read(&destination).expect("read"), b"hello world");
 
         let mut again = Upload::begin(&root, &path).await.expect("begin");
         again.write(b"new").await.expect("write");
-        assert_eq!(again.commit().await.expect("commit"), Written::Replaced);
+        assert_eq!(
+            again.commit(Some(0o755)).await.expect("commit"),
+            Written::Replaced
+        );
         assert_eq!(std::fs::read(&destination).expect("read"), b"new");
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&destination).expect("meta").permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o755);
         let names: Vec<_> = std::fs::read_dir(destination.parent().expect("parent"))
             .expect("list")
             .map(|e| e.expect("entry").file_name())

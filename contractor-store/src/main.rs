@@ -38,7 +38,10 @@ enum Command {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let Command::Serve { root, listen } = Cli::parse().command;
-    let store = match Store::open(&StoreConfig { root }) {
+    let store = match Store::open(&StoreConfig {
+        root,
+        access_log: true,
+    }) {
         Ok(store) => store,
         Err(e) => return fail(ExitCode::BadInput, &anyhow::Error::new(e)),
     };

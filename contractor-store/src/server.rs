@@ -34,6 +34,19 @@ use crate::path::StorePath;
 /// How long requests in flight may take to finish once shutdown is asked for.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// Request header of a PUT that sets the stored file's mode: `0644` (the default) or
+/// `0755` (an executable artifact). No other modes are accepted.
+pub const MODE_HEADER: &str = "x-content-mode";
+
+/// The mode a `MODE_HEADER` value asks for, or the value when it is not accepted.
+fn parse_mode(value: &HeaderValue) -> Result<u32, String> {
+    match value.to_str() {
+        Ok("0644" | "644") => Ok(0o644),
+        Ok("0755" | "755") => Ok(0o755),
+        _ => Err(String::from_utf8_lossy(value.as_bytes()).into_owned()),
+    }
+}
+
 /// Size of the chunks a file is read and sent in.
 const READ_CHUNK: usize = 256 * 1024;
 
@@ -42,6 +55,8 @@ const READ_CHUNK: usize = 256 * 1024;
 pub struct StoreConfig {
     /// The store directory. It must exist and be a directory.
     pub root: PathBuf,
+    /// Write one access-log line per request on stderr.
+    pub access_log: bool,
 }
 
 /// Why the store could not start.
@@ -68,6 +83,7 @@ pub enum StoreError {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    access_log: bool,
 }
 
 /// The body of every response.
@@ -87,7 +103,10 @@ impl Store {
                 path: config.root.clone(),
             });
         }
-        Ok(Store { root })
+        Ok(Store {
+            root,
+            access_log: config.access_log,
+        })
     }
 
     /// The canonical root directory.
@@ -163,11 +182,13 @@ impl Store {
                 .exact()
                 .map_or("-".to_string(), |n| n.to_string()),
         };
-        eprintln!(
-            "contractor-store: {peer} {method} {target} {} {length} {:.3}s",
-            response.status().as_u16(),
-            started.elapsed().as_secs_f64()
-        );
+        if self.access_log {
+            eprintln!(
+                "contractor-store: {peer} {method} {target} {} {length} {:.3}s",
+                response.status().as_u16(),
+                started.elapsed().as_secs_f64()
+            );
+        }
         response
     }
 
@@ -188,7 +209,17 @@ impl Store {
             Err(e) => return text(StatusCode::FORBIDDEN, &format!("refused: {e}")),
         };
         if method == Method::PUT {
-            self.put(&path, request.into_body()).await
+            let mode = match request.headers().get(MODE_HEADER).map(parse_mode) {
+                None => None,
+                Some(Ok(mode)) => Some(mode),
+                Some(Err(value)) => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        &format!("{MODE_HEADER}: {value:?} is not accepted; use 0644 or 0755"),
+                    )
+                }
+            };
+            self.put(&path, mode, request.into_body()).await
         } else {
             self.get(&path, method == Method::HEAD).await
         }
@@ -215,7 +246,7 @@ impl Store {
         response
     }
 
-    async fn put(&self, path: &StorePath, mut body: Incoming) -> Response<Body> {
+    async fn put(&self, path: &StorePath, mode: Option<u32>, mut body: Incoming) -> Response<Body> {
         if !path.is_artifact() {
             return text(
                 StatusCode::FORBIDDEN,
@@ -247,7 +278,7 @@ impl Store {
                 }
             }
         }
-        match upload.commit().await {
+        match upload.commit(mode).await {
             Ok(Written::Created) => status_only(StatusCode::CREATED),
             Ok(Written::Replaced) => status_only(StatusCode::NO_CONTENT),
             Err(e) => self.file_error(path, e),

@@ -266,3 +266,31 @@ fn sigterm_lets_an_upload_in_flight_finish() {
         "still accepting after exit"
     );
 }
+
+#[test]
+fn put_with_a_mode_header_stores_an_executable_and_other_modes_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let fixture = Fixture::new();
+    let store = StoreProcess::start(&fixture.root);
+    let head =
+        "PUT /builds/b1/artifacts/tool HTTP/1.1\r\nContent-Length: 2\r\nX-Content-Mode: 0755";
+    let response = store.request(head, b"#!");
+    assert_eq!(response.status, 201, "{}", response.text());
+    let stored = fixture.root.join("builds/b1/artifacts/tool");
+    let mode = std::fs::metadata(&stored)
+        .expect("stored")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o755);
+
+    let head =
+        "PUT /builds/b1/artifacts/setuid HTTP/1.1\r\nContent-Length: 2\r\nX-Content-Mode: 4755";
+    let response = store.request(head, b"#!");
+    assert_eq!(response.status, 400);
+    assert!(
+        response.text().contains("use 0644 or 0755"),
+        "{}",
+        response.text()
+    );
+    assert!(!fixture.root.join("builds/b1/artifacts/setuid").exists());
+}

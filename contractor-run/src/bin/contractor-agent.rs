@@ -17,7 +17,14 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(guest::agent::serve()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("contractor-agent: {}", anyhow::Error::from(err).chain().map(|e| e.to_string()).collect::<Vec<_>>().join(": "));
+            eprintln!(
+                "contractor-agent: {}",
+                anyhow::Error::from(err)
+                    .chain()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join(": ")
+            );
             std::process::ExitCode::from(3)
         }
     }

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use contractor_protocol::agent::{
-    GuestMessage, HostMessage, Job, Phase, TunnelTarget, CONTROL_PORT, GUEST_PROXY_PORT, GUEST_STORE_PORT,
-    TUNNEL_PORT,
+    GuestMessage, HostMessage, Job, Phase, TunnelTarget, CONTROL_PORT, GUEST_PROXY_PORT,
+    GUEST_STORE_PORT, TUNNEL_PORT,
 };
 use contractor_protocol::PROTOCOL_VERSION;
 use futures::TryStreamExt;
@@ -37,7 +37,12 @@ const PORT_WAIT: Duration = Duration::from_secs(60);
 const OUTPUT_GRACE: Duration = Duration::from_secs(5);
 
 /// Characters escaped in an artifact's URL path (everything but unreserved and `/`).
-const PATH_ESCAPES: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~').remove(b'/');
+const PATH_ESCAPES: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~')
+    .remove(b'/');
 
 /// Errors of the agent. Those after `hello` are reported to the host as `error` messages.
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +130,9 @@ impl AgentError {
     /// The machine-readable code sent to the host.
     fn code(&self) -> &'static str {
         match self {
-            AgentError::ArtifactMissing { .. } | AgentError::BadPattern { .. } => "artifact_missing",
+            AgentError::ArtifactMissing { .. } | AgentError::BadPattern { .. } => {
+                "artifact_missing"
+            }
             AgentError::Store { .. } | AgentError::StoreStatus { .. } => "store",
             AgentError::Spawn(_) => "spawn",
             _ => "agent",
@@ -135,15 +142,27 @@ impl AgentError {
 
 /// The agent's whole life: returns when it has said `done` (or cannot talk to the host).
 pub async fn serve() -> Result<(), AgentError> {
-    let control = crate::guest::port::open(CONTROL_PORT, PORT_WAIT)
-        .map_err(|source| AgentError::Port { name: CONTROL_PORT, source })?;
-    let tunnel_io = crate::guest::port::open(TUNNEL_PORT, PORT_WAIT)
-        .map_err(|source| AgentError::Port { name: TUNNEL_PORT, source })?;
+    let control =
+        crate::guest::port::open(CONTROL_PORT, PORT_WAIT).map_err(|source| AgentError::Port {
+            name: CONTROL_PORT,
+            source,
+        })?;
+    let tunnel_io =
+        crate::guest::port::open(TUNNEL_PORT, PORT_WAIT).map_err(|source| AgentError::Port {
+            name: TUNNEL_PORT,
+            source,
+        })?;
     let (opener, _) = tunnel::spawn(tunnel_io, Side::Guest);
     let (read_half, mut control_out) = tokio::io::split(control);
 
-    send(&mut control_out, &GuestMessage::Hello { version: PROTOCOL_VERSION, agent_version: AGENT_VERSION.into() })
-        .await?;
+    send(
+        &mut control_out,
+        &GuestMessage::Hello {
+            version: PROTOCOL_VERSION,
+            agent_version: AGENT_VERSION.into(),
+        },
+    )
+    .await?;
     let job = receive_job(read_half).await?;
 
     let result = run_job(&job, &opener, &mut control_out).await;
@@ -154,33 +173,77 @@ pub async fn serve() -> Result<(), AgentError> {
             chain.push(cause.to_string());
             source = cause.source();
         }
-        send(&mut control_out, &GuestMessage::Error { code: err.code().into(), chain }).await?;
+        send(
+            &mut control_out,
+            &GuestMessage::Error {
+                code: err.code().into(),
+                chain,
+            },
+        )
+        .await?;
     }
     send(&mut control_out, &GuestMessage::Done).await
 }
 
-async fn run_job<W: AsyncWrite + Unpin>(job: &Job, opener: &Opener, control: &mut W) -> Result<(), AgentError> {
+async fn run_job<W: AsyncWrite + Unpin>(
+    job: &Job,
+    opener: &Opener,
+    control: &mut W,
+) -> Result<(), AgentError> {
     forward(GUEST_PROXY_PORT, TunnelTarget::Proxy, opener).await?;
     forward(GUEST_STORE_PORT, TunnelTarget::Store, opener).await?;
 
-    send(control, &GuestMessage::Phase { phase: Phase::Source }).await?;
+    send(
+        control,
+        &GuestMessage::Phase {
+            phase: Phase::Source,
+        },
+    )
+    .await?;
     fetch_source(opener, &job.source, Path::new(WORK_DIR)).await?;
 
-    send(control, &GuestMessage::Phase { phase: Phase::Script }).await?;
+    send(
+        control,
+        &GuestMessage::Phase {
+            phase: Phase::Script,
+        },
+    )
+    .await?;
     let (code, signal) = run_script(job, opener).await?;
     send(control, &GuestMessage::ScriptExited { code, signal }).await?;
 
     if code == Some(0) && !job.artifacts.is_empty() {
-        send(control, &GuestMessage::Phase { phase: Phase::Artifacts }).await?;
+        send(
+            control,
+            &GuestMessage::Phase {
+                phase: Phase::Artifacts,
+            },
+        )
+        .await?;
         for (path, relative) in artifact_files(Path::new(WORK_DIR), &job.artifacts)? {
-            let size = upload(opener, &path, &format!("{}{}", job.artifacts_dest, relative)).await?;
-            send(control, &GuestMessage::Artifact { path: relative, size }).await?;
+            let size = upload(
+                opener,
+                &path,
+                &format!("{}{}", job.artifacts_dest, relative),
+            )
+            .await?;
+            send(
+                control,
+                &GuestMessage::Artifact {
+                    path: relative,
+                    size,
+                },
+            )
+            .await?;
         }
     }
     Ok(())
 }
 
-async fn send<W: AsyncWrite + Unpin>(out: &mut W, message: &GuestMessage) -> Result<(), AgentError> {
+async fn send<W: AsyncWrite + Unpin>(
+    out: &mut W,
+    message: &GuestMessage,
+) -> Result<(), AgentError> {
     let mut line = serde_json::to_vec(message).map_err(|e| AgentError::Control(e.into()))?;
     line.push(b'\n');
     out.write_all(&line).await.map_err(AgentError::Control)?;
@@ -190,11 +253,16 @@ async fn send<W: AsyncWrite + Unpin>(out: &mut W, message: &GuestMessage) -> Res
 async fn receive_job<R: tokio::io::AsyncRead + Unpin>(input: R) -> Result<Job, AgentError> {
     let mut lines = BufReader::new(input).lines();
     loop {
-        let line = lines.next_line().await.map_err(AgentError::Control)?.ok_or(AgentError::NoJob)?;
+        let line = lines
+            .next_line()
+            .await
+            .map_err(AgentError::Control)?
+            .ok_or(AgentError::NoJob)?;
         if line.trim().is_empty() {
             continue;
         }
-        let HostMessage::Job { job, .. } = serde_json::from_str(&line).map_err(AgentError::BadJob)?;
+        let HostMessage::Job { job, .. } =
+            serde_json::from_str(&line).map_err(AgentError::BadJob)?;
         return Ok(job);
     }
 }
@@ -202,7 +270,9 @@ async fn receive_job<R: tokio::io::AsyncRead + Unpin>(input: R) -> Result<Job, A
 /// Serves a guest loopback port by carrying each connection over the tunnel to `target`.
 async fn forward(port: u16, target: TunnelTarget, opener: &Opener) -> Result<(), AgentError> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let listener = TcpListener::bind(addr).await.map_err(|source| AgentError::Listen { addr, source })?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| AgentError::Listen { addr, source })?;
     let opener = opener.clone();
     tokio::spawn(async move {
         while let Ok((mut client, _)) = listener.accept().await {
@@ -228,17 +298,26 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let stream = opener.open(TunnelTarget::Store).await?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
     Ok(sender.send_request(request).await?)
 }
 
-async fn check_status(what: &str, response: hyper::Response<hyper::body::Incoming>) -> Result<hyper::Response<hyper::body::Incoming>, AgentError> {
+async fn check_status(
+    what: &str,
+    response: hyper::Response<hyper::body::Incoming>,
+) -> Result<hyper::Response<hyper::body::Incoming>, AgentError> {
     if response.status().is_success() {
         return Ok(response);
     }
     let status = response.status();
-    let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     Err(AgentError::StoreStatus {
         what: what.to_string(),
         status,
@@ -248,7 +327,10 @@ async fn check_status(what: &str, response: hyper::Response<hyper::body::Incomin
 
 async fn fetch_source(opener: &Opener, source: &str, dest: &Path) -> Result<(), AgentError> {
     let what = format!("GET {source}");
-    let store_err = |source: Box<dyn std::error::Error + Send + Sync>| AgentError::Store { what: what.clone(), source };
+    let store_err = |source: Box<dyn std::error::Error + Send + Sync>| AgentError::Store {
+        what: what.clone(),
+        source,
+    };
     let request = Request::get(source)
         .header(hyper::header::HOST, format!("127.0.0.1:{GUEST_STORE_PORT}"))
         .body(Empty::<Bytes>::new())
@@ -257,15 +339,25 @@ async fn fetch_source(opener: &Opener, source: &str, dest: &Path) -> Result<(), 
     let mut body = check_status(&what, response).await?.into_body();
 
     let tar_path = PathBuf::from("/var/tmp/contractor-source.tar");
-    let file_err = |what, source| AgentError::File { what, path: tar_path.clone(), source };
-    let mut file = tokio::fs::File::create(&tar_path).await.map_err(|e| file_err("cannot create", e))?;
+    let file_err = |what, source| AgentError::File {
+        what,
+        path: tar_path.clone(),
+        source,
+    };
+    let mut file = tokio::fs::File::create(&tar_path)
+        .await
+        .map_err(|e| file_err("cannot create", e))?;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| store_err(e.into()))?;
         if let Ok(data) = frame.into_data() {
-            file.write_all(&data).await.map_err(|e| file_err("cannot write", e))?;
+            file.write_all(&data)
+                .await
+                .map_err(|e| file_err("cannot write", e))?;
         }
     }
-    file.flush().await.map_err(|e| file_err("cannot write", e))?;
+    file.flush()
+        .await
+        .map_err(|e| file_err("cannot write", e))?;
     drop(file);
 
     let dest = dest.to_path_buf();
@@ -287,7 +379,10 @@ async fn fetch_source(opener: &Opener, source: &str, dest: &Path) -> Result<(), 
 fn script_env(job: &Job) -> BTreeMap<String, String> {
     let proxy = format!("http://127.0.0.1:{GUEST_PROXY_PORT}");
     let mut env: BTreeMap<String, String> = [
-        ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+        (
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        ),
         ("HOME", "/root"),
         ("LANG", "C.UTF-8"),
         ("TERM", "dumb"),
@@ -299,7 +394,10 @@ fn script_env(job: &Job) -> BTreeMap<String, String> {
     for key in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"] {
         env.insert(key.into(), proxy.clone());
     }
-    env.insert("CONTRACTOR_STORE".into(), format!("http://127.0.0.1:{GUEST_STORE_PORT}"));
+    env.insert(
+        "CONTRACTOR_STORE".into(),
+        format!("http://127.0.0.1:{GUEST_STORE_PORT}"),
+    );
     env.extend(job.env.clone());
     env
 }
@@ -327,7 +425,10 @@ async fn run_script(job: &Job, opener: &Opener) -> Result<(Option<i32>, Option<i
         // `command` drops here, closing our copies of the pipe's write end.
     };
 
-    let mut log = opener.open(TunnelTarget::Log).await.map_err(AgentError::Tunnel)?;
+    let mut log = opener
+        .open(TunnelTarget::Log)
+        .await
+        .map_err(AgentError::Tunnel)?;
     let (chunks_tx, mut chunks) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
@@ -357,9 +458,14 @@ async fn run_script(job: &Job, opener: &Opener) -> Result<(Option<i32>, Option<i
 fn artifact_files(root: &Path, patterns: &[String]) -> Result<Vec<(PathBuf, String)>, AgentError> {
     let mut files = Vec::new();
     for pattern in patterns {
-        let bad = |reason: &str| AgentError::BadPattern { pattern: pattern.clone(), reason: reason.into() };
+        let bad = |reason: &str| AgentError::BadPattern {
+            pattern: pattern.clone(),
+            reason: reason.into(),
+        };
         if pattern.starts_with('/') || pattern.split('/').any(|part| part == "..") {
-            return Err(bad("it must be relative to the source root and stay inside it"));
+            return Err(bad(
+                "it must be relative to the source root and stay inside it",
+            ));
         }
         let full = format!("{}/{}", root.display(), pattern);
         let matches = glob::glob(&full).map_err(|e| bad(&e.to_string()))?;
@@ -368,7 +474,9 @@ fn artifact_files(root: &Path, patterns: &[String]) -> Result<Vec<(PathBuf, Stri
             collect_files(&path, &mut files);
         }
         if files.len() == before {
-            return Err(AgentError::ArtifactMissing { pattern: pattern.clone() });
+            return Err(AgentError::ArtifactMissing {
+                pattern: pattern.clone(),
+            });
         }
     }
     let mut out = Vec::new();
@@ -384,7 +492,9 @@ fn artifact_files(root: &Path, patterns: &[String]) -> Result<Vec<(PathBuf, Stri
 }
 
 fn collect_files(path: &Path, files: &mut Vec<PathBuf>) {
-    let Ok(meta) = std::fs::symlink_metadata(path) else { return };
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return;
+    };
     if meta.is_file() {
         files.push(path.to_path_buf());
     } else if meta.is_dir() {
@@ -400,16 +510,31 @@ fn collect_files(path: &Path, files: &mut Vec<PathBuf>) {
 
 /// PUTs one file to the store, streaming it. Returns its size.
 async fn upload(opener: &Opener, path: &Path, dest: &str) -> Result<u64, AgentError> {
-    let file_err = |what, source| AgentError::File { what, path: path.to_path_buf(), source };
-    let file = tokio::fs::File::open(path).await.map_err(|e| file_err("cannot open artifact", e))?;
-    let size = file.metadata().await.map_err(|e| file_err("cannot read artifact", e))?.len();
+    let file_err = |what, source| AgentError::File {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| file_err("cannot open artifact", e))?;
+    let meta = file
+        .metadata()
+        .await
+        .map_err(|e| file_err("cannot read artifact", e))?;
+    let size = meta.len();
+    let executable = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 != 0;
     let url = utf8_percent_encode(dest, PATH_ESCAPES).to_string();
     let what = format!("PUT {dest}");
-    let store_err = |source: Box<dyn std::error::Error + Send + Sync>| AgentError::Store { what: what.clone(), source };
+    let store_err = |source: Box<dyn std::error::Error + Send + Sync>| AgentError::Store {
+        what: what.clone(),
+        source,
+    };
     let body = StreamBody::new(tokio_util::io::ReaderStream::new(file).map_ok(Frame::data));
     let request = Request::put(url)
         .header(hyper::header::HOST, format!("127.0.0.1:{GUEST_STORE_PORT}"))
         .header(hyper::header::CONTENT_LENGTH, size)
+        .header("x-content-mode", if executable { "0755" } else { "0644" })
         .body(body)
         .map_err(|e| store_err(e.into()))?;
     let response = store_request(opener, request).await.map_err(store_err)?;
@@ -429,7 +554,8 @@ mod tests {
         std::fs::write(root.join("hello"), b"x").expect("write");
         std::fs::write(root.join("out/a.txt"), b"a").expect("write");
         std::fs::write(root.join("out/sub/b.txt"), b"b").expect("write");
-        let files = artifact_files(root, &["hello".into(), "out".into(), "out/*.txt".into()]).expect("patterns");
+        let files = artifact_files(root, &["hello".into(), "out".into(), "out/*.txt".into()])
+            .expect("patterns");
         let names: Vec<&str> = files.iter().map(|(_, r)| r.as_str()).collect();
         assert_eq!(names, ["hello", "out/a.txt", "out/sub/b.txt"]);
     }

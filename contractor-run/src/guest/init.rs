@@ -14,7 +14,12 @@ pub fn run_as_init() -> ! {
         ("proc", "/proc", "proc", ""),
         ("sysfs", "/sys", "sysfs", ""),
         ("devtmpfs", "/dev", "devtmpfs", "mode=0755"),
-        ("devpts", "/dev/pts", "devpts", "gid=5,mode=620,ptmxmode=666"),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            "gid=5,mode=620,ptmxmode=666",
+        ),
         ("tmpfs", "/dev/shm", "tmpfs", "mode=1777"),
         ("tmpfs", "/run", "tmpfs", "mode=0755"),
         ("tmpfs", "/tmp", "tmpfs", "mode=1777"),
@@ -68,7 +73,10 @@ fn power_off() -> ! {
 
 fn mount(source: &str, target: &str, fstype: &str, data: &str) -> io::Result<()> {
     std::fs::create_dir_all(target)?;
-    let c = |s: &str| CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in mount argument"));
+    let c = |s: &str| {
+        CString::new(s)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in mount argument"))
+    };
     let (source, target_c, fstype, data) = (c(source)?, c(target)?, c(fstype)?, c(data)?);
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
     let rc = unsafe {

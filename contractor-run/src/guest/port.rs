@@ -21,7 +21,10 @@ pub fn find(name: &str) -> io::Result<PathBuf> {
             return Ok(PathBuf::from("/dev").join(entry.file_name()));
         }
     }
-    Err(io::Error::new(io::ErrorKind::NotFound, format!("no virtio-serial port named {name}")))
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("no virtio-serial port named {name}"),
+    ))
 }
 
 /// Opens the port called `name`, waiting up to `wait` for it to appear, and bridges it to
@@ -31,9 +34,14 @@ pub fn open(name: &str, wait: Duration) -> io::Result<DuplexStream> {
     let path = loop {
         match find(name) {
             Ok(path) if path.exists() => break path,
-            Ok(_) | Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Ok(_) | Err(_) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
             Ok(path) => {
-                return Err(io::Error::new(io::ErrorKind::NotFound, format!("{} does not exist", path.display())))
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{} does not exist", path.display()),
+                ))
             }
             Err(err) => return Err(err),
         }
@@ -57,7 +65,10 @@ fn bridge(device: File) -> io::Result<DuplexStream> {
                 // The host end is not connected (yet, or for a moment): wait.
                 Ok(0) => std::thread::sleep(Duration::from_millis(20)),
                 Ok(n) => {
-                    if read_runtime.block_on(from_device.write_all(&buf[..n])).is_err() {
+                    if read_runtime
+                        .block_on(from_device.write_all(&buf[..n]))
+                        .is_err()
+                    {
                         break;
                     }
                 }

@@ -1,0 +1,413 @@
+//! `contractor build`: one build, start to finish.
+//!
+//! Read the spec, make sure the image exists, create the build record, pack the source,
+//! start the store and the proxy (in this process, on loopback, ephemeral ports), create
+//! the VM (autodestroyed with this process's libvirt connection, so a killed `contractor`
+//! leaves no VM), run the job, destroy the VM, write `result.json`, print the summary.
+//! Every outcome after the record exists, failures included, ends in `result.json`.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use contractor_protocol::agent::Job;
+use contractor_protocol::proxy::{Decision, Verdict};
+use contractor_protocol::result::{BuildResult, ErrorInfo, Outcome};
+use contractor_protocol::run::{RunEvent, RunRequest};
+use contractor_protocol::vm::{Accel, VmSpec};
+use contractor_protocol::PROTOCOL_VERSION;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use crate::image;
+use crate::paths;
+use crate::source;
+use crate::spec::BuildSpec;
+
+/// Options of `contractor build` beyond the spec.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// libvirt URI.
+    pub uri: String,
+    /// Accelerator.
+    pub accel: Accel,
+}
+
+/// Failures before the build could run. After the VM starts, failures are outcomes.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The image could not be built or found.
+    #[error("cannot prepare the builder image")]
+    Image(#[source] image::ImageError),
+    /// The build record could not be created.
+    #[error("cannot create the build record {path}")]
+    Record {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The source could not be packed.
+    #[error("cannot pack the source")]
+    Source(#[source] source::SourceError),
+    /// A local service could not start.
+    #[error("cannot start the {0}")]
+    Service(&'static str, #[source] std::io::Error),
+    /// The data directory is unknown.
+    #[error("{0}")]
+    DataDir(String),
+}
+
+/// What the build produced.
+pub struct BuildReport {
+    /// The record, as written to result.json.
+    pub result: BuildResult,
+}
+
+/// Runs one build.
+pub async fn build(spec: &BuildSpec, options: &BuildOptions) -> Result<BuildReport, BuildError> {
+    let started = Instant::now();
+    let image =
+        tokio::task::block_in_place(|| image::ensure(&spec.image)).map_err(BuildError::Image)?;
+
+    let store_root = paths::store_dir(&spec.project_dir);
+    let id = new_build_id();
+    let record = store_root.join("builds").join(&id);
+    paths::create_dir_world_readable(&record).map_err(|source| BuildError::Record {
+        path: record.clone(),
+        source,
+    })?;
+    let packed =
+        tokio::task::block_in_place(|| source::pack(&spec.project_dir, &record.join("source.tar")))
+            .map_err(BuildError::Source)?;
+    eprintln!(
+        "contractor: build {id}: source packed ({} entries, {})",
+        packed.entries,
+        human_bytes(packed.bytes)
+    );
+    update_latest(&store_root, &id);
+
+    let (stop_services, services_stopped) = tokio::sync::watch::channel(false);
+    let store_addr = start_store(&store_root, services_stopped.clone()).await?;
+    let refused = Arc::new(Mutex::new(BTreeSet::new()));
+    let proxy_addr = start_proxy(
+        spec,
+        &record.join("proxy.jsonl"),
+        refused.clone(),
+        services_stopped,
+    )
+    .await?;
+
+    let log = record.join("build.log");
+    let console_log = record.join("console.log");
+    let vm_spec = VmSpec {
+        name: None,
+        image: image.boot(),
+        cpus: spec.cpus,
+        memory_mib: spec.memory_mib,
+        disk_gib: Some(spec.disk_gib),
+        accel: options.accel,
+        console_log: console_log.clone(),
+        work_dir: paths::data_dir().map_err(BuildError::DataDir)?.join("vms"),
+    };
+    let job = Job {
+        script: spec.script.clone(),
+        env: spec.env.clone(),
+        source: format!("/builds/{id}/source.tar"),
+        artifacts: spec.artifacts.clone(),
+        artifacts_dest: format!("/builds/{id}/artifacts/"),
+    };
+
+    let (outcome, exit_code, error) = run_in_vm(
+        &options.uri,
+        vm_spec,
+        job,
+        proxy_addr,
+        store_addr,
+        &log,
+        spec.timeout.as_secs(),
+    )
+    .await;
+    let _ = stop_services.send(true);
+
+    let artifacts = collect_artifacts(&record.join("artifacts"));
+    let refused_hosts: Vec<String> = refused
+        .lock()
+        .map(|r| r.iter().cloned().collect())
+        .unwrap_or_default();
+    let result = BuildResult {
+        version: PROTOCOL_VERSION,
+        id,
+        outcome,
+        exit_code,
+        duration_secs: started.elapsed().as_secs_f64(),
+        log,
+        console_log,
+        artifacts,
+        refused_hosts,
+        error,
+    };
+    let result_path = record.join("result.json");
+    let text = serde_json::to_string_pretty(&result).unwrap_or_default();
+    if let Err(err) = std::fs::write(&result_path, text + "\n") {
+        eprintln!("contractor: cannot write {}: {err}", result_path.display());
+    }
+    Ok(BuildReport { result })
+}
+
+/// Creates the VM, runs the job, destroys the VM. Every failure is an outcome here.
+async fn run_in_vm(
+    uri: &str,
+    vm_spec: VmSpec,
+    job: Job,
+    proxy: SocketAddr,
+    store: SocketAddr,
+    log: &Path,
+    timeout_secs: u64,
+) -> (Outcome, Option<i32>, Option<ErrorInfo>) {
+    let infra = |code: &str, err: &(dyn std::error::Error + 'static)| {
+        (
+            Outcome::Infrastructure,
+            None,
+            Some(contractor_run::host::error_info(code, err)),
+        )
+    };
+    if let Err(err) = paths::create_dir_world_readable(&vm_spec.work_dir) {
+        return infra("vm_work_dir", &err);
+    }
+    let uri_owned = uri.to_string();
+    // The connection stays open for the VM's lifetime: the VM is created with autodestroy,
+    // so if this process dies, libvirt destroys the VM.
+    let created = tokio::task::block_in_place(|| {
+        let conn = contractor_vm::connect(&uri_owned)?;
+        let vm = contractor_vm::create(&conn, &vm_spec, true)?;
+        Ok::<_, contractor_vm::VmError>((conn, vm))
+    });
+    let (conn, vm) = match created {
+        Ok(created) => created,
+        Err(err) => return infra("vm_create", &err),
+    };
+    eprintln!(
+        "contractor: VM {} started ({:?})",
+        vm.name,
+        vm.accel.unwrap_or_default()
+    );
+    let (Some(control_socket), Some(tunnel_socket)) =
+        (vm.control_socket.clone(), vm.tunnel_socket.clone())
+    else {
+        let _ = tokio::task::block_in_place(|| contractor_vm::destroy(&conn, &vm.name));
+        return (
+            Outcome::Infrastructure,
+            None,
+            Some(ErrorInfo {
+                code: "vm_channels".into(),
+                chain: vec!["libvirt did not report the VM's channel sockets".into()],
+            }),
+        );
+    };
+    let request = RunRequest {
+        version: PROTOCOL_VERSION,
+        control_socket,
+        tunnel_socket,
+        proxy,
+        store,
+        log: log.to_path_buf(),
+        timeout_secs,
+        boot_timeout_secs: 300,
+        job,
+    };
+    let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let printer = tokio::spawn(async move {
+        let mut stdout = std::io::stdout();
+        while let Some(event) = received.recv().await {
+            match event {
+                RunEvent::Output { text } => {
+                    let _ = stdout.write_all(text.as_bytes());
+                    let _ = stdout.flush();
+                }
+                RunEvent::Phase { phase } => eprintln!(
+                    "contractor: phase {}",
+                    serde_json::to_string(&phase)
+                        .unwrap_or_default()
+                        .trim_matches('"')
+                ),
+                RunEvent::Artifact { path, size } => {
+                    eprintln!("contractor: artifact {path} ({})", human_bytes(size))
+                }
+                _ => {}
+            }
+        }
+    });
+    let interrupted = tokio::signal::ctrl_c();
+    let finished = tokio::select! {
+        finished = contractor_run::run(request, events) => Some(finished),
+        _ = interrupted => None,
+    };
+    // Destroy the VM first: until it is gone, a timed-out script may still hold its
+    // output stream open, and with it the event channel.
+    let name = vm.name.clone();
+    if let Err(err) = tokio::task::block_in_place(|| contractor_vm::destroy(&conn, &name)) {
+        eprintln!("contractor: cannot destroy VM {name}: {err}");
+    }
+    drop(conn);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), printer).await;
+    match finished {
+        Some(RunEvent::Finished {
+            outcome,
+            exit_code,
+            error,
+            ..
+        }) => (outcome, exit_code, error),
+        Some(_) => (Outcome::Infrastructure, None, None),
+        None => (
+            Outcome::Interrupted,
+            None,
+            Some(ErrorInfo {
+                code: "interrupted".into(),
+                chain: vec!["the build was interrupted (Ctrl-C)".into()],
+            }),
+        ),
+    }
+}
+
+async fn start_store(
+    root: &Path,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<SocketAddr, BuildError> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| BuildError::Service("store", e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| BuildError::Service("store", e))?;
+    let config = contractor_store::StoreConfig {
+        root: root.to_path_buf(),
+        access_log: false,
+    };
+    let store = contractor_store::Store::open(&config)
+        .map_err(|e| BuildError::Service("store", std::io::Error::other(e.to_string())))?;
+    tokio::spawn(store.serve(listener, async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
+    }));
+    Ok(addr)
+}
+
+async fn start_proxy(
+    spec: &BuildSpec,
+    decisions_path: &Path,
+    refused: Arc<Mutex<BTreeSet<String>>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<SocketAddr, BuildError> {
+    let allowlist = contractor_proxy::Allowlist::parse(spec.allow.iter().map(String::as_str))
+        .map_err(|e| BuildError::Service("proxy", std::io::Error::other(e.to_string())))?;
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| BuildError::Service("proxy", e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| BuildError::Service("proxy", e))?;
+    let mut file =
+        std::fs::File::create(decisions_path).map_err(|e| BuildError::Service("proxy", e))?;
+    let (decisions_tx, mut decisions) = tokio::sync::mpsc::unbounded_channel::<Decision>();
+    tokio::spawn(async move {
+        while let Some(decision) = decisions.recv().await {
+            let _ = contractor_protocol::jsonl::write_line(&mut file, &decision);
+            if decision.decision == Verdict::Deny {
+                if let Ok(mut refused) = refused.lock() {
+                    refused.insert(decision.host.clone());
+                }
+            }
+        }
+    });
+    let config = contractor_proxy::ProxyConfig::new(allowlist);
+    let (_ready_tx, _ready) = oneshot::channel::<()>();
+    tokio::spawn(contractor_proxy::serve(
+        config,
+        listener,
+        decisions_tx,
+        async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        },
+    ));
+    Ok(addr)
+}
+
+fn collect_artifacts(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(path),
+                Ok(t) if t.is_file() => found.push(path),
+                _ => {}
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// `latest` → the newest build, so `.contractor/latest/build.log` is always at hand.
+fn update_latest(store_root: &Path, id: &str) {
+    let link = store_root.join("latest");
+    let temp = store_root.join(format!(".latest-{}", std::process::id()));
+    let _ = std::fs::remove_file(&temp);
+    if std::os::unix::fs::symlink(Path::new("builds").join(id), &temp).is_ok() {
+        let _ = std::fs::rename(&temp, &link);
+    }
+}
+
+/// `20261125-130501-3f2a9c`: sortable by time, unique across concurrent builds.
+fn new_build_id() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs() as i64;
+    let mut tm: libc::tm = unsafe_zeroed_tm();
+    // SAFETY: gmtime_r writes into our tm from a valid time_t.
+    unsafe { libc::gmtime_r(&secs, &mut tm) };
+    let mut random = [0u8; 3];
+    if let Ok(mut urandom) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut urandom, &mut random);
+    }
+    format!(
+        "{:04}{:02}{:02}-{:02}{:02}{:02}-{}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec,
+        image::hex(&random)
+    )
+}
+
+fn unsafe_zeroed_tm() -> libc::tm {
+    // SAFETY: libc::tm is plain old data; all-zero is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// `1.2 MiB`
+pub fn human_bytes(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < units.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", units[unit])
+    }
+}

@@ -1,0 +1,469 @@
+//! Builder images: built on first use, then reused.
+//!
+//! An image is a directory `<data>/images/<name>/` holding `disk.qcow2` (the base disk,
+//! never written after it is built: every VM gets its own overlay), `vmlinuz`,
+//! `initrd.img` and `manifest.json`. It is built in a scratch directory and renamed into
+//! place, so a half-built image never looks finished. Building needs no root: mmdebstrap
+//! runs in a user namespace and writes an ext2 file system directly.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use contractor_protocol::vm::BootImage;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::paths;
+use crate::progress::Progress;
+
+/// Where the agent lives in the image; the kernel starts it as init.
+const AGENT_IN_IMAGE: &str = "/usr/local/sbin/contractor-agent";
+/// Packages of `debian-12-build`.
+const PACKAGES: &str = "linux-image-cloud-amd64,build-essential,git,curl,ca-certificates,kmod";
+/// Size of the image's file system: room for the build's own files.
+const ROOT_SIZE: &str = "4G";
+
+/// `manifest.json` of an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Manifest format version, 1.
+    pub version: u32,
+    /// Image name.
+    pub name: String,
+    /// Debian suite it was built from.
+    pub suite: String,
+    /// Unix time it was built.
+    pub created: u64,
+    /// sha256 of `disk.qcow2`.
+    pub disk_sha256: String,
+    /// Version of the agent inside.
+    pub agent_version: String,
+    /// sha256 of the agent binary inside.
+    pub agent_sha256: String,
+    /// Kernel command line to boot it with.
+    pub cmdline: String,
+}
+
+/// Errors building or finding an image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The static guest agent binary is missing.
+    #[error("the guest agent binary {0} does not exist; build it with scripts/build-agent (or set CONTRACTOR_AGENT)")]
+    NoAgent(PathBuf),
+    /// A tool the build needs failed.
+    #[error("`{command}` failed: {detail}")]
+    Tool {
+        /// The command line.
+        command: String,
+        /// Its exit status and last lines of output.
+        detail: String,
+    },
+    /// A tool could not be started.
+    #[error("cannot run `{command}` (is it installed? scripts/setup installs it)")]
+    Spawn {
+        /// The program.
+        command: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// File work failed.
+    #[error("{what} {path}")]
+    File {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image has no kernel or initrd in /boot.
+    #[error("the image has no {0} in /boot")]
+    NoBootFile(&'static str),
+    /// A manifest is unreadable.
+    #[error("the manifest {path} is invalid")]
+    BadManifest {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Another error.
+    #[error("{0}")]
+    Other(String),
+}
+
+fn file_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> ImageError + 'a {
+    move |source| ImageError::File {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A built image on disk.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+}
+
+impl Image {
+    /// The boot files for contractor-vm.
+    pub fn boot(&self) -> BootImage {
+        BootImage {
+            disk: self.dir.join("disk.qcow2"),
+            kernel: self.dir.join("vmlinuz"),
+            initrd: Some(self.dir.join("initrd.img")),
+            cmdline: self.manifest.cmdline.clone(),
+        }
+    }
+}
+
+/// The static agent binary: `$CONTRACTOR_AGENT`, else `contractor-agent` beside this
+/// program.
+pub fn agent_path() -> Result<PathBuf, ImageError> {
+    if let Some(path) = std::env::var_os("CONTRACTOR_AGENT") {
+        let path = PathBuf::from(path);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(ImageError::NoAgent(path))
+        };
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| ImageError::Other(format!("cannot locate this program: {e}")))?;
+    let path = exe.with_file_name("contractor-agent");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(ImageError::NoAgent(path))
+    }
+}
+
+/// Returns the image `name`, building it first if it is missing or carries another agent.
+pub fn ensure(name: &str) -> Result<Image, ImageError> {
+    let images = paths::data_dir().map_err(ImageError::Other)?.join("images");
+    paths::create_dir_world_readable(&images).map_err(file_err("cannot create", &images))?;
+    let agent = agent_path()?;
+    let agent_sha = sha256_file(&agent)?;
+    let _lock = DirLock::acquire(&images.join(".lock"))?;
+    let dir = images.join(name);
+    if let Some(image) = load(&dir)? {
+        if image.manifest.agent_sha256 == agent_sha {
+            return Ok(image);
+        }
+        eprintln!("contractor: image {name} carries another agent version; rebuilding it");
+    }
+    build(name, &images, &agent, &agent_sha)
+}
+
+/// Reads an image's manifest, if the image exists.
+pub fn load(dir: &Path) -> Result<Option<Image>, ImageError> {
+    let path = dir.join("manifest.json");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(file_err("cannot read", &path)(e)),
+    };
+    let manifest =
+        serde_json::from_str(&text).map_err(|source| ImageError::BadManifest { path, source })?;
+    Ok(Some(Image {
+        dir: dir.to_path_buf(),
+        manifest,
+    }))
+}
+
+fn build(name: &str, images: &Path, agent: &Path, agent_sha: &str) -> Result<Image, ImageError> {
+    let suite = match name {
+        "debian-12-build" => "bookworm",
+        other => return Err(ImageError::Other(format!("no recipe for image {other}"))),
+    };
+    let mirror = std::env::var("CONTRACTOR_DEBIAN_MIRROR")
+        .unwrap_or_else(|_| "http://deb.debian.org/debian".into());
+    let progress = Progress::start(&format!("building image {name}"));
+    let scratch = images.join(format!(".build-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    paths::create_dir_world_readable(&scratch).map_err(file_err("cannot create", &scratch))?;
+    let result = (|| {
+        let root = scratch.join("root.ext2");
+        progress.step("installing Debian packages (mmdebstrap)");
+        let upload = format!("upload {} {AGENT_IN_IMAGE}", agent.display());
+        let chmod = format!("chmod 0755 \"$1{AGENT_IN_IMAGE}\" && mkdir -p \"$1/build\"");
+        let mut mmdebstrap = Command::new("mmdebstrap");
+        mmdebstrap
+            .args(["--mode=unshare", "--format=ext2", "--variant=apt"])
+            .arg(format!("--include={PACKAGES}"))
+            .arg(format!("--customize-hook={upload}"))
+            .arg(format!("--customize-hook={chmod}"))
+            .args([suite, path_str(&root)?, &mirror]);
+        run_tool(&mut mmdebstrap, &progress)?;
+
+        progress.step("growing the file system");
+        run_tool(
+            Command::new("e2fsck").args(["-f", "-y", path_str(&root)?]),
+            &progress,
+        )
+        .or_else(e2fsck_fixed)?;
+        run_tool(
+            Command::new("resize2fs").args([path_str(&root)?, ROOT_SIZE]),
+            &progress,
+        )?;
+
+        progress.step("taking out the kernel and initrd");
+        let listing =
+            tool_output(Command::new("debugfs").args(["-R", "ls -p /boot", path_str(&root)?]))?;
+        let kernel = boot_file(&listing, "vmlinuz-").ok_or(ImageError::NoBootFile("vmlinuz-*"))?;
+        let initrd =
+            boot_file(&listing, "initrd.img-").ok_or(ImageError::NoBootFile("initrd.img-*"))?;
+        for (from, to) in [(&kernel, "vmlinuz"), (&initrd, "initrd.img")] {
+            let out = scratch.join(to);
+            let request = format!("dump /boot/{from} {}", path_str(&out)?);
+            run_tool(
+                Command::new("debugfs").args(["-R", &request, path_str(&root)?]),
+                &progress,
+            )?;
+            if !out.is_file() {
+                return Err(ImageError::NoBootFile(if to == "vmlinuz" {
+                    "vmlinuz-*"
+                } else {
+                    "initrd.img-*"
+                }));
+            }
+        }
+
+        progress.step("converting to qcow2");
+        let disk = scratch.join("disk.qcow2");
+        run_tool(
+            Command::new("qemu-img").args([
+                "convert",
+                "-O",
+                "qcow2",
+                path_str(&root)?,
+                path_str(&disk)?,
+            ]),
+            &progress,
+        )?;
+        std::fs::remove_file(&root).map_err(file_err("cannot remove", &root))?;
+
+        progress.step("recording the manifest");
+        let manifest = Manifest {
+            version: 1,
+            name: name.to_string(),
+            suite: suite.to_string(),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            disk_sha256: sha256_file(&disk)?,
+            agent_version: contractor_run::guest::agent::AGENT_VERSION.to_string(),
+            agent_sha256: agent_sha.to_string(),
+            cmdline: format!("console=ttyS0 root=/dev/vda rw init={AGENT_IN_IMAGE} panic=-1 quiet"),
+        };
+        let manifest_path = scratch.join("manifest.json");
+        let text = serde_json::to_string_pretty(&manifest)
+            .map_err(|e| ImageError::Other(e.to_string()))?;
+        std::fs::write(&manifest_path, text + "\n")
+            .map_err(file_err("cannot write", &manifest_path))?;
+        make_world_readable(&scratch)?;
+
+        let dir = images.join(name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(file_err("cannot replace", &dir))?;
+        }
+        std::fs::rename(&scratch, &dir).map_err(file_err("cannot move the new image to", &dir))?;
+        Ok(Image { dir, manifest })
+    })();
+    match &result {
+        Ok(_) => progress.finish("ready"),
+        Err(_) => {
+            drop(progress);
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
+    }
+    result
+}
+
+/// e2fsck exits 1 when it fixed something: that is success here.
+fn e2fsck_fixed(err: ImageError) -> Result<(), ImageError> {
+    match &err {
+        ImageError::Tool { detail, .. } if detail.starts_with("exit status: 1") => Ok(()),
+        _ => Err(err),
+    }
+}
+
+fn path_str(path: &Path) -> Result<&str, ImageError> {
+    path.to_str()
+        .ok_or_else(|| ImageError::Other(format!("path {} is not UTF-8", path.display())))
+}
+
+/// The newest file in a `debugfs ls -p` listing whose name starts with `prefix`.
+fn boot_file(listing: &str, prefix: &str) -> Option<String> {
+    let mut names: Vec<&str> = listing
+        .lines()
+        .filter_map(|line| line.split('/').nth(5))
+        .filter(|name| name.starts_with(prefix))
+        .collect();
+    names.sort();
+    names.last().map(|s| s.to_string())
+}
+
+/// Runs a tool, showing its latest output line as the progress detail; on failure returns
+/// its last lines.
+fn run_tool(command: &mut Command, progress: &Progress) -> Result<(), ImageError> {
+    let shown = format!("{command:?}").replace('"', "");
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| ImageError::Spawn {
+            command: shown.clone(),
+            source,
+        })?;
+    let stdout = child.stdout.take();
+    let out_thread = std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut out) = stdout {
+            let _ = out.read_to_string(&mut text);
+        }
+        text
+    });
+    let mut tail: Vec<String> = Vec::new();
+    if let Some(stderr) = child.stderr.take() {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            progress.detail(line.trim_start_matches("I: "));
+            tail.push(line);
+            if tail.len() > 20 {
+                tail.remove(0);
+            }
+        }
+    }
+    let stdout_text = out_thread.join().unwrap_or_default();
+    let status = child.wait().map_err(|source| ImageError::Spawn {
+        command: shown.clone(),
+        source,
+    })?;
+    if status.success() {
+        return Ok(());
+    }
+    tail.extend(stdout_text.lines().rev().take(5).map(str::to_string));
+    Err(ImageError::Tool {
+        command: shown,
+        detail: format!("{status}\n{}", tail.join("\n")),
+    })
+}
+
+fn tool_output(command: &mut Command) -> Result<String, ImageError> {
+    let shown = format!("{command:?}").replace('"', "");
+    let output = command
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|source| ImageError::Spawn {
+            command: shown.clone(),
+            source,
+        })?;
+    if !output.status.success() {
+        return Err(ImageError::Tool {
+            command: shown,
+            detail: format!(
+                "{}\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String, ImageError> {
+    let mut file = std::fs::File::open(path).map_err(file_err("cannot read", path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(file_err("cannot read", path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+/// Lower-case hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn make_world_readable(dir: &Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::PermissionsExt;
+    let entries = std::fs::read_dir(dir).map_err(file_err("cannot list", dir))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+            .map_err(file_err("cannot set permissions of", &path))?;
+    }
+    Ok(())
+}
+
+/// An exclusive lock on a file, held until dropped (flock), so two builds do not build the
+/// same image at once.
+struct DirLock(std::fs::File);
+
+impl DirLock {
+    fn acquire(path: &Path) -> Result<DirLock, ImageError> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(file_err("cannot open the lock", path))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(file_err("cannot lock", path)(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(DirLock(file))
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: unlocking a descriptor we own.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_files_are_found_in_a_debugfs_listing() {
+        let listing = "/5122/040755/0/0/./\n/2/040755/0/0/../\n/5633/100644/0/0/System.map-6.1.0-50-cloud-amd64/83/\n\
+                       /6657/100644/0/0/initrd.img-6.1.0-50-cloud-amd64/14401936/\n\
+                       /7169/100644/0/0/vmlinuz-6.1.0-50-cloud-amd64/14149568/\n";
+        assert_eq!(
+            boot_file(listing, "vmlinuz-").as_deref(),
+            Some("vmlinuz-6.1.0-50-cloud-amd64")
+        );
+        assert_eq!(
+            boot_file(listing, "initrd.img-").as_deref(),
+            Some("initrd.img-6.1.0-50-cloud-amd64")
+        );
+        assert_eq!(boot_file("/1/040755/0/0/./\n", "vmlinuz-"), None);
+    }
+}

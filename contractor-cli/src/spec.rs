@@ -1,0 +1,451 @@
+//! `contractor.toml`: what the user asks for, parsed and checked before anything starts.
+//!
+//! Every error names the file, the line and the field, and says what would be accepted.
+//! Nothing is defaulted silently except the documented defaults below.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The default builder image.
+pub const DEFAULT_IMAGE: &str = "debian-12-build";
+/// Images Contractor knows how to build.
+pub const KNOWN_IMAGES: &[&str] = &[DEFAULT_IMAGE];
+
+/// A checked build specification.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildSpec {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// The project directory (the file's directory).
+    pub project_dir: PathBuf,
+    /// Builder image name.
+    pub image: String,
+    /// The script, run with `sh -e -c`.
+    pub script: String,
+    /// Extra environment for the script.
+    pub env: BTreeMap<String, String>,
+    /// Artifact paths or globs relative to the source root.
+    pub artifacts: Vec<String>,
+    /// Wall-clock limit of the build.
+    pub timeout: Duration,
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Disk size of the VM in GiB.
+    pub disk_gib: u64,
+    /// Hosts the build may reach through the proxy.
+    pub allow: Vec<String>,
+}
+
+/// Why a spec was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source} (run `contractor build` in a directory with a contractor.toml, or pass -f FILE)")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or had unknown fields.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, with line, column and field.
+        message: String,
+    },
+    /// A value is out of range or malformed.
+    #[error("{path}:{line}: `{field}` = {value}: {reason}")]
+    Value {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// Dotted field name.
+        field: &'static str,
+        /// The value as written.
+        value: String,
+        /// What is wrong and what would be accepted.
+        reason: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    build: RawBuild,
+    #[serde(default)]
+    vm: RawVm,
+    #[serde(default)]
+    network: RawNetwork,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBuild {
+    image: Option<Spanned<String>>,
+    script: Spanned<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    artifacts: Vec<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawVm {
+    cpus: Option<Spanned<i64>>,
+    memory: Option<Spanned<String>>,
+    disk: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+}
+
+/// Reads and checks a spec file.
+pub fn load(path: &Path) -> Result<BuildSpec, SpecError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut spec = parse(path, &text)?;
+    // Absolute, so that the paths in the build record and the summary work from anywhere.
+    if let Ok(dir) = std::path::absolute(&spec.project_dir) {
+        spec.project_dir = dir;
+    }
+    Ok(spec)
+}
+
+/// Parses and checks spec text; `path` is only used in messages and to find the project.
+pub fn parse(path: &Path, text: &str) -> Result<BuildSpec, SpecError> {
+    let raw: RawSpec = toml::from_str(text).map_err(|e| SpecError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let value_error =
+        |span: std::ops::Range<usize>, field: &'static str, value: String, reason: String| {
+            SpecError::Value {
+                path: path.to_path_buf(),
+                line: line_of(text, span.start),
+                field,
+                value,
+                reason,
+            }
+        };
+
+    let image = match raw.build.image {
+        None => DEFAULT_IMAGE.to_string(),
+        Some(image) if KNOWN_IMAGES.contains(&image.get_ref().as_str()) => image.into_inner(),
+        Some(image) => {
+            return Err(value_error(
+                image.span(),
+                "build.image",
+                format!("{:?}", image.get_ref()),
+                format!("unknown image; known images: {}", KNOWN_IMAGES.join(", ")),
+            ))
+        }
+    };
+    if raw.build.script.get_ref().trim().is_empty() {
+        return Err(value_error(
+            raw.build.script.span(),
+            "build.script",
+            "\"\"".into(),
+            "the script is empty; give the shell commands that build the project".into(),
+        ));
+    }
+    let mut artifacts = Vec::new();
+    for artifact in raw.build.artifacts {
+        let pattern = artifact.get_ref();
+        if pattern.is_empty() || pattern.starts_with('/') || pattern.split('/').any(|p| p == "..") {
+            return Err(value_error(
+                artifact.span(),
+                "build.artifacts",
+                format!("{pattern:?}"),
+                "artifacts are paths or globs relative to the source root, without `..` (e.g. \"hello\" or \"target/*.deb\")".into(),
+            ));
+        }
+        artifacts.push(artifact.into_inner());
+    }
+    let timeout = match raw.build.timeout {
+        None => Duration::from_secs(600),
+        Some(t) => parse_duration(t.get_ref()).ok_or_else(|| {
+            value_error(
+                t.span(),
+                "build.timeout",
+                format!("{:?}", t.get_ref()),
+                "not a duration; use a number with a unit: \"90s\", \"10m\", \"1h\"".into(),
+            )
+        })?,
+    };
+    let cpus = match raw.vm.cpus {
+        None => 2,
+        Some(c) => match u32::try_from(*c.get_ref()) {
+            Ok(n @ 1..=64) => n,
+            _ => {
+                return Err(value_error(
+                    c.span(),
+                    "vm.cpus",
+                    c.get_ref().to_string(),
+                    "use a whole number from 1 to 64".into(),
+                ))
+            }
+        },
+    };
+    let memory_mib = match raw.vm.memory {
+        None => 2048,
+        Some(m) => match parse_size_mib(m.get_ref()) {
+            Some(n) if (128..=1024 * 1024).contains(&n) => n,
+            _ => {
+                return Err(value_error(
+                    m.span(),
+                    "vm.memory",
+                    format!("{:?}", m.get_ref()),
+                    "use a size from \"128MiB\" up, with a unit: \"512MiB\", \"2GiB\"".into(),
+                ))
+            }
+        },
+    };
+    let disk_gib = match raw.vm.disk {
+        None => 8,
+        Some(d) => match parse_size_mib(d.get_ref()) {
+            Some(n) if n >= 1024 && n % 1024 == 0 => n / 1024,
+            _ => {
+                return Err(value_error(
+                    d.span(),
+                    "vm.disk",
+                    format!("{:?}", d.get_ref()),
+                    "use a whole number of GiB, at least 1: \"4GiB\", \"20GiB\"".into(),
+                ))
+            }
+        },
+    };
+    let mut allow = Vec::new();
+    for host in raw.network.allow {
+        let rule = host.get_ref();
+        let bare = rule.strip_prefix("*.").unwrap_or(rule);
+        let valid = !bare.is_empty()
+            && bare.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            });
+        if !valid {
+            return Err(value_error(
+                host.span(),
+                "network.allow",
+                format!("{rule:?}"),
+                "use a host name (\"deb.debian.org\") or a wildcard for its subdomains (\"*.crates.io\"); no ports, paths or `*` alone".into(),
+            ));
+        }
+        allow.push(rule.to_ascii_lowercase());
+    }
+
+    let project_dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let project_dir = if project_dir.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        project_dir
+    };
+    Ok(BuildSpec {
+        path: path.to_path_buf(),
+        project_dir,
+        image,
+        script: raw.build.script.into_inner(),
+        env: raw.build.env,
+        artifacts,
+        timeout,
+        cpus,
+        memory_mib,
+        disk_gib,
+        allow,
+    })
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// `"90s"`, `"10m"`, `"1h"`, `"1h30m"`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let mut total = 0u64;
+    let mut number = String::new();
+    let mut seen_unit = false;
+    for c in text.trim().chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            _ => return None,
+        };
+        let n: u64 = number.parse().ok()?;
+        total = total.checked_add(n.checked_mul(unit)?)?;
+        number.clear();
+        seen_unit = true;
+    }
+    if !number.is_empty() || !seen_unit || total == 0 {
+        return None;
+    }
+    Some(Duration::from_secs(total))
+}
+
+/// `"512MiB"`, `"2GiB"` (also `M`, `G`, `MB`, `GB`, read as binary units) in MiB.
+pub fn parse_size_mib(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let factor = match unit.trim() {
+        "M" | "MB" | "MiB" => 1,
+        "G" | "GB" | "GiB" => 1024,
+        _ => return None,
+    };
+    n.checked_mul(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_text(text: &str) -> Result<BuildSpec, SpecError> {
+        parse(Path::new("proj/contractor.toml"), text)
+    }
+
+    #[test]
+    fn the_issue_example_parses_with_its_values() {
+        let spec = parse_text(
+            r#"
+[build]
+image = "debian-12-build"
+script = """
+make
+make check
+"""
+artifacts = ["hello"]
+timeout = "10m"
+
+[vm]
+cpus = 2
+memory = "2GiB"
+
+[network]
+allow = []
+"#,
+        )
+        .expect("valid spec");
+        assert_eq!(spec.script, "make\nmake check\n");
+        assert_eq!(spec.artifacts, ["hello"]);
+        assert_eq!(spec.timeout, Duration::from_secs(600));
+        assert_eq!((spec.cpus, spec.memory_mib), (2, 2048));
+        assert_eq!(spec.project_dir, Path::new("proj"));
+    }
+
+    #[test]
+    fn defaults_apply_only_to_absent_fields() {
+        let spec = parse_text("[build]\nscript = \"true\"\n").expect("minimal spec");
+        assert_eq!(spec.image, DEFAULT_IMAGE);
+        assert_eq!((spec.cpus, spec.memory_mib, spec.disk_gib), (2, 2048, 8));
+        assert!(spec.allow.is_empty() && spec.artifacts.is_empty());
+    }
+
+    #[test]
+    fn unknown_fields_name_the_field_and_the_file() {
+        let err = parse_text("[build]\nscript = \"true\"\nartefacts = []\n").expect_err("typo");
+        let text = err.to_string();
+        assert!(text.starts_with("proj/contractor.toml: "), "{text}");
+        assert!(
+            text.contains("artefacts") && text.contains("line 3"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_line_field_and_what_is_accepted() {
+        let cases = [
+            (
+                "[build]\nscript = \"true\"\ntimeout = \"ten minutes\"\n",
+                3,
+                "build.timeout",
+                "\"10m\"",
+            ),
+            (
+                "[build]\nscript = \"true\"\n[vm]\nmemory = \"2XB\"\n",
+                4,
+                "vm.memory",
+                "\"2GiB\"",
+            ),
+            (
+                "[build]\nscript = \"true\"\n[vm]\ncpus = 0\n",
+                4,
+                "vm.cpus",
+                "1 to 64",
+            ),
+            (
+                "[build]\nscript = \"true\"\nartifacts = [\"../x\"]\n",
+                3,
+                "build.artifacts",
+                "relative",
+            ),
+            (
+                "[build]\nscript = \"true\"\n[network]\nallow = [\"*\"]\n",
+                4,
+                "network.allow",
+                "wildcard",
+            ),
+            (
+                "[build]\nscript = \"true\"\nimage = \"windows\"\n",
+                3,
+                "build.image",
+                "debian-12-build",
+            ),
+        ];
+        for (text, line, field, hint) in cases {
+            let err = parse_text(text).expect_err(field);
+            let message = err.to_string();
+            assert!(
+                message.starts_with(&format!("proj/contractor.toml:{line}: `{field}`")),
+                "{message}"
+            );
+            assert!(message.contains(hint), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let err = load(Path::new("/nonexistent/contractor.toml")).expect_err("missing");
+        assert!(
+            err.to_string().contains("/nonexistent/contractor.toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("0s"), None);
+        assert_eq!(parse_size_mib("512MiB"), Some(512));
+        assert_eq!(parse_size_mib("2GiB"), Some(2048));
+        assert_eq!(parse_size_mib("2"), None);
+        assert_eq!(parse_size_mib("GiB"), None);
+    }
+}

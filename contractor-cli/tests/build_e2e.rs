@@ -1,0 +1,286 @@
+//! End-to-end: `contractor build` boots a real VM from the real image and runs real builds.
+//!
+//! These tests need libvirt running and the static agent built (`scripts/test` does both).
+//! Each test builds its own project in a fresh temp directory and reads the build record
+//! with the protocol's types, which reject unknown fields.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use contractor_protocol::result::{BuildResult, Outcome};
+
+/// A project directory with a `contractor.toml`.
+struct Project {
+    dir: tempfile::TempDir,
+}
+
+impl Project {
+    fn new(spec: &str) -> Project {
+        let dir = tempfile::tempdir().expect("temp project dir");
+        std::fs::write(dir.path().join("contractor.toml"), spec).expect("write spec");
+        Project { dir }
+    }
+
+    /// examples/hello, copied.
+    fn hello() -> Project {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello");
+        let project = Project::new(
+            &std::fs::read_to_string(example.join("contractor.toml")).expect("example spec"),
+        );
+        for file in ["hello.c", "Makefile"] {
+            std::fs::copy(example.join(file), project.path().join(file)).expect("copy example");
+        }
+        project
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn build(&self) -> Build {
+        let output = Command::new(env!("CARGO_BIN_EXE_contractor"))
+            .arg("build")
+            .current_dir(self.path())
+            .output()
+            .expect("run contractor build");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        let record = self.path().join(".contractor/latest");
+        let result_text = std::fs::read_to_string(record.join("result.json"))
+            .unwrap_or_else(|e| panic!("no result.json ({e}); stderr:\n{stderr}"));
+        let result: BuildResult =
+            serde_json::from_str(&result_text).expect("result.json matches the protocol");
+        Build {
+            output,
+            stderr,
+            result,
+            record,
+        }
+    }
+}
+
+struct Build {
+    output: Output,
+    stderr: String,
+    result: BuildResult,
+    record: PathBuf,
+}
+
+impl Build {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.result.log).expect("build log")
+    }
+
+    /// The VM's name, from the progress line `VM contractor-... started`.
+    fn vm_name(&self) -> String {
+        self.stderr
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("contractor: VM ")
+                    .and_then(|r| r.split_whitespace().next())
+            })
+            .unwrap_or_else(|| panic!("no VM line in stderr:\n{}", self.stderr))
+            .to_string()
+    }
+}
+
+fn small_spec(script: &str, extra_build: &str) -> String {
+    format!("[build]\nscript = '''\n{script}\n'''\n{extra_build}\n[vm]\ncpus = 1\nmemory = \"768MiB\"\n")
+}
+
+fn libvirt_domains() -> String {
+    let uri = contractor_vm::default_uri();
+    let out = Command::new("virsh")
+        .args(["-c", &uri, "list", "--all", "--name"])
+        .output()
+        .expect("virsh");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sha256(path: &Path) -> String {
+    contractor_cli::image::sha256_file(path).expect("sha256")
+}
+
+#[test]
+fn hello_builds_and_its_artifact_runs_on_the_host() {
+    let project = Project::hello();
+    let build = project.build();
+    assert_eq!(
+        build.output.status.code(),
+        Some(0),
+        "stderr:\n{}",
+        build.stderr
+    );
+    assert_eq!(build.result.outcome, Outcome::Success);
+    assert_eq!(build.result.exit_code, Some(0));
+    assert!(
+        build.log().contains("all checks passed"),
+        "log:\n{}",
+        build.log()
+    );
+
+    let artifact = build.record.join("artifacts/hello");
+    assert_eq!(
+        build.result.artifacts,
+        [project
+            .path()
+            .join(".contractor/builds")
+            .join(&build.result.id)
+            .join("artifacts/hello")]
+    );
+    let run = Command::new(&artifact)
+        .arg("host")
+        .output()
+        .expect("run the artifact on the host");
+    assert_eq!(String::from_utf8_lossy(&run.stdout), "Hello, host!\n");
+    assert!(
+        build.stderr.contains("artifacts/hello"),
+        "summary names the artifact:\n{}",
+        build.stderr
+    );
+    assert!(
+        !libvirt_domains().contains(&build.vm_name()),
+        "VM left behind"
+    );
+}
+
+#[test]
+fn a_failing_step_fails_the_build_and_later_steps_do_not_run() {
+    let project = Project::new(&small_spec(
+        "echo step-one-ran\necho about-to-fail >&2\nfalse\necho step-three-ran",
+        "",
+    ));
+    let build = project.build();
+    assert_eq!(
+        build.output.status.code(),
+        Some(1),
+        "stderr:\n{}",
+        build.stderr
+    );
+    assert_eq!(build.result.outcome, Outcome::Failed);
+    assert_eq!(build.result.exit_code, Some(1));
+    let log = build.log();
+    assert!(
+        log.contains("step-one-ran") && log.contains("about-to-fail"),
+        "log:\n{log}"
+    );
+    assert!(!log.contains("step-three-ran"), "a later step ran:\n{log}");
+}
+
+#[test]
+fn a_host_not_on_the_allowlist_is_refused_and_named_in_the_summary() {
+    let project = Project::new(&small_spec(
+        "curl -sS --max-time 20 https://example.com",
+        "",
+    ));
+    let build = project.build();
+    assert_ne!(
+        build.output.status.code(),
+        Some(0),
+        "stderr:\n{}",
+        build.stderr
+    );
+    assert_eq!(build.result.outcome, Outcome::Failed);
+    assert_eq!(build.result.refused_hosts, ["example.com"]);
+    assert!(
+        build.stderr.contains("refused:   example.com"),
+        "stderr:\n{}",
+        build.stderr
+    );
+    let decisions = std::fs::read_to_string(build.record.join("proxy.jsonl")).expect("proxy log");
+    assert!(
+        decisions.contains("\"host\":\"example.com\"")
+            && decisions.contains("\"decision\":\"deny\""),
+        "{decisions}"
+    );
+}
+
+#[test]
+fn guest_changes_do_not_survive_into_the_next_build_or_the_base_image() {
+    let first = Project::new(&small_spec(
+        "echo tampered > /etc/contractor-marker\ncat /etc/contractor-marker",
+        "",
+    ));
+    let build = first.build();
+    assert_eq!(
+        build.result.outcome,
+        Outcome::Success,
+        "stderr:\n{}",
+        build.stderr
+    );
+    let data = contractor_cli::paths::data_dir().expect("data dir");
+    let image = contractor_cli::image::load(&data.join("images/debian-12-build"))
+        .expect("manifest")
+        .expect("image");
+    let base = image.dir.join("disk.qcow2");
+    assert_eq!(
+        sha256(&base),
+        image.manifest.disk_sha256,
+        "the base image changed"
+    );
+
+    let second = Project::new(&small_spec("test ! -e /etc/contractor-marker", ""));
+    let build = second.build();
+    assert_eq!(
+        build.result.outcome,
+        Outcome::Success,
+        "marker survived; stderr:\n{}",
+        build.stderr
+    );
+    assert_eq!(
+        sha256(&base),
+        image.manifest.disk_sha256,
+        "the base image changed"
+    );
+}
+
+#[test]
+fn a_script_past_its_timeout_is_stopped_and_leaves_no_vm() {
+    let project = Project::new(&small_spec("echo sleeping\nsleep 600", "timeout = \"45s\""));
+    let build = project.build();
+    assert_eq!(
+        build.output.status.code(),
+        Some(1),
+        "stderr:\n{}",
+        build.stderr
+    );
+    assert_eq!(
+        build.result.outcome,
+        Outcome::Timeout,
+        "stderr:\n{}",
+        build.stderr
+    );
+    assert!(
+        build.result.duration_secs < 120.0,
+        "took {}s",
+        build.result.duration_secs
+    );
+    assert!(
+        build.stderr.contains("timeout of 45 s"),
+        "stderr:\n{}",
+        build.stderr
+    );
+    assert!(
+        !libvirt_domains().contains(&build.vm_name()),
+        "VM left behind"
+    );
+}
+
+#[test]
+fn a_bad_spec_is_refused_before_anything_starts() {
+    let project = Project::new("[build]\nscript = \"make\"\ntimeout = \"soon\"\n");
+    let output = Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .arg("build")
+        .current_dir(project.path())
+        .output()
+        .expect("run contractor build");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("contractor.toml:3: `build.timeout`"),
+        "{stderr}"
+    );
+    assert!(
+        !project.path().join(".contractor").exists(),
+        "a record was created for a bad spec"
+    );
+}

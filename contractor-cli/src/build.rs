@@ -92,7 +92,7 @@ pub async fn build(spec: &BuildSpec, options: &BuildOptions) -> Result<BuildRepo
     update_latest(&store_root, &id);
 
     let (stop_services, services_stopped) = tokio::sync::watch::channel(false);
-    let store_addr = start_store(&store_root, services_stopped.clone()).await?;
+    let store_addr = start_store(&store_root, &id, services_stopped.clone()).await?;
     let refused = Arc::new(Mutex::new(BTreeSet::new()));
     let proxy_addr = start_proxy(
         spec,
@@ -191,6 +191,7 @@ async fn run_in_vm(
         Ok(created) => created,
         Err(err) => return infra("vm_create", &err),
     };
+    tokio::task::block_in_place(|| sweep_overlays(&conn, &vm_spec.work_dir));
     eprintln!(
         "contractor: VM {} started ({:?})",
         vm.name,
@@ -199,7 +200,7 @@ async fn run_in_vm(
     let (Some(control_socket), Some(tunnel_socket)) =
         (vm.control_socket.clone(), vm.tunnel_socket.clone())
     else {
-        let _ = tokio::task::block_in_place(|| contractor_vm::destroy(&conn, &vm.name));
+        let _ = tokio::task::block_in_place(|| contractor_vm::destroy_vm(&conn, &vm));
         return (
             Outcome::Infrastructure,
             None,
@@ -249,9 +250,9 @@ async fn run_in_vm(
     };
     // Destroy the VM first: until it is gone, a timed-out script may still hold its
     // output stream open, and with it the event channel.
-    let name = vm.name.clone();
-    if let Err(err) = tokio::task::block_in_place(|| contractor_vm::destroy(&conn, &name)) {
-        eprintln!("contractor: cannot destroy VM {name}: {err}");
+    // The VM is usually gone already (the agent powers it off); its overlay is not.
+    if let Err(err) = tokio::task::block_in_place(|| contractor_vm::destroy_vm(&conn, &vm)) {
+        eprintln!("contractor: cannot destroy VM {}: {err}", vm.name);
     }
     drop(conn);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), printer).await;
@@ -276,6 +277,7 @@ async fn run_in_vm(
 
 async fn start_store(
     root: &Path,
+    id: &str,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<SocketAddr, BuildError> {
     let listener = TcpListener::bind("127.0.0.1:0")
@@ -287,6 +289,7 @@ async fn start_store(
     let config = contractor_store::StoreConfig {
         root: root.to_path_buf(),
         access_log: false,
+        only_build: Some(id.to_string()),
     };
     let store = contractor_store::Store::open(&config)
         .map_err(|e| BuildError::Service("store", std::io::Error::other(e.to_string())))?;
@@ -334,6 +337,36 @@ async fn start_proxy(
         },
     ));
     Ok(addr)
+}
+
+/// Deletes overlays left by builds that were killed: those whose VM no longer exists. An
+/// overlay younger than a minute may belong to a build that is creating its VM right now.
+fn sweep_overlays(conn: &virt::connect::Connect, work_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(work_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(name) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".qcow2"))
+        else {
+            continue;
+        };
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(60));
+        if old
+            && contractor_vm::validate_name(name).is_ok()
+            && !contractor_vm::lifecycle::exists(conn, name)
+        {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }
 
 fn collect_artifacts(dir: &Path) -> Vec<PathBuf> {

@@ -96,6 +96,21 @@ fn libvirt_domains() -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Asserts the build's VM is gone from libvirt and its overlay from the disk.
+fn assert_no_vm_left(build: &Build) {
+    let name = build.vm_name();
+    assert!(!libvirt_domains().contains(&name), "VM {name} left behind");
+    let overlay = contractor_cli::paths::data_dir()
+        .expect("data dir")
+        .join("vms")
+        .join(format!("{name}.qcow2"));
+    assert!(
+        !overlay.exists(),
+        "overlay {} left behind",
+        overlay.display()
+    );
+}
+
 fn sha256(path: &Path) -> String {
     contractor_cli::image::sha256_file(path).expect("sha256")
 }
@@ -137,10 +152,7 @@ fn hello_builds_and_its_artifact_runs_on_the_host() {
         "summary names the artifact:\n{}",
         build.stderr
     );
-    assert!(
-        !libvirt_domains().contains(&build.vm_name()),
-        "VM left behind"
-    );
+    assert_no_vm_left(&build);
 }
 
 #[test]
@@ -259,10 +271,7 @@ fn a_script_past_its_timeout_is_stopped_and_leaves_no_vm() {
         "stderr:\n{}",
         build.stderr
     );
-    assert!(
-        !libvirt_domains().contains(&build.vm_name()),
-        "VM left behind"
-    );
+    assert_no_vm_left(&build);
 }
 
 #[test]

@@ -32,15 +32,23 @@ enum Command {
         /// Address to listen on; port 0 picks a free port.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
         listen: SocketAddr,
+        /// Serve only /builds/ID/... (one build's inputs and artifacts); refuse the rest.
+        #[arg(long, value_name = "ID")]
+        only_build: Option<String>,
     },
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let Command::Serve { root, listen } = Cli::parse().command;
+    let Command::Serve {
+        root,
+        listen,
+        only_build,
+    } = Cli::parse().command;
     let store = match Store::open(&StoreConfig {
         root,
         access_log: true,
+        only_build,
     }) {
         Ok(store) => store,
         Err(e) => return fail(ExitCode::BadInput, &anyhow::Error::new(e)),

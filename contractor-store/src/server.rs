@@ -57,6 +57,9 @@ pub struct StoreConfig {
     pub root: PathBuf,
     /// Write one access-log line per request on stderr.
     pub access_log: bool,
+    /// Serve only `/builds/<id>/…` of this build id; everything else is refused (403).
+    /// This is how one build is kept from reading or writing another build's files.
+    pub only_build: Option<String>,
 }
 
 /// Why the store could not start.
@@ -84,6 +87,7 @@ pub enum StoreError {
 pub struct Store {
     root: PathBuf,
     access_log: bool,
+    only_build: Option<String>,
 }
 
 /// The body of every response.
@@ -106,6 +110,7 @@ impl Store {
         Ok(Store {
             root,
             access_log: config.access_log,
+            only_build: config.only_build.clone(),
         })
     }
 
@@ -208,6 +213,15 @@ impl Store {
             Ok(path) => path,
             Err(e) => return text(StatusCode::FORBIDDEN, &format!("refused: {e}")),
         };
+        if let Some(id) = &self.only_build {
+            let names = path.names();
+            if names.len() < 3 || names[0] != "builds" || &names[1] != id {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    &format!("refused: {path} is outside this build; this store serves only /builds/{id}/"),
+                );
+            }
+        }
         if method == Method::PUT {
             let mode = match request.headers().get(MODE_HEADER).map(parse_mode) {
                 None => None,

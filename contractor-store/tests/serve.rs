@@ -294,3 +294,30 @@ fn put_with_a_mode_header_stores_an_executable_and_other_modes_are_refused() {
     );
     assert!(!fixture.root.join("builds/b1/artifacts/setuid").exists());
 }
+
+#[test]
+fn a_store_limited_to_one_build_refuses_every_other_path() {
+    let fixture = Fixture::new();
+    fixture.write("builds/mine/source.tar", b"mine");
+    fixture.write("builds/other/source.tar", b"other");
+    fixture.write("cas/x", b"shared");
+    let mut command = binary();
+    command
+        .args(["serve", "--only-build", "mine", "--root"])
+        .arg(&fixture.root);
+    let store = StoreProcess::spawn(command);
+    assert_eq!(store.get("/builds/mine/source.tar").text(), "mine");
+    for path in ["/builds/other/source.tar", "/cas/x", "/builds/mine"] {
+        let response = store.get(path);
+        assert_eq!(response.status, 403, "{path}");
+        assert!(
+            response.text().contains("serves only /builds/mine/"),
+            "{}",
+            response.text()
+        );
+    }
+    let response = store.put("/builds/other/artifacts/x", b"nope");
+    assert_eq!(response.status, 403);
+    assert!(!fixture.root.join("builds/other/artifacts").exists());
+    assert_eq!(store.put("/builds/mine/artifacts/x", b"ok").status, 201);
+}

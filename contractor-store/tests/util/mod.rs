@@ -52,9 +52,15 @@ impl StoreProcess {
     /// Starts `contractor-store serve --root ROOT` on a free loopback port and waits for its
     /// ready line.
     pub fn start(root: &Path) -> StoreProcess {
-        let mut child = binary()
-            .args(["serve", "--root"])
-            .arg(root)
+        let mut command = binary();
+        command.args(["serve", "--root"]).arg(root);
+        StoreProcess::spawn(command)
+    }
+
+    /// Starts `command` (a `serve` command line) on a free loopback port and waits for its
+    /// ready line.
+    pub fn spawn(mut command: Command) -> StoreProcess {
+        let mut child = command
             .args(["--listen", "127.0.0.1:0"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use contractor_protocol::agent::Job;
 use contractor_protocol::proxy::{Decision, Verdict};
-use contractor_protocol::result::{BuildResult, ErrorInfo, Outcome};
+use contractor_protocol::result::{BuildResult, ErrorInfo, Limit, Outcome};
 use contractor_protocol::run::{RunEvent, RunRequest};
 use contractor_protocol::vm::{Accel, VmSpec};
 use contractor_protocol::PROTOCOL_VERSION;
@@ -75,6 +75,7 @@ pub async fn build(spec: &BuildSpec, options: &BuildOptions) -> Result<BuildRepo
         tokio::task::block_in_place(|| image::ensure(&spec.image)).map_err(BuildError::Image)?;
 
     let store_root = paths::store_dir(&spec.project_dir);
+    close_abandoned_records(&store_root);
     let id = new_build_id();
     let record = store_root.join("builds").join(&id);
     paths::create_dir_world_readable(&record).map_err(|source| BuildError::Record {
@@ -90,9 +91,24 @@ pub async fn build(spec: &BuildSpec, options: &BuildOptions) -> Result<BuildRepo
         human_bytes(packed.bytes)
     );
     update_latest(&store_root, &id);
+    let owner_file = record.join(OWNER_FILE);
+    let owner = serde_json::json!({
+        "pid": std::process::id(),
+        "start": contractor_vm::owner::process_start(std::process::id()),
+    });
+    std::fs::write(&owner_file, owner.to_string()).map_err(|source| BuildError::Record {
+        path: owner_file.clone(),
+        source,
+    })?;
 
     let (stop_services, services_stopped) = tokio::sync::watch::channel(false);
-    let store_addr = start_store(&store_root, &id, services_stopped.clone()).await?;
+    let store_addr = start_store(
+        &store_root,
+        &id,
+        spec.max_artifacts_bytes,
+        services_stopped.clone(),
+    )
+    .await?;
     let refused = Arc::new(Mutex::new(BTreeSet::new()));
     let proxy_addr = start_proxy(
         spec,
@@ -122,14 +138,18 @@ pub async fn build(spec: &BuildSpec, options: &BuildOptions) -> Result<BuildRepo
         artifacts_dest: format!("/builds/{id}/artifacts/"),
     };
 
-    let (outcome, exit_code, error) = run_in_vm(
+    let limits = RunLimits {
+        timeout_secs: spec.timeout.as_secs(),
+        max_log_bytes: spec.max_log_bytes,
+    };
+    let ran = run_in_vm(
         &options.uri,
         vm_spec,
         job,
         proxy_addr,
         store_addr,
         &log,
-        spec.timeout.as_secs(),
+        limits,
     )
     .await;
     let _ = stop_services.send(true);
@@ -142,21 +162,52 @@ pub async fn build(spec: &BuildSpec, options: &BuildOptions) -> Result<BuildRepo
     let result = BuildResult {
         version: PROTOCOL_VERSION,
         id,
-        outcome,
-        exit_code,
+        outcome: ran.outcome,
+        exit_code: ran.exit_code,
         duration_secs: started.elapsed().as_secs_f64(),
         log,
         console_log,
         artifacts,
         refused_hosts,
-        error,
+        limit: ran.limit,
+        error: ran.error,
     };
     let result_path = record.join("result.json");
     let text = serde_json::to_string_pretty(&result).unwrap_or_default();
     if let Err(err) = std::fs::write(&result_path, text + "\n") {
         eprintln!("contractor: cannot write {}: {err}", result_path.display());
     }
+    let _ = std::fs::remove_file(&owner_file);
     Ok(BuildReport { result })
+}
+
+/// The limits `contractor-run` enforces.
+#[derive(Debug, Clone, Copy)]
+struct RunLimits {
+    timeout_secs: u64,
+    max_log_bytes: u64,
+}
+
+/// How the run in the VM ended.
+struct Ran {
+    outcome: Outcome,
+    exit_code: Option<i32>,
+    error: Option<ErrorInfo>,
+    limit: Option<Limit>,
+}
+
+impl Ran {
+    fn failed(outcome: Outcome, code: &str, message: String) -> Ran {
+        Ran {
+            outcome,
+            exit_code: None,
+            error: Some(ErrorInfo {
+                code: code.into(),
+                chain: vec![message],
+            }),
+            limit: None,
+        }
+    }
 }
 
 /// Creates the VM, runs the job, destroys the VM. Every failure is an outcome here.
@@ -167,14 +218,13 @@ async fn run_in_vm(
     proxy: SocketAddr,
     store: SocketAddr,
     log: &Path,
-    timeout_secs: u64,
-) -> (Outcome, Option<i32>, Option<ErrorInfo>) {
-    let infra = |code: &str, err: &(dyn std::error::Error + 'static)| {
-        (
-            Outcome::Infrastructure,
-            None,
-            Some(contractor_run::host::error_info(code, err)),
-        )
+    limits: RunLimits,
+) -> Ran {
+    let infra = |code: &str, err: &(dyn std::error::Error + 'static)| Ran {
+        outcome: Outcome::Infrastructure,
+        exit_code: None,
+        error: Some(contractor_run::host::error_info(code, err)),
+        limit: None,
     };
     if let Err(err) = paths::create_dir_world_readable(&vm_spec.work_dir) {
         return infra("vm_work_dir", &err);
@@ -201,13 +251,10 @@ async fn run_in_vm(
         (vm.control_socket.clone(), vm.tunnel_socket.clone())
     else {
         let _ = tokio::task::block_in_place(|| contractor_vm::destroy_vm(&conn, &vm));
-        return (
+        return Ran::failed(
             Outcome::Infrastructure,
-            None,
-            Some(ErrorInfo {
-                code: "vm_channels".into(),
-                chain: vec!["libvirt did not report the VM's channel sockets".into()],
-            }),
+            "vm_channels",
+            "libvirt did not report the VM's channel sockets".into(),
         );
     };
     let request = RunRequest {
@@ -217,8 +264,9 @@ async fn run_in_vm(
         proxy,
         store,
         log: log.to_path_buf(),
-        timeout_secs,
+        timeout_secs: limits.timeout_secs,
         boot_timeout_secs: 300,
+        max_log_bytes: Some(limits.max_log_bytes),
         job,
     };
     let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
@@ -243,10 +291,9 @@ async fn run_in_vm(
             }
         }
     });
-    let interrupted = tokio::signal::ctrl_c();
     let finished = tokio::select! {
-        finished = contractor_run::run(request, events) => Some(finished),
-        _ = interrupted => None,
+        finished = contractor_run::run(request, events) => Ok(finished),
+        signal = interruption() => Err(signal),
     };
     // Destroy the VM first: until it is gone, a timed-out script may still hold its
     // output stream open, and with it the event channel.
@@ -257,27 +304,53 @@ async fn run_in_vm(
     drop(conn);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), printer).await;
     match finished {
-        Some(RunEvent::Finished {
+        Ok(RunEvent::Finished {
             outcome,
             exit_code,
             error,
+            limit,
             ..
-        }) => (outcome, exit_code, error),
-        Some(_) => (Outcome::Infrastructure, None, None),
-        None => (
-            Outcome::Interrupted,
-            None,
-            Some(ErrorInfo {
-                code: "interrupted".into(),
-                chain: vec!["the build was interrupted (Ctrl-C)".into()],
-            }),
+        }) => Ran {
+            outcome,
+            exit_code,
+            error,
+            limit,
+        },
+        Ok(_) => Ran::failed(
+            Outcome::Infrastructure,
+            "run",
+            "contractor-run ended without a finished event".into(),
         ),
+        Err(signal) => Ran::failed(
+            Outcome::Interrupted,
+            "interrupted",
+            format!("the build was interrupted ({signal}); its VM was destroyed"),
+        ),
+    }
+}
+
+/// Resolves when the user interrupts the build (Ctrl-C) or it is asked to stop (SIGTERM),
+/// with the signal's name.
+async fn interruption() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        // Without signal handling the default actions apply (the process dies and libvirt
+        // destroys the VM with its connection).
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => "Ctrl-C",
+        _ = terminate.recv() => "SIGTERM",
     }
 }
 
 async fn start_store(
     root: &Path,
     id: &str,
+    max_artifacts_bytes: u64,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<SocketAddr, BuildError> {
     let listener = TcpListener::bind("127.0.0.1:0")
@@ -290,6 +363,8 @@ async fn start_store(
         root: root.to_path_buf(),
         access_log: false,
         only_build: Some(id.to_string()),
+        max_build_bytes: Some(max_artifacts_bytes),
+        ..contractor_store::StoreConfig::new(root.to_path_buf())
     };
     let store = contractor_store::Store::open(&config)
         .map_err(|e| BuildError::Service("store", std::io::Error::other(e.to_string())))?;
@@ -387,6 +462,62 @@ fn collect_artifacts(dir: &Path) -> Vec<PathBuf> {
     }
     found.sort();
     found
+}
+
+/// While a build runs, its record holds this file naming the `contractor` process (pid and
+/// start time); it is removed when `result.json` is written.
+const OWNER_FILE: &str = "owner.json";
+
+/// Gives every record whose `contractor` process died without finishing (SIGKILL, power
+/// loss) a `result.json` saying the build was interrupted. Records of live builds are left
+/// alone.
+fn close_abandoned_records(store_root: &Path) {
+    let Ok(entries) = std::fs::read_dir(store_root.join("builds")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let record = entry.path();
+        let owner_file = record.join(OWNER_FILE);
+        if record.join("result.json").exists() {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&owner_file) else {
+            continue;
+        };
+        let owner: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let pid = owner["pid"].as_u64().and_then(|p| u32::try_from(p).ok());
+        let alive = pid.is_some_and(|pid| {
+            let start = contractor_vm::owner::process_start(pid);
+            start.is_some() && start == owner["start"].as_u64()
+        });
+        if alive {
+            continue;
+        }
+        let id = entry.file_name().to_string_lossy().into_owned();
+        let result = BuildResult {
+            version: PROTOCOL_VERSION,
+            id,
+            outcome: Outcome::Interrupted,
+            exit_code: None,
+            duration_secs: 0.0,
+            log: record.join("build.log"),
+            console_log: record.join("console.log"),
+            artifacts: collect_artifacts(&record.join("artifacts")),
+            refused_hosts: Vec::new(),
+            limit: None,
+            error: Some(ErrorInfo {
+                code: "abandoned".into(),
+                chain: vec![format!(
+                    "the contractor process (pid {}) ended before the build finished; libvirt destroyed its VM",
+                    pid.map_or("unknown".to_string(), |p| p.to_string())
+                )],
+            }),
+        };
+        let text = serde_json::to_string_pretty(&result).unwrap_or_default();
+        if std::fs::write(record.join("result.json"), text + "\n").is_ok() {
+            let _ = std::fs::remove_file(&owner_file);
+        }
+    }
 }
 
 /// `latest` → the newest build, so `.contractor/latest/build.log` is always at hand.

@@ -143,6 +143,12 @@ fn run_build(file: &std::path::Path, uri: Option<String>, accel: Accel) -> ExitC
     if let Some(error) = &result.error {
         eprintln!("  reason:    {}", error.chain.join(": "));
     }
+    if let Some(limit) = result.limit {
+        eprintln!(
+            "  limit:     {} (raise it in contractor.toml)",
+            limit.field()
+        );
+    }
     eprintln!("  log:       {}", result.log.display());
     if result.outcome == Outcome::Infrastructure {
         eprintln!("  console:   {}", result.console_log.display());

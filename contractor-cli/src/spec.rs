@@ -12,6 +12,8 @@ use toml::Spanned;
 
 /// The default builder image.
 pub const DEFAULT_IMAGE: &str = "debian-12-build";
+const MIB: u64 = 1024 * 1024;
+
 /// Images Contractor knows how to build.
 pub const KNOWN_IMAGES: &[&str] = &[DEFAULT_IMAGE];
 
@@ -32,6 +34,10 @@ pub struct BuildSpec {
     pub artifacts: Vec<String>,
     /// Wall-clock limit of the build.
     pub timeout: Duration,
+    /// Most bytes of output the build may write.
+    pub max_log_bytes: u64,
+    /// Most bytes of artifacts the build may store, in all.
+    pub max_artifacts_bytes: u64,
     /// Virtual CPUs.
     pub cpus: u32,
     /// Memory in MiB.
@@ -97,6 +103,8 @@ struct RawBuild {
     #[serde(default)]
     artifacts: Vec<Spanned<String>>,
     timeout: Option<Spanned<String>>,
+    max_log: Option<Spanned<String>>,
+    max_artifacts: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -189,6 +197,21 @@ pub fn parse(path: &Path, text: &str) -> Result<BuildSpec, SpecError> {
             )
         })?,
     };
+    let size_field =
+        |value: Option<Spanned<String>>, field: &'static str, default_mib: u64| match value {
+            None => Ok(default_mib * MIB),
+            Some(v) => match parse_size_mib(v.get_ref()) {
+                Some(n) if n > 0 => Ok(n * MIB),
+                _ => Err(value_error(
+                    v.span(),
+                    field,
+                    format!("{:?}", v.get_ref()),
+                    "use a size with a unit: \"64MiB\", \"1GiB\"".into(),
+                )),
+            },
+        };
+    let max_log_bytes = size_field(raw.build.max_log, "build.max_log", 64)?;
+    let max_artifacts_bytes = size_field(raw.build.max_artifacts, "build.max_artifacts", 1024)?;
     let cpus = match raw.vm.cpus {
         None => 2,
         Some(c) => match u32::try_from(*c.get_ref()) {
@@ -269,6 +292,8 @@ pub fn parse(path: &Path, text: &str) -> Result<BuildSpec, SpecError> {
         env: raw.build.env,
         artifacts,
         timeout,
+        max_log_bytes,
+        max_artifacts_bytes,
         cpus,
         memory_mib,
         disk_gib,
@@ -363,6 +388,10 @@ allow = []
         let spec = parse_text("[build]\nscript = \"true\"\n").expect("minimal spec");
         assert_eq!(spec.image, DEFAULT_IMAGE);
         assert_eq!((spec.cpus, spec.memory_mib, spec.disk_gib), (2, 2048, 8));
+        assert_eq!(
+            (spec.max_log_bytes, spec.max_artifacts_bytes),
+            (64 << 20, 1 << 30)
+        );
         assert!(spec.allow.is_empty() && spec.artifacts.is_empty());
     }
 
@@ -415,6 +444,12 @@ allow = []
                 3,
                 "build.image",
                 "debian-12-build",
+            ),
+            (
+                "[build]\nscript = \"true\"\nmax_log = \"lots\"\n",
+                3,
+                "build.max_log",
+                "\"64MiB\"",
             ),
         ];
         for (text, line, field, hint) in cases {

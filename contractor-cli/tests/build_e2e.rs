@@ -4,116 +4,12 @@
 //! Each test builds its own project in a fresh temp directory and reads the build record
 //! with the protocol's types, which reject unknown fields.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod util;
 
-use contractor_protocol::result::{BuildResult, Outcome};
+use std::process::Command;
 
-/// A project directory with a `contractor.toml`.
-struct Project {
-    dir: tempfile::TempDir,
-}
-
-impl Project {
-    fn new(spec: &str) -> Project {
-        let dir = tempfile::tempdir().expect("temp project dir");
-        std::fs::write(dir.path().join("contractor.toml"), spec).expect("write spec");
-        Project { dir }
-    }
-
-    /// examples/hello, copied.
-    fn hello() -> Project {
-        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello");
-        let project = Project::new(
-            &std::fs::read_to_string(example.join("contractor.toml")).expect("example spec"),
-        );
-        for file in ["hello.c", "Makefile"] {
-            std::fs::copy(example.join(file), project.path().join(file)).expect("copy example");
-        }
-        project
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn build(&self) -> Build {
-        let output = Command::new(env!("CARGO_BIN_EXE_contractor"))
-            .arg("build")
-            .current_dir(self.path())
-            .output()
-            .expect("run contractor build");
-        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-        let record = self.path().join(".contractor/latest");
-        let result_text = std::fs::read_to_string(record.join("result.json"))
-            .unwrap_or_else(|e| panic!("no result.json ({e}); stderr:\n{stderr}"));
-        let result: BuildResult =
-            serde_json::from_str(&result_text).expect("result.json matches the protocol");
-        Build {
-            output,
-            stderr,
-            result,
-            record,
-        }
-    }
-}
-
-struct Build {
-    output: Output,
-    stderr: String,
-    result: BuildResult,
-    record: PathBuf,
-}
-
-impl Build {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.result.log).expect("build log")
-    }
-
-    /// The VM's name, from the progress line `VM contractor-... started`.
-    fn vm_name(&self) -> String {
-        self.stderr
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("contractor: VM ")
-                    .and_then(|r| r.split_whitespace().next())
-            })
-            .unwrap_or_else(|| panic!("no VM line in stderr:\n{}", self.stderr))
-            .to_string()
-    }
-}
-
-fn small_spec(script: &str, extra_build: &str) -> String {
-    format!("[build]\nscript = '''\n{script}\n'''\n{extra_build}\n[vm]\ncpus = 1\nmemory = \"768MiB\"\n")
-}
-
-fn libvirt_domains() -> String {
-    let uri = contractor_vm::default_uri();
-    let out = Command::new("virsh")
-        .args(["-c", &uri, "list", "--all", "--name"])
-        .output()
-        .expect("virsh");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Asserts the build's VM is gone from libvirt and its overlay from the disk.
-fn assert_no_vm_left(build: &Build) {
-    let name = build.vm_name();
-    assert!(!libvirt_domains().contains(&name), "VM {name} left behind");
-    let overlay = contractor_cli::paths::data_dir()
-        .expect("data dir")
-        .join("vms")
-        .join(format!("{name}.qcow2"));
-    assert!(
-        !overlay.exists(),
-        "overlay {} left behind",
-        overlay.display()
-    );
-}
-
-fn sha256(path: &Path) -> String {
-    contractor_cli::image::sha256_file(path).expect("sha256")
-}
+use contractor_protocol::result::Outcome;
+use util::{assert_no_vm_left, sha256, small_spec, Project};
 
 #[test]
 fn hello_builds_and_its_artifact_runs_on_the_host() {
@@ -261,13 +157,17 @@ fn a_script_past_its_timeout_is_stopped_and_leaves_no_vm() {
         "stderr:\n{}",
         build.stderr
     );
+    assert_eq!(
+        build.result.limit,
+        Some(contractor_protocol::result::Limit::Timeout)
+    );
     assert!(
         build.result.duration_secs < 120.0,
         "took {}s",
         build.result.duration_secs
     );
     assert!(
-        build.stderr.contains("timeout of 45 s"),
+        build.stderr.contains("build.timeout = 45 s"),
         "stderr:\n{}",
         build.stderr
     );

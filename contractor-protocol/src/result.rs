@@ -34,6 +34,29 @@ impl Outcome {
     }
 }
 
+/// A limit of the spec that a build hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Limit {
+    /// `build.timeout`: the build ran too long.
+    Timeout,
+    /// `build.max_log`: the build wrote too much output.
+    MaxLog,
+    /// `build.max_artifacts`: the artifacts were too big.
+    MaxArtifacts,
+}
+
+impl Limit {
+    /// The spec field that sets this limit.
+    pub fn field(self) -> &'static str {
+        match self {
+            Limit::Timeout => "build.timeout",
+            Limit::MaxLog => "build.max_log",
+            Limit::MaxArtifacts => "build.max_artifacts",
+        }
+    }
+}
+
 /// An error reported as data: a code and the chain of messages, outermost first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -77,6 +100,9 @@ pub struct BuildResult {
     pub artifacts: Vec<PathBuf>,
     /// Hosts the proxy refused.
     pub refused_hosts: Vec<String>,
+    /// The limit the build hit, if it hit one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<Limit>,
     /// What went wrong, for infrastructure failures and timeouts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,

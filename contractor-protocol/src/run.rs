@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::{Job, Phase};
-use crate::result::{ErrorInfo, Outcome};
+use crate::result::{ErrorInfo, Limit, Outcome};
 
 /// What `contractor-run` is asked to do: run `job` in the VM whose channels are given.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +29,10 @@ pub struct RunRequest {
     /// Limit for the VM to boot and its agent to answer, in seconds (default 300).
     #[serde(default = "default_boot_timeout")]
     pub boot_timeout_secs: u64,
+    /// Most bytes of output the build may write; beyond it the output is cut (with a
+    /// marker line in the log) and the build fails. No limit when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_log_bytes: Option<u64>,
     /// The build.
     pub job: Job,
 }
@@ -76,6 +80,9 @@ pub enum RunEvent {
         /// What went wrong, unless it succeeded or the script failed on its own.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<ErrorInfo>,
+        /// The limit the build hit, if it hit one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<Limit>,
     },
     /// A message type this reader does not know (from a newer writer).
     #[serde(other)]

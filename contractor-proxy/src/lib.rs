@@ -2,21 +2,30 @@
 //! internet, also usable on its own.
 //!
 //! Clients send `CONNECT host:port` (HTTPS and any other TCP) or plain HTTP requests with
-//! an absolute URI. A request goes through only if its host is on the [`Allowlist`], its
-//! port is allowed, and the host's address is public (or in an allowed network): never
-//! loopback, private, link-local or the like, so an allowed name cannot lead back into the
-//! host's own network. Every request yields one [`Decision`](contractor_protocol::proxy::Decision).
-//! [`allowlist`] and [`address`] parse and classify, [`policy`] decides, [`server`] speaks
-//! HTTP.
+//! an absolute URI. A request goes through only if no deny rule covers its host, an allow
+//! rule on the [`Allowlist`] does, its port is allowed, and the host's address is public
+//! (or in an allowed network): never loopback, private, link-local or the like, so an
+//! allowed name cannot lead back into the host's own network. Every request yields one
+//! [`Decision`](contractor_protocol::proxy::Decision). [`allowlist`] and [`address`] parse
+//! and classify, [`policy`] decides, [`config`] reads configuration files, [`server`]
+//! speaks HTTP, [`metrics`] counts.
 
 #![warn(missing_docs)]
 
 pub mod address;
 pub mod allowlist;
+pub mod config;
+mod meter;
+pub mod metrics;
 pub mod policy;
 pub mod server;
+mod splice;
 
 pub use address::{IpNet, NetError, Restriction};
-pub use allowlist::{Allowlist, HostRule, RuleError};
-pub use policy::{Denial, ProxyConfig, DEFAULT_LISTEN, DEFAULT_PORTS};
+pub use allowlist::{Allowlist, HostProblem, HostRule, Rule, RuleError, RuleProblem};
+pub use config::{ConfigError, ConfigFile};
+pub use metrics::{serve_metrics, AccessEntry, Metrics, Summary};
+pub use policy::{
+    Denial, Limits, Mode, ProxyConfig, Resolution, Resolver, DEFAULT_LISTEN, DEFAULT_PORTS,
+};
 pub use server::{serve, CONNECT_TIMEOUT, ERROR_HEADER, SHUTDOWN_GRACE};

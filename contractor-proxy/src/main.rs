@@ -1,8 +1,11 @@
-//! `contractor-proxy --allow HOST... [--listen ADDR]`: a filtering forward proxy. Prints one
-//! `ready` line with the bound address on stdout, then one `decision` line per request;
-//! stops on SIGTERM or SIGINT.
+//! `contractor-proxy --allow HOST... [--deny HOST...] [--config FILE] [...]`: a filtering
+//! forward proxy. Prints one `ready` line with the bound address on stdout, then one
+//! `decision` line per request; stops on SIGTERM or SIGINT, printing a JSON summary of its
+//! counters on stderr.
 
+use std::fs::OpenOptions;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::thread;
 
 use anyhow::{anyhow, Context};
@@ -11,15 +14,18 @@ use contractor_protocol::jsonl::{write_line, JsonlError};
 use contractor_protocol::proxy::Decision;
 use contractor_protocol::service::Ready;
 use contractor_protocol::ExitCode;
-use contractor_proxy::{Allowlist, IpNet, ProxyConfig};
+use contractor_proxy::config::LimitsFile;
+use contractor_proxy::{AccessEntry, ConfigFile, Mode, ProxyConfig};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 const AFTER_HELP: &str = "\
 Clients reach allowed hosts with CONNECT (HTTPS) or absolute-URI HTTP requests. Anything \
 else gets 403 with an X-Contractor-Proxy-Error header saying why, as does any host whose \
 addresses are all loopback, private or link-local (unless --allow-net covers them). Stdout \
-carries one JSON `ready` line, then one JSON `decision` line per request.
+carries one JSON `ready` line, then one JSON `decision` line per request. List flags \
+(--allow, --deny, --allow-net, --allow-port) add to the --config file's lists; the others \
+replace its values. See docs/proxy.md.
 
 Example:
   contractor-proxy --allow deb.debian.org --listen 127.0.0.1:3128
@@ -33,58 +39,122 @@ Example:
     after_help = AFTER_HELP
 )]
 struct Cli {
-    /// Address to listen on; port 0 picks a free port.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
-    listen: SocketAddr,
+    /// A configuration file, TOML (*.toml) or JSON (*.json), with the same settings as
+    /// these flags (listen, allow, deny, allow_net, allow_port, mode, limits, ...).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to listen on; port 0 picks a free port [default: 127.0.0.1:0].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
     /// A host clients may reach: `example.org` exactly, or `*.example.org` for its
-    /// subdomains (not example.org itself). Repeatable.
+    /// subdomains (not example.org itself), optionally with its own ports
+    /// (`example.org:443,8443`). Repeatable.
     #[arg(long, value_name = "HOST")]
     allow: Vec<String>,
+    /// A host clients may not reach even if an --allow rule covers it; same syntax, and
+    /// without ports it covers every port. Repeatable.
+    #[arg(long, value_name = "HOST")]
+    deny: Vec<String>,
     /// A network the proxy may connect to although its addresses are loopback, private or
     /// link-local, e.g. 127.0.0.0/8. Repeatable.
     #[arg(long, value_name = "CIDR")]
     allow_net: Vec<String>,
-    /// A port CONNECT and HTTP requests may target. Repeatable.
-    #[arg(
-        long,
-        value_name = "PORT",
-        default_values_t = [80, 443],
-        value_parser = clap::value_parser!(u16).range(1..)
-    )]
+    /// A port requests may target, for rules without their own ports [default: 80 and
+    /// 443]. Repeatable.
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     allow_port: Vec<u16>,
+    /// `enforce` refuses what the policy refuses; `report` lets everything through and logs
+    /// "would be refused: ..." [default: enforce].
+    #[arg(long, value_name = "MODE")]
+    mode: Option<Mode>,
+    /// Client connections served at once; more get 503 with Retry-After [default: 1024].
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Largest request head in bytes, at least 8192 [default: 65536].
+    #[arg(long, value_name = "BYTES")]
+    max_header_bytes: Option<usize>,
+    /// Seconds a client may take to send a request head [default: 10].
+    #[arg(long, value_name = "SECS")]
+    header_read_timeout: Option<f64>,
+    /// Seconds a connection, tunnel or body may go without a byte either way [default: 300].
+    #[arg(long, value_name = "SECS")]
+    idle_timeout: Option<f64>,
+    /// Seconds resolving and connecting to a host may take [default: 10].
+    #[arg(long, value_name = "SECS")]
+    connect_timeout: Option<f64>,
+    /// Append one JSON line per finished request (status, bytes each way, duration) here.
+    #[arg(long, value_name = "FILE")]
+    access_log: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 impl Cli {
-    fn into_config(self) -> anyhow::Result<ProxyConfig> {
-        let allowed_nets = self
-            .allow_net
-            .iter()
-            .map(|net| net.parse::<IpNet>())
-            .collect::<Result<_, _>>()?;
-        Ok(ProxyConfig {
+    fn into_settings(self) -> anyhow::Result<ConfigFile> {
+        let file = match &self.config {
+            Some(path) => ConfigFile::load(path)?,
+            None => ConfigFile::default(),
+        };
+        let flags = ConfigFile {
             listen: self.listen,
-            allowlist: Allowlist::parse(&self.allow)?,
-            allowed_nets,
-            allowed_ports: self.allow_port.into_iter().collect(),
-        })
+            allow: self.allow,
+            deny: self.deny,
+            allow_net: self.allow_net,
+            allow_port: self.allow_port,
+            mode: self.mode,
+            limits: LimitsFile {
+                max_connections: self.max_connections,
+                max_header_bytes: self.max_header_bytes,
+                header_read_timeout_secs: self.header_read_timeout,
+                idle_timeout_secs: self.idle_timeout,
+                connect_timeout_secs: self.connect_timeout,
+            },
+            access_log: self.access_log,
+            metrics: self.metrics,
+        };
+        Ok(file.overlay(flags))
     }
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let config = match Cli::parse().into_config() {
-        Ok(config) => config,
+    let settings = match Cli::parse().into_settings() {
+        Ok(settings) => settings,
         Err(e) => return fail(ExitCode::BadInput, &e),
     };
-    match run(config).await {
+    let access_log = settings.access_log.clone();
+    let metrics_addr = settings.metrics;
+    let config = match settings.into_config() {
+        Ok(config) => config,
+        Err(e) => return fail(ExitCode::BadInput, &anyhow!(e)),
+    };
+    match run(config, access_log, metrics_addr).await {
         Ok(()) => ExitCode::Success.into(),
         Err(e) => fail(ExitCode::Infrastructure, &e),
     }
 }
 
-async fn run(config: ProxyConfig) -> anyhow::Result<()> {
+async fn run(
+    mut config: ProxyConfig,
+    access_log: Option<PathBuf>,
+    metrics_addr: Option<SocketAddr>,
+) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch for SIGINT")?;
+    let access_writer = match access_log {
+        Some(path) => {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("cannot open the access log {}", path.display()))?;
+            let (entries, received) = mpsc::unbounded_channel();
+            config.access_log = Some(entries);
+            Some(thread::spawn(move || write_entries(received, file)))
+        }
+        None => None,
+    };
     let listen = config.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -92,11 +162,31 @@ async fn run(config: ProxyConfig) -> anyhow::Result<()> {
     let addr = listener
         .local_addr()
         .context("cannot read the bound address")?;
+    let metrics = std::sync::Arc::clone(&config.metrics);
+    let (stop_metrics, mut metrics_stopped) = watch::channel(false);
+    if let Some(metrics_addr) = metrics_addr {
+        let metrics_listener = tokio::net::TcpListener::bind(metrics_addr)
+            .await
+            .with_context(|| format!("cannot serve metrics on {metrics_addr}"))?;
+        let bound = metrics_listener
+            .local_addr()
+            .context("cannot read the metrics address")?;
+        eprintln!("contractor-proxy: metrics at http://{bound}/metrics");
+        tokio::spawn(contractor_proxy::serve_metrics(
+            metrics_listener,
+            std::sync::Arc::clone(&metrics),
+            async move {
+                let _ = metrics_stopped.wait_for(|stopped| *stopped).await;
+            },
+        ));
+    }
     write_line(&mut std::io::stdout(), &Ready::new("proxy", addr))
         .context("cannot write the ready line")?;
     eprintln!(
-        "contractor-proxy: listening on {addr}, {} allowlist rules",
-        config.allowlist.rules().len()
+        "contractor-proxy: listening on {addr}, {} allow and {} deny rules, {:?} mode",
+        config.allowlist.rules().len(),
+        config.denylist.rules().len(),
+        config.mode,
     );
     let (decisions, received) = mpsc::unbounded_channel();
     let (writer_failed, failed) = oneshot::channel();
@@ -109,10 +199,31 @@ async fn run(config: ProxyConfig) -> anyhow::Result<()> {
         }
     };
     contractor_proxy::serve(config, listener, decisions, shutdown).await;
+    let _ = stop_metrics.send(true);
+    if let Ok(summary) = serde_json::to_string(&metrics.summary()) {
+        eprintln!("{summary}");
+    }
+    if let Some(access_writer) = access_writer {
+        access_writer
+            .join()
+            .map_err(|_| anyhow!("the access log writer panicked"))?
+            .context("cannot write the access log")?;
+    }
     writer
         .join()
         .map_err(|_| anyhow!("the decision writer panicked"))?
         .context("cannot write decisions to stdout")
+}
+
+/// Appends access log entries to `file` until every sender is gone.
+fn write_entries(
+    mut received: mpsc::UnboundedReceiver<AccessEntry>,
+    mut file: std::fs::File,
+) -> Result<(), JsonlError> {
+    while let Some(entry) = received.blocking_recv() {
+        write_line(&mut file, &entry)?;
+    }
+    Ok(())
 }
 
 /// Writes decisions to stdout until every sender is gone; on failure, says so on `failed`

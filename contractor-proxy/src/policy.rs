@@ -1,18 +1,27 @@
 //! The proxy's policy: what a client may reach, and every reason it may be refused.
 //!
-//! A request is forwarded only if its host matches the allowlist, its port is allowed, and
-//! at least one address the host resolves to is public or lies in an allowed network. The
-//! checks here are pure (no I/O), so the server decides exactly as these tests say; the
-//! reason each [`Denial`] displays is the one the decision line records.
+//! A request is forwarded only if no deny rule covers its host and port, an allow rule
+//! does (with the rule's own ports, or the allowed ports), and at least one address the
+//! host resolves to is public or lies in an allowed network. In [`Mode::Report`] nothing
+//! is refused for policy reasons, but the decision says what would have been. The checks
+//! here are pure (no I/O), so the server decides exactly as these tests say; the reason
+//! each [`Denial`] displays is the one the decision line records.
 
 use std::collections::BTreeSet;
+use std::fmt;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 
 use http::StatusCode;
+use serde::Deserialize;
 
 use crate::address::{canonical, restriction, IpNet, Restriction};
-use crate::allowlist::{Allowlist, HostRule};
+use crate::allowlist::{Allowlist, Rule};
+use crate::metrics::Metrics;
 
 /// Where the proxy listens unless told otherwise: loopback, a free port.
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
@@ -20,39 +29,163 @@ pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCA
 /// The ports clients may target unless told otherwise: HTTP and HTTPS.
 pub const DEFAULT_PORTS: [u16; 2] = [80, 443];
 
+/// The smallest header limit the HTTP parser accepts.
+pub const MIN_HEADER_BYTES: usize = 8192;
+
+/// Whether policy refusals are enforced or only reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Refuse what the policy refuses (the default).
+    #[default]
+    Enforce,
+    /// Let everything through, logging "would be refused: ..." where enforce would refuse.
+    Report,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, String> {
+        match raw {
+            "enforce" => Ok(Mode::Enforce),
+            "report" => Ok(Mode::Report),
+            other => Err(format!("invalid mode {other:?}: use enforce or report")),
+        }
+    }
+}
+
+/// How much the proxy takes on, and how long it waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Client connections served at once; more get 503 with Retry-After.
+    pub max_connections: usize,
+    /// The largest request head a client may send (at least [`MIN_HEADER_BYTES`]).
+    pub max_header_bytes: usize,
+    /// How long a client may take to send a request head; slower clients are dropped.
+    pub header_read_timeout: Duration,
+    /// How long a connection, tunnel or body may go without a byte either way.
+    pub idle_timeout: Duration,
+    /// How long resolving a host, or connecting to it, may take.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1024,
+            max_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What a resolver returns: the addresses of a host, or why there are none.
+pub type Resolution = Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send>>;
+
+/// Turns a host name and port into addresses: the system resolver unless a test stages
+/// DNS answers with [`Resolver::new`].
+#[derive(Clone)]
+pub struct Resolver(Arc<ResolveFn>);
+
+/// The function behind a [`Resolver`].
+type ResolveFn = dyn Fn(&str, u16) -> Resolution + Send + Sync;
+
+impl Resolver {
+    /// A resolver that calls `resolve`.
+    pub fn new(resolve: impl Fn(&str, u16) -> Resolution + Send + Sync + 'static) -> Self {
+        Resolver(Arc::new(resolve))
+    }
+
+    /// The system resolver (getaddrinfo).
+    pub fn system() -> Self {
+        Resolver::new(|host, port| {
+            let host = host.to_string();
+            Box::pin(async move { Ok(tokio::net::lookup_host((host, port)).await?.collect()) })
+        })
+    }
+
+    /// The addresses of `host` on `port`.
+    pub fn resolve(&self, host: &str, port: u16) -> Resolution {
+        (self.0)(host, port)
+    }
+}
+
+impl Default for Resolver {
+    fn default() -> Self {
+        Resolver::system()
+    }
+}
+
+impl fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Resolver")
+    }
+}
+
 /// Everything the proxy needs to know: where to listen and what to let through.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ProxyConfig {
     /// The address to listen on (used by the binary; [`crate::serve`] takes a bound listener).
     pub listen: SocketAddr,
     /// The hosts clients may reach.
     pub allowlist: Allowlist,
+    /// Hosts clients may not reach even if an allow rule covers them.
+    pub denylist: Allowlist,
     /// Networks the proxy may connect to although their addresses are restricted.
     pub allowed_nets: Vec<IpNet>,
-    /// The ports CONNECT and plain HTTP requests may target.
+    /// The ports CONNECT and plain HTTP requests may target, for rules without ports.
     pub allowed_ports: BTreeSet<u16>,
+    /// Enforce or only report.
+    pub mode: Mode,
+    /// Connection and time limits.
+    pub limits: Limits,
+    /// How host names become addresses.
+    pub resolver: Resolver,
+    /// Counters, shared with whoever reports them.
+    pub metrics: Arc<Metrics>,
+    /// Where to send one [`crate::AccessEntry`] per finished request, if anywhere.
+    pub access_log: Option<tokio::sync::mpsc::UnboundedSender<crate::AccessEntry>>,
 }
 
 impl ProxyConfig {
     /// A configuration allowing `allowlist` on the default ports, listening on the default
-    /// address, with no extra networks.
+    /// address, with no extra networks, enforcing, with default limits.
     pub fn new(allowlist: Allowlist) -> Self {
         ProxyConfig {
             listen: DEFAULT_LISTEN,
             allowlist,
+            denylist: Allowlist::default(),
             allowed_nets: Vec::new(),
             allowed_ports: DEFAULT_PORTS.into_iter().collect(),
+            mode: Mode::Enforce,
+            limits: Limits::default(),
+            resolver: Resolver::system(),
+            metrics: Arc::new(Metrics::default()),
+            access_log: None,
         }
     }
 
-    /// The rule that allows `host:port`, or why there is none. Host before port, so that a
-    /// stranger's host is reported as such whatever port it asked for.
-    pub fn check_target(&self, host: &str, port: u16) -> Result<&HostRule, Denial> {
-        let rule = self.allowlist.find(host).ok_or(Denial::HostNotAllowed)?;
-        if !self.allowed_ports.contains(&port) {
-            return Err(Denial::PortNotAllowed(port));
+    /// The rule that allows `host:port`, or why there is none. Deny rules first, then host
+    /// before port, so that a stranger's host is reported as such whatever port it asked for.
+    pub fn check_target(&self, host: &str, port: u16) -> Result<&Rule, Denial> {
+        if let Some(rule) = self
+            .denylist
+            .matching(host)
+            .find(|rule| rule.covers_port(port, true))
+        {
+            return Err(Denial::HostDenied(rule.to_string()));
         }
-        Ok(rule)
+        let mut matching = self.allowlist.matching(host).peekable();
+        if matching.peek().is_none() {
+            return Err(Denial::HostNotAllowed);
+        }
+        let default = self.allowed_ports.contains(&port);
+        matching
+            .find(|rule| rule.covers_port(port, default))
+            .ok_or(Denial::PortNotAllowed(port))
     }
 
     /// The addresses among `resolved` that may be dialled, in their canonical spelling, or
@@ -103,6 +236,12 @@ pub enum Denial {
     /// The Host header names another host than the request URI.
     #[error("Host header names a different host ({0})")]
     HostMismatch(String),
+    /// The target host is not a valid host name or address.
+    #[error("invalid host: {0}")]
+    BadHost(#[source] crate::allowlist::HostProblem),
+    /// A deny rule covers the host (and port).
+    #[error("host refused by deny rule {0}")]
+    HostDenied(String),
     /// No allowlist rule matches the host.
     #[error("host not on the allowlist")]
     HostNotAllowed,
@@ -120,6 +259,20 @@ pub enum Denial {
     /// The host name did not resolve.
     #[error("cannot resolve the host")]
     Unresolvable(#[source] io::Error),
+    /// The target is the proxy itself.
+    #[error("{0} is the proxy's own listening address")]
+    OwnAddress(SocketAddr),
+    /// The request head is larger than the limit.
+    #[error("request head of {size} bytes is over the limit of {limit} bytes")]
+    HeadTooLarge {
+        /// About how large it was.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Every connection slot is taken.
+    #[error("too many connections (at most {0}); try again shortly")]
+    OverCapacity(usize),
 }
 
 impl Denial {
@@ -127,15 +280,54 @@ impl Denial {
     /// resolve, 403 when the policy refuses.
     pub fn status(&self) -> StatusCode {
         match self {
-            Denial::NotAProxyRequest | Denial::UnsupportedScheme(_) | Denial::BadConnectTarget => {
-                StatusCode::BAD_REQUEST
-            }
+            Denial::NotAProxyRequest
+            | Denial::UnsupportedScheme(_)
+            | Denial::BadConnectTarget
+            | Denial::BadHost(_) => StatusCode::BAD_REQUEST,
             Denial::Unresolvable(_) => StatusCode::BAD_GATEWAY,
+            Denial::OverCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Denial::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Denial::HostMismatch(_)
+            | Denial::HostDenied(_)
+            | Denial::OwnAddress(_)
             | Denial::HostNotAllowed
             | Denial::PortNotAllowed(_)
             | Denial::AddressRefused { .. } => StatusCode::FORBIDDEN,
         }
+    }
+}
+
+impl Denial {
+    /// A short name for the kind of refusal, the `reason` label of the metrics.
+    pub fn class(&self) -> &'static str {
+        match self {
+            Denial::NotAProxyRequest
+            | Denial::UnsupportedScheme(_)
+            | Denial::BadConnectTarget
+            | Denial::BadHost(_) => "bad_request",
+            Denial::HostMismatch(_) => "host_mismatch",
+            Denial::HostDenied(_) => "deny_rule",
+            Denial::HostNotAllowed => "host_not_allowed",
+            Denial::PortNotAllowed(_) => "port_not_allowed",
+            Denial::AddressRefused { .. } => "address_refused",
+            Denial::Unresolvable(_) => "unresolvable",
+            Denial::OwnAddress(_) => "own_address",
+            Denial::OverCapacity(_) => "over_capacity",
+            Denial::HeadTooLarge { .. } => "head_too_large",
+        }
+    }
+
+    /// Whether [`Mode::Report`] lets the request through anyway: a policy refusal, not a
+    /// malformed request, a failure, or a loop back into the proxy.
+    pub fn is_policy(&self) -> bool {
+        matches!(
+            self,
+            Denial::HostMismatch(_)
+                | Denial::HostDenied(_)
+                | Denial::HostNotAllowed
+                | Denial::PortNotAllowed(_)
+                | Denial::AddressRefused { .. }
+        )
     }
 }
 
@@ -173,6 +365,39 @@ mod tests {
             .check_target("example.com", 22)
             .expect_err("stranger");
         assert_eq!(denial.to_string(), "host not on the allowlist");
+    }
+
+    #[test]
+    fn deny_rules_win_over_allow_rules() {
+        let mut config = config(&["*.example.org", "example.org"], &[]);
+        config.denylist =
+            Allowlist::parse(["secret.example.org", "example.org:80"]).expect("rules");
+        let denial = config
+            .check_target("SECRET.example.org.", 443)
+            .expect_err("denied");
+        assert_eq!(
+            denial.to_string(),
+            "host refused by deny rule secret.example.org"
+        );
+        assert_eq!(denial.class(), "deny_rule");
+        assert!(config.check_target("example.org", 80).is_err());
+        assert!(config.check_target("example.org", 443).is_ok());
+        assert!(config.check_target("www.example.org", 443).is_ok());
+    }
+
+    #[test]
+    fn rule_ports_replace_the_allowed_ports_for_that_rule() {
+        let config = config(&["example.org:8443", "*.example.org"], &[]);
+        assert!(config.check_target("example.org", 8443).is_ok());
+        assert_eq!(
+            config
+                .check_target("example.org", 443)
+                .expect_err("443")
+                .to_string(),
+            "port 443 not allowed"
+        );
+        assert!(config.check_target("a.example.org", 443).is_ok());
+        assert!(config.check_target("a.example.org", 8443).is_err());
     }
 
     #[test]

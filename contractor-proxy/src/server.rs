@@ -1,19 +1,26 @@
 //! The proxy server: HTTP/1.1 in, CONNECT tunnels and forwarded plain-HTTP requests out.
 //!
-//! Every request, allowed or not, yields exactly one [`Decision`] on the decisions channel,
-//! and the proxy dials only addresses that [`ProxyConfig::check_addresses`] returned: the
-//! host is resolved once, checked, and those very addresses are connected to, so a second
-//! DNS answer cannot smuggle in a private address. Responses the proxy makes itself carry
-//! `X-Contractor-Proxy-Error`; the same header coming from upstream is removed so that an
-//! upstream cannot pose as the proxy.
+//! Every request, allowed or not, yields exactly one [`Decision`] on the decisions channel
+//! (and, with an access log, one [`AccessEntry`] when it ends), and the proxy dials only
+//! addresses that [`ProxyConfig::check_addresses`] returned: the host is resolved once,
+//! checked, and those very addresses are connected to, so a second DNS answer cannot
+//! smuggle in a private address; the proxy's own listening address is never dialled. Idle
+//! upstream HTTP connections are pooled by address, and a request may take one only for an
+//! address its own checks returned, so reuse never skips a decision.
+//! Responses the proxy makes itself carry `X-Contractor-Proxy-Error`; the same header
+//! coming from upstream is removed so that an upstream cannot pose as the proxy.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::error::Error;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use contractor_protocol::proxy::{Decision, DecisionTag, Verdict};
@@ -22,28 +29,36 @@ use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::allowlist::{normalize_host, HostRule};
-use crate::policy::{Denial, ProxyConfig};
+use crate::address::{canonical, restriction};
+use crate::allowlist::normalize_host;
+use crate::meter::{Activity, Metered, Transfer, TransferSlot};
+use crate::metrics::AccessEntry;
+use crate::policy::{Denial, Mode, ProxyConfig};
 
-/// How long resolving a host, or connecting to it, may take.
+/// How long resolving a host, or connecting to it, may take by default.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long open connections and tunnels may go on after shutdown is asked for.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// How long a client may take to send a request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// How long to wait before accepting again after `accept` failed (out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The buffer each direction of a tunnel copies through.
+const TUNNEL_BUFFER: usize = 64 * 1024;
+
+/// What a client over `--max-connections` is told to wait, in seconds.
+const RETRY_AFTER_SECS: &str = "1";
 
 /// The header on every response the proxy makes itself, saying why.
 pub const ERROR_HEADER: &str = "x-contractor-proxy-error";
@@ -73,12 +88,15 @@ pub async fn serve(
     decisions: UnboundedSender<Decision>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let slots = Arc::new(Semaphore::new(config.limits.max_connections));
     let proxy = Arc::new(Proxy {
+        own: listener.local_addr().ok(),
         config,
         decisions,
         tasks: TaskTracker::new(),
         stopping: CancellationToken::new(),
         cut: CancellationToken::new(),
+        pool: Mutex::new(HashMap::new()),
     });
     tokio::pin!(shutdown);
     loop {
@@ -86,7 +104,8 @@ pub async fn serve(
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, client)) => {
-                    proxy.tasks.spawn(Arc::clone(&proxy).serve_connection(stream, client));
+                    let slot = Arc::clone(&slots).try_acquire_owned().ok();
+                    proxy.tasks.spawn(Arc::clone(&proxy).serve_connection(stream, client, slot));
                 }
                 Err(e) => {
                     eprintln!("contractor-proxy: cannot accept a connection: {e}");
@@ -97,6 +116,10 @@ pub async fn serve(
     }
     drop(listener);
     proxy.stopping.cancel();
+    // Idle upstream connections end when their senders go.
+    if let Ok(mut pool) = proxy.pool.lock() {
+        pool.clear();
+    }
     proxy.tasks.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, proxy.tasks.wait())
         .await
@@ -110,6 +133,8 @@ pub async fn serve(
 /// What every connection shares.
 struct Proxy {
     config: ProxyConfig,
+    /// The listening address, never to be dialled.
+    own: Option<SocketAddr>,
     decisions: UnboundedSender<Decision>,
     /// Client connections, tunnels and upstream connections, so shutdown can wait for them.
     tasks: TaskTracker,
@@ -117,9 +142,23 @@ struct Proxy {
     stopping: CancellationToken,
     /// The grace period is over: drop everything.
     cut: CancellationToken,
+    /// Idle upstream connections for plain HTTP, by the address they were dialled at.
+    pool: Mutex<HashMap<SocketAddr, Vec<Pooled>>>,
 }
 
+/// An idle upstream HTTP/1.1 connection, ready for the next request to its address.
+struct Pooled {
+    /// The address it was dialled at, checked again by every request that takes it.
+    addr: SocketAddr,
+    sender: SendRequest<Incoming>,
+    transfer: Arc<TransferSlot>,
+}
+
+/// Idle upstream connections kept per address.
+const POOL_PER_ADDRESS: usize = 64;
+
 /// Where a request wants to go, host normalised.
+#[derive(Debug, Clone)]
 struct Target {
     host: String,
     port: u16,
@@ -131,6 +170,12 @@ struct Rejected {
     target: Target,
 }
 
+/// A request let through: why, and where it may connect.
+struct Admitted {
+    reason: String,
+    addrs: Vec<SocketAddr>,
+}
+
 /// Failures after the request was allowed.
 #[derive(Debug, thiserror::Error)]
 enum UpstreamError {
@@ -140,8 +185,8 @@ enum UpstreamError {
         #[source]
         source: io::Error,
     },
-    #[error("connecting to {0} took longer than {secs} s", secs = CONNECT_TIMEOUT.as_secs())]
-    ConnectTimeout(String),
+    #[error("connecting to {target} took longer than {secs} s")]
+    ConnectTimeout { target: String, secs: f64 },
     #[error("the upstream HTTP exchange failed")]
     Http(#[source] hyper::Error),
 }
@@ -149,27 +194,125 @@ enum UpstreamError {
 impl UpstreamError {
     fn status(&self) -> StatusCode {
         match self {
-            UpstreamError::ConnectTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamError::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             UpstreamError::Connect { .. } | UpstreamError::Http(_) => StatusCode::BAD_GATEWAY,
         }
     }
 }
 
+/// One request's access log entry, written when the last holder lets go: after the tunnel
+/// closes, or the forwarded response's last byte went out.
+struct Exchange {
+    proxy: Arc<Proxy>,
+    started: Instant,
+    time: f64,
+    client: SocketAddr,
+    method: String,
+    target: Target,
+    verdict: Verdict,
+    status: AtomicU16,
+    transfer: Arc<Transfer>,
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let Some(log) = &self.proxy.config.access_log else {
+            return;
+        };
+        let _ = log.send(AccessEntry {
+            kind: "access".to_string(),
+            time: self.time,
+            client: self.client.to_string(),
+            method: self.method.clone(),
+            host: self.target.host.clone(),
+            port: self.target.port,
+            decision: match self.verdict {
+                Verdict::Allow => "allow",
+                Verdict::Deny => "deny",
+            }
+            .to_string(),
+            status: self.status.load(Ordering::Relaxed),
+            bytes_up: self.transfer.up.load(Ordering::Relaxed),
+            bytes_down: self.transfer.down.load(Ordering::Relaxed),
+            duration_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        });
+    }
+}
+
+/// A response body that holds its request's [`Exchange`] until the body is done, so the
+/// access log entry is written after the last byte.
+struct EndsExchange {
+    body: Incoming,
+    _exchange: Arc<Exchange>,
+}
+
+impl Body for EndsExchange {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Counts a client connection as active for as long as it lives.
+struct ConnectionGuard(Arc<Proxy>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.config.metrics.connection_closed();
+    }
+}
+
 impl Proxy {
-    async fn serve_connection(self: Arc<Self>, stream: TcpStream, client: SocketAddr) {
+    async fn serve_connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        client: SocketAddr,
+        slot: Option<OwnedSemaphorePermit>,
+    ) {
+        self.config.metrics.connection_opened();
+        let guard = ConnectionGuard(Arc::clone(&self));
         let _ = stream.set_nodelay(true);
+        let limits = self.config.limits;
+        let activity = Activity::new(limits.idle_timeout);
+        let over_capacity = slot.is_none();
+        // The slot and the active count last as long as the client's stream, tunnel included.
+        let client_stream = Metered::client(stream, Arc::clone(&activity)).holding((slot, guard));
         let proxy = Arc::clone(&self);
+        let clock = Arc::clone(&activity);
         let service = service_fn(move |request| {
             let proxy = Arc::clone(&proxy);
-            async move { Ok::<_, Infallible>(proxy.handle(client, request).await) }
+            let clock = Arc::clone(&clock);
+            async move { Ok::<_, Infallible>(proxy.handle(client, request, clock, over_capacity).await) }
         });
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), service)
+            .header_read_timeout(limits.header_read_timeout)
+            // Room for heads somewhat over the limit, so that `handle` refuses them with a
+            // reason; heads past twice the limit get hyper's bare 431.
+            .max_buf_size(
+                limits
+                    .max_header_bytes
+                    .saturating_mul(2)
+                    .max(crate::policy::MIN_HEADER_BYTES),
+            )
+            .keep_alive(!over_capacity)
+            .serve_connection(TokioIo::new(client_stream), service)
             .with_upgrades();
         tokio::pin!(connection);
-        // Errors here are the client's (it hung up, sent garbage): nothing to report.
+        // Errors here are the client's (it hung up, sent garbage, went idle): nothing to report.
         tokio::select! {
             _ = connection.as_mut() => return,
             () = self.stopping.cancelled() => {}
@@ -181,46 +324,348 @@ impl Proxy {
         }
     }
 
-    async fn handle(&self, client: SocketAddr, request: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(
+        self: Arc<Self>,
+        client: SocketAddr,
+        mut request: Request<Incoming>,
+        activity: Arc<Activity>,
+        over_capacity: bool,
+    ) -> Response<ProxyBody> {
         let method = request.method().clone();
-        let target = match target_of(&request) {
-            Ok(target) => target,
+        let report = self.config.mode == Mode::Report;
+        let (target, earlier) = match target_of(&request) {
+            Ok(target) => (target, None),
+            Err(Rejected { denial, target }) if report && denial.is_policy() => {
+                (target, Some(denial))
+            }
             Err(Rejected { denial, target }) => {
-                self.record(client, &method, &target, Err(&denial));
-                return error_response(denial.status(), &denial);
+                return self.refuse(client, &method, target, denial);
             }
         };
-        let admitted = self.admit(&target).await;
-        self.record(
-            client,
-            &method,
-            &target,
-            admitted.as_ref().map(|(rule, _)| rule),
+        let limit = self.config.limits.max_header_bytes;
+        let size = head_size(&request);
+        if size > limit {
+            return self.refuse(
+                client,
+                &method,
+                target,
+                Denial::HeadTooLarge { size, limit },
+            );
+        }
+        if over_capacity {
+            let denial = Denial::OverCapacity(self.config.limits.max_connections);
+            return self.refuse(client, &method, target, denial);
+        }
+        let admitted = match self.admit(&target, earlier).await {
+            Ok(admitted) => admitted,
+            Err(denial) => return self.refuse(client, &method, target, denial),
+        };
+        self.record(client, &method, &target, Verdict::Allow, admitted.reason);
+        let exchange = Arc::new(self.exchange(client, &method, &target, Verdict::Allow));
+        let plain = method != Method::CONNECT && !request.headers().contains_key(header::UPGRADE);
+        if plain {
+            if let Some(pooled) = self.take_pooled(&admitted.addrs) {
+                pooled.transfer.set(Arc::clone(&exchange.transfer));
+                return self.finish(
+                    self.send(pooled, request, &target, &exchange).await,
+                    &exchange,
+                );
+            }
+        }
+        let (addr, upstream) = match self.connect(&target, &admitted.addrs).await {
+            Ok(connected) => connected,
+            Err(e) => return self.finish(Err(e), &exchange),
+        };
+        let transfer = TransferSlot::new(Arc::clone(&exchange.transfer));
+        let upstream = Metered::upstream(
+            upstream,
+            activity,
+            Arc::clone(&transfer),
+            Arc::clone(&self.config.metrics),
         );
-        let addrs = match admitted {
-            Ok((_, addrs)) => addrs,
-            Err(denial) => return error_response(denial.status(), &denial),
-        };
-        let upstream = match connect(&target, &addrs).await {
-            Ok(upstream) => upstream,
-            Err(e) => return error_response(e.status(), &e),
-        };
         if method == Method::CONNECT {
-            self.tunnel(request, upstream)
-        } else {
-            match self.forward(request, &target, upstream).await {
-                Ok(response) => response,
-                Err(e) => error_response(e.status(), &e),
+            exchange.status.store(200, Ordering::Relaxed);
+            return self.tunnel(hyper::upgrade::on(&mut request), upstream, exchange);
+        }
+        if plain {
+            let result = match self.handshake(upstream).await {
+                Ok(sender) => {
+                    let pooled = Pooled {
+                        addr,
+                        sender,
+                        transfer,
+                    };
+                    self.send(pooled, request, &target, &exchange).await
+                }
+                Err(e) => Err(e),
+            };
+            return self.finish(result, &exchange);
+        }
+        let result = self.forward(request, &target, upstream, &exchange).await;
+        self.finish(result, &exchange)
+    }
+
+    /// The response, or the error response for `result`, with its status recorded.
+    fn finish(
+        &self,
+        result: Result<Response<ProxyBody>, UpstreamError>,
+        exchange: &Exchange,
+    ) -> Response<ProxyBody> {
+        match result {
+            Ok(response) => response,
+            Err(e) => {
+                exchange
+                    .status
+                    .store(e.status().as_u16(), Ordering::Relaxed);
+                error_response(e.status(), &e)
             }
         }
     }
 
-    /// The rule allowing `target` and the addresses it may be reached at, or why not.
-    async fn admit(&self, target: &Target) -> Result<(HostRule, Vec<SocketAddr>), Denial> {
-        let rule = self.config.check_target(&target.host, target.port)?.clone();
-        let resolved = resolve(target).await?;
-        let addrs = self.config.check_addresses(&resolved)?;
-        Ok((rule, addrs))
+    /// An idle pooled connection to one of `addrs` (all checked for this request).
+    fn take_pooled(&self, addrs: &[SocketAddr]) -> Option<Pooled> {
+        let mut pool = self.pool.lock().ok()?;
+        for addr in addrs {
+            let Some(idle) = pool.get_mut(addr) else {
+                continue;
+            };
+            while let Some(pooled) = idle.pop() {
+                if pooled.sender.is_ready() && !pooled.sender.is_closed() {
+                    return Some(pooled);
+                }
+            }
+        }
+        None
+    }
+
+    /// Starts an HTTP/1.1 client connection on `upstream`, driven by a task of its own.
+    async fn handshake(
+        &self,
+        upstream: Metered<TcpStream>,
+    ) -> Result<SendRequest<Incoming>, UpstreamError> {
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(upstream))
+            .await
+            .map_err(UpstreamError::Http)?;
+        let cut = self.cut.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = connection => {}
+                () = cut.cancelled() => {}
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends a plain request on a pooled (or new) connection; the connection goes back to
+    /// the pool once the response's body is done, and the exchange ends with the body.
+    async fn send(
+        self: &Arc<Self>,
+        pooled: Pooled,
+        request: Request<Incoming>,
+        target: &Target,
+        exchange: &Arc<Exchange>,
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
+        let Pooled {
+            addr,
+            mut sender,
+            transfer,
+        } = pooled;
+        let response = sender
+            .send_request(origin_form(request, target))
+            .await
+            .map_err(UpstreamError::Http)?;
+        exchange
+            .status
+            .store(response.status().as_u16(), Ordering::Relaxed);
+        let proxy = Arc::clone(self);
+        self.tasks.spawn(async move {
+            // Ready again once the response body has been read to its end.
+            if sender.ready().await.is_err() || proxy.stopping.is_cancelled() {
+                return;
+            }
+            if let Ok(mut pool) = proxy.pool.lock() {
+                let idle = pool.entry(addr).or_default();
+                if idle.len() < POOL_PER_ADDRESS {
+                    idle.push(Pooled {
+                        addr,
+                        sender,
+                        transfer,
+                    });
+                }
+            }
+        });
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(ERROR_HEADER);
+        parts.version = Version::HTTP_11;
+        let body = EndsExchange {
+            body,
+            _exchange: Arc::clone(exchange),
+        };
+        Ok(Response::from_parts(parts, body.boxed()))
+    }
+
+    /// Records a refusal and makes its response.
+    fn refuse(
+        self: &Arc<Self>,
+        client: SocketAddr,
+        method: &Method,
+        target: Target,
+        denial: Denial,
+    ) -> Response<ProxyBody> {
+        self.record(client, method, &target, Verdict::Deny, error_chain(&denial));
+        self.config.metrics.denied(denial.class());
+        let status = denial.status();
+        let exchange = self.exchange(client, method, &target, Verdict::Deny);
+        exchange.status.store(status.as_u16(), Ordering::Relaxed);
+        let mut response = error_response(status, &denial);
+        if let Denial::OverCapacity(_) = denial {
+            let headers = response.headers_mut();
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+
+    fn exchange(
+        self: &Arc<Self>,
+        client: SocketAddr,
+        method: &Method,
+        target: &Target,
+        verdict: Verdict,
+    ) -> Exchange {
+        Exchange {
+            proxy: Arc::clone(self),
+            started: Instant::now(),
+            time: unix_time(),
+            client,
+            method: method.to_string(),
+            target: target.clone(),
+            verdict,
+            status: AtomicU16::new(0),
+            transfer: Arc::new(Transfer::default()),
+        }
+    }
+
+    /// Why `target` may be reached and at which addresses, or why not. In report mode a
+    /// policy refusal (`earlier`, or one found here) becomes the reason instead.
+    async fn admit(&self, target: &Target, earlier: Option<Denial>) -> Result<Admitted, Denial> {
+        let report = self.config.mode == Mode::Report;
+        let mut would = earlier;
+        let mut rule = None;
+        match self.config.check_target(&target.host, target.port) {
+            Ok(found) => rule = Some(found.to_string()),
+            Err(denial) if report && denial.is_policy() => {
+                would.get_or_insert(denial);
+            }
+            Err(denial) => return Err(denial),
+        }
+        let resolved = self.resolve(target).await?;
+        let resolved: Vec<SocketAddr> = resolved
+            .into_iter()
+            .filter(|addr| !self.is_own(*addr))
+            .collect();
+        if resolved.is_empty() {
+            if let Some(own) = self.own {
+                return Err(Denial::OwnAddress(own));
+            }
+        }
+        let addrs = match self.config.check_addresses(&resolved) {
+            Ok(addrs) => addrs,
+            Err(denial) if report && denial.is_policy() => {
+                would.get_or_insert(denial);
+                resolved
+                    .iter()
+                    .map(|addr| SocketAddr::new(canonical(addr.ip()), addr.port()))
+                    .collect()
+            }
+            Err(denial) => return Err(denial),
+        };
+        let reason = match (would, rule) {
+            (Some(denial), _) => format!("would be refused: {}", error_chain(&denial)),
+            (None, Some(rule)) => format!("allowed by {rule}"),
+            (None, None) => "allowed".to_string(),
+        };
+        Ok(Admitted { reason, addrs })
+    }
+
+    /// Whether dialling `addr` would reach this proxy.
+    fn is_own(&self, addr: SocketAddr) -> bool {
+        let Some(own) = self.own else { return false };
+        let ip = canonical(addr.ip());
+        addr.port() == own.port()
+            && (ip == canonical(own.ip())
+                || (own.ip().is_unspecified() && restriction(ip).is_some()))
+    }
+
+    /// The addresses of `target`: an IP address as is, a name through the resolver.
+    async fn resolve(&self, target: &Target) -> Result<Vec<SocketAddr>, Denial> {
+        if let Ok(ip) = target.host.parse() {
+            return Ok(vec![SocketAddr::new(ip, target.port)]);
+        }
+        let timeout = self.config.limits.connect_timeout;
+        let lookup = self.config.resolver.resolve(&target.host, target.port);
+        match tokio::time::timeout(timeout, lookup).await {
+            Ok(Ok(addrs)) => Ok(addrs),
+            Ok(Err(e)) => Err(Denial::Unresolvable(e)),
+            Err(_) => Err(Denial::Unresolvable(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {} s", timeout.as_secs_f64()),
+            ))),
+        }
+    }
+
+    /// Connects to the first of `addrs` that answers, giving each an equal share of the
+    /// connect timeout (at least a second) and all of them no more than the timeout.
+    async fn connect(
+        &self,
+        target: &Target,
+        addrs: &[SocketAddr],
+    ) -> Result<(SocketAddr, TcpStream), UpstreamError> {
+        let name = format!("{}:{}", target.host, target.port);
+        let timeout = self.config.limits.connect_timeout;
+        let share = (timeout / u32::try_from(addrs.len().max(1)).unwrap_or(u32::MAX))
+            .max(Duration::from_secs(1))
+            .min(timeout);
+        let attempts = async {
+            let mut last = io::Error::new(io::ErrorKind::NotFound, "no address to connect to");
+            for addr in addrs {
+                match tokio::time::timeout(share, TcpStream::connect(addr)).await {
+                    Ok(Ok(stream)) => return Ok((*addr, stream)),
+                    Ok(Err(e)) => last = e,
+                    Err(_) => {
+                        last = io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("{addr} did not answer"),
+                        )
+                    }
+                }
+            }
+            Err(last)
+        };
+        match tokio::time::timeout(timeout, attempts).await {
+            Ok(Ok((addr, stream))) => {
+                let _ = stream.set_nodelay(true);
+                Ok((addr, stream))
+            }
+            Ok(Err(source)) if source.kind() == io::ErrorKind::TimedOut => {
+                Err(UpstreamError::ConnectTimeout {
+                    target: name,
+                    secs: timeout.as_secs_f64(),
+                })
+            }
+            Ok(Err(source)) => Err(UpstreamError::Connect {
+                target: name,
+                source,
+            }),
+            Err(_) => Err(UpstreamError::ConnectTimeout {
+                target: name,
+                secs: timeout.as_secs_f64(),
+            }),
+        }
     }
 
     fn record(
@@ -228,12 +673,12 @@ impl Proxy {
         client: SocketAddr,
         method: &Method,
         target: &Target,
-        outcome: Result<&HostRule, &Denial>,
+        decision: Verdict,
+        reason: String,
     ) {
-        let (decision, reason) = match outcome {
-            Ok(rule) => (Verdict::Allow, format!("allowed by {rule}")),
-            Err(denial) => (Verdict::Deny, error_chain(denial)),
-        };
+        if decision == Verdict::Allow {
+            self.config.metrics.allowed();
+        }
         // A closed channel means nobody records decisions any more; serving goes on.
         let _ = self.decisions.send(Decision {
             kind: DecisionTag::Decision,
@@ -248,47 +693,129 @@ impl Proxy {
     }
 
     /// Answers 200 and, once hyper hands over the client connection, relays bytes both ways.
-    fn tunnel(&self, request: Request<Incoming>, mut upstream: TcpStream) -> Response<ProxyBody> {
-        let cut = self.cut.clone();
-        self.tasks.spawn(async move {
-            let Ok(upgraded) = hyper::upgrade::on(request).await else {
-                return; // The client left before the tunnel opened.
-            };
-            let mut client = TokioIo::new(upgraded);
-            tokio::select! {
-                _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
-                () = cut.cancelled() => {}
-            }
-        });
+    fn tunnel(
+        &self,
+        client: hyper::upgrade::OnUpgrade,
+        upstream: Metered<TcpStream>,
+        exchange: Arc<Exchange>,
+    ) -> Response<ProxyBody> {
+        self.relay(client, upstream, exchange);
         Response::new(Empty::new().map_err(|never| match never {}).boxed())
     }
 
-    /// Sends the request on `upstream` in origin form and streams the response back.
+    /// Relays bytes between the upgraded client connection and `upstream` until either
+    /// side closes, goes idle, or shutdown cuts it: with splice(2) when the client side is
+    /// still the plain TCP stream, by copying otherwise.
+    fn relay(
+        &self,
+        client: hyper::upgrade::OnUpgrade,
+        mut upstream: Metered<TcpStream>,
+        exchange: Arc<Exchange>,
+    ) {
+        let cut = self.cut.clone();
+        let metrics = Arc::clone(&self.config.metrics);
+        self.tasks.spawn(async move {
+            let Ok(upgraded) = client.await else {
+                return; // The client left before the tunnel opened.
+            };
+            match upgraded.downcast::<TokioIo<Metered<TcpStream>>>() {
+                Ok(parts) => {
+                    let client = parts.io.into_inner();
+                    let spliced = crate::splice::tunnel(
+                        client.get_ref(),
+                        upstream.get_ref(),
+                        &parts.read_buf,
+                        upstream.activity(),
+                        &exchange.transfer,
+                        &metrics,
+                    );
+                    tokio::select! {
+                        _ = spliced => {}
+                        () = cut.cancelled() => {}
+                    }
+                }
+                Err(upgraded) => {
+                    let mut client = TokioIo::new(upgraded);
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional_with_sizes(
+                            &mut client, &mut upstream, TUNNEL_BUFFER, TUNNEL_BUFFER) => {}
+                        () = cut.cancelled() => {}
+                    }
+                }
+            }
+            drop(exchange);
+        });
+    }
+
+    /// Sends the request on `upstream` in origin form and streams the response back; an
+    /// `Upgrade` request that the upstream accepts (101) becomes a relay both ways.
     async fn forward(
         &self,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         target: &Target,
-        upstream: TcpStream,
+        upstream: Metered<TcpStream>,
+        exchange: &Arc<Exchange>,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
+        let upgrade = request.headers().get(header::UPGRADE).cloned();
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(upstream))
                 .await
                 .map_err(UpstreamError::Http)?;
         let cut = self.cut.clone();
+        let held = Arc::clone(exchange);
         self.tasks.spawn(async move {
             tokio::select! {
-                _ = connection => {}
+                _ = connection.with_upgrades() => {}
                 () = cut.cancelled() => {}
             }
+            drop(held);
         });
-        let response = sender
-            .send_request(origin_form(request, target))
+        let mut outgoing = origin_form(request, target);
+        if let Some(upgrade) = &upgrade {
+            let headers = outgoing.headers_mut();
+            headers.insert(header::UPGRADE, upgrade.clone());
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        let mut response = sender
+            .send_request(outgoing)
             .await
             .map_err(UpstreamError::Http)?;
+        exchange
+            .status
+            .store(response.status().as_u16(), Ordering::Relaxed);
+        let upgraded = match client_upgrade {
+            Some(client) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                Some((client, hyper::upgrade::on(&mut response)))
+            }
+            _ => None,
+        };
         let (mut parts, body) = response.into_parts();
+        let accepted = parts.headers.get(header::UPGRADE).cloned();
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(ERROR_HEADER);
         parts.version = Version::HTTP_11;
+        if let Some((client, upstream)) = upgraded {
+            if let Some(accepted) = accepted {
+                parts.headers.insert(header::UPGRADE, accepted);
+            }
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            let exchange = Arc::clone(exchange);
+            let cut = self.cut.clone();
+            let relay_tasks = self.tasks.clone();
+            relay_tasks.spawn(async move {
+                let Ok(upstream) = upstream.await else { return };
+                let Ok(client) = client.await else { return };
+                let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                    () = cut.cancelled() => {}
+                }
+                drop(exchange);
+            });
+        }
         Ok(Response::from_parts(parts, body.boxed()))
     }
 }
@@ -297,45 +824,73 @@ impl Proxy {
 /// HTTP request (whose Host header, if any, must name the same host).
 fn target_of(request: &Request<Incoming>) -> Result<Target, Rejected> {
     let uri = request.uri();
-    if request.method() == Method::CONNECT {
-        return match (uri.host(), uri.port_u16()) {
-            (Some(host), Some(port)) => Ok(Target {
-                host: normalize_host(host),
-                port,
-            }),
-            _ => Err(Rejected {
-                denial: Denial::BadConnectTarget,
-                target: claimed_target(request),
-            }),
-        };
-    }
-    let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
-        return Err(Rejected {
-            denial: Denial::NotAProxyRequest,
-            target: claimed_target(request),
-        });
-    };
-    let is_http = scheme.eq_ignore_ascii_case("http");
-    let default_port = if is_http { 80 } else { 443 };
-    let target = Target {
-        host: normalize_host(host),
-        port: uri.port_u16().unwrap_or(default_port),
-    };
-    if !is_http {
-        return Err(Rejected {
-            denial: Denial::UnsupportedScheme(scheme.to_string()),
-            target,
-        });
-    }
-    if let Some(named) = host_header(request.headers()) {
-        if named != target.host {
+    let (host, port) = if request.method() == Method::CONNECT {
+        match (uri.host(), uri.port_u16()) {
+            (Some(host), Some(port)) => (host, port),
+            _ => {
+                return Err(Rejected {
+                    denial: Denial::BadConnectTarget,
+                    target: claimed_target(request),
+                })
+            }
+        }
+    } else {
+        let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
             return Err(Rejected {
-                denial: Denial::HostMismatch(named),
-                target,
+                denial: Denial::NotAProxyRequest,
+                target: claimed_target(request),
             });
+        };
+        let is_http = scheme.eq_ignore_ascii_case("http");
+        let port = uri.port_u16().unwrap_or(if is_http { 80 } else { 443 });
+        if !is_http {
+            return Err(Rejected {
+                denial: Denial::UnsupportedScheme(scheme.to_string()),
+                target: Target {
+                    host: best_guess(host),
+                    port,
+                },
+            });
+        }
+        (host, port)
+    };
+    let target = match normalize_host(host) {
+        Ok(host) => Target { host, port },
+        Err(problem) => {
+            return Err(Rejected {
+                denial: Denial::BadHost(problem),
+                target: Target {
+                    host: best_guess(host),
+                    port,
+                },
+            })
+        }
+    };
+    if request.method() != Method::CONNECT {
+        if let Some(named) = host_header(request.headers()) {
+            if named != target.host {
+                return Err(Rejected {
+                    denial: Denial::HostMismatch(named),
+                    target,
+                });
+            }
         }
     }
     Ok(target)
+}
+
+/// About how many bytes the request head took on the wire.
+fn head_size(request: &Request<Incoming>) -> usize {
+    let line = request.method().as_str().len() + request.uri().to_string().len() + 12;
+    request.headers().iter().fold(line, |size, (name, value)| {
+        size + name.as_str().len() + value.len() + 4
+    })
+}
+
+/// `host` normalised if it can be, else as given in lower case: for the decision line of a
+/// request refused anyway.
+fn best_guess(host: &str) -> String {
+    normalize_host(host).unwrap_or_else(|_| host.to_ascii_lowercase())
 }
 
 /// The host in the Host header, normalised; an unreadable header counts as a different host.
@@ -345,7 +900,7 @@ fn host_header(headers: &HeaderMap) -> Option<String> {
         .to_str()
         .ok()
         .and_then(|value| value.parse::<Authority>().ok())
-        .map(|authority| normalize_host(authority.host()));
+        .and_then(|authority| normalize_host(authority.host()).ok());
     Some(named.unwrap_or_else(|| "unreadable".to_string()))
 }
 
@@ -354,53 +909,11 @@ fn claimed_target(request: &Request<Incoming>) -> Target {
     let uri = request.uri();
     let host = uri
         .host()
-        .map(normalize_host)
+        .map(best_guess)
         .or_else(|| host_header(request.headers()));
     Target {
         host: host.unwrap_or_default(),
         port: uri.port_u16().unwrap_or(0),
-    }
-}
-
-/// The addresses of `target`: an IP address as is, a name through the system resolver.
-async fn resolve(target: &Target) -> Result<Vec<SocketAddr>, Denial> {
-    if let Ok(ip) = target.host.parse() {
-        return Ok(vec![SocketAddr::new(ip, target.port)]);
-    }
-    let lookup = tokio::net::lookup_host((target.host.as_str(), target.port));
-    match tokio::time::timeout(CONNECT_TIMEOUT, lookup).await {
-        Ok(Ok(addrs)) => Ok(addrs.collect()),
-        Ok(Err(e)) => Err(Denial::Unresolvable(e)),
-        Err(_) => Err(Denial::Unresolvable(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
-        ))),
-    }
-}
-
-/// Connects to the first of `addrs` that answers, within [`CONNECT_TIMEOUT`] in all.
-async fn connect(target: &Target, addrs: &[SocketAddr]) -> Result<TcpStream, UpstreamError> {
-    let name = format!("{}:{}", target.host, target.port);
-    let attempts = async {
-        let mut last = io::Error::new(io::ErrorKind::NotFound, "no address to connect to");
-        for addr in addrs {
-            match TcpStream::connect(addr).await {
-                Ok(stream) => return Ok(stream),
-                Err(e) => last = e,
-            }
-        }
-        Err(last)
-    };
-    match tokio::time::timeout(CONNECT_TIMEOUT, attempts).await {
-        Ok(Ok(stream)) => {
-            let _ = stream.set_nodelay(true);
-            Ok(stream)
-        }
-        Ok(Err(source)) => Err(UpstreamError::Connect {
-            target: name,
-            source,
-        }),
-        Err(_) => Err(UpstreamError::ConnectTimeout(name)),
     }
 }
 

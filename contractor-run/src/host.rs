@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use contractor_protocol::agent::{GuestMessage, HostMessage, TunnelTarget};
-use contractor_protocol::result::{ErrorInfo, Outcome};
+use contractor_protocol::result::{ErrorInfo, Limit, Outcome};
 use contractor_protocol::run::{RunEvent, RunRequest};
 use contractor_protocol::PROTOCOL_VERSION;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -80,6 +80,53 @@ struct Progress {
     exit_code: Option<i32>,
     signal: Option<i32>,
     agent_error: Option<ErrorInfo>,
+    /// A limit the host enforced while the job ran (the output cap).
+    limit: Option<(Limit, String)>,
+}
+
+/// How a run ended, before it becomes the `finished` event.
+struct Verdict {
+    outcome: Outcome,
+    error: Option<ErrorInfo>,
+    limit: Option<Limit>,
+}
+
+impl Verdict {
+    fn new(outcome: Outcome, error: Option<ErrorInfo>) -> Verdict {
+        Verdict {
+            outcome,
+            error,
+            limit: None,
+        }
+    }
+
+    fn infrastructure(code: &str, message: String) -> Verdict {
+        Verdict::new(
+            Outcome::Infrastructure,
+            Some(ErrorInfo {
+                code: code.into(),
+                chain: vec![message],
+            }),
+        )
+    }
+
+    /// The build failed because it hit `limit`; `message` names the limit and its value.
+    fn limit(limit: Limit, outcome: Outcome, message: String) -> Verdict {
+        Verdict {
+            outcome,
+            error: Some(ErrorInfo {
+                code: format!(
+                    "limit_{}",
+                    serde_json::to_value(limit)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
+                ),
+                chain: vec![message],
+            }),
+            limit: Some(limit),
+        }
+    }
 }
 
 /// Runs the request's job to its end and returns the closing `finished` event (also sent
@@ -91,67 +138,70 @@ pub async fn run(request: RunRequest, events: EventSink) -> RunEvent {
     });
     let mut progress = Progress::default();
     let boot_limit = Duration::from_secs(request.boot_timeout_secs);
-    let (outcome, error) = match tokio::time::timeout(boot_limit, connect(&request, &events)).await {
-        Err(_) => (
-            Outcome::Infrastructure,
-            Some(ErrorInfo {
-                code: "boot_timeout".into(),
-                chain: vec![format!(
-                    "the guest agent did not answer within {} s (the VM did not boot? see the console log)",
-                    request.boot_timeout_secs
-                )],
-            }),
+    let verdict = match tokio::time::timeout(boot_limit, connect(&request, &events)).await {
+        Err(_) => Verdict::infrastructure(
+            "boot_timeout",
+            format!(
+                "the guest agent did not answer within {} s (the VM did not boot? see the console log)",
+                request.boot_timeout_secs
+            ),
         ),
-        Ok(Err(err)) => (Outcome::Infrastructure, Some(error_info("infrastructure", &err))),
+        Ok(Err(err)) => Verdict::new(Outcome::Infrastructure, Some(error_info("infrastructure", &err))),
         Ok(Ok(session)) => {
             let limit = Duration::from_secs(request.timeout_secs);
             match tokio::time::timeout(limit, session.run_job(&request, &events, &mut progress)).await {
                 Ok(Ok(())) => judge(&progress),
-                Ok(Err(err)) => (Outcome::Infrastructure, Some(error_info("infrastructure", &err))),
-                Err(_) => (
+                Ok(Err(err)) => Verdict::new(Outcome::Infrastructure, Some(error_info("infrastructure", &err))),
+                Err(_) => Verdict::limit(
+                    Limit::Timeout,
                     Outcome::Timeout,
-                    Some(ErrorInfo {
-                        code: "timeout".into(),
-                        chain: vec![format!(
-                            "the build ran past its timeout of {} s and was stopped",
-                            request.timeout_secs
-                        )],
-                    }),
+                    format!(
+                        "the build ran past its timeout ({} = {} s) and was stopped",
+                        Limit::Timeout.field(),
+                        request.timeout_secs
+                    ),
                 ),
             }
         }
     };
     let finished = RunEvent::Finished {
-        outcome,
+        outcome: verdict.outcome,
         exit_code: progress.exit_code,
         duration_secs: started.elapsed().as_secs_f64(),
-        error,
+        error: verdict.error,
+        limit: verdict.limit,
     };
     let _ = events.send(finished.clone());
     finished
 }
 
-/// Decides the outcome once the agent has said all it will say.
-fn judge(progress: &Progress) -> (Outcome, Option<ErrorInfo>) {
+/// Decides the outcome once the agent has said all it will say (or a limit stopped it).
+fn judge(progress: &Progress) -> Verdict {
+    if let Some((limit, message)) = &progress.limit {
+        return Verdict::limit(*limit, Outcome::Failed, message.clone());
+    }
     if let Some(error) = &progress.agent_error {
-        let outcome = if error.code == "artifact_missing" {
-            Outcome::Failed
-        } else {
-            Outcome::Infrastructure
+        return match error.code.as_str() {
+            "artifact_missing" => Verdict::new(Outcome::Failed, Some(error.clone())),
+            "limit_max_artifacts" => Verdict {
+                outcome: Outcome::Failed,
+                error: Some(error.clone()),
+                limit: Some(Limit::MaxArtifacts),
+            },
+            _ => Verdict::new(Outcome::Infrastructure, Some(error.clone())),
         };
-        return (outcome, Some(error.clone()));
     }
     match (progress.exit_code, progress.signal) {
-        (Some(0), _) => (Outcome::Success, None),
-        (Some(_), _) => (Outcome::Failed, None),
-        (None, Some(signal)) => (
+        (Some(0), _) => Verdict::new(Outcome::Success, None),
+        (Some(_), _) => Verdict::new(Outcome::Failed, None),
+        (None, Some(signal)) => Verdict::new(
             Outcome::Failed,
             Some(ErrorInfo {
                 code: "signal".into(),
                 chain: vec![format!("the script was killed by signal {signal}")],
             }),
         ),
-        (None, None) => (
+        (None, None) => Verdict::new(
             Outcome::Infrastructure,
             Some(error_info("agent_gone", &RunError::AgentGone)),
         ),
@@ -178,7 +228,16 @@ type ControlLines = tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>
 struct Session {
     lines: ControlLines,
     control_out: tokio::net::unix::OwnedWriteHalf,
-    log_done: oneshot::Receiver<()>,
+    log_done: oneshot::Receiver<LogEnd>,
+}
+
+/// How the build's output stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LogEnd {
+    /// The guest closed it.
+    Complete,
+    /// It passed the output cap of this many bytes and was cut.
+    Cut(u64),
 }
 
 /// Connects to the VM's channels, starts relaying the tunnel, and waits for the agent.
@@ -197,6 +256,7 @@ async fn connect(request: &RunRequest, events: &EventSink) -> Result<Session, Ru
         proxy: request.proxy,
         store: request.store,
         log: Arc::new(Mutex::new(Some((log, request.log.clone(), log_done_tx)))),
+        max_log: request.max_log_bytes,
         events: events.clone(),
     };
     let (_opener, mut inbound) = tunnel::spawn(tunnel_io, Side::Host);
@@ -241,7 +301,30 @@ impl Session {
             .await
             .map_err(RunError::Control)?;
 
-        while let Some(message) = next_message(&mut self.lines).await? {
+        let mut log_done = Some(self.log_done);
+        loop {
+            let message = match log_done.as_mut() {
+                Some(done) => tokio::select! {
+                    message = next_message(&mut self.lines) => message?,
+                    end = done => {
+                        log_done = None;
+                        if let Ok(LogEnd::Cut(max)) = end {
+                            progress.limit = Some((
+                                Limit::MaxLog,
+                                format!(
+                                    "the build's output passed {} = {} bytes and was cut; the build was stopped",
+                                    Limit::MaxLog.field(),
+                                    max
+                                ),
+                            ));
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                },
+                None => next_message(&mut self.lines).await?,
+            };
+            let Some(message) = message else { break };
             match message {
                 GuestMessage::Hello { .. } => {}
                 GuestMessage::Phase { phase } => {
@@ -261,7 +344,18 @@ impl Session {
             }
         }
         // The output travels on its own stream; let it catch up before the closing event.
-        let _ = tokio::time::timeout(LOG_DRAIN, self.log_done).await;
+        if let Some(done) = log_done {
+            if let Ok(Ok(LogEnd::Cut(max))) = tokio::time::timeout(LOG_DRAIN, done).await {
+                progress.limit = Some((
+                    Limit::MaxLog,
+                    format!(
+                        "the build's output passed {} = {} bytes and was cut",
+                        Limit::MaxLog.field(),
+                        max
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -301,7 +395,7 @@ async fn connect_channel(name: &'static str, path: &Path) -> Result<UnixStream, 
     }
 }
 
-type LogSlot = Arc<Mutex<Option<(tokio::fs::File, PathBuf, oneshot::Sender<()>)>>>;
+type LogSlot = Arc<Mutex<Option<(tokio::fs::File, PathBuf, oneshot::Sender<LogEnd>)>>>;
 
 /// Connects each guest stream to the one place its first byte names.
 #[derive(Clone)]
@@ -309,6 +403,7 @@ struct Relay {
     proxy: std::net::SocketAddr,
     store: std::net::SocketAddr,
     log: LogSlot,
+    max_log: Option<u64>,
     events: EventSink,
 }
 
@@ -325,13 +420,17 @@ impl Relay {
                 // Only the first log stream is accepted; a second one is dropped.
                 let slot = self.log.lock().map(|mut slot| slot.take()).ok().flatten();
                 if let Some((file, path, done)) = slot {
-                    if let Err(err) = copy_log(stream, file, &self.events).await {
-                        eprintln!(
-                            "contractor-run: cannot write the build log {}: {err}",
-                            path.display()
-                        );
-                    }
-                    let _ = done.send(());
+                    let end = match copy_log(stream, file, &self.events, self.max_log).await {
+                        Ok(end) => end,
+                        Err(err) => {
+                            eprintln!(
+                                "contractor-run: cannot write the build log {}: {err}",
+                                path.display()
+                            );
+                            LogEnd::Complete
+                        }
+                    };
+                    let _ = done.send(end);
                 }
             }
             None => {}
@@ -346,22 +445,43 @@ async fn splice(mut stream: TunnelStream, target: std::net::SocketAddr) {
     let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
 }
 
+/// Copies the build's output to the log file and to `output` events, up to `max` bytes.
 async fn copy_log(
     mut stream: TunnelStream,
     mut file: tokio::fs::File,
     events: &EventSink,
-) -> std::io::Result<()> {
+    max: Option<u64>,
+) -> std::io::Result<LogEnd> {
     let mut chunker = Utf8Chunker::default();
     let mut buf = vec![0u8; 64 * 1024];
+    let mut written = 0u64;
+    let mut end = LogEnd::Complete;
     loop {
         let n = stream.read(&mut buf).await?;
         if n == 0 {
             break;
         }
-        file.write_all(&buf[..n]).await?;
-        let text = chunker.push(&buf[..n]);
+        let room = max.map_or(n, |max| {
+            n.min(usize::try_from(max.saturating_sub(written)).unwrap_or(n))
+        });
+        file.write_all(&buf[..room]).await?;
+        written += room as u64;
+        let mut text = chunker.push(&buf[..room]);
+        if room < n {
+            let limit = max.unwrap_or(written);
+            let marker = format!(
+                "\n[contractor: output cut here: the build passed build.max_log = {limit} bytes]\n"
+            );
+            file.write_all(marker.as_bytes()).await?;
+            text.push_str(&chunker.finish());
+            text.push_str(&marker);
+            end = LogEnd::Cut(limit);
+        }
         if !text.is_empty() {
             let _ = events.send(RunEvent::Output { text });
+        }
+        if end != LogEnd::Complete {
+            break;
         }
     }
     let text = chunker.finish();
@@ -369,5 +489,75 @@ async fn copy_log(
         let _ = events.send(RunEvent::Output { text });
     }
     file.flush().await?;
-    file.sync_all().await
+    file.sync_all().await?;
+    Ok(end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn log_through_tunnel(output: &[u8], max: Option<u64>) -> (LogEnd, Vec<u8>, String) {
+        let (guest_io, host_io) = tokio::io::duplex(64 * 1024);
+        let (opener, _) = tunnel::spawn(guest_io, Side::Guest);
+        let (_, mut inbound) = tunnel::spawn(host_io, Side::Host);
+        let mut guest = opener
+            .open(TunnelTarget::Log)
+            .await
+            .expect("open log stream");
+        guest.write_all(output).await.expect("write output");
+        guest.shutdown().await.expect("close output");
+        let mut stream = inbound.recv().await.expect("log stream");
+        let mut tag = [0u8; 1];
+        stream.read_exact(&mut tag).await.expect("tag");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("build.log");
+        let file = tokio::fs::File::create(&path).await.expect("log file");
+        let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
+        let end = copy_log(stream, file, &events, max).await.expect("copy");
+        drop(events);
+        let mut text = String::new();
+        while let Some(RunEvent::Output { text: t }) = received.recv().await {
+            text.push_str(&t);
+        }
+        (end, std::fs::read(&path).expect("read log"), text)
+    }
+
+    #[tokio::test]
+    async fn output_within_the_cap_is_kept_whole() {
+        let (end, log, text) = log_through_tunnel(b"line one\nline two\n", Some(100)).await;
+        assert_eq!(end, LogEnd::Complete);
+        assert_eq!(log, b"line one\nline two\n");
+        assert_eq!(text, "line one\nline two\n");
+    }
+
+    #[tokio::test]
+    async fn output_past_the_cap_is_cut_with_a_marker() {
+        let output = vec![b'x'; 200_000];
+        let (end, log, text) = log_through_tunnel(&output, Some(1000)).await;
+        assert_eq!(end, LogEnd::Cut(1000));
+        let marker =
+            "\n[contractor: output cut here: the build passed build.max_log = 1000 bytes]\n";
+        assert_eq!(log.len(), 1000 + marker.len());
+        assert!(log.ends_with(marker.as_bytes()));
+        assert!(
+            text.ends_with(marker) && text.len() == log.len(),
+            "events carry the same text"
+        );
+    }
+
+    #[test]
+    fn a_limit_becomes_a_failed_outcome_naming_the_field() {
+        let progress = Progress {
+            exit_code: Some(0),
+            limit: Some((Limit::MaxLog, "passed build.max_log = 10 bytes".into())),
+            ..Progress::default()
+        };
+        let verdict = judge(&progress);
+        assert_eq!(verdict.outcome, Outcome::Failed);
+        assert_eq!(verdict.limit, Some(Limit::MaxLog));
+        let error = verdict.error.expect("error");
+        assert_eq!(error.code, "limit_max_log");
+        assert!(error.chain[0].contains("build.max_log"));
+    }
 }

@@ -1,12 +1,16 @@
 //! `contractor-run`: reads a RunRequest (JSON) on stdin, runs the build in the VM it names,
 //! and writes the run's events as JSON Lines on stdout, ending with `finished`.
+//!
+//! Once `started` is written, every failure is an outcome carried by `finished`. Before
+//! that, a failure is reported on stderr and by the exit code (2 for a bad request, naming
+//! its line, column and field; 3 when the host cannot run it) and, with `--json-errors`,
+//! also as one error object on stdout: `{"type":"error","version":1,"code":...,"chain":[...]}`.
 
 use std::io::{Read, Write};
 
-use anyhow::Context;
 use clap::Parser;
 use contractor_protocol::run::{RunEvent, RunRequest};
-use contractor_protocol::ExitCode;
+use contractor_protocol::{ExitCode, PROTOCOL_VERSION};
 
 /// Run one build in a started builder VM.
 #[derive(Parser)]
@@ -30,28 +34,111 @@ and writes JSON Lines on stdout:
   {"type":"output","text":"cc -o hello hello.c\n"}
   {"type":"finished","outcome":"success","exit_code":0,"duration_secs":4.2}
 
+The stream always ends with "finished"; it carries the outcome and, for a failure, the error.
+A request that cannot start (bad JSON: its line, column and field are named on stderr) writes
+nothing on stdout, or with --json-errors one error object:
+
+  {"type":"error","version":1,"code":"bad_json","chain":["bad JSON request on stdin at line 1, column 12, in `version`: invalid type: string \"1\", expected u32"]}
+
+contractor-vm's "vm" answer holds the two sockets; examples/pipeline.sh composes the tools.
+
 Exit codes: 0 success, 1 the build failed or timed out, 2 bad request, 3 infrastructure failure."#
 )]
-struct Args {}
+struct Args {
+    /// When the request cannot start, also write the error on stdout as one JSON object
+    /// ({"type":"error","version":1,"code":...,"chain":[...]}).
+    #[arg(long)]
+    json_errors: bool,
+}
+
+/// The error object of `--json-errors`, the same shape as contractor-vm's.
+#[derive(serde::Serialize)]
+#[serde(tag = "type", rename = "error")]
+struct ErrorObject {
+    version: u32,
+    code: &'static str,
+    chain: Vec<String>,
+}
+
+/// Why the request could not start.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("cannot read the request on stdin")]
+    Stdin(#[source] std::io::Error),
+    #[error("stdin is empty: pipe one JSON RunRequest into it (see --help)")]
+    NoRequest,
+    #[error("bad JSON request on stdin{at}: {detail}")]
+    Json { at: String, detail: String },
+    #[error("unsupported protocol version {0} in the request; this contractor-run speaks {PROTOCOL_VERSION}")]
+    Version(u32),
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+impl StartError {
+    fn code(&self) -> &'static str {
+        match self {
+            StartError::Stdin(_) => "stdin",
+            StartError::NoRequest => "no_request",
+            StartError::Json { .. } => "bad_json",
+            StartError::Version(_) => "unsupported",
+            StartError::Runtime(_) => "runtime",
+        }
+    }
+
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            StartError::NoRequest | StartError::Json { .. } | StartError::Version(_) => {
+                ExitCode::BadInput
+            }
+            StartError::Stdin(_) | StartError::Runtime(_) => ExitCode::Infrastructure,
+        }
+    }
+
+    fn chain(&self) -> Vec<String> {
+        let mut chain = vec![self.to_string()];
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            chain.push(cause.to_string());
+            source = cause.source();
+        }
+        chain
+    }
+}
 
 fn main() -> std::process::ExitCode {
-    Args::parse();
+    let args = Args::parse();
     match run() {
         Ok(code) => code.into(),
         Err(err) => {
-            eprintln!("contractor-run: {err:#}");
-            ExitCode::BadInput.into()
+            let chain = err.chain();
+            eprintln!("contractor-run: {}", chain.join(": "));
+            if args.json_errors {
+                let object = ErrorObject {
+                    version: PROTOCOL_VERSION,
+                    code: err.code(),
+                    chain,
+                };
+                let _ = contractor_protocol::jsonl::write_line(&mut std::io::stdout(), &object);
+            }
+            err.exit_code().into()
         }
     }
 }
 
-fn run() -> anyhow::Result<ExitCode> {
+fn run() -> Result<ExitCode, StartError> {
     let mut input = String::new();
     std::io::stdin()
         .read_to_string(&mut input)
-        .context("cannot read the request on stdin")?;
-    let request: RunRequest = serde_json::from_str(&input).context("invalid request on stdin")?;
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+        .map_err(StartError::Stdin)?;
+    if input.trim().is_empty() {
+        return Err(StartError::NoRequest);
+    }
+    let request: RunRequest = serde_json::from_str(&input).map_err(|e| json_error(&input, &e))?;
+    if request.version != PROTOCOL_VERSION {
+        return Err(StartError::Version(request.version));
+    }
+    let runtime = tokio::runtime::Runtime::new().map_err(StartError::Runtime)?;
     let code = runtime.block_on(async {
         let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
         let printer = tokio::task::spawn_blocking(move || {
@@ -71,4 +158,148 @@ fn run() -> anyhow::Result<ExitCode> {
         }
     });
     Ok(code)
+}
+
+/// The error for a request that did not parse: serde's message with the line, column and
+/// the field (`job.timeout_secs`) where it went wrong.
+fn json_error(text: &str, e: &serde_json::Error) -> StartError {
+    let message = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    let detail = message
+        .strip_suffix(&suffix)
+        .unwrap_or(&message)
+        .to_string();
+    if e.line() == 0 {
+        return StartError::Json {
+            at: String::new(),
+            detail,
+        };
+    }
+    let field = field_at(text, offset_of(text, e.line(), e.column()));
+    let at = if field.is_empty() {
+        format!(" at line {}, column {}", e.line(), e.column())
+    } else {
+        format!(" at line {}, column {}, in `{field}`", e.line(), e.column())
+    };
+    StartError::Json { at, detail }
+}
+
+/// The byte offset of serde_json's (line, column) in `text`.
+fn offset_of(text: &str, line: usize, column: usize) -> usize {
+    let line_start: usize = text
+        .split_inclusive('\n')
+        .take(line.saturating_sub(1))
+        .map(str::len)
+        .sum();
+    (line_start + column).min(text.len())
+}
+
+/// The field (`job.artifacts[0]`) at a byte offset of a JSON text: the member the offset is
+/// in, unless the byte just before it opened a container (then the container's own field).
+fn field_at(text: &str, offset: usize) -> String {
+    enum Frame {
+        Object {
+            key: Option<String>,
+            expect_key: bool,
+        },
+        Array {
+            index: usize,
+        },
+    }
+    let bytes = &text.as_bytes()[..offset.min(text.len())];
+    let mut stack: Vec<Frame> = Vec::new();
+    let (mut in_string, mut escaped, mut string) = (false, false, Vec::new());
+    for &byte in bytes {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if byte == b'\\' {
+                escaped = true;
+            } else if byte == b'"' {
+                in_string = false;
+                if let Some(Frame::Object { key, expect_key }) = stack.last_mut() {
+                    if *expect_key {
+                        *key = Some(String::from_utf8_lossy(&string).into_owned());
+                        *expect_key = false;
+                    }
+                }
+                continue;
+            }
+            string.push(byte);
+            continue;
+        }
+        match byte {
+            b'"' => {
+                in_string = true;
+                string.clear();
+            }
+            b'{' => stack.push(Frame::Object {
+                key: None,
+                expect_key: true,
+            }),
+            b'[' => stack.push(Frame::Array { index: 0 }),
+            b'}' | b']' => {
+                stack.pop();
+            }
+            b',' => match stack.last_mut() {
+                Some(Frame::Object { key, expect_key }) => {
+                    *key = None;
+                    *expect_key = true;
+                }
+                Some(Frame::Array { index }) => *index += 1,
+                None => {}
+            },
+            _ => {}
+        }
+    }
+    let last = bytes.iter().rev().find(|b| !b.is_ascii_whitespace());
+    if !in_string && matches!(last, Some(b'{' | b'[')) {
+        stack.pop();
+    }
+    let mut path = String::new();
+    for frame in &stack {
+        match frame {
+            Frame::Object { key: Some(key), .. } => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(key);
+            }
+            Frame::Object { key: None, .. } => break,
+            Frame::Array { index } => path.push_str(&format!("[{index}]")),
+        }
+    }
+    path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(text: &str) -> String {
+        let e = serde_json::from_str::<RunRequest>(text).expect_err("bad request");
+        json_error(text, &e).to_string()
+    }
+
+    #[test]
+    fn bad_requests_name_line_column_and_field() {
+        let request = "{\"version\":1,\n \"job\":{\"script\":\"make\",\"artifacts\":[\"a\", 5]}}";
+        let message = error_of(request);
+        assert!(
+            message.contains("line 2, column 43, in `job.artifacts[1]`"),
+            "{message}"
+        );
+        let message = error_of("{\"version\":1,\"tunnel\":\"x\"}");
+        assert!(message.contains("in `tunnel`: unknown field"), "{message}");
+        let message = error_of("{\"version\":\"1\"}");
+        assert!(message.contains("in `version`: invalid type"), "{message}");
+        let message = error_of("{\"version\":1,\n\"job\": 5}");
+        assert!(message.contains("in `job`: invalid type"), "{message}");
+    }
+
+    #[test]
+    fn escaped_quotes_in_strings_do_not_confuse_the_field() {
+        assert_eq!(field_at(r#"{"a":"x\"y","b":"#, 17), "b");
+        assert_eq!(field_at(r#"{"a":{"c":[1,{"d":"#, 18), "a.c[1].d");
+    }
 }

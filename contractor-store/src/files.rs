@@ -1,8 +1,10 @@
 //! Reading and writing files beneath the store root, with symlinks in mind.
 //!
 //! [`crate::path`] guarantees a request names something lexically beneath the root; this
-//! module keeps that true on disk. A read resolves every symlink (`canonicalize`) and serves
-//! the file only if the result is still beneath the canonical root. A write refuses to pass
+//! module keeps that true on disk. A read opens the file and serves it only if the path the
+//! kernel reports for the open descriptor is still beneath the canonical root (a symlink
+//! placed by the host may thus be opened, but nothing is read through it unless it stays
+//! inside). A write refuses to pass
 //! through any symlinked directory, streams into a fresh temporary file beside the
 //! destination, and renames it into place only when the whole body has arrived and been
 //! synced: the destination is either absent, the old file, or one complete new file, never a
@@ -17,9 +19,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::fs::{self, File};
-use tokio::io::AsyncWriteExt;
+use std::io::{Read, Write};
 
+use bytes::{Bytes, BytesMut};
+
+use crate::digest::{DigestCache, FileVersion, Hasher, Sha256};
 use crate::path::StorePath;
 
 /// Why a file could not be read or written.
@@ -52,6 +56,14 @@ pub enum FileError {
         /// The directory.
         path: PathBuf,
     },
+    /// The uploaded content does not have the digest the client named.
+    #[error("content has SHA-256 {actual}, but the request said {expected}")]
+    DigestMismatch {
+        /// What the request said.
+        expected: Sha256,
+        /// What arrived.
+        actual: Sha256,
+    },
     /// The filesystem failed.
     #[error("cannot {action} {path}")]
     Io {
@@ -66,6 +78,14 @@ pub enum FileError {
 }
 
 impl FileError {
+    /// Whether this is the file system running out of space (or quota).
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            FileError::Io { source, .. } => is_disk_full(source),
+            _ => false,
+        }
+    }
+
     /// Builds an [`FileError::Io`] from an `io::Error`, for `map_err`.
     fn io(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> FileError {
         let path = path.to_path_buf();
@@ -77,20 +97,115 @@ impl FileError {
     }
 }
 
-/// A regular file opened for reading, with its length at the time it was opened.
+/// A regular file opened for reading, with what it was when opened.
 #[derive(Debug)]
 pub struct OpenedFile {
     /// The open file, positioned at its start.
-    pub file: File,
+    pub file: std::fs::File,
     /// Its length in bytes.
     pub len: u64,
+    /// Which version of the file this is (for the ETag and the digest cache).
+    pub version: FileVersion,
+    /// The whole content, read at once when the file is at most the `preread` size asked
+    /// for; `None` for larger files.
+    pub content: Option<Bytes>,
 }
 
 /// Opens the regular file `path` names beneath `root` (which must be canonical), following
-/// symlinks only as long as they stay beneath `root`.
-pub async fn open_for_read(root: &Path, path: &StorePath) -> Result<OpenedFile, FileError> {
+/// symlinks only as long as they stay beneath `root`: the file is opened (non-blocking, so a
+/// FIFO cannot stall it), and served only if it is a regular file whose real path, as the
+/// kernel reports it for the open descriptor, is beneath `root`. A file of at most `preread`
+/// bytes is read at once into [`OpenedFile::content`]. Blocking, but only briefly on a local
+/// disk.
+pub fn open_for_read(root: &Path, path: &StorePath, preread: u64) -> Result<OpenedFile, FileError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let requested = path.under(root);
-    let real = match fs::canonicalize(&requested).await {
+    // Non-blocking so that a FIFO cannot hold the open; no controlling terminal, ever.
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&requested);
+    let mut file = match opened {
+        Ok(file) => file,
+        Err(e) if is_absent(&e) || e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(FileError::NotFound)
+        }
+        Err(e) => return Err(FileError::io("open", &requested)(e)),
+    };
+    let metadata = file
+        .metadata()
+        .map_err(FileError::io("inspect", &requested))?;
+    if !metadata.is_file() {
+        return Err(FileError::NotFound);
+    }
+    // Where the open file really is, symlinks resolved, checked before a byte is read.
+    if !real_path_of(&file, &requested).starts_with(root) {
+        return Err(FileError::Escapes { path: requested });
+    }
+    let real = requested;
+    let len = metadata.len();
+    let content = if len <= preread {
+        // Exactly the length just measured, which the answer announces.
+        let mut buffer = vec![0u8; usize::try_from(len).unwrap_or(0)];
+        file.read_exact(&mut buffer)
+            .map_err(FileError::io("read", &real))?;
+        Some(Bytes::from(buffer))
+    } else {
+        None
+    };
+    Ok(OpenedFile {
+        file,
+        len,
+        version: FileVersion::of(&metadata),
+        content,
+    })
+}
+
+/// The path the kernel has for an open file (`/proc/self/fd/N`); where `/proc` is missing,
+/// the canonical form of `requested`.
+fn real_path_of(file: &std::fs::File, requested: &Path) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    let link = format!("/proc/self/fd/{}", file.as_raw_fd());
+    std::fs::read_link(link)
+        .or_else(|_| std::fs::canonicalize(requested))
+        .unwrap_or_default()
+}
+
+/// What a directory holds, for a listing.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Listing {
+    /// The directory as requested, with a trailing `/`.
+    pub path: String,
+    /// Its entries, sorted by name; upload temporary files are left out.
+    pub entries: Vec<ListingEntry>,
+}
+
+/// One entry of a [`Listing`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ListingEntry {
+    /// The entry's name (not a path).
+    pub name: String,
+    /// `file`, `directory`, `symlink` or `other`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Size in bytes (files only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// SHA-256 in hex (files only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// Lists the directory `path` names beneath `root` (canonical), following symlinks to it
+/// only inside the root; entries that are symlinks are listed as such, not followed.
+/// [`FileError::NotADirectory`] if it is not a directory. Blocking.
+pub fn list_directory(
+    root: &Path,
+    path: &StorePath,
+    digests: &DigestCache,
+) -> Result<Listing, FileError> {
+    let requested = path.under(root);
+    let real = match std::fs::canonicalize(&requested) {
         Ok(real) => real,
         Err(e) if is_absent(&e) => return Err(FileError::NotFound),
         Err(e) => return Err(FileError::io("resolve", &requested)(e)),
@@ -98,27 +213,66 @@ pub async fn open_for_read(root: &Path, path: &StorePath) -> Result<OpenedFile, 
     if !real.starts_with(root) {
         return Err(FileError::Escapes { path: requested });
     }
-    // Check the type before opening: opening a FIFO for reading would block.
-    let metadata = fs::metadata(&real)
-        .await
-        .map_err(FileError::io("inspect", &real))?;
-    if !metadata.is_file() {
-        return Err(FileError::NotFound);
+    match std::fs::metadata(&real) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(FileError::NotADirectory { path: requested }),
+        Err(e) if is_absent(&e) => return Err(FileError::NotFound),
+        Err(e) => return Err(FileError::io("inspect", &real)(e)),
     }
-    let file = File::open(&real)
-        .await
-        .map_err(FileError::io("open", &real))?;
-    let metadata = file
-        .metadata()
-        .await
-        .map_err(FileError::io("inspect", &real))?;
-    if !metadata.is_file() {
-        return Err(FileError::NotFound);
+    let reader = match std::fs::read_dir(&real) {
+        Ok(reader) => reader,
+        Err(e) if is_absent(&e) => return Err(FileError::NotFound),
+        Err(e) => return Err(FileError::io("list", &real)(e)),
+    };
+    let mut entries = Vec::new();
+    for entry in reader {
+        let entry = entry.map_err(FileError::io("list", &real))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(TEMP_PREFIX) {
+            continue;
+        }
+        let entry_path = entry.path();
+        let metadata = match std::fs::symlink_metadata(&entry_path) {
+            Ok(metadata) => metadata,
+            // Removed since the directory was read.
+            Err(e) if is_absent(&e) => continue,
+            Err(e) => return Err(FileError::io("inspect", &entry_path)(e)),
+        };
+        let file_type = metadata.file_type();
+        let (kind, size, sha256) = if file_type.is_file() {
+            let digest = digests
+                .digest(&entry_path, &metadata)
+                .map_err(FileError::io("hash", &entry_path))?;
+            ("file", Some(metadata.len()), Some(digest.to_hex()))
+        } else if file_type.is_dir() {
+            ("directory", None, None)
+        } else if file_type.is_symlink() {
+            ("symlink", None, None)
+        } else {
+            ("other", None, None)
+        };
+        entries.push(ListingEntry {
+            name,
+            kind,
+            size,
+            sha256,
+        });
     }
-    Ok(OpenedFile {
-        file,
-        len: metadata.len(),
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut shown = path.to_string();
+    if !shown.ends_with('/') {
+        shown.push('/');
+    }
+    Ok(Listing {
+        path: shown,
+        entries,
     })
+}
+
+/// Whether `e` is ENOSPC or EDQUOT.
+pub fn is_disk_full(e: &io::Error) -> bool {
+    // 122 is EDQUOT on Linux.
+    e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(122)
 }
 
 /// Whether an error means "nothing there" (including a file where a directory was expected).
@@ -138,11 +292,44 @@ pub enum Written {
     Replaced,
 }
 
-/// An upload in progress: a temporary file beside its destination. Dropping it without
-/// calling [`Upload::commit`] removes the temporary file.
+/// What a finished upload stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// Whether the destination was new.
+    pub written: Written,
+    /// The stored content's SHA-256.
+    pub sha256: Sha256,
+    /// Its size in bytes.
+    pub len: u64,
+    /// The size of the file it replaced (0 if none).
+    pub replaced_len: u64,
+    /// The version now on disk.
+    pub version: FileVersion,
+}
+
+/// Pieces smaller than this are gathered before being handed on, so that the threads wake
+/// for large pieces only; larger pieces are handed on as they are, without a copy.
+const WRITE_BATCH: usize = 256 * 1024;
+
+/// Pieces in flight between the request and each of the hasher and writer threads.
+const WRITE_QUEUE: usize = 16;
+
+/// The writer asks the kernel to start writing back every this many bytes, so that the final
+/// sync finds little left to do.
+const WRITEBACK_EVERY: u64 = 64 << 20;
+
+/// An upload in progress: a temporary file beside its destination. Each piece of the body
+/// goes (shared, not copied) to two blocking threads: one hashes, one writes, so hashing,
+/// writing and receiving proceed in parallel. Dropping it without calling
+/// [`Upload::commit`] removes the temporary file.
 #[derive(Debug)]
 pub struct Upload {
-    file: Option<File>,
+    sender: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    writer: Option<tokio::task::JoinHandle<io::Result<std::fs::File>>>,
+    hash_sender: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    hasher: Option<tokio::task::JoinHandle<Sha256>>,
+    batch: BytesMut,
+    len: u64,
     temp: PathBuf,
     destination: PathBuf,
     directory: PathBuf,
@@ -165,24 +352,54 @@ impl Upload {
                 path: root.to_path_buf(),
             });
         };
-        let (root_dir, parents) = (root.to_path_buf(), parents.to_vec());
-        let created =
-            tokio::task::spawn_blocking(move || create_parents(&root_dir, &parents)).await;
+        let destination = path.under(root);
+        let (root_dir, parents, target) =
+            (root.to_path_buf(), parents.to_vec(), destination.clone());
+        let prepared = tokio::task::spawn_blocking(move || {
+            let directory = create_parents(&root_dir, &parents)?;
+            match std::fs::symlink_metadata(&target) {
+                Ok(m) if m.is_dir() => return Err(FileError::IsADirectory { path: target }),
+                Ok(_) => {}
+                Err(e) if is_absent(&e) => {}
+                Err(e) => return Err(FileError::io("inspect", &target)(e)),
+            }
+            let (file, temp) = create_temp(&directory)?;
+            Ok((directory, file, temp))
+        })
+        .await;
         // Joining fails only if the task panicked or the runtime is shutting down.
         let join_failed = |e| FileError::io("create directories under", root)(io::Error::other(e));
-        let directory = created.map_err(join_failed)??;
+        let (directory, file, temp) = prepared.map_err(join_failed)??;
 
-        let destination = path.under(root);
-        match fs::symlink_metadata(&destination).await {
-            Ok(m) if m.is_dir() => return Err(FileError::IsADirectory { path: destination }),
-            Ok(_) => {}
-            Err(e) if is_absent(&e) => {}
-            Err(e) => return Err(FileError::io("inspect", &destination)(e)),
-        }
-
-        let (file, temp) = create_temp(&directory).await?;
+        let (sender, mut receiver) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut file = file;
+            let (mut written, mut started) = (0u64, 0u64);
+            while let Some(piece) = receiver.blocking_recv() {
+                file.write_all(&piece)?;
+                written += piece.len() as u64;
+                if written - started >= WRITEBACK_EVERY {
+                    start_writeback(&file, started, written - started);
+                    started = written;
+                }
+            }
+            Ok(file)
+        });
+        let (hash_sender, mut hash_receiver) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let hasher = tokio::task::spawn_blocking(move || {
+            let mut hasher = Hasher::default();
+            while let Some(piece) = hash_receiver.blocking_recv() {
+                hasher.update(&piece);
+            }
+            hasher.finish()
+        });
         Ok(Upload {
-            file: Some(file),
+            sender: Some(sender),
+            writer: Some(writer),
+            hash_sender: Some(hash_sender),
+            hasher: Some(hasher),
+            batch: BytesMut::new(),
+            len: 0,
             temp,
             destination,
             directory,
@@ -190,62 +407,197 @@ impl Upload {
         })
     }
 
+    /// Bytes received so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing has been received yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// Appends `data` to the temporary file.
-    pub async fn write(&mut self, data: &[u8]) -> Result<(), FileError> {
-        let file = self.file.as_mut().ok_or_else(|| closed(&self.temp))?;
-        file.write_all(data)
-            .await
-            .map_err(FileError::io("write", &self.temp))
-    }
-
-    /// Syncs the temporary file, gives it `mode` (when set), and renames it onto the
-    /// destination, atomically.
-    pub async fn commit(mut self, mode: Option<u32>) -> Result<Written, FileError> {
-        let mut file = self.file.take().ok_or_else(|| closed(&self.temp))?;
-        if let Some(mode) = mode {
-            use std::os::unix::fs::PermissionsExt;
-            file.set_permissions(std::fs::Permissions::from_mode(mode))
-                .await
-                .map_err(FileError::io("set the mode of", &self.temp))?;
+    pub async fn write(&mut self, data: Bytes) -> Result<(), FileError> {
+        self.len += data.len() as u64;
+        if data.len() >= WRITE_BATCH {
+            self.flush_batch().await?;
+            return self.hand_on(data).await;
         }
-        file.flush()
-            .await
-            .map_err(FileError::io("write", &self.temp))?;
-        file.sync_all()
-            .await
-            .map_err(FileError::io("sync", &self.temp))?;
-        drop(file);
-
-        let written = match fs::symlink_metadata(&self.destination).await {
-            Ok(m) if m.is_dir() => {
-                return Err(FileError::IsADirectory {
-                    path: self.destination.clone(),
-                })
-            }
-            Ok(_) => Written::Replaced,
-            Err(_) => Written::Created,
-        };
-        fs::rename(&self.temp, &self.destination)
-            .await
-            .map_err(FileError::io("rename into place", &self.destination))?;
-        self.committed = true;
-        // Make the rename itself durable.
-        let directory = File::open(&self.directory)
-            .await
-            .map_err(FileError::io("open directory", &self.directory))?;
-        directory
-            .sync_all()
-            .await
-            .map_err(FileError::io("sync directory", &self.directory))?;
-        Ok(written)
+        self.batch.extend_from_slice(&data);
+        if self.batch.len() >= WRITE_BATCH {
+            self.flush_batch().await?;
+        }
+        Ok(())
     }
+
+    /// Hands the gathered small pieces on.
+    async fn flush_batch(&mut self) -> Result<(), FileError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = self.batch.split().freeze();
+        self.hand_on(batch).await
+    }
+
+    /// Gives `piece` to the hasher and the writer threads.
+    async fn hand_on(&mut self, piece: Bytes) -> Result<(), FileError> {
+        let hash_sender = self
+            .hash_sender
+            .as_ref()
+            .ok_or_else(|| closed(&self.temp))?;
+        // The hasher never stops early: it fails only by panicking.
+        if hash_sender.send(piece.clone()).await.is_err() {
+            return Err(closed(&self.temp));
+        }
+        let sender = self.sender.as_ref().ok_or_else(|| closed(&self.temp))?;
+        if sender.send(piece).await.is_err() {
+            // The writer stopped early: it failed. Report why.
+            self.sender = None;
+            return match self.finish_writer().await {
+                Ok(_) => Err(closed(&self.temp)),
+                Err(e) => Err(e),
+            };
+        }
+        Ok(())
+    }
+
+    /// Waits for the writer thread and takes back the file.
+    async fn finish_writer(&mut self) -> Result<std::fs::File, FileError> {
+        self.sender = None;
+        let writer = self.writer.take().ok_or_else(|| closed(&self.temp))?;
+        match writer.await {
+            Ok(Ok(file)) => Ok(file),
+            Ok(Err(e)) => Err(FileError::io("write", &self.temp)(e)),
+            Err(e) => Err(FileError::io("write", &self.temp)(io::Error::other(e))),
+        }
+    }
+
+    /// Finishes the upload: checks the content against `expected` (when set), syncs the
+    /// temporary file, gives it `mode` (when set), and renames it onto the destination,
+    /// atomically. On any failure nothing is renamed and the temporary file is removed.
+    pub async fn commit(
+        mut self,
+        mode: Option<u32>,
+        expected: Option<Sha256>,
+    ) -> Result<Committed, FileError> {
+        self.flush_batch().await?;
+        let file = self.finish_writer().await?;
+        self.hash_sender = None;
+        let hasher = self.hasher.take().ok_or_else(|| closed(&self.temp))?;
+        let sha256 = hasher
+            .await
+            .map_err(|e| FileError::io("hash", &self.temp)(io::Error::other(e)))?;
+        if let Some(expected) = expected {
+            if expected != sha256 {
+                return Err(FileError::DigestMismatch {
+                    expected,
+                    actual: sha256,
+                });
+            }
+        }
+        let (temp, destination, directory) = (
+            self.temp.clone(),
+            self.destination.clone(),
+            self.directory.clone(),
+        );
+        let finished = tokio::task::spawn_blocking(move || {
+            finish_file(file, mode, &temp, &destination, &directory)
+        })
+        .await;
+        let join_failed = |e| FileError::io("finish", &self.temp)(io::Error::other(e));
+        let (written, replaced_len, version) = match finished.map_err(join_failed)? {
+            Ok(done) => done,
+            Err((renamed, e)) => {
+                self.committed = renamed;
+                return Err(e);
+            }
+        };
+        self.committed = true;
+        Ok(Committed {
+            written,
+            sha256,
+            len: self.len,
+            replaced_len,
+            version,
+        })
+    }
+}
+
+/// Asks the kernel to start writing `len` bytes at `offset` of `file` to disk, without
+/// waiting (`sync_file_range(SYNC_FILE_RANGE_WRITE)`). Only a hint: the final `fsync` is what
+/// makes the upload durable, and it has less left to do. Errors are ignored for the same
+/// reason.
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (
+        libc::off64_t::try_from(offset),
+        libc::off64_t::try_from(len),
+    ) else {
+        return;
+    };
+    // SAFETY: sync_file_range only reads its integer arguments; the descriptor belongs to
+    // `file`, which outlives the call.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+/// Sets the mode, syncs, renames into place and syncs the directory (blocking). The error
+/// says whether the rename had already happened.
+fn finish_file(
+    file: std::fs::File,
+    mode: Option<u32>,
+    temp: &Path,
+    destination: &Path,
+    directory: &Path,
+) -> Result<(Written, u64, FileVersion), (bool, FileError)> {
+    use std::os::unix::fs::PermissionsExt;
+    let before = |e| (false, e);
+    if let Some(mode) = mode {
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(FileError::io("set the mode of", temp))
+            .map_err(before)?;
+    }
+    file.sync_all()
+        .map_err(FileError::io("sync", temp))
+        .map_err(before)?;
+    let metadata = file
+        .metadata()
+        .map_err(FileError::io("inspect", temp))
+        .map_err(before)?;
+    drop(file);
+    let (written, replaced_len) = match std::fs::symlink_metadata(destination) {
+        Ok(m) if m.is_dir() => {
+            return Err((
+                false,
+                FileError::IsADirectory {
+                    path: destination.to_path_buf(),
+                },
+            ))
+        }
+        Ok(m) => (Written::Replaced, if m.is_file() { m.len() } else { 0 }),
+        Err(_) => (Written::Created, 0),
+    };
+    std::fs::rename(temp, destination)
+        .map_err(FileError::io("rename into place", destination))
+        .map_err(before)?;
+    // Make the rename itself durable.
+    let after = |e| (true, e);
+    std::fs::File::open(directory)
+        .and_then(|d| d.sync_all())
+        .map_err(FileError::io("sync directory", directory))
+        .map_err(after)?;
+    Ok((written, replaced_len, FileVersion::of(&metadata)))
 }
 
 impl Drop for Upload {
     fn drop(&mut self) {
         if !self.committed {
-            // Close before removing; removal failing (already gone) leaves nothing to do.
-            self.file.take();
+            // Stop the writer (it closes the file), then remove the temporary file; removal
+            // failing (already gone) leaves nothing to do.
+            self.sender.take();
+            self.hash_sender.take();
             let _ = std::fs::remove_file(&self.temp);
         }
     }
@@ -283,16 +635,15 @@ fn create_parents(root: &Path, names: &[String]) -> Result<PathBuf, FileError> {
     Ok(current)
 }
 
-/// Creates a new, uniquely named temporary file in `directory`.
-async fn create_temp(directory: &Path) -> Result<(File, PathBuf), FileError> {
+/// Creates a new, uniquely named temporary file in `directory` (blocking).
+fn create_temp(directory: &Path) -> Result<(std::fs::File, PathBuf), FileError> {
     loop {
         let n = UPLOAD_COUNTER.fetch_add(1, Ordering::Relaxed);
         let temp = directory.join(format!("{TEMP_PREFIX}{}-{n}", std::process::id()));
-        match fs::OpenOptions::new()
+        match std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&temp)
-            .await
         {
             Ok(file) => return Ok((file, temp)),
             // Left behind by an earlier process with the same pid: pick the next name.
@@ -321,17 +672,33 @@ mod tests {
         let (_dir, root) = canonical_temp_dir();
         let path = store_path("/builds/b/artifacts/out/file");
         let mut upload = Upload::begin(&root, &path).await.expect("begin");
-        upload.write(b"hello ").await.expect("write");
-        upload.write(b"world").await.expect("write");
+        upload
+            .write(Bytes::from_static(b"hello "))
+            .await
+            .expect("write");
+        upload
+            .write(Bytes::from_static(b"world"))
+            .await
+            .expect("write");
         let destination = root.join("builds/b/artifacts/out/file");
         assert!(!destination.exists());
-        assert_eq!(upload.commit(None).await.expect("commit"), Written::Created);
+        assert_eq!(
+            upload.commit(None, None).await.expect("commit").written,
+            Written::Created
+        );
         assert_eq!(std::fs::read(&destination).expect("read"), b"hello world");
 
         let mut again = Upload::begin(&root, &path).await.expect("begin");
-        again.write(b"new").await.expect("write");
+        again
+            .write(Bytes::from_static(b"new"))
+            .await
+            .expect("write");
         assert_eq!(
-            again.commit(Some(0o755)).await.expect("commit"),
+            again
+                .commit(Some(0o755), None)
+                .await
+                .expect("commit")
+                .written,
             Written::Replaced
         );
         assert_eq!(std::fs::read(&destination).expect("read"), b"new");
@@ -352,7 +719,10 @@ mod tests {
         let mut upload = Upload::begin(&root, &store_path("/builds/b/artifacts/x"))
             .await
             .expect("begin");
-        upload.write(b"partial").await.expect("write");
+        upload
+            .write(Bytes::from_static(b"partial"))
+            .await
+            .expect("write");
         drop(upload);
         let artifacts = root.join("builds/b/artifacts");
         assert_eq!(std::fs::read_dir(artifacts).expect("list").count(), 0);
@@ -398,14 +768,24 @@ mod tests {
         std::os::unix::fs::symlink(outside.path(), root.join("outdir")).expect("ln");
         std::os::unix::fs::symlink("inside", root.join("alias")).expect("ln");
 
-        let alias = open_for_read(&root, &store_path("/alias"))
-            .await
-            .expect("inside link");
+        let alias = open_for_read(&root, &store_path("/alias"), 0).expect("inside link");
         assert_eq!(alias.len, 6);
         for url in ["/out", "/outdir/secret"] {
-            let err = open_for_read(&root, &store_path(url)).await.expect_err(url);
+            let err = open_for_read(&root, &store_path(url), 0).expect_err(url);
             assert!(matches!(err, FileError::Escapes { .. }), "{url}: {err:?}");
         }
+    }
+
+    #[test]
+    fn read_of_a_fifo_is_not_found_and_does_not_block() {
+        let (_dir, root) = canonical_temp_dir();
+        let status = std::process::Command::new("mkfifo")
+            .arg(root.join("pipe"))
+            .status()
+            .expect("run mkfifo");
+        assert!(status.success());
+        let err = open_for_read(&root, &store_path("/pipe"), 0).expect_err("fifo");
+        assert!(matches!(err, FileError::NotFound), "{err:?}");
     }
 
     #[tokio::test]
@@ -414,7 +794,7 @@ mod tests {
         std::fs::create_dir(root.join("dir")).expect("mkdir");
         std::fs::write(root.join("file"), b"x").expect("write");
         for url in ["/", "/dir", "/missing", "/file/below"] {
-            let err = open_for_read(&root, &store_path(url)).await.expect_err(url);
+            let err = open_for_read(&root, &store_path(url), 0).expect_err(url);
             assert!(matches!(err, FileError::NotFound), "{url}: {err:?}");
         }
     }

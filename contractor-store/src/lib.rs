@@ -4,14 +4,24 @@
 //!
 //! The invariant every module keeps: no request reads or writes outside the root, and a
 //! client can write only beneath a build's `artifacts/` directory, one whole file at a time.
-//! [`path`] checks request paths without touching the disk, [`files`] does the disk work
-//! with symlinks in mind, and [`server`] speaks HTTP.
+//! [`path`] checks request paths without touching the disk, [`access`] decides what a build
+//! token allows, [`files`] does the disk work with symlinks in mind, [`digest`] hashes,
+//! [`limits`] keeps uploads within their size limits, [`range`] reads conditional and
+//! partial GETs, [`records`] writes artifact indexes and collects garbage, and [`server`]
+//! speaks HTTP.
 
 #![warn(missing_docs)]
 
+pub mod access;
+pub mod digest;
 pub mod files;
+pub mod limits;
 pub mod path;
+pub mod range;
+pub mod records;
 pub mod server;
 
+pub use access::{generate_token, TokenTable};
 pub use path::{resolve, PathError, StorePath};
+pub use records::{collect_garbage, write_artifact_index, ArtifactIndex, GcOptions, GcSummary};
 pub use server::{serve, Store, StoreConfig, StoreError, SHUTDOWN_GRACE};

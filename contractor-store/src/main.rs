@@ -1,14 +1,19 @@
-//! `contractor-store serve --root DIR [--listen ADDR]`: serves DIR over HTTP, prints one
-//! `ready` line with the bound address on stdout, and stops on SIGTERM or SIGINT.
+//! `contractor-store`: `serve` a store directory over HTTP (one `ready` line on stdout,
+//! stops on SIGTERM or SIGINT), write a build's artifact `index`, collect garbage (`gc`), or
+//! make a build `token`. Flags map onto library calls; errors become exit codes here only.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use contractor_protocol::service::Ready;
 use contractor_protocol::ExitCode;
-use contractor_store::{Store, StoreConfig};
+use contractor_store::limits::parse_size;
+use contractor_store::records::parse_age;
+use contractor_store::{GcOptions, Store, StoreConfig, TokenTable};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Debug, Parser)]
@@ -24,7 +29,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve a directory: GET and HEAD anywhere in it, PUT under builds/<id>/artifacts/.
+    /// Serve a directory: GET and HEAD anywhere in it, PUT under builds/<id>/artifacts/ and
+    /// to cas/sha256/<hash>.
     Serve {
         /// The store directory; it must exist.
         #[arg(long, value_name = "DIR")]
@@ -35,27 +41,147 @@ enum Command {
         /// Serve only /builds/ID/... (one build's inputs and artifacts); refuse the rest.
         #[arg(long, value_name = "ID")]
         only_build: Option<String>,
+        /// Require build tokens: FILE holds '<build-id> <token>' lines and is read again
+        /// when it changes.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// Largest single upload (bytes, or with K/M/G/T).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_artifact_bytes: Option<u64>,
+        /// Largest total of one build's artifacts (bytes, or with K/M/G/T).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_build_bytes: Option<u64>,
+        /// Do not log each request on stderr.
+        #[arg(long)]
+        no_access_log: bool,
+    },
+    /// Write builds/ID/artifacts.json listing every artifact with its size and SHA-256, and
+    /// print it.
+    Index {
+        /// The store directory.
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+        /// The build.
+        #[arg(long, value_name = "ID")]
+        build: String,
+    },
+    /// Remove old builds (never a running one) and unreferenced blobs; print a JSON summary.
+    Gc {
+        /// The store directory.
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+        /// Keep the newest N finished builds.
+        #[arg(long, value_name = "N")]
+        keep: Option<usize>,
+        /// Remove only builds older than AGE (30m, 12h, 7d, 2w).
+        #[arg(long, value_name = "AGE", value_parser = parse_age)]
+        older_than: Option<Duration>,
+        /// Report what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Make a random token for a build, append '<build-id> <token>' to FILE, print the token.
+    Token {
+        /// The build the token is for.
+        #[arg(long, value_name = "ID")]
+        build: String,
+        /// The token file a store reads (created if missing).
+        #[arg(long, value_name = "FILE")]
+        token_file: PathBuf,
     },
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let Command::Serve {
-        root,
-        listen,
-        only_build,
-    } = Cli::parse().command;
-    let store = match Store::open(&StoreConfig {
-        root,
-        access_log: true,
-        only_build,
-    }) {
-        Ok(store) => store,
-        Err(e) => return fail(ExitCode::BadInput, &anyhow::Error::new(e)),
-    };
-    match run(store, listen).await {
+    match Cli::parse().command {
+        Command::Serve {
+            root,
+            listen,
+            only_build,
+            token_file,
+            max_artifact_bytes,
+            max_build_bytes,
+            no_access_log,
+        } => {
+            let tokens = match token_file.as_deref().map(TokenTable::load).transpose() {
+                Ok(tokens) => tokens,
+                Err(e) => return fail(ExitCode::BadInput, &anyhow::Error::new(e)),
+            };
+            let config = StoreConfig {
+                access_log: !no_access_log,
+                only_build,
+                tokens,
+                max_artifact_bytes,
+                max_build_bytes,
+                ..StoreConfig::new(root)
+            };
+            let store = match Store::open(&config) {
+                Ok(store) => store,
+                Err(e) => return fail(ExitCode::BadInput, &anyhow::Error::new(e)),
+            };
+            match run(store, listen).await {
+                Ok(()) => ExitCode::Success.into(),
+                Err(e) => fail(ExitCode::Infrastructure, &e),
+            }
+        }
+        Command::Index { root, build } => {
+            match contractor_store::write_artifact_index(&root, &build) {
+                Ok(index) => print_json(&index),
+                Err(e) => fail(ExitCode::BadInput, &anyhow::Error::new(e)),
+            }
+        }
+        Command::Gc {
+            root,
+            keep,
+            older_than,
+            dry_run,
+        } => {
+            let options = GcOptions {
+                keep,
+                older_than,
+                dry_run,
+                now: SystemTime::now(),
+            };
+            match contractor_store::collect_garbage(&root, &options) {
+                Ok(summary) => print_json(&summary),
+                Err(e) => fail(ExitCode::BadInput, &anyhow::Error::new(e)),
+            }
+        }
+        Command::Token { build, token_file } => match add_token(&build, &token_file) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::Success.into()
+            }
+            Err(e) => fail(ExitCode::BadInput, &e),
+        },
+    }
+}
+
+/// Makes a token for `build` and appends it to `file` (mode 0600 when created).
+fn add_token(build: &str, file: &std::path::Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let token = contractor_store::generate_token()?;
+    // Check the pair the way the server will read it.
+    TokenTable::new().insert(build, &token)?;
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(file)
+        .with_context(|| format!("cannot open token file {}", file.display()))?;
+    writeln!(out, "{build} {token}")
+        .with_context(|| format!("cannot write token file {}", file.display()))?;
+    Ok(token)
+}
+
+fn print_json(value: &impl serde::Serialize) -> std::process::ExitCode {
+    let mut stdout = std::io::stdout();
+    match serde_json::to_writer(&mut stdout, value)
+        .map_err(anyhow::Error::new)
+        .and_then(|()| writeln!(stdout).map_err(anyhow::Error::new))
+    {
         Ok(()) => ExitCode::Success.into(),
-        Err(e) => fail(ExitCode::Infrastructure, &e),
+        Err(e) => fail(ExitCode::Infrastructure, &e.context("cannot write stdout")),
     }
 }
 

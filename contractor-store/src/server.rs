@@ -1,24 +1,30 @@
 //! The HTTP/1.1 server: answers GET, HEAD and PUT on the store directory.
 //!
-//! Reads are allowed anywhere beneath the root; writes only to
-//! `/builds/<id>/artifacts/<path>`. Every request path goes through [`crate::path`] and every
-//! file operation through [`crate::files`], so no answer ever reads or writes outside the
-//! root. Each request is logged as one line on stderr once its response is ready. On
+//! Reads are allowed anywhere beneath the root (narrowed by `only_build` and by build
+//! tokens); writes only to `/builds/<id>/artifacts/<path>` and to `/cas/sha256/<hash>`. Every
+//! request path goes through [`crate::path`], every permission through [`crate::access`] and
+//! every file operation through [`crate::files`], so no answer ever reads or writes outside
+//! the root or outside what the caller may touch. A PUT is hashed as it arrives and kept only
+//! if it matches the digest the client named and fits the size limits; otherwise nothing is
+//! kept. Each request is logged as one line on stderr once its response is ready. On
 //! shutdown the server stops accepting, lets requests in flight finish for up to
 //! [`SHUTDOWN_GRACE`], then returns.
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::io;
+use std::io::{self, Read, Seek, SeekFrom};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::header::{
+    ACCEPT, ACCEPT_RANGES, ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG,
+    EXPECT, IF_NONE_MATCH, IF_RANGE, RANGE, WWW_AUTHENTICATE,
+};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Body as _, Frame, Incoming};
@@ -26,10 +32,13 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio_util::io::ReaderStream;
 
+use crate::access::{self, Access, TokenTable};
+use crate::digest::{self, DigestCache, Sha256, SHA256_HEADER};
 use crate::files::{self, FileError, Upload, Written};
+use crate::limits::{Reservation, UsageTable};
 use crate::path::StorePath;
+use crate::range::{self, ByteRange, RangeRequest};
 
 /// How long requests in flight may take to finish once shutdown is asked for.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -47,10 +56,21 @@ fn parse_mode(value: &HeaderValue) -> Result<u32, String> {
     }
 }
 
-/// Size of the chunks a file is read and sent in.
-const READ_CHUNK: usize = 256 * 1024;
+/// Size of the chunks a large file is read and sent in.
+const READ_CHUNK: usize = 1 << 20;
 
-/// What to serve.
+/// Chunks read ahead of the network.
+const READ_AHEAD: usize = 4;
+
+/// Files up to this size are read whole when opened, in the same blocking call.
+const SMALL_FILE: u64 = 64 * 1024;
+
+/// After refusing an upload midway, the store reads and discards up to this much of the rest
+/// of its body, so that the client (still sending) receives the answer instead of a reset.
+const DRAIN_LIMIT: u64 = 16 << 20;
+
+/// What to serve. Build it with [`StoreConfig::new`] and set the fields you need, so that
+/// fields added later keep their defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreConfig {
     /// The store directory. It must exist and be a directory.
@@ -60,6 +80,29 @@ pub struct StoreConfig {
     /// Serve only `/builds/<id>/…` of this build id; everything else is refused (403).
     /// This is how one build is kept from reading or writing another build's files.
     pub only_build: Option<String>,
+    /// Build tokens: when set, every request needs `Authorization: Bearer <token>` (401
+    /// otherwise) and may touch only its build's files (403 otherwise); see
+    /// [`crate::access::decide`]. A table loaded from a file is read again when the file
+    /// changes.
+    pub tokens: Option<TokenTable>,
+    /// Largest single upload, in bytes (413 beyond it).
+    pub max_artifact_bytes: Option<u64>,
+    /// Largest total under one build's `artifacts/`, in bytes (413 beyond it).
+    pub max_build_bytes: Option<u64>,
+}
+
+impl StoreConfig {
+    /// Serves `root` to everyone, no limits, no access log.
+    pub fn new(root: PathBuf) -> StoreConfig {
+        StoreConfig {
+            root,
+            access_log: false,
+            only_build: None,
+            tokens: None,
+            max_artifact_bytes: None,
+            max_build_bytes: None,
+        }
+    }
 }
 
 /// Why the store could not start.
@@ -82,16 +125,37 @@ pub enum StoreError {
     },
 }
 
+/// The token table in use, and the file it is read again from when that changes.
+#[derive(Debug)]
+struct Tokens {
+    table: RwLock<TokenTable>,
+    /// The file's modification time when last read.
+    loaded: Mutex<Option<SystemTime>>,
+}
+
 /// A store ready to serve: its root, resolved to a canonical path.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Store {
     root: PathBuf,
     access_log: bool,
     only_build: Option<String>,
+    tokens: Option<Tokens>,
+    max_artifact_bytes: Option<u64>,
+    max_build_bytes: Option<u64>,
+    usage: Arc<UsageTable>,
+    digests: Arc<DigestCache>,
 }
 
 /// The body of every response.
 type Body = BoxBody<Bytes, io::Error>;
+
+/// What a PUT may write to.
+enum Destination {
+    /// `/builds/<id>/artifacts/...`
+    Artifact { build: String },
+    /// `/cas/sha256/<hash>`: content must hash to its name.
+    Blob(Sha256),
+}
 
 impl Store {
     /// Checks the configured root and resolves it.
@@ -107,10 +171,19 @@ impl Store {
                 path: config.root.clone(),
             });
         }
+        let tokens = config.tokens.as_ref().map(|table| Tokens {
+            loaded: Mutex::new(table.source().and_then(modified)),
+            table: RwLock::new(table.clone()),
+        });
         Ok(Store {
             root,
             access_log: config.access_log,
             only_build: config.only_build.clone(),
+            tokens,
+            max_artifact_bytes: config.max_artifact_bytes,
+            max_build_bytes: config.max_build_bytes,
+            usage: Arc::default(),
+            digests: Arc::default(),
         })
     }
 
@@ -141,6 +214,9 @@ impl Store {
                 },
                 () = &mut shutdown => break,
             };
+            // Each response goes out in one write; do not let Nagle hold it back (nginx's
+            // tcp_nodelay, on by default, does the same).
+            let _ = stream.set_nodelay(true);
             let store = Arc::clone(&store);
             let service = service_fn(move |request| {
                 let store = Arc::clone(&store);
@@ -174,6 +250,9 @@ impl Store {
         peer: SocketAddr,
         request: Request<Incoming>,
     ) -> Response<Body> {
+        if !self.access_log {
+            return self.respond(request).await;
+        }
         let started = Instant::now();
         let method = request.method().clone();
         let target = request.uri().path().to_string();
@@ -187,13 +266,11 @@ impl Store {
                 .exact()
                 .map_or("-".to_string(), |n| n.to_string()),
         };
-        if self.access_log {
-            eprintln!(
-                "contractor-store: {peer} {method} {target} {} {length} {:.3}s",
-                response.status().as_u16(),
-                started.elapsed().as_secs_f64()
-            );
-        }
+        eprintln!(
+            "contractor-store: {peer} {method} {target} {} {length} {:.3}s",
+            response.status().as_u16(),
+            started.elapsed().as_secs_f64()
+        );
         response
     }
 
@@ -209,7 +286,12 @@ impl Store {
                 .insert(ALLOW, HeaderValue::from_static("GET, HEAD, PUT"));
             return response;
         }
-        let path = match StorePath::parse(request.uri().path()) {
+        let listing = method != Method::PUT && wants_listing(&request);
+        let mut raw_path = request.uri().path();
+        if listing && raw_path.len() > 1 {
+            raw_path = raw_path.strip_suffix('/').unwrap_or(raw_path);
+        }
+        let path = match StorePath::parse(raw_path) {
             Ok(path) => path,
             Err(e) => return text(StatusCode::FORBIDDEN, &format!("refused: {e}")),
         };
@@ -222,33 +304,170 @@ impl Store {
                 );
             }
         }
-        if method == Method::PUT {
-            let mode = match request.headers().get(MODE_HEADER).map(parse_mode) {
-                None => None,
-                Some(Ok(mode)) => Some(mode),
-                Some(Err(value)) => {
-                    return text(
-                        StatusCode::BAD_REQUEST,
-                        &format!("{MODE_HEADER}: {value:?} is not accepted; use 0644 or 0755"),
-                    )
+        if let Some(tokens) = &self.tokens {
+            let access = if method == Method::PUT {
+                Access::Write
+            } else {
+                Access::Read
+            };
+            let build = match self.token_build(tokens, request.headers()) {
+                Ok(build) => build,
+                Err(reason) => {
+                    let mut response = text(StatusCode::UNAUTHORIZED, &reason);
+                    response.headers_mut().insert(
+                        WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Bearer realm=\"contractor-store\""),
+                    );
+                    return response;
                 }
             };
-            self.put(&path, mode, request.into_body()).await
+            if let Err(reason) = access::decide(&build, &path, access) {
+                return text(StatusCode::FORBIDDEN, &reason);
+            }
+        }
+        if method == Method::PUT {
+            self.put(&path, request).await
+        } else if listing {
+            self.list(&path, request.headers(), method == Method::HEAD)
+                .await
         } else {
-            self.get(&path, method == Method::HEAD).await
+            self.get(&path, request.headers(), method == Method::HEAD)
+                .await
         }
     }
 
-    async fn get(&self, path: &StorePath, head_only: bool) -> Response<Body> {
-        let opened = match files::open_for_read(&self.root, path).await {
+    /// The build whose token the request carries, or why it is refused (401).
+    fn token_build(&self, tokens: &Tokens, headers: &HeaderMap) -> Result<String, String> {
+        let Some(value) = headers.get(AUTHORIZATION) else {
+            return Err(
+                "this store needs a build token: send 'Authorization: Bearer <token>'".into(),
+            );
+        };
+        let Some(token) = access::bearer(value.as_bytes()) else {
+            return Err("the Authorization header must be 'Bearer <token>'".into());
+        };
+        if let Some(build) = tokens
+            .table
+            .read()
+            .ok()
+            .and_then(|t| t.build_for(token).map(str::to_string))
+        {
+            return Ok(build);
+        }
+        // Unknown: the token file may have gained it since it was read.
+        if self.reload_tokens(tokens) {
+            if let Some(build) = tokens
+                .table
+                .read()
+                .ok()
+                .and_then(|t| t.build_for(token).map(str::to_string))
+            {
+                return Ok(build);
+            }
+        }
+        Err("the build token is not valid for this store".into())
+    }
+
+    /// Reads the token file again if it changed; whether it did.
+    fn reload_tokens(&self, tokens: &Tokens) -> bool {
+        let Some(source) = tokens
+            .table
+            .read()
+            .ok()
+            .and_then(|t| t.source().map(Path::to_path_buf))
+        else {
+            return false;
+        };
+        let Ok(mut loaded) = tokens.loaded.lock() else {
+            return false;
+        };
+        let now = modified(&source);
+        if now.is_none() || now == *loaded {
+            return false;
+        }
+        match TokenTable::load(&source) {
+            Ok(table) => {
+                if let Ok(mut current) = tokens.table.write() {
+                    *current = table;
+                }
+                *loaded = now;
+                true
+            }
+            Err(e) => {
+                // Keep the tokens already known; say why the new file was not taken.
+                eprintln!(
+                    "contractor-store: keeping the previous tokens: {}",
+                    chain(&e)
+                );
+                *loaded = now;
+                false
+            }
+        }
+    }
+
+    async fn get(&self, path: &StorePath, headers: &HeaderMap, head_only: bool) -> Response<Body> {
+        // Opening (and reading a small file whole) happens right here, on the async thread,
+        // as nginx does without thread pools: on a local disk these calls take microseconds,
+        // and handing each one to a blocking thread halved the rate of small GETs. Large
+        // files are read by a blocking thread (`file_stream`).
+        let opened = match files::open_for_read(&self.root, path, SMALL_FILE) {
             Ok(opened) => opened,
             Err(e) => return self.file_error(path, e),
         };
-        let body = if head_only {
+        let etag = opened.version.etag();
+        let len = opened.len;
+        let header_text = |name| {
+            headers
+                .get(name)
+                .and_then(|v: &HeaderValue| v.to_str().ok())
+        };
+        if header_text(IF_NONE_MATCH).is_some_and(|value| range::none_match(value, &etag)) {
+            let mut response = status_only(StatusCode::NOT_MODIFIED);
+            insert_etag(response.headers_mut(), &etag);
+            return response;
+        }
+        let mut wanted = match header_text(RANGE) {
+            Some(value)
+                if header_text(IF_RANGE).is_none_or(|v| range::if_range_allows(v, &etag)) =>
+            {
+                range::parse_range(value, len)
+            }
+            _ => RangeRequest::Whole,
+        };
+        if wanted == RangeRequest::Unsatisfiable {
+            let mut response = text(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                &format!("{path}: the range asked for lies beyond its {len} bytes"),
+            );
+            response
+                .headers_mut()
+                .insert(CONTENT_RANGE, header_value(&format!("bytes */{len}")));
+            return response;
+        }
+        if let RangeRequest::Part(part) = wanted {
+            if part.start == 0 && part.end + 1 == len {
+                wanted = RangeRequest::Whole;
+            }
+        }
+        let part = match wanted {
+            RangeRequest::Part(part) => part,
+            _ if len == 0 => ByteRange { start: 0, end: 0 },
+            _ => ByteRange {
+                start: 0,
+                end: len - 1,
+            },
+        };
+        let body_len = if len == 0 { 0 } else { part.len() };
+        let body = if head_only || body_len == 0 {
             Empty::new().map_err(|never| match never {}).boxed()
+        } else if let Some(content) = opened.content {
+            // Both ends are within the file, which is at most SMALL_FILE bytes.
+            let (start, end) = (part.start as usize, part.end as usize + 1);
+            Full::new(content.slice(start..end))
+                .map_err(|never| match never {})
+                .boxed()
         } else {
-            let chunks = ReaderStream::with_capacity(opened.file, READ_CHUNK).map_ok(Frame::data);
-            BodyExt::boxed(StreamBody::new(chunks))
+            file_stream(opened.file, part.start, body_len)
         };
         let mut response = Response::new(body);
         let headers = response.headers_mut();
@@ -256,23 +475,115 @@ impl Store {
             CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),
         );
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(opened.len));
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(body_len));
+        headers.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        insert_etag(headers, &etag);
+        if wanted != RangeRequest::Whole {
+            headers.insert(
+                CONTENT_RANGE,
+                header_value(&format!("bytes {}-{}/{len}", part.start, part.end)),
+            );
+            *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+        }
         response
     }
 
-    async fn put(&self, path: &StorePath, mode: Option<u32>, mut body: Incoming) -> Response<Body> {
-        if !path.is_artifact() {
-            return text(
-                StatusCode::FORBIDDEN,
-                &format!(
-                    "refused: cannot write {path}; writes are allowed only under \
-                     /builds/<id>/artifacts/<path>"
-                ),
-            );
+    /// A JSON listing of a directory; a file is served as by [`Store::get`].
+    async fn list(&self, path: &StorePath, headers: &HeaderMap, head_only: bool) -> Response<Body> {
+        let (root, wanted, digests) = (self.root.clone(), path.clone(), Arc::clone(&self.digests));
+        let listed =
+            tokio::task::spawn_blocking(move || files::list_directory(&root, &wanted, &digests))
+                .await;
+        let listing = match listed {
+            Ok(Ok(listing)) => listing,
+            Ok(Err(FileError::NotADirectory { .. })) => {
+                return self.get(path, headers, head_only).await
+            }
+            Ok(Err(e)) => return self.file_error(path, e),
+            Err(e) => return self.internal(path, &e),
+        };
+        let mut json = match serde_json::to_vec(&listing) {
+            Ok(json) => json,
+            Err(e) => return self.internal(path, &e),
+        };
+        json.push(b'\n');
+        let len = json.len();
+        let body = if head_only {
+            Empty::new().map_err(|never| match never {}).boxed()
+        } else {
+            Full::new(Bytes::from(json))
+                .map_err(|never| match never {})
+                .boxed()
+        };
+        let mut response = Response::new(body);
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response
+            .headers_mut()
+            .insert(CONTENT_LENGTH, HeaderValue::from(len));
+        response
+    }
+
+    async fn put(&self, path: &StorePath, request: Request<Incoming>) -> Response<Body> {
+        let (parts, mut body) = request.into_parts();
+        let headers = &parts.headers;
+        let destination = match destination(path) {
+            Ok(destination) => destination,
+            Err(reason) => return text(StatusCode::FORBIDDEN, &reason),
+        };
+        let mode = match headers.get(MODE_HEADER).map(parse_mode) {
+            None => None,
+            Some(Ok(mode)) => Some(mode),
+            Some(Err(value)) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    &format!("{MODE_HEADER}: {value:?} is not accepted; use 0644 or 0755"),
+                )
+            }
+        };
+        let named = digest::expected_digest(
+            headers.get(SHA256_HEADER).map(HeaderValue::as_bytes),
+            headers.get_all("digest").iter().map(HeaderValue::as_bytes),
+        );
+        let mut expected = match named {
+            Ok(expected) => expected,
+            Err(reason) => return text(StatusCode::BAD_REQUEST, &reason),
+        };
+        if let Destination::Blob(name) = &destination {
+            if expected.is_some_and(|e| e != *name) {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    &format!("{path}: the request's digest differs from the blob's name"),
+                );
+            }
+            expected = Some(*name);
         }
+        let declared = body.size_hint().exact();
+        // What to read and discard of a body refused before its first byte: nothing if the
+        // client waits for "100 Continue" (it will not send), else what it declared.
+        let expects_continue = headers
+            .get(EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let unread = if expects_continue {
+            0
+        } else {
+            declared.unwrap_or(DRAIN_LIMIT)
+        };
+        if let (Some(max), Some(declared)) = (self.max_artifact_bytes, declared) {
+            if declared > max {
+                let response = self.too_large_artifact(path, declared, max);
+                return drain_then(body, unread, response).await;
+            }
+        }
+        let mut reservation = match self.reserve(&destination, declared.unwrap_or(0)).await {
+            Ok(reservation) => reservation,
+            Err(response) => return drain_then(body, unread, response).await,
+        };
+
         let mut upload = match Upload::begin(&self.root, path).await {
             Ok(upload) => upload,
-            Err(e) => return self.file_error(path, e),
+            Err(e) => return drain_then(body, unread, self.file_error(path, e)).await,
         };
         while let Some(frame) = body.frame().await {
             let frame = match frame {
@@ -286,27 +597,125 @@ impl Store {
                     )
                 }
             };
-            if let Ok(data) = frame.into_data() {
-                if let Err(e) = upload.write(&data).await {
-                    return self.file_error(path, e);
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let received = upload.len() + data.len() as u64;
+            if let Some(max) = self.max_artifact_bytes {
+                if received > max {
+                    drop(upload);
+                    let response = self.too_large_artifact(path, received, max);
+                    return drain_then(body, DRAIN_LIMIT, response).await;
                 }
             }
+            if let Some(reservation) = &mut reservation {
+                if let Err(over) = reservation.cover(received) {
+                    drop(upload);
+                    let response = self.too_large_build(&destination, over.would_be);
+                    return drain_then(body, DRAIN_LIMIT, response).await;
+                }
+            }
+            if let Err(e) = upload.write(data).await {
+                drop(upload);
+                return drain_then(body, DRAIN_LIMIT, self.file_error(path, e)).await;
+            }
         }
-        match upload.commit(mode).await {
-            Ok(Written::Created) => status_only(StatusCode::CREATED),
-            Ok(Written::Replaced) => status_only(StatusCode::NO_CONTENT),
-            Err(e) => self.file_error(path, e),
+        let committed = match upload.commit(mode, expected).await {
+            Ok(committed) => committed,
+            Err(e) => return self.file_error(path, e),
+        };
+        self.digests.record(committed.version, committed.sha256);
+        if let Some(reservation) = reservation {
+            reservation.settle(committed.len, committed.replaced_len);
         }
+        let mut response = status_only(match committed.written {
+            Written::Created => StatusCode::CREATED,
+            Written::Replaced => StatusCode::NO_CONTENT,
+        });
+        response
+            .headers_mut()
+            .insert(SHA256_HEADER, header_value(&committed.sha256.to_hex()));
+        response
+    }
+
+    /// Reserves `bytes` against the build's limit, when there is one; the error is the
+    /// response to send.
+    async fn reserve(
+        &self,
+        destination: &Destination,
+        bytes: u64,
+    ) -> Result<Option<Reservation>, Response<Body>> {
+        let (Some(limit), Destination::Artifact { build }) = (self.max_build_bytes, destination)
+        else {
+            return Ok(None);
+        };
+        let usage = Arc::clone(&self.usage);
+        let artifacts = self.root.join("builds").join(build).join("artifacts");
+        let id = build.clone();
+        let reserved =
+            tokio::task::spawn_blocking(move || usage.reserve(&id, &artifacts, limit, bytes)).await;
+        match reserved {
+            Ok(Ok(Ok(reservation))) => Ok(Some(reservation)),
+            Ok(Ok(Err(over))) => Err(self.too_large_build(destination, over.would_be)),
+            Ok(Err(e)) => {
+                eprintln!("contractor-store: cannot measure build {build}: {e}");
+                Err(text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("cannot measure the artifacts of build {build}: internal error"),
+                ))
+            }
+            Err(e) => Err(text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("cannot measure the artifacts of build {build}: {e}"),
+            )),
+        }
+    }
+
+    fn too_large_artifact(&self, path: &StorePath, size: u64, max: u64) -> Response<Body> {
+        text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!(
+                "{path}: an upload may hold at most {max} bytes (--max-artifact-bytes); this \
+                 one has at least {size}; nothing was stored"
+            ),
+        )
+    }
+
+    fn too_large_build(&self, destination: &Destination, would_be: u64) -> Response<Body> {
+        let (build, limit) = match destination {
+            Destination::Artifact { build } => (build.as_str(), self.max_build_bytes.unwrap_or(0)),
+            Destination::Blob(_) => ("?", 0),
+        };
+        text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!(
+                "build {build} may store at most {limit} bytes of artifacts \
+                 (--max-build-bytes); this upload would bring it to at least {would_be}; \
+                 nothing was stored"
+            ),
+        )
     }
 
     /// The response for a failed file operation; server-side failures are also logged.
     fn file_error(&self, path: &StorePath, error: FileError) -> Response<Body> {
+        if error.is_disk_full() {
+            eprintln!("contractor-store: {}", chain(&error));
+            return text(
+                StatusCode::INSUFFICIENT_STORAGE,
+                &format!(
+                    "cannot store {path}: the store's disk is full; nothing of this upload \
+                     was kept and files already stored are unchanged; free space on the \
+                     host and retry"
+                ),
+            );
+        }
         let status = match &error {
             FileError::NotFound => StatusCode::NOT_FOUND,
             FileError::Escapes { .. } | FileError::SymlinkInPath { .. } => StatusCode::FORBIDDEN,
             FileError::NotADirectory { .. } | FileError::IsADirectory { .. } => {
                 StatusCode::CONFLICT
             }
+            FileError::DigestMismatch { .. } => StatusCode::BAD_REQUEST,
             FileError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         // The client sees paths relative to the store, never the host's absolute paths.
@@ -326,12 +735,25 @@ impl Store {
                 )
             }
             FileError::IsADirectory { .. } => format!("cannot write {path}: it is a directory"),
+            FileError::DigestMismatch { expected, actual } => format!(
+                "{path}: the content has SHA-256 {actual} but the request said {expected}; \
+                 nothing was stored"
+            ),
             FileError::Io { .. } => {
                 eprintln!("contractor-store: {}", chain(&error));
                 format!("{path}: internal error")
             }
         };
         text(status, &reason)
+    }
+
+    /// A 500 for a failure that is not the client's (logged).
+    fn internal(&self, path: &StorePath, error: &dyn std::error::Error) -> Response<Body> {
+        eprintln!("contractor-store: {path}: {}", chain(error));
+        text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("{path}: internal error"),
+        )
     }
 
     /// `file` as the client would name it: `/` plus its path beneath the root.
@@ -383,4 +805,117 @@ fn chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// Where a PUT to `path` writes, or why it may not (403).
+fn destination(path: &StorePath) -> Result<Destination, String> {
+    if path.is_artifact() {
+        return Ok(Destination::Artifact {
+            build: path.names()[1].clone(),
+        });
+    }
+    if let [cas, algorithm, name] = path.names() {
+        if cas == "cas" && algorithm == "sha256" {
+            return match Sha256::from_hex(name) {
+                Some(digest) if digest.to_hex() == *name => Ok(Destination::Blob(digest)),
+                _ => Err(format!(
+                    "refused: {path}: a blob's name must be its SHA-256 as 64 lower-case hex \
+                     digits"
+                )),
+            };
+        }
+    }
+    Err(format!(
+        "refused: cannot write {path}; writes are allowed only under \
+         /builds/<id>/artifacts/<path> and to /cas/sha256/<sha256>"
+    ))
+}
+
+/// Whether a GET asks for a JSON listing: `?json` in the query or JSON in `Accept`.
+fn wants_listing(request: &Request<Incoming>) -> bool {
+    let query = request.uri().query().unwrap_or("");
+    let in_query = query
+        .split('&')
+        .any(|item| item == "json" || item.starts_with("json="));
+    let accepts_json = request
+        .headers()
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/json"));
+    in_query || accepts_json
+}
+
+/// Reads and discards up to `limit` more bytes of `body` (for at most a few seconds), then
+/// answers `response`: a client that is still sending then reads the answer rather than a
+/// connection reset.
+async fn drain_then(mut body: Incoming, limit: u64, response: Response<Body>) -> Response<Body> {
+    let limit = limit.min(DRAIN_LIMIT);
+    if limit == 0 {
+        return response;
+    }
+    let drain = async {
+        let mut seen = 0u64;
+        while seen <= limit {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                }
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+    response
+}
+
+/// `len` bytes of `file` from `start`, read ahead by a blocking thread in large chunks.
+fn file_stream(mut file: std::fs::File, start: u64, len: u64) -> Body {
+    let (sender, mut receiver) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(READ_AHEAD);
+    tokio::task::spawn_blocking(move || {
+        if start > 0 {
+            if let Err(e) = file.seek(SeekFrom::Start(start)) {
+                let _ = sender.blocking_send(Err(e));
+                return;
+            }
+        }
+        let mut remaining = len;
+        while remaining > 0 {
+            let want = remaining.min(READ_CHUNK as u64);
+            let mut chunk = Vec::with_capacity(want as usize);
+            let read = (&mut file).take(want).read_to_end(&mut chunk);
+            let message = match read {
+                Ok(0) => Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the file shrank while it was being sent",
+                )),
+                Ok(n) => {
+                    remaining -= n as u64;
+                    Ok(Bytes::from(chunk))
+                }
+                Err(e) => Err(e),
+            };
+            let failed = message.is_err();
+            // The receiver is gone when the client hung up: stop reading.
+            if sender.blocking_send(message).is_err() || failed {
+                return;
+            }
+        }
+    });
+    let chunks = futures::stream::poll_fn(move |cx| receiver.poll_recv(cx)).map_ok(Frame::data);
+    BodyExt::boxed(StreamBody::new(chunks))
+}
+
+fn insert_etag(headers: &mut HeaderMap, etag: &str) {
+    headers.insert(ETAG, header_value(etag));
+}
+
+/// A header value made of printable ASCII (what the store builds itself).
+fn header_value(text: &str) -> HeaderValue {
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// The modification time of `path`, if it can be read.
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }

@@ -4,9 +4,12 @@
 //! request flags are allowed); without it the request is built from flags. Either way the
 //! tool prints exactly one `VmResult` object on stdout, messages on stderr, and exits with a
 //! `contractor_protocol::ExitCode` (2 for bad input, 3 when libvirt or the host fails).
+//! With `--json-errors` an error is also written on stdout as one JSON object
+//! (`{"type":"error","version":1,"code":...,"chain":[...]}`), so that a pipeline can read
+//! why the tool failed; a bad JSON request is reported with its line, column and field.
 //! Core modules never see clap types: this module turns them into a `VmRequest`.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -35,8 +38,19 @@ A JSON create request (`contractor-vm create --json < request.json`):
             "console_log": "/var/tmp/contractor/console.log",
             "work_dir": "/var/tmp/contractor"}}
 
-Input: with --json the request is read from stdin, otherwise it is built from flags.
-Output: exactly one JSON object on stdout ({"type":"vm"|"destroyed"|"list",...}).
+The answer on stdout (one line; `create` and `status` answer with a "vm" object):
+  {"type":"vm","version":1,"vm":{"name":"contractor-6a09fb207ea6","uri":"qemu:///system",
+   "state":"running","control_socket":"/var/lib/libvirt/qemu/channel/target/domain-29-contractor-6a09fb207/org.contractor.control",
+   "tunnel_socket":"/var/lib/libvirt/qemu/channel/target/domain-29-contractor-6a09fb207/org.contractor.tunnel",
+   "overlay":"/var/lib/contractor/vms/contractor-6a09fb207ea6.qcow2","accel":"tcg"}}
+
+With --json-errors, a failure is also written on stdout as one JSON object:
+  {"type":"error","version":1,"code":"libvirt_unreachable","chain":["cannot connect to libvirt at qemu:///system: ...","..."]}
+
+Input: with --json the request is read from stdin, otherwise it is built from flags. A bad
+request is reported with its line, column and field.
+Output: exactly one JSON object on stdout ({"type":"vm"|"destroyed"|"list",...}); with
+--json-errors, an "error" object when the tool fails.
 Exit codes: 0 done, 2 bad input (flags, JSON, names, missing files), 3 libvirt or host
 failure, 130 a held VM was ended by SIGINT/SIGTERM.
 The URI defaults to $CONTRACTOR_LIBVIRT_URI, else qemu:///system for root and
@@ -48,6 +62,10 @@ Ownership: a VM made by `create` belongs to the calling process (this tool's par
 #[derive(Debug, Parser)]
 #[command(name = "contractor-vm", version, after_long_help = EXAMPLE)]
 pub struct Cli {
+    /// On failure, also write the error on stdout as one JSON object
+    /// ({"type":"error","version":1,"code":...,"chain":[...]}).
+    #[arg(long, global = true)]
+    pub json_errors: bool,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -185,8 +203,13 @@ pub enum CliError {
     #[error("--json was given but stdin is empty: pipe one JSON request into it")]
     NoRequest,
     /// stdin held invalid JSON or an invalid request.
-    #[error("bad JSON request on stdin{}", position(.0))]
-    Json(#[source] serde_json::Error),
+    #[error("bad JSON request on stdin{at}: {detail}")]
+    Json {
+        /// ` at line L, column C, in `field``, as far as it is known.
+        at: String,
+        /// What serde found wrong.
+        detail: String,
+    },
     /// The request's type does not match the subcommand.
     #[error("stdin holds a `{got}` request but the subcommand is `{expected}`")]
     WrongType {
@@ -203,27 +226,323 @@ pub enum CliError {
     Output(#[source] JsonlError),
 }
 
-/// ` at line L, column C` when serde knows where (it does not for errors inside a tagged
-/// request, whose message names the field instead).
-fn position(e: &serde_json::Error) -> String {
-    if e.line() == 0 {
-        String::new()
-    } else {
-        format!(" at line {}, column {}", e.line(), e.column())
-    }
-}
-
 impl CliError {
     /// The exit code for this error.
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            CliError::Json(_) | CliError::NoRequest | CliError::WrongType { .. } => {
+            CliError::Json { .. } | CliError::NoRequest | CliError::WrongType { .. } => {
                 ExitCode::BadInput
             }
             CliError::Vm(e) => e.exit_code(),
             CliError::Stdin(_) | CliError::Output(_) => ExitCode::Infrastructure,
         }
     }
+
+    /// The machine-readable `code` of the error object `--json-errors` prints.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CliError::Stdin(_) => "stdin",
+            CliError::NoRequest => "no_request",
+            CliError::Json { .. } => "bad_json",
+            CliError::WrongType { .. } => "wrong_request_type",
+            CliError::Output(_) => "stdout",
+            CliError::Vm(e) => match e {
+                VmError::Name(_) => "bad_name",
+                VmError::BadSpec { .. } => "bad_spec",
+                VmError::MissingFile { .. } => "missing_file",
+                VmError::Connect { .. } => "libvirt_unreachable",
+                VmError::NotFound { .. } => "not_found",
+                VmError::Overlay(_) => "overlay",
+                VmError::Xml(_) => "domain_xml",
+                VmError::Libvirt { .. } => "libvirt",
+                VmError::Unsupported { .. } => "unsupported",
+            },
+        }
+    }
+}
+
+/// The error object of `--json-errors`: `{"type":"error","version":1,"code":...,"chain":[...]}`.
+/// contractor-run prints the same shape.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "type", rename = "error")]
+pub struct ErrorObject {
+    /// Protocol version, 1.
+    pub version: u32,
+    /// A short machine-readable code, e.g. `bad_json`, `libvirt_unreachable`.
+    pub code: String,
+    /// The error and its causes, outermost first.
+    pub chain: Vec<String>,
+}
+
+impl ErrorObject {
+    /// The object for `error`: its message, then each cause's.
+    pub fn new(code: &str, error: &(dyn std::error::Error + 'static)) -> ErrorObject {
+        let mut chain = vec![error.to_string()];
+        let mut source = error.source();
+        while let Some(cause) = source {
+            chain.push(cause.to_string());
+            source = cause.source();
+        }
+        ErrorObject {
+            version: PROTOCOL_VERSION,
+            code: code.to_string(),
+            chain,
+        }
+    }
+}
+
+/// The structure of a JSON text read byte by byte: the open containers and the current key.
+/// Enough to name the field at an error's position, to find where the first value ends, and
+/// to find each top-level member's value.
+#[derive(Debug, Default)]
+struct JsonCursor {
+    stack: Vec<Frame>,
+    in_string: bool,
+    escaped: bool,
+    string: Vec<u8>,
+    started: bool,
+}
+
+#[derive(Debug)]
+enum Frame {
+    Object {
+        key: Option<String>,
+        expect_key: bool,
+    },
+    Array {
+        index: usize,
+    },
+}
+
+impl JsonCursor {
+    fn feed(&mut self, byte: u8) {
+        if self.in_string {
+            if self.escaped {
+                self.escaped = false;
+            } else if byte == b'\\' {
+                self.escaped = true;
+            } else if byte == b'"' {
+                self.in_string = false;
+                if let Some(Frame::Object { key, expect_key }) = self.stack.last_mut() {
+                    if *expect_key {
+                        *key = Some(String::from_utf8_lossy(&self.string).into_owned());
+                        *expect_key = false;
+                    }
+                }
+                return;
+            }
+            self.string.push(byte);
+            return;
+        }
+        if !byte.is_ascii_whitespace() {
+            self.started = true;
+        }
+        match byte {
+            b'"' => {
+                self.in_string = true;
+                self.string.clear();
+            }
+            b'{' => self.stack.push(Frame::Object {
+                key: None,
+                expect_key: true,
+            }),
+            b'[' => self.stack.push(Frame::Array { index: 0 }),
+            b'}' | b']' => {
+                self.stack.pop();
+            }
+            b',' => match self.stack.last_mut() {
+                Some(Frame::Object { key, expect_key }) => {
+                    *key = None;
+                    *expect_key = true;
+                }
+                Some(Frame::Array { index }) => *index += 1,
+                None => {}
+            },
+            _ => {}
+        }
+    }
+
+    /// The field the cursor is in: `spec.image.kernel`, `job.artifacts[0]`.
+    fn path(&self) -> String {
+        let mut path = String::new();
+        for frame in &self.stack {
+            match frame {
+                Frame::Object { key: Some(key), .. } if path.is_empty() => path.push_str(key),
+                Frame::Object { key: Some(key), .. } => {
+                    path.push('.');
+                    path.push_str(key);
+                }
+                Frame::Object { key: None, .. } => break,
+                Frame::Array { index } => path.push_str(&format!("[{index}]")),
+            }
+        }
+        path
+    }
+
+    /// True once a whole value has been read and `byte` (just fed) ended it.
+    fn ended_first_value(&self, byte: u8) -> bool {
+        self.started
+            && self.stack.is_empty()
+            && !self.in_string
+            && matches!(byte, b'}' | b']' | b'\n')
+    }
+}
+
+/// The byte offset of serde_json's (line, column) in `text`.
+fn offset_of(text: &str, line: usize, column: usize) -> usize {
+    let line_start: usize = text
+        .split_inclusive('\n')
+        .take(line.saturating_sub(1))
+        .map(str::len)
+        .sum();
+    (line_start + column).min(text.len())
+}
+
+/// serde_json's (line, column) of a byte offset in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text.as_bytes()[..offset.min(text.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let column = before.len()
+        - before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+    (line, column)
+}
+
+/// The field at a byte offset: the container the offset is in, unless the byte just before it
+/// opened that container (then the error is about the container itself).
+fn field_at(text: &str, offset: usize) -> String {
+    let mut cursor = JsonCursor::default();
+    let bytes = &text.as_bytes()[..offset.min(text.len())];
+    for &b in bytes {
+        cursor.feed(b);
+    }
+    if !cursor.in_string
+        && matches!(
+            bytes.iter().rev().find(|b| !b.is_ascii_whitespace()),
+            Some(b'{' | b'[')
+        )
+    {
+        cursor.stack.pop();
+    }
+    cursor.path()
+}
+
+/// Each top-level member of an object: its key, the offset of its `:`, its value's bytes.
+fn top_level_members(text: &str) -> Vec<(String, usize, std::ops::Range<usize>)> {
+    let mut cursor = JsonCursor::default();
+    let mut members = Vec::new();
+    let mut current: Option<(String, usize, Option<usize>)> = None;
+    for (i, &b) in text.as_bytes().iter().enumerate() {
+        let top = cursor.stack.len() == 1 && !cursor.in_string;
+        cursor.feed(b);
+        if !top {
+            continue;
+        }
+        match b {
+            b',' | b'}' => {
+                if let Some((key, colon, Some(start))) = current.take() {
+                    members.push((key, colon, start..i));
+                }
+            }
+            b':' => {
+                if let Some(Frame::Object { key: Some(key), .. }) = cursor.stack.last() {
+                    current = Some((key.clone(), i, None));
+                }
+            }
+            _ if b.is_ascii_whitespace() => {}
+            _ => {
+                if let Some((_, _, start @ None)) = &mut current {
+                    *start = Some(i);
+                }
+            }
+        }
+    }
+    members
+}
+
+/// serde's message without its ` at line L column C` suffix.
+fn detail(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    text.strip_suffix(&suffix).unwrap_or(&text).to_string()
+}
+
+fn at(line: usize, column: usize, field: &str) -> String {
+    if field.is_empty() {
+        format!(" at line {line}, column {column}")
+    } else {
+        format!(" at line {line}, column {column}, in `{field}`")
+    }
+}
+
+/// The error for a request that did not parse, with its line, column and field. serde knows
+/// the position of syntax errors and of errors in plain structs; inside a tagged request
+/// (`VmRequest`) it does not, so each top-level member is parsed again on its own to find it.
+fn json_error(text: &str, e: serde_json::Error) -> CliError {
+    if e.line() != 0 {
+        let field = field_at(text, offset_of(text, e.line(), e.column()));
+        return CliError::Json {
+            at: at(e.line(), e.column(), &field),
+            detail: detail(&e),
+        };
+    }
+    for (key, colon, value) in top_level_members(text) {
+        let sub = &text[value.clone()];
+        let sub_error = match key.as_str() {
+            "spec" => serde_json::from_str::<VmSpec>(sub).err(),
+            "version" => serde_json::from_str::<u32>(sub).err(),
+            "type" | "uri" | "name" => serde_json::from_str::<String>(sub).err(),
+            _ => None,
+        };
+        if let Some(sub_error) = sub_error.filter(|s| s.line() != 0) {
+            let offset = value.start + offset_of(sub, sub_error.line(), sub_error.column());
+            let inner = field_at(sub, offset_of(sub, sub_error.line(), sub_error.column()));
+            let field = if inner.is_empty() {
+                key
+            } else if inner.starts_with('[') {
+                format!("{key}{inner}")
+            } else {
+                format!("{key}.{inner}")
+            };
+            let (line, column) = line_column(text, offset);
+            return CliError::Json {
+                at: at(line, column, &field),
+                detail: detail(&sub_error),
+            };
+        }
+        if detail(&e).starts_with(&format!("unknown field `{key}`")) {
+            let (line, column) = line_column(text, colon);
+            return CliError::Json {
+                at: at(line, column, &key),
+                detail: detail(&e),
+            };
+        }
+    }
+    CliError::Json {
+        at: String::new(),
+        detail: detail(&e),
+    }
+}
+
+/// Reads stdin up to the end of its first JSON value (a request object), leaving the rest
+/// unread.
+fn read_first_value<R: BufRead>(input: R) -> Result<String, CliError> {
+    let mut cursor = JsonCursor::default();
+    let mut text = Vec::new();
+    for byte in input.bytes() {
+        let byte = byte.map_err(CliError::Stdin)?;
+        text.push(byte);
+        cursor.feed(byte);
+        if cursor.ended_first_value(byte) {
+            break;
+        }
+    }
+    String::from_utf8(text).map_err(|e| CliError::Json {
+        at: String::new(),
+        detail: format!("the request is not UTF-8 ({e})"),
+    })
 }
 
 /// The `type` tag of a request.
@@ -239,26 +558,23 @@ pub fn request_type(request: &VmRequest) -> &'static str {
 /// Parses one JSON request and checks its type is `expected`. Trailing data after the
 /// object is left unread only when `rest_allowed` (for `create --hold`, whose stdin stays
 /// open to hold the VM).
-pub fn parse_request<R: Read>(
+pub fn parse_request<R: BufRead>(
     input: R,
     expected: &'static str,
     rest_allowed: bool,
 ) -> Result<VmRequest, CliError> {
-    let request = if rest_allowed {
-        let mut stream = serde_json::Deserializer::from_reader(input).into_iter::<VmRequest>();
-        match stream.next() {
-            None => return Err(CliError::NoRequest),
-            Some(r) => r.map_err(CliError::Json)?,
-        }
+    let text = if rest_allowed {
+        read_first_value(input)?
     } else {
         let mut text = String::new();
         let mut input = input;
         input.read_to_string(&mut text).map_err(CliError::Stdin)?;
-        if text.trim().is_empty() {
-            return Err(CliError::NoRequest);
-        }
-        serde_json::from_str(&text).map_err(CliError::Json)?
+        text
     };
+    if text.trim().is_empty() {
+        return Err(CliError::NoRequest);
+    }
+    let request: VmRequest = serde_json::from_str(&text).map_err(|e| json_error(&text, e))?;
     let got = request_type(&request);
     if got == expected {
         Ok(request)
@@ -311,20 +627,36 @@ pub fn run() -> std::process::ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::BadInput.into()
-            } else {
-                ExitCode::Success.into()
-            };
+            if !e.use_stderr() {
+                return ExitCode::Success.into();
+            }
+            if std::env::args_os().any(|a| a == "--json-errors") {
+                let rendered = e.render().to_string();
+                let message = rendered.lines().next().unwrap_or_default();
+                print_error(&ErrorObject {
+                    version: PROTOCOL_VERSION,
+                    code: String::from("usage"),
+                    chain: vec![message.trim_start_matches("error: ").to_string()],
+                });
+            }
+            return ExitCode::BadInput.into();
         }
     };
     match execute(cli.command) {
         Ok(code) => code.into(),
         Err(e) => {
             report(&e);
+            if cli.json_errors {
+                print_error(&ErrorObject::new(e.code(), &e));
+            }
             e.exit_code().into()
         }
     }
+}
+
+/// Writes the error object on stdout (best effort: stdout may be what failed).
+fn print_error(error: &ErrorObject) {
+    let _ = write_line(&mut io::stdout().lock(), error);
 }
 
 /// Prints an error and its chain of causes on one stderr line.
@@ -577,6 +909,49 @@ mod tests {
                 got: "status"
             })
         ));
+    }
+
+    #[test]
+    fn errors_inside_a_tagged_request_name_line_column_and_field() {
+        let message = |text: &str| {
+            parse_request(text.as_bytes(), "create", false)
+                .expect_err("bad request")
+                .to_string()
+        };
+        let kernel = "{\"type\":\"create\",\"version\":1,\"uri\":\"q\",\n \"spec\":{\"image\":{\"disk\":\"/d\",\n \"kernel\":5}}}";
+        let m = message(kernel);
+        assert!(
+            m.contains("at line 3, column 11, in `spec.image.kernel`: invalid type"),
+            "{m}"
+        );
+        let version = "{\"type\":\"create\",\n\"version\":\"1\"}";
+        let m = message(version);
+        assert!(m.contains("line 2, column 13, in `version`"), "{m}");
+        let unknown = "{\"type\":\"create\",\n  \"extra\":1}";
+        let m = message(unknown);
+        assert!(
+            m.contains("line 2, column 9, in `extra`: unknown field"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn the_first_value_ends_at_its_closing_brace() {
+        let mut input: &[u8] = b"{\"a\":\"}\\\"{\",\"b\":[{}]} rest";
+        let text = read_first_value(&mut input).expect("read");
+        assert_eq!(text, "{\"a\":\"}\\\"{\",\"b\":[{}]}");
+        assert_eq!(input, b" rest");
+    }
+
+    #[test]
+    fn json_errors_object_has_the_documented_shape() {
+        let err = CliError::NoRequest;
+        let object = ErrorObject::new(err.code(), &err);
+        let line = serde_json::to_string(&object).expect("serialize");
+        assert_eq!(
+            line,
+            r#"{"type":"error","version":1,"code":"no_request","chain":["--json was given but stdin is empty: pipe one JSON request into it"]}"#
+        );
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub struct Proxy {
     /// Where it listens, from its ready line.
     pub addr: SocketAddr,
     decisions: mpsc::Receiver<Result<Decision, String>>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Proxy {
@@ -34,10 +35,24 @@ impl Proxy {
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start contractor-proxy");
         let stdout = child.stdout.take().expect("piped stdout");
+        let mut stderr_pipe = child.stderr.take().expect("piped stderr");
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let collected = std::sync::Arc::clone(&stderr);
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr_pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut text) = collected.lock() {
+                    text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+        });
         let mut lines = JsonlReader::new(BufReader::new(stdout));
         let ready: Ready = lines
             .next_message()
@@ -67,7 +82,13 @@ impl Proxy {
             child,
             addr: ready.addr,
             decisions,
+            stderr,
         }
+    }
+
+    /// What the proxy wrote on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     /// The next decision line.
@@ -255,4 +276,39 @@ pub fn echo_server() -> SocketAddr {
         }
     });
     addr
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A server on 127.0.0.1 that runs `handle` on each connection in its own thread.
+pub fn serve_each(handle: fn(TcpStream)) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            thread::spawn(move || handle(stream));
+        }
+    });
+    addr
+}
+
+/// Reads up to and including the blank line after a head.
+pub fn read_request_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read_exact(&mut byte).is_err() {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
 }

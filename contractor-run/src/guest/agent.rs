@@ -133,6 +133,9 @@ impl AgentError {
             AgentError::ArtifactMissing { .. } | AgentError::BadPattern { .. } => {
                 "artifact_missing"
             }
+            AgentError::StoreStatus { status, .. } if *status == StatusCode::PAYLOAD_TOO_LARGE => {
+                "limit_max_artifacts"
+            }
             AgentError::Store { .. } | AgentError::StoreStatus { .. } => "store",
             AgentError::Spawn(_) => "spawn",
             _ => "agent",

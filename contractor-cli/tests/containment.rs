@@ -1,0 +1,470 @@
+//! The containment acceptance suite: builds whose scripts attack, each checked to have
+//! failed *and* to have left the host unchanged; limits; and the failures the machinery
+//! must survive (a killed front end, Ctrl-C, a dying agent, a guest kernel panic, several
+//! builds at once). docs/security.md lists each scenario with the test that checks it.
+
+mod util;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use contractor_protocol::result::{Limit, Outcome};
+use util::{
+    assert_no_vm_left, latest_result, libvirt_domains, sha256, small_spec, vm_name_in, Project,
+};
+
+fn random_token() -> String {
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .expect("urandom");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The value printed by the script's `check NAME VALUE` lines.
+fn check<'a>(log: &'a str, name: &str) -> &'a str {
+    log.lines()
+        .find_map(|l| l.strip_prefix(&format!("CHECK {name} ")))
+        .unwrap_or_else(|| panic!("no CHECK {name} in the log:\n{log}"))
+}
+
+#[test]
+fn a_hostile_build_reaches_nothing_but_the_proxy_and_its_own_store_files() {
+    let secret = format!("contractor-secret-{}", random_token());
+    let host_secret = std::env::temp_dir().join(&secret);
+    std::fs::write(&host_secret, &secret).expect("host secret");
+    let marker = format!("/tmp/contractor-marker-{}", random_token());
+    let listener = TcpListener::bind("127.0.0.1:0").expect("host listener");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("addr").port();
+    let image = contractor_cli::image::load(
+        &contractor_cli::paths::data_dir()
+            .expect("data dir")
+            .join("images/debian-12-build"),
+    )
+    .expect("manifest");
+
+    let script = format!(
+        r#"set +e
+check() {{ echo "CHECK $1 $2"; }}
+# The host's files: nothing of the host is mounted or copied in.
+if grep -rqs {secret} /tmp /root /home /etc /mnt /media /srv /opt /var; then check host-secret visible; else check host-secret absent; fi
+echo written-in-the-guest > {marker}
+check mounts "$(awk '{{print $3}}' /proc/mounts | sort -u | tr '\n' ,)"
+# The network: no interface but loopback, no DNS, no route.
+check interfaces "$(awk -F: 'NR>2 {{gsub(/ /,"",$1); print $1}}' /proc/net/dev | tr '\n' ,)"
+if getent hosts deb.debian.org >/dev/null; then check dns works; else check dns fails; fi
+if curl --noproxy '*' -s --max-time 5 http://203.0.113.10/ >/dev/null; then check direct-tcp works; else check direct-tcp fails; fi
+if curl --noproxy '*' -s --max-time 5 http://127.0.0.1:{port}/ >/dev/null; then check guest-loopback works; else check guest-loopback fails; fi
+# Through the proxy: the allowed host works, everything else is refused.
+allowed="--max-time 90 --retry 3 --retry-all-errors"
+check allowed-http "$(curl -s -o /dev/null -w '%{{http_code}}' $allowed http://deb.debian.org/debian/dists/bookworm/Release)"
+check allowed-https "$(curl -s -o /dev/null -w '%{{http_code}}' $allowed https://deb.debian.org/debian/dists/bookworm/Release)"
+check refused-host "$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 20 http://example.com/)"
+check host-loopback "$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 20 http://127.0.0.1:{port}/)"
+check private "$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 20 http://10.1.2.3/)"
+check metadata "$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 20 http://169.254.169.254/latest/meta-data/)"
+check numeric-trick "$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 20 http://2130706433:{port}/)"
+check tls-to-refused "$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 20 https://example.com/)"
+# The store: only this build's own files.
+check other-build "$(curl -s -o /dev/null -w '%{{http_code}}' --noproxy '*' $CONTRACTOR_STORE/builds/someone-else/source.tar)"
+check shared-area "$(curl -s -o /dev/null -w '%{{http_code}}' --noproxy '*' $CONTRACTOR_STORE/cas/x)"
+check traversal "$(curl -s -o /dev/null -w '%{{http_code}}' --noproxy '*' --path-as-is $CONTRACTOR_STORE/builds/../../etc/passwd)"
+check encoded-traversal "$(curl -s -o /dev/null -w '%{{http_code}}' --noproxy '*' $CONTRACTOR_STORE/builds/%2e%2e/%2e%2e/etc/passwd)"
+check write-outside "$(curl -s -o /dev/null -w '%{{http_code}}' --noproxy '*' -X PUT --data x $CONTRACTOR_STORE/builds/someone-else/artifacts/x)"
+exit 0"#
+    );
+    let spec = format!(
+        "[build]\nscript = '''\n{script}\n'''\ntimeout = \"5m\"\n[vm]\ncpus = 1\nmemory = \"768MiB\"\n\
+         [network]\nallow = [\"deb.debian.org\"]\n"
+    );
+    let project = Project::new(&spec);
+    let build = project.build();
+    let _ = std::fs::remove_file(&host_secret);
+    let log = build.log();
+    assert_eq!(
+        build.result.outcome,
+        Outcome::Success,
+        "stderr:\n{}\nlog:\n{log}",
+        build.stderr
+    );
+
+    assert_eq!(check(&log, "host-secret"), "absent");
+    assert!(
+        !std::path::Path::new(&marker).exists(),
+        "the guest wrote {marker} on the host"
+    );
+    let mounts = check(&log, "mounts");
+    assert!(
+        !mounts.contains("9p") && !mounts.contains("virtiofs") && !mounts.contains("nfs"),
+        "{mounts}"
+    );
+    assert_eq!(check(&log, "interfaces"), "lo,");
+    assert_eq!(check(&log, "dns"), "fails");
+    assert_eq!(check(&log, "direct-tcp"), "fails");
+    assert_eq!(check(&log, "guest-loopback"), "fails");
+    assert!(
+        listener.accept().is_err(),
+        "something reached the host's loopback listener"
+    );
+
+    assert_eq!(check(&log, "allowed-http"), "200");
+    assert_eq!(check(&log, "allowed-https"), "200");
+    for refused in [
+        "refused-host",
+        "host-loopback",
+        "private",
+        "metadata",
+        "numeric-trick",
+    ] {
+        assert_eq!(check(&log, refused), "403", "{refused}");
+    }
+    // A refused CONNECT gives curl no HTTP answer from the origin.
+    assert_ne!(check(&log, "tls-to-refused"), "200");
+    for host in ["example.com", "10.1.2.3", "169.254.169.254", "127.0.0.1"] {
+        assert!(
+            build.result.refused_hosts.iter().any(|h| h == host),
+            "{host} not in {:?}",
+            build.result.refused_hosts
+        );
+    }
+    assert!(
+        build.stderr.contains("refused:") && build.stderr.contains("example.com"),
+        "{}",
+        build.stderr
+    );
+
+    for store in [
+        "other-build",
+        "shared-area",
+        "traversal",
+        "encoded-traversal",
+        "write-outside",
+    ] {
+        assert_eq!(check(&log, store), "403", "{store}");
+    }
+    assert!(!project
+        .path()
+        .join(".contractor/builds/someone-else")
+        .exists());
+
+    assert_eq!(
+        sha256(&image.expect("image").dir.join("disk.qcow2")),
+        image_sha(),
+        "the base image changed"
+    );
+    assert_no_vm_left(&build);
+}
+
+fn image_sha() -> String {
+    let dir = contractor_cli::paths::data_dir()
+        .expect("data dir")
+        .join("images/debian-12-build");
+    contractor_cli::image::load(&dir)
+        .expect("manifest")
+        .expect("image")
+        .manifest
+        .disk_sha256
+}
+
+#[test]
+fn endless_output_is_cut_at_max_log_and_fails_the_build() {
+    let project = Project::new(&small_spec("yes contractor-flood", "max_log = \"1MiB\""));
+    let build = project.build();
+    assert_eq!(
+        build.output.status.code(),
+        Some(1),
+        "stderr:\n{}",
+        build.stderr
+    );
+    assert_eq!(build.result.outcome, Outcome::Failed);
+    assert_eq!(build.result.limit, Some(Limit::MaxLog));
+    let log = std::fs::read(&build.result.log).expect("log");
+    let marker =
+        b"\n[contractor: output cut here: the build passed build.max_log = 1048576 bytes]\n";
+    assert_eq!(log.len(), 1024 * 1024 + marker.len());
+    assert!(log.ends_with(marker));
+    assert!(build.stderr.contains("build.max_log"), "{}", build.stderr);
+    assert_no_vm_left(&build);
+}
+
+#[test]
+fn artifacts_past_max_artifacts_fail_the_build_and_are_not_kept() {
+    let project = Project::new(&small_spec(
+        "head -c 3000000 /dev/urandom > big.bin",
+        "artifacts = [\"big.bin\"]\nmax_artifacts = \"1MiB\"",
+    ));
+    let build = project.build();
+    assert_eq!(
+        build.output.status.code(),
+        Some(1),
+        "stderr:\n{}",
+        build.stderr
+    );
+    assert_eq!(build.result.outcome, Outcome::Failed);
+    assert_eq!(build.result.limit, Some(Limit::MaxArtifacts));
+    assert!(
+        build.result.artifacts.is_empty(),
+        "{:?}",
+        build.result.artifacts
+    );
+    assert!(!build.record.join("artifacts/big.bin").exists());
+    assert!(
+        build.stderr.contains("build.max_artifacts"),
+        "{}",
+        build.stderr
+    );
+    assert_no_vm_left(&build);
+}
+
+/// Measures, while `work` runs, the longest time the host took to start and finish `true`.
+fn host_probe_during<T>(work: impl FnOnce() -> T) -> (T, Duration) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let worst = Arc::new(AtomicU64::new(0));
+    let probe = {
+        let (stop, worst) = (stop.clone(), worst.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                Command::new("true").status().expect("run true on the host");
+                worst.fetch_max(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    let result = work();
+    stop.store(true, Ordering::Relaxed);
+    probe.join().expect("probe");
+    (result, Duration::from_millis(worst.load(Ordering::Relaxed)))
+}
+
+#[test]
+fn resource_exhaustion_fails_the_build_and_the_host_stays_responsive() {
+    let scripts = [
+        (
+            "fork bomb",
+            "bomb() { bomb | bomb & }; bomb; sleep 600",
+            "timeout = \"40s\"",
+        ),
+        (
+            "memory hog",
+            "tail /dev/zero; echo survived",
+            "timeout = \"3m\"",
+        ),
+        (
+            "disk filler",
+            "dd if=/dev/zero of=/build/fill bs=4M; echo survived",
+            "timeout = \"5m\"",
+        ),
+    ];
+    for (attack, script, limits) in scripts {
+        let project = Project::new(&small_spec(script, limits));
+        let (build, worst) = host_probe_during(|| project.build());
+        assert_ne!(
+            build.result.outcome,
+            Outcome::Success,
+            "{attack} succeeded; stderr:\n{}",
+            build.stderr
+        );
+        assert!(
+            matches!(build.result.outcome, Outcome::Failed | Outcome::Timeout),
+            "{attack}: {:?}; stderr:\n{}",
+            build.result.outcome,
+            build.stderr
+        );
+        assert!(
+            !build.log().contains("survived"),
+            "{attack}: the script went on"
+        );
+        assert!(
+            worst < Duration::from_secs(5),
+            "{attack}: the host took {worst:?} to run `true`"
+        );
+        assert_no_vm_left(&build);
+    }
+    let next = Project::new(&small_spec("echo still-working", "")).build();
+    assert_eq!(
+        next.result.outcome,
+        Outcome::Success,
+        "the next build failed:\n{}",
+        next.stderr
+    );
+    assert_eq!(
+        sha256(
+            &contractor_cli::paths::data_dir()
+                .expect("data")
+                .join("images/debian-12-build/disk.qcow2")
+        ),
+        image_sha()
+    );
+}
+
+/// Starts `contractor build` in `project` and returns it once its script runs, with the
+/// VM's name.
+fn start_build(project: &Project) -> (std::process::Child, String, mpsc::Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .arg("build")
+        .current_dir(project.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start contractor build");
+    let (lines_tx, lines) = mpsc::channel();
+    let stderr = child.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !seen.contains("contractor: phase script") {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("the script never started; stderr:\n{seen}"));
+        seen.push_str(&line);
+        seen.push('\n');
+    }
+    let name = vm_name_in(&seen).expect("VM name");
+    (child, name, lines)
+}
+
+fn wait_until_gone(name: &str, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if !libvirt_domains().contains(name) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+#[test]
+fn a_killed_front_end_leaves_no_vm_and_its_record_says_interrupted() {
+    let project = Project::new(&small_spec("echo started; sleep 600", ""));
+    let (mut child, name, _lines) = start_build(&project);
+    let first_id =
+        std::fs::read_link(project.path().join(".contractor/latest")).expect("latest link");
+    child.kill().expect("SIGKILL contractor");
+    child.wait().expect("reap");
+    assert!(
+        wait_until_gone(&name, Duration::from_secs(30)),
+        "VM {name} outlived its contractor process"
+    );
+
+    std::fs::write(
+        project.path().join("contractor.toml"),
+        small_spec("echo next", ""),
+    )
+    .expect("spec");
+    let next = project.build();
+    assert_eq!(next.result.outcome, Outcome::Success, "{}", next.stderr);
+    let first = project
+        .path()
+        .join(".contractor")
+        .join(&first_id)
+        .join("result.json");
+    let first: contractor_protocol::result::BuildResult =
+        serde_json::from_str(&std::fs::read_to_string(&first).expect("first result.json"))
+            .expect("protocol");
+    assert_eq!(first.outcome, Outcome::Interrupted);
+    assert!(first.error.expect("reason").chain[0].contains("ended before the build finished"));
+}
+
+#[test]
+fn ctrl_c_stops_the_build_within_seconds_and_says_so() {
+    let project = Project::new(&small_spec("echo started; sleep 600", ""));
+    let (mut child, name, lines) = start_build(&project);
+    let interrupted = Instant::now();
+    // SAFETY: kill with a pid we own and a valid signal number.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let status = child.wait().expect("wait");
+    let took = interrupted.elapsed();
+    let rest: Vec<String> = lines.iter().collect();
+    assert_eq!(status.code(), Some(130), "stderr:\n{}", rest.join("\n"));
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("was interrupted")),
+        "{rest:?}"
+    );
+    assert_eq!(latest_result(project.path()).outcome, Outcome::Interrupted);
+    assert!(!libvirt_domains().contains(&name), "VM {name} left behind");
+}
+
+#[test]
+fn a_dying_agent_or_guest_kernel_is_an_infrastructure_failure_with_the_console_tail() {
+    for (what, script) in [
+        (
+            "agent killed",
+            "echo killing-the-agent; kill -9 $PPID; sleep 60",
+        ),
+        (
+            "kernel panic",
+            "echo crashing-the-kernel; echo c > /proc/sysrq-trigger; sleep 60",
+        ),
+    ] {
+        let project = Project::new(&small_spec(script, ""));
+        let build = project.build();
+        assert_eq!(
+            build.output.status.code(),
+            Some(3),
+            "{what}: stderr:\n{}",
+            build.stderr
+        );
+        assert_eq!(build.result.outcome, Outcome::Infrastructure, "{what}");
+        assert!(
+            build.stderr.contains("console:"),
+            "{what}: no console in the summary:\n{}",
+            build.stderr
+        );
+        assert!(
+            build.stderr.contains("    | "),
+            "{what}: no console tail:\n{}",
+            build.stderr
+        );
+        assert_no_vm_left(&build);
+    }
+}
+
+#[test]
+fn four_builds_at_once_are_isolated_and_all_succeed() {
+    let projects: Vec<Project> = (0..4)
+        .map(|i| {
+            Project::new(&small_spec(
+                &format!("echo build-{i} > out.txt; cat out.txt"),
+                "artifacts = [\"out.txt\"]",
+            ))
+        })
+        .collect();
+    let builds: Vec<util::Build> = std::thread::scope(|scope| {
+        let handles: Vec<_> = projects.iter().map(|p| scope.spawn(|| p.build())).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("build thread"))
+            .collect()
+    });
+    let mut names = std::collections::BTreeSet::new();
+    for (i, build) in builds.iter().enumerate() {
+        assert_eq!(
+            build.result.outcome,
+            Outcome::Success,
+            "build {i}: {}",
+            build.stderr
+        );
+        let artifact = build.record.join("artifacts/out.txt");
+        assert_eq!(
+            std::fs::read_to_string(&artifact).expect("artifact"),
+            format!("build-{i}\n")
+        );
+        names.insert(build.vm_name());
+        assert_no_vm_left(build);
+    }
+    assert_eq!(names.len(), 4, "VM names clashed: {names:?}");
+}

@@ -1,0 +1,167 @@
+//! End-to-end: examples/pipeline.sh builds examples/hello with the separate tools
+//! (contractor-store, contractor-proxy, contractor-vm, contractor-run) composed in plain sh,
+//! in a real VM, the way docs/protocol.md says a user can compose them.
+//!
+//! The script runs with the tools of this cargo target directory (`scripts/test` builds them
+//! and the static agent there) and a fresh store directory. Its stdout is contractor-run's
+//! event stream, read here with the protocol's types; its record is read as a `BuildResult`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use contractor_protocol::result::{BuildResult, Outcome};
+use contractor_protocol::run::RunEvent;
+
+/// The repository root.
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The directory holding `contractor` and, beside it, the other tools.
+fn bin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_contractor"))
+        .parent()
+        .expect("the binary has a directory")
+        .to_path_buf()
+}
+
+/// Runs the script with `store` as its store and `bin` as its tool directory.
+fn pipeline(store: &Path, bin: &Path) -> Output {
+    Command::new("sh")
+        .arg(repo().join("examples/pipeline.sh"))
+        .env("STORE", store)
+        .env("CONTRACTOR_BIN", bin)
+        .env_remove("PROJECT")
+        .output()
+        .expect("run sh examples/pipeline.sh")
+}
+
+/// `(name, uri)` of the VM from the line `pipeline: VM NAME started at URI (ACCEL)`.
+fn vm_of(stderr: &str) -> Option<(String, String)> {
+    stderr.lines().find_map(|line| {
+        let rest = line.strip_prefix("pipeline: VM ")?;
+        let mut words = rest.split_whitespace();
+        let name = words.next()?.to_string();
+        let uri = rest
+            .split(" started at ")
+            .nth(1)?
+            .split_whitespace()
+            .next()?;
+        Some((name, uri.to_string()))
+    })
+}
+
+fn vm_exists(uri: &str, name: &str) -> bool {
+    let out = Command::new("virsh")
+        .args(["-c", uri, "list", "--all", "--name"])
+        .output()
+        .expect("virsh is installed (libvirt-clients)");
+    assert!(
+        out.status.success(),
+        "virsh list failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == name)
+}
+
+#[test]
+fn the_shell_pipeline_builds_hello_like_contractor_build() {
+    let store = tempfile::tempdir().expect("temp store");
+    let out = pipeline(store.path(), &bin_dir());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (vm, uri) = vm_of(&stderr).unwrap_or_else(|| panic!("no VM line on stderr:\n{stderr}"));
+    assert!(
+        !vm_exists(&uri, &vm),
+        "VM {vm} is still defined at {uri} after the script"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the pipeline failed; stderr:\n{stderr}\nstdout:\n{stdout}"
+    );
+
+    // stdout is contractor-run's event stream and nothing else.
+    let events: Vec<RunEvent> = stdout
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a RunEvent ({e}): {line}\nstdout:\n{stdout}"))
+        })
+        .collect();
+    assert!(
+        matches!(events.first(), Some(RunEvent::Started { version: 1 })),
+        "{stdout}"
+    );
+    assert!(
+        !events.iter().any(|e| matches!(e, RunEvent::Unknown)),
+        "an event type the protocol does not know:\n{stdout}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, RunEvent::Artifact { path, .. } if path == "hello")),
+        "{stdout}"
+    );
+    match events.last() {
+        Some(RunEvent::Finished {
+            outcome, exit_code, ..
+        }) => {
+            assert_eq!(*outcome, Outcome::Success, "{stdout}");
+            assert_eq!(*exit_code, Some(0), "{stdout}");
+        }
+        other => panic!("the stream does not end with finished: {other:?}\n{stdout}"),
+    }
+
+    // The record: the artifact arrived by itself, and runs here.
+    let builds: Vec<PathBuf> = std::fs::read_dir(store.path().join("builds"))
+        .expect("builds/")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(builds.len(), 1, "one build record: {builds:?}");
+    let record = &builds[0];
+    let hello = record.join("artifacts/hello");
+    let run = Command::new(&hello)
+        .current_dir(record.join("artifacts"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", hello.display()));
+    assert_eq!(String::from_utf8_lossy(&run.stdout), "Hello, world!\n");
+    for file in ["source.tar", "build.log", "console.log", "proxy.jsonl"] {
+        assert!(record.join(file).is_file(), "{file} missing in the record");
+    }
+    let log = std::fs::read_to_string(record.join("build.log")).expect("build.log");
+    assert!(log.contains("all checks passed"), "{log}");
+    let result: BuildResult = serde_json::from_str(
+        &std::fs::read_to_string(record.join("result.json")).expect("result.json"),
+    )
+    .expect("result.json matches the protocol");
+    assert_eq!(result.outcome, Outcome::Success);
+    assert_eq!(
+        Some(result.id.as_str()),
+        record.file_name().and_then(|n| n.to_str())
+    );
+    assert_eq!(result.artifacts, vec![hello]);
+}
+
+#[test]
+fn the_pipeline_names_a_missing_tool_and_exits_2() {
+    let store = tempfile::tempdir().expect("temp store");
+    let empty = tempfile::tempdir().expect("empty bin dir");
+    let out = pipeline(store.path(), empty.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "no executable {}/contractor",
+            empty.path().display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        !store.path().join("builds").exists(),
+        "nothing was started: {stderr}"
+    );
+}

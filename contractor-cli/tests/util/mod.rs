@@ -1,0 +1,125 @@
+//! Shared harness of the end-to-end tests: temporary projects, running `contractor build`,
+//! reading the build record with the protocol's types (which reject unknown fields), and
+//! checking that nothing of a build is left in libvirt or on disk.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use contractor_protocol::result::BuildResult;
+
+/// A project directory with a `contractor.toml`.
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+impl Project {
+    pub fn new(spec: &str) -> Project {
+        let dir = tempfile::tempdir().expect("temp project dir");
+        std::fs::write(dir.path().join("contractor.toml"), spec).expect("write spec");
+        Project { dir }
+    }
+
+    /// examples/hello, copied.
+    pub fn hello() -> Project {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello");
+        let project = Project::new(
+            &std::fs::read_to_string(example.join("contractor.toml")).expect("example spec"),
+        );
+        for file in ["hello.c", "Makefile"] {
+            std::fs::copy(example.join(file), project.path().join(file)).expect("copy example");
+        }
+        project
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn build(&self) -> Build {
+        let record = self.path().join(".contractor/latest");
+        let output = Command::new(env!("CARGO_BIN_EXE_contractor"))
+            .arg("build")
+            .current_dir(self.path())
+            .output()
+            .expect("run contractor build");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        let result_text = std::fs::read_to_string(record.join("result.json"))
+            .unwrap_or_else(|e| panic!("no result.json ({e}); stderr:\n{stderr}"));
+        let result: BuildResult =
+            serde_json::from_str(&result_text).expect("result.json matches the protocol");
+        Build {
+            output,
+            stderr,
+            result,
+            record,
+        }
+    }
+}
+
+pub struct Build {
+    pub output: Output,
+    pub stderr: String,
+    pub result: BuildResult,
+    pub record: PathBuf,
+}
+
+impl Build {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.result.log).expect("build log")
+    }
+
+    /// The VM's name, from the progress line `VM contractor-... started`.
+    pub fn vm_name(&self) -> String {
+        vm_name_in(&self.stderr).unwrap_or_else(|| panic!("no VM line in stderr:\n{}", self.stderr))
+    }
+}
+
+/// The VM's name in `contractor build`'s stderr, once it has started.
+pub fn vm_name_in(stderr: &str) -> Option<String> {
+    stderr.lines().find_map(|l| {
+        l.strip_prefix("contractor: VM ")
+            .and_then(|r| r.split_whitespace().next())
+            .map(str::to_string)
+    })
+}
+
+/// Reads the build record `result.json` of the newest build of `project`.
+pub fn latest_result(project: &Path) -> BuildResult {
+    let path = project.join(".contractor/latest/result.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("result.json matches the protocol")
+}
+
+pub fn small_spec(script: &str, extra_build: &str) -> String {
+    format!("[build]\nscript = '''\n{script}\n'''\n{extra_build}\n[vm]\ncpus = 1\nmemory = \"768MiB\"\n")
+}
+
+pub fn libvirt_domains() -> String {
+    let uri = contractor_vm::default_uri();
+    let out = Command::new("virsh")
+        .args(["-c", &uri, "list", "--all", "--name"])
+        .output()
+        .expect("virsh");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Asserts the build's VM is gone from libvirt and its overlay from the disk.
+pub fn assert_no_vm_left(build: &Build) {
+    let name = build.vm_name();
+    assert!(!libvirt_domains().contains(&name), "VM {name} left behind");
+    let overlay = contractor_cli::paths::data_dir()
+        .expect("data dir")
+        .join("vms")
+        .join(format!("{name}.qcow2"));
+    assert!(
+        !overlay.exists(),
+        "overlay {} left behind",
+        overlay.display()
+    );
+}
+
+pub fn sha256(path: &Path) -> String {
+    contractor_cli::image::sha256_file(path).expect("sha256")
+}

@@ -1,0 +1,334 @@
+//! The library's `serve` in-process, against real servers on loopback: a real TLS upstream
+//! through a CONNECT tunnel, and a staged resolver where DNS answers must be controlled
+//! (a private answer, a failing first address, the proxy's own address, a silent address).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use contractor_protocol::proxy::{Decision, Verdict};
+use contractor_proxy::{Allowlist, IpNet, ProxyConfig, Resolver};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A proxy served in this process; stops when dropped.
+struct Running {
+    addr: SocketAddr,
+    decisions: mpsc::UnboundedReceiver<Decision>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Running {
+    async fn next_decision(&mut self) -> Decision {
+        tokio::time::timeout(PATIENCE, self.decisions.recv())
+            .await
+            .expect("a decision in time")
+            .expect("a decision")
+    }
+}
+
+async fn start(config: ProxyConfig) -> Running {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+    start_on(config, listener).await
+}
+
+async fn start_on(config: ProxyConfig, listener: TcpListener) -> Running {
+    let addr = listener.local_addr().expect("proxy address");
+    let (sender, decisions) = mpsc::unbounded_channel();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(contractor_proxy::serve(
+        config,
+        listener,
+        sender,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Running {
+        addr,
+        decisions,
+        _stop: stop,
+    }
+}
+
+/// Allows `rules` on any port, loopback networks open, DNS answered by `answers`.
+fn config(rules: &[&str], answers: Vec<SocketAddr>) -> ProxyConfig {
+    let mut config = ProxyConfig::new(Allowlist::parse(rules).expect("rules"));
+    config.allowed_nets = vec!["127.0.0.0/8".parse::<IpNet>().expect("net")];
+    config.allowed_ports = (1..=u16::MAX).collect();
+    let answers = Arc::new(answers);
+    config.resolver = Resolver::new(move |host, _port| {
+        let answers = Arc::clone(&answers);
+        let host = host.to_string();
+        Box::pin(async move {
+            if host.ends_with(".invalid") {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "no such host (staged)",
+                ));
+            }
+            Ok(answers.to_vec())
+        })
+    });
+    config
+}
+
+/// Sends `head` (with `Connection: close` added) and reads the whole response.
+async fn request(proxy: SocketAddr, head: &str) -> String {
+    let mut stream = TcpStream::connect(proxy).await.expect("connect");
+    stream
+        .write_all(format!("{head}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("send");
+    let mut response = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response))
+        .await
+        .expect("response in time")
+        .expect("read");
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// An HTTP server answering every connection with `hello`.
+async fn hello_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An address nobody listens on.
+fn closed_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+}
+
+fn status_and_error(response: &str) -> (u16, Option<String>) {
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let error = response
+        .lines()
+        .take_while(|line| !line.is_empty())
+        .find_map(|line| {
+            line.to_ascii_lowercase()
+                .strip_prefix("x-contractor-proxy-error: ")
+                .map(|_| line["x-contractor-proxy-error: ".len()..].to_string())
+        });
+    (status, error)
+}
+
+#[tokio::test]
+async fn a_real_tls_upstream_answers_through_a_connect_tunnel() {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+        .expect("self-signed certificate");
+    let cert = certified.cert.der().clone();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        certified.signing_key.serialize_der(),
+    ));
+    let server_config = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .expect("server config");
+    let acceptor = TlsAcceptor::from(Arc::new(server_config));
+    let tls_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind tls");
+    let tls_addr = tls_listener.local_addr().expect("tls addr");
+    tokio::spawn(async move {
+        let (stream, _) = tls_listener.accept().await.expect("accept");
+        let mut tls = acceptor.accept(stream).await.expect("tls handshake");
+        let mut buf = [0; 4096];
+        let n = tls.read(&mut buf).await.expect("read request");
+        assert!(buf[..n].starts_with(b"GET /secret HTTP/1.1\r\n"));
+        tls.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello tls!")
+            .await
+            .expect("answer");
+        tls.shutdown().await.expect("close");
+    });
+
+    let mut proxy = start(config(&["localhost"], vec![tls_addr])).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    let port = tls_addr.port();
+    stream
+        .write_all(
+            format!("CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .expect("CONNECT");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(stream.read_u8().await.expect("head byte"));
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let mut roots = RootCertStore::empty();
+    roots.add(cert).expect("trust the test certificate");
+    let client_config = ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = TlsConnector::from(Arc::new(client_config));
+    let name = ServerName::try_from("localhost").expect("name");
+    let mut tls = connector
+        .connect(name, stream)
+        .await
+        .expect("tls through the tunnel");
+    tls.write_all(b"GET /secret HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("request");
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, tls.read_to_end(&mut response)).await;
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.ends_with("hello tls!"), "{response}");
+    let decision = proxy.next_decision().await;
+    assert_eq!(decision.decision, Verdict::Allow);
+    assert_eq!(decision.reason, "allowed by localhost");
+}
+
+#[tokio::test]
+async fn a_name_answered_with_a_private_address_is_refused() {
+    let answers = vec!["10.1.2.3:80".parse().expect("addr")];
+    let mut proxy = start(config(&["intranet.test"], answers)).await;
+    let response = request(
+        proxy.addr,
+        "GET http://intranet.test/ HTTP/1.1\r\nHost: intranet.test",
+    )
+    .await;
+    assert_eq!(
+        status_and_error(&response),
+        (403, Some("address 10.1.2.3 is private".into()))
+    );
+    assert_eq!(proxy.next_decision().await.decision, Verdict::Deny);
+}
+
+#[tokio::test]
+async fn the_next_allowed_address_is_tried_when_one_fails_and_nothing_is_resolved_twice() {
+    let good = hello_server().await;
+    // A refusing address first, then a private one (never dialled), then the good one.
+    let refused = closed_port();
+    let answers = vec![refused, "192.168.0.1:1".parse().expect("addr"), good];
+    let mut config = config(&["multi.test"], answers.clone());
+    let lookups = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&lookups);
+    config.resolver = Resolver::new(move |_, _| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        let answers = answers.clone();
+        Box::pin(async move { Ok(answers) })
+    });
+    let mut proxy = start(config).await;
+    let port = good.port();
+    let response = request(
+        proxy.addr,
+        &format!("GET http://multi.test:{port}/ HTTP/1.1\r\nHost: multi.test:{port}"),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.ends_with("hello"), "{response}");
+    assert_eq!(proxy.next_decision().await.decision, Verdict::Allow);
+    assert_eq!(
+        lookups.load(Ordering::SeqCst),
+        1,
+        "resolved once, dialled what was checked"
+    );
+}
+
+#[tokio::test]
+async fn dns_failure_is_502_with_the_reason() {
+    let mut proxy = start(config(&["*.invalid"], vec![])).await;
+    let response = request(
+        proxy.addr,
+        "GET http://gone.invalid/ HTTP/1.1\r\nHost: gone.invalid",
+    )
+    .await;
+    let (status, error) = status_and_error(&response);
+    assert_eq!(status, 502, "{response}");
+    assert_eq!(
+        error.as_deref(),
+        Some("cannot resolve the host: no such host (staged)")
+    );
+    assert_eq!(proxy.next_decision().await.decision, Verdict::Deny);
+}
+
+#[tokio::test]
+async fn a_name_that_resolves_to_the_proxy_itself_is_refused() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let own = listener.local_addr().expect("addr");
+    let mut proxy = start_on(config(&["loop.test"], vec![own]), listener).await;
+    let port = own.port();
+    let response = request(
+        proxy.addr,
+        &format!("GET http://loop.test:{port}/ HTTP/1.1\r\nHost: loop.test:{port}"),
+    )
+    .await;
+    assert_eq!(
+        status_and_error(&response),
+        (
+            403,
+            Some(format!("{own} is the proxy's own listening address"))
+        )
+    );
+    assert_eq!(proxy.next_decision().await.decision, Verdict::Deny);
+}
+
+#[tokio::test]
+async fn an_upstream_that_never_answers_the_handshake_is_504() {
+    // A listener that never accepts, its backlog filled: further SYNs are dropped.
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let silent = socket.listen(0).expect("listen");
+    let silent_addr = silent.local_addr().expect("addr");
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(stream)) =
+            tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(silent_addr)).await
+        {
+            fillers.push(stream);
+        }
+    }
+    let mut config = config(&["slow.test"], vec![silent_addr]);
+    config.limits.connect_timeout = Duration::from_secs(1);
+    let mut proxy = start(config).await;
+    let port = silent_addr.port();
+    let response = request(
+        proxy.addr,
+        &format!("GET http://slow.test:{port}/ HTTP/1.1\r\nHost: slow.test:{port}"),
+    )
+    .await;
+    let (status, error) = status_and_error(&response);
+    assert_eq!(status, 504, "{response}");
+    assert!(
+        error
+            .is_some_and(|e| e.starts_with(&format!("connecting to slow.test:{port} took longer"))),
+        "{response}"
+    );
+    // Allowed by the policy; the failure came after.
+    assert_eq!(proxy.next_decision().await.decision, Verdict::Allow);
+    drop(silent);
+}

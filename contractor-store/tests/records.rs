@@ -1,0 +1,258 @@
+//! `contractor-store index` and `contractor-store gc` against real directories, and the
+//! library used in-process the way the front end uses it.
+
+mod util;
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+use util::{binary, Fixture};
+
+fn run(args: &[&str], root: &Path) -> (bool, Value, String) {
+    let output = binary()
+        .args(args)
+        .arg("--root")
+        .arg(root)
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let json = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+    (
+        output.status.success(),
+        json,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Sets the mtime of `path` and everything beneath it to `age` ago.
+fn age_tree(path: &Path, age: Duration) {
+    let when = SystemTime::now() - age;
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path).expect("list") {
+            age_tree(&entry.expect("entry").path(), age);
+        }
+    }
+    std::fs::File::open(path)
+        .and_then(|f| f.set_modified(when))
+        .expect("set mtime");
+}
+
+fn build(fixture: &Fixture, id: &str, finished: bool, age_hours: u64, artifact: &[u8]) {
+    fixture.write(&format!("builds/{id}/source.tar"), b"tar");
+    fixture.write(&format!("builds/{id}/artifacts/out"), artifact);
+    if finished {
+        fixture.write(&format!("builds/{id}/result.json"), b"{}");
+    }
+    age_tree(
+        &fixture.root.join("builds").join(id),
+        Duration::from_secs(age_hours * 3600 + 60),
+    );
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|v| v.as_str().expect("string").to_string())
+        .collect()
+}
+
+#[test]
+fn index_writes_artifacts_json() {
+    let fixture = Fixture::new();
+    fixture.write("builds/b1/artifacts/bin/hello", b"hello");
+    fixture.write("builds/b1/artifacts/README", b"");
+    let (ok, printed, stderr) = run(&["index", "--build", "b1"], &fixture.root);
+    assert!(ok, "{stderr}");
+    let on_disk: Value = serde_json::from_slice(
+        &std::fs::read(fixture.root.join("builds/b1/artifacts.json")).expect("read"),
+    )
+    .expect("json");
+    assert_eq!(printed, on_disk);
+    assert_eq!(on_disk["build"], "b1");
+    assert_eq!(on_disk["artifacts"][0]["path"], "README");
+    assert_eq!(on_disk["artifacts"][1]["path"], "bin/hello");
+    assert_eq!(on_disk["artifacts"][1]["size"], 5);
+    assert_eq!(
+        on_disk["artifacts"][1]["sha256"],
+        "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+    );
+
+    let (ok, _, stderr) = run(&["index", "--build", "missing"], &fixture.root);
+    assert!(!ok);
+    assert!(stderr.contains("build missing does not exist"), "{stderr}");
+}
+
+#[test]
+fn gc_keeps_the_newest_builds_and_running_ones() {
+    let fixture = Fixture::new();
+    for (id, hours) in [
+        ("old1", 50),
+        ("old2", 40),
+        ("mid", 30),
+        ("new1", 20),
+        ("new2", 10),
+    ] {
+        build(&fixture, id, true, hours, id.as_bytes());
+    }
+    build(&fixture, "running", false, 0, b"r");
+    build(&fixture, "abandoned", false, 60, b"a");
+
+    let (ok, dry, stderr) = run(&["gc", "--keep", "2", "--dry-run"], &fixture.root);
+    assert!(ok, "{stderr}");
+    assert_eq!(dry["dry_run"], true);
+    assert!(
+        fixture.root.join("builds/old1").exists(),
+        "dry run removes nothing"
+    );
+
+    let (ok, summary, stderr) = run(&["gc", "--keep", "2"], &fixture.root);
+    assert!(ok, "{stderr}");
+    assert_eq!(summary["type"], "gc");
+    assert_eq!(
+        summary,
+        Value::Object({
+            let mut expected = dry.as_object().expect("object").clone();
+            expected.insert("dry_run".into(), Value::Bool(false));
+            expected
+        }),
+        "the dry run predicted this"
+    );
+    assert_eq!(
+        strings(&summary["removed_builds"]),
+        ["abandoned", "old1", "old2", "mid"]
+    );
+    assert_eq!(
+        strings(&summary["kept_builds"]),
+        ["running", "new2", "new1"]
+    );
+    assert_eq!(strings(&summary["running_builds"]), ["running"]);
+    let mut left: Vec<_> = std::fs::read_dir(fixture.root.join("builds"))
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["new1", "new2", "running"]);
+    assert!(summary["freed_bytes"].as_u64().expect("bytes") > 0);
+}
+
+#[test]
+fn gc_older_than_and_unreferenced_blobs() {
+    let fixture = Fixture::new();
+    build(&fixture, "week_old", true, 8 * 24, b"w");
+    build(&fixture, "day_old", true, 24, b"d");
+    let (ok, _, stderr) = run(&["index", "--build", "day_old"], &fixture.root);
+    assert!(ok, "{stderr}");
+    let kept_blob = "18ac3e7343f016890c510e93f935261169d9e3f565436429830faf0934f4f8e4"; // "d"
+    let young_blob = "0".repeat(64);
+    let old_blob = "1".repeat(64);
+    let linked_blob = "2".repeat(64);
+    for name in [
+        kept_blob,
+        young_blob.as_str(),
+        old_blob.as_str(),
+        linked_blob.as_str(),
+    ] {
+        fixture.write(&format!("cas/sha256/{name}"), b"blob");
+    }
+    std::fs::hard_link(
+        fixture.root.join(format!("cas/sha256/{linked_blob}")),
+        fixture.root.join("builds/day_old/artifacts/linked"),
+    )
+    .expect("link");
+    for name in [kept_blob, old_blob.as_str(), linked_blob.as_str()] {
+        age_tree(
+            &fixture.root.join(format!("cas/sha256/{name}")),
+            Duration::from_secs(2 * 3600),
+        );
+    }
+
+    let (ok, summary, stderr) = run(&["gc", "--older-than", "7d"], &fixture.root);
+    assert!(ok, "{stderr}");
+    assert_eq!(strings(&summary["removed_builds"]), ["week_old"]);
+    assert_eq!(
+        strings(&summary["removed_blobs"]),
+        std::slice::from_ref(&old_blob)
+    );
+    assert!(fixture.root.join("builds/day_old").exists());
+    for name in [kept_blob, young_blob.as_str(), linked_blob.as_str()] {
+        assert!(
+            fixture.root.join(format!("cas/sha256/{name}")).exists(),
+            "{name}"
+        );
+    }
+
+    let (ok, _, stderr) = run(&["gc"], &fixture.root);
+    assert!(!ok);
+    assert!(stderr.contains("--keep"), "{stderr}");
+    let (ok, _, stderr) = run(&["gc", "--older-than", "7"], &fixture.root);
+    assert!(!ok);
+    assert!(stderr.contains("\"7\" is not an age"), "{stderr}");
+}
+
+/// The library on a real socket, configured the way `contractor build` configures it, with a
+/// token and a limit set on top.
+#[tokio::test]
+async fn the_library_serves_in_process_with_tokens_and_limits() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let fixture = Fixture::new();
+    fixture.write("builds/b1/source.tar", b"tar");
+    let token = contractor_store::generate_token().expect("token");
+    let mut tokens = contractor_store::TokenTable::new();
+    tokens.insert("b1", &token).expect("valid");
+    let config = contractor_store::StoreConfig {
+        root: fixture.root.clone(),
+        access_log: false,
+        only_build: Some("b1".to_string()),
+        tokens: Some(tokens),
+        max_artifact_bytes: Some(10),
+        ..contractor_store::StoreConfig::new(fixture.root.clone())
+    };
+    let store = contractor_store::Store::open(&config).expect("open");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(store.serve(listener, async {
+        let _ = stopped.await;
+    }));
+
+    let exchange = |request: String| async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(request.as_bytes()).await.expect("send");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.expect("read");
+        answer
+    };
+    let auth = format!("Authorization: Bearer {token}\r\nConnection: close\r\n");
+    let answer = exchange(format!("GET /builds/b1/source.tar HTTP/1.1\r\n{auth}\r\n")).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("tar"),
+        "{answer}"
+    );
+    let answer = exchange(format!(
+        "PUT /builds/b1/artifacts/x HTTP/1.1\r\n{auth}Content-Length: 11\r\nX-Content-Mode: 0755\r\n\r\nhello world"
+    ))
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    let answer = exchange(format!(
+        "PUT /builds/b1/artifacts/x HTTP/1.1\r\n{auth}Content-Length: 5\r\nX-Content-Mode: 0755\r\n\r\nhello"
+    ))
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    let answer =
+        exchange("GET /builds/b1/source.tar HTTP/1.1\r\nConnection: close\r\n\r\n".to_string())
+            .await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+
+    let _ = stop.send(());
+    server.await.expect("server task");
+    assert_eq!(
+        fixture.files(),
+        ["builds/b1/artifacts/x", "builds/b1/source.tar"]
+    );
+}

@@ -1,0 +1,276 @@
+#!/bin/sh
+# The same build as `cd examples/hello && contractor build`, composed from the separate
+# tools in plain POSIX sh: contractor-store, contractor-proxy, contractor-vm, contractor-run,
+# passing their JSON from one to the next with jq. It is the reference composition of the
+# tools (docs/protocol.md, "Composing the tools").
+#
+#   STORE=/var/tmp/pipe-store sh examples/pipeline.sh
+#
+# stdout: contractor-run's events, one JSON object per line, exactly as it wrote them.
+# stderr: progress ("pipeline: ..."), the tools' own messages, and a summary.
+# Exit code: contractor-run's (0 success, 1 the build failed or timed out, 3 infrastructure);
+# 2 or 3 when a step before the run fails (with that tool's code); 130 when interrupted.
+#
+# Environment (all optional):
+#   PROJECT          the source tree                  [examples/hello beside this script]
+#   STORE            the store root; the record is $STORE/builds/$ID/   [$PROJECT/.contractor]
+#   CONTRACTOR_BIN   the directory holding the tools  [target/release of this repository if
+#                    it holds them, else each tool is looked up on PATH]
+#   CONTRACTOR_LIBVIRT_URI   [qemu:///system for root, qemu:///session otherwise]
+#   CONTRACTOR_DATA_DIR      where VM overlays go, under vms/ [/var/lib/contractor for
+#                    root, else $XDG_DATA_HOME/contractor or ~/.local/share/contractor]
+#   ACCEL            auto | kvm | tcg                 [auto]
+#
+# The build itself is examples/hello/contractor.toml written out below (a shell script
+# cannot read TOML without another tool); change these to build something else.
+IMAGE=debian-12-build
+BUILD_SCRIPT='make
+make check
+'
+ARTIFACTS='["hello"]'
+TIMEOUT_SECS=600   # timeout = "10m"
+CPUS=2
+MEMORY_MIB=2048    # memory = "2GiB"
+DISK_GIB=8         # the default disk
+ALLOW=''           # [network] allow, space-separated host patterns
+
+set -eu
+umask 022 # the record and the overlay directory must be readable by libvirt's QEMU user
+
+say() { printf 'pipeline: %s\n' "$*" >&2; }
+die() {
+    code=$1
+    shift
+    say "$*"
+    exit "$code"
+}
+
+here=$(cd "$(dirname "$0")" && pwd)
+PROJECT=${PROJECT:-$here/hello}
+PROJECT=$(cd "$PROJECT" && pwd)
+STORE=${STORE:-$PROJECT/.contractor}
+
+# --- the tools ----------------------------------------------------------------------------
+if [ -z "${CONTRACTOR_BIN:-}" ] && [ -x "$here/../target/release/contractor-run" ]; then
+    CONTRACTOR_BIN=$(cd "$here/../target/release" && pwd)
+fi
+tool() {
+    if [ -n "${CONTRACTOR_BIN:-}" ]; then
+        [ -x "$CONTRACTOR_BIN/$1" ] || die 2 "no executable $CONTRACTOR_BIN/$1 (CONTRACTOR_BIN names the directory of the tools; build them with cargo build --release)"
+        printf '%s\n' "$CONTRACTOR_BIN/$1"
+    else
+        command -v "$1" || die 2 "$1 is not on PATH; set CONTRACTOR_BIN to the directory of the tools"
+    fi
+}
+CONTRACTOR=$(tool contractor)
+STORE_TOOL=$(tool contractor-store)
+PROXY_TOOL=$(tool contractor-proxy)
+VM_TOOL=$(tool contractor-vm)
+RUN_TOOL=$(tool contractor-run)
+command -v jq >/dev/null || die 2 "jq is not installed (apt-get install jq)"
+
+if [ -z "${CONTRACTOR_LIBVIRT_URI:-}" ]; then
+    if [ "$(id -u)" = 0 ]; then URI=qemu:///system; else URI=qemu:///session; fi
+else
+    URI=$CONTRACTOR_LIBVIRT_URI
+fi
+if [ -n "${CONTRACTOR_DATA_DIR:-}" ]; then
+    DATA=$CONTRACTOR_DATA_DIR
+elif [ "$(id -u)" = 0 ]; then
+    DATA=/var/lib/contractor
+else
+    DATA=${XDG_DATA_HOME:-$HOME/.local/share}/contractor
+fi
+
+# --- cleanup: stop what was started, newest first -------------------------------------------
+store_pid='' proxy_pid='' vm_pid='' run_pid='' tee_pid='' vm_held='' interrupted=''
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/contractor-pipeline.XXXXXX")
+
+stop() { # stop PID: SIGTERM, then wait for it (each tool stops cleanly on SIGTERM)
+    if [ -n "$1" ]; then
+        kill -TERM "$1" 2>/dev/null || true
+        wait "$1" 2>/dev/null || true
+    fi
+}
+release_vm() { # closing the holder's stdin makes it destroy the VM and delete its overlay;
+    # with "now", SIGTERM does the same without waiting for stdin (exit code 130)
+    if [ -n "$vm_held" ]; then
+        vm_held=''
+        exec 4>&-
+        [ "${1:-}" = now ] && kill -TERM "$vm_pid" 2>/dev/null
+        vm_status=0
+        wait "$vm_pid" || vm_status=$?
+        vm_pid=''
+        case "${1:-}:$vm_status" in
+        *:0 | now:130) ;;
+        *)
+            say "contractor-vm exited $vm_status while releasing the VM"
+            return 1
+            ;;
+        esac
+    fi
+}
+cleanup() {
+    status=$?
+    trap - EXIT INT TERM HUP
+    set +e
+    stop "$run_pid"
+    stop "$tee_pid"
+    if [ -n "$vm_held" ]; then
+        release_vm now || { [ "$status" = 0 ] && status=3; }
+    else
+        stop "$vm_pid"
+    fi
+    stop "$proxy_pid"
+    stop "$store_pid"
+    rm -rf "$TMP"
+    [ -n "$interrupted" ] && status=130
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'interrupted=1; say "interrupted"; exit 130' INT TERM HUP
+
+# --- 1. the image -----------------------------------------------------------------------------
+say "image $IMAGE"
+image_dir=$("$CONTRACTOR" image build "$IMAGE") || die 3 "cannot build the image $IMAGE"
+manifest=$image_dir/manifest.json
+cmdline=$(jq -er .cmdline "$manifest") || die 3 "$manifest has no cmdline"
+
+# --- 2. the build record, the source --------------------------------------------------------
+ID=$(date -u +%Y%m%d-%H%M%S)-$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')
+REC=$STORE/builds/$ID
+mkdir -p "$REC"
+REC=$(cd "$REC" && pwd)
+tar -C "$PROJECT" --exclude=.git --exclude=.contractor --exclude-vcs-ignores --sort=name \
+    --owner=0 --group=0 --numeric-owner -cf "$REC/source.tar" .
+ln -sfn "builds/$ID" "$STORE/latest"
+say "build $ID: source packed ($(tar -tf "$REC/source.tar" | wc -l) entries)"
+started=$(date +%s.%N)
+
+# --- 3. store and proxy: start each, read its ready line from a named pipe --------------------
+# start_service NAME REST_FILE COMMAND...: runs COMMAND in the background with stdout on a
+# pipe, reads the first line (the ready line), then copies the rest of stdout to REST_FILE.
+# Sets $service_pid and $service_addr.
+start_service() {
+    name=$1 rest=$2
+    shift 2
+    mkfifo "$TMP/$name.out"
+    "$@" >"$TMP/$name.out" &
+    service_pid=$!
+    exec 3<"$TMP/$name.out"
+    if ! IFS= read -r ready <&3; then
+        exec 3<&-
+        wait "$service_pid" && code=3 || code=$?
+        die "$code" "$name did not start (exit code $code; see its message above)"
+    fi
+    cat <&3 >"$rest" &
+    service_copier=$!
+    exec 3<&-
+    service_addr=$(printf '%s\n' "$ready" | jq -er 'select(.type == "ready") | .addr') ||
+        die 3 "$name printed no ready line: $ready"
+}
+
+start_service store /dev/null "$STORE_TOOL" serve --root "$STORE" --only-build "$ID"
+store_pid=$service_pid store_addr=$service_addr store_copier=$service_copier
+say "store ready at $store_addr"
+
+set -- # the proxy's flags: one --allow per host of $ALLOW
+for host in $ALLOW; do set -- "$@" --allow "$host"; done
+start_service proxy "$REC/proxy.jsonl" "$PROXY_TOOL" "$@"
+proxy_pid=$service_pid proxy_addr=$service_addr proxy_copier=$service_copier
+say "proxy ready at $proxy_addr"
+
+# --- 4. the VM, held by contractor-vm for as long as fd 4 (its stdin) stays open --------------
+mkdir -p "$DATA/vms"
+jq -n --arg uri "$URI" --arg image "$image_dir" --arg cmdline "$cmdline" \
+    --argjson cpus "$CPUS" --argjson memory "$MEMORY_MIB" --argjson disk "$DISK_GIB" \
+    --arg accel "${ACCEL:-auto}" --arg console "$REC/console.log" --arg work "$DATA/vms" \
+    '{type: "create", version: 1, uri: $uri,
+      spec: {image: {disk: "\($image)/disk.qcow2", kernel: "\($image)/vmlinuz",
+                     initrd: "\($image)/initrd.img", cmdline: $cmdline},
+             cpus: $cpus, memory_mib: $memory, disk_gib: $disk, accel: $accel,
+             console_log: $console, work_dir: $work}}' >"$TMP/vm-request.json"
+mkfifo "$TMP/vm.in" "$TMP/vm.out"
+"$VM_TOOL" create --json --hold --json-errors <"$TMP/vm.in" >"$TMP/vm.out" &
+vm_pid=$!
+exec 4>"$TMP/vm.in"
+vm_held=1
+exec 5<"$TMP/vm.out"
+cat "$TMP/vm-request.json" >&4
+IFS= read -r vm_result <&5 || vm_result=''
+# Every process started from here on gets 4>&-: a copy of fd 4 would keep the VM held.
+cat <&5 >"$TMP/vm.rest" 4>&- &
+exec 5<&-
+if [ "$(printf '%s\n' "$vm_result" | jq -r '.type' 2>/dev/null)" != vm ]; then
+    vm_held=''
+    exec 4>&-
+    code=0
+    wait "$vm_pid" || code=$?
+    vm_pid=''
+    [ "$code" = 0 ] && code=3
+    printf '%s\n' "$vm_result" | jq -r 'select(.type == "error") |
+        "pipeline: contractor-vm error \(.code): \(.chain | join(": "))"' >&2 2>/dev/null || true
+    die "$code" "cannot create the VM (contractor-vm exited $code)"
+fi
+say "$(printf '%s\n' "$vm_result" | jq -r '"VM \(.vm.name) started at \(.vm.uri) (\(.vm.accel // "?"))"')"
+
+# --- 5. the run: the RunRequest is the VM's result plus the two addresses and the job --------
+printf '%s\n' "$vm_result" | jq -e --arg proxy "$proxy_addr" --arg store "$store_addr" \
+    --arg log "$REC/build.log" --argjson timeout "$TIMEOUT_SECS" --arg script "$BUILD_SCRIPT" \
+    --argjson artifacts "$ARTIFACTS" --arg id "$ID" \
+    '{version: 1, control_socket: .vm.control_socket, tunnel_socket: .vm.tunnel_socket,
+      proxy: $proxy, store: $store, log: $log, timeout_secs: $timeout,
+      job: {script: $script, env: {}, source: "/builds/\($id)/source.tar",
+            artifacts: $artifacts, artifacts_dest: "/builds/\($id)/artifacts/"}}
+     | if .control_socket and .tunnel_socket then . else
+         error("libvirt reported no channel sockets for the VM") end' \
+    >"$TMP/run-request.json" || die 3 "cannot build the run request"
+mkfifo "$TMP/events"
+"$RUN_TOOL" --json-errors <"$TMP/run-request.json" >"$TMP/events" 4>&- &
+run_pid=$!
+tee "$TMP/events.jsonl" <"$TMP/events" 4>&- &
+tee_pid=$!
+run_status=0
+wait "$run_pid" || run_status=$?
+run_pid=''
+wait "$tee_pid" || true
+tee_pid=''
+
+# --- 6. release the VM, stop the services, write result.json -------------------------------
+release_vm || { [ "$run_status" = 0 ] && run_status=3; }
+stop "$proxy_pid"
+proxy_pid=''
+wait "$proxy_copier" || true # proxy.jsonl is complete once the copier has seen EOF
+stop "$store_pid"
+store_pid=''
+wait "$store_copier" || true
+
+finished=$(jq -c 'select(.type == "finished")' "$TMP/events.jsonl" | tail -n 1)
+if [ -z "$finished" ]; then
+    jq -r 'select(.type == "error") | "pipeline: contractor-run error \(.code): \(.chain | join(": "))"' \
+        "$TMP/events.jsonl" >&2 2>/dev/null || true
+    say "contractor-run wrote no finished event (exit code $run_status)"
+    [ "$run_status" = 0 ] && run_status=3
+    exit "$run_status"
+fi
+find "$REC/artifacts" -type f 2>/dev/null | sort >"$TMP/artifacts" || true
+jq -s --argjson finished "$finished" --arg id "$ID" --arg rec "$REC" \
+    --argjson duration "$(awk -v now="$(date +%s.%N)" -v t0="$started" 'BEGIN { printf "%.3f", now - t0 }')" \
+    --rawfile artifacts "$TMP/artifacts" \
+    '{version: 1, id: $id, outcome: $finished.outcome}
+     + (if $finished.exit_code == null then {} else {exit_code: $finished.exit_code} end)
+     + {duration_secs: $duration, log: "\($rec)/build.log", console_log: "\($rec)/console.log",
+        artifacts: ($artifacts | split("\n") | map(select(. != ""))),
+        refused_hosts: ([.[] | select(.decision == "deny") | .host] | unique)}
+     + (if $finished.limit == null then {} else {limit: $finished.limit} end)
+     + (if $finished.error == null then {} else {error: $finished.error} end)' \
+    "$REC/proxy.jsonl" >"$REC/result.json"
+
+outcome=$(printf '%s\n' "$finished" | jq -r .outcome)
+say "build $ID: $outcome"
+say "  log:      $REC/build.log"
+while IFS= read -r artifact; do say "  artifact: $artifact"; done <"$TMP/artifacts"
+if [ "$outcome" = success ] && [ "$run_status" != 0 ]; then
+    say "contractor-run reported success but exited $run_status"
+fi
+exit "$run_status"

@@ -4,8 +4,11 @@
 #![warn(missing_docs)]
 
 pub mod build;
+pub mod doctor;
 pub mod image;
+pub mod init;
 pub mod paths;
 pub mod progress;
+pub mod records;
 pub mod source;
 pub mod spec;

@@ -1,10 +1,10 @@
 //! `contractor`: build a project inside a throwaway VM.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use contractor_cli::build::{self, human_bytes, BuildOptions};
-use contractor_cli::{image, spec};
+use contractor_cli::{image, records, spec};
 use contractor_protocol::result::Outcome;
 use contractor_protocol::vm::Accel;
 use contractor_protocol::ExitCode;
@@ -35,6 +35,50 @@ Exit codes: 0 the build succeeded, 1 it failed (script or timeout), 2 bad input\
         #[arg(long, value_enum, default_value = "auto")]
         accel: AccelArg,
     },
+    /// List the builds of this project: id, start, result, duration.
+    #[command(after_help = "Example:\n  contractor builds")]
+    Builds {
+        /// The project's spec file (the project is its directory).
+        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
+        file: PathBuf,
+    },
+    /// Show a build's result: outcome, log, artifacts with sha256, refused hosts.
+    #[command(
+        after_help = "Example:\n  contractor show               # the newest build\n  contractor show 20261125-141502-3fa2c1"
+    )]
+    Show {
+        /// Build id (default: the newest).
+        id: Option<String>,
+        /// The project's spec file (the project is its directory).
+        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
+        file: PathBuf,
+    },
+    /// Print a build's log (or, with --console, its VM's serial console).
+    #[command(
+        after_help = "Example:\n  contractor log               # the newest build's output\n  contractor log --console 20261125-141502-3fa2c1"
+    )]
+    Log {
+        /// Build id (default: the newest).
+        id: Option<String>,
+        /// Print the VM's serial console instead of the build's output.
+        #[arg(long)]
+        console: bool,
+        /// The project's spec file (the project is its directory).
+        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
+        file: PathBuf,
+    },
+    /// Check everything a build needs, and say how to fix each problem.
+    #[command(
+        after_help = "Example:\n  contractor doctor\n\nExit codes: 0 every check passed or only warned, 3 a check failed."
+    )]
+    Doctor {
+        /// libvirt connection URI to check (default as for `build`).
+        #[arg(long)]
+        uri: Option<String>,
+    },
+    /// Write a commented contractor.toml for the project in this directory.
+    #[command(after_help = "Example:\n  cd my-project && contractor init && contractor build")]
+    Init,
     /// Manage builder images.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -72,6 +116,15 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Build { file, uri, accel } => run_build(&file, uri, accel.into()).into(),
+        Command::Builds { file } => report(list_builds(&file)),
+        Command::Doctor { uri } => doctor(&uri.unwrap_or_else(contractor_vm::default_uri)).into(),
+        Command::Init => report(
+            contractor_cli::init::write(Path::new("."))
+                .map(|(path, kind)| eprintln!("contractor: wrote {} for {kind:?} project; edit it, then run `contractor build`", path.display()))
+                .map_err(|e| chain(&e)),
+        ),
+        Command::Show { id, file } => report(show_build(&file, id.as_deref())),
+        Command::Log { id, console, file } => report(print_log(&file, id.as_deref(), console)),
         Command::Image(ImageCommand::Build { name }) => {
             if !spec::KNOWN_IMAGES.contains(&name.as_str()) {
                 eprintln!(
@@ -123,7 +176,8 @@ fn run_build(file: &std::path::Path, uri: Option<String>, accel: Accel) -> ExitC
             return ExitCode::Infrastructure;
         }
     };
-    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    // The services' tasks are done with; do not wait for idle workers to wind down.
+    runtime.shutdown_background();
     let result = &report.result;
     let verdict = match result.outcome {
         Outcome::Success => "succeeded".to_string(),
@@ -169,6 +223,125 @@ fn run_build(file: &std::path::Path, uri: Option<String>, accel: Accel) -> ExitC
         );
     }
     result.outcome.exit_code()
+}
+
+fn doctor(uri: &str) -> ExitCode {
+    use contractor_cli::doctor::Status;
+    let findings = contractor_cli::doctor::check(uri);
+    for f in &findings {
+        let status = match f.status {
+            Status::Ok => "ok  ",
+            Status::Warn => "warn",
+            Status::Fail => "FAIL",
+        };
+        println!("{status} {:<17} {}", f.what, f.detail);
+    }
+    if findings.iter().any(|f| f.status == Status::Fail) {
+        ExitCode::Infrastructure
+    } else {
+        ExitCode::Success
+    }
+}
+
+/// Prints a command's error, if any, and turns it into the exit code.
+fn report(result: Result<(), String>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => ExitCode::Success.into(),
+        Err(message) => {
+            eprintln!("contractor: {message}");
+            ExitCode::BadInput.into()
+        }
+    }
+}
+
+/// The store directory of the project whose spec is `file` (the spec need not be valid).
+fn store_of(file: &Path) -> PathBuf {
+    let dir = file
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    contractor_cli::paths::store_dir(dir)
+}
+
+fn list_builds(file: &Path) -> Result<(), String> {
+    let records = records::list(&store_of(file)).map_err(|e| chain(&e))?;
+    println!(
+        "{:<24} {:<19} {:<14} {:>9}",
+        "BUILD", "STARTED", "RESULT", "DURATION"
+    );
+    for record in records.iter().rev() {
+        let (outcome, duration) = match &record.result {
+            Some(r) => (
+                outcome_name(r.outcome).to_string(),
+                format!("{:.1}s", r.duration_secs),
+            ),
+            None => ("running".to_string(), "-".to_string()),
+        };
+        println!(
+            "{:<24} {:<19} {:<14} {:>9}",
+            record.id,
+            records::started(&record.id),
+            outcome,
+            duration
+        );
+    }
+    Ok(())
+}
+
+fn outcome_name(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Success => "success",
+        Outcome::Failed => "failed",
+        Outcome::Timeout => "timeout",
+        Outcome::Infrastructure => "infrastructure",
+        Outcome::Interrupted => "interrupted",
+    }
+}
+
+fn show_build(file: &Path, id: Option<&str>) -> Result<(), String> {
+    let record = records::open(&store_of(file), id).map_err(|e| chain(&e))?;
+    println!("build:     {}", record.id);
+    println!("started:   {}", records::started(&record.id));
+    let Some(result) = &record.result else {
+        println!("result:    running (no result.json yet)");
+        return Ok(());
+    };
+    println!("result:    {}", outcome_name(result.outcome));
+    if let Some(code) = result.exit_code {
+        println!("exit code: {code}");
+    }
+    println!("duration:  {:.1}s", result.duration_secs);
+    if let Some(error) = &result.error {
+        println!("reason:    {}", error.chain.join(": "));
+    }
+    if let Some(limit) = result.limit {
+        println!("limit:     {}", limit.field());
+    }
+    println!("log:       {}", result.log.display());
+    println!("console:   {}", result.console_log.display());
+    for artifact in &result.artifacts {
+        let sha = image::sha256_file(artifact).unwrap_or_else(|_| "(missing)".to_string());
+        let size = std::fs::metadata(artifact)
+            .map(|m| human_bytes(m.len()))
+            .unwrap_or_default();
+        println!("artifact:  {} ({size}) sha256:{sha}", artifact.display());
+    }
+    if !result.refused_hosts.is_empty() {
+        println!("refused:   {}", result.refused_hosts.join(", "));
+    }
+    Ok(())
+}
+
+fn print_log(file: &Path, id: Option<&str>, console: bool) -> Result<(), String> {
+    use std::io::Write;
+    let record = records::open(&store_of(file), id).map_err(|e| chain(&e))?;
+    let bytes = records::read_file(&record, if console { "console.log" } else { "build.log" })
+        .map_err(|e| chain(&e))?;
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(&bytes)
+        .and_then(|()| stdout.flush())
+        .map_err(|e| format!("cannot write the log: {e}"))
 }
 
 fn console_tail(path: &std::path::Path) -> Vec<String> {

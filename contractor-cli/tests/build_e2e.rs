@@ -51,6 +51,84 @@ fn hello_builds_and_its_artifact_runs_on_the_host() {
     assert_no_vm_left(&build);
 }
 
+/// Runs `contractor ARGS` in `project` and returns its stdout; it must succeed.
+fn contractor_in(project: &Project, args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .args(args)
+        .current_dir(project.path())
+        .output()
+        .expect("run contractor");
+    assert!(
+        output.status.success(),
+        "contractor {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8 output")
+}
+
+#[test]
+fn builds_show_and_log_read_the_records_of_real_builds() {
+    let project = Project::new(&small_spec(
+        "echo first line; echo second line >&2; echo data > out.txt",
+        "artifacts = [\"out.txt\"]",
+    ));
+    let first = project.build();
+    std::fs::write(
+        project.path().join("contractor.toml"),
+        small_spec("echo failing; false", ""),
+    )
+    .expect("spec");
+    let second = project.build();
+    assert_eq!(first.result.outcome, Outcome::Success, "{}", first.stderr);
+    assert_eq!(second.result.outcome, Outcome::Failed, "{}", second.stderr);
+
+    let listing = contractor_in(&project, &["builds"]);
+    let lines: Vec<&str> = listing.lines().collect();
+    assert_eq!(lines.len(), 3, "{listing}");
+    assert!(
+        lines[1].starts_with(&second.result.id) && lines[1].contains("failed"),
+        "{listing}"
+    );
+    assert!(
+        lines[2].starts_with(&first.result.id) && lines[2].contains("success"),
+        "{listing}"
+    );
+
+    let shown = contractor_in(&project, &["show", &first.result.id]);
+    let artifact = first.record.join("artifacts/out.txt");
+    assert!(
+        shown.contains(&format!("sha256:{}", sha256(&artifact))),
+        "{shown}"
+    );
+    assert!(shown.contains("result:    success"), "{shown}");
+    let newest = contractor_in(&project, &["show"]);
+    assert!(
+        newest.contains(&second.result.id) && newest.contains("result:    failed"),
+        "{newest}"
+    );
+
+    let log = contractor_in(&project, &["log", &first.result.id]);
+    assert_eq!(
+        log,
+        std::fs::read_to_string(&first.result.log).expect("log")
+    );
+    assert!(
+        log.contains("first line") && log.contains("second line"),
+        "{log}"
+    );
+    assert!(contractor_in(&project, &["log"]).contains("failing"));
+    let console = contractor_in(&project, &["log", "--console", &first.result.id]);
+    assert!(console.contains("contractor-agent"), "{console}");
+
+    let missing = Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .args(["show", "no-such-build"])
+        .current_dir(project.path())
+        .output()
+        .expect("run contractor");
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("`contractor builds` lists them"));
+}
+
 #[test]
 fn a_failing_step_fails_the_build_and_later_steps_do_not_run() {
     let project = Project::new(&small_spec(
@@ -192,4 +270,56 @@ fn a_bad_spec_is_refused_before_anything_starts() {
         !project.path().join(".contractor").exists(),
         "a record was created for a bad spec"
     );
+}
+
+#[test]
+fn doctor_passes_here_and_names_the_fix_when_libvirt_is_unreachable() {
+    let output = Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .arg("doctor")
+        .output()
+        .expect("run contractor doctor");
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{report}");
+    assert!(report.contains("ok   libvirt"), "{report}");
+    assert!(report.contains("accelerator"), "{report}");
+
+    let output = Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .args(["doctor", "--uri", "qemu+tcp://127.0.0.1:1/system"])
+        .output()
+        .expect("run contractor doctor");
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(3), "{report}");
+    let libvirt = report
+        .lines()
+        .find(|l| l.starts_with("FAIL libvirt"))
+        .unwrap_or_else(|| panic!("no libvirt failure in:\n{report}"));
+    assert!(
+        libvirt.contains("qemu+tcp://127.0.0.1:1/system"),
+        "{libvirt}"
+    );
+}
+
+#[test]
+fn init_writes_a_spec_that_builds_and_never_overwrites() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("Makefile"),
+        "all:\n\ttrue\ncheck:\n\ttrue\n",
+    )
+    .expect("makefile");
+    let init = || {
+        Command::new(env!("CARGO_BIN_EXE_contractor"))
+            .arg("init")
+            .current_dir(dir.path())
+            .output()
+            .expect("run contractor init")
+    };
+    assert_eq!(init().status.code(), Some(0));
+    let spec = std::fs::read_to_string(dir.path().join("contractor.toml")).expect("spec");
+    assert!(spec.contains("make\nmake check"), "{spec}");
+    contractor_cli::spec::load(&dir.path().join("contractor.toml"))
+        .expect("the written spec is valid");
+    let again = init();
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists already"));
 }

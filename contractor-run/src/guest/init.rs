@@ -28,6 +28,11 @@ pub fn run_as_init() -> ! {
             eprintln!("contractor-agent: cannot mount {target}: {err}");
         }
     }
+    // Console output lands in the build record's console.log: say who is running.
+    eprintln!(
+        "contractor-agent {}: started as init",
+        crate::guest::agent::AGENT_VERSION
+    );
     if let Err(err) = loopback_up() {
         eprintln!("contractor-agent: cannot bring up the loopback interface: {err}");
     }
@@ -59,10 +64,11 @@ fn reap_until(agent: libc::pid_t) {
     }
 }
 
+/// Powers off at once, without syncing: the disk is a throwaway overlay and every result
+/// has already left the VM.
 fn power_off() -> ! {
-    // SAFETY: sync and reboot take no pointers; as PID 1 we may power the machine off.
+    // SAFETY: reboot takes no pointers; as PID 1 we may power the machine off.
     unsafe {
-        libc::sync();
         libc::reboot(libc::RB_POWER_OFF);
     }
     // reboot only returns on failure; PID 1 must not exit.

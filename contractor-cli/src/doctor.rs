@@ -1,0 +1,201 @@
+//! `contractor doctor`: checks everything a build needs and says how to fix each problem.
+//!
+//! Each check yields a line `ok`, `warn` or `FAIL` with what was found and, when it is not
+//! ok, the command or setting that fixes it. Checks only read; they change nothing.
+
+use std::path::Path;
+
+/// How a check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Fine.
+    Ok,
+    /// Works, but worth knowing (slower, or soon a problem).
+    Warn,
+    /// A build cannot work until this is fixed.
+    Fail,
+}
+
+/// One check's finding.
+#[derive(Debug, Clone)]
+pub struct Finding {
+    /// How it came out.
+    pub status: Status,
+    /// What was checked.
+    pub what: String,
+    /// What was found, and the fix when it is not ok.
+    pub detail: String,
+}
+
+fn finding(status: Status, what: &str, detail: String) -> Finding {
+    Finding {
+        status,
+        what: what.to_string(),
+        detail,
+    }
+}
+
+/// Runs every check against the libvirt URI `uri`.
+pub fn check(uri: &str) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    for (program, package) in [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("qemu-img", "qemu-utils"),
+        ("mmdebstrap", "mmdebstrap"),
+        ("debugfs", "e2fsprogs"),
+        ("resize2fs", "e2fsprogs"),
+    ] {
+        findings.push(match which(program) {
+            Some(path) => finding(Status::Ok, program, path),
+            None => finding(
+                Status::Fail,
+                program,
+                format!(
+                    "not found; install it: sudo apt-get install {package} (or run scripts/setup)"
+                ),
+            ),
+        });
+    }
+
+    findings.push(match contractor_vm::connect(uri) {
+        Ok(_) => finding(Status::Ok, "libvirt", format!("{uri} answers")),
+        Err(err) => finding(Status::Fail, "libvirt", chain(&err)),
+    });
+
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    findings.push(if contractor_vm::accel::cpuinfo_has_virt(&cpuinfo) && Path::new("/dev/kvm").exists() {
+        finding(Status::Ok, "accelerator", "KVM: the CPU has vmx/svm and /dev/kvm exists".into())
+    } else {
+        finding(
+            Status::Warn,
+            "accelerator",
+            "TCG (software emulation, several times slower): the CPU has no vmx/svm flag; \
+             builds work, boot takes seconds. On real hardware enable virtualisation in the firmware."
+                .into(),
+        )
+    });
+    if let Some(kvm) = kvm_permission_problem() {
+        findings.push(finding(Status::Warn, "/dev/kvm", kvm));
+    }
+
+    findings.push(match crate::image::agent_path() {
+        Ok(path) => finding(Status::Ok, "guest agent", path.display().to_string()),
+        Err(err) => finding(Status::Fail, "guest agent", err.to_string()),
+    });
+
+    match crate::paths::data_dir() {
+        Err(err) => findings.push(finding(Status::Fail, "data directory", err)),
+        Ok(dir) => {
+            let image_dir = dir.join("images").join(crate::spec::DEFAULT_IMAGE);
+            findings.push(match crate::image::load(&image_dir) {
+                Ok(Some(image)) => finding(
+                    Status::Ok,
+                    "image",
+                    format!(
+                        "{} (agent {}, disk sha256 {}…)",
+                        image_dir.display(),
+                        image.manifest.agent_version,
+                        &image.manifest.disk_sha256[..12.min(image.manifest.disk_sha256.len())]
+                    ),
+                ),
+                Ok(None) => finding(
+                    Status::Warn,
+                    "image",
+                    format!(
+                        "{} is not built yet; the first build builds it (about a minute), or run: contractor image build",
+                        crate::spec::DEFAULT_IMAGE
+                    ),
+                ),
+                Err(err) => finding(Status::Fail, "image", format!("{}; rebuild it: contractor image build", chain(&err))),
+            });
+            let existing = dir
+                .ancestors()
+                .find(|d| d.exists())
+                .unwrap_or(Path::new("/"));
+            findings.push(match free_bytes(existing) {
+                Some(free) if free >= 10 << 30 => {
+                    finding(Status::Ok, "disk space", format!("{} free under {}", gib(free), existing.display()))
+                }
+                Some(free) => finding(
+                    Status::Warn,
+                    "disk space",
+                    format!(
+                        "only {} free under {}; an image takes about 1 GiB and each running build up to its disk size",
+                        gib(free),
+                        existing.display()
+                    ),
+                ),
+                None => finding(Status::Warn, "disk space", format!("cannot tell for {}", existing.display())),
+            });
+        }
+    }
+
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        let user = std::env::var("USER").unwrap_or_default();
+        let has_range = std::fs::read_to_string("/etc/subuid")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split(':').next() == Some(user.as_str()));
+        findings.push(if has_range {
+            finding(Status::Ok, "subordinate uids", format!("{user} has a range (image builds run unprivileged)"))
+        } else {
+            finding(
+                Status::Fail,
+                "subordinate uids",
+                format!("{user} has no range in /etc/subuid; image builds need one: sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}"),
+            )
+        });
+    }
+    findings
+}
+
+fn which(program: &str) -> Option<String> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].iter().map(Into::into))
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+        .map(|found| found.display().to_string())
+}
+
+/// Without udev, /dev/kvm may stay root-only: libvirt then re-probes QEMU on every call and
+/// each VM start takes a minute and a half.
+fn kvm_permission_problem() -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata("/dev/kvm").ok()?;
+    if meta.mode() & 0o060 == 0o060 {
+        return None;
+    }
+    Some(
+        "/dev/kvm is not readable and writable by its group; libvirt then re-probes QEMU on every \
+         call and VM starts take minutes. Fix: sudo chgrp kvm /dev/kvm && sudo chmod 0660 /dev/kvm"
+            .into(),
+    )
+}
+
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is plain old data; zeroed is a valid value to be overwritten.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a valid pointer to a statvfs.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    Some(stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(cause) = source {
+        parts.push(cause.to_string());
+        source = cause.source();
+    }
+    parts.join(": ")
+}

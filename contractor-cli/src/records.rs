@@ -1,0 +1,223 @@
+//! Reading build records: `contractor builds`, `contractor show`, `contractor log`.
+//!
+//! A record is `<project>/.contractor/builds/<id>/`; ids sort by time, so the newest build
+//! is the greatest id. These commands only read: they never change a record.
+
+use std::path::{Path, PathBuf};
+
+use contractor_protocol::result::BuildResult;
+
+/// Errors reading records.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The project has no builds yet.
+    #[error("no builds in {0} yet; run `contractor build` first")]
+    NoBuilds(PathBuf),
+    /// No build has this id.
+    #[error("no build {id:?} in {dir}; `contractor builds` lists them")]
+    NoSuchBuild {
+        /// The id asked for.
+        id: String,
+        /// Where it was looked for.
+        dir: PathBuf,
+    },
+    /// A file of the record could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `result.json` is not a valid build result.
+    #[error("{path} is not a valid build result")]
+    BadResult {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// One build as listed.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Its id.
+    pub id: String,
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its result, or `None` while it runs.
+    pub result: Option<BuildResult>,
+}
+
+/// All builds of the project whose store is `store_root`, oldest first.
+pub fn list(store_root: &Path) -> Result<Vec<Record>, RecordError> {
+    let builds = store_root.join("builds");
+    let entries = match std::fs::read_dir(&builds) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(RecordError::Read {
+                path: builds,
+                source,
+            })
+        }
+    };
+    let mut ids: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    ids.sort();
+    ids.into_iter()
+        .map(|id| open(store_root, Some(&id)))
+        .collect()
+}
+
+/// The build `id`, or the newest one.
+pub fn open(store_root: &Path, id: Option<&str>) -> Result<Record, RecordError> {
+    let builds = store_root.join("builds");
+    let id = match id {
+        Some(id) => id.to_string(),
+        None => {
+            let mut newest = None;
+            if let Ok(entries) = std::fs::read_dir(&builds) {
+                newest = entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .max();
+            }
+            newest.ok_or_else(|| RecordError::NoBuilds(store_root.to_path_buf()))?
+        }
+    };
+    let dir = builds.join(&id);
+    if id.contains('/') || id.starts_with('.') || !dir.is_dir() {
+        return Err(RecordError::NoSuchBuild { id, dir: builds });
+    }
+    let path = dir.join("result.json");
+    let result = match std::fs::read_to_string(&path) {
+        Ok(text) => Some(
+            serde_json::from_str(&text)
+                .map_err(|source| RecordError::BadResult { path, source })?,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => return Err(RecordError::Read { path, source }),
+    };
+    Ok(Record { id, dir, result })
+}
+
+/// A file of a record, as bytes (logs are printed exactly as written).
+pub fn read_file(record: &Record, name: &str) -> Result<Vec<u8>, RecordError> {
+    let path = record.dir.join(name);
+    std::fs::read(&path).map_err(|source| RecordError::Read { path, source })
+}
+
+/// When a build started, from its id (`20261125-141502-3fa2c1` → `2026-11-25 14:15:02`).
+pub fn started(id: &str) -> String {
+    let digits: Vec<&str> = id.splitn(3, '-').collect();
+    match digits.as_slice() {
+        [date, time, _] if date.len() == 8 && time.len() == 6 => format!(
+            "{}-{}-{} {}:{}:{}",
+            &date[0..4],
+            &date[4..6],
+            &date[6..8],
+            &time[0..2],
+            &time[2..4],
+            &time[4..6]
+        ),
+        _ => "-".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use contractor_protocol::result::Outcome;
+
+    fn write_record(store: &Path, id: &str, outcome: Option<Outcome>) {
+        let dir = store.join("builds").join(id);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("build.log"), format!("log of {id}\n")).expect("log");
+        if let Some(outcome) = outcome {
+            let result = BuildResult {
+                version: 1,
+                id: id.into(),
+                outcome,
+                exit_code: Some(0),
+                duration_secs: 1.5,
+                log: dir.join("build.log"),
+                console_log: dir.join("console.log"),
+                artifacts: vec![],
+                refused_hosts: vec![],
+                limit: None,
+                error: None,
+            };
+            std::fs::write(
+                dir.join("result.json"),
+                serde_json::to_string(&result).expect("json"),
+            )
+            .expect("result");
+        }
+    }
+
+    #[test]
+    fn lists_oldest_first_and_opens_the_newest_by_default() {
+        let store = tempfile::tempdir().expect("tempdir");
+        write_record(
+            store.path(),
+            "20261125-100000-aaaaaa",
+            Some(Outcome::Success),
+        );
+        write_record(
+            store.path(),
+            "20261125-110000-bbbbbb",
+            Some(Outcome::Failed),
+        );
+        write_record(store.path(), "20261125-120000-cccccc", None);
+        let records = list(store.path()).expect("list");
+        let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "20261125-100000-aaaaaa",
+                "20261125-110000-bbbbbb",
+                "20261125-120000-cccccc"
+            ]
+        );
+        assert_eq!(
+            records[1].result.as_ref().map(|r| r.outcome),
+            Some(Outcome::Failed)
+        );
+        assert!(
+            records[2].result.is_none(),
+            "a running build has no result yet"
+        );
+        let newest = open(store.path(), None).expect("newest");
+        assert_eq!(newest.id, "20261125-120000-cccccc");
+        assert_eq!(
+            read_file(&newest, "build.log").expect("log"),
+            b"log of 20261125-120000-cccccc\n"
+        );
+    }
+
+    #[test]
+    fn unknown_ids_and_empty_projects_say_what_to_do() {
+        let store = tempfile::tempdir().expect("tempdir");
+        let err = open(store.path(), None).expect_err("no builds");
+        assert!(
+            err.to_string().contains("run `contractor build` first"),
+            "{err}"
+        );
+        write_record(store.path(), "20261125-100000-aaaaaa", None);
+        for id in ["nope", "../builds", ".hidden"] {
+            let err = open(store.path(), Some(id)).expect_err(id);
+            assert!(
+                err.to_string().contains("`contractor builds` lists them"),
+                "{err}"
+            );
+        }
+        assert_eq!(started("20261125-100000-aaaaaa"), "2026-11-25 10:00:00");
+    }
+}

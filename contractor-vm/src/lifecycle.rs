@@ -12,6 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
+use contractor_protocol::agent::{CONTROL_PORT, TUNNEL_PORT};
 use contractor_protocol::vm::{Accel, VmInfo, VmSpec};
 use virt::connect::Connect;
 use virt::domain::{Domain, DomainState};
@@ -206,7 +207,8 @@ pub fn create_owned(
         crate::overlay::create_work_dir(dir)?;
     }
     let overlay = create_overlay(&spec.image.disk, &spec.work_dir, &name, spec.disk_gib)?;
-    let xml = domain_xml(&name, &spec, accel, &overlay, &owner);
+    let socket_dir = session_socket_dir(&uri)?;
+    let xml = domain_xml(&name, &spec, accel, &overlay, &owner, socket_dir.as_deref());
     let flags = if autodestroy { START_AUTODESTROY } else { 0 };
     let started = conn
         .create_domain_xml(&xml, flags)
@@ -285,7 +287,49 @@ fn stop(domain: &Domain, name: &str) -> Result<(), VmError> {
     Ok(())
 }
 
+/// Under `qemu:///session` the channel sockets go to a short private directory,
+/// `/tmp/contractor-<uid>` (libvirt's own choice, under the user's config directory, can pass
+/// the 107-byte limit of a socket path). Under `qemu:///system` libvirt's default is used:
+/// QEMU runs as another user there and must be able to create the sockets.
+fn session_socket_dir(uri: &str) -> Result<Option<PathBuf>, VmError> {
+    if !uri.starts_with("qemu:///session") {
+        return Ok(None);
+    }
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let dir = PathBuf::from(format!("/tmp/contractor-{uid}"));
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(VmError::BadSpec {
+                reason: format!("cannot create the socket directory {}: {e}", dir.display()),
+            })
+        }
+    }
+    // Refuse a directory someone else made (it could hand our sockets to them).
+    match std::fs::symlink_metadata(&dir) {
+        Ok(meta) if meta.is_dir() && meta.uid() == uid && meta.mode() & 0o077 == 0 => Ok(Some(dir)),
+        _ => Err(VmError::BadSpec {
+            reason: format!(
+                "{} must be a directory owned by uid {uid} with mode 0700; remove it and retry",
+                dir.display()
+            ),
+        }),
+    }
+}
+
+fn remove_sockets(conn: &Connect, name: &str) {
+    if let Ok(Some(dir)) = session_socket_dir(&conn_uri(conn)) {
+        for port in [CONTROL_PORT, TUNNEL_PORT] {
+            let _ = std::fs::remove_file(crate::xml::socket_path(&dir, name, port));
+        }
+    }
+}
+
 fn remove_overlay(conn: &Connect, overlay: Option<&Path>, name: &str) -> Result<(), VmError> {
+    remove_sockets(conn, name);
     if let Some(path) = overlay {
         if is_local_uri(&conn_uri(conn)) {
             delete_overlay(path, name)?;

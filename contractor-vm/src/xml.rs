@@ -42,6 +42,12 @@ fn esc_path(path: &Path) -> String {
     escape(&path.to_string_lossy())
 }
 
+/// Where the host end of `port` of VM `name` is, when the caller picks the directory.
+pub fn socket_path(dir: &Path, name: &str, port: &str) -> std::path::PathBuf {
+    let short = port.rsplit('.').next().unwrap_or(port);
+    dir.join(format!("{name}.{short}"))
+}
+
 /// The XML of a transient builder domain.
 ///
 /// `accel` should already be resolved (see [`crate::accel::resolve`]); `Auto` is written as
@@ -53,6 +59,7 @@ pub fn domain_xml(
     accel: Accel,
     overlay: &Path,
     owner: &VmOwner,
+    socket_dir: Option<&Path>,
 ) -> String {
     let (domain_type, cpu) = match accel {
         Accel::Kvm => ("kvm", "<cpu mode='host-passthrough' check='none'/>"),
@@ -68,9 +75,19 @@ pub fn domain_xml(
         .process_start
         .map(|s| format!(" process-start='{s}'"))
         .unwrap_or_default();
+    // Without a directory libvirt picks the socket path itself; with one (needed under
+    // qemu:///session, whose own paths can pass the 107-byte limit of a socket path) the
+    // sockets are `<dir>/<name>.<port>`.
     let channel = |port: &str| {
+        let source = match socket_dir {
+            Some(dir) => format!(
+                "<source mode='bind' path='{}'/>",
+                esc_path(&socket_path(dir, name, port))
+            ),
+            None => "<source mode='bind'/>".to_string(),
+        };
         format!(
-            "    <channel type='unix'>\n      <source mode='bind'/>\n      \
+            "    <channel type='unix'>\n      {source}\n      \
              <target type='virtio' name='{}'/>\n    </channel>\n",
             escape(port)
         )
@@ -243,6 +260,7 @@ mod tests {
             accel,
             Path::new("/work/contractor-abc.qcow2"),
             &owner(),
+            None,
         )
     }
 
@@ -337,8 +355,30 @@ mod tests {
             Accel::Tcg,
             Path::new("/o.qcow2"),
             &owner(),
+            None,
         );
         assert!(!text.contains("<initrd"));
+    }
+
+    #[test]
+    fn a_socket_directory_gives_each_channel_a_short_path_there() {
+        let text = domain_xml(
+            "contractor-x",
+            &spec(),
+            Accel::Tcg,
+            Path::new("/o.qcow2"),
+            &owner(),
+            Some(Path::new("/tmp/contractor-1000")),
+        );
+        let facts = parse_domain(&text).expect("parse");
+        assert_eq!(
+            facts.control_socket.as_deref(),
+            Some(Path::new("/tmp/contractor-1000/contractor-x.control"))
+        );
+        assert_eq!(
+            facts.tunnel_socket.as_deref(),
+            Some(Path::new("/tmp/contractor-1000/contractor-x.tunnel"))
+        );
     }
 
     #[test]

@@ -351,11 +351,5 @@ fn console_tail(path: &std::path::Path) -> Vec<String> {
 }
 
 fn chain(err: &dyn std::error::Error) -> String {
-    let mut parts = vec![err.to_string()];
-    let mut source = err.source();
-    while let Some(cause) = source {
-        parts.push(cause.to_string());
-        source = cause.source();
-    }
-    parts.join(": ")
+    contractor_protocol::result::error_chain(err).join(": ")
 }

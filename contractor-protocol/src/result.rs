@@ -67,6 +67,27 @@ pub struct ErrorInfo {
     pub chain: Vec<String>,
 }
 
+impl ErrorInfo {
+    /// `err` and its sources as data, under `code`.
+    pub fn from_error(code: &str, err: &dyn std::error::Error) -> ErrorInfo {
+        ErrorInfo {
+            code: code.to_string(),
+            chain: error_chain(err),
+        }
+    }
+}
+
+/// An error and its sources, outermost first: what a tool prints joined with ": ".
+pub fn error_chain(err: &dyn std::error::Error) -> Vec<String> {
+    let mut chain = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(cause) = source {
+        chain.push(cause.to_string());
+        source = cause.source();
+    }
+    chain
+}
+
 /// One collected artifact.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,4 +127,24 @@ pub struct BuildResult {
     /// What went wrong, for infrastructure failures and timeouts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot start the VM")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn the_chain_lists_every_cause_outermost_first() {
+        let err = Outer(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no kernel",
+        ));
+        let info = ErrorInfo::from_error("vm_create", &err);
+        assert_eq!(info.code, "vm_create");
+        assert_eq!(info.chain, ["cannot start the VM", "no kernel"]);
+    }
 }

@@ -210,16 +210,7 @@ fn judge(progress: &Progress) -> Verdict {
 
 /// The error and its sources as data.
 pub fn error_info(code: &str, err: &(dyn std::error::Error + 'static)) -> ErrorInfo {
-    let mut chain = vec![err.to_string()];
-    let mut source = err.source();
-    while let Some(cause) = source {
-        chain.push(cause.to_string());
-        source = cause.source();
-    }
-    ErrorInfo {
-        code: code.to_string(),
-        chain,
-    }
+    ErrorInfo::from_error(code, err)
 }
 
 type ControlLines = tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>;

@@ -170,12 +170,7 @@ pub async fn serve() -> Result<(), AgentError> {
 
     let result = run_job(&job, &opener, &mut control_out).await;
     if let Err(err) = &result {
-        let mut chain = vec![err.to_string()];
-        let mut source = std::error::Error::source(err);
-        while let Some(cause) = source {
-            chain.push(cause.to_string());
-            source = cause.source();
-        }
+        let chain = contractor_protocol::result::error_chain(err);
         send(
             &mut control_out,
             &GuestMessage::Error {

@@ -167,6 +167,66 @@ pub fn ensure(name: &str) -> Result<Image, ImageError> {
     build(name, &images, &agent, &agent_sha)
 }
 
+/// The images built under the data directory, by name.
+pub fn list() -> Result<Vec<Image>, ImageError> {
+    let images = paths::data_dir().map_err(ImageError::Other)?.join("images");
+    let entries = match std::fs::read_dir(&images) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(file_err("cannot list", &images)(e)),
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue; // the lock, and images being built
+        }
+        if let Some(image) = load(&entry.path())? {
+            found.push(image);
+        }
+    }
+    found.sort_by(|a, b| a.manifest.name.cmp(&b.manifest.name));
+    Ok(found)
+}
+
+/// Removes the built image `name`. Running VMs keep their open base until they end.
+pub fn remove(name: &str) -> Result<(), ImageError> {
+    let images = paths::data_dir().map_err(ImageError::Other)?.join("images");
+    let dir = images.join(name);
+    if name.is_empty() || name.starts_with('.') || name.contains('/') || load(&dir)?.is_none() {
+        let known: Vec<String> = list()?.into_iter().map(|i| i.manifest.name).collect();
+        return Err(ImageError::Other(format!(
+            "no image {name:?} in {}; built images: {}",
+            images.display(),
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        )));
+    }
+    let _lock = DirLock::acquire(&images.join(".lock"))?;
+    std::fs::remove_dir_all(&dir).map_err(file_err("cannot remove", &dir))
+}
+
+/// `2026-11-25 14:15:02` (UTC) from Unix seconds.
+pub fn format_time(unix: u64) -> String {
+    let secs = i64::try_from(unix).unwrap_or(0);
+    // SAFETY: libc::tm is plain old data; all-zero is a valid value to be overwritten.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: gmtime_r writes into our tm from a valid time_t.
+    unsafe { libc::gmtime_r(&secs, &mut tm) };
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
 /// Reads an image's manifest, if the image exists.
 pub fn load(dir: &Path) -> Result<Option<Image>, ImageError> {
     let path = dir.join("manifest.json");
@@ -465,5 +525,11 @@ mod tests {
             Some("initrd.img-6.1.0-50-cloud-amd64")
         );
         assert_eq!(boot_file("/1/040755/0/0/./\n", "vmlinuz-"), None);
+    }
+
+    #[test]
+    fn times_are_printed_in_utc() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00");
+        assert_eq!(format_time(1_795_615_977), "2026-11-25 14:12:57");
     }
 }

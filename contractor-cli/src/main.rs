@@ -93,6 +93,15 @@ enum ImageCommand {
         #[arg(default_value = spec::DEFAULT_IMAGE)]
         name: String,
     },
+    /// List the built images: name, size, date, sha256, agent version.
+    #[command(after_help = "Example:\n  contractor image list")]
+    List,
+    /// Remove a built image (the next build that needs it builds it again).
+    #[command(after_help = "Example:\n  contractor image rm debian-12-build")]
+    Rm {
+        /// Image name.
+        name: String,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -125,6 +134,8 @@ fn main() -> std::process::ExitCode {
         ),
         Command::Show { id, file } => report(show_build(&file, id.as_deref())),
         Command::Log { id, console, file } => report(print_log(&file, id.as_deref(), console)),
+        Command::Image(ImageCommand::List) => report(list_images()),
+        Command::Image(ImageCommand::Rm { name }) => report(image::remove(&name).map_err(|e| chain(&e))),
         Command::Image(ImageCommand::Build { name }) => {
             if !spec::KNOWN_IMAGES.contains(&name.as_str()) {
                 eprintln!(
@@ -283,6 +294,30 @@ fn list_builds(file: &Path) -> Result<(), String> {
             records::started(&record.id),
             outcome,
             duration
+        );
+    }
+    Ok(())
+}
+
+fn list_images() -> Result<(), String> {
+    let images = image::list().map_err(|e| chain(&e))?;
+    println!(
+        "{:<18} {:>9} {:<19} {:<14} DISK SHA256",
+        "IMAGE", "SIZE", "BUILT", "AGENT"
+    );
+    for image in images {
+        let size: u64 = ["disk.qcow2", "vmlinuz", "initrd.img"]
+            .iter()
+            .filter_map(|f| std::fs::metadata(image.dir.join(f)).ok())
+            .map(|m| m.len())
+            .sum();
+        println!(
+            "{:<18} {:>9} {:<19} {:<14} {}",
+            image.manifest.name,
+            human_bytes(size),
+            image::format_time(image.manifest.created),
+            image.manifest.agent_version,
+            image.manifest.disk_sha256
         );
     }
     Ok(())

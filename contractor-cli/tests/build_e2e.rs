@@ -323,3 +323,51 @@ fn init_writes_a_spec_that_builds_and_never_overwrites() {
     assert_eq!(again.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&again.stderr).contains("exists already"));
 }
+
+#[test]
+fn image_list_shows_the_built_image_and_rm_removes_one() {
+    let data = contractor_cli::paths::data_dir().expect("data dir");
+    let built = Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .args(["image", "build"])
+        .output()
+        .expect("run contractor image build");
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let dir = String::from_utf8_lossy(&built.stdout).trim().to_string();
+    let image = contractor_cli::image::load(std::path::Path::new(&dir))
+        .expect("manifest")
+        .expect("image");
+    let listing = Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .args(["image", "list"])
+        .output()
+        .expect("run contractor image list");
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    let line = listing
+        .lines()
+        .find(|l| l.starts_with("debian-12-build"))
+        .unwrap_or_else(|| panic!("no image in:\n{listing}"));
+    assert!(line.contains(&image.manifest.disk_sha256), "{line}");
+
+    // rm works on a copy in a separate data directory, so the shared image stays.
+    let other = tempfile::tempdir().expect("tempdir");
+    let copy = other.path().join("images/debian-12-build");
+    std::fs::create_dir_all(&copy).expect("mkdir");
+    std::fs::copy(image.dir.join("manifest.json"), copy.join("manifest.json"))
+        .expect("copy manifest");
+    let rm = |name: &str| {
+        Command::new(env!("CARGO_BIN_EXE_contractor"))
+            .args(["image", "rm", name])
+            .env("CONTRACTOR_DATA_DIR", other.path())
+            .output()
+            .expect("run contractor image rm")
+    };
+    assert_eq!(rm("debian-12-build").status.code(), Some(0));
+    assert!(!copy.exists());
+    let missing = rm("debian-12-build");
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("built images: none"));
+    assert!(data.join("images/debian-12-build/disk.qcow2").exists());
+}

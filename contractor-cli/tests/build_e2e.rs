@@ -118,7 +118,10 @@ fn builds_show_and_log_read_the_records_of_real_builds() {
     );
     assert!(contractor_in(&project, &["log"]).contains("failing"));
     let console = contractor_in(&project, &["log", "--console", &first.result.id]);
-    assert!(console.contains("contractor-agent"), "{console}");
+    assert_eq!(
+        console,
+        std::fs::read_to_string(&first.result.console_log).expect("console log")
+    );
 
     let missing = Command::new(env!("CARGO_BIN_EXE_contractor"))
         .args(["show", "no-such-build"])

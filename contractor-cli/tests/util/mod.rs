@@ -49,6 +49,8 @@ impl Project {
             .unwrap_or_else(|e| panic!("no result.json ({e}); stderr:\n{stderr}"));
         let result: BuildResult =
             serde_json::from_str(&result_text).expect("result.json matches the protocol");
+        // The record itself, not `latest`, which moves on with the next build.
+        let record = self.path().join(".contractor/builds").join(&result.id);
         Build {
             output,
             stderr,

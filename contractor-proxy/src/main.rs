@@ -39,6 +39,10 @@ Example:
     after_help = AFTER_HELP
 )]
 struct Cli {
+    /// When the proxy cannot start, also print one error object on stdout:
+    /// {"type":"error","version":1,"code":"bad_rule","chain":[...]}.
+    #[arg(long)]
+    json_errors: bool,
     /// A configuration file, TOML (*.toml) or JSON (*.json), with the same settings as
     /// these flags (listen, allow, deny, allow_net, allow_port, mode, limits, ...).
     #[arg(long, value_name = "FILE")]
@@ -119,19 +123,21 @@ impl Cli {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let settings = match Cli::parse().into_settings() {
+    let cli = Cli::parse();
+    JSON_ERRORS.store(cli.json_errors, std::sync::atomic::Ordering::Relaxed);
+    let settings = match cli.into_settings() {
         Ok(settings) => settings,
-        Err(e) => return fail(ExitCode::BadInput, &e),
+        Err(e) => return fail(ExitCode::BadInput, "bad_config", &e),
     };
     let access_log = settings.access_log.clone();
     let metrics_addr = settings.metrics;
     let config = match settings.into_config() {
         Ok(config) => config,
-        Err(e) => return fail(ExitCode::BadInput, &anyhow!(e)),
+        Err(e) => return fail(ExitCode::BadInput, "bad_rule", &anyhow!(e)),
     };
     match run(config, access_log, metrics_addr).await {
         Ok(()) => ExitCode::Success.into(),
-        Err(e) => fail(ExitCode::Infrastructure, &e),
+        Err(e) => fail(ExitCode::Infrastructure, "serve", &e),
     }
 }
 
@@ -242,7 +248,16 @@ fn write_decisions(
     Ok(())
 }
 
-fn fail(code: ExitCode, error: &anyhow::Error) -> std::process::ExitCode {
+/// Set from `--json-errors` before anything can fail.
+static JSON_ERRORS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Reports `error` on stderr (and, with `--json-errors`, as an error object on stdout).
+fn fail(code: ExitCode, name: &str, error: &anyhow::Error) -> std::process::ExitCode {
     eprintln!("contractor-proxy: {error:#}");
+    if JSON_ERRORS.load(std::sync::atomic::Ordering::Relaxed) {
+        let chain = error.chain().map(|e| e.to_string()).collect();
+        let object = contractor_protocol::error::ErrorObject::with_chain(name, chain);
+        let _ = contractor_protocol::jsonl::write_line(&mut std::io::stdout(), &object);
+    }
     code.into()
 }

@@ -51,15 +51,6 @@ struct Args {
     json_errors: bool,
 }
 
-/// The error object of `--json-errors`, the same shape as contractor-vm's.
-#[derive(serde::Serialize)]
-#[serde(tag = "type", rename = "error")]
-struct ErrorObject {
-    version: u32,
-    code: &'static str,
-    chain: Vec<String>,
-}
-
 /// Why the request could not start.
 #[derive(Debug, thiserror::Error)]
 enum StartError {
@@ -114,11 +105,7 @@ fn main() -> std::process::ExitCode {
             let chain = err.chain();
             eprintln!("contractor-run: {}", chain.join(": "));
             if args.json_errors {
-                let object = ErrorObject {
-                    version: PROTOCOL_VERSION,
-                    code: err.code(),
-                    chain,
-                };
+                let object = contractor_protocol::error::ErrorObject::with_chain(err.code(), chain);
                 let _ = contractor_protocol::jsonl::write_line(&mut std::io::stdout(), &object);
             }
             err.exit_code().into()

@@ -23,6 +23,10 @@ use tokio::signal::unix::{signal, SignalKind};
     about = "Serves a store directory over HTTP"
 )]
 struct Cli {
+    /// When a command fails, also print one error object on stdout:
+    /// {"type":"error","version":1,"code":"bad_root","chain":[...]}.
+    #[arg(long, global = true)]
+    json_errors: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -93,7 +97,9 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    JSON_ERRORS.store(cli.json_errors, std::sync::atomic::Ordering::Relaxed);
+    match cli.command {
         Command::Serve {
             root,
             listen,
@@ -105,7 +111,9 @@ async fn main() -> std::process::ExitCode {
         } => {
             let tokens = match token_file.as_deref().map(TokenTable::load).transpose() {
                 Ok(tokens) => tokens,
-                Err(e) => return fail(ExitCode::BadInput, &anyhow::Error::new(e)),
+                Err(e) => {
+                    return fail(ExitCode::BadInput, "bad_token_file", &anyhow::Error::new(e))
+                }
             };
             let config = StoreConfig {
                 access_log: !no_access_log,
@@ -117,17 +125,17 @@ async fn main() -> std::process::ExitCode {
             };
             let store = match Store::open(&config) {
                 Ok(store) => store,
-                Err(e) => return fail(ExitCode::BadInput, &anyhow::Error::new(e)),
+                Err(e) => return fail(ExitCode::BadInput, "bad_root", &anyhow::Error::new(e)),
             };
             match run(store, listen).await {
                 Ok(()) => ExitCode::Success.into(),
-                Err(e) => fail(ExitCode::Infrastructure, &e),
+                Err(e) => fail(ExitCode::Infrastructure, "serve", &e),
             }
         }
         Command::Index { root, build } => {
             match contractor_store::write_artifact_index(&root, &build) {
                 Ok(index) => print_json(&index),
-                Err(e) => fail(ExitCode::BadInput, &anyhow::Error::new(e)),
+                Err(e) => fail(ExitCode::BadInput, "index", &anyhow::Error::new(e)),
             }
         }
         Command::Gc {
@@ -144,7 +152,7 @@ async fn main() -> std::process::ExitCode {
             };
             match contractor_store::collect_garbage(&root, &options) {
                 Ok(summary) => print_json(&summary),
-                Err(e) => fail(ExitCode::BadInput, &anyhow::Error::new(e)),
+                Err(e) => fail(ExitCode::BadInput, "gc", &anyhow::Error::new(e)),
             }
         }
         Command::Token { build, token_file } => match add_token(&build, &token_file) {
@@ -152,7 +160,7 @@ async fn main() -> std::process::ExitCode {
                 println!("{token}");
                 ExitCode::Success.into()
             }
-            Err(e) => fail(ExitCode::BadInput, &e),
+            Err(e) => fail(ExitCode::BadInput, "token", &e),
         },
     }
 }
@@ -181,7 +189,11 @@ fn print_json(value: &impl serde::Serialize) -> std::process::ExitCode {
         .and_then(|()| writeln!(stdout).map_err(anyhow::Error::new))
     {
         Ok(()) => ExitCode::Success.into(),
-        Err(e) => fail(ExitCode::Infrastructure, &e.context("cannot write stdout")),
+        Err(e) => fail(
+            ExitCode::Infrastructure,
+            "stdout",
+            &e.context("cannot write stdout"),
+        ),
     }
 }
 
@@ -211,7 +223,16 @@ async fn run(store: Store, listen: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn fail(code: ExitCode, error: &anyhow::Error) -> std::process::ExitCode {
+/// Set from `--json-errors` before anything can fail.
+static JSON_ERRORS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Reports `error` on stderr (and, with `--json-errors`, as an error object on stdout).
+fn fail(code: ExitCode, name: &str, error: &anyhow::Error) -> std::process::ExitCode {
     eprintln!("contractor-store: {error:#}");
+    if JSON_ERRORS.load(std::sync::atomic::Ordering::Relaxed) {
+        let chain = error.chain().map(|e| e.to_string()).collect();
+        let object = contractor_protocol::error::ErrorObject::with_chain(name, chain);
+        let _ = contractor_protocol::jsonl::write_line(&mut std::io::stdout(), &object);
+    }
     code.into()
 }

@@ -261,35 +261,8 @@ impl CliError {
     }
 }
 
-/// The error object of `--json-errors`: `{"type":"error","version":1,"code":...,"chain":[...]}`.
-/// contractor-run prints the same shape.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(tag = "type", rename = "error")]
-pub struct ErrorObject {
-    /// Protocol version, 1.
-    pub version: u32,
-    /// A short machine-readable code, e.g. `bad_json`, `libvirt_unreachable`.
-    pub code: String,
-    /// The error and its causes, outermost first.
-    pub chain: Vec<String>,
-}
-
-impl ErrorObject {
-    /// The object for `error`: its message, then each cause's.
-    pub fn new(code: &str, error: &(dyn std::error::Error + 'static)) -> ErrorObject {
-        let mut chain = vec![error.to_string()];
-        let mut source = error.source();
-        while let Some(cause) = source {
-            chain.push(cause.to_string());
-            source = cause.source();
-        }
-        ErrorObject {
-            version: PROTOCOL_VERSION,
-            code: code.to_string(),
-            chain,
-        }
-    }
-}
+/// The error object of `--json-errors`, shared by every tool.
+pub use contractor_protocol::error::ErrorObject;
 
 /// The structure of a JSON text read byte by byte: the open containers and the current key.
 /// Enough to name the field at an error's position, to find where the first value ends, and
@@ -633,11 +606,10 @@ pub fn run() -> std::process::ExitCode {
             if std::env::args_os().any(|a| a == "--json-errors") {
                 let rendered = e.render().to_string();
                 let message = rendered.lines().next().unwrap_or_default();
-                print_error(&ErrorObject {
-                    version: PROTOCOL_VERSION,
-                    code: String::from("usage"),
-                    chain: vec![message.trim_start_matches("error: ").to_string()],
-                });
+                print_error(&ErrorObject::with_chain(
+                    "usage",
+                    vec![message.trim_start_matches("error: ").to_string()],
+                ));
             }
             return ExitCode::BadInput.into();
         }
@@ -647,7 +619,7 @@ pub fn run() -> std::process::ExitCode {
         Err(e) => {
             report(&e);
             if cli.json_errors {
-                print_error(&ErrorObject::new(e.code(), &e));
+                print_error(&ErrorObject::from_error(e.code(), &e));
             }
             e.exit_code().into()
         }
@@ -946,7 +918,7 @@ mod tests {
     #[test]
     fn json_errors_object_has_the_documented_shape() {
         let err = CliError::NoRequest;
-        let object = ErrorObject::new(err.code(), &err);
+        let object = ErrorObject::from_error(err.code(), &err);
         let line = serde_json::to_string(&object).expect("serialize");
         assert_eq!(
             line,

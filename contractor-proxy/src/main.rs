@@ -29,7 +29,14 @@ replace its values. See docs/proxy.md.
 
 Example:
   contractor-proxy --allow deb.debian.org --listen 127.0.0.1:3128
-  curl -x http://127.0.0.1:3128 https://deb.debian.org/";
+  curl -x http://127.0.0.1:3128 https://deb.debian.org/
+
+Output on stdout (JSON Lines):
+  {\"type\":\"ready\",\"version\":1,\"service\":\"proxy\",\"addr\":\"127.0.0.1:3128\"}
+  {\"type\":\"decision\",\"time\":1795615977.728,\"client\":\"127.0.0.1:54418\",\"method\":\"CONNECT\",\"host\":\"example.com\",\"port\":443,\"decision\":\"deny\",\"reason\":\"host not on the allowlist\"}
+
+Exit codes: 0 stopped by SIGTERM/SIGINT, 2 bad flags, rules or config file, 3 cannot serve.
+With --json-errors a failure is also one {\"type\":\"error\",...} object on stdout.";
 
 #[derive(Debug, Parser)]
 #[command(

@@ -35,6 +35,13 @@ struct Cli {
 enum Command {
     /// Serve a directory: GET and HEAD anywhere in it, PUT under builds/<id>/artifacts/ and
     /// to cas/sha256/<hash>.
+    #[command(
+        after_help = "Example:\n  contractor-store serve --root .contractor --only-build 20261125-141502-3fa2c1\n\n\
+Output on stdout, once it listens:\n  \
+{\"type\":\"ready\",\"version\":1,\"service\":\"store\",\"addr\":\"127.0.0.1:40124\"}\n\n\
+Exit codes: 0 stopped by SIGTERM/SIGINT, 2 bad root or flags, 3 cannot serve.\n\
+With --json-errors a failure is also one {\"type\":\"error\",...} object on stdout."
+    )]
     Serve {
         /// The store directory; it must exist.
         #[arg(long, value_name = "DIR")]

@@ -67,10 +67,11 @@ check allowed-http "$(curl -s -o /dev/null -w '%{{http_code}}' $allowed http://d
 # is checked here is that the tunnel through the proxy carries a whole HTTPS exchange.
 check allowed-https "$(curl -k -s -o /dev/null -w '%{{http_code}}' $allowed https://deb.debian.org/debian/dists/bookworm/Release)"
 check refused-host "$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 20 http://example.com/)"
-check host-loopback "$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 20 http://127.0.0.1:{port}/)"
+# no_proxy (127.0.0.1,localhost) is emptied so that these go to the proxy, not the guest.
+check host-loopback "$(no_proxy= NO_PROXY= curl -s -o /dev/null -w '%{{http_code}}' --max-time 20 http://127.0.0.1:{port}/)"
 check private "$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 20 http://10.1.2.3/)"
 check metadata "$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 20 http://169.254.169.254/latest/meta-data/)"
-check numeric-trick "$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 20 http://2130706433:{port}/)"
+check numeric-trick "$(no_proxy= NO_PROXY= curl -s -o /dev/null -w '%{{http_code}}' --max-time 20 http://2130706433:{port}/)"
 check tls-to-refused "$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 20 https://example.com/)"
 # The store: only this build's own files.
 check other-build "$(curl -s -o /dev/null -w '%{{http_code}}' --noproxy '*' $CONTRACTOR_STORE/builds/someone-else/source.tar)"

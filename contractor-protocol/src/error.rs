@@ -27,6 +27,17 @@ impl ErrorObject {
         ErrorObject::with_chain(code, crate::result::error_chain(error))
     }
 
+    /// Reports a failure the way every tool does: one line `TOOL: a: b: c` on stderr and,
+    /// when `json` (`--json-errors`), this object as one line on stdout.
+    pub fn report(tool: &str, code: &str, chain: Vec<String>, json: bool) {
+        eprintln!("{tool}: {}", chain.join(": "));
+        if json {
+            let object = ErrorObject::with_chain(code, chain);
+            // Best effort: stdout may be what failed.
+            let _ = crate::jsonl::write_line(&mut std::io::stdout(), &object);
+        }
+    }
+
     /// The object for an error already turned into its chain of messages.
     pub fn with_chain(code: &str, chain: Vec<String>) -> ErrorObject {
         ErrorObject {

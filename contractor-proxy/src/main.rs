@@ -260,11 +260,8 @@ static JSON_ERRORS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBoo
 
 /// Reports `error` on stderr (and, with `--json-errors`, as an error object on stdout).
 fn fail(code: ExitCode, name: &str, error: &anyhow::Error) -> std::process::ExitCode {
-    eprintln!("contractor-proxy: {error:#}");
-    if JSON_ERRORS.load(std::sync::atomic::Ordering::Relaxed) {
-        let chain = error.chain().map(|e| e.to_string()).collect();
-        let object = contractor_protocol::error::ErrorObject::with_chain(name, chain);
-        let _ = contractor_protocol::jsonl::write_line(&mut std::io::stdout(), &object);
-    }
+    let chain = error.chain().map(|e| e.to_string()).collect();
+    let json = JSON_ERRORS.load(std::sync::atomic::Ordering::Relaxed);
+    contractor_protocol::error::ErrorObject::report("contractor-proxy", name, chain, json);
     code.into()
 }

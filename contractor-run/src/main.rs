@@ -87,13 +87,7 @@ impl StartError {
     }
 
     fn chain(&self) -> Vec<String> {
-        let mut chain = vec![self.to_string()];
-        let mut source = std::error::Error::source(self);
-        while let Some(cause) = source {
-            chain.push(cause.to_string());
-            source = cause.source();
-        }
-        chain
+        contractor_protocol::result::error_chain(self)
     }
 }
 
@@ -102,12 +96,12 @@ fn main() -> std::process::ExitCode {
     match run() {
         Ok(code) => code.into(),
         Err(err) => {
-            let chain = err.chain();
-            eprintln!("contractor-run: {}", chain.join(": "));
-            if args.json_errors {
-                let object = contractor_protocol::error::ErrorObject::with_chain(err.code(), chain);
-                let _ = contractor_protocol::jsonl::write_line(&mut std::io::stdout(), &object);
-            }
+            contractor_protocol::error::ErrorObject::report(
+                "contractor-run",
+                err.code(),
+                err.chain(),
+                args.json_errors,
+            );
             err.exit_code().into()
         }
     }

@@ -7,13 +7,13 @@
 //! Every outcome after the record exists, failures included, ends in `result.json`.
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use contractor_protocol::agent::Job;
+use contractor_protocol::build::BuildEvent;
 use contractor_protocol::proxy::{Decision, Verdict};
 use contractor_protocol::result::{BuildResult, ErrorInfo, Limit, Outcome};
 use contractor_protocol::run::{RunEvent, RunRequest};
@@ -22,6 +22,7 @@ use contractor_protocol::PROTOCOL_VERSION;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+use crate::display::Display;
 use crate::image;
 use crate::paths;
 use crate::source;
@@ -69,7 +70,11 @@ pub struct BuildReport {
 }
 
 /// Runs one build.
-pub async fn build(spec: &BuildSpec, options: &BuildOptions) -> Result<BuildReport, BuildError> {
+pub async fn build(
+    spec: &BuildSpec,
+    options: &BuildOptions,
+    display: &Display,
+) -> Result<BuildReport, BuildError> {
     let started = Instant::now();
     let image =
         tokio::task::block_in_place(|| image::ensure(&spec.image)).map_err(BuildError::Image)?;
@@ -85,11 +90,18 @@ pub async fn build(spec: &BuildSpec, options: &BuildOptions) -> Result<BuildRepo
     let packed =
         tokio::task::block_in_place(|| source::pack(&spec.project_dir, &record.join("source.tar")))
             .map_err(BuildError::Source)?;
-    eprintln!(
-        "contractor: build {id}: source packed ({} entries, {})",
-        packed.entries,
-        human_bytes(packed.bytes)
-    );
+    display.event(&BuildEvent::Started {
+        version: PROTOCOL_VERSION,
+        id: id.clone(),
+        record: record.clone(),
+    });
+    display.event(&BuildEvent::ImageReady {
+        name: spec.image.clone(),
+    });
+    display.event(&BuildEvent::SourcePacked {
+        entries: packed.entries as u64,
+        bytes: packed.bytes,
+    });
     update_latest(&store_root, &id);
     let owner_file = record.join(OWNER_FILE);
     let owner = serde_json::json!({
@@ -141,15 +153,20 @@ pub async fn build(spec: &BuildSpec, options: &BuildOptions) -> Result<BuildRepo
     let limits = RunLimits {
         timeout_secs: spec.timeout.as_secs(),
         max_log_bytes: spec.max_log_bytes,
+        memory_mib: spec.memory_mib,
+        disk_gib: spec.disk_gib,
     };
     let ran = run_in_vm(
         &options.uri,
         vm_spec,
         job,
-        proxy_addr,
-        store_addr,
+        Services {
+            proxy: proxy_addr,
+            store: store_addr,
+        },
         &log,
         limits,
+        display.clone(),
     )
     .await;
     let _ = stop_services.send(true);
@@ -178,7 +195,17 @@ pub async fn build(spec: &BuildSpec, options: &BuildOptions) -> Result<BuildRepo
         eprintln!("contractor: cannot write {}: {err}", result_path.display());
     }
     let _ = std::fs::remove_file(&owner_file);
+    display.event(&BuildEvent::Finished {
+        result: result.clone(),
+    });
     Ok(BuildReport { result })
+}
+
+/// Where the build's proxy and store listen.
+#[derive(Debug, Clone, Copy)]
+struct Services {
+    proxy: SocketAddr,
+    store: SocketAddr,
 }
 
 /// The limits `contractor-run` enforces.
@@ -186,6 +213,9 @@ pub async fn build(spec: &BuildSpec, options: &BuildOptions) -> Result<BuildRepo
 struct RunLimits {
     timeout_secs: u64,
     max_log_bytes: u64,
+    /// Named in the messages of the limits the guest reports.
+    memory_mib: u64,
+    disk_gib: u64,
 }
 
 /// How the run in the VM ended.
@@ -215,10 +245,10 @@ async fn run_in_vm(
     uri: &str,
     vm_spec: VmSpec,
     job: Job,
-    proxy: SocketAddr,
-    store: SocketAddr,
+    services: Services,
     log: &Path,
     limits: RunLimits,
+    display: Display,
 ) -> Ran {
     let infra = |code: &str, err: &(dyn std::error::Error + 'static)| Ran {
         outcome: Outcome::Infrastructure,
@@ -242,11 +272,10 @@ async fn run_in_vm(
         Err(err) => return infra("vm_create", &err),
     };
     tokio::task::block_in_place(|| sweep_overlays(&conn, &vm_spec.work_dir));
-    eprintln!(
-        "contractor: VM {} started ({:?})",
-        vm.name,
-        vm.accel.unwrap_or_default()
-    );
+    display.event(&BuildEvent::VmStarted {
+        name: vm.name.clone(),
+        accel: vm.accel.unwrap_or_default(),
+    });
     let (Some(control_socket), Some(tunnel_socket)) =
         (vm.control_socket.clone(), vm.tunnel_socket.clone())
     else {
@@ -261,34 +290,27 @@ async fn run_in_vm(
         version: PROTOCOL_VERSION,
         control_socket,
         tunnel_socket,
-        proxy,
-        store,
+        proxy: services.proxy,
+        store: services.store,
         log: log.to_path_buf(),
         timeout_secs: limits.timeout_secs,
         boot_timeout_secs: 300,
         max_log_bytes: Some(limits.max_log_bytes),
+        memory_mib: Some(limits.memory_mib),
+        disk_gib: Some(limits.disk_gib),
         job,
     };
     let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
     let printer = tokio::spawn(async move {
-        let mut stdout = std::io::stdout();
         while let Some(event) = received.recv().await {
-            match event {
-                RunEvent::Output { text } => {
-                    let _ = stdout.write_all(text.as_bytes());
-                    let _ = stdout.flush();
-                }
-                RunEvent::Phase { phase } => eprintln!(
-                    "contractor: phase {}",
-                    serde_json::to_string(&phase)
-                        .unwrap_or_default()
-                        .trim_matches('"')
-                ),
-                RunEvent::Artifact { path, size } => {
-                    eprintln!("contractor: artifact {path} ({})", human_bytes(size))
-                }
-                _ => {}
-            }
+            let shown = match event {
+                RunEvent::AgentReady { agent_version } => BuildEvent::AgentReady { agent_version },
+                RunEvent::Phase { phase } => BuildEvent::Phase { phase },
+                RunEvent::Output { text } => BuildEvent::Output { text },
+                RunEvent::Artifact { path, size } => BuildEvent::Artifact { path, size },
+                _ => continue,
+            };
+            display.event(&shown);
         }
     });
     let finished = tokio::select! {
@@ -414,19 +436,19 @@ async fn start_proxy(
     Ok(addr)
 }
 
-/// Deletes overlays left by builds that were killed: those whose VM no longer exists. An
-/// overlay younger than a minute may belong to a build that is creating its VM right now.
+/// Deletes overlays and build disks left by builds that were killed: those whose VM no
+/// longer exists. A file younger than a minute may belong to a build that is creating its VM
+/// right now.
 fn sweep_overlays(conn: &virt::connect::Connect, work_dir: &Path) {
     let Ok(entries) = std::fs::read_dir(work_dir) else {
         return;
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        let Some(name) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".qcow2"))
-        else {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(|n| {
+            n.strip_suffix(".qcow2")
+                .or_else(|| n.strip_suffix(".disk.raw"))
+        }) else {
             continue;
         };
         let old = entry

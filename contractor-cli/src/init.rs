@@ -76,7 +76,7 @@ timeout = "10m"                # the build is stopped after this long
 [vm]
 cpus = 2
 memory = "2GiB"
-# disk = "8GiB"
+# disk = "8GiB"               # how much the build can write, anywhere in the VM
 
 [network]
 allow = {allow}                # hosts the build may reach through the proxy

@@ -4,7 +4,10 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use contractor_cli::build::{self, human_bytes, BuildOptions};
+use contractor_cli::display::{Display, Mode};
 use contractor_cli::{image, records, spec};
+use contractor_protocol::error::ErrorObject;
+use contractor_protocol::result::error_chain;
 use contractor_protocol::result::Outcome;
 use contractor_protocol::vm::Accel;
 use contractor_protocol::ExitCode;
@@ -20,7 +23,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Build the project described by contractor.toml in a fresh VM.
-    #[command(after_help = "Example:\n  cd examples/hello && contractor build\n\n\
+    #[command(after_help = "Examples:\n  cd examples/hello && contractor build\n  \
+contractor build --json | jq -c 'select(.type == \"finished\") | .result.outcome'\n\n\
 Exit codes: 0 the build succeeded, 1 it failed (script or timeout), 2 bad input\n\
 (contractor.toml), 3 infrastructure failure (libvirt, VM, agent), 130 interrupted.")]
     Build {
@@ -34,6 +38,14 @@ Exit codes: 0 the build succeeded, 1 it failed (script or timeout), 2 bad input\
         /// Accelerator: auto uses KVM when the CPU has vmx/svm, TCG otherwise.
         #[arg(long, value_enum, default_value = "auto")]
         accel: AccelArg,
+        /// Show nothing while the build runs, and the summary only if it does not succeed.
+        #[arg(short, long, conflicts_with = "json")]
+        quiet: bool,
+        /// Print the build's events as JSON Lines on stdout instead (docs/protocol.md); the
+        /// last is `finished` with the build's result.json. Errors before the build are one
+        /// JSON error object.
+        #[arg(long)]
+        json: bool,
     },
     /// List the builds of this project: id, start, result, duration.
     #[command(after_help = "Example:\n  contractor builds")]
@@ -124,7 +136,20 @@ impl From<AccelArg> for Accel {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Build { file, uri, accel } => run_build(&file, uri, accel.into()).into(),
+        Command::Build {
+            file,
+            uri,
+            accel,
+            quiet,
+            json,
+        } => {
+            let mode = match (quiet, json) {
+                (_, true) => Mode::Json,
+                (true, false) => Mode::Quiet,
+                (false, false) => Mode::Auto,
+            };
+            run_build(&file, uri, accel.into(), mode).into()
+        }
         Command::Builds { file } => report(list_builds(&file)),
         Command::Doctor { uri } => doctor(&uri.unwrap_or_else(contractor_vm::default_uri)).into(),
         Command::Init => report(
@@ -158,11 +183,15 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run_build(file: &std::path::Path, uri: Option<String>, accel: Accel) -> ExitCode {
+fn run_build(file: &std::path::Path, uri: Option<String>, accel: Accel, mode: Mode) -> ExitCode {
+    let json = mode == Mode::Json;
+    let fail = |code: &str, chain: Vec<String>| {
+        ErrorObject::report("contractor", code, chain, json);
+    };
     let spec = match spec::load(file) {
         Ok(spec) => spec,
         Err(err) => {
-            eprintln!("contractor: {err}");
+            fail("bad_spec", vec![err.to_string()]);
             return ExitCode::BadInput;
         }
     };
@@ -176,20 +205,30 @@ fn run_build(file: &std::path::Path, uri: Option<String>, accel: Accel) -> ExitC
     {
         Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("contractor: cannot start the async runtime: {err}");
+            fail(
+                "runtime",
+                vec!["cannot start the async runtime".into(), err.to_string()],
+            );
             return ExitCode::Infrastructure;
         }
     };
-    let report = match runtime.block_on(build::build(&spec, &options)) {
+    let display = Display::new(mode);
+    let built = runtime.block_on(build::build(&spec, &options, &display));
+    display.close();
+    let report = match built {
         Ok(report) => report,
         Err(err) => {
-            eprintln!("contractor: {}", chain(&err));
+            fail("build_setup", error_chain(&err));
             return ExitCode::Infrastructure;
         }
     };
     // The services' tasks are done with; do not wait for idle workers to wind down.
     runtime.shutdown_background();
     let result = &report.result;
+    // `--json` ended with the result; `--quiet` speaks only of failure.
+    if json || (mode == Mode::Quiet && result.outcome == Outcome::Success) {
+        return result.outcome.exit_code();
+    }
     let verdict = match result.outcome {
         Outcome::Success => "succeeded".to_string(),
         Outcome::Failed => match result.exit_code {

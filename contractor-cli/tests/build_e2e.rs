@@ -374,3 +374,91 @@ fn image_list_shows_the_built_image_and_rm_removes_one() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("built images: none"));
     assert!(data.join("images/debian-12-build/disk.qcow2").exists());
 }
+
+#[test]
+fn json_prints_the_event_stream_of_a_real_build_and_quiet_prints_nothing() {
+    use contractor_protocol::agent::Phase;
+    use contractor_protocol::build::BuildEvent;
+
+    let project = Project::hello();
+    let output = Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .args(["build", "--json"])
+        .current_dir(project.path())
+        .output()
+        .expect("run contractor build --json");
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8(output.stdout).expect("utf-8");
+    let events: Vec<BuildEvent> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let Some(BuildEvent::Started { id, .. }) = events.first() else {
+        panic!("the first event is not started: {stdout}");
+    };
+    let Some(BuildEvent::Finished { result }) = events.last() else {
+        panic!("the last event is not finished: {stdout}");
+    };
+    assert_eq!((&result.id, result.outcome), (id, Outcome::Success));
+    // The same result as the record's result.json.
+    assert_eq!(*result, util::latest_result(project.path()));
+    let phases: Vec<Phase> = events
+        .iter()
+        .filter_map(|e| match e {
+            BuildEvent::Phase { phase } => Some(*phase),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(phases, [Phase::Source, Phase::Script, Phase::Artifacts]);
+    let output_text: String = events
+        .iter()
+        .filter_map(|e| match e {
+            BuildEvent::Output { text } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(output_text.contains("all checks passed"), "{stdout}");
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, BuildEvent::Artifact { path, size } if path == "hello" && *size > 0)));
+
+    let quiet = Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .args(["build", "--quiet"])
+        .current_dir(project.path())
+        .output()
+        .expect("run contractor build --quiet");
+    assert_eq!(quiet.status.code(), Some(0));
+    assert_eq!(
+        (quiet.stdout.as_slice(), quiet.stderr.as_slice()),
+        (&b""[..], &b""[..]),
+        "a quiet build that succeeds prints nothing"
+    );
+    assert_eq!(
+        util::latest_result(project.path()).outcome,
+        Outcome::Success
+    );
+
+    // A failing quiet build prints its summary; --json with a bad spec prints an error object.
+    std::fs::write(
+        project.path().join("contractor.toml"),
+        "[build]\nscript = \"exit 3\"\n",
+    )
+    .expect("spec");
+    let failed = Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .args(["build", "-q"])
+        .current_dir(project.path())
+        .output()
+        .expect("run contractor build -q");
+    assert_eq!(failed.status.code(), Some(1));
+    assert!(failed.stdout.is_empty(), "no build output when quiet");
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("FAILED (the script exited with 3)"));
+    std::fs::write(project.path().join("contractor.toml"), "[build]\n").expect("spec");
+    let bad = Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .args(["build", "--json"])
+        .current_dir(project.path())
+        .output()
+        .expect("run contractor build --json");
+    assert_eq!(bad.status.code(), Some(2));
+    let error: contractor_protocol::error::ErrorObject =
+        serde_json::from_slice(&bad.stdout).expect("one error object on stdout");
+    assert_eq!(error.code, "bad_spec");
+}

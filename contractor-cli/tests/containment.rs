@@ -247,25 +247,32 @@ fn host_probe_during<T>(work: impl FnOnce() -> T) -> (T, Duration) {
 
 #[test]
 fn resource_exhaustion_fails_the_build_and_the_host_stays_responsive() {
+    // (attack, script, build limits, VM limits, the limit the build must fail on)
     let scripts = [
         (
             "fork bomb",
             "bomb() { bomb | bomb & }; bomb; sleep 600",
             "timeout = \"40s\"",
+            "",
+            None,
         ),
         (
             "memory hog",
             "tail /dev/zero; echo survived",
             "timeout = \"3m\"",
+            "",
+            Some(Limit::Memory),
         ),
         (
             "disk filler",
-            "dd if=/dev/zero of=/build/fill bs=4M; echo survived",
+            "dd if=/dev/zero of=/tmp/fill bs=4M; echo survived",
             "timeout = \"5m\"",
+            "disk = \"1GiB\"\n",
+            Some(Limit::Disk),
         ),
     ];
-    for (attack, script, limits) in scripts {
-        let project = Project::new(&small_spec(script, limits));
+    for (attack, script, limits, vm_limits, limit) in scripts {
+        let project = Project::new(&format!("{}{vm_limits}", small_spec(script, limits)));
         let (build, worst) = host_probe_during(|| project.build());
         assert_ne!(
             build.result.outcome,
@@ -283,6 +290,20 @@ fn resource_exhaustion_fails_the_build_and_the_host_stays_responsive() {
             !build.log().contains("survived"),
             "{attack}: the script went on"
         );
+        if let Some(limit) = limit {
+            assert_eq!(
+                build.result.limit,
+                Some(limit),
+                "{attack}: result.json must name the limit; stderr:\n{}",
+                build.stderr
+            );
+            assert!(
+                build.stderr.contains(limit.field()),
+                "{attack}: the summary must name {}:\n{}",
+                limit.field(),
+                build.stderr
+            );
+        }
         assert!(
             worst < Duration::from_secs(5),
             "{attack}: the host took {worst:?} to run `true`"
@@ -470,4 +491,77 @@ fn four_builds_at_once_are_isolated_and_all_succeed() {
         assert_no_vm_left(build);
     }
     assert_eq!(names.len(), 4, "VM names clashed: {names:?}");
+}
+
+/// Unmounts the file system at its path when dropped.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_host_disk_fails_the_build_with_that_reason_and_keeps_earlier_records() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: mounting the small host file system this test fills needs root");
+        return;
+    }
+    let spec = |size: &str| {
+        format!(
+            "[build]\nscript = '''\nhead -c {size} /dev/zero > out.bin\n'''\n\
+             artifacts = [\"out.bin\"]\n[vm]\ncpus = 1\nmemory = \"768MiB\"\n"
+        )
+    };
+    let project = Project::new(&spec("4096"));
+    // The build records live in .contractor: put them on a 16 MiB file system.
+    let records = project.path().join(".contractor");
+    std::fs::create_dir(&records).expect("records dir");
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "contractor-test-full"])
+        .arg(&records)
+        .status()
+        .expect("mount");
+    assert!(status.success(), "mount a tmpfs on {}", records.display());
+    let _mounted = Mounted(records.clone());
+
+    let first = project.build();
+    assert_eq!(first.result.outcome, Outcome::Success, "{}", first.stderr);
+    let first_result = std::fs::read(first.record.join("result.json")).expect("result");
+    let first_artifact = first.record.join("artifacts/out.bin");
+    assert_eq!(
+        std::fs::metadata(&first_artifact).expect("artifact").len(),
+        4096
+    );
+
+    std::fs::write(project.path().join("contractor.toml"), spec("64M")).expect("spec");
+    let second = project.build();
+    assert_ne!(second.result.outcome, Outcome::Success, "{}", second.stderr);
+    assert!(
+        second.stderr.contains("disk is full"),
+        "the summary must say the host's disk is full:\n{}",
+        second.stderr
+    );
+    let error = second.result.error.as_ref().expect("error in result.json");
+    assert!(
+        error.chain.iter().any(|m| m.contains("disk is full")),
+        "{error:?}"
+    );
+    assert!(
+        !second.record.join("artifacts/out.bin").exists(),
+        "no part of the upload is kept"
+    );
+    assert_no_vm_left(&second);
+
+    assert_eq!(
+        std::fs::read(first.record.join("result.json")).expect("result"),
+        first_result,
+        "the earlier build's record is unchanged"
+    );
+    assert_eq!(
+        std::fs::read(&first_artifact).expect("artifact"),
+        vec![0u8; 4096]
+    );
 }

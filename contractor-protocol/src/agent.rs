@@ -123,6 +123,12 @@ pub enum GuestMessage {
         /// The signal that killed it, if one did.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         signal: Option<i32>,
+        /// Processes the guest kernel killed for lack of memory while the script ran.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        oom_kills: u64,
+        /// The build's disk had no free space or inodes left when the script ended.
+        #[serde(default, skip_serializing_if = "is_false")]
+        disk_full: bool,
     },
     /// The agent could not do its part (not the script's failure).
     Error {
@@ -133,4 +139,12 @@ pub enum GuestMessage {
     },
     /// The agent is finished and powers off. Last message.
     Done,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }

@@ -44,6 +44,10 @@ pub enum Limit {
     MaxLog,
     /// `build.max_artifacts`: the artifacts were too big.
     MaxArtifacts,
+    /// `vm.memory`: the guest kernel killed a process of the build for lack of memory.
+    Memory,
+    /// `vm.disk`: the build filled its disk.
+    Disk,
 }
 
 impl Limit {
@@ -53,6 +57,8 @@ impl Limit {
             Limit::Timeout => "build.timeout",
             Limit::MaxLog => "build.max_log",
             Limit::MaxArtifacts => "build.max_artifacts",
+            Limit::Memory => "vm.memory",
+            Limit::Disk => "vm.disk",
         }
     }
 }

@@ -33,6 +33,13 @@ pub struct RunRequest {
     /// marker line in the log) and the build fails. No limit when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_log_bytes: Option<u64>,
+    /// The VM's memory in MiB, when known: named in the message of the `vm.memory` limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// The size of the VM's build disk in GiB, when known: named in the message of the
+    /// `vm.disk` limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_gib: Option<u64>,
     /// The build.
     pub job: Job,
 }

@@ -47,7 +47,8 @@ pub struct VmSpec {
     pub cpus: u32,
     /// Memory in MiB.
     pub memory_mib: u64,
-    /// Size of the VM's disk in GiB (the overlay's virtual size; at least the base's).
+    /// Size in GiB of the VM's build disk (`vdb`, an empty ext4 the guest agent puts the
+    /// writable layer of its root on); none when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_gib: Option<u64>,
     /// Accelerator choice.
@@ -55,7 +56,7 @@ pub struct VmSpec {
     pub accel: Accel,
     /// Where the serial console is logged.
     pub console_log: PathBuf,
-    /// Directory for the overlay disk (deleted with the VM).
+    /// Directory for the overlay and build disk (deleted with the VM).
     pub work_dir: PathBuf,
 }
 

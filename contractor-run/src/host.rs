@@ -82,6 +82,10 @@ struct Progress {
     agent_error: Option<ErrorInfo>,
     /// A limit the host enforced while the job ran (the output cap).
     limit: Option<(Limit, String)>,
+    /// Processes the guest kernel killed for lack of memory while the script ran.
+    oom_kills: u64,
+    /// The build's disk was full when the script ended.
+    disk_full: bool,
 }
 
 /// How a run ended, before it becomes the `finished` event.
@@ -150,7 +154,7 @@ pub async fn run(request: RunRequest, events: EventSink) -> RunEvent {
         Ok(Ok(session)) => {
             let limit = Duration::from_secs(request.timeout_secs);
             match tokio::time::timeout(limit, session.run_job(&request, &events, &mut progress)).await {
-                Ok(Ok(())) => judge(&progress),
+                Ok(Ok(())) => judge(&progress, &request),
                 Ok(Err(err)) => Verdict::new(Outcome::Infrastructure, Some(error_info("infrastructure", &err))),
                 Err(_) => Verdict::limit(
                     Limit::Timeout,
@@ -176,9 +180,38 @@ pub async fn run(request: RunRequest, events: EventSink) -> RunEvent {
 }
 
 /// Decides the outcome once the agent has said all it will say (or a limit stopped it).
-fn judge(progress: &Progress) -> Verdict {
+fn judge(progress: &Progress, request: &RunRequest) -> Verdict {
     if let Some((limit, message)) = &progress.limit {
         return Verdict::limit(*limit, Outcome::Failed, message.clone());
+    }
+    // A failed script that ran out of memory or disk failed on that limit.
+    if progress.exit_code != Some(0) && progress.agent_error.is_none() {
+        let size = |value: Option<u64>, unit: &str| {
+            value.map_or(String::new(), |v| format!(" = {v} {unit}"))
+        };
+        if progress.oom_kills > 0 {
+            return Verdict::limit(
+                Limit::Memory,
+                Outcome::Failed,
+                format!(
+                    "the build ran out of memory ({}{}): the guest kernel killed {} process(es)",
+                    Limit::Memory.field(),
+                    size(request.memory_mib, "MiB"),
+                    progress.oom_kills
+                ),
+            );
+        }
+        if progress.disk_full {
+            return Verdict::limit(
+                Limit::Disk,
+                Outcome::Failed,
+                format!(
+                    "the build filled its disk ({}{})",
+                    Limit::Disk.field(),
+                    size(request.disk_gib, "GiB")
+                ),
+            );
+        }
     }
     if let Some(error) = &progress.agent_error {
         return match error.code.as_str() {
@@ -324,9 +357,16 @@ impl Session {
                 GuestMessage::Artifact { path, size } => {
                     let _ = events.send(RunEvent::Artifact { path, size });
                 }
-                GuestMessage::ScriptExited { code, signal } => {
+                GuestMessage::ScriptExited {
+                    code,
+                    signal,
+                    oom_kills,
+                    disk_full,
+                } => {
                     progress.exit_code = code;
                     progress.signal = signal;
+                    progress.oom_kills = oom_kills;
+                    progress.disk_full = disk_full;
                 }
                 GuestMessage::Error { code, chain } => {
                     progress.agent_error = Some(ErrorInfo { code, chain });
@@ -544,11 +584,58 @@ mod tests {
             limit: Some((Limit::MaxLog, "passed build.max_log = 10 bytes".into())),
             ..Progress::default()
         };
-        let verdict = judge(&progress);
+        let verdict = judge(&progress, &request());
         assert_eq!(verdict.outcome, Outcome::Failed);
         assert_eq!(verdict.limit, Some(Limit::MaxLog));
         let error = verdict.error.expect("error");
         assert_eq!(error.code, "limit_max_log");
         assert!(error.chain[0].contains("build.max_log"));
+    }
+
+    fn request() -> RunRequest {
+        serde_json::from_str(
+            r#"{"version":1,"control_socket":"/c","tunnel_socket":"/t","proxy":"127.0.0.1:1",
+                "store":"127.0.0.1:2","log":"/l","timeout_secs":60,"memory_mib":768,
+                "disk_gib":2,"job":{"script":"true","source":"/s","artifacts_dest":"/a/"}}"#,
+        )
+        .expect("request")
+    }
+
+    #[test]
+    fn a_failed_script_that_ran_out_of_memory_or_disk_failed_on_that_limit() {
+        let oom = Progress {
+            exit_code: Some(137),
+            oom_kills: 2,
+            ..Progress::default()
+        };
+        let verdict = judge(&oom, &request());
+        assert_eq!(verdict.limit, Some(Limit::Memory));
+        let message = &verdict.error.expect("error").chain[0];
+        assert!(
+            message.contains("vm.memory = 768 MiB") && message.contains("killed 2"),
+            "{message}"
+        );
+
+        let full = Progress {
+            exit_code: Some(1),
+            disk_full: true,
+            ..Progress::default()
+        };
+        let verdict = judge(&full, &request());
+        assert_eq!(
+            (verdict.outcome, verdict.limit),
+            (Outcome::Failed, Some(Limit::Disk))
+        );
+        assert!(verdict.error.expect("error").chain[0].contains("vm.disk = 2 GiB"));
+
+        // A script that coped with it (or succeeded anyway) did not fail on a limit.
+        let coped = Progress {
+            exit_code: Some(0),
+            oom_kills: 1,
+            disk_full: true,
+            ..Progress::default()
+        };
+        let verdict = judge(&coped, &request());
+        assert_eq!((verdict.outcome, verdict.limit), (Outcome::Success, None));
     }
 }

@@ -146,7 +146,7 @@ pub struct CreateArgs {
     /// Memory in MiB.
     #[arg(long, default_value_t = 1024, conflicts_with = "json")]
     pub memory_mib: u64,
-    /// Disk size in GiB (ignored when not larger than the base).
+    /// Size in GiB of the build disk (vdb: an empty ext4 the guest agent writes on).
     #[arg(long, conflicts_with = "json")]
     pub disk_gib: Option<u64>,
     /// Where the serial console is logged [default: WORK_DIR/NAME.console.log].

@@ -34,7 +34,7 @@ pub use lifecycle::{
 pub use name::{generate_name, validate_name, NameError};
 pub use overlay::OverlayError;
 pub use owner::VmOwner;
-pub use xml::{domain_xml, XmlError};
+pub use xml::{domain_xml, Disks, XmlError};
 
 /// Everything that can go wrong handling a request.
 #[derive(Debug, thiserror::Error)]

@@ -21,9 +21,9 @@ use virt::error::ErrorNumber;
 
 use crate::accel::{is_local_uri, resolve};
 use crate::name::{generate_name, is_contractor_name, validate_name};
-use crate::overlay::{create_overlay, delete_overlay};
+use crate::overlay::{create_build_disk, create_overlay, delete_overlay};
 use crate::owner::VmOwner;
-use crate::xml::{domain_xml, parse_domain, DomainFacts};
+use crate::xml::{domain_xml, parse_domain, Disks, DomainFacts};
 use crate::VmError;
 
 /// The environment variable that overrides [`default_uri`].
@@ -206,9 +206,29 @@ pub fn create_owned(
     if let Some(dir) = spec.console_log.parent() {
         crate::overlay::create_work_dir(dir)?;
     }
-    let overlay = create_overlay(&spec.image.disk, &spec.work_dir, &name, spec.disk_gib)?;
-    let socket_dir = session_socket_dir(&uri)?;
-    let xml = domain_xml(&name, &spec, accel, &overlay, &owner, socket_dir.as_deref());
+    let overlay = create_overlay(&spec.image.disk, &spec.work_dir, &name)?;
+    let build_disk = match spec.disk_gib {
+        Some(gib) => match create_build_disk(&spec.work_dir, &name, gib) {
+            Ok(disk) => Some(disk),
+            Err(err) => {
+                let _ = delete_overlay(&overlay, &name);
+                return Err(err.into());
+            }
+        },
+        None => None,
+    };
+    let socket_dir = match session_socket_dir(&uri) {
+        Ok(dir) => dir,
+        Err(err) => {
+            let _ = delete_overlay(&overlay, &name);
+            return Err(err);
+        }
+    };
+    let disks = Disks {
+        overlay: &overlay,
+        build: build_disk.as_deref(),
+    };
+    let xml = domain_xml(&name, &spec, accel, &disks, &owner, socket_dir.as_deref());
     let flags = if autodestroy { START_AUTODESTROY } else { 0 };
     let started = conn
         .create_domain_xml(&xml, flags)

@@ -1,7 +1,10 @@
-//! The VM's disk: a qcow2 overlay on the image's base disk, made with `qemu-img`. The base
-//! is only ever opened read-only (it is the overlay's backing file), so one base serves any
-//! number of VMs and is never written. An overlay is named `<vm name>.qcow2`, and only files
-//! named like that are ever deleted.
+//! The VM's disks: a qcow2 overlay on the image's base disk, made with `qemu-img`, and
+//! optionally a build disk, an empty ext4 file system of a given size made with `mke2fs`
+//! (the guest agent puts the writable layer of its root on it, so that it caps what a build
+//! can write). The base is only ever opened read-only (it is the overlay's backing file), so
+//! one base serves any number of VMs and is never written. An overlay is named
+//! `<vm name>.qcow2` and a build disk `<vm name>.disk.raw`, and only files named like that
+//! are ever deleted.
 //!
 //! The caller must ensure, for `qemu:///system` as root, that QEMU (user `libvirt-qemu`) can
 //! reach the base: every directory above it searchable (`x`) by others and the file readable.
@@ -25,20 +28,43 @@ pub enum OverlayError {
         #[source]
         source: std::io::Error,
     },
-    /// An overlay with this name exists already.
+    /// An overlay or build disk with this name exists already.
     #[error(
-        "overlay {} exists already: another VM of that name, or a leftover (delete it if no \
-         VM uses it)",
+        "{} exists already: another VM of that name, or a leftover (delete it if no VM uses \
+         it)",
         path.display()
     )]
     Exists {
-        /// The overlay.
+        /// The overlay or build disk.
         path: PathBuf,
     },
-    /// `qemu-img` could not be started.
-    #[error("cannot run qemu-img (install the qemu-utils package)")]
-    Spawn(#[source] std::io::Error),
-    /// `qemu-img` failed.
+    /// A build disk of zero or too many GiB was asked for.
+    #[error("disk_gib = {gib} is not a disk size: give 1 or more GiB (and less than 16 EiB)")]
+    DiskSize {
+        /// The size asked for.
+        gib: u64,
+    },
+    /// The build disk's file could not be made.
+    #[error("cannot create the build disk {}", path.display())]
+    BuildDisk {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `qemu-img` or `mke2fs` could not be started.
+    #[error("cannot run {program} (install the {package} package)")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// The Debian package that has it.
+        package: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `qemu-img` or `mke2fs` failed.
     #[error("`{command}` failed: {stderr}")]
     QemuImg {
         /// The command line.
@@ -77,7 +103,19 @@ pub struct ImageInfo {
 }
 
 fn run(command: &mut Command) -> Result<Vec<u8>, OverlayError> {
-    let output = command.output().map_err(OverlayError::Spawn)?;
+    let output = command.output().map_err(|source| {
+        let program = command.get_program().to_string_lossy().into_owned();
+        let package = if program == "mke2fs" {
+            "e2fsprogs"
+        } else {
+            "qemu-utils"
+        };
+        OverlayError::Spawn {
+            program,
+            package,
+            source,
+        }
+    })?;
     if output.status.success() {
         Ok(output.stdout)
     } else {
@@ -136,15 +174,57 @@ pub fn overlay_path(work_dir: &Path, name: &str) -> PathBuf {
     work_dir.join(format!("{name}.qcow2"))
 }
 
-/// Creates the overlay of VM `name` on `base` in `work_dir` (created if missing). Its
-/// virtual size is `disk_gib` when that is larger than the base, else the base's size.
-/// `base` must be absolute; the overlay records it as its backing file with its format.
-pub fn create_overlay(
-    base: &Path,
-    work_dir: &Path,
-    name: &str,
-    disk_gib: Option<u64>,
-) -> Result<PathBuf, OverlayError> {
+/// The build disk path of VM `name` in `work_dir`.
+pub fn build_disk_path(work_dir: &Path, name: &str) -> PathBuf {
+    work_dir.join(format!("{name}.disk.raw"))
+}
+
+/// Creates the build disk of VM `name` in `work_dir`: a sparse raw file of `gib` GiB holding
+/// an empty ext4 file system (no journal: nothing on it outlives the VM; inode tables left
+/// for the guest to treat as uninitialised, so the file starts at a few MiB).
+pub fn create_build_disk(work_dir: &Path, name: &str, gib: u64) -> Result<PathBuf, OverlayError> {
+    create_work_dir(work_dir)?;
+    let path = build_disk_path(work_dir, name);
+    let bytes = gib
+        .checked_mul(1 << 30)
+        .filter(|&b| b > 0)
+        .ok_or(OverlayError::DiskSize { gib })?;
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::AlreadyExists => OverlayError::Exists { path: path.clone() },
+            _ => OverlayError::BuildDisk {
+                path: path.clone(),
+                source,
+            },
+        })?;
+    let made = file
+        .set_len(bytes)
+        .map_err(|source| OverlayError::BuildDisk {
+            path: path.clone(),
+            source,
+        })
+        .and_then(|()| {
+            run(Command::new("mke2fs")
+                .args(["-q", "-F", "-t", "ext4", "-m", "0", "-O", "^has_journal"])
+                .args(["-E", "lazy_itable_init=1,root_owner=0:0", "-L", "build"])
+                .arg(&path))
+        });
+    if let Err(err) = made {
+        let _ = fs::remove_file(&path);
+        return Err(err);
+    }
+    // Readable by QEMU's user until libvirt relabels it for the VM.
+    let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o644));
+    Ok(path)
+}
+
+/// Creates the overlay of VM `name` on `base` in `work_dir` (created if missing), of the
+/// base's virtual size. `base` must be absolute; the overlay records it as its backing file
+/// with its format.
+pub fn create_overlay(base: &Path, work_dir: &Path, name: &str) -> Result<PathBuf, OverlayError> {
     create_work_dir(work_dir)?;
     let overlay = overlay_path(work_dir, name);
     if overlay.exists() {
@@ -156,22 +236,26 @@ pub fn create_overlay(
         .args(["create", "-q", "-f", "qcow2", "-F", &info.format, "-b"])
         .arg(base)
         .arg(&overlay);
-    if let Some(bytes) = disk_gib.and_then(|g| g.checked_mul(1 << 30)) {
-        if bytes > info.virtual_size {
-            command.arg(bytes.to_string());
-        }
-    }
     run(&mut command)?;
     // Readable by QEMU's user until libvirt relabels it for the VM.
     let _ = fs::set_permissions(&overlay, fs::Permissions::from_mode(0o644));
     Ok(overlay)
 }
 
-/// Deletes the overlay at `path` if it is VM `name`'s (file named `<name>.qcow2`). Returns
-/// whether a file was deleted; a missing file is not an error.
+/// Deletes the overlay at `path` if it is VM `name`'s (file named `<name>.qcow2`), and the
+/// VM's build disk next to it. Returns whether the overlay was deleted; missing files are
+/// not an error.
 pub fn delete_overlay(path: &Path, name: &str) -> Result<bool, OverlayError> {
     if path.file_name() != Some(format!("{name}.qcow2").as_ref()) {
         return Ok(false);
+    }
+    if let Some(dir) = path.parent() {
+        let disk = build_disk_path(dir, name);
+        match fs::remove_file(&disk) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(OverlayError::Delete { path: disk, source }),
+        }
     }
     match fs::remove_file(path) {
         Ok(()) => Ok(true),
@@ -213,7 +297,7 @@ mod tests {
     }
 
     #[test]
-    fn overlay_grows_only_beyond_the_base() {
+    fn overlays_keep_the_base_size_and_never_write_the_base() {
         if Command::new("qemu-img").arg("--version").output().is_err() {
             eprintln!("SKIPPED: qemu-img is not installed");
             return;
@@ -226,14 +310,11 @@ mod tests {
             .arg("2G"))
         .expect("base");
         let before = fs::read(&base).expect("read base");
-        let small =
-            create_overlay(&base, &dir.path().join("w"), "contractor-s", Some(1)).expect("overlay");
-        assert_eq!(image_info(&small).expect("info").virtual_size, 2 << 30);
-        let big =
-            create_overlay(&base, &dir.path().join("w"), "contractor-b", Some(5)).expect("overlay");
-        assert_eq!(image_info(&big).expect("info").virtual_size, 5 << 30);
+        let overlay =
+            create_overlay(&base, &dir.path().join("w"), "contractor-s").expect("overlay");
+        assert_eq!(image_info(&overlay).expect("info").virtual_size, 2 << 30);
         assert!(matches!(
-            create_overlay(&base, &dir.path().join("w"), "contractor-b", None),
+            create_overlay(&base, &dir.path().join("w"), "contractor-s"),
             Err(OverlayError::Exists { .. })
         ));
         assert_eq!(
@@ -241,5 +322,54 @@ mod tests {
             before,
             "base unchanged"
         );
+    }
+
+    #[test]
+    fn a_build_disk_is_a_sparse_empty_ext4_of_the_size_asked_for() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = create_build_disk(dir.path(), "contractor-d", 3).expect("build disk");
+        let meta = fs::metadata(&disk).expect("stat");
+        assert_eq!(meta.len(), 3 << 30);
+        use std::os::unix::fs::MetadataExt;
+        assert!(
+            meta.blocks() * 512 < 64 << 20,
+            "sparse: {} blocks",
+            meta.blocks()
+        );
+        // dumpe2fs reads the superblock mke2fs wrote: ext4, 3 GiB of blocks, no journal.
+        let out = Command::new("dumpe2fs")
+            .arg("-h")
+            .arg(&disk)
+            .output()
+            .expect("dumpe2fs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
+                .unwrap_or_default()
+        };
+        let blocks: u64 = field("Block count:").parse().expect("block count");
+        let size: u64 = field("Block size:").parse().expect("block size");
+        assert_eq!(blocks * size, 3 << 30);
+        assert!(field("Filesystem features:").contains("extent"), "{text}");
+        assert!(
+            !field("Filesystem features:").contains("has_journal"),
+            "{text}"
+        );
+        assert!(matches!(
+            create_build_disk(dir.path(), "contractor-d", 1),
+            Err(OverlayError::Exists { .. })
+        ));
+        assert!(matches!(
+            create_build_disk(dir.path(), "contractor-z", 0),
+            Err(OverlayError::DiskSize { gib: 0 })
+        ));
+        assert!(!build_disk_path(dir.path(), "contractor-z").exists());
+
+        // Deleting the overlay deletes the build disk with it.
+        let overlay = overlay_path(dir.path(), "contractor-d");
+        fs::write(&overlay, b"x").expect("write");
+        assert!(delete_overlay(&overlay, "contractor-d").expect("delete"));
+        assert!(!disk.exists() && !overlay.exists());
     }
 }

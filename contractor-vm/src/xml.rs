@@ -48,6 +48,15 @@ pub fn socket_path(dir: &Path, name: &str, port: &str) -> std::path::PathBuf {
     dir.join(format!("{name}.{short}"))
 }
 
+/// The files behind a builder's disks.
+#[derive(Debug, Clone, Copy)]
+pub struct Disks<'a> {
+    /// `vda`: the qcow2 overlay on the image.
+    pub overlay: &'a Path,
+    /// `vdb`: the build disk (raw ext4), if the VM has one.
+    pub build: Option<&'a Path>,
+}
+
 /// The XML of a transient builder domain.
 ///
 /// `accel` should already be resolved (see [`crate::accel::resolve`]); `Auto` is written as
@@ -57,7 +66,7 @@ pub fn domain_xml(
     name: &str,
     spec: &VmSpec,
     accel: Accel,
-    overlay: &Path,
+    disks: &Disks,
     owner: &VmOwner,
     socket_dir: Option<&Path>,
 ) -> String {
@@ -121,7 +130,7 @@ pub fn domain_xml(
       <source file='{overlay}'/>
       <target dev='vda' bus='virtio'/>
     </disk>
-    <controller type='usb' model='none'/>
+{build_disk}    <controller type='usb' model='none'/>
     <serial type='pty'>
       <log file='{console_log}' append='off'/>
       <target port='0'/>
@@ -145,7 +154,13 @@ pub fn domain_xml(
         cpus = spec.cpus,
         kernel = esc_path(&image.kernel),
         cmdline = escape(&image.cmdline),
-        overlay = esc_path(overlay),
+        overlay = esc_path(disks.overlay),
+        build_disk = disks.build.map_or(String::new(), |path| format!(
+            "    <disk type='file' device='disk'>\n      \
+             <driver name='qemu' type='raw' cache='unsafe'/>\n      \
+             <source file='{}'/>\n      <target dev='vdb' bus='virtio'/>\n    </disk>\n",
+            esc_path(path)
+        )),
         console_log = esc_path(&spec.console_log),
         control = channel(CONTROL_PORT),
         tunnel = channel(TUNNEL_PORT),
@@ -258,7 +273,10 @@ mod tests {
             "contractor-abc",
             &spec(),
             accel,
-            Path::new("/work/contractor-abc.qcow2"),
+            &Disks {
+                overlay: Path::new("/work/contractor-abc.qcow2"),
+                build: None,
+            },
             &owner(),
             None,
         )
@@ -346,6 +364,43 @@ mod tests {
     }
 
     #[test]
+    fn a_build_disk_is_the_second_disk_raw_as_vdb() {
+        let text = domain_xml(
+            "contractor-x",
+            &spec(),
+            Accel::Tcg,
+            &Disks {
+                overlay: Path::new("/w/contractor-x.qcow2"),
+                build: Some(Path::new("/w/contractor-x.disk.raw")),
+            },
+            &owner(),
+            None,
+        );
+        let doc = roxmltree::Document::parse(&text).expect("well-formed XML");
+        let disks: Vec<_> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("disk"))
+            .collect();
+        assert_eq!(disks.len(), 2);
+        let child = |disk: roxmltree::Node, tag: &str, attr: &str| {
+            disk.children()
+                .find(|n| n.has_tag_name(tag))
+                .and_then(|n| n.attribute(attr).map(str::to_owned))
+        };
+        assert_eq!(child(disks[1], "target", "dev").as_deref(), Some("vdb"));
+        assert_eq!(child(disks[1], "driver", "type").as_deref(), Some("raw"));
+        assert_eq!(
+            child(disks[1], "source", "file").as_deref(),
+            Some("/w/contractor-x.disk.raw")
+        );
+        // The overlay is still the disk the VM's facts name.
+        assert_eq!(
+            parse_domain(&text).expect("parse").overlay.as_deref(),
+            Some(Path::new("/w/contractor-x.qcow2"))
+        );
+    }
+
+    #[test]
     fn no_initrd_means_no_initrd_element() {
         let mut s = spec();
         s.image.initrd = None;
@@ -353,7 +408,10 @@ mod tests {
             "contractor-x",
             &s,
             Accel::Tcg,
-            Path::new("/o.qcow2"),
+            &Disks {
+                overlay: Path::new("/o.qcow2"),
+                build: None,
+            },
             &owner(),
             None,
         );
@@ -366,7 +424,10 @@ mod tests {
             "contractor-x",
             &spec(),
             Accel::Tcg,
-            Path::new("/o.qcow2"),
+            &Disks {
+                overlay: Path::new("/o.qcow2"),
+                build: None,
+            },
             &owner(),
             Some(Path::new("/tmp/contractor-1000")),
         );

@@ -207,8 +207,15 @@ async fn run_job<W: AsyncWrite + Unpin>(
         },
     )
     .await?;
+    let oom_before = oom_kills();
     let (code, signal) = run_script(job, opener).await?;
-    send(control, &GuestMessage::ScriptExited { code, signal }).await?;
+    let exited = GuestMessage::ScriptExited {
+        code,
+        signal,
+        oom_kills: oom_kills().saturating_sub(oom_before),
+        disk_full: disk_full(Path::new(WORK_DIR)),
+    };
+    send(control, &exited).await?;
 
     if code == Some(0) && !job.artifacts.is_empty() {
         send(
@@ -236,6 +243,39 @@ async fn run_job<W: AsyncWrite + Unpin>(
         }
     }
     Ok(())
+}
+
+/// How many processes the kernel has killed for lack of memory since boot
+/// (`oom_kill` in /proc/vmstat; 0 when it cannot be read).
+fn oom_kills() -> u64 {
+    std::fs::read_to_string("/proc/vmstat")
+        .ok()
+        .and_then(|text| parse_vmstat(&text, "oom_kill"))
+        .unwrap_or(0)
+}
+
+fn parse_vmstat(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let (name, value) = line.split_once(' ')?;
+        (name == key).then(|| value.trim().parse().ok())?
+    })
+}
+
+/// Whether the file system holding `dir` is out of space or inodes for an ordinary user
+/// of it (less than 1 MiB or no inode left).
+fn disk_full(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statvfs is plain old data; zeroed is a valid value.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a pointer to a local statvfs.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stats) } != 0 {
+        return false;
+    }
+    let free = stats.f_bavail as u64 * stats.f_frsize as u64;
+    free < (1 << 20) || (stats.f_files > 0 && stats.f_favail == 0)
 }
 
 async fn send<W: AsyncWrite + Unpin>(
@@ -543,6 +583,21 @@ async fn upload(opener: &Opener, path: &Path, dest: &str) -> Result<u64, AgentEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oom_kills_are_read_from_vmstat() {
+        let text = "pgfault 12\noom_kill_extra 9\noom_kill 3\nswap_ra 1\n";
+        assert_eq!(parse_vmstat(text, "oom_kill"), Some(3));
+        assert_eq!(parse_vmstat("nr_free_pages 1\n", "oom_kill"), None);
+        assert_eq!(parse_vmstat("oom_kill x\n", "oom_kill"), None);
+    }
+
+    #[test]
+    fn a_file_system_with_room_is_not_full() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The test machine's temporary directory has more than 1 MiB free.
+        assert!(!disk_full(dir.path()));
+    }
 
     #[test]
     fn artifact_patterns_expand_to_files_relative_to_the_root() {

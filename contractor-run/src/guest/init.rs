@@ -22,9 +22,29 @@ pub fn run_as_init() -> ! {
         ),
         ("tmpfs", "/dev/shm", "tmpfs", "mode=1777"),
         ("tmpfs", "/run", "tmpfs", "mode=0755"),
-        ("tmpfs", "/tmp", "tmpfs", "mode=1777"),
     ] {
         if let Err(err) = mount(source, target, fstype, data) {
+            eprintln!("contractor-agent: cannot mount {target}: {err}");
+        }
+    }
+    let on_build_disk = match root_on_build_disk() {
+        Ok(on_disk) => on_disk,
+        Err(err) => {
+            // Going on without it would ignore the build's disk limit.
+            eprintln!(
+                "contractor-agent: cannot put the root on the build disk {BUILD_DISK}: {err}"
+            );
+            power_off()
+        }
+    };
+    // Without a build disk, /tmp is memory; with one, it is on the disk with the rest.
+    let fresh: &[(&str, &str)] = if on_build_disk {
+        &[("/run", "mode=0755")]
+    } else {
+        &[("/tmp", "mode=1777")]
+    };
+    for (target, data) in fresh {
+        if let Err(err) = mount("tmpfs", target, "tmpfs", data) {
             eprintln!("contractor-agent: cannot mount {target}: {err}");
         }
     }
@@ -47,6 +67,80 @@ pub fn run_as_init() -> ! {
         Err(err) => eprintln!("contractor-agent: cannot start the agent: {err}"),
     }
     power_off()
+}
+
+/// The disk the host gives a build to write on (empty ext4, made by `contractor-vm`).
+const BUILD_DISK: &str = "/dev/vdb";
+
+/// If the VM has a build disk, makes the root an overlay whose writable layer is on it and
+/// moves into it (like `switch_root`): everything the build writes, anywhere, goes to that
+/// disk and is capped by its size, and the image's disk is never written. Returns whether
+/// it did; without a build disk the root stays as it is.
+fn root_on_build_disk() -> io::Result<bool> {
+    if !std::path::Path::new(BUILD_DISK).exists() {
+        return Ok(false);
+    }
+    let (disk, root) = ("/run/contractor/disk", "/run/contractor/root");
+    std::fs::create_dir_all(disk)?;
+    std::fs::create_dir_all(root)?;
+    // The host leaves the inode tables uninitialised; do not zero them in the background.
+    mount_with(BUILD_DISK, disk, "ext4", libc::MS_NOATIME, "noinit_itable")
+        .map_err(|e| context(e, "mount the build disk"))?;
+    for dir in ["upper", "work"] {
+        std::fs::create_dir_all(format!("{disk}/{dir}"))?;
+    }
+    load_module("kernel/fs/overlayfs/overlay.ko").map_err(|e| context(e, "load overlay.ko"))?;
+    let layers = format!("lowerdir=/,upperdir={disk}/upper,workdir={disk}/work");
+    mount_with("overlay", root, "overlay", 0, &layers)
+        .map_err(|e| context(e, "mount the overlay root"))?;
+    for target in ["/proc", "/sys", "/dev"] {
+        mount_with(target, &format!("{root}{target}"), "", libc::MS_MOVE, "")
+            .map_err(|e| context(e, &format!("move {target}")))?;
+    }
+    std::env::set_current_dir(root)?;
+    mount_with(".", "/", "", libc::MS_MOVE, "").map_err(|e| context(e, "move the root"))?;
+    let dot = CString::new(".").expect("no NUL");
+    // SAFETY: a valid NUL-terminated path.
+    if unsafe { libc::chroot(dot.as_ptr()) } != 0 {
+        return Err(context(io::Error::last_os_error(), "chroot"));
+    }
+    std::env::set_current_dir("/")?;
+    Ok(true)
+}
+
+/// Loads the kernel module at `relative` (under /lib/modules/<release>/), which must have
+/// no dependencies; a module that is built in or already loaded is fine.
+fn load_module(relative: &str) -> io::Result<()> {
+    // SAFETY: utsname is plain old data; zeroed is a valid value.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: a pointer to a local utsname.
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: uname fills release with a NUL-terminated string.
+    let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) };
+    let path = format!("/lib/modules/{}/{relative}", release.to_string_lossy());
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        // Built into this kernel.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(context(e, &path)),
+    };
+    use std::os::fd::AsRawFd;
+    let params = CString::new("").expect("no NUL");
+    // SAFETY: a valid open descriptor and a NUL-terminated parameter string.
+    let rc = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EEXIST) {
+            return Err(context(err, &path));
+        }
+    }
+    Ok(())
+}
+
+fn context(err: io::Error, what: &str) -> io::Error {
+    io::Error::new(err.kind(), format!("{what}: {err}"))
 }
 
 /// Reaps children until `agent` has exited.
@@ -79,30 +173,40 @@ fn power_off() -> ! {
 
 fn mount(source: &str, target: &str, fstype: &str, data: &str) -> io::Result<()> {
     std::fs::create_dir_all(target)?;
+    match mount_with(source, target, fstype, libc::MS_NOSUID, data) {
+        // Already mounted (the initrd moves /proc, /sys, /dev and /run to the new root).
+        Err(err) if err.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+        other => other,
+    }
+}
+
+fn mount_with(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
     let c = |s: &str| {
         CString::new(s)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in mount argument"))
     };
-    let (source, target_c, fstype, data) = (c(source)?, c(target)?, c(fstype)?, c(data)?);
+    let (source, target, fstype, data) = (c(source)?, c(target)?, c(fstype)?, c(data)?);
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
     let rc = unsafe {
         libc::mount(
             source.as_ptr(),
-            target_c.as_ptr(),
+            target.as_ptr(),
             fstype.as_ptr(),
-            libc::MS_NOSUID,
+            flags,
             data.as_ptr().cast(),
         )
     };
     if rc == 0 {
-        return Ok(());
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
-    let err = io::Error::last_os_error();
-    // Already mounted (the initrd moves /proc, /sys, /dev and /run to the new root).
-    if err.raw_os_error() == Some(libc::EBUSY) {
-        return Ok(());
-    }
-    Err(err)
 }
 
 fn set_hostname(name: &str) {

@@ -1,0 +1,112 @@
+//! `contractor build --json`: the build's event stream (stdout, JSON Lines).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::agent::Phase;
+use crate::result::BuildResult;
+use crate::vm::Accel;
+
+/// One event of `contractor build --json`. `started` comes first and `finished` last,
+/// exactly once each, unless the build could not start (then an error object is printed
+/// instead, see [`crate::error::ErrorObject`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum BuildEvent {
+    /// The build has an id and a record directory.
+    Started {
+        /// Protocol version, 1.
+        version: u32,
+        /// The build's id.
+        id: String,
+        /// The build's record directory (`.contractor/builds/<id>`).
+        record: PathBuf,
+    },
+    /// The builder image is ready (built now or before).
+    ImageReady {
+        /// Its name.
+        name: String,
+    },
+    /// The source was packed into the record's `source.tar`.
+    SourcePacked {
+        /// Entries in the tar.
+        entries: u64,
+        /// Bytes of file content.
+        bytes: u64,
+    },
+    /// libvirt started the VM; it is booting.
+    VmStarted {
+        /// The VM's name.
+        name: String,
+        /// The accelerator it runs with.
+        accel: Accel,
+    },
+    /// The guest agent answered: the VM has booted.
+    AgentReady {
+        /// The agent's version.
+        agent_version: String,
+    },
+    /// A phase began in the guest.
+    Phase {
+        /// Which phase.
+        phase: Phase,
+    },
+    /// Build output (lossy UTF-8; the build log has the exact bytes).
+    Output {
+        /// The text.
+        text: String,
+    },
+    /// One artifact was stored.
+    Artifact {
+        /// Path relative to the source root.
+        path: String,
+        /// Size in bytes.
+        size: u64,
+    },
+    /// The build is over: the record's `result.json`, as written. Last event.
+    Finished {
+        /// The result.
+        result: BuildResult,
+    },
+    /// An event type this reader does not know (from a newer writer); skip it.
+    #[serde(other)]
+    Unknown,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_read_back_and_unknown_types_are_skipped() {
+        let events = [
+            BuildEvent::Started {
+                version: 1,
+                id: "20261125-160000-abcdef".into(),
+                record: "/p/.contractor/builds/20261125-160000-abcdef".into(),
+            },
+            BuildEvent::VmStarted {
+                name: "contractor-0123456789ab".into(),
+                accel: Accel::Tcg,
+            },
+            BuildEvent::Phase {
+                phase: Phase::Script,
+            },
+        ];
+        for event in events {
+            let text = serde_json::to_string(&event).expect("json");
+            let back: BuildEvent = serde_json::from_str(&text).expect("read back");
+            assert_eq!(back, event, "{text}");
+        }
+        let text = serde_json::to_string(&BuildEvent::SourcePacked {
+            entries: 4,
+            bytes: 5120,
+        })
+        .expect("json");
+        assert_eq!(text, r#"{"type":"source_packed","entries":4,"bytes":5120}"#);
+        let later: BuildEvent =
+            serde_json::from_str(r#"{"type":"cache_restored","bytes":1}"#).expect("unknown");
+        assert_eq!(later, BuildEvent::Unknown);
+    }
+}

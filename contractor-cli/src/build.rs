@@ -114,9 +114,12 @@ pub async fn build(
     })?;
 
     let (stop_services, services_stopped) = tokio::sync::watch::channel(false);
+    let store_token = contractor_store::generate_token()
+        .map_err(|e| BuildError::Service("store", std::io::Error::other(e)))?;
     let store_addr = start_store(
         &store_root,
         &id,
+        &store_token,
         spec.max_artifacts_bytes,
         services_stopped.clone(),
     )
@@ -142,12 +145,15 @@ pub async fn build(
         console_log: console_log.clone(),
         work_dir: paths::data_dir().map_err(BuildError::DataDir)?.join("vms"),
     };
+    let mut env = spec.env.clone();
+    env.insert("CONTRACTOR_BUILD_ID".into(), id.clone());
     let job = Job {
         script: spec.script.clone(),
-        env: spec.env.clone(),
+        env,
         source: format!("/builds/{id}/source.tar"),
         artifacts: spec.artifacts.clone(),
         artifacts_dest: format!("/builds/{id}/artifacts/"),
+        store_token: Some(store_token),
     };
 
     let limits = RunLimits {
@@ -369,12 +375,19 @@ async fn interruption() -> &'static str {
     }
 }
 
+/// Starts the build's store: it serves only build `id`'s files, and only to requests with
+/// `token` (the guest agent's), within the token's scope.
 async fn start_store(
     root: &Path,
     id: &str,
+    token: &str,
     max_artifacts_bytes: u64,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<SocketAddr, BuildError> {
+    let mut tokens = contractor_store::TokenTable::new();
+    tokens
+        .insert(id, token)
+        .map_err(|e| BuildError::Service("store", std::io::Error::other(e)))?;
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| BuildError::Service("store", e))?;
@@ -386,6 +399,7 @@ async fn start_store(
         access_log: false,
         only_build: Some(id.to_string()),
         max_build_bytes: Some(max_artifacts_bytes),
+        tokens: Some(tokens),
         ..contractor_store::StoreConfig::new(root.to_path_buf())
     };
     let store = contractor_store::Store::open(&config)

@@ -73,12 +73,15 @@ check private "$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 20 http://1
 check metadata "$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 20 http://169.254.169.254/latest/meta-data/)"
 check numeric-trick "$(no_proxy= NO_PROXY= curl -s -o /dev/null -w '%{{http_code}}' --max-time 20 http://2130706433:{port}/)"
 check tls-to-refused "$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 20 https://example.com/)"
-# The store: only this build's own files.
-check other-build "$(curl -s -o /dev/null -w '%{{http_code}}' --noproxy '*' $CONTRACTOR_STORE/builds/someone-else/source.tar)"
-check shared-area "$(curl -s -o /dev/null -w '%{{http_code}}' --noproxy '*' $CONTRACTOR_STORE/cas/x)"
-check traversal "$(curl -s -o /dev/null -w '%{{http_code}}' --noproxy '*' --path-as-is $CONTRACTOR_STORE/builds/../../etc/passwd)"
-check encoded-traversal "$(curl -s -o /dev/null -w '%{{http_code}}' --noproxy '*' $CONTRACTOR_STORE/builds/%2e%2e/%2e%2e/etc/passwd)"
-check write-outside "$(curl -s -o /dev/null -w '%{{http_code}}' --noproxy '*' -X PUT --data x $CONTRACTOR_STORE/builds/someone-else/artifacts/x)"
+# The store: only this build's own files, even with the build's own token.
+auth="Authorization: Bearer $CONTRACTOR_STORE_TOKEN"
+check no-token "$(curl -s -o /dev/null -w '%{{http_code}}' --noproxy '*' $CONTRACTOR_STORE/builds/$CONTRACTOR_BUILD_ID/source.tar)"
+check own-source "$(curl -s -o /dev/null -w '%{{http_code}}' --noproxy '*' -H "$auth" $CONTRACTOR_STORE/builds/$CONTRACTOR_BUILD_ID/source.tar)"
+check other-build "$(curl -s -o /dev/null -w '%{{http_code}}' --noproxy '*' -H "$auth" $CONTRACTOR_STORE/builds/someone-else/source.tar)"
+check shared-area "$(curl -s -o /dev/null -w '%{{http_code}}' --noproxy '*' -H "$auth" $CONTRACTOR_STORE/cas/x)"
+check traversal "$(curl -s -o /dev/null -w '%{{http_code}}' --noproxy '*' -H "$auth" --path-as-is $CONTRACTOR_STORE/builds/../../etc/passwd)"
+check encoded-traversal "$(curl -s -o /dev/null -w '%{{http_code}}' --noproxy '*' -H "$auth" $CONTRACTOR_STORE/builds/%2e%2e/%2e%2e/etc/passwd)"
+check write-outside "$(curl -s -o /dev/null -w '%{{http_code}}' --noproxy '*' -H "$auth" -X PUT --data x $CONTRACTOR_STORE/builds/someone-else/artifacts/x)"
 exit 0"#
     );
     let spec = format!(
@@ -150,6 +153,8 @@ exit 0"#
     ] {
         assert_eq!(check(&log, store), "403", "{store}");
     }
+    assert_eq!(check(&log, "no-token"), "401", "a request without the token");
+    assert_eq!(check(&log, "own-source"), "200", "the token reads its own source");
     assert!(!project
         .path()
         .join(".contractor/builds/someone-else")

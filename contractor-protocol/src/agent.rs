@@ -65,6 +65,11 @@ pub struct Job {
     pub artifacts: Vec<String>,
     /// Store path prefix the artifacts are uploaded under, e.g. `/builds/ID/artifacts/`.
     pub artifacts_dest: String,
+    /// The build's store token: sent as `Authorization: Bearer <token>` with every store
+    /// request, and given to the script as `CONTRACTOR_STORE_TOKEN`. None when the store
+    /// takes no tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_token: Option<String>,
 }
 
 /// Host to guest, on the control port.

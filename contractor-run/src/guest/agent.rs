@@ -198,7 +198,8 @@ async fn run_job<W: AsyncWrite + Unpin>(
         },
     )
     .await?;
-    fetch_source(opener, &job.source, Path::new(WORK_DIR)).await?;
+    let token = job.store_token.as_deref();
+    fetch_source(opener, &job.source, token, Path::new(WORK_DIR)).await?;
 
     send(
         control,
@@ -230,6 +231,7 @@ async fn run_job<W: AsyncWrite + Unpin>(
                 opener,
                 &path,
                 &format!("{}{}", job.artifacts_dest, relative),
+                token,
             )
             .await?;
             send(
@@ -325,16 +327,23 @@ async fn forward(port: u16, target: TunnelTarget, opener: &Opener) -> Result<(),
     Ok(())
 }
 
-/// One HTTP/1.1 request to the store over a fresh tunnel stream.
+/// One HTTP/1.1 request to the store over a fresh tunnel stream, with the build's token.
 async fn store_request<B>(
     opener: &Opener,
-    request: Request<B>,
+    mut request: Request<B>,
+    token: Option<&str>,
 ) -> Result<hyper::Response<hyper::body::Incoming>, Box<dyn std::error::Error + Send + Sync>>
 where
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    if let Some(token) = token {
+        let value = hyper::header::HeaderValue::from_str(&format!("Bearer {token}"))?;
+        request
+            .headers_mut()
+            .insert(hyper::header::AUTHORIZATION, value);
+    }
     let stream = opener.open(TunnelTarget::Store).await?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -363,7 +372,12 @@ async fn check_status(
     })
 }
 
-async fn fetch_source(opener: &Opener, source: &str, dest: &Path) -> Result<(), AgentError> {
+async fn fetch_source(
+    opener: &Opener,
+    source: &str,
+    token: Option<&str>,
+    dest: &Path,
+) -> Result<(), AgentError> {
     let what = format!("GET {source}");
     let store_err = |source: Box<dyn std::error::Error + Send + Sync>| AgentError::Store {
         what: what.clone(),
@@ -373,7 +387,9 @@ async fn fetch_source(opener: &Opener, source: &str, dest: &Path) -> Result<(), 
         .header(hyper::header::HOST, format!("127.0.0.1:{GUEST_STORE_PORT}"))
         .body(Empty::<Bytes>::new())
         .map_err(|e| store_err(e.into()))?;
-    let response = store_request(opener, request).await.map_err(store_err)?;
+    let response = store_request(opener, request, token)
+        .await
+        .map_err(store_err)?;
     let mut body = check_status(&what, response).await?.into_body();
 
     let tar_path = PathBuf::from("/var/tmp/contractor-source.tar");
@@ -436,6 +452,9 @@ fn script_env(job: &Job) -> BTreeMap<String, String> {
         "CONTRACTOR_STORE".into(),
         format!("http://127.0.0.1:{GUEST_STORE_PORT}"),
     );
+    if let Some(token) = &job.store_token {
+        env.insert("CONTRACTOR_STORE_TOKEN".into(), token.clone());
+    }
     env.extend(job.env.clone());
     env
 }
@@ -547,7 +566,12 @@ fn collect_files(path: &Path, files: &mut Vec<PathBuf>) {
 }
 
 /// PUTs one file to the store, streaming it. Returns its size.
-async fn upload(opener: &Opener, path: &Path, dest: &str) -> Result<u64, AgentError> {
+async fn upload(
+    opener: &Opener,
+    path: &Path,
+    dest: &str,
+    token: Option<&str>,
+) -> Result<u64, AgentError> {
     let file_err = |what, source| AgentError::File {
         what,
         path: path.to_path_buf(),
@@ -575,7 +599,9 @@ async fn upload(opener: &Opener, path: &Path, dest: &str) -> Result<u64, AgentEr
         .header("x-content-mode", if executable { "0755" } else { "0644" })
         .body(body)
         .map_err(|e| store_err(e.into()))?;
-    let response = store_request(opener, request).await.map_err(store_err)?;
+    let response = store_request(opener, request, token)
+        .await
+        .map_err(store_err)?;
     check_status(&what, response).await?;
     Ok(size)
 }
@@ -631,11 +657,13 @@ mod tests {
             source: "/s".into(),
             artifacts: vec![],
             artifacts_dest: "/a/".into(),
+            store_token: Some("t0k3n-0123456789abcdef".into()),
         };
         job.env.insert("HOME".into(), "/build".into());
         let env = script_env(&job);
         assert_eq!(env["https_proxy"], "http://127.0.0.1:3128");
         assert_eq!(env["CONTRACTOR_STORE"], "http://127.0.0.1:8480");
+        assert_eq!(env["CONTRACTOR_STORE_TOKEN"], "t0k3n-0123456789abcdef");
         assert_eq!(env["HOME"], "/build");
     }
 }

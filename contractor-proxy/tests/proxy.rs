@@ -140,6 +140,36 @@ fn relays_bytes_both_ways_through_an_allowed_connect_tunnel() {
 }
 
 #[test]
+fn a_tunnel_relays_megabytes_intact_both_ways_and_passes_on_a_half_close() {
+    let echo = echo_server();
+    let proxy = proxy_on_loopback("127.0.0.1", echo.port());
+    let mut stream = connect(proxy.addr);
+    write!(stream, "CONNECT {echo} HTTP/1.1\r\nHost: {echo}\r\n\r\n").expect("send CONNECT");
+    assert_eq!(read_head(&mut stream).0, 200);
+    // Several times the relay's pipe, in a pattern that shows any lost or reordered byte.
+    let sent: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i % 251) as u8 ^ (i >> 16) as u8)
+        .collect();
+    let mut writer = stream.try_clone().expect("clone the client stream");
+    let to_send = sent.clone();
+    let sending = std::thread::spawn(move || {
+        writer.write_all(&to_send).expect("write into the tunnel");
+        // The half-close must reach the echo server, whose close must come back.
+        writer
+            .shutdown(std::net::Shutdown::Write)
+            .expect("half-close");
+    });
+    let mut echoed = Vec::new();
+    stream
+        .read_to_end(&mut echoed)
+        .expect("read until the tunnel closes");
+    sending.join().expect("the writer");
+    assert_eq!(echoed.len(), sent.len());
+    assert!(echoed == sent, "the echoed bytes differ from those sent");
+    assert_eq!(proxy.next_decision().decision, Verdict::Allow);
+}
+
+#[test]
 fn refuses_connect_to_a_host_not_on_the_allowlist() {
     let echo = echo_server();
     let port = echo.port();

@@ -2,19 +2,23 @@
 //! kernel pipe with splice(2), never through the proxy's memory.
 //!
 //! Used for CONNECT tunnels between two plain TCP sockets (the common case); anything
-//! else goes through the ordinary copy. Each direction runs on its own thread doing blocking
-//! splice(2) calls: the kernel wakes that thread directly when bytes arrive or room frees
-//! up, with no trip through the async runtime's event loop, which made a large download
-//! markedly faster (bench/proxy/run). If the threads cannot be started, the same relay runs
-//! as async non-blocking splices instead. The invariant matches the copy
-//! it replaces: each direction runs until its source ends, then half-closes its
-//! destination; bytes are counted and keep the shared idle clock alive as they move; a
-//! tunnel with no byte either way for the idle timeout ends with `TimedOut`, and a tunnel
-//! whose future is dropped (shutdown cut it) has both sockets shut down, which ends its
-//! threads.
+//! else goes through the ordinary copy. The two sockets leave the async runtime's event
+//! loop, and each direction runs on its own thread doing blocking splice(2) calls: the
+//! kernel wakes that thread directly when bytes arrive or room frees up. (Through the event
+//! loop, every packet woke a runtime thread as well, and a large download ran markedly
+//! slower; see bench/proxy/run.) If the threads cannot be started, the same relay runs as
+//! async non-blocking splices instead.
+//!
+//! The invariant matches the copy it replaces: each direction runs until its source ends,
+//! then half-closes its destination; bytes are counted and keep the shared idle clock
+//! alive as they move; a tunnel with no byte either way for the idle timeout ends with
+//! `TimedOut`. However the tunnel ends (both directions done, an error, idle, or its future
+//! dropped because shutdown cut it), both sockets are shut down, which ends a thread still
+//! blocked in splice(2).
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::thread;
@@ -68,8 +72,8 @@ impl Counter {
 /// Relays `client` <-> `upstream` until both directions end, after first sending `early`
 /// (bytes the client sent before the tunnel opened) upstream.
 pub(crate) async fn tunnel(
-    client: &TcpStream,
-    upstream: &TcpStream,
+    client: TcpStream,
+    upstream: TcpStream,
     early: &[u8],
     activity: &Arc<Activity>,
     transfer: &Arc<Transfer>,
@@ -103,12 +107,13 @@ pub(crate) async fn tunnel(
             }
         }
     };
-    // Whichever way the tunnel ends, its sockets are shut down, so that a relay thread
-    // still blocked in splice(2) returns and ends.
-    let _stop = ShutDownOnDrop([client.as_raw_fd(), upstream.as_raw_fd()]);
+    // Out of the event loop (still non-blocking): a socket left registered there would wake
+    // it for every packet, although nothing there waits for them.
+    let sockets = ShutDownOnDrop([client.into_std()?, upstream.into_std()?]);
+    let [client, upstream] = &sockets.0;
     match relay_threads(client, upstream, up.clone(), down.clone()) {
         Ok((up_done, down_done)) => {
-            let finished = |done: oneshot::Receiver<io::Result<()>>| async move {
+            let finished = |done: Done| async move {
                 done.await
                     .unwrap_or_else(|_| Err(io::Error::other("a tunnel relay thread died")))
             };
@@ -120,8 +125,10 @@ pub(crate) async fn tunnel(
             }
         }
         Err(_) => {
-            let up = one_way(client, upstream, |n| up.count(n));
-            let down = one_way(upstream, client, |n| down.count(n));
+            let client = TcpStream::from_std(client.try_clone()?)?;
+            let upstream = TcpStream::from_std(upstream.try_clone()?)?;
+            let up = one_way(&client, &upstream, |n| up.count(n));
+            let down = one_way(&upstream, &client, |n| down.count(n));
             tokio::select! {
                 result = async { tokio::try_join!(up, down) } => result.map(|_| ()),
                 e = idle => Err(e),
@@ -130,37 +137,38 @@ pub(crate) async fn tunnel(
     }
 }
 
-/// Shuts down both ways of each socket when dropped.
-struct ShutDownOnDrop([RawFd; 2]);
+/// The tunnel's two sockets, shut down both ways when dropped.
+struct ShutDownOnDrop([std::net::TcpStream; 2]);
 
 impl Drop for ShutDownOnDrop {
     fn drop(&mut self) {
-        for fd in self.0 {
-            // SAFETY: shutdown(2) on sockets that the streams borrowed by `tunnel` keep
-            // open for longer than this guard lives.
-            let _ = unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        for socket in &self.0 {
+            let _ = socket.shutdown(Shutdown::Both);
         }
     }
 }
 
-/// Starts one thread per direction, each with its own duplicates of the two sockets, then
+/// How one direction's relay thread ended.
+type Done = oneshot::Receiver<io::Result<()>>;
+
+/// Starts one thread per direction, each with its own handles to the two sockets, then
 /// puts the sockets in blocking mode and lets the threads go. Returns how each direction
 /// ends. On failure nothing has changed: a thread already started ends without a splice.
 fn relay_threads(
-    client: &TcpStream,
-    upstream: &TcpStream,
+    client: &std::net::TcpStream,
+    upstream: &std::net::TcpStream,
     up: Counter,
     down: Counter,
 ) -> io::Result<(Done, Done)> {
-    let client = client.as_fd().try_clone_to_owned()?;
-    let upstream = upstream.as_fd().try_clone_to_owned()?;
     let (up_go, up_done) = relay_thread(client.try_clone()?, upstream.try_clone()?, up)?;
+    // If this fails, `up_go` is dropped and the first thread ends without touching anything.
     let (down_go, down_done) = relay_thread(upstream.try_clone()?, client.try_clone()?, down)?;
-    // O_NONBLOCK belongs to the open socket, shared with the async streams, which do no
-    // more I/O on these sockets once the threads go.
-    if let Err(e) = set_blocking(&client, true).and_then(|()| set_blocking(&upstream, true)) {
-        let _ = set_blocking(&client, false);
-        let _ = set_blocking(&upstream, false);
+    if let Err(e) = client
+        .set_nonblocking(false)
+        .and_then(|()| upstream.set_nonblocking(false))
+    {
+        let _ = client.set_nonblocking(true);
+        let _ = upstream.set_nonblocking(true);
         return Err(e);
     }
     let _ = up_go.send(());
@@ -168,14 +176,11 @@ fn relay_threads(
     Ok((up_done, down_done))
 }
 
-/// How one direction's relay thread ended.
-type Done = oneshot::Receiver<io::Result<()>>;
-
 /// Starts a thread that, once told to go, relays `from` to `to` with blocking splices.
 /// Dropping the returned sender instead ends the thread before it touches a socket.
 fn relay_thread(
-    from: OwnedFd,
-    to: OwnedFd,
+    from: std::net::TcpStream,
+    to: std::net::TcpStream,
     counter: Counter,
 ) -> io::Result<(mpsc::Sender<()>, Done)> {
     let (go, told) = mpsc::channel();
@@ -191,35 +196,19 @@ fn relay_thread(
     Ok((go, done))
 }
 
-/// Sets or clears O_NONBLOCK on `fd`.
-fn set_blocking(fd: &OwnedFd, blocking: bool) -> io::Result<()> {
-    // SAFETY: fcntl on a descriptor we own.
-    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let flags = if blocking {
-        flags & !libc::O_NONBLOCK
-    } else {
-        flags | libc::O_NONBLOCK
-    };
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Moves bytes from the blocking socket `from` to the blocking socket `to` until `from`
 /// ends (or is shut down), then half-closes `to`.
-fn blocking_one_way(from: &OwnedFd, to: &OwnedFd, counter: &Counter) -> io::Result<()> {
+fn blocking_one_way(
+    from: &std::net::TcpStream,
+    to: &std::net::TcpStream,
+    counter: &Counter,
+) -> io::Result<()> {
     let (pipe_out, pipe_in) = pipe(0)?;
     loop {
         // The pipe is empty here, so this waits for the socket only.
         let filled = splice(from.as_raw_fd(), pipe_in.as_raw_fd(), CHUNK, 0)?;
         if filled == 0 {
-            // SAFETY: shutdown(2) on a socket this thread owns a descriptor of.
-            let _ = unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+            let _ = to.shutdown(Shutdown::Write);
             return Ok(());
         }
         let mut left = filled;

@@ -1,7 +1,7 @@
 //! `contractor-proxy --allow HOST... [--deny HOST...] [--config FILE] [...]`: a filtering
 //! forward proxy. Prints one `ready` line with the bound address on stdout, then one
-//! `decision` line per request; stops on SIGTERM or SIGINT, printing a JSON summary of its
-//! counters on stderr.
+//! `decision` line per request; stops on SIGTERM or SIGINT, printing a `summary` line of
+//! its counters last.
 
 use std::fs::OpenOptions;
 use std::net::SocketAddr;
@@ -23,7 +23,8 @@ const AFTER_HELP: &str = "\
 Clients reach allowed hosts with CONNECT (HTTPS) or absolute-URI HTTP requests. Anything \
 else gets 403 with an X-Contractor-Proxy-Error header saying why, as does any host whose \
 addresses are all loopback, private or link-local (unless --allow-net covers them). Stdout \
-carries one JSON `ready` line, then one JSON `decision` line per request. List flags \
+carries one JSON `ready` line, then one JSON `decision` line per request, and a `summary` \
+line of the counters when it stops. List flags \
 (--allow, --deny, --allow-net, --allow-port) add to the --config file's lists; the others \
 replace its values. See docs/proxy.md.
 
@@ -34,6 +35,7 @@ Example:
 Output on stdout (JSON Lines):
   {\"type\":\"ready\",\"version\":1,\"service\":\"proxy\",\"addr\":\"127.0.0.1:3128\"}
   {\"type\":\"decision\",\"time\":1795615977.728,\"client\":\"127.0.0.1:54418\",\"method\":\"CONNECT\",\"host\":\"example.com\",\"port\":443,\"decision\":\"deny\",\"reason\":\"host not on the allowlist\"}
+  {\"type\":\"summary\",\"allowed\":0,\"denied\":{\"host_not_allowed\":1},\"bytes_up\":0,\"bytes_down\":0,\"connections\":1,\"active_connections\":0}
 
 Exit codes: 0 stopped by SIGTERM/SIGINT, 2 bad flags, rules or config file, 3 cannot serve.
 With --json-errors a failure is also one {\"type\":\"error\",...} object on stdout.";
@@ -213,19 +215,20 @@ async fn run(
     };
     contractor_proxy::serve(config, listener, decisions, shutdown).await;
     let _ = stop_metrics.send(true);
-    if let Ok(summary) = serde_json::to_string(&metrics.summary()) {
-        eprintln!("{summary}");
-    }
     if let Some(access_writer) = access_writer {
         access_writer
             .join()
             .map_err(|_| anyhow!("the access log writer panicked"))?
             .context("cannot write the access log")?;
     }
+    // Every connection is gone, so every decision has been sent; once the writer has
+    // written them all, the summary is the last line.
     writer
         .join()
         .map_err(|_| anyhow!("the decision writer panicked"))?
-        .context("cannot write decisions to stdout")
+        .context("cannot write decisions to stdout")?;
+    write_line(&mut std::io::stdout(), &metrics.summary())
+        .context("cannot write the summary to stdout")
 }
 
 /// Appends access log entries to `file` until every sender is gone.

@@ -105,9 +105,9 @@ impl<S> Metered<S> {
         }
     }
 
-    /// The wrapped stream.
-    pub(crate) fn get_ref(&self) -> &S {
-        &self.inner
+    /// The wrapped stream, and whatever [`Metered::holding`] made it keep alive.
+    pub(crate) fn into_parts(self) -> (S, Option<Box<dyn Send + Sync>>) {
+        (self.inner, self._held)
     }
 
     /// The idle clock this stream shares.

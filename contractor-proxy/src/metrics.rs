@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use bytes::Bytes;
+use contractor_protocol::proxy::SummaryTag;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -31,26 +32,8 @@ pub struct Metrics {
     connections: AtomicU64,
 }
 
-/// The counters at one moment; also the JSON summary line printed at shutdown.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Summary {
-    /// Always `summary`.
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// Requests let through (including those only reported in report mode).
-    pub allowed: u64,
-    /// Requests refused, by reason class.
-    pub denied: BTreeMap<String, u64>,
-    /// Bytes sent to upstreams.
-    pub bytes_up: u64,
-    /// Bytes received from upstreams.
-    pub bytes_down: u64,
-    /// Client connections accepted in all.
-    pub connections: u64,
-    /// Client connections open now.
-    pub active_connections: i64,
-}
+/// The counters at one moment; also the summary line the binary prints last on stdout.
+pub use contractor_protocol::proxy::Summary;
 
 impl Metrics {
     /// Counts an allowed request.
@@ -99,7 +82,7 @@ impl Metrics {
             })
             .unwrap_or_default();
         Summary {
-            kind: "summary".to_string(),
+            kind: SummaryTag::Summary,
             allowed: self.allowed.load(Ordering::Relaxed),
             denied,
             bytes_up: self.bytes_up.load(Ordering::Relaxed),

@@ -720,12 +720,15 @@ impl Proxy {
             };
             match upgraded.downcast::<TokioIo<Metered<TcpStream>>>() {
                 Ok(parts) => {
-                    let client = parts.io.into_inner();
+                    let activity = Arc::clone(upstream.activity());
+                    // The connection slot and the active count last until the tunnel ends.
+                    let (client, _held) = parts.io.into_inner().into_parts();
+                    let (upstream, _) = upstream.into_parts();
                     let spliced = crate::splice::tunnel(
-                        client.get_ref(),
-                        upstream.get_ref(),
+                        client,
+                        upstream,
                         &parts.read_buf,
-                        upstream.activity(),
+                        &activity,
                         &exchange.transfer,
                         &metrics,
                     );

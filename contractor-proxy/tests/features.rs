@@ -11,8 +11,8 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use contractor_protocol::proxy::Verdict;
-use contractor_proxy::{AccessEntry, Summary};
+use contractor_protocol::proxy::{SummaryTag, Verdict};
+use contractor_proxy::AccessEntry;
 use util::{
     connect, echo_server, free_port, read_head, read_request_head, request, serve_each, Proxy,
     Upstream,
@@ -504,15 +504,11 @@ fn metrics_count_decisions_bytes_and_connections_and_shutdown_prints_a_summary()
     }
     proxy.terminate();
     assert!(proxy.wait().success());
-    let stderr = proxy.stderr();
-    let summary: Summary = serde_json::from_str(
-        stderr
-            .lines()
-            .find(|line| line.starts_with('{'))
-            .expect("a summary line on stderr"),
-    )
-    .expect("a summary");
-    assert_eq!((summary.kind.as_str(), summary.allowed), ("summary", 1));
+    for _ in 0..2 {
+        proxy.next_decision();
+    }
+    let summary = proxy.summary();
+    assert_eq!((summary.kind, summary.allowed), (SummaryTag::Summary, 1));
     assert_eq!(summary.denied.get("host_not_allowed"), Some(&1));
     assert_eq!(summary.bytes_down, HELLO.len() as u64);
 }

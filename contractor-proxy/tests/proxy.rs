@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use contractor_protocol::proxy::{Decision, DecisionTag, Verdict};
+use contractor_protocol::proxy::{Decision, DecisionTag, SummaryTag, Verdict};
 use util::{connect, echo_server, read_head, request, Proxy, Upstream};
 
 const HELLO: &str = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello";
@@ -137,6 +137,36 @@ fn relays_bytes_both_ways_through_an_allowed_connect_tunnel() {
         Verdict::Allow,
         "allowed by 127.0.0.1",
     );
+}
+
+#[test]
+fn a_tunnel_relays_megabytes_intact_both_ways_and_passes_on_a_half_close() {
+    let echo = echo_server();
+    let proxy = proxy_on_loopback("127.0.0.1", echo.port());
+    let mut stream = connect(proxy.addr);
+    write!(stream, "CONNECT {echo} HTTP/1.1\r\nHost: {echo}\r\n\r\n").expect("send CONNECT");
+    assert_eq!(read_head(&mut stream).0, 200);
+    // Several times the relay's pipe, in a pattern that shows any lost or reordered byte.
+    let sent: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i % 251) as u8 ^ (i >> 16) as u8)
+        .collect();
+    let mut writer = stream.try_clone().expect("clone the client stream");
+    let to_send = sent.clone();
+    let sending = std::thread::spawn(move || {
+        writer.write_all(&to_send).expect("write into the tunnel");
+        // The half-close must reach the echo server, whose close must come back.
+        writer
+            .shutdown(std::net::Shutdown::Write)
+            .expect("half-close");
+    });
+    let mut echoed = Vec::new();
+    stream
+        .read_to_end(&mut echoed)
+        .expect("read until the tunnel closes");
+    sending.join().expect("the writer");
+    assert_eq!(echoed.len(), sent.len());
+    assert!(echoed == sent, "the echoed bytes differ from those sent");
+    assert_eq!(proxy.next_decision().decision, Verdict::Allow);
 }
 
 #[test]
@@ -372,7 +402,83 @@ fn sigterm_lets_an_open_tunnel_finish_then_exits_zero() {
         "exit waited for the grace period"
     );
     assert_eq!(proxy.next_decision().decision, Verdict::Allow);
-    assert!(proxy.no_more_decisions());
+    assert_eq!(proxy.summary().allowed, 1);
+}
+
+#[test]
+fn sigterm_ends_stdout_with_a_summary_that_counts_the_requests_made() {
+    let upstream = Upstream::start(HELLO);
+    let echo = echo_server();
+    let (web, tunnel) = (upstream.addr.port(), echo.port());
+    let mut proxy = Proxy::start(&[
+        "--allow",
+        "127.0.0.1",
+        "--allow-net",
+        "127.0.0.0/8",
+        "--allow-port",
+        &web.to_string(),
+        "--allow-port",
+        &tunnel.to_string(),
+    ]);
+    let get = format!("GET http://127.0.0.1:{web}/ HTTP/1.1\r\nHost: 127.0.0.1:{web}");
+    let mut statuses = Vec::new();
+    for head in [
+        get.as_str(),
+        get.as_str(),
+        "GET http://example.org/ HTTP/1.1\r\nHost: example.org",
+        "GET http://example.org/ HTTP/1.1\r\nHost: example.org",
+        "GET http://127.0.0.1:22/ HTTP/1.1\r\nHost: 127.0.0.1:22",
+        "GET / HTTP/1.1\r\nHost: 127.0.0.1",
+    ] {
+        statuses.push(request(proxy.addr, head).status);
+    }
+    assert_eq!(statuses, [200, 200, 403, 403, 403, 400]);
+    let message = b"counted both ways";
+    let mut stream = connect(proxy.addr);
+    write!(stream, "CONNECT {echo} HTTP/1.1\r\nHost: {echo}\r\n\r\n").expect("send CONNECT");
+    assert_eq!(read_head(&mut stream).0, 200);
+    stream.write_all(message).expect("write into the tunnel");
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    let mut echoed = Vec::new();
+    stream
+        .read_to_end(&mut echoed)
+        .expect("read until the tunnel closes");
+    assert_eq!(echoed, message);
+    drop(stream);
+    let decisions: Vec<Decision> = (0..7).map(|_| proxy.next_decision()).collect();
+    proxy.terminate();
+    assert!(proxy.wait().success());
+    let summary = proxy.summary();
+    assert_eq!(summary.kind, SummaryTag::Summary);
+    let allowed = decisions
+        .iter()
+        .filter(|d| d.decision == Verdict::Allow)
+        .count();
+    assert_eq!((allowed, summary.allowed), (3, 3));
+    let denied: Vec<(&str, u64)> = summary
+        .denied
+        .iter()
+        .map(|(class, count)| (class.as_str(), *count))
+        .collect();
+    assert_eq!(
+        denied,
+        [
+            ("bad_request", 1),
+            ("host_not_allowed", 2),
+            ("port_not_allowed", 1)
+        ]
+    );
+    assert_eq!(summary.connections, 7);
+    assert_eq!(summary.active_connections, 0);
+    // Both responses, whole, and the echoed message came from upstreams; the message and
+    // the two request heads went to them.
+    assert_eq!(summary.bytes_down, (2 * HELLO.len() + message.len()) as u64);
+    assert!(
+        summary.bytes_up > message.len() as u64 + 2 * "GET / HTTP/1.1\r\n".len() as u64,
+        "{summary:?}"
+    );
 }
 
 #[test]

@@ -10,11 +10,19 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use contractor_protocol::jsonl::JsonlReader;
-use contractor_protocol::proxy::Decision;
+use contractor_protocol::proxy::{Decision, Summary};
 use contractor_protocol::service::{Ready, ReadyTag};
 
-/// What the decision reader reports when the proxy's stdout ends.
+/// What the stdout reader reports when the proxy's stdout ends.
 const END_OF_STDOUT: &str = "end of stdout";
+
+/// A line of the proxy's stdout after its ready line.
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+enum Line {
+    Decision(Decision),
+    Summary(Summary),
+}
 
 /// How long any single wait in a test may take.
 pub const PATIENCE: Duration = Duration::from_secs(10);
@@ -24,7 +32,7 @@ pub struct Proxy {
     child: Child,
     /// Where it listens, from its ready line.
     pub addr: SocketAddr,
-    decisions: mpsc::Receiver<Result<Decision, String>>,
+    lines: mpsc::Receiver<Result<Line, String>>,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
@@ -66,12 +74,12 @@ impl Proxy {
             0,
             "the ready line must carry the bound port"
         );
-        let (sender, decisions) = mpsc::channel();
+        let (sender, received) = mpsc::channel();
         thread::spawn(move || loop {
-            let next = match lines.next_message::<Decision>() {
-                Ok(Some(decision)) => Ok(decision),
+            let next = match lines.next_message::<Line>() {
+                Ok(Some(line)) => Ok(line),
                 Ok(None) => Err(END_OF_STDOUT.to_string()),
-                Err(e) => Err(format!("invalid decision line: {e:?}")),
+                Err(e) => Err(format!("neither a decision nor a summary line: {e:?}")),
             };
             let last = next.is_err();
             if sender.send(next).is_err() || last {
@@ -81,7 +89,7 @@ impl Proxy {
         Proxy {
             child,
             addr: ready.addr,
-            decisions,
+            lines: received,
             stderr,
         }
     }
@@ -93,16 +101,30 @@ impl Proxy {
 
     /// The next decision line.
     pub fn next_decision(&self) -> Decision {
-        match self.decisions.recv_timeout(PATIENCE) {
-            Ok(Ok(decision)) => decision,
+        match self.lines.recv_timeout(PATIENCE) {
+            Ok(Ok(Line::Decision(decision))) => decision,
+            Ok(Ok(Line::Summary(summary))) => {
+                panic!("the summary instead of a decision: {summary:?}")
+            }
             Ok(Err(e)) => panic!("no decision line: {e}"),
             Err(e) => panic!("no decision line within {PATIENCE:?}: {e}"),
         }
     }
 
-    /// Whether stdout ended (after the process exited) with no more decisions.
-    pub fn no_more_decisions(&self) -> bool {
-        matches!(self.decisions.recv_timeout(PATIENCE), Ok(Err(e)) if e == END_OF_STDOUT)
+    /// The summary line, once the proxy stops; it must be the next line and the last.
+    pub fn summary(&self) -> Summary {
+        let summary = match self.lines.recv_timeout(PATIENCE) {
+            Ok(Ok(Line::Summary(summary))) => summary,
+            Ok(Ok(Line::Decision(decision))) => {
+                panic!("a decision instead of the summary: {decision:?}")
+            }
+            Ok(Err(e)) => panic!("no summary line: {e}"),
+            Err(e) => panic!("no summary line within {PATIENCE:?}: {e}"),
+        };
+        match self.lines.recv_timeout(PATIENCE) {
+            Ok(Err(e)) if e == END_OF_STDOUT => summary,
+            other => panic!("stdout goes on after the summary: {other:?}"),
+        }
     }
 
     /// Sends SIGTERM.

@@ -153,8 +153,16 @@ exit 0"#
     ] {
         assert_eq!(check(&log, store), "403", "{store}");
     }
-    assert_eq!(check(&log, "no-token"), "401", "a request without the token");
-    assert_eq!(check(&log, "own-source"), "200", "the token reads its own source");
+    assert_eq!(
+        check(&log, "no-token"),
+        "401",
+        "a request without the token"
+    );
+    assert_eq!(
+        check(&log, "own-source"),
+        "200",
+        "the token reads its own source"
+    );
     assert!(!project
         .path()
         .join(".contractor/builds/someone-else")

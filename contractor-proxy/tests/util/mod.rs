@@ -196,9 +196,20 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
 /// is added) to the proxy and reads the whole response.
 pub fn request(proxy: SocketAddr, head: &str) -> HttpResponse {
     let mut stream = connect(proxy);
-    write!(stream, "{head}\r\nConnection: close\r\n\r\n").expect("send request");
+    // A proxy that refuses a request head may answer and close before it has read all of
+    // it: then the rest of the write fails, and the answer is what counts.
+    let sent = write!(stream, "{head}\r\nConnection: close\r\n\r\n");
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("read response");
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&chunk[..n]),
+            // A reset after the answer arrived (unread request bytes at the proxy's close).
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !raw.is_empty() => break,
+            Err(e) => panic!("read response: {e} (sending the request: {sent:?})"),
+        }
+    }
     let raw = String::from_utf8(raw).expect("utf-8 response");
     let (head, body) = raw
         .split_once("\r\n\r\n")

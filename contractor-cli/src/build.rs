@@ -116,11 +116,27 @@ pub async fn build(
     let (stop_services, services_stopped) = tokio::sync::watch::channel(false);
     let store_token = contractor_store::generate_token()
         .map_err(|e| BuildError::Service("store", std::io::Error::other(e)))?;
+    let cache_job = crate::cache::prepare(
+        &store_root,
+        &record,
+        &id,
+        &spec.cache_paths,
+        spec.cache_max_bytes,
+    )
+    .map_err(|source| BuildError::Record {
+        path: record.join("inputs"),
+        source,
+    })?;
+    // The new cache travels through the artifacts; it has its own limit.
+    let store_limit = match &cache_job {
+        Some(cache) => spec.max_artifacts_bytes.saturating_add(cache.max_bytes),
+        None => spec.max_artifacts_bytes,
+    };
     let store_addr = start_store(
         &store_root,
         &id,
         &store_token,
-        spec.max_artifacts_bytes,
+        store_limit,
         services_stopped.clone(),
     )
     .await?;
@@ -154,6 +170,7 @@ pub async fn build(
         artifacts: spec.artifacts.clone(),
         artifacts_dest: format!("/builds/{id}/artifacts/"),
         store_token: Some(store_token),
+        cache: cache_job,
     };
 
     let limits = RunLimits {
@@ -177,6 +194,16 @@ pub async fn build(
     .await;
     let _ = stop_services.send(true);
 
+    let cache_saved = crate::cache::keep(
+        &store_root,
+        &record,
+        &id,
+        &spec.cache_paths,
+        ran.outcome == Outcome::Success,
+    );
+    if let Err(err) = &cache_saved {
+        eprintln!("contractor: cannot keep the build cache: {err}");
+    }
     let artifacts = collect_artifacts(&record.join("artifacts"));
     let refused_hosts: Vec<String> = refused
         .lock()

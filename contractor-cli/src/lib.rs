@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod build;
+pub mod cache;
 pub mod display;
 pub mod doctor;
 pub mod image;

@@ -94,6 +94,27 @@ Exit codes: 0 the build succeeded, 1 it failed (script or timeout), 2 bad input\
     /// Manage builder images.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Manage this project's build cache (the `[cache] paths` kept between builds).
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// List the project's caches: size, the build that saved it, the paths it holds.
+    #[command(after_help = "Example:\n  contractor cache list")]
+    List {
+        /// The project's spec file (the project is its directory).
+        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
+        file: PathBuf,
+    },
+    /// Delete the project's caches; the next build starts without one.
+    #[command(after_help = "Example:\n  contractor cache clear")]
+    Clear {
+        /// The project's spec file (the project is its directory).
+        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -160,6 +181,12 @@ fn main() -> std::process::ExitCode {
         Command::Show { id, file } => report(show_build(&file, id.as_deref())),
         Command::Log { id, console, file } => report(print_log(&file, id.as_deref(), console)),
         Command::Image(ImageCommand::List) => report(list_images()),
+        Command::Cache(CacheCommand::List { file }) => report(list_caches(&file)),
+        Command::Cache(CacheCommand::Clear { file }) => report(
+            contractor_cli::cache::clear(&store_of(&file))
+                .map(|freed| eprintln!("contractor: cache cleared ({} freed)", human_bytes(freed)))
+                .map_err(|e| format!("cannot clear the cache in {}: {e}", store_of(&file).display())),
+        ),
         Command::Image(ImageCommand::Rm { name }) => report(image::remove(&name).map_err(|e| chain(&e))),
         Command::Image(ImageCommand::Build { name }) => {
             if !spec::KNOWN_IMAGES.contains(&name.as_str()) {
@@ -311,6 +338,22 @@ fn store_of(file: &Path) -> PathBuf {
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     contractor_cli::paths::store_dir(dir)
+}
+
+fn list_caches(file: &Path) -> Result<(), String> {
+    let store = store_of(file);
+    let entries = contractor_cli::cache::list(&store)
+        .map_err(|e| format!("cannot read the cache in {}: {e}", store.display()))?;
+    println!("{:>10}  {:<24} PATHS", "SIZE", "SAVED BY");
+    for entry in entries {
+        let size = std::fs::metadata(&entry.tar).map(|m| m.len()).unwrap_or(0);
+        let (build, paths) = match entry.info {
+            Some(info) => (info.build, info.paths.join(" ")),
+            None => ("?".to_string(), entry.tar.display().to_string()),
+        };
+        println!("{:>10}  {build:<24} {paths}", human_bytes(size));
+    }
+    Ok(())
 }
 
 fn list_builds(file: &Path) -> Result<(), String> {

@@ -46,6 +46,10 @@ pub struct BuildSpec {
     pub disk_gib: u64,
     /// Hosts the build may reach through the proxy.
     pub allow: Vec<String>,
+    /// Guest directories kept between builds of this project (absolute, `~` expanded).
+    pub cache_paths: Vec<String>,
+    /// Most bytes the kept directories may take, packed.
+    pub cache_max_bytes: u64,
 }
 
 /// Why a spec was rejected.
@@ -91,6 +95,16 @@ struct RawSpec {
     vm: RawVm,
     #[serde(default)]
     network: RawNetwork,
+    #[serde(default)]
+    cache: RawCache,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    #[serde(default)]
+    paths: Vec<Spanned<String>>,
+    max_size: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -275,6 +289,24 @@ pub fn parse(path: &Path, text: &str) -> Result<BuildSpec, SpecError> {
         allow.push(rule.to_ascii_lowercase());
     }
 
+    let mut cache_paths = Vec::new();
+    for entry in raw.cache.paths {
+        let Some(guest) = cache_path(entry.get_ref()) else {
+            return Err(value_error(
+                entry.span(),
+                "cache.paths",
+                format!("{:?}", entry.get_ref()),
+                "use a directory in the VM, absolute or under ~ (the script's HOME, /root), \
+                 without `..` and not / itself: \"~/.cargo/registry\", \"/build/target\""
+                    .into(),
+            ));
+        };
+        if !cache_paths.contains(&guest) {
+            cache_paths.push(guest);
+        }
+    }
+    let cache_max_bytes = size_field(raw.cache.max_size, "cache.max_size", 1024)?;
+
     let project_dir = path
         .parent()
         .map(Path::to_path_buf)
@@ -298,7 +330,29 @@ pub fn parse(path: &Path, text: &str) -> Result<BuildSpec, SpecError> {
         memory_mib,
         disk_gib,
         allow,
+        cache_paths,
+        cache_max_bytes,
     })
+}
+
+/// A `cache.paths` entry as an absolute guest path (`~` is the script's HOME, /root), or
+/// None if it is not an acceptable directory.
+fn cache_path(entry: &str) -> Option<String> {
+    let path = match entry.strip_prefix('~') {
+        Some("") => "/root".to_string(),
+        Some(rest) if rest.starts_with('/') => format!("/root{rest}"),
+        Some(_) => return None,
+        None => entry.to_string(),
+    };
+    let path = path.trim_end_matches('/');
+    let ok = path.starts_with('/')
+        && path.len() > 1
+        && !path.contains('\0')
+        && path
+            .split('/')
+            .skip(1)
+            .all(|part| !part.is_empty() && part != "." && part != "..");
+    ok.then(|| path.to_string())
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -393,6 +447,27 @@ allow = []
             (64 << 20, 1 << 30)
         );
         assert!(spec.allow.is_empty() && spec.artifacts.is_empty());
+        assert!(spec.cache_paths.is_empty());
+        assert_eq!(spec.cache_max_bytes, 1 << 30);
+    }
+
+    #[test]
+    fn cache_paths_become_absolute_guest_directories() {
+        let spec = parse_text(
+            "[build]\nscript = \"true\"\n[cache]\n\
+             paths = [\"~/.cargo/registry/\", \"/build/target\", \"~\", \"~/.cargo/registry\"]\n\
+             max_size = \"256MiB\"\n",
+        )
+        .expect("spec");
+        assert_eq!(
+            spec.cache_paths,
+            ["/root/.cargo/registry", "/build/target", "/root"],
+            "~ expanded, trailing slash dropped, duplicates once"
+        );
+        assert_eq!(spec.cache_max_bytes, 256 << 20);
+        for bad in ["/", "relative", "~user/x", "/a/../b", "/a//b", "/a/./b", ""] {
+            assert_eq!(cache_path(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
@@ -444,6 +519,18 @@ allow = []
                 3,
                 "build.image",
                 "debian-12-build",
+            ),
+            (
+                "[build]\nscript = \"true\"\n[cache]\npaths = [\"~/ok\", \"../x\"]\n",
+                4,
+                "cache.paths",
+                "~/.cargo/registry",
+            ),
+            (
+                "[build]\nscript = \"true\"\n[cache]\nmax_size = \"big\"\n",
+                4,
+                "cache.max_size",
+                "\"1GiB\"",
             ),
             (
                 "[build]\nscript = \"true\"\nmax_log = \"lots\"\n",

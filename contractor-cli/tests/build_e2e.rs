@@ -462,3 +462,43 @@ fn json_prints_the_event_stream_of_a_real_build_and_quiet_prints_nothing() {
         serde_json::from_slice(&bad.stdout).expect("one error object on stdout");
     assert_eq!(error.code, "bad_spec");
 }
+
+#[test]
+fn cached_directories_survive_into_the_next_build_until_the_cache_is_cleared() {
+    let project = Project::new(
+        "[build]\nscript = '''\nmkdir -p ~/.kept /build-cache\necho run >> ~/.kept/runs\n\
+         echo \"runs: $(wc -l < ~/.kept/runs)\"\necho x > out.txt\n'''\n\
+         artifacts = [\"out.txt\"]\n[cache]\npaths = [\"~/.kept\", \"/build-cache\"]\n\
+         [vm]\ncpus = 1\nmemory = \"768MiB\"\n",
+    );
+    let runs = |build: &util::Build| {
+        assert_eq!(build.result.outcome, Outcome::Success, "{}", build.stderr);
+        // Only the declared artifact: the cache travels through the store but is not one.
+        assert_eq!(
+            build.result.artifacts.len(),
+            1,
+            "{:?}",
+            build.result.artifacts
+        );
+        build
+            .log()
+            .lines()
+            .find_map(|l| l.strip_prefix("runs: ").map(str::to_string))
+            .unwrap_or_else(|| panic!("no runs line in:\n{}", build.log()))
+    };
+    assert_eq!(runs(&project.build()), "1");
+    assert_eq!(
+        runs(&project.build()),
+        "2",
+        "the second build sees the first one's cache"
+    );
+    let listing = contractor_in(&project, &["cache", "list"]);
+    assert!(listing.contains("/root/.kept /build-cache"), "{listing}");
+    let cleared = Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .args(["cache", "clear"])
+        .current_dir(project.path())
+        .output()
+        .expect("contractor cache clear");
+    assert!(cleared.status.success());
+    assert_eq!(runs(&project.build()), "1", "a cleared cache starts over");
+}

@@ -70,6 +70,26 @@ pub struct Job {
     /// takes no tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_token: Option<String>,
+    /// Directories kept between builds, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheJob>,
+}
+
+/// The build's cache: directories the agent restores before the script and saves after a
+/// successful one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheJob {
+    /// Absolute guest directories to keep.
+    pub paths: Vec<String>,
+    /// Store path of a tar of them from an earlier build, unpacked at `/` before the
+    /// script; none on the first build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<String>,
+    /// Store path the new tar is uploaded to after a successful script.
+    pub save: String,
+    /// Most bytes the tar may have; a bigger one is not saved.
+    pub max_bytes: u64,
 }
 
 /// Host to guest, on the control port.

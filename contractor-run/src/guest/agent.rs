@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use contractor_protocol::agent::{
-    GuestMessage, HostMessage, Job, Phase, TunnelTarget, CONTROL_PORT, GUEST_PROXY_PORT,
+    CacheJob, GuestMessage, HostMessage, Job, Phase, TunnelTarget, CONTROL_PORT, GUEST_PROXY_PORT,
     GUEST_STORE_PORT, TUNNEL_PORT,
 };
 use contractor_protocol::PROTOCOL_VERSION;
@@ -200,6 +200,9 @@ async fn run_job<W: AsyncWrite + Unpin>(
     .await?;
     let token = job.store_token.as_deref();
     fetch_source(opener, &job.source, token, Path::new(WORK_DIR)).await?;
+    if let Some(cache) = &job.cache {
+        restore_cache(opener, cache, token).await;
+    }
 
     send(
         control,
@@ -217,6 +220,9 @@ async fn run_job<W: AsyncWrite + Unpin>(
         disk_full: disk_full(Path::new(WORK_DIR)),
     };
     send(control, &exited).await?;
+    if let (Some(cache), Some(0)) = (&job.cache, code) {
+        save_cache(opener, cache, token).await;
+    }
 
     if code == Some(0) && !job.artifacts.is_empty() {
         send(
@@ -378,6 +384,18 @@ async fn fetch_source(
     token: Option<&str>,
     dest: &Path,
 ) -> Result<(), AgentError> {
+    let tar_path = PathBuf::from("/var/tmp/contractor-source.tar");
+    download(opener, source, token, &tar_path).await?;
+    unpack(&tar_path, dest).await
+}
+
+/// GETs store path `source` into the file `path`.
+async fn download(
+    opener: &Opener,
+    source: &str,
+    token: Option<&str>,
+    path: &Path,
+) -> Result<(), AgentError> {
     let what = format!("GET {source}");
     let store_err = |source: Box<dyn std::error::Error + Send + Sync>| AgentError::Store {
         what: what.clone(),
@@ -392,13 +410,12 @@ async fn fetch_source(
         .map_err(store_err)?;
     let mut body = check_status(&what, response).await?.into_body();
 
-    let tar_path = PathBuf::from("/var/tmp/contractor-source.tar");
     let file_err = |what, source| AgentError::File {
         what,
-        path: tar_path.clone(),
+        path: path.to_path_buf(),
         source,
     };
-    let mut file = tokio::fs::File::create(&tar_path)
+    let mut file = tokio::fs::File::create(path)
         .await
         .map_err(|e| file_err("cannot create", e))?;
     while let Some(frame) = body.frame().await {
@@ -409,24 +426,96 @@ async fn fetch_source(
                 .map_err(|e| file_err("cannot write", e))?;
         }
     }
-    file.flush()
-        .await
-        .map_err(|e| file_err("cannot write", e))?;
-    drop(file);
+    file.flush().await.map_err(|e| file_err("cannot write", e))
+}
 
+/// Unpacks the tar at `tar_path` into `dest` (modes, owners and times kept), then deletes
+/// the tar.
+async fn unpack(tar_path: &Path, dest: &Path) -> Result<(), AgentError> {
+    let file_err = |source| AgentError::File {
+        what: "cannot unpack",
+        path: tar_path.to_path_buf(),
+        source,
+    };
     let dest = dest.to_path_buf();
-    let unpack_path = tar_path.clone();
+    let unpack_path = tar_path.to_path_buf();
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         std::fs::create_dir_all(&dest)?;
         let mut archive = tar::Archive::new(std::fs::File::open(&unpack_path)?);
         archive.set_preserve_permissions(true);
+        archive.set_preserve_ownerships(true);
         archive.set_preserve_mtime(true);
         archive.unpack(&dest)?;
         std::fs::remove_file(&unpack_path)
     })
     .await
-    .map_err(|e| file_err("cannot unpack", std::io::Error::other(e)))?
-    .map_err(|e| file_err("cannot unpack", e))
+    .map_err(|e| file_err(std::io::Error::other(e)))?
+    .map_err(file_err)
+}
+
+/// Puts the cached directories of an earlier build back. A cache that cannot be restored is
+/// not the build's failure: the build runs without it (the console says why).
+async fn restore_cache(opener: &Opener, cache: &CacheJob, token: Option<&str>) {
+    let Some(source) = &cache.restore else { return };
+    let tar_path = Path::new("/var/tmp/contractor-cache.tar");
+    let restored = match download(opener, source, token, tar_path).await {
+        Ok(()) => unpack(tar_path, Path::new("/")).await,
+        Err(err) => Err(err),
+    };
+    if let Err(err) = restored {
+        let _ = std::fs::remove_file(tar_path);
+        eprintln!(
+            "contractor-agent: the cache was not restored: {}",
+            contractor_protocol::result::error_chain(&err).join(": ")
+        );
+    }
+}
+
+/// Packs the cached directories that exist and uploads them, unless the tar is bigger than
+/// the cache's limit. Failures leave the build as it is (the console says why).
+async fn save_cache(opener: &Opener, cache: &CacheJob, token: Option<&str>) {
+    let tar_path = PathBuf::from("/var/tmp/contractor-cache-new.tar");
+    let paths = cache.paths.clone();
+    let out = tar_path.clone();
+    let packed = tokio::task::spawn_blocking(move || pack_dirs(&paths, &out))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    let outcome = match packed {
+        Ok(size) if size > cache.max_bytes => Err(format!(
+            "the packed cache has {size} bytes, more than cache.max_size ({} bytes)",
+            cache.max_bytes
+        )),
+        Ok(_) => upload(opener, &tar_path, &cache.save, token)
+            .await
+            .map(|_| ())
+            .map_err(|e| contractor_protocol::result::error_chain(&e).join(": ")),
+        Err(err) => Err(format!("cannot pack the cache: {err}")),
+    };
+    let _ = std::fs::remove_file(&tar_path);
+    if let Err(reason) = outcome {
+        eprintln!("contractor-agent: the cache was not saved: {reason}");
+    }
+}
+
+/// Writes a tar of the directories among `paths` that exist (symlinks stored as links, not
+/// followed; names relative to `/`) to `out`. Returns its size.
+fn pack_dirs(paths: &[String], out: &Path) -> std::io::Result<u64> {
+    let file = std::fs::File::create(out)?;
+    let mut builder = tar::Builder::new(std::io::BufWriter::new(file));
+    builder.follow_symlinks(false);
+    for path in paths {
+        let dir = Path::new(path);
+        let is_dir = std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir());
+        if is_dir {
+            builder.append_dir_all(path.trim_start_matches('/'), dir)?;
+        }
+    }
+    builder
+        .into_inner()?
+        .into_inner()
+        .map_err(|e| e.into_error())?
+        .sync_all()?;
+    Ok(std::fs::metadata(out)?.len())
 }
 
 /// The script's environment: a clean one, with the proxy and the store.
@@ -619,6 +708,36 @@ mod tests {
     }
 
     #[test]
+    fn cached_directories_pack_relative_to_the_root_and_unpack_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("reg/sub")).expect("mkdir");
+        std::fs::write(root.join("reg/sub/crate.txt"), b"cached").expect("write");
+        std::os::unix::fs::symlink("sub/crate.txt", root.join("reg/link")).expect("symlink");
+        let tar = dir.path().join("cache.tar");
+        let reg = root.join("reg").to_string_lossy().into_owned();
+        let missing = root.join("missing").to_string_lossy().into_owned();
+        let size = pack_dirs(&[reg.clone(), missing], &tar).expect("pack");
+        assert_eq!(size, std::fs::metadata(&tar).expect("tar").len());
+
+        let out = dir.path().join("out");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        runtime.block_on(unpack(&tar, &out)).expect("unpack");
+        let back = out.join(reg.trim_start_matches('/'));
+        assert_eq!(
+            std::fs::read(back.join("sub/crate.txt")).expect("file"),
+            b"cached"
+        );
+        assert_eq!(
+            std::fs::read_link(back.join("link")).expect("link"),
+            Path::new("sub/crate.txt")
+        );
+        assert!(!tar.exists(), "the tar is deleted once unpacked");
+    }
+
+    #[test]
     fn a_file_system_with_room_is_not_full() {
         let dir = tempfile::tempdir().expect("tempdir");
         // The test machine's temporary directory has more than 1 MiB free.
@@ -658,6 +777,7 @@ mod tests {
             artifacts: vec![],
             artifacts_dest: "/a/".into(),
             store_token: Some("t0k3n-0123456789abcdef".into()),
+            cache: None,
         };
         job.env.insert("HOME".into(), "/build".into());
         let env = script_env(&job);

@@ -7,6 +7,7 @@ pub mod build;
 pub mod doctor;
 pub mod image;
 pub mod init;
+pub mod initramfs;
 pub mod paths;
 pub mod progress;
 pub mod records;

@@ -135,6 +135,8 @@ say "image $IMAGE"
 image_dir=$("$CONTRACTOR" image build "$IMAGE") || die 3 "cannot build the image $IMAGE"
 manifest=$image_dir/manifest.json
 cmdline=$(jq -er .cmdline "$manifest") || die 3 "$manifest has no cmdline"
+# Layout version 2 boots with Contractor's initramfs, version 1 with Debian's initrd.
+initrd=$(jq -r 'if .version >= 2 then "initramfs.img" else "initrd.img" end' "$manifest")
 
 # --- 2. the build record, the source --------------------------------------------------------
 ID=$(date -u +%Y%m%d-%H%M%S)-$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')
@@ -184,10 +186,11 @@ say "proxy ready at $proxy_addr"
 mkdir -p "$DATA/vms"
 jq -n --arg uri "$URI" --arg image "$image_dir" --arg cmdline "$cmdline" \
     --argjson cpus "$CPUS" --argjson memory "$MEMORY_MIB" --argjson disk "$DISK_GIB" \
-    --arg accel "${ACCEL:-auto}" --arg console "$REC/console.log" --arg work "$DATA/vms" \
+    --arg initrd "$initrd" --arg accel "${ACCEL:-auto}" --arg console "$REC/console.log" \
+    --arg work "$DATA/vms" \
     '{type: "create", version: 1, uri: $uri,
       spec: {image: {disk: "\($image)/disk.qcow2", kernel: "\($image)/vmlinuz",
-                     initrd: "\($image)/initrd.img", cmdline: $cmdline},
+                     initrd: "\($image)/\($initrd)", cmdline: $cmdline},
              cpus: $cpus, memory_mib: $memory, disk_gib: $disk, accel: $accel,
              console_log: $console, work_dir: $work}}' >"$TMP/vm-request.json"
 mkfifo "$TMP/vm.in" "$TMP/vm.out"

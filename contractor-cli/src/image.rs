@@ -2,7 +2,9 @@
 //!
 //! An image is a directory `<data>/images/<name>/` holding `disk.qcow2` (the base disk,
 //! never written after it is built: every VM gets its own overlay), `vmlinuz`,
-//! `initrd.img` and `manifest.json`. It is built in a scratch directory and renamed into
+//! `initrd.img` (the distribution's initrd, kept for booting the image by hand),
+//! `initramfs.img` (Contractor's own, which builds boot with: see [`crate::initramfs`])
+//! and `manifest.json`. It is built in a scratch directory and renamed into
 //! place, so a half-built image never looks finished. Building needs no root: mmdebstrap
 //! runs in a user namespace and writes an ext2 file system directly.
 
@@ -14,6 +16,7 @@ use contractor_protocol::vm::BootImage;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::initramfs;
 use crate::paths;
 use crate::progress::Progress;
 
@@ -23,12 +26,19 @@ const AGENT_IN_IMAGE: &str = "/usr/local/sbin/contractor-agent";
 const PACKAGES: &str = "linux-image-cloud-amd64,build-essential,git,curl,ca-certificates,kmod";
 /// Size of the image's file system: room for the build's own files.
 const ROOT_SIZE: &str = "4G";
+/// Version of the manifest and of the image layout: an image of another version is
+/// rebuilt. 2: boots with Contractor's initramfs.
+pub const MANIFEST_VERSION: u32 = 2;
+/// Contractor's initramfs in the image directory.
+pub const INITRAMFS_FILE: &str = "initramfs.img";
+/// The distribution's initrd in the image directory (what version 1 booted with).
+const DISTRIBUTION_INITRD: &str = "initrd.img";
 
 /// `manifest.json` of an image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
-    /// Manifest format version, 1.
+    /// Manifest format version ([`MANIFEST_VERSION`] for images built now).
     pub version: u32,
     /// Image name.
     pub name: String,
@@ -44,6 +54,21 @@ pub struct Manifest {
     pub agent_sha256: String,
     /// Kernel command line to boot it with.
     pub cmdline: String,
+}
+
+impl Manifest {
+    /// The initrd (a file in the image directory) to boot with: Contractor's initramfs
+    /// from version 2 on, the distribution's before. It follows from the version rather
+    /// than from a field of its own, so that an older `contractor` sharing the data
+    /// directory still reads this manifest (its fields are checked strictly) and rebuilds
+    /// the image as it always did, instead of failing.
+    pub fn initrd(&self) -> &'static str {
+        if self.version >= 2 {
+            INITRAMFS_FILE
+        } else {
+            DISTRIBUTION_INITRD
+        }
+    }
 }
 
 /// Errors building or finding an image.
@@ -123,7 +148,7 @@ impl Image {
         BootImage {
             disk: self.dir.join("disk.qcow2"),
             kernel: self.dir.join("vmlinuz"),
-            initrd: Some(self.dir.join("initrd.img")),
+            initrd: Some(self.dir.join(self.manifest.initrd())),
             cmdline: self.manifest.cmdline.clone(),
         }
     }
@@ -159,10 +184,16 @@ pub fn ensure(name: &str) -> Result<Image, ImageError> {
     let _lock = DirLock::acquire(&images.join(".lock"))?;
     let dir = images.join(name);
     if let Some(image) = load(&dir)? {
-        if image.manifest.agent_sha256 == agent_sha {
+        if image.manifest.version != MANIFEST_VERSION {
+            eprintln!(
+                "contractor: image {name} has layout version {} (this contractor uses {MANIFEST_VERSION}); rebuilding it",
+                image.manifest.version
+            );
+        } else if image.manifest.agent_sha256 == agent_sha {
             return Ok(image);
+        } else {
+            eprintln!("contractor: image {name} carries another agent version; rebuilding it");
         }
-        eprintln!("contractor: image {name} carries another agent version; rebuilding it");
     }
     build(name, &images, &agent, &agent_sha)
 }
@@ -301,6 +332,10 @@ fn build(name: &str, images: &Path, agent: &Path, agent_sha: &str) -> Result<Ima
             }
         }
 
+        progress.step("writing Contractor's initramfs");
+        let version = kernel.trim_start_matches("vmlinuz-");
+        write_initramfs(&root, version, agent, &scratch, &progress)?;
+
         progress.step("converting to qcow2");
         let disk = scratch.join("disk.qcow2");
         run_tool(
@@ -317,7 +352,7 @@ fn build(name: &str, images: &Path, agent: &Path, agent_sha: &str) -> Result<Ima
 
         progress.step("recording the manifest");
         let manifest = Manifest {
-            version: 1,
+            version: MANIFEST_VERSION,
             name: name.to_string(),
             suite: suite.to_string(),
             created: std::time::SystemTime::now()
@@ -351,6 +386,56 @@ fn build(name: &str, images: &Path, agent: &Path, agent_sha: &str) -> Result<Ima
         }
     }
     result
+}
+
+/// Writes `initramfs.img` into `scratch`: the agent, and the modules of kernel `version`
+/// that the builder needs, taken out of the root file system `root` with debugfs.
+fn write_initramfs(
+    root: &Path,
+    version: &str,
+    agent: &Path,
+    scratch: &Path,
+    progress: &Progress,
+) -> Result<(), ImageError> {
+    let module_dir = format!("/lib/modules/{version}");
+    let read = |file: &str| {
+        tool_output(Command::new("debugfs").args([
+            "-R",
+            &format!("cat {module_dir}/{file}"),
+            path_str(root)?,
+        ]))
+    };
+    let modules_dep = read("modules.dep")?;
+    let modules_builtin = read("modules.builtin")?;
+    let order = initramfs::load_order(&modules_dep, &modules_builtin, initramfs::WANTED_MODULES)
+        .map_err(|e| ImageError::Other(e.to_string()))?;
+    let dumped = scratch.join("module.ko");
+    let mut modules = Vec::new();
+    for (i, path) in order.iter().enumerate() {
+        let file_name = path.rsplit('/').next().unwrap_or(path);
+        if !file_name.ends_with(".ko") {
+            return Err(ImageError::Other(format!(
+                "the kernel module {path} is compressed; the initramfs needs uncompressed modules"
+            )));
+        }
+        let request = format!("dump {module_dir}/{path} {}", path_str(&dumped)?);
+        run_tool(
+            Command::new("debugfs").args(["-R", &request, path_str(root)?]),
+            progress,
+        )?;
+        let data = std::fs::read(&dumped).map_err(file_err("cannot read", &dumped))?;
+        std::fs::remove_file(&dumped).map_err(file_err("cannot remove", &dumped))?;
+        if !data.starts_with(b"\x7fELF") {
+            return Err(ImageError::Other(format!(
+                "{module_dir}/{path} in the image is not a kernel module"
+            )));
+        }
+        modules.push((format!("{i:02}-{file_name}"), data));
+    }
+    let agent_bytes = std::fs::read(agent).map_err(file_err("cannot read", agent))?;
+    let out = scratch.join(INITRAMFS_FILE);
+    std::fs::write(&out, initramfs::build(&agent_bytes, &modules))
+        .map_err(file_err("cannot write", &out))
 }
 
 /// e2fsck exits 1 when it fixed something: that is success here.
@@ -525,6 +610,25 @@ mod tests {
             Some("initrd.img-6.1.0-50-cloud-amd64")
         );
         assert_eq!(boot_file("/1/040755/0/0/./\n", "vmlinuz-"), None);
+    }
+
+    #[test]
+    fn the_layout_version_says_which_initrd_boots() {
+        let v1 = r#"{"version": 1, "name": "debian-12-build", "suite": "bookworm",
+            "created": 1, "disk_sha256": "d", "agent_version": "0.1.0",
+            "agent_sha256": "a", "cmdline": "root=/dev/vda"}"#;
+        let mut manifest: Manifest = serde_json::from_str(v1).expect("a version 1 manifest");
+        assert_eq!(manifest.initrd(), "initrd.img");
+        manifest.version = MANIFEST_VERSION;
+        assert_eq!(manifest.initrd(), INITRAMFS_FILE);
+        let image = Image {
+            dir: "/images/x".into(),
+            manifest,
+        };
+        assert_eq!(
+            image.boot().initrd.as_deref(),
+            Some(Path::new("/images/x/initramfs.img"))
+        );
     }
 
     #[test]

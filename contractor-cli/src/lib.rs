@@ -9,6 +9,7 @@ pub mod display;
 pub mod doctor;
 pub mod image;
 pub mod init;
+pub mod initramfs;
 pub mod paths;
 pub mod progress;
 pub mod records;

@@ -388,7 +388,7 @@ fn list_images() -> Result<(), String> {
         "IMAGE", "SIZE", "BUILT", "AGENT"
     );
     for image in images {
-        let size: u64 = ["disk.qcow2", "vmlinuz", "initrd.img"]
+        let size: u64 = ["disk.qcow2", "vmlinuz", "initrd.img", "initramfs.img"]
             .iter()
             .filter_map(|f| std::fs::metadata(image.dir.join(f)).ok())
             .map(|m| m.len())

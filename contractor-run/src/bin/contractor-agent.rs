@@ -5,6 +5,9 @@ use contractor_run::guest;
 
 fn main() -> std::process::ExitCode {
     if std::process::id() == 1 {
+        if guest::initrd::is_stage1() {
+            guest::initrd::switch_to_root();
+        }
         guest::init::run_as_init();
     }
     let runtime = match tokio::runtime::Runtime::new() {

@@ -8,6 +8,8 @@ use std::ffi::CString;
 use std::io;
 use std::process::Command;
 
+use crate::guest::initrd;
+
 /// Runs as init; never returns.
 pub fn run_as_init() -> ! {
     for (source, target, fstype, data) in [
@@ -84,21 +86,21 @@ fn root_on_build_disk() -> io::Result<bool> {
     std::fs::create_dir_all(disk)?;
     std::fs::create_dir_all(root)?;
     // The host leaves the inode tables uninitialised; do not zero them in the background.
-    mount_with(BUILD_DISK, disk, "ext4", libc::MS_NOATIME, "noinit_itable")
+    initrd::mount(BUILD_DISK, disk, "ext4", libc::MS_NOATIME, "noinit_itable")
         .map_err(|e| context(e, "mount the build disk"))?;
     for dir in ["upper", "work"] {
         std::fs::create_dir_all(format!("{disk}/{dir}"))?;
     }
     load_module("kernel/fs/overlayfs/overlay.ko").map_err(|e| context(e, "load overlay.ko"))?;
     let layers = format!("lowerdir=/,upperdir={disk}/upper,workdir={disk}/work");
-    mount_with("overlay", root, "overlay", 0, &layers)
+    initrd::mount("overlay", root, "overlay", 0, &layers)
         .map_err(|e| context(e, "mount the overlay root"))?;
     for target in ["/proc", "/sys", "/dev"] {
-        mount_with(target, &format!("{root}{target}"), "", libc::MS_MOVE, "")
+        initrd::mount(target, &format!("{root}{target}"), "", libc::MS_MOVE, "")
             .map_err(|e| context(e, &format!("move {target}")))?;
     }
     std::env::set_current_dir(root)?;
-    mount_with(".", "/", "", libc::MS_MOVE, "").map_err(|e| context(e, "move the root"))?;
+    initrd::mount(".", "/", "", libc::MS_MOVE, "").map_err(|e| context(e, "move the root"))?;
     let dot = CString::new(".").expect("no NUL");
     // SAFETY: a valid NUL-terminated path.
     if unsafe { libc::chroot(dot.as_ptr()) } != 0 {
@@ -120,23 +122,11 @@ fn load_module(relative: &str) -> io::Result<()> {
     // SAFETY: uname fills release with a NUL-terminated string.
     let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) };
     let path = format!("/lib/modules/{}/{relative}", release.to_string_lossy());
-    let file = match std::fs::File::open(&path) {
-        Ok(file) => file,
+    match initrd::load_module(&path) {
         // Built into this kernel.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(context(e, &path)),
-    };
-    use std::os::fd::AsRawFd;
-    let params = CString::new("").expect("no NUL");
-    // SAFETY: a valid open descriptor and a NUL-terminated parameter string.
-    let rc = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
-    if rc != 0 {
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EEXIST) {
-            return Err(context(err, &path));
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other.map_err(|e| context(e, &path)),
     }
-    Ok(())
 }
 
 fn context(err: io::Error, what: &str) -> io::Error {
@@ -173,39 +163,10 @@ fn power_off() -> ! {
 
 fn mount(source: &str, target: &str, fstype: &str, data: &str) -> io::Result<()> {
     std::fs::create_dir_all(target)?;
-    match mount_with(source, target, fstype, libc::MS_NOSUID, data) {
+    match initrd::mount(source, target, fstype, libc::MS_NOSUID, data) {
         // Already mounted (the initrd moves /proc, /sys, /dev and /run to the new root).
         Err(err) if err.raw_os_error() == Some(libc::EBUSY) => Ok(()),
         other => other,
-    }
-}
-
-fn mount_with(
-    source: &str,
-    target: &str,
-    fstype: &str,
-    flags: libc::c_ulong,
-    data: &str,
-) -> io::Result<()> {
-    let c = |s: &str| {
-        CString::new(s)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in mount argument"))
-    };
-    let (source, target, fstype, data) = (c(source)?, c(target)?, c(fstype)?, c(data)?);
-    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            flags,
-            data.as_ptr().cast(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 

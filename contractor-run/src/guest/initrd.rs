@@ -168,7 +168,7 @@ fn cstring(s: &str) -> Result<CString, String> {
 }
 
 /// Loads one kernel module file (uncompressed `.ko`); one already loaded is fine.
-fn load_module(path: &str) -> io::Result<()> {
+pub(crate) fn load_module(path: &str) -> io::Result<()> {
     let file = File::open(path)?;
     let no_params: &CStr = c"";
     // SAFETY: finit_module takes a valid descriptor, a NUL-terminated parameter string
@@ -191,7 +191,8 @@ fn load_module(path: &str) -> io::Result<()> {
     Err(err)
 }
 
-fn mount(
+/// mount(2), creating `target` first; an empty `fstype` passes none (for moves).
+pub(crate) fn mount(
     source: &str,
     target: &str,
     fstype: &str,

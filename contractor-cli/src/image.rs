@@ -22,8 +22,20 @@ use crate::progress::Progress;
 
 /// Where the agent lives in the image; the kernel starts it as init.
 const AGENT_IN_IMAGE: &str = "/usr/local/sbin/contractor-agent";
-/// Packages of `debian-12-build`.
+/// Packages of every image.
 const PACKAGES: &str = "linux-image-cloud-amd64,build-essential,git,curl,ca-certificates,kmod";
+/// Where the host keeps the certificate authorities it adds to Debian's (copied into images).
+const LOCAL_CAS: &str = "/usr/local/share/ca-certificates";
+
+/// What an image is built from: its Debian suite and the packages beyond [`PACKAGES`].
+fn recipe(name: &str) -> Option<(&'static str, &'static str)> {
+    match name {
+        "debian-12-build" => Some(("bookworm", "")),
+        // Debian 13 has a Rust toolchain recent enough for crates.io (rustc 1.85).
+        "debian-13-build" => Some(("trixie", ",rustc,cargo")),
+        _ => None,
+    }
+}
 /// Size of the image's file system: room for the build's own files.
 const ROOT_SIZE: &str = "4G";
 /// Version of the manifest and of the image layout: an image of another version is
@@ -274,10 +286,19 @@ pub fn load(dir: &Path) -> Result<Option<Image>, ImageError> {
     }))
 }
 
+/// Whether `dir` holds certificates for update-ca-certificates (`*.crt`, at any depth).
+fn has_local_cas(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            let path = e.path();
+            path.extension().is_some_and(|x| x == "crt") || (path.is_dir() && has_local_cas(&path))
+        })
+    })
+}
+
 fn build(name: &str, images: &Path, agent: &Path, agent_sha: &str) -> Result<Image, ImageError> {
-    let suite = match name {
-        "debian-12-build" => "bookworm",
-        other => return Err(ImageError::Other(format!("no recipe for image {other}"))),
+    let Some((suite, extra_packages)) = recipe(name) else {
+        return Err(ImageError::Other(format!("no recipe for image {name}")));
     };
     let mirror = std::env::var("CONTRACTOR_DEBIAN_MIRROR")
         .unwrap_or_else(|_| "http://deb.debian.org/debian".into());
@@ -293,10 +314,19 @@ fn build(name: &str, images: &Path, agent: &Path, agent_sha: &str) -> Result<Ima
         let mut mmdebstrap = Command::new("mmdebstrap");
         mmdebstrap
             .args(["--mode=unshare", "--format=ext2", "--variant=apt"])
-            .arg(format!("--include={PACKAGES}"))
+            .arg(format!("--include={PACKAGES}{extra_packages}"))
             .arg(format!("--customize-hook={upload}"))
-            .arg(format!("--customize-hook={chmod}"))
-            .args([suite, path_str(&root)?, &mirror]);
+            .arg(format!("--customize-hook={chmod}"));
+        // The guest trusts what the host trusts: Debian's authorities plus the host's own
+        // additions (e.g. a company proxy that inspects TLS).
+        if has_local_cas(Path::new(LOCAL_CAS)) {
+            mmdebstrap
+                .arg(format!(
+                    "--customize-hook=copy-in {LOCAL_CAS} /usr/local/share"
+                ))
+                .arg("--customize-hook=chroot \"$1\" update-ca-certificates");
+        }
+        mmdebstrap.args([suite, path_str(&root)?, &mirror]);
         run_tool(&mut mmdebstrap, &progress)?;
 
         progress.step("growing the file system");

@@ -47,22 +47,24 @@ pub fn detect(dir: &Path) -> ProjectKind {
 
 /// The commented spec for a project of `kind`.
 pub fn template(kind: ProjectKind) -> String {
-    let (what, script, artifacts, allow) = match kind {
+    let (what, image, script, artifacts, allow, cache) = match kind {
         ProjectKind::Cargo => (
             "a Cargo project",
-            "apt-get install -y --no-install-recommends cargo   # Debian 12's Rust (1.63)\ncargo build --locked --release\ncargo test --locked",
+            "debian-13-build\"      # Debian 13: rustc 1.85 and cargo from Debian's packages",
+            "cargo build --locked --release\ncargo test --locked --release",
             "# artifacts = [\"target/release/NAME\"]",
-            "[\"deb.debian.org\", \"index.crates.io\", \"static.crates.io\"]",
+            "[\"index.crates.io\", \"static.crates.io\"]",
+            "\n[cache]\npaths = [\"~/.cargo/registry\"]   # downloaded crates, kept between builds\n",
         ),
-        ProjectKind::Make => ("a Makefile project", "make\nmake check", "# artifacts = [\"NAME\"]", "[]"),
-        ProjectKind::Unknown => ("this project", "echo 'replace me with the build commands'", "# artifacts = [\"dist/*\"]", "[]"),
+        ProjectKind::Make => ("a Makefile project", "debian-12-build\"      # the builder image (the default)", "make\nmake check", "# artifacts = [\"NAME\"]", "[]", ""),
+        ProjectKind::Unknown => ("this project", "debian-12-build\"      # the builder image (the default)", "echo 'replace me with the build commands'", "# artifacts = [\"dist/*\"]", "[]", ""),
     };
     format!(
         r#"# contractor.toml for {what}, written by `contractor init`.
 # Every field is described in docs/configuration.md.
 
 [build]
-image = "debian-12-build"      # the builder image (the default)
+image = "{image}
 # The script runs with `sh -e` in the unpacked source: the first failing command fails
 # the build. It reaches the network only through the proxy ([network] allow).
 script = """
@@ -80,7 +82,7 @@ memory = "2GiB"
 
 [network]
 allow = {allow}                # hosts the build may reach through the proxy
-"#
+{cache}"#
     )
 }
 
@@ -121,12 +123,18 @@ mod tests {
             let text = template(kind);
             let spec = crate::spec::parse(Path::new("contractor.toml"), &text)
                 .unwrap_or_else(|e| panic!("{kind:?}: {e}\n{text}"));
-            assert_eq!(spec.image, crate::spec::DEFAULT_IMAGE);
+            let image = if kind == ProjectKind::Cargo {
+                "debian-13-build"
+            } else {
+                crate::spec::DEFAULT_IMAGE
+            };
+            assert_eq!(spec.image, image);
         }
         let cargo =
             crate::spec::parse(Path::new("c.toml"), &template(ProjectKind::Cargo)).expect("cargo");
         assert!(cargo.script.contains("cargo build --locked"));
         assert!(cargo.allow.contains(&"static.crates.io".to_string()));
+        assert_eq!(cargo.cache_paths, ["/root/.cargo/registry"]);
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub const DEFAULT_IMAGE: &str = "debian-12-build";
 const MIB: u64 = 1024 * 1024;
 
 /// Images Contractor knows how to build.
-pub const KNOWN_IMAGES: &[&str] = &[DEFAULT_IMAGE];
+pub const KNOWN_IMAGES: &[&str] = &[DEFAULT_IMAGE, "debian-13-build"];
 
 /// A checked build specification.
 #[derive(Debug, Clone, PartialEq)]

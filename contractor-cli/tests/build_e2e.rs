@@ -502,3 +502,44 @@ fn cached_directories_survive_into_the_next_build_until_the_cache_is_cleared() {
     assert!(cleared.status.success());
     assert_eq!(runs(&project.build()), "1", "a cleared cache starts over");
 }
+
+#[test]
+fn the_rust_crate_example_builds_with_its_crates_io_dependency_and_reuses_its_cache() {
+    let project = Project::example(
+        "rust-crate",
+        &["Cargo.toml", "Cargo.lock", "src/lib.rs", "src/main.rs"],
+    );
+    let first = project.build();
+    assert_eq!(
+        first.result.outcome,
+        Outcome::Success,
+        "stderr:\n{}\nlog:\n{}",
+        first.stderr,
+        first.log()
+    );
+    let log = first.log();
+    assert!(
+        log.contains("Downloaded itoa"),
+        "the dependency came from crates.io:\n{log}"
+    );
+    assert!(log.contains("test result: ok. 1 passed"), "{log}");
+    assert!(log.contains("1,234,567"), "{log}");
+    assert!(
+        first.result.refused_hosts.is_empty(),
+        "{:?}",
+        first.result.refused_hosts
+    );
+    assert!(first
+        .record
+        .join("artifacts/target/release/digits")
+        .is_file());
+
+    // The registry is cached: the second build downloads nothing.
+    let second = project.build();
+    assert_eq!(second.result.outcome, Outcome::Success, "{}", second.stderr);
+    assert!(
+        !second.log().contains("Downloaded itoa"),
+        "the cached registry was not used:\n{}",
+        second.log()
+    );
+}

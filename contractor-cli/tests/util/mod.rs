@@ -23,12 +23,21 @@ impl Project {
 
     /// examples/hello, copied.
     pub fn hello() -> Project {
-        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello");
+        Project::example("hello", &["hello.c", "Makefile"])
+    }
+
+    /// examples/NAME (its contractor.toml and `files`), copied.
+    pub fn example(name: &str, files: &[&str]) -> Project {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples")
+            .join(name);
         let project = Project::new(
             &std::fs::read_to_string(example.join("contractor.toml")).expect("example spec"),
         );
-        for file in ["hello.c", "Makefile"] {
-            std::fs::copy(example.join(file), project.path().join(file)).expect("copy example");
+        for file in files {
+            let to = project.path().join(file);
+            std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
+            std::fs::copy(example.join(file), to).expect("copy example");
         }
         project
     }

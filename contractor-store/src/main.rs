@@ -65,6 +65,10 @@ With --json-errors a failure is also one {\"type\":\"error\",...} object on stdo
         /// Do not log each request on stderr.
         #[arg(long)]
         no_access_log: bool,
+        /// Threads that serve requests (default: one per CPU core). Large-file reads,
+        /// uploads and fsyncs run on extra threads of their own.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+        workers: Option<u16>,
     },
     /// Write builds/ID/artifacts.json listing every artifact with its size and SHA-256, and
     /// print it.
@@ -102,10 +106,29 @@ With --json-errors a failure is also one {\"type\":\"error\",...} object on stdo
     },
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     JSON_ERRORS.store(cli.json_errors, std::sync::atomic::Ordering::Relaxed);
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Command::Serve {
+        workers: Some(workers),
+        ..
+    } = &cli.command
+    {
+        runtime.worker_threads(usize::from(*workers));
+    }
+    match runtime.build() {
+        Ok(runtime) => runtime.block_on(command(cli)),
+        Err(e) => fail(
+            ExitCode::Infrastructure,
+            "runtime",
+            &anyhow::Error::new(e).context("cannot start the async runtime"),
+        ),
+    }
+}
+
+async fn command(cli: Cli) -> std::process::ExitCode {
     match cli.command {
         Command::Serve {
             root,
@@ -115,6 +138,7 @@ async fn main() -> std::process::ExitCode {
             max_artifact_bytes,
             max_build_bytes,
             no_access_log,
+            workers: _,
         } => {
             let tokens = match token_file.as_deref().map(TokenTable::load).transpose() {
                 Ok(tokens) => tokens,

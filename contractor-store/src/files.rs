@@ -111,12 +111,139 @@ pub struct OpenedFile {
     pub content: Option<Bytes>,
 }
 
+/// The store root held open, so that a read can be resolved by the kernel relative to it
+/// and confined to it (`openat2` with `RESOLVE_BENEATH`): one system call, no walk of the
+/// root's own path and no `readlink` afterwards. Where `openat2` is missing (Linux before
+/// 5.6) or refused (a seccomp filter), reads take the path of [`open_for_read`].
+#[derive(Debug)]
+pub struct RootDir {
+    path: PathBuf,
+    dir: Option<std::os::fd::OwnedFd>,
+    /// Cleared when `openat2` turns out not to be available.
+    beneath: std::sync::atomic::AtomicBool,
+}
+
+impl RootDir {
+    /// Opens `root`, which must be canonical. If the directory cannot be held open, every
+    /// read goes through [`open_for_read`].
+    pub fn open(root: &Path) -> RootDir {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_PATH)
+            .open(root)
+            .ok()
+            .map(std::os::fd::OwnedFd::from);
+        RootDir {
+            path: root.to_path_buf(),
+            beneath: std::sync::atomic::AtomicBool::new(dir.is_some()),
+            dir,
+        }
+    }
+
+    /// The canonical root.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// As [`open_for_read`] does, with the same answers: the kernel resolves `path` beneath
+    /// the root and fails the lookup (`EXDEV`) if it would leave it. Such a path, an absolute
+    /// symlink among them (which `RESOLVE_BENEATH` never follows even when it points inside),
+    /// is then decided by [`open_for_read`]. Blocking, but only briefly on a local disk.
+    pub fn open_for_read(&self, path: &StorePath, preread: u64) -> Result<OpenedFile, FileError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(dir) = self.dir.as_ref().filter(|_| self.beneath.load(Relaxed)) else {
+            return open_for_read(&self.path, path, preread);
+        };
+        let relative = relative_c_path(path);
+        match openat2_beneath(dir, &relative) {
+            Ok(fd) => {
+                let file = std::fs::File::from(fd);
+                let metadata = file
+                    .metadata()
+                    .map_err(|e| FileError::io("inspect", &path.under(&self.path))(e))?;
+                finish_open(file, &metadata, &self.path, path, preread)
+            }
+            Err(e) if is_absent(&e) || e.raw_os_error() == Some(libc::ELOOP) => {
+                Err(FileError::NotFound)
+            }
+            // Leads outside the root, or through an absolute symlink; or a rename raced
+            // with the lookup: the slower check decides.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EXDEV | libc::EAGAIN)) => {
+                open_for_read(&self.path, path, preread)
+            }
+            // No openat2 here (ENOSYS, or EPERM under seccomp): stop trying it.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
+                self.beneath.store(false, Relaxed);
+                open_for_read(&self.path, path, preread)
+            }
+            Err(e) => Err(FileError::io("open", &path.under(&self.path))(e)),
+        }
+    }
+}
+
+/// `path`'s names joined by `/`, NUL-terminated; `.` for the root itself. The names hold no
+/// `/` and no NUL ([`StorePath`]'s invariant).
+fn relative_c_path(path: &StorePath) -> std::ffi::CString {
+    let names = path.names();
+    if names.is_empty() {
+        return c".".to_owned();
+    }
+    let mut bytes = Vec::with_capacity(names.iter().map(|n| n.len() + 1).sum());
+    for (i, name) in names.iter().enumerate() {
+        if i > 0 {
+            bytes.push(b'/');
+        }
+        bytes.extend_from_slice(name.as_bytes());
+    }
+    // A NUL cannot be in a name; were one there, the lookup of "" would find nothing.
+    std::ffi::CString::new(bytes).unwrap_or_default()
+}
+
+/// `openat2(dir, relative, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC, RESOLVE_BENEATH)`.
+fn openat2_beneath(
+    dir: &std::os::fd::OwnedFd,
+    relative: &std::ffi::CStr,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+    // The kernel's `struct open_how` (libc's is non-exhaustive, so it cannot be built here).
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    let how = OpenHow {
+        flags: u64::try_from(flags).unwrap_or_default(),
+        mode: 0,
+        resolve: libc::RESOLVE_BENEATH,
+    };
+    // SAFETY: the path is NUL-terminated and `how` is a valid open_how whose size is passed
+    // along; both outlive the call, which only reads them.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            relative.as_ptr(),
+            std::ptr::from_ref(&how),
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = libc::c_int::try_from(fd).map_err(io::Error::other)?;
+    // SAFETY: the kernel just returned this descriptor, and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
 /// Opens the regular file `path` names beneath `root` (which must be canonical), following
 /// symlinks only as long as they stay beneath `root`: the file is opened (non-blocking, so a
 /// FIFO cannot stall it), and served only if it is a regular file whose real path, as the
 /// kernel reports it for the open descriptor, is beneath `root`. A file of at most `preread`
 /// bytes is read at once into [`OpenedFile::content`]. Blocking, but only briefly on a local
-/// disk.
+/// disk. [`RootDir::open_for_read`] gives the same answers with fewer system calls.
 pub fn open_for_read(root: &Path, path: &StorePath, preread: u64) -> Result<OpenedFile, FileError> {
     use std::os::unix::fs::OpenOptionsExt;
     let requested = path.under(root);
@@ -125,7 +252,7 @@ pub fn open_for_read(root: &Path, path: &StorePath, preread: u64) -> Result<Open
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(&requested);
-    let mut file = match opened {
+    let file = match opened {
         Ok(file) => file,
         Err(e) if is_absent(&e) || e.raw_os_error() == Some(libc::ELOOP) => {
             return Err(FileError::NotFound)
@@ -142,13 +269,28 @@ pub fn open_for_read(root: &Path, path: &StorePath, preread: u64) -> Result<Open
     if !real_path_of(&file, &requested).starts_with(root) {
         return Err(FileError::Escapes { path: requested });
     }
-    let real = requested;
+    finish_open(file, &metadata, root, path, preread)
+}
+
+/// The rest of a read's open, once `file` (whose metadata is `metadata`) is known to be
+/// beneath the root: checks it is a regular file, notes its version and reads it whole if it
+/// is at most `preread` bytes.
+fn finish_open(
+    mut file: std::fs::File,
+    metadata: &std::fs::Metadata,
+    root: &Path,
+    path: &StorePath,
+    preread: u64,
+) -> Result<OpenedFile, FileError> {
+    if !metadata.is_file() {
+        return Err(FileError::NotFound);
+    }
     let len = metadata.len();
     let content = if len <= preread {
         // Exactly the length just measured, which the answer announces.
         let mut buffer = vec![0u8; usize::try_from(len).unwrap_or(0)];
         file.read_exact(&mut buffer)
-            .map_err(FileError::io("read", &real))?;
+            .map_err(|e| FileError::io("read", &path.under(root))(e))?;
         Some(Bytes::from(buffer))
     } else {
         None
@@ -156,7 +298,7 @@ pub fn open_for_read(root: &Path, path: &StorePath, preread: u64) -> Result<Open
     Ok(OpenedFile {
         file,
         len,
-        version: FileVersion::of(&metadata),
+        version: FileVersion::of(metadata),
         content,
     })
 }
@@ -774,6 +916,64 @@ mod tests {
             let err = open_for_read(&root, &store_path(url), 0).expect_err(url);
             assert!(matches!(err, FileError::Escapes { .. }), "{url}: {err:?}");
         }
+    }
+
+    #[test]
+    fn reads_beneath_the_open_root_answer_as_reads_by_path() {
+        let (_dir, root) = canonical_temp_dir();
+        let outside = tempfile::tempdir().expect("outside");
+        std::fs::write(outside.path().join("secret"), b"secret").expect("write");
+        std::fs::create_dir_all(root.join("sub/dir")).expect("mkdir");
+        std::fs::write(root.join("sub/inside"), b"inside").expect("write");
+        let link = |target: &Path, name: &str| {
+            std::os::unix::fs::symlink(target, root.join(name)).expect("ln");
+        };
+        link(Path::new("inside"), "sub/relative");
+        link(Path::new("../sub/inside"), "sub/dir/up");
+        link(&root.join("sub/inside"), "absolute-inside");
+        link(
+            Path::new("../../../../../../../../etc/hostname"),
+            "up-and-out",
+        );
+        link(&outside.path().join("secret"), "out");
+        link(outside.path(), "outdir");
+        let status = std::process::Command::new("mkfifo")
+            .arg(root.join("pipe"))
+            .status()
+            .expect("run mkfifo");
+        assert!(status.success());
+
+        let opened = RootDir::open(&root);
+        let answer = |result: Result<OpenedFile, FileError>| match result {
+            Ok(file) => format!("{:?}", file.content),
+            Err(e) => format!("{e:?}"),
+        };
+        for url in [
+            "/sub/inside",
+            "/sub/relative",
+            "/sub/dir/up",
+            "/absolute-inside",
+            "/up-and-out",
+            "/out",
+            "/outdir/secret",
+            "/pipe",
+            "/sub",
+            "/",
+            "/missing",
+            "/sub/inside/below",
+        ] {
+            let path = store_path(url);
+            let by_path = answer(open_for_read(&root, &path, 64));
+            assert_eq!(answer(opened.open_for_read(&path, 64)), by_path, "{url}");
+        }
+        let served = opened
+            .open_for_read(&store_path("/absolute-inside"), 64)
+            .expect("inside");
+        assert_eq!(served.content.as_deref(), Some(&b"inside"[..]));
+        let err = opened
+            .open_for_read(&store_path("/outdir/secret"), 64)
+            .expect_err("outside");
+        assert!(matches!(err, FileError::Escapes { .. }), "{err:?}");
     }
 
     #[test]

@@ -137,6 +137,8 @@ struct Tokens {
 #[derive(Debug)]
 pub struct Store {
     root: PathBuf,
+    /// The root held open, for reads.
+    root_dir: files::RootDir,
     access_log: bool,
     only_build: Option<String>,
     tokens: Option<Tokens>,
@@ -176,6 +178,7 @@ impl Store {
             table: RwLock::new(table.clone()),
         });
         Ok(Store {
+            root_dir: files::RootDir::open(&root),
             root,
             access_log: config.access_log,
             only_build: config.only_build.clone(),
@@ -410,7 +413,7 @@ impl Store {
         // as nginx does without thread pools: on a local disk these calls take microseconds,
         // and handing each one to a blocking thread halved the rate of small GETs. Large
         // files are read by a blocking thread (`file_stream`).
-        let opened = match files::open_for_read(&self.root, path, SMALL_FILE) {
+        let opened = match self.root_dir.open_for_read(path, SMALL_FILE) {
             Ok(opened) => opened,
             Err(e) => return self.file_error(path, e),
         };

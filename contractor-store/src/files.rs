@@ -463,6 +463,9 @@ const WRITEBACK_EVERY: u64 = 64 << 20;
 /// Bytes a direct writer gathers before each write.
 const DIRECT_CHUNK: usize = 4 << 20;
 
+/// Direct writes in flight at once: two keep the disk busy while one completes.
+const DIRECT_IN_FLIGHT: usize = 2;
+
 /// The alignment `O_DIRECT` asks of buffers, lengths and offsets: the page size, which is a
 /// multiple of every logical block size in common use.
 const DIRECT_ALIGN: usize = 4096;
@@ -687,53 +690,139 @@ fn write_buffered(
 }
 
 /// Writes every piece from `pieces` to `file`, which is open with `O_DIRECT`: the pieces are
-/// gathered into an aligned buffer and written [`DIRECT_CHUNK`] bytes at a time straight to
-/// the disk, so the data is copied once (into the buffer) rather than into the page cache
-/// and then written back; the final sync has only metadata left to do. The last partial
-/// block goes through the page cache. Should the file system refuse a direct write
-/// (`EINVAL`), the rest goes through the page cache too.
+/// gathered into aligned buffers of [`DIRECT_CHUNK`] bytes, each written straight to the
+/// disk by one of [`DIRECT_IN_FLIGHT`] threads, so the data is copied once (into the buffer)
+/// rather than into the page cache and then written back, the disk always has a write
+/// queued, and the final sync has only metadata left to do. The last partial block goes
+/// through the page cache. Should the file system refuse a direct write (`EINVAL`), the
+/// rest goes through the page cache too.
 fn write_direct(
     file: std::fs::File,
     pieces: &mut tokio::sync::mpsc::Receiver<Bytes>,
 ) -> io::Result<std::fs::File> {
-    let mut memory = vec![0u8; DIRECT_CHUNK + DIRECT_ALIGN];
-    let start = memory.as_ptr().align_offset(DIRECT_ALIGN);
-    let buffer = &mut memory[start..start + DIRECT_CHUNK];
-    let (mut filled, mut direct) = (0usize, true);
-    while let Some(piece) = pieces.blocking_recv() {
-        let mut rest = &piece[..];
-        while !rest.is_empty() {
-            let n = rest.len().min(DIRECT_CHUNK - filled);
-            buffer[filled..filled + n].copy_from_slice(&rest[..n]);
-            (filled, rest) = (filled + n, &rest[n..]);
-            if filled == DIRECT_CHUNK {
-                write_maybe_direct(&file, buffer, &mut direct)?;
-                filled = 0;
+    let (free, freed) = std::sync::mpsc::channel::<AlignedChunk>();
+    for _ in 0..=DIRECT_IN_FLIGHT {
+        let _ = free.send(AlignedChunk::new());
+    }
+    let (current, end) = std::thread::scope(|scope| -> io::Result<(AlignedChunk, u64)> {
+        let (mut lanes, mut writers) = (Vec::new(), Vec::new());
+        for _ in 0..DIRECT_IN_FLIGHT {
+            let (lane, chunks) = std::sync::mpsc::sync_channel::<(AlignedChunk, u64)>(1);
+            let (free, file) = (free.clone(), &file);
+            let writer = scope.spawn(move || -> io::Result<()> {
+                for (chunk, offset) in chunks {
+                    write_all_at(file, chunk.bytes(), offset)?;
+                    // The gatherer may have stopped already; the buffer is then dropped.
+                    let _ = free.send(chunk);
+                }
+                Ok(())
+            });
+            lanes.push(lane);
+            writers.push(writer);
+        }
+        // Only the lanes give buffers back: if they all stop, waiting for one ends too.
+        drop(free);
+        let gathered = gather(pieces, &lanes, &freed);
+        drop(lanes);
+        let mut failure = None;
+        for writer in writers {
+            match writer.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = failure.or(Some(e)),
+                Err(_) => failure = failure.or(Some(io::Error::other("a disk writer panicked"))),
             }
         }
-    }
-    let whole_blocks = filled / DIRECT_ALIGN * DIRECT_ALIGN;
-    write_maybe_direct(&file, &buffer[..whole_blocks], &mut direct)?;
-    if whole_blocks < filled {
-        if direct {
-            set_direct(&file, false)?;
+        match failure {
+            Some(e) => Err(e),
+            None => gathered,
         }
-        (&file).write_all(&buffer[whole_blocks..filled])?;
-    }
+    })?;
+    // The partial chunk: whole blocks and the rest, through the page cache.
+    set_direct(&file, false)?;
+    write_all_at(&file, &current.bytes()[..current.filled], end)?;
     Ok(file)
 }
 
-/// Writes all of `data` to `file`; if the file system refuses a direct write, switches the
-/// file to the page cache (`*direct = false`) and carries on.
-fn write_maybe_direct(file: &std::fs::File, mut data: &[u8], direct: &mut bool) -> io::Result<()> {
+/// Fills buffers from `freed` with `pieces` and hands each full one, with its offset, to the
+/// next of `lanes`. Returns the last, partly filled buffer and its offset.
+fn gather(
+    pieces: &mut tokio::sync::mpsc::Receiver<Bytes>,
+    lanes: &[std::sync::mpsc::SyncSender<(AlignedChunk, u64)>],
+    freed: &std::sync::mpsc::Receiver<AlignedChunk>,
+) -> io::Result<(AlignedChunk, u64)> {
+    let empty = || match freed.recv() {
+        Ok(mut chunk) => {
+            chunk.filled = 0;
+            Ok(chunk)
+        }
+        Err(_) => Err(io::Error::other("a disk writer stopped")),
+    };
+    let stopped = || io::Error::other("a disk writer stopped");
+    let mut current = empty()?;
+    let (mut offset, mut next) = (0u64, 0usize);
+    while let Some(piece) = pieces.blocking_recv() {
+        let mut rest = &piece[..];
+        while !rest.is_empty() {
+            rest = current.fill(rest);
+            if current.filled == DIRECT_CHUNK {
+                let full = std::mem::replace(&mut current, empty()?);
+                lanes[next].send((full, offset)).map_err(|_| stopped())?;
+                offset += DIRECT_CHUNK as u64;
+                next = (next + 1) % lanes.len();
+            }
+        }
+    }
+    Ok((current, offset))
+}
+
+/// A buffer of [`DIRECT_CHUNK`] bytes aligned to [`DIRECT_ALIGN`], as `O_DIRECT` needs, and
+/// how much of it is filled.
+struct AlignedChunk {
+    memory: Vec<u8>,
+    start: usize,
+    filled: usize,
+}
+
+impl AlignedChunk {
+    fn new() -> AlignedChunk {
+        // Zeroed memory comes from the system untouched, so an unused tail costs nothing.
+        let memory = vec![0u8; DIRECT_CHUNK + DIRECT_ALIGN];
+        let start = memory.as_ptr().align_offset(DIRECT_ALIGN);
+        AlignedChunk {
+            memory,
+            start,
+            filled: 0,
+        }
+    }
+
+    /// Copies as much of `data` as fits; returns what did not.
+    fn fill<'a>(&mut self, data: &'a [u8]) -> &'a [u8] {
+        let n = data.len().min(DIRECT_CHUNK - self.filled);
+        let at = self.start + self.filled;
+        self.memory[at..at + n].copy_from_slice(&data[..n]);
+        self.filled += n;
+        &data[n..]
+    }
+
+    /// The filled part.
+    fn bytes(&self) -> &[u8] {
+        &self.memory[self.start..self.start + self.filled]
+    }
+}
+
+/// Writes all of `data` at `offset` of `file`. If the file system refuses a direct write
+/// (`EINVAL`), switches the file to the page cache and carries on.
+fn write_all_at(file: &std::fs::File, mut data: &[u8], mut offset: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut refused = false;
     while !data.is_empty() {
-        match (&*file).write(data) {
+        match file.write_at(data, offset) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
+            Ok(n) => (data, offset) = (&data[n..], offset + n as u64),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if *direct && e.raw_os_error() == Some(libc::EINVAL) => {
+            Err(e) if !refused && e.raw_os_error() == Some(libc::EINVAL) => {
                 set_direct(file, false)?;
-                *direct = false;
+                refused = true;
             }
             Err(e) => return Err(e),
         }
@@ -955,8 +1044,9 @@ mod tests {
     #[tokio::test]
     async fn an_upload_of_many_odd_pieces_is_stored_whole() {
         let (_dir, root) = canonical_temp_dir();
-        // Crosses several direct-write chunks and ends with a partial block.
-        let content: Vec<u8> = (0..2 * DIRECT_CHUNK + 3 * DIRECT_ALIGN + 4321)
+        // Crosses more direct-write chunks than there are buffers, and ends with a partial
+        // block.
+        let content: Vec<u8> = (0..5 * DIRECT_CHUNK + 3 * DIRECT_ALIGN + 4321)
             .map(|i| (i * 7 + i / 4099) as u8)
             .collect();
         let mut upload = Upload::begin(&root, &store_path("/builds/b/artifacts/big"))

@@ -305,11 +305,14 @@ impl Store {
                 .exact()
                 .map_or("-".to_string(), |n| n.to_string()),
         };
-        eprintln!(
-            "contractor-store: {peer} {method} {target} {} {length} {:.3}s",
+        // Formatted first and written at once: stderr is unbuffered, so `eprintln!` would
+        // make a system call for every piece of the line.
+        let line = format!(
+            "contractor-store: {peer} {method} {target} {} {length} {:.3}s\n",
             response.status().as_u16(),
             started.elapsed().as_secs_f64()
         );
+        let _ = io::Write::write_all(&mut io::stderr().lock(), line.as_bytes());
         response
     }
 

@@ -65,6 +65,10 @@ With --json-errors a failure is also one {\"type\":\"error\",...} object on stdo
         /// Do not log each request on stderr.
         #[arg(long)]
         no_access_log: bool,
+        /// Threads that serve requests (default: one per CPU core). Large-file reads,
+        /// uploads and fsyncs run on extra threads of their own.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+        workers: Option<u16>,
     },
     /// Write builds/ID/artifacts.json listing every artifact with its size and SHA-256, and
     /// print it.
@@ -102,10 +106,24 @@ With --json-errors a failure is also one {\"type\":\"error\",...} object on stdo
     },
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     JSON_ERRORS.store(cli.json_errors, std::sync::atomic::Ordering::Relaxed);
+    // This thread waits for signals; `serve` answers requests on worker threads of its own.
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(command(cli)),
+        Err(e) => fail(
+            ExitCode::Infrastructure,
+            "runtime",
+            &anyhow::Error::new(e).context("cannot start the async runtime"),
+        ),
+    }
+}
+
+async fn command(cli: Cli) -> std::process::ExitCode {
     match cli.command {
         Command::Serve {
             root,
@@ -115,6 +133,7 @@ async fn main() -> std::process::ExitCode {
             max_artifact_bytes,
             max_build_bytes,
             no_access_log,
+            workers,
         } => {
             let tokens = match token_file.as_deref().map(TokenTable::load).transpose() {
                 Ok(tokens) => tokens,
@@ -134,7 +153,11 @@ async fn main() -> std::process::ExitCode {
                 Ok(store) => store,
                 Err(e) => return fail(ExitCode::BadInput, "bad_root", &anyhow::Error::new(e)),
             };
-            match run(store, listen).await {
+            let workers = workers.map_or_else(
+                || std::thread::available_parallelism().map_or(1, usize::from),
+                usize::from,
+            );
+            match run(store, listen, workers).await {
                 Ok(()) => ExitCode::Success.into(),
                 Err(e) => fail(ExitCode::Infrastructure, "serve", &e),
             }
@@ -204,7 +227,7 @@ fn print_json(value: &impl serde::Serialize) -> std::process::ExitCode {
     }
 }
 
-async fn run(store: Store, listen: SocketAddr) -> anyhow::Result<()> {
+async fn run(store: Store, listen: SocketAddr, workers: usize) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch for SIGINT")?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -226,8 +249,10 @@ async fn run(store: Store, listen: SocketAddr) -> anyhow::Result<()> {
         }
         eprintln!("contractor-store: stopping");
     };
-    store.serve(listener, shutdown).await;
-    Ok(())
+    store
+        .serve_on_threads(listener, workers, shutdown)
+        .await
+        .context("cannot start the worker threads")
 }
 
 /// Set from `--json-errors` before anything can fail.

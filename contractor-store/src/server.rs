@@ -31,7 +31,7 @@ use hyper::body::{Body as _, Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::access::{self, Access, TokenTable};
 use crate::digest::{self, DigestCache, Sha256, SHA256_HEADER};
@@ -137,6 +137,8 @@ struct Tokens {
 #[derive(Debug)]
 pub struct Store {
     root: PathBuf,
+    /// The root held open, for reads.
+    root_dir: files::RootDir,
     access_log: bool,
     only_build: Option<String>,
     tokens: Option<Tokens>,
@@ -176,6 +178,7 @@ impl Store {
             table: RwLock::new(table.clone()),
         });
         Ok(Store {
+            root_dir: files::RootDir::open(&root),
             root,
             access_log: config.access_log,
             only_build: config.only_build.clone(),
@@ -193,56 +196,92 @@ impl Store {
     }
 
     /// Serves connections from `listener` until `shutdown` completes, then waits up to
-    /// [`SHUTDOWN_GRACE`] for requests in flight.
+    /// [`SHUTDOWN_GRACE`] for requests in flight. Runs on the caller's runtime.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        Arc::new(self).accept_loop(listener, shutdown).await;
+    }
+
+    /// As [`Store::serve`], with requests answered on `workers` threads of its own, each
+    /// running a single-threaded runtime, as nginx's worker processes do: the caller's
+    /// runtime accepts connections and deals them out in turn, a connection then stays on its
+    /// thread, and no thread wakes another to share work. Returns once every worker has
+    /// stopped; fails only if a thread or its runtime cannot be started.
+    pub async fn serve_on_threads(
+        self,
+        listener: TcpListener,
+        workers: usize,
+        shutdown: impl Future<Output = ()>,
+    ) -> io::Result<()> {
         let store = Arc::new(self);
-        let graceful = GracefulShutdown::new();
-        let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(TokioTimer::new());
-        tokio::pin!(shutdown);
-        loop {
-            let (stream, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // Usually transient (out of file descriptors, connection reset):
-                        // pause rather than spin, and keep serving.
-                        eprintln!("contractor-store: cannot accept a connection: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-                () = &mut shutdown => break,
-            };
-            // Each response goes out in one write; do not let Nagle hold it back (nginx's
-            // tcp_nodelay, on by default, does the same).
-            let _ = stream.set_nodelay(true);
+        let mut queues = Vec::with_capacity(workers);
+        let mut threads = Vec::with_capacity(workers);
+        for n in 0..workers.max(1) {
+            let (queue, mut accepted) =
+                tokio::sync::mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr)>();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             let store = Arc::clone(&store);
-            let service = service_fn(move |request| {
-                let store = Arc::clone(&store);
-                async move { Ok::<_, Infallible>(store.respond_and_log(peer, request).await) }
-            });
-            let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    eprintln!("contractor-store: {peer}: connection ended: {e}");
+            let worker = move || {
+                runtime.block_on(async move {
+                    let connections = Connections::new();
+                    // The queue closes when the acceptor stops.
+                    while let Some((stream, peer)) = accepted.recv().await {
+                        match TcpStream::from_std(stream) {
+                            Ok(stream) => connections.serve(&store, stream, peer),
+                            Err(e) => eprintln!("contractor-store: {peer}: cannot serve: {e}"),
+                        }
+                    }
+                    connections.finish().await;
+                });
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("store-worker-{n}"))
+                .spawn(worker)?;
+            queues.push(queue);
+            threads.push(thread);
+        }
+        tokio::pin!(shutdown);
+        let mut next = 0;
+        while let Some((stream, peer)) = accept(&listener, &mut shutdown).await {
+            let Ok(stream) = stream.into_std() else {
+                continue;
+            };
+            // A worker's queue closes only if its thread ended (it panicked): skip it.
+            let mut connection = (stream, peer);
+            for _ in 0..queues.len() {
+                next = (next + 1) % queues.len();
+                match queues[next].send(connection) {
+                    Ok(()) => break,
+                    Err(refused) => connection = refused.0,
                 }
-            });
+            }
         }
         drop(listener);
-        let in_flight = graceful.count();
-        if in_flight > 0 {
-            eprintln!("contractor-store: shutting down; waiting for {in_flight} connection(s)");
+        drop(queues);
+        let joined = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        });
+        let _ = joined.await;
+        Ok(())
+    }
+
+    /// Accepts connections from `listener` and serves each on its own task until `shutdown`
+    /// completes, then waits up to [`SHUTDOWN_GRACE`] for requests in flight.
+    async fn accept_loop(
+        self: Arc<Store>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let connections = Connections::new();
+        tokio::pin!(shutdown);
+        while let Some((stream, peer)) = accept(&listener, &mut shutdown).await {
+            connections.serve(&self, stream, peer);
         }
-        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            eprintln!(
-                "contractor-store: connections still open after {}s; closing them",
-                SHUTDOWN_GRACE.as_secs()
-            );
-        }
+        drop(listener);
+        connections.finish().await;
     }
 
     async fn respond_and_log(
@@ -266,11 +305,14 @@ impl Store {
                 .exact()
                 .map_or("-".to_string(), |n| n.to_string()),
         };
-        eprintln!(
-            "contractor-store: {peer} {method} {target} {} {length} {:.3}s",
+        // Formatted first and written at once: stderr is unbuffered, so `eprintln!` would
+        // make a system call for every piece of the line.
+        let line = format!(
+            "contractor-store: {peer} {method} {target} {} {length} {:.3}s\n",
             response.status().as_u16(),
             started.elapsed().as_secs_f64()
         );
+        let _ = io::Write::write_all(&mut io::stderr().lock(), line.as_bytes());
         response
     }
 
@@ -410,7 +452,7 @@ impl Store {
         // as nginx does without thread pools: on a local disk these calls take microseconds,
         // and handing each one to a blocking thread halved the rate of small GETs. Large
         // files are read by a blocking thread (`file_stream`).
-        let opened = match files::open_for_read(&self.root, path, SMALL_FILE) {
+        let opened = match self.root_dir.open_for_read(path, SMALL_FILE) {
             Ok(opened) => opened,
             Err(e) => return self.file_error(path, e),
         };
@@ -761,6 +803,82 @@ impl Store {
         match file.strip_prefix(&self.root) {
             Ok(relative) => format!("/{}", relative.display()),
             Err(_) => "a path".to_string(),
+        }
+    }
+}
+
+/// The next connection from `listener`, or `None` once `shutdown` completes.
+async fn accept<F: Future<Output = ()>>(
+    listener: &TcpListener,
+    shutdown: &mut std::pin::Pin<&mut F>,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => return Some(accepted),
+                Err(e) => {
+                    // Usually transient (out of file descriptors, connection reset): pause
+                    // rather than spin, and keep serving.
+                    eprintln!("contractor-store: cannot accept a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            () = shutdown.as_mut() => return None,
+        }
+    }
+}
+
+/// The connections one runtime serves, each on a task of its own, and how to wait for them
+/// at shutdown.
+struct Connections {
+    graceful: GracefulShutdown,
+    http: hyper::server::conn::http1::Builder,
+}
+
+impl Connections {
+    fn new() -> Connections {
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new());
+        Connections {
+            graceful: GracefulShutdown::new(),
+            http,
+        }
+    }
+
+    /// Answers the requests of `stream` on a new task of the current runtime.
+    fn serve(&self, store: &Arc<Store>, stream: TcpStream, peer: SocketAddr) {
+        // Each response goes out in one write; do not let Nagle hold it back (nginx's
+        // tcp_nodelay, on by default, does the same).
+        let _ = stream.set_nodelay(true);
+        let store = Arc::clone(store);
+        let service = service_fn(move |request| {
+            let store = Arc::clone(&store);
+            async move { Ok::<_, Infallible>(store.respond_and_log(peer, request).await) }
+        });
+        let connection = self
+            .graceful
+            .watch(self.http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                eprintln!("contractor-store: {peer}: connection ended: {e}");
+            }
+        });
+    }
+
+    /// Waits up to [`SHUTDOWN_GRACE`] for the requests in flight, then closes what is left.
+    async fn finish(self) {
+        let in_flight = self.graceful.count();
+        if in_flight > 0 {
+            eprintln!("contractor-store: shutting down; waiting for {in_flight} connection(s)");
+        }
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.graceful.shutdown())
+            .await
+            .is_err()
+        {
+            eprintln!(
+                "contractor-store: connections still open after {}s; closing them",
+                SHUTDOWN_GRACE.as_secs()
+            );
         }
     }
 }

@@ -443,9 +443,14 @@ fn write_initramfs(
     let mut modules = Vec::new();
     for (i, path) in order.iter().enumerate() {
         let file_name = path.rsplit('/').next().unwrap_or(path);
+        // Debian 13 ships its modules xz-compressed; the initramfs holds them plain.
+        let (file_name, xz) = match file_name.strip_suffix(".xz") {
+            Some(plain) => (plain, true),
+            None => (file_name, false),
+        };
         if !file_name.ends_with(".ko") {
             return Err(ImageError::Other(format!(
-                "the kernel module {path} is compressed; the initramfs needs uncompressed modules"
+                "the kernel module {path} is neither a plain .ko nor xz-compressed (.ko.xz)"
             )));
         }
         let request = format!("dump {module_dir}/{path} {}", path_str(&dumped)?);
@@ -453,7 +458,11 @@ fn write_initramfs(
             Command::new("debugfs").args(["-R", &request, path_str(root)?]),
             progress,
         )?;
-        let data = std::fs::read(&dumped).map_err(file_err("cannot read", &dumped))?;
+        let data = if xz {
+            xz_decompress(&dumped)?
+        } else {
+            std::fs::read(&dumped).map_err(file_err("cannot read", &dumped))?
+        };
         std::fs::remove_file(&dumped).map_err(file_err("cannot remove", &dumped))?;
         if !data.starts_with(b"\x7fELF") {
             return Err(ImageError::Other(format!(
@@ -466,6 +475,28 @@ fn write_initramfs(
     let out = scratch.join(INITRAMFS_FILE);
     std::fs::write(&out, initramfs::build(&agent_bytes, &modules))
         .map_err(file_err("cannot write", &out))
+}
+
+/// The contents of the xz-compressed file `path` (with `xz`, from xz-utils).
+fn xz_decompress(path: &Path) -> Result<Vec<u8>, ImageError> {
+    let mut command = Command::new("xz");
+    command.args(["--decompress", "--stdout"]).arg(path);
+    let shown = format!("{command:?}").replace('"', "");
+    let output = command.output().map_err(|source| ImageError::Spawn {
+        command: shown.clone(),
+        source,
+    })?;
+    if !output.status.success() {
+        return Err(ImageError::Tool {
+            command: shown,
+            detail: format!(
+                "{}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+        });
+    }
+    Ok(output.stdout)
 }
 
 /// e2fsck exits 1 when it fixed something: that is success here.

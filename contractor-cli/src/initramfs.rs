@@ -14,7 +14,14 @@ use std::collections::{HashMap, HashSet};
 use contractor_run::guest::initrd::{INITRAMFS_DIR, MODULE_LIST};
 
 /// The modules a builder needs, as module names (`-` and `_` are the same).
-pub const WANTED_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_console", "virtio_rng"];
+pub const WANTED_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_console",
+    "virtio_rng",
+    // The agent's root is an overlay on the build disk (contractor_run::guest::init).
+    "overlay",
+];
 
 /// A module that is neither built in nor in `modules.dep`.
 #[derive(Debug, thiserror::Error)]
@@ -217,6 +224,7 @@ kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio_ring.ko kern
 kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
 kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko
 kernel/net/core/failover.ko:
+kernel/fs/overlayfs/overlay.ko:
 ";
     const BUILTIN: &str = "kernel/fs/ext4/ext4.ko\nkernel/fs/jbd2/jbd2.ko\nkernel/lib/crc16.ko\n";
 
@@ -230,7 +238,7 @@ kernel/net/core/failover.ko:
     #[test]
     fn modules_come_after_their_dependencies_each_once() {
         let order = load_order(DEP, BUILTIN, WANTED_MODULES).expect("order");
-        assert_eq!(order.len(), 8, "{order:?}");
+        assert_eq!(order.len(), 9, "{order:?}");
         let unique: HashSet<_> = order.iter().collect();
         assert_eq!(unique.len(), order.len());
         for (module, needs) in [

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use contractor_protocol::agent::Job;
+use contractor_protocol::agent::{Job, Keep};
 use contractor_protocol::build::BuildEvent;
 use contractor_protocol::proxy::{Decision, Verdict};
 use contractor_protocol::result::{BuildResult, ErrorInfo, Limit, Outcome};
@@ -35,7 +35,24 @@ pub struct BuildOptions {
     pub uri: String,
     /// Accelerator.
     pub accel: Accel,
+    /// When to keep the VM for `contractor shell` instead of destroying it.
+    pub keep: Option<Keep>,
 }
+
+/// A VM kept after its build for `contractor shell`: `vm.json` in the build record.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeptVm {
+    /// The VM's name.
+    pub name: String,
+    /// The libvirt connection it runs under.
+    pub uri: String,
+    /// The host end of its control channel.
+    pub control_socket: PathBuf,
+}
+
+/// The file in a build record that names its kept VM.
+pub const KEPT_VM_FILE: &str = "vm.json";
 
 /// Failures before the build could run. After the VM starts, failures are outcomes.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +84,8 @@ pub enum BuildError {
 pub struct BuildReport {
     /// The record, as written to result.json.
     pub result: BuildResult,
+    /// The VM kept for a shell, if any (also in the record's `vm.json`).
+    pub kept: Option<KeptVm>,
 }
 
 /// Runs one build.
@@ -171,6 +190,7 @@ pub async fn build(
         artifacts_dest: format!("/builds/{id}/artifacts/"),
         store_token: Some(store_token),
         cache: cache_job,
+        keep: options.keep,
     };
 
     let limits = RunLimits {
@@ -228,10 +248,20 @@ pub async fn build(
         eprintln!("contractor: cannot write {}: {err}", result_path.display());
     }
     let _ = std::fs::remove_file(&owner_file);
+    if let Some(kept) = &ran.kept {
+        let path = record.join(KEPT_VM_FILE);
+        let text = serde_json::to_string_pretty(kept).unwrap_or_default();
+        if let Err(err) = std::fs::write(&path, text + "\n") {
+            eprintln!("contractor: cannot write {}: {err}", path.display());
+        }
+    }
     display.event(&BuildEvent::Finished {
         result: result.clone(),
     });
-    Ok(BuildReport { result })
+    Ok(BuildReport {
+        result,
+        kept: ran.kept,
+    })
 }
 
 /// Where the build's proxy and store listen.
@@ -257,6 +287,7 @@ struct Ran {
     exit_code: Option<i32>,
     error: Option<ErrorInfo>,
     limit: Option<Limit>,
+    kept: Option<KeptVm>,
 }
 
 impl Ran {
@@ -269,6 +300,7 @@ impl Ran {
                 chain: vec![message],
             }),
             limit: None,
+            kept: None,
         }
     }
 }
@@ -288,16 +320,20 @@ async fn run_in_vm(
         exit_code: None,
         error: Some(contractor_run::host::error_info(code, err)),
         limit: None,
+        kept: None,
     };
     if let Err(err) = paths::create_dir_world_readable(&vm_spec.work_dir) {
         return infra("vm_work_dir", &err);
     }
     let uri_owned = uri.to_string();
     // The connection stays open for the VM's lifetime: the VM is created with autodestroy,
-    // so if this process dies, libvirt destroys the VM.
+    // so if this process dies, libvirt destroys the VM. A VM that may be kept for a shell
+    // must outlive this process: it is made without (`contractor-vm reap` removes it when
+    // this process died before deciding).
+    let keep = job.keep;
     let created = tokio::task::block_in_place(|| {
         let conn = contractor_vm::connect(&uri_owned)?;
-        let vm = contractor_vm::create(&conn, &vm_spec, true)?;
+        let vm = contractor_vm::create(&conn, &vm_spec, keep.is_none())?;
         Ok::<_, contractor_vm::VmError>((conn, vm))
     });
     let (conn, vm) = match created {
@@ -319,6 +355,7 @@ async fn run_in_vm(
             "libvirt did not report the VM's channel sockets".into(),
         );
     };
+    let request_control = control_socket.clone();
     let request = RunRequest {
         version: PROTOCOL_VERSION,
         control_socket,
@@ -350,11 +387,34 @@ async fn run_in_vm(
         finished = contractor_run::run(request, events) => Ok(finished),
         signal = interruption() => Err(signal),
     };
+    // A VM is kept only where its agent waits for a shell: after it said done, so not
+    // after a limit, an interruption or an infrastructure failure.
+    let kept = match (&finished, keep) {
+        (
+            Ok(RunEvent::Finished {
+                outcome,
+                limit: None,
+                ..
+            }),
+            Some(keep),
+        ) if *outcome == Outcome::Failed
+            || (*outcome == Outcome::Success && keep == Keep::Always) =>
+        {
+            Some(KeptVm {
+                name: vm.name.clone(),
+                uri: uri.to_string(),
+                control_socket: request_control.clone(),
+            })
+        }
+        _ => None,
+    };
     // Destroy the VM first: until it is gone, a timed-out script may still hold its
     // output stream open, and with it the event channel.
     // The VM is usually gone already (the agent powers it off); its overlay is not.
-    if let Err(err) = tokio::task::block_in_place(|| contractor_vm::destroy_vm(&conn, &vm)) {
-        eprintln!("contractor: cannot destroy VM {}: {err}", vm.name);
+    if kept.is_none() {
+        if let Err(err) = tokio::task::block_in_place(|| contractor_vm::destroy_vm(&conn, &vm)) {
+            eprintln!("contractor: cannot destroy VM {}: {err}", vm.name);
+        }
     }
     drop(conn);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), printer).await;
@@ -370,6 +430,7 @@ async fn run_in_vm(
             exit_code,
             error,
             limit,
+            kept,
         },
         Ok(_) => Ran::failed(
             Outcome::Infrastructure,

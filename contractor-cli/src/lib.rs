@@ -13,5 +13,6 @@ pub mod initramfs;
 pub mod paths;
 pub mod progress;
 pub mod records;
+pub mod shell;
 pub mod source;
 pub mod spec;

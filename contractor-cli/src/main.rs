@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use contractor_cli::build::{self, human_bytes, BuildOptions};
 use contractor_cli::display::{Display, Mode};
 use contractor_cli::{image, records, spec};
+use contractor_protocol::agent::Keep;
 use contractor_protocol::error::ErrorObject;
 use contractor_protocol::result::error_chain;
 use contractor_protocol::result::Outcome;
@@ -46,6 +47,27 @@ Exit codes: 0 the build succeeded, 1 it failed (script or timeout), 2 bad input\
         /// JSON error object.
         #[arg(long)]
         json: bool,
+        /// Keep the VM when the build fails, for `contractor shell ID`.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Open a shell in a kept VM (`build --keep`), in the build's working directory with its
+    /// environment; without an id, in a fresh VM with the source. Exiting destroys the VM.
+    #[command(
+        after_help = "Examples:\n  contractor build --keep || contractor shell 20261125-141502-3fa2c1\n  \
+contractor shell                # a fresh VM with this project's source\n\n\
+Exit codes: 0 the shell ended, 1 the fresh VM could not start its agent, 2 no such build\n\
+or no kept VM, 3 the VM could not be reached."
+    )]
+    Shell {
+        /// The build whose kept VM to enter (default: a fresh VM).
+        id: Option<String>,
+        /// The project's spec file (the project is its directory).
+        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
+        file: PathBuf,
+        /// libvirt connection URI for a fresh VM (default as for `build`).
+        #[arg(long)]
+        uri: Option<String>,
     },
     /// List the builds of this project: id, start, result, duration.
     #[command(after_help = "Example:\n  contractor builds")]
@@ -163,14 +185,21 @@ fn main() -> std::process::ExitCode {
             accel,
             quiet,
             json,
+            keep,
         } => {
             let mode = match (quiet, json) {
                 (_, true) => Mode::Json,
                 (true, false) => Mode::Quiet,
                 (false, false) => Mode::Auto,
             };
-            run_build(&file, uri, accel.into(), mode).into()
+            let options = BuildOptions {
+                uri: uri.unwrap_or_else(contractor_vm::default_uri),
+                accel: accel.into(),
+                keep: keep.then_some(Keep::OnFailure),
+            };
+            run_build(&file, options, mode).into()
         }
+        Command::Shell { id, file, uri } => shell(&file, id.as_deref(), uri).into(),
         Command::Builds { file } => report(list_builds(&file)),
         Command::Doctor { uri } => doctor(&uri.unwrap_or_else(contractor_vm::default_uri)).into(),
         Command::Init => report(
@@ -210,7 +239,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run_build(file: &std::path::Path, uri: Option<String>, accel: Accel, mode: Mode) -> ExitCode {
+fn run_build(file: &std::path::Path, options: BuildOptions, mode: Mode) -> ExitCode {
     let json = mode == Mode::Json;
     let fail = |code: &str, chain: Vec<String>| {
         ErrorObject::report("contractor", code, chain, json);
@@ -221,10 +250,6 @@ fn run_build(file: &std::path::Path, uri: Option<String>, accel: Accel, mode: Mo
             fail("bad_spec", vec![err.to_string()]);
             return ExitCode::BadInput;
         }
-    };
-    let options = BuildOptions {
-        uri: uri.unwrap_or_else(contractor_vm::default_uri),
-        accel,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -252,6 +277,14 @@ fn run_build(file: &std::path::Path, uri: Option<String>, accel: Accel, mode: Mo
     // The services' tasks are done with; do not wait for idle workers to wind down.
     runtime.shutdown_background();
     let result = &report.result;
+    if let Some(kept) = &report.kept {
+        if !json && options.keep == Some(Keep::OnFailure) {
+            eprintln!(
+                "contractor: VM {} kept: `contractor shell {}` opens a shell in it",
+                kept.name, result.id
+            );
+        }
+    }
     // `--json` ended with the result; `--quiet` speaks only of failure.
     if json || (mode == Mode::Quiet && result.outcome == Outcome::Success) {
         return result.outcome.exit_code();
@@ -300,6 +333,91 @@ fn run_build(file: &std::path::Path, uri: Option<String>, accel: Accel, mode: Mo
         );
     }
     result.outcome.exit_code()
+}
+
+/// `contractor shell [ID]`.
+fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
+    let (record, kept) = match id {
+        Some(id) => {
+            let record = match records::open(&store_of(file), Some(id)) {
+                Ok(record) => record,
+                Err(err) => {
+                    eprintln!("contractor: {}", chain(&err));
+                    return ExitCode::BadInput;
+                }
+            };
+            match contractor_cli::shell::kept_vm(&record.dir, id) {
+                Ok(kept) => (record.dir, kept),
+                Err(err) => {
+                    eprintln!("contractor: {}", chain(&err));
+                    return ExitCode::BadInput;
+                }
+            }
+        }
+        None => {
+            // A fresh VM with the source: a build whose script does nothing, kept.
+            let mut spec = match spec::load(file) {
+                Ok(spec) => spec,
+                Err(err) => {
+                    eprintln!("contractor: {err}");
+                    return ExitCode::BadInput;
+                }
+            };
+            spec.script = "true".into();
+            spec.artifacts.clear();
+            spec.cache_paths.clear();
+            let options = BuildOptions {
+                uri: uri.unwrap_or_else(contractor_vm::default_uri),
+                accel: Accel::Auto,
+                keep: Some(Keep::Always),
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    eprintln!("contractor: cannot start the async runtime: {err}");
+                    return ExitCode::Infrastructure;
+                }
+            };
+            let display = Display::new(Mode::Auto);
+            let built = runtime.block_on(build::build(&spec, &options, &display));
+            display.close();
+            runtime.shutdown_background();
+            match built {
+                Ok(build::BuildReport {
+                    kept: Some(kept),
+                    result,
+                }) => (
+                    contractor_cli::paths::store_dir(&spec.project_dir)
+                        .join("builds")
+                        .join(&result.id),
+                    kept,
+                ),
+                Ok(report) => {
+                    let reason = report
+                        .result
+                        .error
+                        .map(|e| e.chain.join(": "))
+                        .unwrap_or_else(|| outcome_name(report.result.outcome).to_string());
+                    eprintln!("contractor: the VM for the shell did not start: {reason}");
+                    return ExitCode::BuildFailed;
+                }
+                Err(err) => {
+                    eprintln!("contractor: {}", chain(&err));
+                    return ExitCode::Infrastructure;
+                }
+            }
+        }
+    };
+    match contractor_cli::shell::attach(&kept, &record) {
+        Ok(()) => ExitCode::Success,
+        Err(err) => {
+            eprintln!("contractor: {}", chain(&err));
+            ExitCode::Infrastructure
+        }
+    }
 }
 
 fn doctor(uri: &str) -> ExitCode {

@@ -543,3 +543,88 @@ fn the_rust_crate_example_builds_with_its_crates_io_dependency_and_reuses_its_ca
         second.log()
     );
 }
+
+/// Runs `contractor shell ARGS` in `project` with `input` on stdin (not a terminal).
+fn shell_session(project: &Project, args: &[&str], input: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .arg("shell")
+        .args(args)
+        .current_dir(project.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run contractor shell");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("type into the shell");
+    child.wait_with_output().expect("contractor shell")
+}
+
+#[test]
+fn a_failed_build_kept_with_keep_opens_a_shell_where_it_failed_and_exiting_destroys_it() {
+    let project = Project::new(&small_spec(
+        "echo left-by-the-build > made-here\nfalse\necho not-reached",
+        "",
+    ));
+    let output = Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .args(["build", "--keep"])
+        .current_dir(project.path())
+        .output()
+        .expect("run contractor build --keep");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let id = util::latest_result(project.path()).id;
+    assert!(
+        stderr.contains(&format!("contractor shell {id}")),
+        "{stderr}"
+    );
+    let record = project.path().join(".contractor/builds").join(&id);
+    let kept: contractor_cli::build::KeptVm =
+        serde_json::from_slice(&std::fs::read(record.join("vm.json")).expect("vm.json"))
+            .expect("vm.json is a KeptVm");
+    assert!(
+        util::libvirt_domains().contains(&kept.name),
+        "the VM is kept"
+    );
+
+    let session = shell_session(
+        &project,
+        &[&id],
+        "cat made-here; echo \"dir=$(pwd) id=$CONTRACTOR_BUILD_ID\"; exit\n",
+    );
+    let stdout = String::from_utf8_lossy(&session.stdout);
+    assert!(
+        session.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&session.stderr)
+    );
+    assert!(stdout.contains("left-by-the-build"), "{stdout}");
+    assert!(stdout.contains(&format!("dir=/build id={id}")), "{stdout}");
+    assert!(
+        !util::libvirt_domains().contains(&kept.name),
+        "exiting destroyed the VM"
+    );
+    assert!(!record.join("vm.json").exists());
+
+    // Without an id: a fresh VM with the source.
+    let fresh = shell_session(&project, &[], "ls; exit\n");
+    let stdout = String::from_utf8_lossy(&fresh.stdout);
+    assert!(fresh.status.success(), "{stdout}");
+    assert!(stdout.contains("contractor.toml"), "{stdout}");
+    assert!(!stdout.contains("made-here"), "a fresh VM: {stdout}");
+    let fresh_vm = util::vm_name_in(&String::from_utf8_lossy(&fresh.stderr))
+        .expect("the fresh VM's name in the progress lines");
+    assert!(
+        !util::libvirt_domains().contains(&fresh_vm),
+        "exiting destroyed the fresh VM"
+    );
+
+    let missing = shell_session(&project, &[&id], "");
+    assert_eq!(missing.status.code(), Some(2), "no kept VM any more");
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("has no kept VM"));
+}

@@ -73,6 +73,20 @@ pub struct Job {
     /// Directories kept between builds, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheJob>,
+    /// When to keep the VM after `done` and wait for a `shell` message instead of powering
+    /// off. None: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<Keep>,
+}
+
+/// When the agent keeps the VM for a shell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Keep {
+    /// After a failed script or a failure of the agent.
+    OnFailure,
+    /// Always.
+    Always,
 }
 
 /// The build's cache: directories the agent restores before the script and saves after a
@@ -101,7 +115,21 @@ pub enum HostMessage {
         /// Protocol version, 1.
         version: u32,
         /// The build.
-        job: Job,
+        job: Box<Job>,
+    },
+    /// Open an interactive shell in the kept VM. After the agent's `shell_started`, the
+    /// control port carries the terminal's raw bytes both ways until the shell exits; then
+    /// the VM powers off.
+    Shell {
+        /// Terminal width in columns (0: unknown).
+        #[serde(default)]
+        cols: u16,
+        /// Terminal height in rows (0: unknown).
+        #[serde(default)]
+        rows: u16,
+        /// The terminal type for `TERM` (default `xterm-256color`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        term: Option<String>,
     },
 }
 
@@ -162,8 +190,11 @@ pub enum GuestMessage {
         /// The error and its causes, outermost first.
         chain: Vec<String>,
     },
-    /// The agent is finished and powers off. Last message.
+    /// The agent is finished: it powers off, unless the job's `keep` applies, when it waits
+    /// for a `shell` message. Last message of the job.
     Done,
+    /// The shell has started; raw terminal bytes follow.
+    ShellStarted,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -316,7 +316,7 @@ impl Session {
     ) -> Result<(), RunError> {
         let job = HostMessage::Job {
             version: PROTOCOL_VERSION,
-            job: request.job.clone(),
+            job: Box::new(request.job.clone()),
         };
         let mut line = serde_json::to_vec(&job).map_err(|e| RunError::Control(e.into()))?;
         line.push(b'\n');
@@ -372,6 +372,8 @@ impl Session {
                     progress.agent_error = Some(ErrorInfo { code, chain });
                 }
                 GuestMessage::Done => break,
+                // Only after a `shell` message, which `run` never sends.
+                GuestMessage::ShellStarted => {}
             }
         }
         // The output travels on its own stream; let it catch up before the closing event.

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use contractor_protocol::agent::{
-    CacheJob, GuestMessage, HostMessage, Job, Phase, TunnelTarget, CONTROL_PORT, GUEST_PROXY_PORT,
-    GUEST_STORE_PORT, TUNNEL_PORT,
+    CacheJob, GuestMessage, HostMessage, Job, Keep, Phase, TunnelTarget, CONTROL_PORT,
+    GUEST_PROXY_PORT, GUEST_STORE_PORT, TUNNEL_PORT,
 };
 use contractor_protocol::PROTOCOL_VERSION;
 use futures::TryStreamExt;
@@ -166,7 +166,8 @@ pub async fn serve() -> Result<(), AgentError> {
         },
     )
     .await?;
-    let job = receive_job(read_half).await?;
+    let mut lines = BufReader::new(read_half).lines();
+    let job = receive_job(&mut lines).await?;
 
     let result = run_job(&job, &opener, &mut control_out).await;
     if let Err(err) = &result {
@@ -180,14 +181,23 @@ pub async fn serve() -> Result<(), AgentError> {
         )
         .await?;
     }
-    send(&mut control_out, &GuestMessage::Done).await
+    send(&mut control_out, &GuestMessage::Done).await?;
+    let succeeded = matches!(result, Ok(true));
+    match job.keep {
+        Some(Keep::Always) => crate::guest::shell::wait_and_serve(lines, control_out, &job).await,
+        Some(Keep::OnFailure) if !succeeded => {
+            crate::guest::shell::wait_and_serve(lines, control_out, &job).await
+        }
+        _ => Ok(()),
+    }
 }
 
+/// Runs the job; returns whether the script succeeded.
 async fn run_job<W: AsyncWrite + Unpin>(
     job: &Job,
     opener: &Opener,
     control: &mut W,
-) -> Result<(), AgentError> {
+) -> Result<bool, AgentError> {
     forward(GUEST_PROXY_PORT, TunnelTarget::Proxy, opener).await?;
     forward(GUEST_STORE_PORT, TunnelTarget::Store, opener).await?;
 
@@ -250,7 +260,7 @@ async fn run_job<W: AsyncWrite + Unpin>(
             .await?;
         }
     }
-    Ok(())
+    Ok(code == Some(0))
 }
 
 /// How many processes the kernel has killed for lack of memory since boot
@@ -286,7 +296,7 @@ fn disk_full(dir: &Path) -> bool {
     free < (1 << 20) || (stats.f_files > 0 && stats.f_favail == 0)
 }
 
-async fn send<W: AsyncWrite + Unpin>(
+pub(crate) async fn send<W: AsyncWrite + Unpin>(
     out: &mut W,
     message: &GuestMessage,
 ) -> Result<(), AgentError> {
@@ -296,8 +306,9 @@ async fn send<W: AsyncWrite + Unpin>(
     out.flush().await.map_err(AgentError::Control)
 }
 
-async fn receive_job<R: tokio::io::AsyncRead + Unpin>(input: R) -> Result<Job, AgentError> {
-    let mut lines = BufReader::new(input).lines();
+type ControlLines = tokio::io::Lines<BufReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>>;
+
+async fn receive_job(lines: &mut ControlLines) -> Result<Job, AgentError> {
     loop {
         let line = lines
             .next_line()
@@ -307,9 +318,11 @@ async fn receive_job<R: tokio::io::AsyncRead + Unpin>(input: R) -> Result<Job, A
         if line.trim().is_empty() {
             continue;
         }
-        let HostMessage::Job { job, .. } =
-            serde_json::from_str(&line).map_err(AgentError::BadJob)?;
-        return Ok(job);
+        match serde_json::from_str(&line).map_err(AgentError::BadJob)? {
+            HostMessage::Job { job, .. } => return Ok(*job),
+            // No VM is kept before a job: nothing to open a shell in.
+            HostMessage::Shell { .. } => continue,
+        }
     }
 }
 
@@ -519,7 +532,7 @@ fn pack_dirs(paths: &[String], out: &Path) -> std::io::Result<u64> {
 }
 
 /// The script's environment: a clean one, with the proxy and the store.
-fn script_env(job: &Job) -> BTreeMap<String, String> {
+pub(crate) fn script_env(job: &Job) -> BTreeMap<String, String> {
     let proxy = format!("http://127.0.0.1:{GUEST_PROXY_PORT}");
     let mut env: BTreeMap<String, String> = [
         (
@@ -778,6 +791,7 @@ mod tests {
             artifacts_dest: "/a/".into(),
             store_token: Some("t0k3n-0123456789abcdef".into()),
             cache: None,
+            keep: None,
         };
         job.env.insert("HOME".into(), "/build".into());
         let env = script_env(&job);

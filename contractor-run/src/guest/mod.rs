@@ -10,3 +10,4 @@ pub mod agent;
 pub mod init;
 pub mod initrd;
 pub mod port;
+pub mod shell;

@@ -1,0 +1,131 @@
+//! The shell of a kept VM (`contractor build --keep`, `contractor shell`): after `done`, the
+//! agent waits on the control port for a `shell` message, starts an interactive shell on a
+//! pseudo-terminal in the build's working directory with the build's environment, and then
+//! carries raw terminal bytes between the control port and the terminal until the shell
+//! exits. No network is involved: the control port is a virtio-serial link.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+
+use contractor_protocol::agent::{GuestMessage, HostMessage, Job};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+
+use crate::guest::agent::{script_env, send, AgentError, WORK_DIR};
+
+/// Waits for a `shell` message on `lines` (the host may connect again much later; other
+/// lines are skipped), then serves one shell. Returns when the shell has exited.
+pub async fn wait_and_serve<R, W>(
+    mut lines: tokio::io::Lines<BufReader<R>>,
+    mut out: W,
+    job: &Job,
+) -> Result<(), AgentError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (cols, rows, term) = loop {
+        let Some(line) = lines.next_line().await.map_err(AgentError::Control)? else {
+            return Ok(());
+        };
+        if let Ok(HostMessage::Shell { cols, rows, term }) = serde_json::from_str(&line) {
+            break (cols, rows, term);
+        }
+    };
+    let (master, child) =
+        spawn_shell(job, cols, rows, term.as_deref()).map_err(AgentError::Spawn)?;
+    send(&mut out, &GuestMessage::ShellStarted).await?;
+
+    // Bytes the host sent after its `shell` line are in the reader's buffer: keep them.
+    let mut input = lines.into_inner();
+    let reader = File::from(master.try_clone().map_err(AgentError::Control)?);
+    let mut terminal_in = tokio::fs::File::from_std(File::from(master));
+    let mut terminal_out = tokio::fs::File::from_std(reader);
+    let to_terminal = async {
+        let _ = tokio::io::copy(&mut input, &mut terminal_in).await;
+    };
+    let from_terminal = async {
+        // Ends when the shell and everything it started have closed the terminal (EIO).
+        let _ = tokio::io::copy(&mut terminal_out, &mut out).await;
+        let _ = out.flush().await;
+    };
+    tokio::select! {
+        () = from_terminal => {}
+        () = to_terminal => {}
+    }
+    let _ = tokio::task::spawn_blocking(move || {
+        let mut child = child;
+        child.wait()
+    })
+    .await;
+    Ok(())
+}
+
+/// Starts `bash -i` (or `sh -i`) as a session leader on a new pseudo-terminal of the given
+/// size; returns the terminal's master side and the child.
+fn spawn_shell(
+    job: &Job,
+    cols: u16,
+    rows: u16,
+    term: Option<&str>,
+) -> io::Result<(OwnedFd, std::process::Child)> {
+    let (mut master, mut slave) = (-1, -1);
+    let size = libc::winsize {
+        ws_row: if rows == 0 { 24 } else { rows },
+        ws_col: if cols == 0 { 80 } else { cols },
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: valid pointers to two ints and a winsize; no name buffer or termios.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openpty returned two fresh descriptors that nothing else owns.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let shell = ["/bin/bash", "/bin/sh"]
+        .into_iter()
+        .find(|s| std::path::Path::new(s).exists())
+        .unwrap_or("/bin/sh");
+    let mut env = script_env(job);
+    env.insert("TERM".into(), term.unwrap_or("xterm-256color").to_string());
+    let dir = if std::path::Path::new(WORK_DIR).is_dir() {
+        WORK_DIR
+    } else {
+        "/"
+    };
+    let mut command = Command::new(shell);
+    command
+        .arg("-i")
+        .env_clear()
+        .envs(&env)
+        .current_dir(dir)
+        .stdin(Stdio::from(slave.try_clone()?))
+        .stdout(Stdio::from(slave.try_clone()?))
+        .stderr(Stdio::from(slave));
+    // SAFETY: between fork and exec only async-signal-safe calls: setsid and ioctl.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // stdin is the terminal: make it the session's controlling terminal.
+            if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn()?;
+    Ok((master, child))
+}

@@ -21,7 +21,7 @@ use crate::paths;
 use crate::progress::Progress;
 
 /// Where the agent lives in the image; the kernel starts it as init.
-const AGENT_IN_IMAGE: &str = "/usr/local/sbin/contractor-agent";
+pub(crate) const AGENT_IN_IMAGE: &str = "/usr/local/sbin/contractor-agent";
 /// Packages of every image.
 const PACKAGES: &str = "linux-image-cloud-amd64,build-essential,git,curl,ca-certificates,kmod";
 /// Where the host keeps the certificate authorities it adds to Debian's (copied into images).
@@ -44,7 +44,7 @@ pub const MANIFEST_VERSION: u32 = 2;
 /// Contractor's initramfs in the image directory.
 pub const INITRAMFS_FILE: &str = "initramfs.img";
 /// The distribution's initrd in the image directory (what version 1 booted with).
-const DISTRIBUTION_INITRD: &str = "initrd.img";
+pub(crate) const DISTRIBUTION_INITRD: &str = "initrd.img";
 
 /// `manifest.json` of an image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,7 +75,8 @@ impl Manifest {
     /// directory still reads this manifest (its fields are checked strictly) and rebuilds
     /// the image as it always did, instead of failing.
     pub fn initrd(&self) -> &'static str {
-        if self.version >= 2 {
+        // An imported image boots with the initrd it came with.
+        if self.version >= 2 && self.suite != crate::import::IMPORTED {
             INITRAMFS_FILE
         } else {
             DISTRIBUTION_INITRD
@@ -134,7 +135,7 @@ pub enum ImageError {
     Other(String),
 }
 
-fn file_err<'a>(
+pub(crate) fn file_err<'a>(
     what: &'static str,
     path: &'a Path,
 ) -> impl FnOnce(std::io::Error) -> ImageError + 'a {
@@ -203,9 +204,20 @@ pub fn ensure(name: &str) -> Result<Image, ImageError> {
             );
         } else if image.manifest.agent_sha256 == agent_sha {
             return Ok(image);
+        } else if image.manifest.suite == crate::import::IMPORTED {
+            eprintln!(
+                "contractor: image {name} carries another agent version; writing this one into it"
+            );
+            return crate::import::refresh(&image, &agent);
         } else {
             eprintln!("contractor: image {name} carries another agent version; rebuilding it");
         }
+    }
+    if recipe(name).is_none() {
+        return Err(ImageError::Other(format!(
+            "no image {name}: Contractor builds {}, and others are imported with `contractor image import {name} --disk … --kernel … --initrd …`",
+            crate::spec::KNOWN_IMAGES.join(", ")
+        )));
     }
     build(name, &images, &agent, &agent_sha)
 }
@@ -507,7 +519,7 @@ fn e2fsck_fixed(err: ImageError) -> Result<(), ImageError> {
     }
 }
 
-fn path_str(path: &Path) -> Result<&str, ImageError> {
+pub(crate) fn path_str(path: &Path) -> Result<&str, ImageError> {
     path.to_str()
         .ok_or_else(|| ImageError::Other(format!("path {} is not UTF-8", path.display())))
 }
@@ -569,7 +581,7 @@ fn run_tool(command: &mut Command, progress: &Progress) -> Result<(), ImageError
     })
 }
 
-fn tool_output(command: &mut Command) -> Result<String, ImageError> {
+pub(crate) fn tool_output(command: &mut Command) -> Result<String, ImageError> {
     let shown = format!("{command:?}").replace('"', "");
     let output = command
         .stderr(Stdio::piped())
@@ -611,7 +623,7 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn make_world_readable(dir: &Path) -> Result<(), ImageError> {
+pub(crate) fn make_world_readable(dir: &Path) -> Result<(), ImageError> {
     use std::os::unix::fs::PermissionsExt;
     let entries = std::fs::read_dir(dir).map_err(file_err("cannot list", dir))?;
     for entry in entries.flatten() {
@@ -624,10 +636,10 @@ fn make_world_readable(dir: &Path) -> Result<(), ImageError> {
 
 /// An exclusive lock on a file, held until dropped (flock), so two builds do not build the
 /// same image at once.
-struct DirLock(std::fs::File);
+pub(crate) struct DirLock(std::fs::File);
 
 impl DirLock {
-    fn acquire(path: &Path) -> Result<DirLock, ImageError> {
+    pub(crate) fn acquire(path: &Path) -> Result<DirLock, ImageError> {
         use std::os::fd::AsRawFd;
         let file = std::fs::OpenOptions::new()
             .create(true)

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod display;
 pub mod doctor;
 pub mod image;
+pub mod import;
 pub mod init;
 pub mod initramfs;
 pub mod paths;

@@ -151,6 +151,25 @@ enum ImageCommand {
     /// List the built images: name, size, date, sha256, agent version.
     #[command(after_help = "Example:\n  contractor image list")]
     List,
+    /// Make a builder image of your own disk, kernel and initrd (any Linux with an ext2/3/4
+    /// root file system on the whole disk); docs/configuration.md says what it needs.
+    #[command(
+        after_help = "Example:\n  contractor image import my-distro --disk my.qcow2 --kernel vmlinuz --initrd initrd.img\n  \
+# then, in contractor.toml: [build] image = \"my-distro\""
+    )]
+    Import {
+        /// The name to build with (`[build] image = "NAME"`).
+        name: String,
+        /// The disk: qcow2 or raw, one ext2/3/4 file system on the whole disk.
+        #[arg(long)]
+        disk: PathBuf,
+        /// The kernel (bzImage).
+        #[arg(long)]
+        kernel: PathBuf,
+        /// The initrd that mounts root=/dev/vda and starts init=.
+        #[arg(long)]
+        initrd: PathBuf,
+    },
     /// Remove a built image (the next build that needs it builds it again).
     #[command(after_help = "Example:\n  contractor image rm debian-12-build")]
     Rm {
@@ -210,6 +229,21 @@ fn main() -> std::process::ExitCode {
         Command::Show { id, file } => report(show_build(&file, id.as_deref())),
         Command::Log { id, console, file } => report(print_log(&file, id.as_deref(), console)),
         Command::Image(ImageCommand::List) => report(list_images()),
+        Command::Image(ImageCommand::Import {
+            name,
+            disk,
+            kernel,
+            initrd,
+        }) => match contractor_cli::import::import(&name, &disk, &kernel, &initrd) {
+            Ok(image) => {
+                println!("{}", image.dir.display());
+                ExitCode::Success.into()
+            }
+            Err(err) => {
+                eprintln!("contractor: cannot import {name}: {}", chain(&err));
+                ExitCode::BadInput.into()
+            }
+        },
         Command::Cache(CacheCommand::List { file }) => report(list_caches(&file)),
         Command::Cache(CacheCommand::Clear { file }) => report(
             contractor_cli::cache::clear(&store_of(&file))

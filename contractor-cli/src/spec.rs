@@ -142,7 +142,14 @@ pub fn load(path: &Path) -> Result<BuildSpec, SpecError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let mut spec = parse(path, &text)?;
+    // Images imported with `contractor image import` are valid names too.
+    let imported: Vec<String> = crate::image::list()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|i| i.manifest.suite == crate::import::IMPORTED)
+        .map(|i| i.manifest.name)
+        .collect();
+    let mut spec = parse_with_images(path, &text, &imported)?;
     // Absolute, so that the paths in the build record and the summary work from anywhere.
     if let Ok(dir) = std::path::absolute(&spec.project_dir) {
         spec.project_dir = dir;
@@ -152,6 +159,15 @@ pub fn load(path: &Path) -> Result<BuildSpec, SpecError> {
 
 /// Parses and checks spec text; `path` is only used in messages and to find the project.
 pub fn parse(path: &Path, text: &str) -> Result<BuildSpec, SpecError> {
+    parse_with_images(path, text, &[])
+}
+
+/// [`parse`], also accepting the names of `imported` images.
+pub fn parse_with_images(
+    path: &Path,
+    text: &str,
+    imported: &[String],
+) -> Result<BuildSpec, SpecError> {
     let raw: RawSpec = toml::from_str(text).map_err(|e| SpecError::Parse {
         path: path.to_path_buf(),
         message: e.to_string(),
@@ -169,14 +185,27 @@ pub fn parse(path: &Path, text: &str) -> Result<BuildSpec, SpecError> {
 
     let image = match raw.build.image {
         None => DEFAULT_IMAGE.to_string(),
-        Some(image) if KNOWN_IMAGES.contains(&image.get_ref().as_str()) => image.into_inner(),
+        Some(image)
+            if KNOWN_IMAGES.contains(&image.get_ref().as_str())
+                || imported.contains(image.get_ref()) =>
+        {
+            image.into_inner()
+        }
         Some(image) => {
+            let imported = if imported.is_empty() {
+                "none (`contractor image import` adds one)".to_string()
+            } else {
+                imported.join(", ")
+            };
             return Err(value_error(
                 image.span(),
                 "build.image",
                 format!("{:?}", image.get_ref()),
-                format!("unknown image; known images: {}", KNOWN_IMAGES.join(", ")),
-            ))
+                format!(
+                    "unknown image; Contractor builds {}; imported: {imported}",
+                    KNOWN_IMAGES.join(", ")
+                ),
+            ));
         }
     };
     if raw.build.script.get_ref().trim().is_empty() {
@@ -449,6 +478,15 @@ allow = []
         assert!(spec.allow.is_empty() && spec.artifacts.is_empty());
         assert!(spec.cache_paths.is_empty());
         assert_eq!(spec.cache_max_bytes, 1 << 30);
+    }
+
+    #[test]
+    fn imported_images_are_valid_image_names() {
+        let text = "[build]\nscript = \"true\"\nimage = \"my-distro\"\n";
+        assert!(parse_text(text).is_err());
+        let spec = parse_with_images(Path::new("c.toml"), text, &["my-distro".into()])
+            .expect("an imported image");
+        assert_eq!(spec.image, "my-distro");
     }
 
     #[test]

@@ -628,3 +628,73 @@ fn a_failed_build_kept_with_keep_opens_a_shell_where_it_failed_and_exiting_destr
     assert_eq!(missing.status.code(), Some(2), "no kept VM any more");
     assert!(String::from_utf8_lossy(&missing.stderr).contains("has no kept VM"));
 }
+
+#[test]
+fn an_imported_image_of_ones_own_builds_like_a_built_one() {
+    // A disk, kernel and initrd of our own: those of debian-12-build (booted, unlike it,
+    // with Debian's own initrd, and with the agent written in by the import).
+    let built = Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .args(["image", "build", "debian-12-build"])
+        .output()
+        .expect("contractor image build");
+    assert!(built.status.success());
+    let built_dir = std::path::PathBuf::from(String::from_utf8_lossy(&built.stdout).trim());
+    let name = format!("imported-{}", std::process::id());
+    let import = Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .args(["image", "import", &name, "--disk"])
+        .arg(built_dir.join("disk.qcow2"))
+        .arg("--kernel")
+        .arg(built_dir.join("vmlinuz"))
+        .arg("--initrd")
+        .arg(built_dir.join("initrd.img"))
+        .output()
+        .expect("contractor image import");
+    assert!(
+        import.status.success(),
+        "{}",
+        String::from_utf8_lossy(&import.stderr)
+    );
+    let listing = Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .args(["image", "list"])
+        .output()
+        .expect("contractor image list");
+    assert!(String::from_utf8_lossy(&listing.stdout).contains(&name));
+
+    let mut spec = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello/contractor.toml"),
+    )
+    .expect("hello spec");
+    assert!(spec.contains("image = \"debian-12-build\""), "{spec}");
+    spec = spec.replacen(
+        "image = \"debian-12-build\"",
+        &format!("image = \"{name}\""),
+        1,
+    );
+    let project = Project::hello();
+    std::fs::write(project.path().join("contractor.toml"), spec).expect("spec");
+    let build = project.build();
+    let removed = Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .args(["image", "rm", &name])
+        .status()
+        .expect("contractor image rm");
+    assert_eq!(build.result.outcome, Outcome::Success, "{}", build.stderr);
+    assert!(build.log().contains("all checks passed"));
+    assert!(removed.success());
+
+    // What the import refuses, before anything is copied.
+    let refused = Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .args(["image", "import", "bad", "--disk"])
+        .arg(built_dir.join("vmlinuz"))
+        .arg("--kernel")
+        .arg(built_dir.join("manifest.json"))
+        .arg("--initrd")
+        .arg(built_dir.join("initrd.img"))
+        .output()
+        .expect("contractor image import");
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("not an x86 Linux kernel image"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}

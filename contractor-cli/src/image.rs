@@ -69,6 +69,29 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// The manifest of image `name` from `suite`, whose disk is `disk`, carrying the agent
+    /// whose sha256 is `agent_sha`, made now.
+    pub fn new(
+        name: &str,
+        suite: &str,
+        disk: &Path,
+        agent_sha: &str,
+    ) -> Result<Manifest, ImageError> {
+        Ok(Manifest {
+            version: MANIFEST_VERSION,
+            name: name.to_string(),
+            suite: suite.to_string(),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            disk_sha256: sha256_file(disk)?,
+            agent_version: contractor_run::guest::agent::AGENT_VERSION.to_string(),
+            agent_sha256: agent_sha.to_string(),
+            cmdline: format!("console=ttyS0 root=/dev/vda rw init={AGENT_IN_IMAGE} panic=-1 quiet"),
+        })
+    }
+
     /// The initrd (a file in the image directory) to boot with: Contractor's initramfs
     /// from version 2 on, the distribution's before. It follows from the version rather
     /// than from a field of its own, so that an older `contractor` sharing the data
@@ -393,19 +416,7 @@ fn build(name: &str, images: &Path, agent: &Path, agent_sha: &str) -> Result<Ima
         std::fs::remove_file(&root).map_err(file_err("cannot remove", &root))?;
 
         progress.step("recording the manifest");
-        let manifest = Manifest {
-            version: MANIFEST_VERSION,
-            name: name.to_string(),
-            suite: suite.to_string(),
-            created: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            disk_sha256: sha256_file(&disk)?,
-            agent_version: contractor_run::guest::agent::AGENT_VERSION.to_string(),
-            agent_sha256: agent_sha.to_string(),
-            cmdline: format!("console=ttyS0 root=/dev/vda rw init={AGENT_IN_IMAGE} panic=-1 quiet"),
-        };
+        let manifest = Manifest::new(name, suite, &disk, agent_sha)?;
         let manifest_path = scratch.join("manifest.json");
         let text = serde_json::to_string_pretty(&manifest)
             .map_err(|e| ImageError::Other(e.to_string()))?;
@@ -491,24 +502,11 @@ fn write_initramfs(
 
 /// The contents of the xz-compressed file `path` (with `xz`, from xz-utils).
 fn xz_decompress(path: &Path) -> Result<Vec<u8>, ImageError> {
-    let mut command = Command::new("xz");
-    command.args(["--decompress", "--stdout"]).arg(path);
-    let shown = format!("{command:?}").replace('"', "");
-    let output = command.output().map_err(|source| ImageError::Spawn {
-        command: shown.clone(),
-        source,
-    })?;
-    if !output.status.success() {
-        return Err(ImageError::Tool {
-            command: shown,
-            detail: format!(
-                "{}: {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            ),
-        });
-    }
-    Ok(output.stdout)
+    tool_bytes(
+        Command::new("xz")
+            .args(["--decompress", "--stdout"])
+            .arg(path),
+    )
 }
 
 /// e2fsck exits 1 when it fixed something: that is success here.
@@ -582,6 +580,11 @@ fn run_tool(command: &mut Command, progress: &Progress) -> Result<(), ImageError
 }
 
 pub(crate) fn tool_output(command: &mut Command) -> Result<String, ImageError> {
+    tool_bytes(command).map(|out| String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Runs `command` and returns its stdout; a failure carries its stderr.
+fn tool_bytes(command: &mut Command) -> Result<Vec<u8>, ImageError> {
     let shown = format!("{command:?}").replace('"', "");
     let output = command
         .stderr(Stdio::piped())
@@ -600,7 +603,7 @@ pub(crate) fn tool_output(command: &mut Command) -> Result<String, ImageError> {
             ),
         });
     }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    Ok(output.stdout)
 }
 
 /// sha256 of a file, hex.

@@ -20,7 +20,7 @@ use std::process::Command;
 
 use crate::image::{
     agent_path, file_err, make_world_readable, path_str, sha256_file, tool_output, DirLock, Image,
-    ImageError, Manifest, AGENT_IN_IMAGE, DISTRIBUTION_INITRD, MANIFEST_VERSION,
+    ImageError, Manifest, AGENT_IN_IMAGE, DISTRIBUTION_INITRD,
 };
 use crate::paths;
 
@@ -169,19 +169,7 @@ fn write_disk(
     ]))?;
     std::fs::remove_file(&raw).map_err(file_err("cannot remove", &raw))?;
     let _ = std::fs::remove_file(&commands);
-    let manifest = Manifest {
-        version: MANIFEST_VERSION,
-        name: name.to_string(),
-        suite: IMPORTED.to_string(),
-        created: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        disk_sha256: sha256_file(&qcow2)?,
-        agent_version: contractor_run::guest::agent::AGENT_VERSION.to_string(),
-        agent_sha256: sha256_file(agent)?,
-        cmdline: format!("console=ttyS0 root=/dev/vda rw init={AGENT_IN_IMAGE} panic=-1 quiet"),
-    };
+    let manifest = Manifest::new(name, IMPORTED, &qcow2, &sha256_file(agent)?)?;
     let path = scratch.join("manifest.json");
     let text =
         serde_json::to_string_pretty(&manifest).map_err(|e| ImageError::Other(e.to_string()))?;

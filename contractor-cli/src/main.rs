@@ -285,31 +285,13 @@ fn run_build(file: &std::path::Path, options: BuildOptions, mode: Mode) -> ExitC
             return ExitCode::BadInput;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            fail(
-                "runtime",
-                vec!["cannot start the async runtime".into(), err.to_string()],
-            );
-            return ExitCode::Infrastructure;
-        }
-    };
-    let display = Display::new(mode);
-    let built = runtime.block_on(build::build(&spec, &options, &display));
-    display.close();
-    let report = match built {
+    let report = match build_on_runtime(&spec, &options, mode) {
         Ok(report) => report,
-        Err(err) => {
-            fail("build_setup", error_chain(&err));
+        Err((code, chain)) => {
+            fail(code, chain);
             return ExitCode::Infrastructure;
         }
     };
-    // The services' tasks are done with; do not wait for idle workers to wind down.
-    runtime.shutdown_background();
     let result = &report.result;
     if let Some(kept) = &report.kept {
         if !json && options.keep == Some(Keep::OnFailure) {
@@ -369,6 +351,28 @@ fn run_build(file: &std::path::Path, options: BuildOptions, mode: Mode) -> ExitC
     result.outcome.exit_code()
 }
 
+/// Runs one build on its own async runtime, showing it in `mode`. A failure before the
+/// build could run is its error code and chain of messages.
+fn build_on_runtime(
+    spec: &spec::BuildSpec,
+    options: &BuildOptions,
+    mode: Mode,
+) -> Result<build::BuildReport, (&'static str, Vec<String>)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| {
+            let chain = vec!["cannot start the async runtime".into(), err.to_string()];
+            ("runtime", chain)
+        })?;
+    let display = Display::new(mode);
+    let built = runtime.block_on(build::build(spec, options, &display));
+    display.close();
+    // The services' tasks are done with; do not wait for idle workers to wind down.
+    runtime.shutdown_background();
+    built.map_err(|err| ("build_setup", error_chain(&err)))
+}
+
 /// `contractor shell [ID]`.
 fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
     let (record, kept) = match id {
@@ -405,20 +409,7 @@ fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
                 accel: Accel::Auto,
                 keep: Some(Keep::Always),
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(err) => {
-                    eprintln!("contractor: cannot start the async runtime: {err}");
-                    return ExitCode::Infrastructure;
-                }
-            };
-            let display = Display::new(Mode::Auto);
-            let built = runtime.block_on(build::build(&spec, &options, &display));
-            display.close();
-            runtime.shutdown_background();
+            let built = build_on_runtime(&spec, &options, Mode::Auto);
             match built {
                 Ok(build::BuildReport {
                     kept: Some(kept),
@@ -438,8 +429,8 @@ fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
                     eprintln!("contractor: the VM for the shell did not start: {reason}");
                     return ExitCode::BuildFailed;
                 }
-                Err(err) => {
-                    eprintln!("contractor: {}", chain(&err));
+                Err((code, chain)) => {
+                    ErrorObject::report("contractor", code, chain, false);
                     return ExitCode::Infrastructure;
                 }
             }

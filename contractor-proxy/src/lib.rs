@@ -18,8 +18,8 @@ pub mod config;
 mod meter;
 pub mod metrics;
 pub mod policy;
+mod relay;
 pub mod server;
-mod splice;
 
 pub use address::{IpNet, NetError, Restriction};
 pub use allowlist::{Allowlist, HostProblem, HostRule, Rule, RuleError, RuleProblem};

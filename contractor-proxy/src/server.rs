@@ -704,8 +704,8 @@ impl Proxy {
     }
 
     /// Relays bytes between the upgraded client connection and `upstream` until either
-    /// side closes, goes idle, or shutdown cuts it: with splice(2) when the client side is
-    /// still the plain TCP stream, by copying otherwise.
+    /// side closes, goes idle, or shutdown cuts it: on two threads of its own when the client
+    /// side is still the plain TCP stream, on the event loop otherwise.
     fn relay(
         &self,
         client: hyper::upgrade::OnUpgrade,
@@ -724,7 +724,7 @@ impl Proxy {
                     // The connection slot and the active count last until the tunnel ends.
                     let (client, _held) = parts.io.into_inner().into_parts();
                     let (upstream, _) = upstream.into_parts();
-                    let spliced = crate::splice::tunnel(
+                    let relayed = crate::relay::tunnel(
                         client,
                         upstream,
                         &parts.read_buf,
@@ -733,7 +733,7 @@ impl Proxy {
                         &metrics,
                     );
                     tokio::select! {
-                        _ = spliced => {}
+                        _ = relayed => {}
                         () = cut.cancelled() => {}
                     }
                 }

@@ -1,7 +1,7 @@
 //! CONNECT tunnels between two plain TCP sockets (the common case; anything else goes
 //! through the ordinary async copy). The two sockets leave the async runtime's event loop,
 //! and each direction runs on its own thread doing blocking read(2) and write(2) through a
-//! buffer that starts at 64 KiB and doubles, up to 1 MiB, whenever a read fills it: the
+//! buffer that starts at 16 KiB and doubles, up to 1 MiB, whenever a read fills it: the
 //! kernel wakes that thread directly when bytes arrive or room frees up. (Through the event
 //! loop, every packet woke a runtime thread as well, and a large download ran markedly
 //! slower.) If the threads cannot be started, the same relay runs on the event loop.
@@ -36,8 +36,9 @@ use tokio::sync::oneshot;
 use crate::meter::{Activity, Transfer};
 use crate::metrics::Metrics;
 
-/// The buffer each direction starts with.
-const FIRST_BUFFER: usize = 64 * 1024;
+/// The buffer each direction starts with: one TLS record's worth, so that an idle tunnel
+/// holds little.
+const FIRST_BUFFER: usize = 16 * 1024;
 
 /// The most a direction's buffer grows to: a tunnel holds at most twice this.
 const MAX_BUFFER: usize = 1 << 20;

@@ -150,7 +150,7 @@ struct Proxy {
 struct Pooled {
     /// The address it was dialled at, checked again by every request that takes it.
     addr: SocketAddr,
-    sender: SendRequest<Incoming>,
+    sender: SendRequest<ProxyBody>,
     transfer: Arc<TransferSlot>,
 }
 
@@ -364,15 +364,13 @@ impl Proxy {
         let exchange = Arc::new(self.exchange(client, &method, &target, Verdict::Allow));
         let plain = method != Method::CONNECT && !request.headers().contains_key(header::UPGRADE);
         if plain {
-            if let Some(pooled) = self.take_pooled(&admitted.addrs) {
-                pooled.transfer.set(Arc::clone(&exchange.transfer));
-                return self.finish(
-                    self.send(pooled, request, &target, &exchange).await,
-                    &exchange,
-                );
-            }
+            let request = request.map(BodyExt::boxed);
+            let result = self
+                .send_plain(request, &target, &admitted.addrs, activity, &exchange)
+                .await;
+            return self.finish(result, &exchange);
         }
-        let (addr, upstream) = match self.connect(&target, &admitted.addrs).await {
+        let (_, upstream) = match self.connect(&target, &admitted.addrs).await {
             Ok(connected) => connected,
             Err(e) => return self.finish(Err(e), &exchange),
         };
@@ -386,20 +384,6 @@ impl Proxy {
         if method == Method::CONNECT {
             exchange.status.store(200, Ordering::Relaxed);
             return self.tunnel(hyper::upgrade::on(&mut request), upstream, exchange);
-        }
-        if plain {
-            let result = match self.handshake(upstream).await {
-                Ok(sender) => {
-                    let pooled = Pooled {
-                        addr,
-                        sender,
-                        transfer,
-                    };
-                    self.send(pooled, request, &target, &exchange).await
-                }
-                Err(e) => Err(e),
-            };
-            return self.finish(result, &exchange);
         }
         let result = self.forward(request, &target, upstream, &exchange).await;
         self.finish(result, &exchange)
@@ -438,11 +422,49 @@ impl Proxy {
         None
     }
 
+    /// Sends a plain request on an idle pooled connection to one of `addrs` when there is
+    /// one, else on a new connection. Servers close idle connections on their own clock, so
+    /// a pooled one may turn out closed only when the request is on it, unanswered: a request
+    /// that may safely go twice (idempotent and without a body) then goes once more, on a
+    /// new connection, instead of failing with 502.
+    async fn send_plain(
+        self: &Arc<Self>,
+        mut request: Request<ProxyBody>,
+        target: &Target,
+        addrs: &[SocketAddr],
+        activity: Arc<Activity>,
+        exchange: &Arc<Exchange>,
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
+        if let Some(pooled) = self.take_pooled(addrs) {
+            pooled.transfer.set(Arc::clone(&exchange.transfer));
+            let again = resendable(&request);
+            match (self.send(pooled, request, target, exchange).await, again) {
+                (Err(UpstreamError::Http(e)), Some(again)) if unanswered(&e) => request = again,
+                (result, _) => return result,
+            }
+        }
+        let (addr, upstream) = self.connect(target, addrs).await?;
+        let transfer = TransferSlot::new(Arc::clone(&exchange.transfer));
+        let upstream = Metered::upstream(
+            upstream,
+            activity,
+            Arc::clone(&transfer),
+            Arc::clone(&self.config.metrics),
+        );
+        let sender = self.handshake(upstream).await?;
+        let pooled = Pooled {
+            addr,
+            sender,
+            transfer,
+        };
+        self.send(pooled, request, target, exchange).await
+    }
+
     /// Starts an HTTP/1.1 client connection on `upstream`, driven by a task of its own.
     async fn handshake(
         &self,
         upstream: Metered<TcpStream>,
-    ) -> Result<SendRequest<Incoming>, UpstreamError> {
+    ) -> Result<SendRequest<ProxyBody>, UpstreamError> {
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(upstream))
             .await
             .map_err(UpstreamError::Http)?;
@@ -461,7 +483,7 @@ impl Proxy {
     async fn send(
         self: &Arc<Self>,
         pooled: Pooled,
-        request: Request<Incoming>,
+        request: Request<ProxyBody>,
         target: &Target,
         exchange: &Arc<Exchange>,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
@@ -922,7 +944,7 @@ fn claimed_target(request: &Request<Incoming>) -> Target {
 
 /// The request as the origin server expects it: origin-form request line, Host naming the
 /// URI's authority (without any user info), no hop-by-hop headers.
-fn origin_form(request: Request<Incoming>, target: &Target) -> Request<Incoming> {
+fn origin_form<B>(request: Request<B>, target: &Target) -> Request<B> {
     let (mut parts, body) = request.into_parts();
     let authority = match (parts.uri.host(), parts.uri.port()) {
         (Some(host), Some(port)) => format!("{host}:{port}"),
@@ -941,6 +963,45 @@ fn origin_form(request: Request<Incoming>, target: &Target) -> Request<Incoming>
         parts.headers.insert(header::HOST, host);
     }
     Request::from_parts(parts, body)
+}
+
+/// A copy of `request` to send again should its connection fail unanswered: for a request
+/// that may safely go twice, one with an idempotent method (RFC 9110, 9.2.2) and without a
+/// body; `None` for any other.
+fn resendable(request: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
+    let idempotent = [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(request.method());
+    if !idempotent || !request.body().is_end_stream() {
+        return None;
+    }
+    let mut again = Request::new(Empty::new().map_err(|never| match never {}).boxed());
+    *again.method_mut() = request.method().clone();
+    *again.uri_mut() = request.uri().clone();
+    *again.version_mut() = request.version();
+    *again.headers_mut() = request.headers().clone();
+    Some(again)
+}
+
+/// Whether `e` means the connection ended before any answer: the request was never
+/// written, or written to a connection that closed or was reset without a response.
+fn unanswered(e: &hyper::Error) -> bool {
+    let reset = e
+        .source()
+        .and_then(|source| source.downcast_ref::<io::Error>())
+        .is_some_and(|io| {
+            matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            )
+        });
+    e.is_canceled() || e.is_incomplete_message() || e.is_closed() || reset
 }
 
 /// Removes the hop-by-hop headers, and those the Connection header names.

@@ -8,6 +8,7 @@ mod util;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -645,4 +646,93 @@ fn upstream_connections_are_reused_across_clients_each_request_still_decided() {
         &format!("GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: 127.0.0.1:{port}"),
     );
     assert_eq!(response.status, 403);
+}
+
+#[test]
+fn a_burst_of_requests_from_many_clients_logs_one_whole_decision_line_each() {
+    // Decisions that pile up are written together; each must still be its own whole line,
+    // none lost, the summary last.
+    const CLIENTS: usize = 8;
+    const EACH: usize = 40;
+    let upstream = serve_each(|mut stream| {
+        let _ = read_request_head(&mut stream);
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    });
+    let port = upstream.port();
+    let mut proxy = on_loopback(&["--allow", "localhost", "--allow-port", &port.to_string()]);
+    let addr = proxy.addr;
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|client| {
+            thread::spawn(move || {
+                for i in 0..EACH {
+                    let (host, status) = if i % 2 == 0 {
+                        (format!("localhost:{port}"), 200)
+                    } else {
+                        (format!("refused{client}.example:{port}"), 403)
+                    };
+                    let head = format!("GET http://{host}/{i} HTTP/1.1\r\nHost: {host}");
+                    assert_eq!(request(addr, &head).status, status, "{head}");
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().expect("a client thread panicked");
+    }
+    proxy.terminate();
+    assert!(proxy.wait().success());
+    let (mut allowed, mut denied) = (0, 0);
+    for _ in 0..CLIENTS * EACH {
+        match proxy.next_decision().decision {
+            Verdict::Allow => allowed += 1,
+            _ => denied += 1,
+        }
+    }
+    assert_eq!((allowed, denied), (CLIENTS * EACH / 2, CLIENTS * EACH / 2));
+    let summary = proxy.summary();
+    assert_eq!(summary.allowed, (CLIENTS * EACH / 2) as u64);
+}
+
+#[test]
+fn a_pooled_connection_closed_unanswered_is_retried_for_a_get_but_not_for_a_post() {
+    // Each upstream connection answers its first request, keeps the connection as if alive,
+    // then closes it on the next request without a word: what a server closing an idle
+    // connection looks like to the request that took it from the pool.
+    static HEADS: AtomicUsize = AtomicUsize::new(0);
+    let upstream = serve_each(|mut stream| {
+        let _ = read_request_head(&mut stream);
+        HEADS.fetch_add(1, Ordering::SeqCst);
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        if !read_request_head(&mut stream).is_empty() {
+            HEADS.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let port = upstream.port();
+    let proxy = on_loopback(&["--allow", "localhost", "--allow-port", &port.to_string()]);
+    let get = |path: &str| {
+        request(
+            proxy.addr,
+            &format!("GET http://localhost:{port}/{path} HTTP/1.1\r\nHost: localhost:{port}"),
+        )
+    };
+    assert_eq!(get("first").status, 200);
+    // Give the first connection time to go back to the pool.
+    thread::sleep(Duration::from_millis(300));
+    let again = get("second");
+    assert_eq!((again.status, again.body.as_str()), (200, "ok"));
+    // The second GET went to the pooled connection first (a head that closed it), then to
+    // a new one.
+    assert_eq!(HEADS.load(Ordering::SeqCst), 3);
+
+    thread::sleep(Duration::from_millis(300));
+    let mut stream = connect(proxy.addr);
+    write!(
+        stream,
+        "POST http://localhost:{port}/third HTTP/1.1\r\nHost: localhost:{port}\r\n\
+         Content-Length: 4\r\nConnection: close\r\n\r\nbody"
+    )
+    .expect("send the POST");
+    let (status, headers) = read_head(&mut stream);
+    assert_eq!(status, 502, "{headers:?}");
+    assert_eq!(HEADS.load(Ordering::SeqCst), 4, "the POST went once");
 }

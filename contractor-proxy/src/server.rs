@@ -370,17 +370,13 @@ impl Proxy {
                 .await;
             return self.finish(result, &exchange);
         }
-        let (_, upstream) = match self.connect(&target, &admitted.addrs).await {
+        let (_, upstream, _) = match self
+            .connect_metered(&target, &admitted.addrs, activity, &exchange)
+            .await
+        {
             Ok(connected) => connected,
             Err(e) => return self.finish(Err(e), &exchange),
         };
-        let transfer = TransferSlot::new(Arc::clone(&exchange.transfer));
-        let upstream = Metered::upstream(
-            upstream,
-            activity,
-            Arc::clone(&transfer),
-            Arc::clone(&self.config.metrics),
-        );
         if method == Method::CONNECT {
             exchange.status.store(200, Ordering::Relaxed);
             return self.tunnel(hyper::upgrade::on(&mut request), upstream, exchange);
@@ -443,6 +439,28 @@ impl Proxy {
                 (result, _) => return result,
             }
         }
+        let (addr, upstream, transfer) = self
+            .connect_metered(target, addrs, activity, exchange)
+            .await?;
+        let sender = self.handshake(upstream).await?;
+        let pooled = Pooled {
+            addr,
+            sender,
+            transfer,
+        };
+        self.send(pooled, request, target, exchange).await
+    }
+
+    /// Connects to the first of `addrs` that answers, metered: its bytes count for
+    /// `exchange` (through the returned slot, which a pooled connection's next exchange
+    /// takes over) and keep the client's `activity` alive.
+    async fn connect_metered(
+        &self,
+        target: &Target,
+        addrs: &[SocketAddr],
+        activity: Arc<Activity>,
+        exchange: &Exchange,
+    ) -> Result<(SocketAddr, Metered<TcpStream>, Arc<TransferSlot>), UpstreamError> {
         let (addr, upstream) = self.connect(target, addrs).await?;
         let transfer = TransferSlot::new(Arc::clone(&exchange.transfer));
         let upstream = Metered::upstream(
@@ -451,13 +469,7 @@ impl Proxy {
             Arc::clone(&transfer),
             Arc::clone(&self.config.metrics),
         );
-        let sender = self.handshake(upstream).await?;
-        let pooled = Pooled {
-            addr,
-            sender,
-            transfer,
-        };
-        self.send(pooled, request, target, exchange).await
+        Ok((addr, upstream, transfer))
     }
 
     /// Starts an HTTP/1.1 client connection on `upstream`, driven by a task of its own.

@@ -28,9 +28,21 @@ pub enum JsonlError {
 
 /// Writes one message as one line and flushes.
 pub fn write_line<W: Write, T: Serialize>(out: &mut W, message: &T) -> Result<(), JsonlError> {
-    let mut line = serde_json::to_vec(message).map_err(JsonlError::Encode)?;
-    line.push(b'\n');
-    out.write_all(&line).map_err(JsonlError::Io)?;
+    let mut line = Vec::new();
+    encode_line(&mut line, message)?;
+    write_flushed(out, &line)
+}
+
+/// Appends one message as one line to `lines`, for writing several lines at once.
+pub fn encode_line<T: Serialize>(lines: &mut Vec<u8>, message: &T) -> Result<(), JsonlError> {
+    serde_json::to_writer(&mut *lines, message).map_err(JsonlError::Encode)?;
+    lines.push(b'\n');
+    Ok(())
+}
+
+/// Writes whole lines made by [`encode_line`] in one go and flushes.
+pub fn write_flushed<W: Write>(out: &mut W, lines: &[u8]) -> Result<(), JsonlError> {
+    out.write_all(lines).map_err(JsonlError::Io)?;
     out.flush().map_err(JsonlError::Io)
 }
 

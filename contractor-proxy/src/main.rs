@@ -11,7 +11,7 @@ use std::thread;
 
 use anyhow::{anyhow, Context};
 use clap::Parser;
-use contractor_protocol::jsonl::{write_line, JsonlError};
+use contractor_protocol::jsonl::{encode_line, write_flushed, write_line, JsonlError};
 use contractor_protocol::proxy::Decision;
 use contractor_protocol::service::Ready;
 use contractor_protocol::ExitCode;
@@ -244,10 +244,7 @@ fn write_entries(
 }
 
 /// Writes decisions to stdout until every sender is gone; on failure, says so on `failed`
-/// so that the proxy stops rather than run unrecorded. Decisions already waiting are
-/// written together (whole lines, up to [`DECISION_BATCH`] bytes per write): under load
-/// that is one system call and one wake-up for many requests, and a lone decision is still
-/// written at once.
+/// so that the proxy stops rather than run unrecorded.
 fn write_decisions(
     mut received: mpsc::UnboundedReceiver<Decision>,
     failed: oneshot::Sender<()>,
@@ -255,23 +252,7 @@ fn write_decisions(
     let mut stdout = std::io::stdout();
     let mut batch = Vec::new();
     while let Some(first) = received.blocking_recv() {
-        batch.clear();
-        let mut next = Some(first);
-        let written = loop {
-            let Some(decision) = next else {
-                break write_all_flushed(&mut stdout, &batch);
-            };
-            // Encoding into memory fails only for a value serde cannot encode.
-            if let Err(e) = write_line(&mut batch, &decision) {
-                break Err(e);
-            }
-            next = if batch.len() < DECISION_BATCH {
-                received.try_recv().ok()
-            } else {
-                None
-            };
-        };
-        if let Err(e) = written {
+        if let Err(e) = write_waiting(&mut stdout, &mut batch, first, &mut received) {
             let _ = failed.send(());
             return Err(e);
         }
@@ -279,14 +260,30 @@ fn write_decisions(
     Ok(())
 }
 
+/// Writes `first` and the decisions already waiting behind it, whole lines up to
+/// [`DECISION_BATCH`] bytes, in one write: under load that is one system call and one
+/// wake-up for many requests, and a lone decision is still written at once.
+fn write_waiting(
+    out: &mut impl Write,
+    batch: &mut Vec<u8>,
+    first: Decision,
+    waiting: &mut mpsc::UnboundedReceiver<Decision>,
+) -> Result<(), JsonlError> {
+    batch.clear();
+    let mut next = Some(first);
+    while let Some(decision) = next {
+        encode_line(batch, &decision)?;
+        next = if batch.len() < DECISION_BATCH {
+            waiting.try_recv().ok()
+        } else {
+            None
+        };
+    }
+    write_flushed(out, batch)
+}
+
 /// The most bytes of decision lines written at once.
 const DECISION_BATCH: usize = 64 * 1024;
-
-/// Writes `bytes` to `out` and flushes it.
-fn write_all_flushed(out: &mut impl Write, bytes: &[u8]) -> Result<(), JsonlError> {
-    out.write_all(bytes).map_err(JsonlError::Io)?;
-    out.flush().map_err(JsonlError::Io)
-}
 
 /// Set from `--json-errors` before anything can fail.
 static JSON_ERRORS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

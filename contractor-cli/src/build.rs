@@ -121,6 +121,9 @@ pub async fn build(
         entries: packed.entries as u64,
         bytes: packed.bytes,
     });
+    for warning in &packed.warnings {
+        display.warning(warning);
+    }
     update_latest(&store_root, &id);
     let owner_file = record.join(OWNER_FILE);
     let owner = serde_json::json!({

@@ -134,6 +134,18 @@ impl Display {
         }
     }
 
+    /// Shows a warning on stderr (`contractor: warning: …`), in every mode but `--quiet`.
+    pub fn warning(&self, text: &str) {
+        if let Ok(mut state) = self.shared.state.lock() {
+            if state.style == Style::Quiet {
+                return;
+            }
+            state.clear();
+            let _ = writeln!(state.err, "contractor: warning: {text}");
+            state.draw();
+        }
+    }
+
     /// Stops the spinner and clears the status line (before the summary is printed).
     pub fn close(&self) {
         self.shared.stop.store(true, Ordering::Relaxed);

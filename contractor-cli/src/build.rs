@@ -72,12 +72,69 @@ pub enum BuildError {
     /// The source could not be packed.
     #[error("cannot pack the source")]
     Source(#[source] source::SourceError),
+    /// The build cache could not be prepared.
+    #[error("cannot prepare the build cache in {path}")]
+    Cache {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A local service could not start.
     #[error("cannot start the {0}")]
     Service(&'static str, #[source] std::io::Error),
     /// The data directory is unknown.
     #[error("{0}")]
     DataDir(String),
+}
+
+impl BuildError {
+    /// How a build that failed with this error ended, and its code in `result.json`: `failed`
+    /// when the project is at fault, `infrastructure` otherwise.
+    pub fn outcome(&self) -> (Outcome, &'static str) {
+        match self {
+            BuildError::Source(source::SourceError::TooManyEntries { .. }) => {
+                (Outcome::Failed, "source_too_many_entries")
+            }
+            BuildError::Source(err) if err.is_project_error() => {
+                (Outcome::Failed, "source_unreadable")
+            }
+            BuildError::Source(_) => (Outcome::Infrastructure, "source_pack"),
+            BuildError::Image(_) => (Outcome::Infrastructure, "image"),
+            BuildError::Record { .. } => (Outcome::Infrastructure, "record"),
+            BuildError::Cache { .. } => (Outcome::Infrastructure, "cache_prepare"),
+            BuildError::Service(..) => (Outcome::Infrastructure, "service_start"),
+            BuildError::DataDir(_) => (Outcome::Infrastructure, "data_dir"),
+        }
+    }
+}
+
+/// Closes the record of build `id` that failed with `err` before its VM ran: writes its
+/// `result.json` (the error's outcome and code, its chain) and drops its owner file.
+/// Returns `err` for the caller to report.
+fn close_failed_record(record: &Path, id: &str, started: Instant, err: BuildError) -> BuildError {
+    let (outcome, code) = err.outcome();
+    let result = BuildResult {
+        version: PROTOCOL_VERSION,
+        id: id.to_string(),
+        outcome,
+        exit_code: None,
+        duration_secs: started.elapsed().as_secs_f64(),
+        log: record.join("build.log"),
+        console_log: record.join("console.log"),
+        artifacts: Vec::new(),
+        refused_hosts: Vec::new(),
+        limit: None,
+        error: Some(ErrorInfo::from_error(code, &err)),
+    };
+    let path = record.join("result.json");
+    let text = serde_json::to_string_pretty(&result).unwrap_or_default();
+    if let Err(write) = std::fs::write(&path, text + "\n") {
+        eprintln!("contractor: cannot write {}: {write}", path.display());
+    }
+    let _ = std::fs::remove_file(record.join(OWNER_FILE));
+    err
 }
 
 /// What the build produced.
@@ -106,9 +163,12 @@ pub async fn build(
         path: record.clone(),
         source,
     })?;
+    // From here on, every failure also closes the record with a result.json.
+    let close = |err: BuildError| close_failed_record(&record, &id, started, err);
     let packed =
         tokio::task::block_in_place(|| source::pack(&spec.project_dir, &record.join("source.tar")))
-            .map_err(BuildError::Source)?;
+            .map_err(BuildError::Source)
+            .map_err(close)?;
     display.event(&BuildEvent::Started {
         version: PROTOCOL_VERSION,
         id: id.clone(),
@@ -130,14 +190,17 @@ pub async fn build(
         "pid": std::process::id(),
         "start": contractor_vm::owner::process_start(std::process::id()),
     });
-    std::fs::write(&owner_file, owner.to_string()).map_err(|source| BuildError::Record {
-        path: owner_file.clone(),
-        source,
-    })?;
+    std::fs::write(&owner_file, owner.to_string())
+        .map_err(|source| BuildError::Record {
+            path: owner_file.clone(),
+            source,
+        })
+        .map_err(close)?;
 
     let (stop_services, services_stopped) = tokio::sync::watch::channel(false);
     let store_token = contractor_store::generate_token()
-        .map_err(|e| BuildError::Service("store", std::io::Error::other(e)))?;
+        .map_err(|e| BuildError::Service("store", std::io::Error::other(e)))
+        .map_err(close)?;
     let cache_job = crate::cache::prepare(
         &store_root,
         &record,
@@ -145,10 +208,11 @@ pub async fn build(
         &spec.cache_paths,
         spec.cache_max_bytes,
     )
-    .map_err(|source| BuildError::Record {
+    .map_err(|source| BuildError::Cache {
         path: record.join("inputs"),
         source,
-    })?;
+    })
+    .map_err(close)?;
     // The new cache travels through the artifacts; it has its own limit.
     let store_limit = match &cache_job {
         Some(cache) => spec.max_artifacts_bytes.saturating_add(cache.max_bytes),
@@ -161,7 +225,8 @@ pub async fn build(
         store_limit,
         services_stopped.clone(),
     )
-    .await?;
+    .await
+    .map_err(close)?;
     let refused = Arc::new(Mutex::new(BTreeSet::new()));
     let proxy_addr = start_proxy(
         spec,
@@ -169,7 +234,8 @@ pub async fn build(
         refused.clone(),
         services_stopped,
     )
-    .await?;
+    .await
+    .map_err(close)?;
 
     let log = record.join("build.log");
     let console_log = record.join("console.log");
@@ -181,7 +247,10 @@ pub async fn build(
         disk_gib: Some(spec.disk_gib),
         accel: options.accel,
         console_log: console_log.clone(),
-        work_dir: paths::data_dir().map_err(BuildError::DataDir)?.join("vms"),
+        work_dir: paths::data_dir()
+            .map_err(BuildError::DataDir)
+            .map_err(close)?
+            .join("vms"),
     };
     let mut env = spec.env.clone();
     env.insert("CONTRACTOR_BUILD_ID".into(), id.clone());
@@ -700,5 +769,53 @@ pub fn human_bytes(bytes: u64) -> String {
         format!("{bytes} B")
     } else {
         format!("{value:.1} {}", units[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result_of(record: &Path) -> BuildResult {
+        let text = std::fs::read_to_string(record.join("result.json")).expect("result.json");
+        serde_json::from_str(&text).expect("a build result")
+    }
+
+    #[test]
+    fn a_source_that_cannot_be_packed_still_closes_its_record() {
+        let project = tempfile::tempdir().expect("tempdir");
+        for f in ["a", "b"] {
+            std::fs::write(project.path().join(f), "x").expect("write");
+        }
+        let record = tempfile::tempdir().expect("tempdir");
+        let err = source::pack_at_most(project.path(), &record.path().join("source.tar"), 1)
+            .map_err(BuildError::Source)
+            .expect_err("too many entries");
+        let err = close_failed_record(record.path(), "b1", Instant::now(), err);
+        assert!(matches!(err, BuildError::Source(_)));
+        let result = result_of(record.path());
+        assert_eq!(
+            (result.id.as_str(), result.outcome),
+            ("b1", Outcome::Failed)
+        );
+        let error = result.error.expect("error");
+        assert_eq!(error.code, "source_too_many_entries");
+        assert_eq!(error.chain[0], "cannot pack the source");
+        assert!(
+            error.chain[1].contains("has more than 1 entries"),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn a_service_that_cannot_start_is_an_infrastructure_outcome() {
+        let record = tempfile::tempdir().expect("tempdir");
+        let err = BuildError::Service("store", std::io::Error::other("no port"));
+        close_failed_record(record.path(), "b2", Instant::now(), err);
+        let result = result_of(record.path());
+        assert_eq!(result.outcome, Outcome::Infrastructure);
+        let error = result.error.expect("error");
+        assert_eq!(error.code, "service_start");
+        assert_eq!(error.chain, ["cannot start the store", "no port"]);
     }
 }

@@ -296,6 +296,19 @@ pub async fn build(
     if let Err(err) = &cache_saved {
         eprintln!("contractor: cannot keep the build cache: {err}");
     }
+    let mut ran = ran;
+    if ran.outcome == Outcome::Success {
+        // The host checks what it can know itself: the guest's word is not enough.
+        if let Some(pattern) = missing_artifacts(&record.join("artifacts"), &spec.artifacts) {
+            ran.outcome = Outcome::Failed;
+            ran.error = Some(ErrorInfo {
+                code: "artifact_missing".into(),
+                chain: vec![format!(
+                    "no stored artifact matches the declared artifact {pattern:?} ([build] artifacts), although the guest reported success"
+                )],
+            });
+        }
+    }
     let artifacts = collect_artifacts(&record.join("artifacts"));
     let refused_hosts: Vec<String> = refused
         .lock()
@@ -640,6 +653,36 @@ fn sweep_overlays(conn: &virt::connect::Connect, work_dir: &Path) {
     }
 }
 
+/// The first of the declared artifact `patterns` that nothing stored under `dir` matches. A
+/// pattern matches a stored file or a directory it lies in, with the agent's glob semantics
+/// relative to the source root (`*` stays within a path component, `**` spans them). The
+/// cache upload is not an artifact.
+fn missing_artifacts(dir: &Path, patterns: &[String]) -> Option<String> {
+    let stored: Vec<PathBuf> = collect_artifacts(dir)
+        .into_iter()
+        .filter_map(|path| path.strip_prefix(dir).ok().map(Path::to_path_buf))
+        .filter(|path| path != Path::new(crate::cache::UPLOAD_NAME))
+        .collect();
+    let options = glob::MatchOptions {
+        case_sensitive: true,
+        require_literal_separator: true,
+        require_literal_leading_dot: false,
+    };
+    patterns
+        .iter()
+        .find(|pattern| {
+            let Ok(glob) = glob::Pattern::new(pattern.trim_end_matches('/')) else {
+                return true;
+            };
+            !stored.iter().any(|path| {
+                path.ancestors()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .any(|p| glob.matches_path_with(p, options))
+            })
+        })
+        .cloned()
+}
+
 fn collect_artifacts(dir: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -805,6 +848,37 @@ mod tests {
             error.chain[1].contains("has more than 1 entries"),
             "{error:?}"
         );
+    }
+
+    #[test]
+    fn a_declared_artifact_is_missing_unless_a_stored_file_or_its_directory_matches() {
+        let record = tempfile::tempdir().expect("tempdir");
+        let dir = record.path().join("artifacts");
+        std::fs::create_dir_all(dir.join("target/debian")).expect("mkdir");
+        std::fs::write(dir.join("hello"), "x").expect("write");
+        std::fs::write(dir.join("target/debian/a.deb"), "x").expect("write");
+        std::fs::write(dir.join(crate::cache::UPLOAD_NAME), "cache").expect("write");
+        let check = |patterns: &[&str]| {
+            let patterns: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
+            missing_artifacts(&dir, &patterns)
+        };
+        assert_eq!(
+            check(&["hello", "target/debian/*.deb", "target", "target/*"]),
+            None
+        );
+        assert_eq!(check(&["**/*.deb", "target/**/a.deb", "h?llo"]), None);
+        assert_eq!(check(&["hello", "gone"]), Some("gone".into()));
+        assert_eq!(
+            check(&["*.deb"]),
+            Some("*.deb".into()),
+            "* stays in one component"
+        );
+        assert_eq!(
+            check(&[crate::cache::UPLOAD_NAME]),
+            Some(crate::cache::UPLOAD_NAME.into()),
+            "the cache is not an artifact"
+        );
+        assert_eq!(missing_artifacts(&record.path().join("none"), &[]), None);
     }
 
     #[test]

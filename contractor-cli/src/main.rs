@@ -308,8 +308,8 @@ fn run_build(file: &std::path::Path, options: BuildOptions, mode: Mode) -> ExitC
     let verdict = match result.outcome {
         Outcome::Success => "succeeded".to_string(),
         Outcome::Failed => match result.exit_code {
-            Some(code) => format!("FAILED (the script exited with {code})"),
-            None => "FAILED".to_string(),
+            Some(code) if code != 0 => format!("FAILED (the script exited with {code})"),
+            _ => "FAILED".to_string(),
         },
         Outcome::Timeout => "TIMED OUT".to_string(),
         Outcome::Infrastructure => "could not run (infrastructure failure)".to_string(),

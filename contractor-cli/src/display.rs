@@ -18,6 +18,59 @@ use contractor_protocol::build::BuildEvent;
 
 use crate::build::human_bytes;
 
+/// Most bytes of one guest-provided error message shown in the summary: 4 KiB.
+pub const MAX_SHOWN_MESSAGE_BYTES: usize = 4096;
+
+/// Whether `c` must not reach the terminal as it is: C0 controls, DEL, C1 controls, the
+/// bidirectional overrides and isolates, and invisible marks and line separators.
+fn is_unsafe(c: char) -> bool {
+    matches!(c, '\u{0}'..='\u{1f}' | '\u{7f}'..='\u{9f}' | '\u{202a}'..='\u{202e}'
+        | '\u{2066}'..='\u{2069}' | '\u{200b}'..='\u{200f}' | '\u{2028}' | '\u{2029}'
+        | '\u{61c}' | '\u{feff}')
+}
+
+/// `text` (guest- or project-chosen) as contractor prints it in its own lines: control and
+/// bidi characters as visible escapes (`\x1b`, `\n`, `\u{202e}`), everything else as is.
+pub fn escape(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(is_unsafe) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c < '\u{80}' && is_unsafe(c) => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if is_unsafe(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// [`escape`], cut to at most `max` bytes of the original (on a character boundary), saying
+/// how much was left out.
+pub fn escape_capped(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return escape(text).into_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}… ({} more bytes not shown)",
+        escape(&text[..end]),
+        text.len() - end
+    )
+}
+
+/// A path, escaped.
+pub fn escape_path(path: &std::path::Path) -> String {
+    escape(&path.to_string_lossy()).into_owned()
+}
+
 const SPINNER: &[char] = &['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
 
 /// What the user asked to see.
@@ -141,7 +194,7 @@ impl Display {
                 return;
             }
             state.clear();
-            let _ = writeln!(state.err, "contractor: warning: {text}");
+            let _ = writeln!(state.err, "contractor: warning: {}", escape(text));
             state.draw();
         }
     }
@@ -186,11 +239,11 @@ impl State {
             }
             BuildEvent::SourcePacked { entries, bytes } => format!(
                 "contractor: build {}: source packed ({entries} entries, {})",
-                self.id,
+                escape(&self.id),
                 human_bytes(*bytes)
             ),
             BuildEvent::VmStarted { name, accel } => {
-                format!("contractor: VM {name} started ({accel:?})")
+                format!("contractor: VM {} started ({accel:?})", escape(name))
             }
             BuildEvent::AgentReady { .. } => "contractor: VM booted".to_string(),
             BuildEvent::Phase { phase } => format!("contractor: phase {}", phase_name(*phase)),
@@ -200,7 +253,11 @@ impl State {
                 return;
             }
             BuildEvent::Artifact { path, size } => {
-                format!("contractor: artifact {path} ({})", human_bytes(*size))
+                format!(
+                    "contractor: artifact {} ({})",
+                    escape(path),
+                    human_bytes(*size)
+                )
             }
             BuildEvent::ImageReady { .. } | BuildEvent::Finished { .. } | BuildEvent::Unknown => {
                 return
@@ -213,11 +270,11 @@ impl State {
         match event {
             BuildEvent::Started { id, .. } => {
                 self.id = id.clone();
-                let _ = writeln!(self.err, "contractor: build {id}");
+                let _ = writeln!(self.err, "contractor: build {}", escape(id));
             }
             BuildEvent::ImageReady { name } => {
                 let secs = self.started.elapsed().as_secs_f64();
-                let _ = writeln!(self.err, "✓ image {name} ({secs:.1}s)");
+                let _ = writeln!(self.err, "✓ image {} ({secs:.1}s)", escape(name));
             }
             BuildEvent::SourcePacked { entries, bytes } => {
                 let _ = writeln!(
@@ -229,7 +286,7 @@ impl State {
             }
             BuildEvent::VmStarted { name, accel } => {
                 if let Some((_, _, detail)) = &mut self.phase {
-                    *detail = format!("VM {name} ({accel:?})");
+                    *detail = format!("VM {} ({accel:?})", escape(name));
                 }
             }
             BuildEvent::AgentReady { .. } => self.end_phase(),
@@ -250,7 +307,12 @@ impl State {
                 }
             }
             BuildEvent::Artifact { path, size } => {
-                let _ = writeln!(self.err, "  artifact {path} ({})", human_bytes(*size));
+                let _ = writeln!(
+                    self.err,
+                    "  artifact {} ({})",
+                    escape(path),
+                    human_bytes(*size)
+                );
             }
             BuildEvent::Finished { .. } => {
                 self.end_phase();
@@ -456,6 +518,43 @@ mod tests {
             .map(|l| serde_json::from_str(l).expect("each line is an event"))
             .collect();
         assert_eq!(read, events());
+    }
+
+    #[test]
+    fn guest_text_in_contractors_own_lines_is_escaped_but_output_is_not() {
+        assert_eq!(escape("hello.deb"), "hello.deb");
+        assert_eq!(
+            escape("a\x1b[2Jb\n\u{7f}\u{9b}\u{202e}\u{2066}é"),
+            "a\\x1b[2Jb\\n\\x7f\\u{9b}\\u{202e}\\u{2066}é"
+        );
+        assert_eq!(
+            escape_capped("ab\x07cd", 3),
+            "ab\\x07… (2 more bytes not shown)"
+        );
+        for style in [Style::Plain, Style::Terminal] {
+            let (out, err) = (Sink::default(), Sink::default());
+            let display = Display::with(style, Box::new(out.clone()), Box::new(err.clone()));
+            display.event(&BuildEvent::Output {
+                text: "raw \x1b[31m\n".into(),
+            });
+            display.event(&BuildEvent::Artifact {
+                path: "evil\x1b]0;pwned\x07\u{202e}".into(),
+                size: 1,
+            });
+            display.warning("skipped a\x1bb");
+            display.close();
+            let err = err.text().replace("\r\x1b[2K", "");
+            assert!(
+                !err.contains("\x1b]") && !err.contains('\u{202e}'),
+                "{err:?}"
+            );
+            assert!(err.contains("evil\\x1b]0;pwned\\x07\\u{202e}"), "{err:?}");
+            assert!(
+                err.contains("contractor: warning: skipped a\\x1bb\n"),
+                "{err:?}"
+            );
+            assert_eq!(out.text(), "raw \x1b[31m\n", "the build's output stays raw");
+        }
     }
 
     #[test]

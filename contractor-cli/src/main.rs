@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use contractor_cli::build::{self, human_bytes, BuildOptions};
-use contractor_cli::display::{Display, Mode};
+use contractor_cli::display::{
+    escape, escape_capped, escape_path, Display, Mode, MAX_SHOWN_MESSAGE_BYTES,
+};
 use contractor_cli::{image, records, spec};
 use contractor_protocol::agent::Keep;
 use contractor_protocol::error::ErrorObject;
@@ -276,6 +278,12 @@ fn main() -> std::process::ExitCode {
 fn run_build(file: &std::path::Path, options: BuildOptions, mode: Mode) -> ExitCode {
     let json = mode == Mode::Json;
     let fail = |code: &str, chain: Vec<String>| {
+        // JSON escapes what it carries; text goes to a terminal.
+        let chain = if json {
+            chain
+        } else {
+            chain.iter().map(|m| escape(m).into_owned()).collect()
+        };
         ErrorObject::report("contractor", code, chain, json);
     };
     let spec = match spec::load(file) {
@@ -318,10 +326,11 @@ fn run_build(file: &std::path::Path, options: BuildOptions, mode: Mode) -> ExitC
     eprintln!();
     eprintln!(
         "build {} {verdict} in {:.1}s",
-        result.id, result.duration_secs
+        escape(&result.id),
+        result.duration_secs
     );
     if let Some(error) = &result.error {
-        eprintln!("  reason:    {}", error.chain.join(": "));
+        eprintln!("  reason:    {}", shown_chain(&error.chain));
     }
     if let Some(limit) = result.limit {
         eprintln!(
@@ -329,23 +338,23 @@ fn run_build(file: &std::path::Path, options: BuildOptions, mode: Mode) -> ExitC
             limit.field()
         );
     }
-    eprintln!("  log:       {}", result.log.display());
+    eprintln!("  log:       {}", escape_path(&result.log));
     if result.outcome == Outcome::Infrastructure {
-        eprintln!("  console:   {}", result.console_log.display());
+        eprintln!("  console:   {}", escape_path(&result.console_log));
         for line in console_tail(&result.console_log) {
-            eprintln!("    | {line}");
+            eprintln!("    | {}", escape(&line));
         }
     }
     for artifact in &result.artifacts {
         let size = std::fs::metadata(artifact)
             .map(|m| human_bytes(m.len()))
             .unwrap_or_default();
-        eprintln!("  artifact:  {} ({size})", artifact.display());
+        eprintln!("  artifact:  {} ({size})", escape_path(artifact));
     }
     if !result.refused_hosts.is_empty() {
         eprintln!(
             "  refused:   {} (add to [network] allow to permit)",
-            result.refused_hosts.join(", ")
+            escape(&result.refused_hosts.join(", "))
         );
     }
     result.outcome.exit_code()
@@ -424,7 +433,7 @@ fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
                     let reason = report
                         .result
                         .error
-                        .map(|e| e.chain.join(": "))
+                        .map(|e| shown_chain(&e.chain))
                         .unwrap_or_else(|| outcome_name(report.result.outcome).to_string());
                     eprintln!("contractor: the VM for the shell did not start: {reason}");
                     return ExitCode::BuildFailed;
@@ -468,7 +477,7 @@ fn report(result: Result<(), String>) -> std::process::ExitCode {
     match result {
         Ok(()) => ExitCode::Success.into(),
         Err(message) => {
-            eprintln!("contractor: {message}");
+            eprintln!("contractor: {}", escape(&message));
             ExitCode::BadInput.into()
         }
     }
@@ -515,7 +524,7 @@ fn list_builds(file: &Path) -> Result<(), String> {
         };
         println!(
             "{:<24} {:<19} {:<14} {:>9}",
-            record.id,
+            escape(&record.id),
             records::started(&record.id),
             outcome,
             duration
@@ -560,7 +569,7 @@ fn outcome_name(outcome: Outcome) -> &'static str {
 
 fn show_build(file: &Path, id: Option<&str>) -> Result<(), String> {
     let record = records::open(&store_of(file), id).map_err(|e| chain(&e))?;
-    println!("build:     {}", record.id);
+    println!("build:     {}", escape(&record.id));
     println!("started:   {}", records::started(&record.id));
     let Some(result) = &record.result else {
         println!("result:    running (no result.json yet)");
@@ -572,22 +581,27 @@ fn show_build(file: &Path, id: Option<&str>) -> Result<(), String> {
     }
     println!("duration:  {:.1}s", result.duration_secs);
     if let Some(error) = &result.error {
-        println!("reason:    {}", error.chain.join(": "));
+        println!("reason:    {}", shown_chain(&error.chain));
     }
     if let Some(limit) = result.limit {
         println!("limit:     {}", limit.field());
     }
-    println!("log:       {}", result.log.display());
-    println!("console:   {}", result.console_log.display());
+    println!("log:       {}", escape_path(&result.log));
+    println!("console:   {}", escape_path(&result.console_log));
     for artifact in &result.artifacts {
-        let sha = image::sha256_file(artifact).unwrap_or_else(|_| "(missing)".to_string());
+        // Only a regular file is read (a record may come with the project).
+        let regular = std::fs::symlink_metadata(artifact).is_ok_and(|m| m.is_file());
+        let sha = match regular {
+            true => image::sha256_file(artifact).unwrap_or_else(|_| "(missing)".to_string()),
+            false => "(missing)".to_string(),
+        };
         let size = std::fs::metadata(artifact)
             .map(|m| human_bytes(m.len()))
             .unwrap_or_default();
-        println!("artifact:  {} ({size}) sha256:{sha}", artifact.display());
+        println!("artifact:  {} ({size}) sha256:{sha}", escape_path(artifact));
     }
     if !result.refused_hosts.is_empty() {
-        println!("refused:   {}", result.refused_hosts.join(", "));
+        println!("refused:   {}", escape(&result.refused_hosts.join(", ")));
     }
     Ok(())
 }
@@ -608,6 +622,16 @@ fn console_tail(path: &std::path::Path) -> Vec<String> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<String> = text.lines().map(str::to_string).collect();
     lines[lines.len().saturating_sub(10)..].to_vec()
+}
+
+/// A result's error chain as shown: each message escaped and cut to
+/// [`MAX_SHOWN_MESSAGE_BYTES`].
+fn shown_chain(chain: &[String]) -> String {
+    chain
+        .iter()
+        .map(|m| escape_capped(m, MAX_SHOWN_MESSAGE_BYTES))
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 fn chain(err: &dyn std::error::Error) -> String {

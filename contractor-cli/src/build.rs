@@ -87,6 +87,9 @@ pub enum BuildError {
     /// The data directory is unknown.
     #[error("{0}")]
     DataDir(String),
+    /// The project's store directory is not one Contractor may write into.
+    #[error("cannot keep the build record in this project")]
+    StoreDir(#[source] paths::StoreDirError),
 }
 
 impl BuildError {
@@ -106,6 +109,7 @@ impl BuildError {
             BuildError::Cache { .. } => (Outcome::Infrastructure, "cache_prepare"),
             BuildError::Service(..) => (Outcome::Infrastructure, "service_start"),
             BuildError::DataDir(_) => (Outcome::Infrastructure, "data_dir"),
+            BuildError::StoreDir(_) => (Outcome::Failed, "store_dir"),
         }
     }
 }
@@ -195,7 +199,7 @@ pub async fn build(
     let image =
         tokio::task::block_in_place(|| image::ensure(&spec.image)).map_err(BuildError::Image)?;
 
-    let store_root = paths::store_dir(&spec.project_dir);
+    let store_root = paths::checked_store_dir(&spec.project_dir).map_err(BuildError::StoreDir)?;
     close_abandoned_records(&store_root);
     let id = new_build_id();
     let record = store_root.join("builds").join(&id);
@@ -747,6 +751,9 @@ fn collect_artifacts(dir: &Path) -> Vec<PathBuf> {
 /// start time); it is removed when `result.json` is written.
 const OWNER_FILE: &str = "owner.json";
 
+/// Most bytes read of an `owner.json` (ours have about 50).
+const MAX_OWNER_BYTES: u64 = 4096;
+
 /// Gives every record whose `contractor` process died without finishing (SIGKILL, power
 /// loss) a `result.json` saying the build was interrupted. Records of live builds are left
 /// alone.
@@ -755,15 +762,20 @@ fn close_abandoned_records(store_root: &Path) {
         return;
     };
     for entry in entries.flatten() {
-        let record = entry.path();
-        let owner_file = record.join(OWNER_FILE);
-        if record.join("result.json").exists() {
+        // Only real directories: what a project ships there is never followed or opened
+        // unless it is a regular file.
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
-        let Ok(text) = std::fs::read_to_string(&owner_file) else {
+        let record = entry.path();
+        let owner_file = record.join(OWNER_FILE);
+        if std::fs::symlink_metadata(record.join("result.json")).is_ok() {
+            continue;
+        }
+        let Ok(text) = source::read_regular(&owner_file, MAX_OWNER_BYTES) else {
             continue;
         };
-        let owner: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let owner: serde_json::Value = serde_json::from_slice(&text).unwrap_or_default();
         let pid = owner["pid"].as_u64().and_then(|p| u32::try_from(p).ok());
         let alive = pid.is_some_and(|pid| {
             let start = contractor_vm::owner::process_start(pid);

@@ -643,7 +643,9 @@ fn print_log(file: &Path, id: Option<&str>, console: bool) -> Result<(), String>
 }
 
 fn console_tail(path: &std::path::Path) -> Vec<String> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // The console log is the guest's; virtlogd rotates it at 2 MiB.
+    let bytes = contractor_cli::source::read_regular(path, 8 << 20).unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<String> = text.lines().map(str::to_string).collect();
     lines[lines.len().saturating_sub(10)..].to_vec()
 }

@@ -97,9 +97,9 @@ pub fn open(store_root: &Path, id: Option<&str>) -> Result<Record, RecordError> 
         return Err(RecordError::NoSuchBuild { id, dir: builds });
     }
     let path = dir.join("result.json");
-    let result = match std::fs::read_to_string(&path) {
+    let result = match crate::source::read_regular(&path, MAX_RESULT_BYTES) {
         Ok(text) => Some(
-            serde_json::from_str(&text)
+            serde_json::from_slice(&text)
                 .map_err(|source| RecordError::BadResult { path, source })?,
         ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -108,10 +108,19 @@ pub fn open(store_root: &Path, id: Option<&str>) -> Result<Record, RecordError> 
     Ok(Record { id, dir, result })
 }
 
-/// A file of a record, as bytes (logs are printed exactly as written).
+/// Most bytes of a `result.json` read back (ours have a few KiB; error chains are capped).
+pub const MAX_RESULT_BYTES: u64 = 1 << 20;
+
+/// Most bytes of a record's file read back whole: a log is at most `build.max_log` plus
+/// its cut marker, and `build.max_log` is at most this.
+pub const MAX_RECORD_FILE_BYTES: u64 = 16 << 30;
+
+/// A file of a record, as bytes (logs are printed exactly as written). Only a regular
+/// file is opened (never a link or a FIFO a project may have shipped in `.contractor`).
 pub fn read_file(record: &Record, name: &str) -> Result<Vec<u8>, RecordError> {
     let path = record.dir.join(name);
-    std::fs::read(&path).map_err(|source| RecordError::Read { path, source })
+    crate::source::read_regular(&path, MAX_RECORD_FILE_BYTES)
+        .map_err(|source| RecordError::Read { path, source })
 }
 
 /// When a build started, from its id (`20261125-141502-3fa2c1` → `2026-11-25 14:15:02`).

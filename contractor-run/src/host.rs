@@ -14,10 +14,11 @@ use contractor_protocol::agent::{GuestMessage, HostMessage, TunnelTarget};
 use contractor_protocol::result::{ErrorInfo, Limit, Outcome};
 use contractor_protocol::run::{RunEvent, RunRequest};
 use contractor_protocol::PROTOCOL_VERSION;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::control::{read_line, Line, CONTROL_LINE_MAX};
 use crate::text::Utf8Chunker;
 use crate::tunnel::{self, Side, TunnelStream};
 
@@ -64,6 +65,12 @@ pub enum RunError {
         #[source]
         source: serde_json::Error,
     },
+    /// The agent sent a control line longer than the bound.
+    #[error(
+        "the agent sent a control line longer than {max} bytes (CONTROL_LINE_MAX); the run was stopped",
+        max = crate::control::CONTROL_LINE_MAX
+    )]
+    LineTooLong,
     /// The agent's first message was not `hello`.
     #[error("the agent did not start with hello")]
     NoHello,
@@ -150,12 +157,12 @@ pub async fn run(request: RunRequest, events: EventSink) -> RunEvent {
                 request.boot_timeout_secs
             ),
         ),
-        Ok(Err(err)) => Verdict::new(Outcome::Infrastructure, Some(error_info("infrastructure", &err))),
+        Ok(Err(err)) => Verdict::new(Outcome::Infrastructure, Some(error_info(err.code(), &err))),
         Ok(Ok(session)) => {
             let limit = Duration::from_secs(request.timeout_secs);
             match tokio::time::timeout(limit, session.run_job(&request, &events, &mut progress)).await {
                 Ok(Ok(())) => judge(&progress, &request),
-                Ok(Err(err)) => Verdict::new(Outcome::Infrastructure, Some(error_info("infrastructure", &err))),
+                Ok(Err(err)) => Verdict::new(Outcome::Infrastructure, Some(error_info(err.code(), &err))),
                 Err(_) => Verdict::limit(
                     Limit::Timeout,
                     Outcome::Timeout,
@@ -246,7 +253,17 @@ pub fn error_info(code: &str, err: &(dyn std::error::Error + 'static)) -> ErrorI
     ErrorInfo::from_error(code, err)
 }
 
-type ControlLines = tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>;
+type ControlLines = BufReader<tokio::net::unix::OwnedReadHalf>;
+
+impl RunError {
+    /// The code of the `finished` event's error.
+    fn code(&self) -> &'static str {
+        match self {
+            RunError::LineTooLong => "control_line_too_long",
+            _ => "infrastructure",
+        }
+    }
+}
 
 /// A VM whose agent has said hello.
 struct Session {
@@ -291,7 +308,7 @@ async fn connect(request: &RunRequest, events: &EventSink) -> Result<Session, Ru
     });
 
     let (read_half, control_out) = control.into_split();
-    let mut lines = BufReader::new(read_half).lines();
+    let mut lines = BufReader::new(read_half);
     match next_message(&mut lines).await? {
         Some(GuestMessage::Hello { agent_version, .. }) => {
             let _ = events.send(RunEvent::AgentReady { agent_version });
@@ -393,18 +410,26 @@ impl Session {
     }
 }
 
-async fn next_message(lines: &mut ControlLines) -> Result<Option<GuestMessage>, RunError> {
+/// The agent's next message; lines are read within [`CONTROL_LINE_MAX`].
+async fn next_message<R: AsyncBufRead + Unpin>(
+    lines: &mut R,
+) -> Result<Option<GuestMessage>, RunError> {
     loop {
-        let Some(line) = lines.next_line().await.map_err(RunError::Control)? else {
-            return Ok(None);
+        let line = match read_line(lines, CONTROL_LINE_MAX)
+            .await
+            .map_err(RunError::Control)?
+        {
+            Line::Text(line) => line,
+            Line::End => return Ok(None),
+            Line::TooLong => return Err(RunError::LineTooLong),
         };
-        if line.trim().is_empty() {
+        if line.trim_ascii().is_empty() {
             continue;
         }
-        return serde_json::from_str(&line)
+        return serde_json::from_slice(&line)
             .map(Some)
             .map_err(|source| RunError::BadMessage {
-                line: line.chars().take(200).collect(),
+                line: String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned(),
                 source,
             });
     }
@@ -577,6 +602,26 @@ mod tests {
             text.ends_with(marker) && text.len() == log.len(),
             "events carry the same text"
         );
+    }
+
+    #[tokio::test]
+    async fn a_control_line_past_the_bound_ends_the_read_with_its_code() {
+        let (mut guest, host) = tokio::io::duplex(64 * 1024);
+        let writer = tokio::spawn(async move {
+            let chunk = vec![b'x'; 64 * 1024];
+            // Twice the bound and more, without a newline; stops once the host hangs up.
+            for _ in 0..(2 * CONTROL_LINE_MAX / chunk.len() + 1) {
+                if guest.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut reader = BufReader::new(host);
+        let err = next_message(&mut reader).await.expect_err("too long");
+        assert_eq!(err.code(), "control_line_too_long");
+        assert!(err.to_string().contains("1048576 bytes"), "{err}");
+        drop(reader);
+        writer.await.expect("writer");
     }
 
     #[test]

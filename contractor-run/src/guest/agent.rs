@@ -23,9 +23,10 @@ use hyper::body::Frame;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
+use crate::control::{read_line, Line, CONTROL_LINE_MAX};
 use crate::tunnel::{self, Opener, Side};
 
 /// Where the source is unpacked and the script runs.
@@ -62,6 +63,12 @@ pub enum AgentError {
     /// The host sent something else than a job.
     #[error("the host sent an invalid job")]
     BadJob(#[source] serde_json::Error),
+    /// The host sent a control line longer than the bound.
+    #[error(
+        "the host sent a control line longer than {max} bytes (CONTROL_LINE_MAX)",
+        max = crate::control::CONTROL_LINE_MAX
+    )]
+    LineTooLong,
     /// The host closed the control channel before sending a job.
     #[error("the host sent no job")]
     NoJob,
@@ -166,7 +173,7 @@ pub async fn serve() -> Result<(), AgentError> {
         },
     )
     .await?;
-    let mut lines = BufReader::new(read_half).lines();
+    let mut lines = BufReader::new(read_half);
     let job = receive_job(&mut lines).await?;
 
     let result = run_job(&job, &opener, &mut control_out).await;
@@ -306,19 +313,29 @@ pub(crate) async fn send<W: AsyncWrite + Unpin>(
     out.flush().await.map_err(AgentError::Control)
 }
 
-type ControlLines = tokio::io::Lines<BufReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>>;
+type ControlLines = BufReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>;
+
+/// The host's next line, read within [`CONTROL_LINE_MAX`]; `None` at the end.
+pub(crate) async fn host_line<R: tokio::io::AsyncBufRead + Unpin>(
+    lines: &mut R,
+) -> Result<Option<Vec<u8>>, AgentError> {
+    match read_line(lines, CONTROL_LINE_MAX)
+        .await
+        .map_err(AgentError::Control)?
+    {
+        Line::Text(line) => Ok(Some(line)),
+        Line::End => Ok(None),
+        Line::TooLong => Err(AgentError::LineTooLong),
+    }
+}
 
 async fn receive_job(lines: &mut ControlLines) -> Result<Job, AgentError> {
     loop {
-        let line = lines
-            .next_line()
-            .await
-            .map_err(AgentError::Control)?
-            .ok_or(AgentError::NoJob)?;
-        if line.trim().is_empty() {
+        let line = host_line(lines).await?.ok_or(AgentError::NoJob)?;
+        if line.trim_ascii().is_empty() {
             continue;
         }
-        match serde_json::from_str(&line).map_err(AgentError::BadJob)? {
+        match serde_json::from_slice(&line).map_err(AgentError::BadJob)? {
             HostMessage::Job { job, .. } => return Ok(*job),
             // No VM is kept before a job: nothing to open a shell in.
             HostMessage::Shell { .. } => continue,

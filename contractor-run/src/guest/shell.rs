@@ -13,12 +13,12 @@ use std::process::{Command, Stdio};
 use contractor_protocol::agent::{GuestMessage, HostMessage, Job};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 
-use crate::guest::agent::{script_env, send, AgentError, WORK_DIR};
+use crate::guest::agent::{host_line, script_env, send, AgentError, WORK_DIR};
 
 /// Waits for a `shell` message on `lines` (the host may connect again much later; other
 /// lines are skipped), then serves one shell. Returns when the shell has exited.
 pub async fn wait_and_serve<R, W>(
-    mut lines: tokio::io::Lines<BufReader<R>>,
+    mut lines: BufReader<R>,
     mut out: W,
     job: &Job,
 ) -> Result<(), AgentError>
@@ -27,10 +27,10 @@ where
     W: AsyncWrite + Unpin,
 {
     let (cols, rows, term) = loop {
-        let Some(line) = lines.next_line().await.map_err(AgentError::Control)? else {
+        let Some(line) = host_line(&mut lines).await? else {
             return Ok(());
         };
-        if let Ok(HostMessage::Shell { cols, rows, term }) = serde_json::from_str(&line) {
+        if let Ok(HostMessage::Shell { cols, rows, term }) = serde_json::from_slice(&line) {
             break (cols, rows, term);
         }
     };
@@ -39,7 +39,7 @@ where
     send(&mut out, &GuestMessage::ShellStarted).await?;
 
     // Bytes the host sent after its `shell` line are in the reader's buffer: keep them.
-    let mut input = lines.into_inner();
+    let mut input = lines;
     let reader = File::from(master.try_clone().map_err(AgentError::Control)?);
     let mut terminal_in = tokio::fs::File::from_std(File::from(master));
     let mut terminal_out = tokio::fs::File::from_std(reader);

@@ -17,6 +17,11 @@ pub const GUEST_PROXY_PORT: u16 = 3128;
 /// Guest loopback port where the store is reachable.
 pub const GUEST_STORE_PORT: u16 = 8480;
 
+/// Most artifacts one build may report (`artifact` messages): 10,000. The agent refuses
+/// more before uploading; the host ends a build whose guest reports more
+/// (`too_many_artifacts`, failed).
+pub const MAX_REPORTED_ARTIFACTS: usize = 10_000;
+
 /// Where a tunnel stream goes: its first byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TunnelTarget {

@@ -22,8 +22,52 @@ use crate::control::{read_line, Line, CONTROL_LINE_MAX};
 use crate::text::Utf8Chunker;
 use crate::tunnel::{self, Side, TunnelStream};
 
-/// Where `run` sends its events.
-pub type EventSink = mpsc::UnboundedSender<RunEvent>;
+/// Where `run` sends its events: a bounded channel (make it with [`event_channel`]). `run`
+/// waits while it is full, so a guest that floods messages is slowed, not buffered.
+pub type EventSink = mpsc::Sender<RunEvent>;
+
+/// How many events wait in an [`EventSink`] before `run` waits for the reader: 256.
+pub const EVENT_QUEUE: usize = 256;
+
+/// Most `artifact` messages a guest may send in one build: 10,000. One more ends the
+/// build as failed (`too_many_artifacts`).
+pub const MAX_REPORTED_ARTIFACTS: usize = contractor_protocol::agent::MAX_REPORTED_ARTIFACTS;
+
+/// A bounded channel for `run`'s events ([`EVENT_QUEUE`] events).
+pub fn event_channel() -> (EventSink, mpsc::Receiver<RunEvent>) {
+    mpsc::channel(EVENT_QUEUE)
+}
+
+/// What the build may still send: `max_log` bytes, shared by its output and its control
+/// lines, so that a flood of control messages hits the same limit as a flood of output.
+#[derive(Debug)]
+struct Budget {
+    max: Option<u64>,
+    used: std::sync::atomic::AtomicU64,
+}
+
+impl Budget {
+    fn new(max: Option<u64>) -> Budget {
+        Budget {
+            max,
+            used: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Takes up to `n` bytes of the budget; returns how many it had room for.
+    fn take(&self, n: u64) -> u64 {
+        use std::sync::atomic::Ordering;
+        let Some(max) = self.max else { return n };
+        let mut granted = 0;
+        let _ = self
+            .used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+                granted = n.min(max.saturating_sub(used));
+                Some(used + granted)
+            });
+        granted
+    }
+}
 
 /// How long to wait for a VM's channel sockets to appear.
 const SOCKET_WAIT: Duration = Duration::from_secs(30);
@@ -93,6 +137,10 @@ struct Progress {
     oom_kills: u64,
     /// The build's disk was full when the script ended.
     disk_full: bool,
+    /// `artifact` messages received.
+    artifacts: usize,
+    /// The host judged the build failed while it ran (not a limit of the spec).
+    failure: Option<ErrorInfo>,
 }
 
 /// How a run ended, before it becomes the `finished` event.
@@ -144,9 +192,11 @@ impl Verdict {
 /// to `events`). Never fails: every failure is an outcome.
 pub async fn run(request: RunRequest, events: EventSink) -> RunEvent {
     let started = Instant::now();
-    let _ = events.send(RunEvent::Started {
-        version: PROTOCOL_VERSION,
-    });
+    let _ = events
+        .send(RunEvent::Started {
+            version: PROTOCOL_VERSION,
+        })
+        .await;
     let mut progress = Progress::default();
     let boot_limit = Duration::from_secs(request.boot_timeout_secs);
     let verdict = match tokio::time::timeout(boot_limit, connect(&request, &events)).await {
@@ -182,12 +232,15 @@ pub async fn run(request: RunRequest, events: EventSink) -> RunEvent {
         error: verdict.error,
         limit: verdict.limit,
     };
-    let _ = events.send(finished.clone());
+    let _ = events.send(finished.clone()).await;
     finished
 }
 
 /// Decides the outcome once the agent has said all it will say (or a limit stopped it).
 fn judge(progress: &Progress, request: &RunRequest) -> Verdict {
+    if let Some(error) = &progress.failure {
+        return Verdict::new(Outcome::Failed, Some(error.clone()));
+    }
     if let Some((limit, message)) = &progress.limit {
         return Verdict::limit(*limit, Outcome::Failed, message.clone());
     }
@@ -268,6 +321,7 @@ impl RunError {
 /// A VM whose agent has said hello.
 struct Session {
     lines: ControlLines,
+    budget: Arc<Budget>,
     control_out: tokio::net::unix::OwnedWriteHalf,
     log_done: oneshot::Receiver<LogEnd>,
 }
@@ -293,11 +347,12 @@ async fn connect(request: &RunRequest, events: &EventSink) -> Result<Session, Ru
         })?;
 
     let (log_done_tx, log_done) = oneshot::channel();
+    let budget = Arc::new(Budget::new(request.max_log_bytes));
     let relay = Relay {
         proxy: request.proxy,
         store: request.store,
         log: Arc::new(Mutex::new(Some((log, request.log.clone(), log_done_tx)))),
-        max_log: request.max_log_bytes,
+        budget: budget.clone(),
         events: events.clone(),
     };
     let (_opener, mut inbound) = tunnel::spawn(tunnel_io, Side::Host);
@@ -310,14 +365,15 @@ async fn connect(request: &RunRequest, events: &EventSink) -> Result<Session, Ru
     let (read_half, control_out) = control.into_split();
     let mut lines = BufReader::new(read_half);
     match next_message(&mut lines).await? {
-        Some(GuestMessage::Hello { agent_version, .. }) => {
-            let _ = events.send(RunEvent::AgentReady { agent_version });
+        Some((GuestMessage::Hello { agent_version, .. }, _)) => {
+            let _ = events.send(RunEvent::AgentReady { agent_version }).await;
         }
         Some(_) => return Err(RunError::NoHello),
         None => return Err(RunError::AgentGone),
     }
     Ok(Session {
         lines,
+        budget,
         control_out,
         log_done,
     })
@@ -365,14 +421,37 @@ impl Session {
                 },
                 None => next_message(&mut self.lines).await?,
             };
-            let Some(message) = message else { break };
+            let Some((message, bytes)) = message else {
+                break;
+            };
+            if self.budget.take(bytes as u64) < bytes as u64 {
+                progress.limit = Some((
+                    Limit::MaxLog,
+                    format!(
+                        "the build's output and control messages passed {} = {} bytes; the build was stopped",
+                        Limit::MaxLog.field(),
+                        self.budget.max.unwrap_or_default()
+                    ),
+                ));
+                return Ok(());
+            }
             match message {
                 GuestMessage::Hello { .. } => {}
                 GuestMessage::Phase { phase } => {
-                    let _ = events.send(RunEvent::Phase { phase });
+                    let _ = events.send(RunEvent::Phase { phase }).await;
                 }
                 GuestMessage::Artifact { path, size } => {
-                    let _ = events.send(RunEvent::Artifact { path, size });
+                    progress.artifacts += 1;
+                    if progress.artifacts > MAX_REPORTED_ARTIFACTS {
+                        progress.failure = Some(ErrorInfo {
+                            code: "too_many_artifacts".into(),
+                            chain: vec![format!(
+                                "the guest reported more than {MAX_REPORTED_ARTIFACTS} artifacts (MAX_REPORTED_ARTIFACTS); the build was stopped"
+                            )],
+                        });
+                        return Ok(());
+                    }
+                    let _ = events.send(RunEvent::Artifact { path, size }).await;
                 }
                 GuestMessage::ScriptExited {
                     code,
@@ -413,7 +492,7 @@ impl Session {
 /// The agent's next message; lines are read within [`CONTROL_LINE_MAX`].
 async fn next_message<R: AsyncBufRead + Unpin>(
     lines: &mut R,
-) -> Result<Option<GuestMessage>, RunError> {
+) -> Result<Option<(GuestMessage, usize)>, RunError> {
     loop {
         let line = match read_line(lines, CONTROL_LINE_MAX)
             .await
@@ -427,7 +506,7 @@ async fn next_message<R: AsyncBufRead + Unpin>(
             continue;
         }
         return serde_json::from_slice(&line)
-            .map(Some)
+            .map(|message| Some((message, line.len() + 1)))
             .map_err(|source| RunError::BadMessage {
                 line: String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned(),
                 source,
@@ -461,7 +540,7 @@ struct Relay {
     proxy: std::net::SocketAddr,
     store: std::net::SocketAddr,
     log: LogSlot,
-    max_log: Option<u64>,
+    budget: Arc<Budget>,
     events: EventSink,
 }
 
@@ -478,7 +557,7 @@ impl Relay {
                 // Only the first log stream is accepted; a second one is dropped.
                 let slot = self.log.lock().map(|mut slot| slot.take()).ok().flatten();
                 if let Some((file, path, done)) = slot {
-                    let end = match copy_log(stream, file, &self.events, self.max_log).await {
+                    let end = match copy_log(stream, file, &self.events, &self.budget).await {
                         Ok(end) => end,
                         Err(err) => {
                             eprintln!(
@@ -508,25 +587,21 @@ async fn copy_log(
     mut stream: TunnelStream,
     mut file: tokio::fs::File,
     events: &EventSink,
-    max: Option<u64>,
+    budget: &Budget,
 ) -> std::io::Result<LogEnd> {
     let mut chunker = Utf8Chunker::default();
     let mut buf = vec![0u8; 64 * 1024];
-    let mut written = 0u64;
     let mut end = LogEnd::Complete;
     loop {
         let n = stream.read(&mut buf).await?;
         if n == 0 {
             break;
         }
-        let room = max.map_or(n, |max| {
-            n.min(usize::try_from(max.saturating_sub(written)).unwrap_or(n))
-        });
+        let room = usize::try_from(budget.take(n as u64)).unwrap_or(n).min(n);
         file.write_all(&buf[..room]).await?;
-        written += room as u64;
         let mut text = chunker.push(&buf[..room]);
         if room < n {
-            let limit = max.unwrap_or(written);
+            let limit = budget.max.unwrap_or_default();
             let marker = format!(
                 "\n[contractor: output cut here: the build passed build.max_log = {limit} bytes]\n"
             );
@@ -536,7 +611,7 @@ async fn copy_log(
             end = LogEnd::Cut(limit);
         }
         if !text.is_empty() {
-            let _ = events.send(RunEvent::Output { text });
+            let _ = events.send(RunEvent::Output { text }).await;
         }
         if end != LogEnd::Complete {
             break;
@@ -544,7 +619,7 @@ async fn copy_log(
     }
     let text = chunker.finish();
     if !text.is_empty() {
-        let _ = events.send(RunEvent::Output { text });
+        let _ = events.send(RunEvent::Output { text }).await;
     }
     file.flush().await?;
     file.sync_all().await?;
@@ -571,8 +646,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("build.log");
         let file = tokio::fs::File::create(&path).await.expect("log file");
-        let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
-        let end = copy_log(stream, file, &events, max).await.expect("copy");
+        let (events, mut received) = event_channel();
+        let end = copy_log(stream, file, &events, &Budget::new(max))
+            .await
+            .expect("copy");
         drop(events);
         let mut text = String::new();
         while let Some(RunEvent::Output { text: t }) = received.recv().await {
@@ -622,6 +699,71 @@ mod tests {
         assert!(err.to_string().contains("1048576 bytes"), "{err}");
         drop(reader);
         writer.await.expect("writer");
+    }
+
+    /// Runs `run_job` against a guest that says `guest_says` on the control channel.
+    async fn job_with(guest_says: Vec<u8>, max_log: Option<u64>) -> (Progress, Vec<RunEvent>) {
+        let (host_end, mut guest_end) = UnixStream::pair().expect("socket pair");
+        let (read_half, control_out) = host_end.into_split();
+        let (_log_tx, log_done) = oneshot::channel();
+        let session = Session {
+            lines: BufReader::new(read_half),
+            budget: Arc::new(Budget::new(max_log)),
+            control_out,
+            log_done,
+        };
+        let guest = tokio::spawn(async move {
+            let _ = guest_end.write_all(&guest_says).await;
+            guest_end
+        });
+        let (events, mut received) = event_channel();
+        let reader = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while let Some(event) = received.recv().await {
+                seen.push(event);
+            }
+            seen
+        });
+        let mut progress = Progress::default();
+        session
+            .run_job(&request(), &events, &mut progress)
+            .await
+            .expect("run_job");
+        drop(events);
+        drop(guest.await.expect("guest"));
+        (progress, reader.await.expect("reader"))
+    }
+
+    fn lines_of(message: &GuestMessage, count: usize) -> Vec<u8> {
+        let mut line = serde_json::to_vec(message).expect("json");
+        line.push(b'\n');
+        line.repeat(count)
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_control_messages_hits_max_log() {
+        let phase = GuestMessage::Phase {
+            phase: contractor_protocol::agent::Phase::Script,
+        };
+        let (progress, events) = job_with(lines_of(&phase, 10_000), Some(10_000)).await;
+        let (limit, message) = progress.limit.expect("a limit");
+        assert_eq!(limit, Limit::MaxLog);
+        assert!(message.contains("build.max_log = 10000"), "{message}");
+        assert!(events.len() < 10_000 / 30, "{} events passed", events.len());
+    }
+
+    #[tokio::test]
+    async fn more_artifacts_than_the_bound_fail_the_build() {
+        let artifact = GuestMessage::Artifact {
+            path: "a".into(),
+            size: 1,
+        };
+        let (progress, events) =
+            job_with(lines_of(&artifact, MAX_REPORTED_ARTIFACTS + 5), None).await;
+        assert_eq!(events.len(), MAX_REPORTED_ARTIFACTS);
+        let verdict = judge(&progress, &request());
+        assert_eq!(verdict.outcome, Outcome::Failed);
+        assert_eq!(verdict.error.expect("error").code, "too_many_artifacts");
     }
 
     #[test]

@@ -465,7 +465,7 @@ impl Session {
                     progress.disk_full = disk_full;
                 }
                 GuestMessage::Error { code, chain } => {
-                    progress.agent_error = Some(ErrorInfo { code, chain });
+                    progress.agent_error = Some(ErrorInfo::capped(&code, &chain));
                 }
                 GuestMessage::Done => break,
                 // Only after a `shell` message, which `run` never sends.
@@ -705,15 +705,17 @@ mod tests {
     async fn job_with(guest_says: Vec<u8>, max_log: Option<u64>) -> (Progress, Vec<RunEvent>) {
         let (host_end, mut guest_end) = UnixStream::pair().expect("socket pair");
         let (read_half, control_out) = host_end.into_split();
-        let (_log_tx, log_done) = oneshot::channel();
+        let (_, log_done) = oneshot::channel();
         let session = Session {
             lines: BufReader::new(read_half),
             budget: Arc::new(Budget::new(max_log)),
             control_out,
             log_done,
         };
+        // The guest says its piece, then `done`, and keeps the channel open.
         let guest = tokio::spawn(async move {
             let _ = guest_end.write_all(&guest_says).await;
+            let _ = guest_end.write_all(b"{\"type\":\"done\"}\n").await;
             guest_end
         });
         let (events, mut received) = event_channel();
@@ -738,6 +740,18 @@ mod tests {
         let mut line = serde_json::to_vec(message).expect("json");
         line.push(b'\n');
         line.repeat(count)
+    }
+
+    #[tokio::test]
+    async fn an_oversized_agent_error_is_capped() {
+        let error = GuestMessage::Error {
+            code: "store".into(),
+            chain: vec!["x".repeat(20_000); 40],
+        };
+        let (progress, _) = job_with(lines_of(&error, 1), None).await;
+        let error = progress.agent_error.expect("error");
+        let bytes: usize = error.chain.iter().map(String::len).sum();
+        assert!(bytes < 17 * 4200, "{bytes} bytes kept");
     }
 
     #[tokio::test]

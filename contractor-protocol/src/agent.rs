@@ -124,6 +124,12 @@ pub enum HostMessage {
         /// The build.
         job: Box<Job>,
     },
+    /// Are you there? Sent every 5 s while the job runs (after `job`, until `done`); the
+    /// agent answers `pong` with the same `seq`.
+    Ping {
+        /// Counts up from 1.
+        seq: u64,
+    },
     /// Open an interactive shell in the kept VM. After the agent's `shell_started`, the
     /// control port carries the terminal's raw bytes both ways until the shell exits; then
     /// the VM powers off.
@@ -200,6 +206,11 @@ pub enum GuestMessage {
     /// The agent is finished: it powers off, unless the job's `keep` applies, when it waits
     /// for a `shell` message. Last message of the job.
     Done,
+    /// The answer to `ping`, with its `seq`.
+    Pong {
+        /// The `seq` of the ping answered.
+        seq: u64,
+    },
     /// The shell has started; raw terminal bytes follow.
     ShellStarted,
 }

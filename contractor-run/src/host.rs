@@ -14,7 +14,7 @@ use contractor_protocol::agent::{GuestMessage, HostMessage, TunnelTarget};
 use contractor_protocol::result::{ErrorInfo, Limit, Outcome};
 use contractor_protocol::run::{RunEvent, RunRequest};
 use contractor_protocol::PROTOCOL_VERSION;
-use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
@@ -71,6 +71,14 @@ impl Budget {
 
 /// How long to wait for a VM's channel sockets to appear.
 const SOCKET_WAIT: Duration = Duration::from_secs(30);
+/// How often the host pings the agent while the job runs: every 5 s.
+pub const PING_INTERVAL: Duration = Duration::from_secs(5);
+/// How long the host waits for a `pong` before it ends the run as `guest_unresponsive`:
+/// 30 s.
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the host still waits for `done` once the tunnel has ended (the guest powers
+/// off right after `done`, so the two may cross): 2 s.
+const TUNNEL_END_GRACE: Duration = Duration::from_secs(2);
 /// How long to wait for the rest of the output after the agent reports the script's end.
 const LOG_DRAIN: Duration = Duration::from_secs(10);
 
@@ -115,6 +123,15 @@ pub enum RunError {
         max = crate::control::CONTROL_LINE_MAX
     )]
     LineTooLong,
+    /// The tunnel's connection ended or failed while the job ran.
+    #[error("the tunnel to the guest broke while the build ran: {0}")]
+    TunnelBroken(String),
+    /// No `pong` came for [`LIVENESS_TIMEOUT`].
+    #[error(
+        "the guest stopped answering for {} s (no pong to the host's pings): it is frozen, suspended or its agent was stopped",
+        LIVENESS_TIMEOUT.as_secs()
+    )]
+    GuestUnresponsive,
     /// The agent's first message was not `hello`.
     #[error("the agent did not start with hello")]
     NoHello,
@@ -313,6 +330,11 @@ impl RunError {
     fn code(&self) -> &'static str {
         match self {
             RunError::LineTooLong => "control_line_too_long",
+            RunError::Control(_) => "control_broken",
+            RunError::BadMessage { .. } => "bad_message",
+            RunError::AgentGone => "agent_gone",
+            RunError::TunnelBroken(_) => "tunnel_broken",
+            RunError::GuestUnresponsive => "guest_unresponsive",
             _ => "infrastructure",
         }
     }
@@ -322,7 +344,9 @@ impl RunError {
 struct Session {
     lines: ControlLines,
     budget: Arc<Budget>,
-    control_out: tokio::net::unix::OwnedWriteHalf,
+    tunnel_end: oneshot::Receiver<tunnel::TunnelEnd>,
+    /// Taken by the pinger once the job is sent.
+    control_out: Option<tokio::net::unix::OwnedWriteHalf>,
     log_done: oneshot::Receiver<LogEnd>,
 }
 
@@ -354,8 +378,10 @@ async fn connect(request: &RunRequest, events: &EventSink) -> Result<Session, Ru
         log: Arc::new(Mutex::new(Some((log, request.log.clone(), log_done_tx)))),
         budget: budget.clone(),
         events: events.clone(),
+        streams: Arc::new(tokio::sync::Semaphore::new(tunnel::MAX_TUNNEL_STREAMS)),
+        refused: Arc::new(std::sync::atomic::AtomicU64::new(0)),
     };
-    let (_opener, mut inbound) = tunnel::spawn(tunnel_io, Side::Host);
+    let (_opener, mut inbound, tunnel_end) = tunnel::spawn(tunnel_io, Side::Host);
     tokio::spawn(async move {
         while let Some(stream) = inbound.recv().await {
             tokio::spawn(relay.clone().handle(stream));
@@ -374,13 +400,15 @@ async fn connect(request: &RunRequest, events: &EventSink) -> Result<Session, Ru
     Ok(Session {
         lines,
         budget,
-        control_out,
+        tunnel_end,
+        control_out: Some(control_out),
         log_done,
     })
 }
 
 impl Session {
-    /// Hands the agent its job and follows it to `done`.
+    /// Hands the agent its job and follows it to `done`, pinging it meanwhile; ends at
+    /// once when the control channel or the tunnel breaks or the agent stops answering.
     async fn run_job(
         mut self,
         request: &RunRequest,
@@ -391,38 +419,64 @@ impl Session {
             version: PROTOCOL_VERSION,
             job: Box::new(request.job.clone()),
         };
-        let mut line = serde_json::to_vec(&job).map_err(|e| RunError::Control(e.into()))?;
-        line.push(b'\n');
-        self.control_out
-            .write_all(&line)
-            .await
-            .map_err(RunError::Control)?;
+        let Some(mut out) = self.control_out.take() else {
+            return Err(RunError::Control(std::io::ErrorKind::NotConnected.into()));
+        };
+        write_message(&mut out, &job).await?;
+        // The pinger owns the writing half; it stops between two pings, never inside one,
+        // so that the port holds whole lines for a `shell` later.
+        let (stop_pings, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(ping(out, stopped));
+        let result = self.follow(events, progress).await;
+        let _ = stop_pings.send(true);
+        result
+    }
 
-        let mut log_done = Some(self.log_done);
+    async fn follow(
+        &mut self,
+        events: &EventSink,
+        progress: &mut Progress,
+    ) -> Result<(), RunError> {
+        let mut log_done = Some(&mut self.log_done);
+        let mut tunnel_end = Some(&mut self.tunnel_end);
+        let mut tunnel_gone: Option<(String, tokio::time::Instant)> = None;
+        let mut answer_by = tokio::time::Instant::now() + LIVENESS_TIMEOUT;
         loop {
-            let message = match log_done.as_mut() {
-                Some(done) => tokio::select! {
-                    message = next_message(&mut self.lines) => message?,
-                    end = done => {
-                        log_done = None;
-                        if let Ok(LogEnd::Cut(max)) = end {
-                            progress.limit = Some((
-                                Limit::MaxLog,
-                                format!(
-                                    "the build's output passed {} = {} bytes and was cut; the build was stopped",
-                                    Limit::MaxLog.field(),
-                                    max
-                                ),
-                            ));
-                            return Ok(());
-                        }
-                        continue;
+            let grace_until = tunnel_gone.as_ref().map(|(_, until)| *until);
+            let message = tokio::select! {
+                message = next_message(&mut self.lines) => message?,
+                end = async { log_done.as_mut().expect("guarded").await }, if log_done.is_some() => {
+                    log_done = None;
+                    if let Ok(LogEnd::Cut(max)) = end {
+                        progress.limit = Some((
+                            Limit::MaxLog,
+                            format!(
+                                "the build's output passed {} = {} bytes and was cut; the build was stopped",
+                                Limit::MaxLog.field(),
+                                max
+                            ),
+                        ));
+                        return Ok(());
                     }
-                },
-                None => next_message(&mut self.lines).await?,
+                    continue;
+                }
+                end = async { tunnel_end.as_mut().expect("guarded").await }, if tunnel_end.is_some() => {
+                    tunnel_end = None;
+                    let reason = match end {
+                        Ok(tunnel::TunnelEnd::Failed(reason)) => reason,
+                        Ok(tunnel::TunnelEnd::Closed) | Err(_) => "the guest closed it".to_string(),
+                    };
+                    tunnel_gone = Some((reason, tokio::time::Instant::now() + TUNNEL_END_GRACE));
+                    continue;
+                }
+                () = tokio::time::sleep_until(grace_until.unwrap_or(answer_by)), if grace_until.is_some() => {
+                    let (reason, _) = tunnel_gone.take().expect("guarded");
+                    return Err(RunError::TunnelBroken(reason));
+                }
+                () = tokio::time::sleep_until(answer_by) => return Err(RunError::GuestUnresponsive),
             };
             let Some((message, bytes)) = message else {
-                break;
+                return Err(RunError::AgentGone);
             };
             if self.budget.take(bytes as u64) < bytes as u64 {
                 progress.limit = Some((
@@ -437,6 +491,9 @@ impl Session {
             }
             match message {
                 GuestMessage::Hello { .. } => {}
+                GuestMessage::Pong { .. } => {
+                    answer_by = tokio::time::Instant::now() + LIVENESS_TIMEOUT;
+                }
                 GuestMessage::Phase { phase } => {
                     let _ = events.send(RunEvent::Phase { phase }).await;
                 }
@@ -486,6 +543,38 @@ impl Session {
             }
         }
         Ok(())
+    }
+}
+
+/// Writes one message to the agent as one line.
+async fn write_message<W: AsyncWrite + Unpin>(
+    out: &mut W,
+    message: &HostMessage,
+) -> Result<(), RunError> {
+    let mut line = serde_json::to_vec(message).map_err(|e| RunError::Control(e.into()))?;
+    line.push(b'\n');
+    out.write_all(&line).await.map_err(RunError::Control)?;
+    out.flush().await.map_err(RunError::Control)
+}
+
+/// Sends `ping` every [`PING_INTERVAL`] until `stop` turns true or the channel fails.
+async fn ping<W: AsyncWrite + Unpin>(mut out: W, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut seq = 0;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(PING_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+        seq += 1;
+        if write_message(&mut out, &HostMessage::Ping { seq })
+            .await
+            .is_err()
+        {
+            return;
+        }
     }
 }
 
@@ -542,6 +631,10 @@ struct Relay {
     log: LogSlot,
     budget: Arc<Budget>,
     events: EventSink,
+    /// Proxy and store streams relayed at once, at most MAX_TUNNEL_STREAMS.
+    streams: Arc<tokio::sync::Semaphore>,
+    /// Streams closed because MAX_TUNNEL_STREAMS were open.
+    refused: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Relay {
@@ -550,28 +643,45 @@ impl Relay {
         if stream.read_exact(&mut tag).await.is_err() {
             return;
         }
-        match TunnelTarget::from_tag(tag[0]) {
-            Some(TunnelTarget::Proxy) => splice(stream, self.proxy).await,
-            Some(TunnelTarget::Store) => splice(stream, self.store).await,
-            Some(TunnelTarget::Log) => {
-                // Only the first log stream is accepted; a second one is dropped.
-                let slot = self.log.lock().map(|mut slot| slot.take()).ok().flatten();
-                if let Some((file, path, done)) = slot {
-                    let end = match copy_log(stream, file, &self.events, &self.budget).await {
-                        Ok(end) => end,
-                        Err(err) => {
-                            eprintln!(
-                                "contractor-run: cannot write the build log {}: {err}",
-                                path.display()
-                            );
-                            LogEnd::Complete
-                        }
-                    };
-                    let _ = done.send(end);
-                }
+        let target = match TunnelTarget::from_tag(tag[0]) {
+            Some(TunnelTarget::Proxy) => self.proxy,
+            Some(TunnelTarget::Store) => self.store,
+            Some(TunnelTarget::Log) => return self.take_log(stream).await,
+            None => return,
+        };
+        let Ok(_permit) = self.streams.clone().try_acquire_owned() else {
+            // Closed at once: the guest's connection sees its end, nothing waits.
+            let refused = self
+                .refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if refused == 0 {
+                eprintln!(
+                    "contractor-run: the guest holds {} tunnel streams (MAX_TUNNEL_STREAMS); further ones are refused",
+                    tunnel::MAX_TUNNEL_STREAMS
+                );
             }
-            None => {}
-        }
+            return;
+        };
+        splice(stream, target).await
+    }
+
+    /// Copies the first log stream to the log; a second one is dropped.
+    async fn take_log(self, stream: TunnelStream) {
+        let slot = self.log.lock().map(|mut slot| slot.take()).ok().flatten();
+        let Some((file, path, done)) = slot else {
+            return;
+        };
+        let end = match copy_log(stream, file, &self.events, &self.budget).await {
+            Ok(end) => end,
+            Err(err) => {
+                eprintln!(
+                    "contractor-run: cannot write the build log {}: {err}",
+                    path.display()
+                );
+                LogEnd::Complete
+            }
+        };
+        let _ = done.send(end);
     }
 }
 
@@ -632,8 +742,8 @@ mod tests {
 
     async fn log_through_tunnel(output: &[u8], max: Option<u64>) -> (LogEnd, Vec<u8>, String) {
         let (guest_io, host_io) = tokio::io::duplex(64 * 1024);
-        let (opener, _) = tunnel::spawn(guest_io, Side::Guest);
-        let (_, mut inbound) = tunnel::spawn(host_io, Side::Host);
+        let (opener, _, _) = tunnel::spawn(guest_io, Side::Guest);
+        let (_, mut inbound, _) = tunnel::spawn(host_io, Side::Host);
         let mut guest = opener
             .open(TunnelTarget::Log)
             .await
@@ -703,19 +813,40 @@ mod tests {
 
     /// Runs `run_job` against a guest that says `guest_says` on the control channel.
     async fn job_with(guest_says: Vec<u8>, max_log: Option<u64>) -> (Progress, Vec<RunEvent>) {
+        let mut says = guest_says;
+        says.extend_from_slice(b"{\"type\":\"done\"}\n");
+        let (result, progress, events) = job_against(says, max_log, None).await;
+        result.expect("run_job");
+        (progress, events)
+    }
+
+    /// Runs `run_job` against a guest that says `says` (and keeps the channel open), with
+    /// a tunnel that ends as `tunnel` says (never when None).
+    async fn job_against(
+        says: Vec<u8>,
+        max_log: Option<u64>,
+        tunnel: Option<tunnel::TunnelEnd>,
+    ) -> (Result<(), RunError>, Progress, Vec<RunEvent>) {
         let (host_end, mut guest_end) = UnixStream::pair().expect("socket pair");
         let (read_half, control_out) = host_end.into_split();
         let (_, log_done) = oneshot::channel();
+        let (tunnel_tx, tunnel_end) = oneshot::channel();
+        let _tunnel_alive = match tunnel {
+            Some(end) => {
+                let _ = tunnel_tx.send(end);
+                None
+            }
+            None => Some(tunnel_tx),
+        };
         let session = Session {
             lines: BufReader::new(read_half),
             budget: Arc::new(Budget::new(max_log)),
-            control_out,
+            control_out: Some(control_out),
             log_done,
+            tunnel_end,
         };
-        // The guest says its piece, then `done`, and keeps the channel open.
         let guest = tokio::spawn(async move {
-            let _ = guest_end.write_all(&guest_says).await;
-            let _ = guest_end.write_all(b"{\"type\":\"done\"}\n").await;
+            let _ = guest_end.write_all(&says).await;
             guest_end
         });
         let (events, mut received) = event_channel();
@@ -727,13 +858,68 @@ mod tests {
             seen
         });
         let mut progress = Progress::default();
-        session
-            .run_job(&request(), &events, &mut progress)
-            .await
-            .expect("run_job");
+        let result = session.run_job(&request(), &events, &mut progress).await;
         drop(events);
         drop(guest.await.expect("guest"));
-        (progress, reader.await.expect("reader"))
+        (result, progress, reader.await.expect("reader"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broken_tunnel_ends_the_job_at_once() {
+        let (result, _, _) = job_against(
+            Vec::new(),
+            None,
+            Some(tunnel::TunnelEnd::Failed("bad frame".into())),
+        )
+        .await;
+        let err = result.expect_err("broken");
+        assert_eq!(err.code(), "tunnel_broken");
+        assert!(err.to_string().contains("bad frame"), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_guest_that_stops_answering_pings_is_unresponsive() {
+        // The agent said it started the script, then froze.
+        let phase = GuestMessage::Phase {
+            phase: contractor_protocol::agent::Phase::Script,
+        };
+        let (result, _, _) = job_against(lines_of(&phase, 1), None, None).await;
+        let err = result.expect_err("unresponsive");
+        assert_eq!(err.code(), "guest_unresponsive");
+        assert!(err.to_string().contains("30 s"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_control_channel_closed_before_done_is_agent_gone() {
+        let exited = GuestMessage::ScriptExited {
+            code: Some(0),
+            signal: None,
+            oom_kills: 0,
+            disk_full: false,
+        };
+        let (host_end, mut guest_end) = UnixStream::pair().expect("socket pair");
+        guest_end
+            .write_all(&lines_of(&exited, 1))
+            .await
+            .expect("write");
+        // The guest's side closes its sending half; the host's job still goes out.
+        guest_end.shutdown().await.expect("shutdown");
+        let (read_half, control_out) = host_end.into_split();
+        let (_, log_done) = oneshot::channel();
+        let (_tunnel_alive, tunnel_end) = oneshot::channel();
+        let session = Session {
+            lines: BufReader::new(read_half),
+            budget: Arc::new(Budget::new(None)),
+            control_out: Some(control_out),
+            log_done,
+            tunnel_end,
+        };
+        let (events, _received) = event_channel();
+        let err = session
+            .run_job(&request(), &events, &mut Progress::default())
+            .await
+            .expect_err("gone");
+        assert_eq!(err.code(), "agent_gone");
     }
 
     fn lines_of(message: &GuestMessage, count: usize) -> Vec<u8> {

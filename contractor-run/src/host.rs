@@ -292,7 +292,9 @@ fn judge(progress: &Progress, request: &RunRequest) -> Verdict {
     }
     if let Some(error) = &progress.agent_error {
         return match error.code.as_str() {
-            "artifact_missing" => Verdict::new(Outcome::Failed, Some(error.clone())),
+            "artifact_missing" | "artifact_name" | "artifact_rejected" | "too_many_artifacts" => {
+                Verdict::new(Outcome::Failed, Some(error.clone()))
+            }
             "limit_max_artifacts" => Verdict {
                 outcome: Outcome::Failed,
                 error: Some(error.clone()),
@@ -964,6 +966,25 @@ mod tests {
         let verdict = judge(&progress, &request());
         assert_eq!(verdict.outcome, Outcome::Failed);
         assert_eq!(verdict.error.expect("error").code, "too_many_artifacts");
+    }
+
+    #[test]
+    fn artifacts_the_store_refuses_fail_the_build_not_the_machinery() {
+        for code in ["artifact_name", "artifact_rejected", "too_many_artifacts"] {
+            let progress = Progress {
+                exit_code: Some(0),
+                agent_error: Some(ErrorInfo {
+                    code: code.into(),
+                    chain: vec!["artifact \"a\\\\b\" cannot be stored".into()],
+                }),
+                ..Progress::default()
+            };
+            assert_eq!(
+                judge(&progress, &request()).outcome,
+                Outcome::Failed,
+                "{code}"
+            );
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use contractor_protocol::agent::{
     CacheJob, GuestMessage, HostMessage, Job, Keep, Phase, TunnelTarget, CONTROL_PORT,
-    GUEST_PROXY_PORT, GUEST_STORE_PORT, TUNNEL_PORT,
+    GUEST_PROXY_PORT, GUEST_STORE_PORT, MAX_REPORTED_ARTIFACTS, TUNNEL_PORT,
 };
 use contractor_protocol::PROTOCOL_VERSION;
 use futures::TryStreamExt;
@@ -130,6 +130,30 @@ pub enum AgentError {
         /// Why.
         reason: String,
     },
+    /// An artifact's name is one the store cannot take.
+    #[error("artifact {path} cannot be stored: {reason}; the store takes names of UTF-8 characters without a backslash (\\) or NUL byte")]
+    ArtifactName {
+        /// The path relative to the source root, escaped.
+        path: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The store refused an artifact (a 4xx answer other than 413).
+    #[error("the store refused artifact {path:?}: {status} {body}")]
+    ArtifactRejected {
+        /// The path relative to the source root.
+        path: String,
+        /// The status.
+        status: StatusCode,
+        /// The store's answer, truncated.
+        body: String,
+    },
+    /// The artifact patterns name more files than a build may report.
+    #[error("the artifact patterns name {count} files, more than {max} (MAX_REPORTED_ARTIFACTS)", max = MAX_REPORTED_ARTIFACTS)]
+    TooManyArtifacts {
+        /// How many.
+        count: usize,
+    },
     /// The tunnel failed.
     #[error("tunnel failed")]
     Tunnel(#[source] tunnel::TunnelError),
@@ -142,6 +166,9 @@ impl AgentError {
             AgentError::ArtifactMissing { .. } | AgentError::BadPattern { .. } => {
                 "artifact_missing"
             }
+            AgentError::ArtifactName { .. } => "artifact_name",
+            AgentError::ArtifactRejected { .. } => "artifact_rejected",
+            AgentError::TooManyArtifacts { .. } => "too_many_artifacts",
             AgentError::StoreStatus { status, .. } if *status == StatusCode::PAYLOAD_TOO_LARGE => {
                 "limit_max_artifacts"
             }
@@ -365,7 +392,19 @@ async fn run_job(job: &Job, opener: &Opener, control: &ControlOut) -> Result<boo
                 &format!("{}{}", job.artifacts_dest, relative),
                 token,
             )
-            .await?;
+            .await
+            .map_err(|err| match err {
+                AgentError::StoreStatus { status, body, .. }
+                    if status.is_client_error() && status != StatusCode::PAYLOAD_TOO_LARGE =>
+                {
+                    AgentError::ArtifactRejected {
+                        path: relative.clone(),
+                        status,
+                        body,
+                    }
+                }
+                other => other,
+            })?;
             say(
                 control,
                 &GuestMessage::Artifact {
@@ -815,16 +854,39 @@ fn artifact_files(root: &Path, patterns: &[String]) -> Result<Vec<(PathBuf, Stri
             });
         }
     }
-    let mut out = Vec::new();
+    let mut out: Vec<(PathBuf, String)> = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
     for path in files {
         if let Ok(relative) = path.strip_prefix(root) {
-            let relative = relative.to_string_lossy().into_owned();
-            if !out.iter().any(|(_, r)| r == &relative) {
+            let relative = artifact_name(relative)?;
+            if seen.insert(relative.clone()) {
                 out.push((path.clone(), relative));
             }
         }
     }
+    if out.len() > MAX_REPORTED_ARTIFACTS {
+        return Err(AgentError::TooManyArtifacts { count: out.len() });
+    }
     Ok(out)
+}
+
+/// The store path of an artifact, exactly its name: refused (never renamed) when the
+/// store could not take it (contractor-store's path rules: UTF-8, no `\\`, no NUL).
+fn artifact_name(relative: &Path) -> Result<String, AgentError> {
+    let bad = |reason| AgentError::ArtifactName {
+        path: format!("{relative:?}"),
+        reason,
+    };
+    let name = relative
+        .to_str()
+        .ok_or_else(|| bad("its name is not UTF-8"))?;
+    if name.contains('\\') {
+        return Err(bad("its name holds a backslash"));
+    }
+    if name.contains('\0') {
+        return Err(bad("its name holds a NUL byte"));
+    }
+    Ok(name.to_string())
 }
 
 fn collect_files(path: &Path, files: &mut Vec<PathBuf>) {
@@ -980,6 +1042,26 @@ mod tests {
         assert!(err.to_string().contains("\"missing\""), "{err}");
         let err = artifact_files(dir.path(), &["../etc/passwd".into()]).expect_err("escapes");
         assert!(err.to_string().contains("stay inside"), "{err}");
+    }
+
+    #[test]
+    fn artifacts_the_store_cannot_take_fail_by_name_and_are_never_renamed() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a\\b"), b"x").expect("write");
+        let err = artifact_files(dir.path(), &["a*".into()]).expect_err("backslash");
+        assert_eq!(err.code(), "artifact_name");
+        assert!(err.to_string().contains(r#""a\\b""#), "{err}");
+        assert!(err.to_string().contains("backslash"), "{err}");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let name = std::ffi::OsStr::from_bytes(b"n\xffme");
+        std::fs::create_dir(dir.path().join("out")).expect("mkdir");
+        std::fs::write(dir.path().join("out").join(name), b"x").expect("write");
+        let err = artifact_files(dir.path(), &["out".into()]).expect_err("not UTF-8");
+        assert_eq!(err.code(), "artifact_name");
+        assert!(err.to_string().contains(r"n\xFFme"), "{err}");
+        assert!(err.to_string().contains("not UTF-8"), "{err}");
     }
 
     #[test]

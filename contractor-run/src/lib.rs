@@ -11,6 +11,7 @@
 pub mod control;
 pub mod guest;
 pub mod host;
+pub mod rlimit;
 pub mod text;
 pub mod tunnel;
 

@@ -93,6 +93,9 @@ impl StartError {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Err(err) = contractor_run::rlimit::raise_nofile() {
+        eprintln!("contractor-run: warning: cannot raise the open-files limit: {err}");
+    }
     match run() {
         Ok(code) => code.into(),
         Err(err) => {

@@ -246,7 +246,9 @@ pub async fn run(request: RunRequest, events: EventSink) -> RunEvent {
         outcome: verdict.outcome,
         exit_code: progress.exit_code,
         duration_secs: started.elapsed().as_secs_f64(),
-        error: verdict.error,
+        // Guest text reaches the error in more ways than `error` (serde names what it could
+        // not parse): cap it all.
+        error: verdict.error.map(|e| ErrorInfo::capped(&e.code, &e.chain)),
         limit: verdict.limit,
     };
     let _ = events.send(finished.clone()).await;
@@ -928,6 +930,48 @@ mod tests {
         let mut line = serde_json::to_vec(message).expect("json");
         line.push(b'\n');
         line.repeat(count)
+    }
+
+    #[tokio::test]
+    async fn a_bad_message_naming_a_huge_type_reaches_finished_capped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let control = dir.path().join("control");
+        let tunnel_socket = dir.path().join("tunnel");
+        let control_listener = tokio::net::UnixListener::bind(&control).expect("control");
+        let tunnel_listener = tokio::net::UnixListener::bind(&tunnel_socket).expect("tunnel");
+        let guest = tokio::spawn(async move {
+            let (mut control, _) = control_listener.accept().await.expect("accept control");
+            let (tunnel, _) = tunnel_listener.accept().await.expect("accept tunnel");
+            let hello = r#"{"type":"hello","version":1,"agent_version":"0"}"#;
+            let bad = format!("{{\"type\":\"{}\"}}\n", "x".repeat(500_000));
+            control
+                .write_all(format!("{hello}\n{bad}").as_bytes())
+                .await
+                .expect("write");
+            (control, tunnel)
+        });
+        let mut request = request();
+        request.control_socket = control;
+        request.tunnel_socket = tunnel_socket;
+        request.log = dir.path().join("build.log");
+        let (events, mut received) = event_channel();
+        let drain = tokio::spawn(async move {
+            while let Some(event) = received.recv().await {
+                if matches!(event, RunEvent::Finished { .. }) {
+                    break;
+                }
+            }
+        });
+        let finished = run(request, events).await;
+        drain.await.expect("drain");
+        drop(guest.await.expect("guest"));
+        let RunEvent::Finished { error, .. } = finished else {
+            panic!("not finished: {finished:?}");
+        };
+        let error = error.expect("error");
+        assert_eq!(error.code, "bad_message");
+        let bytes: usize = error.chain.iter().map(String::len).sum();
+        assert!(bytes < 17 * 4200, "{bytes} bytes in finished");
     }
 
     #[tokio::test]

@@ -128,12 +128,14 @@ fn run() -> Result<ExitCode, StartError> {
         let printer = tokio::task::spawn_blocking(move || {
             let mut stdout = std::io::stdout().lock();
             while let Some(event) = received.blocking_recv() {
+                // `finished` is last; the relay may hold the channel open while the VM lives.
+                let last = matches!(event, RunEvent::Finished { .. });
                 let mut line = Vec::new();
                 if contractor_protocol::jsonl::encode_line(&mut line, &event).is_err() {
                     break;
                 }
                 let line = escape_controls(&line);
-                if contractor_protocol::jsonl::write_flushed(&mut stdout, &line).is_err() {
+                if contractor_protocol::jsonl::write_flushed(&mut stdout, &line).is_err() || last {
                     break;
                 }
             }

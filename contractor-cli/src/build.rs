@@ -499,7 +499,7 @@ async fn run_in_vm(
         disk_gib: Some(limits.disk_gib),
         job,
     };
-    let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let (events, mut received) = contractor_run::host::event_channel();
     let printer = tokio::spawn(async move {
         while let Some(event) = received.recv().await {
             let shown = match event {

@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::result::ErrorInfo;
+
 /// The name of the control port (virtio-serial) as the guest sees it.
 pub const CONTROL_PORT: &str = "org.contractor.control";
 /// The name of the tunnel port (virtio-serial) as the guest sees it.
@@ -16,6 +18,11 @@ pub const TUNNEL_PORT: &str = "org.contractor.tunnel";
 pub const GUEST_PROXY_PORT: u16 = 3128;
 /// Guest loopback port where the store is reachable.
 pub const GUEST_STORE_PORT: u16 = 8480;
+
+/// Most artifacts one build may report (`artifact` messages): 10,000. The agent refuses
+/// more before uploading; the host ends a build whose guest reports more
+/// (`too_many_artifacts`, failed).
+pub const MAX_REPORTED_ARTIFACTS: usize = 10_000;
 
 /// Where a tunnel stream goes: its first byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +124,12 @@ pub enum HostMessage {
         /// The build.
         job: Box<Job>,
     },
+    /// Are you there? Sent every 5 s while the job runs (after `job`, until `done`); the
+    /// agent answers `pong` with the same `seq`.
+    Ping {
+        /// Counts up from 1.
+        seq: u64,
+    },
     /// Open an interactive shell in the kept VM. After the agent's `shell_started`, the
     /// control port carries the terminal's raw bytes both ways until the shell exits; then
     /// the VM powers off.
@@ -193,6 +206,11 @@ pub enum GuestMessage {
     /// The agent is finished: it powers off, unless the job's `keep` applies, when it waits
     /// for a `shell` message. Last message of the job.
     Done,
+    /// The answer to `ping`, with its `seq`.
+    Pong {
+        /// The `seq` of the ping answered.
+        seq: u64,
+    },
     /// The shell has started; raw terminal bytes follow.
     ShellStarted,
 }
@@ -203,4 +221,114 @@ fn is_zero(n: &u64) -> bool {
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+/// Most entries of a guest-provided error chain that are kept: 16 (the last one says how
+/// much more was cut).
+pub const ERROR_CHAIN_MAX: usize = 16;
+/// Most bytes of one entry of a guest-provided error chain: 4 KiB (4,096 bytes), plus the
+/// cut marker.
+pub const ERROR_TEXT_MAX: usize = 4096;
+/// Most bytes of a guest-provided error code: 64, made of `a-z 0-9 _` only.
+pub const ERROR_CODE_MAX: usize = 64;
+
+impl ErrorInfo {
+    /// An error whose code and chain come from someone not trusted (the guest agent),
+    /// bounded: at most [`ERROR_CHAIN_MAX`] entries of at most [`ERROR_TEXT_MAX`] bytes each,
+    /// with a visible `… (cut: N more bytes)` marker where text was cut; a code that is not
+    /// 1 to [`ERROR_CODE_MAX`] characters of `a-z 0-9 _` becomes `agent`, and the original,
+    /// escaped and cut, opens the chain.
+    pub fn capped(code: &str, chain: &[String]) -> ErrorInfo {
+        let code_ok = !code.is_empty()
+            && code.len() <= ERROR_CODE_MAX
+            && code
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        let mut entries: Vec<String> = Vec::new();
+        if !code_ok {
+            let shown = cut_text(code, ERROR_CODE_MAX);
+            entries.push(format!(
+                "the agent sent an invalid error code {shown:?} (accepted: 1 to {ERROR_CODE_MAX} characters of a-z 0-9 _)"
+            ));
+        }
+        let room = ERROR_CHAIN_MAX - entries.len();
+        let (kept, rest) = if chain.len() > room {
+            chain.split_at(room - 1)
+        } else {
+            (chain, &[][..])
+        };
+        entries.extend(kept.iter().map(|text| cut_text(text, ERROR_TEXT_MAX)));
+        if !rest.is_empty() {
+            let bytes: usize = rest.iter().map(String::len).sum();
+            entries.push(format!(
+                "\u{2026} (cut: {} more entries, {bytes} more bytes)",
+                rest.len()
+            ));
+        }
+        ErrorInfo {
+            code: if code_ok {
+                code.to_string()
+            } else {
+                "agent".to_string()
+            },
+            chain: entries,
+        }
+    }
+}
+
+/// `text` cut to at most `max` bytes on a character boundary, with a marker saying how
+/// many bytes were cut.
+fn cut_text(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}\u{2026} (cut: {} more bytes)",
+        &text[..end],
+        text.len() - end
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_error_is_cut_to_its_bounds_with_markers() {
+        let chain: Vec<String> = (0..100).map(|_| "é".repeat(10_000)).collect();
+        let info = ErrorInfo::capped("store", &chain);
+        assert_eq!(info.code, "store");
+        assert_eq!(info.chain.len(), ERROR_CHAIN_MAX);
+        for entry in &info.chain[..ERROR_CHAIN_MAX - 1] {
+            assert!(entry.len() <= ERROR_TEXT_MAX + 40, "{}", entry.len());
+            assert!(entry.ends_with("(cut: 15904 more bytes)"), "{entry}");
+        }
+        assert_eq!(
+            info.chain[ERROR_CHAIN_MAX - 1],
+            "\u{2026} (cut: 85 more entries, 1700000 more bytes)"
+        );
+    }
+
+    #[test]
+    fn a_bad_code_becomes_agent_with_the_original_escaped() {
+        let info = ErrorInfo::capped("Evil\u{1b}[2J", &["why".into()]);
+        assert_eq!(info.code, "agent");
+        assert!(
+            info.chain[0].contains(r#""Evil\u{1b}[2J""#),
+            "{}",
+            info.chain[0]
+        );
+        assert_eq!(info.chain[1], "why");
+        let long = "a".repeat(ERROR_CODE_MAX + 1);
+        assert_eq!(ErrorInfo::capped(&long, &[]).code, "agent");
+        let short = ErrorInfo::capped("source_fetch", &["x".into()]);
+        assert_eq!(
+            (short.code.as_str(), short.chain.len()),
+            ("source_fetch", 1)
+        );
+    }
 }

@@ -14,18 +14,71 @@ use contractor_protocol::agent::{GuestMessage, HostMessage, TunnelTarget};
 use contractor_protocol::result::{ErrorInfo, Limit, Outcome};
 use contractor_protocol::run::{RunEvent, RunRequest};
 use contractor_protocol::PROTOCOL_VERSION;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::control::{read_line, Line, CONTROL_LINE_MAX};
 use crate::text::Utf8Chunker;
 use crate::tunnel::{self, Side, TunnelStream};
 
-/// Where `run` sends its events.
-pub type EventSink = mpsc::UnboundedSender<RunEvent>;
+/// Where `run` sends its events: a bounded channel (make it with [`event_channel`]). `run`
+/// waits while it is full, so a guest that floods messages is slowed, not buffered.
+pub type EventSink = mpsc::Sender<RunEvent>;
+
+/// How many events wait in an [`EventSink`] before `run` waits for the reader: 256.
+pub const EVENT_QUEUE: usize = 256;
+
+/// Most `artifact` messages a guest may send in one build: 10,000. One more ends the
+/// build as failed (`too_many_artifacts`).
+pub const MAX_REPORTED_ARTIFACTS: usize = contractor_protocol::agent::MAX_REPORTED_ARTIFACTS;
+
+/// A bounded channel for `run`'s events ([`EVENT_QUEUE`] events).
+pub fn event_channel() -> (EventSink, mpsc::Receiver<RunEvent>) {
+    mpsc::channel(EVENT_QUEUE)
+}
+
+/// What the build may still send: `max_log` bytes, shared by its output and its control
+/// lines, so that a flood of control messages hits the same limit as a flood of output.
+#[derive(Debug)]
+struct Budget {
+    max: Option<u64>,
+    used: std::sync::atomic::AtomicU64,
+}
+
+impl Budget {
+    fn new(max: Option<u64>) -> Budget {
+        Budget {
+            max,
+            used: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Takes up to `n` bytes of the budget; returns how many it had room for.
+    fn take(&self, n: u64) -> u64 {
+        use std::sync::atomic::Ordering;
+        let Some(max) = self.max else { return n };
+        let mut granted = 0;
+        let _ = self
+            .used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+                granted = n.min(max.saturating_sub(used));
+                Some(used + granted)
+            });
+        granted
+    }
+}
 
 /// How long to wait for a VM's channel sockets to appear.
 const SOCKET_WAIT: Duration = Duration::from_secs(30);
+/// How often the host pings the agent while the job runs: every 5 s.
+pub const PING_INTERVAL: Duration = Duration::from_secs(5);
+/// How long the host waits for a `pong` before it ends the run as `guest_unresponsive`:
+/// 30 s.
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the host still waits for `done` once the tunnel has ended (the guest powers
+/// off right after `done`, so the two may cross): 2 s.
+const TUNNEL_END_GRACE: Duration = Duration::from_secs(2);
 /// How long to wait for the rest of the output after the agent reports the script's end.
 const LOG_DRAIN: Duration = Duration::from_secs(10);
 
@@ -64,6 +117,21 @@ pub enum RunError {
         #[source]
         source: serde_json::Error,
     },
+    /// The agent sent a control line longer than the bound.
+    #[error(
+        "the agent sent a control line longer than {max} bytes (CONTROL_LINE_MAX); the run was stopped",
+        max = crate::control::CONTROL_LINE_MAX
+    )]
+    LineTooLong,
+    /// The tunnel's connection ended or failed while the job ran.
+    #[error("the tunnel to the guest broke while the build ran: {0}")]
+    TunnelBroken(String),
+    /// No `pong` came for [`LIVENESS_TIMEOUT`].
+    #[error(
+        "the guest stopped answering for {} s (no pong to the host's pings): it is frozen, suspended or its agent was stopped",
+        LIVENESS_TIMEOUT.as_secs()
+    )]
+    GuestUnresponsive,
     /// The agent's first message was not `hello`.
     #[error("the agent did not start with hello")]
     NoHello,
@@ -86,6 +154,10 @@ struct Progress {
     oom_kills: u64,
     /// The build's disk was full when the script ended.
     disk_full: bool,
+    /// `artifact` messages received.
+    artifacts: usize,
+    /// The host judged the build failed while it ran (not a limit of the spec).
+    failure: Option<ErrorInfo>,
 }
 
 /// How a run ended, before it becomes the `finished` event.
@@ -137,9 +209,11 @@ impl Verdict {
 /// to `events`). Never fails: every failure is an outcome.
 pub async fn run(request: RunRequest, events: EventSink) -> RunEvent {
     let started = Instant::now();
-    let _ = events.send(RunEvent::Started {
-        version: PROTOCOL_VERSION,
-    });
+    let _ = events
+        .send(RunEvent::Started {
+            version: PROTOCOL_VERSION,
+        })
+        .await;
     let mut progress = Progress::default();
     let boot_limit = Duration::from_secs(request.boot_timeout_secs);
     let verdict = match tokio::time::timeout(boot_limit, connect(&request, &events)).await {
@@ -150,12 +224,12 @@ pub async fn run(request: RunRequest, events: EventSink) -> RunEvent {
                 request.boot_timeout_secs
             ),
         ),
-        Ok(Err(err)) => Verdict::new(Outcome::Infrastructure, Some(error_info("infrastructure", &err))),
+        Ok(Err(err)) => Verdict::new(Outcome::Infrastructure, Some(error_info(err.code(), &err))),
         Ok(Ok(session)) => {
             let limit = Duration::from_secs(request.timeout_secs);
             match tokio::time::timeout(limit, session.run_job(&request, &events, &mut progress)).await {
                 Ok(Ok(())) => judge(&progress, &request),
-                Ok(Err(err)) => Verdict::new(Outcome::Infrastructure, Some(error_info("infrastructure", &err))),
+                Ok(Err(err)) => Verdict::new(Outcome::Infrastructure, Some(error_info(err.code(), &err))),
                 Err(_) => Verdict::limit(
                     Limit::Timeout,
                     Outcome::Timeout,
@@ -172,15 +246,20 @@ pub async fn run(request: RunRequest, events: EventSink) -> RunEvent {
         outcome: verdict.outcome,
         exit_code: progress.exit_code,
         duration_secs: started.elapsed().as_secs_f64(),
-        error: verdict.error,
+        // Guest text reaches the error in more ways than `error` (serde names what it could
+        // not parse): cap it all.
+        error: verdict.error.map(|e| ErrorInfo::capped(&e.code, &e.chain)),
         limit: verdict.limit,
     };
-    let _ = events.send(finished.clone());
+    let _ = events.send(finished.clone()).await;
     finished
 }
 
 /// Decides the outcome once the agent has said all it will say (or a limit stopped it).
 fn judge(progress: &Progress, request: &RunRequest) -> Verdict {
+    if let Some(error) = &progress.failure {
+        return Verdict::new(Outcome::Failed, Some(error.clone()));
+    }
     if let Some((limit, message)) = &progress.limit {
         return Verdict::limit(*limit, Outcome::Failed, message.clone());
     }
@@ -215,7 +294,9 @@ fn judge(progress: &Progress, request: &RunRequest) -> Verdict {
     }
     if let Some(error) = &progress.agent_error {
         return match error.code.as_str() {
-            "artifact_missing" => Verdict::new(Outcome::Failed, Some(error.clone())),
+            "artifact_missing" | "artifact_name" | "artifact_rejected" | "too_many_artifacts" => {
+                Verdict::new(Outcome::Failed, Some(error.clone()))
+            }
             "limit_max_artifacts" => Verdict {
                 outcome: Outcome::Failed,
                 error: Some(error.clone()),
@@ -246,12 +327,30 @@ pub fn error_info(code: &str, err: &(dyn std::error::Error + 'static)) -> ErrorI
     ErrorInfo::from_error(code, err)
 }
 
-type ControlLines = tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>;
+type ControlLines = BufReader<tokio::net::unix::OwnedReadHalf>;
+
+impl RunError {
+    /// The code of the `finished` event's error.
+    fn code(&self) -> &'static str {
+        match self {
+            RunError::LineTooLong => "control_line_too_long",
+            RunError::Control(_) => "control_broken",
+            RunError::BadMessage { .. } => "bad_message",
+            RunError::AgentGone => "agent_gone",
+            RunError::TunnelBroken(_) => "tunnel_broken",
+            RunError::GuestUnresponsive => "guest_unresponsive",
+            _ => "infrastructure",
+        }
+    }
+}
 
 /// A VM whose agent has said hello.
 struct Session {
     lines: ControlLines,
-    control_out: tokio::net::unix::OwnedWriteHalf,
+    budget: Arc<Budget>,
+    tunnel_end: oneshot::Receiver<tunnel::TunnelEnd>,
+    /// Taken by the pinger once the job is sent.
+    control_out: Option<tokio::net::unix::OwnedWriteHalf>,
     log_done: oneshot::Receiver<LogEnd>,
 }
 
@@ -276,14 +375,17 @@ async fn connect(request: &RunRequest, events: &EventSink) -> Result<Session, Ru
         })?;
 
     let (log_done_tx, log_done) = oneshot::channel();
+    let budget = Arc::new(Budget::new(request.max_log_bytes));
     let relay = Relay {
         proxy: request.proxy,
         store: request.store,
         log: Arc::new(Mutex::new(Some((log, request.log.clone(), log_done_tx)))),
-        max_log: request.max_log_bytes,
+        budget: budget.clone(),
         events: events.clone(),
+        streams: Arc::new(tokio::sync::Semaphore::new(tunnel::MAX_TUNNEL_STREAMS)),
+        refused: Arc::new(std::sync::atomic::AtomicU64::new(0)),
     };
-    let (_opener, mut inbound) = tunnel::spawn(tunnel_io, Side::Host);
+    let (_opener, mut inbound, tunnel_end) = tunnel::spawn(tunnel_io, Side::Host);
     tokio::spawn(async move {
         while let Some(stream) = inbound.recv().await {
             tokio::spawn(relay.clone().handle(stream));
@@ -291,23 +393,26 @@ async fn connect(request: &RunRequest, events: &EventSink) -> Result<Session, Ru
     });
 
     let (read_half, control_out) = control.into_split();
-    let mut lines = BufReader::new(read_half).lines();
+    let mut lines = BufReader::new(read_half);
     match next_message(&mut lines).await? {
-        Some(GuestMessage::Hello { agent_version, .. }) => {
-            let _ = events.send(RunEvent::AgentReady { agent_version });
+        Some((GuestMessage::Hello { agent_version, .. }, _)) => {
+            let _ = events.send(RunEvent::AgentReady { agent_version }).await;
         }
         Some(_) => return Err(RunError::NoHello),
         None => return Err(RunError::AgentGone),
     }
     Ok(Session {
         lines,
-        control_out,
+        budget,
+        tunnel_end,
+        control_out: Some(control_out),
         log_done,
     })
 }
 
 impl Session {
-    /// Hands the agent its job and follows it to `done`.
+    /// Hands the agent its job and follows it to `done`, pinging it meanwhile; ends at
+    /// once when the control channel or the tunnel breaks or the agent stops answering.
     async fn run_job(
         mut self,
         request: &RunRequest,
@@ -318,44 +423,96 @@ impl Session {
             version: PROTOCOL_VERSION,
             job: Box::new(request.job.clone()),
         };
-        let mut line = serde_json::to_vec(&job).map_err(|e| RunError::Control(e.into()))?;
-        line.push(b'\n');
-        self.control_out
-            .write_all(&line)
-            .await
-            .map_err(RunError::Control)?;
+        let Some(mut out) = self.control_out.take() else {
+            return Err(RunError::Control(std::io::ErrorKind::NotConnected.into()));
+        };
+        write_message(&mut out, &job).await?;
+        // The pinger owns the writing half; it stops between two pings, never inside one,
+        // so that the port holds whole lines for a `shell` later.
+        let (stop_pings, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(ping(out, stopped));
+        let result = self.follow(events, progress).await;
+        let _ = stop_pings.send(true);
+        result
+    }
 
-        let mut log_done = Some(self.log_done);
+    async fn follow(
+        &mut self,
+        events: &EventSink,
+        progress: &mut Progress,
+    ) -> Result<(), RunError> {
+        let mut log_done = Some(&mut self.log_done);
+        let mut tunnel_end = Some(&mut self.tunnel_end);
+        let mut tunnel_gone: Option<(String, tokio::time::Instant)> = None;
+        let mut answer_by = tokio::time::Instant::now() + LIVENESS_TIMEOUT;
         loop {
-            let message = match log_done.as_mut() {
-                Some(done) => tokio::select! {
-                    message = next_message(&mut self.lines) => message?,
-                    end = done => {
-                        log_done = None;
-                        if let Ok(LogEnd::Cut(max)) = end {
-                            progress.limit = Some((
-                                Limit::MaxLog,
-                                format!(
-                                    "the build's output passed {} = {} bytes and was cut; the build was stopped",
-                                    Limit::MaxLog.field(),
-                                    max
-                                ),
-                            ));
-                            return Ok(());
-                        }
-                        continue;
+            let grace_until = tunnel_gone.as_ref().map(|(_, until)| *until);
+            let message = tokio::select! {
+                message = next_message(&mut self.lines) => message?,
+                end = async { log_done.as_mut().expect("guarded").await }, if log_done.is_some() => {
+                    log_done = None;
+                    if let Ok(LogEnd::Cut(max)) = end {
+                        progress.limit = Some((
+                            Limit::MaxLog,
+                            format!(
+                                "the build's output passed {} = {} bytes and was cut; the build was stopped",
+                                Limit::MaxLog.field(),
+                                max
+                            ),
+                        ));
+                        return Ok(());
                     }
-                },
-                None => next_message(&mut self.lines).await?,
+                    continue;
+                }
+                end = async { tunnel_end.as_mut().expect("guarded").await }, if tunnel_end.is_some() => {
+                    tunnel_end = None;
+                    let reason = match end {
+                        Ok(tunnel::TunnelEnd::Failed(reason)) => reason,
+                        Ok(tunnel::TunnelEnd::Closed) | Err(_) => "the guest closed it".to_string(),
+                    };
+                    tunnel_gone = Some((reason, tokio::time::Instant::now() + TUNNEL_END_GRACE));
+                    continue;
+                }
+                () = tokio::time::sleep_until(grace_until.unwrap_or(answer_by)), if grace_until.is_some() => {
+                    let (reason, _) = tunnel_gone.take().expect("guarded");
+                    return Err(RunError::TunnelBroken(reason));
+                }
+                () = tokio::time::sleep_until(answer_by) => return Err(RunError::GuestUnresponsive),
             };
-            let Some(message) = message else { break };
+            let Some((message, bytes)) = message else {
+                return Err(RunError::AgentGone);
+            };
+            if self.budget.take(bytes as u64) < bytes as u64 {
+                progress.limit = Some((
+                    Limit::MaxLog,
+                    format!(
+                        "the build's output and control messages passed {} = {} bytes; the build was stopped",
+                        Limit::MaxLog.field(),
+                        self.budget.max.unwrap_or_default()
+                    ),
+                ));
+                return Ok(());
+            }
             match message {
                 GuestMessage::Hello { .. } => {}
+                GuestMessage::Pong { .. } => {
+                    answer_by = tokio::time::Instant::now() + LIVENESS_TIMEOUT;
+                }
                 GuestMessage::Phase { phase } => {
-                    let _ = events.send(RunEvent::Phase { phase });
+                    let _ = events.send(RunEvent::Phase { phase }).await;
                 }
                 GuestMessage::Artifact { path, size } => {
-                    let _ = events.send(RunEvent::Artifact { path, size });
+                    progress.artifacts += 1;
+                    if progress.artifacts > MAX_REPORTED_ARTIFACTS {
+                        progress.failure = Some(ErrorInfo {
+                            code: "too_many_artifacts".into(),
+                            chain: vec![format!(
+                                "the guest reported more than {MAX_REPORTED_ARTIFACTS} artifacts (MAX_REPORTED_ARTIFACTS); the build was stopped"
+                            )],
+                        });
+                        return Ok(());
+                    }
+                    let _ = events.send(RunEvent::Artifact { path, size }).await;
                 }
                 GuestMessage::ScriptExited {
                     code,
@@ -369,7 +526,7 @@ impl Session {
                     progress.disk_full = disk_full;
                 }
                 GuestMessage::Error { code, chain } => {
-                    progress.agent_error = Some(ErrorInfo { code, chain });
+                    progress.agent_error = Some(ErrorInfo::capped(&code, &chain));
                 }
                 GuestMessage::Done => break,
                 // Only after a `shell` message, which `run` never sends.
@@ -393,18 +550,58 @@ impl Session {
     }
 }
 
-async fn next_message(lines: &mut ControlLines) -> Result<Option<GuestMessage>, RunError> {
+/// Writes one message to the agent as one line.
+async fn write_message<W: AsyncWrite + Unpin>(
+    out: &mut W,
+    message: &HostMessage,
+) -> Result<(), RunError> {
+    let mut line = serde_json::to_vec(message).map_err(|e| RunError::Control(e.into()))?;
+    line.push(b'\n');
+    out.write_all(&line).await.map_err(RunError::Control)?;
+    out.flush().await.map_err(RunError::Control)
+}
+
+/// Sends `ping` every [`PING_INTERVAL`] until `stop` turns true or the channel fails.
+async fn ping<W: AsyncWrite + Unpin>(mut out: W, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut seq = 0;
     loop {
-        let Some(line) = lines.next_line().await.map_err(RunError::Control)? else {
-            return Ok(None);
+        tokio::select! {
+            () = tokio::time::sleep(PING_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+        seq += 1;
+        if write_message(&mut out, &HostMessage::Ping { seq })
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// The agent's next message; lines are read within [`CONTROL_LINE_MAX`].
+async fn next_message<R: AsyncBufRead + Unpin>(
+    lines: &mut R,
+) -> Result<Option<(GuestMessage, usize)>, RunError> {
+    loop {
+        let line = match read_line(lines, CONTROL_LINE_MAX)
+            .await
+            .map_err(RunError::Control)?
+        {
+            Line::Text(line) => line,
+            Line::End => return Ok(None),
+            Line::TooLong => return Err(RunError::LineTooLong),
         };
-        if line.trim().is_empty() {
+        if line.trim_ascii().is_empty() {
             continue;
         }
-        return serde_json::from_str(&line)
-            .map(Some)
+        return serde_json::from_slice(&line)
+            .map(|message| Some((message, line.len() + 1)))
             .map_err(|source| RunError::BadMessage {
-                line: line.chars().take(200).collect(),
+                line: String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned(),
                 source,
             });
     }
@@ -436,8 +633,12 @@ struct Relay {
     proxy: std::net::SocketAddr,
     store: std::net::SocketAddr,
     log: LogSlot,
-    max_log: Option<u64>,
+    budget: Arc<Budget>,
     events: EventSink,
+    /// Proxy and store streams relayed at once, at most MAX_TUNNEL_STREAMS.
+    streams: Arc<tokio::sync::Semaphore>,
+    /// Streams closed because MAX_TUNNEL_STREAMS were open.
+    refused: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Relay {
@@ -446,28 +647,45 @@ impl Relay {
         if stream.read_exact(&mut tag).await.is_err() {
             return;
         }
-        match TunnelTarget::from_tag(tag[0]) {
-            Some(TunnelTarget::Proxy) => splice(stream, self.proxy).await,
-            Some(TunnelTarget::Store) => splice(stream, self.store).await,
-            Some(TunnelTarget::Log) => {
-                // Only the first log stream is accepted; a second one is dropped.
-                let slot = self.log.lock().map(|mut slot| slot.take()).ok().flatten();
-                if let Some((file, path, done)) = slot {
-                    let end = match copy_log(stream, file, &self.events, self.max_log).await {
-                        Ok(end) => end,
-                        Err(err) => {
-                            eprintln!(
-                                "contractor-run: cannot write the build log {}: {err}",
-                                path.display()
-                            );
-                            LogEnd::Complete
-                        }
-                    };
-                    let _ = done.send(end);
-                }
+        let target = match TunnelTarget::from_tag(tag[0]) {
+            Some(TunnelTarget::Proxy) => self.proxy,
+            Some(TunnelTarget::Store) => self.store,
+            Some(TunnelTarget::Log) => return self.take_log(stream).await,
+            None => return,
+        };
+        let Ok(_permit) = self.streams.clone().try_acquire_owned() else {
+            // Closed at once: the guest's connection sees its end, nothing waits.
+            let refused = self
+                .refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if refused == 0 {
+                eprintln!(
+                    "contractor-run: the guest holds {} tunnel streams (MAX_TUNNEL_STREAMS); further ones are refused",
+                    tunnel::MAX_TUNNEL_STREAMS
+                );
             }
-            None => {}
-        }
+            return;
+        };
+        splice(stream, target).await
+    }
+
+    /// Copies the first log stream to the log; a second one is dropped.
+    async fn take_log(self, stream: TunnelStream) {
+        let slot = self.log.lock().map(|mut slot| slot.take()).ok().flatten();
+        let Some((file, path, done)) = slot else {
+            return;
+        };
+        let end = match copy_log(stream, file, &self.events, &self.budget).await {
+            Ok(end) => end,
+            Err(err) => {
+                eprintln!(
+                    "contractor-run: cannot write the build log {}: {err}",
+                    path.display()
+                );
+                LogEnd::Complete
+            }
+        };
+        let _ = done.send(end);
     }
 }
 
@@ -483,25 +701,21 @@ async fn copy_log(
     mut stream: TunnelStream,
     mut file: tokio::fs::File,
     events: &EventSink,
-    max: Option<u64>,
+    budget: &Budget,
 ) -> std::io::Result<LogEnd> {
     let mut chunker = Utf8Chunker::default();
     let mut buf = vec![0u8; 64 * 1024];
-    let mut written = 0u64;
     let mut end = LogEnd::Complete;
     loop {
         let n = stream.read(&mut buf).await?;
         if n == 0 {
             break;
         }
-        let room = max.map_or(n, |max| {
-            n.min(usize::try_from(max.saturating_sub(written)).unwrap_or(n))
-        });
+        let room = usize::try_from(budget.take(n as u64)).unwrap_or(n).min(n);
         file.write_all(&buf[..room]).await?;
-        written += room as u64;
         let mut text = chunker.push(&buf[..room]);
         if room < n {
-            let limit = max.unwrap_or(written);
+            let limit = budget.max.unwrap_or_default();
             let marker = format!(
                 "\n[contractor: output cut here: the build passed build.max_log = {limit} bytes]\n"
             );
@@ -511,7 +725,7 @@ async fn copy_log(
             end = LogEnd::Cut(limit);
         }
         if !text.is_empty() {
-            let _ = events.send(RunEvent::Output { text });
+            let _ = events.send(RunEvent::Output { text }).await;
         }
         if end != LogEnd::Complete {
             break;
@@ -519,7 +733,7 @@ async fn copy_log(
     }
     let text = chunker.finish();
     if !text.is_empty() {
-        let _ = events.send(RunEvent::Output { text });
+        let _ = events.send(RunEvent::Output { text }).await;
     }
     file.flush().await?;
     file.sync_all().await?;
@@ -532,8 +746,8 @@ mod tests {
 
     async fn log_through_tunnel(output: &[u8], max: Option<u64>) -> (LogEnd, Vec<u8>, String) {
         let (guest_io, host_io) = tokio::io::duplex(64 * 1024);
-        let (opener, _) = tunnel::spawn(guest_io, Side::Guest);
-        let (_, mut inbound) = tunnel::spawn(host_io, Side::Host);
+        let (opener, _, _) = tunnel::spawn(guest_io, Side::Guest);
+        let (_, mut inbound, _) = tunnel::spawn(host_io, Side::Host);
         let mut guest = opener
             .open(TunnelTarget::Log)
             .await
@@ -546,8 +760,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("build.log");
         let file = tokio::fs::File::create(&path).await.expect("log file");
-        let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
-        let end = copy_log(stream, file, &events, max).await.expect("copy");
+        let (events, mut received) = event_channel();
+        let end = copy_log(stream, file, &events, &Budget::new(max))
+            .await
+            .expect("copy");
         drop(events);
         let mut text = String::new();
         while let Some(RunEvent::Output { text: t }) = received.recv().await {
@@ -577,6 +793,242 @@ mod tests {
             text.ends_with(marker) && text.len() == log.len(),
             "events carry the same text"
         );
+    }
+
+    #[tokio::test]
+    async fn a_control_line_past_the_bound_ends_the_read_with_its_code() {
+        let (mut guest, host) = tokio::io::duplex(64 * 1024);
+        let writer = tokio::spawn(async move {
+            let chunk = vec![b'x'; 64 * 1024];
+            // Twice the bound and more, without a newline; stops once the host hangs up.
+            for _ in 0..(2 * CONTROL_LINE_MAX / chunk.len() + 1) {
+                if guest.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut reader = BufReader::new(host);
+        let err = next_message(&mut reader).await.expect_err("too long");
+        assert_eq!(err.code(), "control_line_too_long");
+        assert!(err.to_string().contains("1048576 bytes"), "{err}");
+        drop(reader);
+        writer.await.expect("writer");
+    }
+
+    /// Runs `run_job` against a guest that says `guest_says` on the control channel.
+    async fn job_with(guest_says: Vec<u8>, max_log: Option<u64>) -> (Progress, Vec<RunEvent>) {
+        let mut says = guest_says;
+        says.extend_from_slice(b"{\"type\":\"done\"}\n");
+        let (result, progress, events) = job_against(says, max_log, None).await;
+        result.expect("run_job");
+        (progress, events)
+    }
+
+    /// Runs `run_job` against a guest that says `says` (and keeps the channel open), with
+    /// a tunnel that ends as `tunnel` says (never when None).
+    async fn job_against(
+        says: Vec<u8>,
+        max_log: Option<u64>,
+        tunnel: Option<tunnel::TunnelEnd>,
+    ) -> (Result<(), RunError>, Progress, Vec<RunEvent>) {
+        let (host_end, mut guest_end) = UnixStream::pair().expect("socket pair");
+        let (read_half, control_out) = host_end.into_split();
+        let (_, log_done) = oneshot::channel();
+        let (tunnel_tx, tunnel_end) = oneshot::channel();
+        let _tunnel_alive = match tunnel {
+            Some(end) => {
+                let _ = tunnel_tx.send(end);
+                None
+            }
+            None => Some(tunnel_tx),
+        };
+        let session = Session {
+            lines: BufReader::new(read_half),
+            budget: Arc::new(Budget::new(max_log)),
+            control_out: Some(control_out),
+            log_done,
+            tunnel_end,
+        };
+        let guest = tokio::spawn(async move {
+            let _ = guest_end.write_all(&says).await;
+            guest_end
+        });
+        let (events, mut received) = event_channel();
+        let reader = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while let Some(event) = received.recv().await {
+                seen.push(event);
+            }
+            seen
+        });
+        let mut progress = Progress::default();
+        let result = session.run_job(&request(), &events, &mut progress).await;
+        drop(events);
+        drop(guest.await.expect("guest"));
+        (result, progress, reader.await.expect("reader"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broken_tunnel_ends_the_job_at_once() {
+        let (result, _, _) = job_against(
+            Vec::new(),
+            None,
+            Some(tunnel::TunnelEnd::Failed("bad frame".into())),
+        )
+        .await;
+        let err = result.expect_err("broken");
+        assert_eq!(err.code(), "tunnel_broken");
+        assert!(err.to_string().contains("bad frame"), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_guest_that_stops_answering_pings_is_unresponsive() {
+        // The agent said it started the script, then froze.
+        let phase = GuestMessage::Phase {
+            phase: contractor_protocol::agent::Phase::Script,
+        };
+        let (result, _, _) = job_against(lines_of(&phase, 1), None, None).await;
+        let err = result.expect_err("unresponsive");
+        assert_eq!(err.code(), "guest_unresponsive");
+        assert!(err.to_string().contains("30 s"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_control_channel_closed_before_done_is_agent_gone() {
+        let exited = GuestMessage::ScriptExited {
+            code: Some(0),
+            signal: None,
+            oom_kills: 0,
+            disk_full: false,
+        };
+        let (host_end, mut guest_end) = UnixStream::pair().expect("socket pair");
+        guest_end
+            .write_all(&lines_of(&exited, 1))
+            .await
+            .expect("write");
+        // The guest's side closes its sending half; the host's job still goes out.
+        guest_end.shutdown().await.expect("shutdown");
+        let (read_half, control_out) = host_end.into_split();
+        let (_, log_done) = oneshot::channel();
+        let (_tunnel_alive, tunnel_end) = oneshot::channel();
+        let session = Session {
+            lines: BufReader::new(read_half),
+            budget: Arc::new(Budget::new(None)),
+            control_out: Some(control_out),
+            log_done,
+            tunnel_end,
+        };
+        let (events, _received) = event_channel();
+        let err = session
+            .run_job(&request(), &events, &mut Progress::default())
+            .await
+            .expect_err("gone");
+        assert_eq!(err.code(), "agent_gone");
+    }
+
+    fn lines_of(message: &GuestMessage, count: usize) -> Vec<u8> {
+        let mut line = serde_json::to_vec(message).expect("json");
+        line.push(b'\n');
+        line.repeat(count)
+    }
+
+    #[tokio::test]
+    async fn a_bad_message_naming_a_huge_type_reaches_finished_capped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let control = dir.path().join("control");
+        let tunnel_socket = dir.path().join("tunnel");
+        let control_listener = tokio::net::UnixListener::bind(&control).expect("control");
+        let tunnel_listener = tokio::net::UnixListener::bind(&tunnel_socket).expect("tunnel");
+        let guest = tokio::spawn(async move {
+            let (mut control, _) = control_listener.accept().await.expect("accept control");
+            let (tunnel, _) = tunnel_listener.accept().await.expect("accept tunnel");
+            let hello = r#"{"type":"hello","version":1,"agent_version":"0"}"#;
+            let bad = format!("{{\"type\":\"{}\"}}\n", "x".repeat(500_000));
+            control
+                .write_all(format!("{hello}\n{bad}").as_bytes())
+                .await
+                .expect("write");
+            (control, tunnel)
+        });
+        let mut request = request();
+        request.control_socket = control;
+        request.tunnel_socket = tunnel_socket;
+        request.log = dir.path().join("build.log");
+        let (events, mut received) = event_channel();
+        let drain = tokio::spawn(async move {
+            while let Some(event) = received.recv().await {
+                if matches!(event, RunEvent::Finished { .. }) {
+                    break;
+                }
+            }
+        });
+        let finished = run(request, events).await;
+        drain.await.expect("drain");
+        drop(guest.await.expect("guest"));
+        let RunEvent::Finished { error, .. } = finished else {
+            panic!("not finished: {finished:?}");
+        };
+        let error = error.expect("error");
+        assert_eq!(error.code, "bad_message");
+        let bytes: usize = error.chain.iter().map(String::len).sum();
+        assert!(bytes < 17 * 4200, "{bytes} bytes in finished");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_agent_error_is_capped() {
+        let error = GuestMessage::Error {
+            code: "store".into(),
+            chain: vec!["x".repeat(20_000); 40],
+        };
+        let (progress, _) = job_with(lines_of(&error, 1), None).await;
+        let error = progress.agent_error.expect("error");
+        let bytes: usize = error.chain.iter().map(String::len).sum();
+        assert!(bytes < 17 * 4200, "{bytes} bytes kept");
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_control_messages_hits_max_log() {
+        let phase = GuestMessage::Phase {
+            phase: contractor_protocol::agent::Phase::Script,
+        };
+        let (progress, events) = job_with(lines_of(&phase, 10_000), Some(10_000)).await;
+        let (limit, message) = progress.limit.expect("a limit");
+        assert_eq!(limit, Limit::MaxLog);
+        assert!(message.contains("build.max_log = 10000"), "{message}");
+        assert!(events.len() < 10_000 / 30, "{} events passed", events.len());
+    }
+
+    #[tokio::test]
+    async fn more_artifacts_than_the_bound_fail_the_build() {
+        let artifact = GuestMessage::Artifact {
+            path: "a".into(),
+            size: 1,
+        };
+        let (progress, events) =
+            job_with(lines_of(&artifact, MAX_REPORTED_ARTIFACTS + 5), None).await;
+        assert_eq!(events.len(), MAX_REPORTED_ARTIFACTS);
+        let verdict = judge(&progress, &request());
+        assert_eq!(verdict.outcome, Outcome::Failed);
+        assert_eq!(verdict.error.expect("error").code, "too_many_artifacts");
+    }
+
+    #[test]
+    fn artifacts_the_store_refuses_fail_the_build_not_the_machinery() {
+        for code in ["artifact_name", "artifact_rejected", "too_many_artifacts"] {
+            let progress = Progress {
+                exit_code: Some(0),
+                agent_error: Some(ErrorInfo {
+                    code: code.into(),
+                    chain: vec!["artifact \"a\\\\b\" cannot be stored".into()],
+                }),
+                ..Progress::default()
+            };
+            assert_eq!(
+                judge(&progress, &request()).outcome,
+                Outcome::Failed,
+                "{code}"
+            );
+        }
     }
 
     #[test]

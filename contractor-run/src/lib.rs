@@ -3,12 +3,15 @@
 //! `host` is the host side (`contractor-run`): it talks to the guest agent over the VM's
 //! control channel and relays the tunnel's streams to the proxy and the store. `guest` is
 //! the agent itself, built into a static binary and installed in the builder image.
-//! `tunnel` is the multiplexing both sides share.
+//! `tunnel` is the multiplexing both sides share, `control` the bounded reading of the
+//! control channel's lines.
 
 #![warn(missing_docs)]
 
+pub mod control;
 pub mod guest;
 pub mod host;
+pub mod rlimit;
 pub mod text;
 pub mod tunnel;
 

@@ -93,6 +93,9 @@ impl StartError {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Err(err) = contractor_run::rlimit::raise_nofile() {
+        eprintln!("contractor-run: warning: cannot raise the open-files limit: {err}");
+    }
     match run() {
         Ok(code) => code.into(),
         Err(err) => {
@@ -121,11 +124,18 @@ fn run() -> Result<ExitCode, StartError> {
     }
     let runtime = tokio::runtime::Runtime::new().map_err(StartError::Runtime)?;
     let code = runtime.block_on(async {
-        let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
+        let (events, mut received) = contractor_run::host::event_channel();
         let printer = tokio::task::spawn_blocking(move || {
             let mut stdout = std::io::stdout().lock();
             while let Some(event) = received.blocking_recv() {
-                if contractor_protocol::jsonl::write_line(&mut stdout, &event).is_err() {
+                // `finished` is last; the relay may hold the channel open while the VM lives.
+                let last = matches!(event, RunEvent::Finished { .. });
+                let mut line = Vec::new();
+                if contractor_protocol::jsonl::encode_line(&mut line, &event).is_err() {
+                    break;
+                }
+                let line = escape_controls(&line);
+                if contractor_protocol::jsonl::write_flushed(&mut stdout, &line).is_err() || last {
                     break;
                 }
             }
@@ -139,6 +149,29 @@ fn run() -> Result<ExitCode, StartError> {
         }
     });
     Ok(code)
+}
+
+/// The JSON line with every control character that serde_json leaves as it is (DEL, the
+/// C1 controls U+0080 to U+009F) and the bidirectional overrides written as `\uXXXX`: the
+/// same JSON value, but a guest-chosen string (an artifact path, an error text) cannot
+/// drive the terminal that shows the stream.
+fn escape_controls(line: &[u8]) -> Vec<u8> {
+    let Ok(text) = std::str::from_utf8(line) else {
+        return line.to_vec();
+    };
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let risky = c == '\u{7f}'
+            || ('\u{80}'..='\u{9f}').contains(&c)
+            || ('\u{202a}'..='\u{202e}').contains(&c)
+            || ('\u{2066}'..='\u{2069}').contains(&c);
+        if risky {
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out.into_bytes()
 }
 
 /// The error for a request that did not parse: serde's message with the line, column and
@@ -276,6 +309,24 @@ mod tests {
         assert!(message.contains("in `version`: invalid type"), "{message}");
         let message = error_of("{\"version\":1,\n\"job\": 5}");
         assert!(message.contains("in `job`: invalid type"), "{message}");
+    }
+
+    #[test]
+    fn guest_strings_cannot_reach_the_terminal_as_controls() {
+        let event = RunEvent::Artifact {
+            path: "a\u{1b}[2J\u{9b}31m\u{202e}b\u{7f}".into(),
+            size: 1,
+        };
+        let mut line = Vec::new();
+        contractor_protocol::jsonl::encode_line(&mut line, &event).expect("encode");
+        let escaped = escape_controls(&line);
+        let text = std::str::from_utf8(&escaped).expect("utf-8");
+        assert!(
+            text.chars().all(|c| c == '\n' || (' '..='~').contains(&c)),
+            "{text}"
+        );
+        let back: RunEvent = serde_json::from_str(text).expect("still JSON");
+        assert_eq!(back, event);
     }
 
     #[test]

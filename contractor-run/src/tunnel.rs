@@ -6,6 +6,7 @@
 //! drives it; callers open streams through a [`Opener`] handle.
 
 use std::future::poll_fn;
+use std::task::Poll;
 
 use contractor_protocol::agent::TunnelTarget;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -67,10 +68,44 @@ pub enum Side {
     Host,
 }
 
-/// Starts the task that drives the tunnel over `io`. Returns the opener (useful on the guest)
-/// and the receiver of inbound streams (useful on the host). The receiver yields `None` when
-/// the connection ends.
-pub fn spawn<T>(io: T, side: Side) -> (Opener, mpsc::Receiver<TunnelStream>)
+/// Most streams the tunnel's yamux connection holds at once, both directions: 1,024. The
+/// host relays at most [`MAX_TUNNEL_STREAMS`] of them to the proxy and the store.
+pub const YAMUX_MAX_STREAMS: usize = 1024;
+
+/// Most proxy and store streams the host relays at once per build: 512. A stream beyond it
+/// is closed at once and counted; the log stream is not counted against it.
+pub const MAX_TUNNEL_STREAMS: usize = 512;
+
+/// How the tunnel's connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TunnelEnd {
+    /// The other end closed it.
+    Closed,
+    /// yamux reported an error (a malformed frame, a broken port): its message.
+    Failed(String),
+}
+
+/// What the driver waits for.
+enum Step {
+    Request(Option<OpenReply>),
+    Outbound(Result<yamux::Stream, yamux::ConnectionError>),
+    Inbound(Option<Result<yamux::Stream, yamux::ConnectionError>>),
+}
+
+/// Starts the task that drives the tunnel over `io`. Returns the opener (useful on the
+/// guest), the receiver of inbound streams (useful on the host; it yields `None` when the
+/// connection ends) and how the connection ended, once it has.
+///
+/// The task reads the connection at all times, also while an outbound stream waits for
+/// the other end's acknowledgement: a stream that waits never stops the others.
+pub fn spawn<T>(
+    io: T,
+    side: Side,
+) -> (
+    Opener,
+    mpsc::UnboundedReceiver<TunnelStream>,
+    oneshot::Receiver<TunnelEnd>,
+)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -79,34 +114,48 @@ where
         Side::Host => yamux::Mode::Server,
     };
     let mut config = yamux::Config::default();
-    config.set_max_num_streams(1024);
+    config.set_max_num_streams(YAMUX_MAX_STREAMS);
     let mut connection = yamux::Connection::new(io.compat(), config, mode);
     let (open_tx, mut open_rx) = mpsc::channel::<OpenReply>(16);
-    let (inbound_tx, inbound_rx) = mpsc::channel(16);
+    // Unbounded in type, bounded in fact: every stream in it is a live yamux stream, and
+    // yamux holds at most YAMUX_MAX_STREAMS.
+    let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
+    let (end_tx, end_rx) = oneshot::channel();
     tokio::spawn(async move {
         let mut openers_alive = true;
-        loop {
-            tokio::select! {
-                request = open_rx.recv(), if openers_alive => match request {
-                    Some(reply) => {
-                        let stream = poll_fn(|cx| connection.poll_new_outbound(cx)).await;
-                        let _ = reply.send(stream);
-                    }
-                    None => openers_alive = false,
-                },
-                inbound = poll_fn(|cx| connection.poll_next_inbound(cx)) => match inbound {
-                    Some(Ok(stream)) => {
-                        if inbound_tx.send(stream.compat()).await.is_err() {
-                            // Nobody accepts inbound streams on this side: drop it, keep
-                            // driving the connection for the outbound ones.
+        let mut pending: Option<OpenReply> = None;
+        let end = loop {
+            let waiting = pending.is_some();
+            let step = tokio::select! {
+                request = open_rx.recv(), if openers_alive && !waiting => Step::Request(request),
+                step = poll_fn(|cx| {
+                    if waiting {
+                        if let Poll::Ready(stream) = connection.poll_new_outbound(cx) {
+                            return Poll::Ready(Step::Outbound(stream));
                         }
                     }
-                    Some(Err(_)) | None => break,
-                },
+                    connection.poll_next_inbound(cx).map(Step::Inbound)
+                }) => step,
+            };
+            match step {
+                Step::Request(Some(reply)) => pending = Some(reply),
+                Step::Request(None) => openers_alive = false,
+                Step::Outbound(stream) => {
+                    if let Some(reply) = pending.take() {
+                        let _ = reply.send(stream);
+                    }
+                }
+                Step::Inbound(Some(Ok(stream))) => {
+                    // Nobody accepts inbound streams on the guest: the stream is dropped.
+                    let _ = inbound_tx.send(stream.compat());
+                }
+                Step::Inbound(Some(Err(err))) => break TunnelEnd::Failed(err.to_string()),
+                Step::Inbound(None) => break TunnelEnd::Closed,
             }
-        }
+        };
+        let _ = end_tx.send(end);
     });
-    (Opener { requests: open_tx }, inbound_rx)
+    (Opener { requests: open_tx }, inbound_rx, end_rx)
 }
 
 #[cfg(test)]
@@ -117,8 +166,8 @@ mod tests {
     #[tokio::test]
     async fn guest_streams_arrive_at_host_with_their_target() {
         let (guest_io, host_io) = tokio::io::duplex(64 * 1024);
-        let (opener, _) = spawn(guest_io, Side::Guest);
-        let (_, mut inbound) = spawn(host_io, Side::Host);
+        let (opener, _, _) = spawn(guest_io, Side::Guest);
+        let (_, mut inbound, _) = spawn(host_io, Side::Host);
 
         let mut a = opener
             .open(TunnelTarget::Proxy)
@@ -150,8 +199,8 @@ mod tests {
     #[tokio::test]
     async fn a_large_transfer_keeps_every_byte() {
         let (guest_io, host_io) = tokio::io::duplex(64 * 1024);
-        let (opener, _) = spawn(guest_io, Side::Guest);
-        let (_, mut inbound) = spawn(host_io, Side::Host);
+        let (opener, _, _) = spawn(guest_io, Side::Guest);
+        let (_, mut inbound, _) = spawn(host_io, Side::Host);
         let payload: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
         let sent = payload.clone();
         let writer = tokio::spawn(async move {
@@ -165,5 +214,49 @@ mod tests {
         writer.await.expect("writer");
         assert_eq!(data[0], b'l');
         assert!(data[1..] == payload[..], "payload differs");
+    }
+
+    #[tokio::test]
+    async fn output_keeps_arriving_while_a_thousand_streams_are_open() {
+        let (guest_io, host_io) = tokio::io::duplex(64 * 1024);
+        let (opener, _, _) = spawn(guest_io, Side::Guest);
+        let (_, mut inbound, _) = spawn(host_io, Side::Host);
+        let mut log = opener.open(TunnelTarget::Log).await.expect("log");
+        let mut held = Vec::new();
+        let host = tokio::spawn(async move {
+            let mut log = None;
+            // The host holds every stream it is given and never answers on them.
+            while let Some(mut stream) = inbound.recv().await {
+                let mut tag = [0u8; 1];
+                stream.read_exact(&mut tag).await.expect("tag");
+                if tag[0] == b'l' {
+                    log = Some(stream);
+                    break;
+                }
+                held.push(stream);
+            }
+            let mut log = log.expect("the log stream");
+            let mut data = Vec::new();
+            log.read_to_end(&mut data).await.expect("read log");
+            (data, held, inbound)
+        });
+        let mut streams = Vec::new();
+        let mut refused = 0;
+        for _ in 0..1000 {
+            // Opens that the tunnel cannot take yet are given up after a while.
+            match tokio::time::timeout(
+                std::time::Duration::from_millis(20),
+                opener.open(TunnelTarget::Proxy),
+            )
+            .await
+            {
+                Ok(Ok(stream)) => streams.push(stream),
+                _ => refused += 1,
+            }
+        }
+        log.write_all(b"still here").await.expect("write log");
+        log.shutdown().await.expect("close log");
+        let (data, _held, _inbound) = host.await.expect("host");
+        assert_eq!(data, b"still here", "{refused} opens refused");
     }
 }

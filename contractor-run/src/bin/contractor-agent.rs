@@ -10,6 +10,9 @@ fn main() -> std::process::ExitCode {
         }
         guest::init::run_as_init();
     }
+    if let Err(err) = contractor_run::rlimit::raise_nofile() {
+        eprintln!("contractor-agent: warning: cannot raise the open-files limit: {err}");
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {

@@ -9,12 +9,14 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use contractor_protocol::agent::{
     CacheJob, GuestMessage, HostMessage, Job, Keep, Phase, TunnelTarget, CONTROL_PORT,
-    GUEST_PROXY_PORT, GUEST_STORE_PORT, TUNNEL_PORT,
+    GUEST_PROXY_PORT, GUEST_STORE_PORT, MAX_REPORTED_ARTIFACTS, TUNNEL_PORT,
 };
 use contractor_protocol::PROTOCOL_VERSION;
 use futures::TryStreamExt;
@@ -23,9 +25,10 @@ use hyper::body::Frame;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
+use crate::control::{read_line, Line, CONTROL_LINE_MAX};
 use crate::tunnel::{self, Opener, Side};
 
 /// Where the source is unpacked and the script runs.
@@ -62,6 +65,12 @@ pub enum AgentError {
     /// The host sent something else than a job.
     #[error("the host sent an invalid job")]
     BadJob(#[source] serde_json::Error),
+    /// The host sent a control line longer than the bound.
+    #[error(
+        "the host sent a control line longer than {max} bytes (CONTROL_LINE_MAX)",
+        max = crate::control::CONTROL_LINE_MAX
+    )]
+    LineTooLong,
     /// The host closed the control channel before sending a job.
     #[error("the host sent no job")]
     NoJob,
@@ -121,6 +130,30 @@ pub enum AgentError {
         /// Why.
         reason: String,
     },
+    /// An artifact's name is one the store cannot take.
+    #[error("artifact {path} cannot be stored: {reason}; the store takes names of UTF-8 characters without a backslash (\\) or NUL byte")]
+    ArtifactName {
+        /// The path relative to the source root, escaped.
+        path: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The store refused an artifact (a 4xx answer other than 413).
+    #[error("the store refused artifact {path:?}: {status} {body}")]
+    ArtifactRejected {
+        /// The path relative to the source root.
+        path: String,
+        /// The status.
+        status: StatusCode,
+        /// The store's answer, truncated.
+        body: String,
+    },
+    /// The artifact patterns name more files than a build may report.
+    #[error("the artifact patterns name {count} files, more than {max} (MAX_REPORTED_ARTIFACTS)", max = MAX_REPORTED_ARTIFACTS)]
+    TooManyArtifacts {
+        /// How many.
+        count: usize,
+    },
     /// The tunnel failed.
     #[error("tunnel failed")]
     Tunnel(#[source] tunnel::TunnelError),
@@ -133,6 +166,9 @@ impl AgentError {
             AgentError::ArtifactMissing { .. } | AgentError::BadPattern { .. } => {
                 "artifact_missing"
             }
+            AgentError::ArtifactName { .. } => "artifact_name",
+            AgentError::ArtifactRejected { .. } => "artifact_rejected",
+            AgentError::TooManyArtifacts { .. } => "too_many_artifacts",
             AgentError::StoreStatus { status, .. } if *status == StatusCode::PAYLOAD_TOO_LARGE => {
                 "limit_max_artifacts"
             }
@@ -155,25 +191,35 @@ pub async fn serve() -> Result<(), AgentError> {
             name: TUNNEL_PORT,
             source,
         })?;
-    let (opener, _) = tunnel::spawn(tunnel_io, Side::Guest);
-    let (read_half, mut control_out) = tokio::io::split(control);
+    let (opener, _, _) = tunnel::spawn(tunnel_io, Side::Guest);
+    let (read_half, control_out) = tokio::io::split(control);
+    let out: ControlOut = Arc::new(tokio::sync::Mutex::new(control_out));
 
-    send(
-        &mut control_out,
+    say(
+        &out,
         &GuestMessage::Hello {
             version: PROTOCOL_VERSION,
             agent_version: AGENT_VERSION.into(),
         },
     )
     .await?;
-    let mut lines = BufReader::new(read_half).lines();
-    let job = receive_job(&mut lines).await?;
+    let done = Arc::new(AtomicBool::new(false));
+    let (job_tx, job_rx) = tokio::sync::oneshot::channel();
+    let (shell_tx, shell_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(read_host(
+        BufReader::new(read_half),
+        out.clone(),
+        done.clone(),
+        job_tx,
+        shell_tx,
+    ));
+    let job = job_rx.await.map_err(|_| AgentError::NoJob)??;
 
-    let result = run_job(&job, &opener, &mut control_out).await;
+    let result = run_job(&job, &opener, &out).await;
     if let Err(err) = &result {
         let chain = contractor_protocol::result::error_chain(err);
-        send(
-            &mut control_out,
+        say(
+            &out,
             &GuestMessage::Error {
                 code: err.code().into(),
                 chain,
@@ -181,27 +227,124 @@ pub async fn serve() -> Result<(), AgentError> {
         )
         .await?;
     }
-    send(&mut control_out, &GuestMessage::Done).await?;
+    // No pong after `done`: the host stops pinging there, and a kept VM's port carries
+    // only what the shell protocol expects.
+    done.store(true, Ordering::SeqCst);
+    say(&out, &GuestMessage::Done).await?;
     let succeeded = matches!(result, Ok(true));
-    match job.keep {
-        Some(Keep::Always) => crate::guest::shell::wait_and_serve(lines, control_out, &job).await,
-        Some(Keep::OnFailure) if !succeeded => {
-            crate::guest::shell::wait_and_serve(lines, control_out, &job).await
+    let keep = match job.keep {
+        Some(Keep::Always) => true,
+        Some(Keep::OnFailure) => !succeeded,
+        None => false,
+    };
+    if !keep {
+        return Ok(());
+    }
+    // The reader hands over the `shell` request with the rest of the channel.
+    let Ok(shell) = shell_rx.await else {
+        return Ok(());
+    };
+    let mut writer = out.lock().await;
+    crate::guest::shell::serve(shell, &mut *writer, &job).await
+}
+
+/// The control channel's writing half, shared by the job and the reader's pongs; each
+/// message is written whole under the lock.
+type ControlOut = Arc<tokio::sync::Mutex<tokio::io::WriteHalf<tokio::io::DuplexStream>>>;
+
+/// A `shell` request and the control channel's reading half (with what it has buffered).
+pub(crate) struct ShellRequest {
+    /// Terminal width.
+    pub cols: u16,
+    /// Terminal height.
+    pub rows: u16,
+    /// `TERM`.
+    pub term: Option<String>,
+    /// The rest of the host's bytes.
+    pub input: ControlLines,
+}
+
+/// The one reader of the control channel: hands over the job, answers pings until `done`,
+/// and after `done` hands over the first `shell` request with the channel and stops.
+async fn read_host(
+    mut lines: ControlLines,
+    out: ControlOut,
+    done: Arc<AtomicBool>,
+    job_tx: tokio::sync::oneshot::Sender<Result<Job, AgentError>>,
+    shell_tx: tokio::sync::oneshot::Sender<ShellRequest>,
+) {
+    let mut job_tx = Some(job_tx);
+    loop {
+        let line = match host_line(&mut lines).await {
+            Ok(Some(line)) => line,
+            Ok(None) => {
+                if let Some(tx) = job_tx.take() {
+                    let _ = tx.send(Err(AgentError::NoJob));
+                }
+                return;
+            }
+            Err(err) => {
+                match job_tx.take() {
+                    Some(tx) => {
+                        let _ = tx.send(Err(err));
+                    }
+                    None => eprintln!("contractor-agent: the control channel failed: {err}"),
+                }
+                return;
+            }
+        };
+        if line.trim_ascii().is_empty() {
+            continue;
         }
-        _ => Ok(()),
+        match serde_json::from_slice::<HostMessage>(&line) {
+            Ok(HostMessage::Job { job, .. }) => {
+                if let Some(tx) = job_tx.take() {
+                    let _ = tx.send(Ok(*job));
+                }
+            }
+            Ok(HostMessage::Ping { seq }) => {
+                if job_tx.is_none() && !done.load(Ordering::SeqCst) {
+                    let mut writer = out.lock().await;
+                    let _ = send(&mut *writer, &GuestMessage::Pong { seq }).await;
+                }
+            }
+            // Only a kept VM, after `done`, opens a shell.
+            Ok(HostMessage::Shell { cols, rows, term }) => {
+                if done.load(Ordering::SeqCst) {
+                    let _ = shell_tx.send(ShellRequest {
+                        cols,
+                        rows,
+                        term,
+                        input: lines,
+                    });
+                    return;
+                }
+            }
+            Err(err) => {
+                if let Some(tx) = job_tx.take() {
+                    let _ = tx.send(Err(AgentError::BadJob(err)));
+                    return;
+                }
+                // After the job, a line that is not a message is skipped (a shell client
+                // may have left bytes behind).
+            }
+        }
     }
 }
 
-/// Runs the job; returns whether the script succeeded.
-async fn run_job<W: AsyncWrite + Unpin>(
-    job: &Job,
-    opener: &Opener,
-    control: &mut W,
-) -> Result<bool, AgentError> {
-    forward(GUEST_PROXY_PORT, TunnelTarget::Proxy, opener).await?;
-    forward(GUEST_STORE_PORT, TunnelTarget::Store, opener).await?;
+/// Sends one message under the lock.
+async fn say(out: &ControlOut, message: &GuestMessage) -> Result<(), AgentError> {
+    let mut writer = out.lock().await;
+    send(&mut *writer, message).await
+}
 
-    send(
+/// Runs the job; returns whether the script succeeded.
+async fn run_job(job: &Job, opener: &Opener, control: &ControlOut) -> Result<bool, AgentError> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(GUEST_CONNECTIONS_MAX));
+    forward(GUEST_PROXY_PORT, TunnelTarget::Proxy, opener, slots.clone()).await?;
+    forward(GUEST_STORE_PORT, TunnelTarget::Store, opener, slots).await?;
+
+    say(
         control,
         &GuestMessage::Phase {
             phase: Phase::Source,
@@ -214,7 +357,7 @@ async fn run_job<W: AsyncWrite + Unpin>(
         restore_cache(opener, cache, token).await;
     }
 
-    send(
+    say(
         control,
         &GuestMessage::Phase {
             phase: Phase::Script,
@@ -229,13 +372,13 @@ async fn run_job<W: AsyncWrite + Unpin>(
         oom_kills: oom_kills().saturating_sub(oom_before),
         disk_full: disk_full(Path::new(WORK_DIR)),
     };
-    send(control, &exited).await?;
+    say(control, &exited).await?;
     if let (Some(cache), Some(0)) = (&job.cache, code) {
         save_cache(opener, cache, token).await;
     }
 
     if code == Some(0) && !job.artifacts.is_empty() {
-        send(
+        say(
             control,
             &GuestMessage::Phase {
                 phase: Phase::Artifacts,
@@ -249,8 +392,20 @@ async fn run_job<W: AsyncWrite + Unpin>(
                 &format!("{}{}", job.artifacts_dest, relative),
                 token,
             )
-            .await?;
-            send(
+            .await
+            .map_err(|err| match err {
+                AgentError::StoreStatus { status, body, .. }
+                    if status.is_client_error() && status != StatusCode::PAYLOAD_TOO_LARGE =>
+                {
+                    AgentError::ArtifactRejected {
+                        path: relative.clone(),
+                        status,
+                        body,
+                    }
+                }
+                other => other,
+            })?;
+            say(
                 control,
                 &GuestMessage::Artifact {
                     path: relative,
@@ -306,44 +461,103 @@ pub(crate) async fn send<W: AsyncWrite + Unpin>(
     out.flush().await.map_err(AgentError::Control)
 }
 
-type ControlLines = tokio::io::Lines<BufReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>>;
+type ControlLines = BufReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>;
 
-async fn receive_job(lines: &mut ControlLines) -> Result<Job, AgentError> {
-    loop {
-        let line = lines
-            .next_line()
-            .await
-            .map_err(AgentError::Control)?
-            .ok_or(AgentError::NoJob)?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str(&line).map_err(AgentError::BadJob)? {
-            HostMessage::Job { job, .. } => return Ok(*job),
-            // No VM is kept before a job: nothing to open a shell in.
-            HostMessage::Shell { .. } => continue,
-        }
+/// The host's next line, read within [`CONTROL_LINE_MAX`]; `None` at the end.
+pub(crate) async fn host_line<R: tokio::io::AsyncBufRead + Unpin>(
+    lines: &mut R,
+) -> Result<Option<Vec<u8>>, AgentError> {
+    match read_line(lines, CONTROL_LINE_MAX)
+        .await
+        .map_err(AgentError::Control)?
+    {
+        Line::Text(line) => Ok(Some(line)),
+        Line::End => Ok(None),
+        Line::TooLong => Err(AgentError::LineTooLong),
     }
 }
 
-/// Serves a guest loopback port by carrying each connection over the tunnel to `target`.
-async fn forward(port: u16, target: TunnelTarget, opener: &Opener) -> Result<(), AgentError> {
+/// Most guest connections to the proxy and store ports carried at once: 496
+/// (`MAX_TUNNEL_STREAMS` less [`AGENT_RESERVED_STREAMS`]). One more is answered
+/// `503 Service Unavailable` at once and closed.
+pub const GUEST_CONNECTIONS_MAX: usize = crate::tunnel::MAX_TUNNEL_STREAMS - AGENT_RESERVED_STREAMS;
+/// Tunnel streams kept for the agent's own work (the log, the source, the artifacts): 16.
+pub const AGENT_RESERVED_STREAMS: usize = 16;
+/// How long an accept loop pauses after an error such as EMFILE before it accepts again:
+/// 100 ms.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Serves a guest loopback port by carrying each connection over the tunnel to `target`,
+/// at most [`GUEST_CONNECTIONS_MAX`] at once for both ports together (`slots`).
+async fn forward(
+    port: u16,
+    target: TunnelTarget,
+    opener: &Opener,
+    slots: Arc<tokio::sync::Semaphore>,
+) -> Result<(), AgentError> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| AgentError::Listen { addr, source })?;
     let opener = opener.clone();
     tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
+        loop {
+            let mut client = match listener.accept().await {
+                Ok((client, _)) => client,
+                // Out of descriptors (EMFILE, ENFILE) or a connection gone before it was
+                // taken: pause briefly and keep serving.
+                Err(_) => {
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tokio::spawn(async move {
+                    let _ = client.write_all(refusal(target).as_bytes()).await;
+                    let _ = client.shutdown().await;
+                });
+                continue;
+            };
             let opener = opener.clone();
             tokio::spawn(async move {
-                if let Ok(mut stream) = opener.open(target).await {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut stream).await;
+                let _slot = slot;
+                match opener.open(target).await {
+                    Ok(mut stream) => {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut stream).await;
+                    }
+                    Err(err) => {
+                        let _ = client
+                            .write_all(
+                                unavailable(&format!("the tunnel refused the connection: {err}"))
+                                    .as_bytes(),
+                            )
+                            .await;
+                    }
                 }
             });
         }
     });
     Ok(())
+}
+
+/// The answer to a connection beyond [`GUEST_CONNECTIONS_MAX`].
+fn refusal(target: TunnelTarget) -> String {
+    let what = match target {
+        TunnelTarget::Store => "store",
+        _ => "proxy",
+    };
+    unavailable(&format!(
+        "contractor: too many connections: the build holds {GUEST_CONNECTIONS_MAX} connections to the proxy and the store (GUEST_CONNECTIONS_MAX); this {what} connection was refused"
+    ))
+}
+
+/// An `HTTP/1.1 503` response with `message` as its body.
+fn unavailable(message: &str) -> String {
+    let body = format!("{message}\n");
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 /// One HTTP/1.1 request to the store over a fresh tunnel stream, with the build's token.
@@ -567,6 +781,12 @@ async fn run_script(job: &Job, opener: &Opener) -> Result<(Option<i32>, Option<i
     use std::io::Read;
     use std::os::unix::process::ExitStatusExt;
 
+    // The log stream is open before the script runs, so no connection of the script's
+    // can stand in its way.
+    let mut log = opener
+        .open(TunnelTarget::Log)
+        .await
+        .map_err(AgentError::Tunnel)?;
     let (mut output, writer) = std::io::pipe().map_err(AgentError::Spawn)?;
     let mut child = {
         let mut command = tokio::process::Command::new("/bin/sh");
@@ -584,10 +804,6 @@ async fn run_script(job: &Job, opener: &Opener) -> Result<(Option<i32>, Option<i
         // `command` drops here, closing our copies of the pipe's write end.
     };
 
-    let mut log = opener
-        .open(TunnelTarget::Log)
-        .await
-        .map_err(AgentError::Tunnel)?;
     let (chunks_tx, mut chunks) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
@@ -638,16 +854,39 @@ fn artifact_files(root: &Path, patterns: &[String]) -> Result<Vec<(PathBuf, Stri
             });
         }
     }
-    let mut out = Vec::new();
+    let mut out: Vec<(PathBuf, String)> = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
     for path in files {
         if let Ok(relative) = path.strip_prefix(root) {
-            let relative = relative.to_string_lossy().into_owned();
-            if !out.iter().any(|(_, r)| r == &relative) {
+            let relative = artifact_name(relative)?;
+            if seen.insert(relative.clone()) {
                 out.push((path.clone(), relative));
             }
         }
     }
+    if out.len() > MAX_REPORTED_ARTIFACTS {
+        return Err(AgentError::TooManyArtifacts { count: out.len() });
+    }
     Ok(out)
+}
+
+/// The store path of an artifact, exactly its name: refused (never renamed) when the
+/// store could not take it (contractor-store's path rules: UTF-8, no `\\`, no NUL).
+fn artifact_name(relative: &Path) -> Result<String, AgentError> {
+    let bad = |reason| AgentError::ArtifactName {
+        path: format!("{relative:?}"),
+        reason,
+    };
+    let name = relative
+        .to_str()
+        .ok_or_else(|| bad("its name is not UTF-8"))?;
+    if name.contains('\\') {
+        return Err(bad("its name holds a backslash"));
+    }
+    if name.contains('\0') {
+        return Err(bad("its name holds a NUL byte"));
+    }
+    Ok(name.to_string())
 }
 
 fn collect_files(path: &Path, files: &mut Vec<PathBuf>) {
@@ -711,6 +950,30 @@ async fn upload(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_connection_beyond_the_bound_gets_a_503_naming_it() {
+        let (guest_io, host_io) = tokio::io::duplex(64 * 1024);
+        let (opener, _, _) = tunnel::spawn(guest_io, Side::Guest);
+        let (_, _inbound, _) = tunnel::spawn(host_io, Side::Host);
+        // No slot left: every connection is refused.
+        let slots = Arc::new(tokio::sync::Semaphore::new(0));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
+        let port = listener.local_addr().expect("addr").port();
+        drop(listener);
+        forward(port, TunnelTarget::Proxy, &opener, slots)
+            .await
+            .expect("forward");
+        let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let mut answer = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut client, &mut answer)
+            .await
+            .expect("read");
+        assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+        assert!(answer.contains("GUEST_CONNECTIONS_MAX"), "{answer}");
+    }
 
     #[test]
     fn oom_kills_are_read_from_vmstat() {
@@ -779,6 +1042,26 @@ mod tests {
         assert!(err.to_string().contains("\"missing\""), "{err}");
         let err = artifact_files(dir.path(), &["../etc/passwd".into()]).expect_err("escapes");
         assert!(err.to_string().contains("stay inside"), "{err}");
+    }
+
+    #[test]
+    fn artifacts_the_store_cannot_take_fail_by_name_and_are_never_renamed() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a\\b"), b"x").expect("write");
+        let err = artifact_files(dir.path(), &["a*".into()]).expect_err("backslash");
+        assert_eq!(err.code(), "artifact_name");
+        assert!(err.to_string().contains(r#""a\\b""#), "{err}");
+        assert!(err.to_string().contains("backslash"), "{err}");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let name = std::ffi::OsStr::from_bytes(b"n\xffme");
+        std::fs::create_dir(dir.path().join("out")).expect("mkdir");
+        std::fs::write(dir.path().join("out").join(name), b"x").expect("write");
+        let err = artifact_files(dir.path(), &["out".into()]).expect_err("not UTF-8");
+        assert_eq!(err.code(), "artifact_name");
+        assert!(err.to_string().contains(r"n\xFFme"), "{err}");
+        assert!(err.to_string().contains("not UTF-8"), "{err}");
     }
 
     #[test]

@@ -10,36 +10,29 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
-use contractor_protocol::agent::{GuestMessage, HostMessage, Job};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use contractor_protocol::agent::{GuestMessage, Job};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use crate::guest::agent::{script_env, send, AgentError, WORK_DIR};
+use crate::guest::agent::{script_env, send, AgentError, ShellRequest, WORK_DIR};
 
-/// Waits for a `shell` message on `lines` (the host may connect again much later; other
-/// lines are skipped), then serves one shell. Returns when the shell has exited.
-pub async fn wait_and_serve<R, W>(
-    mut lines: tokio::io::Lines<BufReader<R>>,
-    mut out: W,
-    job: &Job,
-) -> Result<(), AgentError>
+/// Serves one shell for `request` (the host's `shell` message, handed over by the control
+/// reader with the rest of the channel). Returns when the shell has exited.
+pub(crate) async fn serve<W>(request: ShellRequest, mut out: W, job: &Job) -> Result<(), AgentError>
 where
-    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let (cols, rows, term) = loop {
-        let Some(line) = lines.next_line().await.map_err(AgentError::Control)? else {
-            return Ok(());
-        };
-        if let Ok(HostMessage::Shell { cols, rows, term }) = serde_json::from_str(&line) {
-            break (cols, rows, term);
-        }
-    };
+    let ShellRequest {
+        cols,
+        rows,
+        term,
+        input: lines,
+    } = request;
     let (master, child) =
         spawn_shell(job, cols, rows, term.as_deref()).map_err(AgentError::Spawn)?;
     send(&mut out, &GuestMessage::ShellStarted).await?;
 
     // Bytes the host sent after its `shell` line are in the reader's buffer: keep them.
-    let mut input = lines.into_inner();
+    let mut input = lines;
     let reader = File::from(master.try_clone().map_err(AgentError::Control)?);
     let mut terminal_in = tokio::fs::File::from_std(File::from(master));
     let mut terminal_out = tokio::fs::File::from_std(reader);

@@ -114,46 +114,6 @@ impl BuildError {
     }
 }
 
-/// Most messages of an error chain kept in `result.json`: 16.
-pub const MAX_ERROR_CHAIN: usize = 16;
-
-/// Most bytes of one message of an error chain kept in `result.json`: 4 KiB.
-pub const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
-
-/// `error` (from the guest, through contractor-run) within [`MAX_ERROR_CHAIN`] messages of
-/// [`MAX_ERROR_MESSAGE_BYTES`] each; what is cut is said so.
-fn cap_error(error: ErrorInfo) -> ErrorInfo {
-    let cut = |text: &str, max: usize| -> String {
-        if text.len() <= max {
-            return text.to_string();
-        }
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        format!("{}… ({} more bytes cut)", &text[..end], text.len() - end)
-    };
-    let total = error.chain.len();
-    let mut chain: Vec<String> = error
-        .chain
-        .iter()
-        .take(MAX_ERROR_CHAIN)
-        .map(|m| cut(m, MAX_ERROR_MESSAGE_BYTES))
-        .collect();
-    if total > MAX_ERROR_CHAIN {
-        if let Some(last) = chain.last_mut() {
-            last.push_str(&format!(
-                " (and {} more causes cut)",
-                total - MAX_ERROR_CHAIN
-            ));
-        }
-    }
-    ErrorInfo {
-        code: cut(&error.code, 64),
-        chain,
-    }
-}
-
 /// Closes the record of build `id` that failed with `err` before its VM ran: writes its
 /// `result.json` (the error's outcome and code, its chain) and drops its owner file.
 /// Returns `err` for the caller to report.
@@ -369,7 +329,7 @@ pub async fn build(
         artifacts,
         refused_hosts,
         limit: ran.limit,
-        error: ran.error.map(cap_error),
+        error: ran.error.map(|e| ErrorInfo::capped(&e.code, &e.chain)),
     };
     let result_path = record.join("result.json");
     let text = serde_json::to_string_pretty(&result).unwrap_or_default();
@@ -931,31 +891,6 @@ mod tests {
             "the cache is not an artifact"
         );
         assert_eq!(missing_artifacts(&record.path().join("none"), &[]), None);
-    }
-
-    #[test]
-    fn a_guest_error_chain_is_capped_in_the_record() {
-        let error = ErrorInfo {
-            code: "script".into(),
-            chain: (0..40).map(|_| "é".repeat(5000)).collect(),
-        };
-        let capped = cap_error(error);
-        assert_eq!(capped.chain.len(), MAX_ERROR_CHAIN);
-        assert!(
-            capped.chain[0].starts_with(&"é".repeat(2048)),
-            "char boundary"
-        );
-        assert!(
-            capped.chain[0].ends_with("… (5904 more bytes cut)"),
-            "{}",
-            &capped.chain[0][4000..]
-        );
-        assert!(capped.chain[15].ends_with("(and 24 more causes cut)"));
-        let small = ErrorInfo {
-            code: "x".into(),
-            chain: vec!["fine".into()],
-        };
-        assert_eq!(cap_error(small.clone()), small);
     }
 
     #[test]

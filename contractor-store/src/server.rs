@@ -36,7 +36,10 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::access::{self, Access, TokenTable};
 use crate::digest::{self, DigestCache, Sha256, SHA256_HEADER};
 use crate::files::{self, FileError, Upload, Written};
-use crate::limits::{Reservation, UsageTable};
+use crate::limits::{
+    NewEntries, OverLimit, Reservation, UsageTable, ENTRY_COST, MAX_ARTIFACT_DEPTH,
+    MAX_BUILD_ENTRIES,
+};
 use crate::path::StorePath;
 use crate::range::{self, ByteRange, RangeRequest};
 
@@ -618,7 +621,13 @@ impl Store {
                 return drain_then(body, unread, response).await;
             }
         }
-        let mut reservation = match self.reserve(&destination, declared.unwrap_or(0)).await {
+        if let Some(response) = too_deep(path) {
+            return drain_then(body, unread, response).await;
+        }
+        let mut reservation = match self
+            .reserve(&destination, path, declared.unwrap_or(0))
+            .await
+        {
             Ok(reservation) => reservation,
             Err(response) => return drain_then(body, unread, response).await,
         };
@@ -653,7 +662,7 @@ impl Store {
             if let Some(reservation) = &mut reservation {
                 if let Err(over) = reservation.cover(received) {
                     drop(upload);
-                    let response = self.too_large_build(&destination, over.would_be);
+                    let response = self.too_large_build(&destination, over);
                     return drain_then(body, DRAIN_LIMIT, response).await;
                 }
             }
@@ -668,7 +677,11 @@ impl Store {
         };
         self.digests.record(committed.version, committed.sha256);
         if let Some(reservation) = reservation {
-            reservation.settle(committed.len, committed.replaced_len);
+            let replaced = match committed.written {
+                Written::Created => None,
+                Written::Replaced => Some(committed.replaced_len),
+            };
+            reservation.settle(committed.len, replaced);
         }
         let mut response = status_only(match committed.written {
             Written::Created => StatusCode::CREATED,
@@ -685,6 +698,7 @@ impl Store {
     async fn reserve(
         &self,
         destination: &Destination,
+        path: &StorePath,
         bytes: u64,
     ) -> Result<Option<Reservation>, Response<Body>> {
         let (Some(limit), Destination::Artifact { build }) = (self.max_build_bytes, destination)
@@ -694,11 +708,15 @@ impl Store {
         let usage = Arc::clone(&self.usage);
         let artifacts = self.root.join("builds").join(build).join("artifacts");
         let id = build.clone();
-        let reserved =
-            tokio::task::spawn_blocking(move || usage.reserve(&id, &artifacts, limit, bytes)).await;
+        let below: Vec<String> = path.names().iter().skip(3).cloned().collect();
+        let reserved = tokio::task::spawn_blocking(move || {
+            let new = new_entries(&artifacts, &below);
+            usage.reserve(&id, &artifacts, limit, bytes, new)
+        })
+        .await;
         match reserved {
             Ok(Ok(Ok(reservation))) => Ok(Some(reservation)),
-            Ok(Ok(Err(over))) => Err(self.too_large_build(destination, over.would_be)),
+            Ok(Ok(Err(over))) => Err(self.too_large_build(destination, over)),
             Ok(Err(e)) => {
                 eprintln!("contractor-store: cannot measure build {build}: {e}");
                 Err(text(
@@ -723,19 +741,24 @@ impl Store {
         )
     }
 
-    fn too_large_build(&self, destination: &Destination, would_be: u64) -> Response<Body> {
+    fn too_large_build(&self, destination: &Destination, over: OverLimit) -> Response<Body> {
         let (build, limit) = match destination {
             Destination::Artifact { build } => (build.as_str(), self.max_build_bytes.unwrap_or(0)),
             Destination::Blob(_) => ("?", 0),
         };
-        text(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!(
-                "build {build} may store at most {limit} bytes of artifacts \
-                 (--max-build-bytes); this upload would bring it to at least {would_be}; \
-                 nothing was stored"
+        let message = match over {
+            OverLimit::Bytes { would_be } => format!(
+                "build {build} may use at most {limit} bytes of the host's disk for artifacts \
+                 (--max-build-bytes; each file counts its size rounded up to {ENTRY_COST} \
+                 bytes, each directory {ENTRY_COST}); this upload would bring it to at least \
+                 {would_be}; nothing was stored"
             ),
-        )
+            OverLimit::Entries { would_be } => format!(
+                "build {build} may have at most {MAX_BUILD_ENTRIES} files and directories of \
+                 artifacts; this upload would bring it to {would_be}; nothing was stored"
+            ),
+        };
+        text(StatusCode::PAYLOAD_TOO_LARGE, &message)
     }
 
     /// The response for a failed file operation; server-side failures are also logged.
@@ -947,6 +970,39 @@ fn destination(path: &StorePath) -> Result<Destination, String> {
         "refused: cannot write {path}; writes are allowed only under \
          /builds/<id>/artifacts/<path> and to /cas/sha256/<sha256>"
     ))
+}
+
+/// The refusal of an artifact path deeper than [`MAX_ARTIFACT_DEPTH`] below `artifacts/`.
+fn too_deep(path: &StorePath) -> Option<Response<Body>> {
+    let depth = path.names().len().saturating_sub(3);
+    (path.is_artifact() && depth > MAX_ARTIFACT_DEPTH).then(|| {
+        text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!(
+                "refused: {path} is {depth} levels below artifacts/; an artifact may be at \
+                 most {MAX_ARTIFACT_DEPTH} levels deep; nothing was stored"
+            ),
+        )
+    })
+}
+
+/// What an upload to `artifacts/<below>` adds: the directories on the way that do not
+/// exist yet (`artifacts/` itself included) and whether the file is new. Blocking.
+fn new_entries(artifacts: &Path, below: &[String]) -> NewEntries {
+    let Some((_, parents)) = below.split_last() else {
+        return NewEntries::default();
+    };
+    let mut dir = artifacts.to_path_buf();
+    let mut dirs = 0;
+    let mut missing = std::fs::symlink_metadata(&dir).is_err();
+    dirs += u64::from(missing);
+    for name in parents {
+        dir.push(name);
+        missing = missing || std::fs::symlink_metadata(&dir).is_err();
+        dirs += u64::from(missing);
+    }
+    let file = missing || std::fs::symlink_metadata(artifacts.join(below.join("/"))).is_err();
+    NewEntries { dirs, file }
 }
 
 /// Whether a GET asks for a JSON listing: `?json` in the query or JSON in `Accept`.

@@ -50,27 +50,33 @@ fn an_artifact_over_the_limit_is_413_naming_the_limit_and_nothing_is_kept() {
     assert_eq!(fixture.files(), ["builds/b/artifacts/fits"]);
 }
 
+/// What a file or directory costs at least against a build's total (the store's
+/// `ENTRY_COST`, one block).
+const BLOCK: usize = 4096;
+
 #[test]
 fn a_build_over_its_total_is_413_and_replacing_a_file_frees_its_bytes() {
     let fixture = Fixture::new();
     fixture.write("builds/b/artifacts/before", &[0u8; 500]);
-    let store = start_with(&fixture.root, &["--max-build-bytes", "2500"]);
+    let limit = (6 * BLOCK).to_string();
+    let store = start_with(&fixture.root, &["--max-build-bytes", &limit]);
 
+    // `before` counts one block, `one` another.
     assert_eq!(
-        store.put("/builds/b/artifacts/one", &[1u8; 1000]).status,
+        store.put("/builds/b/artifacts/one", &[1u8; BLOCK]).status,
         201
     );
-    let response = store.put("/builds/b/artifacts/two", &[2u8; 1001]);
+    let response = store.put("/builds/b/artifacts/two", &[2u8; 4 * BLOCK + 1]);
     assert_eq!(response.status, 413);
     assert!(
-        response.text().contains("at most 2500 bytes"),
+        response.text().contains(&format!("at most {limit} bytes")),
         "{}",
         response.text()
     );
     assert!(response.text().contains("--max-build-bytes"));
     let response = store.request(
         "PUT /builds/b/artifacts/two HTTP/1.1\r\nTransfer-Encoding: chunked",
-        &chunked(&[2u8; 1001]),
+        &chunked(&[2u8; 4 * BLOCK + 1]),
     );
     assert_eq!(response.status, 413, "{}", response.text());
     assert!(!fixture.root.join("builds/b/artifacts/two").exists());
@@ -81,13 +87,54 @@ fn a_build_over_its_total_is_413_and_replacing_a_file_frees_its_bytes() {
         204
     );
     assert_eq!(
-        store.put("/builds/b/artifacts/two", &[2u8; 1600]).status,
+        store
+            .put("/builds/b/artifacts/two", &[2u8; 3 * BLOCK])
+            .status,
         201
     );
-    assert_eq!(store.put("/builds/b/artifacts/three", b"x").status, 413);
-    // Another build has its own total.
-    assert_eq!(store.put("/builds/c/artifacts/x", &[0u8; 2500]).status, 201);
+    // Even an empty file costs a block.
+    assert_eq!(store.put("/builds/b/artifacts/empty", b"").status, 201);
+    assert_eq!(store.put("/builds/b/artifacts/three", b"").status, 413);
+    // Another build has its own total (its artifacts/ directory costs a block too).
+    let five_blocks = vec![0u8; 5 * BLOCK];
+    assert_eq!(store.put("/builds/c/artifacts/x", &five_blocks).status, 201);
     assert!(temp_files(&fixture.root.join("builds/b/artifacts")).is_empty());
+}
+
+#[test]
+fn empty_files_in_deep_trees_count_their_directories_and_depth_is_capped() {
+    let fixture = Fixture::new();
+    let limit = (20 * BLOCK).to_string();
+    let store = start_with(&fixture.root, &["--max-build-bytes", &limit]);
+    // artifacts/ + 8 directories + the file: 10 blocks, for an empty file.
+    let deep = "/builds/b/artifacts/1/2/3/4/5/6/7/8/f";
+    assert_eq!(store.put(deep, b"").status, 201);
+    // Another 10 blocks fit exactly (9 new directories and the file) …
+    assert_eq!(
+        store
+            .put("/builds/b/artifacts/a/b/c/d/e/f/g/h/i/f", b"")
+            .status,
+        201
+    );
+    // … and then not even one more empty directory with an empty file.
+    let response = store.put("/builds/b/artifacts/z/f", b"");
+    assert_eq!(response.status, 413, "{}", response.text());
+    assert!(
+        response.text().contains("each directory 4096"),
+        "{}",
+        response.text()
+    );
+    assert!(!fixture.root.join("builds/b/artifacts/z").exists());
+
+    let too_deep = format!("/builds/d/artifacts/{}f", "d/".repeat(32));
+    let response = store.put(&too_deep, b"");
+    assert_eq!(response.status, 413, "{}", response.text());
+    assert!(
+        response.text().contains("at most 32 levels deep"),
+        "{}",
+        response.text()
+    );
+    assert!(!fixture.root.join("builds/d").exists());
 }
 
 #[test]

@@ -17,3 +17,5 @@ pub mod records;
 pub mod shell;
 pub mod source;
 pub mod spec;
+pub mod sys;
+pub mod tools;

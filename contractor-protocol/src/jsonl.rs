@@ -1,7 +1,7 @@
 //! JSON Lines: one JSON object per line. The writer flushes after every line so that a
 //! reader at the other end of a pipe sees each event as it happens.
 
-use std::io::{self, BufRead, Write};
+use std::io::{self, BufRead, Read, Write};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -24,7 +24,25 @@ pub enum JsonlError {
     /// A message could not be serialised.
     #[error("cannot encode message")]
     Encode(#[source] serde_json::Error),
+    /// A line was longer than the reader accepts.
+    #[error("line {line} is longer than {max} bytes")]
+    TooLong {
+        /// 1-based line number in the stream.
+        line: usize,
+        /// The reader's limit.
+        max: u64,
+    },
+    /// A line was not UTF-8.
+    #[error("line {line} is not UTF-8")]
+    NotUtf8 {
+        /// 1-based line number in the stream.
+        line: usize,
+    },
 }
+
+/// The longest line a [`JsonlReader`] accepts unless told otherwise: 4 MiB. Every message of
+/// the protocol is far smaller (the relay caps a guest's control line at 1 MiB).
+pub const MAX_LINE_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Writes one message as one line and flushes.
 pub fn write_line<W: Write, T: Serialize>(out: &mut W, message: &T) -> Result<(), JsonlError> {
@@ -46,11 +64,13 @@ pub fn write_flushed<W: Write>(out: &mut W, lines: &[u8]) -> Result<(), JsonlErr
     out.flush().map_err(JsonlError::Io)
 }
 
-/// Reads messages line by line; blank lines are skipped.
+/// Reads messages line by line; blank lines are skipped. A line longer than the reader's
+/// limit ([`MAX_LINE_BYTES`] by default) is an error, never buffered whole.
 pub struct JsonlReader<R> {
     input: R,
     line: usize,
-    buf: String,
+    buf: Vec<u8>,
+    max: u64,
 }
 
 impl<R: BufRead> JsonlReader<R> {
@@ -59,26 +79,48 @@ impl<R: BufRead> JsonlReader<R> {
         JsonlReader {
             input,
             line: 0,
-            buf: String::new(),
+            buf: Vec::new(),
+            max: MAX_LINE_BYTES,
         }
+    }
+
+    /// Wraps a buffered reader that accepts lines of at most `max` bytes.
+    pub fn with_limit(input: R, max: u64) -> Self {
+        JsonlReader {
+            max,
+            ..JsonlReader::new(input)
+        }
+    }
+
+    /// The underlying reader (what it holds beyond the lines read so far).
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.input
     }
 
     /// The next message, or `None` at the end of the stream.
     pub fn next_message<T: DeserializeOwned>(&mut self) -> Result<Option<T>, JsonlError> {
         loop {
             self.buf.clear();
-            let n = self
-                .input
-                .read_line(&mut self.buf)
+            let n = (&mut self.input)
+                .take(self.max + 1)
+                .read_until(b'\n', &mut self.buf)
                 .map_err(JsonlError::Io)?;
             if n == 0 {
                 return Ok(None);
             }
             self.line += 1;
-            if self.buf.trim().is_empty() {
+            let line = self.line;
+            if n as u64 > self.max {
+                return Err(JsonlError::TooLong {
+                    line,
+                    max: self.max,
+                });
+            }
+            let text = std::str::from_utf8(&self.buf).map_err(|_| JsonlError::NotUtf8 { line })?;
+            if text.trim().is_empty() {
                 continue;
             }
-            return serde_json::from_str(&self.buf)
+            return serde_json::from_str(text)
                 .map(Some)
                 .map_err(|source| JsonlError::Parse {
                     line: self.line,
@@ -111,6 +153,20 @@ mod tests {
                 assert!(source.to_string().contains("oops"), "{source}");
             }
             other => panic!("unexpected error {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_line_longer_than_the_limit_is_an_error_not_a_buffer() {
+        let mut input = b"{\"a\":1}\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 100));
+        input.push(b'\n');
+        let mut reader = JsonlReader::with_limit(&input[..], 64);
+        let first: serde_json::Value = reader.next_message().expect("read").expect("one");
+        assert_eq!(first["a"], 1);
+        match reader.next_message::<serde_json::Value>() {
+            Err(JsonlError::TooLong { line: 2, max: 64 }) => {}
+            other => panic!("expected TooLong on line 2, got {other:?}"),
         }
     }
 }

@@ -1,0 +1,299 @@
+//! The tools the front end composes: where their executables are, how each is started, and
+//! how their JSON answers are read.
+//!
+//! A tool is found in `$CONTRACTOR_BIN` when that is set, else beside the running
+//! `contractor` executable (cargo and the installer put them together). Every tool is
+//! started so that it is sent SIGTERM when this process dies, SIGKILL included
+//! (`PR_SET_PDEATHSIG`): each tool stops cleanly on SIGTERM (contractor-vm destroys the VM
+//! it holds and deletes its overlay), so a killed front end leaves nothing running.
+
+use std::io::{BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, Stdio};
+
+use contractor_protocol::error::ErrorObject;
+use contractor_protocol::jsonl::{JsonlError, JsonlReader};
+use contractor_protocol::PROTOCOL_VERSION;
+use serde::de::DeserializeOwned;
+
+/// The store tool.
+pub const STORE: &str = "contractor-store";
+/// The proxy tool.
+pub const PROXY: &str = "contractor-proxy";
+/// The VM tool.
+pub const VM: &str = "contractor-vm";
+/// The run tool.
+pub const RUN: &str = "contractor-run";
+
+/// Why a tool could not do its part.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    /// The executable is not where tools are looked for.
+    #[error("the tool {name} is missing: {} is not an executable file ({hint})", path.display())]
+    Missing {
+        /// The tool.
+        name: &'static str,
+        /// Where it was looked for.
+        path: PathBuf,
+        /// How to fix it.
+        hint: &'static str,
+    },
+    /// The executable could not be started.
+    #[error("cannot start {name} ({})", path.display())]
+    Start {
+        /// The tool.
+        name: &'static str,
+        /// The executable.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Talking to the tool failed.
+    #[error("cannot talk to {name}")]
+    Io {
+        /// The tool.
+        name: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The tool said something that is not its documented JSON.
+    #[error("{name} wrote something other than its documented JSON")]
+    Protocol {
+        /// The tool.
+        name: &'static str,
+        /// What was wrong.
+        #[source]
+        source: JsonlError,
+    },
+    /// The tool speaks another protocol version.
+    #[error(
+        "{name} speaks protocol version {got}, this contractor speaks {PROTOCOL_VERSION}: \
+         install the tools of one release together"
+    )]
+    Version {
+        /// The tool.
+        name: &'static str,
+        /// Its version.
+        got: u32,
+    },
+    /// The tool reported an error (its `--json-errors` object), or ended without answering.
+    #[error("{name} failed ({}){}", exit_text(*.exit_code), chain_text(.error))]
+    Failed {
+        /// The tool.
+        name: &'static str,
+        /// Its exit code, if it exited.
+        exit_code: Option<i32>,
+        /// Its error object, if it wrote one.
+        error: Option<ErrorObject>,
+    },
+}
+
+fn exit_text(code: Option<i32>) -> String {
+    match code {
+        Some(code) => format!("exit code {code}"),
+        None => "killed by a signal".into(),
+    }
+}
+
+fn chain_text(error: &Option<ErrorObject>) -> String {
+    match error {
+        Some(error) => format!(": {}", error.chain.join(": ")),
+        None => ": it wrote no answer; its own message is above".into(),
+    }
+}
+
+impl ToolError {
+    /// The code of the tool's own error object, if it wrote one.
+    pub fn tool_code(&self) -> Option<&str> {
+        match self {
+            ToolError::Failed {
+                error: Some(error), ..
+            } => Some(&error.code),
+            _ => None,
+        }
+    }
+
+    /// True when the tool refused its input (exit code 2) rather than failing.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            ToolError::Failed {
+                exit_code: Some(2),
+                ..
+            }
+        )
+    }
+}
+
+/// The directory the tools are taken from.
+pub fn directory() -> Result<PathBuf, ToolError> {
+    if let Some(dir) = std::env::var_os("CONTRACTOR_BIN").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir));
+    }
+    let exe = std::env::current_exe().map_err(|source| ToolError::Io {
+        name: "contractor",
+        source,
+    })?;
+    Ok(exe.parent().map(PathBuf::from).unwrap_or_default())
+}
+
+/// The executable of tool `name`.
+pub fn locate(name: &'static str) -> Result<PathBuf, ToolError> {
+    let path = directory()?.join(name);
+    let executable = std::fs::metadata(&path).is_ok_and(|m| {
+        use std::os::unix::fs::PermissionsExt;
+        m.is_file() && m.permissions().mode() & 0o111 != 0
+    });
+    if executable {
+        Ok(path)
+    } else {
+        let hint = if std::env::var_os("CONTRACTOR_BIN").is_some() {
+            "CONTRACTOR_BIN names the directory holding the tools"
+        } else {
+            "the tools are looked for beside the contractor executable; set CONTRACTOR_BIN to \
+             their directory, or build them all with cargo build --workspace"
+        };
+        Err(ToolError::Missing { name, path, hint })
+    }
+}
+
+/// A command for tool `name` that dies with this process.
+pub fn command(name: &'static str) -> Result<Command, ToolError> {
+    let mut command = Command::new(locate(name)?);
+    crate::sys::die_with_parent(&mut command);
+    Ok(command)
+}
+
+/// Starts `command` (of tool `name`) with piped stdin and stdout.
+pub fn spawn(name: &'static str, mut command: Command) -> Result<Child, ToolError> {
+    command.stdin(Stdio::piped()).stdout(Stdio::piped());
+    command.spawn().map_err(|source| ToolError::Start {
+        name,
+        path: PathBuf::from(command.get_program()),
+        source,
+    })
+}
+
+/// The reader of a tool's stdout: JSON Lines, each at most
+/// [`contractor_protocol::jsonl::MAX_LINE_BYTES`].
+pub struct Answers {
+    name: &'static str,
+    reader: JsonlReader<BufReader<ChildStdout>>,
+}
+
+impl Answers {
+    /// Reads the stdout of `child`, which runs tool `name`.
+    pub fn of(name: &'static str, child: &mut Child) -> Option<Answers> {
+        let stdout = child.stdout.take()?;
+        Some(Answers {
+            name,
+            reader: JsonlReader::new(BufReader::new(stdout)),
+        })
+    }
+
+    /// The next line as a `T`, the tool's error object as `Err`, `None` at the end.
+    pub fn next_reply<T: DeserializeOwned>(&mut self) -> Result<Option<Reply<T>>, ToolError> {
+        let value: Option<serde_json::Value> =
+            self.reader
+                .next_message()
+                .map_err(|source| ToolError::Protocol {
+                    name: self.name,
+                    source,
+                })?;
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        if let Some(got) = value["version"].as_u64() {
+            if got != u64::from(PROTOCOL_VERSION) {
+                return Err(ToolError::Version {
+                    name: self.name,
+                    got: u32::try_from(got).unwrap_or(u32::MAX),
+                });
+            }
+        }
+        if value["type"] == "error" {
+            if let Ok(error) = serde_json::from_value::<ErrorObject>(value.clone()) {
+                return Ok(Some(Reply::Error(error)));
+            }
+        }
+        serde_json::from_value(value)
+            .map(|v| Some(Reply::Answer(v)))
+            .map_err(|source| ToolError::Protocol {
+                name: self.name,
+                source: JsonlError::Parse { line: 0, source },
+            })
+    }
+
+    /// The tool's first answer; its error object, or its end, is the tool's failure (after
+    /// waiting for `child` to learn its exit code).
+    pub fn first<T: DeserializeOwned>(&mut self, child: &mut Child) -> Result<T, ToolError> {
+        match self.next_reply::<T>() {
+            Ok(Some(Reply::Answer(answer))) => Ok(answer),
+            Ok(Some(Reply::Error(error))) => Err(failed(self.name, child, Some(error))),
+            Ok(None) => Err(failed(self.name, child, None)),
+            Err(err) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(err)
+            }
+        }
+    }
+
+    /// Drains the rest of the output so that the tool never blocks on a full pipe.
+    pub fn drain(mut self) {
+        let mut sink = [0u8; 8192];
+        let input = self.reader.get_mut();
+        while matches!(input.read(&mut sink), Ok(n) if n > 0) {}
+    }
+}
+
+/// One line of a tool's stdout.
+pub enum Reply<T> {
+    /// What was asked for.
+    Answer(T),
+    /// The tool's error object (`--json-errors`).
+    Error(ErrorObject),
+}
+
+/// The failure of a tool that ended (or is ended now) after `error`.
+fn failed(name: &'static str, child: &mut Child, error: Option<ErrorObject>) -> ToolError {
+    drop(child.stdin.take());
+    let exit_code = child.wait().ok().and_then(|status| status.code());
+    ToolError::Failed {
+        name,
+        exit_code,
+        error,
+    }
+}
+
+/// Runs tool `name` with `args` to completion, stdin from `/dev/null`, and returns its one
+/// JSON answer.
+pub fn answer<T: DeserializeOwned>(
+    name: &'static str,
+    args: &[&std::ffi::OsStr],
+) -> Result<T, ToolError> {
+    let mut command = command(name)?;
+    command.args(args).arg("--json-errors");
+    let mut child = spawn(name, command)?;
+    drop(child.stdin.take());
+    let mut answers = Answers::of(name, &mut child).ok_or(ToolError::Io {
+        name,
+        source: std::io::Error::other("no stdout pipe"),
+    })?;
+    let answer = answers.first(&mut child)?;
+    answers.drain();
+    let status = child
+        .wait()
+        .map_err(|source| ToolError::Io { name, source })?;
+    if status.success() {
+        Ok(answer)
+    } else {
+        Err(ToolError::Failed {
+            name,
+            exit_code: status.code(),
+            error: None,
+        })
+    }
+}

@@ -1,15 +1,22 @@
-//! `contractor build`: one build, start to finish.
+//! `contractor build`: one build, start to finish, composed of the tools' processes.
 //!
 //! Read the spec, make sure the image exists, create the build record, pack the source,
-//! start the store and the proxy (in this process, on loopback, ephemeral ports), create
-//! the VM (autodestroyed with this process's libvirt connection, so a killed `contractor`
-//! leaves no VM), run the job, destroy the VM, write `result.json`, print the summary.
-//! Every outcome after the record exists, failures included, ends in `result.json`.
+//! start `contractor-store` and `contractor-proxy` (loopback, ephemeral ports, each answers
+//! with a `ready` line), have `contractor-vm create --hold` create the VM and hold it for as
+//! long as its stdin stays open, feed `contractor-run` the job and show its events, release
+//! the VM, stop the services, write `result.json`, print the summary. The front end speaks
+//! to the tools only in their JSON (docs/protocol.md), exactly as examples/pipeline.sh
+//! does. Every outcome after the record exists, failures included, ends in `result.json`.
+//! Every tool dies with this process (`tools::command`), and the VM with its holder.
 
 use std::collections::BTreeSet;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use contractor_protocol::agent::{Job, Keep};
@@ -17,16 +24,18 @@ use contractor_protocol::build::BuildEvent;
 use contractor_protocol::proxy::{Decision, Verdict};
 use contractor_protocol::result::{BuildResult, ErrorInfo, Limit, Outcome};
 use contractor_protocol::run::{RunEvent, RunRequest};
-use contractor_protocol::vm::{Accel, VmSpec};
+use contractor_protocol::service::Ready;
+use contractor_protocol::vm::{Accel, VmInfo, VmRequest, VmResult, VmSpec};
 use contractor_protocol::PROTOCOL_VERSION;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 use crate::display::Display;
 use crate::image;
 use crate::paths;
 use crate::source;
 use crate::spec::BuildSpec;
+use crate::tools::{self, Answers, Reply, ToolError};
 
 /// Options of `contractor build` beyond the spec.
 #[derive(Debug, Clone)]
@@ -83,7 +92,16 @@ pub enum BuildError {
     },
     /// A local service could not start.
     #[error("cannot start the {0}")]
-    Service(&'static str, #[source] std::io::Error),
+    Service(&'static str, #[source] ToolError),
+    /// The build's private directory (its store token) could not be made.
+    #[error("cannot create the build's private directory {path}")]
+    Private {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The data directory is unknown.
     #[error("{0}")]
     DataDir(String),
@@ -108,6 +126,7 @@ impl BuildError {
             BuildError::Record { .. } => (Outcome::Infrastructure, "record"),
             BuildError::Cache { .. } => (Outcome::Infrastructure, "cache_prepare"),
             BuildError::Service(..) => (Outcome::Infrastructure, "service_start"),
+            BuildError::Private { .. } => (Outcome::Infrastructure, "private_dir"),
             BuildError::DataDir(_) => (Outcome::Infrastructure, "data_dir"),
             BuildError::StoreDir(_) => (Outcome::Failed, "store_dir"),
         }
@@ -149,15 +168,15 @@ pub struct BuildReport {
     pub kept: Option<KeptVm>,
 }
 
-/// Runs one build.
-pub async fn build(
+/// Runs one build. Tools are started from the calling thread, which must live until the
+/// build ends (see `sys::die_with_parent`): call it from the main thread.
+pub fn build(
     spec: &BuildSpec,
     options: &BuildOptions,
     display: &Display,
 ) -> Result<BuildReport, BuildError> {
     let started = Instant::now();
-    let image =
-        tokio::task::block_in_place(|| image::ensure(&spec.image)).map_err(BuildError::Image)?;
+    let image = image::ensure(&spec.image).map_err(BuildError::Image)?;
 
     let store_root = paths::checked_store_dir(&spec.project_dir).map_err(BuildError::StoreDir)?;
     close_abandoned_records(&store_root);
@@ -169,10 +188,9 @@ pub async fn build(
     })?;
     // From here on, every failure also closes the record with a result.json.
     let close = |err: BuildError| close_failed_record(&record, &id, started, err);
-    let packed =
-        tokio::task::block_in_place(|| source::pack(&spec.project_dir, &record.join("source.tar")))
-            .map_err(BuildError::Source)
-            .map_err(close)?;
+    let packed = source::pack(&spec.project_dir, &record.join("source.tar"))
+        .map_err(BuildError::Source)
+        .map_err(close)?;
     display.event(&BuildEvent::Started {
         version: PROTOCOL_VERSION,
         id: id.clone(),
@@ -192,7 +210,7 @@ pub async fn build(
     let owner_file = record.join(OWNER_FILE);
     let owner = serde_json::json!({
         "pid": std::process::id(),
-        "start": contractor_vm::owner::process_start(std::process::id()),
+        "start": contractor_protocol::process::start_time(std::process::id()),
     });
     std::fs::write(&owner_file, owner.to_string())
         .map_err(|source| BuildError::Record {
@@ -201,10 +219,6 @@ pub async fn build(
         })
         .map_err(close)?;
 
-    let (stop_services, services_stopped) = tokio::sync::watch::channel(false);
-    let store_token = contractor_store::generate_token()
-        .map_err(|e| BuildError::Service("store", std::io::Error::other(e)))
-        .map_err(close)?;
     let cache_job = crate::cache::prepare(
         &store_root,
         &record,
@@ -222,24 +236,24 @@ pub async fn build(
         Some(cache) => spec.max_artifacts_bytes.saturating_add(cache.max_bytes),
         None => spec.max_artifacts_bytes,
     };
-    let store_addr = start_store(
+    let private = Private::create(&id).map_err(close)?;
+    let tools_log = ToolsLog::open(&record.join(TOOLS_LOG)).map_err(close)?;
+    let store_token = new_store_token(&id, &private.token_file(), &tools_log)
+        .map_err(|e| BuildError::Service("store", e))
+        .map_err(close)?;
+    let interruption = Interruption::watch();
+    let store = start_store(
         &store_root,
         &id,
-        &store_token,
+        &private.token_file(),
         store_limit,
-        services_stopped.clone(),
+        &tools_log,
     )
-    .await
+    .map_err(|e| BuildError::Service("store", e))
     .map_err(close)?;
-    let refused = Arc::new(Mutex::new(BTreeSet::new()));
-    let proxy_addr = start_proxy(
-        spec,
-        &record.join("proxy.jsonl"),
-        refused.clone(),
-        services_stopped,
-    )
-    .await
-    .map_err(close)?;
+    let proxy = start_proxy(spec, &record.join("proxy.jsonl"), &tools_log)
+        .map_err(|e| BuildError::Service("proxy", e))
+        .map_err(close)?;
 
     let log = record.join("build.log");
     let console_log = record.join("console.log");
@@ -280,15 +294,35 @@ pub async fn build(
         vm_spec,
         job,
         Services {
-            proxy: proxy_addr,
-            store: store_addr,
+            proxy: proxy.addr,
+            store: store.addr,
         },
         &log,
         limits,
-        display.clone(),
-    )
-    .await;
-    let _ = stop_services.send(true);
+        display,
+        &tools_log,
+        &interruption,
+    );
+    let proxy_stopped = proxy.stop();
+    let store_stopped = store.stop();
+    drop(private);
+    let mut ran = ran;
+    let stop_errors = [
+        ("proxy", proxy_stopped.as_ref().err()),
+        ("store", store_stopped.as_ref().err()),
+    ];
+    for (service, err) in stop_errors {
+        if let Some(err) = err {
+            display.warning(&format!(
+                "the {service} did not stop cleanly: {}",
+                contractor_protocol::result::error_chain(err).join(": ")
+            ));
+        }
+    }
+    let refused_hosts = match proxy_stopped {
+        Ok(refused) => refused.into_iter().collect(),
+        Err(_) => Vec::new(),
+    };
 
     let cache_saved = crate::cache::keep(
         &store_root,
@@ -298,9 +332,8 @@ pub async fn build(
         ran.outcome == Outcome::Success,
     );
     if let Err(err) = &cache_saved {
-        eprintln!("contractor: cannot keep the build cache: {err}");
+        display.warning(&format!("cannot keep the build cache: {err}"));
     }
-    let mut ran = ran;
     if ran.outcome == Outcome::Success {
         // The host checks what it can know itself: the guest's word is not enough.
         if let Some(pattern) = missing_artifacts(&record.join("artifacts"), &spec.artifacts) {
@@ -314,10 +347,6 @@ pub async fn build(
         }
     }
     let artifacts = collect_artifacts(&record.join("artifacts"));
-    let refused_hosts: Vec<String> = refused
-        .lock()
-        .map(|r| r.iter().cloned().collect())
-        .unwrap_or_default();
     let result = BuildResult {
         version: PROTOCOL_VERSION,
         id,
@@ -352,6 +381,229 @@ pub async fn build(
         kept: ran.kept,
     })
 }
+
+/// The record file the tools of a build write their messages to (their stderr); what they
+/// report as failures also reaches `result.json` through their JSON error objects.
+pub const TOOLS_LOG: &str = "tools.log";
+
+/// The open `tools.log`, handed to each tool as its stderr.
+struct ToolsLog(std::fs::File);
+
+impl ToolsLog {
+    fn open(path: &Path) -> Result<ToolsLog, BuildError> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map(ToolsLog)
+            .map_err(|source| BuildError::Record {
+                path: path.to_path_buf(),
+                source,
+            })
+    }
+
+    /// A stderr for one tool (the same file, appended to).
+    fn stderr(&self) -> Stdio {
+        self.0
+            .try_clone()
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::inherit())
+    }
+}
+
+/// A directory only this user can read, for what the guest must not see: the store's
+/// token file. Removed when dropped.
+struct Private(PathBuf);
+
+impl Private {
+    fn create(id: &str) -> Result<Private, BuildError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let path = std::env::temp_dir().join(format!("contractor-{id}"));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map(|()| Private(path.clone()))
+            .map_err(|source| BuildError::Private { path, source })
+    }
+
+    fn token_file(&self) -> PathBuf {
+        self.0.join("tokens")
+    }
+}
+
+impl Drop for Private {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `contractor-store token`: a fresh token for build `id`, appended to `file`.
+fn new_store_token(id: &str, file: &Path, log: &ToolsLog) -> Result<String, ToolError> {
+    let mut command = tools::command(tools::STORE)?;
+    command
+        .args(["token", "--build", id, "--token-file"])
+        .arg(file)
+        .stderr(log.stderr());
+    let token = tools::text(tools::STORE, command)?;
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(ToolError::Failed {
+            name: tools::STORE,
+            exit_code: Some(0),
+            error: Some(contractor_protocol::error::ErrorObject::with_chain(
+                "token",
+                vec![format!(
+                    "it printed {:?}, not a token",
+                    crate::display::escape_capped(&token, 80)
+                )],
+            )),
+        });
+    }
+    Ok(token)
+}
+
+/// A running service (store or proxy): its process, its address, and the thread that reads
+/// the rest of its stdout. Stopped with SIGTERM, also when dropped.
+struct Service<T> {
+    name: &'static str,
+    child: Option<Child>,
+    addr: SocketAddr,
+    reader: Option<JoinHandle<T>>,
+}
+
+impl<T: Send + 'static> Service<T> {
+    /// Starts `command`, reads its `ready` line, then hands the rest of its stdout to `rest`
+    /// on a thread of its own.
+    fn start(
+        name: &'static str,
+        command: std::process::Command,
+        rest: impl FnOnce(Answers) -> T + Send + 'static,
+    ) -> Result<Service<T>, ToolError> {
+        let mut child = tools::spawn(name, command)?;
+        drop(child.stdin.take());
+        let mut answers = Answers::of(name, &mut child).ok_or(ToolError::Io {
+            name,
+            source: std::io::Error::other("no stdout pipe"),
+        })?;
+        let ready: Ready = match answers.first(&mut child) {
+            Ok(ready) => ready,
+            Err(err) => {
+                stop_child(&mut child);
+                return Err(err);
+            }
+        };
+        Ok(Service {
+            name,
+            child: Some(child),
+            addr: ready.addr,
+            reader: Some(std::thread::spawn(move || rest(answers))),
+        })
+    }
+
+    /// Stops the service and returns what its reader made of its output.
+    fn stop(mut self) -> Result<T, ToolError> {
+        let name = self.name;
+        let status = self.child.take().map(|mut child| {
+            let _ = kill(child_pid(&child), Signal::SIGTERM);
+            child.wait()
+        });
+        let read = self.reader.take().map(|reader| reader.join());
+        match status {
+            Some(Ok(status)) if status.success() => {}
+            Some(Ok(status)) => {
+                return Err(ToolError::Failed {
+                    name,
+                    exit_code: status.code(),
+                    error: None,
+                })
+            }
+            Some(Err(source)) => return Err(ToolError::Io { name, source }),
+            None => {}
+        }
+        match read {
+            Some(Ok(value)) => Ok(value),
+            _ => Err(ToolError::Io {
+                name,
+                source: std::io::Error::other("its output reader ended abnormally"),
+            }),
+        }
+    }
+}
+
+impl<T> Drop for Service<T> {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child);
+        }
+    }
+}
+
+fn child_pid(child: &Child) -> Pid {
+    Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX))
+}
+
+/// SIGTERM, then wait: every tool stops cleanly on SIGTERM.
+fn stop_child(child: &mut Child) {
+    let _ = kill(child_pid(child), Signal::SIGTERM);
+    let _ = child.wait();
+}
+
+/// Starts the build's store: it serves only build `id`'s files, and only to requests with
+/// the token in `token_file` (the guest agent's), within the token's scope.
+fn start_store(
+    root: &Path,
+    id: &str,
+    token_file: &Path,
+    max_artifacts_bytes: u64,
+    log: &ToolsLog,
+) -> Result<Service<()>, ToolError> {
+    let mut command = tools::command(tools::STORE)?;
+    command
+        .arg("serve")
+        .arg("--root")
+        .arg(root)
+        .args(["--only-build", id, "--token-file"])
+        .arg(token_file)
+        .arg("--max-build-bytes")
+        .arg(max_artifacts_bytes.to_string())
+        .args(["--no-access-log", "--json-errors"])
+        .stderr(log.stderr());
+    Service::start(tools::STORE, command, Answers::drain)
+}
+
+/// Starts the build's proxy with the spec's allowlist. Everything it writes after its
+/// `ready` line (a `decision` per request, a `summary` when it stops) is copied line by line
+/// into `decisions_path`; the hosts it refused are collected.
+fn start_proxy(
+    spec: &BuildSpec,
+    decisions_path: &Path,
+    log: &ToolsLog,
+) -> Result<Service<BTreeSet<String>>, ToolError> {
+    let mut file = std::fs::File::create(decisions_path).map_err(|source| ToolError::Io {
+        name: tools::PROXY,
+        source,
+    })?;
+    let mut command = tools::command(tools::PROXY)?;
+    for host in &spec.allow {
+        command.arg("--allow").arg(host);
+    }
+    command.arg("--json-errors").stderr(log.stderr());
+    Service::start(tools::PROXY, command, move |mut answers| {
+        let mut refused = BTreeSet::new();
+        while let Ok(Some(line)) = answers.next_line() {
+            if let Ok(decision) = serde_json::from_slice::<Decision>(&line) {
+                if decision.decision == Verdict::Deny && refused.len() < MAX_REFUSED_HOSTS {
+                    refused.insert(decision.host);
+                }
+            }
+            let _ = file.write_all(&line).and_then(|()| file.write_all(b"\n"));
+        }
+        answers.drain();
+        refused
+    })
+}
+
+/// The most refused hosts a build's result names (the proxy's decisions file has them all).
+pub const MAX_REFUSED_HOSTS: usize = 1024;
 
 /// Where the build's proxy and store listen.
 #[derive(Debug, Clone, Copy)]
@@ -392,52 +644,249 @@ impl Ran {
             kept: None,
         }
     }
+
+    fn infrastructure(code: &str, err: &(dyn std::error::Error + 'static)) -> Ran {
+        Ran {
+            outcome: Outcome::Infrastructure,
+            exit_code: None,
+            error: Some(ErrorInfo::from_error(code, err)),
+            limit: None,
+            kept: None,
+        }
+    }
+
+    fn interrupted(signal: &str) -> Ran {
+        Ran::failed(
+            Outcome::Interrupted,
+            "interrupted",
+            format!("the build was interrupted ({signal}); its VM was destroyed"),
+        )
+    }
 }
 
-/// Creates the VM, runs the job, destroys the VM. Every failure is an outcome here.
-async fn run_in_vm(
+/// Ctrl-C and SIGTERM while the build runs: remembered, and passed on to `contractor-run`
+/// (which then ends without `finished`). The terminal sends Ctrl-C to every tool anyway.
+struct Interruption {
+    signal: Arc<Mutex<Option<&'static str>>>,
+    run_pid: Arc<AtomicI32>,
+    watching: Arc<AtomicBool>,
+}
+
+impl Interruption {
+    fn watch() -> Interruption {
+        let interruption = Interruption {
+            signal: Arc::new(Mutex::new(None)),
+            run_pid: Arc::new(AtomicI32::new(0)),
+            watching: Arc::new(AtomicBool::new(true)),
+        };
+        let signal = interruption.signal.clone();
+        let run_pid = interruption.run_pid.clone();
+        let watching = interruption.watching.clone();
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
+            Ok(mut signals) => {
+                std::thread::spawn(move || {
+                    for number in signals.forever() {
+                        if !watching.load(Ordering::SeqCst) {
+                            continue;
+                        }
+                        let name = if number == SIGINT { "Ctrl-C" } else { "SIGTERM" };
+                        if let Ok(mut signal) = signal.lock() {
+                            signal.get_or_insert(name);
+                        }
+                        let pid = run_pid.load(Ordering::SeqCst);
+                        if pid > 0 {
+                            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+                        }
+                    }
+                });
+            }
+            Err(err) => eprintln!(
+                "contractor: warning: cannot watch for Ctrl-C ({err}); an interrupted build is not recorded as such"
+            ),
+        }
+        interruption
+    }
+
+    /// The signal that interrupted the build, if any.
+    fn signal(&self) -> Option<&'static str> {
+        self.signal.lock().ok().and_then(|s| *s)
+    }
+}
+
+impl Drop for Interruption {
+    fn drop(&mut self) {
+        self.watching.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The VM, from `contractor-vm create`: held by that process (destroyed when its stdin
+/// closes, or when it dies) or, for a VM that may be kept for a shell, not held.
+struct Vm {
+    info: VmInfo,
+    uri: String,
+    holder: Option<Child>,
+}
+
+impl Vm {
+    /// Creates the VM; with `hold`, the tool holds it until [`Vm::release`].
+    fn create(uri: &str, spec: &VmSpec, hold: bool, log: &ToolsLog) -> Result<Vm, ToolError> {
+        let name = tools::VM;
+        let mut command = tools::command(name)?;
+        command.args(["create", "--json", "--json-errors"]);
+        if hold {
+            command.arg("--hold");
+        }
+        command.stderr(log.stderr());
+        let mut child = tools::spawn(name, command)?;
+        let request = VmRequest::Create {
+            version: PROTOCOL_VERSION,
+            uri: uri.to_string(),
+            spec: spec.clone(),
+        };
+        let mut stdin = child.stdin.take();
+        let sent = match stdin.as_mut() {
+            Some(stdin) => contractor_protocol::jsonl::write_line(stdin, &request)
+                .map_err(|source| ToolError::Request { name, source }),
+            None => Err(ToolError::Io {
+                name,
+                source: std::io::Error::other("no stdin pipe"),
+            }),
+        };
+        if let Err(err) = sent {
+            drop(stdin);
+            stop_child(&mut child);
+            return Err(err);
+        }
+        if !hold {
+            drop(stdin.take());
+        }
+        let mut answers = Answers::of(name, &mut child).ok_or(ToolError::Io {
+            name,
+            source: std::io::Error::other("no stdout pipe"),
+        })?;
+        let answer: VmResult = match answers.first(&mut child) {
+            Ok(answer) => answer,
+            Err(err) => {
+                drop(stdin);
+                stop_child(&mut child);
+                return Err(err);
+            }
+        };
+        let VmResult::Vm { vm, .. } = answer else {
+            drop(stdin);
+            stop_child(&mut child);
+            return Err(ToolError::Failed {
+                name,
+                exit_code: None,
+                error: Some(contractor_protocol::error::ErrorObject::with_chain(
+                    "wrong_answer",
+                    vec!["it answered create with something other than a vm".into()],
+                )),
+            });
+        };
+        // The holder writes nothing more; a thread keeps its stdout drained regardless.
+        std::thread::spawn(move || answers.drain());
+        let holder = if hold {
+            child.stdin = stdin;
+            Some(child)
+        } else {
+            let _ = child.wait();
+            None
+        };
+        Ok(Vm {
+            info: vm,
+            uri: uri.to_string(),
+            holder,
+        })
+    }
+
+    /// Destroys the VM and deletes its overlay: the holder does it when its stdin closes; a
+    /// VM that is not held is destroyed with `contractor-vm destroy`.
+    fn release(mut self) -> Result<(), ToolError> {
+        let name = tools::VM;
+        match self.holder.take() {
+            Some(mut holder) => {
+                drop(holder.stdin.take());
+                let status = holder
+                    .wait()
+                    .map_err(|source| ToolError::Io { name, source })?;
+                if status.success() {
+                    Ok(())
+                } else {
+                    Err(ToolError::Failed {
+                        name,
+                        exit_code: status.code(),
+                        error: None,
+                    })
+                }
+            }
+            None => {
+                let destroyed: VmResult = tools::answer(
+                    name,
+                    &[
+                        "destroy".as_ref(),
+                        "--uri".as_ref(),
+                        self.uri.as_ref(),
+                        "--name".as_ref(),
+                        self.info.name.as_ref(),
+                    ],
+                )?;
+                let _ = destroyed;
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(mut holder) = self.holder.take() {
+            drop(holder.stdin.take());
+            let _ = holder.wait();
+        }
+    }
+}
+
+/// Creates the VM, runs the job, releases the VM. Every failure is an outcome here.
+#[allow(clippy::too_many_arguments)]
+fn run_in_vm(
     uri: &str,
     vm_spec: VmSpec,
     job: Job,
     services: Services,
     log: &Path,
     limits: RunLimits,
-    display: Display,
+    display: &Display,
+    tools_log: &ToolsLog,
+    interruption: &Interruption,
 ) -> Ran {
-    let infra = |code: &str, err: &(dyn std::error::Error + 'static)| Ran {
-        outcome: Outcome::Infrastructure,
-        exit_code: None,
-        error: Some(contractor_run::host::error_info(code, err)),
-        limit: None,
-        kept: None,
-    };
     if let Err(err) = paths::create_dir_world_readable(&vm_spec.work_dir) {
-        return infra("vm_work_dir", &err);
+        return Ran::infrastructure("vm_work_dir", &err);
     }
-    let uri_owned = uri.to_string();
-    // The connection stays open for the VM's lifetime: the VM is created with autodestroy,
-    // so if this process dies, libvirt destroys the VM. A VM that may be kept for a shell
-    // must outlive this process: it is made without (`contractor-vm reap` removes it when
-    // this process died before deciding).
+    if let Some(signal) = interruption.signal() {
+        return Ran::interrupted(signal);
+    }
+    // A VM that may be kept for a shell must outlive this process: it is not held, and
+    // `contractor-vm reap` removes it when this process died before deciding.
     let keep = job.keep;
-    let created = tokio::task::block_in_place(|| {
-        let conn = contractor_vm::connect(&uri_owned)?;
-        let vm = contractor_vm::create(&conn, &vm_spec, keep.is_none())?;
-        Ok::<_, contractor_vm::VmError>((conn, vm))
-    });
-    let (conn, vm) = match created {
-        Ok(created) => created,
-        Err(err) => return infra("vm_create", &err),
+    let vm = match Vm::create(uri, &vm_spec, keep.is_none(), tools_log) {
+        Ok(vm) => vm,
+        Err(err) if interruption.signal().is_some() => {
+            drop(err);
+            return Ran::interrupted(interruption.signal().unwrap_or("Ctrl-C"));
+        }
+        Err(err) => return Ran::infrastructure("vm_create", &err),
     };
-    tokio::task::block_in_place(|| sweep_overlays(&conn, &vm_spec.work_dir));
     display.event(&BuildEvent::VmStarted {
-        name: vm.name.clone(),
-        accel: vm.accel.unwrap_or_default(),
+        name: vm.info.name.clone(),
+        accel: vm.info.accel.unwrap_or_default(),
     });
-    let (Some(control_socket), Some(tunnel_socket)) =
-        (vm.control_socket.clone(), vm.tunnel_socket.clone())
-    else {
-        let _ = tokio::task::block_in_place(|| contractor_vm::destroy_vm(&conn, &vm));
+    let (Some(control_socket), Some(tunnel_socket)) = (
+        vm.info.control_socket.clone(),
+        vm.info.tunnel_socket.clone(),
+    ) else {
+        let _ = vm.release();
         return Ran::failed(
             Outcome::Infrastructure,
             "vm_channels",
@@ -459,23 +908,7 @@ async fn run_in_vm(
         disk_gib: Some(limits.disk_gib),
         job,
     };
-    let (events, mut received) = contractor_run::host::event_channel();
-    let printer = tokio::spawn(async move {
-        while let Some(event) = received.recv().await {
-            let shown = match event {
-                RunEvent::AgentReady { agent_version } => BuildEvent::AgentReady { agent_version },
-                RunEvent::Phase { phase } => BuildEvent::Phase { phase },
-                RunEvent::Output { text } => BuildEvent::Output { text },
-                RunEvent::Artifact { path, size } => BuildEvent::Artifact { path, size },
-                _ => continue,
-            };
-            display.event(&shown);
-        }
-    });
-    let finished = tokio::select! {
-        finished = contractor_run::run(request, events) => Ok(finished),
-        signal = interruption() => Err(signal),
-    };
+    let finished = run(&request, display, tools_log, interruption);
     // A VM is kept only where its agent waits for a shell: after it said done, so not
     // after a limit, an interruption or an infrastructure failure.
     let kept = match (&finished, keep) {
@@ -490,23 +923,27 @@ async fn run_in_vm(
             || (*outcome == Outcome::Success && keep == Keep::Always) =>
         {
             Some(KeptVm {
-                name: vm.name.clone(),
+                name: vm.info.name.clone(),
                 uri: uri.to_string(),
                 control_socket: request_control.clone(),
             })
         }
         _ => None,
     };
-    // Destroy the VM first: until it is gone, a timed-out script may still hold its
-    // output stream open, and with it the event channel.
     // The VM is usually gone already (the agent powers it off); its overlay is not.
-    if kept.is_none() {
-        if let Err(err) = tokio::task::block_in_place(|| contractor_vm::destroy_vm(&conn, &vm)) {
-            eprintln!("contractor: cannot destroy VM {}: {err}", vm.name);
+    let released = match kept {
+        Some(_) => {
+            drop(vm);
+            Ok(())
         }
+        None => vm.release(),
+    };
+    if let Err(err) = &released {
+        display.warning(&format!(
+            "cannot release VM: {}",
+            contractor_protocol::result::error_chain(err).join(": ")
+        ));
     }
-    drop(conn);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), printer).await;
     match finished {
         Ok(RunEvent::Finished {
             outcome,
@@ -526,133 +963,78 @@ async fn run_in_vm(
             "run",
             "contractor-run ended without a finished event".into(),
         ),
-        Err(signal) => Ran::failed(
-            Outcome::Interrupted,
-            "interrupted",
-            format!("the build was interrupted ({signal}); its VM was destroyed"),
-        ),
+        Err(err) => match interruption.signal() {
+            Some(signal) => Ran::interrupted(signal),
+            None => Ran::infrastructure("run", &err),
+        },
     }
 }
 
-/// Resolves when the user interrupts the build (Ctrl-C) or it is asked to stop (SIGTERM),
-/// with the signal's name.
-async fn interruption() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut interrupt), Ok(mut terminate)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        // Without signal handling the default actions apply (the process dies and libvirt
-        // destroys the VM with its connection).
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = interrupt.recv() => "Ctrl-C",
-        _ = terminate.recv() => "SIGTERM",
+/// Feeds `request` to `contractor-run`, shows its events, and returns its `finished`.
+fn run(
+    request: &RunRequest,
+    display: &Display,
+    tools_log: &ToolsLog,
+    interruption: &Interruption,
+) -> Result<RunEvent, ToolError> {
+    let name = tools::RUN;
+    let mut command = tools::command(name)?;
+    command.arg("--json-errors").stderr(tools_log.stderr());
+    let mut child = tools::spawn(name, command)?;
+    interruption
+        .run_pid
+        .store(child_pid(&child).as_raw(), Ordering::SeqCst);
+    if interruption.signal().is_some() {
+        let _ = kill(child_pid(&child), Signal::SIGTERM);
     }
-}
-
-/// Starts the build's store: it serves only build `id`'s files, and only to requests with
-/// `token` (the guest agent's), within the token's scope.
-async fn start_store(
-    root: &Path,
-    id: &str,
-    token: &str,
-    max_artifacts_bytes: u64,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<SocketAddr, BuildError> {
-    let mut tokens = contractor_store::TokenTable::new();
-    tokens
-        .insert(id, token)
-        .map_err(|e| BuildError::Service("store", std::io::Error::other(e)))?;
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| BuildError::Service("store", e))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| BuildError::Service("store", e))?;
-    let config = contractor_store::StoreConfig {
-        root: root.to_path_buf(),
-        access_log: false,
-        only_build: Some(id.to_string()),
-        max_build_bytes: Some(max_artifacts_bytes),
-        tokens: Some(tokens),
-        ..contractor_store::StoreConfig::new(root.to_path_buf())
+    let sent = match child.stdin.take() {
+        Some(mut stdin) => contractor_protocol::jsonl::write_line(&mut stdin, request)
+            .map_err(|source| ToolError::Request { name, source }),
+        None => Err(ToolError::Io {
+            name,
+            source: std::io::Error::other("no stdin pipe"),
+        }),
     };
-    let store = contractor_store::Store::open(&config)
-        .map_err(|e| BuildError::Service("store", std::io::Error::other(e.to_string())))?;
-    tokio::spawn(store.serve(listener, async move {
-        let _ = stop.wait_for(|stopped| *stopped).await;
-    }));
-    Ok(addr)
+    let result = sent.and_then(|()| read_events(&mut child, display));
+    interruption.run_pid.store(0, Ordering::SeqCst);
+    stop_child(&mut child);
+    result
 }
 
-async fn start_proxy(
-    spec: &BuildSpec,
-    decisions_path: &Path,
-    refused: Arc<Mutex<BTreeSet<String>>>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<SocketAddr, BuildError> {
-    let allowlist = contractor_proxy::Allowlist::parse(spec.allow.iter().map(String::as_str))
-        .map_err(|e| BuildError::Service("proxy", std::io::Error::other(e.to_string())))?;
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| BuildError::Service("proxy", e))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| BuildError::Service("proxy", e))?;
-    let mut file =
-        std::fs::File::create(decisions_path).map_err(|e| BuildError::Service("proxy", e))?;
-    let (decisions_tx, mut decisions) = tokio::sync::mpsc::unbounded_channel::<Decision>();
-    tokio::spawn(async move {
-        while let Some(decision) = decisions.recv().await {
-            let _ = contractor_protocol::jsonl::write_line(&mut file, &decision);
-            if decision.decision == Verdict::Deny {
-                if let Ok(mut refused) = refused.lock() {
-                    refused.insert(decision.host.clone());
+fn read_events(child: &mut Child, display: &Display) -> Result<RunEvent, ToolError> {
+    let name = tools::RUN;
+    let mut answers = Answers::of(name, child).ok_or(ToolError::Io {
+        name,
+        source: std::io::Error::other("no stdout pipe"),
+    })?;
+    loop {
+        match answers.next_reply::<RunEvent>()? {
+            Some(Reply::Answer(event @ RunEvent::Finished { .. })) => {
+                answers.drain();
+                return Ok(event);
+            }
+            Some(Reply::Answer(event)) => {
+                if let Some(shown) = BuildEvent::shown(event) {
+                    display.event(&shown);
                 }
             }
-        }
-    });
-    let config = contractor_proxy::ProxyConfig::new(allowlist);
-    let (_ready_tx, _ready) = oneshot::channel::<()>();
-    tokio::spawn(contractor_proxy::serve(
-        config,
-        listener,
-        decisions_tx,
-        async move {
-            let _ = stop.wait_for(|stopped| *stopped).await;
-        },
-    ));
-    Ok(addr)
-}
-
-/// Deletes overlays and build disks left by builds that were killed: those whose VM no
-/// longer exists. A file younger than a minute may belong to a build that is creating its VM
-/// right now.
-fn sweep_overlays(conn: &virt::connect::Connect, work_dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(work_dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(|n| {
-            n.strip_suffix(".qcow2")
-                .or_else(|| n.strip_suffix(".disk.raw"))
-        }) else {
-            continue;
-        };
-        let old = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > std::time::Duration::from_secs(60));
-        if old
-            && contractor_vm::validate_name(name).is_ok()
-            && !contractor_vm::lifecycle::exists(conn, name)
-        {
-            let _ = std::fs::remove_file(&path);
+            Some(Reply::Error(error)) => {
+                drop(answers);
+                let exit_code = child.wait().ok().and_then(|s| s.code());
+                return Err(ToolError::Failed {
+                    name,
+                    exit_code,
+                    error: Some(error),
+                });
+            }
+            None => {
+                let exit_code = child.wait().ok().and_then(|s| s.code());
+                return Err(ToolError::Failed {
+                    name,
+                    exit_code,
+                    error: None,
+                });
+            }
         }
     }
 }
@@ -738,7 +1120,7 @@ fn close_abandoned_records(store_root: &Path) {
         let owner: serde_json::Value = serde_json::from_slice(&text).unwrap_or_default();
         let pid = owner["pid"].as_u64().and_then(|p| u32::try_from(p).ok());
         let alive = pid.is_some_and(|pid| {
-            let start = contractor_vm::owner::process_start(pid);
+            let start = contractor_protocol::process::start_time(pid);
             start.is_some() && start == owner["start"].as_u64()
         });
         if alive {
@@ -785,30 +1167,39 @@ fn update_latest(store_root: &Path, id: &str) {
 fn new_build_id() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = now.as_secs() as i64;
-    let mut tm: libc::tm = unsafe_zeroed_tm();
-    // SAFETY: gmtime_r writes into our tm from a valid time_t.
-    unsafe { libc::gmtime_r(&secs, &mut tm) };
+        .unwrap_or_default()
+        .as_secs();
+    let (year, month, day) = civil_date(now / 86_400);
+    let secs = now % 86_400;
     let mut random = [0u8; 3];
     if let Ok(mut urandom) = std::fs::File::open("/dev/urandom") {
         let _ = std::io::Read::read_exact(&mut urandom, &mut random);
     }
     format!(
-        "{:04}{:02}{:02}-{:02}{:02}{:02}-{}",
-        tm.tm_year + 1900,
-        tm.tm_mon + 1,
-        tm.tm_mday,
-        tm.tm_hour,
-        tm.tm_min,
-        tm.tm_sec,
-        image::hex(&random)
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}-{}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60,
+        random
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     )
 }
 
-fn unsafe_zeroed_tm() -> libc::tm {
-    // SAFETY: libc::tm is plain old data; all-zero is a valid value.
-    unsafe { std::mem::zeroed() }
+/// The (year, month, day) of `days` after 1970-01-01, in the proleptic Gregorian calendar
+/// (Howard Hinnant's days-to-civil algorithm).
+fn civil_date(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
 }
 
 /// `1.2 MiB`
@@ -894,14 +1285,37 @@ mod tests {
     }
 
     #[test]
+    fn build_ids_carry_the_civil_date() {
+        assert_eq!(civil_date(0), (1970, 1, 1));
+        assert_eq!(civil_date(11_016), (2000, 2, 29));
+        assert_eq!(civil_date(20_788), (2026, 12, 1));
+        let id = new_build_id();
+        assert_eq!(id.len(), "20261125-130501-3f2a9c".len(), "{id}");
+        assert!(id.starts_with("20"), "{id}");
+    }
+
+    #[test]
     fn a_service_that_cannot_start_is_an_infrastructure_outcome() {
         let record = tempfile::tempdir().expect("tempdir");
-        let err = BuildError::Service("store", std::io::Error::other("no port"));
+        let err = BuildError::Service(
+            "store",
+            ToolError::Io {
+                name: tools::STORE,
+                source: std::io::Error::other("no port"),
+            },
+        );
         close_failed_record(record.path(), "b2", Instant::now(), err);
         let result = result_of(record.path());
         assert_eq!(result.outcome, Outcome::Infrastructure);
         let error = result.error.expect("error");
         assert_eq!(error.code, "service_start");
-        assert_eq!(error.chain, ["cannot start the store", "no port"]);
+        assert_eq!(
+            error.chain,
+            [
+                "cannot start the store",
+                "cannot talk to contractor-store",
+                "no port"
+            ]
+        );
     }
 }

@@ -317,7 +317,7 @@ fn run_build(file: &std::path::Path, options: BuildOptions, mode: Mode) -> ExitC
             return ExitCode::BadInput;
         }
     };
-    let report = match build_on_runtime(&spec, &options, mode) {
+    let report = match build_here(&spec, &options, mode) {
         Ok(report) => report,
         Err((code, chain)) => {
             fail(code, chain);
@@ -384,25 +384,16 @@ fn run_build(file: &std::path::Path, options: BuildOptions, mode: Mode) -> ExitC
     result.outcome.exit_code()
 }
 
-/// Runs one build on its own async runtime, showing it in `mode`. A failure before the
+/// Runs one build on this (the main) thread, showing it in `mode`. A failure before the
 /// build could run is its error code and chain of messages.
-fn build_on_runtime(
+fn build_here(
     spec: &spec::BuildSpec,
     options: &BuildOptions,
     mode: Mode,
 ) -> Result<build::BuildReport, (&'static str, Vec<String>)> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|err| {
-            let chain = vec!["cannot start the async runtime".into(), err.to_string()];
-            ("runtime", chain)
-        })?;
     let display = Display::new(mode);
-    let built = runtime.block_on(build::build(spec, options, &display));
+    let built = build::build(spec, options, &display);
     display.close();
-    // The services' tasks are done with; do not wait for idle workers to wind down.
-    runtime.shutdown_background();
     built.map_err(|err| ("build_setup", error_chain(&err)))
 }
 
@@ -442,7 +433,7 @@ fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
                 accel: Accel::Auto,
                 keep: Some(Keep::Always),
             };
-            let built = build_on_runtime(&spec, &options, Mode::Auto);
+            let built = build_here(&spec, &options, Mode::Auto);
             match built {
                 Ok(build::BuildReport {
                     kept: Some(kept),

@@ -58,6 +58,15 @@ pub enum ToolError {
         #[source]
         source: std::io::Error,
     },
+    /// The request could not be written to the tool's stdin.
+    #[error("cannot send the request to {name}")]
+    Request {
+        /// The tool.
+        name: &'static str,
+        /// Why.
+        #[source]
+        source: JsonlError,
+    },
     /// The tool said something that is not its documented JSON.
     #[error("{name} wrote something other than its documented JSON")]
     Protocol {
@@ -241,6 +250,15 @@ impl Answers {
         }
     }
 
+    /// The next raw line (without its newline), `None` at the end.
+    pub fn next_line(&mut self) -> Result<Option<Vec<u8>>, ToolError> {
+        let name = self.name;
+        self.reader
+            .next_line()
+            .map(|line| line.map(<[u8]>::to_vec))
+            .map_err(|source| ToolError::Protocol { name, source })
+    }
+
     /// Drains the rest of the output so that the tool never blocks on a full pipe.
     pub fn drain(mut self) {
         let mut sink = [0u8; 8192];
@@ -296,4 +314,36 @@ pub fn answer<T: DeserializeOwned>(
             error: None,
         })
     }
+}
+
+/// The most bytes of plain text read from a tool's stdout by [`text`].
+pub const MAX_TEXT_BYTES: u64 = 64 * 1024;
+
+/// Runs `command` (tool `name`) to completion, stdin from `/dev/null`, and returns its
+/// stdout as trimmed text (at most [`MAX_TEXT_BYTES`]).
+pub fn text(name: &'static str, mut command: Command) -> Result<String, ToolError> {
+    command.stdin(Stdio::null()).stdout(Stdio::piped());
+    let mut child = command.spawn().map_err(|source| ToolError::Start {
+        name,
+        path: PathBuf::from(command.get_program()),
+        source,
+    })?;
+    let mut out = Vec::new();
+    if let Some(stdout) = child.stdout.take() {
+        stdout
+            .take(MAX_TEXT_BYTES)
+            .read_to_end(&mut out)
+            .map_err(|source| ToolError::Io { name, source })?;
+    }
+    let status = child
+        .wait()
+        .map_err(|source| ToolError::Io { name, source })?;
+    if !status.success() {
+        return Err(ToolError::Failed {
+            name,
+            exit_code: status.code(),
+            error: None,
+        });
+    }
+    Ok(String::from_utf8_lossy(&out).trim().to_string())
 }

@@ -74,6 +74,23 @@ pub enum BuildEvent {
     Unknown,
 }
 
+impl BuildEvent {
+    /// The build event that shows a run event, if it is one a build shows (`started` and
+    /// `finished` of the run are the build's own business).
+    pub fn shown(event: crate::run::RunEvent) -> Option<BuildEvent> {
+        use crate::run::RunEvent;
+        Some(match event {
+            RunEvent::AgentReady { agent_version } => BuildEvent::AgentReady { agent_version },
+            RunEvent::Phase { phase } => BuildEvent::Phase { phase },
+            RunEvent::Output { text } => BuildEvent::Output { text },
+            RunEvent::Artifact { path, size } => BuildEvent::Artifact { path, size },
+            RunEvent::Started { .. } | RunEvent::Finished { .. } | RunEvent::Unknown => {
+                return None
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -97,8 +97,25 @@ impl<R: BufRead> JsonlReader<R> {
         &mut self.input
     }
 
+    /// The next non-blank line, without its newline, or `None` at the end of the stream.
+    pub fn next_line(&mut self) -> Result<Option<&[u8]>, JsonlError> {
+        Ok(if self.fill()? { Some(&self.buf) } else { None })
+    }
+
     /// The next message, or `None` at the end of the stream.
     pub fn next_message<T: DeserializeOwned>(&mut self) -> Result<Option<T>, JsonlError> {
+        if !self.fill()? {
+            return Ok(None);
+        }
+        let line = self.line;
+        let text = std::str::from_utf8(&self.buf).map_err(|_| JsonlError::NotUtf8 { line })?;
+        serde_json::from_str(text)
+            .map(Some)
+            .map_err(|source| JsonlError::Parse { line, source })
+    }
+
+    /// Reads the next non-blank line into `buf`, without its line end; false at the end.
+    fn fill(&mut self) -> Result<bool, JsonlError> {
         loop {
             self.buf.clear();
             let n = (&mut self.input)
@@ -106,26 +123,22 @@ impl<R: BufRead> JsonlReader<R> {
                 .read_until(b'\n', &mut self.buf)
                 .map_err(JsonlError::Io)?;
             if n == 0 {
-                return Ok(None);
+                return Ok(false);
             }
             self.line += 1;
-            let line = self.line;
             if n as u64 > self.max {
                 return Err(JsonlError::TooLong {
-                    line,
+                    line: self.line,
                     max: self.max,
                 });
             }
-            let text = std::str::from_utf8(&self.buf).map_err(|_| JsonlError::NotUtf8 { line })?;
-            if text.trim().is_empty() {
+            if self.buf.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            return serde_json::from_str(text)
-                .map(Some)
-                .map_err(|source| JsonlError::Parse {
-                    line: self.line,
-                    source,
-                });
+            while self.buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                self.buf.pop();
+            }
+            return Ok(true);
         }
     }
 }

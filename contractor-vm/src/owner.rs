@@ -64,19 +64,7 @@ pub fn host_name() -> String {
         .unwrap_or_else(|_| String::from("unknown"))
 }
 
-/// The start time of process `pid` in clock ticks after boot, or `None` if it does not exist.
-pub fn process_start(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_stat_start(&stat)
-}
-
-/// Field 22 (`starttime`) of a `/proc/PID/stat` line. The command name (field 2) may hold
-/// spaces and parentheses, so fields are counted after its last `)`.
-pub fn parse_stat_start(stat: &str) -> Option<u64> {
-    let after = &stat[stat.rfind(')')? + 1..];
-    // After the name come field 3 (state) onwards; starttime is field 22, the 20th of those.
-    after.split_whitespace().nth(19)?.parse().ok()
-}
+pub use contractor_protocol::process::{parse_stat_start, start_time as process_start};
 
 #[cfg(test)]
 mod tests {

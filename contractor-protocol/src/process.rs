@@ -1,0 +1,29 @@
+//! Which process is which: a pid plus its start time names a process even after the pid is
+//! reused. Build records and VMs carry both to name their owner.
+
+/// The start time of process `pid` in clock ticks after boot, or `None` if it does not exist.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat_start(&stat)
+}
+
+/// Field 22 (`starttime`) of a `/proc/PID/stat` line. The command name (field 2) may hold
+/// spaces and parentheses, so fields are counted after its last `)`.
+pub fn parse_stat_start(stat: &str) -> Option<u64> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    // After the name come field 3 (state) onwards; starttime is field 22, the 20th of those.
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_has_a_start_time_and_a_name_with_parentheses_is_skipped() {
+        assert!(start_time(std::process::id()).is_some());
+        let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 ";
+        assert_eq!(parse_stat_start(stat), Some(98765));
+        assert_eq!(parse_stat_start("42 (x) S 1"), None);
+    }
+}

@@ -7,7 +7,8 @@
 #   STORE=/var/tmp/pipe-store sh examples/pipeline.sh
 #
 # stdout: contractor-run's events, one JSON object per line, exactly as it wrote them.
-# stderr: progress ("pipeline: ..."), the tools' own messages, and a summary.
+# stderr: progress ("pipeline: ...") and a summary; the tools' own messages go to the
+#         record's tools.log, as with contractor build.
 # Exit code: contractor-run's (0 success, 1 the build failed or timed out, 3 infrastructure);
 # 2 or 3 when a step before the run fails (with that tool's code); 130 when interrupted.
 #
@@ -32,6 +33,8 @@ TIMEOUT_SECS=600   # timeout = "10m"
 CPUS=2
 MEMORY_MIB=2048    # memory = "2GiB"
 DISK_GIB=8         # the default disk
+MAX_LOG_BYTES=67108864          # max_log = "64MiB", the default
+MAX_ARTIFACTS_BYTES=1073741824  # max_artifacts = "1GiB", the default
 ALLOW=''           # [network] allow, space-separated host patterns
 
 set -eu
@@ -157,7 +160,7 @@ start_service() {
     name=$1 rest=$2
     shift 2
     mkfifo "$TMP/$name.out"
-    "$@" >"$TMP/$name.out" &
+    "$@" >"$TMP/$name.out" 2>>"$REC/tools.log" &
     service_pid=$!
     exec 3<"$TMP/$name.out"
     if ! IFS= read -r ready <&3; then
@@ -194,7 +197,7 @@ jq -n --arg uri "$URI" --arg image "$image_dir" --arg cmdline "$cmdline" \
              cpus: $cpus, memory_mib: $memory, disk_gib: $disk, accel: $accel,
              console_log: $console, work_dir: $work}}' >"$TMP/vm-request.json"
 mkfifo "$TMP/vm.in" "$TMP/vm.out"
-"$VM_TOOL" create --json --hold --json-errors <"$TMP/vm.in" >"$TMP/vm.out" &
+"$VM_TOOL" create --json --hold --json-errors <"$TMP/vm.in" >"$TMP/vm.out" 2>>"$REC/tools.log" &
 vm_pid=$!
 exec 4>"$TMP/vm.in"
 vm_held=1
@@ -220,16 +223,18 @@ say "$(printf '%s\n' "$vm_result" | jq -r '"VM \(.vm.name) started at \(.vm.uri)
 # --- 5. the run: the RunRequest is the VM's result plus the two addresses and the job --------
 printf '%s\n' "$vm_result" | jq -e --arg proxy "$proxy_addr" --arg store "$store_addr" \
     --arg log "$REC/build.log" --argjson timeout "$TIMEOUT_SECS" --arg script "$BUILD_SCRIPT" \
-    --argjson artifacts "$ARTIFACTS" --arg id "$ID" \
+    --argjson artifacts "$ARTIFACTS" --arg id "$ID" --argjson max_log "$MAX_LOG_BYTES" \
+    --argjson memory "$MEMORY_MIB" --argjson disk "$DISK_GIB" \
     '{version: 1, control_socket: .vm.control_socket, tunnel_socket: .vm.tunnel_socket,
-      proxy: $proxy, store: $store, log: $log, timeout_secs: $timeout,
-      job: {script: $script, env: {}, source: "/builds/\($id)/source.tar",
+      proxy: $proxy, store: $store, log: $log, timeout_secs: $timeout, boot_timeout_secs: 300,
+      max_log_bytes: $max_log, memory_mib: $memory, disk_gib: $disk,
+      job: {script: $script, env: {CONTRACTOR_BUILD_ID: $id}, source: "/builds/\($id)/source.tar",
             artifacts: $artifacts, artifacts_dest: "/builds/\($id)/artifacts/"}}
      | if .control_socket and .tunnel_socket then . else
          error("libvirt reported no channel sockets for the VM") end' \
     >"$TMP/run-request.json" || die 3 "cannot build the run request"
 mkfifo "$TMP/events"
-"$RUN_TOOL" --json-errors <"$TMP/run-request.json" >"$TMP/events" 4>&- &
+"$RUN_TOOL" --json-errors <"$TMP/run-request.json" >"$TMP/events" 2>>"$REC/tools.log" 4>&- &
 run_pid=$!
 tee "$TMP/events.jsonl" <"$TMP/events" 4>&- &
 tee_pid=$!

@@ -389,17 +389,105 @@ fn wait_until_gone(name: &str, limit: Duration) -> bool {
     false
 }
 
+/// The processes whose parent is `parent`: (pid, start time, command name).
+fn children_of(parent: u32) -> Vec<(u32, u64, String)> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let name = stat[stat.find('(').map_or(0, |i| i + 1)..close].to_string();
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        if fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent) {
+            let start = fields.get(19).and_then(|s| s.parse().ok()).unwrap_or(0);
+            children.push((pid, start, name));
+        }
+    }
+    children
+}
+
+/// True while process `pid` (started at `start`) exists and is not a zombie.
+fn still_running(pid: u32, start: u64) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some(close) = stat.rfind(')') else {
+        return false;
+    };
+    let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    fields.first() != Some(&"Z") && fields.get(19).and_then(|s| s.parse().ok()) == Some(start)
+}
+
 #[test]
-fn a_killed_front_end_leaves_no_vm_and_its_record_says_interrupted() {
+fn a_killed_front_end_leaves_no_vm_no_tool_and_no_overlay_and_its_record_says_interrupted() {
     let project = Project::new(&small_spec("echo started; sleep 600", ""));
     let (mut child, name, _lines) = start_build(&project);
     let first_id =
         std::fs::read_link(project.path().join(".contractor/latest")).expect("latest link");
+    let tools = children_of(child.id());
+    let names: Vec<&str> = tools.iter().map(|(_, _, n)| n.as_str()).collect();
+    for tool in [
+        "contractor-stor",
+        "contractor-prox",
+        "contractor-vm",
+        "contractor-run",
+    ] {
+        // /proc/PID/stat holds the first 15 bytes of the name.
+        assert!(
+            names.contains(&tool),
+            "no {tool} among the children {names:?}"
+        );
+    }
+    let overlay = contractor_cli::paths::data_dir()
+        .expect("data dir")
+        .join("vms")
+        .join(format!("{name}.qcow2"));
+    assert!(
+        overlay.exists(),
+        "no overlay {} while the build runs",
+        overlay.display()
+    );
     child.kill().expect("SIGKILL contractor");
     child.wait().expect("reap");
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(15);
+    let left = |()| {
+        let mut left = Vec::new();
+        if libvirt_domains().contains(&name) {
+            left.push(format!("VM {name}"));
+        }
+        for (pid, start, tool) in &tools {
+            if still_running(*pid, *start) {
+                left.push(format!("{tool} (pid {pid})"));
+            }
+        }
+        if overlay.exists() {
+            left.push(format!("overlay {}", overlay.display()));
+        }
+        left
+    };
+    let mut remaining = left(());
+    while !remaining.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        remaining = left(());
+    }
     assert!(
-        wait_until_gone(&name, Duration::from_secs(30)),
-        "VM {name} outlived its contractor process"
+        remaining.is_empty(),
+        "15 s after SIGKILL of contractor these remain: {remaining:?}"
+    );
+    eprintln!(
+        "all of {names:?}, the VM and its overlay were gone {:.1} s after SIGKILL",
+        killed.elapsed().as_secs_f64()
     );
 
     std::fs::write(

@@ -25,15 +25,49 @@ fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Runs the script with `store` as its store and `bin` as its tool directory.
-fn pipeline(store: &Path, bin: &Path) -> Output {
-    Command::new("sh")
+/// Runs the script with `store` as its store and `bin` as its tool directory, on `project`
+/// (examples/hello when `None`).
+fn pipeline(project: Option<&Path>, store: &Path, bin: &Path) -> Output {
+    let mut command = Command::new("sh");
+    command
         .arg(repo().join("examples/pipeline.sh"))
         .env("STORE", store)
         .env("CONTRACTOR_BIN", bin)
-        .env_remove("PROJECT")
-        .output()
-        .expect("run sh examples/pipeline.sh")
+        .env_remove("PROJECT");
+    if let Some(project) = project {
+        command.env("PROJECT", project);
+    }
+    command.output().expect("run sh examples/pipeline.sh")
+}
+
+/// Every file under `dir`, as paths relative to it, sorted.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(at) = stack.pop() {
+        for entry in std::fs::read_dir(&at).expect("read_dir").flatten() {
+            let path = entry.path();
+            if entry.file_type().expect("file type").is_dir() {
+                stack.push(path);
+            } else {
+                found.push(path.strip_prefix(dir).expect("under dir").to_path_buf());
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// `result.json` of `record` with what differs between two builds of one project made
+/// neutral: the id (also inside paths) and the duration.
+fn neutral_result(record: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(record.join("result.json")).expect("result.json");
+    let result: BuildResult =
+        serde_json::from_str(&text).expect("result.json matches the protocol");
+    let text = text.replace(&result.id, "ID");
+    let mut value: serde_json::Value = serde_json::from_str(&text).expect("json");
+    value["duration_secs"] = serde_json::json!(0);
+    value
 }
 
 /// `(name, uri)` of the VM from the line `pipeline: VM NAME started at URI (ACCEL)`.
@@ -69,7 +103,7 @@ fn vm_exists(uri: &str, name: &str) -> bool {
 #[test]
 fn the_shell_pipeline_builds_hello_like_contractor_build() {
     let store = tempfile::tempdir().expect("temp store");
-    let out = pipeline(store.path(), &bin_dir());
+    let out = pipeline(None, store.path(), &bin_dir());
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let (vm, uri) = vm_of(&stderr).unwrap_or_else(|| panic!("no VM line on stderr:\n{stderr}"));
@@ -145,11 +179,86 @@ fn the_shell_pipeline_builds_hello_like_contractor_build() {
     assert_eq!(result.artifacts, vec![hello]);
 }
 
+/// The two spellings of one orchestration make the same record: `contractor build` and
+/// examples/pipeline.sh on one project, compared file by file (ids, times and the messages
+/// that carry ports and pids aside).
+#[test]
+fn the_pipeline_and_contractor_build_write_the_same_record() {
+    let project = tempfile::tempdir().expect("temp project");
+    let example = repo().join("examples/hello");
+    for file in ["contractor.toml", "hello.c", "Makefile"] {
+        std::fs::copy(example.join(file), project.path().join(file)).expect("copy example");
+    }
+    let built = Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .arg("build")
+        .current_dir(project.path())
+        .output()
+        .expect("run contractor build");
+    assert!(
+        built.status.success(),
+        "contractor build failed:\n{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let first = std::fs::canonicalize(project.path().join(".contractor/latest")).expect("latest");
+    let out = pipeline(
+        Some(project.path()),
+        &project.path().join(".contractor"),
+        &bin_dir(),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the pipeline failed; stderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let second = std::fs::canonicalize(project.path().join(".contractor/latest")).expect("latest");
+    assert_ne!(first, second, "the pipeline made a record of its own");
+
+    let files = files_under(&first);
+    assert_eq!(
+        files,
+        files_under(&second),
+        "the records hold different files"
+    );
+    for must in [
+        "source.tar",
+        "build.log",
+        "console.log",
+        "proxy.jsonl",
+        "result.json",
+        "tools.log",
+        "artifacts/hello",
+    ] {
+        assert!(
+            files.contains(&PathBuf::from(must)),
+            "{must} missing: {files:?}"
+        );
+    }
+    for file in &files {
+        let name = file.to_string_lossy();
+        match name.as_ref() {
+            "result.json" => assert_eq!(neutral_result(&first), neutral_result(&second)),
+            // Timestamps (console) and ports and pids (the tools' messages) differ.
+            "console.log" | "tools.log" => {
+                assert!(
+                    std::fs::metadata(first.join(file)).expect("stat").len() > 0,
+                    "{name} is empty"
+                );
+            }
+            _ => assert!(
+                std::fs::read(first.join(file)).expect("read")
+                    == std::fs::read(second.join(file)).expect("read"),
+                "{name} differs between contractor build and the pipeline"
+            ),
+        }
+    }
+}
+
 #[test]
 fn the_pipeline_names_a_missing_tool_and_exits_2() {
     let store = tempfile::tempdir().expect("temp store");
     let empty = tempfile::tempdir().expect("empty bin dir");
-    let out = pipeline(store.path(), empty.path());
+    let out = pipeline(None, store.path(), empty.path());
     assert_eq!(out.status.code(), Some(2));
     assert!(out.stdout.is_empty());
     let stderr = String::from_utf8_lossy(&out.stderr);

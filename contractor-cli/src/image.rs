@@ -1,0 +1,217 @@
+//! Builder images, as the front end sees them: `contractor-vm image build|import|list|rm`
+//! builds, imports, lists and removes them (docs/protocol.md, "contractor-vm image"); this
+//! module runs it as a child process and reads its one JSON answer. The progress of a build
+//! is contractor-vm's stderr, which is ours.
+//!
+//! The invariant: the front end never reads or writes an image directory itself; what it
+//! knows of an image is what contractor-vm printed.
+
+use std::ffi::OsStr;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use contractor_protocol::image::{ImageInfo, ImageResult};
+pub use contractor_protocol::image::{Manifest, IMPORTED};
+use contractor_protocol::vm::BootImage;
+use contractor_protocol::ExitCode;
+use sha2::{Digest, Sha256};
+
+use crate::tools::{self, ToolError};
+
+/// Why an image could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// contractor-vm could not be run, or reported a failure.
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    /// contractor-vm answered with another message than the one asked for.
+    #[error("contractor-vm answered `image {command}` with a {got:?} message")]
+    Unexpected {
+        /// The subcommand.
+        command: &'static str,
+        /// The type of its answer.
+        got: &'static str,
+    },
+}
+
+impl ImageError {
+    /// The exit code for this error: `BadInput` when contractor-vm refused its input (a bad
+    /// or unknown name, a bad file to import), `Infrastructure` otherwise.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            ImageError::Tool(e) if e.is_bad_input() => ExitCode::BadInput,
+            _ => ExitCode::Infrastructure,
+        }
+    }
+}
+
+/// An image, as `contractor-vm image` reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    /// Its directory (on the host contractor-vm runs on).
+    pub dir: PathBuf,
+    /// Its total size in bytes.
+    pub size: u64,
+    /// Its manifest.
+    pub manifest: Manifest,
+    boot: BootImage,
+}
+
+impl Image {
+    /// The boot files for contractor-vm.
+    pub fn boot(&self) -> BootImage {
+        self.boot.clone()
+    }
+}
+
+impl From<ImageInfo> for Image {
+    fn from(info: ImageInfo) -> Image {
+        Image {
+            dir: info.dir,
+            size: info.size,
+            manifest: info.manifest,
+            boot: info.boot,
+        }
+    }
+}
+
+fn type_of(result: &ImageResult) -> &'static str {
+    match result {
+        ImageResult::Image { .. } => "image",
+        ImageResult::Images { .. } => "images",
+        ImageResult::Removed { .. } => "removed",
+    }
+}
+
+/// Runs `contractor-vm image <command> <args>`.
+fn image_tool(command: &'static str, args: &[&OsStr]) -> Result<ImageResult, ImageError> {
+    let mut all: Vec<&OsStr> = vec![OsStr::new("image"), OsStr::new(command)];
+    all.extend_from_slice(args);
+    Ok(tools::answer::<ImageResult>(tools::VM, &all)?)
+}
+
+fn one_image(command: &'static str, result: ImageResult) -> Result<Image, ImageError> {
+    match result {
+        ImageResult::Image { image, .. } => Ok(image.into()),
+        other => Err(ImageError::Unexpected {
+            command,
+            got: type_of(&other),
+        }),
+    }
+}
+
+/// Returns the image `name`, which contractor-vm builds first if it is missing or carries
+/// another agent.
+pub fn ensure(name: &str) -> Result<Image, ImageError> {
+    one_image("build", image_tool("build", &[OsStr::new(name)])?)
+}
+
+/// Imports `disk`, `kernel` and `initrd` as the image `name`.
+pub fn import(name: &str, disk: &Path, kernel: &Path, initrd: &Path) -> Result<Image, ImageError> {
+    let args = [
+        OsStr::new(name),
+        OsStr::new("--disk"),
+        disk.as_os_str(),
+        OsStr::new("--kernel"),
+        kernel.as_os_str(),
+        OsStr::new("--initrd"),
+        initrd.as_os_str(),
+    ];
+    one_image("import", image_tool("import", &args)?)
+}
+
+/// The images contractor-vm has, by name.
+pub fn list() -> Result<Vec<Image>, ImageError> {
+    match image_tool("list", &[])? {
+        ImageResult::Images { images, .. } => Ok(images.into_iter().map(Image::from).collect()),
+        other => Err(ImageError::Unexpected {
+            command: "list",
+            got: type_of(&other),
+        }),
+    }
+}
+
+/// Removes the image `name`.
+pub fn remove(name: &str) -> Result<(), ImageError> {
+    match image_tool("rm", &[OsStr::new(name)])? {
+        ImageResult::Removed { .. } => Ok(()),
+        other => Err(ImageError::Unexpected {
+            command: "rm",
+            got: type_of(&other),
+        }),
+    }
+}
+
+/// `2026-11-25 14:15:02` (UTC) from Unix seconds.
+pub fn format_time(unix: u64) -> String {
+    let secs = i64::try_from(unix).unwrap_or(0);
+    // SAFETY: libc::tm is plain old data; all-zero is a valid value to be overwritten.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: gmtime_r writes into our tm from a valid time_t.
+    unsafe { libc::gmtime_r(&secs, &mut tm) };
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+/// Lower-case hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_becomes_an_image_that_boots_as_reported() {
+        let line = r#"{"type":"image","version":1,"image":{"name":"x","dir":"/d/images/x",
+            "boot":{"disk":"/d/images/x/disk.qcow2","kernel":"/d/images/x/vmlinuz",
+            "initrd":"/d/images/x/initramfs.img","cmdline":"root=/dev/vda"},"size":3,
+            "manifest":{"version":2,"name":"x","suite":"bookworm","created":1,
+            "disk_sha256":"d","agent_version":"0.1.0","agent_sha256":"a",
+            "cmdline":"root=/dev/vda"}}}"#;
+        let result: ImageResult = serde_json::from_str(line).expect("an image answer");
+        let image = one_image("build", result).expect("an image");
+        assert_eq!(image.dir, Path::new("/d/images/x"));
+        assert_eq!(
+            image.boot().initrd.as_deref(),
+            Some(Path::new("/d/images/x/initramfs.img"))
+        );
+        let removed = ImageResult::Removed {
+            version: 1,
+            name: "x".into(),
+        };
+        assert!(matches!(
+            one_image("build", removed),
+            Err(ImageError::Unexpected { got: "removed", .. })
+        ));
+    }
+
+    #[test]
+    fn times_are_printed_in_utc() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00");
+        assert_eq!(format_time(1_795_615_977), "2026-11-25 14:12:57");
+    }
+}

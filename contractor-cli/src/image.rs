@@ -92,7 +92,7 @@ fn image_tool(command: &'static str, args: &[&OsStr]) -> Result<ImageResult, Ima
 
 fn one_image(command: &'static str, result: ImageResult) -> Result<Image, ImageError> {
     match result {
-        ImageResult::Image { image, .. } => Ok(image.into()),
+        ImageResult::Image { image, .. } => Ok((*image).into()),
         other => Err(ImageError::Unexpected {
             command,
             got: type_of(&other),

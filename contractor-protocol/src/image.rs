@@ -135,8 +135,8 @@ pub enum ImageResult {
     Image {
         /// Protocol version, 1.
         version: u32,
-        /// The image.
-        image: ImageInfo,
+        /// The image (boxed: it is much larger than the other messages).
+        image: Box<ImageInfo>,
     },
     /// The images under the data directory, by name (`image list`).
     Images {
@@ -190,13 +190,13 @@ mod tests {
         let dir = PathBuf::from("/d/images/debian-12-build");
         let result = ImageResult::Image {
             version: 1,
-            image: ImageInfo {
+            image: Box::new(ImageInfo {
                 name: "debian-12-build".into(),
                 boot: manifest.boot(&dir),
                 dir,
                 size: 5,
                 manifest,
-            },
+            }),
         };
         let text = serde_json::to_string(&result).expect("json");
         assert!(

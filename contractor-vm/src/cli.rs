@@ -774,7 +774,7 @@ pub fn image_command(command: ImageCommand) -> Result<ImageResult, ImageError> {
     Ok(match command {
         ImageCommand::Build { name } => ImageResult::Image {
             version,
-            image: crate::image::ensure(&name)?.info(),
+            image: Box::new(crate::image::ensure(&name)?.info()),
         },
         ImageCommand::Import {
             name,
@@ -783,7 +783,7 @@ pub fn image_command(command: ImageCommand) -> Result<ImageResult, ImageError> {
             initrd,
         } => ImageResult::Image {
             version,
-            image: crate::image::import::import(&name, &disk, &kernel, &initrd)?.info(),
+            image: Box::new(crate::image::import::import(&name, &disk, &kernel, &initrd)?.info()),
         },
         ImageCommand::List => ImageResult::Images {
             version,

@@ -18,7 +18,7 @@
 #   CONTRACTOR_BIN   the directory holding the tools  [target/release of this repository if
 #                    it holds them, else each tool is looked up on PATH]
 #   CONTRACTOR_LIBVIRT_URI   [qemu:///system for root, qemu:///session otherwise]
-#   CONTRACTOR_DATA_DIR      where VM overlays go, under vms/ [/var/lib/contractor for
+#   CONTRACTOR_DATA_DIR      where images (images/) and VM overlays (vms/) go [/var/lib/contractor for
 #                    root, else $XDG_DATA_HOME/contractor or ~/.local/share/contractor]
 #   ACCEL            auto | kvm | tcg                 [auto]
 #
@@ -65,7 +65,6 @@ tool() {
         command -v "$1" || die 2 "$1 is not on PATH; set CONTRACTOR_BIN to the directory of the tools"
     fi
 }
-CONTRACTOR=$(tool contractor)
 STORE_TOOL=$(tool contractor-store)
 PROXY_TOOL=$(tool contractor-proxy)
 VM_TOOL=$(tool contractor-vm)
@@ -135,11 +134,13 @@ trap 'interrupted=1; say "interrupted"; exit 130' INT TERM HUP
 
 # --- 1. the image -----------------------------------------------------------------------------
 say "image $IMAGE"
-image_dir=$("$CONTRACTOR" image build "$IMAGE") || die 3 "cannot build the image $IMAGE"
-manifest=$image_dir/manifest.json
-cmdline=$(jq -er .cmdline "$manifest") || die 3 "$manifest has no cmdline"
-# Layout version 2 boots with Contractor's initramfs, version 1 with Debian's initrd.
-initrd=$(jq -r 'if .version >= 2 then "initramfs.img" else "initrd.img" end' "$manifest")
+# contractor-vm builds it if it is missing or carries another agent, and prints one object
+# {"type":"image",...,"image":{"name","dir","boot":{disk,kernel,initrd,cmdline},...}}: its
+# "boot" is the "image" of the create request below. Its progress goes to stderr.
+image_answer=$("$VM_TOOL" image build "$IMAGE" --json-errors) && code=0 || code=$?
+[ "$code" -eq 0 ] || die "$code" "cannot build the image $IMAGE (exit code $code): $(printf '%s\n' "$image_answer" | jq -r '.chain // [] | join(": ")' 2>/dev/null)"
+boot=$(printf '%s\n' "$image_answer" | jq -ec 'select(.type == "image") | .image.boot') ||
+    die 3 "contractor-vm printed no image: $image_answer"
 
 # --- 2. the build record, the source --------------------------------------------------------
 ID=$(date -u +%Y%m%d-%H%M%S)-$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')
@@ -187,13 +188,12 @@ say "proxy ready at $proxy_addr"
 
 # --- 4. the VM, held by contractor-vm for as long as fd 4 (its stdin) stays open --------------
 mkdir -p "$DATA/vms"
-jq -n --arg uri "$URI" --arg image "$image_dir" --arg cmdline "$cmdline" \
+jq -n --arg uri "$URI" --argjson boot "$boot" \
     --argjson cpus "$CPUS" --argjson memory "$MEMORY_MIB" --argjson disk "$DISK_GIB" \
-    --arg initrd "$initrd" --arg accel "${ACCEL:-auto}" --arg console "$REC/console.log" \
+    --arg accel "${ACCEL:-auto}" --arg console "$REC/console.log" \
     --arg work "$DATA/vms" \
     '{type: "create", version: 1, uri: $uri,
-      spec: {image: {disk: "\($image)/disk.qcow2", kernel: "\($image)/vmlinuz",
-                     initrd: "\($image)/\($initrd)", cmdline: $cmdline},
+      spec: {image: $boot,
              cpus: $cpus, memory_mib: $memory, disk_gib: $disk, accel: $accel,
              console_log: $console, work_dir: $work}}' >"$TMP/vm-request.json"
 mkfifo "$TMP/vm.in" "$TMP/vm.out"

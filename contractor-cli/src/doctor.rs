@@ -1,9 +1,13 @@
 //! `contractor doctor`: checks everything a build needs and says how to fix each problem.
 //!
 //! Each check yields a line `ok`, `warn` or `FAIL` with what was found and, when it is not
-//! ok, the command or setting that fixes it. Checks only read; they change nothing.
+//! ok, the command or setting that fixes it. Checks only read; they change nothing. What
+//! concerns the VM host (libvirt, KVM, the guest agent, the images) is asked of
+//! `contractor-vm check` and `contractor-vm image list`.
 
 use std::path::Path;
+
+use contractor_protocol::vm::HostCheck;
 
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,55 +61,66 @@ pub fn check(uri: &str) -> Vec<Finding> {
         });
     }
 
-    findings.push(match contractor_vm::connect(uri) {
-        Ok(_) => finding(Status::Ok, "libvirt", format!("{uri} answers")),
-        Err(err) => finding(Status::Fail, "libvirt", chain(&err)),
-    });
-
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    findings.push(if contractor_vm::accel::cpuinfo_has_virt(&cpuinfo) && Path::new("/dev/kvm").exists() {
-        finding(Status::Ok, "accelerator", "KVM: the CPU has vmx/svm and /dev/kvm exists".into())
-    } else {
-        finding(
-            Status::Warn,
-            "accelerator",
-            "TCG (software emulation, several times slower): the CPU has no vmx/svm flag; \
-             builds work, boot takes seconds. On real hardware enable virtualisation in the firmware."
-                .into(),
-        )
-    });
+    let args = [
+        std::ffi::OsStr::new("check"),
+        std::ffi::OsStr::new("--uri"),
+        std::ffi::OsStr::new(uri),
+    ];
+    match crate::tools::answer::<HostCheck>(crate::tools::VM, &args) {
+        Err(err) => findings.push(finding(Status::Fail, "contractor-vm", chain(&err))),
+        Ok(host) => {
+            findings.push(if host.libvirt.ok {
+                finding(Status::Ok, "libvirt", format!("{} answers", host.uri))
+            } else {
+                finding(Status::Fail, "libvirt", host.libvirt.error.join(": "))
+            });
+            findings.push(if host.cpu_virt && host.dev_kvm {
+                finding(Status::Ok, "accelerator", "KVM: the CPU has vmx/svm and /dev/kvm exists".into())
+            } else {
+                finding(
+                    Status::Warn,
+                    "accelerator",
+                    "TCG (software emulation, several times slower): the CPU has no vmx/svm flag; \
+                     builds work, boot takes seconds. On real hardware enable virtualisation in the firmware."
+                        .into(),
+                )
+            });
+            findings.push(match (&host.agent.ok, &host.agent.path) {
+                (true, Some(path)) => {
+                    finding(Status::Ok, "guest agent", path.display().to_string())
+                }
+                _ => finding(Status::Fail, "guest agent", host.agent.error.join(": ")),
+            });
+        }
+    }
     if let Some(kvm) = kvm_permission_problem() {
         findings.push(finding(Status::Warn, "/dev/kvm", kvm));
     }
 
-    findings.push(match crate::image::agent_path() {
-        Ok(path) => finding(Status::Ok, "guest agent", path.display().to_string()),
-        Err(err) => finding(Status::Fail, "guest agent", err.to_string()),
-    });
-
     match crate::paths::data_dir() {
         Err(err) => findings.push(finding(Status::Fail, "data directory", err)),
         Ok(dir) => {
-            let image_dir = dir.join("images").join(crate::spec::DEFAULT_IMAGE);
-            findings.push(match crate::image::load(&image_dir) {
-                Ok(Some(image)) => finding(
-                    Status::Ok,
-                    "image",
-                    format!(
-                        "{} (agent {}, disk sha256 {}…)",
-                        image_dir.display(),
-                        image.manifest.agent_version,
-                        &image.manifest.disk_sha256[..12.min(image.manifest.disk_sha256.len())]
+            let default = crate::spec::DEFAULT_IMAGE;
+            findings.push(match crate::image::list() {
+                Ok(images) => match images.into_iter().find(|i| i.manifest.name == default) {
+                    Some(image) => finding(
+                        Status::Ok,
+                        "image",
+                        format!(
+                            "{} (agent {}, disk sha256 {}…)",
+                            image.dir.display(),
+                            image.manifest.agent_version,
+                            image.manifest.disk_sha256.get(..12).unwrap_or(&image.manifest.disk_sha256)
+                        ),
                     ),
-                ),
-                Ok(None) => finding(
-                    Status::Warn,
-                    "image",
-                    format!(
-                        "{} is not built yet; the first build builds it (about a minute), or run: contractor image build",
-                        crate::spec::DEFAULT_IMAGE
+                    None => finding(
+                        Status::Warn,
+                        "image",
+                        format!(
+                            "{default} is not built yet; the first build builds it (about a minute), or run: contractor image build"
+                        ),
                     ),
-                ),
+                },
                 Err(err) => finding(Status::Fail, "image", format!("{}; rebuild it: contractor image build", chain(&err))),
             });
             let existing = dir

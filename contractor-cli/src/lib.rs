@@ -1,5 +1,5 @@
-//! The `contractor` front end: reads `contractor.toml`, prepares the image, and composes
-//! the store, the proxy, the VM and the run into one build.
+//! The `contractor` front end: reads `contractor.toml`, has contractor-vm prepare the image,
+//! and composes the store, the proxy, the VM and the run into one build.
 
 #![warn(missing_docs)]
 
@@ -8,11 +8,8 @@ pub mod cache;
 pub mod display;
 pub mod doctor;
 pub mod image;
-pub mod import;
 pub mod init;
-pub mod initramfs;
 pub mod paths;
-pub mod progress;
 pub mod records;
 pub mod shell;
 pub mod source;

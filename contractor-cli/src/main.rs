@@ -238,7 +238,7 @@ fn main() -> std::process::ExitCode {
                 (false, false) => Mode::Auto,
             };
             let options = BuildOptions {
-                uri: uri.unwrap_or_else(contractor_vm::default_uri),
+                uri: uri.unwrap_or_else(contractor_protocol::vm::default_uri),
                 accel: accel.into(),
                 keep: keep.then_some(Keep::OnFailure),
             };
@@ -246,7 +246,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Shell { id, file, uri } => shell(&file, id.as_deref(), uri).into(),
         Command::Builds { file } => report(list_builds(&file)),
-        Command::Doctor { uri } => doctor(&uri.unwrap_or_else(contractor_vm::default_uri)).into(),
+        Command::Doctor { uri } => doctor(&uri.unwrap_or_else(contractor_protocol::vm::default_uri)).into(),
         Command::Init => report(
             contractor_cli::init::write(Path::new("."))
                 .map(|(path, kind)| eprintln!("contractor: wrote {} for {kind:?} project; edit it, then run `contractor build`", path.display()))
@@ -260,14 +260,14 @@ fn main() -> std::process::ExitCode {
             disk,
             kernel,
             initrd,
-        }) => match contractor_cli::import::import(&name, &disk, &kernel, &initrd) {
+        }) => match image::import(&name, &disk, &kernel, &initrd) {
             Ok(image) => {
                 println!("{}", image.dir.display());
                 ExitCode::Success.into()
             }
             Err(err) => {
                 eprintln!("contractor: cannot import {name}: {}", chain(&err));
-                ExitCode::BadInput.into()
+                err.exit_code().into()
             }
         },
         Command::Cache(CacheCommand::List { file }) => report(list_caches(&file)),
@@ -292,7 +292,7 @@ fn main() -> std::process::ExitCode {
                 }
                 Err(err) => {
                     eprintln!("contractor: {}", chain(&err));
-                    ExitCode::Infrastructure.into()
+                    err.exit_code().into()
                 }
             }
         }
@@ -429,7 +429,7 @@ fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
             spec.artifacts.clear();
             spec.cache_paths.clear();
             let options = BuildOptions {
-                uri: uri.unwrap_or_else(contractor_vm::default_uri),
+                uri: uri.unwrap_or_else(contractor_protocol::vm::default_uri),
                 accel: Accel::Auto,
                 keep: Some(Keep::Always),
             };
@@ -555,15 +555,10 @@ fn list_images() -> Result<(), String> {
         "IMAGE", "SIZE", "BUILT", "AGENT"
     );
     for image in images {
-        let size: u64 = ["disk.qcow2", "vmlinuz", "initrd.img", "initramfs.img"]
-            .iter()
-            .filter_map(|f| std::fs::metadata(image.dir.join(f)).ok())
-            .map(|m| m.len())
-            .sum();
         println!(
             "{:<18} {:>9} {:<19} {:<14} {}",
             image.manifest.name,
-            human_bytes(size),
+            human_bytes(image.size),
             image::format_time(image.manifest.created),
             image.manifest.agent_version,
             image.manifest.disk_sha256

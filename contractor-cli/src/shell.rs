@@ -5,11 +5,13 @@
 //! raw mode and carries bytes both ways until the agent closes the shell. The VM powers off
 //! when the shell exits; the client then destroys what is left of it and its record file.
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use contractor_protocol::agent::{GuestMessage, HostMessage};
+use contractor_protocol::vm::VmResult;
 
 use crate::build::{KeptVm, KEPT_VM_FILE};
 
@@ -81,11 +83,21 @@ pub fn kept_vm(record: &Path, id: &str) -> Result<KeptVm, ShellError> {
 /// `record`'s `vm.json`.
 pub fn attach(vm: &KeptVm, record: &Path) -> Result<(), ShellError> {
     let result = converse(vm);
-    if let Ok(conn) = contractor_vm::connect(&vm.uri) {
-        match contractor_vm::lifecycle::destroy(&conn, &vm.name) {
-            Ok(()) | Err(contractor_vm::VmError::NotFound { .. }) => {}
-            Err(err) => eprintln!("contractor: cannot destroy VM {}: {err}", vm.name),
-        }
+    let args = [
+        OsStr::new("destroy"),
+        OsStr::new("--name"),
+        OsStr::new(&vm.name),
+        OsStr::new("--uri"),
+        OsStr::new(&vm.uri),
+    ];
+    match crate::tools::answer::<VmResult>(crate::tools::VM, &args) {
+        Ok(_) => {}
+        Err(err) if err.tool_code() == Some("not_found") => {}
+        Err(err) => eprintln!(
+            "contractor: cannot destroy VM {}: {}",
+            vm.name,
+            contractor_protocol::result::error_chain(&err).join(": ")
+        ),
     }
     let _ = std::fs::remove_file(record.join(KEPT_VM_FILE));
     result

@@ -142,11 +142,12 @@ pub fn load(path: &Path) -> Result<BuildSpec, SpecError> {
         path: path.to_path_buf(),
         source,
     })?;
-    // Images imported with `contractor image import` are valid names too.
+    // Images imported with `contractor image import` are valid names too (contractor-vm
+    // lists them; when it cannot, only the built images are).
     let imported: Vec<String> = crate::image::list()
         .unwrap_or_default()
         .into_iter()
-        .filter(|i| i.manifest.suite == crate::import::IMPORTED)
+        .filter(|i| i.manifest.suite == crate::image::IMPORTED)
         .map(|i| i.manifest.name)
         .collect();
     let mut spec = parse_with_images(path, &text, &imported)?;

@@ -197,7 +197,7 @@ fn guest_changes_do_not_survive_into_the_next_build_or_the_base_image() {
         build.stderr
     );
     let data = contractor_cli::paths::data_dir().expect("data dir");
-    let image = contractor_cli::image::load(&data.join("images/debian-12-build"))
+    let image = contractor_vm::image::load(&data.join("images/debian-12-build"))
         .expect("manifest")
         .expect("image");
     let base = image.dir.join("disk.qcow2");
@@ -340,7 +340,7 @@ fn image_list_shows_the_built_image_and_rm_removes_one() {
         String::from_utf8_lossy(&built.stderr)
     );
     let dir = String::from_utf8_lossy(&built.stdout).trim().to_string();
-    let image = contractor_cli::image::load(std::path::Path::new(&dir))
+    let image = contractor_vm::image::load(std::path::Path::new(&dir))
         .expect("manifest")
         .expect("image");
     let listing = Command::new(env!("CARGO_BIN_EXE_contractor"))

@@ -41,7 +41,7 @@ fn a_hostile_build_reaches_nothing_but_the_proxy_and_its_own_store_files() {
     let listener = TcpListener::bind("127.0.0.1:0").expect("host listener");
     listener.set_nonblocking(true).expect("nonblocking");
     let port = listener.local_addr().expect("addr").port();
-    let image = contractor_cli::image::load(
+    let image = contractor_vm::image::load(
         &contractor_cli::paths::data_dir()
             .expect("data dir")
             .join("images/debian-12-build"),
@@ -180,7 +180,7 @@ fn image_sha() -> String {
     let dir = contractor_cli::paths::data_dir()
         .expect("data dir")
         .join("images/debian-12-build");
-    contractor_cli::image::load(&dir)
+    contractor_vm::image::load(&dir)
         .expect("manifest")
         .expect("image")
         .manifest

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod build;
 pub mod error;
 pub mod exit;
+pub mod image;
 pub mod jsonl;
 pub mod process;
 pub mod proxy;

@@ -6,6 +6,22 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+/// The environment variable that overrides [`default_uri`].
+pub const URI_ENV: &str = "CONTRACTOR_LIBVIRT_URI";
+
+/// The libvirt URI to use when none is given: `$CONTRACTOR_LIBVIRT_URI` if set, else
+/// `qemu:///system` for root and `qemu:///session` for everyone else.
+pub fn default_uri() -> String {
+    if let Some(uri) = std::env::var(URI_ENV).ok().filter(|u| !u.is_empty()) {
+        return uri;
+    }
+    if nix::unistd::geteuid().is_root() {
+        String::from("qemu:///system")
+    } else {
+        String::from("qemu:///session")
+    }
+}
+
 /// Which accelerator QEMU uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -149,4 +165,49 @@ pub enum VmResult {
         /// The VMs.
         vms: Vec<VmInfo>,
     },
+}
+
+/// What `contractor-vm check` prints: whether the host can run builder VMs.
+/// `{"type":"check","version":1,"uri":"qemu:///session","libvirt":{"ok":true},
+/// "cpu_virt":true,"dev_kvm":true,"agent":{"ok":true,"path":"/usr/lib/contractor/contractor-agent"}}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostCheck {
+    /// Always `check`.
+    #[serde(rename = "type")]
+    pub kind: CheckTag,
+    /// Protocol version, 1.
+    pub version: u32,
+    /// The libvirt URI checked.
+    pub uri: String,
+    /// Whether libvirt answers at `uri`.
+    pub libvirt: Probe,
+    /// Whether the CPU has the vmx or svm flag (hardware virtualisation).
+    pub cpu_virt: bool,
+    /// Whether `/dev/kvm` exists.
+    pub dev_kvm: bool,
+    /// Whether the static guest agent that images are built with is there.
+    pub agent: Probe,
+}
+
+/// The `"type"` of a [`HostCheck`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckTag {
+    /// `"check"`
+    Check,
+}
+
+/// One probe of a [`HostCheck`]: fine, or why not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Probe {
+    /// Whether it is fine.
+    pub ok: bool,
+    /// What was found, when it is a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// When not fine: the error and its causes, outermost first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub error: Vec<String>,
 }

@@ -2,7 +2,8 @@
 //!
 //! The rule for input is simple: with `--json` the request is read from stdin (and no other
 //! request flags are allowed); without it the request is built from flags. Either way the
-//! tool prints exactly one `VmResult` object on stdout, messages on stderr, and exits with a
+//! tool prints exactly one `VmResult` object on stdout (`image …` one `ImageResult`, `check`
+//! one `HostCheck`), messages and progress on stderr, and exits with a
 //! `contractor_protocol::ExitCode` (2 for bad input, 3 when libvirt or the host fails).
 //! With `--json-errors` an error is also written on stdout as one JSON object
 //! (`{"type":"error","version":1,"code":...,"chain":[...]}`), so that a pipeline can read
@@ -15,10 +16,14 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use contractor_protocol::image::ImageResult;
 use contractor_protocol::jsonl::{write_line, JsonlError};
-use contractor_protocol::vm::{Accel, BootImage, VmRequest, VmResult, VmSpec};
+use contractor_protocol::vm::{
+    Accel, BootImage, CheckTag, HostCheck, Probe, VmRequest, VmResult, VmSpec,
+};
 use contractor_protocol::{ExitCode, PROTOCOL_VERSION};
 
+use crate::image::ImageError;
 use crate::lifecycle::{connect, create, default_uri, destroy_vm, exists, reap};
 use crate::{generate_name, handle_owned, VmError, VmOwner};
 
@@ -28,6 +33,9 @@ const EXAMPLE: &str = r#"Examples:
   contractor-vm status --name contractor-0123456789ab
   contractor-vm destroy --name contractor-0123456789ab
   echo '{"type":"list","version":1,"uri":"qemu:///system"}' | contractor-vm list --json
+  contractor-vm check
+  contractor-vm image build debian-12-build | jq -c .image.boot
+  contractor-vm image list
 
 A JSON create request (`contractor-vm create --json < request.json`):
   {"type": "create", "version": 1, "uri": "qemu:///system",
@@ -49,10 +57,14 @@ With --json-errors, a failure is also written on stdout as one JSON object:
 
 Input: with --json the request is read from stdin, otherwise it is built from flags. A bad
 request is reported with its line, column and field.
-Output: exactly one JSON object on stdout ({"type":"vm"|"destroyed"|"list",...}); with
+Output: exactly one JSON object on stdout ({"type":"vm"|"destroyed"|"list",...}; for image
+{"type":"image"|"images"|"removed",...}; for check {"type":"check",...}); with
 --json-errors, an "error" object when the tool fails.
 Exit codes: 0 done, 2 bad input (flags, JSON, names, missing files), 3 libvirt or host
-failure, 130 a held VM was ended by SIGINT/SIGTERM.
+failure (an image tool failed), 130 a held VM was ended by SIGINT/SIGTERM.
+Images live in $CONTRACTOR_DATA_DIR/images (default ~/.local/share/contractor/images, or
+/var/lib/contractor/images for root); the guest agent is $CONTRACTOR_AGENT, else
+contractor-agent beside this program.
 The URI defaults to $CONTRACTOR_LIBVIRT_URI, else qemu:///system for root and
 qemu:///session for other users.
 Ownership: a VM made by `create` belongs to the calling process (this tool's parent) and
@@ -84,6 +96,48 @@ pub enum Command {
     List(UriArgs),
     /// Destroy VMs whose owning process on this host has exited (prints them as a list).
     Reap(ReapArgs),
+    /// Check that this host can run builder VMs: libvirt, KVM, the guest agent.
+    Check(ReapArgs),
+    /// Build, import, list and remove builder images (under $CONTRACTOR_DATA_DIR/images).
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+/// The subcommands of `image`. Each prints one JSON object
+/// (`contractor_protocol::image::ImageResult`) and its progress on stderr.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Build an image if it is missing or carries another agent, else return it.
+    #[command(after_help = "Example:\n  contractor-vm image build debian-12-build")]
+    Build {
+        /// Image name: debian-12-build, debian-13-build, or an imported image.
+        name: String,
+    },
+    /// Make a builder image of your own disk, kernel and initrd (any Linux with an ext2/3/4
+    /// root file system on the whole disk).
+    #[command(
+        after_help = "Example:\n  contractor-vm image import my-distro --disk my.qcow2 --kernel vmlinuz --initrd initrd.img"
+    )]
+    Import {
+        /// The image name.
+        name: String,
+        /// The disk: qcow2 or raw, one ext2/3/4 file system on the whole disk.
+        #[arg(long)]
+        disk: PathBuf,
+        /// The kernel (bzImage).
+        #[arg(long)]
+        kernel: PathBuf,
+        /// The initrd that mounts root=/dev/vda and starts init=.
+        #[arg(long)]
+        initrd: PathBuf,
+    },
+    /// List the images, by name.
+    List,
+    /// Remove an image (running VMs keep their open base until they end).
+    Rm {
+        /// Image name.
+        name: String,
+    },
 }
 
 /// Accelerator names on the command line.
@@ -185,7 +239,7 @@ pub struct UriArgs {
     pub uri: Option<String>,
 }
 
-/// Flags of `reap` (which has no JSON request type in the protocol yet).
+/// Flags of `reap` and `check` (which have no JSON request type in the protocol yet).
 #[derive(Debug, Args)]
 pub struct ReapArgs {
     /// libvirt connection URI.
@@ -224,6 +278,9 @@ pub enum CliError {
     /// The result could not be written.
     #[error("cannot write the result to stdout")]
     Output(#[source] JsonlError),
+    /// An image request failed.
+    #[error(transparent)]
+    Image(#[from] ImageError),
 }
 
 impl CliError {
@@ -234,6 +291,7 @@ impl CliError {
                 ExitCode::BadInput
             }
             CliError::Vm(e) => e.exit_code(),
+            CliError::Image(e) => e.exit_code(),
             CliError::Stdin(_) | CliError::Output(_) => ExitCode::Infrastructure,
         }
     }
@@ -246,6 +304,7 @@ impl CliError {
             CliError::Json { .. } => "bad_json",
             CliError::WrongType { .. } => "wrong_request_type",
             CliError::Output(_) => "stdout",
+            CliError::Image(e) => e.code(),
             CliError::Vm(e) => match e {
                 VmError::Name(_) => "bad_name",
                 VmError::BadSpec { .. } => "bad_spec",
@@ -689,6 +748,16 @@ pub fn execute(command: Command) -> Result<ExitCode, CliError> {
             })?;
             return Ok(ExitCode::Success);
         }
+        Command::Check(a) => {
+            let check = host_check(a.uri.unwrap_or_else(default_uri));
+            write_line(&mut io::stdout().lock(), &check).map_err(CliError::Output)?;
+            return Ok(ExitCode::Success);
+        }
+        Command::Image(command) => {
+            let result = image_command(command)?;
+            write_line(&mut io::stdout().lock(), &result).map_err(CliError::Output)?;
+            return Ok(ExitCode::Success);
+        }
     };
     if hold {
         return create_and_hold(request);
@@ -697,6 +766,80 @@ pub fn execute(command: Command) -> Result<ExitCode, CliError> {
     let result = handle_owned(request, VmOwner::parent())?;
     print_result(&result)?;
     Ok(ExitCode::Success)
+}
+
+/// Carries out one `image` subcommand.
+pub fn image_command(command: ImageCommand) -> Result<ImageResult, ImageError> {
+    let version = PROTOCOL_VERSION;
+    Ok(match command {
+        ImageCommand::Build { name } => ImageResult::Image {
+            version,
+            image: Box::new(crate::image::ensure(&name)?.info()),
+        },
+        ImageCommand::Import {
+            name,
+            disk,
+            kernel,
+            initrd,
+        } => ImageResult::Image {
+            version,
+            image: Box::new(crate::image::import::import(&name, &disk, &kernel, &initrd)?.info()),
+        },
+        ImageCommand::List => ImageResult::Images {
+            version,
+            images: crate::image::list()?.iter().map(|i| i.info()).collect(),
+        },
+        ImageCommand::Rm { name } => {
+            crate::image::remove(&name)?;
+            let _ = writeln!(io::stderr(), "contractor-vm: removed image {name}");
+            ImageResult::Removed { version, name }
+        }
+    })
+}
+
+/// The most of `/proc/cpuinfo` read (its flags lines repeat per CPU; the first suffices).
+const MAX_CPUINFO: u64 = 1 << 20;
+
+/// What `check` reports of this host for libvirt at `uri`.
+pub fn host_check(uri: String) -> HostCheck {
+    let chain = |e: &dyn std::error::Error| contractor_protocol::result::error_chain(e);
+    let libvirt = match connect(&uri) {
+        Ok(_) => Probe {
+            ok: true,
+            path: None,
+            error: Vec::new(),
+        },
+        Err(e) => Probe {
+            ok: false,
+            path: None,
+            error: chain(&e),
+        },
+    };
+    let mut cpuinfo = String::new();
+    if let Ok(file) = std::fs::File::open("/proc/cpuinfo") {
+        let _ = file.take(MAX_CPUINFO).read_to_string(&mut cpuinfo);
+    }
+    let agent = match crate::image::agent_path() {
+        Ok(path) => Probe {
+            ok: true,
+            path: Some(path),
+            error: Vec::new(),
+        },
+        Err(e) => Probe {
+            ok: false,
+            path: None,
+            error: chain(&e),
+        },
+    };
+    HostCheck {
+        kind: CheckTag::Check,
+        version: PROTOCOL_VERSION,
+        uri,
+        libvirt,
+        cpu_virt: crate::accel::cpuinfo_has_virt(&cpuinfo),
+        dev_kvm: std::path::Path::new("/dev/kvm").exists(),
+        agent,
+    }
 }
 
 /// Why a held VM was let go.

@@ -4,11 +4,13 @@
 //! on a fresh qcow2 overlay of a base image, with no network interface: its only links to
 //! the host are two virtio-serial channels (control and tunnel), exposed as Unix sockets.
 //! This crate creates such VMs, reports on them, destroys them with their overlays, lists
-//! them and reaps those whose owning process died. Everything is addressed by a libvirt
+//! them and reaps those whose owning process died. It also builds and imports the images
+//! they boot ([`image`]). Everything is addressed by a libvirt
 //! connection URI, so the same calls work against a remote host.
 //!
 //! The invariant kept across the crate: it only ever touches domains named
-//! `contractor-[a-z0-9-]{1,50}`, and only ever deletes files named `<that name>.qcow2`.
+//! `contractor-[a-z0-9-]{1,50}`, and only ever deletes VM files named `<that name>.qcow2` or
+//! `<that name>.disk.raw` (and image directories under `<data>/images/`).
 //!
 //! [`handle`] carries out one [`VmRequest`]; the `contractor-vm` binary is a thin shell
 //! around it (see [`cli`]).
@@ -17,6 +19,7 @@
 
 pub mod accel;
 pub mod cli;
+pub mod image;
 pub mod lifecycle;
 pub mod name;
 pub mod overlay;

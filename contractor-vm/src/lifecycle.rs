@@ -26,26 +26,10 @@ use crate::owner::VmOwner;
 use crate::xml::{domain_xml, parse_domain, Disks, DomainFacts};
 use crate::VmError;
 
-/// The environment variable that overrides [`default_uri`].
-pub const URI_ENV: &str = "CONTRACTOR_LIBVIRT_URI";
+pub use contractor_protocol::vm::{default_uri, URI_ENV};
 
 /// `VIR_DOMAIN_START_AUTODESTROY`: the domain dies when its creating connection closes.
 const START_AUTODESTROY: u32 = virt::sys::VIR_DOMAIN_START_AUTODESTROY;
-
-/// The libvirt URI to use when none is given: `$CONTRACTOR_LIBVIRT_URI` if set, else
-/// `qemu:///system` for root and `qemu:///session` for everyone else.
-pub fn default_uri() -> String {
-    if let Some(uri) = std::env::var(URI_ENV).ok().filter(|u| !u.is_empty()) {
-        return uri;
-    }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    if euid == 0 {
-        String::from("qemu:///system")
-    } else {
-        String::from("qemu:///session")
-    }
-}
 
 /// Opens a connection to `uri`. libvirt's own printing of errors to stderr is switched
 /// off: errors come back as values.
@@ -242,8 +226,49 @@ pub fn create_owned(
         });
     if started.is_err() {
         let _ = delete_overlay(&overlay, &name);
+    } else if local {
+        sweep_work_dir(conn, &spec.work_dir);
     }
     started
+}
+
+/// How old an overlay or build disk must be before [`sweep_work_dir`] deletes it: a younger
+/// one may belong to a VM being created right now.
+const SWEEP_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Deletes the overlays and build disks in `work_dir` left by VMs that no longer exist at
+/// `conn` (their owner was killed before it could destroy them), older than a minute; returns
+/// what it deleted. Only files named `<contractor name>.qcow2` or `<contractor name>.disk.raw`
+/// are considered, and a VM whose existence cannot be told keeps its files.
+pub fn sweep_work_dir(conn: &Connect, work_dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(work_dir) else {
+        return Vec::new();
+    };
+    let mut deleted = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(|n| {
+            n.strip_suffix(".qcow2")
+                .or_else(|| n.strip_suffix(".disk.raw"))
+        }) else {
+            continue;
+        };
+        let old = entry
+            .metadata()
+            .ok()
+            .filter(|m| m.is_file())
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > SWEEP_AGE);
+        if old
+            && validate_name(name).is_ok()
+            && !exists(conn, name)
+            && std::fs::remove_file(&path).is_ok()
+        {
+            deleted.push(path);
+        }
+    }
+    deleted
 }
 
 fn lookup(conn: &Connect, name: &str) -> Result<Domain, VmError> {
@@ -444,6 +469,31 @@ mod tests {
         ));
         assert!(matches!(destroy(&conn, "test"), Err(VmError::Name(_))));
         assert!(exists(&conn, "test"));
+    }
+
+    #[test]
+    fn the_sweep_deletes_only_old_leftovers_of_contractor_vms() {
+        let conn = connect("test:///default").expect("test driver");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = std::time::SystemTime::now() - 2 * SWEEP_AGE;
+        let make = |name: &str, age: Option<std::time::SystemTime>| {
+            let path = dir.path().join(name);
+            let file = std::fs::File::create(&path).expect("create");
+            if let Some(age) = age {
+                file.set_modified(age).expect("set mtime");
+            }
+            path
+        };
+        let leftover = make("contractor-gone1.qcow2", Some(old));
+        let disk = make("contractor-gone1.disk.raw", Some(old));
+        let young = make("contractor-young.qcow2", None);
+        let foreign = make("test.qcow2", Some(old));
+        let other = make("contractor-gone2.console.log", Some(old));
+        let mut deleted = sweep_work_dir(&conn, dir.path());
+        deleted.sort();
+        assert_eq!(deleted, vec![disk.clone(), leftover.clone()]);
+        assert!(!leftover.exists() && !disk.exists());
+        assert!(young.exists() && foreign.exists() && other.exists());
     }
 
     #[test]

@@ -108,7 +108,7 @@ pub fn small_spec(script: &str, extra_build: &str) -> String {
 }
 
 pub fn libvirt_domains() -> String {
-    let uri = contractor_vm::default_uri();
+    let uri = contractor_protocol::vm::default_uri();
     let out = Command::new("virsh")
         .args(["-c", &uri, "list", "--all", "--name"])
         .output()

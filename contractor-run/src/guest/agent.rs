@@ -33,8 +33,8 @@ use crate::tunnel::{self, Opener, Side};
 
 /// Where the source is unpacked and the script runs.
 pub const WORK_DIR: &str = "/build";
-/// The agent's version, reported in `hello`.
-pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The agent's version, reported in `hello` (and recorded in image manifests).
+pub use contractor_protocol::image::AGENT_VERSION;
 
 const PORT_WAIT: Duration = Duration::from_secs(60);
 const OUTPUT_GRACE: Duration = Duration::from_secs(5);

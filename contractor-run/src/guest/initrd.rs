@@ -3,7 +3,7 @@
 //! Debian's initrd (udev, scripts, a shell) takes seconds under TCG to do what a builder
 //! needs in milliseconds: load the few driver modules that are not built into the kernel
 //! (virtio PCI, block, console, rng), mount the root file system and hand over to the real
-//! init. The image builder (contractor-cli's `initramfs`) writes an initramfs holding this
+//! init. The image builder (contractor-vm's `image::initramfs`) writes an initramfs holding this
 //! same static binary as `/init`, the modules in load order and [`MODULE_LIST`] naming
 //! them. When the agent runs as PID 1 and finds that list, it is in stage 1: it loads the
 //! modules, mounts `root=` from the kernel command line on `/root`, removes its own files,
@@ -18,11 +18,10 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// Directory of Contractor's files in the initramfs.
-pub const INITRAMFS_DIR: &str = "/contractor";
-/// The list of modules to load, one initramfs path a line, in load order (dependencies
-/// first). Its presence is what tells the agent that it is in stage 1.
-pub const MODULE_LIST: &str = "/contractor/modules";
+/// Contractor's files in the initramfs, and the list of modules to load (one initramfs path
+/// a line, dependencies first) whose presence tells the agent that it is in stage 1; shared
+/// with the image builder.
+pub use contractor_protocol::image::{INITRAMFS_DIR, MODULE_LIST};
 /// How long stage 1 waits for the root device to appear.
 const ROOT_WAIT: Duration = Duration::from_secs(30);
 

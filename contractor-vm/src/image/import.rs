@@ -1,4 +1,4 @@
-//! `contractor image import`: a user's own image (AnyBuildOS) — a disk, a kernel and an
+//! `contractor-vm image import`: a user's own image (AnyBuildOS) — a disk, a kernel and an
 //! initrd — made into a builder image.
 //!
 //! What such an image needs, checked here where it can be:
@@ -18,14 +18,14 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::image::{
-    agent_path, file_err, make_world_readable, path_str, sha256_file, tool_output, DirLock, Image,
-    ImageError, Manifest, AGENT_IN_IMAGE, DISTRIBUTION_INITRD,
+use contractor_protocol::image::{
+    Manifest, AGENT_IN_IMAGE, DISK_FILE, DISTRIBUTION_INITRD, IMPORTED, KERNEL_FILE, MANIFEST_FILE,
 };
-use crate::paths;
 
-/// The `suite` of an imported image's manifest.
-pub const IMPORTED: &str = "imported";
+use super::{
+    agent_path, create_dir_world_readable, file_err, images_dir, make_world_readable, new_manifest,
+    path_str, sha256_file, tool, write_manifest, DirLock, Image, ImageError, BUILT_IMAGES,
+};
 
 /// Imports `disk`, `kernel` and `initrd` as the image `name` (replacing an imported image
 /// of that name).
@@ -33,30 +33,28 @@ pub fn import(name: &str, disk: &Path, kernel: &Path, initrd: &Path) -> Result<I
     check_name(name)?;
     for (what, path) in [("disk", disk), ("kernel", kernel), ("initrd", initrd)] {
         if !path.is_file() {
-            return Err(ImageError::Other(format!(
-                "the {what} {} is not a file",
-                path.display()
-            )));
+            return Err(ImageError::NotAFile {
+                what,
+                path: path.to_path_buf(),
+            });
         }
     }
     check_kernel(kernel)?;
-    let images = paths::data_dir().map_err(ImageError::Other)?.join("images");
-    paths::create_dir_world_readable(&images).map_err(file_err("cannot create", &images))?;
+    let images = images_dir()?;
+    create_dir_world_readable(&images)?;
     let agent = agent_path()?;
     let _lock = DirLock::acquire(&images.join(".lock"))?;
     let dir = images.join(name);
-    if let Some(existing) = crate::image::load(&dir)? {
+    if let Some(existing) = super::load(&dir)? {
         if existing.manifest.suite != IMPORTED {
-            return Err(ImageError::Other(format!(
-                "{name} is a built image; import under another name"
-            )));
+            return Err(ImageError::ReplacesBuilt(name.to_string()));
         }
     }
     let scratch = images.join(format!(".import-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
-    paths::create_dir_world_readable(&scratch).map_err(file_err("cannot create", &scratch))?;
+    create_dir_world_readable(&scratch)?;
     let result = (|| {
-        for (from, to) in [(kernel, "vmlinuz"), (initrd, DISTRIBUTION_INITRD)] {
+        for (from, to) in [(kernel, KERNEL_FILE), (initrd, DISTRIBUTION_INITRD)] {
             let target = scratch.join(to);
             std::fs::copy(from, &target).map_err(file_err("cannot copy", from))?;
         }
@@ -86,16 +84,16 @@ pub fn refresh(image: &Image, agent: &Path) -> Result<Image, ImageError> {
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&scratch);
-    paths::create_dir_world_readable(&scratch).map_err(file_err("cannot create", &scratch))?;
+    create_dir_world_readable(&scratch)?;
     let result = (|| {
         let manifest = write_disk(
             &image.manifest.name,
-            &image.dir.join("disk.qcow2"),
+            &image.dir.join(DISK_FILE),
             agent,
             &scratch,
         )?;
         make_world_readable(&scratch)?;
-        for file in ["disk.qcow2", "manifest.json"] {
+        for file in [DISK_FILE, MANIFEST_FILE] {
             let (from, to) = (scratch.join(file), image.dir.join(file));
             std::fs::rename(&from, &to).map_err(file_err("cannot replace", &to))?;
         }
@@ -117,7 +115,7 @@ fn write_disk(
     scratch: &Path,
 ) -> Result<Manifest, ImageError> {
     let raw = scratch.join("root.raw");
-    tool_output(Command::new("qemu-img").args([
+    tool::output(Command::new("qemu-img").args([
         "convert",
         "-O",
         "raw",
@@ -125,19 +123,14 @@ fn write_disk(
         path_str(&raw)?,
     ]))?;
     let stat = |path: &str| {
-        tool_output(Command::new("debugfs").args(["-R", &format!("stat {path}"), path_str(&raw)?]))
+        tool::output(Command::new("debugfs").args(["-R", &format!("stat {path}"), path_str(&raw)?]))
     };
-    let shell = stat("/bin/sh").map_err(|e| {
-        ImageError::Other(format!(
-            "{} is not one ext2/3/4 file system on the whole disk (no partition table): {e}",
-            disk.display()
-        ))
+    let shell = stat("/bin/sh").map_err(|e| ImageError::NotExtFs {
+        disk: disk.to_path_buf(),
+        source: Box::new(e),
     })?;
     if !shell.contains("Inode:") {
-        return Err(ImageError::Other(format!(
-            "{} has no /bin/sh; the build script runs with it",
-            disk.display()
-        )));
+        return Err(ImageError::NoShell(disk.to_path_buf()));
     }
     let commands = scratch.join("debugfs.commands");
     let agent_str = path_str(agent)?;
@@ -147,20 +140,24 @@ fn write_disk(
          sif {AGENT_IN_IMAGE} uid 0\nsif {AGENT_IN_IMAGE} gid 0\nmkdir /build\n"
     );
     std::fs::write(&commands, script).map_err(file_err("cannot write", &commands))?;
-    tool_output(Command::new("debugfs").args(["-w", "-f", path_str(&commands)?, path_str(&raw)?]))?;
+    tool::output(Command::new("debugfs").args([
+        "-w",
+        "-f",
+        path_str(&commands)?,
+        path_str(&raw)?,
+    ]))?;
     let agent_size = std::fs::metadata(agent)
         .map_err(file_err("cannot read", agent))?
         .len();
     let written = stat(AGENT_IN_IMAGE)?;
     if !written.contains(&format!("Size: {agent_size}")) {
-        return Err(ImageError::Other(format!(
-            "could not write the agent into {} (is the file system full or read-only?): {}",
-            disk.display(),
-            written.lines().next().unwrap_or("")
-        )));
+        return Err(ImageError::AgentNotWritten {
+            disk: disk.to_path_buf(),
+            detail: written.lines().next().unwrap_or("").to_string(),
+        });
     }
-    let qcow2 = scratch.join("disk.qcow2");
-    tool_output(Command::new("qemu-img").args([
+    let qcow2 = scratch.join(DISK_FILE);
+    tool::output(Command::new("qemu-img").args([
         "convert",
         "-O",
         "qcow2",
@@ -169,33 +166,17 @@ fn write_disk(
     ]))?;
     std::fs::remove_file(&raw).map_err(file_err("cannot remove", &raw))?;
     let _ = std::fs::remove_file(&commands);
-    let manifest = Manifest::new(name, IMPORTED, &qcow2, &sha256_file(agent)?)?;
-    let path = scratch.join("manifest.json");
-    let text =
-        serde_json::to_string_pretty(&manifest).map_err(|e| ImageError::Other(e.to_string()))?;
-    std::fs::write(&path, text + "\n").map_err(file_err("cannot write", &path))?;
+    let manifest = new_manifest(name, IMPORTED, &qcow2, &sha256_file(agent)?)?;
+    write_manifest(scratch, &manifest)?;
     Ok(manifest)
 }
 
-/// Image names: lower-case letters, digits, `.`, `_` and `-`, starting with a letter or
-/// digit; not the name of an image Contractor builds.
+/// An imported image's name: an image name ([`super::check_name`]), not the name of an
+/// image Contractor builds.
 fn check_name(name: &str) -> Result<(), ImageError> {
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
-    if !valid {
-        return Err(ImageError::Other(format!(
-            "{name:?} is not an image name: use lower-case letters, digits, '.', '_' and '-' \
-             (e.g. \"my-distro\")"
-        )));
-    }
-    if crate::spec::KNOWN_IMAGES.contains(&name) {
-        return Err(ImageError::Other(format!(
-            "{name} is the name of an image Contractor builds; import under another name"
-        )));
+    super::check_name(name)?;
+    if BUILT_IMAGES.contains(&name) {
+        return Err(ImageError::BuiltName(name.to_string()));
     }
     Ok(())
 }
@@ -211,10 +192,7 @@ fn check_kernel(kernel: &Path) -> Result<(), ImageError> {
     if ok {
         Ok(())
     } else {
-        Err(ImageError::Other(format!(
-            "{} is not an x86 Linux kernel image (bzImage)",
-            kernel.display()
-        )))
+        Err(ImageError::NotAKernel(kernel.to_path_buf()))
     }
 }
 

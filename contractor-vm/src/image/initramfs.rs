@@ -4,14 +4,15 @@
 //! It holds the static agent as `/init`, the kernel modules the kernel needs to reach the
 //! root disk and the host (virtio PCI, block, console, rng and what they depend on; those
 //! built into the kernel are left out) and the list of them in load order, which the agent
-//! reads in stage 1 (see `contractor_run::guest::initrd`). The archive is an uncompressed
+//! reads in stage 1 (contractor-run's `guest::initrd`; the paths are in
+//! `contractor_protocol::image`). The archive is an uncompressed
 //! `newc` cpio, the format the kernel unpacks: no external tool is needed to write it, and
 //! nothing has to be decompressed at boot. The invariant: every module on the list comes
 //! after all the modules it depends on, as `modules.dep` states them.
 
 use std::collections::{HashMap, HashSet};
 
-use contractor_run::guest::initrd::{INITRAMFS_DIR, MODULE_LIST};
+use contractor_protocol::image::{INITRAMFS_DIR, MODULE_LIST};
 
 /// The modules a builder needs, as module names (`-` and `_` are the same).
 pub const WANTED_MODULES: &[&str] = &[
@@ -19,7 +20,7 @@ pub const WANTED_MODULES: &[&str] = &[
     "virtio_blk",
     "virtio_console",
     "virtio_rng",
-    // The agent's root is an overlay on the build disk (contractor_run::guest::init).
+    // The agent's root is an overlay on the build disk (contractor-run's guest::init).
     "overlay",
 ];
 

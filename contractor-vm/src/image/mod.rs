@@ -1,0 +1,866 @@
+//! Builder images: built on first use, then reused (`contractor-vm image build|import|list|rm`).
+//!
+//! An image is a directory `<data>/images/<name>/` holding `disk.qcow2` (the base disk,
+//! never written after it is built: every VM gets its own overlay), `vmlinuz`,
+//! `initrd.img` (the distribution's initrd, kept for booting the image by hand),
+//! `initramfs.img` (Contractor's own, which builds boot with: see [`initramfs`])
+//! and `manifest.json` (`contractor_protocol::image::Manifest`). It is built in a scratch
+//! directory and renamed into place, so a half-built image never looks finished. Building
+//! needs no root: mmdebstrap runs in a user namespace and writes an ext2 file system
+//! directly. All image work holds the lock `<data>/images/.lock`.
+
+pub mod import;
+pub mod initramfs;
+pub mod progress;
+pub mod tool;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use contractor_protocol::image::{
+    ImageInfo, Manifest, AGENT_IN_IMAGE, AGENT_VERSION, DISK_FILE, DISTRIBUTION_INITRD, IMPORTED,
+    INITRAMFS_FILE, KERNEL_FILE, MANIFEST_FILE, MANIFEST_VERSION,
+};
+use contractor_protocol::ExitCode;
+use sha2::{Digest, Sha256};
+
+use progress::Progress;
+
+/// Packages of every image.
+const PACKAGES: &str = "linux-image-cloud-amd64,build-essential,git,curl,ca-certificates,kmod";
+/// Where the host keeps the certificate authorities it adds to Debian's (copied into images).
+const LOCAL_CAS: &str = "/usr/local/share/ca-certificates";
+
+/// What an image is built from: its Debian suite and the packages beyond [`PACKAGES`].
+fn recipe(name: &str) -> Option<(&'static str, &'static str)> {
+    match name {
+        "debian-12-build" => Some(("bookworm", "")),
+        // Debian 13 has a Rust toolchain recent enough for crates.io (rustc 1.85).
+        "debian-13-build" => Some(("trixie", ",rustc,cargo")),
+        _ => None,
+    }
+}
+/// Size of the image's file system: room for the build's own files.
+const ROOT_SIZE: &str = "4G";
+/// The names of the images Contractor builds (its recipes).
+pub const BUILT_IMAGES: &[&str] = &["debian-12-build", "debian-13-build"];
+/// The largest `manifest.json` read.
+const MAX_MANIFEST: u64 = 64 << 10;
+/// The largest agent binary written into an image.
+const MAX_AGENT: u64 = 256 << 20;
+
+/// The manifest of image `name` from `suite`, whose disk is `disk`, carrying the agent
+/// whose sha256 is `agent_sha`, made now.
+pub fn new_manifest(
+    name: &str,
+    suite: &str,
+    disk: &Path,
+    agent_sha: &str,
+) -> Result<Manifest, ImageError> {
+    Ok(Manifest {
+        version: MANIFEST_VERSION,
+        name: name.to_string(),
+        suite: suite.to_string(),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        disk_sha256: sha256_file(disk)?,
+        agent_version: AGENT_VERSION.to_string(),
+        agent_sha256: agent_sha.to_string(),
+        cmdline: format!("console=ttyS0 root=/dev/vda rw init={AGENT_IN_IMAGE} panic=-1 quiet"),
+    })
+}
+
+/// Errors building, importing, finding or removing an image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The static guest agent binary is missing.
+    #[error("the guest agent binary {} does not exist; build it with scripts/build-agent (or set CONTRACTOR_AGENT)", .0.display())]
+    NoAgent(PathBuf),
+    /// The agent binary is larger than an agent can be.
+    #[error("the guest agent binary {} is {size} bytes, more than the {MAX_AGENT} an agent may have", path.display())]
+    AgentTooLarge {
+        /// The binary.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+    /// This program's own path is unknown (to find the agent beside it).
+    #[error(
+        "cannot locate this program (to find contractor-agent beside it); set CONTRACTOR_AGENT"
+    )]
+    Locate(#[source] std::io::Error),
+    /// The data directory cannot be told.
+    #[error("{0}")]
+    DataDir(String),
+    /// The name is not an image name.
+    #[error("{name:?} is not an image name: use lower-case letters, digits, '.', '_' and '-', starting with a letter or digit, at most 64 (e.g. \"my-distro\")")]
+    BadName {
+        /// The name given.
+        name: String,
+    },
+    /// No recipe builds an image of that name, and none was imported.
+    #[error("no image {name}: Contractor builds {}, and others are imported with `contractor-vm image import {name} --disk … --kernel … --initrd …`", BUILT_IMAGES.join(", "))]
+    Unknown {
+        /// The name asked for.
+        name: String,
+    },
+    /// `image rm` of an image that is not there.
+    #[error("no image {name:?} in {}; built images: {known}", dir.display())]
+    NotThere {
+        /// The name asked for.
+        name: String,
+        /// The images directory.
+        dir: PathBuf,
+        /// The images there, comma-separated, or `none`.
+        known: String,
+    },
+    /// An import under the name of an image Contractor builds.
+    #[error("{0} is the name of an image Contractor builds; import under another name")]
+    BuiltName(String),
+    /// An import would replace a built image.
+    #[error("{0} is a built image; import under another name")]
+    ReplacesBuilt(String),
+    /// An import's input is not a file.
+    #[error("the {what} {} is not a file", path.display())]
+    NotAFile {
+        /// `disk`, `kernel` or `initrd`.
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+    },
+    /// An import's kernel is not a bzImage.
+    #[error("{} is not an x86 Linux kernel image (bzImage: \"HdrS\" at offset 0x202)", .0.display())]
+    NotAKernel(PathBuf),
+    /// An import's disk is not one ext2/3/4 file system.
+    #[error("{} is not one ext2/3/4 file system on the whole disk (no partition table)", disk.display())]
+    NotExtFs {
+        /// The disk given.
+        disk: PathBuf,
+        /// What debugfs said.
+        #[source]
+        source: Box<ImageError>,
+    },
+    /// An import's disk has no shell.
+    #[error("{} has no /bin/sh; the build script runs with it", .0.display())]
+    NoShell(PathBuf),
+    /// The agent could not be written into an imported disk.
+    #[error("could not write the agent into {} (is the file system full or read-only?): {detail}", disk.display())]
+    AgentNotWritten {
+        /// The disk given.
+        disk: PathBuf,
+        /// What debugfs reported of the file.
+        detail: String,
+    },
+    /// A path that tools are given is not UTF-8.
+    #[error("the path {} is not UTF-8; use another", .0.display())]
+    NotUtf8(PathBuf),
+    /// A tool the build needs failed.
+    #[error("`{command}` failed: {detail}")]
+    Tool {
+        /// The command line.
+        command: String,
+        /// Its exit status and last lines of output.
+        detail: String,
+    },
+    /// A tool printed more than it may.
+    #[error("`{command}` printed more than {limit} bytes")]
+    TooMuchOutput {
+        /// The command line.
+        command: String,
+        /// The limit.
+        limit: u64,
+    },
+    /// A tool could not be started.
+    #[error("cannot run `{command}` (is it installed? scripts/setup installs it)")]
+    Spawn {
+        /// The program.
+        command: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// File work failed.
+    #[error("{what} {}", path.display())]
+    File {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image has no kernel or initrd in /boot.
+    #[error("the image has no {0} in /boot")]
+    NoBootFile(&'static str),
+    /// A kernel module the builder needs is missing.
+    #[error("cannot write Contractor's initramfs")]
+    Modules(#[source] initramfs::MissingModule),
+    /// A kernel module file is not what it should be.
+    #[error("the kernel module {path} in the image {reason}")]
+    BadModule {
+        /// Its path in the image.
+        path: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A manifest is unreadable.
+    #[error("the manifest {} is invalid; remove the image (`contractor-vm image rm NAME`) and build it again", path.display())]
+    BadManifest {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A manifest is larger than a manifest can be.
+    #[error("the manifest {} is larger than {MAX_MANIFEST} bytes; remove the image and build it again", .0.display())]
+    ManifestTooLarge(PathBuf),
+    /// A manifest could not be written.
+    #[error("cannot write the manifest")]
+    WriteManifest(#[source] serde_json::Error),
+}
+
+impl ImageError {
+    /// The exit code a tool reports for this error: `BadInput` for what the caller can fix
+    /// in the request (names, files given), `Infrastructure` for the host and its tools.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            ImageError::DataDir(_)
+            | ImageError::BadName { .. }
+            | ImageError::Unknown { .. }
+            | ImageError::NotThere { .. }
+            | ImageError::BuiltName(_)
+            | ImageError::ReplacesBuilt(_)
+            | ImageError::NotAFile { .. }
+            | ImageError::NotAKernel(_)
+            | ImageError::NotExtFs { .. }
+            | ImageError::NoShell(_)
+            | ImageError::AgentNotWritten { .. }
+            | ImageError::NotUtf8(_) => ExitCode::BadInput,
+            ImageError::NoAgent(_)
+            | ImageError::AgentTooLarge { .. }
+            | ImageError::Locate(_)
+            | ImageError::Tool { .. }
+            | ImageError::TooMuchOutput { .. }
+            | ImageError::Spawn { .. }
+            | ImageError::File { .. }
+            | ImageError::NoBootFile(_)
+            | ImageError::Modules(_)
+            | ImageError::BadModule { .. }
+            | ImageError::BadManifest { .. }
+            | ImageError::ManifestTooLarge(_)
+            | ImageError::WriteManifest(_) => ExitCode::Infrastructure,
+        }
+    }
+
+    /// The machine-readable `code` of the error object `--json-errors` prints.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ImageError::NoAgent(_) | ImageError::AgentTooLarge { .. } | ImageError::Locate(_) => {
+                "no_agent"
+            }
+            ImageError::DataDir(_) => "data_dir",
+            ImageError::BadName { .. } => "bad_image_name",
+            ImageError::Unknown { .. } | ImageError::NotThere { .. } => "no_image",
+            ImageError::BuiltName(_) | ImageError::ReplacesBuilt(_) => "built_image_name",
+            ImageError::NotAFile { .. }
+            | ImageError::NotAKernel(_)
+            | ImageError::NotExtFs { .. }
+            | ImageError::NoShell(_)
+            | ImageError::AgentNotWritten { .. }
+            | ImageError::NotUtf8(_) => "bad_import",
+            ImageError::Tool { .. } | ImageError::TooMuchOutput { .. } => "image_tool",
+            ImageError::Spawn { .. } => "image_tool_missing",
+            ImageError::File { .. } => "image_file",
+            ImageError::NoBootFile(_) | ImageError::Modules(_) | ImageError::BadModule { .. } => {
+                "image_contents"
+            }
+            ImageError::BadManifest { .. }
+            | ImageError::ManifestTooLarge(_)
+            | ImageError::WriteManifest(_) => "manifest",
+        }
+    }
+}
+
+pub(crate) fn file_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> ImageError + 'a {
+    move |source| ImageError::File {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A built image on disk.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+}
+
+impl Image {
+    /// What `contractor-vm image` prints of it.
+    pub fn info(&self) -> ImageInfo {
+        let size = [DISK_FILE, KERNEL_FILE, DISTRIBUTION_INITRD, INITRAMFS_FILE]
+            .iter()
+            .filter_map(|f| std::fs::metadata(self.dir.join(f)).ok())
+            .map(|m| m.len())
+            .sum();
+        ImageInfo {
+            name: self.manifest.name.clone(),
+            dir: self.dir.clone(),
+            boot: self.manifest.boot(&self.dir),
+            size,
+            manifest: self.manifest.clone(),
+        }
+    }
+}
+
+/// The static agent binary: `$CONTRACTOR_AGENT`, else `contractor-agent` beside this
+/// program.
+pub fn agent_path() -> Result<PathBuf, ImageError> {
+    if let Some(path) = std::env::var_os("CONTRACTOR_AGENT").filter(|p| !p.is_empty()) {
+        let path = PathBuf::from(path);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(ImageError::NoAgent(path))
+        };
+    }
+    let exe = std::env::current_exe().map_err(ImageError::Locate)?;
+    let path = exe.with_file_name("contractor-agent");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(ImageError::NoAgent(path))
+    }
+}
+
+/// `<data>/images`.
+pub fn images_dir() -> Result<PathBuf, ImageError> {
+    Ok(contractor_protocol::image::data_dir()
+        .map_err(ImageError::DataDir)?
+        .join("images"))
+}
+
+/// Creates `dir` and its parents with mode 0755, so that libvirt's QEMU user can reach
+/// what is inside when it runs as another user.
+pub(crate) fn create_dir_world_readable(dir: &Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(file_err("cannot create", dir))
+}
+
+/// Image names: lower-case letters, digits, `.`, `_` and `-`, starting with a letter or
+/// digit, at most 64 bytes (so that a name is one directory under `images/`).
+pub fn check_name(name: &str) -> Result<(), ImageError> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
+    if valid {
+        Ok(())
+    } else {
+        Err(ImageError::BadName {
+            name: name.to_string(),
+        })
+    }
+}
+
+/// Returns the image `name`, building it first if it is missing or carries another agent.
+pub fn ensure(name: &str) -> Result<Image, ImageError> {
+    check_name(name)?;
+    let images = images_dir()?;
+    let agent = agent_path()?;
+    let agent_sha = sha256_file(&agent)?;
+    if load(&images.join(name))?.is_none() && recipe(name).is_none() {
+        return Err(ImageError::Unknown {
+            name: name.to_string(),
+        });
+    }
+    create_dir_world_readable(&images)?;
+    let _lock = DirLock::acquire(&images.join(".lock"))?;
+    let dir = images.join(name);
+    if let Some(image) = load(&dir)? {
+        if image.manifest.version != MANIFEST_VERSION {
+            eprintln!(
+                "contractor-vm: image {name} has layout version {} (this contractor-vm uses {MANIFEST_VERSION}); rebuilding it",
+                image.manifest.version
+            );
+        } else if image.manifest.agent_sha256 == agent_sha {
+            return Ok(image);
+        } else if image.manifest.suite == IMPORTED {
+            eprintln!(
+                "contractor-vm: image {name} carries another agent version; writing this one into it"
+            );
+            return import::refresh(&image, &agent);
+        } else {
+            eprintln!("contractor-vm: image {name} carries another agent version; rebuilding it");
+        }
+    }
+    if recipe(name).is_none() {
+        return Err(ImageError::Unknown {
+            name: name.to_string(),
+        });
+    }
+    build(name, &images, &agent, &agent_sha)
+}
+
+/// The images under the data directory, by name.
+pub fn list() -> Result<Vec<Image>, ImageError> {
+    let images = images_dir()?;
+    let entries = match std::fs::read_dir(&images) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(file_err("cannot list", &images)(e)),
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue; // the lock, and images being built
+        }
+        if let Some(image) = load(&entry.path())? {
+            found.push(image);
+        }
+    }
+    found.sort_by(|a, b| a.manifest.name.cmp(&b.manifest.name));
+    Ok(found)
+}
+
+/// Removes the image `name`. Running VMs keep their open base until they end.
+pub fn remove(name: &str) -> Result<(), ImageError> {
+    let images = images_dir()?;
+    let dir = images.join(name);
+    if check_name(name).is_err() || load(&dir)?.is_none() {
+        let known: Vec<String> = list()?.into_iter().map(|i| i.manifest.name).collect();
+        return Err(ImageError::NotThere {
+            name: name.to_string(),
+            dir: images,
+            known: if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            },
+        });
+    }
+    let _lock = DirLock::acquire(&images.join(".lock"))?;
+    std::fs::remove_dir_all(&dir).map_err(file_err("cannot remove", &dir))
+}
+
+/// Reads an image's manifest, if the image exists.
+pub fn load(dir: &Path) -> Result<Option<Image>, ImageError> {
+    let path = dir.join(MANIFEST_FILE);
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(file_err("cannot read", &path)(e)),
+    };
+    let mut text = Vec::new();
+    file.take(MAX_MANIFEST + 1)
+        .read_to_end(&mut text)
+        .map_err(file_err("cannot read", &path))?;
+    if text.len() as u64 > MAX_MANIFEST {
+        return Err(ImageError::ManifestTooLarge(path));
+    }
+    let manifest =
+        serde_json::from_slice(&text).map_err(|source| ImageError::BadManifest { path, source })?;
+    Ok(Some(Image {
+        dir: dir.to_path_buf(),
+        manifest,
+    }))
+}
+
+/// Writes `manifest` as `manifest.json` into `dir`.
+pub(crate) fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), ImageError> {
+    let path = dir.join(MANIFEST_FILE);
+    let text = serde_json::to_string_pretty(manifest).map_err(ImageError::WriteManifest)?;
+    std::fs::write(&path, text + "\n").map_err(file_err("cannot write", &path))
+}
+
+/// The contents of the agent binary, checked for size.
+pub(crate) fn read_agent(agent: &Path) -> Result<Vec<u8>, ImageError> {
+    let size = std::fs::metadata(agent)
+        .map_err(file_err("cannot read", agent))?
+        .len();
+    if size > MAX_AGENT {
+        return Err(ImageError::AgentTooLarge {
+            path: agent.to_path_buf(),
+            size,
+        });
+    }
+    std::fs::read(agent).map_err(file_err("cannot read", agent))
+}
+
+/// Whether `dir` holds certificates for update-ca-certificates (`*.crt`, at any depth).
+fn has_local_cas(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            let path = e.path();
+            path.extension().is_some_and(|x| x == "crt") || (path.is_dir() && has_local_cas(&path))
+        })
+    })
+}
+
+fn build(name: &str, images: &Path, agent: &Path, agent_sha: &str) -> Result<Image, ImageError> {
+    let Some((suite, extra_packages)) = recipe(name) else {
+        return Err(ImageError::Unknown {
+            name: name.to_string(),
+        });
+    };
+    let mirror = std::env::var("CONTRACTOR_DEBIAN_MIRROR")
+        .unwrap_or_else(|_| "http://deb.debian.org/debian".into());
+    let progress = Progress::start(&format!("building image {name}"));
+    let scratch = images.join(format!(".build-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    create_dir_world_readable(&scratch)?;
+    let result = (|| {
+        let root = scratch.join("root.ext2");
+        progress.step("installing Debian packages (mmdebstrap)");
+        let upload = format!("upload {} {AGENT_IN_IMAGE}", agent.display());
+        let chmod = format!("chmod 0755 \"$1{AGENT_IN_IMAGE}\" && mkdir -p \"$1/build\"");
+        let mut mmdebstrap = Command::new("mmdebstrap");
+        mmdebstrap
+            .args(["--mode=unshare", "--format=ext2", "--variant=apt"])
+            .arg(format!("--include={PACKAGES}{extra_packages}"))
+            .arg(format!("--customize-hook={upload}"))
+            .arg(format!("--customize-hook={chmod}"));
+        // The guest trusts what the host trusts: Debian's authorities plus the host's own
+        // additions (e.g. a company proxy that inspects TLS).
+        if has_local_cas(Path::new(LOCAL_CAS)) {
+            mmdebstrap
+                .arg(format!(
+                    "--customize-hook=copy-in {LOCAL_CAS} /usr/local/share"
+                ))
+                .arg("--customize-hook=chroot \"$1\" update-ca-certificates");
+        }
+        mmdebstrap.args([suite, path_str(&root)?, &mirror]);
+        tool::run(&mut mmdebstrap, &progress)?;
+
+        progress.step("growing the file system");
+        tool::run(
+            Command::new("e2fsck").args(["-f", "-y", path_str(&root)?]),
+            &progress,
+        )
+        .or_else(e2fsck_fixed)?;
+        tool::run(
+            Command::new("resize2fs").args([path_str(&root)?, ROOT_SIZE]),
+            &progress,
+        )?;
+
+        progress.step("taking out the kernel and initrd");
+        let listing =
+            tool::output(Command::new("debugfs").args(["-R", "ls -p /boot", path_str(&root)?]))?;
+        let kernel = boot_file(&listing, "vmlinuz-").ok_or(ImageError::NoBootFile("vmlinuz-*"))?;
+        let initrd =
+            boot_file(&listing, "initrd.img-").ok_or(ImageError::NoBootFile("initrd.img-*"))?;
+        for (from, to) in [(&kernel, "vmlinuz"), (&initrd, "initrd.img")] {
+            let out = scratch.join(to);
+            let request = format!("dump /boot/{from} {}", path_str(&out)?);
+            tool::run(
+                Command::new("debugfs").args(["-R", &request, path_str(&root)?]),
+                &progress,
+            )?;
+            if !out.is_file() {
+                return Err(ImageError::NoBootFile(if to == "vmlinuz" {
+                    "vmlinuz-*"
+                } else {
+                    "initrd.img-*"
+                }));
+            }
+        }
+
+        progress.step("writing Contractor's initramfs");
+        let version = kernel.trim_start_matches("vmlinuz-");
+        write_initramfs(&root, version, agent, &scratch, &progress)?;
+
+        progress.step("converting to qcow2");
+        let disk = scratch.join("disk.qcow2");
+        tool::run(
+            Command::new("qemu-img").args([
+                "convert",
+                "-O",
+                "qcow2",
+                path_str(&root)?,
+                path_str(&disk)?,
+            ]),
+            &progress,
+        )?;
+        std::fs::remove_file(&root).map_err(file_err("cannot remove", &root))?;
+
+        progress.step("recording the manifest");
+        let manifest = new_manifest(name, suite, &disk, agent_sha)?;
+        write_manifest(&scratch, &manifest)?;
+        make_world_readable(&scratch)?;
+
+        let dir = images.join(name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(file_err("cannot replace", &dir))?;
+        }
+        std::fs::rename(&scratch, &dir).map_err(file_err("cannot move the new image to", &dir))?;
+        Ok(Image { dir, manifest })
+    })();
+    match &result {
+        Ok(_) => progress.finish("ready"),
+        Err(_) => {
+            drop(progress);
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
+    }
+    result
+}
+
+/// Writes `initramfs.img` into `scratch`: the agent, and the modules of kernel `version`
+/// that the builder needs, taken out of the root file system `root` with debugfs.
+fn write_initramfs(
+    root: &Path,
+    version: &str,
+    agent: &Path,
+    scratch: &Path,
+    progress: &Progress,
+) -> Result<(), ImageError> {
+    let module_dir = format!("/lib/modules/{version}");
+    let read = |file: &str| {
+        tool::output(Command::new("debugfs").args([
+            "-R",
+            &format!("cat {module_dir}/{file}"),
+            path_str(root)?,
+        ]))
+    };
+    let modules_dep = read("modules.dep")?;
+    let modules_builtin = read("modules.builtin")?;
+    let order = initramfs::load_order(&modules_dep, &modules_builtin, initramfs::WANTED_MODULES)
+        .map_err(ImageError::Modules)?;
+    let dumped = scratch.join("module.ko");
+    let mut modules = Vec::new();
+    for (i, path) in order.iter().enumerate() {
+        let file_name = path.rsplit('/').next().unwrap_or(path);
+        // Debian 13 ships its modules xz-compressed; the initramfs holds them plain.
+        let (file_name, xz) = match file_name.strip_suffix(".xz") {
+            Some(plain) => (plain, true),
+            None => (file_name, false),
+        };
+        if !file_name.ends_with(".ko") {
+            return Err(ImageError::BadModule {
+                path: format!("{module_dir}/{path}"),
+                reason: "is neither a plain .ko nor xz-compressed (.ko.xz)",
+            });
+        }
+        let request = format!("dump {module_dir}/{path} {}", path_str(&dumped)?);
+        tool::run(
+            Command::new("debugfs").args(["-R", &request, path_str(root)?]),
+            progress,
+        )?;
+        let data = if xz {
+            xz_decompress(&dumped)?
+        } else {
+            read_capped(&dumped, tool::MAX_BINARY)?
+        };
+        std::fs::remove_file(&dumped).map_err(file_err("cannot remove", &dumped))?;
+        if !data.starts_with(b"\x7fELF") {
+            return Err(ImageError::BadModule {
+                path: format!("{module_dir}/{path}"),
+                reason: "is not a kernel module (ELF)",
+            });
+        }
+        modules.push((format!("{i:02}-{file_name}"), data));
+    }
+    let agent_bytes = read_agent(agent)?;
+    let out = scratch.join(INITRAMFS_FILE);
+    std::fs::write(&out, initramfs::build(&agent_bytes, &modules))
+        .map_err(file_err("cannot write", &out))
+}
+
+/// The contents of the xz-compressed file `path` (with `xz`, from xz-utils).
+fn xz_decompress(path: &Path) -> Result<Vec<u8>, ImageError> {
+    tool::bytes(
+        Command::new("xz")
+            .args(["--decompress", "--stdout"])
+            .arg(path),
+        tool::MAX_BINARY,
+    )
+}
+
+/// e2fsck exits 1 when it fixed something: that is success here.
+fn e2fsck_fixed(err: ImageError) -> Result<(), ImageError> {
+    match &err {
+        ImageError::Tool { detail, .. } if detail.starts_with("exit status: 1") => Ok(()),
+        _ => Err(err),
+    }
+}
+
+pub(crate) fn path_str(path: &Path) -> Result<&str, ImageError> {
+    path.to_str()
+        .ok_or_else(|| ImageError::NotUtf8(path.to_path_buf()))
+}
+
+/// The newest file in a `debugfs ls -p` listing whose name starts with `prefix`.
+fn boot_file(listing: &str, prefix: &str) -> Option<String> {
+    let mut names: Vec<&str> = listing
+        .lines()
+        .filter_map(|line| line.split('/').nth(5))
+        .filter(|name| name.starts_with(prefix))
+        .collect();
+    names.sort();
+    names.last().map(|s| s.to_string())
+}
+
+/// The contents of `path`, which must not be larger than `limit` bytes.
+fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, ImageError> {
+    let file = std::fs::File::open(path).map_err(file_err("cannot read", path))?;
+    let mut data = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut data)
+        .map_err(file_err("cannot read", path))?;
+    if data.len() as u64 > limit {
+        return Err(ImageError::File {
+            what: "larger than a kernel module may be:",
+            path: path.to_path_buf(),
+            source: std::io::Error::from(std::io::ErrorKind::FileTooLarge),
+        });
+    }
+    Ok(data)
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String, ImageError> {
+    let mut file = std::fs::File::open(path).map_err(file_err("cannot read", path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(file_err("cannot read", path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+/// Lower-case hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub(crate) fn make_world_readable(dir: &Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::PermissionsExt;
+    let entries = std::fs::read_dir(dir).map_err(file_err("cannot list", dir))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+            .map_err(file_err("cannot set permissions of", &path))?;
+    }
+    Ok(())
+}
+
+/// An exclusive lock on a file, held until dropped (flock), so two builds do not build the
+/// same image at once.
+pub(crate) struct DirLock(std::fs::File);
+
+impl DirLock {
+    pub(crate) fn acquire(path: &Path) -> Result<DirLock, ImageError> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(file_err("cannot open the lock", path))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(file_err("cannot lock", path)(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(DirLock(file))
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: unlocking a descriptor we own.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_files_are_found_in_a_debugfs_listing() {
+        let listing = "/5122/040755/0/0/./\n/2/040755/0/0/../\n/5633/100644/0/0/System.map-6.1.0-50-cloud-amd64/83/\n\
+                       /6657/100644/0/0/initrd.img-6.1.0-50-cloud-amd64/14401936/\n\
+                       /7169/100644/0/0/vmlinuz-6.1.0-50-cloud-amd64/14149568/\n";
+        assert_eq!(
+            boot_file(listing, "vmlinuz-").as_deref(),
+            Some("vmlinuz-6.1.0-50-cloud-amd64")
+        );
+        assert_eq!(
+            boot_file(listing, "initrd.img-").as_deref(),
+            Some("initrd.img-6.1.0-50-cloud-amd64")
+        );
+        assert_eq!(boot_file("/1/040755/0/0/./\n", "vmlinuz-"), None);
+    }
+
+    #[test]
+    fn an_image_reports_its_boot_files_and_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(DISK_FILE), b"disk").expect("write");
+        std::fs::write(dir.path().join(INITRAMFS_FILE), b"ramfs").expect("write");
+        let text = r#"{"version": 2, "name": "x", "suite": "bookworm",
+            "created": 1, "disk_sha256": "d", "agent_version": "0.1.0",
+            "agent_sha256": "a", "cmdline": "root=/dev/vda"}"#;
+        std::fs::write(dir.path().join(MANIFEST_FILE), text).expect("write");
+        let image = load(dir.path()).expect("load").expect("an image");
+        let info = image.info();
+        assert_eq!(info.size, 9);
+        assert_eq!(info.boot.disk, dir.path().join(DISK_FILE));
+        assert_eq!(info.boot.initrd, Some(dir.path().join(INITRAMFS_FILE)));
+        assert!(load(&dir.path().join("missing")).expect("load").is_none());
+        std::fs::write(
+            dir.path().join(MANIFEST_FILE),
+            "{\"version\": 2,\n  \"extra\": 1}",
+        )
+        .expect("write");
+        let err = load(dir.path()).expect_err("a bad manifest");
+        assert!(matches!(err, ImageError::BadManifest { .. }), "{err}");
+        assert_eq!(err.exit_code(), ExitCode::Infrastructure);
+    }
+
+    #[test]
+    fn names_are_checked_before_a_path_is_made_of_them() {
+        for bad in [
+            "",
+            "My-Image",
+            "-x",
+            "a/b",
+            ".hidden",
+            "..",
+            &"x".repeat(65),
+        ] {
+            let err = check_name(bad).expect_err(bad);
+            assert_eq!(err.exit_code(), ExitCode::BadInput);
+        }
+        for good in ["my-distro", "alpine3.20", "x_1", "debian-12-build"] {
+            assert!(check_name(good).is_ok(), "{good:?}");
+        }
+        for name in BUILT_IMAGES {
+            assert!(recipe(name).is_some(), "{name}");
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! Running the programs an image is built with (mmdebstrap, debugfs, qemu-img, xz, …).
+//!
+//! The invariant: what a program prints is read into bounded buffers only. Its stdout is
+//! kept up to a caller's limit (a larger output is an error, not a truncation), and of its
+//! stderr only the last [`TAIL_LINES`] lines, each cut at [`MAX_LINE`] bytes, are kept for
+//! the error message.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+
+use super::progress::Progress;
+use super::ImageError;
+
+/// Lines of a failed program's output kept for its error.
+const TAIL_LINES: usize = 20;
+/// Bytes of one line of a program's output that are kept.
+const MAX_LINE: usize = 4096;
+/// The stdout a program's text answer may have (`debugfs cat modules.dep`, `stat`, `ls`).
+pub const MAX_TEXT: u64 = 16 << 20;
+/// The stdout of a decompression (one kernel module).
+pub const MAX_BINARY: u64 = 256 << 20;
+
+/// How a command is shown in messages.
+fn shown(command: &Command) -> String {
+    format!("{command:?}").replace('"', "")
+}
+
+/// Reads `input` line by line (each cut at [`MAX_LINE`] bytes), calling `each` on every
+/// line and returning the last [`TAIL_LINES`].
+fn tail_lines(input: impl Read, mut each: impl FnMut(&str)) -> Vec<String> {
+    let mut reader = BufReader::new(input);
+    let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        // A line longer than MAX_LINE is read on in pieces, each a line of its own.
+        match (&mut reader)
+            .take(MAX_LINE as u64)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end_matches('\n');
+        each(text);
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(text.to_string());
+    }
+    tail.into()
+}
+
+/// Reads at most `limit` bytes of `input`; `None` when it holds more (the rest is drained).
+fn read_capped(input: impl Read, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
+    let mut input = input;
+    let mut bytes = Vec::new();
+    (&mut input).take(limit + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        std::io::copy(&mut input, &mut std::io::sink())?;
+        return Ok(None);
+    }
+    Ok(Some(bytes))
+}
+
+/// Runs a program, showing its latest stderr line as the progress detail; on failure returns
+/// its last lines.
+pub fn run(command: &mut Command, progress: &Progress) -> Result<(), ImageError> {
+    let shown = shown(command);
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| ImageError::Spawn {
+            command: shown.clone(),
+            source,
+        })?;
+    let stdout = child.stdout.take();
+    let out_thread = std::thread::spawn(move || match stdout {
+        Some(out) => tail_lines(out, |_| {}),
+        None => Vec::new(),
+    });
+    let mut tail = match child.stderr.take() {
+        Some(stderr) => tail_lines(stderr, |line| {
+            progress.detail(line.trim_start_matches("I: "));
+        }),
+        None => Vec::new(),
+    };
+    let stdout_tail = out_thread.join().unwrap_or_default();
+    let status = child.wait().map_err(|source| ImageError::Spawn {
+        command: shown.clone(),
+        source,
+    })?;
+    if status.success() {
+        return Ok(());
+    }
+    let skip = stdout_tail.len().saturating_sub(5);
+    tail.extend(stdout_tail.into_iter().skip(skip));
+    Err(ImageError::Tool {
+        command: shown,
+        detail: format!("{status}\n{}", tail.join("\n")),
+    })
+}
+
+/// Runs `command` and returns its stdout as text (at most [`MAX_TEXT`] bytes).
+pub fn output(command: &mut Command) -> Result<String, ImageError> {
+    bytes(command, MAX_TEXT).map(|out| String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Runs `command` and returns its stdout, at most `limit` bytes; a failure carries its
+/// stderr's last lines.
+pub fn bytes(command: &mut Command, limit: u64) -> Result<Vec<u8>, ImageError> {
+    let shown = shown(command);
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| ImageError::Spawn {
+            command: shown.clone(),
+            source,
+        })?;
+    let stderr = child.stderr.take();
+    let err_thread = std::thread::spawn(move || match stderr {
+        Some(err) => tail_lines(err, |_| {}),
+        None => Vec::new(),
+    });
+    let out = match child.stdout.take() {
+        Some(stdout) => read_capped(stdout, limit),
+        None => Ok(Some(Vec::new())),
+    };
+    let err_tail = err_thread.join().unwrap_or_default();
+    let status = child.wait().map_err(|source| ImageError::Spawn {
+        command: shown.clone(),
+        source,
+    })?;
+    let out = out.map_err(|source| ImageError::Spawn {
+        command: shown.clone(),
+        source,
+    })?;
+    if !status.success() {
+        return Err(ImageError::Tool {
+            command: shown,
+            detail: format!("{status}\n{}", err_tail.join("\n")),
+        });
+    }
+    out.ok_or(ImageError::TooMuchOutput {
+        command: shown,
+        limit,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_is_bounded() {
+        let text = output(Command::new("sh").args(["-c", "echo hello"])).expect("echo");
+        assert_eq!(text, "hello\n");
+        let err =
+            bytes(Command::new("sh").args(["-c", "echo 0123456789"]), 4).expect_err("too much");
+        assert!(
+            matches!(err, ImageError::TooMuchOutput { limit: 4, .. }),
+            "{err}"
+        );
+        let err =
+            output(Command::new("sh").args(["-c", "echo why >&2; exit 3"])).expect_err("fails");
+        assert!(err.to_string().contains("why"), "{err}");
+    }
+
+    #[test]
+    fn only_the_tail_of_long_output_is_kept() {
+        let mut seen = 0;
+        let input = "x\n".repeat(100) + &"y".repeat(MAX_LINE * 2);
+        let tail = tail_lines(input.as_bytes(), |_| seen += 1);
+        assert_eq!(seen, 102);
+        assert_eq!(tail.len(), TAIL_LINES);
+        assert_eq!(tail[TAIL_LINES - 1].len(), MAX_LINE);
+    }
+}

@@ -3,6 +3,7 @@
 
 #![warn(missing_docs)]
 
+pub mod app;
 pub mod build;
 pub mod cache;
 pub mod display;

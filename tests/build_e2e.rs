@@ -13,6 +13,9 @@ use util::{assert_no_vm_left, sha256, small_spec, Project};
 
 #[test]
 fn hello_builds_and_its_artifact_runs_on_the_host() {
+    if util::skip_without_vm("hello_builds_and_its_artifact_runs_on_the_host") {
+        return;
+    }
     let project = Project::hello();
     let build = project.build();
     assert_eq!(
@@ -53,7 +56,7 @@ fn hello_builds_and_its_artifact_runs_on_the_host() {
 
 /// Runs `contractor ARGS` in `project` and returns its stdout; it must succeed.
 fn contractor_in(project: &Project, args: &[&str]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_contractor"))
+    let output = Command::new(util::contractor())
         .args(args)
         .current_dir(project.path())
         .output()
@@ -68,6 +71,9 @@ fn contractor_in(project: &Project, args: &[&str]) -> String {
 
 #[test]
 fn builds_show_and_log_read_the_records_of_real_builds() {
+    if util::skip_without_vm("builds_show_and_log_read_the_records_of_real_builds") {
+        return;
+    }
     let project = Project::new(&small_spec(
         "echo first line; echo second line >&2; echo data > out.txt",
         "artifacts = [\"out.txt\"]",
@@ -123,7 +129,7 @@ fn builds_show_and_log_read_the_records_of_real_builds() {
         std::fs::read_to_string(&first.result.console_log).expect("console log")
     );
 
-    let missing = Command::new(env!("CARGO_BIN_EXE_contractor"))
+    let missing = Command::new(util::contractor())
         .args(["show", "no-such-build"])
         .current_dir(project.path())
         .output()
@@ -134,6 +140,9 @@ fn builds_show_and_log_read_the_records_of_real_builds() {
 
 #[test]
 fn a_failing_step_fails_the_build_and_later_steps_do_not_run() {
+    if util::skip_without_vm("a_failing_step_fails_the_build_and_later_steps_do_not_run") {
+        return;
+    }
     let project = Project::new(&small_spec(
         "echo step-one-ran\necho about-to-fail >&2\nfalse\necho step-three-ran",
         "",
@@ -157,6 +166,9 @@ fn a_failing_step_fails_the_build_and_later_steps_do_not_run() {
 
 #[test]
 fn a_host_not_on_the_allowlist_is_refused_and_named_in_the_summary() {
+    if util::skip_without_vm("a_host_not_on_the_allowlist_is_refused_and_named_in_the_summary") {
+        return;
+    }
     let project = Project::new(&small_spec(
         "curl -sS --max-time 20 https://example.com",
         "",
@@ -185,6 +197,9 @@ fn a_host_not_on_the_allowlist_is_refused_and_named_in_the_summary() {
 
 #[test]
 fn guest_changes_do_not_survive_into_the_next_build_or_the_base_image() {
+    if util::skip_without_vm("guest_changes_do_not_survive_into_the_next_build_or_the_base_image") {
+        return;
+    }
     let first = Project::new(&small_spec(
         "echo tampered > /etc/contractor-marker\ncat /etc/contractor-marker",
         "",
@@ -224,6 +239,9 @@ fn guest_changes_do_not_survive_into_the_next_build_or_the_base_image() {
 
 #[test]
 fn a_script_past_its_timeout_is_stopped_and_leaves_no_vm() {
+    if util::skip_without_vm("a_script_past_its_timeout_is_stopped_and_leaves_no_vm") {
+        return;
+    }
     let project = Project::new(&small_spec("echo sleeping\nsleep 600", "timeout = \"45s\""));
     let build = project.build();
     assert_eq!(
@@ -258,7 +276,7 @@ fn a_script_past_its_timeout_is_stopped_and_leaves_no_vm() {
 #[test]
 fn a_bad_spec_is_refused_before_anything_starts() {
     let project = Project::new("[build]\nscript = \"make\"\ntimeout = \"soon\"\n");
-    let output = Command::new(env!("CARGO_BIN_EXE_contractor"))
+    let output = Command::new(util::contractor())
         .arg("build")
         .current_dir(project.path())
         .output()
@@ -277,7 +295,10 @@ fn a_bad_spec_is_refused_before_anything_starts() {
 
 #[test]
 fn doctor_passes_here_and_names_the_fix_when_libvirt_is_unreachable() {
-    let output = Command::new(env!("CARGO_BIN_EXE_contractor"))
+    if util::skip_without_vm("doctor_passes_here_and_names_the_fix_when_libvirt_is_unreachable") {
+        return;
+    }
+    let output = Command::new(util::contractor())
         .arg("doctor")
         .output()
         .expect("run contractor doctor");
@@ -286,7 +307,7 @@ fn doctor_passes_here_and_names_the_fix_when_libvirt_is_unreachable() {
     assert!(report.contains("ok   libvirt"), "{report}");
     assert!(report.contains("accelerator"), "{report}");
 
-    let output = Command::new(env!("CARGO_BIN_EXE_contractor"))
+    let output = Command::new(util::contractor())
         .args(["doctor", "--uri", "qemu+tcp://127.0.0.1:1/system"])
         .output()
         .expect("run contractor doctor");
@@ -304,6 +325,9 @@ fn doctor_passes_here_and_names_the_fix_when_libvirt_is_unreachable() {
 
 #[test]
 fn init_writes_a_spec_that_builds_and_never_overwrites() {
+    if util::skip_without_vm("init_writes_a_spec_that_builds_and_never_overwrites") {
+        return;
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(
         dir.path().join("Makefile"),
@@ -311,7 +335,7 @@ fn init_writes_a_spec_that_builds_and_never_overwrites() {
     )
     .expect("makefile");
     let init = || {
-        Command::new(env!("CARGO_BIN_EXE_contractor"))
+        Command::new(util::contractor())
             .arg("init")
             .current_dir(dir.path())
             .output()
@@ -329,8 +353,11 @@ fn init_writes_a_spec_that_builds_and_never_overwrites() {
 
 #[test]
 fn image_list_shows_the_built_image_and_rm_removes_one() {
+    if util::skip_without_vm("image_list_shows_the_built_image_and_rm_removes_one") {
+        return;
+    }
     let data = contractor_cli::paths::data_dir().expect("data dir");
-    let built = Command::new(env!("CARGO_BIN_EXE_contractor"))
+    let built = Command::new(util::contractor())
         .args(["image", "build"])
         .output()
         .expect("run contractor image build");
@@ -343,7 +370,7 @@ fn image_list_shows_the_built_image_and_rm_removes_one() {
     let image = contractor_vm::image::load(std::path::Path::new(&dir))
         .expect("manifest")
         .expect("image");
-    let listing = Command::new(env!("CARGO_BIN_EXE_contractor"))
+    let listing = Command::new(util::contractor())
         .args(["image", "list"])
         .output()
         .expect("run contractor image list");
@@ -361,7 +388,7 @@ fn image_list_shows_the_built_image_and_rm_removes_one() {
     std::fs::copy(image.dir.join("manifest.json"), copy.join("manifest.json"))
         .expect("copy manifest");
     let rm = |name: &str| {
-        Command::new(env!("CARGO_BIN_EXE_contractor"))
+        Command::new(util::contractor())
             .args(["image", "rm", name])
             .env("CONTRACTOR_DATA_DIR", other.path())
             .output()
@@ -377,11 +404,16 @@ fn image_list_shows_the_built_image_and_rm_removes_one() {
 
 #[test]
 fn json_prints_the_event_stream_of_a_real_build_and_quiet_prints_nothing() {
+    if util::skip_without_vm(
+        "json_prints_the_event_stream_of_a_real_build_and_quiet_prints_nothing",
+    ) {
+        return;
+    }
     use contractor_protocol::agent::Phase;
     use contractor_protocol::build::BuildEvent;
 
     let project = Project::hello();
-    let output = Command::new(env!("CARGO_BIN_EXE_contractor"))
+    let output = Command::new(util::contractor())
         .args(["build", "--json"])
         .current_dir(project.path())
         .output()
@@ -421,7 +453,7 @@ fn json_prints_the_event_stream_of_a_real_build_and_quiet_prints_nothing() {
         .iter()
         .any(|e| matches!(e, BuildEvent::Artifact { path, size } if path == "hello" && *size > 0)));
 
-    let quiet = Command::new(env!("CARGO_BIN_EXE_contractor"))
+    let quiet = Command::new(util::contractor())
         .args(["build", "--quiet"])
         .current_dir(project.path())
         .output()
@@ -443,7 +475,7 @@ fn json_prints_the_event_stream_of_a_real_build_and_quiet_prints_nothing() {
         "[build]\nscript = \"exit 3\"\n",
     )
     .expect("spec");
-    let failed = Command::new(env!("CARGO_BIN_EXE_contractor"))
+    let failed = Command::new(util::contractor())
         .args(["build", "-q"])
         .current_dir(project.path())
         .output()
@@ -452,7 +484,7 @@ fn json_prints_the_event_stream_of_a_real_build_and_quiet_prints_nothing() {
     assert!(failed.stdout.is_empty(), "no build output when quiet");
     assert!(String::from_utf8_lossy(&failed.stderr).contains("FAILED (the script exited with 3)"));
     std::fs::write(project.path().join("contractor.toml"), "[build]\n").expect("spec");
-    let bad = Command::new(env!("CARGO_BIN_EXE_contractor"))
+    let bad = Command::new(util::contractor())
         .args(["build", "--json"])
         .current_dir(project.path())
         .output()
@@ -465,6 +497,11 @@ fn json_prints_the_event_stream_of_a_real_build_and_quiet_prints_nothing() {
 
 #[test]
 fn cached_directories_survive_into_the_next_build_until_the_cache_is_cleared() {
+    if util::skip_without_vm(
+        "cached_directories_survive_into_the_next_build_until_the_cache_is_cleared",
+    ) {
+        return;
+    }
     let project = Project::new(
         "[build]\nscript = '''\nmkdir -p ~/.kept /build-cache\necho run >> ~/.kept/runs\n\
          echo \"runs: $(wc -l < ~/.kept/runs)\"\necho x > out.txt\n'''\n\
@@ -494,7 +531,7 @@ fn cached_directories_survive_into_the_next_build_until_the_cache_is_cleared() {
     );
     let listing = contractor_in(&project, &["cache", "list"]);
     assert!(listing.contains("/root/.kept /build-cache"), "{listing}");
-    let cleared = Command::new(env!("CARGO_BIN_EXE_contractor"))
+    let cleared = Command::new(util::contractor())
         .args(["cache", "clear"])
         .current_dir(project.path())
         .output()
@@ -505,6 +542,11 @@ fn cached_directories_survive_into_the_next_build_until_the_cache_is_cleared() {
 
 #[test]
 fn the_rust_crate_example_builds_with_its_crates_io_dependency_and_reuses_its_cache() {
+    if util::skip_without_vm(
+        "the_rust_crate_example_builds_with_its_crates_io_dependency_and_reuses_its_cache",
+    ) {
+        return;
+    }
     let project = Project::example(
         "rust-crate",
         &["Cargo.toml", "Cargo.lock", "src/lib.rs", "src/main.rs"],
@@ -547,7 +589,7 @@ fn the_rust_crate_example_builds_with_its_crates_io_dependency_and_reuses_its_ca
 /// Runs `contractor shell ARGS` in `project` with `input` on stdin (not a terminal).
 fn shell_session(project: &Project, args: &[&str], input: &str) -> std::process::Output {
     use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_contractor"))
+    let mut child = Command::new(util::contractor())
         .arg("shell")
         .args(args)
         .current_dir(project.path())
@@ -567,11 +609,16 @@ fn shell_session(project: &Project, args: &[&str], input: &str) -> std::process:
 
 #[test]
 fn a_failed_build_kept_with_keep_opens_a_shell_where_it_failed_and_exiting_destroys_it() {
+    if util::skip_without_vm(
+        "a_failed_build_kept_with_keep_opens_a_shell_where_it_failed_and_exiting_destroys_it",
+    ) {
+        return;
+    }
     let project = Project::new(&small_spec(
         "echo left-by-the-build > made-here\nfalse\necho not-reached",
         "",
     ));
-    let output = Command::new(env!("CARGO_BIN_EXE_contractor"))
+    let output = Command::new(util::contractor())
         .args(["build", "--keep"])
         .current_dir(project.path())
         .output()
@@ -631,16 +678,19 @@ fn a_failed_build_kept_with_keep_opens_a_shell_where_it_failed_and_exiting_destr
 
 #[test]
 fn an_imported_image_of_ones_own_builds_like_a_built_one() {
+    if util::skip_without_vm("an_imported_image_of_ones_own_builds_like_a_built_one") {
+        return;
+    }
     // A disk, kernel and initrd of our own: those of debian-12-build (booted, unlike it,
     // with Debian's own initrd, and with the agent written in by the import).
-    let built = Command::new(env!("CARGO_BIN_EXE_contractor"))
+    let built = Command::new(util::contractor())
         .args(["image", "build", "debian-12-build"])
         .output()
         .expect("contractor image build");
     assert!(built.status.success());
     let built_dir = std::path::PathBuf::from(String::from_utf8_lossy(&built.stdout).trim());
     let name = format!("imported-{}", std::process::id());
-    let import = Command::new(env!("CARGO_BIN_EXE_contractor"))
+    let import = Command::new(util::contractor())
         .args(["image", "import", &name, "--disk"])
         .arg(built_dir.join("disk.qcow2"))
         .arg("--kernel")
@@ -654,7 +704,7 @@ fn an_imported_image_of_ones_own_builds_like_a_built_one() {
         "{}",
         String::from_utf8_lossy(&import.stderr)
     );
-    let listing = Command::new(env!("CARGO_BIN_EXE_contractor"))
+    let listing = Command::new(util::contractor())
         .args(["image", "list"])
         .output()
         .expect("contractor image list");
@@ -673,7 +723,7 @@ fn an_imported_image_of_ones_own_builds_like_a_built_one() {
     let project = Project::hello();
     std::fs::write(project.path().join("contractor.toml"), spec).expect("spec");
     let build = project.build();
-    let removed = Command::new(env!("CARGO_BIN_EXE_contractor"))
+    let removed = Command::new(util::contractor())
         .args(["image", "rm", &name])
         .status()
         .expect("contractor image rm");
@@ -682,7 +732,7 @@ fn an_imported_image_of_ones_own_builds_like_a_built_one() {
     assert!(removed.success());
 
     // What the import refuses, before anything is copied.
-    let refused = Command::new(env!("CARGO_BIN_EXE_contractor"))
+    let refused = Command::new(util::contractor())
         .args(["image", "import", "bad", "--disk"])
         .arg(built_dir.join("vmlinuz"))
         .arg("--kernel")

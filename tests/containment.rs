@@ -34,6 +34,11 @@ fn check<'a>(log: &'a str, name: &str) -> &'a str {
 
 #[test]
 fn a_hostile_build_reaches_nothing_but_the_proxy_and_its_own_store_files() {
+    if util::skip_without_vm(
+        "a_hostile_build_reaches_nothing_but_the_proxy_and_its_own_store_files",
+    ) {
+        return;
+    }
     let secret = format!("contractor-secret-{}", random_token());
     let host_secret = std::env::temp_dir().join(&secret);
     std::fs::write(&host_secret, &secret).expect("host secret");
@@ -189,6 +194,9 @@ fn image_sha() -> String {
 
 #[test]
 fn endless_output_is_cut_at_max_log_and_fails_the_build() {
+    if util::skip_without_vm("endless_output_is_cut_at_max_log_and_fails_the_build") {
+        return;
+    }
     let project = Project::new(&small_spec("yes contractor-flood", "max_log = \"1MiB\""));
     let build = project.build();
     assert_eq!(
@@ -216,6 +224,9 @@ fn endless_output_is_cut_at_max_log_and_fails_the_build() {
 
 #[test]
 fn artifacts_past_max_artifacts_fail_the_build_and_are_not_kept() {
+    if util::skip_without_vm("artifacts_past_max_artifacts_fail_the_build_and_are_not_kept") {
+        return;
+    }
     let project = Project::new(&small_spec(
         "head -c 3000000 /dev/urandom > big.bin",
         "artifacts = [\"big.bin\"]\nmax_artifacts = \"1MiB\"",
@@ -266,6 +277,9 @@ fn host_probe_during<T>(work: impl FnOnce() -> T) -> (T, Duration) {
 
 #[test]
 fn resource_exhaustion_fails_the_build_and_the_host_stays_responsive() {
+    if util::skip_without_vm("resource_exhaustion_fails_the_build_and_the_host_stays_responsive") {
+        return;
+    }
     // (attack, script, build limits, VM limits, the limit the build must fail on)
     let scripts = [
         (
@@ -349,7 +363,7 @@ fn resource_exhaustion_fails_the_build_and_the_host_stays_responsive() {
 /// Starts `contractor build` in `project` and returns it once its script runs, with the
 /// VM's name.
 fn start_build(project: &Project) -> (std::process::Child, String, mpsc::Receiver<String>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_contractor"))
+    let mut child = Command::new(util::contractor())
         .arg("build")
         .current_dir(project.path())
         .stdout(Stdio::null())
@@ -376,17 +390,6 @@ fn start_build(project: &Project) -> (std::process::Child, String, mpsc::Receive
     }
     let name = vm_name_in(&seen).expect("VM name");
     (child, name, lines)
-}
-
-fn wait_until_gone(name: &str, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if !libvirt_domains().contains(name) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    false
 }
 
 /// The processes whose parent is `parent`: (pid, start time, command name).
@@ -430,6 +433,11 @@ fn still_running(pid: u32, start: u64) -> bool {
 
 #[test]
 fn a_killed_front_end_leaves_no_vm_no_tool_and_no_overlay_and_its_record_says_interrupted() {
+    if util::skip_without_vm(
+        "a_killed_front_end_leaves_no_vm_no_tool_and_no_overlay_and_its_record_says_interrupted",
+    ) {
+        return;
+    }
     let project = Project::new(&small_spec("echo started; sleep 600", ""));
     let (mut child, name, _lines) = start_build(&project);
     let first_id =
@@ -511,6 +519,9 @@ fn a_killed_front_end_leaves_no_vm_no_tool_and_no_overlay_and_its_record_says_in
 
 #[test]
 fn ctrl_c_stops_the_build_within_seconds_and_says_so() {
+    if util::skip_without_vm("ctrl_c_stops_the_build_within_seconds_and_says_so") {
+        return;
+    }
     let project = Project::new(&small_spec("echo started; sleep 600", ""));
     let (mut child, name, lines) = start_build(&project);
     let interrupted = Instant::now();
@@ -531,6 +542,11 @@ fn ctrl_c_stops_the_build_within_seconds_and_says_so() {
 
 #[test]
 fn a_dying_agent_or_guest_kernel_is_an_infrastructure_failure_with_the_console_tail() {
+    if util::skip_without_vm(
+        "a_dying_agent_or_guest_kernel_is_an_infrastructure_failure_with_the_console_tail",
+    ) {
+        return;
+    }
     for (what, script) in [
         (
             "agent killed",
@@ -566,6 +582,9 @@ fn a_dying_agent_or_guest_kernel_is_an_infrastructure_failure_with_the_console_t
 
 #[test]
 fn four_builds_at_once_are_isolated_and_all_succeed() {
+    if util::skip_without_vm("four_builds_at_once_are_isolated_and_all_succeed") {
+        return;
+    }
     let projects: Vec<Project> = (0..4)
         .map(|i| {
             Project::new(&small_spec(
@@ -611,6 +630,11 @@ impl Drop for Mounted {
 
 #[test]
 fn a_full_host_disk_fails_the_build_with_that_reason_and_keeps_earlier_records() {
+    if util::skip_without_vm(
+        "a_full_host_disk_fails_the_build_with_that_reason_and_keeps_earlier_records",
+    ) {
+        return;
+    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("SKIPPED: mounting the small host file system this test fills needs root");

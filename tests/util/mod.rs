@@ -4,10 +4,73 @@
 
 #![allow(dead_code)]
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use contractor_protocol::result::BuildResult;
+
+/// The directory of the workspace's binaries: the test executable runs from
+/// `target/<profile>/deps/`, the binaries sit in `target/<profile>/`.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let deps = exe.parent().expect("deps/");
+    deps.parent().expect("the profile directory").to_path_buf()
+}
+
+/// The `contractor` executable (run `cargo build --workspace` first; scripts/test does).
+pub fn contractor() -> PathBuf {
+    let path = bin_dir().join("contractor");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace` before these tests (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// Why this machine cannot run VM tests, if it cannot: libvirt unreachable, QEMU or the
+/// built binaries missing.
+pub fn no_vm_reason() -> Option<String> {
+    static REASON: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    REASON
+        .get_or_init(|| {
+            if !bin_dir().join("contractor-vm").is_file() {
+                return Some(format!(
+                    "the tools are not built in {} (cargo build --workspace)",
+                    bin_dir().display()
+                ));
+            }
+            let uri = contractor_protocol::vm::default_uri();
+            match Command::new("virsh").args(["-c", &uri, "uri"]).output() {
+                Ok(out) if out.status.success() => None,
+                Ok(out) => Some(format!(
+                    "libvirt at {uri} is unreachable: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )),
+                Err(e) => Some(format!("virsh cannot run ({e})")),
+            }
+        })
+        .clone()
+}
+
+/// Call first in every test that boots a VM: true when the test must skip, after saying so
+/// on stderr in a way libtest does not capture. With CONTRACTOR_REQUIRE_VM=1 (scripts/test,
+/// CI) a machine without VMs fails the test instead.
+pub fn skip_without_vm(test: &str) -> bool {
+    let Some(reason) = no_vm_reason() else {
+        return false;
+    };
+    if std::env::var_os("CONTRACTOR_REQUIRE_VM").is_some_and(|v| v == "1") {
+        panic!("{test} needs a VM and CONTRACTOR_REQUIRE_VM=1, but {reason}");
+    }
+    // Written to the stderr handle, not with eprintln!, which libtest would capture.
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: needs a VM, but {reason} (scripts/test runs it)"
+    );
+    true
+}
 
 /// A project directory with a `contractor.toml`.
 pub struct Project {
@@ -48,7 +111,7 @@ impl Project {
 
     pub fn build(&self) -> Build {
         let record = self.path().join(".contractor/latest");
-        let output = Command::new(env!("CARGO_BIN_EXE_contractor"))
+        let output = Command::new(contractor())
             .arg("build")
             .current_dir(self.path())
             .output()

@@ -97,7 +97,7 @@ fn build(project: &Project, limit: Duration) -> Run {
     let started = Instant::now();
     // Reaped by wait4 below, which also reports its peak RSS (std's wait does not).
     #[allow(clippy::zombie_processes)]
-    let child = Command::new(env!("CARGO_BIN_EXE_contractor"))
+    let child = Command::new(util::contractor())
         .arg("build")
         .current_dir(project.path())
         .stdin(Stdio::null())
@@ -154,6 +154,9 @@ fn hostile_project(script: &str, build_extra: &str) -> Project {
 
 #[test]
 fn a_control_line_without_newline_ends_the_build_at_its_bound() {
+    if util::skip_without_vm("a_control_line_without_newline_ends_the_build_at_its_bound") {
+        return;
+    }
     let project = hostile_project(
         "head -c 67108864 /dev/zero | tr '\\0' x | perl steal.pl org.contractor.control\nsleep 300",
         "timeout = \"4m\"",
@@ -170,6 +173,9 @@ fn a_control_line_without_newline_ends_the_build_at_its_bound() {
 
 #[test]
 fn a_flood_of_control_messages_counts_against_max_log() {
+    if util::skip_without_vm("a_flood_of_control_messages_counts_against_max_log") {
+        return;
+    }
     let project = hostile_project(
         r#"yes '{"type":"phase","phase":"script"}' | head -c 200000000 | perl steal.pl org.contractor.control
 sleep 300"#,
@@ -194,6 +200,9 @@ sleep 300"#,
 
 #[test]
 fn an_oversized_guest_error_is_capped_in_result_json() {
+    if util::skip_without_vm("an_oversized_guest_error_is_capped_in_result_json") {
+        return;
+    }
     // One line under the 1 MiB bound: 100 causes of 9,000 bytes each.
     let project = hostile_project(
         r#"perl -e 'print "{\"type\":\"error\",\"code\":\"x\",\"chain\":[", join(",", map { "\"" . ("e" x 9000) . "\"" } 1..100), "]}\n{\"type\":\"done\"}\n"' | perl steal.pl org.contractor.control
@@ -230,6 +239,10 @@ sleep 300"#,
 
 #[test]
 fn a_guest_that_claims_success_without_its_artifacts_fails_on_the_host() {
+    if util::skip_without_vm("a_guest_that_claims_success_without_its_artifacts_fails_on_the_host")
+    {
+        return;
+    }
     let project = hostile_project(
         r#"printf '{"type":"script_exited","code":0}\n{"type":"done"}\n' | perl steal.pl org.contractor.control
 sleep 300"#,
@@ -247,6 +260,9 @@ sleep 300"#,
 
 #[test]
 fn a_malformed_tunnel_frame_ends_the_build_at_once() {
+    if util::skip_without_vm("a_malformed_tunnel_frame_ends_the_build_at_once") {
+        return;
+    }
     let project = hostile_project(
         "head -c 64 /dev/zero | tr '\\0' '\\377' | perl steal.pl org.contractor.tunnel\nsleep 300",
         "timeout = \"4m\"",
@@ -263,6 +279,9 @@ fn a_malformed_tunnel_frame_ends_the_build_at_once() {
 
 #[test]
 fn a_frozen_agent_is_reported_unresponsive_not_as_a_timeout() {
+    if util::skip_without_vm("a_frozen_agent_is_reported_unresponsive_not_as_a_timeout") {
+        return;
+    }
     let project = hostile_project(
         "kill -STOP $(perl steal.pl --pid org.contractor.control)\nsleep 300",
         "timeout = \"4m\"",
@@ -279,6 +298,9 @@ fn a_frozen_agent_is_reported_unresponsive_not_as_a_timeout() {
 
 #[test]
 fn empty_files_in_deep_trees_cannot_fill_the_host_past_max_artifacts() {
+    if util::skip_without_vm("empty_files_in_deep_trees_cannot_fill_the_host_past_max_artifacts") {
+        return;
+    }
     let project = hostile_project(
         r#"auth="Authorization: Bearer $CONTRACTOR_STORE_TOKEN"
 base="$CONTRACTOR_STORE/builds/$CONTRACTOR_BUILD_ID/artifacts"
@@ -334,6 +356,10 @@ fn disk_use(dir: &Path) -> (u64, u64) {
 
 #[test]
 fn links_fifos_and_devices_in_the_project_are_never_opened_on_the_host() {
+    if util::skip_without_vm("links_fifos_and_devices_in_the_project_are_never_opened_on_the_host")
+    {
+        return;
+    }
     let outside = tempfile::NamedTempFile::new().expect("host file");
     std::fs::write(outside.path(), "secret-line\n").expect("write");
     let project = hostile_project(
@@ -400,6 +426,9 @@ fn mkfifo(path: &Path) {
 
 #[test]
 fn guest_chosen_names_are_escaped_in_contractors_own_lines() {
+    if util::skip_without_vm("guest_chosen_names_are_escaped_in_contractors_own_lines") {
+        return;
+    }
     let project = hostile_project(
         r#"mkdir out && touch "out/$(printf 'a\033]0;pwned\007b')""#,
         "timeout = \"4m\"\nartifacts = [\"out\"]",
@@ -421,6 +450,9 @@ fn guest_chosen_names_are_escaped_in_contractors_own_lines() {
 
 #[test]
 fn a_thousand_idle_connections_do_not_stop_output_or_a_real_upload() {
+    if util::skip_without_vm("a_thousand_idle_connections_do_not_stop_output_or_a_real_upload") {
+        return;
+    }
     let project = hostile_project(
         r#"cat > /tmp/hold.sh <<'EOF'
 for i in $(seq 600); do (exec 3<>/dev/tcp/127.0.0.1/8480 && sleep 120) 2>/dev/null & done
@@ -447,6 +479,11 @@ echo made > hello"#,
 
 #[test]
 fn artifact_names_the_store_cannot_take_fail_the_build_not_the_infrastructure() {
+    if util::skip_without_vm(
+        "artifact_names_the_store_cannot_take_fail_the_build_not_the_infrastructure",
+    ) {
+        return;
+    }
     for (case, make) in [
         ("backslash", r#"mkdir out && touch 'out/a\b'"#),
         (
@@ -464,6 +501,9 @@ fn artifact_names_the_store_cannot_take_fail_the_build_not_the_infrastructure() 
 
 #[test]
 fn a_directory_where_the_cache_goes_does_not_break_cache_clear() {
+    if util::skip_without_vm("a_directory_where_the_cache_goes_does_not_break_cache_clear") {
+        return;
+    }
     let project = hostile_project(
         r#"mkdir -p /root/cached && echo x > /root/cached/f
 curl -s --noproxy '*' -o /dev/null -w '%{http_code}\n' -X PUT --data-binary x -H "Authorization: Bearer $CONTRACTOR_STORE_TOKEN" "$CONTRACTOR_STORE/builds/$CONTRACTOR_BUILD_ID/artifacts/.contractor-cache.tar/inside""#,
@@ -471,7 +511,7 @@ curl -s --noproxy '*' -o /dev/null -w '%{http_code}\n' -X PUT --data-binary x -H
     );
     let run = build(&project, Duration::from_secs(300));
     run.assert_contained("cache directory", Duration::from_secs(300));
-    let clear = Command::new(env!("CARGO_BIN_EXE_contractor"))
+    let clear = Command::new(util::contractor())
         .args(["cache", "clear"])
         .current_dir(project.path())
         .output()

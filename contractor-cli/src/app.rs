@@ -1,13 +1,12 @@
-//! `contractor`: build a project inside a throwaway VM.
+//! The `contractor` command line (also installed as `contractor-cli`): build a project
+//! inside a throwaway VM.
 
 use std::path::{Path, PathBuf};
 
+use crate::build::{self, human_bytes, BuildOptions};
+use crate::display::{escape, escape_capped, escape_path, Display, Mode, MAX_SHOWN_MESSAGE_BYTES};
+use crate::{image, records, spec};
 use clap::{Parser, Subcommand, ValueEnum};
-use contractor_cli::build::{self, human_bytes, BuildOptions};
-use contractor_cli::display::{
-    escape, escape_capped, escape_path, Display, Mode, MAX_SHOWN_MESSAGE_BYTES,
-};
-use contractor_cli::{image, records, spec};
 use contractor_protocol::agent::Keep;
 use contractor_protocol::error::ErrorObject;
 use contractor_protocol::result::error_chain;
@@ -220,7 +219,8 @@ fn raise_open_files_limit() -> Option<u64> {
     Some(limit.rlim_cur as u64)
 }
 
-fn main() -> std::process::ExitCode {
+/// Runs the command line of this process and returns its exit code.
+pub fn main() -> std::process::ExitCode {
     raise_open_files_limit();
     let cli = Cli::parse();
     match cli.command {
@@ -248,7 +248,7 @@ fn main() -> std::process::ExitCode {
         Command::Builds { file } => report(list_builds(&file)),
         Command::Doctor { uri } => doctor(&uri.unwrap_or_else(contractor_protocol::vm::default_uri)).into(),
         Command::Init => report(
-            contractor_cli::init::write(Path::new("."))
+            crate::init::write(Path::new("."))
                 .map(|(path, kind)| eprintln!("contractor: wrote {} for {kind:?} project; edit it, then run `contractor build`", path.display()))
                 .map_err(|e| chain(&e)),
         ),
@@ -272,7 +272,7 @@ fn main() -> std::process::ExitCode {
         },
         Command::Cache(CacheCommand::List { file }) => report(list_caches(&file)),
         Command::Cache(CacheCommand::Clear { file }) => report(
-            contractor_cli::cache::clear(&store_of(&file))
+            crate::cache::clear(&store_of(&file))
                 .map(|freed| eprintln!("contractor: cache cleared ({} freed)", human_bytes(freed)))
                 .map_err(|e| format!("cannot clear the cache in {}: {e}", store_of(&file).display())),
         ),
@@ -408,7 +408,7 @@ fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
                     return ExitCode::BadInput;
                 }
             };
-            match contractor_cli::shell::kept_vm(&record.dir, id) {
+            match crate::shell::kept_vm(&record.dir, id) {
                 Ok(kept) => (record.dir, kept),
                 Err(err) => {
                     eprintln!("contractor: {}", chain(&err));
@@ -439,7 +439,7 @@ fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
                     kept: Some(kept),
                     result,
                 }) => (
-                    contractor_cli::paths::store_dir(&spec.project_dir)
+                    crate::paths::store_dir(&spec.project_dir)
                         .join("builds")
                         .join(&result.id),
                     kept,
@@ -460,7 +460,7 @@ fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
             }
         }
     };
-    match contractor_cli::shell::attach(&kept, &record) {
+    match crate::shell::attach(&kept, &record) {
         Ok(()) => ExitCode::Success,
         Err(err) => {
             eprintln!("contractor: {}", chain(&err));
@@ -470,8 +470,8 @@ fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
 }
 
 fn doctor(uri: &str) -> ExitCode {
-    use contractor_cli::doctor::Status;
-    let findings = contractor_cli::doctor::check(uri);
+    use crate::doctor::Status;
+    let findings = crate::doctor::check(uri);
     for f in &findings {
         let status = match f.status {
             Status::Ok => "ok  ",
@@ -504,12 +504,12 @@ fn store_of(file: &Path) -> PathBuf {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    contractor_cli::paths::store_dir(dir)
+    crate::paths::store_dir(dir)
 }
 
 fn list_caches(file: &Path) -> Result<(), String> {
     let store = store_of(file);
-    let entries = contractor_cli::cache::list(&store)
+    let entries = crate::cache::list(&store)
         .map_err(|e| format!("cannot read the cache in {}: {e}", store.display()))?;
     println!("{:>10}  {:<24} PATHS", "SIZE", "SAVED BY");
     for entry in entries {
@@ -630,7 +630,7 @@ fn print_log(file: &Path, id: Option<&str>, console: bool) -> Result<(), String>
 
 fn console_tail(path: &std::path::Path) -> Vec<String> {
     // The console log is the guest's; virtlogd rotates it at 2 MiB.
-    let bytes = contractor_cli::source::read_regular(path, 8 << 20).unwrap_or_default();
+    let bytes = crate::source::read_regular(path, 8 << 20).unwrap_or_default();
     let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<String> = text.lines().map(str::to_string).collect();
     lines[lines.len().saturating_sub(10)..].to_vec()

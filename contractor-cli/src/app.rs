@@ -646,9 +646,7 @@ fn shown_chain(chain: &[String]) -> String {
         .join(": ")
 }
 
-fn chain(err: &dyn std::error::Error) -> String {
-    contractor_protocol::result::error_chain(err).join(": ")
-}
+use contractor_protocol::result::joined_chain as chain;
 
 #[cfg(test)]
 mod tests {

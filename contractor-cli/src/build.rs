@@ -315,7 +315,7 @@ pub fn build(
         if let Some(err) = err {
             display.warning(&format!(
                 "the {service} did not stop cleanly: {}",
-                contractor_protocol::result::error_chain(err).join(": ")
+                contractor_protocol::result::joined_chain(err)
             ));
         }
     }
@@ -941,7 +941,7 @@ fn run_in_vm(
     if let Err(err) = &released {
         display.warning(&format!(
             "cannot release VM: {}",
-            contractor_protocol::result::error_chain(err).join(": ")
+            contractor_protocol::result::joined_chain(err)
         ));
     }
     match finished {

@@ -205,6 +205,4 @@ fn gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
-fn chain(err: &dyn std::error::Error) -> String {
-    contractor_protocol::result::error_chain(err).join(": ")
-}
+use contractor_protocol::result::joined_chain as chain;

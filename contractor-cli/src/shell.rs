@@ -96,7 +96,7 @@ pub fn attach(vm: &KeptVm, record: &Path) -> Result<(), ShellError> {
         Err(err) => eprintln!(
             "contractor: cannot destroy VM {}: {}",
             vm.name,
-            contractor_protocol::result::error_chain(&err).join(": ")
+            contractor_protocol::result::joined_chain(&err)
         ),
     }
     let _ = std::fs::remove_file(record.join(KEPT_VM_FILE));

@@ -94,6 +94,12 @@ pub fn error_chain(err: &dyn std::error::Error) -> Vec<String> {
     chain
 }
 
+/// An error and its sources on one line, outermost first, joined with ": ": what every tool
+/// prints on stderr.
+pub fn joined_chain(err: &dyn std::error::Error) -> String {
+    error_chain(err).join(": ")
+}
+
 /// One collected artifact.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -936,17 +936,7 @@ fn status_only(status: StatusCode) -> Response<Body> {
     response
 }
 
-/// An error and its sources, joined with ": ".
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+use contractor_protocol::result::joined_chain as chain;
 
 /// Where a PUT to `path` writes, or why it may not (403).
 fn destination(path: &StorePath) -> Result<Destination, String> {

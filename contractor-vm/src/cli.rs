@@ -692,13 +692,8 @@ fn print_error(error: &ErrorObject) {
 
 /// Prints an error and its chain of causes on one stderr line.
 pub fn report(error: &(dyn std::error::Error + 'static)) {
-    let mut line = format!("contractor-vm: {error}");
-    let mut source = error.source();
-    while let Some(cause) = source {
-        line.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    let _ = writeln!(io::stderr(), "{line}");
+    let line = contractor_protocol::result::joined_chain(error);
+    let _ = writeln!(io::stderr(), "contractor-vm: {line}");
 }
 
 /// Carries out one parsed command line.

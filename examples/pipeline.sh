@@ -10,7 +10,8 @@
 # stderr: progress ("pipeline: ...") and a summary; the tools' own messages go to the
 #         record's tools.log, as with contractor build.
 # Exit code: contractor-run's (0 success, 1 the build failed or timed out, 3 infrastructure);
-# 2 or 3 when a step before the run fails (with that tool's code); 130 when interrupted.
+# 2 or 3 when a step before the run fails (with that tool's code; a missing tool or jq is 3,
+# as a missing host tool is for every tool); 130 when interrupted.
 #
 # Environment (all optional):
 #   PROJECT          the source tree                  [examples/hello beside this script]
@@ -59,17 +60,17 @@ if [ -z "${CONTRACTOR_BIN:-}" ] && [ -x "$here/../target/release/contractor-run"
 fi
 tool() {
     if [ -n "${CONTRACTOR_BIN:-}" ]; then
-        [ -x "$CONTRACTOR_BIN/$1" ] || die 2 "no executable $CONTRACTOR_BIN/$1 (CONTRACTOR_BIN names the directory of the tools; build them with cargo build --release)"
+        [ -x "$CONTRACTOR_BIN/$1" ] || die 3 "no executable $CONTRACTOR_BIN/$1 (CONTRACTOR_BIN names the directory of the tools; build them with cargo build --release)"
         printf '%s\n' "$CONTRACTOR_BIN/$1"
     else
-        command -v "$1" || die 2 "$1 is not on PATH; set CONTRACTOR_BIN to the directory of the tools"
+        command -v "$1" || die 3 "$1 is not on PATH; set CONTRACTOR_BIN to the directory of the tools"
     fi
 }
 STORE_TOOL=$(tool contractor-store)
 PROXY_TOOL=$(tool contractor-proxy)
 VM_TOOL=$(tool contractor-vm)
 RUN_TOOL=$(tool contractor-run)
-command -v jq >/dev/null || die 2 "jq is not installed (apt-get install jq)"
+command -v jq >/dev/null || die 3 "jq is not installed (apt-get install jq)"
 
 if [ -z "${CONTRACTOR_LIBVIRT_URI:-}" ]; then
     if [ "$(id -u)" = 0 ]; then URI=qemu:///system; else URI=qemu:///session; fi

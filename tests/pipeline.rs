@@ -260,11 +260,11 @@ fn the_pipeline_and_contractor_build_write_the_same_record() {
 }
 
 #[test]
-fn the_pipeline_names_a_missing_tool_and_exits_2() {
+fn the_pipeline_names_a_missing_tool_and_exits_3() {
     let store = tempfile::tempdir().expect("temp store");
     let empty = tempfile::tempdir().expect("empty bin dir");
     let out = pipeline(None, store.path(), empty.path());
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3));
     assert!(out.stdout.is_empty());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

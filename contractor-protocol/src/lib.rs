@@ -12,11 +12,13 @@ pub mod agent;
 pub mod build;
 pub mod error;
 pub mod exit;
+pub mod file;
 pub mod jsonl;
 pub mod proxy;
 pub mod result;
 pub mod run;
 pub mod service;
+pub mod store;
 pub mod vm;
 
 pub use exit::ExitCode;

@@ -9,7 +9,7 @@
 use std::ffi::OsStr;
 use std::path::Path;
 
-use contractor_protocol::store::{SOURCE_TOO_MANY_ENTRIES, SOURCE_UNREADABLE};
+use contractor_protocol::store::{SOURCE_PACK, SOURCE_TOO_MANY_ENTRIES, SOURCE_UNREADABLE};
 
 use crate::tools::{self, ToolError, ToolMessages};
 
@@ -27,9 +27,13 @@ pub enum SourceError {
     /// project's fault. The store's messages name the file.
     #[error(transparent)]
     Unreadable(ToolMessages),
-    /// The tar could not be written, or the store could not be run: the host's fault.
+    /// The tar could not be written (`source_pack`): the host's fault. The store's messages
+    /// name the file.
     #[error(transparent)]
-    Pack(ToolError),
+    Write(ToolMessages),
+    /// The store could not be run, or failed without saying why: the host's fault.
+    #[error(transparent)]
+    Tool(ToolError),
 }
 
 impl SourceError {
@@ -83,7 +87,8 @@ fn run_pack(project: &Path, tar: &Path, max_entries: Option<usize>) -> Result<Pa
             match (err.tool_code(), messages) {
                 (Some(SOURCE_TOO_MANY_ENTRIES), Some(m)) => SourceError::TooManyEntries(m),
                 (Some(SOURCE_UNREADABLE), Some(m)) => SourceError::Unreadable(m),
-                _ => SourceError::Pack(err),
+                (Some(SOURCE_PACK), Some(m)) => SourceError::Write(m),
+                _ => SourceError::Tool(err),
             }
         })?;
     Ok(Packed {

@@ -37,6 +37,9 @@ DISK_GIB=8         # the default disk
 MAX_LOG_BYTES=67108864          # max_log = "64MiB", the default
 MAX_ARTIFACTS_BYTES=1073741824  # max_artifacts = "1GiB", the default
 ALLOW=''           # [network] allow, space-separated host patterns
+MAX_ARTIFACTS_BYTES=1073741824 # the default build.max_artifacts, 1GiB
+CACHE_PATHS=''     # [cache] paths: absolute guest directories, space-separated (~ is /root)
+CACHE_MAX_BYTES=1073741824     # the default cache.max_size, 1GiB
 
 set -eu
 umask 022 # the record and the overlay directory must be readable by libvirt's QEMU user
@@ -148,11 +151,30 @@ ID=$(date -u +%Y%m%d-%H%M%S)-$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')
 REC=$STORE/builds/$ID
 mkdir -p "$REC"
 REC=$(cd "$REC" && pwd)
-tar -C "$PROJECT" --exclude=.git --exclude=.contractor --exclude-vcs-ignores --sort=name \
-    --owner=0 --group=0 --numeric-owner -cf "$REC/source.tar" .
-ln -sfn "builds/$ID" "$STORE/latest"
-say "build $ID: source packed ($(tar -tf "$REC/source.tar" | wc -l) entries)"
 started=$(date +%s.%N)
+# contractor-store pack walks the tree as `contractor build` does (links stay links; .git,
+# .contractor and .gitignored paths left out), so the tar is the same. When the project
+# cannot be packed, the record is closed as the front end closes it: failed (the project's
+# fault, exit code 2) or infrastructure (the host's, exit code 3).
+pack_status=0
+packed=$("$STORE_TOOL" pack --project "$PROJECT" --out "$REC/source.tar" --json-errors) ||
+    pack_status=$?
+if [ "$pack_status" != 0 ]; then
+    [ "$pack_status" = 2 ] && pack_outcome=failed || pack_outcome=infrastructure
+    printf '%s\n' "$packed" | jq -s --arg id "$ID" --arg rec "$REC" --arg outcome "$pack_outcome" \
+        --arg exit "$pack_status" \
+        --argjson duration "$(awk -v now="$(date +%s.%N)" -v t0="$started" 'BEGIN { printf "%.3f", now - t0 }')" \
+        '(map(select(.type == "error")) | last //
+            {code: "source_pack", chain: ["contractor-store pack exited \($exit)"]}) as $e
+         | {version: 1, id: $id, outcome: $outcome, duration_secs: $duration,
+            log: "\($rec)/build.log", console_log: "\($rec)/console.log", artifacts: [],
+            refused_hosts: [], error: {code: $e.code, chain: (["cannot pack the source"] + $e.chain)}}' \
+        >"$REC/result.json" 2>/dev/null || true
+    die "$pack_status" "build $ID: cannot pack the source (contractor-store exited $pack_status)"
+fi
+printf '%s\n' "$packed" | jq -r '.warnings[] | "pipeline: warning: \(.)"' >&2
+ln -sfn "builds/$ID" "$STORE/latest"
+say "build $ID: source packed ($(printf '%s\n' "$packed" | jq -r .entries) entries)"
 
 # --- 3. store and proxy: start each, read its ready line from a named pipe --------------------
 # start_service NAME REST_FILE COMMAND...: runs COMMAND in the background with stdout on a
@@ -177,7 +199,27 @@ start_service() {
         die 3 "$name printed no ready line: $ready"
 }
 
-start_service store /dev/null "$STORE_TOOL" serve --root "$STORE" --only-build "$ID"
+# The build's cache: the tar of an earlier build linked into the record for the agent to
+# restore, and where the agent saves the new one (null without CACHE_PATHS).
+cache_tool() { # cache_tool SUBCOMMAND FLAGS...: contractor-store cache, one --path per CACHE_PATHS
+    sub=$1
+    shift
+    for path in $CACHE_PATHS; do set -- "$@" --path "$path"; done
+    "$STORE_TOOL" cache "$sub" --root "$STORE" --build "$ID" --json-errors "$@"
+}
+cache_prepared=$(cache_tool prepare --max-bytes "$CACHE_MAX_BYTES") ||
+    die 3 "cannot prepare the build cache (contractor-store's message is above)"
+printf '%s\n' "$cache_prepared" | jq -r '.warnings[] | "pipeline: warning: \(.)"' >&2
+cache_job=$(printf '%s\n' "$cache_prepared" | jq -c .cache)
+# The store serves only this build, only to the agent's token, and takes at most the
+# artifacts' limit plus the cache's (the new cache travels through the artifacts). The token
+# file is private to this script (its temp dir is 0700, the file 0600), never in the store.
+store_limit=$MAX_ARTIFACTS_BYTES
+[ "$cache_job" != null ] && store_limit=$((MAX_ARTIFACTS_BYTES + CACHE_MAX_BYTES))
+store_token=$("$STORE_TOOL" token --build "$ID" --token-file "$TMP/store-tokens") ||
+    die 3 "cannot make the store token"
+start_service store /dev/null "$STORE_TOOL" serve --root "$STORE" --only-build "$ID" \
+    --token-file "$TMP/store-tokens" --max-build-bytes "$store_limit" --no-access-log
 store_pid=$service_pid store_addr=$service_addr store_copier=$service_copier
 say "store ready at $store_addr"
 
@@ -226,11 +268,14 @@ printf '%s\n' "$vm_result" | jq -e --arg proxy "$proxy_addr" --arg store "$store
     --arg log "$REC/build.log" --argjson timeout "$TIMEOUT_SECS" --arg script "$BUILD_SCRIPT" \
     --argjson artifacts "$ARTIFACTS" --arg id "$ID" --argjson max_log "$MAX_LOG_BYTES" \
     --argjson memory "$MEMORY_MIB" --argjson disk "$DISK_GIB" \
+    --arg token "$store_token" --argjson cache "$cache_job" \
     '{version: 1, control_socket: .vm.control_socket, tunnel_socket: .vm.tunnel_socket,
       proxy: $proxy, store: $store, log: $log, timeout_secs: $timeout, boot_timeout_secs: 300,
       max_log_bytes: $max_log, memory_mib: $memory, disk_gib: $disk,
-      job: {script: $script, env: {CONTRACTOR_BUILD_ID: $id}, source: "/builds/\($id)/source.tar",
-            artifacts: $artifacts, artifacts_dest: "/builds/\($id)/artifacts/"}}
+      job: ({script: $script, env: {CONTRACTOR_BUILD_ID: $id}, source: "/builds/\($id)/source.tar",
+            artifacts: $artifacts, artifacts_dest: "/builds/\($id)/artifacts/",
+            store_token: $token}
+            + (if $cache == null then {} else {cache: $cache} end))}
      | if .control_socket and .tunnel_socket then . else
          error("libvirt reported no channel sockets for the VM") end' \
     >"$TMP/run-request.json" || die 3 "cannot build the run request"
@@ -255,6 +300,13 @@ store_pid=''
 wait "$store_copier" || true
 
 finished=$(jq -c 'select(.type == "finished")' "$TMP/events.jsonl" | tail -n 1)
+# Keep the cache the build saved if it succeeded; drop it (and the input link) otherwise.
+if [ "$(printf '%s\n' "${finished:-null}" | jq -r '.outcome // empty')" = success ]; then
+    set -- --success
+else
+    set --
+fi
+cache_tool keep "$@" >/dev/null || say "cannot keep the build cache (contractor-store's message is above)"
 if [ -z "$finished" ]; then
     jq -r 'select(.type == "error") | "pipeline: contractor-run error \(.code): \(.chain | join(": "))"' \
         "$TMP/events.jsonl" >&2 2>/dev/null || true

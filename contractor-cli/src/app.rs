@@ -274,7 +274,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Cache(CacheCommand::Clear { file }) => report(
             crate::cache::clear(&store_of(&file))
                 .map(|freed| eprintln!("contractor: cache cleared ({} freed)", human_bytes(freed)))
-                .map_err(|e| format!("cannot clear the cache in {}: {e}", store_of(&file).display())),
+                .map_err(|e| format!("cannot clear the cache in {}: {}", store_of(&file).display(), chain(&e))),
         ),
         Command::Image(ImageCommand::Rm { name }) => report(image::remove(&name).map_err(|e| chain(&e))),
         Command::Image(ImageCommand::Build { name }) => {
@@ -509,11 +509,16 @@ fn store_of(file: &Path) -> PathBuf {
 
 fn list_caches(file: &Path) -> Result<(), String> {
     let store = store_of(file);
-    let entries = crate::cache::list(&store)
-        .map_err(|e| format!("cannot read the cache in {}: {e}", store.display()))?;
+    let entries = crate::cache::list(&store).map_err(|e| {
+        format!(
+            "cannot read the cache in {}: {}",
+            store.display(),
+            chain(&e)
+        )
+    })?;
     println!("{:>10}  {:<24} PATHS", "SIZE", "SAVED BY");
     for entry in entries {
-        let size = std::fs::metadata(&entry.tar).map(|m| m.len()).unwrap_or(0);
+        let size = entry.bytes;
         let (build, paths) = match entry.info {
             Some(info) => (info.build, info.paths.join(" ")),
             None => ("?".to_string(), entry.tar.display().to_string()),
@@ -630,7 +635,7 @@ fn print_log(file: &Path, id: Option<&str>, console: bool) -> Result<(), String>
 
 fn console_tail(path: &std::path::Path) -> Vec<String> {
     // The console log is the guest's; virtlogd rotates it at 2 MiB.
-    let bytes = crate::source::read_regular(path, 8 << 20).unwrap_or_default();
+    let bytes = contractor_protocol::file::read_regular(path, 8 << 20).unwrap_or_default();
     let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<String> = text.lines().map(str::to_string).collect();
     lines[lines.len().saturating_sub(10)..].to_vec()

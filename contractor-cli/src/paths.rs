@@ -62,7 +62,7 @@ pub fn checked_store_dir(project_dir: &Path) -> Result<PathBuf, StoreDirError> {
             Err(source) => return Err(StoreDirError::Inspect { path, source }),
         };
         let what = if !meta.is_dir() {
-            crate::source::kind_name(meta.file_type()).to_string()
+            contractor_protocol::file::kind_name(meta.file_type()).to_string()
         } else if meta.uid() != uid {
             format!(
                 "a directory owned by uid {}, not by you (uid {uid})",

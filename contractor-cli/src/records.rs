@@ -97,7 +97,7 @@ pub fn open(store_root: &Path, id: Option<&str>) -> Result<Record, RecordError> 
         return Err(RecordError::NoSuchBuild { id, dir: builds });
     }
     let path = dir.join("result.json");
-    let result = match crate::source::read_regular(&path, MAX_RESULT_BYTES) {
+    let result = match contractor_protocol::file::read_regular(&path, MAX_RESULT_BYTES) {
         Ok(text) => Some(
             serde_json::from_slice(&text)
                 .map_err(|source| RecordError::BadResult { path, source })?,
@@ -119,7 +119,7 @@ pub const MAX_RECORD_FILE_BYTES: u64 = 16 << 30;
 /// file is opened (never a link or a FIFO a project may have shipped in `.contractor`).
 pub fn read_file(record: &Record, name: &str) -> Result<Vec<u8>, RecordError> {
     let path = record.dir.join(name);
-    crate::source::read_regular(&path, MAX_RECORD_FILE_BYTES)
+    contractor_protocol::file::read_regular(&path, MAX_RECORD_FILE_BYTES)
         .map_err(|source| RecordError::Read { path, source })
 }
 

@@ -58,7 +58,7 @@ pub enum ShellError {
 /// Reads the kept VM of the build record `record` (build `id`).
 pub fn kept_vm(record: &Path, id: &str) -> Result<KeptVm, ShellError> {
     let file = record.join(KEPT_VM_FILE);
-    let text = match crate::source::read_regular(&file, 64 * 1024) {
+    let text = match contractor_protocol::file::read_regular(&file, 64 * 1024) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(ShellError::NotKept {

@@ -6,6 +6,8 @@
 //! started so that it is sent SIGTERM when this process dies, SIGKILL included
 //! (`PR_SET_PDEATHSIG`): each tool stops cleanly on SIGTERM (contractor-vm destroys the VM
 //! it holds and deletes its overlay), so a killed front end leaves nothing running.
+//! (The unit tests of this crate, which run from `target/<profile>/deps/`, take the tools
+//! from `target/<profile>/`: build them first, `cargo build --workspace`.)
 
 use std::io::{BufReader, Read};
 use std::path::PathBuf;
@@ -124,6 +126,17 @@ impl ToolError {
         }
     }
 
+    /// The messages of the tool's own error object, as an error whose sources are its
+    /// causes; None when it wrote no object (or an empty one).
+    pub fn messages(&self) -> Option<ToolMessages> {
+        match self {
+            ToolError::Failed {
+                error: Some(error), ..
+            } => ToolMessages::from_chain(&error.chain),
+            _ => None,
+        }
+    }
+
     /// True when the tool refused its input (exit code 2) rather than failing.
     pub fn is_bad_input(&self) -> bool {
         matches!(
@@ -136,6 +149,41 @@ impl ToolError {
     }
 }
 
+/// A tool's error chain (the `chain` of its error object) as a Rust error: the first
+/// message, caused by the next, and so on, so that a report of it reads as if the work had
+/// been done in this process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolMessages {
+    message: String,
+    cause: Option<Box<ToolMessages>>,
+}
+
+impl ToolMessages {
+    /// The error for `chain`, outermost first; None when it is empty.
+    pub fn from_chain(chain: &[String]) -> Option<ToolMessages> {
+        chain.iter().rev().fold(None, |cause, message| {
+            Some(ToolMessages {
+                message: message.clone(),
+                cause: cause.map(Box::new),
+            })
+        })
+    }
+}
+
+impl std::fmt::Display for ToolMessages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ToolMessages {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause
+            .as_deref()
+            .map(|cause| cause as &(dyn std::error::Error + 'static))
+    }
+}
+
 /// The directory the tools are taken from.
 pub fn directory() -> Result<PathBuf, ToolError> {
     if let Some(dir) = std::env::var_os("CONTRACTOR_BIN").filter(|d| !d.is_empty()) {
@@ -145,7 +193,12 @@ pub fn directory() -> Result<PathBuf, ToolError> {
         name: "contractor",
         source,
     })?;
-    Ok(exe.parent().map(PathBuf::from).unwrap_or_default())
+    let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    // A unit test runs from target/<profile>/deps/; the tools are one level up.
+    if dir.file_name().is_some_and(|name| name == "deps") && cfg!(test) {
+        return Ok(dir.parent().map(PathBuf::from).unwrap_or(dir));
+    }
+    Ok(dir)
 }
 
 /// The executable of tool `name`.
@@ -346,4 +399,17 @@ pub fn text(name: &'static str, mut command: Command) -> Result<String, ToolErro
         });
     }
     Ok(String::from_utf8_lossy(&out).trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tool_chain_reads_as_an_error_and_its_causes() {
+        let chain = ["cannot read x".to_string(), "denied".to_string()];
+        let messages = ToolMessages::from_chain(&chain).expect("messages");
+        assert_eq!(contractor_protocol::result::error_chain(&messages), chain);
+        assert_eq!(ToolMessages::from_chain(&[]), None);
+    }
 }

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod build;
 pub mod error;
 pub mod exit;
+pub mod file;
 pub mod image;
 pub mod jsonl;
 pub mod process;
@@ -19,6 +20,7 @@ pub mod proxy;
 pub mod result;
 pub mod run;
 pub mod service;
+pub mod store;
 pub mod vm;
 
 pub use exit::ExitCode;

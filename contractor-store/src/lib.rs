@@ -8,14 +8,17 @@
 //! token allows, [`files`] does the disk work with symlinks in mind, [`digest`] hashes,
 //! [`limits`] keeps uploads within their size limits, [`range`] reads conditional and
 //! partial GETs, [`records`] writes artifact indexes and collects garbage, and [`server`]
-//! speaks HTTP.
+//! speaks HTTP. Off the wire, [`pack`] packs a project's tree into a record's `source.tar`
+//! and [`cache`] keeps a project's build cache in the store directory.
 
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod cache;
 pub mod digest;
 pub mod files;
 pub mod limits;
+pub mod pack;
 pub mod path;
 pub mod range;
 pub mod records;

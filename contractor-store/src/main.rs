@@ -1,6 +1,7 @@
 //! `contractor-store`: `serve` a store directory over HTTP (one `ready` line on stdout,
-//! stops on SIGTERM or SIGINT), write a build's artifact `index`, collect garbage (`gc`), or
-//! make a build `token`. Flags map onto library calls; errors become exit codes here only.
+//! stops on SIGTERM or SIGINT), write a build's artifact `index`, collect garbage (`gc`),
+//! make a build `token`, `pack` a project's source into a record, or keep a project's build
+//! `cache`. Flags map onto library calls; errors become exit codes here only.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -10,8 +11,11 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use contractor_protocol::service::Ready;
+use contractor_protocol::store::{CacheCleared, CacheKept, CacheList, CachePrepared};
 use contractor_protocol::ExitCode;
+use contractor_store::cache::CacheError;
 use contractor_store::limits::parse_size;
+use contractor_store::pack::MAX_SOURCE_ENTRIES;
 use contractor_store::records::parse_age;
 use contractor_store::{GcOptions, Store, StoreConfig, TokenTable};
 use tokio::signal::unix::{signal, SignalKind};
@@ -104,6 +108,86 @@ With --json-errors a failure is also one {\"type\":\"error\",...} object on stdo
         #[arg(long, value_name = "FILE")]
         token_file: PathBuf,
     },
+    /// Pack a project's source tree into a tar (links stay links; .git, .contractor and
+    /// .gitignored paths are left out; FIFOs, sockets and devices are skipped with a
+    /// warning) and print what was packed.
+    #[command(
+        after_help = "Example:\n  contractor-store pack --project . --out .contractor/builds/ID/source.tar\n\n\
+Output on stdout:\n  \
+{\"type\":\"packed\",\"version\":1,\"entries\":4,\"bytes\":10240,\"warnings\":[]}\n\n\
+Exit codes: 0 packed; 2 the project cannot be packed as it is (error code\n\
+source_too_many_entries or source_unreadable); 3 the tar cannot be written (source_pack).\n\
+With --json-errors a failure is also one {\"type\":\"error\",...} object on stdout."
+    )]
+    Pack {
+        /// The project directory.
+        #[arg(long, value_name = "DIR")]
+        project: PathBuf,
+        /// The tar to write (replaced if it exists).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Most entries (files, directories, links) to pack; more is an error.
+        #[arg(long, value_name = "N", default_value_t = MAX_SOURCE_ENTRIES as u64,
+              value_parser = clap::value_parser!(u64).range(1..=MAX_SOURCE_ENTRIES as u64))]
+        max_entries: u64,
+    },
+    /// A project's build cache, kept under ROOT/cache/: prepare a build's, keep what the
+    /// build uploaded, list or clear them.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Debug, Subcommand)]
+#[command(
+    after_help = "Exit codes: 0 done; 2 a bad build id or cache path; 3 the cache could not be\n\
+read or written. With --json-errors a failure is also one {\"type\":\"error\",...} object on stdout."
+)]
+enum CacheCommand {
+    /// Link the cache for PATHs (if there is one) into builds/ID/inputs/cache.tar and print
+    /// the job's cache: {"type":"cache_prepared","version":1,"cache":{...}|null,"warnings":[]}.
+    Prepare {
+        /// The store directory.
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+        /// The build.
+        #[arg(long, value_name = "ID")]
+        build: String,
+        /// An absolute guest directory to keep (repeat for more; none: no cache).
+        #[arg(long = "path", value_name = "PATH")]
+        paths: Vec<String>,
+        /// Largest cache tar the agent may save (bytes, or with K/M/G/T).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_bytes: u64,
+    },
+    /// After the build: move the cache it uploaded (artifacts/.contractor-cache.tar) into the
+    /// cache if it succeeded, drop it otherwise; print
+    /// {"type":"cache_kept","version":1,"bytes":N|null}.
+    Keep {
+        /// The store directory.
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+        /// The build.
+        #[arg(long, value_name = "ID")]
+        build: String,
+        /// The guest directories the build kept (as given to prepare).
+        #[arg(long = "path", value_name = "PATH")]
+        paths: Vec<String>,
+        /// The build succeeded; without it the upload is dropped.
+        #[arg(long)]
+        success: bool,
+    },
+    /// Print the caches: {"type":"cache_list","version":1,"caches":[...]}.
+    List {
+        /// The store directory.
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+    },
+    /// Delete the caches: {"type":"cache_cleared","version":1,"freed_bytes":N}.
+    Clear {
+        /// The store directory.
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -192,7 +276,63 @@ async fn command(cli: Cli) -> std::process::ExitCode {
             }
             Err(e) => fail(ExitCode::BadInput, "token", &e),
         },
+        Command::Pack {
+            project,
+            out,
+            max_entries,
+        } => {
+            let max_entries = usize::try_from(max_entries).unwrap_or(MAX_SOURCE_ENTRIES);
+            match contractor_store::pack::pack_at_most(&project, &out, max_entries) {
+                Ok(packed) => print_json(&packed),
+                Err(e) => {
+                    let exit = if e.is_project_error() {
+                        ExitCode::BadInput
+                    } else {
+                        ExitCode::Infrastructure
+                    };
+                    fail(exit, e.code(), &anyhow::Error::new(e))
+                }
+            }
+        }
+        Command::Cache(command) => cache(command),
     }
+}
+
+fn cache(command: CacheCommand) -> std::process::ExitCode {
+    use contractor_store::cache;
+    let answered = match command {
+        CacheCommand::Prepare {
+            root,
+            build,
+            paths,
+            max_bytes,
+        } => {
+            let mut warnings = Vec::new();
+            cache::prepare(&root, &build, &paths, max_bytes, &mut warnings)
+                .map(|job| print_json(&CachePrepared::new(job, warnings)))
+        }
+        CacheCommand::Keep {
+            root,
+            build,
+            paths,
+            success,
+        } => cache::keep(&root, &build, &paths, success)
+            .map(|kept| print_json(&CacheKept::new(kept))),
+        CacheCommand::List { root } => {
+            cache::list(&root).map(|caches| print_json(&CacheList::new(caches)))
+        }
+        CacheCommand::Clear { root } => {
+            cache::clear(&root).map(|freed| print_json(&CacheCleared::new(freed)))
+        }
+    };
+    answered.unwrap_or_else(|e: CacheError| {
+        let exit = if e.is_bad_input() {
+            ExitCode::BadInput
+        } else {
+            ExitCode::Infrastructure
+        };
+        fail(exit, e.code(), &anyhow::Error::new(e))
+    })
 }
 
 /// Makes a token for `build` and appends it to `file` (mode 0600 when created).

@@ -1,0 +1,271 @@
+//! The answers of `contractor-store pack` and `contractor-store cache ...`: one JSON object
+//! on stdout each (docs/protocol.md, "contractor-store"), or the shared error object with
+//! `--json-errors`.
+//!
+//! Each message has a one-value `"type"` field (see [`crate::service::ReadyTag`] for why)
+//! and `"version": 1`; none accepts unknown fields.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::agent::CacheJob;
+use crate::PROTOCOL_VERSION;
+
+/// Where the agent uploads a build's new cache, under the build's `artifacts/`. It is never
+/// one of the build's artifacts: `cache keep` moves it into the cache directory.
+pub const CACHE_UPLOAD_NAME: &str = ".contractor-cache.tar";
+
+/// `pack`'s error code when the project has more entries than the store packs (exit code
+/// 2: the project is at fault).
+pub const SOURCE_TOO_MANY_ENTRIES: &str = "source_too_many_entries";
+/// `pack`'s error code when a file or directory of the project cannot be read (exit code 2:
+/// the project is at fault).
+pub const SOURCE_UNREADABLE: &str = "source_unreadable";
+/// `pack`'s error code when the tar cannot be written (exit code 3: the host is at fault).
+pub const SOURCE_PACK: &str = "source_pack";
+
+macro_rules! tag {
+    ($(#[$doc:meta])* $name:ident, $variant:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name {
+            /// The message's one type.
+            $variant,
+        }
+    };
+}
+
+tag!(
+    /// The `"type"` of [`Packed`]: `"packed"`.
+    PackedTag,
+    Packed
+);
+tag!(
+    /// The `"type"` of [`CachePrepared`]: `"cache_prepared"`.
+    CachePreparedTag,
+    CachePrepared
+);
+tag!(
+    /// The `"type"` of [`CacheKept`]: `"cache_kept"`.
+    CacheKeptTag,
+    CacheKept
+);
+tag!(
+    /// The `"type"` of [`CacheList`]: `"cache_list"`.
+    CacheListTag,
+    CacheList
+);
+tag!(
+    /// The `"type"` of [`CacheCleared`]: `"cache_cleared"`.
+    CacheClearedTag,
+    CacheCleared
+);
+
+/// `pack`: `{"type":"packed","version":1,"entries":4,"bytes":10240,"warnings":[]}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Packed {
+    /// Always `packed`.
+    #[serde(rename = "type")]
+    pub kind: PackedTag,
+    /// Protocol version, 1.
+    pub version: u32,
+    /// Files, directories and links in the tar.
+    pub entries: u64,
+    /// Size of the tar in bytes.
+    pub bytes: u64,
+    /// What was left out or not applied, one line each, for the user. Names in them are the
+    /// project's, as they are: escape them before printing them on a terminal.
+    pub warnings: Vec<String>,
+}
+
+impl Packed {
+    /// The answer for a tar of `entries` entries and `bytes` bytes.
+    pub fn new(entries: u64, bytes: u64, warnings: Vec<String>) -> Packed {
+        Packed {
+            kind: PackedTag::Packed,
+            version: PROTOCOL_VERSION,
+            entries,
+            bytes,
+            warnings,
+        }
+    }
+}
+
+/// `cache prepare`: the job's cache, or null when the build keeps no directories.
+/// `{"type":"cache_prepared","version":1,"cache":{"paths":["/root/.cargo/registry"],
+/// "restore":"/builds/ID/inputs/cache.tar","save":"/builds/ID/artifacts/.contractor-cache.tar",
+/// "max_bytes":1073741824},"warnings":[]}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CachePrepared {
+    /// Always `cache_prepared`.
+    #[serde(rename = "type")]
+    pub kind: CachePreparedTag,
+    /// Protocol version, 1.
+    pub version: u32,
+    /// What goes into the job's `cache` field; null without cache paths.
+    pub cache: Option<CacheJob>,
+    /// What was found in the cache's place and removed, one line each, for the user.
+    pub warnings: Vec<String>,
+}
+
+impl CachePrepared {
+    /// The answer carrying `cache`.
+    pub fn new(cache: Option<CacheJob>, warnings: Vec<String>) -> CachePrepared {
+        CachePrepared {
+            kind: CachePreparedTag::CachePrepared,
+            version: PROTOCOL_VERSION,
+            cache,
+            warnings,
+        }
+    }
+}
+
+/// `cache keep`: the size of the cache kept, or null when none was (the build failed, kept
+/// no directories, or uploaded none). `{"type":"cache_kept","version":1,"bytes":9}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheKept {
+    /// Always `cache_kept`.
+    #[serde(rename = "type")]
+    pub kind: CacheKeptTag,
+    /// Protocol version, 1.
+    pub version: u32,
+    /// Bytes of the new cache tar, if one was kept.
+    pub bytes: Option<u64>,
+}
+
+impl CacheKept {
+    /// The answer for a kept cache of `bytes`.
+    pub fn new(bytes: Option<u64>) -> CacheKept {
+        CacheKept {
+            kind: CacheKeptTag::CacheKept,
+            version: PROTOCOL_VERSION,
+            bytes,
+        }
+    }
+}
+
+/// What `<store>/cache/<key>.json` says about a cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheInfo {
+    /// The guest directories it holds.
+    pub paths: Vec<String>,
+    /// The tar's size in bytes.
+    pub bytes: u64,
+    /// The build that saved it.
+    pub build: String,
+}
+
+/// One cache on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheEntry {
+    /// The tar.
+    pub tar: PathBuf,
+    /// Its size in bytes; 0 when it is not a regular file (it is never followed).
+    pub bytes: u64,
+    /// Its description, null when that is missing or unreadable.
+    pub info: Option<CacheInfo>,
+}
+
+/// `cache list`: the store's caches, sorted by tar.
+/// `{"type":"cache_list","version":1,"caches":[{"tar":"/p/.contractor/cache/3fa2c1d09e8b7a65.tar",
+/// "bytes":9,"info":{"paths":["/root/.kept"],"bytes":9,"build":"20261125-141502-3fa2c1"}}]}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheList {
+    /// Always `cache_list`.
+    #[serde(rename = "type")]
+    pub kind: CacheListTag,
+    /// Protocol version, 1.
+    pub version: u32,
+    /// The caches.
+    pub caches: Vec<CacheEntry>,
+}
+
+impl CacheList {
+    /// The answer listing `caches`.
+    pub fn new(caches: Vec<CacheEntry>) -> CacheList {
+        CacheList {
+            kind: CacheListTag::CacheList,
+            version: PROTOCOL_VERSION,
+            caches,
+        }
+    }
+}
+
+/// `cache clear`: `{"type":"cache_cleared","version":1,"freed_bytes":9}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheCleared {
+    /// Always `cache_cleared`.
+    #[serde(rename = "type")]
+    pub kind: CacheClearedTag,
+    /// Protocol version, 1.
+    pub version: u32,
+    /// Bytes of the tars removed.
+    pub freed_bytes: u64,
+}
+
+impl CacheCleared {
+    /// The answer after freeing `freed_bytes`.
+    pub fn new(freed_bytes: u64) -> CacheCleared {
+        CacheCleared {
+            kind: CacheClearedTag::CacheCleared,
+            version: PROTOCOL_VERSION,
+            freed_bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_serialize_in_the_documented_shape() {
+        let packed = serde_json::to_string(&Packed::new(4, 10240, vec![])).expect("json");
+        assert_eq!(
+            packed,
+            r#"{"type":"packed","version":1,"entries":4,"bytes":10240,"warnings":[]}"#
+        );
+        let none = serde_json::to_string(&CachePrepared::new(None, vec![])).expect("json");
+        assert_eq!(
+            none,
+            r#"{"type":"cache_prepared","version":1,"cache":null,"warnings":[]}"#
+        );
+        let kept = serde_json::to_string(&CacheKept::new(Some(9))).expect("json");
+        assert_eq!(kept, r#"{"type":"cache_kept","version":1,"bytes":9}"#);
+        let cleared = serde_json::to_string(&CacheCleared::new(9)).expect("json");
+        assert_eq!(
+            cleared,
+            r#"{"type":"cache_cleared","version":1,"freed_bytes":9}"#
+        );
+        let list = CacheList::new(vec![CacheEntry {
+            tar: "/s/cache/k.tar".into(),
+            bytes: 9,
+            info: None,
+        }]);
+        let text = serde_json::to_string(&list).expect("json");
+        assert_eq!(
+            text,
+            r#"{"type":"cache_list","version":1,"caches":[{"tar":"/s/cache/k.tar","bytes":9,"info":null}]}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<CacheList>(&text).expect("back"),
+            list
+        );
+    }
+
+    #[test]
+    fn one_message_is_not_read_as_another() {
+        let kept = r#"{"type":"cache_kept","version":1,"bytes":9}"#;
+        assert!(serde_json::from_str::<CacheCleared>(kept).is_err());
+        assert!(serde_json::from_str::<CacheKept>(kept).is_ok());
+    }
+}

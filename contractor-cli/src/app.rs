@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use contractor_protocol::agent::Keep;
 use contractor_protocol::error::ErrorObject;
 use contractor_protocol::result::error_chain;
-use contractor_protocol::result::Outcome;
+use contractor_protocol::result::{BuildCode, Outcome};
 use contractor_protocol::vm::Accel;
 use contractor_protocol::ExitCode;
 
@@ -250,7 +250,10 @@ pub fn main() -> std::process::ExitCode {
         Command::Init => report(
             crate::init::write(Path::new("."))
                 .map(|(path, kind)| eprintln!("contractor: wrote {} for {kind:?} project; edit it, then run `contractor build`", path.display()))
-                .map_err(|e| chain(&e)),
+                .map_err(|e| match e {
+                    crate::init::InitError::Exists(_) => Failure::input(e),
+                    crate::init::InitError::Write { .. } => Failure::host(e),
+                }),
         ),
         Command::Show { id, file } => report(show_build(&file, id.as_deref())),
         Command::Log { id, console, file } => report(print_log(&file, id.as_deref(), console)),
@@ -274,9 +277,9 @@ pub fn main() -> std::process::ExitCode {
         Command::Cache(CacheCommand::Clear { file }) => report(
             crate::cache::clear(&store_of(&file))
                 .map(|freed| eprintln!("contractor: cache cleared ({} freed)", human_bytes(freed)))
-                .map_err(|e| format!("cannot clear the cache in {}: {}", store_of(&file).display(), chain(&e))),
+                .map_err(|e| Failure::tool(format!("cannot clear the cache in {}", store_of(&file).display()), e)),
         ),
-        Command::Image(ImageCommand::Rm { name }) => report(image::remove(&name).map_err(|e| chain(&e))),
+        Command::Image(ImageCommand::Rm { name }) => report(image::remove(&name).map_err(Failure::image)),
         Command::Image(ImageCommand::Build { name }) => {
             if !spec::KNOWN_IMAGES.contains(&name.as_str()) {
                 eprintln!(
@@ -313,7 +316,7 @@ fn run_build(file: &std::path::Path, options: BuildOptions, mode: Mode) -> ExitC
     let spec = match spec::load(file) {
         Ok(spec) => spec,
         Err(err) => {
-            fail("bad_spec", vec![err.to_string()]);
+            fail(BuildCode::BadSpec.as_str(), vec![err.to_string()]);
             return ExitCode::BadInput;
         }
     };
@@ -394,7 +397,7 @@ fn build_here(
     let display = Display::new(mode);
     let built = build::build(spec, options, &display);
     display.close();
-    built.map_err(|err| ("build_setup", error_chain(&err)))
+    built.map_err(|err| (BuildCode::BuildSetup.as_str(), error_chain(&err)))
 }
 
 /// `contractor shell [ID]`.
@@ -487,13 +490,82 @@ fn doctor(uri: &str) -> ExitCode {
     }
 }
 
-/// Prints a command's error, if any, and turns it into the exit code.
-fn report(result: Result<(), String>) -> std::process::ExitCode {
+/// Why a command failed: its error with its whole chain of causes, and the exit code that
+/// means (contractor-protocol's `ExitCode`: 2 for the user's input, 3 for the host).
+#[derive(Debug)]
+struct Failure {
+    exit: ExitCode,
+    error: Box<dyn std::error::Error>,
+}
+
+/// An error with what was being done when it happened; the error stays its source.
+#[derive(Debug, thiserror::Error)]
+#[error("{doing}")]
+struct Context {
+    doing: String,
+    #[source]
+    source: Box<dyn std::error::Error>,
+}
+
+impl Failure {
+    /// The user's input was at fault.
+    fn input(error: impl std::error::Error + 'static) -> Failure {
+        Failure {
+            exit: ExitCode::BadInput,
+            error: Box::new(error),
+        }
+    }
+
+    /// The host or a tool failed.
+    fn host(error: impl std::error::Error + 'static) -> Failure {
+        Failure {
+            exit: ExitCode::Infrastructure,
+            error: Box::new(error),
+        }
+    }
+
+    /// A tool failed while doing `doing`: bad input when the tool refused its input.
+    fn tool(doing: String, error: crate::tools::ToolError) -> Failure {
+        let exit = if error.is_bad_input() {
+            ExitCode::BadInput
+        } else {
+            ExitCode::Infrastructure
+        };
+        Failure {
+            exit,
+            error: Box::new(Context {
+                doing,
+                source: Box::new(error),
+            }),
+        }
+    }
+
+    /// An image command failed.
+    fn image(error: image::ImageError) -> Failure {
+        Failure {
+            exit: error.exit_code(),
+            error: Box::new(error),
+        }
+    }
+
+    /// A build record could not be found or read: a missing build is the user's input.
+    fn record(error: records::RecordError) -> Failure {
+        match error {
+            records::RecordError::NoBuilds(_) | records::RecordError::NoSuchBuild { .. } => {
+                Failure::input(error)
+            }
+            _ => Failure::host(error),
+        }
+    }
+}
+
+/// Prints a command's error, if any, with its chain, and turns it into the exit code.
+fn report(result: Result<(), Failure>) -> std::process::ExitCode {
     match result {
         Ok(()) => ExitCode::Success.into(),
-        Err(message) => {
-            eprintln!("contractor: {}", escape(&message));
-            ExitCode::BadInput.into()
+        Err(failure) => {
+            eprintln!("contractor: {}", escape(&chain(failure.error.as_ref())));
+            failure.exit.into()
         }
     }
 }
@@ -507,15 +579,10 @@ fn store_of(file: &Path) -> PathBuf {
     crate::paths::store_dir(dir)
 }
 
-fn list_caches(file: &Path) -> Result<(), String> {
+fn list_caches(file: &Path) -> Result<(), Failure> {
     let store = store_of(file);
-    let entries = crate::cache::list(&store).map_err(|e| {
-        format!(
-            "cannot read the cache in {}: {}",
-            store.display(),
-            chain(&e)
-        )
-    })?;
+    let entries = crate::cache::list(&store)
+        .map_err(|e| Failure::tool(format!("cannot read the cache in {}", store.display()), e))?;
     println!("{:>10}  {:<24} PATHS", "SIZE", "SAVED BY");
     for entry in entries {
         let size = entry.bytes;
@@ -528,8 +595,8 @@ fn list_caches(file: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn list_builds(file: &Path) -> Result<(), String> {
-    let records = records::list(&store_of(file)).map_err(|e| chain(&e))?;
+fn list_builds(file: &Path) -> Result<(), Failure> {
+    let records = records::list(&store_of(file)).map_err(Failure::record)?;
     println!(
         "{:<24} {:<19} {:<14} {:>9}",
         "BUILD", "STARTED", "RESULT", "DURATION"
@@ -553,8 +620,8 @@ fn list_builds(file: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn list_images() -> Result<(), String> {
-    let images = image::list().map_err(|e| chain(&e))?;
+fn list_images() -> Result<(), Failure> {
+    let images = image::list().map_err(Failure::image)?;
     println!(
         "{:<18} {:>9} {:<19} {:<14} DISK SHA256",
         "IMAGE", "SIZE", "BUILT", "AGENT"
@@ -582,8 +649,8 @@ fn outcome_name(outcome: Outcome) -> &'static str {
     }
 }
 
-fn show_build(file: &Path, id: Option<&str>) -> Result<(), String> {
-    let record = records::open(&store_of(file), id).map_err(|e| chain(&e))?;
+fn show_build(file: &Path, id: Option<&str>) -> Result<(), Failure> {
+    let record = records::open(&store_of(file), id).map_err(Failure::record)?;
     println!("build:     {}", escape(&record.id));
     println!("started:   {}", records::started(&record.id));
     let Some(result) = &record.result else {
@@ -621,16 +688,21 @@ fn show_build(file: &Path, id: Option<&str>) -> Result<(), String> {
     Ok(())
 }
 
-fn print_log(file: &Path, id: Option<&str>, console: bool) -> Result<(), String> {
+fn print_log(file: &Path, id: Option<&str>, console: bool) -> Result<(), Failure> {
     use std::io::Write;
-    let record = records::open(&store_of(file), id).map_err(|e| chain(&e))?;
+    let record = records::open(&store_of(file), id).map_err(Failure::record)?;
     let bytes = records::read_file(&record, if console { "console.log" } else { "build.log" })
-        .map_err(|e| chain(&e))?;
+        .map_err(Failure::record)?;
     let mut stdout = std::io::stdout().lock();
     stdout
         .write_all(&bytes)
         .and_then(|()| stdout.flush())
-        .map_err(|e| format!("cannot write the log: {e}"))
+        .map_err(|e| {
+            Failure::host(Context {
+                doing: "cannot write the log".into(),
+                source: Box::new(e),
+            })
+        })
 }
 
 fn console_tail(path: &std::path::Path) -> Vec<String> {

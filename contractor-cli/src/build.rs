@@ -22,7 +22,7 @@ use std::time::Instant;
 use contractor_protocol::agent::{Job, Keep};
 use contractor_protocol::build::BuildEvent;
 use contractor_protocol::proxy::{Decision, Verdict};
-use contractor_protocol::result::{BuildResult, ErrorInfo, Limit, Outcome};
+use contractor_protocol::result::{BuildCode, BuildResult, ErrorInfo, Limit, Outcome};
 use contractor_protocol::run::{RunEvent, RunRequest};
 use contractor_protocol::service::Ready;
 use contractor_protocol::vm::{Accel, VmInfo, VmRequest, VmResult, VmSpec};
@@ -103,8 +103,8 @@ pub enum BuildError {
         source: std::io::Error,
     },
     /// The data directory is unknown.
-    #[error("{0}")]
-    DataDir(String),
+    #[error("cannot tell the data directory")]
+    DataDir(#[source] contractor_protocol::image::NoDataDir),
     /// The project's store directory is not one Contractor may write into.
     #[error("cannot keep the build record in this project")]
     StoreDir(#[source] paths::StoreDirError),
@@ -113,22 +113,22 @@ pub enum BuildError {
 impl BuildError {
     /// How a build that failed with this error ended, and its code in `result.json`: `failed`
     /// when the project is at fault, `infrastructure` otherwise.
-    pub fn outcome(&self) -> (Outcome, &'static str) {
+    pub fn outcome(&self) -> (Outcome, BuildCode) {
         match self {
             BuildError::Source(source::SourceError::TooManyEntries { .. }) => {
-                (Outcome::Failed, "source_too_many_entries")
+                (Outcome::Failed, BuildCode::SourceTooManyEntries)
             }
             BuildError::Source(err) if err.is_project_error() => {
-                (Outcome::Failed, "source_unreadable")
+                (Outcome::Failed, BuildCode::SourceUnreadable)
             }
-            BuildError::Source(_) => (Outcome::Infrastructure, "source_pack"),
-            BuildError::Image(_) => (Outcome::Infrastructure, "image"),
-            BuildError::Record { .. } => (Outcome::Infrastructure, "record"),
-            BuildError::Cache { .. } => (Outcome::Infrastructure, "cache_prepare"),
-            BuildError::Service(..) => (Outcome::Infrastructure, "service_start"),
-            BuildError::Private { .. } => (Outcome::Infrastructure, "private_dir"),
-            BuildError::DataDir(_) => (Outcome::Infrastructure, "data_dir"),
-            BuildError::StoreDir(_) => (Outcome::Failed, "store_dir"),
+            BuildError::Source(_) => (Outcome::Infrastructure, BuildCode::SourcePack),
+            BuildError::Image(_) => (Outcome::Infrastructure, BuildCode::Image),
+            BuildError::Record { .. } => (Outcome::Infrastructure, BuildCode::Record),
+            BuildError::Cache { .. } => (Outcome::Infrastructure, BuildCode::CachePrepare),
+            BuildError::Service(..) => (Outcome::Infrastructure, BuildCode::ServiceStart),
+            BuildError::Private { .. } => (Outcome::Infrastructure, BuildCode::PrivateDir),
+            BuildError::DataDir(_) => (Outcome::Infrastructure, BuildCode::DataDir),
+            BuildError::StoreDir(_) => (Outcome::Failed, BuildCode::StoreDir),
         }
     }
 }
@@ -149,7 +149,7 @@ fn close_failed_record(record: &Path, id: &str, started: Instant, err: BuildErro
         artifacts: Vec::new(),
         refused_hosts: Vec::new(),
         limit: None,
-        error: Some(ErrorInfo::from_error(code, &err)),
+        error: Some(ErrorInfo::from_error(code.as_str(), &err)),
     };
     let path = record.join("result.json");
     let text = serde_json::to_string_pretty(&result).unwrap_or_default();
@@ -339,7 +339,7 @@ pub fn build(
         if let Some(pattern) = missing_artifacts(&record.join("artifacts"), &spec.artifacts) {
             ran.outcome = Outcome::Failed;
             ran.error = Some(ErrorInfo {
-                code: "artifact_missing".into(),
+                code: BuildCode::ArtifactMissing.as_str().into(),
                 chain: vec![format!(
                     "no stored artifact matches the declared artifact {pattern:?} ([build] artifacts), although the guest reported success"
                 )],
@@ -632,12 +632,12 @@ struct Ran {
 }
 
 impl Ran {
-    fn failed(outcome: Outcome, code: &str, message: String) -> Ran {
+    fn failed(outcome: Outcome, code: BuildCode, message: String) -> Ran {
         Ran {
             outcome,
             exit_code: None,
             error: Some(ErrorInfo {
-                code: code.into(),
+                code: code.as_str().into(),
                 chain: vec![message],
             }),
             limit: None,
@@ -645,11 +645,11 @@ impl Ran {
         }
     }
 
-    fn infrastructure(code: &str, err: &(dyn std::error::Error + 'static)) -> Ran {
+    fn infrastructure(code: BuildCode, err: &(dyn std::error::Error + 'static)) -> Ran {
         Ran {
             outcome: Outcome::Infrastructure,
             exit_code: None,
-            error: Some(ErrorInfo::from_error(code, err)),
+            error: Some(ErrorInfo::from_error(code.as_str(), err)),
             limit: None,
             kept: None,
         }
@@ -658,7 +658,7 @@ impl Ran {
     fn interrupted(signal: &str) -> Ran {
         Ran::failed(
             Outcome::Interrupted,
-            "interrupted",
+            BuildCode::Interrupted,
             format!("the build was interrupted ({signal}); its VM was destroyed"),
         )
     }
@@ -862,7 +862,7 @@ fn run_in_vm(
     interruption: &Interruption,
 ) -> Ran {
     if let Err(err) = paths::create_dir_world_readable(&vm_spec.work_dir) {
-        return Ran::infrastructure("vm_work_dir", &err);
+        return Ran::infrastructure(BuildCode::VmWorkDir, &err);
     }
     if let Some(signal) = interruption.signal() {
         return Ran::interrupted(signal);
@@ -876,7 +876,7 @@ fn run_in_vm(
             drop(err);
             return Ran::interrupted(interruption.signal().unwrap_or("Ctrl-C"));
         }
-        Err(err) => return Ran::infrastructure("vm_create", &err),
+        Err(err) => return Ran::infrastructure(BuildCode::VmCreate, &err),
     };
     display.event(&BuildEvent::VmStarted {
         name: vm.info.name.clone(),
@@ -889,7 +889,7 @@ fn run_in_vm(
         let _ = vm.release();
         return Ran::failed(
             Outcome::Infrastructure,
-            "vm_channels",
+            BuildCode::VmChannels,
             "libvirt did not report the VM's channel sockets".into(),
         );
     };
@@ -960,12 +960,12 @@ fn run_in_vm(
         },
         Ok(_) => Ran::failed(
             Outcome::Infrastructure,
-            "run",
+            BuildCode::Run,
             "contractor-run ended without a finished event".into(),
         ),
         Err(err) => match interruption.signal() {
             Some(signal) => Ran::interrupted(signal),
-            None => Ran::infrastructure("run", &err),
+            None => Ran::infrastructure(BuildCode::Run, &err),
         },
     }
 }
@@ -1139,7 +1139,7 @@ fn close_abandoned_records(store_root: &Path) {
             refused_hosts: Vec::new(),
             limit: None,
             error: Some(ErrorInfo {
-                code: "abandoned".into(),
+                code: BuildCode::Abandoned.as_str().into(),
                 chain: vec![format!(
                     "the contractor process (pid {}) ended before the build finished; libvirt destroyed its VM",
                     pid.map_or("unknown".to_string(), |p| p.to_string())

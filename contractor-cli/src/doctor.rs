@@ -98,7 +98,7 @@ pub fn check(uri: &str) -> Vec<Finding> {
     }
 
     match crate::paths::data_dir() {
-        Err(err) => findings.push(finding(Status::Fail, "data directory", err)),
+        Err(err) => findings.push(finding(Status::Fail, "data directory", err.to_string())),
         Ok(dir) => {
             let default = crate::spec::DEFAULT_IMAGE;
             findings.push(match crate::image::list() {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 /// The data directory: `$CONTRACTOR_DATA_DIR`, else `/var/lib/contractor` for root, else
 /// `$XDG_DATA_HOME/contractor`, else `~/.local/share/contractor` (the same rule as
 /// contractor-vm's, which keeps the images there).
-pub fn data_dir() -> Result<PathBuf, String> {
+pub fn data_dir() -> Result<PathBuf, contractor_protocol::image::NoDataDir> {
     contractor_protocol::image::data_dir()
 }
 

@@ -46,7 +46,7 @@ pub const DATA_DIR_ENV: &str = "CONTRACTOR_DATA_DIR";
 /// The data directory, where images (`images/`) and VM scratch space (`vms/`) live:
 /// `$CONTRACTOR_DATA_DIR`, else `/var/lib/contractor` for root (so that libvirt's QEMU user
 /// can read it), else `$XDG_DATA_HOME/contractor`, else `~/.local/share/contractor`.
-pub fn data_dir() -> Result<PathBuf, String> {
+pub fn data_dir() -> Result<PathBuf, NoDataDir> {
     if let Some(dir) = std::env::var_os(DATA_DIR_ENV).filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(dir));
     }
@@ -58,11 +58,15 @@ pub fn data_dir() -> Result<PathBuf, String> {
     }
     match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
         Some(home) => Ok(PathBuf::from(home).join(".local/share/contractor")),
-        None => Err(format!(
-            "neither HOME nor XDG_DATA_HOME is set; set {DATA_DIR_ENV} to a directory for images"
-        )),
+        None => Err(NoDataDir),
     }
 }
+
+/// There is no data directory: no `$CONTRACTOR_DATA_DIR`, not root, neither `HOME` nor
+/// `XDG_DATA_HOME`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("neither HOME nor XDG_DATA_HOME is set; set {DATA_DIR_ENV} to a directory for images")]
+pub struct NoDataDir;
 
 /// `manifest.json` of an image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -83,6 +83,84 @@ impl ErrorInfo {
     }
 }
 
+/// The error codes `contractor build` itself writes into `result.json` (`error.code`) and
+/// its error objects. The tools' and the guest's own codes are carried through as they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildCode {
+    /// `bad_spec`: contractor.toml is invalid (an error object, exit 2).
+    BadSpec,
+    /// `build_setup`: the build could not be set up before its record existed.
+    BuildSetup,
+    /// `source_too_many_entries`: the project has more entries than a source tar may hold.
+    SourceTooManyEntries,
+    /// `source_unreadable`: a project file could not be read.
+    SourceUnreadable,
+    /// `source_pack`: the host could not write the source tar.
+    SourcePack,
+    /// `image`: the builder image could not be built or found.
+    Image,
+    /// `record`: the build record could not be written.
+    Record,
+    /// `cache_prepare`: the build cache could not be prepared.
+    CachePrepare,
+    /// `service_start`: the store or the proxy did not start.
+    ServiceStart,
+    /// `private_dir`: the private directory for the store token could not be made.
+    PrivateDir,
+    /// `data_dir`: the data directory cannot be told.
+    DataDir,
+    /// `store_dir`: the project's store directory is not one Contractor may write into.
+    StoreDir,
+    /// `artifact_missing`: the guest reported success, but a declared artifact is not stored.
+    ArtifactMissing,
+    /// `vm_work_dir`: the VMs' work directory could not be made.
+    VmWorkDir,
+    /// `vm_create`: contractor-vm could not create the VM.
+    VmCreate,
+    /// `vm_channels`: libvirt reported no channel sockets for the VM.
+    VmChannels,
+    /// `run`: contractor-run failed or ended without `finished`.
+    Run,
+    /// `interrupted`: Ctrl-C or SIGTERM ended the build.
+    Interrupted,
+    /// `abandoned`: the front end died before the build finished (found by the next build).
+    Abandoned,
+}
+
+impl BuildCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildCode::BadSpec => "bad_spec",
+            BuildCode::BuildSetup => "build_setup",
+            BuildCode::SourceTooManyEntries => "source_too_many_entries",
+            BuildCode::SourceUnreadable => "source_unreadable",
+            BuildCode::SourcePack => "source_pack",
+            BuildCode::Image => "image",
+            BuildCode::Record => "record",
+            BuildCode::CachePrepare => "cache_prepare",
+            BuildCode::ServiceStart => "service_start",
+            BuildCode::PrivateDir => "private_dir",
+            BuildCode::DataDir => "data_dir",
+            BuildCode::StoreDir => "store_dir",
+            BuildCode::ArtifactMissing => "artifact_missing",
+            BuildCode::VmWorkDir => "vm_work_dir",
+            BuildCode::VmCreate => "vm_create",
+            BuildCode::VmChannels => "vm_channels",
+            BuildCode::Run => "run",
+            BuildCode::Interrupted => "interrupted",
+            BuildCode::Abandoned => "abandoned",
+        }
+    }
+}
+
+impl std::fmt::Display for BuildCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An error and its sources, outermost first: what a tool prints joined with ": ".
 pub fn error_chain(err: &dyn std::error::Error) -> Vec<String> {
     let mut chain = vec![err.to_string()];
@@ -144,6 +222,16 @@ pub struct BuildResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_build_code_reads_on_the_wire_as_its_name() {
+        let json = serde_json::to_string(&BuildCode::ArtifactMissing).expect("json");
+        assert_eq!(json, format!("\"{}\"", BuildCode::ArtifactMissing.as_str()));
+        assert_eq!(
+            BuildCode::SourceTooManyEntries.as_str(),
+            "source_too_many_entries"
+        );
+    }
 
     #[derive(Debug, thiserror::Error)]
     #[error("cannot start the VM")]

@@ -93,8 +93,8 @@ pub enum ImageError {
     )]
     Locate(#[source] std::io::Error),
     /// The data directory cannot be told.
-    #[error("{0}")]
-    DataDir(String),
+    #[error("cannot tell the data directory")]
+    DataDir(#[source] contractor_protocol::image::NoDataDir),
     /// The name is not an image name.
     #[error("{name:?} is not an image name: use lower-case letters, digits, '.', '_' and '-', starting with a letter or digit, at most 64 (e.g. \"my-distro\")")]
     BadName {

@@ -69,8 +69,17 @@ const READ_AHEAD: usize = 4;
 const SMALL_FILE: u64 = 64 * 1024;
 
 /// After refusing an upload midway, the store reads and discards up to this much of the rest
-/// of its body, so that the client (still sending) receives the answer instead of a reset.
-const DRAIN_LIMIT: u64 = 16 << 20;
+/// of its body, so that the client (still sending) receives the answer instead of a reset:
+/// 1 GiB, the default `max_artifacts`, so that a refused upload of that size still hears
+/// why. Draining writes nothing; it ends after [`DRAIN_IDLE`] without a byte, and after
+/// [`DRAIN_TIME`] in all.
+const DRAIN_LIMIT: u64 = 1 << 30;
+
+/// A draining upload that sends nothing for this long is answered at once.
+const DRAIN_IDLE: Duration = Duration::from_secs(5);
+
+/// The longest the store drains one refused upload.
+const DRAIN_TIME: Duration = Duration::from_secs(60);
 
 /// What to serve. Build it with [`StoreConfig::new`] and set the fields you need, so that
 /// fields added later keep their defaults.
@@ -1010,7 +1019,7 @@ fn wants_listing(request: &Request<Incoming>) -> bool {
     in_query || accepts_json
 }
 
-/// Reads and discards up to `limit` more bytes of `body` (for at most a few seconds), then
+/// Reads and discards up to `limit` more bytes of `body` (see [`DRAIN_LIMIT`]), then
 /// answers `response`: a client that is still sending then reads the answer rather than a
 /// connection reset.
 async fn drain_then(mut body: Incoming, limit: u64, response: Response<Body>) -> Response<Body> {
@@ -1021,15 +1030,15 @@ async fn drain_then(mut body: Incoming, limit: u64, response: Response<Body>) ->
     let drain = async {
         let mut seen = 0u64;
         while seen <= limit {
-            match body.frame().await {
-                Some(Ok(frame)) => {
+            match tokio::time::timeout(DRAIN_IDLE, body.frame()).await {
+                Ok(Some(Ok(frame))) => {
                     seen += frame.data_ref().map_or(0, |d| d.len() as u64);
                 }
                 _ => break,
             }
         }
     };
-    let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+    let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
     response
 }
 

@@ -145,8 +145,7 @@ pub fn check(uri: &str) -> Vec<Finding> {
         }
     }
 
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         let user = std::env::var("USER").unwrap_or_default();
         let has_range = std::fs::read_to_string("/etc/subuid")
             .unwrap_or_default()
@@ -190,15 +189,8 @@ fn kvm_permission_problem() -> Option<String> {
 }
 
 fn free_bytes(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs is plain old data; zeroed is a valid value to be overwritten.
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid NUL-terminated path and a valid pointer to a statvfs.
-    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
-        return None;
-    }
-    Some(stat.f_bavail as u64 * stat.f_frsize as u64)
+    let stat = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some(stat.blocks_available() * stat.fragment_size())
 }
 
 fn gib(bytes: u64) -> String {

@@ -144,20 +144,7 @@ pub fn remove(name: &str) -> Result<(), ImageError> {
 
 /// `2026-11-25 14:15:02` (UTC) from Unix seconds.
 pub fn format_time(unix: u64) -> String {
-    let secs = i64::try_from(unix).unwrap_or(0);
-    // SAFETY: libc::tm is plain old data; all-zero is a valid value to be overwritten.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    // SAFETY: gmtime_r writes into our tm from a valid time_t.
-    unsafe { libc::gmtime_r(&secs, &mut tm) };
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
-        tm.tm_year + 1900,
-        tm.tm_mon + 1,
-        tm.tm_mday,
-        tm.tm_hour,
-        tm.tm_min,
-        tm.tm_sec
-    )
+    crate::clock::format_utc(unix)
 }
 
 /// sha256 of a file, hex.

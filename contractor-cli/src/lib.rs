@@ -6,6 +6,7 @@
 pub mod app;
 pub mod build;
 pub mod cache;
+pub mod clock;
 pub mod display;
 pub mod doctor;
 pub mod image;

@@ -12,6 +12,7 @@ use std::path::Path;
 
 use contractor_protocol::agent::{GuestMessage, HostMessage};
 use contractor_protocol::vm::VmResult;
+use nix::sys::termios::{self, SetArg, Termios};
 
 use crate::build::{KeptVm, KEPT_VM_FILE};
 
@@ -169,37 +170,25 @@ fn converse(vm: &KeptVm) -> Result<(), ShellError> {
 }
 
 fn terminal_size() -> (u16, u16) {
-    // SAFETY: winsize is plain old data; zeroed is a valid value.
-    let mut size: libc::winsize = unsafe { std::mem::zeroed() };
-    // SAFETY: TIOCGWINSZ fills the winsize we point to.
-    if unsafe { libc::ioctl(libc::STDIN_FILENO, libc::TIOCGWINSZ, &mut size) } == 0 {
-        (size.ws_col, size.ws_row)
-    } else {
-        (0, 0)
-    }
+    crate::sys::terminal_size(&std::io::stdin()).unwrap_or((0, 0))
 }
 
 /// The terminal in raw mode (keys go to the VM's shell as typed, Ctrl-C included) while it
 /// lives; restored when dropped. Nothing happens when stdin is not a terminal.
-struct RawMode(Option<libc::termios>);
+struct RawMode(Option<Termios>);
 
 impl RawMode {
     fn enter() -> RawMode {
-        if !std::io::stdin().is_terminal() {
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
             return RawMode(None);
         }
-        // SAFETY: termios is plain old data; tcgetattr fills it.
-        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: a valid descriptor and pointer.
-        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
+        let Ok(saved) = termios::tcgetattr(&stdin) else {
             return RawMode(None);
-        }
-        let mut raw = saved;
-        // SAFETY: cfmakeraw edits the struct we own; tcsetattr reads it.
-        unsafe {
-            libc::cfmakeraw(&mut raw);
-            libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw);
-        }
+        };
+        let mut raw = saved.clone();
+        termios::cfmakeraw(&mut raw);
+        let _ = termios::tcsetattr(&stdin, SetArg::TCSANOW, &raw);
         RawMode(Some(saved))
     }
 }
@@ -207,10 +196,7 @@ impl RawMode {
 impl Drop for RawMode {
     fn drop(&mut self) {
         if let Some(saved) = &self.0 {
-            // SAFETY: restores the settings read in `enter`.
-            unsafe {
-                libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved);
-            }
+            let _ = termios::tcsetattr(std::io::stdin(), SetArg::TCSANOW, saved);
         }
     }
 }

@@ -5,7 +5,7 @@
 
 mod util;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -525,8 +525,11 @@ fn ctrl_c_stops_the_build_within_seconds_and_says_so() {
     let project = Project::new(&small_spec("echo started; sleep 600", ""));
     let (mut child, name, lines) = start_build(&project);
     let interrupted = Instant::now();
-    // SAFETY: kill with a pid we own and a valid signal number.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT contractor");
     let status = child.wait().expect("wait");
     let took = interrupted.elapsed();
     let rest: Vec<String> = lines.iter().collect();
@@ -635,9 +638,11 @@ fn a_full_host_disk_fails_the_build_with_that_reason_and_keeps_earlier_records()
     ) {
         return;
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: mounting the small host file system this test fills needs root");
+    if !nix::unistd::geteuid().is_root() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED a_full_host_disk_fails_the_build_with_that_reason_and_keeps_earlier_records: mounting the small host file system it fills needs root"
+        );
         return;
     }
     let spec = |size: &str| {

@@ -13,6 +13,7 @@ pub mod build;
 pub mod error;
 pub mod exit;
 pub mod jsonl;
+pub mod limits;
 pub mod process;
 pub mod proxy;
 pub mod result;

@@ -93,7 +93,7 @@ impl StartError {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    if let Err(err) = contractor_run::rlimit::raise_nofile() {
+    if let Err(err) = contractor_protocol::limits::raise_open_files() {
         eprintln!("contractor-run: warning: cannot raise the open-files limit: {err}");
     }
     match run() {

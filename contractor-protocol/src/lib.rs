@@ -14,6 +14,7 @@ pub mod error;
 pub mod exit;
 pub mod jsonl;
 pub mod limits;
+pub mod locate;
 pub mod process;
 pub mod proxy;
 pub mod result;

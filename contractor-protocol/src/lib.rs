@@ -20,6 +20,7 @@ pub mod proxy;
 pub mod result;
 pub mod run;
 pub mod service;
+pub mod units;
 pub mod vm;
 
 pub use exit::ExitCode;

@@ -15,12 +15,15 @@ pub mod exit;
 pub mod file;
 pub mod image;
 pub mod jsonl;
+pub mod limits;
+pub mod locate;
 pub mod process;
 pub mod proxy;
 pub mod result;
 pub mod run;
 pub mod service;
 pub mod store;
+pub mod units;
 pub mod vm;
 
 pub use exit::ExitCode;

@@ -255,8 +255,8 @@ async fn one_way(from: &TcpStream, to: &TcpStream, counter: &Counter) -> io::Res
             Err(e) => return Err(e),
         };
         if filled == 0 {
-            // SAFETY: shutdown(2) on a socket this stream owns, which stays open.
-            let _ = unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+            // shutdown(2) on a socket this stream owns, which stays open.
+            let _ = nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write);
             return Ok(());
         }
         let mut sent = 0;

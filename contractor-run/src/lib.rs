@@ -11,7 +11,7 @@
 pub mod control;
 pub mod guest;
 pub mod host;
-pub mod rlimit;
+mod sys;
 pub mod text;
 pub mod tunnel;
 

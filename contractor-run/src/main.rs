@@ -93,7 +93,7 @@ impl StartError {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    if let Err(err) = contractor_run::rlimit::raise_nofile() {
+    if let Err(err) = contractor_protocol::limits::raise_open_files() {
         eprintln!("contractor-run: warning: cannot raise the open-files limit: {err}");
     }
     match run() {
@@ -177,113 +177,11 @@ fn escape_controls(line: &[u8]) -> Vec<u8> {
 /// The error for a request that did not parse: serde's message with the line, column and
 /// the field (`job.timeout_secs`) where it went wrong.
 fn json_error(text: &str, e: &serde_json::Error) -> StartError {
-    let message = e.to_string();
-    let suffix = format!(" at line {} column {}", e.line(), e.column());
-    let detail = message
-        .strip_suffix(&suffix)
-        .unwrap_or(&message)
-        .to_string();
-    if e.line() == 0 {
-        return StartError::Json {
-            at: String::new(),
-            detail,
-        };
+    let located = contractor_protocol::locate::locate(text, e);
+    StartError::Json {
+        at: located.at(),
+        detail: located.detail,
     }
-    let field = field_at(text, offset_of(text, e.line(), e.column()));
-    let at = if field.is_empty() {
-        format!(" at line {}, column {}", e.line(), e.column())
-    } else {
-        format!(" at line {}, column {}, in `{field}`", e.line(), e.column())
-    };
-    StartError::Json { at, detail }
-}
-
-/// The byte offset of serde_json's (line, column) in `text`.
-fn offset_of(text: &str, line: usize, column: usize) -> usize {
-    let line_start: usize = text
-        .split_inclusive('\n')
-        .take(line.saturating_sub(1))
-        .map(str::len)
-        .sum();
-    (line_start + column).min(text.len())
-}
-
-/// The field (`job.artifacts[0]`) at a byte offset of a JSON text: the member the offset is
-/// in, unless the byte just before it opened a container (then the container's own field).
-fn field_at(text: &str, offset: usize) -> String {
-    enum Frame {
-        Object {
-            key: Option<String>,
-            expect_key: bool,
-        },
-        Array {
-            index: usize,
-        },
-    }
-    let bytes = &text.as_bytes()[..offset.min(text.len())];
-    let mut stack: Vec<Frame> = Vec::new();
-    let (mut in_string, mut escaped, mut string) = (false, false, Vec::new());
-    for &byte in bytes {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if byte == b'\\' {
-                escaped = true;
-            } else if byte == b'"' {
-                in_string = false;
-                if let Some(Frame::Object { key, expect_key }) = stack.last_mut() {
-                    if *expect_key {
-                        *key = Some(String::from_utf8_lossy(&string).into_owned());
-                        *expect_key = false;
-                    }
-                }
-                continue;
-            }
-            string.push(byte);
-            continue;
-        }
-        match byte {
-            b'"' => {
-                in_string = true;
-                string.clear();
-            }
-            b'{' => stack.push(Frame::Object {
-                key: None,
-                expect_key: true,
-            }),
-            b'[' => stack.push(Frame::Array { index: 0 }),
-            b'}' | b']' => {
-                stack.pop();
-            }
-            b',' => match stack.last_mut() {
-                Some(Frame::Object { key, expect_key }) => {
-                    *key = None;
-                    *expect_key = true;
-                }
-                Some(Frame::Array { index }) => *index += 1,
-                None => {}
-            },
-            _ => {}
-        }
-    }
-    let last = bytes.iter().rev().find(|b| !b.is_ascii_whitespace());
-    if !in_string && matches!(last, Some(b'{' | b'[')) {
-        stack.pop();
-    }
-    let mut path = String::new();
-    for frame in &stack {
-        match frame {
-            Frame::Object { key: Some(key), .. } => {
-                if !path.is_empty() {
-                    path.push('.');
-                }
-                path.push_str(key);
-            }
-            Frame::Object { key: None, .. } => break,
-            Frame::Array { index } => path.push_str(&format!("[{index}]")),
-        }
-    }
-    path
 }
 
 #[cfg(test)]
@@ -327,11 +225,5 @@ mod tests {
         );
         let back: RunEvent = serde_json::from_str(text).expect("still JSON");
         assert_eq!(back, event);
-    }
-
-    #[test]
-    fn escaped_quotes_in_strings_do_not_confuse_the_field() {
-        assert_eq!(field_at(r#"{"a":"x\"y","b":"#, 17), "b");
-        assert_eq!(field_at(r#"{"a":{"c":[1,{"d":"#, 18), "a.c[1].d");
     }
 }

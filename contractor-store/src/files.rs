@@ -22,6 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::io::{Read, Write};
 
 use bytes::{Bytes, BytesMut};
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
 
 use crate::digest::{DigestCache, FileVersion, Hasher, Sha256};
 use crate::path::StorePath;
@@ -130,7 +132,7 @@ impl RootDir {
         use std::os::unix::fs::OpenOptionsExt;
         let dir = std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_DIRECTORY | libc::O_PATH)
+            .custom_flags((OFlag::O_DIRECTORY | OFlag::O_PATH).bits())
             .open(root)
             .ok()
             .map(std::os::fd::OwnedFd::from);
@@ -164,16 +166,16 @@ impl RootDir {
                     .map_err(|e| FileError::io("inspect", &path.under(&self.path))(e))?;
                 finish_open(file, &metadata, &self.path, path, preread)
             }
-            Err(e) if is_absent(&e) || e.raw_os_error() == Some(libc::ELOOP) => {
+            Err(e) if is_absent(&e) || e.raw_os_error() == Some(Errno::ELOOP as i32) => {
                 Err(FileError::NotFound)
             }
             // Leads outside the root, or through an absolute symlink; or a rename raced
             // with the lookup: the slower check decides.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EXDEV | libc::EAGAIN)) => {
+            Err(e) if errno_is(&e, &[Errno::EXDEV, Errno::EAGAIN]) => {
                 open_for_read(&self.path, path, preread)
             }
             // No openat2 here (ENOSYS, or EPERM under seccomp): stop trying it.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
+            Err(e) if errno_is(&e, &[Errno::ENOSYS, Errno::EPERM]) => {
                 self.beneath.store(false, Relaxed);
                 open_for_read(&self.path, path, preread)
             }
@@ -200,42 +202,22 @@ fn relative_c_path(path: &StorePath) -> std::ffi::CString {
     std::ffi::CString::new(bytes).unwrap_or_default()
 }
 
+/// Whether `err` is one of the system errors `errnos`.
+fn errno_is(err: &io::Error, errnos: &[Errno]) -> bool {
+    err.raw_os_error()
+        .is_some_and(|raw| errnos.contains(&Errno::from_raw(raw)))
+}
+
 /// `openat2(dir, relative, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC, RESOLVE_BENEATH)`.
 fn openat2_beneath(
     dir: &std::os::fd::OwnedFd,
     relative: &std::ffi::CStr,
 ) -> io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
-    // The kernel's `struct open_how` (libc's is non-exhaustive, so it cannot be built here).
-    #[repr(C)]
-    struct OpenHow {
-        flags: u64,
-        mode: u64,
-        resolve: u64,
-    }
-    let how = OpenHow {
-        flags: u64::try_from(flags).unwrap_or_default(),
-        mode: 0,
-        resolve: libc::RESOLVE_BENEATH,
-    };
-    // SAFETY: the path is NUL-terminated and `how` is a valid open_how whose size is passed
-    // along; both outlive the call, which only reads them.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dir.as_raw_fd(),
-            relative.as_ptr(),
-            std::ptr::from_ref(&how),
-            std::mem::size_of::<OpenHow>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = libc::c_int::try_from(fd).map_err(io::Error::other)?;
-    // SAFETY: the kernel just returned this descriptor, and nothing else owns it.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    use nix::fcntl::{OpenHow, ResolveFlag};
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_BENEATH);
+    Ok(nix::fcntl::openat2(dir, relative, how)?)
 }
 
 /// Opens the regular file `path` names beneath `root` (which must be canonical), following
@@ -250,11 +232,11 @@ pub fn open_for_read(root: &Path, path: &StorePath, preread: u64) -> Result<Open
     // Non-blocking so that a FIFO cannot hold the open; no controlling terminal, ever.
     let opened = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .custom_flags((OFlag::O_NONBLOCK | OFlag::O_NOCTTY).bits())
         .open(&requested);
     let file = match opened {
         Ok(file) => file,
-        Err(e) if is_absent(&e) || e.raw_os_error() == Some(libc::ELOOP) => {
+        Err(e) if is_absent(&e) || e.raw_os_error() == Some(Errno::ELOOP as i32) => {
             return Err(FileError::NotFound)
         }
         Err(e) => return Err(FileError::io("open", &requested)(e)),
@@ -820,7 +802,7 @@ fn write_all_at(file: &std::fs::File, mut data: &[u8], mut offset: u64) -> io::R
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => (data, offset) = (&data[n..], offset + n as u64),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if !refused && e.raw_os_error() == Some(libc::EINVAL) => {
+            Err(e) if !refused && e.raw_os_error() == Some(Errno::EINVAL as i32) => {
                 set_direct(file, false)?;
                 refused = true;
             }
@@ -832,23 +814,10 @@ fn write_all_at(file: &std::fs::File, mut data: &[u8], mut offset: u64) -> io::R
 
 /// Turns `O_DIRECT` on or off for `file`; fails where the file system does not support it.
 fn set_direct(file: &std::fs::File, on: bool) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    // SAFETY: F_GETFL and F_SETFL only read and set the status flags of a descriptor that
-    // `file` owns for the duration of the call.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let flags = if on {
-        flags | libc::O_DIRECT
-    } else {
-        flags & !libc::O_DIRECT
-    };
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    use nix::fcntl::{fcntl, FcntlArg};
+    let mut flags = OFlag::from_bits_retain(fcntl(file, FcntlArg::F_GETFL)?);
+    flags.set(OFlag::O_DIRECT, on);
+    fcntl(file, FcntlArg::F_SETFL(flags))?;
     Ok(())
 }
 
@@ -857,18 +826,7 @@ fn set_direct(file: &std::fs::File, on: bool) -> io::Result<()> {
 /// makes the upload durable, and it has less left to do. Errors are ignored for the same
 /// reason.
 fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    let (Ok(offset), Ok(len)) = (
-        libc::off64_t::try_from(offset),
-        libc::off64_t::try_from(len),
-    ) else {
-        return;
-    };
-    // SAFETY: sync_file_range only reads its integer arguments; the descriptor belongs to
-    // `file`, which outlives the call.
-    unsafe {
-        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
-    }
+    let _ = crate::sys::start_writeback(file, offset, len);
 }
 
 /// Sets the mode, syncs, renames into place and syncs the directory (blocking). The error

@@ -23,6 +23,7 @@ pub mod path;
 pub mod range;
 pub mod records;
 pub mod server;
+mod sys;
 
 pub use access::{generate_token, TokenTable};
 pub use path::{resolve, PathError, StorePath};

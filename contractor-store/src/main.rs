@@ -12,11 +12,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use contractor_protocol::service::Ready;
 use contractor_protocol::store::{CacheCleared, CacheKept, CacheList, CachePrepared};
+use contractor_protocol::units::{parse_duration, parse_size};
 use contractor_protocol::ExitCode;
 use contractor_store::cache::CacheError;
-use contractor_store::limits::parse_size;
 use contractor_store::pack::MAX_SOURCE_ENTRIES;
-use contractor_store::records::parse_age;
 use contractor_store::{GcOptions, Store, StoreConfig, TokenTable};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -93,7 +92,7 @@ With --json-errors a failure is also one {\"type\":\"error\",...} object on stdo
         #[arg(long, value_name = "N")]
         keep: Option<usize>,
         /// Remove only builds older than AGE (30m, 12h, 7d, 2w).
-        #[arg(long, value_name = "AGE", value_parser = parse_age)]
+        #[arg(long, value_name = "AGE", value_parser = parse_duration)]
         older_than: Option<Duration>,
         /// Report what would be removed; remove nothing.
         #[arg(long)]

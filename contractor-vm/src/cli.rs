@@ -323,254 +323,26 @@ impl CliError {
 /// The error object of `--json-errors`, shared by every tool.
 pub use contractor_protocol::error::ErrorObject;
 
-/// The structure of a JSON text read byte by byte: the open containers and the current key.
-/// Enough to name the field at an error's position, to find where the first value ends, and
-/// to find each top-level member's value.
-#[derive(Debug, Default)]
-struct JsonCursor {
-    stack: Vec<Frame>,
-    in_string: bool,
-    escaped: bool,
-    string: Vec<u8>,
-    started: bool,
-}
-
-#[derive(Debug)]
-enum Frame {
-    Object {
-        key: Option<String>,
-        expect_key: bool,
-    },
-    Array {
-        index: usize,
-    },
-}
-
-impl JsonCursor {
-    fn feed(&mut self, byte: u8) {
-        if self.in_string {
-            if self.escaped {
-                self.escaped = false;
-            } else if byte == b'\\' {
-                self.escaped = true;
-            } else if byte == b'"' {
-                self.in_string = false;
-                if let Some(Frame::Object { key, expect_key }) = self.stack.last_mut() {
-                    if *expect_key {
-                        *key = Some(String::from_utf8_lossy(&self.string).into_owned());
-                        *expect_key = false;
-                    }
-                }
-                return;
-            }
-            self.string.push(byte);
-            return;
-        }
-        if !byte.is_ascii_whitespace() {
-            self.started = true;
-        }
-        match byte {
-            b'"' => {
-                self.in_string = true;
-                self.string.clear();
-            }
-            b'{' => self.stack.push(Frame::Object {
-                key: None,
-                expect_key: true,
-            }),
-            b'[' => self.stack.push(Frame::Array { index: 0 }),
-            b'}' | b']' => {
-                self.stack.pop();
-            }
-            b',' => match self.stack.last_mut() {
-                Some(Frame::Object { key, expect_key }) => {
-                    *key = None;
-                    *expect_key = true;
-                }
-                Some(Frame::Array { index }) => *index += 1,
-                None => {}
-            },
-            _ => {}
-        }
-    }
-
-    /// The field the cursor is in: `spec.image.kernel`, `job.artifacts[0]`.
-    fn path(&self) -> String {
-        let mut path = String::new();
-        for frame in &self.stack {
-            match frame {
-                Frame::Object { key: Some(key), .. } if path.is_empty() => path.push_str(key),
-                Frame::Object { key: Some(key), .. } => {
-                    path.push('.');
-                    path.push_str(key);
-                }
-                Frame::Object { key: None, .. } => break,
-                Frame::Array { index } => path.push_str(&format!("[{index}]")),
-            }
-        }
-        path
-    }
-
-    /// True once a whole value has been read and `byte` (just fed) ended it.
-    fn ended_first_value(&self, byte: u8) -> bool {
-        self.started
-            && self.stack.is_empty()
-            && !self.in_string
-            && matches!(byte, b'}' | b']' | b'\n')
-    }
-}
-
-/// The byte offset of serde_json's (line, column) in `text`.
-fn offset_of(text: &str, line: usize, column: usize) -> usize {
-    let line_start: usize = text
-        .split_inclusive('\n')
-        .take(line.saturating_sub(1))
-        .map(str::len)
-        .sum();
-    (line_start + column).min(text.len())
-}
-
-/// serde_json's (line, column) of a byte offset in `text`.
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text.as_bytes()[..offset.min(text.len())];
-    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    let column = before.len()
-        - before
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .map_or(0, |i| i + 1);
-    (line, column)
-}
-
-/// The field at a byte offset: the container the offset is in, unless the byte just before it
-/// opened that container (then the error is about the container itself).
-fn field_at(text: &str, offset: usize) -> String {
-    let mut cursor = JsonCursor::default();
-    let bytes = &text.as_bytes()[..offset.min(text.len())];
-    for &b in bytes {
-        cursor.feed(b);
-    }
-    if !cursor.in_string
-        && matches!(
-            bytes.iter().rev().find(|b| !b.is_ascii_whitespace()),
-            Some(b'{' | b'[')
-        )
-    {
-        cursor.stack.pop();
-    }
-    cursor.path()
-}
-
-/// Each top-level member of an object: its key, the offset of its `:`, its value's bytes.
-fn top_level_members(text: &str) -> Vec<(String, usize, std::ops::Range<usize>)> {
-    let mut cursor = JsonCursor::default();
-    let mut members = Vec::new();
-    let mut current: Option<(String, usize, Option<usize>)> = None;
-    for (i, &b) in text.as_bytes().iter().enumerate() {
-        let top = cursor.stack.len() == 1 && !cursor.in_string;
-        cursor.feed(b);
-        if !top {
-            continue;
-        }
-        match b {
-            b',' | b'}' => {
-                if let Some((key, colon, Some(start))) = current.take() {
-                    members.push((key, colon, start..i));
-                }
-            }
-            b':' => {
-                if let Some(Frame::Object { key: Some(key), .. }) = cursor.stack.last() {
-                    current = Some((key.clone(), i, None));
-                }
-            }
-            _ if b.is_ascii_whitespace() => {}
-            _ => {
-                if let Some((_, _, start @ None)) = &mut current {
-                    *start = Some(i);
-                }
-            }
-        }
-    }
-    members
-}
-
-/// serde's message without its ` at line L column C` suffix.
-fn detail(e: &serde_json::Error) -> String {
-    let text = e.to_string();
-    let suffix = format!(" at line {} column {}", e.line(), e.column());
-    text.strip_suffix(&suffix).unwrap_or(&text).to_string()
-}
-
-fn at(line: usize, column: usize, field: &str) -> String {
-    if field.is_empty() {
-        format!(" at line {line}, column {column}")
-    } else {
-        format!(" at line {line}, column {column}, in `{field}`")
-    }
-}
-
-/// The error for a request that did not parse, with its line, column and field. serde knows
-/// the position of syntax errors and of errors in plain structs; inside a tagged request
-/// (`VmRequest`) it does not, so each top-level member is parsed again on its own to find it.
+/// The error for a request that did not parse, with its line, column and field. Inside a
+/// tagged request (`VmRequest`) serde gives no position, so each top-level member is parsed
+/// again as its own type to find it.
 fn json_error(text: &str, e: serde_json::Error) -> CliError {
-    if e.line() != 0 {
-        let field = field_at(text, offset_of(text, e.line(), e.column()));
-        return CliError::Json {
-            at: at(e.line(), e.column(), &field),
-            detail: detail(&e),
-        };
-    }
-    for (key, colon, value) in top_level_members(text) {
-        let sub = &text[value.clone()];
-        let sub_error = match key.as_str() {
-            "spec" => serde_json::from_str::<VmSpec>(sub).err(),
-            "version" => serde_json::from_str::<u32>(sub).err(),
-            "type" | "uri" | "name" => serde_json::from_str::<String>(sub).err(),
-            _ => None,
-        };
-        if let Some(sub_error) = sub_error.filter(|s| s.line() != 0) {
-            let offset = value.start + offset_of(sub, sub_error.line(), sub_error.column());
-            let inner = field_at(sub, offset_of(sub, sub_error.line(), sub_error.column()));
-            let field = if inner.is_empty() {
-                key
-            } else if inner.starts_with('[') {
-                format!("{key}{inner}")
-            } else {
-                format!("{key}.{inner}")
-            };
-            let (line, column) = line_column(text, offset);
-            return CliError::Json {
-                at: at(line, column, &field),
-                detail: detail(&sub_error),
-            };
-        }
-        if detail(&e).starts_with(&format!("unknown field `{key}`")) {
-            let (line, column) = line_column(text, colon);
-            return CliError::Json {
-                at: at(line, column, &key),
-                detail: detail(&e),
-            };
-        }
-    }
+    let located = contractor_protocol::locate::locate_tagged(text, &e, |key, value| match key {
+        "spec" => serde_json::from_str::<VmSpec>(value).err(),
+        "version" => serde_json::from_str::<u32>(value).err(),
+        "type" | "uri" | "name" => serde_json::from_str::<String>(value).err(),
+        _ => None,
+    });
     CliError::Json {
-        at: String::new(),
-        detail: detail(&e),
+        at: located.at(),
+        detail: located.detail,
     }
 }
 
 /// Reads stdin up to the end of its first JSON value (a request object), leaving the rest
 /// unread.
 fn read_first_value<R: BufRead>(input: R) -> Result<String, CliError> {
-    let mut cursor = JsonCursor::default();
-    let mut text = Vec::new();
-    for byte in input.bytes() {
-        let byte = byte.map_err(CliError::Stdin)?;
-        text.push(byte);
-        cursor.feed(byte);
-        if cursor.ended_first_value(byte) {
-            break;
-        }
-    }
+    let text = contractor_protocol::locate::read_first_value(input).map_err(CliError::Stdin)?;
     String::from_utf8(text).map_err(|e| CliError::Json {
         at: String::new(),
         detail: format!("the request is not UTF-8 ({e})"),

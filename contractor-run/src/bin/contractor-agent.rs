@@ -10,7 +10,7 @@ fn main() -> std::process::ExitCode {
         }
         guest::init::run_as_init();
     }
-    if let Err(err) = contractor_run::rlimit::raise_nofile() {
+    if let Err(err) = contractor_protocol::limits::raise_open_files() {
         eprintln!("contractor-agent: warning: cannot raise the open-files limit: {err}");
     }
     let runtime = match tokio::runtime::Runtime::new() {

@@ -437,18 +437,13 @@ fn parse_vmstat(text: &str, key: &str) -> Option<u64> {
 /// Whether the file system holding `dir` is out of space or inodes for an ordinary user
 /// of it (less than 1 MiB or no inode left).
 fn disk_full(dir: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+    let Ok(stats) = nix::sys::statvfs::statvfs(dir) else {
         return false;
     };
-    // SAFETY: statvfs is plain old data; zeroed is a valid value.
-    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid NUL-terminated path and a pointer to a local statvfs.
-    if unsafe { libc::statvfs(path.as_ptr(), &mut stats) } != 0 {
-        return false;
-    }
-    let free = stats.f_bavail as u64 * stats.f_frsize as u64;
-    free < (1 << 20) || (stats.f_files > 0 && stats.f_favail == 0)
+    let free = stats
+        .blocks_available()
+        .saturating_mul(stats.fragment_size());
+    free < (1 << 20) || (stats.files() > 0 && stats.files_available() == 0)
 }
 
 pub(crate) async fn send<W: AsyncWrite + Unpin>(

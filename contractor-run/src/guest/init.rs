@@ -4,9 +4,13 @@
 //! Nothing here may return: if PID 1 exits, the kernel panics. Failures are printed on the
 //! console (the host keeps its log) and the VM powers off.
 
-use std::ffi::CString;
 use std::io;
+use std::os::fd::AsFd;
 use std::process::Command;
+
+use nix::errno::Errno;
+use nix::mount::MsFlags;
+use nix::unistd::Pid;
 
 use crate::guest::initrd;
 
@@ -65,7 +69,13 @@ pub fn run_as_init() -> ! {
     }
 
     match Command::new("/proc/self/exe").arg("serve").spawn() {
-        Ok(agent) => reap_until(agent.id() as libc::pid_t),
+        Ok(agent) => match i32::try_from(agent.id()) {
+            Ok(pid) => reap_until(Pid::from_raw(pid)),
+            Err(_) => eprintln!(
+                "contractor-agent: the agent's pid {} is out of range",
+                agent.id()
+            ),
+        },
         Err(err) => eprintln!("contractor-agent: cannot start the agent: {err}"),
     }
     power_off()
@@ -86,26 +96,28 @@ fn root_on_build_disk() -> io::Result<bool> {
     std::fs::create_dir_all(disk)?;
     std::fs::create_dir_all(root)?;
     // The host leaves the inode tables uninitialised; do not zero them in the background.
-    initrd::mount(BUILD_DISK, disk, "ext4", libc::MS_NOATIME, "noinit_itable")
-        .map_err(|e| context(e, "mount the build disk"))?;
+    initrd::mount(
+        BUILD_DISK,
+        disk,
+        "ext4",
+        MsFlags::MS_NOATIME,
+        "noinit_itable",
+    )
+    .map_err(|e| context(e, "mount the build disk"))?;
     for dir in ["upper", "work"] {
         std::fs::create_dir_all(format!("{disk}/{dir}"))?;
     }
     load_module("kernel/fs/overlayfs/overlay.ko").map_err(|e| context(e, "load overlay.ko"))?;
     let layers = format!("lowerdir=/,upperdir={disk}/upper,workdir={disk}/work");
-    initrd::mount("overlay", root, "overlay", 0, &layers)
+    initrd::mount("overlay", root, "overlay", MsFlags::empty(), &layers)
         .map_err(|e| context(e, "mount the overlay root"))?;
     for target in ["/proc", "/sys", "/dev"] {
-        initrd::mount(target, &format!("{root}{target}"), "", libc::MS_MOVE, "")
+        initrd::mount(target, &format!("{root}{target}"), "", MsFlags::MS_MOVE, "")
             .map_err(|e| context(e, &format!("move {target}")))?;
     }
     std::env::set_current_dir(root)?;
-    initrd::mount(".", "/", "", libc::MS_MOVE, "").map_err(|e| context(e, "move the root"))?;
-    let dot = CString::new(".").expect("no NUL");
-    // SAFETY: a valid NUL-terminated path.
-    if unsafe { libc::chroot(dot.as_ptr()) } != 0 {
-        return Err(context(io::Error::last_os_error(), "chroot"));
-    }
+    initrd::mount(".", "/", "", MsFlags::MS_MOVE, "").map_err(|e| context(e, "move the root"))?;
+    nix::unistd::chroot(".").map_err(|e| context(e.into(), "chroot"))?;
     std::env::set_current_dir("/")?;
     Ok(true)
 }
@@ -113,15 +125,11 @@ fn root_on_build_disk() -> io::Result<bool> {
 /// Loads the kernel module at `relative` (under /lib/modules/<release>/), which must have
 /// no dependencies; a module that is built in or already loaded is fine.
 fn load_module(relative: &str) -> io::Result<()> {
-    // SAFETY: utsname is plain old data; zeroed is a valid value.
-    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
-    // SAFETY: a pointer to a local utsname.
-    if unsafe { libc::uname(&mut uts) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: uname fills release with a NUL-terminated string.
-    let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) };
-    let path = format!("/lib/modules/{}/{relative}", release.to_string_lossy());
+    let uts = nix::sys::utsname::uname()?;
+    let path = format!(
+        "/lib/modules/{}/{relative}",
+        uts.release().to_string_lossy()
+    );
     match initrd::load_module(&path) {
         // Built into this kernel.
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -134,16 +142,13 @@ fn context(err: io::Error, what: &str) -> io::Error {
 }
 
 /// Reaps children until `agent` has exited.
-fn reap_until(agent: libc::pid_t) {
+fn reap_until(agent: Pid) {
     loop {
-        let mut status = 0;
-        // SAFETY: waitpid with a valid pointer to a local status word.
-        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if pid == agent {
-            return;
-        }
-        if pid < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return;
+        match nix::sys::wait::waitpid(None, None) {
+            Ok(status) if status.pid() == Some(agent) => return,
+            Ok(_) | Err(Errno::EINTR) => {}
+            // ECHILD: no child left to wait for.
+            Err(_) => return,
         }
     }
 }
@@ -151,10 +156,8 @@ fn reap_until(agent: libc::pid_t) {
 /// Powers off at once, without syncing: the disk is a throwaway overlay and every result
 /// has already left the VM.
 fn power_off() -> ! {
-    // SAFETY: reboot takes no pointers; as PID 1 we may power the machine off.
-    unsafe {
-        libc::reboot(libc::RB_POWER_OFF);
-    }
+    // As PID 1 we may power the machine off.
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
     // reboot only returns on failure; PID 1 must not exit.
     loop {
         std::thread::sleep(std::time::Duration::from_secs(3600));
@@ -163,46 +166,26 @@ fn power_off() -> ! {
 
 fn mount(source: &str, target: &str, fstype: &str, data: &str) -> io::Result<()> {
     std::fs::create_dir_all(target)?;
-    match initrd::mount(source, target, fstype, libc::MS_NOSUID, data) {
+    match initrd::mount(source, target, fstype, MsFlags::MS_NOSUID, data) {
         // Already mounted (the initrd moves /proc, /sys, /dev and /run to the new root).
-        Err(err) if err.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+        Err(err) if err.raw_os_error() == Some(Errno::EBUSY as i32) => Ok(()),
         other => other,
     }
 }
 
 fn set_hostname(name: &str) {
-    // SAFETY: the pointer and length describe a valid byte slice.
-    unsafe {
-        libc::sethostname(name.as_ptr().cast(), name.len());
-    }
+    // As before: a builder without its hostname still builds.
+    let _ = nix::unistd::sethostname(name);
 }
 
 /// `ip link set lo up`, without needing iproute2 in the image.
 fn loopback_up() -> io::Result<()> {
-    // SAFETY: plain socket call; the descriptor is closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: ifreq is plain old data; zeroed is a valid value.
-    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in request.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: fd is a valid socket and request a valid ifreq for these ioctls.
-    let result = unsafe {
-        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut request) < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            if libc::ioctl(fd, libc::SIOCSIFFLAGS, &request) < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(())
-            }
-        }
-    };
-    // SAFETY: fd is ours.
-    unsafe { libc::close(fd) };
-    result
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    crate::sys::interface_up(fd.as_fd(), "lo")
 }

@@ -11,11 +11,13 @@
 //! stage 2 ([`crate::guest::init`]). The invariant: stage 1 either executes the real init
 //! or prints why not on the console and powers the VM off; it never returns.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::Path;
+
+use nix::errno::Errno;
+use nix::mount::{MntFlags, MsFlags};
 use std::time::{Duration, Instant};
 
 /// Contractor's files in the initramfs, and the list of modules to load (one initramfs path
@@ -77,8 +79,8 @@ pub fn switch_to_root() -> ! {
         }
         Err(err) => eprintln!("contractor-agent: stage 1: {err}"),
     }
-    // SAFETY: reboot takes no pointers; as PID 1 we may power the machine off.
-    unsafe { libc::reboot(libc::RB_POWER_OFF) };
+    // As PID 1 we may power the machine off.
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
@@ -86,9 +88,16 @@ pub fn switch_to_root() -> ! {
 
 /// Everything up to the exec: returns the path of the real init.
 fn prepare_root() -> Result<String, String> {
-    mount("devtmpfs", "/dev", "devtmpfs", 0, "mode=0755")
-        .map_err(|e| format!("cannot mount /dev: {e}"))?;
-    mount("proc", "/proc", "proc", 0, "").map_err(|e| format!("cannot mount /proc: {e}"))?;
+    mount(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::empty(),
+        "mode=0755",
+    )
+    .map_err(|e| format!("cannot mount /dev: {e}"))?;
+    mount("proc", "/proc", "proc", MsFlags::empty(), "")
+        .map_err(|e| format!("cannot mount /proc: {e}"))?;
     let cmdline = std::fs::read_to_string("/proc/cmdline")
         .map_err(|e| format!("cannot read /proc/cmdline: {e}"))?;
     let params = BootParams::parse(&cmdline);
@@ -103,7 +112,11 @@ fn prepare_root() -> Result<String, String> {
         }
     }
 
-    let flags = if params.read_only { libc::MS_RDONLY } else { 0 };
+    let flags = if params.read_only {
+        MsFlags::MS_RDONLY
+    } else {
+        MsFlags::empty()
+    };
     let started = Instant::now();
     // The device node appears when the driver has probed the disk; mounting can fail for a
     // moment after that while the partition scan finishes.
@@ -130,21 +143,12 @@ fn prepare_root() -> Result<String, String> {
     let _ = std::fs::remove_dir_all(INITRAMFS_DIR);
     let _ = std::fs::remove_file("/init");
     for target in ["/proc", "/dev"] {
-        let target = cstring(target)?;
-        // SAFETY: a valid NUL-terminated path.
-        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        let _ = nix::mount::umount2(target, MntFlags::MNT_DETACH);
     }
 
     std::env::set_current_dir("/root").map_err(|e| format!("cannot enter /root: {e}"))?;
-    mount(".", "/", "", libc::MS_MOVE, "").map_err(|e| format!("cannot move the root: {e}"))?;
-    let dot = cstring(".")?;
-    // SAFETY: a valid NUL-terminated path.
-    if unsafe { libc::chroot(dot.as_ptr()) } != 0 {
-        return Err(format!(
-            "cannot change root: {}",
-            io::Error::last_os_error()
-        ));
-    }
+    mount(".", "/", "", MsFlags::MS_MOVE, "").map_err(|e| format!("cannot move the root: {e}"))?;
+    nix::unistd::chroot(".").map_err(|e| format!("cannot change root: {}", io::Error::from(e)))?;
     std::env::set_current_dir("/").map_err(|e| format!("cannot enter /: {e}"))?;
     // The console log tells how long the kernel and stage 1 took (guest uptime).
     eprintln!(
@@ -162,32 +166,13 @@ fn uptime() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-fn cstring(s: &str) -> Result<CString, String> {
-    CString::new(s).map_err(|_| format!("NUL in {s:?}"))
-}
-
 /// Loads one kernel module file (uncompressed `.ko`); one already loaded is fine.
 pub(crate) fn load_module(path: &str) -> io::Result<()> {
     let file = File::open(path)?;
-    let no_params: &CStr = c"";
-    // SAFETY: finit_module takes a valid descriptor, a NUL-terminated parameter string
-    // and flags; both outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_finit_module,
-            file.as_raw_fd(),
-            no_params.as_ptr(),
-            0,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
+    match nix::kmod::finit_module(&file, c"", nix::kmod::ModuleInitFlags::empty()) {
+        Ok(()) | Err(Errno::EEXIST) => Ok(()),
+        Err(err) => Err(err.into()),
     }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EEXIST) {
-        return Ok(());
-    }
-    Err(err)
 }
 
 /// mount(2), creating `target` first; an empty `fstype` passes none (for moves).
@@ -195,36 +180,14 @@ pub(crate) fn mount(
     source: &str,
     target: &str,
     fstype: &str,
-    flags: libc::c_ulong,
+    flags: MsFlags,
     data: &str,
 ) -> io::Result<()> {
     std::fs::create_dir_all(target)?;
-    let c = |s: &str| {
-        CString::new(s)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in mount argument"))
-    };
-    let (source, target, fstype, data) = (c(source)?, c(target)?, c(fstype)?, c(data)?);
-    let fstype_ptr = if fstype.as_bytes().is_empty() {
-        std::ptr::null()
-    } else {
-        fstype.as_ptr()
-    };
-    // SAFETY: all pointers are valid NUL-terminated strings (or null for no type) that
-    // outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype_ptr,
-            flags,
-            data.as_ptr().cast(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    let fstype = (!fstype.is_empty()).then_some(fstype);
+    // A NUL in an argument is EINVAL (InvalidInput).
+    nix::mount::mount(Some(source), target, fstype, flags, Some(data))?;
+    Ok(())
 }
 
 /// Replaces this process with `init` (it stays PID 1).
@@ -232,10 +195,11 @@ fn exec(init: &str) -> io::Error {
     let Ok(path) = CString::new(init) else {
         return io::Error::new(io::ErrorKind::InvalidInput, "NUL in init=");
     };
-    let argv = [path.as_ptr(), std::ptr::null()];
-    // SAFETY: path and argv are valid and NUL-terminated; execv only returns on failure.
-    unsafe { libc::execv(path.as_ptr(), argv.as_ptr()) };
-    io::Error::last_os_error()
+    // execv only returns on failure.
+    match nix::unistd::execv(&path, &[&path]) {
+        Err(err) => err.into(),
+        Ok(never) => match never {},
+    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
@@ -64,28 +64,13 @@ fn spawn_shell(
     rows: u16,
     term: Option<&str>,
 ) -> io::Result<(OwnedFd, std::process::Child)> {
-    let (mut master, mut slave) = (-1, -1);
-    let size = libc::winsize {
+    let size = nix::pty::Winsize {
         ws_row: if rows == 0 { 24 } else { rows },
         ws_col: if cols == 0 { 80 } else { cols },
         ws_xpixel: 0,
         ws_ypixel: 0,
     };
-    // SAFETY: valid pointers to two ints and a winsize; no name buffer or termios.
-    let rc = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            &size,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: openpty returned two fresh descriptors that nothing else owns.
-    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let nix::pty::OpenptyResult { master, slave } = nix::pty::openpty(&size, None)?;
     let shell = ["/bin/bash", "/bin/sh"]
         .into_iter()
         .find(|s| std::path::Path::new(s).exists())
@@ -106,17 +91,13 @@ fn spawn_shell(
         .stdin(Stdio::from(slave.try_clone()?))
         .stdout(Stdio::from(slave.try_clone()?))
         .stderr(Stdio::from(slave));
-    // SAFETY: between fork and exec only async-signal-safe calls: setsid and ioctl.
+    // SAFETY: between fork and exec the closure makes only async-signal-safe calls
+    // (setsid and ioctl, one system call each) and allocates nothing.
     unsafe {
         command.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            nix::unistd::setsid()?;
             // stdin is the terminal: make it the session's controlling terminal.
-            if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
+            crate::sys::stdin_as_controlling_terminal()
         });
     }
     let child = command.spawn()?;

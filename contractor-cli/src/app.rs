@@ -196,32 +196,8 @@ impl From<AccelArg> for Accel {
     }
 }
 
-/// Raises the soft limit of open files to the hard limit: a build holds the VM's channels,
-/// the proxy's and store's connections and the files they stream. Returns the soft limit
-/// now in force; if it cannot be raised, the old one stays (and is returned).
-fn raise_open_files_limit() -> Option<u64> {
-    // SAFETY: rlimit is plain old data; all-zero is a valid value.
-    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
-    // SAFETY: getrlimit fills the rlimit we point to.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return None;
-    }
-    if limit.rlim_cur < limit.rlim_max {
-        let raised = libc::rlimit {
-            rlim_cur: limit.rlim_max,
-            rlim_max: limit.rlim_max,
-        };
-        // SAFETY: setrlimit reads the rlimit we point to.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            return Some(raised.rlim_cur as u64);
-        }
-    }
-    Some(limit.rlim_cur as u64)
-}
-
 /// Runs the command line of this process and returns its exit code.
 pub fn main() -> std::process::ExitCode {
-    raise_open_files_limit();
     let cli = Cli::parse();
     match cli.command {
         Command::Build {
@@ -724,32 +700,3 @@ fn shown_chain(chain: &[String]) -> String {
 }
 
 use contractor_protocol::result::joined_chain as chain;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_open_files_limit_is_raised_to_the_hard_limit() {
-        // SAFETY: as in raise_open_files_limit.
-        let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
-        // SAFETY: getrlimit fills the rlimit we point to.
-        assert_eq!(
-            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
-            0
-        );
-        let lowered = libc::rlimit {
-            rlim_cur: limit.rlim_max.min(64),
-            rlim_max: limit.rlim_max,
-        };
-        // SAFETY: setrlimit reads the rlimit we point to.
-        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) }, 0);
-        assert_eq!(raise_open_files_limit(), Some(limit.rlim_max as u64));
-        // SAFETY: as above.
-        assert_eq!(
-            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
-            0
-        );
-        assert_eq!(limit.rlim_cur, limit.rlim_max);
-    }
-}

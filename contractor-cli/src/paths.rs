@@ -51,8 +51,7 @@ pub enum StoreDirError {
 pub fn checked_store_dir(project_dir: &Path) -> Result<PathBuf, StoreDirError> {
     use std::os::unix::fs::MetadataExt;
     let root = store_dir(project_dir);
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
+    let uid = nix::unistd::geteuid().as_raw();
     let mut paths = vec![root.clone()];
     paths.extend(STORE_SUBDIRS.iter().map(|sub| root.join(sub)));
     for path in paths {

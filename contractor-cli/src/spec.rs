@@ -389,45 +389,20 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
-/// `"90s"`, `"10m"`, `"1h"`, `"1h30m"`.
+/// A spec's duration: contractor-protocol's duration syntax (`90s`, `10m`, `1h30m`), more
+/// than zero.
 pub fn parse_duration(text: &str) -> Option<Duration> {
-    let mut total = 0u64;
-    let mut number = String::new();
-    let mut seen_unit = false;
-    for c in text.trim().chars() {
-        if c.is_ascii_digit() {
-            number.push(c);
-            continue;
-        }
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            _ => return None,
-        };
-        let n: u64 = number.parse().ok()?;
-        total = total.checked_add(n.checked_mul(unit)?)?;
-        number.clear();
-        seen_unit = true;
-    }
-    if !number.is_empty() || !seen_unit || total == 0 {
-        return None;
-    }
-    Some(Duration::from_secs(total))
+    contractor_protocol::units::parse_duration(text)
+        .ok()
+        .filter(|d| !d.is_zero())
 }
 
-/// `"512MiB"`, `"2GiB"` (also `M`, `G`, `MB`, `GB`, read as binary units) in MiB.
+/// A spec's size in MiB: contractor-protocol's size syntax with a unit (`512MiB`, `2GiB`,
+/// also `M`, `G`, `MB`, `GB`, read as binary units), a whole number of MiB.
 pub fn parse_size_mib(text: &str) -> Option<u64> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit())?;
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number.parse().ok()?;
-    let factor = match unit.trim() {
-        "M" | "MB" | "MiB" => 1,
-        "G" | "GB" | "GiB" => 1024,
-        _ => return None,
-    };
-    n.checked_mul(factor)
+    let has_unit = text.trim().ends_with(|c: char| c.is_ascii_alphabetic());
+    let bytes = contractor_protocol::units::parse_size(text).ok()?;
+    (has_unit && bytes % MIB == 0).then_some(bytes / MIB)
 }
 
 #[cfg(test)]

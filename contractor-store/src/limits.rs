@@ -256,52 +256,9 @@ pub fn stored_cost(dir: &Path) -> io::Result<(u64, u64)> {
     Ok((cost, count))
 }
 
-/// Parses a byte count: a number, optionally followed by `K`, `M`, `G` or `T` (powers of
-/// 1024; `KiB`… and `KB`… are read the same way).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let trimmed = text.trim();
-    let split = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(trimmed.len());
-    let (digits, unit) = trimmed.split_at(split);
-    let shift = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        _ => {
-            return Err(format!(
-                "{text:?} is not a size; write a number of bytes, optionally with K, M, G or T"
-            ))
-        }
-    };
-    let number: u64 = digits.parse().map_err(|_| {
-        format!("{text:?} is not a size; write a number of bytes, optionally with K, M, G or T")
-    })?;
-    number
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("{text:?} is too large"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_with_binary_units() {
-        assert_eq!(parse_size("0"), Ok(0));
-        assert_eq!(parse_size("1234"), Ok(1234));
-        assert_eq!(parse_size("4K"), Ok(4096));
-        assert_eq!(parse_size("10MiB"), Ok(10 << 20));
-        assert_eq!(parse_size("2g"), Ok(2 << 30));
-        assert!(parse_size("").is_err());
-        assert!(parse_size("12X").expect_err("unit").contains("\"12X\""));
-        assert!(parse_size("-1").is_err());
-        assert!(parse_size("99999999999T")
-            .expect_err("big")
-            .contains("too large"));
-    }
 
     #[test]
     fn reservations_count_blocks_and_entries_and_are_released() {

@@ -385,43 +385,9 @@ fn read_references(build: &Path, referenced: &mut HashSet<String>) {
     }
 }
 
-/// Parses an age: a number followed by `s`, `m`, `h`, `d` or `w`.
-pub fn parse_age(text: &str) -> Result<Duration, String> {
-    let trimmed = text.trim();
-    let bad = || format!("{text:?} is not an age; write a number and a unit: 30m, 12h, 7d, 2w");
-    let split = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(bad)?;
-    let (digits, unit) = trimmed.split_at(split);
-    let number: u64 = digits.parse().map_err(|_| bad())?;
-    let seconds = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        "w" => 604_800,
-        _ => return Err(bad()),
-    };
-    number
-        .checked_mul(seconds)
-        .map(Duration::from_secs)
-        .ok_or_else(bad)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ages_parse() {
-        assert_eq!(parse_age("7d"), Ok(Duration::from_secs(7 * 86_400)));
-        assert_eq!(parse_age("30m"), Ok(Duration::from_secs(1800)));
-        assert_eq!(parse_age("1w"), Ok(Duration::from_secs(604_800)));
-        for bad in ["7", "d", "7x", "", "-1d"] {
-            let err = parse_age(bad).expect_err(bad);
-            assert!(err.contains("7d"), "{err}");
-        }
-    }
 
     #[test]
     fn index_lists_every_artifact_with_its_digest() {

@@ -437,10 +437,12 @@ pub fn run() -> std::process::ExitCode {
             if std::env::args_os().any(|a| a == "--json-errors") {
                 let rendered = e.render().to_string();
                 let message = rendered.lines().next().unwrap_or_default();
-                print_error(&ErrorObject::with_chain(
+                let object = ErrorObject::with_chain(
                     "usage",
                     vec![message.trim_start_matches("error: ").to_string()],
-                ));
+                );
+                // Best effort: stdout may be what failed. clap has printed the message.
+                let _ = write_line(&mut io::stdout().lock(), &object);
             }
             return ExitCode::BadInput.into();
         }
@@ -448,24 +450,11 @@ pub fn run() -> std::process::ExitCode {
     match execute(cli.command) {
         Ok(code) => code.into(),
         Err(e) => {
-            report(&e);
-            if cli.json_errors {
-                print_error(&ErrorObject::from_error(e.code(), &e));
-            }
+            let chain = contractor_protocol::result::error_chain(&e);
+            ErrorObject::report("contractor-vm", e.code(), chain, cli.json_errors);
             e.exit_code().into()
         }
     }
-}
-
-/// Writes the error object on stdout (best effort: stdout may be what failed).
-fn print_error(error: &ErrorObject) {
-    let _ = write_line(&mut io::stdout().lock(), error);
-}
-
-/// Prints an error and its chain of causes on one stderr line.
-pub fn report(error: &(dyn std::error::Error + 'static)) {
-    let line = contractor_protocol::result::joined_chain(error);
-    let _ = writeln!(io::stderr(), "contractor-vm: {line}");
 }
 
 /// Carries out one parsed command line.

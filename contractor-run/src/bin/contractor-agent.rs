@@ -25,11 +25,7 @@ fn main() -> std::process::ExitCode {
         Err(err) => {
             eprintln!(
                 "contractor-agent: {}",
-                anyhow::Error::from(err)
-                    .chain()
-                    .map(|e| e.to_string())
-                    .collect::<Vec<_>>()
-                    .join(": ")
+                contractor_protocol::result::joined_chain(&err)
             );
             std::process::ExitCode::from(3)
         }

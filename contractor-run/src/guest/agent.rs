@@ -688,7 +688,7 @@ async fn restore_cache(opener: &Opener, cache: &CacheJob, token: Option<&str>) {
         let _ = std::fs::remove_file(tar_path);
         eprintln!(
             "contractor-agent: the cache was not restored: {}",
-            contractor_protocol::result::error_chain(&err).join(": ")
+            contractor_protocol::result::joined_chain(&err)
         );
     }
 }
@@ -710,7 +710,7 @@ async fn save_cache(opener: &Opener, cache: &CacheJob, token: Option<&str>) {
         Ok(_) => upload(opener, &tar_path, &cache.save, token)
             .await
             .map(|_| ())
-            .map_err(|e| contractor_protocol::result::error_chain(&e).join(": ")),
+            .map_err(|e| contractor_protocol::result::joined_chain(&e)),
         Err(err) => Err(format!("cannot pack the cache: {err}")),
     };
     let _ = std::fs::remove_file(&tar_path);

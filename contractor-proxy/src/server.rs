@@ -1060,17 +1060,7 @@ fn error_response(status: StatusCode, error: &dyn Error) -> Response<ProxyBody> 
     response
 }
 
-/// `error: its source: the source's source`, on one line.
-fn error_chain(error: &dyn Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+use contractor_protocol::result::joined_chain as error_chain;
 
 /// Seconds since the Unix epoch, to the millisecond.
 fn unix_time() -> f64 {

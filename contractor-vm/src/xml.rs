@@ -57,6 +57,23 @@ pub struct Disks<'a> {
     pub build: Option<&'a Path>,
 }
 
+/// The kernel command line a VM boots with: the image's, plus `no_timer_check` under TCG.
+/// An emulated CPU on a busy host can miss the kernel's early check that the IO-APIC timer
+/// ticks, and the guest then panics in `setup_IO_APIC` before it starts (seen in CI with two
+/// builds and a compile on two cores); the check proves nothing about a virtual timer.
+pub fn kernel_cmdline(image_cmdline: &str, accel: Accel) -> String {
+    let tcg = matches!(accel, Accel::Tcg | Accel::Auto);
+    if tcg
+        && !image_cmdline
+            .split_whitespace()
+            .any(|w| w == "no_timer_check")
+    {
+        format!("{image_cmdline} no_timer_check")
+    } else {
+        image_cmdline.to_string()
+    }
+}
+
 /// The XML of a transient builder domain.
 ///
 /// `accel` should already be resolved (see [`crate::accel::resolve`]); `Auto` is written as
@@ -153,7 +170,7 @@ pub fn domain_xml(
         memory = spec.memory_mib,
         cpus = spec.cpus,
         kernel = esc_path(&image.kernel),
-        cmdline = escape(&image.cmdline),
+        cmdline = escape(&kernel_cmdline(&image.cmdline, accel)),
         overlay = esc_path(disks.overlay),
         build_disk = disks.build.map_or(String::new(), |path| format!(
             "    <disk type='file' device='disk'>\n      \
@@ -239,6 +256,19 @@ pub fn parse_domain(xml: &str) -> Result<DomainFacts, XmlError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcg_guests_skip_the_timer_check_kvm_guests_keep_the_image_cmdline() {
+        assert_eq!(
+            kernel_cmdline("console=ttyS0 root=/dev/vda", Accel::Tcg),
+            "console=ttyS0 root=/dev/vda no_timer_check"
+        );
+        assert_eq!(
+            kernel_cmdline("a no_timer_check", Accel::Tcg),
+            "a no_timer_check"
+        );
+        assert_eq!(kernel_cmdline("console=ttyS0", Accel::Kvm), "console=ttyS0");
+    }
     use contractor_protocol::vm::BootImage;
 
     fn spec() -> VmSpec {
@@ -304,7 +334,7 @@ mod tests {
         assert_eq!(find("initrd")[0].text(), Some("/images/initrd.img"));
         assert_eq!(
             find("cmdline")[0].text(),
-            Some("console=ttyS0 root=/dev/vda rw x=\"<&'>\"")
+            Some("console=ttyS0 root=/dev/vda rw x=\"<&'>\" no_timer_check")
         );
         assert_eq!(find("cpu")[0].attribute("mode"), Some("maximum"));
         for action in ["on_poweroff", "on_reboot", "on_crash"] {

@@ -1,0 +1,48 @@
+//! What a serving store may still reach once it confines itself ([`policy`]): the one
+//! build's record read-write (`--only-build`; that is where it reads the source, the inputs
+//! and the cache tar, and writes artifacts) or, when it serves the whole root, the root
+//! read-write (builds and `cas/` blobs beneath it); the token file read-only, since it is
+//! read again when it changes; TCP bind only to the port it already listens on, and no TCP
+//! connect at all. Nothing else on the host: not the user's home, not the rest of the store.
+
+use std::path::{Path, PathBuf};
+
+use contractor_confine::Policy;
+
+/// The most files a serving store holds open (connections, uploads, reads).
+pub const MAX_OPEN_FILES: u64 = 8192;
+
+/// What the store needs to serve, all of it known before the first client connects.
+#[derive(Debug, Clone)]
+pub struct Needs<'a> {
+    /// The canonical store root.
+    pub root: &'a Path,
+    /// `--only-build`: the one build it serves.
+    pub only_build: Option<&'a str>,
+    /// `--token-file`.
+    pub token_file: Option<&'a Path>,
+    /// The port it listens on.
+    pub port: u16,
+    /// The largest file it may write (the build's artifact budget), if bounded.
+    pub max_file_size: Option<u64>,
+}
+
+/// The confinement policy of a store that serves `needs`.
+pub fn policy(needs: &Needs<'_>) -> Policy {
+    let writable: PathBuf = match needs.only_build {
+        Some(id) => needs.root.join("builds").join(id),
+        None => needs.root.to_path_buf(),
+    };
+    Policy {
+        read: needs
+            .token_file
+            .map(Path::to_path_buf)
+            .into_iter()
+            .collect(),
+        read_write: vec![writable],
+        bind_ports: vec![needs.port],
+        connect_ports: Vec::new(),
+        max_open_files: Some(MAX_OPEN_FILES),
+        max_file_size: needs.max_file_size,
+    }
+}

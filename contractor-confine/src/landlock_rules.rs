@@ -49,9 +49,14 @@ pub fn apply(policy: &Policy, warnings: &mut Vec<String>) -> Result<Enforced, Co
     }
     let read = AccessFs::from_read(TARGET);
     let all = AccessFs::from_all(TARGET);
+    let net_access = if policy.connect_ports.is_some() {
+        AccessNet::from_all(TARGET)
+    } else {
+        BitFlags::from(AccessNet::BindTcp)
+    };
     let mut ruleset = Ruleset::default()
         .handle_access(all)
-        .and_then(|r| r.handle_access(AccessNet::from_all(TARGET)))
+        .and_then(|r| r.handle_access(net_access))
         .and_then(|r| r.scope(Scope::from_all(TARGET)))
         .and_then(|r| r.create())
         .map_err(ConfineError::Landlock)?;
@@ -70,8 +75,11 @@ pub fn apply(policy: &Policy, warnings: &mut Vec<String>) -> Result<Enforced, Co
         }
     }
     for (ports, access) in [
-        (&policy.bind_ports, AccessNet::BindTcp),
-        (&policy.connect_ports, AccessNet::ConnectTcp),
+        (policy.bind_ports.as_slice(), AccessNet::BindTcp),
+        (
+            policy.connect_ports.as_deref().unwrap_or_default(),
+            AccessNet::ConnectTcp,
+        ),
     ] {
         for &port in ports {
             ruleset = ruleset
@@ -92,6 +100,9 @@ pub fn apply(policy: &Policy, warnings: &mut Vec<String>) -> Result<Enforced, Co
             "this kernel's Landlock (ABI {kernel_abi}) has no TCP rules (they need ABI 4): \
              TCP bind and connect are NOT confined"
         ));
+    }
+    if net && policy.connect_ports.is_none() {
+        warnings.push("TCP connect is NOT confined (any port): only bind is".to_string());
     }
     Ok(Enforced {
         kernel_abi,

@@ -42,8 +42,9 @@ pub struct Policy {
     pub read_write: Vec<PathBuf>,
     /// TCP ports it may bind (the one it already listens on). Empty: none.
     pub bind_ports: Vec<u16>,
-    /// TCP ports it may connect to. Empty: none.
-    pub connect_ports: Vec<u16>,
+    /// TCP ports it may connect to: `Some(vec![])` none, `None` any (TCP connect is then
+    /// left unconfined, and the report warns so).
+    pub connect_ports: Option<Vec<u16>>,
     /// `RLIMIT_NOFILE`, lowered to this (never raised above the hard limit).
     pub max_open_files: Option<u64>,
     /// `RLIMIT_FSIZE`: the largest regular file it may write.

@@ -64,7 +64,7 @@ fn probe_policy() {
         read: vec![work.join("ro")],
         read_write: vec![work.join("rw")],
         bind_ports: vec![],
-        connect_ports: vec![allowed_port],
+        connect_ports: Some(vec![allowed_port]),
         max_open_files: Some(256),
         max_file_size: Some(1 << 20),
     };

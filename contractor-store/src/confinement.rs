@@ -23,8 +23,6 @@ pub struct Needs<'a> {
     pub token_file: Option<&'a Path>,
     /// The port it listens on.
     pub port: u16,
-    /// The largest file it may write (the build's artifact budget), if bounded.
-    pub max_file_size: Option<u64>,
 }
 
 /// The confinement policy of a store that serves `needs`.
@@ -41,8 +39,10 @@ pub fn policy(needs: &Needs<'_>) -> Policy {
             .collect(),
         read_write: vec![writable],
         bind_ports: vec![needs.port],
-        connect_ports: Vec::new(),
+        connect_ports: Some(Vec::new()),
         max_open_files: Some(MAX_OPEN_FILES),
-        max_file_size: needs.max_file_size,
+        // No RLIMIT_FSIZE: the store's own limits bound every upload, and the limit would
+        // also cap the log file its stderr is appended to (SIGXFSZ would kill it mid-build).
+        max_file_size: None,
     }
 }

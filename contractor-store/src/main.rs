@@ -234,7 +234,6 @@ async fn command(cli: Cli) -> std::process::ExitCode {
                 enabled: !no_confine,
                 only_build: only_build.clone(),
                 token_file: token_file.clone(),
-                max_file_size: max_build_bytes.or(max_artifact_bytes),
             };
             let config = StoreConfig {
                 access_log: !no_access_log,
@@ -383,7 +382,6 @@ struct Confine {
     enabled: bool,
     only_build: Option<String>,
     token_file: Option<PathBuf>,
-    max_file_size: Option<u64>,
 }
 
 impl Confine {
@@ -402,7 +400,6 @@ impl Confine {
             only_build: self.only_build.as_deref(),
             token_file: token_file.as_deref(),
             port,
-            max_file_size: self.max_file_size,
         });
         contractor_confine::confine("contractor-store", &policy).context("cannot confine the store")
     }

@@ -144,7 +144,6 @@ fn probe_store_policy() {
         only_build: Some(ID),
         token_file: Some(&tokens),
         port,
-        max_file_size: Some(1 << 20),
     });
     let report = contractor_confine::confine("probe", &policy).expect("confine");
     println!("{report:?}");

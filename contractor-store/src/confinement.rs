@@ -27,9 +27,10 @@ pub struct Needs<'a> {
 
 /// The confinement policy of a store that serves `needs`.
 pub fn policy(needs: &Needs<'_>) -> Policy {
-    let writable: PathBuf = match needs.only_build {
-        Some(id) => needs.root.join("builds").join(id),
-        None => needs.root.to_path_buf(),
+    let writable: Vec<PathBuf> = match needs.only_build {
+        Some(id) if crate::path::is_build_id(id) => vec![needs.root.join("builds").join(id)],
+        Some(_) => Vec::new(),
+        None => vec![needs.root.to_path_buf()],
     };
     Policy {
         read: needs
@@ -37,7 +38,7 @@ pub fn policy(needs: &Needs<'_>) -> Policy {
             .map(Path::to_path_buf)
             .into_iter()
             .collect(),
-        read_write: vec![writable],
+        read_write: writable,
         bind_ports: vec![needs.port],
         connect_ports: Some(Vec::new()),
         max_open_files: Some(MAX_OPEN_FILES),

@@ -395,6 +395,17 @@ impl Confine {
             .token_file
             .as_deref()
             .map(|f| f.canonicalize().unwrap_or_else(|_| f.to_path_buf()));
+        if let Some(id) = self
+            .only_build
+            .as_deref()
+            .filter(|id| contractor_store::path::is_build_id(id))
+        {
+            // The one directory it may write must exist before the rule can name it (an id
+            // that is no build id names nothing the store would serve: no rule, no write).
+            let record = store.root().join("builds").join(id);
+            std::fs::create_dir_all(&record)
+                .with_context(|| format!("cannot create the build record {}", record.display()))?;
+        }
         let policy = contractor_store::confinement::policy(&Needs {
             root: store.root(),
             only_build: self.only_build.as_deref(),

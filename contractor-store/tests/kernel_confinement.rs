@@ -190,3 +190,16 @@ fn probe_store_policy() {
         .expect_err("execve");
     assert_eq!(errno(&e), libc::EPERM, "{e}");
 }
+
+#[test]
+fn a_store_for_a_build_without_a_record_yet_creates_it_and_takes_uploads() {
+    let fixture = Fixture::new();
+    let mut command = binary();
+    command
+        .args(["serve", "--only-build", ID, "--root"])
+        .arg(&fixture.root);
+    let store = StoreProcess::spawn(command);
+    let response = store.put(&format!("/builds/{ID}/artifacts/a"), b"a");
+    assert_eq!(response.status, 201, "{}", response.text());
+    assert_eq!(fixture.files(), vec![format!("builds/{ID}/artifacts/a")]);
+}

@@ -80,3 +80,20 @@ pub enum ReadyTag {
     /// `"ready"`
     Ready,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ready_line_without_confinement_still_reads_and_one_with_it_round_trips() {
+        let old = r#"{"type":"ready","version":1,"service":"store","addr":"127.0.0.1:1"}"#;
+        let ready: Ready = serde_json::from_str(old).expect("an old ready line");
+        assert_eq!(ready.confinement, None);
+        assert_eq!(serde_json::to_string(&ready).expect("encode"), old);
+        let new = r#"{"type":"ready","version":1,"service":"proxy","addr":"127.0.0.1:2","confinement":{"enforced":true,"no_new_privs":true,"landlock_abi":2,"landlock_fs":true,"landlock_net":false,"seccomp":true,"rlimits":true,"warnings":["no TCP rules"]}}"#;
+        let ready: Ready = serde_json::from_str(new).expect("a new ready line");
+        assert_eq!(ready.confinement.as_ref().map(|c| c.landlock_abi), Some(2));
+        assert_eq!(serde_json::to_string(&ready).expect("encode"), new);
+    }
+}

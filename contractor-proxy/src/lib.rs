@@ -15,6 +15,7 @@
 pub mod address;
 pub mod allowlist;
 pub mod config;
+pub mod confinement;
 mod meter;
 pub mod metrics;
 pub mod policy;

@@ -13,7 +13,7 @@ use anyhow::{anyhow, Context};
 use clap::Parser;
 use contractor_protocol::jsonl::{encode_line, write_flushed, write_line, JsonlError};
 use contractor_protocol::proxy::Decision;
-use contractor_protocol::service::Ready;
+use contractor_protocol::service::{Confinement, Ready};
 use contractor_protocol::ExitCode;
 use contractor_proxy::config::LimitsFile;
 use contractor_proxy::{AccessEntry, ConfigFile, Mode, ProxyConfig};
@@ -102,6 +102,11 @@ struct Cli {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Do not confine the proxy (Landlock, seccomp, rlimits): for debugging a host whose
+    /// name resolution needs files the proxy does not know; the ready line then says
+    /// `"enforced":false`.
+    #[arg(long)]
+    no_confine: bool,
 }
 
 impl Cli {
@@ -131,10 +136,10 @@ impl Cli {
     }
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     JSON_ERRORS.store(cli.json_errors, std::sync::atomic::Ordering::Relaxed);
+    let no_confine = cli.no_confine;
     let settings = match cli.into_settings() {
         Ok(settings) => settings,
         Err(e) => return fail(ExitCode::BadInput, "bad_config", &e),
@@ -145,45 +150,117 @@ async fn main() -> std::process::ExitCode {
         Ok(config) => config,
         Err(e) => return fail(ExitCode::BadInput, "bad_rule", &anyhow!(e)),
     };
-    match run(config, access_log, metrics_addr).await {
+    // Bound and confined before any thread starts: Landlock (before ABI 8) holds only the
+    // thread that asks and the threads it starts afterwards, the runtime's workers among them.
+    let prepared = match prepare(config, access_log, metrics_addr, no_confine) {
+        Ok(prepared) => prepared,
+        Err(e) => return fail(ExitCode::Infrastructure, "serve", &e),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            return fail(
+                ExitCode::Infrastructure,
+                "runtime",
+                &anyhow::Error::new(e).context("cannot start the async runtime"),
+            )
+        }
+    };
+    match runtime.block_on(run(prepared)) {
         Ok(()) => ExitCode::Success.into(),
         Err(e) => fail(ExitCode::Infrastructure, "serve", &e),
     }
 }
 
-async fn run(
-    mut config: ProxyConfig,
+/// What the proxy holds once it listens and is confined, before it serves.
+struct Prepared {
+    config: ProxyConfig,
+    listener: std::net::TcpListener,
+    metrics: Option<std::net::TcpListener>,
+    access_log: Option<std::fs::File>,
+    confinement: Confinement,
+}
+
+/// Opens the access log, binds the listeners, then confines the process.
+fn prepare(
+    config: ProxyConfig,
     access_log: Option<PathBuf>,
     metrics_addr: Option<SocketAddr>,
-) -> anyhow::Result<()> {
-    let mut terminate = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch for SIGINT")?;
-    let access_writer = match access_log {
-        Some(path) => {
-            let file = OpenOptions::new()
+    no_confine: bool,
+) -> anyhow::Result<Prepared> {
+    let access_log = access_log
+        .map(|path| {
+            OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&path)
-                .with_context(|| format!("cannot open the access log {}", path.display()))?;
-            let (entries, received) = mpsc::unbounded_channel();
-            config.access_log = Some(entries);
-            Some(thread::spawn(move || write_entries(received, file)))
-        }
-        None => None,
-    };
+                .with_context(|| format!("cannot open the access log {}", path.display()))
+        })
+        .transpose()?;
     let listen = config.listen;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
+    let metrics = metrics_addr
+        .map(|addr| bind(addr).with_context(|| format!("cannot serve metrics on {addr}")))
+        .transpose()?;
+    let port = |listener: &std::net::TcpListener| {
+        listener
+            .local_addr()
+            .map(|addr| addr.port())
+            .context("cannot read the bound address")
+    };
+    let listen_port = port(&listener)?;
+    let metrics_port = metrics.as_ref().map(port).transpose()?;
+    let confinement = if no_confine {
+        contractor_confine::unconfined("contractor-proxy")
+    } else {
+        let policy = contractor_proxy::confinement::policy(&config, listen_port, metrics_port);
+        contractor_confine::confine("contractor-proxy", &policy)
+            .context("cannot confine the proxy")?
+    };
+    Ok(Prepared {
+        config,
+        listener,
+        metrics,
+        access_log,
+        confinement,
+    })
+}
+
+/// A non-blocking listener on `addr`, for the runtime to take over.
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+async fn run(prepared: Prepared) -> anyhow::Result<()> {
+    let Prepared {
+        mut config,
+        listener,
+        metrics: metrics_listener,
+        access_log,
+        confinement,
+    } = prepared;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch for SIGINT")?;
+    let access_writer = access_log.map(|file| {
+        let (entries, received) = mpsc::unbounded_channel();
+        config.access_log = Some(entries);
+        thread::spawn(move || write_entries(received, file))
+    });
+    let listener =
+        tokio::net::TcpListener::from_std(listener).context("cannot serve on the listener")?;
     let addr = listener
         .local_addr()
         .context("cannot read the bound address")?;
     let metrics = std::sync::Arc::clone(&config.metrics);
     let (stop_metrics, mut metrics_stopped) = watch::channel(false);
-    if let Some(metrics_addr) = metrics_addr {
-        let metrics_listener = tokio::net::TcpListener::bind(metrics_addr)
-            .await
-            .with_context(|| format!("cannot serve metrics on {metrics_addr}"))?;
+    if let Some(metrics_listener) = metrics_listener {
+        let metrics_listener = tokio::net::TcpListener::from_std(metrics_listener)
+            .context("cannot serve metrics on the listener")?;
         let bound = metrics_listener
             .local_addr()
             .context("cannot read the metrics address")?;
@@ -196,8 +273,11 @@ async fn run(
             },
         ));
     }
-    write_line(&mut std::io::stdout(), &Ready::new("proxy", addr))
-        .context("cannot write the ready line")?;
+    write_line(
+        &mut std::io::stdout(),
+        &Ready::new("proxy", addr).confined(confinement),
+    )
+    .context("cannot write the ready line")?;
     eprintln!(
         "contractor-proxy: listening on {addr}, {} allow and {} deny rules, {:?} mode",
         config.allowlist.rules().len(),

@@ -66,6 +66,18 @@ pub enum FileError {
         /// What arrived.
         actual: Sha256,
     },
+    /// The kernel refused (`EACCES`/`EPERM`): the path is outside what the confined store
+    /// may reach (its Landlock rules), a symlink into the user's home for example.
+    #[error("the kernel refused to {action} {path}: it is outside what this store may reach")]
+    Denied {
+        /// What the store was doing.
+        action: &'static str,
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
     /// The filesystem failed.
     #[error("cannot {action} {path}")]
     Io {
@@ -91,10 +103,20 @@ impl FileError {
     /// Builds an [`FileError::Io`] from an `io::Error`, for `map_err`.
     fn io(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> FileError {
         let path = path.to_path_buf();
-        move |source| FileError::Io {
-            action,
-            path,
-            source,
+        move |source| {
+            if matches!(source.raw_os_error(), Some(libc::EACCES | libc::EPERM)) {
+                FileError::Denied {
+                    action,
+                    path,
+                    source,
+                }
+            } else {
+                FileError::Io {
+                    action,
+                    path,
+                    source,
+                }
+            }
         }
     }
 }

@@ -8,13 +8,15 @@
 //! token allows, [`files`] does the disk work with symlinks in mind, [`digest`] hashes,
 //! [`limits`] keeps uploads within their size limits, [`range`] reads conditional and
 //! partial GETs, [`records`] writes artifact indexes and collects garbage, and [`server`]
-//! speaks HTTP. Off the wire, [`pack`] packs a project's tree into a record's `source.tar`
+//! speaks HTTP; [`confinement`] says what a serving store may still reach once it confines
+//! itself (before its first read from a client). Off the wire, [`pack`] packs a project's tree into a record's `source.tar`
 //! and [`cache`] keeps a project's build cache in the store directory.
 
 #![warn(missing_docs)]
 
 pub mod access;
 pub mod cache;
+pub mod confinement;
 pub mod digest;
 pub mod files;
 pub mod limits;

@@ -10,11 +10,12 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use contractor_protocol::service::Ready;
+use contractor_protocol::service::{Confinement, Ready};
 use contractor_protocol::store::{CacheCleared, CacheKept, CacheList, CachePrepared};
 use contractor_protocol::units::{parse_duration, parse_size};
 use contractor_protocol::ExitCode;
 use contractor_store::cache::CacheError;
+use contractor_store::confinement::Needs;
 use contractor_store::pack::MAX_SOURCE_ENTRIES;
 use contractor_store::{GcOptions, Store, StoreConfig, TokenTable};
 use tokio::signal::unix::{signal, SignalKind};
@@ -68,6 +69,10 @@ With --json-errors a failure is also one {\"type\":\"error\",...} object on stdo
         /// Do not log each request on stderr.
         #[arg(long)]
         no_access_log: bool,
+        /// Do not confine the store (Landlock, seccomp, rlimits): for debugging only; the
+        /// ready line then says `"enforced":false`.
+        #[arg(long)]
+        no_confine: bool,
         /// Threads that serve requests (default: one per CPU core). Large-file reads,
         /// uploads and fsyncs run on extra threads of their own.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -216,6 +221,7 @@ async fn command(cli: Cli) -> std::process::ExitCode {
             max_artifact_bytes,
             max_build_bytes,
             no_access_log,
+            no_confine,
             workers,
         } => {
             let tokens = match token_file.as_deref().map(TokenTable::load).transpose() {
@@ -223,6 +229,11 @@ async fn command(cli: Cli) -> std::process::ExitCode {
                 Err(e) => {
                     return fail(ExitCode::BadInput, "bad_token_file", &anyhow::Error::new(e))
                 }
+            };
+            let confine = Confine {
+                enabled: !no_confine,
+                only_build: only_build.clone(),
+                token_file: token_file.clone(),
             };
             let config = StoreConfig {
                 access_log: !no_access_log,
@@ -240,7 +251,7 @@ async fn command(cli: Cli) -> std::process::ExitCode {
                 || std::thread::available_parallelism().map_or(1, usize::from),
                 usize::from,
             );
-            match run(store, listen, workers).await {
+            match run(store, listen, workers, &confine).await {
                 Ok(()) => ExitCode::Success.into(),
                 Err(e) => fail(ExitCode::Infrastructure, "serve", &e),
             }
@@ -366,7 +377,51 @@ fn print_json(value: &impl serde::Serialize) -> std::process::ExitCode {
     }
 }
 
-async fn run(store: Store, listen: SocketAddr, workers: usize) -> anyhow::Result<()> {
+/// How `serve` confines itself once it listens.
+struct Confine {
+    enabled: bool,
+    only_build: Option<String>,
+    token_file: Option<PathBuf>,
+}
+
+impl Confine {
+    /// Confines this process (before any worker thread starts, so that every one of them
+    /// inherits the Landlock rules) and reports what holds.
+    fn apply(&self, store: &Store, port: u16) -> anyhow::Result<Confinement> {
+        if !self.enabled {
+            return Ok(contractor_confine::unconfined("contractor-store"));
+        }
+        let token_file = self
+            .token_file
+            .as_deref()
+            .map(|f| f.canonicalize().unwrap_or_else(|_| f.to_path_buf()));
+        if let Some(id) = self
+            .only_build
+            .as_deref()
+            .filter(|id| contractor_store::path::is_build_id(id))
+        {
+            // The one directory it may write must exist before the rule can name it (an id
+            // that is no build id names nothing the store would serve: no rule, no write).
+            let record = store.root().join("builds").join(id);
+            std::fs::create_dir_all(&record)
+                .with_context(|| format!("cannot create the build record {}", record.display()))?;
+        }
+        let policy = contractor_store::confinement::policy(&Needs {
+            root: store.root(),
+            only_build: self.only_build.as_deref(),
+            token_file: token_file.as_deref(),
+            port,
+        });
+        contractor_confine::confine("contractor-store", &policy).context("cannot confine the store")
+    }
+}
+
+async fn run(
+    store: Store,
+    listen: SocketAddr,
+    workers: usize,
+    confine: &Confine,
+) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch for SIGINT")?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -375,8 +430,12 @@ async fn run(store: Store, listen: SocketAddr, workers: usize) -> anyhow::Result
     let addr = listener
         .local_addr()
         .context("cannot read the bound address")?;
-    contractor_protocol::jsonl::write_line(&mut std::io::stdout(), &Ready::new("store", addr))
-        .context("cannot write the ready line")?;
+    let confinement = confine.apply(&store, addr.port())?;
+    contractor_protocol::jsonl::write_line(
+        &mut std::io::stdout(),
+        &Ready::new("store", addr).confined(confinement),
+    )
+    .context("cannot write the ready line")?;
     eprintln!(
         "contractor-store: serving {} on http://{addr}",
         store.root().display()

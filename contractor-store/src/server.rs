@@ -785,7 +785,9 @@ impl Store {
         }
         let status = match &error {
             FileError::NotFound => StatusCode::NOT_FOUND,
-            FileError::Escapes { .. } | FileError::SymlinkInPath { .. } => StatusCode::FORBIDDEN,
+            FileError::Escapes { .. }
+            | FileError::SymlinkInPath { .. }
+            | FileError::Denied { .. } => StatusCode::FORBIDDEN,
             FileError::NotADirectory { .. } | FileError::IsADirectory { .. } => {
                 StatusCode::CONFLICT
             }
@@ -796,6 +798,11 @@ impl Store {
         let reason = match &error {
             FileError::NotFound => format!("{path}: not found"),
             FileError::Escapes { .. } => format!("refused: {path} leads outside the store"),
+            FileError::Denied { .. } => {
+                // Logged: the kernel, not the store's own checks, stopped this one.
+                eprintln!("contractor-store: {}", chain(&error));
+                format!("refused: {path} leads outside what this store may reach")
+            }
             FileError::SymlinkInPath { path: link } => {
                 format!(
                     "refused: {} is a symlink; writes never pass through symlinks",

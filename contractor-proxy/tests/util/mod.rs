@@ -32,6 +32,8 @@ pub struct Proxy {
     child: Child,
     /// Where it listens, from its ready line.
     pub addr: SocketAddr,
+    /// Its ready line.
+    pub ready: Ready,
     lines: mpsc::Receiver<Result<Line, String>>,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
@@ -89,9 +91,15 @@ impl Proxy {
         Proxy {
             child,
             addr: ready.addr,
+            ready,
             lines: received,
             stderr,
         }
+    }
+
+    /// The proxy's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// What the proxy wrote on stderr so far.

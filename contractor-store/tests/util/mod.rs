@@ -18,6 +18,8 @@ pub struct StoreProcess {
     child: Child,
     /// Where it listens, as its ready line said.
     pub addr: SocketAddr,
+    /// Its ready line.
+    pub ready: Ready,
     log: Arc<Mutex<Vec<String>>>,
     _stdout: BufReader<ChildStdout>,
 }
@@ -93,6 +95,7 @@ impl StoreProcess {
         StoreProcess {
             child,
             addr: ready.addr,
+            ready,
             log,
             _stdout: stdout,
         }

@@ -1,0 +1,144 @@
+//! The seccomp filter: a denylist of the system calls a confined tool never needs and an
+//! attacker would want (see the crate documentation for why it is not an allowlist). Each
+//! refused call fails with `EPERM`; `clone3` fails with `ENOSYS` so that glibc falls back to
+//! `clone`, whose flags the filter can see, and `clone` with any namespace flag is refused.
+//! Installed on every thread of the process (`SECCOMP_FILTER_FLAG_TSYNC`).
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+use crate::ConfineError;
+
+/// The system calls refused with `EPERM`.
+pub const DENIED: &[(&str, libc::c_long)] = &[
+    ("execve", libc::SYS_execve),
+    ("execveat", libc::SYS_execveat),
+    ("ptrace", libc::SYS_ptrace),
+    ("process_vm_readv", libc::SYS_process_vm_readv),
+    ("process_vm_writev", libc::SYS_process_vm_writev),
+    ("mount", libc::SYS_mount),
+    ("umount2", libc::SYS_umount2),
+    ("mount_setattr", libc::SYS_mount_setattr),
+    ("move_mount", libc::SYS_move_mount),
+    ("open_tree", libc::SYS_open_tree),
+    ("fsopen", libc::SYS_fsopen),
+    ("fsconfig", libc::SYS_fsconfig),
+    ("fsmount", libc::SYS_fsmount),
+    ("fspick", libc::SYS_fspick),
+    ("pivot_root", libc::SYS_pivot_root),
+    ("chroot", libc::SYS_chroot),
+    ("setns", libc::SYS_setns),
+    ("unshare", libc::SYS_unshare),
+    ("bpf", libc::SYS_bpf),
+    ("perf_event_open", libc::SYS_perf_event_open),
+    ("userfaultfd", libc::SYS_userfaultfd),
+    ("keyctl", libc::SYS_keyctl),
+    ("add_key", libc::SYS_add_key),
+    ("request_key", libc::SYS_request_key),
+    ("kexec_load", libc::SYS_kexec_load),
+    ("kexec_file_load", libc::SYS_kexec_file_load),
+    ("init_module", libc::SYS_init_module),
+    ("finit_module", libc::SYS_finit_module),
+    ("delete_module", libc::SYS_delete_module),
+    ("open_by_handle_at", libc::SYS_open_by_handle_at),
+    ("name_to_handle_at", libc::SYS_name_to_handle_at),
+    ("io_uring_setup", libc::SYS_io_uring_setup),
+    ("io_uring_enter", libc::SYS_io_uring_enter),
+    ("io_uring_register", libc::SYS_io_uring_register),
+    ("swapon", libc::SYS_swapon),
+    ("swapoff", libc::SYS_swapoff),
+    ("reboot", libc::SYS_reboot),
+    ("syslog", libc::SYS_syslog),
+    ("acct", libc::SYS_acct),
+    ("quotactl", libc::SYS_quotactl),
+    ("settimeofday", libc::SYS_settimeofday),
+    ("clock_settime", libc::SYS_clock_settime),
+    ("clock_adjtime", libc::SYS_clock_adjtime),
+    ("adjtimex", libc::SYS_adjtimex),
+    ("iopl", libc::SYS_iopl),
+    ("ioperm", libc::SYS_ioperm),
+    ("personality", libc::SYS_personality),
+    ("vhangup", libc::SYS_vhangup),
+    ("lookup_dcookie", libc::SYS_lookup_dcookie),
+    ("uselib", libc::SYS_uselib),
+];
+
+/// The `clone` flags that make new namespaces.
+const NAMESPACE_FLAGS: &[libc::c_int] = &[
+    libc::CLONE_NEWNS,
+    libc::CLONE_NEWUSER,
+    libc::CLONE_NEWPID,
+    libc::CLONE_NEWNET,
+    libc::CLONE_NEWIPC,
+    libc::CLONE_NEWUTS,
+    libc::CLONE_NEWCGROUP,
+];
+
+/// Compiles one filter: the system calls of `rules` fail with `errno`, the rest pass.
+fn compile(
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    errno: libc::c_int,
+) -> Result<BpfProgram, ConfineError> {
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(ConfineError::SeccompBuild)?;
+    SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(errno.unsigned_abs()),
+        arch,
+    )
+    .and_then(BpfProgram::try_from)
+    .map_err(ConfineError::SeccompBuild)
+}
+
+/// The filter that refuses [`DENIED`], and `clone` with a namespace flag, with `EPERM`.
+pub fn program_denied() -> Result<BpfProgram, ConfineError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        DENIED.iter().map(|&(_, nr)| (nr, Vec::new())).collect();
+    let mut clone_rules = Vec::with_capacity(NAMESPACE_FLAGS.len());
+    for &flag in NAMESPACE_FLAGS {
+        let flag = u64::from(flag.unsigned_abs());
+        let condition = SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Qword,
+            SeccompCmpOp::MaskedEq(flag),
+            flag,
+        )
+        .map_err(ConfineError::SeccompBuild)?;
+        clone_rules.push(SeccompRule::new(vec![condition]).map_err(ConfineError::SeccompBuild)?);
+    }
+    rules.insert(libc::SYS_clone, clone_rules);
+    compile(rules, libc::EPERM)
+}
+
+/// The filter that refuses `clone3` with `ENOSYS`: its flags sit in memory the filter cannot
+/// read, and glibc falls back to `clone` on `ENOSYS`.
+pub fn program_clone3() -> Result<BpfProgram, ConfineError> {
+    compile(
+        BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
+        libc::ENOSYS,
+    )
+}
+
+/// Installs the filter on every thread of the process. Returns false (with a warning) when
+/// the kernel has no seccomp filters.
+pub fn apply(warnings: &mut Vec<String>) -> Result<bool, ConfineError> {
+    let clone3 = program_clone3()?;
+    let denied = program_denied()?;
+    for filter in [&clone3, &denied] {
+        match seccompiler::apply_filter_all_threads(filter) {
+            Ok(()) => {}
+            Err(seccompiler::Error::Seccomp(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
+                warnings.push(
+                    "this kernel has no seccomp filters: system calls are NOT filtered".to_string(),
+                );
+                return Ok(false);
+            }
+            Err(e) => return Err(ConfineError::SeccompApply(e)),
+        }
+    }
+    Ok(true)
+}

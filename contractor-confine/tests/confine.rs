@@ -1,0 +1,116 @@
+//! Confinement applied in a child process (this test binary run again with one test
+//! selected), which then tries what it must not do and what it must still do.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use contractor_confine::{confine, Policy};
+
+const PROBE: &str = "CONTRACTOR_CONFINE_PROBE";
+
+/// Runs `probe` (the name of a test in this file) in a child process with `dirs` in its
+/// environment; the child fails if any of its assertions does.
+fn in_child(probe: &str, home: &Path, work: &Path) {
+    let exe = std::env::current_exe().expect("own exe");
+    let out = Command::new(exe)
+        .args([probe, "--exact", "--nocapture", "--test-threads=1"])
+        .env(PROBE, "1")
+        .env("PROBE_HOME", home)
+        .env("PROBE_WORK", work)
+        .output()
+        .expect("run the probe");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "probe {probe} failed:\n{text}");
+    assert!(
+        text.contains("1 passed"),
+        "probe {probe} did not run:\n{text}"
+    );
+}
+
+fn probing() -> Option<(PathBuf, PathBuf)> {
+    std::env::var_os(PROBE)?;
+    let dir = |name| PathBuf::from(std::env::var_os(name).expect(name));
+    Some((dir("PROBE_HOME"), dir("PROBE_WORK")))
+}
+
+fn errno(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+#[test]
+fn a_confined_process_reaches_only_what_its_policy_names() {
+    let home = tempfile::tempdir().expect("home");
+    let work = tempfile::tempdir().expect("work");
+    std::fs::write(home.path().join("secret"), b"ssh key").expect("secret");
+    std::fs::create_dir(work.path().join("ro")).expect("ro");
+    std::fs::create_dir(work.path().join("rw")).expect("rw");
+    std::fs::write(work.path().join("ro/input"), b"input").expect("input");
+    std::os::unix::fs::symlink(home.path().join("secret"), work.path().join("rw/leak"))
+        .expect("plant the link");
+    in_child("probe_policy", home.path(), work.path());
+}
+
+#[test]
+fn probe_policy() {
+    let Some((home, work)) = probing() else {
+        return;
+    };
+    let allowed = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let other = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let allowed_port = allowed.local_addr().expect("addr").port();
+    let policy = Policy {
+        read: vec![work.join("ro")],
+        read_write: vec![work.join("rw")],
+        bind_ports: vec![],
+        connect_ports: Some(vec![allowed_port]),
+        max_open_files: Some(256),
+        max_file_size: Some(1 << 20),
+    };
+    let report = confine("probe", &policy).expect("confine");
+    println!("{report:?}");
+    assert!(report.enforced && report.no_new_privs && report.seccomp && report.rlimits);
+    assert!(report.landlock_abi >= 1 && report.landlock_fs, "{report:?}");
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    // Reading /proc/self is refused too; when it is readable, it must say so.
+    if !status.is_empty() {
+        assert!(status.contains("NoNewPrivs:\t1") && status.contains("Seccomp:\t2"));
+    }
+
+    // What it must do.
+    assert_eq!(
+        std::fs::read(work.join("ro/input")).expect("read input"),
+        b"input"
+    );
+    std::fs::write(work.join("rw/output"), b"out").expect("write output");
+    assert_eq!(
+        std::fs::read(work.join("rw/output")).expect("read output"),
+        b"out"
+    );
+
+    // What it must not do: the home, through a path or a planted link.
+    let e = std::fs::read(home.join("secret")).expect_err("home is out of reach");
+    assert_eq!(errno(&e), libc::EACCES, "{e}");
+    let e = std::fs::read(work.join("rw/leak")).expect_err("a link into home");
+    assert_eq!(errno(&e), libc::EACCES, "{e}");
+    let e = std::fs::write(work.join("ro/new"), b"x").expect_err("read-only");
+    assert_eq!(errno(&e), libc::EACCES, "{e}");
+    let e = std::fs::write(work.join("elsewhere"), b"x").expect_err("outside");
+    assert_eq!(errno(&e), libc::EACCES, "{e}");
+    // No program can be started.
+    let e = Command::new("/bin/true").status().expect_err("execve");
+    assert_eq!(errno(&e), libc::EPERM, "{e}");
+    // No new namespace.
+    let e = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER).expect_err("unshare");
+    assert_eq!(e, nix::errno::Errno::EPERM);
+
+    if report.landlock_net {
+        TcpStream::connect(("127.0.0.1", allowed_port)).expect("an allowed port");
+        let port = other.local_addr().expect("addr").port();
+        let e = TcpStream::connect(("127.0.0.1", port)).expect_err("a port outside the rules");
+        assert_eq!(errno(&e), libc::EACCES, "{e}");
+        let e = TcpListener::bind("127.0.0.1:0").expect_err("bind");
+        assert_eq!(errno(&e), libc::EACCES, "{e}");
+    }
+}

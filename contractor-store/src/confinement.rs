@@ -1,0 +1,49 @@
+//! What a serving store may still reach once it confines itself ([`policy`]): the one
+//! build's record read-write (`--only-build`; that is where it reads the source, the inputs
+//! and the cache tar, and writes artifacts) or, when it serves the whole root, the root
+//! read-write (builds and `cas/` blobs beneath it); the token file read-only, since it is
+//! read again when it changes; TCP bind only to the port it already listens on, and no TCP
+//! connect at all. Nothing else on the host: not the user's home, not the rest of the store.
+
+use std::path::{Path, PathBuf};
+
+use contractor_confine::Policy;
+
+/// The most files a serving store holds open (connections, uploads, reads).
+pub const MAX_OPEN_FILES: u64 = 8192;
+
+/// What the store needs to serve, all of it known before the first client connects.
+#[derive(Debug, Clone)]
+pub struct Needs<'a> {
+    /// The canonical store root.
+    pub root: &'a Path,
+    /// `--only-build`: the one build it serves.
+    pub only_build: Option<&'a str>,
+    /// `--token-file`.
+    pub token_file: Option<&'a Path>,
+    /// The port it listens on.
+    pub port: u16,
+}
+
+/// The confinement policy of a store that serves `needs`.
+pub fn policy(needs: &Needs<'_>) -> Policy {
+    let writable: Vec<PathBuf> = match needs.only_build {
+        Some(id) if crate::path::is_build_id(id) => vec![needs.root.join("builds").join(id)],
+        Some(_) => Vec::new(),
+        None => vec![needs.root.to_path_buf()],
+    };
+    Policy {
+        read: needs
+            .token_file
+            .map(Path::to_path_buf)
+            .into_iter()
+            .collect(),
+        read_write: writable,
+        bind_ports: vec![needs.port],
+        connect_ports: Some(Vec::new()),
+        max_open_files: Some(MAX_OPEN_FILES),
+        // No RLIMIT_FSIZE: the store's own limits bound every upload, and the limit would
+        // also cap the log file its stderr is appended to (SIGXFSZ would kill it mid-build).
+        max_file_size: None,
+    }
+}

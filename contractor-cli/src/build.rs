@@ -254,6 +254,9 @@ pub fn build(
     let proxy = start_proxy(spec, &record.join("proxy.jsonl"), &tools_log)
         .map_err(|e| BuildError::Service("proxy", e))
         .map_err(close)?;
+    // A service that could not confine itself fully says so; the user must hear it.
+    show_confinement(display, tools::STORE, store.confinement.as_ref());
+    show_confinement(display, tools::PROXY, proxy.confinement.as_ref());
 
     let log = record.join("build.log");
     let console_log = record.join("console.log");
@@ -467,6 +470,8 @@ struct Service<T> {
     name: &'static str,
     child: Option<Child>,
     addr: SocketAddr,
+    /// What the service said of its confinement in its `ready` line.
+    confinement: Option<contractor_protocol::service::Confinement>,
     reader: Option<JoinHandle<T>>,
 }
 
@@ -495,6 +500,7 @@ impl<T: Send + 'static> Service<T> {
             name,
             child: Some(child),
             addr: ready.addr,
+            confinement: ready.confinement,
             reader: Some(std::thread::spawn(move || rest(answers))),
         })
     }
@@ -601,6 +607,28 @@ fn start_proxy(
         refused
     })
 }
+
+/// Shows what a service's `ready` line said is missing from its confinement: its warnings,
+/// or that it reported none at all (a tool of another release).
+fn show_confinement(
+    display: &Display,
+    name: &str,
+    confinement: Option<&contractor_protocol::service::Confinement>,
+) {
+    match confinement {
+        Some(confinement) => {
+            for warning in confinement.warnings.iter().take(MAX_CONFINEMENT_WARNINGS) {
+                display.warning(&format!("{name}: {warning}"));
+            }
+        }
+        None => display.warning(&format!(
+            "{name} did not report its confinement; it may run unconfined"
+        )),
+    }
+}
+
+/// The most confinement warnings shown per service.
+const MAX_CONFINEMENT_WARNINGS: usize = 16;
 
 /// The most refused hosts a build's result names (the proxy's decisions file has them all).
 pub const MAX_REFUSED_HOSTS: usize = 1024;

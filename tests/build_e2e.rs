@@ -260,8 +260,11 @@ fn a_script_past_its_timeout_is_stopped_and_leaves_no_vm() {
         build.result.limit,
         Some(contractor_protocol::result::Limit::Timeout)
     );
+    // Stopped by its timeout, not by the script's end: the script sleeps 600 s, and the 45 s
+    // are counted from the end of the boot, which under TCG on a loaded host can take
+    // minutes (CI saw 190 s), so only "well before 600 s" is asserted.
     assert!(
-        build.result.duration_secs < 120.0,
+        build.result.duration_secs < 500.0,
         "took {}s",
         build.result.duration_secs
     );

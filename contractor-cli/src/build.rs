@@ -485,10 +485,7 @@ impl<T: Send + 'static> Service<T> {
     ) -> Result<Service<T>, ToolError> {
         let mut child = tools::spawn(name, command)?;
         drop(child.stdin.take());
-        let mut answers = Answers::of(name, &mut child).ok_or(ToolError::Io {
-            name,
-            source: std::io::Error::other("no stdout pipe"),
-        })?;
+        let mut answers = Answers::of(name, &mut child)?;
         let ready: Ready = match answers.first(&mut child) {
             Ok(ready) => ready,
             Err(err) => {
@@ -789,10 +786,7 @@ impl Vm {
         if !hold {
             drop(stdin.take());
         }
-        let mut answers = Answers::of(name, &mut child).ok_or(ToolError::Io {
-            name,
-            source: std::io::Error::other("no stdout pipe"),
-        })?;
+        let mut answers = Answers::of(name, &mut child)?;
         let answer: VmResult = match answers.first(&mut child) {
             Ok(answer) => answer,
             Err(err) => {
@@ -849,20 +843,17 @@ impl Vm {
                     })
                 }
             }
-            None => {
-                let destroyed: VmResult = tools::answer(
-                    name,
-                    &[
-                        "destroy".as_ref(),
-                        "--uri".as_ref(),
-                        self.uri.as_ref(),
-                        "--name".as_ref(),
-                        self.info.name.as_ref(),
-                    ],
-                )?;
-                let _ = destroyed;
-                Ok(())
-            }
+            None => tools::answer::<VmResult>(
+                name,
+                &[
+                    "destroy".as_ref(),
+                    "--uri".as_ref(),
+                    self.uri.as_ref(),
+                    "--name".as_ref(),
+                    self.info.name.as_ref(),
+                ],
+            )
+            .map(drop),
         }
     }
 }
@@ -1031,10 +1022,7 @@ fn run(
 
 fn read_events(child: &mut Child, display: &Display) -> Result<RunEvent, ToolError> {
     let name = tools::RUN;
-    let mut answers = Answers::of(name, child).ok_or(ToolError::Io {
-        name,
-        source: std::io::Error::other("no stdout pipe"),
-    })?;
+    let mut answers = Answers::of(name, child)?;
     loop {
         match answers.next_reply::<RunEvent>()? {
             Some(Reply::Answer(event @ RunEvent::Finished { .. })) => {

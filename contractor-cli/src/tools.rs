@@ -246,10 +246,14 @@ pub struct Answers {
 }
 
 impl Answers {
-    /// Reads the stdout of `child`, which runs tool `name`.
-    pub fn of(name: &'static str, child: &mut Child) -> Option<Answers> {
-        let stdout = child.stdout.take()?;
-        Some(Answers {
+    /// Reads the stdout of `child`, which runs tool `name` (started by [`spawn`], so with
+    /// its stdout on a pipe that nobody has taken yet).
+    pub fn of(name: &'static str, child: &mut Child) -> Result<Answers, ToolError> {
+        let stdout = child.stdout.take().ok_or(ToolError::Io {
+            name,
+            source: std::io::Error::other("no stdout pipe"),
+        })?;
+        Ok(Answers {
             name,
             reader: JsonlReader::new(BufReader::new(stdout)),
         })
@@ -349,10 +353,7 @@ pub fn answer<T: DeserializeOwned>(
     command.args(args).arg("--json-errors");
     let mut child = spawn(name, command)?;
     drop(child.stdin.take());
-    let mut answers = Answers::of(name, &mut child).ok_or(ToolError::Io {
-        name,
-        source: std::io::Error::other("no stdout pipe"),
-    })?;
+    let mut answers = Answers::of(name, &mut child)?;
     let answer = answers.first(&mut child)?;
     answers.drain();
     let status = child

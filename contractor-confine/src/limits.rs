@@ -1,5 +1,5 @@
 //! The rlimits of a [`Policy`]: open files lowered (never raised), the largest file the
-//! process may write, and no core dumps (a core would hold guest data and secrets).
+//! process may write, the address space it may map, and no core dumps (a core would hold guest data and secrets).
 
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
@@ -13,6 +13,9 @@ pub fn apply(policy: &Policy) -> Result<(), ConfineError> {
     }
     if let Some(max) = policy.max_file_size {
         lower(Resource::RLIMIT_FSIZE, "RLIMIT_FSIZE", max)?;
+    }
+    if let Some(max) = policy.max_address_space {
+        lower(Resource::RLIMIT_AS, "RLIMIT_AS", max)?;
     }
     Ok(())
 }

@@ -94,10 +94,17 @@ fn compile(
     .map_err(ConfineError::SeccompBuild)
 }
 
-/// The filter that refuses [`DENIED`], and `clone` with a namespace flag, with `EPERM`.
-pub fn program_denied() -> Result<BpfProgram, ConfineError> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        DENIED.iter().map(|&(_, nr)| (nr, Vec::new())).collect();
+/// The system calls that execute a program, refused unless the policy allows them.
+const EXEC: &[libc::c_long] = &[libc::SYS_execve, libc::SYS_execveat];
+
+/// The filter that refuses [`DENIED`] (less `execve` and `execveat` when `allow_exec`), and
+/// `clone` with a namespace flag, with `EPERM`.
+pub fn program_denied(allow_exec: bool) -> Result<BpfProgram, ConfineError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED
+        .iter()
+        .filter(|(_, nr)| !(allow_exec && EXEC.contains(nr)))
+        .map(|&(_, nr)| (nr, Vec::new()))
+        .collect();
     let mut clone_rules = Vec::with_capacity(NAMESPACE_FLAGS.len());
     for &flag in NAMESPACE_FLAGS {
         let flag = u64::from(flag.unsigned_abs());
@@ -125,9 +132,9 @@ pub fn program_clone3() -> Result<BpfProgram, ConfineError> {
 
 /// Installs the filter on every thread of the process. Returns false (with a warning) when
 /// the kernel has no seccomp filters.
-pub fn apply(warnings: &mut Vec<String>) -> Result<bool, ConfineError> {
+pub fn apply(allow_exec: bool, warnings: &mut Vec<String>) -> Result<bool, ConfineError> {
     let clone3 = program_clone3()?;
-    let denied = program_denied()?;
+    let denied = program_denied(allow_exec)?;
     for filter in [&clone3, &denied] {
         match seccompiler::apply_filter_all_threads(filter) {
             Ok(()) => {}

@@ -67,6 +67,8 @@ fn probe_policy() {
         connect_ports: Some(vec![allowed_port]),
         max_open_files: Some(256),
         max_file_size: Some(1 << 20),
+        max_address_space: Some(contractor_confine::TOOL_ADDRESS_SPACE),
+        allow_exec: false,
     };
     let report = confine("probe", &policy).expect("confine");
     println!("{report:?}");
@@ -104,6 +106,13 @@ fn probe_policy() {
     // No new namespace.
     let e = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER).expect_err("unshare");
     assert_eq!(e, nix::errno::Errno::EPERM);
+    // The address space is bounded: a vector of twice the limit cannot be had.
+    let (soft, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_AS).expect("rlimit");
+    assert_eq!((soft, hard), (contractor_confine::TOOL_ADDRESS_SPACE, soft));
+    let mut big: Vec<u8> = Vec::new();
+    let wanted = usize::try_from(2 * contractor_confine::TOOL_ADDRESS_SPACE).expect("64-bit");
+    assert!(big.try_reserve_exact(wanted).is_err(), "8 GiB were mapped");
 
     if report.landlock_net {
         TcpStream::connect(("127.0.0.1", allowed_port)).expect("an allowed port");
@@ -113,4 +122,43 @@ fn probe_policy() {
         let e = TcpListener::bind("127.0.0.1:0").expect_err("bind");
         assert_eq!(errno(&e), libc::EACCES, "{e}");
     }
+}
+
+#[test]
+fn a_launcher_may_execute_its_program_and_the_program_stays_confined() {
+    let home = tempfile::tempdir().expect("home");
+    let work = tempfile::tempdir().expect("work");
+    std::fs::write(home.path().join("secret"), b"ssh key").expect("secret");
+    in_child("probe_launcher", home.path(), work.path());
+}
+
+#[test]
+fn probe_launcher() {
+    let Some((home, _work)) = probing() else {
+        return;
+    };
+    let policy = Policy {
+        read: ["/usr", "/bin", "/lib", "/lib64", "/etc/ld.so.cache"]
+            .into_iter()
+            .map(PathBuf::from)
+            .collect(),
+        connect_ports: Some(vec![]),
+        allow_exec: true,
+        ..Policy::default()
+    };
+    let report = confine("probe", &policy).expect("confine");
+    assert!(report.landlock_fs && report.seccomp, "{report:?}");
+    let ran = Command::new("/bin/true")
+        .status()
+        .expect("execve is allowed");
+    assert!(ran.success());
+    // The program it starts inherits the rules: the home stays out of reach.
+    let out = Command::new("/bin/cat")
+        .arg(home.join("secret"))
+        .stdin(std::process::Stdio::inherit())
+        .output()
+        .expect("run cat");
+    assert!(!out.status.success(), "cat read the home");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("Permission denied"), "{text}");
 }

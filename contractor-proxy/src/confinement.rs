@@ -71,5 +71,7 @@ pub fn policy(config: &ProxyConfig, listen_port: u16, metrics_port: Option<u16>)
         max_open_files: Some(u64::try_from(max_open).unwrap_or(u64::MAX)),
         // No RLIMIT_FSIZE: the access log (opened before) grows as long as the proxy runs.
         max_file_size: None,
+        max_address_space: Some(contractor_confine::TOOL_ADDRESS_SPACE),
+        allow_exec: false,
     }
 }

@@ -45,5 +45,7 @@ pub fn policy(needs: &Needs<'_>) -> Policy {
         // No RLIMIT_FSIZE: the store's own limits bound every upload, and the limit would
         // also cap the log file its stderr is appended to (SIGXFSZ would kill it mid-build).
         max_file_size: None,
+        max_address_space: Some(contractor_confine::TOOL_ADDRESS_SPACE),
+        allow_exec: false,
     }
 }

@@ -419,6 +419,22 @@ fn children_of(parent: u32) -> Vec<(u32, u64, String)> {
     children
 }
 
+/// The QEMU process of VM `name`: the one whose command line names it as its guest.
+fn qemu_of(name: &str) -> Option<u32> {
+    let wanted = format!("guest={name},");
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let mut args = cmdline.split(|&b| b == 0);
+            let is_qemu = args.next()?.ends_with(b"qemu-system-x86_64");
+            let names_it = args.any(|a| a.starts_with(wanted.as_bytes()));
+            (is_qemu && names_it).then_some(pid)
+        })
+}
+
 /// True while process `pid` (started at `start`) exists and is not a zombie.
 fn still_running(pid: u32, start: u64) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -456,30 +472,38 @@ fn a_killed_front_end_leaves_no_vm_no_tool_and_no_overlay_and_its_record_says_in
             "no {tool} among the children {names:?}"
         );
     }
-    // The guest-facing services are confined while they serve this build (issue "Least
-    // privilege on the host"; the relay and QEMU are not yet).
-    for (pid, _, tool) in &tools {
-        if tool == "contractor-stor" || tool == "contractor-prox" {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-            let field = |key: &str| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix(key))
-                    .map(str::trim)
-                    .unwrap_or("")
-                    .to_string()
-            };
-            assert_eq!(
-                field("NoNewPrivs:"),
-                "1",
-                "{tool} (pid {pid}) lacks no_new_privs"
-            );
-            assert_eq!(
-                field("Seccomp:"),
-                "2",
-                "{tool} (pid {pid}) has no seccomp filter"
-            );
-        }
+    // Every host process serving the guest is confined while it serves this build: the
+    // store, the proxy and the relay by themselves, and this VM's QEMU (by libvirt's
+    // sandbox under qemu:///system, by contractor-qemu under qemu:///session).
+    let mut serving: Vec<(u32, String)> = tools
+        .iter()
+        .filter(|(_, _, tool)| {
+            ["contractor-stor", "contractor-prox", "contractor-run"].contains(&tool.as_str())
+        })
+        .map(|(pid, _, tool)| (*pid, tool.clone()))
+        .collect();
+    let qemu = qemu_of(&name).unwrap_or_else(|| panic!("no QEMU process of {name}"));
+    serving.push((qemu, format!("QEMU of {name}")));
+    for (pid, tool) in &serving {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(str::trim)
+                .unwrap_or("")
+                .to_string()
+        };
+        assert_eq!(
+            field("NoNewPrivs:"),
+            "1",
+            "{tool} (pid {pid}) lacks no_new_privs"
+        );
+        assert_eq!(
+            field("Seccomp:"),
+            "2",
+            "{tool} (pid {pid}) has no seccomp filter"
+        );
     }
     let overlay = contractor_cli::paths::data_dir()
         .expect("data dir")

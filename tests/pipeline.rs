@@ -128,8 +128,11 @@ fn the_shell_pipeline_builds_hello_like_contractor_build() {
         })
         .collect();
     assert!(
-        matches!(events.first(), Some(RunEvent::Started { version: 1 })),
-        "{stdout}"
+        matches!(
+            events.first(),
+            Some(RunEvent::Started { version: 1, confinement: Some(c) }) if c.enforced && c.seccomp
+        ),
+        "the relay reports its confinement first: {stdout}"
     );
     assert!(
         !events.iter().any(|e| matches!(e, RunEvent::Unknown)),

@@ -1029,6 +1029,9 @@ fn read_events(child: &mut Child, display: &Display) -> Result<RunEvent, ToolErr
                 answers.drain();
                 return Ok(event);
             }
+            Some(Reply::Answer(RunEvent::Started { confinement, .. })) => {
+                show_confinement(display, name, confinement.as_ref());
+            }
             Some(Reply::Answer(event)) => {
                 if let Some(shown) = BuildEvent::shown(event) {
                     display.event(&shown);

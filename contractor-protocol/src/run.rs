@@ -52,6 +52,10 @@ pub enum RunEvent {
     Started {
         /// Protocol version, 1.
         version: u32,
+        /// What holds the relay once it has opened the VM's channels and the log (see
+        /// [`Confinement`]); absent from a relay of an older release.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        confinement: Option<crate::service::Confinement>,
     },
     /// The guest agent answered.
     AgentReady {

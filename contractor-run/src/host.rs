@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use contractor_protocol::agent::{GuestMessage, HostMessage, TunnelTarget};
 use contractor_protocol::result::{ErrorInfo, Limit, Outcome};
 use contractor_protocol::run::{RunEvent, RunRequest};
+use contractor_protocol::service::Confinement;
 use contractor_protocol::PROTOCOL_VERSION;
 use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, UnixStream};
@@ -205,27 +206,93 @@ impl Verdict {
     }
 }
 
-/// Runs the request's job to its end and returns the closing `finished` event (also sent
-/// to `events`). Never fails: every failure is an outcome.
-pub async fn run(request: RunRequest, events: EventSink) -> RunEvent {
+/// The VM's two channels and the build log, opened before the relay confines itself (after
+/// that it can open nothing by name): what [`run`] works with.
+#[derive(Debug)]
+pub struct Links {
+    control: std::os::unix::net::UnixStream,
+    tunnel: std::os::unix::net::UnixStream,
+    log: std::fs::File,
+}
+
+/// Why [`open_links`] has no links.
+#[derive(Debug)]
+pub enum LinkError {
+    /// The channel sockets did not appear within the boot timeout.
+    BootTimeout,
+    /// A socket refused, or did not appear within its own wait, or the log cannot be made.
+    Failed(RunError),
+}
+
+/// What [`open_links`] left for [`run`]: when it began (the run's clock and its boot
+/// timeout start there) and the links or why there are none.
+#[derive(Debug)]
+pub struct Opened {
+    started: Instant,
+    links: Result<Links, LinkError>,
+}
+
+/// Connects to the VM's control and tunnel channels (waiting up to 30 s, and never past the
+/// boot timeout, for QEMU to make them) and creates the build log. Blocking: it runs before
+/// the async runtime, so that the relay can confine itself to what it holds.
+pub fn open_links(request: &RunRequest) -> Opened {
     let started = Instant::now();
+    let boot = Duration::from_secs(request.boot_timeout_secs);
+    let links = (|| {
+        let control = connect_channel("control", &request.control_socket, started, boot)?;
+        let tunnel = connect_channel("tunnel", &request.tunnel_socket, started, boot)?;
+        let log = std::fs::File::create(&request.log).map_err(|source| {
+            LinkError::Failed(RunError::Log {
+                path: request.log.clone(),
+                source,
+            })
+        })?;
+        Ok(Links {
+            control,
+            tunnel,
+            log,
+        })
+    })();
+    Opened { started, links }
+}
+
+/// Runs the request's job to its end and returns the closing `finished` event (also sent
+/// to `events`, after `started` with the relay's `confinement`). Never fails: every failure
+/// is an outcome.
+pub async fn run(
+    request: RunRequest,
+    opened: Opened,
+    confinement: Option<Confinement>,
+    events: EventSink,
+) -> RunEvent {
+    let started = opened.started;
     let _ = events
         .send(RunEvent::Started {
             version: PROTOCOL_VERSION,
+            confinement,
         })
         .await;
     let mut progress = Progress::default();
-    let boot_limit = Duration::from_secs(request.boot_timeout_secs);
-    let verdict = match tokio::time::timeout(boot_limit, connect(&request, &events)).await {
-        Err(_) => Verdict::infrastructure(
+    let boot_limit =
+        Duration::from_secs(request.boot_timeout_secs).saturating_sub(started.elapsed());
+    let connected = match opened.links {
+        Ok(links) => tokio::time::timeout(boot_limit, connect(links, &request, &events))
+            .await
+            .unwrap_or(Err(LinkError::BootTimeout)),
+        Err(err) => Err(err),
+    };
+    let verdict = match connected {
+        Err(LinkError::BootTimeout) => Verdict::infrastructure(
             "boot_timeout",
             format!(
                 "the guest agent did not answer within {} s (the VM did not boot? see the console log)",
                 request.boot_timeout_secs
             ),
         ),
-        Ok(Err(err)) => Verdict::new(Outcome::Infrastructure, Some(error_info(err.code(), &err))),
-        Ok(Ok(session)) => {
+        Err(LinkError::Failed(err)) => {
+            Verdict::new(Outcome::Infrastructure, Some(error_info(err.code(), &err)))
+        }
+        Ok(session) => {
             let limit = Duration::from_secs(request.timeout_secs);
             match tokio::time::timeout(limit, session.run_job(&request, &events, &mut progress)).await {
                 Ok(Ok(())) => judge(&progress, &request),
@@ -363,16 +430,16 @@ enum LogEnd {
     Cut(u64),
 }
 
-/// Connects to the VM's channels, starts relaying the tunnel, and waits for the agent.
-async fn connect(request: &RunRequest, events: &EventSink) -> Result<Session, RunError> {
-    let control = connect_channel("control", &request.control_socket).await?;
-    let tunnel_io = connect_channel("tunnel", &request.tunnel_socket).await?;
-    let log = tokio::fs::File::create(&request.log)
-        .await
-        .map_err(|source| RunError::Log {
-            path: request.log.clone(),
-            source,
-        })?;
+/// Starts relaying the tunnel and waits for the agent's hello.
+async fn connect(
+    links: Links,
+    request: &RunRequest,
+    events: &EventSink,
+) -> Result<Session, LinkError> {
+    let failed = |source| LinkError::Failed(RunError::Control(source));
+    let control = async_stream(links.control).map_err(failed)?;
+    let tunnel_io = async_stream(links.tunnel).map_err(failed)?;
+    let log = tokio::fs::File::from_std(links.log);
 
     let (log_done_tx, log_done) = oneshot::channel();
     let budget = Arc::new(Budget::new(request.max_log_bytes));
@@ -394,12 +461,12 @@ async fn connect(request: &RunRequest, events: &EventSink) -> Result<Session, Ru
 
     let (read_half, control_out) = control.into_split();
     let mut lines = BufReader::new(read_half);
-    match next_message(&mut lines).await? {
+    match next_message(&mut lines).await.map_err(LinkError::Failed)? {
         Some((GuestMessage::Hello { agent_version, .. }, _)) => {
             let _ = events.send(RunEvent::AgentReady { agent_version }).await;
         }
-        Some(_) => return Err(RunError::NoHello),
-        None => return Err(RunError::AgentGone),
+        Some(_) => return Err(LinkError::Failed(RunError::NoHello)),
+        None => return Err(LinkError::Failed(RunError::AgentGone)),
     }
     Ok(Session {
         lines,
@@ -607,20 +674,34 @@ async fn next_message<R: AsyncBufRead + Unpin>(
     }
 }
 
-/// Connects to a channel socket, waiting for QEMU to create it.
-async fn connect_channel(name: &'static str, path: &Path) -> Result<UnixStream, RunError> {
-    let deadline = Instant::now() + SOCKET_WAIT;
+/// A blocking stream made non-blocking and handed to the runtime.
+fn async_stream(stream: std::os::unix::net::UnixStream) -> std::io::Result<UnixStream> {
+    stream.set_nonblocking(true)?;
+    UnixStream::from_std(stream)
+}
+
+/// Connects to a channel socket, waiting for QEMU to create it: up to [`SOCKET_WAIT`], and
+/// never past `boot` from `started`.
+fn connect_channel(
+    name: &'static str,
+    path: &Path,
+    started: Instant,
+    boot: Duration,
+) -> Result<std::os::unix::net::UnixStream, LinkError> {
+    let socket_deadline = Instant::now() + SOCKET_WAIT;
+    let boot_deadline = started + boot;
     loop {
-        match UnixStream::connect(path).await {
+        match std::os::unix::net::UnixStream::connect(path) {
             Ok(stream) => return Ok(stream),
-            Err(source) if Instant::now() >= deadline => {
-                return Err(RunError::Channel {
+            Err(_) if Instant::now() >= boot_deadline => return Err(LinkError::BootTimeout),
+            Err(source) if Instant::now() >= socket_deadline => {
+                return Err(LinkError::Failed(RunError::Channel {
                     name,
                     path: path.to_path_buf(),
                     source,
-                })
+                }))
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
 }
@@ -962,7 +1043,8 @@ mod tests {
                 }
             }
         });
-        let finished = run(request, events).await;
+        let opened = open_links(&request);
+        let finished = run(request, opened, None, events).await;
         drain.await.expect("drain");
         drop(guest.await.expect("guest"));
         let RunEvent::Finished { error, .. } = finished else {

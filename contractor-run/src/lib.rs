@@ -4,10 +4,11 @@
 //! control channel and relays the tunnel's streams to the proxy and the store. `guest` is
 //! the agent itself, built into a static binary and installed in the builder image.
 //! `tunnel` is the multiplexing both sides share, `control` the bounded reading of the
-//! control channel's lines.
+//! control channel's lines, `confinement` what the relay may still reach once it serves.
 
 #![warn(missing_docs)]
 
+pub mod confinement;
 pub mod control;
 pub mod guest;
 pub mod host;
@@ -15,4 +16,4 @@ mod sys;
 pub mod text;
 pub mod tunnel;
 
-pub use host::{run, EventSink};
+pub use host::{open_links, run, EventSink, Opened};

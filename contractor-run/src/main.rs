@@ -28,7 +28,7 @@ use contractor_protocol::{ExitCode, PROTOCOL_VERSION};
 
 and writes JSON Lines on stdout:
 
-  {"type":"started","version":1}
+  {"type":"started","version":1,"confinement":{"enforced":true,"no_new_privs":true,...}}
   {"type":"agent_ready","agent_version":"0.1.0"}
   {"type":"phase","phase":"script"}
   {"type":"output","text":"cc -o hello hello.c\n"}
@@ -49,6 +49,10 @@ struct Args {
     /// ({"type":"error","version":1,"code":...,"chain":[...]}).
     #[arg(long)]
     json_errors: bool,
+    /// Do not confine this process (no Landlock, seccomp or rlimits): for debugging only.
+    /// The `started` event and stderr then say it runs with all of the user's rights.
+    #[arg(long)]
+    no_confine: bool,
 }
 
 /// Why the request could not start.
@@ -64,6 +68,8 @@ enum StartError {
     Version(u32),
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
+    #[error("cannot confine the relay")]
+    Confine(#[source] contractor_confine::ConfineError),
 }
 
 impl StartError {
@@ -74,6 +80,7 @@ impl StartError {
             StartError::Json { .. } => "bad_json",
             StartError::Version(_) => "unsupported",
             StartError::Runtime(_) => "runtime",
+            StartError::Confine(_) => "confine",
         }
     }
 
@@ -82,7 +89,9 @@ impl StartError {
             StartError::NoRequest | StartError::Json { .. } | StartError::Version(_) => {
                 ExitCode::BadInput
             }
-            StartError::Stdin(_) | StartError::Runtime(_) => ExitCode::Infrastructure,
+            StartError::Stdin(_) | StartError::Runtime(_) | StartError::Confine(_) => {
+                ExitCode::Infrastructure
+            }
         }
     }
 
@@ -96,7 +105,7 @@ fn main() -> std::process::ExitCode {
     if let Err(err) = contractor_protocol::limits::raise_open_files() {
         eprintln!("contractor-run: warning: cannot raise the open-files limit: {err}");
     }
-    match run() {
+    match run(&args) {
         Ok(code) => code.into(),
         Err(err) => {
             contractor_protocol::error::ErrorObject::report(
@@ -110,7 +119,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run() -> Result<ExitCode, StartError> {
+fn run(args: &Args) -> Result<ExitCode, StartError> {
     let mut input = String::new();
     std::io::stdin()
         .read_to_string(&mut input)
@@ -122,6 +131,15 @@ fn run() -> Result<ExitCode, StartError> {
     if request.version != PROTOCOL_VERSION {
         return Err(StartError::Version(request.version));
     }
+    // What the relay holds once confined: the channels and the log, opened now. Landlock
+    // binds the calling thread and those it starts later, so this comes before the runtime.
+    let opened = contractor_run::open_links(&request);
+    let confinement = if args.no_confine {
+        contractor_confine::unconfined("contractor-run")
+    } else {
+        let policy = contractor_run::confinement::policy(&request);
+        contractor_confine::confine("contractor-run", &policy).map_err(StartError::Confine)?
+    };
     let runtime = tokio::runtime::Runtime::new().map_err(StartError::Runtime)?;
     let code = runtime.block_on(async {
         let (events, mut received) = contractor_run::host::event_channel();
@@ -141,7 +159,7 @@ fn run() -> Result<ExitCode, StartError> {
             }
             let _ = stdout.flush();
         });
-        let finished = contractor_run::run(request, events).await;
+        let finished = contractor_run::run(request, opened, Some(confinement), events).await;
         let _ = printer.await;
         match finished {
             RunEvent::Finished { outcome, .. } => outcome.exit_code(),

@@ -309,6 +309,15 @@ fn doctor_passes_here_and_names_the_fix_when_libvirt_is_unreachable() {
     assert_eq!(output.status.code(), Some(0), "{report}");
     assert!(report.contains("ok   libvirt"), "{report}");
     assert!(report.contains("accelerator"), "{report}");
+    // The level this kernel gives, as a real proxy reported it (ok or warn, never missing).
+    let confinement = report
+        .lines()
+        .find(|l| l.contains(" confinement "))
+        .unwrap_or_else(|| panic!("no confinement line in:\n{report}"));
+    assert!(
+        confinement.contains("Landlock") && confinement.contains("seccomp"),
+        "{confinement}"
+    );
 
     let output = Command::new(util::contractor())
         .args(["doctor", "--uri", "qemu+tcp://127.0.0.1:1/system"])

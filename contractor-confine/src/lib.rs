@@ -10,7 +10,9 @@
 //! starts afterwards, so a tool must call [`confine`] before it starts any thread (an async
 //! runtime's workers included); seccomp is applied to every thread of the process.
 //!
-//! The seccomp filter is a **denylist** ([`seccomp::DENIED`]): it refuses with `EPERM`
+//! The seccomp filter of the relay, whose calls once serving are few and known, is an
+//! **allowlist** ([`Policy::allowed_syscalls`]). That of the store and the proxy is a
+//! **denylist** ([`seccomp::DENIED`]): it refuses with `EPERM`
 //! the system calls a confined tool never needs and an attacker would want (`execve`,
 //! `ptrace`, `mount`, `bpf`, namespaces, kernel modules, `process_vm_*`, `keyctl`,
 //! `perf_event_open`, `userfaultfd`, `io_uring`, ...). An allowlist would be tighter, but
@@ -61,6 +63,11 @@ pub struct Policy {
     /// confines itself and then executes the program it confines (contractor-qemu), whose
     /// own sandbox then refuses them. Every other tool keeps them refused.
     pub allow_exec: bool,
+    /// `Some`: the seccomp filter is an **allowlist** of these system calls (name, number),
+    /// and every other call fails with `EPERM` ([`seccomp::program_allowed`]); for a tool
+    /// whose calls once serving are few and known (the relay). `None`: the denylist
+    /// [`seccomp::DENIED`].
+    pub allowed_syscalls: Option<&'static [(&'static str, libc::c_long)]>,
 }
 
 /// Why confinement could not be applied. A kernel that lacks a feature is not an error
@@ -91,7 +98,7 @@ pub fn confine(tool: &str, policy: &Policy) -> Result<Confinement, ConfineError>
     let mut warnings = Vec::new();
     limits::apply(policy)?;
     let landlock = landlock_rules::apply(policy, &mut warnings)?;
-    let seccomp = seccomp::apply(policy.allow_exec, &mut warnings)?;
+    let seccomp = seccomp::apply(policy, &mut warnings)?;
     for warning in &warnings {
         eprintln!("{tool}: warning: {warning}");
     }

@@ -1,6 +1,7 @@
-//! The seccomp filter: a denylist of the system calls a confined tool never needs and an
-//! attacker would want (see the crate documentation for why it is not an allowlist). Each
-//! refused call fails with `EPERM`; `clone3` fails with `ENOSYS` so that glibc falls back to
+//! The seccomp filters: by default a denylist of the system calls a confined tool never
+//! needs and an attacker would want (see the crate documentation for why), or, for a tool
+//! whose calls are few and known, an allowlist of exactly those. Each refused call fails
+//! with `EPERM`; `clone3` fails with `ENOSYS` so that glibc falls back to
 //! `clone`, whose flags the filter can see, and `clone` with any namespace flag is refused.
 //! Installed on every thread of the process (`SECCOMP_FILTER_FLAG_TSYNC`).
 
@@ -11,7 +12,7 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
-use crate::ConfineError;
+use crate::{ConfineError, Policy};
 
 /// The system calls refused with `EPERM`.
 pub const DENIED: &[(&str, libc::c_long)] = &[
@@ -121,6 +122,43 @@ pub fn program_denied(allow_exec: bool) -> Result<BpfProgram, ConfineError> {
     compile(rules, libc::EPERM)
 }
 
+/// The filter that allows only `allowed` (and `clone` without a namespace flag) and refuses
+/// every other system call with `EPERM`. A call of [`DENIED`] in `allowed` is refused all
+/// the same.
+pub fn program_allowed(allowed: &[(&str, libc::c_long)]) -> Result<BpfProgram, ConfineError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed
+        .iter()
+        .filter(|(_, nr)| !DENIED.iter().any(|(_, denied)| denied == nr))
+        .map(|&(_, nr)| (nr, Vec::new()))
+        .collect();
+    let all_namespaces = NAMESPACE_FLAGS
+        .iter()
+        .fold(0_u64, |mask, flag| mask | u64::from(flag.unsigned_abs()));
+    let no_namespace = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Qword,
+        SeccompCmpOp::MaskedEq(all_namespaces),
+        0,
+    )
+    .map_err(ConfineError::SeccompBuild)?;
+    rules.insert(
+        libc::SYS_clone,
+        vec![SeccompRule::new(vec![no_namespace]).map_err(ConfineError::SeccompBuild)?],
+    );
+    // clone3 passes this filter so that the other one's ENOSYS decides (of two filters
+    // that both answer with an errno, the one installed last wins).
+    rules.insert(libc::SYS_clone3, Vec::new());
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(ConfineError::SeccompBuild)?;
+    SeccompFilter::new(
+        rules,
+        SeccompAction::Errno(libc::EPERM.unsigned_abs()),
+        SeccompAction::Allow,
+        arch,
+    )
+    .and_then(BpfProgram::try_from)
+    .map_err(ConfineError::SeccompBuild)
+}
+
 /// The filter that refuses `clone3` with `ENOSYS`: its flags sit in memory the filter cannot
 /// read, and glibc falls back to `clone` on `ENOSYS`.
 pub fn program_clone3() -> Result<BpfProgram, ConfineError> {
@@ -130,12 +168,16 @@ pub fn program_clone3() -> Result<BpfProgram, ConfineError> {
     )
 }
 
-/// Installs the filter on every thread of the process. Returns false (with a warning) when
-/// the kernel has no seccomp filters.
-pub fn apply(allow_exec: bool, warnings: &mut Vec<String>) -> Result<bool, ConfineError> {
+/// Installs the filters (the `clone3` one, then the denylist or the policy's allowlist) on
+/// every thread of the process. Returns false (with a warning) when the kernel has no
+/// seccomp filters.
+pub fn apply(policy: &Policy, warnings: &mut Vec<String>) -> Result<bool, ConfineError> {
     let clone3 = program_clone3()?;
-    let denied = program_denied(allow_exec)?;
-    for filter in [&clone3, &denied] {
+    let second = match policy.allowed_syscalls {
+        Some(allowed) => program_allowed(allowed)?,
+        None => program_denied(policy.allow_exec)?,
+    };
+    for filter in [&clone3, &second] {
         match seccompiler::apply_filter_all_threads(filter) {
             Ok(()) => {}
             Err(seccompiler::Error::Seccomp(e)) if e.raw_os_error() == Some(libc::EINVAL) => {

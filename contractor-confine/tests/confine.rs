@@ -69,6 +69,7 @@ fn probe_policy() {
         max_file_size: Some(1 << 20),
         max_address_space: Some(contractor_confine::TOOL_ADDRESS_SPACE),
         allow_exec: false,
+        allowed_syscalls: None,
     };
     let report = confine("probe", &policy).expect("confine");
     println!("{report:?}");

@@ -73,5 +73,6 @@ pub fn policy(config: &ProxyConfig, listen_port: u16, metrics_port: Option<u16>)
         max_file_size: None,
         max_address_space: Some(contractor_confine::TOOL_ADDRESS_SPACE),
         allow_exec: false,
+        allowed_syscalls: None,
     }
 }

@@ -132,12 +132,13 @@ fn probe_relay_policy() {
     let request = request(&work, port(&proxy), port(&store));
 
     let opened = contractor_run::open_links(&request);
+    // The guest's end (this test plays both) is taken before the relay's rules hold.
+    let (mut guest_end, _) = control.accept().expect("accept");
     let policy = contractor_run::confinement::policy(&request);
     let report = contractor_confine::confine("probe", &policy).expect("confine");
     assert!(report.landlock_fs && report.seccomp, "{report:?}");
 
     // What it must do: its links and the two ports.
-    let (mut guest_end, _) = control.accept().expect("accept");
     let mut runtime = tokio::runtime::Builder::new_current_thread();
     let runtime = runtime
         .enable_all()
@@ -172,10 +173,16 @@ fn probe_relay_policy() {
     assert_eq!(errno(&e), libc::EACCES, "{e}");
     let e = Command::new("/bin/true").status().expect_err("execve");
     assert_eq!(errno(&e), libc::EPERM, "{e}");
+    // A call off the relay's seccomp allowlist (and on no denylist) is refused too.
+    let e = std::env::set_current_dir("/").expect_err("chdir is not on the allowlist");
+    assert_eq!(errno(&e), libc::EPERM, "{e}");
+    let e = std::fs::create_dir(work.join("dir")).expect_err("mkdir is not either");
+    assert_eq!(errno(&e), libc::EPERM, "{e}");
     if report.landlock_net {
         let e = TcpStream::connect(("127.0.0.1", port(&other))).expect_err("another port");
         assert_eq!(errno(&e), libc::EACCES, "{e}");
-        let e = TcpListener::bind("127.0.0.1:0").expect_err("bind");
-        assert_eq!(errno(&e), libc::EACCES, "{e}");
     }
+    // bind is not even on the allowlist (and Landlock grants no port).
+    let e = TcpListener::bind("127.0.0.1:0").expect_err("bind");
+    assert_eq!(errno(&e), libc::EPERM, "{e}");
 }

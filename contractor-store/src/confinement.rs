@@ -47,5 +47,6 @@ pub fn policy(needs: &Needs<'_>) -> Policy {
         max_file_size: None,
         max_address_space: Some(contractor_confine::TOOL_ADDRESS_SPACE),
         allow_exec: false,
+        allowed_syscalls: None,
     }
 }

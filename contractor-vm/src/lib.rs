@@ -20,6 +20,7 @@
 pub mod accel;
 pub mod cli;
 pub mod image;
+pub mod launcher;
 pub mod lifecycle;
 pub mod name;
 pub mod overlay;
@@ -97,6 +98,24 @@ pub enum VmError {
         #[source]
         source: virt::error::Error,
     },
+    /// Under `qemu:///session` QEMU is started through the launcher, which is missing.
+    #[error(
+        "the QEMU launcher {} is missing or not executable: under qemu:///session QEMU is \
+         started confined through it; it is built with contractor-vm (cargo build -p \
+         contractor-vm) and looked for beside contractor-vm, or in $CONTRACTOR_BIN when set",
+        path.display()
+    )]
+    MissingLauncher {
+        /// Where it was looked for.
+        path: PathBuf,
+    },
+    /// No real QEMU for the launcher to execute.
+    #[error(
+        "no QEMU found for the launcher: libvirt names no x86_64 emulator and none of {} \
+         exists; install qemu-system-x86",
+        launcher::QEMU_CANDIDATES.join(", ")
+    )]
+    NoQemu,
     /// This build of contractor-vm does not support the request.
     #[error("unsupported request: {reason}")]
     Unsupported {
@@ -117,6 +136,8 @@ impl VmError {
             | VmError::Unsupported { .. } => ExitCode::BadInput,
             VmError::Connect { .. }
             | VmError::Overlay(_)
+            | VmError::MissingLauncher { .. }
+            | VmError::NoQemu
             | VmError::Xml(_)
             | VmError::Libvirt { .. } => ExitCode::Infrastructure,
         }

@@ -20,11 +20,11 @@ use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 
 use crate::accel::{is_local_uri, resolve};
+use crate::launcher::policy::{overlay_max_bytes, WritableFile, POLICY_VERSION};
+use crate::launcher::{launcher_path, QemuPolicy, QEMU_CANDIDATES};
 use crate::name::{generate_name, is_contractor_name, validate_name};
 use crate::overlay::{create_build_disk, create_overlay, delete_overlay};
 use crate::owner::VmOwner;
-use crate::launcher::policy::{overlay_max_bytes, WritableFile, POLICY_VERSION};
-use crate::launcher::{launcher_path, QemuPolicy, QEMU_CANDIDATES};
 use crate::xml::{domain_xml, parse_domain, Disks, DomainFacts, Emulator};
 use crate::VmError;
 
@@ -268,14 +268,9 @@ fn is_session(uri: &str) -> bool {
 /// Under `qemu:///session`: the launcher QEMU is started through, and the real QEMU it
 /// executes (libvirt's x86_64 emulator, else the first of [`QEMU_CANDIDATES`] that exists).
 fn session_emulator(conn: &Connect) -> Result<(PathBuf, PathBuf), VmError> {
-    let launcher = launcher_path().unwrap_or_else(|| PathBuf::from(crate::launcher::LAUNCHER_NAME));
-    let executable = std::fs::metadata(&launcher).is_ok_and(|m| {
-        use std::os::unix::fs::PermissionsExt;
-        m.is_file() && m.permissions().mode() & 0o111 != 0
-    });
-    if !executable {
-        return Err(VmError::MissingLauncher { path: launcher });
-    }
+    let launcher = executable_launcher(
+        launcher_path().unwrap_or_else(|| PathBuf::from(crate::launcher::LAUNCHER_NAME)),
+    )?;
     let qemu = conn
         .capabilities()
         .ok()
@@ -289,6 +284,19 @@ fn session_emulator(conn: &Connect) -> Result<(PathBuf, PathBuf), VmError> {
         })
         .ok_or(VmError::NoQemu)?;
     Ok((launcher, qemu))
+}
+
+/// `path` if it is an executable file, else the error naming it.
+fn executable_launcher(path: PathBuf) -> Result<PathBuf, VmError> {
+    let executable = std::fs::metadata(&path).is_ok_and(|m| {
+        use std::os::unix::fs::PermissionsExt;
+        m.is_file() && m.permissions().mode() & 0o111 != 0
+    });
+    if executable {
+        Ok(path)
+    } else {
+        Err(VmError::MissingLauncher { path })
+    }
 }
 
 /// What the launcher confines this VM's QEMU to (see [`crate::launcher::policy`]).
@@ -586,6 +594,36 @@ mod tests {
         assert_eq!(deleted, vec![disk.clone(), leftover.clone()]);
         assert!(!leftover.exists() && !disk.exists());
         assert!(young.exists() && foreign.exists() && other.exists());
+    }
+
+    #[test]
+    fn a_missing_or_unexecutable_launcher_is_an_error_naming_its_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("contractor-qemu");
+        let err = executable_launcher(path.clone()).expect_err("missing");
+        let text = err.to_string();
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(text.contains("CONTRACTOR_BIN"), "{text}");
+        std::fs::write(&path, "#!/bin/sh\n").expect("write");
+        assert!(executable_launcher(path.clone()).is_err(), "not executable");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        assert_eq!(executable_launcher(path.clone()).expect("found"), path);
+    }
+
+    #[test]
+    fn the_launcher_is_looked_for_beside_the_binaries() {
+        // Only this test touches CONTRACTOR_BIN in this crate.
+        std::env::set_var("CONTRACTOR_BIN", "/opt/contractor/bin");
+        assert_eq!(
+            launcher_path(),
+            Some(PathBuf::from("/opt/contractor/bin/contractor-qemu"))
+        );
+        std::env::remove_var("CONTRACTOR_BIN");
+        let beside = launcher_path().expect("path");
+        let exe = std::env::current_exe().expect("exe");
+        let profile = exe.parent().and_then(Path::parent).expect("target/debug");
+        assert_eq!(beside, profile.join("contractor-qemu"));
     }
 
     #[test]

@@ -564,6 +564,98 @@ mod tests {
         );
     }
 
+    fn qemu_policy() -> QemuPolicy {
+        use crate::launcher::policy::{WritableFile, POLICY_VERSION};
+        QemuPolicy {
+            version: POLICY_VERSION,
+            qemu: "/usr/bin/qemu-system-x86_64".into(),
+            accel: Accel::Tcg,
+            memory_mib: 768,
+            image_disk: "/images/base.qcow2".into(),
+            kernel: "/images/vmlinuz".into(),
+            initrd: Some("/images/initrd.img".into()),
+            overlay: WritableFile {
+                path: "/work/it's <o>.qcow2".into(),
+                max_bytes: 1 << 30,
+            },
+            build_disk: None,
+        }
+    }
+
+    #[test]
+    fn a_session_domain_runs_the_launcher_and_gives_it_the_policy() {
+        let policy = qemu_policy();
+        let text = domain_xml(
+            "contractor-abc",
+            &spec(),
+            Accel::Tcg,
+            &Disks {
+                overlay: Path::new("/work/it's <o>.qcow2"),
+                build: None,
+            },
+            &owner(),
+            Some(Path::new("/tmp/contractor-1000")),
+            Some(&Emulator {
+                launcher: Path::new("/opt/c&c/contractor-qemu"),
+                policy: &policy,
+            }),
+        );
+        let doc = roxmltree::Document::parse(&text).expect("well-formed XML");
+        let emulator: Vec<_> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("emulator"))
+            .collect();
+        assert_eq!(emulator.len(), 1);
+        assert_eq!(emulator[0].text(), Some("/opt/c&c/contractor-qemu"));
+        assert_eq!(
+            emulator[0].parent().map(|p| p.tag_name().name()),
+            Some("devices")
+        );
+        let envs: Vec<_> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name((QEMU_NAMESPACE, "env")))
+            .collect();
+        assert_eq!(envs.len(), 1);
+        assert_eq!(envs[0].attribute("name"), Some(POLICY_ENV));
+        let value = envs[0].attribute("value").expect("value");
+        assert_eq!(
+            QemuPolicy::parse(value).expect("the policy reads back"),
+            policy
+        );
+        assert_eq!(
+            envs[0].parent().map(|p| p.tag_name().namespace()),
+            Some(Some(QEMU_NAMESPACE))
+        );
+        // Still exactly one disk, and the facts read back.
+        assert_eq!(
+            parse_domain(&text).expect("parse").overlay.as_deref(),
+            Some(Path::new("/work/it's <o>.qcow2"))
+        );
+    }
+
+    #[test]
+    fn a_system_domain_has_neither_emulator_nor_qemu_commandline() {
+        let text = xml(Accel::Tcg);
+        for absent in ["<emulator", "qemu:", POLICY_ENV, QEMU_NAMESPACE] {
+            assert!(!text.contains(absent), "{absent} in {text}");
+        }
+    }
+
+    #[test]
+    fn the_x86_64_emulator_is_read_from_the_capabilities() {
+        let caps = "<capabilities><host/>\
+          <guest><os_type>hvm</os_type><arch name='i686'><emulator>/usr/bin/qemu-system-i386</emulator></arch></guest>\
+          <guest><os_type>hvm</os_type><arch name='x86_64'><wordsize>64</wordsize>\
+          <emulator>/usr/bin/qemu-system-x86_64</emulator><domain type='qemu'/></arch></guest>\
+          </capabilities>";
+        assert_eq!(
+            default_emulator(caps),
+            Some(PathBuf::from("/usr/bin/qemu-system-x86_64"))
+        );
+        assert_eq!(default_emulator("<capabilities/>"), None);
+        assert_eq!(default_emulator("not xml"), None);
+    }
+
     #[test]
     fn escaping() {
         assert_eq!(

@@ -45,20 +45,20 @@ fn secret_file(object: &str) -> Option<PathBuf> {
 
 /// QEMU's keyval list split at single commas (`,,` is a literal comma).
 fn keyval(text: &str) -> Vec<String> {
-    let mut fields = vec![String::new()];
+    let mut fields = Vec::new();
+    let mut field = String::new();
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                fields.last_mut().map(|f| f.push(','));
-            } else {
-                fields.push(String::new());
-            }
-        } else if let Some(f) = fields.last_mut() {
-            f.push(c);
+        if c != ',' {
+            field.push(c);
+        } else if chars.peek() == Some(&',') {
+            chars.next();
+            field.push(',');
+        } else {
+            fields.push(std::mem::take(&mut field));
         }
     }
+    fields.push(field);
     fields
 }
 

@@ -213,13 +213,21 @@ mod tests {
 
     #[test]
     fn the_probe_finds_qemu_in_the_fixed_list() {
-        let a = args(&["-machine", "none,accel=kvm:tcg", "-qmp", "unix:/x,server=on"]);
+        let a = args(&[
+            "-machine",
+            "none,accel=kvm:tcg",
+            "-qmp",
+            "unix:/x,server=on",
+        ]);
         assert_eq!(
             plan(&a, None, |p| p == Path::new("/usr/libexec/qemu-kvm")).expect("plan"),
             Launch::Probe {
                 qemu: PathBuf::from("/usr/libexec/qemu-kvm")
             }
         );
-        assert!(matches!(plan(&a, None, |_| false), Err(LauncherError::NoQemu)));
+        assert!(matches!(
+            plan(&a, None, |_| false),
+            Err(LauncherError::NoQemu)
+        ));
     }
 }

@@ -35,13 +35,25 @@ pub const MAX_OPEN_FILES: u64 = 4096;
 
 /// QEMU's installation and what its dynamic loader reads at start: the programs, libraries,
 /// modules, firmware and keymaps live under these (those that do not exist are left out).
+/// On a merged-/usr host (Debian 12) `/lib` and `/lib64` are links into `/usr` and grant
+/// nothing more; on others they hold the libraries. Without `/etc/ld.so.cache` QEMU still
+/// starts (the loader searches its default directories), but it could then pick other
+/// copies of its libraries than the host's configuration says.
+///
+/// Nothing else was needed (found by experiment with libvirt 9.0 and QEMU 7.2): libvirt
+/// passes the monitor and channel sockets as descriptors (`fd=N`) and the console log as a
+/// descriptor set (`-add-fd`), so neither libvirt's per-domain directory nor the console
+/// log's directory is granted; nor is `/proc`, `/sys`, `/etc` or `/tmp`.
 pub const INSTALLATION: &[&str] = &["/usr", "/lib", "/lib64", "/etc/ld.so.cache"];
 
 /// Device nodes QEMU reads: the RNG backend of the builder (`<rng>`).
 pub const READ_DEVICES: &[&str] = &["/dev/urandom"];
 
-/// Device nodes QEMU reads and writes: `/dev/null` (its stdin), and the pty of the serial
-/// console (`/dev/ptmx`, then its `/dev/pts/N`).
+/// Device nodes QEMU reads and writes: `/dev/null`, which QEMU opens at start to probe
+/// whether the kernel has open-file-description locks (without it, it logs "Failed to open
+/// /dev/null for OFD lock probing" and falls back to weaker POSIX locks for its image
+/// locking), and the pty of the serial console (`/dev/ptmx`, then its `/dev/pts/N`; without
+/// either, "Failed to create PTY: Permission denied").
 pub const READ_WRITE_DEVICES: &[&str] = &["/dev/null", "/dev/ptmx", "/dev/pts"];
 
 /// The KVM device, granted only when the VM uses KVM.
@@ -320,7 +332,9 @@ mod tests {
         let e = QemuPolicy::parse(&text).expect_err("typo").to_string();
         assert!(e.contains("CONTRACTOR_QEMU_POLICY"), "{e}");
         assert!(e.contains("kernal"), "{e}");
-        let text = p.to_json().replacen("\"max_bytes\":3221225472", "\"max_bytes\":-1", 1);
+        let text = p
+            .to_json()
+            .replacen("\"max_bytes\":3221225472", "\"max_bytes\":-1", 1);
         let e = QemuPolicy::parse(&text).expect_err("negative").to_string();
         assert!(e.contains("overlay.max_bytes"), "{e}");
         let e = QemuPolicy::parse("not json").expect_err("junk").to_string();
@@ -331,15 +345,24 @@ mod tests {
     fn relative_paths_and_other_versions_are_refused_by_name() {
         let mut p = policy(Accel::Tcg);
         p.overlay.path = "w/x.qcow2".into();
-        let e = QemuPolicy::parse(&p.to_json()).expect_err("relative").to_string();
-        assert!(e.contains("`overlay.path`") && e.contains("w/x.qcow2"), "{e}");
+        let e = QemuPolicy::parse(&p.to_json())
+            .expect_err("relative")
+            .to_string();
+        assert!(
+            e.contains("`overlay.path`") && e.contains("w/x.qcow2"),
+            "{e}"
+        );
         let mut p = policy(Accel::Tcg);
         p.version = 2;
-        let e = QemuPolicy::parse(&p.to_json()).expect_err("version").to_string();
+        let e = QemuPolicy::parse(&p.to_json())
+            .expect_err("version")
+            .to_string();
         assert!(e.contains("`version`"), "{e}");
         let mut p = policy(Accel::Tcg);
         p.memory_mib = 0;
-        let e = QemuPolicy::parse(&p.to_json()).expect_err("memory").to_string();
+        let e = QemuPolicy::parse(&p.to_json())
+            .expect_err("memory")
+            .to_string();
         assert!(e.contains("`memory_mib`"), "{e}");
     }
 

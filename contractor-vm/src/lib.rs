@@ -13,7 +13,9 @@
 //! `<that name>.disk.raw` (and image directories under `<data>/images/`).
 //!
 //! [`handle`] carries out one [`VmRequest`]; the `contractor-vm` binary is a thin shell
-//! around it (see [`cli`]).
+//! around it (see [`cli`]). The crate's second binary, `contractor-qemu` ([`launcher`]), is
+//! the emulator libvirt runs for a builder under `qemu:///session`: it confines itself and
+//! then executes the real QEMU.
 
 #![warn(missing_docs)]
 

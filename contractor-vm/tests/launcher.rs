@@ -125,3 +125,49 @@ fn the_capability_probe_runs_qemu_with_a_warning() {
         stderr(&output)
     );
 }
+
+#[test]
+fn confined_qemu_cannot_connect_to_a_unix_socket_of_the_user() {
+    if !Path::new(QEMU).exists() {
+        eprintln!("skipped: no {QEMU}");
+        return;
+    }
+    // Landlock does not govern connect(2) to a Unix socket by path; the launcher's own
+    // filter refuses socket(2), so QEMU cannot reach, say, libvirt's session daemon.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("user-service.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let kernel = dir.path().join("vmlinuz");
+    std::fs::write(&kernel, b"k").expect("write");
+    let chardev = format!("socket,id=c,path={}", path.display());
+    let output = launcher(
+        Some(&policy(&kernel)),
+        &[
+            "-name",
+            "guest=contractor-test",
+            "-machine",
+            "none",
+            "-display",
+            "none",
+            "-nodefaults",
+            "-S",
+            "-chardev",
+            &chardev,
+            "-qmp",
+            "stdio",
+        ],
+        "{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n",
+    );
+    assert!(
+        !output.status.success(),
+        "QEMU connected to {}",
+        path.display()
+    );
+    let text = stderr(&output);
+    assert!(text.contains("Permission denied"), "{text}");
+    assert!(
+        listener.accept().is_err(),
+        "the user's socket saw a connection from confined QEMU"
+    );
+}

@@ -1,6 +1,7 @@
 //! `contractor-qemu`, the launcher libvirt runs as a builder domain's `<emulator>` under
 //! `qemu:///session`: it confines itself with `contractor-confine` to what this VM's QEMU
-//! needs ([`policy`]), then executes the real QEMU with the same arguments, so that QEMU,
+//! needs ([`policy`], plus a filter refusing new sockets, [`sockets`]), then executes the
+//! real QEMU with the same arguments, so that QEMU,
 //! which parses everything the hostile guest sends, runs confined (Firecracker's jailer does
 //! the same for Firecracker). Under `qemu:///system` it is not used: QEMU runs as libvirt's
 //! unprivileged `libvirt-qemu` user there.
@@ -13,6 +14,7 @@
 
 pub mod argv;
 pub mod policy;
+pub mod sockets;
 
 use std::convert::Infallible;
 use std::ffi::OsString;
@@ -50,6 +52,9 @@ pub enum LauncherError {
     /// Confinement failed.
     #[error("cannot confine QEMU; not starting it")]
     Confine(#[source] contractor_confine::ConfineError),
+    /// The filter that refuses new sockets could not be applied.
+    #[error("cannot confine QEMU; not starting it")]
+    Sockets(#[source] sockets::SocketFilterError),
     /// `execve` failed.
     #[error("cannot execute {}", path.display())]
     Exec {
@@ -112,6 +117,7 @@ pub fn launch(launch: Launch, args: &[OsString]) -> Result<Infallible, LauncherE
     let qemu = match launch {
         Launch::Confined { qemu, policy } => {
             contractor_confine::confine(LAUNCHER_NAME, &policy).map_err(LauncherError::Confine)?;
+            sockets::refuse_new_sockets().map_err(LauncherError::Sockets)?;
             qemu
         }
         Launch::Probe { qemu } => {

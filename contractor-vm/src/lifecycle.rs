@@ -163,6 +163,11 @@ pub fn create(conn: &Connect, spec: &VmSpec, autodestroy: bool) -> Result<VmInfo
 /// `qemu:///system` QEMU runs as `libvirt-qemu`; note that libvirt then chowns these files
 /// to that user while the VM runs and restores the owner afterwards). The console log's
 /// directory is created if missing.
+///
+/// Under `qemu:///session` QEMU would run with all of the caller's rights, so the domain's
+/// emulator is the launcher `contractor-qemu` ([`crate::launcher`]), found beside this
+/// executable or in `$CONTRACTOR_BIN` (missing: [`VmError::MissingLauncher`], before any
+/// file is made), with this VM's [`QemuPolicy`] in its environment.
 pub fn create_owned(
     conn: &Connect,
     spec: &VmSpec,

@@ -84,7 +84,7 @@ pub enum Launch {
     },
 }
 
-/// Decides what to do for QEMU arguments `args` (without argv[0]) and the value of
+/// Decides what to do for QEMU arguments `args` (without `argv[0]`) and the value of
 /// [`POLICY_ENV`]. `exists` tells whether a QEMU candidate exists.
 pub fn plan(
     args: &[OsString],

@@ -32,6 +32,8 @@ mod sys;
 use std::path::PathBuf;
 
 pub use contractor_protocol::service::Confinement;
+/// The address families a [`Policy::socket_families`] names.
+pub use libc::{AF_INET, AF_INET6, AF_NETLINK};
 
 /// The address space (`RLIMIT_AS`) of a confined tool (store, proxy, relay): 4 GiB. They
 /// map 0.2 to 0.35 GiB while serving a build (VmPeak, measured); the rest is room for
@@ -68,6 +70,16 @@ pub struct Policy {
     /// whose calls once serving are few and known (the relay). `None`: the denylist
     /// [`seccomp::DENIED`].
     pub allowed_syscalls: Option<&'static [(&'static str, libc::c_long)]>,
+    /// `Some`: `socket(2)` may make sockets of these address families only (every other
+    /// family fails with `EACCES`); `Some(&[])`: no new socket at all. Landlock (ABI 7 and
+    /// earlier) governs neither `connect(2)` to a Unix socket by path nor UDP, so without
+    /// this a compromised tool could reach the user's own services through a new socket:
+    /// libvirt's session daemon (and ask it for an unconfined domain), the session bus, an
+    /// SSH agent. Sockets held from before and `socketpair(2)` are not affected. `None`:
+    /// any family.
+    pub socket_families: Option<&'static [libc::c_int]>,
+    /// `socket(2)` may make stream sockets only (TCP): no UDP, raw or packet sockets.
+    pub stream_sockets_only: bool,
 }
 
 /// Why confinement could not be applied. A kernel that lacks a feature is not an error

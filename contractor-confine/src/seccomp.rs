@@ -159,6 +159,54 @@ pub fn program_allowed(allowed: &[(&str, libc::c_long)]) -> Result<BpfProgram, C
     .map_err(ConfineError::SeccompBuild)
 }
 
+/// The filter that refuses `socket(2)` with `EACCES` for an address family outside
+/// `families` (`None`: any family passes) and, with `stream_only`, for any type but
+/// `SOCK_STREAM`; every other call passes (to the other filters). `None` and `false`: no
+/// filter.
+pub fn program_sockets(
+    families: Option<&[libc::c_int]>,
+    stream_only: bool,
+) -> Result<Option<BpfProgram>, ConfineError> {
+    if families.is_none() && !stream_only {
+        return Ok(None);
+    }
+    let condition = |arg, op, value| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
+            .map_err(ConfineError::SeccompBuild)
+    };
+    let rule = |conditions| SeccompRule::new(conditions).map_err(ConfineError::SeccompBuild);
+    // The rules of one system call are alternatives; the conditions of one rule all hold.
+    let mut refused = Vec::new();
+    match families {
+        Some([]) => {}
+        Some(families) => {
+            let outside = families
+                .iter()
+                .map(|&family| condition(0, SeccompCmpOp::Ne, u64::from(family.unsigned_abs())))
+                .collect::<Result<Vec<_>, _>>()?;
+            refused.push(rule(outside)?);
+        }
+        None => {}
+    }
+    if stream_only {
+        // The type is the low four bits of the second argument (the rest are flags).
+        for kind in (0..16_u64).filter(|&k| k != u64::from(libc::SOCK_STREAM.unsigned_abs())) {
+            refused.push(rule(vec![condition(
+                1,
+                SeccompCmpOp::MaskedEq(0xf),
+                kind,
+            )?])?);
+        }
+    }
+    // No family at all: every socket(2) is refused, whatever its arguments.
+    let refused = if families == Some(&[]) {
+        Vec::new()
+    } else {
+        refused
+    };
+    compile(BTreeMap::from([(libc::SYS_socket, refused)]), libc::EACCES).map(Some)
+}
+
 /// The filter that refuses `clone3` with `ENOSYS`: its flags sit in memory the filter cannot
 /// read, and glibc falls back to `clone` on `ENOSYS`.
 pub fn program_clone3() -> Result<BpfProgram, ConfineError> {
@@ -168,8 +216,8 @@ pub fn program_clone3() -> Result<BpfProgram, ConfineError> {
     )
 }
 
-/// Installs the filters (the `clone3` one, then the denylist or the policy's allowlist) on
-/// every thread of the process. Returns false (with a warning) when the kernel has no
+/// Installs the filters (the `clone3` one, the one for `socket(2)` when the policy restricts
+/// it, then the denylist or the policy's allowlist) on every thread of the process. Returns false (with a warning) when the kernel has no
 /// seccomp filters.
 pub fn apply(policy: &Policy, warnings: &mut Vec<String>) -> Result<bool, ConfineError> {
     let clone3 = program_clone3()?;
@@ -177,7 +225,12 @@ pub fn apply(policy: &Policy, warnings: &mut Vec<String>) -> Result<bool, Confin
         Some(allowed) => program_allowed(allowed)?,
         None => program_denied(policy.allow_exec)?,
     };
-    for filter in [&clone3, &second] {
+    let sockets = program_sockets(policy.socket_families, policy.stream_sockets_only)?;
+    // The allowlist goes last: it may not allow seccomp(2) itself.
+    for filter in [Some(&clone3), sockets.as_ref(), Some(&second)]
+        .into_iter()
+        .flatten()
+    {
         match seccompiler::apply_filter_all_threads(filter) {
             Ok(()) => {}
             Err(seccompiler::Error::Seccomp(e)) if e.raw_os_error() == Some(libc::EINVAL) => {

@@ -70,7 +70,13 @@ fn probe_policy() {
         max_address_space: Some(contractor_confine::TOOL_ADDRESS_SPACE),
         allow_exec: false,
         allowed_syscalls: None,
+        socket_families: Some(&[libc::AF_INET]),
+        stream_sockets_only: true,
     };
+    // A service of the user's on a Unix socket (libvirt's session daemon, an SSH agent):
+    // Landlock does not govern connect(2) by path, the socket filter does.
+    let user_service =
+        std::os::unix::net::UnixListener::bind(work.join("user.sock")).expect("a user's socket");
     let report = confine("probe", &policy).expect("confine");
     println!("{report:?}");
     assert!(report.enforced && report.no_new_privs && report.seccomp && report.rlimits);
@@ -107,6 +113,13 @@ fn probe_policy() {
     // No new namespace.
     let e = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER).expect_err("unshare");
     assert_eq!(e, nix::errno::Errno::EPERM);
+    // No new socket but TCP over IPv4: not the user's Unix socket, not UDP.
+    let e = std::os::unix::net::UnixStream::connect(work.join("user.sock"))
+        .expect_err("a Unix socket by path");
+    assert_eq!(errno(&e), libc::EACCES, "{e}");
+    let e = std::net::UdpSocket::bind("127.0.0.1:0").expect_err("UDP");
+    assert_eq!(errno(&e), libc::EACCES, "{e}");
+    drop(user_service);
     // The address space is bounded: a vector of twice the limit cannot be had.
     let (soft, hard) =
         nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_AS).expect("rlimit");

@@ -74,5 +74,14 @@ pub fn policy(config: &ProxyConfig, listen_port: u16, metrics_port: Option<u16>)
         max_address_space: Some(contractor_confine::TOOL_ADDRESS_SPACE),
         allow_exec: false,
         allowed_syscalls: None,
+        // TCP and UDP (name resolution) over IPv4 and IPv6, and the netlink socket glibc's
+        // getaddrinfo asks for the host's addresses; no Unix socket (nscd, the session
+        // bus: name resolution goes on without them).
+        socket_families: Some(&[
+            contractor_confine::AF_INET,
+            contractor_confine::AF_INET6,
+            contractor_confine::AF_NETLINK,
+        ]),
+        stream_sockets_only: false,
     }
 }

@@ -104,6 +104,9 @@ pub fn policy(request: &RunRequest) -> Policy {
         max_address_space: Some(contractor_confine::TOOL_ADDRESS_SPACE),
         allow_exec: false,
         allowed_syscalls: Some(SYSCALLS),
+        // TCP to the proxy and the store, nothing else.
+        socket_families: Some(&[libc::AF_INET, libc::AF_INET6]),
+        stream_sockets_only: true,
     }
 }
 

@@ -178,6 +178,12 @@ fn probe_relay_policy() {
     assert_eq!(errno(&e), libc::EPERM, "{e}");
     let e = std::fs::create_dir(work.join("dir")).expect_err("mkdir is not either");
     assert_eq!(errno(&e), libc::EPERM, "{e}");
+    // No new Unix socket (the user's services, libvirt's session daemon) and no UDP.
+    let e = std::os::unix::net::UnixStream::connect(work.join("tunnel.sock"))
+        .expect_err("a Unix socket by path");
+    assert_eq!(errno(&e), libc::EACCES, "{e}");
+    let e = std::net::UdpSocket::bind("127.0.0.1:0").expect_err("UDP");
+    assert_eq!(errno(&e), libc::EACCES, "{e}");
     if report.landlock_net {
         let e = TcpStream::connect(("127.0.0.1", port(&other))).expect_err("another port");
         assert_eq!(errno(&e), libc::EACCES, "{e}");

@@ -48,5 +48,8 @@ pub fn policy(needs: &Needs<'_>) -> Policy {
         max_address_space: Some(contractor_confine::TOOL_ADDRESS_SPACE),
         allow_exec: false,
         allowed_syscalls: None,
+        // It accepts on the socket it listens on and makes none.
+        socket_families: Some(&[]),
+        stream_sockets_only: true,
     }
 }

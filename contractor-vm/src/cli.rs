@@ -315,6 +315,8 @@ impl CliError {
                 VmError::Xml(_) => "domain_xml",
                 VmError::Libvirt { .. } => "libvirt",
                 VmError::Unsupported { .. } => "unsupported",
+                VmError::MissingLauncher { .. } => "missing_launcher",
+                VmError::NoQemu => "no_qemu",
             },
         }
     }

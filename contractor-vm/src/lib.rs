@@ -13,13 +13,16 @@
 //! `<that name>.disk.raw` (and image directories under `<data>/images/`).
 //!
 //! [`handle`] carries out one [`VmRequest`]; the `contractor-vm` binary is a thin shell
-//! around it (see [`cli`]).
+//! around it (see [`cli`]). The crate's second binary, `contractor-qemu` ([`launcher`]), is
+//! the emulator libvirt runs for a builder under `qemu:///session`: it confines itself and
+//! then executes the real QEMU.
 
 #![warn(missing_docs)]
 
 pub mod accel;
 pub mod cli;
 pub mod image;
+pub mod launcher;
 pub mod lifecycle;
 pub mod name;
 pub mod overlay;
@@ -97,6 +100,24 @@ pub enum VmError {
         #[source]
         source: virt::error::Error,
     },
+    /// Under `qemu:///session` QEMU is started through the launcher, which is missing.
+    #[error(
+        "the QEMU launcher {} is missing or not executable: under qemu:///session QEMU is \
+         started confined through it; it is built with contractor-vm (cargo build -p \
+         contractor-vm) and looked for beside contractor-vm, or in $CONTRACTOR_BIN when set",
+        path.display()
+    )]
+    MissingLauncher {
+        /// Where it was looked for.
+        path: PathBuf,
+    },
+    /// No real QEMU for the launcher to execute.
+    #[error(
+        "no QEMU found for the launcher: libvirt names no x86_64 emulator and none of {} \
+         exists; install qemu-system-x86",
+        launcher::QEMU_CANDIDATES.join(", ")
+    )]
+    NoQemu,
     /// This build of contractor-vm does not support the request.
     #[error("unsupported request: {reason}")]
     Unsupported {
@@ -117,6 +138,8 @@ impl VmError {
             | VmError::Unsupported { .. } => ExitCode::BadInput,
             VmError::Connect { .. }
             | VmError::Overlay(_)
+            | VmError::MissingLauncher { .. }
+            | VmError::NoQemu
             | VmError::Xml(_)
             | VmError::Libvirt { .. } => ExitCode::Infrastructure,
         }

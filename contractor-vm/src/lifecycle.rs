@@ -20,10 +20,12 @@ use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 
 use crate::accel::{is_local_uri, resolve};
+use crate::launcher::policy::{overlay_max_bytes, WritableFile, POLICY_VERSION};
+use crate::launcher::{launcher_path, QemuPolicy, QEMU_CANDIDATES};
 use crate::name::{generate_name, is_contractor_name, validate_name};
 use crate::overlay::{create_build_disk, create_overlay, delete_overlay};
 use crate::owner::VmOwner;
-use crate::xml::{domain_xml, parse_domain, Disks, DomainFacts};
+use crate::xml::{domain_xml, parse_domain, Disks, DomainFacts, Emulator};
 use crate::VmError;
 
 pub use contractor_protocol::vm::{default_uri, URI_ENV};
@@ -161,6 +163,11 @@ pub fn create(conn: &Connect, spec: &VmSpec, autodestroy: bool) -> Result<VmInfo
 /// `qemu:///system` QEMU runs as `libvirt-qemu`; note that libvirt then chowns these files
 /// to that user while the VM runs and restores the owner afterwards). The console log's
 /// directory is created if missing.
+///
+/// Under `qemu:///session` QEMU would run with all of the caller's rights, so the domain's
+/// emulator is the launcher `contractor-qemu` ([`crate::launcher`]), found beside this
+/// executable or in `$CONTRACTOR_BIN` (missing: [`VmError::MissingLauncher`], before any
+/// file is made), with this VM's [`QemuPolicy`] in its environment.
 pub fn create_owned(
     conn: &Connect,
     spec: &VmSpec,
@@ -187,6 +194,11 @@ pub fn create_owned(
         Err(e) => return Err(libvirt(format!("look up domain {name}"))(e)),
     }
     let accel = resolve(spec.accel, &uri, || conn.capabilities().ok());
+    let launcher = if is_session(&uri) {
+        Some(session_emulator(conn)?)
+    } else {
+        None
+    };
     if let Some(dir) = spec.console_log.parent() {
         crate::overlay::create_work_dir(dir)?;
     }
@@ -212,7 +224,29 @@ pub fn create_owned(
         overlay: &overlay,
         build: build_disk.as_deref(),
     };
-    let xml = domain_xml(&name, &spec, accel, &disks, &owner, socket_dir.as_deref());
+    let policy = match &launcher {
+        Some((_, qemu)) => match qemu_policy(&spec, accel, &disks, qemu) {
+            Ok(policy) => Some(policy),
+            Err(err) => {
+                let _ = delete_overlay(&overlay, &name);
+                return Err(err);
+            }
+        },
+        None => None,
+    };
+    let emulator = launcher
+        .as_ref()
+        .zip(policy.as_ref())
+        .map(|((launcher, _), policy)| Emulator { launcher, policy });
+    let xml = domain_xml(
+        &name,
+        &spec,
+        accel,
+        &disks,
+        &owner,
+        socket_dir.as_deref(),
+        emulator.as_ref(),
+    );
     let flags = if autodestroy { START_AUTODESTROY } else { 0 };
     let started = conn
         .create_domain_xml(&xml, flags)
@@ -230,6 +264,77 @@ pub fn create_owned(
         sweep_work_dir(conn, &spec.work_dir);
     }
     started
+}
+
+fn is_session(uri: &str) -> bool {
+    uri.starts_with("qemu:///session")
+}
+
+/// Under `qemu:///session`: the launcher QEMU is started through, and the real QEMU it
+/// executes (libvirt's x86_64 emulator, else the first of [`QEMU_CANDIDATES`] that exists).
+fn session_emulator(conn: &Connect) -> Result<(PathBuf, PathBuf), VmError> {
+    let launcher = executable_launcher(
+        launcher_path().unwrap_or_else(|| PathBuf::from(crate::launcher::LAUNCHER_NAME)),
+    )?;
+    let qemu = conn
+        .capabilities()
+        .ok()
+        .and_then(|caps| crate::xml::default_emulator(&caps))
+        .filter(|path| path.is_absolute() && path.exists() && *path != launcher)
+        .or_else(|| {
+            QEMU_CANDIDATES
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| p.exists())
+        })
+        .ok_or(VmError::NoQemu)?;
+    Ok((launcher, qemu))
+}
+
+/// `path` if it is an executable file, else the error naming it.
+fn executable_launcher(path: PathBuf) -> Result<PathBuf, VmError> {
+    let executable = std::fs::metadata(&path).is_ok_and(|m| {
+        use std::os::unix::fs::PermissionsExt;
+        m.is_file() && m.permissions().mode() & 0o111 != 0
+    });
+    if executable {
+        Ok(path)
+    } else {
+        Err(VmError::MissingLauncher { path })
+    }
+}
+
+/// What the launcher confines this VM's QEMU to (see [`crate::launcher::policy`]).
+fn qemu_policy(
+    spec: &VmSpec,
+    accel: Accel,
+    disks: &Disks,
+    qemu: &Path,
+) -> Result<QemuPolicy, VmError> {
+    let overlay_size = crate::overlay::image_info(disks.overlay)?.virtual_size;
+    Ok(QemuPolicy {
+        version: POLICY_VERSION,
+        qemu: qemu.to_owned(),
+        accel: match accel {
+            Accel::Kvm => Accel::Kvm,
+            Accel::Tcg | Accel::Auto => Accel::Tcg,
+        },
+        memory_mib: spec.memory_mib,
+        image_disk: spec.image.disk.clone(),
+        kernel: spec.image.kernel.clone(),
+        initrd: spec.image.initrd.clone(),
+        overlay: WritableFile {
+            path: disks.overlay.to_owned(),
+            max_bytes: overlay_max_bytes(overlay_size),
+        },
+        build_disk: match (disks.build, spec.disk_gib) {
+            (Some(path), Some(gib)) => Some(WritableFile {
+                path: path.to_owned(),
+                max_bytes: gib.saturating_mul(1 << 30),
+            }),
+            _ => None,
+        },
+    })
 }
 
 /// How old an overlay or build disk must be before [`sweep_work_dir`] deletes it: a younger
@@ -337,7 +442,7 @@ fn stop(domain: &Domain, name: &str) -> Result<(), VmError> {
 /// the 107-byte limit of a socket path). Under `qemu:///system` libvirt's default is used:
 /// QEMU runs as another user there and must be able to create the sockets.
 fn session_socket_dir(uri: &str) -> Result<Option<PathBuf>, VmError> {
-    if !uri.starts_with("qemu:///session") {
+    if !is_session(uri) {
         return Ok(None);
     }
     // SAFETY: geteuid has no preconditions.
@@ -494,6 +599,36 @@ mod tests {
         assert_eq!(deleted, vec![disk.clone(), leftover.clone()]);
         assert!(!leftover.exists() && !disk.exists());
         assert!(young.exists() && foreign.exists() && other.exists());
+    }
+
+    #[test]
+    fn a_missing_or_unexecutable_launcher_is_an_error_naming_its_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("contractor-qemu");
+        let err = executable_launcher(path.clone()).expect_err("missing");
+        let text = err.to_string();
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(text.contains("CONTRACTOR_BIN"), "{text}");
+        std::fs::write(&path, "#!/bin/sh\n").expect("write");
+        assert!(executable_launcher(path.clone()).is_err(), "not executable");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        assert_eq!(executable_launcher(path.clone()).expect("found"), path);
+    }
+
+    #[test]
+    fn the_launcher_is_looked_for_beside_the_binaries() {
+        // Only this test touches CONTRACTOR_BIN in this crate.
+        std::env::set_var("CONTRACTOR_BIN", "/opt/contractor/bin");
+        assert_eq!(
+            launcher_path(),
+            Some(PathBuf::from("/opt/contractor/bin/contractor-qemu"))
+        );
+        std::env::remove_var("CONTRACTOR_BIN");
+        let beside = launcher_path().expect("path");
+        let exe = std::env::current_exe().expect("exe");
+        let profile = exe.parent().and_then(Path::parent).expect("target/debug");
+        assert_eq!(beside, profile.join("contractor-qemu"));
     }
 
     #[test]

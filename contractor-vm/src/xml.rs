@@ -9,7 +9,11 @@ use std::path::{Path, PathBuf};
 use contractor_protocol::agent::{CONTROL_PORT, TUNNEL_PORT};
 use contractor_protocol::vm::{Accel, VmSpec};
 
+use crate::launcher::{QemuPolicy, POLICY_ENV};
 use crate::owner::VmOwner;
+
+/// libvirt's QEMU namespace, for `<qemu:commandline>` (the launcher's environment).
+pub const QEMU_NAMESPACE: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
 
 /// The XML namespace of Contractor's `<metadata>` element.
 pub const METADATA_NAMESPACE: &str = "https://contractor.invalid/vm/1";
@@ -74,7 +78,21 @@ pub fn kernel_cmdline(image_cmdline: &str, accel: Accel) -> String {
     }
 }
 
+/// QEMU started through our launcher (`contractor-qemu`, see [`crate::launcher`]): the
+/// domain's `<emulator>` is the launcher, and the policy reaches it in its environment.
+#[derive(Debug, Clone, Copy)]
+pub struct Emulator<'a> {
+    /// The launcher's path.
+    pub launcher: &'a Path,
+    /// What it confines QEMU to.
+    pub policy: &'a QemuPolicy,
+}
+
 /// The XML of a transient builder domain.
+///
+/// With `emulator` (under `qemu:///session`) libvirt runs the launcher instead of its
+/// default QEMU and gives it [`POLICY_ENV`]; without it (`qemu:///system`) libvirt's default
+/// emulator runs as its own unprivileged user.
 ///
 /// `accel` should already be resolved (see [`crate::accel::resolve`]); `Auto` is written as
 /// TCG. Paths are written as given: [`crate::create`] makes them absolute and rejects
@@ -86,6 +104,7 @@ pub fn domain_xml(
     disks: &Disks,
     owner: &VmOwner,
     socket_dir: Option<&Path>,
+    emulator: Option<&Emulator>,
 ) -> String {
     let (domain_type, cpu) = match accel {
         Accel::Kvm => ("kvm", "<cpu mode='host-passthrough' check='none'/>"),
@@ -118,8 +137,20 @@ pub fn domain_xml(
             escape(port)
         )
     };
+    let (qemu_ns, emulator_element, commandline) = match emulator {
+        Some(e) => (
+            format!(" xmlns:qemu='{QEMU_NAMESPACE}'"),
+            format!("    <emulator>{}</emulator>\n", esc_path(e.launcher)),
+            format!(
+                "  <qemu:commandline>\n    <qemu:env name='{POLICY_ENV}' value='{}'/>\n  \
+                 </qemu:commandline>\n",
+                escape(&e.policy.to_json())
+            ),
+        ),
+        None => Default::default(),
+    };
     format!(
-        "<domain type='{domain_type}'>
+        "<domain type='{domain_type}'{qemu_ns}>
   <name>{name}</name>
   <metadata>
     <contractor:vm xmlns:contractor='{ns}'>
@@ -142,7 +173,7 @@ pub fn domain_xml(
   <on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
-    <disk type='file' device='disk'>
+{emulator_element}    <disk type='file' device='disk'>
       <driver name='qemu' type='qcow2' cache='unsafe'/>
       <source file='{overlay}'/>
       <target dev='vda' bus='virtio'/>
@@ -160,7 +191,7 @@ pub fn domain_xml(
     </rng>
     <memballoon model='none'/>
   </devices>
-</domain>
+{commandline}</domain>
 ",
         name = escape(name),
         ns = METADATA_NAMESPACE,
@@ -182,6 +213,19 @@ pub fn domain_xml(
         control = channel(CONTROL_PORT),
         tunnel = channel(TUNNEL_PORT),
     )
+}
+
+/// The x86_64 emulator libvirt's capabilities XML names (`<guest><arch name='x86_64'>
+/// <emulator>`), if any.
+pub fn default_emulator(capabilities: &str) -> Option<PathBuf> {
+    let doc = roxmltree::Document::parse(capabilities).ok()?;
+    let found = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("arch") && n.attribute("name") == Some("x86_64"))
+        .flat_map(|arch| children(arch, "emulator"))
+        .find_map(|e| e.text())
+        .map(|text| PathBuf::from(text.trim()));
+    found
 }
 
 /// What a running domain's XML tells about it.
@@ -309,6 +353,7 @@ mod tests {
             },
             &owner(),
             None,
+            None,
         )
     }
 
@@ -405,6 +450,7 @@ mod tests {
             },
             &owner(),
             None,
+            None,
         );
         let doc = roxmltree::Document::parse(&text).expect("well-formed XML");
         let disks: Vec<_> = doc
@@ -444,6 +490,7 @@ mod tests {
             },
             &owner(),
             None,
+            None,
         );
         assert!(!text.contains("<initrd"));
     }
@@ -460,6 +507,7 @@ mod tests {
             },
             &owner(),
             Some(Path::new("/tmp/contractor-1000")),
+            None,
         );
         let facts = parse_domain(&text).expect("parse");
         assert_eq!(
@@ -514,6 +562,98 @@ mod tests {
             (owner.pid, owner.process_start, owner.host.as_str()),
             (12, None, "h")
         );
+    }
+
+    fn qemu_policy() -> QemuPolicy {
+        use crate::launcher::policy::{WritableFile, POLICY_VERSION};
+        QemuPolicy {
+            version: POLICY_VERSION,
+            qemu: "/usr/bin/qemu-system-x86_64".into(),
+            accel: Accel::Tcg,
+            memory_mib: 768,
+            image_disk: "/images/base.qcow2".into(),
+            kernel: "/images/vmlinuz".into(),
+            initrd: Some("/images/initrd.img".into()),
+            overlay: WritableFile {
+                path: "/work/it's <o>.qcow2".into(),
+                max_bytes: 1 << 30,
+            },
+            build_disk: None,
+        }
+    }
+
+    #[test]
+    fn a_session_domain_runs_the_launcher_and_gives_it_the_policy() {
+        let policy = qemu_policy();
+        let text = domain_xml(
+            "contractor-abc",
+            &spec(),
+            Accel::Tcg,
+            &Disks {
+                overlay: Path::new("/work/it's <o>.qcow2"),
+                build: None,
+            },
+            &owner(),
+            Some(Path::new("/tmp/contractor-1000")),
+            Some(&Emulator {
+                launcher: Path::new("/opt/c&c/contractor-qemu"),
+                policy: &policy,
+            }),
+        );
+        let doc = roxmltree::Document::parse(&text).expect("well-formed XML");
+        let emulator: Vec<_> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("emulator"))
+            .collect();
+        assert_eq!(emulator.len(), 1);
+        assert_eq!(emulator[0].text(), Some("/opt/c&c/contractor-qemu"));
+        assert_eq!(
+            emulator[0].parent().map(|p| p.tag_name().name()),
+            Some("devices")
+        );
+        let envs: Vec<_> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name((QEMU_NAMESPACE, "env")))
+            .collect();
+        assert_eq!(envs.len(), 1);
+        assert_eq!(envs[0].attribute("name"), Some(POLICY_ENV));
+        let value = envs[0].attribute("value").expect("value");
+        assert_eq!(
+            QemuPolicy::parse(value).expect("the policy reads back"),
+            policy
+        );
+        assert_eq!(
+            envs[0].parent().map(|p| p.tag_name().namespace()),
+            Some(Some(QEMU_NAMESPACE))
+        );
+        // Still exactly one disk, and the facts read back.
+        assert_eq!(
+            parse_domain(&text).expect("parse").overlay.as_deref(),
+            Some(Path::new("/work/it's <o>.qcow2"))
+        );
+    }
+
+    #[test]
+    fn a_system_domain_has_neither_emulator_nor_qemu_commandline() {
+        let text = xml(Accel::Tcg);
+        for absent in ["<emulator", "qemu:", POLICY_ENV, QEMU_NAMESPACE] {
+            assert!(!text.contains(absent), "{absent} in {text}");
+        }
+    }
+
+    #[test]
+    fn the_x86_64_emulator_is_read_from_the_capabilities() {
+        let caps = "<capabilities><host/>\
+          <guest><os_type>hvm</os_type><arch name='i686'><emulator>/usr/bin/qemu-system-i386</emulator></arch></guest>\
+          <guest><os_type>hvm</os_type><arch name='x86_64'><wordsize>64</wordsize>\
+          <emulator>/usr/bin/qemu-system-x86_64</emulator><domain type='qemu'/></arch></guest>\
+          </capabilities>";
+        assert_eq!(
+            default_emulator(caps),
+            Some(PathBuf::from("/usr/bin/qemu-system-x86_64"))
+        );
+        assert_eq!(default_emulator("<capabilities/>"), None);
+        assert_eq!(default_emulator("not xml"), None);
     }
 
     #[test]

@@ -94,6 +94,19 @@ pub fn check(uri: &str) -> Vec<Finding> {
         }
     }
     findings.push(confinement());
+    if uri.ends_with("/session") {
+        findings.push(match crate::tools::locate(crate::tools::QEMU_LAUNCHER) {
+            Ok(path) => finding(
+                Status::Ok,
+                "QEMU confinement",
+                format!(
+                    "under {uri} QEMU is started by {} (Landlock, seccomp, rlimits)",
+                    path.display()
+                ),
+            ),
+            Err(err) => finding(Status::Fail, "QEMU confinement", chain(&err)),
+        });
+    }
     if let Some(kvm) = kvm_permission_problem() {
         findings.push(finding(Status::Warn, "/dev/kvm", kvm));
     }

@@ -26,6 +26,9 @@ pub const PROXY: &str = "contractor-proxy";
 pub const VM: &str = "contractor-vm";
 /// The run tool.
 pub const RUN: &str = "contractor-run";
+/// The launcher that confines QEMU under `qemu:///session` (started by libvirt, found by
+/// `contractor-vm`).
+pub const QEMU_LAUNCHER: &str = "contractor-qemu";
 
 /// Why a tool could not do its part.
 #[derive(Debug, thiserror::Error)]

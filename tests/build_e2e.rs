@@ -193,6 +193,43 @@ fn a_host_not_on_the_allowlist_is_refused_and_named_in_the_summary() {
             && decisions.contains("\"decision\":\"deny\""),
         "{decisions}"
     );
+    // The summary offers the line to paste, and `contractor allow --from-last` writes it.
+    assert!(
+        build
+            .stderr
+            .contains("to allow:  allow = [\"example.com\"]"),
+        "stderr:\n{}",
+        build.stderr
+    );
+    let spec = project.path().join("contractor.toml");
+    let before = std::fs::read_to_string(&spec).expect("spec");
+    let unconfirmed = Command::new(util::contractor())
+        .args(["allow", "--from-last"])
+        .current_dir(project.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run contractor allow");
+    let said = String::from_utf8_lossy(&unconfirmed.stderr);
+    assert_eq!(unconfirmed.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("+ allow = [\"example.com\"]") && said.contains("--yes"),
+        "{said}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&spec).expect("spec"),
+        before,
+        "changed unasked"
+    );
+    let confirmed = Command::new(util::contractor())
+        .args(["allow", "--from-last", "--yes"])
+        .current_dir(project.path())
+        .output()
+        .expect("run contractor allow --yes");
+    let said = String::from_utf8_lossy(&confirmed.stderr);
+    assert_eq!(confirmed.status.code(), Some(0), "{said}");
+    let after = std::fs::read_to_string(&spec).expect("spec");
+    let parsed = contractor_cli::spec::parse(&spec, &after).expect("still a spec");
+    assert_eq!(parsed.allow, ["example.com"], "{after}");
 }
 
 #[test]

@@ -120,6 +120,26 @@ or no kept VM, 3 the VM could not be reached."
     /// Manage this project's build cache (the `[cache] paths` kept between builds).
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Add hosts to contractor.toml's `[network] allow`: those named, or those the newest
+    /// build was refused (--from-last). Shows the change and, on a terminal, asks first;
+    /// comments and layout are kept.
+    #[command(
+        after_help = "Example:\n  contractor allow --from-last        # what the last build was refused\n  contractor allow deb.debian.org '*.crates.io'\n  contractor allow --from-last --yes  # in a script",
+        group = clap::ArgGroup::new("what").required(true).multiple(true).args(["hosts", "from_last"])
+    )]
+    Allow {
+        /// Hosts to allow (`deb.debian.org`, or `*.crates.io` for its subdomains).
+        hosts: Vec<String>,
+        /// Add the hosts the newest build was refused.
+        #[arg(long)]
+        from_last: bool,
+        /// Write the change without asking (needed when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
+        /// The project's spec file.
+        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -232,6 +252,12 @@ pub fn main() -> std::process::ExitCode {
                 }),
         ),
         Command::Show { id, file } => report(show_build(&file, id.as_deref())),
+        Command::Allow {
+            hosts,
+            from_last,
+            yes,
+            file,
+        } => report(allow_hosts(&file, &hosts, from_last, yes)),
         Command::Log { id, console, file } => report(print_log(&file, id.as_deref(), console)),
         Command::Image(ImageCommand::List) => report(list_images()),
         Command::Image(ImageCommand::Import {
@@ -359,6 +385,14 @@ fn run_build(file: &std::path::Path, options: BuildOptions, mode: Mode) -> ExitC
             "  refused:   {} (add to [network] allow to permit)",
             escape(&result.refused_hosts.join(", "))
         );
+        let (fresh, _) = crate::allow::new_hosts(&spec.allow, &result.refused_hosts);
+        if result.outcome != Outcome::Success && !fresh.is_empty() {
+            eprintln!(
+                "  to allow:  {}   (under [network] in {}, or run: contractor allow --from-last)",
+                crate::allow::allow_line(&spec.allow, &fresh),
+                escape_path(file)
+            );
+        }
     }
     result.outcome.exit_code()
 }
@@ -661,6 +695,77 @@ fn show_build(file: &Path, id: Option<&str>) -> Result<(), Failure> {
     if !result.refused_hosts.is_empty() {
         println!("refused:   {}", escape(&result.refused_hosts.join(", ")));
     }
+    Ok(())
+}
+
+/// `contractor allow`: the hosts named and (`from_last`) those the newest build was
+/// refused, added to the spec `file` once shown and confirmed.
+fn allow_hosts(file: &Path, hosts: &[String], from_last: bool, yes: bool) -> Result<(), Failure> {
+    use crate::allow::{self, AllowError};
+    let text = allow::read_spec(file).map_err(Failure::input)?;
+    let spec = spec::parse_installed(file, &text).map_err(Failure::input)?;
+    let mut candidates = Vec::new();
+    for host in hosts {
+        if !spec::is_allow_rule(&host.to_ascii_lowercase()) {
+            return Err(Failure::input(AllowError::BadHost(host.clone())));
+        }
+        candidates.push(host.clone());
+    }
+    if from_last {
+        let record = records::open(&store_of(file), None).map_err(Failure::record)?;
+        let Some(result) = &record.result else {
+            return Err(Failure::input(AllowError::Running(record.id)));
+        };
+        eprintln!(
+            "contractor: build {} was refused {} host(s)",
+            escape(&record.id),
+            result.refused_hosts.len()
+        );
+        candidates.extend(result.refused_hosts.iter().take(allow::MAX_HOSTS).cloned());
+    }
+    let (fresh, rejected) = allow::new_hosts(&spec.allow, &candidates);
+    if !rejected.is_empty() {
+        eprintln!(
+            "contractor: left out, not host names: {}",
+            escape(&rejected.join(", "))
+        );
+    }
+    if fresh.is_empty() {
+        eprintln!(
+            "contractor: nothing to add: {} allows them already",
+            escape_path(file)
+        );
+        return Ok(());
+    }
+    let new = allow::edited(file, &text, &fresh).map_err(Failure::input)?;
+    spec::parse_installed(file, &new).map_err(|e| Failure::input(AllowError::Invalid(e)))?;
+    eprintln!("contractor: {}:", escape_path(file));
+    for line in allow::diff(&text, &new).lines() {
+        eprintln!("{}", escape(line));
+    }
+    if !yes {
+        use std::io::IsTerminal;
+        if !std::io::stdin().is_terminal() {
+            return Err(Failure::input(AllowError::NotConfirmed));
+        }
+        eprint!("Write this change? [y/N] ");
+        let mut answer = String::new();
+        // One line from the terminal; anything but y/yes leaves the file as it is.
+        let _ = std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(std::io::Read::take(std::io::stdin(), 16)),
+            &mut answer,
+        );
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            eprintln!("contractor: {} unchanged", escape_path(file));
+            return Ok(());
+        }
+    }
+    allow::write_spec(file, &new).map_err(Failure::host)?;
+    eprintln!(
+        "contractor: {} now allows {}",
+        escape_path(file),
+        fresh.join(", ")
+    );
     Ok(())
 }
 

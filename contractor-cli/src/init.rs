@@ -82,6 +82,12 @@ memory = "2GiB"
 
 [network]
 allow = {allow}                # hosts the build may reach through the proxy
+# What each ecosystem usually needs; copy into `allow` what your build fetches:
+#   Cargo: "index.crates.io", "static.crates.io"  (git dependencies: "github.com")
+#   pip:   "pypi.org", "files.pythonhosted.org"
+#   npm:   "registry.npmjs.org"
+#   apt:   "deb.debian.org"
+# After a build was refused hosts, `contractor allow --from-last` adds them here.
 {cache}"#
     )
 }
@@ -134,6 +140,21 @@ mod tests {
             crate::spec::parse(Path::new("c.toml"), &template(ProjectKind::Cargo)).expect("cargo");
         assert!(cargo.script.contains("cargo build --locked"));
         assert!(cargo.allow.contains(&"static.crates.io".to_string()));
+        // The usual hosts of each ecosystem are offered, commented out.
+        let make = template(ProjectKind::Make);
+        for host in [
+            "pypi.org",
+            "files.pythonhosted.org",
+            "registry.npmjs.org",
+            "deb.debian.org",
+        ] {
+            let line = make
+                .lines()
+                .find(|l| l.contains(host))
+                .unwrap_or_else(|| panic!("{host} is not offered:\n{make}"));
+            assert!(line.starts_with('#'), "{line}");
+            assert!(crate::spec::is_allow_rule(host));
+        }
         assert_eq!(cargo.cache_paths, ["/root/.cargo/registry"]);
     }
 

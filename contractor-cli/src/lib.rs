@@ -3,6 +3,7 @@
 
 #![warn(missing_docs)]
 
+pub mod allow;
 pub mod app;
 pub mod build;
 pub mod cache;

@@ -144,18 +144,36 @@ pub fn load(path: &Path) -> Result<BuildSpec, SpecError> {
     })?;
     // Images imported with `contractor image import` are valid names too (contractor-vm
     // lists them; when it cannot, only the built images are).
+    let mut spec = parse_installed(path, &text)?;
+    // Absolute, so that the paths in the build record and the summary work from anywhere.
+    if let Ok(dir) = std::path::absolute(&spec.project_dir) {
+        spec.project_dir = dir;
+    }
+    Ok(spec)
+}
+
+/// True when `rule` is a valid `[network] allow` entry: a host name (`deb.debian.org`) or a
+/// wildcard for its subdomains (`*.crates.io`), without ports or paths.
+pub fn is_allow_rule(rule: &str) -> bool {
+    let bare = rule.strip_prefix("*.").unwrap_or(rule);
+    !bare.is_empty()
+        && bare.len() <= 253
+        && bare.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+/// Parses and checks spec text as [`load`] does (imported images are valid names).
+pub fn parse_installed(path: &Path, text: &str) -> Result<BuildSpec, SpecError> {
     let imported: Vec<String> = crate::image::list()
         .unwrap_or_default()
         .into_iter()
         .filter(|i| i.manifest.suite == crate::image::IMPORTED)
         .map(|i| i.manifest.name)
         .collect();
-    let mut spec = parse_with_images(path, &text, &imported)?;
-    // Absolute, so that the paths in the build record and the summary work from anywhere.
-    if let Ok(dir) = std::path::absolute(&spec.project_dir) {
-        spec.project_dir = dir;
-    }
-    Ok(spec)
+    parse_with_images(path, text, &imported)
 }
 
 /// Parses and checks spec text; `path` is only used in messages and to find the project.
@@ -301,14 +319,7 @@ pub fn parse_with_images(
     let mut allow = Vec::new();
     for host in raw.network.allow {
         let rule = host.get_ref();
-        let bare = rule.strip_prefix("*.").unwrap_or(rule);
-        let valid = !bare.is_empty()
-            && bare.split('.').all(|label| {
-                !label.is_empty()
-                    && label.len() <= 63
-                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-            });
-        if !valid {
+        if !is_allow_rule(rule) {
             return Err(value_error(
                 host.span(),
                 "network.allow",

@@ -797,3 +797,76 @@ fn an_imported_image_of_ones_own_builds_like_a_built_one() {
         String::from_utf8_lossy(&refused.stderr)
     );
 }
+
+#[test]
+fn the_script_after_a_fetch_phase_has_no_network_and_its_requests_are_recorded_as_its_own() {
+    if util::skip_without_vm(
+        "the_script_after_a_fetch_phase_has_no_network_and_its_requests_are_recorded_as_its_own",
+    ) {
+        return;
+    }
+    // example.com is allowed, yet the script (after the fetch) is refused it; the fetch is
+    // refused a host the allow list lacks. No request leaves this machine.
+    let project = Project::new(
+        "[build]\n\
+         fetch = '''\n\
+         echo fetched > fetched.txt\n\
+         echo \"fetch:$(curl -s -o /dev/null -w '%{http_code}' -x $http_proxy http://not-allowed.invalid/)\"\n\
+         '''\n\
+         script = '''\n\
+         cat fetched.txt\n\
+         echo \"script:$(curl -s -o /dev/null -w '%{http_code}' -x $http_proxy http://example.com/)\"\n\
+         '''\n\
+         [network]\nallow = [\"example.com\"]\n\
+         [vm]\ncpus = 1\nmemory = \"768MiB\"\n",
+    );
+    let build = project.build();
+    assert_eq!(
+        build.result.outcome,
+        Outcome::Success,
+        "stderr:\n{}",
+        build.stderr
+    );
+    let log = std::fs::read_to_string(build.record.join("build.log")).expect("log");
+    assert!(log.contains("fetch:403"), "{log}");
+    assert!(
+        log.contains("fetched\n") && log.contains("script:403"),
+        "{log}"
+    );
+    assert_eq!(build.result.refused_hosts, ["not-allowed.invalid"]);
+    assert_eq!(build.result.refused_offline, ["example.com"]);
+    assert!(
+        build
+            .stderr
+            .contains("refused:   example.com (asked for by the script"),
+        "stderr:\n{}",
+        build.stderr
+    );
+    let decisions = std::fs::read_to_string(build.record.join("proxy.jsonl")).expect("proxy log");
+    let phase_of = |host: &str| {
+        decisions
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|d| d["host"] == host)
+            .map(|d| (d["decision"].clone(), d["phase"].clone()))
+    };
+    assert_eq!(
+        phase_of("not-allowed.invalid"),
+        Some(("deny".into(), "fetch".into())),
+        "{decisions}"
+    );
+    assert_eq!(
+        phase_of("example.com"),
+        Some(("deny".into(), "script".into())),
+        "{decisions}"
+    );
+
+    // A fetch that fails ends the build before the script.
+    let failing = Project::new(&small_spec("echo the script ran", "fetch = 'exit 3'"));
+    let build = failing.build();
+    assert_eq!(build.result.outcome, Outcome::Failed, "{}", build.stderr);
+    let error = build.result.error.expect("an error");
+    assert_eq!(error.code, "fetch_failed", "{error:?}");
+    let log = std::fs::read_to_string(build.record.join("build.log")).expect("log");
+    assert!(!log.contains("the script ran"), "{log}");
+}

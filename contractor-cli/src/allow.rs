@@ -255,7 +255,10 @@ mod tests {
         let spec = crate::spec::parse(path, &new).expect("still a spec");
         assert_eq!(spec.allow, ["example.org"]);
         assert!(new.starts_with(text), "{new}");
-        assert!(new.ends_with("[network]\nallow = [\"example.org\"]\n"), "{new:?}");
+        assert!(
+            new.ends_with("[network]\nallow = [\"example.org\"]\n"),
+            "{new:?}"
+        );
         let inline = "network = { allow = [] }\n[build]\nscript = \"make\"\n";
         let new = edited(path, inline, &hosts(&["example.org"])).expect("edited");
         assert_eq!(

@@ -394,6 +394,12 @@ fn run_build(file: &std::path::Path, options: BuildOptions, mode: Mode) -> ExitC
             );
         }
     }
+    if !result.refused_offline.is_empty() {
+        eprintln!(
+            "  refused:   {} (asked for by the script, which runs with no network after build.fetch: fetch what it needs there)",
+            escape(&result.refused_offline.join(", "))
+        );
+    }
     result.outcome.exit_code()
 }
 
@@ -694,6 +700,12 @@ fn show_build(file: &Path, id: Option<&str>) -> Result<(), Failure> {
     }
     if !result.refused_hosts.is_empty() {
         println!("refused:   {}", escape(&result.refused_hosts.join(", ")));
+    }
+    if !result.refused_offline.is_empty() {
+        println!(
+            "refused in the offline script: {}",
+            escape(&result.refused_offline.join(", "))
+        );
     }
     Ok(())
 }

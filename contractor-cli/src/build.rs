@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use contractor_protocol::agent::{Job, Keep};
+use contractor_protocol::agent::{Job, Keep, Phase};
 use contractor_protocol::build::BuildEvent;
 use contractor_protocol::proxy::{Decision, Verdict};
 use contractor_protocol::result::{BuildCode, BuildResult, ErrorInfo, Limit, Outcome};
@@ -148,6 +148,7 @@ fn close_failed_record(record: &Path, id: &str, started: Instant, err: BuildErro
         console_log: record.join("console.log"),
         artifacts: Vec::new(),
         refused_hosts: Vec::new(),
+        refused_offline: Vec::new(),
         limit: None,
         error: Some(ErrorInfo::from_error(code.as_str(), &err)),
     };
@@ -251,9 +252,24 @@ pub fn build(
     )
     .map_err(|e| BuildError::Service("store", e))
     .map_err(close)?;
-    let proxy = start_proxy(spec, &record.join("proxy.jsonl"), &tools_log)
+    let decisions = Decisions::create(&record.join("proxy.jsonl"))
         .map_err(|e| BuildError::Service("proxy", e))
         .map_err(close)?;
+    // With a fetch phase, the proxy serves the fetch, and a second one, allowing nothing,
+    // takes the script's requests (to refuse and record them).
+    let phased = spec.fetch.is_some();
+    let fetch_phase = phased.then_some(Phase::Fetch);
+    let proxy = start_proxy(&spec.allow, &decisions, fetch_phase, &tools_log)
+        .map_err(|e| BuildError::Service("proxy", e))
+        .map_err(close)?;
+    let script_proxy = match phased {
+        true => Some(
+            start_proxy(&[], &decisions, Some(Phase::Script), &tools_log)
+                .map_err(|e| BuildError::Service("proxy", e))
+                .map_err(close)?,
+        ),
+        false => None,
+    };
     // A service that could not confine itself fully says so; the user must hear it.
     show_confinement(display, tools::STORE, store.confinement.as_ref());
     show_confinement(display, tools::PROXY, proxy.confinement.as_ref());
@@ -277,6 +293,7 @@ pub fn build(
     env.insert("CONTRACTOR_BUILD_ID".into(), id.clone());
     let job = Job {
         script: spec.script.clone(),
+        fetch: spec.fetch.clone(),
         env,
         source: format!("/builds/{id}/source.tar"),
         artifacts: spec.artifacts.clone(),
@@ -298,6 +315,7 @@ pub fn build(
         job,
         Services {
             proxy: proxy.addr,
+            script_proxy: script_proxy.as_ref().map(|p| p.addr),
             store: store.addr,
         },
         &log,
@@ -307,11 +325,16 @@ pub fn build(
         &interruption,
     );
     let proxy_stopped = proxy.stop();
+    let script_proxy_stopped = script_proxy.map(Service::stop);
     let store_stopped = store.stop();
     drop(private);
     let mut ran = ran;
     let stop_errors = [
         ("proxy", proxy_stopped.as_ref().err()),
+        (
+            "script phase's proxy",
+            script_proxy_stopped.as_ref().and_then(|s| s.as_ref().err()),
+        ),
         ("store", store_stopped.as_ref().err()),
     ];
     for (service, err) in stop_errors {
@@ -325,6 +348,10 @@ pub fn build(
     let refused_hosts = match proxy_stopped {
         Ok(refused) => refused.into_iter().collect(),
         Err(_) => Vec::new(),
+    };
+    let refused_offline = match script_proxy_stopped {
+        Some(Ok(refused)) => refused.into_iter().collect(),
+        _ => Vec::new(),
     };
 
     let cache_saved = crate::cache::keep(
@@ -360,6 +387,7 @@ pub fn build(
         console_log,
         artifacts,
         refused_hosts,
+        refused_offline,
         limit: ran.limit,
         error: ran.error.map(|e| ErrorInfo::capped(&e.code, &e.chain)),
     };
@@ -573,23 +601,55 @@ fn start_store(
     Service::start(tools::STORE, command, Answers::drain)
 }
 
-/// Starts the build's proxy with the spec's allowlist. Everything it writes after its
-/// `ready` line (a `decision` per request, a `summary` when it stops) is copied line by line
-/// into `decisions_path`; the hosts it refused are collected.
+/// The build's `proxy.jsonl`, written by the reader of each of its proxies, one whole line
+/// at a time.
+#[derive(Clone)]
+struct Decisions(Arc<Mutex<std::fs::File>>);
+
+impl Decisions {
+    fn create(path: &Path) -> Result<Decisions, ToolError> {
+        let file = std::fs::File::create(path).map_err(|source| ToolError::Io {
+            name: tools::PROXY,
+            source,
+        })?;
+        Ok(Decisions(Arc::new(Mutex::new(file))))
+    }
+
+    fn write(&self, line: &[u8]) {
+        if let Ok(mut file) = self.0.lock() {
+            let _ = file.write_all(line).and_then(|()| file.write_all(b"\n"));
+        }
+    }
+}
+
+/// `line` (a JSON object) with `"phase"` added, or as it is when it is not an object.
+fn with_phase(line: &[u8], phase: Phase) -> Vec<u8> {
+    let Ok(serde_json::Value::Object(mut object)) = serde_json::from_slice(line) else {
+        return line.to_vec();
+    };
+    object.insert(
+        "phase".into(),
+        serde_json::to_value(phase).unwrap_or_default(),
+    );
+    serde_json::to_vec(&object).unwrap_or_else(|_| line.to_vec())
+}
+
+/// Starts a proxy of the build that allows `allow`. Everything it writes after its `ready`
+/// line (a `decision` per request, a `summary` when it stops) is copied line by line into
+/// `decisions`, with `"phase"` added when the build has phases; the hosts it refused are
+/// collected.
 fn start_proxy(
-    spec: &BuildSpec,
-    decisions_path: &Path,
+    allow: &[String],
+    decisions: &Decisions,
+    phase: Option<Phase>,
     log: &ToolsLog,
 ) -> Result<Service<BTreeSet<String>>, ToolError> {
-    let mut file = std::fs::File::create(decisions_path).map_err(|source| ToolError::Io {
-        name: tools::PROXY,
-        source,
-    })?;
     let mut command = tools::command(tools::PROXY)?;
-    for host in &spec.allow {
+    for host in allow {
         command.arg("--allow").arg(host);
     }
     command.arg("--json-errors").stderr(log.stderr());
+    let decisions = decisions.clone();
     Service::start(tools::PROXY, command, move |mut answers| {
         let mut refused = BTreeSet::new();
         while let Ok(Some(line)) = answers.next_line() {
@@ -598,7 +658,10 @@ fn start_proxy(
                     refused.insert(decision.host);
                 }
             }
-            let _ = file.write_all(&line).and_then(|()| file.write_all(b"\n"));
+            match phase {
+                Some(phase) => decisions.write(&with_phase(&line, phase)),
+                None => decisions.write(&line),
+            }
         }
         answers.drain();
         refused
@@ -634,6 +697,8 @@ pub const MAX_REFUSED_HOSTS: usize = 1024;
 #[derive(Debug, Clone, Copy)]
 struct Services {
     proxy: SocketAddr,
+    /// The proxy of the script phase, when the build has a fetch phase.
+    script_proxy: Option<SocketAddr>,
     store: SocketAddr,
 }
 
@@ -918,6 +983,7 @@ fn run_in_vm(
         control_socket,
         tunnel_socket,
         proxy: services.proxy,
+        script_proxy: services.script_proxy,
         store: services.store,
         log: log.to_path_buf(),
         timeout_secs: limits.timeout_secs,
@@ -1156,6 +1222,7 @@ fn close_abandoned_records(store_root: &Path) {
             console_log: record.join("console.log"),
             artifacts: collect_artifacts(&record.join("artifacts")),
             refused_hosts: Vec::new(),
+            refused_offline: Vec::new(),
             limit: None,
             error: Some(ErrorInfo {
                 code: BuildCode::Abandoned.as_str().into(),

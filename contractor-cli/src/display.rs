@@ -293,6 +293,7 @@ impl State {
             BuildEvent::Phase { phase } => {
                 let (name, detail) = match phase {
                     Phase::Source => ("source", "uploading the source"),
+                    Phase::Fetch => ("fetch", "running the fetch, with the network"),
                     Phase::Script => ("build", "running the script"),
                     Phase::Artifacts => ("artifacts", "storing the artifacts"),
                 };
@@ -381,6 +382,7 @@ impl State {
 fn phase_name(phase: Phase) -> &'static str {
     match phase {
         Phase::Source => "source",
+        Phase::Fetch => "fetch",
         Phase::Script => "script",
         Phase::Artifacts => "artifacts",
     }

@@ -160,6 +160,7 @@ mod tests {
                 console_log: dir.join("console.log"),
                 artifacts: vec![],
                 refused_hosts: vec![],
+                refused_offline: vec![],
                 limit: None,
                 error: None,
             };

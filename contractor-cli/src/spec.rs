@@ -28,6 +28,9 @@ pub struct BuildSpec {
     pub image: String,
     /// The script, run with `sh -e -c`.
     pub script: String,
+    /// `build.fetch`: run first with the network of `[network] allow`; the script then
+    /// runs with none.
+    pub fetch: Option<String>,
     /// Extra environment for the script.
     pub env: BTreeMap<String, String>,
     /// Artifact paths or globs relative to the source root.
@@ -112,6 +115,7 @@ struct RawCache {
 struct RawBuild {
     image: Option<Spanned<String>>,
     script: Spanned<String>,
+    fetch: Option<Spanned<String>>,
     #[serde(default)]
     env: BTreeMap<String, String>,
     #[serde(default)]
@@ -233,6 +237,19 @@ pub fn parse_with_images(
             "build.script",
             "\"\"".into(),
             "the script is empty; give the shell commands that build the project".into(),
+        ));
+    }
+    if let Some(fetch) = raw
+        .build
+        .fetch
+        .as_ref()
+        .filter(|f| f.get_ref().trim().is_empty())
+    {
+        return Err(value_error(
+            fetch.span(),
+            "build.fetch",
+            "\"\"".into(),
+            "the fetch command is empty; give the commands that download what the build needs (\"cargo fetch --locked\"), or leave the field out".into(),
         ));
     }
     let mut artifacts = Vec::new();
@@ -362,6 +379,7 @@ pub fn parse_with_images(
         project_dir,
         image,
         script: raw.build.script.into_inner(),
+        fetch: raw.build.fetch.map(Spanned::into_inner),
         env: raw.build.env,
         artifacts,
         timeout,
@@ -562,6 +580,12 @@ allow = []
                 3,
                 "build.max_log",
                 "\"64MiB\"",
+            ),
+            (
+                "[build]\nscript = \"true\"\nfetch = \" \"\n",
+                3,
+                "build.fetch",
+                "cargo fetch --locked",
             ),
         ];
         for (text, line, field, hint) in cases {

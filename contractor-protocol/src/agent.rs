@@ -62,6 +62,11 @@ impl TunnelTarget {
 pub struct Job {
     /// Run with `sh -e -c` in the unpacked source directory.
     pub script: String,
+    /// Run first, the same way, with the network of `[network] allow`; the agent then
+    /// says `phase: script` and waits for the host's `offline` (the host has cut the
+    /// network) before it runs `script`. A fetch that fails ends the build (no script).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch: Option<String>,
     /// Extra environment for the script.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -124,6 +129,10 @@ pub enum HostMessage {
         /// The build.
         job: Box<Job>,
     },
+    /// The build's network is off (every proxy stream of the fetch phase is closed, later
+    /// ones are refused): run the script. The answer to `phase: script` of a job with a
+    /// `fetch`.
+    Offline,
     /// Are you there? Sent every 5 s while the job runs (after `job`, until `done`); the
     /// agent answers `pong` with the same `seq`.
     Ping {
@@ -152,6 +161,8 @@ pub enum HostMessage {
 pub enum Phase {
     /// Fetching and unpacking the source.
     Source,
+    /// Running the job's `fetch`, with the network.
+    Fetch,
     /// Running the script.
     Script,
     /// Uploading artifacts.
@@ -180,6 +191,16 @@ pub enum GuestMessage {
         path: String,
         /// Size in bytes.
         size: u64,
+    },
+    /// The job's `fetch` ended (its code and signal as for `script_exited`); unless it
+    /// exited 0 the agent runs no script and says `done`.
+    FetchExited {
+        /// Its exit code, if it exited.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<i32>,
+        /// The signal that killed it, if one did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<i32>,
     },
     /// The script ended.
     ScriptExited {

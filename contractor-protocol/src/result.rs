@@ -209,8 +209,12 @@ pub struct BuildResult {
     pub console_log: PathBuf,
     /// Collected artifacts (paths on the host).
     pub artifacts: Vec<PathBuf>,
-    /// Hosts the proxy refused.
+    /// Hosts the proxy refused (with a fetch phase: during the fetch).
     pub refused_hosts: Vec<String>,
+    /// Hosts the script asked for after the fetch phase, when the build has no network:
+    /// all refused. Absent without a fetch phase.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused_offline: Vec<String>,
     /// The limit the build hit, if it hit one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<Limit>,

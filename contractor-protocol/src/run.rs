@@ -22,6 +22,10 @@ pub struct RunRequest {
     pub proxy: SocketAddr,
     /// The artifact store the guest's store streams go to.
     pub store: SocketAddr,
+    /// With a job's `fetch`: where proxy streams go once the fetch has ended (a proxy that
+    /// refuses everything and records what was asked). Absent: they are closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script_proxy: Option<SocketAddr>,
     /// File the build's output is written to (raw bytes, as produced).
     pub log: PathBuf,
     /// Limit for the build itself, in seconds, from the moment the agent has the job.

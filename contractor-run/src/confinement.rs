@@ -1,7 +1,8 @@
 //! What the relay (`contractor-run`) may still reach once it confines itself
 //! ([`policy`]): nothing on the file system (the VM's two channel sockets and the build log
 //! are open before), no TCP bind, and TCP connect only to the proxy's and the store's
-//! ports, the two places a guest stream can be relayed to; and a seccomp **allowlist**
+//! ports (and the script proxy's, with a fetch phase), the places a guest stream can be
+//! relayed to; and a seccomp **allowlist**
 //! ([`SYSCALLS`]) of the calls it makes once it serves, every other one refused with `EPERM`.
 
 use contractor_confine::Policy;
@@ -91,6 +92,8 @@ pub const SYSCALLS: &[(&str, libc::c_long)] = &[
 /// The confinement policy of a relay that runs `request`.
 pub fn policy(request: &RunRequest) -> Policy {
     let mut ports = vec![request.proxy.port(), request.store.port()];
+    ports.extend(request.script_proxy.map(|p| p.port()));
+    ports.sort_unstable();
     ports.dedup();
     Policy {
         read: Vec::new(),

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use contractor_protocol::agent::{GuestMessage, HostMessage, TunnelTarget};
+use contractor_protocol::agent::{GuestMessage, HostMessage, Phase, TunnelTarget};
 use contractor_protocol::result::{ErrorInfo, Limit, Outcome};
 use contractor_protocol::run::{RunEvent, RunRequest};
 use contractor_protocol::service::Confinement;
@@ -157,6 +157,8 @@ struct Progress {
     disk_full: bool,
     /// `artifact` messages received.
     artifacts: usize,
+    /// How the job's `fetch` ended (code, signal), if it ran.
+    fetch: Option<(Option<i32>, Option<i32>)>,
     /// The host judged the build failed while it ran (not a limit of the spec).
     failure: Option<ErrorInfo>,
 }
@@ -330,6 +332,22 @@ fn judge(progress: &Progress, request: &RunRequest) -> Verdict {
     if let Some((limit, message)) = &progress.limit {
         return Verdict::limit(*limit, Outcome::Failed, message.clone());
     }
+    if let Some((code, signal)) = progress.fetch.filter(|&(code, _)| code != Some(0)) {
+        let how = match (code, signal) {
+            (Some(code), _) => format!("exited with {code}"),
+            (None, Some(signal)) => format!("was killed by signal {signal}"),
+            (None, None) => "ended without an exit code".to_string(),
+        };
+        return Verdict::new(
+            Outcome::Failed,
+            Some(ErrorInfo {
+                code: "fetch_failed".into(),
+                chain: vec![format!(
+                    "the fetch command (build.fetch) {how}; the script did not run"
+                )],
+            }),
+        );
+    }
     // A failed script that ran out of memory or disk failed on that limit.
     if progress.exit_code != Some(0) && progress.agent_error.is_none() {
         let size = |value: Option<u64>, unit: &str| {
@@ -411,8 +429,31 @@ impl RunError {
     }
 }
 
+/// The build's network as the relay enforces it: on while the job's `fetch` runs, off
+/// (for good) once the agent says the script begins. Off, proxy streams go to the script
+/// proxy (which refuses and records) or are closed, and every stream of the fetch phase is
+/// cut.
+#[derive(Clone, Default)]
+struct Network {
+    offline: Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio_util::sync::CancellationToken,
+}
+
+impl Network {
+    fn go_offline(&self) {
+        self.offline
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cut.cancel();
+    }
+
+    fn is_offline(&self) -> bool {
+        self.offline.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// A VM whose agent has said hello.
 struct Session {
+    network: Network,
     lines: ControlLines,
     budget: Arc<Budget>,
     tunnel_end: oneshot::Receiver<tunnel::TunnelEnd>,
@@ -443,8 +484,11 @@ async fn connect(
 
     let (log_done_tx, log_done) = oneshot::channel();
     let budget = Arc::new(Budget::new(request.max_log_bytes));
+    let network = Network::default();
     let relay = Relay {
         proxy: request.proxy,
+        script_proxy: request.script_proxy,
+        network: network.clone(),
         store: request.store,
         log: Arc::new(Mutex::new(Some((log, request.log.clone(), log_done_tx)))),
         budget: budget.clone(),
@@ -469,6 +513,7 @@ async fn connect(
         None => return Err(LinkError::Failed(RunError::AgentGone)),
     }
     Ok(Session {
+        network,
         lines,
         budget,
         tunnel_end,
@@ -497,8 +542,10 @@ impl Session {
         // The pinger owns the writing half; it stops between two pings, never inside one,
         // so that the port holds whole lines for a `shell` later.
         let (stop_pings, stopped) = tokio::sync::watch::channel(false);
-        tokio::spawn(ping(out, stopped));
-        let result = self.follow(events, progress).await;
+        let (outbox, letters) = mpsc::channel(4);
+        tokio::spawn(ping(out, stopped, letters));
+        let fetches = request.job.fetch.is_some();
+        let result = self.follow(events, progress, fetches, &outbox).await;
         let _ = stop_pings.send(true);
         result
     }
@@ -507,11 +554,15 @@ impl Session {
         &mut self,
         events: &EventSink,
         progress: &mut Progress,
+        fetches: bool,
+        outbox: &mpsc::Sender<HostMessage>,
     ) -> Result<(), RunError> {
         let mut log_done = Some(&mut self.log_done);
         let mut tunnel_end = Some(&mut self.tunnel_end);
         let mut tunnel_gone: Option<(String, tokio::time::Instant)> = None;
         let mut answer_by = tokio::time::Instant::now() + LIVENESS_TIMEOUT;
+        // With a fetch: whether the host has said `offline` (after cutting the network).
+        let mut offline_sent = false;
         loop {
             let grace_until = tunnel_gone.as_ref().map(|(_, until)| *until);
             let message = tokio::select! {
@@ -566,7 +617,22 @@ impl Session {
                     answer_by = tokio::time::Instant::now() + LIVENESS_TIMEOUT;
                 }
                 GuestMessage::Phase { phase } => {
+                    // The script of a job with a fetch runs offline: the network goes off
+                    // before the agent hears it may start.
+                    if phase == Phase::Script && fetches && !offline_sent {
+                        offline_sent = true;
+                        self.network.go_offline();
+                        outbox.send(HostMessage::Offline).await.map_err(|_| {
+                            RunError::Control(std::io::ErrorKind::BrokenPipe.into())
+                        })?;
+                    }
                     let _ = events.send(RunEvent::Phase { phase }).await;
+                }
+                GuestMessage::FetchExited { code, signal } => {
+                    // The fetch is over: nothing after it has the network, whatever the
+                    // guest says next.
+                    self.network.go_offline();
+                    progress.fetch = Some((code, signal));
                 }
                 GuestMessage::Artifact { path, size } => {
                     progress.artifacts += 1;
@@ -580,6 +646,13 @@ impl Session {
                         return Ok(());
                     }
                     let _ = events.send(RunEvent::Artifact { path, size }).await;
+                }
+                GuestMessage::ScriptExited { .. } if fetches && !offline_sent => {
+                    progress.failure = Some(ErrorInfo {
+                        code: "script_before_offline".into(),
+                        chain: vec!["the guest reported the script's end before the host had cut the network after the fetch; the build was stopped".into()],
+                    });
+                    return Ok(());
                 }
                 GuestMessage::ScriptExited {
                     code,
@@ -628,17 +701,30 @@ async fn write_message<W: AsyncWrite + Unpin>(
     out.flush().await.map_err(RunError::Control)
 }
 
-/// Sends `ping` every [`PING_INTERVAL`] until `stop` turns true or the channel fails.
-async fn ping<W: AsyncWrite + Unpin>(mut out: W, mut stop: tokio::sync::watch::Receiver<bool>) {
+/// Sends `ping` every [`PING_INTERVAL`], and each message of `letters` as it comes, until
+/// `stop` turns true or the channel fails.
+async fn ping<W: AsyncWrite + Unpin>(
+    mut out: W,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut letters: mpsc::Receiver<HostMessage>,
+) {
     let mut seq = 0;
+    let mut next_ping = tokio::time::Instant::now() + PING_INTERVAL;
     loop {
         tokio::select! {
-            () = tokio::time::sleep(PING_INTERVAL) => {}
+            () = tokio::time::sleep_until(next_ping) => {}
+            Some(letter) = letters.recv() => {
+                if write_message(&mut out, &letter).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             _ = stop.changed() => return,
         }
         if *stop.borrow() {
             return;
         }
+        next_ping = tokio::time::Instant::now() + PING_INTERVAL;
         seq += 1;
         if write_message(&mut out, &HostMessage::Ping { seq })
             .await
@@ -712,6 +798,9 @@ type LogSlot = Arc<Mutex<Option<(tokio::fs::File, PathBuf, oneshot::Sender<LogEn
 #[derive(Clone)]
 struct Relay {
     proxy: std::net::SocketAddr,
+    /// Where proxy streams go once the network is off (closed when absent).
+    script_proxy: Option<std::net::SocketAddr>,
+    network: Network,
     store: std::net::SocketAddr,
     log: LogSlot,
     budget: Arc<Budget>,
@@ -728,9 +817,13 @@ impl Relay {
         if stream.read_exact(&mut tag).await.is_err() {
             return;
         }
-        let target = match TunnelTarget::from_tag(tag[0]) {
-            Some(TunnelTarget::Proxy) => self.proxy,
-            Some(TunnelTarget::Store) => self.store,
+        let (target, cut) = match TunnelTarget::from_tag(tag[0]) {
+            Some(TunnelTarget::Proxy) if self.network.is_offline() => match self.script_proxy {
+                Some(script_proxy) => (script_proxy, None),
+                None => return,
+            },
+            Some(TunnelTarget::Proxy) => (self.proxy, Some(self.network.cut.clone())),
+            Some(TunnelTarget::Store) => (self.store, None),
             Some(TunnelTarget::Log) => return self.take_log(stream).await,
             None => return,
         };
@@ -747,7 +840,16 @@ impl Relay {
             }
             return;
         };
-        splice(stream, target).await
+        match cut {
+            // A stream of the fetch phase ends when the network goes off.
+            Some(cut) => {
+                tokio::select! {
+                    () = splice(stream, target) => {}
+                    () = cut.cancelled() => {}
+                }
+            }
+            None => splice(stream, target).await,
+        }
     }
 
     /// Copies the first log stream to the log; a second one is dropped.
@@ -924,6 +1026,7 @@ mod tests {
             None => Some(tunnel_tx),
         };
         let session = Session {
+            network: Network::default(),
             lines: BufReader::new(read_half),
             budget: Arc::new(Budget::new(max_log)),
             control_out: Some(control_out),
@@ -993,6 +1096,7 @@ mod tests {
         let (_, log_done) = oneshot::channel();
         let (_tunnel_alive, tunnel_end) = oneshot::channel();
         let session = Session {
+            network: Network::default(),
             lines: BufReader::new(read_half),
             budget: Arc::new(Budget::new(None)),
             control_out: Some(control_out),
@@ -1126,6 +1230,89 @@ mod tests {
         let error = verdict.error.expect("error");
         assert_eq!(error.code, "limit_max_log");
         assert!(error.chain[0].contains("build.max_log"));
+    }
+
+    #[tokio::test]
+    async fn the_network_goes_off_before_the_agent_may_run_the_script_of_a_fetch() {
+        let (host_end, guest_end) = UnixStream::pair().expect("socket pair");
+        let (read_half, control_out) = host_end.into_split();
+        let (_, log_done) = oneshot::channel();
+        let (_tunnel_alive, tunnel_end) = oneshot::channel();
+        let network = Network::default();
+        let session = Session {
+            network: network.clone(),
+            lines: BufReader::new(read_half),
+            budget: Arc::new(Budget::new(None)),
+            control_out: Some(control_out),
+            log_done,
+            tunnel_end,
+        };
+        let watched = network.clone();
+        let guest = tokio::spawn(async move {
+            let (guest_read, mut guest_write) = guest_end.into_split();
+            let mut from_host = BufReader::new(guest_read);
+            let mut line = String::new();
+            tokio::io::AsyncBufReadExt::read_line(&mut from_host, &mut line)
+                .await
+                .expect("the job");
+            assert!(line.contains("\"fetch\":\"cargo fetch\""), "{line}");
+            let say = |m: &str| format!("{m}\n");
+            for message in [
+                r#"{"type":"phase","phase":"fetch"}"#,
+                r#"{"type":"fetch_exited","code":0}"#,
+                r#"{"type":"phase","phase":"script"}"#,
+            ] {
+                guest_write
+                    .write_all(say(message).as_bytes())
+                    .await
+                    .expect("say");
+            }
+            line.clear();
+            tokio::io::AsyncBufReadExt::read_line(&mut from_host, &mut line)
+                .await
+                .expect("offline");
+            // By the time the agent hears it, the relay is offline.
+            assert_eq!(line.trim(), r#"{"type":"offline"}"#);
+            assert!(watched.is_offline() && watched.cut.is_cancelled());
+            let exited = r#"{"type":"script_exited","code":0}"#;
+            guest_write
+                .write_all(say(exited).as_bytes())
+                .await
+                .expect("say");
+            guest_write
+                .write_all(b"{\"type\":\"done\"}\n")
+                .await
+                .expect("say");
+        });
+        let mut request = request();
+        request.job.fetch = Some("cargo fetch".into());
+        let (events, _received) = event_channel();
+        let mut progress = Progress::default();
+        assert!(!network.is_offline());
+        session
+            .run_job(&request, &events, &mut progress)
+            .await
+            .expect("the job ran");
+        guest.await.expect("the guest's view");
+        assert_eq!(progress.fetch, Some((Some(0), None)));
+        assert_eq!(progress.exit_code, Some(0));
+    }
+
+    #[test]
+    fn a_failed_fetch_fails_the_build_and_names_it() {
+        let failed = Progress {
+            fetch: Some((Some(101), None)),
+            ..Progress::default()
+        };
+        let verdict = judge(&failed, &request());
+        assert_eq!(verdict.outcome, Outcome::Failed);
+        let error = verdict.error.expect("error");
+        assert_eq!(error.code, "fetch_failed");
+        assert!(
+            error.chain[0].contains("build.fetch) exited with 101"),
+            "{:?}",
+            error.chain
+        );
     }
 
     fn request() -> RunRequest {

@@ -74,6 +74,9 @@ pub enum AgentError {
     /// The host closed the control channel before sending a job.
     #[error("the host sent no job")]
     NoJob,
+    /// The control channel ended before the host said the network is off.
+    #[error("the host did not say `offline` after the fetch")]
+    NoOffline,
     /// A loopback listener could not be started.
     #[error("cannot listen on {addr}")]
     Listen {
@@ -206,16 +209,20 @@ pub async fn serve() -> Result<(), AgentError> {
     let done = Arc::new(AtomicBool::new(false));
     let (job_tx, job_rx) = tokio::sync::oneshot::channel();
     let (shell_tx, shell_rx) = tokio::sync::oneshot::channel();
+    let (offline_tx, offline_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(read_host(
         BufReader::new(read_half),
         out.clone(),
         done.clone(),
-        job_tx,
-        shell_tx,
+        Channels {
+            job: job_tx,
+            shell: shell_tx,
+            offline: offline_tx,
+        },
     ));
     let job = job_rx.await.map_err(|_| AgentError::NoJob)??;
 
-    let result = run_job(&job, &opener, &out).await;
+    let result = run_job(&job, &opener, &out, offline_rx).await;
     if let Err(err) = &result {
         let chain = contractor_protocol::result::error_chain(err);
         say(
@@ -264,16 +271,29 @@ pub(crate) struct ShellRequest {
     pub input: ControlLines,
 }
 
-/// The one reader of the control channel: hands over the job, answers pings until `done`,
-/// and after `done` hands over the first `shell` request with the channel and stops.
+/// Where the control channel's reader hands what the host sends.
+struct Channels {
+    job: tokio::sync::oneshot::Sender<Result<Job, AgentError>>,
+    shell: tokio::sync::oneshot::Sender<ShellRequest>,
+    offline: tokio::sync::oneshot::Sender<()>,
+}
+
+/// The one reader of the control channel: hands over the job and the host's `offline`,
+/// answers pings until `done`, and after `done` hands over the first `shell` request with
+/// the channel and stops.
 async fn read_host(
     mut lines: ControlLines,
     out: ControlOut,
     done: Arc<AtomicBool>,
-    job_tx: tokio::sync::oneshot::Sender<Result<Job, AgentError>>,
-    shell_tx: tokio::sync::oneshot::Sender<ShellRequest>,
+    channels: Channels,
 ) {
+    let Channels {
+        job: job_tx,
+        shell: shell_tx,
+        offline: offline_tx,
+    } = channels;
     let mut job_tx = Some(job_tx);
+    let mut offline_tx = Some(offline_tx);
     loop {
         let line = match host_line(&mut lines).await {
             Ok(Some(line)) => line,
@@ -300,6 +320,11 @@ async fn read_host(
             Ok(HostMessage::Job { job, .. }) => {
                 if let Some(tx) = job_tx.take() {
                     let _ = tx.send(Ok(*job));
+                }
+            }
+            Ok(HostMessage::Offline) => {
+                if let Some(tx) = offline_tx.take() {
+                    let _ = tx.send(());
                 }
             }
             Ok(HostMessage::Ping { seq }) => {
@@ -339,7 +364,12 @@ async fn say(out: &ControlOut, message: &GuestMessage) -> Result<(), AgentError>
 }
 
 /// Runs the job; returns whether the script succeeded.
-async fn run_job(job: &Job, opener: &Opener, control: &ControlOut) -> Result<bool, AgentError> {
+async fn run_job(
+    job: &Job,
+    opener: &Opener,
+    control: &ControlOut,
+    offline: tokio::sync::oneshot::Receiver<()>,
+) -> Result<bool, AgentError> {
     let slots = Arc::new(tokio::sync::Semaphore::new(GUEST_CONNECTIONS_MAX));
     forward(GUEST_PROXY_PORT, TunnelTarget::Proxy, opener, slots.clone()).await?;
     forward(GUEST_STORE_PORT, TunnelTarget::Store, opener, slots).await?;
@@ -357,6 +387,22 @@ async fn run_job(job: &Job, opener: &Opener, control: &ControlOut) -> Result<boo
         restore_cache(opener, cache, token).await;
     }
 
+    let log = Log::open(opener).await?;
+    if let Some(fetch) = &job.fetch {
+        say(
+            control,
+            &GuestMessage::Phase {
+                phase: Phase::Fetch,
+            },
+        )
+        .await?;
+        let (code, signal) = run_command(fetch, job, &log).await?;
+        say(control, &GuestMessage::FetchExited { code, signal }).await?;
+        if code != Some(0) {
+            log.close().await;
+            return Ok(false);
+        }
+    }
     say(
         control,
         &GuestMessage::Phase {
@@ -364,8 +410,14 @@ async fn run_job(job: &Job, opener: &Opener, control: &ControlOut) -> Result<boo
         },
     )
     .await?;
+    if job.fetch.is_some() {
+        // The host cuts the network between the two, and says so.
+        offline.await.map_err(|_| AgentError::NoOffline)?;
+    }
     let oom_before = oom_kills();
-    let (code, signal) = run_script(job, opener).await?;
+    let ran = run_command(&job.script, job, &log).await;
+    log.close().await;
+    let (code, signal) = ran?;
     let exited = GuestMessage::ScriptExited {
         code,
         signal,
@@ -770,25 +822,58 @@ pub(crate) fn script_env(job: &Job) -> BTreeMap<String, String> {
     env
 }
 
-/// Runs `sh -e -c SCRIPT`; its stdout and stderr, interleaved as written, go to the log
-/// stream. Returns the exit code or the signal.
-async fn run_script(job: &Job, opener: &Opener) -> Result<(Option<i32>, Option<i32>), AgentError> {
+/// The build's output on its way to the host: one log stream for the whole job (the host
+/// takes only the first), fed by each command through [`Log::sender`].
+struct Log {
+    chunks: tokio::sync::mpsc::Sender<Vec<u8>>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+impl Log {
+    /// Opens the log stream. It is open before any command runs, so that no connection of a
+    /// command's can stand in its way.
+    async fn open(opener: &Opener) -> Result<Log, AgentError> {
+        let mut log = opener
+            .open(TunnelTarget::Log)
+            .await
+            .map_err(AgentError::Tunnel)?;
+        let (chunks, mut received) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+        let writer = tokio::spawn(async move {
+            while let Some(chunk) = received.recv().await {
+                if log.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+            let _ = log.shutdown().await;
+        });
+        Ok(Log { chunks, writer })
+    }
+
+    /// Ends the stream once what was sent is written (at most [`OUTPUT_GRACE`]).
+    async fn close(self) {
+        drop(self.chunks);
+        let _ = tokio::time::timeout(OUTPUT_GRACE, self.writer).await;
+    }
+}
+
+/// Runs `sh -e -c COMMAND` (the job's `fetch` or `script`) with the script's environment;
+/// its stdout and stderr, interleaved as written, go to `log`. Returns the exit code or
+/// the signal.
+async fn run_command(
+    command_text: &str,
+    job: &Job,
+    log: &Log,
+) -> Result<(Option<i32>, Option<i32>), AgentError> {
     use std::io::Read;
     use std::os::unix::process::ExitStatusExt;
 
-    // The log stream is open before the script runs, so no connection of the script's
-    // can stand in its way.
-    let mut log = opener
-        .open(TunnelTarget::Log)
-        .await
-        .map_err(AgentError::Tunnel)?;
     let (mut output, writer) = std::io::pipe().map_err(AgentError::Spawn)?;
     let mut child = {
         let mut command = tokio::process::Command::new("/bin/sh");
         command
             .arg("-e")
             .arg("-c")
-            .arg(&job.script)
+            .arg(command_text)
             .current_dir(WORK_DIR)
             .env_clear()
             .envs(script_env(job))
@@ -799,27 +884,21 @@ async fn run_script(job: &Job, opener: &Opener) -> Result<(Option<i32>, Option<i
         // `command` drops here, closing our copies of the pipe's write end.
     };
 
-    let (chunks_tx, mut chunks) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+    let chunks = log.chunks.clone();
+    let (drained_tx, drained) = tokio::sync::oneshot::channel::<()>();
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
         while let Ok(n) = output.read(&mut buf) {
-            if n == 0 || chunks_tx.blocking_send(buf[..n].to_vec()).is_err() {
+            if n == 0 || chunks.blocking_send(buf[..n].to_vec()).is_err() {
                 break;
             }
         }
-    });
-    let pump = tokio::spawn(async move {
-        while let Some(chunk) = chunks.recv().await {
-            if log.write_all(&chunk).await.is_err() {
-                break;
-            }
-        }
-        let _ = log.shutdown().await;
+        let _ = drained_tx.send(());
     });
 
     let status = child.wait().await.map_err(AgentError::Spawn)?;
     // Background processes may hold the pipe open; do not wait for them for long.
-    let _ = tokio::time::timeout(OUTPUT_GRACE, pump).await;
+    let _ = tokio::time::timeout(OUTPUT_GRACE, drained).await;
     Ok((status.code(), status.signal()))
 }
 
@@ -1063,6 +1142,7 @@ mod tests {
     fn the_script_environment_points_at_the_tunnel_and_keeps_job_overrides() {
         let mut job = Job {
             script: "true".into(),
+            fetch: None,
             env: BTreeMap::new(),
             source: "/s".into(),
             artifacts: vec![],

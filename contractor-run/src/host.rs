@@ -1232,12 +1232,18 @@ mod tests {
         assert!(error.chain[0].contains("build.max_log"));
     }
 
-    #[tokio::test]
-    async fn the_network_goes_off_before_the_agent_may_run_the_script_of_a_fetch() {
+    /// A session of a job with a fetch, its network, the guest's end of the control
+    /// channel, and what keeps the tunnel "alive".
+    fn fetch_session() -> (
+        Session,
+        Network,
+        UnixStream,
+        oneshot::Sender<tunnel::TunnelEnd>,
+    ) {
         let (host_end, guest_end) = UnixStream::pair().expect("socket pair");
         let (read_half, control_out) = host_end.into_split();
         let (_, log_done) = oneshot::channel();
-        let (_tunnel_alive, tunnel_end) = oneshot::channel();
+        let (tunnel_alive, tunnel_end) = oneshot::channel();
         let network = Network::default();
         let session = Session {
             network: network.clone(),
@@ -1247,6 +1253,36 @@ mod tests {
             log_done,
             tunnel_end,
         };
+        (session, network, guest_end, tunnel_alive)
+    }
+
+    fn fetch_request() -> RunRequest {
+        let mut request = request();
+        request.job.fetch = Some("cargo fetch".into());
+        request
+    }
+
+    #[tokio::test]
+    async fn a_guest_that_ends_the_script_before_offline_fails_the_build() {
+        let (session, network, mut guest_end, _alive) = fetch_session();
+        let says = "{\"type\":\"phase\",\"phase\":\"fetch\"}\n{\"type\":\"fetch_exited\",\"code\":0}\n{\"type\":\"script_exited\",\"code\":0}\n{\"type\":\"done\"}\n";
+        guest_end.write_all(says.as_bytes()).await.expect("say");
+        let (events, _received) = event_channel();
+        let mut progress = Progress::default();
+        session
+            .run_job(&fetch_request(), &events, &mut progress)
+            .await
+            .expect("the job ran");
+        // The fetch's end alone already cut the network.
+        assert!(network.is_offline());
+        let failure = progress.failure.clone().expect("a failure");
+        assert_eq!(failure.code, "script_before_offline");
+        assert_eq!(judge(&progress, &request()).outcome, Outcome::Failed);
+    }
+
+    #[tokio::test]
+    async fn the_network_goes_off_before_the_agent_may_run_the_script_of_a_fetch() {
+        let (session, network, guest_end, _alive) = fetch_session();
         let watched = network.clone();
         let guest = tokio::spawn(async move {
             let (guest_read, mut guest_write) = guest_end.into_split();
@@ -1284,13 +1320,11 @@ mod tests {
                 .await
                 .expect("say");
         });
-        let mut request = request();
-        request.job.fetch = Some("cargo fetch".into());
         let (events, _received) = event_channel();
         let mut progress = Progress::default();
         assert!(!network.is_offline());
         session
-            .run_job(&request, &events, &mut progress)
+            .run_job(&fetch_request(), &events, &mut progress)
             .await
             .expect("the job ran");
         guest.await.expect("the guest's view");

@@ -132,8 +132,9 @@ fn confined_qemu_cannot_connect_to_a_unix_socket_of_the_user() {
         eprintln!("skipped: no {QEMU}");
         return;
     }
-    // Landlock does not govern connect(2) to a Unix socket by path; the launcher's own
-    // filter refuses socket(2), so QEMU cannot reach, say, libvirt's session daemon.
+    // Landlock does not govern connect(2) to a Unix socket by path; QEMU's policy refuses
+    // every new socket (a seccomp filter on socket(2)), so QEMU cannot reach, say,
+    // libvirt's session daemon.
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("user-service.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");

@@ -870,3 +870,65 @@ fn the_script_after_a_fetch_phase_has_no_network_and_its_requests_are_recorded_a
     let log = std::fs::read_to_string(build.record.join("build.log")).expect("log");
     assert!(!log.contains("the script ran"), "{log}");
 }
+
+#[test]
+fn a_derived_image_with_packages_is_built_once_shared_and_listed_with_its_definition() {
+    if util::skip_without_vm(
+        "a_derived_image_with_packages_is_built_once_shared_and_listed_with_its_definition",
+    ) {
+        return;
+    }
+    let files = ["tally/__init__.py", "test_tally.py"];
+    let first = Project::example("python", &files);
+    let build = first.build();
+    assert_eq!(
+        build.result.outcome,
+        Outcome::Success,
+        "stderr:\n{}",
+        build.stderr
+    );
+    let log = std::fs::read_to_string(build.record.join("build.log")).expect("log");
+    assert!(log.contains("3 passed"), "{log}");
+
+    // A second project with the same [image] shares the image: nothing is built again.
+    let second = Project::example("python", &files);
+    let again = second.build();
+    assert_eq!(again.result.outcome, Outcome::Success, "{}", again.stderr);
+    assert!(
+        !again.stderr.contains("building image"),
+        "the image was built again:\n{}",
+        again.stderr
+    );
+    let list = Command::new(util::contractor())
+        .args(["image", "list"])
+        .output()
+        .expect("contractor image list");
+    let list = String::from_utf8_lossy(&list.stdout);
+    let name = contractor_protocol::image::derived_name("debian-12", &["python3-pytest".into()]);
+    assert!(list.contains(&name), "{list}");
+    assert!(
+        list.contains("derived from debian-12 with python3-pytest"),
+        "{list}"
+    );
+
+    // A package the mirror does not have is named, as apt says it, before any VM starts.
+    let missing = Project::new(
+        "[image]\nbase = \"debian-12\"\npackages = [\"no-such-package-for-contractor\"]\n\
+         [build]\nscript = \"true\"\n",
+    );
+    let failed = Command::new(util::contractor())
+        .arg("build")
+        .current_dir(missing.path())
+        .output()
+        .expect("run contractor build");
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("Unable to locate package no-such-package-for-contractor"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("VM contractor-"),
+        "a VM started:\n{stderr}"
+    );
+}

@@ -324,9 +324,9 @@ fn run_build(file: &std::path::Path, options: BuildOptions, mode: Mode) -> ExitC
     };
     let report = match build_here(&spec, &options, mode) {
         Ok(report) => report,
-        Err((code, chain)) => {
+        Err((code, chain, exit)) => {
             fail(code, chain);
-            return ExitCode::Infrastructure;
+            return exit;
         }
     };
     let result = &report.result;
@@ -409,11 +409,19 @@ fn build_here(
     spec: &spec::BuildSpec,
     options: &BuildOptions,
     mode: Mode,
-) -> Result<build::BuildReport, (&'static str, Vec<String>)> {
+) -> Result<build::BuildReport, (&'static str, Vec<String>, ExitCode)> {
     let display = Display::new(mode);
     let built = build::build(spec, options, &display);
     display.close();
-    built.map_err(|err| (BuildCode::BuildSetup.as_str(), error_chain(&err)))
+    built.map_err(|err| {
+        // An image the spec asks for that cannot be (a package the mirror lacks) is the
+        // spec's fault; the rest is the host's.
+        let exit = match &err {
+            build::BuildError::Image(e) => e.exit_code(),
+            _ => ExitCode::Infrastructure,
+        };
+        (BuildCode::BuildSetup.as_str(), error_chain(&err), exit)
+    })
 }
 
 /// `contractor shell [ID]`.
@@ -472,9 +480,9 @@ fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
                     eprintln!("contractor: the VM for the shell did not start: {reason}");
                     return ExitCode::BuildFailed;
                 }
-                Err((code, chain)) => {
+                Err((code, chain, exit)) => {
                     ErrorObject::report("contractor", code, chain, false);
-                    return ExitCode::Infrastructure;
+                    return exit;
                 }
             }
         }
@@ -639,18 +647,25 @@ fn list_builds(file: &Path) -> Result<(), Failure> {
 fn list_images() -> Result<(), Failure> {
     let images = image::list().map_err(Failure::image)?;
     println!(
-        "{:<18} {:>9} {:<19} {:<14} DISK SHA256",
+        "{:<22} {:>9} {:<19} {:<14} DISK SHA256",
         "IMAGE", "SIZE", "BUILT", "AGENT"
     );
     for image in images {
         println!(
-            "{:<18} {:>9} {:<19} {:<14} {}",
+            "{:<22} {:>9} {:<19} {:<14} {}",
             image.manifest.name,
             human_bytes(image.size),
             image::format_time(image.manifest.created),
             image.manifest.agent_version,
             image.manifest.disk_sha256
         );
+        if let Some(base) = &image.manifest.base {
+            println!(
+                "{:<22} derived from {base} with {}",
+                "",
+                escape(&image.manifest.packages.join(", "))
+            );
+        }
     }
     Ok(())
 }

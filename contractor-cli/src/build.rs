@@ -177,7 +177,11 @@ pub fn build(
     display: &Display,
 ) -> Result<BuildReport, BuildError> {
     let started = Instant::now();
-    let image = image::ensure(&spec.image).map_err(BuildError::Image)?;
+    let image = match &spec.derived {
+        Some(derived) => image::ensure_derived(&derived.base, &derived.packages),
+        None => image::ensure(&spec.image),
+    }
+    .map_err(BuildError::Image)?;
 
     let store_root = paths::checked_store_dir(&spec.project_dir).map_err(BuildError::StoreDir)?;
     close_abandoned_records(&store_root);

@@ -106,6 +106,17 @@ pub fn ensure(name: &str) -> Result<Image, ImageError> {
     one_image("build", image_tool("build", &[OsStr::new(name)])?)
 }
 
+/// The image derived from `base` with `packages` (`[image]` of a spec), built first when
+/// missing.
+pub fn ensure_derived(base: &str, packages: &[String]) -> Result<Image, ImageError> {
+    let mut args = vec![OsStr::new("--base"), OsStr::new(base)];
+    for package in packages {
+        args.push(OsStr::new("--package"));
+        args.push(OsStr::new(package));
+    }
+    one_image("build", image_tool("build", &args)?)
+}
+
 /// Imports `disk`, `kernel` and `initrd` as the image `name`.
 pub fn import(name: &str, disk: &Path, kernel: &Path, initrd: &Path) -> Result<Image, ImageError> {
     let args = [

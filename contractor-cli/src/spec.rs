@@ -24,8 +24,10 @@ pub struct BuildSpec {
     pub path: PathBuf,
     /// The project directory (the file's directory).
     pub project_dir: PathBuf,
-    /// Builder image name.
+    /// Builder image name (of a derived image: named by its definition).
     pub image: String,
+    /// `[image]`: the image is derived from a base with packages.
+    pub derived: Option<Derived>,
     /// The script, run with `sh -e -c`.
     pub script: String,
     /// `build.fetch`: run first with the network of `[network] allow`; the script then
@@ -100,6 +102,15 @@ struct RawSpec {
     network: RawNetwork,
     #[serde(default)]
     cache: RawCache,
+    image: Option<Spanned<RawImage>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawImage {
+    base: Spanned<String>,
+    #[serde(default)]
+    packages: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -156,6 +167,15 @@ pub fn load(path: &Path) -> Result<BuildSpec, SpecError> {
     Ok(spec)
 }
 
+/// A derived image's definition: `[image] base = "debian-12" packages = [...]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Derived {
+    /// `debian-12`, `debian-13` or `debian-unstable`.
+    pub base: String,
+    /// Debian packages, sorted, each once.
+    pub packages: Vec<String>,
+}
+
 /// True when `rule` is a valid `[network] allow` entry: a host name (`deb.debian.org`) or a
 /// wildcard for its subdomains (`*.crates.io`), without ports or paths.
 pub fn is_allow_rule(rule: &str) -> bool {
@@ -206,15 +226,74 @@ pub fn parse_with_images(
             }
         };
 
-    let image = match raw.build.image {
-        None => DEFAULT_IMAGE.to_string(),
-        Some(image)
+    let mut derived = None;
+    let image = match (raw.build.image, raw.image) {
+        (Some(_), Some(table)) => {
+            return Err(value_error(
+                table.span(),
+                "image",
+                "an [image] table".into(),
+                "give either build.image (a built or imported image) or [image] (base and packages), not both".into(),
+            ));
+        }
+        (None, Some(table)) => {
+            let table = table.into_inner();
+            let base = table.base.get_ref();
+            if !contractor_protocol::image::DERIVED_BASES
+                .iter()
+                .any(|(b, _)| b == base)
+            {
+                let bases: Vec<&str> = contractor_protocol::image::DERIVED_BASES
+                    .iter()
+                    .map(|(b, _)| *b)
+                    .collect();
+                return Err(value_error(
+                    table.base.span(),
+                    "image.base",
+                    format!("{base:?}"),
+                    format!("use one of {}", bases.join(", ")),
+                ));
+            }
+            if table.packages.len() > contractor_protocol::image::MAX_DERIVED_PACKAGES {
+                return Err(value_error(
+                    table.base.span(),
+                    "image.packages",
+                    format!("{} packages", table.packages.len()),
+                    format!(
+                        "at most {}",
+                        contractor_protocol::image::MAX_DERIVED_PACKAGES
+                    ),
+                ));
+            }
+            let mut packages = Vec::new();
+            for package in &table.packages {
+                if !contractor_protocol::image::is_package_name(package.get_ref()) {
+                    return Err(value_error(
+                        package.span(),
+                        "image.packages",
+                        format!("{:?}", package.get_ref()),
+                        "use Debian package names: lower-case letters, digits, `+`, `-` and `.` (\"python3-pytest\")".into(),
+                    ));
+                }
+                packages.push(package.get_ref().clone());
+            }
+            packages.sort();
+            packages.dedup();
+            let name = contractor_protocol::image::derived_name(base, &packages);
+            derived = Some(Derived {
+                base: base.clone(),
+                packages,
+            });
+            name
+        }
+        (None, None) => DEFAULT_IMAGE.to_string(),
+        (Some(image), None)
             if KNOWN_IMAGES.contains(&image.get_ref().as_str())
                 || imported.contains(image.get_ref()) =>
         {
             image.into_inner()
         }
-        Some(image) => {
+        (Some(image), None) => {
             let imported = if imported.is_empty() {
                 "none (`contractor image import` adds one)".to_string()
             } else {
@@ -378,6 +457,7 @@ pub fn parse_with_images(
         path: path.to_path_buf(),
         project_dir,
         image,
+        derived,
         script: raw.build.script.into_inner(),
         fetch: raw.build.fetch.map(Spanned::into_inner),
         env: raw.build.env,
@@ -595,6 +675,34 @@ allow = []
                 message.starts_with(&format!("proj/contractor.toml:{line}: `{field}`")),
                 "{message}"
             );
+            assert!(message.contains(hint), "{message}");
+        }
+    }
+
+    #[test]
+    fn an_image_table_derives_an_image_named_by_its_definition() {
+        let text = "[image]\nbase = \"debian-12\"\npackages = [\"python3-pytest\", \"nodejs\", \"nodejs\"]\n[build]\nscript = \"pytest\"\n";
+        let spec = parse_text(text).expect("a derived image");
+        let derived = spec.derived.expect("derived");
+        assert_eq!(derived.base, "debian-12");
+        assert_eq!(derived.packages, ["nodejs", "python3-pytest"]);
+        assert_eq!(
+            spec.image,
+            contractor_protocol::image::derived_name("debian-12", &derived.packages)
+        );
+        let inline = "image = { base = \"debian-unstable\" }\n[build]\nscript = \"true\"\n";
+        assert!(parse_text(inline)
+            .expect("inline")
+            .image
+            .starts_with("debian-unstable-"));
+
+        for (text, field, hint) in [
+            ("[image]\nbase = \"ubuntu\"\n[build]\nscript = \"true\"\n", "image.base", "debian-12, debian-13, debian-unstable"),
+            ("[image]\nbase = \"debian-12\"\npackages = [\"ok\", \"Bad Name\"]\n[build]\nscript = \"true\"\n", "image.packages", "Debian package names"),
+            ("[image]\nbase = \"debian-12\"\n[build]\nscript = \"true\"\nimage = \"debian-13-build\"\n", "image", "not both"),
+        ] {
+            let message = parse_text(text).expect_err(field).to_string();
+            assert!(message.contains(&format!("`{field}`")), "{message}");
             assert!(message.contains(hint), "{message}");
         }
     }

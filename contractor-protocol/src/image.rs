@@ -88,6 +88,57 @@ pub struct Manifest {
     pub agent_sha256: String,
     /// Kernel command line to boot it with.
     pub cmdline: String,
+    /// A derived image's definition (`[image]` of a spec): the base it was made from
+    /// (`debian-12`, `debian-13`, `debian-unstable`). Absent for the built-in images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// A derived image's extra Debian packages, sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packages: Vec<String>,
+}
+
+/// The bases a derived image can start from, with their Debian suites.
+pub const DERIVED_BASES: &[(&str, &str)] = &[
+    ("debian-12", "bookworm"),
+    ("debian-13", "trixie"),
+    ("debian-unstable", "sid"),
+];
+
+/// The most extra packages a derived image may name.
+pub const MAX_DERIVED_PACKAGES: usize = 256;
+
+/// True when `name` is a Debian package name (policy 5.6.1: lower-case letters, digits,
+/// `+`, `-` and `.`, at least two characters, starting with a letter or digit), at most
+/// 128 bytes. Nothing else reaches mmdebstrap's `--include`.
+pub fn is_package_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() >= 2
+        && name.len() <= 128
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
+}
+
+/// The name of the image derived from `base` with `packages`: the base and the first 12
+/// hex digits of the SHA-256 of the definition (`base`, then the sorted, deduplicated
+/// packages, one per line), e.g. `debian-12-3fa2c1d4e5b6`. The same definition gets the
+/// same name in every project, so projects share it.
+pub fn derived_name(base: &str, packages: &[String]) -> String {
+    use sha2::Digest;
+    let mut sorted: Vec<&String> = packages.iter().collect();
+    sorted.sort();
+    sorted.dedup();
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(base.as_bytes());
+    hasher.update(b"\n");
+    for package in sorted {
+        hasher.update(package.as_bytes());
+        hasher.update(b"\n");
+    }
+    let digest = hasher.finalize();
+    let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    format!("{base}-{hex}")
 }
 
 impl Manifest {
@@ -180,6 +231,31 @@ mod tests {
     }
 
     #[test]
+    fn a_derived_image_is_named_by_its_definition_alone() {
+        let a = derived_name("debian-12", &["python3-pytest".into(), "nodejs".into()]);
+        let b = derived_name(
+            "debian-12",
+            &["nodejs".into(), "python3-pytest".into(), "nodejs".into()],
+        );
+        assert_eq!(a, b);
+        assert!(
+            a.starts_with("debian-12-") && a.len() == "debian-12-".len() + 12,
+            "{a}"
+        );
+        assert_ne!(
+            a,
+            derived_name("debian-13", &["nodejs".into(), "python3-pytest".into()])
+        );
+        assert_ne!(a, derived_name("debian-12", &["nodejs".into()]));
+        for good in ["g++", "python3-pytest", "libc6-dev", "0ad"] {
+            assert!(is_package_name(good), "{good}");
+        }
+        for bad in ["a", "Python3", "-x", "a,b", "a b", "--include=x", "x;rm"] {
+            assert!(!is_package_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
     fn results_have_the_documented_shape() {
         let manifest = Manifest {
             version: 2,
@@ -190,6 +266,8 @@ mod tests {
             agent_version: "0.1.0".into(),
             agent_sha256: "a".into(),
             cmdline: "root=/dev/vda".into(),
+            base: None,
+            packages: vec![],
         };
         let dir = PathBuf::from("/d/images/debian-12-build");
         let result = ImageResult::Image {

@@ -108,10 +108,20 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
     /// Build an image if it is missing or carries another agent, else return it.
-    #[command(after_help = "Example:\n  contractor-vm image build debian-12-build")]
+    #[command(
+        after_help = "Example:\n  contractor-vm image build debian-12-build\n  contractor-vm image build --base debian-12 --package python3-pytest --package nodejs",
+        group = clap::ArgGroup::new("which").required(true).args(["name", "base"])
+    )]
     Build {
         /// Image name: debian-12-build, debian-13-build, or an imported image.
-        name: String,
+        name: Option<String>,
+        /// Derive an image from this base (debian-12, debian-13, debian-unstable) with the
+        /// --package packages; it is named by that definition and shared by every project.
+        #[arg(long, conflicts_with = "name")]
+        base: Option<String>,
+        /// A Debian package the derived image adds (repeatable).
+        #[arg(long = "package", requires = "base")]
+        packages: Vec<String>,
     },
     /// Make a builder image of your own disk, kernel and initrd (any Linux with an ext2/3/4
     /// root file system on the whole disk).
@@ -530,10 +540,22 @@ pub fn execute(command: Command) -> Result<ExitCode, CliError> {
 pub fn image_command(command: ImageCommand) -> Result<ImageResult, ImageError> {
     let version = PROTOCOL_VERSION;
     Ok(match command {
-        ImageCommand::Build { name } => ImageResult::Image {
-            version,
-            image: Box::new(crate::image::ensure(&name)?.info()),
-        },
+        ImageCommand::Build {
+            name,
+            base,
+            packages,
+        } => {
+            let image = match (name, base) {
+                (_, Some(base)) => crate::image::ensure_derived(&base, &packages)?,
+                (Some(name), None) => crate::image::ensure(&name)?,
+                // clap requires one of the two.
+                (None, None) => return Err(crate::image::ImageError::BadBase(String::new())),
+            };
+            ImageResult::Image {
+                version,
+                image: Box::new(image.info()),
+            }
+        }
         ImageCommand::Import {
             name,
             disk,

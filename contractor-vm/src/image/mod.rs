@@ -32,14 +32,60 @@ const PACKAGES: &str = "linux-image-cloud-amd64,build-essential,git,curl,ca-cert
 /// Where the host keeps the certificate authorities it adds to Debian's (copied into images).
 const LOCAL_CAS: &str = "/usr/local/share/ca-certificates";
 
-/// What an image is built from: its Debian suite and the packages beyond [`PACKAGES`].
-fn recipe(name: &str) -> Option<(&'static str, &'static str)> {
-    match name {
-        "debian-12-build" => Some(("bookworm", "")),
+/// What an image is built from: its Debian suite, the packages beyond [`PACKAGES`], and
+/// for a derived image its definition (base and packages, kept in its manifest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recipe {
+    suite: &'static str,
+    extra: Vec<String>,
+    derived: Option<(String, Vec<String>)>,
+}
+
+/// The recipe of a built-in image.
+fn recipe(name: &str) -> Option<Recipe> {
+    let (suite, extra): (&'static str, &[&str]) = match name {
+        "debian-12-build" => ("bookworm", &[]),
         // Debian 13 has a Rust toolchain recent enough for crates.io (rustc 1.85).
-        "debian-13-build" => Some(("trixie", ",rustc,cargo")),
-        _ => None,
+        "debian-13-build" => ("trixie", &["rustc", "cargo"]),
+        _ => return None,
+    };
+    Some(Recipe {
+        suite,
+        extra: extra.iter().map(ToString::to_string).collect(),
+        derived: None,
+    })
+}
+
+/// The recipe of the image derived from `base` (`debian-12`, `debian-13`,
+/// `debian-unstable`) with `packages`, and its name ([`derived_name`]): each package
+/// checked to be a Debian package name, sorted, each once.
+pub fn derived(base: &str, packages: &[String]) -> Result<(String, Recipe), ImageError> {
+    let suite = contractor_protocol::image::DERIVED_BASES
+        .iter()
+        .find(|(b, _)| *b == base)
+        .map(|(_, suite)| *suite)
+        .ok_or_else(|| ImageError::BadBase(base.to_string()))?;
+    if packages.len() > contractor_protocol::image::MAX_DERIVED_PACKAGES {
+        return Err(ImageError::TooManyPackages(packages.len()));
     }
+    if let Some(bad) = packages
+        .iter()
+        .find(|p| !contractor_protocol::image::is_package_name(p))
+    {
+        return Err(ImageError::BadPackage(bad.clone()));
+    }
+    let mut sorted = packages.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    let name = contractor_protocol::image::derived_name(base, &sorted);
+    Ok((
+        name,
+        Recipe {
+            suite,
+            extra: sorted.clone(),
+            derived: Some((base.to_string(), sorted)),
+        },
+    ))
 }
 /// Size of the image's file system: room for the build's own files.
 const ROOT_SIZE: &str = "4G";
@@ -70,6 +116,8 @@ pub fn new_manifest(
         agent_version: AGENT_VERSION.to_string(),
         agent_sha256: agent_sha.to_string(),
         cmdline: format!("console=ttyS0 root=/dev/vda rw init={AGENT_IN_IMAGE} panic=-1 quiet"),
+        base: None,
+        packages: Vec::new(),
     })
 }
 
@@ -222,6 +270,27 @@ pub enum ImageError {
     /// A manifest could not be written.
     #[error("cannot write the manifest")]
     WriteManifest(#[source] serde_json::Error),
+    /// A derived image's base is not one Contractor knows.
+    #[error("no base {0:?} for a derived image: use one of {bases}", bases = derived_bases())]
+    BadBase(String),
+    /// A derived image names a package that cannot be a Debian package name.
+    #[error("{0:?} is not a Debian package name (lower-case letters, digits, `+`, `-` and `.`, e.g. python3-pytest)")]
+    BadPackage(String),
+    /// A derived image names too many packages.
+    #[error("{0} packages: a derived image takes at most {max}", max = contractor_protocol::image::MAX_DERIVED_PACKAGES)]
+    TooManyPackages(usize),
+    /// The Debian mirror has no package of a derived image's (apt's own message).
+    #[error("the image's packages cannot be installed: {0}")]
+    NoSuchPackage(String),
+}
+
+/// The names of the bases a derived image can start from, for messages.
+fn derived_bases() -> String {
+    let bases: Vec<&str> = contractor_protocol::image::DERIVED_BASES
+        .iter()
+        .map(|(base, _)| *base)
+        .collect();
+    bases.join(", ")
 }
 
 impl ImageError {
@@ -240,7 +309,11 @@ impl ImageError {
             | ImageError::NotExtFs { .. }
             | ImageError::NoShell(_)
             | ImageError::AgentNotWritten { .. }
-            | ImageError::NotUtf8(_) => ExitCode::BadInput,
+            | ImageError::NotUtf8(_)
+            | ImageError::BadBase(_)
+            | ImageError::BadPackage(_)
+            | ImageError::TooManyPackages(_)
+            | ImageError::NoSuchPackage(_) => ExitCode::BadInput,
             ImageError::NoAgent(_)
             | ImageError::AgentTooLarge { .. }
             | ImageError::Locate(_)
@@ -267,6 +340,10 @@ impl ImageError {
             ImageError::BadName { .. } => "bad_image_name",
             ImageError::Unknown { .. } | ImageError::NotThere { .. } => "no_image",
             ImageError::BuiltName(_) | ImageError::ReplacesBuilt(_) => "built_image_name",
+            ImageError::BadBase(_)
+            | ImageError::BadPackage(_)
+            | ImageError::TooManyPackages(_)
+            | ImageError::NoSuchPackage(_) => "bad_packages",
             ImageError::NotAFile { .. }
             | ImageError::NotAKernel(_)
             | ImageError::NotExtFs { .. }
@@ -382,11 +459,23 @@ pub fn check_name(name: &str) -> Result<(), ImageError> {
 
 /// Returns the image `name`, building it first if it is missing or carries another agent.
 pub fn ensure(name: &str) -> Result<Image, ImageError> {
+    ensure_with(name, recipe(name))
+}
+
+/// The image derived from `base` with `packages` ([`derived`]), built first when missing
+/// or when it carries another agent.
+pub fn ensure_derived(base: &str, packages: &[String]) -> Result<Image, ImageError> {
+    let (name, recipe) = derived(base, packages)?;
+    ensure_with(&name, Some(recipe))
+}
+
+/// The image `name`, built from `recipe` when missing or stale.
+fn ensure_with(name: &str, recipe: Option<Recipe>) -> Result<Image, ImageError> {
     check_name(name)?;
     let images = images_dir()?;
     let agent = agent_path()?;
     let agent_sha = sha256_file(&agent)?;
-    if load(&images.join(name))?.is_none() && recipe(name).is_none() {
+    if load(&images.join(name))?.is_none() && recipe.is_none() {
         return Err(ImageError::Unknown {
             name: name.to_string(),
         });
@@ -411,12 +500,12 @@ pub fn ensure(name: &str) -> Result<Image, ImageError> {
             eprintln!("contractor-vm: image {name} carries another agent version; rebuilding it");
         }
     }
-    if recipe(name).is_none() {
+    let Some(recipe) = recipe else {
         return Err(ImageError::Unknown {
             name: name.to_string(),
         });
-    }
-    build(name, &images, &agent, &agent_sha)
+    };
+    build(name, &recipe, &images, &agent, &agent_sha)
 }
 
 /// The images under the data directory, by name.
@@ -515,12 +604,15 @@ fn has_local_cas(dir: &Path) -> bool {
     })
 }
 
-fn build(name: &str, images: &Path, agent: &Path, agent_sha: &str) -> Result<Image, ImageError> {
-    let Some((suite, extra_packages)) = recipe(name) else {
-        return Err(ImageError::Unknown {
-            name: name.to_string(),
-        });
-    };
+fn build(
+    name: &str,
+    recipe: &Recipe,
+    images: &Path,
+    agent: &Path,
+    agent_sha: &str,
+) -> Result<Image, ImageError> {
+    let suite = recipe.suite;
+    let extra_packages: String = recipe.extra.iter().map(|p| format!(",{p}")).collect();
     let mirror = std::env::var("CONTRACTOR_DEBIAN_MIRROR")
         .unwrap_or_else(|_| "http://deb.debian.org/debian".into());
     let progress = Progress::start(&format!("building image {name}"));
@@ -548,7 +640,19 @@ fn build(name: &str, images: &Path, agent: &Path, agent_sha: &str) -> Result<Ima
                 .arg("--customize-hook=chroot \"$1\" update-ca-certificates");
         }
         mmdebstrap.args([suite, path_str(&root)?, &mirror]);
-        tool::run(&mut mmdebstrap, &progress)?;
+        tool::run(&mut mmdebstrap, &progress).map_err(|err| match err {
+            // apt's own words name the package the mirror lacks.
+            ImageError::Tool { detail, .. }
+                if recipe.derived.is_some() && detail.contains("Unable to locate package") =>
+            {
+                let apt: Vec<&str> = detail
+                    .lines()
+                    .filter(|l| l.contains("Unable to locate package"))
+                    .collect();
+                ImageError::NoSuchPackage(apt.join("; "))
+            }
+            other => other,
+        })?;
 
         progress.step("growing the file system");
         tool::run(
@@ -602,7 +706,11 @@ fn build(name: &str, images: &Path, agent: &Path, agent_sha: &str) -> Result<Ima
         std::fs::remove_file(&root).map_err(file_err("cannot remove", &root))?;
 
         progress.step("recording the manifest");
-        let manifest = new_manifest(name, suite, &disk, agent_sha)?;
+        let mut manifest = new_manifest(name, suite, &disk, agent_sha)?;
+        if let Some((base, packages)) = &recipe.derived {
+            manifest.base = Some(base.clone());
+            manifest.packages = packages.clone();
+        }
         write_manifest(&scratch, &manifest)?;
         make_world_readable(&scratch)?;
 
@@ -862,5 +970,26 @@ mod tests {
         for name in BUILT_IMAGES {
             assert!(recipe(name).is_some(), "{name}");
         }
+    }
+
+    #[test]
+    fn a_derived_recipe_is_its_base_suite_with_its_packages_once_each() {
+        let packages: Vec<String> = ["nodejs", "python3-pytest", "nodejs"]
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let (name, recipe) = derived("debian-13", &packages).expect("derived");
+        assert!(check_name(&name).is_ok(), "{name}");
+        assert_eq!(recipe.suite, "trixie");
+        assert_eq!(recipe.extra, ["nodejs", "python3-pytest"]);
+        assert_eq!(
+            recipe.derived,
+            Some(("debian-13".to_string(), recipe.extra.clone()))
+        );
+        let err = derived("ubuntu", &[]).expect_err("no such base");
+        assert_eq!(err.code(), "bad_packages");
+        assert!(err.to_string().contains("debian-12, debian-13, debian-unstable"), "{err}");
+        let err = derived("debian-12", &["a,--hook=x".into()]).expect_err("not a name");
+        assert_eq!(err.exit_code(), ExitCode::BadInput);
     }
 }

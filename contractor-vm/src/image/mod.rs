@@ -640,6 +640,7 @@ fn build(
                 .arg("--customize-hook=chroot \"$1\" update-ca-certificates");
         }
         mmdebstrap.args([suite, path_str(&root)?, &mirror]);
+        tool::own_group_dying_with_us(&mut mmdebstrap);
         tool::run(&mut mmdebstrap, &progress).map_err(|err| match err {
             // apt's own words name the package the mirror lacks.
             ImageError::Tool { detail, .. }
@@ -988,7 +989,11 @@ mod tests {
         );
         let err = derived("ubuntu", &[]).expect_err("no such base");
         assert_eq!(err.code(), "bad_packages");
-        assert!(err.to_string().contains("debian-12, debian-13, debian-unstable"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("debian-12, debian-13, debian-unstable"),
+            "{err}"
+        );
         let err = derived("debian-12", &["a,--hook=x".into()]).expect_err("not a name");
         assert_eq!(err.exit_code(), ExitCode::BadInput);
     }

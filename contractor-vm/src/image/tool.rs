@@ -152,6 +152,29 @@ pub fn bytes(command: &mut Command, limit: u64) -> Result<Vec<u8>, ImageError> {
     })
 }
 
+/// Puts the child of `command` in a process group of its own, and has it receive SIGTERM
+/// when this process dies. For mmdebstrap: when it fails it sends SIGHUP to its whole
+/// process group (`kill HUP => -getpgrp()`), which would otherwise hang up this process
+/// and whoever shares its group (the front end, a test harness, the user's shell job).
+/// Its own group keeps that inside; the parent-death signal keeps it from outliving us
+/// (outside our group, a Ctrl-C at the terminal no longer reaches it).
+pub fn own_group_dying_with_us(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    command.process_group(0);
+    let parent = nix::unistd::Pid::this();
+    // SAFETY: the closure runs in the forked child before exec and makes only the
+    // async-signal-safe system calls prctl and getppid (nix's wrappers allocate nothing).
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+            }
+            Ok(())
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -183,12 +183,21 @@ pub fn write_spec(path: &Path, text: &str) -> Result<(), AllowError> {
         .unwrap_or_default();
     let temp = dir.join(format!(".{name}.contractor-allow.{}", std::process::id()));
     let permissions = std::fs::metadata(path).map_err(failed)?.permissions();
-    let written = std::fs::write(&temp, text)
-        .and_then(|()| std::fs::set_permissions(&temp, permissions))
-        .and_then(|()| std::fs::rename(&temp, path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
+    // A new file, never an existing one: the project directory may hold a link planted at
+    // this name, and writing through it would overwrite whatever it points at.
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&temp);
+    let written = created.and_then(|mut file| {
+        let written = std::io::Write::write_all(&mut file, text.as_bytes())
+            .and_then(|()| file.set_permissions(permissions))
+            .and_then(|()| std::fs::rename(&temp, path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&temp);
+        }
+        written
+    });
     written.map_err(failed)
 }
 
@@ -301,6 +310,22 @@ mod tests {
             1,
             "no temp file left"
         );
+        // A link planted at the temporary name is not written through.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").expect("victim");
+        let temp = dir.path().join(format!(
+            ".contractor.toml.contractor-allow.{}",
+            std::process::id()
+        ));
+        std::os::unix::fs::symlink(&victim, &temp).expect("plant");
+        assert!(
+            write_spec(&path, "newer").is_err(),
+            "wrote through a planted link"
+        );
+        assert_eq!(std::fs::read_to_string(&victim).expect("victim"), "keep");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "new");
+        std::fs::remove_file(&temp).expect("unplant");
+        std::fs::remove_file(&victim).expect("victim");
         let link = dir.path().join("link.toml");
         std::os::unix::fs::symlink(&path, &link).expect("link");
         assert!(read_spec(&link).is_err(), "a link is not read");

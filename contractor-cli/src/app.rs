@@ -51,6 +51,10 @@ Exit codes: 0 the build succeeded, 1 it failed (script or timeout), 2 bad input\
         /// Keep the VM when the build fails, for `contractor shell ID`.
         #[arg(long)]
         keep: bool,
+        /// Boot the VM cold instead of restoring the saved, booted builder of this image
+        /// and shape (a build with --keep always boots cold).
+        #[arg(long)]
+        cold: bool,
     },
     /// Open a shell in a kept VM (`build --keep`), in the build's working directory with its
     /// environment; without an id, in a fresh VM with the source. Exiting destroys the VM.
@@ -227,6 +231,7 @@ pub fn main() -> std::process::ExitCode {
             quiet,
             json,
             keep,
+            cold,
         } => {
             let mode = match (quiet, json) {
                 (_, true) => Mode::Json,
@@ -237,6 +242,7 @@ pub fn main() -> std::process::ExitCode {
                 uri: uri.unwrap_or_else(contractor_protocol::vm::default_uri),
                 accel: accel.into(),
                 keep: keep.then_some(Keep::OnFailure),
+                snapshot: !cold && !keep,
             };
             run_build(&file, options, mode).into()
         }
@@ -459,12 +465,14 @@ fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
                 uri: uri.unwrap_or_else(contractor_protocol::vm::default_uri),
                 accel: Accel::Auto,
                 keep: Some(Keep::Always),
+                snapshot: false,
             };
             let built = build_here(&spec, &options, Mode::Auto);
             match built {
                 Ok(build::BuildReport {
                     kept: Some(kept),
                     result,
+                    ..
                 }) => (
                     crate::paths::store_dir(&spec.project_dir)
                         .join("builds")

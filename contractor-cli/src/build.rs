@@ -46,6 +46,9 @@ pub struct BuildOptions {
     pub accel: Accel,
     /// When to keep the VM for `contractor shell` instead of destroying it.
     pub keep: Option<Keep>,
+    /// Start from a snapshot of a booted builder (`contractor-vm create --hold` with
+    /// `spec.snapshot`); never for a VM that is kept.
+    pub snapshot: bool,
 }
 
 /// A VM kept after its build for `contractor shell`: `vm.json` in the build record.
@@ -167,6 +170,26 @@ pub struct BuildReport {
     pub result: BuildResult,
     /// The VM kept for a shell, if any (also in the record's `vm.json`).
     pub kept: Option<KeptVm>,
+    /// The VM's destruction, begun when its last result was in: dropping the report waits
+    /// for it (libvirt takes a moment to confirm), so the summary need not.
+    pub release: PendingRelease,
+}
+
+/// A VM being destroyed by its holder; dropping this waits until it is gone.
+#[derive(Default)]
+pub struct PendingRelease(Option<Releasing>);
+
+impl Drop for PendingRelease {
+    fn drop(&mut self) {
+        if let Some(releasing) = self.0.take() {
+            if let Err(err) = releasing.wait() {
+                eprintln!(
+                    "contractor: warning: cannot release VM: {}",
+                    contractor_protocol::result::joined_chain(&err)
+                );
+            }
+        }
+    }
 }
 
 /// Runs one build. Tools are started from the calling thread, which must live until the
@@ -292,6 +315,7 @@ pub fn build(
             .map_err(BuildError::DataDir)
             .map_err(close)?
             .join("vms"),
+        snapshot: options.snapshot && options.keep.is_none(),
     };
     let mut env = spec.env.clone();
     env.insert("CONTRACTOR_BUILD_ID".into(), id.clone());
@@ -304,6 +328,8 @@ pub fn build(
         artifacts_dest: format!("/builds/{id}/artifacts/"),
         store_token: Some(store_token),
         cache: cache_job,
+        host_time: None,
+        entropy: None,
         keep: options.keep,
     };
 
@@ -333,6 +359,7 @@ pub fn build(
     let store_stopped = store.stop();
     drop(private);
     let mut ran = ran;
+    let release = PendingRelease(ran.releasing.take());
     let stop_errors = [
         ("proxy", proxy_stopped.as_ref().err()),
         (
@@ -414,6 +441,7 @@ pub fn build(
     Ok(BuildReport {
         result,
         kept: ran.kept,
+        release,
     })
 }
 
@@ -723,6 +751,8 @@ struct Ran {
     error: Option<ErrorInfo>,
     limit: Option<Limit>,
     kept: Option<KeptVm>,
+    /// The VM being destroyed by its holder, waited for before the build ends.
+    releasing: Option<Releasing>,
 }
 
 impl Ran {
@@ -736,6 +766,7 @@ impl Ran {
             }),
             limit: None,
             kept: None,
+            releasing: None,
         }
     }
 
@@ -746,6 +777,7 @@ impl Ran {
             error: Some(ErrorInfo::from_error(code.as_str(), err)),
             limit: None,
             kept: None,
+            releasing: None,
         }
     }
 
@@ -892,6 +924,18 @@ impl Vm {
         })
     }
 
+    /// Has the holder begin destroying the VM (its stdin closes) and returns at once; a VM
+    /// that is not held is destroyed here with `contractor-vm destroy`.
+    fn start_release(mut self) -> Releasing {
+        match self.holder.take() {
+            Some(mut holder) => {
+                drop(holder.stdin.take());
+                Releasing::Holder(holder)
+            }
+            None => Releasing::Done(self.release()),
+        }
+    }
+
     /// Destroys the VM and deletes its overlay: the holder does it when its stdin closes; a
     /// VM that is not held is destroyed with `contractor-vm destroy`.
     fn release(mut self) -> Result<(), ToolError> {
@@ -923,6 +967,36 @@ impl Vm {
                 ],
             )
             .map(drop),
+        }
+    }
+}
+
+/// A VM on its way out ([`Vm::start_release`]).
+enum Releasing {
+    Holder(Child),
+    Done(Result<(), ToolError>),
+}
+
+impl Releasing {
+    /// Waits until the VM is destroyed and its overlay deleted.
+    fn wait(self) -> Result<(), ToolError> {
+        let name = tools::VM;
+        match self {
+            Releasing::Holder(mut holder) => {
+                let status = holder
+                    .wait()
+                    .map_err(|source| ToolError::Io { name, source })?;
+                if status.success() {
+                    Ok(())
+                } else {
+                    Err(ToolError::Failed {
+                        name,
+                        exit_code: status.code(),
+                        error: None,
+                    })
+                }
+            }
+            Releasing::Done(result) => result,
         }
     }
 }
@@ -969,6 +1043,7 @@ fn run_in_vm(
     display.event(&BuildEvent::VmStarted {
         name: vm.info.name.clone(),
         accel: vm.info.accel.unwrap_or_default(),
+        snapshot: vm.info.snapshot.clone(),
     });
     let (Some(control_socket), Some(tunnel_socket)) = (
         vm.info.control_socket.clone(),
@@ -1019,21 +1094,16 @@ fn run_in_vm(
         }
         _ => None,
     };
-    // The VM is usually gone already (the agent powers it off); its overlay is not.
-    let released = match kept {
+    // The VM is usually gone already (the agent powers it off); its overlay is not. The
+    // holder destroys it while the services stop; `build` waits for it before it returns.
+    let releasing = match kept {
         Some(_) => {
             drop(vm);
-            Ok(())
+            None
         }
-        None => vm.release(),
+        None => Some(vm.start_release()),
     };
-    if let Err(err) = &released {
-        display.warning(&format!(
-            "cannot release VM: {}",
-            contractor_protocol::result::joined_chain(err)
-        ));
-    }
-    match finished {
+    let ran = match finished {
         Ok(RunEvent::Finished {
             outcome,
             exit_code,
@@ -1046,6 +1116,7 @@ fn run_in_vm(
             error,
             limit,
             kept,
+            releasing: None,
         },
         Ok(_) => Ran::failed(
             Outcome::Infrastructure,
@@ -1056,7 +1127,8 @@ fn run_in_vm(
             Some(signal) => Ran::interrupted(signal),
             None => Ran::infrastructure(BuildCode::Run, &err),
         },
-    }
+    };
+    Ran { releasing, ..ran }
 }
 
 /// Feeds `request` to `contractor-run`, shows its events, and returns its `finished`.

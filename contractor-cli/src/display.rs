@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use contractor_protocol::agent::Phase;
 use contractor_protocol::build::BuildEvent;
+use contractor_protocol::vm::SnapshotReport;
 
 use crate::build::human_bytes;
 
@@ -242,8 +243,24 @@ impl State {
                 escape(&self.id),
                 human_bytes(*bytes)
             ),
-            BuildEvent::VmStarted { name, accel } => {
-                format!("contractor: VM {} started ({accel:?})", escape(name))
+            BuildEvent::VmStarted {
+                name,
+                accel,
+                snapshot,
+            } => {
+                let why = match snapshot {
+                    Some(SnapshotReport {
+                        restored: false,
+                        reason: Some(reason),
+                        ..
+                    }) => format!(" ({})", escape(reason)),
+                    _ => String::new(),
+                };
+                format!(
+                    "contractor: VM {} started ({accel:?}){}{why}",
+                    escape(name),
+                    snapshot_note(snapshot.as_ref())
+                )
             }
             BuildEvent::AgentReady { .. } => "contractor: VM booted".to_string(),
             BuildEvent::Phase { phase } => format!("contractor: phase {}", phase_name(*phase)),
@@ -284,9 +301,26 @@ impl State {
                 );
                 self.begin("boot", "starting the VM".into());
             }
-            BuildEvent::VmStarted { name, accel } => {
+            BuildEvent::VmStarted {
+                name,
+                accel,
+                snapshot,
+            } => {
+                if let Some(SnapshotReport {
+                    restored: false,
+                    reason: Some(reason),
+                    ..
+                }) = snapshot
+                {
+                    self.clear();
+                    let _ = writeln!(self.err, "  booting cold: {}", escape(reason));
+                }
                 if let Some((_, _, detail)) = &mut self.phase {
-                    *detail = format!("VM {} ({accel:?})", escape(name));
+                    *detail = format!(
+                        "VM {} ({accel:?}){}",
+                        escape(name),
+                        snapshot_note(snapshot.as_ref())
+                    );
                 }
             }
             BuildEvent::AgentReady { .. } => self.end_phase(),
@@ -379,6 +413,27 @@ impl State {
     }
 }
 
+/// How the VM started, when a snapshot was asked for: `, restored from a snapshot`,
+/// `, booted cold and saved as a snapshot`, or `, booted cold`.
+fn snapshot_note(snapshot: Option<&SnapshotReport>) -> &'static str {
+    match snapshot {
+        Some(SnapshotReport {
+            restored: true,
+            created: false,
+            ..
+        }) => ", restored from a snapshot",
+        Some(SnapshotReport {
+            restored: true,
+            created: true,
+            ..
+        }) => ", booted cold, saved as a snapshot and restored",
+        Some(SnapshotReport {
+            restored: false, ..
+        }) => ", booted cold",
+        None => "",
+    }
+}
+
 fn phase_name(phase: Phase) -> &'static str {
     match phase {
         Phase::Source => "source",
@@ -430,6 +485,7 @@ mod tests {
             BuildEvent::VmStarted {
                 name: "contractor-0123456789ab".into(),
                 accel: Accel::Tcg,
+                snapshot: None,
             },
             BuildEvent::AgentReady {
                 agent_version: "0.1.0".into(),

@@ -85,11 +85,47 @@ pub struct Job {
     /// Directories kept between builds, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheJob>,
+    /// The host's wall clock when it sent the job: the agent sets the guest's clock to it
+    /// before anything else (a VM restored from a snapshot wakes with the clock of the
+    /// moment it was saved). Filled in by `contractor-run`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_time: Option<HostTime>,
+    /// 32 bytes of the host's randomness, hex: the agent mixes them into the guest kernel's
+    /// pool and reseeds its random number generator before the job runs, so that two VMs
+    /// restored from one snapshot share no random state. Filled in by `contractor-run`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<String>,
     /// When to keep the VM after `done` and wait for a `shell` message instead of powering
     /// off. None: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep: Option<Keep>,
 }
+
+/// A moment of the host's wall clock (`CLOCK_REALTIME`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostTime {
+    /// Seconds since the Unix epoch.
+    pub secs: u64,
+    /// Nanoseconds within the second, below 1,000,000,000.
+    pub nanos: u32,
+}
+
+impl HostTime {
+    /// The host's clock now.
+    pub fn now() -> HostTime {
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        HostTime {
+            secs: since.as_secs(),
+            nanos: since.subsec_nanos(),
+        }
+    }
+}
+
+/// Bytes of host randomness a job carries ([`Job::entropy`], as hex): 32.
+pub const JOB_ENTROPY_BYTES: usize = 32;
 
 /// When the agent keeps the VM for a shell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +158,14 @@ pub struct CacheJob {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum HostMessage {
+    /// Who is there? The agent answers each `hello` before the job with its own `hello`.
+    /// The host speaks first, so that a VM saved while it waits for its job answers
+    /// whoever restores it; the host repeats it until answered (a `hello` written before
+    /// the guest opened its port may not reach it).
+    Hello {
+        /// Protocol version, 1.
+        version: u32,
+    },
     /// Run this build.
     Job {
         /// Protocol version, 1.
@@ -173,7 +217,7 @@ pub enum Phase {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum GuestMessage {
-    /// The agent is up. First message.
+    /// The agent is up and waits for its job: the answer to the host's `hello`.
     Hello {
         /// Protocol version, 1.
         version: u32,

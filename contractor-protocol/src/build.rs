@@ -41,6 +41,10 @@ pub enum BuildEvent {
         name: String,
         /// The accelerator it runs with.
         accel: Accel,
+        /// Whether it was restored from a snapshot of a booted builder, or why not; none
+        /// when no snapshot was asked for.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        snapshot: Option<crate::vm::SnapshotReport>,
     },
     /// The guest agent answered: the VM has booted.
     AgentReady {
@@ -106,6 +110,7 @@ mod tests {
             BuildEvent::VmStarted {
                 name: "contractor-0123456789ab".into(),
                 accel: Accel::Tcg,
+                snapshot: None,
             },
             BuildEvent::Phase {
                 phase: Phase::Script,

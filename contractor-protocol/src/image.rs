@@ -180,6 +180,31 @@ pub struct ImageInfo {
     pub size: u64,
     /// Its `manifest.json`.
     pub manifest: Manifest,
+    /// The saved, booted builders kept for it (one per VM shape and slot).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+/// One snapshot of a booted builder of an image (`contractor-vm` keeps them under the
+/// image's `snapshots/`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotInfo {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// The bytes its files take on disk.
+    pub bytes: u64,
+    /// The VM shape it was saved with: CPUs,
+    pub cpus: u32,
+    /// memory in MiB,
+    pub memory_mib: u64,
+    /// build disk in GiB,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_gib: Option<u64>,
+    /// and accelerator.
+    pub accel: crate::vm::Accel,
+    /// When it was made, seconds since the Unix epoch.
+    pub created: u64,
 }
 
 /// The single result object `contractor-vm image …` prints.
@@ -278,6 +303,7 @@ mod tests {
                 dir,
                 size: 5,
                 manifest,
+                snapshots: vec![],
             }),
         };
         let text = serde_json::to_string(&result).expect("json");

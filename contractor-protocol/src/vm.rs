@@ -74,6 +74,15 @@ pub struct VmSpec {
     pub console_log: PathBuf,
     /// Directory for the overlay and build disk (deleted with the VM).
     pub work_dir: PathBuf,
+    /// Start from a saved, booted builder of this image and shape when there is one, and
+    /// save one when there is not (`create --hold` only; a VM that outlives its creator
+    /// always boots cold). What the VM came from is its `snapshot` report.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub snapshot: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// A request to `contractor-vm`, on stdin or built from flags.
@@ -138,6 +147,27 @@ pub struct VmInfo {
     /// The accelerator in use (`kvm` or `tcg`), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accel: Option<Accel>,
+    /// How the VM started when a snapshot was asked for (`spec.snapshot`); none otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotReport>,
+}
+
+/// How a VM that could start from a snapshot started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotReport {
+    /// Restored from a saved, booted builder (false: booted cold).
+    pub restored: bool,
+    /// The snapshot was made by this create (it booted cold, saved, then restored).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub created: bool,
+    /// Why there was no usable snapshot (missing, stale and why, unreadable, all in use),
+    /// or why none could be made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The snapshot's directory, when one was used or made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
 }
 
 /// The single result object `contractor-vm` prints.

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use contractor_protocol::agent::{GuestMessage, HostMessage, Phase, TunnelTarget};
+use contractor_protocol::agent::{
+    GuestMessage, HostMessage, HostTime, Phase, TunnelTarget, JOB_ENTROPY_BYTES,
+};
 use contractor_protocol::result::{ErrorInfo, Limit, Outcome};
 use contractor_protocol::run::{RunEvent, RunRequest};
 use contractor_protocol::service::Confinement;
@@ -77,6 +79,8 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(5);
 /// How long the host waits for a `pong` before it ends the run as `guest_unresponsive`:
 /// 30 s.
 pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the host waits for the agent's answer to `hello` before saying it again.
+const HELLO_REPEAT: Duration = Duration::from_secs(1);
 /// How long the host still waits for `done` once the tunnel has ended (the guest powers
 /// off right after `done`, so the two may cross): 2 s.
 const TUNNEL_END_GRACE: Duration = Duration::from_secs(2);
@@ -134,8 +138,11 @@ pub enum RunError {
     )]
     GuestUnresponsive,
     /// The agent's first message was not `hello`.
-    #[error("the agent did not start with hello")]
+    #[error("the agent did not answer hello with hello")]
     NoHello,
+    /// The host's randomness for the job could not be read.
+    #[error("cannot read the host's randomness (getrandom) for the job")]
+    Entropy(#[source] std::io::Error),
     /// The VM went away before the agent reported the script's end.
     #[error(
         "the VM stopped before the agent reported the end of the script (see the console log)"
@@ -503,9 +510,24 @@ async fn connect(
         }
     });
 
-    let (read_half, control_out) = control.into_split();
+    let (read_half, mut control_out) = control.into_split();
     let mut lines = BufReader::new(read_half);
-    match next_message(&mut lines).await.map_err(LinkError::Failed)? {
+    // The host speaks first (a restored VM has nothing to say until asked), and repeats
+    // itself until the agent answers: a line written before the guest opened its port
+    // may never reach it.
+    let hello = HostMessage::Hello {
+        version: PROTOCOL_VERSION,
+    };
+    let answer = loop {
+        write_message(&mut control_out, &hello)
+            .await
+            .map_err(gone_if_closed)?;
+        match tokio::time::timeout(HELLO_REPEAT, next_message(&mut lines)).await {
+            Ok(answer) => break answer.map_err(gone_if_closed)?,
+            Err(_) => continue,
+        }
+    };
+    match answer {
         Some((GuestMessage::Hello { agent_version, .. }, _)) => {
             let _ = events.send(RunEvent::AgentReady { agent_version }).await;
         }
@@ -531,9 +553,13 @@ impl Session {
         events: &EventSink,
         progress: &mut Progress,
     ) -> Result<(), RunError> {
+        // The clock and the randomness are the host's of this moment (see Job::host_time).
+        let mut job = request.job.clone();
+        job.host_time = Some(HostTime::now());
+        job.entropy = Some(host_entropy()?);
         let job = HostMessage::Job {
             version: PROTOCOL_VERSION,
-            job: Box::new(request.job.clone()),
+            job: Box::new(job),
         };
         let Some(mut out) = self.control_out.take() else {
             return Err(RunError::Control(std::io::ErrorKind::NotConnected.into()));
@@ -688,6 +714,43 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// A control channel closed under the relay before the agent answered `hello`: the VM
+/// went away.
+fn gone_if_closed(err: RunError) -> LinkError {
+    match err {
+        RunError::Control(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            LinkError::Failed(RunError::AgentGone)
+        }
+        other => LinkError::Failed(other),
+    }
+}
+
+/// [`JOB_ENTROPY_BYTES`] bytes from the host's `getrandom(2)`, as hex.
+fn host_entropy() -> Result<String, RunError> {
+    let mut bytes = [0u8; JOB_ENTROPY_BYTES];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        let rest = &mut bytes[filled..];
+        // SAFETY: the kernel writes at most `rest.len()` bytes into `rest`.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        match usize::try_from(n) {
+            Ok(n) => filled += n,
+            Err(_) => {
+                let err = std::io::Error::last_os_error();
+                if err.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(RunError::Entropy(err));
+                }
+            }
+        }
+    }
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Writes one message to the agent as one line.

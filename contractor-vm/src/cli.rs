@@ -24,7 +24,7 @@ use contractor_protocol::vm::{
 use contractor_protocol::{ExitCode, PROTOCOL_VERSION};
 
 use crate::image::ImageError;
-use crate::lifecycle::{connect, create, default_uri, destroy_vm, exists, reap};
+use crate::lifecycle::{connect, default_uri, destroy_vm, exists, reap};
 use crate::{generate_name, handle_owned, VmError, VmOwner};
 
 const EXAMPLE: &str = r#"Examples:
@@ -182,6 +182,10 @@ pub struct CreateArgs {
     /// if this process is killed.
     #[arg(long)]
     pub hold: bool,
+    /// With --hold: start from a saved, booted builder of this image and shape when there
+    /// is one, and save one when there is not (the result's `snapshot` says which).
+    #[arg(long, requires = "hold", conflicts_with = "json")]
+    pub snapshot: bool,
     /// libvirt connection URI.
     #[arg(long, conflicts_with = "json")]
     pub uri: Option<String>,
@@ -429,6 +433,7 @@ pub fn create_request(args: &CreateArgs) -> Result<VmRequest, CliError> {
             accel: args.accel.into(),
             console_log,
             work_dir,
+            snapshot: args.snapshot,
         },
     })
 }
@@ -656,7 +661,8 @@ fn create_and_hold(request: VmRequest) -> Result<ExitCode, CliError> {
         }
     });
     let conn = connect(&uri)?;
-    let vm = create(&conn, &spec, true)?;
+    // The snapshot slot a restored VM came from stays claimed until it is destroyed.
+    let (vm, _slot) = crate::snapshot::create_held(&conn, &spec)?;
     if let Err(e) = print_result(&VmResult::Vm {
         version: PROTOCOL_VERSION,
         vm: vm.clone(),

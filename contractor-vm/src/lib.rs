@@ -27,6 +27,7 @@ pub mod lifecycle;
 pub mod name;
 pub mod overlay;
 pub mod owner;
+pub mod snapshot;
 pub mod xml;
 
 use std::path::PathBuf;

@@ -25,7 +25,7 @@ use crate::launcher::{launcher_path, QemuPolicy, QEMU_CANDIDATES};
 use crate::name::{generate_name, is_contractor_name, validate_name};
 use crate::overlay::{create_build_disk, create_overlay, delete_overlay};
 use crate::owner::VmOwner;
-use crate::xml::{domain_xml, parse_domain, Disks, DomainFacts, Emulator};
+use crate::xml::{domain_xml, parse_domain, DiskFormat, Disks, DomainFacts, Emulator, Identity};
 use crate::VmError;
 
 pub use contractor_protocol::vm::{default_uri, URI_ENV};
@@ -47,11 +47,11 @@ fn is_code(e: &virt::error::Error, code: ErrorNumber) -> bool {
     e.code() == Enum::Known(code)
 }
 
-fn conn_uri(conn: &Connect) -> String {
+pub(crate) fn conn_uri(conn: &Connect) -> String {
     conn.uri().unwrap_or_else(|_| String::from("(unknown URI)"))
 }
 
-fn libvirt(action: String) -> impl FnOnce(virt::error::Error) -> VmError {
+pub(crate) fn libvirt(action: String) -> impl FnOnce(virt::error::Error) -> VmError {
     move |source| VmError::Libvirt { action, source }
 }
 
@@ -94,7 +94,7 @@ fn check_file(what: &'static str, path: &Path) -> Result<(), VmError> {
 }
 
 /// The spec with every path made absolute, checked as far as this host can tell.
-fn checked_spec(spec: &VmSpec, local: bool) -> Result<VmSpec, VmError> {
+pub(crate) fn checked_spec(spec: &VmSpec, local: bool) -> Result<VmSpec, VmError> {
     if spec.cpus == 0 {
         return Err(VmError::BadSpec {
             reason: String::from("cpus must be at least 1"),
@@ -123,7 +123,7 @@ fn checked_spec(spec: &VmSpec, local: bool) -> Result<VmSpec, VmError> {
     Ok(spec)
 }
 
-fn info_from(
+pub(crate) fn info_from(
     conn: &Connect,
     domain: &Domain,
     name: &str,
@@ -143,6 +143,7 @@ fn info_from(
         tunnel_socket: facts.tunnel_socket.clone(),
         overlay: facts.overlay.clone(),
         accel: facts.accel,
+        snapshot: None,
     };
     Ok((info, facts))
 }
@@ -194,11 +195,8 @@ pub fn create_owned(
         Err(e) => return Err(libvirt(format!("look up domain {name}"))(e)),
     }
     let accel = resolve(spec.accel, &uri, || conn.capabilities().ok());
-    let launcher = if is_session(&uri) {
-        Some(session_emulator(conn)?)
-    } else {
-        None
-    };
+    // Under qemu:///session the launcher must exist before any file is made.
+    let launcher = launcher_for(conn, &uri)?;
     if let Some(dir) = spec.console_log.parent() {
         crate::overlay::create_work_dir(dir)?;
     }
@@ -213,57 +211,88 @@ pub fn create_owned(
         },
         None => None,
     };
-    let socket_dir = match session_socket_dir(&uri) {
-        Ok(dir) => dir,
-        Err(err) => {
-            let _ = delete_overlay(&overlay, &name);
-            return Err(err);
-        }
-    };
     let disks = Disks {
         overlay: &overlay,
         build: build_disk.as_deref(),
+        build_format: DiskFormat::Raw,
     };
-    let policy = match &launcher {
-        Some((_, qemu)) => match qemu_policy(&spec, accel, &disks, qemu) {
-            Ok(policy) => Some(policy),
-            Err(err) => {
-                let _ = delete_overlay(&overlay, &name);
-                return Err(err);
-            }
-        },
-        None => None,
-    };
-    let emulator = launcher
-        .as_ref()
-        .zip(policy.as_ref())
-        .map(|((launcher, _), policy)| Emulator { launcher, policy });
-    let xml = domain_xml(
-        &name,
-        &spec,
+    let plan = Plan {
+        identity: Identity::named(&name),
         accel,
-        &disks,
-        &owner,
-        socket_dir.as_deref(),
-        emulator.as_ref(),
-    );
+        disks,
+        backing: Vec::new(),
+        owner: &owner,
+        launcher: launcher.as_ref(),
+    };
     let flags = if autodestroy { START_AUTODESTROY } else { 0 };
-    let started = conn
-        .create_domain_xml(&xml, flags)
-        .map_err(libvirt(format!("start domain {name}")))
-        .and_then(|domain| match info_from(conn, &domain, &name) {
-            Ok((info, _)) => Ok(info),
-            Err(e) => {
-                let _ = domain.destroy();
-                Err(e)
-            }
-        });
+    let started = planned_xml(&uri, &spec, &plan).and_then(|xml| {
+        conn.create_domain_xml(&xml, flags)
+            .map_err(libvirt(format!("start domain {name}")))
+            .and_then(|domain| match info_from(conn, &domain, &name) {
+                Ok((info, _)) => Ok(info),
+                Err(e) => {
+                    let _ = domain.destroy();
+                    Err(e)
+                }
+            })
+    });
     if started.is_err() {
         let _ = delete_overlay(&overlay, &name);
     } else if local {
         sweep_work_dir(conn, &spec.work_dir);
     }
     started
+}
+
+/// What a domain's XML is made of besides its spec.
+pub(crate) struct Plan<'a> {
+    pub(crate) identity: Identity<'a>,
+    pub(crate) accel: Accel,
+    pub(crate) disks: Disks<'a>,
+    /// Read-only files behind the disks besides the image (a snapshot's).
+    pub(crate) backing: Vec<PathBuf>,
+    pub(crate) owner: &'a VmOwner,
+    /// Under `qemu:///session`: the launcher, and the QEMU it executes.
+    pub(crate) launcher: Option<&'a (PathBuf, PathBuf)>,
+}
+
+/// Under `qemu:///session`, the launcher and QEMU ([`session_emulator`]); none otherwise.
+pub(crate) fn launcher_for(
+    conn: &Connect,
+    uri: &str,
+) -> Result<Option<(PathBuf, PathBuf)>, VmError> {
+    if is_session(uri) {
+        session_emulator(conn).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// The domain XML of `plan` at `uri`: with its socket directory and, under
+/// `qemu:///session`, the launcher and the policy it confines QEMU to.
+pub(crate) fn planned_xml(uri: &str, spec: &VmSpec, plan: &Plan) -> Result<String, VmError> {
+    let socket_dir = session_socket_dir(uri)?;
+    let policy = match plan.launcher {
+        Some((_, qemu)) => {
+            let mut policy = qemu_policy(spec, plan.accel, &plan.disks, qemu)?;
+            policy.backing.clone_from(&plan.backing);
+            Some(policy)
+        }
+        None => None,
+    };
+    let emulator = plan
+        .launcher
+        .zip(policy.as_ref())
+        .map(|((launcher, _), policy)| Emulator { launcher, policy });
+    Ok(domain_xml(
+        &plan.identity,
+        spec,
+        plan.accel,
+        &plan.disks,
+        plan.owner,
+        socket_dir.as_deref(),
+        emulator.as_ref(),
+    ))
 }
 
 fn is_session(uri: &str) -> bool {
@@ -330,10 +359,15 @@ fn qemu_policy(
         build_disk: match (disks.build, spec.disk_gib) {
             (Some(path), Some(gib)) => Some(WritableFile {
                 path: path.to_owned(),
-                max_bytes: gib.saturating_mul(1 << 30),
+                max_bytes: match disks.build_format {
+                    DiskFormat::Raw => gib.saturating_mul(1 << 30),
+                    // An overlay holds the disk's blocks and qcow2's tables.
+                    DiskFormat::Qcow2 => overlay_max_bytes(gib.saturating_mul(1 << 30)),
+                },
             }),
             _ => None,
         },
+        backing: Vec::new(),
     })
 }
 
@@ -353,8 +387,9 @@ pub fn sweep_work_dir(conn: &Connect, work_dir: &Path) -> Vec<PathBuf> {
     for entry in entries.flatten() {
         let path = entry.path();
         let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(|n| {
-            n.strip_suffix(".qcow2")
-                .or_else(|| n.strip_suffix(".disk.raw"))
+            n.strip_suffix(".disk.raw")
+                .or_else(|| n.strip_suffix(".disk.qcow2"))
+                .or_else(|| n.strip_suffix(".qcow2"))
         }) else {
             continue;
         };
@@ -376,7 +411,7 @@ pub fn sweep_work_dir(conn: &Connect, work_dir: &Path) -> Vec<PathBuf> {
     deleted
 }
 
-fn lookup(conn: &Connect, name: &str) -> Result<Domain, VmError> {
+pub(crate) fn lookup(conn: &Connect, name: &str) -> Result<Domain, VmError> {
     validate_name(name)?;
     conn.lookup_domain_by_name(name).map_err(|e| {
         if is_code(&e, ErrorNumber::NoDomain) {

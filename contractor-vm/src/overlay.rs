@@ -179,6 +179,32 @@ pub fn build_disk_path(work_dir: &Path, name: &str) -> PathBuf {
     work_dir.join(format!("{name}.disk.raw"))
 }
 
+/// The build disk path of VM `name` in `work_dir` when it is a qcow2 overlay on a
+/// snapshot's build disk.
+pub fn build_overlay_path(work_dir: &Path, name: &str) -> PathBuf {
+    work_dir.join(format!("{name}.disk.qcow2"))
+}
+
+/// Creates the qcow2 overlay `path` (which must not exist) on `backing`, of the backing
+/// file's virtual size and format.
+pub fn create_overlay_file(backing: &Path, path: &Path) -> Result<(), OverlayError> {
+    if path.exists() {
+        return Err(OverlayError::Exists {
+            path: path.to_owned(),
+        });
+    }
+    let info = image_info(backing)?;
+    let mut command = Command::new("qemu-img");
+    command
+        .args(["create", "-q", "-f", "qcow2", "-F", &info.format, "-b"])
+        .arg(backing)
+        .arg(path);
+    run(&mut command)?;
+    // Readable by QEMU's user until libvirt relabels it for the VM.
+    let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o644));
+    Ok(())
+}
+
 /// Creates the build disk of VM `name` in `work_dir`: a sparse raw file of `gib` GiB holding
 /// an empty ext4 file system (no journal: nothing on it outlives the VM; inode tables left
 /// for the guest to treat as uninitialised, so the file starts at a few MiB).
@@ -227,34 +253,24 @@ pub fn create_build_disk(work_dir: &Path, name: &str, gib: u64) -> Result<PathBu
 pub fn create_overlay(base: &Path, work_dir: &Path, name: &str) -> Result<PathBuf, OverlayError> {
     create_work_dir(work_dir)?;
     let overlay = overlay_path(work_dir, name);
-    if overlay.exists() {
-        return Err(OverlayError::Exists { path: overlay });
-    }
-    let info = image_info(base)?;
-    let mut command = Command::new("qemu-img");
-    command
-        .args(["create", "-q", "-f", "qcow2", "-F", &info.format, "-b"])
-        .arg(base)
-        .arg(&overlay);
-    run(&mut command)?;
-    // Readable by QEMU's user until libvirt relabels it for the VM.
-    let _ = fs::set_permissions(&overlay, fs::Permissions::from_mode(0o644));
+    create_overlay_file(base, &overlay)?;
     Ok(overlay)
 }
 
 /// Deletes the overlay at `path` if it is VM `name`'s (file named `<name>.qcow2`), and the
-/// VM's build disk next to it. Returns whether the overlay was deleted; missing files are
+/// VM's build disk next to it (`<name>.disk.raw` or `<name>.disk.qcow2`). Returns whether the overlay was deleted; missing files are
 /// not an error.
 pub fn delete_overlay(path: &Path, name: &str) -> Result<bool, OverlayError> {
     if path.file_name() != Some(format!("{name}.qcow2").as_ref()) {
         return Ok(false);
     }
     if let Some(dir) = path.parent() {
-        let disk = build_disk_path(dir, name);
-        match fs::remove_file(&disk) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(OverlayError::Delete { path: disk, source }),
+        for disk in [build_disk_path(dir, name), build_overlay_path(dir, name)] {
+            match fs::remove_file(&disk) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(OverlayError::Delete { path: disk, source }),
+            }
         }
     }
     match fs::remove_file(path) {

@@ -15,6 +15,9 @@ use crate::owner::VmOwner;
 /// libvirt's QEMU namespace, for `<qemu:commandline>` (the launcher's environment).
 pub const QEMU_NAMESPACE: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
 
+/// The machine type of every builder (libvirt expands it to the QEMU version's).
+pub const MACHINE: &str = "q35";
+
 /// The XML namespace of Contractor's `<metadata>` element.
 pub const METADATA_NAMESPACE: &str = "https://contractor.invalid/vm/1";
 
@@ -57,8 +60,53 @@ pub fn socket_path(dir: &Path, name: &str, port: &str) -> std::path::PathBuf {
 pub struct Disks<'a> {
     /// `vda`: the qcow2 overlay on the image.
     pub overlay: &'a Path,
-    /// `vdb`: the build disk (raw ext4), if the VM has one.
+    /// `vdb`: the build disk (an ext4), if the VM has one.
     pub build: Option<&'a Path>,
+    /// The build disk's format: raw when made for this VM, qcow2 over a snapshot's disk
+    /// when the VM is restored.
+    pub build_format: DiskFormat,
+}
+
+/// A disk file's format, as libvirt names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// A raw file.
+    Raw,
+    /// A qcow2 image (here always an overlay on a backing file).
+    Qcow2,
+}
+
+impl DiskFormat {
+    fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// Who a domain is: its name, and the UUID it must have (a VM restored from a snapshot
+/// keeps the saved domain's; libvirt picks one otherwise).
+#[derive(Debug, Clone, Copy)]
+pub struct Identity<'a> {
+    /// The domain name.
+    pub name: &'a str,
+    /// The domain UUID, if it is given.
+    pub uuid: Option<&'a str>,
+    /// The VM generation ID the domain was saved with, if it is restored (libvirt checks
+    /// that it matches, then gives the restored VM a new one); libvirt makes one otherwise.
+    pub genid: Option<&'a str>,
+}
+
+impl<'a> Identity<'a> {
+    /// A domain called `name` whose UUID libvirt picks.
+    pub fn named(name: &'a str) -> Identity<'a> {
+        Identity {
+            name,
+            uuid: None,
+            genid: None,
+        }
+    }
 }
 
 /// The kernel command line a VM boots with: the image's, plus `no_timer_check` under TCG.
@@ -88,7 +136,8 @@ pub struct Emulator<'a> {
     pub policy: &'a QemuPolicy,
 }
 
-/// The XML of a transient builder domain.
+/// The XML of a transient builder domain. It carries a `<genid/>` (a VM generation ID,
+/// which libvirt renews whenever the domain is restored from a saved state).
 ///
 /// With `emulator` (under `qemu:///session`) libvirt runs the launcher instead of its
 /// default QEMU and gives it [`POLICY_ENV`]; without it (`qemu:///system`) libvirt's default
@@ -98,7 +147,7 @@ pub struct Emulator<'a> {
 /// TCG. Paths are written as given: [`crate::create`] makes them absolute and rejects
 /// paths that are not UTF-8 before calling this.
 pub fn domain_xml(
-    name: &str,
+    identity: &Identity,
     spec: &VmSpec,
     accel: Accel,
     disks: &Disks,
@@ -106,6 +155,15 @@ pub fn domain_xml(
     socket_dir: Option<&Path>,
     emulator: Option<&Emulator>,
 ) -> String {
+    let name = identity.name;
+    let uuid = identity
+        .uuid
+        .map(|u| format!("\n  <uuid>{}</uuid>", escape(u)))
+        .unwrap_or_default();
+    let genid = match identity.genid {
+        Some(id) => format!("<genid>{}</genid>", escape(id)),
+        None => "<genid/>".to_string(),
+    };
     let (domain_type, cpu) = match accel {
         Accel::Kvm => ("kvm", "<cpu mode='host-passthrough' check='none'/>"),
         Accel::Tcg | Accel::Auto => ("qemu", "<cpu mode='maximum' check='none'/>"),
@@ -151,7 +209,8 @@ pub fn domain_xml(
     };
     format!(
         "<domain type='{domain_type}'{qemu_ns}>
-  <name>{name}</name>
+  <name>{name}</name>{uuid}
+  {genid}
   <metadata>
     <contractor:vm xmlns:contractor='{ns}'>
       <contractor:owner pid='{pid}'{process_start} host='{host}' created='{created}'/>
@@ -160,7 +219,7 @@ pub fn domain_xml(
   <memory unit='MiB'>{memory}</memory>
   <vcpu placement='static'>{cpus}</vcpu>
   <os>
-    <type arch='x86_64' machine='q35'>hvm</type>
+    <type arch='x86_64' machine='{machine}'>hvm</type>
     <kernel>{kernel}</kernel>{initrd}
     <cmdline>{cmdline}</cmdline>
   </os>
@@ -194,6 +253,7 @@ pub fn domain_xml(
 {commandline}</domain>
 ",
         name = escape(name),
+        machine = MACHINE,
         ns = METADATA_NAMESPACE,
         pid = owner.pid,
         host = escape(&owner.host),
@@ -205,8 +265,9 @@ pub fn domain_xml(
         overlay = esc_path(disks.overlay),
         build_disk = disks.build.map_or(String::new(), |path| format!(
             "    <disk type='file' device='disk'>\n      \
-             <driver name='qemu' type='raw' cache='unsafe'/>\n      \
+             <driver name='qemu' type='{}' cache='unsafe'/>\n      \
              <source file='{}'/>\n      <target dev='vdb' bus='virtio'/>\n    </disk>\n",
+            disks.build_format.as_str(),
             esc_path(path)
         )),
         console_log = esc_path(&spec.console_log),
@@ -241,6 +302,8 @@ pub struct DomainFacts {
     pub tunnel_socket: Option<PathBuf>,
     /// The owner from Contractor's metadata, when present.
     pub owner: Option<VmOwner>,
+    /// The VM generation ID, when the domain has one.
+    pub genid: Option<String>,
 }
 
 fn children<'a, 'i>(
@@ -262,6 +325,9 @@ pub fn parse_domain(xml: &str) -> Result<DomainFacts, XmlError> {
         },
         ..DomainFacts::default()
     };
+    facts.genid = children(root, "genid")
+        .find_map(|g| g.text())
+        .map(|t| t.trim().to_owned());
     for devices in children(root, "devices") {
         if facts.overlay.is_none() {
             facts.overlay = children(devices, "disk")
@@ -330,6 +396,7 @@ mod tests {
             accel: Accel::Auto,
             console_log: "/work/it's <here>/console.log".into(),
             work_dir: "/work".into(),
+            snapshot: false,
         }
     }
 
@@ -344,12 +411,13 @@ mod tests {
 
     fn xml(accel: Accel) -> String {
         domain_xml(
-            "contractor-abc",
+            &Identity::named("contractor-abc"),
             &spec(),
             accel,
             &Disks {
                 overlay: Path::new("/work/contractor-abc.qcow2"),
                 build: None,
+                build_format: DiskFormat::Raw,
             },
             &owner(),
             None,
@@ -441,12 +509,13 @@ mod tests {
     #[test]
     fn a_build_disk_is_the_second_disk_raw_as_vdb() {
         let text = domain_xml(
-            "contractor-x",
+            &Identity::named("contractor-x"),
             &spec(),
             Accel::Tcg,
             &Disks {
                 overlay: Path::new("/w/contractor-x.qcow2"),
                 build: Some(Path::new("/w/contractor-x.disk.raw")),
+                build_format: DiskFormat::Raw,
             },
             &owner(),
             None,
@@ -481,12 +550,13 @@ mod tests {
         let mut s = spec();
         s.image.initrd = None;
         let text = domain_xml(
-            "contractor-x",
+            &Identity::named("contractor-x"),
             &s,
             Accel::Tcg,
             &Disks {
                 overlay: Path::new("/o.qcow2"),
                 build: None,
+                build_format: DiskFormat::Raw,
             },
             &owner(),
             None,
@@ -498,12 +568,13 @@ mod tests {
     #[test]
     fn a_socket_directory_gives_each_channel_a_short_path_there() {
         let text = domain_xml(
-            "contractor-x",
+            &Identity::named("contractor-x"),
             &spec(),
             Accel::Tcg,
             &Disks {
                 overlay: Path::new("/o.qcow2"),
                 build: None,
+                build_format: DiskFormat::Raw,
             },
             &owner(),
             Some(Path::new("/tmp/contractor-1000")),
@@ -579,6 +650,7 @@ mod tests {
                 max_bytes: 1 << 30,
             },
             build_disk: None,
+            backing: Vec::new(),
         }
     }
 
@@ -586,12 +658,13 @@ mod tests {
     fn a_session_domain_runs_the_launcher_and_gives_it_the_policy() {
         let policy = qemu_policy();
         let text = domain_xml(
-            "contractor-abc",
+            &Identity::named("contractor-abc"),
             &spec(),
             Accel::Tcg,
             &Disks {
                 overlay: Path::new("/work/it's <o>.qcow2"),
                 build: None,
+                build_format: DiskFormat::Raw,
             },
             &owner(),
             Some(Path::new("/tmp/contractor-1000")),

@@ -194,18 +194,10 @@ pub async fn serve() -> Result<(), AgentError> {
             name: TUNNEL_PORT,
             source,
         })?;
-    let (opener, _, _) = tunnel::spawn(tunnel_io, Side::Guest);
     let (read_half, control_out) = tokio::io::split(control);
     let out: ControlOut = Arc::new(tokio::sync::Mutex::new(control_out));
-
-    say(
-        &out,
-        &GuestMessage::Hello {
-            version: PROTOCOL_VERSION,
-            agent_version: AGENT_VERSION.into(),
-        },
-    )
-    .await?;
+    // The reader answers the host's `hello`; this VM may be saved while it waits here,
+    // and restored many times, each time for another host.
     let done = Arc::new(AtomicBool::new(false));
     let (job_tx, job_rx) = tokio::sync::oneshot::channel();
     let (shell_tx, shell_rx) = tokio::sync::oneshot::channel();
@@ -221,6 +213,9 @@ pub async fn serve() -> Result<(), AgentError> {
         },
     ));
     let job = job_rx.await.map_err(|_| AgentError::NoJob)??;
+    crate::guest::fresh::wake(&job);
+    // The tunnel session begins with the job: nothing of it exists in a saved VM.
+    let (opener, _, _) = tunnel::spawn(tunnel_io, Side::Guest);
 
     let result = run_job(&job, &opener, &out, offline_rx).await;
     if let Err(err) = &result {
@@ -320,6 +315,18 @@ async fn read_host(
             Ok(HostMessage::Job { job, .. }) => {
                 if let Some(tx) = job_tx.take() {
                     let _ = tx.send(Ok(*job));
+                }
+            }
+            Ok(HostMessage::Hello { .. }) => {
+                if job_tx.is_some() {
+                    let mut writer = out.lock().await;
+                    let hello = GuestMessage::Hello {
+                        version: PROTOCOL_VERSION,
+                        agent_version: AGENT_VERSION.into(),
+                    };
+                    if let Err(err) = send(&mut *writer, &hello).await {
+                        eprintln!("contractor-agent: cannot answer hello: {err}");
+                    }
                 }
             }
             Ok(HostMessage::Offline) => {
@@ -1149,6 +1156,8 @@ mod tests {
             artifacts_dest: "/a/".into(),
             store_token: Some("t0k3n-0123456789abcdef".into()),
             cache: None,
+            host_time: None,
+            entropy: None,
             keep: None,
         };
         job.env.insert("HOME".into(), "/build".into());

@@ -7,6 +7,7 @@
 //! and reports. When the agent is done, init powers off.
 
 pub mod agent;
+pub mod fresh;
 pub mod init;
 pub mod initrd;
 pub mod port;

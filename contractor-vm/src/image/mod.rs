@@ -397,6 +397,7 @@ impl Image {
             boot: self.manifest.boot(&self.dir),
             size,
             manifest: self.manifest.clone(),
+            snapshots: crate::snapshot::list(&self.dir),
         }
     }
 }

@@ -98,6 +98,10 @@ pub struct QemuPolicy {
     /// The VM's build disk (`vdb`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build_disk: Option<WritableFile>,
+    /// More read-only backing files of the disks: a snapshot's root and build disk, under
+    /// the overlays of a VM restored from it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backing: Vec<PathBuf>,
 }
 
 /// Why a policy cannot be used.
@@ -165,6 +169,7 @@ impl QemuPolicy {
         if let Some(disk) = &self.build_disk {
             paths.push(("build_disk.path", &disk.path));
         }
+        paths.extend(self.backing.iter().map(|p| ("backing", p.as_path())));
         for (field, path) in paths {
             if !path.is_absolute() {
                 return Err(PolicyError::Field {
@@ -187,6 +192,7 @@ impl QemuPolicy {
         read.push(self.image_disk.clone());
         read.push(self.kernel.clone());
         read.extend(self.initrd.iter().cloned());
+        read.extend(self.backing.iter().cloned());
         read.extend(extra_read.iter().cloned());
         let mut read_write: Vec<PathBuf> = READ_WRITE_DEVICES.iter().map(PathBuf::from).collect();
         if self.accel == Accel::Kvm {
@@ -262,6 +268,7 @@ mod tests {
                 path: "/w/contractor-x.disk.raw".into(),
                 max_bytes: 10 << 30,
             }),
+            backing: Vec::new(),
         }
     }
 

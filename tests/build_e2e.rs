@@ -932,3 +932,128 @@ fn a_derived_image_with_packages_is_built_once_shared_and_listed_with_its_defini
         "a VM started:\n{stderr}"
     );
 }
+
+/// A project of its own VM shape (`memory_mib`), so that its snapshot is made by its test.
+fn shaped_project(script: &str, memory_mib: u64) -> Project {
+    Project::new(&format!(
+        "[build]\nscript = '''\n{script}\n'''\n[vm]\ncpus = 1\nmemory = \"{memory_mib}MiB\"\n"
+    ))
+}
+
+fn seconds_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs_f64()
+}
+
+#[test]
+fn two_builds_restored_from_one_snapshot_share_no_randomness_and_keep_the_hosts_clock() {
+    if util::skip_without_vm(
+        "two_builds_restored_from_one_snapshot_share_no_randomness_and_keep_the_hosts_clock",
+    ) {
+        return;
+    }
+    // What each guest prints: its boot's UUID source, 32 bytes of /dev/urandom, a key made
+    // with getrandom(2), and its wall clock.
+    let project = shaped_project(
+        "cat /proc/sys/kernel/random/uuid\n\
+         head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo\n\
+         cc -o key key.c && ./key\n\
+         date +%s",
+        800,
+    );
+    std::fs::write(
+        project.path().join("key.c"),
+        "#include <stdio.h>\n#include <sys/random.h>\n\
+         int main(void) { unsigned char k[32]; if (getrandom(k, sizeof k, 0) != sizeof k) return 1;\n\
+         for (int i = 0; i < 32; i++) printf(\"%02x\", k[i]); printf(\"\\n\"); return 0; }\n",
+    )
+    .expect("key.c");
+    let run = || {
+        let started = seconds_now();
+        let (snapshot, result, stderr) = util::build_json(&project);
+        let ended = seconds_now();
+        assert_eq!(result.outcome, Outcome::Success, "stderr:\n{stderr}");
+        let log = std::fs::read_to_string(&result.log).expect("log");
+        let lines: Vec<String> = log.lines().map(str::to_string).collect();
+        assert_eq!(lines.len(), 4, "log:\n{log}");
+        (snapshot.expect("a snapshot report"), lines, started, ended)
+    };
+    // The first build of this shape boots cold, saves the snapshot and restores it.
+    let (first, a, _, saved_by) = run();
+    assert!(first.restored, "{first:?}");
+    // Long enough that a clock restored as it was saved would be seconds behind.
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let (second, b, started, ended) = run();
+    assert!(second.restored && !second.created, "{second:?}");
+    assert_eq!(first.dir, second.dir, "one snapshot, restored twice");
+    for (what, x, y) in [
+        ("/proc/sys/kernel/random/uuid", &a[0], &b[0]),
+        ("/dev/urandom", &a[1], &b[1]),
+        ("a getrandom(2) key", &a[2], &b[2]),
+    ] {
+        assert_eq!(x.len(), y.len(), "{what}: {x} vs {y}");
+        assert!(x.len() >= 32, "{what}: {x}");
+        assert_ne!(
+            x, y,
+            "{what} is the same in two VMs restored from one snapshot"
+        );
+    }
+    let clock: f64 = b[3].trim().parse().expect("date +%s");
+    assert!(
+        clock >= started - 2.0 && clock <= ended + 2.0,
+        "the restored guest's clock says {clock}, the build ran from {started:.0} to {ended:.0} (the snapshot was saved before {saved_by:.0})"
+    );
+}
+
+#[test]
+fn a_stale_or_broken_snapshot_means_a_cold_boot_and_a_working_build() {
+    if util::skip_without_vm("a_stale_or_broken_snapshot_means_a_cold_boot_and_a_working_build") {
+        return;
+    }
+    let project = shaped_project("echo built", 832);
+    let (first, result, stderr) = util::build_json(&project);
+    assert_eq!(result.outcome, Outcome::Success, "stderr:\n{stderr}");
+    let first = first.expect("a snapshot report");
+    let dir = first.dir.clone().expect("the snapshot's directory");
+    let record = dir.join("snapshot.json");
+
+    // Stale: the snapshot says it was saved under another QEMU.
+    let text = std::fs::read_to_string(&record).expect("snapshot.json");
+    let mut json: serde_json::Value = serde_json::from_str(&text).expect("json");
+    json["key"]["qemu_version"] = serde_json::json!(1);
+    std::fs::write(&record, json.to_string()).expect("write");
+    let (stale, result, stderr) = util::build_json(&project);
+    assert_eq!(result.outcome, Outcome::Success, "stderr:\n{stderr}");
+    let stale = stale.expect("a snapshot report");
+    let reason = stale.reason.clone().unwrap_or_default();
+    assert!(stale.created, "a new snapshot was made: {stale:?}");
+    assert!(
+        reason.contains("stale") && reason.contains("qemu_version was 1"),
+        "{reason}"
+    );
+
+    // Broken: the saved state is cut short.
+    let state = dir.join("state.save");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&state)
+        .expect("open state.save");
+    file.set_len(4096).expect("truncate");
+    let (broken, result, stderr) = util::build_json(&project);
+    assert_eq!(result.outcome, Outcome::Success, "stderr:\n{stderr}");
+    let broken = broken.expect("a snapshot report");
+    let reason = broken.reason.clone().unwrap_or_default();
+    assert!(reason.contains("could not be restored"), "{broken:?}");
+    assert!(broken.created, "{broken:?}");
+
+    // And the new snapshot serves the next build.
+    let (again, result, _) = util::build_json(&project);
+    assert_eq!(result.outcome, Outcome::Success);
+    let again = again.expect("a snapshot report");
+    assert!(
+        again.restored && !again.created && again.reason.is_none(),
+        "{again:?}"
+    );
+}

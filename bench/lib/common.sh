@@ -201,6 +201,33 @@ bare_boot() {
     calc "$end - $start" >"$BENCH_TMP/logs/$tag.time"
 }
 
+# bare_shell_time TAG: boots the image bare whose shell prints one line and powers off;
+# prints the wall time from starting QEMU to that line reaching the host (the baseline of
+# "time to the script's first output line").
+bare_shell_time() {
+    local tag=$1 work="$BENCH_TMP/bare-$1" console="$BENCH_TMP/logs/$1.console" start
+    mkdir -p "$work"
+    qemu-img create -q -f qcow2 -F qcow2 -b "$BENCH_IMAGE_DIR/disk.qcow2" "$work/overlay.qcow2"
+    start=$EPOCHREALTIME
+    timeout 300 qemu-system-x86_64 -accel "$BENCH_QEMU_ACCEL" -machine q35 -cpu "$BENCH_QEMU_CPU" \
+        -smp "$BENCH_CPUS" -m "$BENCH_MEMORY_MIB" -nographic -no-reboot \
+        -kernel "$BENCH_IMAGE_DIR/vmlinuz" -initrd "$BENCH_IMAGE_DIR/initrd.img" \
+        -drive "file=$work/overlay.qcow2,if=virtio,format=qcow2,cache=unsafe" \
+        -append "$BENCH_BARE_CMDLINE -- -c \"echo bench-first-line; echo o >/proc/sysrq-trigger\"" \
+        </dev/null 2>&1 | stamp >"$console"
+    rm -rf "$work"
+    awk -v s="$start" '/bench-first-line/ { printf "%.3f", $1 - s; exit }' "$console"
+}
+
+# first_output_time DIR TAG: runs `contractor build --json` in DIR; prints the wall time
+# from starting it to its first `output` event (the script's first line).
+first_output_time() {
+    local dir=$1 tag=$2 log="$BENCH_TMP/logs/$2.json" start
+    start=$EPOCHREALTIME
+    (cd "$dir" && exec "$CONTRACTOR" build --json) 2>"$BENCH_TMP/logs/$tag.err" | stamp >"$log"
+    awk -v s="$start" '/"type":"output"/ { printf "%.3f", $1 - s; exit }' "$log"
+}
+
 # bare_time TAG: the wall time bare_boot recorded ("" when it failed).
 bare_time() {
     cat "$BENCH_TMP/logs/$1.time" 2>/dev/null

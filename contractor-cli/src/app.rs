@@ -674,6 +674,20 @@ fn list_images() -> Result<(), Failure> {
                 escape(&image.manifest.packages.join(", "))
             );
         }
+        for snapshot in &image.snapshots {
+            let disk = snapshot
+                .disk_gib
+                .map_or(String::from("no disk"), |gib| format!("{gib} GiB disk"));
+            println!(
+                "{:<22} snapshot {:>9} {} CPU, {} MiB, {disk}, {:?}, saved {}",
+                "",
+                human_bytes(snapshot.bytes),
+                snapshot.cpus,
+                snapshot.memory_mib,
+                snapshot.accel,
+                image::format_time(snapshot.created)
+            );
+        }
     }
     Ok(())
 }

@@ -930,7 +930,11 @@ impl Vm {
         match self.holder.take() {
             Some(mut holder) => {
                 drop(holder.stdin.take());
-                Releasing::Holder(holder)
+                Releasing::Holder {
+                    holder,
+                    uri: self.uri.clone(),
+                    name: self.info.name.clone(),
+                }
             }
             None => Releasing::Done(self.release()),
         }
@@ -973,27 +977,46 @@ impl Vm {
 
 /// A VM on its way out ([`Vm::start_release`]).
 enum Releasing {
-    Holder(Child),
+    Holder {
+        holder: Child,
+        uri: String,
+        name: String,
+    },
     Done(Result<(), ToolError>),
 }
 
 impl Releasing {
-    /// Waits until the VM is destroyed and its overlay deleted.
+    /// Waits until the VM is destroyed and its overlay deleted. A holder that died before
+    /// it could (killed, say) leaves the VM to `contractor-vm destroy`: a VM restored from
+    /// a snapshot is not autodestroyed by libvirt when its holder's connection closes.
     fn wait(self) -> Result<(), ToolError> {
-        let name = tools::VM;
+        let tool = tools::VM;
         match self {
-            Releasing::Holder(mut holder) => {
+            Releasing::Holder {
+                mut holder,
+                uri,
+                name,
+            } => {
                 let status = holder
                     .wait()
-                    .map_err(|source| ToolError::Io { name, source })?;
+                    .map_err(|source| ToolError::Io { name: tool, source })?;
                 if status.success() {
-                    Ok(())
-                } else {
+                    return Ok(());
+                }
+                let destroyed = tools::answer::<VmResult>(
+                    tool,
+                    &["destroy", "--uri", uri.as_str(), "--name", name.as_str()].map(AsRef::as_ref),
+                );
+                match destroyed {
+                    Ok(_) => Ok(()),
                     Err(ToolError::Failed {
-                        name,
+                        error: Some(error), ..
+                    }) if error.code == "not_found" => Err(ToolError::Failed {
+                        name: tool,
                         exit_code: status.code(),
                         error: None,
-                    })
+                    }),
+                    Err(err) => Err(err),
                 }
             }
             Releasing::Done(result) => result,

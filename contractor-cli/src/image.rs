@@ -54,6 +54,8 @@ pub struct Image {
     pub size: u64,
     /// Its manifest.
     pub manifest: Manifest,
+    /// The snapshots of booted builders kept for it.
+    pub snapshots: Vec<contractor_protocol::image::SnapshotInfo>,
     boot: BootImage,
 }
 
@@ -70,6 +72,7 @@ impl From<ImageInfo> for Image {
             dir: info.dir,
             size: info.size,
             manifest: info.manifest,
+            snapshots: info.snapshots,
             boot: info.boot,
         }
     }

@@ -19,7 +19,7 @@ use contractor_protocol::agent::{
     GUEST_PROXY_PORT, GUEST_STORE_PORT, MAX_REPORTED_ARTIFACTS, TUNNEL_PORT,
 };
 use contractor_protocol::PROTOCOL_VERSION;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::Frame;
 use hyper::{Request, StatusCode};
@@ -37,6 +37,12 @@ pub const WORK_DIR: &str = "/build";
 pub use contractor_protocol::image::AGENT_VERSION;
 
 const PORT_WAIT: Duration = Duration::from_secs(60);
+/// The buffer of each direction of a loopback connection carried over the tunnel: 64 KiB.
+const FORWARD_BUFFER: usize = 64 * 1024;
+/// How many artifacts are uploaded at a time: 4.
+const PARALLEL_UPLOADS: usize = 4;
+/// The bytes of an artifact read and sent at a time: 256 KiB.
+const UPLOAD_CHUNK: usize = 256 * 1024;
 const OUTPUT_GRACE: Duration = Duration::from_secs(5);
 
 /// Characters escaped in an artifact's URL path (everything but unreserved and `/`).
@@ -444,7 +450,10 @@ async fn run_job(
             },
         )
         .await?;
-        for (path, relative) in artifact_files(Path::new(WORK_DIR), &job.artifacts)? {
+        // A few uploads at a time (each is its own tunnel stream and store request), so
+        // that both vCPUs and the host work at once; reported in the order of the files.
+        let files = artifact_files(Path::new(WORK_DIR), &job.artifacts)?;
+        let uploads = files.into_iter().map(|(path, relative)| async move {
             let size = upload(
                 opener,
                 &path,
@@ -464,6 +473,11 @@ async fn run_job(
                 }
                 other => other,
             })?;
+            Ok::<_, AgentError>((relative, size))
+        });
+        let mut uploaded = futures::stream::iter(uploads).buffered(PARALLEL_UPLOADS);
+        while let Some(done) = uploaded.next().await {
+            let (relative, size) = done?;
             say(
                 control,
                 &GuestMessage::Artifact {
@@ -577,7 +591,13 @@ async fn forward(
                 let _slot = slot;
                 match opener.open(target).await {
                     Ok(mut stream) => {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut stream).await;
+                        let _ = tokio::io::copy_bidirectional_with_sizes(
+                            &mut client,
+                            &mut stream,
+                            FORWARD_BUFFER,
+                            FORWARD_BUFFER,
+                        )
+                        .await;
                     }
                     Err(err) => {
                         let _ = client
@@ -1014,7 +1034,11 @@ async fn upload(
         what: what.clone(),
         source,
     };
-    let body = StreamBody::new(tokio_util::io::ReaderStream::new(file).map_ok(Frame::data));
+    // Big reads: each read of a tokio file is a trip to a blocking thread, and each chunk
+    // one HTTP frame and one tunnel frame (ReaderStream's own default is 4 KiB).
+    let body = StreamBody::new(
+        tokio_util::io::ReaderStream::with_capacity(file, UPLOAD_CHUNK).map_ok(Frame::data),
+    );
     let request = Request::put(url)
         .header(hyper::header::HOST, format!("127.0.0.1:{GUEST_STORE_PORT}"))
         .header(hyper::header::CONTENT_LENGTH, size)

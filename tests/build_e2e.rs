@@ -1018,6 +1018,14 @@ fn a_stale_or_broken_snapshot_means_a_cold_boot_and_a_working_build() {
     let first = first.expect("a snapshot report");
     let dir = first.dir.clone().expect("the snapshot's directory");
     let record = dir.join("snapshot.json");
+    // `contractor image list` shows it, with its shape and size.
+    let listed = contractor_in(&project, &["image", "list"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains("snapshot") && l.contains("1 CPU, 832 MiB")),
+        "{listed}"
+    );
 
     // Stale: the snapshot says it was saved under another QEMU.
     let text = std::fs::read_to_string(&record).expect("snapshot.json");

@@ -13,9 +13,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use contractor_protocol::result::{Limit, Outcome};
-use util::{
-    assert_no_vm_left, latest_result, libvirt_domains, sha256, small_spec, vm_name_in, Project,
-};
+use util::{assert_no_vm_left, latest_result, sha256, small_spec, vm_name_in, Project};
 
 fn random_token() -> String {
     let mut bytes = [0u8; 8];
@@ -520,7 +518,7 @@ fn a_killed_front_end_leaves_no_vm_no_tool_and_no_overlay_and_its_record_says_in
     let deadline = killed + Duration::from_secs(15);
     let left = |()| {
         let mut left = Vec::new();
-        if libvirt_domains().contains(&name) {
+        if util::vm_left_behind(&name) {
             left.push(format!("VM {name}"));
         }
         for (pid, start, tool) in &tools {
@@ -528,7 +526,7 @@ fn a_killed_front_end_leaves_no_vm_no_tool_and_no_overlay_and_its_record_says_in
                 left.push(format!("{tool} (pid {pid})"));
             }
         }
-        if overlay.exists() {
+        if overlay.exists() && !util::reused_slot(&name) {
             left.push(format!("overlay {}", overlay.display()));
         }
         left
@@ -589,7 +587,7 @@ fn ctrl_c_stops_the_build_within_seconds_and_says_so() {
         "{rest:?}"
     );
     assert_eq!(latest_result(project.path()).outcome, Outcome::Interrupted);
-    assert!(!libvirt_domains().contains(&name), "VM {name} left behind");
+    assert!(!util::vm_left_behind(&name), "VM {name} left behind");
 }
 
 #[test]

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use contractor_protocol::result::{BuildResult, Limit, Outcome};
-use util::{libvirt_domains, vm_name_in, Project};
+use util::{vm_name_in, Project};
 
 /// The bar for the host side's peak resident memory: 256 MiB.
 const RSS_BAR_KIB: u64 = 256 * 1024;
@@ -81,10 +81,7 @@ impl Run {
             self.peak_rss_kib
         );
         if let Some(vm) = vm_name_in(&self.stderr) {
-            assert!(
-                !libvirt_domains().contains(&vm),
-                "{name}: VM {vm} left behind"
-            );
+            assert!(!util::vm_left_behind(&vm), "{name}: VM {vm} left behind");
         }
     }
 }

@@ -270,6 +270,30 @@ pub fn build(
         .map_err(|e| BuildError::Service("store", e))
         .map_err(close)?;
     let interruption = Interruption::watch();
+    let log = record.join("build.log");
+    let console_log = record.join("console.log");
+    let vm_spec = VmSpec {
+        name: None,
+        image: image.boot(),
+        cpus: spec.cpus,
+        memory_mib: spec.memory_mib,
+        disk_gib: Some(spec.disk_gib),
+        accel: options.accel,
+        console_log: console_log.clone(),
+        work_dir: paths::data_dir()
+            .map_err(BuildError::DataDir)
+            .map_err(close)?
+            .join("vms"),
+        snapshot: options.snapshot && options.keep.is_none(),
+    };
+    // The VM starts (or is restored) while the services start; run_in_vm waits for it. A
+    // VM that may be kept for a shell must outlive this process: it is not held, and
+    // `contractor-vm reap` removes it when this process died before deciding.
+    let vm = match paths::create_dir_world_readable(&vm_spec.work_dir) {
+        Err(err) => Err(Ran::infrastructure(BuildCode::VmWorkDir, &err)),
+        Ok(()) => Vm::spawn(&options.uri, &vm_spec, options.keep.is_none(), &tools_log)
+            .map_err(|err| Ran::infrastructure(BuildCode::VmCreate, &err)),
+    };
     let store = start_store(
         &store_root,
         &id,
@@ -301,22 +325,6 @@ pub fn build(
     show_confinement(display, tools::STORE, store.confinement.as_ref());
     show_confinement(display, tools::PROXY, proxy.confinement.as_ref());
 
-    let log = record.join("build.log");
-    let console_log = record.join("console.log");
-    let vm_spec = VmSpec {
-        name: None,
-        image: image.boot(),
-        cpus: spec.cpus,
-        memory_mib: spec.memory_mib,
-        disk_gib: Some(spec.disk_gib),
-        accel: options.accel,
-        console_log: console_log.clone(),
-        work_dir: paths::data_dir()
-            .map_err(BuildError::DataDir)
-            .map_err(close)?
-            .join("vms"),
-        snapshot: options.snapshot && options.keep.is_none(),
-    };
     let mut env = spec.env.clone();
     env.insert("CONTRACTOR_BUILD_ID".into(), id.clone());
     let job = Job {
@@ -341,7 +349,7 @@ pub fn build(
     };
     let ran = run_in_vm(
         &options.uri,
-        vm_spec,
+        vm,
         job,
         Services {
             proxy: proxy.addr,
@@ -855,8 +863,10 @@ struct Vm {
 }
 
 impl Vm {
-    /// Creates the VM; with `hold`, the tool holds it until [`Vm::release`].
-    fn create(uri: &str, spec: &VmSpec, hold: bool, log: &ToolsLog) -> Result<Vm, ToolError> {
+    /// Starts `contractor-vm create` for `spec` and hands it the request, without waiting
+    /// for its answer ([`Spawned::finish`]): the VM boots (or is restored) while the
+    /// services start. With `hold`, the tool holds the VM until [`Vm::release`].
+    fn spawn(uri: &str, spec: &VmSpec, hold: bool, log: &ToolsLog) -> Result<Spawned, ToolError> {
         let name = tools::VM;
         let mut command = tools::command(name)?;
         command.args(["create", "--json", "--json-errors"]);
@@ -887,7 +897,41 @@ impl Vm {
         if !hold {
             drop(stdin.take());
         }
-        let mut answers = Answers::of(name, &mut child)?;
+        Ok(Spawned {
+            child: Some(child),
+            stdin,
+            uri: uri.to_string(),
+            hold,
+        })
+    }
+}
+
+/// `contractor-vm create`, started and asked, not yet answered.
+struct Spawned {
+    child: Option<Child>,
+    stdin: Option<std::process::ChildStdin>,
+    uri: String,
+    hold: bool,
+}
+
+impl Spawned {
+    /// Waits for the VM.
+    fn finish(mut self) -> Result<Vm, ToolError> {
+        let name = tools::VM;
+        let (Some(mut child), stdin) = (self.child.take(), self.stdin.take()) else {
+            return Err(ToolError::Io {
+                name,
+                source: std::io::Error::other("contractor-vm was already waited for"),
+            });
+        };
+        let mut answers = match Answers::of(name, &mut child) {
+            Ok(answers) => answers,
+            Err(err) => {
+                drop(stdin);
+                stop_child(&mut child);
+                return Err(err);
+            }
+        };
         let answer: VmResult = match answers.first(&mut child) {
             Ok(answer) => answer,
             Err(err) => {
@@ -910,7 +954,7 @@ impl Vm {
         };
         // The holder writes nothing more; a thread keeps its stdout drained regardless.
         std::thread::spawn(move || answers.drain());
-        let holder = if hold {
+        let holder = if self.hold {
             child.stdin = stdin;
             Some(child)
         } else {
@@ -919,11 +963,23 @@ impl Vm {
         };
         Ok(Vm {
             info: vm,
-            uri: uri.to_string(),
+            uri: self.uri.clone(),
             holder,
         })
     }
+}
 
+impl Drop for Spawned {
+    /// Never asked for its VM: the holder destroys it once its stdin closes.
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Vm {
     /// Has the holder begin destroying the VM (its stdin closes) and returns at once; a VM
     /// that is not held is destroyed here with `contractor-vm destroy`.
     fn start_release(mut self) -> Releasing {
@@ -1037,7 +1093,7 @@ impl Drop for Vm {
 #[allow(clippy::too_many_arguments)]
 fn run_in_vm(
     uri: &str,
-    vm_spec: VmSpec,
+    vm: Result<Spawned, Ran>,
     job: Job,
     services: Services,
     log: &Path,
@@ -1046,16 +1102,16 @@ fn run_in_vm(
     tools_log: &ToolsLog,
     interruption: &Interruption,
 ) -> Ran {
-    if let Err(err) = paths::create_dir_world_readable(&vm_spec.work_dir) {
-        return Ran::infrastructure(BuildCode::VmWorkDir, &err);
-    }
+    let keep = job.keep;
+    let spawned = match vm {
+        Ok(spawned) => spawned,
+        Err(ran) => return ran,
+    };
     if let Some(signal) = interruption.signal() {
+        drop(spawned);
         return Ran::interrupted(signal);
     }
-    // A VM that may be kept for a shell must outlive this process: it is not held, and
-    // `contractor-vm reap` removes it when this process died before deciding.
-    let keep = job.keep;
-    let vm = match Vm::create(uri, &vm_spec, keep.is_none(), tools_log) {
+    let vm = match spawned.finish() {
         Ok(vm) => vm,
         Err(err) if interruption.signal().is_some() => {
             drop(err);

@@ -188,54 +188,36 @@ pub fn create_held(conn: &Connect, spec: &VmSpec) -> Result<(VmInfo, Option<Slot
             format!("all {SLOTS_PER_KEY} snapshots of this image and shape are in use"),
         );
     };
+    let restore_slot =
+        |record: &Record| restore(conn, &spec, accel, &slot, record, &owner, launcher.as_ref());
     let reason = match read_record(&slot.dir) {
-        Ok(Some(record)) if record.key == key => {
-            match restore(
-                conn,
-                &spec,
-                accel,
-                &slot,
-                &record,
-                &owner,
-                launcher.as_ref(),
-            ) {
-                Ok(vm) => {
-                    touch(&slot.dir.join(RECORD_FILE));
-                    return Ok((with_report(vm, true, false, None, &slot), Some(slot)));
-                }
-                Err(err) => format!(
-                    "the snapshot could not be restored: {}",
-                    contractor_protocol::result::joined_chain(&err)
-                ),
+        Ok(Some(record)) if record.key == key => match restore_slot(&record) {
+            Ok(vm) => {
+                touch(&slot.dir.join(RECORD_FILE));
+                return Ok((with_report(vm, true, false, None, &slot), Some(slot)));
             }
-        }
+            Err(err) => format!(
+                "the snapshot could not be restored: {}",
+                contractor_protocol::result::joined_chain(&err)
+            ),
+        },
         Ok(Some(record)) => format!("the snapshot is stale: {}", difference(&record.key, &key)),
         Ok(None) => "no snapshot of this image and shape yet".to_string(),
         Err(err) => format!("the snapshot is unreadable: {err}"),
     };
     evict(&root, &slot);
     match make(conn, &spec, &slot, &key, &owner) {
-        Made::Saved(record) => {
-            match restore(
-                conn,
-                &spec,
-                accel,
-                &slot,
-                &record,
-                &owner,
-                launcher.as_ref(),
-            ) {
-                Ok(vm) => Ok((with_report(vm, true, true, Some(reason), &slot), Some(slot))),
-                Err(err) => {
-                    let _ = std::fs::remove_dir_all(&slot.dir);
-                    let why = format!(
-                        "{reason}; the new snapshot could not be restored: {}",
-                        contractor_protocol::result::joined_chain(&err)
-                    );
-                    cold(conn, &spec, &owner, why)
-                }
+        Made::Saved(record) => match restore_slot(&record) {
+            Ok(vm) => Ok((with_report(vm, true, true, Some(reason), &slot), Some(slot))),
+            Err(err) => {
+                let _ = std::fs::remove_dir_all(&slot.dir);
+                let why = format!(
+                    "{reason}; the new snapshot could not be restored: {}",
+                    contractor_protocol::result::joined_chain(&err)
+                );
+                cold(conn, &spec, &owner, why)
             }
-        }
+        },
         // The VM booted and its agent answered, but it could not be saved: it is the VM.
         Made::Running(vm, err) => {
             let why = format!("{reason}; it could not be saved: {err}");
@@ -353,19 +335,9 @@ fn key_hash(key: &Key) -> String {
 fn claim(conn: &Connect, root: &Path, key: &Key) -> Option<Slot> {
     let hash = key_hash(key);
     for n in 0..SLOTS_PER_KEY {
-        let lock_path = root.join(format!("{hash}-{n}.lock"));
-        let Ok(lock) = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-        else {
+        let Some(lock) = try_lock(&root.join(format!("{hash}-{n}.lock"))) else {
             continue;
         };
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            continue;
-        }
         let name = format!("{}snap-{hash}-{n}", crate::name::NAME_PREFIX);
         if exists(conn, &name) && destroy(conn, &name).is_err() {
             continue;
@@ -377,6 +349,19 @@ fn claim(conn: &Connect, root: &Path, key: &Key) -> Option<Slot> {
         });
     }
     None
+}
+
+/// The lock file at `path`, locked (`flock`, exclusive) if nobody else holds it.
+fn try_lock(path: &Path) -> Option<std::fs::File> {
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .ok()?;
+    // SAFETY: flock on a descriptor we own.
+    let locked = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    locked.then_some(lock)
 }
 
 fn read_record(dir: &Path) -> Result<Option<Record>, String> {
@@ -456,19 +441,8 @@ fn evict(root: &Path, slot: &Slot) {
         if count < MAX_SNAPSHOTS {
             break;
         }
-        let lock_path = dir.with_extension("lock");
-        let Ok(lock) = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-        else {
-            continue;
-        };
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0
-            && std::fs::remove_dir_all(&dir).is_ok()
-        {
+        let lock = try_lock(&dir.with_extension("lock"));
+        if lock.is_some() && std::fs::remove_dir_all(&dir).is_ok() {
             count -= 1;
         }
     }

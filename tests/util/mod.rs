@@ -187,20 +187,32 @@ pub fn libvirt_domains() -> String {
 /// metadata, is gone (the build's own holder has exited by now).
 pub fn assert_no_vm_left(build: &Build) {
     let name = build.vm_name();
-    let reused = name.starts_with("contractor-snap-") && owner_is_alive(&name);
-    if reused {
-        return;
-    }
-    assert!(!libvirt_domains().contains(&name), "VM {name} left behind");
-    let overlay = contractor_cli::paths::data_dir()
-        .expect("data dir")
-        .join("vms")
-        .join(format!("{name}.qcow2"));
+    assert!(!vm_left_behind(&name), "VM {name} left behind");
+    let overlay = overlay_of(&name);
     assert!(
-        !overlay.exists(),
+        !overlay.exists() || reused_slot(&name),
         "overlay {} left behind",
         overlay.display()
     );
+}
+
+/// The overlay file VM `name` has while it runs.
+pub fn overlay_of(name: &str) -> PathBuf {
+    contractor_cli::paths::data_dir()
+        .expect("data dir")
+        .join("vms")
+        .join(format!("{name}.qcow2"))
+}
+
+/// Whether a VM named `name` is still there after its build ended (see
+/// [`assert_no_vm_left`] for a snapshot slot's name in use by another build).
+pub fn vm_left_behind(name: &str) -> bool {
+    libvirt_domains().lines().any(|l| l.trim() == name) && !reused_slot(name)
+}
+
+/// Whether `name` is a snapshot slot's that another, running build has restored by now.
+pub fn reused_slot(name: &str) -> bool {
+    name.starts_with("contractor-snap-") && owner_is_alive(name)
 }
 
 /// Whether domain `name` exists and the process its metadata names as owner is running.
@@ -211,10 +223,12 @@ pub fn owner_is_alive(name: &str) -> bool {
         .output()
         .expect("virsh");
     let xml = String::from_utf8_lossy(&out.stdout);
+    // libvirt writes the metadata element back with either quote.
     let pid = xml
-        .split("owner pid='")
+        .split("owner pid=")
         .nth(1)
-        .and_then(|rest| rest.split('\'').next())
+        .and_then(|rest| rest.get(1..))
+        .and_then(|rest| rest.split(['\'', '"']).next())
         .and_then(|pid| pid.parse::<u32>().ok());
     pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
 }

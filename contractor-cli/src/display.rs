@@ -568,6 +568,35 @@ mod tests {
     }
 
     #[test]
+    fn how_the_vm_started_is_said_and_a_cold_boot_says_why() {
+        let started = |snapshot| BuildEvent::VmStarted {
+            name: "contractor-snap-91f5e701c083-0".into(),
+            accel: Accel::Tcg,
+            snapshot,
+        };
+        let (out, err) = (Sink::default(), Sink::default());
+        let display = Display::with(Style::Plain, Box::new(out), Box::new(err.clone()));
+        display.event(&started(Some(SnapshotReport {
+            restored: true,
+            created: false,
+            reason: None,
+            dir: None,
+        })));
+        display.event(&started(Some(SnapshotReport {
+            restored: false,
+            created: false,
+            reason: Some("all 4 snapshots of this image and shape are in use".into()),
+            dir: None,
+        })));
+        display.close();
+        assert_eq!(
+            err.text(),
+            "contractor: VM contractor-snap-91f5e701c083-0 started (Tcg), restored from a snapshot\n\
+             contractor: VM contractor-snap-91f5e701c083-0 started (Tcg), booted cold (all 4 snapshots of this image and shape are in use)\n"
+        );
+    }
+
+    #[test]
     fn json_prints_every_event_as_one_line_on_stdout_and_nothing_else() {
         let (out, err) = shown(Style::Json);
         assert_eq!(err, "");

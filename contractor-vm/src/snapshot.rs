@@ -601,7 +601,8 @@ fn wait_for_agent(socket: &Path, wait: Duration) -> Result<(), String> {
             last_hello = Some(Instant::now());
         }
         match reader.read_until(b'\n', &mut line) {
-            Ok(0) => std::thread::sleep(Duration::from_millis(50)),
+            // QEMU closed its end: the VM is gone (its kernel panicked, say).
+            Ok(0) => return Err("the VM stopped before its agent answered".to_string()),
             Ok(_) if line.ends_with(b"\n") => {
                 if let Ok(GuestMessage::Hello { .. }) = serde_json::from_slice(&line) {
                     return Ok(());

@@ -22,20 +22,29 @@ const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
 /// `RNDRESEEDCRNG`: `_IO('R', 0x07)`.
 const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 
-/// Sets the clock and reseeds the generator from `job`, printing what failed.
+/// Sets the clock and reseeds the generator from `job`, and says so on the console (for a
+/// VM restored from a snapshot, the first lines of its build's console log).
 pub fn wake(job: &Job) {
+    eprintln!("contractor-agent: the job arrived");
     if let Some(time) = job.host_time {
-        if let Err(err) = set_clock(time) {
-            eprintln!("contractor-agent: cannot set the clock from the host's: {err}");
+        match set_clock(time) {
+            Ok(()) => eprintln!(
+                "contractor-agent: clock set to the host's ({} s)",
+                time.secs
+            ),
+            Err(err) => eprintln!("contractor-agent: cannot set the clock from the host's: {err}"),
         }
     }
     if let Some(entropy) = &job.entropy {
         match decode_hex(entropy) {
-            Some(bytes) => {
-                if let Err(err) = reseed(&bytes) {
-                    eprintln!("contractor-agent: cannot reseed the random number generator: {err}");
+            Some(bytes) => match reseed(&bytes) {
+                Ok(()) => eprintln!(
+                    "contractor-agent: random number generator reseeded with the host's entropy"
+                ),
+                Err(err) => {
+                    eprintln!("contractor-agent: cannot reseed the random number generator: {err}")
                 }
-            }
+            },
             None => eprintln!(
                 "contractor-agent: the job's entropy is not {JOB_ENTROPY_BYTES} bytes of hex; not used"
             ),

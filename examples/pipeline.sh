@@ -230,6 +230,8 @@ proxy_pid=$service_pid proxy_addr=$service_addr proxy_copier=$service_copier
 say "proxy ready at $proxy_addr"
 
 # --- 4. the VM, held by contractor-vm for as long as fd 4 (its stdin) stays open --------------
+# As `contractor build` does, it is restored from the snapshot of a booted builder of this
+# image and shape when there is one (and the first time booted cold and saved as one).
 mkdir -p "$DATA/vms"
 jq -n --arg uri "$URI" --argjson boot "$boot" \
     --argjson cpus "$CPUS" --argjson memory "$MEMORY_MIB" --argjson disk "$DISK_GIB" \
@@ -238,7 +240,7 @@ jq -n --arg uri "$URI" --argjson boot "$boot" \
     '{type: "create", version: 1, uri: $uri,
       spec: {image: $boot,
              cpus: $cpus, memory_mib: $memory, disk_gib: $disk, accel: $accel,
-             console_log: $console, work_dir: $work}}' >"$TMP/vm-request.json"
+             console_log: $console, work_dir: $work, snapshot: true}}' >"$TMP/vm-request.json"
 mkfifo "$TMP/vm.in" "$TMP/vm.out"
 "$VM_TOOL" create --json --hold --json-errors <"$TMP/vm.in" >"$TMP/vm.out" 2>>"$REC/tools.log" &
 vm_pid=$!
@@ -261,7 +263,9 @@ if [ "$(printf '%s\n' "$vm_result" | jq -r '.type' 2>/dev/null)" != vm ]; then
         "pipeline: contractor-vm error \(.code): \(.chain | join(": "))"' >&2 2>/dev/null || true
     die "$code" "cannot create the VM (contractor-vm exited $code)"
 fi
-say "$(printf '%s\n' "$vm_result" | jq -r '"VM \(.vm.name) started at \(.vm.uri) (\(.vm.accel // "?"))"')"
+say "$(printf '%s\n' "$vm_result" | jq -r '"VM \(.vm.name) started at \(.vm.uri) (\(.vm.accel // "?"))" +
+    (if .vm.snapshot.restored then ", restored from a snapshot"
+     elif .vm.snapshot then ", booted cold (\(.vm.snapshot.reason // "?"))" else "" end)')"
 
 # --- 5. the run: the RunRequest is the VM's result plus the two addresses and the job --------
 printf '%s\n' "$vm_result" | jq -e --arg proxy "$proxy_addr" --arg store "$store_addr" \

@@ -201,6 +201,14 @@ enum ImageCommand {
         /// Image name.
         name: String,
     },
+    /// Remove the derived images (`[image] base/packages`) that no build has used for
+    /// --days days; the next build that needs one builds it again.
+    #[command(after_help = "Example:\n  contractor image gc --days 30")]
+    Gc {
+        /// Days since a build last used an image, after which it is removed.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -288,6 +296,18 @@ pub fn main() -> std::process::ExitCode {
                 .map_err(|e| Failure::tool(format!("cannot clear the cache in {}", store_of(&file).display()), e)),
         ),
         Command::Image(ImageCommand::Rm { name }) => report(image::remove(&name).map_err(Failure::image)),
+        Command::Image(ImageCommand::Gc { days }) => report(
+            image::gc(days)
+                .map(|removed| {
+                    if removed.is_empty() {
+                        println!("no derived image went unused for {days} days");
+                    }
+                    for name in removed {
+                        println!("removed image {}", escape(&name));
+                    }
+                })
+                .map_err(Failure::image),
+        ),
         Command::Image(ImageCommand::Build { name }) => {
             if !spec::KNOWN_IMAGES.contains(&name.as_str()) {
                 eprintln!(

@@ -83,6 +83,7 @@ fn type_of(result: &ImageResult) -> &'static str {
         ImageResult::Image { .. } => "image",
         ImageResult::Images { .. } => "images",
         ImageResult::Removed { .. } => "removed",
+        ImageResult::Collected { .. } => "collected",
     }
 }
 
@@ -151,6 +152,18 @@ pub fn remove(name: &str) -> Result<(), ImageError> {
         ImageResult::Removed { .. } => Ok(()),
         other => Err(ImageError::Unexpected {
             command: "rm",
+            got: type_of(&other),
+        }),
+    }
+}
+
+/// Removes the derived images no build used for `days` days; returns their names.
+pub fn gc(days: u32) -> Result<Vec<String>, ImageError> {
+    let days = days.to_string();
+    match image_tool("gc", &[OsStr::new("--days"), OsStr::new(&days)])? {
+        ImageResult::Collected { removed, .. } => Ok(removed),
+        other => Err(ImageError::Unexpected {
+            command: "gc",
             got: type_of(&other),
         }),
     }

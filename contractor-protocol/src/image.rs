@@ -232,6 +232,13 @@ pub enum ImageResult {
         /// Image name.
         name: String,
     },
+    /// The derived images `image gc` removed (no build used them for its `--days`).
+    Collected {
+        /// Protocol version, 1.
+        version: u32,
+        /// Their names, sorted.
+        removed: Vec<String>,
+    },
 }
 
 #[cfg(test)]

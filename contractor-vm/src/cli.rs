@@ -148,6 +148,13 @@ pub enum ImageCommand {
         /// Image name.
         name: String,
     },
+    /// Remove the derived images (`--base`) that no build has used for --days days.
+    #[command(after_help = "Example:\n  contractor-vm image gc --days 30")]
+    Gc {
+        /// Days since a build last used an image, after which it is removed.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
 }
 
 /// Accelerator names on the command line.
@@ -574,6 +581,13 @@ pub fn image_command(command: ImageCommand) -> Result<ImageResult, ImageError> {
             version,
             images: crate::image::list()?.iter().map(|i| i.info()).collect(),
         },
+        ImageCommand::Gc { days } => {
+            let removed = crate::image::gc(Duration::from_secs(u64::from(days) * 86_400))?;
+            for name in &removed {
+                let _ = writeln!(io::stderr(), "contractor-vm: removed image {name}");
+            }
+            ImageResult::Collected { version, removed }
+        }
         ImageCommand::Rm { name } => {
             crate::image::remove(&name)?;
             let _ = writeln!(io::stderr(), "contractor-vm: removed image {name}");

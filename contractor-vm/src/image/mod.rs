@@ -17,6 +17,7 @@ pub mod tool;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use contractor_protocol::image::{
     ImageInfo, Manifest, AGENT_IN_IMAGE, AGENT_VERSION, DISK_FILE, DISTRIBUTION_INITRD, IMPORTED,
@@ -491,6 +492,7 @@ fn ensure_with(name: &str, recipe: Option<Recipe>) -> Result<Image, ImageError> 
                 image.manifest.version
             );
         } else if image.manifest.agent_sha256 == agent_sha {
+            mark_used(&image.dir);
             return Ok(image);
         } else if image.manifest.suite == IMPORTED {
             eprintln!(
@@ -507,6 +509,68 @@ fn ensure_with(name: &str, recipe: Option<Recipe>) -> Result<Image, ImageError> 
         });
     };
     build(name, &recipe, &images, &agent, &agent_sha)
+}
+
+/// The file in an image's directory whose modification time says when a build last used
+/// the image (`ensure` touches it); without it, the manifest's `created` counts.
+pub const USED_FILE: &str = "last-used";
+
+fn mark_used(dir: &Path) {
+    let path = dir.join(USED_FILE);
+    let touched = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+    if let Err(err) = touched {
+        eprintln!(
+            "contractor-vm: cannot mark {} as used: {err}",
+            path.display()
+        );
+    }
+}
+
+/// When a build last used the image in `dir` (see [`USED_FILE`]).
+fn last_used(image: &Image) -> std::time::SystemTime {
+    std::fs::metadata(image.dir.join(USED_FILE))
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| std::time::UNIX_EPOCH + Duration::from_secs(image.manifest.created))
+}
+
+/// Removes the derived images (those with a `base`) that no build has used for `max_age`,
+/// and returns their names. The default and imported images are never removed this way.
+pub fn gc(max_age: Duration) -> Result<Vec<String>, ImageError> {
+    gc_in(&images_dir()?, max_age, std::time::SystemTime::now())
+}
+
+fn gc_in(
+    images: &Path,
+    max_age: Duration,
+    now: std::time::SystemTime,
+) -> Result<Vec<String>, ImageError> {
+    let entries = match std::fs::read_dir(images) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(file_err("cannot list", images)(e)),
+    };
+    let _lock = DirLock::acquire(&images.join(".lock"))?;
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let Some(image) = load(&entry.path())? else {
+            continue;
+        };
+        let idle = now.duration_since(last_used(&image)).unwrap_or_default();
+        if image.manifest.base.is_some() && idle > max_age {
+            std::fs::remove_dir_all(&image.dir).map_err(file_err("cannot remove", &image.dir))?;
+            removed.push(image.manifest.name.clone());
+        }
+    }
+    removed.sort();
+    Ok(removed)
 }
 
 /// The images under the data directory, by name.
@@ -925,6 +989,51 @@ mod tests {
             Some("initrd.img-6.1.0-50-cloud-amd64")
         );
         assert_eq!(boot_file("/1/040755/0/0/./\n", "vmlinuz-"), None);
+    }
+
+    #[test]
+    fn gc_removes_only_derived_images_unused_for_longer_than_asked() {
+        let images = tempfile::tempdir().expect("tempdir");
+        let day = Duration::from_secs(86_400);
+        let now = std::time::UNIX_EPOCH + 100 * day;
+        let make = |name: &str, base: Option<&str>, created_day: u64, used_day: Option<u32>| {
+            let dir = images.path().join(name);
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            let mut manifest = Manifest {
+                version: MANIFEST_VERSION,
+                name: name.into(),
+                suite: "bookworm".into(),
+                created: created_day * 86_400,
+                disk_sha256: "d".into(),
+                agent_version: AGENT_VERSION.into(),
+                agent_sha256: "a".into(),
+                cmdline: "root=/dev/vda".into(),
+                base: None,
+                packages: Vec::new(),
+            };
+            if let Some(base) = base {
+                manifest.base = Some(base.into());
+                manifest.packages = vec!["python3-pytest".into()];
+            }
+            write_manifest(&dir, &manifest).expect("manifest");
+            if let Some(used) = used_day {
+                let file = std::fs::File::create(dir.join(USED_FILE)).expect("used");
+                file.set_modified(std::time::UNIX_EPOCH + day * used)
+                    .expect("mtime");
+            }
+            dir
+        };
+        let stale = make("debian-12-aaaa", Some("debian-12"), 10, Some(50));
+        let fresh = make("debian-12-bbbb", Some("debian-12"), 10, Some(95));
+        let never = make("debian-13-cccc", Some("debian-13"), 20, None);
+        let default = make("debian-12-build", None, 1, None);
+        let removed = gc_in(images.path(), 30 * day, now).expect("gc");
+        assert_eq!(removed, ["debian-12-aaaa", "debian-13-cccc"]);
+        assert!(!stale.exists() && !never.exists());
+        assert!(fresh.exists(), "used 5 days ago");
+        assert!(default.exists(), "a default image is never collected");
+        let missing = images.path().join("none");
+        assert!(gc_in(&missing, day, now).expect("no images dir").is_empty());
     }
 
     #[test]

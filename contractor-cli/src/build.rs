@@ -992,43 +992,23 @@ impl Vm {
                     name: self.info.name.clone(),
                 }
             }
-            None => Releasing::Done(self.release()),
+            None => Releasing::Done(destroy_vm(&self.uri, &self.info.name)),
         }
     }
 
-    /// Destroys the VM and deletes its overlay: the holder does it when its stdin closes; a
-    /// VM that is not held is destroyed with `contractor-vm destroy`.
-    fn release(mut self) -> Result<(), ToolError> {
-        let name = tools::VM;
-        match self.holder.take() {
-            Some(mut holder) => {
-                drop(holder.stdin.take());
-                let status = holder
-                    .wait()
-                    .map_err(|source| ToolError::Io { name, source })?;
-                if status.success() {
-                    Ok(())
-                } else {
-                    Err(ToolError::Failed {
-                        name,
-                        exit_code: status.code(),
-                        error: None,
-                    })
-                }
-            }
-            None => tools::answer::<VmResult>(
-                name,
-                &[
-                    "destroy".as_ref(),
-                    "--uri".as_ref(),
-                    self.uri.as_ref(),
-                    "--name".as_ref(),
-                    self.info.name.as_ref(),
-                ],
-            )
-            .map(drop),
-        }
+    /// Destroys the VM and deletes its overlay, and waits until that is done.
+    fn release(self) -> Result<(), ToolError> {
+        self.start_release().wait()
     }
+}
+
+/// `contractor-vm destroy`: the VM `name` at `uri` is destroyed and its overlay deleted.
+fn destroy_vm(uri: &str, name: &str) -> Result<(), ToolError> {
+    tools::answer::<VmResult>(
+        tools::VM,
+        &["destroy", "--uri", uri, "--name", name].map(AsRef::as_ref),
+    )
+    .map(drop)
 }
 
 /// A VM on its way out ([`Vm::start_release`]).
@@ -1059,12 +1039,8 @@ impl Releasing {
                 if status.success() {
                     return Ok(());
                 }
-                let destroyed = tools::answer::<VmResult>(
-                    tool,
-                    &["destroy", "--uri", uri.as_str(), "--name", name.as_str()].map(AsRef::as_ref),
-                );
-                match destroyed {
-                    Ok(_) => Ok(()),
+                match destroy_vm(&uri, &name) {
+                    Ok(()) => Ok(()),
                     Err(ToolError::Failed {
                         error: Some(error), ..
                     }) if error.code == "not_found" => Err(ToolError::Failed {

@@ -939,20 +939,8 @@ async fn splice(mut stream: TunnelStream, target: std::net::SocketAddr) {
     let Ok(mut upstream) = TcpStream::connect(target).await else {
         return;
     };
-    // 64 KiB at a time each way (tokio's default is 8 KiB): fewer trips through the
-    // tunnel's frames and the store's writes for artifacts and sources.
-    let _ = tokio::io::copy_bidirectional_with_sizes(
-        &mut stream,
-        &mut upstream,
-        SPLICE_BUFFER,
-        SPLICE_BUFFER,
-    )
-    .await;
+    tunnel::copy_both_ways(&mut stream, &mut upstream).await;
 }
-
-/// The buffer of each direction of a relayed stream: 64 KiB (bounded by the tunnel's
-/// stream count, [`tunnel::MAX_TUNNEL_STREAMS`]).
-const SPLICE_BUFFER: usize = 64 * 1024;
 
 /// Copies the build's output to the log file and to `output` events, up to `max` bytes.
 async fn copy_log(

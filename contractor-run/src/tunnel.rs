@@ -79,6 +79,21 @@ pub const MAX_TUNNEL_STREAMS: usize = 512;
 /// The largest data frame sent on the tunnel: 64 KiB.
 const YAMUX_FRAME: usize = 64 * 1024;
 
+/// The buffer of each direction of a connection carried over a tunnel stream: 64 KiB
+/// (tokio's default is 8 KiB), bounded by the stream count, [`MAX_TUNNEL_STREAMS`].
+const COPY_BUFFER: usize = 64 * 1024;
+
+/// Copies both ways between a tunnel stream and the connection it carries (the guest's
+/// loopback client, or the host's proxy or store) until both ends are done, 64 KiB at a
+/// time: fewer trips through the tunnel's frames for bulk transfers.
+pub async fn copy_both_ways<A, B>(a: &mut A, b: &mut B)
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let _ = tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUFFER, COPY_BUFFER).await;
+}
+
 /// How the tunnel's connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TunnelEnd {

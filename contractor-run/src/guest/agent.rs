@@ -37,8 +37,6 @@ pub const WORK_DIR: &str = "/build";
 pub use contractor_protocol::image::AGENT_VERSION;
 
 const PORT_WAIT: Duration = Duration::from_secs(60);
-/// The buffer of each direction of a loopback connection carried over the tunnel: 64 KiB.
-const FORWARD_BUFFER: usize = 64 * 1024;
 /// How many artifacts are uploaded at a time: 4.
 const PARALLEL_UPLOADS: usize = 4;
 /// The bytes of an artifact read and sent at a time: 256 KiB.
@@ -591,13 +589,7 @@ async fn forward(
                 let _slot = slot;
                 match opener.open(target).await {
                     Ok(mut stream) => {
-                        let _ = tokio::io::copy_bidirectional_with_sizes(
-                            &mut client,
-                            &mut stream,
-                            FORWARD_BUFFER,
-                            FORWARD_BUFFER,
-                        )
-                        .await;
+                        tunnel::copy_both_ways(&mut client, &mut stream).await;
                     }
                     Err(err) => {
                         let _ = client

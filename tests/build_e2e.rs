@@ -725,39 +725,125 @@ fn a_failed_build_kept_with_keep_opens_a_shell_where_it_failed_and_exiting_destr
     assert!(String::from_utf8_lossy(&missing.stderr).contains("has no kept VM"));
 }
 
+/// Runs `program args` (a tool the test makes a disk with), failing the test with its
+/// stderr; `stdin` is its input.
+fn run_tool(program: &str, args: &[&std::ffi::OsStr], stdin: &str) {
+    use std::io::Write;
+    let mut child = Command::new(program)
+        .args(args)
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} (scripts/setup installs it): {e}"));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("stdin");
+    let out = child.wait_with_output().expect(program);
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
-fn an_imported_image_of_ones_own_builds_like_a_built_one() {
-    if util::skip_without_vm("an_imported_image_of_ones_own_builds_like_a_built_one") {
+fn an_imported_partitioned_disk_builds_like_a_built_image() {
+    if util::skip_without_vm("an_imported_partitioned_disk_builds_like_a_built_image") {
         return;
     }
-    // A disk, kernel and initrd of our own: those of debian-12-build (booted, unlike it,
-    // with Debian's own initrd, and with the agent written in by the import).
+    // A disk as cloud images are: a GPT table (written by sfdisk), an EFI partition, and
+    // the root file system of debian-12-build on partition 2, with its kernel and initrd
+    // only in its /boot. The import finds all three; the VM boots with Debian's own initrd.
     let built = Command::new(util::contractor())
         .args(["image", "build", "debian-12-build"])
         .output()
         .expect("contractor image build");
     assert!(built.status.success());
     let built_dir = std::path::PathBuf::from(String::from_utf8_lossy(&built.stdout).trim());
+    let work = tempfile::tempdir().expect("tempdir");
+    let root = work.path().join("root.raw");
+    let disk = work.path().join("cloud.raw");
+    run_tool(
+        "qemu-img",
+        &[
+            "convert".as_ref(),
+            "-O".as_ref(),
+            "raw".as_ref(),
+            built_dir.join("disk.qcow2").as_os_str(),
+            root.as_os_str(),
+        ],
+        "",
+    );
+    let root_sectors = std::fs::metadata(&root).expect("root").len() / 512;
+    // 1 MiB before the EFI partition, 8 MiB of it, the root, 1 MiB for the backup table.
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len((18432 + root_sectors + 2048) * 512))
+        .expect("disk");
+    run_tool(
+        "sfdisk",
+        &["-q".as_ref(), disk.as_os_str()],
+        &format!(
+            "label: gpt\n\
+             start=2048, size=16384, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\n\
+             start=18432, size={root_sectors}, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n"
+        ),
+    );
+    let (of, input) = (
+        format!("of={}", disk.display()),
+        format!("if={}", root.display()),
+    );
+    run_tool(
+        "dd",
+        &[
+            input.as_ref(),
+            of.as_ref(),
+            "bs=1M".as_ref(),
+            "seek=9".as_ref(),
+            "conv=notrunc,sparse".as_ref(),
+            "status=none".as_ref(),
+        ],
+        "",
+    );
+    std::fs::remove_file(&root).expect("remove the root copy");
     let name = format!("imported-{}", std::process::id());
+    // Removes the imported image when the test ends, passed or failed.
+    struct Imported<'a>(&'a str);
+    impl Drop for Imported<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new(util::contractor())
+                .args(["image", "rm", self.0])
+                .output();
+        }
+    }
+    let _imported = Imported(&name);
     let import = Command::new(util::contractor())
         .args(["image", "import", &name, "--disk"])
-        .arg(built_dir.join("disk.qcow2"))
-        .arg("--kernel")
-        .arg(built_dir.join("vmlinuz"))
-        .arg("--initrd")
-        .arg(built_dir.join("initrd.img"))
+        .arg(&disk)
         .output()
         .expect("contractor image import");
+    let said = String::from_utf8_lossy(&import.stderr);
+    assert!(import.status.success(), "{said}");
+    assert!(said.contains("root: GPT partition 2"), "{said}");
     assert!(
-        import.status.success(),
-        "{}",
-        String::from_utf8_lossy(&import.stderr)
+        said.contains("kernel: /boot/vmlinuz-") && said.contains("in /boot of the root"),
+        "{said}"
     );
+    drop(work);
     let listing = Command::new(util::contractor())
         .args(["image", "list"])
         .output()
         .expect("contractor image list");
-    assert!(String::from_utf8_lossy(&listing.stdout).contains(&name));
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(listing.contains(&name), "{listing}");
+    assert!(
+        listing.contains("imported: root: GPT partition 2"),
+        "{listing}"
+    );
 
     let mut spec = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello/contractor.toml"),
@@ -772,12 +858,12 @@ fn an_imported_image_of_ones_own_builds_like_a_built_one() {
     let project = Project::hello();
     std::fs::write(project.path().join("contractor.toml"), spec).expect("spec");
     let build = project.build();
+    assert_eq!(build.result.outcome, Outcome::Success, "{}", build.stderr);
+    assert!(build.log().contains("all checks passed"));
     let removed = Command::new(util::contractor())
         .args(["image", "rm", &name])
         .status()
         .expect("contractor image rm");
-    assert_eq!(build.result.outcome, Outcome::Success, "{}", build.stderr);
-    assert!(build.log().contains("all checks passed"));
     assert!(removed.success());
 
     // What the import refuses, before anything is copied.

@@ -176,24 +176,28 @@ enum ImageCommand {
     /// List the built images: name, size, date, sha256, agent version.
     #[command(after_help = "Example:\n  contractor image list")]
     List,
-    /// Make a builder image of your own disk, kernel and initrd (any Linux with an ext2/3/4
-    /// root file system on the whole disk); docs/configuration.md says what it needs.
+    /// Make a builder image of your own disk (any Linux with an ext2/3/4 root file system:
+    /// a partitioned cloud image as distributions publish them, or a file system on the
+    /// whole disk with --kernel and --initrd); docs/configuration.md says what it needs.
     #[command(
-        after_help = "Example:\n  contractor image import my-distro --disk my.qcow2 --kernel vmlinuz --initrd initrd.img\n  \
+        after_help = "Examples:\n  contractor image import my-distro --disk debian-12-genericcloud-amd64.qcow2\n  \
+contractor image import my-distro --disk root.qcow2 --kernel vmlinuz --initrd initrd.img\n  \
 # then, in contractor.toml: [build] image = \"my-distro\""
     )]
     Import {
         /// The name to build with (`[build] image = "NAME"`).
         name: String,
-        /// The disk: qcow2 or raw, one ext2/3/4 file system on the whole disk.
+        /// The disk: qcow2 or raw; partitioned (GPT or MBR, the root on an ext2/3/4
+        /// partition) or one ext2/3/4 file system on the whole disk.
         #[arg(long)]
         disk: PathBuf,
-        /// The kernel (bzImage).
-        #[arg(long)]
-        kernel: PathBuf,
-        /// The initrd that mounts root=/dev/vda and starts init=.
-        #[arg(long)]
-        initrd: PathBuf,
+        /// The kernel (bzImage); by default the newest in the disk's /boot.
+        #[arg(long, requires = "initrd")]
+        kernel: Option<PathBuf>,
+        /// The initrd that mounts root=/dev/vda and starts init=; by default the one of the
+        /// kernel found.
+        #[arg(long, requires = "kernel")]
+        initrd: Option<PathBuf>,
     },
     /// Remove a built image (the next build that needs it builds it again).
     #[command(after_help = "Example:\n  contractor image rm debian-12-build")]
@@ -279,7 +283,7 @@ pub fn main() -> std::process::ExitCode {
             disk,
             kernel,
             initrd,
-        }) => match image::import(&name, &disk, &kernel, &initrd) {
+        }) => match image::import(&name, &disk, kernel.as_deref().zip(initrd.as_deref())) {
             Ok(image) => {
                 println!("{}", image.dir.display());
                 ExitCode::Success.into()
@@ -693,6 +697,9 @@ fn list_images() -> Result<(), Failure> {
                 "",
                 escape(&image.manifest.packages.join(", "))
             );
+        }
+        if let Some(source) = &image.manifest.source {
+            println!("{:<22} imported: {}", "", escape(source));
         }
         for snapshot in &image.snapshots {
             let disk = snapshot

@@ -121,17 +121,18 @@ pub fn ensure_derived(base: &str, packages: &[String]) -> Result<Image, ImageErr
     one_image("build", image_tool("build", &args)?)
 }
 
-/// Imports `disk`, `kernel` and `initrd` as the image `name`.
-pub fn import(name: &str, disk: &Path, kernel: &Path, initrd: &Path) -> Result<Image, ImageError> {
-    let args = [
-        OsStr::new(name),
-        OsStr::new("--disk"),
-        disk.as_os_str(),
-        OsStr::new("--kernel"),
-        kernel.as_os_str(),
-        OsStr::new("--initrd"),
-        initrd.as_os_str(),
-    ];
+/// Imports `disk` as the image `name`, with `boot` (kernel, initrd) when given, else with
+/// the kernel and initrd contractor-vm finds in the disk.
+pub fn import(name: &str, disk: &Path, boot: Option<(&Path, &Path)>) -> Result<Image, ImageError> {
+    let mut args = vec![OsStr::new(name), OsStr::new("--disk"), disk.as_os_str()];
+    if let Some((kernel, initrd)) = boot {
+        args.extend([
+            OsStr::new("--kernel"),
+            kernel.as_os_str(),
+            OsStr::new("--initrd"),
+            initrd.as_os_str(),
+        ]);
+    }
     one_image("import", image_tool("import", &args)?)
 }
 

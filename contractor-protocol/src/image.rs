@@ -95,6 +95,10 @@ pub struct Manifest {
     /// A derived image's extra Debian packages, sorted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub packages: Vec<String>,
+    /// An imported image: what the import took from the disk (the root partition, the
+    /// kernel and initrd it found), as the import printed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// The bases a derived image can start from, with their Debian suites.
@@ -299,6 +303,7 @@ mod tests {
             agent_sha256: "a".into(),
             cmdline: "root=/dev/vda".into(),
             base: None,
+            source: None,
             packages: vec![],
         };
         let dir = PathBuf::from("/d/images/debian-12-build");

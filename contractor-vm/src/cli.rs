@@ -123,23 +123,26 @@ pub enum ImageCommand {
         #[arg(long = "package", requires = "base")]
         packages: Vec<String>,
     },
-    /// Make a builder image of your own disk, kernel and initrd (any Linux with an ext2/3/4
-    /// root file system on the whole disk).
+    /// Make a builder image of your own disk (any Linux with an ext2/3/4 root file system:
+    /// a partitioned cloud image, or a file system on the whole disk with --kernel/--initrd).
     #[command(
-        after_help = "Example:\n  contractor-vm image import my-distro --disk my.qcow2 --kernel vmlinuz --initrd initrd.img"
+        after_help = "Examples:\n  contractor-vm image import my-distro --disk debian-12-genericcloud-amd64.qcow2\n  \
+contractor-vm image import my-distro --disk root.qcow2 --kernel vmlinuz --initrd initrd.img"
     )]
     Import {
         /// The image name.
         name: String,
-        /// The disk: qcow2 or raw, one ext2/3/4 file system on the whole disk.
+        /// The disk: qcow2 or raw; partitioned (GPT or MBR, an ext2/3/4 root partition) or
+        /// one ext2/3/4 file system on the whole disk.
         #[arg(long)]
         disk: PathBuf,
-        /// The kernel (bzImage).
-        #[arg(long)]
-        kernel: PathBuf,
-        /// The initrd that mounts root=/dev/vda and starts init=.
-        #[arg(long)]
-        initrd: PathBuf,
+        /// The kernel (bzImage); by default the newest in the disk's /boot.
+        #[arg(long, requires = "initrd")]
+        kernel: Option<PathBuf>,
+        /// The initrd that mounts root=/dev/vda and starts init=; by default the one of the
+        /// kernel found.
+        #[arg(long, requires = "kernel")]
+        initrd: Option<PathBuf>,
     },
     /// List the images, by name.
     List,
@@ -575,7 +578,14 @@ pub fn image_command(command: ImageCommand) -> Result<ImageResult, ImageError> {
             initrd,
         } => ImageResult::Image {
             version,
-            image: Box::new(crate::image::import::import(&name, &disk, &kernel, &initrd)?.info()),
+            image: Box::new(
+                crate::image::import::import(
+                    &name,
+                    &disk,
+                    kernel.as_deref().zip(initrd.as_deref()),
+                )?
+                .info(),
+            ),
         },
         ImageCommand::List => ImageResult::Images {
             version,

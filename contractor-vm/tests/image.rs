@@ -159,3 +159,181 @@ fn check_reports_libvirt_kvm_and_the_agent() {
     );
     let _ = (check.cpu_virt, check.dev_kvm, check.libvirt.path);
 }
+
+/// Runs a program the test makes its disk with, failing the test with its stderr.
+fn tool(program: &str, args: &[&str], stdin: Option<&str>) {
+    use std::io::Write;
+    let mut child = Command::new(program)
+        .args(args)
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} (scripts/setup installs it): {e}"));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.unwrap_or("").as_bytes())
+        .expect("stdin");
+    let out = child.wait_with_output().expect(program);
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A fake bzImage: "HdrS" at 0x202, then `tag`.
+fn fake_kernel(tag: &str) -> Vec<u8> {
+    let mut bytes = vec![0u8; 0x300];
+    bytes[0x202..0x206].copy_from_slice(b"HdrS");
+    bytes.extend_from_slice(tag.as_bytes());
+    bytes
+}
+
+#[test]
+fn a_partitioned_disk_is_imported_from_its_root_partition_with_its_newest_kernel() {
+    // A GPT disk as cloud images have it (sfdisk writes the table): an EFI partition
+    // first, then the ext4 root with two kernels in /boot (10 is newer than 9 though it
+    // sorts before it as text).
+    let data = tempfile::tempdir().expect("tempdir");
+    let tree = data.path().join("tree");
+    for dir in ["bin", "boot", "etc"] {
+        std::fs::create_dir_all(tree.join(dir)).expect("mkdir");
+    }
+    std::fs::write(tree.join("bin/sh"), "#!/not/really\n").expect("sh");
+    for (name, bytes) in [
+        ("vmlinuz-6.1.0-9-amd64", fake_kernel("old")),
+        ("vmlinuz-6.1.0-10-amd64", fake_kernel("new")),
+        ("initrd.img-6.1.0-9-amd64", b"old initrd".to_vec()),
+        ("initrd.img-6.1.0-10-amd64", b"new initrd".to_vec()),
+    ] {
+        std::fs::write(tree.join("boot").join(name), bytes).expect("boot file");
+    }
+    let agent = data.path().join("agent");
+    std::fs::write(&agent, vec![0x7f; 4096]).expect("agent");
+    let disk = data.path().join("cloud.raw");
+    let disk_str = disk.to_str().expect("utf-8");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(128 << 20))
+        .expect("disk");
+    tool(
+        "sfdisk",
+        &["-q", disk_str],
+        Some(
+            "label: gpt\n\
+             start=2048, size=16384, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\n\
+             start=18432, size=131072, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=root\n",
+        ),
+    );
+    let offset = format!("offset={}", 18432 * 512);
+    let tree_str = tree.to_str().expect("utf-8");
+    tool(
+        "mkfs.ext4",
+        &["-q", "-E", &offset, "-d", tree_str, disk_str, "64M"],
+        None,
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_contractor-vm"))
+        .args(["image", "import", "cloudy", "--disk", disk_str])
+        .env("CONTRACTOR_DATA_DIR", data.path())
+        .env("CONTRACTOR_AGENT", &agent)
+        .output()
+        .expect("run contractor-vm");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // It says what it picked, and keeps it in the manifest.
+    assert!(
+        stderr.contains("root: GPT partition 2 (Linux filesystem"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("kernel: /boot/vmlinuz-6.1.0-10-amd64 in /boot of the root"),
+        "{stderr}"
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the image object");
+    let source = answer["image"]["manifest"]["source"]
+        .as_str()
+        .expect("manifest.source");
+    assert!(
+        source.contains("initrd: /boot/initrd.img-6.1.0-10-amd64"),
+        "{source}"
+    );
+
+    let image = data.path().join("images/cloudy");
+    assert_eq!(
+        std::fs::read(image.join("vmlinuz")).expect("kernel"),
+        fake_kernel("new")
+    );
+    assert_eq!(
+        std::fs::read(image.join("initrd.img")).expect("initrd"),
+        b"new initrd"
+    );
+    // The disk is the root partition alone, with the agent written in.
+    let root = data.path().join("root.raw");
+    let root_str = root.to_str().expect("utf-8");
+    tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            image.join("disk.qcow2").to_str().expect("utf-8"),
+            root_str,
+        ],
+        None,
+    );
+    assert_eq!(
+        std::fs::metadata(&root).expect("root").len(),
+        64 << 20,
+        "the root partition, not the whole disk"
+    );
+    let stat = Command::new("debugfs")
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .args(["-R", "stat /usr/local/sbin/contractor-agent", root_str])
+        .output()
+        .expect("debugfs");
+    assert!(
+        String::from_utf8_lossy(&stat.stdout).contains("Size: 4096"),
+        "{}",
+        String::from_utf8_lossy(&stat.stdout)
+    );
+
+    // A disk whose partitions hold no root says what each one holds.
+    let empty = data.path().join("empty.raw");
+    std::fs::File::create(&empty)
+        .and_then(|f| f.set_len(32 << 20))
+        .expect("disk");
+    let empty_str = empty.to_str().expect("utf-8");
+    tool(
+        "sfdisk",
+        &["-q", empty_str],
+        Some("label: dos\nstart=2048, type=83\n"),
+    );
+    let refused = Command::new(env!("CARGO_BIN_EXE_contractor-vm"))
+        .args([
+            "image",
+            "import",
+            "empty",
+            "--disk",
+            empty_str,
+            "--json-errors",
+        ])
+        .env("CONTRACTOR_DATA_DIR", data.path())
+        .env("CONTRACTOR_AGENT", &agent)
+        .output()
+        .expect("run contractor-vm");
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    let error: ErrorObject = one_line(&refused);
+    assert_eq!(error.code, "bad_import");
+    let said = error.chain.join(": ");
+    assert!(
+        said.contains("partition 1 (Linux, 31 MiB): no file system known here"),
+        "{said}"
+    );
+}

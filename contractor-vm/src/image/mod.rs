@@ -11,6 +11,7 @@
 
 pub mod import;
 pub mod initramfs;
+pub mod partition;
 pub mod progress;
 pub mod tool;
 
@@ -119,6 +120,7 @@ pub fn new_manifest(
         cmdline: format!("console=ttyS0 root=/dev/vda rw init={AGENT_IN_IMAGE} panic=-1 quiet"),
         base: None,
         packages: Vec::new(),
+        source: None,
     })
 }
 
@@ -195,6 +197,33 @@ pub enum ImageError {
     /// An import's disk has no shell.
     #[error("{} has no /bin/sh; the build script runs with it", .0.display())]
     NoShell(PathBuf),
+    /// An import's partition table is unreadable.
+    #[error(transparent)]
+    Partitions(#[from] partition::PartitionError),
+    /// No partition of an imported disk holds a root file system.
+    #[error("{} has no ext2/3/4 partition with /bin/sh (Contractor imports ext2/3/4 root file systems): {found}", disk.display())]
+    NoRoot {
+        /// The disk given.
+        disk: PathBuf,
+        /// Each partition and what it holds.
+        found: String,
+    },
+    /// No kernel was found in an imported disk.
+    #[error("found no kernel (a regular file vmlinuz-*) in {searched} of {}; give the kernel and initrd with --kernel and --initrd", disk.display())]
+    NoKernel {
+        /// The disk given.
+        disk: PathBuf,
+        /// Where it was looked for.
+        searched: String,
+    },
+    /// The newest kernel of an imported disk has no initrd.
+    #[error("found the kernel {kernel} but no initrd for it (looked for {tried}); give the kernel and initrd with --kernel and --initrd")]
+    NoInitrd {
+        /// The kernel's path in the image.
+        kernel: String,
+        /// The names looked for.
+        tried: String,
+    },
     /// The agent could not be written into an imported disk.
     #[error("could not write the agent into {} (is the file system full or read-only?): {detail}", disk.display())]
     AgentNotWritten {
@@ -309,6 +338,10 @@ impl ImageError {
             | ImageError::NotAKernel(_)
             | ImageError::NotExtFs { .. }
             | ImageError::NoShell(_)
+            | ImageError::Partitions(_)
+            | ImageError::NoRoot { .. }
+            | ImageError::NoKernel { .. }
+            | ImageError::NoInitrd { .. }
             | ImageError::AgentNotWritten { .. }
             | ImageError::NotUtf8(_)
             | ImageError::BadBase(_)
@@ -349,6 +382,10 @@ impl ImageError {
             | ImageError::NotAKernel(_)
             | ImageError::NotExtFs { .. }
             | ImageError::NoShell(_)
+            | ImageError::Partitions(_)
+            | ImageError::NoRoot { .. }
+            | ImageError::NoKernel { .. }
+            | ImageError::NoInitrd { .. }
             | ImageError::AgentNotWritten { .. }
             | ImageError::NotUtf8(_) => "bad_import",
             ImageError::Tool { .. } | ImageError::TooMuchOutput { .. } => "image_tool",
@@ -881,15 +918,46 @@ pub(crate) fn path_str(path: &Path) -> Result<&str, ImageError> {
         .ok_or_else(|| ImageError::NotUtf8(path.to_path_buf()))
 }
 
-/// The newest file in a `debugfs ls -p` listing whose name starts with `prefix`.
+/// The newest file in a `debugfs ls -p` listing whose name starts with `prefix`, newest
+/// by [`version_order`] of the names.
 fn boot_file(listing: &str, prefix: &str) -> Option<String> {
-    let mut names: Vec<&str> = listing
+    listing
         .lines()
         .filter_map(|line| line.split('/').nth(5))
         .filter(|name| name.starts_with(prefix))
-        .collect();
-    names.sort();
-    names.last().map(|s| s.to_string())
+        .max_by(|a, b| version_order(a, b))
+        .map(str::to_string)
+}
+
+/// Orders names as versions (as `sort -V` does): runs of digits compare as numbers, the
+/// rest byte by byte; so `vmlinuz-6.1.0-10` is newer than `vmlinuz-6.1.0-9`.
+pub(crate) fn version_order(a: &str, b: &str) -> std::cmp::Ordering {
+    fn runs(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut rest = s;
+        while let Some(first) = rest.chars().next() {
+            let digit = first.is_ascii_digit();
+            let end = rest
+                .find(|c: char| c.is_ascii_digit() != digit)
+                .unwrap_or(rest.len());
+            out.push((digit, &rest[..end]));
+            rest = &rest[end..];
+        }
+        out
+    }
+    let (ra, rb) = (runs(a), runs(b));
+    for ((da, pa), (db, pb)) in ra.iter().zip(rb.iter()) {
+        let order = if *da && *db {
+            let (ta, tb) = (pa.trim_start_matches('0'), pb.trim_start_matches('0'));
+            ta.len().cmp(&tb.len()).then_with(|| ta.cmp(tb))
+        } else {
+            pa.cmp(pb)
+        };
+        if order.is_ne() {
+            return order;
+        }
+    }
+    ra.len().cmp(&rb.len()).then_with(|| a.cmp(b))
 }
 
 /// The contents of `path`, which must not be larger than `limit` bytes.
@@ -989,6 +1057,13 @@ mod tests {
             Some("initrd.img-6.1.0-50-cloud-amd64")
         );
         assert_eq!(boot_file("/1/040755/0/0/./\n", "vmlinuz-"), None);
+        let two =
+            "/12/100644/0/0/vmlinuz-6.1.0-9-amd64/1/\n/13/100644/0/0/vmlinuz-6.1.0-10-amd64/1/\n";
+        assert_eq!(
+            boot_file(two, "vmlinuz-").as_deref(),
+            Some("vmlinuz-6.1.0-10-amd64"),
+            "the newest by version, not by bytes"
+        );
     }
 
     #[test]
@@ -1010,6 +1085,7 @@ mod tests {
                 cmdline: "root=/dev/vda".into(),
                 base: None,
                 packages: Vec::new(),
+                source: None,
             };
             if let Some(base) = base {
                 manifest.base = Some(base.into());

@@ -957,6 +957,156 @@ fn the_script_after_a_fetch_phase_has_no_network_and_its_requests_are_recorded_a
     assert!(!log.contains("the script ran"), "{log}");
 }
 
+/// Builds `project` twice (the second reuses the image and the caches); both must pass.
+/// Prints both wall times, as the user waits for them (the first includes making the
+/// derived image when no earlier build made it).
+fn build_twice(what: &str, project: &Project) -> (util::Build, util::Build) {
+    let mut builds = Vec::new();
+    let mut times = Vec::new();
+    for round in ["first", "second"] {
+        let started = std::time::Instant::now();
+        let build = project.build();
+        times.push(started.elapsed().as_secs_f64());
+        assert_eq!(
+            build.result.outcome,
+            Outcome::Success,
+            "{what}, {round} build:\nstderr:\n{}\nlog:\n{}",
+            build.stderr,
+            build.log()
+        );
+        assert!(
+            build.result.refused_hosts.is_empty() && build.result.refused_offline.is_empty(),
+            "{what}, {round} build was refused {:?} / {:?}",
+            build.result.refused_hosts,
+            build.result.refused_offline
+        );
+        builds.push(build);
+    }
+    eprintln!(
+        "{what}: first build {:.0} s, second {:.0} s",
+        times[0], times[1]
+    );
+    assert!(
+        !builds[1].stderr.contains("building image"),
+        "{what}: the second build made its image again:\n{}",
+        builds[1].stderr
+    );
+    let second = builds.pop().expect("two builds");
+    (builds.pop().expect("two builds"), second)
+}
+
+/// The hosts a build asked the proxy for (its record's proxy.jsonl), in the fetch phase.
+fn hosts_fetched(build: &util::Build) -> Vec<String> {
+    let decisions = std::fs::read_to_string(build.record.join("proxy.jsonl")).unwrap_or_default();
+    decisions
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|d| d["phase"] == "fetch")
+        .filter_map(|d| d["host"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn the_python_example_installs_pytest_from_pypi_in_its_fetch_phase_and_passes_twice() {
+    if util::skip_without_vm(
+        "the_python_example_installs_pytest_from_pypi_in_its_fetch_phase_and_passes_twice",
+    ) {
+        return;
+    }
+    let project = Project::example(
+        "python",
+        &["requirements.txt", "tally/__init__.py", "test_tally.py"],
+    );
+    let (first, second) = build_twice("python", &project);
+    let log = first.log();
+    assert!(log.contains("Successfully installed"), "{log}");
+    assert!(log.contains("pytest-8.3.5"), "{log}");
+    assert!(log.contains("3 passed"), "{log}");
+    assert!(
+        hosts_fetched(&first).contains(&"files.pythonhosted.org".to_string()),
+        "{:?}",
+        hosts_fetched(&first)
+    );
+    // pip asks the index again, but takes the wheels from its cache.
+    let log = second.log();
+    assert!(log.contains("Using cached pytest-8.3.5"), "{log}");
+    assert!(log.contains("3 passed"), "{log}");
+}
+
+#[test]
+fn the_node_example_installs_from_npm_in_its_fetch_phase_and_passes_twice() {
+    if util::skip_without_vm(
+        "the_node_example_installs_from_npm_in_its_fetch_phase_and_passes_twice",
+    ) {
+        return;
+    }
+    let project = Project::example(
+        "node",
+        &[
+            "package.json",
+            "package-lock.json",
+            "index.js",
+            "test/total.test.js",
+        ],
+    );
+    let (first, second) = build_twice("node", &project);
+    let log = first.log();
+    assert!(log.contains("added 1 package"), "{log}");
+    assert!(
+        log.contains("# pass 3") && log.contains("# fail 0"),
+        "{log}"
+    );
+    assert!(
+        hosts_fetched(&first).contains(&"registry.npmjs.org".to_string()),
+        "{:?}",
+        hosts_fetched(&first)
+    );
+    // The second `npm ci --prefer-offline` takes ms from npm's cache: no request at all.
+    let log = second.log();
+    assert!(
+        log.contains("# pass 3") && log.contains("# fail 0"),
+        "{log}"
+    );
+    assert_eq!(hosts_fetched(&second), Vec::<String>::new(), "{log}");
+}
+
+#[test]
+fn the_debian_package_example_builds_gnu_hello_into_a_deb_twice() {
+    if util::skip_without_vm("the_debian_package_example_builds_gnu_hello_into_a_deb_twice") {
+        return;
+    }
+    let project = Project::example("debian-package", &["hello_2.10-3.dsc.sha256"]);
+    let (first, second) = build_twice("debian-package", &project);
+    let log = first.log();
+    assert!(log.contains("sources/hello_2.10-3.dsc: OK"), "{log}");
+    assert!(
+        log.contains("# FAIL:  0"),
+        "the package's tests ran:\n{log}"
+    );
+    assert!(log.contains("built by contractor"), "{log}");
+    assert!(
+        hosts_fetched(&first).contains(&"deb.debian.org".to_string()),
+        "{:?}",
+        hosts_fetched(&first)
+    );
+    let deb = first.record.join("artifacts/hello_2.10-3_amd64.deb");
+    let field = Command::new("dpkg-deb")
+        .args(["--field"])
+        .arg(&deb)
+        .args(["Package", "Version"])
+        .output()
+        .expect("dpkg-deb");
+    assert_eq!(
+        String::from_utf8_lossy(&field.stdout),
+        "Package: hello\nVersion: 2.10-3\n",
+        "{}",
+        String::from_utf8_lossy(&field.stderr)
+    );
+    // The source came from the cache: nothing was downloaded.
+    assert!(second.log().contains("built by contractor"));
+    assert_eq!(hosts_fetched(&second), Vec::<String>::new());
+}
+
 #[test]
 fn a_derived_image_with_packages_is_built_once_shared_and_listed_with_its_definition() {
     if util::skip_without_vm(
@@ -964,21 +1114,19 @@ fn a_derived_image_with_packages_is_built_once_shared_and_listed_with_its_defini
     ) {
         return;
     }
-    let files = ["tally/__init__.py", "test_tally.py"];
-    let first = Project::example("python", &files);
-    let build = first.build();
+    // Two projects with the [image] of examples/python: the image is made at most once.
+    let spec = "[image]\nbase = \"debian-12\"\npackages = [\"python3-venv\", \"python3-pip\"]\n\
+                [build]\nscript = \"python3 -m pip --version\"\n\
+                [vm]\ncpus = 2\nmemory = \"1GiB\"\n";
+    let first = Project::new(spec).build();
     assert_eq!(
-        build.result.outcome,
+        first.result.outcome,
         Outcome::Success,
         "stderr:\n{}",
-        build.stderr
+        first.stderr
     );
-    let log = std::fs::read_to_string(build.record.join("build.log")).expect("log");
-    assert!(log.contains("3 passed"), "{log}");
-
-    // A second project with the same [image] shares the image: nothing is built again.
-    let second = Project::example("python", &files);
-    let again = second.build();
+    assert!(first.log().contains("pip 23."), "{}", first.log());
+    let again = Project::new(spec).build();
     assert_eq!(again.result.outcome, Outcome::Success, "{}", again.stderr);
     assert!(
         !again.stderr.contains("building image"),
@@ -990,10 +1138,13 @@ fn a_derived_image_with_packages_is_built_once_shared_and_listed_with_its_defini
         .output()
         .expect("contractor image list");
     let list = String::from_utf8_lossy(&list.stdout);
-    let name = contractor_protocol::image::derived_name("debian-12", &["python3-pytest".into()]);
+    let name = contractor_protocol::image::derived_name(
+        "debian-12",
+        &["python3-pip".into(), "python3-venv".into()],
+    );
     assert!(list.contains(&name), "{list}");
     assert!(
-        list.contains("derived from debian-12 with python3-pytest"),
+        list.contains("derived from debian-12 with python3-pip, python3-venv"),
         "{list}"
     );
 

@@ -304,6 +304,57 @@ fn a_partitioned_disk_is_imported_from_its_root_partition_with_its_newest_kernel
         String::from_utf8_lossy(&stat.stdout)
     );
 
+    // A qcow2 over a backing file would carry that host file into the image: refused,
+    // and so is a format other than qcow2 and raw.
+    let secret = data.path().join("secret.raw");
+    std::fs::write(&secret, vec![b's'; 1 << 20]).expect("secret");
+    let over = data.path().join("over.qcow2");
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            secret.to_str().expect("utf-8"),
+            "-F",
+            "raw",
+            over.to_str().expect("utf-8"),
+        ],
+        None,
+    );
+    let vmdk = data.path().join("disk.vmdk");
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            vmdk.to_str().expect("utf-8"),
+            "1M",
+        ],
+        None,
+    );
+    for (disk, says) in [
+        (&over, "it has a backing file"),
+        (&vmdk, "its format is vmdk; qcow2 and raw are imported"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_contractor-vm"))
+            .args(["image", "import", "sneaky", "--disk"])
+            .arg(disk)
+            .arg("--json-errors")
+            .env("CONTRACTOR_DATA_DIR", data.path())
+            .env("CONTRACTOR_AGENT", &agent)
+            .output()
+            .expect("run contractor-vm");
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let error: ErrorObject = one_line(&out);
+        assert_eq!(error.code, "bad_import");
+        assert!(error.chain.join(": ").contains(says), "{error:?}");
+    }
+
     // A disk whose partitions hold no root says what each one holds.
     let empty = data.path().join("empty.raw");
     std::fs::File::create(&empty)

@@ -4,7 +4,8 @@
 //! with a kernel and initrd given beside it.
 //!
 //! What the import does, and checks where it can:
-//! - the disk (qcow2 or raw) is read as raw; its GPT or MBR partition table
+//! - the disk (qcow2 or raw, without a backing or external data file: such a disk would
+//!   copy another host file into the image) is read as raw; its GPT or MBR partition table
 //!   ([`super::partition`]), when it has one, is searched for the root: the first ext2/3/4
 //!   partition with `/bin/sh`. A disk without a table must be one ext2/3/4 file system;
 //! - unless `--kernel` and `--initrd` are given, the kernel is the newest (by version)
@@ -84,7 +85,8 @@ pub fn import(name: &str, disk: &Path, boot: Option<(&Path, &Path)>) -> Result<I
     create_dir_world_readable(&scratch)?;
     let result = (|| {
         let whole = scratch.join("whole.raw");
-        qemu_img_convert("raw", &[path_str(disk)?], &whole)?;
+        let format = disk_format(disk)?;
+        qemu_img_convert("raw", &["-f", format, path_str(disk)?], &whole)?;
         let root = find_root(disk, &whole)?;
         let (kernel_out, initrd_out) =
             (scratch.join(KERNEL_FILE), scratch.join(DISTRIBUTION_INITRD));
@@ -146,6 +148,43 @@ pub fn import(name: &str, disk: &Path, boot: Option<(&Path, &Path)>) -> Result<I
         let _ = std::fs::remove_dir_all(&scratch);
     }
     result
+}
+
+/// The format of the disk given, `qcow2` or `raw`, read by `qemu-img info`; a disk that
+/// would make qemu-img read another file (a backing file, an external data file, or another
+/// format, such as a VMDK's extents) is refused: the copy would carry that host file into
+/// the image, where the build could read it.
+fn disk_format(disk: &Path) -> Result<&'static str, ImageError> {
+    let info = tool::output(Command::new("qemu-img").args([
+        "info",
+        "--output=json",
+        "--",
+        path_str(disk)?,
+    ]))?;
+    let info: serde_json::Value = serde_json::from_str(&info).map_err(|e| ImageError::Tool {
+        command: format!("qemu-img info --output=json {}", disk.display()),
+        detail: format!("printed no JSON: {e}"),
+    })?;
+    let refuse = |why: String| ImageError::UnsafeDisk {
+        disk: disk.to_path_buf(),
+        why,
+    };
+    if let Some(backing) = info.get("backing-filename") {
+        return Err(refuse(format!("it has a backing file ({backing})")));
+    }
+    if let Some(data_file) = info.pointer("/format-specific/data/data-file") {
+        return Err(refuse(format!(
+            "it has an external data file ({data_file})"
+        )));
+    }
+    match info.get("format").and_then(|f| f.as_str()) {
+        Some("qcow2") => Ok("qcow2"),
+        Some("raw") => Ok("raw"),
+        other => Err(refuse(format!(
+            "its format is {}; qcow2 and raw are imported (convert it with `qemu-img convert -O qcow2`)",
+            other.unwrap_or("unknown")
+        ))),
+    }
 }
 
 /// Where the root file system lies on the raw disk.

@@ -197,6 +197,14 @@ pub enum ImageError {
     /// An import's disk has no shell.
     #[error("{} has no /bin/sh; the build script runs with it", .0.display())]
     NoShell(PathBuf),
+    /// An import's disk would make qemu-img read another file, or is not qcow2 or raw.
+    #[error("{} cannot be imported: {why}", disk.display())]
+    UnsafeDisk {
+        /// The disk given.
+        disk: PathBuf,
+        /// What it refers to, or its format.
+        why: String,
+    },
     /// An import's partition table is unreadable.
     #[error(transparent)]
     Partitions(#[from] partition::PartitionError),
@@ -339,6 +347,7 @@ impl ImageError {
             | ImageError::NotExtFs { .. }
             | ImageError::NoShell(_)
             | ImageError::Partitions(_)
+            | ImageError::UnsafeDisk { .. }
             | ImageError::NoRoot { .. }
             | ImageError::NoKernel { .. }
             | ImageError::NoInitrd { .. }
@@ -383,6 +392,7 @@ impl ImageError {
             | ImageError::NotExtFs { .. }
             | ImageError::NoShell(_)
             | ImageError::Partitions(_)
+            | ImageError::UnsafeDisk { .. }
             | ImageError::NoRoot { .. }
             | ImageError::NoKernel { .. }
             | ImageError::NoInitrd { .. }

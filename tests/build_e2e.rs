@@ -624,6 +624,43 @@ fn the_rust_crate_example_builds_with_its_crates_io_dependency_and_reuses_its_ca
         .record
         .join("artifacts/target/release/digits")
         .is_file());
+    // cargo fetched through TLS inspection: the crate is recorded by URL with the SHA-256
+    // that Cargo.lock pins for it (crates.io's own checksum).
+    let lock = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/rust-crate/Cargo.lock"),
+    )
+    .expect("Cargo.lock");
+    let pinned = lock
+        .split("[[package]]")
+        .find(|p| p.contains("name = \"itoa\""))
+        .and_then(|p| p.lines().find_map(|l| l.strip_prefix("checksum = ")))
+        .expect("itoa's checksum")
+        .trim_matches('"')
+        .to_string();
+    let downloads =
+        std::fs::read_to_string(first.record.join("downloads.jsonl")).expect("downloads.jsonl");
+    let crate_download = downloads
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        // Its URL is the index's `dl`: static.crates.io, or a registry mirror's.
+        .find(|d| {
+            d["url"].as_str().is_some_and(|u| {
+                u.starts_with("https://") && u.contains("itoa") && u.contains("1.0.19")
+            })
+        })
+        .unwrap_or_else(|| panic!("no download of itoa in:\n{downloads}"));
+    assert_eq!(
+        (
+            crate_download["status"].as_u64(),
+            crate_download["sha256"].as_str()
+        ),
+        (Some(200), Some(pinned.as_str())),
+        "{crate_download}"
+    );
+    assert!(
+        downloads.contains("\"url\":\"https://index.crates.io/"),
+        "the sparse index went through inspection too:\n{downloads}"
+    );
 
     // The registry is cached: the second build downloads nothing.
     let second = project.build();
@@ -1019,17 +1056,49 @@ fn the_python_example_installs_pytest_from_pypi_in_its_fetch_phase_and_passes_tw
     );
     let (first, second) = build_twice("python", &project);
     let log = first.log();
+    assert!(
+        log.contains("Saved ./wheels/pytest-8.3.5-py3-none-any.whl"),
+        "{log}"
+    );
     assert!(log.contains("Successfully installed"), "{log}");
-    assert!(log.contains("pytest-8.3.5"), "{log}");
     assert!(log.contains("3 passed"), "{log}");
     assert!(
         hosts_fetched(&first).contains(&"files.pythonhosted.org".to_string()),
         "{:?}",
         hosts_fetched(&first)
     );
-    // pip asks the index again, but takes the wheels from its cache.
+    // pip went through TLS inspection: each wheel is recorded with the SHA-256 that
+    // requirements.txt pins (PyPI's own digest).
+    let requirements = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/python/requirements.txt"),
+    )
+    .expect("requirements.txt");
+    let downloads =
+        std::fs::read_to_string(first.record.join("downloads.jsonl")).expect("downloads.jsonl");
+    for line in requirements
+        .lines()
+        .filter(|l| l.contains("--hash=sha256:"))
+    {
+        let (pin, hash) = line.split_once(" --hash=sha256:").expect("a pinned line");
+        let wheel = format!("/{}-", pin.replace("==", "-"));
+        let recorded = downloads
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|d| {
+                d["url"].as_str().is_some_and(|u| {
+                    u.starts_with("https://files.pythonhosted.org/") && u.contains(&wheel)
+                })
+            })
+            .unwrap_or_else(|| panic!("no download of {pin} in:\n{downloads}"));
+        assert_eq!(recorded["sha256"].as_str(), Some(hash.trim()), "{recorded}");
+    }
+    // pip asks the index again, but finds the wheels already downloaded (the cache).
     let log = second.log();
-    assert!(log.contains("Using cached pytest-8.3.5"), "{log}");
+    assert!(
+        log.contains("File was already downloaded /build/wheels/pytest-8.3.5-py3-none-any.whl"),
+        "{log}"
+    );
     assert!(log.contains("3 passed"), "{log}");
 }
 
@@ -1071,25 +1140,25 @@ fn the_node_example_installs_from_npm_in_its_fetch_phase_and_passes_twice() {
 }
 
 #[test]
-fn the_debian_package_example_builds_gnu_hello_into_a_deb_twice() {
-    if util::skip_without_vm("the_debian_package_example_builds_gnu_hello_into_a_deb_twice") {
+fn the_debian_package_example_builds_figlet_into_a_deb_twice() {
+    if util::skip_without_vm("the_debian_package_example_builds_figlet_into_a_deb_twice") {
         return;
     }
-    let project = Project::example("debian-package", &["hello_2.10-3.dsc.sha256"]);
+    let project = Project::example("debian-package", &["figlet_2.2.5-3.dsc.sha256"]);
     let (first, second) = build_twice("debian-package", &project);
     let log = first.log();
-    assert!(log.contains("sources/hello_2.10-3.dsc: OK"), "{log}");
+    assert!(log.contains("sources/figlet_2.2.5-3.dsc: OK"), "{log}");
     assert!(
-        log.contains("# FAIL:  0"),
+        log.contains("All tests passed."),
         "the package's tests ran:\n{log}"
     );
-    assert!(log.contains("built by contractor"), "{log}");
+    assert!(log.contains("|_.__/"), "figlet ran in the VM:\n{log}");
     assert!(
         hosts_fetched(&first).contains(&"deb.debian.org".to_string()),
         "{:?}",
         hosts_fetched(&first)
     );
-    let deb = first.record.join("artifacts/hello_2.10-3_amd64.deb");
+    let deb = first.record.join("artifacts/figlet_2.2.5-3_amd64.deb");
     let field = Command::new("dpkg-deb")
         .args(["--field"])
         .arg(&deb)
@@ -1098,13 +1167,65 @@ fn the_debian_package_example_builds_gnu_hello_into_a_deb_twice() {
         .expect("dpkg-deb");
     assert_eq!(
         String::from_utf8_lossy(&field.stdout),
-        "Package: hello\nVersion: 2.10-3\n",
+        "Package: figlet\nVersion: 2.2.5-3\n",
         "{}",
         String::from_utf8_lossy(&field.stderr)
     );
+    // The proxy recorded each file by URL and SHA-256: the .dsc as pinned in the project,
+    // the tarballs as the .dsc (Debian's own checksums) lists them.
+    let downloads =
+        std::fs::read_to_string(first.record.join("downloads.jsonl")).expect("downloads.jsonl");
+    let pool = "http://deb.debian.org/debian/pool/main/f/figlet";
+    for (file, sha256) in [
+        (
+            "figlet_2.2.5-3.dsc",
+            "f19663ee2437cac166f0d3c4c9bf0d33f0149a6e8f06d6ae80014fd4030bdc81",
+        ),
+        (
+            "figlet_2.2.5.orig.tar.gz",
+            "bf88c40fd0f077dab2712f54f8d39ac952e4e9f2e1882f1195be9e5e4257417d",
+        ),
+        (
+            "figlet_2.2.5-3.debian.tar.xz",
+            "38fe48441d93a8c379c73be792d9395f3e6a45c4841783832c7d4f068545e6fb",
+        ),
+    ] {
+        let url = format!("{pool}/{file}");
+        let line = downloads
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|d| d["url"] == url.as_str())
+            .unwrap_or_else(|| panic!("no download of {url} in:\n{downloads}"));
+        assert_eq!(
+            (
+                line["status"].as_u64(),
+                line["sha256"].as_str(),
+                line["complete"].as_bool()
+            ),
+            (Some(200), Some(sha256), Some(true)),
+            "{line}"
+        );
+        assert_eq!(line["phase"], "fetch", "{line}");
+    }
+    let listed = Command::new(util::contractor())
+        .arg("downloads")
+        .current_dir(project.path())
+        .arg(&first.result.id)
+        .output()
+        .expect("contractor downloads");
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.contains(&format!(
+            "bf88c40fd0f077dab2712f54f8d39ac952e4e9f2e1882f1195be9e5e4257417d  {pool}/figlet_2.2.5.orig.tar.gz  (fetch)"
+        )),
+        "{listed}"
+    );
+
     // The source came from the cache: nothing was downloaded.
-    assert!(second.log().contains("built by contractor"));
+    assert!(second.log().contains("All tests passed."));
     assert_eq!(hosts_fetched(&second), Vec::<String>::new());
+    let none = std::fs::read_to_string(second.record.join("downloads.jsonl")).expect("downloads");
+    assert_eq!(none, "", "nothing was downloaded");
 }
 
 #[test]
@@ -1118,7 +1239,8 @@ fn a_derived_image_with_packages_is_built_once_shared_and_listed_with_its_defini
     let spec = "[image]\nbase = \"debian-12\"\npackages = [\"python3-venv\", \"python3-pip\"]\n\
                 [build]\nscript = \"python3 -m pip --version\"\n\
                 [vm]\ncpus = 2\nmemory = \"1GiB\"\n";
-    let first = Project::new(spec).build();
+    let (one, two) = (Project::new(spec), Project::new(spec));
+    let first = one.build();
     assert_eq!(
         first.result.outcome,
         Outcome::Success,
@@ -1126,7 +1248,7 @@ fn a_derived_image_with_packages_is_built_once_shared_and_listed_with_its_defini
         first.stderr
     );
     assert!(first.log().contains("pip 23."), "{}", first.log());
-    let again = Project::new(spec).build();
+    let again = two.build();
     assert_eq!(again.result.outcome, Outcome::Success, "{}", again.stderr);
     assert!(
         !again.stderr.contains("building image"),

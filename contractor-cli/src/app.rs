@@ -92,6 +92,21 @@ or no kept VM, 3 the VM could not be reached."
         #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
         file: PathBuf,
     },
+    /// List what a build downloaded through its proxy: status, size, SHA-256 and URL of
+    /// each response (downloads.jsonl of its record).
+    #[command(
+        after_help = "Example:\n  contractor downloads               # the newest build's\n  contractor downloads --json 20261125-141502-3fa2c1"
+    )]
+    Downloads {
+        /// Build id (default: the newest).
+        id: Option<String>,
+        /// Print the record's JSON lines as they are, one per response.
+        #[arg(long)]
+        json: bool,
+        /// The project's spec file (the project is its directory).
+        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
+        file: PathBuf,
+    },
     /// Print a build's log (or, with --console, its VM's serial console).
     #[command(
         after_help = "Example:\n  contractor log               # the newest build's output\n  contractor log --console 20261125-141502-3fa2c1"
@@ -277,6 +292,9 @@ pub fn main() -> std::process::ExitCode {
             file,
         } => report(allow_hosts(&file, &hosts, from_last, yes)),
         Command::Log { id, console, file } => report(print_log(&file, id.as_deref(), console)),
+        Command::Downloads { id, json, file } => {
+            report(print_downloads(&file, id.as_deref(), json))
+        }
         Command::Image(ImageCommand::List) => report(list_images()),
         Command::Image(ImageCommand::Import {
             name,
@@ -762,6 +780,21 @@ fn show_build(file: &Path, id: Option<&str>) -> Result<(), Failure> {
             .unwrap_or_default();
         println!("artifact:  {} ({size}) sha256:{sha}", escape_path(artifact));
     }
+    let downloads =
+        records::read_file_capped(&record, "downloads.jsonl", records::MAX_DOWNLOADS_FILE)
+            .map(|bytes| {
+                bytes
+                    .split(|b| *b == b'\n')
+                    .filter(|line| shown_download(line).is_some())
+                    .count()
+            })
+            .unwrap_or(0);
+    if downloads > 0 {
+        println!(
+            "downloads: {downloads} (`contractor downloads {}` lists them)",
+            escape(&record.id)
+        );
+    }
     if !result.refused_hosts.is_empty() {
         println!("refused:   {}", escape(&result.refused_hosts.join(", ")));
     }
@@ -845,6 +878,76 @@ fn allow_hosts(file: &Path, hosts: &[String], from_last: bool, yes: bool) -> Res
     Ok(())
 }
 
+/// One line of a record's downloads.jsonl as `contractor downloads` shows it, or `None`
+/// for a line that is not a download (the `cut` marker, a damaged line).
+fn shown_download(line: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(line).ok()?;
+    if value["type"] != "download" {
+        return None;
+    }
+    let size = value["size"].as_u64()?;
+    let mut flags = Vec::new();
+    if let Some(phase) = value["phase"].as_str() {
+        flags.push(phase.to_string());
+    }
+    if value["complete"] == false {
+        flags.push("cut short".to_string());
+    }
+    let flags = match flags.is_empty() {
+        true => String::new(),
+        false => format!("  ({})", flags.join(", ")),
+    };
+    Some(format!(
+        "{:<6} {:>3} {:>10}  {}  {}{flags}",
+        escape_capped(value["method"].as_str()?, 16),
+        value["status"].as_u64()?,
+        human_bytes(size),
+        escape_capped(value["sha256"].as_str()?, 64),
+        escape_capped(value["url"].as_str()?, 4096),
+    ))
+}
+
+fn print_downloads(file: &Path, id: Option<&str>, json: bool) -> Result<(), Failure> {
+    use std::io::Write;
+    let record = records::open(&store_of(file), id).map_err(Failure::record)?;
+    let bytes = records::read_file_capped(&record, "downloads.jsonl", records::MAX_DOWNLOADS_FILE)
+        .map_err(Failure::record)?;
+    let mut out = Vec::new();
+    if json {
+        out = bytes;
+    } else {
+        let lines: Vec<String> = bytes
+            .split(|b| *b == b'\n')
+            .filter_map(shown_download)
+            .collect();
+        if lines.is_empty() {
+            eprintln!(
+                "contractor: build {} downloaded nothing through its proxy",
+                escape(&record.id)
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "{:<6} {:>3} {:>10}  {:<64}  URL",
+                "METHOD", "ST", "SIZE", "SHA256"
+            );
+            for line in lines {
+                let _ = writeln!(out, "{line}");
+            }
+        }
+    }
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(&out)
+        .and_then(|()| stdout.flush())
+        .map_err(|e| {
+            Failure::host(Context {
+                doing: "cannot write the downloads".into(),
+                source: Box::new(e),
+            })
+        })
+}
+
 fn print_log(file: &Path, id: Option<&str>, console: bool) -> Result<(), Failure> {
     use std::io::Write;
     let record = records::open(&store_of(file), id).map_err(Failure::record)?;
@@ -881,3 +984,25 @@ fn shown_chain(chain: &[String]) -> String {
 }
 
 use contractor_protocol::result::joined_chain as chain;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_download_line_is_shown_with_its_hash_url_and_phase() {
+        let line = br#"{"type":"download","time":1.0,"method":"GET","url":"http://deb.debian.org/x.deb","status":200,"size":2048,"sha256":"ab12","complete":false,"phase":"fetch"}"#;
+        let shown = shown_download(line).expect("a download");
+        assert_eq!(
+            shown,
+            "GET    200    2.0 KiB  ab12  http://deb.debian.org/x.deb  (fetch, cut short)"
+        );
+        // A URL with control characters is shown escaped, never raw.
+        let hostile = br#"{"type":"download","time":1.0,"method":"GET","url":"http://a/\u001b[2J","status":200,"size":1,"sha256":"ab","complete":true}"#;
+        assert!(!shown_download(hostile)
+            .expect("a download")
+            .contains('\u{1b}'));
+        assert_eq!(shown_download(br#"{"type":"cut","limit":1}"#), None);
+        assert_eq!(shown_download(b"not json"), None);
+    }
+}

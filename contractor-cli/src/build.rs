@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use contractor_protocol::agent::{Job, Keep, Phase};
 use contractor_protocol::build::BuildEvent;
-use contractor_protocol::proxy::{Decision, Verdict};
+use contractor_protocol::proxy::{ProxyLine, Verdict};
 use contractor_protocol::result::{BuildCode, BuildResult, ErrorInfo, Limit, Outcome};
 use contractor_protocol::run::{RunEvent, RunRequest};
 use contractor_protocol::service::Ready;
@@ -303,19 +303,20 @@ pub fn build(
     )
     .map_err(|e| BuildError::Service("store", e))
     .map_err(close)?;
-    let decisions = Decisions::create(&record.join("proxy.jsonl"))
+    let proxy_record = ProxyRecord::create(&record)
         .map_err(|e| BuildError::Service("proxy", e))
         .map_err(close)?;
     // With a fetch phase, the proxy serves the fetch, and a second one, allowing nothing,
     // takes the script's requests (to refuse and record them).
     let phased = spec.fetch.is_some();
     let fetch_phase = phased.then_some(Phase::Fetch);
-    let proxy = start_proxy(&spec.allow, &decisions, fetch_phase, &tools_log)
+    let inspect = spec.inspect.then_some(spec.tunnel.as_slice());
+    let proxy = start_proxy(&spec.allow, inspect, &proxy_record, fetch_phase, &tools_log)
         .map_err(|e| BuildError::Service("proxy", e))
         .map_err(close)?;
     let script_proxy = match phased {
         true => Some(
-            start_proxy(&[], &decisions, Some(Phase::Script), &tools_log)
+            start_proxy(&[], None, &proxy_record, Some(Phase::Script), &tools_log)
                 .map_err(|e| BuildError::Service("proxy", e))
                 .map_err(close)?,
         ),
@@ -339,6 +340,7 @@ pub fn build(
         host_time: None,
         entropy: None,
         keep: options.keep,
+        ca_certificate: proxy.ca_certificate.clone(),
     };
 
     let limits = RunLimits {
@@ -540,6 +542,8 @@ struct Service<T> {
     addr: SocketAddr,
     /// What the service said of its confinement in its `ready` line.
     confinement: Option<contractor_protocol::service::Confinement>,
+    /// The authority certificate a proxy that inspects TLS gave in its `ready` line.
+    ca_certificate: Option<String>,
     reader: Option<JoinHandle<T>>,
 }
 
@@ -566,6 +570,7 @@ impl<T: Send + 'static> Service<T> {
             child: Some(child),
             addr: ready.addr,
             confinement: ready.confinement,
+            ca_certificate: ready.ca_certificate,
             reader: Some(std::thread::spawn(move || rest(answers))),
         })
     }
@@ -641,24 +646,72 @@ fn start_store(
     Service::start(tools::STORE, command, Answers::drain)
 }
 
-/// The build's `proxy.jsonl`, written by the reader of each of its proxies, one whole line
-/// at a time.
+/// One of the build record's files that its proxies write (`proxy.jsonl`,
+/// `downloads.jsonl`): by the reader of each proxy, one whole line at a time, up to
+/// [`MAX_PROXY_RECORD`] bytes; past that, one `{"type":"cut",...}` line says how much
+/// was left out, and the rest is counted, not written.
 #[derive(Clone)]
-struct Decisions(Arc<Mutex<std::fs::File>>);
+struct RecordFile(Arc<Mutex<RecordState>>);
 
-impl Decisions {
-    fn create(path: &Path) -> Result<Decisions, ToolError> {
+struct RecordState {
+    file: std::fs::File,
+    written: u64,
+    left_out: u64,
+}
+
+/// The most bytes of each of `proxy.jsonl` and `downloads.jsonl` (a guest decides how
+/// many requests it makes).
+const MAX_PROXY_RECORD: u64 = 64 << 20;
+
+impl RecordFile {
+    fn create(path: &Path) -> Result<RecordFile, ToolError> {
         let file = std::fs::File::create(path).map_err(|source| ToolError::Io {
             name: tools::PROXY,
             source,
         })?;
-        Ok(Decisions(Arc::new(Mutex::new(file))))
+        Ok(RecordFile(Arc::new(Mutex::new(RecordState {
+            file,
+            written: 0,
+            left_out: 0,
+        }))))
     }
 
     fn write(&self, line: &[u8]) {
-        if let Ok(mut file) = self.0.lock() {
-            let _ = file.write_all(line).and_then(|()| file.write_all(b"\n"));
+        let Ok(mut state) = self.0.lock() else {
+            return;
+        };
+        let size = line.len() as u64 + 1;
+        if state.written + size > MAX_PROXY_RECORD {
+            if state.left_out == 0 {
+                let cut = format!(
+                    "{{\"type\":\"cut\",\"limit\":{MAX_PROXY_RECORD},\"reason\":\"the file reached its limit; later lines are left out\"}}\n"
+                );
+                let _ = state.file.write_all(cut.as_bytes());
+            }
+            state.left_out += 1;
+            return;
         }
+        state.written += size;
+        let _ = state
+            .file
+            .write_all(line)
+            .and_then(|()| state.file.write_all(b"\n"));
+    }
+}
+
+/// Where a build's proxies write: their decisions and the downloads they forwarded.
+#[derive(Clone)]
+struct ProxyRecord {
+    decisions: RecordFile,
+    downloads: RecordFile,
+}
+
+impl ProxyRecord {
+    fn create(record: &Path) -> Result<ProxyRecord, ToolError> {
+        Ok(ProxyRecord {
+            decisions: RecordFile::create(&record.join("proxy.jsonl"))?,
+            downloads: RecordFile::create(&record.join("downloads.jsonl"))?,
+        })
     }
 }
 
@@ -674,13 +727,16 @@ fn with_phase(line: &[u8], phase: Phase) -> Vec<u8> {
     serde_json::to_vec(&object).unwrap_or_else(|_| line.to_vec())
 }
 
-/// Starts a proxy of the build that allows `allow`. Everything it writes after its `ready`
-/// line (a `decision` per request, a `summary` when it stops) is copied line by line into
-/// `decisions`, with `"phase"` added when the build has phases; the hosts it refused are
-/// collected.
+/// Starts a proxy of the build that allows `allow`, recording downloads, and with
+/// `inspect` inspecting TLS to the allowed hosts but those it names (tunnelled). Everything it
+/// writes after its `ready` line is copied line by line into the build's `record`, with
+/// `"phase"` added when the build has phases: each `download` into `downloads.jsonl`, the
+/// rest (a `decision` per request, a `summary` when it stops) into `proxy.jsonl`; the
+/// hosts it refused are collected.
 fn start_proxy(
     allow: &[String],
-    decisions: &Decisions,
+    inspect: Option<&[String]>,
+    record: &ProxyRecord,
     phase: Option<Phase>,
     log: &ToolsLog,
 ) -> Result<Service<BTreeSet<String>>, ToolError> {
@@ -688,19 +744,32 @@ fn start_proxy(
     for host in allow {
         command.arg("--allow").arg(host);
     }
-    command.arg("--json-errors").stderr(log.stderr());
-    let decisions = decisions.clone();
+    if let Some(tunnel) = inspect.filter(|_| !allow.is_empty()) {
+        command.arg("--inspect");
+        for host in tunnel {
+            command.arg("--tunnel").arg(host);
+        }
+    }
+    command
+        .args(["--record-downloads", "--json-errors"])
+        .stderr(log.stderr());
+    let record = record.clone();
     Service::start(tools::PROXY, command, move |mut answers| {
         let mut refused = BTreeSet::new();
         while let Ok(Some(line)) = answers.next_line() {
-            if let Ok(decision) = serde_json::from_slice::<Decision>(&line) {
+            let parsed = serde_json::from_slice::<ProxyLine>(&line);
+            if let Ok(ProxyLine::Decision(decision)) = &parsed {
                 if decision.decision == Verdict::Deny && refused.len() < MAX_REFUSED_HOSTS {
-                    refused.insert(decision.host);
+                    refused.insert(decision.host.clone());
                 }
             }
+            let file = match parsed {
+                Ok(ProxyLine::Download(_)) => &record.downloads,
+                _ => &record.decisions,
+            };
             match phase {
-                Some(phase) => decisions.write(&with_phase(&line, phase)),
-                None => decisions.write(&line),
+                Some(phase) => file.write(&with_phase(&line, phase)),
+                None => file.write(&line),
             }
         }
         answers.drain();
@@ -1427,6 +1496,26 @@ mod tests {
     fn result_of(record: &Path) -> BuildResult {
         let text = std::fs::read_to_string(record.join("result.json")).expect("result.json");
         serde_json::from_str(&text).expect("a build result")
+    }
+
+    #[test]
+    fn a_proxy_record_file_stops_at_its_limit_with_one_cut_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("proxy.jsonl");
+        let file = RecordFile::create(&path).expect("create");
+        let line = vec![b'x'; 1 << 20];
+        for _ in 0..(MAX_PROXY_RECORD >> 20) + 10 {
+            file.write(&line);
+        }
+        let size = std::fs::metadata(&path).expect("size").len();
+        assert!(size <= MAX_PROXY_RECORD + 256, "{size}");
+        let text = std::fs::read(&path).expect("read");
+        let cuts = text
+            .split(|b| *b == b'\n')
+            .filter(|l| l.starts_with(br#"{"type":"cut""#))
+            .count();
+        assert_eq!(cuts, 1);
+        assert_eq!(file.0.lock().expect("lock").left_out, 11);
     }
 
     #[test]

@@ -118,10 +118,19 @@ pub const MAX_RECORD_FILE_BYTES: u64 = 16 << 30;
 /// A file of a record, as bytes (logs are printed exactly as written). Only a regular
 /// file is opened (never a link or a FIFO a project may have shipped in `.contractor`).
 pub fn read_file(record: &Record, name: &str) -> Result<Vec<u8>, RecordError> {
+    read_file_capped(record, name, MAX_RECORD_FILE_BYTES)
+}
+
+/// The file `name` of `record`, which must be a regular file of at most `limit` bytes.
+pub fn read_file_capped(record: &Record, name: &str, limit: u64) -> Result<Vec<u8>, RecordError> {
     let path = record.dir.join(name);
-    contractor_protocol::file::read_regular(&path, MAX_RECORD_FILE_BYTES)
+    contractor_protocol::file::read_regular(&path, limit)
         .map_err(|source| RecordError::Read { path, source })
 }
+
+/// The most bytes of a record's `downloads.jsonl` that are read: what a build writes
+/// (64 MiB, then a `cut` line) and a margin.
+pub const MAX_DOWNLOADS_FILE: u64 = 65 << 20;
 
 /// When a build started, from its id (`20261125-141502-3fa2c1` → `2026-11-25 14:15:02`).
 pub fn started(id: &str) -> String {

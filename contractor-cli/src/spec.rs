@@ -51,6 +51,11 @@ pub struct BuildSpec {
     pub disk_gib: u64,
     /// Hosts the build may reach through the proxy.
     pub allow: Vec<String>,
+    /// `[network] inspect`: the proxy terminates TLS to the allowed hosts with the build's
+    /// own authority and records each download (default true).
+    pub inspect: bool,
+    /// `[network] tunnel`: allowed hosts whose TLS is tunnelled, not inspected.
+    pub tunnel: Vec<String>,
     /// Guest directories kept between builds of this project (absolute, `~` expanded).
     pub cache_paths: Vec<String>,
     /// Most bytes the kept directories may take, packed.
@@ -144,11 +149,29 @@ struct RawVm {
     disk: Option<Spanned<String>>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawNetwork {
     #[serde(default)]
     allow: Vec<Spanned<String>>,
+    #[serde(default = "inspect_by_default")]
+    inspect: bool,
+    #[serde(default)]
+    tunnel: Vec<Spanned<String>>,
+}
+
+fn inspect_by_default() -> bool {
+    true
+}
+
+impl Default for RawNetwork {
+    fn default() -> Self {
+        RawNetwork {
+            allow: Vec::new(),
+            inspect: inspect_by_default(),
+            tunnel: Vec::new(),
+        }
+    }
 }
 
 /// Reads and checks a spec file.
@@ -425,6 +448,19 @@ pub fn parse_with_images(
         }
         allow.push(rule.to_ascii_lowercase());
     }
+    let mut tunnel = Vec::new();
+    for host in raw.network.tunnel {
+        let rule = host.get_ref().to_ascii_lowercase();
+        if !is_allow_rule(&rule) {
+            return Err(value_error(
+                host.span(),
+                "network.tunnel",
+                format!("{rule:?}"),
+                "use a host name or wildcard of `allow` (\"*.crates.io\"), whose TLS is then tunnelled, not inspected".into(),
+            ));
+        }
+        tunnel.push(rule);
+    }
 
     let mut cache_paths = Vec::new();
     for entry in raw.cache.paths {
@@ -469,6 +505,8 @@ pub fn parse_with_images(
         memory_mib,
         disk_gib,
         allow,
+        inspect: raw.network.inspect,
+        tunnel,
         cache_paths,
         cache_max_bytes,
     })
@@ -549,6 +587,22 @@ allow = []
         assert_eq!(spec.timeout, Duration::from_secs(600));
         assert_eq!((spec.cpus, spec.memory_mib), (2, 2048));
         assert_eq!(spec.project_dir, Path::new("proj"));
+    }
+
+    #[test]
+    fn tls_is_inspected_unless_turned_off_and_tunnel_takes_allow_rules() {
+        let spec = parse_text("[build]\nscript = \"true\"\n").expect("minimal spec");
+        assert!(spec.inspect && spec.tunnel.is_empty());
+        let spec = parse_text(
+            "[build]\nscript = \"true\"\n[network]\nallow = [\"a.test\"]\ninspect = false\ntunnel = [\"A.test\"]\n",
+        )
+        .expect("spec");
+        assert!(!spec.inspect);
+        assert_eq!(spec.tunnel, ["a.test"]);
+        let err = parse_text("[build]\nscript = \"true\"\n[network]\ntunnel = [\"https://x/\"]\n")
+            .expect_err("not a host")
+            .to_string();
+        assert!(err.contains("network.tunnel"), "{err}");
     }
 
     #[test]

@@ -99,6 +99,11 @@ pub struct Job {
     /// off. None: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep: Option<Keep>,
+    /// The PEM certificate of the build proxy's authority when it inspects TLS: the agent
+    /// adds it to the guest's trust store and points the usual variables at the bundle
+    /// (docs/protocol.md, "TLS inspection").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificate: Option<String>,
 }
 
 /// A moment of the host's wall clock (`CLOCK_REALTIME`).

@@ -1,5 +1,6 @@
-//! The proxy's stdout messages after its ready line: one [`Decision`] per request, and one
-//! [`Summary`] of its counters as the last line when it stops.
+//! The proxy's stdout messages after its ready line: one [`Decision`] per request, with
+//! `--record-downloads` one [`Download`] per response it forwarded, and one [`Summary`] of
+//! its counters as the last line when it stops.
 
 use std::collections::BTreeMap;
 
@@ -47,6 +48,81 @@ pub enum DecisionTag {
     Decision,
 }
 
+/// One response the proxy forwarded, written when its body has ended (or was cut):
+/// what came from where, and the SHA-256 of exactly the bytes the client got.
+///
+/// `{"type":"download","time":1764700000.123,"method":"GET",
+/// "url":"http://deb.debian.org/debian/pool/main/h/hello/hello_2.10-3_amd64.deb",
+/// "status":200,"size":53064,"sha256":"…","content_type":"application/vnd.debian.binary-package",
+/// "complete":true}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Download {
+    /// Always `download`.
+    #[serde(rename = "type")]
+    pub kind: DownloadTag,
+    /// Seconds since the Unix epoch when the response began, with milliseconds.
+    pub time: DownloadTime,
+    /// `GET`, `HEAD`, ...
+    pub method: String,
+    /// The URL as the client asked for it (absolute, at most the proxy's header limit).
+    pub url: String,
+    /// The upstream's status code.
+    pub status: u16,
+    /// Bytes of the body the client was sent.
+    pub size: u64,
+    /// SHA-256 of those bytes, lower-case hex.
+    pub sha256: String,
+    /// The response's `Content-Type`, when it had one (at most 256 bytes, else left out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    /// False when the body ended early (the upstream or the client went away): `size` and
+    /// `sha256` are then of the part that went through.
+    pub complete: bool,
+}
+
+/// A [`Download`]'s time: seconds since the Unix epoch, in thousandths (kept as an integer
+/// so that the type compares exactly).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DownloadTime(pub u64);
+
+impl Serialize for DownloadTime {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_f64(self.0 as f64 / 1000.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for DownloadTime {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let secs = f64::deserialize(deserializer)?;
+        if !(0.0..1e12).contains(&secs) {
+            return Err(serde::de::Error::custom("a time in seconds since 1970"));
+        }
+        Ok(DownloadTime((secs * 1000.0).round() as u64))
+    }
+}
+
+/// The `"type"` of a [`Download`] line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DownloadTag {
+    /// `"download"`
+    Download,
+}
+
+/// A line the proxy writes after its ready line and before its summary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ProxyLine {
+    /// One per request.
+    Decision(Decision),
+    /// One per forwarded response, with `--record-downloads`.
+    Download(Download),
+}
+
+/// The most bytes of a `Content-Type` kept in a [`Download`].
+pub const MAX_CONTENT_TYPE: usize = 256;
+
 /// The last line on the proxy's stdout, written once it has stopped (SIGTERM or SIGINT)
 /// and every connection is gone: what it did while it ran.
 ///
@@ -88,6 +164,23 @@ pub enum SummaryTag {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_download_reads_and_writes_the_documented_line() {
+        let line = r#"{"type":"download","time":1764700000.123,"method":"GET","url":"http://deb.debian.org/x.deb","status":200,"size":3,"sha256":"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad","content_type":"application/vnd.debian.binary-package","complete":true}"#;
+        let download: Download = serde_json::from_str(line).expect("parse");
+        assert_eq!(download.time, DownloadTime(1_764_700_000_123));
+        assert_eq!(download.size, 3);
+        assert_eq!(serde_json::to_string(&download).expect("json"), line);
+        let decision_like = line.replace(r#""type":"download""#, r#""type":"decision""#);
+        assert!(serde_json::from_str::<Download>(&decision_like).is_err());
+        let no_type = line.replace(
+            r#","content_type":"application/vnd.debian.binary-package""#,
+            "",
+        );
+        let untyped: Download = serde_json::from_str(&no_type).expect("no content type");
+        assert_eq!(untyped.content_type, None);
+    }
 
     #[test]
     fn the_summary_reads_and_writes_the_documented_line() {

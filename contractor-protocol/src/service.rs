@@ -24,6 +24,10 @@ pub struct Ready {
     /// it: readers must accept a line without it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confinement: Option<Confinement>,
+    /// A proxy that inspects TLS (`--inspect`): the PEM certificate of its throwaway
+    /// authority, which clients must trust.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificate: Option<String>,
 }
 
 /// What holds a service once it serves: `no_new_privs`, Landlock (the kernel's ABI and
@@ -62,12 +66,19 @@ impl Ready {
             service: service.to_string(),
             addr,
             confinement: None,
+            ca_certificate: None,
         }
     }
 
     /// This ready line, saying what confines the service.
     pub fn confined(mut self, confinement: Confinement) -> Self {
         self.confinement = Some(confinement);
+        self
+    }
+
+    /// This ready line, with the authority certificate clients must trust.
+    pub fn with_ca_certificate(mut self, pem: Option<String>) -> Self {
+        self.ca_certificate = pem;
         self
     }
 }

@@ -16,6 +16,7 @@ pub mod address;
 pub mod allowlist;
 pub mod config;
 pub mod confinement;
+pub mod inspect;
 mod meter;
 pub mod metrics;
 pub mod policy;

@@ -12,7 +12,7 @@ use std::thread;
 use anyhow::{anyhow, Context};
 use clap::Parser;
 use contractor_protocol::jsonl::{encode_line, write_flushed, write_line, JsonlError};
-use contractor_protocol::proxy::Decision;
+use contractor_protocol::proxy::ProxyLine;
 use contractor_protocol::service::{Confinement, Ready};
 use contractor_protocol::ExitCode;
 use contractor_proxy::config::LimitsFile;
@@ -102,6 +102,22 @@ struct Cli {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Write a `download` line (method, URL, status, size, SHA-256 of the body) on stdout
+    /// for each response forwarded (to plain-HTTP requests, and to requests inside
+    /// inspected TLS).
+    #[arg(long)]
+    record_downloads: bool,
+    /// Inspect TLS to allowed DNS names: answer their CONNECTs with a certificate of a
+    /// throwaway authority (made now, in memory, name-constrained to the allowed names; its
+    /// certificate is in the ready line), and forward each request over the proxy's own
+    /// TLS, verified against this host's trust store (SSL_CERT_FILE, else
+    /// /etc/ssl/certs/ca-certificates.crt).
+    #[arg(long)]
+    inspect: bool,
+    /// With --inspect, a host whose CONNECTs stay plain tunnels (for clients that pin
+    /// certificates); same syntax as --allow. Repeatable.
+    #[arg(long, value_name = "HOST", requires = "inspect")]
+    tunnel: Vec<String>,
     /// Do not confine the proxy (Landlock, seccomp, rlimits): for debugging a host whose
     /// name resolution needs files the proxy does not know; the ready line then says
     /// `"enforced":false`.
@@ -140,16 +156,32 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     JSON_ERRORS.store(cli.json_errors, std::sync::atomic::Ordering::Relaxed);
     let no_confine = cli.no_confine;
+    let record_downloads = cli.record_downloads;
+    let inspect = cli.inspect;
+    let tunnel = match contractor_proxy::Allowlist::parse(&cli.tunnel) {
+        Ok(tunnel) => tunnel,
+        Err(e) => return fail(ExitCode::BadInput, "bad_rule", &anyhow!(e)),
+    };
     let settings = match cli.into_settings() {
         Ok(settings) => settings,
         Err(e) => return fail(ExitCode::BadInput, "bad_config", &e),
     };
     let access_log = settings.access_log.clone();
     let metrics_addr = settings.metrics;
-    let config = match settings.into_config() {
+    let mut config = match settings.into_config() {
         Ok(config) => config,
         Err(e) => return fail(ExitCode::BadInput, "bad_rule", &anyhow!(e)),
     };
+    config.record_downloads = record_downloads;
+    config.tunnel = tunnel;
+    // The trust store is read before the proxy is confined; the authority's key is made
+    // in memory and never written.
+    if inspect {
+        match inspection(&config.allowlist) {
+            Ok(inspection) => config.inspection = inspection,
+            Err(e) => return fail(ExitCode::Infrastructure, "inspect", &e),
+        }
+    }
     // Bound and confined before any thread starts: Landlock (before ABI 8) holds only the
     // thread that asks and the threads it starts afterwards, the runtime's workers among them.
     let prepared = match prepare(config, access_log, metrics_addr, no_confine) {
@@ -229,6 +261,22 @@ fn prepare(
     })
 }
 
+/// The authority and upstream TLS for `--inspect`; `None` when the allow list names no DNS
+/// name (nothing to inspect).
+fn inspection(
+    allowlist: &contractor_proxy::Allowlist,
+) -> anyhow::Result<Option<contractor_proxy::inspect::Inspection>> {
+    use contractor_proxy::inspect;
+    let Some(authority) = inspect::Authority::new(allowlist)? else {
+        return Ok(None);
+    };
+    let roots = inspect::load_roots()?;
+    Ok(Some(inspect::Inspection {
+        authority: std::sync::Arc::new(authority),
+        upstream: std::sync::Arc::new(inspect::client_config(roots)),
+    }))
+}
+
 /// A non-blocking listener on `addr`, for the runtime to take over.
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let listener = std::net::TcpListener::bind(addr)?;
@@ -275,7 +323,14 @@ async fn run(prepared: Prepared) -> anyhow::Result<()> {
     }
     write_line(
         &mut std::io::stdout(),
-        &Ready::new("proxy", addr).confined(confinement),
+        &Ready::new("proxy", addr)
+            .confined(confinement)
+            .with_ca_certificate(
+                config
+                    .inspection
+                    .as_ref()
+                    .map(|i| i.authority.certificate_pem().to_string()),
+            ),
     )
     .context("cannot write the ready line")?;
     eprintln!(
@@ -326,7 +381,7 @@ fn write_entries(
 /// Writes decisions to stdout until every sender is gone; on failure, says so on `failed`
 /// so that the proxy stops rather than run unrecorded.
 fn write_decisions(
-    mut received: mpsc::UnboundedReceiver<Decision>,
+    mut received: mpsc::UnboundedReceiver<ProxyLine>,
     failed: oneshot::Sender<()>,
 ) -> Result<(), JsonlError> {
     let mut stdout = std::io::stdout();
@@ -346,8 +401,8 @@ fn write_decisions(
 fn write_waiting(
     out: &mut impl Write,
     batch: &mut Vec<u8>,
-    first: Decision,
-    waiting: &mut mpsc::UnboundedReceiver<Decision>,
+    first: ProxyLine,
+    waiting: &mut mpsc::UnboundedReceiver<ProxyLine>,
 ) -> Result<(), JsonlError> {
     batch.clear();
     let mut next = Some(first);

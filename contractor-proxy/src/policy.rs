@@ -148,6 +148,14 @@ pub struct ProxyConfig {
     pub metrics: Arc<Metrics>,
     /// Where to send one [`crate::AccessEntry`] per finished request, if anywhere.
     pub access_log: Option<tokio::sync::mpsc::UnboundedSender<crate::AccessEntry>>,
+    /// Send a [`contractor_protocol::proxy::Download`] (URL, size, SHA-256) for each
+    /// forwarded response, next to the decisions: `--record-downloads`.
+    pub record_downloads: bool,
+    /// Terminate the TLS of CONNECTs to allowed DNS names with this authority and forward
+    /// their requests over the proxy's own verified TLS: `--inspect`.
+    pub inspection: Option<crate::inspect::Inspection>,
+    /// Hosts whose CONNECTs stay plain tunnels although inspection is on: `--tunnel`.
+    pub tunnel: Allowlist,
 }
 
 impl ProxyConfig {
@@ -165,6 +173,9 @@ impl ProxyConfig {
             resolver: Resolver::system(),
             metrics: Arc::new(Metrics::default()),
             access_log: None,
+            record_downloads: false,
+            inspection: None,
+            tunnel: Allowlist::default(),
         }
     }
 

@@ -23,7 +23,10 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use contractor_protocol::proxy::{Decision, DecisionTag, Verdict};
+use contractor_protocol::proxy::{
+    Decision, DecisionTag, Download, DownloadTag, DownloadTime, ProxyLine, Verdict,
+    MAX_CONTENT_TYPE,
+};
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
@@ -33,6 +36,11 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use sha2::{Digest, Sha256};
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::inspect::Inspection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -79,13 +87,14 @@ const HOP_BY_HOP: [&str; 9] = [
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 /// Serves proxy clients on `listener` until `shutdown` completes, sending one [`Decision`]
-/// per request to `decisions` (a dropped receiver is not an error: nobody is listening).
+/// per request to `decisions`, and with [`ProxyConfig::record_downloads`] one [`Download`]
+/// per forwarded response (a dropped receiver is not an error: nobody is listening).
 /// After `shutdown`, no connection is accepted; open ones may finish for
 /// [`SHUTDOWN_GRACE`], then whatever remains is cut. Returns when every connection is gone.
 pub async fn serve(
     config: ProxyConfig,
     listener: TcpListener,
-    decisions: UnboundedSender<Decision>,
+    decisions: UnboundedSender<ProxyLine>,
     shutdown: impl Future<Output = ()>,
 ) {
     let slots = Arc::new(Semaphore::new(config.limits.max_connections));
@@ -135,7 +144,7 @@ struct Proxy {
     config: ProxyConfig,
     /// The listening address, never to be dialled.
     own: Option<SocketAddr>,
-    decisions: UnboundedSender<Decision>,
+    decisions: UnboundedSender<ProxyLine>,
     /// Client connections, tunnels and upstream connections, so shutdown can wait for them.
     tasks: TaskTracker,
     /// Shutdown was asked for: finish the request in hand, take no more.
@@ -191,6 +200,12 @@ enum UpstreamError {
     Http(#[source] hyper::Error),
 }
 
+/// A refusal after the request was allowed, with its reason (an upstream that failed TLS
+/// verification, a closed upstream).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(String);
+
 impl UpstreamError {
     fn status(&self) -> StatusCode {
         match self {
@@ -240,10 +255,43 @@ impl Drop for Exchange {
 }
 
 /// A response body that holds its request's [`Exchange`] until the body is done, so the
-/// access log entry is written after the last byte.
+/// access log entry is written after the last byte; with `--record-downloads`, it also
+/// hashes the body on its way through and sends its [`Download`] when it ends or is dropped.
 struct EndsExchange {
     body: Incoming,
     _exchange: Arc<Exchange>,
+    download: Option<Hashing>,
+}
+
+/// A download being recorded: its line so far, and the hash of the bytes passed on.
+struct Hashing {
+    line: Download,
+    hasher: Sha256,
+    to: UnboundedSender<ProxyLine>,
+}
+
+impl Hashing {
+    /// Sends the line once, `complete` or not.
+    fn send(mut self, complete: bool) {
+        self.line.sha256 = self
+            .hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        self.line.complete = complete;
+        // Nobody listening any more is not an error: serving goes on.
+        let _ = self.to.send(ProxyLine::Download(self.line));
+    }
+}
+
+impl Drop for EndsExchange {
+    fn drop(&mut self) {
+        if let Some(download) = self.download.take() {
+            let complete = self.body.is_end_stream();
+            download.send(complete);
+        }
+    }
 }
 
 impl Body for EndsExchange {
@@ -254,7 +302,28 @@ impl Body for EndsExchange {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(download), Some(data)) = (&mut this.download, frame.data_ref()) {
+                    download.hasher.update(data);
+                    download.line.size += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(download) = this.download.take() {
+                    download.send(true);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(download) = this.download.take() {
+                    download.send(false);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -379,7 +448,11 @@ impl Proxy {
         };
         if method == Method::CONNECT {
             exchange.status.store(200, Ordering::Relaxed);
-            return self.tunnel(hyper::upgrade::on(&mut request), upstream, exchange);
+            let client_side = hyper::upgrade::on(&mut request);
+            if let Some(inspection) = self.inspected(&target) {
+                return self.inspect(client, client_side, upstream, exchange, target, inspection);
+            }
+            return self.tunnel(client_side, upstream, exchange);
         }
         let result = self.forward(request, &target, upstream, &exchange).await;
         self.finish(result, &exchange)
@@ -442,7 +515,10 @@ impl Proxy {
         let (addr, upstream, transfer) = self
             .connect_metered(target, addrs, activity, exchange)
             .await?;
-        let sender = self.handshake(upstream).await?;
+        let sender = self
+            .handshake(upstream)
+            .await
+            .map_err(UpstreamError::Http)?;
         let pooled = Pooled {
             addr,
             sender,
@@ -473,13 +549,12 @@ impl Proxy {
     }
 
     /// Starts an HTTP/1.1 client connection on `upstream`, driven by a task of its own.
-    async fn handshake(
-        &self,
-        upstream: Metered<TcpStream>,
-    ) -> Result<SendRequest<ProxyBody>, UpstreamError> {
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(upstream))
-            .await
-            .map_err(UpstreamError::Http)?;
+    async fn handshake<T>(&self, upstream: T) -> Result<SendRequest<ProxyBody>, hyper::Error>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await?;
         let cut = self.cut.clone();
         self.tasks.spawn(async move {
             tokio::select! {
@@ -504,6 +579,7 @@ impl Proxy {
             mut sender,
             transfer,
         } = pooled;
+        let asked = (request.method().to_string(), request.uri().to_string());
         let response = sender
             .send_request(origin_form(request, target))
             .await
@@ -511,6 +587,7 @@ impl Proxy {
         exchange
             .status
             .store(response.status().as_u16(), Ordering::Relaxed);
+        let download = self.downloading(asked.0, asked.1, &response);
         let proxy = Arc::clone(self);
         self.tasks.spawn(async move {
             // Ready again once the response body has been read to its end.
@@ -535,8 +612,238 @@ impl Proxy {
         let body = EndsExchange {
             body,
             _exchange: Arc::clone(exchange),
+            download,
         };
         Ok(Response::from_parts(parts, body.boxed()))
+    }
+
+    /// With `--record-downloads`, the [`Hashing`] that records `response` to `method url`.
+    fn downloading(
+        &self,
+        method: String,
+        url: String,
+        response: &Response<Incoming>,
+    ) -> Option<Hashing> {
+        self.config.record_downloads.then(|| Hashing {
+            line: Download {
+                kind: DownloadTag::Download,
+                time: DownloadTime((unix_time() * 1000.0) as u64),
+                method,
+                url,
+                status: response.status().as_u16(),
+                size: 0,
+                sha256: String::new(),
+                content_type: response
+                    .headers()
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|v| v.len() <= MAX_CONTENT_TYPE)
+                    .map(str::to_string),
+                complete: false,
+            },
+            hasher: Sha256::new(),
+            to: self.decisions.clone(),
+        })
+    }
+
+    /// The inspection that serves a CONNECT to `target`, if it is inspected: inspection is
+    /// on, the host is a DNS name the authority covers, and no `--tunnel` rule names it.
+    fn inspected(&self, target: &Target) -> Option<Inspection> {
+        let inspection = self.config.inspection.as_ref()?;
+        (inspection.authority.covers(&target.host)
+            && self.config.tunnel.find(&target.host).is_none())
+        .then(|| inspection.clone())
+    }
+
+    /// Answers 200 to a CONNECT that is inspected, then serves the client's TLS session as
+    /// the host (with the build authority's certificate for it) and forwards each request
+    /// over the proxy's own TLS session to the host, verified against the host's roots. A
+    /// host whose certificate fails verification is refused (a `deny` decision naming why),
+    /// and each request to it is answered 502 with the reason.
+    fn inspect(
+        self: &Arc<Self>,
+        client: SocketAddr,
+        client_side: hyper::upgrade::OnUpgrade,
+        upstream: Metered<TcpStream>,
+        exchange: Arc<Exchange>,
+        target: Target,
+        inspection: Inspection,
+    ) -> Response<ProxyBody> {
+        let proxy = Arc::clone(self);
+        let cut = self.cut.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = proxy.inspected_session(client, client_side, upstream, &exchange, &target, &inspection) => {}
+                () = cut.cancelled() => {}
+            }
+            drop(exchange);
+        });
+        Response::new(Empty::new().map_err(|never| match never {}).boxed())
+    }
+
+    async fn inspected_session(
+        self: &Arc<Self>,
+        client: SocketAddr,
+        client_side: hyper::upgrade::OnUpgrade,
+        upstream: Metered<TcpStream>,
+        exchange: &Arc<Exchange>,
+        target: &Target,
+        inspection: &Inspection,
+    ) {
+        let Ok(upgraded) = client_side.await else {
+            return; // The client left before the tunnel opened.
+        };
+        let server_config = match inspection.authority.server_config(&target.host) {
+            Ok(config) => config,
+            Err(e) => {
+                eprintln!("contractor-proxy: {e}");
+                return;
+            }
+        };
+        // A client that does not speak TLS, or does not trust the authority, ends here.
+        let Ok(client_tls) = TlsAcceptor::from(server_config)
+            .accept(TokioIo::new(upgraded))
+            .await
+        else {
+            return;
+        };
+        // The name the client asked TLS for must be the CONNECT's host.
+        if let Some(sni) = client_tls.get_ref().1.server_name() {
+            if !sni.eq_ignore_ascii_case(&target.host) {
+                return;
+            }
+        }
+        let upstream = match self.upstream_tls(upstream, target, inspection).await {
+            Ok(sender) => Ok(sender),
+            Err(reason) => {
+                self.record(
+                    client,
+                    &Method::CONNECT,
+                    target,
+                    Verdict::Deny,
+                    reason.clone(),
+                );
+                exchange.status.store(502, Ordering::Relaxed);
+                Err(reason)
+            }
+        };
+        let upstream = Arc::new(tokio::sync::Mutex::new(upstream));
+        let proxy = Arc::clone(self);
+        let exchange = Arc::clone(exchange);
+        let target = target.clone();
+        let service = service_fn(move |request| {
+            let (proxy, upstream, exchange, target) = (
+                Arc::clone(&proxy),
+                Arc::clone(&upstream),
+                Arc::clone(&exchange),
+                target.clone(),
+            );
+            async move {
+                Ok::<_, Infallible>(
+                    proxy
+                        .forward_inspected(request, &upstream, &target, &exchange)
+                        .await,
+                )
+            }
+        });
+        let limits = self.config.limits;
+        let _ = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(
+                limits
+                    .max_header_bytes
+                    .saturating_mul(2)
+                    .max(crate::policy::MIN_HEADER_BYTES),
+            )
+            .serve_connection(TokioIo::new(client_tls), service)
+            .await;
+    }
+
+    /// The proxy's own TLS session to `target` over `upstream`, verified against the
+    /// host's roots, as an HTTP/1.1 connection; the reason it failed otherwise.
+    async fn upstream_tls(
+        &self,
+        upstream: Metered<TcpStream>,
+        target: &Target,
+        inspection: &Inspection,
+    ) -> Result<SendRequest<ProxyBody>, String> {
+        let name = ServerName::try_from(target.host.clone())
+            .map_err(|e| format!("{} is not a TLS server name: {e}", target.host))?;
+        let tls = TlsConnector::from(Arc::clone(&inspection.upstream))
+            .connect(name, upstream)
+            .await
+            .map_err(|e| {
+                format!(
+                    "TLS to {}:{} failed (its certificate is checked against this host's trust store): {e}",
+                    target.host, target.port
+                )
+            })?;
+        self.handshake(tls)
+            .await
+            .map_err(|e| format!("HTTP to {} failed: {e}", target.host))
+    }
+
+    /// Forwards one request of an inspected session to the host and streams the response
+    /// back, recording it as `https://host[:port]/path`.
+    async fn forward_inspected(
+        &self,
+        request: Request<Incoming>,
+        upstream: &tokio::sync::Mutex<Result<SendRequest<ProxyBody>, String>>,
+        target: &Target,
+        exchange: &Arc<Exchange>,
+    ) -> Response<ProxyBody> {
+        let mut upstream = upstream.lock().await;
+        let sender = match &mut *upstream {
+            Ok(sender) => sender,
+            Err(reason) => {
+                return error_response(StatusCode::BAD_GATEWAY, &Refused(reason.clone()));
+            }
+        };
+        let path = request
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let authority = match target.port {
+            443 => target.host.clone(),
+            port => format!("{}:{port}", target.host),
+        };
+        let url = format!("https://{authority}{path}");
+        let method = request.method().to_string();
+        let (mut parts, body) = request.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.uri = path.parse().unwrap_or_default();
+        if !parts.headers.contains_key(header::HOST) {
+            if let Ok(host) = HeaderValue::from_str(&authority) {
+                parts.headers.insert(header::HOST, host);
+            }
+        }
+        if sender.ready().await.is_err() {
+            let closed = Refused(format!("{} closed the connection", target.host));
+            return error_response(StatusCode::BAD_GATEWAY, &closed);
+        }
+        let response = match sender
+            .send_request(Request::from_parts(parts, body.boxed()))
+            .await
+        {
+            Ok(response) => response,
+            Err(e) => return error_response(StatusCode::BAD_GATEWAY, &UpstreamError::Http(e)),
+        };
+        exchange
+            .status
+            .store(response.status().as_u16(), Ordering::Relaxed);
+        let download = self.downloading(method, url, &response);
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(ERROR_HEADER);
+        parts.version = Version::HTTP_11;
+        let body = EndsExchange {
+            body,
+            _exchange: Arc::clone(exchange),
+            download,
+        };
+        Response::from_parts(parts, body.boxed())
     }
 
     /// Records a refusal and makes its response.
@@ -714,7 +1021,7 @@ impl Proxy {
             self.config.metrics.allowed();
         }
         // A closed channel means nobody records decisions any more; serving goes on.
-        let _ = self.decisions.send(Decision {
+        let _ = self.decisions.send(ProxyLine::Decision(Decision {
             kind: DecisionTag::Decision,
             time: unix_time(),
             client: client.to_string(),
@@ -723,7 +1030,7 @@ impl Proxy {
             port: target.port,
             decision,
             reason,
-        });
+        }));
     }
 
     /// Answers 200 and, once hyper hands over the client connection, relays bytes both ways.

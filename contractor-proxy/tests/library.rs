@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use contractor_protocol::proxy::{Decision, Verdict};
+use contractor_protocol::proxy::{Decision, Download, ProxyLine, Verdict};
 use contractor_proxy::{Allowlist, IpNet, ProxyConfig, Resolver};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -22,16 +22,30 @@ const PATIENCE: Duration = Duration::from_secs(10);
 /// A proxy served in this process; stops when dropped.
 struct Running {
     addr: SocketAddr,
-    decisions: mpsc::UnboundedReceiver<Decision>,
+    decisions: mpsc::UnboundedReceiver<ProxyLine>,
     _stop: oneshot::Sender<()>,
 }
 
 impl Running {
-    async fn next_decision(&mut self) -> Decision {
+    async fn next_line(&mut self) -> ProxyLine {
         tokio::time::timeout(PATIENCE, self.decisions.recv())
             .await
-            .expect("a decision in time")
-            .expect("a decision")
+            .expect("a line in time")
+            .expect("a line")
+    }
+
+    async fn next_decision(&mut self) -> Decision {
+        match self.next_line().await {
+            ProxyLine::Decision(decision) => decision,
+            other => panic!("a decision, not {other:?}"),
+        }
+    }
+
+    async fn next_download(&mut self) -> Download {
+        match self.next_line().await {
+            ProxyLine::Download(download) => download,
+            other => panic!("a download, not {other:?}"),
+        }
     }
 }
 
@@ -331,4 +345,255 @@ async fn an_upstream_that_never_answers_the_handshake_is_504() {
     // Allowed by the policy; the failure came after.
     assert_eq!(proxy.next_decision().await.decision, Verdict::Allow);
     drop(silent);
+}
+
+#[tokio::test]
+async fn each_forwarded_response_is_recorded_with_the_sha256_of_its_body() {
+    let upstream = hello_server().await;
+    let port = upstream.port();
+    let mut recording = config(&["files.test"], vec![upstream]);
+    recording.record_downloads = true;
+    let mut proxy = start(recording).await;
+    let url = format!("http://files.test:{port}/pool/hello.txt");
+    let response = request(
+        proxy.addr,
+        &format!("GET {url} HTTP/1.1\r\nHost: files.test:{port}"),
+    )
+    .await;
+    assert!(response.ends_with("hello"), "{response}");
+    assert_eq!(proxy.next_decision().await.decision, Verdict::Allow);
+    let download = proxy.next_download().await;
+    assert_eq!(
+        (
+            download.method.as_str(),
+            download.url.as_str(),
+            download.status
+        ),
+        ("GET", url.as_str(), 200)
+    );
+    assert_eq!(download.size, 5);
+    // sha256("hello"), as sha256sum prints it.
+    assert_eq!(
+        download.sha256,
+        "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+    );
+    assert!(download.complete);
+
+    // Without the setting, nothing but the decision.
+    let mut quiet = start(config(&["files.test"], vec![upstream])).await;
+    request(
+        quiet.addr,
+        &format!("GET {url} HTTP/1.1\r\nHost: files.test:{port}"),
+    )
+    .await;
+    assert_eq!(quiet.next_decision().await.decision, Verdict::Allow);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(quiet.decisions.try_recv().is_err(), "no download line");
+}
+
+/// A TLS server for `name` with a certificate of its own test authority (returned, for the
+/// proxy's upstream roots), answering each request with `body` and keeping the connection.
+async fn tls_server(name: &str, body: &'static [u8]) -> (SocketAddr, RootCertStore) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+        .expect("params")
+        .signed_by(&key, &issuer)
+        .expect("leaf");
+    let server_config = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .expect("server config");
+    let acceptor = TlsAcceptor::from(Arc::new(server_config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind tls");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let mut request = Vec::new();
+                let mut buf = [0; 4096];
+                loop {
+                    let Ok(n) = tls.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                    if request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        request.clear();
+                        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/x-tar\r\n\r\n", body.len());
+                        if tls.write_all(head.as_bytes()).await.is_err()
+                            || tls.write_all(body).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let mut roots = RootCertStore::empty();
+    roots.add(ca_cert.der().clone()).expect("root");
+    (addr, roots)
+}
+
+/// CONNECTs to `host:port` through `proxy`, then speaks TLS trusting only `trusted`.
+async fn connect_tls(
+    proxy: SocketAddr,
+    host: &str,
+    port: u16,
+    trusted: &rustls_cert::CertificateDer<'static>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut stream = TcpStream::connect(proxy).await?;
+    stream
+        .write_all(
+            format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(stream.read_u8().await?);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(trusted.clone())
+        .expect("trust the build authority");
+    let client_config = ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    TlsConnector::from(Arc::new(client_config))
+        .connect(
+            ServerName::try_from(host.to_string()).expect("name"),
+            stream,
+        )
+        .await
+}
+
+/// Sends GET `path` on `tls` and reads one response with its Content-Length body.
+async fn get(
+    tls: &mut tokio_rustls::client::TlsStream<TcpStream>,
+    host: &str,
+    path: &str,
+) -> String {
+    tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .expect("request");
+    let mut response = Vec::new();
+    loop {
+        response.push(tls.read_u8().await.expect("response byte"));
+        if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&response[..end]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if response.len() == end + 4 + length {
+                return String::from_utf8_lossy(&response).into_owned();
+            }
+        }
+    }
+}
+
+use tokio_rustls::rustls::pki_types as rustls_cert;
+
+/// A configuration allowing `rules`, recording downloads and inspecting TLS with a new
+/// authority (its certificate returned, for the client to trust) and upstream `roots`.
+fn inspecting(
+    rules: &[&str],
+    upstream: SocketAddr,
+    roots: RootCertStore,
+) -> (ProxyConfig, rustls_cert::CertificateDer<'static>) {
+    use contractor_proxy::inspect;
+    let mut config = config(rules, vec![upstream]);
+    config.record_downloads = true;
+    let authority = inspect::Authority::new(&config.allowlist)
+        .expect("authority")
+        .expect("names");
+    let certificate = authority.certificate().clone();
+    config.inspection = Some(inspect::Inspection {
+        authority: Arc::new(authority),
+        upstream: Arc::new(inspect::client_config(roots)),
+    });
+    (config, certificate)
+}
+
+#[tokio::test]
+async fn inspected_tls_is_forwarded_over_verified_tls_and_each_response_recorded() {
+    let (upstream, roots) = tls_server("crates.test", b"crate bytes").await;
+    let (config, authority) = inspecting(&["crates.test"], upstream, roots);
+    let mut proxy = start(config).await;
+    let port = upstream.port();
+    let mut tls = connect_tls(proxy.addr, "crates.test", port, &authority)
+        .await
+        .expect("the client trusts the build authority's certificate for crates.test");
+    assert_eq!(proxy.next_decision().await.decision, Verdict::Allow);
+    // Two requests on one connection, each recorded with its URL and hash.
+    for path in ["/api/v1/crates/itoa/1.0.0/download", "/second"] {
+        let response = get(&mut tls, "crates.test", path).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(response.ends_with("crate bytes"), "{response}");
+        let download = proxy.next_download().await;
+        assert_eq!(download.url, format!("https://crates.test:{port}{path}"));
+        assert_eq!(download.size, 11);
+        // sha256("crate bytes"), as sha256sum prints it.
+        assert_eq!(
+            download.sha256,
+            "6c1a3e927bfe496d41c3f8c58bec46b4a964aa6435fd05fa55e52a0491a34159"
+        );
+        assert_eq!(download.content_type.as_deref(), Some("application/x-tar"));
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_certificate_this_host_does_not_trust_is_refused_and_named() {
+    let (upstream, _its_roots) = tls_server("crates.test", b"crate bytes").await;
+    // The proxy trusts another authority only.
+    let (_, other_roots) = tls_server("other.test", b"").await;
+    let (config, authority) = inspecting(&["crates.test"], upstream, other_roots);
+    let mut proxy = start(config).await;
+    let port = upstream.port();
+    let mut tls = connect_tls(proxy.addr, "crates.test", port, &authority)
+        .await
+        .expect("the client side still speaks TLS");
+    let response = get(&mut tls, "crates.test", "/").await;
+    assert!(response.starts_with("HTTP/1.1 502"), "{response}");
+    assert!(
+        response
+            .to_lowercase()
+            .contains("x-contractor-proxy-error: tls to crates.test"),
+        "{response}"
+    );
+    assert_eq!(proxy.next_decision().await.decision, Verdict::Allow);
+    let refused = proxy.next_decision().await;
+    assert_eq!(refused.decision, Verdict::Deny);
+    assert!(refused.reason.contains("certificate"), "{}", refused.reason);
+}
+
+#[tokio::test]
+async fn a_tunnel_rule_keeps_a_host_out_of_inspection() {
+    let (upstream, roots) = tls_server("pinned.test", b"pinned").await;
+    let (mut config, authority) = inspecting(&["pinned.test"], upstream, roots);
+    config.tunnel = Allowlist::parse(["pinned.test"]).expect("rule");
+    let proxy = start(config).await;
+    // The build authority's certificate is not offered: the host's own is.
+    let refused = connect_tls(proxy.addr, "pinned.test", upstream.port(), &authority).await;
+    assert!(refused.is_err(), "the tunnel was inspected");
 }

@@ -397,6 +397,9 @@ async fn run_job(
     if let Some(cache) = &job.cache {
         restore_cache(opener, cache, token).await;
     }
+    if let Some(pem) = &job.ca_certificate {
+        trust_build_authority(pem);
+    }
 
     let log = Log::open(opener).await?;
     if let Some(fetch) = &job.fetch {
@@ -812,6 +815,33 @@ fn pack_dirs(paths: &[String], out: &Path) -> std::io::Result<u64> {
 }
 
 /// The script's environment: a clean one, with the proxy and the store.
+/// Where the build authority's certificate is written (Debian's place for local
+/// authorities; `update-ca-certificates` would keep it).
+pub(crate) const BUILD_CA_FILE: &str = "/usr/local/share/ca-certificates/contractor-build.crt";
+/// The system's bundle, which the build authority is appended to.
+pub(crate) const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Adds the build proxy's authority to the guest's trust: its own file, and the end of
+/// the system bundle that OpenSSL, curl, git, cargo, pip and apt read. A failure is said on
+/// the console and the build goes on (its TLS then fails, naming the certificate).
+fn trust_build_authority(pem: &str) {
+    use std::io::Write;
+    let written = std::fs::create_dir_all("/usr/local/share/ca-certificates")
+        .and_then(|()| std::fs::write(BUILD_CA_FILE, pem))
+        .and_then(|()| std::fs::create_dir_all("/etc/ssl/certs"))
+        .and_then(|()| {
+            let mut bundle = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(CA_BUNDLE)?;
+            bundle.write_all(b"\n")?;
+            bundle.write_all(pem.as_bytes())
+        });
+    if let Err(e) = written {
+        eprintln!("contractor-agent: cannot add the build authority to the trust store: {e}");
+    }
+}
+
 pub(crate) fn script_env(job: &Job) -> BTreeMap<String, String> {
     let proxy = format!("http://127.0.0.1:{GUEST_PROXY_PORT}");
     let mut env: BTreeMap<String, String> = [
@@ -836,6 +866,20 @@ pub(crate) fn script_env(job: &Job) -> BTreeMap<String, String> {
     );
     if let Some(token) = &job.store_token {
         env.insert("CONTRACTOR_STORE_TOKEN".into(), token.clone());
+    }
+    if job.ca_certificate.is_some() {
+        // The clients that do not read the system bundle by themselves, pointed at it.
+        for key in [
+            "SSL_CERT_FILE",
+            "CURL_CA_BUNDLE",
+            "CARGO_HTTP_CAINFO",
+            "PIP_CERT",
+            "REQUESTS_CA_BUNDLE",
+            "GIT_SSL_CAINFO",
+        ] {
+            env.insert(key.into(), CA_BUNDLE.into());
+        }
+        env.insert("NODE_EXTRA_CA_CERTS".into(), BUILD_CA_FILE.into());
     }
     env.extend(job.env.clone());
     env
@@ -1175,6 +1219,7 @@ mod tests {
             host_time: None,
             entropy: None,
             keep: None,
+            ca_certificate: None,
         };
         job.env.insert("HOME".into(), "/build".into());
         let env = script_env(&job);
@@ -1182,5 +1227,19 @@ mod tests {
         assert_eq!(env["CONTRACTOR_STORE"], "http://127.0.0.1:8480");
         assert_eq!(env["CONTRACTOR_STORE_TOKEN"], "t0k3n-0123456789abcdef");
         assert_eq!(env["HOME"], "/build");
+        assert!(
+            !env.contains_key("SSL_CERT_FILE"),
+            "no authority, no override"
+        );
+
+        // With the build authority, the clients are pointed at the bundle that holds it;
+        // what the job sets itself still wins.
+        job.ca_certificate = Some("-----BEGIN CERTIFICATE-----\n".into());
+        job.env.insert("PIP_CERT".into(), "/mine.pem".into());
+        let env = script_env(&job);
+        assert_eq!(env["CARGO_HTTP_CAINFO"], CA_BUNDLE);
+        assert_eq!(env["SSL_CERT_FILE"], CA_BUNDLE);
+        assert_eq!(env["NODE_EXTRA_CA_CERTS"], BUILD_CA_FILE);
+        assert_eq!(env["PIP_CERT"], "/mine.pem");
     }
 }

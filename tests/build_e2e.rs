@@ -1424,3 +1424,81 @@ fn a_stale_or_broken_snapshot_means_a_cold_boot_and_a_working_build() {
         "{again:?}"
     );
 }
+
+#[test]
+fn a_download_that_does_not_match_contractor_lock_fails_the_build_naming_both_hashes() {
+    if util::skip_without_vm(
+        "a_download_that_does_not_match_contractor_lock_fails_the_build_naming_both_hashes",
+    ) {
+        return;
+    }
+    let dsc = "https://deb.debian.org/debian/pool/main/f/figlet/figlet_2.2.5-3.dsc";
+    let real = "f19663ee2437cac166f0d3c4c9bf0d33f0149a6e8f06d6ae80014fd4030bdc81";
+    let spec = |extra: &str| {
+        format!(
+            "[build]\nscript = '''\n{extra}curl -fsS -o figlet.dsc {dsc}\nsha256sum figlet.dsc\n'''\n\
+             [network]\nallow = [\"deb.debian.org\"]\n[vm]\ncpus = 1\nmemory = \"768MiB\"\n"
+        )
+    };
+    let project = Project::new(&spec(""));
+    let first = project.build();
+    assert_eq!(first.result.outcome, Outcome::Success, "{}", first.stderr);
+    assert!(first.log().contains(real), "{}", first.log());
+
+    let pin = Command::new(util::contractor())
+        .arg("pin")
+        .current_dir(project.path())
+        .output()
+        .expect("contractor pin");
+    assert!(
+        pin.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pin.stderr)
+    );
+    let lock_path = project.path().join("contractor.lock");
+    let lock = std::fs::read_to_string(&lock_path).expect("contractor.lock");
+    assert!(
+        lock.contains(&format!("url = \"{dsc}\"\nsha256 = \"{real}\"")),
+        "{lock}"
+    );
+
+    // The lock as pinned: the same build passes.
+    let again = project.build();
+    assert_eq!(again.result.outcome, Outcome::Success, "{}", again.stderr);
+
+    // A lock that pins other bytes (as when a mirror serves tampered ones): the guest
+    // never gets the file whole, and the build fails naming the URL and both hashes. A
+    // download the lock does not name is reported.
+    let other = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    std::fs::write(&lock_path, lock.replace(real, other)).expect("tamper the lock");
+    std::fs::write(
+        project.path().join("contractor.toml"),
+        spec("curl -fsS -o /dev/null https://deb.debian.org/debian/pool/main/f/figlet/figlet_2.2.5.orig.tar.gz\n"),
+    )
+    .expect("spec");
+    let tampered = project.build();
+    assert_eq!(
+        tampered.result.outcome,
+        Outcome::Failed,
+        "{}",
+        tampered.stderr
+    );
+    let error = tampered.result.error.as_ref().expect("an error");
+    assert_eq!(error.code, "download_mismatch", "{error:?}");
+    let said = error.chain.join(": ");
+    assert!(
+        said.contains(dsc) && said.contains(real) && said.contains(other),
+        "{said}"
+    );
+    assert!(
+        !tampered.log().contains(real),
+        "the file reached the guest whole"
+    );
+    assert!(
+        tampered
+            .stderr
+            .contains("1 download(s) are not in contractor.lock"),
+        "{}",
+        tampered.stderr
+    );
+}

@@ -92,6 +92,18 @@ or no kept VM, 3 the VM could not be reached."
         #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
         file: PathBuf,
     },
+    /// Pin what a successful build downloaded: write contractor.lock (URL → SHA-256 of
+    /// every complete GET answered 200), which later builds must then match byte for byte.
+    #[command(
+        after_help = "Example:\n  contractor build && contractor pin      # the newest build\n  contractor pin 20261125-141502-3fa2c1"
+    )]
+    Pin {
+        /// Build id (default: the newest).
+        id: Option<String>,
+        /// The project's spec file (the lock is written beside it).
+        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
+        file: PathBuf,
+    },
     /// List what a build downloaded through its proxy: status, size, SHA-256 and URL of
     /// each response (downloads.jsonl of its record).
     #[command(
@@ -292,6 +304,7 @@ pub fn main() -> std::process::ExitCode {
             file,
         } => report(allow_hosts(&file, &hosts, from_last, yes)),
         Command::Log { id, console, file } => report(print_log(&file, id.as_deref(), console)),
+        Command::Pin { id, file } => report(pin_downloads(&file, id.as_deref())),
         Command::Downloads { id, json, file } => {
             report(print_downloads(&file, id.as_deref(), json))
         }
@@ -905,6 +918,37 @@ fn shown_download(line: &[u8]) -> Option<String> {
         escape_capped(value["sha256"].as_str()?, 64),
         escape_capped(value["url"].as_str()?, 4096),
     ))
+}
+
+/// `contractor pin`: contractor.lock from the downloads of build `id` (the newest).
+fn pin_downloads(file: &Path, id: Option<&str>) -> Result<(), Failure> {
+    use crate::lock::{self, LockError};
+    let project = file
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let record = records::open(&store_of(file), id).map_err(Failure::record)?;
+    if record.result.as_ref().map(|r| r.outcome)
+        != Some(contractor_protocol::result::Outcome::Success)
+    {
+        return Err(Failure::input(LockError::NotSuccessful(record.id)));
+    }
+    let bytes = records::read_file_capped(&record, "downloads.jsonl", records::MAX_DOWNLOADS_FILE)
+        .map_err(Failure::record)?;
+    let new = lock::from_downloads(&bytes);
+    let old = lock::load(project).map_err(Failure::input)?;
+    let path = lock::write(project, &lock::render(&new, &record.id)).map_err(Failure::host)?;
+    let (added, changed, removed) = match &old {
+        Some(old) => lock::changes(old, &new),
+        None => (new.downloads.len(), 0, 0),
+    };
+    eprintln!(
+        "contractor: wrote {}: {} download(s) of build {} pinned ({added} added, {changed} changed, {removed} removed)",
+        escape_path(&path),
+        new.downloads.len(),
+        escape(&record.id)
+    );
+    Ok(())
 }
 
 fn print_downloads(file: &Path, id: Option<&str>, json: bool) -> Result<(), Failure> {

@@ -311,14 +311,41 @@ pub fn build(
     let phased = spec.fetch.is_some();
     let fetch_phase = phased.then_some(Phase::Fetch);
     let inspect = spec.inspect.then_some(spec.tunnel.as_slice());
-    let proxy = start_proxy(&spec.allow, inspect, &proxy_record, fetch_phase, &tools_log)
-        .map_err(|e| BuildError::Service("proxy", e))
-        .map_err(close)?;
+    let pins = match &spec.lock {
+        Some(lock) => {
+            let path = private.pins_file();
+            std::fs::write(&path, crate::lock::pins_json(lock))
+                .map_err(|source| BuildError::Record {
+                    path: path.clone(),
+                    source,
+                })
+                .map_err(close)?;
+            Some(path)
+        }
+        None => None,
+    };
+    let proxy = start_proxy(
+        &spec.allow,
+        inspect,
+        pins.as_deref(),
+        &proxy_record,
+        fetch_phase,
+        &tools_log,
+    )
+    .map_err(|e| BuildError::Service("proxy", e))
+    .map_err(close)?;
     let script_proxy = match phased {
         true => Some(
-            start_proxy(&[], None, &proxy_record, Some(Phase::Script), &tools_log)
-                .map_err(|e| BuildError::Service("proxy", e))
-                .map_err(close)?,
+            start_proxy(
+                &[],
+                None,
+                None,
+                &proxy_record,
+                Some(Phase::Script),
+                &tools_log,
+            )
+            .map_err(|e| BuildError::Service("proxy", e))
+            .map_err(close)?,
         ),
         false => None,
     };
@@ -386,14 +413,31 @@ pub fn build(
             ));
         }
     }
-    let refused_hosts = match proxy_stopped {
-        Ok(refused) => refused.into_iter().collect(),
-        Err(_) => Vec::new(),
-    };
+    let report = proxy_stopped.unwrap_or_default();
+    let refused_hosts = report.refused.into_iter().collect();
     let refused_offline = match script_proxy_stopped {
-        Some(Ok(refused)) => refused.into_iter().collect(),
+        Some(Ok(report)) => report.refused.into_iter().collect(),
         _ => Vec::new(),
     };
+    if !report.mismatched.is_empty() {
+        // The guest never had these files whole; the build fails whatever it says.
+        ran.outcome = Outcome::Failed;
+        let mut chain = vec![format!(
+            "{} download(s) did not match contractor.lock (tampering, or a moved tag; `contractor pin` after a build you trust)",
+            report.mismatched.len()
+        )];
+        chain.extend(report.mismatched);
+        ran.error = Some(ErrorInfo {
+            code: BuildCode::DownloadMismatch.as_str().into(),
+            chain,
+        });
+    }
+    if report.unpinned > 0 {
+        display.warning(&format!(
+            "{} download(s) are not in contractor.lock (`contractor downloads` lists them, `contractor pin` pins them)",
+            report.unpinned
+        ));
+    }
 
     let cache_saved = crate::cache::keep(
         &store_root,
@@ -501,6 +545,11 @@ impl Private {
 
     fn token_file(&self) -> PathBuf {
         self.0.join("tokens")
+    }
+
+    /// The pins of contractor.lock, for the proxy.
+    fn pins_file(&self) -> PathBuf {
+        self.0.join("pins.json")
     }
 }
 
@@ -736,10 +785,11 @@ fn with_phase(line: &[u8], phase: Phase) -> Vec<u8> {
 fn start_proxy(
     allow: &[String],
     inspect: Option<&[String]>,
+    pins: Option<&Path>,
     record: &ProxyRecord,
     phase: Option<Phase>,
     log: &ToolsLog,
-) -> Result<Service<BTreeSet<String>>, ToolError> {
+) -> Result<Service<ProxyReport>, ToolError> {
     let mut command = tools::command(tools::PROXY)?;
     for host in allow {
         command.arg("--allow").arg(host);
@@ -750,18 +800,45 @@ fn start_proxy(
             command.arg("--tunnel").arg(host);
         }
     }
+    if let Some(pins) = pins {
+        command.arg("--pins").arg(pins);
+    }
     command
         .args(["--record-downloads", "--json-errors"])
         .stderr(log.stderr());
     let record = record.clone();
+    let pinned = pins.is_some();
     Service::start(tools::PROXY, command, move |mut answers| {
-        let mut refused = BTreeSet::new();
+        let mut report = ProxyReport::default();
         while let Ok(Some(line)) = answers.next_line() {
             let parsed = serde_json::from_slice::<ProxyLine>(&line);
-            if let Ok(ProxyLine::Decision(decision)) = &parsed {
-                if decision.decision == Verdict::Deny && refused.len() < MAX_REFUSED_HOSTS {
-                    refused.insert(decision.host.clone());
+            match &parsed {
+                Ok(ProxyLine::Decision(decision)) => {
+                    if decision.decision == Verdict::Deny
+                        && report.refused.len() < MAX_REFUSED_HOSTS
+                    {
+                        report.refused.insert(decision.host.clone());
+                    }
                 }
+                Ok(ProxyLine::Download(download)) => {
+                    if download.mismatched() {
+                        if report.mismatched.len() < MAX_MISMATCHES {
+                            report.mismatched.push(format!(
+                                "{}: its bytes have SHA-256 {}, contractor.lock pins {}",
+                                download.url,
+                                download.sha256,
+                                download.pinned.as_deref().unwrap_or_default()
+                            ));
+                        }
+                    } else if pinned
+                        && download.pinned.is_none()
+                        && download.method == "GET"
+                        && download.status == 200
+                    {
+                        report.unpinned += 1;
+                    }
+                }
+                Err(_) => {}
             }
             let file = match parsed {
                 Ok(ProxyLine::Download(_)) => &record.downloads,
@@ -773,9 +850,24 @@ fn start_proxy(
             }
         }
         answers.drain();
-        refused
+        report
     })
 }
+
+/// What a build's proxy saw that the build's result reports.
+#[derive(Default)]
+struct ProxyReport {
+    /// The hosts it refused (at most [`MAX_REFUSED_HOSTS`]).
+    refused: BTreeSet<String>,
+    /// Downloads whose bytes were not those contractor.lock pins, described (at most
+    /// [`MAX_MISMATCHES`]).
+    mismatched: Vec<String>,
+    /// With a lock: successful GETs of URLs it does not pin.
+    unpinned: u64,
+}
+
+/// The most pin mismatches a build's error names (downloads.jsonl has them all).
+const MAX_MISMATCHES: usize = 16;
 
 /// Shows what a service's `ready` line said is missing from its confinement: its warnings,
 /// or that it reported none at all (a tool of another release).

@@ -12,6 +12,7 @@ pub mod display;
 pub mod doctor;
 pub mod image;
 pub mod init;
+pub mod lock;
 pub mod paths;
 pub mod records;
 pub mod shell;

@@ -60,6 +60,8 @@ pub struct BuildSpec {
     pub cache_paths: Vec<String>,
     /// Most bytes the kept directories may take, packed.
     pub cache_max_bytes: u64,
+    /// The project's contractor.lock, when it has one (read by [`load`]).
+    pub lock: Option<crate::lock::Lock>,
 }
 
 /// Why a spec was rejected.
@@ -81,6 +83,9 @@ pub enum SpecError {
         /// toml's message, with line, column and field.
         message: String,
     },
+    /// The project's contractor.lock is unreadable or invalid.
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
     /// A value is out of range or malformed.
     #[error("{path}:{line}: `{field}` = {value}: {reason}")]
     Value {
@@ -187,6 +192,7 @@ pub fn load(path: &Path) -> Result<BuildSpec, SpecError> {
     if let Ok(dir) = std::path::absolute(&spec.project_dir) {
         spec.project_dir = dir;
     }
+    spec.lock = crate::lock::load(&spec.project_dir)?;
     Ok(spec)
 }
 
@@ -509,6 +515,7 @@ pub fn parse_with_images(
         tunnel,
         cache_paths,
         cache_max_bytes,
+        lock: None,
     })
 }
 

@@ -76,9 +76,21 @@ pub struct Download {
     /// The response's `Content-Type`, when it had one (at most 256 bytes, else left out).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_type: Option<String>,
-    /// False when the body ended early (the upstream or the client went away): `size` and
-    /// `sha256` are then of the part that went through.
+    /// False when the body ended early (the upstream or the client went away, or the proxy
+    /// withheld the end of a download that did not match its pin): `size` and `sha256` are
+    /// then of the part that came from the upstream.
     pub complete: bool,
+    /// With `--pins`, the SHA-256 the URL is pinned to. When it differs from `sha256`, the
+    /// proxy did not pass on the body's last bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
+}
+
+impl Download {
+    /// True when the URL is pinned and the bytes were others.
+    pub fn mismatched(&self) -> bool {
+        self.pinned.as_ref().is_some_and(|pin| *pin != self.sha256)
+    }
 }
 
 /// A [`Download`]'s time: seconds since the Unix epoch, in thousandths (kept as an integer

@@ -114,6 +114,9 @@ pub enum BuildCode {
     StoreDir,
     /// `artifact_missing`: the guest reported success, but a declared artifact is not stored.
     ArtifactMissing,
+    /// `download_mismatch`: a download of a URL contractor.lock pins had other bytes (the
+    /// proxy withheld its last bytes from the guest).
+    DownloadMismatch,
     /// `vm_work_dir`: the VMs' work directory could not be made.
     VmWorkDir,
     /// `vm_create`: contractor-vm could not create the VM.
@@ -145,6 +148,7 @@ impl BuildCode {
             BuildCode::DataDir => "data_dir",
             BuildCode::StoreDir => "store_dir",
             BuildCode::ArtifactMissing => "artifact_missing",
+            BuildCode::DownloadMismatch => "download_mismatch",
             BuildCode::VmWorkDir => "vm_work_dir",
             BuildCode::VmCreate => "vm_create",
             BuildCode::VmChannels => "vm_channels",

@@ -118,6 +118,11 @@ struct Cli {
     /// certificates); same syntax as --allow. Repeatable.
     #[arg(long, value_name = "HOST", requires = "inspect")]
     tunnel: Vec<String>,
+    /// With --record-downloads, a JSON object of URL → SHA-256 (lower-case hex): a download
+    /// of such a URL whose bytes hash otherwise loses its last bytes (the body ends in an
+    /// error) and its line says `"pinned"`. At most 16 MiB and 100000 URLs.
+    #[arg(long, value_name = "FILE", requires = "record_downloads")]
+    pins: Option<PathBuf>,
     /// Do not confine the proxy (Landlock, seccomp, rlimits): for debugging a host whose
     /// name resolution needs files the proxy does not know; the ready line then says
     /// `"enforced":false`.
@@ -158,6 +163,10 @@ fn main() -> std::process::ExitCode {
     let no_confine = cli.no_confine;
     let record_downloads = cli.record_downloads;
     let inspect = cli.inspect;
+    let pins = match cli.pins.as_deref().map(read_pins).transpose() {
+        Ok(pins) => pins.unwrap_or_default(),
+        Err(e) => return fail(ExitCode::BadInput, "bad_pins", &e),
+    };
     let tunnel = match contractor_proxy::Allowlist::parse(&cli.tunnel) {
         Ok(tunnel) => tunnel,
         Err(e) => return fail(ExitCode::BadInput, "bad_rule", &anyhow!(e)),
@@ -174,6 +183,7 @@ fn main() -> std::process::ExitCode {
     };
     config.record_downloads = record_downloads;
     config.tunnel = tunnel;
+    config.pins = std::sync::Arc::new(pins);
     // The trust store is read before the proxy is confined; the authority's key is made
     // in memory and never written.
     if inspect {
@@ -259,6 +269,42 @@ fn prepare(
         access_log,
         confinement,
     })
+}
+
+/// The most bytes of a `--pins` file, and the most URLs in it.
+const MAX_PINS_FILE: u64 = 16 << 20;
+const MAX_PINS: usize = 100_000;
+
+/// The `--pins` file: a JSON object of URL → lower-case hex SHA-256.
+fn read_pins(path: &std::path::Path) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    let bytes =
+        contractor_protocol::file::read_regular(path, MAX_PINS_FILE).with_context(|| {
+            format!(
+                "cannot read the pins {} (at most {MAX_PINS_FILE} bytes)",
+                path.display()
+            )
+        })?;
+    let pins: std::collections::HashMap<String, String> = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a JSON object of URL to SHA-256", path.display()))?;
+    if pins.len() > MAX_PINS {
+        anyhow::bail!(
+            "{} pins {} URLs; at most {MAX_PINS} are read",
+            path.display(),
+            pins.len()
+        );
+    }
+    if let Some((url, sha)) = pins.iter().find(|(_, sha)| {
+        sha.len() != 64
+            || !sha
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    }) {
+        anyhow::bail!(
+            "{}: the pin of {url:?} is {sha:?}; use 64 lower-case hex digits (a SHA-256)",
+            path.display()
+        );
+    }
+    Ok(pins)
 }
 
 /// The authority and upstream TLS for `--inspect`; `None` when the allow list names no DNS

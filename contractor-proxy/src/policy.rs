@@ -156,6 +156,9 @@ pub struct ProxyConfig {
     pub inspection: Option<crate::inspect::Inspection>,
     /// Hosts whose CONNECTs stay plain tunnels although inspection is on: `--tunnel`.
     pub tunnel: Allowlist,
+    /// URL → SHA-256 of the downloads that must have those bytes (`--pins`): the end of a
+    /// body with others is withheld. Only recorded downloads are checked.
+    pub pins: Arc<std::collections::HashMap<String, String>>,
 }
 
 impl ProxyConfig {
@@ -176,6 +179,7 @@ impl ProxyConfig {
             record_downloads: false,
             inspection: None,
             tunnel: Allowlist::default(),
+            pins: Arc::default(),
         }
     }
 

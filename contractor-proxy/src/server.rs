@@ -84,7 +84,11 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
-type ProxyBody = BoxBody<Bytes, hyper::Error>;
+/// The error of a body the proxy passes on: hyper's, or the proxy's own refusal to pass
+/// on the end of a download that does not match its pin.
+type BoxError = Box<dyn Error + Send + Sync>;
+
+type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// Serves proxy clients on `listener` until `shutdown` completes, sending one [`Decision`]
 /// per request to `decisions`, and with [`ProxyConfig::record_downloads`] one [`Download`]
@@ -257,10 +261,14 @@ impl Drop for Exchange {
 /// A response body that holds its request's [`Exchange`] until the body is done, so the
 /// access log entry is written after the last byte; with `--record-downloads`, it also
 /// hashes the body on its way through and sends its [`Download`] when it ends or is dropped.
+/// A download of a pinned URL (`--pins`) is passed on one data frame behind: the last frame
+/// goes out only once the whole body's hash is the pinned one; otherwise the body ends in
+/// an error, and the client never has all the bytes.
 struct EndsExchange {
     body: Incoming,
     _exchange: Arc<Exchange>,
     download: Option<Hashing>,
+    held: Option<Frame<Bytes>>,
 }
 
 /// A download being recorded: its line so far, and the hash of the bytes passed on.
@@ -271,8 +279,8 @@ struct Hashing {
 }
 
 impl Hashing {
-    /// Sends the line once, `complete` or not.
-    fn send(mut self, complete: bool) {
+    /// The hex SHA-256 of the bytes so far, and the line with it.
+    fn finish(mut self, complete: bool) -> Download {
         self.line.sha256 = self
             .hasher
             .finalize()
@@ -280,54 +288,104 @@ impl Hashing {
             .map(|b| format!("{b:02x}"))
             .collect();
         self.line.complete = complete;
-        // Nobody listening any more is not an error: serving goes on.
-        let _ = self.to.send(ProxyLine::Download(self.line));
+        self.line
     }
+
+    /// Sends the line once.
+    fn send(to: &UnboundedSender<ProxyLine>, line: Download) {
+        // Nobody listening any more is not an error: serving goes on.
+        let _ = to.send(ProxyLine::Download(line));
+    }
+}
+
+/// Why the proxy cut a download short.
+#[derive(Debug, thiserror::Error)]
+#[error("{url}: the bytes have SHA-256 {got}, contractor.lock pins {pinned}")]
+struct Mismatch {
+    url: String,
+    got: String,
+    pinned: String,
 }
 
 impl Drop for EndsExchange {
     fn drop(&mut self) {
         if let Some(download) = self.download.take() {
-            let complete = self.body.is_end_stream();
-            download.send(complete);
+            let complete = self.body.is_end_stream() && self.held.is_none();
+            let to = download.to.clone();
+            Hashing::send(&to, download.finish(complete));
         }
     }
 }
 
 impl Body for EndsExchange {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(download), Some(data)) = (&mut this.download, frame.data_ref()) {
-                    download.hasher.update(data);
-                    download.line.size += data.len() as u64;
+        loop {
+            let polled = match Pin::new(&mut this.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(polled) => polled,
+            };
+            let pinned = this
+                .download
+                .as_ref()
+                .is_some_and(|d| d.line.pinned.is_some());
+            match polled {
+                Some(Ok(frame)) => {
+                    if let (Some(download), Some(data)) = (&mut this.download, frame.data_ref()) {
+                        download.hasher.update(data);
+                        download.line.size += data.len() as u64;
+                    }
+                    if !pinned || frame.data_ref().is_none() {
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                    // Pinned: pass on the frame held back, hold this one.
+                    if let Some(earlier) = this.held.replace(frame) {
+                        return Poll::Ready(Some(Ok(earlier)));
+                    }
+                }
+                None => {
+                    let Some(download) = this.download.take() else {
+                        return Poll::Ready(this.held.take().map(Ok));
+                    };
+                    let to = download.to.clone();
+                    let line = download.finish(true);
+                    let mismatch = line.mismatched().then(|| Mismatch {
+                        url: line.url.clone(),
+                        got: line.sha256.clone(),
+                        pinned: line.pinned.clone().unwrap_or_default(),
+                    });
+                    Hashing::send(&to, line);
+                    return match mismatch {
+                        Some(mismatch) => {
+                            this.held = None;
+                            Poll::Ready(Some(Err(Box::new(mismatch))))
+                        }
+                        None => match this.held.take() {
+                            Some(last) => Poll::Ready(Some(Ok(last))),
+                            None => Poll::Ready(None),
+                        },
+                    };
+                }
+                Some(Err(e)) => {
+                    if let Some(download) = this.download.take() {
+                        let to = download.to.clone();
+                        Hashing::send(&to, download.finish(false));
+                    }
+                    this.held = None;
+                    return Poll::Ready(Some(Err(Box::new(e))));
                 }
             }
-            Poll::Ready(None) => {
-                if let Some(download) = this.download.take() {
-                    download.send(true);
-                }
-            }
-            Poll::Ready(Some(Err(_))) => {
-                if let Some(download) = this.download.take() {
-                    download.send(false);
-                }
-            }
-            Poll::Pending => {}
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.body.is_end_stream() && self.held.is_none() && self.download.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -433,7 +491,7 @@ impl Proxy {
         let exchange = Arc::new(self.exchange(client, &method, &target, Verdict::Allow));
         let plain = method != Method::CONNECT && !request.headers().contains_key(header::UPGRADE);
         if plain {
-            let request = request.map(BodyExt::boxed);
+            let request = request.map(|body| body.map_err(BoxError::from).boxed());
             let result = self
                 .send_plain(request, &target, &admitted.addrs, activity, &exchange)
                 .await;
@@ -613,6 +671,7 @@ impl Proxy {
             body,
             _exchange: Arc::clone(exchange),
             download,
+            held: None,
         };
         Ok(Response::from_parts(parts, body.boxed()))
     }
@@ -624,6 +683,7 @@ impl Proxy {
         url: String,
         response: &Response<Incoming>,
     ) -> Option<Hashing> {
+        let url_for_pin = url.clone();
         self.config.record_downloads.then(|| Hashing {
             line: Download {
                 kind: DownloadTag::Download,
@@ -640,6 +700,7 @@ impl Proxy {
                     .filter(|v| v.len() <= MAX_CONTENT_TYPE)
                     .map(str::to_string),
                 complete: false,
+                pinned: self.config.pins.get(&url_for_pin).cloned(),
             },
             hasher: Sha256::new(),
             to: self.decisions.clone(),
@@ -824,7 +885,10 @@ impl Proxy {
             return error_response(StatusCode::BAD_GATEWAY, &closed);
         }
         let response = match sender
-            .send_request(Request::from_parts(parts, body.boxed()))
+            .send_request(Request::from_parts(
+                parts,
+                body.map_err(BoxError::from).boxed(),
+            ))
             .await
         {
             Ok(response) => response,
@@ -842,6 +906,7 @@ impl Proxy {
             body,
             _exchange: Arc::clone(exchange),
             download,
+            held: None,
         };
         Response::from_parts(parts, body.boxed())
     }
@@ -1160,7 +1225,10 @@ impl Proxy {
                 drop(exchange);
             });
         }
-        Ok(Response::from_parts(parts, body.boxed()))
+        Ok(Response::from_parts(
+            parts,
+            body.map_err(BoxError::from).boxed(),
+        ))
     }
 }
 

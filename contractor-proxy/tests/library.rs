@@ -597,3 +597,29 @@ async fn a_tunnel_rule_keeps_a_host_out_of_inspection() {
     let refused = connect_tls(proxy.addr, "pinned.test", upstream.port(), &authority).await;
     assert!(refused.is_err(), "the tunnel was inspected");
 }
+
+#[tokio::test]
+async fn a_pinned_download_with_other_bytes_never_reaches_the_client_whole() {
+    let upstream = hello_server().await;
+    let port = upstream.port();
+    let url = format!("http://files.test:{port}/hello.txt");
+    let hello = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+    let other = "0000000000000000000000000000000000000000000000000000000000000000";
+    for (pin, whole) in [(hello, true), (other, false)] {
+        let mut pinned = config(&["files.test"], vec![upstream]);
+        pinned.record_downloads = true;
+        pinned.pins = Arc::new([(url.clone(), pin.to_string())].into_iter().collect());
+        let mut proxy = start(pinned).await;
+        let response = request(
+            proxy.addr,
+            &format!("GET {url} HTTP/1.1\r\nHost: files.test:{port}"),
+        )
+        .await;
+        assert_eq!(response.ends_with("\r\n\r\nhello"), whole, "{response}");
+        assert_eq!(proxy.next_decision().await.decision, Verdict::Allow);
+        let download = proxy.next_download().await;
+        assert_eq!(download.sha256, hello, "the hash of what the upstream sent");
+        assert_eq!(download.pinned.as_deref(), Some(pin));
+        assert_eq!(download.mismatched(), !whole);
+    }
+}

@@ -197,6 +197,7 @@ start_service() {
     exec 3<&-
     service_addr=$(printf '%s\n' "$ready" | jq -er 'select(.type == "ready") | .addr') ||
         die 3 "$name printed no ready line: $ready"
+    service_ready=$ready
 }
 
 # The build's cache: the tar of an earlier build linked into the record for the agent to
@@ -223,10 +224,14 @@ start_service store /dev/null "$STORE_TOOL" serve --root "$STORE" --only-build "
 store_pid=$service_pid store_addr=$service_addr store_copier=$service_copier
 say "store ready at $store_addr"
 
-set -- # the proxy's flags: one --allow per host of $ALLOW
+# The proxy's flags: one --allow per host of $ALLOW, every download recorded, and TLS to the
+# allowed hosts inspected with the proxy's throwaway authority, which the guest then trusts.
+set -- --record-downloads
 for host in $ALLOW; do set -- "$@" --allow "$host"; done
-start_service proxy "$REC/proxy.jsonl" "$PROXY_TOOL" "$@"
+[ -n "$ALLOW" ] && set -- "$@" --inspect
+start_service proxy "$TMP/proxy.lines" "$PROXY_TOOL" "$@"
 proxy_pid=$service_pid proxy_addr=$service_addr proxy_copier=$service_copier
+proxy_ca=$(printf '%s\n' "$service_ready" | jq -c '.ca_certificate // null')
 say "proxy ready at $proxy_addr"
 
 # --- 4. the VM, held by contractor-vm for as long as fd 4 (its stdin) stays open --------------
@@ -272,14 +277,15 @@ printf '%s\n' "$vm_result" | jq -e --arg proxy "$proxy_addr" --arg store "$store
     --arg log "$REC/build.log" --argjson timeout "$TIMEOUT_SECS" --arg script "$BUILD_SCRIPT" \
     --argjson artifacts "$ARTIFACTS" --arg id "$ID" --argjson max_log "$MAX_LOG_BYTES" \
     --argjson memory "$MEMORY_MIB" --argjson disk "$DISK_GIB" \
-    --arg token "$store_token" --argjson cache "$cache_job" \
+    --arg token "$store_token" --argjson cache "$cache_job" --argjson ca "$proxy_ca" \
     '{version: 1, control_socket: .vm.control_socket, tunnel_socket: .vm.tunnel_socket,
       proxy: $proxy, store: $store, log: $log, timeout_secs: $timeout, boot_timeout_secs: 300,
       max_log_bytes: $max_log, memory_mib: $memory, disk_gib: $disk,
       job: ({script: $script, env: {CONTRACTOR_BUILD_ID: $id}, source: "/builds/\($id)/source.tar",
             artifacts: $artifacts, artifacts_dest: "/builds/\($id)/artifacts/",
             store_token: $token}
-            + (if $cache == null then {} else {cache: $cache} end))}
+            + (if $cache == null then {} else {cache: $cache} end)
+            + (if $ca == null then {} else {ca_certificate: $ca} end))}
      | if .control_socket and .tunnel_socket then . else
          error("libvirt reported no channel sockets for the VM") end' \
     >"$TMP/run-request.json" || die 3 "cannot build the run request"
@@ -298,7 +304,10 @@ tee_pid=''
 release_vm || { [ "$run_status" = 0 ] && run_status=3; }
 stop "$proxy_pid"
 proxy_pid=''
-wait "$proxy_copier" || true # proxy.jsonl is complete once the copier has seen EOF
+wait "$proxy_copier" || true # the proxy's output is complete once the copier has seen EOF
+# Its downloads go to downloads.jsonl, the rest (decisions, the summary) to proxy.jsonl.
+grep '^{"type":"download"' "$TMP/proxy.lines" >"$REC/downloads.jsonl" || true
+grep -v '^{"type":"download"' "$TMP/proxy.lines" >"$REC/proxy.jsonl" || true
 stop "$store_pid"
 store_pid=''
 wait "$store_copier" || true

@@ -645,7 +645,6 @@ impl Proxy {
         exchange
             .status
             .store(response.status().as_u16(), Ordering::Relaxed);
-        let download = self.downloading(asked.0, asked.1, &response);
         let proxy = Arc::clone(self);
         self.tasks.spawn(async move {
             // Ready again once the response body has been read to its end.
@@ -663,17 +662,7 @@ impl Proxy {
                 }
             }
         });
-        let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(ERROR_HEADER);
-        parts.version = Version::HTTP_11;
-        let body = EndsExchange {
-            body,
-            _exchange: Arc::clone(exchange),
-            download,
-            held: None,
-        };
-        Ok(Response::from_parts(parts, body.boxed()))
+        Ok(self.passed_on(response, exchange, asked.0, asked.1))
     }
 
     /// With `--record-downloads`, the [`Hashing`] that records `response` to `method url`.
@@ -897,6 +886,19 @@ impl Proxy {
         exchange
             .status
             .store(response.status().as_u16(), Ordering::Relaxed);
+        self.passed_on(response, exchange, method, url)
+    }
+
+    /// The upstream's `response` to `method url` as the client gets it: hop-by-hop headers
+    /// and the proxy's error header removed, HTTP/1.1, its body holding `exchange` until it
+    /// ends and, with `--record-downloads`, recorded.
+    fn passed_on(
+        &self,
+        response: Response<Incoming>,
+        exchange: &Arc<Exchange>,
+        method: String,
+        url: String,
+    ) -> Response<ProxyBody> {
         let download = self.downloading(method, url, &response);
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);

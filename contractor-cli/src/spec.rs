@@ -49,7 +49,7 @@ pub struct BuildSpec {
     pub memory_mib: u64,
     /// Disk size of the VM in GiB.
     pub disk_gib: u64,
-    /// Hosts the build may reach through the proxy.
+    /// Hosts the build may reach through the proxy, and URL rules ([`url_rule_problem`]).
     pub allow: Vec<String>,
     /// `[network] inspect`: the proxy terminates TLS to the allowed hosts with the build's
     /// own authority and records each download (default true).
@@ -216,6 +216,63 @@ pub fn is_allow_rule(rule: &str) -> bool {
                 && label.len() <= 63
                 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         })
+}
+
+/// The longest URL rule accepted (the proxy takes path patterns of up to 1024 bytes).
+const MAX_URL_RULE: usize = 1280;
+
+/// What is wrong with a URL rule of `[network] allow`, or `None`: `[METHOD ]http[s]://host
+/// [:port]/pattern`, `**` any text and `*` any text without `/` in the pattern, which is a
+/// decoded path without query, `.` or `..` segments. The proxy checks the same when it
+/// starts; checking here names the file and line.
+pub fn url_rule_problem(rule: &str) -> Option<String> {
+    let usage = "write [METHOD ]https://host[:port]/pattern, where ** is any text and * any \
+                 text without `/`: \"GET https://deb.debian.org/debian/pool/**\"";
+    if rule.len() > MAX_URL_RULE {
+        return Some(format!("it is over {MAX_URL_RULE} bytes; {usage}"));
+    }
+    let url = match rule.split_once(' ') {
+        Some((method, url))
+            if !method.is_empty() && method.bytes().all(|b| b.is_ascii_uppercase()) =>
+        {
+            url
+        }
+        Some((method, _)) => {
+            return Some(format!("{method:?} is not an upper-case method; {usage}"))
+        }
+        None => rule,
+    };
+    let Some(rest) = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+    else {
+        return Some(format!("the scheme must be http:// or https://; {usage}"));
+    };
+    let Some((authority, path)) = rest.find('/').map(|at| rest.split_at(at)) else {
+        return Some(format!(
+            "the path pattern is missing (end with /** for every path); {usage}"
+        ));
+    };
+    let host = match authority.split_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok_and(|p| p > 0) => host,
+        Some((_, port)) => return Some(format!("the port {port:?} is not 1 to 65535")),
+        None => authority,
+    };
+    if !is_allow_rule(&host.to_ascii_lowercase()) {
+        return Some(format!("{host:?} is not a host name or *.host; {usage}"));
+    }
+    if let Some(bad) = path
+        .chars()
+        .find(|&c| !c.is_ascii_graphic() || matches!(c, '?' | '#' | '\\' | '%'))
+    {
+        return Some(format!(
+            "the path pattern contains {bad:?}; write the decoded path, without query, fragment, spaces or backslashes"
+        ));
+    }
+    if path.split('/').any(|s| s == "." || s == "..") {
+        return Some("the path pattern has a `.` or `..` segment".into());
+    }
+    None
 }
 
 /// Parses and checks spec text as [`load`] does (imported images are valid names).
@@ -444,12 +501,31 @@ pub fn parse_with_images(
     let mut allow = Vec::new();
     for host in raw.network.allow {
         let rule = host.get_ref();
+        if rule.contains("://") {
+            let problem = url_rule_problem(rule).or_else(|| {
+                (rule.contains("https://") && !raw.network.inspect).then(|| {
+                    "an https:// URL rule needs `inspect = true` (the proxy reads the \
+                     requests only when it inspects TLS); allow the host instead"
+                        .to_string()
+                })
+            });
+            if let Some(problem) = problem {
+                return Err(value_error(
+                    host.span(),
+                    "network.allow",
+                    format!("{rule:?}"),
+                    problem,
+                ));
+            }
+            allow.push(rule.clone());
+            continue;
+        }
         if !is_allow_rule(rule) {
             return Err(value_error(
                 host.span(),
                 "network.allow",
                 format!("{rule:?}"),
-                "use a host name (\"deb.debian.org\") or a wildcard for its subdomains (\"*.crates.io\"); no ports, paths or `*` alone".into(),
+                "use a host name (\"deb.debian.org\"), a wildcard for its subdomains (\"*.crates.io\") or a URL rule (\"GET https://deb.debian.org/debian/pool/**\"); no ports, and not `*` alone".into(),
             ));
         }
         allow.push(rule.to_ascii_lowercase());
@@ -610,6 +686,43 @@ allow = []
             .expect_err("not a host")
             .to_string();
         assert!(err.contains("network.tunnel"), "{err}");
+    }
+
+    #[test]
+    fn url_rules_are_kept_as_written_and_bad_ones_named() {
+        let spec = parse_text(
+            "[build]\nscript = \"true\"\n[network]\nallow = [\"A.test\", \"GET https://Mirror.test/Debian/pool/**\"]\n",
+        )
+        .expect("spec");
+        assert_eq!(
+            spec.allow,
+            ["a.test", "GET https://Mirror.test/Debian/pool/**"]
+        );
+        for (rule, problem, inspect) in [
+            ("get https://a.test/**", "upper-case method", true),
+            ("ftp://a.test/**", "http:// or https://", true),
+            ("https://a.test", "path pattern is missing", true),
+            ("https://a.test:0/**", "1 to 65535", true),
+            ("https://a_b.test/**", "not a host name", true),
+            ("https://a.test/x?y", "query", true),
+            ("https://a.test/a/../b", "`..` segment", true),
+            ("https://a.test/**", "needs `inspect = true`", false),
+        ] {
+            let text = format!(
+                "[build]\nscript = \"true\"\n[network]\ninspect = {inspect}\nallow = [{rule:?}]\n"
+            );
+            let err = parse_text(&text).expect_err(rule).to_string();
+            assert!(
+                err.contains("network.allow") && err.contains(problem),
+                "{rule}: {err}"
+            );
+            assert!(err.contains("contractor.toml:5:"), "{err}");
+        }
+        let plain = "[build]\nscript = \"true\"\n[network]\ninspect = false\nallow = [\"http://a.test/**\"]\n";
+        assert!(
+            parse_text(plain).is_ok(),
+            "plain HTTP URL rules need no inspection"
+        );
     }
 
     #[test]

@@ -258,6 +258,13 @@ impl Allowlist {
         Ok(Allowlist { rules })
     }
 
+    /// These rules, already valid and normal (as [`Rule`]'s parser makes them).
+    pub fn from_rules(rules: impl IntoIterator<Item = Rule>) -> Allowlist {
+        Allowlist {
+            rules: rules.into_iter().collect(),
+        }
+    }
+
     /// The rules, in the order given.
     pub fn rules(&self) -> &[Rule] {
         &self.rules

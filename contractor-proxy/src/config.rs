@@ -170,7 +170,16 @@ impl ConfigFile {
             field: field.to_string(),
             problem,
         };
-        let allowlist = Allowlist::parse(&self.allow).map_err(|e| value("allow", e.to_string()))?;
+        let (url_rules, hosts): (Vec<&String>, Vec<&String>) = self
+            .allow
+            .iter()
+            .partition(|rule| crate::urlrule::is_url_rule(rule));
+        let allowlist = Allowlist::parse(hosts).map_err(|e| value("allow", e.to_string()))?;
+        let url_rules = url_rules
+            .into_iter()
+            .map(|rule| rule.parse::<crate::urlrule::UrlRule>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| value("allow", e.to_string()))?;
         let denylist = Allowlist::parse(&self.deny).map_err(|e| value("deny", e.to_string()))?;
         let allowed_nets = self
             .allow_net
@@ -186,6 +195,7 @@ impl ConfigFile {
         }
         let mut config = ProxyConfig::new(allowlist);
         config.denylist = denylist;
+        config.url_rules = url_rules;
         config.allowed_nets = allowed_nets;
         if !self.allow_port.is_empty() {
             config.allowed_ports = self.allow_port.into_iter().collect();

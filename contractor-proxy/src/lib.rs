@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod policy;
 mod relay;
 pub mod server;
+pub mod urlrule;
 
 pub use address::{IpNet, NetError, Restriction};
 pub use allowlist::{Allowlist, HostProblem, HostRule, Rule, RuleError, RuleProblem};
@@ -31,3 +32,4 @@ pub use policy::{
     Denial, Limits, Mode, ProxyConfig, Resolution, Resolver, DEFAULT_LISTEN, DEFAULT_PORTS,
 };
 pub use server::{serve, CONNECT_TIMEOUT, ERROR_HEADER, SHUTDOWN_GRACE};
+pub use urlrule::{UrlRule, UrlRuleError};

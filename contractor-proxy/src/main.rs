@@ -62,8 +62,10 @@ struct Cli {
     listen: Option<SocketAddr>,
     /// A host clients may reach: `example.org` exactly, or `*.example.org` for its
     /// subdomains (not example.org itself), optionally with its own ports
-    /// (`example.org:443,8443`). Repeatable.
-    #[arg(long, value_name = "HOST")]
+    /// (`example.org:443,8443`); or some URLs of a host: `[METHOD ]http[s]://host[:port]/
+    /// pattern`, `**` any text and `*` any text without `/` (`GET https://mirror.example.org/
+    /// debian/pool/**`; https needs --inspect). Repeatable.
+    #[arg(long, value_name = "RULE")]
     allow: Vec<String>,
     /// A host clients may not reach even if an --allow rule covers it; same syntax, and
     /// without ports it covers every port. Repeatable.
@@ -186,8 +188,22 @@ fn main() -> std::process::ExitCode {
     config.pins = std::sync::Arc::new(pins);
     // The trust store is read before the proxy is confined; the authority's key is made
     // in memory and never written.
+    if !inspect {
+        if let Some(rule) = config
+            .url_rules
+            .iter()
+            .find(|rule| rule.scheme == contractor_proxy::urlrule::Scheme::Https)
+        {
+            let e = anyhow!(
+                "--allow {rule:?}: an https:// URL rule needs --inspect, which lets the proxy \
+                 read the requests; without it allow the host ({})",
+                rule.host
+            );
+            return fail(ExitCode::BadInput, "bad_rule", &e);
+        }
+    }
     if inspect {
-        match inspection(&config.allowlist) {
+        match inspection(&config.reachable_hosts()) {
             Ok(inspection) => config.inspection = inspection,
             Err(e) => return fail(ExitCode::Infrastructure, "inspect", &e),
         }

@@ -159,6 +159,10 @@ pub struct ProxyConfig {
     /// URL → SHA-256 of the downloads that must have those bytes (`--pins`): the end of a
     /// body with others is withheld. Only recorded downloads are checked.
     pub pins: Arc<std::collections::HashMap<String, String>>,
+    /// Allow rules for some URLs of a host (`GET https://host/path/**`): the host may be
+    /// reached, and of its requests those a rule allows. Checked where the proxy reads the
+    /// requests: plain HTTP, and HTTPS it inspects.
+    pub url_rules: Vec<crate::urlrule::UrlRule>,
 }
 
 impl ProxyConfig {
@@ -180,12 +184,28 @@ impl ProxyConfig {
             inspection: None,
             tunnel: Allowlist::default(),
             pins: Arc::default(),
+            url_rules: Vec::new(),
         }
     }
 
-    /// The rule that allows `host:port`, or why there is none. Deny rules first, then host
-    /// before port, so that a stranger's host is reported as such whatever port it asked for.
-    pub fn check_target(&self, host: &str, port: u16) -> Result<&Rule, Denial> {
+    /// The rule that allows `host:port` (as text), or why there is none: a host rule, or
+    /// the URL rules for the host, which then allow only some of its requests.
+    pub fn check_target(&self, host: &str, port: u16) -> Result<String, Denial> {
+        match self.host_rule(host, port) {
+            Ok(rule) => Ok(rule.to_string()),
+            Err(Denial::HostNotAllowed | Denial::PortNotAllowed(_))
+                if self.url_restricted(host, port) =>
+            {
+                Ok(format!("URL rules for {host}"))
+            }
+            Err(denial) => Err(denial),
+        }
+    }
+
+    /// The host rule that allows `host:port`, or why there is none. Deny rules first, then
+    /// host before port, so that a stranger's host is reported as such whatever port it
+    /// asked for.
+    fn host_rule(&self, host: &str, port: u16) -> Result<&Rule, Denial> {
         if let Some(rule) = self
             .denylist
             .matching(host)
@@ -201,6 +221,59 @@ impl ProxyConfig {
         matching
             .find(|rule| rule.covers_port(port, default))
             .ok_or(Denial::PortNotAllowed(port))
+    }
+
+    /// The host rules and the hosts of the URL rules: every host some request may reach,
+    /// the names the build's authority may sign for.
+    pub fn reachable_hosts(&self) -> Allowlist {
+        let mut hosts = self.allowlist.clone();
+        hosts.extend(Allowlist::from_rules(self.url_rules.iter().map(|rule| {
+            Rule {
+                host: rule.host.clone(),
+                ports: Some([rule.port].into_iter().collect()),
+            }
+        })));
+        hosts
+    }
+
+    /// Whether `host:port` is reachable only through URL rules: no host rule allows it, no
+    /// deny rule refuses it, and a URL rule covers it.
+    pub fn url_restricted(&self, host: &str, port: u16) -> bool {
+        let Ok(normal) = crate::allowlist::normalize_host(host) else {
+            return false;
+        };
+        matches!(
+            self.host_rule(host, port),
+            Err(Denial::HostNotAllowed | Denial::PortNotAllowed(_))
+        ) && self.url_rules.iter().any(|rule| {
+            rule.covers_host(crate::urlrule::Scheme::Http, &normal, port)
+                || rule.covers_host(crate::urlrule::Scheme::Https, &normal, port)
+        })
+    }
+
+    /// Whether `method` may fetch `path` (the request target, query included) of
+    /// `scheme://host:port`, a target [`Self::check_target`] allowed: always, when a host
+    /// rule allows the host; otherwise only when one of its URL rules does.
+    pub fn check_url(
+        &self,
+        method: &str,
+        scheme: crate::urlrule::Scheme,
+        host: &str,
+        port: u16,
+        path: &str,
+    ) -> Result<(), Denial> {
+        if !self.url_restricted(host, port) {
+            return Ok(());
+        }
+        let normal = crate::allowlist::normalize_host(host).unwrap_or_default();
+        let allowed = self
+            .url_rules
+            .iter()
+            .any(|rule| rule.covers_host(scheme, &normal, port) && rule.allows(method, path));
+        match allowed {
+            true => Ok(()),
+            false => Err(Denial::UrlNotAllowed(url_of(scheme, host, port, path))),
+        }
     }
 
     /// The addresses among `resolved` that may be dialled, in their canonical spelling, or
@@ -227,6 +300,14 @@ impl ProxyConfig {
     /// Why `addr` may not be dialled, or `None` if it is public or in an allowed network.
     pub fn restriction(&self, addr: IpAddr) -> Option<Restriction> {
         restriction(addr).filter(|_| !self.allowed_nets.iter().any(|net| net.contains(addr)))
+    }
+}
+
+/// `scheme://host[:port]path`, the port left out when it is the scheme's.
+pub fn url_of(scheme: crate::urlrule::Scheme, host: &str, port: u16, path: &str) -> String {
+    match port == scheme.default_port() {
+        true => format!("{scheme}://{host}{path}"),
+        false => format!("{scheme}://{host}:{port}{path}"),
     }
 }
 
@@ -288,6 +369,15 @@ pub enum Denial {
     /// Every connection slot is taken.
     #[error("too many connections (at most {0}); try again shortly")]
     OverCapacity(usize),
+    /// Only URL rules allow the host, and none of them this request.
+    #[error("{0} is not allowed: only URL rules allow its host, and none matches it")]
+    UrlNotAllowed(String),
+    /// Only URL rules allow the host, and its TLS is tunnelled, so its requests cannot be read.
+    #[error(
+        "only URL rules allow {0}, and its TLS is not inspected, so its requests cannot be \
+         checked; allow the host, or inspect its TLS"
+    )]
+    UrlRulesNeedInspection(String),
 }
 
 impl Denial {
@@ -307,6 +397,8 @@ impl Denial {
             | Denial::OwnAddress(_)
             | Denial::HostNotAllowed
             | Denial::PortNotAllowed(_)
+            | Denial::UrlNotAllowed(_)
+            | Denial::UrlRulesNeedInspection(_)
             | Denial::AddressRefused { .. } => StatusCode::FORBIDDEN,
         }
     }
@@ -329,6 +421,8 @@ impl Denial {
             Denial::OwnAddress(_) => "own_address",
             Denial::OverCapacity(_) => "over_capacity",
             Denial::HeadTooLarge { .. } => "head_too_large",
+            Denial::UrlNotAllowed(_) => "url_not_allowed",
+            Denial::UrlRulesNeedInspection(_) => "url_rules_uninspected",
         }
     }
 
@@ -341,6 +435,8 @@ impl Denial {
                 | Denial::HostDenied(_)
                 | Denial::HostNotAllowed
                 | Denial::PortNotAllowed(_)
+                | Denial::UrlNotAllowed(_)
+                | Denial::UrlRulesNeedInspection(_)
                 | Denial::AddressRefused { .. }
         )
     }

@@ -41,6 +41,7 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::inspect::Inspection;
+use crate::urlrule::Scheme;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -483,6 +484,11 @@ impl Proxy {
             let denial = Denial::OverCapacity(self.config.limits.max_connections);
             return self.refuse(client, &method, target, denial);
         }
+        if let Err(denial) = self.check_url_rules(&method, &request, &target) {
+            if !(report && denial.is_policy()) {
+                return self.refuse(client, &method, target, denial);
+            }
+        }
         let admitted = match self.admit(&target, earlier).await {
             Ok(admitted) => admitted,
             Err(denial) => return self.refuse(client, &method, target, denial),
@@ -514,6 +520,33 @@ impl Proxy {
         }
         let result = self.forward(request, &target, upstream, &exchange).await;
         self.finish(result, &exchange)
+    }
+
+    /// Whether URL rules let `request` through, when only they allow its host: a plain
+    /// request's URL must match one; a CONNECT must be inspected, so that its requests can be
+    /// checked in turn ([`Self::forward_inspected`]).
+    fn check_url_rules(
+        &self,
+        method: &Method,
+        request: &Request<Incoming>,
+        target: &Target,
+    ) -> Result<(), Denial> {
+        if *method == Method::CONNECT {
+            let unreadable = self.config.url_restricted(&target.host, target.port)
+                && self.inspected(target).is_none();
+            return match unreadable {
+                true => Err(Denial::UrlRulesNeedInspection(target.host.clone())),
+                false => Ok(()),
+            };
+        }
+        let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+        self.config.check_url(
+            method.as_str(),
+            Scheme::Http,
+            &target.host,
+            target.port,
+            path,
+        )
     }
 
     /// The response, or the error response for `result`, with its status recorded.
@@ -791,7 +824,7 @@ impl Proxy {
             async move {
                 Ok::<_, Infallible>(
                     proxy
-                        .forward_inspected(request, &upstream, &target, &exchange)
+                        .forward_inspected(client, request, &upstream, &target, &exchange)
                         .await,
                 )
             }
@@ -838,6 +871,7 @@ impl Proxy {
     /// back, recording it as `https://host[:port]/path`.
     async fn forward_inspected(
         &self,
+        client: SocketAddr,
         request: Request<Incoming>,
         upstream: &tokio::sync::Mutex<Result<SendRequest<ProxyBody>, String>>,
         target: &Target,
@@ -861,6 +895,22 @@ impl Proxy {
         };
         let url = format!("https://{authority}{path}");
         let method = request.method().to_string();
+        if let Err(denial) =
+            self.config
+                .check_url(&method, Scheme::Https, &target.host, target.port, &path)
+        {
+            if self.config.mode == Mode::Enforce {
+                self.record(
+                    client,
+                    request.method(),
+                    target,
+                    Verdict::Deny,
+                    error_chain(&denial),
+                );
+                self.config.metrics.denied(denial.class());
+                return error_response(denial.status(), &denial);
+            }
+        }
         let (mut parts, body) = request.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         parts.uri = path.parse().unwrap_or_default();
@@ -965,7 +1015,7 @@ impl Proxy {
         let mut would = earlier;
         let mut rule = None;
         match self.config.check_target(&target.host, target.port) {
-            Ok(found) => rule = Some(found.to_string()),
+            Ok(found) => rule = Some(found),
             Err(denial) if report && denial.is_policy() => {
                 would.get_or_insert(denial);
             }

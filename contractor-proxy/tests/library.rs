@@ -522,9 +522,11 @@ fn inspecting(
     roots: RootCertStore,
 ) -> (ProxyConfig, rustls_cert::CertificateDer<'static>) {
     use contractor_proxy::inspect;
-    let mut config = config(rules, vec![upstream]);
+    let (urls, hosts): (Vec<&str>, Vec<&str>) = rules.iter().partition(|r| r.contains("://"));
+    let mut config = config(&hosts, vec![upstream]);
+    config.url_rules = urls.iter().map(|r| r.parse().expect("URL rule")).collect();
     config.record_downloads = true;
-    let authority = inspect::Authority::new(&config.allowlist)
+    let authority = inspect::Authority::new(&config.reachable_hosts())
         .expect("authority")
         .expect("names");
     let certificate = authority.certificate().clone();
@@ -621,5 +623,96 @@ async fn a_pinned_download_with_other_bytes_never_reaches_the_client_whole() {
         assert_eq!(download.sha256, hello, "the hash of what the upstream sent");
         assert_eq!(download.pinned.as_deref(), Some(pin));
         assert_eq!(download.mismatched(), !whole);
+    }
+}
+
+#[tokio::test]
+async fn url_rules_allow_some_requests_of_an_inspected_host_and_refuse_the_rest_by_url() {
+    let (upstream, roots) = tls_server("crates.test", b"crate bytes").await;
+    let port = upstream.port();
+    let rule = format!("GET https://crates.test:{port}/api/**");
+    let (config, authority) = inspecting(&[&rule], upstream, roots);
+    let mut proxy = start(config).await;
+    let mut tls = connect_tls(proxy.addr, "crates.test", port, &authority)
+        .await
+        .expect("a host of a URL rule is inspected with a certificate for it");
+    let allowed = proxy.next_decision().await;
+    assert_eq!(allowed.decision, Verdict::Allow);
+    assert!(
+        allowed.reason.contains("URL rules for crates.test"),
+        "{}",
+        allowed.reason
+    );
+    let response = get(&mut tls, "crates.test", "/api/v1/crates/itoa/download").await;
+    assert!(response.ends_with("crate bytes"), "{response}");
+    assert_eq!(proxy.next_download().await.status, 200);
+    for path in ["/index/itoa", "/api/../index/itoa", "/api/%2e%2e/index"] {
+        let response = get(&mut tls, "crates.test", path).await;
+        assert!(response.starts_with("HTTP/1.1 403"), "{path}: {response}");
+        let refused = proxy.next_decision().await;
+        assert_eq!(refused.decision, Verdict::Deny);
+        let url = format!("https://crates.test:{port}{path}");
+        assert!(refused.reason.contains(&url), "{}", refused.reason);
+    }
+    // Another method is refused too; the session goes on serving what is allowed.
+    tls.write_all(b"POST /api/v1/x HTTP/1.1\r\nHost: crates.test\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .expect("request");
+    let refused = proxy.next_decision().await;
+    assert!(refused.reason.contains("/api/v1/x"), "{}", refused.reason);
+
+    // A tunnelled host allowed by URL rules alone cannot be checked, so it is refused.
+    let (upstream, roots) = tls_server("crates.test", b"crate bytes").await;
+    let (mut config, _) = inspecting(
+        &[&rule.replace(&port.to_string(), &upstream.port().to_string())],
+        upstream,
+        roots,
+    );
+    config.tunnel = Allowlist::parse(["crates.test"]).expect("rule");
+    let mut proxy = start(config).await;
+    let response = request(
+        proxy.addr,
+        &format!(
+            "CONNECT crates.test:{0} HTTP/1.1\r\nHost: crates.test:{0}",
+            upstream.port()
+        ),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 403"), "{response}");
+    let refused = proxy.next_decision().await;
+    assert!(
+        refused.reason.contains("not inspected"),
+        "{}",
+        refused.reason
+    );
+}
+
+#[tokio::test]
+async fn plain_http_url_rules_check_the_absolute_uri() {
+    let upstream = hello_server().await;
+    let port = upstream.port();
+    let mut config = config(&[], vec![upstream]);
+    config.url_rules = vec![format!("http://files.test:{port}/pool/*.txt")
+        .parse()
+        .expect("rule")];
+    let mut proxy = start(config).await;
+    for (path, allowed) in [
+        ("/pool/hello.txt", true),
+        ("/pool/a/hello.txt", false),
+        ("/etc", false),
+    ] {
+        let response = request(
+            proxy.addr,
+            &format!("GET http://files.test:{port}{path} HTTP/1.1\r\nHost: files.test:{port}"),
+        )
+        .await;
+        assert_eq!(response.ends_with("hello"), allowed, "{path}: {response}");
+        let decision = proxy.next_decision().await;
+        assert_eq!(
+            decision.decision == Verdict::Allow,
+            allowed,
+            "{path}: {}",
+            decision.reason
+        );
     }
 }

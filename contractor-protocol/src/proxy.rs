@@ -84,6 +84,14 @@ pub struct Download {
     /// proxy did not pass on the body's last bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pinned: Option<String>,
+    /// True when the proxy served the body from its download cache (`--cache`), not from
+    /// the network; `sha256` is then the hash the cached bytes had.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub from_cache: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !value
 }
 
 impl Download {

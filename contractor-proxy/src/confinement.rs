@@ -4,7 +4,8 @@
 //! request reach (the allowed ports, the ports named in allow rules) plus 53, which the
 //! resolver uses when a DNS answer is too big for UDP; bind only the ports it already
 //! listens on. In report mode (every request goes through, to any port) TCP connect is
-//! left free and the ready line warns so. Its access log is opened before it confines itself and needs no rule.
+//! left free and the ready line warns so. Its access log is opened before it confines itself and needs no rule;
+//! its download cache (`--cache`) is the one directory it may write.
 
 use std::path::PathBuf;
 
@@ -64,7 +65,12 @@ pub fn policy(config: &ProxyConfig, listen_port: u16, metrics_port: Option<u16>)
             .chain(LIBRARY_DIRS)
             .map(PathBuf::from)
             .collect(),
-        read_write: Vec::new(),
+        // The download cache, when there is one: entries are written, renamed and removed.
+        read_write: config
+            .cache
+            .iter()
+            .map(|cache| cache.dir().to_path_buf())
+            .collect(),
         bind_ports: std::iter::once(listen_port).chain(metrics_port).collect(),
         // In report mode every request goes through, to any port: only bind is confined.
         connect_ports: (config.mode != Mode::Report).then_some(connect),

@@ -14,6 +14,7 @@
 
 pub mod address;
 pub mod allowlist;
+pub mod cache;
 pub mod config;
 pub mod confinement;
 pub mod inspect;

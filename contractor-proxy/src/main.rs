@@ -125,6 +125,20 @@ struct Cli {
     /// error) and its line says `"pinned"`. At most 16 MiB and 100000 URLs.
     #[arg(long, value_name = "FILE", requires = "record_downloads")]
     pins: Option<PathBuf>,
+    /// With --record-downloads, a download cache directory (made if missing, owner only):
+    /// each complete GET answered 200 is kept there by the SHA-256 of its body, and a GET of
+    /// a pinned URL (--pins) whose bytes are there is served from it (hashed again first; a
+    /// copy with other bytes is removed and answered 502, its line a mismatch).
+    #[arg(long, value_name = "DIR", requires = "record_downloads")]
+    cache: Option<PathBuf>,
+    /// With --cache, the most bytes of new entries this run writes [default: 8 GiB].
+    #[arg(long, value_name = "BYTES", requires = "cache")]
+    cache_max: Option<u64>,
+    /// With --cache: resolve and dial nothing; serve GETs of pinned URLs from the cache and
+    /// refuse everything else (403, a `deny` line naming the URL). Inspected hosts are still
+    /// answered CONNECT; tunnels are refused.
+    #[arg(long, requires = "cache")]
+    offline: bool,
     /// Do not confine the proxy (Landlock, seccomp, rlimits): for debugging a host whose
     /// name resolution needs files the proxy does not know; the ready line then says
     /// `"enforced":false`.
@@ -163,6 +177,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     JSON_ERRORS.store(cli.json_errors, std::sync::atomic::Ordering::Relaxed);
     let no_confine = cli.no_confine;
+    let (cache_dir, cache_max, offline) = (cli.cache.clone(), cli.cache_max, cli.offline);
     let record_downloads = cli.record_downloads;
     let inspect = cli.inspect;
     let pins = match cli.pins.as_deref().map(read_pins).transpose() {
@@ -186,6 +201,18 @@ fn main() -> std::process::ExitCode {
     config.record_downloads = record_downloads;
     config.tunnel = tunnel;
     config.pins = std::sync::Arc::new(pins);
+    config.offline = offline;
+    if let Some(dir) = &cache_dir {
+        let max = cache_max.unwrap_or(contractor_proxy::cache::DEFAULT_MAX_WRITTEN);
+        match contractor_proxy::cache::DownloadCache::open(dir, max) {
+            Ok(cache) => config.cache = Some(std::sync::Arc::new(cache)),
+            Err(e) => {
+                let e =
+                    anyhow!(e).context(format!("cannot open the download cache {}", dir.display()));
+                return fail(ExitCode::Infrastructure, "cache", &e);
+            }
+        }
+    }
     // The trust store is read before the proxy is confined; the authority's key is made
     // in memory and never written.
     if !inspect {

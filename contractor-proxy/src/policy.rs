@@ -163,6 +163,12 @@ pub struct ProxyConfig {
     /// reached, and of its requests those a rule allows. Checked where the proxy reads the
     /// requests: plain HTTP, and HTTPS it inspects.
     pub url_rules: Vec<crate::urlrule::UrlRule>,
+    /// Where complete `GET` bodies are kept by SHA-256 and pinned URLs served from
+    /// (`--cache`); only with `record_downloads`.
+    pub cache: Option<Arc<crate::cache::DownloadCache>>,
+    /// Serve pinned URLs from the cache and refuse everything else, resolving and dialling
+    /// nothing (`--offline`).
+    pub offline: bool,
 }
 
 impl ProxyConfig {
@@ -185,6 +191,8 @@ impl ProxyConfig {
             tunnel: Allowlist::default(),
             pins: Arc::default(),
             url_rules: Vec::new(),
+            cache: None,
+            offline: false,
         }
     }
 
@@ -378,6 +386,12 @@ pub enum Denial {
          checked; allow the host, or inspect its TLS"
     )]
     UrlRulesNeedInspection(String),
+    /// Offline, and the request is not a `GET` of a pinned URL whose bytes are cached.
+    #[error(
+        "offline: {0} is not served; only GETs of URLs pinned in contractor.lock whose bytes \
+         are in the download cache are (build once with the network, then pin)"
+    )]
+    Offline(String),
 }
 
 impl Denial {
@@ -399,6 +413,7 @@ impl Denial {
             | Denial::PortNotAllowed(_)
             | Denial::UrlNotAllowed(_)
             | Denial::UrlRulesNeedInspection(_)
+            | Denial::Offline(_)
             | Denial::AddressRefused { .. } => StatusCode::FORBIDDEN,
         }
     }
@@ -423,6 +438,7 @@ impl Denial {
             Denial::HeadTooLarge { .. } => "head_too_large",
             Denial::UrlNotAllowed(_) => "url_not_allowed",
             Denial::UrlRulesNeedInspection(_) => "url_rules_uninspected",
+            Denial::Offline(_) => "offline",
         }
     }
 

@@ -40,6 +40,7 @@ use sha2::{Digest, Sha256};
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use crate::cache::{EntryWriter, Lookup};
 use crate::inspect::Inspection;
 use crate::urlrule::Scheme;
 use tokio::net::{TcpListener, TcpStream};
@@ -270,6 +271,8 @@ struct EndsExchange {
     _exchange: Arc<Exchange>,
     download: Option<Hashing>,
     held: Option<Frame<Bytes>>,
+    /// With `--cache`, the entry a complete `GET` answered 200 becomes.
+    keep: Option<EntryWriter>,
 }
 
 /// A download being recorded: its line so far, and the hash of the bytes passed on.
@@ -313,7 +316,12 @@ impl Drop for EndsExchange {
         if let Some(download) = self.download.take() {
             let complete = self.body.is_end_stream() && self.held.is_none();
             let to = download.to.clone();
-            Hashing::send(&to, download.finish(complete));
+            let line = download.finish(complete);
+            // The client's side ends once the length is sent, often before the end is polled.
+            if let Some(keep) = self.keep.take().filter(|_| complete && !line.mismatched()) {
+                keep.commit(&line.sha256, line.content_type.as_deref());
+            }
+            Hashing::send(&to, line);
         }
     }
 }
@@ -341,6 +349,9 @@ impl Body for EndsExchange {
                     if let (Some(download), Some(data)) = (&mut this.download, frame.data_ref()) {
                         download.hasher.update(data);
                         download.line.size += data.len() as u64;
+                        if let Some(keep) = &mut this.keep {
+                            keep.write(data);
+                        }
                     }
                     if !pinned || frame.data_ref().is_none() {
                         return Poll::Ready(Some(Ok(frame)));
@@ -361,6 +372,9 @@ impl Body for EndsExchange {
                         got: line.sha256.clone(),
                         pinned: line.pinned.clone().unwrap_or_default(),
                     });
+                    if let (Some(keep), None) = (this.keep.take(), &mismatch) {
+                        keep.commit(&line.sha256, line.content_type.as_deref());
+                    }
                     Hashing::send(&to, line);
                     return match mismatch {
                         Some(mismatch) => {
@@ -392,6 +406,71 @@ impl Body for EndsExchange {
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
     }
+}
+
+/// A cached entry's bytes as a response body, holding its request's [`Exchange`] until the
+/// last byte went out.
+struct CachedBody {
+    file: tokio::fs::File,
+    left: u64,
+    buf: Vec<u8>,
+    _exchange: Arc<Exchange>,
+}
+
+/// The most bytes a [`CachedBody`] reads at once.
+const CACHED_CHUNK: usize = 1 << 16;
+
+impl Body for CachedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.left == 0 {
+            return Poll::Ready(None);
+        }
+        let want = usize::try_from(this.left).map_or(CACHED_CHUNK, |left| left.min(CACHED_CHUNK));
+        let mut read = tokio::io::ReadBuf::new(&mut this.buf[..want]);
+        match tokio::io::AsyncRead::poll_read(Pin::new(&mut this.file), cx, &mut read) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(Ok(())) if read.filled().is_empty() => {
+                let short = io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the download cache's entry shrank while it was served",
+                );
+                Poll::Ready(Some(Err(Box::new(short))))
+            }
+            Poll::Ready(Ok(())) => {
+                let data = Bytes::copy_from_slice(read.filled());
+                this.left -= data.len() as u64;
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.left)
+    }
+}
+
+/// Why the proxy did not serve a cached entry.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{url}: the download cache's copy has SHA-256 {got}, contractor.lock pins {pinned}; the \
+     copy was removed"
+)]
+struct TamperedEntry {
+    url: String,
+    got: String,
+    pinned: String,
 }
 
 /// Counts a client connection as active for as long as it lives.
@@ -489,13 +568,21 @@ impl Proxy {
                 return self.refuse(client, &method, target, denial);
             }
         }
+        let plain = method != Method::CONNECT && !request.headers().contains_key(header::UPGRADE);
+        if self.config.offline || (plain && self.config.cache.is_some()) {
+            if let Some(response) = self
+                .without_network(client, &method, &mut request, &target, earlier.is_some())
+                .await
+            {
+                return response;
+            }
+        }
         let admitted = match self.admit(&target, earlier).await {
             Ok(admitted) => admitted,
             Err(denial) => return self.refuse(client, &method, target, denial),
         };
         self.record(client, &method, &target, Verdict::Allow, admitted.reason);
         let exchange = Arc::new(self.exchange(client, &method, &target, Verdict::Allow));
-        let plain = method != Method::CONNECT && !request.headers().contains_key(header::UPGRADE);
         if plain {
             let request = request.map(|body| body.map_err(BoxError::from).boxed());
             let result = self
@@ -514,12 +601,74 @@ impl Proxy {
             exchange.status.store(200, Ordering::Relaxed);
             let client_side = hyper::upgrade::on(&mut request);
             if let Some(inspection) = self.inspected(&target) {
-                return self.inspect(client, client_side, upstream, exchange, target, inspection);
+                return self.inspect(
+                    client,
+                    client_side,
+                    Some(upstream),
+                    exchange,
+                    target,
+                    inspection,
+                );
             }
             return self.tunnel(client_side, upstream, exchange);
         }
         let result = self.forward(request, &target, upstream, &exchange).await;
         self.finish(result, &exchange)
+    }
+
+    /// The answer that needs no network, if there is one: a plain `GET` of a pinned URL
+    /// whose bytes are cached; offline, also an inspected CONNECT (its requests are then
+    /// served from the cache alone) and a refusal of everything else. Nothing is resolved
+    /// or dialled. `None`: go on to the network.
+    async fn without_network(
+        self: &Arc<Self>,
+        client: SocketAddr,
+        method: &Method,
+        request: &mut Request<Incoming>,
+        target: &Target,
+        earlier_refusal: bool,
+    ) -> Option<Response<ProxyBody>> {
+        let report = self.config.mode == Mode::Report;
+        let rule = match self.config.check_target(&target.host, target.port) {
+            Ok(rule) if !earlier_refusal => rule,
+            Ok(_) => "report mode".to_string(),
+            Err(denial) if report && denial.is_policy() => "report mode".to_string(),
+            Err(denial) => return Some(self.refuse(client, method, target.clone(), denial)),
+        };
+        if *method == Method::CONNECT {
+            let Some(inspection) = self.inspected(target) else {
+                let denial =
+                    Denial::Offline(format!("a tunnel to {}:{}", target.host, target.port));
+                return Some(self.refuse(client, method, target.clone(), denial));
+            };
+            let reason = format!("allowed by {rule}; offline: served from the download cache only");
+            self.record(client, method, target, Verdict::Allow, reason);
+            let exchange = Arc::new(self.exchange(client, method, target, Verdict::Allow));
+            exchange.status.store(200, Ordering::Relaxed);
+            let client_side = hyper::upgrade::on(request);
+            return Some(self.inspect(
+                client,
+                client_side,
+                None,
+                exchange,
+                target.clone(),
+                inspection,
+            ));
+        }
+        let url = request.uri().to_string();
+        let exchange = || Arc::new(self.exchange(client, method, target, Verdict::Allow));
+        if let Some(response) = self
+            .served_from_cache(method.as_str(), &url, exchange)
+            .await
+        {
+            let reason = format!("allowed by {rule}; served from the download cache");
+            self.record(client, method, target, Verdict::Allow, reason);
+            return Some(response);
+        }
+        if self.config.offline {
+            return Some(self.refuse(client, method, target.clone(), Denial::Offline(url)));
+        }
+        None
     }
 
     /// Whether URL rules let `request` through, when only they allow its host: a plain
@@ -723,10 +872,99 @@ impl Proxy {
                     .map(str::to_string),
                 complete: false,
                 pinned: self.config.pins.get(&url_for_pin).cloned(),
+                from_cache: false,
             },
             hasher: Sha256::new(),
             to: self.decisions.clone(),
         })
+    }
+
+    /// With `--cache`, the response to a `GET` of a pinned `url` from the cache, if it holds
+    /// the pinned bytes (hashed again first), recorded as a download `from_cache`. A cached
+    /// copy with other bytes is removed, recorded (a mismatch, which fails the build) and
+    /// answered 502. `None`: not pinned, not cached, or not a `GET`: ask the network.
+    async fn served_from_cache(
+        &self,
+        method: &str,
+        url: &str,
+        exchange: impl FnOnce() -> Arc<Exchange>,
+    ) -> Option<Response<ProxyBody>> {
+        let cache = self.config.cache.as_ref()?;
+        let pinned = self.config.pins.get(url)?.clone();
+        if method != "GET" {
+            return None;
+        }
+        let lookup = {
+            let (cache, pinned) = (Arc::clone(cache), pinned.clone());
+            tokio::task::spawn_blocking(move || cache.lookup(&pinned)).await
+        };
+        let entry = match lookup {
+            Ok(Ok(Lookup::Found(entry))) => entry,
+            Ok(Ok(Lookup::Missing)) => return None,
+            Ok(Ok(Lookup::Tampered { sha256, size })) => {
+                let mut line = self.cached_download(url, &pinned, size, None);
+                line.sha256 = sha256.clone();
+                Hashing::send(&self.decisions, line);
+                exchange().status.store(502, Ordering::Relaxed);
+                let tampered = TamperedEntry {
+                    url: url.to_string(),
+                    got: sha256,
+                    pinned,
+                };
+                return Some(error_response(StatusCode::BAD_GATEWAY, &tampered));
+            }
+            Ok(Err(e)) => {
+                eprintln!("contractor-proxy: cannot read the download cache's copy of {url}: {e}");
+                return None;
+            }
+            Err(_) => return None,
+        };
+        let line = self.cached_download(url, &pinned, entry.size, entry.content_type.clone());
+        Hashing::send(&self.decisions, line);
+        let exchange = exchange();
+        exchange.status.store(200, Ordering::Relaxed);
+        let mut response = Response::new(
+            CachedBody {
+                file: tokio::fs::File::from_std(entry.file),
+                left: entry.size,
+                buf: vec![0; CACHED_CHUNK],
+                _exchange: exchange,
+            }
+            .boxed(),
+        );
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.size));
+        if let Some(value) = entry
+            .content_type
+            .as_deref()
+            .and_then(|t| HeaderValue::from_str(t).ok())
+        {
+            headers.insert(header::CONTENT_TYPE, value);
+        }
+        Some(response)
+    }
+
+    /// The download line of `url` served from the cache: complete, pinned to `pinned`.
+    fn cached_download(
+        &self,
+        url: &str,
+        pinned: &str,
+        size: u64,
+        content_type: Option<String>,
+    ) -> Download {
+        Download {
+            kind: DownloadTag::Download,
+            time: DownloadTime((unix_time() * 1000.0) as u64),
+            method: "GET".to_string(),
+            url: url.to_string(),
+            status: 200,
+            size,
+            sha256: pinned.to_string(),
+            content_type,
+            complete: true,
+            pinned: Some(pinned.to_string()),
+            from_cache: true,
+        }
     }
 
     /// The inspection that serves a CONNECT to `target`, if it is inspected: inspection is
@@ -747,7 +985,7 @@ impl Proxy {
         self: &Arc<Self>,
         client: SocketAddr,
         client_side: hyper::upgrade::OnUpgrade,
-        upstream: Metered<TcpStream>,
+        upstream: Option<Metered<TcpStream>>,
         exchange: Arc<Exchange>,
         target: Target,
         inspection: Inspection,
@@ -768,7 +1006,7 @@ impl Proxy {
         self: &Arc<Self>,
         client: SocketAddr,
         client_side: hyper::upgrade::OnUpgrade,
-        upstream: Metered<TcpStream>,
+        upstream: Option<Metered<TcpStream>>,
         exchange: &Arc<Exchange>,
         target: &Target,
         inspection: &Inspection,
@@ -796,8 +1034,14 @@ impl Proxy {
                 return;
             }
         }
-        let upstream = match self.upstream_tls(upstream, target, inspection).await {
+        let upstream = match upstream {
+            // Offline: every request is served from the cache or refused before this is used.
+            None => Err("offline: nothing is fetched from the network".to_string()),
+            Some(upstream) => self.upstream_tls(upstream, target, inspection).await,
+        };
+        let upstream = match upstream {
             Ok(sender) => Ok(sender),
+            Err(reason) if self.config.offline => Err(reason),
             Err(reason) => {
                 self.record(
                     client,
@@ -877,13 +1121,6 @@ impl Proxy {
         target: &Target,
         exchange: &Arc<Exchange>,
     ) -> Response<ProxyBody> {
-        let mut upstream = upstream.lock().await;
-        let sender = match &mut *upstream {
-            Ok(sender) => sender,
-            Err(reason) => {
-                return error_response(StatusCode::BAD_GATEWAY, &Refused(reason.clone()));
-            }
-        };
         let path = request
             .uri()
             .path_and_query()
@@ -911,6 +1148,31 @@ impl Proxy {
                 return error_response(denial.status(), &denial);
             }
         }
+        if let Some(response) = self
+            .served_from_cache(&method, &url, || Arc::clone(exchange))
+            .await
+        {
+            return response;
+        }
+        if self.config.offline {
+            let denial = Denial::Offline(url);
+            self.record(
+                client,
+                request.method(),
+                target,
+                Verdict::Deny,
+                error_chain(&denial),
+            );
+            self.config.metrics.denied(denial.class());
+            return error_response(denial.status(), &denial);
+        }
+        let mut upstream = upstream.lock().await;
+        let sender = match &mut *upstream {
+            Ok(sender) => sender,
+            Err(reason) => {
+                return error_response(StatusCode::BAD_GATEWAY, &Refused(reason.clone()));
+            }
+        };
         let (mut parts, body) = request.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         parts.uri = path.parse().unwrap_or_default();
@@ -949,6 +1211,12 @@ impl Proxy {
         method: String,
         url: String,
     ) -> Response<ProxyBody> {
+        let keeps =
+            self.config.record_downloads && method == "GET" && response.status() == StatusCode::OK;
+        let keep = match &self.config.cache {
+            Some(cache) if keeps => cache.writer(),
+            _ => None,
+        };
         let download = self.downloading(method, url, &response);
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -959,6 +1227,7 @@ impl Proxy {
             _exchange: Arc::clone(exchange),
             download,
             held: None,
+            keep,
         };
         Response::from_parts(parts, body.boxed())
     }

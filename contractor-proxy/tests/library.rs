@@ -716,3 +716,152 @@ async fn plain_http_url_rules_check_the_absolute_uri() {
         );
     }
 }
+
+/// A configuration allowing `files.test` on loopback `upstream`, recording downloads into
+/// the cache `dir`, with `url` pinned to `pin`.
+fn caching(upstream: SocketAddr, dir: &std::path::Path, url: &str, pin: &str) -> ProxyConfig {
+    let mut config = config(&["files.test"], vec![upstream]);
+    config.record_downloads = true;
+    config.pins = Arc::new([(url.to_string(), pin.to_string())].into_iter().collect());
+    config.cache = Some(Arc::new(
+        contractor_proxy::cache::DownloadCache::open(dir, 1 << 20).expect("cache"),
+    ));
+    config
+}
+
+const HELLO_SHA: &str = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+
+#[tokio::test]
+async fn a_pinned_download_is_cached_then_served_from_the_cache_and_a_changed_copy_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upstream = hello_server().await;
+    let port = upstream.port();
+    let url = format!("http://files.test:{port}/hello.txt");
+    let get = format!("GET {url} HTTP/1.1\r\nHost: files.test:{port}");
+    let mut proxy = start(caching(upstream, dir.path(), &url, HELLO_SHA)).await;
+    let response = request(proxy.addr, &get).await;
+    assert!(response.ends_with("\r\n\r\nhello"), "{response}");
+    assert_eq!(proxy.next_decision().await.decision, Verdict::Allow);
+    let download = proxy.next_download().await;
+    assert!(
+        !download.from_cache && download.sha256 == HELLO_SHA,
+        "{download:?}"
+    );
+    let entry = dir.path().join("sha256").join(HELLO_SHA);
+    assert_eq!(std::fs::read(&entry).expect("the cached body"), b"hello");
+
+    // The upstream is gone: the body comes from the cache.
+    let mut proxy = start(caching(closed_port(), dir.path(), &url, HELLO_SHA)).await;
+    let response = request(proxy.addr, &get).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.ends_with("\r\n\r\nhello"), "{response}");
+    let download = proxy.next_download().await;
+    assert!(
+        download.from_cache && !download.mismatched(),
+        "{download:?}"
+    );
+    let decision = proxy.next_decision().await;
+    assert!(
+        decision.reason.contains("download cache"),
+        "{}",
+        decision.reason
+    );
+
+    // A changed copy is never served: 502 naming both hashes, a mismatched line, removed.
+    std::fs::write(&entry, b"HELLO").expect("tamper");
+    let response = request(proxy.addr, &get).await;
+    assert!(response.starts_with("HTTP/1.1 502"), "{response}");
+    assert!(!response.ends_with("HELLO"), "{response}");
+    assert!(response.contains(HELLO_SHA), "{response}");
+    let download = proxy.next_download().await;
+    assert!(download.from_cache && download.mismatched(), "{download:?}");
+    assert_ne!(download.sha256, HELLO_SHA);
+    assert!(response.contains(&download.sha256), "{response}");
+    assert!(!entry.exists(), "the changed copy is removed");
+}
+
+#[tokio::test]
+async fn offline_serves_pinned_urls_from_the_cache_over_inspected_tls_and_resolves_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (upstream, roots) = tls_server("crates.test", b"crate bytes").await;
+    let port = upstream.port();
+    let crate_url = format!("https://crates.test:{port}/crate");
+    let crate_sha = "6c1a3e927bfe496d41c3f8c58bec46b4a964aa6435fd05fa55e52a0491a34159";
+    // Online first, to fill the cache.
+    let (mut online, authority) = inspecting(&["crates.test"], upstream, roots.clone());
+    online.cache = Some(Arc::new(
+        contractor_proxy::cache::DownloadCache::open(dir.path(), 1 << 20).expect("cache"),
+    ));
+    let mut proxy = start(online).await;
+    let mut tls = connect_tls(proxy.addr, "crates.test", port, &authority)
+        .await
+        .expect("tls");
+    assert!(get(&mut tls, "crates.test", "/crate")
+        .await
+        .ends_with("crate bytes"));
+    assert_eq!(proxy.next_decision().await.decision, Verdict::Allow);
+    assert_eq!(proxy.next_download().await.sha256, crate_sha);
+    drop(tls);
+
+    // Offline: a resolver that counts, and the upstream's address never given.
+    let (mut offline, authority) = inspecting(&["crates.test", "files.test"], closed_port(), roots);
+    let resolved = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&resolved);
+    offline.resolver = Resolver::new(move |_, _| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Err(io::Error::other("offline: resolved")) })
+    });
+    offline.cache = Some(Arc::new(
+        contractor_proxy::cache::DownloadCache::open(dir.path(), 1 << 20).expect("cache"),
+    ));
+    offline.pins = Arc::new(
+        [(crate_url.clone(), crate_sha.to_string())]
+            .into_iter()
+            .collect(),
+    );
+    offline.offline = true;
+    offline.tunnel = Allowlist::parse(["files.test"]).expect("rule");
+    let mut proxy = start(offline).await;
+    let mut tls = connect_tls(proxy.addr, "crates.test", port, &authority)
+        .await
+        .expect("an inspected host is answered offline");
+    assert!(proxy.next_decision().await.reason.contains("offline"));
+    let response = get(&mut tls, "crates.test", "/crate").await;
+    assert!(response.ends_with("crate bytes"), "{response}");
+    let download = proxy.next_download().await;
+    assert!(
+        download.from_cache && download.url == crate_url,
+        "{download:?}"
+    );
+    let response = get(&mut tls, "crates.test", "/index").await;
+    assert!(response.starts_with("HTTP/1.1 403"), "{response}");
+    let refused = proxy.next_decision().await;
+    assert!(
+        refused.reason.contains("offline") && refused.reason.contains("/index"),
+        "{}",
+        refused.reason
+    );
+    // A tunnel and an unpinned plain request are refused.
+    let response = request(
+        proxy.addr,
+        &format!("CONNECT files.test:{port} HTTP/1.1\r\nHost: files.test:{port}"),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 403"), "{response}");
+    assert!(proxy
+        .next_decision()
+        .await
+        .reason
+        .contains("a tunnel to files.test"));
+    let response = request(
+        proxy.addr,
+        &format!("GET http://crates.test:{port}/x HTTP/1.1\r\nHost: crates.test:{port}"),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 403"), "{response}");
+    assert_eq!(
+        resolved.load(Ordering::SeqCst),
+        0,
+        "offline resolved a name"
+    );
+}

@@ -670,6 +670,94 @@ fn the_rust_crate_example_builds_with_its_crates_io_dependency_and_reuses_its_ca
         "the cached registry was not used:\n{}",
         second.log()
     );
+
+    // Pinned, the same build runs with the network refused: without the project's cache,
+    // cargo asks for the index and the crate again, and the proxy serves each from the
+    // download cache, resolving and dialling nothing. (The first build's downloads: the
+    // second fetched nothing.)
+    let url = crate_download["url"].as_str().expect("url");
+    let offline = rebuilt_offline(&project, &first.result.id);
+    assert!(
+        offline.log().contains("Downloaded itoa"),
+        "{}",
+        offline.log()
+    );
+    assert_eq!(downloaded(&offline, url)["sha256"], pinned.as_str());
+    tampered_cache_fails(&project, url, &pinned);
+}
+
+/// The download line of `url` in `build`'s downloads.jsonl.
+fn downloaded(build: &util::Build, url: &str) -> serde_json::Value {
+    let downloads =
+        std::fs::read_to_string(build.record.join("downloads.jsonl")).expect("downloads.jsonl");
+    downloads
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|d| d["url"] == url)
+        .unwrap_or_else(|| panic!("no download of {url} in:\n{downloads}"))
+}
+
+/// Pins the downloads of build `id`, clears the project's cache (so the build must fetch
+/// everything again) and builds `--offline`, which must succeed with every download served
+/// from the download cache and every proxy decision offline.
+fn rebuilt_offline(project: &Project, id: &str) -> util::Build {
+    contractor_in(project, &["pin", id]);
+    contractor_in(project, &["cache", "clear"]);
+    let offline = project.build_with(&["--offline"]);
+    assert_eq!(
+        offline.result.outcome,
+        Outcome::Success,
+        "stderr:\n{}\nlog:\n{}",
+        offline.stderr,
+        offline.log()
+    );
+    let downloads =
+        std::fs::read_to_string(offline.record.join("downloads.jsonl")).expect("downloads.jsonl");
+    let lines: Vec<serde_json::Value> = downloads
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a download line"))
+        .collect();
+    assert!(
+        !lines.is_empty() && lines.iter().all(|d| d["from_cache"] == true),
+        "a download came from the network:\n{downloads}"
+    );
+    let decisions =
+        std::fs::read_to_string(offline.record.join("proxy.jsonl")).expect("proxy.jsonl");
+    for decision in decisions
+        .lines()
+        .filter(|l| l.contains("\"decision\"") && !l.contains("\"phase\":\"script\""))
+    {
+        assert!(decision.contains("offline"), "not offline: {decision}");
+    }
+    offline
+}
+
+/// Replaces the download cache's copy of `url` (pinned to `sha256`) with other bytes: the
+/// `--offline` build must fail naming the URL and both hashes, and the copy be removed.
+fn tampered_cache_fails(project: &Project, url: &str, sha256: &str) {
+    contractor_in(project, &["cache", "clear"]);
+    let entry = contractor_cli::downloads::dir()
+        .expect("data dir")
+        .join("sha256")
+        .join(sha256);
+    assert!(entry.is_file(), "{url} is not in the download cache");
+    std::fs::write(&entry, b"other bytes").expect("tamper with the cached copy");
+    let changed = util::sha256(&entry);
+    let tampered = project.build_with(&["--offline"]);
+    assert_eq!(
+        tampered.result.outcome,
+        Outcome::Failed,
+        "{}",
+        tampered.stderr
+    );
+    let error = tampered.result.error.as_ref().expect("an error");
+    assert_eq!(error.code, "download_mismatch", "{error:?}");
+    let said = error.chain.join(": ");
+    assert!(
+        said.contains(url) && said.contains(sha256) && said.contains(&changed),
+        "{said}"
+    );
+    assert!(!entry.exists(), "the changed copy is left in the cache");
 }
 
 /// Runs `contractor shell ARGS` in `project` with `input` on stdin (not a terminal).
@@ -1100,6 +1188,17 @@ fn the_python_example_installs_pytest_from_pypi_in_its_fetch_phase_and_passes_tw
         "{log}"
     );
     assert!(log.contains("3 passed"), "{log}");
+
+    // Pinned, with no network: pip's index pages and wheels come from the download cache.
+    let offline = rebuilt_offline(&project, &first.result.id);
+    assert!(
+        offline
+            .log()
+            .contains("Saved ./wheels/pytest-8.3.5-py3-none-any.whl"),
+        "{}",
+        offline.log()
+    );
+    assert!(offline.log().contains("3 passed"), "{}", offline.log());
 }
 
 #[test]
@@ -1501,4 +1600,74 @@ fn a_download_that_does_not_match_contractor_lock_fails_the_build_naming_both_ha
         "{}",
         tampered.stderr
     );
+}
+
+#[test]
+fn apt_get_download_through_inspection_is_recorded_with_the_index_hash_and_replays_offline() {
+    if util::skip_without_vm(
+        "apt_get_download_through_inspection_is_recorded_with_the_index_hash_and_replays_offline",
+    ) {
+        return;
+    }
+    // Debian's archive over HTTPS only (the image's own sources are left out), so every
+    // request goes through TLS inspection.
+    let project = Project::new(
+        "[build]\nscript = '''\n\
+         echo 'deb https://deb.debian.org/debian bookworm main' > /tmp/https.list\n\
+         apt='-o Dir::Etc::SourceList=/tmp/https.list -o Dir::Etc::SourceParts=/nonexistent -o Acquire::Languages=none'\n\
+         apt-get $apt update\n\
+         apt-get $apt download hello\n\
+         echo \"index: $(apt-cache $apt show hello | sed -n 's/^SHA256: //p' | head -n 1)\"\n\
+         sha256sum hello_*.deb\n\
+         '''\n\
+         [network]\nallow = [\"deb.debian.org\"]\n\
+         [vm]\ncpus = 1\nmemory = \"1GiB\"\n",
+    );
+    let first = project.build();
+    assert_eq!(
+        first.result.outcome,
+        Outcome::Success,
+        "stderr:\n{}\nlog:\n{}",
+        first.stderr,
+        first.log()
+    );
+    let log = first.log();
+    let indexed = log
+        .lines()
+        .find_map(|l| l.strip_prefix("index: "))
+        .filter(|sha| sha.len() == 64)
+        .unwrap_or_else(|| panic!("no SHA256 from the package index:\n{log}"))
+        .to_string();
+    // The .deb is recorded with the hash Debian's package index (Packages) gives for it.
+    let downloads =
+        std::fs::read_to_string(first.record.join("downloads.jsonl")).expect("downloads.jsonl");
+    let deb = downloads
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|d| {
+            d["url"].as_str().is_some_and(|u| {
+                u.starts_with("https://deb.debian.org/debian/pool/main/h/hello/hello_")
+                    && u.ends_with("_amd64.deb")
+            })
+        })
+        .unwrap_or_else(|| panic!("no download of the hello .deb in:\n{downloads}"));
+    assert_eq!(
+        (deb["status"].as_u64(), deb["sha256"].as_str()),
+        (Some(200), Some(indexed.as_str())),
+        "{deb}"
+    );
+    assert!(log.contains(&format!("{indexed}  hello_")), "{log}");
+    assert!(
+        downloads.contains("\"url\":\"https://deb.debian.org/debian/dists/bookworm/InRelease\""),
+        "{downloads}"
+    );
+
+    let url = deb["url"].as_str().expect("url");
+    let offline = rebuilt_offline(&project, &first.result.id);
+    assert!(
+        offline.log().contains(&format!("{indexed}  hello_")),
+        "{}",
+        offline.log()
+    );
+    tampered_cache_fails(&project, url, &indexed);
 }

@@ -55,6 +55,10 @@ Exit codes: 0 the build succeeded, 1 it failed (script or timeout), 2 bad input\
         /// and shape (a build with --keep always boots cold).
         #[arg(long)]
         cold: bool,
+        /// Use no network: the proxy serves the URLs contractor.lock pins from the download
+        /// cache and refuses everything else (needs contractor.lock; `contractor pin`).
+        #[arg(long)]
+        offline: bool,
     },
     /// Open a shell in a kept VM (`build --keep`), in the build's working directory with its
     /// environment; without an id, in a fresh VM with the source. Exiting destroys the VM.
@@ -182,12 +186,18 @@ enum CacheCommand {
         #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
         file: PathBuf,
     },
-    /// Delete the project's caches; the next build starts without one.
-    #[command(after_help = "Example:\n  contractor cache clear")]
+    /// Delete the project's caches; the next build starts without one. With --downloads,
+    /// empty the download cache all builds share instead.
+    #[command(
+        after_help = "Examples:\n  contractor cache clear\n  contractor cache clear --downloads"
+    )]
     Clear {
         /// The project's spec file (the project is its directory).
         #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
         file: PathBuf,
+        /// Empty the download cache (every build's downloads by SHA-256) instead.
+        #[arg(long)]
+        downloads: bool,
     },
 }
 
@@ -271,6 +281,7 @@ pub fn main() -> std::process::ExitCode {
             json,
             keep,
             cold,
+            offline,
         } => {
             let mode = match (quiet, json) {
                 (_, true) => Mode::Json,
@@ -282,6 +293,7 @@ pub fn main() -> std::process::ExitCode {
                 accel: accel.into(),
                 keep: keep.then_some(Keep::OnFailure),
                 snapshot: !cold && !keep,
+                offline,
             };
             run_build(&file, options, mode).into()
         }
@@ -325,7 +337,8 @@ pub fn main() -> std::process::ExitCode {
             }
         },
         Command::Cache(CacheCommand::List { file }) => report(list_caches(&file)),
-        Command::Cache(CacheCommand::Clear { file }) => report(
+        Command::Cache(CacheCommand::Clear { downloads: true, .. }) => report(clear_downloads()),
+        Command::Cache(CacheCommand::Clear { file, downloads: false }) => report(
             crate::cache::clear(&store_of(&file))
                 .map(|freed| eprintln!("contractor: cache cleared ({} freed)", human_bytes(freed)))
                 .map_err(|e| Failure::tool(format!("cannot clear the cache in {}", store_of(&file).display()), e)),
@@ -383,6 +396,16 @@ fn run_build(file: &std::path::Path, options: BuildOptions, mode: Mode) -> ExitC
             return ExitCode::BadInput;
         }
     };
+    if options.offline && spec.lock.is_none() {
+        let lock = spec.project_dir.join(crate::lock::LOCK_FILE);
+        let chain = vec![format!(
+            "--offline builds from the downloads {} pins, and there is no such file; build once \
+             with the network, then `contractor pin`",
+            lock.display()
+        )];
+        fail(BuildCode::BadSpec.as_str(), chain);
+        return ExitCode::BadInput;
+    }
     let report = match build_here(&spec, &options, mode) {
         Ok(report) => report,
         Err((code, chain, exit)) => {
@@ -479,6 +502,7 @@ fn build_here(
         // spec's fault; the rest is the host's.
         let exit = match &err {
             build::BuildError::Image(e) => e.exit_code(),
+            build::BuildError::Setting(_) => ExitCode::BadInput,
             _ => ExitCode::Infrastructure,
         };
         (BuildCode::BuildSetup.as_str(), error_chain(&err), exit)
@@ -521,6 +545,7 @@ fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
                 accel: Accel::Auto,
                 keep: Some(Keep::Always),
                 snapshot: false,
+                offline: false,
             };
             let built = build_here(&spec, &options, Mode::Auto);
             match built {
@@ -627,6 +652,25 @@ impl Failure {
         }
     }
 
+    /// The host failed while doing `doing`.
+    fn io(doing: String, error: std::io::Error) -> Failure {
+        Failure {
+            exit: ExitCode::Infrastructure,
+            error: Box::new(Context {
+                doing,
+                source: Box::new(error),
+            }),
+        }
+    }
+
+    /// A setting is invalid; `problem` names it and what would be accepted.
+    fn setting(problem: String) -> Failure {
+        Failure {
+            exit: ExitCode::BadInput,
+            error: problem.into(),
+        }
+    }
+
     /// An image command failed.
     fn image(error: image::ImageError) -> Failure {
         Failure {
@@ -666,6 +710,23 @@ fn store_of(file: &Path) -> PathBuf {
     crate::paths::store_dir(dir)
 }
 
+/// `contractor cache clear --downloads`.
+fn clear_downloads() -> Result<(), Failure> {
+    let dir = crate::downloads::dir().map_err(Failure::host)?;
+    let removed = crate::downloads::clear(&dir).map_err(|e| {
+        Failure::io(
+            format!("cannot clear the download cache {}", dir.display()),
+            e,
+        )
+    })?;
+    eprintln!(
+        "contractor: download cache cleared: {} download(s), {} freed",
+        removed.entries,
+        human_bytes(removed.bytes)
+    );
+    Ok(())
+}
+
 fn list_caches(file: &Path) -> Result<(), Failure> {
     let store = store_of(file);
     let entries = crate::cache::list(&store)
@@ -679,6 +740,22 @@ fn list_caches(file: &Path) -> Result<(), Failure> {
         };
         println!("{:>10}  {build:<24} {paths}", human_bytes(size));
     }
+    let dir = crate::downloads::dir().map_err(Failure::host)?;
+    let usage = crate::downloads::usage(&dir).map_err(|e| {
+        Failure::io(
+            format!("cannot read the download cache {}", dir.display()),
+            e,
+        )
+    })?;
+    let max = crate::downloads::max_bytes().map_err(Failure::setting)?;
+    println!(
+        "downloads: {} in {} download(s), at most {} ({}), shared by all builds: {}",
+        human_bytes(usage.bytes),
+        usage.entries,
+        human_bytes(max),
+        crate::downloads::SIZE_VARIABLE,
+        escape_path(&dir)
+    );
     Ok(())
 }
 
@@ -793,18 +870,23 @@ fn show_build(file: &Path, id: Option<&str>) -> Result<(), Failure> {
             .unwrap_or_default();
         println!("artifact:  {} ({size}) sha256:{sha}", escape_path(artifact));
     }
-    let downloads =
+    let (downloads, cached) =
         records::read_file_capped(&record, "downloads.jsonl", records::MAX_DOWNLOADS_FILE)
             .map(|bytes| {
-                bytes
+                let shown: Vec<String> = bytes
                     .split(|b| *b == b'\n')
-                    .filter(|line| shown_download(line).is_some())
-                    .count()
+                    .filter_map(shown_download)
+                    .collect();
+                let cached = shown
+                    .iter()
+                    .filter(|l| l.contains("from the download cache"))
+                    .count();
+                (shown.len(), cached)
             })
-            .unwrap_or(0);
+            .unwrap_or((0, 0));
     if downloads > 0 {
         println!(
-            "downloads: {downloads} (`contractor downloads {}` lists them)",
+            "downloads: {downloads}, {cached} from the download cache (`contractor downloads {}` lists them)",
             escape(&record.id)
         );
     }
@@ -905,6 +987,9 @@ fn shown_download(line: &[u8]) -> Option<String> {
     }
     if value["complete"] == false {
         flags.push("cut short".to_string());
+    }
+    if value["from_cache"] == true {
+        flags.push("from the download cache".to_string());
     }
     let flags = match flags.is_empty() {
         true => String::new(),

@@ -49,6 +49,8 @@ pub struct BuildOptions {
     /// Start from a snapshot of a booted builder (`contractor-vm create --hold` with
     /// `spec.snapshot`); never for a VM that is kept.
     pub snapshot: bool,
+    /// Use no network: the proxy serves pinned URLs from the download cache only.
+    pub offline: bool,
 }
 
 /// A VM kept after its build for `contractor shell`: `vm.json` in the build record.
@@ -111,6 +113,9 @@ pub enum BuildError {
     /// The project's store directory is not one Contractor may write into.
     #[error("cannot keep the build record in this project")]
     StoreDir(#[source] paths::StoreDirError),
+    /// A setting of the environment is invalid (`CONTRACTOR_DOWNLOAD_CACHE_SIZE`).
+    #[error("{0}")]
+    Setting(String),
 }
 
 impl BuildError {
@@ -132,6 +137,7 @@ impl BuildError {
             BuildError::Private { .. } => (Outcome::Infrastructure, BuildCode::PrivateDir),
             BuildError::DataDir(_) => (Outcome::Infrastructure, BuildCode::DataDir),
             BuildError::StoreDir(_) => (Outcome::Failed, BuildCode::StoreDir),
+            BuildError::Setting(_) => (Outcome::Failed, BuildCode::BuildSetup),
         }
     }
 }
@@ -205,6 +211,8 @@ pub fn build(
         None => image::ensure(&spec.image),
     }
     .map_err(BuildError::Image)?;
+    let download_cache = crate::downloads::dir().map_err(BuildError::DataDir)?;
+    let download_cache_max = crate::downloads::max_bytes().map_err(BuildError::Setting)?;
 
     let store_root = paths::checked_store_dir(&spec.project_dir).map_err(BuildError::StoreDir)?;
     close_abandoned_records(&store_root);
@@ -325,9 +333,13 @@ pub fn build(
         None => None,
     };
     let proxy = start_proxy(
-        &spec.allow,
-        inspect,
-        pins.as_deref(),
+        &ProxyPolicy {
+            allow: &spec.allow,
+            inspect,
+            pins: pins.as_deref(),
+            cache: Some((&download_cache, download_cache_max)),
+            offline: options.offline,
+        },
         &proxy_record,
         fetch_phase,
         &tools_log,
@@ -337,9 +349,13 @@ pub fn build(
     let script_proxy = match phased {
         true => Some(
             start_proxy(
-                &[],
-                None,
-                None,
+                &ProxyPolicy {
+                    allow: &[],
+                    inspect: None,
+                    pins: None,
+                    cache: None,
+                    offline: false,
+                },
                 &proxy_record,
                 Some(Phase::Script),
                 &tools_log,
@@ -436,6 +452,14 @@ pub fn build(
         display.warning(&format!(
             "{} download(s) are not in contractor.lock (`contractor downloads` lists them, `contractor pin` pins them)",
             report.unpinned
+        ));
+    }
+
+    // Least recently used first; the cache is documented to hold at most this much.
+    if let Err(err) = crate::downloads::trim(&download_cache, download_cache_max) {
+        display.warning(&format!(
+            "cannot trim the download cache {}: {err}",
+            download_cache.display()
         ));
     }
 
@@ -783,31 +807,38 @@ fn with_phase(line: &[u8], phase: Phase) -> Vec<u8> {
 /// rest (a `decision` per request, a `summary` when it stops) into `proxy.jsonl`; the
 /// hosts it refused are collected.
 fn start_proxy(
-    allow: &[String],
-    inspect: Option<&[String]>,
-    pins: Option<&Path>,
+    policy: &ProxyPolicy,
     record: &ProxyRecord,
     phase: Option<Phase>,
     log: &ToolsLog,
 ) -> Result<Service<ProxyReport>, ToolError> {
     let mut command = tools::command(tools::PROXY)?;
-    for host in allow {
+    command.args(["--record-downloads", "--json-errors"]);
+    for host in policy.allow {
         command.arg("--allow").arg(host);
     }
-    if let Some(tunnel) = inspect.filter(|_| !allow.is_empty()) {
+    if let Some(tunnel) = policy.inspect.filter(|_| !policy.allow.is_empty()) {
         command.arg("--inspect");
         for host in tunnel {
             command.arg("--tunnel").arg(host);
         }
     }
-    if let Some(pins) = pins {
+    if let Some(pins) = policy.pins {
         command.arg("--pins").arg(pins);
     }
-    command
-        .args(["--record-downloads", "--json-errors"])
-        .stderr(log.stderr());
+    if let Some((cache, max)) = policy.cache {
+        command
+            .arg("--cache")
+            .arg(cache)
+            .arg("--cache-max")
+            .arg(max.to_string());
+        if policy.offline {
+            command.arg("--offline");
+        }
+    }
+    command.stderr(log.stderr());
     let record = record.clone();
-    let pinned = pins.is_some();
+    let pinned = policy.pins.is_some();
     Service::start(tools::PROXY, command, move |mut answers| {
         let mut report = ProxyReport::default();
         while let Ok(Some(line)) = answers.next_line() {
@@ -823,8 +854,12 @@ fn start_proxy(
                 Ok(ProxyLine::Download(download)) => {
                     if download.mismatched() {
                         if report.mismatched.len() < MAX_MISMATCHES {
+                            let whose = match download.from_cache {
+                                true => "the download cache's copy has",
+                                false => "its bytes have",
+                            };
                             report.mismatched.push(format!(
-                                "{}: its bytes have SHA-256 {}, contractor.lock pins {}",
+                                "{}: {whose} SHA-256 {}, contractor.lock pins {}",
                                 download.url,
                                 download.sha256,
                                 download.pinned.as_deref().unwrap_or_default()
@@ -852,6 +887,20 @@ fn start_proxy(
         answers.drain();
         report
     })
+}
+
+/// What a build's proxy allows and how it gets what it serves.
+struct ProxyPolicy<'a> {
+    /// `[network] allow`.
+    allow: &'a [String],
+    /// Inspect TLS, but not for these hosts (`[network] tunnel`); `None`: tunnel all.
+    inspect: Option<&'a [String]>,
+    /// contractor.lock as the proxy's `--pins` file.
+    pins: Option<&'a Path>,
+    /// The download cache and the most bytes this build may add to it.
+    cache: Option<(&'a Path, u64)>,
+    /// `--offline`: pinned URLs from the cache only, nothing from the network.
+    offline: bool,
 }
 
 /// What a build's proxy saw that the build's result reports.

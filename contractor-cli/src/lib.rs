@@ -10,6 +10,7 @@ pub mod cache;
 pub mod clock;
 pub mod display;
 pub mod doctor;
+pub mod downloads;
 pub mod image;
 pub mod init;
 pub mod lock;

@@ -2,8 +2,9 @@
 //! one user, so that a download pinned in `contractor.lock` is served from the disk instead
 //! of the network, and with `--offline` only from there.
 //!
-//! Layout: `DIR/sha256/<hex>` holds the bytes, `DIR/sha256/<hex>.type` the content type they
-//! were served with (when there was one), `DIR/tmp/` bodies being written. An entry is only
+//! Layout: `DIR/sha256/<hex>` holds the bytes, `DIR/sha256/<hex>.json` the headers that
+//! describe them (`{"content_type":…,"content_encoding":…}`: a gzip-encoded body stays
+//! gzip-encoded), `DIR/tmp/` bodies being written. An entry is only
 //! ever complete: a body is written to `tmp/` and renamed into place once its hash is known.
 //! An entry's bytes are hashed again each time before they are served; one whose hash is
 //! not its name (the disk, or someone, changed it) is removed and reported, never served.
@@ -34,16 +35,30 @@ pub struct DownloadCache {
     written: AtomicU64,
 }
 
-/// An entry found and checked: its file (at the start), size and content type.
+/// An entry found and checked: its file (at the start), size and headers.
 #[derive(Debug)]
 pub struct Entry {
     /// The bytes, read from the start.
     pub file: File,
     /// How many.
     pub size: u64,
-    /// The content type they were first served with.
-    pub content_type: Option<String>,
+    /// The headers they were first served with.
+    pub headers: Described,
 }
+
+/// The headers that describe an entry's bytes (each at most 256 bytes).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Described {
+    /// `Content-Type`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    /// `Content-Encoding` (`gzip`, ...): the bytes are encoded so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_encoding: Option<String>,
+}
+
+/// The most bytes of an entry's `.json`.
+const MAX_DESCRIBED: u64 = 4096;
 
 /// What the cache holds for a SHA-256.
 #[derive(Debug)]
@@ -115,26 +130,29 @@ impl DownloadCache {
         let got = hex(&hasher.finalize());
         if got != sha256 {
             let _ = fs::remove_file(&path);
-            let _ = fs::remove_file(path.with_extension("type"));
+            let _ = fs::remove_file(path.with_extension("json"));
             return Ok(Lookup::Tampered { sha256: got, size });
         }
         file.rewind()?;
         // Used now: the LRU trim keeps it longest.
         let _ = file.set_modified(std::time::SystemTime::now());
-        let content_type = fs::read(path.with_extension("type"))
+        let mut described = Vec::new();
+        let headers = File::open(path.with_extension("json"))
+            .and_then(|f| f.take(MAX_DESCRIBED).read_to_end(&mut described))
             .ok()
-            .filter(|t| t.len() <= MAX_TYPE)
-            .and_then(|t| String::from_utf8(t).ok());
+            .and_then(|_| serde_json::from_slice::<Described>(&described).ok())
+            .map(Described::capped)
+            .unwrap_or_default();
         Ok(Lookup::Found(Entry {
             file,
             size,
-            content_type,
+            headers,
         }))
     }
 
     /// A new entry being written, or `None` when this run's share is used up or the
     /// temporary file cannot be made.
-    pub fn writer(self: &Arc<Self>) -> Option<EntryWriter> {
+    pub fn writer(self: &Arc<Self>, content_encoding: Option<&str>) -> Option<EntryWriter> {
         if self.written.load(Ordering::Relaxed) >= self.max_written {
             return None;
         }
@@ -142,6 +160,7 @@ impl DownloadCache {
         Some(EntryWriter {
             cache: Arc::clone(self),
             file: Some(file),
+            content_encoding: content_encoding.map(str::to_string),
         })
     }
 }
@@ -152,6 +171,7 @@ impl DownloadCache {
 pub struct EntryWriter {
     cache: Arc<DownloadCache>,
     file: Option<(File, PathBuf)>,
+    content_encoding: Option<String>,
 }
 
 impl EntryWriter {
@@ -181,8 +201,17 @@ impl EntryWriter {
             let _ = fs::remove_file(&temp);
             return;
         };
-        if let Some(content_type) = content_type.filter(|t| t.len() <= MAX_TYPE) {
-            let _ = fs::write(path.with_extension("type"), content_type);
+        let described = Described {
+            content_type: content_type.map(str::to_string),
+            content_encoding: self.content_encoding.take(),
+        }
+        .capped();
+        let written = serde_json::to_vec(&described)
+            .ok()
+            .is_some_and(|json| fs::write(path.with_extension("json"), json).is_ok());
+        if !written {
+            let _ = fs::remove_file(&temp);
+            return;
         }
         if fs::rename(&temp, &path).is_err() {
             let _ = fs::remove_file(&temp);
@@ -202,12 +231,32 @@ impl Drop for EntryWriter {
     }
 }
 
-/// A new file in `dir` that only this process opened (`O_EXCL`, a random name).
+impl Described {
+    /// Without headers over [`MAX_TYPE`] bytes.
+    fn capped(self) -> Described {
+        let short = |v: Option<String>| v.filter(|v| v.len() <= MAX_TYPE);
+        Described {
+            content_type: short(self.content_type),
+            content_encoding: short(self.content_encoding),
+        }
+    }
+}
+
+/// A new file in `dir` that only this process opened (`O_EXCL`; named by the process, a
+/// counter and the time, so that proxies sharing the cache do not collide). No randomness
+/// is needed, and none could be read: the confined proxy cannot open `/dev/urandom`.
 fn tempfile_in(dir: &Path) -> io::Result<(File, PathBuf)> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut random = [0u8; 12];
-    File::open("/dev/urandom")?.read_exact(&mut random)?;
-    let path = dir.join(format!("part-{}", hex(&random)));
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let path = dir.join(format!(
+        "part-{}-{}-{nanos}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
     let file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -239,7 +288,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = Arc::new(DownloadCache::open(dir.path(), 1 << 20).expect("open"));
         let body = b"crate bytes";
-        let mut writer = cache.writer().expect("writer");
+        let mut writer = cache.writer(Some("gzip")).expect("writer");
         writer.write(&body[..5]);
         writer.write(&body[5..]);
         assert!(matches!(
@@ -253,7 +302,11 @@ mod tests {
         let mut read = Vec::new();
         entry.file.read_to_end(&mut read).expect("read");
         assert_eq!((read.as_slice(), entry.size), (&body[..], 11));
-        assert_eq!(entry.content_type.as_deref(), Some("application/x-tar"));
+        assert_eq!(
+            entry.headers.content_type.as_deref(),
+            Some("application/x-tar")
+        );
+        assert_eq!(entry.headers.content_encoding.as_deref(), Some("gzip"));
         assert_eq!(
             fs::read_dir(dir.path().join("tmp")).expect("tmp").count(),
             0
@@ -278,20 +331,20 @@ mod tests {
     fn a_run_writes_at_most_its_share_and_an_abandoned_entry_leaves_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = Arc::new(DownloadCache::open(dir.path(), 8).expect("open"));
-        let mut writer = cache.writer().expect("writer");
+        let mut writer = cache.writer(None).expect("writer");
         writer.write(b"0123456789");
         writer.commit(&sha(b"0123456789"), None);
         assert!(matches!(
             cache.lookup(&sha(b"0123456789")).expect("lookup"),
             Lookup::Missing
         ));
-        assert!(cache.writer().is_none(), "the share is used up");
+        assert!(cache.writer(None).is_none(), "the share is used up");
         assert_eq!(
             fs::read_dir(dir.path().join("tmp")).expect("tmp").count(),
             0
         );
         let cache = Arc::new(DownloadCache::open(dir.path(), 100).expect("open"));
-        drop(cache.writer().expect("writer"));
+        drop(cache.writer(None).expect("writer"));
         assert_eq!(
             fs::read_dir(dir.path().join("tmp")).expect("tmp").count(),
             0

@@ -327,6 +327,76 @@ mod tests {
         assert!(verifies(&authority, &chain, "static.crates.io").is_err());
     }
 
+    /// What OpenSSL (the library of the guest's curl, apt, pip and cargo) says of `chain`
+    /// as a server certificate for `name`, trusting only `authority`.
+    fn openssl_verifies(
+        authority: &Authority,
+        chain: &[CertificateDer<'static>],
+        name: &str,
+    ) -> Result<(), String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ca, der, leaf) = (
+            dir.path().join("ca.pem"),
+            dir.path().join("leaf.der"),
+            dir.path().join("leaf.pem"),
+        );
+        std::fs::write(&ca, authority.certificate_pem()).expect("write");
+        std::fs::write(&der, &chain[0]).expect("write");
+        let openssl = |args: &[&std::ffi::OsStr]| {
+            std::process::Command::new("openssl")
+                .args(args)
+                .output()
+                .expect("openssl (scripts/setup installs it)")
+        };
+        let converted = openssl(&[
+            "x509".as_ref(),
+            "-inform".as_ref(),
+            "DER".as_ref(),
+            "-in".as_ref(),
+            der.as_os_str(),
+            "-out".as_ref(),
+            leaf.as_os_str(),
+        ]);
+        assert!(converted.status.success(), "{converted:?}");
+        let verified = openssl(&[
+            "verify".as_ref(),
+            "-CAfile".as_ref(),
+            ca.as_os_str(),
+            "-purpose".as_ref(),
+            "sslserver".as_ref(),
+            "-verify_hostname".as_ref(),
+            name.as_ref(),
+            leaf.as_os_str(),
+        ]);
+        let said = String::from_utf8_lossy(&verified.stdout).into_owned()
+            + &String::from_utf8_lossy(&verified.stderr);
+        match verified.status.success() {
+            true => Ok(()),
+            false => Err(said),
+        }
+    }
+
+    #[test]
+    fn openssl_like_the_guest_refuses_a_certificate_for_a_name_outside_the_allow_list() {
+        let authority = authority(&["deb.debian.org", "*.crates.io"]);
+        for allowed in ["deb.debian.org", "index.crates.io", "crates.io"] {
+            let (chain, _) = authority.issue(allowed).expect("issue");
+            assert_eq!(
+                openssl_verifies(&authority, &chain, allowed),
+                Ok(()),
+                "{allowed}"
+            );
+        }
+        for outside in ["evil.test", "debian.org", "deb.debian.org.evil.test"] {
+            let (chain, _) = authority.issue(outside).expect("issue");
+            let refused = openssl_verifies(&authority, &chain, outside).expect_err(outside);
+            assert!(
+                refused.contains("permitted subtree violation"),
+                "{outside}: {refused}"
+            );
+        }
+    }
+
     #[test]
     fn an_address_only_allow_list_has_no_authority() {
         let none = Authority::new(&Allowlist::parse(["192.0.2.7"]).expect("rules")).expect("ok");

@@ -919,7 +919,8 @@ impl Proxy {
             }
             Err(_) => return None,
         };
-        let line = self.cached_download(url, &pinned, entry.size, entry.content_type.clone());
+        let line =
+            self.cached_download(url, &pinned, entry.size, entry.headers.content_type.clone());
         Hashing::send(&self.decisions, line);
         let exchange = exchange();
         exchange.status.store(200, Ordering::Relaxed);
@@ -934,12 +935,14 @@ impl Proxy {
         );
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.size));
-        if let Some(value) = entry
-            .content_type
-            .as_deref()
-            .and_then(|t| HeaderValue::from_str(t).ok())
-        {
-            headers.insert(header::CONTENT_TYPE, value);
+        let described = [
+            (header::CONTENT_TYPE, &entry.headers.content_type),
+            (header::CONTENT_ENCODING, &entry.headers.content_encoding),
+        ];
+        for (name, value) in described {
+            if let Some(value) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+                headers.insert(name, value);
+            }
         }
         Some(response)
     }
@@ -1214,7 +1217,13 @@ impl Proxy {
         let keeps =
             self.config.record_downloads && method == "GET" && response.status() == StatusCode::OK;
         let keep = match &self.config.cache {
-            Some(cache) if keeps => cache.writer(),
+            Some(cache) if keeps => {
+                let encoding = response
+                    .headers()
+                    .get(header::CONTENT_ENCODING)
+                    .and_then(|v| v.to_str().ok());
+                cache.writer(encoding)
+            }
             _ => None,
         };
         let download = self.downloading(method, url, &response);

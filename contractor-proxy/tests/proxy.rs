@@ -555,3 +555,50 @@ fn help_shows_an_example() {
         "{help}"
     );
 }
+
+#[test]
+fn the_confined_binary_keeps_downloads_in_its_cache_and_serves_them_offline() {
+    let cache = tempfile::tempdir().expect("tempdir");
+    let dir = cache.path().join("downloads");
+    let dir_arg = dir.to_str().expect("utf-8 path");
+    let upstream = Upstream::start(HELLO);
+    let port = upstream.addr.port();
+    let url = format!("http://localhost:{port}/hello.txt");
+    let get = format!("GET {url} HTTP/1.1\r\nHost: localhost:{port}");
+    let port_arg = port.to_string();
+    let mut args = vec![
+        "--allow",
+        "localhost",
+        "--allow-net",
+        "127.0.0.0/8",
+        "--allow-port",
+        &port_arg,
+        "--record-downloads",
+        "--cache",
+        dir_arg,
+    ];
+    let proxy = Proxy::start(&args);
+    assert_eq!(request(proxy.addr, &get).body, "hello");
+    upstream.next_head();
+    // sha256("hello"), as sha256sum prints it: the entry's name, written by the confined proxy.
+    let sha = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+    let entry = dir.join("sha256").join(sha);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !entry.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(std::fs::read(&entry).expect("the cached body"), b"hello");
+    drop(proxy);
+
+    let pins = cache.path().join("pins.json");
+    std::fs::write(&pins, format!("{{\"{url}\":\"{sha}\"}}")).expect("pins");
+    args.extend(["--pins", pins.to_str().expect("utf-8 path"), "--offline"]);
+    let proxy = Proxy::start(&args);
+    let response = request(proxy.addr, &get);
+    assert_eq!((response.status, response.body.as_str()), (200, "hello"));
+    let other = request(proxy.addr, &get.replace("hello.txt", "other.txt"));
+    assert_eq!(other.status, 403, "{other:?}");
+    assert!(proxy.next_decision().reason.contains("download cache"));
+    assert!(proxy.next_decision().reason.contains("offline"));
+    assert!(upstream.got_nothing(), "offline reached the upstream");
+}

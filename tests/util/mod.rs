@@ -110,9 +110,15 @@ impl Project {
     }
 
     pub fn build(&self) -> Build {
+        self.build_with(&[])
+    }
+
+    /// `contractor build ARGS` in the project.
+    pub fn build_with(&self, args: &[&str]) -> Build {
         let record = self.path().join(".contractor/latest");
         let output = Command::new(contractor())
             .arg("build")
+            .args(args)
             .current_dir(self.path())
             .output()
             .expect("run contractor build");

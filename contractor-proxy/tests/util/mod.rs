@@ -10,7 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use contractor_protocol::jsonl::JsonlReader;
-use contractor_protocol::proxy::{Decision, Summary};
+use contractor_protocol::proxy::{Decision, Download, Summary};
 use contractor_protocol::service::{Ready, ReadyTag};
 
 /// What the stdout reader reports when the proxy's stdout ends.
@@ -21,6 +21,7 @@ const END_OF_STDOUT: &str = "end of stdout";
 #[serde(untagged)]
 enum Line {
     Decision(Decision),
+    Download(Download),
     Summary(Summary),
 }
 
@@ -107,10 +108,11 @@ impl Proxy {
         self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    /// The next decision line.
+    /// The next decision line (download lines, of --record-downloads, are passed over).
     pub fn next_decision(&self) -> Decision {
         match self.lines.recv_timeout(PATIENCE) {
             Ok(Ok(Line::Decision(decision))) => decision,
+            Ok(Ok(Line::Download(_))) => self.next_decision(),
             Ok(Ok(Line::Summary(summary))) => {
                 panic!("the summary instead of a decision: {summary:?}")
             }
@@ -125,6 +127,9 @@ impl Proxy {
             Ok(Ok(Line::Summary(summary))) => summary,
             Ok(Ok(Line::Decision(decision))) => {
                 panic!("a decision instead of the summary: {decision:?}")
+            }
+            Ok(Ok(Line::Download(download))) => {
+                panic!("a download instead of the summary: {download:?}")
             }
             Ok(Err(e)) => panic!("no summary line: {e}"),
             Err(e) => panic!("no summary line within {PATIENCE:?}: {e}"),

@@ -461,6 +461,25 @@ impl Body for CachedBody {
     }
 }
 
+/// How an inspected session reaches its host.
+enum Dial {
+    /// `--offline`: never; each request is served from the cache or refused.
+    Offline,
+    /// Over this connection, opened when the CONNECT was answered.
+    Connected(Metered<TcpStream>),
+    /// At the first request the download cache cannot answer, to one of these addresses
+    /// (with a lock, a build whose downloads are all cached opens no connection at all).
+    Later(Vec<SocketAddr>, Arc<Activity>),
+}
+
+/// An inspected session's link to its host.
+enum Link {
+    /// Not dialled yet.
+    Later(Vec<SocketAddr>, Arc<Activity>),
+    /// Dialled: the TLS session, or why there is none.
+    Dialled(Result<SendRequest<ProxyBody>, String>),
+}
+
 /// Why the proxy did not serve a cached entry.
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -471,6 +490,15 @@ struct TamperedEntry {
     url: String,
     got: String,
     pinned: String,
+}
+
+/// What a request of an inspected session is forwarded with.
+struct Session<'a> {
+    client: SocketAddr,
+    link: &'a tokio::sync::Mutex<Link>,
+    target: &'a Target,
+    exchange: &'a Arc<Exchange>,
+    inspection: &'a Inspection,
 }
 
 /// Counts a client connection as active for as long as it lives.
@@ -590,6 +618,17 @@ impl Proxy {
                 .await;
             return self.finish(result, &exchange);
         }
+        let lazily = method == Method::CONNECT
+            && self.config.cache.is_some()
+            && !self.config.pins.is_empty();
+        if lazily {
+            if let Some(inspection) = self.inspected(&target) {
+                exchange.status.store(200, Ordering::Relaxed);
+                let client_side = hyper::upgrade::on(&mut request);
+                let dial = Dial::Later(admitted.addrs, activity);
+                return self.inspect(client, client_side, dial, exchange, target, inspection);
+            }
+        }
         let (_, upstream, _) = match self
             .connect_metered(&target, &admitted.addrs, activity, &exchange)
             .await
@@ -604,7 +643,7 @@ impl Proxy {
                 return self.inspect(
                     client,
                     client_side,
-                    Some(upstream),
+                    Dial::Connected(upstream),
                     exchange,
                     target,
                     inspection,
@@ -649,7 +688,7 @@ impl Proxy {
             return Some(self.inspect(
                 client,
                 client_side,
-                None,
+                Dial::Offline,
                 exchange,
                 target.clone(),
                 inspection,
@@ -988,7 +1027,7 @@ impl Proxy {
         self: &Arc<Self>,
         client: SocketAddr,
         client_side: hyper::upgrade::OnUpgrade,
-        upstream: Option<Metered<TcpStream>>,
+        upstream: Dial,
         exchange: Arc<Exchange>,
         target: Target,
         inspection: Inspection,
@@ -1009,7 +1048,7 @@ impl Proxy {
         self: &Arc<Self>,
         client: SocketAddr,
         client_side: hyper::upgrade::OnUpgrade,
-        upstream: Option<Metered<TcpStream>>,
+        upstream: Dial,
         exchange: &Arc<Exchange>,
         target: &Target,
         inspection: &Inspection,
@@ -1037,43 +1076,39 @@ impl Proxy {
                 return;
             }
         }
-        let upstream = match upstream {
+        let link = match upstream {
             // Offline: every request is served from the cache or refused before this is used.
-            None => Err("offline: nothing is fetched from the network".to_string()),
-            Some(upstream) => self.upstream_tls(upstream, target, inspection).await,
-        };
-        let upstream = match upstream {
-            Ok(sender) => Ok(sender),
-            Err(reason) if self.config.offline => Err(reason),
-            Err(reason) => {
-                self.record(
-                    client,
-                    &Method::CONNECT,
-                    target,
-                    Verdict::Deny,
-                    reason.clone(),
-                );
-                exchange.status.store(502, Ordering::Relaxed);
-                Err(reason)
+            Dial::Offline => Link::Dialled(Err(
+                "offline: nothing is fetched from the network".to_string()
+            )),
+            Dial::Later(addrs, activity) => Link::Later(addrs, activity),
+            Dial::Connected(upstream) => {
+                let tls = self.upstream_tls(upstream, target, inspection).await;
+                Link::Dialled(self.refused_unless_dialled(client, tls, target, exchange))
             }
         };
-        let upstream = Arc::new(tokio::sync::Mutex::new(upstream));
+        let upstream = Arc::new(tokio::sync::Mutex::new(link));
+        let inspection = inspection.clone();
         let proxy = Arc::clone(self);
         let exchange = Arc::clone(exchange);
         let target = target.clone();
         let service = service_fn(move |request| {
-            let (proxy, upstream, exchange, target) = (
+            let (proxy, upstream, exchange, target, inspection) = (
                 Arc::clone(&proxy),
                 Arc::clone(&upstream),
                 Arc::clone(&exchange),
                 target.clone(),
+                inspection.clone(),
             );
             async move {
-                Ok::<_, Infallible>(
-                    proxy
-                        .forward_inspected(client, request, &upstream, &target, &exchange)
-                        .await,
-                )
+                let session = Session {
+                    client,
+                    link: &upstream,
+                    target: &target,
+                    exchange: &exchange,
+                    inspection: &inspection,
+                };
+                Ok::<_, Infallible>(proxy.forward_inspected(request, session).await)
             }
         });
         let limits = self.config.limits;
@@ -1088,6 +1123,27 @@ impl Proxy {
             )
             .serve_connection(TokioIo::new(client_tls), service)
             .await;
+    }
+
+    /// `tls`, or its failure recorded as a refusal of the session's CONNECT (a `deny` that
+    /// names why) and returned as the reason each request gets.
+    fn refused_unless_dialled(
+        &self,
+        client: SocketAddr,
+        tls: Result<SendRequest<ProxyBody>, String>,
+        target: &Target,
+        exchange: &Exchange,
+    ) -> Result<SendRequest<ProxyBody>, String> {
+        tls.inspect_err(|reason| {
+            self.record(
+                client,
+                &Method::CONNECT,
+                target,
+                Verdict::Deny,
+                reason.clone(),
+            );
+            exchange.status.store(502, Ordering::Relaxed);
+        })
     }
 
     /// The proxy's own TLS session to `target` over `upstream`, verified against the
@@ -1118,12 +1174,16 @@ impl Proxy {
     /// back, recording it as `https://host[:port]/path`.
     async fn forward_inspected(
         &self,
-        client: SocketAddr,
         request: Request<Incoming>,
-        upstream: &tokio::sync::Mutex<Result<SendRequest<ProxyBody>, String>>,
-        target: &Target,
-        exchange: &Arc<Exchange>,
+        session: Session<'_>,
     ) -> Response<ProxyBody> {
+        let Session {
+            client,
+            link,
+            target,
+            exchange,
+            inspection,
+        } = session;
         let path = request
             .uri()
             .path_and_query()
@@ -1169,11 +1229,26 @@ impl Proxy {
             self.config.metrics.denied(denial.class());
             return error_response(denial.status(), &denial);
         }
-        let mut upstream = upstream.lock().await;
+        let mut upstream = link.lock().await;
+        if let Link::Later(addrs, activity) = &*upstream {
+            let (addrs, activity) = (addrs.clone(), Arc::clone(activity));
+            let tls = match self
+                .connect_metered(target, &addrs, activity, exchange)
+                .await
+            {
+                Ok((_, connected, _)) => self.upstream_tls(connected, target, inspection).await,
+                Err(e) => Err(format!("cannot connect to {}: {e}", target.host)),
+            };
+            *upstream = Link::Dialled(self.refused_unless_dialled(client, tls, target, exchange));
+        }
         let sender = match &mut *upstream {
-            Ok(sender) => sender,
-            Err(reason) => {
+            Link::Dialled(Ok(sender)) => sender,
+            Link::Dialled(Err(reason)) => {
                 return error_response(StatusCode::BAD_GATEWAY, &Refused(reason.clone()));
+            }
+            Link::Later(..) => {
+                let never = Refused(format!("{} was not dialled", target.host));
+                return error_response(StatusCode::BAD_GATEWAY, &never);
             }
         };
         let (mut parts, body) = request.into_parts();

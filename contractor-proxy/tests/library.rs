@@ -865,3 +865,52 @@ async fn offline_serves_pinned_urls_from_the_cache_over_inspected_tls_and_resolv
         "offline resolved a name"
     );
 }
+
+#[tokio::test]
+async fn with_a_lock_an_inspected_host_is_dialled_only_for_what_the_cache_cannot_serve() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (upstream, roots) = tls_server("crates.test", b"crate bytes").await;
+    let port = upstream.port();
+    let crate_sha = "6c1a3e927bfe496d41c3f8c58bec46b4a964aa6435fd05fa55e52a0491a34159";
+    let cache = || {
+        Some(Arc::new(
+            contractor_proxy::cache::DownloadCache::open(dir.path(), 1 << 20).expect("cache"),
+        ))
+    };
+    let (mut online, authority) = inspecting(&["crates.test"], upstream, roots.clone());
+    online.cache = cache();
+    let mut proxy = start(online).await;
+    let mut tls = connect_tls(proxy.addr, "crates.test", port, &authority)
+        .await
+        .expect("tls");
+    assert!(get(&mut tls, "crates.test", "/crate")
+        .await
+        .ends_with("crate bytes"));
+    assert_eq!(proxy.next_decision().await.decision, Verdict::Allow);
+    assert_eq!(proxy.next_download().await.sha256, crate_sha);
+    drop(tls);
+
+    // The host is gone now. With the crate pinned and cached, the session still serves
+    // it: nothing was dialled. What the cache lacks is dialled then, and fails, named.
+    let (mut pinned, authority) = inspecting(&["crates.test"], closed_port(), roots);
+    pinned.cache = cache();
+    let url = format!("https://crates.test:{port}/crate");
+    pinned.pins = Arc::new([(url, crate_sha.to_string())].into_iter().collect());
+    let mut proxy = start(pinned).await;
+    let mut tls = connect_tls(proxy.addr, "crates.test", port, &authority)
+        .await
+        .expect("the CONNECT is answered without dialling");
+    assert_eq!(proxy.next_decision().await.decision, Verdict::Allow);
+    let response = get(&mut tls, "crates.test", "/crate").await;
+    assert!(response.ends_with("crate bytes"), "{response}");
+    assert!(proxy.next_download().await.from_cache);
+    let response = get(&mut tls, "crates.test", "/index").await;
+    assert!(response.starts_with("HTTP/1.1 502"), "{response}");
+    let refused = proxy.next_decision().await;
+    assert_eq!(refused.decision, Verdict::Deny);
+    assert!(
+        refused.reason.contains("cannot connect to crates.test"),
+        "{}",
+        refused.reason
+    );
+}

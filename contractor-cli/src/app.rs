@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::build::{self, human_bytes, BuildOptions};
 use crate::display::{escape, escape_capped, escape_path, Display, Mode, MAX_SHOWN_MESSAGE_BYTES};
+use crate::remote::BuildHost;
 use crate::{image, records, spec};
 use clap::{Parser, Subcommand, ValueEnum};
 use contractor_protocol::agent::Keep;
@@ -59,7 +60,19 @@ Exit codes: 0 the build succeeded, 1 it failed (script or timeout), 2 bad input\
         /// cache and refuses everything else (needs contractor.lock; `contractor pin`).
         #[arg(long)]
         offline: bool,
+        /// Run the VM on this build host over SSH ([ssh://][user@]host[:port]; the system's
+        /// ssh, with your keys and known_hosts), instead of the hosts named in
+        /// ~/.config/contractor/config.toml. The record lands here as for a local build.
+        #[arg(long = "host", value_name = "HOST", conflicts_with = "local")]
+        hosts: Vec<String>,
+        /// Build on this machine even when the configuration names build hosts.
+        #[arg(long)]
+        local: bool,
     },
+    /// Serve one build for a front end on another machine (what `contractor build --host`
+    /// runs over SSH): the protocol is on stdin and stdout (docs/protocol.md).
+    #[command(name = "hosted-build", hide = true)]
+    HostedBuild,
     /// Open a shell in a kept VM (`build --keep`), in the build's working directory with its
     /// environment; without an id, in a fresh VM with the source. Exiting destroys the VM.
     #[command(
@@ -282,6 +295,8 @@ pub fn main() -> std::process::ExitCode {
             keep,
             cold,
             offline,
+            hosts,
+            local,
         } => {
             let mode = match (quiet, json) {
                 (_, true) => Mode::Json,
@@ -294,9 +309,19 @@ pub fn main() -> std::process::ExitCode {
                 keep: keep.then_some(Keep::OnFailure),
                 snapshot: !cold && !keep,
                 offline,
+                id: None,
+                packed: None,
             };
-            run_build(&file, options, mode).into()
+            let hosts = match build_hosts(&hosts, local) {
+                Ok(hosts) => hosts,
+                Err(problem) => {
+                    ErrorObject::report("contractor", BuildCode::BadSpec.as_str(), vec![problem], mode == Mode::Json);
+                    return ExitCode::BadInput.into();
+                }
+            };
+            run_build(&file, options, mode, &hosts).into()
         }
+        Command::HostedBuild => crate::hosted::serve().into(),
         Command::Shell { id, file, uri } => shell(&file, id.as_deref(), uri).into(),
         Command::Builds { file } => report(list_builds(&file)),
         Command::Doctor { uri } => doctor(&uri.unwrap_or_else(contractor_protocol::vm::default_uri)).into(),
@@ -378,7 +403,41 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
-fn run_build(file: &std::path::Path, options: BuildOptions, mode: Mode) -> ExitCode {
+/// The build hosts of `contractor build`: `--host`'s, else none with `--local`, else the
+/// configuration's. The error names the value and says what is accepted.
+fn build_hosts(given: &[String], local: bool) -> Result<Vec<BuildHost>, String> {
+    if local {
+        return Ok(Vec::new());
+    }
+    if given.is_empty() {
+        return crate::remote::configured_hosts();
+    }
+    if given.len() > crate::remote::MAX_HOSTS {
+        return Err(format!(
+            "{} --host options; at most {} are accepted",
+            given.len(),
+            crate::remote::MAX_HOSTS
+        ));
+    }
+    given
+        .iter()
+        .map(|text| {
+            BuildHost::parse(text).map_err(|why| {
+                format!(
+                    "--host {text:?}: {why}; a build host is {}",
+                    crate::remote::HOST_FORM
+                )
+            })
+        })
+        .collect()
+}
+
+fn run_build(
+    file: &std::path::Path,
+    options: BuildOptions,
+    mode: Mode,
+    hosts: &[BuildHost],
+) -> ExitCode {
     let json = mode == Mode::Json;
     let fail = |code: &str, chain: Vec<String>| {
         // JSON escapes what it carries; text goes to a terminal.
@@ -406,7 +465,13 @@ fn run_build(file: &std::path::Path, options: BuildOptions, mode: Mode) -> ExitC
         fail(BuildCode::BadSpec.as_str(), chain);
         return ExitCode::BadInput;
     }
-    let report = match build_here(&spec, &options, mode) {
+    if !hosts.is_empty() && options.keep.is_some() {
+        let chain = vec!["--keep keeps the VM for `contractor shell`, which reaches only VMs on this machine: build with --local".to_string()];
+        fail(BuildCode::BadSpec.as_str(), chain);
+        return ExitCode::BadInput;
+    }
+    let host = hosts.first();
+    let report = match build_here(&spec, &options, mode, host.map(|h| (h, file))) {
         Ok(report) => report,
         Err((code, chain, exit)) => {
             fail(code, chain);
@@ -493,9 +558,13 @@ fn build_here(
     spec: &spec::BuildSpec,
     options: &BuildOptions,
     mode: Mode,
+    host: Option<(&BuildHost, &Path)>,
 ) -> Result<build::BuildReport, (&'static str, Vec<String>, ExitCode)> {
     let display = Display::new(mode);
-    let built = build::build(spec, options, &display);
+    let built = match host {
+        Some((host, file)) => crate::remote::build_on(host, spec, file, options, &display),
+        None => build::build(spec, options, &display),
+    };
     display.close();
     built.map_err(|err| {
         // An image the spec asks for that cannot be (a package the mirror lacks) is the
@@ -546,8 +615,10 @@ fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
                 keep: Some(Keep::Always),
                 snapshot: false,
                 offline: false,
+                id: None,
+                packed: None,
             };
-            let built = build_here(&spec, &options, Mode::Auto);
+            let built = build_here(&spec, &options, Mode::Auto, None);
             match built {
                 Ok(build::BuildReport {
                     kept: Some(kept),

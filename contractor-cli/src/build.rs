@@ -51,6 +51,21 @@ pub struct BuildOptions {
     pub snapshot: bool,
     /// Use no network: the proxy serves pinned URLs from the download cache only.
     pub offline: bool,
+    /// The build's id, when it was chosen elsewhere (a front end that hosts the build here).
+    pub id: Option<String>,
+    /// The source, when it arrived packed (from a front end that hosts the build here)
+    /// instead of being packed from the project directory.
+    pub packed: Option<PackedSource>,
+}
+
+/// A source tar packed elsewhere: moved into the build record instead of packing the
+/// project directory.
+#[derive(Debug, Clone)]
+pub struct PackedSource {
+    /// The tar file (on the file system of the build record, so that it can be moved).
+    pub tar: PathBuf,
+    /// Its entries, as its packer counted them.
+    pub entries: u64,
 }
 
 /// A VM kept after its build for `contractor shell`: `vm.json` in the build record.
@@ -145,7 +160,12 @@ impl BuildError {
 /// Closes the record of build `id` that failed with `err` before its VM ran: writes its
 /// `result.json` (the error's outcome and code, its chain) and drops its owner file.
 /// Returns `err` for the caller to report.
-fn close_failed_record(record: &Path, id: &str, started: Instant, err: BuildError) -> BuildError {
+pub fn close_failed_record(
+    record: &Path,
+    id: &str,
+    started: Instant,
+    err: BuildError,
+) -> BuildError {
     let (outcome, code) = err.outcome();
     let result = BuildResult {
         version: PROTOCOL_VERSION,
@@ -160,6 +180,7 @@ fn close_failed_record(record: &Path, id: &str, started: Instant, err: BuildErro
         refused_offline: Vec::new(),
         limit: None,
         error: Some(ErrorInfo::from_error(code.as_str(), &err)),
+        host: None,
     };
     let path = record.join("result.json");
     let text = serde_json::to_string_pretty(&result).unwrap_or_default();
@@ -216,7 +237,7 @@ pub fn build(
 
     let store_root = paths::checked_store_dir(&spec.project_dir).map_err(BuildError::StoreDir)?;
     close_abandoned_records(&store_root);
-    let id = new_build_id();
+    let id = options.id.clone().unwrap_or_else(new_build_id);
     let record = store_root.join("builds").join(&id);
     paths::create_dir_world_readable(&record).map_err(|source| BuildError::Record {
         path: record.clone(),
@@ -224,9 +245,23 @@ pub fn build(
     })?;
     // From here on, every failure also closes the record with a result.json.
     let close = |err: BuildError| close_failed_record(&record, &id, started, err);
-    let packed = source::pack(&spec.project_dir, &record.join("source.tar"))
-        .map_err(BuildError::Source)
-        .map_err(close)?;
+    let packed = match &options.packed {
+        None => source::pack(&spec.project_dir, &record.join("source.tar"))
+            .map_err(BuildError::Source)
+            .map_err(close)?,
+        Some(packed) => {
+            let tar = record.join("source.tar");
+            std::fs::rename(&packed.tar, &tar)
+                .and_then(|()| std::fs::metadata(&tar))
+                .map(|meta| source::Packed {
+                    entries: usize::try_from(packed.entries).unwrap_or(usize::MAX),
+                    bytes: meta.len(),
+                    warnings: Vec::new(),
+                })
+                .map_err(|source| BuildError::Record { path: tar, source })
+                .map_err(close)?
+        }
+    };
     display.event(&BuildEvent::Started {
         version: PROTOCOL_VERSION,
         id: id.clone(),
@@ -499,6 +534,7 @@ pub fn build(
         refused_offline,
         limit: ran.limit,
         error: ran.error.map(|e| ErrorInfo::capped(&e.code, &e.chain)),
+        host: None,
     };
     let result_path = record.join("result.json");
     let text = serde_json::to_string_pretty(&result).unwrap_or_default();
@@ -1495,7 +1531,9 @@ fn missing_artifacts(dir: &Path, patterns: &[String]) -> Option<String> {
         .cloned()
 }
 
-fn collect_artifacts(dir: &Path) -> Vec<PathBuf> {
+/// The files under the record's artifacts directory `dir`, sorted (links and special files
+/// left out).
+pub fn collect_artifacts(dir: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -1517,7 +1555,7 @@ fn collect_artifacts(dir: &Path) -> Vec<PathBuf> {
 
 /// While a build runs, its record holds this file naming the `contractor` process (pid and
 /// start time); it is removed when `result.json` is written.
-const OWNER_FILE: &str = "owner.json";
+pub const OWNER_FILE: &str = "owner.json";
 
 /// Most bytes read of an `owner.json` (ours have about 50).
 const MAX_OWNER_BYTES: u64 = 4096;
@@ -1525,7 +1563,7 @@ const MAX_OWNER_BYTES: u64 = 4096;
 /// Gives every record whose `contractor` process died without finishing (SIGKILL, power
 /// loss) a `result.json` saying the build was interrupted. Records of live builds are left
 /// alone.
-fn close_abandoned_records(store_root: &Path) {
+pub fn close_abandoned_records(store_root: &Path) {
     let Ok(entries) = std::fs::read_dir(store_root.join("builds")) else {
         return;
     };
@@ -1572,6 +1610,7 @@ fn close_abandoned_records(store_root: &Path) {
                     pid.map_or("unknown".to_string(), |p| p.to_string())
                 )],
             }),
+            host: None,
         };
         let text = serde_json::to_string_pretty(&result).unwrap_or_default();
         if std::fs::write(record.join("result.json"), text + "\n").is_ok() {
@@ -1581,7 +1620,7 @@ fn close_abandoned_records(store_root: &Path) {
 }
 
 /// `latest` → the newest build, so `.contractor/latest/build.log` is always at hand.
-fn update_latest(store_root: &Path, id: &str) {
+pub fn update_latest(store_root: &Path, id: &str) {
     let link = store_root.join("latest");
     let temp = store_root.join(format!(".latest-{}", std::process::id()));
     let _ = std::fs::remove_file(&temp);
@@ -1591,7 +1630,7 @@ fn update_latest(store_root: &Path, id: &str) {
 }
 
 /// `20261125-130501-3f2a9c`: sortable by time, unique across concurrent builds.
-fn new_build_id() -> String {
+pub fn new_build_id() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()

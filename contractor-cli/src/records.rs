@@ -172,6 +172,7 @@ mod tests {
                 refused_offline: vec![],
                 limit: None,
                 error: None,
+                host: None,
             };
             std::fs::write(
                 dir.join("result.json"),

@@ -13,6 +13,7 @@ pub mod build;
 pub mod error;
 pub mod exit;
 pub mod file;
+pub mod hosted;
 pub mod image;
 pub mod jsonl;
 pub mod limits;

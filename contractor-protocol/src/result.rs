@@ -129,6 +129,9 @@ pub enum BuildCode {
     Interrupted,
     /// `abandoned`: the front end died before the build finished (found by the next build).
     Abandoned,
+    /// `build_host`: the build host could not be reached, refused the build, or went away
+    /// before the build finished (`contractor build --host`).
+    BuildHost,
 }
 
 impl BuildCode {
@@ -155,6 +158,7 @@ impl BuildCode {
             BuildCode::Run => "run",
             BuildCode::Interrupted => "interrupted",
             BuildCode::Abandoned => "abandoned",
+            BuildCode::BuildHost => "build_host",
         }
     }
 }
@@ -225,6 +229,10 @@ pub struct BuildResult {
     /// What went wrong, for infrastructure failures and timeouts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
+    /// The build host the VM ran on (`contractor build --host`), as named there; absent
+    /// for a build on this machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 #[cfg(test)]

@@ -1,0 +1,299 @@
+//! `contractor-cli hosted-build`: the build host's side of `contractor build --host`.
+//!
+//! The front end on another machine runs this over SSH (the stream is described in
+//! `contractor_protocol::hosted`). The build runs here exactly as a local one would, its
+//! VM, relay, proxy and store under this user's libvirt, with the project kept under
+//! `$CONTRACTOR_DATA_DIR/hosted/<project key>/` (its build cache stays there between
+//! builds); its events go back as `contractor build --json` prints them, then its record,
+//! file by file, which is then deleted here. The end of stdin (the session's end: Ctrl-C,
+//! a killed front end, a cut connection) interrupts the build, so its VM is destroyed.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use contractor_protocol::error::ErrorObject;
+use contractor_protocol::hosted::{
+    is_build_id, is_project_key, HostedLine, HostedRequest, MAX_RECORD_DEPTH, MAX_RECORD_FILES,
+    MAX_REQUEST_BYTES,
+};
+use contractor_protocol::jsonl::{self, JsonlReader};
+use contractor_protocol::result::{error_chain, BuildCode};
+use contractor_protocol::{ExitCode, PROTOCOL_VERSION};
+
+use crate::build::{self, BuildOptions, PackedSource};
+use crate::display::{Display, Mode};
+use crate::{lock, paths, spec};
+
+/// This release, as `contractor --version` names it.
+pub const RELEASE: &str = env!("CARGO_PKG_VERSION");
+
+/// Files of a record that do not travel back: the front end has the source, writes its own
+/// `result.json`, and owns the build; `inputs` is the build cache handed to the guest.
+pub const NOT_SENT: &[&str] = &[
+    "source.tar",
+    "result.json",
+    "owner.json",
+    "inputs",
+    "vm.json",
+];
+
+/// Why a hosted build could not start: its error code, messages and exit code.
+struct Refusal {
+    code: &'static str,
+    chain: Vec<String>,
+    exit: ExitCode,
+}
+
+impl Refusal {
+    fn input(chain: Vec<String>) -> Refusal {
+        Refusal {
+            code: BuildCode::BadSpec.as_str(),
+            chain,
+            exit: ExitCode::BadInput,
+        }
+    }
+
+    fn host(chain: Vec<String>) -> Refusal {
+        Refusal {
+            code: BuildCode::BuildHost.as_str(),
+            chain,
+            exit: ExitCode::Infrastructure,
+        }
+    }
+}
+
+/// A request read, its source received, ready to build.
+struct Prepared {
+    spec: spec::BuildSpec,
+    options: BuildOptions,
+}
+
+/// Serves one hosted build on this process's stdin and stdout; returns its exit code.
+/// Runs on the main thread (the tools it starts die with it).
+pub fn serve() -> ExitCode {
+    let mut out = std::io::stdout();
+    let hello = HostedLine::Hello {
+        version: PROTOCOL_VERSION,
+        contractor: RELEASE.into(),
+    };
+    if jsonl::write_line(&mut out, &hello).is_err() {
+        return ExitCode::Infrastructure;
+    }
+    let mut input = BufReader::new(std::io::stdin());
+    let prepared = match prepare(&mut input) {
+        Ok(prepared) => prepared,
+        Err(refusal) => return refuse(refusal),
+    };
+    // From now on the session's end is an interruption; after the build it is not.
+    let done = Arc::new(AtomicBool::new(false));
+    watch_session(input, done.clone());
+    let display = Display::new(Mode::Json);
+    let built = build::build(&prepared.spec, &prepared.options, &display);
+    display.close();
+    let store_root = paths::store_dir(&prepared.spec.project_dir);
+    let id = prepared.options.id.clone().unwrap_or_default();
+    let record = store_root.join("builds").join(&id);
+    let exit = match built {
+        Ok(report) => {
+            done.store(true, Ordering::SeqCst);
+            let exit = report.result.outcome.exit_code();
+            if let Err(err) = send_record(&record, &mut out) {
+                eprintln!("contractor: cannot send the build record: {err}");
+            }
+            drop(report);
+            exit
+        }
+        Err(err) => {
+            done.store(true, Ordering::SeqCst);
+            let exit = match &err {
+                build::BuildError::Image(e) => e.exit_code(),
+                build::BuildError::Setting(_) => ExitCode::BadInput,
+                _ => ExitCode::Infrastructure,
+            };
+            refuse(Refusal {
+                code: BuildCode::BuildSetup.as_str(),
+                chain: error_chain(&err),
+                exit,
+            })
+        }
+    };
+    if let Err(err) = std::fs::remove_dir_all(&record) {
+        if err.kind() != std::io::ErrorKind::NotFound {
+            eprintln!("contractor: cannot remove {}: {err}", record.display());
+        }
+    }
+    exit
+}
+
+/// Reports `refusal` as one error object on stdout (and on stderr) and returns its code.
+fn refuse(refusal: Refusal) -> ExitCode {
+    ErrorObject::report("contractor", refusal.code, refusal.chain, true);
+    refusal.exit
+}
+
+/// Reads the request and the source, checks both, and places them in the project's
+/// directory here.
+fn prepare(input: &mut BufReader<std::io::Stdin>) -> Result<Prepared, Refusal> {
+    let request: HostedRequest = JsonlReader::with_limit(&mut *input, MAX_REQUEST_BYTES)
+        .next_message()
+        .map_err(|err| {
+            Refusal::input(vec![format!("cannot read the hosted build request: {err}")])
+        })?
+        .ok_or_else(|| Refusal::input(vec!["the front end sent no hosted build request".into()]))?;
+    if request.version != PROTOCOL_VERSION || request.contractor != RELEASE {
+        return Err(Refusal::host(vec![format!(
+            "this build host runs contractor {RELEASE} (protocol {PROTOCOL_VERSION}) and the front \
+             end contractor {} (protocol {}): install one release on both",
+            request.contractor, request.version
+        )]));
+    }
+    if !is_build_id(&request.id) {
+        return Err(Refusal::input(vec![format!(
+            "the build id {:?} is not of the form YYYYMMDD-HHMMSS-xxxxxx",
+            request.id
+        )]));
+    }
+    if !is_project_key(&request.project) {
+        return Err(Refusal::input(vec![format!(
+            "the project key {:?} is not 32 lowercase hex digits",
+            request.project
+        )]));
+    }
+    let data = paths::data_dir().map_err(|e| Refusal::host(error_chain(&e)))?;
+    let dir = data.join("hosted").join(&request.project);
+    paths::create_dir_world_readable(&dir)
+        .map_err(|e| Refusal::host(vec![format!("cannot create {}: {e}", dir.display())]))?;
+    let spec_path = dir.join("contractor.toml");
+    let mut spec = spec::parse_installed(&spec_path, &request.spec)
+        .map_err(|e| Refusal::input(error_chain(&e)))?;
+    spec.project_dir = dir.clone();
+    spec.lock = match &request.lock {
+        Some(text) => Some(
+            lock::parse(&dir.join(lock::LOCK_FILE), text)
+                .map_err(|e| Refusal::input(error_chain(&e)))?,
+        ),
+        None => None,
+    };
+    // The source must fit on the build disk it is unpacked on.
+    let max_source = spec.disk_gib.saturating_mul(1 << 30);
+    if request.source_bytes > max_source {
+        return Err(Refusal::input(vec![format!(
+            "the packed source is {} bytes, more than the build disk ([vm] disk = {} GiB) holds",
+            request.source_bytes, spec.disk_gib
+        )]));
+    }
+    let tar = dir.join(format!(".incoming-{}.tar", request.id));
+    receive_source(input, &tar, request.source_bytes).map_err(|e| {
+        let _ = std::fs::remove_file(&tar);
+        Refusal::host(vec![format!(
+            "cannot receive the source into {}: {e}",
+            tar.display()
+        )])
+    })?;
+    let options = BuildOptions {
+        uri: request
+            .uri
+            .clone()
+            .unwrap_or_else(contractor_protocol::vm::default_uri),
+        accel: request.accel,
+        keep: None,
+        snapshot: request.snapshot,
+        offline: request.offline,
+        id: Some(request.id.clone()),
+        packed: Some(PackedSource {
+            tar,
+            entries: request.source_entries,
+        }),
+    };
+    Ok(Prepared { spec, options })
+}
+
+/// Copies exactly `bytes` bytes of `input` into the new file `tar`.
+fn receive_source(input: &mut impl BufRead, tar: &Path, bytes: u64) -> std::io::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(tar)?;
+    let copied = std::io::copy(&mut input.take(bytes), &mut file)?;
+    if copied != bytes {
+        return Err(std::io::Error::other(format!(
+            "the source ended after {copied} of its {bytes} bytes"
+        )));
+    }
+    file.flush()
+}
+
+/// Reads what is left of stdin until it ends; its end before the build is `done` stops the
+/// build as SIGTERM would (the build destroys its VM and ends as interrupted).
+fn watch_session(mut input: BufReader<std::io::Stdin>, done: Arc<AtomicBool>) {
+    std::thread::spawn(move || {
+        let mut sink = [0u8; 4096];
+        while matches!(input.read(&mut sink), Ok(n) if n > 0) {}
+        if !done.load(Ordering::SeqCst) {
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM);
+        }
+    });
+}
+
+/// Sends the files of `record` (but [`NOT_SENT`]) to `out`, each a `file` line and its
+/// bytes, then `end`.
+fn send_record(record: &Path, out: &mut impl Write) -> std::io::Result<()> {
+    let mut files = Vec::new();
+    list_files(record, Path::new(""), 0, &mut files)?;
+    for (relative, path) in &files {
+        let mut file = std::fs::File::open(path)?;
+        let meta = file.metadata()?;
+        use std::os::unix::fs::PermissionsExt;
+        let line = HostedLine::File {
+            path: relative.to_string_lossy().into_owned(),
+            bytes: meta.len(),
+            executable: meta.permissions().mode() & 0o111 != 0,
+        };
+        jsonl::write_line(out, &line).map_err(std::io::Error::other)?;
+        let copied = std::io::copy(&mut (&mut file).take(meta.len()), out)?;
+        if copied != meta.len() {
+            return Err(std::io::Error::other(format!(
+                "{} shrank while it was sent",
+                path.display()
+            )));
+        }
+    }
+    let end = HostedLine::End {
+        files: files.len() as u64,
+    };
+    jsonl::write_line(out, &end).map_err(std::io::Error::other)?;
+    out.flush()
+}
+
+/// The regular files under `dir` (whose path in the record is `relative`), recursively;
+/// links and special files are left out.
+fn list_files(
+    dir: &Path,
+    relative: &Path,
+    depth: usize,
+    files: &mut Vec<(PathBuf, PathBuf)>,
+) -> std::io::Result<()> {
+    if depth >= MAX_RECORD_DEPTH {
+        return Ok(());
+    }
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.flatten().collect();
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name();
+        if depth == 0 && NOT_SENT.iter().any(|n| name == *n) {
+            continue;
+        }
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        let inner = relative.join(&name);
+        if kind.is_dir() {
+            list_files(&entry.path(), &inner, depth + 1, files)?;
+        } else if kind.is_file() && (files.len() as u64) < MAX_RECORD_FILES {
+            files.push((inner, entry.path()));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,883 @@
+//! `contractor build --host`: the same build, its VM on a build host reached over SSH.
+//!
+//! The source is packed here into the local record; `ssh HOST contractor-cli hosted-build`
+//! (see `crate::hosted` and `contractor_protocol::hosted`) receives it, runs the build
+//! there (VM, relay, proxy and store under that user's libvirt), and streams its events
+//! back, which are shown as a local build's, then its record, which lands in the local
+//! `.contractor/builds/<id>/` with the host named in `result.json`. SSH is the system's
+//! `ssh` (or `$CONTRACTOR_SSH`): the user's keys, `known_hosts` and agent, in batch mode
+//! (it never asks for a password or to accept a host key). Ctrl-C or SIGTERM closes the
+//! session's stdin, which interrupts the build there (its record still comes back); a
+//! killed front end takes `ssh` with it (parent-death signal), and the build host ends the
+//! build when its session ends, so no VM outlives the session.
+
+use std::io::{BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use contractor_protocol::build::BuildEvent;
+use contractor_protocol::error::ErrorObject;
+use contractor_protocol::hosted::{
+    HostedLine, HostedRequest, HOSTED_COMMAND, MAX_RECORD_DEPTH, MAX_RECORD_FILES,
+    RECORD_OVERHEAD_BYTES,
+};
+use contractor_protocol::jsonl::JsonlReader;
+use contractor_protocol::result::{BuildCode, BuildResult, ErrorInfo, Outcome};
+use contractor_protocol::PROTOCOL_VERSION;
+use sha2::{Digest, Sha256};
+
+use crate::build::{self, BuildError, BuildOptions, BuildReport, PendingRelease};
+use crate::display::Display;
+use crate::hosted::{NOT_SENT, RELEASE};
+use crate::{lock, paths, source, spec};
+
+/// The executable the build host runs for a hosted build (found on its `PATH`; the tools
+/// it composes are taken from beside it).
+pub const REMOTE_TOOL: &str = "contractor-cli";
+
+/// The environment variable naming the `ssh` program to use (default `ssh`).
+pub const SSH_ENV: &str = "CONTRACTOR_SSH";
+
+/// How long `ssh` may take to connect.
+pub const CONNECT_TIMEOUT_SECS: u32 = 10;
+
+/// A build host that stops answering is given up after this many seconds (ssh's
+/// keep-alives: 3 unanswered, 5 s apart).
+pub const KEEPALIVE_SECS: u32 = 5;
+
+/// After Ctrl-C, how long the build host has to end the build and send its record back
+/// before the session is cut.
+pub const INTERRUPT_GRACE: Duration = Duration::from_secs(20);
+
+/// A build host: `[ssh://][user@]host[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildHost {
+    /// The login name, when given (else ssh's own choice: its config, then the local user).
+    pub user: Option<String>,
+    /// The host name or address (an IPv6 address without its brackets).
+    pub host: String,
+    /// The port, when given.
+    pub port: Option<u16>,
+}
+
+/// What a build host name may look like, for error messages.
+pub const HOST_FORM: &str = "[ssh://][user@]host[:port], for example builder@big-box or \
+ssh://ci@10.0.0.5:2222 (user: letters, digits, '.', '_', '-'; host: a DNS name, an IPv4 \
+address or an [IPv6] address)";
+
+impl BuildHost {
+    /// Parses `text`; the error says what is wrong with it.
+    pub fn parse(text: &str) -> Result<BuildHost, String> {
+        let rest = text.strip_prefix("ssh://").unwrap_or(text);
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let (user, rest) = match rest.rsplit_once('@') {
+            Some((user, rest)) => (Some(user), rest),
+            None => (None, rest),
+        };
+        if let Some(user) = user {
+            let valid = !user.is_empty()
+                && user.len() <= 64
+                && !user.starts_with('-')
+                && user
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !valid {
+                return Err(format!("the user {user:?} is not a valid login name"));
+            }
+        }
+        let (host, port) = if let Some(inner) = rest.strip_prefix('[') {
+            let (address, after) = inner
+                .split_once(']')
+                .ok_or_else(|| format!("{rest:?} opens an [IPv6] address but does not close it"))?;
+            if address.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(format!("{address:?} is not an IPv6 address"));
+            }
+            let port = match after {
+                "" => None,
+                _ => Some(
+                    after
+                        .strip_prefix(':')
+                        .ok_or_else(|| format!("{after:?} after the address is not :port"))?,
+                ),
+            };
+            (address.to_string(), port)
+        } else {
+            match rest.split_once(':') {
+                Some((host, port)) => (host.to_string(), Some(port)),
+                None => (rest.to_string(), None),
+            }
+        };
+        let port = match port {
+            None => None,
+            Some(port) => Some(
+                port.parse::<u16>()
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| format!("the port {port:?} is not a number from 1 to 65535"))?,
+            ),
+        };
+        let name_ok = !host.is_empty()
+            && host.len() <= 253
+            && !host.starts_with('-')
+            && !host.starts_with('.')
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-".contains(&b));
+        if !name_ok && host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!(
+                "the host {host:?} is not a host name or an address"
+            ));
+        }
+        Ok(BuildHost {
+            user: user.map(String::from),
+            host,
+            port,
+        })
+    }
+
+    /// The `ssh` command that runs `command` (the remote tool's arguments) on this host.
+    pub fn ssh(&self, command: &[&str]) -> Command {
+        let program = std::env::var_os(SSH_ENV)
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| "ssh".into());
+        let mut ssh = Command::new(program);
+        ssh.args(["-T", "-e", "none", "-o", "BatchMode=yes"])
+            .arg(format!("-oConnectTimeout={CONNECT_TIMEOUT_SECS}"))
+            .arg(format!("-oServerAliveInterval={KEEPALIVE_SECS}"))
+            .arg("-oServerAliveCountMax=3");
+        if let Some(port) = self.port {
+            ssh.arg("-p").arg(port.to_string());
+        }
+        if let Some(user) = &self.user {
+            ssh.arg("-l").arg(user);
+        }
+        ssh.arg("--").arg(&self.host).args(command);
+        ssh
+    }
+}
+
+impl std::fmt::Display for BuildHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(user) = &self.user {
+            write!(f, "{user}@")?;
+        }
+        match (self.host.contains(':'), self.port) {
+            (true, Some(port)) => write!(f, "[{}]:{port}", self.host),
+            (false, Some(port)) => write!(f, "{}:{port}", self.host),
+            (_, None) => f.write_str(&self.host),
+        }
+    }
+}
+
+/// The user's configuration file: `$CONTRACTOR_CONFIG`, else
+/// `$XDG_CONFIG_HOME/contractor/config.toml`, else `~/.config/contractor/config.toml`.
+pub fn config_file() -> Option<PathBuf> {
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    var("CONTRACTOR_CONFIG")
+        .or_else(|| var("XDG_CONFIG_HOME").map(|d| d.join("contractor/config.toml")))
+        .or_else(|| var("HOME").map(|d| d.join(".config/contractor/config.toml")))
+}
+
+/// The most bytes of the configuration file read.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// The most build hosts a configuration or command line may name.
+pub const MAX_HOSTS: usize = 64;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    host: Option<HostTable>,
+    hosts: Option<Vec<String>>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostTable {
+    name: String,
+}
+
+/// The build hosts the user's configuration names (`[host] name = "…"`, or `hosts =
+/// ["…", …]`), none when there is no configuration file.
+pub fn configured_hosts() -> Result<Vec<BuildHost>, String> {
+    let Some(path) = config_file() else {
+        return Ok(Vec::new());
+    };
+    let text = match source::read_regular(&path, MAX_CONFIG_BYTES) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(format!("cannot read {}: {err}", path.display())),
+    };
+    let text =
+        String::from_utf8(text).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
+    let config: Config =
+        toml::from_str(&text).map_err(|err| format!("{}: {err}", path.display()))?;
+    let names = match (config.host, config.hosts) {
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "{}: name either [host] name or hosts, not both",
+                path.display()
+            ))
+        }
+        (Some(table), None) => vec![table.name],
+        (None, Some(hosts)) => hosts,
+        (None, None) => Vec::new(),
+    };
+    let field = |i: usize| match names.len() {
+        1 => "the build host".to_string(),
+        _ => format!("hosts[{i}]"),
+    };
+    if names.len() > MAX_HOSTS {
+        return Err(format!(
+            "{}: {} build hosts; at most {MAX_HOSTS} are accepted",
+            path.display(),
+            names.len()
+        ));
+    }
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            BuildHost::parse(name).map_err(|why| {
+                format!(
+                    "{}: {} {name:?}: {why}; a build host is {HOST_FORM}",
+                    path.display(),
+                    field(i)
+                )
+            })
+        })
+        .collect()
+}
+
+/// The key of the project directory `dir` on build hosts: the same for every build of it
+/// from this machine, so that its build cache there is reused.
+pub fn project_key(dir: &Path) -> String {
+    let machine = std::fs::read("/etc/machine-id")
+        .or_else(|_| std::fs::read("/proc/sys/kernel/hostname"))
+        .unwrap_or_default();
+    let mut hash = Sha256::new();
+    hash.update(&machine);
+    hash.update([0]);
+    hash.update(dir.as_os_str().as_encoded_bytes());
+    hash.finalize()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Why a remote build failed, as the record's error.
+fn host_error(chain: Vec<String>) -> ErrorInfo {
+    ErrorInfo {
+        code: BuildCode::BuildHost.as_str().into(),
+        chain,
+    }
+}
+
+/// Runs one build of `spec` (read from `file`) on `host`. The same outcomes as
+/// [`build::build`]: a failure before the record exists is an error, everything after it a
+/// result in the local record. Call it from the main thread (`ssh` dies with it).
+pub fn build_on(
+    host: &BuildHost,
+    spec: &spec::BuildSpec,
+    file: &Path,
+    options: &BuildOptions,
+    display: &Display,
+) -> Result<BuildReport, BuildError> {
+    let started = Instant::now();
+    let store_root = paths::checked_store_dir(&spec.project_dir).map_err(BuildError::StoreDir)?;
+    build::close_abandoned_records(&store_root);
+    let id = build::new_build_id();
+    let record = store_root.join("builds").join(&id);
+    paths::create_dir_world_readable(&record).map_err(|source| BuildError::Record {
+        path: record.clone(),
+        source,
+    })?;
+    let close = |err: BuildError| build::close_failed_record(&record, &id, started, err);
+    let spec_text = std::fs::read_to_string(file)
+        .map_err(|source| BuildError::Record {
+            path: file.to_path_buf(),
+            source,
+        })
+        .map_err(close)?;
+    let lock_path = spec.project_dir.join(lock::LOCK_FILE);
+    let lock_text = match spec.lock {
+        Some(_) => Some(
+            source::read_regular(&lock_path, lock::MAX_LOCK_BYTES)
+                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+                .map_err(|source| BuildError::Record {
+                    path: lock_path.clone(),
+                    source,
+                })
+                .map_err(close)?,
+        ),
+        None => None,
+    };
+    let tar = record.join("source.tar");
+    let packed = source::pack(&spec.project_dir, &tar)
+        .map_err(BuildError::Source)
+        .map_err(close)?;
+    display.event(&BuildEvent::Started {
+        version: PROTOCOL_VERSION,
+        id: id.clone(),
+        record: record.clone(),
+    });
+    for warning in &packed.warnings {
+        display.warning(warning);
+    }
+    build::update_latest(&store_root, &id);
+    let owner_file = record.join(build::OWNER_FILE);
+    let owner = serde_json::json!({
+        "pid": std::process::id(),
+        "start": contractor_protocol::process::start_time(std::process::id()),
+    });
+    std::fs::write(&owner_file, owner.to_string())
+        .map_err(|source| BuildError::Record {
+            path: owner_file.clone(),
+            source,
+        })
+        .map_err(close)?;
+    let request = HostedRequest {
+        version: PROTOCOL_VERSION,
+        contractor: RELEASE.into(),
+        id: id.clone(),
+        project: project_key(&spec.project_dir),
+        spec: spec_text,
+        lock: lock_text,
+        source_entries: packed.entries as u64,
+        source_bytes: packed.bytes,
+        accel: options.accel,
+        snapshot: options.snapshot,
+        offline: options.offline,
+        uri: None,
+    };
+    let limit = spec
+        .max_artifacts_bytes
+        .saturating_add(spec.max_log_bytes)
+        .saturating_add(RECORD_OVERHEAD_BYTES);
+    let session = Session::start(host, &request, &tar);
+    let ran = match session {
+        Ok(mut session) => {
+            let ran = session.follow(host, &record, limit, display);
+            session.end();
+            ran
+        }
+        Err(err) => Err(RemoteEnd::Failed(host_error(vec![format!(
+            "cannot run ssh for {host}: {err}"
+        )]))),
+    };
+    let (outcome, exit_code, limit_hit, error, refused_hosts, refused_offline) = match ran {
+        Ok(result) => (
+            result.outcome,
+            result.exit_code,
+            result.limit,
+            result.error,
+            result.refused_hosts,
+            result.refused_offline,
+        ),
+        Err(RemoteEnd::Interrupted(signal)) => (
+            Outcome::Interrupted,
+            None,
+            None,
+            Some(ErrorInfo {
+                code: BuildCode::Interrupted.as_str().into(),
+                chain: vec![format!(
+                    "{signal} ended the session with the build host {host} before its record came back"
+                )],
+            }),
+            Vec::new(),
+            Vec::new(),
+        ),
+        Err(RemoteEnd::Failed(error)) => (
+            Outcome::Infrastructure,
+            None,
+            None,
+            Some(error),
+            Vec::new(),
+            Vec::new(),
+        ),
+    };
+    let result = BuildResult {
+        version: PROTOCOL_VERSION,
+        id,
+        outcome,
+        exit_code,
+        duration_secs: started.elapsed().as_secs_f64(),
+        log: record.join("build.log"),
+        console_log: record.join("console.log"),
+        artifacts: build::collect_artifacts(&record.join("artifacts")),
+        refused_hosts,
+        refused_offline,
+        limit: limit_hit,
+        error,
+        host: Some(host.to_string()),
+    };
+    let result_path = record.join("result.json");
+    let text = serde_json::to_string_pretty(&result).unwrap_or_default();
+    if let Err(err) = std::fs::write(&result_path, text + "\n") {
+        eprintln!("contractor: cannot write {}: {err}", result_path.display());
+    }
+    let _ = std::fs::remove_file(&owner_file);
+    display.event(&BuildEvent::Finished {
+        result: result.clone(),
+    });
+    Ok(BuildReport {
+        result,
+        kept: None,
+        release: PendingRelease::default(),
+    })
+}
+
+/// How a session ended without a complete record.
+enum RemoteEnd {
+    /// Ctrl-C or SIGTERM here.
+    Interrupted(&'static str),
+    /// The build host failed, refused, or went away.
+    Failed(ErrorInfo),
+}
+
+impl From<ErrorInfo> for RemoteEnd {
+    fn from(error: ErrorInfo) -> RemoteEnd {
+        RemoteEnd::Failed(error)
+    }
+}
+
+/// One `ssh … contractor-cli hosted-build` session.
+struct Session {
+    child: Child,
+    stdout: Option<JsonlReader<BufReader<ChildStdout>>>,
+    /// Dropping (or sending on) it closes the session's stdin.
+    close: Option<mpsc::Sender<()>>,
+    writer: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    interrupted: Arc<Mutex<Option<&'static str>>>,
+    signals: Option<signal_hook::iterator::Handle>,
+}
+
+impl Session {
+    /// Starts `ssh` and, on a thread, sends it `request` and the source `tar`, then holds
+    /// its stdin open until [`Session::end`] or an interruption.
+    fn start(host: &BuildHost, request: &HostedRequest, tar: &Path) -> std::io::Result<Session> {
+        let mut ssh = host.ssh(&[REMOTE_TOOL, HOSTED_COMMAND]);
+        ssh.stdin(Stdio::piped()).stdout(Stdio::piped());
+        // Its own process group: Ctrl-C reaches this process, which ends the session in
+        // order, not ssh, which would cut it.
+        std::os::unix::process::CommandExt::process_group(&mut ssh, 0);
+        crate::sys::die_with_parent(&mut ssh);
+        let mut child = ssh.spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .map(|out| JsonlReader::new(BufReader::new(out)));
+        let mut stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| std::io::Error::other("no stdin pipe"))?;
+        let mut line = serde_json::to_vec(request).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let mut source = std::fs::File::open(tar)?;
+        let (close, closed) = mpsc::channel::<()>();
+        let writer = std::thread::spawn(move || {
+            stdin.write_all(&line)?;
+            std::io::copy(&mut source, &mut stdin)?;
+            stdin.flush()?;
+            // Held open until told (or until the session is dropped).
+            let _ = closed.recv();
+            drop(stdin);
+            Ok(())
+        });
+        let interrupted = Arc::new(Mutex::new(None));
+        let mut session = Session {
+            child,
+            stdout,
+            close: Some(close),
+            writer: Some(writer),
+            interrupted: interrupted.clone(),
+            signals: None,
+        };
+        session.signals = watch_signals(
+            session.close.clone(),
+            interrupted,
+            nix::unistd::Pid::from_raw(session.child.id() as i32),
+        );
+        Ok(session)
+    }
+
+    /// The signal that interrupted the session, if any.
+    fn interruption(&self) -> Option<&'static str> {
+        self.interrupted.lock().ok().and_then(|s| *s)
+    }
+
+    /// Reads the session to its end: shows the build's events, receives its record into
+    /// `record` (at most `limit` bytes), and returns the build host's result.
+    fn follow(
+        &mut self,
+        host: &BuildHost,
+        record: &Path,
+        limit: u64,
+        display: &Display,
+    ) -> Result<BuildResult, RemoteEnd> {
+        let Some(mut reader) = self.stdout.take() else {
+            return Err(host_error(vec!["ssh has no stdout".into()]).into());
+        };
+        let mut hello = false;
+        let mut finished: Option<BuildResult> = None;
+        let mut received = Received::default();
+        loop {
+            let value: Option<serde_json::Value> = match reader.next_message() {
+                Ok(value) => value,
+                Err(err) => {
+                    return Err(self.lost(
+                        host,
+                        Some(format!(
+                            "it wrote something other than the hosted build protocol: {err}"
+                        )),
+                    ));
+                }
+            };
+            let Some(value) = value else {
+                return Err(self.lost(host, None));
+            };
+            let kind = value["type"].as_str().unwrap_or_default().to_string();
+            if !hello {
+                if kind != "hello" {
+                    return Err(self.lost(
+                        host,
+                        Some(format!("its first line was not hello but type {kind:?}")),
+                    ));
+                }
+                match serde_json::from_value::<HostedLine>(value) {
+                    Ok(HostedLine::Hello {
+                        version,
+                        contractor,
+                    }) if version == PROTOCOL_VERSION && contractor == RELEASE => hello = true,
+                    Ok(HostedLine::Hello {
+                        version,
+                        contractor,
+                    }) => {
+                        return Err(host_error(vec![format!(
+                            "the build host {host} runs contractor {contractor} (protocol {version}), \
+                             this is contractor {RELEASE} (protocol {PROTOCOL_VERSION}): install one release on both"
+                        )])
+                        .into())
+                    }
+                    _ => return Err(self.lost(host, Some("its hello line is malformed".into()))),
+                }
+                continue;
+            }
+            match kind.as_str() {
+                "error" => {
+                    let error: ErrorObject = serde_json::from_value(value).map_err(|err| {
+                        RemoteEnd::Failed(host_error(vec![format!(
+                            "the build host {host} wrote a malformed error: {err}"
+                        )]))
+                    })?;
+                    let mut chain = vec![format!("the build host {host} could not run the build")];
+                    chain.extend(error.chain);
+                    return Err(RemoteEnd::Failed(ErrorInfo {
+                        code: error.code,
+                        chain,
+                    }));
+                }
+                "file" => {
+                    let Ok(HostedLine::File {
+                        path,
+                        bytes,
+                        executable,
+                    }) = serde_json::from_value::<HostedLine>(value)
+                    else {
+                        return Err(self.lost(host, Some("a file line is malformed".into())));
+                    };
+                    if finished.is_none() {
+                        return Err(self.lost(
+                            host,
+                            Some("it sent the record before the build finished".into()),
+                        ));
+                    }
+                    received
+                        .file(reader.get_mut(), record, &path, bytes, executable, limit)
+                        .map_err(|why| {
+                            RemoteEnd::Failed(host_error(vec![format!(
+                                "the record from the build host {host} cannot be kept: {why}"
+                            )]))
+                        })?;
+                }
+                "end" => {
+                    return finished.ok_or_else(|| {
+                        self.lost(
+                            host,
+                            Some("it ended the record before the build finished".into()),
+                        )
+                    });
+                }
+                _ => match serde_json::from_value::<BuildEvent>(value) {
+                    // This front end announced the build, and announces its end.
+                    Ok(BuildEvent::Started { .. }) => {}
+                    Ok(BuildEvent::Finished { result }) => finished = Some(result),
+                    Ok(event) => display.event(&event),
+                    Err(err) => {
+                        return Err(self.lost(
+                            host,
+                            Some(format!("it wrote a malformed {kind:?} event: {err}")),
+                        ))
+                    }
+                },
+            }
+        }
+    }
+
+    /// The session ended (or broke) before the record was complete: an interruption here,
+    /// or the build host's failure, with `why` if the stream said more.
+    fn lost(&mut self, host: &BuildHost, why: Option<String>) -> RemoteEnd {
+        if let Some(signal) = self.interruption() {
+            return RemoteEnd::Interrupted(signal);
+        }
+        drop(self.close.take());
+        let _ = self.child.kill();
+        let status = self.child.wait().ok();
+        let how = match status.and_then(|s| s.code()) {
+            Some(255) => {
+                "ssh could not reach it or lost the connection (exit 255; its message is above)"
+                    .to_string()
+            }
+            Some(127) => format!(
+                "{REMOTE_TOOL} is not on its PATH (exit 127): install Contractor {RELEASE} there"
+            ),
+            Some(code) => format!("ssh exited with {code}"),
+            None => "ssh was killed".to_string(),
+        };
+        let mut chain = vec![format!(
+            "the build host {host} went away before the build finished: {how}"
+        )];
+        chain.extend(why);
+        RemoteEnd::Failed(host_error(chain))
+    }
+
+    /// Closes the session and waits for ssh.
+    fn end(mut self) {
+        if let Some(handle) = self.signals.take() {
+            handle.close();
+        }
+        drop(self.close.take());
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Watches for Ctrl-C and SIGTERM: the first closes the session's stdin (the build host
+/// then interrupts the build and sends its record), and cuts the session if it has not
+/// ended [`INTERRUPT_GRACE`] later; the second cuts it at once.
+fn watch_signals(
+    close: Option<mpsc::Sender<()>>,
+    interrupted: Arc<Mutex<Option<&'static str>>>,
+    ssh: nix::unistd::Pid,
+) -> Option<signal_hook::iterator::Handle> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
+        Ok(signals) => signals,
+        Err(err) => {
+            eprintln!("contractor: warning: cannot watch for Ctrl-C ({err})");
+            return None;
+        }
+    };
+    let handle = signals.handle();
+    std::thread::spawn(move || {
+        let mut close = close;
+        for number in signals.forever() {
+            let name = if number == SIGINT {
+                "Ctrl-C"
+            } else {
+                "SIGTERM"
+            };
+            let first = interrupted
+                .lock()
+                .map(|mut s| {
+                    let first = s.is_none();
+                    s.get_or_insert(name);
+                    first
+                })
+                .unwrap_or(false);
+            if first {
+                if let Some(close) = close.take() {
+                    let _ = close.send(());
+                }
+                std::thread::spawn(move || {
+                    std::thread::sleep(INTERRUPT_GRACE);
+                    let _ = nix::sys::signal::kill(ssh, nix::sys::signal::Signal::SIGTERM);
+                });
+            } else {
+                let _ = nix::sys::signal::kill(ssh, nix::sys::signal::Signal::SIGTERM);
+            }
+        }
+    });
+    Some(handle)
+}
+
+/// What has arrived of a record.
+#[derive(Default)]
+struct Received {
+    files: u64,
+    bytes: u64,
+}
+
+impl Received {
+    /// Receives one file of `bytes` bytes from `input` into `record/path`: a relative path
+    /// of plain names, not one of the files this front end writes itself, new, within the
+    /// record's limits.
+    fn file(
+        &mut self,
+        input: &mut impl Read,
+        record: &Path,
+        path: &str,
+        bytes: u64,
+        executable: bool,
+        limit: u64,
+    ) -> Result<(), String> {
+        let relative = Path::new(path);
+        let plain = relative
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        let depth = relative.components().count();
+        if !plain || depth == 0 || depth > MAX_RECORD_DEPTH || path.contains('\0') {
+            return Err(format!("{path:?} is not a relative path of plain names"));
+        }
+        let first = relative.components().next().map(|c| c.as_os_str());
+        if NOT_SENT
+            .iter()
+            .any(|n| first == Some(std::ffi::OsStr::new(n)))
+        {
+            return Err(format!("{path:?} is written by this front end, not sent"));
+        }
+        self.files += 1;
+        if self.files > MAX_RECORD_FILES {
+            return Err(format!("it holds more than {MAX_RECORD_FILES} files"));
+        }
+        self.bytes = self.bytes.saturating_add(bytes);
+        if self.bytes > limit {
+            return Err(format!(
+                "it is bigger than {limit} bytes (max_log + max_artifacts + {RECORD_OVERHEAD_BYTES})"
+            ));
+        }
+        let target = record.join(relative);
+        if let Some(parent) = target.parent() {
+            paths::create_dir_world_readable(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        use std::os::unix::fs::OpenOptionsExt;
+        let mode = if executable { 0o755 } else { 0o644 };
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&target)
+            .map_err(|e| format!("cannot create {}: {e}", target.display()))?;
+        let copied = std::io::copy(&mut input.take(bytes), &mut file)
+            .map_err(|e| format!("cannot write {}: {e}", target.display()))?;
+        if copied != bytes {
+            return Err(format!(
+                "{path:?} ended after {copied} of its {bytes} bytes"
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_hosts_parse_in_every_documented_form() {
+        let host = |user: Option<&str>, name: &str, port: Option<u16>| BuildHost {
+            user: user.map(String::from),
+            host: name.into(),
+            port,
+        };
+        assert_eq!(
+            BuildHost::parse("ci@big-box"),
+            Ok(host(Some("ci"), "big-box", None))
+        );
+        assert_eq!(
+            BuildHost::parse("ssh://ci@10.0.0.5:2222"),
+            Ok(host(Some("ci"), "10.0.0.5", Some(2222)))
+        );
+        assert_eq!(BuildHost::parse("big-box"), Ok(host(None, "big-box", None)));
+        assert_eq!(
+            BuildHost::parse("ssh://[fd00::1]:22"),
+            Ok(host(None, "fd00::1", Some(22)))
+        );
+        assert_eq!(
+            BuildHost::parse("ssh://[fd00::1]:22").map(|h| h.to_string()),
+            Ok("[fd00::1]:22".to_string())
+        );
+        for bad in [
+            "-oProxyCommand=x",
+            "ci@",
+            "@host",
+            "a b@host",
+            "host:0",
+            "host:x",
+            "",
+            "[fd00::1",
+            "ci@-host",
+        ] {
+            assert!(BuildHost::parse(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn a_record_file_lands_only_as_a_new_plain_path_within_the_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut received = Received::default();
+        let mut input: &[u8] = b"hello world";
+        received
+            .file(&mut input, dir.path(), "artifacts/bin/x", 5, true, 100)
+            .expect("a plain path is received");
+        assert_eq!(
+            std::fs::read(dir.path().join("artifacts/bin/x")).expect("read"),
+            b"hello"
+        );
+        assert_eq!(input, b" world", "exactly the file's bytes are taken");
+        for bad in [
+            "../x",
+            "/etc/passwd",
+            "a/../../x",
+            "result.json",
+            "owner.json",
+            "",
+        ] {
+            let mut input: &[u8] = b"x";
+            assert!(
+                received
+                    .file(&mut input, dir.path(), bad, 1, false, 100)
+                    .is_err(),
+                "{bad:?} was received"
+            );
+        }
+        let mut input: &[u8] = b"xx";
+        assert!(
+            received
+                .file(&mut input, dir.path(), "artifacts/bin/x", 1, false, 100)
+                .is_err(),
+            "an existing file is never overwritten"
+        );
+        let mut input: &[u8] = &[0u8; 200];
+        let err = received
+            .file(&mut input, dir.path(), "big", 200, false, 100)
+            .expect_err("over the limit");
+        assert!(err.contains("bigger than 100 bytes"), "{err}");
+        let mut input: &[u8] = b"abc";
+        let err = received
+            .file(&mut input, dir.path(), "short", 10, false, 1000)
+            .expect_err("short");
+        assert!(err.contains("ended after 3 of its 10 bytes"), "{err}");
+    }
+}

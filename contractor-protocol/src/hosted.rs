@@ -1,0 +1,152 @@
+//! `contractor-cli hosted-build`: one build run on a build host for a front end on another
+//! machine, over SSH (`contractor build --host`).
+//!
+//! The front end runs `ssh HOST contractor-cli hosted-build` and speaks on the session's
+//! stdin and stdout:
+//!
+//! - the build host writes [`HostedLine::Hello`] first (its versions);
+//! - the front end writes one [`HostedRequest`] line, then exactly `source_bytes` bytes of
+//!   the packed source tar, and then keeps its side open: its end (EOF on the build host's
+//!   stdin: Ctrl-C, a killed front end, a cut connection) interrupts the build, whose VM is
+//!   then destroyed;
+//! - the build host runs the build and writes its events (`contractor build --json`, see
+//!   [`crate::build::BuildEvent`]), `finished` last, or one error object when the build
+//!   could not start (see [`crate::error::ErrorObject`]);
+//! - after `finished` it sends the build record: for each file, a [`HostedLine::File`] line
+//!   followed by exactly `bytes` bytes of the file, then [`HostedLine::End`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::vm::Accel;
+
+/// The subcommand of `contractor-cli` that serves a hosted build.
+pub const HOSTED_COMMAND: &str = "hosted-build";
+
+/// The longest request line a build host reads (the spec and the lock travel in it; a lock
+/// holds at most 16 MiB).
+pub const MAX_REQUEST_BYTES: u64 = 40 << 20;
+
+/// The most files a record sent back may hold.
+pub const MAX_RECORD_FILES: u64 = 100_000;
+
+/// The deepest a path of a record file sent back may be, in components.
+pub const MAX_RECORD_DEPTH: usize = 64;
+
+/// Bytes of a returned record allowed beyond the build's `max_log` and `max_artifacts`
+/// (console log, proxy and download records, the tools' messages).
+pub const RECORD_OVERHEAD_BYTES: u64 = 1 << 30;
+
+/// What the front end asks a build host to build.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostedRequest {
+    /// Protocol version of the front end.
+    pub version: u32,
+    /// The front end's release (`contractor --version`), which must be the build host's.
+    pub contractor: String,
+    /// The build's id, chosen by the front end (`YYYYMMDD-HHMMSS-xxxxxx`).
+    pub id: String,
+    /// The project's key on the build host: 32 lowercase hex digits, the same for every
+    /// build of one project directory from one machine (its build cache is kept under it).
+    pub project: String,
+    /// The text of contractor.toml.
+    pub spec: String,
+    /// The text of contractor.lock, when the project has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<String>,
+    /// Entries of the packed source.
+    pub source_entries: u64,
+    /// Bytes of the packed source tar that follow this line.
+    pub source_bytes: u64,
+    /// The accelerator.
+    pub accel: Accel,
+    /// Whether to restore a saved, booted builder (false: `--cold`).
+    pub snapshot: bool,
+    /// `--offline`.
+    pub offline: bool,
+    /// The libvirt URI on the build host; its default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+}
+
+/// The lines of a hosted build's stream that are not build events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum HostedLine {
+    /// First line from the build host.
+    Hello {
+        /// Its protocol version.
+        version: u32,
+        /// Its release.
+        contractor: String,
+    },
+    /// One file of the build record; exactly `bytes` bytes of it follow the line.
+    File {
+        /// Its path in the record, relative (`build.log`, `artifacts/target/release/x`).
+        path: String,
+        /// Its size.
+        bytes: u64,
+        /// Whether it is executable.
+        executable: bool,
+    },
+    /// The record is complete.
+    End {
+        /// How many files were sent.
+        files: u64,
+    },
+}
+
+/// Whether `key` is a project key: 32 lowercase hex digits.
+pub fn is_project_key(key: &str) -> bool {
+    key.len() == 32
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Whether `id` has the form of a build id: `YYYYMMDD-HHMMSS-` and six lowercase hex digits.
+pub fn is_build_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    b.len() == 22
+        && b[8] == b'-'
+        && b[15] == b'-'
+        && b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit)
+        && b[16..]
+            .iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_line_reads_as_its_fields_and_refuses_unknown_ones() {
+        let line: HostedLine = serde_json::from_str(
+            r#"{"type":"file","path":"build.log","bytes":3,"executable":false}"#,
+        )
+        .expect("file line");
+        assert_eq!(
+            line,
+            HostedLine::File {
+                path: "build.log".into(),
+                bytes: 3,
+                executable: false
+            }
+        );
+        assert!(
+            serde_json::from_str::<HostedLine>(r#"{"type":"end","files":1,"extra":true}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn ids_and_keys_have_one_form() {
+        assert!(is_build_id("20261203-061502-3fa2c1"));
+        assert!(!is_build_id("20261203-061502-3FA2C1"));
+        assert!(!is_build_id("../../etc/passwd-xxxxx"));
+        assert!(!is_build_id("20261203-061502-3fa2c"));
+        assert!(is_project_key("0123456789abcdef0123456789abcdef"));
+        assert!(!is_project_key("0123456789abcdef0123456789abcde/"));
+        assert!(!is_project_key("0123"));
+    }
+}

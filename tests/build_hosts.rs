@@ -746,3 +746,73 @@ fn a_cut_connection_is_an_infrastructure_failure_naming_the_host_and_leaves_no_v
         Vec::<String>::new()
     );
 }
+
+#[test]
+fn of_two_configured_hosts_one_unreachable_the_build_runs_on_the_other_and_says_so() {
+    if skip("of_two_configured_hosts_one_unreachable_the_build_runs_on_the_other_and_says_so") {
+        return;
+    }
+    let host = BuildHost::start();
+    give_image("debian-12-build");
+    // Nothing listens on port 2 of the build host's address: refused at once.
+    let unreachable = format!("{}:2", host.name());
+    let config = host.dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!("hosts = [\"{unreachable}\", \"ssh://{}\"]\n", host.name()),
+    )
+    .expect("config");
+    let project = Project::hello();
+    let output = host
+        .contractor(&project, &["build"])
+        .env("CONTRACTOR_CONFIG", &config)
+        .output()
+        .expect("contractor build");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "stderr:\n{stderr}");
+    let result = util::latest_result(project.path());
+    assert_eq!(result.outcome, Outcome::Success);
+    assert_eq!(result.host.as_deref(), Some(host.name().as_str()));
+    assert!(
+        stderr.contains(&format!("contractor: build host {} chosen", host.name())),
+        "it says which host it chose:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{unreachable}: cannot be reached")),
+        "it says which host it passed over and why:\n{stderr}"
+    );
+    assert!(stderr.contains("room for "), "{stderr}");
+
+    // With neither reachable, nothing is built and both are named.
+    std::fs::write(
+        &config,
+        format!("hosts = [\"{unreachable}\", \"{}:3\"]\n", host.name()),
+    )
+    .expect("config");
+    let output = host
+        .contractor(&project, &["build"])
+        .env("CONTRACTOR_CONFIG", &config)
+        .output()
+        .expect("contractor build");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("none of the 2 build hosts can take the build"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&format!("{}:3", host.name())), "{stderr}");
+
+    // A bad entry is bad input naming the file and the value.
+    std::fs::write(&config, "hosts = [\"-oProxyCommand=sh\"]\n").expect("config");
+    let output = host
+        .contractor(&project, &["build"])
+        .env("CONTRACTOR_CONFIG", &config)
+        .output()
+        .expect("contractor build");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("config.toml") && stderr.contains("-oProxyCommand=sh"),
+        "{stderr}"
+    );
+}

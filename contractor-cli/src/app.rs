@@ -470,7 +470,28 @@ fn run_build(
         fail(BuildCode::BadSpec.as_str(), chain);
         return ExitCode::BadInput;
     }
-    let host = hosts.first();
+    let chosen = match hosts.len() {
+        0 | 1 => hosts.first().cloned(),
+        _ => match crate::remote::choose(hosts, spec.cpus, spec.memory_mib) {
+            Ok((host, lines)) => {
+                if mode != Mode::Quiet {
+                    eprintln!(
+                        "contractor: build host {} chosen",
+                        escape(&host.to_string())
+                    );
+                    for line in lines {
+                        eprintln!("  {}", escape(&line));
+                    }
+                }
+                Some(host)
+            }
+            Err(chain) => {
+                fail(BuildCode::BuildHost.as_str(), chain);
+                return ExitCode::Infrastructure;
+            }
+        },
+    };
+    let host = chosen.as_ref();
     let report = match build_here(&spec, &options, mode, host.map(|h| (h, file))) {
         Ok(report) => report,
         Err((code, chain, exit)) => {

@@ -273,6 +273,148 @@ pub fn project_key(dir: &Path) -> String {
         .collect()
 }
 
+/// The longest a build host may take to answer how much room it has.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The most bytes of a probe's answer read.
+const MAX_PROBE_BYTES: u64 = 64 * 1024;
+
+/// What a probe of one build host found: its room (builds of this shape that fit), and
+/// what it reported; or why it cannot take the build.
+type Probe = Result<(u64, String), String>;
+
+/// Picks the build host with the most room for a build of `cpus` CPUs and `memory_mib` MiB
+/// among `hosts`, asking each (`contractor-vm capacity` over ssh, all at once); the first
+/// listed wins a tie, and a host that cannot be reached or runs another release is passed
+/// over. Returns it and one line per host saying what was found; the error lists why each
+/// failed.
+pub fn choose(
+    hosts: &[BuildHost],
+    cpus: u32,
+    memory_mib: u64,
+) -> Result<(BuildHost, Vec<String>), Vec<String>> {
+    let (tx, rx) = mpsc::channel::<(usize, Probe)>();
+    let pids = Arc::new(Mutex::new(Vec::<u32>::new()));
+    for (i, host) in hosts.iter().enumerate() {
+        let (tx, host, pids) = (tx.clone(), host.clone(), pids.clone());
+        std::thread::spawn(move || {
+            let _ = tx.send((i, probe(&host, cpus, memory_mib, &pids)));
+        });
+    }
+    drop(tx);
+    let mut probes: Vec<Option<Probe>> = vec![None; hosts.len()];
+    let deadline = Instant::now() + PROBE_TIMEOUT;
+    while probes.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((i, probe)) => probes[i] = Some(probe),
+            Err(_) => break,
+        }
+    }
+    for pid in pids.lock().map(|p| p.clone()).unwrap_or_default() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let mut best: Option<(usize, u64)> = None;
+    let mut lines = Vec::new();
+    for (i, probe) in probes.iter().enumerate() {
+        match probe {
+            Some(Ok((room, found))) => {
+                lines.push(format!("{}: {found}", hosts[i]));
+                if best.is_none_or(|(_, most)| *room > most) {
+                    best = Some((i, *room));
+                }
+            }
+            Some(Err(why)) => lines.push(format!("{}: {why}", hosts[i])),
+            None => lines.push(format!(
+                "{}: no answer within {} s",
+                hosts[i],
+                PROBE_TIMEOUT.as_secs()
+            )),
+        }
+    }
+    match best {
+        Some((i, _)) => Ok((hosts[i].clone(), lines)),
+        None => {
+            let mut chain = vec![format!(
+                "none of the {} build hosts can take the build",
+                hosts.len()
+            )];
+            chain.extend(lines);
+            Err(chain)
+        }
+    }
+}
+
+/// Asks `host` for its capacity; `pids` gets the ssh process while it runs.
+fn probe(host: &BuildHost, cpus: u32, memory_mib: u64, pids: &Mutex<Vec<u32>>) -> Probe {
+    use contractor_protocol::hosted::{room, CapacityReport};
+    let mut ssh = host.ssh(&["contractor-vm", "capacity", "--json-errors"]);
+    ssh.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    crate::sys::die_with_parent(&mut ssh);
+    let mut child = ssh.spawn().map_err(|e| format!("cannot run ssh: {e}"))?;
+    if let Ok(mut pids) = pids.lock() {
+        pids.push(child.id());
+    }
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    if let Some(stdout) = child.stdout.take() {
+        let _ = stdout.take(MAX_PROBE_BYTES).read_to_end(&mut out);
+    }
+    if let Some(stderr) = child.stderr.take() {
+        let _ = stderr.take(MAX_PROBE_BYTES).read_to_end(&mut err);
+    }
+    let status = child
+        .wait()
+        .map_err(|e| format!("cannot wait for ssh: {e}"))?;
+    let said = String::from_utf8_lossy(&err);
+    let said = said
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let first = out.split(|b| *b == b'\n').next().unwrap_or_default();
+    match serde_json::from_slice::<CapacityReport>(first) {
+        Ok(CapacityReport::Capacity {
+            contractor,
+            version,
+            ..
+        }) if contractor != RELEASE || version != PROTOCOL_VERSION => Err(format!(
+            "it runs contractor {contractor} (protocol {version}), this is contractor {RELEASE} (protocol {PROTOCOL_VERSION}): install one release on both"
+        )),
+        Ok(CapacityReport::Capacity {
+            free_memory_mib,
+            cpus: host_cpus,
+            running,
+            ..
+        }) => Ok((
+            room(free_memory_mib, host_cpus, running, cpus, memory_mib),
+            format!(
+                "room for {} more build(s) ({free_memory_mib} MiB free, {host_cpus} CPUs, {running} Contractor VM(s) running)",
+                room(free_memory_mib, host_cpus, running, cpus, memory_mib)
+            ),
+        )),
+        Err(_) => match serde_json::from_slice::<ErrorObject>(first) {
+            Ok(error) => Err(format!("contractor-vm failed there: {}", error.chain.join(": "))),
+            Err(_) => Err(match status.code() {
+                Some(255) => format!("cannot be reached: {said}"),
+                Some(127) => format!("contractor-vm is not on its PATH: install Contractor {RELEASE} there"),
+                code => format!(
+                    "no capacity answer (ssh {}){}",
+                    code.map_or("killed".to_string(), |c| format!("exit {c}")),
+                    if said.is_empty() { String::new() } else { format!(": {said}") }
+                ),
+            }),
+        },
+    }
+}
+
 /// Why a remote build failed, as the record's error.
 fn host_error(chain: Vec<String>) -> ErrorInfo {
     ErrorInfo {

@@ -96,6 +96,34 @@ pub enum HostedLine {
     },
 }
 
+/// `contractor-vm capacity`: what a build host has room for, as its libvirt reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CapacityReport {
+    /// The one answer.
+    Capacity {
+        /// Protocol version.
+        version: u32,
+        /// The release of the tools there.
+        contractor: String,
+        /// Free memory of the host, in MiB.
+        free_memory_mib: u64,
+        /// Its CPUs.
+        cpus: u32,
+        /// Contractor VMs running there now.
+        running: u32,
+    },
+}
+
+/// How many more builds of `cpus` CPUs and `memory_mib` MiB fit on a host: free memory ÷
+/// the build's memory, and CPUs ÷ the build's CPUs less the VMs already running there, the
+/// smaller of the two (0 when either is exhausted).
+pub fn room(free_memory_mib: u64, host_cpus: u32, running: u32, cpus: u32, memory_mib: u64) -> u64 {
+    let by_memory = free_memory_mib / memory_mib.max(1);
+    let by_cpus = u64::from(host_cpus / cpus.max(1)).saturating_sub(u64::from(running));
+    by_memory.min(by_cpus)
+}
+
 /// Whether `key` is a project key: 32 lowercase hex digits.
 pub fn is_project_key(key: &str) -> bool {
     key.len() == 32
@@ -137,6 +165,15 @@ mod tests {
         assert!(
             serde_json::from_str::<HostedLine>(r#"{"type":"end","files":1,"extra":true}"#).is_err()
         );
+    }
+
+    #[test]
+    fn room_is_the_scarcer_of_memory_and_cpus() {
+        // 8 GiB free holds four 2 GiB builds; 8 CPUs hold four 2-CPU builds, one runs.
+        assert_eq!(room(8192, 8, 1, 2, 2048), 3);
+        assert_eq!(room(3000, 8, 0, 2, 2048), 1);
+        assert_eq!(room(100_000, 2, 3, 2, 2048), 0);
+        assert_eq!(room(1000, 2, 0, 1, 2048), 0);
     }
 
     #[test]

@@ -98,6 +98,9 @@ pub enum Command {
     Reap(ReapArgs),
     /// Check that this host can run builder VMs: libvirt, KVM, the guest agent.
     Check(ReapArgs),
+    /// Report what this host has room for: free memory, CPUs, Contractor VMs running
+    /// ({"type":"capacity",...}; `contractor build` with several build hosts asks each).
+    Capacity(ReapArgs),
     /// Build, import, list and remove builder images (under $CONTRACTOR_DATA_DIR/images).
     #[command(subcommand)]
     Image(ImageCommand),
@@ -529,6 +532,12 @@ pub fn execute(command: Command) -> Result<ExitCode, CliError> {
                 version: PROTOCOL_VERSION,
                 vms,
             })?;
+            return Ok(ExitCode::Success);
+        }
+        Command::Capacity(a) => {
+            let conn = connect(&a.uri.unwrap_or_else(default_uri))?;
+            let report = crate::lifecycle::capacity(&conn)?;
+            write_line(&mut io::stdout().lock(), &report).map_err(CliError::Output)?;
             return Ok(ExitCode::Success);
         }
         Command::Check(a) => {

@@ -531,6 +531,30 @@ pub fn list(conn: &Connect) -> Result<Vec<VmInfo>, VmError> {
         .collect())
 }
 
+/// What this host has room for: its free memory and CPUs (libvirt's node information) and
+/// the Contractor VMs running now.
+pub fn capacity(conn: &Connect) -> Result<contractor_protocol::hosted::CapacityReport, VmError> {
+    let free = conn
+        .free_memory()
+        .map_err(libvirt(String::from("read the free memory")))?;
+    let node = conn
+        .node_info()
+        .map_err(libvirt(String::from("read the node information")))?;
+    let running = conn
+        .list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        .map_err(libvirt(String::from("list domains")))?
+        .iter()
+        .filter(|d| d.name().is_ok_and(|n| is_contractor_name(&n)))
+        .count();
+    Ok(contractor_protocol::hosted::CapacityReport::Capacity {
+        version: contractor_protocol::PROTOCOL_VERSION,
+        contractor: env!("CARGO_PKG_VERSION").to_string(),
+        free_memory_mib: free >> 20,
+        cpus: node.cpus,
+        running: u32::try_from(running).unwrap_or(u32::MAX),
+    })
+}
+
 fn list_with_facts(conn: &Connect) -> Result<Vec<(VmInfo, DomainFacts)>, VmError> {
     let domains = conn
         .list_all_domains(0)

@@ -265,6 +265,8 @@ impl BuildHost {
             ])
             .arg(d.join("sshd_config"))
             .stdin(Stdio::null())
+            // Its log (the readiness probe below shows as a client that sent no banner).
+            .stderr(std::fs::File::create(d.join("sshd.log")).expect("sshd.log"))
             .spawn()
             .expect("start sshd");
         let host = BuildHost {

@@ -206,6 +206,13 @@ pub struct BuildReport {
 #[derive(Default)]
 pub struct PendingRelease(Option<Releasing>);
 
+impl PendingRelease {
+    /// A release that is `work`, done when the report is dropped (after the summary).
+    pub fn later(work: impl FnOnce() + 'static) -> PendingRelease {
+        PendingRelease(Some(Releasing::Later(Box::new(work))))
+    }
+}
+
 impl Drop for PendingRelease {
     fn drop(&mut self) {
         if let Some(releasing) = self.0.take() {
@@ -1265,6 +1272,8 @@ enum Releasing {
         name: String,
     },
     Done(Result<(), ToolError>),
+    /// Work that ends the build elsewhere (a build host's session), done when waited for.
+    Later(Box<dyn FnOnce()>),
 }
 
 impl Releasing {
@@ -1298,6 +1307,10 @@ impl Releasing {
                 }
             }
             Releasing::Done(result) => result,
+            Releasing::Later(work) => {
+                work();
+                Ok(())
+            }
         }
     }
 }

@@ -505,10 +505,13 @@ pub fn build_on(
         .saturating_add(spec.max_log_bytes)
         .saturating_add(RECORD_OVERHEAD_BYTES);
     let session = Session::start(host, &request, &tar);
+    // The build host releases its VM after the record is sent: waited for after the
+    // summary, as a local build's release is.
+    let mut release = PendingRelease::default();
     let ran = match session {
         Ok(mut session) => {
             let ran = session.follow(host, &record, limit, display);
-            session.end();
+            release = PendingRelease::later(move || session.end());
             ran
         }
         Err(err) => Err(RemoteEnd::Failed(host_error(vec![format!(
@@ -573,7 +576,7 @@ pub fn build_on(
     Ok(BuildReport {
         result,
         kept: None,
-        release: PendingRelease::default(),
+        release,
     })
 }
 

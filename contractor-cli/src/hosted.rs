@@ -86,6 +86,7 @@ pub fn serve() -> ExitCode {
         Ok(prepared) => prepared,
         Err(refusal) => return refuse(refusal),
     };
+    remove_stale_records(&paths::store_dir(&prepared.spec.project_dir));
     // From now on the session's end is an interruption; after the build it is not.
     let done = Arc::new(AtomicBool::new(false));
     watch_session(input, done.clone());
@@ -125,6 +126,29 @@ pub fn serve() -> ExitCode {
         }
     }
     exit
+}
+
+/// A closed record older than this was never sent back (its session broke): it is removed.
+pub const STALE_RECORD: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes the records under `store_root` that were closed more than [`STALE_RECORD`] ago:
+/// every record sent back is deleted at once, so these are what broken sessions left.
+fn remove_stale_records(store_root: &Path) {
+    let Ok(entries) = std::fs::read_dir(store_root.join("builds")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let closed = std::fs::metadata(entry.path().join("result.json"))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if closed.is_some_and(|age| age > STALE_RECORD) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Reports `refusal` as one error object on stdout (and on stderr) and returns its code.

@@ -1,11 +1,12 @@
 //! What a serving proxy may still reach once it confines itself ([`policy`]): for the file
 //! system, only what glibc's name resolution reads (its configuration files and the
 //! libraries it may load for NSS); for TCP, connect only to the ports its rules can let a
-//! request reach (the allowed ports, the ports named in allow rules) plus 53, which the
-//! resolver uses when a DNS answer is too big for UDP; bind only the ports it already
-//! listens on. In report mode (every request goes through, to any port) TCP connect is
-//! left free and the ready line warns so. Its access log is opened before it confines itself and needs no rule;
-//! its download cache (`--cache`) is the one directory it may write.
+//! request reach (the allowed ports, the ports named in allow rules, the port of each URL
+//! rule) plus 53, which the resolver uses when a DNS answer is too big for UDP; bind only
+//! the ports it already listens on. In report mode (every request goes through, to any
+//! port) TCP connect is left free and the ready line warns so. Its access log is opened
+//! before it confines itself and needs no rule; its download cache (`--cache`) is the one
+//! directory it may write (pinned bodies are staged there too, in unnamed files).
 
 use std::path::PathBuf;
 
@@ -51,6 +52,8 @@ pub fn policy(config: &ProxyConfig, listen_port: u16, metrics_port: Option<u16>)
     for rule in config.allowlist.rules() {
         connect.extend(rule.ports.iter().flatten().copied());
     }
+    // A URL rule's port (`http://host:8080/**`, or its scheme's) is one requests may reach.
+    connect.extend(config.url_rules.iter().map(|rule| rule.port));
     connect.push(DNS_PORT);
     connect.sort_unstable();
     connect.dedup();

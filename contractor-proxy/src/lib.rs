@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod policy;
 mod relay;
 pub mod server;
+pub mod stage;
 pub mod urlrule;
 
 pub use address::{IpNet, NetError, Restriction};

@@ -261,7 +261,9 @@ impl ProxyConfig {
 
     /// Whether `method` may fetch `path` (the request target, query included) of
     /// `scheme://host:port`, a target [`Self::check_target`] allowed: always, when a host
-    /// rule allows the host; otherwise only when one of its URL rules does.
+    /// rule allows the host (`None`: forward the target as sent); otherwise only when one of
+    /// its URL rules does, and then the path is read once and the normalised target it gives
+    /// is what must be forwarded (`Some`), so that the rule decided on what the host gets.
     pub fn check_url(
         &self,
         method: &str,
@@ -269,17 +271,21 @@ impl ProxyConfig {
         host: &str,
         port: u16,
         path: &str,
-    ) -> Result<(), Denial> {
+    ) -> Result<Option<String>, Denial> {
         if !self.url_restricted(host, port) {
-            return Ok(());
+            return Ok(None);
         }
+        let checked =
+            crate::urlrule::CheckedPath::new(path).map_err(|problem| Denial::UnclearPath {
+                url: url_of(scheme, host, port, path),
+                problem,
+            })?;
         let normal = crate::allowlist::normalize_host(host).unwrap_or_default();
-        let allowed = self
-            .url_rules
-            .iter()
-            .any(|rule| rule.covers_host(scheme, &normal, port) && rule.allows(method, path));
+        let allowed = self.url_rules.iter().any(|rule| {
+            rule.covers_host(scheme, &normal, port) && rule.allows_checked(method, &checked)
+        });
         match allowed {
-            true => Ok(()),
+            true => Ok(Some(checked.forwarded().to_string())),
             false => Err(Denial::UrlNotAllowed(url_of(scheme, host, port, path))),
         }
     }
@@ -386,6 +392,33 @@ pub enum Denial {
          checked; allow the host, or inspect its TLS"
     )]
     UrlRulesNeedInspection(String),
+    /// Only URL rules allow the host, and the request's path cannot be read one way only.
+    #[error(
+        "{url} is not allowed: only URL rules allow its host, and its path {problem}, which \
+         the rules do not accept"
+    )]
+    UnclearPath {
+        /// The URL as asked for.
+        url: String,
+        /// What makes its path unclear.
+        problem: crate::urlrule::PathProblem,
+    },
+    /// A plain-HTTP `Upgrade` to a host only URL rules allow: after a 101 its bytes could
+    /// not be checked.
+    #[error("only URL rules allow {0}, and an Upgrade would carry requests no rule could check")]
+    UpgradeUnderUrlRules(String),
+    /// Inside an inspected TLS session, a request with more than one Host header.
+    #[error("more than one Host header")]
+    ManyHosts,
+    /// Inside an inspected TLS session, a request naming another authority (its Host
+    /// header, or its absolute URI) than the CONNECT target.
+    #[error("the request names {named}, but its TLS session is to {target} (the CONNECT target)")]
+    ForeignAuthority {
+        /// What the request names.
+        named: String,
+        /// The CONNECT target, `host:port`.
+        target: String,
+    },
     /// Offline, and the request is not a `GET` of a pinned URL whose bytes are cached.
     #[error(
         "offline: {0} is not served; only GETs of URLs pinned in contractor.lock whose bytes \
@@ -402,7 +435,8 @@ impl Denial {
             Denial::NotAProxyRequest
             | Denial::UnsupportedScheme(_)
             | Denial::BadConnectTarget
-            | Denial::BadHost(_) => StatusCode::BAD_REQUEST,
+            | Denial::BadHost(_)
+            | Denial::ManyHosts => StatusCode::BAD_REQUEST,
             Denial::Unresolvable(_) => StatusCode::BAD_GATEWAY,
             Denial::OverCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
             Denial::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -412,6 +446,9 @@ impl Denial {
             | Denial::HostNotAllowed
             | Denial::PortNotAllowed(_)
             | Denial::UrlNotAllowed(_)
+            | Denial::UnclearPath { .. }
+            | Denial::UpgradeUnderUrlRules(_)
+            | Denial::ForeignAuthority { .. }
             | Denial::UrlRulesNeedInspection(_)
             | Denial::Offline(_)
             | Denial::AddressRefused { .. } => StatusCode::FORBIDDEN,
@@ -426,8 +463,9 @@ impl Denial {
             Denial::NotAProxyRequest
             | Denial::UnsupportedScheme(_)
             | Denial::BadConnectTarget
-            | Denial::BadHost(_) => "bad_request",
-            Denial::HostMismatch(_) => "host_mismatch",
+            | Denial::BadHost(_)
+            | Denial::ManyHosts => "bad_request",
+            Denial::HostMismatch(_) | Denial::ForeignAuthority { .. } => "host_mismatch",
             Denial::HostDenied(_) => "deny_rule",
             Denial::HostNotAllowed => "host_not_allowed",
             Denial::PortNotAllowed(_) => "port_not_allowed",
@@ -436,7 +474,8 @@ impl Denial {
             Denial::OwnAddress(_) => "own_address",
             Denial::OverCapacity(_) => "over_capacity",
             Denial::HeadTooLarge { .. } => "head_too_large",
-            Denial::UrlNotAllowed(_) => "url_not_allowed",
+            Denial::UrlNotAllowed(_) | Denial::UnclearPath { .. } => "url_not_allowed",
+            Denial::UpgradeUnderUrlRules(_) => "url_upgrade",
             Denial::UrlRulesNeedInspection(_) => "url_rules_uninspected",
             Denial::Offline(_) => "offline",
         }
@@ -452,6 +491,8 @@ impl Denial {
                 | Denial::HostNotAllowed
                 | Denial::PortNotAllowed(_)
                 | Denial::UrlNotAllowed(_)
+                | Denial::UnclearPath { .. }
+                | Denial::UpgradeUnderUrlRules(_)
                 | Denial::UrlRulesNeedInspection(_)
                 | Denial::AddressRefused { .. }
         )

@@ -42,6 +42,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::cache::{EntryWriter, Lookup};
 use crate::inspect::Inspection;
+use crate::stage::{StageError, Stager, Staging};
 use crate::urlrule::Scheme;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::UnboundedSender;
@@ -104,8 +105,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let slots = Arc::new(Semaphore::new(config.limits.max_connections));
+    // Pinned bodies are staged beside the cache's entries in the making, else in memory.
+    let stager = Stager::new(config.cache.as_ref().map(|cache| cache.dir().join("tmp")));
     let proxy = Arc::new(Proxy {
         own: listener.local_addr().ok(),
+        stager: Arc::new(stager),
         config,
         decisions,
         tasks: TaskTracker::new(),
@@ -159,6 +163,8 @@ struct Proxy {
     cut: CancellationToken,
     /// Idle upstream connections for plain HTTP, by the address they were dialled at.
     pool: Mutex<HashMap<SocketAddr, Vec<Pooled>>>,
+    /// Where pinned bodies wait until they are verified.
+    stager: Arc<Stager>,
 }
 
 /// An idle upstream HTTP/1.1 connection, ready for the next request to its address.
@@ -263,14 +269,12 @@ impl Drop for Exchange {
 /// A response body that holds its request's [`Exchange`] until the body is done, so the
 /// access log entry is written after the last byte; with `--record-downloads`, it also
 /// hashes the body on its way through and sends its [`Download`] when it ends or is dropped.
-/// A download of a pinned URL (`--pins`) is passed on one data frame behind: the last frame
-/// goes out only once the whole body's hash is the pinned one; otherwise the body ends in
-/// an error, and the client never has all the bytes.
+/// A download of a pinned URL (`--pins`) never goes this way: it is staged whole and
+/// verified first ([`Proxy::staged`]).
 struct EndsExchange {
     body: Incoming,
     _exchange: Arc<Exchange>,
     download: Option<Hashing>,
-    held: Option<Frame<Bytes>>,
     /// With `--cache`, the entry a complete `GET` answered 200 becomes.
     keep: Option<EntryWriter>,
 }
@@ -302,7 +306,13 @@ impl Hashing {
     }
 }
 
-/// Why the proxy cut a download short.
+/// `line`, marked as not passed on whole.
+fn download_cut(mut line: Download) -> Download {
+    line.complete = false;
+    line
+}
+
+/// Why the proxy refused to pass on a pinned download.
 #[derive(Debug, thiserror::Error)]
 #[error("{url}: the bytes have SHA-256 {got}, contractor.lock pins {pinned}")]
 struct Mismatch {
@@ -314,7 +324,7 @@ struct Mismatch {
 impl Drop for EndsExchange {
     fn drop(&mut self) {
         if let Some(download) = self.download.take() {
-            let complete = self.body.is_end_stream() && self.held.is_none();
+            let complete = self.body.is_end_stream();
             let to = download.to.clone();
             let line = download.finish(complete);
             // The client's side ends once the length is sent, often before the end is polled.
@@ -335,76 +345,105 @@ impl Body for EndsExchange {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        loop {
-            let polled = match Pin::new(&mut this.body).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(polled) => polled,
-            };
-            let pinned = this
-                .download
-                .as_ref()
-                .is_some_and(|d| d.line.pinned.is_some());
-            match polled {
-                Some(Ok(frame)) => {
-                    if let (Some(download), Some(data)) = (&mut this.download, frame.data_ref()) {
-                        download.hasher.update(data);
-                        download.line.size += data.len() as u64;
-                        if let Some(keep) = &mut this.keep {
-                            keep.write(data);
-                        }
-                    }
-                    if !pinned || frame.data_ref().is_none() {
-                        return Poll::Ready(Some(Ok(frame)));
-                    }
-                    // Pinned: pass on the frame held back, hold this one.
-                    if let Some(earlier) = this.held.replace(frame) {
-                        return Poll::Ready(Some(Ok(earlier)));
+        let polled = match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(polled) => polled,
+        };
+        match polled {
+            Some(Ok(frame)) => {
+                if let (Some(download), Some(data)) = (&mut this.download, frame.data_ref()) {
+                    download.hasher.update(data);
+                    download.line.size += data.len() as u64;
+                    if let Some(keep) = &mut this.keep {
+                        keep.write(data);
                     }
                 }
-                None => {
-                    let Some(download) = this.download.take() else {
-                        return Poll::Ready(this.held.take().map(Ok));
-                    };
+                Poll::Ready(Some(Ok(frame)))
+            }
+            None => {
+                if let Some(download) = this.download.take() {
                     let to = download.to.clone();
                     let line = download.finish(true);
-                    let mismatch = line.mismatched().then(|| Mismatch {
-                        url: line.url.clone(),
-                        got: line.sha256.clone(),
-                        pinned: line.pinned.clone().unwrap_or_default(),
-                    });
-                    if let (Some(keep), None) = (this.keep.take(), &mismatch) {
+                    if let Some(keep) = this.keep.take() {
                         keep.commit(&line.sha256, line.content_type.as_deref());
                     }
                     Hashing::send(&to, line);
-                    return match mismatch {
-                        Some(mismatch) => {
-                            this.held = None;
-                            Poll::Ready(Some(Err(Box::new(mismatch))))
-                        }
-                        None => match this.held.take() {
-                            Some(last) => Poll::Ready(Some(Ok(last))),
-                            None => Poll::Ready(None),
-                        },
-                    };
                 }
-                Some(Err(e)) => {
-                    if let Some(download) = this.download.take() {
-                        let to = download.to.clone();
-                        Hashing::send(&to, download.finish(false));
-                    }
-                    this.held = None;
-                    return Poll::Ready(Some(Err(Box::new(e))));
+                Poll::Ready(None)
+            }
+            Some(Err(e)) => {
+                if let Some(download) = this.download.take() {
+                    let to = download.to.clone();
+                    Hashing::send(&to, download.finish(false));
                 }
+                Poll::Ready(Some(Err(Box::new(e))))
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream() && self.held.is_none() && self.download.is_none()
+        self.body.is_end_stream() && self.download.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// Why a pinned download was answered 502 instead of passed on.
+#[derive(Debug, thiserror::Error)]
+enum Unverified {
+    #[error("{url}: the pinned download was not passed on")]
+    Staging {
+        url: String,
+        #[source]
+        source: StageError,
+    },
+    #[error("{url}: the upstream's body broke off, so it could not be verified")]
+    Broken {
+        url: String,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error(transparent)]
+    Mismatch(Mismatch),
+}
+
+/// A pinned download, verified, served from where it was staged; its [`Download`] line is
+/// sent when the body ends or is dropped, `complete` if the client was sent all of it.
+struct StagedBody {
+    bytes: CachedBody,
+    line: Option<(Download, UnboundedSender<ProxyLine>)>,
+    /// The staged file's room, given back when the body is done.
+    _staging: Staging,
+}
+
+impl Drop for StagedBody {
+    fn drop(&mut self) {
+        if let Some((mut line, to)) = self.line.take() {
+            line.complete = self.bytes.left == 0;
+            Hashing::send(&to, line);
+        }
+    }
+}
+
+impl Body for StagedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.get_mut().bytes).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.bytes.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.bytes.size_hint()
     }
 }
 
@@ -591,10 +630,17 @@ impl Proxy {
             let denial = Denial::OverCapacity(self.config.limits.max_connections);
             return self.refuse(client, &method, target, denial);
         }
-        if let Err(denial) = self.check_url_rules(&method, &request, &target) {
-            if !(report && denial.is_policy()) {
-                return self.refuse(client, &method, target, denial);
+        match self.check_url_rules(&method, &request, &target) {
+            // Forward what the rule matched: the normalised path.
+            Ok(Some(checked)) => {
+                if !set_path(&mut request, &checked) {
+                    let url = request.uri().to_string();
+                    return self.refuse(client, &method, target, Denial::UrlNotAllowed(url));
+                }
             }
+            Ok(None) => {}
+            Err(denial) if report && denial.is_policy() => {}
+            Err(denial) => return self.refuse(client, &method, target, denial),
         }
         let plain = method != Method::CONNECT && !request.headers().contains_key(header::UPGRADE);
         if self.config.offline || (plain && self.config.cache.is_some()) {
@@ -711,21 +757,26 @@ impl Proxy {
     }
 
     /// Whether URL rules let `request` through, when only they allow its host: a plain
-    /// request's URL must match one; a CONNECT must be inspected, so that its requests can be
-    /// checked in turn ([`Self::forward_inspected`]).
+    /// request's URL must match one (and its normalised target, returned, is what is
+    /// forwarded), and it may not ask for an `Upgrade`, whose bytes no rule could check; a
+    /// CONNECT must be inspected, so that its requests can be checked in turn
+    /// ([`Self::forward_inspected`]).
     fn check_url_rules(
         &self,
         method: &Method,
         request: &Request<Incoming>,
         target: &Target,
-    ) -> Result<(), Denial> {
+    ) -> Result<Option<String>, Denial> {
+        let restricted = self.config.url_restricted(&target.host, target.port);
         if *method == Method::CONNECT {
-            let unreadable = self.config.url_restricted(&target.host, target.port)
-                && self.inspected(target).is_none();
+            let unreadable = restricted && self.inspected(target).is_none();
             return match unreadable {
                 true => Err(Denial::UrlRulesNeedInspection(target.host.clone())),
-                false => Ok(()),
+                false => Ok(None),
             };
+        }
+        if restricted && request.headers().contains_key(header::UPGRADE) {
+            return Err(Denial::UpgradeUnderUrlRules(target.host.clone()));
         }
         let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
         self.config.check_url(
@@ -883,7 +934,7 @@ impl Proxy {
                 }
             }
         });
-        Ok(self.passed_on(response, exchange, asked.0, asked.1))
+        Ok(self.passed_on(response, exchange, asked.0, asked.1).await)
     }
 
     /// With `--record-downloads`, the [`Hashing`] that records `response` to `method url`.
@@ -1171,7 +1222,9 @@ impl Proxy {
     }
 
     /// Forwards one request of an inspected session to the host and streams the response
-    /// back, recording it as `https://host[:port]/path`.
+    /// back, recording it as `https://host[:port]/path`. The session's authority is its
+    /// CONNECT target, always: a request with several Host headers, or naming another
+    /// authority (Host header, absolute URI), is refused; the Host forwarded is the target.
     async fn forward_inspected(
         &self,
         request: Request<Incoming>,
@@ -1184,7 +1237,7 @@ impl Proxy {
             exchange,
             inspection,
         } = session;
-        let path = request
+        let mut path = request
             .uri()
             .path_and_query()
             .map_or("/", |p| p.as_str())
@@ -1193,13 +1246,27 @@ impl Proxy {
             443 => target.host.clone(),
             port => format!("{}:{port}", target.host),
         };
-        let url = format!("https://{authority}{path}");
         let method = request.method().to_string();
-        if let Err(denial) =
-            self.config
-                .check_url(&method, Scheme::Https, &target.host, target.port, &path)
+        if let Err(denial) = same_authority(&request, target) {
+            self.record(
+                client,
+                request.method(),
+                target,
+                Verdict::Deny,
+                error_chain(&denial),
+            );
+            self.config.metrics.denied(denial.class());
+            return error_response(denial.status(), &denial);
+        }
+        match self
+            .config
+            .check_url(&method, Scheme::Https, &target.host, target.port, &path)
         {
-            if self.config.mode == Mode::Enforce {
+            // Forward what the rule matched: the normalised path.
+            Ok(Some(checked)) => path = checked,
+            Ok(None) => {}
+            Err(_) if self.config.mode == Mode::Report => {}
+            Err(denial) => {
                 self.record(
                     client,
                     request.method(),
@@ -1211,6 +1278,7 @@ impl Proxy {
                 return error_response(denial.status(), &denial);
             }
         }
+        let url = format!("https://{authority}{path}");
         if let Some(response) = self
             .served_from_cache(&method, &url, || Arc::clone(exchange))
             .await
@@ -1254,10 +1322,10 @@ impl Proxy {
         let (mut parts, body) = request.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         parts.uri = path.parse().unwrap_or_default();
-        if !parts.headers.contains_key(header::HOST) {
-            if let Ok(host) = HeaderValue::from_str(&authority) {
-                parts.headers.insert(header::HOST, host);
-            }
+        // The one authority of the session, whatever the client wrote.
+        parts.headers.remove(header::HOST);
+        if let Ok(host) = HeaderValue::from_str(&authority) {
+            parts.headers.insert(header::HOST, host);
         }
         if sender.ready().await.is_err() {
             let closed = Refused(format!("{} closed the connection", target.host));
@@ -1276,13 +1344,14 @@ impl Proxy {
         exchange
             .status
             .store(response.status().as_u16(), Ordering::Relaxed);
-        self.passed_on(response, exchange, method, url)
+        self.passed_on(response, exchange, method, url).await
     }
 
     /// The upstream's `response` to `method url` as the client gets it: hop-by-hop headers
     /// and the proxy's error header removed, HTTP/1.1, its body holding `exchange` until it
-    /// ends and, with `--record-downloads`, recorded.
-    fn passed_on(
+    /// ends and, with `--record-downloads`, recorded. A download of a pinned URL is staged
+    /// and verified before anything of it is passed on ([`Self::staged`]).
+    async fn passed_on(
         &self,
         response: Response<Incoming>,
         exchange: &Arc<Exchange>,
@@ -1306,12 +1375,113 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(ERROR_HEADER);
         parts.version = Version::HTTP_11;
-        let body = EndsExchange {
-            body,
-            _exchange: Arc::clone(exchange),
-            download,
-            held: None,
-            keep,
+        match download {
+            Some(download) if download.line.pinned.is_some() => {
+                self.staged(parts, body, exchange, download, keep).await
+            }
+            download => {
+                let body = EndsExchange {
+                    body,
+                    _exchange: Arc::clone(exchange),
+                    download,
+                    keep,
+                };
+                Response::from_parts(parts, body.boxed())
+            }
+        }
+    }
+
+    /// A pinned download, read whole into a staging file ([`crate::stage`]) and hashed
+    /// before a byte of it is passed on: if its SHA-256 is the pinned one, it is served from
+    /// there with `Content-Length` and no trailers, so that a client can only ever end the
+    /// message holding the verified bytes; otherwise (other bytes, a body that broke off or
+    /// is too large to stage) the client gets 502 with the reason and the `download` line
+    /// says what came.
+    async fn staged(
+        &self,
+        mut parts: http::response::Parts,
+        mut body: Incoming,
+        exchange: &Arc<Exchange>,
+        mut download: Hashing,
+        mut keep: Option<EntryWriter>,
+    ) -> Response<ProxyBody> {
+        let url = download.line.url.clone();
+        let staged = async {
+            let mut staging = self.stager.open().map_err(|source| Unverified::Staging {
+                url: url.clone(),
+                source,
+            })?;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|source| Unverified::Broken {
+                    url: url.clone(),
+                    source,
+                })?;
+                // Trailers are dropped: the verified body goes out with its length alone.
+                let Some(data) = frame.data_ref() else {
+                    continue;
+                };
+                staging.write(data).map_err(|source| Unverified::Staging {
+                    url: url.clone(),
+                    source,
+                })?;
+                download.hasher.update(data);
+                download.line.size += data.len() as u64;
+                if let Some(keep) = &mut keep {
+                    keep.write(data);
+                }
+            }
+            Ok::<_, Unverified>(staging)
+        }
+        .await;
+        let to = download.to.clone();
+        let mut staging = match staged {
+            Ok(staging) => staging,
+            Err(unverified) => {
+                Hashing::send(&to, download.finish(false));
+                exchange.status.store(502, Ordering::Relaxed);
+                return error_response(StatusCode::BAD_GATEWAY, &unverified);
+            }
+        };
+        let line = download.finish(true);
+        if line.mismatched() {
+            let mismatch = Unverified::Mismatch(Mismatch {
+                url: line.url.clone(),
+                got: line.sha256.clone(),
+                pinned: line.pinned.clone().unwrap_or_default(),
+            });
+            Hashing::send(&to, line);
+            exchange.status.store(502, Ordering::Relaxed);
+            return error_response(StatusCode::BAD_GATEWAY, &mismatch);
+        }
+        if let Some(keep) = keep {
+            keep.commit(&line.sha256, line.content_type.as_deref());
+        }
+        let file = match staging.reader() {
+            Ok(file) => file,
+            Err(e) => {
+                let unverified = Unverified::Staging {
+                    url,
+                    source: StageError::Write(e),
+                };
+                Hashing::send(&to, download_cut(line));
+                exchange.status.store(502, Ordering::Relaxed);
+                return error_response(StatusCode::BAD_GATEWAY, &unverified);
+            }
+        };
+        let size = staging.size();
+        parts.headers.remove(header::CONTENT_LENGTH);
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+        let body = StagedBody {
+            bytes: CachedBody {
+                file: tokio::fs::File::from_std(file),
+                left: size,
+                buf: vec![0; CACHED_CHUNK],
+                _exchange: Arc::clone(exchange),
+            },
+            line: Some((line, to)),
+            _staging: staging,
         };
         Response::from_parts(parts, body.boxed())
     }
@@ -1696,6 +1866,47 @@ fn target_of(request: &Request<Incoming>) -> Result<Target, Rejected> {
     Ok(target)
 }
 
+/// Whether `request`, inside the TLS session of a CONNECT to `target`, names that authority
+/// alone: at most one Host header, and it and an absolute URI (if any) name the target's
+/// host and, when they name a port, its port (an absolute URI without one names 443).
+fn same_authority<B>(request: &Request<B>, target: &Target) -> Result<(), Denial> {
+    let foreign = |named: String| Denial::ForeignAuthority {
+        named,
+        target: format!("{}:{}", target.host, target.port),
+    };
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(Denial::ManyHosts);
+    }
+    if let Some(value) = host {
+        let named = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        let same = value
+            .to_str()
+            .ok()
+            .and_then(|value| value.parse::<Authority>().ok())
+            .is_some_and(|authority| {
+                normalize_host(authority.host()).is_ok_and(|host| host == target.host)
+                    && authority.port_u16().is_none_or(|port| port == target.port)
+            });
+        if !same {
+            return Err(foreign(format!("Host {named:?}")));
+        }
+    }
+    let uri = request.uri();
+    if let Some(authority) = uri.authority() {
+        let same = uri
+            .scheme_str()
+            .is_some_and(|s| s.eq_ignore_ascii_case("https"))
+            && normalize_host(authority.host()).is_ok_and(|host| host == target.host)
+            && authority.port_u16().unwrap_or(443) == target.port;
+        if !same {
+            return Err(foreign(format!("the URI {uri}")));
+        }
+    }
+    Ok(())
+}
+
 /// About how many bytes the request head took on the wire.
 fn head_size(request: &Request<Incoming>) -> usize {
     let line = request.method().as_str().len() + request.uri().to_string().len() + 12;
@@ -1755,6 +1966,23 @@ fn origin_form<B>(request: Request<B>, target: &Target) -> Request<B> {
         parts.headers.insert(header::HOST, host);
     }
     Request::from_parts(parts, body)
+}
+
+/// Replaces the path and query of `request`'s URI by `target` (origin form, checked);
+/// false, the request unchanged, if that makes no URI.
+fn set_path<B>(request: &mut Request<B>, target: &str) -> bool {
+    let Ok(path) = target.parse::<PathAndQuery>() else {
+        return false;
+    };
+    let mut parts = request.uri().clone().into_parts();
+    parts.path_and_query = Some(path);
+    match Uri::from_parts(parts) {
+        Ok(uri) => {
+            *request.uri_mut() = uri;
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// A copy of `request` to send again should its connection fail unanswered: for a request

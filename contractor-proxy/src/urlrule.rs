@@ -5,11 +5,18 @@
 //! `https://index.example.org/**`, `GET https://mirror.example.org/debian/pool/**`,
 //! `http://dl.example.org/releases/*.tar.gz`. In the pattern `**` stands for any text and
 //! `*` for any text without `/`; everything else is literal. The pattern is matched against
-//! the request's path, percent-decoded, without its query. A request whose path has a `.`
-//! or `..` segment (also percent-encoded) or a backslash matches no URL rule, so a rule for
-//! `/public/**` cannot be walked out of with `/public/../private`. The host part is a host
-//! rule of [`crate::allowlist`] without ports (`*.example.org` works); the port is the
-//! scheme's own (80, 443) unless given.
+//! the request's path, percent-decoded, without its query. The host part is a host rule of
+//! [`crate::allowlist`] without ports (`*.example.org` works); the port is the scheme's own
+//! (80, 443) unless given, and it is among the ports the confined proxy may connect to.
+//!
+//! The path is read once, by [`CheckedPath::new`], and what the rule matched is what is
+//! forwarded: the normalised form ([`CheckedPath::forwarded`]: escapes of unreserved
+//! characters decoded, the other escapes kept with upper-case hex, the query as sent). A
+//! path that cannot be read one way only is refused: a `.` or `..` segment (also
+//! percent-encoded), a backslash or NUL, a `;` (path parameters: `/public/..;/private`), an
+//! escape that decodes to `%` (double encoding: `%252e`), a bad escape. A server that
+//! decodes the forwarded path once therefore sees exactly the decoded path the rule
+//! matched, so a rule for `/public/**` cannot be walked out of.
 
 use std::fmt;
 use std::str::FromStr;
@@ -72,15 +79,18 @@ impl UrlRule {
     }
 
     /// Whether this rule allows `method` to `path` (the request target's path, percent-
-    /// encoded as sent, with or without its query) on a host it covers.
+    /// encoded as sent, with or without its query) on a host it covers; a path
+    /// [`CheckedPath::new`] refuses is allowed by no rule.
     pub fn allows(&self, method: &str, path: &str) -> bool {
+        CheckedPath::new(path).is_ok_and(|path| self.allows_checked(method, &path))
+    }
+
+    /// Whether this rule allows `method` to the checked `path` on a host it covers.
+    pub fn allows_checked(&self, method: &str, path: &CheckedPath) -> bool {
         if self.method.as_deref().is_some_and(|m| m != method) {
             return false;
         }
-        match matchable_path(path) {
-            Some(decoded) => glob_matches(self.pattern.as_bytes(), &decoded),
-            None => false,
-        }
+        glob_matches(self.pattern.as_bytes(), &path.decoded)
     }
 }
 
@@ -212,28 +222,109 @@ impl FromStr for UrlRule {
     }
 }
 
-/// The percent-decoded path of a request target (query and fragment cut off), or `None`
-/// when it could walk out of a pattern: a `.` or `..` segment, a backslash, a bad escape.
-fn matchable_path(target: &str) -> Option<Vec<u8>> {
-    let path = target.split(['?', '#']).next().unwrap_or_default();
-    if !path.starts_with('/') {
-        return None;
-    }
-    let mut decoded = Vec::with_capacity(path.len());
-    let mut bytes = path.bytes();
-    while let Some(b) = bytes.next() {
-        if b == b'%' {
-            let hex = [bytes.next()?, bytes.next()?];
-            let hex = std::str::from_utf8(&hex).ok()?;
-            decoded.push(u8::from_str_radix(hex, 16).ok()?);
-        } else {
-            decoded.push(b);
+/// A request target's path read once for URL rules: decoded, for the rules to match, and
+/// normalised, to be forwarded (see the module documentation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedPath {
+    /// The path percent-decoded, without the query.
+    decoded: Vec<u8>,
+    /// The path normalised, with the query as sent.
+    forwarded: String,
+}
+
+/// Why a request path cannot be read one way only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathProblem {
+    /// It does not start with `/`.
+    #[error("does not start with `/`")]
+    NotAbsolute,
+    /// A `%` not followed by two hex digits.
+    #[error("has a `%` that is not followed by two hex digits")]
+    BadEscape,
+    /// An escape that decodes to `%`.
+    #[error("is encoded twice (an escape decodes to `%`)")]
+    DoubleEncoding,
+    /// A `;`, raw or escaped.
+    #[error("has a `;` (path parameters are read differently by different servers)")]
+    Parameter,
+    /// A `.` or `..` segment, raw or escaped.
+    #[error("has a `.` or `..` segment")]
+    DotSegment,
+    /// A backslash or NUL, raw or escaped.
+    #[error("has a backslash or NUL")]
+    Separator,
+}
+
+impl CheckedPath {
+    /// `target` (a request target in origin form: path, and maybe `?query`) read once.
+    pub fn new(target: &str) -> Result<CheckedPath, PathProblem> {
+        let (path, query) = match target.find(['?', '#']) {
+            Some(at) => target.split_at(at),
+            None => (target, ""),
+        };
+        let query = query.split('#').next().unwrap_or_default();
+        if !path.starts_with('/') {
+            return Err(PathProblem::NotAbsolute);
         }
+        let mut decoded = Vec::with_capacity(path.len());
+        let mut forwarded = String::with_capacity(target.len());
+        let mut bytes = path.bytes();
+        while let Some(b) = bytes.next() {
+            let byte = match b {
+                b'%' => {
+                    let hex = [
+                        bytes.next().ok_or(PathProblem::BadEscape)?,
+                        bytes.next().ok_or(PathProblem::BadEscape)?,
+                    ];
+                    let value = std::str::from_utf8(&hex)
+                        .ok()
+                        .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                        .ok_or(PathProblem::BadEscape)?;
+                    if value == b'%' {
+                        return Err(PathProblem::DoubleEncoding);
+                    }
+                    if is_unreserved(value) {
+                        forwarded.push(char::from(value));
+                    } else {
+                        forwarded.push_str(&format!("%{value:02X}"));
+                    }
+                    value
+                }
+                b => {
+                    // The target came in as text: non-ASCII bytes are kept, escaped.
+                    if b.is_ascii() {
+                        forwarded.push(char::from(b));
+                    } else {
+                        forwarded.push_str(&format!("%{b:02X}"));
+                    }
+                    b
+                }
+            };
+            match byte {
+                b';' => return Err(PathProblem::Parameter),
+                b'\\' | 0 => return Err(PathProblem::Separator),
+                _ => decoded.push(byte),
+            }
+        }
+        if decoded
+            .split(|&b| b == b'/')
+            .any(|segment| segment == b"." || segment == b"..")
+        {
+            return Err(PathProblem::DotSegment);
+        }
+        forwarded.push_str(query);
+        Ok(CheckedPath { decoded, forwarded })
     }
-    let walks_out = decoded
-        .split(|&b| b == b'/')
-        .any(|segment| segment == b"." || segment == b"..");
-    (!walks_out && !decoded.contains(&b'\\') && !decoded.contains(&0)).then_some(decoded)
+
+    /// The target to forward: the normalised path and the query as sent.
+    pub fn forwarded(&self) -> &str {
+        &self.forwarded
+    }
+}
+
+/// RFC 3986's unreserved characters: an escape of one means the character itself.
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
 /// Whether `text` matches `pattern` (`**` any bytes, `*` any bytes but `/`), by dynamic
@@ -404,6 +495,50 @@ mod tests {
         // An encoded slash is a slash: `*` does not cross it.
         let r = rule("https://a.test/public/*");
         assert!(!r.allows("GET", "/public/a%2Fb"));
+    }
+
+    #[test]
+    fn path_parameters_and_double_encodings_match_nothing() {
+        let r = rule("GET https://a.test/public/**");
+        for (path, problem) in [
+            ("/public/..;/private/x", PathProblem::Parameter),
+            ("/public/x;jsessionid=1", PathProblem::Parameter),
+            ("/public/x%3bparam", PathProblem::Parameter),
+            ("/public/%252e%252e/private/x", PathProblem::DoubleEncoding),
+            ("/public/%25", PathProblem::DoubleEncoding),
+            ("/public/%2e%2e/private", PathProblem::DotSegment),
+            ("/public%2F..%2Fprivate", PathProblem::DotSegment),
+            ("/public/%5c", PathProblem::Separator),
+            ("/public/%g1", PathProblem::BadEscape),
+            ("*", PathProblem::NotAbsolute),
+        ] {
+            assert!(!r.allows("GET", path), "{path}");
+            assert_eq!(CheckedPath::new(path), Err(problem), "{path}");
+        }
+        // A query is not the path: `;` and `%25` there are the server's business.
+        assert!(r.allows("GET", "/public/x?a=1;b=%25"));
+    }
+
+    #[test]
+    fn the_forwarded_path_is_the_normalised_one_the_rule_matched() {
+        for (target, forwarded) in [
+            ("/public/x", "/public/x"),
+            ("/%70ublic/%7Ex%2dy", "/public/~x-y"),
+            ("/public/a%2fb", "/public/a%2Fb"),
+            (
+                "/public/file%20name?q=%2e%2e",
+                "/public/file%20name?q=%2e%2e",
+            ),
+            ("/public/%c3%a9", "/public/%C3%A9"),
+        ] {
+            let checked = CheckedPath::new(target).expect(target);
+            assert_eq!(checked.forwarded(), forwarded, "{target}");
+            // Read again, the forwarded form is the same path.
+            let again = CheckedPath::new(checked.forwarded()).expect(forwarded);
+            assert_eq!(again, checked, "{target}");
+        }
+        let r = rule("GET https://a.test/public/**");
+        assert!(r.allows("GET", "/%70ublic/x"));
     }
 
     #[test]

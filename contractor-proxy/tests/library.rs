@@ -394,6 +394,11 @@ async fn each_forwarded_response_is_recorded_with_the_sha256_of_its_body() {
 /// A TLS server for `name` with a certificate of its own test authority (returned, for the
 /// proxy's upstream roots), answering each request with `body` and keeping the connection.
 async fn tls_server(name: &str, body: &'static [u8]) -> (SocketAddr, RootCertStore) {
+    tls_server_with(name, Some(body)).await
+}
+
+/// [`tls_server`], answering each request with `body`, or with the request's own head.
+async fn tls_server_with(name: &str, body: Option<&'static [u8]>) -> (SocketAddr, RootCertStore) {
     let ca_key = rcgen::KeyPair::generate().expect("key");
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -432,10 +437,11 @@ async fn tls_server(name: &str, body: &'static [u8]) -> (SocketAddr, RootCertSto
                     }
                     request.extend_from_slice(&buf[..n]);
                     if request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let body = body.map_or(std::mem::take(&mut request), <[u8]>::to_vec);
                         request.clear();
                         let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/x-tar\r\n\r\n", body.len());
                         if tls.write_all(head.as_bytes()).await.is_err()
-                            || tls.write_all(body).await.is_err()
+                            || tls.write_all(&body).await.is_err()
                         {
                             return;
                         }
@@ -913,4 +919,91 @@ async fn with_a_lock_an_inspected_host_is_dialled_only_for_what_the_cache_cannot
         "{}",
         refused.reason
     );
+}
+
+/// Sends `head` (request line and headers, no blank line) on `tls` and reads one response.
+async fn send_head(tls: &mut tokio_rustls::client::TlsStream<TcpStream>, head: &str) -> String {
+    tls.write_all(format!("{head}\r\n\r\n").as_bytes())
+        .await
+        .expect("request");
+    let mut response = Vec::new();
+    loop {
+        response.push(tls.read_u8().await.expect("response byte"));
+        if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&response[..end]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if response.len() == end + 4 + length {
+                return String::from_utf8_lossy(&response).into_owned();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_inspected_session_forwards_only_to_its_connect_target() {
+    let (upstream, roots) = tls_server_with("crates.test", None).await;
+    let port = upstream.port();
+    let (config, authority) = inspecting(&["crates.test", "other.test"], upstream, roots);
+    let mut proxy = start(config).await;
+    let mut tls = connect_tls(proxy.addr, "crates.test", port, &authority)
+        .await
+        .expect("inspected");
+    assert_eq!(proxy.next_decision().await.decision, Verdict::Allow);
+    for (head, status, why) in [
+        (
+            "GET /x HTTP/1.1\r\nHost: crates.test\r\nHost: other.test".to_string(),
+            400,
+            "more than one Host header".to_string(),
+        ),
+        (
+            "GET /x HTTP/1.1\r\nHost: other.test".to_string(),
+            403,
+            "names Host \"other.test\"".to_string(),
+        ),
+        (
+            format!("GET /x HTTP/1.1\r\nHost: crates.test:{}", port + 1),
+            403,
+            format!("crates.test:{}", port + 1),
+        ),
+        (
+            "GET https://other.test/x HTTP/1.1\r\nHost: crates.test".to_string(),
+            403,
+            "the URI https://other.test/x".to_string(),
+        ),
+    ] {
+        let response = send_head(&mut tls, &head).await;
+        assert!(
+            response.starts_with(&format!("HTTP/1.1 {status}")),
+            "{head}: {response}"
+        );
+        let refused = proxy.next_decision().await;
+        assert_eq!(refused.decision, Verdict::Deny, "{head}");
+        assert!(refused.reason.contains(&why), "{head}: {}", refused.reason);
+        assert!(
+            refused
+                .reason
+                .contains(&format!("crates.test:{port} (the CONNECT target)"))
+                || status == 400,
+            "{}",
+            refused.reason
+        );
+    }
+    // The target's own authority goes through, with the Host the target's, and is recorded
+    // under it.
+    let absolute = format!("GET https://crates.test:{port}/y HTTP/1.1\r\nHost: crates.test");
+    let response = send_head(&mut tls, &absolute).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let forwarded = response.to_ascii_lowercase();
+    assert!(forwarded.contains("get /y http/1.1\r\n"), "{response}");
+    assert!(
+        forwarded.contains(&format!("host: crates.test:{port}\r\n")),
+        "{response}"
+    );
+    assert_eq!(forwarded.matches("host:").count(), 1, "{response}");
+    let download = proxy.next_download().await;
+    assert_eq!(download.url, format!("https://crates.test:{port}/y"));
 }

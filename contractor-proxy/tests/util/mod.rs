@@ -42,8 +42,15 @@ pub struct Proxy {
 impl Proxy {
     /// Starts the binary with `args` and reads its ready line.
     pub fn start(args: &[&str]) -> Proxy {
+        Proxy::start_with_env(args, &[])
+    }
+
+    /// Starts the binary with `args` and the environment variables `env` added, and reads
+    /// its ready line.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Proxy {
         let mut child = Command::new(env!("CARGO_BIN_EXE_contractor-proxy"))
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -118,6 +125,19 @@ impl Proxy {
             }
             Ok(Err(e)) => panic!("no decision line: {e}"),
             Err(e) => panic!("no decision line within {PATIENCE:?}: {e}"),
+        }
+    }
+
+    /// The next download line (decision lines are passed over).
+    pub fn next_download(&self) -> Download {
+        match self.lines.recv_timeout(PATIENCE) {
+            Ok(Ok(Line::Download(download))) => download,
+            Ok(Ok(Line::Decision(_))) => self.next_download(),
+            Ok(Ok(Line::Summary(summary))) => {
+                panic!("the summary instead of a download: {summary:?}")
+            }
+            Ok(Err(e)) => panic!("no download line: {e}"),
+            Err(e) => panic!("no download line within {PATIENCE:?}: {e}"),
         }
     }
 

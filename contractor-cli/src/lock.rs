@@ -2,8 +2,9 @@
 //! SHA-256, written by `contractor pin` from a successful build's `downloads.jsonl`.
 //!
 //! With a lock beside `contractor.toml`, the build's proxy is given its pins (`--pins`): a
-//! download of a pinned URL whose bytes hash otherwise never reaches the guest whole (the
-//! proxy withholds its last bytes), and the build fails naming the URL and both hashes.
+//! download of a pinned URL whose bytes hash otherwise never reaches the guest (the proxy
+//! stages and verifies the whole body before serving it; a mismatch is answered 502), and
+//! the build fails naming the URL and both hashes.
 //! Downloads of URLs the lock does not name are allowed, counted and reported.
 //!
 //! ```toml

@@ -121,8 +121,9 @@ struct Cli {
     #[arg(long, value_name = "HOST", requires = "inspect")]
     tunnel: Vec<String>,
     /// With --record-downloads, a JSON object of URL → SHA-256 (lower-case hex): a download
-    /// of such a URL whose bytes hash otherwise loses its last bytes (the body ends in an
-    /// error) and its line says `"pinned"`. At most 16 MiB and 100000 URLs.
+    /// of such a URL is staged whole and served only if its bytes hash so (with
+    /// Content-Length); otherwise it is answered 502 and its line says `"pinned"`. At most
+    /// 16 MiB and 100000 URLs.
     #[arg(long, value_name = "FILE", requires = "record_downloads")]
     pins: Option<PathBuf>,
     /// With --record-downloads, a download cache directory (made if missing, owner only):

@@ -156,8 +156,9 @@ pub struct ProxyConfig {
     pub inspection: Option<crate::inspect::Inspection>,
     /// Hosts whose CONNECTs stay plain tunnels although inspection is on: `--tunnel`.
     pub tunnel: Allowlist,
-    /// URL → SHA-256 of the downloads that must have those bytes (`--pins`): the end of a
-    /// body with others is withheld. Only recorded downloads are checked.
+    /// URL → SHA-256 of the downloads that must have those bytes (`--pins`): such a body is
+    /// staged and verified before it is served; one with others is answered 502. Only
+    /// recorded downloads are checked.
     pub pins: Arc<std::collections::HashMap<String, String>>,
     /// Allow rules for some URLs of a host (`GET https://host/path/**`): the host may be
     /// reached, and of its requests those a rule allows. Checked where the proxy reads the

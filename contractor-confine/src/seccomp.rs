@@ -12,7 +12,7 @@
 //! would let `socket(AF_UNIX)` as `41 | 0x40000000`, or an x32 `execve`, `mount`,
 //! `ptrace`, through a denylist. No Contractor tool makes x32 calls; on a kernel without
 //! x32 they fail with `ENOSYS` anyway, and on other architectures no call number is that
-//! high. Every program is built by [`compile`], the one place that adds the rule.
+//! high. Every program is built by `compile`, the one place that adds the rule.
 
 use std::collections::BTreeMap;
 

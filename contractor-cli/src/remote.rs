@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use contractor_protocol::build::BuildEvent;
 use contractor_protocol::error::ErrorObject;
 use contractor_protocol::hosted::{
-    HostedLine, HostedRequest, HOSTED_COMMAND, MAX_RECORD_DEPTH, MAX_RECORD_FILES,
-    RECORD_OVERHEAD_BYTES,
+    HostedLine, HostedRequest, HOSTED_COMMAND, MAX_RECORD_DEPTH, MAX_RECORD_DIRS, MAX_RECORD_FILES,
+    RECORD_ENTRY_BYTES, RECORD_OVERHEAD_BYTES,
 };
 use contractor_protocol::jsonl::JsonlReader;
 use contractor_protocol::result::{BuildCode, BuildResult, ErrorInfo, Outcome};
@@ -866,11 +866,24 @@ fn watch_signals(
     Some(handle)
 }
 
-/// What has arrived of a record.
+/// What has arrived of a record, and what it costs the local disk: each file its size
+/// rounded up to [`RECORD_ENTRY_BYTES`] (at least one block), each directory it makes one
+/// block, all against the record's byte limit; at most [`MAX_RECORD_FILES`] files and
+/// [`MAX_RECORD_DIRS`] directories.
 #[derive(Default)]
 struct Received {
     files: u64,
     bytes: u64,
+    /// The directories charged so far, relative to the record.
+    dirs: std::collections::HashSet<PathBuf>,
+}
+
+/// What a record file of `bytes` bytes costs: its size rounded up to a block, at least one.
+fn record_file_cost(bytes: u64) -> u64 {
+    bytes
+        .div_ceil(RECORD_ENTRY_BYTES)
+        .max(1)
+        .saturating_mul(RECORD_ENTRY_BYTES)
 }
 
 impl Received {
@@ -905,12 +918,30 @@ impl Received {
         if self.files > MAX_RECORD_FILES {
             return Err(format!("it holds more than {MAX_RECORD_FILES} files"));
         }
-        self.bytes = self.bytes.saturating_add(bytes);
-        if self.bytes > limit {
+        // Every directory the file needs that is not charged yet is charged now, whether or
+        // not it exists already (the count errs on the safe side).
+        let new_dirs: Vec<PathBuf> = relative
+            .ancestors()
+            .skip(1)
+            .filter(|d| !d.as_os_str().is_empty() && !self.dirs.contains(*d))
+            .map(Path::to_path_buf)
+            .collect();
+        let dirs = self.dirs.len() as u64 + new_dirs.len() as u64;
+        if dirs > MAX_RECORD_DIRS {
             return Err(format!(
-                "it is bigger than {limit} bytes (max_log + max_artifacts + {RECORD_OVERHEAD_BYTES})"
+                "{path:?} would bring it to {dirs} directories; at most {MAX_RECORD_DIRS} are accepted"
             ));
         }
+        let cost = record_file_cost(bytes)
+            .saturating_add((new_dirs.len() as u64).saturating_mul(RECORD_ENTRY_BYTES));
+        self.bytes = self.bytes.saturating_add(cost);
+        if self.bytes > limit {
+            return Err(format!(
+                "it is bigger than {limit} bytes (max_log + max_artifacts + {RECORD_OVERHEAD_BYTES}), \
+                 counting each file and directory as at least {RECORD_ENTRY_BYTES} bytes"
+            ));
+        }
+        self.dirs.extend(new_dirs);
         let target = record.join(relative);
         if let Some(parent) = target.parent() {
             paths::create_dir_world_readable(parent)
@@ -984,7 +1015,7 @@ mod tests {
         let mut received = Received::default();
         let mut input: &[u8] = b"hello world";
         received
-            .file(&mut input, dir.path(), "artifacts/bin/x", 5, true, 100)
+            .file(&mut input, dir.path(), "artifacts/bin/x", 5, true, 1 << 20)
             .expect("a plain path is received");
         assert_eq!(
             std::fs::read(dir.path().join("artifacts/bin/x")).expect("read"),
@@ -1002,7 +1033,7 @@ mod tests {
             let mut input: &[u8] = b"x";
             assert!(
                 received
-                    .file(&mut input, dir.path(), bad, 1, false, 100)
+                    .file(&mut input, dir.path(), bad, 1, false, 1 << 20)
                     .is_err(),
                 "{bad:?} was received"
             );
@@ -1010,7 +1041,7 @@ mod tests {
         let mut input: &[u8] = b"xx";
         assert!(
             received
-                .file(&mut input, dir.path(), "artifacts/bin/x", 1, false, 100)
+                .file(&mut input, dir.path(), "artifacts/bin/x", 1, false, 1 << 20)
                 .is_err(),
             "an existing file is never overwritten"
         );
@@ -1021,8 +1052,70 @@ mod tests {
         assert!(err.contains("bigger than 100 bytes"), "{err}");
         let mut input: &[u8] = b"abc";
         let err = received
-            .file(&mut input, dir.path(), "short", 10, false, 1000)
+            .file(&mut input, dir.path(), "short", 10, false, 1 << 20)
             .expect_err("short");
         assert!(err.contains("ended after 3 of its 10 bytes"), "{err}");
+    }
+
+    #[test]
+    fn empty_files_in_deep_directories_are_charged_a_block_each() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut received = Received::default();
+        // 256 blocks; a hostile build host sends 500 empty files, each 63 levels deep in
+        // a tree of its own (62 directories): 31,500 directories for 0 bytes of files.
+        let limit = 256 * 4096;
+        let deep = vec!["d"; 61].join("/");
+        let mut refused = None;
+        for i in 0..500 {
+            let path = format!("t{i}/{deep}/empty");
+            let mut input: &[u8] = b"";
+            if let Err(why) = received.file(&mut input, dir.path(), &path, 0, false, limit) {
+                refused = Some((i, why));
+                break;
+            }
+        }
+        let (i, why) = refused.expect("31,500 directories were made for an empty record");
+        // Each file costs 63 blocks (62 directories and itself): the fifth passes 256.
+        assert_eq!(i, 4, "{why}");
+        assert!(why.contains("bigger than 1048576 bytes"), "{why}");
+        assert!(why.contains("each file and directory"), "{why}");
+        assert!(
+            !dir.path().join("t4").exists(),
+            "nothing made for a refused file"
+        );
+        // Directories already charged are not charged again: a sibling costs one block.
+        let mut received = Received::default();
+        for name in ["a/b/c/one", "a/b/c/two", "a/b/three"] {
+            let mut input: &[u8] = b"x";
+            received
+                .file(&mut input, dir.path(), name, 1, false, 6 * 4096)
+                .expect("three directories and three files fit in six blocks");
+        }
+        let mut input: &[u8] = b"";
+        let err = received
+            .file(&mut input, dir.path(), "a/four", 0, false, 6 * 4096)
+            .expect_err("a seventh block");
+        assert!(err.contains("bigger than"), "{err}");
+    }
+
+    #[test]
+    fn the_directories_of_a_record_are_capped_in_number() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut received = Received::default();
+        received
+            .dirs
+            .extend((1..MAX_RECORD_DIRS).map(|n| PathBuf::from(format!("seen{n}"))));
+        let mut input: &[u8] = b"";
+        let err = received
+            .file(&mut input, dir.path(), "a/b/f", 0, false, u64::MAX)
+            .expect_err("over the cap");
+        assert!(
+            err.contains("100001 directories; at most 100000 are accepted"),
+            "{err}"
+        );
+        let mut input: &[u8] = b"";
+        received
+            .file(&mut input, dir.path(), "a/f", 0, false, u64::MAX)
+            .expect("one more directory fits");
     }
 }

@@ -4,12 +4,21 @@
 //! with `EPERM`; `clone3` fails with `ENOSYS` so that glibc falls back to
 //! `clone`, whose flags the filter can see, and `clone` with any namespace flag is refused.
 //! Installed on every thread of the process (`SECCOMP_FILTER_FLAG_TSYNC`).
+//!
+//! Every filter starts with the same first rule, before any other ([`X32_GUARD`]): a system
+//! call number with the x32 bit (`0x40000000`) set fails with `EPERM`. On x86_64 the kernel
+//! reports an x32 call with the x86_64 architecture and the number `nr | 0x40000000`, so a
+//! filter that checks only the architecture (as seccompiler's do) and then compares numbers
+//! would let `socket(AF_UNIX)` as `41 | 0x40000000`, or an x32 `execve`, `mount`,
+//! `ptrace`, through a denylist. No Contractor tool makes x32 calls; on a kernel without
+//! x32 they fail with `ENOSYS` anyway, and on other architectures no call number is that
+//! high. Every program is built by `compile`, the one place that adds the rule.
 
 use std::collections::BTreeMap;
 
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
+    sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
 };
 
 use crate::{ConfineError, Policy};
@@ -79,20 +88,69 @@ const NAMESPACE_FLAGS: &[libc::c_int] = &[
     libc::CLONE_NEWCGROUP,
 ];
 
-/// Compiles one filter: the system calls of `rules` fail with `errno`, the rest pass.
+/// The x32 bit of an x86_64 system call number (`__X32_SYSCALL_BIT`).
+pub const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+
+/// The rule every filter starts with: load the call number; if it is at least
+/// [`X32_SYSCALL_BIT`], fail with `EPERM`; else go on with the rest of the filter.
+pub const X32_GUARD: [sock_filter; 3] = [
+    // A = seccomp_data.nr (offset 0)
+    sock_filter {
+        code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    },
+    // A >= X32_SYSCALL_BIT ? next : skip one
+    sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 1,
+        k: X32_SYSCALL_BIT,
+    },
+    sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: libc::SECCOMP_RET_ERRNO | (libc::EPERM as u32 & libc::SECCOMP_RET_DATA),
+    },
+];
+
+/// The most instructions the kernel accepts in one filter (`BPF_MAXINSNS`).
+const MAX_INSTRUCTIONS: usize = 4096;
+
+/// Compiles `filter` and puts [`X32_GUARD`] in front: the one way a program of this module
+/// is made. seccompiler's own program begins with its architecture check, and its jumps are
+/// relative, so the guard in front changes none of them.
 fn compile(
+    filter: Result<SeccompFilter, seccompiler::BackendError>,
+) -> Result<BpfProgram, ConfineError> {
+    let compiled = filter
+        .and_then(BpfProgram::try_from)
+        .map_err(ConfineError::SeccompBuild)?;
+    let mut program = Vec::with_capacity(X32_GUARD.len() + compiled.len());
+    program.extend_from_slice(&X32_GUARD);
+    program.extend(compiled);
+    if program.len() > MAX_INSTRUCTIONS {
+        return Err(ConfineError::SeccompBuild(
+            seccompiler::BackendError::FilterTooLarge(program.len()),
+        ));
+    }
+    Ok(program)
+}
+
+/// Compiles one filter: the system calls of `rules` fail with `errno`, the rest pass.
+fn compile_denied(
     rules: BTreeMap<i64, Vec<SeccompRule>>,
     errno: libc::c_int,
 ) -> Result<BpfProgram, ConfineError> {
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(ConfineError::SeccompBuild)?;
-    SeccompFilter::new(
+    compile(SeccompFilter::new(
         rules,
         SeccompAction::Allow,
         SeccompAction::Errno(errno.unsigned_abs()),
         arch,
-    )
-    .and_then(BpfProgram::try_from)
-    .map_err(ConfineError::SeccompBuild)
+    ))
 }
 
 /// The system calls that execute a program, refused unless the policy allows them.
@@ -119,7 +177,7 @@ pub fn program_denied(allow_exec: bool) -> Result<BpfProgram, ConfineError> {
         clone_rules.push(SeccompRule::new(vec![condition]).map_err(ConfineError::SeccompBuild)?);
     }
     rules.insert(libc::SYS_clone, clone_rules);
-    compile(rules, libc::EPERM)
+    compile_denied(rules, libc::EPERM)
 }
 
 /// The filter that allows only `allowed` (and `clone` without a namespace flag) and refuses
@@ -149,14 +207,12 @@ pub fn program_allowed(allowed: &[(&str, libc::c_long)]) -> Result<BpfProgram, C
     // that both answer with an errno, the one installed last wins).
     rules.insert(libc::SYS_clone3, Vec::new());
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(ConfineError::SeccompBuild)?;
-    SeccompFilter::new(
+    compile(SeccompFilter::new(
         rules,
         SeccompAction::Errno(libc::EPERM.unsigned_abs()),
         SeccompAction::Allow,
         arch,
-    )
-    .and_then(BpfProgram::try_from)
-    .map_err(ConfineError::SeccompBuild)
+    ))
 }
 
 /// The filter that refuses `socket(2)` with `EACCES` for an address family outside
@@ -204,13 +260,13 @@ pub fn program_sockets(
     } else {
         refused
     };
-    compile(BTreeMap::from([(libc::SYS_socket, refused)]), libc::EACCES).map(Some)
+    compile_denied(BTreeMap::from([(libc::SYS_socket, refused)]), libc::EACCES).map(Some)
 }
 
 /// The filter that refuses `clone3` with `ENOSYS`: its flags sit in memory the filter cannot
 /// read, and glibc falls back to `clone` on `ENOSYS`.
 pub fn program_clone3() -> Result<BpfProgram, ConfineError> {
-    compile(
+    compile_denied(
         BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
         libc::ENOSYS,
     )
@@ -243,4 +299,30 @@ pub fn apply(policy: &Policy, warnings: &mut Vec<String>) -> Result<bool, Confin
         }
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_filter_starts_by_refusing_x32_numbers() {
+        let relay: &[(&str, libc::c_long)] = &[("read", libc::SYS_read)];
+        let programs = [
+            program_denied(false).expect("denylist"),
+            program_denied(true).expect("launcher's denylist"),
+            program_allowed(relay).expect("allowlist"),
+            program_sockets(Some(&[]), true)
+                .expect("no sockets")
+                .expect("a filter"),
+            program_sockets(Some(&[libc::AF_INET]), false)
+                .expect("IPv4 only")
+                .expect("a filter"),
+            program_clone3().expect("clone3"),
+        ];
+        for program in programs {
+            assert_eq!(program[..X32_GUARD.len()], X32_GUARD, "{program:?}");
+            assert!(program.len() > X32_GUARD.len());
+        }
+    }
 }

@@ -176,3 +176,71 @@ fn probe_launcher() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("Permission denied"), "{text}");
 }
+
+#[test]
+fn x32_system_calls_are_refused_before_any_other_rule() {
+    let home = tempfile::tempdir().expect("home");
+    let work = tempfile::tempdir().expect("work");
+    in_child("probe_x32", home.path(), work.path());
+}
+
+/// `syscall(nr, a, b, c)`: the result, or the errno it failed with.
+fn raw_syscall(nr: libc::c_long, a: usize, b: usize, c: usize) -> Result<libc::c_long, i32> {
+    // SAFETY: the calls made here either fail before touching memory (refused by the
+    // filter, or unknown to a kernel without x32) or read only the NUL-terminated path
+    // passed by pointer, which outlives the call; none writes to this process's memory.
+    let r = unsafe { libc::syscall(nr, a, b, c) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    } else {
+        Ok(r)
+    }
+}
+
+#[test]
+fn probe_x32() {
+    let Some((_home, work)) = probing() else {
+        return;
+    };
+    const X32: libc::c_long = 0x4000_0000;
+    // The x32 numbers of execve and ptrace (x32 has its own); socket and mount are shared.
+    const X32_EXECVE: libc::c_long = 520;
+    const X32_PTRACE: libc::c_long = 521;
+    // A launcher's policy: execve allowed (so the denylist does not name it) and a socket
+    // filter, so that each of the three filters is the one that would have let a call by.
+    let policy = Policy {
+        read: vec![work.clone()],
+        connect_ports: Some(vec![]),
+        allow_exec: true,
+        socket_families: Some(&[libc::AF_INET]),
+        stream_sockets_only: true,
+        ..Policy::default()
+    };
+    let report = confine("probe", &policy).expect("confine");
+    assert!(report.seccomp, "{report:?}");
+    // A Unix socket by the x86_64 number is refused by the socket filter ...
+    let e = std::os::unix::net::UnixStream::connect(work.join("none.sock")).expect_err("unix");
+    assert_eq!(errno(&e), libc::EACCES, "{e}");
+    // ... and by the x32 number by the first rule of every filter (without it: a socket
+    // where the kernel has x32, ENOSYS where it has not).
+    let unix = raw_syscall(
+        libc::SYS_socket | X32,
+        libc::AF_UNIX as usize,
+        libc::SOCK_STREAM as usize,
+        0,
+    );
+    assert_eq!(unix, Err(libc::EPERM), "x32 socket(AF_UNIX)");
+    let path = std::ffi::CString::new("/nonexistent/contractor-x32-probe").expect("path");
+    for (name, nr) in [
+        ("execve", X32_EXECVE),
+        ("execve (x86_64 number)", libc::SYS_execve),
+        ("ptrace", X32_PTRACE),
+        ("mount", libc::SYS_mount),
+    ] {
+        let called = raw_syscall(nr | X32, path.as_ptr() as usize, 0, 0);
+        assert_eq!(called, Err(libc::EPERM), "x32 {name}");
+    }
+    // The x86_64 execve still passes this launcher's filters (and fails for the path).
+    let e = raw_syscall(libc::SYS_execve, path.as_ptr() as usize, 0, 0);
+    assert_eq!(e, Err(libc::ENOENT), "execve of a missing file");
+}

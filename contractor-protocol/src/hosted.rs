@@ -32,6 +32,15 @@ pub const MAX_RECORD_FILES: u64 = 100_000;
 /// The deepest a path of a record file sent back may be, in components.
 pub const MAX_RECORD_DEPTH: usize = 64;
 
+/// The most directories a record sent back may make on the front end's disk.
+pub const MAX_RECORD_DIRS: u64 = 100_000;
+
+/// What each file and each directory of a record sent back costs at least against the
+/// record's byte limit: one 4096-byte block of the host's file system, as the store counts
+/// artifacts. A file counts its size rounded up to a multiple of it (an empty file one
+/// block), so empty files in deep directories cannot fill the front end's disk.
+pub const RECORD_ENTRY_BYTES: u64 = 4096;
+
 /// Bytes of a returned record allowed beyond the build's `max_log` and `max_artifacts`
 /// (console log, proxy and download records, the tools' messages).
 pub const RECORD_OVERHEAD_BYTES: u64 = 1 << 30;

@@ -30,4 +30,7 @@ mod sys;
 pub use access::{generate_token, TokenTable};
 pub use path::{resolve, PathError, StorePath};
 pub use records::{collect_garbage, write_artifact_index, ArtifactIndex, GcOptions, GcSummary};
-pub use server::{serve, Store, StoreConfig, StoreError, SHUTDOWN_GRACE};
+pub use server::{
+    serve, Store, StoreConfig, StoreError, DEFAULT_BODY_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+    SHUTDOWN_GRACE,
+};

@@ -66,6 +66,14 @@ With --json-errors a failure is also one {\"type\":\"error\",...} object on stdo
         /// Largest total of one build's artifacts (bytes, or with K/M/G/T).
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         max_build_bytes: Option<u64>,
+        /// Cut an upload whose body sends nothing for this long (30s, 5m, ...; at least
+        /// 1s): it is answered 408 and nothing of it is kept.
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_idle_timeout)]
+        body_idle_timeout: Duration,
+        /// Most connections served at once; each one over it is answered 503 and closed.
+        #[arg(long, value_name = "N", default_value_t = contractor_store::DEFAULT_MAX_CONNECTIONS as u64,
+              value_parser = clap::value_parser!(u64).range(1..=MAX_CONNECTIONS))]
+        max_connections: u64,
         /// Do not log each request on stderr.
         #[arg(long)]
         no_access_log: bool,
@@ -194,6 +202,18 @@ enum CacheCommand {
     },
 }
 
+/// The most `--max-connections` accepts: half the open files a confined store may hold.
+const MAX_CONNECTIONS: u64 = contractor_store::confinement::MAX_OPEN_FILES / 2;
+
+/// `--body-idle-timeout`: a duration of at least one second.
+fn parse_idle_timeout(text: &str) -> Result<Duration, String> {
+    match parse_duration(text) {
+        Ok(d) if d >= Duration::from_secs(1) => Ok(d),
+        Ok(_) => Err(format!("{text:?} is too short; give at least 1s")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     JSON_ERRORS.store(cli.json_errors, std::sync::atomic::Ordering::Relaxed);
@@ -220,6 +240,8 @@ async fn command(cli: Cli) -> std::process::ExitCode {
             token_file,
             max_artifact_bytes,
             max_build_bytes,
+            body_idle_timeout,
+            max_connections,
             no_access_log,
             no_confine,
             workers,
@@ -241,6 +263,9 @@ async fn command(cli: Cli) -> std::process::ExitCode {
                 tokens,
                 max_artifact_bytes,
                 max_build_bytes,
+                body_idle_timeout,
+                max_connections: usize::try_from(max_connections)
+                    .unwrap_or(contractor_store::DEFAULT_MAX_CONNECTIONS),
                 ..StoreConfig::new(root)
             };
             let store = match Store::open(&config) {

@@ -9,6 +9,12 @@
 //! kept. Each request is logged as one line on stderr once its response is ready. On
 //! shutdown the server stops accepting, lets requests in flight finish for up to
 //! [`SHUTDOWN_GRACE`], then returns.
+//!
+//! What a client can hold is bounded: at most [`StoreConfig::max_connections`] connections
+//! are served at once (one more is answered 503 and closed at once); a request's head must
+//! arrive within hyper's header timeout (30 s, also the most a connection may sit idle
+//! between requests); an upload whose body sends nothing for
+//! [`StoreConfig::body_idle_timeout`] is cut (408, nothing kept).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,8 +27,8 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use futures::TryStreamExt;
 use http::header::{
-    ACCEPT, ACCEPT_RANGES, ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG,
-    EXPECT, IF_NONE_MATCH, IF_RANGE, RANGE, WWW_AUTHENTICATE,
+    ACCEPT, ACCEPT_RANGES, ALLOW, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_RANGE,
+    CONTENT_TYPE, ETAG, EXPECT, IF_NONE_MATCH, IF_RANGE, RANGE, WWW_AUTHENTICATE,
 };
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
@@ -32,6 +38,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::access::{self, Access, TokenTable};
 use crate::digest::{self, DigestCache, Sha256, SHA256_HEADER};
@@ -81,6 +88,19 @@ const DRAIN_IDLE: Duration = Duration::from_secs(5);
 /// The longest the store drains one refused upload.
 const DRAIN_TIME: Duration = Duration::from_secs(60);
 
+/// The default of [`StoreConfig::body_idle_timeout`]: 60 s.
+pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The default of [`StoreConfig::max_connections`]: 1024, an eighth of the open files a
+/// confined store may hold ([`crate::confinement::MAX_OPEN_FILES`]), which leaves room for
+/// the files each connection's request may open.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
+/// The whole answer to a connection over [`StoreConfig::max_connections`].
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+Content-Type: text/plain; charset=utf-8\r\nContent-Length: 63\r\nConnection: close\r\n\r\n\
+the store serves too many connections at once; try again later\n";
+
 /// What to serve. Build it with [`StoreConfig::new`] and set the fields you need, so that
 /// fields added later keep their defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +121,12 @@ pub struct StoreConfig {
     pub max_artifact_bytes: Option<u64>,
     /// Largest total under one build's `artifacts/`, in bytes (413 beyond it).
     pub max_build_bytes: Option<u64>,
+    /// An upload whose body sends nothing for this long is cut: answered 408, the
+    /// connection closed, nothing kept. Default [`DEFAULT_BODY_IDLE_TIMEOUT`].
+    pub body_idle_timeout: Duration,
+    /// Most connections served at once (at least 1); each one over it is answered 503 and
+    /// closed at once. Default [`DEFAULT_MAX_CONNECTIONS`].
+    pub max_connections: usize,
 }
 
 impl StoreConfig {
@@ -113,6 +139,8 @@ impl StoreConfig {
             tokens: None,
             max_artifact_bytes: None,
             max_build_bytes: None,
+            body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -156,6 +184,9 @@ pub struct Store {
     tokens: Option<Tokens>,
     max_artifact_bytes: Option<u64>,
     max_build_bytes: Option<u64>,
+    body_idle_timeout: Duration,
+    /// One permit per connection served; none left: the next connection is refused.
+    connections: Arc<tokio::sync::Semaphore>,
     usage: Arc<UsageTable>,
     digests: Arc<DigestCache>,
 }
@@ -197,6 +228,8 @@ impl Store {
             tokens,
             max_artifact_bytes: config.max_artifact_bytes,
             max_build_bytes: config.max_build_bytes,
+            body_idle_timeout: config.body_idle_timeout,
+            connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1))),
             usage: Arc::default(),
             digests: Arc::default(),
         })
@@ -228,8 +261,11 @@ impl Store {
         let mut queues = Vec::with_capacity(workers);
         let mut threads = Vec::with_capacity(workers);
         for n in 0..workers.max(1) {
-            let (queue, mut accepted) =
-                tokio::sync::mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr)>();
+            let (queue, mut accepted) = tokio::sync::mpsc::unbounded_channel::<(
+                std::net::TcpStream,
+                SocketAddr,
+                OwnedSemaphorePermit,
+            )>();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -238,9 +274,9 @@ impl Store {
                 runtime.block_on(async move {
                     let connections = Connections::new();
                     // The queue closes when the acceptor stops.
-                    while let Some((stream, peer)) = accepted.recv().await {
+                    while let Some((stream, peer, permit)) = accepted.recv().await {
                         match TcpStream::from_std(stream) {
-                            Ok(stream) => connections.serve(&store, stream, peer),
+                            Ok(stream) => connections.serve(&store, stream, peer, permit),
                             Err(e) => eprintln!("contractor-store: {peer}: cannot serve: {e}"),
                         }
                     }
@@ -256,11 +292,14 @@ impl Store {
         tokio::pin!(shutdown);
         let mut next = 0;
         while let Some((stream, peer)) = accept(&listener, &mut shutdown).await {
+            let Some(permit) = store.admit(&stream, peer) else {
+                continue;
+            };
             let Ok(stream) = stream.into_std() else {
                 continue;
             };
             // A worker's queue closes only if its thread ended (it panicked): skip it.
-            let mut connection = (stream, peer);
+            let mut connection = (stream, peer, permit);
             for _ in 0..queues.len() {
                 next = (next + 1) % queues.len();
                 match queues[next].send(connection) {
@@ -290,10 +329,31 @@ impl Store {
         let connections = Connections::new();
         tokio::pin!(shutdown);
         while let Some((stream, peer)) = accept(&listener, &mut shutdown).await {
-            connections.serve(&self, stream, peer);
+            if let Some(permit) = self.admit(&stream, peer) {
+                connections.serve(&self, stream, peer, permit);
+            }
         }
         drop(listener);
         connections.finish().await;
+    }
+
+    /// A permit to serve the connection just accepted, or `None` when
+    /// [`StoreConfig::max_connections`] are served already: the connection is then answered
+    /// 503 (if its socket takes the answer without waiting) and closed.
+    fn admit(&self, stream: &TcpStream, peer: SocketAddr) -> Option<OwnedSemaphorePermit> {
+        match Arc::clone(&self.connections).try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                let _ = stream.try_write(TOO_MANY_CONNECTIONS);
+                // What the client sent already is read (once, without waiting) so that the
+                // close is a FIN, which lets it read the answer, rather than a reset.
+                let _ = stream.try_read(&mut [0u8; 4096]);
+                if self.access_log {
+                    eprintln!("contractor-store: {peer} refused: too many connections");
+                }
+                None
+            }
+        }
     }
 
     async fn respond_and_log(
@@ -645,7 +705,16 @@ impl Store {
             Ok(upload) => upload,
             Err(e) => return drain_then(body, unread, self.file_error(path, e)).await,
         };
-        while let Some(frame) = body.frame().await {
+        loop {
+            let Ok(next) = tokio::time::timeout(self.body_idle_timeout, body.frame()).await else {
+                // The client stopped sending: dropping `upload` removes the temporary file,
+                // and the connection is closed (its body will never be read to its end).
+                drop(upload);
+                return self.body_stalled(path);
+            };
+            let Some(frame) = next else {
+                break;
+            };
             let frame = match frame {
                 Ok(frame) => frame,
                 // The client went away or sent a malformed body. Dropping `upload` removes
@@ -738,6 +807,21 @@ impl Store {
                 &format!("cannot measure the artifacts of build {build}: {e}"),
             )),
         }
+    }
+
+    /// The answer to an upload whose body sent nothing for [`Store::body_idle_timeout`].
+    fn body_stalled(&self, path: &StorePath) -> Response<Body> {
+        let mut response = text(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!(
+                "upload of {path}: no byte of its body arrived for {}s; nothing was kept",
+                self.body_idle_timeout.as_secs_f64()
+            ),
+        );
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+        response
     }
 
     fn too_large_artifact(&self, path: &StorePath, size: u64, max: u64) -> Response<Body> {
@@ -885,7 +969,14 @@ impl Connections {
     }
 
     /// Answers the requests of `stream` on a new task of the current runtime.
-    fn serve(&self, store: &Arc<Store>, stream: TcpStream, peer: SocketAddr) {
+    /// The connection holds `permit` until it ends.
+    fn serve(
+        &self,
+        store: &Arc<Store>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        permit: OwnedSemaphorePermit,
+    ) {
         // Each response goes out in one write; do not let Nagle hold it back (nginx's
         // tcp_nodelay, on by default, does the same).
         let _ = stream.set_nodelay(true);
@@ -901,6 +992,7 @@ impl Connections {
             if let Err(e) = connection.await {
                 eprintln!("contractor-store: {peer}: connection ended: {e}");
             }
+            drop(permit);
         });
     }
 

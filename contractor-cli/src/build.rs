@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use contractor_protocol::agent::{Job, Keep, Phase};
 use contractor_protocol::build::BuildEvent;
-use contractor_protocol::proxy::{ProxyLine, Verdict};
+use contractor_protocol::proxy::{ProxyLine, Summary, Verdict};
 use contractor_protocol::result::{BuildCode, BuildResult, ErrorInfo, Limit, Outcome};
 use contractor_protocol::run::{RunEvent, RunRequest};
 use contractor_protocol::service::Ready;
@@ -379,7 +379,11 @@ pub fn build(
             allow: &spec.allow,
             inspect,
             pins: pins.as_deref(),
-            cache: Some((&download_cache, download_cache_max)),
+            cache: Some(DownloadCachePolicy {
+                dir: &download_cache,
+                project: crate::remote::project_key(&spec.project_dir),
+                size: download_cache_max,
+            }),
             offline: options.offline,
         },
         &proxy_record,
@@ -496,12 +500,14 @@ pub fn build(
             report.unpinned
         ));
     }
-
-    // Least recently used first; the cache is documented to hold at most this much.
-    if let Err(err) = crate::downloads::trim(&download_cache, download_cache_max) {
+    if report.cache_not_kept > 0 {
         display.warning(&format!(
-            "cannot trim the download cache {}: {err}",
-            download_cache.display()
+            "{} download(s) were passed on but not kept in the download cache: a build adds at \
+             most half of {} bytes ({}), and entries other projects' locks pin are never removed \
+             to make room",
+            report.cache_not_kept,
+            download_cache_max,
+            crate::downloads::SIZE_VARIABLE
         ));
     }
 
@@ -869,12 +875,16 @@ fn start_proxy(
     if let Some(pins) = policy.pins {
         command.arg("--pins").arg(pins);
     }
-    if let Some((cache, max)) = policy.cache {
+    if let Some(cache) = &policy.cache {
         command
             .arg("--cache")
-            .arg(cache)
+            .arg(cache.dir)
+            .arg("--cache-project")
+            .arg(&cache.project)
+            .arg("--cache-size")
+            .arg(cache.size.to_string())
             .arg("--cache-max")
-            .arg(max.to_string());
+            .arg(crate::downloads::build_quota(cache.size).to_string());
         if policy.offline {
             command.arg("--offline");
         }
@@ -916,7 +926,11 @@ fn start_proxy(
                         report.unpinned += 1;
                     }
                 }
-                Err(_) => {}
+                Err(_) => {
+                    if let Ok(summary) = serde_json::from_slice::<Summary>(&line) {
+                        report.cache_not_kept = summary.cache_not_kept;
+                    }
+                }
             }
             let file = match parsed {
                 Ok(ProxyLine::Download(_)) => &record.downloads,
@@ -940,10 +954,20 @@ struct ProxyPolicy<'a> {
     inspect: Option<&'a [String]>,
     /// contractor.lock as the proxy's `--pins` file.
     pins: Option<&'a Path>,
-    /// The download cache and the most bytes this build may add to it.
-    cache: Option<(&'a Path, u64)>,
+    /// The download cache, as this project uses it.
+    cache: Option<DownloadCachePolicy<'a>>,
     /// `--offline`: pinned URLs from the cache only, nothing from the network.
     offline: bool,
+}
+
+/// The download cache as a build's proxy uses it.
+struct DownloadCachePolicy<'a> {
+    /// The directory.
+    dir: &'a Path,
+    /// The project's key (`contractor-proxy --cache-project`): its own index in the cache.
+    project: String,
+    /// The most bytes the cache holds.
+    size: u64,
 }
 
 /// What a build's proxy saw that the build's result reports.
@@ -956,6 +980,8 @@ struct ProxyReport {
     mismatched: Vec<String>,
     /// With a lock: successful GETs of URLs it does not pin.
     unpinned: u64,
+    /// Downloads passed on but not kept in the download cache (its summary says).
+    cache_not_kept: u64,
 }
 
 /// The most pin mismatches a build's error names (downloads.jsonl has them all).

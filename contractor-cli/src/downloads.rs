@@ -1,6 +1,9 @@
 //! The download cache that the builds' proxies share (`contractor-proxy --cache`): where it
-//! is, how large it may grow, and keeping it under that size by removing the entries used
-//! longest ago. The proxy keeps each complete download as `sha256/<hex>` (and the headers that describe it as `sha256/<hex>.json`) and sets an entry's modification time when it serves it.
+//! is, how large it may grow, how much of it one build may add, and listing and clearing it.
+//! The proxy keeps each complete download as `sha256/<hex>`, each project's index (URL,
+//! hash, headers; the hashes its lock pins) under `projects/`, and keeps the cache under
+//! its size itself (docs/proxy.md, "The download cache"): the front end only measures
+//! entries by their file metadata and, when asked, removes everything.
 
 use std::fs;
 use std::io;
@@ -12,6 +15,13 @@ pub const DEFAULT_MAX_BYTES: u64 = 10 << 30;
 
 /// The variable that sets the download cache's size (`20GiB`, `512MiB`, `0` for none kept).
 pub const SIZE_VARIABLE: &str = "CONTRACTOR_DOWNLOAD_CACHE_SIZE";
+
+/// The most bytes one build adds to the cache (`contractor-proxy --cache-max`): half its
+/// size, so that one build never pushes out more than half of what others kept, and
+/// never what their locks pin.
+pub fn build_quota(size: u64) -> u64 {
+    size / 2
+}
 
 /// The most entries read when trimming or listing; past it the oldest beyond are not seen.
 pub const MAX_ENTRIES: usize = 1_000_000;
@@ -103,8 +113,10 @@ pub fn usage(dir: &Path) -> io::Result<Usage> {
 }
 
 /// Removes the entries used longest ago until the cache in `dir` holds at most `max`
-/// bytes, and parts of entries left by a proxy that died; what was removed.
-pub fn trim(dir: &Path, max: u64) -> io::Result<Usage> {
+/// bytes, and parts of entries left by a proxy that died; what was removed. It knows
+/// nothing of the projects' pins: only [`clear`] (`max` 0) uses it; builds leave the
+/// trimming to their proxy, which protects what the projects' locks pin.
+fn trim(dir: &Path, max: u64) -> io::Result<Usage> {
     let mut entries = entries(dir)?;
     let mut total: u64 = entries.iter().map(|e| e.bytes).sum();
     entries.sort_by_key(|e| e.used);
@@ -133,9 +145,13 @@ pub fn trim(dir: &Path, max: u64) -> io::Result<Usage> {
     Ok(removed)
 }
 
-/// Removes every entry; what was removed.
+/// Removes every entry, and every project's index; what was removed.
 pub fn clear(dir: &Path) -> io::Result<Usage> {
-    trim(dir, 0)
+    let removed = trim(dir, 0)?;
+    match fs::remove_dir_all(dir.join("projects")) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(removed),
+    }
 }
 
 fn remove_entry(path: &Path) -> io::Result<()> {
@@ -198,7 +214,10 @@ mod tests {
         assert!(!oldest.exists() && !middle.exists() && newest.exists());
         assert!(!oldest.with_extension("json").exists());
         assert!(dir.path().join("sha256/not-an-entry").exists());
+        fs::create_dir_all(dir.path().join("projects")).expect("dir");
+        fs::write(dir.path().join("projects/index.jsonl"), "{}").expect("index");
         assert_eq!(clear(dir.path()).expect("clear").entries, 1);
+        assert!(!dir.path().join("projects").exists(), "the indexes go too");
         assert_eq!(usage(dir.path()).expect("usage"), Usage::default());
         // A cache never made is empty.
         assert_eq!(

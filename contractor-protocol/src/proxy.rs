@@ -171,6 +171,15 @@ pub struct Summary {
     /// Client connections still open: 0 once the proxy has stopped, unless its shutdown cut
     /// some that were slow to close.
     pub active_connections: i64,
+    /// With `--cache`, downloads passed on but not kept in the download cache (the run's
+    /// `--cache-max` was used, or the cache was full of entries other projects pin); left
+    /// out when none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_not_kept: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 /// The `"type"` of a [`Summary`] line (a one-value field, see `service::ReadyTag`).

@@ -126,15 +126,27 @@ struct Cli {
     /// 16 MiB and 100000 URLs.
     #[arg(long, value_name = "FILE", requires = "record_downloads")]
     pins: Option<PathBuf>,
-    /// With --record-downloads, a download cache directory (made if missing, owner only):
-    /// each complete GET answered 200 is kept there by the SHA-256 of its body, and a GET of
-    /// a pinned URL (--pins) whose bytes are there is served from it (hashed again first; a
-    /// copy with other bytes is removed and answered 502, its line a mismatch).
-    #[arg(long, value_name = "DIR", requires = "record_downloads")]
+    /// With --record-downloads and --cache-project, a download cache directory shared by
+    /// projects (made if missing, owner only): each complete GET answered 200 is kept there
+    /// by the SHA-256 of its body, in the project's own index with its URL and headers; a
+    /// GET of a pinned URL (--pins) is served from it only when the project fetched exactly
+    /// the pinned bytes from that URL itself (hashed again first; a copy with other bytes is
+    /// removed and answered 502, its line a mismatch).
+    #[arg(long, value_name = "DIR", requires_all = ["record_downloads", "cache_project"])]
     cache: Option<PathBuf>,
-    /// With --cache, the most bytes of new entries this run writes [default: 8 GiB].
+    /// With --cache, the project served: 32 lower-case hex digits (`contractor` passes a
+    /// hash of the project directory). Only its own index is read for serving.
+    #[arg(long, value_name = "KEY", requires = "cache")]
+    cache_project: Option<String>,
+    /// With --cache, the most bytes of new entries this run writes; a download past it is
+    /// passed on but not kept, and counted in the summary [default: 4 GiB].
     #[arg(long, value_name = "BYTES", requires = "cache")]
     cache_max: Option<u64>,
+    /// With --cache, the most bytes the cache holds: an entry that would pass it first makes
+    /// room by removing the entries used longest ago that no project's lock pins
+    /// [default: 10 GiB].
+    #[arg(long, value_name = "BYTES", requires = "cache")]
+    cache_size: Option<u64>,
     /// With --cache: resolve and dial nothing; serve GETs of pinned URLs from the cache and
     /// refuse everything else (403, a `deny` line naming the URL). Inspected hosts are still
     /// answered CONNECT; tunnels are refused.
@@ -179,6 +191,7 @@ fn main() -> std::process::ExitCode {
     JSON_ERRORS.store(cli.json_errors, std::sync::atomic::Ordering::Relaxed);
     let no_confine = cli.no_confine;
     let (cache_dir, cache_max, offline) = (cli.cache.clone(), cli.cache_max, cli.offline);
+    let (cache_project, cache_size) = (cli.cache_project.clone(), cli.cache_size);
     let record_downloads = cli.record_downloads;
     let inspect = cli.inspect;
     let pins = match cli.pins.as_deref().map(read_pins).transpose() {
@@ -204,8 +217,21 @@ fn main() -> std::process::ExitCode {
     config.pins = std::sync::Arc::new(pins);
     config.offline = offline;
     if let Some(dir) = &cache_dir {
-        let max = cache_max.unwrap_or(contractor_proxy::cache::DEFAULT_MAX_WRITTEN);
-        match contractor_proxy::cache::DownloadCache::open(dir, max) {
+        use contractor_proxy::cache::{self, index::ProjectKey, CacheSettings};
+        let project = match ProjectKey::parse(cache_project.as_deref().unwrap_or_default()) {
+            Ok(project) => project,
+            Err(e) => {
+                let e = anyhow!(e).context("--cache-project");
+                return fail(ExitCode::BadInput, "bad_cache_project", &e);
+            }
+        };
+        let settings = CacheSettings {
+            project,
+            quota: cache_max.unwrap_or(cache::DEFAULT_MAX_WRITTEN),
+            size: cache_size.unwrap_or(cache::DEFAULT_SIZE),
+            pins: config.pins.values().cloned().collect(),
+        };
+        match cache::DownloadCache::open(dir, settings) {
             Ok(cache) => config.cache = Some(std::sync::Arc::new(cache)),
             Err(e) => {
                 let e =
@@ -395,6 +421,7 @@ async fn run(prepared: Prepared) -> anyhow::Result<()> {
         .local_addr()
         .context("cannot read the bound address")?;
     let metrics = std::sync::Arc::clone(&config.metrics);
+    let cache = config.cache.clone();
     let (stop_metrics, mut metrics_stopped) = watch::channel(false);
     if let Some(metrics_listener) = metrics_listener {
         let metrics_listener = tokio::net::TcpListener::from_std(metrics_listener)
@@ -453,8 +480,9 @@ async fn run(prepared: Prepared) -> anyhow::Result<()> {
         .join()
         .map_err(|_| anyhow!("the decision writer panicked"))?
         .context("cannot write decisions to stdout")?;
-    write_line(&mut std::io::stdout(), &metrics.summary())
-        .context("cannot write the summary to stdout")
+    let mut summary = metrics.summary();
+    summary.cache_not_kept = cache.map_or(0, |cache| cache.not_kept());
+    write_line(&mut std::io::stdout(), &summary).context("cannot write the summary to stdout")
 }
 
 /// Appends access log entries to `file` until every sender is gone.

@@ -89,6 +89,7 @@ impl Metrics {
             bytes_down: self.bytes_down.load(Ordering::Relaxed),
             connections: self.connections.load(Ordering::Relaxed),
             active_connections: self.active_connections.load(Ordering::Relaxed),
+            cache_not_kept: 0,
         }
     }
 

@@ -420,10 +420,12 @@ pub enum Denial {
         /// The CONNECT target, `host:port`.
         target: String,
     },
-    /// Offline, and the request is not a `GET` of a pinned URL whose bytes are cached.
+    /// Offline, and the request is not a `GET` of a pinned URL whose pinned bytes this
+    /// project fetched from it into the download cache.
     #[error(
-        "offline: {0} is not served; only GETs of URLs pinned in contractor.lock whose bytes \
-         are in the download cache are (build once with the network, then pin)"
+        "offline: {0} is not served; only GETs of URLs pinned in contractor.lock whose pinned \
+         bytes this project itself fetched from that URL into the download cache are (build \
+         once with the network, then pin)"
     )]
     Offline(String),
 }

@@ -969,8 +969,9 @@ impl Proxy {
         })
     }
 
-    /// With `--cache`, the response to a `GET` of a pinned `url` from the cache, if it holds
-    /// the pinned bytes (hashed again first), recorded as a download `from_cache`. A cached
+    /// With `--cache`, the response to a `GET` of a pinned `url` from the cache, if this
+    /// project's index says it fetched the pinned bytes from `url` (hashed again first, with
+    /// the headers it was answered then), recorded as a download `from_cache`. A cached
     /// copy with other bytes is removed, recorded (a mismatch, which fails the build) and
     /// answered 502. `None`: not pinned, not cached, or not a `GET`: ask the network.
     async fn served_from_cache(
@@ -985,8 +986,8 @@ impl Proxy {
             return None;
         }
         let lookup = {
-            let (cache, pinned) = (Arc::clone(cache), pinned.clone());
-            tokio::task::spawn_blocking(move || cache.lookup(&pinned)).await
+            let (cache, url, pinned) = (Arc::clone(cache), url.to_string(), pinned.clone());
+            tokio::task::spawn_blocking(move || cache.lookup(&url, &pinned)).await
         };
         let entry = match lookup {
             Ok(Ok(Lookup::Found(entry))) => entry,
@@ -1366,7 +1367,7 @@ impl Proxy {
                     .headers()
                     .get(header::CONTENT_ENCODING)
                     .and_then(|v| v.to_str().ok());
-                cache.writer(encoding)
+                cache.writer(&url, encoding)
             }
             _ => None,
         };

@@ -729,13 +729,23 @@ fn caching(upstream: SocketAddr, dir: &std::path::Path, url: &str, pin: &str) ->
     let mut config = config(&["files.test"], vec![upstream]);
     config.record_downloads = true;
     config.pins = Arc::new([(url.to_string(), pin.to_string())].into_iter().collect());
-    config.cache = Some(Arc::new(
-        contractor_proxy::cache::DownloadCache::open(dir, 1 << 20).expect("cache"),
-    ));
+    config.cache = Some(Arc::new(open_cache(dir)));
     config
 }
 
 const HELLO_SHA: &str = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+
+/// The download cache in `dir`, as one project's proxy opens it.
+fn open_cache(dir: &std::path::Path) -> contractor_proxy::cache::DownloadCache {
+    use contractor_proxy::cache::{index::ProjectKey, CacheSettings, DownloadCache};
+    let settings = CacheSettings {
+        project: ProjectKey::parse("0123456789abcdef0123456789abcdef").expect("key"),
+        quota: 1 << 20,
+        size: 1 << 20,
+        pins: Default::default(),
+    };
+    DownloadCache::open(dir, settings).expect("cache")
+}
 
 #[tokio::test]
 async fn a_pinned_download_is_cached_then_served_from_the_cache_and_a_changed_copy_refused() {
@@ -795,9 +805,7 @@ async fn offline_serves_pinned_urls_from_the_cache_over_inspected_tls_and_resolv
     let crate_sha = "6c1a3e927bfe496d41c3f8c58bec46b4a964aa6435fd05fa55e52a0491a34159";
     // Online first, to fill the cache.
     let (mut online, authority) = inspecting(&["crates.test"], upstream, roots.clone());
-    online.cache = Some(Arc::new(
-        contractor_proxy::cache::DownloadCache::open(dir.path(), 1 << 20).expect("cache"),
-    ));
+    online.cache = Some(Arc::new(open_cache(dir.path())));
     let mut proxy = start(online).await;
     let mut tls = connect_tls(proxy.addr, "crates.test", port, &authority)
         .await
@@ -817,9 +825,7 @@ async fn offline_serves_pinned_urls_from_the_cache_over_inspected_tls_and_resolv
         counted.fetch_add(1, Ordering::SeqCst);
         Box::pin(async { Err(io::Error::other("offline: resolved")) })
     });
-    offline.cache = Some(Arc::new(
-        contractor_proxy::cache::DownloadCache::open(dir.path(), 1 << 20).expect("cache"),
-    ));
+    offline.cache = Some(Arc::new(open_cache(dir.path())));
     offline.pins = Arc::new(
         [(crate_url.clone(), crate_sha.to_string())]
             .into_iter()
@@ -878,11 +884,7 @@ async fn with_a_lock_an_inspected_host_is_dialled_only_for_what_the_cache_cannot
     let (upstream, roots) = tls_server("crates.test", b"crate bytes").await;
     let port = upstream.port();
     let crate_sha = "6c1a3e927bfe496d41c3f8c58bec46b4a964aa6435fd05fa55e52a0491a34159";
-    let cache = || {
-        Some(Arc::new(
-            contractor_proxy::cache::DownloadCache::open(dir.path(), 1 << 20).expect("cache"),
-        ))
-    };
+    let cache = || Some(Arc::new(open_cache(dir.path())));
     let (mut online, authority) = inspecting(&["crates.test"], upstream, roots.clone());
     online.cache = cache();
     let mut proxy = start(online).await;

@@ -576,6 +576,8 @@ fn the_confined_binary_keeps_downloads_in_its_cache_and_serves_them_offline() {
         "--record-downloads",
         "--cache",
         dir_arg,
+        "--cache-project",
+        "0123456789abcdef0123456789abcdef",
     ];
     let proxy = Proxy::start(&args);
     assert_eq!(request(proxy.addr, &get).body, "hello");

@@ -160,6 +160,17 @@ impl Proxy {
         }
     }
 
+    /// The summary line, once the proxy stops, passing over download lines before it.
+    pub fn summary_after_downloads(&self) -> Summary {
+        loop {
+            match self.lines.recv_timeout(PATIENCE) {
+                Ok(Ok(Line::Summary(summary))) => return summary,
+                Ok(Ok(Line::Download(_))) => {}
+                other => panic!("no summary line: {other:?}"),
+            }
+        }
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         let status = Command::new("kill")

@@ -163,12 +163,15 @@ fn a_project_pinning_bytes_only_another_fetched_is_not_served_them() {
     stop(a);
     assert!(scratch.entry(HELLO_SHA).is_file());
 
-    // B pins a URL of its own host that never answered those bytes: the network says 404.
+    // B pins a URL of its own host that never answered those bytes: the network is asked
+    // and says 404, which is not the pinned body (a pinned URL's body is verified before it
+    // is served, so B gets 502 naming the hash the 404 had, never A's bytes).
     let b_url = format!("http://localhost:{b_port}/probe");
     let b_pins = scratch.pins("b.json", &b_url, HELLO_SHA);
     let b = scratch.proxy(PROJECT_B, &[b_port], &["--pins", path_str(&b_pins)]);
     let response = request(b.addr, &get(&b_url));
-    assert_eq!(response.status, 404, "{response:?}");
+    assert_eq!(response.status, 502, "{response:?}");
+    assert!(!response.body.contains("hello"), "{response:?}");
     missing.next_head();
     stop(b);
 

@@ -71,8 +71,18 @@ pub const MAX_SETTINGS: usize = 16 << 20;
 /// socket's buffer).
 const SETTINGS_CHUNK: usize = 32 * 1024;
 
-/// File descriptors of the dialer beyond one per worker (the socket, stdio, resolution).
-const SPARE_FILES: u64 = 64;
+/// What the dialer says once it is confined, before it takes requests.
+const READY: &[u8] = b"ready";
+
+/// How long the proxy waits for its dialer to say [`READY`].
+const READY_TIMEOUT_SECS: i64 = 30;
+
+/// File descriptors one worker may hold at once: the socket it connects, or while it
+/// resolves the resolver's UDP and netlink sockets and a file it reads.
+const FILES_PER_WORKER: u64 = 4;
+
+/// File descriptors of the dialer beyond its workers' (the socket, stdio).
+const SPARE_FILES: u64 = 32;
 
 /// Why the dialer could not be started, or stopped serving.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +96,9 @@ pub enum DialerError {
     /// The settings could not be sent or received.
     #[error("cannot pass the dialer its settings")]
     Settings(#[source] io::Error),
+    /// The dialer exited (or hung) before it said it was ready.
+    #[error("the dialer did not start (within {READY_TIMEOUT_SECS} s); its reason is on stderr")]
+    NotReady,
     /// The settings do not parse (the same binary wrote them, so this is a bug).
     #[error("the dialer's settings are invalid: {0}")]
     BadSettings(String),
@@ -243,8 +256,10 @@ impl DialPolicy {
             read_write: Vec::new(),
             bind_ports: Vec::new(),
             connect_ports: self.connect_ports(),
-            max_open_files: Some(WORKERS as u64 + SPARE_FILES),
-            max_file_size: Some(0),
+            max_open_files: Some(FILES_PER_WORKER * WORKERS as u64 + SPARE_FILES),
+            // No RLIMIT_FSIZE: its stderr may be a regular file (a log), and the limit would
+            // kill it on its first warning. It opens nothing for writing (Landlock).
+            max_file_size: None,
             max_address_space: Some(contractor_confine::TOOL_ADDRESS_SPACE),
             allow_exec: false,
             allowed_syscalls: None,
@@ -373,7 +388,8 @@ pub struct Spawned {
 }
 
 /// Starts `program` (this binary: `/proc/self/exe`) as the dialer of `config` with the
-/// socket on its stdin, and passes it its settings. Call before confining the proxy (which
+/// socket on its stdin, passes it its settings and waits until it says it is confined
+/// and ready (so a proxy never serves without its dialer). Call before confining the proxy (which
 /// may then execute nothing) and before any thread starts.
 pub fn spawn(program: &Path, settings: &Settings) -> Result<Spawned, DialerError> {
     let (ours, theirs) = socketpair(
@@ -392,6 +408,23 @@ pub fn spawn(program: &Path, settings: &Settings) -> Result<Spawned, DialerError
         .map_err(|e| DialerError::Spawn(program.to_path_buf(), e))?;
     let json = serde_json::to_vec(settings).map_err(|e| DialerError::BadSettings(e.to_string()))?;
     send_settings(&ours, &json).map_err(DialerError::Settings)?;
+    // The proxy serves only once its dialer is confined: a dialer that cannot confine itself
+    // (its reason on stderr) stops the proxy from starting.
+    nix::sys::socket::setsockopt(
+        &ours,
+        sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(READY_TIMEOUT_SECS, 0),
+    )
+    .map_err(|e| DialerError::Settings(e.into()))?;
+    let mut buf = [0_u8; READY.len()];
+    match receive(&ours, &mut buf) {
+        Ok(n) if buf[..n] == *READY => {}
+        Ok(_) => return Err(DialerError::NotReady),
+        Err(DialerError::Socket(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+            return Err(DialerError::NotReady)
+        }
+        Err(e) => return Err(e),
+    }
     Ok(Spawned {
         child,
         socket: ours,
@@ -473,6 +506,8 @@ pub fn serve() -> Result<(), DialerError> {
         contractor_confine::confine("contractor-proxy (dialer)", &policy.confinement())
             .map_err(DialerError::Confine)?;
     }
+    send(socket.as_raw_fd(), READY, MsgFlags::MSG_NOSIGNAL)
+        .map_err(|e| DialerError::Socket(e.into()))?;
     let socket = Arc::new(socket);
     let policy = Arc::new(policy);
     let workers = (0..WORKERS)

@@ -337,3 +337,83 @@ fn receive(socket: &OwnedFd, buf: &mut [u8]) -> Result<usize, DialerError> {
 pub fn is_requested(first_argument: Option<&OsStr>) -> bool {
     first_argument == Some(OsStr::new(SUBCOMMAND))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(rules: &[&str], mode: Mode, own: &str) -> DialPolicy {
+        let mut config = ProxyConfig::new(Allowlist::parse(rules).expect("rules"));
+        config.denylist = Allowlist::parse(["secret.example.org"]).expect("deny");
+        config.allowed_nets = vec!["127.0.0.0/8".parse().expect("net")];
+        config.url_rules = vec!["GET https://files.example.net:8443/pub/**"
+            .parse()
+            .expect("URL rule")];
+        config.mode = mode;
+        let settings = Settings::of(&config, &[own.parse().expect("own")], true);
+        let json = serde_json::to_vec(&settings).expect("json");
+        let back: Settings = serde_json::from_slice(&json).expect("parse");
+        assert_eq!(back, settings);
+        back.policy().expect("policy")
+    }
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().expect("addr")
+    }
+
+    #[test]
+    fn names_resolve_only_when_a_rule_allows_them() {
+        let policy = policy(
+            &["*.example.org", "[::1]:8080"],
+            Mode::Enforce,
+            "127.0.0.1:3128",
+        );
+        assert!(policy.check_name("www.example.org", 443).is_ok());
+        assert!(policy.check_name("files.example.net", 8443).is_ok());
+        for (host, port) in [
+            ("secret.example.org", 443),
+            ("example.org", 443),
+            ("leak-0123.attacker.example", 443),
+            ("www.example.org", 22),
+            ("files.example.net", 443),
+        ] {
+            let why = policy.check_name(host, port).expect_err(host);
+            assert!(why.contains("refuses to resolve"), "{why}");
+        }
+    }
+
+    #[test]
+    fn addresses_are_checked_again_out_of_the_proxys_reach() {
+        let policy = policy(&["example.org"], Mode::Enforce, "0.0.0.0:3128");
+        assert_eq!(
+            policy.check_addr(addr("[::ffff:203.0.113.5]:443")),
+            Ok(addr("203.0.113.5:443"))
+        );
+        assert!(policy.check_addr(addr("127.0.0.1:80")).is_ok());
+        assert!(policy.check_addr(addr("203.0.113.5:8443")).is_ok());
+        for (target, reason) in [
+            ("169.254.169.254:80", "is link-local"),
+            ("10.0.0.1:443", "is private"),
+            ("[fe80::1]:443", "is link-local"),
+            ("127.0.0.1:3128", "own listening address"),
+            ("203.0.113.5:22", "port 22 not allowed"),
+        ] {
+            let why = policy.check_addr(addr(target)).expect_err(target);
+            assert!(why.contains(reason), "{target}: {why}");
+        }
+    }
+
+    #[test]
+    fn report_mode_refuses_only_the_proxy_itself() {
+        let policy = policy(&["example.org"], Mode::Report, "127.0.0.1:3128");
+        assert!(policy.check_name("anything.example.com", 22).is_ok());
+        assert!(policy.check_addr(addr("169.254.169.254:22")).is_ok());
+        assert!(policy.check_addr(addr("127.0.0.1:3128")).is_err());
+        assert_eq!(policy.confinement().connect_ports, None);
+        let enforcing = self::policy(&["example.org"], Mode::Enforce, "127.0.0.1:3128");
+        assert_eq!(
+            enforcing.confinement().connect_ports,
+            Some(vec![53, 80, 443, 8443])
+        );
+    }
+}

@@ -7,7 +7,8 @@
 //! (or in an allowed network): never loopback, private, link-local or the like, so an
 //! allowed name cannot lead back into the host's own network. Every request yields one
 //! [`Decision`](contractor_protocol::proxy::Decision). [`allowlist`] and [`address`] parse
-//! and classify, [`policy`] decides, [`config`] reads configuration files, [`server`]
+//! and classify, [`policy`] decides, [`dialer`] resolves and connects in a process of
+//! its own, [`config`] reads configuration files, [`server`]
 //! speaks HTTP, [`metrics`] counts.
 
 #![warn(missing_docs)]
@@ -17,6 +18,7 @@ pub mod allowlist;
 pub mod cache;
 pub mod config;
 pub mod confinement;
+pub mod dialer;
 pub mod inspect;
 mod meter;
 pub mod metrics;
@@ -24,6 +26,7 @@ pub mod policy;
 mod relay;
 pub mod server;
 pub mod stage;
+mod sys;
 pub mod urlrule;
 
 pub use address::{IpNet, NetError, Restriction};

@@ -187,6 +187,12 @@ impl Cli {
 }
 
 fn main() -> std::process::ExitCode {
+    if contractor_proxy::dialer::is_requested(std::env::args_os().nth(1).as_deref()) {
+        return match contractor_proxy::dialer::serve() {
+            Ok(()) => ExitCode::Success.into(),
+            Err(e) => fail(ExitCode::Infrastructure, "dialer", &anyhow!(e)),
+        };
+    }
     let cli = Cli::parse();
     JSON_ERRORS.store(cli.json_errors, std::sync::atomic::Ordering::Relaxed);
     let no_confine = cli.no_confine;
@@ -294,6 +300,8 @@ struct Prepared {
     metrics: Option<std::net::TcpListener>,
     access_log: Option<std::fs::File>,
     confinement: Confinement,
+    /// The dialer process, started before the proxy confined itself.
+    dialer: contractor_proxy::dialer::Spawned,
 }
 
 /// Opens the access log, binds the listeners, then confines the process.
@@ -325,6 +333,16 @@ fn prepare(
     };
     let listen_port = port(&listener)?;
     let metrics_port = metrics.as_ref().map(port).transpose()?;
+    // The dialer makes every upstream connection, checking each address; it is started
+    // (this very binary, again) while the proxy may still execute a program.
+    let own: Vec<SocketAddr> = std::iter::once(&listener)
+        .chain(metrics.as_ref())
+        .map(std::net::TcpListener::local_addr)
+        .collect::<Result<_, _>>()
+        .context("cannot read the bound address")?;
+    let settings = contractor_proxy::dialer::Settings::of(&config, &own, !no_confine);
+    let dialer = contractor_proxy::dialer::spawn(std::path::Path::new("/proc/self/exe"), &settings)
+        .context("cannot start the dialer")?;
     let confinement = if no_confine {
         contractor_confine::unconfined("contractor-proxy")
     } else {
@@ -338,6 +356,7 @@ fn prepare(
         metrics,
         access_log,
         confinement,
+        dialer,
     })
 }
 
@@ -407,7 +426,12 @@ async fn run(prepared: Prepared) -> anyhow::Result<()> {
         metrics: metrics_listener,
         access_log,
         confinement,
+        dialer,
     } = prepared;
+    let dialer =
+        contractor_proxy::dialer::Dialer::start(dialer.socket).context("cannot use the dialer")?;
+    config.resolver = dialer.resolver();
+    config.dialer = Some(dialer);
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch for SIGINT")?;
     let access_writer = access_log.map(|file| {

@@ -170,6 +170,9 @@ pub struct ProxyConfig {
     /// Serve pinned URLs from the cache and refuse everything else, resolving and dialling
     /// nothing (`--offline`).
     pub offline: bool,
+    /// Where upstream connections are made: the dialer process (which checks each address
+    /// again) when there is one, as the binary always has; in this process otherwise.
+    pub dialer: Option<crate::dialer::Dialer>,
 }
 
 impl ProxyConfig {
@@ -194,6 +197,7 @@ impl ProxyConfig {
             url_rules: Vec::new(),
             cache: None,
             offline: false,
+            dialer: None,
         }
     }
 
@@ -316,6 +320,14 @@ impl ProxyConfig {
     pub fn restriction(&self, addr: IpAddr) -> Option<Restriction> {
         restriction(addr).filter(|_| !self.allowed_nets.iter().any(|net| net.contains(addr)))
     }
+}
+
+/// Whether dialling `addr` would reach a proxy listening on `own`: the same port, and the
+/// same address, or any restricted one when `own` is unspecified (`0.0.0.0`, `::`).
+pub fn dials_itself(own: SocketAddr, addr: SocketAddr) -> bool {
+    let ip = canonical(addr.ip());
+    addr.port() == own.port()
+        && (ip == canonical(own.ip()) || (own.ip().is_unspecified() && restriction(ip).is_some()))
 }
 
 /// `scheme://host[:port]path`, the port left out when it is the scheme's.

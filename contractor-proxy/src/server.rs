@@ -50,7 +50,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::address::{canonical, restriction};
+use crate::address::canonical;
 use crate::allowlist::normalize_host;
 use crate::meter::{Activity, Metered, Transfer, TransferSlot};
 use crate::metrics::AccessEntry;
@@ -1576,11 +1576,8 @@ impl Proxy {
 
     /// Whether dialling `addr` would reach this proxy.
     fn is_own(&self, addr: SocketAddr) -> bool {
-        let Some(own) = self.own else { return false };
-        let ip = canonical(addr.ip());
-        addr.port() == own.port()
-            && (ip == canonical(own.ip())
-                || (own.ip().is_unspecified() && restriction(ip).is_some()))
+        self.own
+            .is_some_and(|own| crate::policy::dials_itself(own, addr))
     }
 
     /// The addresses of `target`: an IP address as is, a name through the resolver.
@@ -1600,6 +1597,15 @@ impl Proxy {
         }
     }
 
+    /// A TCP connection to `addr`: made by the dialer process when there is one (it checks
+    /// the address again, out of this process's reach), here otherwise.
+    async fn dial(&self, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+        match &self.config.dialer {
+            Some(dialer) => dialer.connect(addr, timeout).await,
+            None => TcpStream::connect(addr).await,
+        }
+    }
+
     /// Connects to the first of `addrs` that answers, giving each an equal share of the
     /// connect timeout (at least a second) and all of them no more than the timeout.
     async fn connect(
@@ -1615,7 +1621,7 @@ impl Proxy {
         let attempts = async {
             let mut last = io::Error::new(io::ErrorKind::NotFound, "no address to connect to");
             for addr in addrs {
-                match tokio::time::timeout(share, TcpStream::connect(addr)).await {
+                match tokio::time::timeout(share, self.dial(*addr, share)).await {
                     Ok(Ok(stream)) => return Ok((*addr, stream)),
                     Ok(Err(e)) => last = e,
                     Err(_) => {

@@ -121,7 +121,12 @@ fn pinned_proxy(
         pins.to_str().expect("utf-8 path"),
     ];
     if cache {
-        args.extend(["--cache", cache_dir.to_str().expect("utf-8 path")]);
+        args.extend([
+            "--cache",
+            cache_dir.to_str().expect("utf-8 path"),
+            "--cache-project",
+            "0123456789abcdef0123456789abcdef",
+        ]);
     }
     args.extend_from_slice(extra);
     let proxy = Proxy::start_with_env(&args, env);

@@ -264,6 +264,7 @@ pub fn build(
                     entries: usize::try_from(packed.entries).unwrap_or(usize::MAX),
                     bytes: meta.len(),
                     warnings: Vec::new(),
+                    selection: None,
                 })
                 .map_err(|source| BuildError::Record { path: tar, source })
                 .map_err(close)?
@@ -280,6 +281,7 @@ pub fn build(
     display.event(&BuildEvent::SourcePacked {
         entries: packed.entries as u64,
         bytes: packed.bytes,
+        selection: packed.selection,
     });
     for warning in &packed.warnings {
         display.warning(warning);

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use contractor_protocol::agent::Keep;
 use contractor_protocol::error::ErrorObject;
 use contractor_protocol::result::error_chain;
-use contractor_protocol::result::{BuildCode, Outcome};
+use contractor_protocol::result::{BuildCode, BuildResult, Outcome};
 use contractor_protocol::vm::Accel;
 use contractor_protocol::ExitCode;
 
@@ -570,7 +570,30 @@ fn run_build(
             escape(&result.refused_offline.join(", "))
         );
     }
+    for line in upstream_failure_lines(result) {
+        eprintln!("  {line}");
+    }
     result.outcome.exit_code()
+}
+
+/// One line per allowed host the proxy could not reach: `failed:    HOST: REASON (N
+/// requests; allowed, but resolving or connecting failed)` — not the allow list's doing.
+fn upstream_failure_lines(result: &BuildResult) -> Vec<String> {
+    result
+        .upstream_failures
+        .iter()
+        .map(|f| {
+            let times = match f.count {
+                1 => "1 request".to_string(),
+                n => format!("{n} requests"),
+            };
+            format!(
+                "failed:    {}: {} ({times}; allowed, but resolving or connecting failed)",
+                escape(&f.host),
+                escape(&f.reason)
+            )
+        })
+        .collect()
 }
 
 /// Runs one build on this (the main) thread, showing it in `mode`. A failure before the
@@ -990,6 +1013,9 @@ fn show_build(file: &Path, id: Option<&str>) -> Result<(), Failure> {
             "refused in the offline script: {}",
             escape(&result.refused_offline.join(", "))
         );
+    }
+    for line in upstream_failure_lines(result) {
+        println!("{line}");
     }
     Ok(())
 }

@@ -238,7 +238,9 @@ pub fn build(
 ) -> Result<BuildReport, BuildError> {
     let started = Instant::now();
     let image = match &spec.derived {
-        Some(derived) => image::ensure_derived(&derived.base, &derived.packages),
+        Some(derived) => {
+            image::ensure_derived(&derived.base, &derived.packages, derived.check_valid_until)
+        }
         None => image::ensure(&spec.image),
     }
     .map_err(BuildError::Image)?;

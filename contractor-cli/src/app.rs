@@ -315,7 +315,12 @@ pub fn main() -> std::process::ExitCode {
             let hosts = match build_hosts(&hosts, local) {
                 Ok(hosts) => hosts,
                 Err(problem) => {
-                    ErrorObject::report("contractor", BuildCode::BadSpec.as_str(), vec![problem], mode == Mode::Json);
+                    ErrorObject::report(
+                        "contractor",
+                        BuildCode::BadSpec.as_str(),
+                        vec![problem],
+                        mode == Mode::Json,
+                    );
                     return ExitCode::BadInput.into();
                 }
             };
@@ -324,10 +329,18 @@ pub fn main() -> std::process::ExitCode {
         Command::HostedBuild => crate::hosted::serve().into(),
         Command::Shell { id, file, uri } => shell(&file, id.as_deref(), uri).into(),
         Command::Builds { file } => report(list_builds(&file)),
-        Command::Doctor { uri } => doctor(&uri.unwrap_or_else(contractor_protocol::vm::default_uri)).into(),
+        Command::Doctor { uri } => {
+            doctor(&uri.unwrap_or_else(contractor_protocol::vm::default_uri)).into()
+        }
         Command::Init => report(
             crate::init::write(Path::new("."))
-                .map(|(path, kind)| eprintln!("contractor: wrote {} for {kind:?} project; edit it, then run `contractor build`", path.display()))
+                .map(|(path, kind)| {
+                    eprintln!(
+                        "contractor: wrote {} for {}; edit it, then run `contractor build`",
+                        path.display(),
+                        kind.described()
+                    )
+                })
                 .map_err(|e| match e {
                     crate::init::InitError::Exists(_) => Failure::input(e),
                     crate::init::InitError::Write { .. } => Failure::host(e),
@@ -362,13 +375,25 @@ pub fn main() -> std::process::ExitCode {
             }
         },
         Command::Cache(CacheCommand::List { file }) => report(list_caches(&file)),
-        Command::Cache(CacheCommand::Clear { downloads: true, .. }) => report(clear_downloads()),
-        Command::Cache(CacheCommand::Clear { file, downloads: false }) => report(
+        Command::Cache(CacheCommand::Clear {
+            downloads: true, ..
+        }) => report(clear_downloads()),
+        Command::Cache(CacheCommand::Clear {
+            file,
+            downloads: false,
+        }) => report(
             crate::cache::clear(&store_of(&file))
                 .map(|freed| eprintln!("contractor: cache cleared ({} freed)", human_bytes(freed)))
-                .map_err(|e| Failure::tool(format!("cannot clear the cache in {}", store_of(&file).display()), e)),
+                .map_err(|e| {
+                    Failure::tool(
+                        format!("cannot clear the cache in {}", store_of(&file).display()),
+                        e,
+                    )
+                }),
         ),
-        Command::Image(ImageCommand::Rm { name }) => report(image::remove(&name).map_err(Failure::image)),
+        Command::Image(ImageCommand::Rm { name }) => {
+            report(image::remove(&name).map_err(Failure::image))
+        }
         Command::Image(ImageCommand::Gc { days }) => report(
             image::gc(days)
                 .map(|removed| {

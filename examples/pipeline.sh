@@ -153,7 +153,8 @@ mkdir -p "$REC"
 REC=$(cd "$REC" && pwd)
 started=$(date +%s.%N)
 # contractor-store pack walks the tree as `contractor build` does (links stay links; .git,
-# .contractor and .gitignored paths left out), so the tar is the same. When the project
+# .contractor left out; in a git work tree, what its .gitignore files name and git does not
+# track left out too), so the tar is the same. When the project
 # cannot be packed, the record is closed as the front end closes it: failed (the project's
 # fault, exit code 2) or infrastructure (the host's, exit code 3).
 pack_status=0

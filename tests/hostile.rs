@@ -370,6 +370,9 @@ if [ -f kept.txt ]; then check kept present; else check kept missing; fi"#,
         "timeout = \"4m\"",
     );
     let p = project.path();
+    // A git work tree, so that its .gitignore files are read (outside one they are not).
+    std::fs::create_dir_all(p.join(".git")).expect("mkdir");
+    std::fs::write(p.join(".git/HEAD"), "ref: refs/heads/main\n").expect("write");
     std::os::unix::fs::symlink("/dev/zero", p.join(".gitignore")).expect("link");
     std::fs::create_dir_all(p.join("sub")).expect("mkdir");
     std::fs::create_dir_all(p.join("outside")).expect("mkdir");

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use contractor_protocol::agent::Keep;
 use contractor_protocol::error::ErrorObject;
 use contractor_protocol::result::error_chain;
-use contractor_protocol::result::{BuildCode, Outcome};
+use contractor_protocol::result::{BuildCode, BuildResult, Outcome};
 use contractor_protocol::vm::Accel;
 use contractor_protocol::ExitCode;
 
@@ -315,7 +315,12 @@ pub fn main() -> std::process::ExitCode {
             let hosts = match build_hosts(&hosts, local) {
                 Ok(hosts) => hosts,
                 Err(problem) => {
-                    ErrorObject::report("contractor", BuildCode::BadSpec.as_str(), vec![problem], mode == Mode::Json);
+                    ErrorObject::report(
+                        "contractor",
+                        BuildCode::BadSpec.as_str(),
+                        vec![problem],
+                        mode == Mode::Json,
+                    );
                     return ExitCode::BadInput.into();
                 }
             };
@@ -324,10 +329,18 @@ pub fn main() -> std::process::ExitCode {
         Command::HostedBuild => crate::hosted::serve().into(),
         Command::Shell { id, file, uri } => shell(&file, id.as_deref(), uri).into(),
         Command::Builds { file } => report(list_builds(&file)),
-        Command::Doctor { uri } => doctor(&uri.unwrap_or_else(contractor_protocol::vm::default_uri)).into(),
+        Command::Doctor { uri } => {
+            doctor(&uri.unwrap_or_else(contractor_protocol::vm::default_uri)).into()
+        }
         Command::Init => report(
             crate::init::write(Path::new("."))
-                .map(|(path, kind)| eprintln!("contractor: wrote {} for {kind:?} project; edit it, then run `contractor build`", path.display()))
+                .map(|(path, kind)| {
+                    eprintln!(
+                        "contractor: wrote {} for {}; edit it, then run `contractor build`",
+                        path.display(),
+                        kind.described()
+                    )
+                })
                 .map_err(|e| match e {
                     crate::init::InitError::Exists(_) => Failure::input(e),
                     crate::init::InitError::Write { .. } => Failure::host(e),
@@ -362,13 +375,25 @@ pub fn main() -> std::process::ExitCode {
             }
         },
         Command::Cache(CacheCommand::List { file }) => report(list_caches(&file)),
-        Command::Cache(CacheCommand::Clear { downloads: true, .. }) => report(clear_downloads()),
-        Command::Cache(CacheCommand::Clear { file, downloads: false }) => report(
+        Command::Cache(CacheCommand::Clear {
+            downloads: true, ..
+        }) => report(clear_downloads()),
+        Command::Cache(CacheCommand::Clear {
+            file,
+            downloads: false,
+        }) => report(
             crate::cache::clear(&store_of(&file))
                 .map(|freed| eprintln!("contractor: cache cleared ({} freed)", human_bytes(freed)))
-                .map_err(|e| Failure::tool(format!("cannot clear the cache in {}", store_of(&file).display()), e)),
+                .map_err(|e| {
+                    Failure::tool(
+                        format!("cannot clear the cache in {}", store_of(&file).display()),
+                        e,
+                    )
+                }),
         ),
-        Command::Image(ImageCommand::Rm { name }) => report(image::remove(&name).map_err(Failure::image)),
+        Command::Image(ImageCommand::Rm { name }) => {
+            report(image::remove(&name).map_err(Failure::image))
+        }
         Command::Image(ImageCommand::Gc { days }) => report(
             image::gc(days)
                 .map(|removed| {
@@ -570,7 +595,30 @@ fn run_build(
             escape(&result.refused_offline.join(", "))
         );
     }
+    for line in upstream_failure_lines(result) {
+        eprintln!("  {line}");
+    }
     result.outcome.exit_code()
+}
+
+/// One line per allowed host the proxy could not reach: `failed:    HOST: REASON (N
+/// requests; allowed, but resolving or connecting failed)` — not the allow list's doing.
+fn upstream_failure_lines(result: &BuildResult) -> Vec<String> {
+    result
+        .upstream_failures
+        .iter()
+        .map(|f| {
+            let times = match f.count {
+                1 => "1 request".to_string(),
+                n => format!("{n} requests"),
+            };
+            format!(
+                "failed:    {}: {} ({times}; allowed, but resolving or connecting failed)",
+                escape(&f.host),
+                escape(&f.reason)
+            )
+        })
+        .collect()
 }
 
 /// Runs one build on this (the main) thread, showing it in `mode`. A failure before the
@@ -990,6 +1038,9 @@ fn show_build(file: &Path, id: Option<&str>) -> Result<(), Failure> {
             "refused in the offline script: {}",
             escape(&result.refused_offline.join(", "))
         );
+    }
+    for line in upstream_failure_lines(result) {
+        println!("{line}");
     }
     Ok(())
 }

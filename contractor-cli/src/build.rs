@@ -9,7 +9,7 @@
 //! does. Every outcome after the record exists, failures included, ends in `result.json`.
 //! Every tool dies with this process (`tools::command`), and the VM with its holder.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -21,8 +21,10 @@ use std::time::Instant;
 
 use contractor_protocol::agent::{Job, Keep, Phase};
 use contractor_protocol::build::BuildEvent;
-use contractor_protocol::proxy::{ProxyLine, Summary, Verdict};
-use contractor_protocol::result::{BuildCode, BuildResult, ErrorInfo, Limit, Outcome};
+use contractor_protocol::proxy::{Decision, DecisionClass, ProxyLine, Summary, Verdict};
+use contractor_protocol::result::{
+    BuildCode, BuildResult, ErrorInfo, Limit, Outcome, UpstreamFailure,
+};
 use contractor_protocol::run::{RunEvent, RunRequest};
 use contractor_protocol::service::Ready;
 use contractor_protocol::vm::{Accel, VmInfo, VmRequest, VmResult, VmSpec};
@@ -178,6 +180,7 @@ pub fn close_failed_record(
         artifacts: Vec::new(),
         refused_hosts: Vec::new(),
         refused_offline: Vec::new(),
+        upstream_failures: Vec::new(),
         limit: None,
         error: Some(ErrorInfo::from_error(code.as_str(), &err)),
         host: None,
@@ -235,7 +238,9 @@ pub fn build(
 ) -> Result<BuildReport, BuildError> {
     let started = Instant::now();
     let image = match &spec.derived {
-        Some(derived) => image::ensure_derived(&derived.base, &derived.packages),
+        Some(derived) => {
+            image::ensure_derived(&derived.base, &derived.packages, derived.check_valid_until)
+        }
         None => image::ensure(&spec.image),
     }
     .map_err(BuildError::Image)?;
@@ -264,6 +269,7 @@ pub fn build(
                     entries: usize::try_from(packed.entries).unwrap_or(usize::MAX),
                     bytes: meta.len(),
                     warnings: Vec::new(),
+                    selection: None,
                 })
                 .map_err(|source| BuildError::Record { path: tar, source })
                 .map_err(close)?
@@ -280,6 +286,7 @@ pub fn build(
     display.event(&BuildEvent::SourcePacked {
         entries: packed.entries as u64,
         bytes: packed.bytes,
+        selection: packed.selection,
     });
     for warning in &packed.warnings {
         display.warning(warning);
@@ -477,6 +484,15 @@ pub fn build(
     }
     let report = proxy_stopped.unwrap_or_default();
     let refused_hosts = report.refused.into_iter().collect();
+    let upstream_failures = report
+        .failures
+        .into_iter()
+        .map(|(host, (reason, count))| UpstreamFailure {
+            host,
+            reason,
+            count,
+        })
+        .collect();
     let refused_offline = match script_proxy_stopped {
         Some(Ok(report)) => report.refused.into_iter().collect(),
         _ => Vec::new(),
@@ -545,6 +561,7 @@ pub fn build(
         artifacts,
         refused_hosts,
         refused_offline,
+        upstream_failures,
         limit: ran.limit,
         error: ran.error.map(|e| ErrorInfo::capped(&e.code, &e.chain)),
         host: None,
@@ -897,13 +914,7 @@ fn start_proxy(
         while let Ok(Some(line)) = answers.next_line() {
             let parsed = serde_json::from_slice::<ProxyLine>(&line);
             match &parsed {
-                Ok(ProxyLine::Decision(decision)) => {
-                    if decision.decision == Verdict::Deny
-                        && report.refused.len() < MAX_REFUSED_HOSTS
-                    {
-                        report.refused.insert(decision.host.clone());
-                    }
-                }
+                Ok(ProxyLine::Decision(decision)) => report.note(decision),
                 Ok(ProxyLine::Download(download)) => {
                     if download.mismatched() {
                         if report.mismatched.len() < MAX_MISMATCHES {
@@ -973,8 +984,11 @@ struct DownloadCachePolicy<'a> {
 /// What a build's proxy saw that the build's result reports.
 #[derive(Default)]
 struct ProxyReport {
-    /// The hosts it refused (at most [`MAX_REFUSED_HOSTS`]).
+    /// The hosts its policy refused (at most [`MAX_REFUSED_HOSTS`]).
     refused: BTreeSet<String>,
+    /// Allowed hosts it could not reach: the first reason and how many times (at most
+    /// [`MAX_REFUSED_HOSTS`] hosts; the reason at most [`MAX_FAILURE_REASON_BYTES`]).
+    failures: BTreeMap<String, (String, u64)>,
     /// Downloads whose bytes were not those contractor.lock pins, described (at most
     /// [`MAX_MISMATCHES`]).
     mismatched: Vec<String>,
@@ -982,6 +996,38 @@ struct ProxyReport {
     unpinned: u64,
     /// Downloads passed on but not kept in the download cache (its summary says).
     cache_not_kept: u64,
+}
+
+/// The most bytes of a failure's reason kept in the result: 512.
+const MAX_FAILURE_REASON_BYTES: usize = 512;
+
+impl ProxyReport {
+    /// Counts one decision line: a refusal of an allowed host's resolution or connection
+    /// (class `upstream`) is a failure, any other refusal the policy's (lines from a proxy
+    /// that does not classify are taken as the policy's, as before).
+    fn note(&mut self, decision: &Decision) {
+        if decision.decision != Verdict::Deny {
+            return;
+        }
+        if decision.class == Some(DecisionClass::Upstream) {
+            if let Some((_, count)) = self.failures.get_mut(&decision.host) {
+                *count += 1;
+            } else if self.failures.len() < MAX_REFUSED_HOSTS {
+                let mut reason = decision.reason.clone();
+                if reason.len() > MAX_FAILURE_REASON_BYTES {
+                    let mut cut = MAX_FAILURE_REASON_BYTES;
+                    while !reason.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    reason.truncate(cut);
+                    reason.push('…');
+                }
+                self.failures.insert(decision.host.clone(), (reason, 1));
+            }
+        } else if self.refused.len() < MAX_REFUSED_HOSTS {
+            self.refused.insert(decision.host.clone());
+        }
+    }
 }
 
 /// The most pin mismatches a build's error names (downloads.jsonl has them all).
@@ -1641,6 +1687,7 @@ pub fn close_abandoned_records(store_root: &Path) {
             artifacts: collect_artifacts(&record.join("artifacts")),
             refused_hosts: Vec::new(),
             refused_offline: Vec::new(),
+        upstream_failures: Vec::new(),
             limit: None,
             error: Some(ErrorInfo {
                 code: BuildCode::Abandoned.as_str().into(),
@@ -1711,6 +1758,71 @@ pub fn human_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the proxy writes to proxy.jsonl, as it writes it.
+    fn decisions(lines: &[&str]) -> ProxyReport {
+        let mut report = ProxyReport::default();
+        for line in lines {
+            match serde_json::from_str::<ProxyLine>(line).expect("a decision line") {
+                ProxyLine::Decision(decision) => report.note(&decision),
+                other => panic!("not a decision: {other:?}"),
+            }
+        }
+        report
+    }
+
+    #[test]
+    fn an_allowed_host_that_cannot_be_reached_is_a_failure_not_a_refusal() {
+        let head = r#"{"type":"decision","time":1.0,"client":"127.0.0.1:5000","method":"CONNECT","port":443"#;
+        let line = |host: &str, decision: &str, reason: &str, class: &str| {
+            format!(
+                r#"{head},"host":"{host}","decision":"{decision}","reason":"{reason}"{class}}}"#
+            )
+        };
+        let lines = [
+            line(
+                "registry.npmjs.org",
+                "allow",
+                "allowed by registry.npmjs.org",
+                "",
+            ),
+            line(
+                "registry.npmjs.org",
+                "deny",
+                "cannot resolve the host: no answer within 10 s",
+                r#","class":"upstream""#,
+            ),
+            line(
+                "registry.npmjs.org",
+                "deny",
+                "TLS to registry.npmjs.org:443 failed: Connection reset by peer",
+                r#","class":"upstream""#,
+            ),
+            line(
+                "evil.example",
+                "deny",
+                "host not on the allowlist",
+                r#","class":"policy""#,
+            ),
+            // A proxy that does not classify: a refusal, as before.
+            line("old.example", "deny", "host not on the allowlist", ""),
+        ];
+        let report = decisions(&lines.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(
+            report.refused.into_iter().collect::<Vec<_>>(),
+            ["evil.example", "old.example"]
+        );
+        assert_eq!(
+            report.failures.into_iter().collect::<Vec<_>>(),
+            [(
+                "registry.npmjs.org".to_string(),
+                (
+                    "cannot resolve the host: no answer within 10 s".to_string(),
+                    2
+                )
+            )]
+        );
+    }
 
     fn result_of(record: &Path) -> BuildResult {
         let text = std::fs::read_to_string(record.join("result.json")).expect("result.json");

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use contractor_protocol::agent::Phase;
 use contractor_protocol::build::BuildEvent;
+use contractor_protocol::store::{SourceRule, SourceSelection};
 use contractor_protocol::vm::SnapshotReport;
 
 use crate::build::human_bytes;
@@ -231,18 +232,33 @@ impl State {
         }
     }
 
-    /// The plain lines (stable: scripts and bench/run read them).
+    /// The plain lines (stable: scripts and bench/run read them; one event may print more
+    /// than one line, each starting with `contractor: `).
     fn plain(&mut self, event: &BuildEvent) {
         let line = match event {
             BuildEvent::Started { id, .. } => {
                 self.id = id.clone();
                 return;
             }
-            BuildEvent::SourcePacked { entries, bytes } => format!(
-                "contractor: build {}: source packed ({entries} entries, {})",
-                escape(&self.id),
-                human_bytes(*bytes)
-            ),
+            BuildEvent::SourcePacked {
+                entries,
+                bytes,
+                selection,
+            } => {
+                let mut line = format!(
+                    "contractor: build {}: source packed ({entries} entries, {})",
+                    escape(&self.id),
+                    human_bytes(*bytes)
+                );
+                if let Some(selection) = selection {
+                    line.push_str(&format!(
+                        "\ncontractor: build {}: source {}",
+                        escape(&self.id),
+                        selection_text(selection)
+                    ));
+                }
+                line
+            }
             BuildEvent::VmStarted {
                 name,
                 accel,
@@ -293,12 +309,19 @@ impl State {
                 let secs = self.started.elapsed().as_secs_f64();
                 let _ = writeln!(self.err, "✓ image {} ({secs:.1}s)", escape(name));
             }
-            BuildEvent::SourcePacked { entries, bytes } => {
+            BuildEvent::SourcePacked {
+                entries,
+                bytes,
+                selection,
+            } => {
                 let _ = writeln!(
                     self.err,
                     "✓ source packed: {entries} entries, {}",
                     human_bytes(*bytes)
                 );
+                if let Some(selection) = selection {
+                    let _ = writeln!(self.err, "  source {}", selection_text(selection));
+                }
                 self.begin("boot", "starting the VM".into());
             }
             BuildEvent::VmStarted {
@@ -443,6 +466,29 @@ fn phase_name(phase: Phase) -> &'static str {
     }
 }
 
+/// Which rule chose the packed files, for the first lines of a build.
+fn selection_text(selection: &SourceSelection) -> String {
+    match selection.rule {
+        SourceRule::GitWorkTree => {
+            let tracked = match selection.tracked_kept {
+                1 => "1 tracked file packed although a pattern matches it".to_string(),
+                n => format!("{n} tracked files packed although a pattern matches them"),
+            };
+            let ignored = match selection.ignored {
+                1 => "1 path left out".to_string(),
+                n => format!("{n} paths left out"),
+            };
+            format!(
+                "from a git work tree: .gitignore applied ({ignored}; {tracked}); \
+                 .git and .contractor left out"
+            )
+        }
+        SourceRule::Everything => "from no git work tree: everything packed but .contractor \
+             (.gitignore not applied)"
+            .to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,6 +527,11 @@ mod tests {
             BuildEvent::SourcePacked {
                 entries: 4,
                 bytes: 5120,
+                selection: Some(SourceSelection {
+                    rule: SourceRule::GitWorkTree,
+                    ignored: 3,
+                    tracked_kept: 1,
+                }),
             },
             BuildEvent::VmStarted {
                 name: "contractor-0123456789ab".into(),
@@ -529,6 +580,9 @@ mod tests {
         assert_eq!(
             err,
             "contractor: build 20261125-160000-abcdef: source packed (4 entries, 5.0 KiB)\n\
+             contractor: build 20261125-160000-abcdef: source from a git work tree: \
+             .gitignore applied (3 paths left out; 1 tracked file packed although a pattern \
+             matches it); .git and .contractor left out\n\
              contractor: VM contractor-0123456789ab started (Tcg)\n\
              contractor: VM booted\n\
              contractor: phase source\n\

@@ -112,11 +112,18 @@ pub fn ensure(name: &str) -> Result<Image, ImageError> {
 
 /// The image derived from `base` with `packages` (`[image]` of a spec), built first when
 /// missing.
-pub fn ensure_derived(base: &str, packages: &[String]) -> Result<Image, ImageError> {
+pub fn ensure_derived(
+    base: &str,
+    packages: &[String],
+    check_valid_until: bool,
+) -> Result<Image, ImageError> {
     let mut args = vec![OsStr::new("--base"), OsStr::new(base)];
     for package in packages {
         args.push(OsStr::new("--package"));
         args.push(OsStr::new(package));
+    }
+    if !check_valid_until {
+        args.push(OsStr::new("--no-check-valid-until"));
     }
     one_image("build", image_tool("build", &args)?)
 }

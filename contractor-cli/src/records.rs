@@ -170,6 +170,7 @@ mod tests {
                 artifacts: vec![],
                 refused_hosts: vec![],
                 refused_offline: vec![],
+                upstream_failures: vec![],
                 limit: None,
                 error: None,
                 host: None,

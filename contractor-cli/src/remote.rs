@@ -560,6 +560,7 @@ pub fn build_on(
         artifacts: build::collect_artifacts(&record.join("artifacts")),
         refused_hosts,
         refused_offline,
+        upstream_failures: Vec::new(),
         limit: limit_hit,
         error,
         host: Some(host.to_string()),

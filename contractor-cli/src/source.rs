@@ -9,7 +9,9 @@
 use std::ffi::OsStr;
 use std::path::Path;
 
-use contractor_protocol::store::{SOURCE_PACK, SOURCE_TOO_MANY_ENTRIES, SOURCE_UNREADABLE};
+use contractor_protocol::store::{
+    SourceSelection, SOURCE_PACK, SOURCE_TOO_MANY_ENTRIES, SOURCE_UNREADABLE,
+};
 
 use crate::tools::{self, ToolError, ToolMessages};
 
@@ -56,6 +58,8 @@ pub struct Packed {
     /// What was left out or not applied, one line each (for the user, on stderr; the names
     /// in them are the project's, so escape them).
     pub warnings: Vec<String>,
+    /// Which rule chose the files, and how many each left out.
+    pub selection: Option<SourceSelection>,
 }
 
 /// Packs `project` into the tar file `tar` (`contractor-store pack`).
@@ -95,5 +99,6 @@ fn run_pack(project: &Path, tar: &Path, max_entries: Option<usize>) -> Result<Pa
         entries: usize::try_from(packed.entries).unwrap_or(usize::MAX),
         bytes: packed.bytes,
         warnings: packed.warnings,
+        selection: packed.selection,
     })
 }

@@ -121,6 +121,13 @@ struct RawImage {
     base: Spanned<String>,
     #[serde(default)]
     packages: Vec<Spanned<String>>,
+    #[serde(default = "checked")]
+    check_valid_until: bool,
+}
+
+/// `[image] check_valid_until`'s default: apt checks the mirror's Release dates.
+fn checked() -> bool {
+    true
 }
 
 #[derive(Deserialize, Default)]
@@ -203,6 +210,10 @@ pub struct Derived {
     pub base: String,
     /// Debian packages, sorted, each once.
     pub packages: Vec<String>,
+    /// `check_valid_until`: whether apt refuses a mirror whose Release file is past its
+    /// `Valid-Until` date (default true; false only on request, for a snapshot or a stale
+    /// mirror, and then recorded in the image's manifest and name).
+    pub check_valid_until: bool,
 }
 
 /// True when `rule` is a valid `[network] allow` entry: a host name (`deb.debian.org`) or a
@@ -365,10 +376,13 @@ pub fn parse_with_images(
             }
             packages.sort();
             packages.dedup();
-            let name = contractor_protocol::image::derived_name(base, &packages);
+            let check_valid_until = table.check_valid_until;
+            let name =
+                contractor_protocol::image::derived_image_name(base, &packages, check_valid_until);
             derived = Some(Derived {
                 base: base.clone(),
                 packages,
+                check_valid_until,
             });
             name
         }
@@ -851,6 +865,27 @@ allow = []
             );
             assert!(message.contains(hint), "{message}");
         }
+    }
+
+    #[test]
+    fn check_valid_until_is_on_unless_turned_off_and_names_another_image() {
+        let on = parse_text("[image]\nbase = \"debian-unstable\"\n[build]\nscript = \"true\"\n")
+            .expect("default");
+        assert!(on.derived.as_ref().expect("derived").check_valid_until);
+        let off = parse_text(
+            "[image]\nbase = \"debian-unstable\"\ncheck_valid_until = false\n[build]\nscript = \"true\"\n",
+        )
+        .expect("off");
+        assert!(!off.derived.as_ref().expect("derived").check_valid_until);
+        assert_ne!(on.image, off.image, "an unchecked image is never shared");
+        let err = parse_text(
+            "[image]\nbase = \"debian-unstable\"\ncheck_valid_until = \"no\"\n[build]\nscript = \"true\"\n",
+        )
+        .expect_err("not a boolean")
+        .to_string();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("check_valid_until"), "{err}");
+        assert!(err.contains("expected a boolean"), "{err}");
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub enum BuildEvent {
         entries: u64,
         /// Bytes of file content.
         bytes: u64,
+        /// Which rule chose the files and how many each left out (none when the source was
+        /// packed elsewhere).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        selection: Option<crate::store::SourceSelection>,
     },
     /// libvirt started the VM; it is booting.
     VmStarted {
@@ -124,6 +128,7 @@ mod tests {
         let text = serde_json::to_string(&BuildEvent::SourcePacked {
             entries: 4,
             bytes: 5120,
+            selection: None,
         })
         .expect("json");
         assert_eq!(text, r#"{"type":"source_packed","entries":4,"bytes":5120}"#);

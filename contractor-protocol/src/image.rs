@@ -95,6 +95,11 @@ pub struct Manifest {
     /// A derived image's extra Debian packages, sorted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub packages: Vec<String>,
+    /// `false` when the image was built without checking the mirror's Release files against
+    /// their `Valid-Until` date (`[image] check_valid_until = false`, only on request);
+    /// absent when they were checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_valid_until: Option<bool>,
     /// An imported image: what the import took from the disk (the root partition, the
     /// kernel and initrd it found), as the import printed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -129,6 +134,13 @@ pub fn is_package_name(name: &str) -> bool {
 /// packages, one per line), e.g. `debian-12-3fa2c1d4e5b6`. The same definition gets the
 /// same name in every project, so projects share it.
 pub fn derived_name(base: &str, packages: &[String]) -> String {
+    derived_image_name(base, packages, true)
+}
+
+/// [`derived_name`], for an image whose build checks the mirror's `Valid-Until` or not
+/// (`check_valid_until = false` adds the line `check-valid-until=false` to the definition,
+/// so such an image is never shared with a definition that did not ask for it).
+pub fn derived_image_name(base: &str, packages: &[String], check_valid_until: bool) -> String {
     use sha2::Digest;
     let mut sorted: Vec<&String> = packages.iter().collect();
     sorted.sort();
@@ -139,6 +151,9 @@ pub fn derived_name(base: &str, packages: &[String]) -> String {
     for package in sorted {
         hasher.update(package.as_bytes());
         hasher.update(b"\n");
+    }
+    if !check_valid_until {
+        hasher.update(b"check-valid-until=false\n");
     }
     let digest = hasher.finalize();
     let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
@@ -305,6 +320,7 @@ mod tests {
             base: None,
             source: None,
             packages: vec![],
+            check_valid_until: None,
         };
         let dir = PathBuf::from("/d/images/debian-12-build");
         let result = ImageResult::Image {

@@ -38,6 +38,26 @@ pub struct Decision {
     pub decision: Verdict,
     /// Why: the rule that matched, or why none did.
     pub reason: String,
+    /// For a refusal, what kind it is: the policy's, a failure of an allowed host's
+    /// resolution or connection, or a bad request. Absent on allowed lines and from older
+    /// proxies (readers then take a refusal as the policy's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<DecisionClass>,
+}
+
+/// What kind of refusal a `deny` [`Decision`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionClass {
+    /// The policy refused it: the host, port or URL is not allowed (adding the host to
+    /// `[network] allow` may permit it).
+    Policy,
+    /// The host is allowed, but resolving it or connecting to it (TCP or TLS) failed: the
+    /// allow list is not at fault.
+    Upstream,
+    /// The request itself was refused: malformed, too big, over the proxy's capacity, or
+    /// looping back into the proxy.
+    Request,
 }
 
 /// The `"type"` of a [`Decision`] line (a one-value field, see `service::ReadyTag`).

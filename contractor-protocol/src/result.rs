@@ -223,6 +223,10 @@ pub struct BuildResult {
     /// all refused. Absent without a fetch phase.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refused_offline: Vec<String>,
+    /// Allowed hosts the proxy could not reach (resolution or connection failed), not
+    /// refused by the policy: one entry per host, with the first reason and how often.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstream_failures: Vec<UpstreamFailure>,
     /// The limit the build hit, if it hit one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<Limit>,
@@ -233,6 +237,19 @@ pub struct BuildResult {
     /// for a build on this machine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+}
+
+/// An allowed host the proxy could not reach during a build.
+/// `{"host":"registry.npmjs.org","reason":"cannot resolve the host: no answer within 10 s","count":611}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFailure {
+    /// The host as the client named it.
+    pub host: String,
+    /// Why, as the proxy said it the first time.
+    pub reason: String,
+    /// How many requests to it failed.
+    pub count: u64,
 }
 
 #[cfg(test)]

@@ -79,6 +79,9 @@ pub struct Packed {
     /// What was left out or not applied, one line each, for the user. Names in them are the
     /// project's, as they are: escape them before printing them on a terminal.
     pub warnings: Vec<String>,
+    /// Which rule chose the files and how many each left out (absent from older stores).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selection: Option<SourceSelection>,
 }
 
 impl Packed {
@@ -90,8 +93,36 @@ impl Packed {
             entries,
             bytes,
             warnings,
+            selection: None,
         }
     }
+}
+
+/// Which rule chose the packed files. `.git` and `.contractor` at the top are always left
+/// out. `{"rule":"git_work_tree","ignored":12,"tracked_kept":1}`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSelection {
+    /// The rule that applied.
+    pub rule: SourceRule,
+    /// Paths left out because a `.gitignore` pattern matches them (a directory left out
+    /// counts once, whatever it holds); 0 outside a git work tree.
+    pub ignored: u64,
+    /// Paths packed although a `.gitignore` pattern matches them, because git tracks them
+    /// (they are in the index); 0 outside a git work tree.
+    pub tracked_kept: u64,
+}
+
+/// How the files to pack were chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceRule {
+    /// The project is (in) a git work tree: its `.gitignore` files apply, except to files
+    /// git tracks, as git's own rule is.
+    GitWorkTree,
+    /// The project is in no git work tree (an unpacked crate, sdist or tarball): everything
+    /// is packed but `.contractor`; `.gitignore` files are packed, not applied.
+    Everything,
 }
 
 /// `cache prepare`: the job's cache, or null when the build keeps no directories.

@@ -16,6 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use contractor_protocol::proxy::DecisionClass;
 use http::StatusCode;
 use serde::Deserialize;
 
@@ -496,6 +497,17 @@ impl Denial {
         }
     }
 
+    /// The kind of refusal its decision line records: an allowed host that could not be
+    /// resolved is an upstream failure, not the policy's.
+    pub fn decision_class(&self) -> DecisionClass {
+        match self {
+            Denial::Unresolvable(_) => DecisionClass::Upstream,
+            Denial::Offline(_) => DecisionClass::Policy,
+            denial if denial.is_policy() => DecisionClass::Policy,
+            _ => DecisionClass::Request,
+        }
+    }
+
     /// Whether [`Mode::Report`] lets the request through anyway: a policy refusal, not a
     /// malformed request, a failure, or a loop back into the proxy.
     pub fn is_policy(&self) -> bool {
@@ -517,6 +529,17 @@ impl Denial {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unresolvable_host_is_an_upstream_failure_and_the_allowlist_a_policy() {
+        let unresolvable = Denial::Unresolvable(io::Error::other("no answer within 10 s"));
+        assert_eq!(unresolvable.decision_class(), DecisionClass::Upstream);
+        assert_eq!(
+            Denial::HostNotAllowed.decision_class(),
+            DecisionClass::Policy
+        );
+        assert_eq!(Denial::ManyHosts.decision_class(), DecisionClass::Request);
+    }
 
     fn config(rules: &[&str], nets: &[&str]) -> ProxyConfig {
         let mut config = ProxyConfig::new(Allowlist::parse(rules).expect("rules"));

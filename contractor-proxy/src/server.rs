@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use contractor_protocol::proxy::{
-    Decision, DecisionTag, Download, DownloadTag, DownloadTime, ProxyLine, Verdict,
+    Decision, DecisionClass, DecisionTag, Download, DownloadTag, DownloadTime, ProxyLine, Verdict,
     MAX_CONTENT_TYPE,
 };
 use http::header::{self, HeaderName, HeaderValue};
@@ -655,7 +655,14 @@ impl Proxy {
             Ok(admitted) => admitted,
             Err(denial) => return self.refuse(client, &method, target, denial),
         };
-        self.record(client, &method, &target, Verdict::Allow, admitted.reason);
+        self.record(
+            client,
+            &method,
+            &target,
+            Verdict::Allow,
+            admitted.reason,
+            None,
+        );
         let exchange = Arc::new(self.exchange(client, &method, &target, Verdict::Allow));
         if plain {
             let request = request.map(|body| body.map_err(BoxError::from).boxed());
@@ -727,7 +734,7 @@ impl Proxy {
                 return Some(self.refuse(client, method, target.clone(), denial));
             };
             let reason = format!("allowed by {rule}; offline: served from the download cache only");
-            self.record(client, method, target, Verdict::Allow, reason);
+            self.record(client, method, target, Verdict::Allow, reason, None);
             let exchange = Arc::new(self.exchange(client, method, target, Verdict::Allow));
             exchange.status.store(200, Ordering::Relaxed);
             let client_side = hyper::upgrade::on(request);
@@ -747,7 +754,7 @@ impl Proxy {
             .await
         {
             let reason = format!("allowed by {rule}; served from the download cache");
-            self.record(client, method, target, Verdict::Allow, reason);
+            self.record(client, method, target, Verdict::Allow, reason, None);
             return Some(response);
         }
         if self.config.offline {
@@ -1193,6 +1200,7 @@ impl Proxy {
                 target,
                 Verdict::Deny,
                 reason.clone(),
+                Some(DecisionClass::Upstream),
             );
             exchange.status.store(502, Ordering::Relaxed);
         })
@@ -1255,6 +1263,7 @@ impl Proxy {
                 target,
                 Verdict::Deny,
                 error_chain(&denial),
+                Some(denial.decision_class()),
             );
             self.config.metrics.denied(denial.class());
             return error_response(denial.status(), &denial);
@@ -1274,6 +1283,7 @@ impl Proxy {
                     target,
                     Verdict::Deny,
                     error_chain(&denial),
+                    Some(denial.decision_class()),
                 );
                 self.config.metrics.denied(denial.class());
                 return error_response(denial.status(), &denial);
@@ -1294,6 +1304,7 @@ impl Proxy {
                 target,
                 Verdict::Deny,
                 error_chain(&denial),
+                Some(denial.decision_class()),
             );
             self.config.metrics.denied(denial.class());
             return error_response(denial.status(), &denial);
@@ -1495,7 +1506,15 @@ impl Proxy {
         target: Target,
         denial: Denial,
     ) -> Response<ProxyBody> {
-        self.record(client, method, &target, Verdict::Deny, error_chain(&denial));
+        let class = Some(denial.decision_class());
+        self.record(
+            client,
+            method,
+            &target,
+            Verdict::Deny,
+            error_chain(&denial),
+            class,
+        );
         self.config.metrics.denied(denial.class());
         let status = denial.status();
         let exchange = self.exchange(client, method, &target, Verdict::Deny);
@@ -1663,6 +1682,7 @@ impl Proxy {
         target: &Target,
         decision: Verdict,
         reason: String,
+        class: Option<DecisionClass>,
     ) {
         if decision == Verdict::Allow {
             self.config.metrics.allowed();
@@ -1677,6 +1697,7 @@ impl Proxy {
             port: target.port,
             decision,
             reason,
+            class,
         }));
     }
 

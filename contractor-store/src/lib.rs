@@ -26,6 +26,7 @@ pub mod range;
 pub mod records;
 pub mod server;
 mod sys;
+pub mod worktree;
 
 pub use access::{generate_token, TokenTable};
 pub use path::{resolve, PathError, StorePath};

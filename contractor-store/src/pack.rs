@@ -5,10 +5,22 @@
 //! opens anything but a regular file: symlinks stay links, FIFOs, sockets and devices are
 //! left out with a warning, and regular files are opened with `O_NOFOLLOW | O_NONBLOCK` and
 //! checked again after opening, so one swapped for a FIFO or a link cannot hang or redirect
-//! us. `.gitignore` files are read the same way (at most [`MAX_GITIGNORE_BYTES`]); one that
-//! is not a small regular file is not applied and gives a warning. `.git`, the store
-//! directory `.contractor` and ignored paths are left out. Order is sorted, so the same tree
-//! gives the same tar.
+//! us. `.git` and the store directory `.contractor` are always left out.
+//!
+//! Which other files are packed follows what the project ships, chosen by one of two rules
+//! (reported in [`Packed::selection`]):
+//! - **in a git work tree** (see [`crate::worktree`]), `.gitignore` files apply as git
+//!   applies them, and a file git tracks is packed even when a pattern matches it (git's own
+//!   rule: patterns only keep untracked files out);
+//! - **in no work tree** (an unpacked crate, an sdist, a tarball), everything is packed:
+//!   such a tree ships exactly the files it means to, and its `.gitignore` (a crate's often
+//!   names `Cargo.lock`) describes the repository it came from, not this tree.
+//!
+//! `.gitignore` files are read the same way as the sources (at most
+//! [`MAX_GITIGNORE_BYTES`]); one that is not a small regular file is not applied and gives a
+//! warning. Only the `.gitignore` files inside the project directory apply (not those of a
+//! parent directory in the same work tree, nor `.git/info/exclude` or the user's
+//! `core.excludesFile`). Order is sorted, so the same tree gives the same tar.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -16,7 +28,9 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use contractor_protocol::file::{kind_name, open_regular, read_regular};
-use contractor_protocol::store::{Packed, SOURCE_PACK, SOURCE_TOO_MANY_ENTRIES, SOURCE_UNREADABLE};
+use contractor_protocol::store::{
+    Packed, SourceRule, SourceSelection, SOURCE_PACK, SOURCE_TOO_MANY_ENTRIES, SOURCE_UNREADABLE,
+};
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use ignore::Match;
 
@@ -96,6 +110,9 @@ struct Dir {
     path: PathBuf,
     children: std::vec::IntoIter<(OsString, std::fs::Metadata)>,
     gitignore: Option<Gitignore>,
+    /// Whether a pattern matches the directory itself (it is walked only for what git
+    /// tracks in it: everything else in it is left out too).
+    ignored: bool,
 }
 
 /// [`pack`] with at most `max_entries` entries (a bound above [`MAX_SOURCE_ENTRIES`] is
@@ -112,23 +129,47 @@ pub fn pack_at_most(project: &Path, tar: &Path, max_entries: usize) -> Result<Pa
     let mut warnings = Vec::new();
     let mut specials = 0usize;
     let mut entries = 0usize;
-    let mut stack = vec![open_dir(project, project, &mut warnings)?];
+    let work_tree = crate::worktree::find(project);
+    if let Some(warning) = work_tree.as_ref().and_then(|w| w.warning.clone()) {
+        warnings.push(warning);
+    }
+    let apply_gitignore = work_tree.is_some();
+    let mut selection = SourceSelection {
+        rule: if apply_gitignore {
+            SourceRule::GitWorkTree
+        } else {
+            SourceRule::Everything
+        },
+        ignored: 0,
+        tracked_kept: 0,
+    };
+    let mut stack = vec![open_dir(project, project, apply_gitignore, &mut warnings)?];
     while let Some(top) = stack.last_mut() {
         let Some((name, meta)) = top.children.next() else {
             stack.pop();
             continue;
         };
         let path = top.path.join(&name);
+        let parent_ignored = top.ignored;
         if stack.len() == 1 && (name == ".git" || name == ".contractor") {
             continue;
         }
         let kind = meta.file_type();
-        if ignored(&stack, &path, kind.is_dir()) {
-            continue;
-        }
         let Ok(relative) = path.strip_prefix(project).map(Path::to_path_buf) else {
             continue;
         };
+        let matched = parent_ignored || ignored(&stack, &path, kind.is_dir());
+        let tracked = matched
+            && work_tree
+                .as_ref()
+                .is_some_and(|w| w.tracks(&relative, kind.is_dir()));
+        if matched && !tracked {
+            selection.ignored += 1;
+            continue;
+        }
+        if tracked && !kind.is_dir() {
+            selection.tracked_kept += 1;
+        }
         if !(kind.is_file() || kind.is_dir() || kind.is_symlink()) {
             specials += 1;
             if specials <= MAX_SPECIAL_FILE_WARNINGS {
@@ -153,7 +194,8 @@ pub fn pack_at_most(project: &Path, tar: &Path, max_entries: usize) -> Result<Pa
             builder
                 .append_data(&mut header, &relative, std::io::empty())
                 .map_err(pack_err(&path))?;
-            let dir = open_dir(project, &path, &mut warnings)?;
+            let mut dir = open_dir(project, &path, apply_gitignore, &mut warnings)?;
+            dir.ignored = matched;
             stack.push(dir);
         } else if kind.is_symlink() {
             let target = std::fs::read_link(&path).map_err(|source| SourceError::Read {
@@ -193,7 +235,9 @@ pub fn pack_at_most(project: &Path, tar: &Path, max_entries: usize) -> Result<Pa
     let mut writer = builder.into_inner().map_err(pack_err(tar))?;
     std::io::Write::flush(&mut writer).map_err(pack_err(tar))?;
     let bytes = std::fs::metadata(tar).map_err(pack_err(tar))?.len();
-    Ok(Packed::new(entries as u64, bytes, warnings))
+    let mut packed = Packed::new(entries as u64, bytes, warnings);
+    packed.selection = Some(selection);
+    Ok(packed)
 }
 
 /// Reads exactly `left` bytes: a file that shrank while it was packed is an error, not a
@@ -236,8 +280,13 @@ fn ignored(stack: &[Dir], path: &Path, is_dir: bool) -> bool {
 }
 
 /// Lists the directory `path` (sorted by name, types from `lstat`) and reads its
-/// `.gitignore`.
-fn open_dir(project: &Path, path: &Path, warnings: &mut Vec<String>) -> Result<Dir, SourceError> {
+/// `.gitignore` when `apply_gitignore`.
+fn open_dir(
+    project: &Path,
+    path: &Path,
+    apply_gitignore: bool,
+    warnings: &mut Vec<String>,
+) -> Result<Dir, SourceError> {
     let read_err = |source| SourceError::Read {
         path: path.to_path_buf(),
         source,
@@ -254,12 +303,14 @@ fn open_dir(project: &Path, path: &Path, warnings: &mut Vec<String>) -> Result<D
     children.sort_by(|a, b| a.0.cmp(&b.0));
     let gitignore = children
         .iter()
+        .filter(|_| apply_gitignore)
         .find(|(name, _)| name == ".gitignore")
         .and_then(|(_, meta)| read_gitignore(project, path, meta, warnings));
     Ok(Dir {
         path: path.to_path_buf(),
         children: children.into_iter(),
         gitignore,
+        ignored: false,
     })
 }
 
@@ -372,6 +423,12 @@ mod tests {
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
     }
 
+    /// Makes `p` look like a git work tree with nothing tracked (a `.git` with a `HEAD`).
+    fn git_dir(p: &Path) {
+        std::fs::create_dir_all(p.join(".git")).expect("mkdir");
+        std::fs::write(p.join(".git/HEAD"), "ref: refs/heads/main\n").expect("write");
+    }
+
     fn pack_tree(p: &Path) -> (Packed, Vec<String>) {
         let out = tempfile::tempdir().expect("tempdir");
         let tar = out.path().join("source.tar");
@@ -384,6 +441,7 @@ mod tests {
     fn nested_gitignores_apply_below_their_directory_and_negations_win() {
         let project = tempfile::tempdir().expect("tempdir");
         let p = project.path();
+        git_dir(p);
         std::fs::create_dir_all(p.join("sub/build")).expect("mkdir");
         std::fs::write(p.join(".gitignore"), "*.log\n!keep.log\n").expect("write");
         std::fs::write(p.join("sub/.gitignore"), "build/\n").expect("write");
@@ -404,6 +462,7 @@ mod tests {
         std::fs::write(outside.path().join("host-file"), "secret.txt\n").expect("write");
         let project = tempfile::tempdir().expect("tempdir");
         let p = project.path();
+        git_dir(p);
         std::fs::write(p.join("secret.txt"), "x").expect("write");
         std::os::unix::fs::symlink(outside.path().join("host-file"), p.join(".gitignore"))
             .expect("symlink");
@@ -419,6 +478,7 @@ mod tests {
     fn a_gitignore_that_is_a_fifo_a_directory_or_too_big_is_not_applied() {
         let project = tempfile::tempdir().expect("tempdir");
         let p = project.path();
+        git_dir(p);
         for d in ["fifo", "dir/.gitignore", "big"] {
             std::fs::create_dir_all(p.join(d)).expect("mkdir");
         }
@@ -480,5 +540,129 @@ mod tests {
         assert!(err.is_project_error());
         assert_eq!(err.code(), SOURCE_TOO_MANY_ENTRIES);
         assert!(err.to_string().contains("has more than 2 entries"), "{err}");
+    }
+
+    fn git(dir: &Path, args: &[&str]) {
+        let status = std::process::Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run git");
+        assert!(status.success(), "git {args:?}");
+    }
+
+    #[test]
+    fn outside_a_work_tree_gitignore_is_packed_not_applied() {
+        // An unpacked crate: its .gitignore names Cargo.lock, which it ships anyway.
+        let project = tempfile::tempdir().expect("tempdir");
+        let p = project.path();
+        std::fs::create_dir_all(p.join("src")).expect("mkdir");
+        std::fs::create_dir_all(p.join(".contractor/builds")).expect("mkdir");
+        std::fs::write(p.join(".gitignore"), "/target\nCargo.lock\n").expect("write");
+        std::fs::write(p.join("Cargo.lock"), "# lock").expect("write");
+        std::fs::write(p.join("Cargo.toml"), "[package]").expect("write");
+        std::fs::write(p.join("src/lib.rs"), "").expect("write");
+        let (packed, names) = pack_tree(p);
+        assert_eq!(
+            names,
+            [
+                ".gitignore",
+                "Cargo.lock",
+                "Cargo.toml",
+                "src",
+                "src/lib.rs"
+            ]
+        );
+        assert_eq!(
+            packed.selection,
+            Some(SourceSelection {
+                rule: SourceRule::Everything,
+                ignored: 0,
+                tracked_kept: 0
+            })
+        );
+    }
+
+    #[test]
+    fn in_a_work_tree_ignored_files_stay_out_but_tracked_ones_are_packed() {
+        let project = tempfile::tempdir().expect("tempdir");
+        let p = project.path();
+        git(p, &["init", "-q"]);
+        std::fs::create_dir_all(p.join("vendor/keep")).expect("mkdir");
+        std::fs::create_dir_all(p.join("target")).expect("mkdir");
+        std::fs::write(
+            p.join(".gitignore"),
+            "Cargo.lock\n/target\nvendor/\n*.log\n",
+        )
+        .expect("write");
+        std::fs::write(p.join("Cargo.lock"), "# lock").expect("write");
+        std::fs::write(p.join("vendor/keep/tracked.c"), "").expect("write");
+        std::fs::write(p.join("vendor/keep/untracked.c"), "").expect("write");
+        std::fs::write(p.join("vendor/other.c"), "").expect("write");
+        std::fs::write(p.join("target/out"), "").expect("write");
+        std::fs::write(p.join("build.log"), "").expect("write");
+        std::fs::write(p.join("src.c"), "").expect("write");
+        git(p, &["add", ".gitignore", "src.c"]);
+        git(p, &["add", "-f", "Cargo.lock", "vendor/keep/tracked.c"]);
+        let (packed, names) = pack_tree(p);
+        assert_eq!(
+            names,
+            [
+                ".gitignore",
+                "Cargo.lock",
+                "src.c",
+                "vendor",
+                "vendor/keep",
+                "vendor/keep/tracked.c"
+            ]
+        );
+        assert_eq!(
+            packed.selection,
+            Some(SourceSelection {
+                rule: SourceRule::GitWorkTree,
+                // build.log, target, vendor/keep/untracked.c, vendor/other.c
+                ignored: 4,
+                tracked_kept: 2
+            })
+        );
+        assert!(packed.warnings.is_empty(), "{:?}", packed.warnings);
+
+        // The same from an index git wrote in version 4.
+        git(p, &["update-index", "--index-version", "4"]);
+        assert_eq!(pack_tree(p), (packed, names));
+
+        // A project in a subdirectory of the work tree is in it too (the parent's
+        // .gitignore is not read: only the project's own).
+        std::fs::write(p.join("vendor/.gitignore"), "*.c\n").expect("write");
+        let (packed, names) = pack_tree(&p.join("vendor"));
+        assert_eq!(names, [".gitignore", "keep", "keep/tracked.c"]);
+        assert_eq!(packed.selection.map(|s| s.tracked_kept), Some(1));
+    }
+
+    #[test]
+    fn a_work_tree_whose_index_is_garbage_applies_gitignore_with_a_warning() {
+        let project = tempfile::tempdir().expect("tempdir");
+        let p = project.path();
+        git_dir(p);
+        std::fs::write(p.join(".git/index"), "DIRC garbage").expect("write");
+        std::fs::write(p.join(".gitignore"), "*.o\n").expect("write");
+        std::fs::write(p.join("a.o"), "").expect("write");
+        let (packed, names) = pack_tree(p);
+        assert_eq!(names, [".gitignore"]);
+        assert_eq!(packed.warnings.len(), 1, "{:?}", packed.warnings);
+        assert!(
+            packed.warnings[0].contains("cannot tell which files git tracks"),
+            "{:?}",
+            packed.warnings
+        );
     }
 }

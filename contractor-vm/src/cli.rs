@@ -125,6 +125,11 @@ pub enum ImageCommand {
         /// A Debian package the derived image adds (repeatable).
         #[arg(long = "package", requires = "base")]
         packages: Vec<String>,
+        /// Build the derived image without checking the mirror's Release files against
+        /// their Valid-Until date (a snapshot or stale mirror); recorded in its manifest and
+        /// part of its name.
+        #[arg(long, requires = "base")]
+        no_check_valid_until: bool,
     },
     /// Make a builder image of your own disk (any Linux with an ext2/3/4 root file system:
     /// a partitioned cloud image, or a file system on the whole disk with --kernel/--initrd).
@@ -568,9 +573,12 @@ pub fn image_command(command: ImageCommand) -> Result<ImageResult, ImageError> {
             name,
             base,
             packages,
+            no_check_valid_until,
         } => {
             let image = match (name, base) {
-                (_, Some(base)) => crate::image::ensure_derived(&base, &packages)?,
+                (_, Some(base)) => {
+                    crate::image::ensure_derived(&base, &packages, !no_check_valid_until)?
+                }
                 (Some(name), None) => crate::image::ensure(&name)?,
                 // clap requires one of the two.
                 (None, None) => return Err(crate::image::ImageError::BadBase(String::new())),

@@ -41,6 +41,9 @@ pub struct Recipe {
     suite: &'static str,
     extra: Vec<String>,
     derived: Option<(String, Vec<String>)>,
+    /// Whether apt checks the mirror's Release files against their `Valid-Until` date
+    /// (always, unless a derived image's definition turns it off).
+    check_valid_until: bool,
 }
 
 /// The recipe of a built-in image.
@@ -55,13 +58,22 @@ fn recipe(name: &str) -> Option<Recipe> {
         suite,
         extra: extra.iter().map(ToString::to_string).collect(),
         derived: None,
+        check_valid_until: true,
     })
 }
 
 /// The recipe of the image derived from `base` (`debian-12`, `debian-13`,
-/// `debian-unstable`) with `packages`, and its name ([`derived_name`]): each package
-/// checked to be a Debian package name, sorted, each once.
-pub fn derived(base: &str, packages: &[String]) -> Result<(String, Recipe), ImageError> {
+/// `debian-unstable`) with `packages`, and its name ([`derived_image_name`]): each package
+/// checked to be a Debian package name, sorted, each once. `check_valid_until = false`
+/// has apt accept a mirror whose Release file is past its `Valid-Until` date (a snapshot,
+/// a slow mirror); it is part of the name and recorded in the manifest.
+///
+/// [`derived_image_name`]: contractor_protocol::image::derived_image_name
+pub fn derived(
+    base: &str,
+    packages: &[String],
+    check_valid_until: bool,
+) -> Result<(String, Recipe), ImageError> {
     let suite = contractor_protocol::image::DERIVED_BASES
         .iter()
         .find(|(b, _)| *b == base)
@@ -79,13 +91,14 @@ pub fn derived(base: &str, packages: &[String]) -> Result<(String, Recipe), Imag
     let mut sorted = packages.to_vec();
     sorted.sort();
     sorted.dedup();
-    let name = contractor_protocol::image::derived_name(base, &sorted);
+    let name = contractor_protocol::image::derived_image_name(base, &sorted, check_valid_until);
     Ok((
         name,
         Recipe {
             suite,
             extra: sorted.clone(),
             derived: Some((base.to_string(), sorted)),
+            check_valid_until,
         },
     ))
 }
@@ -121,6 +134,7 @@ pub fn new_manifest(
         base: None,
         packages: Vec::new(),
         source: None,
+        check_valid_until: None,
     })
 }
 
@@ -320,6 +334,42 @@ pub enum ImageError {
     /// The Debian mirror has no package of a derived image's (apt's own message).
     #[error("the image's packages cannot be installed: {0}")]
     NoSuchPackage(String),
+    /// mmdebstrap (or the apt it runs) failed: its `E:` lines, apt's own first, and the
+    /// file that keeps its whole output.
+    #[error("{}", apt_message(errors, log))]
+    Apt {
+        /// The `E:` lines (at most [`tool::MAX_ERROR_LINES`]), apt's before mmdebstrap's.
+        errors: Vec<String>,
+        /// The whole output.
+        log: PathBuf,
+    },
+}
+
+/// The apt option `[image] check_valid_until = false` passes to mmdebstrap.
+pub const NO_VALID_UNTIL_APTOPT: &str = "--aptopt=Acquire::Check-Valid-Until \"false\"";
+
+/// The message of [`ImageError::Apt`]: `mmdebstrap failed: E: …; E: … (full log: PATH)`,
+/// with what to do when a Release file has expired.
+fn apt_message(errors: &[String], log: &Path) -> String {
+    let said = match errors.is_empty() {
+        true => "it printed no E: line".to_string(),
+        false => errors.join("; "),
+    };
+    let expired = errors
+        .iter()
+        .any(|e| e.contains("is expired") || e.contains("Valid-Until"));
+    let hint = match expired {
+        true => {
+            " — the mirror's Release file is past its Valid-Until date (a snapshot or a \
+                 stale mirror); to accept it, set `check_valid_until = false` under [image] \
+                 in contractor.toml"
+        }
+        false => "",
+    };
+    format!(
+        "mmdebstrap failed: {said}{hint} (full log: {})",
+        log.display()
+    )
 }
 
 /// The names of the bases a derived image can start from, for messages.
@@ -361,6 +411,7 @@ impl ImageError {
             | ImageError::AgentTooLarge { .. }
             | ImageError::Locate(_)
             | ImageError::Tool { .. }
+            | ImageError::Apt { .. }
             | ImageError::TooMuchOutput { .. }
             | ImageError::Spawn { .. }
             | ImageError::File { .. }
@@ -399,6 +450,7 @@ impl ImageError {
             | ImageError::AgentNotWritten { .. }
             | ImageError::NotUtf8(_) => "bad_import",
             ImageError::Tool { .. } | ImageError::TooMuchOutput { .. } => "image_tool",
+            ImageError::Apt { .. } => "image_apt",
             ImageError::Spawn { .. } => "image_tool_missing",
             ImageError::File { .. } => "image_file",
             ImageError::NoBootFile(_) | ImageError::Modules(_) | ImageError::BadModule { .. } => {
@@ -513,8 +565,12 @@ pub fn ensure(name: &str) -> Result<Image, ImageError> {
 
 /// The image derived from `base` with `packages` ([`derived`]), built first when missing
 /// or when it carries another agent.
-pub fn ensure_derived(base: &str, packages: &[String]) -> Result<Image, ImageError> {
-    let (name, recipe) = derived(base, packages)?;
+pub fn ensure_derived(
+    base: &str,
+    packages: &[String],
+    check_valid_until: bool,
+) -> Result<Image, ImageError> {
+    let (name, recipe) = derived(base, packages, check_valid_until)?;
     ensure_with(&name, Some(recipe))
 }
 
@@ -729,6 +785,8 @@ fn build(
         .unwrap_or_else(|_| "http://deb.debian.org/debian".into());
     let progress = Progress::start(&format!("building image {name}"));
     let scratch = images.join(format!(".build-{name}-{}", std::process::id()));
+    // mmdebstrap's whole output, kept beside the images when it fails (named in the error).
+    let log = images.join(format!(".build-{name}.log"));
     let _ = std::fs::remove_dir_all(&scratch);
     create_dir_world_readable(&scratch)?;
     let result = (|| {
@@ -742,6 +800,9 @@ fn build(
             .arg(format!("--include={PACKAGES}{extra_packages}"))
             .arg(format!("--customize-hook={upload}"))
             .arg(format!("--customize-hook={chmod}"));
+        if !recipe.check_valid_until {
+            mmdebstrap.arg(NO_VALID_UNTIL_APTOPT);
+        }
         // The guest trusts what the host trusts: Debian's authorities plus the host's own
         // additions (e.g. a company proxy that inspects TLS).
         if has_local_cas(Path::new(LOCAL_CAS)) {
@@ -753,13 +814,17 @@ fn build(
         }
         mmdebstrap.args([suite, path_str(&root)?, &mirror]);
         tool::own_group_dying_with_us(&mut mmdebstrap);
-        tool::run(&mut mmdebstrap, &progress).map_err(|err| match err {
+        tool::run_logged(&mut mmdebstrap, &progress, &log).map_err(|err| match err {
             // apt's own words name the package the mirror lacks.
-            ImageError::Tool { detail, .. }
-                if recipe.derived.is_some() && detail.contains("Unable to locate package") =>
+            ImageError::Apt { errors, .. }
+                if recipe.derived.is_some()
+                    && errors
+                        .iter()
+                        .any(|l| l.contains("Unable to locate package")) =>
             {
-                let apt: Vec<&str> = detail
-                    .lines()
+                let apt: Vec<&str> = errors
+                    .iter()
+                    .map(String::as_str)
                     .filter(|l| l.contains("Unable to locate package"))
                     .collect();
                 ImageError::NoSuchPackage(apt.join("; "))
@@ -824,6 +889,9 @@ fn build(
             manifest.base = Some(base.clone());
             manifest.packages = packages.clone();
         }
+        if !recipe.check_valid_until {
+            manifest.check_valid_until = Some(false);
+        }
         write_manifest(&scratch, &manifest)?;
         make_world_readable(&scratch)?;
 
@@ -835,7 +903,10 @@ fn build(
         Ok(Image { dir, manifest })
     })();
     match &result {
-        Ok(_) => progress.finish("ready"),
+        Ok(_) => {
+            let _ = std::fs::remove_file(&log);
+            progress.finish("ready")
+        }
         Err(_) => {
             drop(progress);
             let _ = std::fs::remove_dir_all(&scratch);
@@ -1054,6 +1125,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn check_valid_until_off_is_its_own_image_and_tells_apt() {
+        let packages = ["nodejs".to_string()];
+        let (checked, recipe) = derived("debian-unstable", &packages, true).expect("checked");
+        assert!(recipe.check_valid_until);
+        let (unchecked, recipe) = derived("debian-unstable", &packages, false).expect("unchecked");
+        assert!(!recipe.check_valid_until);
+        assert_ne!(checked, unchecked);
+        assert_eq!(
+            NO_VALID_UNTIL_APTOPT,
+            r#"--aptopt=Acquire::Check-Valid-Until "false""#
+        );
+    }
+
+    #[test]
     fn boot_files_are_found_in_a_debugfs_listing() {
         let listing = "/5122/040755/0/0/./\n/2/040755/0/0/../\n/5633/100644/0/0/System.map-6.1.0-50-cloud-amd64/83/\n\
                        /6657/100644/0/0/initrd.img-6.1.0-50-cloud-amd64/14401936/\n\
@@ -1096,6 +1181,7 @@ mod tests {
                 base: None,
                 packages: Vec::new(),
                 source: None,
+                check_valid_until: None,
             };
             if let Some(base) = base {
                 manifest.base = Some(base.into());
@@ -1175,7 +1261,7 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect();
-        let (name, recipe) = derived("debian-13", &packages).expect("derived");
+        let (name, recipe) = derived("debian-13", &packages, true).expect("derived");
         assert!(check_name(&name).is_ok(), "{name}");
         assert_eq!(recipe.suite, "trixie");
         assert_eq!(recipe.extra, ["nodejs", "python3-pytest"]);
@@ -1183,14 +1269,14 @@ mod tests {
             recipe.derived,
             Some(("debian-13".to_string(), recipe.extra.clone()))
         );
-        let err = derived("ubuntu", &[]).expect_err("no such base");
+        let err = derived("ubuntu", &[], true).expect_err("no such base");
         assert_eq!(err.code(), "bad_packages");
         assert!(
             err.to_string()
                 .contains("debian-12, debian-13, debian-unstable"),
             "{err}"
         );
-        let err = derived("debian-12", &["a,--hook=x".into()]).expect_err("not a name");
+        let err = derived("debian-12", &["a,--hook=x".into()], true).expect_err("not a name");
         assert_eq!(err.exit_code(), ExitCode::BadInput);
     }
 }

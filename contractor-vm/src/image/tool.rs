@@ -104,6 +104,120 @@ pub fn run(command: &mut Command, progress: &Progress) -> Result<(), ImageError>
     })
 }
 
+/// Most `E:` lines kept for [`ImageError::Apt`]: 8.
+pub const MAX_ERROR_LINES: usize = 8;
+/// Most bytes of output [`run_logged`] writes to its log: 64 MiB (the rest is counted).
+pub const MAX_LOG_BYTES: u64 = 64 << 20;
+
+/// The `E:` lines of mmdebstrap's output, apt's own first (mmdebstrap's are the ones that
+/// only say which of its steps failed), each once, at most [`MAX_ERROR_LINES`].
+pub fn error_lines<'a>(output: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut apt = Vec::new();
+    let mut ours = Vec::new();
+    for line in output {
+        let line = line.trim_end_matches('\r');
+        let Some(said) = line.strip_prefix("E: ") else {
+            continue;
+        };
+        // mmdebstrap's own: "E: apt-get update … failed", "E: setup failed: …",
+        // "E: mmdebstrap failed …", "E: run_chroot failed: …".
+        let mmdebstrap = said.ends_with(" failed")
+            || said.contains("failed: E: ")
+            || said.starts_with("setup failed")
+            || said.starts_with("mmdebstrap")
+            || said.starts_with("run_");
+        if apt.iter().chain(ours.iter()).any(|l: &String| l == line) {
+            continue;
+        }
+        match mmdebstrap {
+            true => ours.push(line.to_string()),
+            false => apt.push(line.to_string()),
+        }
+    }
+    apt.extend(ours);
+    apt.truncate(MAX_ERROR_LINES);
+    apt
+}
+
+/// Runs mmdebstrap as [`run`] does, writing its whole output (stderr, then stdout, at most
+/// [`MAX_LOG_BYTES`]) to `log`; a failure is [`ImageError::Apt`]: its `E:` lines and the log.
+pub fn run_logged(
+    command: &mut Command,
+    progress: &Progress,
+    log: &std::path::Path,
+) -> Result<(), ImageError> {
+    use std::io::Write;
+    let shown = shown(command);
+    let file = std::fs::File::create(log).map_err(|source| ImageError::File {
+        what: "cannot write",
+        path: log.to_path_buf(),
+        source,
+    })?;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| ImageError::Spawn {
+            command: shown.clone(),
+            source,
+        })?;
+    let writer = std::sync::Arc::new(std::sync::Mutex::new((std::io::BufWriter::new(file), 0u64)));
+    let keep =
+        |writer: &std::sync::Arc<std::sync::Mutex<(std::io::BufWriter<std::fs::File>, u64)>>,
+         line: &str,
+         errors: &mut Vec<String>| {
+            if let Ok(mut guard) = writer.lock() {
+                let (out, written) = &mut *guard;
+                if *written < MAX_LOG_BYTES {
+                    let _ = writeln!(out, "{line}");
+                    *written += line.len() as u64 + 1;
+                }
+            }
+            // Only the E: lines are kept in memory, and a bounded number of them.
+            if line.starts_with("E: ") && errors.len() < 4 * MAX_ERROR_LINES {
+                errors.push(line.to_string());
+            }
+        };
+    let stdout = child.stdout.take();
+    let out_writer = std::sync::Arc::clone(&writer);
+    let out_thread = std::thread::spawn(move || {
+        let mut errors = Vec::new();
+        if let Some(out) = stdout {
+            tail_lines(out, |line| keep(&out_writer, line, &mut errors));
+        }
+        errors
+    });
+    let mut errors = Vec::new();
+    if let Some(stderr) = child.stderr.take() {
+        tail_lines(stderr, |line| {
+            progress.detail(line.trim_start_matches("I: "));
+            keep(&writer, line, &mut errors);
+        });
+    }
+    errors.extend(out_thread.join().unwrap_or_default());
+    let status = child.wait().map_err(|source| ImageError::Spawn {
+        command: shown.clone(),
+        source,
+    })?;
+    if let Ok(mut guard) = writer.lock() {
+        let (out, _) = &mut *guard;
+        let _ = writeln!(out, "{shown}: {status}");
+        let _ = out.flush();
+    }
+    if status.success() {
+        return Ok(());
+    }
+    let mut errors = error_lines(errors.iter().map(String::as_str));
+    if errors.is_empty() {
+        errors.push(format!("{status}"));
+    }
+    Err(ImageError::Apt {
+        errors,
+        log: log.to_path_buf(),
+    })
+}
+
 /// Runs `command` and returns its stdout as text (at most [`MAX_TEXT`] bytes).
 pub fn output(command: &mut Command) -> Result<String, ImageError> {
     bytes(command, MAX_TEXT).map(|out| String::from_utf8_lossy(&out).into_owned())
@@ -178,6 +292,61 @@ pub fn own_group_dying_with_us(command: &mut Command) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn apts_own_error_lines_come_first_each_once() {
+        let output = "I: automatically chosen format: ext2
+I: running apt-get update...
+E: Release file for http://deb.debian.org/debian/dists/sid/InRelease is expired (invalid since 28d 3h 2min 1s). Updates for this repository will not be applied.
+E: apt-get update -oAPT::Status-Fd=<$fd> -oDpkg::Use-Pty=false failed
+E: Release file for http://deb.debian.org/debian/dists/sid/InRelease is expired (invalid since 28d 3h 2min 1s). Updates for this repository will not be applied.
+W: some warning
+E: setup failed: E: apt-get update -oAPT::Status-Fd=<$fd> -oDpkg::Use-Pty=false failed";
+        assert_eq!(
+            error_lines(output.lines()),
+            [
+                "E: Release file for http://deb.debian.org/debian/dists/sid/InRelease is expired (invalid since 28d 3h 2min 1s). Updates for this repository will not be applied.",
+                "E: apt-get update -oAPT::Status-Fd=<$fd> -oDpkg::Use-Pty=false failed",
+                "E: setup failed: E: apt-get update -oAPT::Status-Fd=<$fd> -oDpkg::Use-Pty=false failed",
+            ]
+        );
+        let many: Vec<String> = (0..50).map(|i| format!("E: error {i}")).collect();
+        assert_eq!(
+            error_lines(many.iter().map(String::as_str)).len(),
+            MAX_ERROR_LINES
+        );
+    }
+
+    #[test]
+    fn a_failed_run_says_its_error_lines_and_keeps_the_whole_output_in_the_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("build.log");
+        let progress = Progress::start("test");
+        let err = run_logged(
+            Command::new("sh").args([
+                "-c",
+                "echo 'I: step'>&2; echo out; echo 'E: Release file for x is expired (invalid since 28d)'>&2; echo 'E: apt-get update failed'>&2; exit 1",
+            ]),
+            &progress,
+            &log,
+        )
+        .expect_err("fails");
+        let message = err.to_string();
+        assert!(
+            message.starts_with("mmdebstrap failed: E: Release file for x is expired (invalid since 28d); E: apt-get update failed"),
+            "{message}"
+        );
+        assert!(message.contains("check_valid_until = false"), "{message}");
+        assert!(
+            message.ends_with(&format!("(full log: {})", log.display())),
+            "{message}"
+        );
+        assert!(!message.contains('\n'), "one line: {message}");
+        let kept = std::fs::read_to_string(&log).expect("log");
+        for line in ["I: step", "out", "E: apt-get update failed"] {
+            assert!(kept.contains(line), "{kept}");
+        }
+    }
 
     #[test]
     fn output_is_bounded() {

@@ -90,19 +90,25 @@ pub struct Disks<'a> {
 }
 
 /// The `<backingStore>` chain of `layers` (nearest first), ending in an empty one: the last
-/// layer stands on nothing else. Each layer is marked not to be relabelled. No layers: no
-/// element (libvirt then finds none behind a raw file).
-fn backing_xml(layers: &[Layer], indent: usize) -> String {
+/// layer stands on nothing else. With `keep_owner` each layer is marked not to be
+/// relabelled (libvirt's DAC driver; it exists only where libvirt runs privileged: under
+/// `qemu:///session` a `<seclabel model='dac'>` fails the domain, and nothing is relabelled
+/// there anyway). No layers: no element (libvirt then finds none behind a raw file).
+fn backing_xml(layers: &[Layer], indent: usize, keep_owner: bool) -> String {
     let mut out = String::new();
     if layers.is_empty() {
         return out;
     }
     for (depth, layer) in layers.iter().enumerate() {
         let pad = " ".repeat(indent + 2 * depth);
+        let seclabel = if keep_owner {
+            format!("\n{pad}    <seclabel model='dac' relabel='no'/>\n{pad}  ")
+        } else {
+            String::new()
+        };
         out.push_str(&format!(
             "{pad}<backingStore type='file'>\n{pad}  <format type='{}'/>\n\
-             {pad}  <source file='{}'>\n{pad}    <seclabel model='dac' relabel='no'/>\n\
-             {pad}  </source>\n",
+             {pad}  <source file='{}'>{seclabel}</source>\n",
             escape(&layer.format),
             esc_path(&layer.path)
         ));
@@ -194,7 +200,8 @@ pub struct Emulator<'a> {
 ///
 /// With `emulator` (under `qemu:///session`) libvirt runs the launcher instead of its
 /// default QEMU and gives it [`POLICY_ENV`]; without it (`qemu:///system`) libvirt's default
-/// emulator runs as its own unprivileged user.
+/// emulator runs as its own unprivileged user, and every backing layer carries
+/// `<seclabel model='dac' relabel='no'/>`.
 ///
 /// `accel` should already be resolved (see [`crate::accel::resolve`]); `Auto` is written as
 /// TCG. Paths are written as given: [`crate::create`] makes them absolute and rejects
@@ -316,14 +323,14 @@ pub fn domain_xml(
         kernel = esc_path(&image.kernel),
         cmdline = escape(&kernel_cmdline(&image.cmdline, accel)),
         overlay = esc_path(disks.overlay),
-        overlay_backing = backing_xml(disks.overlay_backing, 6),
+        overlay_backing = backing_xml(disks.overlay_backing, 6, emulator.is_none()),
         build_disk = disks.build.map_or(String::new(), |path| format!(
             "    <disk type='file' device='disk'>\n      \
              <driver name='qemu' type='{}' cache='unsafe'/>\n      \
              <source file='{}'/>\n{}      <target dev='vdb' bus='virtio'/>\n    </disk>\n",
             disks.build_format.as_str(),
             esc_path(path),
-            backing_xml(disks.build_backing, 6)
+            backing_xml(disks.build_backing, 6, emulator.is_none())
         )),
         console_log = esc_path(&spec.console_log),
         control = channel(CONTROL_PORT),
@@ -819,7 +826,10 @@ mod tests {
             Accel::Tcg,
             &Disks {
                 overlay: Path::new("/work/it's <o>.qcow2"),
-                overlay_backing: &[],
+                overlay_backing: &[Layer {
+                    path: "/images/base.qcow2".into(),
+                    format: "qcow2".into(),
+                }],
                 build: None,
                 build_format: DiskFormat::Raw,
                 build_backing: &[],
@@ -832,6 +842,13 @@ mod tests {
             }),
         );
         let doc = roxmltree::Document::parse(&text).expect("well-formed XML");
+        // The chain is written out, without a DAC seclabel: qemu:///session has no DAC
+        // driver and would refuse the domain.
+        assert!(
+            text.contains("<source file='/images/base.qcow2'></source>"),
+            "{text}"
+        );
+        assert!(!text.contains("seclabel"), "{text}");
         let emulator: Vec<_> = doc
             .descendants()
             .filter(|n| n.has_tag_name("emulator"))

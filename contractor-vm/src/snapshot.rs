@@ -12,7 +12,7 @@
 //! Layout, under the image's directory:
 //!
 //! ```text
-//! snapshots/<key hash>-<slot>/snapshot.json   the key, the domain's UUID
+//! snapshots/<key hash>-<slot>/snapshot.json   the key, the domain's UUID, the files' seals
 //!                             state.save      libvirt's saved state (memory and devices)
 //!                             root.qcow2      the root overlay as it was when saved
 //!                             disk.raw        the build disk as it was when saved
@@ -24,7 +24,9 @@
 //! snapshot runs as at most one VM at a time: a key has up to [`SLOTS_PER_KEY`] slots,
 //! each its own snapshot and domain name (`contractor-snap-<hash>-<slot>`), claimed with
 //! `flock` for the life of the VM. A restored VM gets new overlays on the slot's root and
-//! build disk (the slot's files are only ever read), new channel sockets, its own console
+//! build disk (the slot's files are only ever read, and never handed to QEMU's user: see
+//! [`crate::xml`]; they are sealed when made and checked before each restore, see
+//! [`seal`]), new channel sockets, its own console
 //! log and owner, and a new VM generation ID; its clock and randomness come with its job
 //! (the agent sets them, see contractor-run's `guest::fresh`). An image keeps at most
 //! [`MAX_SNAPSHOTS`] snapshots; making one more removes the least recently used one that is
@@ -400,6 +402,19 @@ fn read_record(dir: &Path) -> Result<Option<Record>, String> {
 /// `record` once its files are found as they were sealed (a file whose identity changed is
 /// hashed again and, unchanged, recorded with its new identity); `Err` says which changed.
 fn checked(dir: &Path, mut record: Record) -> Result<Record, String> {
+    let mut wanted = vec![STATE_FILE, ROOT_FILE];
+    if record.key.disk_gib.is_some() {
+        wanted.push(DISK_FILE);
+    }
+    if let Some(missing) = wanted
+        .iter()
+        .find(|name| !record.files.iter().any(|f| f.name == **name))
+    {
+        return Err(format!(
+            "the snapshot was discarded, not restored: {} has no seal of {missing}",
+            dir.join(RECORD_FILE).display()
+        ));
+    }
     match seal::check(dir, &record.files) {
         Ok(seal::Checked::Unchanged) => Ok(record),
         Ok(seal::Checked::Resealed(files)) => {
@@ -874,6 +889,20 @@ mod tests {
         }
         let read = read_record(&again.dir).expect("readable").expect("present");
         assert_eq!(read.key, key());
+        let err = checked(&again.dir, read.clone()).expect_err("no seals");
+        assert!(err.contains("no seal of state.save"), "{err}");
+        let sealed = [STATE_FILE, ROOT_FILE, DISK_FILE]
+            .into_iter()
+            .map(|name| seal::seal(&again.dir, name).expect("seal"))
+            .collect();
+        let record = Record {
+            files: sealed,
+            ..read
+        };
+        assert!(checked(&again.dir, record.clone()).is_ok());
+        std::fs::write(again.dir.join(ROOT_FILE), b"y").expect("write");
+        let err = checked(&again.dir, record).expect_err("changed");
+        assert!(err.contains("root.qcow2 changed"), "{err}");
         std::fs::write(again.dir.join(RECORD_FILE), b"{").expect("write");
         assert!(read_record(&again.dir).is_err(), "unparsable is unreadable");
     }

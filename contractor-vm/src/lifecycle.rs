@@ -688,10 +688,20 @@ mod tests {
         let young = make("contractor-young.qcow2", None);
         let foreign = make("test.qcow2", Some(old));
         let other = make("contractor-gone2.console.log", Some(old));
+        let kernel = make("contractor-gone1.vmlinuz", Some(old));
+        let initrd = make("contractor-gone1.initrd", Some(old));
         let mut deleted = sweep_work_dir(&conn, dir.path());
         deleted.sort();
-        assert_eq!(deleted, vec![disk.clone(), leftover.clone()]);
-        assert!(!leftover.exists() && !disk.exists());
+        assert_eq!(
+            deleted,
+            vec![
+                disk.clone(),
+                initrd.clone(),
+                leftover.clone(),
+                kernel.clone()
+            ]
+        );
+        assert!(!leftover.exists() && !disk.exists() && !kernel.exists() && !initrd.exists());
         assert!(young.exists() && foreign.exists() && other.exists());
     }
 

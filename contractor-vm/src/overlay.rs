@@ -393,8 +393,20 @@ mod tests {
         assert!(other.exists());
         let mine = overlay_path(dir.path(), "contractor-a");
         fs::write(&mine, b"x").expect("write");
+        let kernel = dir.path().join("vmlinuz");
+        fs::write(&kernel, b"k").expect("write");
+        let copy = copy_boot_file(&kernel, dir.path(), "contractor-a", "vmlinuz").expect("copy");
+        assert_eq!(copy, dir.path().join("contractor-a.vmlinuz"));
+        assert_eq!(
+            fs::metadata(&copy).expect("stat").permissions().mode() & 0o777,
+            0o644
+        );
         assert!(delete_overlay(&mine, "contractor-a").expect("delete"));
-        assert!(!mine.exists());
+        assert!(
+            !mine.exists() && !copy.exists(),
+            "the copies go with the overlay"
+        );
+        assert!(kernel.exists(), "the image's file stays");
         assert!(!delete_overlay(&mine, "contractor-a").expect("missing is fine"));
     }
 

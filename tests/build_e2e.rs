@@ -1511,7 +1511,10 @@ fn a_stale_or_broken_snapshot_means_a_cold_boot_and_a_working_build() {
     assert_eq!(result.outcome, Outcome::Success, "stderr:\n{stderr}");
     let broken = broken.expect("a snapshot report");
     let reason = broken.reason.clone().unwrap_or_default();
-    assert!(reason.contains("could not be restored"), "{broken:?}");
+    assert!(
+        reason.contains("not restored") && reason.contains("state.save changed"),
+        "{broken:?}"
+    );
     assert!(broken.created, "{broken:?}");
 
     // And the new snapshot serves the next build.
@@ -1520,6 +1523,127 @@ fn a_stale_or_broken_snapshot_means_a_cold_boot_and_a_working_build() {
     let again = again.expect("a snapshot report");
     assert!(
         again.restored && !again.created && again.reason.is_none(),
+        "{again:?}"
+    );
+}
+
+/// Every file under `dir`, recursively (what is there now; a file gone meanwhile is left out).
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => todo.push(path),
+                Ok(_) => found.push(path),
+                Err(_) => {}
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn images_and_snapshots_stay_out_of_qemus_hands_and_a_changed_snapshot_is_never_restored() {
+    use std::os::unix::fs::MetadataExt;
+    if util::skip_without_vm(
+        "images_and_snapshots_stay_out_of_qemus_hands_and_a_changed_snapshot_is_never_restored",
+    ) {
+        return;
+    }
+    let project = shaped_project("sleep 3\necho built", 848);
+    // While the first build runs (a cold boot, the snapshot made, the build restored from
+    // it), who owns the image's files, sampled.
+    let images = contractor_vm::image::images_dir().expect("the images' directory");
+    let me = nix::unistd::geteuid().as_raw();
+    let (done, finished) = std::sync::mpsc::channel();
+    let build = std::thread::spawn(move || {
+        let out = util::build_json(&project);
+        let _ = done.send(());
+        (project, out)
+    });
+    let mut seen = std::collections::BTreeSet::new();
+    while finished.try_recv().is_err() {
+        for entry in walk(&images) {
+            if let Ok(meta) = std::fs::metadata(&entry) {
+                if meta.uid() != me {
+                    seen.insert((entry, meta.uid()));
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (project, (first, result, stderr)) = build.join().expect("the build's thread");
+    assert_eq!(result.outcome, Outcome::Success, "stderr:\n{stderr}");
+    let first = first.expect("a snapshot report");
+    assert!(first.restored, "{first:?}");
+    let dir = first.dir.clone().expect("the snapshot's directory");
+    let image = dir
+        .parent()
+        .and_then(|snapshots| snapshots.parent())
+        .expect("the image's directory");
+    // The image's own files and this build's snapshot (others' snapshots, left by other
+    // versions or tests, are not this build's).
+    let given: Vec<_> = seen
+        .iter()
+        .filter(|(path, _)| path.parent() == Some(image) || path.parent() == Some(&*dir))
+        .collect();
+    assert!(
+        given.is_empty(),
+        "while the build ran, QEMU's user was given: {given:?}"
+    );
+
+    // After a build, what later builds start from belongs to whoever made it (root under
+    // qemu:///system, where libvirt would hand it to libvirt-qemu), mode 0644.
+    for path in [
+        image.join("disk.qcow2"),
+        image.join("vmlinuz"),
+        image.join("initrd.img"),
+        dir.join("state.save"),
+        dir.join("root.qcow2"),
+        dir.join("disk.raw"),
+    ] {
+        let meta = std::fs::metadata(&path).expect("stat");
+        assert_eq!(
+            (meta.uid(), meta.mode() & 0o7777),
+            (me, 0o644),
+            "{} is owned by uid {} with mode {:o}",
+            path.display(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        );
+    }
+
+    // One byte of the saved state changed behind Contractor's back, its size and
+    // modification time kept: the snapshot is not restored, a new one is made and the build
+    // works, and the report says why.
+    let state = dir.join("state.save");
+    let mtime = std::fs::metadata(&state)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    let size = std::fs::metadata(&state).expect("stat").len();
+    {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&state)
+            .expect("open state.save");
+        file.seek(SeekFrom::Start(size / 2)).expect("seek");
+        let mut byte = [0u8];
+        file.read_exact(&mut byte).expect("read");
+        file.seek(SeekFrom::Start(size / 2)).expect("seek");
+        file.write_all(&[byte[0] ^ 0xff]).expect("write");
+        file.set_modified(mtime).expect("put the mtime back");
+    }
+    assert_eq!(std::fs::metadata(&state).expect("stat").len(), size);
+    let (again, result, stderr) = util::build_json(&project);
+    assert_eq!(result.outcome, Outcome::Success, "stderr:\n{stderr}");
+    let again = again.expect("a snapshot report");
+    let reason = again.reason.clone().unwrap_or_default();
+    assert!(
+        again.created && reason.contains("not restored") && reason.contains("state.save changed"),
         "{again:?}"
     );
 }

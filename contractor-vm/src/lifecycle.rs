@@ -23,7 +23,9 @@ use crate::accel::{is_local_uri, resolve};
 use crate::launcher::policy::{overlay_max_bytes, WritableFile, POLICY_VERSION};
 use crate::launcher::{launcher_path, QemuPolicy, QEMU_CANDIDATES};
 use crate::name::{generate_name, is_contractor_name, validate_name};
-use crate::overlay::{create_build_disk, create_overlay, delete_overlay};
+use crate::overlay::{
+    backing_chain, copy_boot_file, create_build_disk, create_overlay, delete_overlay, BOOT_COPIES,
+};
 use crate::owner::VmOwner;
 use crate::xml::{domain_xml, parse_domain, DiskFormat, Disks, DomainFacts, Emulator, Identity};
 use crate::VmError;
@@ -161,9 +163,9 @@ pub fn create(conn: &Connect, spec: &VmSpec, autodestroy: bool) -> Result<VmInfo
 ///
 /// The caller must ensure that QEMU's user can read the kernel, initrd and base disk, and
 /// search every directory above them and above the work directory (as root with
-/// `qemu:///system` QEMU runs as `libvirt-qemu`; note that libvirt then chowns these files
-/// to that user while the VM runs and restores the owner afterwards). The console log's
-/// directory is created if missing.
+/// `qemu:///system` QEMU runs as `libvirt-qemu`). The base disk's backing chain is written
+/// out with `relabel='no'` ([`crate::xml`]): libvirt hands only the overlay and the build
+/// disk to QEMU's user. The console log's directory is created if missing.
 ///
 /// Under `qemu:///session` QEMU would run with all of the caller's rights, so the domain's
 /// emulator is the launcher `contractor-qemu` ([`crate::launcher`]), found beside this
@@ -184,7 +186,7 @@ pub fn create_owned(
     };
     let uri = conn_uri(conn);
     let local = is_local_uri(&uri);
-    let spec = checked_spec(spec, local)?;
+    let mut spec = checked_spec(spec, local)?;
     match conn.lookup_domain_by_name(&name) {
         Ok(_) => {
             return Err(VmError::BadSpec {
@@ -200,6 +202,8 @@ pub fn create_owned(
     if let Some(dir) = spec.console_log.parent() {
         crate::overlay::create_work_dir(dir)?;
     }
+    // The image's disk and whatever it stands on: read only, never relabelled.
+    let image_chain = backing_chain(&spec.image.disk)?;
     let overlay = create_overlay(&spec.image.disk, &spec.work_dir, &name)?;
     let build_disk = match spec.disk_gib {
         Some(gib) => match create_build_disk(&spec.work_dir, &name, gib) {
@@ -211,10 +215,16 @@ pub fn create_owned(
         },
         None => None,
     };
+    if let Err(err) = own_boot_files(&mut spec, &uri, launcher.as_ref(), &name) {
+        let _ = delete_overlay(&overlay, &name);
+        return Err(err);
+    }
     let disks = Disks {
         overlay: &overlay,
+        overlay_backing: &image_chain,
         build: build_disk.as_deref(),
         build_format: DiskFormat::Raw,
+        build_backing: &[],
     };
     let plan = Plan {
         identity: Identity::named(&name),
@@ -254,6 +264,29 @@ pub(crate) struct Plan<'a> {
     pub(crate) owner: &'a VmOwner,
     /// Under `qemu:///session`: the launcher, and the QEMU it executes.
     pub(crate) launcher: Option<&'a (PathBuf, PathBuf)>,
+}
+
+/// Under a local `qemu:///system` (no launcher): points `spec` at VM `name`'s own copies of
+/// the kernel and initrd in its work directory ([`copy_boot_file`]). libvirt's DAC driver
+/// hands a domain's `<kernel>` and `<initrd>` to QEMU's user while it runs, and unlike a
+/// disk's layers they take no `<seclabel>`: the copies are what QEMU may then write, never
+/// the image's files. Under `qemu:///session` QEMU runs as the user, confined to reading
+/// them by the launcher, and nothing is copied.
+pub(crate) fn own_boot_files(
+    spec: &mut VmSpec,
+    uri: &str,
+    launcher: Option<&(PathBuf, PathBuf)>,
+    name: &str,
+) -> Result<(), VmError> {
+    if launcher.is_some() || !is_local_uri(uri) {
+        return Ok(());
+    }
+    let [kernel, initrd] = BOOT_COPIES;
+    spec.image.kernel = copy_boot_file(&spec.image.kernel, &spec.work_dir, name, kernel)?;
+    if let Some(from) = &spec.image.initrd {
+        spec.image.initrd = Some(copy_boot_file(from, &spec.work_dir, name, initrd)?);
+    }
+    Ok(())
 }
 
 /// Under `qemu:///session`, the launcher and QEMU ([`session_emulator`]); none otherwise.
@@ -390,6 +423,8 @@ pub fn sweep_work_dir(conn: &Connect, work_dir: &Path) -> Vec<PathBuf> {
             n.strip_suffix(".disk.raw")
                 .or_else(|| n.strip_suffix(".disk.qcow2"))
                 .or_else(|| n.strip_suffix(".qcow2"))
+                .or_else(|| n.strip_suffix(".vmlinuz"))
+                .or_else(|| n.strip_suffix(".initrd"))
         }) else {
             continue;
         };
@@ -653,10 +688,20 @@ mod tests {
         let young = make("contractor-young.qcow2", None);
         let foreign = make("test.qcow2", Some(old));
         let other = make("contractor-gone2.console.log", Some(old));
+        let kernel = make("contractor-gone1.vmlinuz", Some(old));
+        let initrd = make("contractor-gone1.initrd", Some(old));
         let mut deleted = sweep_work_dir(&conn, dir.path());
         deleted.sort();
-        assert_eq!(deleted, vec![disk.clone(), leftover.clone()]);
-        assert!(!leftover.exists() && !disk.exists());
+        assert_eq!(
+            deleted,
+            vec![
+                disk.clone(),
+                initrd.clone(),
+                leftover.clone(),
+                kernel.clone()
+            ]
+        );
+        assert!(!leftover.exists() && !disk.exists() && !kernel.exists() && !initrd.exists());
         assert!(young.exists() && foreign.exists() && other.exists());
     }
 

@@ -44,8 +44,8 @@ pub enum OverlayError {
         /// The size asked for.
         gib: u64,
     },
-    /// The build disk's file could not be made.
-    #[error("cannot create the build disk {}", path.display())]
+    /// The build disk's file (or a VM's copy of its kernel or initrd) could not be made.
+    #[error("cannot create {}", path.display())]
     BuildDisk {
         /// The file.
         path: PathBuf,
@@ -80,6 +80,14 @@ pub enum OverlayError {
         /// Why.
         #[source]
         source: serde_json::Error,
+    },
+    /// A backing chain longer than [`MAX_BACKING_CHAIN`], or a layer without a path.
+    #[error("the backing chain of {} {reason}", path.display())]
+    Chain {
+        /// The image.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
     },
     /// The overlay could not be deleted.
     #[error("cannot delete overlay {}", path.display())]
@@ -143,6 +151,57 @@ pub fn image_info(path: &Path) -> Result<ImageInfo, OverlayError> {
     })
 }
 
+/// The most layers a disk's backing chain may have: 16 (an image of Contractor has one; a
+/// snapshot adds one).
+pub const MAX_BACKING_CHAIN: usize = 16;
+
+/// One image of `qemu-img info --backing-chain`.
+#[derive(serde::Deserialize)]
+struct ChainEntry {
+    format: String,
+    #[serde(rename = "full-backing-filename")]
+    backing: Option<PathBuf>,
+}
+
+/// The backing chain of a disk: `path` itself first, then each file it stands on, with
+/// its format (`qemu-img info -U --backing-chain`). These are the read-only layers under an
+/// overlay made on `path`.
+pub fn backing_chain(path: &Path) -> Result<Vec<crate::xml::Layer>, OverlayError> {
+    let stdout = run(Command::new("qemu-img")
+        .args(["info", "-U", "--backing-chain", "--output=json"])
+        .arg(path))?;
+    let entries: Vec<ChainEntry> =
+        serde_json::from_slice(&stdout).map_err(|source| OverlayError::Info {
+            path: path.to_owned(),
+            source,
+        })?;
+    if entries.len() > MAX_BACKING_CHAIN {
+        return Err(OverlayError::Chain {
+            path: path.to_owned(),
+            reason: format!(
+                "has {} layers; at most {MAX_BACKING_CHAIN} are accepted",
+                entries.len()
+            ),
+        });
+    }
+    let mut layers = Vec::with_capacity(entries.len());
+    let mut next = Some(path.to_owned());
+    for entry in entries {
+        let Some(file) = next.take() else {
+            return Err(OverlayError::Chain {
+                path: path.to_owned(),
+                reason: "names a layer whose file qemu-img did not report".to_string(),
+            });
+        };
+        next = entry.backing;
+        layers.push(crate::xml::Layer {
+            path: file,
+            format: entry.format,
+        });
+    }
+    Ok(layers)
+}
+
 /// Creates `dir` and its missing parents with mode 0755 (whatever the umask).
 pub fn create_work_dir(dir: &Path) -> Result<(), OverlayError> {
     let err = |source| OverlayError::WorkDir {
@@ -183,6 +242,40 @@ pub fn build_disk_path(work_dir: &Path, name: &str) -> PathBuf {
 /// snapshot's build disk.
 pub fn build_overlay_path(work_dir: &Path, name: &str) -> PathBuf {
     work_dir.join(format!("{name}.disk.qcow2"))
+}
+
+/// The names of a VM's own copies of its kernel and initrd in the work directory:
+/// `<name>.vmlinuz`, `<name>.initrd`.
+pub const BOOT_COPIES: [&str; 2] = ["vmlinuz", "initrd"];
+
+/// The path of VM `name`'s own copy `what` (one of [`BOOT_COPIES`]) in `work_dir`.
+pub fn boot_copy_path(work_dir: &Path, name: &str, what: &str) -> PathBuf {
+    work_dir.join(format!("{name}.{what}"))
+}
+
+/// Copies `from` to VM `name`'s own `<name>.<what>` in `work_dir` (replacing one an earlier
+/// VM of that name left), mode 0644. libvirt hands a domain's kernel and initrd to QEMU's
+/// user while it runs (and cannot be told not to): the copy is what it hands over, and the
+/// image's own files stay out of QEMU's reach. It is deleted with the overlay.
+pub fn copy_boot_file(
+    from: &Path,
+    work_dir: &Path,
+    name: &str,
+    what: &str,
+) -> Result<PathBuf, OverlayError> {
+    let path = boot_copy_path(work_dir, name, what);
+    let err = |source| OverlayError::BuildDisk {
+        path: path.clone(),
+        source,
+    };
+    match fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    fs::copy(from, &path).map_err(err)?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).map_err(err)?;
+    Ok(path)
 }
 
 /// Creates the qcow2 overlay `path` (which must not exist) on `backing`, of the backing
@@ -265,7 +358,11 @@ pub fn delete_overlay(path: &Path, name: &str) -> Result<bool, OverlayError> {
         return Ok(false);
     }
     if let Some(dir) = path.parent() {
-        for disk in [build_disk_path(dir, name), build_overlay_path(dir, name)] {
+        let copies = BOOT_COPIES.map(|what| boot_copy_path(dir, name, what));
+        for disk in [build_disk_path(dir, name), build_overlay_path(dir, name)]
+            .into_iter()
+            .chain(copies)
+        {
             match fs::remove_file(&disk) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -296,8 +393,20 @@ mod tests {
         assert!(other.exists());
         let mine = overlay_path(dir.path(), "contractor-a");
         fs::write(&mine, b"x").expect("write");
+        let kernel = dir.path().join("vmlinuz");
+        fs::write(&kernel, b"k").expect("write");
+        let copy = copy_boot_file(&kernel, dir.path(), "contractor-a", "vmlinuz").expect("copy");
+        assert_eq!(copy, dir.path().join("contractor-a.vmlinuz"));
+        assert_eq!(
+            fs::metadata(&copy).expect("stat").permissions().mode() & 0o777,
+            0o644
+        );
         assert!(delete_overlay(&mine, "contractor-a").expect("delete"));
-        assert!(!mine.exists());
+        assert!(
+            !mine.exists() && !copy.exists(),
+            "the copies go with the overlay"
+        );
+        assert!(kernel.exists(), "the image's file stays");
         assert!(!delete_overlay(&mine, "contractor-a").expect("missing is fine"));
     }
 

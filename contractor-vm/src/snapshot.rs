@@ -12,7 +12,7 @@
 //! Layout, under the image's directory:
 //!
 //! ```text
-//! snapshots/<key hash>-<slot>/snapshot.json   the key, the domain's UUID
+//! snapshots/<key hash>-<slot>/snapshot.json   the key, the domain's UUID, the files' seals
 //!                             state.save      libvirt's saved state (memory and devices)
 //!                             root.qcow2      the root overlay as it was when saved
 //!                             disk.raw        the build disk as it was when saved
@@ -24,7 +24,9 @@
 //! snapshot runs as at most one VM at a time: a key has up to [`SLOTS_PER_KEY`] slots,
 //! each its own snapshot and domain name (`contractor-snap-<hash>-<slot>`), claimed with
 //! `flock` for the life of the VM. A restored VM gets new overlays on the slot's root and
-//! build disk (the slot's files are only ever read), new channel sockets, its own console
+//! build disk (the slot's files are only ever read, and never handed to QEMU's user: see
+//! [`crate::xml`]; they are sealed when made and checked before each restore, see
+//! [`seal`]), new channel sockets, its own console
 //! log and owner, and a new VM generation ID; its clock and randomness come with its job
 //! (the agent sets them, see contractor-run's `guest::fresh`). An image keeps at most
 //! [`MAX_SNAPSHOTS`] snapshots; making one more removes the least recently used one that is
@@ -52,18 +54,21 @@ use virt::connect::Connect;
 use crate::accel::{is_local_uri, resolve};
 use crate::lifecycle::{
     checked_spec, conn_uri, create, create_owned, destroy, exists, info_from, launcher_for,
-    libvirt, lookup, planned_xml, Plan,
+    libvirt, lookup, own_boot_files, planned_xml, Plan,
 };
 use crate::overlay::{
-    build_disk_path, build_overlay_path, create_overlay_file, create_work_dir, delete_overlay,
-    overlay_path,
+    backing_chain, build_disk_path, build_overlay_path, create_overlay_file, create_work_dir,
+    delete_overlay, overlay_path,
 };
 use crate::owner::VmOwner;
-use crate::xml::{DiskFormat, Disks, Identity};
+use crate::xml::{DiskFormat, Disks, Identity, Layer};
 use crate::VmError;
 
-/// The layout version of a snapshot; part of its key.
-pub const SNAPSHOT_LAYOUT: u32 = 1;
+mod seal;
+
+/// The layout version of a snapshot; part of its key. 2: its files are sealed
+/// (`snapshot.json`'s `files`, see [`seal`]).
+pub const SNAPSHOT_LAYOUT: u32 = 2;
 /// The most snapshots (and so VMs at once) of one image and shape: 4.
 pub const SLOTS_PER_KEY: usize = 4;
 /// The most snapshots an image keeps, of all shapes: 8 (each is about the guest's used
@@ -129,6 +134,8 @@ struct Record {
     genid: String,
     /// When it was made, seconds since the Unix epoch.
     created: u64,
+    /// Its saved state, root and build disk, as they were made ([`seal`]).
+    files: Vec<seal::SealedFile>,
 }
 
 /// A claimed slot: its directory and domain name, and the lock that keeps it ours.
@@ -191,15 +198,18 @@ pub fn create_held(conn: &Connect, spec: &VmSpec) -> Result<(VmInfo, Option<Slot
     let restore_slot =
         |record: &Record| restore(conn, &spec, accel, &slot, record, &owner, launcher.as_ref());
     let reason = match read_record(&slot.dir) {
-        Ok(Some(record)) if record.key == key => match restore_slot(&record) {
-            Ok(vm) => {
-                touch(&slot.dir.join(RECORD_FILE));
-                return Ok((with_report(vm, true, false, None, &slot), Some(slot)));
-            }
-            Err(err) => format!(
-                "the snapshot could not be restored: {}",
-                contractor_protocol::result::joined_chain(&err)
-            ),
+        Ok(Some(record)) if record.key == key => match checked(&slot.dir, record) {
+            Ok(record) => match restore_slot(&record) {
+                Ok(vm) => {
+                    touch(&slot.dir.join(RECORD_FILE));
+                    return Ok((with_report(vm, true, false, None, &slot), Some(slot)));
+                }
+                Err(err) => format!(
+                    "the snapshot could not be restored: {}",
+                    contractor_protocol::result::joined_chain(&err)
+                ),
+            },
+            Err(why) => why,
         },
         Ok(Some(record)) => format!("the snapshot is stale: {}", difference(&record.key, &key)),
         Ok(None) => "no snapshot of this image and shape yet".to_string(),
@@ -389,6 +399,33 @@ fn read_record(dir: &Path) -> Result<Option<Record>, String> {
     Ok(Some(record))
 }
 
+/// `record` once its files are found as they were sealed (a file whose identity changed is
+/// hashed again and, unchanged, recorded with its new identity); `Err` says which changed.
+fn checked(dir: &Path, mut record: Record) -> Result<Record, String> {
+    let mut wanted = vec![STATE_FILE, ROOT_FILE];
+    if record.key.disk_gib.is_some() {
+        wanted.push(DISK_FILE);
+    }
+    if let Some(missing) = wanted
+        .iter()
+        .find(|name| !record.files.iter().any(|f| f.name == **name))
+    {
+        return Err(format!(
+            "the snapshot was discarded, not restored: {} has no seal of {missing}",
+            dir.join(RECORD_FILE).display()
+        ));
+    }
+    match seal::check(dir, &record.files) {
+        Ok(seal::Checked::Unchanged) => Ok(record),
+        Ok(seal::Checked::Resealed(files)) => {
+            record.files = files;
+            write_record(dir, &record)?;
+            Ok(record)
+        }
+        Err(why) => Err(format!("the snapshot was discarded, not restored: {why}")),
+    }
+}
+
 /// Which fields of the key differ, with both values.
 fn difference(saved: &Key, wanted: &Key) -> String {
     let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
@@ -514,22 +551,34 @@ fn make(conn: &Connect, spec: &VmSpec, slot: &Slot, key: &Key, owner: &VmOwner) 
         std::fs::rename(&from, &to)
             .map_err(|e| format!("cannot move {} to {}: {e}", from.display(), to.display()))
     });
-    let record = Record {
-        key: key.clone(),
-        uuid,
-        genid,
-        created: std::time::SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-    };
+    // Its files become ours (libvirt may have left them QEMU's user's), read only, sealed;
+    // the record, written last, makes it a snapshot.
     let finished = moved
-        .and_then(|()| write_record(&slot.dir, &record))
         .and_then(|()| {
             std::fs::rename(&partial, slot.dir.join(STATE_FILE))
                 .map_err(|e| format!("cannot rename {}: {e}", partial.display()))
+        })
+        .and_then(|()| {
+            [STATE_FILE, ROOT_FILE, DISK_FILE]
+                .into_iter()
+                .filter(|name| slot.dir.join(name).exists())
+                .map(|name| seal::seal(&slot.dir, name))
+                .collect::<Result<Vec<_>, String>>()
+        })
+        .and_then(|files| {
+            let record = Record {
+                key: key.clone(),
+                uuid,
+                genid,
+                created: std::time::SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                files,
+            };
+            write_record(&slot.dir, &record).map(|()| record)
         });
     match finished {
-        Ok(()) => Made::Saved(record),
+        Ok(record) => Made::Saved(record),
         Err(why) => {
             let _ = delete_overlay(&overlay_path(&spec.work_dir, &slot.name), &slot.name);
             let _ = std::fs::remove_dir_all(&slot.dir);
@@ -643,7 +692,20 @@ fn restore(
     let overlay = overlay_path(&spec.work_dir, name);
     let root = slot.dir.join(ROOT_FILE);
     let disk = slot.dir.join(DISK_FILE);
+    // The slot's root and what it stands on (the image's disk), and its build disk: read
+    // only, never relabelled.
+    let root_chain = backing_chain(&root)?;
+    let disk_chain = [Layer {
+        path: disk.clone(),
+        format: "raw".to_string(),
+    }];
     create_overlay_file(&root, &overlay)?;
+    let mut spec = spec.clone();
+    if let Err(err) = own_boot_files(&mut spec, &conn_uri(conn), launcher, name) {
+        let _ = delete_overlay(&overlay, name);
+        return Err(err);
+    }
+    let spec = &spec;
     let build = match spec.disk_gib {
         Some(_) => {
             let path = build_overlay_path(&spec.work_dir, name);
@@ -664,8 +726,10 @@ fn restore(
         accel,
         disks: Disks {
             overlay: &overlay,
+            overlay_backing: &root_chain,
             build: build.as_deref(),
             build_format: DiskFormat::Qcow2,
+            build_backing: &disk_chain,
         },
         backing: if build.is_some() {
             vec![root, disk]
@@ -815,6 +879,7 @@ mod tests {
             uuid: "u".into(),
             genid: "g".into(),
             created: 1,
+            files: Vec::new(),
         };
         write_record(&again.dir, &record).expect("write");
         let err = read_record(&again.dir).expect_err("files missing");
@@ -824,6 +889,20 @@ mod tests {
         }
         let read = read_record(&again.dir).expect("readable").expect("present");
         assert_eq!(read.key, key());
+        let err = checked(&again.dir, read.clone()).expect_err("no seals");
+        assert!(err.contains("no seal of state.save"), "{err}");
+        let sealed = [STATE_FILE, ROOT_FILE, DISK_FILE]
+            .into_iter()
+            .map(|name| seal::seal(&again.dir, name).expect("seal"))
+            .collect();
+        let record = Record {
+            files: sealed,
+            ..read
+        };
+        assert!(checked(&again.dir, record.clone()).is_ok());
+        std::fs::write(again.dir.join(ROOT_FILE), b"y").expect("write");
+        let err = checked(&again.dir, record).expect_err("changed");
+        assert!(err.contains("root.qcow2 changed"), "{err}");
         std::fs::write(again.dir.join(RECORD_FILE), b"{").expect("write");
         assert!(read_record(&again.dir).is_err(), "unparsable is unreadable");
     }

@@ -3,6 +3,13 @@
 //! no graphics, USB or sound, and two virtio-serial channels (control and tunnel) whose host
 //! ends are Unix sockets that libvirt places itself. Every text and attribute value is
 //! escaped, so a path or command line cannot inject elements.
+//!
+//! Every read-only file behind a disk (the image's disk, a snapshot's root and build disk)
+//! is written out as the disk's whole `<backingStore>` chain, each layer with
+//! `<seclabel model='dac' relabel='no'/>`: under `qemu:///system` libvirt then leaves their
+//! owner alone instead of handing them to QEMU's user, so a QEMU taken over by its guest
+//! cannot rewrite what later builds start from. The serial console has no host end
+//! (`type='null'`) and only its log: QEMU needs no pty.
 
 use std::path::{Path, PathBuf};
 
@@ -55,16 +62,68 @@ pub fn socket_path(dir: &Path, name: &str, port: &str) -> std::path::PathBuf {
     dir.join(format!("{name}.{short}"))
 }
 
+/// A read-only file behind a disk, one layer of its backing chain: QEMU reads it and never
+/// writes it, and libvirt is told not to relabel it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer {
+    /// The file.
+    pub path: PathBuf,
+    /// Its format as `qemu-img` names it (`qcow2`, `raw`).
+    pub format: String,
+}
+
 /// The files behind a builder's disks.
 #[derive(Debug, Clone, Copy)]
 pub struct Disks<'a> {
     /// `vda`: the qcow2 overlay on the image.
     pub overlay: &'a Path,
+    /// The overlay's backing chain, nearest first (the image's disk, or a snapshot's root
+    /// and then the image's disk): written out whole, so libvirt probes and relabels none.
+    pub overlay_backing: &'a [Layer],
     /// `vdb`: the build disk (an ext4), if the VM has one.
     pub build: Option<&'a Path>,
     /// The build disk's format: raw when made for this VM, qcow2 over a snapshot's disk
     /// when the VM is restored.
     pub build_format: DiskFormat,
+    /// The build disk's backing chain (a snapshot's build disk), nearest first.
+    pub build_backing: &'a [Layer],
+}
+
+/// The `<backingStore>` chain of `layers` (nearest first), ending in an empty one: the last
+/// layer stands on nothing else. With `keep_owner` each layer is marked not to be
+/// relabelled (libvirt's DAC driver; it exists only where libvirt runs privileged: under
+/// `qemu:///session` a `<seclabel model='dac'>` fails the domain, and nothing is relabelled
+/// there anyway). No layers: no element (libvirt then finds none behind a raw file).
+fn backing_xml(layers: &[Layer], indent: usize, keep_owner: bool) -> String {
+    let mut out = String::new();
+    if layers.is_empty() {
+        return out;
+    }
+    for (depth, layer) in layers.iter().enumerate() {
+        let pad = " ".repeat(indent + 2 * depth);
+        let seclabel = if keep_owner {
+            format!("\n{pad}    <seclabel model='dac' relabel='no'/>\n{pad}  ")
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "{pad}<backingStore type='file'>\n{pad}  <format type='{}'/>\n\
+             {pad}  <source file='{}'>{seclabel}</source>\n",
+            escape(&layer.format),
+            esc_path(&layer.path)
+        ));
+    }
+    out.push_str(&format!(
+        "{}<backingStore/>\n",
+        " ".repeat(indent + 2 * layers.len())
+    ));
+    for depth in (0..layers.len()).rev() {
+        out.push_str(&format!(
+            "{}</backingStore>\n",
+            " ".repeat(indent + 2 * depth)
+        ));
+    }
+    out
 }
 
 /// A disk file's format, as libvirt names it.
@@ -141,7 +200,8 @@ pub struct Emulator<'a> {
 ///
 /// With `emulator` (under `qemu:///session`) libvirt runs the launcher instead of its
 /// default QEMU and gives it [`POLICY_ENV`]; without it (`qemu:///system`) libvirt's default
-/// emulator runs as its own unprivileged user.
+/// emulator runs as its own unprivileged user, and every backing layer carries
+/// `<seclabel model='dac' relabel='no'/>`.
 ///
 /// `accel` should already be resolved (see [`crate::accel::resolve`]); `Auto` is written as
 /// TCG. Paths are written as given: [`crate::create`] makes them absolute and rejects
@@ -235,14 +295,14 @@ pub fn domain_xml(
 {emulator_element}    <disk type='file' device='disk'>
       <driver name='qemu' type='qcow2' cache='unsafe'/>
       <source file='{overlay}'/>
-      <target dev='vda' bus='virtio'/>
+{overlay_backing}      <target dev='vda' bus='virtio'/>
     </disk>
 {build_disk}    <controller type='usb' model='none'/>
-    <serial type='pty'>
+    <serial type='null'>
       <log file='{console_log}' append='off'/>
       <target port='0'/>
     </serial>
-    <console type='pty'>
+    <console type='null'>
       <target type='serial' port='0'/>
     </console>
 {control}{tunnel}    <rng model='virtio'>
@@ -263,12 +323,14 @@ pub fn domain_xml(
         kernel = esc_path(&image.kernel),
         cmdline = escape(&kernel_cmdline(&image.cmdline, accel)),
         overlay = esc_path(disks.overlay),
+        overlay_backing = backing_xml(disks.overlay_backing, 6, emulator.is_none()),
         build_disk = disks.build.map_or(String::new(), |path| format!(
             "    <disk type='file' device='disk'>\n      \
              <driver name='qemu' type='{}' cache='unsafe'/>\n      \
-             <source file='{}'/>\n      <target dev='vdb' bus='virtio'/>\n    </disk>\n",
+             <source file='{}'/>\n{}      <target dev='vdb' bus='virtio'/>\n    </disk>\n",
             disks.build_format.as_str(),
-            esc_path(path)
+            esc_path(path),
+            backing_xml(disks.build_backing, 6, emulator.is_none())
         )),
         console_log = esc_path(&spec.console_log),
         control = channel(CONTROL_PORT),
@@ -416,8 +478,10 @@ mod tests {
             accel,
             &Disks {
                 overlay: Path::new("/work/contractor-abc.qcow2"),
+                overlay_backing: &[],
                 build: None,
                 build_format: DiskFormat::Raw,
+                build_backing: &[],
             },
             &owner(),
             None,
@@ -495,6 +559,99 @@ mod tests {
     }
 
     #[test]
+    fn every_backing_layer_is_spelled_out_and_never_relabelled_and_the_console_has_no_pty() {
+        let layers = [
+            Layer {
+                path: "/snap/root.qcow2".into(),
+                format: "qcow2".into(),
+            },
+            Layer {
+                path: "/images/it's/disk.qcow2".into(),
+                format: "qcow2".into(),
+            },
+        ];
+        let build = [Layer {
+            path: "/snap/disk.raw".into(),
+            format: "raw".into(),
+        }];
+        let text = domain_xml(
+            &Identity::named("contractor-x"),
+            &spec(),
+            Accel::Tcg,
+            &Disks {
+                overlay: Path::new("/w/contractor-x.qcow2"),
+                overlay_backing: &layers,
+                build: Some(Path::new("/w/contractor-x.disk.qcow2")),
+                build_format: DiskFormat::Qcow2,
+                build_backing: &build,
+            },
+            &owner(),
+            None,
+            None,
+        );
+        let doc = roxmltree::Document::parse(&text).expect("well-formed XML");
+        let disks: Vec<_> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("disk"))
+            .collect();
+        assert_eq!(disks.len(), 2);
+        // Each disk's chain, nearest first: (file, format, relabelled?), then its end.
+        let chain = |disk: roxmltree::Node| {
+            let mut found = Vec::new();
+            let mut node = disk;
+            while let Some(store) = node.children().find(|n| n.has_tag_name("backingStore")) {
+                let Some(source) = store.children().find(|n| n.has_tag_name("source")) else {
+                    assert!(store.children().all(|n| !n.is_element()), "an empty end");
+                    return found;
+                };
+                let format = store
+                    .children()
+                    .find(|n| n.has_tag_name("format"))
+                    .and_then(|f| f.attribute("type"));
+                let seclabel = source
+                    .children()
+                    .find(|n| n.has_tag_name("seclabel"))
+                    .expect("a seclabel on every layer");
+                assert_eq!(seclabel.attribute("model"), Some("dac"));
+                assert_eq!(seclabel.attribute("relabel"), Some("no"));
+                found.push((
+                    source.attribute("file").map(str::to_owned),
+                    format.map(str::to_owned),
+                ));
+                node = store;
+            }
+            panic!("the chain has no empty end: {text}")
+        };
+        let some = |a: &str, b: &str| (Some(a.to_owned()), Some(b.to_owned()));
+        assert_eq!(
+            chain(disks[0]),
+            vec![
+                some("/snap/root.qcow2", "qcow2"),
+                some("/images/it's/disk.qcow2", "qcow2")
+            ]
+        );
+        assert_eq!(chain(disks[1]), vec![some("/snap/disk.raw", "raw")]);
+        // The overlays themselves are QEMU's to write: no seclabel on them.
+        for disk in &disks {
+            let top = disk
+                .children()
+                .find(|n| n.has_tag_name("source"))
+                .expect("source");
+            assert!(top.children().all(|n| !n.has_tag_name("seclabel")));
+        }
+        // The console: no host end (no pty for QEMU to open), only its log.
+        for tag in ["serial", "console"] {
+            let node = doc.descendants().find(|n| n.has_tag_name(tag)).expect(tag);
+            assert_eq!(node.attribute("type"), Some("null"), "{tag}");
+        }
+        assert!(!text.contains("pty"), "{text}");
+        assert_eq!(
+            parse_domain(&text).expect("parse").overlay.as_deref(),
+            Some(Path::new("/w/contractor-x.qcow2"))
+        );
+    }
+
+    #[test]
     fn kvm_domain_passes_the_host_cpu_through() {
         let text = xml(Accel::Kvm);
         let doc = roxmltree::Document::parse(&text).expect("well-formed XML");
@@ -514,8 +671,10 @@ mod tests {
             Accel::Tcg,
             &Disks {
                 overlay: Path::new("/w/contractor-x.qcow2"),
+                overlay_backing: &[],
                 build: Some(Path::new("/w/contractor-x.disk.raw")),
                 build_format: DiskFormat::Raw,
+                build_backing: &[],
             },
             &owner(),
             None,
@@ -555,8 +714,10 @@ mod tests {
             Accel::Tcg,
             &Disks {
                 overlay: Path::new("/o.qcow2"),
+                overlay_backing: &[],
                 build: None,
                 build_format: DiskFormat::Raw,
+                build_backing: &[],
             },
             &owner(),
             None,
@@ -573,8 +734,10 @@ mod tests {
             Accel::Tcg,
             &Disks {
                 overlay: Path::new("/o.qcow2"),
+                overlay_backing: &[],
                 build: None,
                 build_format: DiskFormat::Raw,
+                build_backing: &[],
             },
             &owner(),
             Some(Path::new("/tmp/contractor-1000")),
@@ -663,8 +826,13 @@ mod tests {
             Accel::Tcg,
             &Disks {
                 overlay: Path::new("/work/it's <o>.qcow2"),
+                overlay_backing: &[Layer {
+                    path: "/images/base.qcow2".into(),
+                    format: "qcow2".into(),
+                }],
                 build: None,
                 build_format: DiskFormat::Raw,
+                build_backing: &[],
             },
             &owner(),
             Some(Path::new("/tmp/contractor-1000")),
@@ -674,6 +842,13 @@ mod tests {
             }),
         );
         let doc = roxmltree::Document::parse(&text).expect("well-formed XML");
+        // The chain is written out, without a DAC seclabel: qemu:///session has no DAC
+        // driver and would refuse the domain.
+        assert!(
+            text.contains("<source file='/images/base.qcow2'></source>"),
+            "{text}"
+        );
+        assert!(!text.contains("seclabel"), "{text}");
         let emulator: Vec<_> = doc
             .descendants()
             .filter(|n| n.has_tag_name("emulator"))

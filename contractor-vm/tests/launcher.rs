@@ -172,3 +172,54 @@ fn confined_qemu_cannot_connect_to_a_unix_socket_of_the_user() {
         "the user's socket saw a connection from confined QEMU"
     );
 }
+
+#[test]
+fn confined_qemu_cannot_open_a_terminal_of_the_user_nor_make_a_pty() {
+    if !Path::new(QEMU).exists() {
+        eprintln!("skipped: no {QEMU}");
+        return;
+    }
+    // A terminal of this test's own, as a user's other terminals are: a QEMU taken over by
+    // its guest must not read its keystrokes or write into it.
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let tty = nix::unistd::ttyname(&pty.slave).expect("ttyname");
+    assert!(tty.starts_with("/dev/pts/"), "{}", tty.display());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = dir.path().join("vmlinuz");
+    std::fs::write(&kernel, b"k").expect("write");
+    let run = |chardev: &str| {
+        launcher(
+            Some(&policy(&kernel)),
+            &[
+                "-name",
+                "guest=contractor-test",
+                "-machine",
+                "none",
+                "-display",
+                "none",
+                "-nodefaults",
+                "-S",
+                "-chardev",
+                chardev,
+                "-qmp",
+                "stdio",
+            ],
+            "{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n",
+        )
+    };
+    // A chardev QEMU may still use: the launcher lets an ordinary QEMU start.
+    let null = run("null,id=c");
+    assert!(null.status.success(), "{}", stderr(&null));
+    for chardev in [
+        format!("tty,id=c,path={}", tty.display()),
+        "pty,id=c".into(),
+    ] {
+        let output = run(&chardev);
+        assert!(
+            !output.status.success(),
+            "QEMU opened a terminal with -chardev {chardev}"
+        );
+        let text = stderr(&output);
+        assert!(text.contains("Permission denied"), "{chardev}: {text}");
+    }
+}

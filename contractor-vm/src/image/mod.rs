@@ -595,8 +595,14 @@ fn ensure_with(name: &str, recipe: Option<Recipe>) -> Result<Image, ImageError> 
                 image.manifest.version
             );
         } else if image.manifest.agent_sha256 == agent_sha {
-            mark_used(&image.dir);
-            return Ok(image);
+            if !reclaimed_intact(&image)? {
+                eprintln!(
+                    "contractor-vm: image {name}'s disk was left writable by QEMU's user (by an earlier contractor-vm under qemu:///system) and no longer matches its manifest's sha256; rebuilding it"
+                );
+            } else {
+                mark_used(&image.dir);
+                return Ok(image);
+            }
         } else if image.manifest.suite == IMPORTED {
             eprintln!(
                 "contractor-vm: image {name} carries another agent version; writing this one into it"
@@ -612,6 +618,59 @@ fn ensure_with(name: &str, recipe: Option<Recipe>) -> Result<Image, ImageError> 
         });
     };
     build(name, &recipe, &images, &agent, &agent_sha)
+}
+
+/// The files of an image that its VMs read and must never write.
+const READ_ONLY_FILES: [&str; 4] = [DISK_FILE, KERNEL_FILE, DISTRIBUTION_INITRD, INITRAMFS_FILE];
+
+/// Takes an image's files back from another owner: an earlier contractor-vm let libvirt
+/// hand the disk to QEMU's user for good under `qemu:///system` (its DAC relabelling), where
+/// a QEMU taken over by its guest could write it. Each of [`READ_ONLY_FILES`] owned by
+/// another user or writable by anyone but its owner is given to this process's user, mode
+/// 0644 (only root can take a file from another user; otherwise it is left as it is); a
+/// disk taken back is checked against the manifest's sha256. False: it no longer matches.
+fn reclaimed_intact(image: &Image) -> Result<bool, ImageError> {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let uid = nix::unistd::geteuid();
+    let gid = nix::unistd::getegid();
+    let mut disk_reclaimed = false;
+    for name in READ_ONLY_FILES {
+        let path = image.dir.join(name);
+        let Ok(file) = std::fs::File::open(&path) else {
+            continue;
+        };
+        let meta = file
+            .metadata()
+            .map_err(file_err("cannot read the metadata of", &path))?;
+        let foreign = meta.uid() != uid.as_raw();
+        if !foreign && meta.mode() & 0o7777 == 0o644 {
+            continue;
+        }
+        if foreign && !uid.is_root() {
+            continue;
+        }
+        eprintln!(
+            "contractor-vm: {} is owned by uid {} with mode {:o}; taking it back (uid {uid}, mode 644)",
+            path.display(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        );
+        nix::unistd::fchown(file.as_fd(), Some(uid), Some(gid))
+            .map_err(std::io::Error::from)
+            .map_err(file_err("cannot take back", &path))?;
+        nix::sys::stat::fchmod(
+            file.as_fd(),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .map_err(std::io::Error::from)
+        .map_err(file_err("cannot set permissions of", &path))?;
+        disk_reclaimed |= foreign && name == DISK_FILE;
+    }
+    if disk_reclaimed {
+        return Ok(sha256_file(&image.dir.join(DISK_FILE))? == image.manifest.disk_sha256);
+    }
+    Ok(true)
 }
 
 /// The file in an image's directory whose modification time says when a build last used
@@ -1231,6 +1290,41 @@ mod tests {
         let err = load(dir.path()).expect_err("a bad manifest");
         assert!(matches!(err, ImageError::BadManifest { .. }), "{err}");
         assert_eq!(err.exit_code(), ExitCode::Infrastructure);
+    }
+
+    #[test]
+    fn a_disk_left_to_qemus_user_is_taken_back_and_checked_against_its_manifest() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: only root can take a file back from another user");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = dir.path().join(DISK_FILE);
+        std::fs::write(&disk, b"disk").expect("write");
+        let text = format!(
+            r#"{{"version": 2, "name": "x", "suite": "bookworm", "created": 1,
+            "disk_sha256": "{}", "agent_version": "0.1.0", "agent_sha256": "a",
+            "cmdline": "root=/dev/vda"}}"#,
+            sha256_file(&disk).expect("sha256")
+        );
+        std::fs::write(dir.path().join(MANIFEST_FILE), text).expect("write");
+        let image = load(dir.path()).expect("load").expect("an image");
+        // As libvirt's relabelling left it: QEMU's user's (any other uid will do).
+        let qemu = Some(nix::unistd::Uid::from_raw(64055));
+        nix::unistd::chown(&disk, qemu, None).expect("chown");
+        assert!(reclaimed_intact(&image).expect("reclaim"), "unchanged");
+        let meta = std::fs::metadata(&disk).expect("stat");
+        assert_eq!((meta.uid(), meta.mode() & 0o7777), (0, 0o644));
+        // Written while it was QEMU's: no longer the image the manifest names.
+        std::fs::write(&disk, b"DISK").expect("write");
+        nix::unistd::chown(&disk, qemu, None).expect("chown");
+        assert!(!reclaimed_intact(&image).expect("reclaim"), "changed");
+        // Ours but writable by others: its mode is mended; the disk is not read.
+        std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        assert!(reclaimed_intact(&image).expect("reclaim"));
+        let meta = std::fs::metadata(&disk).expect("stat");
+        assert_eq!(meta.mode() & 0o7777, 0o644);
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! ([`QemuPolicy::confinement`]).
 //!
 //! The invariant: the derived policy grants QEMU reading of its installation and of this
-//! VM's boot files, writing of this VM's two disks and the few device nodes QEMU opens, and
-//! nothing else on the file system; no TCP at all; and rlimits sized from this VM's memory
+//! VM's boot files, writing of this VM's two disks and the few device nodes QEMU opens (no
+//! terminal: not `/dev/pts`), and nothing else on the file system; no TCP at all; and rlimits sized from this VM's memory
 //! and disks. Every path in the JSON must be absolute, and a JSON text with an unknown or
 //! missing field is refused (naming it), never half-applied.
 
@@ -49,12 +49,14 @@ pub const INSTALLATION: &[&str] = &["/usr", "/lib", "/lib64", "/etc/ld.so.cache"
 /// Device nodes QEMU reads: the RNG backend of the builder (`<rng>`).
 pub const READ_DEVICES: &[&str] = &["/dev/urandom"];
 
-/// Device nodes QEMU reads and writes: `/dev/null`, which QEMU opens at start to probe
+/// Device nodes QEMU reads and writes: only `/dev/null`, which QEMU opens at start to probe
 /// whether the kernel has open-file-description locks (without it, it logs "Failed to open
 /// /dev/null for OFD lock probing" and falls back to weaker POSIX locks for its image
-/// locking), and the pty of the serial console (`/dev/ptmx`, then its `/dev/pts/N`; without
-/// either, "Failed to create PTY: Permission denied").
-pub const READ_WRITE_DEVICES: &[&str] = &["/dev/null", "/dev/ptmx", "/dev/pts"];
+/// locking). Not `/dev/ptmx` nor `/dev/pts`: a QEMU taken over by its guest could open the
+/// user's terminals there (read keystrokes, write into them). The serial console needs no
+/// pty: it has no host end, only its log, which libvirt passes as a descriptor
+/// (`crate::xml`).
+pub const READ_WRITE_DEVICES: &[&str] = &["/dev/null"];
 
 /// The KVM device, granted only when the VM uses KVM.
 pub const KVM_DEVICE: &str = "/dev/kvm";
@@ -295,12 +297,16 @@ mod tests {
         assert!(has(&c.read, &key.to_string_lossy()));
         for path in [
             "/dev/null",
-            "/dev/ptmx",
-            "/dev/pts",
             "/w/contractor-x.qcow2",
             "/w/contractor-x.disk.raw",
         ] {
             assert!(has(&c.read_write, path), "read-write {path}");
+        }
+        for path in ["/dev/ptmx", "/dev/pts"] {
+            assert!(
+                !has(&c.read_write, path) && !has(&c.read, path),
+                "no terminal: {path}"
+            );
         }
         assert!(!has(&c.read_write, "/dev/kvm"), "TCG gets no /dev/kvm");
         for paths in [&c.read, &c.read_write] {

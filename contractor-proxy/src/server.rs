@@ -6,7 +6,11 @@
 //! checked, and those very addresses are connected to, so a second DNS answer cannot
 //! smuggle in a private address; the proxy's own listening address is never dialled. Idle
 //! upstream HTTP connections are pooled by address, and a request may take one only for an
-//! address its own checks returned, so reuse never skips a decision.
+//! address its own checks returned, so reuse never skips a decision. Names are looked up
+//! through [`crate::names::NameCache`] (each once per TTL), connection attempts to one host
+//! wait their turn (the `gate` module), and an upstream that refuses, resets or closes a
+//! connection before answering is tried again a bounded number of times; the record
+//! still shows each request once.
 //! Responses the proxy makes itself carry `X-Contractor-Proxy-Error`; the same header
 //! coming from upstream is removed so that an upstream cannot pose as the proxy.
 
@@ -868,7 +872,8 @@ impl Proxy {
     /// one, else on a new connection. Servers close idle connections on their own clock, so
     /// a pooled one may turn out closed only when the request is on it, unanswered: a request
     /// that may safely go twice (idempotent and without a body) then goes once more, on a
-    /// new connection, instead of failing with 502.
+    /// new connection, instead of failing with 502; and so again while new connections end
+    /// unanswered, [`SEND_ATTEMPTS`] times in all.
     async fn send_plain(
         self: &Arc<Self>,
         mut request: Request<ProxyBody>,
@@ -888,7 +893,8 @@ impl Proxy {
         // On new connections: a request that may go twice goes again while the upstream
         // closes or resets the connection before answering, a bounded number of times.
         let mut backoff = RETRY_BACKOFF;
-        for attempt in 1..=SEND_ATTEMPTS {
+        let mut attempt = 1;
+        loop {
             let (addr, upstream, transfer) = self
                 .connect_metered(target, addrs, Arc::clone(&activity), exchange)
                 .await?;
@@ -908,11 +914,8 @@ impl Proxy {
             }
             tokio::time::sleep(backoff).await;
             backoff *= 2;
+            attempt += 1;
         }
-        Err(UpstreamError::Connect {
-            target: format!("{}:{}", target.host, target.port),
-            source: io::Error::other("no attempt left"),
-        })
     }
 
     /// Connects to the first of `addrs` that answers, metered: its bytes count for

@@ -1,11 +1,13 @@
 //! A proxy that survives a real package manager: hundreds of connections to one name at
 //! once through a resolver that cannot take them (one lookup is made, every one is
 //! answered), a resolver that keeps failing (tried again, then reported), an upstream that
-//! resets a connection before answering (the request goes again, recorded once), and the
+//! refuses a connection at first or resets one before answering (tried again, recorded
+//! once), and the
 //! per-host queue of connection attempts (full: 503 with Retry-After).
 //!
-//! The resolver tests serve the library with a staged resolver (the binary's resolver is
-//! the system's, which a test cannot make slow); the reset test runs the real binary.
+//! Most tests serve the library with a staged resolver (the binary's resolver is the
+//! system's, which a test cannot make slow); the reset test runs the real binary.
+//! `bench/proxy/dns/run` counts the binary's own DNS queries.
 
 #[allow(dead_code)]
 mod util;
@@ -287,4 +289,38 @@ fn a_get_whose_new_upstream_connection_is_reset_unanswered_goes_again_and_is_rec
     );
     assert_eq!(refused.status, 403, "{refused:?}");
     assert_eq!(proxy.next_decision().host, "other.test");
+}
+
+#[tokio::test]
+async fn a_connect_refused_until_the_upstream_listens_is_tried_again_and_recorded_once() {
+    // A port nobody listens on until 30 ms after the name was resolved; the proxy's first
+    // attempt is refused, the next (100 ms later) finds the listener.
+    let port = StdListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let upstream = SocketAddr::from(([127, 0, 0, 1], port));
+    let resolver = Resolver::new(move |_, _| {
+        Box::pin(async move {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                let listener = TcpListener::bind(upstream).await.expect("bind upstream");
+                let (held, _) = listener.accept().await.expect("accept");
+                tokio::time::sleep(PATIENCE).await;
+                drop(held);
+            });
+            Ok(vec![upstream])
+        })
+    });
+    let mut proxy = start(config("late.test", resolver)).await;
+    let head = connect_status(proxy.addr, format!("late.test:{port}"))
+        .await
+        .expect("an answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let Some(ProxyLine::Decision(decision)) = proxy.lines.recv().await else {
+        panic!("a decision");
+    };
+    assert_eq!(decision.decision, Verdict::Allow, "{decision:?}");
+    assert!(proxy.lines.try_recv().is_err(), "one line for the request");
 }

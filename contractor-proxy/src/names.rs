@@ -9,7 +9,9 @@
 //! - A transient failure (no answer in time, `EAI_AGAIN`) is tried again, at most
 //!   [`RESOLVE_ATTEMPTS`] times in all, [`RESOLVE_BACKOFF`] apart and doubling; the last
 //!   failure is the answer, and names the attempts.
-//! - A failure is remembered for [`NEGATIVE_TTL`] only.
+//! - A failure is remembered for [`NEGATIVE_TTL`] only, and an answer none of whose
+//!   addresses could be connected to is forgotten ([`NameCache::forget`]). The resolver's
+//!   own TTLs are not known (`getaddrinfo` does not say them).
 //! - At most [`MAX_NAMES`] answers are kept; when full, the expired ones go, then the
 //!   oldest. Lookups in flight are never dropped (there are at most as many as requests
 //!   the proxy serves at once).
@@ -98,6 +100,18 @@ impl NameCache {
             }
         }
         total
+    }
+
+    /// Forgets the answer for `host` on `port` (none of its addresses could be connected
+    /// to: the name may have moved), so that the next request looks it up again. A lookup
+    /// in flight is left alone.
+    pub fn forget(&self, host: &str, port: u16) {
+        if let Ok(mut names) = self.0.names.lock() {
+            let key = (host.to_ascii_lowercase(), port);
+            if let Some(Entry::Ready { .. }) = names.get(&key) {
+                names.remove(&key);
+            }
+        }
     }
 
     /// The addresses of `host` on `port`: remembered, being looked up (then waited for), or
@@ -292,6 +306,10 @@ mod tests {
         // Another port is another name.
         cache.resolve("reg.example", 80).await.expect("answer");
         assert_eq!(count.load(Ordering::SeqCst), 2);
+        // A forgotten name is looked up again.
+        cache.forget("REG.example", 443);
+        cache.resolve("reg.example", 443).await.expect("answer");
+        assert_eq!(count.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]

@@ -1780,7 +1780,12 @@ impl Proxy {
             }
             Err(last)
         };
-        match tokio::time::timeout(timeout, attempts).await {
+        let attempted = tokio::time::timeout(timeout, attempts).await;
+        if !matches!(attempted, Ok(Ok(_))) {
+            // The name may have moved: the next request looks it up again.
+            self.names.forget(&target.host, target.port);
+        }
+        match attempted {
             Ok(Ok((addr, stream))) => {
                 let _ = stream.set_nodelay(true);
                 Ok((addr, stream))

@@ -2,8 +2,7 @@
 //! once through a resolver that cannot take them (one lookup is made, every one is
 //! answered), a resolver that keeps failing (tried again, then reported), an upstream that
 //! refuses a connection at first or resets one before answering (tried again, recorded
-//! once), and the
-//! per-host queue of connection attempts (full: 503 with Retry-After).
+//! once), and the per-host queue of connection attempts (full: 503 with Retry-After).
 //!
 //! Most tests serve the library with a staged resolver (the binary's resolver is the
 //! system's, which a test cannot make slow); the reset test runs the real binary.

@@ -8,7 +8,7 @@
 //! allowed name cannot lead back into the host's own network. Every request yields one
 //! [`Decision`](contractor_protocol::proxy::Decision). [`allowlist`] and [`address`] parse
 //! and classify, [`policy`] decides, [`dialer`] resolves and connects in a process of
-//! its own, [`config`] reads configuration files, [`server`]
+//! its own, [`names`] remembers its answers, [`config`] reads configuration files, [`server`]
 //! speaks HTTP, [`metrics`] counts.
 
 #![warn(missing_docs)]
@@ -19,9 +19,11 @@ pub mod cache;
 pub mod config;
 pub mod confinement;
 pub mod dialer;
+mod gate;
 pub mod inspect;
 mod meter;
 pub mod metrics;
+pub mod names;
 pub mod policy;
 mod relay;
 pub mod server;

@@ -69,6 +69,11 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// How long resolving a host, or connecting to it, may take.
     pub connect_timeout: Duration,
+    /// Connection attempts to one `host:port` made at once; more wait their turn.
+    pub connects_per_host: usize,
+    /// Connection attempts to one `host:port` that may wait their turn; more get 503 with
+    /// Retry-After.
+    pub connect_queue_per_host: usize,
 }
 
 impl Default for Limits {
@@ -79,6 +84,8 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(10),
+            connects_per_host: 16,
+            connect_queue_per_host: 1024,
         }
     }
 }

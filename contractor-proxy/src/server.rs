@@ -6,7 +6,11 @@
 //! checked, and those very addresses are connected to, so a second DNS answer cannot
 //! smuggle in a private address; the proxy's own listening address is never dialled. Idle
 //! upstream HTTP connections are pooled by address, and a request may take one only for an
-//! address its own checks returned, so reuse never skips a decision.
+//! address its own checks returned, so reuse never skips a decision. Names are looked up
+//! through [`crate::names::NameCache`] (each once per TTL), connection attempts to one host
+//! wait their turn (the `gate` module), and an upstream that refuses, resets or closes a
+//! connection before answering is tried again a bounded number of times; the record
+//! still shows each request once.
 //! Responses the proxy makes itself carry `X-Contractor-Proxy-Error`; the same header
 //! coming from upstream is removed so that an upstream cannot pose as the proxy.
 
@@ -71,6 +75,19 @@ const TUNNEL_BUFFER: usize = 64 * 1024;
 /// What a client over `--max-connections` is told to wait, in seconds.
 const RETRY_AFTER_SECS: &str = "1";
 
+/// Rounds of connection attempts to a target's addresses while every address refuses or
+/// resets the connection (the first round included), all within the connect timeout.
+pub const CONNECT_ROUNDS: u32 = 3;
+
+/// The wait before the second round of connection attempts (or the second sending of a
+/// request, or TLS handshake); it doubles for each further one.
+pub const RETRY_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How many times an idempotent plain request without a body, or an inspected session's
+/// TLS handshake, is tried on a new connection while the upstream closes or resets it before
+/// answering (the first try included).
+pub const SEND_ATTEMPTS: u32 = 3;
+
 /// The header on every response the proxy makes itself, saying why.
 pub const ERROR_HEADER: &str = "x-contractor-proxy-error";
 
@@ -105,6 +122,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let slots = Arc::new(Semaphore::new(config.limits.max_connections));
+    let (config_resolver, config_timeout) =
+        (config.resolver.clone(), config.limits.connect_timeout);
+    let config_limits = config.limits;
     // Pinned bodies are staged beside the cache's entries in the making, else in memory.
     let stager = Stager::new(config.cache.as_ref().map(|cache| cache.dir().join("tmp")));
     let proxy = Arc::new(Proxy {
@@ -116,6 +136,11 @@ pub async fn serve(
         stopping: CancellationToken::new(),
         cut: CancellationToken::new(),
         pool: Mutex::new(HashMap::new()),
+        names: crate::names::NameCache::new(config_resolver, config_timeout),
+        gate: crate::gate::ConnectGate::new(
+            config_limits.connects_per_host,
+            config_limits.connect_queue_per_host,
+        ),
     });
     tokio::pin!(shutdown);
     loop {
@@ -165,6 +190,10 @@ struct Proxy {
     pool: Mutex<HashMap<SocketAddr, Vec<Pooled>>>,
     /// Where pinned bodies wait until they are verified.
     stager: Arc<Stager>,
+    /// The answers of the resolver, each name looked up once per TTL.
+    names: crate::names::NameCache,
+    /// Connection attempts per host: bounded, the rest queued.
+    gate: crate::gate::ConnectGate,
 }
 
 /// An idle upstream HTTP/1.1 connection, ready for the next request to its address.
@@ -210,6 +239,8 @@ enum UpstreamError {
     ConnectTimeout { target: String, secs: f64 },
     #[error("the upstream HTTP exchange failed")]
     Http(#[source] hyper::Error),
+    #[error("too many connections to one host at once")]
+    Busy(#[source] crate::gate::Full),
 }
 
 /// A refusal after the request was allowed, with its reason (an upstream that failed TLS
@@ -223,6 +254,7 @@ impl UpstreamError {
         match self {
             UpstreamError::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             UpstreamError::Connect { .. } | UpstreamError::Http(_) => StatusCode::BAD_GATEWAY,
+            UpstreamError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -504,8 +536,9 @@ impl Body for CachedBody {
 enum Dial {
     /// `--offline`: never; each request is served from the cache or refused.
     Offline,
-    /// Over this connection, opened when the CONNECT was answered.
-    Connected(Metered<TcpStream>),
+    /// Over this connection, opened when the CONNECT was answered (to one of these
+    /// addresses, where a TLS handshake cut short is tried again).
+    Connected(Metered<TcpStream>, Vec<SocketAddr>, Arc<Activity>),
     /// At the first request the download cache cannot answer, to one of these addresses
     /// (with a lock, a build whose downloads are all cached opens no connection at all).
     Later(Vec<SocketAddr>, Arc<Activity>),
@@ -683,7 +716,7 @@ impl Proxy {
             }
         }
         let (_, upstream, _) = match self
-            .connect_metered(&target, &admitted.addrs, activity, &exchange)
+            .connect_metered(&target, &admitted.addrs, Arc::clone(&activity), &exchange)
             .await
         {
             Ok(connected) => connected,
@@ -696,7 +729,7 @@ impl Proxy {
                 return self.inspect(
                     client,
                     client_side,
-                    Dial::Connected(upstream),
+                    Dial::Connected(upstream, admitted.addrs, activity),
                     exchange,
                     target,
                     inspection,
@@ -807,7 +840,14 @@ impl Proxy {
                 exchange
                     .status
                     .store(e.status().as_u16(), Ordering::Relaxed);
-                error_response(e.status(), &e)
+                let mut response = error_response(e.status(), &e);
+                if let UpstreamError::Busy(_) = e {
+                    response.headers_mut().insert(
+                        header::RETRY_AFTER,
+                        HeaderValue::from_static(RETRY_AFTER_SECS),
+                    );
+                }
+                response
             }
         }
     }
@@ -832,7 +872,8 @@ impl Proxy {
     /// one, else on a new connection. Servers close idle connections on their own clock, so
     /// a pooled one may turn out closed only when the request is on it, unanswered: a request
     /// that may safely go twice (idempotent and without a body) then goes once more, on a
-    /// new connection, instead of failing with 502.
+    /// new connection, instead of failing with 502; and so again while new connections end
+    /// unanswered, [`SEND_ATTEMPTS`] times in all.
     async fn send_plain(
         self: &Arc<Self>,
         mut request: Request<ProxyBody>,
@@ -849,19 +890,32 @@ impl Proxy {
                 (result, _) => return result,
             }
         }
-        let (addr, upstream, transfer) = self
-            .connect_metered(target, addrs, activity, exchange)
-            .await?;
-        let sender = self
-            .handshake(upstream)
-            .await
-            .map_err(UpstreamError::Http)?;
-        let pooled = Pooled {
-            addr,
-            sender,
-            transfer,
-        };
-        self.send(pooled, request, target, exchange).await
+        // On new connections: a request that may go twice goes again while the upstream
+        // closes or resets the connection before answering, a bounded number of times.
+        let mut backoff = RETRY_BACKOFF;
+        let mut attempt = 1;
+        loop {
+            let (addr, upstream, transfer) = self
+                .connect_metered(target, addrs, Arc::clone(&activity), exchange)
+                .await?;
+            let sender = self
+                .handshake(upstream)
+                .await
+                .map_err(UpstreamError::Http)?;
+            let pooled = Pooled {
+                addr,
+                sender,
+                transfer,
+            };
+            let again = resendable(&request).filter(|_| attempt < SEND_ATTEMPTS);
+            match (self.send(pooled, request, target, exchange).await, again) {
+                (Err(UpstreamError::Http(e)), Some(again)) if unanswered(&e) => request = again,
+                (result, _) => return result,
+            }
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+            attempt += 1;
+        }
     }
 
     /// Connects to the first of `addrs` that answers, metered: its bytes count for
@@ -1141,8 +1195,17 @@ impl Proxy {
                 "offline: nothing is fetched from the network".to_string()
             )),
             Dial::Later(addrs, activity) => Link::Later(addrs, activity),
-            Dial::Connected(upstream) => {
-                let tls = self.upstream_tls(upstream, target, inspection).await;
+            Dial::Connected(upstream, addrs, activity) => {
+                let tls = self
+                    .dial_tls(
+                        Some(upstream),
+                        target,
+                        &addrs,
+                        &activity,
+                        exchange,
+                        inspection,
+                    )
+                    .await;
                 Link::Dialled(self.refused_unless_dialled(client, tls, target, exchange))
             }
         };
@@ -1206,28 +1269,79 @@ impl Proxy {
         })
     }
 
+    /// The proxy's own TLS session to `target`, over `first` when given (the connection
+    /// the CONNECT was answered with), else over a new connection to one of `addrs`. A
+    /// handshake the upstream resets or closes before it completes (no byte of the client's
+    /// was forwarded yet) is tried again on a new connection, [`SEND_ATTEMPTS`] times in all.
+    async fn dial_tls(
+        &self,
+        mut first: Option<Metered<TcpStream>>,
+        target: &Target,
+        addrs: &[SocketAddr],
+        activity: &Arc<Activity>,
+        exchange: &Exchange,
+        inspection: &Inspection,
+    ) -> Result<SendRequest<ProxyBody>, String> {
+        let mut backoff = RETRY_BACKOFF;
+        let mut attempt = 1;
+        loop {
+            let upstream = match first.take() {
+                Some(upstream) => upstream,
+                None => match self
+                    .connect_metered(target, addrs, Arc::clone(activity), exchange)
+                    .await
+                {
+                    Ok((_, upstream, _)) => upstream,
+                    Err(e) => return Err(format!("cannot connect to {}: {e}", target.host)),
+                },
+            };
+            match self.upstream_tls(upstream, target, inspection).await {
+                Ok(sender) => return Ok(sender),
+                Err((_, true)) if attempt < SEND_ATTEMPTS => {
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                    attempt += 1;
+                }
+                Err((reason, _)) => return Err(reason),
+            }
+        }
+    }
+
     /// The proxy's own TLS session to `target` over `upstream`, verified against the
-    /// host's roots, as an HTTP/1.1 connection; the reason it failed otherwise.
+    /// host's roots, as an HTTP/1.1 connection; the reason it failed otherwise, and whether
+    /// the upstream cut the handshake short (reset or closed the connection).
     async fn upstream_tls(
         &self,
         upstream: Metered<TcpStream>,
         target: &Target,
         inspection: &Inspection,
-    ) -> Result<SendRequest<ProxyBody>, String> {
-        let name = ServerName::try_from(target.host.clone())
-            .map_err(|e| format!("{} is not a TLS server name: {e}", target.host))?;
+    ) -> Result<SendRequest<ProxyBody>, (String, bool)> {
+        let name = ServerName::try_from(target.host.clone()).map_err(|e| {
+            (
+                format!("{} is not a TLS server name: {e}", target.host),
+                false,
+            )
+        })?;
         let tls = TlsConnector::from(Arc::clone(&inspection.upstream))
             .connect(name, upstream)
             .await
             .map_err(|e| {
-                format!(
+                let cut = matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::BrokenPipe
+                        | io::ErrorKind::UnexpectedEof
+                );
+                let reason = format!(
                     "TLS to {}:{} failed (its certificate is checked against this host's trust store): {e}",
                     target.host, target.port
-                )
+                );
+                (reason, cut)
             })?;
         self.handshake(tls)
             .await
-            .map_err(|e| format!("HTTP to {} failed: {e}", target.host))
+            .map_err(|e| (format!("HTTP to {} failed: {e}", target.host), false))
     }
 
     /// Forwards one request of an inspected session to the host and streams the response
@@ -1312,13 +1426,9 @@ impl Proxy {
         let mut upstream = link.lock().await;
         if let Link::Later(addrs, activity) = &*upstream {
             let (addrs, activity) = (addrs.clone(), Arc::clone(activity));
-            let tls = match self
-                .connect_metered(target, &addrs, activity, exchange)
-                .await
-            {
-                Ok((_, connected, _)) => self.upstream_tls(connected, target, inspection).await,
-                Err(e) => Err(format!("cannot connect to {}: {e}", target.host)),
-            };
+            let tls = self
+                .dial_tls(None, target, &addrs, &activity, exchange, inspection)
+                .await;
             *upstream = Link::Dialled(self.refused_unless_dialled(client, tls, target, exchange));
         }
         let sender = match &mut *upstream {
@@ -1604,8 +1714,9 @@ impl Proxy {
         if let Ok(ip) = target.host.parse() {
             return Ok(vec![SocketAddr::new(ip, target.port)]);
         }
-        let timeout = self.config.limits.connect_timeout;
-        let lookup = self.config.resolver.resolve(&target.host, target.port);
+        // Every attempt of the lookup is bounded; this bounds the wait for it as a whole.
+        let timeout = self.names.longest_wait() + RETRY_BACKOFF;
+        let lookup = self.names.resolve(&target.host, target.port);
         match tokio::time::timeout(timeout, lookup).await {
             Ok(Ok(addrs)) => Ok(addrs),
             Ok(Err(e)) => Err(Denial::Unresolvable(e)),
@@ -1633,27 +1744,48 @@ impl Proxy {
         addrs: &[SocketAddr],
     ) -> Result<(SocketAddr, TcpStream), UpstreamError> {
         let name = format!("{}:{}", target.host, target.port);
+        // Waiting for a turn does not count against the connect timeout.
+        let _turn = self.gate.enter(&name).await.map_err(UpstreamError::Busy)?;
         let timeout = self.config.limits.connect_timeout;
         let share = (timeout / u32::try_from(addrs.len().max(1)).unwrap_or(u32::MAX))
             .max(Duration::from_secs(1))
             .min(timeout);
         let attempts = async {
             let mut last = io::Error::new(io::ErrorKind::NotFound, "no address to connect to");
-            for addr in addrs {
-                match tokio::time::timeout(share, self.dial(*addr, share)).await {
-                    Ok(Ok(stream)) => return Ok((*addr, stream)),
-                    Ok(Err(e)) => last = e,
-                    Err(_) => {
-                        last = io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            format!("{addr} did not answer"),
-                        )
+            let mut backoff = RETRY_BACKOFF;
+            for round in 1..=CONNECT_ROUNDS {
+                let mut all_refused = true;
+                for addr in addrs {
+                    match tokio::time::timeout(share, self.dial(*addr, share)).await {
+                        Ok(Ok(stream)) => return Ok((*addr, stream)),
+                        Ok(Err(e)) => {
+                            all_refused &= refused_or_reset(&e);
+                            last = e;
+                        }
+                        Err(_) => {
+                            all_refused = false;
+                            last = io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                format!("{addr} did not answer"),
+                            )
+                        }
                     }
                 }
+                // Nothing was sent on a refused or reset connection: trying again is safe.
+                if !all_refused || addrs.is_empty() || round == CONNECT_ROUNDS {
+                    break;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
             }
             Err(last)
         };
-        match tokio::time::timeout(timeout, attempts).await {
+        let attempted = tokio::time::timeout(timeout, attempts).await;
+        if !matches!(attempted, Ok(Ok(_))) {
+            // The name may have moved: the next request looks it up again.
+            self.names.forget(&target.host, target.port);
+        }
+        match attempted {
             Ok(Ok((addr, stream))) => {
                 let _ = stream.set_nodelay(true);
                 Ok((addr, stream))
@@ -2035,6 +2167,17 @@ fn resendable(request: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
     *again.version_mut() = request.version();
     *again.headers_mut() = request.headers().clone();
     Some(again)
+}
+
+/// Whether a connection attempt failed in a way that may pass when tried again: refused
+/// (nobody listening yet, or a full queue) or reset before it was made.
+fn refused_or_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+    )
 }
 
 /// Whether `e` means the connection ended before any answer: the request was never

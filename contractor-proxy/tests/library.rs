@@ -570,6 +570,60 @@ async fn inspected_tls_is_forwarded_over_verified_tls_and_each_response_recorded
     }
 }
 
+/// A TCP front for `behind` that resets the first connection once the client spoke
+/// (SO_LINGER 0), and relays every later one to `behind`.
+async fn resetting_once_front(behind: SocketAddr) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind front");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut stream, _)) = listener.accept().await {
+            if std::mem::take(&mut first) {
+                let mut hello = [0; 16];
+                let _ = stream.read(&mut hello).await;
+                let linger = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                nix::sys::socket::setsockopt(
+                    &std::os::fd::AsFd::as_fd(&stream),
+                    nix::sys::socket::sockopt::Linger,
+                    &linger,
+                )
+                .expect("linger");
+                drop(stream);
+                continue;
+            }
+            tokio::spawn(async move {
+                let Ok(mut upstream) = TcpStream::connect(behind).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_inspected_handshake_the_upstream_resets_is_tried_again_on_a_new_connection() {
+    let (server, roots) = tls_server("crates.test", b"crate bytes").await;
+    let front = resetting_once_front(server).await;
+    let (config, authority) = inspecting(&["crates.test"], front, roots);
+    let mut proxy = start(config).await;
+    let mut tls = connect_tls(proxy.addr, "crates.test", front.port(), &authority)
+        .await
+        .expect("the client's TLS");
+    let response = get(&mut tls, "crates.test", "/index").await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.ends_with("crate bytes"), "{response}");
+    // One decision for the CONNECT, one download for the response: the retry is silent.
+    assert_eq!(proxy.next_decision().await.decision, Verdict::Allow);
+    let download = proxy.next_download().await;
+    assert!(download.url.ends_with("/index"), "{download:?}");
+    assert!(proxy.decisions.try_recv().is_err(), "nothing else recorded");
+}
+
 #[tokio::test]
 async fn an_upstream_certificate_this_host_does_not_trust_is_refused_and_named() {
     let (upstream, _its_roots) = tls_server("crates.test", b"crate bytes").await;

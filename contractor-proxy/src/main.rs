@@ -135,7 +135,8 @@ struct Cli {
     #[arg(long, value_name = "DIR", requires_all = ["record_downloads", "cache_project"])]
     cache: Option<PathBuf>,
     /// With --cache, the project served: 32 lower-case hex digits (`contractor` passes a
-    /// hash of the project directory). Only its own index is read for serving.
+    /// hash of the machine id and the project directory). Only its own index is read for
+    /// serving.
     #[arg(long, value_name = "KEY", requires = "cache")]
     cache_project: Option<String>,
     /// With --cache, the most bytes of new entries this run writes; a download past it is

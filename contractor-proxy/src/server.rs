@@ -321,18 +321,27 @@ struct Mismatch {
     pinned: String,
 }
 
+impl EndsExchange {
+    /// Sends the download line, once: `complete` if the body ended whole, and then, with
+    /// `--cache`, its entry kept.
+    fn end(&mut self, complete: bool) {
+        let Some(download) = self.download.take() else {
+            return;
+        };
+        let to = download.to.clone();
+        let line = download.finish(complete);
+        if let Some(keep) = self.keep.take().filter(|_| complete && !line.mismatched()) {
+            keep.commit(&line.sha256, line.content_type.as_deref());
+        }
+        Hashing::send(&to, line);
+    }
+}
+
 impl Drop for EndsExchange {
     fn drop(&mut self) {
-        if let Some(download) = self.download.take() {
-            let complete = self.body.is_end_stream();
-            let to = download.to.clone();
-            let line = download.finish(complete);
-            // The client's side ends once the length is sent, often before the end is polled.
-            if let Some(keep) = self.keep.take().filter(|_| complete && !line.mismatched()) {
-                keep.commit(&line.sha256, line.content_type.as_deref());
-            }
-            Hashing::send(&to, line);
-        }
+        // The client's side ends once the length is sent, often before the end is polled.
+        let complete = self.body.is_end_stream();
+        self.end(complete);
     }
 }
 
@@ -361,21 +370,11 @@ impl Body for EndsExchange {
                 Poll::Ready(Some(Ok(frame)))
             }
             None => {
-                if let Some(download) = this.download.take() {
-                    let to = download.to.clone();
-                    let line = download.finish(true);
-                    if let Some(keep) = this.keep.take() {
-                        keep.commit(&line.sha256, line.content_type.as_deref());
-                    }
-                    Hashing::send(&to, line);
-                }
+                this.end(true);
                 Poll::Ready(None)
             }
             Some(Err(e)) => {
-                if let Some(download) = this.download.take() {
-                    let to = download.to.clone();
-                    Hashing::send(&to, download.finish(false));
-                }
+                this.end(false);
                 Poll::Ready(Some(Err(Box::new(e))))
             }
         }

@@ -1256,16 +1256,7 @@ impl Proxy {
         };
         let method = request.method().to_string();
         if let Err(denial) = same_authority(&request, target) {
-            self.record(
-                client,
-                request.method(),
-                target,
-                Verdict::Deny,
-                error_chain(&denial),
-                Some(denial.decision_class()),
-            );
-            self.config.metrics.denied(denial.class());
-            return error_response(denial.status(), &denial);
+            return self.refuse_inspected(client, request.method(), target, &denial);
         }
         match self
             .config
@@ -1276,16 +1267,7 @@ impl Proxy {
             Ok(None) => {}
             Err(_) if self.config.mode == Mode::Report => {}
             Err(denial) => {
-                self.record(
-                    client,
-                    request.method(),
-                    target,
-                    Verdict::Deny,
-                    error_chain(&denial),
-                    Some(denial.decision_class()),
-                );
-                self.config.metrics.denied(denial.class());
-                return error_response(denial.status(), &denial);
+                return self.refuse_inspected(client, request.method(), target, &denial);
             }
         }
         let url = format!("https://{authority}{path}");
@@ -1297,16 +1279,7 @@ impl Proxy {
         }
         if self.config.offline {
             let denial = Denial::Offline(url);
-            self.record(
-                client,
-                request.method(),
-                target,
-                Verdict::Deny,
-                error_chain(&denial),
-                Some(denial.decision_class()),
-            );
-            self.config.metrics.denied(denial.class());
-            return error_response(denial.status(), &denial);
+            return self.refuse_inspected(client, request.method(), target, &denial);
         }
         let mut upstream = link.lock().await;
         if let Link::Later(addrs, activity) = &*upstream {
@@ -1495,6 +1468,27 @@ impl Proxy {
             _staging: staging,
         };
         Response::from_parts(parts, body.boxed())
+    }
+
+    /// Records the refusal of a request inside an inspected session (whose access log entry
+    /// is the session's) and makes its response.
+    fn refuse_inspected(
+        &self,
+        client: SocketAddr,
+        method: &Method,
+        target: &Target,
+        denial: &Denial,
+    ) -> Response<ProxyBody> {
+        self.record(
+            client,
+            method,
+            target,
+            Verdict::Deny,
+            error_chain(denial),
+            Some(denial.decision_class()),
+        );
+        self.config.metrics.denied(denial.class());
+        error_response(denial.status(), denial)
     }
 
     /// Records a refusal and makes its response.

@@ -35,6 +35,28 @@ fn policy(kernel: &Path) -> String {
     )
 }
 
+/// Confined QEMU (no machine, stopped) with one `-chardev`, quit at once over QMP.
+fn qemu_with_chardev(kernel: &Path, chardev: &str) -> Output {
+    launcher(
+        Some(&policy(kernel)),
+        &[
+            "-name",
+            "guest=contractor-test",
+            "-machine",
+            "none",
+            "-display",
+            "none",
+            "-nodefaults",
+            "-S",
+            "-chardev",
+            chardev,
+            "-qmp",
+            "stdio",
+        ],
+        "{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n",
+    )
+}
+
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -141,25 +163,7 @@ fn confined_qemu_cannot_connect_to_a_unix_socket_of_the_user() {
     listener.set_nonblocking(true).expect("nonblocking");
     let kernel = dir.path().join("vmlinuz");
     std::fs::write(&kernel, b"k").expect("write");
-    let chardev = format!("socket,id=c,path={}", path.display());
-    let output = launcher(
-        Some(&policy(&kernel)),
-        &[
-            "-name",
-            "guest=contractor-test",
-            "-machine",
-            "none",
-            "-display",
-            "none",
-            "-nodefaults",
-            "-S",
-            "-chardev",
-            &chardev,
-            "-qmp",
-            "stdio",
-        ],
-        "{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n",
-    );
+    let output = qemu_with_chardev(&kernel, &format!("socket,id=c,path={}", path.display()));
     assert!(
         !output.status.success(),
         "QEMU connected to {}",
@@ -187,26 +191,7 @@ fn confined_qemu_cannot_open_a_terminal_of_the_user_nor_make_a_pty() {
     let dir = tempfile::tempdir().expect("tempdir");
     let kernel = dir.path().join("vmlinuz");
     std::fs::write(&kernel, b"k").expect("write");
-    let run = |chardev: &str| {
-        launcher(
-            Some(&policy(&kernel)),
-            &[
-                "-name",
-                "guest=contractor-test",
-                "-machine",
-                "none",
-                "-display",
-                "none",
-                "-nodefaults",
-                "-S",
-                "-chardev",
-                chardev,
-                "-qmp",
-                "stdio",
-            ],
-            "{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n",
-        )
-    };
+    let run = |chardev: &str| qemu_with_chardev(&kernel, chardev);
     // A chardev QEMU may still use: the launcher lets an ordinary QEMU start.
     let null = run("null,id=c");
     assert!(null.status.success(), "{}", stderr(&null));

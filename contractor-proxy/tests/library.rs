@@ -498,24 +498,7 @@ async fn get(
     host: &str,
     path: &str,
 ) -> String {
-    tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
-        .await
-        .expect("request");
-    let mut response = Vec::new();
-    loop {
-        response.push(tls.read_u8().await.expect("response byte"));
-        if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&response[..end]).to_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if response.len() == end + 4 + length {
-                return String::from_utf8_lossy(&response).into_owned();
-            }
-        }
-    }
+    send_head(tls, &format!("GET {path} HTTP/1.1\r\nHost: {host}")).await
 }
 
 use tokio_rustls::rustls::pki_types as rustls_cert;

@@ -35,10 +35,11 @@ fn policy(kernel: &Path) -> String {
     )
 }
 
-/// Confined QEMU (no machine, stopped) with one `-chardev`, quit at once over QMP.
-fn qemu_with_chardev(kernel: &Path, chardev: &str) -> Output {
+/// QEMU confined by `policy` (no machine, stopped) with one more `option value` (a
+/// `-chardev`, a `-blockdev`), quit at once over QMP.
+fn stopped_qemu(policy: &str, option: &str, value: &str) -> Output {
     launcher(
-        Some(&policy(kernel)),
+        Some(policy),
         &[
             "-name",
             "guest=contractor-test",
@@ -48,13 +49,18 @@ fn qemu_with_chardev(kernel: &Path, chardev: &str) -> Output {
             "none",
             "-nodefaults",
             "-S",
-            "-chardev",
-            chardev,
+            option,
+            value,
             "-qmp",
             "stdio",
         ],
         "{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n",
     )
+}
+
+/// [`stopped_qemu`] under the usual policy with one `-chardev`.
+fn qemu_with_chardev(kernel: &Path, chardev: &str) -> Output {
+    stopped_qemu(&policy(kernel), "-chardev", chardev)
 }
 
 fn stderr(output: &Output) -> String {
@@ -98,24 +104,7 @@ fn confined_qemu_reads_what_the_policy_grants_and_not_its_neighbour() {
             "driver=file,filename={},node-name=d,read-only=on",
             file.display()
         );
-        launcher(
-            Some(&policy),
-            &[
-                "-name",
-                "guest=contractor-test",
-                "-machine",
-                "none",
-                "-display",
-                "none",
-                "-nodefaults",
-                "-S",
-                "-blockdev",
-                &blockdev,
-                "-qmp",
-                "stdio",
-            ],
-            "{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n",
-        )
+        stopped_qemu(&policy, "-blockdev", &blockdev)
     };
     let allowed = run(&granted);
     assert!(

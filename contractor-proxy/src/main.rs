@@ -379,7 +379,7 @@ struct Prepared {
 
 /// Opens the access log, binds the listeners, then confines the process.
 fn prepare(
-    config: ProxyConfig,
+    mut config: ProxyConfig,
     access_log: Option<PathBuf>,
     metrics_addr: Option<SocketAddr>,
     no_confine: bool,
@@ -413,6 +413,8 @@ fn prepare(
         .map(std::net::TcpListener::local_addr)
         .collect::<Result<_, _>>()
         .context("cannot read the bound address")?;
+    // The proxy refuses them first, so that its decision is the refusal the client gets.
+    config.also_own = own.iter().skip(1).copied().collect();
     let settings = contractor_proxy::dialer::Settings::of(&config, &own, !no_confine);
     let dialer = contractor_proxy::dialer::spawn(std::path::Path::new("/proc/self/exe"), &settings)
         .context("cannot start the dialer")?;

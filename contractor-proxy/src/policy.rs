@@ -174,6 +174,10 @@ pub struct ProxyConfig {
     /// Where upstream connections are made: the dialer process (which checks each address
     /// again) when there is one, as the binary always has; in this process otherwise.
     pub dialer: Option<crate::dialer::Dialer>,
+    /// The process's other listening addresses (`--metrics`): never dialled, refused as the
+    /// proxy's own as the listener [`crate::serve`] is given is, before the dialer (which
+    /// refuses them too) is asked.
+    pub also_own: Vec<SocketAddr>,
 }
 
 impl ProxyConfig {
@@ -199,6 +203,7 @@ impl ProxyConfig {
             cache: None,
             offline: false,
             dialer: None,
+            also_own: Vec::new(),
         }
     }
 

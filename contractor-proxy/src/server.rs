@@ -108,7 +108,12 @@ pub async fn serve(
     // Pinned bodies are staged beside the cache's entries in the making, else in memory.
     let stager = Stager::new(config.cache.as_ref().map(|cache| cache.dir().join("tmp")));
     let proxy = Arc::new(Proxy {
-        own: listener.local_addr().ok(),
+        own: listener
+            .local_addr()
+            .ok()
+            .into_iter()
+            .chain(config.also_own.iter().copied())
+            .collect(),
         stager: Arc::new(stager),
         config,
         decisions,
@@ -152,8 +157,9 @@ pub async fn serve(
 /// What every connection shares.
 struct Proxy {
     config: ProxyConfig,
-    /// The listening address, never to be dialled.
-    own: Option<SocketAddr>,
+    /// The listening addresses (this one's first, then [`ProxyConfig::also_own`]), never
+    /// to be dialled.
+    own: Vec<SocketAddr>,
     decisions: UnboundedSender<ProxyLine>,
     /// Client connections, tunnels and upstream connections, so shutdown can wait for them.
     tasks: TaskTracker,
@@ -1558,14 +1564,13 @@ impl Proxy {
             Err(denial) => return Err(denial),
         }
         let resolved = self.resolve(target).await?;
+        let looped = resolved.iter().find_map(|addr| self.own_for(*addr));
         let resolved: Vec<SocketAddr> = resolved
             .into_iter()
-            .filter(|addr| !self.is_own(*addr))
+            .filter(|addr| self.own_for(*addr).is_none())
             .collect();
-        if resolved.is_empty() {
-            if let Some(own) = self.own {
-                return Err(Denial::OwnAddress(own));
-            }
+        if let (true, Some(own)) = (resolved.is_empty(), looped) {
+            return Err(Denial::OwnAddress(own));
         }
         let addrs = match self.config.check_addresses(&resolved) {
             Ok(addrs) => addrs,
@@ -1586,10 +1591,12 @@ impl Proxy {
         Ok(Admitted { reason, addrs })
     }
 
-    /// Whether dialling `addr` would reach this proxy.
-    fn is_own(&self, addr: SocketAddr) -> bool {
+    /// The listening address of this proxy that dialling `addr` would reach, if any.
+    fn own_for(&self, addr: SocketAddr) -> Option<SocketAddr> {
         self.own
-            .is_some_and(|own| crate::policy::dials_itself(own, addr))
+            .iter()
+            .copied()
+            .find(|own| crate::policy::dials_itself(*own, addr))
     }
 
     /// The addresses of `target`: an IP address as is, a name through the resolver.

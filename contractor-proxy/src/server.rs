@@ -1271,7 +1271,18 @@ impl Proxy {
             // Forward what the rule matched: the normalised path.
             Ok(Some(checked)) => path = checked,
             Ok(None) => {}
-            Err(_) if self.config.mode == Mode::Report => {}
+            // Let through, and said so, as a plain request's decision says it.
+            Err(denial) if self.config.mode == Mode::Report && denial.is_policy() => {
+                let reason = format!("would be refused: {}", error_chain(&denial));
+                self.record(
+                    client,
+                    request.method(),
+                    target,
+                    Verdict::Allow,
+                    reason,
+                    None,
+                );
+            }
             Err(denial) => {
                 return self.refuse_inspected(client, request.method(), target, &denial);
             }

@@ -677,6 +677,35 @@ async fn url_rules_allow_some_requests_of_an_inspected_host_and_refuse_the_rest_
 }
 
 #[tokio::test]
+async fn report_mode_records_what_url_rules_would_refuse_inside_inspected_tls() {
+    let (upstream, roots) = tls_server("crates.test", b"crate bytes").await;
+    let port = upstream.port();
+    let rule = format!("GET https://crates.test:{port}/api/**");
+    let (mut config, authority) = inspecting(&[&rule], upstream, roots);
+    config.mode = contractor_proxy::Mode::Report;
+    let mut proxy = start(config).await;
+    let mut tls = connect_tls(proxy.addr, "crates.test", port, &authority)
+        .await
+        .expect("inspected");
+    assert_eq!(proxy.next_decision().await.decision, Verdict::Allow);
+    // Let through, as report mode does, and said so as plain HTTP says it: enforcing
+    // must hold no surprise the report did not name.
+    let response = get(&mut tls, "crates.test", "/index/itoa").await;
+    assert!(response.ends_with("crate bytes"), "{response}");
+    let would = proxy.next_decision().await;
+    assert_eq!(would.decision, Verdict::Allow, "{would:?}");
+    assert!(
+        would.reason.starts_with("would be refused: ")
+            && would
+                .reason
+                .contains(&format!("https://crates.test:{port}/index/itoa")),
+        "{}",
+        would.reason
+    );
+    assert_eq!(proxy.next_download().await.status, 200);
+}
+
+#[tokio::test]
 async fn plain_http_url_rules_check_the_absolute_uri() {
     let upstream = hello_server().await;
     let port = upstream.port();

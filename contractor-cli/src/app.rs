@@ -792,17 +792,6 @@ impl Failure {
         }
     }
 
-    /// The host failed while doing `doing`.
-    fn io(doing: String, error: std::io::Error) -> Failure {
-        Failure {
-            exit: ExitCode::Infrastructure,
-            error: Box::new(Context {
-                doing,
-                source: Box::new(error),
-            }),
-        }
-    }
-
     /// A setting is invalid; `problem` names it and what would be accepted.
     fn setting(problem: String) -> Failure {
         Failure {
@@ -854,7 +843,7 @@ fn store_of(file: &Path) -> PathBuf {
 fn clear_downloads() -> Result<(), Failure> {
     let dir = crate::downloads::dir().map_err(Failure::host)?;
     let removed = crate::downloads::clear(&dir).map_err(|e| {
-        Failure::io(
+        Failure::tool(
             format!("cannot clear the download cache {}", dir.display()),
             e,
         )
@@ -882,7 +871,7 @@ fn list_caches(file: &Path) -> Result<(), Failure> {
     }
     let dir = crate::downloads::dir().map_err(Failure::host)?;
     let usage = crate::downloads::usage(&dir).map_err(|e| {
-        Failure::io(
+        Failure::tool(
             format!("cannot read the download cache {}", dir.display()),
             e,
         )

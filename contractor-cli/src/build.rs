@@ -1003,10 +1003,13 @@ const MAX_FAILURE_REASON_BYTES: usize = 512;
 
 impl ProxyReport {
     /// Counts one decision line: a refusal of an allowed host's resolution or connection
-    /// (class `upstream`) is a failure, any other refusal the policy's (lines from a proxy
-    /// that does not classify are taken as the policy's, as before).
+    /// (class `upstream`) is a failure; a refusal of the request itself (class `request`:
+    /// malformed, another authority inside inspected TLS, over capacity) names no host the
+    /// allow list could permit, so it is neither (proxy.jsonl has it); any other refusal
+    /// is the policy's (lines from a proxy that does not classify are taken as the
+    /// policy's, as before).
     fn note(&mut self, decision: &Decision) {
-        if decision.decision != Verdict::Deny {
+        if decision.decision != Verdict::Deny || decision.class == Some(DecisionClass::Request) {
             return;
         }
         if decision.class == Some(DecisionClass::Upstream) {
@@ -1822,6 +1825,17 @@ mod tests {
                 )
             )]
         );
+    }
+
+    #[test]
+    fn a_refused_request_names_no_host_to_allow() {
+        // Inside inspected TLS to an allowed host, a request naming another authority is
+        // refused with the CONNECT target as its host: allowing that host changes nothing.
+        let foreign = r#"{"type":"decision","time":1.0,"client":"127.0.0.1:5000","method":"GET","host":"registry.npmjs.org","port":443,"decision":"deny","reason":"the request names evil.example, but its TLS session is to registry.npmjs.org:443 (the CONNECT target)","class":"request"}"#;
+        let busy = r#"{"type":"decision","time":1.0,"client":"127.0.0.1:5000","method":"CONNECT","host":"crates.io","port":443,"decision":"deny","reason":"too many connections (at most 256); try again shortly","class":"request"}"#;
+        let report = decisions(&[foreign, busy]);
+        assert!(report.refused.is_empty(), "{:?}", report.refused);
+        assert!(report.failures.is_empty(), "{:?}", report.failures);
     }
 
     fn result_of(record: &Path) -> BuildResult {

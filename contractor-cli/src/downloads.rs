@@ -2,13 +2,15 @@
 //! is, how large it may grow, how much of it one build may add, and listing and clearing it.
 //! The proxy keeps each complete download as `sha256/<hex>`, each project's index (URL,
 //! hash, headers; the hashes its lock pins) under `projects/`, and keeps the cache under
-//! its size itself (docs/proxy.md, "The download cache"): the front end only measures
-//! entries by their file metadata and, when asked, removes everything.
+//! its size itself (docs/proxy.md, "The download cache"): the front end asks it to measure
+//! or clear the cache (`contractor-proxy cache list|clear`) and walks no entry itself.
 
-use std::fs;
-use std::io;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+
+use contractor_protocol::proxy::DownloadCacheUsage;
+
+use crate::tools::{self, ToolError};
 
 /// The download cache's size unless `CONTRACTOR_DOWNLOAD_CACHE_SIZE` says otherwise.
 pub const DEFAULT_MAX_BYTES: u64 = 10 << 30;
@@ -22,12 +24,6 @@ pub const SIZE_VARIABLE: &str = "CONTRACTOR_DOWNLOAD_CACHE_SIZE";
 pub fn build_quota(size: u64) -> u64 {
     size / 2
 }
-
-/// The most entries read when trimming or listing; past it the oldest beyond are not seen.
-pub const MAX_ENTRIES: usize = 1_000_000;
-
-/// Partly written entries (of a proxy that was killed) older than this are removed.
-const STALE_PART: Duration = Duration::from_secs(24 * 3600);
 
 /// The download cache directory: `downloads/` in the data directory.
 pub fn dir() -> Result<PathBuf, contractor_protocol::image::NoDataDir> {
@@ -56,15 +52,7 @@ fn parse_max(text: &str) -> Result<u64, String> {
     }
 }
 
-/// One entry: its bytes' file, size and last use.
-#[derive(Debug)]
-struct Entry {
-    path: PathBuf,
-    bytes: u64,
-    used: SystemTime,
-}
-
-/// What the cache holds.
+/// What the cache holds, or what clearing it removed.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Usage {
     /// Entries (downloads kept).
@@ -73,112 +61,35 @@ pub struct Usage {
     pub bytes: u64,
 }
 
-fn entries(dir: &Path) -> io::Result<Vec<Entry>> {
-    let listing = match fs::read_dir(dir.join("sha256")) {
-        Ok(listing) => listing,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let mut entries = Vec::new();
-    for item in listing.take(MAX_ENTRIES.saturating_mul(2)) {
-        let item = item?;
-        let name = item.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if name.len() != 64 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
-            continue;
-        }
-        let meta = item.metadata()?;
-        if !meta.is_file() {
-            continue;
-        }
-        entries.push(Entry {
-            path: item.path(),
-            bytes: meta.len(),
-            used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-        });
-        if entries.len() >= MAX_ENTRIES {
-            break;
-        }
-    }
-    Ok(entries)
-}
-
-/// How many entries and bytes the cache in `dir` holds.
-pub fn usage(dir: &Path) -> io::Result<Usage> {
-    let entries = entries(dir)?;
+/// Asks the proxy, which keeps the cache, to `list` or `clear` the cache in `dir`
+/// (`contractor-proxy cache list|clear --dir DIR`).
+fn ask_proxy(action: &str, dir: &Path) -> Result<Usage, ToolError> {
+    let args = [
+        OsStr::new("cache"),
+        OsStr::new(action),
+        OsStr::new("--dir"),
+        dir.as_os_str(),
+    ];
+    let answer: DownloadCacheUsage = tools::answer(tools::PROXY, &args)?;
     Ok(Usage {
-        entries: entries.len() as u64,
-        bytes: entries.iter().map(|e| e.bytes).sum(),
+        entries: answer.entries,
+        bytes: answer.bytes,
     })
 }
 
-/// Removes the entries used longest ago until the cache in `dir` holds at most `max`
-/// bytes, and parts of entries left by a proxy that died; what was removed. It knows
-/// nothing of the projects' pins: only [`clear`] (`max` 0) uses it; builds leave the
-/// trimming to their proxy, which protects what the projects' locks pin.
-fn trim(dir: &Path, max: u64) -> io::Result<Usage> {
-    let mut entries = entries(dir)?;
-    let mut total: u64 = entries.iter().map(|e| e.bytes).sum();
-    entries.sort_by_key(|e| e.used);
-    let mut removed = Usage::default();
-    for entry in entries {
-        if total <= max {
-            break;
-        }
-        remove_entry(&entry.path)?;
-        total -= entry.bytes;
-        removed.entries += 1;
-        removed.bytes += entry.bytes;
-    }
-    if let Ok(parts) = fs::read_dir(dir.join("tmp")) {
-        let now = SystemTime::now();
-        for part in parts.take(MAX_ENTRIES).flatten() {
-            let stale = part
-                .metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > STALE_PART);
-            if stale {
-                let _ = fs::remove_file(part.path());
-            }
-        }
-    }
-    Ok(removed)
+/// How many entries and bytes the cache in `dir` holds (none when it was never made).
+pub fn usage(dir: &Path) -> Result<Usage, ToolError> {
+    ask_proxy("list", dir)
 }
 
 /// Removes every entry, and every project's index; what was removed.
-pub fn clear(dir: &Path) -> io::Result<Usage> {
-    let removed = trim(dir, 0)?;
-    match fs::remove_dir_all(dir.join("projects")) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(removed),
-    }
-}
-
-fn remove_entry(path: &Path) -> io::Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let _ = fs::remove_file(path.with_extension("json"));
-    Ok(())
+pub fn clear(dir: &Path) -> Result<Usage, ToolError> {
+    ask_proxy("clear", dir)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn put(dir: &Path, name: char, bytes: usize, age_secs: u64) -> PathBuf {
-        let path = dir.join("sha256").join(name.to_string().repeat(64));
-        fs::write(&path, vec![0u8; bytes]).expect("entry");
-        fs::write(path.with_extension("json"), "{}").expect("headers");
-        let used = SystemTime::now() - Duration::from_secs(age_secs);
-        fs::File::options()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_modified(used))
-            .expect("mtime");
-        path
-    }
 
     #[test]
     fn the_size_needs_a_unit_or_zero() {
@@ -194,35 +105,28 @@ mod tests {
     }
 
     #[test]
-    fn trimming_removes_the_entries_used_longest_ago_until_the_cache_fits() {
+    fn the_proxy_lists_and_clears_the_cache_for_the_front_end() {
+        // Runs the real contractor-proxy of this build (`cargo build -p contractor-proxy`).
         let dir = tempfile::tempdir().expect("tempdir");
-        fs::create_dir_all(dir.path().join("sha256")).expect("dir");
-        fs::create_dir_all(dir.path().join("tmp")).expect("dir");
-        let oldest = put(dir.path(), 'a', 100, 300);
-        let middle = put(dir.path(), 'b', 100, 200);
-        let newest = put(dir.path(), 'c', 100, 100);
-        fs::write(dir.path().join("sha256/not-an-entry"), b"x").expect("other file");
+        let cache = dir.path().join("downloads");
         assert_eq!(
-            usage(dir.path()).expect("usage"),
-            Usage {
-                entries: 3,
-                bytes: 300
-            }
+            usage(&cache).expect("usage"),
+            Usage::default(),
+            "never made"
         );
-        let removed = trim(dir.path(), 150).expect("trim");
-        assert_eq!((removed.entries, removed.bytes), (2, 200));
-        assert!(!oldest.exists() && !middle.exists() && newest.exists());
-        assert!(!oldest.with_extension("json").exists());
-        assert!(dir.path().join("sha256/not-an-entry").exists());
-        fs::create_dir_all(dir.path().join("projects")).expect("dir");
-        fs::write(dir.path().join("projects/index.jsonl"), "{}").expect("index");
-        assert_eq!(clear(dir.path()).expect("clear").entries, 1);
-        assert!(!dir.path().join("projects").exists(), "the indexes go too");
-        assert_eq!(usage(dir.path()).expect("usage"), Usage::default());
-        // A cache never made is empty.
-        assert_eq!(
-            usage(&dir.path().join("none")).expect("usage"),
-            Usage::default()
-        );
+        std::fs::create_dir_all(cache.join("sha256")).expect("dir");
+        std::fs::create_dir_all(cache.join("projects")).expect("dir");
+        std::fs::write(cache.join("sha256").join("a".repeat(64)), [0u8; 100]).expect("entry");
+        std::fs::write(cache.join("sha256").join("b".repeat(64)), [0u8; 50]).expect("entry");
+        std::fs::write(cache.join("sha256/not-an-entry"), b"x").expect("other file");
+        std::fs::write(cache.join("projects/index.jsonl"), "{}").expect("index");
+        let held = Usage {
+            entries: 2,
+            bytes: 150,
+        };
+        assert_eq!(usage(&cache).expect("usage"), held);
+        assert_eq!(clear(&cache).expect("clear"), held);
+        assert_eq!(usage(&cache).expect("usage"), Usage::default());
+        assert!(!cache.join("projects").exists(), "the indexes go too");
     }
 }

@@ -210,6 +210,46 @@ pub enum SummaryTag {
     Summary,
 }
 
+/// The answer of `contractor-proxy cache list --dir DIR` (what the download cache holds) and
+/// of `contractor-proxy cache clear --dir DIR` (what it removed):
+/// `{"type":"download_cache","version":1,"entries":3,"bytes":1048576}`,
+/// `{"type":"download_cache_cleared","version":1,"entries":3,"bytes":1048576}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownloadCacheUsage {
+    /// `download_cache` (list) or `download_cache_cleared` (clear).
+    #[serde(rename = "type")]
+    pub kind: DownloadCacheTag,
+    /// Protocol version, 1.
+    pub version: u32,
+    /// Entries (downloads kept, by SHA-256).
+    pub entries: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+impl DownloadCacheUsage {
+    /// The answer `kind` counting `entries` of `bytes`.
+    pub fn new(kind: DownloadCacheTag, entries: u64, bytes: u64) -> DownloadCacheUsage {
+        DownloadCacheUsage {
+            kind,
+            version: crate::PROTOCOL_VERSION,
+            entries,
+            bytes,
+        }
+    }
+}
+
+/// The `"type"` of a [`DownloadCacheUsage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DownloadCacheTag {
+    /// `"download_cache"`: what the cache holds.
+    DownloadCache,
+    /// `"download_cache_cleared"`: what was removed.
+    DownloadCacheCleared,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,8 @@
 //! `contractor-proxy --allow HOST... [--deny HOST...] [--config FILE] [...]`: a filtering
 //! forward proxy. Prints one `ready` line with the bound address on stdout, then one
 //! `decision` line per request; stops on SIGTERM or SIGINT, printing a `summary` line of
-//! its counters last.
+//! its counters last. `contractor-proxy cache list|clear --dir DIR` measures or empties a
+//! download cache (`--cache DIR`) and prints one line.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -27,7 +28,8 @@ addresses are all loopback, private or link-local (unless --allow-net covers the
 carries one JSON `ready` line, then one JSON `decision` line per request, and a `summary` \
 line of the counters when it stops. List flags \
 (--allow, --deny, --allow-net, --allow-port) add to the --config file's lists; the others \
-replace its values. See docs/proxy.md.
+replace its values. `contractor-proxy cache list|clear --dir DIR` measures or empties a \
+download cache. See docs/proxy.md.
 
 Example:
   contractor-proxy --allow deb.debian.org --listen 127.0.0.1:3128
@@ -135,7 +137,8 @@ struct Cli {
     #[arg(long, value_name = "DIR", requires_all = ["record_downloads", "cache_project"])]
     cache: Option<PathBuf>,
     /// With --cache, the project served: 32 lower-case hex digits (`contractor` passes a
-    /// hash of the project directory). Only its own index is read for serving.
+    /// hash of the machine id and the project directory). Only its own index is read for
+    /// serving.
     #[arg(long, value_name = "KEY", requires = "cache")]
     cache_project: Option<String>,
     /// With --cache, the most bytes of new entries this run writes; a download past it is
@@ -157,6 +160,73 @@ struct Cli {
     /// `"enforced":false`.
     #[arg(long)]
     no_confine: bool,
+}
+
+/// `contractor-proxy cache list|clear --dir DIR`: the download cache (`--cache DIR`) measured
+/// or emptied by the tool that keeps it (`contractor cache list|clear --downloads` runs it).
+#[derive(Debug, Parser)]
+#[command(
+    name = "contractor-proxy cache",
+    about = "List or clear a download cache (--cache DIR): one JSON line on stdout, \
+             {\"type\":\"download_cache\",\"version\":1,\"entries\":N,\"bytes\":N} \
+             (clear: \"download_cache_cleared\", what was removed)"
+)]
+struct CacheCli {
+    #[command(subcommand)]
+    action: CacheAction,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum CacheAction {
+    /// How many entries and bytes the cache holds (a cache never made holds none).
+    List(CacheArgs),
+    /// Removes every entry, pinned or not, and every project's index.
+    Clear(CacheArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CacheArgs {
+    /// The cache directory.
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// On failure, also print one error object on stdout.
+    #[arg(long)]
+    json_errors: bool,
+}
+
+fn cache_command(cli: CacheCli) -> std::process::ExitCode {
+    use contractor_protocol::proxy::{DownloadCacheTag, DownloadCacheUsage};
+    use contractor_proxy::cache::trim;
+    let (args, kind, doing, done) = match &cli.action {
+        CacheAction::List(args) => (
+            args,
+            DownloadCacheTag::DownloadCache,
+            "read",
+            trim::usage(&args.dir),
+        ),
+        CacheAction::Clear(args) => (
+            args,
+            DownloadCacheTag::DownloadCacheCleared,
+            "clear",
+            trim::clear(&args.dir),
+        ),
+    };
+    JSON_ERRORS.store(args.json_errors, std::sync::atomic::Ordering::Relaxed);
+    let usage = match done {
+        Ok(usage) => usage,
+        Err(e) => {
+            let e = anyhow!(e).context(format!(
+                "cannot {doing} the download cache {}",
+                args.dir.display()
+            ));
+            return fail(ExitCode::Infrastructure, "cache", &e);
+        }
+    };
+    let answer = DownloadCacheUsage::new(kind, usage.entries, usage.bytes);
+    match write_line(&mut std::io::stdout().lock(), &answer) {
+        Ok(()) => ExitCode::Success.into(),
+        Err(e) => fail(ExitCode::Infrastructure, "stdout", &anyhow!(e)),
+    }
 }
 
 impl Cli {
@@ -192,6 +262,9 @@ fn main() -> std::process::ExitCode {
             Ok(()) => ExitCode::Success.into(),
             Err(e) => fail(ExitCode::Infrastructure, "dialer", &anyhow!(e)),
         };
+    }
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new("cache")) {
+        return cache_command(CacheCli::parse_from(std::env::args_os().skip(1)));
     }
     let cli = Cli::parse();
     JSON_ERRORS.store(cli.json_errors, std::sync::atomic::Ordering::Relaxed);
@@ -306,7 +379,7 @@ struct Prepared {
 
 /// Opens the access log, binds the listeners, then confines the process.
 fn prepare(
-    config: ProxyConfig,
+    mut config: ProxyConfig,
     access_log: Option<PathBuf>,
     metrics_addr: Option<SocketAddr>,
     no_confine: bool,
@@ -340,6 +413,8 @@ fn prepare(
         .map(std::net::TcpListener::local_addr)
         .collect::<Result<_, _>>()
         .context("cannot read the bound address")?;
+    // The proxy refuses them first, so that its decision is the refusal the client gets.
+    config.also_own = own.iter().skip(1).copied().collect();
     let settings = contractor_proxy::dialer::Settings::of(&config, &own, !no_confine);
     let dialer = contractor_proxy::dialer::spawn(std::path::Path::new("/proc/self/exe"), &settings)
         .context("cannot start the dialer")?;

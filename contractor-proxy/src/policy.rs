@@ -181,6 +181,10 @@ pub struct ProxyConfig {
     /// Where upstream connections are made: the dialer process (which checks each address
     /// again) when there is one, as the binary always has; in this process otherwise.
     pub dialer: Option<crate::dialer::Dialer>,
+    /// The process's other listening addresses (`--metrics`): never dialled, refused as the
+    /// proxy's own as the listener [`crate::serve`] is given is, before the dialer (which
+    /// refuses them too) is asked.
+    pub also_own: Vec<SocketAddr>,
 }
 
 impl ProxyConfig {
@@ -206,6 +210,7 @@ impl ProxyConfig {
             cache: None,
             offline: false,
             dialer: None,
+            also_own: Vec::new(),
         }
     }
 
@@ -505,10 +510,13 @@ impl Denial {
     }
 
     /// The kind of refusal its decision line records: an allowed host that could not be
-    /// resolved is an upstream failure, not the policy's.
+    /// resolved is an upstream failure, not the policy's; a request naming two hosts is
+    /// the request's fault (report mode still lets a plain one through, as the policy's),
+    /// not its host's.
     pub fn decision_class(&self) -> DecisionClass {
         match self {
             Denial::Unresolvable(_) => DecisionClass::Upstream,
+            Denial::HostMismatch(_) => DecisionClass::Request,
             Denial::Offline(_) => DecisionClass::Policy,
             denial if denial.is_policy() => DecisionClass::Policy,
             _ => DecisionClass::Request,
@@ -546,6 +554,17 @@ mod tests {
             DecisionClass::Policy
         );
         assert_eq!(Denial::ManyHosts.decision_class(), DecisionClass::Request);
+        // A request naming two hosts (its URI and its Host header) is refused whichever is
+        // allowed: allowing its host would change nothing, as inside inspected TLS.
+        assert_eq!(
+            Denial::HostMismatch("evil.example".into()).decision_class(),
+            DecisionClass::Request
+        );
+        let foreign = Denial::ForeignAuthority {
+            named: "evil.example".into(),
+            target: "registry.npmjs.org:443".into(),
+        };
+        assert_eq!(foreign.decision_class(), DecisionClass::Request);
     }
 
     fn config(rules: &[&str], nets: &[&str]) -> ProxyConfig {

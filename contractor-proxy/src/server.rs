@@ -128,7 +128,12 @@ pub async fn serve(
     // Pinned bodies are staged beside the cache's entries in the making, else in memory.
     let stager = Stager::new(config.cache.as_ref().map(|cache| cache.dir().join("tmp")));
     let proxy = Arc::new(Proxy {
-        own: listener.local_addr().ok(),
+        own: listener
+            .local_addr()
+            .ok()
+            .into_iter()
+            .chain(config.also_own.iter().copied())
+            .collect(),
         stager: Arc::new(stager),
         config,
         decisions,
@@ -177,8 +182,9 @@ pub async fn serve(
 /// What every connection shares.
 struct Proxy {
     config: ProxyConfig,
-    /// The listening address, never to be dialled.
-    own: Option<SocketAddr>,
+    /// The listening addresses (this one's first, then [`ProxyConfig::also_own`]), never
+    /// to be dialled.
+    own: Vec<SocketAddr>,
     decisions: UnboundedSender<ProxyLine>,
     /// Client connections, tunnels and upstream connections, so shutdown can wait for them.
     tasks: TaskTracker,
@@ -353,18 +359,27 @@ struct Mismatch {
     pinned: String,
 }
 
+impl EndsExchange {
+    /// Sends the download line, once: `complete` if the body ended whole, and then, with
+    /// `--cache`, its entry kept.
+    fn end(&mut self, complete: bool) {
+        let Some(download) = self.download.take() else {
+            return;
+        };
+        let to = download.to.clone();
+        let line = download.finish(complete);
+        if let Some(keep) = self.keep.take().filter(|_| complete && !line.mismatched()) {
+            keep.commit(&line.sha256, line.content_type.as_deref());
+        }
+        Hashing::send(&to, line);
+    }
+}
+
 impl Drop for EndsExchange {
     fn drop(&mut self) {
-        if let Some(download) = self.download.take() {
-            let complete = self.body.is_end_stream();
-            let to = download.to.clone();
-            let line = download.finish(complete);
-            // The client's side ends once the length is sent, often before the end is polled.
-            if let Some(keep) = self.keep.take().filter(|_| complete && !line.mismatched()) {
-                keep.commit(&line.sha256, line.content_type.as_deref());
-            }
-            Hashing::send(&to, line);
-        }
+        // The client's side ends once the length is sent, often before the end is polled.
+        let complete = self.body.is_end_stream();
+        self.end(complete);
     }
 }
 
@@ -393,21 +408,11 @@ impl Body for EndsExchange {
                 Poll::Ready(Some(Ok(frame)))
             }
             None => {
-                if let Some(download) = this.download.take() {
-                    let to = download.to.clone();
-                    let line = download.finish(true);
-                    if let Some(keep) = this.keep.take() {
-                        keep.commit(&line.sha256, line.content_type.as_deref());
-                    }
-                    Hashing::send(&to, line);
-                }
+                this.end(true);
                 Poll::Ready(None)
             }
             Some(Err(e)) => {
-                if let Some(download) = this.download.take() {
-                    let to = download.to.clone();
-                    Hashing::send(&to, download.finish(false));
-                }
+                this.end(false);
                 Poll::Ready(Some(Err(Box::new(e))))
             }
         }
@@ -1371,16 +1376,7 @@ impl Proxy {
         };
         let method = request.method().to_string();
         if let Err(denial) = same_authority(&request, target) {
-            self.record(
-                client,
-                request.method(),
-                target,
-                Verdict::Deny,
-                error_chain(&denial),
-                Some(denial.decision_class()),
-            );
-            self.config.metrics.denied(denial.class());
-            return error_response(denial.status(), &denial);
+            return self.refuse_inspected(client, request.method(), target, &denial);
         }
         match self
             .config
@@ -1389,18 +1385,20 @@ impl Proxy {
             // Forward what the rule matched: the normalised path.
             Ok(Some(checked)) => path = checked,
             Ok(None) => {}
-            Err(_) if self.config.mode == Mode::Report => {}
-            Err(denial) => {
+            // Let through, and said so, as a plain request's decision says it.
+            Err(denial) if self.config.mode == Mode::Report && denial.is_policy() => {
+                let reason = format!("would be refused: {}", error_chain(&denial));
                 self.record(
                     client,
                     request.method(),
                     target,
-                    Verdict::Deny,
-                    error_chain(&denial),
-                    Some(denial.decision_class()),
+                    Verdict::Allow,
+                    reason,
+                    None,
                 );
-                self.config.metrics.denied(denial.class());
-                return error_response(denial.status(), &denial);
+            }
+            Err(denial) => {
+                return self.refuse_inspected(client, request.method(), target, &denial);
             }
         }
         let url = format!("https://{authority}{path}");
@@ -1412,16 +1410,7 @@ impl Proxy {
         }
         if self.config.offline {
             let denial = Denial::Offline(url);
-            self.record(
-                client,
-                request.method(),
-                target,
-                Verdict::Deny,
-                error_chain(&denial),
-                Some(denial.decision_class()),
-            );
-            self.config.metrics.denied(denial.class());
-            return error_response(denial.status(), &denial);
+            return self.refuse_inspected(client, request.method(), target, &denial);
         }
         let mut upstream = link.lock().await;
         if let Link::Later(addrs, activity) = &*upstream {
@@ -1608,6 +1597,27 @@ impl Proxy {
         Response::from_parts(parts, body.boxed())
     }
 
+    /// Records the refusal of a request inside an inspected session (whose access log entry
+    /// is the session's) and makes its response.
+    fn refuse_inspected(
+        &self,
+        client: SocketAddr,
+        method: &Method,
+        target: &Target,
+        denial: &Denial,
+    ) -> Response<ProxyBody> {
+        self.record(
+            client,
+            method,
+            target,
+            Verdict::Deny,
+            error_chain(denial),
+            Some(denial.decision_class()),
+        );
+        self.config.metrics.denied(denial.class());
+        error_response(denial.status(), denial)
+    }
+
     /// Records a refusal and makes its response.
     fn refuse(
         self: &Arc<Self>,
@@ -1675,14 +1685,13 @@ impl Proxy {
             Err(denial) => return Err(denial),
         }
         let resolved = self.resolve(target).await?;
+        let looped = resolved.iter().find_map(|addr| self.own_for(*addr));
         let resolved: Vec<SocketAddr> = resolved
             .into_iter()
-            .filter(|addr| !self.is_own(*addr))
+            .filter(|addr| self.own_for(*addr).is_none())
             .collect();
-        if resolved.is_empty() {
-            if let Some(own) = self.own {
-                return Err(Denial::OwnAddress(own));
-            }
+        if let (true, Some(own)) = (resolved.is_empty(), looped) {
+            return Err(Denial::OwnAddress(own));
         }
         let addrs = match self.config.check_addresses(&resolved) {
             Ok(addrs) => addrs,
@@ -1703,10 +1712,12 @@ impl Proxy {
         Ok(Admitted { reason, addrs })
     }
 
-    /// Whether dialling `addr` would reach this proxy.
-    fn is_own(&self, addr: SocketAddr) -> bool {
+    /// The listening address of this proxy that dialling `addr` would reach, if any.
+    fn own_for(&self, addr: SocketAddr) -> Option<SocketAddr> {
         self.own
-            .is_some_and(|own| crate::policy::dials_itself(own, addr))
+            .iter()
+            .copied()
+            .find(|own| crate::policy::dials_itself(*own, addr))
     }
 
     /// The addresses of `target`: an IP address as is, a name through the resolver.

@@ -498,24 +498,7 @@ async fn get(
     host: &str,
     path: &str,
 ) -> String {
-    tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
-        .await
-        .expect("request");
-    let mut response = Vec::new();
-    loop {
-        response.push(tls.read_u8().await.expect("response byte"));
-        if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&response[..end]).to_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if response.len() == end + 4 + length {
-                return String::from_utf8_lossy(&response).into_owned();
-            }
-        }
-    }
+    send_head(tls, &format!("GET {path} HTTP/1.1\r\nHost: {host}")).await
 }
 
 use tokio_rustls::rustls::pki_types as rustls_cert;
@@ -745,6 +728,35 @@ async fn url_rules_allow_some_requests_of_an_inspected_host_and_refuse_the_rest_
         "{}",
         refused.reason
     );
+}
+
+#[tokio::test]
+async fn report_mode_records_what_url_rules_would_refuse_inside_inspected_tls() {
+    let (upstream, roots) = tls_server("crates.test", b"crate bytes").await;
+    let port = upstream.port();
+    let rule = format!("GET https://crates.test:{port}/api/**");
+    let (mut config, authority) = inspecting(&[&rule], upstream, roots);
+    config.mode = contractor_proxy::Mode::Report;
+    let mut proxy = start(config).await;
+    let mut tls = connect_tls(proxy.addr, "crates.test", port, &authority)
+        .await
+        .expect("inspected");
+    assert_eq!(proxy.next_decision().await.decision, Verdict::Allow);
+    // Let through, as report mode does, and said so as plain HTTP says it: enforcing
+    // must hold no surprise the report did not name.
+    let response = get(&mut tls, "crates.test", "/index/itoa").await;
+    assert!(response.ends_with("crate bytes"), "{response}");
+    let would = proxy.next_decision().await;
+    assert_eq!(would.decision, Verdict::Allow, "{would:?}");
+    assert!(
+        would.reason.starts_with("would be refused: ")
+            && would
+                .reason
+                .contains(&format!("https://crates.test:{port}/index/itoa")),
+        "{}",
+        would.reason
+    );
+    assert_eq!(proxy.next_download().await.status, 200);
 }
 
 #[tokio::test]

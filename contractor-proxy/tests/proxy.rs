@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use contractor_protocol::proxy::{Decision, DecisionTag, SummaryTag, Verdict};
+use contractor_protocol::proxy::{Decision, DecisionClass, DecisionTag, SummaryTag, Verdict};
 use util::{connect, echo_server, read_head, request, Proxy, Upstream};
 
 const HELLO: &str = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello";
@@ -248,6 +248,39 @@ fn refuses_loopback_addresses_unless_an_allowed_network_covers_them() {
         "address 127.0.0.1 is loopback",
     );
     assert!(upstream.got_nothing());
+}
+
+#[test]
+fn refuses_its_own_metrics_address_as_its_own_and_says_so_in_the_decision() {
+    // Allowed by every rule, the metrics listener is still the proxy itself: the decision
+    // must be the refusal the client gets, not an `allow` that its dialer then refuses.
+    let port = util::free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let proxy = Proxy::start(&[
+        "--allow",
+        "127.0.0.1",
+        "--allow-net",
+        "127.0.0.0/8",
+        "--allow-port",
+        &port.to_string(),
+        "--metrics",
+        &metrics,
+    ]);
+    let response = request(
+        proxy.addr,
+        &format!("GET http://{metrics}/metrics HTTP/1.1\r\nHost: {metrics}"),
+    );
+    assert_eq!(response.status, 403, "{response:?}");
+    let decision = proxy.next_decision();
+    assert_decision(
+        &decision,
+        "GET",
+        "127.0.0.1",
+        port,
+        Verdict::Deny,
+        &format!("{metrics} is the proxy's own listening address"),
+    );
+    assert_eq!(decision.class, Some(DecisionClass::Request), "{decision:?}");
 }
 
 #[test]

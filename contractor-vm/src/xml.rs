@@ -489,6 +489,26 @@ mod tests {
         )
     }
 
+    /// The TCG domain of `contractor-x` on `disks`.
+    fn xml_on(disks: &Disks) -> String {
+        domain_xml(
+            &Identity::named("contractor-x"),
+            &spec(),
+            Accel::Tcg,
+            disks,
+            &owner(),
+            None,
+            None,
+        )
+    }
+
+    /// The `<disk>` elements of `doc`, in order.
+    fn disks_of<'a, 'i>(doc: &'a roxmltree::Document<'i>) -> Vec<roxmltree::Node<'a, 'i>> {
+        doc.descendants()
+            .filter(|n| n.has_tag_name("disk"))
+            .collect()
+    }
+
     #[test]
     fn tcg_domain_has_what_a_builder_needs_and_nothing_else() {
         let text = xml(Accel::Tcg);
@@ -574,26 +594,15 @@ mod tests {
             path: "/snap/disk.raw".into(),
             format: "raw".into(),
         }];
-        let text = domain_xml(
-            &Identity::named("contractor-x"),
-            &spec(),
-            Accel::Tcg,
-            &Disks {
-                overlay: Path::new("/w/contractor-x.qcow2"),
-                overlay_backing: &layers,
-                build: Some(Path::new("/w/contractor-x.disk.qcow2")),
-                build_format: DiskFormat::Qcow2,
-                build_backing: &build,
-            },
-            &owner(),
-            None,
-            None,
-        );
+        let text = xml_on(&Disks {
+            overlay: Path::new("/w/contractor-x.qcow2"),
+            overlay_backing: &layers,
+            build: Some(Path::new("/w/contractor-x.disk.qcow2")),
+            build_format: DiskFormat::Qcow2,
+            build_backing: &build,
+        });
         let doc = roxmltree::Document::parse(&text).expect("well-formed XML");
-        let disks: Vec<_> = doc
-            .descendants()
-            .filter(|n| n.has_tag_name("disk"))
-            .collect();
+        let disks = disks_of(&doc);
         assert_eq!(disks.len(), 2);
         // Each disk's chain, nearest first: (file, format, relabelled?), then its end.
         let chain = |disk: roxmltree::Node| {
@@ -665,26 +674,15 @@ mod tests {
 
     #[test]
     fn a_build_disk_is_the_second_disk_raw_as_vdb() {
-        let text = domain_xml(
-            &Identity::named("contractor-x"),
-            &spec(),
-            Accel::Tcg,
-            &Disks {
-                overlay: Path::new("/w/contractor-x.qcow2"),
-                overlay_backing: &[],
-                build: Some(Path::new("/w/contractor-x.disk.raw")),
-                build_format: DiskFormat::Raw,
-                build_backing: &[],
-            },
-            &owner(),
-            None,
-            None,
-        );
+        let text = xml_on(&Disks {
+            overlay: Path::new("/w/contractor-x.qcow2"),
+            overlay_backing: &[],
+            build: Some(Path::new("/w/contractor-x.disk.raw")),
+            build_format: DiskFormat::Raw,
+            build_backing: &[],
+        });
         let doc = roxmltree::Document::parse(&text).expect("well-formed XML");
-        let disks: Vec<_> = doc
-            .descendants()
-            .filter(|n| n.has_tag_name("disk"))
-            .collect();
+        let disks = disks_of(&doc);
         assert_eq!(disks.len(), 2);
         let child = |disk: roxmltree::Node, tag: &str, attr: &str| {
             disk.children()

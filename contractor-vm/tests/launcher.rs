@@ -35,6 +35,34 @@ fn policy(kernel: &Path) -> String {
     )
 }
 
+/// QEMU confined by `policy` (no machine, stopped) with one more `option value` (a
+/// `-chardev`, a `-blockdev`), quit at once over QMP.
+fn stopped_qemu(policy: &str, option: &str, value: &str) -> Output {
+    launcher(
+        Some(policy),
+        &[
+            "-name",
+            "guest=contractor-test",
+            "-machine",
+            "none",
+            "-display",
+            "none",
+            "-nodefaults",
+            "-S",
+            option,
+            value,
+            "-qmp",
+            "stdio",
+        ],
+        "{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n",
+    )
+}
+
+/// [`stopped_qemu`] under the usual policy with one `-chardev`.
+fn qemu_with_chardev(kernel: &Path, chardev: &str) -> Output {
+    stopped_qemu(&policy(kernel), "-chardev", chardev)
+}
+
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -76,24 +104,7 @@ fn confined_qemu_reads_what_the_policy_grants_and_not_its_neighbour() {
             "driver=file,filename={},node-name=d,read-only=on",
             file.display()
         );
-        launcher(
-            Some(&policy),
-            &[
-                "-name",
-                "guest=contractor-test",
-                "-machine",
-                "none",
-                "-display",
-                "none",
-                "-nodefaults",
-                "-S",
-                "-blockdev",
-                &blockdev,
-                "-qmp",
-                "stdio",
-            ],
-            "{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n",
-        )
+        stopped_qemu(&policy, "-blockdev", &blockdev)
     };
     let allowed = run(&granted);
     assert!(
@@ -141,25 +152,7 @@ fn confined_qemu_cannot_connect_to_a_unix_socket_of_the_user() {
     listener.set_nonblocking(true).expect("nonblocking");
     let kernel = dir.path().join("vmlinuz");
     std::fs::write(&kernel, b"k").expect("write");
-    let chardev = format!("socket,id=c,path={}", path.display());
-    let output = launcher(
-        Some(&policy(&kernel)),
-        &[
-            "-name",
-            "guest=contractor-test",
-            "-machine",
-            "none",
-            "-display",
-            "none",
-            "-nodefaults",
-            "-S",
-            "-chardev",
-            &chardev,
-            "-qmp",
-            "stdio",
-        ],
-        "{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n",
-    );
+    let output = qemu_with_chardev(&kernel, &format!("socket,id=c,path={}", path.display()));
     assert!(
         !output.status.success(),
         "QEMU connected to {}",
@@ -187,26 +180,7 @@ fn confined_qemu_cannot_open_a_terminal_of_the_user_nor_make_a_pty() {
     let dir = tempfile::tempdir().expect("tempdir");
     let kernel = dir.path().join("vmlinuz");
     std::fs::write(&kernel, b"k").expect("write");
-    let run = |chardev: &str| {
-        launcher(
-            Some(&policy(&kernel)),
-            &[
-                "-name",
-                "guest=contractor-test",
-                "-machine",
-                "none",
-                "-display",
-                "none",
-                "-nodefaults",
-                "-S",
-                "-chardev",
-                chardev,
-                "-qmp",
-                "stdio",
-            ],
-            "{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n",
-        )
-    };
+    let run = |chardev: &str| qemu_with_chardev(&kernel, chardev);
     // A chardev QEMU may still use: the launcher lets an ordinary QEMU start.
     let null = run("null,id=c");
     assert!(null.status.success(), "{}", stderr(&null));

@@ -126,6 +126,17 @@ pub fn trim(dir: &Path, max: u64, room: u64, protected: &HashSet<String>) -> io:
     Ok(Trimmed { removed, left })
 }
 
+/// Removes every entry and every project's index (`contractor-proxy cache clear`, which
+/// `contractor cache clear --downloads` runs); what was removed. Parts being written by a
+/// running proxy stay (it then keeps its download or gives it up, as when the cache is full).
+pub fn clear(dir: &Path) -> io::Result<Usage> {
+    let removed = trim(dir, 0, 0, &HashSet::new())?.removed;
+    match fs::remove_dir_all(dir.join("projects")) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(removed),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,6 +183,30 @@ mod tests {
         );
         assert_eq!(
             usage(&dir.path().join("none")).expect("usage"),
+            Usage::default()
+        );
+    }
+
+    #[test]
+    fn clearing_removes_every_entry_pinned_or_not_and_every_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::create_dir_all(dir.path().join("sha256")).expect("dir");
+        put(dir.path(), 'a', 100, 300);
+        put(dir.path(), 'b', 50, 100);
+        fs::create_dir_all(dir.path().join("projects")).expect("dir");
+        fs::write(dir.path().join("projects/index.jsonl"), "{}").expect("index");
+        assert_eq!(
+            clear(dir.path()).expect("clear"),
+            Usage {
+                entries: 2,
+                bytes: 150
+            }
+        );
+        assert_eq!(usage(dir.path()).expect("usage"), Usage::default());
+        assert!(!dir.path().join("projects").exists(), "the indexes go too");
+        // A cache never made is empty, and clearing it is no error.
+        assert_eq!(
+            clear(&dir.path().join("none")).expect("clear"),
             Usage::default()
         );
     }

@@ -628,7 +628,8 @@ const READ_ONLY_FILES: [&str; 4] = [DISK_FILE, KERNEL_FILE, DISTRIBUTION_INITRD,
 /// a QEMU taken over by its guest could write it. Each of [`READ_ONLY_FILES`] owned by
 /// another user or writable by anyone but its owner is given to this process's user, mode
 /// 0644 (only root can take a file from another user; otherwise it is left as it is); a
-/// disk taken back is checked against the manifest's sha256. False: it no longer matches.
+/// disk taken back or mended (it was writable by others) is checked against the
+/// manifest's sha256. False: it no longer matches.
 fn reclaimed_intact(image: &Image) -> Result<bool, ImageError> {
     use std::os::fd::AsFd;
     use std::os::unix::fs::MetadataExt;
@@ -665,7 +666,8 @@ fn reclaimed_intact(image: &Image) -> Result<bool, ImageError> {
         )
         .map_err(std::io::Error::from)
         .map_err(file_err("cannot set permissions of", &path))?;
-        disk_reclaimed |= foreign && name == DISK_FILE;
+        // Whoever could write it (its other owner, or anyone) may have: the disk is read.
+        disk_reclaimed |= name == DISK_FILE;
     }
     if disk_reclaimed {
         return Ok(sha256_file(&image.dir.join(DISK_FILE))? == image.manifest.disk_sha256);
@@ -1320,11 +1322,19 @@ mod tests {
         std::fs::write(&disk, b"DISK").expect("write");
         nix::unistd::chown(&disk, qemu, None).expect("chown");
         assert!(!reclaimed_intact(&image).expect("reclaim"), "changed");
-        // Ours but writable by others: its mode is mended; the disk is not read.
+        // Ours but writable by others: its mode is mended, and it is checked too, since
+        // QEMU's user (anyone) could write it.
+        std::fs::write(&disk, b"disk").expect("write");
         std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o666)).expect("chmod");
-        assert!(reclaimed_intact(&image).expect("reclaim"));
+        assert!(reclaimed_intact(&image).expect("reclaim"), "unchanged");
         let meta = std::fs::metadata(&disk).expect("stat");
         assert_eq!(meta.mode() & 0o7777, 0o644);
+        std::fs::write(&disk, b"DISK").expect("write");
+        std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        assert!(
+            !reclaimed_intact(&image).expect("reclaim"),
+            "a disk anyone could write, and someone did, is not taken as intact"
+        );
     }
 
     #[test]

@@ -64,19 +64,24 @@ fn read_capped(input: impl Read, limit: u64) -> std::io::Result<Option<Vec<u8>>>
     Ok(Some(bytes))
 }
 
-/// Runs a program, showing its latest stderr line as the progress detail; on failure returns
-/// its last lines.
-pub fn run(command: &mut Command, progress: &Progress) -> Result<(), ImageError> {
-    let shown = shown(command);
-    let mut child = command
+/// Starts `command` (shown as `shown`) with no stdin and its stdout and stderr piped.
+fn spawn_piped(command: &mut Command, shown: &str) -> Result<std::process::Child, ImageError> {
+    command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|source| ImageError::Spawn {
-            command: shown.clone(),
+            command: shown.to_string(),
             source,
-        })?;
+        })
+}
+
+/// Runs a program, showing its latest stderr line as the progress detail; on failure returns
+/// its last lines.
+pub fn run(command: &mut Command, progress: &Progress) -> Result<(), ImageError> {
+    let shown = shown(command);
+    let mut child = spawn_piped(command, &shown)?;
     let stdout = child.stdout.take();
     let out_thread = std::thread::spawn(move || match stdout {
         Some(out) => tail_lines(out, |_| {}),
@@ -153,15 +158,7 @@ pub fn run_logged(
         path: log.to_path_buf(),
         source,
     })?;
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| ImageError::Spawn {
-            command: shown.clone(),
-            source,
-        })?;
+    let mut child = spawn_piped(command, &shown)?;
     let writer = std::sync::Arc::new(std::sync::Mutex::new((std::io::BufWriter::new(file), 0u64)));
     let keep =
         |writer: &std::sync::Arc<std::sync::Mutex<(std::io::BufWriter<std::fs::File>, u64)>>,
@@ -227,15 +224,7 @@ pub fn output(command: &mut Command) -> Result<String, ImageError> {
 /// stderr's last lines.
 pub fn bytes(command: &mut Command, limit: u64) -> Result<Vec<u8>, ImageError> {
     let shown = shown(command);
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| ImageError::Spawn {
-            command: shown.clone(),
-            source,
-        })?;
+    let mut child = spawn_piped(command, &shown)?;
     let stderr = child.stderr.take();
     let err_thread = std::thread::spawn(move || match stderr {
         Some(err) => tail_lines(err, |_| {}),

@@ -237,6 +237,7 @@ pub fn build(
     display: &Display,
 ) -> Result<BuildReport, BuildError> {
     let started = Instant::now();
+    let started_on = std::time::SystemTime::now();
     let image = match &spec.derived {
         Some(derived) => {
             image::ensure_derived(&derived.base, &derived.packages, derived.check_valid_until)
@@ -570,6 +571,29 @@ pub fn build(
     let text = serde_json::to_string_pretty(&result).unwrap_or_default();
     if let Err(err) = std::fs::write(&result_path, text + "\n") {
         eprintln!("contractor: cannot write {}: {err}", result_path.display());
+    }
+    // A hosted build (its source packed by the front end that asked for it) is signed by
+    // that front end when its record comes back: a build host signs nothing.
+    if options.packed.is_none() && crate::provenance::ran_script(result.outcome, result.exit_code) {
+        let facts = crate::provenance::Facts {
+            id: &result.id,
+            spec,
+            accel: options.accel,
+            snapshot: vm_spec.snapshot,
+            offline: options.offline,
+            image: Some(&image.manifest),
+            host: None,
+            started_on,
+            finished_on: std::time::SystemTime::now(),
+            outcome: result.outcome,
+            exit_code: result.exit_code,
+        };
+        if let Err(err) = crate::provenance::write_signed(&record, &facts) {
+            display.warning(&format!(
+                "cannot write the signed provenance: {}",
+                contractor_protocol::result::joined_chain(&err)
+            ));
+        }
     }
     let _ = std::fs::remove_file(&owner_file);
     if let Some(kept) = &ran.kept {

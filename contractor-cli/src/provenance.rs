@@ -167,9 +167,13 @@ pub fn load_or_create_key(path: &Path, create: bool) -> Result<SigningKey, Prove
                 .and_then(|mut f| f.read_exact(&mut seed))
                 .map_err(io("read", Path::new("/dev/urandom")))?;
             let key = SigningKey::from_bytes(&seed);
-            let pem = key
-                .to_pkcs8_pem(LineEnding::LF)
-                .map_err(|e| ProvenanceError::Encode(e.to_string()))?;
+            // PKCS#8 v1 (RFC 8410, no public key inside): what OpenSSL 3.0 reads too.
+            let pem = ed25519_dalek::pkcs8::KeypairBytes {
+                secret_key: seed,
+                public_key: None,
+            }
+            .to_pkcs8_pem(LineEnding::LF)
+            .map_err(|e| ProvenanceError::Encode(e.to_string()))?;
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(io("create", dir))?;
             }
@@ -1001,6 +1005,11 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         let again = load_or_create_key(&key_file, true).expect("load");
+        let pem = std::fs::read_to_string(&key_file).expect("pem");
+        assert!(
+            pem.starts_with("-----BEGIN PRIVATE KEY-----\nMC4CAQAw"),
+            "PKCS#8 v1: {pem}"
+        );
         assert_eq!(key.to_bytes(), again.to_bytes(), "made once, then read");
         assert!(
             load_or_create_key(&dir.path().join("given"), false).is_err(),

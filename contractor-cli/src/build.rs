@@ -578,8 +578,11 @@ pub fn build(
         let facts = crate::provenance::Facts {
             id: &result.id,
             spec,
-            accel: options.accel,
-            snapshot: vm_spec.snapshot,
+            accel: ran.vm_started.as_ref().map_or(options.accel, |v| v.0),
+            boot: crate::provenance::boot(
+                vm_spec.snapshot,
+                ran.vm_started.as_ref().and_then(|v| v.1.as_ref()),
+            ),
             offline: options.offline,
             image: Some(&image.manifest),
             host: None,
@@ -1110,6 +1113,8 @@ struct Ran {
     kept: Option<KeptVm>,
     /// The VM being destroyed by its holder, waited for before the build ends.
     releasing: Option<Releasing>,
+    /// The accelerator the VM ran with and how it booted, once it started.
+    vm_started: Option<(Accel, Option<contractor_protocol::vm::SnapshotReport>)>,
 }
 
 impl Ran {
@@ -1124,6 +1129,7 @@ impl Ran {
             limit: None,
             kept: None,
             releasing: None,
+            vm_started: None,
         }
     }
 
@@ -1135,6 +1141,7 @@ impl Ran {
             limit: None,
             kept: None,
             releasing: None,
+            vm_started: None,
         }
     }
 
@@ -1455,6 +1462,7 @@ fn run_in_vm(
         accel: vm.info.accel.unwrap_or_default(),
         snapshot: vm.info.snapshot.clone(),
     });
+    let vm_started = (vm.info.accel.unwrap_or_default(), vm.info.snapshot.clone());
     let (Some(control_socket), Some(tunnel_socket)) = (
         vm.info.control_socket.clone(),
         vm.info.tunnel_socket.clone(),
@@ -1527,6 +1535,7 @@ fn run_in_vm(
             limit,
             kept,
             releasing: None,
+            vm_started: None,
         },
         Ok(_) => Ran::failed(
             Outcome::Infrastructure,
@@ -1538,7 +1547,11 @@ fn run_in_vm(
             None => Ran::infrastructure(BuildCode::Run, &err),
         },
     };
-    Ran { releasing, ..ran }
+    Ran {
+        releasing,
+        vm_started: Some(vm_started),
+        ..ran
+    }
 }
 
 /// Feeds `request` to `contractor-run`, shows its events, and returns its `finished`.

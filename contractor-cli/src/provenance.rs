@@ -236,10 +236,10 @@ pub struct Facts<'a> {
     pub id: &'a str,
     /// The spec as given.
     pub spec: &'a BuildSpec,
-    /// The accelerator asked for (`auto`, `kvm`, `tcg`).
+    /// The accelerator the VM ran with (`kvm`, `tcg`), else the one asked for (`auto`).
     pub accel: contractor_protocol::vm::Accel,
-    /// Whether a booted snapshot could be restored (else a cold boot).
-    pub snapshot: bool,
+    /// How the VM booted ([`boot`]).
+    pub boot: String,
     /// `--offline`: downloads only from the download cache.
     pub offline: bool,
     /// The image's manifest, when the image is on this host.
@@ -264,6 +264,25 @@ pub fn write_signed(record: &Path, facts: &Facts) -> Result<PathBuf, ProvenanceE
     let path = record.join(PROVENANCE_FILE);
     std::fs::write(&path, text + "\n").map_err(io("write", &path))?;
     Ok(path)
+}
+
+/// How the VM booted, in words: `cold`, `restored from a snapshot`, `cold, then saved as a
+/// snapshot and restored`; with the reason when a snapshot was asked for and not used.
+pub fn boot(asked: bool, report: Option<&contractor_protocol::vm::SnapshotReport>) -> String {
+    let why = |report: &contractor_protocol::vm::SnapshotReport| {
+        report
+            .reason
+            .as_ref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default()
+    };
+    match report {
+        _ if !asked => "cold".into(),
+        None => "cold".into(),
+        Some(r) if r.restored && r.created => "cold, then saved as a snapshot and restored".into(),
+        Some(r) if r.restored => "restored from a snapshot".into(),
+        Some(r) => format!("cold{}", why(r)),
+    }
 }
 
 /// Whether a build ran its script, so that its record gets provenance.
@@ -321,7 +340,7 @@ pub fn statement(record: &Path, facts: &Facts) -> Result<Value, ProvenanceError>
             "network": "none (virtio-serial to the proxy and the store only)",
         },
         "accelerator": facts.accel,
-        "boot": if facts.snapshot { "snapshot if one is kept, else cold" } else { "cold" },
+        "boot": facts.boot,
         "offline": facts.offline,
         "buildHost": facts.host,
         "contractorVersion": env!("CARGO_PKG_VERSION"),
@@ -856,7 +875,7 @@ mod tests {
             id: "20261125-141502-3fa2c1",
             spec,
             accel: contractor_protocol::vm::Accel::Auto,
-            snapshot: true,
+            boot: "cold".into(),
             offline: false,
             image: Some(manifest),
             host: None,
@@ -869,6 +888,30 @@ mod tests {
 
     fn sha(bytes: &[u8]) -> String {
         hex(&Sha256::digest(bytes))
+    }
+
+    #[test]
+    fn boot_says_how_the_vm_started() {
+        use contractor_protocol::vm::SnapshotReport;
+        let report = |restored, created, reason: Option<&str>| SnapshotReport {
+            restored,
+            created,
+            reason: reason.map(String::from),
+            dir: None,
+        };
+        assert_eq!(boot(false, None), "cold");
+        assert_eq!(
+            boot(true, Some(&report(true, false, None))),
+            "restored from a snapshot"
+        );
+        assert_eq!(
+            boot(true, Some(&report(true, true, None))),
+            "cold, then saved as a snapshot and restored"
+        );
+        assert_eq!(
+            boot(true, Some(&report(false, false, Some("all in use")))),
+            "cold (all in use)"
+        );
     }
 
     #[test]

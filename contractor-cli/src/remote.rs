@@ -578,7 +578,12 @@ pub fn build_on(
             id: &result.id,
             spec,
             accel: options.accel,
-            snapshot: options.snapshot,
+            boot: match options.snapshot {
+                true => {
+                    "on the build host: restored from a snapshot if it keeps one, else cold".into()
+                }
+                false => "cold".into(),
+            },
             offline: options.offline,
             image: None,
             host: Some(&host_name),

@@ -57,7 +57,7 @@ fn signed_record() -> Fixture {
         id: ID,
         spec: &spec,
         accel: contractor_protocol::vm::Accel::Auto,
-        snapshot: false,
+        boot: "cold".into(),
         offline: false,
         image: None,
         host: None,

@@ -98,6 +98,32 @@ or no kept VM, 3 the VM could not be reached."
         #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
         file: PathBuf,
     },
+    /// Print the public key (PEM, SubjectPublicKeyInfo) that signs builds' provenance,
+    /// making the key (the data directory's `signing-key`, mode 0600) on first use.
+    #[command(after_help = "Examples:\n  contractor key > contractor.pub\n  \
+CONTRACTOR_SIGNING_KEY=team-key.pem contractor key\n\n\
+The key is $CONTRACTOR_SIGNING_KEY (a PKCS#8 PEM ed25519 key) when set, else\n\
+signing-key in the data directory. See docs/provenance.md.")]
+    Key,
+    /// Verify a build's signed provenance: the signature, each artifact against its
+    /// subject, and the record's downloads.jsonl against the statement.
+    #[command(
+        after_help = "Examples:\n  contractor verify                       # the newest build\n  \
+contractor verify 20261125-141502-3fa2c1\n  \
+contractor verify path/to/provenance.json --key contractor.pub\n\n\
+Exit codes: 0 verified, 1 does not verify (what differs is named), 2 bad input."
+    )]
+    Verify {
+        /// Build id (default: the newest), or a provenance.json file (its record is its
+        /// directory).
+        target: Option<String>,
+        /// The signer's public key (PEM); default: this user's key (`contractor key`).
+        #[arg(long = "key")]
+        key: Option<PathBuf>,
+        /// The project's spec file (the project is its directory).
+        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
+        file: PathBuf,
+    },
     /// Show a build's result: outcome, log, artifacts with sha256, refused hosts.
     #[command(
         after_help = "Example:\n  contractor show               # the newest build\n  contractor show 20261125-141502-3fa2c1"
@@ -346,6 +372,10 @@ pub fn main() -> std::process::ExitCode {
                     crate::init::InitError::Write { .. } => Failure::host(e),
                 }),
         ),
+        Command::Key => report(print_key()),
+        Command::Verify { target, key, file } => {
+            report(verify_provenance(&file, target.as_deref(), key.as_deref()))
+        }
         Command::Show { id, file } => report(show_build(&file, id.as_deref())),
         Command::Allow {
             hosts,
@@ -828,6 +858,68 @@ fn report(result: Result<(), Failure>) -> std::process::ExitCode {
             failure.exit.into()
         }
     }
+}
+
+/// `contractor key`: the public key that signs provenance, as PEM.
+fn print_key() -> Result<(), Failure> {
+    use crate::provenance::{self, ProvenanceError};
+    let key = provenance::signing_key().map_err(|e| match e {
+        ProvenanceError::BadKey { .. } | ProvenanceError::Io { .. } => Failure::input(e),
+        _ => Failure::host(e),
+    })?;
+    let pem = provenance::public_pem(&key.verifying_key()).map_err(Failure::host)?;
+    print!("{pem}");
+    Ok(())
+}
+
+/// A provenance statement that does not verify (exit 1).
+#[derive(Debug, thiserror::Error)]
+#[error("{path} does not verify ({} problem(s) named above)", problems.len())]
+struct NotVerified {
+    path: PathBuf,
+    problems: Vec<String>,
+}
+
+/// `contractor verify`: the provenance of build `target` (the newest), or the file
+/// `target`, checked with `key` (this user's key).
+fn verify_provenance(file: &Path, target: Option<&str>, key: Option<&Path>) -> Result<(), Failure> {
+    use crate::provenance;
+    let path = match target {
+        Some(t) if t.contains('/') || t.ends_with(".json") => PathBuf::from(t),
+        _ => {
+            // Every record error is the input's here: the record is what is checked.
+            let record = records::open(&store_of(file), target).map_err(Failure::input)?;
+            record.dir.join(provenance::PROVENANCE_FILE)
+        }
+    };
+    let key = match key {
+        Some(pem) => provenance::load_public_key(pem).map_err(Failure::input)?,
+        None => {
+            let (own, _) = provenance::key_path().map_err(Failure::input)?;
+            provenance::load_public_key(&own).map_err(Failure::input)?
+        }
+    };
+    let verdict = provenance::verify(&path, &key).map_err(Failure::input)?;
+    if !verdict.problems.is_empty() {
+        for problem in &verdict.problems {
+            eprintln!("contractor: {}", escape(problem));
+        }
+        return Err(Failure {
+            exit: ExitCode::BuildFailed,
+            error: Box::new(NotVerified {
+                path,
+                problems: verdict.problems,
+            }),
+        });
+    }
+    println!(
+        "verified: {} (key {}): signature good, {} artifact(s) and {} download(s) as stated",
+        escape_path(&path),
+        provenance::key_id(&key),
+        verdict.artifacts,
+        verdict.downloads
+    );
+    Ok(())
 }
 
 /// The store directory of the project whose spec is `file` (the spec need not be valid).

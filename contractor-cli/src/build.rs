@@ -237,6 +237,7 @@ pub fn build(
     display: &Display,
 ) -> Result<BuildReport, BuildError> {
     let started = Instant::now();
+    let started_on = std::time::SystemTime::now();
     let image = match &spec.derived {
         Some(derived) => {
             image::ensure_derived(&derived.base, &derived.packages, derived.check_valid_until)
@@ -570,6 +571,32 @@ pub fn build(
     let text = serde_json::to_string_pretty(&result).unwrap_or_default();
     if let Err(err) = std::fs::write(&result_path, text + "\n") {
         eprintln!("contractor: cannot write {}: {err}", result_path.display());
+    }
+    // A hosted build (its source packed by the front end that asked for it) is signed by
+    // that front end when its record comes back: a build host signs nothing.
+    if options.packed.is_none() && crate::provenance::ran_script(result.outcome, result.exit_code) {
+        let facts = crate::provenance::Facts {
+            id: &result.id,
+            spec,
+            accel: ran.vm_started.as_ref().map_or(options.accel, |v| v.0),
+            boot: crate::provenance::boot(
+                vm_spec.snapshot,
+                ran.vm_started.as_ref().and_then(|v| v.1.as_ref()),
+            ),
+            offline: options.offline,
+            image: Some(&image.manifest),
+            host: None,
+            started_on,
+            finished_on: std::time::SystemTime::now(),
+            outcome: result.outcome,
+            exit_code: result.exit_code,
+        };
+        if let Err(err) = crate::provenance::write_signed(&record, &facts) {
+            display.warning(&format!(
+                "cannot write the signed provenance: {}",
+                contractor_protocol::result::joined_chain(&err)
+            ));
+        }
     }
     let _ = std::fs::remove_file(&owner_file);
     if let Some(kept) = &ran.kept {
@@ -1089,6 +1116,8 @@ struct Ran {
     kept: Option<KeptVm>,
     /// The VM being destroyed by its holder, waited for before the build ends.
     releasing: Option<Releasing>,
+    /// The accelerator the VM ran with and how it booted, once it started.
+    vm_started: Option<(Accel, Option<contractor_protocol::vm::SnapshotReport>)>,
 }
 
 impl Ran {
@@ -1103,6 +1132,7 @@ impl Ran {
             limit: None,
             kept: None,
             releasing: None,
+            vm_started: None,
         }
     }
 
@@ -1114,6 +1144,7 @@ impl Ran {
             limit: None,
             kept: None,
             releasing: None,
+            vm_started: None,
         }
     }
 
@@ -1434,6 +1465,7 @@ fn run_in_vm(
         accel: vm.info.accel.unwrap_or_default(),
         snapshot: vm.info.snapshot.clone(),
     });
+    let vm_started = (vm.info.accel.unwrap_or_default(), vm.info.snapshot.clone());
     let (Some(control_socket), Some(tunnel_socket)) = (
         vm.info.control_socket.clone(),
         vm.info.tunnel_socket.clone(),
@@ -1506,6 +1538,7 @@ fn run_in_vm(
             limit,
             kept,
             releasing: None,
+            vm_started: None,
         },
         Ok(_) => Ran::failed(
             Outcome::Infrastructure,
@@ -1517,7 +1550,11 @@ fn run_in_vm(
             None => Ran::infrastructure(BuildCode::Run, &err),
         },
     };
-    Ran { releasing, ..ran }
+    Ran {
+        releasing,
+        vm_started: Some(vm_started),
+        ..ran
+    }
 }
 
 /// Feeds `request` to `contractor-run`, shows its events, and returns its `finished`.

@@ -37,6 +37,7 @@ pub const NOT_SENT: &[&str] = &[
     "owner.json",
     "inputs",
     "vm.json",
+    "provenance.json",
 ];
 
 /// Why a hosted build could not start: its error code, messages and exit code.

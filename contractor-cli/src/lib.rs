@@ -16,6 +16,7 @@ pub mod image;
 pub mod init;
 pub mod lock;
 pub mod paths;
+pub mod provenance;
 pub mod records;
 pub mod remote;
 pub mod shell;

@@ -434,6 +434,7 @@ pub fn build_on(
     display: &Display,
 ) -> Result<BuildReport, BuildError> {
     let started = Instant::now();
+    let started_on = std::time::SystemTime::now();
     let store_root = paths::checked_store_dir(&spec.project_dir).map_err(BuildError::StoreDir)?;
     build::close_abandoned_records(&store_root);
     let id = build::new_build_id();
@@ -569,6 +570,34 @@ pub fn build_on(
     let text = serde_json::to_string_pretty(&result).unwrap_or_default();
     if let Err(err) = std::fs::write(&result_path, text + "\n") {
         eprintln!("contractor: cannot write {}: {err}", result_path.display());
+    }
+    // Signed here, after the record came back: the build host never holds the key.
+    let host_name = host.to_string();
+    if crate::provenance::ran_script(result.outcome, result.exit_code) {
+        let facts = crate::provenance::Facts {
+            id: &result.id,
+            spec,
+            accel: options.accel,
+            boot: match options.snapshot {
+                true => {
+                    "on the build host: restored from a snapshot if it keeps one, else cold".into()
+                }
+                false => "cold".into(),
+            },
+            offline: options.offline,
+            image: None,
+            host: Some(&host_name),
+            started_on,
+            finished_on: std::time::SystemTime::now(),
+            outcome: result.outcome,
+            exit_code: result.exit_code,
+        };
+        if let Err(err) = crate::provenance::write_signed(&record, &facts) {
+            display.warning(&format!(
+                "cannot write the signed provenance: {}",
+                contractor_protocol::result::joined_chain(&err)
+            ));
+        }
     }
     let _ = std::fs::remove_file(&owner_file);
     display.event(&BuildEvent::Finished {

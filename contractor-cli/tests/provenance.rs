@@ -1,0 +1,252 @@
+//! `contractor key` and `contractor verify` as a user runs them, on a fixture record signed
+//! with the key `contractor key` made; and the same envelope checked by an independent
+//! implementation (Python's `cryptography`, Debian's python3-cryptography).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use contractor_cli::provenance;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    project: PathBuf,
+    record: PathBuf,
+}
+
+const ID: &str = "20261125-141502-3fa2c1";
+
+fn contractor(fixture: &Fixture, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .args(args)
+        .current_dir(&fixture.project)
+        .env("CONTRACTOR_DATA_DIR", &fixture.data)
+        .env_remove(provenance::KEY_VARIABLE)
+        .output()
+        .expect("run contractor")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A record signed with the key `contractor key` made in a fresh data directory.
+fn signed_record() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let project = dir.path().join("project");
+    let record = project.join(".contractor/builds").join(ID);
+    provenance::write_fixture(&record, &project).expect("fixture");
+    std::fs::write(project.join("contractor.toml"), provenance::FIXTURE_SPEC).expect("spec");
+    let fixture = Fixture {
+        data: dir.path().join("data"),
+        project,
+        record,
+        _dir: dir,
+    };
+    let out = contractor(&fixture, &["key"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("-----BEGIN PUBLIC KEY-----\n"));
+    let key = provenance::load_or_create_key(&fixture.data.join(provenance::KEY_FILE), false)
+        .expect("the key contractor key made");
+    let spec = contractor_cli::spec::parse(
+        &fixture.project.join("contractor.toml"),
+        provenance::FIXTURE_SPEC,
+    )
+    .expect("spec");
+    let facts = provenance::Facts {
+        id: ID,
+        spec: &spec,
+        accel: contractor_protocol::vm::Accel::Auto,
+        boot: "cold".into(),
+        offline: false,
+        image: None,
+        host: None,
+        started_on: std::time::SystemTime::now(),
+        finished_on: std::time::SystemTime::now(),
+        outcome: contractor_protocol::result::Outcome::Failed,
+        exit_code: Some(2),
+    };
+    let statement = provenance::statement(&fixture.record, &facts).expect("statement");
+    let envelope = provenance::envelope(&statement, &key);
+    std::fs::write(
+        fixture.record.join(provenance::PROVENANCE_FILE),
+        serde_json::to_string_pretty(&envelope).expect("json"),
+    )
+    .expect("write");
+    fixture
+}
+
+fn provenance_file(fixture: &Fixture) -> String {
+    fixture
+        .record
+        .join(provenance::PROVENANCE_FILE)
+        .display()
+        .to_string()
+}
+
+#[test]
+fn a_signed_record_verifies_by_id_newest_and_file() {
+    let fixture = signed_record();
+    let file = provenance_file(&fixture);
+    for args in [vec!["verify"], vec!["verify", ID], vec!["verify", &file]] {
+        let out = contractor(&fixture, &args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stdout).contains("2 artifact(s) and 2 download(s) as stated"),
+            "{}",
+            text(&out.stdout)
+        );
+    }
+    // The key is the user's alone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(fixture.data.join("signing-key"))
+        .expect("key")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn a_tampered_artifact_does_not_verify_and_is_named() {
+    let fixture = signed_record();
+    std::fs::write(fixture.record.join("artifacts/hello"), b"trojan\n").expect("tamper");
+    let out = contractor(&fixture, &["verify", ID]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("artifact \"hello\" differs"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_tampered_statement_or_another_key_does_not_verify() {
+    let fixture = signed_record();
+    let path = fixture.record.join(provenance::PROVENANCE_FILE);
+    let mut envelope: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    let payload = b64
+        .decode(envelope["payload"].as_str().expect("payload"))
+        .expect("base64");
+    let mut statement: serde_json::Value = serde_json::from_slice(&payload).expect("statement");
+    statement["subject"][0]["digest"]["sha256"] = "0".repeat(64).into();
+    envelope["payload"] = b64
+        .encode(serde_json::to_vec(&statement).expect("json"))
+        .into();
+    std::fs::write(&path, envelope.to_string()).expect("write");
+    let out = contractor(&fixture, &["verify"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("signature does not verify"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let fixture = signed_record();
+    let other = fixture.project.join("other.pem");
+    let out = Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .arg("key")
+        .env("CONTRACTOR_DATA_DIR", fixture.project.join("other-data"))
+        .output()
+        .expect("key");
+    std::fs::write(&other, &out.stdout).expect("pem");
+    let out = contractor(&fixture, &["verify", "--key", "other.pem"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+}
+
+#[test]
+fn bad_input_is_exit_2_naming_the_file_or_field() {
+    let fixture = signed_record();
+    let cases: [(&str, &[u8], &str); 3] = [
+        ("garbage.json", b"not json", "not JSON"),
+        (
+            "notype.json",
+            br#"{"payload":"","signatures":[]}"#,
+            "`payloadType`",
+        ),
+        (
+            "nosig.json",
+            br#"{"payloadType":"application/vnd.in-toto+json","payload":"e30=","signatures":[]}"#,
+            "`signatures`",
+        ),
+    ];
+    for (name, bytes, field) in cases {
+        let path = fixture.project.join(name);
+        std::fs::write(&path, bytes).expect("write");
+        let out = contractor(&fixture, &["verify", &path.display().to_string()]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(stderr.contains(name) && stderr.contains(field), "{stderr}");
+    }
+    let out = contractor(&fixture, &["verify", "./missing.json"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let out = contractor(&fixture, &["verify", "--key", "contractor.toml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("contractor.toml is not an ed25519 public key"));
+}
+
+/// The envelope checked by code we did not write: Python's `cryptography` verifies the
+/// ed25519 signature over DSSE's PAE with the PEM `contractor key` prints.
+#[test]
+fn python_cryptography_verifies_the_envelope_independently() {
+    let have = Command::new("python3")
+        .args(["-c", "import cryptography"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        eprintln!(
+            "SKIPPED: python3 with the cryptography package is missing (apt-get install python3-cryptography; scripts/setup installs it)"
+        );
+        return;
+    }
+    let fixture = signed_record();
+    let pem = contractor(&fixture, &["key"]).stdout;
+    let pem_file = fixture.project.join("contractor.pub");
+    std::fs::write(&pem_file, pem).expect("pem");
+    let check = r#"
+import base64, json, sys
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+key = load_pem_public_key(open(sys.argv[1], "rb").read())
+env = json.load(open(sys.argv[2]))
+body = base64.b64decode(env["payload"])
+t = env["payloadType"].encode()
+pae = b"DSSEv1 %d %s %d %s" % (len(t), t, len(body), body)
+key.verify(base64.b64decode(env["signatures"][0]["sig"]), pae)
+st = json.loads(body)
+assert st["_type"] == "https://in-toto.io/Statement/v1"
+assert st["predicateType"] == "https://slsa.dev/provenance/v1"
+print(len(st["subject"]), "subjects verified")
+"#;
+    let run = |file: &Path| {
+        Command::new("python3")
+            .args(["-c", check])
+            .arg(&pem_file)
+            .arg(file)
+            .output()
+            .expect("python3")
+    };
+    let file = fixture.record.join(provenance::PROVENANCE_FILE);
+    let out = run(&file);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "2 subjects verified\n");
+
+    // And it refuses a changed payload, so the check above can fail.
+    let mut envelope: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).expect("read")).expect("json");
+    envelope["payload"] = "e30=".into();
+    std::fs::write(&file, envelope.to_string()).expect("write");
+    let out = run(&file);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("InvalidSignature"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -35,11 +35,9 @@ pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
 pub const PREDICATE_TYPE: &str = "https://slsa.dev/provenance/v1";
 /// Our build type: what `externalParameters` and `internalParameters` mean
 /// (docs/provenance.md).
-pub const BUILD_TYPE: &str =
-    "https://github.com/contractor-build/contractor/blob/main/docs/provenance.md#build-type-v1";
+pub const BUILD_TYPE: &str = "urn:contractor:build-type:v1";
 /// `runDetails.builder.id`.
-pub const BUILDER_ID: &str =
-    "https://github.com/contractor-build/contractor/blob/main/docs/provenance.md#builder";
+pub const BUILDER_ID: &str = "urn:contractor:builder:v1";
 /// The file name of the key made on first use, in the data directory.
 pub const KEY_FILE: &str = "signing-key";
 /// The variable naming a signing key (PKCS#8 PEM) to use instead of the data directory's.

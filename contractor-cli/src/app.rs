@@ -124,6 +124,37 @@ Exit codes: 0 verified, 1 does not verify (what differs is named), 2 bad input."
         #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
         file: PathBuf,
     },
+    /// Build a recorded build's own source again in a fresh VM from the same image,
+    /// offline (every download from the download cache by the SHA-256 its statement
+    /// lists), and compare the artifacts bit for bit. Both records are kept.
+    #[command(
+        after_help = "Examples:\n  contractor build && contractor rebuild      # the newest build\n  \
+contractor rebuild 20261125-141502-3fa2c1\n  \
+contractor rebuild --any-image 20261125-141502-3fa2c1   # the image was rebuilt since\n\n\
+Exit codes: 0 every artifact identical, 1 an artifact differs or is missing (or the rebuild\n\
+did not end as the original did), 2 bad input (no such build or statement, contractor.toml\n\
+changed, the recorded image gone or changed without --any-image), 3 infrastructure failure."
+    )]
+    Rebuild {
+        /// Build id (default: the newest).
+        id: Option<String>,
+        /// Go on when the recorded image is gone or has changed, with the current one (the
+        /// report names the inputs that differ).
+        #[arg(long)]
+        any_image: bool,
+        /// libvirt connection URI (default as for `build`).
+        #[arg(long)]
+        uri: Option<String>,
+        /// Accelerator: auto uses KVM when the CPU has vmx/svm, TCG otherwise.
+        #[arg(long, value_enum, default_value = "auto")]
+        accel: AccelArg,
+        /// Boot the VM cold instead of restoring a saved builder.
+        #[arg(long)]
+        cold: bool,
+        /// The project's spec file (the project is its directory).
+        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
+        file: PathBuf,
+    },
     /// Show a build's result: outcome, log, artifacts with sha256, refused hosts.
     #[command(
         after_help = "Example:\n  contractor show               # the newest build\n  contractor show 20261125-141502-3fa2c1"
@@ -337,6 +368,7 @@ pub fn main() -> std::process::ExitCode {
                 offline,
                 id: None,
                 packed: None,
+                rebuild_of: None,
             };
             let hosts = match build_hosts(&hosts, local) {
                 Ok(hosts) => hosts,
@@ -376,6 +408,29 @@ pub fn main() -> std::process::ExitCode {
         Command::Verify { target, key, file } => {
             report(verify_provenance(&file, target.as_deref(), key.as_deref()))
         }
+        Command::Rebuild {
+            id,
+            any_image,
+            uri,
+            accel,
+            cold,
+            file,
+        } => rebuild(
+            &file,
+            id.as_deref(),
+            any_image,
+            BuildOptions {
+                uri: uri.unwrap_or_else(contractor_protocol::vm::default_uri),
+                accel: accel.into(),
+                keep: None,
+                snapshot: !cold,
+                offline: true,
+                id: None,
+                packed: None,
+                rebuild_of: None,
+            },
+        )
+        .into(),
         Command::Show { id, file } => report(show_build(&file, id.as_deref())),
         Command::Allow {
             hosts,
@@ -716,6 +771,7 @@ fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
                 offline: false,
                 id: None,
                 packed: None,
+                rebuild_of: None,
             };
             let built = build_here(&spec, &options, Mode::Auto, None);
             match built {
@@ -857,6 +913,172 @@ fn report(result: Result<(), Failure>) -> std::process::ExitCode {
             eprintln!("contractor: {}", escape(&chain(failure.error.as_ref())));
             failure.exit.into()
         }
+    }
+}
+
+/// `contractor rebuild [ID]` (crate::rebuild): the exit code says whether every artifact
+/// came out identical.
+fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOptions) -> ExitCode {
+    use crate::rebuild::{self, RebuildError};
+    let input = |err: &dyn std::error::Error| {
+        eprintln!("contractor: {}", escape(&chain(err)));
+        ExitCode::BadInput
+    };
+    let mut spec = match spec::load(file) {
+        Ok(spec) => spec,
+        Err(err) => return input(&err),
+    };
+    let store = store_of(file);
+    let original = match records::open(&store, id) {
+        Ok(record) => record,
+        Err(err) => return input(&err),
+    };
+    let statement =
+        match rebuild::read_statement(&original.dir.join(crate::provenance::PROVENANCE_FILE)) {
+            Ok(statement) => statement,
+            Err(err) => return input(&err),
+        };
+    let fields = rebuild::spec_differences(&statement, &spec);
+    if !fields.is_empty() {
+        return input(&RebuildError::SpecChanged {
+            file: file.to_path_buf(),
+            id: original.id.clone(),
+            fields,
+        });
+    }
+    let images = match image::list() {
+        Ok(images) => images,
+        Err(err) => {
+            eprintln!(
+                "contractor: cannot list the images: {}",
+                escape(&chain(&err))
+            );
+            return err.exit_code();
+        }
+    };
+    let recorded = rebuild::recorded_image(&statement).map(|(name, _)| name);
+    let current = images
+        .iter()
+        .find(|i| Some(&i.manifest.name) == recorded.as_ref())
+        .map(|i| &i.manifest);
+    let mut inputs_differ = rebuild::image_differences(&statement, current);
+    if !inputs_differ.is_empty() && !any_image {
+        return input(&RebuildError::ImageChanged(inputs_differ.join("; ")));
+    }
+    for reason in rebuild::incomplete_downloads(&statement) {
+        eprintln!(
+            "contractor: warning: build {} did not record every download ({}): what it did not record cannot be served offline",
+            escape(&original.id),
+            escape(&reason)
+        );
+    }
+    // The record's pins are the lock, offline; the build cache is left out: a rebuild
+    // starts from the source alone.
+    spec.lock = Some(rebuild::pins(&statement));
+    spec.cache_paths.clear();
+    let tar = store.join(format!(".rebuild-{}.tar", std::process::id()));
+    if let Err(err) = rebuild::copy_source(&original.dir, &tar) {
+        return input(&err);
+    }
+    options.packed = Some(build::PackedSource {
+        tar: tar.clone(),
+        entries: 0,
+    });
+    options.rebuild_of = Some(original.id.clone());
+    eprintln!(
+        "contractor: rebuilding build {} from its source.tar, offline, with {} pinned download(s)",
+        escape(&original.id),
+        spec.lock.as_ref().map_or(0, |l| l.downloads.len())
+    );
+    let built = build_here(&spec, &options, Mode::Auto, None);
+    let _ = std::fs::remove_file(&tar);
+    let report = match built {
+        Ok(report) => report,
+        Err((_, lines, exit)) => {
+            eprintln!(
+                "contractor: the rebuild could not run: {}",
+                shown_chain(&lines)
+            );
+            return exit;
+        }
+    };
+    let result = &report.result;
+    let hash = |dir: &Path| crate::provenance::hash_artifacts(&dir.join("artifacts"));
+    let rebuilt = store.join("builds").join(&result.id);
+    let (before, after) = match (hash(&original.dir), hash(&rebuilt)) {
+        (Ok(before), Ok(after)) => (before, after),
+        (Err(err), _) | (_, Err(err)) => {
+            eprintln!(
+                "contractor: cannot hash the artifacts: {}",
+                escape(&chain(&err))
+            );
+            return ExitCode::Infrastructure;
+        }
+    };
+    if let Ok(again) = rebuild::read_statement(&rebuilt.join(crate::provenance::PROVENANCE_FILE)) {
+        for found in rebuild::input_differences(&statement, &again) {
+            if !inputs_differ.contains(&found) {
+                inputs_differ.push(found);
+            }
+        }
+    }
+    let rows = rebuild::compare(&before, &after);
+    let json = rebuild::record_json(&original.id, &rows, &inputs_differ);
+    let path = rebuilt.join(rebuild::REBUILD_FILE);
+    if let Err(err) = std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&json).unwrap_or_default() + "\n",
+    ) {
+        eprintln!("contractor: cannot write {}: {err}", path.display());
+    }
+    eprintln!();
+    for line in rebuild::report_lines(&rows) {
+        println!("{line}");
+    }
+    let identical = rows
+        .iter()
+        .filter(|r| r.verdict == rebuild::Verdict::Identical)
+        .count();
+    let same_end = original
+        .result
+        .as_ref()
+        .is_none_or(|r| r.outcome == result.outcome);
+    eprintln!(
+        "rebuild {} of build {}: {identical} of {} artifact(s) identical; the rebuild {} in {:.1}s",
+        escape(&result.id),
+        escape(&original.id),
+        rows.len(),
+        match result.outcome {
+            Outcome::Success => "succeeded".to_string(),
+            other => format!("ended {other:?}").to_lowercase(),
+        },
+        result.duration_secs
+    );
+    if !same_end {
+        eprintln!(
+            "  the original ended {:?}, the rebuild {:?}: `contractor log {}` says why",
+            original.result.as_ref().map(|r| r.outcome),
+            result.outcome,
+            escape(&result.id)
+        );
+    }
+    if !result.refused_hosts.is_empty() {
+        eprintln!(
+            "  refused offline: {} (not in the record's downloads, or not in the download cache any more)",
+            escape(&result.refused_hosts.join(", "))
+        );
+    }
+    for found in &inputs_differ {
+        eprintln!("  input differs: {}", escape(found));
+    }
+    if rows.is_empty() {
+        eprintln!("  no artifacts to compare");
+    }
+    match result.outcome {
+        Outcome::Infrastructure => ExitCode::Infrastructure,
+        Outcome::Interrupted => ExitCode::Interrupted,
+        _ if rebuild::all_identical(&rows) && same_end => ExitCode::Success,
+        _ => ExitCode::BuildFailed,
     }
 }
 

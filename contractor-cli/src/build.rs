@@ -58,6 +58,9 @@ pub struct BuildOptions {
     /// The source, when it arrived packed (from a front end that hosts the build here)
     /// instead of being packed from the project directory.
     pub packed: Option<PackedSource>,
+    /// The build this one rebuilds (`contractor rebuild`): its `source.tar` is `packed`,
+    /// and this front end signs the record as usual, saying which build it rebuilt.
+    pub rebuild_of: Option<String>,
 }
 
 /// A source tar packed elsewhere: moved into the build record instead of packing the
@@ -573,8 +576,10 @@ pub fn build(
         eprintln!("contractor: cannot write {}: {err}", result_path.display());
     }
     // A hosted build (its source packed by the front end that asked for it) is signed by
-    // that front end when its record comes back: a build host signs nothing.
-    if options.packed.is_none() && crate::provenance::ran_script(result.outcome, result.exit_code) {
+    // that front end when its record comes back: a build host signs nothing. A rebuild's
+    // source is packed too, by this front end, which signs it.
+    let signs_here = options.packed.is_none() || options.rebuild_of.is_some();
+    if signs_here && crate::provenance::ran_script(result.outcome, result.exit_code) {
         let facts = crate::provenance::Facts {
             id: &result.id,
             spec,
@@ -590,6 +595,7 @@ pub fn build(
             finished_on: std::time::SystemTime::now(),
             outcome: result.outcome,
             exit_code: result.exit_code,
+            rebuild_of: options.rebuild_of.as_deref(),
         };
         if let Err(err) = crate::provenance::write_signed(&record, &facts) {
             display.warning(&format!(

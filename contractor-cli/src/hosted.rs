@@ -231,6 +231,7 @@ fn prepare(input: &mut BufReader<std::io::Stdin>) -> Result<Prepared, Refusal> {
             tar,
             entries: request.source_entries,
         }),
+        rebuild_of: None,
     };
     Ok(Prepared { spec, options })
 }

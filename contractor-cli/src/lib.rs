@@ -17,6 +17,7 @@ pub mod init;
 pub mod lock;
 pub mod paths;
 pub mod provenance;
+pub mod rebuild;
 pub mod records;
 pub mod remote;
 pub mod shell;

@@ -252,6 +252,8 @@ pub struct Facts<'a> {
     pub outcome: Outcome,
     /// The script's exit status.
     pub exit_code: Option<i32>,
+    /// The build this one rebuilt (`contractor rebuild`), if it is a rebuild.
+    pub rebuild_of: Option<&'a str>,
 }
 
 /// Writes `provenance.json` into `record`, signed with this user's key ([`signing_key`]).
@@ -292,14 +294,9 @@ pub fn ran_script(outcome: Outcome, exit_code: Option<i32>) -> bool {
         )
 }
 
-/// The in-toto statement of the build in `record`.
-pub fn statement(record: &Path, facts: &Facts) -> Result<Value, ProvenanceError> {
-    let spec = facts.spec;
-    let subject: Vec<Value> = artifact_digests(record)?
-        .into_iter()
-        .map(|(name, sha256)| json!({"name": name, "digest": {"sha256": sha256}}))
-        .collect();
-    let external = json!({
+/// The statement's `externalParameters`: the spec as given.
+pub fn external_parameters(spec: &BuildSpec) -> Value {
+    json!({
         "script": spec.script,
         "fetch": spec.fetch,
         "env": spec.env,
@@ -320,7 +317,17 @@ pub fn statement(record: &Path, facts: &Facts) -> Result<Value, ProvenanceError>
             "maxArtifactsBytes": spec.max_artifacts_bytes,
         },
         "lockedDownloads": spec.lock.as_ref().map(|l| l.downloads.len()),
-    });
+    })
+}
+
+/// The in-toto statement of the build in `record`.
+pub fn statement(record: &Path, facts: &Facts) -> Result<Value, ProvenanceError> {
+    let spec = facts.spec;
+    let subject: Vec<Value> = artifact_digests(record)?
+        .into_iter()
+        .map(|(name, sha256)| json!({"name": name, "digest": {"sha256": sha256}}))
+        .collect();
+    let external = external_parameters(spec);
     let (downloads, mut reasons) = downloads(record)?;
     if !spec.inspect {
         reasons.push("[network] inspect is off: HTTPS traffic is known by host only".to_string());
@@ -340,6 +347,7 @@ pub fn statement(record: &Path, facts: &Facts) -> Result<Value, ProvenanceError>
         "accelerator": facts.accel,
         "boot": facts.boot,
         "offline": facts.offline,
+        "rebuildOf": facts.rebuild_of,
         "buildHost": facts.host,
         "contractorVersion": env!("CARGO_PKG_VERSION"),
         "downloads": {
@@ -881,6 +889,7 @@ mod tests {
             finished_on: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_795_615_990),
             outcome: Outcome::Success,
             exit_code: Some(0),
+            rebuild_of: None,
         }
     }
 

@@ -591,6 +591,7 @@ pub fn build_on(
             finished_on: std::time::SystemTime::now(),
             outcome: result.outcome,
             exit_code: result.exit_code,
+            rebuild_of: None,
         };
         if let Err(err) = crate::provenance::write_signed(&record, &facts) {
             display.warning(&format!(

@@ -65,6 +65,7 @@ fn signed_record() -> Fixture {
         finished_on: std::time::SystemTime::now(),
         outcome: contractor_protocol::result::Outcome::Failed,
         exit_code: Some(2),
+        rebuild_of: None,
     };
     let statement = provenance::statement(&fixture.record, &facts).expect("statement");
     let envelope = provenance::envelope(&statement, &key);

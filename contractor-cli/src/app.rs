@@ -972,6 +972,10 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
             escape(&reason)
         );
     }
+    let cache_warning = rebuild::cache_warning(&statement, &spec);
+    if let Some(warning) = &cache_warning {
+        eprintln!("contractor: warning: {}", escape(warning));
+    }
     // The record's pins are the lock, offline; the build cache is left out: a rebuild
     // starts from the source alone.
     spec.lock = Some(rebuild::pins(&statement));
@@ -1061,6 +1065,9 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
             result.outcome,
             escape(&result.id)
         );
+    }
+    if let Some(warning) = cache_warning.filter(|_| !same_end) {
+        eprintln!("  {}", escape(&warning));
     }
     if !result.refused_hosts.is_empty() {
         eprintln!(

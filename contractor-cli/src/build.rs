@@ -321,6 +321,7 @@ pub fn build(
     })
     .map_err(close)?;
     // The new cache travels through the artifacts; it has its own limit.
+    let cache_restored = cache_job.as_ref().map(|c| c.restore.is_some());
     let store_limit = match &cache_job {
         Some(cache) => spec.max_artifacts_bytes.saturating_add(cache.max_bytes),
         None => spec.max_artifacts_bytes,
@@ -596,6 +597,7 @@ pub fn build(
             outcome: result.outcome,
             exit_code: result.exit_code,
             rebuild_of: options.rebuild_of.as_deref(),
+            cache_restored: Some(cache_restored.unwrap_or(false)),
         };
         if let Err(err) = crate::provenance::write_signed(&record, &facts) {
             display.warning(&format!(

@@ -254,6 +254,10 @@ pub struct Facts<'a> {
     pub exit_code: Option<i32>,
     /// The build this one rebuilt (`contractor rebuild`), if it is a rebuild.
     pub rebuild_of: Option<&'a str>,
+    /// Whether the build restored the project's build cache (`[cache] paths`) from an
+    /// earlier build (inputs its record does not hold); None when not known here (a
+    /// `--host` build's).
+    pub cache_restored: Option<bool>,
 }
 
 /// Writes `provenance.json` into `record`, signed with this user's key ([`signing_key`]).
@@ -348,6 +352,10 @@ pub fn statement(record: &Path, facts: &Facts) -> Result<Value, ProvenanceError>
         "boot": facts.boot,
         "offline": facts.offline,
         "rebuildOf": facts.rebuild_of,
+        "buildCache": {
+            "paths": spec.cache_paths,
+            "restored": facts.cache_restored,
+        },
         "buildHost": facts.host,
         "contractorVersion": env!("CARGO_PKG_VERSION"),
         "downloads": {
@@ -890,6 +898,7 @@ mod tests {
             outcome: Outcome::Success,
             exit_code: Some(0),
             rebuild_of: None,
+            cache_restored: Some(false),
         }
     }
 

@@ -166,6 +166,26 @@ pub fn incomplete_downloads(statement: &Value) -> Vec<String> {
     }
 }
 
+/// Why the rebuild may lack an input of the original: the build cache. A rebuild never
+/// restores one (it starts from the source alone); when the original restored one (its
+/// statement's `internalParameters.buildCache.restored`, or, for a statement that does not
+/// say, when the spec keeps a cache), what it took from there — downloads it then skipped —
+/// is in neither its record nor its statement, and is refused offline.
+pub fn cache_warning(statement: &Value, spec: &BuildSpec) -> Option<String> {
+    let cache = &statement["predicate"]["buildDefinition"]["internalParameters"]["buildCache"];
+    let says = match cache["restored"].as_bool() {
+        Some(false) => return None,
+        Some(true) => "restored the build cache of an earlier build",
+        None if spec.cache_paths.is_empty() => return None,
+        None => {
+            "may have restored the build cache of an earlier build (its statement does not say)"
+        }
+    };
+    Some(format!(
+        "the original {says} ([cache] paths); a rebuild runs without it, so what the original took from there (downloads it skipped) is not in its record, and is refused offline"
+    ))
+}
+
 /// The image the statement names: its name and the SHA-256 of its disk, when known.
 pub fn recorded_image(statement: &Value) -> Option<(String, Option<String>)> {
     let dep = dependencies(statement).find(|d| d["name"] == "image")?;
@@ -449,6 +469,7 @@ mod tests {
             outcome: contractor_protocol::result::Outcome::Success,
             exit_code: Some(0),
             rebuild_of: None,
+            cache_restored: Some(false),
         };
         let st = provenance::statement(&record, &facts).expect("statement");
         let key = ed25519_dalek::SigningKey::from_bytes(&[1u8; 32]);
@@ -542,6 +563,26 @@ mod tests {
         // A name the project chose is escaped before it reaches a terminal.
         let odd = compare(&map(&[("a\u{1b}[2J", A)]), &map(&[]));
         assert!(!report_lines(&odd)[0].contains('\u{1b}'));
+    }
+
+    #[test]
+    fn a_restored_build_cache_is_an_input_the_rebuild_warns_of() {
+        let spec =
+            |text: &str| crate::spec::parse(Path::new("p/contractor.toml"), text).expect("spec");
+        let cached = spec("[build]\nscript = \"make\"\n[cache]\npaths = [\"/build/x\"]\n");
+        let plain = spec("[build]\nscript = \"make\"\n");
+        let with = |restored: Value| {
+            json!({"predicate": {"buildDefinition": {"internalParameters": {
+                "buildCache": {"paths": ["/build/x"], "restored": restored}}}}})
+        };
+        assert!(cache_warning(&with(json!(false)), &cached).is_none());
+        let said = cache_warning(&with(json!(true)), &plain).expect("restored");
+        assert!(said.contains("restored the build cache"), "{said}");
+        // A statement that does not say: the spec decides whether to warn.
+        let silent = statement(vec![]);
+        assert!(cache_warning(&silent, &plain).is_none());
+        let said = cache_warning(&silent, &cached).expect("may have");
+        assert!(said.contains("may have restored"), "{said}");
     }
 
     #[test]

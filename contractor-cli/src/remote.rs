@@ -592,6 +592,7 @@ pub fn build_on(
             outcome: result.outcome,
             exit_code: result.exit_code,
             rebuild_of: None,
+            cache_restored: None,
         };
         if let Err(err) = crate::provenance::write_signed(&record, &facts) {
             display.warning(&format!(

@@ -66,6 +66,7 @@ fn signed_record() -> Fixture {
         outcome: contractor_protocol::result::Outcome::Failed,
         exit_code: Some(2),
         rebuild_of: None,
+        cache_restored: Some(false),
     };
     let statement = provenance::statement(&fixture.record, &facts).expect("statement");
     let envelope = provenance::envelope(&statement, &key);

@@ -1059,10 +1059,14 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
         result.duration_secs
     );
     if !same_end {
+        let ended = |o: Outcome| format!("{o:?}").to_lowercase();
         eprintln!(
-            "  the original ended {:?}, the rebuild {:?}: `contractor log {}` says why",
-            original.result.as_ref().map(|r| r.outcome),
-            result.outcome,
+            "  the original ended {}, the rebuild {}: `contractor log {}` says why",
+            original
+                .result
+                .as_ref()
+                .map_or("unknown".into(), |r| ended(r.outcome)),
+            ended(result.outcome),
             escape(&result.id)
         );
     }

@@ -2,7 +2,8 @@
 # The same build as `cd examples/hello && contractor build`, composed from the separate
 # tools in plain POSIX sh: contractor-store, contractor-proxy, contractor-vm, contractor-run,
 # passing their JSON from one to the next with jq. It is the reference composition of the
-# tools (docs/protocol.md, "Composing the tools").
+# tools (docs/protocol.md, "Composing the tools"). It writes the same record except
+# provenance.json: signing is the front end's, with its key (docs/provenance.md).
 #
 #   STORE=/var/tmp/pipe-store sh examples/pipeline.sh
 #

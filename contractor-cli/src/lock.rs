@@ -23,6 +23,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// The lock file's name, in the project directory.
 pub const LOCK_FILE: &str = "contractor.lock";
@@ -182,33 +183,41 @@ pub fn parse(path: &Path, text: &str) -> Result<Lock, LockError> {
     Ok(lock)
 }
 
-/// The lock of a build's `downloads.jsonl`: every complete GET answered 200, the last of
-/// each URL, sorted by URL (at most [`MAX_PINS`]).
-pub fn from_downloads(jsonl: &[u8]) -> Lock {
+/// One download as `contractor pin` weighs it: its URL, SHA-256 and size, and whether it was
+/// a complete `GET` answered 200 (what the proxy can serve again).
+pub struct Fetched<'a> {
+    /// The URL fetched.
+    pub url: &'a str,
+    /// The SHA-256 of its body, as the record has it (checked here).
+    pub sha256: &'a str,
+    /// The body's size in bytes.
+    pub size: u64,
+    /// Whether it was a complete `GET` answered 200.
+    pub complete_get_200: bool,
+}
+
+impl Fetched<'_> {
+    /// Whether a download line's (or a statement annotation's) `method`, `status` and
+    /// `complete` make a complete `GET` answered 200.
+    pub fn complete_get_200(method: &Value, status: &Value, complete: &Value) -> bool {
+        *method == "GET" && *status == 200 && *complete == true
+    }
+}
+
+/// The rule of `contractor pin`: every complete `GET` answered 200 with a SHA-256, the last
+/// of each URL, sorted by URL, at most [`MAX_PINS`].
+pub fn lock_of<'a>(fetched: impl IntoIterator<Item = Fetched<'a>>) -> Lock {
     let mut pins: BTreeMap<String, Pin> = BTreeMap::new();
-    for line in jsonl.split(|b| *b == b'\n') {
-        let Ok(download) = serde_json::from_slice::<serde_json::Value>(line) else {
-            continue;
-        };
-        let (Some(url), Some(sha256), Some(size)) = (
-            download["url"].as_str(),
-            download["sha256"].as_str(),
-            download["size"].as_u64(),
-        ) else {
-            continue;
-        };
-        let good = download["type"] == "download"
-            && download["method"] == "GET"
-            && download["status"] == 200
-            && download["complete"] == true
-            && is_sha256(sha256);
+    for download in fetched {
+        let url = download.url;
+        let good = download.complete_get_200 && is_sha256(download.sha256);
         if good && (pins.len() < MAX_PINS || pins.contains_key(url)) {
             pins.insert(
                 url.to_string(),
                 Pin {
                     url: url.to_string(),
-                    sha256: sha256.to_string(),
-                    size,
+                    sha256: download.sha256.to_string(),
+                    size: download.size,
                 },
             );
         }
@@ -217,6 +226,27 @@ pub fn from_downloads(jsonl: &[u8]) -> Lock {
         version: LOCK_VERSION,
         downloads: pins.into_values().collect(),
     }
+}
+
+/// The lock of a build's `downloads.jsonl` ([`lock_of`] its download lines).
+pub fn from_downloads(jsonl: &[u8]) -> Lock {
+    let lines: Vec<Value> = jsonl
+        .split(|b| *b == b'\n')
+        .filter_map(|line| serde_json::from_slice::<Value>(line).ok())
+        .filter(|download| download["type"] == "download")
+        .collect();
+    lock_of(lines.iter().filter_map(|download| {
+        Some(Fetched {
+            url: download["url"].as_str()?,
+            sha256: download["sha256"].as_str()?,
+            size: download["size"].as_u64()?,
+            complete_get_200: Fetched::complete_get_200(
+                &download["method"],
+                &download["status"],
+                &download["complete"],
+            ),
+        })
+    }))
 }
 
 /// The lock as written: a comment naming the build, then the TOML.

@@ -20,7 +20,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 use crate::image::Manifest;
-use crate::lock::{Lock, Pin, LOCK_VERSION, MAX_PINS};
+use crate::lock::{self, Lock};
 use crate::provenance::{self, PREDICATE_TYPE, STATEMENT_TYPE};
 use crate::spec::BuildSpec;
 
@@ -104,13 +104,6 @@ pub fn read_statement(path: &Path) -> Result<Value, RebuildError> {
     Ok(statement)
 }
 
-fn is_sha256(text: &str) -> bool {
-    text.len() == 64
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
 fn dependencies(statement: &Value) -> impl Iterator<Item = &Value> {
     statement["predicate"]["buildDefinition"]["resolvedDependencies"]
         .as_array()
@@ -122,33 +115,22 @@ fn dependencies(statement: &Value) -> impl Iterator<Item = &Value> {
 /// again (a complete `GET` answered 200 with a SHA-256), the last of each URL, sorted by
 /// URL, at most [`MAX_PINS`] — the rule of `contractor pin`, applied to the statement.
 pub fn pins(statement: &Value) -> Lock {
-    let mut pins: BTreeMap<String, Pin> = BTreeMap::new();
-    for dep in dependencies(statement) {
+    lock::lock_of(dependencies(statement).filter_map(|dep| {
         let notes = &dep["annotations"];
-        let (Some(url), Some(sha256)) = (dep["uri"].as_str(), dep["digest"]["sha256"].as_str())
-        else {
-            continue;
-        };
-        let good = notes["kind"] == "download"
-            && notes["method"] == "GET"
-            && notes["status"] == 200
-            && notes["complete"] == true
-            && is_sha256(sha256);
-        if good && (pins.len() < MAX_PINS || pins.contains_key(url)) {
-            pins.insert(
-                url.to_string(),
-                Pin {
-                    url: url.to_string(),
-                    sha256: sha256.to_string(),
-                    size: notes["size"].as_u64().unwrap_or(0),
-                },
-            );
+        if notes["kind"] != "download" {
+            return None;
         }
-    }
-    Lock {
-        version: LOCK_VERSION,
-        downloads: pins.into_values().collect(),
-    }
+        Some(lock::Fetched {
+            url: dep["uri"].as_str()?,
+            sha256: dep["digest"]["sha256"].as_str()?,
+            size: notes["size"].as_u64().unwrap_or(0),
+            complete_get_200: lock::Fetched::complete_get_200(
+                &notes["method"],
+                &notes["status"],
+                &notes["complete"],
+            ),
+        })
+    }))
 }
 
 /// Whether the statement says its list of downloads is not complete, and why.

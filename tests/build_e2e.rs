@@ -1024,12 +1024,13 @@ fn the_script_after_a_fetch_phase_has_no_network_and_its_requests_are_recorded_a
          fetch = '''\n\
          echo fetched > fetched.txt\n\
          echo \"fetch:$(curl -s -o /dev/null -w '%{http_code}' -x $http_proxy http://not-allowed.invalid/)\"\n\
+         echo \"upstream:$(curl -s -o /dev/null -w '%{http_code}' -x $http_proxy http://allowed-but-nowhere.invalid/)\"\n\
          '''\n\
          script = '''\n\
          cat fetched.txt\n\
          echo \"script:$(curl -s -o /dev/null -w '%{http_code}' -x $http_proxy http://example.com/)\"\n\
          '''\n\
-         [network]\nallow = [\"example.com\"]\n\
+         [network]\nallow = [\"example.com\", \"allowed-but-nowhere.invalid\"]\n\
          [vm]\ncpus = 1\nmemory = \"768MiB\"\n",
     );
     let build = project.build();
@@ -1047,6 +1048,34 @@ fn the_script_after_a_fetch_phase_has_no_network_and_its_requests_are_recorded_a
     );
     assert_eq!(build.result.refused_hosts, ["not-allowed.invalid"]);
     assert_eq!(build.result.refused_offline, ["example.com"]);
+    // An allowed host that does not resolve is the upstream's failure, not a refusal: in
+    // result.json and the summary apart from the refused hosts, with no advice to allow it.
+    assert!(log.contains("upstream:502"), "{log}");
+    let failures = &build.result.upstream_failures;
+    assert_eq!(
+        failures.iter().map(|f| f.host.as_str()).collect::<Vec<_>>(),
+        ["allowed-but-nowhere.invalid"],
+        "{failures:?}"
+    );
+    assert_eq!(failures[0].count, 1, "{failures:?}");
+    assert!(
+        build
+            .stderr
+            .contains("failed:    allowed-but-nowhere.invalid: ")
+            && build
+                .stderr
+                .contains("(1 request; allowed, but resolving or connecting failed)"),
+        "stderr:\n{}",
+        build.stderr
+    );
+    assert!(
+        !build
+            .stderr
+            .contains("to allow:  allow = [\"example.com\", \"allowed-but-nowhere")
+            && !build.stderr.contains("refused:   allowed-but-nowhere"),
+        "stderr:\n{}",
+        build.stderr
+    );
     assert!(
         build
             .stderr

@@ -388,3 +388,120 @@ fn a_partitioned_disk_is_imported_from_its_root_partition_with_its_newest_kernel
         "{said}"
     );
 }
+
+/// A mirror that never finishes an answer: every request gets a 200 whose body comes one
+/// byte a second, so apt (and the image build holding its lock) waits as long as the test
+/// runs.
+fn trickling_mirror() -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request);
+                let head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n";
+                if stream.write_all(head).is_err() {
+                    return;
+                }
+                while stream.write_all(b"x").is_ok() {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A child killed (and reaped) when dropped, also when the test fails: its mmdebstrap
+/// follows it (the parent-death signal).
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `contractor-vm image build --base debian-12 --package PACKAGE` from `mirror`, its stderr
+/// read line by line into the returned channel.
+fn start_derived_build(
+    data: &std::path::Path,
+    agent: &std::path::Path,
+    mirror: std::net::SocketAddr,
+    package: &str,
+) -> (Running, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_contractor-vm"))
+        .args([
+            "image",
+            "build",
+            "--base",
+            "debian-12",
+            "--package",
+            package,
+        ])
+        .env("CONTRACTOR_DATA_DIR", data)
+        .env("CONTRACTOR_AGENT", agent)
+        .env(
+            "CONTRACTOR_DEBIAN_MIRROR",
+            format!("http://{mirror}/debian"),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run contractor-vm");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (Running(child), rx)
+}
+
+/// The first line from `lines` that contains `wanted`, waiting at most 120 s for it (a
+/// bound on a hang, not a measure of speed), else the test fails with what came.
+fn line_with(lines: &std::sync::mpsc::Receiver<String>, wanted: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(wanted) => return line,
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("no line with {wanted:?} in 120 s; stderr so far: {seen:#?}"),
+        }
+    }
+}
+
+#[test]
+fn building_one_image_holds_up_no_other_and_a_build_of_the_same_one_says_whom_it_waits_for() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let agent = data.path().join("agent");
+    std::fs::write(&agent, vec![0x7f; 4096]).expect("agent");
+    let mirror = trickling_mirror();
+    // A: an image build stuck at its download (as a real one is for minutes).
+    let (first, first_lines) = start_derived_build(data.path(), &agent, mirror, "hello");
+    line_with(&first_lines, "installing Debian packages");
+    // B, another image, starts building at once: it does not wait for A's lock.
+    let (_other, other_lines) = start_derived_build(data.path(), &agent, mirror, "figlet");
+    line_with(&other_lines, "installing Debian packages");
+    // A again waits, and says for whom: A's first build, by pid.
+    let (_again, again_lines) = start_derived_build(data.path(), &agent, mirror, "hello");
+    let waiting = line_with(&again_lines, "waiting for");
+    let holder = format!("pid {}, for ", first.0.id());
+    assert!(
+        waiting.contains(&holder) && waiting.contains(": checking or building image debian-12-"),
+        "{waiting}"
+    );
+}

@@ -73,7 +73,7 @@ pub fn import(name: &str, disk: &Path, boot: Option<(&Path, &Path)>) -> Result<I
     let images = images_dir()?;
     create_dir_world_readable(&images)?;
     let agent = agent_path()?;
-    let _lock = DirLock::acquire(&images.join(".lock"))?;
+    let _lock = DirLock::image(&images, name, &format!("importing image {name}"))?;
     let dir = images.join(name);
     if let Some(existing) = super::load(&dir)? {
         if existing.manifest.suite != IMPORTED {

@@ -7,7 +7,8 @@
 //! and `manifest.json` (`contractor_protocol::image::Manifest`). It is built in a scratch
 //! directory and renamed into place, so a half-built image never looks finished. Building
 //! needs no root: mmdebstrap runs in a user namespace and writes an ext2 file system
-//! directly. All image work holds the lock `<data>/images/.lock`.
+//! directly. Work on one image holds that image's lock, `<data>/images/.lock-NAME`
+//! ([`DirLock::image`]): builds of other images go on, and one that has to wait says for whom.
 
 pub mod import;
 pub mod initramfs;
@@ -586,7 +587,7 @@ fn ensure_with(name: &str, recipe: Option<Recipe>) -> Result<Image, ImageError> 
         });
     }
     create_dir_world_readable(&images)?;
-    let _lock = DirLock::acquire(&images.join(".lock"))?;
+    let _lock = DirLock::image(&images, name, &format!("checking or building image {name}"))?;
     let dir = images.join(name);
     if let Some(image) = load(&dir)? {
         if image.manifest.version != MANIFEST_VERSION {
@@ -718,12 +719,14 @@ fn gc_in(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(file_err("cannot list", images)(e)),
     };
-    let _lock = DirLock::acquire(&images.join(".lock"))?;
     let mut removed = Vec::new();
     for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with('.') {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
             continue;
         }
+        // Read under the image's lock: one being built is then finished, and used.
+        let _lock = DirLock::image(images, &name, &format!("collecting image {name}"))?;
         let Some(image) = load(&entry.path())? else {
             continue;
         };
@@ -775,7 +778,7 @@ pub fn remove(name: &str) -> Result<(), ImageError> {
             },
         });
     }
-    let _lock = DirLock::acquire(&images.join(".lock"))?;
+    let _lock = DirLock::image(&images, name, &format!("removing image {name}"))?;
     std::fs::remove_dir_all(&dir).map_err(file_err("cannot remove", &dir))
 }
 
@@ -1151,25 +1154,87 @@ pub(crate) fn make_world_readable(dir: &Path) -> Result<(), ImageError> {
 }
 
 /// An exclusive lock on a file, held until dropped (flock), so two builds do not build the
-/// same image at once.
+/// same image at once. Its holder writes into the file what it does (`PID SINCE WHAT`), so
+/// that a process that has to wait says for whom.
 pub(crate) struct DirLock(std::fs::File);
 
+/// At most this many bytes of a lock's note are read.
+const MAX_LOCK_NOTE: u64 = 512;
+
 impl DirLock {
-    pub(crate) fn acquire(path: &Path) -> Result<DirLock, ImageError> {
+    /// Takes the lock of image `name` (`<images>/.lock-NAME`): each image has its own, so
+    /// building one never holds up a build that needs another. `doing` is the note.
+    pub(crate) fn image(images: &Path, name: &str, doing: &str) -> Result<DirLock, ImageError> {
+        Self::acquire(&images.join(format!(".lock-{name}")), doing)
+    }
+
+    /// Takes the lock `path`; while another process holds it, says once on stderr who holds
+    /// it and what for, then waits.
+    pub(crate) fn acquire(path: &Path, doing: &str) -> Result<DirLock, ImageError> {
+        use std::io::{Seek, Write};
         use std::os::fd::AsRawFd;
-        let file = std::fs::OpenOptions::new()
+        let mut file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
+            .read(true)
             .write(true)
             .open(path)
             .map_err(file_err("cannot open the lock", path))?;
         // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(file_err("cannot lock", path)(
-                std::io::Error::last_os_error(),
-            ));
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(file_err("cannot lock", path)(err));
+            }
+            eprintln!(
+                "contractor-vm: waiting for {}: {}",
+                path.display(),
+                holder(&mut file)
+            );
+            // SAFETY: flock on a descriptor we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                return Err(file_err("cannot lock", path)(
+                    std::io::Error::last_os_error(),
+                ));
+            }
         }
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let note = format!("{} {since} {doing}\n", std::process::id());
+        let noted = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| file.write_all(note.as_bytes()));
+        noted.map_err(file_err("cannot write", path))?;
         Ok(DirLock(file))
+    }
+}
+
+/// Who holds a lock, from its note: `pid 1234, for 42 s: building image NAME` (control
+/// characters dropped), or that the note cannot be read.
+fn holder(file: &mut std::fs::File) -> String {
+    use std::io::Seek;
+    let mut note = String::new();
+    let read = file
+        .rewind()
+        .and_then(|()| (&*file).take(MAX_LOCK_NOTE).read_to_string(&mut note));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut words = note.trim().splitn(3, ' ');
+    match (read, words.next(), words.next(), words.next()) {
+        (Ok(_), Some(pid), Some(since), Some(doing)) => {
+            let doing: String = doing.chars().filter(|c| !c.is_control()).collect();
+            let held = since
+                .parse::<u64>()
+                .map(|since| format!(", for {} s", now.saturating_sub(since)))
+                .unwrap_or_default();
+            format!("pid {pid}{held}: {doing}")
+        }
+        _ => "another process holds it (it wrote no note)".to_string(),
     }
 }
 

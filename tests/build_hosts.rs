@@ -758,6 +758,36 @@ fn of_two_configured_hosts_one_unreachable_the_build_runs_on_the_other_and_says_
     give_image("debian-12-build");
     // Nothing listens on port 2 of the build host's address: refused at once.
     let unreachable = format!("{}:2", host.name());
+
+    // `contractor doctor --host` reports the build host's own facts (its user, its libvirt
+    // session, its images), asked of its contractor-vm; an unreachable one fails, named.
+    let project = Project::hello();
+    let doctor = host
+        .contractor(&project, &["doctor", "--host", &host.name()])
+        .output()
+        .expect("contractor doctor --host");
+    let said = String::from_utf8_lossy(&doctor.stdout);
+    assert_eq!(doctor.status.code(), Some(0), "{said}");
+    assert!(
+        said.starts_with(&format!("build host {}:\n", host.name())),
+        "{said}"
+    );
+    for line in [
+        "ok   libvirt           qemu:///session answers",
+        &format!("ok   subordinate uids  {USER} has a range"),
+        &format!(
+            "ok   image             /home/{USER}/.local/share/contractor/images/debian-12-build"
+        ),
+    ] {
+        assert!(said.contains(line), "no {line:?} in:\n{said}");
+    }
+    let doctor = host
+        .contractor(&project, &["doctor", "--host", &unreachable])
+        .output()
+        .expect("contractor doctor --host");
+    let said = String::from_utf8_lossy(&doctor.stdout);
+    assert_eq!(doctor.status.code(), Some(3), "{said}");
+    assert!(said.contains("FAIL contractor-vm"), "{said}");
     let config = host.dir.path().join("config.toml");
     std::fs::write(
         &config,

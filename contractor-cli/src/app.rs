@@ -215,6 +215,10 @@ changed, the recorded image gone or changed without --any-image), 3 infrastructu
         /// libvirt connection URI to check (default as for `build`).
         #[arg(long)]
         uri: Option<String>,
+        /// Check this build host instead ([ssh://][user@]host[:port]): its VM host's facts
+        /// and images, asked of its contractor-vm over ssh.
+        #[arg(long, value_name = "HOST")]
+        host: Option<String>,
     },
     /// Write a commented contractor.toml for the project in this directory.
     #[command(after_help = "Example:\n  cd my-project && contractor init && contractor build")]
@@ -387,9 +391,17 @@ pub fn main() -> std::process::ExitCode {
         Command::HostedBuild => crate::hosted::serve().into(),
         Command::Shell { id, file, uri } => shell(&file, id.as_deref(), uri).into(),
         Command::Builds { file } => report(list_builds(&file)),
-        Command::Doctor { uri } => {
-            doctor(&uri.unwrap_or_else(contractor_protocol::vm::default_uri)).into()
-        }
+        Command::Doctor { uri, host } => match host.as_deref().map(BuildHost::parse).transpose() {
+            Ok(host) => doctor(uri.as_deref(), host.as_ref()).into(),
+            Err(why) => {
+                eprintln!(
+                    "contractor: --host {:?}: {why}; a build host is {}",
+                    host.unwrap_or_default(),
+                    crate::remote::HOST_FORM
+                );
+                ExitCode::BadInput.into()
+            }
+        },
         Command::Init => report(
             crate::init::write(Path::new("."))
                 .map(|(path, kind)| {
@@ -810,9 +822,12 @@ fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
     }
 }
 
-fn doctor(uri: &str) -> ExitCode {
+fn doctor(uri: Option<&str>, host: Option<&BuildHost>) -> ExitCode {
     use crate::doctor::Status;
-    let findings = crate::doctor::check(uri);
+    if let Some(host) = host {
+        println!("build host {host}:");
+    }
+    let findings = crate::doctor::check(uri, host);
     for f in &findings {
         let status = match f.status {
             Status::Ok => "ok  ",

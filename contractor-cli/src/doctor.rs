@@ -2,12 +2,13 @@
 //!
 //! Each check yields a line `ok`, `warn` or `FAIL` with what was found and, when it is not
 //! ok, the command or setting that fixes it. Checks only read; they change nothing. What
-//! concerns the VM host (libvirt, KVM, the guest agent, the images) is asked of
-//! `contractor-vm check` and `contractor-vm image list`.
-
-use std::path::Path;
+//! concerns the VM host (programs, libvirt, KVM, the guest agent, subordinate uids, free
+//! space, the images) is asked of `contractor-vm check` and `contractor-vm image list`:
+//! here, or on a build host over ssh (`contractor doctor --host`).
 
 use contractor_protocol::vm::HostCheck;
+
+use crate::remote::BuildHost;
 
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,143 +40,200 @@ fn finding(status: Status, what: &str, detail: String) -> Finding {
     }
 }
 
-/// Runs every check against the libvirt URI `uri`.
-pub fn check(uri: &str) -> Vec<Finding> {
+/// Runs every check against the libvirt URI `uri`: of this machine, or with `host` of that
+/// build host (its `contractor-vm check` and `image list`, over ssh).
+pub fn check(uri: Option<&str>, host: Option<&BuildHost>) -> Vec<Finding> {
+    let vm = |args: &[&str]| match host {
+        Some(host) => {
+            let mut remote = vec![crate::tools::VM];
+            remote.extend_from_slice(args);
+            Ok(host.ssh(&remote))
+        }
+        None => crate::tools::command(crate::tools::VM).map(|mut command| {
+            command.args(args);
+            command
+        }),
+    };
     let mut findings = Vec::new();
-    for (program, package) in [
-        ("qemu-system-x86_64", "qemu-system-x86"),
-        ("qemu-img", "qemu-utils"),
-        ("mmdebstrap", "mmdebstrap"),
-        ("debugfs", "e2fsprogs"),
-        ("resize2fs", "e2fsprogs"),
-    ] {
-        findings.push(match which(program) {
-            Some(path) => finding(Status::Ok, program, path),
+    // The VM host's own default URI unless one is named (a build host's user is not ours).
+    let check = match uri {
+        Some(uri) => vec!["check", "--uri", uri],
+        None => vec!["check"],
+    };
+    let uri = uri
+        .map(String::from)
+        .unwrap_or_else(contractor_protocol::vm::default_uri);
+    match vm(&check)
+        .and_then(|command| crate::tools::answer_of::<HostCheck>(crate::tools::VM, command))
+    {
+        Err(err) => findings.push(finding(Status::Fail, "contractor-vm", chain(&err))),
+        Ok(checked) => findings.extend(vm_host(&checked)),
+    }
+    if host.is_none() {
+        findings.push(confinement());
+        if uri.ends_with("/session") {
+            findings.push(launcher(&uri));
+        }
+    }
+    let images = vm(&["image", "list"]).and_then(|command| {
+        crate::tools::answer_of::<contractor_protocol::image::ImageResult>(
+            crate::tools::VM,
+            command,
+        )
+    });
+    findings.push(default_image(images));
+    findings
+}
+
+/// The findings of a VM host's `contractor-vm check`.
+fn vm_host(host: &HostCheck) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    for program in &host.programs {
+        findings.push(match &program.path {
+            Some(path) => finding(Status::Ok, &program.name, path.display().to_string()),
             None => finding(
                 Status::Fail,
-                program,
+                &program.name,
                 format!(
-                    "not found; install it: sudo apt-get install {package} (or run scripts/setup)"
+                    "not found; install it: sudo apt-get install {} (or run scripts/setup)",
+                    program.package
                 ),
             ),
         });
     }
-
-    let args = [
-        std::ffi::OsStr::new("check"),
-        std::ffi::OsStr::new("--uri"),
-        std::ffi::OsStr::new(uri),
-    ];
-    match crate::tools::answer::<HostCheck>(crate::tools::VM, &args) {
-        Err(err) => findings.push(finding(Status::Fail, "contractor-vm", chain(&err))),
-        Ok(host) => {
-            findings.push(if host.libvirt.ok {
-                finding(Status::Ok, "libvirt", format!("{} answers", host.uri))
-            } else {
-                finding(Status::Fail, "libvirt", host.libvirt.error.join(": "))
-            });
-            findings.push(if host.cpu_virt && host.dev_kvm {
-                finding(Status::Ok, "accelerator", "KVM: the CPU has vmx/svm and /dev/kvm exists".into())
-            } else {
-                finding(
-                    Status::Warn,
-                    "accelerator",
-                    "TCG (software emulation, several times slower): the CPU has no vmx/svm flag; \
-                     builds work, boot takes seconds. On real hardware enable virtualisation in the firmware."
-                        .into(),
-                )
-            });
-            findings.push(match (&host.agent.ok, &host.agent.path) {
-                (true, Some(path)) => {
-                    finding(Status::Ok, "guest agent", path.display().to_string())
-                }
-                _ => finding(Status::Fail, "guest agent", host.agent.error.join(": ")),
-            });
-        }
+    findings.push(if host.libvirt.ok {
+        finding(Status::Ok, "libvirt", format!("{} answers", host.uri))
+    } else {
+        finding(Status::Fail, "libvirt", host.libvirt.error.join(": "))
+    });
+    findings.push(if host.cpu_virt && host.dev_kvm {
+        finding(
+            Status::Ok,
+            "accelerator",
+            "KVM: the CPU has vmx/svm and /dev/kvm exists".into(),
+        )
+    } else {
+        finding(
+            Status::Warn,
+            "accelerator",
+            "TCG (software emulation, several times slower): the CPU has no vmx/svm flag; \
+             builds work, boot takes seconds. On real hardware enable virtualisation in the firmware."
+                .into(),
+        )
+    });
+    findings.push(match (&host.agent.ok, &host.agent.path) {
+        (true, Some(path)) => finding(Status::Ok, "guest agent", path.display().to_string()),
+        _ => finding(Status::Fail, "guest agent", host.agent.error.join(": ")),
+    });
+    if host.dev_kvm_group_rw == Some(false) {
+        findings.push(finding(
+            Status::Warn,
+            "/dev/kvm",
+            "/dev/kvm is not readable and writable by its group; libvirt then re-probes QEMU on \
+             every call and VM starts take minutes. Fix: sudo chgrp kvm /dev/kvm && sudo chmod 0660 /dev/kvm"
+                .into(),
+        ));
     }
-    findings.push(confinement());
-    if uri.ends_with("/session") {
-        findings.push(match crate::tools::locate(crate::tools::QEMU_LAUNCHER) {
-            Ok(path) => finding(
+    if let Some(space) = &host.space {
+        let at = space.path.display();
+        findings.push(match space.free_bytes {
+            Some(free) if free >= 10 << 30 => finding(
                 Status::Ok,
-                "QEMU confinement",
+                "disk space",
+                format!("{} free under {at}", gib(free)),
+            ),
+            Some(free) => finding(
+                Status::Warn,
+                "disk space",
                 format!(
-                    "under {uri} QEMU is started by {} (Landlock, seccomp, rlimits)",
-                    path.display()
+                    "only {} free under {at}; an image takes about 1 GiB and each running build up to its disk size",
+                    gib(free)
                 ),
             ),
-            Err(err) => finding(Status::Fail, "QEMU confinement", chain(&err)),
+            None => finding(Status::Warn, "disk space", format!("cannot tell for {at}")),
         });
     }
-    if let Some(kvm) = kvm_permission_problem() {
-        findings.push(finding(Status::Warn, "/dev/kvm", kvm));
-    }
-
-    match crate::paths::data_dir() {
-        Err(err) => findings.push(finding(Status::Fail, "data directory", err.to_string())),
-        Ok(dir) => {
-            let default = crate::spec::DEFAULT_IMAGE;
-            findings.push(match crate::image::list() {
-                Ok(images) => match images.into_iter().find(|i| i.manifest.name == default) {
-                    Some(image) => finding(
-                        Status::Ok,
-                        "image",
-                        format!(
-                            "{} (agent {}, disk sha256 {}…)",
-                            image.dir.display(),
-                            image.manifest.agent_version,
-                            image.manifest.disk_sha256.get(..12).unwrap_or(&image.manifest.disk_sha256)
-                        ),
-                    ),
-                    None => finding(
-                        Status::Warn,
-                        "image",
-                        format!(
-                            "{default} is not built yet; the first build builds it (about a minute), or run: contractor image build"
-                        ),
-                    ),
-                },
-                Err(err) => finding(Status::Fail, "image", format!("{}; rebuild it: contractor image build", chain(&err))),
-            });
-            let existing = dir
-                .ancestors()
-                .find(|d| d.exists())
-                .unwrap_or(Path::new("/"));
-            findings.push(match free_bytes(existing) {
-                Some(free) if free >= 10 << 30 => {
-                    finding(Status::Ok, "disk space", format!("{} free under {}", gib(free), existing.display()))
-                }
-                Some(free) => finding(
-                    Status::Warn,
-                    "disk space",
-                    format!(
-                        "only {} free under {}; an image takes about 1 GiB and each running build up to its disk size",
-                        gib(free),
-                        existing.display()
-                    ),
-                ),
-                None => finding(Status::Warn, "disk space", format!("cannot tell for {}", existing.display())),
-            });
-        }
-    }
-
-    if !nix::unistd::geteuid().is_root() {
-        let user = std::env::var("USER").unwrap_or_default();
-        let has_range = std::fs::read_to_string("/etc/subuid")
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l.split(':').next() == Some(user.as_str()));
-        findings.push(if has_range {
-            finding(Status::Ok, "subordinate uids", format!("{user} has a range (image builds run unprivileged)"))
+    if let Some(subuids) = &host.subuids {
+        let user = &subuids.user;
+        findings.push(if subuids.has_range {
+            finding(
+                Status::Ok,
+                "subordinate uids",
+                format!("{user} has a range (image builds run unprivileged)"),
+            )
         } else {
             finding(
                 Status::Fail,
                 "subordinate uids",
-                format!("{user} has no range in /etc/subuid; image builds need one: sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}"),
+                format!(
+                    "{user} has no range in /etc/subuid; image builds need one: sudo usermod \
+                     --add-subuids 100000-165535 --add-subgids 100000-165535 {user}"
+                ),
             )
         });
     }
     findings
+}
+
+/// Under `qemu:///session`, QEMU is started by the launcher, which must be there.
+fn launcher(uri: &str) -> Finding {
+    match crate::tools::locate(crate::tools::QEMU_LAUNCHER) {
+        Ok(path) => finding(
+            Status::Ok,
+            "QEMU confinement",
+            format!(
+                "under {uri} QEMU is started by {} (Landlock, seccomp, rlimits)",
+                path.display()
+            ),
+        ),
+        Err(err) => finding(Status::Fail, "QEMU confinement", chain(&err)),
+    }
+}
+
+/// Whether the default image is built, from the VM host's `image list`.
+fn default_image(
+    images: Result<contractor_protocol::image::ImageResult, crate::tools::ToolError>,
+) -> Finding {
+    use contractor_protocol::image::ImageResult;
+    let default = crate::spec::DEFAULT_IMAGE;
+    match images {
+        Ok(ImageResult::Images { images, .. }) => {
+            match images.into_iter().find(|i| i.manifest.name == default) {
+                Some(image) => finding(
+                    Status::Ok,
+                    "image",
+                    format!(
+                        "{} (agent {}, disk sha256 {}…)",
+                        image.dir.display(),
+                        image.manifest.agent_version,
+                        image
+                            .manifest
+                            .disk_sha256
+                            .get(..12)
+                            .unwrap_or(&image.manifest.disk_sha256)
+                    ),
+                ),
+                None => finding(
+                    Status::Warn,
+                    "image",
+                    format!(
+                        "{default} is not built yet; the first build builds it (about a minute), \
+                         or run: contractor image build"
+                    ),
+                ),
+            }
+        }
+        Ok(_) => finding(
+            Status::Fail,
+            "image",
+            "contractor-vm image list answered something else than a list of images".into(),
+        ),
+        Err(err) => finding(
+            Status::Fail,
+            "image",
+            format!("{}; rebuild it: contractor image build", chain(&err)),
+        ),
+    }
 }
 
 /// What confinement this kernel gives the tools that serve the guest, asked of a real one:
@@ -259,35 +317,6 @@ fn confinement_finding(c: &contractor_protocol::service::Confinement) -> Finding
     )
 }
 
-fn which(program: &str) -> Option<String> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].iter().map(Into::into))
-        .map(|dir| dir.join(program))
-        .find(|candidate| candidate.is_file())
-        .map(|found| found.display().to_string())
-}
-
-/// Without udev, /dev/kvm may stay root-only: libvirt then re-probes QEMU on every call and
-/// each VM start takes a minute and a half.
-fn kvm_permission_problem() -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata("/dev/kvm").ok()?;
-    if meta.mode() & 0o060 == 0o060 {
-        return None;
-    }
-    Some(
-        "/dev/kvm is not readable and writable by its group; libvirt then re-probes QEMU on every \
-         call and VM starts take minutes. Fix: sudo chgrp kvm /dev/kvm && sudo chmod 0660 /dev/kvm"
-            .into(),
-    )
-}
-
-fn free_bytes(dir: &Path) -> Option<u64> {
-    let stat = nix::sys::statvfs::statvfs(dir).ok()?;
-    Some(stat.blocks_available() * stat.fragment_size())
-}
-
 fn gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
@@ -310,6 +339,60 @@ mod tests {
             rlimits: true,
             warnings: warnings.iter().map(ToString::to_string).collect(),
         }
+    }
+
+    #[test]
+    fn a_vm_hosts_missing_program_and_subuids_fail_naming_the_fix() {
+        use contractor_protocol::vm::{CheckTag, Probe, ProgramProbe, SpaceProbe, SubuidProbe};
+        let ok = Probe {
+            ok: true,
+            path: Some("/a".into()),
+            error: vec![],
+        };
+        let host = HostCheck {
+            kind: CheckTag::Check,
+            version: 1,
+            uri: "qemu:///session".into(),
+            libvirt: ok.clone(),
+            cpu_virt: true,
+            dev_kvm: true,
+            agent: ok,
+            programs: vec![ProgramProbe {
+                name: "mmdebstrap".into(),
+                package: "mmdebstrap".into(),
+                path: None,
+            }],
+            dev_kvm_group_rw: Some(false),
+            subuids: Some(SubuidProbe {
+                user: "ci".into(),
+                has_range: false,
+            }),
+            space: Some(SpaceProbe {
+                path: "/home/ci".into(),
+                free_bytes: Some(1 << 30),
+            }),
+        };
+        let found = vm_host(&host);
+        let line = |what: &str| {
+            found
+                .iter()
+                .find(|f| f.what == what)
+                .unwrap_or_else(|| panic!("no {what} in {found:?}"))
+        };
+        assert_eq!(line("mmdebstrap").status, Status::Fail);
+        assert!(line("mmdebstrap")
+            .detail
+            .contains("apt-get install mmdebstrap"));
+        assert_eq!(line("/dev/kvm").status, Status::Warn);
+        assert_eq!(line("disk space").status, Status::Warn);
+        assert!(line("disk space")
+            .detail
+            .contains("1.0 GiB free under /home/ci"));
+        assert_eq!(line("subordinate uids").status, Status::Fail);
+        assert!(line("subordinate uids")
+            .detail
+            .contains("usermod --add-subuids"));
+        assert_eq!(line("accelerator").status, Status::Ok);
     }
 
     #[test]

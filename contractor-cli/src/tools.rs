@@ -353,7 +353,17 @@ pub fn answer<T: DeserializeOwned>(
     args: &[&std::ffi::OsStr],
 ) -> Result<T, ToolError> {
     let mut command = command(name)?;
-    command.args(args).arg("--json-errors");
+    command.args(args);
+    answer_of(name, command)
+}
+
+/// [`answer`] of tool `name` run by `command` (e.g. over `ssh` on a build host), with
+/// `--json-errors` added to its arguments.
+pub fn answer_of<T: DeserializeOwned>(
+    name: &'static str,
+    mut command: Command,
+) -> Result<T, ToolError> {
+    command.arg("--json-errors");
     let mut child = spawn(name, command)?;
     drop(child.stdin.take());
     let mut answers = Answers::of(name, &mut child)?;

@@ -218,6 +218,55 @@ pub struct HostCheck {
     pub dev_kvm: bool,
     /// Whether the static guest agent that images are built with is there.
     pub agent: Probe,
+    /// The programs the VM host needs (QEMU, qemu-img, mmdebstrap, e2fsprogs), each with
+    /// where it was found. Absent from an older contractor-vm's answer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub programs: Vec<ProgramProbe>,
+    /// Whether `/dev/kvm` is readable and writable by its group (without udev it may stay
+    /// root-only: libvirt then re-probes QEMU on every call); absent without `/dev/kvm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev_kvm_group_rw: Option<bool>,
+    /// For a user other than root: whether they have subordinate uids (image builds run
+    /// mmdebstrap in a user namespace). Absent for root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subuids: Option<SubuidProbe>,
+    /// The free space where the images and VM disks live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub space: Option<SpaceProbe>,
+}
+
+/// A program of a [`HostCheck`]: found at `path`, or not (then `package` has it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProgramProbe {
+    /// Its name, e.g. `qemu-img`.
+    pub name: String,
+    /// The Debian package that installs it.
+    pub package: String,
+    /// Where it is; absent when it is not on `PATH`, `/usr/sbin` or `/sbin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+}
+
+/// The subordinate uids of a [`HostCheck`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubuidProbe {
+    /// The user (`$USER`).
+    pub user: String,
+    /// Whether `/etc/subuid` gives them a range.
+    pub has_range: bool,
+}
+
+/// The free space of a [`HostCheck`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpaceProbe {
+    /// The data directory, or its nearest existing ancestor.
+    pub path: PathBuf,
+    /// Bytes free there for this user; absent when it cannot be told.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_bytes: Option<u64>,
 }
 
 /// The `"type"` of a [`HostCheck`].

@@ -19,7 +19,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use contractor_protocol::image::ImageResult;
 use contractor_protocol::jsonl::{write_line, JsonlError};
 use contractor_protocol::vm::{
-    Accel, BootImage, CheckTag, HostCheck, Probe, VmRequest, VmResult, VmSpec,
+    Accel, BootImage, CheckTag, HostCheck, Probe, ProgramProbe, SpaceProbe, SubuidProbe, VmRequest,
+    VmResult, VmSpec,
 };
 use contractor_protocol::{ExitCode, PROTOCOL_VERSION};
 
@@ -665,7 +666,75 @@ pub fn host_check(uri: String) -> HostCheck {
         cpu_virt: crate::accel::cpuinfo_has_virt(&cpuinfo),
         dev_kvm: std::path::Path::new("/dev/kvm").exists(),
         agent,
+        programs: NEEDED_PROGRAMS
+            .iter()
+            .map(|(name, package)| ProgramProbe {
+                name: name.to_string(),
+                package: package.to_string(),
+                path: which(name),
+            })
+            .collect(),
+        dev_kvm_group_rw: dev_kvm_group_rw(),
+        subuids: subuids(),
+        space: space(),
     }
+}
+
+/// The programs a VM host needs, with the Debian package of each.
+const NEEDED_PROGRAMS: [(&str, &str); 5] = [
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("qemu-img", "qemu-utils"),
+    ("mmdebstrap", "mmdebstrap"),
+    ("debugfs", "e2fsprogs"),
+    ("resize2fs", "e2fsprogs"),
+];
+
+/// Where `program` is: on `PATH`, else in `/usr/sbin` or `/sbin`.
+fn which(program: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].iter().map(Into::into))
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Whether `/dev/kvm`'s group may read and write it; `None` without `/dev/kvm`.
+fn dev_kvm_group_rw() -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata("/dev/kvm").ok()?;
+    Some(meta.mode() & 0o060 == 0o060)
+}
+
+/// The most of `/etc/subuid` read.
+const MAX_SUBUID: u64 = 1 << 20;
+
+/// Whether `$USER` has subordinate uids; `None` for root, who needs none.
+fn subuids() -> Option<SubuidProbe> {
+    if nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    let user = std::env::var("USER").unwrap_or_default();
+    let mut text = String::new();
+    if let Ok(file) = std::fs::File::open("/etc/subuid") {
+        let _ = file.take(MAX_SUBUID).read_to_string(&mut text);
+    }
+    let has_range = text
+        .lines()
+        .any(|l| l.split(':').next() == Some(user.as_str()));
+    Some(SubuidProbe { user, has_range })
+}
+
+/// The free space at the data directory (or its nearest existing ancestor).
+fn space() -> Option<SpaceProbe> {
+    let dir = contractor_protocol::image::data_dir().ok()?;
+    let existing = dir.ancestors().find(|d| d.exists())?.to_path_buf();
+    let free_bytes = nix::sys::statvfs::statvfs(&existing)
+        .ok()
+        .map(|stat| stat.blocks_available() * stat.fragment_size());
+    Some(SpaceProbe {
+        path: existing,
+        free_bytes,
+    })
 }
 
 /// Why a held VM was let go.

@@ -45,6 +45,12 @@ struct Check {
     cpu_virt: bool,
     dev_kvm: bool,
     agent: Probe,
+    programs: Vec<serde_json::Value>,
+    #[serde(default)]
+    dev_kvm_group_rw: Option<bool>,
+    #[serde(default)]
+    subuids: Option<serde_json::Value>,
+    space: serde_json::Value,
 }
 
 fn run(data: &std::path::Path, args: &[&str]) -> Output {
@@ -158,6 +164,27 @@ fn check_reports_libvirt_kvm_and_the_agent() {
         check.agent
     );
     let _ = (check.cpu_virt, check.dev_kvm, check.libvirt.path);
+    // Every program the VM host needs, named with its package; the data directory's space.
+    let names: Vec<&str> = check
+        .programs
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "qemu-system-x86_64",
+            "qemu-img",
+            "mmdebstrap",
+            "debugfs",
+            "resize2fs"
+        ]
+    );
+    assert!(check.programs.iter().all(|p| p["package"].is_string()));
+    assert_eq!(check.dev_kvm_group_rw.is_some(), check.dev_kvm);
+    assert_eq!(check.subuids.is_none(), nix::unistd::geteuid().is_root());
+    assert_eq!(check.space["path"], data.path().to_str().expect("utf-8"));
+    assert!(check.space["free_bytes"].as_u64().is_some_and(|b| b > 0));
 }
 
 /// Runs a program the test makes its disk with, failing the test with its stderr.

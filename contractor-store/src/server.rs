@@ -640,39 +640,16 @@ impl Store {
     }
 
     async fn put(&self, path: &StorePath, request: Request<Incoming>) -> Response<Body> {
-        let (parts, mut body) = request.into_parts();
+        let (parts, body) = request.into_parts();
         let headers = &parts.headers;
-        let destination = match destination(path) {
-            Ok(destination) => destination,
-            Err(reason) => return text(StatusCode::FORBIDDEN, &reason),
+        let PutHead {
+            destination,
+            mode,
+            expected,
+        } = match put_request(path, headers) {
+            Ok(head) => head,
+            Err(response) => return *response,
         };
-        let mode = match headers.get(MODE_HEADER).map(parse_mode) {
-            None => None,
-            Some(Ok(mode)) => Some(mode),
-            Some(Err(value)) => {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    &format!("{MODE_HEADER}: {value:?} is not accepted; use 0644 or 0755"),
-                )
-            }
-        };
-        let named = digest::expected_digest(
-            headers.get(SHA256_HEADER).map(HeaderValue::as_bytes),
-            headers.get_all("digest").iter().map(HeaderValue::as_bytes),
-        );
-        let mut expected = match named {
-            Ok(expected) => expected,
-            Err(reason) => return text(StatusCode::BAD_REQUEST, &reason),
-        };
-        if let Destination::Blob(name) = &destination {
-            if expected.is_some_and(|e| e != *name) {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    &format!("{path}: the request's digest differs from the blob's name"),
-                );
-            }
-            expected = Some(*name);
-        }
         let declared = body.size_hint().exact();
         // What to read and discard of a body refused before its first byte: nothing if the
         // client waits for "100 Continue" (it will not send), else what it declared.
@@ -693,7 +670,7 @@ impl Store {
         if let Some(response) = too_deep(path) {
             return drain_then(body, unread, response).await;
         }
-        let mut reservation = match self
+        let reservation = match self
             .reserve(&destination, path, declared.unwrap_or(0))
             .await
         {
@@ -701,54 +678,17 @@ impl Store {
             Err(response) => return drain_then(body, unread, response).await,
         };
 
-        let mut upload = match Upload::begin(&self.root, path).await {
+        let upload = match Upload::begin(&self.root, path).await {
             Ok(upload) => upload,
             Err(e) => return drain_then(body, unread, self.file_error(path, e)).await,
         };
-        loop {
-            let Ok(next) = tokio::time::timeout(self.body_idle_timeout, body.frame()).await else {
-                // The client stopped sending: dropping `upload` removes the temporary file,
-                // and the connection is closed (its body will never be read to its end).
-                drop(upload);
-                return self.body_stalled(path);
-            };
-            let Some(frame) = next else {
-                break;
-            };
-            let frame = match frame {
-                Ok(frame) => frame,
-                // The client went away or sent a malformed body. Dropping `upload` removes
-                // the temporary file; the answer probably reaches nobody.
-                Err(e) => {
-                    return text(
-                        StatusCode::BAD_REQUEST,
-                        &format!("upload of {path} failed: {e}"),
-                    )
-                }
-            };
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            let received = upload.len() + data.len() as u64;
-            if let Some(max) = self.max_artifact_bytes {
-                if received > max {
-                    drop(upload);
-                    let response = self.too_large_artifact(path, received, max);
-                    return drain_then(body, DRAIN_LIMIT, response).await;
-                }
-            }
-            if let Some(reservation) = &mut reservation {
-                if let Err(over) = reservation.cover(received) {
-                    drop(upload);
-                    let response = self.too_large_build(&destination, over);
-                    return drain_then(body, DRAIN_LIMIT, response).await;
-                }
-            }
-            if let Err(e) = upload.write(data).await {
-                drop(upload);
-                return drain_then(body, DRAIN_LIMIT, self.file_error(path, e)).await;
-            }
-        }
+        let (upload, reservation) = match self
+            .receive(path, &destination, body, upload, reservation)
+            .await
+        {
+            Ok(received) => received,
+            Err(response) => return response,
+        };
         let committed = match upload.commit(mode, expected).await {
             Ok(committed) => committed,
             Err(e) => return self.file_error(path, e),
@@ -769,6 +709,64 @@ impl Store {
             .headers_mut()
             .insert(SHA256_HEADER, header_value(&committed.sha256.to_hex()));
         response
+    }
+
+    /// Reads the body of a PUT of `path` into `upload`, each frame checked against the
+    /// artifact and build limits and the idle timeout; the error is the response to send
+    /// (the upload then removed).
+    async fn receive(
+        &self,
+        path: &StorePath,
+        destination: &Destination,
+        mut body: Incoming,
+        mut upload: Upload,
+        mut reservation: Option<Reservation>,
+    ) -> Result<(Upload, Option<Reservation>), Response<Body>> {
+        loop {
+            let Ok(next) = tokio::time::timeout(self.body_idle_timeout, body.frame()).await else {
+                // The client stopped sending: dropping `upload` removes the temporary file,
+                // and the connection is closed (its body will never be read to its end).
+                drop(upload);
+                return Err(self.body_stalled(path));
+            };
+            let Some(frame) = next else {
+                break;
+            };
+            let frame = match frame {
+                Ok(frame) => frame,
+                // The client went away or sent a malformed body. Dropping `upload` removes
+                // the temporary file; the answer probably reaches nobody.
+                Err(e) => {
+                    return Err(text(
+                        StatusCode::BAD_REQUEST,
+                        &format!("upload of {path} failed: {e}"),
+                    ))
+                }
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let received = upload.len() + data.len() as u64;
+            if let Some(max) = self.max_artifact_bytes {
+                if received > max {
+                    drop(upload);
+                    let response = self.too_large_artifact(path, received, max);
+                    return Err(drain_then(body, DRAIN_LIMIT, response).await);
+                }
+            }
+            if let Some(reservation) = &mut reservation {
+                if let Err(over) = reservation.cover(received) {
+                    drop(upload);
+                    let response = self.too_large_build(destination, over);
+                    return Err(drain_then(body, DRAIN_LIMIT, response).await);
+                }
+            }
+            if let Err(e) = upload.write(data).await {
+                drop(upload);
+                return Err(drain_then(body, DRAIN_LIMIT, self.file_error(path, e)).await);
+            }
+        }
+        Ok((upload, reservation))
     }
 
     /// Reserves `bytes` against the build's limit, when there is one; the error is the
@@ -1047,6 +1045,51 @@ fn status_only(status: StatusCode) -> Response<Body> {
 use contractor_protocol::result::joined_chain as chain;
 
 /// Where a PUT to `path` writes, or why it may not (403).
+/// What the head of a PUT says.
+struct PutHead {
+    /// Where it goes.
+    destination: Destination,
+    /// The mode asked for.
+    mode: Option<u32>,
+    /// The SHA-256 its body must have (a blob's name, or a digest header).
+    expected: Option<Sha256>,
+}
+
+/// The head of a PUT of `path`; else the 4xx to send.
+fn put_request(path: &StorePath, headers: &HeaderMap) -> Result<PutHead, Box<Response<Body>>> {
+    let refuse = |status, reason: &str| Box::new(text(status, reason));
+    let destination = destination(path).map_err(|reason| refuse(StatusCode::FORBIDDEN, &reason))?;
+    let mode = match headers.get(MODE_HEADER).map(parse_mode) {
+        None => None,
+        Some(Ok(mode)) => Some(mode),
+        Some(Err(value)) => {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                &format!("{MODE_HEADER}: {value:?} is not accepted; use 0644 or 0755"),
+            ))
+        }
+    };
+    let named = digest::expected_digest(
+        headers.get(SHA256_HEADER).map(HeaderValue::as_bytes),
+        headers.get_all("digest").iter().map(HeaderValue::as_bytes),
+    );
+    let mut expected = named.map_err(|reason| refuse(StatusCode::BAD_REQUEST, &reason))?;
+    if let Destination::Blob(name) = &destination {
+        if expected.is_some_and(|e| e != *name) {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                &format!("{path}: the request's digest differs from the blob's name"),
+            ));
+        }
+        expected = Some(*name);
+    }
+    Ok(PutHead {
+        destination,
+        mode,
+        expected,
+    })
+}
+
 fn destination(path: &StorePath) -> Result<Destination, String> {
     if path.is_artifact() {
         return Ok(Destination::Artifact {

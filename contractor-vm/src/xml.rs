@@ -216,14 +216,7 @@ pub fn domain_xml(
     emulator: Option<&Emulator>,
 ) -> String {
     let name = identity.name;
-    let uuid = identity
-        .uuid
-        .map(|u| format!("\n  <uuid>{}</uuid>", escape(u)))
-        .unwrap_or_default();
-    let genid = match identity.genid {
-        Some(id) => format!("<genid>{}</genid>", escape(id)),
-        None => "<genid/>".to_string(),
-    };
+    let (uuid, genid) = identity_xml(identity);
     let (domain_type, cpu) = match accel {
         Accel::Kvm => ("kvm", "<cpu mode='host-passthrough' check='none'/>"),
         Accel::Tcg | Accel::Auto => ("qemu", "<cpu mode='maximum' check='none'/>"),
@@ -238,35 +231,8 @@ pub fn domain_xml(
         .process_start
         .map(|s| format!(" process-start='{s}'"))
         .unwrap_or_default();
-    // Without a directory libvirt picks the socket path itself; with one (needed under
-    // qemu:///session, whose own paths can pass the 107-byte limit of a socket path) the
-    // sockets are `<dir>/<name>.<port>`.
-    let channel = |port: &str| {
-        let source = match socket_dir {
-            Some(dir) => format!(
-                "<source mode='bind' path='{}'/>",
-                esc_path(&socket_path(dir, name, port))
-            ),
-            None => "<source mode='bind'/>".to_string(),
-        };
-        format!(
-            "    <channel type='unix'>\n      {source}\n      \
-             <target type='virtio' name='{}'/>\n    </channel>\n",
-            escape(port)
-        )
-    };
-    let (qemu_ns, emulator_element, commandline) = match emulator {
-        Some(e) => (
-            format!(" xmlns:qemu='{QEMU_NAMESPACE}'"),
-            format!("    <emulator>{}</emulator>\n", esc_path(e.launcher)),
-            format!(
-                "  <qemu:commandline>\n    <qemu:env name='{POLICY_ENV}' value='{}'/>\n  \
-                 </qemu:commandline>\n",
-                escape(&e.policy.to_json())
-            ),
-        ),
-        None => Default::default(),
-    };
+    let channel = |port: &str| channel_xml(socket_dir, name, port);
+    let (qemu_ns, emulator_element, commandline) = emulator_xml(emulator);
     format!(
         "<domain type='{domain_type}'{qemu_ns}>
   <name>{name}</name>{uuid}
@@ -324,18 +290,73 @@ pub fn domain_xml(
         cmdline = escape(&kernel_cmdline(&image.cmdline, accel)),
         overlay = esc_path(disks.overlay),
         overlay_backing = backing_xml(disks.overlay_backing, 6, emulator.is_none()),
-        build_disk = disks.build.map_or(String::new(), |path| format!(
+        build_disk = build_disk_xml(disks, emulator.is_none()),
+        console_log = esc_path(&spec.console_log),
+        control = channel(CONTROL_PORT),
+        tunnel = channel(TUNNEL_PORT),
+    )
+}
+
+/// The `<uuid>` line (when the identity has one) and the `<genid>` element of a domain.
+fn identity_xml(identity: &Identity) -> (String, String) {
+    let uuid = identity
+        .uuid
+        .map(|u| format!("\n  <uuid>{}</uuid>", escape(u)))
+        .unwrap_or_default();
+    let genid = match identity.genid {
+        Some(id) => format!("<genid>{}</genid>", escape(id)),
+        None => "<genid/>".to_string(),
+    };
+    (uuid, genid)
+}
+
+/// The virtio-serial channel `port` of VM `name`. Without a directory libvirt picks the
+/// socket path itself; with one (needed under qemu:///session, whose own paths can pass
+/// the 107-byte limit of a socket path) the sockets are `<dir>/<name>.<port>`.
+fn channel_xml(socket_dir: Option<&Path>, name: &str, port: &str) -> String {
+    let source = match socket_dir {
+        Some(dir) => format!(
+            "<source mode='bind' path='{}'/>",
+            esc_path(&socket_path(dir, name, port))
+        ),
+        None => "<source mode='bind'/>".to_string(),
+    };
+    format!(
+        "    <channel type='unix'>\n      {source}\n      \
+         <target type='virtio' name='{}'/>\n    </channel>\n",
+        escape(port)
+    )
+}
+
+/// With the launcher as emulator: the qemu XML namespace attribute, the `<emulator>`
+/// element and the `<qemu:commandline>` that hands it its policy; else three empty strings.
+fn emulator_xml(emulator: Option<&Emulator>) -> (String, String, String) {
+    match emulator {
+        Some(e) => (
+            format!(" xmlns:qemu='{QEMU_NAMESPACE}'"),
+            format!("    <emulator>{}</emulator>\n", esc_path(e.launcher)),
+            format!(
+                "  <qemu:commandline>\n    <qemu:env name='{POLICY_ENV}' value='{}'/>\n  \
+                 </qemu:commandline>\n",
+                escape(&e.policy.to_json())
+            ),
+        ),
+        None => Default::default(),
+    }
+}
+
+/// The build disk (`vdb`) when there is one, its backing chain unrelabelled when `dac`.
+fn build_disk_xml(disks: &Disks, dac: bool) -> String {
+    disks.build.map_or(String::new(), |path| {
+        format!(
             "    <disk type='file' device='disk'>\n      \
              <driver name='qemu' type='{}' cache='unsafe'/>\n      \
              <source file='{}'/>\n{}      <target dev='vdb' bus='virtio'/>\n    </disk>\n",
             disks.build_format.as_str(),
             esc_path(path),
-            backing_xml(disks.build_backing, 6, emulator.is_none())
-        )),
-        console_log = esc_path(&spec.console_log),
-        control = channel(CONTROL_PORT),
-        tunnel = channel(TUNNEL_PORT),
-    )
+            backing_xml(disks.build_backing, 6, dac)
+        )
+    })
 }
 
 /// The x86_64 emulator libvirt's capabilities XML names (`<guest><arch name='x86_64'>

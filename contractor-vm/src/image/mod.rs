@@ -843,10 +843,6 @@ fn build(
     agent: &Path,
     agent_sha: &str,
 ) -> Result<Image, ImageError> {
-    let suite = recipe.suite;
-    let extra_packages: String = recipe.extra.iter().map(|p| format!(",{p}")).collect();
-    let mirror = std::env::var("CONTRACTOR_DEBIAN_MIRROR")
-        .unwrap_or_else(|_| "http://deb.debian.org/debian".into());
     let progress = Progress::start(&format!("building image {name}"));
     let scratch = images.join(format!(".build-{name}-{}", std::process::id()));
     // mmdebstrap's whole output, kept beside the images when it fails (named in the error).
@@ -856,83 +852,14 @@ fn build(
     let result = (|| {
         let root = scratch.join("root.ext2");
         progress.step("installing Debian packages (mmdebstrap)");
-        let upload = format!("upload {} {AGENT_IN_IMAGE}", agent.display());
-        let chmod = format!("chmod 0755 \"$1{AGENT_IN_IMAGE}\" && mkdir -p \"$1/build\"");
-        let mut mmdebstrap = Command::new("mmdebstrap");
-        mmdebstrap
-            .args(["--mode=unshare", "--format=ext2", "--variant=apt"])
-            .arg(format!("--include={PACKAGES}{extra_packages}"))
-            .arg(format!("--customize-hook={upload}"))
-            .arg(format!("--customize-hook={chmod}"));
-        if !recipe.check_valid_until {
-            mmdebstrap.arg(NO_VALID_UNTIL_APTOPT);
-        }
-        // The guest trusts what the host trusts: Debian's authorities plus the host's own
-        // additions (e.g. a company proxy that inspects TLS).
-        if has_local_cas(Path::new(LOCAL_CAS)) {
-            mmdebstrap
-                .arg(format!(
-                    "--customize-hook=copy-in {LOCAL_CAS} /usr/local/share"
-                ))
-                .arg("--customize-hook=chroot \"$1\" update-ca-certificates");
-        }
-        mmdebstrap.args([suite, path_str(&root)?, &mirror]);
-        tool::own_group_dying_with_us(&mut mmdebstrap);
-        tool::run_logged(&mut mmdebstrap, &progress, &log).map_err(|err| match err {
-            // apt's own words name the package the mirror lacks.
-            ImageError::Apt { errors, .. }
-                if recipe.derived.is_some()
-                    && errors
-                        .iter()
-                        .any(|l| l.contains("Unable to locate package")) =>
-            {
-                let apt: Vec<&str> = errors
-                    .iter()
-                    .map(String::as_str)
-                    .filter(|l| l.contains("Unable to locate package"))
-                    .collect();
-                ImageError::NoSuchPackage(apt.join("; "))
-            }
-            other => other,
-        })?;
-
+        install(recipe, agent, &root, &progress, &log)?;
         progress.step("growing the file system");
-        tool::run(
-            Command::new("e2fsck").args(["-f", "-y", path_str(&root)?]),
-            &progress,
-        )
-        .or_else(e2fsck_fixed)?;
-        tool::run(
-            Command::new("resize2fs").args([path_str(&root)?, ROOT_SIZE]),
-            &progress,
-        )?;
-
+        grow(&root, &progress)?;
         progress.step("taking out the kernel and initrd");
-        let listing =
-            tool::output(Command::new("debugfs").args(["-R", "ls -p /boot", path_str(&root)?]))?;
-        let kernel = boot_file(&listing, "vmlinuz-").ok_or(ImageError::NoBootFile("vmlinuz-*"))?;
-        let initrd =
-            boot_file(&listing, "initrd.img-").ok_or(ImageError::NoBootFile("initrd.img-*"))?;
-        for (from, to) in [(&kernel, "vmlinuz"), (&initrd, "initrd.img")] {
-            let out = scratch.join(to);
-            let request = format!("dump /boot/{from} {}", path_str(&out)?);
-            tool::run(
-                Command::new("debugfs").args(["-R", &request, path_str(&root)?]),
-                &progress,
-            )?;
-            if !out.is_file() {
-                return Err(ImageError::NoBootFile(if to == "vmlinuz" {
-                    "vmlinuz-*"
-                } else {
-                    "initrd.img-*"
-                }));
-            }
-        }
-
+        let kernel = take_out_boot_files(&root, &scratch, &progress)?;
         progress.step("writing Contractor's initramfs");
         let version = kernel.trim_start_matches("vmlinuz-");
         write_initramfs(&root, version, agent, &scratch, &progress)?;
-
         progress.step("converting to qcow2");
         let disk = scratch.join("disk.qcow2");
         tool::run(
@@ -946,9 +873,8 @@ fn build(
             &progress,
         )?;
         std::fs::remove_file(&root).map_err(file_err("cannot remove", &root))?;
-
         progress.step("recording the manifest");
-        let mut manifest = new_manifest(name, suite, &disk, agent_sha)?;
+        let mut manifest = new_manifest(name, recipe.suite, &disk, agent_sha)?;
         if let Some((base, packages)) = &recipe.derived {
             manifest.base = Some(base.clone());
             manifest.packages = packages.clone();
@@ -958,7 +884,6 @@ fn build(
         }
         write_manifest(&scratch, &manifest)?;
         make_world_readable(&scratch)?;
-
         let dir = images.join(name);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(file_err("cannot replace", &dir))?;
@@ -977,6 +902,101 @@ fn build(
         }
     }
     result
+}
+
+/// Installs the recipe's Debian packages and the agent into the ext2 file system `root`
+/// with mmdebstrap (its output in `log`); a package the mirror lacks is named as apt says.
+fn install(
+    recipe: &Recipe,
+    agent: &Path,
+    root: &Path,
+    progress: &Progress,
+    log: &Path,
+) -> Result<(), ImageError> {
+    let extra_packages: String = recipe.extra.iter().map(|p| format!(",{p}")).collect();
+    let mirror = std::env::var("CONTRACTOR_DEBIAN_MIRROR")
+        .unwrap_or_else(|_| "http://deb.debian.org/debian".into());
+    let upload = format!("upload {} {AGENT_IN_IMAGE}", agent.display());
+    let chmod = format!("chmod 0755 \"$1{AGENT_IN_IMAGE}\" && mkdir -p \"$1/build\"");
+    let mut mmdebstrap = Command::new("mmdebstrap");
+    mmdebstrap
+        .args(["--mode=unshare", "--format=ext2", "--variant=apt"])
+        .arg(format!("--include={PACKAGES}{extra_packages}"))
+        .arg(format!("--customize-hook={upload}"))
+        .arg(format!("--customize-hook={chmod}"));
+    if !recipe.check_valid_until {
+        mmdebstrap.arg(NO_VALID_UNTIL_APTOPT);
+    }
+    // The guest trusts what the host trusts: Debian's authorities plus the host's own
+    // additions (e.g. a company proxy that inspects TLS).
+    if has_local_cas(Path::new(LOCAL_CAS)) {
+        mmdebstrap
+            .arg(format!(
+                "--customize-hook=copy-in {LOCAL_CAS} /usr/local/share"
+            ))
+            .arg("--customize-hook=chroot \"$1\" update-ca-certificates");
+    }
+    mmdebstrap.args([recipe.suite, path_str(root)?, &mirror]);
+    tool::own_group_dying_with_us(&mut mmdebstrap);
+    tool::run_logged(&mut mmdebstrap, progress, log).map_err(|err| match err {
+        // apt's own words name the package the mirror lacks.
+        ImageError::Apt { errors, .. }
+            if recipe.derived.is_some()
+                && errors
+                    .iter()
+                    .any(|l| l.contains("Unable to locate package")) =>
+        {
+            let apt: Vec<&str> = errors
+                .iter()
+                .map(String::as_str)
+                .filter(|l| l.contains("Unable to locate package"))
+                .collect();
+            ImageError::NoSuchPackage(apt.join("; "))
+        }
+        other => other,
+    })
+}
+
+/// Checks the file system `root` and grows it to [`ROOT_SIZE`].
+fn grow(root: &Path, progress: &Progress) -> Result<(), ImageError> {
+    tool::run(
+        Command::new("e2fsck").args(["-f", "-y", path_str(root)?]),
+        progress,
+    )
+    .or_else(e2fsck_fixed)?;
+    tool::run(
+        Command::new("resize2fs").args([path_str(root)?, ROOT_SIZE]),
+        progress,
+    )
+}
+
+/// Copies the newest kernel and initrd of `root`'s `/boot` into `scratch` as `vmlinuz` and
+/// `initrd.img`; returns the kernel's file name (`vmlinuz-VERSION`).
+fn take_out_boot_files(
+    root: &Path,
+    scratch: &Path,
+    progress: &Progress,
+) -> Result<String, ImageError> {
+    let listing =
+        tool::output(Command::new("debugfs").args(["-R", "ls -p /boot", path_str(root)?]))?;
+    let kernel = boot_file(&listing, "vmlinuz-").ok_or(ImageError::NoBootFile("vmlinuz-*"))?;
+    let initrd =
+        boot_file(&listing, "initrd.img-").ok_or(ImageError::NoBootFile("initrd.img-*"))?;
+    for (from, to, pattern) in [
+        (&kernel, "vmlinuz", "vmlinuz-*"),
+        (&initrd, "initrd.img", "initrd.img-*"),
+    ] {
+        let out = scratch.join(to);
+        let request = format!("dump /boot/{from} {}", path_str(&out)?);
+        tool::run(
+            Command::new("debugfs").args(["-R", &request, path_str(root)?]),
+            progress,
+        )?;
+        if !out.is_file() {
+            return Err(ImageError::NoBootFile(pattern));
+        }
+    }
+    Ok(kernel)
 }
 
 /// Writes `initramfs.img` into `scratch`: the agent, and the modules of kernel `version`

@@ -312,142 +312,13 @@ pub fn parse_with_images(
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
-    let value_error =
-        |span: std::ops::Range<usize>, field: &'static str, value: String, reason: String| {
-            SpecError::Value {
-                path: path.to_path_buf(),
-                line: line_of(text, span.start),
-                field,
-                value,
-                reason,
-            }
-        };
-
-    let mut derived = None;
-    let image = match (raw.build.image, raw.image) {
-        (Some(_), Some(table)) => {
-            return Err(value_error(
-                table.span(),
-                "image",
-                "an [image] table".into(),
-                "give either build.image (a built or imported image) or [image] (base and packages), not both".into(),
-            ));
-        }
-        (None, Some(table)) => {
-            let table = table.into_inner();
-            let base = table.base.get_ref();
-            if !contractor_protocol::image::DERIVED_BASES
-                .iter()
-                .any(|(b, _)| b == base)
-            {
-                let bases: Vec<&str> = contractor_protocol::image::DERIVED_BASES
-                    .iter()
-                    .map(|(b, _)| *b)
-                    .collect();
-                return Err(value_error(
-                    table.base.span(),
-                    "image.base",
-                    format!("{base:?}"),
-                    format!("use one of {}", bases.join(", ")),
-                ));
-            }
-            if table.packages.len() > contractor_protocol::image::MAX_DERIVED_PACKAGES {
-                return Err(value_error(
-                    table.base.span(),
-                    "image.packages",
-                    format!("{} packages", table.packages.len()),
-                    format!(
-                        "at most {}",
-                        contractor_protocol::image::MAX_DERIVED_PACKAGES
-                    ),
-                ));
-            }
-            let mut packages = Vec::new();
-            for package in &table.packages {
-                if !contractor_protocol::image::is_package_name(package.get_ref()) {
-                    return Err(value_error(
-                        package.span(),
-                        "image.packages",
-                        format!("{:?}", package.get_ref()),
-                        "use Debian package names: lower-case letters, digits, `+`, `-` and `.` (\"python3-pytest\")".into(),
-                    ));
-                }
-                packages.push(package.get_ref().clone());
-            }
-            packages.sort();
-            packages.dedup();
-            let check_valid_until = table.check_valid_until;
-            let name =
-                contractor_protocol::image::derived_image_name(base, &packages, check_valid_until);
-            derived = Some(Derived {
-                base: base.clone(),
-                packages,
-                check_valid_until,
-            });
-            name
-        }
-        (None, None) => DEFAULT_IMAGE.to_string(),
-        (Some(image), None)
-            if KNOWN_IMAGES.contains(&image.get_ref().as_str())
-                || imported.contains(image.get_ref()) =>
-        {
-            image.into_inner()
-        }
-        (Some(image), None) => {
-            let imported = if imported.is_empty() {
-                "none (`contractor image import` adds one)".to_string()
-            } else {
-                imported.join(", ")
-            };
-            return Err(value_error(
-                image.span(),
-                "build.image",
-                format!("{:?}", image.get_ref()),
-                format!(
-                    "unknown image; Contractor builds {}; imported: {imported}",
-                    KNOWN_IMAGES.join(", ")
-                ),
-            ));
-        }
-    };
-    if raw.build.script.get_ref().trim().is_empty() {
-        return Err(value_error(
-            raw.build.script.span(),
-            "build.script",
-            "\"\"".into(),
-            "the script is empty; give the shell commands that build the project".into(),
-        ));
-    }
-    if let Some(fetch) = raw
-        .build
-        .fetch
-        .as_ref()
-        .filter(|f| f.get_ref().trim().is_empty())
-    {
-        return Err(value_error(
-            fetch.span(),
-            "build.fetch",
-            "\"\"".into(),
-            "the fetch command is empty; give the commands that download what the build needs (\"cargo fetch --locked\"), or leave the field out".into(),
-        ));
-    }
-    let mut artifacts = Vec::new();
-    for artifact in raw.build.artifacts {
-        let pattern = artifact.get_ref();
-        if pattern.is_empty() || pattern.starts_with('/') || pattern.split('/').any(|p| p == "..") {
-            return Err(value_error(
-                artifact.span(),
-                "build.artifacts",
-                format!("{pattern:?}"),
-                "artifacts are paths or globs relative to the source root, without `..` (e.g. \"hello\" or \"target/*.deb\")".into(),
-            ));
-        }
-        artifacts.push(artifact.into_inner());
-    }
+    let check = Checker { path, text };
+    let (image, derived) = check.image(raw.build.image, raw.image, imported)?;
+    let build = check.build(raw.build.script, raw.build.fetch, raw.build.artifacts)?;
     let timeout = match raw.build.timeout {
         None => Duration::from_secs(600),
         Some(t) => parse_duration(t.get_ref()).ok_or_else(|| {
-            value_error(
+            check.error(
                 t.span(),
                 "build.timeout",
                 format!("{:?}", t.get_ref()),
@@ -455,145 +326,22 @@ pub fn parse_with_images(
             )
         })?,
     };
-    let size_field =
-        |value: Option<Spanned<String>>, field: &'static str, default_mib: u64| match value {
-            None => Ok(default_mib * MIB),
-            Some(v) => match parse_size_mib(v.get_ref()) {
-                Some(n) if n > 0 => Ok(n * MIB),
-                _ => Err(value_error(
-                    v.span(),
-                    field,
-                    format!("{:?}", v.get_ref()),
-                    "use a size with a unit: \"64MiB\", \"1GiB\"".into(),
-                )),
-            },
-        };
-    let max_log_bytes = size_field(raw.build.max_log, "build.max_log", 64)?;
-    let max_artifacts_bytes = size_field(raw.build.max_artifacts, "build.max_artifacts", 1024)?;
-    let cpus = match raw.vm.cpus {
-        None => 2,
-        Some(c) => match u32::try_from(*c.get_ref()) {
-            Ok(n @ 1..=64) => n,
-            _ => {
-                return Err(value_error(
-                    c.span(),
-                    "vm.cpus",
-                    c.get_ref().to_string(),
-                    "use a whole number from 1 to 64".into(),
-                ))
-            }
-        },
-    };
-    let memory_mib = match raw.vm.memory {
-        None => 2048,
-        Some(m) => match parse_size_mib(m.get_ref()) {
-            Some(n) if (128..=1024 * 1024).contains(&n) => n,
-            _ => {
-                return Err(value_error(
-                    m.span(),
-                    "vm.memory",
-                    format!("{:?}", m.get_ref()),
-                    "use a size from \"128MiB\" up, with a unit: \"512MiB\", \"2GiB\"".into(),
-                ))
-            }
-        },
-    };
-    let disk_gib = match raw.vm.disk {
-        None => 8,
-        Some(d) => match parse_size_mib(d.get_ref()) {
-            Some(n) if n >= 1024 && n % 1024 == 0 => n / 1024,
-            _ => {
-                return Err(value_error(
-                    d.span(),
-                    "vm.disk",
-                    format!("{:?}", d.get_ref()),
-                    "use a whole number of GiB, at least 1: \"4GiB\", \"20GiB\"".into(),
-                ))
-            }
-        },
-    };
-    let mut allow = Vec::new();
-    for host in raw.network.allow {
-        let rule = host.get_ref();
-        if rule.contains("://") {
-            let problem = url_rule_problem(rule).or_else(|| {
-                (rule.contains("https://") && !raw.network.inspect).then(|| {
-                    "an https:// URL rule needs `inspect = true` (the proxy reads the \
-                     requests only when it inspects TLS); allow the host instead"
-                        .to_string()
-                })
-            });
-            if let Some(problem) = problem {
-                return Err(value_error(
-                    host.span(),
-                    "network.allow",
-                    format!("{rule:?}"),
-                    problem,
-                ));
-            }
-            allow.push(rule.clone());
-            continue;
-        }
-        if !is_allow_rule(rule) {
-            return Err(value_error(
-                host.span(),
-                "network.allow",
-                format!("{rule:?}"),
-                "use a host name (\"deb.debian.org\"), a wildcard for its subdomains (\"*.crates.io\") or a URL rule (\"GET https://deb.debian.org/debian/pool/**\"); no ports, and not `*` alone".into(),
-            ));
-        }
-        allow.push(rule.to_ascii_lowercase());
-    }
-    let mut tunnel = Vec::new();
-    for host in raw.network.tunnel {
-        let rule = host.get_ref().to_ascii_lowercase();
-        if !is_allow_rule(&rule) {
-            return Err(value_error(
-                host.span(),
-                "network.tunnel",
-                format!("{rule:?}"),
-                "use a host name or wildcard of `allow` (\"*.crates.io\"), whose TLS is then tunnelled, not inspected".into(),
-            ));
-        }
-        tunnel.push(rule);
-    }
-
-    let mut cache_paths = Vec::new();
-    for entry in raw.cache.paths {
-        let Some(guest) = cache_path(entry.get_ref()) else {
-            return Err(value_error(
-                entry.span(),
-                "cache.paths",
-                format!("{:?}", entry.get_ref()),
-                "use a directory in the VM, absolute or under ~ (the script's HOME, /root), \
-                 without `..` and not / itself: \"~/.cargo/registry\", \"/build/target\""
-                    .into(),
-            ));
-        };
-        if !cache_paths.contains(&guest) {
-            cache_paths.push(guest);
-        }
-    }
-    let cache_max_bytes = size_field(raw.cache.max_size, "cache.max_size", 1024)?;
-
-    let project_dir = path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let project_dir = if project_dir.as_os_str().is_empty() {
-        PathBuf::from(".")
-    } else {
-        project_dir
-    };
+    let max_log_bytes = check.size(raw.build.max_log, "build.max_log", 64)?;
+    let max_artifacts_bytes = check.size(raw.build.max_artifacts, "build.max_artifacts", 1024)?;
+    let (cpus, memory_mib, disk_gib) = check.vm(raw.vm)?;
+    let inspect = raw.network.inspect;
+    let (allow, tunnel) = check.network(raw.network)?;
+    let cache_paths = check.cache_paths(raw.cache.paths)?;
+    let cache_max_bytes = check.size(raw.cache.max_size, "cache.max_size", 1024)?;
     Ok(BuildSpec {
         path: path.to_path_buf(),
-        project_dir,
+        project_dir: project_dir_of(path),
         image,
         derived,
-        script: raw.build.script.into_inner(),
-        fetch: raw.build.fetch.map(Spanned::into_inner),
+        script: build.script,
+        fetch: build.fetch,
         env: raw.build.env,
-        artifacts,
+        artifacts: build.artifacts,
         timeout,
         max_log_bytes,
         max_artifacts_bytes,
@@ -601,12 +349,331 @@ pub fn parse_with_images(
         memory_mib,
         disk_gib,
         allow,
-        inspect: raw.network.inspect,
+        inspect,
         tunnel,
         cache_paths,
         cache_max_bytes,
         lock: None,
     })
+}
+
+/// The directory of the spec file `path` (`.` for a bare file name).
+fn project_dir_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// `[build]`'s script, fetch and artifacts, checked.
+struct BuildFields {
+    script: String,
+    fetch: Option<String>,
+    artifacts: Vec<String>,
+}
+
+/// Checks the fields of one spec file, whose errors name the file, the line, the field and
+/// what would be accepted.
+struct Checker<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Checker<'_> {
+    fn error(
+        &self,
+        span: std::ops::Range<usize>,
+        field: &'static str,
+        value: String,
+        reason: String,
+    ) -> SpecError {
+        SpecError::Value {
+            path: self.path.to_path_buf(),
+            line: line_of(self.text, span.start),
+            field,
+            value,
+            reason,
+        }
+    }
+
+    /// A size field in bytes (`"64MiB"`), `default_mib` MiB when absent.
+    fn size(
+        &self,
+        value: Option<Spanned<String>>,
+        field: &'static str,
+        default_mib: u64,
+    ) -> Result<u64, SpecError> {
+        match value {
+            None => Ok(default_mib * MIB),
+            Some(v) => match parse_size_mib(v.get_ref()) {
+                Some(n) if n > 0 => Ok(n * MIB),
+                _ => Err(self.error(
+                    v.span(),
+                    field,
+                    format!("{:?}", v.get_ref()),
+                    "use a size with a unit: \"64MiB\", \"1GiB\"".into(),
+                )),
+            },
+        }
+    }
+
+    /// The image's name: `build.image` (built or imported), `[image]` (derived), or the
+    /// default; with the derived image's definition.
+    fn image(
+        &self,
+        named: Option<Spanned<String>>,
+        table: Option<Spanned<RawImage>>,
+        imported: &[String],
+    ) -> Result<(String, Option<Derived>), SpecError> {
+        match (named, table) {
+            (Some(_), Some(table)) => Err(self.error(
+                table.span(),
+                "image",
+                "an [image] table".into(),
+                "give either build.image (a built or imported image) or [image] (base and packages), not both".into(),
+            )),
+            (None, Some(table)) => {
+                let derived = self.derived(table.into_inner())?;
+                let name = contractor_protocol::image::derived_image_name(
+                    &derived.base,
+                    &derived.packages,
+                    derived.check_valid_until,
+                );
+                Ok((name, Some(derived)))
+            }
+            (None, None) => Ok((DEFAULT_IMAGE.to_string(), None)),
+            (Some(image), None)
+                if KNOWN_IMAGES.contains(&image.get_ref().as_str())
+                    || imported.contains(image.get_ref()) =>
+            {
+                Ok((image.into_inner(), None))
+            }
+            (Some(image), None) => {
+                let imported = if imported.is_empty() {
+                    "none (`contractor image import` adds one)".to_string()
+                } else {
+                    imported.join(", ")
+                };
+                Err(self.error(
+                    image.span(),
+                    "build.image",
+                    format!("{:?}", image.get_ref()),
+                    format!(
+                        "unknown image; Contractor builds {}; imported: {imported}",
+                        KNOWN_IMAGES.join(", ")
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// `[image]`: a known base and Debian package names (sorted, each once).
+    fn derived(&self, table: RawImage) -> Result<Derived, SpecError> {
+        use contractor_protocol::image::{is_package_name, DERIVED_BASES, MAX_DERIVED_PACKAGES};
+        let base = table.base.get_ref();
+        if !DERIVED_BASES.iter().any(|(b, _)| b == base) {
+            let bases: Vec<&str> = DERIVED_BASES.iter().map(|(b, _)| *b).collect();
+            return Err(self.error(
+                table.base.span(),
+                "image.base",
+                format!("{base:?}"),
+                format!("use one of {}", bases.join(", ")),
+            ));
+        }
+        if table.packages.len() > MAX_DERIVED_PACKAGES {
+            return Err(self.error(
+                table.base.span(),
+                "image.packages",
+                format!("{} packages", table.packages.len()),
+                format!("at most {MAX_DERIVED_PACKAGES}"),
+            ));
+        }
+        let mut packages = Vec::new();
+        for package in &table.packages {
+            if !is_package_name(package.get_ref()) {
+                return Err(self.error(
+                    package.span(),
+                    "image.packages",
+                    format!("{:?}", package.get_ref()),
+                    "use Debian package names: lower-case letters, digits, `+`, `-` and `.` (\"python3-pytest\")".into(),
+                ));
+            }
+            packages.push(package.get_ref().clone());
+        }
+        packages.sort();
+        packages.dedup();
+        Ok(Derived {
+            base: base.clone(),
+            packages,
+            check_valid_until: table.check_valid_until,
+        })
+    }
+
+    /// `build.script` (not empty), `build.fetch` (not empty when given) and
+    /// `build.artifacts` (relative, without `..`).
+    fn build(
+        &self,
+        script: Spanned<String>,
+        fetch: Option<Spanned<String>>,
+        raw_artifacts: Vec<Spanned<String>>,
+    ) -> Result<BuildFields, SpecError> {
+        if script.get_ref().trim().is_empty() {
+            return Err(self.error(
+                script.span(),
+                "build.script",
+                "\"\"".into(),
+                "the script is empty; give the shell commands that build the project".into(),
+            ));
+        }
+        if let Some(fetch) = fetch.as_ref().filter(|f| f.get_ref().trim().is_empty()) {
+            return Err(self.error(
+                fetch.span(),
+                "build.fetch",
+                "\"\"".into(),
+                "the fetch command is empty; give the commands that download what the build needs (\"cargo fetch --locked\"), or leave the field out".into(),
+            ));
+        }
+        let mut artifacts = Vec::new();
+        for artifact in raw_artifacts {
+            let pattern = artifact.get_ref();
+            if pattern.is_empty()
+                || pattern.starts_with('/')
+                || pattern.split('/').any(|p| p == "..")
+            {
+                return Err(self.error(
+                    artifact.span(),
+                    "build.artifacts",
+                    format!("{pattern:?}"),
+                    "artifacts are paths or globs relative to the source root, without `..` (e.g. \"hello\" or \"target/*.deb\")".into(),
+                ));
+            }
+            artifacts.push(artifact.into_inner());
+        }
+        Ok(BuildFields {
+            script: script.into_inner(),
+            fetch: fetch.map(Spanned::into_inner),
+            artifacts,
+        })
+    }
+
+    /// `[vm]`: CPUs (1–64, default 2), memory in MiB (128 MiB–1 TiB, default 2 GiB), disk
+    /// in GiB (whole, at least 1, default 8).
+    fn vm(&self, vm: RawVm) -> Result<(u32, u64, u64), SpecError> {
+        let cpus = match vm.cpus {
+            None => 2,
+            Some(c) => match u32::try_from(*c.get_ref()) {
+                Ok(n @ 1..=64) => n,
+                _ => {
+                    return Err(self.error(
+                        c.span(),
+                        "vm.cpus",
+                        c.get_ref().to_string(),
+                        "use a whole number from 1 to 64".into(),
+                    ))
+                }
+            },
+        };
+        let memory_mib = match vm.memory {
+            None => 2048,
+            Some(m) => match parse_size_mib(m.get_ref()) {
+                Some(n) if (128..=1024 * 1024).contains(&n) => n,
+                _ => {
+                    return Err(self.error(
+                        m.span(),
+                        "vm.memory",
+                        format!("{:?}", m.get_ref()),
+                        "use a size from \"128MiB\" up, with a unit: \"512MiB\", \"2GiB\"".into(),
+                    ))
+                }
+            },
+        };
+        let disk_gib = match vm.disk {
+            None => 8,
+            Some(d) => match parse_size_mib(d.get_ref()) {
+                Some(n) if n >= 1024 && n % 1024 == 0 => n / 1024,
+                _ => {
+                    return Err(self.error(
+                        d.span(),
+                        "vm.disk",
+                        format!("{:?}", d.get_ref()),
+                        "use a whole number of GiB, at least 1: \"4GiB\", \"20GiB\"".into(),
+                    ))
+                }
+            },
+        };
+        Ok((cpus, memory_mib, disk_gib))
+    }
+
+    /// `[network]`'s allow rules (host names, wildcards, URL rules) and tunnel rules.
+    fn network(&self, network: RawNetwork) -> Result<(Vec<String>, Vec<String>), SpecError> {
+        let mut allow = Vec::new();
+        for host in network.allow {
+            let rule = host.get_ref();
+            if rule.contains("://") {
+                let problem = url_rule_problem(rule).or_else(|| {
+                    (rule.contains("https://") && !network.inspect).then(|| {
+                        "an https:// URL rule needs `inspect = true` (the proxy reads the \
+                         requests only when it inspects TLS); allow the host instead"
+                            .to_string()
+                    })
+                });
+                if let Some(problem) = problem {
+                    return Err(self.error(
+                        host.span(),
+                        "network.allow",
+                        format!("{rule:?}"),
+                        problem,
+                    ));
+                }
+                allow.push(rule.clone());
+                continue;
+            }
+            if !is_allow_rule(rule) {
+                return Err(self.error(
+                    host.span(),
+                    "network.allow",
+                    format!("{rule:?}"),
+                    "use a host name (\"deb.debian.org\"), a wildcard for its subdomains (\"*.crates.io\") or a URL rule (\"GET https://deb.debian.org/debian/pool/**\"); no ports, and not `*` alone".into(),
+                ));
+            }
+            allow.push(rule.to_ascii_lowercase());
+        }
+        let mut tunnel = Vec::new();
+        for host in network.tunnel {
+            let rule = host.get_ref().to_ascii_lowercase();
+            if !is_allow_rule(&rule) {
+                return Err(self.error(
+                    host.span(),
+                    "network.tunnel",
+                    format!("{rule:?}"),
+                    "use a host name or wildcard of `allow` (\"*.crates.io\"), whose TLS is then tunnelled, not inspected".into(),
+                ));
+            }
+            tunnel.push(rule);
+        }
+        Ok((allow, tunnel))
+    }
+
+    /// `cache.paths`, as absolute guest paths, each once.
+    fn cache_paths(&self, entries: Vec<Spanned<String>>) -> Result<Vec<String>, SpecError> {
+        let mut cache_paths = Vec::new();
+        for entry in entries {
+            let Some(guest) = cache_path(entry.get_ref()) else {
+                return Err(self.error(
+                    entry.span(),
+                    "cache.paths",
+                    format!("{:?}", entry.get_ref()),
+                    "use a directory in the VM, absolute or under ~ (the script's HOME, /root), \
+                     without `..` and not / itself: \"~/.cargo/registry\", \"/build/target\""
+                        .into(),
+                ));
+            };
+            if !cache_paths.contains(&guest) {
+                cache_paths.push(guest);
+            }
+        }
+        Ok(cache_paths)
+    }
 }
 
 /// A `cache.paths` entry as an absolute guest path (`~` is the script's HOME, /root), or

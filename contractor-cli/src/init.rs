@@ -292,56 +292,89 @@ fn derived(base: &str, packages: &[&str], why: &str) -> String {
     )
 }
 
+/// A Cargo project: Debian's current Rust, `cargo fetch`, build and test offline.
+fn cargo_parts(project: &Project) -> Parts {
+    let locked = if project.locked { " --locked" } else { "" };
+    Parts {
+        image: derived(
+            "debian-13",
+            &["rustc-web", "cargo-web"],
+            "Debian 13 with Debian's current Rust toolchain (rustc-web, cargo-web).",
+        ),
+        fetch: format!("cargo fetch{locked}"),
+        script: format!(
+            "cargo build{locked} --offline --release\ncargo test{locked} --offline --release"
+        ),
+        artifacts: "# artifacts = [\"target/release/NAME\"]",
+        timeout: "30m",
+        allow: "[\"index.crates.io\", \"static.crates.io\"]",
+        cache:
+            "[cache]\npaths = [\"~/.cargo/registry\"]   # downloaded crates, kept between builds\n",
+    }
+}
+
+/// A Python project: pip downloads wheels (and pytest) in the fetch phase; the script
+/// installs them offline into a venv and runs pytest.
+fn python_parts(project: &Project) -> Parts {
+    let requires: Vec<String> = project.requires.iter().map(|r| format!("'{r}'")).collect();
+    let (from, install) = match project.locked {
+        true => ("-r requirements.txt .", "-r requirements.txt ."),
+        false => (".", "."),
+    };
+    Parts {
+        image: derived(
+            "debian-13",
+            &["python3-pip", "python3-venv"],
+            "Debian 13 with Python 3, pip and venv.",
+        ),
+        // The build backend is fetched too: the script builds the project offline.
+        fetch: format!(
+            "python3 -m pip download --no-input --disable-pip-version-check -d wheels {from} pytest {}",
+            requires.join(" ")
+        )
+        .trim_end()
+        .to_string(),
+        script: format!(
+            "python3 -m venv .venv\n\
+             .venv/bin/pip install --no-input --disable-pip-version-check --no-index --find-links wheels {install} pytest\n\
+             .venv/bin/python -m pytest -q"
+        ),
+        artifacts: "# artifacts = [\"dist/*\"]",
+        timeout: "40m",
+        allow: "[\"pypi.org\", \"files.pythonhosted.org\"]",
+        cache: "[cache]\npaths = [\"/build/wheels\"]   # downloaded wheels, kept between builds\n",
+    }
+}
+
+/// A Debian source package: its Build-Depends in the image, `dpkg-buildpackage` in the
+/// script.
+fn debian_parts(project: &Project) -> Parts {
+    let mut packages: Vec<&str> = project.requires.iter().map(String::as_str).collect();
+    if !packages.contains(&"dpkg-dev") {
+        packages.push("dpkg-dev");
+    }
+    Parts {
+        image: derived(
+            "debian-13",
+            &packages,
+            "Debian 13 with the package's Build-Depends, read from debian/control.",
+        ),
+        // The Build-Depends are in the image, so the build needs no network: the
+        // fetch only checks that none is missing, before the long part starts.
+        fetch: "dpkg-checkbuilddeps".to_string(),
+        script: "DEB_BUILD_OPTIONS=parallel=2 dpkg-buildpackage -us -uc -b\nmv ../*.deb ."
+            .to_string(),
+        artifacts: "artifacts = [\"*.deb\"]",
+        timeout: "60m",
+        allow: "[]",
+        cache: "",
+    }
+}
+
 fn parts(project: &Project) -> Parts {
     match project.kind {
-        ProjectKind::Cargo => {
-            let locked = if project.locked { " --locked" } else { "" };
-            Parts {
-                image: derived(
-                    "debian-13",
-                    &["rustc-web", "cargo-web"],
-                    "Debian 13 with Debian's current Rust toolchain (rustc-web, cargo-web).",
-                ),
-                fetch: format!("cargo fetch{locked}"),
-                script: format!(
-                    "cargo build{locked} --offline --release\ncargo test{locked} --offline --release"
-                ),
-                artifacts: "# artifacts = [\"target/release/NAME\"]",
-                timeout: "30m",
-                allow: "[\"index.crates.io\", \"static.crates.io\"]",
-                cache: "[cache]\npaths = [\"~/.cargo/registry\"]   # downloaded crates, kept between builds\n",
-            }
-        }
-        ProjectKind::Python => {
-            let requires: Vec<String> = project.requires.iter().map(|r| format!("'{r}'")).collect();
-            let (from, install) = match project.locked {
-                true => ("-r requirements.txt .", "-r requirements.txt ."),
-                false => (".", "."),
-            };
-            Parts {
-                image: derived(
-                    "debian-13",
-                    &["python3-pip", "python3-venv"],
-                    "Debian 13 with Python 3, pip and venv.",
-                ),
-                // The build backend is fetched too: the script builds the project offline.
-                fetch: format!(
-                    "python3 -m pip download --no-input --disable-pip-version-check -d wheels {from} pytest {}",
-                    requires.join(" ")
-                )
-                .trim_end()
-                .to_string(),
-                script: format!(
-                    "python3 -m venv .venv\n\
-                     .venv/bin/pip install --no-input --disable-pip-version-check --no-index --find-links wheels {install} pytest\n\
-                     .venv/bin/python -m pytest -q"
-                ),
-                artifacts: "# artifacts = [\"dist/*\"]",
-                timeout: "40m",
-                allow: "[\"pypi.org\", \"files.pythonhosted.org\"]",
-                cache: "[cache]\npaths = [\"/build/wheels\"]   # downloaded wheels, kept between builds\n",
-            }
-        }
+        ProjectKind::Cargo => cargo_parts(project),
+        ProjectKind::Python => python_parts(project),
         ProjectKind::Node => Parts {
             image: derived(
                 "debian-13",
@@ -359,28 +392,7 @@ fn parts(project: &Project) -> Parts {
             allow: "[\"registry.npmjs.org\"]",
             cache: "[cache]\npaths = [\"~/.npm\"]   # npm's download cache, kept between builds\n",
         },
-        ProjectKind::Debian => {
-            let mut packages: Vec<&str> = project.requires.iter().map(String::as_str).collect();
-            if !packages.contains(&"dpkg-dev") {
-                packages.push("dpkg-dev");
-            }
-            Parts {
-                image: derived(
-                    "debian-13",
-                    &packages,
-                    "Debian 13 with the package's Build-Depends, read from debian/control.",
-                ),
-                // The Build-Depends are in the image, so the build needs no network: the
-                // fetch only checks that none is missing, before the long part starts.
-                fetch: "dpkg-checkbuilddeps".to_string(),
-                script: "DEB_BUILD_OPTIONS=parallel=2 dpkg-buildpackage -us -uc -b\nmv ../*.deb ."
-                    .to_string(),
-                artifacts: "artifacts = [\"*.deb\"]",
-                timeout: "60m",
-                allow: "[]",
-                cache: "",
-            }
-        }
+        ProjectKind::Debian => debian_parts(project),
         ProjectKind::Make => Parts {
             image: String::new(),
             fetch: String::new(),

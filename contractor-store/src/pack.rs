@@ -197,32 +197,9 @@ pub fn pack_at_most(project: &Path, tar: &Path, max_entries: usize) -> Result<Pa
             let mut dir = open_dir(project, &path, apply_gitignore, &mut warnings)?;
             dir.ignored = matched;
             stack.push(dir);
-        } else if kind.is_symlink() {
-            let target = std::fs::read_link(&path).map_err(|source| SourceError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            header.set_size(0);
-            builder
-                .append_link(&mut header, &relative, target)
-                .map_err(pack_err(&path))?;
         } else {
-            let file = open_regular(&path).map_err(|source| SourceError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            let meta = file.metadata().map_err(|source| SourceError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
-            let data = ExactReader {
-                inner: file.take(meta.len()),
-                left: meta.len(),
-            };
-            builder
-                .append_data(&mut header, &relative, data)
-                .map_err(pack_err(&path))?;
+            append_leaf(&mut builder, header, kind.is_symlink(), &path, &relative)
+                .map_err(|e| e.or_pack(&path, tar))?;
         }
         entries += 1;
     }
@@ -238,6 +215,57 @@ pub fn pack_at_most(project: &Path, tar: &Path, max_entries: usize) -> Result<Pa
     let mut packed = Packed::new(entries as u64, bytes, warnings);
     packed.selection = Some(selection);
     Ok(packed)
+}
+
+/// Why a leaf could not be packed: it could not be read, or not be written to the tar.
+enum LeafError {
+    Read(std::io::Error),
+    Pack(std::io::Error),
+}
+
+impl LeafError {
+    fn or_pack(self, path: &Path, tar: &Path) -> SourceError {
+        match self {
+            LeafError::Read(source) => SourceError::Read {
+                path: path.to_path_buf(),
+                source,
+            },
+            LeafError::Pack(source) => SourceError::Pack {
+                path: path.to_path_buf(),
+                tar: tar.to_path_buf(),
+                source,
+            },
+        }
+    }
+}
+
+/// Appends the symbolic link or the regular file `path` as `relative`: a link as its
+/// target, a file as exactly the bytes it had when opened (its metadata read from the
+/// open file, not from the walk).
+fn append_leaf<W: std::io::Write>(
+    builder: &mut tar::Builder<W>,
+    mut header: tar::Header,
+    symlink: bool,
+    path: &Path,
+    relative: &Path,
+) -> Result<(), LeafError> {
+    if symlink {
+        let target = std::fs::read_link(path).map_err(LeafError::Read)?;
+        header.set_size(0);
+        return builder
+            .append_link(&mut header, relative, target)
+            .map_err(LeafError::Pack);
+    }
+    let file = open_regular(path).map_err(LeafError::Read)?;
+    let meta = file.metadata().map_err(LeafError::Read)?;
+    header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+    let data = ExactReader {
+        inner: file.take(meta.len()),
+        left: meta.len(),
+    };
+    builder
+        .append_data(&mut header, relative, data)
+        .map_err(LeafError::Pack)
 }
 
 /// Reads exactly `left` bytes: a file that shrank while it was packed is an error, not a

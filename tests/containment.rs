@@ -748,3 +748,116 @@ fn a_full_host_disk_fails_the_build_with_that_reason_and_keeps_earlier_records()
         vec![0u8; 4096]
     );
 }
+
+/// What a stand-in agent saw of the process that opened its control channel.
+struct ShellPeer {
+    pid: i32,
+    exe: std::path::PathBuf,
+    status: String,
+    request: String,
+    typed: String,
+}
+
+/// A stand-in for a kept VM's agent on the Unix socket `socket`: it answers one `shell`
+/// request as the real agent does (after the end of a build it says `shell_started`), echoes
+/// one typed line, then closes the channel as a VM that powers off does.
+fn stand_in_agent(socket: &std::path::Path) -> std::thread::JoinHandle<ShellPeer> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let listener = std::os::unix::net::UnixListener::bind(socket).expect("bind the stand-in");
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("accept the shell's connection");
+        let pid = getsockopt(&stream, PeerCredentials)
+            .expect("SO_PEERCRED")
+            .pid();
+        let mut writer = stream.try_clone().expect("clone");
+        let mut reader = BufReader::new(stream);
+        let mut request = String::new();
+        reader.read_line(&mut request).expect("the shell request");
+        // The request came after the peer's confinement (if any): look at it now.
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        writer
+            .write_all(b"{\"type\":\"done\"}\n{\"type\":\"shell_started\"}\nstand-in ready\r\n")
+            .expect("answer");
+        let mut typed = String::new();
+        reader.read_line(&mut typed).expect("a typed line");
+        writer
+            .write_all(format!("you typed: {typed}").as_bytes())
+            .expect("echo");
+        ShellPeer {
+            pid,
+            exe,
+            status,
+            request,
+            typed,
+        }
+    })
+}
+
+/// `contractor shell ID` on a kept VM whose control channel is a stand-in's socket: the
+/// front end never connects to the channel; a confined `contractor-run` holds the
+/// conversation, and the user still sees the shell's bytes and types into it.
+#[test]
+fn the_shell_conversation_is_held_by_a_confined_contractor_run_not_by_the_front_end() {
+    let project = Project::new(&small_spec("true", ""));
+    let id = "20261205-000000-5e11aa";
+    let record = project.path().join(".contractor/builds").join(id);
+    std::fs::create_dir_all(&record).expect("record dir");
+    let socket = project.path().join("control.sock");
+    let agent = stand_in_agent(&socket);
+    let kept = serde_json::json!({
+        "name": "contractor-stand-in-shell",
+        "uri": "test:///default",
+        "control_socket": socket,
+    });
+    std::fs::write(record.join("vm.json"), kept.to_string()).expect("vm.json");
+
+    let mut child = Command::new(util::contractor())
+        .args(["shell", id])
+        .current_dir(project.path())
+        .env("TERM", "xterm-stand-in")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run contractor shell");
+    let front_end = i32::try_from(child.id()).expect("pid");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"echo hi\n")
+        .expect("type");
+    let output = child.wait_with_output().expect("contractor shell");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let peer = agent.join().expect("the stand-in agent");
+
+    assert_ne!(
+        peer.pid, front_end,
+        "the front end opened the VM's control channel itself"
+    );
+    assert_eq!(
+        peer.exe.file_name().and_then(|n| n.to_str()),
+        Some("contractor-run"),
+        "the channel's peer is {}",
+        peer.exe.display()
+    );
+    assert!(
+        peer.status.contains("NoNewPrivs:\t1") && peer.status.contains("Seccomp:\t2"),
+        "the conversation is not confined:\n{}",
+        peer.status
+    );
+    let request: serde_json::Value =
+        serde_json::from_str(peer.request.trim_end()).expect("a JSON shell request");
+    assert_eq!(request["type"], "shell", "{request}");
+    assert_eq!(request["term"], "xterm-stand-in", "{request}");
+    assert_eq!(peer.typed, "echo hi\n");
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("stand-in ready\r\nyou typed: echo hi\n"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("shell_started"), "{stdout}");
+    assert!(!record.join("vm.json").exists(), "vm.json is removed");
+}

@@ -1,20 +1,23 @@
-//! `contractor shell`: an interactive shell in a kept VM, over its control channel.
+//! `contractor shell`: an interactive shell in a kept VM, through `contractor-run shell`.
 //!
-//! The client sends one `shell` message (terminal size and type), skips whatever the agent
-//! said before (its last build messages) up to `shell_started`, then puts the terminal in
-//! raw mode and carries bytes both ways until the agent closes the shell. The VM powers off
-//! when the shell exits; the client then destroys what is left of it and its record file.
+//! The front end keeps only the user's terminal: it starts `contractor-run shell` with the
+//! request (the VM's control socket, the terminal's size and type) as the first line of its
+//! stdin, waits for its `shell_started` line, then puts the terminal in raw mode and carries
+//! bytes between the terminal and the tool until the tool ends (the shell exited and the VM
+//! powers off). The VM's channel is opened, and the agent spoken to, only by that confined
+//! tool. Then the front end destroys what is left of the VM and its record file.
 
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{IsTerminal, Read, Write};
 use std::path::Path;
 
-use contractor_protocol::agent::{GuestMessage, HostMessage};
+use contractor_protocol::run::{ShellEvent, ShellRequest};
 use contractor_protocol::vm::VmResult;
+use contractor_protocol::PROTOCOL_VERSION;
 use nix::sys::termios::{self, SetArg, Termios};
 
 use crate::build::{KeptVm, KEPT_VM_FILE};
+use crate::tools::{Answers, ToolError, RUN};
 
 /// Why a shell could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -40,20 +43,15 @@ pub enum ShellError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// The control channel did not answer.
-    #[error("cannot reach VM {name} on {}: is it still running? (`virsh list`)", socket.display())]
-    Connect {
+    /// `contractor-run shell` could not open the shell, or failed while carrying it.
+    #[error("cannot open the shell in VM {name}")]
+    Run {
         /// The VM.
         name: String,
-        /// Its control socket.
-        socket: std::path::PathBuf,
         /// Why.
         #[source]
-        source: std::io::Error,
+        source: ToolError,
     },
-    /// The conversation with the agent failed.
-    #[error("the shell's control channel failed")]
-    Io(#[source] std::io::Error),
 }
 
 /// Reads the kept VM of the build record `record` (build `id`).
@@ -105,68 +103,55 @@ pub fn attach(vm: &KeptVm, record: &Path) -> Result<(), ShellError> {
 }
 
 fn converse(vm: &KeptVm) -> Result<(), ShellError> {
-    let stream = UnixStream::connect(&vm.control_socket).map_err(|source| ShellError::Connect {
+    let failed = |source| ShellError::Run {
         name: vm.name.clone(),
-        socket: vm.control_socket.clone(),
         source,
-    })?;
+    };
     let (cols, rows) = terminal_size();
-    let request = HostMessage::Shell {
+    let request = ShellRequest {
+        version: PROTOCOL_VERSION,
+        control_socket: vm.control_socket.clone(),
         cols,
         rows,
         term: std::env::var("TERM").ok().filter(|t| !t.is_empty()),
     };
-    let mut writer = stream.try_clone().map_err(ShellError::Io)?;
-    contractor_protocol::jsonl::write_line(&mut writer, &request)
-        .map_err(|e| ShellError::Io(std::io::Error::other(e)))?;
+    let mut command = crate::tools::command(RUN).map_err(failed)?;
+    // Its messages go to the user's stderr as they are; the front end adds its own line.
+    command.arg("shell");
+    let mut child = crate::tools::spawn(RUN, command).map_err(failed)?;
+    let mut keys = child.stdin.take().ok_or_else(|| {
+        failed(ToolError::Io {
+            name: RUN,
+            source: std::io::Error::other("no stdin pipe"),
+        })
+    })?;
+    contractor_protocol::jsonl::write_line(&mut keys, &request)
+        .map_err(|source| failed(ToolError::Request { name: RUN, source }))?;
+    let mut answers = Answers::of(RUN, &mut child).map_err(failed)?;
+    let ShellEvent::ShellStarted { .. } = answers.first(&mut child).map_err(failed)?;
 
-    // Skip what the agent said before the shell (the end of its build), up to shell_started.
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
+    let raw = RawMode::enter();
+    // Keyboard to the tool; this thread may stay blocked on stdin when the shell ends.
+    std::thread::spawn(move || std::io::copy(&mut std::io::stdin().lock(), &mut keys));
+    // The shell's terminal bytes to the screen (each read at once, prompts included).
+    let (mut screen, mut buf) = (std::io::stdout(), [0u8; 4096]);
     loop {
-        line.clear();
-        if reader.read_line(&mut line).map_err(ShellError::Io)? == 0 {
-            return Err(ShellError::Io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the VM closed the channel before the shell started",
-            )));
-        }
-        if let Ok(GuestMessage::ShellStarted) = serde_json::from_str(line.trim_end()) {
-            break;
-        }
-    }
-
-    let _raw = RawMode::enter();
-    // Keyboard to the VM; this thread may stay blocked on stdin when the shell ends.
-    std::thread::spawn(move || {
-        let mut stdin = std::io::stdin().lock();
-        let mut buf = [0u8; 4096];
-        loop {
-            match stdin.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if writer.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-    });
-    // The VM to the screen, until the shell exits and the VM powers off.
-    let mut stdout = std::io::stdout();
-    let mut buf = [0u8; 4096];
-    loop {
-        match reader.read(&mut buf) {
+        match answers.rest().read(&mut buf) {
             Ok(0) => break,
-            Ok(n) => {
-                let _ = stdout.write_all(&buf[..n]);
-                let _ = stdout.flush();
-            }
+            Ok(n) => drop(screen.write_all(&buf[..n]).and_then(|()| screen.flush())),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => break,
         }
     }
-    Ok(())
+    drop(raw);
+    match child.wait() {
+        Ok(status) if status.success() => Ok(()),
+        status => Err(failed(ToolError::Failed {
+            name: RUN,
+            exit_code: status.ok().and_then(|s| s.code()),
+            error: None,
+        })),
+    }
 }
 
 fn terminal_size() -> (u16, u16) {

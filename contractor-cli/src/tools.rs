@@ -319,6 +319,12 @@ impl Answers {
             .map_err(|source| ToolError::Protocol { name, source })
     }
 
+    /// The rest of the tool's stdout, after the lines read so far, as bytes (what
+    /// `contractor-run shell` writes after its one JSON line).
+    pub fn rest(&mut self) -> &mut BufReader<ChildStdout> {
+        self.reader.get_mut()
+    }
+
     /// Drains the rest of the output so that the tool never blocks on a full pipe.
     pub fn drain(mut self) {
         let mut sink = [0u8; 8192];

@@ -107,3 +107,39 @@ pub enum RunEvent {
 fn default_boot_timeout() -> u64 {
     300
 }
+
+/// What `contractor-run shell` is asked to do: open the interactive shell of a VM kept
+/// after its build, whose agent waits on its control channel. It is the first line of the
+/// tool's stdin; the rest of stdin is the keyboard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShellRequest {
+    /// Protocol version, 1.
+    pub version: u32,
+    /// Host end of the kept VM's control channel (`vm.json`'s `control_socket`).
+    pub control_socket: PathBuf,
+    /// Terminal width in columns (0: unknown).
+    #[serde(default)]
+    pub cols: u16,
+    /// Terminal height in rows (0: unknown).
+    #[serde(default)]
+    pub rows: u16,
+    /// The terminal type for the guest's `TERM` (default `xterm-256color`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub term: Option<String>,
+}
+
+/// The one JSON line `contractor-run shell` writes on stdout; the terminal's raw bytes
+/// follow it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ShellEvent {
+    /// The agent started the shell; from the next byte on, stdout is the shell's terminal.
+    ShellStarted {
+        /// Protocol version, 1.
+        version: u32,
+        /// What holds the tool while it carries the shell's bytes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        confinement: Option<crate::service::Confinement>,
+    },
+}

@@ -4,6 +4,8 @@
 //! ports (and the script proxy's, with a fetch phase), the places a guest stream can be
 //! relayed to; and a seccomp **allowlist**
 //! ([`SYSCALLS`]) of the calls it makes once it serves, every other one refused with `EPERM`.
+//! `contractor-run shell` holds even less ([`shell_policy`]): its control channel and its
+//! stdin and stdout, no file, no TCP, no new socket, and a shorter allowlist.
 
 use contractor_confine::Policy;
 use contractor_protocol::run::RunRequest;
@@ -113,6 +115,73 @@ pub fn policy(request: &RunRequest) -> Policy {
     }
 }
 
+/// The most files `contractor-run shell` holds open: 64 (its stdin, stdout, stderr, the
+/// control channel and its clone, with room to spare).
+pub const SHELL_MAX_OPEN_FILES: u64 = 64;
+
+/// The system calls `contractor-run shell` makes once it carries the shell's bytes (two
+/// threads reading and writing the descriptors they hold), and nothing else: no file by
+/// name, no new socket, no `connect`, no `execve`. Taken from `strace -f` of the tool
+/// carrying a shell (a thread's start asks `sched_getaffinity`; the confinement report
+/// reads `no_new_privs` with `prctl`; the standard library checks a descriptor with
+/// `fcntl` when it closes it), plus signal returns and the sleeps of a contended lock.
+pub const SHELL_SYSCALLS: &[(&str, libc::c_long)] = &[
+    ("read", libc::SYS_read),
+    ("write", libc::SYS_write),
+    ("readv", libc::SYS_readv),
+    ("writev", libc::SYS_writev),
+    ("recvfrom", libc::SYS_recvfrom),
+    ("sendto", libc::SYS_sendto),
+    ("close", libc::SYS_close),
+    ("fcntl", libc::SYS_fcntl),
+    ("mmap", libc::SYS_mmap),
+    ("munmap", libc::SYS_munmap),
+    ("mprotect", libc::SYS_mprotect),
+    ("madvise", libc::SYS_madvise),
+    ("mremap", libc::SYS_mremap),
+    ("brk", libc::SYS_brk),
+    ("futex", libc::SYS_futex),
+    ("set_robust_list", libc::SYS_set_robust_list),
+    ("rseq", libc::SYS_rseq),
+    ("clone", libc::SYS_clone),
+    ("exit", libc::SYS_exit),
+    ("exit_group", libc::SYS_exit_group),
+    ("sched_yield", libc::SYS_sched_yield),
+    ("sched_getaffinity", libc::SYS_sched_getaffinity),
+    ("gettid", libc::SYS_gettid),
+    ("getpid", libc::SYS_getpid),
+    ("tgkill", libc::SYS_tgkill),
+    ("rt_sigaction", libc::SYS_rt_sigaction),
+    ("rt_sigprocmask", libc::SYS_rt_sigprocmask),
+    ("rt_sigreturn", libc::SYS_rt_sigreturn),
+    ("sigaltstack", libc::SYS_sigaltstack),
+    ("prctl", libc::SYS_prctl),
+    ("getrandom", libc::SYS_getrandom),
+    ("clock_gettime", libc::SYS_clock_gettime),
+    ("nanosleep", libc::SYS_nanosleep),
+    ("clock_nanosleep", libc::SYS_clock_nanosleep),
+    ("restart_syscall", libc::SYS_restart_syscall),
+];
+
+/// The confinement policy of `contractor-run shell`, which holds its control channel
+/// before it confines itself: no file, no TCP, no new socket of any kind, the
+/// [`SHELL_SYSCALLS`] allowlist.
+pub fn shell_policy() -> Policy {
+    Policy {
+        read: Vec::new(),
+        read_write: Vec::new(),
+        bind_ports: Vec::new(),
+        connect_ports: Some(Vec::new()),
+        max_open_files: Some(SHELL_MAX_OPEN_FILES),
+        max_file_size: None,
+        max_address_space: Some(contractor_confine::TOOL_ADDRESS_SPACE),
+        allow_exec: false,
+        allowed_syscalls: Some(SHELL_SYSCALLS),
+        socket_families: Some(&[]),
+        stream_sockets_only: true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,8 +203,23 @@ mod tests {
     }
 
     #[test]
+    fn the_shell_reaches_no_file_no_port_and_no_new_socket() {
+        let policy = shell_policy();
+        assert!(policy.read.is_empty() && policy.read_write.is_empty());
+        assert!(policy.bind_ports.is_empty() && !policy.allow_exec);
+        assert_eq!(policy.connect_ports, Some(Vec::new()));
+        assert_eq!(policy.socket_families, Some(&[][..]));
+        for (name, _) in SHELL_SYSCALLS {
+            assert!(
+                !["socket", "connect", "openat", "execve"].contains(name),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
     fn the_allowlist_holds_nothing_the_denylist_refuses() {
-        for (name, nr) in SYSCALLS {
+        for (name, nr) in SYSCALLS.iter().chain(SHELL_SYSCALLS) {
             assert!(
                 !contractor_confine::seccomp::DENIED
                     .iter()

@@ -4,7 +4,9 @@
 //! control channel and relays the tunnel's streams to the proxy and the store. `guest` is
 //! the agent itself, built into a static binary and installed in the builder image.
 //! `tunnel` is the multiplexing both sides share, `control` the bounded reading of the
-//! control channel's lines, `confinement` what the relay may still reach once it serves.
+//! control channel's lines, `confinement` what the relay may still reach once it serves,
+//! `shell` the conversation that opens a kept VM's interactive shell
+//! (`contractor-run shell`).
 
 #![warn(missing_docs)]
 
@@ -12,6 +14,7 @@ pub mod confinement;
 pub mod control;
 pub mod guest;
 pub mod host;
+pub mod shell;
 mod sys;
 pub mod text;
 pub mod tunnel;

@@ -1,5 +1,7 @@
 //! `contractor-run`: reads a RunRequest (JSON) on stdin, runs the build in the VM it names,
 //! and writes the run's events as JSON Lines on stdout, ending with `finished`.
+//! `contractor-run shell` reads a ShellRequest (the first line of stdin) and carries a kept
+//! VM's interactive shell between the rest of stdin and stdout.
 //!
 //! Once `started` is written, every failure is an outcome carried by `finished`. Before
 //! that, a failure is reported on stderr and by the exit code (2 for a bad request, naming
@@ -9,8 +11,9 @@
 use std::io::{Read, Write};
 
 use clap::Parser;
-use contractor_protocol::run::{RunEvent, RunRequest};
+use contractor_protocol::run::{RunEvent, RunRequest, ShellEvent, ShellRequest};
 use contractor_protocol::{ExitCode, PROTOCOL_VERSION};
+use contractor_run::shell::{RequestLine, ShellError};
 
 /// Run one build in a started builder VM.
 #[derive(Parser)]
@@ -45,14 +48,36 @@ contractor-vm's "vm" answer holds the two sockets; examples/pipeline.sh composes
 Exit codes: 0 success, 1 the build failed or timed out, 2 bad request, 3 infrastructure failure."#
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Subcommand>,
     /// When the request cannot start, also write the error on stdout as one JSON object
     /// ({"type":"error","version":1,"code":...,"chain":[...]}).
-    #[arg(long)]
+    #[arg(long, global = true)]
     json_errors: bool,
     /// Do not confine this process (no Landlock, seccomp or rlimits): for debugging only.
     /// The `started` event and stderr then say it runs with all of the user's rights.
-    #[arg(long)]
+    #[arg(long, global = true)]
     no_confine: bool,
+}
+
+#[derive(clap::Subcommand)]
+enum Subcommand {
+    /// Open the interactive shell of a VM kept after its build (what `contractor shell`
+    /// runs): the request is the first line of stdin, the rest of stdin is the keyboard.
+    #[command(after_help = r#"Reads one request line on stdin, for example:
+
+  {"version":1,"control_socket":"/var/lib/libvirt/qemu/channel/target/domain-1-contractor-ab12/org.contractor.control","cols":120,"rows":40,"term":"xterm-256color"}
+
+connects to the control channel, confines itself, asks the agent for its shell and writes one
+JSON line on stdout when it has started:
+
+  {"type":"shell_started","version":1,"confinement":{"enforced":true,...}}
+
+From then on the rest of stdin goes to the shell and stdout is the shell's terminal, raw
+bytes, until the shell exits (the VM then powers off). Put the terminal in raw mode first.
+
+Exit codes: 0 the shell ended, 2 bad request, 3 the channel could not be reached or failed."#)]
+    Shell,
 }
 
 /// Why the request could not start.
@@ -60,8 +85,13 @@ struct Args {
 enum StartError {
     #[error("cannot read the request on stdin")]
     Stdin(#[source] std::io::Error),
-    #[error("stdin is empty: pipe one JSON RunRequest into it (see --help)")]
-    NoRequest,
+    #[error("stdin is empty: pipe one JSON {0} into it (see --help)")]
+    NoRequest(&'static str),
+    #[error(
+        "the request line on stdin is longer than {} bytes",
+        contractor_run::shell::MAX_REQUEST_BYTES
+    )]
+    RequestTooLong,
     #[error("bad JSON request on stdin{at}: {detail}")]
     Json { at: String, detail: String },
     #[error("unsupported protocol version {0} in the request; this contractor-run speaks {PROTOCOL_VERSION}")]
@@ -70,28 +100,34 @@ enum StartError {
     Runtime(#[source] std::io::Error),
     #[error("cannot confine the relay")]
     Confine(#[source] contractor_confine::ConfineError),
+    #[error("cannot open the shell")]
+    Shell(#[source] ShellError),
 }
 
 impl StartError {
     fn code(&self) -> &'static str {
         match self {
             StartError::Stdin(_) => "stdin",
-            StartError::NoRequest => "no_request",
+            StartError::NoRequest(_) => "no_request",
+            StartError::RequestTooLong => "request_too_long",
             StartError::Json { .. } => "bad_json",
             StartError::Version(_) => "unsupported",
             StartError::Runtime(_) => "runtime",
             StartError::Confine(_) => "confine",
+            StartError::Shell(err) => err.code(),
         }
     }
 
     fn exit_code(&self) -> ExitCode {
         match self {
-            StartError::NoRequest | StartError::Json { .. } | StartError::Version(_) => {
-                ExitCode::BadInput
-            }
-            StartError::Stdin(_) | StartError::Runtime(_) | StartError::Confine(_) => {
-                ExitCode::Infrastructure
-            }
+            StartError::NoRequest(_)
+            | StartError::RequestTooLong
+            | StartError::Json { .. }
+            | StartError::Version(_) => ExitCode::BadInput,
+            StartError::Stdin(_)
+            | StartError::Runtime(_)
+            | StartError::Confine(_)
+            | StartError::Shell(_) => ExitCode::Infrastructure,
         }
     }
 
@@ -105,7 +141,11 @@ fn main() -> std::process::ExitCode {
     if let Err(err) = contractor_protocol::limits::raise_open_files() {
         eprintln!("contractor-run: warning: cannot raise the open-files limit: {err}");
     }
-    match run(&args) {
+    let outcome = match args.command {
+        None => run(&args),
+        Some(Subcommand::Shell) => shell(&args),
+    };
+    match outcome {
         Ok(code) => code.into(),
         Err(err) => {
             contractor_protocol::error::ErrorObject::report(
@@ -125,7 +165,7 @@ fn run(args: &Args) -> Result<ExitCode, StartError> {
         .read_to_string(&mut input)
         .map_err(StartError::Stdin)?;
     if input.trim().is_empty() {
-        return Err(StartError::NoRequest);
+        return Err(StartError::NoRequest("RunRequest"));
     }
     let request: RunRequest = serde_json::from_str(&input).map_err(|e| json_error(&input, &e))?;
     if request.version != PROTOCOL_VERSION {
@@ -167,6 +207,66 @@ fn run(args: &Args) -> Result<ExitCode, StartError> {
         }
     });
     Ok(code)
+}
+
+/// `contractor-run shell`: reads the request line, connects, confines itself, starts the
+/// agent's shell, then carries the bytes. After `shell_started`, stdout is the terminal's:
+/// a failure is reported on stderr only (and by exit code 3).
+fn shell(args: &Args) -> Result<ExitCode, StartError> {
+    let line = {
+        let mut stdin = std::io::stdin().lock();
+        contractor_run::shell::read_request(&mut stdin).map_err(StartError::Stdin)?
+    };
+    let text = match line {
+        RequestLine::Empty => return Err(StartError::NoRequest("ShellRequest")),
+        RequestLine::TooLong => return Err(StartError::RequestTooLong),
+        RequestLine::Text(bytes) => String::from_utf8(bytes).map_err(|_| StartError::Json {
+            at: String::new(),
+            detail: "the request line is not UTF-8".into(),
+        })?,
+    };
+    if text.trim().is_empty() {
+        return Err(StartError::NoRequest("ShellRequest"));
+    }
+    let request: ShellRequest = serde_json::from_str(&text).map_err(|e| json_error(&text, &e))?;
+    if request.version != PROTOCOL_VERSION {
+        return Err(StartError::Version(request.version));
+    }
+    // What the shell holds once confined: the channel (twice: one end per direction).
+    let mut channel = contractor_run::shell::connect(&request).map_err(StartError::Shell)?;
+    let guest = channel
+        .try_clone()
+        .map_err(|e| StartError::Shell(ShellError::Channel(e)))?;
+    let confinement = if args.no_confine {
+        contractor_confine::unconfined("contractor-run")
+    } else {
+        let policy = contractor_run::confinement::shell_policy();
+        contractor_confine::confine("contractor-run", &policy).map_err(StartError::Confine)?
+    };
+    let guest =
+        contractor_run::shell::start(&mut channel, guest, &request).map_err(StartError::Shell)?;
+    let mut stdout = std::io::stdout().lock();
+    let started = ShellEvent::ShellStarted {
+        version: PROTOCOL_VERSION,
+        confinement: Some(confinement),
+    };
+    let carried = contractor_protocol::jsonl::write_line(&mut stdout, &started)
+        .map_err(|e| ShellError::Stdout(std::io::Error::other(e)))
+        .and_then(|()| stdout.flush().map_err(ShellError::Stdout))
+        .and_then(|()| contractor_run::shell::carry(std::io::stdin(), channel, guest, &mut stdout));
+    match carried {
+        Ok(()) => Ok(ExitCode::Success),
+        Err(err) => {
+            let err = StartError::Shell(err);
+            contractor_protocol::error::ErrorObject::report(
+                "contractor-run",
+                err.code(),
+                err.chain(),
+                false,
+            );
+            Ok(ExitCode::Infrastructure)
+        }
+    }
 }
 
 /// The JSON line with every control character that serde_json leaves as it is (DEL, the

@@ -26,6 +26,8 @@ pub const PROXY: &str = "contractor-proxy";
 pub const VM: &str = "contractor-vm";
 /// The run tool.
 pub const RUN: &str = "contractor-run";
+/// The provenance tool (signs, verifies, holds the key).
+pub const ATTEST: &str = "contractor-attest";
 /// The launcher that confines QEMU under `qemu:///session` (started by libvirt, found by
 /// `contractor-vm`).
 pub const QEMU_LAUNCHER: &str = "contractor-qemu";
@@ -371,6 +373,29 @@ pub fn answer<T: DeserializeOwned>(
             error: None,
         })
     }
+}
+
+/// Runs tool `name` to completion with `request` as its stdin (one JSON line) and returns
+/// its one JSON answer and its exit code: an answer with a non-zero exit (a verdict that
+/// does not verify) is the caller's to judge.
+pub fn ask<R: serde::Serialize, T: DeserializeOwned>(
+    name: &'static str,
+    request: &R,
+) -> Result<(T, Option<i32>), ToolError> {
+    let mut command = command(name)?;
+    command.arg("--json-errors");
+    let mut child = spawn(name, command)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A tool that exits early closes its stdin: its answer (or error) says why.
+        let _ = contractor_protocol::jsonl::write_line(&mut stdin, request);
+    }
+    let mut answers = Answers::of(name, &mut child)?;
+    let answer = answers.first(&mut child)?;
+    answers.drain();
+    let status = child
+        .wait()
+        .map_err(|source| ToolError::Io { name, source })?;
+    Ok((answer, status.code()))
 }
 
 /// The most bytes of plain text read from a tool's stdout by [`text`].

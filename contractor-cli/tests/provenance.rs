@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use contractor_attest::fixture::{write_fixture, FIXTURE_SPEC};
 use contractor_cli::provenance;
 
 struct Fixture {
@@ -35,8 +36,8 @@ fn signed_record() -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let project = dir.path().join("project");
     let record = project.join(".contractor/builds").join(ID);
-    provenance::write_fixture(&record, &project).expect("fixture");
-    std::fs::write(project.join("contractor.toml"), provenance::FIXTURE_SPEC).expect("spec");
+    write_fixture(&record, &project).expect("fixture");
+    std::fs::write(project.join("contractor.toml"), FIXTURE_SPEC).expect("spec");
     let fixture = Fixture {
         data: dir.path().join("data"),
         project,
@@ -46,13 +47,11 @@ fn signed_record() -> Fixture {
     let out = contractor(&fixture, &["key"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).starts_with("-----BEGIN PUBLIC KEY-----\n"));
-    let key = provenance::load_or_create_key(&fixture.data.join(provenance::KEY_FILE), false)
-        .expect("the key contractor key made");
-    let spec = contractor_cli::spec::parse(
-        &fixture.project.join("contractor.toml"),
-        provenance::FIXTURE_SPEC,
-    )
-    .expect("spec");
+    let key =
+        contractor_attest::key::load_or_create_key(&fixture.data.join(provenance::KEY_FILE), false)
+            .expect("the key contractor key made");
+    let spec = contractor_cli::spec::parse(&fixture.project.join("contractor.toml"), FIXTURE_SPEC)
+        .expect("spec");
     let facts = provenance::Facts {
         id: ID,
         spec: &spec,
@@ -68,8 +67,9 @@ fn signed_record() -> Fixture {
         rebuild_of: None,
         cache_restored: Some(false),
     };
-    let statement = provenance::statement(&fixture.record, &facts).expect("statement");
-    let envelope = provenance::envelope(&statement, &key);
+    let request = provenance::sign_request(&fixture.record, &facts, Path::new("unused"), false);
+    let statement = contractor_attest::statement::statement(&request).expect("statement");
+    let envelope = contractor_attest::dsse::envelope(&statement, &key);
     std::fs::write(
         fixture.record.join(provenance::PROVENANCE_FILE),
         serde_json::to_string_pretty(&envelope).expect("json"),

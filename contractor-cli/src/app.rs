@@ -1022,7 +1022,7 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
         }
     };
     let result = &report.result;
-    let hash = |dir: &Path| crate::provenance::hash_artifacts(&dir.join("artifacts"));
+    let hash = |dir: &Path| crate::provenance::artifact_digests(dir);
     let rebuilt = store.join("builds").join(&result.id);
     let (before, after) = match (hash(&original.dir), hash(&rebuilt)) {
         (Ok(before), Ok(after)) => (before, after),
@@ -1110,12 +1110,10 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
 
 /// `contractor key`: the public key that signs provenance, as PEM.
 fn print_key() -> Result<(), Failure> {
-    use crate::provenance::{self, ProvenanceError};
-    let key = provenance::signing_key().map_err(|e| match e {
-        ProvenanceError::BadKey { .. } | ProvenanceError::Io { .. } => Failure::input(e),
-        _ => Failure::host(e),
+    let pem = crate::provenance::public_key().map_err(|e| match e.is_bad_input() {
+        true => Failure::input(e),
+        false => Failure::host(e),
     })?;
-    let pem = provenance::public_pem(&key.verifying_key()).map_err(Failure::host)?;
     print!("{pem}");
     Ok(())
 }
@@ -1140,14 +1138,10 @@ fn verify_provenance(file: &Path, target: Option<&str>, key: Option<&Path>) -> R
             record.dir.join(provenance::PROVENANCE_FILE)
         }
     };
-    let key = match key {
-        Some(pem) => provenance::load_public_key(pem).map_err(Failure::input)?,
-        None => {
-            let (own, _) = provenance::key_path().map_err(Failure::input)?;
-            provenance::load_public_key(&own).map_err(Failure::input)?
-        }
-    };
-    let verdict = provenance::verify(&path, &key).map_err(Failure::input)?;
+    let verdict = provenance::verify(&path, key).map_err(|e| match e.is_bad_input() {
+        true => Failure::input(e),
+        false => Failure::host(e),
+    })?;
     if !verdict.problems.is_empty() {
         for problem in &verdict.problems {
             eprintln!("contractor: {}", escape(problem));
@@ -1163,7 +1157,7 @@ fn verify_provenance(file: &Path, target: Option<&str>, key: Option<&Path>) -> R
     println!(
         "verified: {} (key {}): signature good, {} artifact(s) and {} download(s) as stated",
         escape_path(&path),
-        provenance::key_id(&key),
+        verdict.key_id,
         verdict.artifacts,
         verdict.downloads
     );

@@ -16,12 +16,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use base64::Engine;
 use serde_json::{json, Value};
 
 use crate::image::Manifest;
 use crate::lock::{self, Lock};
-use crate::provenance::{self, PREDICATE_TYPE, STATEMENT_TYPE};
+use crate::provenance;
 use crate::spec::BuildSpec;
 
 /// The file in a rebuild's record that says which build it rebuilt and how the artifacts
@@ -73,35 +72,14 @@ pub enum RebuildError {
 }
 
 /// Reads the statement of the envelope at `path` (its signature is not checked here:
-/// `contractor verify` does that).
+/// `contractor verify` does that) with the one reader of statements
+/// (`contractor_protocol::attest`).
 pub fn read_statement(path: &Path) -> Result<Value, RebuildError> {
-    let format = |problem: String| RebuildError::Format {
-        path: path.to_path_buf(),
-        problem,
-    };
-    let bytes = contractor_protocol::file::read_regular(path, provenance::MAX_PROVENANCE_BYTES)
-        .map_err(|source| RebuildError::NoStatement {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let envelope: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| format(format!("not JSON ({e}); expected a DSSE envelope")))?;
-    let body = envelope["payload"]
-        .as_str()
-        .ok_or_else(|| format("no `payload` string; expected a DSSE envelope".into()))
-        .and_then(|p| {
-            base64::engine::general_purpose::STANDARD
-                .decode(p)
-                .map_err(|e| format(format!("`payload` is not base64 ({e})")))
-        })?;
-    let statement: Value = serde_json::from_slice(&body)
-        .map_err(|e| format(format!("`payload` is not a JSON statement ({e})")))?;
-    if statement["_type"] != STATEMENT_TYPE || statement["predicateType"] != PREDICATE_TYPE {
-        return Err(format(format!(
-            "the statement's `_type` or `predicateType` is not {STATEMENT_TYPE} with {PREDICATE_TYPE}"
-        )));
-    }
-    Ok(statement)
+    use contractor_protocol::attest::StatementError;
+    contractor_protocol::attest::read_statement(path).map_err(|e| match e {
+        StatementError::Read { path, source } => RebuildError::NoStatement { path, source },
+        StatementError::Format { path, problem } => RebuildError::Format { path, problem },
+    })
 }
 
 fn dependencies(statement: &Value) -> impl Iterator<Item = &Value> {
@@ -372,6 +350,7 @@ pub fn copy_source(record: &Path, to: &Path) -> Result<(), RebuildError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provenance::{PREDICATE_TYPE, STATEMENT_TYPE};
 
     const A: &str = "3bd1574e617a9a6c1f8f8181bd7e841e1f20e4277607ef28945765188d6284d4";
     const B: &str = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
@@ -421,9 +400,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let project = dir.path().join("project");
         let record = project.join(".contractor/builds/b1");
-        provenance::write_fixture(&record, &project).expect("fixture");
-        let spec = crate::spec::parse(&project.join("contractor.toml"), provenance::FIXTURE_SPEC)
-            .expect("spec");
+        contractor_attest::fixture::write_fixture(&record, &project).expect("fixture");
+        let spec = crate::spec::parse(
+            &project.join("contractor.toml"),
+            contractor_attest::fixture::FIXTURE_SPEC,
+        )
+        .expect("spec");
         let manifest = Manifest {
             version: 1,
             name: "debian-12-build".into(),
@@ -453,10 +435,15 @@ mod tests {
             rebuild_of: None,
             cache_restored: Some(false),
         };
-        let st = provenance::statement(&record, &facts).expect("statement");
+        let request = provenance::sign_request(&record, &facts, &dir.path().join("key"), false);
+        let st = contractor_attest::statement::statement(&request).expect("statement");
         let key = ed25519_dalek::SigningKey::from_bytes(&[1u8; 32]);
         let file = record.join(provenance::PROVENANCE_FILE);
-        std::fs::write(&file, provenance::envelope(&st, &key).to_string()).expect("write");
+        std::fs::write(
+            &file,
+            contractor_attest::dsse::envelope(&st, &key).to_string(),
+        )
+        .expect("write");
         let read = read_statement(&file).expect("read");
         assert_eq!(read, st);
         // The fixture's two downloads, both complete GETs answered 200.
@@ -465,7 +452,7 @@ mod tests {
         assert!(image_differences(&read, Some(&manifest)).is_empty());
 
         // The spec changed: its script and the VM's shape are named.
-        let changed = provenance::FIXTURE_SPEC
+        let changed = contractor_attest::fixture::FIXTURE_SPEC
             .replace("script = \"make\"", "script = \"make all\"")
             + "\n[vm]\ncpus = 1\n";
         let changed = crate::spec::parse(&project.join("contractor.toml"), &changed).expect("spec");
@@ -486,7 +473,14 @@ mod tests {
         assert!(said.contains("is gone from this host"), "{said}");
 
         // Not an envelope, not ours: bad input naming the file.
-        std::fs::write(&file, b"{\"payload\": \"!!\"}").expect("write");
+        std::fs::write(
+            &file,
+            format!(
+                "{{\"payloadType\": \"{}\", \"payload\": \"!!\"}}",
+                contractor_protocol::attest::PAYLOAD_TYPE
+            ),
+        )
+        .expect("write");
         let err = read_statement(&file).expect_err("not base64").to_string();
         assert!(
             err.contains("provenance.json") && err.contains("not base64"),

@@ -97,12 +97,12 @@ pub fn open(store_root: &Path, id: Option<&str>) -> Result<Record, RecordError> 
         return Err(RecordError::NoSuchBuild { id, dir: builds });
     }
     let path = dir.join("result.json");
-    let result = match contractor_protocol::file::read_regular(&path, MAX_RESULT_BYTES) {
-        Ok(text) => Some(
+    let result = match contractor_protocol::file::read_regular_if_exists(&path, MAX_RESULT_BYTES) {
+        Ok(Some(text)) => Some(
             serde_json::from_slice(&text)
                 .map_err(|source| RecordError::BadResult { path, source })?,
         ),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Ok(None) => None,
         Err(source) => return Err(RecordError::Read { path, source }),
     };
     Ok(Record { id, dir, result })
@@ -128,9 +128,7 @@ pub fn read_file_capped(record: &Record, name: &str, limit: u64) -> Result<Vec<u
         .map_err(|source| RecordError::Read { path, source })
 }
 
-/// The most bytes of a record's `downloads.jsonl` that are read: what a build writes
-/// (64 MiB, then a `cut` line) and a margin.
-pub const MAX_DOWNLOADS_FILE: u64 = 65 << 20;
+pub use contractor_protocol::file::MAX_DOWNLOADS_FILE;
 
 /// When a build started, from its id (`20261125-141502-3fa2c1` → `2026-11-25 14:15:02`).
 pub fn started(id: &str) -> String {

@@ -26,6 +26,8 @@ pub const PROXY: &str = "contractor-proxy";
 pub const VM: &str = "contractor-vm";
 /// The run tool.
 pub const RUN: &str = "contractor-run";
+/// The provenance tool (signs, verifies, holds the key).
+pub const ATTEST: &str = "contractor-attest";
 /// The launcher that confines QEMU under `qemu:///session` (started by libvirt, found by
 /// `contractor-vm`).
 pub const QEMU_LAUNCHER: &str = "contractor-qemu";
@@ -387,6 +389,51 @@ pub fn answer_of<T: DeserializeOwned>(
             error: None,
         })
     }
+}
+
+/// Runs tool `name` to completion with `request` as its stdin (one JSON line) and returns
+/// its one JSON answer and its exit code: an answer with a non-zero exit (a verdict that
+/// does not verify) is the caller's to judge. The tool's stderr is kept (at most
+/// [`MAX_TEXT_BYTES`]) and shown only when it failed without its error object: what it
+/// says otherwise is in its answer or its error object, which the caller reports once.
+pub fn ask<R: serde::Serialize, T: DeserializeOwned>(
+    name: &'static str,
+    request: &R,
+) -> Result<(T, Option<i32>), ToolError> {
+    let mut command = command(name)?;
+    command.arg("--json-errors").stderr(Stdio::piped());
+    let mut child = spawn(name, command)?;
+    let stderr = child.stderr.take();
+    let said = std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        if let Some(mut stderr) = stderr {
+            let _ = (&mut stderr).take(MAX_TEXT_BYTES).read_to_end(&mut kept);
+            let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+        }
+        kept
+    });
+    if let Some(mut stdin) = child.stdin.take() {
+        // A tool that exits early closes its stdin: its answer (or error) says why.
+        let _ = contractor_protocol::jsonl::write_line(&mut stdin, request);
+    }
+    let answered = Answers::of(name, &mut child).and_then(|mut answers| {
+        let answer = answers.first(&mut child)?;
+        answers.drain();
+        Ok(answer)
+    });
+    let status = child.wait();
+    let said = said.join().unwrap_or_default();
+    let silent_failure = match &answered {
+        Err(ToolError::Failed { error, .. }) => error.is_none(),
+        Err(_) => true,
+        Ok(_) => false,
+    };
+    if silent_failure && !said.is_empty() {
+        eprint!("{}", String::from_utf8_lossy(&said));
+    }
+    let answer = answered?;
+    let status = status.map_err(|source| ToolError::Io { name, source })?;
+    Ok((answer, status.code()))
 }
 
 /// The most bytes of plain text read from a tool's stdout by [`text`].

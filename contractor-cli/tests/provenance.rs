@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use contractor_attest::fixture::{write_fixture, FIXTURE_SPEC};
 use contractor_cli::provenance;
 
 struct Fixture {
@@ -35,8 +36,8 @@ fn signed_record() -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let project = dir.path().join("project");
     let record = project.join(".contractor/builds").join(ID);
-    provenance::write_fixture(&record, &project).expect("fixture");
-    std::fs::write(project.join("contractor.toml"), provenance::FIXTURE_SPEC).expect("spec");
+    write_fixture(&record, &project).expect("fixture");
+    std::fs::write(project.join("contractor.toml"), FIXTURE_SPEC).expect("spec");
     let fixture = Fixture {
         data: dir.path().join("data"),
         project,
@@ -46,13 +47,11 @@ fn signed_record() -> Fixture {
     let out = contractor(&fixture, &["key"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).starts_with("-----BEGIN PUBLIC KEY-----\n"));
-    let key = provenance::load_or_create_key(&fixture.data.join(provenance::KEY_FILE), false)
-        .expect("the key contractor key made");
-    let spec = contractor_cli::spec::parse(
-        &fixture.project.join("contractor.toml"),
-        provenance::FIXTURE_SPEC,
-    )
-    .expect("spec");
+    let key =
+        contractor_attest::key::load_or_create_key(&fixture.data.join(provenance::KEY_FILE), false)
+            .expect("the key contractor key made");
+    let spec = contractor_cli::spec::parse(&fixture.project.join("contractor.toml"), FIXTURE_SPEC)
+        .expect("spec");
     let facts = provenance::Facts {
         id: ID,
         spec: &spec,
@@ -68,8 +67,9 @@ fn signed_record() -> Fixture {
         rebuild_of: None,
         cache_restored: Some(false),
     };
-    let statement = provenance::statement(&fixture.record, &facts).expect("statement");
-    let envelope = provenance::envelope(&statement, &key);
+    let request = provenance::sign_request(&fixture.record, &facts, Path::new("unused"), false);
+    let statement = contractor_attest::statement::statement(&request).expect("statement");
+    let envelope = contractor_attest::dsse::envelope(&statement, &key);
     std::fs::write(
         fixture.record.join(provenance::PROVENANCE_FILE),
         serde_json::to_string_pretty(&envelope).expect("json"),
@@ -250,5 +250,86 @@ print(len(st["subject"]), "subjects verified")
         text(&out.stderr).contains("InvalidSignature"),
         "{}",
         text(&out.stderr)
+    );
+}
+
+/// The signing key is opened only by contractor-attest, never by the front end: `contractor
+/// key` and `contractor verify` run under `strace -f`, and every open of the key file is
+/// made by a process that executed contractor-attest.
+#[test]
+fn the_front_end_never_opens_the_signing_key() {
+    let have = Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        eprintln!("SKIPPED: strace is missing (apt-get install strace; scripts/setup installs it)");
+        return;
+    }
+    let fixture = signed_record();
+    let key_file = fixture.data.join(provenance::KEY_FILE);
+    for args in [&["key"][..], &["verify"][..]] {
+        let trace = fixture.project.join("trace");
+        let out = Command::new("strace")
+            .args(["-f", "-qq", "-e", "trace=execve,open,openat,openat2", "-o"])
+            .arg(&trace)
+            .arg(env!("CARGO_BIN_EXE_contractor"))
+            .args(args)
+            .current_dir(&fixture.project)
+            .env("CONTRACTOR_DATA_DIR", &fixture.data)
+            .env_remove(provenance::KEY_VARIABLE)
+            .output()
+            .expect("strace");
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        let lines = std::fs::read_to_string(&trace).expect("trace");
+        // `PID execve("/path/to/contractor-attest", ...) = 0`: the pids that are the tool.
+        let attest: Vec<&str> = lines
+            .lines()
+            .filter(|l| {
+                l.contains("execve(\"") && l.contains("contractor-attest\"") && l.ends_with("= 0")
+            })
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        let opens: Vec<&str> = lines
+            .lines()
+            .filter(|l| l.contains("open") && l.contains(&*key_file.to_string_lossy()))
+            .collect();
+        assert!(
+            !opens.is_empty(),
+            "{args:?}: nobody opened the key:\n{lines}"
+        );
+        for open in opens {
+            let pid = open.split_whitespace().next().unwrap_or_default();
+            assert!(
+                attest.contains(&pid),
+                "{args:?}: the key was opened by pid {pid}, not by contractor-attest {attest:?}: {open}"
+            );
+        }
+        assert!(
+            !attest.is_empty(),
+            "{args:?}: contractor-attest never ran:\n{lines}"
+        );
+    }
+}
+
+/// A record whose `artifacts` is a link out of the record does not verify: the checker
+/// reads only the record (Landlock), so what the link points to is never read and the
+/// stated artifacts are missing.
+#[test]
+fn artifacts_linked_out_of_the_record_are_not_read() {
+    let fixture = signed_record();
+    let outside = fixture.project.join("outside");
+    std::fs::rename(fixture.record.join("artifacts"), &outside).expect("move");
+    std::os::unix::fs::symlink(&outside, fixture.record.join("artifacts")).expect("link");
+    let out = contractor(&fixture, &["verify", ID]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // Named once: the checker's own stderr is not shown again beside the front end's report.
+    assert_eq!(
+        stderr
+            .matches("artifact \"hello\" is missing from the record")
+            .count(),
+        1,
+        "{stderr}"
     );
 }

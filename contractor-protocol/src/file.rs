@@ -43,6 +43,20 @@ pub fn read_regular(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// [`read_regular`], with a file that does not exist as `None`: how a record's optional
+/// files (`result.json`, `downloads.jsonl`, ...) are read back, by every reader of records.
+pub fn read_regular_if_exists(path: &Path, max: u64) -> std::io::Result<Option<Vec<u8>>> {
+    match read_regular(path, max) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The most bytes of a record's `downloads.jsonl` that are read: what a build writes
+/// (64 MiB, then a `cut` line) and a margin.
+pub const MAX_DOWNLOADS_FILE: u64 = 65 << 20;
+
 /// What a file type is, for messages: "a FIFO", "a symbolic link", ….
 pub fn kind_name(kind: std::fs::FileType) -> &'static str {
     if kind.is_file() {

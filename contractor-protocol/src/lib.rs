@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod attest;
 pub mod build;
 pub mod error;
 pub mod exit;

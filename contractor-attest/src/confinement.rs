@@ -1,0 +1,29 @@
+//! What `contractor-attest` may still reach once it has read its key and opened the one
+//! file it writes: the record it states or checks (and, to state the source, the project's
+//! `.git`), read-only. No other file, no socket, no new process. The key is read before
+//! this, so a record's hostile bytes are parsed by a process that can no longer reach it.
+
+use std::path::PathBuf;
+
+use contractor_confine::Policy;
+
+/// The most files it holds open (a record walk, one file at a time, and its standard streams).
+pub const MAX_OPEN_FILES: u64 = 64;
+
+/// The policy of a process that reads only `read`.
+pub fn policy(read: Vec<PathBuf>) -> Policy {
+    Policy {
+        read,
+        read_write: Vec::new(),
+        bind_ports: Vec::new(),
+        connect_ports: Some(Vec::new()),
+        max_open_files: Some(MAX_OPEN_FILES),
+        // The statement is written through a file opened before confinement; no other.
+        max_file_size: None,
+        max_address_space: Some(contractor_confine::TOOL_ADDRESS_SPACE),
+        allow_exec: false,
+        allowed_syscalls: None,
+        socket_families: Some(&[]),
+        stream_sockets_only: true,
+    }
+}

@@ -1,0 +1,318 @@
+//! `contractor-attest`'s requests and answers, and the one reader of a signed statement.
+//!
+//! A build's record holds `provenance.json`: a DSSE envelope whose payload is an in-toto
+//! Statement v1 with the SLSA provenance v1 predicate (docs/provenance.md). The tool that
+//! signs and checks it (`contractor-attest`) and the front end that reads it back
+//! (`contractor rebuild`) take the statement out of its envelope here, with the same checks
+//! and the same bound ([`MAX_PROVENANCE_BYTES`]), so the two can never disagree on what a
+//! statement says. The signature is checked only by `contractor-attest`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::image::Manifest;
+use crate::result::Outcome;
+use crate::service::Confinement;
+use crate::vm::Accel;
+
+/// The record file the signed statement is written to.
+pub const PROVENANCE_FILE: &str = "provenance.json";
+/// DSSE's payload type for in-toto statements.
+pub const PAYLOAD_TYPE: &str = "application/vnd.in-toto+json";
+/// The statement's `_type`.
+pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
+/// The statement's `predicateType`.
+pub const PREDICATE_TYPE: &str = "https://slsa.dev/provenance/v1";
+/// Most bytes of a `provenance.json` read back (a statement of 64 MiB of downloads fits).
+pub const MAX_PROVENANCE_BYTES: u64 = 256 << 20;
+/// Most bytes of a request to `contractor-attest` (the spec's script and env are in it).
+pub const MAX_REQUEST_BYTES: u64 = 16 << 20;
+
+/// A request to `contractor-attest`, one JSON object on its stdin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AttestRequest {
+    /// Write the signed statement of the build in `record` to its `provenance.json`.
+    Sign(Box<SignRequest>),
+    /// Check an envelope, its record's artifacts and downloads.
+    Verify {
+        /// Protocol version, 1.
+        version: u32,
+        /// The `provenance.json` to check; its record is the directory it is in.
+        envelope: PathBuf,
+        /// A public key (SubjectPublicKeyInfo PEM) or a private key (PKCS#8 PEM, its
+        /// public half is used).
+        key: PathBuf,
+    },
+    /// The public key of the signing key at `key`, made first when `create` and missing.
+    Key {
+        /// Protocol version, 1.
+        version: u32,
+        /// The signing key (PKCS#8 PEM).
+        key: PathBuf,
+        /// Make it (0600, never over a file) when it does not exist.
+        create: bool,
+    },
+    /// The SHA-256 of every regular file under `record/artifacts/`.
+    Digests {
+        /// Protocol version, 1.
+        version: u32,
+        /// The build record.
+        record: PathBuf,
+    },
+}
+
+/// What `sign` needs besides the record's files: the facts the front end knows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignRequest {
+    /// Protocol version, 1.
+    pub version: u32,
+    /// The build record (read; only its `provenance.json` is written).
+    pub record: PathBuf,
+    /// The signing key (PKCS#8 PEM).
+    pub key: PathBuf,
+    /// Make the key (0600) when it does not exist: only the data directory's own.
+    pub create_key: bool,
+    /// The project directory: the commit its `.git` names is the source's (read from the
+    /// files, never by running git).
+    pub project: PathBuf,
+    /// The build id (`runDetails.metadata.invocationId`).
+    pub id: String,
+    /// The spec as given (`externalParameters`), as the front end states it.
+    pub external_parameters: Value,
+    /// The VM's shape.
+    pub cpus: u32,
+    /// The VM's memory, MiB.
+    pub memory_mib: u64,
+    /// The VM's scratch disk, GiB.
+    pub disk_gib: u64,
+    /// `[network] inspect`.
+    pub inspect: bool,
+    /// `[network] tunnel`: hosts known by name only.
+    pub tunnel: Vec<String>,
+    /// `[cache] paths`.
+    pub cache_paths: Vec<String>,
+    /// Whether the build restored its build cache; None when not known here.
+    pub cache_restored: Option<bool>,
+    /// The accelerator the VM ran with, else the one asked for.
+    pub accelerator: Accel,
+    /// How the VM booted, in words.
+    pub boot: String,
+    /// `--offline`.
+    pub offline: bool,
+    /// The image's name (the spec's).
+    pub image_name: String,
+    /// The image's manifest, when the image is on this host.
+    pub image: Option<Manifest>,
+    /// The build host of a `--host` build.
+    pub build_host: Option<String>,
+    /// When the build started, RFC 3339 (`2026-11-25T14:15:02Z`).
+    pub started_on: String,
+    /// When it finished, RFC 3339.
+    pub finished_on: String,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// The script's exit status.
+    pub exit_code: Option<i32>,
+    /// The build this one rebuilt, if it is a rebuild.
+    pub rebuild_of: Option<String>,
+}
+
+/// `contractor-attest`'s answer, one JSON object on its stdout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AttestAnswer {
+    /// `sign`: the envelope was written.
+    Signed {
+        /// Protocol version, 1.
+        version: u32,
+        /// The file written.
+        path: PathBuf,
+        /// The signer's key id.
+        key_id: String,
+        /// How the tool was confined while it read the record.
+        confinement: Confinement,
+    },
+    /// `verify`: what does not verify (exit 1 when any), else nothing.
+    Verdict {
+        /// Protocol version, 1.
+        version: u32,
+        /// Each thing that does not verify, named; empty when everything verifies.
+        problems: Vec<String>,
+        /// The artifacts checked.
+        artifacts: usize,
+        /// The downloads checked.
+        downloads: usize,
+        /// The key id of the key checked against.
+        key_id: String,
+        /// How the tool was confined while it read the record.
+        confinement: Confinement,
+    },
+    /// `key`: the public key.
+    PublicKey {
+        /// Protocol version, 1.
+        version: u32,
+        /// SubjectPublicKeyInfo PEM.
+        pem: String,
+        /// Lower-case hex SHA-256 of the key's DER.
+        key_id: String,
+    },
+    /// `digests`: each artifact's path beneath `artifacts/` and SHA-256.
+    Digests {
+        /// Protocol version, 1.
+        version: u32,
+        /// Path → lower-case hex SHA-256.
+        artifacts: BTreeMap<String, String>,
+    },
+}
+
+/// Why a statement could not be read out of its envelope.
+#[derive(Debug, thiserror::Error)]
+pub enum StatementError {
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a DSSE envelope of ours.
+    #[error("{path}: {problem}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// The field and what is wrong with it.
+        problem: String,
+    },
+}
+
+/// A DSSE envelope taken apart: its payload decoded, its signatures as bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// `payloadType`.
+    pub payload_type: String,
+    /// The decoded payload.
+    pub body: Vec<u8>,
+    /// Each `signatures[i].sig`, decoded.
+    pub signatures: Vec<Vec<u8>>,
+}
+
+/// Reads the envelope at `path` (a regular file of at most [`MAX_PROVENANCE_BYTES`]).
+pub fn read_envelope(path: &Path) -> Result<Envelope, StatementError> {
+    let format = |problem: String| StatementError::Format {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let bytes = crate::file::read_regular(path, MAX_PROVENANCE_BYTES).map_err(|source| {
+        StatementError::Read {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    let envelope: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| format(format!("not JSON ({e}); expected a DSSE envelope")))?;
+    let payload_type = envelope["payloadType"]
+        .as_str()
+        .ok_or_else(|| format("no `payloadType` string; expected a DSSE envelope".into()))?;
+    if payload_type != PAYLOAD_TYPE {
+        return Err(format(format!(
+            "`payloadType` is {payload_type:?}; expected {PAYLOAD_TYPE:?}"
+        )));
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let body = envelope["payload"]
+        .as_str()
+        .ok_or_else(|| format("no `payload` string".into()))
+        .and_then(|p| {
+            b64.decode(p)
+                .map_err(|e| format(format!("`payload` is not base64 ({e})")))
+        })?;
+    let list = envelope["signatures"]
+        .as_array()
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| format("no `signatures` (a non-empty array)".into()))?;
+    let mut signatures = Vec::with_capacity(list.len());
+    for (i, entry) in list.iter().enumerate() {
+        let sig = entry["sig"]
+            .as_str()
+            .ok_or_else(|| format(format!("`signatures[{i}].sig` is not a string")))?;
+        signatures.push(
+            b64.decode(sig)
+                .map_err(|e| format(format!("`signatures[{i}].sig` is not base64 ({e})")))?,
+        );
+    }
+    Ok(Envelope {
+        payload_type: payload_type.to_string(),
+        body,
+        signatures,
+    })
+}
+
+/// The statement in `envelope` (read from `path`): an in-toto Statement v1 with the SLSA
+/// provenance v1 predicate.
+pub fn statement_of(path: &Path, envelope: &Envelope) -> Result<Value, StatementError> {
+    let format = |problem: String| StatementError::Format {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let statement: Value = serde_json::from_slice(&envelope.body)
+        .map_err(|e| format(format!("`payload` is not a JSON statement ({e})")))?;
+    if statement["_type"] != STATEMENT_TYPE || statement["predicateType"] != PREDICATE_TYPE {
+        return Err(format(format!(
+            "the statement's `_type` or `predicateType` is not {STATEMENT_TYPE} with {PREDICATE_TYPE}"
+        )));
+    }
+    Ok(statement)
+}
+
+/// Reads the statement of the envelope at `path`; its signature is not checked here
+/// (`contractor-attest` verify does that).
+pub fn read_statement(path: &Path) -> Result<Value, StatementError> {
+    statement_of(path, &read_envelope(path)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_statement_comes_out_of_its_envelope_and_bad_ones_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join(PROVENANCE_FILE);
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let statement =
+            serde_json::json!({"_type": STATEMENT_TYPE, "predicateType": PREDICATE_TYPE});
+        let envelope = serde_json::json!({
+            "payloadType": PAYLOAD_TYPE,
+            "payload": b64.encode(statement.to_string()),
+            "signatures": [{"keyid": "k", "sig": b64.encode([1u8, 2])}],
+        });
+        std::fs::write(&file, envelope.to_string()).expect("write");
+        assert_eq!(read_statement(&file).expect("read"), statement);
+        assert_eq!(
+            read_envelope(&file).expect("envelope").signatures,
+            [vec![1u8, 2]]
+        );
+        for (text, said) in [
+            ("{\"payloadType\": 1}", "no `payloadType`"),
+            ("[", "not JSON"),
+            (
+                "{\"payloadType\": \"application/vnd.in-toto+json\", \"payload\": \"!!\"}",
+                "not base64",
+            ),
+        ] {
+            std::fs::write(&file, text).expect("write");
+            let err = read_statement(&file).expect_err(text).to_string();
+            assert!(err.contains(said) && err.contains(PROVENANCE_FILE), "{err}");
+        }
+        let err = read_statement(&dir.path().join("none.json")).expect_err("missing");
+        assert!(matches!(err, StatementError::Read { .. }), "{err}");
+    }
+}

@@ -72,6 +72,11 @@ pub fn statement(facts: &SignRequest) -> Result<Value, AttestError> {
                 annotations["base"] = json!(base);
                 annotations["packages"] = json!(manifest.packages);
             }
+            // Built from a mirror whose Release was not checked for expiry (asked for with
+            // `[image] check_valid_until = false`): said, so a verifier can weigh it.
+            if manifest.check_valid_until == Some(false) {
+                annotations["checkValidUntil"] = json!(false);
+            }
             resolved.push(json!({
                 "name": "image",
                 "uri": format!("contractor-image:{}", manifest.name),
@@ -315,6 +320,26 @@ mod tests {
         assert_eq!(run["byproducts"][0]["annotations"]["outcome"], "success");
         assert_eq!(run["byproducts"][0]["annotations"]["exitCode"], 0);
         assert_eq!(run["byproducts"][1]["digest"]["sha256"], sha(b"make\n"));
+    }
+
+    #[test]
+    fn an_image_built_without_the_release_expiry_check_says_so() {
+        let (_dir, mut request) = fixture();
+        let image =
+            |st: &Value| st["predicate"]["buildDefinition"]["resolvedDependencies"][1].clone();
+        assert!(
+            image(&statement(&request).expect("statement"))["annotations"]
+                .get("checkValidUntil")
+                .is_none()
+        );
+        if let Some(manifest) = request.image.as_mut() {
+            manifest.base = Some("debian-unstable".into());
+            manifest.packages = vec!["hello".into()];
+            manifest.check_valid_until = Some(false);
+        }
+        let image = image(&statement(&request).expect("statement"));
+        assert_eq!(image["annotations"]["checkValidUntil"], false);
+        assert_eq!(image["annotations"]["base"], "debian-unstable");
     }
 
     #[test]

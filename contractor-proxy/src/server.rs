@@ -6,7 +6,9 @@
 //! checked, and those very addresses are connected to, so a second DNS answer cannot
 //! smuggle in a private address; the proxy's own listening address is never dialled. Idle
 //! upstream HTTP connections are pooled by address, and a request may take one only for an
-//! address its own checks returned, so reuse never skips a decision. Names are looked up
+//! address its own checks returned, so reuse never skips a decision; the upstream TLS
+//! connections of inspected sessions are pooled the same way by host ([`crate::pool`]),
+//! shared by every session to that host (HTTP/2 where the host offers it). Names are looked up
 //! through [`crate::names::NameCache`] (each once per TTL), connection attempts to one host
 //! wait their turn (the `gate` module), and an upstream that refuses, resets or closes a
 //! connection before answering is tried again a bounded number of times; the record

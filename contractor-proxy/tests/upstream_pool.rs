@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use contractor_protocol::proxy::{Decision, Download, ProxyLine, Verdict};
 use contractor_proxy::{inspect, Allowlist, IpNet, ProxyConfig, Resolver};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -144,7 +144,12 @@ struct Counting {
 
 /// An HTTP/1.1 keep-alive server answering as `answer` says; with `hold`, the first request
 /// of each connection is answered only once `hold` is passed (as many requests in at once).
-async fn http1_server(answer: fn(usize, usize) -> Answer, hold: Option<Arc<Barrier>>) -> Counting {
+/// It accepts `accepts` connections, then stops listening (connections are refused).
+async fn http1_server(
+    answer: fn(usize, usize) -> Answer,
+    hold: Option<Arc<Barrier>>,
+    accepts: usize,
+) -> Counting {
     let (acceptor, roots) = server_tls(&[b"http/1.1"]);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -152,7 +157,10 @@ async fn http1_server(answer: fn(usize, usize) -> Answer, hold: Option<Arc<Barri
     let open = Arc::new(AtomicUsize::new(0));
     let (counted, still_open) = (Arc::clone(&accepted), Arc::clone(&open));
     tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
+        for _ in 0..accepts {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             let c = counted.fetch_add(1, Ordering::SeqCst);
             still_open.fetch_add(1, Ordering::SeqCst);
             let (acceptor, open, hold) = (acceptor.clone(), Arc::clone(&still_open), hold.clone());
@@ -258,6 +266,18 @@ async fn session(
     authority: &CertificateDer<'static>,
     path: &str,
 ) -> (u16, String) {
+    session_sending(proxy, port, authority, "GET", path, "").await
+}
+
+/// [`session`] with a request of `method` and `body`.
+async fn session_sending(
+    proxy: SocketAddr,
+    port: u16,
+    authority: &CertificateDer<'static>,
+    method: &str,
+    path: &str,
+    body: &'static str,
+) -> (u16, String) {
     let mut stream = TcpStream::connect(proxy)
         .await
         .expect("connect to the proxy");
@@ -291,9 +311,11 @@ async fn session(
         .await
         .expect("HTTP/1.1 over the session");
     tokio::spawn(connection);
-    let request = hyper::Request::get(path)
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
         .header("host", HOST)
-        .body(Empty::<Bytes>::new())
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
         .expect("request");
     let response = tokio::time::timeout(PATIENCE, sender.send_request(request))
         .await
@@ -323,7 +345,7 @@ async fn reaches(count: &AtomicUsize, expected: usize) -> bool {
 
 #[tokio::test]
 async fn sequential_inspected_sessions_to_one_host_share_one_upstream_connection() {
-    let server = http1_server(|_, _| Answer::Serve, None).await;
+    let server = http1_server(|_, _| Answer::Serve, None, usize::MAX).await;
     let (mut proxy, authority) = inspecting(server.addr, server.roots.clone()).await;
     let port = server.addr.port();
     for n in 0..5 {
@@ -392,6 +414,7 @@ async fn a_pooled_connection_the_server_closed_is_not_used_for_a_failed_request(
             _ => Answer::Serve,
         },
         None,
+        usize::MAX,
     )
     .await;
     let (mut proxy, authority) = inspecting(server.addr, server.roots.clone()).await;
@@ -418,7 +441,7 @@ async fn the_pool_keeps_no_more_idle_connections_per_host_than_its_bound() {
     let sessions = IDLE_PER_HOST + 4;
     // Every first request waits until all are in, so each session has a connection of its own.
     let hold = Arc::new(Barrier::new(sessions));
-    let server = http1_server(|_, _| Answer::Serve, Some(hold)).await;
+    let server = http1_server(|_, _| Answer::Serve, Some(hold), usize::MAX).await;
     let (proxy, authority) = inspecting(server.addr, server.roots.clone()).await;
     let port = server.addr.port();
     let running: Vec<_> = (0..sessions)
@@ -445,4 +468,70 @@ async fn the_pool_keeps_no_more_idle_connections_per_host_than_its_bound() {
     );
     assert_eq!(server.accepted.load(Ordering::SeqCst), sessions);
     assert_eq!(server.open.load(Ordering::SeqCst), IDLE_PER_HOST);
+}
+
+#[tokio::test]
+async fn a_request_with_a_body_is_not_sent_twice_when_its_pooled_connection_ends() {
+    let server = http1_server(
+        |c, n| match (c, n) {
+            (0, 1) => Answer::Close,
+            _ => Answer::Serve,
+        },
+        None,
+        usize::MAX,
+    )
+    .await;
+    let (mut proxy, authority) = inspecting(server.addr, server.roots.clone()).await;
+    let port = server.addr.port();
+    assert_eq!(session(proxy.addr, port, &authority, "/first").await.0, 200);
+    assert_eq!(proxy.next_decision().await.decision, Verdict::Allow);
+    let _ = proxy.next_download().await;
+    let (status, reason) =
+        session_sending(proxy.addr, port, &authority, "POST", "/publish", "a body").await;
+    assert_eq!(status, 502, "{reason}");
+    assert!(
+        reason.contains("the upstream HTTP exchange failed"),
+        "{reason}"
+    );
+    assert_eq!(proxy.next_decision().await.decision, Verdict::Allow);
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 1, "not sent again");
+    assert!(proxy.lines.try_recv().is_err(), "no download line");
+}
+
+#[tokio::test]
+async fn a_connect_answered_over_a_pooled_connection_is_refused_once_when_the_host_is_gone() {
+    // One connection, answered once; after it the server closes it unanswered and refuses
+    // every new connection.
+    let server = http1_server(
+        |_, n| match n {
+            0 => Answer::Serve,
+            _ => Answer::Close,
+        },
+        None,
+        1,
+    )
+    .await;
+    let (mut proxy, authority) = inspecting(server.addr, server.roots.clone()).await;
+    let port = server.addr.port();
+    assert_eq!(session(proxy.addr, port, &authority, "/first").await.0, 200);
+    assert_eq!(proxy.next_decision().await.decision, Verdict::Allow);
+    let _ = proxy.next_download().await;
+    // The CONNECT is answered 200 over the live pooled connection, without dialling...
+    let (status, reason) = session(proxy.addr, port, &authority, "/second").await;
+    assert_eq!(proxy.next_decision().await.decision, Verdict::Allow);
+    // ...and when that connection ends and no new one can be made, the request gets 502 and
+    // the CONNECT one refusal naming why.
+    assert_eq!(status, 502, "{reason}");
+    assert!(
+        reason.contains("cannot connect to registry.test"),
+        "{reason}"
+    );
+    let refusal = proxy.next_decision().await;
+    assert_eq!(refusal.decision, Verdict::Deny);
+    assert_eq!(refusal.method, "CONNECT");
+    assert!(
+        refusal.reason.contains("cannot connect to registry.test"),
+        "{refusal:?}"
+    );
+    assert!(proxy.lines.try_recv().is_err(), "nothing else recorded");
 }

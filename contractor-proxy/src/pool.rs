@@ -304,3 +304,102 @@ impl<B> Hosts<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper_util::rt::TokioIo;
+
+    type Body = http_body_util::Empty<bytes::Bytes>;
+
+    /// An HTTP/1.1 sender over an in-memory stream whose far end `ends` keeps open.
+    async fn sender(ends: &mut Vec<tokio::io::DuplexStream>) -> http1::SendRequest<Body> {
+        let (near, far) = tokio::io::duplex(1024);
+        ends.push(far);
+        let (sender, connection) = http1::handshake(TokioIo::new(near))
+            .await
+            .expect("handshake");
+        tokio::spawn(connection);
+        sender
+    }
+
+    fn kept<B>(pool: &UpstreamPool<B>) -> (usize, usize) {
+        let hosts = pool.hosts.lock().expect("lock");
+        let counted: usize = hosts.by_host.values().map(Kept::len).sum();
+        (hosts.count, counted)
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn slot() -> Arc<TransferSlot> {
+        TransferSlot::new(Arc::default())
+    }
+
+    #[tokio::test]
+    async fn one_host_keeps_at_most_its_bound_and_the_newest() {
+        let pool = UpstreamPool::new();
+        let mut ends = Vec::new();
+        for port in 0..(IDLE_PER_HOST as u16 + 3) {
+            let sender = sender(&mut ends).await;
+            pool.put_idle("registry.test", 443, addr(1000 + port), sender, slot());
+        }
+        assert_eq!(kept(&pool), (IDLE_PER_HOST, IDLE_PER_HOST));
+        // The three oldest went; a request for one of their addresses finds nothing.
+        assert!(pool.take("registry.test", 443, &[addr(1000)]).is_none());
+        assert!(!pool.has("registry.test", 443, &[addr(1002)]));
+    }
+
+    #[tokio::test]
+    async fn all_hosts_together_keep_at_most_the_total_bound() {
+        let pool = UpstreamPool::new();
+        let mut ends = Vec::new();
+        for n in 0..(IDLE_TOTAL + 5) {
+            let sender = sender(&mut ends).await;
+            pool.put_idle(&format!("h{n}.test"), 443, addr(1000), sender, slot());
+        }
+        assert_eq!(kept(&pool), (IDLE_TOTAL, IDLE_TOTAL));
+        // The hosts kept are the newest ones.
+        let hosts = pool.hosts.lock().expect("lock");
+        assert!(!hosts.by_host.contains_key(&("h4.test".to_string(), 443)));
+        assert!(hosts
+            .by_host
+            .contains_key(&(format!("h{}.test", IDLE_TOTAL + 4), 443)));
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_taken_only_for_its_host_port_and_a_checked_address() {
+        let pool = UpstreamPool::new();
+        let mut ends = Vec::new();
+        let sender = sender(&mut ends).await;
+        // Ready once its connection task has run.
+        tokio::task::yield_now().await;
+        pool.put_idle("registry.test", 443, addr(1000), sender, slot());
+        assert!(pool.take("other.test", 443, &[addr(1000)]).is_none());
+        assert!(pool.take("registry.test", 8443, &[addr(1000)]).is_none());
+        assert!(pool.take("registry.test", 443, &[addr(1001)]).is_none());
+        let taken = pool.take("registry.test", 443, &[addr(1001), addr(1000)]);
+        assert!(taken.is_some_and(|connection| connection.reused));
+        assert_eq!(kept(&pool), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_is_dropped_not_handed_out() {
+        let pool = UpstreamPool::new();
+        let mut ends = Vec::new();
+        let sender = sender(&mut ends).await;
+        tokio::task::yield_now().await;
+        pool.put_idle("registry.test", 443, addr(1000), sender, slot());
+        // The far end closes; the connection task sees it end.
+        ends.clear();
+        for _ in 0..100 {
+            if !pool.has("registry.test", 443, &[addr(1000)]) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(pool.take("registry.test", 443, &[addr(1000)]).is_none());
+        assert_eq!(kept(&pool), (0, 0));
+    }
+}

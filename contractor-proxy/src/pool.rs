@@ -64,6 +64,8 @@ struct Hosts<B> {
     by_host: HashMap<(String, u16), Kept<B>>,
     /// Connections in `by_host`, over every host.
     count: usize,
+    /// The proxy is shutting down: nothing more is kept.
+    closed: bool,
 }
 
 struct Kept<B> {
@@ -138,6 +140,7 @@ impl<B: Send + 'static> UpstreamPool<B> {
             hosts: Mutex::new(Hosts {
                 by_host: HashMap::new(),
                 count: 0,
+                closed: false,
             }),
         }
     }
@@ -213,6 +216,9 @@ impl<B: Send + 'static> UpstreamPool<B> {
         let Ok(mut hosts) = self.hosts.lock() else {
             return;
         };
+        if hosts.closed {
+            return;
+        }
         let key = (host.to_string(), port);
         let kept = hosts.by_host.entry(key.clone()).or_default();
         kept.sweep(Instant::now());
@@ -242,6 +248,9 @@ impl<B: Send + 'static> UpstreamPool<B> {
         let Ok(mut hosts) = self.hosts.lock() else {
             return;
         };
+        if hosts.closed {
+            return;
+        }
         let key = (host.to_string(), port);
         let kept = hosts.by_host.entry(key.clone()).or_default();
         kept.sweep(Instant::now());
@@ -257,11 +266,12 @@ impl<B: Send + 'static> UpstreamPool<B> {
         hosts.make_room();
     }
 
-    /// Closes every kept connection (at shutdown).
+    /// Closes every kept connection and keeps none from now on (at shutdown).
     pub(crate) fn clear(&self) {
         if let Ok(mut hosts) = self.hosts.lock() {
             hosts.by_host.clear();
             hosts.count = 0;
+            hosts.closed = true;
         }
     }
 }

@@ -235,12 +235,12 @@ pub fn load_roots_from(path: &Path) -> Result<RootCertStore, InspectError> {
     Ok(roots)
 }
 
-/// The TLS client configuration for upstreams: `roots`, ALPN `http/1.1`.
+/// The TLS client configuration for upstreams: `roots`, ALPN `h2` then `http/1.1`.
 pub fn client_config(roots: RootCertStore) -> ClientConfig {
     let mut config = ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config
 }
 

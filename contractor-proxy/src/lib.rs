@@ -25,6 +25,7 @@ mod meter;
 pub mod metrics;
 pub mod names;
 pub mod policy;
+pub mod pool;
 mod relay;
 pub mod server;
 pub mod stage;

@@ -6,7 +6,9 @@
 //! checked, and those very addresses are connected to, so a second DNS answer cannot
 //! smuggle in a private address; the proxy's own listening address is never dialled. Idle
 //! upstream HTTP connections are pooled by address, and a request may take one only for an
-//! address its own checks returned, so reuse never skips a decision. Names are looked up
+//! address its own checks returned, so reuse never skips a decision; the upstream TLS
+//! connections of inspected sessions are pooled the same way by host ([`crate::pool`]),
+//! shared by every session to that host (HTTP/2 where the host offers it). Names are looked up
 //! through [`crate::names::NameCache`] (each once per TTL), connection attempts to one host
 //! wait their turn (the `gate` module), and an upstream that refuses, resets or closes a
 //! connection before answering is tried again a bounded number of times; the record
@@ -39,7 +41,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use sha2::{Digest, Sha256};
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -59,6 +61,7 @@ use crate::allowlist::normalize_host;
 use crate::meter::{Activity, Metered, Transfer, TransferSlot};
 use crate::metrics::AccessEntry;
 use crate::policy::{Denial, Mode, ProxyConfig};
+use crate::pool::{Connection, Sender, UpstreamPool};
 
 /// How long resolving a host, or connecting to it, may take by default.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -141,6 +144,7 @@ pub async fn serve(
         stopping: CancellationToken::new(),
         cut: CancellationToken::new(),
         pool: Mutex::new(HashMap::new()),
+        upstreams: Arc::new(UpstreamPool::new()),
         names: crate::names::NameCache::new(config_resolver, config_timeout),
         gate: crate::gate::ConnectGate::new(
             config_limits.connects_per_host,
@@ -169,6 +173,7 @@ pub async fn serve(
     if let Ok(mut pool) = proxy.pool.lock() {
         pool.clear();
     }
+    proxy.upstreams.clear();
     proxy.tasks.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, proxy.tasks.wait())
         .await
@@ -194,6 +199,8 @@ struct Proxy {
     cut: CancellationToken,
     /// Idle upstream connections for plain HTTP, by the address they were dialled at.
     pool: Mutex<HashMap<SocketAddr, Vec<Pooled>>>,
+    /// Upstream TLS connections of inspected sessions, by host, shared by every session.
+    upstreams: Arc<UpstreamPool<ProxyBody>>,
     /// Where pinned bodies wait until they are verified.
     stager: Arc<Stager>,
     /// The answers of the resolver, each name looked up once per TTL.
@@ -541,20 +548,29 @@ impl Body for CachedBody {
 enum Dial {
     /// `--offline`: never; each request is served from the cache or refused.
     Offline,
-    /// Over this connection, opened when the CONNECT was answered (to one of these
-    /// addresses, where a TLS handshake cut short is tried again).
-    Connected(Metered<TcpStream>, Vec<SocketAddr>, Arc<Activity>),
-    /// At the first request the download cache cannot answer, to one of these addresses
-    /// (with a lock, a build whose downloads are all cached opens no connection at all).
-    Later(Vec<SocketAddr>, Arc<Activity>),
+    /// Over this connection first, opened when the CONNECT was answered (to one of these
+    /// addresses, where a TLS handshake cut short is tried again), then as `Later`.
+    Connected(Upstream, Vec<SocketAddr>),
+    /// At each request the download cache cannot answer: over a pooled connection to the
+    /// host, else a new one to one of these addresses (with a lock, a build whose downloads
+    /// are all cached opens no connection at all).
+    Later(Vec<SocketAddr>),
 }
+
+/// A new upstream TCP connection: the address it went to, the stream, and which exchange
+/// its bytes count for.
+type Upstream = (SocketAddr, Metered<TcpStream>, Arc<TransferSlot>);
 
 /// An inspected session's link to its host.
 enum Link {
-    /// Not dialled yet.
-    Later(Vec<SocketAddr>, Arc<Activity>),
-    /// Dialled: the TLS session, or why there is none.
-    Dialled(Result<SendRequest<ProxyBody>, String>),
+    /// Requests go over `first` (the TLS session made when the CONNECT was answered), then
+    /// over pooled connections or new ones to `addrs`.
+    Pool {
+        addrs: Vec<SocketAddr>,
+        first: Option<Connection<ProxyBody>>,
+    },
+    /// No TLS session to the host can be had: why (recorded once, as the CONNECT's refusal).
+    Failed(String),
 }
 
 /// Why the proxy did not serve a cached entry.
@@ -709,16 +725,32 @@ impl Proxy {
                 .await;
             return self.finish(result, &exchange);
         }
-        let lazily = method == Method::CONNECT
-            && self.config.cache.is_some()
-            && !self.config.pins.is_empty();
-        if lazily {
-            if let Some(inspection) = self.inspected(&target) {
-                exchange.status.store(200, Ordering::Relaxed);
-                let client_side = hyper::upgrade::on(&mut request);
-                let dial = Dial::Later(admitted.addrs, activity);
-                return self.inspect(client, client_side, dial, exchange, target, inspection);
-            }
+        let inspection = match method == Method::CONNECT {
+            true => self.inspected(&target),
+            false => None,
+        };
+        if let Some(inspection) = inspection {
+            // The CONNECT is answered 200 once the host is known to be reachable: a new
+            // connection to it is open, or a pooled one is alive. With pins and a cache it
+            // is answered at once (the session may need no network at all). Either way a
+            // host that fails later is recorded as this CONNECT's refusal, once.
+            let lazily = self.config.cache.is_some() && !self.config.pins.is_empty();
+            let pooled = self
+                .upstreams
+                .has(&target.host, target.port, &admitted.addrs);
+            let dial = match lazily || pooled {
+                true => Dial::Later(admitted.addrs),
+                false => match self
+                    .connect_metered(&target, &admitted.addrs, self.upstream_clock(), &exchange)
+                    .await
+                {
+                    Ok(upstream) => Dial::Connected(upstream, admitted.addrs),
+                    Err(e) => return self.finish(Err(e), &exchange),
+                },
+            };
+            exchange.status.store(200, Ordering::Relaxed);
+            let client_side = hyper::upgrade::on(&mut request);
+            return self.inspect(client, client_side, dial, exchange, target, inspection);
         }
         let (_, upstream, _) = match self
             .connect_metered(&target, &admitted.addrs, Arc::clone(&activity), &exchange)
@@ -730,16 +762,6 @@ impl Proxy {
         if method == Method::CONNECT {
             exchange.status.store(200, Ordering::Relaxed);
             let client_side = hyper::upgrade::on(&mut request);
-            if let Some(inspection) = self.inspected(&target) {
-                return self.inspect(
-                    client,
-                    client_side,
-                    Dial::Connected(upstream, admitted.addrs, activity),
-                    exchange,
-                    target,
-                    inspection,
-                );
-            }
             return self.tunnel(client_side, upstream, exchange);
         }
         let result = self.forward(request, &target, upstream, &exchange).await;
@@ -1196,22 +1218,21 @@ impl Proxy {
         }
         let link = match upstream {
             // Offline: every request is served from the cache or refused before this is used.
-            Dial::Offline => Link::Dialled(Err(
-                "offline: nothing is fetched from the network".to_string()
-            )),
-            Dial::Later(addrs, activity) => Link::Later(addrs, activity),
-            Dial::Connected(upstream, addrs, activity) => {
+            Dial::Offline => {
+                Link::Failed("offline: nothing is fetched from the network".to_string())
+            }
+            Dial::Later(addrs) => Link::Pool { addrs, first: None },
+            Dial::Connected(upstream, addrs) => {
                 let tls = self
-                    .dial_tls(
-                        Some(upstream),
-                        target,
-                        &addrs,
-                        &activity,
-                        exchange,
-                        inspection,
-                    )
+                    .dial_tls(Some(upstream), target, &addrs, exchange, inspection)
                     .await;
-                Link::Dialled(self.refused_unless_dialled(client, tls, target, exchange))
+                match self.refused_unless_dialled(client, tls, target, exchange) {
+                    Ok(first) => Link::Pool {
+                        addrs,
+                        first: Some(first),
+                    },
+                    Err(reason) => Link::Failed(reason),
+                }
             }
         };
         let upstream = Arc::new(tokio::sync::Mutex::new(link));
@@ -1254,13 +1275,13 @@ impl Proxy {
 
     /// `tls`, or its failure recorded as a refusal of the session's CONNECT (a `deny` that
     /// names why) and returned as the reason each request gets.
-    fn refused_unless_dialled(
+    fn refused_unless_dialled<T>(
         &self,
         client: SocketAddr,
-        tls: Result<SendRequest<ProxyBody>, String>,
+        tls: Result<T, String>,
         target: &Target,
         exchange: &Exchange,
-    ) -> Result<SendRequest<ProxyBody>, String> {
+    ) -> Result<T, String> {
         tls.inspect_err(|reason| {
             self.record(
                 client,
@@ -1280,28 +1301,27 @@ impl Proxy {
     /// was forwarded yet) is tried again on a new connection, [`SEND_ATTEMPTS`] times in all.
     async fn dial_tls(
         &self,
-        mut first: Option<Metered<TcpStream>>,
+        mut first: Option<Upstream>,
         target: &Target,
         addrs: &[SocketAddr],
-        activity: &Arc<Activity>,
         exchange: &Exchange,
         inspection: &Inspection,
-    ) -> Result<SendRequest<ProxyBody>, String> {
+    ) -> Result<Connection<ProxyBody>, String> {
         let mut backoff = RETRY_BACKOFF;
         let mut attempt = 1;
         loop {
             let upstream = match first.take() {
                 Some(upstream) => upstream,
                 None => match self
-                    .connect_metered(target, addrs, Arc::clone(activity), exchange)
+                    .connect_metered(target, addrs, self.upstream_clock(), exchange)
                     .await
                 {
-                    Ok((_, upstream, _)) => upstream,
+                    Ok(upstream) => upstream,
                     Err(e) => return Err(format!("cannot connect to {}: {e}", target.host)),
                 },
             };
             match self.upstream_tls(upstream, target, inspection).await {
-                Ok(sender) => return Ok(sender),
+                Ok(connection) => return Ok(connection),
                 Err((_, true)) if attempt < SEND_ATTEMPTS => {
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;
@@ -1313,14 +1333,17 @@ impl Proxy {
     }
 
     /// The proxy's own TLS session to `target` over `upstream`, verified against the
-    /// host's roots, as an HTTP/1.1 connection; the reason it failed otherwise, and whether
-    /// the upstream cut the handshake short (reset or closed the connection).
+    /// host's roots, as an HTTP/2 connection where the host chose `h2` by ALPN (shared at
+    /// once through the pool with every session to the host), else as an HTTP/1.1 one; the
+    /// reason it failed otherwise, and whether the upstream cut the handshake short (reset
+    /// or closed the connection).
     async fn upstream_tls(
         &self,
-        upstream: Metered<TcpStream>,
+        upstream: Upstream,
         target: &Target,
         inspection: &Inspection,
-    ) -> Result<SendRequest<ProxyBody>, (String, bool)> {
+    ) -> Result<Connection<ProxyBody>, (String, bool)> {
+        let (addr, upstream, transfer) = upstream;
         let name = ServerName::try_from(target.host.clone()).map_err(|e| {
             (
                 format!("{} is not a TLS server name: {e}", target.host),
@@ -1344,9 +1367,170 @@ impl Proxy {
                 );
                 (reason, cut)
             })?;
-        self.handshake(tls)
-            .await
-            .map_err(|e| (format!("HTTP to {} failed: {e}", target.host), false))
+        let failed = |e: hyper::Error| (format!("HTTP to {} failed: {e}", target.host), false);
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let sender = self.handshake_h2(tls).await.map_err(failed)?;
+            self.upstreams.put_shared(
+                &target.host,
+                target.port,
+                addr,
+                sender.clone(),
+                Arc::clone(&transfer),
+            );
+            return Ok(Connection {
+                addr,
+                sender: Sender::Http2(sender),
+                transfer,
+                reused: false,
+            });
+        }
+        let sender = self.handshake(tls).await.map_err(failed)?;
+        Ok(Connection {
+            addr,
+            sender: Sender::Http1(sender),
+            transfer,
+            reused: false,
+        })
+    }
+
+    /// Starts an HTTP/2 client connection on `upstream`, driven by a task of its own.
+    async fn handshake_h2<T>(
+        &self,
+        upstream: T,
+    ) -> Result<hyper::client::conn::http2::SendRequest<ProxyBody>, hyper::Error>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(upstream))
+            .await?;
+        let cut = self.cut.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = connection => {}
+                () = cut.cancelled() => {}
+            }
+        });
+        Ok(sender)
+    }
+
+    /// A new idle clock for an upstream connection of inspected sessions: such a
+    /// connection outlives the session that dialled it, so it keeps time of its own.
+    fn upstream_clock(&self) -> Arc<Activity> {
+        Activity::new(self.config.limits.idle_timeout)
+    }
+
+    /// A connection to the session's host for one request: the session's first one, else
+    /// a pooled one (unless `pooled` is false), else a new one. A host that cannot be
+    /// reached fails the session's requests from then on, its refusal recorded once.
+    async fn upstream_for(
+        &self,
+        session: &Session<'_>,
+        pooled: bool,
+    ) -> Result<Connection<ProxyBody>, String> {
+        let target = session.target;
+        let mut link = session.link.lock().await;
+        let addrs = match &mut *link {
+            Link::Failed(reason) => return Err(reason.clone()),
+            Link::Pool { first, addrs } => match first.take() {
+                Some(first) => return Ok(first),
+                None => addrs.clone(),
+            },
+        };
+        if pooled {
+            if let Some(connection) = self.upstreams.take(&target.host, target.port, &addrs) {
+                return Ok(connection);
+            }
+        }
+        let tls = self
+            .dial_tls(None, target, &addrs, session.exchange, session.inspection)
+            .await;
+        self.refused_unless_dialled(session.client, tls, target, session.exchange)
+            .inspect_err(|reason| *link = Link::Failed(reason.clone()))
+    }
+
+    /// Sends one request of an inspected session on a pooled connection to its host, else
+    /// on a new one. A request that may safely go twice (idempotent, without a body) goes
+    /// again on a new connection when its connection ends before answering: once after a
+    /// pooled one (the server may have closed it while it was idle), and while new ones end
+    /// so, [`SEND_ATTEMPTS`] times in all.
+    async fn send_inspected(
+        &self,
+        mut request: Request<ProxyBody>,
+        session: &Session<'_>,
+        url: &str,
+    ) -> Result<Response<Incoming>, Response<ProxyBody>> {
+        let mut pooled = true;
+        let mut backoff = RETRY_BACKOFF;
+        let mut attempt = 1;
+        loop {
+            let connection = self
+                .upstream_for(session, pooled)
+                .await
+                .map_err(|reason| error_response(StatusCode::BAD_GATEWAY, &Refused(reason)))?;
+            let reused = connection.reused;
+            let again = resendable(&request).filter(|_| reused || attempt < SEND_ATTEMPTS);
+            match (self.send_on(connection, request, session, url).await, again) {
+                (Err(e), Some(again)) if unanswered(&e) => request = again,
+                (Err(e), _) => {
+                    let failed = UpstreamError::Http(e);
+                    return Err(error_response(StatusCode::BAD_GATEWAY, &failed));
+                }
+                (Ok(response), _) => return Ok(response),
+            }
+            if reused {
+                pooled = false;
+            } else {
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+                attempt += 1;
+            }
+        }
+    }
+
+    /// Sends `request` (origin-form, `Host` the session's authority) on `connection`, its
+    /// bytes counted for the session; an HTTP/1.1 connection goes back to the pool once the
+    /// response has been read to its end.
+    async fn send_on(
+        &self,
+        connection: Connection<ProxyBody>,
+        request: Request<ProxyBody>,
+        session: &Session<'_>,
+        url: &str,
+    ) -> Result<Response<Incoming>, hyper::Error> {
+        let Connection {
+            addr,
+            sender,
+            transfer,
+            ..
+        } = connection;
+        transfer.set(Arc::clone(&session.exchange.transfer));
+        match sender {
+            Sender::Http1(mut sender) => {
+                sender.ready().await?;
+                let response = sender.send_request(request).await?;
+                let (upstreams, stopping) = (Arc::clone(&self.upstreams), self.stopping.clone());
+                let (host, port) = (session.target.host.clone(), session.target.port);
+                self.tasks.spawn(async move {
+                    // Ready again once the response body has been read to its end.
+                    if sender.ready().await.is_err() || stopping.is_cancelled() {
+                        return;
+                    }
+                    upstreams.put_idle(&host, port, addr, sender, transfer);
+                });
+                Ok(response)
+            }
+            Sender::Http2(mut sender) => {
+                // HTTP/2 names the authority in the request's URI (`:authority`).
+                let (mut parts, body) = request.into_parts();
+                parts.uri = url.parse().unwrap_or(parts.uri);
+                parts.headers.remove(header::HOST);
+                parts.version = Version::HTTP_2;
+                sender.ready().await?;
+                sender.send_request(Request::from_parts(parts, body)).await
+            }
+        }
     }
 
     /// Forwards one request of an inspected session to the host and streams the response
@@ -1358,13 +1542,7 @@ impl Proxy {
         request: Request<Incoming>,
         session: Session<'_>,
     ) -> Response<ProxyBody> {
-        let Session {
-            client,
-            link,
-            target,
-            exchange,
-            inspection,
-        } = session;
+        let (client, target, exchange) = (session.client, session.target, session.exchange);
         let mut path = request
             .uri()
             .path_and_query()
@@ -1412,24 +1590,6 @@ impl Proxy {
             let denial = Denial::Offline(url);
             return self.refuse_inspected(client, request.method(), target, &denial);
         }
-        let mut upstream = link.lock().await;
-        if let Link::Later(addrs, activity) = &*upstream {
-            let (addrs, activity) = (addrs.clone(), Arc::clone(activity));
-            let tls = self
-                .dial_tls(None, target, &addrs, &activity, exchange, inspection)
-                .await;
-            *upstream = Link::Dialled(self.refused_unless_dialled(client, tls, target, exchange));
-        }
-        let sender = match &mut *upstream {
-            Link::Dialled(Ok(sender)) => sender,
-            Link::Dialled(Err(reason)) => {
-                return error_response(StatusCode::BAD_GATEWAY, &Refused(reason.clone()));
-            }
-            Link::Later(..) => {
-                let never = Refused(format!("{} was not dialled", target.host));
-                return error_response(StatusCode::BAD_GATEWAY, &never);
-            }
-        };
         let (mut parts, body) = request.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         parts.uri = path.parse().unwrap_or_default();
@@ -1438,19 +1598,10 @@ impl Proxy {
         if let Ok(host) = HeaderValue::from_str(&authority) {
             parts.headers.insert(header::HOST, host);
         }
-        if sender.ready().await.is_err() {
-            let closed = Refused(format!("{} closed the connection", target.host));
-            return error_response(StatusCode::BAD_GATEWAY, &closed);
-        }
-        let response = match sender
-            .send_request(Request::from_parts(
-                parts,
-                body.map_err(BoxError::from).boxed(),
-            ))
-            .await
-        {
+        let request = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
+        let response = match self.send_inspected(request, &session, &url).await {
             Ok(response) => response,
-            Err(e) => return error_response(StatusCode::BAD_GATEWAY, &UpstreamError::Http(e)),
+            Err(failed) => return failed,
         };
         exchange
             .status
@@ -2192,7 +2343,8 @@ fn refused_or_reset(e: &io::Error) -> bool {
 }
 
 /// Whether `e` means the connection ended before any answer: the request was never
-/// written, or written to a connection that closed or was reset without a response.
+/// written, or written to a connection that closed or was reset without a response (over
+/// TLS, a close without `close_notify` is an unexpected end of file).
 fn unanswered(e: &hyper::Error) -> bool {
     let reset = e
         .source()
@@ -2200,7 +2352,9 @@ fn unanswered(e: &hyper::Error) -> bool {
         .is_some_and(|io| {
             matches!(
                 io.kind(),
-                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
             )
         });
     e.is_canceled() || e.is_incomplete_message() || e.is_closed() || reset

@@ -637,66 +637,18 @@ impl Session {
                 ));
                 return Ok(());
             }
-            match message {
-                GuestMessage::Hello { .. } => {}
-                GuestMessage::Pong { .. } => {
-                    answer_by = tokio::time::Instant::now() + LIVENESS_TIMEOUT;
-                }
-                GuestMessage::Phase { phase } => {
-                    // The script of a job with a fetch runs offline: the network goes off
-                    // before the agent hears it may start.
-                    if phase == Phase::Script && fetches && !offline_sent {
-                        offline_sent = true;
-                        self.network.go_offline();
-                        outbox.send(HostMessage::Offline).await.map_err(|_| {
-                            RunError::Control(std::io::ErrorKind::BrokenPipe.into())
-                        })?;
-                    }
-                    let _ = events.send(RunEvent::Phase { phase }).await;
-                }
-                GuestMessage::FetchExited { code, signal } => {
-                    // The fetch is over: nothing after it has the network, whatever the
-                    // guest says next.
-                    self.network.go_offline();
-                    progress.fetch = Some((code, signal));
-                }
-                GuestMessage::Artifact { path, size } => {
-                    progress.artifacts += 1;
-                    if progress.artifacts > MAX_REPORTED_ARTIFACTS {
-                        progress.failure = Some(ErrorInfo {
-                            code: "too_many_artifacts".into(),
-                            chain: vec![format!(
-                                "the guest reported more than {MAX_REPORTED_ARTIFACTS} artifacts (MAX_REPORTED_ARTIFACTS); the build was stopped"
-                            )],
-                        });
-                        return Ok(());
-                    }
-                    let _ = events.send(RunEvent::Artifact { path, size }).await;
-                }
-                GuestMessage::ScriptExited { .. } if fetches && !offline_sent => {
-                    progress.failure = Some(ErrorInfo {
-                        code: "script_before_offline".into(),
-                        chain: vec!["the guest reported the script's end before the host had cut the network after the fetch; the build was stopped".into()],
-                    });
-                    return Ok(());
-                }
-                GuestMessage::ScriptExited {
-                    code,
-                    signal,
-                    oom_kills,
-                    disk_full,
-                } => {
-                    progress.exit_code = code;
-                    progress.signal = signal;
-                    progress.oom_kills = oom_kills;
-                    progress.disk_full = disk_full;
-                }
-                GuestMessage::Error { code, chain } => {
-                    progress.agent_error = Some(ErrorInfo::capped(&code, &chain));
-                }
-                GuestMessage::Done => break,
-                // Only after a `shell` message, which `run` never sends.
-                GuestMessage::ShellStarted => {}
+            let heard = Heard {
+                events,
+                progress: &mut *progress,
+                fetches,
+                offline_sent: &mut offline_sent,
+                outbox,
+            };
+            match Self::heard(&self.network, message, heard).await? {
+                Next::Go => {}
+                Next::Alive => answer_by = tokio::time::Instant::now() + LIVENESS_TIMEOUT,
+                Next::Stop => return Ok(()),
+                Next::Done => break,
             }
         }
         // The output travels on its own stream; let it catch up before the closing event.
@@ -714,6 +666,98 @@ impl Session {
         }
         Ok(())
     }
+
+    /// Acts on one message of the guest's: what the build's progress and events learn
+    /// from it, and what [`Self::follow`] does next.
+    async fn heard(
+        network: &Network,
+        message: GuestMessage,
+        to: Heard<'_>,
+    ) -> Result<Next, RunError> {
+        match message {
+            GuestMessage::Hello { .. } => {}
+            GuestMessage::Pong { .. } => return Ok(Next::Alive),
+            GuestMessage::Phase { phase } => {
+                // The script of a job with a fetch runs offline: the network goes off
+                // before the agent hears it may start.
+                if phase == Phase::Script && to.fetches && !*to.offline_sent {
+                    *to.offline_sent = true;
+                    network.go_offline();
+                    to.outbox
+                        .send(HostMessage::Offline)
+                        .await
+                        .map_err(|_| RunError::Control(std::io::ErrorKind::BrokenPipe.into()))?;
+                }
+                let _ = to.events.send(RunEvent::Phase { phase }).await;
+            }
+            GuestMessage::FetchExited { code, signal } => {
+                // The fetch is over: nothing after it has the network, whatever the
+                // guest says next.
+                network.go_offline();
+                to.progress.fetch = Some((code, signal));
+            }
+            GuestMessage::Artifact { path, size } => {
+                to.progress.artifacts += 1;
+                if to.progress.artifacts > MAX_REPORTED_ARTIFACTS {
+                    to.progress.failure = Some(ErrorInfo {
+                        code: "too_many_artifacts".into(),
+                        chain: vec![format!(
+                            "the guest reported more than {MAX_REPORTED_ARTIFACTS} artifacts (MAX_REPORTED_ARTIFACTS); the build was stopped"
+                        )],
+                    });
+                    return Ok(Next::Stop);
+                }
+                let _ = to.events.send(RunEvent::Artifact { path, size }).await;
+            }
+            GuestMessage::ScriptExited { .. } if to.fetches && !*to.offline_sent => {
+                to.progress.failure = Some(ErrorInfo {
+                    code: "script_before_offline".into(),
+                    chain: vec!["the guest reported the script's end before the host had cut the network after the fetch; the build was stopped".into()],
+                });
+                return Ok(Next::Stop);
+            }
+            GuestMessage::ScriptExited {
+                code,
+                signal,
+                oom_kills,
+                disk_full,
+            } => {
+                to.progress.exit_code = code;
+                to.progress.signal = signal;
+                to.progress.oom_kills = oom_kills;
+                to.progress.disk_full = disk_full;
+            }
+            GuestMessage::Error { code, chain } => {
+                to.progress.agent_error = Some(ErrorInfo::capped(&code, &chain));
+            }
+            GuestMessage::Done => return Ok(Next::Done),
+            // Only after a `shell` message, which `run` never sends.
+            GuestMessage::ShellStarted => {}
+        }
+        Ok(Next::Go)
+    }
+}
+
+/// What [`Relay::heard`] works on: where events go, the build's progress, whether the job
+/// has a fetch, whether `offline` was sent, and the way to the agent.
+struct Heard<'a> {
+    events: &'a EventSink,
+    progress: &'a mut Progress,
+    fetches: bool,
+    offline_sent: &'a mut bool,
+    outbox: &'a mpsc::Sender<HostMessage>,
+}
+
+/// What follows a guest message.
+enum Next {
+    /// Read the next one.
+    Go,
+    /// The agent answered a ping: it is alive.
+    Alive,
+    /// A limit or a violation stopped the build (said in the progress).
+    Stop,
+    /// The agent is done.
+    Done,
 }
 
 /// A control channel closed under the relay before the agent answered `hello`: the VM

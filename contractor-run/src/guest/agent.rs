@@ -444,52 +444,63 @@ async fn run_job(
     }
 
     if code == Some(0) && !job.artifacts.is_empty() {
+        upload_artifacts(job, opener, control).await?;
+    }
+    Ok(code == Some(0))
+}
+
+/// The artifacts phase: uploads the job's artifacts to the store, a few at a time (each is
+/// its own tunnel stream and store request, so that both vCPUs and the host work at once),
+/// each reported in the order of the files.
+async fn upload_artifacts(
+    job: &Job,
+    opener: &Opener,
+    control: &ControlOut,
+) -> Result<(), AgentError> {
+    let token = job.store_token.as_deref();
+    say(
+        control,
+        &GuestMessage::Phase {
+            phase: Phase::Artifacts,
+        },
+    )
+    .await?;
+    let files = artifact_files(Path::new(WORK_DIR), &job.artifacts)?;
+    let uploads = files.into_iter().map(|(path, relative)| async move {
+        let size = upload(
+            opener,
+            &path,
+            &format!("{}{}", job.artifacts_dest, relative),
+            token,
+        )
+        .await
+        .map_err(|err| match err {
+            AgentError::StoreStatus { status, body, .. }
+                if status.is_client_error() && status != StatusCode::PAYLOAD_TOO_LARGE =>
+            {
+                AgentError::ArtifactRejected {
+                    path: relative.clone(),
+                    status,
+                    body,
+                }
+            }
+            other => other,
+        })?;
+        Ok::<_, AgentError>((relative, size))
+    });
+    let mut uploaded = futures::stream::iter(uploads).buffered(PARALLEL_UPLOADS);
+    while let Some(done) = uploaded.next().await {
+        let (relative, size) = done?;
         say(
             control,
-            &GuestMessage::Phase {
-                phase: Phase::Artifacts,
+            &GuestMessage::Artifact {
+                path: relative,
+                size,
             },
         )
         .await?;
-        // A few uploads at a time (each is its own tunnel stream and store request), so
-        // that both vCPUs and the host work at once; reported in the order of the files.
-        let files = artifact_files(Path::new(WORK_DIR), &job.artifacts)?;
-        let uploads = files.into_iter().map(|(path, relative)| async move {
-            let size = upload(
-                opener,
-                &path,
-                &format!("{}{}", job.artifacts_dest, relative),
-                token,
-            )
-            .await
-            .map_err(|err| match err {
-                AgentError::StoreStatus { status, body, .. }
-                    if status.is_client_error() && status != StatusCode::PAYLOAD_TOO_LARGE =>
-                {
-                    AgentError::ArtifactRejected {
-                        path: relative.clone(),
-                        status,
-                        body,
-                    }
-                }
-                other => other,
-            })?;
-            Ok::<_, AgentError>((relative, size))
-        });
-        let mut uploaded = futures::stream::iter(uploads).buffered(PARALLEL_UPLOADS);
-        while let Some(done) = uploaded.next().await {
-            let (relative, size) = done?;
-            say(
-                control,
-                &GuestMessage::Artifact {
-                    path: relative,
-                    size,
-                },
-            )
-            .await?;
-        }
     }
-    Ok(code == Some(0))
+    Ok(())
 }
 
 /// How many processes the kernel has killed for lack of memory since boot

@@ -62,53 +62,9 @@ pub fn statement(facts: &SignRequest) -> Result<Value, AttestError> {
         },
     });
     let mut resolved = vec![source_dependency(record, &facts.project)];
-    match &facts.image {
-        Some(manifest) => {
-            let mut annotations = json!({
-                "suite": manifest.suite,
-                "created": manifest.created,
-            });
-            if let Some(base) = &manifest.base {
-                annotations["base"] = json!(base);
-                annotations["packages"] = json!(manifest.packages);
-            }
-            // Built from a mirror whose Release was not checked for expiry (asked for with
-            // `[image] check_valid_until = false`): said, so a verifier can weigh it.
-            if manifest.check_valid_until == Some(false) {
-                annotations["checkValidUntil"] = json!(false);
-            }
-            resolved.push(json!({
-                "name": "image",
-                "uri": format!("contractor-image:{}", manifest.name),
-                "digest": {"sha256": manifest.disk_sha256},
-                "annotations": annotations,
-            }));
-            resolved.push(json!({
-                "name": "guest-agent",
-                "uri": format!("contractor-agent:{}", manifest.agent_version),
-                "digest": {"sha256": manifest.agent_sha256},
-            }));
-        }
-        None => resolved.push(json!({
-            "name": "image",
-            "uri": format!("contractor-image:{}", facts.image_name),
-            "annotations": {"digest": "not known here: the image is on the build host"},
-        })),
-    }
+    resolved.extend(image_dependencies(facts));
     resolved.extend(downloads);
-    let mut byproducts = Vec::new();
-    for name in ["result.json", "build.log", "proxy.jsonl", "downloads.jsonl"] {
-        if let Some(sha256) = file_sha256(&record.join(name))? {
-            byproducts.push(json!({"name": name, "digest": {"sha256": sha256}}));
-        }
-    }
-    // How the build ended, as an annotation of its result (SLSA's metadata has no field).
-    if let Some(result) = byproducts
-        .first_mut()
-        .filter(|b| b["name"] == "result.json")
-    {
-        result["annotations"] = json!({"outcome": facts.outcome, "exitCode": facts.exit_code});
-    }
+    let byproducts = byproducts(record, facts)?;
     let statement = json!({
         "_type": STATEMENT_TYPE,
         "subject": subject,
@@ -132,6 +88,64 @@ pub fn statement(facts: &SignRequest) -> Result<Value, AttestError> {
         },
     });
     Ok(statement)
+}
+
+/// The image and the guest agent it carries, as resolved dependencies: by digest from the
+/// image's manifest, or (a build host's image, whose manifest stayed there) by name only.
+fn image_dependencies(facts: &SignRequest) -> Vec<Value> {
+    let mut deps = Vec::new();
+    match &facts.image {
+        Some(manifest) => {
+            let mut annotations = json!({
+                "suite": manifest.suite,
+                "created": manifest.created,
+            });
+            if let Some(base) = &manifest.base {
+                annotations["base"] = json!(base);
+                annotations["packages"] = json!(manifest.packages);
+            }
+            // Built from a mirror whose Release was not checked for expiry (asked for with
+            // `[image] check_valid_until = false`): said, so a verifier can weigh it.
+            if manifest.check_valid_until == Some(false) {
+                annotations["checkValidUntil"] = json!(false);
+            }
+            deps.push(json!({
+                "name": "image",
+                "uri": format!("contractor-image:{}", manifest.name),
+                "digest": {"sha256": manifest.disk_sha256},
+                "annotations": annotations,
+            }));
+            deps.push(json!({
+                "name": "guest-agent",
+                "uri": format!("contractor-agent:{}", manifest.agent_version),
+                "digest": {"sha256": manifest.agent_sha256},
+            }));
+        }
+        None => deps.push(json!({
+            "name": "image",
+            "uri": format!("contractor-image:{}", facts.image_name),
+            "annotations": {"digest": "not known here: the image is on the build host"},
+        })),
+    }
+    deps
+}
+
+/// The record's files as byproducts (name and digest), `result.json` annotated with how
+/// the build ended (SLSA's metadata has no field for it).
+fn byproducts(record: &Path, facts: &SignRequest) -> Result<Vec<Value>, AttestError> {
+    let mut byproducts = Vec::new();
+    for name in ["result.json", "build.log", "proxy.jsonl", "downloads.jsonl"] {
+        if let Some(sha256) = file_sha256(&record.join(name))? {
+            byproducts.push(json!({"name": name, "digest": {"sha256": sha256}}));
+        }
+    }
+    if let Some(result) = byproducts
+        .first_mut()
+        .filter(|b| b["name"] == "result.json")
+    {
+        result["annotations"] = json!({"outcome": facts.outcome, "exitCode": facts.exit_code});
+    }
+    Ok(byproducts)
 }
 
 /// The resolved dependencies of `downloads.jsonl` (one per download line, in order) and

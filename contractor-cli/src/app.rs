@@ -961,36 +961,11 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
             fields,
         });
     }
-    let images = match image::list() {
-        Ok(images) => images,
-        Err(err) => {
-            eprintln!(
-                "contractor: cannot list the images: {}",
-                escape(&chain(&err))
-            );
-            return err.exit_code();
-        }
+    let mut inputs_differ = match image_differences(&statement, any_image) {
+        Ok(found) => found,
+        Err(exit) => return exit,
     };
-    let recorded = rebuild::recorded_image(&statement).map(|(name, _)| name);
-    let current = images
-        .iter()
-        .find(|i| Some(&i.manifest.name) == recorded.as_ref())
-        .map(|i| &i.manifest);
-    let mut inputs_differ = rebuild::image_differences(&statement, current);
-    if !inputs_differ.is_empty() && !any_image {
-        return input(&RebuildError::ImageChanged(inputs_differ.join("; ")));
-    }
-    for reason in rebuild::incomplete_downloads(&statement) {
-        eprintln!(
-            "contractor: warning: build {} did not record every download ({}): what it did not record cannot be served offline",
-            escape(&original.id),
-            escape(&reason)
-        );
-    }
-    let cache_warning = rebuild::cache_warning(&statement, &spec);
-    if let Some(warning) = &cache_warning {
-        eprintln!("contractor: warning: {}", escape(warning));
-    }
+    let cache_warning = warn_of_missing_inputs(&original.id, &statement, &spec);
     // The record's pins are the lock, offline; the build cache is left out: a rebuild
     // starts from the source alone.
     spec.lock = Some(rebuild::pins(&statement));
@@ -1034,11 +1009,13 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
             return ExitCode::Infrastructure;
         }
     };
-    if let Ok(again) = rebuild::read_statement(&rebuilt.join(crate::provenance::PROVENANCE_FILE)) {
-        for found in rebuild::input_differences(&statement, &again) {
-            if !inputs_differ.contains(&found) {
-                inputs_differ.push(found);
-            }
+    let again = rebuild::read_statement(&rebuilt.join(crate::provenance::PROVENANCE_FILE));
+    for found in again
+        .iter()
+        .flat_map(|again| rebuild::input_differences(&statement, again))
+    {
+        if !inputs_differ.contains(&found) {
+            inputs_differ.push(found);
         }
     }
     let rows = rebuild::compare(&before, &after);
@@ -1050,8 +1027,70 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
     ) {
         eprintln!("contractor: cannot write {}: {err}", path.display());
     }
+    rebuild_summary(&original, result, &rows, &inputs_differ, cache_warning)
+}
+
+/// Says what the original's record may lack for an offline rebuild (downloads it did not
+/// record, a build cache it restored); returns the cache's warning, said again at the end.
+fn warn_of_missing_inputs(
+    id: &str,
+    statement: &serde_json::Value,
+    spec: &spec::BuildSpec,
+) -> Option<String> {
+    for reason in crate::rebuild::incomplete_downloads(statement) {
+        eprintln!(
+            "contractor: warning: build {} did not record every download ({}): what it did not record cannot be served offline",
+            escape(id),
+            escape(&reason)
+        );
+    }
+    let cache_warning = crate::rebuild::cache_warning(statement, spec);
+    if let Some(warning) = &cache_warning {
+        eprintln!("contractor: warning: {}", escape(warning));
+    }
+    cache_warning
+}
+
+/// The images' differences from the statement's image (`[]`: the same); when there are
+/// some and `any_image` was not given, the exit code of the refusal (said on stderr).
+fn image_differences(
+    statement: &serde_json::Value,
+    any_image: bool,
+) -> Result<Vec<String>, ExitCode> {
+    use crate::rebuild::{self, RebuildError};
+    let images = image::list().map_err(|err| {
+        eprintln!(
+            "contractor: cannot list the images: {}",
+            escape(&chain(&err))
+        );
+        err.exit_code()
+    })?;
+    let recorded = rebuild::recorded_image(statement).map(|(name, _)| name);
+    let current = images
+        .iter()
+        .find(|i| Some(&i.manifest.name) == recorded.as_ref())
+        .map(|i| &i.manifest);
+    let found = rebuild::image_differences(statement, current);
+    if !found.is_empty() && !any_image {
+        let err = RebuildError::ImageChanged(found.join("; "));
+        eprintln!("contractor: {}", escape(&chain(&err)));
+        return Err(ExitCode::BadInput);
+    }
+    Ok(found)
+}
+
+/// The rebuild's report: each artifact's verdict on stdout, then how it ended and what
+/// differs on stderr; the exit code (0: every artifact identical and the same ending).
+fn rebuild_summary(
+    original: &records::Record,
+    result: &BuildResult,
+    rows: &[crate::rebuild::Compared],
+    inputs_differ: &[String],
+    cache_warning: Option<String>,
+) -> ExitCode {
+    use crate::rebuild;
     eprintln!();
-    for line in rebuild::report_lines(&rows) {
+    for line in rebuild::report_lines(rows) {
         println!("{line}");
     }
     let identical = rows
@@ -1094,7 +1133,7 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
             escape(&result.refused_hosts.join(", "))
         );
     }
-    for found in &inputs_differ {
+    for found in inputs_differ {
         eprintln!("  input differs: {}", escape(found));
     }
     if rows.is_empty() {
@@ -1103,7 +1142,7 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
     match result.outcome {
         Outcome::Infrastructure => ExitCode::Infrastructure,
         Outcome::Interrupted => ExitCode::Interrupted,
-        _ if rebuild::all_identical(&rows) && same_end => ExitCode::Success,
+        _ if rebuild::all_identical(rows) && same_end => ExitCode::Success,
         _ => ExitCode::BuildFailed,
     }
 }

@@ -726,6 +726,13 @@ fn build_here(
         let exit = match &err {
             build::BuildError::Image(e) => e.exit_code(),
             build::BuildError::Setting(_) => ExitCode::BadInput,
+            build::BuildError::Interrupted(_) => {
+                return (
+                    BuildCode::Interrupted.as_str(),
+                    error_chain(&err),
+                    ExitCode::Interrupted,
+                )
+            }
             _ => ExitCode::Infrastructure,
         };
         (BuildCode::BuildSetup.as_str(), error_chain(&err), exit)

@@ -112,6 +112,7 @@ pub fn serve() -> ExitCode {
             let exit = match &err {
                 build::BuildError::Image(e) => e.exit_code(),
                 build::BuildError::Setting(_) => ExitCode::BadInput,
+                build::BuildError::Interrupted(_) => ExitCode::Interrupted,
                 _ => ExitCode::Infrastructure,
             };
             refuse(Refusal {

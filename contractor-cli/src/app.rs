@@ -9,7 +9,7 @@ use crate::remote::BuildHost;
 use crate::{image, records, spec};
 use clap::{Parser, Subcommand, ValueEnum};
 use contractor_protocol::agent::Keep;
-use contractor_protocol::error::ErrorObject;
+use contractor_protocol::error::{ErrorObject, ToolCode};
 use contractor_protocol::result::error_chain;
 use contractor_protocol::result::{BuildCode, BuildResult, Outcome};
 use contractor_protocol::vm::Accel;
@@ -375,7 +375,7 @@ pub fn main() -> std::process::ExitCode {
                 Err(problem) => {
                     ErrorObject::report(
                         "contractor",
-                        BuildCode::BadSpec.as_str(),
+                        BuildCode::BadSpec,
                         vec![problem],
                         mode == Mode::Json,
                     );
@@ -556,7 +556,7 @@ fn run_build(
         } else {
             chain.iter().map(|m| escape(m).into_owned()).collect()
         };
-        ErrorObject::report("contractor", code, chain, json);
+        ErrorObject::report("contractor", ToolCode::parse(code), chain, json);
     };
     let spec = match spec::load(file) {
         Ok(spec) => spec,
@@ -802,7 +802,7 @@ fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
                     return ExitCode::BuildFailed;
                 }
                 Err((code, chain, exit)) => {
-                    ErrorObject::report("contractor", code, chain, false);
+                    ErrorObject::report("contractor", ToolCode::parse(code), chain, false);
                     return exit;
                 }
             }

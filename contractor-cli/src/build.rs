@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use contractor_protocol::agent::{Job, Keep, Phase};
 use contractor_protocol::build::BuildEvent;
+use contractor_protocol::error::ToolCode;
 use contractor_protocol::proxy::{Decision, DecisionClass, ProxyLine, Summary, Verdict};
 use contractor_protocol::result::{
     BuildCode, BuildResult, ErrorInfo, Limit, Outcome, UpstreamFailure,
@@ -712,7 +713,7 @@ fn new_store_token(id: &str, file: &Path, log: &ToolsLog) -> Result<String, Tool
             name: tools::STORE,
             exit_code: Some(0),
             error: Some(contractor_protocol::error::ErrorObject::with_chain(
-                "token",
+                ToolCode::Token,
                 vec![format!(
                     "it printed {:?}, not a token",
                     crate::display::escape_capped(&token, 80)
@@ -1428,7 +1429,7 @@ impl Spawned {
                 name,
                 exit_code: None,
                 error: Some(contractor_protocol::error::ErrorObject::with_chain(
-                    "wrong_answer",
+                    ToolCode::WrongAnswer,
                     vec!["it answered create with something other than a vm".into()],
                 )),
             });
@@ -1526,7 +1527,7 @@ impl Releasing {
                     Ok(()) => Ok(()),
                     Err(ToolError::Failed {
                         error: Some(error), ..
-                    }) if error.code == "not_found" => Err(ToolError::Failed {
+                    }) if error.code == ToolCode::NotFound => Err(ToolError::Failed {
                         name: tool,
                         exit_code: status.code(),
                         error: None,

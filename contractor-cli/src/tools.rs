@@ -13,7 +13,7 @@ use std::io::{BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Stdio};
 
-use contractor_protocol::error::ErrorObject;
+use contractor_protocol::error::{ErrorObject, ToolCode};
 use contractor_protocol::jsonl::{JsonlError, JsonlReader};
 use contractor_protocol::PROTOCOL_VERSION;
 use serde::de::DeserializeOwned;
@@ -120,7 +120,7 @@ fn chain_text(error: &Option<ErrorObject>) -> String {
 
 impl ToolError {
     /// The code of the tool's own error object, if it wrote one.
-    pub fn tool_code(&self) -> Option<&str> {
+    pub fn tool_code(&self) -> Option<&ToolCode> {
         match self {
             ToolError::Failed {
                 error: Some(error), ..

@@ -9,6 +9,7 @@
 use std::io::{Read, Write};
 
 use clap::Parser;
+use contractor_protocol::error::ToolCode;
 use contractor_protocol::run::{RunEvent, RunRequest};
 use contractor_protocol::{ExitCode, PROTOCOL_VERSION};
 
@@ -73,14 +74,14 @@ enum StartError {
 }
 
 impl StartError {
-    fn code(&self) -> &'static str {
+    fn code(&self) -> ToolCode {
         match self {
-            StartError::Stdin(_) => "stdin",
-            StartError::NoRequest => "no_request",
-            StartError::Json { .. } => "bad_json",
-            StartError::Version(_) => "unsupported",
-            StartError::Runtime(_) => "runtime",
-            StartError::Confine(_) => "confine",
+            StartError::Stdin(_) => ToolCode::Stdin,
+            StartError::NoRequest => ToolCode::NoRequest,
+            StartError::Json { .. } => ToolCode::BadJson,
+            StartError::Version(_) => ToolCode::Unsupported,
+            StartError::Runtime(_) => ToolCode::Runtime,
+            StartError::Confine(_) => ToolCode::Confine,
         }
     }
 

@@ -822,14 +822,39 @@ const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(15);
 /// Waits for `child`, which was sent SIGTERM, for at most [`STOP_GRACE`]; then kills it. A
 /// tool that ignores SIGTERM cannot hold the build forever.
 fn wait_or_kill(child: &mut Child) -> std::io::Result<std::process::ExitStatus> {
-    let deadline = Instant::now() + STOP_GRACE;
+    match wait_until(child, Instant::now() + STOP_GRACE)? {
+        Some(status) => Ok(status),
+        None => {
+            let _ = child.kill();
+            child.wait()
+        }
+    }
+}
+
+/// Waits for `child`, told to end by the close of its stdin (`contractor-vm create`: its VM
+/// is released), for at most [`STOP_GRACE`]; then stops it ([`stop_child`]'s way). A tool
+/// that never lets go cannot hold the build forever.
+fn wait_or_stop(child: &mut Child) -> std::io::Result<std::process::ExitStatus> {
+    match wait_until(child, Instant::now() + STOP_GRACE)? {
+        Some(status) => Ok(status),
+        None => {
+            let _ = kill(child_pid(child), Signal::SIGTERM);
+            wait_or_kill(child)
+        }
+    }
+}
+
+/// `child`'s end, or None if it still runs at `deadline`.
+fn wait_until(
+    child: &mut Child,
+    deadline: Instant,
+) -> std::io::Result<Option<std::process::ExitStatus>> {
     loop {
         if let Some(status) = child.try_wait()? {
-            return Ok(status);
+            return Ok(Some(status));
         }
         if Instant::now() >= deadline {
-            let _ = child.kill();
-            return child.wait();
+            return Ok(None);
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -1440,7 +1465,7 @@ impl Spawned {
             child.stdin = stdin;
             Some(child)
         } else {
-            let _ = child.wait();
+            let _ = wait_or_stop(&mut child);
             None
         };
         Ok(Vm {
@@ -1456,7 +1481,7 @@ impl Drop for Spawned {
     fn drop(&mut self) {
         drop(self.stdin.take());
         if let Some(mut child) = self.child.take() {
-            let _ = child.wait();
+            let _ = wait_or_stop(&mut child);
         }
     }
 }
@@ -1517,8 +1542,7 @@ impl Releasing {
                 uri,
                 name,
             } => {
-                let status = holder
-                    .wait()
+                let status = wait_or_stop(&mut holder)
                     .map_err(|source| ToolError::Io { name: tool, source })?;
                 if status.success() {
                     return Ok(());
@@ -1548,7 +1572,7 @@ impl Drop for Vm {
     fn drop(&mut self) {
         if let Some(mut holder) = self.holder.take() {
             drop(holder.stdin.take());
-            let _ = holder.wait();
+            let _ = wait_or_stop(&mut holder);
         }
     }
 }

@@ -25,8 +25,9 @@ const TOOLS: [&str; 4] = [
 ];
 
 /// How long a front end may take before the test calls it hung (a guard against a test
-/// that never ends, not a measurement: a sound run takes well under a second).
-const HUNG: Duration = Duration::from_secs(30);
+/// that never ends, not a measurement: a sound run takes well under a second, one that
+/// waits out a tool's 15 s grace and then stops it about 15 s).
+const HUNG: Duration = Duration::from_secs(60);
 
 /// A project, a data directory and a directory of stand-in tools, all in one temp dir.
 struct Bench {
@@ -614,4 +615,23 @@ fn a_service_that_ignores_sigterm_at_the_end_is_killed_and_named() {
     ended.assert_exit(0);
     ended.assert_says(&["the store did not stop cleanly", "contractor-store", KILLED]);
     assert_eq!(bench.result().outcome, Outcome::Success);
+}
+
+#[test]
+fn a_vm_holder_that_never_lets_go_does_not_hold_the_front_end() {
+    let bench = Bench::new().with("vm-hold", "hang");
+    let ended = bench.build();
+    ended.assert_exit(0);
+    assert_eq!(bench.result().outcome, Outcome::Success);
+}
+
+#[test]
+fn a_vm_tool_that_never_answers_does_not_hold_a_build_that_failed_elsewhere() {
+    let bench = Bench::new()
+        .with("vm-create", "hang")
+        .with("store-serve", "die");
+    let ended = bench.build();
+    ended.assert_exit(3);
+    ended.assert_says(&["contractor-store", FAILED_3]);
+    assert_eq!(bench.result().outcome, Outcome::Infrastructure);
 }

@@ -1544,7 +1544,11 @@ impl Releasing {
             } => {
                 let status = wait_or_stop(&mut holder)
                     .map_err(|source| ToolError::Io { name: tool, source })?;
-                if status.success() {
+                // 130: the holder was sent Ctrl-C (by the terminal) or SIGTERM (by this
+                // front end's interruption) and has destroyed the VM, as it does on a close.
+                let on_signal =
+                    status.code() == Some(contractor_protocol::ExitCode::Interrupted.code());
+                if status.success() || on_signal {
                     return Ok(());
                 }
                 match destroy_vm(&uri, &name) {

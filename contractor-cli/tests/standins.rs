@@ -82,6 +82,11 @@ impl Bench {
 
     /// Starts `contractor build` in the project.
     fn start(&self) -> Child {
+        self.command().spawn().expect("start contractor")
+    }
+
+    /// `contractor build` in the project, with the stand-ins.
+    fn command(&self) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_contractor"));
         command
             .arg("build")
@@ -97,7 +102,31 @@ impl Bench {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        command.spawn().expect("start contractor")
+        command
+    }
+
+    /// Starts `contractor build` in a process group of its own, waits until a stand-in
+    /// reached `step`, and sends the whole group SIGINT, as a terminal does on Ctrl-C.
+    fn ctrl_c_in_a_terminal_at(&self, step: &str) -> Ended {
+        let mut command = self.command();
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let child = command.spawn().expect("start contractor");
+        self.wait_for(step);
+        kill(Pid::from_raw(-pid_of(&child).as_raw()), Signal::SIGINT).expect("SIGINT");
+        self.finish(child)
+    }
+
+    /// Waits until a stand-in reached `step`.
+    fn wait_for(&self, step: &str) {
+        let marker = self.path("standin").join(format!("reached-{step}"));
+        let deadline = Instant::now() + HUNG;
+        while !marker.exists() {
+            assert!(Instant::now() < deadline, "the build never reached {step}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The stand-in marks the step before it hangs; let the front end read what came
+        // before it. (Not needed for correctness: an earlier SIGINT is an interruption too.)
+        std::thread::sleep(Duration::from_millis(200));
     }
 
     /// Runs `contractor build` to its end.
@@ -115,15 +144,7 @@ impl Bench {
     /// [`Bench::interrupt_at`] with `times` signals, half a second apart.
     fn interrupt_times_at(&self, step: &str, times: usize) -> Ended {
         let child = self.start();
-        let marker = self.path("standin").join(format!("reached-{step}"));
-        let deadline = Instant::now() + HUNG;
-        while !marker.exists() {
-            assert!(Instant::now() < deadline, "the build never reached {step}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // The stand-in marks the step before it hangs; let the front end read what came
-        // before it. (Not needed for correctness: an earlier SIGINT is an interruption too.)
-        std::thread::sleep(Duration::from_millis(200));
+        self.wait_for(step);
         for time in 0..times {
             if time > 0 {
                 std::thread::sleep(Duration::from_millis(500));
@@ -258,6 +279,14 @@ impl Ended {
         );
     }
 
+    fn assert_silent_about(&self, words: &str) {
+        assert!(
+            !self.stderr.contains(words),
+            "stderr has {words:?}:\n{}",
+            self.stderr
+        );
+    }
+
     fn assert_says(&self, words: &[&str]) {
         for word in words {
             assert!(
@@ -281,6 +310,7 @@ fn the_standins_build_successfully() {
     let ended = bench.build();
     ended.assert_exit(0);
     ended.assert_says(&["succeeded"]);
+    ended.assert_silent_about("warning");
     let result = bench.result();
     assert_eq!(result.outcome, Outcome::Success);
     assert_eq!(result.exit_code, Some(0));
@@ -318,6 +348,7 @@ fn interrupted_times_at(step: &str, how: &str, times: usize) {
     let ended = bench.interrupt_times_at(step, times);
     ended.assert_exit(130);
     ended.assert_says(&["was interrupted", "Ctrl-C"]);
+    ended.assert_silent_about("cannot release VM");
     let result = bench.result();
     assert_eq!(result.outcome, Outcome::Interrupted, "{:?}", result.error);
     let (code, chain) = error_of(&result);
@@ -634,4 +665,14 @@ fn a_vm_tool_that_never_answers_does_not_hold_a_build_that_failed_elsewhere() {
     ended.assert_exit(3);
     ended.assert_says(&["contractor-store", FAILED_3]);
     assert_eq!(bench.result().outcome, Outcome::Infrastructure);
+}
+
+#[test]
+fn ctrl_c_in_a_terminal_reaches_every_tool_and_the_released_vm_is_no_warning() {
+    let bench = Bench::new().with("run-script", "hang");
+    let ended = bench.ctrl_c_in_a_terminal_at("run-script");
+    ended.assert_exit(130);
+    ended.assert_says(&["was interrupted", "Ctrl-C"]);
+    ended.assert_silent_about("cannot release VM");
+    assert_eq!(bench.result().outcome, Outcome::Interrupted);
 }

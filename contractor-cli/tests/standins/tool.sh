@@ -61,11 +61,24 @@ contractor-vm)
 		printf '{"type":"vm","version":1,"vm":{"name":"contractor-standin0001","uri":"qemu:///system","state":"running","control_socket":"%s/control","tunnel_socket":"%s/tunnel","accel":"tcg"}}\n' "$STANDIN_DIR" "$STANDIN_DIR"
 		case $* in
 		*--hold*)
+			# As the real holder: it destroys the VM when its stdin closes (exit 0) or
+			# on SIGTERM or SIGINT (exit 130).
 			step vm-hold
-			exec cat >/dev/null ;;
+			exec 3<&0
+			cat <&3 >/dev/null &
+			reader=$!
+			trap 'kill $reader; : >"$STANDIN_DIR/vm-released"; exit 130' TERM INT
+			wait $reader
+			: >"$STANDIN_DIR/vm-released"
+			exit 0 ;;
 		esac ;;
 	destroy)
 		step vm-destroy
+		if [ -e "$STANDIN_DIR/vm-released" ]; then
+			echo '{"type":"error","version":1,"code":"not_found","chain":["no VM named contractor-standin0001"]}'
+			echo "contractor-vm: no VM named contractor-standin0001" >&2
+			exit 2
+		fi
 		echo '{"type":"destroyed","version":1,"name":"contractor-standin0001"}' ;;
 	*) echo "contractor-vm: stand-in: no $1" >&2; exit 2 ;;
 	esac ;;

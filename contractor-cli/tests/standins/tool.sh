@@ -11,8 +11,8 @@
 #   garbage  writes a line that is not JSON, then exits 0
 #   hang     writes nothing more and never exits (until it is sent SIGTERM)
 #   deaf     the same, and ignores SIGTERM (only SIGKILL ends it)
-# Every process records its pid in "$STANDIN_DIR/pids", so that a test can tell whether
-# one outlived the front end.
+# Every process (and each child it starts) records its pid in "$STANDIN_DIR/pids", so that
+# a test can tell whether one outlived the front end, and stop it if so.
 set -u
 tool=${0##*/}
 echo $$ >>"$STANDIN_DIR/pids"
@@ -44,6 +44,7 @@ serve() {
 	step "$1-serving"
 	sleep 100000 >/dev/null &
 	sleeper=$!
+	echo $sleeper >>"$STANDIN_DIR/pids"
 	trap 'kill $sleeper; exit 0' TERM INT
 	wait $sleeper
 }
@@ -67,6 +68,7 @@ contractor-vm)
 			exec 3<&0
 			cat <&3 >/dev/null &
 			reader=$!
+			echo $reader >>"$STANDIN_DIR/pids"
 			trap 'kill $reader; : >"$STANDIN_DIR/vm-released"; exit 130' TERM INT
 			wait $reader
 			: >"$STANDIN_DIR/vm-released"

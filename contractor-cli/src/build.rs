@@ -1231,53 +1231,24 @@ impl Ran {
 }
 
 /// Ctrl-C and SIGTERM while the build runs: remembered, and passed on as SIGTERM to every
-/// tool the build started and [tracked](Interruption::track) (`contractor-run` then ends
-/// without `finished`, `contractor-vm` destroys the VM it creates or holds, a service
-/// stops), so that whatever the build waits for ends. A tool still running
-/// [`STOP_GRACE`] later, or at a second signal, is killed (SIGKILL). The terminal sends
-/// Ctrl-C to every tool anyway; a CI engine or `kill` signals only this process.
+/// tool running then (`tools::signal_running`) and to each tool of the build started later
+/// ([tracked](Interruption::track)): `contractor-run` then ends without `finished`,
+/// `contractor-vm` destroys the VM it creates or holds, a service stops, and whatever the
+/// build waits for ends. A tool still running [`STOP_GRACE`] later, or at a second signal,
+/// is killed (SIGKILL). The terminal sends Ctrl-C to every tool anyway; a CI engine or
+/// `kill` signals only this process.
 struct Interruption {
     signal: Arc<Mutex<Option<&'static str>>>,
-    tools: Arc<Mutex<Vec<TrackedTool>>>,
     watching: Arc<AtomicBool>,
-}
-
-/// A tool's process: its pid and its start time, so that a pid reused by another process
-/// is never signalled.
-#[derive(Clone, Copy)]
-struct TrackedTool {
-    pid: i32,
-    start: Option<u64>,
-}
-
-impl TrackedTool {
-    /// Sends `signal` if the process still runs (or is a zombie not yet waited for).
-    fn signal(self, signal: Signal) {
-        let pid = u32::try_from(self.pid).unwrap_or(0);
-        if self.start.is_some() && contractor_protocol::process::start_time(pid) == self.start {
-            let _ = kill(Pid::from_raw(self.pid), signal);
-        }
-    }
-}
-
-/// Sends `signal` to each of `tools`.
-fn signal_tools(tools: &Mutex<Vec<TrackedTool>>, signal: Signal) {
-    if let Ok(tools) = tools.lock() {
-        for tool in tools.iter() {
-            tool.signal(signal);
-        }
-    }
 }
 
 impl Interruption {
     fn watch() -> Interruption {
         let interruption = Interruption {
             signal: Arc::new(Mutex::new(None)),
-            tools: Arc::new(Mutex::new(Vec::new())),
             watching: Arc::new(AtomicBool::new(true)),
         };
         let signal = interruption.signal.clone();
-        let tools = interruption.tools.clone();
         let watching = interruption.watching.clone();
         use signal_hook::consts::{SIGINT, SIGTERM};
         match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
@@ -1297,15 +1268,15 @@ impl Interruption {
                             Err(_) => true,
                         };
                         if !first {
-                            signal_tools(&tools, Signal::SIGKILL);
+                            tools::signal_running(Signal::SIGKILL);
                             continue;
                         }
-                        signal_tools(&tools, Signal::SIGTERM);
-                        let (tools, watching) = (tools.clone(), watching.clone());
+                        tools::signal_running(Signal::SIGTERM);
+                        let watching = watching.clone();
                         std::thread::spawn(move || {
                             std::thread::sleep(STOP_GRACE);
                             if watching.load(Ordering::SeqCst) {
-                                signal_tools(&tools, Signal::SIGKILL);
+                                tools::signal_running(Signal::SIGKILL);
                             }
                         });
                     }
@@ -1323,19 +1294,11 @@ impl Interruption {
         self.signal.lock().ok().and_then(|s| *s)
     }
 
-    /// Passes an interruption on to `child` (a tool of this build): now when one came
-    /// already, else when it comes.
+    /// Passes an interruption that came already on to `child`, a tool the build is about
+    /// to wait for (one that comes later reaches it through `tools::signal_running`).
     fn track(&self, child: &Child) {
-        let pid = child_pid(child).as_raw();
-        let tool = TrackedTool {
-            pid,
-            start: contractor_protocol::process::start_time(child.id()),
-        };
-        if let Ok(mut tools) = self.tools.lock() {
-            tools.push(tool);
-        }
         if self.signal().is_some() {
-            tool.signal(Signal::SIGTERM);
+            let _ = kill(child_pid(child), Signal::SIGTERM);
         }
     }
 

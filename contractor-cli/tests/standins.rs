@@ -676,3 +676,13 @@ fn ctrl_c_in_a_terminal_reaches_every_tool_and_the_released_vm_is_no_warning() {
     ended.assert_silent_about("cannot release VM");
     assert_eq!(bench.result().outcome, Outcome::Interrupted);
 }
+
+#[test]
+fn ctrl_c_while_the_source_is_packed_is_an_interruption() {
+    interrupted_at("store-pack", "hang");
+}
+
+#[test]
+fn ctrl_c_while_the_store_makes_a_token_is_an_interruption() {
+    interrupted_at("store-token", "hang");
+}

@@ -542,7 +542,7 @@ fn json_prints_the_event_stream_of_a_real_build_and_quiet_prints_nothing() {
     assert_eq!(bad.status.code(), Some(2));
     let error: contractor_protocol::error::ErrorObject =
         serde_json::from_slice(&bad.stdout).expect("one error object on stdout");
-    assert_eq!(error.code, "bad_spec");
+    assert_eq!(error.code.as_str(), "bad_spec");
 }
 
 #[test]

@@ -13,7 +13,7 @@ use clap::Parser;
 use contractor_protocol::attest::{
     AttestAnswer, AttestRequest, SignRequest, MAX_REQUEST_BYTES, PROVENANCE_FILE,
 };
-use contractor_protocol::error::ErrorObject;
+use contractor_protocol::error::{ErrorObject, ToolCode};
 use contractor_protocol::service::Confinement;
 use contractor_protocol::{ExitCode, PROTOCOL_VERSION};
 
@@ -66,14 +66,14 @@ enum CliError {
 }
 
 impl CliError {
-    fn code(&self) -> &'static str {
+    fn code(&self) -> ToolCode {
         match self {
-            CliError::Stdin(_) => "stdin",
-            CliError::TooBig | CliError::Json { .. } => "bad_json",
-            CliError::Confine(_) => "confine",
-            CliError::Attest(AttestError::BadKey { .. }) => "bad_key",
-            CliError::Attest(AttestError::Statement(_)) => "bad_envelope",
-            CliError::Attest(_) => "attest",
+            CliError::Stdin(_) => ToolCode::Stdin,
+            CliError::TooBig | CliError::Json { .. } => ToolCode::BadJson,
+            CliError::Confine(_) => ToolCode::Confine,
+            CliError::Attest(AttestError::BadKey { .. }) => ToolCode::BadKey,
+            CliError::Attest(AttestError::Statement(_)) => ToolCode::BadEnvelope,
+            CliError::Attest(_) => ToolCode::Attest,
         }
     }
 

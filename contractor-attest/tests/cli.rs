@@ -151,7 +151,7 @@ fn bad_requests_and_keys_are_exit_2_with_an_error_object() {
         assert_eq!(out.status.code(), Some(2), "{request}");
         let error: contractor_protocol::error::ErrorObject =
             serde_json::from_slice(&out.stdout).expect("error object");
-        assert_eq!(error.code, code, "{request}");
+        assert_eq!(error.code.as_str(), code, "{request}");
         assert!(error.chain.join(": ").contains(said), "{:?}", error.chain);
     }
     let out = attest(

@@ -9,7 +9,7 @@ use crate::remote::BuildHost;
 use crate::{image, records, spec};
 use clap::{Parser, Subcommand, ValueEnum};
 use contractor_protocol::agent::Keep;
-use contractor_protocol::error::ErrorObject;
+use contractor_protocol::error::{ErrorObject, ToolCode};
 use contractor_protocol::result::error_chain;
 use contractor_protocol::result::{BuildCode, BuildResult, Outcome};
 use contractor_protocol::vm::Accel;
@@ -379,7 +379,7 @@ pub fn main() -> std::process::ExitCode {
                 Err(problem) => {
                     ErrorObject::report(
                         "contractor",
-                        BuildCode::BadSpec.as_str(),
+                        BuildCode::BadSpec,
                         vec![problem],
                         mode == Mode::Json,
                     );
@@ -568,7 +568,7 @@ fn run_build(
         } else {
             chain.iter().map(|m| escape(m).into_owned()).collect()
         };
-        ErrorObject::report("contractor", code, chain, json);
+        ErrorObject::report("contractor", ToolCode::parse(code), chain, json);
     };
     let spec = match spec::load(file) {
         Ok(spec) => spec,
@@ -738,6 +738,13 @@ fn build_here(
         let exit = match &err {
             build::BuildError::Image(e) => e.exit_code(),
             build::BuildError::Setting(_) => ExitCode::BadInput,
+            build::BuildError::Interrupted(_) => {
+                return (
+                    BuildCode::Interrupted.as_str(),
+                    error_chain(&err),
+                    ExitCode::Interrupted,
+                )
+            }
             _ => ExitCode::Infrastructure,
         };
         (BuildCode::BuildSetup.as_str(), error_chain(&err), exit)
@@ -807,7 +814,7 @@ fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
                     return ExitCode::BuildFailed;
                 }
                 Err((code, chain, exit)) => {
-                    ErrorObject::report("contractor", code, chain, false);
+                    ErrorObject::report("contractor", ToolCode::parse(code), chain, false);
                     return exit;
                 }
             }

@@ -14,13 +14,14 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use contractor_protocol::agent::{Job, Keep, Phase};
 use contractor_protocol::build::BuildEvent;
+use contractor_protocol::error::ToolCode;
 use contractor_protocol::proxy::{Decision, DecisionClass, ProxyLine, Summary, Verdict};
 use contractor_protocol::result::{
     BuildCode, BuildResult, ErrorInfo, Limit, Outcome, UpstreamFailure,
@@ -136,6 +137,9 @@ pub enum BuildError {
     /// A setting of the environment is invalid (`CONTRACTOR_DOWNLOAD_CACHE_SIZE`).
     #[error("{0}")]
     Setting(String),
+    /// Ctrl-C or SIGTERM (named) came before the build could run.
+    #[error("the build was interrupted ({0}) before it could run")]
+    Interrupted(&'static str),
 }
 
 impl BuildError {
@@ -158,6 +162,7 @@ impl BuildError {
             BuildError::DataDir(_) => (Outcome::Infrastructure, BuildCode::DataDir),
             BuildError::StoreDir(_) => (Outcome::Failed, BuildCode::StoreDir),
             BuildError::Setting(_) => (Outcome::Failed, BuildCode::BuildSetup),
+            BuildError::Interrupted(_) => (Outcome::Interrupted, BuildCode::Interrupted),
         }
     }
 }
@@ -259,8 +264,11 @@ pub fn build(
         path: record.clone(),
         source,
     })?;
-    // From here on, every failure also closes the record with a result.json.
-    let close = |err: BuildError| close_failed_record(&record, &id, started, err);
+    // From here on, every failure also closes the record with a result.json, and Ctrl-C
+    // or SIGTERM stops the tools the build waits for and ends it as interrupted.
+    let interruption = Interruption::watch();
+    let close =
+        |err: BuildError| close_failed_record(&record, &id, started, interruption.over(err));
     let packed = match &options.packed {
         None => source::pack(&spec.project_dir, &record.join("source.tar"))
             .map_err(BuildError::Source)
@@ -331,7 +339,6 @@ pub fn build(
     let store_token = new_store_token(&id, &private.token_file(), &tools_log)
         .map_err(|e| BuildError::Service("store", e))
         .map_err(close)?;
-    let interruption = Interruption::watch();
     let log = record.join("build.log");
     let console_log = record.join("console.log");
     let vm_spec = VmSpec {
@@ -353,8 +360,14 @@ pub fn build(
     // `contractor-vm reap` removes it when this process died before deciding.
     let vm = match paths::create_dir_world_readable(&vm_spec.work_dir) {
         Err(err) => Err(Ran::infrastructure(BuildCode::VmWorkDir, &err)),
-        Ok(()) => Vm::spawn(&options.uri, &vm_spec, options.keep.is_none(), &tools_log)
-            .map_err(|err| Ran::infrastructure(BuildCode::VmCreate, &err)),
+        Ok(()) => Vm::spawn(
+            &options.uri,
+            &vm_spec,
+            options.keep.is_none(),
+            &tools_log,
+            &interruption,
+        )
+        .map_err(|err| Ran::infrastructure(BuildCode::VmCreate, &err)),
     };
     let store = start_store(
         &store_root,
@@ -362,6 +375,7 @@ pub fn build(
         &private.token_file(),
         store_limit,
         &tools_log,
+        &interruption,
     )
     .map_err(|e| BuildError::Service("store", e))
     .map_err(close)?;
@@ -401,6 +415,7 @@ pub fn build(
         &proxy_record,
         fetch_phase,
         &tools_log,
+        &interruption,
     )
     .map_err(|e| BuildError::Service("proxy", e))
     .map_err(close)?;
@@ -417,6 +432,7 @@ pub fn build(
                 &proxy_record,
                 Some(Phase::Script),
                 &tools_log,
+                &interruption,
             )
             .map_err(|e| BuildError::Service("proxy", e))
             .map_err(close)?,
@@ -697,7 +713,7 @@ fn new_store_token(id: &str, file: &Path, log: &ToolsLog) -> Result<String, Tool
             name: tools::STORE,
             exit_code: Some(0),
             error: Some(contractor_protocol::error::ErrorObject::with_chain(
-                "token",
+                ToolCode::Token,
                 vec![format!(
                     "it printed {:?}, not a token",
                     crate::display::escape_capped(&token, 80)
@@ -727,9 +743,11 @@ impl<T: Send + 'static> Service<T> {
     fn start(
         name: &'static str,
         command: std::process::Command,
+        interruption: &Interruption,
         rest: impl FnOnce(Answers) -> T + Send + 'static,
     ) -> Result<Service<T>, ToolError> {
         let mut child = tools::spawn(name, command)?;
+        interruption.track(&child);
         drop(child.stdin.take());
         let mut answers = Answers::of(name, &mut child)?;
         let ready: Ready = match answers.first(&mut child) {
@@ -754,7 +772,7 @@ impl<T: Send + 'static> Service<T> {
         let name = self.name;
         let status = self.child.take().map(|mut child| {
             let _ = kill(child_pid(&child), Signal::SIGTERM);
-            child.wait()
+            wait_or_kill(&mut child)
         });
         let read = self.reader.take().map(|reader| reader.join());
         match status {
@@ -791,10 +809,55 @@ fn child_pid(child: &Child) -> Pid {
     Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX))
 }
 
-/// SIGTERM, then wait: every tool stops cleanly on SIGTERM.
+/// SIGTERM, then wait: every tool stops cleanly on SIGTERM, within [`STOP_GRACE`].
 fn stop_child(child: &mut Child) {
     let _ = kill(child_pid(child), Signal::SIGTERM);
-    let _ = child.wait();
+    let _ = wait_or_kill(child);
+}
+
+/// How long a tool sent SIGTERM has to end before it is killed (SIGKILL): the store gives
+/// requests in flight 10 s, `contractor-vm` destroys its VM in a few.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Waits for `child`, which was sent SIGTERM, for at most [`STOP_GRACE`]; then kills it. A
+/// tool that ignores SIGTERM cannot hold the build forever.
+fn wait_or_kill(child: &mut Child) -> std::io::Result<std::process::ExitStatus> {
+    match wait_until(child, Instant::now() + STOP_GRACE)? {
+        Some(status) => Ok(status),
+        None => {
+            let _ = child.kill();
+            child.wait()
+        }
+    }
+}
+
+/// Waits for `child`, told to end by the close of its stdin (`contractor-vm create`: its VM
+/// is released), for at most [`STOP_GRACE`]; then stops it ([`stop_child`]'s way). A tool
+/// that never lets go cannot hold the build forever.
+fn wait_or_stop(child: &mut Child) -> std::io::Result<std::process::ExitStatus> {
+    match wait_until(child, Instant::now() + STOP_GRACE)? {
+        Some(status) => Ok(status),
+        None => {
+            let _ = kill(child_pid(child), Signal::SIGTERM);
+            wait_or_kill(child)
+        }
+    }
+}
+
+/// `child`'s end, or None if it still runs at `deadline`.
+fn wait_until(
+    child: &mut Child,
+    deadline: Instant,
+) -> std::io::Result<Option<std::process::ExitStatus>> {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// Starts the build's store: it serves only build `id`'s files, and only to requests with
@@ -805,6 +868,7 @@ fn start_store(
     token_file: &Path,
     max_artifacts_bytes: u64,
     log: &ToolsLog,
+    interruption: &Interruption,
 ) -> Result<Service<()>, ToolError> {
     let mut command = tools::command(tools::STORE)?;
     command
@@ -817,7 +881,7 @@ fn start_store(
         .arg(max_artifacts_bytes.to_string())
         .args(["--no-access-log", "--json-errors"])
         .stderr(log.stderr());
-    Service::start(tools::STORE, command, Answers::drain)
+    Service::start(tools::STORE, command, interruption, Answers::drain)
 }
 
 /// One of the build record's files that its proxies write (`proxy.jsonl`,
@@ -912,6 +976,7 @@ fn start_proxy(
     record: &ProxyRecord,
     phase: Option<Phase>,
     log: &ToolsLog,
+    interruption: &Interruption,
 ) -> Result<Service<ProxyReport>, ToolError> {
     let mut command = tools::command(tools::PROXY)?;
     command.args(["--record-downloads", "--json-errors"]);
@@ -944,7 +1009,7 @@ fn start_proxy(
     command.stderr(log.stderr());
     let record = record.clone();
     let pinned = policy.pins.is_some();
-    Service::start(tools::PROXY, command, move |mut answers| {
+    Service::start(tools::PROXY, command, interruption, move |mut answers| {
         let mut report = ProxyReport::default();
         while let Ok(Some(line)) = answers.next_line() {
             let parsed = serde_json::from_slice::<ProxyLine>(&line);
@@ -1165,11 +1230,15 @@ impl Ran {
     }
 }
 
-/// Ctrl-C and SIGTERM while the build runs: remembered, and passed on to `contractor-run`
-/// (which then ends without `finished`). The terminal sends Ctrl-C to every tool anyway.
+/// Ctrl-C and SIGTERM while the build runs: remembered, and passed on as SIGTERM to every
+/// tool running then (`tools::signal_running`) and to each tool of the build started later
+/// ([tracked](Interruption::track)): `contractor-run` then ends without `finished`,
+/// `contractor-vm` destroys the VM it creates or holds, a service stops, and whatever the
+/// build waits for ends. A tool still running [`STOP_GRACE`] later, or at a second signal,
+/// is killed (SIGKILL). The terminal sends Ctrl-C to every tool anyway; a CI engine or
+/// `kill` signals only this process.
 struct Interruption {
     signal: Arc<Mutex<Option<&'static str>>>,
-    run_pid: Arc<AtomicI32>,
     watching: Arc<AtomicBool>,
 }
 
@@ -1177,11 +1246,9 @@ impl Interruption {
     fn watch() -> Interruption {
         let interruption = Interruption {
             signal: Arc::new(Mutex::new(None)),
-            run_pid: Arc::new(AtomicI32::new(0)),
             watching: Arc::new(AtomicBool::new(true)),
         };
         let signal = interruption.signal.clone();
-        let run_pid = interruption.run_pid.clone();
         let watching = interruption.watching.clone();
         use signal_hook::consts::{SIGINT, SIGTERM};
         match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
@@ -1192,13 +1259,26 @@ impl Interruption {
                             continue;
                         }
                         let name = if number == SIGINT { "Ctrl-C" } else { "SIGTERM" };
-                        if let Ok(mut signal) = signal.lock() {
-                            signal.get_or_insert(name);
+                        let first = match signal.lock() {
+                            Ok(mut signal) => {
+                                let first = signal.is_none();
+                                signal.get_or_insert(name);
+                                first
+                            }
+                            Err(_) => true,
+                        };
+                        if !first {
+                            tools::signal_running(Signal::SIGKILL);
+                            continue;
                         }
-                        let pid = run_pid.load(Ordering::SeqCst);
-                        if pid > 0 {
-                            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-                        }
+                        tools::signal_running(Signal::SIGTERM);
+                        let watching = watching.clone();
+                        std::thread::spawn(move || {
+                            std::thread::sleep(STOP_GRACE);
+                            if watching.load(Ordering::SeqCst) {
+                                tools::signal_running(Signal::SIGKILL);
+                            }
+                        });
                     }
                 });
             }
@@ -1212,6 +1292,22 @@ impl Interruption {
     /// The signal that interrupted the build, if any.
     fn signal(&self) -> Option<&'static str> {
         self.signal.lock().ok().and_then(|s| *s)
+    }
+
+    /// Passes an interruption that came already on to `child`, a tool the build is about
+    /// to wait for (one that comes later reaches it through `tools::signal_running`).
+    fn track(&self, child: &Child) {
+        if self.signal().is_some() {
+            let _ = kill(child_pid(child), Signal::SIGTERM);
+        }
+    }
+
+    /// `err`, or the interruption that caused it.
+    fn over(&self, err: BuildError) -> BuildError {
+        match self.signal() {
+            Some(signal) => BuildError::Interrupted(signal),
+            None => err,
+        }
     }
 }
 
@@ -1233,7 +1329,13 @@ impl Vm {
     /// Starts `contractor-vm create` for `spec` and hands it the request, without waiting
     /// for its answer ([`Spawned::finish`]): the VM boots (or is restored) while the
     /// services start. With `hold`, the tool holds the VM until [`Vm::release`].
-    fn spawn(uri: &str, spec: &VmSpec, hold: bool, log: &ToolsLog) -> Result<Spawned, ToolError> {
+    fn spawn(
+        uri: &str,
+        spec: &VmSpec,
+        hold: bool,
+        log: &ToolsLog,
+        interruption: &Interruption,
+    ) -> Result<Spawned, ToolError> {
         let name = tools::VM;
         let mut command = tools::command(name)?;
         command.args(["create", "--json", "--json-errors"]);
@@ -1242,6 +1344,7 @@ impl Vm {
         }
         command.stderr(log.stderr());
         let mut child = tools::spawn(name, command)?;
+        interruption.track(&child);
         let request = VmRequest::Create {
             version: PROTOCOL_VERSION,
             uri: uri.to_string(),
@@ -1314,7 +1417,7 @@ impl Spawned {
                 name,
                 exit_code: None,
                 error: Some(contractor_protocol::error::ErrorObject::with_chain(
-                    "wrong_answer",
+                    ToolCode::WrongAnswer,
                     vec!["it answered create with something other than a vm".into()],
                 )),
             });
@@ -1325,7 +1428,7 @@ impl Spawned {
             child.stdin = stdin;
             Some(child)
         } else {
-            let _ = child.wait();
+            let _ = wait_or_stop(&mut child);
             None
         };
         Ok(Vm {
@@ -1341,7 +1444,7 @@ impl Drop for Spawned {
     fn drop(&mut self) {
         drop(self.stdin.take());
         if let Some(mut child) = self.child.take() {
-            let _ = child.wait();
+            let _ = wait_or_stop(&mut child);
         }
     }
 }
@@ -1402,17 +1505,20 @@ impl Releasing {
                 uri,
                 name,
             } => {
-                let status = holder
-                    .wait()
+                let status = wait_or_stop(&mut holder)
                     .map_err(|source| ToolError::Io { name: tool, source })?;
-                if status.success() {
+                // 130: the holder was sent Ctrl-C (by the terminal) or SIGTERM (by this
+                // front end's interruption) and has destroyed the VM, as it does on a close.
+                let on_signal =
+                    status.code() == Some(contractor_protocol::ExitCode::Interrupted.code());
+                if status.success() || on_signal {
                     return Ok(());
                 }
                 match destroy_vm(&uri, &name) {
                     Ok(()) => Ok(()),
                     Err(ToolError::Failed {
                         error: Some(error), ..
-                    }) if error.code == "not_found" => Err(ToolError::Failed {
+                    }) if error.code == ToolCode::NotFound => Err(ToolError::Failed {
                         name: tool,
                         exit_code: status.code(),
                         error: None,
@@ -1433,7 +1539,7 @@ impl Drop for Vm {
     fn drop(&mut self) {
         if let Some(mut holder) = self.holder.take() {
             drop(holder.stdin.take());
-            let _ = holder.wait();
+            let _ = wait_or_stop(&mut holder);
         }
     }
 }
@@ -1576,12 +1682,7 @@ fn run(
     let mut command = tools::command(name)?;
     command.arg("--json-errors").stderr(tools_log.stderr());
     let mut child = tools::spawn(name, command)?;
-    interruption
-        .run_pid
-        .store(child_pid(&child).as_raw(), Ordering::SeqCst);
-    if interruption.signal().is_some() {
-        let _ = kill(child_pid(&child), Signal::SIGTERM);
-    }
+    interruption.track(&child);
     let sent = match child.stdin.take() {
         Some(mut stdin) => contractor_protocol::jsonl::write_line(&mut stdin, request)
             .map_err(|source| ToolError::Request { name, source }),
@@ -1591,7 +1692,6 @@ fn run(
         }),
     };
     let result = sent.and_then(|()| read_events(&mut child, display));
-    interruption.run_pid.store(0, Ordering::SeqCst);
     stop_child(&mut child);
     result
 }

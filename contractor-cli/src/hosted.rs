@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use contractor_protocol::error::ErrorObject;
+use contractor_protocol::error::{ErrorObject, ToolCode};
 use contractor_protocol::hosted::{
     is_build_id, is_project_key, HostedLine, HostedRequest, MAX_RECORD_DEPTH, MAX_RECORD_FILES,
     MAX_REQUEST_BYTES,
@@ -112,6 +112,7 @@ pub fn serve() -> ExitCode {
             let exit = match &err {
                 build::BuildError::Image(e) => e.exit_code(),
                 build::BuildError::Setting(_) => ExitCode::BadInput,
+                build::BuildError::Interrupted(_) => ExitCode::Interrupted,
                 _ => ExitCode::Infrastructure,
             };
             refuse(Refusal {
@@ -154,7 +155,12 @@ fn remove_stale_records(store_root: &Path) {
 
 /// Reports `refusal` as one error object on stdout (and on stderr) and returns its code.
 fn refuse(refusal: Refusal) -> ExitCode {
-    ErrorObject::report("contractor", refusal.code, refusal.chain, true);
+    ErrorObject::report(
+        "contractor",
+        ToolCode::parse(refusal.code),
+        refusal.chain,
+        true,
+    );
     refusal.exit
 }
 

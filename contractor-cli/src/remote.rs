@@ -758,7 +758,7 @@ impl Session {
                     let mut chain = vec![format!("the build host {host} could not run the build")];
                     chain.extend(error.chain);
                     return Err(RemoteEnd::Failed(ErrorInfo {
-                        code: error.code,
+                        code: error.code.to_string(),
                         chain,
                     }));
                 }

@@ -91,7 +91,7 @@ pub fn attach(vm: &KeptVm, record: &Path) -> Result<(), ShellError> {
     ];
     match crate::tools::answer::<VmResult>(crate::tools::VM, &args) {
         Ok(_) => {}
-        Err(err) if err.tool_code() == Some("not_found") => {}
+        Err(err) if err.tool_code() == Some(&contractor_protocol::error::ToolCode::NotFound) => {}
         Err(err) => eprintln!(
             "contractor: cannot destroy VM {}: {}",
             vm.name,

@@ -9,9 +9,8 @@
 use std::ffi::OsStr;
 use std::path::Path;
 
-use contractor_protocol::store::{
-    SourceSelection, SOURCE_PACK, SOURCE_TOO_MANY_ENTRIES, SOURCE_UNREADABLE,
-};
+use contractor_protocol::error::ToolCode;
+use contractor_protocol::store::SourceSelection;
 
 use crate::tools::{self, ToolError, ToolMessages};
 
@@ -89,9 +88,9 @@ fn run_pack(project: &Path, tar: &Path, max_entries: Option<usize>) -> Result<Pa
         tools::answer(tools::STORE, &args).map_err(|err| {
             let messages = err.messages();
             match (err.tool_code(), messages) {
-                (Some(SOURCE_TOO_MANY_ENTRIES), Some(m)) => SourceError::TooManyEntries(m),
-                (Some(SOURCE_UNREADABLE), Some(m)) => SourceError::Unreadable(m),
-                (Some(SOURCE_PACK), Some(m)) => SourceError::Write(m),
+                (Some(ToolCode::SourceTooManyEntries), Some(m)) => SourceError::TooManyEntries(m),
+                (Some(ToolCode::SourceUnreadable), Some(m)) => SourceError::Unreadable(m),
+                (Some(ToolCode::SourcePack), Some(m)) => SourceError::Write(m),
                 _ => SourceError::Tool(err),
             }
         })?;

@@ -12,8 +12,9 @@
 use std::io::{BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::Mutex;
 
-use contractor_protocol::error::ErrorObject;
+use contractor_protocol::error::{ErrorObject, ToolCode};
 use contractor_protocol::jsonl::{JsonlError, JsonlReader};
 use contractor_protocol::PROTOCOL_VERSION;
 use serde::de::DeserializeOwned;
@@ -122,7 +123,7 @@ fn chain_text(error: &Option<ErrorObject>) -> String {
 
 impl ToolError {
     /// The code of the tool's own error object, if it wrote one.
-    pub fn tool_code(&self) -> Option<&str> {
+    pub fn tool_code(&self) -> Option<&ToolCode> {
         match self {
             ToolError::Failed {
                 error: Some(error), ..
@@ -236,11 +237,54 @@ pub fn command(name: &'static str) -> Result<Command, ToolError> {
 /// Starts `command` (of tool `name`) with piped stdin and stdout.
 pub fn spawn(name: &'static str, mut command: Command) -> Result<Child, ToolError> {
     command.stdin(Stdio::piped()).stdout(Stdio::piped());
-    command.spawn().map_err(|source| ToolError::Start {
+    let child = command.spawn().map_err(|source| ToolError::Start {
         name,
         path: PathBuf::from(command.get_program()),
         source,
-    })
+    })?;
+    note_started(&child);
+    Ok(child)
+}
+
+/// A tool this process started: its pid and start time, so that a pid reused by another
+/// process is never signalled.
+#[derive(Clone, Copy)]
+struct StartedTool {
+    pid: u32,
+    start: Option<u64>,
+}
+
+impl StartedTool {
+    /// Whether it still runs (or has ended and not been waited for yet).
+    fn runs(self) -> bool {
+        self.start.is_some() && contractor_protocol::process::start_time(self.pid) == self.start
+    }
+}
+
+/// The tools this process started that may still run ([`signal_running`]); those that
+/// ended are dropped at each start, so it holds at most the tools running at once.
+static STARTED: Mutex<Vec<StartedTool>> = Mutex::new(Vec::new());
+
+fn note_started(child: &Child) {
+    let tool = StartedTool {
+        pid: child.id(),
+        start: contractor_protocol::process::start_time(child.id()),
+    };
+    if let Ok(mut started) = STARTED.lock() {
+        started.retain(|t| t.runs());
+        started.push(tool);
+    }
+}
+
+/// Sends `signal` to every tool this process started that still runs: how an interrupted
+/// build stops whatever it waits for.
+pub fn signal_running(signal: nix::sys::signal::Signal) {
+    if let Ok(started) = STARTED.lock() {
+        for tool in started.iter().filter(|t| t.runs()) {
+            let pid = i32::try_from(tool.pid).unwrap_or(i32::MAX);
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+        }
+    }
 }
 
 /// The reader of a tool's stdout: JSON Lines, each at most
@@ -448,6 +492,7 @@ pub fn text(name: &'static str, mut command: Command) -> Result<String, ToolErro
         path: PathBuf::from(command.get_program()),
         source,
     })?;
+    note_started(&child);
     let mut out = Vec::new();
     if let Some(stdout) = child.stdout.take() {
         stdout

@@ -11,6 +11,15 @@ use crate::vm::Accel;
 /// One event of `contractor build --json`. `started` comes first and `finished` last,
 /// exactly once each, unless the build could not start (then an error object is printed
 /// instead, see [`crate::error::ErrorObject`]).
+///
+/// `agent_ready`, `phase`, `output` and `artifact` repeat [`RunEvent`](crate::run::RunEvent)'s
+/// variants of those names on purpose: with serde's derive, one enum holding them inside
+/// both would need an `#[serde(untagged)]` variant, which cannot sit beside the
+/// `#[serde(other)]` that keeps unknown types readable (both must be last), and with the
+/// unknown fallback moved inside the shared enum a `finished` with a value this reader does
+/// not know would read as an unknown event instead of an error, and every malformed event's
+/// error would shrink to "data did not match any variant". A test keeps the two spellings
+/// byte for byte the same on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum BuildEvent {
@@ -135,5 +144,32 @@ mod tests {
         let later: BuildEvent =
             serde_json::from_str(r#"{"type":"cache_restored","bytes":1}"#).expect("unknown");
         assert_eq!(later, BuildEvent::Unknown);
+    }
+
+    #[test]
+    fn a_run_event_a_build_shows_is_the_same_message_on_the_wire() {
+        use crate::run::RunEvent;
+        let events = [
+            RunEvent::AgentReady {
+                agent_version: "0.1.0".into(),
+            },
+            RunEvent::Phase {
+                phase: Phase::Artifacts,
+            },
+            RunEvent::Output {
+                text: "cc -o hello hello.c\n".into(),
+            },
+            RunEvent::Artifact {
+                path: "hello".into(),
+                size: 15960,
+            },
+        ];
+        for event in events {
+            let run = serde_json::to_string(&event).expect("json");
+            let shown = BuildEvent::shown(event).expect("a build shows it");
+            assert_eq!(serde_json::to_string(&shown).expect("json"), run);
+            let read: BuildEvent = serde_json::from_str(&run).expect("a build event");
+            assert_eq!(read, shown);
+        }
     }
 }

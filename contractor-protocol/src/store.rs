@@ -16,15 +16,6 @@ use crate::PROTOCOL_VERSION;
 /// one of the build's artifacts: `cache keep` moves it into the cache directory.
 pub const CACHE_UPLOAD_NAME: &str = ".contractor-cache.tar";
 
-/// `pack`'s error code when the project has more entries than the store packs (exit code
-/// 2: the project is at fault).
-pub const SOURCE_TOO_MANY_ENTRIES: &str = "source_too_many_entries";
-/// `pack`'s error code when a file or directory of the project cannot be read (exit code 2:
-/// the project is at fault).
-pub const SOURCE_UNREADABLE: &str = "source_unreadable";
-/// `pack`'s error code when the tar cannot be written (exit code 3: the host is at fault).
-pub const SOURCE_PACK: &str = "source_pack";
-
 macro_rules! tag {
     ($(#[$doc:meta])* $name:ident, $variant:ident) => {
         $(#[$doc])*

@@ -12,6 +12,7 @@ use std::thread;
 
 use anyhow::{anyhow, Context};
 use clap::Parser;
+use contractor_protocol::error::ToolCode;
 use contractor_protocol::jsonl::{encode_line, write_flushed, write_line, JsonlError};
 use contractor_protocol::proxy::ProxyLine;
 use contractor_protocol::service::{Confinement, Ready};
@@ -219,13 +220,13 @@ fn cache_command(cli: CacheCli) -> std::process::ExitCode {
                 "cannot {doing} the download cache {}",
                 args.dir.display()
             ));
-            return fail(ExitCode::Infrastructure, "cache", &e);
+            return fail(ExitCode::Infrastructure, ToolCode::Cache, &e);
         }
     };
     let answer = DownloadCacheUsage::new(kind, usage.entries, usage.bytes);
     match write_line(&mut std::io::stdout().lock(), &answer) {
         Ok(()) => ExitCode::Success.into(),
-        Err(e) => fail(ExitCode::Infrastructure, "stdout", &anyhow!(e)),
+        Err(e) => fail(ExitCode::Infrastructure, ToolCode::Stdout, &anyhow!(e)),
     }
 }
 
@@ -260,7 +261,7 @@ fn main() -> std::process::ExitCode {
     if contractor_proxy::dialer::is_requested(std::env::args_os().nth(1).as_deref()) {
         return match contractor_proxy::dialer::serve() {
             Ok(()) => ExitCode::Success.into(),
-            Err(e) => fail(ExitCode::Infrastructure, "dialer", &anyhow!(e)),
+            Err(e) => fail(ExitCode::Infrastructure, ToolCode::Dialer, &anyhow!(e)),
         };
     }
     if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new("cache")) {
@@ -275,21 +276,21 @@ fn main() -> std::process::ExitCode {
     let inspect = cli.inspect;
     let pins = match cli.pins.as_deref().map(read_pins).transpose() {
         Ok(pins) => pins.unwrap_or_default(),
-        Err(e) => return fail(ExitCode::BadInput, "bad_pins", &e),
+        Err(e) => return fail(ExitCode::BadInput, ToolCode::BadPins, &e),
     };
     let tunnel = match contractor_proxy::Allowlist::parse(&cli.tunnel) {
         Ok(tunnel) => tunnel,
-        Err(e) => return fail(ExitCode::BadInput, "bad_rule", &anyhow!(e)),
+        Err(e) => return fail(ExitCode::BadInput, ToolCode::BadRule, &anyhow!(e)),
     };
     let settings = match cli.into_settings() {
         Ok(settings) => settings,
-        Err(e) => return fail(ExitCode::BadInput, "bad_config", &e),
+        Err(e) => return fail(ExitCode::BadInput, ToolCode::BadConfig, &e),
     };
     let access_log = settings.access_log.clone();
     let metrics_addr = settings.metrics;
     let mut config = match settings.into_config() {
         Ok(config) => config,
-        Err(e) => return fail(ExitCode::BadInput, "bad_rule", &anyhow!(e)),
+        Err(e) => return fail(ExitCode::BadInput, ToolCode::BadRule, &anyhow!(e)),
     };
     config.record_downloads = record_downloads;
     config.tunnel = tunnel;
@@ -301,7 +302,7 @@ fn main() -> std::process::ExitCode {
             Ok(project) => project,
             Err(e) => {
                 let e = anyhow!(e).context("--cache-project");
-                return fail(ExitCode::BadInput, "bad_cache_project", &e);
+                return fail(ExitCode::BadInput, ToolCode::BadCacheProject, &e);
             }
         };
         let settings = CacheSettings {
@@ -315,7 +316,7 @@ fn main() -> std::process::ExitCode {
             Err(e) => {
                 let e =
                     anyhow!(e).context(format!("cannot open the download cache {}", dir.display()));
-                return fail(ExitCode::Infrastructure, "cache", &e);
+                return fail(ExitCode::Infrastructure, ToolCode::Cache, &e);
             }
         }
     }
@@ -332,20 +333,20 @@ fn main() -> std::process::ExitCode {
                  read the requests; without it allow the host ({})",
                 rule.host
             );
-            return fail(ExitCode::BadInput, "bad_rule", &e);
+            return fail(ExitCode::BadInput, ToolCode::BadRule, &e);
         }
     }
     if inspect {
         match inspection(&config.reachable_hosts()) {
             Ok(inspection) => config.inspection = inspection,
-            Err(e) => return fail(ExitCode::Infrastructure, "inspect", &e),
+            Err(e) => return fail(ExitCode::Infrastructure, ToolCode::Inspect, &e),
         }
     }
     // Bound and confined before any thread starts: Landlock (before ABI 8) holds only the
     // thread that asks and the threads it starts afterwards, the runtime's workers among them.
     let prepared = match prepare(config, access_log, metrics_addr, no_confine) {
         Ok(prepared) => prepared,
-        Err(e) => return fail(ExitCode::Infrastructure, "serve", &e),
+        Err(e) => return fail(ExitCode::Infrastructure, ToolCode::Serve, &e),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -355,14 +356,14 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             return fail(
                 ExitCode::Infrastructure,
-                "runtime",
+                ToolCode::Runtime,
                 &anyhow::Error::new(e).context("cannot start the async runtime"),
             )
         }
     };
     match runtime.block_on(run(prepared)) {
         Ok(()) => ExitCode::Success.into(),
-        Err(e) => fail(ExitCode::Infrastructure, "serve", &e),
+        Err(e) => fail(ExitCode::Infrastructure, ToolCode::Serve, &e),
     }
 }
 
@@ -641,7 +642,7 @@ const DECISION_BATCH: usize = 64 * 1024;
 static JSON_ERRORS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Reports `error` on stderr (and, with `--json-errors`, as an error object on stdout).
-fn fail(code: ExitCode, name: &str, error: &anyhow::Error) -> std::process::ExitCode {
+fn fail(code: ExitCode, name: ToolCode, error: &anyhow::Error) -> std::process::ExitCode {
     let chain = error.chain().map(|e| e.to_string()).collect();
     let json = JSON_ERRORS.load(std::sync::atomic::Ordering::Relaxed);
     contractor_protocol::error::ErrorObject::report("contractor-proxy", name, chain, json);

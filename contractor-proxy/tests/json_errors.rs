@@ -18,7 +18,7 @@ fn an_invalid_rule_is_bad_input_with_an_error_object_naming_it() {
     assert_eq!(out.status.code(), Some(2));
     let error: ErrorObject = serde_json::from_slice(&out.stdout).expect("one error object");
     assert!(
-        error.code == "bad_config" || error.code == "bad_rule",
+        error.code.as_str() == "bad_config" || error.code.as_str() == "bad_rule",
         "{}",
         error.code
     );
@@ -40,6 +40,6 @@ fn an_address_in_use_is_an_infrastructure_error_object() {
     let out = proxy(&["--json-errors", "--listen", &addr]);
     assert_eq!(out.status.code(), Some(3));
     let error: ErrorObject = serde_json::from_slice(&out.stdout).expect("one error object");
-    assert_eq!(error.code, "serve");
+    assert_eq!(error.code.as_str(), "serve");
     assert!(error.chain.join(": ").contains(&addr), "{:?}", error.chain);
 }

@@ -11,6 +11,7 @@
 use std::io::{Read, Write};
 
 use clap::Parser;
+use contractor_protocol::error::ToolCode;
 use contractor_protocol::run::{RunEvent, RunRequest, ShellEvent, ShellRequest};
 use contractor_protocol::{ExitCode, PROTOCOL_VERSION};
 use contractor_run::shell::{RequestLine, ShellError};
@@ -105,15 +106,15 @@ enum StartError {
 }
 
 impl StartError {
-    fn code(&self) -> &'static str {
+    fn code(&self) -> ToolCode {
         match self {
-            StartError::Stdin(_) => "stdin",
-            StartError::NoRequest(_) => "no_request",
-            StartError::RequestTooLong => "request_too_long",
-            StartError::Json { .. } => "bad_json",
-            StartError::Version(_) => "unsupported",
-            StartError::Runtime(_) => "runtime",
-            StartError::Confine(_) => "confine",
+            StartError::Stdin(_) => ToolCode::Stdin,
+            StartError::NoRequest(_) => ToolCode::NoRequest,
+            StartError::RequestTooLong => ToolCode::RequestTooLong,
+            StartError::Json { .. } => ToolCode::BadJson,
+            StartError::Version(_) => ToolCode::Unsupported,
+            StartError::Runtime(_) => ToolCode::Runtime,
+            StartError::Confine(_) => ToolCode::Confine,
             StartError::Shell(err) => err.code(),
         }
     }

@@ -14,6 +14,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
 use contractor_protocol::agent::{GuestMessage, HostMessage};
+use contractor_protocol::error::ToolCode;
 use contractor_protocol::run::ShellRequest;
 
 pub use crate::control::CONTROL_LINE_MAX;
@@ -52,13 +53,13 @@ pub enum ShellError {
 
 impl ShellError {
     /// The error's code in the tool's error object.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ToolCode {
         match self {
-            ShellError::Connect { .. } => "connect",
-            ShellError::ClosedEarly => "channel_closed",
-            ShellError::LineTooLong => "control_line_too_long",
-            ShellError::Channel(_) => "channel",
-            ShellError::Stdout(_) => "stdout",
+            ShellError::Connect { .. } => ToolCode::Connect,
+            ShellError::ClosedEarly => ToolCode::ChannelClosed,
+            ShellError::LineTooLong => ToolCode::ControlLineTooLong,
+            ShellError::Channel(_) => ToolCode::Channel,
+            ShellError::Stdout(_) => ToolCode::Stdout,
         }
     }
 }
@@ -254,6 +255,6 @@ mod tests {
         agent.shutdown(std::net::Shutdown::Write).expect("shutdown");
         let guest = host.try_clone().expect("clone");
         let err = start(&mut host, guest, &request).expect_err("no shell");
-        assert_eq!(err.code(), "channel_closed");
+        assert_eq!(err.code(), ToolCode::ChannelClosed);
     }
 }

@@ -15,6 +15,7 @@
 use std::path::{Path, PathBuf};
 
 use contractor_protocol::agent::CacheJob;
+use contractor_protocol::error::ToolCode;
 use contractor_protocol::file::{kind_name, open_regular, read_regular};
 pub use contractor_protocol::store::CACHE_UPLOAD_NAME as UPLOAD_NAME;
 use contractor_protocol::store::{CacheEntry, CacheInfo};
@@ -78,12 +79,12 @@ impl CacheError {
 
     /// The error object's code: `bad_build`, `bad_cache_path`, `cache_not_regular` (the
     /// build uploaded something else than a file as its cache) or `cache_io`.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ToolCode {
         match self {
-            CacheError::BadBuild { .. } => "bad_build",
-            CacheError::BadPath { .. } => "bad_cache_path",
-            CacheError::NotRegular { .. } => "cache_not_regular",
-            CacheError::Io { .. } | CacheError::Describe(_) => "cache_io",
+            CacheError::BadBuild { .. } => ToolCode::BadBuild,
+            CacheError::BadPath { .. } => ToolCode::BadCachePath,
+            CacheError::NotRegular { .. } => ToolCode::CacheNotRegular,
+            CacheError::Io { .. } | CacheError::Describe(_) => ToolCode::CacheIo,
         }
     }
 }

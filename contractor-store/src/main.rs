@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use contractor_protocol::error::ToolCode;
 use contractor_protocol::service::{Confinement, Ready};
 use contractor_protocol::store::{CacheCleared, CacheKept, CacheList, CachePrepared};
 use contractor_protocol::units::{parse_duration, parse_size};
@@ -225,7 +226,7 @@ fn main() -> std::process::ExitCode {
         Ok(runtime) => runtime.block_on(command(cli)),
         Err(e) => fail(
             ExitCode::Infrastructure,
-            "runtime",
+            ToolCode::Runtime,
             &anyhow::Error::new(e).context("cannot start the async runtime"),
         ),
     }
@@ -249,7 +250,11 @@ async fn command(cli: Cli) -> std::process::ExitCode {
             let tokens = match token_file.as_deref().map(TokenTable::load).transpose() {
                 Ok(tokens) => tokens,
                 Err(e) => {
-                    return fail(ExitCode::BadInput, "bad_token_file", &anyhow::Error::new(e))
+                    return fail(
+                        ExitCode::BadInput,
+                        ToolCode::BadTokenFile,
+                        &anyhow::Error::new(e),
+                    )
                 }
             };
             let confine = Confine {
@@ -270,7 +275,13 @@ async fn command(cli: Cli) -> std::process::ExitCode {
             };
             let store = match Store::open(&config) {
                 Ok(store) => store,
-                Err(e) => return fail(ExitCode::BadInput, "bad_root", &anyhow::Error::new(e)),
+                Err(e) => {
+                    return fail(
+                        ExitCode::BadInput,
+                        ToolCode::BadRoot,
+                        &anyhow::Error::new(e),
+                    )
+                }
             };
             let workers = workers.map_or_else(
                 || std::thread::available_parallelism().map_or(1, usize::from),
@@ -278,13 +289,13 @@ async fn command(cli: Cli) -> std::process::ExitCode {
             );
             match run(store, listen, workers, &confine).await {
                 Ok(()) => ExitCode::Success.into(),
-                Err(e) => fail(ExitCode::Infrastructure, "serve", &e),
+                Err(e) => fail(ExitCode::Infrastructure, ToolCode::Serve, &e),
             }
         }
         Command::Index { root, build } => {
             match contractor_store::write_artifact_index(&root, &build) {
                 Ok(index) => print_json(&index),
-                Err(e) => fail(ExitCode::BadInput, "index", &anyhow::Error::new(e)),
+                Err(e) => fail(ExitCode::BadInput, ToolCode::Index, &anyhow::Error::new(e)),
             }
         }
         Command::Gc {
@@ -301,7 +312,7 @@ async fn command(cli: Cli) -> std::process::ExitCode {
             };
             match contractor_store::collect_garbage(&root, &options) {
                 Ok(summary) => print_json(&summary),
-                Err(e) => fail(ExitCode::BadInput, "gc", &anyhow::Error::new(e)),
+                Err(e) => fail(ExitCode::BadInput, ToolCode::Gc, &anyhow::Error::new(e)),
             }
         }
         Command::Token { build, token_file } => match add_token(&build, &token_file) {
@@ -309,7 +320,7 @@ async fn command(cli: Cli) -> std::process::ExitCode {
                 println!("{token}");
                 ExitCode::Success.into()
             }
-            Err(e) => fail(ExitCode::BadInput, "token", &e),
+            Err(e) => fail(ExitCode::BadInput, ToolCode::Token, &e),
         },
         Command::Pack {
             project,
@@ -396,7 +407,7 @@ fn print_json(value: &impl serde::Serialize) -> std::process::ExitCode {
         Ok(()) => ExitCode::Success.into(),
         Err(e) => fail(
             ExitCode::Infrastructure,
-            "stdout",
+            ToolCode::Stdout,
             &e.context("cannot write stdout"),
         ),
     }
@@ -482,7 +493,7 @@ async fn run(
 static JSON_ERRORS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Reports `error` on stderr (and, with `--json-errors`, as an error object on stdout).
-fn fail(code: ExitCode, name: &str, error: &anyhow::Error) -> std::process::ExitCode {
+fn fail(code: ExitCode, name: ToolCode, error: &anyhow::Error) -> std::process::ExitCode {
     let chain = error.chain().map(|e| e.to_string()).collect();
     let json = JSON_ERRORS.load(std::sync::atomic::Ordering::Relaxed);
     contractor_protocol::error::ErrorObject::report("contractor-store", name, chain, json);

@@ -27,10 +27,9 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use contractor_protocol::error::ToolCode;
 use contractor_protocol::file::{kind_name, open_regular, read_regular};
-use contractor_protocol::store::{
-    Packed, SourceRule, SourceSelection, SOURCE_PACK, SOURCE_TOO_MANY_ENTRIES, SOURCE_UNREADABLE,
-};
+use contractor_protocol::store::{Packed, SourceRule, SourceSelection};
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use ignore::Match;
 
@@ -89,13 +88,13 @@ impl SourceError {
         )
     }
 
-    /// The error object's code: [`SOURCE_TOO_MANY_ENTRIES`] and [`SOURCE_UNREADABLE`] are
-    /// the project's fault, [`SOURCE_PACK`] the host's.
-    pub fn code(&self) -> &'static str {
+    /// The error object's code: `source_too_many_entries` and `source_unreadable` are the
+    /// project's fault, `source_pack` the host's.
+    pub fn code(&self) -> ToolCode {
         match self {
-            SourceError::TooManyEntries { .. } => SOURCE_TOO_MANY_ENTRIES,
-            SourceError::Read { .. } => SOURCE_UNREADABLE,
-            SourceError::Pack { .. } => SOURCE_PACK,
+            SourceError::TooManyEntries { .. } => ToolCode::SourceTooManyEntries,
+            SourceError::Read { .. } => ToolCode::SourceUnreadable,
+            SourceError::Pack { .. } => ToolCode::SourcePack,
         }
     }
 }
@@ -566,7 +565,7 @@ mod tests {
         let err = pack_at_most(project.path(), &tar, 2).expect_err("too many");
         assert!(matches!(err, SourceError::TooManyEntries { max: 2, .. }));
         assert!(err.is_project_error());
-        assert_eq!(err.code(), SOURCE_TOO_MANY_ENTRIES);
+        assert_eq!(err.code(), ToolCode::SourceTooManyEntries);
         assert!(err.to_string().contains("has more than 2 entries"), "{err}");
     }
 

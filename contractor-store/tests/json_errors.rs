@@ -17,7 +17,7 @@ fn a_missing_root_is_bad_input_with_an_error_object() {
     let out = store(&["--json-errors", "serve", "--root", "/nonexistent/store"]);
     assert_eq!(out.status.code(), Some(2));
     let error: ErrorObject = serde_json::from_slice(&out.stdout).expect("one error object");
-    assert_eq!(error.code, "bad_root");
+    assert_eq!(error.code.as_str(), "bad_root");
     assert!(
         error.chain.join(": ").contains("/nonexistent/store"),
         "{:?}",
@@ -38,6 +38,6 @@ fn an_address_in_use_is_an_infrastructure_error_object() {
     let out = store(&["serve", "--json-errors", "--root", &root, "--listen", &addr]);
     assert_eq!(out.status.code(), Some(3));
     let error: ErrorObject = serde_json::from_slice(&out.stdout).expect("one error object");
-    assert_eq!(error.code, "serve");
+    assert_eq!(error.code.as_str(), "serve");
     assert!(error.chain[0].contains(&addr), "{:?}", error.chain);
 }

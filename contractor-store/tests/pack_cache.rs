@@ -73,18 +73,18 @@ fn pack_writes_the_same_tar_twice_and_says_whose_fault_a_failure_is() {
         ],
         2,
     );
-    assert_eq!(too_many.code, "source_too_many_entries");
+    assert_eq!(too_many.code.as_str(), "source_too_many_entries");
     assert!(
         too_many.chain[0].contains("has more than 2 entries"),
         "{too_many:?}"
     );
     let missing = p.join("missing");
     let unreadable = error(&["pack", "--project", s(&missing), "--out", s(&a)], 2);
-    assert_eq!(unreadable.code, "source_unreadable");
+    assert_eq!(unreadable.code.as_str(), "source_unreadable");
     assert!(unreadable.chain[0].contains(s(&missing)), "{unreadable:?}");
     let nowhere = out.path().join("no/such/dir.tar");
     let host = error(&["pack", "--project", s(p), "--out", s(&nowhere)], 3);
-    assert_eq!(host.code, "source_pack");
+    assert_eq!(host.code.as_str(), "source_pack");
 }
 
 #[test]
@@ -149,12 +149,12 @@ fn a_cache_is_prepared_kept_listed_and_cleared() {
         ],
         2,
     );
-    assert_eq!(bad.code, "bad_build");
+    assert_eq!(bad.code.as_str(), "bad_build");
     let relative = error(
         &[
             "cache", "keep", "--root", r, "--build", "b1", "--path", "rel",
         ],
         2,
     );
-    assert_eq!(relative.code, "bad_cache_path");
+    assert_eq!(relative.code.as_str(), "bad_cache_path");
 }

@@ -330,33 +330,33 @@ impl CliError {
     }
 
     /// The machine-readable `code` of the error object `--json-errors` prints.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ToolCode {
         match self {
-            CliError::Stdin(_) => "stdin",
-            CliError::NoRequest => "no_request",
-            CliError::Json { .. } => "bad_json",
-            CliError::WrongType { .. } => "wrong_request_type",
-            CliError::Output(_) => "stdout",
+            CliError::Stdin(_) => ToolCode::Stdin,
+            CliError::NoRequest => ToolCode::NoRequest,
+            CliError::Json { .. } => ToolCode::BadJson,
+            CliError::WrongType { .. } => ToolCode::WrongRequestType,
+            CliError::Output(_) => ToolCode::Stdout,
             CliError::Image(e) => e.code(),
             CliError::Vm(e) => match e {
-                VmError::Name(_) => "bad_name",
-                VmError::BadSpec { .. } => "bad_spec",
-                VmError::MissingFile { .. } => "missing_file",
-                VmError::Connect { .. } => "libvirt_unreachable",
-                VmError::NotFound { .. } => "not_found",
-                VmError::Overlay(_) => "overlay",
-                VmError::Xml(_) => "domain_xml",
-                VmError::Libvirt { .. } => "libvirt",
-                VmError::Unsupported { .. } => "unsupported",
-                VmError::MissingLauncher { .. } => "missing_launcher",
-                VmError::NoQemu => "no_qemu",
+                VmError::Name(_) => ToolCode::BadName,
+                VmError::BadSpec { .. } => ToolCode::BadSpec,
+                VmError::MissingFile { .. } => ToolCode::MissingFile,
+                VmError::Connect { .. } => ToolCode::LibvirtUnreachable,
+                VmError::NotFound { .. } => ToolCode::NotFound,
+                VmError::Overlay(_) => ToolCode::Overlay,
+                VmError::Xml(_) => ToolCode::DomainXml,
+                VmError::Libvirt { .. } => ToolCode::Libvirt,
+                VmError::Unsupported { .. } => ToolCode::Unsupported,
+                VmError::MissingLauncher { .. } => ToolCode::MissingLauncher,
+                VmError::NoQemu => ToolCode::NoQemu,
             },
         }
     }
 }
 
-/// The error object of `--json-errors`, shared by every tool.
-pub use contractor_protocol::error::ErrorObject;
+/// The error object of `--json-errors`, shared by every tool, and its code.
+pub use contractor_protocol::error::{ErrorObject, ToolCode};
 
 /// The error for a request that did not parse, with its line, column and field. Inside a
 /// tagged request (`VmRequest`) serde gives no position, so each top-level member is parsed
@@ -474,7 +474,7 @@ pub fn run() -> std::process::ExitCode {
                 let rendered = e.render().to_string();
                 let message = rendered.lines().next().unwrap_or_default();
                 let object = ErrorObject::with_chain(
-                    "usage",
+                    ToolCode::Usage,
                     vec![message.trim_start_matches("error: ").to_string()],
                 );
                 // Best effort: stdout may be what failed. clap has printed the message.

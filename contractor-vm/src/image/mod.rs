@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use contractor_protocol::error::ToolCode;
 use contractor_protocol::image::{
     ImageInfo, Manifest, AGENT_IN_IMAGE, AGENT_VERSION, DISK_FILE, DISTRIBUTION_INITRD, IMPORTED,
     INITRAMFS_FILE, KERNEL_FILE, MANIFEST_FILE, MANIFEST_VERSION,
@@ -426,19 +427,19 @@ impl ImageError {
     }
 
     /// The machine-readable `code` of the error object `--json-errors` prints.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ToolCode {
         match self {
             ImageError::NoAgent(_) | ImageError::AgentTooLarge { .. } | ImageError::Locate(_) => {
-                "no_agent"
+                ToolCode::NoAgent
             }
-            ImageError::DataDir(_) => "data_dir",
-            ImageError::BadName { .. } => "bad_image_name",
-            ImageError::Unknown { .. } | ImageError::NotThere { .. } => "no_image",
-            ImageError::BuiltName(_) | ImageError::ReplacesBuilt(_) => "built_image_name",
+            ImageError::DataDir(_) => ToolCode::DataDir,
+            ImageError::BadName { .. } => ToolCode::BadImageName,
+            ImageError::Unknown { .. } | ImageError::NotThere { .. } => ToolCode::NoImage,
+            ImageError::BuiltName(_) | ImageError::ReplacesBuilt(_) => ToolCode::BuiltImageName,
             ImageError::BadBase(_)
             | ImageError::BadPackage(_)
             | ImageError::TooManyPackages(_)
-            | ImageError::NoSuchPackage(_) => "bad_packages",
+            | ImageError::NoSuchPackage(_) => ToolCode::BadPackages,
             ImageError::NotAFile { .. }
             | ImageError::NotAKernel(_)
             | ImageError::NotExtFs { .. }
@@ -449,17 +450,17 @@ impl ImageError {
             | ImageError::NoKernel { .. }
             | ImageError::NoInitrd { .. }
             | ImageError::AgentNotWritten { .. }
-            | ImageError::NotUtf8(_) => "bad_import",
-            ImageError::Tool { .. } | ImageError::TooMuchOutput { .. } => "image_tool",
-            ImageError::Apt { .. } => "image_apt",
-            ImageError::Spawn { .. } => "image_tool_missing",
-            ImageError::File { .. } => "image_file",
+            | ImageError::NotUtf8(_) => ToolCode::BadImport,
+            ImageError::Tool { .. } | ImageError::TooMuchOutput { .. } => ToolCode::ImageTool,
+            ImageError::Apt { .. } => ToolCode::ImageApt,
+            ImageError::Spawn { .. } => ToolCode::ImageToolMissing,
+            ImageError::File { .. } => ToolCode::ImageFile,
             ImageError::NoBootFile(_) | ImageError::Modules(_) | ImageError::BadModule { .. } => {
-                "image_contents"
+                ToolCode::ImageContents
             }
             ImageError::BadManifest { .. }
             | ImageError::ManifestTooLarge(_)
-            | ImageError::WriteManifest(_) => "manifest",
+            | ImageError::WriteManifest(_) => ToolCode::Manifest,
         }
     }
 }
@@ -1459,7 +1460,7 @@ mod tests {
             Some(("debian-13".to_string(), recipe.extra.clone()))
         );
         let err = derived("ubuntu", &[], true).expect_err("no such base");
-        assert_eq!(err.code(), "bad_packages");
+        assert_eq!(err.code(), ToolCode::BadPackages);
         assert!(
             err.to_string()
                 .contains("debian-12, debian-13, debian-unstable"),

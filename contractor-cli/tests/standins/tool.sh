@@ -1,0 +1,123 @@
+#!/bin/sh
+# A stand-in for one Contractor tool (the one named by $0: contractor-vm, contractor-store,
+# contractor-proxy or contractor-run), answering the front end with the JSON the real tool
+# writes (docs/protocol.md), with no VM and no network.
+#
+# Each step of the tool first creates "$STANDIN_DIR/reached-STEP", then behaves as the
+# environment variable STANDIN_STEP says (STEP in upper case; unset: as the real tool):
+#   die      exits 3 without an answer
+#   error    writes the tool's error object (code "standin"), exits 3
+#   killed   is killed by SIGKILL
+#   garbage  writes a line that is not JSON, then exits 0
+#   hang     writes nothing more and never exits (until it is sent SIGTERM)
+#   deaf     the same, and ignores SIGTERM (only SIGKILL ends it)
+# Every process (and each child it starts) records its pid in "$STANDIN_DIR/pids", so that
+# a test can tell whether one outlived the front end, and stop it if so.
+set -u
+tool=${0##*/}
+echo $$ >>"$STANDIN_DIR/pids"
+
+step() {
+	: >"$STANDIN_DIR/reached-$1"
+	how=$(printenv "STANDIN_$(echo "$1" | tr a-z- A-Z_)" || true)
+	case $how in
+	'') ;;
+	die) echo "$tool: stand-in: dies at $1" >&2; exit 3 ;;
+	error)
+		printf '{"type":"error","version":1,"code":"standin","chain":["stand-in failure at %s","the cause"]}\n' "$1"
+		echo "$tool: stand-in failure at $1" >&2
+		exit 3 ;;
+	killed) kill -KILL $$ ;;
+	garbage) echo "stand-in garbage at $1, not JSON"; exit 0 ;;
+	hang) exec sleep 100000 ;;
+	deaf) trap '' TERM; exec sleep 100000 ;;
+	*) echo "$tool: stand-in: unknown behaviour $how for $1" >&2; exit 99 ;;
+	esac
+}
+
+confinement='{"enforced":true,"no_new_privs":true,"landlock_abi":7,"landlock_fs":true,"landlock_net":true,"seccomp":true,"rlimits":true,"warnings":[]}'
+
+# A service: its ready line, then serving until SIGTERM (exit 0, as the real ones do).
+serve() {
+	step "$1-serve"
+	printf '{"type":"ready","version":1,"service":"%s","addr":"127.0.0.1:9","confinement":%s}\n' "$1" "$confinement"
+	step "$1-serving"
+	sleep 100000 >/dev/null &
+	sleeper=$!
+	echo $sleeper >>"$STANDIN_DIR/pids"
+	trap 'kill $sleeper; exit 0' TERM INT
+	wait $sleeper
+}
+
+case $tool in
+contractor-vm)
+	case $1 in
+	image)
+		step vm-image
+		dir=$CONTRACTOR_DATA_DIR/images/debian-12-build
+		printf '{"type":"image","version":1,"image":{"name":"debian-12-build","dir":"%s","boot":{"disk":"%s/disk.qcow2","kernel":"%s/vmlinuz","initrd":"%s/initramfs.img","cmdline":"root=/dev/vda"},"size":3,"manifest":{"version":2,"name":"debian-12-build","suite":"bookworm","created":1,"disk_sha256":"d","agent_version":"0.1.0","agent_sha256":"a","cmdline":"root=/dev/vda"}}}\n' "$dir" "$dir" "$dir" "$dir" ;;
+	create)
+		read -r request
+		step vm-create
+		printf '{"type":"vm","version":1,"vm":{"name":"contractor-standin0001","uri":"qemu:///system","state":"running","control_socket":"%s/control","tunnel_socket":"%s/tunnel","accel":"tcg"}}\n' "$STANDIN_DIR" "$STANDIN_DIR"
+		case $* in
+		*--hold*)
+			# As the real holder: it destroys the VM when its stdin closes (exit 0) or
+			# on SIGTERM or SIGINT (exit 130).
+			step vm-hold
+			exec 3<&0
+			cat <&3 >/dev/null &
+			reader=$!
+			echo $reader >>"$STANDIN_DIR/pids"
+			trap 'kill $reader; : >"$STANDIN_DIR/vm-released"; exit 130' TERM INT
+			wait $reader
+			: >"$STANDIN_DIR/vm-released"
+			exit 0 ;;
+		esac ;;
+	destroy)
+		step vm-destroy
+		if [ -e "$STANDIN_DIR/vm-released" ]; then
+			echo '{"type":"error","version":1,"code":"not_found","chain":["no VM named contractor-standin0001"]}'
+			echo "contractor-vm: no VM named contractor-standin0001" >&2
+			exit 2
+		fi
+		echo '{"type":"destroyed","version":1,"name":"contractor-standin0001"}' ;;
+	*) echo "contractor-vm: stand-in: no $1" >&2; exit 2 ;;
+	esac ;;
+contractor-store)
+	case $1 in
+	pack)
+		step store-pack
+		while [ $# -gt 0 ] && [ "$1" != --out ]; do shift; done
+		: >"$2"
+		echo '{"type":"packed","version":1,"entries":1,"bytes":0,"warnings":[]}' ;;
+	token)
+		step store-token
+		echo standintoken0 ;;
+	cache)
+		step "store-cache-$2"
+		case $2 in
+		prepare) echo '{"type":"cache_prepared","version":1,"cache":null,"warnings":[]}' ;;
+		keep) echo '{"type":"cache_kept","version":1,"bytes":null}' ;;
+		esac ;;
+	serve) serve store ;;
+	*) echo "contractor-store: stand-in: no $1" >&2; exit 2 ;;
+	esac ;;
+contractor-proxy) serve proxy ;;
+contractor-run)
+	read -r request
+	step run-start
+	printf '{"type":"started","version":1,"confinement":%s}\n' "$confinement"
+	echo '{"type":"agent_ready","agent_version":"0.1.0"}'
+	echo '{"type":"phase","phase":"source"}'
+	echo '{"type":"phase","phase":"fetch"}'
+	step run-fetch
+	echo '{"type":"phase","phase":"script"}'
+	printf '%s\n' '{"type":"output","text":"stand-in output\n"}'
+	step run-script
+	echo '{"type":"phase","phase":"artifacts"}'
+	step run-artifacts
+	step run-finish
+	echo '{"type":"finished","outcome":"success","exit_code":0,"duration_secs":0.1}' ;;
+*) echo "stand-in: unknown tool $tool" >&2; exit 99 ;;
+esac

@@ -3,8 +3,9 @@
 //! The source is packed here into the local record; `ssh HOST contractor-cli hosted-build`
 //! (see `crate::hosted` and `contractor_protocol::hosted`) receives it, runs the build
 //! there (VM, relay, proxy and store under that user's libvirt), and streams its events
-//! back, which are shown as a local build's, then its record, which lands in the local
-//! `.contractor/builds/<id>/` with the host named in `result.json`. SSH is the system's
+//! back, which are shown as a local build's, then its record, which this process pipes
+//! unread into `contractor-store record receive` (confined to the local
+//! `.contractor/builds/<id>/`), with the host named in `result.json`. SSH is the system's
 //! `ssh` (or `$CONTRACTOR_SSH`): the user's keys, `known_hosts` and agent, in batch mode
 //! (it never asks for a password or to accept a host key). Ctrl-C or SIGTERM closes the
 //! session's stdin, which interrupts the build there (its record still comes back); a

@@ -329,7 +329,9 @@ if [ -z "$finished" ]; then
     [ "$run_status" = 0 ] && run_status=3
     exit "$run_status"
 fi
-find "$REC/artifacts" -type f 2>/dev/null | sort >"$TMP/artifacts" || true
+# The artifacts are what the store's own index (artifacts.json, written now) names.
+"$STORE_TOOL" index --root "$STORE" --build "$ID" 2>/dev/null |
+    jq -r --arg rec "$REC" '.artifacts[] | "\($rec)/artifacts/\(.path)"' >"$TMP/artifacts" || true
 jq -s --argjson finished "$finished" --arg id "$ID" --arg rec "$REC" \
     --argjson duration "$(awk -v now="$(date +%s.%N)" -v t0="$started" 'BEGIN { printf "%.3f", now - t0 }')" \
     --rawfile artifacts "$TMP/artifacts" \

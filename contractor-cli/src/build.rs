@@ -558,9 +558,19 @@ pub fn build(
     if let Err(err) = &cache_saved {
         display.warning(&format!("cannot keep the build cache: {err}"));
     }
+    // The store's own index of what it received: written by the store, read back here.
+    let stored = crate::records::index_artifacts(&record).unwrap_or_else(|err| {
+        display.warning(&format!(
+            "cannot index the artifacts: {}",
+            contractor_protocol::result::joined_chain(&err)
+        ));
+        Vec::new()
+    });
     if ran.outcome == Outcome::Success {
         // The host checks what it can know itself: the guest's word is not enough.
-        if let Some(pattern) = missing_artifacts(&record.join("artifacts"), &spec.artifacts) {
+        if let Some(pattern) =
+            missing_artifacts(&record.join("artifacts"), &stored, &spec.artifacts)
+        {
             ran.outcome = Outcome::Failed;
             ran.error = Some(ErrorInfo {
                 code: BuildCode::ArtifactMissing.as_str().into(),
@@ -570,7 +580,7 @@ pub fn build(
             });
         }
     }
-    let artifacts = collect_artifacts(&record.join("artifacts"));
+    let artifacts = stored;
     let result = BuildResult {
         version: PROTOCOL_VERSION,
         id,
@@ -1230,6 +1240,10 @@ impl Ran {
     }
 }
 
+/// How long a tool's death by a signal waits for this process's own Ctrl-C or SIGTERM to be
+/// noted ([`Interruption::signal_behind`]).
+const SIGNAL_NOTE_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Ctrl-C and SIGTERM while the build runs: remembered, and passed on as SIGTERM to every
 /// tool running then (`tools::signal_running`) and to each tool of the build started later
 /// ([tracked](Interruption::track)): `contractor-run` then ends without `finished`,
@@ -1292,6 +1306,27 @@ impl Interruption {
     /// The signal that interrupted the build, if any.
     fn signal(&self) -> Option<&'static str> {
         self.signal.lock().ok().and_then(|s| *s)
+    }
+
+    /// The signal behind `err`, a tool's failure: a tool killed by a signal may have had
+    /// the terminal's Ctrl-C at the same moment as this process, whose watcher thread may not
+    /// have noted it yet; it is given [`SIGNAL_NOTE_WAIT`] to.
+    fn signal_behind(&self, err: &ToolError) -> Option<&'static str> {
+        let killed = matches!(
+            err,
+            ToolError::Failed {
+                exit_code: None,
+                ..
+            }
+        );
+        let deadline = std::time::Instant::now() + SIGNAL_NOTE_WAIT;
+        loop {
+            let signal = self.signal();
+            if signal.is_some() || !killed || std::time::Instant::now() >= deadline {
+                return signal;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     /// Passes an interruption that came already on to `child`, a tool the build is about
@@ -1568,7 +1603,7 @@ fn run_in_vm(
     }
     let vm = match spawned.finish() {
         Ok(vm) => vm,
-        Err(err) if interruption.signal().is_some() => {
+        Err(err) if interruption.signal_behind(&err).is_some() => {
             drop(err);
             return Ran::interrupted(interruption.signal().unwrap_or("Ctrl-C"));
         }
@@ -1659,7 +1694,7 @@ fn run_in_vm(
             BuildCode::Run,
             "contractor-run ended without a finished event".into(),
         ),
-        Err(err) => match interruption.signal() {
+        Err(err) => match interruption.signal_behind(&err) {
             Some(signal) => Ran::interrupted(signal),
             None => Ran::infrastructure(BuildCode::Run, &err),
         },
@@ -1734,13 +1769,13 @@ fn read_events(child: &mut Child, display: &Display) -> Result<RunEvent, ToolErr
     }
 }
 
-/// The first of the declared artifact `patterns` that nothing stored under `dir` matches. A
-/// pattern matches a stored file or a directory it lies in, with the agent's glob semantics
-/// relative to the source root (`*` stays within a path component, `**` spans them). The
-/// cache upload is not an artifact.
-fn missing_artifacts(dir: &Path, patterns: &[String]) -> Option<String> {
-    let stored: Vec<PathBuf> = collect_artifacts(dir)
-        .into_iter()
+/// The first of the declared artifact `patterns` that none of the `stored` files under `dir`
+/// (the store's index) matches. A pattern matches a stored file or a directory it lies in,
+/// with the agent's glob semantics relative to the source root (`*` stays within a path
+/// component, `**` spans them). The cache upload is not an artifact.
+fn missing_artifacts(dir: &Path, stored: &[PathBuf], patterns: &[String]) -> Option<String> {
+    let stored: Vec<PathBuf> = stored
+        .iter()
         .filter_map(|path| path.strip_prefix(dir).ok().map(Path::to_path_buf))
         .filter(|path| path != Path::new(crate::cache::UPLOAD_NAME))
         .collect();
@@ -1788,68 +1823,18 @@ pub fn collect_artifacts(dir: &Path) -> Vec<PathBuf> {
 
 /// While a build runs, its record holds this file naming the `contractor` process (pid and
 /// start time); it is removed when `result.json` is written.
-pub const OWNER_FILE: &str = "owner.json";
+pub const OWNER_FILE: &str = contractor_protocol::process::OWNER_FILE;
 
-/// Most bytes read of an `owner.json` (ours have about 50).
-const MAX_OWNER_BYTES: u64 = 4096;
-
-/// Gives every record whose `contractor` process died without finishing (SIGKILL, power
-/// loss) a `result.json` saying the build was interrupted. Records of live builds are left
-/// alone.
+/// Gives every record whose build was abandoned (its `contractor` process died without
+/// finishing: SIGKILL, power loss) a `result.json` saying it was interrupted. Which builds
+/// still run is the store's one rule (`contractor-store record close-abandoned`); a store
+/// that cannot answer is a warning, not a reason to refuse the build.
 pub fn close_abandoned_records(store_root: &Path) {
-    let Ok(entries) = std::fs::read_dir(store_root.join("builds")) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        // Only real directories: what a project ships there is never followed or opened
-        // unless it is a regular file.
-        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        let record = entry.path();
-        let owner_file = record.join(OWNER_FILE);
-        if std::fs::symlink_metadata(record.join("result.json")).is_ok() {
-            continue;
-        }
-        let Ok(text) = source::read_regular(&owner_file, MAX_OWNER_BYTES) else {
-            continue;
-        };
-        let owner: serde_json::Value = serde_json::from_slice(&text).unwrap_or_default();
-        let pid = owner["pid"].as_u64().and_then(|p| u32::try_from(p).ok());
-        let alive = pid.is_some_and(|pid| {
-            let start = contractor_protocol::process::start_time(pid);
-            start.is_some() && start == owner["start"].as_u64()
-        });
-        if alive {
-            continue;
-        }
-        let id = entry.file_name().to_string_lossy().into_owned();
-        let result = BuildResult {
-            version: PROTOCOL_VERSION,
-            id,
-            outcome: Outcome::Interrupted,
-            exit_code: None,
-            duration_secs: 0.0,
-            log: record.join("build.log"),
-            console_log: record.join("console.log"),
-            artifacts: collect_artifacts(&record.join("artifacts")),
-            refused_hosts: Vec::new(),
-            refused_offline: Vec::new(),
-        upstream_failures: Vec::new(),
-            limit: None,
-            error: Some(ErrorInfo {
-                code: BuildCode::Abandoned.as_str().into(),
-                chain: vec![format!(
-                    "the contractor process (pid {}) ended before the build finished; libvirt destroyed its VM",
-                    pid.map_or("unknown".to_string(), |p| p.to_string())
-                )],
-            }),
-            host: None,
-        };
-        let text = serde_json::to_string_pretty(&result).unwrap_or_default();
-        if std::fs::write(record.join("result.json"), text + "\n").is_ok() {
-            let _ = std::fs::remove_file(&owner_file);
-        }
+    if let Err(err) = crate::records::close_abandoned(store_root) {
+        eprintln!(
+            "contractor: warning: cannot close abandoned records: {}",
+            contractor_protocol::result::joined_chain(&err)
+        );
     }
 }
 
@@ -2036,15 +2021,17 @@ mod tests {
 
     #[test]
     fn a_declared_artifact_is_missing_unless_a_stored_file_or_its_directory_matches() {
-        let record = tempfile::tempdir().expect("tempdir");
-        let dir = record.path().join("artifacts");
+        let store = tempfile::tempdir().expect("tempdir");
+        let record = store.path().join("builds/b1");
+        let dir = record.join("artifacts");
         std::fs::create_dir_all(dir.join("target/debian")).expect("mkdir");
         std::fs::write(dir.join("hello"), "x").expect("write");
         std::fs::write(dir.join("target/debian/a.deb"), "x").expect("write");
         std::fs::write(dir.join(crate::cache::UPLOAD_NAME), "cache").expect("write");
+        let stored = crate::records::index_artifacts(&record).expect("the store indexes");
         let check = |patterns: &[&str]| {
             let patterns: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
-            missing_artifacts(&dir, &patterns)
+            missing_artifacts(&dir, &stored, &patterns)
         };
         assert_eq!(
             check(&["hello", "target/debian/*.deb", "target", "target/*"]),
@@ -2062,7 +2049,10 @@ mod tests {
             Some(crate::cache::UPLOAD_NAME.into()),
             "the cache is not an artifact"
         );
-        assert_eq!(missing_artifacts(&record.path().join("none"), &[]), None);
+        assert_eq!(
+            missing_artifacts(&store.path().join("none"), &[], &[]),
+            None
+        );
     }
 
     #[test]

@@ -29,16 +29,7 @@ use crate::{lock, paths, spec};
 /// This release, as `contractor --version` names it.
 pub const RELEASE: &str = env!("CARGO_PKG_VERSION");
 
-/// Files of a record that do not travel back: the front end has the source, writes its own
-/// `result.json`, and owns the build; `inputs` is the build cache handed to the guest.
-pub const NOT_SENT: &[&str] = &[
-    "source.tar",
-    "result.json",
-    "owner.json",
-    "inputs",
-    "vm.json",
-    "provenance.json",
-];
+pub use contractor_protocol::hosted::NOT_SENT;
 
 /// Why a hosted build could not start: its error code, messages and exit code.
 struct Refusal {

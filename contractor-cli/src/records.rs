@@ -1,11 +1,20 @@
 //! Reading build records: `contractor builds`, `contractor show`, `contractor log`.
 //!
 //! A record is `<project>/.contractor/builds/<id>/`; ids sort by time, so the newest build
-//! is the greatest id. These commands only read: they never change a record.
+//! is the greatest id. These commands only read: they never change a record. What writes
+//! record files the front end did not make itself is `contractor-store record ...`: the
+//! store receives a build host's record (confined to it), decides which builds are
+//! abandoned and closes them, and indexes artifacts (`artifacts.json`), which the front end
+//! reads back ([`stored_artifacts`]).
 
+use std::ffi::OsStr;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use contractor_protocol::result::BuildResult;
+use contractor_protocol::store::{RecordReceived, RecordsClosed};
+
+use crate::tools::{self, ToolError};
 
 /// Errors reading records.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +139,122 @@ pub fn read_file_capped(record: &Record, name: &str, limit: u64) -> Result<Vec<u
 
 pub use contractor_protocol::file::MAX_DOWNLOADS_FILE;
 
+/// Most bytes of a record's `artifacts.json` read back (an entry is about 150 bytes; the
+/// store indexes at most what a build may upload).
+pub const MAX_INDEX_BYTES: u64 = 64 << 20;
+
+/// The store directory and build id of the record directory `record`
+/// (`<store>/builds/<id>`).
+fn store_and_id(record: &Path) -> (&Path, &std::ffi::OsStr) {
+    let root = record
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("."));
+    (root, record.file_name().unwrap_or_default())
+}
+
+/// Asks the store to index the artifacts of `record` (`contractor-store index`, which
+/// writes `artifacts.json`) and returns them as [`stored_artifacts`] reads them back.
+pub fn index_artifacts(record: &Path) -> Result<Vec<PathBuf>, ToolError> {
+    let (root, id) = store_and_id(record);
+    let _: serde_json::Value = tools::answer(
+        tools::STORE,
+        &[
+            OsStr::new("index"),
+            OsStr::new("--root"),
+            root.as_os_str(),
+            OsStr::new("--build"),
+            id,
+        ],
+    )?;
+    Ok(stored_artifacts(record))
+}
+
+/// The artifacts of `record` as the store's index (`artifacts.json`, at most
+/// [`MAX_INDEX_BYTES`], a regular file) names them, sorted: each a path beneath
+/// `artifacts/` of plain names. None when there is no readable index.
+pub fn stored_artifacts(record: &Path) -> Vec<PathBuf> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        artifacts: Vec<Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        path: String,
+    }
+    let path = record.join("artifacts.json");
+    let Ok(bytes) = contractor_protocol::file::read_regular(&path, MAX_INDEX_BYTES) else {
+        return Vec::new();
+    };
+    let Ok(index) = serde_json::from_slice::<Index>(&bytes) else {
+        return Vec::new();
+    };
+    let dir = record.join("artifacts");
+    let mut found: Vec<PathBuf> = index
+        .artifacts
+        .into_iter()
+        .map(|a| PathBuf::from(a.path))
+        .filter(|p| {
+            p.components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+        })
+        .map(|p| dir.join(p))
+        .collect();
+    found.sort();
+    found
+}
+
+/// Asks the store to close every abandoned record under `store_root`
+/// (`contractor-store record close-abandoned`: the store alone decides which builds still
+/// run); returns the ids it closed.
+pub fn close_abandoned(store_root: &Path) -> Result<Vec<String>, ToolError> {
+    let closed: RecordsClosed = tools::answer(
+        tools::STORE,
+        &[
+            OsStr::new("record"),
+            OsStr::new("close-abandoned"),
+            OsStr::new("--root"),
+            store_root.as_os_str(),
+        ],
+    )?;
+    Ok(closed.closed)
+}
+
+/// Hands `stream` (a build host's record stream, read up to its `finished` event) to
+/// `contractor-store record receive`, which writes it into `record`, at most `limit` bytes,
+/// confined to that directory, and indexes its artifacts. `stream` is copied on a thread
+/// of its own, which ends when the stream does or the store stops reading.
+pub fn receive(
+    stream: impl Read + Send + 'static,
+    record: &Path,
+    limit: u64,
+) -> Result<RecordReceived, ToolError> {
+    let (root, id) = store_and_id(record);
+    let mut command = tools::command(tools::STORE)?;
+    command
+        .args([
+            OsStr::new("record"),
+            OsStr::new("receive"),
+            OsStr::new("--root"),
+        ])
+        .arg(root)
+        .arg("--build")
+        .arg(id)
+        .arg("--max-bytes")
+        .arg(limit.to_string())
+        .arg("--json-errors");
+    let mut child = tools::spawn(tools::STORE, command)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let mut stream = stream;
+        std::thread::spawn(move || std::io::copy(&mut stream, &mut stdin));
+    }
+    let mut answers = tools::Answers::of(tools::STORE, &mut child)?;
+    let received: RecordReceived = answers.first(&mut child)?;
+    answers.drain();
+    let _ = child.wait();
+    Ok(received)
+}
+
 /// When a build started, from its id (`20261125-141502-3fa2c1` → `2026-11-25 14:15:02`).
 pub fn started(id: &str) -> String {
     let digits: Vec<&str> = id.splitn(3, '-').collect();
@@ -219,6 +344,45 @@ mod tests {
             read_file(&newest, "build.log").expect("log"),
             b"log of 20261125-120000-cccccc\n"
         );
+    }
+
+    #[test]
+    fn artifacts_are_what_the_stores_index_names() {
+        let store = tempfile::tempdir().expect("tempdir");
+        let record = store.path().join("builds/20261125-100000-aaaaaa");
+        std::fs::create_dir_all(record.join("artifacts/bin")).expect("mkdir");
+        std::fs::write(record.join("artifacts/bin/tool"), "x").expect("write");
+        std::fs::write(record.join("artifacts/a.txt"), "x").expect("write");
+        assert_eq!(
+            stored_artifacts(&record),
+            Vec::<PathBuf>::new(),
+            "no index yet"
+        );
+        let listed = index_artifacts(&record).expect("contractor-store index");
+        assert_eq!(
+            listed,
+            [
+                record.join("artifacts/a.txt"),
+                record.join("artifacts/bin/tool")
+            ]
+        );
+        assert!(
+            record.join("artifacts.json").is_file(),
+            "written by the store"
+        );
+        // What the index names is what is listed: a file it does not name is not walked to,
+        // and a path that would leave artifacts/ is dropped.
+        std::fs::write(record.join("artifacts/later"), "x").expect("write");
+        std::fs::write(
+            record.join("artifacts.json"),
+            r#"{"version":1,"build":"b","artifacts":[{"path":"a.txt"},{"path":"../../x"},{"path":"/etc/passwd"}]}"#,
+        )
+        .expect("index");
+        assert_eq!(stored_artifacts(&record), [record.join("artifacts/a.txt")]);
+        // Only a regular file is read.
+        std::fs::remove_file(record.join("artifacts.json")).expect("rm");
+        std::os::unix::fs::symlink("/etc/passwd", record.join("artifacts.json")).expect("link");
+        assert_eq!(stored_artifacts(&record), Vec::<PathBuf>::new());
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! The source is packed here into the local record; `ssh HOST contractor-cli hosted-build`
 //! (see `crate::hosted` and `contractor_protocol::hosted`) receives it, runs the build
 //! there (VM, relay, proxy and store under that user's libvirt), and streams its events
-//! back, which are shown as a local build's, then its record, which lands in the local
-//! `.contractor/builds/<id>/` with the host named in `result.json`. SSH is the system's
+//! back, which are shown as a local build's, then its record, which this process pipes
+//! unread into `contractor-store record receive` (confined to the local
+//! `.contractor/builds/<id>/`), with the host named in `result.json`. SSH is the system's
 //! `ssh` (or `$CONTRACTOR_SSH`): the user's keys, `known_hosts` and agent, in batch mode
 //! (it never asks for a password or to accept a host key). Ctrl-C or SIGTERM closes the
 //! session's stdin, which interrupts the build there (its record still comes back); a
@@ -20,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use contractor_protocol::build::BuildEvent;
 use contractor_protocol::error::ErrorObject;
+use contractor_protocol::error::ToolCode;
 use contractor_protocol::hosted::{
-    HostedLine, HostedRequest, HOSTED_COMMAND, MAX_RECORD_DEPTH, MAX_RECORD_DIRS, MAX_RECORD_FILES,
-    RECORD_ENTRY_BYTES, RECORD_OVERHEAD_BYTES,
+    HostedLine, HostedRequest, HOSTED_COMMAND, RECORD_OVERHEAD_BYTES,
 };
 use contractor_protocol::jsonl::JsonlReader;
 use contractor_protocol::result::{BuildCode, BuildResult, ErrorInfo, Outcome};
@@ -31,7 +32,7 @@ use sha2::{Digest, Sha256};
 
 use crate::build::{self, BuildError, BuildOptions, BuildReport, PendingRelease};
 use crate::display::Display;
-use crate::hosted::{NOT_SENT, RELEASE};
+use crate::hosted::RELEASE;
 use crate::{lock, paths, source, spec};
 
 /// The executable the build host runs for a hosted build (found on its `PATH`; the tools
@@ -558,7 +559,7 @@ pub fn build_on(
         duration_secs: started.elapsed().as_secs_f64(),
         log: record.join("build.log"),
         console_log: record.join("console.log"),
-        artifacts: build::collect_artifacts(&record.join("artifacts")),
+        artifacts: crate::records::stored_artifacts(&record),
         refused_hosts,
         refused_offline,
         upstream_failures: Vec::new(),
@@ -691,8 +692,8 @@ impl Session {
         self.interrupted.lock().ok().and_then(|s| *s)
     }
 
-    /// Reads the session to its end: shows the build's events, receives its record into
-    /// `record` (at most `limit` bytes), and returns the build host's result.
+    /// Reads the session to its end: shows the build's events, has the store receive its
+    /// record into `record` (at most `limit` bytes), and returns the build host's result.
     fn follow(
         &mut self,
         host: &BuildHost,
@@ -704,8 +705,6 @@ impl Session {
             return Err(host_error(vec!["ssh has no stdout".into()]).into());
         };
         let mut hello = false;
-        let mut finished: Option<BuildResult> = None;
-        let mut received = Received::default();
         loop {
             let value: Option<serde_json::Value> = match reader.next_message() {
                 Ok(value) => value,
@@ -762,41 +761,18 @@ impl Session {
                         chain,
                     }));
                 }
-                "file" => {
-                    let Ok(HostedLine::File {
-                        path,
-                        bytes,
-                        executable,
-                    }) = serde_json::from_value::<HostedLine>(value)
-                    else {
-                        return Err(self.lost(host, Some("a file line is malformed".into())));
-                    };
-                    if finished.is_none() {
-                        return Err(self.lost(
-                            host,
-                            Some("it sent the record before the build finished".into()),
-                        ));
-                    }
-                    received
-                        .file(reader.get_mut(), record, &path, bytes, executable, limit)
-                        .map_err(|why| {
-                            RemoteEnd::Failed(host_error(vec![format!(
-                                "the record from the build host {host} cannot be kept: {why}"
-                            )]))
-                        })?;
-                }
-                "end" => {
-                    return finished.ok_or_else(|| {
-                        self.lost(
-                            host,
-                            Some("it ended the record before the build finished".into()),
-                        )
-                    });
+                "file" | "end" => {
+                    return Err(self.lost(
+                        host,
+                        Some("it sent the record before the build finished".into()),
+                    ));
                 }
                 _ => match serde_json::from_value::<BuildEvent>(value) {
                     // This front end announced the build, and announces its end.
                     Ok(BuildEvent::Started { .. }) => {}
-                    Ok(BuildEvent::Finished { result }) => finished = Some(result),
+                    Ok(BuildEvent::Finished { result }) => {
+                        return self.receive(host, reader, record, limit).map(|()| result)
+                    }
                     Ok(event) => display.event(&event),
                     Err(err) => {
                         return Err(self.lost(
@@ -805,6 +781,35 @@ impl Session {
                         ))
                     }
                 },
+            }
+        }
+    }
+
+    /// Hands the rest of the session's stream, the record, to the store's confined receipt
+    /// (`contractor-store record receive`): this process never parses it.
+    fn receive(
+        &mut self,
+        host: &BuildHost,
+        reader: JsonlReader<BufReader<ChildStdout>>,
+        record: &Path,
+        limit: u64,
+    ) -> Result<(), RemoteEnd> {
+        let stream = reader.into_inner();
+        match crate::records::receive(stream, record, limit) {
+            Ok(_) => Ok(()),
+            Err(err) => {
+                let chain = err
+                    .messages()
+                    .map(|m| contractor_protocol::result::error_chain(&m))
+                    .unwrap_or_else(|| contractor_protocol::result::error_chain(&err));
+                if err.tool_code() == Some(&ToolCode::RecordCut) {
+                    return Err(self.lost(host, Some(chain.join(": "))));
+                }
+                let mut full = vec![format!(
+                    "the record from the build host {host} cannot be kept"
+                )];
+                full.extend(chain);
+                Err(RemoteEnd::Failed(host_error(full)))
             }
         }
     }
@@ -898,106 +903,6 @@ fn watch_signals(
     Some(handle)
 }
 
-/// What has arrived of a record, and what it costs the local disk: each file its size
-/// rounded up to [`RECORD_ENTRY_BYTES`] (at least one block), each directory it makes one
-/// block, all against the record's byte limit; at most [`MAX_RECORD_FILES`] files and
-/// [`MAX_RECORD_DIRS`] directories.
-#[derive(Default)]
-struct Received {
-    files: u64,
-    bytes: u64,
-    /// The directories charged so far, relative to the record.
-    dirs: std::collections::HashSet<PathBuf>,
-}
-
-/// What a record file of `bytes` bytes costs: its size rounded up to a block, at least one.
-fn record_file_cost(bytes: u64) -> u64 {
-    bytes
-        .div_ceil(RECORD_ENTRY_BYTES)
-        .max(1)
-        .saturating_mul(RECORD_ENTRY_BYTES)
-}
-
-impl Received {
-    /// Receives one file of `bytes` bytes from `input` into `record/path`: a relative path
-    /// of plain names, not one of the files this front end writes itself, new, within the
-    /// record's limits.
-    fn file(
-        &mut self,
-        input: &mut impl Read,
-        record: &Path,
-        path: &str,
-        bytes: u64,
-        executable: bool,
-        limit: u64,
-    ) -> Result<(), String> {
-        let relative = Path::new(path);
-        let plain = relative
-            .components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)));
-        let depth = relative.components().count();
-        if !plain || depth == 0 || depth > MAX_RECORD_DEPTH || path.contains('\0') {
-            return Err(format!("{path:?} is not a relative path of plain names"));
-        }
-        let first = relative.components().next().map(|c| c.as_os_str());
-        if NOT_SENT
-            .iter()
-            .any(|n| first == Some(std::ffi::OsStr::new(n)))
-        {
-            return Err(format!("{path:?} is written by this front end, not sent"));
-        }
-        self.files += 1;
-        if self.files > MAX_RECORD_FILES {
-            return Err(format!("it holds more than {MAX_RECORD_FILES} files"));
-        }
-        // Every directory the file needs that is not charged yet is charged now, whether or
-        // not it exists already (the count errs on the safe side).
-        let new_dirs: Vec<PathBuf> = relative
-            .ancestors()
-            .skip(1)
-            .filter(|d| !d.as_os_str().is_empty() && !self.dirs.contains(*d))
-            .map(Path::to_path_buf)
-            .collect();
-        let dirs = self.dirs.len() as u64 + new_dirs.len() as u64;
-        if dirs > MAX_RECORD_DIRS {
-            return Err(format!(
-                "{path:?} would bring it to {dirs} directories; at most {MAX_RECORD_DIRS} are accepted"
-            ));
-        }
-        let cost = record_file_cost(bytes)
-            .saturating_add((new_dirs.len() as u64).saturating_mul(RECORD_ENTRY_BYTES));
-        self.bytes = self.bytes.saturating_add(cost);
-        if self.bytes > limit {
-            return Err(format!(
-                "it is bigger than {limit} bytes (max_log + max_artifacts + {RECORD_OVERHEAD_BYTES}), \
-                 counting each file and directory as at least {RECORD_ENTRY_BYTES} bytes"
-            ));
-        }
-        self.dirs.extend(new_dirs);
-        let target = record.join(relative);
-        if let Some(parent) = target.parent() {
-            paths::create_dir_world_readable(parent)
-                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-        }
-        use std::os::unix::fs::OpenOptionsExt;
-        let mode = if executable { 0o755 } else { 0o644 };
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&target)
-            .map_err(|e| format!("cannot create {}: {e}", target.display()))?;
-        let copied = std::io::copy(&mut input.take(bytes), &mut file)
-            .map_err(|e| format!("cannot write {}: {e}", target.display()))?;
-        if copied != bytes {
-            return Err(format!(
-                "{path:?} ended after {copied} of its {bytes} bytes"
-            ));
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1039,115 +944,5 @@ mod tests {
         ] {
             assert!(BuildHost::parse(bad).is_err(), "{bad:?} was accepted");
         }
-    }
-
-    #[test]
-    fn a_record_file_lands_only_as_a_new_plain_path_within_the_limit() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut received = Received::default();
-        let mut input: &[u8] = b"hello world";
-        received
-            .file(&mut input, dir.path(), "artifacts/bin/x", 5, true, 1 << 20)
-            .expect("a plain path is received");
-        assert_eq!(
-            std::fs::read(dir.path().join("artifacts/bin/x")).expect("read"),
-            b"hello"
-        );
-        assert_eq!(input, b" world", "exactly the file's bytes are taken");
-        for bad in [
-            "../x",
-            "/etc/passwd",
-            "a/../../x",
-            "result.json",
-            "owner.json",
-            "",
-        ] {
-            let mut input: &[u8] = b"x";
-            assert!(
-                received
-                    .file(&mut input, dir.path(), bad, 1, false, 1 << 20)
-                    .is_err(),
-                "{bad:?} was received"
-            );
-        }
-        let mut input: &[u8] = b"xx";
-        assert!(
-            received
-                .file(&mut input, dir.path(), "artifacts/bin/x", 1, false, 1 << 20)
-                .is_err(),
-            "an existing file is never overwritten"
-        );
-        let mut input: &[u8] = &[0u8; 200];
-        let err = received
-            .file(&mut input, dir.path(), "big", 200, false, 100)
-            .expect_err("over the limit");
-        assert!(err.contains("bigger than 100 bytes"), "{err}");
-        let mut input: &[u8] = b"abc";
-        let err = received
-            .file(&mut input, dir.path(), "short", 10, false, 1 << 20)
-            .expect_err("short");
-        assert!(err.contains("ended after 3 of its 10 bytes"), "{err}");
-    }
-
-    #[test]
-    fn empty_files_in_deep_directories_are_charged_a_block_each() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut received = Received::default();
-        // 256 blocks; a hostile build host sends 500 empty files, each 63 levels deep in
-        // a tree of its own (62 directories): 31,500 directories for 0 bytes of files.
-        let limit = 256 * 4096;
-        let deep = vec!["d"; 61].join("/");
-        let mut refused = None;
-        for i in 0..500 {
-            let path = format!("t{i}/{deep}/empty");
-            let mut input: &[u8] = b"";
-            if let Err(why) = received.file(&mut input, dir.path(), &path, 0, false, limit) {
-                refused = Some((i, why));
-                break;
-            }
-        }
-        let (i, why) = refused.expect("31,500 directories were made for an empty record");
-        // Each file costs 63 blocks (62 directories and itself): the fifth passes 256.
-        assert_eq!(i, 4, "{why}");
-        assert!(why.contains("bigger than 1048576 bytes"), "{why}");
-        assert!(why.contains("each file and directory"), "{why}");
-        assert!(
-            !dir.path().join("t4").exists(),
-            "nothing made for a refused file"
-        );
-        // Directories already charged are not charged again: a sibling costs one block.
-        let mut received = Received::default();
-        for name in ["a/b/c/one", "a/b/c/two", "a/b/three"] {
-            let mut input: &[u8] = b"x";
-            received
-                .file(&mut input, dir.path(), name, 1, false, 6 * 4096)
-                .expect("three directories and three files fit in six blocks");
-        }
-        let mut input: &[u8] = b"";
-        let err = received
-            .file(&mut input, dir.path(), "a/four", 0, false, 6 * 4096)
-            .expect_err("a seventh block");
-        assert!(err.contains("bigger than"), "{err}");
-    }
-
-    #[test]
-    fn the_directories_of_a_record_are_capped_in_number() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut received = Received::default();
-        received
-            .dirs
-            .extend((1..MAX_RECORD_DIRS).map(|n| PathBuf::from(format!("seen{n}"))));
-        let mut input: &[u8] = b"";
-        let err = received
-            .file(&mut input, dir.path(), "a/b/f", 0, false, u64::MAX)
-            .expect_err("over the cap");
-        assert!(
-            err.contains("100001 directories; at most 100000 are accepted"),
-            "{err}"
-        );
-        let mut input: &[u8] = b"";
-        received
-            .file(&mut input, dir.path(), "a/f", 0, false, u64::MAX)
-            .expect("one more directory fits");
     }
 }

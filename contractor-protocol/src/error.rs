@@ -145,6 +145,17 @@ tool_codes! {
     SourceUnreadable = "source_unreadable",
     /// `pack`: the tar cannot be written; exit 3.
     SourcePack = "source_pack",
+    /// `record receive`: the stream ended before its `end` line (the build host went
+    /// away); exit 2.
+    RecordCut = "record_cut",
+    /// `record receive`: the stream breaks a rule or a limit of the record stream; exit 2.
+    RecordRefused = "record_refused",
+    /// `record receive`: the record cannot be written; exit 3.
+    RecordWrite = "record_write",
+    /// `record receive`: failed otherwise (its arguments); exit 2.
+    RecordReceive = "record_receive",
+    /// `record close-abandoned`: a record could not be closed; exit 3.
+    RecordClose = "record_close",
     /// `cache`: not a build id; exit 2.
     BadBuild = "bad_build",
     /// `cache`: not a path the cache may keep; exit 2.

@@ -45,6 +45,20 @@ pub const RECORD_ENTRY_BYTES: u64 = 4096;
 /// (console log, proxy and download records, the tools' messages).
 pub const RECORD_OVERHEAD_BYTES: u64 = 1 << 30;
 
+/// Files of a record that do not travel back, by their first path component: the front end
+/// has the source, writes its own `result.json` and `provenance.json`, and owns the build;
+/// `inputs` is the build cache handed to the guest; the store that receives the record
+/// writes its own artifact index (`artifacts.json`) from what arrived.
+pub const NOT_SENT: &[&str] = &[
+    "source.tar",
+    "result.json",
+    "owner.json",
+    "inputs",
+    "vm.json",
+    "provenance.json",
+    "artifacts.json",
+];
+
 /// What the front end asks a build host to build.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -97,6 +97,11 @@ impl<R: BufRead> JsonlReader<R> {
         &mut self.input
     }
 
+    /// The underlying reader, given up: what follows the lines read so far.
+    pub fn into_inner(self) -> R {
+        self.input
+    }
+
     /// The next non-blank line, without its newline, or `None` at the end of the stream.
     pub fn next_line(&mut self) -> Result<Option<&[u8]>, JsonlError> {
         Ok(if self.fill()? { Some(&self.buf) } else { None })

@@ -15,6 +15,34 @@ pub fn parse_stat_start(stat: &str) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// While a build runs, its record (`builds/<id>/`) holds this file naming the process that
+/// owns the build, as an [`Owner`]; it is removed when `result.json` is written. The store
+/// decides from it whether the build is still running (contractor-store's `records`).
+pub const OWNER_FILE: &str = "owner.json";
+
+/// Most bytes read of an [`OWNER_FILE`] (ours have about 50).
+pub const MAX_OWNER_BYTES: u64 = 4096;
+
+/// What an [`OWNER_FILE`] says: `{"pid": 4242, "start": 98765}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Owner {
+    /// The owner's pid.
+    pub pid: u32,
+    /// Its start time ([`start_time`]); null when it could not be read.
+    #[serde(default)]
+    pub start: Option<u64>,
+}
+
+impl Owner {
+    /// Whether the process named still runs: its pid exists with the same start time (a
+    /// reused pid is another process).
+    pub fn is_alive(&self) -> bool {
+        let start = start_time(self.pid);
+        start.is_some() && start == self.start
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -54,6 +54,73 @@ tag!(
     CacheCleared
 );
 
+tag!(
+    /// The `"type"` of [`RecordReceived`]: `"record_received"`.
+    RecordReceivedTag,
+    RecordReceived
+);
+tag!(
+    /// The `"type"` of [`RecordsClosed`]: `"records_closed"`.
+    RecordsClosedTag,
+    RecordsClosed
+);
+
+/// `record receive`: the record of a build host's build, received and indexed.
+/// `{"type":"record_received","version":1,"files":7,"charged_bytes":57344,"artifacts":2}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordReceived {
+    /// Always `record_received`.
+    #[serde(rename = "type")]
+    pub kind: RecordReceivedTag,
+    /// Protocol version, 1.
+    pub version: u32,
+    /// Files written into the record.
+    pub files: u64,
+    /// Bytes charged against the limit (each file and directory at least 4096).
+    pub charged_bytes: u64,
+    /// Artifacts in the index written after it (`artifacts.json`).
+    pub artifacts: u64,
+}
+
+impl RecordReceived {
+    /// The answer for a record of `files` files charged `charged_bytes`, with `artifacts`.
+    pub fn new(files: u64, charged_bytes: u64, artifacts: u64) -> RecordReceived {
+        RecordReceived {
+            kind: RecordReceivedTag::RecordReceived,
+            version: PROTOCOL_VERSION,
+            files,
+            charged_bytes,
+            artifacts,
+        }
+    }
+}
+
+/// `record close-abandoned`: the builds whose records it closed (each now has a
+/// `result.json` saying it was interrupted). `{"type":"records_closed","version":1,"closed":["20261125-141502-3fa2c1"]}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordsClosed {
+    /// Always `records_closed`.
+    #[serde(rename = "type")]
+    pub kind: RecordsClosedTag,
+    /// Protocol version, 1.
+    pub version: u32,
+    /// The ids of the builds closed, sorted.
+    pub closed: Vec<String>,
+}
+
+impl RecordsClosed {
+    /// The answer naming the `closed` builds.
+    pub fn new(closed: Vec<String>) -> RecordsClosed {
+        RecordsClosed {
+            kind: RecordsClosedTag::RecordsClosed,
+            version: PROTOCOL_VERSION,
+            closed,
+        }
+    }
+}
+
 /// `pack`: `{"type":"packed","version":1,"entries":4,"bytes":10240,"warnings":[]}`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

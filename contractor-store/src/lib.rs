@@ -9,7 +9,8 @@
 //! [`limits`] keeps uploads within their size limits, [`range`] reads conditional and
 //! partial GETs, [`records`] writes artifact indexes and collects garbage, and [`server`]
 //! speaks HTTP; [`confinement`] says what a serving store may still reach once it confines
-//! itself (before its first read from a client). Off the wire, [`pack`] packs a project's tree into a record's `source.tar`
+//! itself (before its first read from a client); [`receipt`] receives the record of a build
+//! run on a build host, confined to that record. Off the wire, [`pack`] packs a project's tree into a record's `source.tar`
 //! and [`cache`] keeps a project's build cache in the store directory.
 
 #![warn(missing_docs)]
@@ -23,6 +24,7 @@ pub mod limits;
 pub mod pack;
 pub mod path;
 pub mod range;
+pub mod receipt;
 pub mod records;
 pub mod server;
 mod sys;

@@ -1,7 +1,7 @@
 //! `contractor-store`: `serve` a store directory over HTTP (one `ready` line on stdout,
 //! stops on SIGTERM or SIGINT), write a build's artifact `index`, collect garbage (`gc`),
-//! make a build `token`, `pack` a project's source into a record, or keep a project's build
-//! `cache`. Flags map onto library calls; errors become exit codes here only.
+//! make a build `token`, `pack` a project's source into a record, keep a project's build
+//! `cache`, or `record receive` a build host's record and close abandoned ones. Flags map onto library calls; errors become exit codes here only.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -12,12 +12,15 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use contractor_protocol::error::ToolCode;
 use contractor_protocol::service::{Confinement, Ready};
-use contractor_protocol::store::{CacheCleared, CacheKept, CacheList, CachePrepared};
+use contractor_protocol::store::{
+    CacheCleared, CacheKept, CacheList, CachePrepared, RecordReceived, RecordsClosed,
+};
 use contractor_protocol::units::{parse_duration, parse_size};
 use contractor_protocol::ExitCode;
 use contractor_store::cache::CacheError;
 use contractor_store::confinement::Needs;
 use contractor_store::pack::MAX_SOURCE_ENTRIES;
+use contractor_store::receipt::ReceiptError;
 use contractor_store::{GcOptions, Store, StoreConfig, TokenTable};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -148,6 +151,45 @@ With --json-errors a failure is also one {\"type\":\"error\",...} object on stdo
     /// build uploaded, list or clear them.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// A build's record: receive one from a build host, close abandoned ones.
+    #[command(subcommand)]
+    Record(RecordCommand),
+}
+
+#[derive(Debug, Subcommand)]
+#[command(
+    after_help = "Exit codes: 0 done; 2 a bad build id or a refused record stream; 3 the record could\n\
+not be read or written. With --json-errors a failure is also one {\"type\":\"error\",...} object on stdout."
+)]
+enum RecordCommand {
+    /// Receive the record of a build run on a build host (the stream after its `finished`
+    /// event: `file` lines each followed by its bytes, then `end`) from stdin into
+    /// ROOT/builds/ID/, which must exist, confined to that directory; write its
+    /// artifacts.json and print
+    /// {"type":"record_received","version":1,"files":N,"charged_bytes":B,"artifacts":A}.
+    Receive {
+        /// The store directory.
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+        /// The build.
+        #[arg(long, value_name = "ID")]
+        build: String,
+        /// The most bytes the record may take, each file and directory counted as at least
+        /// 4096 (bytes, or with K/M/G/T).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_bytes: u64,
+        /// Do not confine the receipt (Landlock, seccomp, rlimits): for debugging only.
+        #[arg(long)]
+        no_confine: bool,
+    },
+    /// Give every abandoned build (no result.json; its owner.json names a process that is
+    /// gone, or, with no owner, unchanged for an hour) a result.json saying it was
+    /// interrupted; print {"type":"records_closed","version":1,"closed":[ID...]}.
+    CloseAbandoned {
+        /// The store directory.
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -341,7 +383,73 @@ async fn command(cli: Cli) -> std::process::ExitCode {
             }
         }
         Command::Cache(command) => cache(command),
+        Command::Record(command) => record(command),
     }
+}
+
+fn record(command: RecordCommand) -> std::process::ExitCode {
+    match command {
+        RecordCommand::Receive {
+            root,
+            build,
+            max_bytes,
+            no_confine,
+        } => match receive(&root, &build, max_bytes, !no_confine) {
+            Ok(received) => print_json(&received),
+            Err(e) => {
+                let (exit, code) = match e.downcast_ref::<ReceiptError>() {
+                    Some(r) if r.is_bad_input() => (ExitCode::BadInput, r.code()),
+                    Some(r) => (ExitCode::Infrastructure, r.code()),
+                    None => (ExitCode::BadInput, ToolCode::RecordReceive),
+                };
+                fail(exit, code, &e)
+            }
+        },
+        RecordCommand::CloseAbandoned { root } => {
+            match contractor_store::records::close_abandoned(&root, SystemTime::now()) {
+                Ok(closed) => print_json(&RecordsClosed::new(closed)),
+                Err(e) => fail(
+                    ExitCode::Infrastructure,
+                    ToolCode::RecordClose,
+                    &anyhow::Error::new(e),
+                ),
+            }
+        }
+    }
+}
+
+/// `record receive`: confines this process to the record, then receives the stream on
+/// stdin into it and indexes its artifacts.
+fn receive(
+    root: &std::path::Path,
+    build: &str,
+    max_bytes: u64,
+    confine: bool,
+) -> anyhow::Result<RecordReceived> {
+    if !contractor_store::path::is_build_id(build) {
+        anyhow::bail!("build id {build:?} is not valid; use A-Z a-z 0-9 . _ - only");
+    }
+    let record = root.join("builds").join(build);
+    let record = record
+        .canonicalize()
+        .with_context(|| format!("the record {} must exist", record.display()))?;
+    if confine {
+        let policy = contractor_store::confinement::receipt_policy(&record);
+        contractor_confine::confine("contractor-store", &policy)
+            .context("cannot confine the receipt")?;
+    }
+    let input = std::io::stdin().lock();
+    let received = contractor_store::receipt::receive(input, &record, max_bytes)?;
+    let root = record
+        .parent()
+        .and_then(std::path::Path::parent)
+        .unwrap_or(root);
+    let index = contractor_store::write_artifact_index(root, build)?;
+    Ok(RecordReceived::new(
+        received.files,
+        received.charged_bytes,
+        index.artifacts.len() as u64,
+    ))
 }
 
 fn cache(command: CacheCommand) -> std::process::ExitCode {

@@ -1,8 +1,14 @@
 //! Records kept beside the files: each build's artifact index (`artifacts.json`) and garbage
 //! collection of old builds and unreferenced blobs in the content-addressed area.
 //!
-//! The invariant: garbage collection never removes a build that may still be running — one
-//! without `result.json` that changed within [`RUNNING_WINDOW`] — nor a blob that a
+//! Whether a build still runs is decided here, by one rule ([`liveness`]), for garbage
+//! collection and for closing abandoned records ([`close_abandoned`], which the front end
+//! asks for before each build): a record with `result.json` is finished; one whose
+//! `owner.json` names a process is running exactly while that process lives (pid and start
+//! time), however long it has been quiet; one without either (a record a script made, or
+//! one being created) is running while it changed within [`RUNNING_WINDOW`].
+//!
+//! The invariant: garbage collection never removes a build that is running, nor a blob that a
 //! remaining build's `artifacts.json` names, that is hard-linked elsewhere, or that is
 //! younger than [`RUNNING_WINDOW`]. Indexes are written to a temporary file and renamed into
 //! place, so a reader sees the old index or the new one, never half of one.
@@ -13,13 +19,16 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use contractor_protocol::process::Owner;
+use contractor_protocol::result::{BuildCode, BuildResult, ErrorInfo, Outcome};
 use serde::{Deserialize, Serialize};
 
 use crate::digest::hash_file;
 use crate::files::TEMP_PREFIX;
 use crate::path::is_build_id;
 
-/// A build without `result.json` that changed this recently counts as running.
+/// A build without `result.json` and without an owner that changed this recently counts as
+/// running (see [`liveness`]).
 pub const RUNNING_WINDOW: Duration = Duration::from_secs(3600);
 
 /// The name of a build's artifact index, in `builds/<id>/`.
@@ -169,6 +178,127 @@ fn collect_artifacts(
     Ok(())
 }
 
+/// Whether a build still runs, by the one rule of this module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// It has a `result.json`.
+    Finished,
+    /// Its owner lives, or, without one, it changed within [`RUNNING_WINDOW`].
+    Running,
+    /// Neither: the process that ran it is gone (its pid, when `owner.json` named one).
+    Abandoned {
+        /// The owner's pid, when the record named one.
+        owner: Option<u32>,
+    },
+}
+
+/// Whether the build whose record is `build` is finished, running or abandoned at `now`:
+/// `result.json` (of any kind, never followed) means finished; else a readable
+/// `owner.json` decides by its process alone; else the record's newest change, against
+/// [`RUNNING_WINDOW`].
+pub fn liveness(build: &Path, now: SystemTime) -> Liveness {
+    if std::fs::symlink_metadata(build.join("result.json")).is_ok() {
+        return Liveness::Finished;
+    }
+    let owner_file = build.join(contractor_protocol::process::OWNER_FILE);
+    match contractor_protocol::file::read_regular(
+        &owner_file,
+        contractor_protocol::process::MAX_OWNER_BYTES,
+    ) {
+        Ok(text) => match serde_json::from_slice::<Owner>(&text) {
+            Ok(owner) if owner.is_alive() => Liveness::Running,
+            Ok(owner) => Liveness::Abandoned {
+                owner: Some(owner.pid),
+            },
+            // An owner file that names no process names no live one.
+            Err(_) => Liveness::Abandoned { owner: None },
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if age(now, newest_change(build)) < RUNNING_WINDOW {
+                Liveness::Running
+            } else {
+                Liveness::Abandoned { owner: None }
+            }
+        }
+        // Not a regular file, too big, unreadable: not an owner the store can check.
+        Err(_) => Liveness::Abandoned { owner: None },
+    }
+}
+
+/// Gives every abandoned build under `root/builds/` ([`liveness`]) a `result.json` saying it
+/// was interrupted (code `abandoned`), listing its artifacts from the index written for it,
+/// and removes its `owner.json`. Returns the ids closed, sorted. Blocking.
+pub fn close_abandoned(root: &Path, now: SystemTime) -> Result<Vec<String>, RecordError> {
+    let builds_dir = root.join("builds");
+    let entries = match std::fs::read_dir(&builds_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error("list", &builds_dir)(e)),
+    };
+    let mut closed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_error("list", &builds_dir))?;
+        let id = entry.file_name().to_string_lossy().into_owned();
+        // Only real directories: what a project ships there is never followed.
+        if !is_build_id(&id) || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let path = entry.path();
+        let Liveness::Abandoned { owner } = liveness(&path, now) else {
+            continue;
+        };
+        let index = write_artifact_index(root, &id)?;
+        let why = match owner {
+            Some(pid) => format!(
+                "the contractor process (pid {pid}) ended before the build finished; libvirt destroyed its VM"
+            ),
+            None => format!(
+                "no live process owns the record and it has not changed for {} minutes: the build that made it ended",
+                RUNNING_WINDOW.as_secs() / 60
+            ),
+        };
+        let result = BuildResult {
+            version: contractor_protocol::PROTOCOL_VERSION,
+            id: id.clone(),
+            outcome: Outcome::Interrupted,
+            exit_code: None,
+            duration_secs: 0.0,
+            log: path.join("build.log"),
+            console_log: path.join("console.log"),
+            artifacts: index
+                .artifacts
+                .iter()
+                .map(|a| path.join("artifacts").join(&a.path))
+                .collect(),
+            refused_hosts: Vec::new(),
+            refused_offline: Vec::new(),
+            upstream_failures: Vec::new(),
+            limit: None,
+            error: Some(ErrorInfo {
+                code: BuildCode::Abandoned.as_str().into(),
+                chain: vec![why],
+            }),
+            host: None,
+        };
+        let result_path = path.join("result.json");
+        let written = (|| {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .open(&result_path)?;
+            serde_json::to_writer_pretty(&mut file, &result).map_err(io::Error::other)?;
+            file.write_all(b"\n")
+        })();
+        written.map_err(io_error("write", &result_path))?;
+        let _ = std::fs::remove_file(path.join(contractor_protocol::process::OWNER_FILE));
+        closed.push(id);
+    }
+    closed.sort();
+    Ok(closed)
+}
+
 /// What [`collect_garbage`] removes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GcOptions {
@@ -208,11 +338,8 @@ pub struct GcSummary {
 struct BuildDir {
     id: String,
     path: PathBuf,
-    finished: bool,
     /// When the build finished (result.json's mtime) or last changed.
     time: SystemTime,
-    /// The newest modification anywhere in it.
-    last_change: SystemTime,
 }
 
 /// Removes old builds and unreferenced blobs beneath `root`. Builds are ranked by when they
@@ -242,7 +369,7 @@ pub fn collect_garbage(root: &Path, options: &GcOptions) -> Result<GcSummary, Re
     let mut referenced = HashSet::new();
     let mut removed = Vec::new();
     for build in builds {
-        let running = !build.finished && age(options.now, build.last_change) < RUNNING_WINDOW;
+        let running = liveness(&build.path, options.now) == Liveness::Running;
         if running {
             summary.running_builds.push(build.id.clone());
             summary.kept_builds.push(build.id.clone());
@@ -327,13 +454,7 @@ fn read_builds(builds_dir: &Path) -> Result<Vec<BuildDir>, RecordError> {
             .and_then(|m| m.modified().ok())
             .filter(|_| finished)
             .unwrap_or(last_change);
-        builds.push(BuildDir {
-            id,
-            path,
-            finished,
-            time,
-            last_change,
-        });
+        builds.push(BuildDir { id, path, time });
     }
     Ok(builds)
 }

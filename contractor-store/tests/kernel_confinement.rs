@@ -2,7 +2,8 @@
 //! client: the real binary says so in its ready line and in /proc, still serves its build,
 //! and a link planted in the record into a "home" directory is refused by the kernel, not
 //! only by the store's own checks. A probe applies the store's exact policy in a child
-//! process and tries what a compromised store would.
+//! process and tries what a compromised store would. The same for `record receive`, which
+//! reads a build host's record stream: confined before it reads a byte, to its one record.
 
 mod util;
 
@@ -10,7 +11,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
 
-use contractor_store::confinement::{policy, Needs};
+use contractor_store::confinement::{policy, receipt_policy, Needs};
 use util::{binary, Fixture, StoreProcess, SECRET};
 
 const ID: &str = "20261202-000000-abc123";
@@ -202,4 +203,122 @@ fn a_store_for_a_build_without_a_record_yet_creates_it_and_takes_uploads() {
     let response = store.put(&format!("/builds/{ID}/artifacts/a"), b"a");
     assert_eq!(response.status, 201, "{}", response.text());
     assert_eq!(fixture.files(), vec![format!("builds/{ID}/artifacts/a")]);
+}
+
+#[test]
+fn a_receiving_store_is_confined_before_it_reads_the_stream_and_keeps_the_record() {
+    use std::io::{Read, Write};
+    let fixture = Fixture::new();
+    let record = fixture.root.join(format!("builds/{ID}"));
+    std::fs::create_dir_all(&record).expect("record");
+    let mut command = binary();
+    command
+        .args([
+            "record",
+            "receive",
+            "--build",
+            ID,
+            "--max-bytes",
+            "1M",
+            "--root",
+        ])
+        .arg(&fixture.root)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut child = command.spawn().expect("spawn");
+    // Nothing sent yet: it waits on its stdin, confined by then.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut status = proc_status(child.id());
+    while !status.contains("Seccomp:\t2") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        status = proc_status(child.id());
+    }
+    assert!(status.contains("Seccomp:\t2"), "{status}");
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(
+            b"{\"type\":\"file\",\"path\":\"artifacts/out\",\"bytes\":5,\"executable\":true}\nbuilt\
+              {\"type\":\"end\",\"files\":1}\n",
+        )
+        .expect("send");
+    drop(stdin);
+    let mut answer = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut answer)
+        .expect("answer");
+    assert!(child.wait().expect("wait").success(), "{answer}");
+    let answer: serde_json::Value = serde_json::from_str(&answer).expect("json");
+    assert_eq!(answer["type"], "record_received");
+    assert_eq!(
+        (answer["files"].as_u64(), answer["artifacts"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(
+        std::fs::read(record.join("artifacts/out")).expect("kept"),
+        b"built"
+    );
+    assert!(record.join("artifacts.json").is_file(), "indexed");
+}
+
+#[test]
+fn the_receipt_policy_keeps_a_compromised_receipt_inside_its_record() {
+    let fixture = Fixture::new();
+    let home = tempfile::tempdir().expect("home");
+    std::fs::write(home.path().join("id_ed25519"), SECRET).expect("secret");
+    std::fs::create_dir_all(fixture.root.join(format!("builds/{ID}"))).expect("record");
+    std::fs::create_dir_all(fixture.root.join("builds/other")).expect("other record");
+    let out = Command::new(std::env::current_exe().expect("exe"))
+        .args([
+            "probe_receipt_policy",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(PROBE, "1")
+        .env("PROBE_ROOT", fixture.root.canonicalize().expect("root"))
+        .env("PROBE_HOME", home.path())
+        .output()
+        .expect("run the probe");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("1 passed"), "{text}");
+}
+
+#[test]
+fn probe_receipt_policy() {
+    if std::env::var_os(PROBE).is_none() {
+        return;
+    }
+    let var = |name| PathBuf::from(std::env::var_os(name).expect(name));
+    let (root, home) = (var("PROBE_ROOT"), var("PROBE_HOME"));
+    let record = root.join(format!("builds/{ID}"));
+    let report = contractor_confine::confine("probe", &receipt_policy(&record)).expect("confine");
+    println!("{report:?}");
+    std::fs::create_dir_all(record.join("artifacts/deep")).expect("make a directory");
+    std::fs::write(record.join("artifacts/deep/out"), b"x").expect("write a file");
+    if report.landlock_fs {
+        let refused = |what: &str, result: std::io::Result<()>| {
+            let e = result.expect_err(what);
+            assert_eq!(errno(&e), libc::EACCES, "{what}: {e}");
+        };
+        refused("home", std::fs::read(home.join("id_ed25519")).map(drop));
+        refused("home, writing", std::fs::write(home.join("x"), b"x"));
+        refused(
+            "another build",
+            std::fs::write(root.join("builds/other/x"), b"x"),
+        );
+        refused("the store root", std::fs::write(root.join("x"), b"x"));
+    }
+    let e = std::net::UdpSocket::bind("127.0.0.1:0").expect_err("a socket");
+    assert!(matches!(errno(&e), libc::EACCES | libc::EPERM), "{e}");
+    let e = Command::new("/bin/sh")
+        .arg("-c")
+        .arg("true")
+        .status()
+        .expect_err("execve");
+    assert_eq!(errno(&e), libc::EPERM, "{e}");
 }

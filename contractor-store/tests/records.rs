@@ -192,6 +192,60 @@ fn gc_older_than_and_unreferenced_blobs() {
     assert!(stderr.contains("\"7\" is not an age"), "{stderr}");
 }
 
+/// Writes `builds/<id>/owner.json` naming this test process, with its start time moved by
+/// `skew` (a nonzero skew names a process that is gone: the pid now belongs to another).
+fn own(fixture: &Fixture, id: &str, skew: u64, age: Duration) {
+    let pid = std::process::id();
+    let start = contractor_protocol::process::start_time(pid).expect("start time") + skew;
+    fixture.write(
+        &format!("builds/{id}/owner.json"),
+        format!("{{\"pid\":{pid},\"start\":{start}}}").as_bytes(),
+    );
+    age_tree(&fixture.root.join("builds").join(id), age);
+}
+
+/// The rules that used to disagree: gc took a build for running by its record's mtime, the
+/// front end by its owner's pid. Now one rule: an owned record runs exactly while its owner
+/// lives, however long it has been quiet; gc and closing agree.
+#[test]
+fn a_quiet_build_with_a_live_owner_runs_and_a_fresh_one_whose_owner_died_does_not() {
+    let fixture = Fixture::new();
+    // A long build whose last output was two hours ago: its owner still runs.
+    build(&fixture, "quiet", false, 2, b"q");
+    own(&fixture, "quiet", 0, Duration::from_secs(2 * 3600));
+    // A build written a moment ago whose owner was killed.
+    build(&fixture, "killed", false, 0, b"k");
+    own(&fixture, "killed", 1, Duration::ZERO);
+
+    let (ok, summary, stderr) = run(&["gc", "--keep", "0", "--dry-run"], &fixture.root);
+    assert!(ok, "{stderr}");
+    assert_eq!(strings(&summary["running_builds"]), ["quiet"], "{summary}");
+    assert_eq!(strings(&summary["removed_builds"]), ["killed"], "{summary}");
+
+    let (ok, closed, stderr) = run(&["record", "close-abandoned"], &fixture.root);
+    assert!(ok, "{stderr}");
+    assert_eq!(closed["type"], "records_closed");
+    assert_eq!(strings(&closed["closed"]), ["killed"]);
+    assert!(!fixture.root.join("builds/quiet/result.json").exists());
+    let result: Value = serde_json::from_slice(
+        &std::fs::read(fixture.root.join("builds/killed/result.json")).expect("closed"),
+    )
+    .expect("json");
+    assert_eq!(result["outcome"], "interrupted");
+    assert_eq!(result["error"]["code"], "abandoned");
+    assert!(!fixture.root.join("builds/killed/owner.json").exists());
+    assert!(
+        result["artifacts"][0]
+            .as_str()
+            .is_some_and(|a| a.ends_with("builds/killed/artifacts/out")),
+        "{result}"
+    );
+    // Closed once: a second pass finds nothing to close.
+    let (ok, closed, stderr) = run(&["record", "close-abandoned"], &fixture.root);
+    assert!(ok, "{stderr}");
+    assert_eq!(strings(&closed["closed"]), Vec::<String>::new());
+}
+
 /// The library on a real socket, configured the way `contractor build` configures it, with a
 /// token and a limit set on top.
 #[tokio::test]

@@ -101,6 +101,15 @@ contractor-store)
 		keep) echo '{"type":"cache_kept","version":1,"bytes":null}' ;;
 		esac ;;
 	serve) serve store ;;
+	record)
+		step store-record-close
+		echo '{"type":"records_closed","version":1,"closed":[]}' ;;
+	index)
+		step store-index
+		root=$3 build=$5
+		index=$(printf '{"version":1,"build":"%s","artifacts":[]}' "$build")
+		echo "$index" >"$root/builds/$build/artifacts.json"
+		echo "$index" ;;
 	*) echo "contractor-store: stand-in: no $1" >&2; exit 2 ;;
 	esac ;;
 contractor-proxy) serve proxy ;;

@@ -1799,28 +1799,6 @@ fn missing_artifacts(dir: &Path, stored: &[PathBuf], patterns: &[String]) -> Opt
         .cloned()
 }
 
-/// The files under the record's artifacts directory `dir`, sorted (links and special files
-/// left out).
-pub fn collect_artifacts(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            match entry.file_type() {
-                Ok(t) if t.is_dir() => stack.push(path),
-                Ok(t) if t.is_file() => found.push(path),
-                _ => {}
-            }
-        }
-    }
-    found.sort();
-    found
-}
-
 /// While a build runs, its record holds this file naming the `contractor` process (pid and
 /// start time); it is removed when `result.json` is written.
 pub const OWNER_FILE: &str = contractor_protocol::process::OWNER_FILE;

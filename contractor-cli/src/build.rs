@@ -239,6 +239,12 @@ impl Drop for PendingRelease {
 
 /// Runs one build. Tools are started from the calling thread, which must live until the
 /// build ends (see `sys::die_with_parent`): call it from the main thread.
+///
+/// Its phases: [`Setup`] (the image, the record's directory), the record opened (the
+/// source packed, the owner written), the [`Session`] started (cache, token, VM, store,
+/// proxies), the run in the VM, the services stopped ([`Session::stop`]), and the record
+/// closed ([`close_record`]: the cache kept, the artifacts indexed, `result.json` and the
+/// provenance written). From the record's directory on, a failure closes the record too.
 pub fn build(
     spec: &BuildSpec,
     options: &BuildOptions,
@@ -246,51 +252,139 @@ pub fn build(
 ) -> Result<BuildReport, BuildError> {
     let started = Instant::now();
     let started_on = std::time::SystemTime::now();
-    let image = match &spec.derived {
-        Some(derived) => {
-            image::ensure_derived(&derived.base, &derived.packages, derived.check_valid_until)
-        }
-        None => image::ensure(&spec.image),
-    }
-    .map_err(BuildError::Image)?;
-    let download_cache = crate::downloads::dir().map_err(BuildError::DataDir)?;
-    let download_cache_max = crate::downloads::max_bytes().map_err(BuildError::Setting)?;
-
-    let store_root = paths::checked_store_dir(&spec.project_dir).map_err(BuildError::StoreDir)?;
-    close_abandoned_records(&store_root);
-    let id = options.id.clone().unwrap_or_else(new_build_id);
-    let record = store_root.join("builds").join(&id);
-    paths::create_dir_world_readable(&record).map_err(|source| BuildError::Record {
-        path: record.clone(),
-        source,
-    })?;
+    let setup = Setup::new(spec, options)?;
     // From here on, every failure also closes the record with a result.json, and Ctrl-C
     // or SIGTERM stops the tools the build waits for and ends it as interrupted.
     let interruption = Interruption::watch();
-    let close =
-        |err: BuildError| close_failed_record(&record, &id, started, interruption.over(err));
-    let packed = match &options.packed {
-        None => source::pack(&spec.project_dir, &record.join("source.tar"))
-            .map_err(BuildError::Source)
-            .map_err(close)?,
-        Some(packed) => {
-            let tar = record.join("source.tar");
-            std::fs::rename(&packed.tar, &tar)
-                .and_then(|()| std::fs::metadata(&tar))
-                .map(|meta| source::Packed {
-                    entries: usize::try_from(packed.entries).unwrap_or(usize::MAX),
-                    bytes: meta.len(),
-                    warnings: Vec::new(),
-                    selection: None,
-                })
-                .map_err(|source| BuildError::Record { path: tar, source })
-                .map_err(close)?
-        }
+    let close = |err: BuildError| {
+        close_failed_record(&setup.record, &setup.id, started, interruption.over(err))
     };
+    let packed = pack_source(spec, options, &setup.record).map_err(close)?;
+    announce(display, spec, &setup, &packed);
+    update_latest(&setup.store_root, &setup.id);
+    let owner_file = write_owner(&setup.record).map_err(close)?;
+    let session = Session::start(spec, options, &setup, display, &interruption).map_err(close)?;
+    let mut ran = run_in_vm(
+        &options.uri,
+        session.vm,
+        session.job,
+        Services {
+            proxy: session.proxy.addr,
+            script_proxy: session.script_proxy.as_ref().map(|p| p.addr),
+            store: session.store.addr,
+        },
+        &session.log,
+        RunLimits {
+            timeout_secs: spec.timeout.as_secs(),
+            max_log_bytes: spec.max_log_bytes,
+            memory_mib: spec.memory_mib,
+            disk_gib: spec.disk_gib,
+        },
+        display,
+        &session.tools_log,
+        &interruption,
+    );
+    let stopped = Stopped::stop(
+        session.proxy,
+        session.script_proxy,
+        session.store,
+        session.private,
+        display,
+    );
+    let release = PendingRelease(ran.releasing.take());
+    let proxied = stopped.judge(&mut ran, display, setup.download_cache_max);
+    let closing = Closing {
+        setup: &setup,
+        started,
+        started_on,
+        log: session.log,
+        console_log: session.console_log,
+        snapshot: session.snapshot,
+        cache_restored: session.cache_restored,
+        proxied,
+    };
+    let (result, kept) = close_record(spec, options, closing, ran, display);
+    let _ = std::fs::remove_file(&owner_file);
+    display.event(&BuildEvent::Finished {
+        result: result.clone(),
+    });
+    Ok(BuildReport {
+        result,
+        kept,
+        release,
+    })
+}
+
+/// What a build needs before its record can be closed on failure: the image, the download
+/// cache, and the record's directory (`<store>/builds/<id>`), made here.
+struct Setup {
+    image: crate::image::Image,
+    download_cache: PathBuf,
+    download_cache_max: u64,
+    store_root: PathBuf,
+    id: String,
+    record: PathBuf,
+}
+
+impl Setup {
+    fn new(spec: &BuildSpec, options: &BuildOptions) -> Result<Setup, BuildError> {
+        let image = match &spec.derived {
+            Some(derived) => {
+                image::ensure_derived(&derived.base, &derived.packages, derived.check_valid_until)
+            }
+            None => image::ensure(&spec.image),
+        }
+        .map_err(BuildError::Image)?;
+        let download_cache = crate::downloads::dir().map_err(BuildError::DataDir)?;
+        let download_cache_max = crate::downloads::max_bytes().map_err(BuildError::Setting)?;
+        let store_root =
+            paths::checked_store_dir(&spec.project_dir).map_err(BuildError::StoreDir)?;
+        close_abandoned_records(&store_root);
+        let id = options.id.clone().unwrap_or_else(new_build_id);
+        let record = store_root.join("builds").join(&id);
+        paths::create_dir_world_readable(&record).map_err(|source| BuildError::Record {
+            path: record.clone(),
+            source,
+        })?;
+        Ok(Setup {
+            image,
+            download_cache,
+            download_cache_max,
+            store_root,
+            id,
+            record,
+        })
+    }
+}
+
+/// The project packed into the record's `source.tar`, or the tar packed already
+/// (`options.packed`: a hosted build, a rebuild) moved there.
+fn pack_source(
+    spec: &BuildSpec,
+    options: &BuildOptions,
+    record: &Path,
+) -> Result<source::Packed, BuildError> {
+    let tar = record.join("source.tar");
+    match &options.packed {
+        None => source::pack(&spec.project_dir, &tar).map_err(BuildError::Source),
+        Some(packed) => std::fs::rename(&packed.tar, &tar)
+            .and_then(|()| std::fs::metadata(&tar))
+            .map(|meta| source::Packed {
+                entries: usize::try_from(packed.entries).unwrap_or(usize::MAX),
+                bytes: meta.len(),
+                warnings: Vec::new(),
+                selection: None,
+            })
+            .map_err(|source| BuildError::Record { path: tar, source }),
+    }
+}
+
+/// The build's first events: started, its image, its source.
+fn announce(display: &Display, spec: &BuildSpec, setup: &Setup, packed: &source::Packed) {
     display.event(&BuildEvent::Started {
         version: PROTOCOL_VERSION,
-        id: id.clone(),
-        record: record.clone(),
+        id: setup.id.clone(),
+        record: setup.record.clone(),
     });
     display.event(&BuildEvent::ImageReady {
         name: spec.image.clone(),
@@ -303,99 +397,177 @@ pub fn build(
     for warning in &packed.warnings {
         display.warning(warning);
     }
-    update_latest(&store_root, &id);
+}
+
+/// Writes the record's `owner.json` (this process, by pid and start time: the store's
+/// liveness rule); returns its path, removed when the build ends.
+fn write_owner(record: &Path) -> Result<PathBuf, BuildError> {
     let owner_file = record.join(OWNER_FILE);
     let owner = serde_json::json!({
         "pid": std::process::id(),
         "start": contractor_protocol::process::start_time(std::process::id()),
     });
-    std::fs::write(&owner_file, owner.to_string())
-        .map_err(|source| BuildError::Record {
-            path: owner_file.clone(),
-            source,
-        })
-        .map_err(close)?;
-
-    let cache_job = crate::cache::prepare(
-        &store_root,
-        &record,
-        &id,
-        &spec.cache_paths,
-        spec.cache_max_bytes,
-    )
-    .map_err(|source| BuildError::Cache {
-        path: record.join("inputs"),
+    std::fs::write(&owner_file, owner.to_string()).map_err(|source| BuildError::Record {
+        path: owner_file.clone(),
         source,
-    })
-    .map_err(close)?;
-    // The new cache travels through the artifacts; it has its own limit.
-    let cache_restored = cache_job.as_ref().map(|c| c.restore.is_some());
-    let store_limit = match &cache_job {
-        Some(cache) => spec.max_artifacts_bytes.saturating_add(cache.max_bytes),
-        None => spec.max_artifacts_bytes,
-    };
-    let private = Private::create(&id).map_err(close)?;
-    let tools_log = ToolsLog::open(&record.join(TOOLS_LOG)).map_err(close)?;
-    let store_token = new_store_token(&id, &private.token_file(), &tools_log)
-        .map_err(|e| BuildError::Service("store", e))
-        .map_err(close)?;
-    let log = record.join("build.log");
-    let console_log = record.join("console.log");
-    let vm_spec = VmSpec {
-        name: None,
-        image: image.boot(),
-        cpus: spec.cpus,
-        memory_mib: spec.memory_mib,
-        disk_gib: Some(spec.disk_gib),
-        accel: options.accel,
-        console_log: console_log.clone(),
-        work_dir: paths::data_dir()
-            .map_err(BuildError::DataDir)
-            .map_err(close)?
-            .join("vms"),
-        snapshot: options.snapshot && options.keep.is_none(),
-    };
-    // The VM starts (or is restored) while the services start; run_in_vm waits for it. A
-    // VM that may be kept for a shell must outlive this process: it is not held, and
-    // `contractor-vm reap` removes it when this process died before deciding.
-    let vm = match paths::create_dir_world_readable(&vm_spec.work_dir) {
-        Err(err) => Err(Ran::infrastructure(BuildCode::VmWorkDir, &err)),
-        Ok(()) => Vm::spawn(
-            &options.uri,
-            &vm_spec,
-            options.keep.is_none(),
-            &tools_log,
-            &interruption,
+    })?;
+    Ok(owner_file)
+}
+
+/// A build's running parts: the VM being started, the store, the proxies, and the job the
+/// agent is to run.
+struct Session {
+    vm: Result<Spawned, Ran>,
+    job: Job,
+    store: Service<()>,
+    proxy: Service<ProxyReport>,
+    script_proxy: Option<Service<ProxyReport>>,
+    /// Kept while the proxies write into the record.
+    _proxy_record: ProxyRecord,
+    private: Private,
+    tools_log: ToolsLog,
+    log: PathBuf,
+    console_log: PathBuf,
+    /// Whether the VM may be restored from a snapshot.
+    snapshot: bool,
+    cache_restored: Option<bool>,
+}
+
+impl Session {
+    /// Prepares the build cache and the store's token, then starts the VM (it boots or is
+    /// restored while the services start; `run_in_vm` waits for it), the store and the
+    /// proxies. A VM that may be kept for a shell must outlive this process: it is not
+    /// held, and `contractor-vm reap` removes it when this process died before deciding.
+    fn start(
+        spec: &BuildSpec,
+        options: &BuildOptions,
+        setup: &Setup,
+        display: &Display,
+        interruption: &Interruption,
+    ) -> Result<Session, BuildError> {
+        let (record, id) = (&setup.record, &setup.id);
+        let cache_job = crate::cache::prepare(
+            &setup.store_root,
+            record,
+            id,
+            &spec.cache_paths,
+            spec.cache_max_bytes,
         )
-        .map_err(|err| Ran::infrastructure(BuildCode::VmCreate, &err)),
-    };
-    let store = start_store(
-        &store_root,
-        &id,
-        &private.token_file(),
-        store_limit,
-        &tools_log,
-        &interruption,
-    )
-    .map_err(|e| BuildError::Service("store", e))
-    .map_err(close)?;
-    let proxy_record = ProxyRecord::create(&record)
-        .map_err(|e| BuildError::Service("proxy", e))
-        .map_err(close)?;
-    // With a fetch phase, the proxy serves the fetch, and a second one, allowing nothing,
-    // takes the script's requests (to refuse and record them).
+        .map_err(|source| BuildError::Cache {
+            path: record.join("inputs"),
+            source,
+        })?;
+        // The new cache travels through the artifacts; it has its own limit.
+        let cache_restored = cache_job.as_ref().map(|c| c.restore.is_some());
+        let store_limit = match &cache_job {
+            Some(cache) => spec.max_artifacts_bytes.saturating_add(cache.max_bytes),
+            None => spec.max_artifacts_bytes,
+        };
+        let private = Private::create(id)?;
+        let tools_log = ToolsLog::open(&record.join(TOOLS_LOG))?;
+        let store_token = new_store_token(id, &private.token_file(), &tools_log)
+            .map_err(|e| BuildError::Service("store", e))?;
+        let console_log = record.join("console.log");
+        let vm_spec = VmSpec {
+            name: None,
+            image: setup.image.boot(),
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+            disk_gib: Some(spec.disk_gib),
+            accel: options.accel,
+            console_log: console_log.clone(),
+            work_dir: paths::data_dir().map_err(BuildError::DataDir)?.join("vms"),
+            snapshot: options.snapshot && options.keep.is_none(),
+        };
+        let vm = match paths::create_dir_world_readable(&vm_spec.work_dir) {
+            Err(err) => Err(Ran::infrastructure(BuildCode::VmWorkDir, &err)),
+            Ok(()) => Vm::spawn(
+                &options.uri,
+                &vm_spec,
+                options.keep.is_none(),
+                &tools_log,
+                interruption,
+            )
+            .map_err(|err| Ran::infrastructure(BuildCode::VmCreate, &err)),
+        };
+        let store = start_store(
+            &setup.store_root,
+            id,
+            &private.token_file(),
+            store_limit,
+            &tools_log,
+            interruption,
+        )
+        .map_err(|e| BuildError::Service("store", e))?;
+        let proxy_record =
+            ProxyRecord::create(record).map_err(|e| BuildError::Service("proxy", e))?;
+        let (proxy, script_proxy) = start_proxies(
+            spec,
+            options,
+            setup,
+            &private,
+            &proxy_record,
+            &tools_log,
+            interruption,
+        )?;
+        // A service that could not confine itself fully says so; the user must hear it.
+        show_confinement(display, tools::STORE, store.confinement.as_ref());
+        show_confinement(display, tools::PROXY, proxy.confinement.as_ref());
+        let mut env = spec.env.clone();
+        env.insert("CONTRACTOR_BUILD_ID".into(), id.clone());
+        let job = Job {
+            script: spec.script.clone(),
+            fetch: spec.fetch.clone(),
+            env,
+            source: format!("/builds/{id}/source.tar"),
+            artifacts: spec.artifacts.clone(),
+            artifacts_dest: format!("/builds/{id}/artifacts/"),
+            store_token: Some(store_token),
+            cache: cache_job,
+            host_time: None,
+            entropy: None,
+            keep: options.keep,
+            ca_certificate: proxy.ca_certificate.clone(),
+        };
+        Ok(Session {
+            vm,
+            job,
+            store,
+            proxy,
+            script_proxy,
+            _proxy_record: proxy_record,
+            private,
+            tools_log,
+            log: record.join("build.log"),
+            console_log,
+            snapshot: vm_spec.snapshot,
+            cache_restored,
+        })
+    }
+}
+
+/// The build's proxy (with the pins of contractor.lock, written for it) and, with a fetch
+/// phase, the script's: it serves the fetch, and the second, allowing nothing, takes the
+/// script's requests (to refuse and record them).
+fn start_proxies(
+    spec: &BuildSpec,
+    options: &BuildOptions,
+    setup: &Setup,
+    private: &Private,
+    proxy_record: &ProxyRecord,
+    tools_log: &ToolsLog,
+    interruption: &Interruption,
+) -> Result<(Service<ProxyReport>, Option<Service<ProxyReport>>), BuildError> {
     let phased = spec.fetch.is_some();
-    let fetch_phase = phased.then_some(Phase::Fetch);
-    let inspect = spec.inspect.then_some(spec.tunnel.as_slice());
     let pins = match &spec.lock {
         Some(lock) => {
             let path = private.pins_file();
-            std::fs::write(&path, crate::lock::pins_json(lock))
-                .map_err(|source| BuildError::Record {
+            std::fs::write(&path, crate::lock::pins_json(lock)).map_err(|source| {
+                BuildError::Record {
                     path: path.clone(),
                     source,
-                })
-                .map_err(close)?;
+                }
+            })?;
             Some(path)
         }
         None => None,
@@ -403,22 +575,21 @@ pub fn build(
     let proxy = start_proxy(
         &ProxyPolicy {
             allow: &spec.allow,
-            inspect,
+            inspect: spec.inspect.then_some(spec.tunnel.as_slice()),
             pins: pins.as_deref(),
             cache: Some(DownloadCachePolicy {
-                dir: &download_cache,
+                dir: &setup.download_cache,
                 project: crate::remote::project_key(&spec.project_dir),
-                size: download_cache_max,
+                size: setup.download_cache_max,
             }),
             offline: options.offline,
         },
-        &proxy_record,
-        fetch_phase,
-        &tools_log,
-        &interruption,
+        proxy_record,
+        phased.then_some(Phase::Fetch),
+        tools_log,
+        interruption,
     )
-    .map_err(|e| BuildError::Service("proxy", e))
-    .map_err(close)?;
+    .map_err(|e| BuildError::Service("proxy", e))?;
     let script_proxy = match phased {
         true => Some(
             start_proxy(
@@ -429,129 +600,147 @@ pub fn build(
                     cache: None,
                     offline: false,
                 },
-                &proxy_record,
+                proxy_record,
                 Some(Phase::Script),
-                &tools_log,
-                &interruption,
+                tools_log,
+                interruption,
             )
-            .map_err(|e| BuildError::Service("proxy", e))
-            .map_err(close)?,
+            .map_err(|e| BuildError::Service("proxy", e))?,
         ),
         false => None,
     };
-    // A service that could not confine itself fully says so; the user must hear it.
-    show_confinement(display, tools::STORE, store.confinement.as_ref());
-    show_confinement(display, tools::PROXY, proxy.confinement.as_ref());
+    Ok((proxy, script_proxy))
+}
 
-    let mut env = spec.env.clone();
-    env.insert("CONTRACTOR_BUILD_ID".into(), id.clone());
-    let job = Job {
-        script: spec.script.clone(),
-        fetch: spec.fetch.clone(),
-        env,
-        source: format!("/builds/{id}/source.tar"),
-        artifacts: spec.artifacts.clone(),
-        artifacts_dest: format!("/builds/{id}/artifacts/"),
-        store_token: Some(store_token),
-        cache: cache_job,
-        host_time: None,
-        entropy: None,
-        keep: options.keep,
-        ca_certificate: proxy.ca_certificate.clone(),
-    };
+/// What the services said when they stopped.
+struct Stopped {
+    proxy: Result<ProxyReport, ToolError>,
+    script_proxy: Option<Result<ProxyReport, ToolError>>,
+}
 
-    let limits = RunLimits {
-        timeout_secs: spec.timeout.as_secs(),
-        max_log_bytes: spec.max_log_bytes,
-        memory_mib: spec.memory_mib,
-        disk_gib: spec.disk_gib,
-    };
-    let ran = run_in_vm(
-        &options.uri,
-        vm,
-        job,
-        Services {
-            proxy: proxy.addr,
-            script_proxy: script_proxy.as_ref().map(|p| p.addr),
-            store: store.addr,
-        },
-        &log,
-        limits,
-        display,
-        &tools_log,
-        &interruption,
-    );
-    let proxy_stopped = proxy.stop();
-    let script_proxy_stopped = script_proxy.map(Service::stop);
-    let store_stopped = store.stop();
-    drop(private);
-    let mut ran = ran;
-    let release = PendingRelease(ran.releasing.take());
-    let stop_errors = [
-        ("proxy", proxy_stopped.as_ref().err()),
-        (
-            "script phase's proxy",
-            script_proxy_stopped.as_ref().and_then(|s| s.as_ref().err()),
-        ),
-        ("store", store_stopped.as_ref().err()),
-    ];
-    for (service, err) in stop_errors {
-        if let Some(err) = err {
-            display.warning(&format!(
-                "the {service} did not stop cleanly: {}",
-                contractor_protocol::result::joined_chain(err)
-            ));
+/// What the proxies' reports put in `result.json`.
+struct Proxied {
+    refused_hosts: Vec<String>,
+    refused_offline: Vec<String>,
+    upstream_failures: Vec<UpstreamFailure>,
+}
+
+impl Stopped {
+    /// Stops the proxies and the store (a service that did not stop cleanly is a warning),
+    /// and removes the build's private files.
+    fn stop(
+        proxy: Service<ProxyReport>,
+        script_proxy: Option<Service<ProxyReport>>,
+        store: Service<()>,
+        private: Private,
+        display: &Display,
+    ) -> Stopped {
+        let proxy_stopped = proxy.stop();
+        let script_proxy_stopped = script_proxy.map(Service::stop);
+        let store_stopped = store.stop();
+        drop(private);
+        let stop_errors = [
+            ("proxy", proxy_stopped.as_ref().err()),
+            (
+                "script phase's proxy",
+                script_proxy_stopped.as_ref().and_then(|s| s.as_ref().err()),
+            ),
+            ("store", store_stopped.as_ref().err()),
+        ];
+        for (service, err) in stop_errors {
+            if let Some(err) = err {
+                display.warning(&format!(
+                    "the {service} did not stop cleanly: {}",
+                    contractor_protocol::result::joined_chain(err)
+                ));
+            }
+        }
+        Stopped {
+            proxy: proxy_stopped,
+            script_proxy: script_proxy_stopped,
         }
     }
-    let report = proxy_stopped.unwrap_or_default();
-    let refused_hosts = report.refused.into_iter().collect();
-    let upstream_failures = report
-        .failures
-        .into_iter()
-        .map(|(host, (reason, count))| UpstreamFailure {
-            host,
-            reason,
-            count,
-        })
-        .collect();
-    let refused_offline = match script_proxy_stopped {
-        Some(Ok(report)) => report.refused.into_iter().collect(),
-        _ => Vec::new(),
-    };
-    if !report.mismatched.is_empty() {
-        // The guest never had these files whole; the build fails whatever it says.
-        ran.outcome = Outcome::Failed;
-        let mut chain = vec![format!(
-            "{} download(s) did not match contractor.lock (tampering, or a moved tag; `contractor pin` after a build you trust)",
-            report.mismatched.len()
-        )];
-        chain.extend(report.mismatched);
-        ran.error = Some(ErrorInfo {
-            code: BuildCode::DownloadMismatch.as_str().into(),
-            chain,
-        });
-    }
-    if report.unpinned > 0 {
-        display.warning(&format!(
-            "{} download(s) are not in contractor.lock (`contractor downloads` lists them, `contractor pin` pins them)",
-            report.unpinned
-        ));
-    }
-    if report.cache_not_kept > 0 {
-        display.warning(&format!(
-            "{} download(s) were passed on but not kept in the download cache: a build adds at \
-             most half of {} bytes ({}), and entries other projects' locks pin are never removed \
-             to make room",
-            report.cache_not_kept,
-            download_cache_max,
-            crate::downloads::SIZE_VARIABLE
-        ));
-    }
 
+    /// What the proxies saw: the hosts refused and failed, and downloads that did not match
+    /// contractor.lock (which fail the build, whatever the guest said: it never had them
+    /// whole); warnings for downloads not pinned or not kept in the download cache.
+    fn judge(self, ran: &mut Ran, display: &Display, download_cache_max: u64) -> Proxied {
+        let report = self.proxy.unwrap_or_default();
+        let refused_offline = match self.script_proxy {
+            Some(Ok(report)) => report.refused.into_iter().collect(),
+            _ => Vec::new(),
+        };
+        if !report.mismatched.is_empty() {
+            ran.outcome = Outcome::Failed;
+            let mut chain = vec![format!(
+                "{} download(s) did not match contractor.lock (tampering, or a moved tag; `contractor pin` after a build you trust)",
+                report.mismatched.len()
+            )];
+            chain.extend(report.mismatched);
+            ran.error = Some(ErrorInfo {
+                code: BuildCode::DownloadMismatch.as_str().into(),
+                chain,
+            });
+        }
+        if report.unpinned > 0 {
+            display.warning(&format!(
+                "{} download(s) are not in contractor.lock (`contractor downloads` lists them, `contractor pin` pins them)",
+                report.unpinned
+            ));
+        }
+        if report.cache_not_kept > 0 {
+            display.warning(&format!(
+                "{} download(s) were passed on but not kept in the download cache: a build adds at \
+                 most half of {} bytes ({}), and entries other projects' locks pin are never removed \
+                 to make room",
+                report.cache_not_kept,
+                download_cache_max,
+                crate::downloads::SIZE_VARIABLE
+            ));
+        }
+        Proxied {
+            refused_hosts: report.refused.into_iter().collect(),
+            refused_offline,
+            upstream_failures: report
+                .failures
+                .into_iter()
+                .map(|(host, (reason, count))| UpstreamFailure {
+                    host,
+                    reason,
+                    count,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// What closing the record needs besides the run's outcome.
+struct Closing<'a> {
+    setup: &'a Setup,
+    started: Instant,
+    started_on: std::time::SystemTime,
+    log: PathBuf,
+    console_log: PathBuf,
+    snapshot: bool,
+    cache_restored: Option<bool>,
+    proxied: Proxied,
+}
+
+/// Closes the record of a build that ran: keeps its build cache, takes the store's index
+/// of its artifacts (a declared one missing fails the build), writes `result.json`, signs
+/// the provenance (when this front end packed the source), and notes a kept VM.
+fn close_record(
+    spec: &BuildSpec,
+    options: &BuildOptions,
+    closing: Closing,
+    mut ran: Ran,
+    display: &Display,
+) -> (BuildResult, Option<KeptVm>) {
+    let (setup, record) = (closing.setup, &closing.setup.record);
     let cache_saved = crate::cache::keep(
-        &store_root,
-        &record,
-        &id,
+        &setup.store_root,
+        record,
+        &setup.id,
         &spec.cache_paths,
         ran.outcome == Outcome::Success,
     );
@@ -559,7 +748,7 @@ pub fn build(
         display.warning(&format!("cannot keep the build cache: {err}"));
     }
     // The store's own index of what it received: written by the store, read back here.
-    let stored = crate::records::index_artifacts(&record).unwrap_or_else(|err| {
+    let stored = crate::records::index_artifacts(record).unwrap_or_else(|err| {
         display.warning(&format!(
             "cannot index the artifacts: {}",
             contractor_protocol::result::joined_chain(&err)
@@ -580,19 +769,19 @@ pub fn build(
             });
         }
     }
-    let artifacts = stored;
+    let proxied = closing.proxied;
     let result = BuildResult {
         version: PROTOCOL_VERSION,
-        id,
+        id: setup.id.clone(),
         outcome: ran.outcome,
         exit_code: ran.exit_code,
-        duration_secs: started.elapsed().as_secs_f64(),
-        log,
-        console_log,
-        artifacts,
-        refused_hosts,
-        refused_offline,
-        upstream_failures,
+        duration_secs: closing.started.elapsed().as_secs_f64(),
+        log: closing.log,
+        console_log: closing.console_log,
+        artifacts: stored,
+        refused_hosts: proxied.refused_hosts,
+        refused_offline: proxied.refused_offline,
+        upstream_failures: proxied.upstream_failures,
         limit: ran.limit,
         error: ran.error.map(|e| ErrorInfo::capped(&e.code, &e.chain)),
         host: None,
@@ -612,27 +801,26 @@ pub fn build(
             spec,
             accel: ran.vm_started.as_ref().map_or(options.accel, |v| v.0),
             boot: crate::provenance::boot(
-                vm_spec.snapshot,
+                closing.snapshot,
                 ran.vm_started.as_ref().and_then(|v| v.1.as_ref()),
             ),
             offline: options.offline,
-            image: Some(&image.manifest),
+            image: Some(&setup.image.manifest),
             host: None,
-            started_on,
+            started_on: closing.started_on,
             finished_on: std::time::SystemTime::now(),
             outcome: result.outcome,
             exit_code: result.exit_code,
             rebuild_of: options.rebuild_of.as_deref(),
-            cache_restored: Some(cache_restored.unwrap_or(false)),
+            cache_restored: Some(closing.cache_restored.unwrap_or(false)),
         };
-        if let Err(err) = crate::provenance::write_signed(&record, &facts) {
+        if let Err(err) = crate::provenance::write_signed(record, &facts) {
             display.warning(&format!(
                 "cannot write the signed provenance: {}",
                 contractor_protocol::result::joined_chain(&err)
             ));
         }
     }
-    let _ = std::fs::remove_file(&owner_file);
     if let Some(kept) = &ran.kept {
         let path = record.join(KEPT_VM_FILE);
         let text = serde_json::to_string_pretty(kept).unwrap_or_default();
@@ -640,14 +828,7 @@ pub fn build(
             eprintln!("contractor: cannot write {}: {err}", path.display());
         }
     }
-    display.event(&BuildEvent::Finished {
-        result: result.clone(),
-    });
-    Ok(BuildReport {
-        result,
-        kept: ran.kept,
-        release,
-    })
+    (result, ran.kept)
 }
 
 /// The record file the tools of a build write their messages to (their stderr); what they

@@ -125,6 +125,7 @@ pub async fn serve(
     let (config_resolver, config_timeout) =
         (config.resolver.clone(), config.limits.connect_timeout);
     let config_limits = config.limits;
+    let config_metrics = Arc::clone(&config.metrics);
     // Pinned bodies are staged beside the cache's entries in the making, else in memory.
     let stager = Stager::new(config.cache.as_ref().map(|cache| cache.dir().join("tmp")));
     let proxy = Arc::new(Proxy {
@@ -141,7 +142,11 @@ pub async fn serve(
         stopping: CancellationToken::new(),
         cut: CancellationToken::new(),
         pool: Mutex::new(HashMap::new()),
-        names: crate::names::NameCache::new(config_resolver, config_timeout),
+        names: crate::names::NameCache::new(
+            config_resolver,
+            config_timeout,
+            Arc::clone(&config_metrics),
+        ),
         gate: crate::gate::ConnectGate::new(
             config_limits.connects_per_host,
             config_limits.connect_queue_per_host,

@@ -603,6 +603,20 @@ impl Proxy {
         let guard = ConnectionGuard(Arc::clone(&self));
         let _ = stream.set_nodelay(true);
         let limits = self.config.limits;
+        // The head's timeout runs from its first byte: a client in a slow VM may connect
+        // well before it writes (its event loop busy), and a connection closed unanswered
+        // leaves some clients (npm 9's proxy agent) waiting minutes. Until then the
+        // connection is idle, bounded by the idle timeout and the connection slots.
+        let mut first_byte = [0_u8; 1];
+        tokio::select! {
+            first = tokio::time::timeout(limits.idle_timeout, stream.peek(&mut first_byte)) => {
+                // Closed, failed or idle before its first byte: nothing to answer.
+                if !matches!(first, Ok(Ok(1..))) {
+                    return;
+                }
+            }
+            () = self.stopping.cancelled() => return,
+        }
         let activity = Activity::new(limits.idle_timeout);
         let over_capacity = slot.is_none();
         // The slot and the active count last as long as the client's stream, tunnel included.

@@ -167,7 +167,7 @@ pub const MAX_CONTENT_TYPE: usize = 256;
 /// and every connection is gone: what it did while it ran.
 ///
 /// `{"type":"summary","allowed":12,"denied":{"host_not_allowed":3},"bytes_up":10240,
-/// "bytes_down":52428800,"connections":15,"active_connections":0}`
+/// "bytes_down":52428800,"connections":15,"active_connections":0,"name_lookups":2}`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Summary {
@@ -191,6 +191,11 @@ pub struct Summary {
     /// Client connections still open: 0 once the proxy has stopped, unless its shutdown cut
     /// some that were slow to close.
     pub active_connections: i64,
+    /// Host names looked up with the resolver: each attempt of a lookup counts (one
+    /// `getaddrinfo`, whose DNS queries are usually two, A and AAAA); an answer reused from
+    /// the proxy's name cache does not. Absent (0) from a proxy of an older release.
+    #[serde(default)]
+    pub name_lookups: u64,
     /// With `--cache`, downloads passed on but not kept in the download cache (the run's
     /// `--cache-max` was used, or the cache was full of entries other projects pin); left
     /// out when none.
@@ -273,8 +278,9 @@ mod tests {
 
     #[test]
     fn the_summary_reads_and_writes_the_documented_line() {
-        let line = r#"{"type":"summary","allowed":12,"denied":{"host_not_allowed":3},"bytes_up":10240,"bytes_down":52428800,"connections":15,"active_connections":0}"#;
+        let line = r#"{"type":"summary","allowed":12,"denied":{"host_not_allowed":3},"bytes_up":10240,"bytes_down":52428800,"connections":15,"active_connections":0,"name_lookups":2}"#;
         let summary: Summary = serde_json::from_str(line).expect("parse");
+        assert_eq!(summary.name_lookups, 2);
         assert_eq!(
             (
                 summary.kind,
@@ -288,5 +294,9 @@ mod tests {
         assert!(serde_json::from_str::<Summary>(&decision_like).is_err());
         let extra = line.replace(r#""allowed":12"#, r#""allowed":12,"refused":1"#);
         assert!(serde_json::from_str::<Summary>(&extra).is_err());
+        // An older proxy's line, without the count, reads as none.
+        let older = line.replace(r#","name_lookups":2"#, "");
+        let older: Summary = serde_json::from_str(&older).expect("parse an older line");
+        assert_eq!(older.name_lookups, 0);
     }
 }

@@ -30,6 +30,7 @@ pub struct Metrics {
     bytes_down: AtomicU64,
     active_connections: AtomicI64,
     connections: AtomicU64,
+    name_lookups: AtomicU64,
 }
 
 /// The counters at one moment; also the summary line the binary prints last on stdout.
@@ -69,6 +70,12 @@ impl Metrics {
         self.active_connections.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Counts one call of the resolver (one attempt of a lookup: a `getaddrinfo`, which
+    /// asks the DNS for the name's A and AAAA records unless `/etc/hosts` answers).
+    pub fn name_lookup(&self) {
+        self.name_lookups.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The counters now.
     pub fn summary(&self) -> Summary {
         let denied = self
@@ -89,6 +96,7 @@ impl Metrics {
             bytes_down: self.bytes_down.load(Ordering::Relaxed),
             connections: self.connections.load(Ordering::Relaxed),
             active_connections: self.active_connections.load(Ordering::Relaxed),
+            name_lookups: self.name_lookups.load(Ordering::Relaxed),
             cache_not_kept: 0,
         }
     }
@@ -134,6 +142,12 @@ impl Metrics {
                 "Client connections open now.",
                 "gauge",
                 summary.active_connections.to_string(),
+            ),
+            (
+                "contractor_proxy_name_lookups_total",
+                "Host names looked up with the resolver (each attempt; answers reused from the name cache are not lookups).",
+                "counter",
+                summary.name_lookups.to_string(),
             ),
         ] {
             text.push_str(&format!(

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::metrics::Metrics;
 use crate::policy::Resolver;
 
 /// How long an answer is reused.
@@ -75,15 +76,19 @@ struct Inner {
     resolver: Resolver,
     /// How long one attempt may take.
     attempt_timeout: Duration,
+    /// Counts each call of the resolver.
+    metrics: Arc<Metrics>,
     names: Mutex<HashMap<(String, u16), Entry>>,
 }
 
 impl NameCache {
-    /// A cache in front of `resolver`, each attempt of a lookup bounded by `attempt_timeout`.
-    pub fn new(resolver: Resolver, attempt_timeout: Duration) -> Self {
+    /// A cache in front of `resolver`, each attempt of a lookup bounded by `attempt_timeout`
+    /// and counted in `metrics` ([`Metrics::name_lookup`]).
+    pub fn new(resolver: Resolver, attempt_timeout: Duration, metrics: Arc<Metrics>) -> Self {
         NameCache(Arc::new(Inner {
             resolver,
             attempt_timeout,
+            metrics,
             names: Mutex::new(HashMap::new()),
         }))
     }
@@ -182,6 +187,7 @@ impl Inner {
         let mut backoff = RESOLVE_BACKOFF;
         let mut attempt = 1;
         loop {
+            self.metrics.name_lookup();
             let lookup = self.resolver.resolve(host, port);
             let failure = match tokio::time::timeout(self.attempt_timeout, lookup).await {
                 Ok(Ok(addrs)) => return Ok(addrs),
@@ -284,7 +290,8 @@ mod tests {
     #[tokio::test]
     async fn concurrent_requests_for_one_name_share_one_lookup() {
         let (resolver, count) = counting(|_| Ok(vec![addr()]));
-        let cache = NameCache::new(resolver, Duration::from_secs(5));
+        let metrics = Arc::new(Metrics::default());
+        let cache = NameCache::new(resolver, Duration::from_secs(5), Arc::clone(&metrics));
         let lookups: Vec<_> = (0..100)
             .map(|i| {
                 let cache = cache.clone();
@@ -310,13 +317,15 @@ mod tests {
         cache.forget("REG.example", 443);
         cache.resolve("reg.example", 443).await.expect("answer");
         assert_eq!(count.load(Ordering::SeqCst), 3);
+        // The summary counts the resolver's calls, not the requests.
+        assert_eq!(metrics.summary().name_lookups, 3);
     }
 
     #[tokio::test]
     async fn a_final_failure_is_kept_briefly_and_not_retried() {
         let (resolver, count) =
             counting(|_| Err(io::Error::new(io::ErrorKind::NotFound, "no such host")));
-        let cache = NameCache::new(resolver, Duration::from_secs(5));
+        let cache = NameCache::new(resolver, Duration::from_secs(5), Arc::default());
         for _ in 0..3 {
             let e = cache.resolve("gone.example", 443).await.expect_err("fails");
             assert_eq!(e.to_string(), "no such host");
@@ -331,13 +340,16 @@ mod tests {
                 "failed to lookup address information: Temporary failure in name resolution",
             ))
         });
-        let cache = NameCache::new(resolver, Duration::from_secs(5));
+        let metrics = Arc::new(Metrics::default());
+        let cache = NameCache::new(resolver, Duration::from_secs(5), Arc::clone(&metrics));
         let e = cache
             .resolve("flaky.example", 443)
             .await
             .expect_err("fails");
         assert!(e.to_string().ends_with("(tried 3 times)"), "{e}");
         assert_eq!(count.load(Ordering::SeqCst), RESOLVE_ATTEMPTS as usize);
+        // Each attempt is a lookup.
+        assert_eq!(metrics.summary().name_lookups, u64::from(RESOLVE_ATTEMPTS));
     }
 
     #[test]
@@ -366,6 +378,7 @@ mod tests {
         NameCache::new(
             Resolver::new(|_, _| Box::pin(async { Ok(vec![]) })),
             attempt,
+            Arc::default(),
         )
         .longest_wait()
     }

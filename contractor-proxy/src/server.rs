@@ -128,6 +128,7 @@ pub async fn serve(
     let (config_resolver, config_timeout) =
         (config.resolver.clone(), config.limits.connect_timeout);
     let config_limits = config.limits;
+    let config_metrics = Arc::clone(&config.metrics);
     // Pinned bodies are staged beside the cache's entries in the making, else in memory.
     let stager = Stager::new(config.cache.as_ref().map(|cache| cache.dir().join("tmp")));
     let proxy = Arc::new(Proxy {
@@ -145,7 +146,11 @@ pub async fn serve(
         cut: CancellationToken::new(),
         pool: Mutex::new(HashMap::new()),
         upstreams: Arc::new(UpstreamPool::new()),
-        names: crate::names::NameCache::new(config_resolver, config_timeout),
+        names: crate::names::NameCache::new(
+            config_resolver,
+            config_timeout,
+            Arc::clone(&config_metrics),
+        ),
         gate: crate::gate::ConnectGate::new(
             config_limits.connects_per_host,
             config_limits.connect_queue_per_host,
@@ -614,6 +619,20 @@ impl Proxy {
         let guard = ConnectionGuard(Arc::clone(&self));
         let _ = stream.set_nodelay(true);
         let limits = self.config.limits;
+        // The head's timeout runs from its first byte: a client in a slow VM may connect
+        // well before it writes (its event loop busy), and a connection closed unanswered
+        // leaves some clients (npm 9's proxy agent) waiting minutes. Until then the
+        // connection is idle, bounded by the idle timeout and the connection slots.
+        let mut first_byte = [0_u8; 1];
+        tokio::select! {
+            first = tokio::time::timeout(limits.idle_timeout, stream.peek(&mut first_byte)) => {
+                // Closed, failed or idle before its first byte: nothing to answer.
+                if !matches!(first, Ok(Ok(1..))) {
+                    return;
+                }
+            }
+            () = self.stopping.cancelled() => return,
+        }
         let activity = Activity::new(limits.idle_timeout);
         let over_capacity = slot.is_none();
         // The slot and the active count last as long as the client's stream, tunnel included.

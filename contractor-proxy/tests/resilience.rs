@@ -323,3 +323,46 @@ async fn a_connect_refused_until_the_upstream_listens_is_tried_again_and_recorde
     assert_eq!(decision.decision, Verdict::Allow, "{decision:?}");
     assert!(proxy.lines.try_recv().is_err(), "one line for the request");
 }
+
+/// A client in a slow VM connects, then writes its CONNECT only later (its event loop was
+/// busy): the head's timeout runs from the head's first byte, so it is answered. A client
+/// that starts a head and stalls is still dropped after the timeout. (npm 9's proxy agent
+/// waits 300 s on a connection closed without an answer.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_writes_its_connect_after_the_head_timeout_is_still_answered() {
+    let upstream = holding_server().await;
+    let mut config = config(
+        "registry.test",
+        Resolver::new(move |_, _| Box::pin(async move { Ok(vec![upstream]) })),
+    );
+    config.limits.header_read_timeout = Duration::from_millis(300);
+    let mut proxy = start(config).await;
+    let target = format!("registry.test:{}", upstream.port());
+
+    let mut late = TcpStream::connect(proxy.addr).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    late.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .expect("the connection is still open");
+    let mut answer = [0_u8; 12];
+    tokio::time::timeout(PATIENCE, late.read_exact(&mut answer))
+        .await
+        .expect("answered in time")
+        .expect("an answer, not a closed connection");
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    let decision = tokio::time::timeout(PATIENCE, proxy.lines.recv())
+        .await
+        .expect("a decision in time");
+    assert!(
+        matches!(decision, Some(ProxyLine::Decision(ref d)) if d.decision == Verdict::Allow),
+        "{decision:?}"
+    );
+
+    let mut stalled = TcpStream::connect(proxy.addr).await.expect("connect");
+    stalled.write_all(b"CONNECT regi").await.expect("write");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, stalled.read_to_end(&mut rest))
+        .await
+        .expect("a stalled head is dropped");
+    assert!(rest.is_empty() || read.is_err(), "{rest:?}");
+}

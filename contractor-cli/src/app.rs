@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::build::{self, human_bytes, BuildOptions};
+use crate::build::{self, BuildOptions};
+use crate::display::human_bytes;
 use crate::display::{escape, escape_capped, escape_path, Display, Mode, MAX_SHOWN_MESSAGE_BYTES};
 use crate::remote::BuildHost;
 use crate::{image, records, spec};

@@ -579,7 +579,7 @@ fn start_proxies(
             pins: pins.as_deref(),
             cache: Some(DownloadCachePolicy {
                 dir: &setup.download_cache,
-                project: crate::remote::project_key(&spec.project_dir),
+                project: crate::paths::project_key(&spec.project_dir),
                 size: setup.download_cache_max,
             }),
             offline: options.offline,
@@ -2029,22 +2029,6 @@ pub fn new_build_id() -> String {
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
     )
-}
-
-/// `1.2 MiB`
-pub fn human_bytes(bytes: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < units.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", units[unit])
-    }
 }
 
 #[cfg(test)]

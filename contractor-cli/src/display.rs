@@ -18,8 +18,6 @@ use contractor_protocol::build::BuildEvent;
 use contractor_protocol::store::{SourceRule, SourceSelection};
 use contractor_protocol::vm::SnapshotReport;
 
-use crate::build::human_bytes;
-
 /// Most bytes of one guest-provided error message shown in the summary: 4 KiB.
 pub const MAX_SHOWN_MESSAGE_BYTES: usize = 4096;
 
@@ -486,6 +484,22 @@ fn selection_text(selection: &SourceSelection) -> String {
         SourceRule::Everything => "from no git work tree: everything packed but .contractor \
              (.gitignore not applied)"
             .to_string(),
+    }
+}
+
+/// `1.2 MiB`
+pub fn human_bytes(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < units.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", units[unit])
     }
 }
 

@@ -85,6 +85,24 @@ pub fn create_dir_world_readable(dir: &Path) -> std::io::Result<()> {
         .create(dir)
 }
 
+/// The key of the project directory `dir` on build hosts: the same for every build of it
+/// from this machine, so that its build cache there is reused.
+pub fn project_key(dir: &Path) -> String {
+    let machine = std::fs::read("/etc/machine-id")
+        .or_else(|_| std::fs::read("/proc/sys/kernel/hostname"))
+        .unwrap_or_default();
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    hash.update(&machine);
+    hash.update([0]);
+    hash.update(dir.as_os_str().as_encoded_bytes());
+    hash.finalize()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

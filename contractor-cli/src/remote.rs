@@ -28,7 +28,6 @@ use contractor_protocol::hosted::{
 use contractor_protocol::jsonl::JsonlReader;
 use contractor_protocol::result::{BuildCode, BuildResult, ErrorInfo, Outcome};
 use contractor_protocol::PROTOCOL_VERSION;
-use sha2::{Digest, Sha256};
 
 use crate::build::{self, BuildError, BuildOptions, BuildReport, PendingRelease};
 use crate::display::Display;
@@ -257,23 +256,6 @@ pub fn configured_hosts() -> Result<Vec<BuildHost>, String> {
         .collect()
 }
 
-/// The key of the project directory `dir` on build hosts: the same for every build of it
-/// from this machine, so that its build cache there is reused.
-pub fn project_key(dir: &Path) -> String {
-    let machine = std::fs::read("/etc/machine-id")
-        .or_else(|_| std::fs::read("/proc/sys/kernel/hostname"))
-        .unwrap_or_default();
-    let mut hash = Sha256::new();
-    hash.update(&machine);
-    hash.update([0]);
-    hash.update(dir.as_os_str().as_encoded_bytes());
-    hash.finalize()
-        .iter()
-        .take(16)
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// The longest a build host may take to answer how much room it has.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -492,7 +474,7 @@ pub fn build_on(
         version: PROTOCOL_VERSION,
         contractor: RELEASE.into(),
         id: id.clone(),
-        project: project_key(&spec.project_dir),
+        project: crate::paths::project_key(&spec.project_dir),
         spec: spec_text,
         lock: lock_text,
         source_entries: packed.entries as u64,

@@ -1269,6 +1269,61 @@ fn the_node_example_installs_from_npm_in_its_fetch_phase_and_passes_twice() {
 }
 
 #[test]
+fn the_node_lint_example_installs_two_hundred_packages_through_the_proxy_then_from_npms_cache() {
+    if util::skip_without_vm(
+        "the_node_lint_example_installs_two_hundred_packages_through_the_proxy_then_from_npms_cache",
+    ) {
+        return;
+    }
+    let project = Project::example(
+        "node-lint",
+        &[
+            "package.json",
+            "package-lock.json",
+            "eslint.config.js",
+            "index.js",
+            "test/slugify.js",
+        ],
+    );
+    let (first, second) = build_twice("node-lint", &project);
+    let log = first.log();
+    assert!(log.contains("added 208 packages"), "{log}");
+    assert!(log.contains("# pass  7") && log.contains("# ok"), "{log}");
+    // Every package's tarball came through the proxy, inspected and recorded, from one
+    // name lookup (or a few: the proxy's name cache) for hundreds of connections.
+    let tarballs = |build: &util::Build| {
+        std::fs::read_to_string(build.record.join("downloads.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|d| {
+                d["url"].as_str().is_some_and(|u| {
+                    u.starts_with("https://registry.npmjs.org/") && u.ends_with(".tgz")
+                }) && d["status"] == 200
+                    && d["complete"] == true
+            })
+            .count()
+    };
+    assert!(tarballs(&first) >= 208, "{} tarballs", tarballs(&first));
+    let decisions = std::fs::read_to_string(first.record.join("proxy.jsonl")).expect("proxy.jsonl");
+    let summary: serde_json::Value = decisions
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|d| d["type"] == "summary" && d["phase"] == "fetch")
+        .unwrap_or_else(|| panic!("no summary of the fetch phase in:\n{decisions}"));
+    let lookups = summary["name_lookups"].as_u64().expect("name_lookups");
+    let allowed = summary["allowed"].as_u64().expect("allowed");
+    assert!(
+        (1..=allowed / 10).contains(&lookups),
+        "{lookups} name lookups for {allowed} allowed requests: {summary}"
+    );
+    // The second build takes every tarball from npm's cache (kept in [cache]).
+    let log = second.log();
+    assert!(log.contains("# pass  7") && log.contains("# ok"), "{log}");
+    assert_eq!(tarballs(&second), 0, "{log}");
+}
+
+#[test]
 fn the_debian_package_example_builds_figlet_into_a_deb_twice() {
     if util::skip_without_vm("the_debian_package_example_builds_figlet_into_a_deb_twice") {
         return;

@@ -1313,6 +1313,10 @@ fn the_node_lint_example_installs_two_hundred_packages_through_the_proxy_then_fr
         .unwrap_or_else(|| panic!("no summary of the fetch phase in:\n{decisions}"));
     let lookups = summary["name_lookups"].as_u64().expect("name_lookups");
     let allowed = summary["allowed"].as_u64().expect("allowed");
+    eprintln!(
+        "node-lint: {} tarballs, {allowed} allowed requests, {lookups} name lookups",
+        tarballs(&first)
+    );
     assert!(
         (1..=allowed / 10).contains(&lookups),
         "{lookups} name lookups for {allowed} allowed requests: {summary}"

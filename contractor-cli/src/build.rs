@@ -294,13 +294,15 @@ pub fn build(
     let release = PendingRelease(ran.releasing.take());
     let proxied = stopped.judge(&mut ran, display, setup.download_cache_max);
     let closing = Closing {
-        setup: &setup,
+        how: Started {
+            setup: &setup,
+            snapshot: session.snapshot,
+            started_on,
+            cache_restored: session.cache_restored,
+        },
         started,
-        started_on,
         log: session.log,
         console_log: session.console_log,
-        snapshot: session.snapshot,
-        cache_restored: session.cache_restored,
         proxied,
     };
     let (result, kept) = close_record(spec, options, closing, ran, display);
@@ -716,14 +718,19 @@ impl Stopped {
 
 /// What closing the record needs besides the run's outcome.
 struct Closing<'a> {
-    setup: &'a Setup,
+    how: Started<'a>,
     started: Instant,
-    started_on: std::time::SystemTime,
     log: PathBuf,
     console_log: PathBuf,
-    snapshot: bool,
-    cache_restored: Option<bool>,
     proxied: Proxied,
+}
+
+/// How a build was started, as its provenance says.
+struct Started<'a> {
+    setup: &'a Setup,
+    snapshot: bool,
+    started_on: std::time::SystemTime,
+    cache_restored: Option<bool>,
 }
 
 /// Closes the record of a build that ran: keeps its build cache, takes the store's index
@@ -736,7 +743,7 @@ fn close_record(
     mut ran: Ran,
     display: &Display,
 ) -> (BuildResult, Option<KeptVm>) {
-    let (setup, record) = (closing.setup, &closing.setup.record);
+    let (setup, record) = (closing.how.setup, &closing.how.setup.record);
     let cache_saved = crate::cache::keep(
         &setup.store_root,
         record,
@@ -791,36 +798,14 @@ fn close_record(
     if let Err(err) = std::fs::write(&result_path, text + "\n") {
         eprintln!("contractor: cannot write {}: {err}", result_path.display());
     }
-    // A hosted build (its source packed by the front end that asked for it) is signed by
-    // that front end when its record comes back: a build host signs nothing. A rebuild's
-    // source is packed too, by this front end, which signs it.
-    let signs_here = options.packed.is_none() || options.rebuild_of.is_some();
-    if signs_here && crate::provenance::ran_script(result.outcome, result.exit_code) {
-        let facts = crate::provenance::Facts {
-            id: &result.id,
-            spec,
-            accel: ran.vm_started.as_ref().map_or(options.accel, |v| v.0),
-            boot: crate::provenance::boot(
-                closing.snapshot,
-                ran.vm_started.as_ref().and_then(|v| v.1.as_ref()),
-            ),
-            offline: options.offline,
-            image: Some(&setup.image.manifest),
-            host: None,
-            started_on: closing.started_on,
-            finished_on: std::time::SystemTime::now(),
-            outcome: result.outcome,
-            exit_code: result.exit_code,
-            rebuild_of: options.rebuild_of.as_deref(),
-            cache_restored: Some(closing.cache_restored.unwrap_or(false)),
-        };
-        if let Err(err) = crate::provenance::write_signed(record, &facts) {
-            display.warning(&format!(
-                "cannot write the signed provenance: {}",
-                contractor_protocol::result::joined_chain(&err)
-            ));
-        }
-    }
+    sign(
+        spec,
+        options,
+        &closing.how,
+        ran.vm_started.as_ref(),
+        &result,
+        display,
+    );
     if let Some(kept) = &ran.kept {
         let path = record.join(KEPT_VM_FILE);
         let text = serde_json::to_string_pretty(kept).unwrap_or_default();
@@ -829,6 +814,44 @@ fn close_record(
         }
     }
     (result, ran.kept)
+}
+
+/// Signs the provenance of a build whose script ran, when this front end packed its source:
+/// a hosted build (its source packed by the front end that asked for it) is signed by that
+/// front end when its record comes back (a build host signs nothing); a rebuild's source is
+/// packed too, by this front end, which signs it.
+fn sign(
+    spec: &BuildSpec,
+    options: &BuildOptions,
+    how: &Started,
+    vm_started: Option<&(Accel, Option<contractor_protocol::vm::SnapshotReport>)>,
+    result: &BuildResult,
+    display: &Display,
+) {
+    let signs_here = options.packed.is_none() || options.rebuild_of.is_some();
+    if signs_here && crate::provenance::ran_script(result.outcome, result.exit_code) {
+        let facts = crate::provenance::Facts {
+            id: &result.id,
+            spec,
+            accel: vm_started.map_or(options.accel, |v| v.0),
+            boot: crate::provenance::boot(how.snapshot, vm_started.and_then(|v| v.1.as_ref())),
+            offline: options.offline,
+            image: Some(&how.setup.image.manifest),
+            host: None,
+            started_on: how.started_on,
+            finished_on: std::time::SystemTime::now(),
+            outcome: result.outcome,
+            exit_code: result.exit_code,
+            rebuild_of: options.rebuild_of.as_deref(),
+            cache_restored: Some(how.cache_restored.unwrap_or(false)),
+        };
+        if let Err(err) = crate::provenance::write_signed(&how.setup.record, &facts) {
+            display.warning(&format!(
+                "cannot write the signed provenance: {}",
+                contractor_protocol::result::joined_chain(&err)
+            ));
+        }
+    }
 }
 
 /// The record file the tools of a build write their messages to (their stderr); what they

@@ -470,28 +470,8 @@ impl Session {
         let store_token = new_store_token(id, &private.token_file(), &tools_log)
             .map_err(|e| BuildError::Service("store", e))?;
         let console_log = record.join("console.log");
-        let vm_spec = VmSpec {
-            name: None,
-            image: setup.image.boot(),
-            cpus: spec.cpus,
-            memory_mib: spec.memory_mib,
-            disk_gib: Some(spec.disk_gib),
-            accel: options.accel,
-            console_log: console_log.clone(),
-            work_dir: paths::data_dir().map_err(BuildError::DataDir)?.join("vms"),
-            snapshot: options.snapshot && options.keep.is_none(),
-        };
-        let vm = match paths::create_dir_world_readable(&vm_spec.work_dir) {
-            Err(err) => Err(Ran::infrastructure(BuildCode::VmWorkDir, &err)),
-            Ok(()) => Vm::spawn(
-                &options.uri,
-                &vm_spec,
-                options.keep.is_none(),
-                &tools_log,
-                interruption,
-            )
-            .map_err(|err| Ran::infrastructure(BuildCode::VmCreate, &err)),
-        };
+        let (vm, snapshot) =
+            spawn_vm(spec, options, setup, &console_log, &tools_log, interruption)?;
         let store = start_store(
             &setup.store_root,
             id,
@@ -542,10 +522,45 @@ impl Session {
             tools_log,
             log: record.join("build.log"),
             console_log,
-            snapshot: vm_spec.snapshot,
+            snapshot,
             cache_restored,
         })
     }
+}
+
+/// Starts the build's VM (`contractor-vm create`, a snapshot restored where one fits); the
+/// VM and whether it may be restored from a snapshot. A failure to start is the run's.
+fn spawn_vm(
+    spec: &BuildSpec,
+    options: &BuildOptions,
+    setup: &Setup,
+    console_log: &Path,
+    tools_log: &ToolsLog,
+    interruption: &Interruption,
+) -> Result<(Result<Spawned, Ran>, bool), BuildError> {
+    let vm_spec = VmSpec {
+        name: None,
+        image: setup.image.boot(),
+        cpus: spec.cpus,
+        memory_mib: spec.memory_mib,
+        disk_gib: Some(spec.disk_gib),
+        accel: options.accel,
+        console_log: console_log.to_path_buf(),
+        work_dir: paths::data_dir().map_err(BuildError::DataDir)?.join("vms"),
+        snapshot: options.snapshot && options.keep.is_none(),
+    };
+    let vm = match paths::create_dir_world_readable(&vm_spec.work_dir) {
+        Err(err) => Err(Ran::infrastructure(BuildCode::VmWorkDir, &err)),
+        Ok(()) => Vm::spawn(
+            &options.uri,
+            &vm_spec,
+            options.keep.is_none(),
+            tools_log,
+            interruption,
+        )
+        .map_err(|err| Ran::infrastructure(BuildCode::VmCreate, &err)),
+    };
+    Ok((vm, vm_spec.snapshot))
 }
 
 /// The build's proxy (with the pins of contractor.lock, written for it) and, with a fetch

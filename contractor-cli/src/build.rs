@@ -1862,27 +1862,11 @@ fn run_in_vm(
         job,
     };
     let finished = run(&request, display, tools_log, interruption);
-    // A VM is kept only where its agent waits for a shell: after it said done, so not
-    // after a limit, an interruption or an infrastructure failure.
-    let kept = match (&finished, keep) {
-        (
-            Ok(RunEvent::Finished {
-                outcome,
-                limit: None,
-                ..
-            }),
-            Some(keep),
-        ) if *outcome == Outcome::Failed
-            || (*outcome == Outcome::Success && keep == Keep::Always) =>
-        {
-            Some(KeptVm {
-                name: vm.info.name.clone(),
-                uri: uri.to_string(),
-                control_socket: request_control.clone(),
-            })
-        }
-        _ => None,
-    };
+    let kept = kept_vm(&finished, keep).then(|| KeptVm {
+        name: vm.info.name.clone(),
+        uri: uri.to_string(),
+        control_socket: request_control.clone(),
+    });
     // The VM is usually gone already (the agent powers it off); its overlay is not. The
     // holder destroys it while the services stop; `build` waits for it before it returns.
     let releasing = match kept {
@@ -1892,7 +1876,35 @@ fn run_in_vm(
         }
         None => Some(vm.start_release()),
     };
-    let ran = match finished {
+    Ran {
+        kept,
+        releasing,
+        vm_started: Some(vm_started),
+        ..ran_of(finished, interruption)
+    }
+}
+
+/// Whether the VM of a run that ended so is kept for a shell: only where its agent waits
+/// for one, after it said done, so not after a limit, an interruption or an
+/// infrastructure failure; after a failure, or with `keep = always` after a success too.
+fn kept_vm(finished: &Result<RunEvent, ToolError>, keep: Option<Keep>) -> bool {
+    match (finished, keep) {
+        (
+            Ok(RunEvent::Finished {
+                outcome,
+                limit: None,
+                ..
+            }),
+            Some(keep),
+        ) => *outcome == Outcome::Failed || (*outcome == Outcome::Success && keep == Keep::Always),
+        _ => false,
+    }
+}
+
+/// How the run ended, from `contractor-run`'s `finished` (or its failure, or the
+/// interruption behind that failure).
+fn ran_of(finished: Result<RunEvent, ToolError>, interruption: &Interruption) -> Ran {
+    match finished {
         Ok(RunEvent::Finished {
             outcome,
             exit_code,
@@ -1904,7 +1916,7 @@ fn run_in_vm(
             exit_code,
             error,
             limit,
-            kept,
+            kept: None,
             releasing: None,
             vm_started: None,
         },
@@ -1917,11 +1929,6 @@ fn run_in_vm(
             Some(signal) => Ran::interrupted(signal),
             None => Ran::infrastructure(BuildCode::Run, &err),
         },
-    };
-    Ran {
-        releasing,
-        vm_started: Some(vm_started),
-        ..ran
     }
 }
 

@@ -403,7 +403,7 @@ fn announce(display: &Display, spec: &BuildSpec, setup: &Setup, packed: &source:
 
 /// Writes the record's `owner.json` (this process, by pid and start time: the store's
 /// liveness rule); returns its path, removed when the build ends.
-fn write_owner(record: &Path) -> Result<PathBuf, BuildError> {
+pub(crate) fn write_owner(record: &Path) -> Result<PathBuf, BuildError> {
     let owner_file = record.join(OWNER_FILE);
     let owner = serde_json::json!({
         "pid": std::process::id(),
@@ -808,11 +808,7 @@ fn close_record(
         error: ran.error.map(|e| ErrorInfo::capped(&e.code, &e.chain)),
         host: None,
     };
-    let result_path = record.join("result.json");
-    let text = serde_json::to_string_pretty(&result).unwrap_or_default();
-    if let Err(err) = std::fs::write(&result_path, text + "\n") {
-        eprintln!("contractor: cannot write {}: {err}", result_path.display());
-    }
+    write_result(record, &result);
     sign(
         spec,
         options,
@@ -829,6 +825,15 @@ fn close_record(
         }
     }
     (result, ran.kept)
+}
+
+/// Writes the record's `result.json` (a failure to is said, not fatal: the build is over).
+pub(crate) fn write_result(record: &Path, result: &BuildResult) {
+    let path = record.join("result.json");
+    let text = serde_json::to_string_pretty(result).unwrap_or_default();
+    if let Err(err) = std::fs::write(&path, text + "\n") {
+        eprintln!("contractor: cannot write {}: {err}", path.display());
+    }
 }
 
 /// Signs the provenance of a build whose script ran, when this front end packed its source:

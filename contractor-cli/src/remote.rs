@@ -459,17 +459,7 @@ pub fn build_on(
         display.warning(warning);
     }
     build::update_latest(&store_root, &id);
-    let owner_file = record.join(build::OWNER_FILE);
-    let owner = serde_json::json!({
-        "pid": std::process::id(),
-        "start": contractor_protocol::process::start_time(std::process::id()),
-    });
-    std::fs::write(&owner_file, owner.to_string())
-        .map_err(|source| BuildError::Record {
-            path: owner_file.clone(),
-            source,
-        })
-        .map_err(close)?;
+    let owner_file = build::write_owner(&record).map_err(close)?;
     let request = HostedRequest {
         version: PROTOCOL_VERSION,
         contractor: RELEASE.into(),
@@ -502,88 +492,11 @@ pub fn build_on(
             "cannot run ssh for {host}: {err}"
         )]))),
     };
-    let (outcome, exit_code, limit_hit, error, refused_hosts, refused_offline) = match ran {
-        Ok(result) => (
-            result.outcome,
-            result.exit_code,
-            result.limit,
-            result.error,
-            result.refused_hosts,
-            result.refused_offline,
-        ),
-        Err(RemoteEnd::Interrupted(signal)) => (
-            Outcome::Interrupted,
-            None,
-            None,
-            Some(ErrorInfo {
-                code: BuildCode::Interrupted.as_str().into(),
-                chain: vec![format!(
-                    "{signal} ended the session with the build host {host} before its record came back"
-                )],
-            }),
-            Vec::new(),
-            Vec::new(),
-        ),
-        Err(RemoteEnd::Failed(error)) => (
-            Outcome::Infrastructure,
-            None,
-            None,
-            Some(error),
-            Vec::new(),
-            Vec::new(),
-        ),
-    };
-    let result = BuildResult {
-        version: PROTOCOL_VERSION,
-        id,
-        outcome,
-        exit_code,
-        duration_secs: started.elapsed().as_secs_f64(),
-        log: record.join("build.log"),
-        console_log: record.join("console.log"),
-        artifacts: crate::records::stored_artifacts(&record),
-        refused_hosts,
-        refused_offline,
-        upstream_failures: Vec::new(),
-        limit: limit_hit,
-        error,
-        host: Some(host.to_string()),
-    };
-    let result_path = record.join("result.json");
-    let text = serde_json::to_string_pretty(&result).unwrap_or_default();
-    if let Err(err) = std::fs::write(&result_path, text + "\n") {
-        eprintln!("contractor: cannot write {}: {err}", result_path.display());
-    }
-    // Signed here, after the record came back: the build host never holds the key.
-    let host_name = host.to_string();
-    if crate::provenance::ran_script(result.outcome, result.exit_code) {
-        let facts = crate::provenance::Facts {
-            id: &result.id,
-            spec,
-            accel: options.accel,
-            boot: match options.snapshot {
-                true => {
-                    "on the build host: restored from a snapshot if it keeps one, else cold".into()
-                }
-                false => "cold".into(),
-            },
-            offline: options.offline,
-            image: None,
-            host: Some(&host_name),
-            started_on,
-            finished_on: std::time::SystemTime::now(),
-            outcome: result.outcome,
-            exit_code: result.exit_code,
-            rebuild_of: None,
-            cache_restored: None,
-        };
-        if let Err(err) = crate::provenance::write_signed(&record, &facts) {
-            display.warning(&format!(
-                "cannot write the signed provenance: {}",
-                contractor_protocol::result::joined_chain(&err)
-            ));
-        }
-    }
+    let mut result = result_of(ran, host, &record);
+    result.id = id;
+    result.duration_secs = started.elapsed().as_secs_f64();
+    build::write_result(&record, &result);
+    sign_here(host, spec, options, &record, &result, started_on, display);
     let _ = std::fs::remove_file(&owner_file);
     display.event(&BuildEvent::Finished {
         result: result.clone(),
@@ -593,6 +506,89 @@ pub fn build_on(
         kept: None,
         release,
     })
+}
+
+/// The result of a build on `host` whose session ended so, its record in `record` (its
+/// `id` and `duration_secs` are the caller's to set).
+fn result_of(ran: Result<BuildResult, RemoteEnd>, host: &BuildHost, record: &Path) -> BuildResult {
+    let mut result = BuildResult {
+        version: PROTOCOL_VERSION,
+        id: String::new(),
+        outcome: Outcome::Infrastructure,
+        exit_code: None,
+        duration_secs: 0.0,
+        log: record.join("build.log"),
+        console_log: record.join("console.log"),
+        artifacts: crate::records::stored_artifacts(record),
+        refused_hosts: Vec::new(),
+        refused_offline: Vec::new(),
+        upstream_failures: Vec::new(),
+        limit: None,
+        error: None,
+        host: Some(host.to_string()),
+    };
+    match ran {
+        Ok(there) => {
+            result.outcome = there.outcome;
+            result.exit_code = there.exit_code;
+            result.limit = there.limit;
+            result.error = there.error;
+            result.refused_hosts = there.refused_hosts;
+            result.refused_offline = there.refused_offline;
+        }
+        Err(RemoteEnd::Interrupted(signal)) => {
+            result.outcome = Outcome::Interrupted;
+            result.error = Some(ErrorInfo {
+                code: BuildCode::Interrupted.as_str().into(),
+                chain: vec![format!(
+                    "{signal} ended the session with the build host {host} before its record came back"
+                )],
+            });
+        }
+        Err(RemoteEnd::Failed(error)) => result.error = Some(error),
+    }
+    result
+}
+
+/// Signs the provenance of a build whose script ran on `host`, here, after its record came
+/// back: the build host never holds the key.
+fn sign_here(
+    host: &BuildHost,
+    spec: &spec::BuildSpec,
+    options: &BuildOptions,
+    record: &Path,
+    result: &BuildResult,
+    started_on: std::time::SystemTime,
+    display: &Display,
+) {
+    if !crate::provenance::ran_script(result.outcome, result.exit_code) {
+        return;
+    }
+    let host_name = host.to_string();
+    let facts = crate::provenance::Facts {
+        id: &result.id,
+        spec,
+        accel: options.accel,
+        boot: match options.snapshot {
+            true => "on the build host: restored from a snapshot if it keeps one, else cold".into(),
+            false => "cold".into(),
+        },
+        offline: options.offline,
+        image: None,
+        host: Some(&host_name),
+        started_on,
+        finished_on: std::time::SystemTime::now(),
+        outcome: result.outcome,
+        exit_code: result.exit_code,
+        rebuild_of: None,
+        cache_restored: None,
+    };
+    if let Err(err) = crate::provenance::write_signed(record, &facts) {
+        display.warning(&format!(
+            "cannot write the signed provenance: {}",
+            contractor_protocol::result::joined_chain(&err)
+        ));
+    }
 }
 
 /// How a session ended without a complete record.

@@ -635,6 +635,13 @@ fn run_build(
     if json || (mode == Mode::Quiet && result.outcome == Outcome::Success) {
         return result.outcome.exit_code();
     }
+    print_summary(result, &spec, file);
+    result.outcome.exit_code()
+}
+
+/// The summary of a build on stderr: how it ended and why, its log, artifacts, and the
+/// hosts refused or failed (with the allow line to paste when the allow list lacked them).
+fn print_summary(result: &BuildResult, spec: &spec::BuildSpec, file: &std::path::Path) {
     let verdict = match result.outcome {
         Outcome::Success => "succeeded".to_string(),
         Outcome::Failed => match result.exit_code {
@@ -696,7 +703,6 @@ fn run_build(
     for line in upstream_failure_lines(result) {
         eprintln!("  {line}");
     }
-    result.outcome.exit_code()
 }
 
 /// One line per allowed host the proxy could not reach: `failed:    HOST: REASON (N

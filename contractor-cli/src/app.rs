@@ -365,29 +365,14 @@ pub fn main() -> std::process::ExitCode {
                 (true, false) => Mode::Quiet,
                 (false, false) => Mode::Auto,
             };
-            let options = BuildOptions {
-                uri: uri.unwrap_or_else(contractor_protocol::vm::default_uri),
-                accel: accel.into(),
-                keep: keep.then_some(Keep::OnFailure),
-                snapshot: !cold && !keep,
+            let options = BuildOptions::new(
+                uri,
+                accel.into(),
+                keep.then_some(Keep::OnFailure),
+                !cold,
                 offline,
-                id: None,
-                packed: None,
-                rebuild_of: None,
-            };
-            let hosts = match build_hosts(&hosts, local) {
-                Ok(hosts) => hosts,
-                Err(problem) => {
-                    ErrorObject::report(
-                        "contractor",
-                        BuildCode::BadSpec,
-                        vec![problem],
-                        mode == Mode::Json,
-                    );
-                    return ExitCode::BadInput.into();
-                }
-            };
-            run_build(&file, options, mode, &hosts).into()
+            );
+            run_build(&file, options, mode, (&hosts, local)).into()
         }
         Command::HostedBuild => crate::hosted::serve().into(),
         Command::Shell { id, file, uri } => shell(&file, id.as_deref(), uri).into(),
@@ -432,16 +417,7 @@ pub fn main() -> std::process::ExitCode {
             &file,
             id.as_deref(),
             any_image,
-            BuildOptions {
-                uri: uri.unwrap_or_else(contractor_protocol::vm::default_uri),
-                accel: accel.into(),
-                keep: None,
-                snapshot: !cold,
-                offline: true,
-                id: None,
-                packed: None,
-                rebuild_of: None,
-            },
+            BuildOptions::new(uri, accel.into(), None, !cold, true),
         )
         .into(),
         Command::Show { id, file } => report(show_build(&file, id.as_deref())),
@@ -456,13 +432,21 @@ pub fn main() -> std::process::ExitCode {
         Command::Downloads { id, json, file } => {
             report(print_downloads(&file, id.as_deref(), json))
         }
-        Command::Image(ImageCommand::List) => report(list_images()),
-        Command::Image(ImageCommand::Import {
+        Command::Image(command) => image_command(command),
+        Command::Cache(command) => cache_command(command),
+    }
+}
+
+/// `contractor image …`.
+fn image_command(command: ImageCommand) -> std::process::ExitCode {
+    match command {
+        ImageCommand::List => report(list_images()),
+        ImageCommand::Import {
             name,
             disk,
             kernel,
             initrd,
-        }) => match image::import(&name, &disk, kernel.as_deref().zip(initrd.as_deref())) {
+        } => match image::import(&name, &disk, kernel.as_deref().zip(initrd.as_deref())) {
             Ok(image) => {
                 println!("{}", image.dir.display());
                 ExitCode::Success.into()
@@ -472,27 +456,8 @@ pub fn main() -> std::process::ExitCode {
                 err.exit_code().into()
             }
         },
-        Command::Cache(CacheCommand::List { file }) => report(list_caches(&file)),
-        Command::Cache(CacheCommand::Clear {
-            downloads: true, ..
-        }) => report(clear_downloads()),
-        Command::Cache(CacheCommand::Clear {
-            file,
-            downloads: false,
-        }) => report(
-            crate::cache::clear(&store_of(&file))
-                .map(|freed| eprintln!("contractor: cache cleared ({} freed)", human_bytes(freed)))
-                .map_err(|e| {
-                    Failure::tool(
-                        format!("cannot clear the cache in {}", store_of(&file).display()),
-                        e,
-                    )
-                }),
-        ),
-        Command::Image(ImageCommand::Rm { name }) => {
-            report(image::remove(&name).map_err(Failure::image))
-        }
-        Command::Image(ImageCommand::Gc { days }) => report(
+        ImageCommand::Rm { name } => report(image::remove(&name).map_err(Failure::image)),
+        ImageCommand::Gc { days } => report(
             image::gc(days)
                 .map(|removed| {
                     if removed.is_empty() {
@@ -504,7 +469,7 @@ pub fn main() -> std::process::ExitCode {
                 })
                 .map_err(Failure::image),
         ),
-        Command::Image(ImageCommand::Build { name }) => {
+        ImageCommand::Build { name } => {
             if !spec::KNOWN_IMAGES.contains(&name.as_str()) {
                 eprintln!(
                     "contractor: unknown image {name:?}; known images: {}",
@@ -523,6 +488,29 @@ pub fn main() -> std::process::ExitCode {
                 }
             }
         }
+    }
+}
+
+/// `contractor cache …`.
+fn cache_command(command: CacheCommand) -> std::process::ExitCode {
+    match command {
+        CacheCommand::List { file } => report(list_caches(&file)),
+        CacheCommand::Clear {
+            downloads: true, ..
+        } => report(clear_downloads()),
+        CacheCommand::Clear {
+            file,
+            downloads: false,
+        } => report(
+            crate::cache::clear(&store_of(&file))
+                .map(|freed| eprintln!("contractor: cache cleared ({} freed)", human_bytes(freed)))
+                .map_err(|e| {
+                    Failure::tool(
+                        format!("cannot clear the cache in {}", store_of(&file).display()),
+                        e,
+                    )
+                }),
+        ),
     }
 }
 
@@ -555,11 +543,13 @@ fn build_hosts(given: &[String], local: bool) -> Result<Vec<BuildHost>, String> 
         .collect()
 }
 
+/// `contractor build`: with `hosts` the `--host` options and `--local` (see
+/// [`build_hosts`]).
 fn run_build(
     file: &std::path::Path,
     options: BuildOptions,
     mode: Mode,
-    hosts: &[BuildHost],
+    hosts: (&[String], bool),
 ) -> ExitCode {
     let json = mode == Mode::Json;
     let fail = |code: &str, chain: Vec<String>| {
@@ -570,6 +560,13 @@ fn run_build(
             chain.iter().map(|m| escape(m).into_owned()).collect()
         };
         ErrorObject::report("contractor", ToolCode::parse(code), chain, json);
+    };
+    let hosts = match build_hosts(hosts.0, hosts.1) {
+        Ok(hosts) => hosts,
+        Err(problem) => {
+            fail(BuildCode::BadSpec.as_str(), vec![problem]);
+            return ExitCode::BadInput;
+        }
     };
     let spec = match spec::load(file) {
         Ok(spec) => spec,
@@ -595,7 +592,7 @@ fn run_build(
     }
     let chosen = match hosts.len() {
         0 | 1 => hosts.first().cloned(),
-        _ => match crate::remote::choose(hosts, spec.cpus, spec.memory_mib) {
+        _ => match crate::remote::choose(&hosts, spec.cpus, spec.memory_mib) {
             Ok((host, lines)) => {
                 if mode != Mode::Quiet {
                     eprintln!(
@@ -789,16 +786,7 @@ fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
             spec.script = "true".into();
             spec.artifacts.clear();
             spec.cache_paths.clear();
-            let options = BuildOptions {
-                uri: uri.unwrap_or_else(contractor_protocol::vm::default_uri),
-                accel: Accel::Auto,
-                keep: Some(Keep::Always),
-                snapshot: false,
-                offline: false,
-                id: None,
-                packed: None,
-                rebuild_of: None,
-            };
+            let options = BuildOptions::new(uri, Accel::Auto, Some(Keep::Always), false, false);
             let built = build_here(&spec, &options, Mode::Auto, None);
             match built {
                 Ok(build::BuildReport {

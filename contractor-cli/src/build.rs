@@ -64,6 +64,32 @@ pub struct BuildOptions {
     pub rebuild_of: Option<String>,
 }
 
+impl BuildOptions {
+    /// The options of a build, in one place for every way one is asked for (`contractor
+    /// build`'s flags, `contractor rebuild`'s, a front end's hosted request): `uri` (else
+    /// the default for this user), the accelerator, whether to keep the VM (never restored
+    /// from a snapshot then), and whether to build offline. The id, a packed source and the
+    /// build rebuilt are none; the callers that have them set them.
+    pub fn new(
+        uri: Option<String>,
+        accel: Accel,
+        keep: Option<Keep>,
+        snapshot: bool,
+        offline: bool,
+    ) -> BuildOptions {
+        BuildOptions {
+            uri: uri.unwrap_or_else(contractor_protocol::vm::default_uri),
+            accel,
+            keep,
+            snapshot: snapshot && keep.is_none(),
+            offline,
+            id: None,
+            packed: None,
+            rebuild_of: None,
+        }
+    }
+}
+
 /// A source tar packed elsewhere: moved into the build record instead of packing the
 /// project directory.
 #[derive(Debug, Clone)]

@@ -215,20 +215,18 @@ fn prepare(input: &mut BufReader<std::io::Stdin>) -> Result<Prepared, Refusal> {
         )])
     })?;
     let options = BuildOptions {
-        uri: request
-            .uri
-            .clone()
-            .unwrap_or_else(contractor_protocol::vm::default_uri),
-        accel: request.accel,
-        keep: None,
-        snapshot: request.snapshot,
-        offline: request.offline,
         id: Some(request.id.clone()),
         packed: Some(PackedSource {
             tar,
             entries: request.source_entries,
         }),
-        rebuild_of: None,
+        ..BuildOptions::new(
+            request.uri.clone(),
+            request.accel,
+            None,
+            request.snapshot,
+            request.offline,
+        )
     };
     Ok(Prepared { spec, options })
 }

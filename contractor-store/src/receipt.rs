@@ -147,25 +147,7 @@ impl Receipt {
         limit: u64,
     ) -> Result<(), ReceiptError> {
         let refused = ReceiptError::Refused;
-        let relative = Path::new(path);
-        let plain = relative
-            .components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)));
-        let depth = relative.components().count();
-        if !plain || depth == 0 || depth > MAX_RECORD_DEPTH || path.contains('\0') {
-            return Err(refused(format!(
-                "{path:?} is not a relative path of plain names"
-            )));
-        }
-        let first = relative.components().next().map(|c| c.as_os_str());
-        if NOT_SENT
-            .iter()
-            .any(|n| first == Some(std::ffi::OsStr::new(n)))
-        {
-            return Err(refused(format!(
-                "{path:?} is written by this host, not sent"
-            )));
-        }
+        let relative = checked_path(path)?;
         self.files += 1;
         if self.files > MAX_RECORD_FILES {
             return Err(refused(format!(
@@ -196,50 +178,85 @@ impl Receipt {
             )));
         }
         self.dirs.extend(new_dirs);
-        let target = record.join(relative);
-        if let Some(parent) = target.parent() {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o755)
-                .create(parent)
-                .map_err(|source| ReceiptError::Io {
-                    action: "create",
-                    path: parent.to_path_buf(),
-                    source,
-                })?;
-        }
-        use std::os::unix::fs::OpenOptionsExt;
-        let mode = if executable { 0o755 } else { 0o644 };
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&target)
-            .map_err(|source| match source.kind() {
-                std::io::ErrorKind::AlreadyExists => refused(format!(
-                    "{path:?} was sent twice or is already in the record"
-                )),
-                _ => ReceiptError::Io {
-                    action: "create",
-                    path: target.clone(),
-                    source,
-                },
-            })?;
-        let copied = std::io::copy(&mut input.take(bytes), &mut file).map_err(|source| {
-            ReceiptError::Io {
-                action: "write",
-                path: target.clone(),
-                source,
-            }
-        })?;
-        if copied != bytes {
-            return Err(ReceiptError::Cut(format!(
-                "{path:?} ended after {copied} of its {bytes} bytes"
-            )));
-        }
-        Ok(())
+        write_file(input, &record.join(relative), path, bytes, executable)
     }
+}
+
+/// `path` as a relative path of plain names, not one of [`NOT_SENT`]; else why not.
+fn checked_path(path: &str) -> Result<&Path, ReceiptError> {
+    let refused = ReceiptError::Refused;
+    let relative = Path::new(path);
+    let plain = relative
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)));
+    let depth = relative.components().count();
+    if !plain || depth == 0 || depth > MAX_RECORD_DEPTH || path.contains('\0') {
+        return Err(refused(format!(
+            "{path:?} is not a relative path of plain names"
+        )));
+    }
+    let first = relative.components().next().map(|c| c.as_os_str());
+    if NOT_SENT
+        .iter()
+        .any(|n| first == Some(std::ffi::OsStr::new(n)))
+    {
+        return Err(refused(format!(
+            "{path:?} is written by this host, not sent"
+        )));
+    }
+    Ok(relative)
+}
+
+/// Writes the `bytes` bytes of record file `path` from `input` into the new file `target`
+/// (its directories made as needed; executable or not).
+fn write_file(
+    input: &mut impl Read,
+    target: &Path,
+    path: &str,
+    bytes: u64,
+    executable: bool,
+) -> Result<(), ReceiptError> {
+    if let Some(parent) = target.parent() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .map_err(|source| ReceiptError::Io {
+                action: "create",
+                path: parent.to_path_buf(),
+                source,
+            })?;
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    let mode = if executable { 0o755 } else { 0o644 };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(target)
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::AlreadyExists => ReceiptError::Refused(format!(
+                "{path:?} was sent twice or is already in the record"
+            )),
+            _ => ReceiptError::Io {
+                action: "create",
+                path: target.to_path_buf(),
+                source,
+            },
+        })?;
+    let copied =
+        std::io::copy(&mut input.take(bytes), &mut file).map_err(|source| ReceiptError::Io {
+            action: "write",
+            path: target.to_path_buf(),
+            source,
+        })?;
+    if copied != bytes {
+        return Err(ReceiptError::Cut(format!(
+            "{path:?} ended after {copied} of its {bytes} bytes"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -213,26 +213,17 @@ impl<B: Send + 'static> UpstreamPool<B> {
         sender: http1::SendRequest<B>,
         transfer: Arc<TransferSlot>,
     ) {
-        let Ok(mut hosts) = self.hosts.lock() else {
-            return;
-        };
-        if hosts.closed {
-            return;
-        }
-        let key = (host.to_string(), port);
-        let kept = hosts.by_host.entry(key.clone()).or_default();
-        kept.sweep(Instant::now());
-        if kept.idle.len() >= IDLE_PER_HOST {
-            kept.idle.remove(0);
-        }
-        kept.idle.push(Idle {
-            addr,
-            sender,
-            transfer,
-            since: Instant::now(),
+        self.keep(host, port, |kept| {
+            if kept.idle.len() >= IDLE_PER_HOST {
+                kept.idle.remove(0);
+            }
+            kept.idle.push(Idle {
+                addr,
+                sender,
+                transfer,
+                since: Instant::now(),
+            });
         });
-        hosts.recount(&key);
-        hosts.make_room();
     }
 
     /// Shares a new HTTP/2 connection to `host:port`, unless one is shared already (the
@@ -245,6 +236,21 @@ impl<B: Send + 'static> UpstreamPool<B> {
         sender: http2::SendRequest<B>,
         transfer: Arc<TransferSlot>,
     ) {
+        self.keep(host, port, |kept| {
+            if kept.shared.is_none() {
+                kept.shared = Some(Shared {
+                    addr,
+                    sender,
+                    transfer,
+                    last_used: Instant::now(),
+                });
+            }
+        });
+    }
+
+    /// Has `add` keep a connection to `host:port` (its expired ones swept first), then
+    /// keeps the pool within its bounds; nothing once the pool is closed.
+    fn keep(&self, host: &str, port: u16, add: impl FnOnce(&mut Kept<B>)) {
         let Ok(mut hosts) = self.hosts.lock() else {
             return;
         };
@@ -254,14 +260,7 @@ impl<B: Send + 'static> UpstreamPool<B> {
         let key = (host.to_string(), port);
         let kept = hosts.by_host.entry(key.clone()).or_default();
         kept.sweep(Instant::now());
-        if kept.shared.is_none() {
-            kept.shared = Some(Shared {
-                addr,
-                sender,
-                transfer,
-                last_used: Instant::now(),
-            });
-        }
+        add(kept);
         hosts.recount(&key);
         hosts.make_room();
     }

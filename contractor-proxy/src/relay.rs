@@ -119,25 +119,33 @@ pub(crate) async fn tunnel(
         }
     };
     // Out of the event loop (still non-blocking): a socket left registered there would wake
-    // it for every packet, although nothing there waits for them.
-    let sockets = ShutDownOnDrop([client.into_std()?, upstream.into_std()?]);
-    let [client, upstream] = &sockets.0;
-    match relay_threads(client, upstream, up.clone(), down.clone()) {
-        Ok((up_done, down_done)) => {
+    // it for every packet, although nothing there waits for them. The threads share these
+    // two sockets (no duplicate descriptor: a tunnel holds two files, as the proxy's file
+    // limit counts); the guard shuts both down however the tunnel ends.
+    let sockets = Arc::new(Pair([client.into_std()?, upstream.into_std()?]));
+    match relay_threads(sockets, up.clone(), down.clone()) {
+        Ok((up_done, down_done, guard)) => {
             let finished = |done: Done| async move {
                 done.await
                     .unwrap_or_else(|_| Err(io::Error::other("a tunnel relay thread died")))
             };
-            tokio::select! {
+            let result = tokio::select! {
                 result = async { tokio::try_join!(finished(up_done), finished(down_done)) } => {
                     result.map(|_| ())
                 }
                 e = idle => Err(e),
-            }
+            };
+            drop(guard);
+            result
         }
-        Err(_) => {
-            let client = TcpStream::from_std(client.try_clone()?)?;
-            let upstream = TcpStream::from_std(upstream.try_clone()?)?;
+        Err(sockets) => {
+            // No thread holds the sockets any more: take them back for the event loop.
+            let Pair([client, upstream]) = Arc::try_unwrap(sockets).map_err(|shared| {
+                drop(ShutDownOnDrop(shared));
+                io::Error::other("a tunnel relay thread kept its sockets")
+            })?;
+            let client = TcpStream::from_std(client)?;
+            let upstream = TcpStream::from_std(upstream)?;
             let up = one_way(&client, &upstream, &up);
             let down = one_way(&upstream, &client, &down);
             tokio::select! {
@@ -148,12 +156,16 @@ pub(crate) async fn tunnel(
     }
 }
 
-/// The tunnel's two sockets, shut down both ways when dropped.
-struct ShutDownOnDrop([std::net::TcpStream; 2]);
+/// A tunnel's two sockets: the client's, then the upstream's.
+struct Pair([std::net::TcpStream; 2]);
+
+/// Shuts the tunnel's two sockets down both ways when dropped, which ends a relay thread
+/// blocked on either (the threads' own handles close the files when the last goes).
+struct ShutDownOnDrop(Arc<Pair>);
 
 impl Drop for ShutDownOnDrop {
     fn drop(&mut self) {
-        for socket in &self.0 {
+        for socket in &self.0 .0 {
             let _ = socket.shutdown(Shutdown::Both);
         }
     }
@@ -162,51 +174,90 @@ impl Drop for ShutDownOnDrop {
 /// How one direction's relay thread ended.
 type Done = oneshot::Receiver<io::Result<()>>;
 
-/// Starts one thread per direction, each with its own handles to the two sockets, then
-/// puts the sockets in blocking mode and lets the threads go. Returns how each direction
-/// ends. On failure nothing has changed: a thread already started ends without touching a
-/// socket.
+/// Starts one thread per direction, each sharing the two sockets, then puts the sockets in
+/// blocking mode and lets the threads go. Returns how each direction ends and the guard
+/// that shuts the sockets down. On failure nothing has changed and the sockets come back
+/// unshared: a thread already started has ended (joined) without touching a socket.
 fn relay_threads(
-    client: &std::net::TcpStream,
-    upstream: &std::net::TcpStream,
+    sockets: Arc<Pair>,
     up: Counter,
     down: Counter,
-) -> io::Result<(Done, Done)> {
-    let (up_go, up_done) = relay_thread(client.try_clone()?, upstream.try_clone()?, up)?;
-    // If this fails, `up_go` is dropped and the first thread ends without touching anything.
-    let (down_go, down_done) = relay_thread(upstream.try_clone()?, client.try_clone()?, down)?;
-    if let Err(e) = client
-        .set_nonblocking(false)
-        .and_then(|()| upstream.set_nonblocking(false))
-    {
-        let _ = client.set_nonblocking(true);
-        let _ = upstream.set_nonblocking(true);
-        return Err(e);
+) -> Result<(Done, Done, ShutDownOnDrop), Arc<Pair>> {
+    let started =
+        relay_thread(Arc::clone(&sockets), Direction::Up, up).and_then(|first| match relay_thread(
+            Arc::clone(&sockets),
+            Direction::Down,
+            down,
+        ) {
+            Ok(second) => Ok((first, second)),
+            Err(e) => {
+                first.abandon();
+                Err(e)
+            }
+        });
+    let [client, upstream] = &sockets.0;
+    let blocking = started.and_then(|threads| {
+        match client
+            .set_nonblocking(false)
+            .and_then(|()| upstream.set_nonblocking(false))
+        {
+            Ok(()) => Ok(threads),
+            Err(e) => {
+                let _ = client.set_nonblocking(true);
+                let _ = upstream.set_nonblocking(true);
+                threads.0.abandon();
+                threads.1.abandon();
+                Err(e)
+            }
+        }
+    });
+    match blocking {
+        Ok((first, second)) => Ok((first.go(), second.go(), ShutDownOnDrop(sockets))),
+        Err(_) => Err(sockets),
     }
-    let _ = up_go.send(());
-    let _ = down_go.send(());
-    Ok((up_done, down_done))
 }
 
-/// Starts a thread that, once told to go, relays `from` to `to` with blocking reads and
-/// writes.
-/// Dropping the returned sender instead ends the thread before it touches a socket.
-fn relay_thread(
-    from: std::net::TcpStream,
-    to: std::net::TcpStream,
-    counter: Counter,
-) -> io::Result<(mpsc::Sender<()>, Done)> {
+/// A relay thread started and waiting to be told to go.
+struct Waiting {
+    go: mpsc::Sender<()>,
+    done: Done,
+    thread: thread::JoinHandle<()>,
+}
+
+impl Waiting {
+    /// Lets the thread relay; returns how it ends.
+    fn go(self) -> Done {
+        let _ = self.go.send(());
+        self.done
+    }
+
+    /// Ends the thread before it touches a socket, and waits until it has (it returns as
+    /// soon as its sender is gone, dropping its handle to the sockets).
+    fn abandon(self) {
+        drop(self.go);
+        let _ = self.thread.join();
+    }
+}
+
+/// Starts a thread that, once told to go, relays one direction of `sockets` with
+/// blocking reads and writes (up: client to upstream; down: upstream to client).
+fn relay_thread(sockets: Arc<Pair>, direction: Direction, counter: Counter) -> io::Result<Waiting> {
     let (go, told) = mpsc::channel();
     let (finished, done) = oneshot::channel();
-    thread::Builder::new()
+    let thread = thread::Builder::new()
         .name("proxy-tunnel".to_string())
         .stack_size(RELAY_STACK)
         .spawn(move || {
             if told.recv().is_ok() {
-                let _ = finished.send(blocking_one_way(&from, &to, &counter));
+                let [client, upstream] = &sockets.0;
+                let (from, to) = match direction {
+                    Direction::Up => (client, upstream),
+                    Direction::Down => (upstream, client),
+                };
+                let _ = finished.send(blocking_one_way(from, to, &counter));
             }
         })?;
-    Ok((go, done))
+    Ok(Waiting { go, done, thread })
 }
 
 /// Moves bytes from the blocking socket `from` to the blocking socket `to` until `from`

@@ -275,7 +275,10 @@ fn failure(answer: Answer) -> io::Error {
     }
 }
 
-/// Reads answers until the dialer's socket closes, then fails every waiting request.
+/// Reads answers until the dialer's socket closes, then fails every waiting request. Only
+/// the socket's end (or its reset: the dialer is gone) ends the reading; any other error of
+/// one message is that message's and reading goes on, so a moment without a free file
+/// descriptor fails one connection, not the proxy.
 async fn read_answers(shared: Arc<Shared>) {
     let mut buf = vec![0_u8; MAX_MESSAGE];
     loop {
@@ -298,7 +301,13 @@ async fn read_answers(shared: Arc<Shared>) {
                     let _ = waiter.send(received);
                 }
             }
-            Ok(None) | Err(_) => break,
+            Ok(None) => break,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
+            Err(e) => {
+                eprintln!("contractor-proxy: reading the dialer's answer failed: {e}");
+                // Whatever failed (memory, most likely) may take a moment to come back.
+                tokio::time::sleep(RECEIVE_BACKOFF).await;
+            }
         }
     }
     if let Ok(mut pending) = shared.pending.lock() {
@@ -307,8 +316,13 @@ async fn read_answers(shared: Arc<Shared>) {
     }
 }
 
+/// The pause after a failed read of the dialer's socket (not its end) before the next.
+const RECEIVE_BACKOFF: Duration = Duration::from_millis(50);
+
 /// One answer and its socket; `None` at end of file. An answer that does not parse is
-/// skipped (its request then waits for its timeout).
+/// skipped (its request then waits for its timeout). An answer whose socket the kernel
+/// could not hand over (the proxy at its file limit: `MSG_CTRUNC`) fails its request with
+/// that reason.
 fn receive_answer(fd: &tokio::net::UnixDatagram, buf: &mut [u8]) -> io::Result<Option<Received>> {
     let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
     let mut iov = [IoSliceMut::new(buf)];
@@ -319,39 +333,54 @@ fn receive_answer(fd: &tokio::net::UnixDatagram, buf: &mut [u8]) -> io::Result<O
         MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
     )?;
     let bytes = msg.bytes;
-    let truncated = msg
-        .flags
-        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+    let too_long = msg.flags.contains(MsgFlags::MSG_TRUNC);
+    let socket_lost = msg.flags.contains(MsgFlags::MSG_CTRUNC);
     let mut fds = Vec::new();
-    for cmsg in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(raw) = cmsg {
-            fds.extend(raw.into_iter().map(crate::sys::own_received_fd));
+    if !socket_lost {
+        for cmsg in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                fds.extend(raw.into_iter().map(crate::sys::own_received_fd));
+            }
         }
     }
-    if bytes == 0 && fds.is_empty() {
+    if bytes == 0 && fds.is_empty() && !socket_lost {
         return Ok(None);
     }
     let [buf] = iov;
-    if truncated {
+    if too_long {
         return Ok(Some((
-            Answer::Failed {
-                id: 0,
-                reason: "an answer over the size limit".to_string(),
-                errno: None,
-                timed_out: false,
-            },
+            failed(0, "an answer over the size limit".to_string()),
             None,
         )));
     }
     let answer = match serde_json::from_slice::<Answer>(&buf[..bytes]) {
+        Ok(answer) if socket_lost => failed(
+            answer.id(),
+            format!(
+                "the proxy could not take the connected socket from its dialer: no free file \
+                 descriptor (its limit, RLIMIT_NOFILE, is {})",
+                open_file_limit()
+            ),
+        ),
         Ok(answer) => answer,
-        Err(e) => Answer::Failed {
-            id: 0,
-            reason: format!("an answer that does not parse: {e}"),
-            errno: None,
-            timed_out: false,
-        },
+        Err(e) => failed(0, format!("an answer that does not parse: {e}")),
     };
     // At most one socket per answer; any other is closed here.
     Ok(Some((answer, fds.into_iter().next())))
+}
+
+/// A failed answer to request `id`.
+fn failed(id: u64, reason: String) -> Answer {
+    Answer::Failed {
+        id,
+        reason,
+        errno: None,
+        timed_out: false,
+    }
+}
+
+/// This process's soft limit of open files, as text.
+fn open_file_limit() -> String {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or_else(|e| format!("unknown: {e}"), |(soft, _)| soft.to_string())
 }

@@ -23,8 +23,9 @@ use hyper::client::conn::{http1, http2};
 use crate::meter::TransferSlot;
 
 /// Idle HTTP/1.1 connections kept per `host:port`; when one more comes back, the one idle
-/// longest is closed.
-pub const IDLE_PER_HOST: usize = 8;
+/// longest is closed. npm opens up to 15 sockets to its registry at once (`maxsockets`):
+/// each of them finds its upstream connection again.
+pub const IDLE_PER_HOST: usize = 16;
 
 /// Pooled connections kept in all, over every host (idle HTTP/1.1 ones and shared HTTP/2
 /// ones); when one more comes back, the one idle longest anywhere is closed.

@@ -25,7 +25,7 @@ const PATIENCE: Duration = Duration::from_secs(10);
 
 /// The idle connections the proxy keeps per host (`contractor_proxy::pool::IDLE_PER_HOST`,
 /// spelled out so that this test also builds against a proxy without a pool).
-const IDLE_PER_HOST: usize = 8;
+const IDLE_PER_HOST: usize = 16;
 
 const HOST: &str = "registry.test";
 

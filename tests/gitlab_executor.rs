@@ -420,6 +420,30 @@ fn gitlab_jobs_run_through_every_stage_with_the_runners_exit_codes() {
     runner.end_job(4, "good");
 }
 
+/// Sends `signal` to the process group `child` leads, as the runner does.
+fn signal_group(child: &std::process::Child, signal: nix::sys::signal::Signal) {
+    let group = nix::unistd::Pid::from_raw(-i32::try_from(child.id()).expect("pid"));
+    let _ = nix::sys::signal::kill(group, signal);
+}
+
+/// A driver process that a failing test still stops (SIGTERM to its group, then SIGKILL),
+/// so that it leaves no VM.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            signal_group(&self.0, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            signal_group(&self.0, nix::sys::signal::Signal::SIGKILL);
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[test]
 fn a_cancelled_gitlab_job_leaves_no_vm() {
     if util::skip_without_vm("a_cancelled_gitlab_job_leaves_no_vm") {
@@ -436,16 +460,19 @@ fn a_cancelled_gitlab_job_leaves_no_vm() {
     );
     let log = runner.dir.path().join("job.log");
     let file = std::fs::File::create(&log).expect("job log");
-    let mut child = runner
-        .driver(
-            5,
-            "good",
-            &[Path::new("run"), &script, Path::new("step_script")],
-        )
-        .stdout(Stdio::from(file.try_clone().expect("log")))
-        .stderr(Stdio::from(file))
-        .spawn()
-        .expect("run");
+    let mut running = Running(
+        runner
+            .driver(
+                5,
+                "good",
+                &[Path::new("run"), &script, Path::new("step_script")],
+            )
+            .stdout(Stdio::from(file.try_clone().expect("log")))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .expect("run"),
+    );
+    let child = &mut running.0;
     let read = || {
         let mut text = String::new();
         if let Ok(mut f) = std::fs::File::open(&log) {
@@ -475,15 +502,13 @@ fn a_cancelled_gitlab_job_leaves_no_vm() {
     assert!(util::libvirt_domains().lines().any(|l| l.trim() == vm));
 
     // The runner cancels: SIGTERM to the driver's process group.
-    let group = nix::unistd::Pid::from_raw(-i32::try_from(child.id()).expect("pid"));
-    nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    signal_group(child, nix::sys::signal::Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait") {
             break status;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
             panic!("run did not end after SIGTERM:\n{}", read());
         }
         std::thread::sleep(Duration::from_millis(200));

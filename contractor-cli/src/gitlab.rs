@@ -32,6 +32,10 @@ use crate::spec::{self, BuildSpec};
 /// travels base64-encoded inside the job line, whose limit is 4 MiB).
 pub const MAX_STAGE_SCRIPT_BYTES: u64 = 2 << 20;
 
+/// The largest `contractor.toml` a job's directory may have (the project is the job's: the
+/// file is read on the host, and its parse errors go to the job's log).
+pub const MAX_SPEC_BYTES: u64 = 1 << 20;
+
 /// The job variable that adds entries to the proxy's allow list (comma- or
 /// space-separated host names, `*.host` or URL rules, as in `[network] allow`).
 pub const ALLOW_VARIABLE: &str = "CONTRACTOR_ALLOW";
@@ -86,6 +90,16 @@ pub enum GitlabError {
     /// The project's contractor.toml is wrong.
     #[error(transparent)]
     Spec(#[from] spec::SpecError),
+    /// The job's contractor.toml is not a regular file of at most [`MAX_SPEC_BYTES`]: it
+    /// is not opened (a link could point at a host file, whose lines a parse error would
+    /// show in the job's log).
+    #[error("{}: {problem}; it must be a regular file of at most {MAX_SPEC_BYTES} bytes in the repository", path.display())]
+    SpecFile {
+        /// The file.
+        path: PathBuf,
+        /// What it is instead.
+        problem: String,
+    },
     /// `CONTRACTOR_ALLOW` has an entry that is not an allow rule.
     #[error(
         "CUSTOM_ENV_{ALLOW_VARIABLE}: {entry:?} is not a host name, *.host or URL rule ({problem})"
@@ -141,9 +155,10 @@ impl RunnerCodes {
     /// The exit code for `failure`.
     pub fn of(&self, failure: &GitlabError) -> u8 {
         match failure {
-            GitlabError::Spec(_) | GitlabError::Allow { .. } | GitlabError::Script { .. } => {
-                self.build_failure
-            }
+            GitlabError::Spec(_)
+            | GitlabError::SpecFile { .. }
+            | GitlabError::Allow { .. }
+            | GitlabError::Script { .. } => self.build_failure,
             _ => self.system_failure,
         }
     }
@@ -380,7 +395,18 @@ fn read_stage_script(path: &Path) -> Result<Vec<u8>, GitlabError> {
 /// the defaults), with `CONTRACTOR_ALLOW` added to its allow list and the job's timeout.
 pub fn job_spec(job: &JobStage) -> Result<BuildSpec, GitlabError> {
     let file = job.project_dir.join("contractor.toml");
-    let mut spec = if file.exists() {
+    let found = match std::fs::symlink_metadata(&file) {
+        Ok(meta) if meta.file_type().is_symlink() => Some(Err("it is a link")),
+        Ok(meta) if !meta.is_file() => Some(Err("it is not a regular file")),
+        Ok(meta) if meta.len() > MAX_SPEC_BYTES => Some(Err("it is too big")),
+        Ok(_) => Some(Ok(())),
+        Err(_) => None,
+    };
+    let mut spec = if let Some(found) = found {
+        found.map_err(|problem| GitlabError::SpecFile {
+            path: file.clone(),
+            problem: problem.into(),
+        })?;
         spec::load(&file)?
     } else {
         let mut spec = spec::parse_installed(&file, "[build]\nscript = \"true\"\n")?;
@@ -610,6 +636,33 @@ mod tests {
             .expect_err("an error")
             .to_string()
             .contains("CUSTOM_ENV_CI_JOB_TIMEOUT"));
+    }
+
+    #[test]
+    fn a_contractor_toml_that_links_out_of_the_job_is_not_read() {
+        let dir = tempfile::tempdir().expect("test setup");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "SECRET-LINE of a host file\n").expect("test setup");
+        let project = dir.path().join("project");
+        std::fs::create_dir(&project).expect("test setup");
+        std::os::unix::fs::symlink(&secret, project.join("contractor.toml")).expect("test setup");
+        let job = JobStage::from_vars(&vars(&[(
+            "CUSTOM_ENV_CI_PROJECT_DIR",
+            &project.display().to_string(),
+        )]))
+        .expect("test setup");
+        let err = job_spec(&job).expect_err("a linked contractor.toml");
+        let message = err.to_string();
+        assert!(!message.contains("SECRET"), "{message}");
+        assert!(
+            message.contains("contractor.toml: it is a link"),
+            "{message}"
+        );
+        let codes = RunnerCodes {
+            build_failure: 7,
+            system_failure: 8,
+        };
+        assert_eq!(codes.of(&err), 7);
     }
 
     #[test]

@@ -451,26 +451,47 @@ fn guest_chosen_names_are_escaped_in_contractors_own_lines() {
     );
 }
 
+/// 1,200 idle connections (over the agent's 496, `GUEST_CONNECTIONS_MAX`) stop neither
+/// output nor a real upload, and one more connection to the proxy waits for its turn and is
+/// answered by the proxy (not refused by the agent) once they close.
 #[test]
-fn a_thousand_idle_connections_do_not_stop_output_or_a_real_upload() {
+fn a_thousand_idle_connections_do_not_stop_output_or_a_real_upload_and_one_more_waits_its_turn() {
     if util::skip_without_vm("a_thousand_idle_connections_do_not_stop_output_or_a_real_upload") {
         return;
     }
     let project = hostile_project(
-        r#"cat > /tmp/hold.sh <<'EOF'
-for i in $(seq 600); do (exec 3<>/dev/tcp/127.0.0.1/8480 && sleep 120) 2>/dev/null & done
-for i in $(seq 600); do (exec 3<>/dev/tcp/127.0.0.1/3128 && sleep 120) 2>/dev/null & done
+        r#"mkfifo /tmp/release && touch /tmp/held
+cat > /tmp/hold.sh <<'EOF'
+for i in $(seq 600); do (exec 3<>/dev/tcp/127.0.0.1/8480 && echo >> /tmp/held && cat /tmp/release) 2>/dev/null & done
+for i in $(seq 600); do (exec 3<>/dev/tcp/127.0.0.1/3128 && echo >> /tmp/held && cat /tmp/release) 2>/dev/null & done
 EOF
 bash /tmp/hold.sh
-sleep 15
+# Until all 1,200 are connected (accepted or waiting in a listen queue).
+for i in $(seq 240); do
+  held=$(wc -l < /tmp/held)
+  [ "$held" -ge 1200 ] && break
+  sleep 1
+done
+echo "held $held"
 echo marker-after-the-connections
-echo made > hello"#,
+echo made > hello
+curl -s -o /tmp/answer -w '%{http_code}' -x http://127.0.0.1:3128 http://refused.invalid/ > /tmp/code &
+sleep 3
+echo "answered-while-held-$(cat /tmp/code)"
+exec 4<>/tmp/release; exec 4>&-; sleep 1; exec 4<>/tmp/release; exec 4>&-
+wait %%
+echo "proxy-answered-$(cat /tmp/code)""#,
         "timeout = \"4m\"\nartifacts = [\"hello\"]",
     );
     let run = build(&project, Duration::from_secs(300));
     run.assert_contained("connections", Duration::from_secs(300));
     assert_eq!(run.code, Some(0), "{}", run.stderr);
-    assert!(run.log(&project).contains("marker-after-the-connections"));
+    let log = run.log(&project);
+    assert!(log.contains("marker-after-the-connections"), "{log}");
+    // Nothing while every slot is held; then the proxy's refusal of a host off the allow
+    // list, not the agent's 503.
+    assert!(log.contains("answered-while-held-\n"), "{log}");
+    assert!(log.contains("proxy-answered-403"), "{log}");
     let id = &run.result.as_ref().expect("result").id;
     let stored = project
         .path()

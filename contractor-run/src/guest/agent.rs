@@ -381,9 +381,9 @@ async fn run_job(
     control: &ControlOut,
     offline: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<bool, AgentError> {
-    let slots = Arc::new(tokio::sync::Semaphore::new(GUEST_CONNECTIONS_MAX));
-    forward(GUEST_PROXY_PORT, TunnelTarget::Proxy, opener, slots.clone()).await?;
-    forward(GUEST_STORE_PORT, TunnelTarget::Store, opener, slots).await?;
+    let gate = Gate::new(GUEST_CONNECTIONS_MAX, GUEST_WAITING_MAX);
+    forward(GUEST_PROXY_PORT, TunnelTarget::Proxy, opener, gate.clone()).await?;
+    forward(GUEST_STORE_PORT, TunnelTarget::Store, opener, gate).await?;
 
     say(
         control,
@@ -558,22 +558,46 @@ pub(crate) async fn host_line<R: tokio::io::AsyncBufRead + Unpin>(
 }
 
 /// Most guest connections to the proxy and store ports carried at once: 496
-/// (`MAX_TUNNEL_STREAMS` less [`AGENT_RESERVED_STREAMS`]). One more is answered
-/// `503 Service Unavailable` at once and closed.
+/// (`MAX_TUNNEL_STREAMS` less [`AGENT_RESERVED_STREAMS`]). While that many are carried, the
+/// next ones are accepted and wait, in the order they came, for one to close.
 pub const GUEST_CONNECTIONS_MAX: usize = crate::tunnel::MAX_TUNNEL_STREAMS - AGENT_RESERVED_STREAMS;
+/// Most guest connections waiting for one of the [`GUEST_CONNECTIONS_MAX`] to close: 1,024
+/// (an open socket each). One more is answered `503 Service Unavailable` at once and
+/// closed. npm 9 behind a proxy opens a tunnel per request with no cap of its own: a
+/// burst of a thousand is common, and refusing the ones over the bound failed its install.
+pub const GUEST_WAITING_MAX: usize = 1024;
 /// Tunnel streams kept for the agent's own work (the log, the source, the artifacts): 16.
 pub const AGENT_RESERVED_STREAMS: usize = 16;
 /// How long an accept loop pauses after an error such as EMFILE before it accepts again:
 /// 100 ms.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// The bounds of the guest's connections to the proxy and store ports, both ports
+/// together: a connection takes a place when it is accepted and a slot when it is carried.
+#[derive(Clone)]
+struct Gate {
+    /// Connections carried over the tunnel.
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Connections accepted: carried or waiting for a slot.
+    places: Arc<tokio::sync::Semaphore>,
+}
+
+impl Gate {
+    fn new(carried: usize, waiting: usize) -> Gate {
+        Gate {
+            slots: Arc::new(tokio::sync::Semaphore::new(carried)),
+            places: Arc::new(tokio::sync::Semaphore::new(carried + waiting)),
+        }
+    }
+}
+
 /// Serves a guest loopback port by carrying each connection over the tunnel to `target`,
-/// at most [`GUEST_CONNECTIONS_MAX`] at once for both ports together (`slots`).
+/// at most [`GUEST_CONNECTIONS_MAX`] at once and [`GUEST_WAITING_MAX`] waiting (`gate`).
 async fn forward(
     port: u16,
     target: TunnelTarget,
     opener: &Opener,
-    slots: Arc<tokio::sync::Semaphore>,
+    gate: Gate,
 ) -> Result<(), AgentError> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let listener = TcpListener::bind(addr)
@@ -591,43 +615,52 @@ async fn forward(
                     continue;
                 }
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let Ok(place) = gate.places.clone().try_acquire_owned() else {
                 tokio::spawn(async move {
                     let _ = client.write_all(refusal(target).as_bytes()).await;
                     let _ = client.shutdown().await;
                 });
                 continue;
             };
-            let opener = opener.clone();
+            let (opener, slots) = (opener.clone(), gate.slots.clone());
             tokio::spawn(async move {
-                let _slot = slot;
-                match opener.open(target).await {
-                    Ok(mut stream) => {
-                        tunnel::copy_both_ways(&mut client, &mut stream).await;
-                    }
-                    Err(err) => {
-                        let _ = client
-                            .write_all(
-                                unavailable(&format!("the tunnel refused the connection: {err}"))
-                                    .as_bytes(),
-                            )
-                            .await;
-                    }
-                }
+                // Slots go to waiting connections in the order they came (tokio's semaphore
+                // is fair); the semaphore is never closed.
+                let Ok(_slot) = slots.acquire_owned().await else {
+                    return;
+                };
+                let _place = place;
+                carry(client, target, &opener).await;
             });
         }
     });
     Ok(())
 }
 
-/// The answer to a connection beyond [`GUEST_CONNECTIONS_MAX`].
+/// Carries one guest connection over a new tunnel stream to `target`.
+async fn carry(mut client: tokio::net::TcpStream, target: TunnelTarget, opener: &Opener) {
+    match opener.open(target).await {
+        Ok(mut stream) => {
+            tunnel::copy_both_ways(&mut client, &mut stream).await;
+        }
+        Err(err) => {
+            let _ = client
+                .write_all(
+                    unavailable(&format!("the tunnel refused the connection: {err}")).as_bytes(),
+                )
+                .await;
+        }
+    }
+}
+
+/// The answer to a connection beyond [`GUEST_WAITING_MAX`] waiting ones.
 fn refusal(target: TunnelTarget) -> String {
     let what = match target {
         TunnelTarget::Store => "store",
         _ => "proxy",
     };
     unavailable(&format!(
-        "contractor: too many connections: the build holds {GUEST_CONNECTIONS_MAX} connections to the proxy and the store (GUEST_CONNECTIONS_MAX); this {what} connection was refused"
+        "contractor: too many connections: the build holds {GUEST_CONNECTIONS_MAX} connections to the proxy and the store (GUEST_CONNECTIONS_MAX) and {GUEST_WAITING_MAX} more wait for one of them (GUEST_WAITING_MAX); this {what} connection was refused"
     ))
 }
 
@@ -1103,19 +1136,29 @@ async fn upload(
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_connection_beyond_the_bound_gets_a_503_naming_it() {
+    /// Serves a free loopback port with `gate`; returns the port and the host's end of
+    /// the tunnel (each carried connection arrives there as a stream).
+    async fn served(
+        gate: Gate,
+    ) -> (
+        u16,
+        tokio::sync::mpsc::UnboundedReceiver<tunnel::TunnelStream>,
+    ) {
         let (guest_io, host_io) = tokio::io::duplex(64 * 1024);
         let (opener, _, _) = tunnel::spawn(guest_io, Side::Guest);
-        let (_, _inbound, _) = tunnel::spawn(host_io, Side::Host);
-        // No slot left: every connection is refused.
-        let slots = Arc::new(tokio::sync::Semaphore::new(0));
+        let (_, inbound, _) = tunnel::spawn(host_io, Side::Host);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
         let port = listener.local_addr().expect("addr").port();
         drop(listener);
-        forward(port, TunnelTarget::Proxy, &opener, slots)
+        forward(port, TunnelTarget::Proxy, &opener, gate)
             .await
             .expect("forward");
+        (port, inbound)
+    }
+
+    #[tokio::test]
+    async fn a_connection_beyond_the_carried_and_waiting_ones_gets_a_503_naming_both_bounds() {
+        let (port, _inbound) = served(Gate::new(0, 0)).await;
         let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .expect("connect");
@@ -1125,6 +1168,36 @@ mod tests {
             .expect("read");
         assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
         assert!(answer.contains("GUEST_CONNECTIONS_MAX"), "{answer}");
+        assert!(answer.contains("GUEST_WAITING_MAX"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_over_the_carried_bound_waits_and_is_carried_when_one_closes() {
+        let (port, mut inbound) = served(Gate::new(1, 1)).await;
+        let connect = || tokio::net::TcpStream::connect(("127.0.0.1", port));
+        let first = connect().await.expect("connect");
+        let carried = inbound.recv().await.expect("the first is carried");
+        let mut second = connect().await.expect("connect");
+        // The third finds the one waiting place taken: refused at once.
+        let mut third = connect().await.expect("connect");
+        let mut answer = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut third, &mut answer)
+            .await
+            .expect("read");
+        assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+        // The second waits, unanswered and not carried, until the first closes.
+        assert!(inbound.try_recv().is_err(), "carried beyond the bound");
+        drop(first);
+        drop(carried);
+        let mut stream = inbound.recv().await.expect("the second is carried");
+        tokio::io::AsyncWriteExt::write_all(&mut second, b"after")
+            .await
+            .expect("write");
+        let mut got = [0u8; 6];
+        tokio::io::AsyncReadExt::read_exact(&mut stream, &mut got)
+            .await
+            .expect("read");
+        assert_eq!(&got[1..], b"after", "the target byte, then the bytes");
     }
 
     #[test]

@@ -565,6 +565,45 @@ fn a_killed_front_end_leaves_no_vm_no_tool_and_no_overlay_and_its_record_says_in
 }
 
 #[test]
+fn a_build_returns_before_libvirt_confirms_and_its_vm_goes_even_if_its_group_is_killed() {
+    if util::skip_without_vm(
+        "a_build_returns_before_libvirt_confirms_and_its_vm_goes_even_if_its_group_is_killed",
+    ) {
+        return;
+    }
+    // `contractor build` returns once its VM holder has let go of the VM (the holder then
+    // leads a session of its own and finishes the destroy alone). Whatever the caller does
+    // next, here what a CI engine does at a job's end, SIGKILL to the job's process group,
+    // the VM and its overlay still go.
+    let project = Project::new(&small_spec("echo done", ""));
+    let mut command = Command::new(util::contractor());
+    command.arg("build").current_dir(project.path());
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start contractor build");
+    let group = nix::unistd::Pid::from_raw(-(child.id() as i32));
+    let output = child.wait_with_output().expect("wait");
+    let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let name = vm_name_in(&stderr).expect("VM name");
+    assert!(
+        util::wait_vm_gone(&name),
+        "VM {name} or its overlay left {:?} after the build and its group were gone",
+        util::VM_GONE
+    );
+    let record = project.path().join(".contractor/latest");
+    let tools_log = std::fs::read_to_string(record.join("tools.log")).expect("tools.log");
+    assert!(
+        tools_log.contains(&format!("contractor-vm: stdin closed; destroying {name}")),
+        "the holder let go of the VM when the build was done:\n{tools_log}"
+    );
+}
+
+#[test]
 fn ctrl_c_stops_the_build_within_seconds_and_says_so() {
     if util::skip_without_vm("ctrl_c_stops_the_build_within_seconds_and_says_so") {
         return;
@@ -587,7 +626,7 @@ fn ctrl_c_stops_the_build_within_seconds_and_says_so() {
         "{rest:?}"
     );
     assert_eq!(latest_result(project.path()).outcome, Outcome::Interrupted);
-    assert!(!util::vm_left_behind(&name), "VM {name} left behind");
+    assert!(util::wait_vm_gone(&name), "VM {name} left behind");
 }
 
 #[test]

@@ -81,7 +81,7 @@ impl Run {
             self.peak_rss_kib
         );
         if let Some(vm) = vm_name_in(&self.stderr) {
-            assert!(!util::vm_left_behind(&vm), "{name}: VM {vm} left behind");
+            assert!(util::wait_vm_gone(&vm), "{name}: VM {vm} left behind");
         }
     }
 }

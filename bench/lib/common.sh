@@ -313,7 +313,14 @@ bench_cleanup() {
         fi
     done
     for vm in $(cat "$BENCH_TMP"/logs/*.ts 2>/dev/null |
-        awk '$2 == "contractor:" && $3 == "VM" { print $4 }' | sort -u); do
+        awk '$2 == "contractor:" && $3 == "VM" && $5 == "started" { print $4 }' | sort -u); do
+        # contractor returns before libvirt confirms the destroy, which its VM holder
+        # finishes alone: give that a moment before calling the VM left over.
+        waited=0
+        while virsh -c "$BENCH_URI" domstate "$vm" >/dev/null 2>&1 && [ "$waited" -lt 60 ]; do
+            sleep 0.5
+            waited=$((waited + 1))
+        done
         if virsh -c "$BENCH_URI" domstate "$vm" >/dev/null 2>&1; then
             BENCH_LEFTOVER_VMS=$((BENCH_LEFTOVER_VMS + 1))
             bench_log "destroying leftover VM $vm"

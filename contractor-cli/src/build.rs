@@ -235,11 +235,11 @@ pub struct BuildReport {
     /// The VM kept for a shell, if any (also in the record's `vm.json`).
     pub kept: Option<KeptVm>,
     /// The VM's destruction, begun when its last result was in: dropping the report waits
-    /// for it (libvirt takes a moment to confirm), so the summary need not.
+    /// until it is sure (the holder carries it out alone), not for libvirt's confirmation.
     pub release: PendingRelease,
 }
 
-/// A VM being destroyed by its holder; dropping this waits until it is gone.
+/// A VM being destroyed by its holder; dropping this waits until its end is sure.
 #[derive(Default)]
 pub struct PendingRelease(Option<Releasing>);
 
@@ -1104,6 +1104,29 @@ fn wait_or_stop(child: &mut Child) -> std::io::Result<std::process::ExitStatus> 
     }
 }
 
+/// Waits until `holder`, a `contractor-vm create --hold` whose stdin was closed, has either
+/// ended (its status) or taken the destroy of its VM to a session of its own (`None`): it
+/// does so as soon as it lets go of the VM, and from then on finishes alone whatever
+/// happens to this process, so the build need not wait for libvirt's confirmation. A
+/// holder that does neither within [`STOP_GRACE`] is stopped ([`wait_or_stop`]'s way).
+fn handed_over(holder: &mut Child) -> std::io::Result<Option<std::process::ExitStatus>> {
+    let pid = child_pid(holder);
+    let deadline = Instant::now() + STOP_GRACE;
+    loop {
+        if let Some(status) = holder.try_wait()? {
+            return Ok(Some(status));
+        }
+        if nix::unistd::getsid(Some(pid)) == Ok(pid) {
+            return Ok(None);
+        }
+        if Instant::now() >= deadline {
+            let _ = kill(pid, Signal::SIGTERM);
+            return wait_or_kill(holder).map(Some);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
 /// `child`'s end, or None if it still runs at `deadline`.
 fn wait_until(
     child: &mut Child,
@@ -1779,9 +1802,11 @@ enum Releasing {
 }
 
 impl Releasing {
-    /// Waits until the VM is destroyed and its overlay deleted. A holder that died before
-    /// it could (killed, say) leaves the VM to `contractor-vm destroy`: a VM restored from
-    /// a snapshot is not autodestroyed by libvirt when its holder's connection closes.
+    /// Waits until the VM's destruction is sure: done, or left to a holder that carries it
+    /// out alone (one that has left this process's session, see [`handed_over`]), which
+    /// finishes it even after this process has exited. A holder that died before it could
+    /// (killed, say) leaves the VM to `contractor-vm destroy`: a VM restored from a
+    /// snapshot is not autodestroyed by libvirt when its holder's connection closes.
     fn wait(self) -> Result<(), ToolError> {
         let tool = tools::VM;
         match self {
@@ -1790,8 +1815,11 @@ impl Releasing {
                 uri,
                 name,
             } => {
-                let status = wait_or_stop(&mut holder)
-                    .map_err(|source| ToolError::Io { name: tool, source })?;
+                let status = match handed_over(&mut holder) {
+                    Ok(Some(status)) => status,
+                    Ok(None) => return Ok(()),
+                    Err(source) => return Err(ToolError::Io { name: tool, source }),
+                };
                 // 130: the holder was sent Ctrl-C (by the terminal) or SIGTERM (by this
                 // front end's interruption) and has destroyed the VM, as it does on a close.
                 let on_signal =

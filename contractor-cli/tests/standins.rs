@@ -522,6 +522,44 @@ fn a_vm_holder_that_dies_leaves_the_vm_to_contractor_vm_destroy() {
     assert!(bench.reached("vm-destroy"), "{}", ended.stderr);
 }
 
+#[test]
+fn the_front_end_returns_while_its_detached_holder_still_destroys_the_vm() {
+    // The holder lets go of the VM (its stdin closed) and carries the destroy on alone, in
+    // a session of its own, as long as libvirt takes: the build ends without waiting.
+    let bench = Bench::new().with("vm-release", "detached");
+    let mut child = bench.start();
+    let deadline = Instant::now() + HUNG;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "contractor build hung");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let holders: Vec<i32> = bench
+        .standin_pids()
+        .into_iter()
+        .filter(|pid| alive(*pid))
+        .collect();
+    bench.stop_standins();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(bench.reached("vm-release"), "{stderr}");
+    assert!(
+        !holders.is_empty(),
+        "the front end waited until its holder ended; {stderr}"
+    );
+    assert!(!bench.reached("vm-destroy"), "no second destroy: {stderr}");
+    assert!(!stderr.contains("cannot release VM"), "{stderr}");
+    assert_eq!(bench.result().outcome, Outcome::Success);
+}
+
 // The run.
 
 #[test]

@@ -62,7 +62,7 @@ Output: exactly one JSON object on stdout ({"type":"vm"|"destroyed"|"list",...};
 {"type":"image"|"images"|"removed",...}; for check {"type":"check",...}); with
 --json-errors, an "error" object when the tool fails.
 Exit codes: 0 done, 2 bad input (flags, JSON, names, missing files), 3 libvirt or host
-failure (an image tool failed), 130 a held VM was ended by SIGINT/SIGTERM.
+failure (an image tool failed), 130 a held VM was ended by SIGINT/SIGTERM/SIGHUP.
 Images live in $CONTRACTOR_DATA_DIR/images (default ~/.local/share/contractor/images, or
 /var/lib/contractor/images for root); the guest agent is $CONTRACTOR_AGENT, else
 contractor-agent beside this program.
@@ -196,9 +196,10 @@ pub struct CreateArgs {
     /// Read the request (type "create") from stdin instead of flags.
     #[arg(long)]
     pub json: bool,
-    /// After printing the result, keep the VM until stdin reaches EOF or SIGINT/SIGTERM
-    /// arrives (or the VM stops), then destroy it and delete its overlay. The VM also dies
-    /// if this process is killed.
+    /// After printing the result, keep the VM until stdin reaches EOF or SIGINT, SIGTERM
+    /// or SIGHUP arrives (or the VM stops), then leave the caller's session and destroy it
+    /// and delete its overlay, even if the caller exits meanwhile. The VM also dies if this
+    /// process is killed.
     #[arg(long)]
     pub hold: bool,
     /// With --hold: start from a saved, booted builder of this image and shape when there
@@ -745,6 +746,18 @@ enum Release {
     VmStopped,
 }
 
+/// Makes the destroy of a released VM this process's alone to finish: it leaves its
+/// caller's session (no signal sent to the caller's terminal or process group reaches it
+/// any more) and drops the parent-death signal its caller may have set, so that the caller
+/// can exit at once (`contractor build` returns as soon as its holder leads a session of
+/// its own). SIGTERM, SIGINT and SIGHUP are caught for the life of the process anyway.
+/// Best effort: a process that leads its process group cannot start a session, and then
+/// stays where it is.
+fn detach() {
+    let _ = nix::sys::prctl::set_pdeathsig(None);
+    let _ = nix::unistd::setsid();
+}
+
 fn create_and_hold(request: VmRequest) -> Result<ExitCode, CliError> {
     let VmRequest::Create { version, uri, spec } = request else {
         return Err(CliError::WrongType {
@@ -761,18 +774,20 @@ fn create_and_hold(request: VmRequest) -> Result<ExitCode, CliError> {
         .into());
     }
     let (tx, rx) = mpsc::channel();
-    // Registered before the VM exists, so a signal during creation is not lost.
-    let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
-        .map_err(CliError::Stdin)?;
+    // Registered before the VM exists, so a signal during creation is not lost; kept for
+    // the life of the process, so a signal during the destroy cannot end it half done.
+    let mut signals =
+        signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
+            .map_err(CliError::Stdin)?;
     let signal_tx = tx.clone();
     std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
+        for _ in signals.forever() {
             let _ = signal_tx.send(Release::Signal);
         }
     });
     let conn = connect(&uri)?;
     // The snapshot slot a restored VM came from stays claimed until it is destroyed.
-    let (vm, _slot) = crate::snapshot::create_held(&conn, &spec)?;
+    let (vm, slot) = crate::snapshot::create_held(&conn, &spec)?;
     if let Err(e) = print_result(&VmResult::Vm {
         version: PROTOCOL_VERSION,
         vm: vm.clone(),
@@ -801,6 +816,10 @@ fn create_and_hold(request: VmRequest) -> Result<ExitCode, CliError> {
         Release::Signal => "signal received",
         Release::VmStopped => "the VM stopped",
     };
+    detach();
+    if let Some(slot) = &slot {
+        slot.mark_releasing();
+    }
     let _ = writeln!(
         io::stderr(),
         "contractor-vm: {reason}; destroying {}",

@@ -17,7 +17,8 @@
 //!                             root.qcow2      the root overlay as it was when saved
 //!                             disk.raw        the build disk as it was when saved
 //!                             console.log     the console of the boot that made it
-//! snapshots/<key hash>-<slot>.lock            held by the VM restored from that slot
+//! snapshots/<key hash>-<slot>.lock            held by the VM restored from that slot (it
+//!                                             says `releasing` while that VM is destroyed)
 //! ```
 //!
 //! libvirt restores a saved domain only under the name and UUID it was saved with, so one
@@ -74,6 +75,11 @@ pub const SLOTS_PER_KEY: usize = 4;
 /// The most snapshots an image keeps, of all shapes: 8 (each is about the guest's used
 /// memory plus its root's changes, some 150-200 MiB for the Debian images).
 pub const MAX_SNAPSHOTS: usize = 8;
+/// How long a claim waits for a slot whose VM is being destroyed before it takes a slot
+/// without a snapshot (which costs a cold boot and a save): 10 s.
+const RELEASING_WAIT: Duration = Duration::from_secs(10);
+/// What a holder writes into its slot's lock file when it lets go of the VM.
+const RELEASING_MARK: &[u8] = b"releasing\n";
 /// The directory of an image that holds its snapshots.
 pub const SNAPSHOTS_DIR: &str = "snapshots";
 /// How long a cold boot that makes a snapshot may take until the agent answers: 300 s.
@@ -143,6 +149,15 @@ pub struct Slot {
     dir: PathBuf,
     name: String,
     _lock: std::fs::File,
+}
+
+impl Slot {
+    /// Marks the slot, in its lock file, as being let go: its VM is being destroyed, and a
+    /// claim made meanwhile waits for it ([`claim`]). Best effort.
+    pub fn mark_releasing(&self) {
+        use std::os::unix::fs::FileExt;
+        let _ = self._lock.write_all_at(RELEASING_MARK, 0);
+    }
 }
 
 impl std::fmt::Debug for Slot {
@@ -340,25 +355,70 @@ fn key_hash(key: &Key) -> String {
     crate::image::hex(&Sha256::digest(text))[..12].to_string()
 }
 
-/// The first slot of `key` nobody holds, claimed; a domain of its name still running (its
-/// holder was killed) is destroyed first.
+/// A slot of `key` nobody holds, claimed: the first one with a snapshot made, else the
+/// first one without. While no made slot is free but one is being let go (its holder has
+/// marked it, [`Slot::mark_releasing`]), the claim waits for that one, up to
+/// [`RELEASING_WAIT`], rather than make a snapshot in another (a cold boot and a save): a
+/// build that starts as the one before it ends finds its slot. A domain of the slot's name
+/// still running (its holder was killed) is destroyed first.
 fn claim(conn: &Connect, root: &Path, key: &Key) -> Option<Slot> {
     let hash = key_hash(key);
-    for n in 0..SLOTS_PER_KEY {
-        let Some(lock) = try_lock(&root.join(format!("{hash}-{n}.lock"))) else {
-            continue;
-        };
-        let name = format!("{}snap-{hash}-{n}", crate::name::NAME_PREFIX);
-        if exists(conn, &name) && destroy(conn, &name).is_err() {
-            continue;
+    let deadline = Instant::now() + RELEASING_WAIT;
+    loop {
+        let mut spare = None;
+        let mut releasing = false;
+        for n in 0..SLOTS_PER_KEY {
+            let dir = root.join(format!("{hash}-{n}"));
+            let made = dir.join(RECORD_FILE).exists();
+            let lock_path = root.join(format!("{hash}-{n}.lock"));
+            match try_lock(&lock_path) {
+                Some(lock) if made => {
+                    if let Some(slot) = take(conn, &hash, n, dir, lock) {
+                        return Some(slot);
+                    }
+                }
+                Some(lock) => {
+                    if spare.is_none() {
+                        spare = Some((n, dir, lock));
+                    }
+                }
+                None => releasing |= made && is_releasing(&lock_path),
+            }
         }
-        return Some(Slot {
-            dir: root.join(format!("{hash}-{n}")),
-            name,
-            _lock: lock,
-        });
+        if !releasing || Instant::now() >= deadline {
+            return spare.and_then(|(n, dir, lock)| take(conn, &hash, n, dir, lock));
+        }
+        drop(spare);
+        std::thread::sleep(Duration::from_millis(20));
     }
-    None
+}
+
+/// Slot `n` of `hash`, whose lock is held: its stale releasing mark cleared, a domain of its
+/// name still running destroyed; `None` if that domain cannot be destroyed.
+fn take(conn: &Connect, hash: &str, n: usize, dir: PathBuf, lock: std::fs::File) -> Option<Slot> {
+    let name = format!("{}snap-{hash}-{n}", crate::name::NAME_PREFIX);
+    if exists(conn, &name) && destroy(conn, &name).is_err() {
+        return None;
+    }
+    let _ = lock.set_len(0);
+    Some(Slot {
+        dir,
+        name,
+        _lock: lock,
+    })
+}
+
+/// Whether the slot lock file at `path` holds the releasing mark (at most its length read).
+fn is_releasing(path: &Path) -> bool {
+    use std::io::Read;
+    let mut mark = Vec::with_capacity(RELEASING_MARK.len());
+    std::fs::File::open(path)
+        .and_then(|file| {
+            file.take(RELEASING_MARK.len() as u64)
+                .read_to_end(&mut mark)
+        })
+        .is_ok()
+        && mark == RELEASING_MARK
 }
 
 /// The lock file at `path`, locked (`flock`, exclusive) if nobody else holds it.
@@ -905,5 +965,29 @@ mod tests {
         assert!(err.contains("root.qcow2 changed"), "{err}");
         std::fs::write(again.dir.join(RECORD_FILE), b"{").expect("write");
         assert!(read_record(&again.dir).is_err(), "unparsable is unreadable");
+    }
+
+    #[test]
+    fn a_claim_waits_for_a_made_slot_being_let_go_rather_than_make_another() {
+        let conn = crate::lifecycle::connect("test:///default").expect("test driver");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = claim(&conn, dir.path(), &key()).expect("slot 0");
+        std::fs::create_dir_all(&first.dir).expect("mkdir");
+        std::fs::write(first.dir.join(RECORD_FILE), b"{}").expect("made");
+        let made = first.dir.clone();
+        // Held and not being let go: the next claim takes another slot at once.
+        let other = claim(&conn, dir.path(), &key()).expect("slot 1");
+        assert_ne!(other.dir, made);
+        drop(other);
+        first.mark_releasing();
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(first);
+        });
+        let next = claim(&conn, dir.path(), &key()).expect("a slot");
+        holder.join().expect("holder");
+        assert_eq!(next.dir, made, "the made slot, once let go");
+        let lock = dir.path().join(format!("{}-0.lock", key_hash(&key())));
+        assert!(!is_releasing(&lock), "a new holder clears the mark");
     }
 }

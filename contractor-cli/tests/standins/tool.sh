@@ -11,6 +11,8 @@
 #   garbage  writes a line that is not JSON, then exits 0
 #   hang     writes nothing more and never exits (until it is sent SIGTERM)
 #   deaf     the same, and ignores SIGTERM (only SIGKILL ends it)
+#   detached leaves the caller's session (setsid, as the real VM holder does when it lets go
+#            of its VM) and then behaves as deaf: a destroy libvirt is slow to confirm
 # Every process (and each child it starts) records its pid in "$STANDIN_DIR/pids", so that
 # a test can tell whether one outlived the front end, and stop it if so.
 set -u
@@ -31,6 +33,7 @@ step() {
 	garbage) echo "stand-in garbage at $1, not JSON"; exit 0 ;;
 	hang) exec sleep 100000 ;;
 	deaf) trap '' TERM; exec sleep 100000 ;;
+	detached) trap '' TERM INT HUP; exec setsid sleep 100000 ;;
 	*) echo "$tool: stand-in: unknown behaviour $how for $1" >&2; exit 99 ;;
 	esac
 }
@@ -71,6 +74,7 @@ contractor-vm)
 			echo $reader >>"$STANDIN_DIR/pids"
 			trap 'kill $reader; : >"$STANDIN_DIR/vm-released"; exit 130' TERM INT
 			wait $reader
+			step vm-release
 			: >"$STANDIN_DIR/vm-released"
 			exit 0 ;;
 		esac ;;

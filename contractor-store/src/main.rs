@@ -50,46 +50,7 @@ Output on stdout, once it listens:\n  \
 Exit codes: 0 stopped by SIGTERM/SIGINT, 2 bad root or flags, 3 cannot serve.\n\
 With --json-errors a failure is also one {\"type\":\"error\",...} object on stdout."
     )]
-    Serve {
-        /// The store directory; it must exist.
-        #[arg(long, value_name = "DIR")]
-        root: PathBuf,
-        /// Address to listen on; port 0 picks a free port.
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
-        listen: SocketAddr,
-        /// Serve only /builds/ID/... (one build's inputs and artifacts); refuse the rest.
-        #[arg(long, value_name = "ID")]
-        only_build: Option<String>,
-        /// Require build tokens: FILE holds '<build-id> <token>' lines and is read again
-        /// when it changes.
-        #[arg(long, value_name = "FILE")]
-        token_file: Option<PathBuf>,
-        /// Largest single upload (bytes, or with K/M/G/T).
-        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-        max_artifact_bytes: Option<u64>,
-        /// Largest total of one build's artifacts (bytes, or with K/M/G/T).
-        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-        max_build_bytes: Option<u64>,
-        /// Cut an upload whose body sends nothing for this long (30s, 5m, ...; at least
-        /// 1s): it is answered 408 and nothing of it is kept.
-        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_idle_timeout)]
-        body_idle_timeout: Duration,
-        /// Most connections served at once; each one over it is answered 503 and closed.
-        #[arg(long, value_name = "N", default_value_t = contractor_store::DEFAULT_MAX_CONNECTIONS as u64,
-              value_parser = clap::value_parser!(u64).range(1..=MAX_CONNECTIONS))]
-        max_connections: u64,
-        /// Do not log each request on stderr.
-        #[arg(long)]
-        no_access_log: bool,
-        /// Do not confine the store (Landlock, seccomp, rlimits): for debugging only; the
-        /// ready line then says `"enforced":false`.
-        #[arg(long)]
-        no_confine: bool,
-        /// Threads that serve requests (default: one per CPU core). Large-file reads,
-        /// uploads and fsyncs run on extra threads of their own.
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
-        workers: Option<u16>,
-    },
+    Serve(ServeArgs),
     /// Write builds/ID/artifacts.json listing every artifact with its size and SHA-256, and
     /// print it.
     Index {
@@ -154,6 +115,49 @@ With --json-errors a failure is also one {\"type\":\"error\",...} object on stdo
     /// A build's record: receive one from a build host, close abandoned ones.
     #[command(subcommand)]
     Record(RecordCommand),
+}
+
+/// `contractor-store serve`'s flags.
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// The store directory; it must exist.
+    #[arg(long, value_name = "DIR")]
+    root: PathBuf,
+    /// Address to listen on; port 0 picks a free port.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Serve only /builds/ID/... (one build's inputs and artifacts); refuse the rest.
+    #[arg(long, value_name = "ID")]
+    only_build: Option<String>,
+    /// Require build tokens: FILE holds '<build-id> <token>' lines and is read again
+    /// when it changes.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Largest single upload (bytes, or with K/M/G/T).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_artifact_bytes: Option<u64>,
+    /// Largest total of one build's artifacts (bytes, or with K/M/G/T).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_build_bytes: Option<u64>,
+    /// Cut an upload whose body sends nothing for this long (30s, 5m, ...; at least
+    /// 1s): it is answered 408 and nothing of it is kept.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_idle_timeout)]
+    body_idle_timeout: Duration,
+    /// Most connections served at once; each one over it is answered 503 and closed.
+    #[arg(long, value_name = "N", default_value_t = contractor_store::DEFAULT_MAX_CONNECTIONS as u64,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_CONNECTIONS))]
+    max_connections: u64,
+    /// Do not log each request on stderr.
+    #[arg(long)]
+    no_access_log: bool,
+    /// Do not confine the store (Landlock, seccomp, rlimits): for debugging only; the
+    /// ready line then says `"enforced":false`.
+    #[arg(long)]
+    no_confine: bool,
+    /// Threads that serve requests (default: one per CPU core). Large-file reads,
+    /// uploads and fsyncs run on extra threads of their own.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    workers: Option<u16>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -276,64 +280,7 @@ fn main() -> std::process::ExitCode {
 
 async fn command(cli: Cli) -> std::process::ExitCode {
     match cli.command {
-        Command::Serve {
-            root,
-            listen,
-            only_build,
-            token_file,
-            max_artifact_bytes,
-            max_build_bytes,
-            body_idle_timeout,
-            max_connections,
-            no_access_log,
-            no_confine,
-            workers,
-        } => {
-            let tokens = match token_file.as_deref().map(TokenTable::load).transpose() {
-                Ok(tokens) => tokens,
-                Err(e) => {
-                    return fail(
-                        ExitCode::BadInput,
-                        ToolCode::BadTokenFile,
-                        &anyhow::Error::new(e),
-                    )
-                }
-            };
-            let confine = Confine {
-                enabled: !no_confine,
-                only_build: only_build.clone(),
-                token_file: token_file.clone(),
-            };
-            let config = StoreConfig {
-                access_log: !no_access_log,
-                only_build,
-                tokens,
-                max_artifact_bytes,
-                max_build_bytes,
-                body_idle_timeout,
-                max_connections: usize::try_from(max_connections)
-                    .unwrap_or(contractor_store::DEFAULT_MAX_CONNECTIONS),
-                ..StoreConfig::new(root)
-            };
-            let store = match Store::open(&config) {
-                Ok(store) => store,
-                Err(e) => {
-                    return fail(
-                        ExitCode::BadInput,
-                        ToolCode::BadRoot,
-                        &anyhow::Error::new(e),
-                    )
-                }
-            };
-            let workers = workers.map_or_else(
-                || std::thread::available_parallelism().map_or(1, usize::from),
-                usize::from,
-            );
-            match run(store, listen, workers, &confine).await {
-                Ok(()) => ExitCode::Success.into(),
-                Err(e) => fail(ExitCode::Infrastructure, ToolCode::Serve, &e),
-            }
-        }
+        Command::Serve(args) => serve(args).await,
         Command::Index { root, build } => {
             match contractor_store::write_artifact_index(&root, &build) {
                 Ok(index) => print_json(&index),
@@ -384,6 +331,68 @@ async fn command(cli: Cli) -> std::process::ExitCode {
         }
         Command::Cache(command) => cache(command),
         Command::Record(command) => record(command),
+    }
+}
+
+/// `contractor-store serve`: opens the store (with its token file, if any) and serves it
+/// until SIGTERM or SIGINT.
+async fn serve(args: ServeArgs) -> std::process::ExitCode {
+    let ServeArgs {
+        root,
+        listen,
+        only_build,
+        token_file,
+        max_artifact_bytes,
+        max_build_bytes,
+        body_idle_timeout,
+        max_connections,
+        no_access_log,
+        no_confine,
+        workers,
+    } = args;
+    let tokens = match token_file.as_deref().map(TokenTable::load).transpose() {
+        Ok(tokens) => tokens,
+        Err(e) => {
+            return fail(
+                ExitCode::BadInput,
+                ToolCode::BadTokenFile,
+                &anyhow::Error::new(e),
+            )
+        }
+    };
+    let confine = Confine {
+        enabled: !no_confine,
+        only_build: only_build.clone(),
+        token_file: token_file.clone(),
+    };
+    let config = StoreConfig {
+        access_log: !no_access_log,
+        only_build,
+        tokens,
+        max_artifact_bytes,
+        max_build_bytes,
+        body_idle_timeout,
+        max_connections: usize::try_from(max_connections)
+            .unwrap_or(contractor_store::DEFAULT_MAX_CONNECTIONS),
+        ..StoreConfig::new(root)
+    };
+    let store = match Store::open(&config) {
+        Ok(store) => store,
+        Err(e) => {
+            return fail(
+                ExitCode::BadInput,
+                ToolCode::BadRoot,
+                &anyhow::Error::new(e),
+            )
+        }
+    };
+    let workers = workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, usize::from),
+        usize::from,
+    );
+    match run(store, listen, workers, &confine).await {
+        Ok(()) => ExitCode::Success.into(),
+        Err(e) => fail(ExitCode::Infrastructure, ToolCode::Serve, &e),
     }
 }
 

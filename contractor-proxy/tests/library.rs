@@ -2,82 +2,29 @@
 //! through a CONNECT tunnel, and a staged resolver where DNS answers must be controlled
 //! (a private answer, a failing first address, the proxy's own address, a silent address).
 
+#[allow(dead_code)]
+mod served;
+
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use contractor_protocol::proxy::{Decision, Download, ProxyLine, Verdict};
-use contractor_proxy::{Allowlist, IpNet, ProxyConfig, Resolver};
+use contractor_protocol::proxy::Verdict;
+use contractor_proxy::{Allowlist, ProxyConfig, Resolver};
+use served::{open_to_loopback, start, start_on};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tokio_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
-/// A proxy served in this process; stops when dropped.
-struct Running {
-    addr: SocketAddr,
-    decisions: mpsc::UnboundedReceiver<ProxyLine>,
-    _stop: oneshot::Sender<()>,
-}
-
-impl Running {
-    async fn next_line(&mut self) -> ProxyLine {
-        tokio::time::timeout(PATIENCE, self.decisions.recv())
-            .await
-            .expect("a line in time")
-            .expect("a line")
-    }
-
-    async fn next_decision(&mut self) -> Decision {
-        match self.next_line().await {
-            ProxyLine::Decision(decision) => decision,
-            other => panic!("a decision, not {other:?}"),
-        }
-    }
-
-    async fn next_download(&mut self) -> Download {
-        match self.next_line().await {
-            ProxyLine::Download(download) => download,
-            other => panic!("a download, not {other:?}"),
-        }
-    }
-}
-
-async fn start(config: ProxyConfig) -> Running {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-    start_on(config, listener).await
-}
-
-async fn start_on(config: ProxyConfig, listener: TcpListener) -> Running {
-    let addr = listener.local_addr().expect("proxy address");
-    let (sender, decisions) = mpsc::unbounded_channel();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(contractor_proxy::serve(
-        config,
-        listener,
-        sender,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    Running {
-        addr,
-        decisions,
-        _stop: stop,
-    }
-}
-
 /// Allows `rules` on any port, loopback networks open, DNS answered by `answers`.
 fn config(rules: &[&str], answers: Vec<SocketAddr>) -> ProxyConfig {
-    let mut config = ProxyConfig::new(Allowlist::parse(rules).expect("rules"));
-    config.allowed_nets = vec!["127.0.0.0/8".parse::<IpNet>().expect("net")];
-    config.allowed_ports = (1..=u16::MAX).collect();
+    let mut config = open_to_loopback(rules);
     let answers = Arc::new(answers);
     config.resolver = Resolver::new(move |host, _port| {
         let answers = Arc::clone(&answers);
@@ -388,7 +335,7 @@ async fn each_forwarded_response_is_recorded_with_the_sha256_of_its_body() {
     .await;
     assert_eq!(quiet.next_decision().await.decision, Verdict::Allow);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(quiet.decisions.try_recv().is_err(), "no download line");
+    assert!(quiet.lines.try_recv().is_err(), "no download line");
 }
 
 /// A TLS server for `name` with a certificate of its own test authority (returned, for the
@@ -604,7 +551,7 @@ async fn an_inspected_handshake_the_upstream_resets_is_tried_again_on_a_new_conn
     assert_eq!(proxy.next_decision().await.decision, Verdict::Allow);
     let download = proxy.next_download().await;
     assert!(download.url.ends_with("/index"), "{download:?}");
-    assert!(proxy.decisions.try_recv().is_err(), "nothing else recorded");
+    assert!(proxy.lines.try_recv().is_err(), "nothing else recorded");
 }
 
 #[tokio::test]

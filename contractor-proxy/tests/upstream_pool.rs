@@ -1,6 +1,9 @@
 //! Upstream connections of inspected sessions are pooled across client sessions: against
 //! real local TLS servers (HTTP/1.1 and HTTP/2) that count the connections they accept.
 
+#[allow(dead_code)]
+mod served;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,13 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use contractor_protocol::proxy::{Decision, Download, ProxyLine, Verdict};
-use contractor_proxy::{inspect, Allowlist, IpNet, ProxyConfig, Resolver};
+use contractor_protocol::proxy::{ProxyLine, Verdict};
+use contractor_proxy::{inspect, Resolver};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use served::{open_to_loopback, start, Running};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, Barrier};
+use tokio::sync::Barrier;
 use tokio_rustls::rustls::pki_types::{
     CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName,
 };
@@ -29,45 +33,13 @@ const IDLE_PER_HOST: usize = 8;
 
 const HOST: &str = "registry.test";
 
-/// A proxy served in this process; stops when dropped.
-struct Running {
-    addr: SocketAddr,
-    lines: mpsc::UnboundedReceiver<ProxyLine>,
-    _stop: oneshot::Sender<()>,
-}
-
-impl Running {
-    async fn next_line(&mut self) -> ProxyLine {
-        tokio::time::timeout(PATIENCE, self.lines.recv())
-            .await
-            .expect("a line in time")
-            .expect("a line")
-    }
-
-    async fn next_decision(&mut self) -> Decision {
-        match self.next_line().await {
-            ProxyLine::Decision(decision) => decision,
-            other => panic!("a decision, not {other:?}"),
-        }
-    }
-
-    async fn next_download(&mut self) -> Download {
-        match self.next_line().await {
-            ProxyLine::Download(download) => download,
-            other => panic!("a download, not {other:?}"),
-        }
-    }
-}
-
 /// Inspects TLS to [`HOST`] (answered with `upstream`, trusted through `roots`), recording
 /// downloads; returns the proxy and the authority's certificate for clients to trust.
 async fn inspecting(
     upstream: SocketAddr,
     roots: RootCertStore,
 ) -> (Running, CertificateDer<'static>) {
-    let mut config = ProxyConfig::new(Allowlist::parse(&[HOST]).expect("rules"));
-    config.allowed_nets = vec!["127.0.0.0/8".parse::<IpNet>().expect("net")];
-    config.allowed_ports = (1..=u16::MAX).collect();
+    let mut config = open_to_loopback(&[HOST]);
     config.resolver =
         Resolver::new(move |_host, _port| Box::pin(async move { Ok(vec![upstream]) }));
     config.record_downloads = true;
@@ -79,24 +51,7 @@ async fn inspecting(
         authority: Arc::new(authority),
         upstream: Arc::new(inspect::client_config(roots)),
     });
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-    let addr = listener.local_addr().expect("proxy address");
-    let (sender, lines) = mpsc::unbounded_channel();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(contractor_proxy::serve(
-        config,
-        listener,
-        sender,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    let running = Running {
-        addr,
-        lines,
-        _stop: stop,
-    };
-    (running, certificate)
+    (start(config).await, certificate)
 }
 
 /// A TLS server for [`HOST`] with a certificate of its own authority (returned as roots).

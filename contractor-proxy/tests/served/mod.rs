@@ -1,0 +1,81 @@
+//! The library's `serve` run in the test's own process, on a loopback listener: for tests
+//! that stage what the binary cannot (a resolver's answers, an inspecting authority made in
+//! memory). The lines it writes are read as the protocol's `ProxyLine`; the proxy stops when
+//! its `Running` is dropped.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use contractor_protocol::proxy::{Decision, Download, ProxyLine};
+use contractor_proxy::{Allowlist, IpNet, ProxyConfig};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+/// How long `Running::next_line` waits for a line.
+pub const LINE_PATIENCE: Duration = Duration::from_secs(10);
+
+/// A proxy served in this process; stops when dropped.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub lines: mpsc::UnboundedReceiver<ProxyLine>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Running {
+    pub async fn next_line(&mut self) -> ProxyLine {
+        tokio::time::timeout(LINE_PATIENCE, self.lines.recv())
+            .await
+            .expect("a line in time")
+            .expect("a line")
+    }
+
+    pub async fn next_decision(&mut self) -> Decision {
+        match self.next_line().await {
+            ProxyLine::Decision(decision) => decision,
+            other => panic!("a decision, not {other:?}"),
+        }
+    }
+
+    pub async fn next_download(&mut self) -> Download {
+        match self.next_line().await {
+            ProxyLine::Download(download) => download,
+            other => panic!("a download, not {other:?}"),
+        }
+    }
+}
+
+/// Serves `config` on a new loopback listener.
+pub async fn start(config: ProxyConfig) -> Running {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+    start_on(config, listener).await
+}
+
+/// Serves `config` on `listener`.
+pub async fn start_on(config: ProxyConfig, listener: TcpListener) -> Running {
+    let addr = listener.local_addr().expect("proxy address");
+    let (sender, lines) = mpsc::unbounded_channel();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(contractor_proxy::serve(
+        config,
+        listener,
+        sender,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Running {
+        addr,
+        lines,
+        _stop: stop,
+    }
+}
+
+/// Allows `rules` on any port, with the loopback network open (the tests' upstreams
+/// listen there); names are resolved by the configuration's default resolver until the
+/// test stages its own.
+pub fn open_to_loopback(rules: &[&str]) -> ProxyConfig {
+    let mut config = ProxyConfig::new(Allowlist::parse(rules).expect("rules"));
+    config.allowed_nets = vec!["127.0.0.0/8".parse::<IpNet>().expect("net")];
+    config.allowed_ports = (1..=u16::MAX).collect();
+    config
+}

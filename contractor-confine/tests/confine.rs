@@ -35,18 +35,24 @@ fn probing() -> Option<(PathBuf, PathBuf)> {
     Some((dir("PROBE_HOME"), dir("PROBE_WORK")))
 }
 
-fn errno(e: &std::io::Error) -> i32 {
-    e.raw_os_error().unwrap_or(0)
-}
-
-#[test]
-fn a_confined_process_reaches_only_what_its_policy_names() {
+/// A home with a secret in it, and a work directory with `ro/input` and an empty `rw/`.
+fn home_and_work() -> (tempfile::TempDir, tempfile::TempDir) {
     let home = tempfile::tempdir().expect("home");
     let work = tempfile::tempdir().expect("work");
     std::fs::write(home.path().join("secret"), b"ssh key").expect("secret");
     std::fs::create_dir(work.path().join("ro")).expect("ro");
     std::fs::create_dir(work.path().join("rw")).expect("rw");
     std::fs::write(work.path().join("ro/input"), b"input").expect("input");
+    (home, work)
+}
+
+fn errno(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+#[test]
+fn a_confined_process_reaches_only_what_its_policy_names() {
+    let (home, work) = home_and_work();
     std::os::unix::fs::symlink(home.path().join("secret"), work.path().join("rw/leak"))
         .expect("plant the link");
     in_child("probe_policy", home.path(), work.path());
@@ -247,12 +253,7 @@ fn probe_x32() {
 
 #[test]
 fn an_offline_tool_reaches_its_paths_and_no_network_and_runs_nothing() {
-    let home = tempfile::tempdir().expect("home");
-    let work = tempfile::tempdir().expect("work");
-    std::fs::write(home.path().join("secret"), b"ssh key").expect("secret");
-    std::fs::create_dir(work.path().join("ro")).expect("ro");
-    std::fs::create_dir(work.path().join("rw")).expect("rw");
-    std::fs::write(work.path().join("ro/input"), b"input").expect("input");
+    let (home, work) = home_and_work();
     in_child("probe_offline", home.path(), work.path());
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use contractor_protocol::proxy::Verdict;
 use contractor_proxy::{Allowlist, ProxyConfig, Resolver};
-use served::{open_to_loopback, start, start_on};
+use served::{connect_tls, open_to_loopback, start, start_on};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
@@ -400,43 +400,6 @@ async fn tls_server_with(name: &str, body: Option<&'static [u8]>) -> (SocketAddr
     let mut roots = RootCertStore::empty();
     roots.add(ca_cert.der().clone()).expect("root");
     (addr, roots)
-}
-
-/// CONNECTs to `host:port` through `proxy`, then speaks TLS trusting only `trusted`.
-async fn connect_tls(
-    proxy: SocketAddr,
-    host: &str,
-    port: u16,
-    trusted: &rustls_cert::CertificateDer<'static>,
-) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let mut stream = TcpStream::connect(proxy).await?;
-    stream
-        .write_all(
-            format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n").as_bytes(),
-        )
-        .await?;
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.push(stream.read_u8().await?);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(trusted.clone())
-        .expect("trust the build authority");
-    let client_config = ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    TlsConnector::from(Arc::new(client_config))
-        .connect(
-            ServerName::try_from(host.to_string()).expect("name"),
-            stream,
-        )
-        .await
 }
 
 /// Sends GET `path` on `tls` and reads one response with its Content-Length body.

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use contractor_protocol::proxy::{ProxyLine, Verdict};
 use contractor_proxy::{ProxyConfig, Resolver};
-use served::{open_to_loopback, start};
+use served::{connect_status, open_to_loopback, start};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -46,21 +46,6 @@ async fn holding_server() -> SocketAddr {
         }
     });
     addr
-}
-
-/// Sends a CONNECT to `target` and reads the status line of the answer.
-async fn connect_status(proxy: SocketAddr, target: String) -> io::Result<String> {
-    let mut stream = TcpStream::connect(proxy).await?;
-    stream
-        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await?;
-    let mut head = Vec::new();
-    let mut byte = [0_u8];
-    while !head.ends_with(b"\r\n\r\n") {
-        stream.read_exact(&mut byte).await?;
-        head.push(byte[0]);
-    }
-    Ok(String::from_utf8_lossy(&head).into_owned())
 }
 
 /// A resolver like a plain one under load: slow (200 ms an answer), and it drops the

@@ -15,15 +15,13 @@ use contractor_protocol::proxy::{ProxyLine, Verdict};
 use contractor_proxy::{inspect, Resolver};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use served::{open_to_loopback, start, Running};
+use served::{connect_tls, open_to_loopback, start, Running};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Barrier;
-use tokio_rustls::rustls::pki_types::{
-    CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName,
-};
-use tokio_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio_rustls::rustls::{RootCertStore, ServerConfig};
+use tokio_rustls::TlsAcceptor;
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
@@ -233,33 +231,7 @@ async fn session_sending(
     path: &str,
     body: &'static str,
 ) -> (u16, String) {
-    let mut stream = TcpStream::connect(proxy)
-        .await
-        .expect("connect to the proxy");
-    stream
-        .write_all(
-            format!("CONNECT {HOST}:{port} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n").as_bytes(),
-        )
-        .await
-        .expect("CONNECT");
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.push(stream.read_u8().await.expect("CONNECT answer"));
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(authority.clone())
-        .expect("trust the build authority");
-    let client_config = ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tls = TlsConnector::from(Arc::new(client_config))
-        .connect(ServerName::try_from(HOST).expect("name"), stream)
+    let tls = connect_tls(proxy, HOST, port, authority)
         .await
         .expect("TLS with the proxy as the host");
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))

@@ -3,13 +3,20 @@
 //! memory). The lines it writes are read as the protocol's `ProxyLine`; the proxy stops when
 //! its `Running` is dropped.
 
+use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use contractor_protocol::proxy::{Decision, Download, ProxyLine};
 use contractor_proxy::{Allowlist, IpNet, ProxyConfig};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
 
 /// How long `Running::next_line` waits for a line.
 pub const LINE_PATIENCE: Duration = Duration::from_secs(10);
@@ -78,4 +85,48 @@ pub fn open_to_loopback(rules: &[&str]) -> ProxyConfig {
     config.allowed_nets = vec!["127.0.0.0/8".parse::<IpNet>().expect("net")];
     config.allowed_ports = (1..=u16::MAX).collect();
     config
+}
+
+/// Sends a CONNECT for `target` (`host:port`) through `proxy`: the stream, and the head of
+/// the answer.
+pub async fn connect(proxy: SocketAddr, target: &str) -> io::Result<(TcpStream, String)> {
+    let mut stream = TcpStream::connect(proxy).await?;
+    stream
+        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(stream.read_u8().await?);
+    }
+    Ok((stream, String::from_utf8_lossy(&head).into_owned()))
+}
+
+/// Sends a CONNECT to `target` and reads the head of the answer.
+pub async fn connect_status(proxy: SocketAddr, target: String) -> io::Result<String> {
+    Ok(connect(proxy, &target).await?.1)
+}
+
+/// CONNECTs to `host:port` through `proxy` (the answer must be 200), then speaks TLS
+/// trusting only `trusted`.
+pub async fn connect_tls(
+    proxy: SocketAddr,
+    host: &str,
+    port: u16,
+    trusted: &CertificateDer<'static>,
+) -> io::Result<TlsStream<TcpStream>> {
+    let (stream, head) = connect(proxy, &format!("{host}:{port}")).await?;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(trusted.clone())
+        .expect("trust the build authority");
+    let client_config = ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    TlsConnector::from(Arc::new(client_config))
+        .connect(
+            ServerName::try_from(host.to_string()).expect("name"),
+            stream,
+        )
+        .await
 }

@@ -4,6 +4,8 @@
 
 #[allow(dead_code)]
 mod served;
+#[allow(dead_code)]
+mod test_tls;
 
 use std::io;
 use std::net::SocketAddr;
@@ -13,7 +15,7 @@ use std::time::Duration;
 
 use contractor_protocol::proxy::Verdict;
 use contractor_proxy::{Allowlist, ProxyConfig, Resolver};
-use served::{connect_tls, open_to_loopback, start, start_on};
+use served::{connect_tls, inspect_tls, open_to_loopback, start, start_on};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
@@ -346,23 +348,7 @@ async fn tls_server(name: &str, body: &'static [u8]) -> (SocketAddr, RootCertSto
 
 /// [`tls_server`], answering each request with `body`, or with the request's own head.
 async fn tls_server_with(name: &str, body: Option<&'static [u8]>) -> (SocketAddr, RootCertStore) {
-    let ca_key = rcgen::KeyPair::generate().expect("key");
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().expect("key");
-    let cert = rcgen::CertificateParams::new(vec![name.to_string()])
-        .expect("params")
-        .signed_by(&key, &issuer)
-        .expect("leaf");
-    let server_config = ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-        .expect("server config");
+    let (server_config, ca_cert) = test_tls::server_for(name);
     let acceptor = TlsAcceptor::from(Arc::new(server_config));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind tls");
     let addr = listener.local_addr().expect("addr");
@@ -397,8 +383,7 @@ async fn tls_server_with(name: &str, body: Option<&'static [u8]>) -> (SocketAddr
             });
         }
     });
-    let mut roots = RootCertStore::empty();
-    roots.add(ca_cert.der().clone()).expect("root");
+    let roots = test_tls::roots_of(&ca_cert);
     (addr, roots)
 }
 
@@ -420,19 +405,10 @@ fn inspecting(
     upstream: SocketAddr,
     roots: RootCertStore,
 ) -> (ProxyConfig, rustls_cert::CertificateDer<'static>) {
-    use contractor_proxy::inspect;
     let (urls, hosts): (Vec<&str>, Vec<&str>) = rules.iter().partition(|r| r.contains("://"));
     let mut config = config(&hosts, vec![upstream]);
     config.url_rules = urls.iter().map(|r| r.parse().expect("URL rule")).collect();
-    config.record_downloads = true;
-    let authority = inspect::Authority::new(&config.reachable_hosts())
-        .expect("authority")
-        .expect("names");
-    let certificate = authority.certificate().clone();
-    config.inspection = Some(inspect::Inspection {
-        authority: Arc::new(authority),
-        upstream: Arc::new(inspect::client_config(roots)),
-    });
+    let certificate = inspect_tls(&mut config, roots);
     (config, certificate)
 }
 

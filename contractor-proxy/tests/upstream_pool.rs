@@ -3,6 +3,8 @@
 
 #[allow(dead_code)]
 mod served;
+#[allow(dead_code)]
+mod test_tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -12,15 +14,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use contractor_protocol::proxy::{ProxyLine, Verdict};
-use contractor_proxy::{inspect, Resolver};
+use contractor_proxy::Resolver;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use served::{connect_tls, open_to_loopback, start, Running};
+use served::{connect_tls, inspect_tls, open_to_loopback, start, Running};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Barrier;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio_rustls::rustls::{RootCertStore, ServerConfig};
+use tokio_rustls::rustls::pki_types::CertificateDer;
+use tokio_rustls::rustls::RootCertStore;
 use tokio_rustls::TlsAcceptor;
 
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -40,40 +42,15 @@ async fn inspecting(
     let mut config = open_to_loopback(&[HOST]);
     config.resolver =
         Resolver::new(move |_host, _port| Box::pin(async move { Ok(vec![upstream]) }));
-    config.record_downloads = true;
-    let authority = inspect::Authority::new(&config.reachable_hosts())
-        .expect("authority")
-        .expect("names");
-    let certificate = authority.certificate().clone();
-    config.inspection = Some(inspect::Inspection {
-        authority: Arc::new(authority),
-        upstream: Arc::new(inspect::client_config(roots)),
-    });
+    let certificate = inspect_tls(&mut config, roots);
     (start(config).await, certificate)
 }
 
 /// A TLS server for [`HOST`] with a certificate of its own authority (returned as roots).
 fn server_tls(alpn: &[&[u8]]) -> (TlsAcceptor, RootCertStore) {
-    let ca_key = rcgen::KeyPair::generate().expect("key");
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().expect("key");
-    let cert = rcgen::CertificateParams::new(vec![HOST.to_string()])
-        .expect("params")
-        .signed_by(&key, &issuer)
-        .expect("leaf");
-    let mut server_config = ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-        .expect("server config");
+    let (mut server_config, ca_cert) = test_tls::server_for(HOST);
     server_config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let mut roots = RootCertStore::empty();
-    roots.add(ca_cert.der().clone()).expect("root");
+    let roots = test_tls::roots_of(&ca_cert);
     (TlsAcceptor::from(Arc::new(server_config)), roots)
 }
 

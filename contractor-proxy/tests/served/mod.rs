@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use contractor_protocol::proxy::{Decision, Download, ProxyLine};
-use contractor_proxy::{Allowlist, IpNet, ProxyConfig};
+use contractor_proxy::{inspect, Allowlist, IpNet, ProxyConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -129,4 +129,20 @@ pub async fn connect_tls(
             stream,
         )
         .await
+}
+
+/// Makes `config` record downloads and inspect TLS to the hosts it reaches, with a new
+/// build authority and `roots` trusted upstream; returns the authority's certificate, for
+/// clients to trust.
+pub fn inspect_tls(config: &mut ProxyConfig, roots: RootCertStore) -> CertificateDer<'static> {
+    config.record_downloads = true;
+    let authority = inspect::Authority::new(&config.reachable_hosts())
+        .expect("authority")
+        .expect("names");
+    let certificate = authority.certificate().clone();
+    config.inspection = Some(inspect::Inspection {
+        authority: Arc::new(authority),
+        upstream: Arc::new(inspect::client_config(roots)),
+    });
+    certificate
 }

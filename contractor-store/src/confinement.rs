@@ -4,8 +4,8 @@
 //! read-write (builds and `cas/` blobs beneath it); the token file read-only, since it is
 //! read again when it changes; TCP bind only to the port it already listens on, and no TCP
 //! connect at all. Nothing else on the host: not the user's home, not the rest of the store.
-//! `record receive` ([`receipt_policy`]), which reads a build host's record stream, may
-//! write only that one record, and makes no socket at all.
+//! `record receive` and `record follow` ([`receipt_policy`]), which read a build host's
+//! stream, may write only that one record, and make no socket at all.
 
 use std::path::{Path, PathBuf};
 

@@ -1,7 +1,7 @@
 //! `contractor-store`: `serve` a store directory over HTTP (one `ready` line on stdout,
 //! stops on SIGTERM or SIGINT), write a build's artifact `index`, collect garbage (`gc`),
 //! make a build `token`, `pack` a project's source into a record, keep a project's build
-//! `cache`, or `record receive` a build host's record and close abandoned ones. Flags map onto library calls; errors become exit codes here only.
+//! `cache`, or `record follow|receive` a build host's stream and record and close abandoned ones. Flags map onto library calls; errors become exit codes here only.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -19,6 +19,7 @@ use contractor_protocol::units::{parse_duration, parse_size};
 use contractor_protocol::ExitCode;
 use contractor_store::cache::CacheError;
 use contractor_store::confinement::Needs;
+use contractor_store::follow::{self, FollowError};
 use contractor_store::pack::MAX_SOURCE_ENTRIES;
 use contractor_store::receipt::ReceiptError;
 use contractor_store::{GcOptions, Store, StoreConfig, TokenTable};
@@ -183,6 +184,25 @@ enum RecordCommand {
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         max_bytes: u64,
         /// Do not confine the receipt (Landlock, seccomp, rlimits): for debugging only.
+        #[arg(long)]
+        no_confine: bool,
+    },
+    /// Follow the whole stream of a build run on a build host (`contractor-cli hosted-build`'s
+    /// stdout) from stdin, confined to ROOT/builds/ID/ (which must exist): check its hello,
+    /// events and error, and write each one on, re-encoded ({"type":"host_hello",...}, the
+    /// build events, {"type":"host_failed",...}); after `finished`, receive the record as
+    /// `receive` does and print its {"type":"record_received",...}.
+    Follow {
+        /// The store directory.
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+        /// The build.
+        #[arg(long, value_name = "ID")]
+        build: String,
+        /// The most bytes the record may take, as for `receive`.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_bytes: u64,
+        /// Do not confine it (Landlock, seccomp, rlimits): for debugging only.
         #[arg(long)]
         no_confine: bool,
     },
@@ -414,6 +434,23 @@ fn record(command: RecordCommand) -> std::process::ExitCode {
                 fail(exit, code, &e)
             }
         },
+        RecordCommand::Follow {
+            root,
+            build,
+            max_bytes,
+            no_confine,
+        } => match follow(&root, &build, max_bytes, !no_confine) {
+            Ok(Some(received)) => print_json(&received),
+            Ok(None) => ExitCode::Success.into(),
+            Err(e) => {
+                let (exit, code) = match e.downcast_ref::<FollowError>() {
+                    Some(f) if f.is_bad_input() => (ExitCode::BadInput, f.code()),
+                    Some(f) => (ExitCode::Infrastructure, f.code()),
+                    None => (ExitCode::BadInput, ToolCode::RecordReceive),
+                };
+                fail(exit, code, &e)
+            }
+        },
         RecordCommand::CloseAbandoned { root } => {
             match contractor_store::records::close_abandoned(&root, SystemTime::now()) {
                 Ok(closed) => print_json(&RecordsClosed::new(closed)),
@@ -429,12 +466,13 @@ fn record(command: RecordCommand) -> std::process::ExitCode {
 
 /// `record receive`: confines this process to the record, then receives the stream on
 /// stdin into it and indexes its artifacts.
-fn receive(
+/// The record directory of `build` under `root`, canonical; confined to it unless `confine`
+/// is false.
+fn confined_record(
     root: &std::path::Path,
     build: &str,
-    max_bytes: u64,
     confine: bool,
-) -> anyhow::Result<RecordReceived> {
+) -> anyhow::Result<std::path::PathBuf> {
     if !contractor_store::path::is_build_id(build) {
         anyhow::bail!("build id {build:?} is not valid; use A-Z a-z 0-9 . _ - only");
     }
@@ -447,13 +485,50 @@ fn receive(
         contractor_confine::confine("contractor-store", &policy)
             .context("cannot confine the receipt")?;
     }
+    Ok(record)
+}
+
+/// `record follow`: the answer once the record is received; `None` when the build host
+/// could not run the build (its failure is written).
+fn follow(
+    root: &std::path::Path,
+    build: &str,
+    max_bytes: u64,
+    confine: bool,
+) -> anyhow::Result<Option<RecordReceived>> {
+    let record = confined_record(root, build, confine)?;
     let input = std::io::stdin().lock();
-    let received = contractor_store::receipt::receive(input, &record, max_bytes)?;
-    let root = record
+    let mut out = std::io::stdout().lock();
+    let received = match follow::follow(input, &mut out, &record, max_bytes)? {
+        follow::Followed::Received(received) => received,
+        follow::Followed::HostFailed => return Ok(None),
+    };
+    let index = contractor_store::write_artifact_index(root_of(&record, root), build)?;
+    Ok(Some(RecordReceived::new(
+        received.files,
+        received.charged_bytes,
+        index.artifacts.len() as u64,
+    )))
+}
+
+/// The store root above the record directory `record` (`root` if it has none).
+fn root_of<'a>(record: &'a std::path::Path, root: &'a std::path::Path) -> &'a std::path::Path {
+    record
         .parent()
         .and_then(std::path::Path::parent)
-        .unwrap_or(root);
-    let index = contractor_store::write_artifact_index(root, build)?;
+        .unwrap_or(root)
+}
+
+fn receive(
+    root: &std::path::Path,
+    build: &str,
+    max_bytes: u64,
+    confine: bool,
+) -> anyhow::Result<RecordReceived> {
+    let record = confined_record(root, build, confine)?;
+    let input = std::io::stdin().lock();
+    let received = contractor_store::receipt::receive(input, &record, max_bytes)?;
+    let index = contractor_store::write_artifact_index(root_of(&record, root), build)?;
     Ok(RecordReceived::new(
         received.files,
         received.charged_bytes,

@@ -74,26 +74,30 @@ fn answer(files: &[(&str, &[u8])]) -> Vec<u8> {
 fn build_on_stand_in(fixture: &Fixture, stream: &[u8]) -> (Output, Value, PathBuf) {
     let sent = fixture.ssh.with_extension("stream");
     std::fs::write(&sent, stream).expect("stream");
-    std::fs::write(
-        &fixture.ssh,
-        format!("#!/bin/sh\nexec cat '{}'\n", sent.display()),
-    )
-    .expect("ssh");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&fixture.ssh, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_contractor"))
-        .args(["build", "--host", "fake", "--json"])
-        .current_dir(&fixture.project)
-        .env("CONTRACTOR_DATA_DIR", &fixture.data)
-        .env("CONTRACTOR_SSH", &fixture.ssh)
-        .output()
-        .expect("run contractor");
+    let output = build_with_ssh(
+        fixture,
+        &format!("#!/bin/sh\nexec cat '{}'\n", sent.display()),
+    );
     let result = record_result(&fixture.project);
     let record = PathBuf::from(result["log"].as_str().expect("log"))
         .parent()
         .expect("record")
         .to_path_buf();
     (output, result, record)
+}
+
+/// Runs `contractor build --host fake --json` with `script` as its ssh.
+fn build_with_ssh(fixture: &Fixture, script: &str) -> Output {
+    std::fs::write(&fixture.ssh, script).expect("ssh");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fixture.ssh, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::process::Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .args(["build", "--host", "fake", "--json"])
+        .current_dir(&fixture.project)
+        .env("CONTRACTOR_DATA_DIR", &fixture.data)
+        .env("CONTRACTOR_SSH", &fixture.ssh)
+        .output()
+        .expect("run contractor")
 }
 
 fn record_result(project: &Path) -> Value {
@@ -199,16 +203,7 @@ fn the_build_hosts_stream_is_read_and_parsed_only_by_a_confined_store() {
     let sent = fixture.ssh.with_extension("stream");
     std::fs::write(&sent, &stream).expect("stream");
     let report = fixture.ssh.with_extension("readers");
-    std::fs::write(&fixture.ssh, reader_reporting_ssh(&sent, &report)).expect("ssh");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&fixture.ssh, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_contractor"))
-        .args(["build", "--host", "fake", "--json"])
-        .current_dir(&fixture.project)
-        .env("CONTRACTOR_DATA_DIR", &fixture.data)
-        .env("CONTRACTOR_SSH", &fixture.ssh)
-        .output()
-        .expect("run contractor");
+    let output = build_with_ssh(&fixture, &reader_reporting_ssh(&sent, &report));
     let stderr = String::from_utf8_lossy(&output.stderr);
     let result = record_result(&fixture.project);
     assert_eq!(result["outcome"], "success", "{stderr}\n{result}");

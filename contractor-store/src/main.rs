@@ -161,6 +161,24 @@ struct ServeArgs {
     workers: Option<u16>,
 }
 
+/// `record receive`'s and `record follow`'s flags: where the record goes, and its bound.
+#[derive(Debug, clap::Args)]
+struct Receipt {
+    /// The store directory.
+    #[arg(long, value_name = "DIR")]
+    root: PathBuf,
+    /// The build.
+    #[arg(long, value_name = "ID")]
+    build: String,
+    /// The most bytes the record may take, each file and directory counted as at least
+    /// 4096 (bytes, or with K/M/G/T).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_bytes: u64,
+    /// Do not confine the receipt (Landlock, seccomp, rlimits): for debugging only.
+    #[arg(long)]
+    no_confine: bool,
+}
+
 #[derive(Debug, Subcommand)]
 #[command(
     after_help = "Exit codes: 0 done; 2 a bad build id or a refused record stream; 3 the record could\n\
@@ -172,40 +190,13 @@ enum RecordCommand {
     /// ROOT/builds/ID/, which must exist, confined to that directory; write its
     /// artifacts.json and print
     /// {"type":"record_received","version":1,"files":N,"charged_bytes":B,"artifacts":A}.
-    Receive {
-        /// The store directory.
-        #[arg(long, value_name = "DIR")]
-        root: PathBuf,
-        /// The build.
-        #[arg(long, value_name = "ID")]
-        build: String,
-        /// The most bytes the record may take, each file and directory counted as at least
-        /// 4096 (bytes, or with K/M/G/T).
-        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-        max_bytes: u64,
-        /// Do not confine the receipt (Landlock, seccomp, rlimits): for debugging only.
-        #[arg(long)]
-        no_confine: bool,
-    },
+    Receive(Receipt),
     /// Follow the whole stream of a build run on a build host (`contractor-cli hosted-build`'s
     /// stdout) from stdin, confined to ROOT/builds/ID/ (which must exist): check its hello,
     /// events and error, and write each one on, re-encoded ({"type":"host_hello",...}, the
     /// build events, {"type":"host_failed",...}); after `finished`, receive the record as
     /// `receive` does and print its {"type":"record_received",...}.
-    Follow {
-        /// The store directory.
-        #[arg(long, value_name = "DIR")]
-        root: PathBuf,
-        /// The build.
-        #[arg(long, value_name = "ID")]
-        build: String,
-        /// The most bytes the record may take, as for `receive`.
-        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-        max_bytes: u64,
-        /// Do not confine it (Landlock, seccomp, rlimits): for debugging only.
-        #[arg(long)]
-        no_confine: bool,
-    },
+    Follow(Receipt),
     /// Give every abandoned build (no result.json; its owner.json names a process that is
     /// gone, or, with no owner, unchanged for an hour) a result.json saying it was
     /// interrupted; print {"type":"records_closed","version":1,"closed":[ID...]}.
@@ -418,12 +409,12 @@ async fn serve(args: ServeArgs) -> std::process::ExitCode {
 
 fn record(command: RecordCommand) -> std::process::ExitCode {
     match command {
-        RecordCommand::Receive {
+        RecordCommand::Receive(Receipt {
             root,
             build,
             max_bytes,
             no_confine,
-        } => match receive(&root, &build, max_bytes, !no_confine) {
+        }) => match receive(&root, &build, max_bytes, !no_confine) {
             Ok(received) => print_json(&received),
             Err(e) => {
                 let (exit, code) = match e.downcast_ref::<ReceiptError>() {
@@ -434,12 +425,12 @@ fn record(command: RecordCommand) -> std::process::ExitCode {
                 fail(exit, code, &e)
             }
         },
-        RecordCommand::Follow {
+        RecordCommand::Follow(Receipt {
             root,
             build,
             max_bytes,
             no_confine,
-        } => match follow(&root, &build, max_bytes, !no_confine) {
+        }) => match follow(&root, &build, max_bytes, !no_confine) {
             Ok(Some(received)) => print_json(&received),
             Ok(None) => ExitCode::Success.into(),
             Err(e) => {

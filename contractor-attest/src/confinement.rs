@@ -10,20 +10,8 @@ use contractor_confine::Policy;
 /// The most files it holds open (a record walk, one file at a time, and its standard streams).
 pub const MAX_OPEN_FILES: u64 = 64;
 
-/// The policy of a process that reads only `read`.
+/// The policy of a process that reads only `read`. The statement is written through a file
+/// opened before confinement; no other.
 pub fn policy(read: Vec<PathBuf>) -> Policy {
-    Policy {
-        read,
-        read_write: Vec::new(),
-        bind_ports: Vec::new(),
-        connect_ports: Some(Vec::new()),
-        max_open_files: Some(MAX_OPEN_FILES),
-        // The statement is written through a file opened before confinement; no other.
-        max_file_size: None,
-        max_address_space: Some(contractor_confine::TOOL_ADDRESS_SPACE),
-        allow_exec: false,
-        allowed_syscalls: None,
-        socket_families: Some(&[]),
-        stream_sockets_only: true,
-    }
+    Policy::offline(read, Vec::new(), MAX_OPEN_FILES)
 }

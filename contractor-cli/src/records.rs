@@ -8,11 +8,10 @@
 //! reads back ([`stored_artifacts`]).
 
 use std::ffi::OsStr;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use contractor_protocol::result::BuildResult;
-use contractor_protocol::store::{RecordReceived, RecordsClosed};
+use contractor_protocol::store::RecordsClosed;
 
 use crate::tools::{self, ToolError};
 
@@ -220,21 +219,22 @@ pub fn close_abandoned(store_root: &Path) -> Result<Vec<String>, ToolError> {
     Ok(closed.closed)
 }
 
-/// Hands `stream` (a build host's record stream, read up to its `finished` event) to
-/// `contractor-store record receive`, which writes it into `record`, at most `limit` bytes,
-/// confined to that directory, and indexes its artifacts. `stream` is copied on a thread
-/// of its own, which ends when the stream does or the store stops reading.
-pub fn receive(
-    stream: impl Read + Send + 'static,
+/// Starts `contractor-store record follow` reading `stream` (a build host's whole hosted
+/// build stream, which this process never reads): confined to `record`, it checks the
+/// stream's hello, events and error, writes them on re-encoded, then receives the record
+/// (at most `limit` bytes) and indexes its artifacts. In a process group of its own, so
+/// that Ctrl-C (which ends the session in order) does not cut the record.
+pub fn follow(
+    stream: std::process::ChildStdout,
     record: &Path,
     limit: u64,
-) -> Result<RecordReceived, ToolError> {
+) -> Result<(std::process::Child, tools::Answers), ToolError> {
     let (root, id) = store_and_id(record);
     let mut command = tools::command(tools::STORE)?;
     command
         .args([
             OsStr::new("record"),
-            OsStr::new("receive"),
+            OsStr::new("follow"),
             OsStr::new("--root"),
         ])
         .arg(root)
@@ -243,16 +243,10 @@ pub fn receive(
         .arg("--max-bytes")
         .arg(limit.to_string())
         .arg("--json-errors");
-    let mut child = tools::spawn(tools::STORE, command)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        let mut stream = stream;
-        std::thread::spawn(move || std::io::copy(&mut stream, &mut stdin));
-    }
-    let mut answers = tools::Answers::of(tools::STORE, &mut child)?;
-    let received: RecordReceived = answers.first(&mut child)?;
-    answers.drain();
-    let _ = child.wait();
-    Ok(received)
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut child = tools::spawn_reading(tools::STORE, command, stream.into())?;
+    let answers = tools::Answers::of(tools::STORE, &mut child)?;
+    Ok((child, answers))
 }
 
 /// When a build started, from its id (`20261125-141502-3fa2c1` → `2026-11-25 14:15:02`).

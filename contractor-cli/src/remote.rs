@@ -3,16 +3,18 @@
 //! The source is packed here into the local record; `ssh HOST contractor-cli hosted-build`
 //! (see `crate::hosted` and `contractor_protocol::hosted`) receives it, runs the build
 //! there (VM, relay, proxy and store under that user's libvirt), and streams its events
-//! back, which are shown as a local build's, then its record, which this process pipes
-//! unread into `contractor-store record receive` (confined to the local
-//! `.contractor/builds/<id>/`), with the host named in `result.json`. SSH is the system's
+//! back, then its record. This process never reads that stream: `ssh`'s stdout is the
+//! stdin of `contractor-store record follow` (confined to the local
+//! `.contractor/builds/<id>/`), which checks each line, writes the events on re-encoded
+//! (shown here as a local build's) and receives the record; the host is named in
+//! `result.json`. SSH is the system's
 //! `ssh` (or `$CONTRACTOR_SSH`): the user's keys, `known_hosts` and agent, in batch mode
 //! (it never asks for a password or to accept a host key). Ctrl-C or SIGTERM closes the
 //! session's stdin, which interrupts the build there (its record still comes back); a
 //! killed front end takes `ssh` with it (parent-death signal), and the build host ends the
 //! build when its session ends, so no VM outlives the session.
 
-use std::io::{BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
@@ -23,9 +25,8 @@ use contractor_protocol::build::BuildEvent;
 use contractor_protocol::error::ErrorObject;
 use contractor_protocol::error::ToolCode;
 use contractor_protocol::hosted::{
-    HostedLine, HostedRequest, HOSTED_COMMAND, RECORD_OVERHEAD_BYTES,
+    FollowedLine, HostedRequest, HOSTED_COMMAND, RECORD_OVERHEAD_BYTES,
 };
-use contractor_protocol::jsonl::JsonlReader;
 use contractor_protocol::result::{BuildCode, BuildResult, ErrorInfo, Outcome};
 use contractor_protocol::PROTOCOL_VERSION;
 
@@ -608,7 +609,8 @@ impl From<ErrorInfo> for RemoteEnd {
 /// One `ssh … contractor-cli hosted-build` session.
 struct Session {
     child: Child,
-    stdout: Option<JsonlReader<BufReader<ChildStdout>>>,
+    /// The build host's stream, for `record follow` to read.
+    stdout: Option<ChildStdout>,
     /// Dropping (or sending on) it closes the session's stdin.
     close: Option<mpsc::Sender<()>>,
     writer: Option<std::thread::JoinHandle<std::io::Result<()>>>,
@@ -627,10 +629,7 @@ impl Session {
         std::os::unix::process::CommandExt::process_group(&mut ssh, 0);
         crate::sys::die_with_parent(&mut ssh);
         let mut child = ssh.spawn()?;
-        let stdout = child
-            .stdout
-            .take()
-            .map(|out| JsonlReader::new(BufReader::new(out)));
+        let stdout = child.stdout.take();
         let mut stdin = child
             .stdin
             .take()
@@ -670,8 +669,10 @@ impl Session {
         self.interrupted.lock().ok().and_then(|s| *s)
     }
 
-    /// Reads the session to its end: shows the build's events, has the store receive its
-    /// record into `record` (at most `limit` bytes), and returns the build host's result.
+    /// Follows the session to its end: the store's confined `record follow` reads the build
+    /// host's stream (this process never does), checks it and receives the record into
+    /// `record` (at most `limit` bytes); this process shows the checked events it writes on
+    /// and returns the build host's result.
     fn follow(
         &mut self,
         host: &BuildHost,
@@ -679,115 +680,118 @@ impl Session {
         limit: u64,
         display: &Display,
     ) -> Result<BuildResult, RemoteEnd> {
-        let Some(mut reader) = self.stdout.take() else {
+        let Some(stream) = self.stdout.take() else {
             return Err(host_error(vec!["ssh has no stdout".into()]).into());
         };
-        let mut hello = false;
+        let (mut store, mut answers) =
+            crate::records::follow(stream, record, limit).map_err(|err| {
+                let mut chain = vec![format!("cannot follow the build on {host}")];
+                chain.extend(contractor_protocol::result::error_chain(&err));
+                RemoteEnd::Failed(host_error(chain))
+            })?;
+        let ended = self.followed(host, &mut answers, display);
+        if ended.is_err() {
+            let _ = store.kill();
+        }
+        answers.drain();
+        let _ = store.wait();
+        ended
+    }
+
+    /// Reads what `record follow` writes: the build host's checked hello, the build's
+    /// events (shown), its result, and the store's answer once the record is received.
+    fn followed(
+        &mut self,
+        host: &BuildHost,
+        answers: &mut crate::tools::Answers,
+        display: &Display,
+    ) -> Result<BuildResult, RemoteEnd> {
+        let mut finished = None;
         loop {
-            let value: Option<serde_json::Value> = match reader.next_message() {
-                Ok(value) => value,
-                Err(err) => {
-                    return Err(self.lost(
-                        host,
-                        Some(format!(
-                            "it wrote something other than the hosted build protocol: {err}"
-                        )),
-                    ));
+            let line = match answers.next_line() {
+                Ok(Some(line)) => line,
+                Ok(None) => {
+                    let why = "contractor-store record follow ended without an answer";
+                    return Err(self.lost(host, Some(why.into())));
                 }
+                Err(err) => return Err(self.lost(host, Some(err.to_string()))),
             };
-            let Some(value) = value else {
-                return Err(self.lost(host, None));
-            };
+            let value: serde_json::Value = serde_json::from_slice(&line).map_err(|err| {
+                host_error(vec![format!(
+                    "contractor-store record follow wrote bad JSON: {err}"
+                )])
+            })?;
             let kind = value["type"].as_str().unwrap_or_default().to_string();
-            if !hello {
-                if kind != "hello" {
-                    return Err(self.lost(
-                        host,
-                        Some(format!("its first line was not hello but type {kind:?}")),
-                    ));
-                }
-                match serde_json::from_value::<HostedLine>(value) {
-                    Ok(HostedLine::Hello {
-                        version,
-                        contractor,
-                    }) if version == PROTOCOL_VERSION && contractor == RELEASE => hello = true,
-                    Ok(HostedLine::Hello {
-                        version,
-                        contractor,
-                    }) => {
-                        return Err(host_error(vec![format!(
-                            "the build host {host} runs contractor {contractor} (protocol {version}), \
-                             this is contractor {RELEASE} (protocol {PROTOCOL_VERSION}): install one release on both"
-                        )])
-                        .into())
-                    }
-                    _ => return Err(self.lost(host, Some("its hello line is malformed".into()))),
-                }
-                continue;
-            }
             match kind.as_str() {
-                "error" => {
-                    let error: ErrorObject = serde_json::from_value(value).map_err(|err| {
-                        RemoteEnd::Failed(host_error(vec![format!(
-                            "the build host {host} wrote a malformed error: {err}"
-                        )]))
-                    })?;
-                    let mut chain = vec![format!("the build host {host} could not run the build")];
-                    chain.extend(error.chain);
-                    return Err(RemoteEnd::Failed(ErrorInfo {
-                        code: error.code.to_string(),
-                        chain,
-                    }));
-                }
-                "file" | "end" => {
-                    return Err(self.lost(
-                        host,
-                        Some("it sent the record before the build finished".into()),
-                    ));
+                "host_hello" | "host_failed" => match serde_json::from_value(value) {
+                    Ok(line) => self.host_said(host, line)?,
+                    Err(err) => {
+                        return Err(host_error(vec![format!("bad {kind:?} line: {err}")]).into())
+                    }
+                },
+                "error" => return Err(self.store_failed(host, value)),
+                "record_received" => {
+                    return finished.ok_or_else(|| {
+                        self.lost(
+                            host,
+                            Some("the record came before the build finished".into()),
+                        )
+                    })
                 }
                 _ => match serde_json::from_value::<BuildEvent>(value) {
                     // This front end announced the build, and announces its end.
                     Ok(BuildEvent::Started { .. }) => {}
-                    Ok(BuildEvent::Finished { result }) => {
-                        return self.receive(host, reader, record, limit).map(|()| result)
-                    }
+                    Ok(BuildEvent::Finished { result }) => finished = Some(result),
                     Ok(event) => display.event(&event),
                     Err(err) => {
-                        return Err(self.lost(
-                            host,
-                            Some(format!("it wrote a malformed {kind:?} event: {err}")),
-                        ))
+                        return Err(host_error(vec![format!("bad {kind:?} event: {err}")]).into())
                     }
                 },
             }
         }
     }
 
-    /// Hands the rest of the session's stream, the record, to the store's confined receipt
-    /// (`contractor-store record receive`): this process never parses it.
-    fn receive(
-        &mut self,
-        host: &BuildHost,
-        reader: JsonlReader<BufReader<ChildStdout>>,
-        record: &Path,
-        limit: u64,
-    ) -> Result<(), RemoteEnd> {
-        let stream = reader.into_inner();
-        match crate::records::receive(stream, record, limit) {
-            Ok(_) => Ok(()),
-            Err(err) => {
-                let chain = err
-                    .messages()
-                    .map(|m| contractor_protocol::result::error_chain(&m))
-                    .unwrap_or_else(|| contractor_protocol::result::error_chain(&err));
-                if err.tool_code() == Some(&ToolCode::RecordCut) {
-                    return Err(self.lost(host, Some(chain.join(": "))));
-                }
-                let mut full = vec![format!(
+    /// The build host's hello (its release must be this one) or its failure.
+    fn host_said(&mut self, host: &BuildHost, line: FollowedLine) -> Result<(), RemoteEnd> {
+        match line {
+            FollowedLine::HostHello {
+                version,
+                contractor,
+            } if version == PROTOCOL_VERSION && contractor == RELEASE => Ok(()),
+            FollowedLine::HostHello {
+                version,
+                contractor,
+            } => Err(host_error(vec![format!(
+                "the build host {host} runs contractor {contractor} (protocol {version}), \
+                 this is contractor {RELEASE} (protocol {PROTOCOL_VERSION}): install one release on both"
+            )])
+            .into()),
+            FollowedLine::HostFailed { code, chain: said } => {
+                let mut chain = vec![format!("the build host {host} could not run the build")];
+                chain.extend(said);
+                Err(RemoteEnd::Failed(ErrorInfo { code, chain }))
+            }
+        }
+    }
+
+    /// The store's own error object: the stream broke off or broke the protocol (the build
+    /// host's failure), or the record cannot be kept here.
+    fn store_failed(&mut self, host: &BuildHost, value: serde_json::Value) -> RemoteEnd {
+        let error = match serde_json::from_value::<ErrorObject>(value) {
+            Ok(error) => error,
+            Err(err) => return host_error(vec![format!("bad error line: {err}")]).into(),
+        };
+        match error.code {
+            ToolCode::HostedCut => self.lost(host, None),
+            ToolCode::HostedStream | ToolCode::RecordCut => {
+                self.lost(host, Some(error.chain.join(": ")))
+            }
+            _ => {
+                let mut chain = vec![format!(
                     "the record from the build host {host} cannot be kept"
                 )];
-                full.extend(chain);
-                Err(RemoteEnd::Failed(host_error(full)))
+                chain.extend(error.chain);
+                RemoteEnd::Failed(host_error(chain))
             }
         }
     }

@@ -235,8 +235,17 @@ pub fn command(name: &'static str) -> Result<Command, ToolError> {
 }
 
 /// Starts `command` (of tool `name`) with piped stdin and stdout.
-pub fn spawn(name: &'static str, mut command: Command) -> Result<Child, ToolError> {
-    command.stdin(Stdio::piped()).stdout(Stdio::piped());
+pub fn spawn(name: &'static str, command: Command) -> Result<Child, ToolError> {
+    spawn_reading(name, command, Stdio::piped())
+}
+
+/// Starts `command` (of tool `name`) reading `stdin`, with its stdout piped.
+pub fn spawn_reading(
+    name: &'static str,
+    mut command: Command,
+    stdin: Stdio,
+) -> Result<Child, ToolError> {
+    command.stdin(stdin).stdout(Stdio::piped());
     let child = command.spawn().map_err(|source| ToolError::Start {
         name,
         path: PathBuf::from(command.get_program()),

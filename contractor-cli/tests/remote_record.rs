@@ -74,26 +74,30 @@ fn answer(files: &[(&str, &[u8])]) -> Vec<u8> {
 fn build_on_stand_in(fixture: &Fixture, stream: &[u8]) -> (Output, Value, PathBuf) {
     let sent = fixture.ssh.with_extension("stream");
     std::fs::write(&sent, stream).expect("stream");
-    std::fs::write(
-        &fixture.ssh,
-        format!("#!/bin/sh\nexec cat '{}'\n", sent.display()),
-    )
-    .expect("ssh");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&fixture.ssh, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_contractor"))
-        .args(["build", "--host", "fake", "--json"])
-        .current_dir(&fixture.project)
-        .env("CONTRACTOR_DATA_DIR", &fixture.data)
-        .env("CONTRACTOR_SSH", &fixture.ssh)
-        .output()
-        .expect("run contractor");
+    let output = build_with_ssh(
+        fixture,
+        &format!("#!/bin/sh\nexec cat '{}'\n", sent.display()),
+    );
     let result = record_result(&fixture.project);
     let record = PathBuf::from(result["log"].as_str().expect("log"))
         .parent()
         .expect("record")
         .to_path_buf();
     (output, result, record)
+}
+
+/// Runs `contractor build --host fake --json` with `script` as its ssh.
+fn build_with_ssh(fixture: &Fixture, script: &str) -> Output {
+    std::fs::write(&fixture.ssh, script).expect("ssh");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fixture.ssh, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::process::Command::new(env!("CARGO_BIN_EXE_contractor"))
+        .args(["build", "--host", "fake", "--json"])
+        .current_dir(&fixture.project)
+        .env("CONTRACTOR_DATA_DIR", &fixture.data)
+        .env("CONTRACTOR_SSH", &fixture.ssh)
+        .output()
+        .expect("run contractor")
 }
 
 fn record_result(project: &Path) -> Value {
@@ -156,4 +160,58 @@ fn a_build_hosts_own_artifact_index_is_never_taken() {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The stand-in ssh that sends `stream`'s first line (the hello), then notes in `report`
+/// each process that holds the read end of its stdout (`comm NoNewPrivs Seccomp`), once
+/// every reader is confined or after 10 s, and then sends the rest.
+fn reader_reporting_ssh(stream: &Path, report: &Path) -> String {
+    format!(
+        r#"#!/bin/sh
+head -n 1 '{stream}'
+pipe=$(readlink /proc/$$/fd/1)
+tries=0
+while :; do
+    : > '{report}.new'
+    confined=yes
+    for fd in /proc/[0-9]*/fd/*; do
+        [ "$(readlink "$fd" 2>/dev/null)" = "$pipe" ] || continue
+        pid=${{fd#/proc/}}; pid=${{pid%%/*}}
+        flags=$(awk '/^flags:/ {{ print $2 }}' "/proc/$pid/fdinfo/${{fd##*/}}" 2>/dev/null)
+        case "$flags" in *0) ;; *) continue ;; esac
+        line="$(cat /proc/$pid/comm) $(awk '/^NoNewPrivs:/ {{ print $2 }}' /proc/$pid/status) $(awk '/^Seccomp:/ {{ print $2 }}' /proc/$pid/status)"
+        echo "$line" >> '{report}.new'
+        case "$line" in *" 1 2") ;; *) confined=no ;; esac
+    done
+    tries=$((tries + 1))
+    if [ -s '{report}.new' ] && [ $confined = yes ]; then break; fi
+    if [ $tries -ge 100 ]; then break; fi
+    sleep 0.1
+done
+mv '{report}.new' '{report}'
+tail -n +2 '{stream}'
+"#,
+        stream = stream.display(),
+        report = report.display()
+    )
+}
+
+#[test]
+fn the_build_hosts_stream_is_read_and_parsed_only_by_a_confined_store() {
+    let fixture = fixture();
+    let stream = answer(&[("build.log", b"built\n")]);
+    let sent = fixture.ssh.with_extension("stream");
+    std::fs::write(&sent, &stream).expect("stream");
+    let report = fixture.ssh.with_extension("readers");
+    let output = build_with_ssh(&fixture, &reader_reporting_ssh(&sent, &report));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let result = record_result(&fixture.project);
+    assert_eq!(result["outcome"], "success", "{stderr}\n{result}");
+    // Who read the build host's bytes: only contractor-store, with no_new_privs and a
+    // seccomp filter (its Landlock rules are shown by contractor-store's own tests).
+    let readers = std::fs::read_to_string(&report).expect("the readers' report");
+    assert!(!readers.trim().is_empty(), "no reader found");
+    for reader in readers.lines() {
+        assert_eq!(reader, "contractor-stor 1 2", "readers:\n{readers}");
+    }
 }

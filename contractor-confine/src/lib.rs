@@ -82,6 +82,31 @@ pub struct Policy {
     pub stream_sockets_only: bool,
 }
 
+impl Policy {
+    /// The policy of a tool that reaches no network and runs nothing: it reads `read`,
+    /// writes `read_write`, holds at most `max_open_files`; no TCP bind or connect, no new
+    /// socket of any kind (descriptors held from before still work), no `execve`, the
+    /// [`seccomp::DENIED`] denylist, the [`TOOL_ADDRESS_SPACE`]. No `RLIMIT_FSIZE`: such a
+    /// tool bounds what it writes itself, and the limit would also cap the log its stderr
+    /// may be appended to (`SIGXFSZ` would kill it mid-build). A tool that listens adds its
+    /// port to `bind_ports`.
+    pub fn offline(read: Vec<PathBuf>, read_write: Vec<PathBuf>, max_open_files: u64) -> Policy {
+        Policy {
+            read,
+            read_write,
+            bind_ports: Vec::new(),
+            connect_ports: Some(Vec::new()),
+            max_open_files: Some(max_open_files),
+            max_file_size: None,
+            max_address_space: Some(TOOL_ADDRESS_SPACE),
+            allow_exec: false,
+            allowed_syscalls: None,
+            socket_families: Some(&[]),
+            stream_sockets_only: true,
+        }
+    }
+}
+
 /// Why confinement could not be applied. A kernel that lacks a feature is not an error
 /// (that is a warning in the [`Confinement`]); these are failures of the calls themselves.
 #[derive(Debug, thiserror::Error)]

@@ -35,18 +35,24 @@ fn probing() -> Option<(PathBuf, PathBuf)> {
     Some((dir("PROBE_HOME"), dir("PROBE_WORK")))
 }
 
-fn errno(e: &std::io::Error) -> i32 {
-    e.raw_os_error().unwrap_or(0)
-}
-
-#[test]
-fn a_confined_process_reaches_only_what_its_policy_names() {
+/// A home with a secret in it, and a work directory with `ro/input` and an empty `rw/`.
+fn home_and_work() -> (tempfile::TempDir, tempfile::TempDir) {
     let home = tempfile::tempdir().expect("home");
     let work = tempfile::tempdir().expect("work");
     std::fs::write(home.path().join("secret"), b"ssh key").expect("secret");
     std::fs::create_dir(work.path().join("ro")).expect("ro");
     std::fs::create_dir(work.path().join("rw")).expect("rw");
     std::fs::write(work.path().join("ro/input"), b"input").expect("input");
+    (home, work)
+}
+
+fn errno(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+#[test]
+fn a_confined_process_reaches_only_what_its_policy_names() {
+    let (home, work) = home_and_work();
     std::os::unix::fs::symlink(home.path().join("secret"), work.path().join("rw/leak"))
         .expect("plant the link");
     in_child("probe_policy", home.path(), work.path());
@@ -243,4 +249,46 @@ fn probe_x32() {
     // The x86_64 execve still passes this launcher's filters (and fails for the path).
     let e = raw_syscall(libc::SYS_execve, path.as_ptr() as usize, 0, 0);
     assert_eq!(e, Err(libc::ENOENT), "execve of a missing file");
+}
+
+#[test]
+fn an_offline_tool_reaches_its_paths_and_no_network_and_runs_nothing() {
+    let (home, work) = home_and_work();
+    in_child("probe_offline", home.path(), work.path());
+}
+
+#[test]
+fn probe_offline() {
+    let Some((home, work)) = probing() else {
+        return;
+    };
+    let listening = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listening.local_addr().expect("addr").port();
+    let policy = Policy::offline(vec![work.join("ro")], vec![work.join("rw")], 64);
+    let report = confine("probe", &policy).expect("confine");
+    assert!(report.enforced && report.no_new_privs && report.seccomp && report.rlimits);
+    assert!(report.landlock_fs, "{report:?}");
+
+    // Its paths, and nothing else.
+    assert_eq!(
+        std::fs::read(work.join("ro/input")).expect("read"),
+        b"input"
+    );
+    std::fs::write(work.join("rw/output"), b"out").expect("write output");
+    let e = std::fs::read(home.join("secret")).expect_err("home is out of reach");
+    assert_eq!(errno(&e), libc::EACCES, "{e}");
+    let e = std::fs::write(work.join("ro/new"), b"x").expect_err("read-only");
+    assert_eq!(errno(&e), libc::EACCES, "{e}");
+    // No new socket of any family, so no TCP to a port that listens, no UDP.
+    let e = TcpStream::connect(("127.0.0.1", port)).expect_err("TCP");
+    assert_eq!(errno(&e), libc::EACCES, "{e}");
+    let e = std::net::UdpSocket::bind("127.0.0.1:0").expect_err("UDP");
+    assert_eq!(errno(&e), libc::EACCES, "{e}");
+    // Runs nothing, and holds few files.
+    let e = Command::new("/bin/true").status().expect_err("execve");
+    assert_eq!(errno(&e), libc::EPERM, "{e}");
+    let (soft, _) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).expect("rlimit");
+    assert!(soft <= 64, "{soft}");
+    drop(listening);
 }

@@ -154,6 +154,11 @@ tool_codes! {
     RecordWrite = "record_write",
     /// `record receive`: failed otherwise (its arguments); exit 2.
     RecordReceive = "record_receive",
+    /// `record follow`: the build host's stream ended before its `finished` event; exit 2.
+    HostedCut = "hosted_cut",
+    /// `record follow`: the build host's stream before its record breaks the hosted build
+    /// protocol (no hello first, a malformed line, the record before `finished`); exit 2.
+    HostedStream = "hosted_stream",
     /// `record close-abandoned`: a record could not be closed; exit 3.
     RecordClose = "record_close",
     /// `cache`: not a build id; exit 2.

@@ -119,6 +119,32 @@ pub enum HostedLine {
     },
 }
 
+/// The lines `contractor-store record follow` writes, besides the build events it passes on
+/// (re-encoded from [`crate::build::BuildEvent`]) and its closing `record_received`: what
+/// the build host said before them, once checked.
+///
+/// `{"type":"host_hello","version":1,"contractor":"0.1.0"}`,
+/// `{"type":"host_failed","code":"libvirt_unreachable","chain":["..."]}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FollowedLine {
+    /// The build host's hello: its protocol version and release (compared by the front
+    /// end with its own).
+    HostHello {
+        /// The build host's protocol version.
+        version: u32,
+        /// The build host's release.
+        contractor: String,
+    },
+    /// The build host's error object: it could not run the build. The last line.
+    HostFailed {
+        /// Its code.
+        code: String,
+        /// Its chain, outermost first.
+        chain: Vec<String>,
+    },
+}
+
 /// `contractor-vm capacity`: what a build host has room for, as its libvirt reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]

@@ -270,58 +270,93 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     JSON_ERRORS.store(cli.json_errors, std::sync::atomic::Ordering::Relaxed);
     let no_confine = cli.no_confine;
+    let (config, access_log, metrics_addr) = match configure(cli) {
+        Ok(configured) => configured,
+        Err((code, name, e)) => return fail(code, name, &e),
+    };
+    // Bound and confined before any thread starts: Landlock (before ABI 8) holds only the
+    // thread that asks and the threads it starts afterwards, the runtime's workers among them.
+    let prepared = match prepare(config, access_log, metrics_addr, no_confine) {
+        Ok(prepared) => prepared,
+        Err(e) => return fail(ExitCode::Infrastructure, ToolCode::Serve, &e),
+    };
+    serve(prepared)
+}
+
+/// Why the proxy cannot start: its exit code, its error code and the error.
+type Failure = (ExitCode, ToolCode, anyhow::Error);
+
+/// Turns the flags and the `--config` file into the proxy's configuration, with its pins,
+/// tunnel hosts, download cache and inspection; also the access log's path and the
+/// metrics address, which `prepare` opens and binds.
+fn configure(cli: Cli) -> Result<(ProxyConfig, Option<PathBuf>, Option<SocketAddr>), Failure> {
     let (cache_dir, cache_max, offline) = (cli.cache.clone(), cli.cache_max, cli.offline);
     let (cache_project, cache_size) = (cli.cache_project.clone(), cli.cache_size);
     let record_downloads = cli.record_downloads;
     let inspect = cli.inspect;
     let pins = match cli.pins.as_deref().map(read_pins).transpose() {
         Ok(pins) => pins.unwrap_or_default(),
-        Err(e) => return fail(ExitCode::BadInput, ToolCode::BadPins, &e),
+        Err(e) => return Err((ExitCode::BadInput, ToolCode::BadPins, e)),
     };
-    let tunnel = match contractor_proxy::Allowlist::parse(&cli.tunnel) {
-        Ok(tunnel) => tunnel,
-        Err(e) => return fail(ExitCode::BadInput, ToolCode::BadRule, &anyhow!(e)),
-    };
-    let settings = match cli.into_settings() {
-        Ok(settings) => settings,
-        Err(e) => return fail(ExitCode::BadInput, ToolCode::BadConfig, &e),
-    };
+    let tunnel = contractor_proxy::Allowlist::parse(&cli.tunnel)
+        .map_err(|e| (ExitCode::BadInput, ToolCode::BadRule, anyhow!(e)))?;
+    let settings = cli
+        .into_settings()
+        .map_err(|e| (ExitCode::BadInput, ToolCode::BadConfig, e))?;
     let access_log = settings.access_log.clone();
     let metrics_addr = settings.metrics;
-    let mut config = match settings.into_config() {
-        Ok(config) => config,
-        Err(e) => return fail(ExitCode::BadInput, ToolCode::BadRule, &anyhow!(e)),
-    };
+    let mut config = settings
+        .into_config()
+        .map_err(|e| (ExitCode::BadInput, ToolCode::BadRule, anyhow!(e)))?;
     config.record_downloads = record_downloads;
     config.tunnel = tunnel;
     config.pins = std::sync::Arc::new(pins);
     config.offline = offline;
     if let Some(dir) = &cache_dir {
-        use contractor_proxy::cache::{self, index::ProjectKey, CacheSettings};
-        let project = match ProjectKey::parse(cache_project.as_deref().unwrap_or_default()) {
-            Ok(project) => project,
-            Err(e) => {
-                let e = anyhow!(e).context("--cache-project");
-                return fail(ExitCode::BadInput, ToolCode::BadCacheProject, &e);
-            }
-        };
-        let settings = CacheSettings {
-            project,
-            quota: cache_max.unwrap_or(cache::DEFAULT_MAX_WRITTEN),
-            size: cache_size.unwrap_or(cache::DEFAULT_SIZE),
-            pins: config.pins.values().cloned().collect(),
-        };
-        match cache::DownloadCache::open(dir, settings) {
-            Ok(cache) => config.cache = Some(std::sync::Arc::new(cache)),
-            Err(e) => {
-                let e =
-                    anyhow!(e).context(format!("cannot open the download cache {}", dir.display()));
-                return fail(ExitCode::Infrastructure, ToolCode::Cache, &e);
-            }
-        }
+        let cache = open_cache(
+            &config,
+            dir,
+            cache_project.as_deref(),
+            cache_max,
+            cache_size,
+        )?;
+        config.cache = Some(std::sync::Arc::new(cache));
     }
-    // The trust store is read before the proxy is confined; the authority's key is made
-    // in memory and never written.
+    set_inspection(&mut config, inspect)?;
+    Ok((config, access_log, metrics_addr))
+}
+
+/// Opens the download cache `dir` for the project `--cache-project` names, with the
+/// `--cache-max` quota, the `--cache-size` bound and the configuration's pins.
+fn open_cache(
+    config: &ProxyConfig,
+    dir: &std::path::Path,
+    project: Option<&str>,
+    max: Option<u64>,
+    size: Option<u64>,
+) -> Result<contractor_proxy::cache::DownloadCache, Failure> {
+    use contractor_proxy::cache::{self, index::ProjectKey, CacheSettings};
+    let project = ProjectKey::parse(project.unwrap_or_default()).map_err(|e| {
+        let e = anyhow!(e).context("--cache-project");
+        (ExitCode::BadInput, ToolCode::BadCacheProject, e)
+    })?;
+    let settings = CacheSettings {
+        project,
+        quota: max.unwrap_or(cache::DEFAULT_MAX_WRITTEN),
+        size: size.unwrap_or(cache::DEFAULT_SIZE),
+        pins: config.pins.values().cloned().collect(),
+    };
+    cache::DownloadCache::open(dir, settings).map_err(|e| {
+        let e = anyhow!(e).context(format!("cannot open the download cache {}", dir.display()));
+        (ExitCode::Infrastructure, ToolCode::Cache, e)
+    })
+}
+
+/// With `--inspect`, makes the build authority for the hosts the configuration reaches;
+/// without it, refuses an https:// URL rule (only an inspecting proxy can check one).
+/// The trust store is read before the proxy is confined; the authority's key is made in
+/// memory and never written.
+fn set_inspection(config: &mut ProxyConfig, inspect: bool) -> Result<(), Failure> {
     if !inspect {
         if let Some(rule) = config
             .url_rules
@@ -333,21 +368,17 @@ fn main() -> std::process::ExitCode {
                  read the requests; without it allow the host ({})",
                 rule.host
             );
-            return fail(ExitCode::BadInput, ToolCode::BadRule, &e);
+            return Err((ExitCode::BadInput, ToolCode::BadRule, e));
         }
+        return Ok(());
     }
-    if inspect {
-        match inspection(&config.reachable_hosts()) {
-            Ok(inspection) => config.inspection = inspection,
-            Err(e) => return fail(ExitCode::Infrastructure, ToolCode::Inspect, &e),
-        }
-    }
-    // Bound and confined before any thread starts: Landlock (before ABI 8) holds only the
-    // thread that asks and the threads it starts afterwards, the runtime's workers among them.
-    let prepared = match prepare(config, access_log, metrics_addr, no_confine) {
-        Ok(prepared) => prepared,
-        Err(e) => return fail(ExitCode::Infrastructure, ToolCode::Serve, &e),
-    };
+    config.inspection = inspection(&config.reachable_hosts())
+        .map_err(|e| (ExitCode::Infrastructure, ToolCode::Inspect, e))?;
+    Ok(())
+}
+
+/// Starts the async runtime and serves until SIGTERM or SIGINT.
+fn serve(prepared: Prepared) -> std::process::ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

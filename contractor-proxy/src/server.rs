@@ -679,42 +679,12 @@ impl Proxy {
         over_capacity: bool,
     ) -> Response<ProxyBody> {
         let method = request.method().clone();
-        let report = self.config.mode == Mode::Report;
-        let (target, earlier) = match target_of(&request) {
-            Ok(target) => (target, None),
-            Err(Rejected { denial, target }) if report && denial.is_policy() => {
-                (target, Some(denial))
-            }
+        let (target, earlier) = match self.screen(&method, &mut request, over_capacity) {
+            Ok(screened) => screened,
             Err(Rejected { denial, target }) => {
-                return self.refuse(client, &method, target, denial);
+                return self.refuse(client, &method, target, denial)
             }
         };
-        let limit = self.config.limits.max_header_bytes;
-        let size = head_size(&request);
-        if size > limit {
-            return self.refuse(
-                client,
-                &method,
-                target,
-                Denial::HeadTooLarge { size, limit },
-            );
-        }
-        if over_capacity {
-            let denial = Denial::OverCapacity(self.config.limits.max_connections);
-            return self.refuse(client, &method, target, denial);
-        }
-        match self.check_url_rules(&method, &request, &target) {
-            // Forward what the rule matched: the normalised path.
-            Ok(Some(checked)) => {
-                if !set_path(&mut request, &checked) {
-                    let url = request.uri().to_string();
-                    return self.refuse(client, &method, target, Denial::UrlNotAllowed(url));
-                }
-            }
-            Ok(None) => {}
-            Err(denial) if report && denial.is_policy() => {}
-            Err(denial) => return self.refuse(client, &method, target, denial),
-        }
         let plain = method != Method::CONNECT && !request.headers().contains_key(header::UPGRADE);
         if self.config.offline || (plain && self.config.cache.is_some()) {
             if let Some(response) = self
@@ -749,27 +719,16 @@ impl Proxy {
             false => None,
         };
         if let Some(inspection) = inspection {
-            // The CONNECT is answered 200 once the host is known to be reachable: a new
-            // connection to it is open, or a pooled one is alive. With pins and a cache it
-            // is answered at once (the session may need no network at all). Either way a
-            // host that fails later is recorded as this CONNECT's refusal, once.
-            let lazily = self.config.cache.is_some() && !self.config.pins.is_empty();
-            let pooled = self
-                .upstreams
-                .has(&target.host, target.port, &admitted.addrs);
-            let dial = match lazily || pooled {
-                true => Dial::Later(admitted.addrs),
-                false => match self
-                    .connect_metered(&target, &admitted.addrs, self.upstream_clock(), &exchange)
-                    .await
-                {
-                    Ok(upstream) => Dial::Connected(upstream, admitted.addrs),
-                    Err(e) => return self.finish(Err(e), &exchange),
-                },
-            };
-            exchange.status.store(200, Ordering::Relaxed);
-            let client_side = hyper::upgrade::on(&mut request);
-            return self.inspect(client, client_side, dial, exchange, target, inspection);
+            return self
+                .connect_inspected(
+                    client,
+                    request,
+                    target,
+                    admitted.addrs,
+                    exchange,
+                    inspection,
+                )
+                .await;
         }
         let (_, upstream, _) = match self
             .connect_metered(&target, &admitted.addrs, Arc::clone(&activity), &exchange)
@@ -785,6 +744,79 @@ impl Proxy {
         }
         let result = self.forward(request, &target, upstream, &exchange).await;
         self.finish(result, &exchange)
+    }
+
+    /// The checks that need neither the network nor the cache: the request's target, the
+    /// size of its head, the connection limit and the URL rules (a matched request's path is
+    /// set to the normalised one the rule checked). `Ok`: the target, and in report mode the
+    /// policy refusal it would have had; `Err`: the refusal, with what is known of the target.
+    fn screen(
+        &self,
+        method: &Method,
+        request: &mut Request<Incoming>,
+        over_capacity: bool,
+    ) -> Result<(Target, Option<Denial>), Rejected> {
+        let report = self.config.mode == Mode::Report;
+        let (target, earlier) = match target_of(request) {
+            Ok(target) => (target, None),
+            Err(Rejected { denial, target }) if report && denial.is_policy() => {
+                (target, Some(denial))
+            }
+            Err(rejected) => return Err(rejected),
+        };
+        let refused = |denial, target| Err(Rejected { denial, target });
+        let limit = self.config.limits.max_header_bytes;
+        let size = head_size(request);
+        if size > limit {
+            return refused(Denial::HeadTooLarge { size, limit }, target);
+        }
+        if over_capacity {
+            let denial = Denial::OverCapacity(self.config.limits.max_connections);
+            return refused(denial, target);
+        }
+        match self.check_url_rules(method, request, &target) {
+            // Forward what the rule matched: the normalised path.
+            Ok(Some(checked)) => {
+                if !set_path(request, &checked) {
+                    let url = request.uri().to_string();
+                    return refused(Denial::UrlNotAllowed(url), target);
+                }
+            }
+            Ok(None) => {}
+            Err(denial) if report && denial.is_policy() => {}
+            Err(denial) => return refused(denial, target),
+        }
+        Ok((target, earlier))
+    }
+
+    /// An admitted CONNECT that is inspected. It is answered 200 once the host is known to
+    /// be reachable: a new connection to it is open, or a pooled one is alive. With pins and
+    /// a cache it is answered at once (the session may need no network at all). Either way
+    /// a host that fails later is recorded as this CONNECT's refusal, once.
+    async fn connect_inspected(
+        self: &Arc<Self>,
+        client: SocketAddr,
+        mut request: Request<Incoming>,
+        target: Target,
+        addrs: Vec<SocketAddr>,
+        exchange: Arc<Exchange>,
+        inspection: Inspection,
+    ) -> Response<ProxyBody> {
+        let lazily = self.config.cache.is_some() && !self.config.pins.is_empty();
+        let pooled = self.upstreams.has(&target.host, target.port, &addrs);
+        let dial = match lazily || pooled {
+            true => Dial::Later(addrs),
+            false => match self
+                .connect_metered(&target, &addrs, self.upstream_clock(), &exchange)
+                .await
+            {
+                Ok(upstream) => Dial::Connected(upstream, addrs),
+                Err(e) => return self.finish(Err(e), &exchange),
+            },
+        };
+        exchange.status.store(200, Ordering::Relaxed);
+        let client_side = hyper::upgrade::on(&mut request);
+        self.inspect(client, client_side, dial, exchange, target, inspection)
     }
 
     /// The answer that needs no network, if there is one: a plain `GET` of a pinned URL

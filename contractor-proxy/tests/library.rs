@@ -2,82 +2,31 @@
 //! through a CONNECT tunnel, and a staged resolver where DNS answers must be controlled
 //! (a private answer, a failing first address, the proxy's own address, a silent address).
 
+#[allow(dead_code)]
+mod served;
+#[allow(dead_code)]
+mod test_tls;
+
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use contractor_protocol::proxy::{Decision, Download, ProxyLine, Verdict};
-use contractor_proxy::{Allowlist, IpNet, ProxyConfig, Resolver};
+use contractor_protocol::proxy::Verdict;
+use contractor_proxy::{Allowlist, ProxyConfig, Resolver};
+use served::{connect_tls, inspect_tls, open_to_loopback, start, start_on};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tokio_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
-/// A proxy served in this process; stops when dropped.
-struct Running {
-    addr: SocketAddr,
-    decisions: mpsc::UnboundedReceiver<ProxyLine>,
-    _stop: oneshot::Sender<()>,
-}
-
-impl Running {
-    async fn next_line(&mut self) -> ProxyLine {
-        tokio::time::timeout(PATIENCE, self.decisions.recv())
-            .await
-            .expect("a line in time")
-            .expect("a line")
-    }
-
-    async fn next_decision(&mut self) -> Decision {
-        match self.next_line().await {
-            ProxyLine::Decision(decision) => decision,
-            other => panic!("a decision, not {other:?}"),
-        }
-    }
-
-    async fn next_download(&mut self) -> Download {
-        match self.next_line().await {
-            ProxyLine::Download(download) => download,
-            other => panic!("a download, not {other:?}"),
-        }
-    }
-}
-
-async fn start(config: ProxyConfig) -> Running {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-    start_on(config, listener).await
-}
-
-async fn start_on(config: ProxyConfig, listener: TcpListener) -> Running {
-    let addr = listener.local_addr().expect("proxy address");
-    let (sender, decisions) = mpsc::unbounded_channel();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(contractor_proxy::serve(
-        config,
-        listener,
-        sender,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    Running {
-        addr,
-        decisions,
-        _stop: stop,
-    }
-}
-
 /// Allows `rules` on any port, loopback networks open, DNS answered by `answers`.
 fn config(rules: &[&str], answers: Vec<SocketAddr>) -> ProxyConfig {
-    let mut config = ProxyConfig::new(Allowlist::parse(rules).expect("rules"));
-    config.allowed_nets = vec!["127.0.0.0/8".parse::<IpNet>().expect("net")];
-    config.allowed_ports = (1..=u16::MAX).collect();
+    let mut config = open_to_loopback(rules);
     let answers = Arc::new(answers);
     config.resolver = Resolver::new(move |host, _port| {
         let answers = Arc::clone(&answers);
@@ -388,7 +337,7 @@ async fn each_forwarded_response_is_recorded_with_the_sha256_of_its_body() {
     .await;
     assert_eq!(quiet.next_decision().await.decision, Verdict::Allow);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(quiet.decisions.try_recv().is_err(), "no download line");
+    assert!(quiet.lines.try_recv().is_err(), "no download line");
 }
 
 /// A TLS server for `name` with a certificate of its own test authority (returned, for the
@@ -399,23 +348,7 @@ async fn tls_server(name: &str, body: &'static [u8]) -> (SocketAddr, RootCertSto
 
 /// [`tls_server`], answering each request with `body`, or with the request's own head.
 async fn tls_server_with(name: &str, body: Option<&'static [u8]>) -> (SocketAddr, RootCertStore) {
-    let ca_key = rcgen::KeyPair::generate().expect("key");
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().expect("key");
-    let cert = rcgen::CertificateParams::new(vec![name.to_string()])
-        .expect("params")
-        .signed_by(&key, &issuer)
-        .expect("leaf");
-    let server_config = ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-        .expect("server config");
+    let (server_config, ca_cert) = test_tls::server_for(name);
     let acceptor = TlsAcceptor::from(Arc::new(server_config));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind tls");
     let addr = listener.local_addr().expect("addr");
@@ -450,46 +383,8 @@ async fn tls_server_with(name: &str, body: Option<&'static [u8]>) -> (SocketAddr
             });
         }
     });
-    let mut roots = RootCertStore::empty();
-    roots.add(ca_cert.der().clone()).expect("root");
+    let roots = test_tls::roots_of(&ca_cert);
     (addr, roots)
-}
-
-/// CONNECTs to `host:port` through `proxy`, then speaks TLS trusting only `trusted`.
-async fn connect_tls(
-    proxy: SocketAddr,
-    host: &str,
-    port: u16,
-    trusted: &rustls_cert::CertificateDer<'static>,
-) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let mut stream = TcpStream::connect(proxy).await?;
-    stream
-        .write_all(
-            format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n").as_bytes(),
-        )
-        .await?;
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.push(stream.read_u8().await?);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(trusted.clone())
-        .expect("trust the build authority");
-    let client_config = ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    TlsConnector::from(Arc::new(client_config))
-        .connect(
-            ServerName::try_from(host.to_string()).expect("name"),
-            stream,
-        )
-        .await
 }
 
 /// Sends GET `path` on `tls` and reads one response with its Content-Length body.
@@ -510,19 +405,10 @@ fn inspecting(
     upstream: SocketAddr,
     roots: RootCertStore,
 ) -> (ProxyConfig, rustls_cert::CertificateDer<'static>) {
-    use contractor_proxy::inspect;
     let (urls, hosts): (Vec<&str>, Vec<&str>) = rules.iter().partition(|r| r.contains("://"));
     let mut config = config(&hosts, vec![upstream]);
     config.url_rules = urls.iter().map(|r| r.parse().expect("URL rule")).collect();
-    config.record_downloads = true;
-    let authority = inspect::Authority::new(&config.reachable_hosts())
-        .expect("authority")
-        .expect("names");
-    let certificate = authority.certificate().clone();
-    config.inspection = Some(inspect::Inspection {
-        authority: Arc::new(authority),
-        upstream: Arc::new(inspect::client_config(roots)),
-    });
+    let certificate = inspect_tls(&mut config, roots);
     (config, certificate)
 }
 
@@ -604,7 +490,7 @@ async fn an_inspected_handshake_the_upstream_resets_is_tried_again_on_a_new_conn
     assert_eq!(proxy.next_decision().await.decision, Verdict::Allow);
     let download = proxy.next_download().await;
     assert!(download.url.ends_with("/index"), "{download:?}");
-    assert!(proxy.decisions.try_recv().is_err(), "nothing else recorded");
+    assert!(proxy.lines.try_recv().is_err(), "nothing else recorded");
 }
 
 #[tokio::test]

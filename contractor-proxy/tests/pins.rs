@@ -5,6 +5,8 @@
 //! pinned bytes themselves come with `Content-Length`.
 
 #[allow(dead_code)]
+mod test_tls;
+#[allow(dead_code)]
 mod util;
 
 use std::io::Write;
@@ -15,8 +17,6 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 use util::{read_request_head, serve_each, Proxy};
 
@@ -219,23 +219,7 @@ fn a_raw_http10_client_gets_502_not_the_tampered_bytes() {
 /// A TLS server for `localhost` with a certificate of a test authority (its PEM returned),
 /// answering every request on each connection with `answer` and closing.
 async fn tls_upstream(answer: &'static [u8]) -> (SocketAddr, String) {
-    let ca_key = rcgen::KeyPair::generate().expect("key");
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().expect("key");
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-        .expect("params")
-        .signed_by(&key, &issuer)
-        .expect("leaf");
-    let server_config = ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-        .expect("server config");
+    let (server_config, ca_cert) = test_tls::server_for("localhost");
     let acceptor = TlsAcceptor::from(Arc::new(server_config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

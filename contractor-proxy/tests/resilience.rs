@@ -9,6 +9,8 @@
 //! `bench/proxy/dns/run` counts the binary's own DNS queries.
 
 #[allow(dead_code)]
+mod served;
+#[allow(dead_code)]
 mod util;
 
 use std::io::{self, Write};
@@ -19,45 +21,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use contractor_protocol::proxy::{ProxyLine, Verdict};
-use contractor_proxy::{Allowlist, IpNet, ProxyConfig, Resolver};
+use contractor_proxy::{ProxyConfig, Resolver};
+use served::{connect_status, open_to_loopback, start};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
-/// A proxy served in this process; stops when dropped.
-struct Running {
-    addr: SocketAddr,
-    lines: mpsc::UnboundedReceiver<ProxyLine>,
-    _stop: oneshot::Sender<()>,
-}
-
-async fn start(config: ProxyConfig) -> Running {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-    let addr = listener.local_addr().expect("proxy address");
-    let (sender, lines) = mpsc::unbounded_channel();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(contractor_proxy::serve(
-        config,
-        listener,
-        sender,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    Running {
-        addr,
-        lines,
-        _stop: stop,
-    }
-}
-
 /// Allows `rule` on any port, loopback open, names resolved by `resolver`.
 fn config(rule: &str, resolver: Resolver) -> ProxyConfig {
-    let mut config = ProxyConfig::new(Allowlist::parse([rule]).expect("rule"));
-    config.allowed_nets = vec!["127.0.0.0/8".parse::<IpNet>().expect("net")];
-    config.allowed_ports = (1..=u16::MAX).collect();
+    let mut config = open_to_loopback(&[rule]);
     config.resolver = resolver;
     config
 }
@@ -73,21 +46,6 @@ async fn holding_server() -> SocketAddr {
         }
     });
     addr
-}
-
-/// Sends a CONNECT to `target` and reads the status line of the answer.
-async fn connect_status(proxy: SocketAddr, target: String) -> io::Result<String> {
-    let mut stream = TcpStream::connect(proxy).await?;
-    stream
-        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await?;
-    let mut head = Vec::new();
-    let mut byte = [0_u8];
-    while !head.ends_with(b"\r\n\r\n") {
-        stream.read_exact(&mut byte).await?;
-        head.push(byte[0]);
-    }
-    Ok(String::from_utf8_lossy(&head).into_owned())
 }
 
 /// A resolver like a plain one under load: slow (200 ms an answer), and it drops the

@@ -1,6 +1,11 @@
 //! Upstream connections of inspected sessions are pooled across client sessions: against
 //! real local TLS servers (HTTP/1.1 and HTTP/2) that count the connections they accept.
 
+#[allow(dead_code)]
+mod served;
+#[allow(dead_code)]
+mod test_tls;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,18 +13,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use contractor_protocol::proxy::{Decision, Download, ProxyLine, Verdict};
-use contractor_proxy::{inspect, Allowlist, IpNet, ProxyConfig, Resolver};
+use contractor_protocol::proxy::{ProxyLine, Verdict};
+use contractor_proxy::Resolver;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use served::{connect_tls, inspect_tls, open_to_loopback, start, Running};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, Barrier};
-use tokio_rustls::rustls::pki_types::{
-    CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName,
-};
-use tokio_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio::sync::Barrier;
+use tokio_rustls::rustls::pki_types::CertificateDer;
+use tokio_rustls::rustls::RootCertStore;
+use tokio_rustls::TlsAcceptor;
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
@@ -29,98 +33,24 @@ const IDLE_PER_HOST: usize = 16;
 
 const HOST: &str = "registry.test";
 
-/// A proxy served in this process; stops when dropped.
-struct Running {
-    addr: SocketAddr,
-    lines: mpsc::UnboundedReceiver<ProxyLine>,
-    _stop: oneshot::Sender<()>,
-}
-
-impl Running {
-    async fn next_line(&mut self) -> ProxyLine {
-        tokio::time::timeout(PATIENCE, self.lines.recv())
-            .await
-            .expect("a line in time")
-            .expect("a line")
-    }
-
-    async fn next_decision(&mut self) -> Decision {
-        match self.next_line().await {
-            ProxyLine::Decision(decision) => decision,
-            other => panic!("a decision, not {other:?}"),
-        }
-    }
-
-    async fn next_download(&mut self) -> Download {
-        match self.next_line().await {
-            ProxyLine::Download(download) => download,
-            other => panic!("a download, not {other:?}"),
-        }
-    }
-}
-
 /// Inspects TLS to [`HOST`] (answered with `upstream`, trusted through `roots`), recording
 /// downloads; returns the proxy and the authority's certificate for clients to trust.
 async fn inspecting(
     upstream: SocketAddr,
     roots: RootCertStore,
 ) -> (Running, CertificateDer<'static>) {
-    let mut config = ProxyConfig::new(Allowlist::parse(&[HOST]).expect("rules"));
-    config.allowed_nets = vec!["127.0.0.0/8".parse::<IpNet>().expect("net")];
-    config.allowed_ports = (1..=u16::MAX).collect();
+    let mut config = open_to_loopback(&[HOST]);
     config.resolver =
         Resolver::new(move |_host, _port| Box::pin(async move { Ok(vec![upstream]) }));
-    config.record_downloads = true;
-    let authority = inspect::Authority::new(&config.reachable_hosts())
-        .expect("authority")
-        .expect("names");
-    let certificate = authority.certificate().clone();
-    config.inspection = Some(inspect::Inspection {
-        authority: Arc::new(authority),
-        upstream: Arc::new(inspect::client_config(roots)),
-    });
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-    let addr = listener.local_addr().expect("proxy address");
-    let (sender, lines) = mpsc::unbounded_channel();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(contractor_proxy::serve(
-        config,
-        listener,
-        sender,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    let running = Running {
-        addr,
-        lines,
-        _stop: stop,
-    };
-    (running, certificate)
+    let certificate = inspect_tls(&mut config, roots);
+    (start(config).await, certificate)
 }
 
 /// A TLS server for [`HOST`] with a certificate of its own authority (returned as roots).
 fn server_tls(alpn: &[&[u8]]) -> (TlsAcceptor, RootCertStore) {
-    let ca_key = rcgen::KeyPair::generate().expect("key");
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().expect("key");
-    let cert = rcgen::CertificateParams::new(vec![HOST.to_string()])
-        .expect("params")
-        .signed_by(&key, &issuer)
-        .expect("leaf");
-    let mut server_config = ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-        .expect("server config");
+    let (mut server_config, ca_cert) = test_tls::server_for(HOST);
     server_config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let mut roots = RootCertStore::empty();
-    roots.add(ca_cert.der().clone()).expect("root");
+    let roots = test_tls::roots_of(&ca_cert);
     (TlsAcceptor::from(Arc::new(server_config)), roots)
 }
 
@@ -278,33 +208,7 @@ async fn session_sending(
     path: &str,
     body: &'static str,
 ) -> (u16, String) {
-    let mut stream = TcpStream::connect(proxy)
-        .await
-        .expect("connect to the proxy");
-    stream
-        .write_all(
-            format!("CONNECT {HOST}:{port} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n").as_bytes(),
-        )
-        .await
-        .expect("CONNECT");
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.push(stream.read_u8().await.expect("CONNECT answer"));
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(authority.clone())
-        .expect("trust the build authority");
-    let client_config = ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tls = TlsConnector::from(Arc::new(client_config))
-        .connect(ServerName::try_from(HOST).expect("name"), stream)
+    let tls = connect_tls(proxy, HOST, port, authority)
         .await
         .expect("TLS with the proxy as the host");
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))

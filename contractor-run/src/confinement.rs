@@ -21,16 +21,19 @@ pub const MAX_OPEN_FILES: u64 = 1024;
 /// `strace -f` of the relay in real builds (output, artifacts, refused proxy and store
 /// requests), plus the calls of paths those did not take: signal returns, timers, `poll`,
 /// the vectored and message forms of reading and writing, `fstat`.
-pub const SYSCALLS: &[(&str, libc::c_long)] = &[
-    ("read", libc::SYS_read),
-    ("write", libc::SYS_write),
-    ("readv", libc::SYS_readv),
-    ("writev", libc::SYS_writev),
+pub const SYSCALLS: &[(&str, libc::c_long)] = &joined::<
+    RUNTIME_CORE_LEN,
+    RELAY_EXTRAS_LEN,
+    { RUNTIME_CORE_LEN + RELAY_EXTRAS_LEN },
+>(RUNTIME_CORE, RELAY_EXTRAS);
+
+/// The calls the relay makes beyond [`RUNTIME_CORE`]: its async runtime's polling, sockets
+/// (TCP to the proxy and the store, the channels), the log file and the runtime's clocks
+/// and limits.
+const RELAY_EXTRAS: [(&str, libc::c_long); RELAY_EXTRAS_LEN] = [
     ("pread64", libc::SYS_pread64),
     ("pwrite64", libc::SYS_pwrite64),
     ("lseek", libc::SYS_lseek),
-    ("close", libc::SYS_close),
-    ("fcntl", libc::SYS_fcntl),
     ("ioctl", libc::SYS_ioctl),
     ("fsync", libc::SYS_fsync),
     ("fdatasync", libc::SYS_fdatasync),
@@ -42,8 +45,6 @@ pub const SYSCALLS: &[(&str, libc::c_long)] = &[
     ("socketpair", libc::SYS_socketpair),
     ("connect", libc::SYS_connect),
     ("shutdown", libc::SYS_shutdown),
-    ("recvfrom", libc::SYS_recvfrom),
-    ("sendto", libc::SYS_sendto),
     ("recvmsg", libc::SYS_recvmsg),
     ("sendmsg", libc::SYS_sendmsg),
     ("getsockopt", libc::SYS_getsockopt),
@@ -58,6 +59,26 @@ pub const SYSCALLS: &[(&str, libc::c_long)] = &[
     ("pipe2", libc::SYS_pipe2),
     ("poll", libc::SYS_poll),
     ("ppoll", libc::SYS_ppoll),
+    ("clock_getres", libc::SYS_clock_getres),
+    ("gettimeofday", libc::SYS_gettimeofday),
+    ("prlimit64", libc::SYS_prlimit64),
+    ("getrlimit", libc::SYS_getrlimit),
+];
+const RELAY_EXTRAS_LEN: usize = 32;
+
+/// The calls both confined `contractor-run` processes make (the relay and `contractor-run
+/// shell`): reading and writing descriptors they hold, memory, threads and their locks,
+/// signals, `prctl` (the confinement report reads `no_new_privs`), randomness, clocks and
+/// sleeps. Each allowlist is this core plus its own extras.
+const RUNTIME_CORE: [(&str, libc::c_long); RUNTIME_CORE_LEN] = [
+    ("read", libc::SYS_read),
+    ("write", libc::SYS_write),
+    ("readv", libc::SYS_readv),
+    ("writev", libc::SYS_writev),
+    ("recvfrom", libc::SYS_recvfrom),
+    ("sendto", libc::SYS_sendto),
+    ("close", libc::SYS_close),
+    ("fcntl", libc::SYS_fcntl),
     ("mmap", libc::SYS_mmap),
     ("munmap", libc::SYS_munmap),
     ("mprotect", libc::SYS_mprotect),
@@ -82,14 +103,31 @@ pub const SYSCALLS: &[(&str, libc::c_long)] = &[
     ("prctl", libc::SYS_prctl),
     ("getrandom", libc::SYS_getrandom),
     ("clock_gettime", libc::SYS_clock_gettime),
-    ("clock_getres", libc::SYS_clock_getres),
-    ("gettimeofday", libc::SYS_gettimeofday),
-    ("clock_nanosleep", libc::SYS_clock_nanosleep),
     ("nanosleep", libc::SYS_nanosleep),
+    ("clock_nanosleep", libc::SYS_clock_nanosleep),
     ("restart_syscall", libc::SYS_restart_syscall),
-    ("prlimit64", libc::SYS_prlimit64),
-    ("getrlimit", libc::SYS_getrlimit),
 ];
+const RUNTIME_CORE_LEN: usize = 35;
+
+/// `core` followed by `extras`, as one list (`N` is their lengths' sum, checked when it is
+/// built).
+const fn joined<const A: usize, const B: usize, const N: usize>(
+    core: [(&'static str, libc::c_long); A],
+    extras: [(&'static str, libc::c_long); B],
+) -> [(&'static str, libc::c_long); N] {
+    assert!(A + B == N, "N must be the sum of the two lengths");
+    let mut all = [("", 0); N];
+    let mut i = 0;
+    while i < A {
+        all[i] = core[i];
+        i += 1;
+    }
+    while i < N {
+        all[i] = extras[i - A];
+        i += 1;
+    }
+    all
+}
 
 /// The confinement policy of a relay that runs `request`.
 pub fn policy(request: &RunRequest) -> Policy {
@@ -125,60 +163,15 @@ pub const SHELL_MAX_OPEN_FILES: u64 = 64;
 /// carrying a shell (a thread's start asks `sched_getaffinity`; the confinement report
 /// reads `no_new_privs` with `prctl`; the standard library checks a descriptor with
 /// `fcntl` when it closes it), plus signal returns and the sleeps of a contended lock.
-pub const SHELL_SYSCALLS: &[(&str, libc::c_long)] = &[
-    ("read", libc::SYS_read),
-    ("write", libc::SYS_write),
-    ("readv", libc::SYS_readv),
-    ("writev", libc::SYS_writev),
-    ("recvfrom", libc::SYS_recvfrom),
-    ("sendto", libc::SYS_sendto),
-    ("close", libc::SYS_close),
-    ("fcntl", libc::SYS_fcntl),
-    ("mmap", libc::SYS_mmap),
-    ("munmap", libc::SYS_munmap),
-    ("mprotect", libc::SYS_mprotect),
-    ("madvise", libc::SYS_madvise),
-    ("mremap", libc::SYS_mremap),
-    ("brk", libc::SYS_brk),
-    ("futex", libc::SYS_futex),
-    ("set_robust_list", libc::SYS_set_robust_list),
-    ("rseq", libc::SYS_rseq),
-    ("clone", libc::SYS_clone),
-    ("exit", libc::SYS_exit),
-    ("exit_group", libc::SYS_exit_group),
-    ("sched_yield", libc::SYS_sched_yield),
-    ("sched_getaffinity", libc::SYS_sched_getaffinity),
-    ("gettid", libc::SYS_gettid),
-    ("getpid", libc::SYS_getpid),
-    ("tgkill", libc::SYS_tgkill),
-    ("rt_sigaction", libc::SYS_rt_sigaction),
-    ("rt_sigprocmask", libc::SYS_rt_sigprocmask),
-    ("rt_sigreturn", libc::SYS_rt_sigreturn),
-    ("sigaltstack", libc::SYS_sigaltstack),
-    ("prctl", libc::SYS_prctl),
-    ("getrandom", libc::SYS_getrandom),
-    ("clock_gettime", libc::SYS_clock_gettime),
-    ("nanosleep", libc::SYS_nanosleep),
-    ("clock_nanosleep", libc::SYS_clock_nanosleep),
-    ("restart_syscall", libc::SYS_restart_syscall),
-];
+pub const SHELL_SYSCALLS: &[(&str, libc::c_long)] = &RUNTIME_CORE;
 
 /// The confinement policy of `contractor-run shell`, which holds its control channel
 /// before it confines itself: no file, no TCP, no new socket of any kind, the
 /// [`SHELL_SYSCALLS`] allowlist.
 pub fn shell_policy() -> Policy {
     Policy {
-        read: Vec::new(),
-        read_write: Vec::new(),
-        bind_ports: Vec::new(),
-        connect_ports: Some(Vec::new()),
-        max_open_files: Some(SHELL_MAX_OPEN_FILES),
-        max_file_size: None,
-        max_address_space: Some(contractor_confine::TOOL_ADDRESS_SPACE),
-        allow_exec: false,
         allowed_syscalls: Some(SHELL_SYSCALLS),
-        socket_families: Some(&[]),
-        stream_sockets_only: true,
+        ..Policy::offline(Vec::new(), Vec::new(), SHELL_MAX_OPEN_FILES)
     }
 }
 
@@ -227,5 +220,19 @@ mod tests {
                 "{name} is on both lists"
             );
         }
+    }
+
+    #[test]
+    fn each_allowlist_is_the_runtime_core_and_its_extras_each_call_once() {
+        for list in [SYSCALLS, SHELL_SYSCALLS] {
+            for call in RUNTIME_CORE {
+                assert!(list.contains(&call), "{} missing", call.0);
+            }
+            let mut numbers: Vec<_> = list.iter().map(|&(_, nr)| nr).collect();
+            numbers.sort_unstable();
+            numbers.dedup();
+            assert_eq!(numbers.len(), list.len(), "a call listed twice");
+        }
+        assert_eq!(SYSCALLS[RUNTIME_CORE_LEN..], RELAY_EXTRAS[..]);
     }
 }

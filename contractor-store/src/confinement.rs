@@ -4,8 +4,8 @@
 //! read-write (builds and `cas/` blobs beneath it); the token file read-only, since it is
 //! read again when it changes; TCP bind only to the port it already listens on, and no TCP
 //! connect at all. Nothing else on the host: not the user's home, not the rest of the store.
-//! `record receive` ([`receipt_policy`]), which reads a build host's record stream, may
-//! write only that one record, and makes no socket at all.
+//! `record receive` and `record follow` ([`receipt_policy`]), which read a build host's
+//! stream, may write only that one record, and make no socket at all.
 
 use std::path::{Path, PathBuf};
 
@@ -34,25 +34,16 @@ pub fn policy(needs: &Needs<'_>) -> Policy {
         Some(_) => Vec::new(),
         None => vec![needs.root.to_path_buf()],
     };
+    let read = needs
+        .token_file
+        .map(Path::to_path_buf)
+        .into_iter()
+        .collect();
+    // It accepts on the socket it listens on and makes none. No RLIMIT_FSIZE: the store's
+    // own limits bound every upload.
     Policy {
-        read: needs
-            .token_file
-            .map(Path::to_path_buf)
-            .into_iter()
-            .collect(),
-        read_write: writable,
         bind_ports: vec![needs.port],
-        connect_ports: Some(Vec::new()),
-        max_open_files: Some(MAX_OPEN_FILES),
-        // No RLIMIT_FSIZE: the store's own limits bound every upload, and the limit would
-        // also cap the log file its stderr is appended to (SIGXFSZ would kill it mid-build).
-        max_file_size: None,
-        max_address_space: Some(contractor_confine::TOOL_ADDRESS_SPACE),
-        allow_exec: false,
-        allowed_syscalls: None,
-        // It accepts on the socket it listens on and makes none.
-        socket_families: Some(&[]),
-        stream_sockets_only: true,
+        ..Policy::offline(read, writable, MAX_OPEN_FILES)
     }
 }
 
@@ -62,19 +53,6 @@ pub const RECEIPT_OPEN_FILES: u64 = 64;
 /// The confinement policy of `record receive` into the record directory `record`
 /// (canonical): that directory read-write, nothing else; no TCP, no new socket, no exec.
 pub fn receipt_policy(record: &Path) -> Policy {
-    Policy {
-        read: Vec::new(),
-        read_write: vec![record.to_path_buf()],
-        bind_ports: Vec::new(),
-        connect_ports: Some(Vec::new()),
-        max_open_files: Some(RECEIPT_OPEN_FILES),
-        // No RLIMIT_FSIZE: the receipt charges every file against the record's limit, and
-        // the limit would also cap the log its stderr may be appended to.
-        max_file_size: None,
-        max_address_space: Some(contractor_confine::TOOL_ADDRESS_SPACE),
-        allow_exec: false,
-        allowed_syscalls: None,
-        socket_families: Some(&[]),
-        stream_sockets_only: true,
-    }
+    // No RLIMIT_FSIZE: the receipt charges every file against the record's limit.
+    Policy::offline(Vec::new(), vec![record.to_path_buf()], RECEIPT_OPEN_FILES)
 }

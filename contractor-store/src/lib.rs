@@ -20,6 +20,7 @@ pub mod cache;
 pub mod confinement;
 pub mod digest;
 pub mod files;
+pub mod follow;
 pub mod limits;
 pub mod pack;
 pub mod path;

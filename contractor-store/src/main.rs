@@ -1,7 +1,7 @@
 //! `contractor-store`: `serve` a store directory over HTTP (one `ready` line on stdout,
 //! stops on SIGTERM or SIGINT), write a build's artifact `index`, collect garbage (`gc`),
 //! make a build `token`, `pack` a project's source into a record, keep a project's build
-//! `cache`, or `record receive` a build host's record and close abandoned ones. Flags map onto library calls; errors become exit codes here only.
+//! `cache`, or `record follow|receive` a build host's stream and record and close abandoned ones. Flags map onto library calls; errors become exit codes here only.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -19,6 +19,7 @@ use contractor_protocol::units::{parse_duration, parse_size};
 use contractor_protocol::ExitCode;
 use contractor_store::cache::CacheError;
 use contractor_store::confinement::Needs;
+use contractor_store::follow::{self, FollowError};
 use contractor_store::pack::MAX_SOURCE_ENTRIES;
 use contractor_store::receipt::ReceiptError;
 use contractor_store::{GcOptions, Store, StoreConfig, TokenTable};
@@ -50,46 +51,7 @@ Output on stdout, once it listens:\n  \
 Exit codes: 0 stopped by SIGTERM/SIGINT, 2 bad root or flags, 3 cannot serve.\n\
 With --json-errors a failure is also one {\"type\":\"error\",...} object on stdout."
     )]
-    Serve {
-        /// The store directory; it must exist.
-        #[arg(long, value_name = "DIR")]
-        root: PathBuf,
-        /// Address to listen on; port 0 picks a free port.
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
-        listen: SocketAddr,
-        /// Serve only /builds/ID/... (one build's inputs and artifacts); refuse the rest.
-        #[arg(long, value_name = "ID")]
-        only_build: Option<String>,
-        /// Require build tokens: FILE holds '<build-id> <token>' lines and is read again
-        /// when it changes.
-        #[arg(long, value_name = "FILE")]
-        token_file: Option<PathBuf>,
-        /// Largest single upload (bytes, or with K/M/G/T).
-        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-        max_artifact_bytes: Option<u64>,
-        /// Largest total of one build's artifacts (bytes, or with K/M/G/T).
-        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-        max_build_bytes: Option<u64>,
-        /// Cut an upload whose body sends nothing for this long (30s, 5m, ...; at least
-        /// 1s): it is answered 408 and nothing of it is kept.
-        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_idle_timeout)]
-        body_idle_timeout: Duration,
-        /// Most connections served at once; each one over it is answered 503 and closed.
-        #[arg(long, value_name = "N", default_value_t = contractor_store::DEFAULT_MAX_CONNECTIONS as u64,
-              value_parser = clap::value_parser!(u64).range(1..=MAX_CONNECTIONS))]
-        max_connections: u64,
-        /// Do not log each request on stderr.
-        #[arg(long)]
-        no_access_log: bool,
-        /// Do not confine the store (Landlock, seccomp, rlimits): for debugging only; the
-        /// ready line then says `"enforced":false`.
-        #[arg(long)]
-        no_confine: bool,
-        /// Threads that serve requests (default: one per CPU core). Large-file reads,
-        /// uploads and fsyncs run on extra threads of their own.
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
-        workers: Option<u16>,
-    },
+    Serve(ServeArgs),
     /// Write builds/ID/artifacts.json listing every artifact with its size and SHA-256, and
     /// print it.
     Index {
@@ -156,6 +118,67 @@ With --json-errors a failure is also one {\"type\":\"error\",...} object on stdo
     Record(RecordCommand),
 }
 
+/// `contractor-store serve`'s flags.
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// The store directory; it must exist.
+    #[arg(long, value_name = "DIR")]
+    root: PathBuf,
+    /// Address to listen on; port 0 picks a free port.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Serve only /builds/ID/... (one build's inputs and artifacts); refuse the rest.
+    #[arg(long, value_name = "ID")]
+    only_build: Option<String>,
+    /// Require build tokens: FILE holds '<build-id> <token>' lines and is read again
+    /// when it changes.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Largest single upload (bytes, or with K/M/G/T).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_artifact_bytes: Option<u64>,
+    /// Largest total of one build's artifacts (bytes, or with K/M/G/T).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_build_bytes: Option<u64>,
+    /// Cut an upload whose body sends nothing for this long (30s, 5m, ...; at least
+    /// 1s): it is answered 408 and nothing of it is kept.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_idle_timeout)]
+    body_idle_timeout: Duration,
+    /// Most connections served at once; each one over it is answered 503 and closed.
+    #[arg(long, value_name = "N", default_value_t = contractor_store::DEFAULT_MAX_CONNECTIONS as u64,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_CONNECTIONS))]
+    max_connections: u64,
+    /// Do not log each request on stderr.
+    #[arg(long)]
+    no_access_log: bool,
+    /// Do not confine the store (Landlock, seccomp, rlimits): for debugging only; the
+    /// ready line then says `"enforced":false`.
+    #[arg(long)]
+    no_confine: bool,
+    /// Threads that serve requests (default: one per CPU core). Large-file reads,
+    /// uploads and fsyncs run on extra threads of their own.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    workers: Option<u16>,
+}
+
+/// `record receive`'s and `record follow`'s flags: where the record goes, and its bound.
+#[derive(Debug, clap::Args)]
+struct Receipt {
+    /// The store directory.
+    #[arg(long, value_name = "DIR")]
+    root: PathBuf,
+    /// The build.
+    #[arg(long, value_name = "ID")]
+    build: String,
+    /// The most bytes the record may take, each file and directory counted as at least
+    /// 4096 (bytes, or with K/M/G/T).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_bytes: u64,
+    /// Do not confine the receipt (Landlock, seccomp, rlimits): for debugging only.
+    #[arg(long)]
+    no_confine: bool,
+}
+
 #[derive(Debug, Subcommand)]
 #[command(
     after_help = "Exit codes: 0 done; 2 a bad build id or a refused record stream; 3 the record could\n\
@@ -167,21 +190,13 @@ enum RecordCommand {
     /// ROOT/builds/ID/, which must exist, confined to that directory; write its
     /// artifacts.json and print
     /// {"type":"record_received","version":1,"files":N,"charged_bytes":B,"artifacts":A}.
-    Receive {
-        /// The store directory.
-        #[arg(long, value_name = "DIR")]
-        root: PathBuf,
-        /// The build.
-        #[arg(long, value_name = "ID")]
-        build: String,
-        /// The most bytes the record may take, each file and directory counted as at least
-        /// 4096 (bytes, or with K/M/G/T).
-        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-        max_bytes: u64,
-        /// Do not confine the receipt (Landlock, seccomp, rlimits): for debugging only.
-        #[arg(long)]
-        no_confine: bool,
-    },
+    Receive(Receipt),
+    /// Follow the whole stream of a build run on a build host (`contractor-cli hosted-build`'s
+    /// stdout) from stdin, confined to ROOT/builds/ID/ (which must exist): check its hello,
+    /// events and error, and write each one on, re-encoded ({"type":"host_hello",...}, the
+    /// build events, {"type":"host_failed",...}); after `finished`, receive the record as
+    /// `receive` does and print its {"type":"record_received",...}.
+    Follow(Receipt),
     /// Give every abandoned build (no result.json; its owner.json names a process that is
     /// gone, or, with no owner, unchanged for an hour) a result.json saying it was
     /// interrupted; print {"type":"records_closed","version":1,"closed":[ID...]}.
@@ -276,64 +291,7 @@ fn main() -> std::process::ExitCode {
 
 async fn command(cli: Cli) -> std::process::ExitCode {
     match cli.command {
-        Command::Serve {
-            root,
-            listen,
-            only_build,
-            token_file,
-            max_artifact_bytes,
-            max_build_bytes,
-            body_idle_timeout,
-            max_connections,
-            no_access_log,
-            no_confine,
-            workers,
-        } => {
-            let tokens = match token_file.as_deref().map(TokenTable::load).transpose() {
-                Ok(tokens) => tokens,
-                Err(e) => {
-                    return fail(
-                        ExitCode::BadInput,
-                        ToolCode::BadTokenFile,
-                        &anyhow::Error::new(e),
-                    )
-                }
-            };
-            let confine = Confine {
-                enabled: !no_confine,
-                only_build: only_build.clone(),
-                token_file: token_file.clone(),
-            };
-            let config = StoreConfig {
-                access_log: !no_access_log,
-                only_build,
-                tokens,
-                max_artifact_bytes,
-                max_build_bytes,
-                body_idle_timeout,
-                max_connections: usize::try_from(max_connections)
-                    .unwrap_or(contractor_store::DEFAULT_MAX_CONNECTIONS),
-                ..StoreConfig::new(root)
-            };
-            let store = match Store::open(&config) {
-                Ok(store) => store,
-                Err(e) => {
-                    return fail(
-                        ExitCode::BadInput,
-                        ToolCode::BadRoot,
-                        &anyhow::Error::new(e),
-                    )
-                }
-            };
-            let workers = workers.map_or_else(
-                || std::thread::available_parallelism().map_or(1, usize::from),
-                usize::from,
-            );
-            match run(store, listen, workers, &confine).await {
-                Ok(()) => ExitCode::Success.into(),
-                Err(e) => fail(ExitCode::Infrastructure, ToolCode::Serve, &e),
-            }
-        }
+        Command::Serve(args) => serve(args).await,
         Command::Index { root, build } => {
             match contractor_store::write_artifact_index(&root, &build) {
                 Ok(index) => print_json(&index),
@@ -387,19 +345,98 @@ async fn command(cli: Cli) -> std::process::ExitCode {
     }
 }
 
+/// `contractor-store serve`: opens the store (with its token file, if any) and serves it
+/// until SIGTERM or SIGINT.
+async fn serve(args: ServeArgs) -> std::process::ExitCode {
+    let ServeArgs {
+        root,
+        listen,
+        only_build,
+        token_file,
+        max_artifact_bytes,
+        max_build_bytes,
+        body_idle_timeout,
+        max_connections,
+        no_access_log,
+        no_confine,
+        workers,
+    } = args;
+    let tokens = match token_file.as_deref().map(TokenTable::load).transpose() {
+        Ok(tokens) => tokens,
+        Err(e) => {
+            return fail(
+                ExitCode::BadInput,
+                ToolCode::BadTokenFile,
+                &anyhow::Error::new(e),
+            )
+        }
+    };
+    let confine = Confine {
+        enabled: !no_confine,
+        only_build: only_build.clone(),
+        token_file: token_file.clone(),
+    };
+    let config = StoreConfig {
+        access_log: !no_access_log,
+        only_build,
+        tokens,
+        max_artifact_bytes,
+        max_build_bytes,
+        body_idle_timeout,
+        max_connections: usize::try_from(max_connections)
+            .unwrap_or(contractor_store::DEFAULT_MAX_CONNECTIONS),
+        ..StoreConfig::new(root)
+    };
+    let store = match Store::open(&config) {
+        Ok(store) => store,
+        Err(e) => {
+            return fail(
+                ExitCode::BadInput,
+                ToolCode::BadRoot,
+                &anyhow::Error::new(e),
+            )
+        }
+    };
+    let workers = workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, usize::from),
+        usize::from,
+    );
+    match run(store, listen, workers, &confine).await {
+        Ok(()) => ExitCode::Success.into(),
+        Err(e) => fail(ExitCode::Infrastructure, ToolCode::Serve, &e),
+    }
+}
+
 fn record(command: RecordCommand) -> std::process::ExitCode {
     match command {
-        RecordCommand::Receive {
+        RecordCommand::Receive(Receipt {
             root,
             build,
             max_bytes,
             no_confine,
-        } => match receive(&root, &build, max_bytes, !no_confine) {
+        }) => match receive(&root, &build, max_bytes, !no_confine) {
             Ok(received) => print_json(&received),
             Err(e) => {
                 let (exit, code) = match e.downcast_ref::<ReceiptError>() {
                     Some(r) if r.is_bad_input() => (ExitCode::BadInput, r.code()),
                     Some(r) => (ExitCode::Infrastructure, r.code()),
+                    None => (ExitCode::BadInput, ToolCode::RecordReceive),
+                };
+                fail(exit, code, &e)
+            }
+        },
+        RecordCommand::Follow(Receipt {
+            root,
+            build,
+            max_bytes,
+            no_confine,
+        }) => match follow(&root, &build, max_bytes, !no_confine) {
+            Ok(Some(received)) => print_json(&received),
+            Ok(None) => ExitCode::Success.into(),
+            Err(e) => {
+                let (exit, code) = match e.downcast_ref::<FollowError>() {
+                    Some(f) if f.is_bad_input() => (ExitCode::BadInput, f.code()),
+                    Some(f) => (ExitCode::Infrastructure, f.code()),
                     None => (ExitCode::BadInput, ToolCode::RecordReceive),
                 };
                 fail(exit, code, &e)
@@ -420,12 +457,13 @@ fn record(command: RecordCommand) -> std::process::ExitCode {
 
 /// `record receive`: confines this process to the record, then receives the stream on
 /// stdin into it and indexes its artifacts.
-fn receive(
+/// The record directory of `build` under `root`, canonical; confined to it unless `confine`
+/// is false.
+fn confined_record(
     root: &std::path::Path,
     build: &str,
-    max_bytes: u64,
     confine: bool,
-) -> anyhow::Result<RecordReceived> {
+) -> anyhow::Result<std::path::PathBuf> {
     if !contractor_store::path::is_build_id(build) {
         anyhow::bail!("build id {build:?} is not valid; use A-Z a-z 0-9 . _ - only");
     }
@@ -438,13 +476,50 @@ fn receive(
         contractor_confine::confine("contractor-store", &policy)
             .context("cannot confine the receipt")?;
     }
+    Ok(record)
+}
+
+/// `record follow`: the answer once the record is received; `None` when the build host
+/// could not run the build (its failure is written).
+fn follow(
+    root: &std::path::Path,
+    build: &str,
+    max_bytes: u64,
+    confine: bool,
+) -> anyhow::Result<Option<RecordReceived>> {
+    let record = confined_record(root, build, confine)?;
     let input = std::io::stdin().lock();
-    let received = contractor_store::receipt::receive(input, &record, max_bytes)?;
-    let root = record
+    let mut out = std::io::stdout().lock();
+    let received = match follow::follow(input, &mut out, &record, max_bytes)? {
+        follow::Followed::Received(received) => received,
+        follow::Followed::HostFailed => return Ok(None),
+    };
+    let index = contractor_store::write_artifact_index(root_of(&record, root), build)?;
+    Ok(Some(RecordReceived::new(
+        received.files,
+        received.charged_bytes,
+        index.artifacts.len() as u64,
+    )))
+}
+
+/// The store root above the record directory `record` (`root` if it has none).
+fn root_of<'a>(record: &'a std::path::Path, root: &'a std::path::Path) -> &'a std::path::Path {
+    record
         .parent()
         .and_then(std::path::Path::parent)
-        .unwrap_or(root);
-    let index = contractor_store::write_artifact_index(root, build)?;
+        .unwrap_or(root)
+}
+
+fn receive(
+    root: &std::path::Path,
+    build: &str,
+    max_bytes: u64,
+    confine: bool,
+) -> anyhow::Result<RecordReceived> {
+    let record = confined_record(root, build, confine)?;
+    let input = std::io::stdin().lock();
+    let received = contractor_store::receipt::receive(input, &record, max_bytes)?;
+    let index = contractor_store::write_artifact_index(root_of(&record, root), build)?;
     Ok(RecordReceived::new(
         received.files,
         received.charged_bytes,

@@ -7,7 +7,7 @@
 //! the VM, stop the services, write `result.json`, print the summary. The front end speaks
 //! to the tools only in their JSON (docs/protocol.md), exactly as examples/pipeline.sh
 //! does. Every outcome after the record exists, failures included, ends in `result.json`.
-//! Every tool dies with this process (`tools::command`), and the VM with its holder.
+//! Every tool dies with this process (`tools::start`), and the VM with its holder.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -263,7 +263,7 @@ impl Drop for PendingRelease {
 }
 
 /// Runs one build. Tools are started from the calling thread, which must live until the
-/// build ends (see `sys::die_with_parent`): call it from the main thread.
+/// build ends (see `contractor_protocol::process::die_with_parent`): call it from the main thread.
 ///
 /// Its phases: [`Setup`] (the image, the record's directory), the record opened (the
 /// source packed, the owner written), the [`Session`] started (cache, token, VM, store,

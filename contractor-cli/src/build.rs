@@ -7,9 +7,8 @@
 //! the VM, stop the services, write `result.json`, print the summary. The front end speaks
 //! to the tools only in their JSON (docs/protocol.md), exactly as examples/pipeline.sh
 //! does. Every outcome after the record exists, failures included, ends in `result.json`.
-//! Every tool dies with this process (`tools::command`), and the VM with its holder.
+//! Every tool dies with this process (`tools::start`), and the VM with its holder.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,7 +21,7 @@ use std::time::Instant;
 use contractor_protocol::agent::{Job, Keep, Phase};
 use contractor_protocol::build::BuildEvent;
 use contractor_protocol::error::ToolCode;
-use contractor_protocol::proxy::{Decision, DecisionClass, ProxyLine, Summary, Verdict};
+use contractor_protocol::proxy::{Decision, ProxyLine, Refusals, Summary};
 use contractor_protocol::result::{
     BuildCode, BuildResult, ErrorInfo, Limit, Outcome, UpstreamFailure,
 };
@@ -264,7 +263,7 @@ impl Drop for PendingRelease {
 }
 
 /// Runs one build. Tools are started from the calling thread, which must live until the
-/// build ends (see `sys::die_with_parent`): call it from the main thread.
+/// build ends (see `contractor_protocol::process::die_with_parent`): call it from the main thread.
 ///
 /// Its phases: [`Setup`] (the image, the record's directory), the record opened (the
 /// source packed, the owner written), the [`Session`] started (cache, token, VM, store,
@@ -710,7 +709,7 @@ impl Stopped {
     fn judge(self, ran: &mut Ran, display: &Display, download_cache_max: u64) -> Proxied {
         let report = self.proxy.unwrap_or_default();
         let refused_offline = match self.script_proxy {
-            Some(Ok(report)) => report.refused.into_iter().collect(),
+            Some(Ok(report)) => report.refusals.refused.into_iter().collect(),
             _ => Vec::new(),
         };
         if !report.mismatched.is_empty() {
@@ -742,17 +741,9 @@ impl Stopped {
             ));
         }
         Proxied {
-            refused_hosts: report.refused.into_iter().collect(),
+            upstream_failures: report.refusals.upstream_failures(),
+            refused_hosts: report.refusals.refused.into_iter().collect(),
             refused_offline,
-            upstream_failures: report
-                .failures
-                .into_iter()
-                .map(|(host, (reason, count))| UpstreamFailure {
-                    host,
-                    reason,
-                    count,
-                })
-                .collect(),
         }
     }
 }
@@ -809,12 +800,9 @@ fn close_record(
             missing_artifacts(&record.join("artifacts"), &stored, &spec.artifacts)
         {
             ran.outcome = Outcome::Failed;
-            ran.error = Some(ErrorInfo {
-                code: BuildCode::ArtifactMissing.as_str().into(),
-                chain: vec![format!(
-                    "no stored artifact matches the declared artifact {pattern:?} ([build] artifacts), although the guest reported success"
-                )],
-            });
+            ran.error = Some(contractor_protocol::result::artifact_missing_error(
+                &pattern,
+            ));
         }
     }
     let proxied = closing.proxied;
@@ -1367,11 +1355,8 @@ struct DownloadCachePolicy<'a> {
 /// What a build's proxy saw that the build's result reports.
 #[derive(Default)]
 struct ProxyReport {
-    /// The hosts its policy refused (at most [`MAX_REFUSED_HOSTS`]).
-    refused: BTreeSet<String>,
-    /// Allowed hosts it could not reach: the first reason and how many times (at most
-    /// [`MAX_REFUSED_HOSTS`] hosts; the reason at most [`MAX_FAILURE_REASON_BYTES`]).
-    failures: BTreeMap<String, (String, u64)>,
+    /// The hosts refused and failed, by the protocol's one rule.
+    refusals: Refusals,
     /// Downloads whose bytes were not those contractor.lock pins, described (at most
     /// [`MAX_MISMATCHES`]).
     mismatched: Vec<String>,
@@ -1381,38 +1366,10 @@ struct ProxyReport {
     cache_not_kept: u64,
 }
 
-/// The most bytes of a failure's reason kept in the result: 512.
-const MAX_FAILURE_REASON_BYTES: usize = 512;
-
 impl ProxyReport {
-    /// Counts one decision line: a refusal of an allowed host's resolution or connection
-    /// (class `upstream`) is a failure; a refusal of the request itself (class `request`:
-    /// malformed, another authority inside inspected TLS, over capacity) names no host the
-    /// allow list could permit, so it is neither (proxy.jsonl has it); any other refusal
-    /// is the policy's (lines from a proxy that does not classify are taken as the
-    /// policy's, as before).
+    /// Counts one decision line ([`Refusals::note`]).
     fn note(&mut self, decision: &Decision) {
-        if decision.decision != Verdict::Deny || decision.class == Some(DecisionClass::Request) {
-            return;
-        }
-        if decision.class == Some(DecisionClass::Upstream) {
-            if let Some((_, count)) = self.failures.get_mut(&decision.host) {
-                *count += 1;
-            } else if self.failures.len() < MAX_REFUSED_HOSTS {
-                let mut reason = decision.reason.clone();
-                if reason.len() > MAX_FAILURE_REASON_BYTES {
-                    let mut cut = MAX_FAILURE_REASON_BYTES;
-                    while !reason.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    reason.truncate(cut);
-                    reason.push('…');
-                }
-                self.failures.insert(decision.host.clone(), (reason, 1));
-            }
-        } else if self.refused.len() < MAX_REFUSED_HOSTS {
-            self.refused.insert(decision.host.clone());
-        }
+        self.refusals.note(decision);
     }
 }
 
@@ -1440,9 +1397,6 @@ fn show_confinement(
 
 /// The most confinement warnings shown per service.
 const MAX_CONFINEMENT_WARNINGS: usize = 16;
-
-/// The most refused hosts a build's result names (the proxy's decisions file has them all).
-pub const MAX_REFUSED_HOSTS: usize = 1024;
 
 /// Where the build's proxy and store listen.
 #[derive(Debug, Clone, Copy)]
@@ -2062,26 +2016,8 @@ fn missing_artifacts(dir: &Path, stored: &[PathBuf], patterns: &[String]) -> Opt
     let stored: Vec<PathBuf> = stored
         .iter()
         .filter_map(|path| path.strip_prefix(dir).ok().map(Path::to_path_buf))
-        .filter(|path| path != Path::new(crate::cache::UPLOAD_NAME))
         .collect();
-    let options = glob::MatchOptions {
-        case_sensitive: true,
-        require_literal_separator: true,
-        require_literal_leading_dot: false,
-    };
-    patterns
-        .iter()
-        .find(|pattern| {
-            let Ok(glob) = glob::Pattern::new(pattern.trim_end_matches('/')) else {
-                return true;
-            };
-            !stored.iter().any(|path| {
-                path.ancestors()
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .any(|p| glob.matches_path_with(p, options))
-            })
-        })
-        .cloned()
+    contractor_protocol::result::missing_artifact(&stored, patterns)
 }
 
 /// While a build runs, its record holds this file naming the `contractor` process (pid and
@@ -2189,11 +2125,11 @@ mod tests {
         ];
         let report = decisions(&lines.iter().map(String::as_str).collect::<Vec<_>>());
         assert_eq!(
-            report.refused.into_iter().collect::<Vec<_>>(),
+            report.refusals.refused.into_iter().collect::<Vec<_>>(),
             ["evil.example", "old.example"]
         );
         assert_eq!(
-            report.failures.into_iter().collect::<Vec<_>>(),
+            report.refusals.failures.into_iter().collect::<Vec<_>>(),
             [(
                 "registry.npmjs.org".to_string(),
                 (
@@ -2211,8 +2147,8 @@ mod tests {
         let foreign = r#"{"type":"decision","time":1.0,"client":"127.0.0.1:5000","method":"GET","host":"registry.npmjs.org","port":443,"decision":"deny","reason":"the request names evil.example, but its TLS session is to registry.npmjs.org:443 (the CONNECT target)","class":"request"}"#;
         let busy = r#"{"type":"decision","time":1.0,"client":"127.0.0.1:5000","method":"CONNECT","host":"crates.io","port":443,"decision":"deny","reason":"too many connections (at most 256); try again shortly","class":"request"}"#;
         let report = decisions(&[foreign, busy]);
-        assert!(report.refused.is_empty(), "{:?}", report.refused);
-        assert!(report.failures.is_empty(), "{:?}", report.failures);
+        assert!(report.refusals.refused.is_empty(), "{:?}", report.refusals);
+        assert!(report.refusals.failures.is_empty(), "{:?}", report.refusals);
     }
 
     fn result_of(record: &Path) -> BuildResult {

@@ -339,8 +339,7 @@ fn probe(host: &BuildHost, cpus: u32, memory_mib: u64, pids: &Mutex<Vec<u32>>) -
     ssh.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    crate::sys::die_with_parent(&mut ssh);
-    let mut child = ssh.spawn().map_err(|e| format!("cannot run ssh: {e}"))?;
+    let mut child = crate::tools::start(&mut ssh).map_err(|e| format!("cannot run ssh: {e}"))?;
     if let Ok(mut pids) = pids.lock() {
         pids.push(child.id());
     }
@@ -627,8 +626,7 @@ impl Session {
         // Its own process group: Ctrl-C reaches this process, which ends the session in
         // order, not ssh, which would cut it.
         std::os::unix::process::CommandExt::process_group(&mut ssh, 0);
-        crate::sys::die_with_parent(&mut ssh);
-        let mut child = ssh.spawn()?;
+        let mut child = crate::tools::start(&mut ssh)?;
         let stdout = child.stdout.take();
         let mut stdin = child
             .stdin

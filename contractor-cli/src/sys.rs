@@ -1,34 +1,6 @@
-//! The front end's only `unsafe`: what neither std nor nix offers safely (starting a child
-//! with a parent-death signal, asking a terminal its size).
-
-use std::os::unix::process::CommandExt;
-use std::process::Command;
-
-use nix::sys::signal::Signal;
-use nix::unistd::Pid;
-
-/// Makes the child of `command` receive SIGTERM when this process dies, however it dies.
-///
-/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child ends, so tools are only
-/// started from threads that live as long as the build (the main thread, or a thread that
-/// waits for its child). If this process died before the child set the signal, the child
-/// finds itself adopted and stops at once.
-pub fn die_with_parent(command: &mut Command) {
-    let parent = Pid::this();
-    // SAFETY: the closure runs in the forked child before exec; it only makes the
-    // async-signal-safe system calls prctl and getppid (nix's wrappers allocate
-    // nothing), as `pre_exec` requires.
-    unsafe {
-        command.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
-            if nix::unistd::getppid() != parent {
-                // The exec is not carried out; the child exits.
-                return Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
-            }
-            Ok(())
-        });
-    }
-}
+//! The front end's only `unsafe`: what neither std nor nix offers safely (asking a
+//! terminal its size). Children get their parent-death signal from
+//! `contractor_protocol::process::die_with_parent`, through `tools::start`.
 
 mod ioctl {
     nix::ioctl_read_bad!(window_size, nix::libc::TIOCGWINSZ, nix::pty::Winsize);

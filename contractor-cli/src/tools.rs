@@ -227,11 +227,19 @@ pub fn locate(name: &'static str) -> Result<PathBuf, ToolError> {
     }
 }
 
-/// A command for tool `name` that dies with this process.
+/// A command for tool `name` (started by [`spawn`] or [`text`], it dies with this process).
 pub fn command(name: &'static str) -> Result<Command, ToolError> {
-    let mut command = Command::new(locate(name)?);
-    crate::sys::die_with_parent(&mut command);
-    Ok(command)
+    Ok(Command::new(locate(name)?))
+}
+
+/// Starts `command`, which dies with this process (`PR_SET_PDEATHSIG`, see
+/// `contractor_protocol::process::die_with_parent`): the one place the front end starts a
+/// process. The tools go through [`spawn`] and [`text`], which also note them for
+/// [`signal_running`]; `ssh` to a build host comes here directly (an interruption ends its
+/// session in order rather than signal it).
+pub fn start(command: &mut Command) -> std::io::Result<Child> {
+    contractor_protocol::process::die_with_parent(command);
+    command.spawn()
 }
 
 /// Starts `command` (of tool `name`) with piped stdin and stdout.
@@ -246,7 +254,7 @@ pub fn spawn_reading(
     stdin: Stdio,
 ) -> Result<Child, ToolError> {
     command.stdin(stdin).stdout(Stdio::piped());
-    let child = command.spawn().map_err(|source| ToolError::Start {
+    let child = start(&mut command).map_err(|source| ToolError::Start {
         name,
         path: PathBuf::from(command.get_program()),
         source,
@@ -496,7 +504,7 @@ pub const MAX_TEXT_BYTES: u64 = 64 * 1024;
 /// stdout as trimmed text (at most [`MAX_TEXT_BYTES`]).
 pub fn text(name: &'static str, mut command: Command) -> Result<String, ToolError> {
     command.stdin(Stdio::null()).stdout(Stdio::piped());
-    let mut child = command.spawn().map_err(|source| ToolError::Start {
+    let mut child = start(&mut command).map_err(|source| ToolError::Start {
         name,
         path: PathBuf::from(command.get_program()),
         source,

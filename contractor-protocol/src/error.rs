@@ -63,6 +63,8 @@ tool_codes! {
     Runtime = "runtime",
     /// A service could not listen, or stopped serving; exit 3.
     Serve = "serve",
+    /// A service's `--ready-fd N` names stdin, stdout, stderr or no open descriptor; exit 2.
+    BadReadyFd = "bad_ready_fd",
     // contractor-vm.
     /// The request's `type` does not match the subcommand; exit 2.
     WrongRequestType = "wrong_request_type",
@@ -159,8 +161,11 @@ tool_codes! {
     /// `record follow`: the build host's stream before its record breaks the hosted build
     /// protocol (no hello first, a malformed line, the record before `finished`); exit 2.
     HostedStream = "hosted_stream",
-    /// `record close-abandoned`: a record could not be closed; exit 3.
+    /// `record close-abandoned`, `record close`: a record could not be closed; exit 3.
     RecordClose = "record_close",
+    /// `record close`: no such record, or it is closed already (it has a `result.json`);
+    /// exit 2.
+    RecordNotOpen = "record_not_open",
     /// `cache`: not a build id; exit 2.
     BadBuild = "bad_build",
     /// `cache`: not a path the cache may keep; exit 2.
@@ -172,6 +177,9 @@ tool_codes! {
     // contractor-run.
     /// The relay could not confine itself; exit 3.
     Confine = "confine",
+    /// `--vm-answer`: stdin is not contractor-vm's `vm` answer with both channel sockets,
+    /// or the request file is not a request without them; exit 2.
+    BadVmAnswer = "bad_vm_answer",
     // contractor-run shell.
     /// The request line passed its bound; exit 2.
     RequestTooLong = "request_too_long",

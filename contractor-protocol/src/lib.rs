@@ -25,6 +25,7 @@ pub mod result;
 pub mod run;
 pub mod service;
 pub mod store;
+mod sys;
 pub mod units;
 pub mod vm;
 

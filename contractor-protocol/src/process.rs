@@ -55,3 +55,34 @@ mod tests {
         assert_eq!(parse_stat_start("42 (x) S 1"), None);
     }
 }
+
+/// Makes the child of `command` receive SIGTERM when this process dies, however it dies
+/// (`PR_SET_PDEATHSIG`): the one place a tool or the front end arranges that for a child.
+///
+/// It fires when the *thread* that forked the child ends, so such children are started
+/// from threads that live as long as the child should. If this process died before the
+/// child set the signal, the child finds itself adopted and exits before its exec.
+pub fn die_with_parent(command: &mut std::process::Command) {
+    crate::sys::die_with_parent(command);
+}
+
+#[cfg(test)]
+mod death_tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    #[test]
+    fn a_child_started_to_die_with_its_parent_gets_sigterm_when_the_thread_ends() {
+        // PR_SET_PDEATHSIG fires when the thread that forked the child ends: a short-lived
+        // thread stands in for a parent that died.
+        let child = std::thread::spawn(|| {
+            let mut command = std::process::Command::new("sleep");
+            command.arg("30");
+            super::die_with_parent(&mut command);
+            command.spawn().expect("spawn sleep")
+        })
+        .join()
+        .expect("the spawning thread");
+        let status = { child }.wait().expect("wait");
+        assert_eq!(status.signal(), Some(nix::libc::SIGTERM), "{status:?}");
+    }
+}

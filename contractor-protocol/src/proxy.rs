@@ -2,9 +2,72 @@
 //! `--record-downloads` one [`Download`] per response it forwarded, and one [`Summary`] of
 //! its counters as the last line when it stops.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
+
+/// The most refused hosts a build's result names, and the most hosts it names as failed
+/// (the proxy's decisions file has them all).
+pub const MAX_REFUSED_HOSTS: usize = 1024;
+
+/// The most bytes of a failure's reason kept in a build's result: 512.
+pub const MAX_FAILURE_REASON_BYTES: usize = 512;
+
+/// What a build's `result.json` says of its proxy's refusals, tallied from its decision
+/// lines by the one rule every writer of results uses (`contractor build` as the lines come,
+/// `contractor-store record close` from `proxy.jsonl`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Refusals {
+    /// The hosts its policy refused (at most [`MAX_REFUSED_HOSTS`]).
+    pub refused: BTreeSet<String>,
+    /// Allowed hosts it could not reach: the first reason (at most
+    /// [`MAX_FAILURE_REASON_BYTES`]) and how many times (at most [`MAX_REFUSED_HOSTS`] hosts).
+    pub failures: BTreeMap<String, (String, u64)>,
+}
+
+impl Refusals {
+    /// Counts one decision line: a refusal of an allowed host's resolution or connection
+    /// (class `upstream`) is a failure; a refusal of the request itself (class `request`:
+    /// malformed, another authority inside inspected TLS, over capacity) names no host the
+    /// allow list could permit, so it is neither (proxy.jsonl has it); any other refusal
+    /// is the policy's (lines from a proxy that does not classify are taken as the
+    /// policy's).
+    pub fn note(&mut self, decision: &Decision) {
+        if decision.decision != Verdict::Deny || decision.class == Some(DecisionClass::Request) {
+            return;
+        }
+        if decision.class == Some(DecisionClass::Upstream) {
+            if let Some((_, count)) = self.failures.get_mut(&decision.host) {
+                *count += 1;
+            } else if self.failures.len() < MAX_REFUSED_HOSTS {
+                let mut reason = decision.reason.clone();
+                if reason.len() > MAX_FAILURE_REASON_BYTES {
+                    let mut cut = MAX_FAILURE_REASON_BYTES;
+                    while !reason.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    reason.truncate(cut);
+                    reason.push('…');
+                }
+                self.failures.insert(decision.host.clone(), (reason, 1));
+            }
+        } else if self.refused.len() < MAX_REFUSED_HOSTS {
+            self.refused.insert(decision.host.clone());
+        }
+    }
+
+    /// The failures as `result.json` lists them, sorted by host.
+    pub fn upstream_failures(&self) -> Vec<crate::result::UpstreamFailure> {
+        self.failures
+            .iter()
+            .map(|(host, (reason, count))| crate::result::UpstreamFailure {
+                host: host.clone(),
+                reason: reason.clone(),
+                count: *count,
+            })
+            .collect()
+    }
+}
 
 /// Whether the proxy let a request through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -252,6 +252,47 @@ pub struct UpstreamFailure {
     pub count: u64,
 }
 
+/// The first of the declared artifact `patterns` (`[build] artifacts`: paths or globs,
+/// relative to the source root) that no stored artifact matches, neither itself nor one of
+/// its directories; `stored` are the stored files' paths beneath `artifacts/`, the build
+/// cache's upload ([`crate::store::CACHE_UPLOAD_NAME`]) not counted. A pattern that is no
+/// glob matches nothing. The host checks this itself: the guest's word is not enough.
+pub fn missing_artifact(stored: &[PathBuf], patterns: &[String]) -> Option<String> {
+    let stored: Vec<&PathBuf> = stored
+        .iter()
+        .filter(|path| path.as_path() != std::path::Path::new(crate::store::CACHE_UPLOAD_NAME))
+        .collect();
+    let options = glob::MatchOptions {
+        case_sensitive: true,
+        require_literal_separator: true,
+        require_literal_leading_dot: false,
+    };
+    patterns
+        .iter()
+        .find(|pattern| {
+            let Ok(glob) = glob::Pattern::new(pattern.trim_end_matches('/')) else {
+                return true;
+            };
+            !stored.iter().any(|path| {
+                path.ancestors()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .any(|p| glob.matches_path_with(p, options))
+            })
+        })
+        .cloned()
+}
+
+/// The error of a build that reported success although the declared artifact `pattern`
+/// ([`missing_artifact`]) is not stored.
+pub fn artifact_missing_error(pattern: &str) -> ErrorInfo {
+    ErrorInfo {
+        code: BuildCode::ArtifactMissing.as_str().into(),
+        chain: vec![format!(
+            "no stored artifact matches the declared artifact {pattern:?} ([build] artifacts), although the guest reported success"
+        )],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -64,6 +64,11 @@ tag!(
     RecordsClosedTag,
     RecordsClosed
 );
+tag!(
+    /// The `"type"` of [`RecordClosed`]: `"record_closed"`.
+    RecordClosedTag,
+    RecordClosed
+);
 
 /// `record receive`: the record of a build host's build, received and indexed.
 /// `{"type":"record_received","version":1,"files":7,"charged_bytes":57344,"artifacts":2}`
@@ -117,6 +122,31 @@ impl RecordsClosed {
             kind: RecordsClosedTag::RecordsClosed,
             version: PROTOCOL_VERSION,
             closed,
+        }
+    }
+}
+
+/// `record close`: the build's record closed, with the `result.json` written.
+/// `{"type":"record_closed","version":1,"result":{"version":1,"id":"…","outcome":"success",…}}`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordClosed {
+    /// Always `record_closed`.
+    #[serde(rename = "type")]
+    pub kind: RecordClosedTag,
+    /// Protocol version, 1.
+    pub version: u32,
+    /// What was written to `result.json`.
+    pub result: crate::result::BuildResult,
+}
+
+impl RecordClosed {
+    /// The answer for a record closed with `result`.
+    pub fn new(result: crate::result::BuildResult) -> RecordClosed {
+        RecordClosed {
+            kind: RecordClosedTag::RecordClosed,
+            version: PROTOCOL_VERSION,
+            result,
         }
     }
 }

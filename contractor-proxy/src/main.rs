@@ -15,7 +15,7 @@ use clap::Parser;
 use contractor_protocol::error::ToolCode;
 use contractor_protocol::jsonl::{encode_line, write_flushed, write_line, JsonlError};
 use contractor_protocol::proxy::ProxyLine;
-use contractor_protocol::service::{Confinement, Ready};
+use contractor_protocol::service::{Confinement, Ready, ReadyOut};
 use contractor_protocol::ExitCode;
 use contractor_proxy::config::LimitsFile;
 use contractor_proxy::{AccessEntry, ConfigFile, Mode, ProxyConfig};
@@ -156,6 +156,11 @@ struct Cli {
     /// answered CONNECT; tunnels are refused.
     #[arg(long, requires = "cache")]
     offline: bool,
+    /// Write the ready line on descriptor N (inherited, e.g. `3>FILE` in sh) instead of
+    /// stdout, and close it after the line; stdout then carries the decisions (and
+    /// downloads) and the summary only.
+    #[arg(long, value_name = "N")]
+    ready_fd: Option<i32>,
     /// Do not confine the proxy (Landlock, seccomp, rlimits): for debugging a host whose
     /// name resolution needs files the proxy does not know; the ready line then says
     /// `"enforced":false`.
@@ -269,6 +274,11 @@ fn main() -> std::process::ExitCode {
     }
     let cli = Cli::parse();
     JSON_ERRORS.store(cli.json_errors, std::sync::atomic::Ordering::Relaxed);
+    // `--ready-fd N` is taken before this process opens anything (ReadyOut::open).
+    let ready_out = match ReadyOut::open(cli.ready_fd) {
+        Ok(out) => out,
+        Err(e) => return fail(ExitCode::BadInput, ToolCode::BadReadyFd, &anyhow!(e)),
+    };
     let no_confine = cli.no_confine;
     let (config, access_log, metrics_addr) = match configure(cli) {
         Ok(configured) => configured,
@@ -280,7 +290,7 @@ fn main() -> std::process::ExitCode {
         Ok(prepared) => prepared,
         Err(e) => return fail(ExitCode::Infrastructure, ToolCode::Serve, &e),
     };
-    serve(prepared)
+    serve(prepared, ready_out)
 }
 
 /// Why the proxy cannot start: its exit code, its error code and the error.
@@ -378,7 +388,7 @@ fn set_inspection(config: &mut ProxyConfig, inspect: bool) -> Result<(), Failure
 }
 
 /// Starts the async runtime and serves until SIGTERM or SIGINT.
-fn serve(prepared: Prepared) -> std::process::ExitCode {
+fn serve(prepared: Prepared, ready_out: ReadyOut) -> std::process::ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -392,7 +402,7 @@ fn serve(prepared: Prepared) -> std::process::ExitCode {
             )
         }
     };
-    match runtime.block_on(run(prepared)) {
+    match runtime.block_on(run(prepared, ready_out)) {
         Ok(()) => ExitCode::Success.into(),
         Err(e) => fail(ExitCode::Infrastructure, ToolCode::Serve, &e),
     }
@@ -526,7 +536,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(listener)
 }
 
-async fn run(prepared: Prepared) -> anyhow::Result<()> {
+async fn run(prepared: Prepared, ready_out: ReadyOut) -> anyhow::Result<()> {
     let Prepared {
         mut config,
         listener,
@@ -569,18 +579,18 @@ async fn run(prepared: Prepared) -> anyhow::Result<()> {
             },
         ));
     }
-    write_line(
-        &mut std::io::stdout(),
-        &Ready::new("proxy", addr)
-            .confined(confinement)
-            .with_ca_certificate(
-                config
-                    .inspection
-                    .as_ref()
-                    .map(|i| i.authority.certificate_pem().to_string()),
-            ),
-    )
-    .context("cannot write the ready line")?;
+    ready_out
+        .write(
+            &Ready::new("proxy", addr)
+                .confined(confinement)
+                .with_ca_certificate(
+                    config
+                        .inspection
+                        .as_ref()
+                        .map(|i| i.authority.certificate_pem().to_string()),
+                ),
+        )
+        .context("cannot write the ready line")?;
     eprintln!(
         "contractor-proxy: listening on {addr}, {} allow and {} deny rules, {:?} mode",
         config.allowlist.rules().len(),

@@ -741,3 +741,52 @@ fn a_pooled_connection_closed_unanswered_is_retried_for_a_get_but_not_for_a_post
     assert_eq!(status, 502, "{headers:?}");
     assert_eq!(HEADS.load(Ordering::SeqCst), 4, "the POST went once");
 }
+
+/// `--ready-fd 3` with descriptor 3 on a FIFO (as `3>FIFO` in sh): the ready line comes
+/// there, alone, and the descriptor ends after it (the dialer the proxy starts does not
+/// keep it); stdout starts with the first decision.
+#[test]
+fn the_ready_line_goes_to_the_named_descriptor_and_stdout_has_the_decisions() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fifo = dir.path().join("ready");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("exec \"$0\" --ready-fd 3 3>\"$1\"")
+        .arg(env!("CARGO_BIN_EXE_contractor-proxy"))
+        .arg(&fifo)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the proxy");
+    // Read to the end on a thread: without the close, the end would never come.
+    let (sent, got) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let mut text = String::new();
+        let read = std::fs::File::open(&fifo).and_then(|mut f| f.read_to_string(&mut text));
+        let _ = sent.send(read.map(|_| text));
+    });
+    let text = got
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the descriptor ends after the ready line")
+        .expect("read the FIFO");
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let ready: contractor_protocol::service::Ready =
+        serde_json::from_str(text.trim_end()).expect("a ready line");
+    assert_eq!(ready.service, "proxy");
+    let response = request(
+        ready.addr,
+        "GET http://not-allowed.example/ HTTP/1.1\r\nHost: not-allowed.example",
+    );
+    assert_eq!(response.status, 403);
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    stdout.read_line(&mut first).expect("a line");
+    let decision: contractor_protocol::proxy::Decision =
+        serde_json::from_str(first.trim_end()).expect("stdout starts with the decision");
+    assert_eq!(decision.host, "not-allowed.example");
+    child.kill().expect("kill");
+    let _ = child.wait();
+}

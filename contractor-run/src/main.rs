@@ -44,7 +44,10 @@ nothing on stdout, or with --json-errors one error object:
 
   {"type":"error","version":1,"code":"bad_json","chain":["bad JSON request on stdin at line 1, column 12, in `version`: invalid type: string \"1\", expected u32"]}
 
-contractor-vm's "vm" answer holds the two sockets; examples/pipeline.sh composes the tools.
+contractor-vm's "vm" answer holds the two sockets. With --request FILE, FILE holds the request
+without control_socket and tunnel_socket, and stdin is contractor-vm's answer as it printed it
+(its first line: the "vm" result, whose sockets are taken, or its error object, which ends
+this tool with exit code 3 and that error); examples/pipeline.sh composes the tools so.
 
 Exit codes: 0 success, 1 the build failed or timed out, 2 bad request, 3 infrastructure failure."#
 )]
@@ -59,6 +62,10 @@ struct Args {
     /// The `started` event and stderr then say it runs with all of the user's rights.
     #[arg(long, global = true)]
     no_confine: bool,
+    /// The RunRequest without `control_socket` and `tunnel_socket` (at most 16 MiB); stdin
+    /// is then contractor-vm's answer (`create --json`'s first line), which names them.
+    #[arg(long, value_name = "FILE")]
+    request: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Subcommand)]
@@ -103,6 +110,14 @@ enum StartError {
     Confine(#[source] contractor_confine::ConfineError),
     #[error("cannot open the shell")]
     Shell(#[source] ShellError),
+    #[error("bad request in {}: {}", .0.display(), .1)]
+    RequestJson(std::path::PathBuf, String),
+    #[error("cannot read the request file {}", .0.display())]
+    RequestFile(std::path::PathBuf, #[source] std::io::Error),
+    #[error("{0}")]
+    VmAnswer(String),
+    #[error("contractor-vm did not create the VM")]
+    VmFailed(contractor_protocol::error::ErrorObject),
 }
 
 impl StartError {
@@ -111,11 +126,13 @@ impl StartError {
             StartError::Stdin(_) => ToolCode::Stdin,
             StartError::NoRequest(_) => ToolCode::NoRequest,
             StartError::RequestTooLong => ToolCode::RequestTooLong,
-            StartError::Json { .. } => ToolCode::BadJson,
+            StartError::Json { .. } | StartError::RequestJson(..) => ToolCode::BadJson,
             StartError::Version(_) => ToolCode::Unsupported,
             StartError::Runtime(_) => ToolCode::Runtime,
             StartError::Confine(_) => ToolCode::Confine,
             StartError::Shell(err) => err.code(),
+            StartError::RequestFile(..) | StartError::VmAnswer(_) => ToolCode::BadVmAnswer,
+            StartError::VmFailed(error) => error.code.clone(),
         }
     }
 
@@ -124,8 +141,12 @@ impl StartError {
             StartError::NoRequest(_)
             | StartError::RequestTooLong
             | StartError::Json { .. }
-            | StartError::Version(_) => ExitCode::BadInput,
+            | StartError::Version(_)
+            | StartError::RequestFile(..)
+            | StartError::RequestJson(..)
+            | StartError::VmAnswer(_) => ExitCode::BadInput,
             StartError::Stdin(_)
+            | StartError::VmFailed(_)
             | StartError::Runtime(_)
             | StartError::Confine(_)
             | StartError::Shell(_) => ExitCode::Infrastructure,
@@ -133,7 +154,11 @@ impl StartError {
     }
 
     fn chain(&self) -> Vec<String> {
-        contractor_protocol::result::error_chain(self)
+        let mut chain = contractor_protocol::result::error_chain(self);
+        if let StartError::VmFailed(error) = self {
+            chain.extend(error.chain.iter().cloned());
+        }
+        chain
     }
 }
 
@@ -161,14 +186,19 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: &Args) -> Result<ExitCode, StartError> {
-    let mut input = String::new();
-    std::io::stdin()
-        .read_to_string(&mut input)
-        .map_err(StartError::Stdin)?;
-    if input.trim().is_empty() {
-        return Err(StartError::NoRequest("RunRequest"));
-    }
-    let request: RunRequest = serde_json::from_str(&input).map_err(|e| json_error(&input, &e))?;
+    let request = match &args.request {
+        Some(file) => request_with_vm_answer(file)?,
+        None => {
+            let mut input = String::new();
+            std::io::stdin()
+                .read_to_string(&mut input)
+                .map_err(StartError::Stdin)?;
+            if input.trim().is_empty() {
+                return Err(StartError::NoRequest("RunRequest"));
+            }
+            serde_json::from_str(&input).map_err(|e| json_error(&input, &e))?
+        }
+    };
     if request.version != PROTOCOL_VERSION {
         return Err(StartError::Version(request.version));
     }
@@ -208,6 +238,68 @@ fn run(args: &Args) -> Result<ExitCode, StartError> {
         }
     });
     Ok(code)
+}
+
+/// The most bytes of a `--request` file.
+const MAX_REQUEST_FILE_BYTES: u64 = 16 << 20;
+
+/// `--request FILE`: the request in `file`, completed with the two channel sockets of the VM
+/// that contractor-vm's answer on stdin names (only its first line is read, so stdin may be
+/// the holder's own stdout). An error object there is contractor-vm's failure, carried on.
+fn request_with_vm_answer(file: &std::path::Path) -> Result<RunRequest, StartError> {
+    use contractor_protocol::vm::VmResult;
+    let text = contractor_protocol::file::read_regular(file, MAX_REQUEST_FILE_BYTES)
+        .map_err(|e| StartError::RequestFile(file.to_path_buf(), e))?;
+    let mut request: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&text)
+        .map_err(|e| StartError::RequestJson(file.to_path_buf(), e.to_string()))?;
+    if let Some(field) = ["control_socket", "tunnel_socket"]
+        .into_iter()
+        .find(|field| request.contains_key(*field))
+    {
+        return Err(StartError::VmAnswer(format!(
+            "--request {}: leave `{field}` out; it comes from contractor-vm's answer on stdin",
+            file.display()
+        )));
+    }
+    let mut stdin = contractor_protocol::jsonl::JsonlReader::new(std::io::stdin().lock());
+    let answer: serde_json::Value = match stdin.next_message() {
+        Ok(Some(answer)) => answer,
+        Ok(None) => return Err(StartError::NoRequest("answer of contractor-vm create")),
+        Err(e) => {
+            return Err(StartError::VmAnswer(format!(
+                "stdin is not contractor-vm's answer: {}",
+                contractor_protocol::result::joined_chain(&e)
+            )))
+        }
+    };
+    if answer["type"] == "error" {
+        if let Ok(error) = serde_json::from_value(answer.clone()) {
+            return Err(StartError::VmFailed(error));
+        }
+    }
+    let vm = match serde_json::from_value::<VmResult>(answer) {
+        Ok(VmResult::Vm { vm, .. }) => vm,
+        Ok(_) => {
+            return Err(StartError::VmAnswer(
+                "stdin holds another answer of contractor-vm than `vm` (create's)".into(),
+            ))
+        }
+        Err(e) => {
+            return Err(StartError::VmAnswer(format!(
+                "stdin is not contractor-vm's answer: {e}"
+            )))
+        }
+    };
+    let (Some(control), Some(tunnel)) = (vm.control_socket, vm.tunnel_socket) else {
+        return Err(StartError::VmAnswer(format!(
+            "contractor-vm's answer names no channel sockets for VM {} (libvirt reported none)",
+            vm.name
+        )));
+    };
+    request.insert("control_socket".into(), serde_json::json!(control));
+    request.insert("tunnel_socket".into(), serde_json::json!(tunnel));
+    serde_json::from_value(serde_json::Value::Object(request))
+        .map_err(|e| StartError::RequestJson(file.to_path_buf(), e.to_string()))
 }
 
 /// `contractor-run shell`: reads the request line, connects, confines itself, starts the

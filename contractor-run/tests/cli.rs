@@ -146,3 +146,101 @@ fn help_shows_the_request_the_events_and_json_errors() {
         assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
     }
 }
+
+/// `--request FILE`: the request without its sockets in FILE, contractor-vm's answer as it
+/// printed it on stdin.
+fn run_with_vm_answer(dir: &std::path::Path, answer: &str) -> Output {
+    let mut request: serde_json::Value = serde_json::from_str(&request(dir)).expect("the request");
+    let fields = request.as_object_mut().expect("an object");
+    fields.remove("control_socket");
+    fields.remove("tunnel_socket");
+    let file = dir.join("run.json");
+    std::fs::write(&file, request.to_string()).expect("write the request file");
+    run(
+        &["--json-errors", "--request", file.to_str().expect("utf-8")],
+        answer,
+    )
+}
+
+#[test]
+fn the_vm_answer_on_stdin_names_the_sockets_the_relay_connects_to() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let control = dir.path().join("vm-control.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&control).expect("bind");
+    let answer = serde_json::json!({"type": "vm", "version": 1, "vm": {
+        "name": "contractor-0123456789ab", "uri": "test:///default", "state": "running",
+        "control_socket": control, "tunnel_socket": dir.path().join("vm-tunnel.sock")}});
+    // Accepted on a thread, which reports what it saw (never blocking the test: a relay
+    // that does not connect ends its run, and the listener is polled until then).
+    let (sent, connected) = std::sync::mpsc::channel();
+    listener.set_nonblocking(true).expect("non-blocking");
+    std::thread::spawn(move || {
+        for _ in 0..600 {
+            if listener.accept().is_ok() {
+                let _ = sent.send(());
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    });
+    let out = run_with_vm_answer(dir.path(), &format!("{answer}\n"));
+    assert!(
+        connected.try_recv().is_ok(),
+        "the relay connected to the VM answer's control socket; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: RunEvent =
+        serde_json::from_str(stdout.lines().last().expect("events")).expect("an event");
+    assert!(
+        matches!(last, RunEvent::Finished { .. }),
+        "the run started and finished: {stdout}"
+    );
+}
+
+#[test]
+fn a_vm_error_on_stdin_ends_the_run_with_that_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let answer = r#"{"type":"error","version":1,"code":"libvirt_unreachable","chain":["cannot connect to libvirt at qemu:///system","no socket"]}"#;
+    let out = run_with_vm_answer(dir.path(), answer);
+    assert_eq!(out.status.code(), Some(3));
+    let error: ErrorObject =
+        serde_json::from_slice(&out.stdout).expect("one error object on stdout");
+    assert_eq!(error.code, "libvirt_unreachable");
+    assert_eq!(
+        error.chain,
+        [
+            "contractor-vm did not create the VM",
+            "cannot connect to libvirt at qemu:///system",
+            "no socket"
+        ]
+    );
+}
+
+#[test]
+fn a_request_file_with_sockets_or_an_answer_without_them_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("run.json");
+    std::fs::write(&file, request(dir.path())).expect("write");
+    let out = run(
+        &["--json-errors", "--request", file.to_str().expect("utf-8")],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let error: ErrorObject = serde_json::from_slice(&out.stdout).expect("error object");
+    assert_eq!(error.code, "bad_vm_answer");
+    assert!(
+        error.chain[0].contains("leave `control_socket` out"),
+        "{error:?}"
+    );
+
+    let answer = r#"{"type":"vm","version":1,"vm":{"name":"contractor-0123456789ab","uri":"test:///default","state":"running"}}"#;
+    let out = run_with_vm_answer(dir.path(), answer);
+    assert_eq!(out.status.code(), Some(2));
+    let error: ErrorObject = serde_json::from_slice(&out.stdout).expect("error object");
+    assert_eq!(error.code, "bad_vm_answer");
+    assert!(
+        error.chain[0].contains("names no channel sockets for VM contractor-0123456789ab"),
+        "{error:?}"
+    );
+}

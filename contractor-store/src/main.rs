@@ -11,9 +11,9 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use contractor_protocol::error::ToolCode;
-use contractor_protocol::service::{Confinement, Ready};
+use contractor_protocol::service::{Confinement, Ready, ReadyOut};
 use contractor_protocol::store::{
-    CacheCleared, CacheKept, CacheList, CachePrepared, RecordReceived, RecordsClosed,
+    CacheCleared, CacheKept, CacheList, CachePrepared, RecordClosed, RecordReceived, RecordsClosed,
 };
 use contractor_protocol::units::{parse_duration, parse_size};
 use contractor_protocol::ExitCode;
@@ -113,7 +113,8 @@ With --json-errors a failure is also one {\"type\":\"error\",...} object on stdo
     /// build uploaded, list or clear them.
     #[command(subcommand)]
     Cache(CacheCommand),
-    /// A build's record: receive one from a build host, close abandoned ones.
+    /// A build's record: close one that ran, receive one from a build host, close abandoned
+    /// ones.
     #[command(subcommand)]
     Record(RecordCommand),
 }
@@ -155,6 +156,10 @@ struct ServeArgs {
     /// ready line then says `"enforced":false`.
     #[arg(long)]
     no_confine: bool,
+    /// Write the ready line on descriptor N (inherited, e.g. `3>FILE` in sh) instead of
+    /// stdout, and close it after the line.
+    #[arg(long, value_name = "N")]
+    ready_fd: Option<i32>,
     /// Threads that serve requests (default: one per CPU core). Large-file reads,
     /// uploads and fsyncs run on extra threads of their own.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -205,6 +210,40 @@ enum RecordCommand {
         #[arg(long, value_name = "DIR")]
         root: PathBuf,
     },
+    /// Close the record of a build that ran: read contractor-run's events on stdin, write
+    /// ROOT/builds/ID/artifacts.json and result.json (the `finished` event's outcome, the
+    /// stored artifacts, each declared one checked, the refusals of proxy.jsonl), remove
+    /// owner.json, and print {"type":"record_closed","version":1,"result":{...}}.
+    Close {
+        /// The store directory.
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+        /// The build.
+        #[arg(long, value_name = "ID")]
+        build: String,
+        /// When the build started, in seconds since the Unix epoch (`date +%s.%N`).
+        #[arg(long, value_name = "SECS", value_parser = parse_started)]
+        started: SystemTime,
+        /// A declared artifact (`[build] artifacts`: a path or glob); a success that stored
+        /// nothing it matches is failed (`artifact_missing`). Repeatable.
+        #[arg(long = "artifact", value_name = "PATTERN")]
+        artifacts: Vec<String>,
+        /// Do not confine the close (Landlock, seccomp, rlimits): for debugging only.
+        #[arg(long)]
+        no_confine: bool,
+    },
+}
+
+/// `--started`: seconds since the Unix epoch, fractions allowed.
+fn parse_started(text: &str) -> Result<SystemTime, String> {
+    match text.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => {
+            Ok(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs))
+        }
+        _ => Err(format!(
+            "{text:?} is not a time; give seconds since the Unix epoch (date +%s.%N)"
+        )),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -275,12 +314,27 @@ fn parse_idle_timeout(text: &str) -> Result<Duration, String> {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     JSON_ERRORS.store(cli.json_errors, std::sync::atomic::Ordering::Relaxed);
+    // `--ready-fd N` is taken before this process opens anything (ReadyOut::open).
+    let ready_out = match &cli.command {
+        Command::Serve(args) => ReadyOut::open(args.ready_fd),
+        _ => Ok(ReadyOut::Stdout),
+    };
+    let ready_out = match ready_out {
+        Ok(out) => out,
+        Err(e) => {
+            return fail(
+                ExitCode::BadInput,
+                ToolCode::BadReadyFd,
+                &anyhow::Error::new(e),
+            )
+        }
+    };
     // This thread waits for signals; `serve` answers requests on worker threads of its own.
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime.block_on(command(cli)),
+        Ok(runtime) => runtime.block_on(command(cli, ready_out)),
         Err(e) => fail(
             ExitCode::Infrastructure,
             ToolCode::Runtime,
@@ -289,9 +343,9 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn command(cli: Cli) -> std::process::ExitCode {
+async fn command(cli: Cli, ready_out: ReadyOut) -> std::process::ExitCode {
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(args, ready_out).await,
         Command::Index { root, build } => {
             match contractor_store::write_artifact_index(&root, &build) {
                 Ok(index) => print_json(&index),
@@ -347,7 +401,7 @@ async fn command(cli: Cli) -> std::process::ExitCode {
 
 /// `contractor-store serve`: opens the store (with its token file, if any) and serves it
 /// until SIGTERM or SIGINT.
-async fn serve(args: ServeArgs) -> std::process::ExitCode {
+async fn serve(args: ServeArgs, ready_out: ReadyOut) -> std::process::ExitCode {
     let ServeArgs {
         root,
         listen,
@@ -359,6 +413,7 @@ async fn serve(args: ServeArgs) -> std::process::ExitCode {
         max_connections,
         no_access_log,
         no_confine,
+        ready_fd: _,
         workers,
     } = args;
     let tokens = match token_file.as_deref().map(TokenTable::load).transpose() {
@@ -401,7 +456,7 @@ async fn serve(args: ServeArgs) -> std::process::ExitCode {
         || std::thread::available_parallelism().map_or(1, usize::from),
         usize::from,
     );
-    match run(store, listen, workers, &confine).await {
+    match run(store, listen, workers, &confine, ready_out).await {
         Ok(()) => ExitCode::Success.into(),
         Err(e) => fail(ExitCode::Infrastructure, ToolCode::Serve, &e),
     }
@@ -442,6 +497,26 @@ fn record(command: RecordCommand) -> std::process::ExitCode {
                 fail(exit, code, &e)
             }
         },
+        RecordCommand::Close {
+            root,
+            build,
+            started,
+            artifacts,
+            no_confine,
+        } => {
+            let closing = contractor_store::closing::Closing { started, artifacts };
+            match close_record(&root, &build, &closing, !no_confine) {
+                Ok(result) => print_json(&RecordClosed::new(result)),
+                Err(e) => {
+                    let (exit, code) = if e.is_bad_input() {
+                        (ExitCode::BadInput, ToolCode::RecordNotOpen)
+                    } else {
+                        (ExitCode::Infrastructure, ToolCode::RecordClose)
+                    };
+                    fail(exit, code, &anyhow::Error::new(e))
+                }
+            }
+        }
         RecordCommand::CloseAbandoned { root } => {
             match contractor_store::records::close_abandoned(&root, SystemTime::now()) {
                 Ok(closed) => print_json(&RecordsClosed::new(closed)),
@@ -453,6 +528,26 @@ fn record(command: RecordCommand) -> std::process::ExitCode {
             }
         }
     }
+}
+
+/// `record close`: confines this process to the record (as `record receive` does: what it
+/// reads, the run's events and `proxy.jsonl`, carries the guest's words), then closes it.
+fn close_record(
+    root: &std::path::Path,
+    build: &str,
+    closing: &contractor_store::closing::Closing,
+    confine: bool,
+) -> Result<contractor_protocol::result::BuildResult, contractor_store::closing::CloseError> {
+    use contractor_store::closing::CloseError;
+    let record = root.join("builds").join(build);
+    if confine && contractor_store::path::is_build_id(build) {
+        if let Ok(record) = record.canonicalize() {
+            let policy = contractor_store::confinement::receipt_policy(&record);
+            contractor_confine::confine("contractor-store", &policy)
+                .map_err(CloseError::Confine)?;
+        }
+    }
+    contractor_store::closing::close(root, build, std::io::stdin().lock(), closing)
 }
 
 /// `record receive`: confines this process to the record, then receives the stream on
@@ -640,6 +735,7 @@ async fn run(
     listen: SocketAddr,
     workers: usize,
     confine: &Confine,
+    ready_out: ReadyOut,
 ) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch for SIGINT")?;
@@ -650,11 +746,9 @@ async fn run(
         .local_addr()
         .context("cannot read the bound address")?;
     let confinement = confine.apply(&store, addr.port())?;
-    contractor_protocol::jsonl::write_line(
-        &mut std::io::stdout(),
-        &Ready::new("store", addr).confined(confinement),
-    )
-    .context("cannot write the ready line")?;
+    ready_out
+        .write(&Ready::new("store", addr).confined(confinement))
+        .context("cannot write the ready line")?;
     eprintln!(
         "contractor-store: serving {} on http://{addr}",
         store.root().display()

@@ -310,3 +310,152 @@ async fn the_library_serves_in_process_with_tokens_and_limits() {
         ["builds/b1/artifacts/x", "builds/b1/source.tar"]
     );
 }
+
+/// `record close --root R --build ID --started T [--artifact P]...` with `events` on stdin.
+fn close_record(root: &Path, id: &str, artifacts: &[&str], events: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut command = binary();
+    command
+        .args(["record", "close", "--json-errors", "--root"])
+        .arg(root)
+        .args(["--build", id, "--started", "1000.5"]);
+    for artifact in artifacts {
+        command.args(["--artifact", artifact]);
+    }
+    let mut child = command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // A refused close exits before it reads: its stdin may be gone.
+    let _ = child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(events.as_bytes());
+    child.wait_with_output().expect("wait")
+}
+
+const RUN_EVENTS: &str = r#"{"type":"started","version":1}
+{"type":"agent_ready","agent_version":"0.1.0"}
+{"type":"output","text":"cc -o hello hello.c\n"}
+{"type":"artifact","path":"hello","size":5}
+{"type":"finished","outcome":"success","exit_code":0,"duration_secs":4.2}
+"#;
+
+#[test]
+fn record_close_writes_the_result_from_the_run_the_index_and_the_proxy() {
+    let fixture = Fixture::new();
+    let id = "20261125-141502-3fa2c1";
+    fixture.write(&format!("builds/{id}/artifacts/hello"), b"hello");
+    fixture.write(
+        &format!("builds/{id}/owner.json"),
+        b"{\"pid\":1,\"start\":1}",
+    );
+    let head =
+        r#"{"type":"decision","time":1.0,"client":"127.0.0.1:5000","method":"CONNECT","port":443"#;
+    let proxy = [
+        format!(r#"{head},"host":"github.com","decision":"deny","reason":"host not on the allowlist","class":"policy"}}"#),
+        format!(r#"{head},"host":"deb.debian.org","decision":"deny","reason":"cannot resolve the host","class":"upstream"}}"#),
+        format!(r#"{head},"host":"late.example","decision":"deny","reason":"host not on the allowlist","class":"policy","phase":"script"}}"#),
+        r#"{"type":"summary","allowed":0,"denied":{},"bytes_up":0,"bytes_down":0,"connections":3,"active_connections":0}"#.to_string(),
+    ];
+    fixture.write(
+        &format!("builds/{id}/proxy.jsonl"),
+        (proxy.join("\n") + "\n").as_bytes(),
+    );
+    let out = close_record(&fixture.root, id, &["hello"], RUN_EVENTS);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: contractor_protocol::store::RecordClosed =
+        serde_json::from_slice(&out.stdout).expect("one record_closed answer");
+    let record = fixture.root.join("builds").join(id);
+    let written: contractor_protocol::result::BuildResult =
+        serde_json::from_slice(&std::fs::read(record.join("result.json")).expect("result.json"))
+            .expect("a BuildResult");
+    assert_eq!(written, answer.result);
+    assert_eq!(written.id, id);
+    assert_eq!(
+        written.outcome,
+        contractor_protocol::result::Outcome::Success
+    );
+    assert_eq!(written.exit_code, Some(0));
+    assert_eq!(written.artifacts, [record.join("artifacts/hello")]);
+    assert_eq!(written.refused_hosts, ["github.com"]);
+    assert_eq!(written.refused_offline, ["late.example"]);
+    assert_eq!(written.upstream_failures.len(), 1);
+    assert_eq!(written.upstream_failures[0].host, "deb.debian.org");
+    assert!(written.duration_secs > 1.0e9, "from --started to now");
+    assert!(
+        record.join("artifacts.json").is_file(),
+        "the index was written"
+    );
+    assert!(!record.join("owner.json").exists(), "the owner is gone");
+
+    // A record is closed once.
+    let again = close_record(&fixture.root, id, &["hello"], RUN_EVENTS);
+    assert_eq!(again.status.code(), Some(2));
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(stdout.contains("\"code\":\"record_not_open\""), "{stdout}");
+    assert!(stdout.contains("is closed already"), "{stdout}");
+}
+
+#[test]
+fn record_close_fails_a_success_without_its_artifact_and_a_run_without_finished_by_its_error() {
+    let fixture = Fixture::new();
+    let missing = "20261125-141502-000001";
+    fixture.write(&format!("builds/{missing}/build.log"), b"log");
+    let out = close_record(&fixture.root, missing, &["hello", "*.deb"], RUN_EVENTS);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let closed: contractor_protocol::store::RecordClosed =
+        serde_json::from_slice(&out.stdout).expect("answer");
+    assert_eq!(
+        closed.result.outcome,
+        contractor_protocol::result::Outcome::Failed
+    );
+    let error = closed.result.error.expect("an error");
+    assert_eq!(error.code, "artifact_missing");
+    assert!(error.chain[0].contains("\"hello\""), "{error:?}");
+
+    let cut = "20261125-141502-000002";
+    fixture.write(&format!("builds/{cut}/build.log"), b"log");
+    let events = "{\"type\":\"started\",\"version\":1}\n{\"type\":\"error\",\"version\":1,\"code\":\"confine\",\"chain\":[\"cannot confine the relay\"]}\n";
+    let out = close_record(&fixture.root, cut, &[], events);
+    let closed: contractor_protocol::store::RecordClosed =
+        serde_json::from_slice(&out.stdout).expect("answer");
+    assert_eq!(
+        closed.result.outcome,
+        contractor_protocol::result::Outcome::Infrastructure
+    );
+    let error = closed.result.error.expect("an error");
+    assert_eq!(error.code, "confine");
+    assert_eq!(error.chain, ["cannot confine the relay"]);
+
+    // A project that cannot be packed: the store's own pack error is the build's failure.
+    let unpacked = "20261125-141502-000003";
+    fixture.write(&format!("builds/{unpacked}/build.log"), b"log");
+    let events = "{\"type\":\"error\",\"version\":1,\"code\":\"source_unreadable\",\"chain\":[\"cannot read x\"]}\n";
+    let out = close_record(&fixture.root, unpacked, &[], events);
+    let closed: contractor_protocol::store::RecordClosed =
+        serde_json::from_slice(&out.stdout).expect("answer");
+    assert_eq!(
+        closed.result.outcome,
+        contractor_protocol::result::Outcome::Failed
+    );
+
+    // Nothing at all: the run's failure.
+    let silent = "20261125-141502-000004";
+    fixture.write(&format!("builds/{silent}/build.log"), b"log");
+    let out = close_record(&fixture.root, silent, &[], "");
+    let closed: contractor_protocol::store::RecordClosed =
+        serde_json::from_slice(&out.stdout).expect("answer");
+    assert_eq!(closed.result.error.expect("error").code, "run");
+}

@@ -321,3 +321,79 @@ fn a_store_limited_to_one_build_refuses_every_other_path() {
     assert!(!fixture.root.join("builds/other/artifacts").exists());
     assert_eq!(store.put("/builds/mine/artifacts/x", b"ok").status, 201);
 }
+
+/// `serve --ready-fd 3` with descriptor 3 on a FIFO (as `3>FIFO` in sh): the ready line
+/// comes there, alone, and the descriptor is closed after it while the store keeps serving;
+/// stdout gets nothing.
+#[test]
+fn the_ready_line_goes_to_the_named_descriptor_which_then_ends() {
+    let fixture = Fixture::new();
+    fixture.write("builds/b1/source.tar", b"tar");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fifo = dir.path().join("ready");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("exec \"$0\" serve --root \"$1\" --ready-fd 3 3>\"$2\"")
+        .arg(env!("CARGO_BIN_EXE_contractor-store"))
+        .arg(&fixture.root)
+        .arg(&fifo)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the store");
+    // Read to the end on a thread: without the close, the end would never come.
+    let (sent, got) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let read = std::fs::File::open(&fifo)
+            .and_then(|mut f| std::io::Read::read_to_string(&mut f, &mut text));
+        let _ = sent.send(read.map(|_| text));
+    });
+    let text = got
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the descriptor ends after the ready line")
+        .expect("read the FIFO");
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let ready: contractor_protocol::service::Ready =
+        serde_json::from_str(text.trim_end()).expect("a ready line");
+    assert_eq!(ready.service, "store");
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "still serving"
+    );
+    let mut stream = std::net::TcpStream::connect(ready.addr).expect("connect");
+    send_head(&mut stream, "GET /builds/b1/source.tar HTTP/1.1");
+    assert_eq!(read_response(&mut stream).status, 200);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty(), "stdout: {:?}", out.stdout);
+}
+
+#[test]
+fn a_ready_descriptor_that_is_not_open_is_refused_by_name() {
+    let fixture = Fixture::new();
+    let out = binary()
+        .args(["serve", "--ready-fd", "9", "--json-errors", "--root"])
+        .arg(&fixture.root)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("\"code\":\"bad_ready_fd\""), "{stdout}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--ready-fd 9: descriptor 9 is not open"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

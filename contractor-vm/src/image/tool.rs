@@ -264,18 +264,7 @@ pub fn bytes(command: &mut Command, limit: u64) -> Result<Vec<u8>, ImageError> {
 pub fn own_group_dying_with_us(command: &mut Command) {
     use std::os::unix::process::CommandExt;
     command.process_group(0);
-    let parent = nix::unistd::Pid::this();
-    // SAFETY: the closure runs in the forked child before exec and makes only the
-    // async-signal-safe system calls prctl and getppid (nix's wrappers allocate nothing).
-    unsafe {
-        command.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
-            if nix::unistd::getppid() != parent {
-                return Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
-            }
-            Ok(())
-        });
-    }
+    contractor_protocol::process::die_with_parent(command);
 }
 
 #[cfg(test)]

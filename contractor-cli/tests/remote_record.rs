@@ -74,9 +74,16 @@ fn answer(files: &[(&str, &[u8])]) -> Vec<u8> {
 fn build_on_stand_in(fixture: &Fixture, stream: &[u8]) -> (Output, Value, PathBuf) {
     let sent = fixture.ssh.with_extension("stream");
     std::fs::write(&sent, stream).expect("stream");
+    // The room probe (`contractor-vm capacity`) finds room; the build's session gets `stream`.
+    let capacity = serde_json::json!({"type": "capacity", "version": 1,
+        "contractor": env!("CARGO_PKG_VERSION"), "free_memory_mib": 65536, "cpus": 64,
+        "running": 0});
     std::fs::write(
         &fixture.ssh,
-        format!("#!/bin/sh\nexec cat '{}'\n", sent.display()),
+        format!(
+            "#!/bin/sh\ncase \"$*\" in\n  *' contractor-vm capacity '*) echo '{capacity}' ;;\n  *) exec cat '{}' ;;\nesac\n",
+            sent.display()
+        ),
     )
     .expect("ssh");
     use std::os::unix::fs::PermissionsExt;

@@ -914,7 +914,7 @@ fn builds_share_one_connection_and_a_full_host_makes_the_next_wait_in_line() {
     });
     let mut seen = String::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !seen.contains("waiting in line: position 1") && Instant::now() < deadline {
+    while !seen.contains("room for 0 more build(s)") && Instant::now() < deadline {
         if let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) {
             seen.push_str(&line);
             seen.push('\n');

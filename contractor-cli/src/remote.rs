@@ -457,6 +457,15 @@ fn probe(host: &BuildHost, cpus: u32, memory_mib: u64, pids: &Mutex<Vec<u32>>) -
     }
 }
 
+/// The sha256 of the file at `path`, in lowercase hex.
+fn sha256_of(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let mut file = std::fs::File::open(path)?;
+    let mut hash = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hash)?;
+    Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// Why a remote build failed, as the record's error.
 fn host_error(chain: Vec<String>) -> ErrorInfo {
     ErrorInfo {
@@ -529,6 +538,7 @@ pub fn build_on(
         lock: lock_text,
         source_entries: packed.entries as u64,
         source_bytes: packed.bytes,
+        source_sha256: sha256_of(&tar).ok(),
         accel: options.accel,
         snapshot: options.snapshot,
         offline: options.offline,
@@ -671,6 +681,8 @@ struct Session {
     stdout: Option<JsonlReader<BufReader<ChildStdout>>>,
     /// Dropping (or sending on) it closes the session's stdin.
     close: Option<mpsc::Sender<()>>,
+    /// The build host's answer whether it needs the source's bytes, for the writer.
+    need: Option<mpsc::Sender<bool>>,
     writer: Option<std::thread::JoinHandle<std::io::Result<()>>>,
     interrupted: Arc<Mutex<Option<&'static str>>>,
     signals: Option<signal_hook::iterator::Handle>,
@@ -699,10 +711,16 @@ impl Session {
         line.push(b'\n');
         let mut source = std::fs::File::open(tar)?;
         let (close, closed) = mpsc::channel::<()>();
+        let (need, needed) = mpsc::channel::<bool>();
+        let ask = request.source_sha256.is_some();
         let writer = std::thread::spawn(move || {
             stdin.write_all(&line)?;
-            std::io::copy(&mut source, &mut stdin)?;
             stdin.flush()?;
+            // With a digest the build host says whether it has that source already.
+            if !ask || needed.recv().unwrap_or(false) {
+                std::io::copy(&mut source, &mut stdin)?;
+                stdin.flush()?;
+            }
             // Held open until told (or until the session is dropped).
             let _ = closed.recv();
             drop(stdin);
@@ -713,6 +731,7 @@ impl Session {
             child,
             stdout,
             close: Some(close),
+            need: Some(need),
             writer: Some(writer),
             interrupted: interrupted.clone(),
             signals: None,
@@ -790,6 +809,14 @@ impl Session {
                 continue;
             }
             match kind.as_str() {
+                "source" => match serde_json::from_value::<HostedLine>(value) {
+                    Ok(HostedLine::Source { need }) => {
+                        if let Some(writer) = self.need.take() {
+                            let _ = writer.send(need);
+                        }
+                    }
+                    _ => return Err(self.lost(host, Some("its source line is malformed".into()))),
+                },
                 "error" => {
                     let error: ErrorObject = serde_json::from_value(value).map_err(|err| {
                         RemoteEnd::Failed(host_error(vec![format!(
@@ -893,6 +920,7 @@ impl Session {
             handle.close();
         }
         drop(self.close.take());
+        drop(self.need.take());
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }

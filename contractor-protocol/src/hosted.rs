@@ -79,8 +79,13 @@ pub struct HostedRequest {
     pub lock: Option<String>,
     /// Entries of the packed source.
     pub source_entries: u64,
-    /// Bytes of the packed source tar that follow this line.
+    /// Bytes of the packed source tar that follow this line (or the build host's
+    /// [`HostedLine::Source`] answer, when `source_sha256` is given).
     pub source_bytes: u64,
+    /// The packed source's sha256 (64 lowercase hex digits): the build host answers with
+    /// [`HostedLine::Source`] whether it needs the bytes, which are sent only then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_sha256: Option<String>,
     /// The accelerator.
     pub accel: Accel,
     /// Whether to restore a saved, booted builder (false: `--cold`).
@@ -102,6 +107,13 @@ pub enum HostedLine {
         version: u32,
         /// Its release.
         contractor: String,
+    },
+    /// The build host's answer to a request with `source_sha256`, right after reading it:
+    /// whether the front end is to send the source's bytes (false: it kept that source
+    /// from the project's previous build).
+    Source {
+        /// Whether the bytes are to be sent.
+        need: bool,
     },
     /// One file of the build record; exactly `bytes` bytes of it follow the line.
     File {

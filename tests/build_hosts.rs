@@ -225,7 +225,7 @@ impl BuildHost {
                 "ListenAddress {address}\nHostKey {host_key}\nPidFile none\nUsePAM no\nStrictModes no\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
                  AuthorizedKeysFile {keys}\nAllowUsers {USER}\nClientAliveInterval 2\nClientAliveCountMax 3\n\
-                 SetEnv PATH={tools}:/usr/local/bin:/usr/bin:/bin\nLogLevel ERROR\n",
+                 SetEnv PATH={tools}:/usr/local/bin:/usr/bin:/bin\nLogLevel INFO\n",
                 host_key = d.join("host_key").display(),
                 keys = d.join("authorized_keys").display(),
                 tools = tools.display(),
@@ -284,6 +284,15 @@ impl BuildHost {
             std::thread::sleep(Duration::from_millis(50));
         }
         host
+    }
+
+    /// How many SSH connections its sshd has accepted so far.
+    fn accepted(&self) -> usize {
+        std::fs::read_to_string(self.dir.path().join("sshd.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("Accepted publickey for"))
+            .count()
     }
 
     /// `contractor-bh@ADDRESS`.
@@ -846,5 +855,97 @@ fn of_two_configured_hosts_one_unreachable_the_build_runs_on_the_other_and_says_
     assert!(
         stderr.contains("config.toml") && stderr.contains("-oProxyCommand=sh"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn builds_share_one_connection_and_a_full_host_makes_the_next_wait_in_line() {
+    if skip("builds_share_one_connection_and_a_full_host_makes_the_next_wait_in_line") {
+        return;
+    }
+    let host = BuildHost::start();
+    let project = sleeping_project();
+    let connections = host.accepted();
+    let (mut front, _) = long_build(&host, &project);
+
+    // `contractor hosts` names the host, its room and the build running there.
+    let listed = host
+        .contractor(&project, &["hosts", "--host", &host.name()])
+        .output()
+        .expect("contractor hosts");
+    let said = String::from_utf8_lossy(&listed.stdout).into_owned();
+    assert_eq!(
+        listed.status.code(),
+        Some(0),
+        "{said}{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let line = said
+        .lines()
+        .find(|l| l.starts_with(&host.name()))
+        .unwrap_or_else(|| panic!("the host is not listed:\n{said}"));
+    assert!(
+        line.contains(" room ") && line.contains(" running 1 "),
+        "{line}"
+    );
+    let cpus: u32 = line
+        .rsplit_once(" CPUs)")
+        .and_then(|(head, _)| head.rsplit_once(' '))
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no CPU count in {line:?}"));
+
+    // A build asking for all its CPUs does not fit beside the running one: it waits in
+    // line, saying so, and does not start a VM there.
+    let whole = Project::new(&format!(
+        "[build]\nscript = 'true'\n[vm]\ncpus = {cpus}\nmemory = \"768MiB\"\n"
+    ));
+    let mut waiting = host
+        .contractor(&whole, &["build", "--host", &host.name()])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the second build");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = BufReader::new(waiting.stderr.take().expect("stderr"));
+    std::thread::spawn(move || {
+        for line in err.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !seen.contains("room for 0 more build(s)") && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) {
+            seen.push_str(&line);
+            seen.push('\n');
+        }
+    }
+    let _ = waiting.kill();
+    let _ = waiting.wait();
+    assert!(
+        seen.contains("contractor: all 1 build host(s) are full; waiting in line: position 1"),
+        "the second build did not wait in line:\n{seen}"
+    );
+    assert!(seen.contains("room for 0 more build(s)"), "{seen}");
+    assert!(
+        !whole.path().join(".contractor/builds").exists(),
+        "the waiting build made a record"
+    );
+    // The build, the listing and the waiting build's probes went over one connection.
+    assert_eq!(
+        host.accepted() - connections,
+        1,
+        "connections accepted by the build host's sshd"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(front.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("Ctrl-C");
+    let _ = front.wait();
+    assert_eq!(
+        host.vms_left_after(Duration::from_secs(15)),
+        Vec::<String>::new()
     );
 }

@@ -221,6 +221,20 @@ changed, the recorded image gone or changed without --any-image), 3 infrastructu
         #[arg(long, value_name = "HOST")]
         host: Option<String>,
     },
+    /// List the build hosts (`--host`, else those of ~/.config/contractor/config.toml) with
+    /// their room for this project's build and the Contractor VMs running there.
+    #[command(
+        after_help = "Example:\n  contractor hosts\n\nExit codes: 0 a host answered (or none is configured), 2 a bad host or contractor.toml, 3 no host answered."
+    )]
+    Hosts {
+        /// List this build host ([ssh://][user@]host[:port]; repeat for more) instead.
+        #[arg(long = "host", value_name = "HOST")]
+        hosts: Vec<String>,
+        /// The spec whose build's shape (`[vm] cpus`, `memory`) room is counted for
+        /// (default: 2 CPUs, 2 GiB when the file is missing).
+        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
+        file: PathBuf,
+    },
     /// Write a commented contractor.toml for the project in this directory.
     #[command(after_help = "Example:\n  cd my-project && contractor init && contractor build")]
     Init,
@@ -426,6 +440,7 @@ pub fn main() -> std::process::ExitCode {
                 ExitCode::BadInput.into()
             }
         },
+        Command::Hosts { hosts, file } => list_hosts(&hosts, &file).into(),
         Command::Init => report(
             crate::init::write(Path::new("."))
                 .map(|(path, kind)| {
@@ -625,6 +640,45 @@ fn build_hosts(given: &[String], local: bool) -> Result<Vec<BuildHost>, String> 
         .collect()
 }
 
+/// `contractor hosts`: each build host's room for the build of `file` (if it exists), on
+/// stdout.
+fn list_hosts(given: &[String], file: &Path) -> ExitCode {
+    let hosts = match build_hosts(given, false) {
+        Ok(hosts) => hosts,
+        Err(problem) => {
+            eprintln!("contractor: {}", escape(&problem));
+            return ExitCode::BadInput;
+        }
+    };
+    if hosts.is_empty() {
+        let config = crate::remote::config_file()
+            .map(|p| escape_path(&p))
+            .unwrap_or_else(|| "~/.config/contractor/config.toml".into());
+        eprintln!(
+            "contractor: no build hosts are configured: name them in {config} (hosts = [\"…\"]) or with --host"
+        );
+        return ExitCode::Success;
+    }
+    let (cpus, memory_mib) = match file.exists() {
+        true => match spec::load(file) {
+            Ok(spec) => (spec.cpus, spec.memory_mib),
+            Err(err) => {
+                eprintln!("contractor: {}", escape(&err.to_string()));
+                return ExitCode::BadInput;
+            }
+        },
+        false => (2, 2048),
+    };
+    let (lines, answered) = crate::fleet::list(&hosts, cpus, memory_mib);
+    for line in lines {
+        println!("{}", escape(&line));
+    }
+    match answered {
+        true => ExitCode::Success,
+        false => ExitCode::Infrastructure,
+    }
+}
+
 /// `contractor build`: with `hosts` the `--host` options and `--local` (see
 /// [`build_hosts`]).
 fn run_build(
@@ -672,29 +726,19 @@ fn run_build(
         fail(BuildCode::BadSpec.as_str(), chain);
         return ExitCode::BadInput;
     }
-    let chosen = match hosts.len() {
-        0 | 1 => hosts.first().cloned(),
-        _ => match crate::remote::choose(&hosts, spec.cpus, spec.memory_mib) {
-            Ok((host, lines)) => {
-                if mode != Mode::Quiet {
-                    eprintln!(
-                        "contractor: build host {} chosen",
-                        escape(&host.to_string())
-                    );
-                    for line in lines {
-                        eprintln!("  {}", escape(&line));
-                    }
+    let chosen = match hosts.is_empty() {
+        true => None,
+        false => {
+            match crate::fleet::take(&hosts, spec.cpus, spec.memory_mib, mode != Mode::Quiet) {
+                Ok(taken) => Some(taken),
+                Err(chain) => {
+                    fail(BuildCode::BuildHost.as_str(), chain);
+                    return ExitCode::Infrastructure;
                 }
-                Some(host)
             }
-            Err(chain) => {
-                fail(BuildCode::BuildHost.as_str(), chain);
-                return ExitCode::Infrastructure;
-            }
-        },
+        }
     };
-    let host = chosen.as_ref();
-    let report = match build_here(&spec, &options, mode, host.map(|h| (h, file))) {
+    let report = match build_here(&spec, &options, mode, chosen.map(|(h, t)| (h, file, t))) {
         Ok(report) => report,
         Err((code, chain, exit)) => {
             fail(code, chain);
@@ -810,11 +854,13 @@ fn build_here(
     spec: &spec::BuildSpec,
     options: &BuildOptions,
     mode: Mode,
-    host: Option<(&BuildHost, &Path)>,
+    host: Option<(BuildHost, &Path, Option<crate::fleet::Ticket>)>,
 ) -> Result<build::BuildReport, (&'static str, Vec<String>, ExitCode)> {
     let display = Display::new(mode);
     let built = match host {
-        Some((host, file)) => crate::remote::build_on(host, spec, file, options, &display),
+        Some((host, file, ticket)) => {
+            crate::remote::build_on(&host, spec, file, options, ticket, &display)
+        }
         None => build::build(spec, options, &display),
     };
     display.close();

@@ -74,7 +74,7 @@ pub fn serve() -> ExitCode {
         return ExitCode::Infrastructure;
     }
     let mut input = BufReader::new(std::io::stdin());
-    let prepared = match prepare(&mut input) {
+    let prepared = match prepare(&mut input, &mut out) {
         Ok(prepared) => prepared,
         Err(refusal) => return refuse(refusal),
     };
@@ -157,7 +157,10 @@ fn refuse(refusal: Refusal) -> ExitCode {
 
 /// Reads the request and the source, checks both, and places them in the project's
 /// directory here.
-fn prepare(input: &mut BufReader<std::io::Stdin>) -> Result<Prepared, Refusal> {
+fn prepare(
+    input: &mut BufReader<std::io::Stdin>,
+    out: &mut impl Write,
+) -> Result<Prepared, Refusal> {
     let request: HostedRequest = JsonlReader::with_limit(&mut *input, MAX_REQUEST_BYTES)
         .next_message()
         .map_err(|err| {
@@ -207,13 +210,38 @@ fn prepare(input: &mut BufReader<std::io::Stdin>) -> Result<Prepared, Refusal> {
         )]));
     }
     let tar = dir.join(format!(".incoming-{}.tar", request.id));
-    receive_source(input, &tar, request.source_bytes).map_err(|e| {
-        let _ = std::fs::remove_file(&tar);
-        Refusal::host(vec![format!(
-            "cannot receive the source into {}: {e}",
-            tar.display()
-        )])
-    })?;
+    let kept = match &request.source_sha256 {
+        Some(sha) if !is_sha256(sha) => {
+            return Err(Refusal::input(vec![format!(
+                "the source's sha256 {sha:?} is not 64 lowercase hex digits"
+            )]))
+        }
+        Some(sha) => {
+            let kept = take_kept_source(&dir, sha, request.source_bytes, &tar);
+            jsonl::write_line(&mut *out, &HostedLine::Source { need: !kept })
+                .map_err(|e| Refusal::host(vec![format!("cannot answer the request: {e}")]))?;
+            kept
+        }
+        None => false,
+    };
+    if !kept {
+        receive_source(
+            input,
+            &tar,
+            request.source_bytes,
+            request.source_sha256.as_deref(),
+        )
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tar);
+            Refusal::host(vec![format!(
+                "cannot receive the source into {}: {e}",
+                tar.display()
+            )])
+        })?;
+        if let Some(sha) = &request.source_sha256 {
+            keep_source(&dir, &tar, sha, request.source_bytes);
+        }
+    }
     let options = BuildOptions {
         id: Some(request.id.clone()),
         packed: Some(PackedSource {
@@ -231,16 +259,78 @@ fn prepare(input: &mut BufReader<std::io::Stdin>) -> Result<Prepared, Refusal> {
     Ok(Prepared { spec, options })
 }
 
-/// Copies exactly `bytes` bytes of `input` into the new file `tar`.
-fn receive_source(input: &mut impl BufRead, tar: &Path, bytes: u64) -> std::io::Result<()> {
+/// The project's last source kept on this host: its tar, and its sha256 and size.
+const KEPT_SOURCE: &str = ".kept-source.tar";
+const KEPT_DIGEST: &str = ".kept-source.sha256";
+
+/// Whether `text` is a sha256 in 64 lowercase hex digits.
+fn is_sha256(text: &str) -> bool {
+    text.len() == 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Places the project's kept source at `tar` when it is the one of digest `sha` and size
+/// `bytes` (a new link to it, else a copy); whether it did.
+fn take_kept_source(dir: &Path, sha: &str, bytes: u64, tar: &Path) -> bool {
+    let recorded = std::fs::read_to_string(dir.join(KEPT_DIGEST)).unwrap_or_default();
+    let kept = dir.join(KEPT_SOURCE);
+    let same = recorded.trim() == format!("{sha} {bytes}")
+        && std::fs::symlink_metadata(&kept).is_ok_and(|m| m.is_file() && m.len() == bytes);
+    same && (std::fs::hard_link(&kept, tar).is_ok() || std::fs::copy(&kept, tar).is_ok())
+}
+
+/// Keeps the source just received at `tar` (digest `sha`, `bytes` long) as the project's
+/// last one, replacing the previous; a failure only means the next build sends it again.
+fn keep_source(dir: &Path, tar: &Path, sha: &str, bytes: u64) {
+    let staged = dir.join(format!("{KEPT_SOURCE}.new"));
+    let _ = std::fs::remove_file(dir.join(KEPT_DIGEST));
+    let _ = std::fs::remove_file(&staged);
+    let kept = std::fs::hard_link(tar, &staged)
+        .or_else(|_| std::fs::copy(tar, &staged).map(|_| ()))
+        .and_then(|()| std::fs::rename(&staged, dir.join(KEPT_SOURCE)))
+        .and_then(|()| std::fs::write(dir.join(KEPT_DIGEST), format!("{sha} {bytes}\n")));
+    if let Err(err) = kept {
+        eprintln!("contractor: cannot keep the source for the next build: {err}");
+    }
+}
+
+/// Copies exactly `bytes` bytes of `input` into the new file `tar`; when `sha` is given,
+/// they must have that sha256.
+fn receive_source(
+    input: &mut impl BufRead,
+    tar: &Path,
+    bytes: u64,
+    sha: Option<&str>,
+) -> std::io::Result<()> {
+    use sha2::Digest;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(tar)?;
-    let copied = std::io::copy(&mut input.take(bytes), &mut file)?;
+    let mut hash = sha2::Sha256::new();
+    let mut limited = input.take(bytes);
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut copied = 0u64;
+    loop {
+        let n = limited.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        hash.update(&buffer[..n]);
+        file.write_all(&buffer[..n])?;
+        copied += n as u64;
+    }
     if copied != bytes {
         return Err(std::io::Error::other(format!(
             "the source ended after {copied} of its {bytes} bytes"
+        )));
+    }
+    let got: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if let Some(sha) = sha.filter(|sha| *sha != got) {
+        return Err(std::io::Error::other(format!(
+            "its sha256 is {got}, the request said {sha}"
         )));
     }
     file.flush()
@@ -317,4 +407,51 @@ fn list_files(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod source_tests {
+    use super::*;
+
+    fn sha(bytes: &[u8]) -> String {
+        use sha2::Digest;
+        sha2::Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    #[test]
+    fn a_received_source_is_kept_and_taken_again_only_by_its_digest_and_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let body = b"a tar, say".to_vec();
+        let first = dir.path().join(".incoming-1.tar");
+        let mut input = std::io::Cursor::new(body.clone());
+        receive_source(&mut input, &first, body.len() as u64, Some(&sha(&body))).expect("received");
+        keep_source(dir.path(), &first, &sha(&body), body.len() as u64);
+
+        let second = dir.path().join(".incoming-2.tar");
+        assert!(take_kept_source(
+            dir.path(),
+            &sha(&body),
+            body.len() as u64,
+            &second
+        ));
+        assert_eq!(std::fs::read(&second).expect("taken"), body);
+        let third = dir.path().join(".incoming-3.tar");
+        assert!(!take_kept_source(
+            dir.path(),
+            &sha(b"other"),
+            body.len() as u64,
+            &third
+        ));
+        assert!(!take_kept_source(dir.path(), &sha(&body), 3, &third));
+        assert!(!third.exists());
+
+        // Bytes that are not what the request's digest says are refused.
+        let mut input = std::io::Cursor::new(b"forged".to_vec());
+        let err = receive_source(&mut input, &third, 6, Some(&sha(&body))).expect_err("refused");
+        assert!(err.to_string().contains("the request said"), "{err}");
+        assert!(is_sha256(&sha(&body)) && !is_sha256("ABC"));
+    }
 }

@@ -11,6 +11,7 @@ pub mod clock;
 pub mod display;
 pub mod doctor;
 pub mod downloads;
+pub mod fleet;
 pub mod gitlab;
 pub mod hosted;
 pub mod image;

@@ -149,6 +149,13 @@ impl BuildHost {
             .arg(format!("-oConnectTimeout={CONNECT_TIMEOUT_SECS}"))
             .arg(format!("-oServerAliveInterval={KEEPALIVE_SECS}"))
             .arg("-oServerAliveCountMax=3");
+        if let Some(path) = control_path(self) {
+            // One connection per host, shared by every session and probe, and kept
+            // `PERSIST_SECS` after the last ends.
+            ssh.arg("-oControlMaster=auto")
+                .arg(format!("-oControlPath={path}"))
+                .arg(format!("-oControlPersist={PERSIST_SECS}"));
+        }
         if let Some(port) = self.port {
             ssh.arg("-p").arg(port.to_string());
         }
@@ -158,6 +165,65 @@ impl BuildHost {
         ssh.arg("--").arg(&self.host).args(command);
         ssh
     }
+}
+
+/// How long the shared connection to a build host stays open after its last session ends
+/// (ssh's `ControlPersist`).
+pub const PERSIST_SECS: u32 = 120;
+
+/// The longest control socket path used: ssh binds it with a 17-character temporary suffix
+/// first, and a Unix socket's path holds at most 107 bytes.
+const MAX_CONTROL_PATH: usize = 90;
+
+/// Contractor's directory for sockets and the line: `$XDG_RUNTIME_DIR/contractor`, else
+/// the data directory.
+pub fn runtime_dir() -> Option<PathBuf> {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .filter(|d| d.is_dir())
+        .map(|d| d.join("contractor"))
+        .or_else(|| paths::data_dir().ok())
+}
+
+/// The directory of the shared connections' sockets, `<runtime dir>/ssh` (see
+/// [`runtime_dir`]).
+pub fn control_dir() -> Option<PathBuf> {
+    private_dir(&runtime_dir()?.join("ssh"))
+}
+
+/// `dir`, made if missing (its parents world-readable, itself mode 0700), when it is a
+/// directory (not a link) of this user's that nobody else may enter: a socket or ticket
+/// another user could place there would be trusted.
+pub fn private_dir(dir: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if let Some(parent) = dir.parent() {
+        paths::create_dir_world_readable(parent).ok()?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(_) => return None,
+    }
+    let meta = std::fs::symlink_metadata(dir).ok()?;
+    let own =
+        meta.is_dir() && meta.uid() == nix::unistd::geteuid().as_raw() && meta.mode() & 0o077 == 0;
+    own.then(|| dir.to_path_buf())
+}
+
+/// The control socket of `host`'s shared connection (named by a digest of `[user@]host[:port]`),
+/// or none when its path would be too long or not plain enough for ssh's option syntax: then
+/// each ssh connects on its own.
+fn control_path(host: &BuildHost) -> Option<String> {
+    use sha2::Digest;
+    let dir = control_dir()?;
+    let digest = sha2::Sha256::digest(host.to_string().as_bytes());
+    let name: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let path = dir.join(name).into_os_string().into_string().ok()?;
+    let plain = path
+        .chars()
+        .all(|c| !c.is_whitespace() && !c.is_control() && !"%\"'\\".contains(c));
+    (plain && path.len() <= MAX_CONTROL_PATH).then_some(path)
 }
 
 impl std::fmt::Display for BuildHost {
@@ -263,20 +329,37 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 /// The most bytes of a probe's answer read.
 const MAX_PROBE_BYTES: u64 = 64 * 1024;
 
-/// What a probe of one build host found: its room (builds of this shape that fit), and
-/// what it reported; or why it cannot take the build.
-type Probe = Result<(u64, String), String>;
+/// What one build host said of its room for a build of a given shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Room {
+    /// How many more builds of that shape fit there now.
+    pub builds: u64,
+    /// Its free memory, in MiB.
+    pub free_memory_mib: u64,
+    /// Its CPUs.
+    pub cpus: u32,
+    /// Contractor VMs running there.
+    pub running: u32,
+}
 
-/// Picks the build host with the most room for a build of `cpus` CPUs and `memory_mib` MiB
-/// among `hosts`, asking each (`contractor-vm capacity` over ssh, all at once); the first
-/// listed wins a tie, and a host that cannot be reached or runs another release is passed
-/// over. Returns it and one line per host saying what was found; the error lists why each
-/// failed.
-pub fn choose(
-    hosts: &[BuildHost],
-    cpus: u32,
-    memory_mib: u64,
-) -> Result<(BuildHost, Vec<String>), Vec<String>> {
+impl std::fmt::Display for Room {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "room for {} more build(s) ({} MiB free, {} CPUs, {} Contractor VM(s) running)",
+            self.builds, self.free_memory_mib, self.cpus, self.running
+        )
+    }
+}
+
+/// What a probe of one build host found: its room, or why it cannot take the build.
+pub type Probe = Result<Room, String>;
+
+/// Asks each of `hosts` (`contractor-vm capacity` over its shared connection, all at once)
+/// how many builds of `cpus` CPUs and `memory_mib` MiB it has room for; one answer per
+/// host, in order, an error saying why for one that cannot be reached, runs another
+/// release, or does not answer within [`PROBE_TIMEOUT`].
+pub fn probe_all(hosts: &[BuildHost], cpus: u32, memory_mib: u64) -> Vec<Probe> {
     let (tx, rx) = mpsc::channel::<(usize, Probe)>();
     let pids = Arc::new(Mutex::new(Vec::<u32>::new()));
     for (i, host) in hosts.iter().enumerate() {
@@ -301,35 +384,12 @@ pub fn choose(
             nix::sys::signal::Signal::SIGTERM,
         );
     }
-    let mut best: Option<(usize, u64)> = None;
-    let mut lines = Vec::new();
-    for (i, probe) in probes.iter().enumerate() {
-        match probe {
-            Some(Ok((room, found))) => {
-                lines.push(format!("{}: {found}", hosts[i]));
-                if best.is_none_or(|(_, most)| *room > most) {
-                    best = Some((i, *room));
-                }
-            }
-            Some(Err(why)) => lines.push(format!("{}: {why}", hosts[i])),
-            None => lines.push(format!(
-                "{}: no answer within {} s",
-                hosts[i],
-                PROBE_TIMEOUT.as_secs()
-            )),
-        }
-    }
-    match best {
-        Some((i, _)) => Ok((hosts[i].clone(), lines)),
-        None => {
-            let mut chain = vec![format!(
-                "none of the {} build hosts can take the build",
-                hosts.len()
-            )];
-            chain.extend(lines);
-            Err(chain)
-        }
-    }
+    probes
+        .into_iter()
+        .map(|probe| {
+            probe.unwrap_or_else(|| Err(format!("no answer within {} s", PROBE_TIMEOUT.as_secs())))
+        })
+        .collect()
 }
 
 /// Asks `host` for its capacity; `pids` gets the ssh process while it runs.
@@ -376,13 +436,12 @@ fn probe(host: &BuildHost, cpus: u32, memory_mib: u64, pids: &Mutex<Vec<u32>>) -
             cpus: host_cpus,
             running,
             ..
-        }) => Ok((
-            room(free_memory_mib, host_cpus, running, cpus, memory_mib),
-            format!(
-                "room for {} more build(s) ({free_memory_mib} MiB free, {host_cpus} CPUs, {running} Contractor VM(s) running)",
-                room(free_memory_mib, host_cpus, running, cpus, memory_mib)
-            ),
-        )),
+        }) => Ok(Room {
+            builds: room(free_memory_mib, host_cpus, running, cpus, memory_mib),
+            free_memory_mib,
+            cpus: host_cpus,
+            running,
+        }),
         Err(_) => match serde_json::from_slice::<ErrorObject>(first) {
             Ok(error) => Err(format!("contractor-vm failed there: {}", error.chain.join(": "))),
             Err(_) => Err(match status.code() {
@@ -396,6 +455,15 @@ fn probe(host: &BuildHost, cpus: u32, memory_mib: u64, pids: &Mutex<Vec<u32>>) -
             }),
         },
     }
+}
+
+/// The sha256 of the file at `path`, in lowercase hex.
+fn sha256_of(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let mut file = std::fs::File::open(path)?;
+    let mut hash = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hash)?;
+    Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Why a remote build failed, as the record's error.
@@ -414,6 +482,7 @@ pub fn build_on(
     spec: &spec::BuildSpec,
     file: &Path,
     options: &BuildOptions,
+    ticket: Option<crate::fleet::Ticket>,
     display: &Display,
 ) -> Result<BuildReport, BuildError> {
     let started = Instant::now();
@@ -469,6 +538,7 @@ pub fn build_on(
         lock: lock_text,
         source_entries: packed.entries as u64,
         source_bytes: packed.bytes,
+        source_sha256: sha256_of(&tar).ok(),
         accel: options.accel,
         snapshot: options.snapshot,
         offline: options.offline,
@@ -484,7 +554,7 @@ pub fn build_on(
     let mut release = PendingRelease::default();
     let ran = match session {
         Ok(mut session) => {
-            let ran = session.follow(host, &record, limit, display);
+            let ran = session.follow(host, &record, limit, ticket, display);
             release = PendingRelease::later(move || session.end());
             ran
         }
@@ -612,6 +682,8 @@ struct Session {
     stdout: Option<ChildStdout>,
     /// Dropping (or sending on) it closes the session's stdin.
     close: Option<mpsc::Sender<()>>,
+    /// The build host's answer whether it needs the source's bytes, for the writer.
+    need: Option<mpsc::Sender<bool>>,
     writer: Option<std::thread::JoinHandle<std::io::Result<()>>>,
     interrupted: Arc<Mutex<Option<&'static str>>>,
     signals: Option<signal_hook::iterator::Handle>,
@@ -636,10 +708,16 @@ impl Session {
         line.push(b'\n');
         let mut source = std::fs::File::open(tar)?;
         let (close, closed) = mpsc::channel::<()>();
+        let (need, needed) = mpsc::channel::<bool>();
+        let ask = request.source_sha256.is_some();
         let writer = std::thread::spawn(move || {
             stdin.write_all(&line)?;
-            std::io::copy(&mut source, &mut stdin)?;
             stdin.flush()?;
+            // With a digest the build host says whether it has that source already.
+            if !ask || needed.recv().unwrap_or(false) {
+                std::io::copy(&mut source, &mut stdin)?;
+                stdin.flush()?;
+            }
             // Held open until told (or until the session is dropped).
             let _ = closed.recv();
             drop(stdin);
@@ -650,6 +728,7 @@ impl Session {
             child,
             stdout,
             close: Some(close),
+            need: Some(need),
             writer: Some(writer),
             interrupted: interrupted.clone(),
             signals: None,
@@ -676,8 +755,12 @@ impl Session {
         host: &BuildHost,
         record: &Path,
         limit: u64,
+        ticket: Option<crate::fleet::Ticket>,
         display: &Display,
     ) -> Result<BuildResult, RemoteEnd> {
+        // Held until the VM runs there (and counts in the host's room), then the next in
+        // line may go.
+        let mut ticket = ticket;
         let Some(stream) = self.stdout.take() else {
             return Err(host_error(vec!["ssh has no stdout".into()]).into());
         };
@@ -687,7 +770,7 @@ impl Session {
                 chain.extend(contractor_protocol::result::error_chain(&err));
                 RemoteEnd::Failed(host_error(chain))
             })?;
-        let ended = self.followed(host, &mut answers, display);
+        let ended = self.followed(host, &mut answers, &mut ticket, display);
         if ended.is_err() {
             let _ = store.kill();
         }
@@ -702,6 +785,7 @@ impl Session {
         &mut self,
         host: &BuildHost,
         answers: &mut crate::tools::Answers,
+        ticket: &mut Option<crate::fleet::Ticket>,
         display: &Display,
     ) -> Result<BuildResult, RemoteEnd> {
         let mut finished = None;
@@ -721,12 +805,14 @@ impl Session {
             })?;
             let kind = value["type"].as_str().unwrap_or_default().to_string();
             match kind.as_str() {
-                "host_hello" | "host_failed" => match serde_json::from_value(value) {
-                    Ok(line) => self.host_said(host, line)?,
-                    Err(err) => {
-                        return Err(host_error(vec![format!("bad {kind:?} line: {err}")]).into())
+                "host_hello" | "host_failed" | "host_source" => {
+                    match serde_json::from_value(value) {
+                        Ok(line) => self.host_said(host, line)?,
+                        Err(err) => {
+                            return Err(host_error(vec![format!("bad {kind:?} line: {err}")]).into())
+                        }
                     }
-                },
+                }
                 "error" => return Err(self.store_failed(host, value)),
                 "record_received" => {
                     return finished.ok_or_else(|| {
@@ -739,6 +825,10 @@ impl Session {
                 _ => match serde_json::from_value::<BuildEvent>(value) {
                     // This front end announced the build, and announces its end.
                     Ok(BuildEvent::Started { .. }) => {}
+                    Ok(event @ BuildEvent::VmStarted { .. }) => {
+                        drop(ticket.take());
+                        display.event(&event);
+                    }
                     Ok(BuildEvent::Finished { result }) => finished = Some(result),
                     Ok(event) => display.event(&event),
                     Err(err) => {
@@ -764,6 +854,12 @@ impl Session {
                  this is contractor {RELEASE} (protocol {PROTOCOL_VERSION}): install one release on both"
             )])
             .into()),
+            FollowedLine::HostSource { need } => {
+                if let Some(writer) = self.need.take() {
+                    let _ = writer.send(need);
+                }
+                Ok(())
+            }
             FollowedLine::HostFailed { code, chain: said } => {
                 let mut chain = vec![format!("the build host {host} could not run the build")];
                 chain.extend(said);
@@ -827,6 +923,7 @@ impl Session {
             handle.close();
         }
         drop(self.close.take());
+        drop(self.need.take());
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }

@@ -86,9 +86,19 @@ fn build_on_stand_in(fixture: &Fixture, stream: &[u8]) -> (Output, Value, PathBu
     (output, result, record)
 }
 
-/// Runs `contractor build --host fake --json` with `script` as its ssh.
+/// Runs `contractor build --host fake --json` with `script` as its ssh's build session
+/// (run by `sh` in ssh's own process); the room probe (`contractor-vm capacity`) finds room.
 fn build_with_ssh(fixture: &Fixture, script: &str) -> Output {
-    std::fs::write(&fixture.ssh, script).expect("ssh");
+    let session = fixture.ssh.with_extension("session");
+    std::fs::write(&session, script).expect("session");
+    let capacity = serde_json::json!({"type": "capacity", "version": 1,
+        "contractor": env!("CARGO_PKG_VERSION"), "free_memory_mib": 65536, "cpus": 64,
+        "running": 0});
+    let ssh = format!(
+        "#!/bin/sh\ncase \"$*\" in\n  *' contractor-vm capacity '*) echo '{capacity}'; exit 0 ;;\nesac\nexec /bin/sh '{}' \"$@\"\n",
+        session.display()
+    );
+    std::fs::write(&fixture.ssh, ssh).expect("ssh");
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&fixture.ssh, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     std::process::Command::new(env!("CARGO_BIN_EXE_contractor"))
@@ -213,5 +223,53 @@ fn the_build_hosts_stream_is_read_and_parsed_only_by_a_confined_store() {
     assert!(!readers.trim().is_empty(), "no reader found");
     for reader in readers.lines() {
         assert_eq!(reader, "contractor-stor 1 2", "readers:\n{readers}");
+    }
+}
+
+#[test]
+fn the_source_is_sent_only_when_the_build_host_says_it_lacks_it() {
+    for need in [false, true] {
+        let fixture = fixture();
+        // The build host's answer: hello, then whether it needs the source, then the rest.
+        let rest = answer(&[("build.log", b"built\n")]);
+        let split = rest.iter().position(|b| *b == b'\n').expect("hello line") + 1;
+        let mut stream = rest[..split].to_vec();
+        let source = serde_json::json!({"type": "source", "need": need});
+        stream.extend_from_slice(format!("{source}\n").as_bytes());
+        stream.extend_from_slice(&rest[split..]);
+        let sent = fixture.ssh.with_extension("stream");
+        let stdin = fixture.ssh.with_extension("stdin");
+        std::fs::write(&sent, &stream).expect("stream");
+        // What the front end writes to the session is kept in `stdin`.
+        let session = format!(
+            "exec 3<&0\ncat <&3 > '{}' &\ncat '{}'\nwait\n",
+            stdin.display(),
+            sent.display()
+        );
+        let output = build_with_ssh(&fixture, &session);
+        let result = record_result(&fixture.project);
+        assert_eq!(
+            result["outcome"],
+            "success",
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let record = PathBuf::from(result["log"].as_str().expect("log"))
+            .parent()
+            .expect("record")
+            .to_path_buf();
+        let tar = std::fs::read(record.join("source.tar")).expect("the local source.tar");
+        let received = std::fs::read(&stdin).expect("what the session got");
+        let line_end = received
+            .iter()
+            .position(|b| *b == b'\n')
+            .expect("a request line");
+        let request: Value = serde_json::from_slice(&received[..line_end]).expect("request");
+        assert_eq!(request["source_sha256"], hex(&sha2::Sha256::digest(&tar)));
+        let after = &received[line_end + 1..];
+        match need {
+            false => assert!(after.is_empty(), "{} bytes sent", after.len()),
+            true => assert!(after == tar.as_slice(), "the source's bytes follow"),
+        }
     }
 }

@@ -79,8 +79,13 @@ pub struct HostedRequest {
     pub lock: Option<String>,
     /// Entries of the packed source.
     pub source_entries: u64,
-    /// Bytes of the packed source tar that follow this line.
+    /// Bytes of the packed source tar that follow this line (or the build host's
+    /// [`HostedLine::Source`] answer, when `source_sha256` is given).
     pub source_bytes: u64,
+    /// The packed source's sha256 (64 lowercase hex digits): the build host answers with
+    /// [`HostedLine::Source`] whether it needs the bytes, which are sent only then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_sha256: Option<String>,
     /// The accelerator.
     pub accel: Accel,
     /// Whether to restore a saved, booted builder (false: `--cold`).
@@ -103,6 +108,13 @@ pub enum HostedLine {
         /// Its release.
         contractor: String,
     },
+    /// The build host's answer to a request with `source_sha256`, right after reading it:
+    /// whether the front end is to send the source's bytes (false: it kept that source
+    /// from the project's previous build).
+    Source {
+        /// Whether the bytes are to be sent.
+        need: bool,
+    },
     /// One file of the build record; exactly `bytes` bytes of it follow the line.
     File {
         /// Its path in the record, relative (`build.log`, `artifacts/target/release/x`).
@@ -124,6 +136,7 @@ pub enum HostedLine {
 /// the build host said before them, once checked.
 ///
 /// `{"type":"host_hello","version":1,"contractor":"0.1.0"}`,
+/// `{"type":"host_source","need":true}`,
 /// `{"type":"host_failed","code":"libvirt_unreachable","chain":["..."]}`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -135,6 +148,11 @@ pub enum FollowedLine {
         version: u32,
         /// The build host's release.
         contractor: String,
+    },
+    /// The build host's answer whether it needs the source's bytes (its `source` line).
+    HostSource {
+        /// Whether the bytes are to be sent.
+        need: bool,
     },
     /// The build host's error object: it could not run the build. The last line.
     HostFailed {

@@ -104,6 +104,10 @@ pub fn follow(
                 write(out, &failed)?;
                 return Ok(Followed::HostFailed);
             }
+            "source" => match serde_json::from_value::<HostedLine>(value) {
+                Ok(HostedLine::Source { need }) => write(out, &FollowedLine::HostSource { need })?,
+                _ => return Err(FollowError::Stream("its source line is malformed".into())),
+            },
             "file" | "end" => {
                 return Err(FollowError::Stream(
                     "it sent the record before the build finished".into(),

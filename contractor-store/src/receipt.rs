@@ -113,6 +113,11 @@ pub fn receive(input: impl BufRead, record: &Path, limit: u64) -> Result<Receive
                     "a hello line in the record stream".into(),
                 ))
             }
+            Some(HostedLine::Source { .. }) => {
+                return Err(ReceiptError::Refused(
+                    "a source line in the record stream".into(),
+                ))
+            }
         }
     }
 }

@@ -567,11 +567,18 @@ pub fn list(conn: &Connect) -> Result<Vec<VmInfo>, VmError> {
 }
 
 /// What this host has room for: its free memory and CPUs (libvirt's node information) and
-/// the Contractor VMs running now.
+/// the Contractor VMs running now. libvirt's free memory leaves out the page cache, which
+/// the kernel gives back on demand (on a busy build host it is most of the memory): on a
+/// local connection the kernel's estimate of available memory (`MemAvailable` of
+/// /proc/meminfo) counts instead when it is larger.
 pub fn capacity(conn: &Connect) -> Result<contractor_protocol::hosted::CapacityReport, VmError> {
     let free = conn
         .free_memory()
         .map_err(libvirt(String::from("read the free memory")))?;
+    let free = match is_local_uri(&conn_uri(conn)) {
+        true => free.max(available_memory().unwrap_or(0)),
+        false => free,
+    };
     let node = conn
         .node_info()
         .map_err(libvirt(String::from("read the node information")))?;
@@ -588,6 +595,20 @@ pub fn capacity(conn: &Connect) -> Result<contractor_protocol::hosted::CapacityR
         cpus: node.cpus,
         running: u32::try_from(running).unwrap_or(u32::MAX),
     })
+}
+
+/// The kernel's estimate of the memory available to new work, in bytes (`MemAvailable`
+/// of /proc/meminfo, in KiB there).
+fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_mem_available(&meminfo)
+}
+
+/// `MemAvailable` of a /proc/meminfo text, in bytes.
+fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 fn list_with_facts(conn: &Connect) -> Result<Vec<(VmInfo, DomainFacts)>, VmError> {
@@ -645,6 +666,14 @@ pub fn chosen_accel(conn: &Connect, requested: Accel) -> Accel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mem_available_is_read_in_bytes() {
+        let meminfo = "MemTotal:       24684000 kB\nMemFree:         2720000 kB\nMemAvailable:   23879000 kB\n";
+        assert_eq!(parse_mem_available(meminfo), Some(23_879_000 * 1024));
+        assert_eq!(parse_mem_available("MemFree: 1 kB\n"), None);
+        assert_eq!(parse_mem_available("MemAvailable: x kB\n"), None);
+    }
 
     #[test]
     fn default_uri_honours_the_environment() {

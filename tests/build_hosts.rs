@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use contractor_protocol::result::{BuildResult, Outcome};
-use util::{Build, Project};
+use util::{run, Build, Project};
 
 /// The build host's user.
 const USER: &str = "contractor-bh";
@@ -34,19 +34,6 @@ fn skip(test: &str) -> bool {
         return true;
     }
     false
-}
-
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The build host's user, with its own data directory under its home.

@@ -19,6 +19,8 @@
 
 mod util;
 
+use util::run;
+
 use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::process::CommandExt;
@@ -119,20 +121,6 @@ fn buildbot_python() -> PathBuf {
             first.split_whitespace().next().map(PathBuf::from)
         })
         .unwrap_or_else(|| PathBuf::from("python3"))
-}
-
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A worker's host: a network namespace joined to this machine by a veth pair, with no
@@ -257,17 +245,7 @@ fn repository(dir: &Path) -> PathBuf {
     let work = dir.join("project");
     std::fs::create_dir(&work).expect("project");
     let git = |args: &[&str]| {
-        let out = Command::new("git")
-            .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
-            .args(args)
-            .current_dir(&work)
-            .output()
-            .expect("git");
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        util::git(&work, args);
     };
     let spec = |script: &str| {
         std::fs::write(

@@ -39,20 +39,7 @@ impl Runner {
         let dir = tempfile::tempdir().expect("temp dir");
         let work = dir.path().join("work");
         std::fs::create_dir(&work).expect("work");
-        let git = |args: &[&str]| {
-            let out = Command::new("git")
-                .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
-                .args(args)
-                .current_dir(&work)
-                .output()
-                .expect("git");
-            assert!(
-                out.status.success(),
-                "git {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).trim().to_string()
-        };
+        let git = |args: &[&str]| util::git(&work, args);
         git(&["init", "-q", "-b", "main"]);
         std::fs::write(work.join("hello.c"), HELLO_C).expect("hello.c");
         std::fs::write(

@@ -210,38 +210,7 @@ fn prepare(
         )]));
     }
     let tar = dir.join(format!(".incoming-{}.tar", request.id));
-    let kept = match &request.source_sha256 {
-        Some(sha) if !is_sha256(sha) => {
-            return Err(Refusal::input(vec![format!(
-                "the source's sha256 {sha:?} is not 64 lowercase hex digits"
-            )]))
-        }
-        Some(sha) => {
-            let kept = take_kept_source(&dir, sha, request.source_bytes, &tar);
-            jsonl::write_line(&mut *out, &HostedLine::Source { need: !kept })
-                .map_err(|e| Refusal::host(vec![format!("cannot answer the request: {e}")]))?;
-            kept
-        }
-        None => false,
-    };
-    if !kept {
-        receive_source(
-            input,
-            &tar,
-            request.source_bytes,
-            request.source_sha256.as_deref(),
-        )
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tar);
-            Refusal::host(vec![format!(
-                "cannot receive the source into {}: {e}",
-                tar.display()
-            )])
-        })?;
-        if let Some(sha) = &request.source_sha256 {
-            keep_source(&dir, &tar, sha, request.source_bytes);
-        }
-    }
+    take_source(input, out, &request, &dir, &tar)?;
     let options = BuildOptions {
         id: Some(request.id.clone()),
         packed: Some(PackedSource {
@@ -257,6 +226,50 @@ fn prepare(
         )
     };
     Ok(Prepared { spec, options })
+}
+
+/// Places the request's source at `tar`: the project's kept source when it is the same
+/// (the front end is told it need not send it), else the bytes the front end sends next.
+fn take_source(
+    input: &mut BufReader<std::io::Stdin>,
+    out: &mut impl Write,
+    request: &HostedRequest,
+    dir: &Path,
+    tar: &Path,
+) -> Result<(), Refusal> {
+    let kept = match &request.source_sha256 {
+        Some(sha) if !is_sha256(sha) => {
+            return Err(Refusal::input(vec![format!(
+                "the source's sha256 {sha:?} is not 64 lowercase hex digits"
+            )]))
+        }
+        Some(sha) => {
+            let kept = take_kept_source(dir, sha, request.source_bytes, tar);
+            jsonl::write_line(&mut *out, &HostedLine::Source { need: !kept })
+                .map_err(|e| Refusal::host(vec![format!("cannot answer the request: {e}")]))?;
+            kept
+        }
+        None => false,
+    };
+    if !kept {
+        receive_source(
+            input,
+            tar,
+            request.source_bytes,
+            request.source_sha256.as_deref(),
+        )
+        .map_err(|e| {
+            let _ = std::fs::remove_file(tar);
+            Refusal::host(vec![format!(
+                "cannot receive the source into {}: {e}",
+                tar.display()
+            )])
+        })?;
+        if let Some(sha) = &request.source_sha256 {
+            keep_source(dir, tar, sha, request.source_bytes);
+        }
+    }
+    Ok(())
 }
 
 /// The project's last source kept on this host: its tar, and its sha256 and size.

@@ -109,9 +109,16 @@ fn the_shell_pipeline_builds_hello_like_contractor_build() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let (vm, uri) = vm_of(&stderr).unwrap_or_else(|| panic!("no VM line on stderr:\n{stderr}"));
+    // contractor-vm's holder finishes libvirt's destroy on its own after it lets go, so
+    // the script may end first: gone within util::VM_GONE.
+    let deadline = std::time::Instant::now() + util::VM_GONE;
+    while vm_exists(&uri, &vm) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     assert!(
         !vm_exists(&uri, &vm),
-        "VM {vm} is still defined at {uri} after the script"
+        "VM {vm} is still defined at {uri} {:?} after the script",
+        util::VM_GONE
     );
     assert_eq!(
         out.status.code(),

@@ -841,6 +841,11 @@ fn a_failed_build_kept_with_keep_opens_a_shell_where_it_failed_and_exiting_destr
     assert!(!stdout.contains("made-here"), "a fresh VM: {stdout}");
     let fresh_vm = util::vm_name_in(&String::from_utf8_lossy(&fresh.stderr))
         .expect("the fresh VM's name in the progress lines");
+    // Its holder finishes libvirt's destroy on its own once it lets go: within VM_GONE.
+    let deadline = std::time::Instant::now() + util::VM_GONE;
+    while util::libvirt_domains().contains(&fresh_vm) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     assert!(
         !util::libvirt_domains().contains(&fresh_vm),
         "exiting destroyed the fresh VM"

@@ -75,7 +75,8 @@ printf '%s\n' "$packed" | jq -r '.warnings[] | "pipeline: warning: \(.)"' >&2
 say "build $ID: source packed ($(printf '%s\n' "$packed" | jq -r .entries) entries)"
 
 # 3. The build cache, the agent's store token, the store, and the proxy (with the download
-# cache); each service writes its ready line on descriptor 3, read here from a FIFO.
+# cache; it files its lines in the record); each service writes its ready line on
+# descriptor 3, read here from a FIFO.
 cache_tool() { # cache_tool prepare|keep FLAGS...: one --path per CACHE_PATHS
     sub=$1 && shift && for p in $CACHE_PATHS; do set -- "$@" --path "$p"; done
     "$STORE_TOOL" cache "$sub" --root "$STORE" --build "$ID" --json-errors "$@"
@@ -97,7 +98,7 @@ set -- --record-downloads --cache "$DATA/downloads" --cache-project "$key" \
     --cache-size "$DOWNLOAD_CACHE_BYTES" --cache-max $((DOWNLOAD_CACHE_BYTES / 2))
 for host in $ALLOW; do set -- "$@" --allow "$host"; done
 [ -z "$ALLOW" ] || set -- "$@" --inspect
-"$PROXY_TOOL" "$@" --ready-fd 3 3>"$TMP/proxy.ready" >"$TMP/proxy.out" 2>>"$REC/tools.log" &
+"$PROXY_TOOL" "$@" --record "$REC" --ready-fd 3 3>"$TMP/proxy.ready" >/dev/null 2>>"$REC/tools.log" &
 proxy_pid=$! started="$! $started"
 IFS= read -r proxy_ready <"$TMP/proxy.ready" || die 3 "the proxy did not start (see $REC/tools.log)"
 say "store and proxy ready"
@@ -139,10 +140,9 @@ wait $! || true
 exec 4>&-
 wait "$vm_pid" || [ "$code" != 0 ] || { code=3; say "contractor-vm did not release the VM cleanly"; }
 
-# 6. The services stopped, the proxy's lines filed, the cache kept, the record closed.
+# 6. The services stopped (the proxy filed its lines in the record), the cache kept, the
+# record closed.
 stop "$proxy_pid" "$store_pid" && started=''
-grep '^{"type":"download"' "$TMP/proxy.out" >"$REC/downloads.jsonl" || true
-grep -v '^{"type":"download"' "$TMP/proxy.out" >"$REC/proxy.jsonl" || true
 success=$(jq -rs 'map(select(.type == "finished")) | if .[-1].outcome == "success" then "--success" else "" end' "$TMP/events")
 cache_tool keep $success >/dev/null || say "cannot keep the build cache (see its message above)"
 close <"$TMP/events"

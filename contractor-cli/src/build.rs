@@ -9,7 +9,6 @@
 //! does. Every outcome after the record exists, failures included, ends in `result.json`.
 //! Every tool dies with this process (`tools::start`), and the VM with its holder.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -21,7 +20,7 @@ use std::time::Instant;
 use contractor_protocol::agent::{Job, Keep, Phase};
 use contractor_protocol::build::BuildEvent;
 use contractor_protocol::error::ToolCode;
-use contractor_protocol::proxy::{Decision, ProxyLine, Refusals, Summary};
+use contractor_protocol::proxy::{RecordTally, Summary};
 use contractor_protocol::result::{
     BuildCode, BuildResult, ErrorInfo, Limit, Outcome, UpstreamFailure,
 };
@@ -449,8 +448,6 @@ struct Session {
     store: Service<()>,
     proxy: Service<ProxyReport>,
     script_proxy: Option<Service<ProxyReport>>,
-    /// Kept while the proxies write into the record.
-    _proxy_record: ProxyRecord,
     private: Private,
     tools_log: ToolsLog,
     log: PathBuf,
@@ -506,17 +503,8 @@ impl Session {
             interruption,
         )
         .map_err(|e| BuildError::Service("store", e))?;
-        let proxy_record =
-            ProxyRecord::create(record).map_err(|e| BuildError::Service("proxy", e))?;
-        let (proxy, script_proxy) = start_proxies(
-            spec,
-            options,
-            setup,
-            &private,
-            &proxy_record,
-            &tools_log,
-            interruption,
-        )?;
+        let (proxy, script_proxy) =
+            start_proxies(spec, options, setup, &private, &tools_log, interruption)?;
         // A service that could not confine itself fully says so; the user must hear it.
         show_confinement(display, tools::STORE, store.confinement.as_ref());
         show_confinement(display, tools::PROXY, proxy.confinement.as_ref());
@@ -542,7 +530,6 @@ impl Session {
             store,
             proxy,
             script_proxy,
-            _proxy_record: proxy_record,
             private,
             tools_log,
             log: record.join("build.log"),
@@ -596,7 +583,6 @@ fn start_proxies(
     options: &BuildOptions,
     setup: &Setup,
     private: &Private,
-    proxy_record: &ProxyRecord,
     tools_log: &ToolsLog,
     interruption: &Interruption,
 ) -> Result<(Service<ProxyReport>, Option<Service<ProxyReport>>), BuildError> {
@@ -626,7 +612,7 @@ fn start_proxies(
             }),
             offline: options.offline,
         },
-        proxy_record,
+        &setup.record,
         phased.then_some(Phase::Fetch),
         tools_log,
         interruption,
@@ -642,7 +628,7 @@ fn start_proxies(
                     cache: None,
                     offline: false,
                 },
-                proxy_record,
+                &setup.record,
                 Some(Phase::Script),
                 tools_log,
                 interruption,
@@ -709,25 +695,35 @@ impl Stopped {
     fn judge(self, ran: &mut Ran, display: &Display, download_cache_max: u64) -> Proxied {
         let report = self.proxy.unwrap_or_default();
         let refused_offline = match self.script_proxy {
-            Some(Ok(report)) => report.refusals.refused.into_iter().collect(),
+            Some(Ok(report)) => report.filed.refused_hosts,
             _ => Vec::new(),
         };
-        if !report.mismatched.is_empty() {
+        let filed = report.filed;
+        if filed.mismatches > 0 {
             ran.outcome = Outcome::Failed;
             let mut chain = vec![format!(
                 "{} download(s) did not match contractor.lock (tampering, or a moved tag; `contractor pin` after a build you trust)",
-                report.mismatched.len()
+                filed.mismatches
             )];
-            chain.extend(report.mismatched);
+            chain.extend(filed.mismatched.iter().map(|m| {
+                let whose = match m.from_cache {
+                    true => "the download cache's copy has",
+                    false => "its bytes have",
+                };
+                format!(
+                    "{}: {whose} SHA-256 {}, contractor.lock pins {}",
+                    m.url, m.sha256, m.pinned
+                )
+            }));
             ran.error = Some(ErrorInfo {
                 code: BuildCode::DownloadMismatch.as_str().into(),
                 chain,
             });
         }
-        if report.unpinned > 0 {
+        if filed.unpinned > 0 {
             display.warning(&format!(
                 "{} download(s) are not in contractor.lock (`contractor downloads` lists them, `contractor pin` pins them)",
-                report.unpinned
+                filed.unpinned
             ));
         }
         if report.cache_not_kept > 0 {
@@ -741,8 +737,8 @@ impl Stopped {
             ));
         }
         Proxied {
-            upstream_failures: report.refusals.upstream_failures(),
-            refused_hosts: report.refusals.refused.into_iter().collect(),
+            upstream_failures: filed.upstream_failures,
+            refused_hosts: filed.refused_hosts,
             refused_offline,
         }
     }
@@ -1155,102 +1151,23 @@ fn start_store(
     Service::start(tools::STORE, command, interruption, Answers::drain)
 }
 
-/// One of the build record's files that its proxies write (`proxy.jsonl`,
-/// `downloads.jsonl`): by the reader of each proxy, one whole line at a time, up to
-/// [`MAX_PROXY_RECORD`] bytes; past that, one `{"type":"cut",...}` line says how much
-/// was left out, and the rest is counted, not written.
-#[derive(Clone)]
-struct RecordFile(Arc<Mutex<RecordState>>);
-
-struct RecordState {
-    file: std::fs::File,
-    written: u64,
-    left_out: u64,
-}
-
-/// The most bytes of each of `proxy.jsonl` and `downloads.jsonl` (a guest decides how
-/// many requests it makes).
-const MAX_PROXY_RECORD: u64 = 64 << 20;
-
-impl RecordFile {
-    fn create(path: &Path) -> Result<RecordFile, ToolError> {
-        let file = std::fs::File::create(path).map_err(|source| ToolError::Io {
-            name: tools::PROXY,
-            source,
-        })?;
-        Ok(RecordFile(Arc::new(Mutex::new(RecordState {
-            file,
-            written: 0,
-            left_out: 0,
-        }))))
-    }
-
-    fn write(&self, line: &[u8]) {
-        let Ok(mut state) = self.0.lock() else {
-            return;
-        };
-        let size = line.len() as u64 + 1;
-        if state.written + size > MAX_PROXY_RECORD {
-            if state.left_out == 0 {
-                let cut = format!(
-                    "{{\"type\":\"cut\",\"limit\":{MAX_PROXY_RECORD},\"reason\":\"the file reached its limit; later lines are left out\"}}\n"
-                );
-                let _ = state.file.write_all(cut.as_bytes());
-            }
-            state.left_out += 1;
-            return;
-        }
-        state.written += size;
-        let _ = state
-            .file
-            .write_all(line)
-            .and_then(|()| state.file.write_all(b"\n"));
-    }
-}
-
-/// Where a build's proxies write: their decisions and the downloads they forwarded.
-#[derive(Clone)]
-struct ProxyRecord {
-    decisions: RecordFile,
-    downloads: RecordFile,
-}
-
-impl ProxyRecord {
-    fn create(record: &Path) -> Result<ProxyRecord, ToolError> {
-        Ok(ProxyRecord {
-            decisions: RecordFile::create(&record.join("proxy.jsonl"))?,
-            downloads: RecordFile::create(&record.join("downloads.jsonl"))?,
-        })
-    }
-}
-
-/// `line` (a JSON object) with `"phase"` added, or as it is when it is not an object.
-fn with_phase(line: &[u8], phase: Phase) -> Vec<u8> {
-    let Ok(serde_json::Value::Object(mut object)) = serde_json::from_slice(line) else {
-        return line.to_vec();
-    };
-    object.insert(
-        "phase".into(),
-        serde_json::to_value(phase).unwrap_or_default(),
-    );
-    serde_json::to_vec(&object).unwrap_or_else(|_| line.to_vec())
-}
-
 /// Starts a proxy of the build that allows `allow`, recording downloads, and with
-/// `inspect` inspecting TLS to the allowed hosts but those it names (tunnelled). Everything it
-/// writes after its `ready` line is copied line by line into the build's `record`, with
-/// `"phase"` added when the build has phases: each `download` into `downloads.jsonl`, the
-/// rest (a `decision` per request, a `summary` when it stops) into `proxy.jsonl`; the
-/// hosts it refused are collected.
+/// `inspect` inspecting TLS to the allowed hosts but those it names (tunnelled). It files
+/// its decisions and downloads in the build's `record` itself (`--record`, with `"phase"`
+/// when the build has phases); its summary says what the result needs.
 fn start_proxy(
     policy: &ProxyPolicy,
-    record: &ProxyRecord,
+    record: &Path,
     phase: Option<Phase>,
     log: &ToolsLog,
     interruption: &Interruption,
 ) -> Result<Service<ProxyReport>, ToolError> {
     let mut command = tools::command(tools::PROXY)?;
-    command.args(["--record-downloads", "--json-errors"]);
+    command.args(["--record-downloads", "--json-errors", "--record"]);
+    command.arg(record);
+    if let Some(phase) = phase {
+        command.args(["--record-phase", phase.as_str()]);
+    }
     for host in policy.allow {
         command.arg("--allow").arg(host);
     }
@@ -1278,49 +1195,14 @@ fn start_proxy(
         }
     }
     command.stderr(log.stderr());
-    let record = record.clone();
-    let pinned = policy.pins.is_some();
-    Service::start(tools::PROXY, command, interruption, move |mut answers| {
+    Service::start(tools::PROXY, command, interruption, |mut answers| {
         let mut report = ProxyReport::default();
         while let Ok(Some(line)) = answers.next_line() {
-            let parsed = serde_json::from_slice::<ProxyLine>(&line);
-            match &parsed {
-                Ok(ProxyLine::Decision(decision)) => report.note(decision),
-                Ok(ProxyLine::Download(download)) => {
-                    if download.mismatched() {
-                        if report.mismatched.len() < MAX_MISMATCHES {
-                            let whose = match download.from_cache {
-                                true => "the download cache's copy has",
-                                false => "its bytes have",
-                            };
-                            report.mismatched.push(format!(
-                                "{}: {whose} SHA-256 {}, contractor.lock pins {}",
-                                download.url,
-                                download.sha256,
-                                download.pinned.as_deref().unwrap_or_default()
-                            ));
-                        }
-                    } else if pinned
-                        && download.pinned.is_none()
-                        && download.method == "GET"
-                        && download.status == 200
-                    {
-                        report.unpinned += 1;
-                    }
-                }
-                Err(_) => {
-                    if let Ok(summary) = serde_json::from_slice::<Summary>(&line) {
-                        report.cache_not_kept = summary.cache_not_kept;
-                    }
-                }
-            }
-            let file = match parsed {
-                Ok(ProxyLine::Download(_)) => &record.downloads,
-                _ => &record.decisions,
-            };
-            match phase {
-                Some(phase) => file.write(&with_phase(&line, phase)),
-                None => file.write(&line),
+            if let Ok(summary) = serde_json::from_slice::<Summary>(&line) {
+                report = ProxyReport {
+                    filed: summary.record.unwrap_or_default(),
+                    cache_not_kept: summary.cache_not_kept,
+                };
             }
         }
         answers.drain();
@@ -1352,29 +1234,15 @@ struct DownloadCachePolicy<'a> {
     size: u64,
 }
 
-/// What a build's proxy saw that the build's result reports.
+/// What a build's proxy saw that the build's result reports: its summary's.
 #[derive(Default)]
 struct ProxyReport {
-    /// The hosts refused and failed, by the protocol's one rule.
-    refusals: Refusals,
-    /// Downloads whose bytes were not those contractor.lock pins, described (at most
-    /// [`MAX_MISMATCHES`]).
-    mismatched: Vec<String>,
-    /// With a lock: successful GETs of URLs it does not pin.
-    unpinned: u64,
-    /// Downloads passed on but not kept in the download cache (its summary says).
+    /// What it filed in the record: the hosts refused and failed, the downloads that did
+    /// not match contractor.lock, those it does not pin.
+    filed: RecordTally,
+    /// Downloads passed on but not kept in the download cache.
     cache_not_kept: u64,
 }
-
-impl ProxyReport {
-    /// Counts one decision line ([`Refusals::note`]).
-    fn note(&mut self, decision: &Decision) {
-        self.refusals.note(decision);
-    }
-}
-
-/// The most pin mismatches a build's error names (downloads.jsonl has them all).
-const MAX_MISMATCHES: usize = 16;
 
 /// Shows what a service's `ready` line said is missing from its confinement: its warnings,
 /// or that it reported none at all (a tool of another release).
@@ -2075,105 +1943,9 @@ pub fn new_build_id() -> String {
 mod tests {
     use super::*;
 
-    /// What the proxy writes to proxy.jsonl, as it writes it.
-    fn decisions(lines: &[&str]) -> ProxyReport {
-        let mut report = ProxyReport::default();
-        for line in lines {
-            match serde_json::from_str::<ProxyLine>(line).expect("a decision line") {
-                ProxyLine::Decision(decision) => report.note(&decision),
-                other => panic!("not a decision: {other:?}"),
-            }
-        }
-        report
-    }
-
-    #[test]
-    fn an_allowed_host_that_cannot_be_reached_is_a_failure_not_a_refusal() {
-        let head = r#"{"type":"decision","time":1.0,"client":"127.0.0.1:5000","method":"CONNECT","port":443"#;
-        let line = |host: &str, decision: &str, reason: &str, class: &str| {
-            format!(
-                r#"{head},"host":"{host}","decision":"{decision}","reason":"{reason}"{class}}}"#
-            )
-        };
-        let lines = [
-            line(
-                "registry.npmjs.org",
-                "allow",
-                "allowed by registry.npmjs.org",
-                "",
-            ),
-            line(
-                "registry.npmjs.org",
-                "deny",
-                "cannot resolve the host: no answer within 10 s",
-                r#","class":"upstream""#,
-            ),
-            line(
-                "registry.npmjs.org",
-                "deny",
-                "TLS to registry.npmjs.org:443 failed: Connection reset by peer",
-                r#","class":"upstream""#,
-            ),
-            line(
-                "evil.example",
-                "deny",
-                "host not on the allowlist",
-                r#","class":"policy""#,
-            ),
-            // A proxy that does not classify: a refusal, as before.
-            line("old.example", "deny", "host not on the allowlist", ""),
-        ];
-        let report = decisions(&lines.iter().map(String::as_str).collect::<Vec<_>>());
-        assert_eq!(
-            report.refusals.refused.into_iter().collect::<Vec<_>>(),
-            ["evil.example", "old.example"]
-        );
-        assert_eq!(
-            report.refusals.failures.into_iter().collect::<Vec<_>>(),
-            [(
-                "registry.npmjs.org".to_string(),
-                (
-                    "cannot resolve the host: no answer within 10 s".to_string(),
-                    2
-                )
-            )]
-        );
-    }
-
-    #[test]
-    fn a_refused_request_names_no_host_to_allow() {
-        // Inside inspected TLS to an allowed host, a request naming another authority is
-        // refused with the CONNECT target as its host: allowing that host changes nothing.
-        let foreign = r#"{"type":"decision","time":1.0,"client":"127.0.0.1:5000","method":"GET","host":"registry.npmjs.org","port":443,"decision":"deny","reason":"the request names evil.example, but its TLS session is to registry.npmjs.org:443 (the CONNECT target)","class":"request"}"#;
-        let busy = r#"{"type":"decision","time":1.0,"client":"127.0.0.1:5000","method":"CONNECT","host":"crates.io","port":443,"decision":"deny","reason":"too many connections (at most 256); try again shortly","class":"request"}"#;
-        let report = decisions(&[foreign, busy]);
-        assert!(report.refusals.refused.is_empty(), "{:?}", report.refusals);
-        assert!(report.refusals.failures.is_empty(), "{:?}", report.refusals);
-    }
-
     fn result_of(record: &Path) -> BuildResult {
         let text = std::fs::read_to_string(record.join("result.json")).expect("result.json");
         serde_json::from_str(&text).expect("a build result")
-    }
-
-    #[test]
-    fn a_proxy_record_file_stops_at_its_limit_with_one_cut_line() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("proxy.jsonl");
-        let file = RecordFile::create(&path).expect("create");
-        let line = vec![b'x'; 1 << 20];
-        for _ in 0..(MAX_PROXY_RECORD >> 20) + 10 {
-            file.write(&line);
-        }
-        let size = std::fs::metadata(&path).expect("size").len();
-        assert!(size <= MAX_PROXY_RECORD + 256, "{size}");
-        let text = std::fs::read(&path).expect("read");
-        let cuts = text
-            .split(|b| *b == b'\n')
-            .filter(|l| l.starts_with(br#"{"type":"cut""#))
-            .count();
-        assert_eq!(cuts, 1);
-        assert_eq!(file.0.lock().expect("lock").left_out, 11);
     }
 
     #[test]

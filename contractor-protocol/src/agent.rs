@@ -218,6 +218,18 @@ pub enum Phase {
     Artifacts,
 }
 
+impl Phase {
+    /// The phase's name, as it is written in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Source => "source",
+            Phase::Fetch => "fetch",
+            Phase::Script => "script",
+            Phase::Artifacts => "artifacts",
+        }
+    }
+}
+
 /// Guest to host, on the control port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]

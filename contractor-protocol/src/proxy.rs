@@ -106,6 +106,10 @@ pub struct Decision {
     /// proxies (readers then take a refusal as the policy's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub class: Option<DecisionClass>,
+    /// The build's phase the proxy served (`--record-phase`), in a build's record when the
+    /// build has a fetch phase; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<crate::agent::Phase>,
 }
 
 /// What kind of refusal a `deny` [`Decision`] is.
@@ -171,6 +175,9 @@ pub struct Download {
     /// the network; `sha256` is then the hash the cached bytes had.
     #[serde(default, skip_serializing_if = "is_false")]
     pub from_cache: bool,
+    /// As [`Decision::phase`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<crate::agent::Phase>,
 }
 
 fn is_false(value: &bool) -> bool {
@@ -264,6 +271,93 @@ pub struct Summary {
     /// out when none.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub cache_not_kept: u64,
+    /// With `--record DIR`: what the proxy filed in the record, tallied for the build's
+    /// result; absent without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<RecordTally>,
+    /// As [`Decision::phase`] (the copy in a build's `proxy.jsonl`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<crate::agent::Phase>,
+}
+
+/// The most bytes the proxy writes to each of a record's `proxy.jsonl` and
+/// `downloads.jsonl` (`--record`): 64 MiB; past it, one `{"type":"cut",...}` line says so
+/// and later lines are counted in [`RecordTally::left_out`], not written. A guest decides
+/// how many requests it makes. Two proxies of one build (the fetch and the script phase's)
+/// each write at most this much.
+pub const MAX_RECORD_FILE: u64 = 64 << 20;
+
+/// The most pin mismatches a [`RecordTally`] describes (downloads.jsonl has them all).
+pub const MAX_MISMATCHES: usize = 16;
+
+/// What a proxy run with `--record` filed, as its [`Summary`] says: the build's result is
+/// made from it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordTally {
+    /// The hosts the policy refused, sorted (at most [`MAX_REFUSED_HOSTS`]).
+    pub refused_hosts: Vec<String>,
+    /// Allowed hosts that could not be reached, sorted by host (at most
+    /// [`MAX_REFUSED_HOSTS`]).
+    pub upstream_failures: Vec<crate::result::UpstreamFailure>,
+    /// Downloads whose bytes were not those `--pins` names: all of them counted.
+    pub mismatches: u64,
+    /// The first [`MAX_MISMATCHES`] of them.
+    pub mismatched: Vec<Mismatch>,
+    /// With `--pins`: GETs answered 200 of URLs the pins do not name.
+    pub unpinned: u64,
+    /// Lines not written because their file had reached [`MAX_RECORD_FILE`] bytes.
+    pub left_out: u64,
+}
+
+/// A download whose bytes were not the pinned ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mismatch {
+    /// The URL.
+    pub url: String,
+    /// The SHA-256 of the bytes seen.
+    pub sha256: String,
+    /// The SHA-256 the pins name.
+    pub pinned: String,
+    /// Whether the bytes were the download cache's copy.
+    pub from_cache: bool,
+}
+
+impl RecordTally {
+    /// Counts one line the proxy filed; `pinned`: it was given `--pins`.
+    pub fn note(&mut self, refusals: &mut Refusals, line: &ProxyLine, pinned: bool) {
+        match line {
+            ProxyLine::Decision(decision) => refusals.note(decision),
+            ProxyLine::Download(download) if download.mismatched() => {
+                self.mismatches += 1;
+                if self.mismatched.len() < MAX_MISMATCHES {
+                    self.mismatched.push(Mismatch {
+                        url: download.url.clone(),
+                        sha256: download.sha256.clone(),
+                        pinned: download.pinned.clone().unwrap_or_default(),
+                        from_cache: download.from_cache,
+                    });
+                }
+            }
+            ProxyLine::Download(download) => {
+                if pinned
+                    && download.pinned.is_none()
+                    && download.method == "GET"
+                    && download.status == 200
+                {
+                    self.unpinned += 1;
+                }
+            }
+        }
+    }
+
+    /// The tally with `refusals`' hosts in it.
+    pub fn with_refusals(mut self, refusals: &Refusals) -> RecordTally {
+        self.refused_hosts = refusals.refused.iter().cloned().collect();
+        self.upstream_failures = refusals.upstream_failures();
+        self
+    }
 }
 
 fn is_zero(value: &u64) -> bool {
@@ -321,6 +415,82 @@ pub enum DownloadCacheTag {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the proxy writes to proxy.jsonl, as it writes it.
+    fn decisions(lines: &[&str]) -> Refusals {
+        let mut refusals = Refusals::default();
+        for line in lines {
+            match serde_json::from_str::<ProxyLine>(line).expect("a decision line") {
+                ProxyLine::Decision(decision) => refusals.note(&decision),
+                other => panic!("not a decision: {other:?}"),
+            }
+        }
+        refusals
+    }
+
+    #[test]
+    fn an_allowed_host_that_cannot_be_reached_is_a_failure_not_a_refusal() {
+        let head = r#"{"type":"decision","time":1.0,"client":"127.0.0.1:5000","method":"CONNECT","port":443"#;
+        let line = |host: &str, decision: &str, reason: &str, class: &str| {
+            format!(
+                r#"{head},"host":"{host}","decision":"{decision}","reason":"{reason}"{class}}}"#
+            )
+        };
+        let lines = [
+            line(
+                "registry.npmjs.org",
+                "allow",
+                "allowed by registry.npmjs.org",
+                "",
+            ),
+            line(
+                "registry.npmjs.org",
+                "deny",
+                "cannot resolve the host: no answer within 10 s",
+                r#","class":"upstream""#,
+            ),
+            line(
+                "registry.npmjs.org",
+                "deny",
+                "TLS to registry.npmjs.org:443 failed: Connection reset by peer",
+                r#","class":"upstream""#,
+            ),
+            line(
+                "evil.example",
+                "deny",
+                "host not on the allowlist",
+                r#","class":"policy""#,
+            ),
+            // A proxy that does not classify: a refusal, as before.
+            line("old.example", "deny", "host not on the allowlist", ""),
+        ];
+        let refusals = decisions(&lines.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(
+            refusals.refused.into_iter().collect::<Vec<_>>(),
+            ["evil.example", "old.example"]
+        );
+        assert_eq!(
+            refusals.failures.into_iter().collect::<Vec<_>>(),
+            [(
+                "registry.npmjs.org".to_string(),
+                (
+                    "cannot resolve the host: no answer within 10 s".to_string(),
+                    2
+                )
+            )]
+        );
+    }
+
+    #[test]
+    fn a_refused_request_names_no_host_to_allow() {
+        // Inside inspected TLS to an allowed host, a request naming another authority is
+        // refused with the CONNECT target as its host: allowing that host changes nothing.
+        let foreign = r#"{"type":"decision","time":1.0,"client":"127.0.0.1:5000","method":"GET","host":"registry.npmjs.org","port":443,"decision":"deny","reason":"the request names evil.example, but its TLS session is to registry.npmjs.org:443 (the CONNECT target)","class":"request"}"#;
+        let busy = r#"{"type":"decision","time":1.0,"client":"127.0.0.1:5000","method":"CONNECT","host":"crates.io","port":443,"decision":"deny","reason":"too many connections (at most 256); try again shortly","class":"request"}"#;
+        let refusals = decisions(&[foreign, busy]);
+        assert!(refusals.refused.is_empty(), "{:?}", refusals);
+        assert!(refusals.failures.is_empty(), "{:?}", refusals);
+    }
 
     #[test]
     fn a_download_reads_and_writes_the_documented_line() {

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod names;
 pub mod policy;
 pub mod pool;
+pub mod record;
 mod relay;
 pub mod server;
 pub mod stage;

@@ -12,12 +12,14 @@ use std::thread;
 
 use anyhow::{anyhow, Context};
 use clap::Parser;
+use contractor_protocol::agent::Phase;
 use contractor_protocol::error::ToolCode;
 use contractor_protocol::jsonl::{encode_line, write_flushed, write_line, JsonlError};
 use contractor_protocol::proxy::ProxyLine;
 use contractor_protocol::service::{Confinement, Ready, ReadyOut};
 use contractor_protocol::ExitCode;
 use contractor_proxy::config::LimitsFile;
+use contractor_proxy::record::Record;
 use contractor_proxy::{AccessEntry, ConfigFile, Mode, ProxyConfig};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -40,6 +42,8 @@ Output on stdout (JSON Lines):
   {\"type\":\"ready\",\"version\":1,\"service\":\"proxy\",\"addr\":\"127.0.0.1:3128\"}
   {\"type\":\"decision\",\"time\":1795615977.728,\"client\":\"127.0.0.1:54418\",\"method\":\"CONNECT\",\"host\":\"example.com\",\"port\":443,\"decision\":\"deny\",\"reason\":\"host not on the allowlist\"}
   {\"type\":\"summary\",\"allowed\":0,\"denied\":{\"host_not_allowed\":1},\"bytes_up\":0,\"bytes_down\":0,\"connections\":1,\"active_connections\":0}
+With --record DIR the decisions and downloads go to DIR/proxy.jsonl and DIR/downloads.jsonl
+instead, and the summary (also filed there) carries their tally.
 
 Exit codes: 0 stopped by SIGTERM/SIGINT, 2 bad flags, rules or config file, 3 cannot serve.
 With --json-errors a failure is also one {\"type\":\"error\",...} object on stdout.";
@@ -156,6 +160,16 @@ struct Cli {
     /// answered CONNECT; tunnels are refused.
     #[arg(long, requires = "cache")]
     offline: bool,
+    /// File the decisions and downloads in a build's record directory DIR instead of
+    /// stdout: `proxy.jsonl` and `downloads.jsonl`, appended to (made if missing, never
+    /// through a link; at most 64 MiB each, then one `cut` line), tallied in the summary's
+    /// `record` (the hosts refused, pin mismatches). Two proxies may write one record.
+    #[arg(long, value_name = "DIR")]
+    record: Option<PathBuf>,
+    /// With --record, the build's phase this proxy serves, added to each line as
+    /// `"phase"`: fetch or script.
+    #[arg(long, value_name = "PHASE", requires = "record", value_parser = parse_phase)]
+    record_phase: Option<Phase>,
     /// Write the ready line on descriptor N (inherited, e.g. `3>FILE` in sh) instead of
     /// stdout, and close it after the line; stdout then carries the decisions (and
     /// downloads) and the summary only.
@@ -280,17 +294,38 @@ fn main() -> std::process::ExitCode {
         Err(e) => return fail(ExitCode::BadInput, ToolCode::BadReadyFd, &anyhow!(e)),
     };
     let no_confine = cli.no_confine;
+    let record = cli.record.clone().map(|dir| RecordTo {
+        dir,
+        phase: cli.record_phase,
+        pinned: cli.pins.is_some(),
+    });
     let (config, access_log, metrics_addr) = match configure(cli) {
         Ok(configured) => configured,
         Err((code, name, e)) => return fail(code, name, &e),
     };
     // Bound and confined before any thread starts: Landlock (before ABI 8) holds only the
     // thread that asks and the threads it starts afterwards, the runtime's workers among them.
-    let prepared = match prepare(config, access_log, metrics_addr, no_confine) {
+    let prepared = match prepare(config, access_log, record, metrics_addr, no_confine) {
         Ok(prepared) => prepared,
         Err(e) => return fail(ExitCode::Infrastructure, ToolCode::Serve, &e),
     };
     serve(prepared, ready_out)
+}
+
+/// `--record-phase`'s value.
+fn parse_phase(value: &str) -> Result<Phase, String> {
+    match value {
+        "fetch" => Ok(Phase::Fetch),
+        "script" => Ok(Phase::Script),
+        _ => Err(format!("{value:?} is not a phase; use fetch or script")),
+    }
+}
+
+/// `--record DIR`, with its phase, and whether `--pins` was given.
+struct RecordTo {
+    dir: PathBuf,
+    phase: Option<Phase>,
+    pinned: bool,
 }
 
 /// Why the proxy cannot start: its exit code, its error code and the error.
@@ -414,6 +449,7 @@ struct Prepared {
     listener: std::net::TcpListener,
     metrics: Option<std::net::TcpListener>,
     access_log: Option<std::fs::File>,
+    record: Option<Record>,
     confinement: Confinement,
     /// The dialer process, started before the proxy confined itself.
     dialer: contractor_proxy::dialer::Spawned,
@@ -423,9 +459,16 @@ struct Prepared {
 fn prepare(
     mut config: ProxyConfig,
     access_log: Option<PathBuf>,
+    record: Option<RecordTo>,
     metrics_addr: Option<SocketAddr>,
     no_confine: bool,
 ) -> anyhow::Result<Prepared> {
+    let record = record
+        .map(|to| {
+            Record::open(&to.dir, to.phase, to.pinned)
+                .with_context(|| format!("cannot open the record's files in {}", to.dir.display()))
+        })
+        .transpose()?;
     let access_log = access_log
         .map(|path| {
             OpenOptions::new()
@@ -472,6 +515,7 @@ fn prepare(
         listener,
         metrics,
         access_log,
+        record,
         confinement,
         dialer,
     })
@@ -542,6 +586,7 @@ async fn run(prepared: Prepared, ready_out: ReadyOut) -> anyhow::Result<()> {
         listener,
         metrics: metrics_listener,
         access_log,
+        record,
         confinement,
         dialer,
     } = prepared;
@@ -599,7 +644,7 @@ async fn run(prepared: Prepared, ready_out: ReadyOut) -> anyhow::Result<()> {
     );
     let (decisions, received) = mpsc::unbounded_channel();
     let (writer_failed, failed) = oneshot::channel();
-    let writer = thread::spawn(move || write_decisions(received, writer_failed));
+    let writer = thread::spawn(move || write_decisions(received, record, writer_failed));
     let shutdown = async {
         tokio::select! {
             _ = terminate.recv() => eprintln!("contractor-proxy: stopping"),
@@ -617,12 +662,17 @@ async fn run(prepared: Prepared, ready_out: ReadyOut) -> anyhow::Result<()> {
     }
     // Every connection is gone, so every decision has been sent; once the writer has
     // written them all, the summary is the last line.
-    writer
+    let filed = writer
         .join()
         .map_err(|_| anyhow!("the decision writer panicked"))?
-        .context("cannot write decisions to stdout")?;
+        .context("cannot write the decisions")?;
     let mut summary = metrics.summary();
     summary.cache_not_kept = cache.map_or(0, |cache| cache.not_kept());
+    if let Some(record) = filed {
+        record
+            .finish(&mut summary)
+            .context("cannot file the summary in the record")?;
+    }
     write_line(&mut std::io::stdout(), &summary).context("cannot write the summary to stdout")
 }
 
@@ -637,21 +687,27 @@ fn write_entries(
     Ok(())
 }
 
-/// Writes decisions to stdout until every sender is gone; on failure, says so on `failed`
-/// so that the proxy stops rather than run unrecorded.
+/// Writes decisions to stdout, or with `--record` into the record (then handed back to
+/// file the summary), until every sender is gone; on failure, says so on `failed` so that the
+/// proxy stops rather than run unrecorded.
 fn write_decisions(
     mut received: mpsc::UnboundedReceiver<ProxyLine>,
+    mut record: Option<Record>,
     failed: oneshot::Sender<()>,
-) -> Result<(), JsonlError> {
+) -> Result<Option<Record>, JsonlError> {
     let mut stdout = std::io::stdout();
     let mut batch = Vec::new();
     while let Some(first) = received.blocking_recv() {
-        if let Err(e) = write_waiting(&mut stdout, &mut batch, first, &mut received) {
+        let written = match &mut record {
+            Some(record) => record.write(first),
+            None => write_waiting(&mut stdout, &mut batch, first, &mut received),
+        };
+        if let Err(e) = written {
             let _ = failed.send(());
             return Err(e);
         }
     }
-    Ok(())
+    Ok(record)
 }
 
 /// Writes `first` and the decisions already waiting behind it, whole lines up to

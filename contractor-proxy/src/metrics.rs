@@ -98,6 +98,8 @@ impl Metrics {
             active_connections: self.active_connections.load(Ordering::Relaxed),
             name_lookups: self.name_lookups.load(Ordering::Relaxed),
             cache_not_kept: 0,
+            record: None,
+            phase: None,
         }
     }
 

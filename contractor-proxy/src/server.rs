@@ -1102,6 +1102,7 @@ impl Proxy {
                 complete: false,
                 pinned: self.config.pins.get(&url_for_pin).cloned(),
                 from_cache: false,
+                phase: None,
             },
             hasher: Sha256::new(),
             to: self.decisions.clone(),
@@ -1197,6 +1198,7 @@ impl Proxy {
             complete: true,
             pinned: Some(pinned.to_string()),
             from_cache: true,
+            phase: None,
         }
     }
 
@@ -2043,6 +2045,7 @@ impl Proxy {
             decision,
             reason,
             class,
+            phase: None,
         }));
     }
 

@@ -637,3 +637,94 @@ fn the_confined_binary_keeps_downloads_in_its_cache_and_serves_them_offline() {
     assert!(proxy.next_decision().reason.contains("offline"));
     assert!(upstream.got_nothing(), "offline reached the upstream");
 }
+
+/// `--record DIR`: the proxy files its decisions and downloads in the record itself, with
+/// the phase, writes nothing but its summary on stdout, and the summary tallies what the
+/// build's result needs (the host refused by the policy, the unpinned download).
+#[test]
+fn with_a_record_the_lines_go_to_its_files_and_the_summary_tallies_them() {
+    let upstream = Upstream::start(HELLO);
+    let web = upstream.addr.port();
+    let record = tempfile::tempdir().expect("tempdir");
+    let pins = record.path().join("pins.json");
+    std::fs::write(&pins, "{}").expect("pins");
+    let dir = record.path().to_str().expect("a UTF-8 path");
+    let mut proxy = Proxy::start(&[
+        "--allow",
+        "127.0.0.1",
+        "--allow-net",
+        "127.0.0.0/8",
+        "--allow-port",
+        &web.to_string(),
+        "--record-downloads",
+        "--pins",
+        pins.to_str().expect("a UTF-8 path"),
+        "--record",
+        dir,
+        "--record-phase",
+        "fetch",
+    ]);
+    let get = format!("GET http://127.0.0.1:{web}/ HTTP/1.1\r\nHost: 127.0.0.1:{web}");
+    assert_eq!(request(proxy.addr, &get).status, 200);
+    let refused = "GET http://example.org/ HTTP/1.1\r\nHost: example.org";
+    assert_eq!(request(proxy.addr, refused).status, 403);
+    proxy.terminate();
+    assert!(proxy.wait().success());
+    // The summary is the only line after the ready line.
+    let summary = proxy.summary();
+    let filed = summary.record.expect("the summary's record tally");
+    assert_eq!(filed.refused_hosts, ["example.org"]);
+    assert_eq!(
+        (filed.unpinned, filed.mismatches, filed.left_out),
+        (1, 0, 0)
+    );
+    let read = |name: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(record.path().join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    };
+    let decisions = read("proxy.jsonl");
+    let downloads = read("downloads.jsonl");
+    let verdicts: Vec<(&str, &str)> = decisions
+        .iter()
+        .map(|d| {
+            (
+                d["host"].as_str().unwrap_or(""),
+                d["decision"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    // The two decisions, then the summary, filed last.
+    assert_eq!(
+        verdicts,
+        [("127.0.0.1", "allow"), ("example.org", "deny"), ("", "")]
+    );
+    assert_eq!(decisions[2]["type"], "summary");
+    assert_eq!(decisions[2]["record"]["refused_hosts"][0], "example.org");
+    assert_eq!(downloads.len(), 1, "{downloads:?}");
+    assert_eq!(downloads[0]["status"], 200);
+    assert!(
+        decisions
+            .iter()
+            .chain(&downloads)
+            .all(|l| l["phase"] == "fetch"),
+        "{decisions:?} {downloads:?}"
+    );
+}
+
+/// A phase the proxy does not serve is refused by name.
+#[test]
+fn a_record_phase_that_is_not_one_is_refused_by_name() {
+    let out = Command::new(env!("CARGO_BIN_EXE_contractor-proxy"))
+        .args(["--record", "/tmp", "--record-phase", "build"])
+        .output()
+        .expect("run contractor-proxy");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("\"build\" is not a phase; use fetch or script"),
+        "{stderr}"
+    );
+}

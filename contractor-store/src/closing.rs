@@ -15,6 +15,7 @@ use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use contractor_protocol::agent::Phase;
 use contractor_protocol::jsonl::JsonlReader;
 use contractor_protocol::proxy::{Decision, Refusals};
 use contractor_protocol::result::{BuildCode, BuildResult, ErrorInfo, Outcome};
@@ -217,16 +218,11 @@ fn proxy_refusals(record: &Path) -> Result<(Refusals, Refusals), CloseError> {
     let mut reader = JsonlReader::new(io::BufReader::new(file));
     // A line past the reader's bound (MAX_LINE_BYTES) ends the tally, as the end would.
     while let Ok(Some(line)) = reader.next_line() {
-        let Ok(serde_json::Value::Object(mut object)) = serde_json::from_slice(line) else {
+        let Ok(decision) = serde_json::from_slice::<Decision>(line) else {
             continue;
         };
-        let phase = object.remove("phase");
-        let Ok(decision) = serde_json::from_value::<Decision>(serde_json::Value::Object(object))
-        else {
-            continue;
-        };
-        match phase.as_ref().and_then(serde_json::Value::as_str) {
-            Some("script") => offline.note(&decision),
+        match decision.phase {
+            Some(Phase::Script) => offline.note(&decision),
             _ => build.note(&decision),
         }
     }

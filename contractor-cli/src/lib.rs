@@ -16,7 +16,7 @@ pub mod gitlab;
 pub mod hosted;
 pub mod image;
 pub mod init;
-pub mod lock;
+pub use contractor_spec::lock;
 pub mod paths;
 pub mod provenance;
 pub mod rebuild;

@@ -17,7 +17,15 @@ pub fn open_regular(path: &Path) -> std::io::Result<File> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)?;
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            // O_NOFOLLOW's answer for a link in the last component.
+            Some(libc::ELOOP) => std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "it is a symbolic link, not a regular file",
+            ),
+            _ => e,
+        })?;
     let kind = file.metadata()?.file_type();
     if !kind.is_file() {
         return Err(std::io::Error::new(

@@ -119,6 +119,7 @@ contractor-store)
 contractor-proxy) serve proxy ;;
 contractor-run)
 	read -r request
+	printf '%s\n' "$request" >"$STANDIN_DIR/run-request"
 	step run-start
 	printf '{"type":"started","version":1,"confinement":%s}\n' "$confinement"
 	echo '{"type":"agent_ready","agent_version":"0.1.0"}'

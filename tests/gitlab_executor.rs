@@ -1,4 +1,4 @@
-//! End-to-end: `contractor-cli gitlab-executor` driven exactly as GitLab Runner's custom
+//! End-to-end: `contractor-gitlab-executor` driven exactly as GitLab Runner's custom
 //! executor contract says (config_exec, prepare_exec, run_exec once per stage in order,
 //! cleanup_exec; the job's variables as `CUSTOM_ENV_*`; `BUILD_FAILURE_EXIT_CODE` and
 //! `SYSTEM_FAILURE_EXIT_CODE`; SIGTERM to the process group on cancel), with bash stage
@@ -138,9 +138,8 @@ impl Runner {
     /// The driver, run as the runner runs it: in a temp directory, in its own process
     /// group, with the job's variables; `args` then the stage's arguments.
     fn driver(&self, job: u32, commit: &str, args: &[&Path]) -> Command {
-        let mut command = Command::new(util::bin_dir().join("contractor-cli"));
+        let mut command = Command::new(util::bin_dir().join("contractor-gitlab-executor"));
         command
-            .arg("gitlab-executor")
             .args(args)
             .envs(self.env(job, commit))
             .current_dir(self.dir.path())

@@ -69,6 +69,19 @@ Exit codes: 0 the build succeeded, 1 it failed (script or timeout), 2 bad input\
         /// Build on this machine even when the configuration names build hosts.
         #[arg(long)]
         local: bool,
+        /// Run the script in FILE (`-`: stdin; at most 3 MiB) instead of `[build] script`;
+        /// contractor.toml may then be missing (the defaults apply).
+        #[arg(long, value_name = "FILE", conflicts_with = "hosts")]
+        script_file: Option<PathBuf>,
+        /// Also allow RULE, as in `[network] allow` (repeat for more).
+        #[arg(long = "allow", value_name = "RULE", conflicts_with = "hosts")]
+        allow: Vec<String>,
+        /// The build's timeout instead of `[build] timeout` (90s, 10m, 1h).
+        #[arg(long, value_name = "DURATION", conflicts_with = "hosts")]
+        timeout: Option<String>,
+        /// Collect no artifacts (`[build] artifacts` is ignored).
+        #[arg(long, conflicts_with = "hosts")]
+        no_artifacts: bool,
     },
     /// Serve one build for a front end on another machine (what `contractor build --host`
     /// runs over SSH): the protocol is on stdin and stdout (docs/protocol.md).
@@ -264,44 +277,6 @@ changed, the recorded image gone or changed without --any-image), 3 infrastructu
         #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
         file: PathBuf,
     },
-    /// GitLab Runner's custom executor: the runner's config_exec, prepare_exec, run_exec
-    /// and cleanup_exec (docs/ci.md has the runner's config.toml).
-    #[command(name = "gitlab-executor", subcommand)]
-    GitlabExecutor(GitlabCommand),
-}
-
-/// The stages of GitLab Runner's custom executor.
-#[derive(Subcommand)]
-enum GitlabCommand {
-    /// config_exec: print the executor's JSON settings for the runner.
-    Config {
-        /// The base directory of the jobs' directories (default: the runner's builds_dir).
-        #[arg(long)]
-        builds_dir: Option<PathBuf>,
-        /// The base directory of the runner's local cache (default: its cache_dir).
-        #[arg(long)]
-        cache_dir: Option<PathBuf>,
-    },
-    /// prepare_exec: check that the tools a job's build needs are here.
-    Prepare,
-    /// run_exec: run one stage's script: the job's scripts (step_*, build_script,
-    /// after_script) in a builder VM, the runner's own stages on this host.
-    #[command(
-        after_help = "Exit codes: 0 the stage succeeded, $BUILD_FAILURE_EXIT_CODE the job's script\n\
-failed (or timed out, was cancelled, or contractor.toml is wrong), $SYSTEM_FAILURE_EXIT_CODE\n\
-the machinery failed (libvirt, the VM, a tool), 2 not run by GitLab Runner."
-    )]
-    Run {
-        /// libvirt connection URI (default as for `build`).
-        #[arg(long)]
-        uri: Option<String>,
-        /// The script the runner generated for this stage.
-        script: PathBuf,
-        /// The stage's name (get_sources, step_script, ...).
-        stage: String,
-    },
-    /// cleanup_exec: say that nothing is left (each stage's VM ends with its stage).
-    Cleanup,
 }
 
 #[derive(Subcommand)]
@@ -411,7 +386,17 @@ pub fn main() -> std::process::ExitCode {
             offline,
             hosts,
             local,
+            script_file,
+            allow,
+            timeout,
+            no_artifacts,
         } => {
+            let overrides = crate::overrides::Overrides {
+                script_file,
+                allow,
+                timeout,
+                no_artifacts,
+            };
             let mode = match (quiet, json) {
                 (_, true) => Mode::Json,
                 (true, false) => Mode::Quiet,
@@ -424,7 +409,7 @@ pub fn main() -> std::process::ExitCode {
                 !cold,
                 offline,
             );
-            run_build(&file, options, mode, (&hosts, local)).into()
+            run_build(&file, options, mode, (&hosts, local), &overrides).into()
         }
         Command::HostedBuild => crate::hosted::serve().into(),
         Command::Shell { id, file, uri } => shell(&file, id.as_deref(), uri).into(),
@@ -487,7 +472,6 @@ pub fn main() -> std::process::ExitCode {
         }
         Command::Image(command) => image_command(command),
         Command::Cache(command) => cache_command(command),
-        Command::GitlabExecutor(command) => gitlab_command(command),
     }
 }
 
@@ -546,49 +530,6 @@ fn image_command(command: ImageCommand) -> std::process::ExitCode {
 }
 
 /// `contractor cache …`.
-fn gitlab_command(command: GitlabCommand) -> std::process::ExitCode {
-    use crate::gitlab;
-    match command {
-        GitlabCommand::Config {
-            builds_dir,
-            cache_dir,
-        } => {
-            println!(
-                "{}",
-                gitlab::config_json(builds_dir.as_deref(), cache_dir.as_deref())
-            );
-            ExitCode::Success.into()
-        }
-        GitlabCommand::Prepare | GitlabCommand::Run { .. } => {
-            let vars: std::collections::BTreeMap<String, String> = std::env::vars().collect();
-            let codes = match gitlab::RunnerCodes::from_vars(&vars) {
-                Ok(codes) => codes,
-                Err(err) => {
-                    eprintln!("contractor: {}", gitlab::chain(&err));
-                    return ExitCode::BadInput.into();
-                }
-            };
-            let done = match command {
-                GitlabCommand::Run { uri, script, stage } => {
-                    gitlab::run(&script, &stage, uri, &vars)
-                }
-                _ => gitlab::prepare().map(|()| 0),
-            };
-            match done {
-                Ok(code) => std::process::ExitCode::from(code),
-                Err(err) => {
-                    eprintln!("contractor: {}", escape(&gitlab::chain(&err)));
-                    std::process::ExitCode::from(codes.of(&err))
-                }
-            }
-        }
-        GitlabCommand::Cleanup => {
-            gitlab::cleanup();
-            ExitCode::Success.into()
-        }
-    }
-}
-
 fn cache_command(command: CacheCommand) -> std::process::ExitCode {
     match command {
         CacheCommand::List { file } => report(list_caches(&file)),
@@ -686,6 +627,7 @@ fn run_build(
     options: BuildOptions,
     mode: Mode,
     hosts: (&[String], bool),
+    overrides: &crate::overrides::Overrides,
 ) -> ExitCode {
     let json = mode == Mode::Json;
     let fail = |code: &str, chain: Vec<String>| {
@@ -704,7 +646,12 @@ fn run_build(
             return ExitCode::BadInput;
         }
     };
-    let spec = match spec::load(file) {
+    if !hosts.is_empty() && !overrides.is_empty() {
+        let chain = vec!["--script-file, --allow, --timeout and --no-artifacts apply to builds on this machine: add --local".to_string()];
+        fail(BuildCode::BadSpec.as_str(), chain);
+        return ExitCode::BadInput;
+    }
+    let spec = match overrides.load(file) {
         Ok(spec) => spec,
         Err(err) => {
             fail(BuildCode::BadSpec.as_str(), vec![err.to_string()]);

@@ -323,6 +323,38 @@ fn the_standins_build_successfully() {
     assert!(bench.reached("vm-destroy") || bench.reached("vm-hold"));
 }
 
+#[test]
+fn a_script_file_allow_and_timeout_replace_the_specs_without_one() {
+    let bench = Bench::new();
+    std::fs::remove_file(bench.path("project/contractor.toml")).expect("no spec");
+    let script = bench.path("job.sh");
+    std::fs::write(&script, "echo the job's own script\n").expect("script");
+    let mut command = bench.command();
+    command.arg("--script-file").arg(&script).args([
+        "--allow",
+        "deb.debian.org",
+        "--timeout",
+        "77s",
+        "--no-artifacts",
+    ]);
+    let ended = bench.finish(command.spawn().expect("start contractor"));
+    ended.assert_exit(0);
+    let request = std::fs::read_to_string(bench.path("standin/run-request")).expect("request");
+    let request: serde_json::Value = serde_json::from_str(&request).expect("JSON");
+    assert_eq!(request["job"]["script"], "echo the job's own script\n");
+    assert_eq!(request["timeout_secs"], 77);
+    assert_eq!(bench.result().outcome, Outcome::Success);
+
+    let mut command = bench.command();
+    command
+        .arg("--script-file")
+        .arg(&script)
+        .args(["--allow", "localhost:8080/x"]);
+    let ended = bench.finish(command.spawn().expect("start contractor"));
+    ended.assert_exit(2);
+    ended.assert_says(&["--allow \"localhost:8080/x\"", "*.host"]);
+}
+
 /// Runs a build whose stand-in `step` behaves as `how`, and checks that it ends with exit
 /// code `exit`, a result.json of `outcome` with error code `code`, and `words` both on
 /// stderr and in the result's error chain.

@@ -13,6 +13,7 @@
 #   deaf     the same, and ignores SIGTERM (only SIGKILL ends it)
 #   detached leaves the caller's session (setsid, as the real VM holder does when it lets go
 #            of its VM) and then behaves as deaf: a destroy libvirt is slow to confirm
+# contractor-run keeps the request it read in "$STANDIN_DIR/run-request" for the test to check.
 # Every process (and each child it starts) records its pid in "$STANDIN_DIR/pids", so that
 # a test can tell whether one outlived the front end, and stop it if so.
 set -u
@@ -119,6 +120,7 @@ contractor-store)
 contractor-proxy) serve proxy ;;
 contractor-run)
 	read -r request
+	printf '%s\n' "$request" >"$STANDIN_DIR/run-request"
 	step run-start
 	printf '{"type":"started","version":1,"confinement":%s}\n' "$confinement"
 	echo '{"type":"agent_ready","agent_version":"0.1.0"}'

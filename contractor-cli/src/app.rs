@@ -82,11 +82,17 @@ Exit codes: 0 the build succeeded, 1 it failed (script or timeout), 2 bad input\
         /// Collect no artifacts (`[build] artifacts` is ignored).
         #[arg(long, conflicts_with = "hosts")]
         no_artifacts: bool,
+        /// The build's id, chosen by the front end that hosts it here (contractor-host).
+        #[arg(long, hide = true, requires = "packed_source", value_parser = parse_build_id)]
+        id: Option<String>,
+        /// The source as the front end that hosts the build here packed it (contractor-host):
+        /// a tar on this file system, taken instead of packing the project directory.
+        #[arg(long, hide = true, requires_all = ["id", "source_entries", "local"])]
+        packed_source: Option<PathBuf>,
+        /// With --packed-source, its entries as its packer counted them.
+        #[arg(long, hide = true, requires = "packed_source")]
+        source_entries: Option<u64>,
     },
-    /// Serve one build for a front end on another machine (what `contractor build --host`
-    /// runs over SSH): the protocol is on stdin and stdout (docs/protocol.md).
-    #[command(name = "hosted-build", hide = true)]
-    HostedBuild,
     /// Open a shell in a kept VM (`build --keep`), in the build's working directory with its
     /// environment; without an id, in a fresh VM with the source. Exiting destroys the VM.
     #[command(
@@ -390,6 +396,9 @@ pub fn main() -> std::process::ExitCode {
             allow,
             timeout,
             no_artifacts,
+            id,
+            packed_source,
+            source_entries,
         } => {
             let overrides = crate::overrides::Overrides {
                 script_file,
@@ -402,16 +411,22 @@ pub fn main() -> std::process::ExitCode {
                 (true, false) => Mode::Quiet,
                 (false, false) => Mode::Auto,
             };
-            let options = BuildOptions::new(
-                uri,
-                accel.into(),
-                keep.then_some(Keep::OnFailure),
-                !cold,
-                offline,
-            );
+            let options = BuildOptions {
+                id,
+                packed: packed_source.map(|tar| crate::build::PackedSource {
+                    tar,
+                    entries: source_entries.unwrap_or_default(),
+                }),
+                ..BuildOptions::new(
+                    uri,
+                    accel.into(),
+                    keep.then_some(Keep::OnFailure),
+                    !cold,
+                    offline,
+                )
+            };
             run_build(&file, options, mode, (&hosts, local), &overrides).into()
         }
-        Command::HostedBuild => crate::hosted::serve().into(),
         Command::Shell { id, file, uri } => shell(&file, id.as_deref(), uri).into(),
         Command::Builds { file } => report(list_builds(&file)),
         Command::Doctor { uri, host } => match host.as_deref().map(BuildHost::parse).transpose() {
@@ -617,6 +632,16 @@ fn list_hosts(given: &[String], file: &Path) -> ExitCode {
     match answered {
         true => ExitCode::Success,
         false => ExitCode::Infrastructure,
+    }
+}
+
+/// `--id`'s value: a build id as the front end makes them.
+fn parse_build_id(value: &str) -> Result<String, String> {
+    match contractor_protocol::hosted::is_build_id(value) {
+        true => Ok(value.to_string()),
+        false => Err(format!(
+            "{value:?} is not a build id (YYYYMMDD-HHMMSS-xxxxxx)"
+        )),
     }
 }
 

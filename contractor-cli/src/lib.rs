@@ -12,7 +12,6 @@ pub mod display;
 pub mod doctor;
 pub mod downloads;
 pub mod fleet;
-pub mod hosted;
 pub mod image;
 pub mod init;
 pub use contractor_spec::lock;

@@ -1,8 +1,8 @@
 //! `contractor build --host`: the same build, its VM on a build host reached over SSH.
 //!
-//! The source is packed here into the local record; `ssh HOST contractor-cli hosted-build`
-//! (see `crate::hosted` and `contractor_protocol::hosted`) receives it, runs the build
-//! there (VM, relay, proxy and store under that user's libvirt), and streams its events
+//! The source is packed here into the local record; `ssh HOST contractor-host build`
+//! (the contractor-host crate, and `contractor_protocol::hosted`) receives it, runs the build
+//! there with `contractor build` (VM, relay, proxy and store under that user's libvirt), and streams its events
 //! back, then its record. This process never reads that stream: `ssh`'s stdout is the
 //! stdin of `contractor-store record follow` (confined to the local
 //! `.contractor/builds/<id>/`), which checks each line, writes the events on re-encoded
@@ -32,12 +32,13 @@ use contractor_protocol::PROTOCOL_VERSION;
 
 use crate::build::{self, BuildError, BuildOptions, BuildReport, PendingRelease};
 use crate::display::Display;
-use crate::hosted::RELEASE;
+/// This release, as `contractor --version` names it: a build host must run the same.
+pub const RELEASE: &str = env!("CARGO_PKG_VERSION");
 use crate::{lock, paths, source, spec};
 
-/// The executable the build host runs for a hosted build (found on its `PATH`; the tools
-/// it composes are taken from beside it).
-pub const REMOTE_TOOL: &str = "contractor-cli";
+/// The executable the build host runs for a hosted build (found on its `PATH`;
+/// `contractor` and the tools it composes are taken from beside it).
+pub const REMOTE_TOOL: &str = "contractor-host";
 
 /// The environment variable naming the `ssh` program to use (default `ssh`).
 pub const SSH_ENV: &str = "CONTRACTOR_SSH";
@@ -675,7 +676,7 @@ impl From<ErrorInfo> for RemoteEnd {
     }
 }
 
-/// One `ssh … contractor-cli hosted-build` session.
+/// One `ssh … contractor-host build` session.
 struct Session {
     child: Child,
     /// The build host's stream, for `record follow` to read.

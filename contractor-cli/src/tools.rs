@@ -192,29 +192,16 @@ impl std::error::Error for ToolMessages {
 
 /// The directory the tools are taken from.
 pub fn directory() -> Result<PathBuf, ToolError> {
-    if let Some(dir) = std::env::var_os("CONTRACTOR_BIN").filter(|d| !d.is_empty()) {
-        return Ok(PathBuf::from(dir));
-    }
-    let exe = std::env::current_exe().map_err(|source| ToolError::Io {
+    contractor_protocol::process::tools_dir(cfg!(test)).map_err(|source| ToolError::Io {
         name: "contractor",
         source,
-    })?;
-    let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
-    // A unit test runs from target/<profile>/deps/; the tools are one level up.
-    if dir.file_name().is_some_and(|name| name == "deps") && cfg!(test) {
-        return Ok(dir.parent().map(PathBuf::from).unwrap_or(dir));
-    }
-    Ok(dir)
+    })
 }
 
 /// The executable of tool `name`.
 pub fn locate(name: &'static str) -> Result<PathBuf, ToolError> {
     let path = directory()?.join(name);
-    let executable = std::fs::metadata(&path).is_ok_and(|m| {
-        use std::os::unix::fs::PermissionsExt;
-        m.is_file() && m.permissions().mode() & 0o111 != 0
-    });
-    if executable {
+    if contractor_protocol::process::is_executable(&path) {
         Ok(path)
     } else {
         let hint = if std::env::var_os("CONTRACTOR_BIN").is_some() {

@@ -308,25 +308,13 @@ pub fn config_json(builds_dir: Option<&Path>, cache_dir: Option<&Path>) -> serde
 /// else this executable's (in unit tests, which run from `target/<profile>/deps/`, the
 /// one above).
 pub fn directory() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CONTRACTOR_BIN").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir);
-    }
-    let exe = std::env::current_exe().unwrap_or_default();
-    let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
-    if dir.file_name().is_some_and(|name| name == "deps") && cfg!(test) {
-        return dir.parent().map(PathBuf::from).unwrap_or(dir);
-    }
-    dir
+    contractor_protocol::process::tools_dir(cfg!(test)).unwrap_or_default()
 }
 
 /// The executable `name` (one of [`NEEDED`]).
 pub fn locate(name: &'static str) -> Result<PathBuf, GitlabError> {
     let path = directory().join(name);
-    let executable = std::fs::metadata(&path).is_ok_and(|m| {
-        use std::os::unix::fs::PermissionsExt;
-        m.is_file() && m.permissions().mode() & 0o111 != 0
-    });
-    if executable {
+    if contractor_protocol::process::is_executable(&path) {
         return Ok(path);
     }
     let hint = if std::env::var_os("CONTRACTOR_BIN").is_some() {

@@ -1,7 +1,7 @@
-//! `contractor-cli hosted-build`: one build run on a build host for a front end on another
+//! `contractor-host build`: one build run on a build host for a front end on another
 //! machine, over SSH (`contractor build --host`).
 //!
-//! The front end runs `ssh HOST contractor-cli hosted-build` and speaks on the session's
+//! The front end runs `ssh HOST contractor-host build` and speaks on the session's
 //! stdin and stdout:
 //!
 //! - the build host writes [`HostedLine::Hello`] first (its versions);
@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::vm::Accel;
 
-/// The subcommand of `contractor-cli` that serves a hosted build.
-pub const HOSTED_COMMAND: &str = "hosted-build";
+/// The subcommand of `contractor-host` that serves a hosted build.
+pub const HOSTED_COMMAND: &str = "build";
 
 /// The longest request line a build host reads (the spec and the lock travel in it; a lock
 /// holds at most 16 MiB).

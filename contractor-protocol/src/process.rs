@@ -86,3 +86,27 @@ mod death_tests {
         assert_eq!(status.signal(), Some(nix::libc::SIGTERM), "{status:?}");
     }
 }
+
+/// The directory Contractor's executables are taken from, by each tool that starts another:
+/// `$CONTRACTOR_BIN` when set, else the running executable's (in a unit test, which runs
+/// from `target/<profile>/deps/`, the one above; `unit_test` says whether this is one).
+pub fn tools_dir(unit_test: bool) -> std::io::Result<std::path::PathBuf> {
+    if let Some(dir) = std::env::var_os("CONTRACTOR_BIN").filter(|d| !d.is_empty()) {
+        return Ok(std::path::PathBuf::from(dir));
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .map(std::path::PathBuf::from)
+        .unwrap_or_default();
+    if unit_test && dir.file_name().is_some_and(|name| name == "deps") {
+        return Ok(dir.parent().map(std::path::PathBuf::from).unwrap_or(dir));
+    }
+    Ok(dir)
+}
+
+/// Whether `path` is an executable regular file (following links, as `execve` does).
+pub fn is_executable(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}

@@ -1,7 +1,7 @@
 //! `contractor-store record follow`: the whole stream of a build run on a build host
 //! (`contractor build --host`), read by this confined process instead of the front end.
 //!
-//! The stream is `contractor-cli hosted-build`'s stdout (`contractor_protocol::hosted`):
+//! The stream is `contractor-host build`'s stdout (`contractor_protocol::hosted`):
 //! its hello, the build's events up to `finished` (or its error object), then the record.
 //! The invariant: nothing the build host wrote reaches the front end as it was written.
 //! Each line before the record is read within [`MAX_LINE_BYTES`], parsed into its protocol

@@ -196,7 +196,7 @@ enum RecordCommand {
     /// artifacts.json and print
     /// {"type":"record_received","version":1,"files":N,"charged_bytes":B,"artifacts":A}.
     Receive(Receipt),
-    /// Follow the whole stream of a build run on a build host (`contractor-cli hosted-build`'s
+    /// Follow the whole stream of a build run on a build host (`contractor-host build`'s
     /// stdout) from stdin, confined to ROOT/builds/ID/ (which must exist): check its hello,
     /// events and error, and write each one on, re-encoded ({"type":"host_hello",...}, the
     /// build events, {"type":"host_failed",...}); after `finished`, receive the record as

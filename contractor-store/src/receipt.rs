@@ -2,7 +2,7 @@
 //! (`contractor build --host`), received from the hosted build's stream into the local
 //! record directory, confined to that one directory.
 //!
-//! The stream is what follows the `finished` event of `contractor-cli hosted-build`
+//! The stream is what follows the `finished` event of `contractor-host build`
 //! (`contractor_protocol::hosted`): for each file a [`HostedLine::File`] line and exactly its
 //! bytes, then [`HostedLine::End`]. The invariant: a file lands only as a new regular file
 //! under the record, at a relative path of plain names that is not one of the files the

@@ -1,35 +1,39 @@
-//! `contractor-cli hosted-build`: the build host's side of `contractor build --host`.
+//! `contractor-host build`: the build host's side of `contractor build --host`.
 //!
 //! The front end on another machine runs this over SSH (the stream is described in
-//! `contractor_protocol::hosted`). The build runs here exactly as a local one would, its
-//! VM, relay, proxy and store under this user's libvirt, with the project kept under
-//! `$CONTRACTOR_DATA_DIR/hosted/<project key>/` (its build cache stays there between
-//! builds); its events go back as `contractor build --json` prints them, then its record,
-//! file by file, which is then deleted here. The end of stdin (the session's end: Ctrl-C,
-//! a killed front end, a cut connection) interrupts the build, so its VM is destroyed.
+//! `contractor_protocol::hosted` and docs/protocol.md). It takes the request and the source
+//! (kept from the project's last build when it is the same, else received and checked by its
+//! SHA-256), writes the project's `contractor.toml` and `contractor.lock` into
+//! `$CONTRACTOR_DATA_DIR/hosted/<project key>/` (where its build cache stays between builds),
+//! and runs the build there with `contractor build --json --local`, whose events go back to
+//! the front end as they are; then it sends the record, file by file, and deletes it here.
+//! The end of stdin (the session's end: Ctrl-C, a killed front end, a cut connection) sends
+//! the build SIGTERM, so its VM is destroyed. The build itself, its VM and its tools are
+//! `contractor build`'s: this tool only receives, hands over and sends back.
+
+#![warn(missing_docs)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 
 use contractor_protocol::error::{ErrorObject, ToolCode};
 use contractor_protocol::hosted::{
     is_build_id, is_project_key, HostedLine, HostedRequest, MAX_RECORD_DEPTH, MAX_RECORD_FILES,
-    MAX_REQUEST_BYTES,
+    MAX_REQUEST_BYTES, NOT_SENT,
 };
 use contractor_protocol::jsonl::{self, JsonlReader};
-use contractor_protocol::result::{error_chain, BuildCode};
+use contractor_protocol::result::BuildCode;
 use contractor_protocol::{ExitCode, PROTOCOL_VERSION};
 
-use crate::build::{self, BuildOptions, PackedSource};
-use crate::display::{Display, Mode};
-use crate::{lock, paths, spec};
-
-/// This release, as `contractor --version` names it.
+/// This release, as `contractor --version` names it: the front end must run the same.
 pub const RELEASE: &str = env!("CARGO_PKG_VERSION");
 
-pub use contractor_protocol::hosted::NOT_SENT;
+/// The project's spec and lock, as `contractor build` finds them in its directory.
+const SPEC_FILE: &str = "contractor.toml";
+const LOCK_FILE: &str = "contractor.lock";
 
 /// Why a hosted build could not start: its error code, messages and exit code.
 struct Refusal {
@@ -58,12 +62,14 @@ impl Refusal {
 
 /// A request read, its source received, ready to build.
 struct Prepared {
-    spec: spec::BuildSpec,
-    options: BuildOptions,
+    request: HostedRequest,
+    /// The project's directory here.
+    dir: PathBuf,
+    /// The source, received or kept.
+    tar: PathBuf,
 }
 
 /// Serves one hosted build on this process's stdin and stdout; returns its exit code.
-/// Runs on the main thread (the tools it starts die with it).
 pub fn serve() -> ExitCode {
     let mut out = std::io::stdout();
     let hello = HostedLine::Hello {
@@ -78,47 +84,103 @@ pub fn serve() -> ExitCode {
         Ok(prepared) => prepared,
         Err(refusal) => return refuse(refusal),
     };
-    remove_stale_records(&paths::store_dir(&prepared.spec.project_dir));
-    // From now on the session's end is an interruption; after the build it is not.
-    let done = Arc::new(AtomicBool::new(false));
-    watch_session(input, done.clone());
-    let display = Display::new(Mode::Json);
-    let built = build::build(&prepared.spec, &prepared.options, &display);
-    display.close();
-    let store_root = paths::store_dir(&prepared.spec.project_dir);
-    let id = prepared.options.id.clone().unwrap_or_default();
-    let record = store_root.join("builds").join(&id);
-    let exit = match built {
-        Ok(report) => {
-            done.store(true, Ordering::SeqCst);
-            let exit = report.result.outcome.exit_code();
-            if let Err(err) = send_record(&record, &mut out) {
-                eprintln!("contractor: cannot send the build record: {err}");
+    let store_root = prepared.dir.join(".contractor");
+    remove_stale_records(&store_root);
+    let record = store_root.join("builds").join(&prepared.request.id);
+    let exit = match build(&prepared, input) {
+        Ok(exit) => {
+            if record.join("result.json").is_file() {
+                if let Err(err) = send_record(&record, &mut out) {
+                    eprintln!("contractor-host: cannot send the build record: {err}");
+                }
             }
-            drop(report);
             exit
         }
-        Err(err) => {
-            done.store(true, Ordering::SeqCst);
-            let exit = match &err {
-                build::BuildError::Image(e) => e.exit_code(),
-                build::BuildError::Setting(_) => ExitCode::BadInput,
-                build::BuildError::Interrupted(_) => ExitCode::Interrupted,
-                _ => ExitCode::Infrastructure,
-            };
-            refuse(Refusal {
-                code: BuildCode::BuildSetup.as_str(),
-                chain: error_chain(&err),
-                exit,
-            })
-        }
+        Err(refusal) => refuse(refusal),
     };
+    let _ = std::fs::remove_file(&prepared.tar);
     if let Err(err) = std::fs::remove_dir_all(&record) {
         if err.kind() != std::io::ErrorKind::NotFound {
-            eprintln!("contractor: cannot remove {}: {err}", record.display());
+            eprintln!("contractor-host: cannot remove {}: {err}", record.display());
         }
     }
     exit
+}
+
+/// Runs the build with `contractor build` in the project's directory, its events on this
+/// process's stdout; the end of `input` before it is over sends it SIGTERM. Its exit code.
+fn build(prepared: &Prepared, input: BufReader<std::io::Stdin>) -> Result<ExitCode, Refusal> {
+    let request = &prepared.request;
+    let contractor = contractor_binary()?;
+    let mut command = Command::new(&contractor);
+    command
+        .args(["build", "--json", "--local", "--id", &request.id, "-f"])
+        .arg(prepared.dir.join(SPEC_FILE))
+        .arg("--packed-source")
+        .arg(&prepared.tar)
+        .args(["--source-entries", &request.source_entries.to_string()])
+        .args(["--accel", accel_flag(request.accel)])
+        .current_dir(&prepared.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    if let Some(uri) = &request.uri {
+        command.arg("--uri").arg(uri);
+    }
+    if !request.snapshot {
+        command.arg("--cold");
+    }
+    if request.offline {
+        command.arg("--offline");
+    }
+    contractor_protocol::process::die_with_parent(&mut command);
+    let mut child = command
+        .spawn()
+        .map_err(|e| Refusal::host(vec![format!("cannot run {}: {e}", contractor.display())]))?;
+    let pid = Arc::new(AtomicI32::new(child.id() as i32));
+    let done = Arc::new(AtomicBool::new(false));
+    watch_session(input, done.clone(), pid.clone());
+    let status = child.wait();
+    // From now on the session's end is not an interruption; the pid is reaped.
+    done.store(true, Ordering::SeqCst);
+    pid.store(0, Ordering::SeqCst);
+    let status = status.map_err(|e| {
+        Refusal::host(vec![format!(
+            "cannot wait for {}: {e}",
+            contractor.display()
+        )])
+    })?;
+    Ok(match status.code() {
+        Some(0) => ExitCode::Success,
+        Some(1) => ExitCode::BuildFailed,
+        Some(2) => ExitCode::BadInput,
+        Some(130) => ExitCode::Interrupted,
+        _ => ExitCode::Infrastructure,
+    })
+}
+
+/// `contractor build --accel`'s value for `accel`.
+fn accel_flag(accel: contractor_protocol::vm::Accel) -> &'static str {
+    use contractor_protocol::vm::Accel;
+    match accel {
+        Accel::Auto => "auto",
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "tcg",
+    }
+}
+
+/// `contractor`, beside this executable (or in `$CONTRACTOR_BIN`).
+fn contractor_binary() -> Result<PathBuf, Refusal> {
+    let dir = contractor_protocol::process::tools_dir(cfg!(test))
+        .map_err(|e| Refusal::host(vec![format!("cannot find this executable: {e}")]))?;
+    let path = dir.join("contractor");
+    match contractor_protocol::process::is_executable(&path) {
+        true => Ok(path),
+        false => Err(Refusal::host(vec![format!(
+            "{} is missing: install Contractor {RELEASE} whole on this build host",
+            path.display()
+        )])),
+    }
 }
 
 /// A closed record older than this was never sent back (its session broke): it is removed.
@@ -186,46 +248,77 @@ fn prepare(
             request.project
         )]));
     }
-    let data = paths::data_dir().map_err(|e| Refusal::host(error_chain(&e)))?;
+    let data =
+        contractor_protocol::image::data_dir().map_err(|e| Refusal::host(vec![e.to_string()]))?;
     let dir = data.join("hosted").join(&request.project);
-    paths::create_dir_world_readable(&dir)
+    create_project_dir(&dir)
         .map_err(|e| Refusal::host(vec![format!("cannot create {}: {e}", dir.display())]))?;
-    let spec_path = dir.join("contractor.toml");
-    let mut spec = spec::parse_installed(&spec_path, &request.spec)
-        .map_err(|e| Refusal::input(error_chain(&e)))?;
-    spec.project_dir = dir.clone();
-    spec.lock = match &request.lock {
-        Some(text) => Some(
-            lock::parse(&dir.join(lock::LOCK_FILE), text)
-                .map_err(|e| Refusal::input(error_chain(&e)))?,
-        ),
-        None => None,
-    };
     // The source must fit on the build disk it is unpacked on.
-    let max_source = spec.disk_gib.saturating_mul(1 << 30);
-    if request.source_bytes > max_source {
+    let disk_gib = disk_gib(&dir.join(SPEC_FILE), &request.spec)?;
+    install_spec(&dir, &request)?;
+    if request.source_bytes > disk_gib.saturating_mul(1 << 30) {
         return Err(Refusal::input(vec![format!(
-            "the packed source is {} bytes, more than the build disk ([vm] disk = {} GiB) holds",
-            request.source_bytes, spec.disk_gib
+            "the packed source is {} bytes, more than the build disk ([vm] disk = {disk_gib} GiB) holds",
+            request.source_bytes
         )]));
     }
     let tar = dir.join(format!(".incoming-{}.tar", request.id));
     take_source(input, out, &request, &dir, &tar)?;
-    let options = BuildOptions {
-        id: Some(request.id.clone()),
-        packed: Some(PackedSource {
-            tar,
-            entries: request.source_entries,
-        }),
-        ..BuildOptions::new(
-            request.uri.clone(),
-            request.accel,
-            None,
-            request.snapshot,
-            request.offline,
-        )
+    Ok(Prepared { request, dir, tar })
+}
+
+/// Makes the project's directory (and `hosted/` above it), readable by all as the data
+/// directory's other parts are (libvirt's QEMU reads below it).
+fn create_project_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    for made in [dir, dir.parent().unwrap_or(dir)] {
+        std::fs::set_permissions(made, std::fs::Permissions::from_mode(0o755))?;
+    }
+    Ok(())
+}
+
+/// Writes the request's spec and lock (or removes a lock the project no longer has) where
+/// `contractor build` reads them; `contractor build` checks them.
+fn install_spec(dir: &Path, request: &HostedRequest) -> Result<(), Refusal> {
+    let write = |name: &str, text: Option<&str>| -> std::io::Result<()> {
+        let path = dir.join(name);
+        let staged = dir.join(format!(".{name}.new"));
+        match text {
+            Some(text) => {
+                std::fs::write(&staged, text)?;
+                std::fs::rename(&staged, &path)
+            }
+            None => match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        }
     };
-    Ok(Prepared { spec, options })
+    write(SPEC_FILE, Some(&request.spec))
+        .and_then(|()| write(LOCK_FILE, request.lock.as_deref()))
+        .map_err(|e| {
+            Refusal::host(vec![format!(
+                "cannot write the spec into {}: {e}",
+                dir.display()
+            )])
+        })
+}
+
+/// The spec's `[vm] disk` in GiB, the spec checked by contractor-spec as `contractor
+/// build` will check it (but for its image, which contractor-vm here knows: an image it
+/// lacks is `contractor build`'s error to report).
+fn disk_gib(path: &Path, spec: &str) -> Result<u64, Refusal> {
+    let named: Vec<String> = toml::from_str::<toml::Table>(spec)
+        .ok()
+        .and_then(|table| {
+            let image = table.get("build")?.get("image")?.as_str()?.to_string();
+            Some(vec![image])
+        })
+        .unwrap_or_default();
+    contractor_spec::spec::parse_with_images(path, spec, &named)
+        .map(|spec| spec.disk_gib)
+        .map_err(|e| Refusal::input(contractor_protocol::result::error_chain(&e)))
 }
 
 /// Places the request's source at `tar`: the project's kept source when it is the same
@@ -349,14 +442,18 @@ fn receive_source(
     file.flush()
 }
 
-/// Reads what is left of stdin until it ends; its end before the build is `done` stops the
-/// build as SIGTERM would (the build destroys its VM and ends as interrupted).
-fn watch_session(mut input: BufReader<std::io::Stdin>, done: Arc<AtomicBool>) {
+/// Reads what is left of stdin until it ends; its end before the build is `done` sends
+/// the build (`pid`, 0 once reaped) SIGTERM: it destroys its VM and ends as interrupted.
+fn watch_session(mut input: BufReader<std::io::Stdin>, done: Arc<AtomicBool>, pid: Arc<AtomicI32>) {
     std::thread::spawn(move || {
         let mut sink = [0u8; 4096];
         while matches!(input.read(&mut sink), Ok(n) if n > 0) {}
-        if !done.load(Ordering::SeqCst) {
-            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM);
+        let pid = pid.load(Ordering::SeqCst);
+        if !done.load(Ordering::SeqCst) && pid > 0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
     });
 }

@@ -1,4 +1,5 @@
-//! The VM's disks: a qcow2 overlay on the image's base disk, made with `qemu-img`, and
+//! The VM's disks: a qcow2 overlay on the image's base disk, made with `qemu-img` (or, for
+//! a VM restored from a snapshot, written directly: [`qcow2`]), and
 //! optionally a build disk, an empty ext4 file system of a given size made with `mke2fs`
 //! (the guest agent puts the writable layer of its root on it, so that it caps what a build
 //! can write). The base is only ever opened read-only (it is the overlay's backing file), so
@@ -331,11 +332,13 @@ pub fn create_overlay_on(
 
 /// The backing chain of `path`, a file of `format`, with each layer's virtual size: read
 /// from the headers ([`qcow2::chain`]), or with `qemu-img` ([`backing_chain`], sizes from
-/// [`image_info`]) where that does not apply.
+/// [`image_info`]) where that does not apply or fails.
 pub fn sized_chain(path: &Path, format: &str) -> Result<Vec<qcow2::Layer>, OverlayError> {
     match qcow2::chain(path, format) {
         Ok(layers) => Ok(layers),
-        Err(qcow2::Qcow2Error::Unsupported(_)) => backing_chain(path)?
+        // Whatever the headers do not answer (or a layer that cannot be read), qemu-img
+        // answers, or says what is wrong.
+        Err(_) => backing_chain(path)?
             .into_iter()
             .map(|layer| {
                 let size = image_info(&layer.path)?.virtual_size;
@@ -346,7 +349,6 @@ pub fn sized_chain(path: &Path, format: &str) -> Result<Vec<qcow2::Layer>, Overl
                 })
             })
             .collect(),
-        Err(qcow2::Qcow2Error::Io { path, source }) => Err(OverlayError::Read { path, source }),
     }
 }
 

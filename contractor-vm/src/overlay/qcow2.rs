@@ -15,9 +15,10 @@
 //! bytes (QEMU's own limit) and a virtual size of at most [`MAX_SIZE`] (one cluster of L1
 //! table); anything else is [`Unsupported`] and the caller uses `qemu-img`.
 //!
-//! The reader ([`chain`]) follows backing names only through qcow2 headers that name
+//! The reader ([`chain`]) follows backing file names only through qcow2 headers that name
 //! their backing format (as every overlay of Contractor does) and raw files; anything else
-//! is [`Unsupported`] too. Headers are read with a bounded read of cluster 0 at most.
+//! (another format, a `json:` or protocol name, a header it does not know) is
+//! [`Unsupported`] too. A header is read with one bounded read of its first cluster.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -140,9 +141,14 @@ fn read_header(path: &Path) -> Result<Header, Qcow2Error> {
             "{name}: its backing file name is not within its first cluster"
         )));
     }
-    let backing = PathBuf::from(std::ffi::OsStr::from_bytes(
-        &head[start..start + backing_len],
-    ));
+    let name_bytes = &head[start..start + backing_len];
+    // A protocol (`nbd://…`) or `json:` name is not a file: QEMU's to resolve.
+    if name_bytes.starts_with(b"json:") || name_bytes.windows(3).any(|w| w == b"://") {
+        return Err(unsupported(format!(
+            "{name}: its backing is not a file name"
+        )));
+    }
+    let backing = PathBuf::from(std::ffi::OsStr::from_bytes(name_bytes));
     // The header extensions, from the end of the header to the first of type 0.
     let mut at = header_len;
     let mut format = None;
@@ -399,6 +405,15 @@ mod tests {
         ));
         assert!(matches!(
             chain(&junk, "vmdk"),
+            Err(Qcow2Error::Unsupported(_))
+        ));
+        // A backing that is not a file name is QEMU's to resolve.
+        let json = dir.path().join("json.qcow2");
+        let bytes =
+            overlay_bytes(Path::new("json:{\"driver\":\"nbd\"}"), "raw", 1 << 20).expect("bytes");
+        fs::write(&json, &bytes).expect("write");
+        assert!(matches!(
+            chain(&json, "qcow2"),
             Err(Qcow2Error::Unsupported(_))
         ));
         // A header whose backing name points past its first cluster.

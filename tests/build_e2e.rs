@@ -1968,3 +1968,57 @@ fn apt_get_download_through_inspection_is_recorded_with_the_index_hash_and_repla
     );
     tampered_cache_fails(&project, url, &indexed);
 }
+
+#[test]
+fn a_build_restored_from_a_snapshot_starts_no_qemu_img() {
+    if util::skip_without_vm("a_build_restored_from_a_snapshot_starts_no_qemu_img") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    // A `qemu-img` first on the PATH that notes each run and then runs the real one.
+    let bin = tempfile::tempdir().expect("tempdir");
+    let log = bin.path().join("runs.log");
+    let rest = std::env::var("PATH").unwrap_or_default();
+    let wrapper = bin.path().join("qemu-img");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> '{}'\nPATH='{rest}' exec qemu-img \"$@\"\n",
+            log.display()
+        ),
+    )
+    .expect("wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path = format!("{}:{rest}", bin.path().display());
+    let project = shaped_project("true", 776);
+    let build = |args: &[&str]| {
+        let out = Command::new(util::contractor())
+            .arg("build")
+            .args(args)
+            .current_dir(project.path())
+            .env("PATH", &path)
+            .output()
+            .expect("contractor build");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "stderr:\n{stderr}");
+        stderr
+    };
+    // The first build of the shape makes its snapshot (or finds it made); a cold boot
+    // makes its overlay with qemu-img, which shows that the wrapper is the one that runs;
+    // the last build is restored from the snapshot.
+    build(&[]);
+    std::fs::write(&log, "").expect("truncate");
+    build(&["--cold"]);
+    assert!(
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("create")),
+        "the wrapper is the qemu-img that runs"
+    );
+    std::fs::write(&log, "").expect("truncate");
+    let stderr = build(&[]);
+    assert!(stderr.contains("restored from a snapshot"), "{stderr}");
+    let runs = std::fs::read_to_string(&log).expect("log");
+    assert!(
+        runs.is_empty(),
+        "a restore reads its chain and writes its overlays itself, but ran qemu-img:\n{runs}"
+    );
+}

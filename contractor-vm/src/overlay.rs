@@ -1,4 +1,5 @@
-//! The VM's disks: a qcow2 overlay on the image's base disk, made with `qemu-img`, and
+//! The VM's disks: a qcow2 overlay on the image's base disk, made with `qemu-img` (or, for
+//! a VM restored from a snapshot, written directly: [`qcow2`]), and
 //! optionally a build disk, an empty ext4 file system of a given size made with `mke2fs`
 //! (the guest agent puts the writable layer of its root on it, so that it caps what a build
 //! can write). The base is only ever opened read-only (it is the overlay's backing file), so
@@ -15,6 +16,8 @@ use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+pub mod qcow2;
 
 /// Errors making or removing an overlay.
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +47,8 @@ pub enum OverlayError {
         /// The size asked for.
         gib: u64,
     },
-    /// The build disk's file (or a VM's copy of its kernel or initrd) could not be made.
+    /// The build disk's file, an overlay written directly, or a VM's copy of its kernel or
+    /// initrd could not be made.
     #[error("cannot create {}", path.display())]
     BuildDisk {
         /// The file.
@@ -88,6 +92,15 @@ pub enum OverlayError {
         path: PathBuf,
         /// What is wrong with it.
         reason: String,
+    },
+    /// An image's header could not be read.
+    #[error("cannot read {}", path.display())]
+    Read {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
     /// The overlay could not be deleted.
     #[error("cannot delete overlay {}", path.display())]
@@ -296,6 +309,47 @@ pub fn create_overlay_file(backing: &Path, path: &Path) -> Result<(), OverlayErr
     // Readable by QEMU's user until libvirt relabels it for the VM.
     let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o644));
     Ok(())
+}
+
+/// Creates the overlay `path` on `backing`, a file of `format` (`qcow2` or `raw`) and
+/// `size` bytes: written directly ([`qcow2::write_overlay`]: no process, no flush), or by
+/// [`create_overlay_file`] where that does not apply (a name or size it does not write).
+pub fn create_overlay_on(
+    backing: &Path,
+    format: &str,
+    size: u64,
+    path: &Path,
+) -> Result<(), OverlayError> {
+    match qcow2::write_overlay(path, backing, format, size) {
+        Ok(()) => Ok(()),
+        Err(qcow2::Qcow2Error::Unsupported(_)) => create_overlay_file(backing, path),
+        Err(qcow2::Qcow2Error::Io { path, source }) => Err(match source.kind() {
+            std::io::ErrorKind::AlreadyExists => OverlayError::Exists { path },
+            _ => OverlayError::BuildDisk { path, source },
+        }),
+    }
+}
+
+/// The backing chain of `path`, a file of `format`, with each layer's virtual size: read
+/// from the headers ([`qcow2::chain`]), or with `qemu-img` ([`backing_chain`], sizes from
+/// [`image_info`]) where that does not apply or fails.
+pub fn sized_chain(path: &Path, format: &str) -> Result<Vec<qcow2::Layer>, OverlayError> {
+    match qcow2::chain(path, format) {
+        Ok(layers) => Ok(layers),
+        // Whatever the headers do not answer (or a layer that cannot be read), qemu-img
+        // answers, or says what is wrong.
+        Err(_) => backing_chain(path)?
+            .into_iter()
+            .map(|layer| {
+                let size = image_info(&layer.path)?.virtual_size;
+                Ok(qcow2::Layer {
+                    path: layer.path,
+                    format: layer.format,
+                    size,
+                })
+            })
+            .collect(),
+    }
 }
 
 /// Creates the build disk of VM `name` in `work_dir`: a sparse raw file of `gib` GiB holding

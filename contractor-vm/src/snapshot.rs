@@ -58,8 +58,8 @@ use crate::lifecycle::{
     libvirt, lookup, own_boot_files, planned_xml, Plan,
 };
 use crate::overlay::{
-    backing_chain, build_disk_path, build_overlay_path, create_overlay_file, create_work_dir,
-    delete_overlay, overlay_path,
+    build_disk_path, build_overlay_path, create_overlay_on, create_work_dir, delete_overlay,
+    overlay_path, sized_chain,
 };
 use crate::owner::VmOwner;
 use crate::xml::{DiskFormat, Disks, Identity, Layer};
@@ -754,12 +754,22 @@ fn restore(
     let disk = slot.dir.join(DISK_FILE);
     // The slot's root and what it stands on (the image's disk), and its build disk: read
     // only, never relabelled.
-    let root_chain = backing_chain(&root)?;
+    // Read from the headers and written directly, not with `qemu-img` (see
+    // `crate::overlay::qcow2`): no process starts and no flushes on the way to the VM.
+    let root_layers = sized_chain(&root, "qcow2")?;
+    let root_size = root_layers.first().map_or(0, |l| l.size);
+    let root_chain: Vec<Layer> = root_layers
+        .into_iter()
+        .map(|l| Layer {
+            path: l.path,
+            format: l.format,
+        })
+        .collect();
     let disk_chain = [Layer {
         path: disk.clone(),
         format: "raw".to_string(),
     }];
-    create_overlay_file(&root, &overlay)?;
+    create_overlay_on(&root, "qcow2", root_size, &overlay)?;
     let mut spec = spec.clone();
     if let Err(err) = own_boot_files(&mut spec, &conn_uri(conn), launcher, name) {
         let _ = delete_overlay(&overlay, name);
@@ -769,7 +779,13 @@ fn restore(
     let build = match spec.disk_gib {
         Some(_) => {
             let path = build_overlay_path(&spec.work_dir, name);
-            if let Err(err) = create_overlay_file(&disk, &path) {
+            let made = std::fs::metadata(&disk)
+                .map_err(|source| crate::overlay::OverlayError::Read {
+                    path: disk.clone(),
+                    source,
+                })
+                .and_then(|m| create_overlay_on(&disk, "raw", m.len(), &path));
+            if let Err(err) = made {
                 let _ = delete_overlay(&overlay, name);
                 return Err(err.into());
             }

@@ -106,7 +106,7 @@ fn hello_rebuilds_identical_offline_and_not_from_a_changed_image() {
         .join(&rebuilt.id)
         .join("artifacts/hello");
     assert_eq!(std::fs::read(again).expect("rebuilt artifact"), original);
-    let statement = contractor_cli::rebuild::read_statement(
+    let statement = contractor_protocol::attest::read_statement(
         &project
             .path()
             .join(".contractor/builds")

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use contractor_protocol::attest::{
-    AttestAnswer, AttestRequest, SignRequest, MAX_REQUEST_BYTES, PROVENANCE_FILE,
+    AttestAnswer, AttestRequest, SignRequest, MAX_REQUEST_BYTES, PROVENANCE_FILE, REBUILD_FILE,
 };
 use contractor_protocol::error::{ErrorObject, ToolCode};
 use contractor_protocol::service::Confinement;
@@ -21,7 +21,8 @@ use crate::{io, AttestError};
 
 const TOOL: &str = "contractor-attest";
 
-/// Sign a build record's provenance, verify it, or show the signing key.
+/// Sign a build record's provenance, verify it, show the signing key, or plan and compare
+/// a rebuild.
 #[derive(Parser)]
 #[command(
     name = "contractor-attest",
@@ -36,7 +37,9 @@ const TOOL: &str = "contractor-attest";
   -> {"type":"verdict","version":1,"problems":[],"artifacts":2,"downloads":3,"key_id":"5f2c...","confinement":{...}}
 
   {"type":"digests","version":1,"record":".contractor/builds/ID"}
-  {"type":"sign","version":1,"record":...,"key":...,...}   (docs/protocol.md lists its fields)
+  {"type":"plan","version":1,"record":...,"external_parameters":{...},...}   (a rebuild's inputs)
+  {"type":"compare","version":1,"original":...,"rebuild":...,"inputs_differ":[]}
+  {"type":"sign","version":1,"record":...,"key":...,...}   (docs/protocol.md lists their fields)
 
 Exit codes: 0 done, 1 does not verify, 2 bad input, 3 infrastructure failure."#
 )]
@@ -121,12 +124,32 @@ fn read_request() -> Result<AttestRequest, CliError> {
     }
     let text = String::from_utf8_lossy(&text);
     serde_json::from_str(&text).map_err(|e| {
-        let located = contractor_protocol::locate::locate(&text, &e);
+        let located = contractor_protocol::locate::locate_tagged(&text, &e, reparse);
         CliError::Json {
             at: located.at(),
             detail: located.detail,
         }
     })
+}
+
+/// Parses one member of a request as its field's type, to name the field a bad value is
+/// in (serde gives no position inside a tagged enum); `None` for other members.
+fn reparse(key: &str, value: &str) -> Option<serde_json::Error> {
+    use contractor_protocol::image::Manifest;
+    fn as_type<T: serde::de::DeserializeOwned>(value: &str) -> Option<serde_json::Error> {
+        serde_json::from_str::<T>(value).err()
+    }
+    match key {
+        "record" | "original" | "rebuild" | "envelope" | "key" | "project" => {
+            as_type::<PathBuf>(value)
+        }
+        "version" | "cpus" => as_type::<u32>(value),
+        "memory_mib" | "disk_gib" => as_type::<u64>(value),
+        "create" | "create_key" => as_type::<bool>(value),
+        "inputs_differ" | "cache_paths" => as_type::<Vec<String>>(value),
+        "images" => as_type::<Vec<Manifest>>(value),
+        _ => None,
+    }
 }
 
 fn handle(request: AttestRequest, confine: bool) -> Result<(AttestAnswer, ExitCode), CliError> {
@@ -181,7 +204,91 @@ fn handle(request: AttestRequest, confine: bool) -> Result<(AttestAnswer, ExitCo
             };
             Ok((answer, ExitCode::Success))
         }
+        AttestRequest::Plan(request) => {
+            let confinement = confined(vec![request.record.clone()])?;
+            let plan = crate::rebuild::plan(&request)?;
+            let answer = AttestAnswer::Plan {
+                version: PROTOCOL_VERSION,
+                downloads: plan.downloads,
+                spec_differences: plan.spec_differences,
+                image_differences: plan.image_differences,
+                incomplete_downloads: plan.incomplete_downloads,
+                cache_warning: plan.cache_warning,
+                confinement,
+            };
+            Ok((answer, ExitCode::Success))
+        }
+        AttestRequest::Compare {
+            original,
+            rebuild,
+            inputs_differ,
+            ..
+        } => compare(&original, &rebuild, &inputs_differ, confined),
     }
+}
+
+/// `compare`: `rebuild.json` is opened (never through a link) before the process confines
+/// itself to reading the two records.
+fn compare(
+    original: &Path,
+    rebuild: &Path,
+    known: &[String],
+    confined: impl Fn(Vec<PathBuf>) -> Result<Confinement, CliError>,
+) -> Result<(AttestAnswer, ExitCode), CliError> {
+    let path = rebuild.join(REBUILD_FILE);
+    let mut file = open_output(&path)?;
+    let confinement = confined(vec![original.to_path_buf(), rebuild.to_path_buf()])?;
+    let (artifacts, inputs_differ) = crate::rebuild::comparison(original, rebuild, known)?;
+    let id = original
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let json = crate::rebuild::record_json(&id, &artifacts, &inputs_differ);
+    write_output(&mut file, &path, &json)?;
+    let answer = AttestAnswer::Comparison {
+        version: PROTOCOL_VERSION,
+        identical: crate::rebuild::all_identical(&artifacts),
+        artifacts,
+        inputs_differ,
+        path,
+        confinement,
+    };
+    Ok((answer, ExitCode::Success))
+}
+
+/// Opens the one file a request writes, never through a link, and only a regular file.
+fn open_output(path: &Path) -> Result<std::fs::File, CliError> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .custom_flags(libc_nofollow())
+        .open(path)
+        .map_err(io("write", path))?;
+    if !file.metadata().map_err(io("write", path))?.is_file() {
+        return Err(AttestError::Io {
+            action: "write",
+            path: path.to_path_buf(),
+            source: std::io::Error::other("it is not a regular file"),
+        }
+        .into());
+    }
+    Ok(file)
+}
+
+/// Replaces the contents of `file` (opened by [`open_output`]) with `value`, pretty.
+fn write_output(
+    file: &mut std::fs::File,
+    path: &Path,
+    value: &serde_json::Value,
+) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(value).unwrap_or_default();
+    file.set_len(0)
+        .and_then(|()| file.write_all(text.as_bytes()))
+        .and_then(|()| file.write_all(b"\n"))
+        .map_err(io("write", path))?;
+    Ok(())
 }
 
 /// `sign`: the key is read and `provenance.json` opened (never through a link) before the
@@ -192,30 +299,10 @@ fn sign(
 ) -> Result<(AttestAnswer, ExitCode), CliError> {
     let key = crate::key::load_or_create_key(&request.key, request.create_key)?;
     let path = request.record.join(PROVENANCE_FILE);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644)
-        .custom_flags(libc_nofollow())
-        .open(&path)
-        .map_err(io("write", &path))?;
-    if !file.metadata().map_err(io("write", &path))?.is_file() {
-        return Err(AttestError::Io {
-            action: "write",
-            path,
-            source: std::io::Error::other("it is not a regular file"),
-        }
-        .into());
-    }
+    let mut file = open_output(&path)?;
     let confinement = confined(vec![request.record.clone(), request.project.join(".git")])?;
     let statement = crate::statement::statement(request)?;
-    let text =
-        serde_json::to_string_pretty(&crate::dsse::envelope(&statement, &key)).unwrap_or_default();
-    file.set_len(0)
-        .and_then(|()| file.write_all(text.as_bytes()))
-        .and_then(|()| file.write_all(b"\n"))
-        .map_err(io("write", &path))?;
+    write_output(&mut file, &path, &crate::dsse::envelope(&statement, &key))?;
     let answer = AttestAnswer::Signed {
         version: PROTOCOL_VERSION,
         path,

@@ -4,8 +4,9 @@
 //! in a DSSE envelope signed with ed25519 over DSSE's pre-authentication encoding (PAE), so
 //! that tools we did not write can check it (docs/provenance.md). The invariant: the signing
 //! key is read only by this tool, before it confines itself to reading the one record (and
-//! the project's `.git`) and writing that record's `provenance.json`; the front end never
-//! holds the key, and never parses a record's files to state or check them.
+//! the project's `.git`) and writing that record's `provenance.json` (or, comparing a
+//! rebuild, its `rebuild.json`); the front end never holds the key, and never parses a
+//! record's files to state, check or compare them.
 
 #![warn(missing_docs)]
 
@@ -15,6 +16,7 @@ pub mod digest;
 pub mod dsse;
 pub mod fixture;
 pub mod key;
+pub mod rebuild;
 pub mod statement;
 pub mod verify;
 
@@ -49,6 +51,15 @@ pub enum AttestError {
     /// The record holds more artifacts than a statement lists.
     #[error("{0} holds more than {max} artifacts", max = digest::MAX_SUBJECTS)]
     TooManyArtifacts(PathBuf),
+    /// The record to rebuild has no readable `provenance.json`.
+    #[error("cannot read {path}: a rebuild needs the record's signed statement (a build that ran its script has one)")]
+    NoStatement {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A key could not be encoded.
     #[error("cannot encode the key: {0}")]
     Encode(String),
@@ -62,7 +73,10 @@ impl AttestError {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            AttestError::BadKey { .. } | AttestError::Statement(_) | AttestError::Io { .. }
+            AttestError::BadKey { .. }
+                | AttestError::Statement(_)
+                | AttestError::Io { .. }
+                | AttestError::NoStatement { .. }
         )
     }
 }

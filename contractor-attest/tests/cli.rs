@@ -164,3 +164,209 @@ fn bad_requests_and_keys_are_exit_2_with_an_error_object() {
         matches!(answer(&out), AttestAnswer::PublicKey { pem, .. } if pem.starts_with("-----BEGIN PUBLIC KEY-----\n"))
     );
 }
+
+/// Signs the fixture's record (whose statement `plan` and `compare` read) and returns the
+/// sign request.
+fn signed_fixture(dir: &Path) -> contractor_protocol::attest::SignRequest {
+    let request = fixture(dir);
+    let sign =
+        serde_json::to_string(&AttestRequest::Sign(Box::new(request.clone()))).expect("json");
+    let out = attest(&sign, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    request
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A `plan` request for the fixture as its spec stands, `images` on this host.
+fn plan_request(
+    request: &contractor_protocol::attest::SignRequest,
+    images: serde_json::Value,
+) -> serde_json::Value {
+    json!({"type": "plan", "version": 1, "record": request.record,
+        "external_parameters": request.external_parameters, "cpus": request.cpus,
+        "memory_mib": request.memory_mib, "disk_gib": request.disk_gib,
+        "cache_paths": [], "images": images})
+}
+
+#[test]
+fn plan_reads_the_statement_confined_and_names_what_differs_now() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let request = signed_fixture(dir.path());
+    let image = serde_json::to_value(request.image.as_ref().expect("image")).expect("json");
+    let out = attest(&plan_request(&request, json!([image])).to_string(), &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    match answer(&out) {
+        AttestAnswer::Plan {
+            downloads,
+            spec_differences,
+            image_differences,
+            incomplete_downloads,
+            cache_warning,
+            confinement,
+            ..
+        } => {
+            let urls: Vec<(&str, bool)> = downloads
+                .iter()
+                .map(|d| (d.url.as_str(), d.complete_get_200))
+                .collect();
+            assert_eq!(
+                urls,
+                [
+                    ("https://deb.debian.org/a.deb", true),
+                    ("https://static.crates.io/crates/x/x-1.0.crate", true)
+                ]
+            );
+            assert!(spec_differences.is_empty(), "{spec_differences:?}");
+            assert!(image_differences.is_empty(), "{image_differences:?}");
+            assert!(incomplete_downloads.is_empty() && cache_warning.is_none());
+            assert!(confinement.enforced && confinement.seccomp);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // The spec's script and the VM's shape changed; the image was rebuilt.
+    let mut changed = plan_request(&request, json!([]));
+    changed["external_parameters"]["script"] = json!("make all");
+    changed["cpus"] = json!(1);
+    let mut other = image.clone();
+    other["disk_sha256"] = json!("e".repeat(64));
+    changed["images"] = json!([other]);
+    let AttestAnswer::Plan {
+        spec_differences,
+        image_differences,
+        ..
+    } = answer(&attest(&changed.to_string(), &[]))
+    else {
+        panic!("no plan");
+    };
+    assert_eq!(spec_differences, ["externalParameters.script", "vm.cpus"]);
+    let said = image_differences.join("\n");
+    assert!(
+        said.contains(&format!("was {}", "d".repeat(64)))
+            && said.contains(&format!("it is {} now (built 2026-11-25 ", "e".repeat(64))),
+        "{said}"
+    );
+    // The image is gone from this host.
+    let AttestAnswer::Plan {
+        image_differences, ..
+    } = answer(&attest(&plan_request(&request, json!([])).to_string(), &[]))
+    else {
+        panic!("no plan");
+    };
+    assert!(image_differences[0].contains("is gone from this host"));
+}
+
+#[test]
+fn compare_writes_rebuild_json_and_names_each_artifact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let request = signed_fixture(dir.path());
+    let again = request.record.with_file_name("b2");
+    std::fs::create_dir_all(again.join("artifacts/sub")).expect("mkdir");
+    std::fs::copy(
+        request.record.join("artifacts/hello"),
+        again.join("artifacts/hello"),
+    )
+    .expect("copy");
+    std::fs::write(again.join("artifacts/sub/notes.txt"), b"other\n").expect("write");
+    let compare = json!({"type": "compare", "version": 1, "original": request.record,
+        "rebuild": again, "inputs_differ": ["image: known"]})
+    .to_string();
+    let out = attest(&compare, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let AttestAnswer::Comparison {
+        artifacts,
+        identical,
+        inputs_differ,
+        path,
+        confinement,
+        ..
+    } = answer(&out)
+    else {
+        panic!("no comparison");
+    };
+    let verdicts: Vec<(&str, contractor_protocol::attest::Verdict)> = artifacts
+        .iter()
+        .map(|r| (r.path.as_str(), r.verdict))
+        .collect();
+    use contractor_protocol::attest::Verdict;
+    assert_eq!(
+        verdicts,
+        [
+            ("hello", Verdict::Identical),
+            ("sub/notes.txt", Verdict::Different)
+        ]
+    );
+    assert!(!identical && confinement.enforced);
+    // The rebuild has no statement: only the inputs already known.
+    assert_eq!(inputs_differ, ["image: known"]);
+    assert_eq!(path, again.join("rebuild.json"));
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("rebuild.json")).expect("json");
+    assert_eq!(written["rebuildOf"], "b1");
+    assert_eq!(written["identical"], false);
+    assert_eq!(written["artifacts"][1]["verdict"], "different");
+
+    // A link planted as rebuild.json is refused, never written through.
+    std::fs::remove_file(&path).expect("rm");
+    let target = dir.path().join("elsewhere");
+    std::os::unix::fs::symlink(&target, &path).expect("link");
+    let out = attest(&compare, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(!target.exists());
+}
+
+#[test]
+fn bad_plan_and_compare_requests_name_the_field_or_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let request = fixture(dir.path());
+    let mut no_cpus = plan_request(&request, json!([]));
+    no_cpus.as_object_mut().expect("object").remove("cpus");
+    let mut typo = plan_request(&request, json!([]));
+    typo["cache_path"] = json!([]);
+    for (request, code, said) in [
+        (no_cpus.to_string(), "bad_json", "missing field `cpus`"),
+        (
+            {
+                let mut bad = plan_request(&request, json!([]));
+                bad["images"] = json!([{"name": 1}]);
+                bad.to_string()
+            },
+            "bad_json",
+            "in `images[0].name`",
+        ),
+        (typo.to_string(), "bad_json", "unknown field `cache_path`"),
+        (
+            json!({"type": "compare", "version": 1, "original": "/o", "rebuild": "/r"}).to_string(),
+            "bad_json",
+            "missing field `inputs_differ`",
+        ),
+        (
+            json!({"type": "compare", "version": 1, "original": "/o", "rebuild": "/r",
+                "inputs_differ": "x"})
+            .to_string(),
+            "bad_json",
+            "in `inputs_differ`: invalid type: string",
+        ),
+        // The fixture is not signed: there is no statement to plan from.
+        (
+            plan_request(&request, json!([])).to_string(),
+            "attest",
+            "a rebuild needs the record's signed statement",
+        ),
+    ] {
+        let out = attest(&request, &[]);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{request}: {}",
+            text(&out.stderr)
+        );
+        let error: contractor_protocol::error::ErrorObject =
+            serde_json::from_slice(&out.stdout).expect("error object");
+        assert_eq!(error.code.as_str(), code, "{request}");
+        assert!(error.chain.join(": ").contains(said), "{:?}", error.chain);
+    }
+}

@@ -1050,27 +1050,26 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
         Ok(record) => record,
         Err(err) => return input(&err),
     };
-    let statement =
-        match rebuild::read_statement(&original.dir.join(crate::provenance::PROVENANCE_FILE)) {
-            Ok(statement) => statement,
-            Err(err) => return input(&err),
-        };
-    let fields = rebuild::spec_differences(&statement, &spec);
-    if !fields.is_empty() {
+    let plan = match rebuild_plan(&original.dir, &spec) {
+        Ok(plan) => plan,
+        Err(exit) => return exit,
+    };
+    if !plan.spec_differences.is_empty() {
         return input(&RebuildError::SpecChanged {
             file: file.to_path_buf(),
             id: original.id.clone(),
-            fields,
+            fields: plan.spec_differences,
         });
     }
-    let mut inputs_differ = match image_differences(&statement, any_image) {
-        Ok(found) => found,
-        Err(exit) => return exit,
-    };
-    let cache_warning = warn_of_missing_inputs(&original.id, &statement, &spec);
+    if !plan.image_differences.is_empty() && !any_image {
+        return input(&RebuildError::ImageChanged(
+            plan.image_differences.join("; "),
+        ));
+    }
+    let cache_warning = warn_of_missing_inputs(&original.id, &plan);
     // The record's pins are the lock, offline; the build cache is left out: a rebuild
     // starts from the source alone.
-    spec.lock = Some(rebuild::pins(&statement));
+    spec.lock = Some(plan.pins);
     spec.cache_paths.clear();
     let tar = store.join(format!(".rebuild-{}.tar", std::process::id()));
     if let Err(err) = rebuild::copy_source(&original.dir, &tar) {
@@ -1099,67 +1098,42 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
         }
     };
     let result = &report.result;
-    let hash = |dir: &Path| crate::provenance::artifact_digests(dir);
     let rebuilt = store.join("builds").join(&result.id);
-    let (before, after) = match (hash(&original.dir), hash(&rebuilt)) {
-        (Ok(before), Ok(after)) => (before, after),
-        (Err(err), _) | (_, Err(err)) => {
+    match rebuild::compare(&original.dir, &rebuilt, &plan.image_differences) {
+        Ok(compared) => rebuild_summary(&original, result, &compared, cache_warning),
+        Err(err) => {
             eprintln!(
-                "contractor: cannot hash the artifacts: {}",
+                "contractor: cannot compare the artifacts: {}",
                 escape(&chain(&err))
             );
-            return ExitCode::Infrastructure;
-        }
-    };
-    let again = rebuild::read_statement(&rebuilt.join(crate::provenance::PROVENANCE_FILE));
-    for found in again
-        .iter()
-        .flat_map(|again| rebuild::input_differences(&statement, again))
-    {
-        if !inputs_differ.contains(&found) {
-            inputs_differ.push(found);
+            ExitCode::Infrastructure
         }
     }
-    let rows = rebuild::compare(&before, &after);
-    let json = rebuild::record_json(&original.id, &rows, &inputs_differ);
-    let path = rebuilt.join(rebuild::REBUILD_FILE);
-    if let Err(err) = std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&json).unwrap_or_default() + "\n",
-    ) {
-        eprintln!("contractor: cannot write {}: {err}", path.display());
-    }
-    rebuild_summary(&original, result, &rows, &inputs_differ, cache_warning)
 }
 
 /// Says what the original's record may lack for an offline rebuild (downloads it did not
 /// record, a build cache it restored); returns the cache's warning, said again at the end.
-fn warn_of_missing_inputs(
-    id: &str,
-    statement: &serde_json::Value,
-    spec: &spec::BuildSpec,
-) -> Option<String> {
-    for reason in crate::rebuild::incomplete_downloads(statement) {
+fn warn_of_missing_inputs(id: &str, plan: &crate::rebuild::Plan) -> Option<String> {
+    for reason in &plan.incomplete_downloads {
         eprintln!(
             "contractor: warning: build {} did not record every download ({}): what it did not record cannot be served offline",
             escape(id),
-            escape(&reason)
+            escape(reason)
         );
     }
-    let cache_warning = crate::rebuild::cache_warning(statement, spec);
-    if let Some(warning) = &cache_warning {
+    if let Some(warning) = &plan.cache_warning {
         eprintln!("contractor: warning: {}", escape(warning));
     }
-    cache_warning
+    plan.cache_warning.clone()
 }
 
-/// The images' differences from the statement's image (`[]`: the same); when there are
-/// some and `any_image` was not given, the exit code of the refusal (said on stderr).
-fn image_differences(
-    statement: &serde_json::Value,
-    any_image: bool,
-) -> Result<Vec<String>, ExitCode> {
-    use crate::rebuild::{self, RebuildError};
+/// What `contractor-attest plan` says of the record in `dir`, weighed against `spec` and
+/// this host's images; on failure, the exit code (said on stderr).
+fn rebuild_plan(dir: &Path, spec: &spec::BuildSpec) -> Result<crate::rebuild::Plan, ExitCode> {
+    let said = |err: &dyn std::error::Error, exit: ExitCode| {
+        eprintln!("contractor: {}", escape(&chain(err)));
+        exit
+    };
     let images = image::list().map_err(|err| {
         eprintln!(
             "contractor: cannot list the images: {}",
@@ -1167,18 +1141,11 @@ fn image_differences(
         );
         err.exit_code()
     })?;
-    let recorded = rebuild::recorded_image(statement).map(|(name, _)| name);
-    let current = images
-        .iter()
-        .find(|i| Some(&i.manifest.name) == recorded.as_ref())
-        .map(|i| &i.manifest);
-    let found = rebuild::image_differences(statement, current);
-    if !found.is_empty() && !any_image {
-        let err = RebuildError::ImageChanged(found.join("; "));
-        eprintln!("contractor: {}", escape(&chain(&err)));
-        return Err(ExitCode::BadInput);
-    }
-    Ok(found)
+    let manifests: Vec<image::Manifest> = images.into_iter().map(|i| i.manifest).collect();
+    crate::rebuild::plan(dir, spec, &manifests).map_err(|err| match err.is_bad_input() {
+        true => said(&err, ExitCode::BadInput),
+        false => said(&err, ExitCode::Infrastructure),
+    })
 }
 
 /// The rebuild's report: each artifact's verdict on stdout, then how it ended and what
@@ -1186,11 +1153,11 @@ fn image_differences(
 fn rebuild_summary(
     original: &records::Record,
     result: &BuildResult,
-    rows: &[crate::rebuild::Compared],
-    inputs_differ: &[String],
+    compared: &crate::rebuild::Comparison,
     cache_warning: Option<String>,
 ) -> ExitCode {
     use crate::rebuild;
+    let rows = &compared.rows;
     eprintln!();
     for line in rebuild::report_lines(rows) {
         println!("{line}");
@@ -1235,7 +1202,7 @@ fn rebuild_summary(
             escape(&result.refused_hosts.join(", "))
         );
     }
-    for found in inputs_differ {
+    for found in &compared.inputs_differ {
         eprintln!("  input differs: {}", escape(found));
     }
     if rows.is_empty() {
@@ -1244,7 +1211,7 @@ fn rebuild_summary(
     match result.outcome {
         Outcome::Infrastructure => ExitCode::Infrastructure,
         Outcome::Interrupted => ExitCode::Interrupted,
-        _ if rebuild::all_identical(rows) && same_end => ExitCode::Success,
+        _ if compared.identical && same_end => ExitCode::Success,
         _ => ExitCode::BuildFailed,
     }
 }

@@ -3,7 +3,8 @@
 //! Each check yields a line `ok`, `warn` or `FAIL` with what was found and, when it is not
 //! ok, the command or setting that fixes it. Checks only read; they change nothing. What
 //! concerns the VM host (programs, libvirt, KVM, the guest agent, subordinate uids, free
-//! space, the images) is asked of `contractor-vm check` and `contractor-vm image list`:
+//! space, the images, and under `qemu:///session` QEMU's launcher) is asked of `contractor-vm
+//! check` and `contractor-vm image list`:
 //! here, or on a build host over ssh (`contractor doctor --host`).
 
 use contractor_protocol::vm::HostCheck;
@@ -60,20 +61,17 @@ pub fn check(uri: Option<&str>, host: Option<&BuildHost>) -> Vec<Finding> {
         Some(uri) => vec!["check", "--uri", uri],
         None => vec!["check"],
     };
-    let uri = uri
-        .map(String::from)
-        .unwrap_or_else(contractor_protocol::vm::default_uri);
-    match vm(&check)
-        .and_then(|command| crate::tools::answer_of::<HostCheck>(crate::tools::VM, command))
-    {
-        Err(err) => findings.push(finding(Status::Fail, "contractor-vm", chain(&err))),
-        Ok(checked) => findings.extend(vm_host(&checked)),
+    let checked = vm(&check)
+        .and_then(|command| crate::tools::answer_of::<HostCheck>(crate::tools::VM, command));
+    match &checked {
+        Err(err) => findings.push(finding(Status::Fail, "contractor-vm", chain(err))),
+        Ok(checked) => findings.extend(vm_host(checked)),
     }
     if host.is_none() {
         findings.push(confinement());
-        if uri.ends_with("/session") {
-            findings.push(launcher(&uri));
-        }
+    }
+    if let Ok(checked) = &checked {
+        findings.extend(launcher(checked));
     }
     let images = vm(&["image", "list"]).and_then(|command| {
         crate::tools::answer_of::<contractor_protocol::image::ImageResult>(
@@ -175,19 +173,22 @@ fn vm_host(host: &HostCheck) -> Vec<Finding> {
     findings
 }
 
-/// Under `qemu:///session`, QEMU is started by the launcher, which must be there.
-fn launcher(uri: &str) -> Finding {
-    match crate::tools::locate(crate::tools::QEMU_LAUNCHER) {
-        Ok(path) => finding(
+/// Under `qemu:///session`, QEMU is started by the launcher, which the VM host's `check`
+/// says is there (none under another URI).
+fn launcher(host: &HostCheck) -> Option<Finding> {
+    let probe = host.launcher.as_ref()?;
+    Some(match &probe.path {
+        Some(path) if probe.ok => finding(
             Status::Ok,
             "QEMU confinement",
             format!(
-                "under {uri} QEMU is started by {} (Landlock, seccomp, rlimits)",
+                "under {} QEMU is started by {} (Landlock, seccomp, rlimits)",
+                host.uri,
                 path.display()
             ),
         ),
-        Err(err) => finding(Status::Fail, "QEMU confinement", chain(&err)),
-    }
+        _ => finding(Status::Fail, "QEMU confinement", probe.error.join(": ")),
+    })
 }
 
 /// Whether the default image is built, from the VM host's `image list`.
@@ -371,6 +372,11 @@ mod tests {
                 path: "/home/ci".into(),
                 free_bytes: Some(1 << 30),
             }),
+            launcher: Some(Probe {
+                ok: false,
+                path: None,
+                error: vec!["the QEMU launcher /x/contractor-qemu is missing".into()],
+            }),
         };
         let found = vm_host(&host);
         let line = |what: &str| {
@@ -393,6 +399,26 @@ mod tests {
             .detail
             .contains("usermod --add-subuids"));
         assert_eq!(line("accelerator").status, Status::Ok);
+        let missing = launcher(&host).expect("under qemu:///session");
+        assert_eq!(missing.status, Status::Fail);
+        assert!(missing.detail.contains("/x/contractor-qemu is missing"));
+        let found = HostCheck {
+            launcher: Some(Probe {
+                ok: true,
+                path: Some("/opt/c/contractor-qemu".into()),
+                error: vec![],
+            }),
+            ..host.clone()
+        };
+        assert_eq!(
+            launcher(&found).expect("found").detail,
+            "under qemu:///session QEMU is started by /opt/c/contractor-qemu (Landlock, seccomp, rlimits)"
+        );
+        assert!(launcher(&HostCheck {
+            launcher: None,
+            ..host
+        })
+        .is_none());
     }
 
     #[test]

@@ -1,13 +1,12 @@
 //! Signed provenance of a build, as the front end asks for it: `contractor-attest` signs a
 //! record's `provenance.json`, checks one (`contractor verify`), shows the public key
-//! (`contractor key`) and hashes a record's artifacts (`contractor rebuild`).
+//! (`contractor key`); `crate::rebuild` asks it to plan and compare a rebuild.
 //!
 //! The invariant: the front end never opens the signing key nor parses a record's files to
 //! state or check them; it names the key's path (`$CONTRACTOR_SIGNING_KEY`, else
 //! `signing-key` in the data directory) and the facts only it knows (the spec as given, how
 //! the VM ran), and the confined tool does the rest (docs/provenance.md, docs/security.md).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -214,19 +213,6 @@ pub fn verify(envelope: &Path, key: Option<&Path>) -> Result<Verdict, Provenance
             key_id,
         }),
         _ => Err(ProvenanceError::Answer("verify")),
-    }
-}
-
-/// Each artifact of `record` by its path beneath `artifacts/` and SHA-256, hashed by
-/// `contractor-attest` (the artifacts are the project's).
-pub fn artifact_digests(record: &Path) -> Result<BTreeMap<String, String>, ProvenanceError> {
-    let request = AttestRequest::Digests {
-        version: PROTOCOL_VERSION,
-        record: record.to_path_buf(),
-    };
-    match tools::ask(tools::ATTEST, &request)? {
-        (AttestAnswer::Digests { artifacts, .. }, _) => Ok(artifacts),
-        _ => Err(ProvenanceError::Answer("digests")),
     }
 }
 

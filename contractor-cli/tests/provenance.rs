@@ -335,3 +335,48 @@ fn artifacts_linked_out_of_the_record_are_not_read() {
         "{stderr}"
     );
 }
+
+/// `contractor rebuild`'s first step, as the front end asks it of the real
+/// `contractor-attest`: a record signed from the front end's own facts plans with no
+/// difference; a changed spec and a rebuilt image are named.
+#[test]
+fn a_rebuild_plan_of_a_record_signed_here_finds_what_changed() {
+    let fixture = signed_record();
+    let bin = Path::new(env!("CARGO_BIN_EXE_contractor"))
+        .parent()
+        .expect("the tools' directory");
+    // The tools are the ones beside `contractor` (this test process is not).
+    std::env::set_var("CONTRACTOR_BIN", bin);
+    let parse = |text: &str| {
+        contractor_cli::spec::parse(&fixture.project.join("contractor.toml"), text).expect("spec")
+    };
+    let spec = parse(FIXTURE_SPEC);
+    let plan = contractor_cli::rebuild::plan(&fixture.record, &spec, &[]).expect("plan");
+    assert!(
+        plan.spec_differences.is_empty(),
+        "{:?}",
+        plan.spec_differences
+    );
+    // The statement names no image digest here (signed without a manifest): nothing to weigh.
+    assert!(plan.image_differences.is_empty());
+    assert_eq!(plan.pins.downloads.len(), 2);
+    assert!(plan.cache_warning.is_none() && plan.incomplete_downloads.is_empty());
+
+    let changed =
+        FIXTURE_SPEC.replace("script = \"make\"", "script = \"make all\"") + "\n[vm]\ncpus = 1\n";
+    let plan = contractor_cli::rebuild::plan(&fixture.record, &parse(&changed), &[]).expect("plan");
+    assert_eq!(
+        plan.spec_differences,
+        ["externalParameters.script", "vm.cpus"]
+    );
+
+    // No statement: bad input, named as `contractor rebuild` says it.
+    std::fs::remove_file(fixture.record.join(provenance::PROVENANCE_FILE)).expect("rm");
+    let err = contractor_cli::rebuild::plan(&fixture.record, &spec, &[]).expect_err("none");
+    assert!(err.is_bad_input(), "{err}");
+    assert!(
+        err.to_string()
+            .contains("a rebuild needs the record's signed statement"),
+        "{err}"
+    );
+}

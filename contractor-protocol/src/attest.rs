@@ -64,6 +64,89 @@ pub enum AttestRequest {
         /// The build record.
         record: PathBuf,
     },
+    /// What a rebuild of `record` takes from its statement, and how the spec and the images
+    /// given differ from what it states.
+    Plan(Box<PlanRequest>),
+    /// Compares two records' artifacts and the inputs their statements name; writes the
+    /// comparison to the rebuild's [`REBUILD_FILE`].
+    Compare {
+        /// Protocol version, 1.
+        version: u32,
+        /// The record of the build rebuilt.
+        original: PathBuf,
+        /// The rebuild's record (only its [`REBUILD_FILE`] is written).
+        rebuild: PathBuf,
+        /// Differences of inputs already known (the image's, `--any-image`), kept first.
+        inputs_differ: Vec<String>,
+    },
+}
+
+/// The record file of a rebuild that says which build it rebuilt and how they compare.
+pub const REBUILD_FILE: &str = "rebuild.json";
+
+/// What `plan` needs besides the record's statement: the spec as it is now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanRequest {
+    /// Protocol version, 1.
+    pub version: u32,
+    /// The build record to rebuild (its `provenance.json` is read; the signature is not
+    /// checked: `verify` does that).
+    pub record: PathBuf,
+    /// The spec now, as `sign` would state it (`externalParameters`).
+    pub external_parameters: Value,
+    /// The VM's shape now.
+    pub cpus: u32,
+    /// The VM's memory now, MiB.
+    pub memory_mib: u64,
+    /// The VM's scratch disk now, GiB.
+    pub disk_gib: u64,
+    /// `[cache] paths` now.
+    pub cache_paths: Vec<String>,
+    /// The images on this host (their manifests).
+    pub images: Vec<Manifest>,
+}
+
+/// A download a statement lists (`resolvedDependencies` of kind `download`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatedDownload {
+    /// The URL.
+    pub url: String,
+    /// The SHA-256 the statement gives its body.
+    pub sha256: String,
+    /// Its size in bytes (0 when not stated).
+    pub size: u64,
+    /// Whether it was a complete `GET` answered 200 (what the proxy can serve again).
+    pub complete_get_200: bool,
+}
+
+/// How one artifact of a rebuild compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// The same bytes on both sides.
+    Identical,
+    /// Other bytes.
+    Different,
+    /// In the original, not in the rebuild.
+    MissingInRebuild,
+    /// In the rebuild, not in the original.
+    MissingInOriginal,
+}
+
+/// One artifact of either build, compared.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Compared {
+    /// Its path beneath `artifacts/`.
+    pub path: String,
+    /// How it compares.
+    pub verdict: Verdict,
+    /// Its SHA-256 in the original, if there.
+    pub original: Option<String>,
+    /// Its SHA-256 in the rebuild, if there.
+    pub rebuild: Option<String>,
 }
 
 /// What `sign` needs besides the record's files: the facts the front end knows.
@@ -168,6 +251,40 @@ pub enum AttestAnswer {
         version: u32,
         /// Path → lower-case hex SHA-256.
         artifacts: BTreeMap<String, String>,
+    },
+    /// `plan`: what a rebuild takes from the statement, and what differs from it now.
+    Plan {
+        /// Protocol version, 1.
+        version: u32,
+        /// The downloads the statement lists, in its order.
+        downloads: Vec<StatedDownload>,
+        /// The fields in which the spec differs from the statement
+        /// (`externalParameters.<name>`, `vm.<name>`); empty when none.
+        spec_differences: Vec<String>,
+        /// How the image on this host differs from the one stated; empty when the same.
+        image_differences: Vec<String>,
+        /// Why the statement's list of downloads is not complete; empty when it is.
+        incomplete_downloads: Vec<String>,
+        /// Why the rebuild may lack an input of the original (a restored build cache).
+        cache_warning: Option<String>,
+        /// How the tool was confined while it read the record.
+        confinement: Confinement,
+    },
+    /// `compare`: each artifact of either build, by path, and the inputs that differ.
+    Comparison {
+        /// Protocol version, 1.
+        version: u32,
+        /// Each artifact, sorted by path (the build cache's upload left out).
+        artifacts: Vec<Compared>,
+        /// Whether every artifact is identical (true for none).
+        identical: bool,
+        /// The inputs that differ (the given ones first, then the image's and the guest
+        /// agent's digests in the two statements).
+        inputs_differ: Vec<String>,
+        /// The file the comparison was written to.
+        path: PathBuf,
+        /// How the tool was confined while it read the records.
+        confinement: Confinement,
     },
 }
 

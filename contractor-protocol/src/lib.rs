@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod attest;
 pub mod build;
+pub mod clock;
 pub mod error;
 pub mod exit;
 pub mod file;

@@ -233,6 +233,11 @@ pub struct HostCheck {
     /// The free space where the images and VM disks live.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub space: Option<SpaceProbe>,
+    /// Under `qemu:///session`: the launcher (`contractor-qemu`) QEMU is started confined
+    /// through, found (`path`) or not (`error`). Absent under another URI, and from an older
+    /// contractor-vm's answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launcher: Option<Probe>,
 }
 
 /// A program of a [`HostCheck`]: found at `path`, or not (then `package` has it).

@@ -659,6 +659,18 @@ pub fn host_check(uri: String) -> HostCheck {
             error: chain(&e),
         },
     };
+    let launcher = crate::lifecycle::session_launcher(&uri).map(|found| match found {
+        Ok(path) => Probe {
+            ok: true,
+            path: Some(path),
+            error: Vec::new(),
+        },
+        Err(e) => Probe {
+            ok: false,
+            path: None,
+            error: chain(&e),
+        },
+    });
     HostCheck {
         kind: CheckTag::Check,
         version: PROTOCOL_VERSION,
@@ -678,6 +690,7 @@ pub fn host_check(uri: String) -> HostCheck {
         dev_kvm_group_rw: dev_kvm_group_rw(),
         subuids: subuids(),
         space: space(),
+        launcher,
     }
 }
 

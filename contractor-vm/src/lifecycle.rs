@@ -353,6 +353,16 @@ fn session_emulator(conn: &Connect) -> Result<(PathBuf, PathBuf), VmError> {
     Ok((launcher, qemu))
 }
 
+/// Under `qemu:///session`, the launcher a VM's QEMU would be started through, or why there
+/// is none (what `check` reports); None under another URI, where libvirt starts QEMU.
+pub(crate) fn session_launcher(uri: &str) -> Option<Result<PathBuf, VmError>> {
+    is_session(uri).then(|| {
+        executable_launcher(
+            launcher_path().unwrap_or_else(|| PathBuf::from(crate::launcher::LAUNCHER_NAME)),
+        )
+    })
+}
+
 /// `path` if it is an executable file, else the error naming it.
 fn executable_launcher(path: PathBuf) -> Result<PathBuf, VmError> {
     let executable = std::fs::metadata(&path).is_ok_and(|m| {

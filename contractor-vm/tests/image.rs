@@ -51,6 +51,8 @@ struct Check {
     #[serde(default)]
     subuids: Option<serde_json::Value>,
     space: serde_json::Value,
+    #[serde(default)]
+    launcher: Option<Probe>,
 }
 
 fn run(data: &std::path::Path, args: &[&str]) -> Output {
@@ -185,6 +187,37 @@ fn check_reports_libvirt_kvm_and_the_agent() {
     assert_eq!(check.subuids.is_none(), nix::unistd::geteuid().is_root());
     assert_eq!(check.space["path"], data.path().to_str().expect("utf-8"));
     assert!(check.space["free_bytes"].as_u64().is_some_and(|b| b > 0));
+    // Not a session URI: libvirt starts QEMU, no launcher is asked for.
+    assert!(check.launcher.is_none());
+}
+
+#[test]
+fn check_under_a_session_uri_says_where_qemus_launcher_is_or_that_it_is_missing() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let check = |bin: &std::path::Path| -> Check {
+        let out = Command::new(env!("CARGO_BIN_EXE_contractor-vm"))
+            .args(["check", "--uri", "qemu:///session"])
+            .env("CONTRACTOR_DATA_DIR", data.path())
+            .env("CONTRACTOR_BIN", bin)
+            .output()
+            .expect("run contractor-vm");
+        assert!(out.status.success(), "{out:?}");
+        one_line(&out)
+    };
+    let launcher = std::path::Path::new(env!("CARGO_BIN_EXE_contractor-qemu"));
+    let found = check(launcher.parent().expect("bin dir"))
+        .launcher
+        .expect("a launcher probe under qemu:///session");
+    assert!(found.ok, "{found:?}");
+    assert_eq!(found.path.as_deref(), launcher.to_str());
+    let missing = check(data.path()).launcher.expect("a launcher probe");
+    assert!(!missing.ok && missing.path.is_none());
+    let said = missing.error.join(": ");
+    assert!(
+        said.contains(&format!("{}/contractor-qemu", data.path().display()))
+            && said.contains("is missing or not executable"),
+        "{said}"
+    );
 }
 
 /// Runs a program the test makes its disk with, failing the test with its stderr.

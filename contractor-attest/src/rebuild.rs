@@ -1,0 +1,383 @@
+//! `plan` and `compare`: what a rebuild (`contractor rebuild`) takes from a record's signed
+//! statement, and how the rebuild's artifacts and inputs compare with the original's.
+//!
+//! The invariant: a record's statement and artifacts are read here, in the confined tool,
+//! and the front end only gets typed facts back (the downloads to pin, the fields that
+//! differ, each artifact's verdict). The statement's signature is not checked by `plan`:
+//! `verify` does that. Artifacts are compared by the SHA-256 of the files in the two
+//! records' `artifacts/`; their contents are never parsed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use contractor_protocol::attest::{
+    read_statement, Compared, PlanRequest, StatedDownload, StatementError, Verdict, PROVENANCE_FILE,
+};
+use contractor_protocol::image::Manifest;
+use contractor_protocol::store::CACHE_UPLOAD_NAME;
+use serde_json::{json, Value};
+
+use crate::AttestError;
+
+/// What `plan` found, besides how the tool was confined.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// The downloads the statement lists, in its order.
+    pub downloads: Vec<StatedDownload>,
+    /// The fields in which the spec differs from the statement.
+    pub spec_differences: Vec<String>,
+    /// How the image on this host differs from the one stated.
+    pub image_differences: Vec<String>,
+    /// Why the statement's list of downloads is not complete.
+    pub incomplete_downloads: Vec<String>,
+    /// Why the rebuild may lack an input of the original.
+    pub cache_warning: Option<String>,
+}
+
+/// Reads the statement of `request.record` and weighs the spec and images given against it.
+pub fn plan(request: &PlanRequest) -> Result<Plan, AttestError> {
+    let path = request.record.join(PROVENANCE_FILE);
+    let statement = read_statement(&path).map_err(|e| match e {
+        StatementError::Read { path, source } => AttestError::NoStatement { path, source },
+        other => AttestError::Statement(other),
+    })?;
+    let recorded = recorded_image(&statement);
+    let current = recorded
+        .as_ref()
+        .and_then(|(name, _)| request.images.iter().find(|m| &m.name == name));
+    Ok(Plan {
+        downloads: stated_downloads(&statement),
+        spec_differences: spec_differences(&statement, request),
+        image_differences: image_differences(&statement, current),
+        incomplete_downloads: incomplete_downloads(&statement),
+        cache_warning: cache_warning(&statement, !request.cache_paths.is_empty()),
+    })
+}
+
+fn dependencies(statement: &Value) -> impl Iterator<Item = &Value> {
+    statement["predicate"]["buildDefinition"]["resolvedDependencies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+}
+
+/// The downloads the statement lists, with whether each was a complete `GET` answered 200.
+pub fn stated_downloads(statement: &Value) -> Vec<StatedDownload> {
+    dependencies(statement)
+        .filter(|dep| dep["annotations"]["kind"] == "download")
+        .filter_map(|dep| {
+            let notes = &dep["annotations"];
+            Some(StatedDownload {
+                url: dep["uri"].as_str()?.to_string(),
+                sha256: dep["digest"]["sha256"].as_str()?.to_string(),
+                size: notes["size"].as_u64().unwrap_or(0),
+                complete_get_200: notes["method"] == "GET"
+                    && notes["status"] == 200
+                    && notes["complete"] == true,
+            })
+        })
+        .collect()
+}
+
+/// Whether the statement says its list of downloads is not complete, and why.
+pub fn incomplete_downloads(statement: &Value) -> Vec<String> {
+    let downloads = &statement["predicate"]["buildDefinition"]["internalParameters"]["downloads"];
+    if downloads["complete"] == false {
+        downloads["incompleteBecause"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.as_str().map(String::from))
+            .collect()
+    } else {
+        Vec::new()
+    }
+}
+
+/// Why the rebuild may lack an input of the original: the build cache. A rebuild never
+/// restores one (it starts from the source alone); when the original restored one (its
+/// statement's `internalParameters.buildCache.restored`, or, for a statement that does not
+/// say, when the spec keeps a cache), what it took from there — downloads it then skipped —
+/// is in neither its record nor its statement, and is refused offline.
+pub fn cache_warning(statement: &Value, spec_keeps_cache: bool) -> Option<String> {
+    let cache = &statement["predicate"]["buildDefinition"]["internalParameters"]["buildCache"];
+    let says = match cache["restored"].as_bool() {
+        Some(false) => return None,
+        Some(true) => "restored the build cache of an earlier build",
+        None if !spec_keeps_cache => return None,
+        None => {
+            "may have restored the build cache of an earlier build (its statement does not say)"
+        }
+    };
+    Some(format!(
+        "the original {says} ([cache] paths); a rebuild runs without it, so what the original took from there (downloads it skipped) is not in its record, and is refused offline"
+    ))
+}
+
+/// The image the statement names: its name and the SHA-256 of its disk, when known.
+pub fn recorded_image(statement: &Value) -> Option<(String, Option<String>)> {
+    let dep = dependencies(statement).find(|d| d["name"] == "image")?;
+    let name = dep["uri"].as_str()?.strip_prefix("contractor-image:")?;
+    let sha256 = dep["digest"]["sha256"].as_str().map(String::from);
+    Some((name.to_string(), sha256))
+}
+
+/// The digest of the dependency `name` (`image`, `guest-agent`) in the statement.
+fn digest_of(statement: &Value, name: &str) -> Option<String> {
+    dependencies(statement)
+        .find(|d| d["name"] == name)
+        .and_then(|d| d["digest"]["sha256"].as_str().map(String::from))
+}
+
+/// The fields in which the spec now says something else than the statement: its
+/// `externalParameters` (but `lockedDownloads`: a rebuild pins what the record lists) and
+/// the VM's shape.
+pub fn spec_differences(statement: &Value, now: &PlanRequest) -> Vec<String> {
+    let definition = &statement["predicate"]["buildDefinition"];
+    let recorded = &definition["externalParameters"];
+    let mut fields = Vec::new();
+    if let Some(map) = now.external_parameters.as_object() {
+        for (key, value) in map {
+            if key != "lockedDownloads" && &recorded[key] != value {
+                fields.push(format!("externalParameters.{key}"));
+            }
+        }
+    }
+    let vm = &definition["internalParameters"]["vm"];
+    let shape = [
+        ("cpus", json!(now.cpus)),
+        ("memoryMib", json!(now.memory_mib)),
+        ("diskGib", json!(now.disk_gib)),
+    ];
+    for (key, value) in shape {
+        if vm[key] != value {
+            fields.push(format!("vm.{key}"));
+        }
+    }
+    fields
+}
+
+/// How the image on this host differs from the one the statement names; empty when it
+/// is the same (or the statement does not know the image's digest: a `--host` build's).
+pub fn image_differences(statement: &Value, current: Option<&Manifest>) -> Vec<String> {
+    let Some((name, Some(recorded))) = recorded_image(statement) else {
+        return Vec::new();
+    };
+    match current {
+        None => vec![format!(
+            "the image {name} that build was made with (disk sha256 {recorded}) is gone from this host"
+        )],
+        Some(manifest) if manifest.disk_sha256 != recorded => vec![format!(
+            "the image {name} has changed since: its disk's sha256 was {recorded}, it is {} now (built {})",
+            manifest.disk_sha256,
+            contractor_protocol::clock::format_utc(manifest.created)
+        )],
+        Some(_) => Vec::new(),
+    }
+}
+
+/// The inputs of the rebuild (its statement) that differ from the original's: the image
+/// and the guest agent, by digest.
+pub fn input_differences(original: &Value, rebuild: &Value) -> Vec<String> {
+    let mut found = Vec::new();
+    for name in ["image", "guest-agent"] {
+        let (before, after) = (digest_of(original, name), digest_of(rebuild, name));
+        if before != after {
+            found.push(format!(
+                "{name}: sha256 {} in the original, {} in the rebuild",
+                before.as_deref().unwrap_or("unknown"),
+                after.as_deref().unwrap_or("unknown")
+            ));
+        }
+    }
+    found
+}
+
+/// Compares two records' artifacts (path → SHA-256), by path, sorted. The build cache's
+/// upload is not an artifact.
+pub fn compare(
+    original: &BTreeMap<String, String>,
+    rebuild: &BTreeMap<String, String>,
+) -> Vec<Compared> {
+    let paths: BTreeSet<&String> = original
+        .keys()
+        .chain(rebuild.keys())
+        .filter(|p| p.as_str() != CACHE_UPLOAD_NAME)
+        .collect();
+    paths
+        .into_iter()
+        .map(|path| {
+            let (a, b) = (original.get(path), rebuild.get(path));
+            let verdict = match (a, b) {
+                (Some(a), Some(b)) if a == b => Verdict::Identical,
+                (Some(_), Some(_)) => Verdict::Different,
+                (Some(_), None) => Verdict::MissingInRebuild,
+                _ => Verdict::MissingInOriginal,
+            };
+            Compared {
+                path: path.clone(),
+                verdict,
+                original: a.cloned(),
+                rebuild: b.cloned(),
+            }
+        })
+        .collect()
+}
+
+/// Whether every artifact is identical (true for none).
+pub fn all_identical(rows: &[Compared]) -> bool {
+    rows.iter().all(|r| r.verdict == Verdict::Identical)
+}
+
+/// The comparison of the records `original` (of build `original_id`) and `rebuild`: each
+/// artifact, and the inputs that differ (`known` first, then the statements' digests; a
+/// statement that cannot be read adds none).
+pub fn comparison(
+    original: &Path,
+    rebuild: &Path,
+    known: &[String],
+) -> Result<(Vec<Compared>, Vec<String>), AttestError> {
+    let before = crate::digest::hash_artifacts(&original.join("artifacts"))?;
+    let after = crate::digest::hash_artifacts(&rebuild.join("artifacts"))?;
+    let mut inputs_differ = known.to_vec();
+    let statements = (
+        read_statement(&original.join(PROVENANCE_FILE)),
+        read_statement(&rebuild.join(PROVENANCE_FILE)),
+    );
+    if let (Ok(before), Ok(after)) = statements {
+        for found in input_differences(&before, &after) {
+            if !inputs_differ.contains(&found) {
+                inputs_differ.push(found);
+            }
+        }
+    }
+    Ok((compare(&before, &after), inputs_differ))
+}
+
+/// `rebuild.json` of a rebuild's record.
+pub fn record_json(original_id: &str, rows: &[Compared], inputs_differ: &[String]) -> Value {
+    json!({
+        "version": 1,
+        "rebuildOf": original_id,
+        "identical": all_identical(rows),
+        "inputsDiffer": inputs_differ,
+        "artifacts": rows,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use contractor_protocol::attest::{PREDICATE_TYPE, STATEMENT_TYPE};
+
+    const A: &str = "3bd1574e617a9a6c1f8f8181bd7e841e1f20e4277607ef28945765188d6284d4";
+    const B: &str = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+
+    fn download(url: &str, sha: &str, method: &str, status: u16, complete: bool) -> Value {
+        json!({"uri": url, "digest": {"sha256": sha}, "annotations": {
+            "kind": "download", "method": method, "status": status, "size": 3, "complete": complete}})
+    }
+
+    fn statement(deps: Vec<Value>) -> Value {
+        json!({"_type": STATEMENT_TYPE, "predicateType": PREDICATE_TYPE,
+            "predicate": {"buildDefinition": {"resolvedDependencies": deps}}})
+    }
+
+    #[test]
+    fn the_stated_downloads_are_the_download_dependencies_with_whether_servable() {
+        let st = statement(vec![
+            json!({"name": "source", "uri": "source.tar", "digest": {"sha256": A}}),
+            download("https://z.test/last", A, "GET", 200, true),
+            download("https://a.test/head", A, "HEAD", 200, true),
+            download("https://a.test/missing", A, "GET", 404, true),
+            download("https://a.test/cut", A, "GET", 200, false),
+        ]);
+        let stated = stated_downloads(&st);
+        let said: Vec<(&str, bool)> = stated
+            .iter()
+            .map(|d| (d.url.as_str(), d.complete_get_200))
+            .collect();
+        assert_eq!(
+            said,
+            [
+                ("https://z.test/last", true),
+                ("https://a.test/head", false),
+                ("https://a.test/missing", false),
+                ("https://a.test/cut", false),
+            ]
+        );
+        assert_eq!(stated[0].size, 3);
+        assert!(stated_downloads(&statement(vec![])).is_empty());
+    }
+
+    #[test]
+    fn artifacts_compare_by_path_and_sha256_and_only_all_identical_passes() {
+        let map = |items: &[(&str, &str)]| -> BTreeMap<String, String> {
+            items
+                .iter()
+                .map(|(p, s)| (p.to_string(), s.to_string()))
+                .collect()
+        };
+        let original = map(&[
+            ("hello", A),
+            ("stamp", A),
+            ("gone", A),
+            (CACHE_UPLOAD_NAME, A),
+        ]);
+        let rebuild = map(&[("hello", A), ("stamp", B), ("new", B)]);
+        let rows = compare(&original, &rebuild);
+        let verdicts: Vec<(&str, Verdict)> =
+            rows.iter().map(|r| (r.path.as_str(), r.verdict)).collect();
+        assert_eq!(
+            verdicts,
+            [
+                ("gone", Verdict::MissingInRebuild),
+                ("hello", Verdict::Identical),
+                ("new", Verdict::MissingInOriginal),
+                ("stamp", Verdict::Different),
+            ]
+        );
+        assert!(!all_identical(&rows));
+        assert_eq!(rows[3].original.as_deref(), Some(A));
+        assert_eq!(rows[3].rebuild.as_deref(), Some(B));
+
+        let same = compare(&map(&[("hello", A)]), &map(&[("hello", A)]));
+        assert!(all_identical(&same));
+        let json = record_json("b1", &same, &[]);
+        assert_eq!(json["rebuildOf"], "b1");
+        assert_eq!(json["identical"], true);
+        assert_eq!(json["artifacts"][0]["verdict"], "identical");
+    }
+
+    #[test]
+    fn a_restored_build_cache_is_an_input_the_rebuild_warns_of() {
+        let with = |restored: Value| {
+            json!({"predicate": {"buildDefinition": {"internalParameters": {
+                "buildCache": {"paths": ["/build/x"], "restored": restored}}}}})
+        };
+        assert!(cache_warning(&with(json!(false)), true).is_none());
+        let said = cache_warning(&with(json!(true)), false).expect("restored");
+        assert!(said.contains("restored the build cache"), "{said}");
+        // A statement that does not say: the spec decides whether to warn.
+        let silent = statement(vec![]);
+        assert!(cache_warning(&silent, false).is_none());
+        let said = cache_warning(&silent, true).expect("may have");
+        assert!(said.contains("may have restored"), "{said}");
+    }
+
+    #[test]
+    fn the_images_and_agents_digests_are_the_inputs_compared() {
+        let image = |sha: &str| json!({"name": "image", "uri": "contractor-image:debian-12-build", "digest": {"sha256": sha}});
+        let agent = |sha: &str| json!({"name": "guest-agent", "uri": "contractor-agent:0.1.0", "digest": {"sha256": sha}});
+        let one = statement(vec![image(A), agent(A)]);
+        assert!(input_differences(&one, &one).is_empty());
+        let other = statement(vec![image(B), agent(A)]);
+        let found = input_differences(&one, &other);
+        assert_eq!(found.len(), 1);
+        assert!(found[0].starts_with("image: sha256 ") && found[0].contains(B));
+        assert_eq!(
+            recorded_image(&one),
+            Some(("debian-12-build".to_string(), Some(A.to_string())))
+        );
+    }
+}

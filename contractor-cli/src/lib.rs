@@ -3,7 +3,7 @@
 
 #![warn(missing_docs)]
 
-pub mod allow;
+pub use contractor_spec::allow;
 pub mod app;
 pub mod build;
 pub mod cache;
@@ -13,7 +13,7 @@ pub mod doctor;
 pub mod downloads;
 pub mod fleet;
 pub mod image;
-pub mod init;
+pub use contractor_spec::init;
 pub use contractor_spec::lock;
 pub mod overrides;
 pub mod paths;

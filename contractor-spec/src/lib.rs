@@ -1,11 +1,15 @@
 //! A project's contract with Contractor: its `contractor.toml` (what to build, in which
 //! image, with which hosts, under which limits) and its `contractor.lock` (the downloads a
 //! build may take, each pinned by SHA-256), read and checked in one place for every tool
-//! that needs them: the front end, the build host's side of `contractor build --host`, and
-//! the GitLab executor. Reading never follows a link and is bounded; an error names the
-//! file, the field and what is accepted.
+//! that needs them (the front end, and the build host's side of `contractor build --host`),
+//! and written: the first spec of a project (`contractor init`), hosts added to its allow
+//! list with its comments and layout kept (`contractor allow`), the lock (`contractor pin`).
+//! Reading never follows a link and is bounded; an error names the file, the field and
+//! what is accepted.
 
 #![warn(missing_docs)]
 
+pub mod allow;
+pub mod init;
 pub mod lock;
 pub mod spec;

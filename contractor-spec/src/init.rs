@@ -723,7 +723,7 @@ Depends: libc6
         std::fs::write(dir.path().join("Makefile"), "all:\n").expect("makefile");
         let (path, kind) = write(dir.path()).expect("init");
         assert_eq!(kind, ProjectKind::Make);
-        let spec = crate::spec::load(&path).expect("written spec loads");
+        let spec = crate::spec::load_with_images(&path, &[]).expect("written spec loads");
         assert_eq!(spec.script, "make\nmake check\n");
         std::fs::write(&path, "# mine\n").expect("edit");
         let err = write(dir.path()).expect_err("exists");

@@ -70,11 +70,15 @@ mod seal;
 /// The layout version of a snapshot; part of its key. 2: its files are sealed
 /// (`snapshot.json`'s `files`, see [`seal`]).
 pub const SNAPSHOT_LAYOUT: u32 = 2;
-/// The most snapshots (and so VMs at once) of one image and shape: 4.
-pub const SLOTS_PER_KEY: usize = 4;
-/// The most snapshots an image keeps, of all shapes: 8 (each is about the guest's used
-/// memory plus its root's changes, some 150-200 MiB for the Debian images).
-pub const MAX_SNAPSHOTS: usize = 8;
+/// The most snapshots (and so restored VMs at once) of one image and shape: 16. A slot is
+/// made only when a build finds every made one in use (that build boots cold and saves
+/// it), so a shape has as many as the most builds of it that ran at once; a build past
+/// the 16th boots cold without saving.
+pub const SLOTS_PER_KEY: usize = 16;
+/// The most snapshots an image keeps, of all shapes: 24 (each is about the guest's used
+/// memory plus its root's changes, some 150-200 MiB for the Debian images: at most
+/// 3.6-4.8 GiB an image, reached only by that many builds at once).
+pub const MAX_SNAPSHOTS: usize = 24;
 /// How long a claim waits for a slot whose VM is being destroyed before it takes a slot
 /// without a snapshot (which costs a cold boot and a save): 10 s.
 const RELEASING_WAIT: Duration = Duration::from_secs(10);
@@ -981,6 +985,18 @@ mod tests {
         assert!(err.contains("root.qcow2 changed"), "{err}");
         std::fs::write(again.dir.join(RECORD_FILE), b"{").expect("write");
         assert!(read_record(&again.dir).is_err(), "unparsable is unreadable");
+    }
+
+    #[test]
+    fn eight_builds_at_once_each_get_a_slot_of_their_own() {
+        let conn = crate::lifecycle::connect("test:///default").expect("test driver");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let held: Vec<Slot> = (0..8)
+            .map(|n| claim(&conn, dir.path(), &key()).unwrap_or_else(|| panic!("slot {n}")))
+            .collect();
+        let names: std::collections::BTreeSet<&str> =
+            held.iter().map(|slot| slot.name.as_str()).collect();
+        assert_eq!(names.len(), 8, "{names:?}");
     }
 
     #[test]

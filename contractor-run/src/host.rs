@@ -21,7 +21,7 @@ use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::control::{read_line, Line, CONTROL_LINE_MAX};
+use crate::control::{Line, LineReader, CONTROL_LINE_MAX};
 use crate::text::Utf8Chunker;
 use crate::tunnel::{self, Side, TunnelStream};
 
@@ -419,7 +419,10 @@ pub fn error_info(code: &str, err: &(dyn std::error::Error + 'static)) -> ErrorI
     ErrorInfo::from_error(code, err)
 }
 
-type ControlLines = BufReader<tokio::net::unix::OwnedReadHalf>;
+/// The control channel's reading half. Cancel-safe ([`LineReader`]): the hello repeat's
+/// timer and the other branches of [`Session::follow`]'s select drop reads that may be
+/// in the middle of a line.
+type ControlLines = LineReader<BufReader<tokio::net::unix::OwnedReadHalf>>;
 
 impl RunError {
     /// The code of the `finished` event's error.
@@ -511,10 +514,11 @@ async fn connect(
     });
 
     let (read_half, mut control_out) = control.into_split();
-    let mut lines = BufReader::new(read_half);
+    let mut lines = LineReader::new(BufReader::new(read_half));
     // The host speaks first (a restored VM has nothing to say until asked), and repeats
     // itself until the agent answers: a line written before the guest opened its port
-    // may never reach it.
+    // may never reach it. A repeat does not lose an answer being read: `lines` keeps what
+    // the dropped read had of it.
     let hello = HostMessage::Hello {
         version: PROTOCOL_VERSION,
     };
@@ -844,10 +848,11 @@ async fn ping<W: AsyncWrite + Unpin>(
 
 /// The agent's next message; lines are read within [`CONTROL_LINE_MAX`].
 async fn next_message<R: AsyncBufRead + Unpin>(
-    lines: &mut R,
+    lines: &mut LineReader<R>,
 ) -> Result<Option<(GuestMessage, usize)>, RunError> {
     loop {
-        let line = match read_line(lines, CONTROL_LINE_MAX)
+        let line = match lines
+            .next(CONTROL_LINE_MAX)
             .await
             .map_err(RunError::Control)?
         {
@@ -1097,7 +1102,7 @@ mod tests {
                 }
             }
         });
-        let mut reader = BufReader::new(host);
+        let mut reader = LineReader::new(BufReader::new(host));
         let err = next_message(&mut reader).await.expect_err("too long");
         assert_eq!(err.code(), "control_line_too_long");
         assert!(err.to_string().contains("1048576 bytes"), "{err}");
@@ -1134,7 +1139,7 @@ mod tests {
         };
         let session = Session {
             network: Network::default(),
-            lines: BufReader::new(read_half),
+            lines: LineReader::new(BufReader::new(read_half)),
             budget: Arc::new(Budget::new(max_log)),
             control_out: Some(control_out),
             log_done,
@@ -1204,7 +1209,7 @@ mod tests {
         let (_tunnel_alive, tunnel_end) = oneshot::channel();
         let session = Session {
             network: Network::default(),
-            lines: BufReader::new(read_half),
+            lines: LineReader::new(BufReader::new(read_half)),
             budget: Arc::new(Budget::new(None)),
             control_out: Some(control_out),
             log_done,
@@ -1265,6 +1270,56 @@ mod tests {
         assert_eq!(error.code, "bad_message");
         let bytes: usize = error.chain.iter().map(String::len).sum();
         assert!(bytes < 17 * 4200, "{bytes} bytes in finished");
+    }
+
+    #[tokio::test]
+    async fn a_hello_answer_cut_by_the_repeat_still_arrives_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let control = dir.path().join("control");
+        let tunnel_socket = dir.path().join("tunnel");
+        let control_listener = tokio::net::UnixListener::bind(&control).expect("control");
+        let tunnel_listener = tokio::net::UnixListener::bind(&tunnel_socket).expect("tunnel");
+        // The agent sends the first part of its answer to the first hello, and the rest
+        // only once the host has said hello again: the host's read of the answer is
+        // under way when the repeat comes.
+        let guest = tokio::spawn(async move {
+            let (control, _) = control_listener.accept().await.expect("accept control");
+            let (tunnel, _) = tunnel_listener.accept().await.expect("accept tunnel");
+            let (read_half, mut write_half) = control.into_split();
+            let mut from_host = BufReader::new(read_half);
+            let mut hellos = 0;
+            let mut line = String::new();
+            for part in [
+                &br#"{"type":"hello","vers"#[..],
+                br#"ion":1,"agent_version":"0"}"#,
+            ] {
+                line.clear();
+                tokio::io::AsyncBufReadExt::read_line(&mut from_host, &mut line)
+                    .await
+                    .expect("read");
+                assert!(line.contains(r#""type":"hello""#), "{line}");
+                hellos += 1;
+                write_half.write_all(part).await.expect("write");
+            }
+            write_half.write_all(b"\n").await.expect("write");
+            (hellos, from_host, write_half, tunnel)
+        });
+        let mut request = request();
+        request.control_socket = control;
+        request.tunnel_socket = tunnel_socket;
+        request.log = dir.path().join("build.log");
+        let links = open_links(&request).links.expect("links");
+        let (events, mut received) = event_channel();
+        let session = connect(links, &request, &events).await;
+        let (hellos, ..) = guest.await.expect("guest");
+        assert_eq!(hellos, 2, "the host repeated its hello once");
+        assert!(session.is_ok(), "the answer was read whole");
+        drop(events);
+        let ready = received.recv().await.expect("an event");
+        assert!(
+            matches!(ready, RunEvent::AgentReady { ref agent_version } if agent_version == "0"),
+            "{ready:?}"
+        );
     }
 
     #[tokio::test]
@@ -1354,7 +1409,7 @@ mod tests {
         let network = Network::default();
         let session = Session {
             network: network.clone(),
-            lines: BufReader::new(read_half),
+            lines: LineReader::new(BufReader::new(read_half)),
             budget: Arc::new(Budget::new(None)),
             control_out: Some(control_out),
             log_done,

@@ -31,68 +31,7 @@ enum Command {
 contractor build --json | jq -c 'select(.type == \"finished\") | .result.outcome'\n\n\
 Exit codes: 0 the build succeeded, 1 it failed (script or timeout), 2 bad input\n\
 (contractor.toml), 3 infrastructure failure (libvirt, VM, agent), 130 interrupted.")]
-    Build {
-        /// The spec file.
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
-        /// libvirt connection URI (default: qemu:///system as root, qemu:///session otherwise;
-        /// or $CONTRACTOR_LIBVIRT_URI).
-        #[arg(long)]
-        uri: Option<String>,
-        /// Accelerator: auto uses KVM when the CPU has vmx/svm, TCG otherwise.
-        #[arg(long, value_enum, default_value = "auto")]
-        accel: AccelArg,
-        /// Show nothing while the build runs, and the summary only if it does not succeed.
-        #[arg(short, long, conflicts_with = "json")]
-        quiet: bool,
-        /// Print the build's events as JSON Lines on stdout instead (docs/protocol.md); the
-        /// last is `finished` with the build's result.json. Errors before the build are one
-        /// JSON error object.
-        #[arg(long)]
-        json: bool,
-        /// Keep the VM when the build fails, for `contractor shell ID`.
-        #[arg(long)]
-        keep: bool,
-        /// Boot the VM cold instead of restoring the saved, booted builder of this image
-        /// and shape (a build with --keep always boots cold).
-        #[arg(long)]
-        cold: bool,
-        /// Use no network: the proxy serves the URLs contractor.lock pins from the download
-        /// cache and refuses everything else (needs contractor.lock; `contractor pin`).
-        #[arg(long)]
-        offline: bool,
-        /// Run the VM on this build host over SSH ([ssh://][user@]host[:port]; the system's
-        /// ssh, with your keys and known_hosts), instead of the hosts named in
-        /// ~/.config/contractor/config.toml. The record lands here as for a local build.
-        #[arg(long = "host", value_name = "HOST", conflicts_with = "local")]
-        hosts: Vec<String>,
-        /// Build on this machine even when the configuration names build hosts.
-        #[arg(long)]
-        local: bool,
-        /// Run the script in FILE (`-`: stdin; at most 3 MiB) instead of `[build] script`;
-        /// contractor.toml may then be missing (the defaults apply).
-        #[arg(long, value_name = "FILE", conflicts_with = "hosts")]
-        script_file: Option<PathBuf>,
-        /// Also allow RULE, as in `[network] allow` (repeat for more).
-        #[arg(long = "allow", value_name = "RULE", conflicts_with = "hosts")]
-        allow: Vec<String>,
-        /// The build's timeout instead of `[build] timeout` (90s, 10m, 1h).
-        #[arg(long, value_name = "DURATION", conflicts_with = "hosts")]
-        timeout: Option<String>,
-        /// Collect no artifacts (`[build] artifacts` is ignored).
-        #[arg(long, conflicts_with = "hosts")]
-        no_artifacts: bool,
-        /// The build's id, chosen by the front end that hosts it here (contractor-host).
-        #[arg(long, hide = true, requires = "packed_source", value_parser = parse_build_id)]
-        id: Option<String>,
-        /// The source as the front end that hosts the build here packed it (contractor-host):
-        /// a tar on this file system, taken instead of packing the project directory.
-        #[arg(long, hide = true, requires_all = ["id", "source_entries", "local"])]
-        packed_source: Option<PathBuf>,
-        /// With --packed-source, its entries as its packer counted them.
-        #[arg(long, hide = true, requires = "packed_source")]
-        source_entries: Option<u64>,
-    },
+    Build(Box<BuildArgs>),
     /// Open a shell in a kept VM (`build --keep`), in the build's working directory with its
     /// environment; without an id, in a fresh VM with the source. Exiting destroys the VM.
     #[command(
@@ -285,6 +224,72 @@ changed, the recorded image gone or changed without --any-image), 3 infrastructu
     },
 }
 
+/// `contractor build`'s flags, as given; [`build_command`] turns them into one checked
+/// [`BuildOptions`] and the display mode.
+#[derive(clap::Args)]
+struct BuildArgs {
+    /// The spec file.
+    #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
+    file: PathBuf,
+    /// libvirt connection URI (default: qemu:///system as root, qemu:///session otherwise;
+    /// or $CONTRACTOR_LIBVIRT_URI).
+    #[arg(long)]
+    uri: Option<String>,
+    /// Accelerator: auto uses KVM when the CPU has vmx/svm, TCG otherwise.
+    #[arg(long, value_enum, default_value = "auto")]
+    accel: AccelArg,
+    /// Show nothing while the build runs, and the summary only if it does not succeed.
+    #[arg(short, long, conflicts_with = "json")]
+    quiet: bool,
+    /// Print the build's events as JSON Lines on stdout instead (docs/protocol.md); the
+    /// last is `finished` with the build's result.json. Errors before the build are one
+    /// JSON error object.
+    #[arg(long)]
+    json: bool,
+    /// Keep the VM when the build fails, for `contractor shell ID`.
+    #[arg(long)]
+    keep: bool,
+    /// Boot the VM cold instead of restoring the saved, booted builder of this image
+    /// and shape (a build with --keep always boots cold).
+    #[arg(long)]
+    cold: bool,
+    /// Use no network: the proxy serves the URLs contractor.lock pins from the download
+    /// cache and refuses everything else (needs contractor.lock; `contractor pin`).
+    #[arg(long)]
+    offline: bool,
+    /// Run the VM on this build host over SSH ([ssh://][user@]host[:port]; the system's
+    /// ssh, with your keys and known_hosts), instead of the hosts named in
+    /// ~/.config/contractor/config.toml. The record lands here as for a local build.
+    #[arg(long = "host", value_name = "HOST", conflicts_with = "local")]
+    hosts: Vec<String>,
+    /// Build on this machine even when the configuration names build hosts.
+    #[arg(long)]
+    local: bool,
+    /// Run the script in FILE (`-`: stdin; at most 3 MiB) instead of `[build] script`;
+    /// contractor.toml may then be missing (the defaults apply).
+    #[arg(long, value_name = "FILE", conflicts_with = "hosts")]
+    script_file: Option<PathBuf>,
+    /// Also allow RULE, as in `[network] allow` (repeat for more).
+    #[arg(long = "allow", value_name = "RULE", conflicts_with = "hosts")]
+    allow: Vec<String>,
+    /// The build's timeout instead of `[build] timeout` (90s, 10m, 1h).
+    #[arg(long, value_name = "DURATION", conflicts_with = "hosts")]
+    timeout: Option<String>,
+    /// Collect no artifacts (`[build] artifacts` is ignored).
+    #[arg(long, conflicts_with = "hosts")]
+    no_artifacts: bool,
+    /// The build's id, chosen by the front end that hosts it here (contractor-host).
+    #[arg(long, hide = true, requires = "packed_source", value_parser = parse_build_id)]
+    id: Option<String>,
+    /// The source as the front end that hosts the build here packed it (contractor-host):
+    /// a tar on this file system, taken instead of packing the project directory.
+    #[arg(long, hide = true, requires_all = ["id", "source_entries", "local"])]
+    packed_source: Option<PathBuf>,
+    /// With --packed-source, its entries as its packer counted them.
+    #[arg(long, hide = true, requires = "packed_source")]
+    source_entries: Option<u64>,
+}
+
 #[derive(Subcommand)]
 enum CacheCommand {
     /// List the project's caches: size, the build that saved it, the paths it holds.
@@ -381,52 +386,7 @@ impl From<AccelArg> for Accel {
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Build {
-            file,
-            uri,
-            accel,
-            quiet,
-            json,
-            keep,
-            cold,
-            offline,
-            hosts,
-            local,
-            script_file,
-            allow,
-            timeout,
-            no_artifacts,
-            id,
-            packed_source,
-            source_entries,
-        } => {
-            let overrides = crate::overrides::Overrides {
-                script_file,
-                allow,
-                timeout,
-                no_artifacts,
-            };
-            let mode = match (quiet, json) {
-                (_, true) => Mode::Json,
-                (true, false) => Mode::Quiet,
-                (false, false) => Mode::Auto,
-            };
-            let options = BuildOptions {
-                id,
-                packed: packed_source.map(|tar| crate::build::PackedSource {
-                    tar,
-                    entries: source_entries.unwrap_or_default(),
-                }),
-                ..BuildOptions::new(
-                    uri,
-                    accel.into(),
-                    keep.then_some(Keep::OnFailure),
-                    !cold,
-                    offline,
-                )
-            };
-            run_build(&file, options, mode, (&hosts, local), &overrides).into()
-        }
+        Command::Build(args) => build_command(*args),
         Command::Shell { id, file, uri } => shell(&file, id.as_deref(), uri).into(),
         Command::Builds { file } => report(list_builds(&file)),
         Command::Doctor { uri, host } => match host.as_deref().map(BuildHost::parse).transpose() {
@@ -633,6 +593,43 @@ fn list_hosts(given: &[String], file: &Path) -> ExitCode {
         true => ExitCode::Success,
         false => ExitCode::Infrastructure,
     }
+}
+
+/// `contractor build`: its flags made into the build's options, then [`run_build`].
+fn build_command(args: BuildArgs) -> std::process::ExitCode {
+    let overrides = crate::overrides::Overrides {
+        script_file: args.script_file,
+        allow: args.allow,
+        timeout: args.timeout,
+        no_artifacts: args.no_artifacts,
+    };
+    let mode = match (args.quiet, args.json) {
+        (_, true) => Mode::Json,
+        (true, false) => Mode::Quiet,
+        (false, false) => Mode::Auto,
+    };
+    let options = BuildOptions {
+        id: args.id,
+        packed: args.packed_source.map(|tar| crate::build::PackedSource {
+            tar,
+            entries: args.source_entries.unwrap_or_default(),
+        }),
+        ..BuildOptions::new(
+            args.uri,
+            args.accel.into(),
+            args.keep.then_some(Keep::OnFailure),
+            !args.cold,
+            args.offline,
+        )
+    };
+    run_build(
+        &args.file,
+        options,
+        mode,
+        (&args.hosts, args.local),
+        &overrides,
+    )
+    .into()
 }
 
 /// `--id`'s value: a build id as the front end makes them.

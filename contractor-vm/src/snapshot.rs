@@ -738,6 +738,35 @@ fn wait_for_agent(socket: &Path, wait: Duration) -> Result<(), String> {
     }
 }
 
+/// The backing chain of the slot's `root` (it and what it stands on, the image's disk), as
+/// the domain names it, and its size. Read from the headers, not with `qemu-img` (see
+/// `crate::overlay::qcow2`): no process starts on the way to the VM.
+fn chain_of(root: &Path) -> Result<(Vec<Layer>, u64), VmError> {
+    let layers = sized_chain(root, "qcow2")?;
+    let size = layers.first().map_or(0, |l| l.size);
+    let chain = layers
+        .into_iter()
+        .map(|l| Layer {
+            path: l.path,
+            format: l.format,
+        })
+        .collect();
+    Ok((chain, size))
+}
+
+/// A new overlay at `path` on the slot's build disk `disk` (raw), written directly, without
+/// flushes.
+fn build_overlay_on(disk: &Path, path: &Path) -> Result<PathBuf, crate::overlay::OverlayError> {
+    let size = std::fs::metadata(disk)
+        .map_err(|source| crate::overlay::OverlayError::Read {
+            path: disk.to_path_buf(),
+            source,
+        })?
+        .len();
+    create_overlay_on(disk, "raw", size, path)?;
+    Ok(path.to_path_buf())
+}
+
 /// Restores the slot's snapshot as this build's VM.
 fn restore(
     conn: &Connect,
@@ -758,17 +787,7 @@ fn restore(
     let disk = slot.dir.join(DISK_FILE);
     // The slot's root and what it stands on (the image's disk), and its build disk: read
     // only, never relabelled.
-    // Read from the headers and written directly, not with `qemu-img` (see
-    // `crate::overlay::qcow2`): no process starts and no flushes on the way to the VM.
-    let root_layers = sized_chain(&root, "qcow2")?;
-    let root_size = root_layers.first().map_or(0, |l| l.size);
-    let root_chain: Vec<Layer> = root_layers
-        .into_iter()
-        .map(|l| Layer {
-            path: l.path,
-            format: l.format,
-        })
-        .collect();
+    let (root_chain, root_size) = chain_of(&root)?;
     let disk_chain = [Layer {
         path: disk.clone(),
         format: "raw".to_string(),
@@ -781,20 +800,13 @@ fn restore(
     }
     let spec = &spec;
     let build = match spec.disk_gib {
-        Some(_) => {
-            let path = build_overlay_path(&spec.work_dir, name);
-            let made = std::fs::metadata(&disk)
-                .map_err(|source| crate::overlay::OverlayError::Read {
-                    path: disk.clone(),
-                    source,
-                })
-                .and_then(|m| create_overlay_on(&disk, "raw", m.len(), &path));
-            if let Err(err) = made {
+        Some(_) => match build_overlay_on(&disk, &build_overlay_path(&spec.work_dir, name)) {
+            Ok(path) => Some(path),
+            Err(err) => {
                 let _ = delete_overlay(&overlay, name);
                 return Err(err.into());
             }
-            Some(path)
-        }
+        },
         None => None,
     };
     let plan = Plan {

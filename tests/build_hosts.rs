@@ -871,10 +871,14 @@ fn builds_share_one_connection_and_a_full_host_makes_the_next_wait_in_line() {
         .lines()
         .find(|l| l.starts_with(&host.name()))
         .unwrap_or_else(|| panic!("the host is not listed:\n{said}"));
-    assert!(
-        line.contains(" room ") && line.contains(" running 1 "),
-        "{line}"
-    );
+    // At least this test's build: the other tests of this file run at the same time as
+    // the same build host user, and their VMs count too.
+    let running: u32 = line
+        .split_once(" running ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no running count in {line:?}"));
+    assert!(line.contains(" room ") && running >= 1, "{line}");
     let cpus: u32 = line
         .rsplit_once(" CPUs)")
         .and_then(|(head, _)| head.rsplit_once(' '))

@@ -77,13 +77,7 @@ pub fn checked_store_dir(project_dir: &Path) -> Result<PathBuf, StoreDirError> {
 
 /// Creates `dir` and its parents with mode 0755, so that libvirt's QEMU user can reach
 /// what is inside when it runs as another user.
-pub fn create_dir_world_readable(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(dir)
-}
+pub use contractor_protocol::file::create_dir_world_readable;
 
 /// The key of the project directory `dir` on build hosts: the same for every build of it
 /// from this machine, so that its build cache there is reused.

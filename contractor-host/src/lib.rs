@@ -251,7 +251,7 @@ fn prepare(
     let data =
         contractor_protocol::image::data_dir().map_err(|e| Refusal::host(vec![e.to_string()]))?;
     let dir = data.join("hosted").join(&request.project);
-    create_project_dir(&dir)
+    contractor_protocol::file::create_dir_world_readable(&dir)
         .map_err(|e| Refusal::host(vec![format!("cannot create {}: {e}", dir.display())]))?;
     // The source must fit on the build disk it is unpacked on.
     let disk_gib = disk_gib(&dir.join(SPEC_FILE), &request.spec)?;
@@ -265,17 +265,6 @@ fn prepare(
     let tar = dir.join(format!(".incoming-{}.tar", request.id));
     take_source(input, out, &request, &dir, &tar)?;
     Ok(Prepared { request, dir, tar })
-}
-
-/// Makes the project's directory (and `hosted/` above it), readable by all as the data
-/// directory's other parts are (libvirt's QEMU reads below it).
-fn create_project_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir)?;
-    for made in [dir, dir.parent().unwrap_or(dir)] {
-        std::fs::set_permissions(made, std::fs::Permissions::from_mode(0o755))?;
-    }
-    Ok(())
 }
 
 /// Writes the request's spec and lock (or removes a lock the project no longer has) where

@@ -86,6 +86,16 @@ pub fn kind_name(kind: std::fs::FileType) -> &'static str {
     }
 }
 
+/// Creates `dir` and its parents with mode 0755 (less the umask), so that libvirt's QEMU
+/// user can reach what is inside when it runs as another user.
+pub fn create_dir_world_readable(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

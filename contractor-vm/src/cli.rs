@@ -628,49 +628,31 @@ pub fn image_command(command: ImageCommand) -> Result<ImageResult, ImageError> {
 /// The most of `/proc/cpuinfo` read (its flags lines repeat per CPU; the first suffices).
 const MAX_CPUINFO: u64 = 1 << 20;
 
-/// What `check` reports of this host for libvirt at `uri`.
-pub fn host_check(uri: String) -> HostCheck {
-    let chain = |e: &dyn std::error::Error| contractor_protocol::result::error_chain(e);
-    let libvirt = match connect(&uri) {
-        Ok(_) => Probe {
+/// A probe's answer: fine (with the file found, if any), or the error and its causes.
+fn probe<E: std::error::Error>(found: Result<Option<PathBuf>, E>) -> Probe {
+    match found {
+        Ok(path) => Probe {
             ok: true,
-            path: None,
+            path,
             error: Vec::new(),
         },
         Err(e) => Probe {
             ok: false,
             path: None,
-            error: chain(&e),
+            error: contractor_protocol::result::error_chain(&e),
         },
-    };
+    }
+}
+
+/// What `check` reports of this host for libvirt at `uri`.
+pub fn host_check(uri: String) -> HostCheck {
+    let libvirt = probe(connect(&uri).map(|_| None));
     let mut cpuinfo = String::new();
     if let Ok(file) = std::fs::File::open("/proc/cpuinfo") {
         let _ = file.take(MAX_CPUINFO).read_to_string(&mut cpuinfo);
     }
-    let agent = match crate::image::agent_path() {
-        Ok(path) => Probe {
-            ok: true,
-            path: Some(path),
-            error: Vec::new(),
-        },
-        Err(e) => Probe {
-            ok: false,
-            path: None,
-            error: chain(&e),
-        },
-    };
-    let launcher = crate::lifecycle::session_launcher(&uri).map(|found| match found {
-        Ok(path) => Probe {
-            ok: true,
-            path: Some(path),
-            error: Vec::new(),
-        },
-        Err(e) => Probe {
-            ok: false,
-            path: None,
-            error: chain(&e),
-        },
-    });
+    let agent = probe(crate::image::agent_path().map(Some));
+    let launcher = crate::lifecycle::session_launcher(&uri).map(|found| probe(found.map(Some)));
     HostCheck {
         kind: CheckTag::Check,
         version: PROTOCOL_VERSION,

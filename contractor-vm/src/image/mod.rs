@@ -534,11 +534,7 @@ pub fn images_dir() -> Result<PathBuf, ImageError> {
 /// Creates `dir` and its parents with mode 0755, so that libvirt's QEMU user can reach
 /// what is inside when it runs as another user.
 pub(crate) fn create_dir_world_readable(dir: &Path) -> Result<(), ImageError> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(dir)
+    contractor_protocol::file::create_dir_world_readable(dir)
         .map_err(file_err("cannot create", dir))
 }
 

@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use contractor_protocol::agent::{Job, Keep, Phase};
@@ -25,11 +24,12 @@ use contractor_protocol::result::{
     BuildCode, BuildResult, ErrorInfo, Limit, Outcome, UpstreamFailure,
 };
 use contractor_protocol::run::{RunEvent, RunRequest};
-use contractor_protocol::service::Ready;
+use contractor_protocol::tool::{
+    child_pid, handed_over, stop_child, wait_or_stop, Service, STOP_GRACE,
+};
 use contractor_protocol::vm::{Accel, VmInfo, VmRequest, VmResult, VmSpec};
 use contractor_protocol::PROTOCOL_VERSION;
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 
 use crate::display::Display;
 use crate::image;
@@ -968,165 +968,6 @@ fn new_store_token(id: &str, file: &Path, log: &ToolsLog) -> Result<String, Tool
     Ok(token)
 }
 
-/// A running service (store or proxy): its process, its address, and the thread that reads
-/// the rest of its stdout. Stopped with SIGTERM, also when dropped.
-struct Service<T> {
-    name: &'static str,
-    child: Option<Child>,
-    addr: SocketAddr,
-    /// What the service said of its confinement in its `ready` line.
-    confinement: Option<contractor_protocol::service::Confinement>,
-    /// The authority certificate a proxy that inspects TLS gave in its `ready` line.
-    ca_certificate: Option<String>,
-    reader: Option<JoinHandle<T>>,
-}
-
-impl<T: Send + 'static> Service<T> {
-    /// Starts `command`, reads its `ready` line, then hands the rest of its stdout to `rest`
-    /// on a thread of its own.
-    fn start(
-        name: &'static str,
-        command: std::process::Command,
-        interruption: &Interruption,
-        rest: impl FnOnce(Answers) -> T + Send + 'static,
-    ) -> Result<Service<T>, ToolError> {
-        let mut child = tools::spawn(name, command)?;
-        interruption.track(&child);
-        drop(child.stdin.take());
-        let mut answers = Answers::of(name, &mut child)?;
-        let ready: Ready = match answers.first(&mut child) {
-            Ok(ready) => ready,
-            Err(err) => {
-                stop_child(&mut child);
-                return Err(err);
-            }
-        };
-        Ok(Service {
-            name,
-            child: Some(child),
-            addr: ready.addr,
-            confinement: ready.confinement,
-            ca_certificate: ready.ca_certificate,
-            reader: Some(std::thread::spawn(move || rest(answers))),
-        })
-    }
-
-    /// Stops the service and returns what its reader made of its output.
-    fn stop(mut self) -> Result<T, ToolError> {
-        let name = self.name;
-        let status = self.child.take().map(|mut child| {
-            let _ = kill(child_pid(&child), Signal::SIGTERM);
-            wait_or_kill(&mut child)
-        });
-        let read = self.reader.take().map(|reader| reader.join());
-        match status {
-            Some(Ok(status)) if status.success() => {}
-            Some(Ok(status)) => {
-                return Err(ToolError::Failed {
-                    name,
-                    exit_code: status.code(),
-                    error: None,
-                })
-            }
-            Some(Err(source)) => return Err(ToolError::Io { name, source }),
-            None => {}
-        }
-        match read {
-            Some(Ok(value)) => Ok(value),
-            _ => Err(ToolError::Io {
-                name,
-                source: std::io::Error::other("its output reader ended abnormally"),
-            }),
-        }
-    }
-}
-
-impl<T> Drop for Service<T> {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            stop_child(&mut child);
-        }
-    }
-}
-
-fn child_pid(child: &Child) -> Pid {
-    Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX))
-}
-
-/// SIGTERM, then wait: every tool stops cleanly on SIGTERM, within [`STOP_GRACE`].
-fn stop_child(child: &mut Child) {
-    let _ = kill(child_pid(child), Signal::SIGTERM);
-    let _ = wait_or_kill(child);
-}
-
-/// How long a tool sent SIGTERM has to end before it is killed (SIGKILL): the store gives
-/// requests in flight 10 s, `contractor-vm` destroys its VM in a few.
-const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(15);
-
-/// Waits for `child`, which was sent SIGTERM, for at most [`STOP_GRACE`]; then kills it. A
-/// tool that ignores SIGTERM cannot hold the build forever.
-fn wait_or_kill(child: &mut Child) -> std::io::Result<std::process::ExitStatus> {
-    match wait_until(child, Instant::now() + STOP_GRACE)? {
-        Some(status) => Ok(status),
-        None => {
-            let _ = child.kill();
-            child.wait()
-        }
-    }
-}
-
-/// Waits for `child`, told to end by the close of its stdin (`contractor-vm create`: its VM
-/// is released), for at most [`STOP_GRACE`]; then stops it ([`stop_child`]'s way). A tool
-/// that never lets go cannot hold the build forever.
-fn wait_or_stop(child: &mut Child) -> std::io::Result<std::process::ExitStatus> {
-    match wait_until(child, Instant::now() + STOP_GRACE)? {
-        Some(status) => Ok(status),
-        None => {
-            let _ = kill(child_pid(child), Signal::SIGTERM);
-            wait_or_kill(child)
-        }
-    }
-}
-
-/// Waits until `holder`, a `contractor-vm create --hold` whose stdin was closed, has either
-/// ended (its status) or taken the destroy of its VM to a session of its own (`None`): it
-/// does so as soon as it lets go of the VM, and from then on finishes alone whatever
-/// happens to this process, so the build need not wait for libvirt's confirmation. A
-/// holder that does neither within [`STOP_GRACE`] is stopped ([`wait_or_stop`]'s way).
-fn handed_over(holder: &mut Child) -> std::io::Result<Option<std::process::ExitStatus>> {
-    let pid = child_pid(holder);
-    let deadline = Instant::now() + STOP_GRACE;
-    loop {
-        if let Some(status) = holder.try_wait()? {
-            return Ok(Some(status));
-        }
-        if nix::unistd::getsid(Some(pid)) == Ok(pid) {
-            return Ok(None);
-        }
-        if Instant::now() >= deadline {
-            let _ = kill(pid, Signal::SIGTERM);
-            return wait_or_kill(holder).map(Some);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-}
-
-/// `child`'s end, or None if it still runs at `deadline`.
-fn wait_until(
-    child: &mut Child,
-    deadline: Instant,
-) -> std::io::Result<Option<std::process::ExitStatus>> {
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(Some(status));
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
 /// Starts the build's store: it serves only build `id`'s files, and only to requests with
 /// the token in `token_file` (the guest agent's), within the token's scope.
 fn start_store(
@@ -1148,7 +989,8 @@ fn start_store(
         .arg(max_artifacts_bytes.to_string())
         .args(["--no-access-log", "--json-errors"])
         .stderr(log.stderr());
-    Service::start(tools::STORE, command, interruption, Answers::drain)
+    let track = |c: &Child| interruption.track(c);
+    Service::start(tools::STORE, command, track, Answers::drain)
 }
 
 /// Starts a proxy of the build that allows `allow`, recording downloads, and with
@@ -1195,7 +1037,8 @@ fn start_proxy(
         }
     }
     command.stderr(log.stderr());
-    Service::start(tools::PROXY, command, interruption, |mut answers| {
+    let track = |c: &Child| interruption.track(c);
+    Service::start(tools::PROXY, command, track, |mut answers| {
         let mut report = ProxyReport::default();
         while let Ok(Some(line)) = answers.next_line() {
             if let Ok(summary) = serde_json::from_slice::<Summary>(&line) {

@@ -7,17 +7,15 @@
 //! destroyed its VM; killed (the runner's SIGKILL), it leaves the child SIGTERM
 //! (`PR_SET_PDEATHSIG`), so no build outlives the job.
 //!
-//! The invariant: a pid is only signalled while its process has not been reaped (the wait
-//! looks with `WNOWAIT` first), so a forwarded signal never reaches a reused pid.
+//! The invariant: a pid is only signalled while its process has not been reaped
+//! (`contractor_protocol::tool::Supervised`), so a forwarded signal never reaches a reused
+//! pid.
 
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus};
-use std::sync::{Arc, Mutex};
 
-use nix::errno::Errno;
-use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitid, Id, WaitPidFlag};
-use nix::unistd::Pid;
+use contractor_protocol::tool::Supervised;
+use nix::sys::signal::Signal;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -28,45 +26,29 @@ pub fn run(command: &mut Command) -> std::io::Result<ExitStatus> {
     // not blocked: the child inherits the signal mask, and handlers reset at `execve`.
     let mut signals = Signals::new([SIGTERM, SIGINT])?;
     let handle = signals.handle();
-    contractor_protocol::process::die_with_parent(command);
-    let mut child = match command.process_group(0).spawn() {
+    let child = match Supervised::start(command.process_group(0)) {
         Ok(child) => child,
         Err(err) => {
             handle.close();
             return Err(err);
         }
     };
-    let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
-    let running = Arc::new(Mutex::new(true));
-    let forwarding = running.clone();
+    let signaller = child.signaller();
     std::thread::spawn(move || {
         for number in signals.forever() {
-            let Ok(running) = forwarding.lock() else {
-                return;
-            };
-            if let (true, Ok(signal)) = (*running, Signal::try_from(number)) {
-                let _ = kill(pid, signal);
+            if let Ok(signal) = Signal::try_from(number) {
+                signaller.signal(signal);
             }
         }
     });
-    let exited = || waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT);
-    while let Err(Errno::EINTR) = exited() {}
-    if let Ok(mut running) = running.lock() {
-        *running = false;
-    }
+    let status = child.wait();
     handle.close();
-    child.wait()
+    status
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_childs_exit_status_is_returned() {
-        let status = run(Command::new("sh").args(["-c", "exit 7"])).expect("sh runs");
-        assert_eq!(status.code(), Some(7));
-    }
 
     #[test]
     fn the_child_starts_with_no_signal_blocked() {

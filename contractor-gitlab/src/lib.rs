@@ -28,6 +28,8 @@ use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 
+use contractor_protocol::tool::{Locator, ToolError};
+
 /// The largest stage script accepted (the runner's scripts are some kilobytes; this one
 /// travels base64-encoded in `contractor build --script-file`, whose limit is 3 MiB).
 pub const MAX_STAGE_SCRIPT_BYTES: u64 = 2 << 20;
@@ -304,26 +306,26 @@ pub fn config_json(builds_dir: Option<&Path>, cache_dir: Option<&Path>) -> serde
     config
 }
 
-/// The directory `contractor` and the tools are taken from: `$CONTRACTOR_BIN` when set,
-/// else this executable's (in unit tests, which run from `target/<profile>/deps/`, the
-/// one above).
-pub fn directory() -> PathBuf {
-    contractor_protocol::process::tools_dir(cfg!(test)).unwrap_or_default()
-}
+/// Where `contractor` and the tools are taken from: `$CONTRACTOR_BIN` when set, else this
+/// executable's directory.
+const TOOLS: Locator = Locator {
+    unit_test: cfg!(test),
+    hint_env: "CONTRACTOR_BIN names the directory holding contractor and its tools",
+    hint_beside: "contractor and its tools are looked for beside contractor-gitlab-executor; \
+                  set CONTRACTOR_BIN to their directory, or install them together \
+                  (scripts/install)",
+};
 
 /// The executable `name` (one of [`NEEDED`]).
 pub fn locate(name: &'static str) -> Result<PathBuf, GitlabError> {
-    let path = directory().join(name);
-    if contractor_protocol::process::is_executable(&path) {
-        return Ok(path);
-    }
-    let hint = if std::env::var_os("CONTRACTOR_BIN").is_some() {
-        "CONTRACTOR_BIN names the directory holding contractor and its tools"
-    } else {
-        "contractor and its tools are looked for beside contractor-gitlab-executor; set \
-         CONTRACTOR_BIN to their directory, or install them together (scripts/install)"
-    };
-    Err(GitlabError::Missing { name, path, hint })
+    TOOLS.locate(name).map_err(|err| match err {
+        ToolError::Missing { name, path, hint } => GitlabError::Missing { name, path, hint },
+        _ => GitlabError::Missing {
+            name,
+            path: PathBuf::from(name),
+            hint: TOOLS.hint_beside,
+        },
+    })
 }
 
 /// `prepare`: checks that what a job's build needs is here, so that a runner without it

@@ -16,8 +16,6 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::Arc;
 
 use contractor_protocol::error::{ErrorObject, ToolCode};
 use contractor_protocol::hosted::{
@@ -26,6 +24,7 @@ use contractor_protocol::hosted::{
 };
 use contractor_protocol::jsonl::{self, JsonlReader};
 use contractor_protocol::result::BuildCode;
+use contractor_protocol::tool::{Locator, Signaller, Supervised, ToolError};
 use contractor_protocol::{ExitCode, PROTOCOL_VERSION};
 
 /// This release, as `contractor --version` names it: the front end must run the same.
@@ -133,18 +132,11 @@ fn build(prepared: &Prepared, input: BufReader<std::io::Stdin>) -> Result<ExitCo
     if request.offline {
         command.arg("--offline");
     }
-    contractor_protocol::process::die_with_parent(&mut command);
-    let mut child = command
-        .spawn()
+    let child = Supervised::start(&mut command)
         .map_err(|e| Refusal::host(vec![format!("cannot run {}: {e}", contractor.display())]))?;
-    let pid = Arc::new(AtomicI32::new(child.id() as i32));
-    let done = Arc::new(AtomicBool::new(false));
-    watch_session(input, done.clone(), pid.clone());
-    let status = child.wait();
-    // From now on the session's end is not an interruption; the pid is reaped.
-    done.store(true, Ordering::SeqCst);
-    pid.store(0, Ordering::SeqCst);
-    let status = status.map_err(|e| {
+    // Once the build is reaped, the session's end is no interruption and sends nothing.
+    watch_session(input, child.signaller());
+    let status = child.wait().map_err(|e| {
         Refusal::host(vec![format!(
             "cannot wait for {}: {e}",
             contractor.display()
@@ -171,16 +163,22 @@ fn accel_flag(accel: contractor_protocol::vm::Accel) -> &'static str {
 
 /// `contractor`, beside this executable (or in `$CONTRACTOR_BIN`).
 fn contractor_binary() -> Result<PathBuf, Refusal> {
-    let dir = contractor_protocol::process::tools_dir(cfg!(test))
-        .map_err(|e| Refusal::host(vec![format!("cannot find this executable: {e}")]))?;
-    let path = dir.join("contractor");
-    match contractor_protocol::process::is_executable(&path) {
-        true => Ok(path),
-        false => Err(Refusal::host(vec![format!(
+    // The refusal below says what to do; the locator's hints are not shown.
+    let tools = Locator {
+        unit_test: cfg!(test),
+        hint_env: "",
+        hint_beside: "",
+    };
+    tools.locate("contractor").map_err(|err| match err {
+        ToolError::Missing { path, .. } => Refusal::host(vec![format!(
             "{} is missing: install Contractor {RELEASE} whole on this build host",
             path.display()
-        )])),
-    }
+        )]),
+        ToolError::Io { source, .. } => {
+            Refusal::host(vec![format!("cannot find this executable: {source}")])
+        }
+        err => Refusal::host(vec![err.to_string()]),
+    })
 }
 
 /// A closed record older than this was never sent back (its session broke): it is removed.
@@ -431,19 +429,14 @@ fn receive_source(
     file.flush()
 }
 
-/// Reads what is left of stdin until it ends; its end before the build is `done` sends
-/// the build (`pid`, 0 once reaped) SIGTERM: it destroys its VM and ends as interrupted.
-fn watch_session(mut input: BufReader<std::io::Stdin>, done: Arc<AtomicBool>, pid: Arc<AtomicI32>) {
+/// Reads what is left of stdin until it ends; its end before the build ends sends the
+/// build SIGTERM (through `build`, which signals nothing once reaped): it destroys its VM
+/// and ends as interrupted.
+fn watch_session(mut input: BufReader<std::io::Stdin>, build: Signaller) {
     std::thread::spawn(move || {
         let mut sink = [0u8; 4096];
         while matches!(input.read(&mut sink), Ok(n) if n > 0) {}
-        let pid = pid.load(Ordering::SeqCst);
-        if !done.load(Ordering::SeqCst) && pid > 0 {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
+        build.signal(nix::sys::signal::Signal::SIGTERM);
     });
 }
 

@@ -27,6 +27,7 @@ pub mod run;
 pub mod service;
 pub mod store;
 mod sys;
+pub mod tool;
 pub mod units;
 pub mod vm;
 

@@ -1,0 +1,303 @@
+//! Reading what a tool answers on its stdout: JSON Lines, each at most
+//! [`crate::jsonl::MAX_LINE_BYTES`], in its protocol version; its error object is the tool's
+//! failure, and a line that is not its documented JSON is refused naming the tool and
+//! showing the line's first [`GARBAGE_SHOWN`] bytes.
+
+use std::io::{BufReader, Read};
+use std::process::{Child, ChildStdout, Command, Stdio};
+
+use serde::de::DeserializeOwned;
+
+use super::{start_noted, ToolError};
+use crate::error::ErrorObject;
+use crate::jsonl::{JsonlError, JsonlReader};
+use crate::PROTOCOL_VERSION;
+
+/// The most bytes of a line that is not JSON shown in the error ([`ToolError::Garbage`]).
+pub const GARBAGE_SHOWN: usize = 80;
+
+/// The reader of a tool's stdout: JSON Lines, each at most
+/// [`crate::jsonl::MAX_LINE_BYTES`].
+pub struct Answers {
+    name: &'static str,
+    reader: JsonlReader<BufReader<ChildStdout>>,
+}
+
+impl Answers {
+    /// Reads the stdout of `child`, which runs tool `name` (started by
+    /// [`super::spawn`], so with its stdout on a pipe that nobody has taken yet).
+    pub fn of(name: &'static str, child: &mut Child) -> Result<Answers, ToolError> {
+        let stdout = child.stdout.take().ok_or(ToolError::Io {
+            name,
+            source: std::io::Error::other("no stdout pipe"),
+        })?;
+        Ok(Answers {
+            name,
+            reader: JsonlReader::new(BufReader::new(stdout)),
+        })
+    }
+
+    /// The next line as a `T`, the tool's error object as `Err`, `None` at the end.
+    pub fn next_reply<T: DeserializeOwned>(&mut self) -> Result<Option<Reply<T>>, ToolError> {
+        let name = self.name;
+        let Some(line) = self
+            .reader
+            .next_line()
+            .map_err(|source| ToolError::Protocol { name, source })?
+        else {
+            return Ok(None);
+        };
+        let value: serde_json::Value =
+            serde_json::from_slice(line).map_err(|source| garbage(name, line, source))?;
+        if let Some(got) = value["version"].as_u64() {
+            if got != u64::from(PROTOCOL_VERSION) {
+                return Err(ToolError::Version {
+                    name,
+                    got: u32::try_from(got).unwrap_or(u32::MAX),
+                });
+            }
+        }
+        if value["type"] == "error" {
+            if let Ok(error) = serde_json::from_value::<ErrorObject>(value.clone()) {
+                return Ok(Some(Reply::Error(error)));
+            }
+        }
+        serde_json::from_value(value)
+            .map(|v| Some(Reply::Answer(v)))
+            .map_err(|source| ToolError::Protocol {
+                name,
+                source: JsonlError::Parse { line: 0, source },
+            })
+    }
+
+    /// The tool's first answer; its error object, or its end, is the tool's failure (after
+    /// waiting for `child` to learn its exit code).
+    pub fn first<T: DeserializeOwned>(&mut self, child: &mut Child) -> Result<T, ToolError> {
+        match self.next_reply::<T>() {
+            Ok(Some(Reply::Answer(answer))) => Ok(answer),
+            Ok(Some(Reply::Error(error))) => Err(failed(self.name, child, Some(error))),
+            Ok(None) => Err(failed(self.name, child, None)),
+            Err(err) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(err)
+            }
+        }
+    }
+
+    /// The next raw line (without its newline), `None` at the end.
+    pub fn next_line(&mut self) -> Result<Option<Vec<u8>>, ToolError> {
+        let name = self.name;
+        self.reader
+            .next_line()
+            .map(|line| line.map(<[u8]>::to_vec))
+            .map_err(|source| ToolError::Protocol { name, source })
+    }
+
+    /// The rest of the tool's stdout, after the lines read so far, as bytes (what
+    /// `contractor-run shell` writes after its one JSON line).
+    pub fn rest(&mut self) -> &mut BufReader<ChildStdout> {
+        self.reader.get_mut()
+    }
+
+    /// Drains the rest of the output so that the tool never blocks on a full pipe.
+    pub fn drain(mut self) {
+        let mut sink = [0u8; 8192];
+        let input = self.reader.get_mut();
+        while matches!(input.read(&mut sink), Ok(n) if n > 0) {}
+    }
+}
+
+/// The refusal of `line`, which tool `name` wrote and which is not JSON.
+fn garbage(name: &'static str, line: &[u8], source: serde_json::Error) -> ToolError {
+    let shown = String::from_utf8_lossy(&line[..line.len().min(GARBAGE_SHOWN)]);
+    let more = line.len().saturating_sub(GARBAGE_SHOWN);
+    let start = match more {
+        0 => format!("{shown:?}"),
+        more => format!("{shown:?} ({more} more bytes not shown)"),
+    };
+    ToolError::Garbage {
+        name,
+        start,
+        source,
+    }
+}
+
+/// One line of a tool's stdout.
+pub enum Reply<T> {
+    /// What was asked for.
+    Answer(T),
+    /// The tool's error object (`--json-errors`).
+    Error(ErrorObject),
+}
+
+/// The failure of a tool that ended (or is ended now) after `error`.
+fn failed(name: &'static str, child: &mut Child, error: Option<ErrorObject>) -> ToolError {
+    drop(child.stdin.take());
+    let exit_code = child.wait().ok().and_then(|status| status.code());
+    ToolError::Failed {
+        name,
+        exit_code,
+        error,
+    }
+}
+
+/// Runs tool `name` by `command` (e.g. over `ssh` on a build host) to completion, stdin from
+/// nothing, with `--json-errors` added to its arguments, and returns its one JSON answer.
+pub fn answer_of<T: DeserializeOwned>(
+    name: &'static str,
+    mut command: Command,
+) -> Result<T, ToolError> {
+    command.arg("--json-errors");
+    let mut child = super::spawn(name, command)?;
+    drop(child.stdin.take());
+    let mut answers = Answers::of(name, &mut child)?;
+    let answer = answers.first(&mut child)?;
+    answers.drain();
+    let status = child
+        .wait()
+        .map_err(|source| ToolError::Io { name, source })?;
+    if status.success() {
+        Ok(answer)
+    } else {
+        Err(ToolError::Failed {
+            name,
+            exit_code: status.code(),
+            error: None,
+        })
+    }
+}
+
+/// Runs tool `name` by `command` to completion with `request` as its stdin (one JSON line)
+/// and returns its one JSON answer and its exit code: an answer with a non-zero exit (a
+/// verdict that does not verify) is the caller's to judge. The tool's stderr is kept (at
+/// most [`MAX_TEXT_BYTES`]) and shown only when it failed without its error object: what it
+/// says otherwise is in its answer or its error object, which the caller reports once.
+pub fn ask_of<R: serde::Serialize, T: DeserializeOwned>(
+    name: &'static str,
+    mut command: Command,
+    request: &R,
+) -> Result<(T, Option<i32>), ToolError> {
+    command.arg("--json-errors").stderr(Stdio::piped());
+    let mut child = super::spawn(name, command)?;
+    let stderr = child.stderr.take();
+    let said = std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        if let Some(mut stderr) = stderr {
+            let _ = (&mut stderr).take(MAX_TEXT_BYTES).read_to_end(&mut kept);
+            let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+        }
+        kept
+    });
+    if let Some(mut stdin) = child.stdin.take() {
+        // A tool that exits early closes its stdin: its answer (or error) says why.
+        let _ = crate::jsonl::write_line(&mut stdin, request);
+    }
+    let answered = Answers::of(name, &mut child).and_then(|mut answers| {
+        let answer = answers.first(&mut child)?;
+        answers.drain();
+        Ok(answer)
+    });
+    let status = child.wait();
+    let said = said.join().unwrap_or_default();
+    let silent_failure = match &answered {
+        Err(ToolError::Failed { error, .. }) => error.is_none(),
+        Err(_) => true,
+        Ok(_) => false,
+    };
+    if silent_failure && !said.is_empty() {
+        eprint!("{}", String::from_utf8_lossy(&said));
+    }
+    let answer = answered?;
+    let status = status.map_err(|source| ToolError::Io { name, source })?;
+    Ok((answer, status.code()))
+}
+
+/// The most bytes of plain text read from a tool's stdout by [`text`].
+pub const MAX_TEXT_BYTES: u64 = 64 * 1024;
+
+/// Runs `command` (tool `name`) to completion, stdin from `/dev/null`, and returns its
+/// stdout as trimmed text (at most [`MAX_TEXT_BYTES`]).
+pub fn text(name: &'static str, mut command: Command) -> Result<String, ToolError> {
+    command.stdin(Stdio::null()).stdout(Stdio::piped());
+    let mut child = start_noted(name, &mut command)?;
+    let mut out = Vec::new();
+    if let Some(stdout) = child.stdout.take() {
+        stdout
+            .take(MAX_TEXT_BYTES)
+            .read_to_end(&mut out)
+            .map_err(|source| ToolError::Io { name, source })?;
+    }
+    let status = child
+        .wait()
+        .map_err(|source| ToolError::Io { name, source })?;
+    if !status.success() {
+        return Err(ToolError::Failed {
+            name,
+            exit_code: status.code(),
+            error: None,
+        });
+    }
+    Ok(String::from_utf8_lossy(&out).trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Command {
+        let mut command = Command::new("sh");
+        command.args(["-c", script]);
+        command
+    }
+
+    #[test]
+    fn a_garbage_answer_is_refused_naming_the_tool_and_the_lines_start_bounded() {
+        let long = "x".repeat(500);
+        let mut child = super::super::spawn(
+            "contractor-test",
+            sh(&format!("echo 'hello, I am not JSON {long}'; sleep 30")),
+        )
+        .expect("sh starts");
+        let mut answers = Answers::of("contractor-test", &mut child).expect("stdout");
+        let err = answers
+            .first::<serde_json::Value>(&mut child)
+            .expect_err("garbage");
+        let text = err.to_string();
+        assert!(
+            text.starts_with("contractor-test wrote something"),
+            "{text}"
+        );
+        assert!(text.contains("\"hello, I am not JSON xxx"), "{text}");
+        assert!(text.contains("more bytes not shown"), "{text}");
+        assert!(text.len() < 300, "{text}");
+        // The child that wrote it was ended, not left running.
+        assert!(child.try_wait().expect("try_wait").is_some());
+    }
+
+    #[test]
+    fn a_tool_that_ends_without_answering_fails_with_its_exit_code() {
+        let err =
+            answer_of::<serde_json::Value>("contractor-test", sh("exit 3")).expect_err("no answer");
+        assert_eq!(
+            err.to_string(),
+            "contractor-test failed (exit code 3): it wrote no answer; its own message is above"
+        );
+    }
+
+    #[test]
+    fn a_tool_of_another_protocol_version_is_refused() {
+        let err = answer_of::<serde_json::Value>(
+            "contractor-test",
+            sh(r#"echo '{"type":"ready","version":9}'"#),
+        )
+        .expect_err("version 9");
+        assert!(matches!(err, ToolError::Version { got: 9, .. }), "{err}");
+    }
+
+    #[test]
+    fn text_is_trimmed() {
+        let out = text("contractor-test", sh("echo ' abc '")).expect("text");
+        assert_eq!(out, "abc");
+    }
+}

@@ -7,6 +7,7 @@
 //! check` and `contractor-vm image list`:
 //! here, or on a build host over ssh (`contractor doctor --host`).
 
+use contractor_protocol::tool::Service;
 use contractor_protocol::vm::HostCheck;
 
 use crate::remote::BuildHost;
@@ -243,26 +244,14 @@ fn default_image(
 fn confinement() -> Finding {
     const WHAT: &str = "confinement";
     let name = crate::tools::PROXY;
+    // The proxy is stopped (SIGTERM) when its Service is dropped, here at once.
     let started = crate::tools::command(name).and_then(|mut command| {
         command
             .args(["--listen", "127.0.0.1:0", "--json-errors"])
             .stderr(std::process::Stdio::null());
-        crate::tools::spawn(name, command)
+        Service::start(name, command, |_| {}, crate::tools::Answers::drain)
     });
-    let mut child = match started {
-        Ok(child) => child,
-        Err(err) => return finding(Status::Fail, WHAT, chain(&err)),
-    };
-    let ready = crate::tools::Answers::of(name, &mut child)
-        .and_then(|mut answers| answers.first::<contractor_protocol::service::Ready>(&mut child));
-    if let Ok(pid) = i32::try_from(child.id()) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-    }
-    let _ = child.wait();
-    match ready.map(|ready| ready.confinement) {
+    match started.map(|proxy| proxy.confinement.clone()) {
         Err(err) => finding(Status::Fail, WHAT, chain(&err)),
         Ok(None) => finding(
             Status::Warn,

@@ -119,14 +119,7 @@ fn converse(vm: &KeptVm) -> Result<(), ShellError> {
     // Its messages go to the user's stderr as they are; the front end adds its own line.
     command.arg("shell");
     let mut child = crate::tools::spawn(RUN, command).map_err(failed)?;
-    let mut keys = child.stdin.take().ok_or_else(|| {
-        failed(ToolError::Io {
-            name: RUN,
-            source: std::io::Error::other("no stdin pipe"),
-        })
-    })?;
-    contractor_protocol::jsonl::write_line(&mut keys, &request)
-        .map_err(|source| failed(ToolError::Request { name: RUN, source }))?;
+    let mut keys = crate::tools::send(RUN, &mut child, &request).map_err(failed)?;
     let mut answers = Answers::of(RUN, &mut child).map_err(failed)?;
     let ShellEvent::ShellStarted { .. } = answers.first(&mut child).map_err(failed)?;
 
@@ -146,11 +139,10 @@ fn converse(vm: &KeptVm) -> Result<(), ShellError> {
     drop(raw);
     match child.wait() {
         Ok(status) if status.success() => Ok(()),
-        status => Err(failed(ToolError::Failed {
-            name: RUN,
-            exit_code: status.ok().and_then(|s| s.code()),
-            error: None,
-        })),
+        status => Err(failed(ToolError::exited(
+            RUN,
+            status.ok().and_then(|s| s.code()),
+        ))),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The front end's only `unsafe`: what neither std nor nix offers safely (asking a
 //! terminal its size). Children get their parent-death signal from
-//! `contractor_protocol::process::die_with_parent`, through `tools::start`.
+//! `contractor_protocol::process::die_with_parent`, through `contractor_protocol::tool::start`.
 
 mod ioctl {
     nix::ioctl_read_bad!(window_size, nix::libc::TIOCGWINSZ, nix::pty::Winsize);

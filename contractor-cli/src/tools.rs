@@ -10,12 +10,11 @@
 //! (The unit tests of this crate, which run from `target/<profile>/deps/`, take the tools
 //! from `target/<profile>/`: build them first, `cargo build --workspace`.)
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use contractor_protocol::tool::Locator;
 pub use contractor_protocol::tool::{
-    answer_of, signal_running, spawn, spawn_reading, start, text, Answers, Reply, ToolError,
+    answer_of, send, signal_running, spawn, spawn_reading, start, text, Answers, Reply, ToolError,
     ToolMessages, MAX_TEXT_BYTES,
 };
 use serde::de::DeserializeOwned;
@@ -42,16 +41,6 @@ const TOOLS: Locator = Locator {
                   CONTRACTOR_BIN to their directory, or build them all with cargo build \
                   --workspace",
 };
-
-/// The directory the tools are taken from.
-pub fn directory() -> Result<PathBuf, ToolError> {
-    TOOLS.directory()
-}
-
-/// The executable of tool `name`.
-pub fn locate(name: &'static str) -> Result<PathBuf, ToolError> {
-    TOOLS.locate(name)
-}
 
 /// A command for tool `name` (started by [`spawn`] or [`text`], it dies with this process).
 pub fn command(name: &'static str) -> Result<Command, ToolError> {

@@ -395,7 +395,9 @@ fn interrupted_times_at(step: &str, how: &str, times: usize) {
 
 const FAILED_3: &str = "failed (exit code 3)";
 const KILLED: &str = "failed (killed by a signal)";
-const GARBAGE: &str = "wrote something other than its documented JSON";
+/// The refusal names the tool and shows the start of the line it wrote.
+const GARBAGE: &str =
+    "wrote something other than its documented JSON: a line starting \"stand-in garbage at";
 
 // The image, before the record exists: no record, the tool's failure on stderr.
 

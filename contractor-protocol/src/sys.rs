@@ -3,9 +3,8 @@
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
-/// Takes descriptor `fd`, inherited from the parent, as this process's own. Fails when no
-/// descriptor `fd` is open. Call it at the start of `main`, before this process opens
-/// anything: an `fd` that was not inherited could otherwise name a file of its own.
+/// Makes the child of `command` receive SIGTERM when the thread that forks it ends
+/// (`crate::process::die_with_parent`).
 pub(crate) fn die_with_parent(command: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
     let parent = nix::unistd::Pid::this();
@@ -24,6 +23,9 @@ pub(crate) fn die_with_parent(command: &mut std::process::Command) {
     }
 }
 
+/// Takes descriptor `fd`, inherited from the parent, as this process's own. Fails when no
+/// descriptor `fd` is open. Call it at the start of `main`, before this process opens
+/// anything: an `fd` that was not inherited could otherwise name a file of its own.
 pub(crate) fn take_inherited(fd: RawFd) -> std::io::Result<OwnedFd> {
     // The link exists exactly while the descriptor is open (procfs, always mounted where
     // the tools run).

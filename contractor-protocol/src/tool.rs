@@ -19,10 +19,9 @@ use crate::error::{ErrorObject, ToolCode};
 use crate::jsonl::JsonlError;
 use crate::PROTOCOL_VERSION;
 
-pub use answers::{answer_of, ask_of, text, Answers, Reply, MAX_TEXT_BYTES};
+pub use answers::{answer_of, ask_of, send, text, Answers, Reply, MAX_TEXT_BYTES};
 pub use stop::{
-    child_pid, handed_over, stop_child, wait_or_kill, wait_or_stop, Service, Signaller, Supervised,
-    STOP_GRACE,
+    child_pid, handed_over, stop_child, wait_or_stop, Service, Signaller, Supervised, STOP_GRACE,
 };
 
 /// Why a tool could not do its part.
@@ -125,6 +124,16 @@ fn chain_text(error: &Option<ErrorObject>) -> String {
 }
 
 impl ToolError {
+    /// The failure of tool `name`, which ended with `exit_code` (None: killed by a signal)
+    /// and wrote no error object.
+    pub fn exited(name: &'static str, exit_code: Option<i32>) -> ToolError {
+        ToolError::Failed {
+            name,
+            exit_code,
+            error: None,
+        }
+    }
+
     /// The code of the tool's own error object, if it wrote one.
     pub fn tool_code(&self) -> Option<&ToolCode> {
         match self {
@@ -207,17 +216,13 @@ pub struct Locator {
 }
 
 impl Locator {
-    /// The directory the tools are taken from.
-    pub fn directory(&self) -> Result<PathBuf, ToolError> {
-        crate::process::tools_dir(self.unit_test).map_err(|source| ToolError::Io {
-            name: "contractor",
-            source,
-        })
-    }
-
     /// The executable of tool `name`.
     pub fn locate(&self, name: &'static str) -> Result<PathBuf, ToolError> {
-        let path = self.directory()?.join(name);
+        let dir = crate::process::tools_dir(self.unit_test).map_err(|source| ToolError::Io {
+            name: "contractor",
+            source,
+        })?;
+        let path = dir.join(name);
         if crate::process::is_executable(&path) {
             Ok(path)
         } else {

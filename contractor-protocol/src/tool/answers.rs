@@ -4,7 +4,7 @@
 //! showing the line's first [`GARBAGE_SHOWN`] bytes.
 
 use std::io::{BufReader, Read};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use serde::de::DeserializeOwned;
 
@@ -142,6 +142,14 @@ fn failed(name: &'static str, child: &mut Child, error: Option<ErrorObject>) -> 
     }
 }
 
+/// The first answer of `child` (tool `name`), the rest of its stdout drained.
+fn answered<T: DeserializeOwned>(name: &'static str, child: &mut Child) -> Result<T, ToolError> {
+    let mut answers = Answers::of(name, child)?;
+    let answer = answers.first(child)?;
+    answers.drain();
+    Ok(answer)
+}
+
 /// Runs tool `name` by `command` (e.g. over `ssh` on a build host) to completion, stdin from
 /// nothing, with `--json-errors` added to its arguments, and returns its one JSON answer.
 pub fn answer_of<T: DeserializeOwned>(
@@ -151,20 +159,13 @@ pub fn answer_of<T: DeserializeOwned>(
     command.arg("--json-errors");
     let mut child = super::spawn(name, command)?;
     drop(child.stdin.take());
-    let mut answers = Answers::of(name, &mut child)?;
-    let answer = answers.first(&mut child)?;
-    answers.drain();
+    let answer = answered(name, &mut child)?;
     let status = child
         .wait()
         .map_err(|source| ToolError::Io { name, source })?;
-    if status.success() {
-        Ok(answer)
-    } else {
-        Err(ToolError::Failed {
-            name,
-            exit_code: status.code(),
-            error: None,
-        })
+    match status.success() {
+        true => Ok(answer),
+        false => Err(ToolError::exited(name, status.code())),
     }
 }
 
@@ -189,15 +190,9 @@ pub fn ask_of<R: serde::Serialize, T: DeserializeOwned>(
         }
         kept
     });
-    if let Some(mut stdin) = child.stdin.take() {
-        // A tool that exits early closes its stdin: its answer (or error) says why.
-        let _ = crate::jsonl::write_line(&mut stdin, request);
-    }
-    let answered = Answers::of(name, &mut child).and_then(|mut answers| {
-        let answer = answers.first(&mut child)?;
-        answers.drain();
-        Ok(answer)
-    });
+    // A tool that exits early closes its stdin: its answer (or error) says why.
+    let _ = send(name, &mut child, request);
+    let answered = answered(name, &mut child);
     let status = child.wait();
     let said = said.join().unwrap_or_default();
     let silent_failure = match &answered {
@@ -211,6 +206,22 @@ pub fn ask_of<R: serde::Serialize, T: DeserializeOwned>(
     let answer = answered?;
     let status = status.map_err(|source| ToolError::Io { name, source })?;
     Ok((answer, status.code()))
+}
+
+/// Sends `request` as one JSON line on the stdin of `child` (tool `name`, started with its
+/// stdin on a pipe that nobody has taken yet), and returns that stdin.
+pub fn send<R: serde::Serialize>(
+    name: &'static str,
+    child: &mut Child,
+    request: &R,
+) -> Result<ChildStdin, ToolError> {
+    let mut stdin = child.stdin.take().ok_or(ToolError::Io {
+        name,
+        source: std::io::Error::other("no stdin pipe"),
+    })?;
+    crate::jsonl::write_line(&mut stdin, request)
+        .map_err(|source| ToolError::Request { name, source })?;
+    Ok(stdin)
 }
 
 /// The most bytes of plain text read from a tool's stdout by [`text`].
@@ -232,11 +243,7 @@ pub fn text(name: &'static str, mut command: Command) -> Result<String, ToolErro
         .wait()
         .map_err(|source| ToolError::Io { name, source })?;
     if !status.success() {
-        return Err(ToolError::Failed {
-            name,
-            exit_code: status.code(),
-            error: None,
-        });
+        return Err(ToolError::exited(name, status.code()));
     }
     Ok(String::from_utf8_lossy(&out).trim().to_string())
 }

@@ -38,12 +38,8 @@ fn stop_within(child: &mut Child, grace: Duration) -> std::io::Result<ExitStatus
     kill_after(child, grace)
 }
 
-/// Waits for `child`, which was sent SIGTERM, for at most [`STOP_GRACE`]; then kills it. A
-/// tool that ignores SIGTERM cannot hold the build forever.
-pub fn wait_or_kill(child: &mut Child) -> std::io::Result<ExitStatus> {
-    kill_after(child, STOP_GRACE)
-}
-
+/// Waits for `child`, which was sent SIGTERM, for at most `grace`; then kills it. A tool
+/// that ignores SIGTERM cannot hold its parent forever.
 fn kill_after(child: &mut Child, grace: Duration) -> std::io::Result<ExitStatus> {
     match wait_until(child, Instant::now() + grace)? {
         Some(status) => Ok(status),
@@ -160,13 +156,7 @@ impl<T: Send + 'static> Service<T> {
         let read = self.reader.take().map(|reader| reader.join());
         match status {
             Some(Ok(status)) if status.success() => {}
-            Some(Ok(status)) => {
-                return Err(ToolError::Failed {
-                    name,
-                    exit_code: status.code(),
-                    error: None,
-                })
-            }
+            Some(Ok(status)) => return Err(ToolError::exited(name, status.code())),
             Some(Err(source)) => return Err(ToolError::Io { name, source }),
             None => {}
         }
@@ -193,7 +183,7 @@ impl<T> Drop for Service<T> {
 /// and only then reaps, so a signal never reaches a pid reused by another process.
 pub struct Supervised {
     child: Child,
-    live: Arc<Mutex<bool>>,
+    signaller: Signaller,
 }
 
 /// Sends signals to a [`Supervised`] child while it has not been reaped.
@@ -218,27 +208,22 @@ impl Supervised {
     /// Starts `command` so that it dies with this process ([`super::start`]).
     pub fn start(command: &mut Command) -> std::io::Result<Supervised> {
         let child = super::start(command)?;
-        Ok(Supervised {
-            child,
-            live: Arc::new(Mutex::new(true)),
-        })
+        let (pid, live) = (child_pid(&child), Arc::new(Mutex::new(true)));
+        let signaller = Signaller { pid, live };
+        Ok(Supervised { child, signaller })
     }
 
     /// What signals the child from another thread.
     pub fn signaller(&self) -> Signaller {
-        Signaller {
-            pid: child_pid(&self.child),
-            live: self.live.clone(),
-        }
+        self.signaller.clone()
     }
 
     /// Waits for the child to end and returns its status; its [`Signaller`]s send nothing
     /// from then on.
     pub fn wait(mut self) -> std::io::Result<ExitStatus> {
-        let pid = child_pid(&self.child);
-        let exited = || waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT);
-        while let Err(Errno::EINTR) = exited() {}
-        if let Ok(mut live) = self.live.lock() {
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT;
+        while let Err(Errno::EINTR) = waitid(Id::Pid(self.signaller.pid), flags) {}
+        if let Ok(mut live) = self.signaller.live.lock() {
             *live = false;
         }
         self.child.wait()

@@ -92,6 +92,11 @@ impl<R: BufRead> JsonlReader<R> {
         }
     }
 
+    /// The 1-based number of the line read last (0 before the first).
+    pub fn line(&self) -> usize {
+        self.line
+    }
+
     /// The underlying reader (what it holds beyond the lines read so far).
     pub fn get_mut(&mut self) -> &mut R {
         &mut self.input

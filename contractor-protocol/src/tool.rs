@@ -76,10 +76,14 @@ pub enum ToolError {
         source: JsonlError,
     },
     /// A line of the tool's stdout is not the JSON it documents.
-    #[error("{name} wrote something other than its documented JSON: a line starting {start}")]
+    #[error(
+        "{name} wrote something other than its documented JSON: line {line}, starting {start}"
+    )]
     Garbage {
         /// The tool.
         name: &'static str,
+        /// The line's number in the tool's stdout (1-based).
+        line: usize,
         /// The line's first [`answers::GARBAGE_SHOWN`] bytes, quoted and escaped.
         start: String,
         /// What was wrong with it.

@@ -47,8 +47,19 @@ impl Answers {
         else {
             return Ok(None);
         };
-        let value: serde_json::Value =
-            serde_json::from_slice(line).map_err(|source| garbage(name, line, source))?;
+        let value: serde_json::Value = match serde_json::from_slice(line) {
+            Ok(value) => value,
+            Err(source) => {
+                let start = quoted_start(line);
+                let line = self.reader.line();
+                return Err(ToolError::Garbage {
+                    name,
+                    line,
+                    start,
+                    source,
+                });
+            }
+        };
         if let Some(got) = value["version"].as_u64() {
             if got != u64::from(PROTOCOL_VERSION) {
                 return Err(ToolError::Version {
@@ -108,18 +119,12 @@ impl Answers {
     }
 }
 
-/// The refusal of `line`, which tool `name` wrote and which is not JSON.
-fn garbage(name: &'static str, line: &[u8], source: serde_json::Error) -> ToolError {
+/// The first [`GARBAGE_SHOWN`] bytes of `line`, quoted and escaped.
+fn quoted_start(line: &[u8]) -> String {
     let shown = String::from_utf8_lossy(&line[..line.len().min(GARBAGE_SHOWN)]);
-    let more = line.len().saturating_sub(GARBAGE_SHOWN);
-    let start = match more {
+    match line.len().saturating_sub(GARBAGE_SHOWN) {
         0 => format!("{shown:?}"),
         more => format!("{shown:?} ({more} more bytes not shown)"),
-    };
-    ToolError::Garbage {
-        name,
-        start,
-        source,
     }
 }
 
@@ -275,7 +280,10 @@ mod tests {
             text.starts_with("contractor-test wrote something"),
             "{text}"
         );
-        assert!(text.contains("\"hello, I am not JSON xxx"), "{text}");
+        assert!(
+            text.contains("line 1, starting \"hello, I am not JSON xxx"),
+            "{text}"
+        );
         assert!(text.contains("more bytes not shown"), "{text}");
         assert!(text.len() < 300, "{text}");
         // The child that wrote it was ended, not left running.

@@ -211,8 +211,9 @@ pub fn close(record: &Path, ended: &Ended) -> Result<BuildResult, ToolError> {
             "--outcome",
             &wire_name(ended.outcome),
         ]);
+    // `--flag=VALUE`: a value may begin with `-` (a guest's error message).
     for pattern in ended.artifacts {
-        command.arg("--artifact").arg(pattern);
+        command.arg(format!("--artifact={pattern}"));
     }
     if let Some(exit_code) = ended.exit_code {
         command.args(["--exit-code", &exit_code.to_string()]);
@@ -221,9 +222,9 @@ pub fn close(record: &Path, ended: &Ended) -> Result<BuildResult, ToolError> {
         command.args(["--limit", &wire_name(limit)]);
     }
     if let Some(error) = ended.error {
-        command.args(["--error-code", &error.code]);
+        command.arg(format!("--error-code={}", error.code));
         for message in &error.chain {
-            command.arg("--error").arg(message);
+            command.arg(format!("--error={message}"));
         }
     }
     let closed: RecordClosed = tools::answer_of(tools::STORE, command)?;

@@ -280,8 +280,13 @@ struct EndedArgs {
     /// The error's code (a-z 0-9 _).
     #[arg(long, value_name = "CODE", requires = "outcome")]
     error_code: Option<String>,
-    /// The error's messages, outermost first (repeatable).
-    #[arg(long = "error", value_name = "MESSAGE", requires = "error_code")]
+    /// The error's messages, outermost first (repeatable; a message may begin with `-`).
+    #[arg(
+        long = "error",
+        value_name = "MESSAGE",
+        requires = "error_code",
+        allow_hyphen_values = true
+    )]
     error: Vec<String>,
 }
 

@@ -489,7 +489,7 @@ fn record_close_writes_the_callers_outcome_and_still_fails_a_success_without_its
         "--error",
         "the build was interrupted (SIGINT)",
         "--error",
-        "Ctrl-C",
+        "-bash: a message may begin with a dash",
     ];
     let out = close_record_with(&fixture.root, stopped, &["hello"], &ended, RUN_EVENTS);
     assert!(
@@ -509,7 +509,10 @@ fn record_close_writes_the_callers_outcome_and_still_fails_a_success_without_its
     assert_eq!(error.code, "interrupted");
     assert_eq!(
         error.chain,
-        ["the build was interrupted (SIGINT)", "Ctrl-C"]
+        [
+            "the build was interrupted (SIGINT)",
+            "-bash: a message may begin with a dash"
+        ]
     );
 
     let timed_out = "20261125-141502-000012";

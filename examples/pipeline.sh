@@ -58,10 +58,9 @@ say "image $IMAGE"
 image=$("$VM_TOOL" image build "$IMAGE" --json-errors) || die $? "cannot build the image $IMAGE: $image"
 boot=$(printf '%s\n' "$image" | jq -c .image.boot)
 
-# 2. The record: abandoned ones closed, this build's made, its source packed.
-"$STORE_TOOL" record close-abandoned --root "$STORE" >/dev/null
-ID=$(date -u +%Y%m%d-%H%M%S)-$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')
-mkdir -p "$STORE/builds/$ID" && REC=$(cd "$STORE/builds/$ID" && pwd) && ln -sfn "builds/$ID" "$STORE/latest"
+# 2. The record, opened by the store (abandoned ones closed first, owned by this script), packed.
+opened=$("$STORE_TOOL" record open --root "$STORE" --owner $$ --json-errors) || die $? "cannot open the record: $opened"
+ID=$(printf '%s\n' "$opened" | jq -r .id) REC=$(printf '%s\n' "$opened" | jq -r .dir)
 since=$(date +%s.%N)
 close() { # close [ARGS...] <EVENTS: the store writes result.json from what stdin says
     for a in $ARTIFACTS; do set -- "$@" --artifact "$a"; done

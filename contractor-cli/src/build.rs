@@ -20,9 +20,7 @@ use contractor_protocol::agent::{Job, Keep, Phase};
 use contractor_protocol::build::BuildEvent;
 use contractor_protocol::error::ToolCode;
 use contractor_protocol::proxy::{RecordTally, Summary};
-use contractor_protocol::result::{
-    BuildCode, BuildResult, ErrorInfo, Limit, Outcome, UpstreamFailure,
-};
+use contractor_protocol::result::{BuildCode, BuildResult, ErrorInfo, Limit, Outcome};
 use contractor_protocol::run::{RunEvent, RunRequest};
 use contractor_protocol::tool::{
     child_pid, handed_over, stop_child, wait_or_stop, Service, STOP_GRACE,
@@ -119,6 +117,12 @@ pub enum BuildError {
     /// The image could not be built or found.
     #[error("cannot prepare the builder image")]
     Image(#[source] image::ImageError),
+    /// The store could not open the build record (`contractor-store record open`).
+    #[error("cannot open the build record")]
+    Open(#[source] ToolError),
+    /// The store could not close the build record (`contractor-store record close`).
+    #[error("cannot close the build record")]
+    Close(#[source] ToolError),
     /// The build record could not be created.
     #[error("cannot create the build record {path}")]
     Record {
@@ -179,7 +183,9 @@ impl BuildError {
             }
             BuildError::Source(_) => (Outcome::Infrastructure, BuildCode::SourcePack),
             BuildError::Image(_) => (Outcome::Infrastructure, BuildCode::Image),
-            BuildError::Record { .. } => (Outcome::Infrastructure, BuildCode::Record),
+            BuildError::Record { .. } | BuildError::Open(_) | BuildError::Close(_) => {
+                (Outcome::Infrastructure, BuildCode::Record)
+            }
             BuildError::Cache { .. } => (Outcome::Infrastructure, BuildCode::CachePrepare),
             BuildError::Service(..) => (Outcome::Infrastructure, BuildCode::ServiceStart),
             BuildError::Private { .. } => (Outcome::Infrastructure, BuildCode::PrivateDir),
@@ -200,13 +206,22 @@ pub fn close_failed_record(
     started: Instant,
     err: BuildError,
 ) -> BuildError {
+    failed_result(record, id, started.elapsed().as_secs_f64(), &err);
+    err
+}
+
+/// Writes and returns the `result.json` of build `id` (its record `record`), which failed
+/// with `err` after `duration_secs`, and drops the record's owner file: how the front end
+/// closes a record itself, when the build failed before its VM ran or the store could not
+/// close it (the store may be what failed).
+fn failed_result(record: &Path, id: &str, duration_secs: f64, err: &BuildError) -> BuildResult {
     let (outcome, code) = err.outcome();
     let result = BuildResult {
         version: PROTOCOL_VERSION,
         id: id.to_string(),
         outcome,
         exit_code: None,
-        duration_secs: started.elapsed().as_secs_f64(),
+        duration_secs,
         log: record.join("build.log"),
         console_log: record.join("console.log"),
         artifacts: Vec::new(),
@@ -214,16 +229,12 @@ pub fn close_failed_record(
         refused_offline: Vec::new(),
         upstream_failures: Vec::new(),
         limit: None,
-        error: Some(ErrorInfo::from_error(code.as_str(), &err)),
+        error: Some(ErrorInfo::from_error(code.as_str(), err)),
         host: None,
     };
-    let path = record.join("result.json");
-    let text = serde_json::to_string_pretty(&result).unwrap_or_default();
-    if let Err(write) = std::fs::write(&path, text + "\n") {
-        eprintln!("contractor: cannot write {}: {write}", path.display());
-    }
+    write_result(record, &result);
     let _ = std::fs::remove_file(record.join(OWNER_FILE));
-    err
+    result
 }
 
 /// What the build produced.
@@ -264,11 +275,11 @@ impl Drop for PendingRelease {
 /// Runs one build. Tools are started from the calling thread, which must live until the
 /// build ends (see `contractor_protocol::process::die_with_parent`): call it from the main thread.
 ///
-/// Its phases: [`Setup`] (the image, the record's directory), the record opened (the
-/// source packed, the owner written), the [`Session`] started (cache, token, VM, store,
-/// proxies), the run in the VM, the services stopped ([`Session::stop`]), and the record
-/// closed ([`close_record`]: the cache kept, the artifacts indexed, `result.json` and the
-/// provenance written). From the record's directory on, a failure closes the record too.
+/// Its phases: [`Setup`] (the image, the record opened by the store: its directory, its
+/// owner, `latest`), the source packed, the [`Session`] started (cache, token, VM, store,
+/// proxies), the run in the VM, the services stopped ([`Stopped::stop`]), and the record
+/// closed ([`close_record`]: the cache kept, `result.json` written by the store, the
+/// provenance signed). From the record's directory on, a failure closes the record too.
 pub fn build(
     spec: &BuildSpec,
     options: &BuildOptions,
@@ -285,8 +296,6 @@ pub fn build(
     };
     let packed = pack_source(spec, options, &setup.record).map_err(close)?;
     announce(display, spec, &setup, &packed);
-    update_latest(&setup.store_root, &setup.id);
-    let owner_file = write_owner(&setup.record).map_err(close)?;
     let session = Session::start(spec, options, &setup, display, &interruption).map_err(close)?;
     let mut ran = run_in_vm(
         &options.uri,
@@ -316,21 +325,14 @@ pub fn build(
         display,
     );
     let release = PendingRelease(ran.releasing.take());
-    let proxied = stopped.judge(&mut ran, display, setup.download_cache_max);
-    let closing = Closing {
-        how: Started {
-            setup: &setup,
-            snapshot: session.snapshot,
-            started_on,
-            cache_restored: session.cache_restored,
-        },
-        started,
-        log: session.log,
-        console_log: session.console_log,
-        proxied,
+    stopped.judge(&mut ran, display, setup.download_cache_max);
+    let how = Started {
+        setup: &setup,
+        snapshot: session.snapshot,
+        started_on,
+        cache_restored: session.cache_restored,
     };
-    let (result, kept) = close_record(spec, options, closing, ran, display);
-    let _ = std::fs::remove_file(&owner_file);
+    let (result, kept) = close_record(spec, options, &how, ran, display);
     display.event(&BuildEvent::Finished {
         result: result.clone(),
     });
@@ -342,7 +344,8 @@ pub fn build(
 }
 
 /// What a build needs before its record can be closed on failure: the image, the download
-/// cache, and the record's directory (`<store>/builds/<id>`), made here.
+/// cache, and the record (`<store>/builds/<id>`), opened here by the store
+/// (`contractor-store record open`, which also closes abandoned ones first).
 struct Setup {
     image: crate::image::Image,
     download_cache: PathBuf,
@@ -365,13 +368,9 @@ impl Setup {
         let download_cache_max = crate::downloads::max_bytes().map_err(BuildError::Setting)?;
         let store_root =
             paths::checked_store_dir(&spec.project_dir).map_err(BuildError::StoreDir)?;
-        close_abandoned_records(&store_root);
-        let id = options.id.clone().unwrap_or_else(new_build_id);
+        let id = crate::records::open_new(&store_root, options.id.as_deref())
+            .map_err(BuildError::Open)?;
         let record = store_root.join("builds").join(&id);
-        paths::create_dir_world_readable(&record).map_err(|source| BuildError::Record {
-            path: record.clone(),
-            source,
-        })?;
         Ok(Setup {
             image,
             download_cache,
@@ -426,7 +425,8 @@ fn announce(display: &Display, spec: &BuildSpec, setup: &Setup, packed: &source:
 }
 
 /// Writes the record's `owner.json` (this process, by pid and start time: the store's
-/// liveness rule); returns its path, removed when the build ends.
+/// liveness rule); returns its path, removed when the build ends. For a build on a build
+/// host (remote.rs); a local build's record is opened by the store (`records::open_new`).
 pub(crate) fn write_owner(record: &Path) -> Result<PathBuf, BuildError> {
     let owner_file = record.join(OWNER_FILE);
     let owner = serde_json::json!({
@@ -451,7 +451,6 @@ struct Session {
     private: Private,
     tools_log: ToolsLog,
     log: PathBuf,
-    console_log: PathBuf,
     /// Whether the VM may be restored from a snapshot.
     snapshot: bool,
     cache_restored: Option<bool>,
@@ -533,7 +532,6 @@ impl Session {
             private,
             tools_log,
             log: record.join("build.log"),
-            console_log,
             snapshot,
             cache_restored,
         })
@@ -640,17 +638,11 @@ fn start_proxies(
     Ok((proxy, script_proxy))
 }
 
-/// What the services said when they stopped.
+/// What the build's proxy said when the services stopped (the hosts it and the script's
+/// proxy refused are in the record's `proxy.jsonl`, which the store tallies when it closes
+/// the record).
 struct Stopped {
     proxy: Result<ProxyReport, ToolError>,
-    script_proxy: Option<Result<ProxyReport, ToolError>>,
-}
-
-/// What the proxies' reports put in `result.json`.
-struct Proxied {
-    refused_hosts: Vec<String>,
-    refused_offline: Vec<String>,
-    upstream_failures: Vec<UpstreamFailure>,
 }
 
 impl Stopped {
@@ -685,19 +677,14 @@ impl Stopped {
         }
         Stopped {
             proxy: proxy_stopped,
-            script_proxy: script_proxy_stopped,
         }
     }
 
-    /// What the proxies saw: the hosts refused and failed, and downloads that did not match
-    /// contractor.lock (which fail the build, whatever the guest said: it never had them
-    /// whole); warnings for downloads not pinned or not kept in the download cache.
-    fn judge(self, ran: &mut Ran, display: &Display, download_cache_max: u64) -> Proxied {
+    /// What the build's proxy saw that the build's end depends on: downloads that did not
+    /// match contractor.lock (which fail the build, whatever the guest said: it never had
+    /// them whole); warnings for downloads not pinned or not kept in the download cache.
+    fn judge(self, ran: &mut Ran, display: &Display, download_cache_max: u64) {
         let report = self.proxy.unwrap_or_default();
-        let refused_offline = match self.script_proxy {
-            Some(Ok(report)) => report.filed.refused_hosts,
-            _ => Vec::new(),
-        };
         let filed = report.filed;
         if filed.mismatches > 0 {
             ran.outcome = Outcome::Failed;
@@ -736,21 +723,7 @@ impl Stopped {
                 crate::downloads::SIZE_VARIABLE
             ));
         }
-        Proxied {
-            upstream_failures: filed.upstream_failures,
-            refused_hosts: filed.refused_hosts,
-            refused_offline,
-        }
     }
-}
-
-/// What closing the record needs besides the run's outcome.
-struct Closing<'a> {
-    how: Started<'a>,
-    started: Instant,
-    log: PathBuf,
-    console_log: PathBuf,
-    proxied: Proxied,
 }
 
 /// How a build was started, as its provenance says.
@@ -761,17 +734,19 @@ struct Started<'a> {
     cache_restored: Option<bool>,
 }
 
-/// Closes the record of a build that ran: keeps its build cache, takes the store's index
-/// of its artifacts (a declared one missing fails the build), writes `result.json`, signs
-/// the provenance (when this front end packed the source), and notes a kept VM.
+/// Closes the record of a build that ran: keeps its build cache, has the store close the
+/// record (`contractor-store record close`: the artifacts indexed, each declared one checked,
+/// the proxies' refusals tallied, `result.json` written) with the end decided here, signs
+/// the provenance (when this front end packed the source), and notes a kept VM. A record
+/// the store cannot close is closed here, as an infrastructure failure (code `record`).
 fn close_record(
     spec: &BuildSpec,
     options: &BuildOptions,
-    closing: Closing,
-    mut ran: Ran,
+    how: &Started,
+    ran: Ran,
     display: &Display,
 ) -> (BuildResult, Option<KeptVm>) {
-    let (setup, record) = (closing.how.setup, &closing.how.setup.record);
+    let (setup, record) = (how.setup, &how.setup.record);
     let cache_saved = crate::cache::keep(
         &setup.store_root,
         record,
@@ -782,47 +757,27 @@ fn close_record(
     if let Err(err) = &cache_saved {
         display.warning(&format!("cannot keep the build cache: {err}"));
     }
-    // The store's own index of what it received: written by the store, read back here.
-    let stored = crate::records::index_artifacts(record).unwrap_or_else(|err| {
-        display.warning(&format!(
-            "cannot index the artifacts: {}",
-            contractor_protocol::result::joined_chain(&err)
-        ));
-        Vec::new()
-    });
-    if ran.outcome == Outcome::Success {
-        // The host checks what it can know itself: the guest's word is not enough.
-        if let Some(pattern) =
-            missing_artifacts(&record.join("artifacts"), &stored, &spec.artifacts)
-        {
-            ran.outcome = Outcome::Failed;
-            ran.error = Some(contractor_protocol::result::artifact_missing_error(
-                &pattern,
-            ));
-        }
-    }
-    let proxied = closing.proxied;
-    let result = BuildResult {
-        version: PROTOCOL_VERSION,
-        id: setup.id.clone(),
+    let ended = crate::records::Ended {
+        started: how.started_on,
+        artifacts: &spec.artifacts,
         outcome: ran.outcome,
         exit_code: ran.exit_code,
-        duration_secs: closing.started.elapsed().as_secs_f64(),
-        log: closing.log,
-        console_log: closing.console_log,
-        artifacts: stored,
-        refused_hosts: proxied.refused_hosts,
-        refused_offline: proxied.refused_offline,
-        upstream_failures: proxied.upstream_failures,
         limit: ran.limit,
-        error: ran.error.map(|e| ErrorInfo::capped(&e.code, &e.chain)),
-        host: None,
+        error: ran.error.as_ref(),
     };
-    write_result(record, &result);
+    let result = crate::records::close(record, &ended).unwrap_or_else(|err| {
+        let duration = how.started_on.elapsed().unwrap_or_default();
+        failed_result(
+            record,
+            &setup.id,
+            duration.as_secs_f64(),
+            &BuildError::Close(err),
+        )
+    });
     sign(
         spec,
         options,
-        &closing.how,
+        how,
         ran.vm_started.as_ref(),
         &result,
         display,
@@ -1719,18 +1674,6 @@ fn read_events(child: &mut Child, display: &Display) -> Result<RunEvent, ToolErr
     }
 }
 
-/// The first of the declared artifact `patterns` that none of the `stored` files under `dir`
-/// (the store's index) matches. A pattern matches a stored file or a directory it lies in,
-/// with the agent's glob semantics relative to the source root (`*` stays within a path
-/// component, `**` spans them). The cache upload is not an artifact.
-fn missing_artifacts(dir: &Path, stored: &[PathBuf], patterns: &[String]) -> Option<String> {
-    let stored: Vec<PathBuf> = stored
-        .iter()
-        .filter_map(|path| path.strip_prefix(dir).ok().map(Path::to_path_buf))
-        .collect();
-    contractor_protocol::result::missing_artifact(&stored, patterns)
-}
-
 /// While a build runs, its record holds this file naming the `contractor` process (pid and
 /// start time); it is removed when `result.json` is written.
 pub const OWNER_FILE: &str = contractor_protocol::process::OWNER_FILE;
@@ -1748,7 +1691,8 @@ pub fn close_abandoned_records(store_root: &Path) {
     }
 }
 
-/// `latest` → the newest build, so `.contractor/latest/build.log` is always at hand.
+/// `latest` → the newest build, so `.contractor/latest/build.log` is always at hand (a
+/// build on a build host; `contractor-store record open` points it for a local one).
 pub fn update_latest(store_root: &Path, id: &str) {
     let link = store_root.join("latest");
     let temp = store_root.join(format!(".latest-{}", std::process::id()));
@@ -1759,28 +1703,7 @@ pub fn update_latest(store_root: &Path, id: &str) {
 }
 
 /// `20261125-130501-3f2a9c`: sortable by time, unique across concurrent builds.
-pub fn new_build_id() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    let (year, month, day) = crate::clock::civil_date(now / 86_400);
-    let secs = now % 86_400;
-    let mut random = [0u8; 3];
-    if let Ok(mut urandom) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut urandom, &mut random);
-    }
-    format!(
-        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}-{}",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60,
-        random
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    )
-}
+pub use contractor_protocol::hosted::new_build_id;
 
 #[cfg(test)]
 mod tests {
@@ -1815,49 +1738,6 @@ mod tests {
             error.chain[1].contains("has more than 1 entries"),
             "{error:?}"
         );
-    }
-
-    #[test]
-    fn a_declared_artifact_is_missing_unless_a_stored_file_or_its_directory_matches() {
-        let store = tempfile::tempdir().expect("tempdir");
-        let record = store.path().join("builds/b1");
-        let dir = record.join("artifacts");
-        std::fs::create_dir_all(dir.join("target/debian")).expect("mkdir");
-        std::fs::write(dir.join("hello"), "x").expect("write");
-        std::fs::write(dir.join("target/debian/a.deb"), "x").expect("write");
-        std::fs::write(dir.join(crate::cache::UPLOAD_NAME), "cache").expect("write");
-        let stored = crate::records::index_artifacts(&record).expect("the store indexes");
-        let check = |patterns: &[&str]| {
-            let patterns: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
-            missing_artifacts(&dir, &stored, &patterns)
-        };
-        assert_eq!(
-            check(&["hello", "target/debian/*.deb", "target", "target/*"]),
-            None
-        );
-        assert_eq!(check(&["**/*.deb", "target/**/a.deb", "h?llo"]), None);
-        assert_eq!(check(&["hello", "gone"]), Some("gone".into()));
-        assert_eq!(
-            check(&["*.deb"]),
-            Some("*.deb".into()),
-            "* stays in one component"
-        );
-        assert_eq!(
-            check(&[crate::cache::UPLOAD_NAME]),
-            Some(crate::cache::UPLOAD_NAME.into()),
-            "the cache is not an artifact"
-        );
-        assert_eq!(
-            missing_artifacts(&store.path().join("none"), &[], &[]),
-            None
-        );
-    }
-
-    #[test]
-    fn build_ids_carry_the_civil_date() {
-        let id = new_build_id();
-        assert_eq!(id.len(), "20261125-130501-3f2a9c".len(), "{id}");
-        assert!(id.starts_with("20"), "{id}");
     }
 
     #[test]

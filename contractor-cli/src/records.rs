@@ -3,15 +3,15 @@
 //! A record is `<project>/.contractor/builds/<id>/`; ids sort by time, so the newest build
 //! is the greatest id. These commands only read: they never change a record. What writes
 //! record files the front end did not make itself is `contractor-store record ...`: the
-//! store receives a build host's record (confined to it), decides which builds are
-//! abandoned and closes them, and indexes artifacts (`artifacts.json`), which the front end
-//! reads back ([`stored_artifacts`]).
+//! store opens a build's record ([`open_new`]) and closes it ([`close`]: `artifacts.json` and
+//! `result.json`), receives a build host's record (confined to it), and decides which
+//! builds are abandoned and closes them.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
-use contractor_protocol::result::BuildResult;
-use contractor_protocol::store::RecordsClosed;
+use contractor_protocol::result::{BuildResult, ErrorInfo, Limit, Outcome};
+use contractor_protocol::store::{RecordClosed, RecordOpened, RecordsClosed};
 
 use crate::tools::{self, ToolError};
 
@@ -152,21 +152,91 @@ fn store_and_id(record: &Path) -> (&Path, &std::ffi::OsStr) {
     (root, record.file_name().unwrap_or_default())
 }
 
-/// Asks the store to index the artifacts of `record` (`contractor-store index`, which
-/// writes `artifacts.json`) and returns them as [`stored_artifacts`] reads them back.
-pub fn index_artifacts(record: &Path) -> Result<Vec<PathBuf>, ToolError> {
+/// Asks the store to open the record of a new build under `store_root`
+/// (`contractor-store record open`: abandoned records closed, the directory made, owned by
+/// this process, `latest` pointed at it) with the id `id` (else a new one); returns its id.
+pub fn open_new(store_root: &Path, id: Option<&str>) -> Result<String, ToolError> {
+    let owner = std::process::id().to_string();
+    let mut args = vec![
+        OsStr::new("record"),
+        OsStr::new("open"),
+        OsStr::new("--root"),
+        store_root.as_os_str(),
+        OsStr::new("--owner"),
+        OsStr::new(&owner),
+    ];
+    if let Some(id) = id {
+        args.extend([OsStr::new("--id"), OsStr::new(id)]);
+    }
+    let opened: RecordOpened = tools::answer(tools::STORE, &args)?;
+    Ok(opened.id)
+}
+
+/// How a build ended, as the front end decided it: what `record close` is told.
+pub struct Ended<'a> {
+    /// When it started.
+    pub started: std::time::SystemTime,
+    /// `[build] artifacts`: a success that stored none of one is failed.
+    pub artifacts: &'a [String],
+    /// Its outcome, exit code, limit and error.
+    pub outcome: Outcome,
+    /// The script's exit code.
+    pub exit_code: Option<i32>,
+    /// The limit it hit.
+    pub limit: Option<Limit>,
+    /// What went wrong.
+    pub error: Option<&'a ErrorInfo>,
+}
+
+/// Asks the store to close `record` (`contractor-store record close`: the artifacts indexed,
+/// each declared one checked, the proxy's refusals tallied, `result.json` written, the owner
+/// removed) with the end `ended`; returns the result written.
+pub fn close(record: &Path, ended: &Ended) -> Result<BuildResult, ToolError> {
     let (root, id) = store_and_id(record);
-    let _: serde_json::Value = tools::answer(
-        tools::STORE,
-        &[
-            OsStr::new("index"),
-            OsStr::new("--root"),
-            root.as_os_str(),
-            OsStr::new("--build"),
-            id,
-        ],
-    )?;
-    Ok(stored_artifacts(record))
+    let started = ended
+        .started
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+        .to_string();
+    let mut command = tools::command(tools::STORE)?;
+    command
+        .args(["record", "close", "--root"])
+        .arg(root)
+        .arg("--build")
+        .arg(id)
+        .args([
+            "--started",
+            &started,
+            "--outcome",
+            &wire_name(ended.outcome),
+        ]);
+    // `--flag=VALUE`: a value may begin with `-` (a guest's error message).
+    for pattern in ended.artifacts {
+        command.arg(format!("--artifact={pattern}"));
+    }
+    if let Some(exit_code) = ended.exit_code {
+        command.args(["--exit-code", &exit_code.to_string()]);
+    }
+    if let Some(limit) = ended.limit {
+        command.args(["--limit", &wire_name(limit)]);
+    }
+    if let Some(error) = ended.error {
+        command.arg(format!("--error-code={}", error.code));
+        for message in &error.chain {
+            command.arg(format!("--error={message}"));
+        }
+    }
+    let closed: RecordClosed = tools::answer_of(tools::STORE, command)?;
+    Ok(closed.result)
+}
+
+/// An outcome's or a limit's name on the wire (`"interrupted"`, `"max_log"`).
+fn wire_name(value: impl serde::Serialize) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(name)) => name,
+        _ => String::new(),
+    }
 }
 
 /// The artifacts of `record` as the store's index (`artifacts.json`, at most
@@ -352,17 +422,17 @@ mod tests {
             Vec::<PathBuf>::new(),
             "no index yet"
         );
-        let listed = index_artifacts(&record).expect("contractor-store index");
+        std::fs::write(
+            record.join("artifacts.json"),
+            r#"{"version":1,"build":"b","artifacts":[{"path":"bin/tool"},{"path":"a.txt"}]}"#,
+        )
+        .expect("index");
         assert_eq!(
-            listed,
+            stored_artifacts(&record),
             [
                 record.join("artifacts/a.txt"),
                 record.join("artifacts/bin/tool")
             ]
-        );
-        assert!(
-            record.join("artifacts.json").is_file(),
-            "written by the store"
         );
         // What the index names is what is listed: a file it does not name is not walked to,
         // and a path that would leave artifacts/ is dropped.

@@ -29,6 +29,22 @@ const TOOLS: [&str; 4] = [
 /// waits out a tool's 15 s grace and then stops it about 15 s).
 const HUNG: Duration = Duration::from_secs(60);
 
+/// The binary `name` of this workspace, built beside this test (`cargo build` builds them
+/// all; a test runs only the real tools that need no VM: the signer, the store's record
+/// requests).
+fn built(name: &str) -> PathBuf {
+    let path = std::env::current_exe()
+        .ok()
+        .and_then(|test| Some(test.parent()?.parent()?.join(name)))
+        .expect("target directory");
+    assert!(
+        path.is_file(),
+        "{} is not built: run cargo build first",
+        path.display()
+    );
+    path
+}
+
 /// A project, a data directory and a directory of stand-in tools, all in one temp dir.
 struct Bench {
     dir: tempfile::TempDir,
@@ -55,11 +71,8 @@ impl Bench {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         }
         // The signer is the real one: it needs no VM, and a build's record is its to sign.
-        let built = std::env::current_exe()
-            .ok()
-            .and_then(|test| Some(test.parent()?.parent()?.join("contractor-attest")))
-            .expect("target directory");
-        std::os::unix::fs::symlink(&built, bin.join("contractor-attest")).expect("link the signer");
+        std::os::unix::fs::symlink(built("contractor-attest"), bin.join("contractor-attest"))
+            .expect("link the signer");
         for sub in ["project", "data", "tmp", "home", "standin"] {
             std::fs::create_dir(dir.path().join(sub)).expect("mkdir");
         }
@@ -104,6 +117,7 @@ impl Bench {
             .env("TMPDIR", self.path("tmp"))
             .env("HOME", self.path("home"))
             .env("STANDIN_DIR", self.path("standin"))
+            .env("STANDIN_STORE", built("contractor-store"))
             .envs(self.behaviours.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

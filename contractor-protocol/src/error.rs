@@ -161,12 +161,18 @@ tool_codes! {
     /// `record follow`: the build host's stream before its record breaks the hosted build
     /// protocol (no hello first, a malformed line, the record before `finished`); exit 2.
     HostedStream = "hosted_stream",
+    /// `record open`: the build id given has a record already; exit 2.
+    RecordExists = "record_exists",
+    /// `record open`: `--owner` names no running process; exit 2.
+    BadOwner = "bad_owner",
+    /// `record open`: the record could not be made; exit 3.
+    RecordOpen = "record_open",
     /// `record close-abandoned`, `record close`: a record could not be closed; exit 3.
     RecordClose = "record_close",
     /// `record close`: no such record, or it is closed already (it has a `result.json`);
     /// exit 2.
     RecordNotOpen = "record_not_open",
-    /// `cache`: not a build id; exit 2.
+    /// `cache`, `record open`: not a build id; exit 2.
     BadBuild = "bad_build",
     /// `cache`: not a path the cache may keep; exit 2.
     BadCachePath = "bad_cache_path",

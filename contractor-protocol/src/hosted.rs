@@ -211,6 +211,30 @@ pub fn is_build_id(id: &str) -> bool {
             .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
 }
 
+/// A new build id, `20261125-130501-3f2a9c` ([`is_build_id`]): the UTC date and time, then
+/// three random bytes, so that ids sort by time and concurrent builds do not collide.
+pub fn new_build_id() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let (year, month, day) = crate::clock::civil_date(now / 86_400);
+    let secs = now % 86_400;
+    let mut random = [0u8; 3];
+    if let Ok(mut urandom) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut urandom, &mut random);
+    }
+    format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}-{:02x}{:02x}{:02x}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60,
+        random[0],
+        random[1],
+        random[2]
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,6 +270,7 @@ mod tests {
     #[test]
     fn ids_and_keys_have_one_form() {
         assert!(is_build_id("20261203-061502-3fa2c1"));
+        assert!(is_build_id(&new_build_id()), "{}", new_build_id());
         assert!(!is_build_id("20261203-061502-3FA2C1"));
         assert!(!is_build_id("../../etc/passwd-xxxxx"));
         assert!(!is_build_id("20261203-061502-3fa2c"));

@@ -65,6 +65,11 @@ tag!(
     RecordsClosed
 );
 tag!(
+    /// The `"type"` of [`RecordOpened`]: `"record_opened"`.
+    RecordOpenedTag,
+    RecordOpened
+);
+tag!(
     /// The `"type"` of [`RecordClosed`]: `"record_closed"`.
     RecordClosedTag,
     RecordClosed
@@ -122,6 +127,34 @@ impl RecordsClosed {
             kind: RecordsClosedTag::RecordsClosed,
             version: PROTOCOL_VERSION,
             closed,
+        }
+    }
+}
+
+/// `record open`: the build's record made, owned and named `latest`.
+/// `{"type":"record_opened","version":1,"id":"20261125-141502-3fa2c1","dir":"/p/.contractor/builds/20261125-141502-3fa2c1"}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordOpened {
+    /// Always `record_opened`.
+    #[serde(rename = "type")]
+    pub kind: RecordOpenedTag,
+    /// Protocol version, 1.
+    pub version: u32,
+    /// The build's id.
+    pub id: String,
+    /// Its record directory, absolute.
+    pub dir: PathBuf,
+}
+
+impl RecordOpened {
+    /// The answer for the record `dir` of build `id`.
+    pub fn new(id: String, dir: PathBuf) -> RecordOpened {
+        RecordOpened {
+            kind: RecordOpenedTag::RecordOpened,
+            version: PROTOCOL_VERSION,
+            id,
+            dir,
         }
     }
 }

@@ -2,8 +2,8 @@
 //! record and the run's events say, so that a composition of the tools (examples/pipeline.sh)
 //! closes its record as `contractor build` does without re-deriving the result itself.
 //!
-//! The result is the run's `finished` event (its outcome, exit code, limit and error, the
-//! error capped as `contractor build` caps it), the artifacts of the index written now
+//! The result is the run's `finished` event, or how the caller says the build ended (its
+//! outcome, exit code, limit and error, the error capped as the run's is), the artifacts of the index written now
 //! (`artifacts.json`), a success whose declared artifact no stored file matches turned into
 //! `failed` (`artifact_missing`; without `finished`, the stream's error object or code
 //! `run`), and the refusals of `proxy.jsonl` tallied by the
@@ -52,19 +52,38 @@ impl CloseError {
     }
 }
 
-/// What closing needs besides the record: when the build started, and the artifacts it
-/// declared (`[build] artifacts`).
+/// What closing needs besides the record: when the build started, the artifacts it
+/// declared (`[build] artifacts`), and how it ended when the caller decided that itself.
 #[derive(Debug, Clone)]
 pub struct Closing {
     /// When the build started (its duration runs from here).
     pub started: SystemTime,
     /// The declared artifact patterns; each must match a stored artifact for a success.
     pub artifacts: Vec<String>,
+    /// How the build ended as its caller decided (`contractor build`: an interruption, a
+    /// download that did not match its pin, a VM that did not start...); `None`: as the
+    /// run's events on stdin say.
+    pub ended: Option<Ended>,
+}
+
+/// How a build ended, as the caller of `record close` says (`--outcome` and its flags): what
+/// `result.json` says but for a declared artifact missing, which fails a success here too.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ended {
+    /// The outcome.
+    pub outcome: Outcome,
+    /// The script's exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// The limit it hit, if any.
+    pub limit: Option<contractor_protocol::result::Limit>,
+    /// What went wrong (capped here as the run's own error is).
+    pub error: Option<ErrorInfo>,
 }
 
 /// Closes the record `root/builds/<id>` of a build whose run wrote `events` (contractor-run's
-/// stdout): indexes its artifacts, writes its `result.json`, removes its `owner.json`, and
-/// returns the result. Blocking.
+/// stdout; not read when the caller said how it ended, `closing.ended`): indexes its
+/// artifacts, writes its `result.json`, removes its `owner.json`, and returns the result.
+/// Blocking.
 pub fn close(
     root: &Path,
     id: &str,
@@ -88,13 +107,23 @@ pub fn close(
             result_path.display()
         )));
     }
-    let ran = last_finished(events)?;
+    let ran = match &closing.ended {
+        Some(ended) => (
+            ended.outcome,
+            ended.exit_code,
+            ended.error.clone(),
+            ended.limit,
+        ),
+        None => last_finished(events)?,
+    };
     let index = write_artifact_index(root, id)?;
-    let stored: Vec<PathBuf> = index
+    // In path order (component by component), as `contractor build` has always listed them.
+    let mut stored: Vec<PathBuf> = index
         .artifacts
         .iter()
         .map(|a| PathBuf::from(&a.path))
         .collect();
+    stored.sort();
     let (mut outcome, exit_code, mut error, limit) = ran;
     if outcome == Outcome::Success {
         if let Some(pattern) =

@@ -7,7 +7,8 @@
 //! [`path`] checks request paths without touching the disk, [`access`] decides what a build
 //! token allows, [`files`] does the disk work with symlinks in mind, [`digest`] hashes,
 //! [`limits`] keeps uploads within their size limits, [`range`] reads conditional and
-//! partial GETs, [`records`] writes artifact indexes and collects garbage, [`closing`] writes a finished build's `result.json`, and [`server`]
+//! partial GETs, [`records`] writes artifact indexes and collects garbage, [`opening`] makes a build's record
+//! and [`closing`] writes its `result.json`, and [`server`]
 //! speaks HTTP; [`confinement`] says what a serving store may still reach once it confines
 //! itself (before its first read from a client); [`receipt`] receives the record of a build
 //! run on a build host, confined to that record. Off the wire, [`pack`] packs a project's tree into a record's `source.tar`
@@ -23,6 +24,7 @@ pub mod digest;
 pub mod files;
 pub mod follow;
 pub mod limits;
+pub mod opening;
 pub mod pack;
 pub mod path;
 pub mod range;

@@ -1,7 +1,9 @@
 //! `contractor-store`: `serve` a store directory over HTTP (one `ready` line on stdout,
 //! stops on SIGTERM or SIGINT), write a build's artifact `index`, collect garbage (`gc`),
 //! make a build `token`, `pack` a project's source into a record, keep a project's build
-//! `cache`, or `record follow|receive` a build host's stream and record and close abandoned ones. Flags map onto library calls; errors become exit codes here only.
+//! `cache`, or `record open|close` a build's record, `record follow|receive` a build host's
+//! stream and record, and close abandoned ones. Flags map onto library calls; errors become
+//! exit codes here only.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -11,9 +13,11 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use contractor_protocol::error::ToolCode;
+use contractor_protocol::result::{ErrorInfo, Limit, Outcome};
 use contractor_protocol::service::{Confinement, Ready, ReadyOut};
 use contractor_protocol::store::{
-    CacheCleared, CacheKept, CacheList, CachePrepared, RecordClosed, RecordReceived, RecordsClosed,
+    CacheCleared, CacheKept, CacheList, CachePrepared, RecordClosed, RecordOpened, RecordReceived,
+    RecordsClosed,
 };
 use contractor_protocol::units::{parse_duration, parse_size};
 use contractor_protocol::ExitCode;
@@ -113,8 +117,8 @@ With --json-errors a failure is also one {\"type\":\"error\",...} object on stdo
     /// build uploaded, list or clear them.
     #[command(subcommand)]
     Cache(CacheCommand),
-    /// A build's record: close one that ran, receive one from a build host, close abandoned
-    /// ones.
+    /// A build's record: open one, close one that ran, receive one from a build host, close
+    /// abandoned ones.
     #[command(subcommand)]
     Record(RecordCommand),
 }
@@ -186,8 +190,9 @@ struct Receipt {
 
 #[derive(Debug, Subcommand)]
 #[command(
-    after_help = "Exit codes: 0 done; 2 a bad build id or a refused record stream; 3 the record could\n\
-not be read or written. With --json-errors a failure is also one {\"type\":\"error\",...} object on stdout."
+    after_help = "Exit codes: 0 done; 2 a bad build id or owner, a record that exists (open) or is\n\
+closed (close), or a refused record stream; 3 the record could not be made, read or written.\n\
+With --json-errors a failure is also one {\"type\":\"error\",...} object on stdout."
 )]
 enum RecordCommand {
     /// Receive the record of a build run on a build host (the stream after its `finished`
@@ -210,10 +215,27 @@ enum RecordCommand {
         #[arg(long, value_name = "DIR")]
         root: PathBuf,
     },
-    /// Close the record of a build that ran: read contractor-run's events on stdin, write
-    /// ROOT/builds/ID/artifacts.json and result.json (the `finished` event's outcome, the
-    /// stored artifacts, each declared one checked, the refusals of proxy.jsonl), remove
-    /// owner.json, and print {"type":"record_closed","version":1,"result":{...}}.
+    /// Open the record of a new build: close abandoned ones (as close-abandoned does), make
+    /// ROOT/builds/ID/ (ID new, or --id checked: one that has a record is refused), write its
+    /// owner.json naming --owner, point ROOT/latest at it, and print
+    /// {"type":"record_opened","version":1,"id":ID,"dir":DIR}.
+    Open {
+        /// The store directory (created if missing).
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+        /// The build's id (YYYYMMDD-HHMMSS-xxxxxx), when the caller chose it; default: a new one.
+        #[arg(long, value_name = "ID")]
+        id: Option<String>,
+        /// The process the build lives as long as (the front end, the script: `$$`); once it
+        /// is gone without closing the record, the build is abandoned.
+        #[arg(long, value_name = "PID")]
+        owner: u32,
+    },
+    /// Close the record of a build that ran: read contractor-run's events on stdin (or take
+    /// how it ended from --outcome and its flags), write ROOT/builds/ID/artifacts.json and
+    /// result.json (the `finished` event's outcome, the stored artifacts, each declared one
+    /// checked, the refusals of proxy.jsonl), remove owner.json, and print
+    /// {"type":"record_closed","version":1,"result":{...}}.
     Close {
         /// The store directory.
         #[arg(long, value_name = "DIR")]
@@ -228,10 +250,74 @@ enum RecordCommand {
         /// nothing it matches is failed (`artifact_missing`). Repeatable.
         #[arg(long = "artifact", value_name = "PATTERN")]
         artifacts: Vec<String>,
+        #[command(flatten)]
+        ended: EndedArgs,
         /// Do not confine the close (Landlock, seccomp, rlimits): for debugging only.
         #[arg(long)]
         no_confine: bool,
     },
+}
+
+/// `record close`'s flags that say how the build ended, when its caller decided that (stdin
+/// is then not read).
+#[derive(Debug, clap::Args)]
+struct EndedArgs {
+    /// How the build ended: success, failed, timeout, infrastructure or interrupted; stdin
+    /// is then not read. A success whose declared artifact is missing is still failed.
+    #[arg(long, value_name = "OUTCOME", value_parser = parse_outcome)]
+    outcome: Option<Outcome>,
+    /// The script's exit code.
+    #[arg(
+        long,
+        value_name = "N",
+        requires = "outcome",
+        allow_negative_numbers = true
+    )]
+    exit_code: Option<i32>,
+    /// The limit the build hit: timeout, max_log, max_artifacts, memory or disk.
+    #[arg(long, value_name = "LIMIT", requires = "outcome", value_parser = parse_limit)]
+    limit: Option<Limit>,
+    /// The error's code (a-z 0-9 _).
+    #[arg(long, value_name = "CODE", requires = "outcome")]
+    error_code: Option<String>,
+    /// The error's messages, outermost first (repeatable; a message may begin with `-`).
+    #[arg(
+        long = "error",
+        value_name = "MESSAGE",
+        requires = "error_code",
+        allow_hyphen_values = true
+    )]
+    error: Vec<String>,
+}
+
+impl EndedArgs {
+    /// How the build ended, when `--outcome` said it.
+    fn ended(self) -> Option<contractor_store::closing::Ended> {
+        let outcome = self.outcome?;
+        Some(contractor_store::closing::Ended {
+            outcome,
+            exit_code: self.exit_code,
+            limit: self.limit,
+            error: self.error_code.map(|code| ErrorInfo {
+                code,
+                chain: self.error,
+            }),
+        })
+    }
+}
+
+/// `--outcome`: an outcome as `result.json` writes it.
+fn parse_outcome(text: &str) -> Result<Outcome, String> {
+    serde_json::from_value(serde_json::Value::from(text)).map_err(|_| {
+        format!("{text:?} is not an outcome; give success, failed, timeout, infrastructure or interrupted")
+    })
+}
+
+/// `--limit`: a limit as `result.json` writes it.
+fn parse_limit(text: &str) -> Result<Limit, String> {
+    serde_json::from_value(serde_json::Value::from(text)).map_err(|_| {
+        format!("{text:?} is not a limit; give timeout, max_log, max_artifacts, memory or disk")
+    })
 }
 
 /// `--started`: seconds since the Unix epoch, fractions allowed.
@@ -502,9 +588,14 @@ fn record(command: RecordCommand) -> std::process::ExitCode {
             build,
             started,
             artifacts,
+            ended,
             no_confine,
         } => {
-            let closing = contractor_store::closing::Closing { started, artifacts };
+            let closing = contractor_store::closing::Closing {
+                started,
+                artifacts,
+                ended: ended.ended(),
+            };
             match close_record(&root, &build, &closing, !no_confine) {
                 Ok(result) => print_json(&RecordClosed::new(result)),
                 Err(e) => {
@@ -514,6 +605,25 @@ fn record(command: RecordCommand) -> std::process::ExitCode {
                         (ExitCode::Infrastructure, ToolCode::RecordClose)
                     };
                     fail(exit, code, &anyhow::Error::new(e))
+                }
+            }
+        }
+        RecordCommand::Open { root, id, owner } => {
+            // An abandoned record is closed before a new one opens; a store that cannot
+            // close them still opens the build's (said on stderr).
+            if let Err(e) = contractor_store::records::close_abandoned(&root, SystemTime::now()) {
+                let e = anyhow::Error::new(e);
+                eprintln!("contractor-store: warning: cannot close abandoned records: {e:#}");
+            }
+            match contractor_store::opening::open(&root, id.as_deref(), owner) {
+                Ok(opened) => print_json(&RecordOpened::new(opened.id, opened.dir)),
+                Err(e) => {
+                    let exit = if e.is_bad_input() {
+                        ExitCode::BadInput
+                    } else {
+                        ExitCode::Infrastructure
+                    };
+                    fail(exit, e.code(), &anyhow::Error::new(e))
                 }
             }
         }

@@ -313,12 +313,24 @@ async fn the_library_serves_in_process_with_tokens_and_limits() {
 
 /// `record close --root R --build ID --started T [--artifact P]...` with `events` on stdin.
 fn close_record(root: &Path, id: &str, artifacts: &[&str], events: &str) -> std::process::Output {
+    close_record_with(root, id, artifacts, &[], events)
+}
+
+/// [`close_record`] with the flags `ended` (how the caller says the build ended).
+fn close_record_with(
+    root: &Path,
+    id: &str,
+    artifacts: &[&str],
+    ended: &[&str],
+    events: &str,
+) -> std::process::Output {
     use std::io::Write;
     let mut command = binary();
     command
         .args(["record", "close", "--json-errors", "--root"])
         .arg(root)
-        .args(["--build", id, "--started", "1000.5"]);
+        .args(["--build", id, "--started", "1000.5"])
+        .args(ended);
     for artifact in artifacts {
         command.args(["--artifact", artifact]);
     }
@@ -458,4 +470,232 @@ fn record_close_fails_a_success_without_its_artifact_and_a_run_without_finished_
     let closed: contractor_protocol::store::RecordClosed =
         serde_json::from_slice(&out.stdout).expect("answer");
     assert_eq!(closed.result.error.expect("error").code, "run");
+}
+
+/// The front end decides some ends itself (Ctrl-C, a download that did not match its pin, a
+/// VM that never started): `--outcome` and its flags are what `result.json` says, whatever
+/// stdin holds, but a success still needs its declared artifacts; artifacts are listed in
+/// path order, as `contractor build` lists them.
+#[test]
+fn record_close_writes_the_callers_outcome_and_still_fails_a_success_without_its_artifact() {
+    let fixture = Fixture::new();
+    let stopped = "20261125-141502-000011";
+    fixture.write(&format!("builds/{stopped}/artifacts/hello"), b"hello");
+    let ended = [
+        "--outcome",
+        "interrupted",
+        "--error-code",
+        "interrupted",
+        "--error",
+        "the build was interrupted (SIGINT)",
+        "--error",
+        "-bash: a message may begin with a dash",
+    ];
+    let out = close_record_with(&fixture.root, stopped, &["hello"], &ended, RUN_EVENTS);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let closed: contractor_protocol::store::RecordClosed =
+        serde_json::from_slice(&out.stdout).expect("answer");
+    let result = closed.result;
+    assert_eq!(
+        result.outcome,
+        contractor_protocol::result::Outcome::Interrupted
+    );
+    assert_eq!(result.exit_code, None, "stdin's finished is not read");
+    let error = result.error.expect("the caller's error");
+    assert_eq!(error.code, "interrupted");
+    assert_eq!(
+        error.chain,
+        [
+            "the build was interrupted (SIGINT)",
+            "-bash: a message may begin with a dash"
+        ]
+    );
+
+    let timed_out = "20261125-141502-000012";
+    fixture.write(&format!("builds/{timed_out}/build.log"), b"log");
+    let ended = [
+        "--outcome",
+        "timeout",
+        "--exit-code",
+        "-9",
+        "--limit",
+        "timeout",
+    ];
+    let out = close_record_with(&fixture.root, timed_out, &[], &ended, "");
+    let closed: contractor_protocol::store::RecordClosed =
+        serde_json::from_slice(&out.stdout).expect("answer");
+    assert_eq!(
+        closed.result.outcome,
+        contractor_protocol::result::Outcome::Timeout
+    );
+    assert_eq!(closed.result.exit_code, Some(-9));
+    assert_eq!(
+        closed.result.limit,
+        Some(contractor_protocol::result::Limit::Timeout)
+    );
+    assert_eq!(closed.result.error, None);
+
+    let missing = "20261125-141502-000013";
+    fixture.write(&format!("builds/{missing}/artifacts/a-b"), b"1");
+    fixture.write(&format!("builds/{missing}/artifacts/a/b"), b"2");
+    let ended = ["--outcome", "success", "--exit-code", "0"];
+    let out = close_record_with(&fixture.root, missing, &["a", "hello"], &ended, "");
+    let closed: contractor_protocol::store::RecordClosed =
+        serde_json::from_slice(&out.stdout).expect("answer");
+    assert_eq!(
+        closed.result.outcome,
+        contractor_protocol::result::Outcome::Failed
+    );
+    assert_eq!(closed.result.exit_code, Some(0));
+    let error = closed.result.error.expect("an error");
+    assert_eq!(error.code, "artifact_missing");
+    assert!(error.chain[0].contains("\"hello\""), "{error:?}");
+    let record = fixture.root.join("builds").join(missing);
+    assert_eq!(
+        closed.result.artifacts,
+        [record.join("artifacts/a/b"), record.join("artifacts/a-b")],
+        "path order: a/b before a-b"
+    );
+
+    // Flags that need --outcome, and values that are none.
+    let bad = close_record_with(
+        &fixture.root,
+        "20261125-141502-000014",
+        &[],
+        &["--limit", "disk"],
+        "",
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    let bad = close_record_with(
+        &fixture.root,
+        "20261125-141502-000014",
+        &[],
+        &["--outcome", "fine"],
+        "",
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("\"fine\" is not an outcome; give success"),
+        "{stderr}"
+    );
+}
+
+/// `record open --root R [--id ID] --owner PID`, its exit code, its one answer or error
+/// object, and its stderr.
+fn open_record(root: &Path, args: &[&str]) -> (Option<i32>, Value, String) {
+    let output = binary()
+        .args(["record", "open", "--json-errors", "--root"])
+        .arg(root)
+        .args(args)
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    (
+        output.status.code(),
+        serde_json::from_str(&stdout).unwrap_or(Value::Null),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn record_open_makes_a_new_owned_record_points_latest_at_it_and_closes_abandoned_ones() {
+    use std::os::unix::fs::PermissionsExt;
+    let fixture = Fixture::new();
+    // A build whose front end was killed a moment ago: the next open closes it.
+    build(&fixture, "20261125-141502-0000aa", false, 0, b"k");
+    own(&fixture, "20261125-141502-0000aa", 1, Duration::ZERO);
+    let me = std::process::id().to_string();
+    let (code, opened, stderr) = open_record(&fixture.root, &["--owner", &me]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(opened["type"], "record_opened");
+    assert_eq!(opened["version"], 1);
+    let id = opened["id"].as_str().expect("an id").to_string();
+    assert!(contractor_protocol::hosted::is_build_id(&id), "{id}");
+    let dir = fixture
+        .root
+        .canonicalize()
+        .expect("root")
+        .join("builds")
+        .join(&id);
+    assert_eq!(opened["dir"], dir.to_str().expect("utf-8"));
+    let mode = std::fs::metadata(&dir)
+        .expect("the record")
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o755,
+        0o755,
+        "readable by libvirt's QEMU user: {mode:o}"
+    );
+    let owner: contractor_protocol::process::Owner =
+        serde_json::from_slice(&std::fs::read(dir.join("owner.json")).expect("owner.json"))
+            .expect("an owner");
+    assert_eq!(owner.pid, std::process::id());
+    assert!(owner.is_alive(), "it names this live process: {owner:?}");
+    assert_eq!(
+        std::fs::read_link(fixture.root.join("latest")).expect("latest"),
+        Path::new("builds").join(&id)
+    );
+    assert!(
+        fixture
+            .root
+            .join("builds/20261125-141502-0000aa/result.json")
+            .is_file(),
+        "the abandoned record was closed"
+    );
+    // The new record runs while its owner lives: another open leaves it alone.
+    let (code, again, stderr) = open_record(&fixture.root, &["--owner", &me]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_ne!(again["id"], opened["id"]);
+    assert!(!dir.join("result.json").exists());
+    assert!(dir.join("owner.json").exists());
+}
+
+#[test]
+fn record_open_refuses_a_malformed_or_taken_id_and_an_owner_that_is_gone_naming_them() {
+    let fixture = Fixture::new();
+    let me = std::process::id().to_string();
+    let id = "20261125-141502-3fa2c1";
+    let (code, opened, stderr) = open_record(&fixture.root, &["--id", id, "--owner", &me]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(opened["id"], id);
+
+    let (code, error, _) = open_record(&fixture.root, &["--id", id, "--owner", &me]);
+    assert_eq!(code, Some(2));
+    assert_eq!(error["code"], "record_exists");
+    let chain = error["chain"].to_string();
+    assert!(
+        chain.contains(&format!("build {id} has a record already")),
+        "{chain}"
+    );
+
+    for bad in ["../../etc", "20261125-141502-3FA2C1", "x"] {
+        let (code, error, _) = open_record(&fixture.root, &["--id", bad, "--owner", &me]);
+        assert_eq!(code, Some(2), "{bad}");
+        assert_eq!(error["code"], "bad_build", "{bad}");
+        let chain = error["chain"][0].as_str().expect("a message");
+        assert!(chain.contains(&format!("{bad:?} is not valid")), "{chain}");
+    }
+    assert!(!fixture.root.join("etc").exists());
+
+    // A pid no process has (above the kernel's largest).
+    let (code, error, _) = open_record(&fixture.root, &["--owner", "4194305"]);
+    assert_eq!(code, Some(2));
+    assert_eq!(error["code"], "bad_owner");
+    assert!(error["chain"][0]
+        .as_str()
+        .expect("a message")
+        .contains("--owner 4194305"));
+    assert_eq!(
+        std::fs::read_dir(fixture.root.join("builds"))
+            .expect("builds")
+            .count(),
+        1,
+        "nothing was opened for the refused requests"
+    );
 }

@@ -14,6 +14,7 @@
 #   detached leaves the caller's session (setsid, as the real VM holder does when it lets go
 #            of its VM) and then behaves as deaf: a destroy libvirt is slow to confirm
 # contractor-run keeps the request it read in "$STANDIN_DIR/run-request" for the test to check.
+# contractor-store's `record` requests are the real store's ($STANDIN_STORE), after their step.
 # Every process (and each child it starts) records its pid in "$STANDIN_DIR/pids", so that
 # a test can tell whether one outlived the front end, and stop it if so.
 set -u
@@ -107,8 +108,10 @@ contractor-store)
 		esac ;;
 	serve) serve store ;;
 	record)
-		step store-record-close
-		echo '{"type":"records_closed","version":1,"closed":[]}' ;;
+		# The record is the real store's to open and close (it needs no VM):
+		# $STANDIN_STORE names the built contractor-store.
+		step "store-record-$2"
+		exec "$STANDIN_STORE" "$@" ;;
 	index)
 		step store-index
 		root=$3 build=$5

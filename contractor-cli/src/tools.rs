@@ -29,6 +29,8 @@ pub const VM: &str = "contractor-vm";
 pub const RUN: &str = "contractor-run";
 /// The provenance tool (signs, verifies, holds the key).
 pub const ATTEST: &str = "contractor-attest";
+/// The build hosts' tool (`send` runs a session with a build host, `hosts` reports them).
+pub const HOST: &str = "contractor-host";
 /// The launcher that confines QEMU under `qemu:///session` (started by libvirt, found by
 /// `contractor-vm`).
 pub const QEMU_LAUNCHER: &str = "contractor-qemu";
@@ -222,8 +224,7 @@ pub fn command(name: &'static str) -> Result<Command, ToolError> {
 /// Starts `command`, which dies with this process (`PR_SET_PDEATHSIG`, see
 /// `contractor_protocol::process::die_with_parent`): the one place the front end starts a
 /// process. The tools go through [`spawn`] and [`text`], which also note them for
-/// [`signal_running`]; `ssh` to a build host comes here directly (an interruption ends its
-/// session in order rather than signal it).
+/// [`signal_running`].
 pub fn start(command: &mut Command) -> std::io::Result<Child> {
     contractor_protocol::process::die_with_parent(command);
     command.spawn()
@@ -448,7 +449,15 @@ pub fn ask<R: serde::Serialize, T: DeserializeOwned>(
     name: &'static str,
     request: &R,
 ) -> Result<(T, Option<i32>), ToolError> {
-    let mut command = command(name)?;
+    ask_of(name, command(name)?, request)
+}
+
+/// [`ask`] of tool `name` run by `command` (with its subcommand).
+pub fn ask_of<R: serde::Serialize, T: DeserializeOwned>(
+    name: &'static str,
+    mut command: Command,
+    request: &R,
+) -> Result<(T, Option<i32>), ToolError> {
     command.arg("--json-errors").stderr(Stdio::piped());
     let mut child = spawn(name, command)?;
     let stderr = child.stderr.take();

@@ -161,6 +161,12 @@ tool_codes! {
     /// `record follow`: the build host's stream before its record breaks the hosted build
     /// protocol (no hello first, a malformed line, the record before `finished`); exit 2.
     HostedStream = "hosted_stream",
+    // contractor-host (the front end's side).
+    /// `resolve`, `hosts`, `send`: a build host name (or the configuration file naming
+    /// them) is not valid; exit 2.
+    BadHost = "bad_host",
+    /// `send`: the session request names a record or a source that is not there; exit 2.
+    BadSession = "bad_session",
     /// `record close-abandoned`, `record close`: a record could not be closed; exit 3.
     RecordClose = "record_close",
     /// `record close`: no such record, or it is closed already (it has a `result.json`);

@@ -390,7 +390,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Builds { file } => report(list_builds(&file)),
         Command::Doctor { uri, host } => {
             match host.map(|h| crate::remote::resolve(&[h])).transpose() {
-                Ok(host) => doctor(uri.as_deref(), host.and_then(|h| h.first().cloned())).into(),
+                Ok(host) => doctor(uri.as_deref(), host.and_then(|h| h.0.first().cloned())).into(),
                 Err(why) => {
                     eprintln!("contractor: {why}");
                     ExitCode::BadInput.into()
@@ -524,27 +524,18 @@ fn cache_command(command: CacheCommand) -> std::process::ExitCode {
     }
 }
 
-/// The build hosts of `contractor build`: `--host`'s, else none with `--local`, else the
-/// configuration's. The error names the value and says what is accepted.
-fn build_hosts(given: &[String], local: bool) -> Result<Vec<String>, String> {
-    match local {
-        true => Ok(Vec::new()),
-        false => crate::remote::resolve(given),
-    }
-}
-
 /// `contractor hosts`: each build host's room for the build of `file` (if it exists), on
 /// stdout.
 fn list_hosts(given: &[String], file: &Path) -> ExitCode {
-    let hosts = match build_hosts(given, false) {
-        Ok(hosts) => hosts,
+    let (hosts, config) = match crate::remote::resolve(given) {
+        Ok(resolved) => resolved,
         Err(problem) => {
             eprintln!("contractor: {}", escape(&problem));
             return ExitCode::BadInput;
         }
     };
     if hosts.is_empty() {
-        let config = crate::remote::config_file()
+        let config = config
             .map(|p| escape_path(&p))
             .unwrap_or_else(|| "~/.config/contractor/config.toml".into());
         eprintln!(
@@ -641,8 +632,7 @@ fn parse_build_id(value: &str) -> Result<String, String> {
     }
 }
 
-/// `contractor build`: with `hosts` the `--host` options and `--local` (see
-/// [`build_hosts`]).
+/// `contractor build`: with `hosts` the `--host` options and `--local`.
 fn run_build(
     file: &std::path::Path,
     options: BuildOptions,
@@ -660,7 +650,12 @@ fn run_build(
         };
         ErrorObject::report("contractor", ToolCode::parse(code), chain, json);
     };
-    let hosts = match build_hosts(hosts.0, hosts.1) {
+    // `--host`'s, else none with `--local`, else the configuration's.
+    let hosts = match hosts.1 {
+        true => Ok(Vec::new()),
+        false => crate::remote::resolve(hosts.0).map(|(hosts, _)| hosts),
+    };
+    let hosts = match hosts {
         Ok(hosts) => hosts,
         Err(problem) => {
             fail(BuildCode::BadSpec.as_str(), vec![problem]);

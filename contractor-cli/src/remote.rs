@@ -12,7 +12,6 @@
 //! the host. `send` dies with this process (parent-death signal), and with it the session;
 //! the build host then ends the build, so no VM outlives the front end.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin};
 use std::sync::{Arc, Mutex};
@@ -22,8 +21,8 @@ use contractor_protocol::build::BuildEvent;
 use contractor_protocol::fleet::{
     Fleet, FleetRequest, HostProbe, ResolveRequest, Resolved, SendLine, SessionRequest,
 };
-use contractor_protocol::hosted::{HostedRequest, RECORD_OVERHEAD_BYTES};
-use contractor_protocol::result::{error_chain, BuildCode, BuildResult, ErrorInfo, Outcome};
+use contractor_protocol::hosted::RECORD_OVERHEAD_BYTES;
+use contractor_protocol::result::{error_chain, BuildCode, BuildResult, ErrorInfo};
 use contractor_protocol::PROTOCOL_VERSION;
 
 use crate::build::{self, BuildError, BuildOptions, BuildReport, PendingRelease};
@@ -31,44 +30,21 @@ use crate::display::{escape, Display};
 use crate::tools::{self, Answers};
 use crate::{lock, paths, source, spec};
 
-/// This release, as `contractor --version` names it: a build host must run the same.
-pub const RELEASE: &str = env!("CARGO_PKG_VERSION");
-
-/// The user's configuration file: `$CONTRACTOR_CONFIG`, else
-/// `$XDG_CONFIG_HOME/contractor/config.toml`, else `~/.config/contractor/config.toml`
-/// (read by `contractor-host resolve`; looked at here only to skip asking when it is not
-/// there).
-pub fn config_file() -> Option<PathBuf> {
-    let var = |name: &str| {
-        std::env::var_os(name)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    var("CONTRACTOR_CONFIG")
-        .or_else(|| var("XDG_CONFIG_HOME").map(|d| d.join("contractor/config.toml")))
-        .or_else(|| var("HOME").map(|d| d.join(".config/contractor/config.toml")))
-}
-
 /// The build hosts: those `given` (`--host`), else the configuration's, as `contractor-host
-/// resolve` checks them (none without either: the configuration file is not there). The
-/// error names the value or the file and says what is accepted.
-pub fn resolve(given: &[String]) -> Result<Vec<String>, String> {
-    if given.is_empty() && !config_file().is_some_and(|p| p.exists()) {
-        return Ok(Vec::new());
-    }
+/// resolve` checks them, with the configuration file it looked at. The error names the
+/// value or the file and says what is accepted.
+pub fn resolve(given: &[String]) -> Result<(Vec<String>, Option<PathBuf>), String> {
     let request = ResolveRequest {
         version: PROTOCOL_VERSION,
         hosts: given.to_vec(),
     };
-    let mut command = tools::command(tools::HOST).map_err(|e| error_chain(&e).join(": "))?;
-    command.arg(contractor_protocol::fleet::RESOLVE_COMMAND);
-    match tools::ask_of::<_, Resolved>(tools::HOST, command, &request) {
-        Ok((resolved, _)) => Ok(resolved.hosts),
-        Err(err) => Err(match (err.is_bad_input(), err.messages()) {
-            (true, Some(messages)) => error_chain(&messages).join(": "),
+    let asked = ask::<Resolved>(contractor_protocol::fleet::RESOLVE_COMMAND, &request);
+    asked
+        .map(|r| (r.hosts, r.config))
+        .map_err(|err| match err.messages() {
+            Some(messages) if err.is_bad_input() => error_chain(&messages).join(": "),
             _ => error_chain(&err).join(": "),
-        }),
-    }
+        })
 }
 
 /// `contractor hosts`: each host's room for a build of `cpus` CPUs and `memory_mib` MiB,
@@ -80,9 +56,17 @@ pub fn fleet(hosts: &[String], cpus: u32, memory_mib: u64) -> Result<Fleet, tool
         cpus,
         memory_mib,
     };
+    ask(contractor_protocol::fleet::HOSTS_COMMAND, &request)
+}
+
+/// `contractor-host`'s one answer to `request` on its `subcommand`.
+fn ask<T: serde::de::DeserializeOwned>(
+    subcommand: &str,
+    request: &impl serde::Serialize,
+) -> Result<T, tools::ToolError> {
     let mut command = tools::command(tools::HOST)?;
-    command.arg(contractor_protocol::fleet::HOSTS_COMMAND);
-    tools::ask_of::<_, Fleet>(tools::HOST, command, &request).map(|(fleet, _)| fleet)
+    command.arg(subcommand);
+    tools::ask_of(tools::HOST, command, request).map(|(answer, _)| answer)
 }
 
 /// A `contractor-host send` that has chosen the build host and waits for the build.
@@ -92,6 +76,14 @@ pub struct Sender {
     answers: Answers,
     /// The chosen host.
     pub host: String,
+}
+
+/// A line of `send`: its own, or a build event it passes on.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Said {
+    Send(SendLine),
+    Event(Box<BuildEvent>),
 }
 
 /// Starts `contractor-host send` for a build of `cpus` CPUs and `memory_mib` MiB on one of
@@ -104,64 +96,38 @@ pub fn choose(
     memory_mib: u64,
     tell: bool,
 ) -> Result<Sender, Vec<String>> {
-    let failed = |err: tools::ToolError| error_chain(&err);
-    let mut command = tools::command(tools::HOST).map_err(failed)?;
-    command.arg(contractor_protocol::fleet::SEND_COMMAND);
-    // Its own process group: Ctrl-C reaches this process, which forwards it once the
-    // session runs (before, this process's death ends it).
-    std::os::unix::process::CommandExt::process_group(&mut command, 0);
-    let mut child = tools::spawn(tools::HOST, command).map_err(failed)?;
-    let mut stdin = child.stdin.take();
     let request = FleetRequest {
         version: PROTOCOL_VERSION,
         hosts: hosts.to_vec(),
         cpus,
         memory_mib,
     };
-    if let Some(stdin) = stdin.as_mut() {
-        let _ = contractor_protocol::jsonl::write_line(stdin, &request);
-    }
-    let mut answers = Answers::of(tools::HOST, &mut child).map_err(failed)?;
+    let mut sender = Sender::start(&request).map_err(|e| error_chain(&e))?;
     let mut waited = false;
     loop {
-        let line = match answers.next_line() {
-            Ok(Some(line)) => line,
-            Ok(None) => return Err(vec![ended_without_answer(&mut child)]),
-            Err(err) => return Err(failed(err)),
-        };
-        match serde_json::from_slice::<SendLine>(&line) {
-            Ok(SendLine::Waiting { position }) => {
-                eprintln!(
-                    "contractor: waiting in line for a build host: position {position} (Ctrl-C to give up)"
-                );
-                waited = true;
-            }
-            Ok(SendLine::HostsFull { position, hosts }) => {
+        match sender.next().map_err(|why| vec![why])? {
+            Said::Send(SendLine::Waiting { position }) => eprintln!(
+                "contractor: waiting in line for a build host: position {position} (Ctrl-C to give up)"
+            ),
+            Said::Send(SendLine::HostsFull { position, hosts }) => {
                 eprintln!(
                     "contractor: all {} build host(s) are full; waiting in line: position {position} (Ctrl-C to give up)",
                     hosts.len()
                 );
                 show_probes(&hosts);
-                waited = true;
             }
-            Ok(SendLine::Chosen {
-                host,
-                hosts: probes,
-            }) => {
+            Said::Send(SendLine::Chosen { host, hosts: probes }) => {
                 if tell && (hosts.len() > 1 || waited) {
                     eprintln!("contractor: build host {} chosen", escape(&host));
                     show_probes(&probes);
                 }
-                return Ok(Sender {
-                    child,
-                    stdin,
-                    answers,
-                    host,
-                });
+                sender.host = host;
+                return Ok(sender);
             }
-            Ok(SendLine::SessionFailed { error }) => return Err(error.chain),
-            _ => return Err(vec![bad_line(&line)]),
+            Said::Send(SendLine::SessionFailed { error }) => return Err(error.chain),
+            _ => return Err(vec!["contractor-host send answered out of turn".into()]),
         }
+        waited = true;
     }
 }
 
@@ -172,42 +138,120 @@ fn show_probes(probes: &[HostProbe]) {
     }
 }
 
-fn bad_line(line: &[u8]) -> String {
-    format!(
-        "contractor-host send wrote something other than its documented JSON: {}",
-        escape(&String::from_utf8_lossy(&line[..line.len().min(200)]))
-    )
-}
-
-/// Why `send` ended without its answer line: its exit.
-fn ended_without_answer(child: &mut Child) -> String {
-    let how = match child
-        .wait()
-        .ok()
-        .map(|s| (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)))
-    {
-        Some((Some(code), _)) => format!("exit code {code}"),
-        Some((None, Some(signal))) => format!("killed by signal {signal}"),
-        _ => "no exit status".into(),
-    };
-    format!("contractor-host send ended without an answer ({how}); its own message is above")
-}
-
-/// The sha256 of the file at `path`, in lowercase hex.
-fn sha256_of(path: &Path) -> std::io::Result<String> {
-    use sha2::Digest;
-    let mut file = std::fs::File::open(path)?;
-    let mut hash = sha2::Sha256::new();
-    std::io::copy(&mut file, &mut hash)?;
-    Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// Why a remote build failed, as the record's error.
-fn host_error(chain: Vec<String>) -> ErrorInfo {
-    ErrorInfo {
-        code: BuildCode::BuildHost.as_str().into(),
-        chain,
+impl Sender {
+    /// Starts `contractor-host send` (in its own process group: Ctrl-C reaches this
+    /// process, which forwards it once the session runs) and writes `request`.
+    fn start(request: &FleetRequest) -> Result<Sender, tools::ToolError> {
+        let mut command = tools::command(tools::HOST)?;
+        command.arg(contractor_protocol::fleet::SEND_COMMAND);
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let mut child = tools::spawn(tools::HOST, command)?;
+        let mut stdin = child.stdin.take();
+        if let Some(stdin) = stdin.as_mut() {
+            // A `send` that ended at once says why in its answer, or by its exit.
+            let _ = contractor_protocol::jsonl::write_line(stdin, request);
+        }
+        let answers = Answers::of(tools::HOST, &mut child)?;
+        Ok(Sender {
+            child,
+            stdin,
+            answers,
+            host: String::new(),
+        })
     }
+
+    /// The next line of `send`; the error says why there is none.
+    fn next(&mut self) -> Result<Said, String> {
+        let line = match self.answers.next_line() {
+            Ok(Some(line)) => line,
+            Ok(None) => {
+                let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
+                return Err(format!(
+                    "contractor-host send ended without an answer ({status}); its own message is above"
+                ));
+            }
+            Err(err) => return Err(error_chain(&err).join(": ")),
+        };
+        serde_json::from_slice(&line).map_err(|_| {
+            let line = String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
+            format!("contractor-host send wrote something other than its documented JSON: {line}")
+        })
+    }
+
+    /// Sends the build and follows the session to `send`'s answer, showing the build's
+    /// events; Ctrl-C and SIGTERM are forwarded to `send`.
+    fn follow(&mut self, session: &SessionRequest, display: &Display) -> SendLine {
+        let failed = |why: String| SendLine::SessionFailed {
+            error: ErrorInfo {
+                code: BuildCode::BuildHost.as_str().into(),
+                chain: vec![why],
+            },
+        };
+        if let Some(stdin) = self.stdin.as_mut() {
+            // A `send` that cannot take it has ended: its answer, or its exit, says why.
+            let _ = contractor_protocol::jsonl::write_line(stdin, session);
+        }
+        let forwarded = Arc::new(Mutex::new(None::<&'static str>));
+        let signals = forward_signals(self.child.id(), forwarded.clone());
+        let answer = loop {
+            match self.next() {
+                Ok(Said::Event(event)) => display.event(&event),
+                Ok(Said::Send(answer)) => break answer,
+                Err(why) => break failed(why),
+            }
+        };
+        if let Some(handle) = signals {
+            handle.close();
+        }
+        // A `send` that a forwarded signal ended before its answer was interrupted.
+        match (forwarded.lock().ok().and_then(|s| *s), &answer) {
+            (Some(signal), SendLine::SessionFailed { .. })
+                if self.child.try_wait().is_ok_and(|s| s.is_some()) =>
+            {
+                SendLine::SessionInterrupted {
+                    signal: signal.into(),
+                }
+            }
+            _ => answer,
+        }
+    }
+
+    /// Waits for `send` to end the session (closes its stdin first).
+    fn end(mut self) {
+        drop(self.stdin.take());
+        self.answers.drain();
+        let _ = self.child.wait();
+    }
+}
+
+/// Forwards Ctrl-C and SIGTERM to `send` (pid `pid`), noting the first one's name.
+fn forward_signals(
+    pid: u32,
+    forwarded: Arc<Mutex<Option<&'static str>>>,
+) -> Option<signal_hook::iterator::Handle> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
+        Ok(signals) => signals,
+        Err(err) => {
+            eprintln!("contractor: warning: cannot watch for Ctrl-C ({err})");
+            return None;
+        }
+    };
+    let handle = signals.handle();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
+    std::thread::spawn(move || {
+        for number in signals.forever() {
+            let (signal, name) = match number {
+                SIGINT => (nix::sys::signal::Signal::SIGINT, "Ctrl-C"),
+                _ => (nix::sys::signal::Signal::SIGTERM, "SIGTERM"),
+            };
+            if let Ok(mut first) = forwarded.lock() {
+                first.get_or_insert(name);
+            }
+            let _ = nix::sys::signal::kill(pid, signal);
+        }
+    });
+    Some(handle)
 }
 
 /// Runs one build of `spec` (read from `file`) on the host `sender` chose. The same
@@ -233,25 +277,6 @@ pub fn build_on(
         source,
     })?;
     let close = |err: BuildError| build::close_failed_record(&record, &id, started, err);
-    let spec_text = std::fs::read_to_string(file)
-        .map_err(|source| BuildError::Record {
-            path: file.to_path_buf(),
-            source,
-        })
-        .map_err(close)?;
-    let lock_path = spec.project_dir.join(lock::LOCK_FILE);
-    let lock_text = match spec.lock {
-        Some(_) => Some(
-            source::read_regular(&lock_path, lock::MAX_LOCK_BYTES)
-                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-                .map_err(|source| BuildError::Record {
-                    path: lock_path.clone(),
-                    source,
-                })
-                .map_err(close)?,
-        ),
-        None => None,
-    };
     let tar = record.join("source.tar");
     let packed = source::pack(&spec.project_dir, &tar)
         .map_err(BuildError::Source)
@@ -266,36 +291,31 @@ pub fn build_on(
     }
     build::update_latest(&store_root, &id);
     let owner_file = build::write_owner(&record).map_err(close)?;
-    let request = HostedRequest {
-        version: PROTOCOL_VERSION,
-        contractor: RELEASE.into(),
+    let session = SessionRequest {
         id: id.clone(),
-        project: crate::paths::project_key(&spec.project_dir),
-        spec: spec_text,
-        lock: lock_text,
+        record: record.clone(),
+        source: tar,
         source_entries: packed.entries as u64,
-        source_bytes: packed.bytes,
-        source_sha256: sha256_of(&tar).ok(),
+        spec_file: std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf()),
+        lock_file: spec
+            .lock
+            .as_ref()
+            .map(|_| spec.project_dir.join(lock::LOCK_FILE)),
+        project: crate::paths::project_key(&spec.project_dir),
         accel: options.accel,
         snapshot: options.snapshot,
         offline: options.offline,
-        uri: None,
+        max_record_bytes: spec
+            .max_artifacts_bytes
+            .saturating_add(spec.max_log_bytes)
+            .saturating_add(RECORD_OVERHEAD_BYTES),
     };
-    let limit = spec
-        .max_artifacts_bytes
-        .saturating_add(spec.max_log_bytes)
-        .saturating_add(RECORD_OVERHEAD_BYTES);
-    let session = SessionRequest {
-        record: record.clone(),
-        source: tar,
-        max_record_bytes: limit,
-        request,
-    };
-    let ran = sender.follow(&session, display);
+    let answer = sender.follow(&session, display);
     // The build host releases its VM after the record is sent, and `send` ends with the
     // session: waited for after the summary, as a local build's release is.
     let release = PendingRelease::later(move || sender.end());
-    let mut result = result_of(ran, &host, &record);
+    let artifacts = crate::records::stored_artifacts(&record);
+    let mut result = answer.into_result(&host, &record, artifacts);
     result.id = id;
     result.duration_secs = started.elapsed().as_secs_f64();
     build::write_result(&record, &result);
@@ -309,48 +329,6 @@ pub fn build_on(
         kept: None,
         release,
     })
-}
-
-/// The result of a build on `host` whose session ended so, its record in `record` (its
-/// `id` and `duration_secs` are the caller's to set).
-fn result_of(ran: Result<BuildResult, RemoteEnd>, host: &str, record: &Path) -> BuildResult {
-    let mut result = BuildResult {
-        version: PROTOCOL_VERSION,
-        id: String::new(),
-        outcome: Outcome::Infrastructure,
-        exit_code: None,
-        duration_secs: 0.0,
-        log: record.join("build.log"),
-        console_log: record.join("console.log"),
-        artifacts: crate::records::stored_artifacts(record),
-        refused_hosts: Vec::new(),
-        refused_offline: Vec::new(),
-        upstream_failures: Vec::new(),
-        limit: None,
-        error: None,
-        host: Some(host.to_string()),
-    };
-    match ran {
-        Ok(there) => {
-            result.outcome = there.outcome;
-            result.exit_code = there.exit_code;
-            result.limit = there.limit;
-            result.error = there.error;
-            result.refused_hosts = there.refused_hosts;
-            result.refused_offline = there.refused_offline;
-        }
-        Err(RemoteEnd::Interrupted(signal)) => {
-            result.outcome = Outcome::Interrupted;
-            result.error = Some(ErrorInfo {
-                code: BuildCode::Interrupted.as_str().into(),
-                chain: vec![format!(
-                    "{signal} ended the session with the build host {host} before its record came back"
-                )],
-            });
-        }
-        Err(RemoteEnd::Failed(error)) => result.error = Some(error),
-    }
-    result
 }
 
 /// Signs the provenance of a build whose script ran on `host`, here, after its record came
@@ -391,108 +369,4 @@ fn sign_here(
             contractor_protocol::result::joined_chain(&err)
         ));
     }
-}
-
-/// How a session ended without a complete record.
-enum RemoteEnd {
-    /// Ctrl-C or SIGTERM here.
-    Interrupted(String),
-    /// The build host failed, refused, or went away.
-    Failed(ErrorInfo),
-}
-
-impl Sender {
-    /// Sends the build (`request`, its record and source) and follows the session to
-    /// `send`'s answer, showing the build's events; Ctrl-C and SIGTERM are forwarded.
-    fn follow(
-        &mut self,
-        session: &SessionRequest,
-        display: &Display,
-    ) -> Result<BuildResult, RemoteEnd> {
-        if let Some(stdin) = self.stdin.as_mut() {
-            let written = contractor_protocol::jsonl::write_line(stdin, session)
-                .map_err(|e| e.to_string())
-                .and_then(|()| stdin.flush().map_err(|e| e.to_string()));
-            if let Err(err) = written {
-                let why = format!("cannot send the build to contractor-host send: {err}");
-                return Err(RemoteEnd::Failed(host_error(vec![why])));
-            }
-        }
-        let forwarded = Arc::new(Mutex::new(None::<String>));
-        let signals = forward_signals(self.child.id(), forwarded.clone());
-        let ended = self.answered(display);
-        if let Some(handle) = signals {
-            handle.close();
-        }
-        let signal = forwarded.lock().ok().and_then(|s| s.clone());
-        match (ended, signal) {
-            (Err(RemoteEnd::Failed(_)), Some(signal))
-                if self.child.try_wait().is_ok_and(|s| s.is_some()) =>
-            {
-                Err(RemoteEnd::Interrupted(signal))
-            }
-            (ended, _) => ended,
-        }
-    }
-
-    /// Reads `send`'s lines to its answer: events shown, the answer returned.
-    fn answered(&mut self, display: &Display) -> Result<BuildResult, RemoteEnd> {
-        let failed = |why: String| RemoteEnd::Failed(host_error(vec![why]));
-        loop {
-            let line = match self.answers.next_line() {
-                Ok(Some(line)) => line,
-                Ok(None) => return Err(failed(ended_without_answer(&mut self.child))),
-                Err(err) => return Err(failed(error_chain(&err).join(": "))),
-            };
-            if let Ok(answer) = serde_json::from_slice::<SendLine>(&line) {
-                return match answer {
-                    SendLine::SessionResult { result } => Ok(*result),
-                    SendLine::SessionInterrupted { signal } => Err(RemoteEnd::Interrupted(signal)),
-                    SendLine::SessionFailed { error } => Err(RemoteEnd::Failed(error)),
-                    _ => Err(failed(bad_line(&line))),
-                };
-            }
-            match serde_json::from_slice::<BuildEvent>(&line) {
-                Ok(event) => display.event(&event),
-                Err(_) => return Err(failed(bad_line(&line))),
-            }
-        }
-    }
-
-    /// Waits for `send` to end the session (closes its stdin first).
-    fn end(mut self) {
-        drop(self.stdin.take());
-        self.answers.drain();
-        let _ = self.child.wait();
-    }
-}
-
-/// Forwards Ctrl-C and SIGTERM to `send` (pid `pid`), noting the first one's name.
-fn forward_signals(
-    pid: u32,
-    forwarded: Arc<Mutex<Option<String>>>,
-) -> Option<signal_hook::iterator::Handle> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
-        Ok(signals) => signals,
-        Err(err) => {
-            eprintln!("contractor: warning: cannot watch for Ctrl-C ({err})");
-            return None;
-        }
-    };
-    let handle = signals.handle();
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
-    std::thread::spawn(move || {
-        for number in signals.forever() {
-            let (signal, name) = match number {
-                SIGINT => (nix::sys::signal::Signal::SIGINT, "Ctrl-C"),
-                _ => (nix::sys::signal::Signal::SIGTERM, "SIGTERM"),
-            };
-            if let Ok(mut first) = forwarded.lock() {
-                first.get_or_insert_with(|| name.to_string());
-            }
-            let _ = nix::sys::signal::kill(pid, signal);
-        }
-    });
-    Some(handle)
 }

@@ -60,6 +60,9 @@ impl Bench {
             .and_then(|test| Some(test.parent()?.parent()?.join("contractor-attest")))
             .expect("target directory");
         std::os::unix::fs::symlink(&built, bin.join("contractor-attest")).expect("link the signer");
+        // So is the build hosts' tool: it answers that no build host is configured.
+        let host = built.with_file_name("contractor-host");
+        std::os::unix::fs::symlink(&host, bin.join("contractor-host")).expect("link the host tool");
         for sub in ["project", "data", "tmp", "home", "standin"] {
             std::fs::create_dir(dir.path().join(sub)).expect("mkdir");
         }

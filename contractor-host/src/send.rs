@@ -77,10 +77,9 @@ pub fn read_request<T: serde::de::DeserializeOwned, R: BufRead>(
     what: &str,
 ) -> Result<Option<T>, Refused> {
     input.next_message().map_err(|err| {
-        Refused::new(
-            ToolCode::BadJson,
-            vec![format!("cannot read the {what} request"), err.to_string()],
-        )
+        let mut chain = vec![format!("cannot read the {what} request")];
+        chain.extend(contractor_protocol::result::error_chain(&err));
+        Refused::new(ToolCode::BadJson, chain)
     })
 }
 
@@ -106,38 +105,74 @@ pub fn checked_fleet(request: &FleetRequest) -> Result<Vec<BuildHost>, Refused> 
         .map_err(|why| Refused::new(ToolCode::BadHost, vec![why]))
 }
 
-/// Checks a [`SessionRequest`]: the record is a directory (not a link) named by the
-/// request's build id, and the source a regular file.
-fn checked_session(session: &SessionRequest) -> Result<(), Refused> {
-    let bad = |why: String| Err(Refused::new(ToolCode::BadSession, vec![why]));
-    let id = &session.request.id;
-    if !is_build_id(id) {
-        return bad(format!("request.id: {id:?} is not a build id"));
-    }
-    if session.record.file_name().and_then(|n| n.to_str()) != Some(id.as_str())
-        || !session.record.is_absolute()
-    {
-        return bad(format!(
-            "record: {} is not an absolute path ending in the build id {id}",
+/// The hosted build request for `session`: its record a directory (not a link) named by
+/// its build id, its source a regular file (hashed here), its spec and lock read. The
+/// error names the field.
+fn hosted_request(session: &SessionRequest) -> Result<HostedRequest, Refused> {
+    let bad = |why: String| Refused::new(ToolCode::BadSession, vec![why]);
+    let id = &session.id;
+    let named = session.record.file_name().and_then(|n| n.to_str()) == Some(id.as_str());
+    if !is_build_id(id) || !named || !session.record.is_absolute() {
+        return Err(bad(format!(
+            "id, record: {id:?} is not a build id naming the absolute directory {}",
             session.record.display()
-        ));
+        )));
     }
-    match std::fs::symlink_metadata(&session.record) {
-        Ok(meta) if meta.is_dir() => {}
-        _ => {
-            return bad(format!(
-                "record: {} is not a directory",
-                session.record.display()
-            ))
-        }
+    if !std::fs::symlink_metadata(&session.record).is_ok_and(|m| m.is_dir()) {
+        let why = format!("record: {} is not a directory", session.record.display());
+        return Err(bad(why));
     }
-    match std::fs::metadata(&session.source) {
-        Ok(meta) if meta.is_file() => Ok(()),
-        _ => bad(format!(
-            "source: {} is not a regular file",
+    let text = |field: &str, path: &Path, max: u64| {
+        contractor_protocol::file::read_regular(path, max)
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .map_err(|e| bad(format!("{field}: cannot read {}: {e}", path.display())))
+    };
+    let spec = text(
+        "spec_file",
+        &session.spec_file,
+        contractor_spec::allow::MAX_SPEC_BYTES,
+    )?;
+    let lock = match &session.lock_file {
+        Some(path) => Some(text(
+            "lock_file",
+            path,
+            contractor_spec::lock::MAX_LOCK_BYTES,
+        )?),
+        None => None,
+    };
+    let (source_bytes, sha256) = hash_file(&session.source).map_err(|e| {
+        bad(format!(
+            "source: cannot read {}: {e}",
             session.source.display()
-        )),
-    }
+        ))
+    })?;
+    Ok(HostedRequest {
+        version: PROTOCOL_VERSION,
+        contractor: RELEASE.into(),
+        id: id.clone(),
+        project: session.project.clone(),
+        spec,
+        lock,
+        source_entries: session.source_entries,
+        source_bytes,
+        source_sha256: Some(sha256),
+        accel: session.accel,
+        snapshot: session.snapshot,
+        offline: session.offline,
+        uri: None,
+    })
+}
+
+/// The size and the sha256 (lowercase hex) of the regular file at `path`.
+fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
+    use sha2::Digest;
+    let mut file = contractor_protocol::file::open_regular(path)?;
+    let mut hash = sha2::Sha256::new();
+    let bytes = std::io::copy(&mut file, &mut hash)?;
+    Ok((
+        bytes,
+        hash.finalize().iter().map(|b| format!("{b:02x}")).collect(),
+    ))
 }
 
 /// Writes `line` on `out` and flushes it; a front end that is gone is not an error here
@@ -193,10 +228,11 @@ pub fn send() -> ExitCode {
         Ok(None) => return ExitCode::Success,
         Err(refused) => return refused.report(),
     };
-    if let Err(refused) = checked_session(&session) {
-        return refused.report();
-    }
-    let (answer, ended) = run_session(&host, &session, ticket, &mut out);
+    let request = match hosted_request(&session) {
+        Ok(request) => request,
+        Err(refused) => return refused.report(),
+    };
+    let (answer, ended) = run_session(&host, &session, &request, ticket, &mut out);
     tell(&mut out, &answer);
     if let Some(session) = ended {
         session.end();
@@ -209,10 +245,11 @@ pub fn send() -> ExitCode {
 fn run_session(
     host: &BuildHost,
     session: &SessionRequest,
+    request: &HostedRequest,
     ticket: Option<Ticket>,
     out: &mut impl Write,
 ) -> (SendLine, Option<Session>) {
-    let ran = Session::start(host, &session.request, &session.source);
+    let ran = Session::start(host, request, &session.source);
     let (ran, ended) = match ran {
         Ok(mut running) => {
             let ran = running.follow(host, &session.record, session.max_record_bytes, ticket, out);
@@ -295,15 +332,23 @@ impl From<ErrorInfo> for RemoteEnd {
     }
 }
 
+/// What the session's writer is told.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// Whether the build host needs the source's bytes.
+    Source(bool),
+    /// Close the session's stdin.
+    Close,
+}
+
 /// One `ssh … contractor-host build` session.
 struct Session {
     child: Child,
     /// The build host's stream, for `record follow` to read.
     stdout: Option<ChildStdout>,
-    /// Dropping (or sending on) it closes the session's stdin.
-    close: Option<mpsc::Sender<()>>,
-    /// The build host's answer whether it needs the source's bytes, for the writer.
-    need: Option<mpsc::Sender<bool>>,
+    /// Tells the writer the build host's answer whether it needs the source's bytes, or
+    /// to close the session's stdin (as does dropping every sender).
+    close: Option<mpsc::Sender<Step>>,
     writer: Option<std::thread::JoinHandle<std::io::Result<()>>>,
     interrupted: Arc<Mutex<Option<&'static str>>>,
     signals: Option<signal_hook::iterator::Handle>,
@@ -327,19 +372,25 @@ impl Session {
         let mut line = serde_json::to_vec(request).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let mut source = std::fs::File::open(tar)?;
-        let (close, closed) = mpsc::channel::<()>();
-        let (need, needed) = mpsc::channel::<bool>();
+        let (close, steps) = mpsc::channel::<Step>();
         let ask = request.source_sha256.is_some();
         let writer = std::thread::spawn(move || {
             stdin.write_all(&line)?;
             stdin.flush()?;
-            // With a digest the build host says whether it has that source already.
-            if !ask || needed.recv().unwrap_or(false) {
+            // With a digest the build host says whether it has that source already; an
+            // interruption before it does closes the session at once.
+            let send = match ask {
+                true => steps.recv().ok(),
+                false => Some(Step::Source(true)),
+            };
+            if send == Some(Step::Source(true)) {
                 std::io::copy(&mut source, &mut stdin)?;
                 stdin.flush()?;
             }
             // Held open until told (or until the session is dropped).
-            let _ = closed.recv();
+            if matches!(send, Some(Step::Source(_))) {
+                while let Ok(Step::Source(_)) = steps.recv() {}
+            }
             drop(stdin);
             Ok(())
         });
@@ -348,7 +399,6 @@ impl Session {
             child,
             stdout,
             close: Some(close),
-            need: Some(need),
             writer: Some(writer),
             interrupted: interrupted.clone(),
             signals: None,
@@ -476,8 +526,8 @@ impl Session {
             )])
             .into()),
             FollowedLine::HostSource { need } => {
-                if let Some(writer) = self.need.take() {
-                    let _ = writer.send(need);
+                if let Some(writer) = &self.close {
+                    let _ = writer.send(Step::Source(need));
                 }
                 Ok(())
             }
@@ -517,7 +567,9 @@ impl Session {
         if let Some(signal) = self.interruption() {
             return RemoteEnd::Interrupted(signal);
         }
-        drop(self.close.take());
+        if let Some(close) = self.close.take() {
+            let _ = close.send(Step::Close);
+        }
         let _ = self.child.kill();
         let status = self.child.wait().ok();
         let how = match status.and_then(|s| s.code()) {
@@ -543,8 +595,9 @@ impl Session {
         if let Some(handle) = self.signals.take() {
             handle.close();
         }
-        drop(self.close.take());
-        drop(self.need.take());
+        if let Some(close) = self.close.take() {
+            let _ = close.send(Step::Close);
+        }
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
@@ -557,7 +610,7 @@ impl Session {
 /// ended [`INTERRUPT_GRACE`] later; the second cuts it at once, as does the first when
 /// the front end is gone (its death is what sent it: nothing is to outlive it).
 fn watch_signals(
-    close: Option<mpsc::Sender<()>>,
+    close: Option<mpsc::Sender<Step>>,
     interrupted: Arc<Mutex<Option<&'static str>>>,
     ssh: nix::unistd::Pid,
     parent: nix::unistd::Pid,
@@ -590,7 +643,7 @@ fn watch_signals(
             let orphaned = nix::unistd::getppid() != parent;
             if first && !orphaned {
                 if let Some(close) = close.take() {
-                    let _ = close.send(());
+                    let _ = close.send(Step::Close);
                 }
                 std::thread::spawn(move || {
                     std::thread::sleep(INTERRUPT_GRACE);

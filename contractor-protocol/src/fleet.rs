@@ -7,12 +7,12 @@
 //! Requests reject unknown fields; a host name is checked by `contractor-host` (the form is
 //! `[ssh://][user@]host[:port]`), which names the field it refuses.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::hosted::HostedRequest;
-use crate::result::{BuildResult, ErrorInfo};
+use crate::result::{BuildCode, BuildResult, ErrorInfo, Outcome};
+use crate::vm::Accel;
 
 /// The subcommand that names the build hosts.
 pub const RESOLVE_COMMAND: &str = "resolve";
@@ -137,21 +137,37 @@ pub struct Fleet {
     pub waiting: u64,
 }
 
-/// The second line of `send`, written after its `chosen` line: the build to send.
+/// The second line of `send`, written after its `chosen` line: the build to send. `send`
+/// composes the [`crate::hosted::HostedRequest`] from it (reading the spec and lock files,
+/// hashing the source).
 ///
-/// `{"record":"/p/.contractor/builds/<id>","source":"/p/.contractor/builds/<id>/source.tar","max_record_bytes":1073741824,"request":{…}}`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `{"id":"20261203-070102-1f2e3d","record":"/p/.contractor/builds/20261203-070102-1f2e3d","source":"/p/.contractor/builds/20261203-070102-1f2e3d/source.tar","source_entries":4,"spec_file":"/p/contractor.toml","lock_file":null,"project":"5f0c…","accel":"auto","snapshot":true,"offline":false,"max_record_bytes":1075838976}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SessionRequest {
-    /// The local record directory, named by the request's `id`: the only place the build
-    /// host's record is received into.
+    /// The build's id (the front end's record's name).
+    pub id: String,
+    /// The local record directory, named by `id`: the only place the build host's record
+    /// is received into.
     pub record: PathBuf,
     /// The packed source tar (a regular file) sent after the request.
     pub source: PathBuf,
+    /// How many entries the tar holds.
+    pub source_entries: u64,
+    /// The project's `contractor.toml`, sent as the request's `spec`.
+    pub spec_file: PathBuf,
+    /// Its `contractor.lock`, when the build uses one.
+    pub lock_file: Option<PathBuf>,
+    /// The project's key (32 hex digits) naming its directory on the build host.
+    pub project: String,
+    /// The accelerator asked for.
+    pub accel: Accel,
+    /// Whether a snapshot may be restored there.
+    pub snapshot: bool,
+    /// Whether the build runs offline.
+    pub offline: bool,
     /// The most bytes of record received.
     pub max_record_bytes: u64,
-    /// What the build host is asked (see [`crate::hosted`]).
-    pub request: HostedRequest,
 }
 
 /// The lines `contractor-host send` writes besides the build's events (passed on as
@@ -203,4 +219,57 @@ pub enum SendLine {
         /// Why.
         error: ErrorInfo,
     },
+}
+
+impl SendLine {
+    /// The `result.json` of a build on `host` whose session ended with this answer, its
+    /// record received into `record` with `artifacts` (its `id` and `duration_secs` are
+    /// the caller's to set): the build host's outcome, or the interruption or failure that
+    /// ended the session (`interrupted`, `build_host`). A line that is not an answer is the
+    /// build host's failure.
+    pub fn into_result(self, host: &str, record: &Path, artifacts: Vec<PathBuf>) -> BuildResult {
+        let mut result = BuildResult {
+            version: crate::PROTOCOL_VERSION,
+            id: String::new(),
+            outcome: Outcome::Infrastructure,
+            exit_code: None,
+            duration_secs: 0.0,
+            log: record.join("build.log"),
+            console_log: record.join("console.log"),
+            artifacts,
+            refused_hosts: Vec::new(),
+            refused_offline: Vec::new(),
+            upstream_failures: Vec::new(),
+            limit: None,
+            error: None,
+            host: Some(host.to_string()),
+        };
+        let error = |code: BuildCode, message: String| ErrorInfo {
+            code: code.as_str().into(),
+            chain: vec![message],
+        };
+        match self {
+            SendLine::SessionResult { result: there } => {
+                result.outcome = there.outcome;
+                result.exit_code = there.exit_code;
+                result.limit = there.limit;
+                result.error = there.error;
+                result.refused_hosts = there.refused_hosts;
+                result.refused_offline = there.refused_offline;
+            }
+            SendLine::SessionInterrupted { signal } => {
+                result.outcome = Outcome::Interrupted;
+                result.error = Some(error(
+                    BuildCode::Interrupted,
+                    format!("{signal} ended the session with the build host {host} before its record came back"),
+                ));
+            }
+            SendLine::SessionFailed { error } => result.error = Some(error),
+            other => {
+                let message = format!("contractor-host send ended with {other:?}, not an answer");
+                result.error = Some(error(BuildCode::BuildHost, message));
+            }
+        }
+        result
+    }
 }

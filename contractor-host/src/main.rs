@@ -17,7 +17,9 @@ fn main() -> std::process::ExitCode {
         Some((command, [])) if command == SEND_COMMAND => contractor_host::send::send(),
         Some((command, [])) if command == RESOLVE_COMMAND => contractor_host::queries::resolve(),
         Some((command, [])) if command == HOSTS_COMMAND => contractor_host::queries::hosts(),
-        Some((command, rest)) if command == VM_COMMAND => contractor_host::queries::vm(rest),
+        Some((command, rest)) if command == VM_COMMAND => {
+            return contractor_host::queries::vm(rest)
+        }
         _ => {
             eprintln!(
                 "usage: contractor-host {HOSTED_COMMAND}|{SEND_COMMAND}|{RESOLVE_COMMAND}|{HOSTS_COMMAND}  \

@@ -102,7 +102,7 @@ fn allowed_vm_args(args: &[String]) -> bool {
 /// `contractor-host vm --host H ARGS…`: runs `contractor-vm ARGS…` on the build host over
 /// ssh, its answer on this process's stdout as the build host wrote it (the front end reads
 /// it as `contractor-vm`'s), its exit code ssh's.
-pub fn vm(args: &[String]) -> ExitCode {
+pub fn vm(args: &[String]) -> std::process::ExitCode {
     let json = args.last().is_some_and(|a| a == "--json-errors");
     let refuse = |why: String| {
         contractor_protocol::error::ErrorObject::report(
@@ -111,7 +111,7 @@ pub fn vm(args: &[String]) -> ExitCode {
             vec![why],
             json,
         );
-        ExitCode::BadInput
+        std::process::ExitCode::from(ExitCode::BadInput)
     };
     let (host, rest) = match args {
         [flag, host, rest @ ..] if flag == "--host" => (host, rest),
@@ -135,12 +135,12 @@ pub fn vm(args: &[String]) -> ExitCode {
     let mut ssh = host.ssh(&remote);
     let status = crate::spawn::start(&mut ssh).and_then(|mut child| child.wait());
     match status.map(|s| s.code()) {
-        Ok(Some(0)) => ExitCode::Success,
-        Ok(Some(2)) => ExitCode::BadInput,
-        Ok(_) => ExitCode::Infrastructure,
+        // ssh's own exit code (255: it could not connect), as the front end reports it.
+        Ok(Some(code)) => std::process::ExitCode::from(u8::try_from(code).unwrap_or(255)),
+        Ok(None) => ExitCode::Infrastructure.into(),
         Err(err) => {
             eprintln!("contractor-host: cannot run ssh for {host}: {err}");
-            ExitCode::Infrastructure
+            ExitCode::Infrastructure.into()
         }
     }
 }

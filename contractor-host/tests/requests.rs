@@ -279,3 +279,24 @@ fn a_session_request_whose_record_is_not_its_builds_is_refused_naming_the_field(
     assert_eq!(kind, "bad_session");
     assert!(chain.starts_with("id, record:"), "{chain}");
 }
+
+#[test]
+fn vm_runs_only_the_doctors_checks_there_and_exits_as_ssh_did() {
+    let bench = Bench::new("exit 255", "echo 'ssh: connect: refused' >&2; exit 255");
+    let run = |args: &[&str]| {
+        let mut command = bench.command("vm");
+        command.args(args).stdin(Stdio::null());
+        command.output().expect("contractor-host vm")
+    };
+    let out = run(&["--host", "ci@box", "check", "--json-errors"]);
+    assert_eq!(out.status.code(), Some(255));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ssh: connect: refused"));
+    let out = run(&["--host", "ci@box", "destroy", "x", "--json-errors"]);
+    assert_eq!(out.status.code(), Some(2));
+    let (kind, chain) = refused(&[serde_json::from_slice(&out.stdout).expect("error object")]);
+    assert_eq!(kind, "usage");
+    assert!(
+        chain.contains("only `check [--uri URI]` and `image list`"),
+        "{chain}"
+    );
+}

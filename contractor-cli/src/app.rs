@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use crate::build::{self, BuildOptions};
 use crate::display::human_bytes;
 use crate::display::{escape, escape_capped, escape_path, Display, Mode, MAX_SHOWN_MESSAGE_BYTES};
-use crate::remote::BuildHost;
 use crate::{image, records, spec};
 use clap::{Parser, Subcommand, ValueEnum};
 use contractor_protocol::agent::Keep;
@@ -389,17 +388,15 @@ pub fn main() -> std::process::ExitCode {
         Command::Build(args) => build_command(*args),
         Command::Shell { id, file, uri } => shell(&file, id.as_deref(), uri).into(),
         Command::Builds { file } => report(list_builds(&file)),
-        Command::Doctor { uri, host } => match host.as_deref().map(BuildHost::parse).transpose() {
-            Ok(host) => doctor(uri.as_deref(), host.as_ref()).into(),
-            Err(why) => {
-                eprintln!(
-                    "contractor: --host {:?}: {why}; a build host is {}",
-                    host.unwrap_or_default(),
-                    crate::remote::HOST_FORM
-                );
-                ExitCode::BadInput.into()
+        Command::Doctor { uri, host } => {
+            match host.map(|h| crate::remote::resolve(&[h])).transpose() {
+                Ok(host) => doctor(uri.as_deref(), host.and_then(|h| h.0.first().cloned())).into(),
+                Err(why) => {
+                    eprintln!("contractor: {why}");
+                    ExitCode::BadInput.into()
+                }
             }
-        },
+        }
         Command::Hosts { hosts, file } => list_hosts(&hosts, &file).into(),
         Command::Init => report(
             crate::init::write(Path::new("."))
@@ -527,47 +524,18 @@ fn cache_command(command: CacheCommand) -> std::process::ExitCode {
     }
 }
 
-/// The build hosts of `contractor build`: `--host`'s, else none with `--local`, else the
-/// configuration's. The error names the value and says what is accepted.
-fn build_hosts(given: &[String], local: bool) -> Result<Vec<BuildHost>, String> {
-    if local {
-        return Ok(Vec::new());
-    }
-    if given.is_empty() {
-        return crate::remote::configured_hosts();
-    }
-    if given.len() > crate::remote::MAX_HOSTS {
-        return Err(format!(
-            "{} --host options; at most {} are accepted",
-            given.len(),
-            crate::remote::MAX_HOSTS
-        ));
-    }
-    given
-        .iter()
-        .map(|text| {
-            BuildHost::parse(text).map_err(|why| {
-                format!(
-                    "--host {text:?}: {why}; a build host is {}",
-                    crate::remote::HOST_FORM
-                )
-            })
-        })
-        .collect()
-}
-
 /// `contractor hosts`: each build host's room for the build of `file` (if it exists), on
 /// stdout.
 fn list_hosts(given: &[String], file: &Path) -> ExitCode {
-    let hosts = match build_hosts(given, false) {
-        Ok(hosts) => hosts,
+    let (hosts, config) = match crate::remote::resolve(given) {
+        Ok(resolved) => resolved,
         Err(problem) => {
             eprintln!("contractor: {}", escape(&problem));
             return ExitCode::BadInput;
         }
     };
     if hosts.is_empty() {
-        let config = crate::remote::config_file()
+        let config = config
             .map(|p| escape_path(&p))
             .unwrap_or_else(|| "~/.config/contractor/config.toml".into());
         eprintln!(
@@ -585,11 +553,33 @@ fn list_hosts(given: &[String], file: &Path) -> ExitCode {
         },
         false => (2, 2048),
     };
-    let (lines, answered) = crate::fleet::list(&hosts, cpus, memory_mib);
-    for line in lines {
+    let fleet = match crate::remote::fleet(&hosts, cpus, memory_mib) {
+        Ok(fleet) => fleet,
+        Err(err) => {
+            eprintln!("contractor: {}", escape(&error_chain(&err).join(": ")));
+            return ExitCode::Infrastructure;
+        }
+    };
+    let width = fleet.hosts.iter().map(|h| h.host.len()).max().unwrap_or(0);
+    for probe in &fleet.hosts {
+        let name = &probe.host;
+        let line = match (&probe.room, &probe.unavailable) {
+            (Some(room), _) => format!(
+                "{name:width$}  room {}  running {}  ({} MiB free, {} CPUs)",
+                room.builds, room.running, room.free_memory_mib, room.cpus
+            ),
+            (None, why) => format!(
+                "{name:width$}  unavailable: {}",
+                why.as_deref().unwrap_or("")
+            ),
+        };
         println!("{}", escape(&line));
     }
-    match answered {
+    println!(
+        "(room: builds of {cpus} CPU(s) and {memory_mib} MiB that fit now; waiting in line here: {})",
+        fleet.waiting
+    );
+    match fleet.hosts.iter().any(|h| h.room.is_some()) {
         true => ExitCode::Success,
         false => ExitCode::Infrastructure,
     }
@@ -642,8 +632,7 @@ fn parse_build_id(value: &str) -> Result<String, String> {
     }
 }
 
-/// `contractor build`: with `hosts` the `--host` options and `--local` (see
-/// [`build_hosts`]).
+/// `contractor build`: with `hosts` the `--host` options and `--local`.
 fn run_build(
     file: &std::path::Path,
     options: BuildOptions,
@@ -661,7 +650,12 @@ fn run_build(
         };
         ErrorObject::report("contractor", ToolCode::parse(code), chain, json);
     };
-    let hosts = match build_hosts(hosts.0, hosts.1) {
+    // `--host`'s, else none with `--local`, else the configuration's.
+    let hosts = match hosts.1 {
+        true => Ok(Vec::new()),
+        false => crate::remote::resolve(hosts.0).map(|(hosts, _)| hosts),
+    };
+    let hosts = match hosts {
         Ok(hosts) => hosts,
         Err(problem) => {
             fail(BuildCode::BadSpec.as_str(), vec![problem]);
@@ -698,7 +692,7 @@ fn run_build(
     let chosen = match hosts.is_empty() {
         true => None,
         false => {
-            match crate::fleet::take(&hosts, spec.cpus, spec.memory_mib, mode != Mode::Quiet) {
+            match crate::remote::choose(&hosts, spec.cpus, spec.memory_mib, mode != Mode::Quiet) {
                 Ok(taken) => Some(taken),
                 Err(chain) => {
                     fail(BuildCode::BuildHost.as_str(), chain);
@@ -707,7 +701,7 @@ fn run_build(
             }
         }
     };
-    let report = match build_here(&spec, &options, mode, chosen.map(|(h, t)| (h, file, t))) {
+    let report = match build_here(&spec, &options, mode, chosen.map(|s| (s, file))) {
         Ok(report) => report,
         Err((code, chain, exit)) => {
             fail(code, chain);
@@ -823,13 +817,11 @@ fn build_here(
     spec: &spec::BuildSpec,
     options: &BuildOptions,
     mode: Mode,
-    host: Option<(BuildHost, &Path, Option<crate::fleet::Ticket>)>,
+    host: Option<(crate::remote::Sender, &Path)>,
 ) -> Result<build::BuildReport, (&'static str, Vec<String>, ExitCode)> {
     let display = Display::new(mode);
     let built = match host {
-        Some((host, file, ticket)) => {
-            crate::remote::build_on(&host, spec, file, options, ticket, &display)
-        }
+        Some((sender, file)) => crate::remote::build_on(sender, spec, file, options, &display),
         None => build::build(spec, options, &display),
     };
     display.close();
@@ -921,12 +913,12 @@ fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
     }
 }
 
-fn doctor(uri: Option<&str>, host: Option<&BuildHost>) -> ExitCode {
+fn doctor(uri: Option<&str>, host: Option<String>) -> ExitCode {
     use crate::doctor::Status;
-    if let Some(host) = host {
+    if let Some(host) = &host {
         println!("build host {host}:");
     }
-    let findings = crate::doctor::check(uri, host);
+    let findings = crate::doctor::check(uri, host.as_deref());
     for f in &findings {
         let status = match f.status {
             Status::Ok => "ok  ",

@@ -5,12 +5,11 @@
 //! concerns the VM host (programs, libvirt, KVM, the guest agent, subordinate uids, free
 //! space, the images, and under `qemu:///session` QEMU's launcher) is asked of `contractor-vm
 //! check` and `contractor-vm image list`:
-//! here, or on a build host over ssh (`contractor doctor --host`).
+//! here, or on a build host over ssh (`contractor doctor --host`, asked through
+//! `contractor-host vm`).
 
 use contractor_protocol::tool::Service;
 use contractor_protocol::vm::HostCheck;
-
-use crate::remote::BuildHost;
 
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,13 +43,14 @@ fn finding(status: Status, what: &str, detail: String) -> Finding {
 
 /// Runs every check against the libvirt URI `uri`: of this machine, or with `host` of that
 /// build host (its `contractor-vm check` and `image list`, over ssh).
-pub fn check(uri: Option<&str>, host: Option<&BuildHost>) -> Vec<Finding> {
+pub fn check(uri: Option<&str>, host: Option<&str>) -> Vec<Finding> {
     let vm = |args: &[&str]| match host {
-        Some(host) => {
-            let mut remote = vec![crate::tools::VM];
-            remote.extend_from_slice(args);
-            Ok(host.ssh(&remote))
-        }
+        // contractor-host runs it there over ssh.
+        Some(host) => crate::tools::command(crate::tools::HOST).map(|mut command| {
+            command.args([contractor_protocol::fleet::VM_COMMAND, "--host", host]);
+            command.args(args);
+            command
+        }),
         None => crate::tools::command(crate::tools::VM).map(|mut command| {
             command.args(args);
             command

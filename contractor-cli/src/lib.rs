@@ -11,7 +11,6 @@ pub mod clock;
 pub mod display;
 pub mod doctor;
 pub mod downloads;
-pub mod fleet;
 pub mod image;
 pub use contractor_spec::init;
 pub use contractor_spec::lock;

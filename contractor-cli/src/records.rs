@@ -289,36 +289,6 @@ pub fn close_abandoned(store_root: &Path) -> Result<Vec<String>, ToolError> {
     Ok(closed.closed)
 }
 
-/// Starts `contractor-store record follow` reading `stream` (a build host's whole hosted
-/// build stream, which this process never reads): confined to `record`, it checks the
-/// stream's hello, events and error, writes them on re-encoded, then receives the record
-/// (at most `limit` bytes) and indexes its artifacts. In a process group of its own, so
-/// that Ctrl-C (which ends the session in order) does not cut the record.
-pub fn follow(
-    stream: std::process::ChildStdout,
-    record: &Path,
-    limit: u64,
-) -> Result<(std::process::Child, tools::Answers), ToolError> {
-    let (root, id) = store_and_id(record);
-    let mut command = tools::command(tools::STORE)?;
-    command
-        .args([
-            OsStr::new("record"),
-            OsStr::new("follow"),
-            OsStr::new("--root"),
-        ])
-        .arg(root)
-        .arg("--build")
-        .arg(id)
-        .arg("--max-bytes")
-        .arg(limit.to_string())
-        .arg("--json-errors");
-    std::os::unix::process::CommandExt::process_group(&mut command, 0);
-    let mut child = tools::spawn_reading(tools::STORE, command, stream.into())?;
-    let answers = tools::Answers::of(tools::STORE, &mut child)?;
-    Ok((child, answers))
-}
-
 /// When a build started, from its id (`20261125-141502-3fa2c1` → `2026-11-25 14:15:02`).
 pub fn started(id: &str) -> String {
     let digits: Vec<&str> = id.splitn(3, '-').collect();

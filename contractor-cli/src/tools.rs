@@ -14,8 +14,8 @@ use std::process::Command;
 
 use contractor_protocol::tool::Locator;
 pub use contractor_protocol::tool::{
-    answer_of, send, signal_running, spawn, spawn_reading, start, text, Answers, Reply, ToolError,
-    ToolMessages, MAX_TEXT_BYTES,
+    answer_of, ask_of, send, signal_running, spawn, spawn_reading, start, text, Answers, Reply,
+    ToolError, ToolMessages, MAX_TEXT_BYTES,
 };
 use serde::de::DeserializeOwned;
 
@@ -29,6 +29,8 @@ pub const VM: &str = "contractor-vm";
 pub const RUN: &str = "contractor-run";
 /// The provenance tool (signs, verifies, holds the key).
 pub const ATTEST: &str = "contractor-attest";
+/// The build hosts' tool (`send` runs a session with a build host, `hosts` reports them).
+pub const HOST: &str = "contractor-host";
 /// The launcher that confines QEMU under `qemu:///session` (started by libvirt, found by
 /// `contractor-vm`).
 pub const QEMU_LAUNCHER: &str = "contractor-qemu";
@@ -64,5 +66,5 @@ pub fn ask<R: serde::Serialize, T: DeserializeOwned>(
     name: &'static str,
     request: &R,
 ) -> Result<(T, Option<i32>), ToolError> {
-    contractor_protocol::tool::ask_of(name, command(name)?, request)
+    ask_of(name, command(name)?, request)
 }

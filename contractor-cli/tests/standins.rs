@@ -73,6 +73,9 @@ impl Bench {
         // The signer is the real one: it needs no VM, and a build's record is its to sign.
         std::os::unix::fs::symlink(built("contractor-attest"), bin.join("contractor-attest"))
             .expect("link the signer");
+        // So is the build hosts' tool: it answers that no build host is configured.
+        std::os::unix::fs::symlink(built("contractor-host"), bin.join("contractor-host"))
+            .expect("link the host tool");
         for sub in ["project", "data", "tmp", "home", "standin"] {
             std::fs::create_dir(dir.path().join(sub)).expect("mkdir");
         }

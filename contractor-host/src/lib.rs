@@ -10,8 +10,19 @@
 //! The end of stdin (the session's end: Ctrl-C, a killed front end, a cut connection) sends
 //! the build SIGTERM, so its VM is destroyed. The build itself, its VM and its tools are
 //! `contractor build`'s: this tool only receives, hands over and sends back.
+//!
+//! The same tool is the front end's side on the developer's machine (docs/protocol.md):
+//! `resolve` names the build hosts ([`buildhost`]), `hosts` reports their room and the
+//! line ([`fleet`]), `send` runs one whole session with a build host ([`send`]), and `vm`
+//! runs the doctor's checks there ([`queries`]).
 
 #![warn(missing_docs)]
+
+pub mod buildhost;
+pub mod fleet;
+pub mod queries;
+pub mod send;
+mod spawn;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};

@@ -167,6 +167,12 @@ tool_codes! {
     BadOwner = "bad_owner",
     /// `record open`: the record could not be made; exit 3.
     RecordOpen = "record_open",
+    // contractor-host (the front end's side).
+    /// `resolve`, `hosts`, `send`: a build host name (or the configuration file naming
+    /// them) is not valid; exit 2.
+    BadHost = "bad_host",
+    /// `send`: the session request names a record or a source that is not there; exit 2.
+    BadSession = "bad_session",
     /// `record close-abandoned`, `record close`: a record could not be closed; exit 3.
     RecordClose = "record_close",
     /// `record close`: no such record, or it is closed already (it has a `result.json`);

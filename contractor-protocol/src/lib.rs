@@ -15,6 +15,7 @@ pub mod clock;
 pub mod error;
 pub mod exit;
 pub mod file;
+pub mod fleet;
 pub mod hosted;
 pub mod image;
 pub mod jsonl;

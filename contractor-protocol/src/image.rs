@@ -38,6 +38,9 @@ pub const DISK_FILE: &str = "disk.qcow2";
 pub const KERNEL_FILE: &str = "vmlinuz";
 /// The manifest in the image directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// The builder image a build uses when its spec names none, and whose presence
+/// `contractor-vm check` reports.
+pub const DEFAULT_IMAGE: &str = "debian-12-build";
 /// The `suite` of an imported image's manifest.
 pub const IMPORTED: &str = "imported";
 /// The environment variable naming the data directory.

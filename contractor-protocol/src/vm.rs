@@ -197,9 +197,12 @@ pub enum VmResult {
     },
 }
 
-/// What `contractor-vm check` prints: whether the host can run builder VMs.
+/// What `contractor-vm check` prints: whether the host can run builder VMs, as raw facts
+/// (for scripts) and as `findings`, each fact judged with its fix (what `contractor doctor`
+/// prints).
 /// `{"type":"check","version":1,"uri":"qemu:///session","libvirt":{"ok":true},
-/// "cpu_virt":true,"dev_kvm":true,"agent":{"ok":true,"path":"/usr/lib/contractor/contractor-agent"}}`
+/// "cpu_virt":true,"dev_kvm":true,"agent":{"ok":true,"path":"/usr/lib/contractor/contractor-agent"},
+/// "findings":[{"status":"ok","what":"libvirt","detail":"qemu:///session answers"}]}`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostCheck {
@@ -238,6 +241,47 @@ pub struct HostCheck {
     /// contractor-vm's answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launcher: Option<Probe>,
+    /// The facts above judged by the VM host's contractor-vm, plus whether the default
+    /// builder image ([`crate::image::DEFAULT_IMAGE`]) is built there: one finding each, in
+    /// the order `contractor doctor` prints them.
+    pub findings: Vec<Finding>,
+}
+
+/// One judged fact of a [`HostCheck`]: how it came out, what was checked, and what was
+/// found (with the command or setting that fixes it when it is not ok).
+/// `{"status":"fail","what":"mmdebstrap","detail":"not found; install it: sudo apt-get install mmdebstrap (or run scripts/setup)"}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Finding {
+    /// How it came out.
+    pub status: FindingStatus,
+    /// What was checked, e.g. `libvirt`, `qemu-img`, `disk space`.
+    pub what: String,
+    /// What was found, and the fix when it is not ok.
+    pub detail: String,
+}
+
+impl Finding {
+    /// A finding about `what`.
+    pub fn new(status: FindingStatus, what: &str, detail: impl Into<String>) -> Finding {
+        Finding {
+            status,
+            what: what.to_string(),
+            detail: detail.into(),
+        }
+    }
+}
+
+/// How a [`Finding`] came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FindingStatus {
+    /// `"ok"`: fine.
+    Ok,
+    /// `"warn"`: works, but worth knowing (slower, or soon a problem).
+    Warn,
+    /// `"fail"`: a build cannot work until this is fixed.
+    Fail,
 }
 
 /// A program of a [`HostCheck`]: found at `path`, or not (then `package` has it).

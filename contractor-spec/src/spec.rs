@@ -11,7 +11,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 /// The default builder image.
-pub const DEFAULT_IMAGE: &str = "debian-12-build";
+pub const DEFAULT_IMAGE: &str = contractor_protocol::image::DEFAULT_IMAGE;
 const MIB: u64 = 1024 * 1024;
 
 /// Images Contractor knows how to build.

@@ -18,10 +18,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use contractor_protocol::image::ImageResult;
 use contractor_protocol::jsonl::{write_line, JsonlError};
-use contractor_protocol::vm::{
-    Accel, BootImage, CheckTag, HostCheck, Probe, ProgramProbe, SpaceProbe, SubuidProbe, VmRequest,
-    VmResult, VmSpec,
-};
+use contractor_protocol::vm::{Accel, BootImage, VmRequest, VmResult, VmSpec};
 use contractor_protocol::{ExitCode, PROTOCOL_VERSION};
 
 use crate::image::ImageError;
@@ -97,7 +94,8 @@ pub enum Command {
     List(UriArgs),
     /// Destroy VMs whose owning process on this host has exited (prints them as a list).
     Reap(ReapArgs),
-    /// Check that this host can run builder VMs: libvirt, KVM, the guest agent.
+    /// Check that this host can run builder VMs: libvirt, KVM, the guest agent, the default
+    /// image ({"type":"check",...}: the facts, and each judged as a finding with its fix).
     Check(ReapArgs),
     /// Report what this host has room for: free memory, CPUs, Contractor VMs running
     /// ({"type":"capacity",...}; `contractor build` with several build hosts asks each).
@@ -548,7 +546,7 @@ pub fn execute(command: Command) -> Result<ExitCode, CliError> {
             return Ok(ExitCode::Success);
         }
         Command::Check(a) => {
-            let check = host_check(a.uri.unwrap_or_else(default_uri));
+            let check = crate::check::host_check(a.uri.unwrap_or_else(default_uri));
             write_line(&mut io::stdout().lock(), &check).map_err(CliError::Output)?;
             return Ok(ExitCode::Success);
         }
@@ -622,114 +620,6 @@ pub fn image_command(command: ImageCommand) -> Result<ImageResult, ImageError> {
             let _ = writeln!(io::stderr(), "contractor-vm: removed image {name}");
             ImageResult::Removed { version, name }
         }
-    })
-}
-
-/// The most of `/proc/cpuinfo` read (its flags lines repeat per CPU; the first suffices).
-const MAX_CPUINFO: u64 = 1 << 20;
-
-/// A probe's answer: fine (with the file found, if any), or the error and its causes.
-fn probe<E: std::error::Error>(found: Result<Option<PathBuf>, E>) -> Probe {
-    match found {
-        Ok(path) => Probe {
-            ok: true,
-            path,
-            error: Vec::new(),
-        },
-        Err(e) => Probe {
-            ok: false,
-            path: None,
-            error: contractor_protocol::result::error_chain(&e),
-        },
-    }
-}
-
-/// What `check` reports of this host for libvirt at `uri`.
-pub fn host_check(uri: String) -> HostCheck {
-    let libvirt = probe(connect(&uri).map(|_| None));
-    let mut cpuinfo = String::new();
-    if let Ok(file) = std::fs::File::open("/proc/cpuinfo") {
-        let _ = file.take(MAX_CPUINFO).read_to_string(&mut cpuinfo);
-    }
-    let agent = probe(crate::image::agent_path().map(Some));
-    let launcher = crate::lifecycle::session_launcher(&uri).map(|found| probe(found.map(Some)));
-    HostCheck {
-        kind: CheckTag::Check,
-        version: PROTOCOL_VERSION,
-        uri,
-        libvirt,
-        cpu_virt: crate::accel::cpuinfo_has_virt(&cpuinfo),
-        dev_kvm: std::path::Path::new("/dev/kvm").exists(),
-        agent,
-        programs: NEEDED_PROGRAMS
-            .iter()
-            .map(|(name, package)| ProgramProbe {
-                name: name.to_string(),
-                package: package.to_string(),
-                path: which(name),
-            })
-            .collect(),
-        dev_kvm_group_rw: dev_kvm_group_rw(),
-        subuids: subuids(),
-        space: space(),
-        launcher,
-    }
-}
-
-/// The programs a VM host needs, with the Debian package of each.
-const NEEDED_PROGRAMS: [(&str, &str); 5] = [
-    ("qemu-system-x86_64", "qemu-system-x86"),
-    ("qemu-img", "qemu-utils"),
-    ("mmdebstrap", "mmdebstrap"),
-    ("debugfs", "e2fsprogs"),
-    ("resize2fs", "e2fsprogs"),
-];
-
-/// Where `program` is: on `PATH`, else in `/usr/sbin` or `/sbin`.
-fn which(program: &str) -> Option<std::path::PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].iter().map(Into::into))
-        .map(|dir| dir.join(program))
-        .find(|candidate| candidate.is_file())
-}
-
-/// Whether `/dev/kvm`'s group may read and write it; `None` without `/dev/kvm`.
-fn dev_kvm_group_rw() -> Option<bool> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata("/dev/kvm").ok()?;
-    Some(meta.mode() & 0o060 == 0o060)
-}
-
-/// The most of `/etc/subuid` read.
-const MAX_SUBUID: u64 = 1 << 20;
-
-/// Whether `$USER` has subordinate uids; `None` for root, who needs none.
-fn subuids() -> Option<SubuidProbe> {
-    if nix::unistd::geteuid().is_root() {
-        return None;
-    }
-    let user = std::env::var("USER").unwrap_or_default();
-    let mut text = String::new();
-    if let Ok(file) = std::fs::File::open("/etc/subuid") {
-        let _ = file.take(MAX_SUBUID).read_to_string(&mut text);
-    }
-    let has_range = text
-        .lines()
-        .any(|l| l.split(':').next() == Some(user.as_str()));
-    Some(SubuidProbe { user, has_range })
-}
-
-/// The free space at the data directory (or its nearest existing ancestor).
-fn space() -> Option<SpaceProbe> {
-    let dir = contractor_protocol::image::data_dir().ok()?;
-    let existing = dir.ancestors().find(|d| d.exists())?.to_path_buf();
-    let free_bytes = nix::sys::statvfs::statvfs(&existing)
-        .ok()
-        .map(|stat| stat.blocks_available() * stat.fragment_size());
-    Some(SpaceProbe {
-        path: existing,
-        free_bytes,
     })
 }
 

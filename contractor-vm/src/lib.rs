@@ -20,6 +20,7 @@
 #![warn(missing_docs)]
 
 pub mod accel;
+pub mod check;
 pub mod cli;
 pub mod image;
 pub mod launcher;

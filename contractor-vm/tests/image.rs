@@ -53,6 +53,16 @@ struct Check {
     space: serde_json::Value,
     #[serde(default)]
     launcher: Option<Probe>,
+    findings: Vec<Finding>,
+}
+
+/// One judged fact of `check`, mirrored strictly.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Finding {
+    status: String,
+    what: String,
+    detail: String,
 }
 
 fn run(data: &std::path::Path, args: &[&str]) -> Output {
@@ -189,6 +199,57 @@ fn check_reports_libvirt_kvm_and_the_agent() {
     assert!(check.space["free_bytes"].as_u64().is_some_and(|b| b > 0));
     // Not a session URI: libvirt starts QEMU, no launcher is asked for.
     assert!(check.launcher.is_none());
+}
+
+#[test]
+fn check_answers_its_findings_each_judged_with_the_fix() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let uri = "qemu+unix:///system?socket=/nonexistent/contractor-test.sock";
+    let out = run(data.path(), &["check", "--uri", uri]);
+    assert!(out.status.success(), "{out:?}");
+    let check: Check = one_line(&out);
+    let line = |what: &str| {
+        check
+            .findings
+            .iter()
+            .find(|f| f.what == what)
+            .unwrap_or_else(|| panic!("no {what} finding in {:?}", check.findings))
+    };
+    assert!(check
+        .findings
+        .iter()
+        .all(|f| ["ok", "warn", "fail"].contains(&f.status.as_str()) && !f.detail.is_empty()));
+    // The unreachable libvirt and the missing agent fail, each saying why.
+    assert_eq!(line("libvirt").status, "fail");
+    assert!(
+        line("libvirt").detail.contains(uri),
+        "{:?}",
+        line("libvirt")
+    );
+    assert_eq!(line("guest agent").status, "fail");
+    assert!(
+        line("guest agent").detail.contains("scripts/build-agent"),
+        "{:?}",
+        line("guest agent")
+    );
+    // Each program a finding of its own; the empty data directory has no default image yet.
+    for program in &check.programs {
+        let name = program["name"].as_str().expect("name");
+        let found = line(name);
+        match program["path"].as_str() {
+            Some(path) => assert_eq!((found.status.as_str(), found.detail.as_str()), ("ok", path)),
+            None => assert_eq!(found.status, "fail"),
+        }
+    }
+    assert_eq!(line("image").status, "warn");
+    assert!(
+        line("image")
+            .detail
+            .starts_with("debian-12-build is not built yet"),
+        "{:?}",
+        line("image")
+    );
+    assert!(check.findings.iter().all(|f| f.what != "QEMU confinement"));
 }
 
 #[test]

@@ -1,55 +1,79 @@
-//! Reading build records: `contractor builds`, `contractor show`, `contractor log`.
+//! Build records, as the store keeps them: `contractor builds`, `show`, `log`, `downloads`,
+//! `pin`, and the record `contractor shell ID` and `contractor rebuild` start from.
 //!
-//! A record is `<project>/.contractor/builds/<id>/`; ids sort by time, so the newest build
-//! is the greatest id. These commands only read: they never change a record. What writes
-//! record files the front end did not make itself is `contractor-store record ...`: the
-//! store opens a build's record ([`open_new`]) and closes it ([`close`]: `artifacts.json` and
-//! `result.json`), receives a build host's record (confined to it), and decides which
-//! builds are abandoned and closes them.
+//! A record is `<project>/.contractor/builds/<id>/`. The front end opens no file of one to
+//! read it: it asks the store (`contractor-store record list|show|downloads|log`, confined
+//! read-only to `builds/`), which checks the id, refuses links and bounds every read, and
+//! only renders the answer. What writes record files is also the store's: it opens a build's
+//! record ([`open_new`]) and closes it ([`close`]: `artifacts.json` and `result.json`),
+//! receives a build host's record (confined to it), and decides which builds are abandoned
+//! and closes them.
 
 use std::ffi::OsStr;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 
+use contractor_protocol::error::ToolCode;
+use contractor_protocol::proxy::Download;
 use contractor_protocol::result::{BuildResult, ErrorInfo, Limit, Outcome};
-use contractor_protocol::store::{RecordClosed, RecordOpened, RecordsClosed};
+use contractor_protocol::store::{
+    RecordClosed, RecordDownloads, RecordEntry, RecordList, RecordLog, RecordOpened, RecordShown,
+    RecordsClosed,
+};
 
-use crate::tools::{self, ToolError};
+use crate::tools::{self, Answers, ToolError, ToolMessages};
 
 /// Errors reading records.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    /// The project has no builds yet.
-    #[error("no builds in {0} yet; run `contractor build` first")]
-    NoBuilds(PathBuf),
-    /// No build has this id.
-    #[error("no build {id:?} in {dir}; `contractor builds` lists them")]
-    NoSuchBuild {
-        /// The id asked for.
-        id: String,
-        /// Where it was looked for.
-        dir: PathBuf,
-    },
-    /// A file of the record could not be read.
-    #[error("cannot read {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
+    /// The store answered that there is no such build (or no build yet, or the id is not
+    /// one): its words, which say what to do.
+    #[error(transparent)]
+    NotThere(ToolMessages),
+    /// The store could not read the record: its words.
+    #[error(transparent)]
+    Unreadable(ToolMessages),
+    /// The store could not be asked, or answered something else than its protocol.
+    #[error(transparent)]
+    Store(ToolError),
+    /// The store's answer ended early.
+    #[error("contractor-store's answer ended early: {0}")]
+    Cut(&'static str),
+    /// What was read could not be written out.
+    #[error("cannot write the {what}")]
+    Write {
+        /// What was being written.
+        what: &'static str,
         /// Why.
         #[source]
         source: std::io::Error,
     },
-    /// `result.json` is not a valid build result.
-    #[error("{path} is not a valid build result")]
-    BadResult {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: serde_json::Error,
-    },
 }
 
-/// One build as listed.
+impl RecordError {
+    /// True when the build asked for is not there (the user's input), false when its record
+    /// could not be read.
+    pub fn is_not_there(&self) -> bool {
+        matches!(self, RecordError::NotThere(_))
+    }
+}
+
+impl From<ToolError> for RecordError {
+    fn from(error: ToolError) -> RecordError {
+        let not_there = matches!(
+            error.tool_code(),
+            Some(ToolCode::NoBuilds | ToolCode::NoSuchBuild | ToolCode::BadBuild)
+        );
+        match error.messages() {
+            Some(messages) if not_there => RecordError::NotThere(messages),
+            Some(messages) => RecordError::Unreadable(messages),
+            None => RecordError::Store(error),
+        }
+    }
+}
+
+/// One build's record, as `contractor-store record show` tells it.
 #[derive(Debug, Clone)]
 pub struct Record {
     /// Its id.
@@ -60,83 +84,134 @@ pub struct Record {
     pub result: Option<BuildResult>,
 }
 
-/// All builds of the project whose store is `store_root`, oldest first.
-pub fn list(store_root: &Path) -> Result<Vec<Record>, RecordError> {
-    let builds = store_root.join("builds");
-    let entries = match std::fs::read_dir(&builds) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(RecordError::Read {
-                path: builds,
-                source,
-            })
-        }
-    };
-    let mut ids: Vec<String> = entries
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    ids.sort();
-    ids.into_iter()
-        .map(|id| open(store_root, Some(&id)))
-        .collect()
+/// A store request about the records under `store_root`: `record SUBCOMMAND --root ROOT`,
+/// with `--build ID` when `id` names one. The store's stderr is not shown: its error object
+/// says the same, and the caller reports it once.
+fn request(
+    subcommand: &str,
+    store_root: &Path,
+    id: Option<&str>,
+) -> Result<std::process::Command, ToolError> {
+    let mut command = tools::command(tools::STORE)?;
+    command
+        .args(["record", subcommand, "--root"])
+        .arg(store_root)
+        .stderr(Stdio::null());
+    if let Some(id) = id {
+        command.arg("--build").arg(id);
+    }
+    Ok(command)
+}
+
+/// Starts a store request whose answer is a first line and what follows it; returns the
+/// child, the reader of its stdout and the first line.
+fn started_request<T: serde::de::DeserializeOwned>(
+    mut command: std::process::Command,
+) -> Result<(std::process::Child, Answers, T), ToolError> {
+    command.arg("--json-errors");
+    let mut child = tools::spawn(tools::STORE, command)?;
+    drop(child.stdin.take());
+    let mut answers = Answers::of(tools::STORE, &mut child)?;
+    let first = answers.first(&mut child)?;
+    Ok((child, answers, first))
+}
+
+/// Waits for a store request that answered; its failure after the first line is an error.
+fn finished(mut child: std::process::Child, answers: Answers) -> Result<(), RecordError> {
+    answers.drain();
+    let status = child.wait().map_err(|source| ToolError::Io {
+        name: tools::STORE,
+        source,
+    })?;
+    match status.success() {
+        true => Ok(()),
+        false => Err(ToolError::exited(tools::STORE, status.code()).into()),
+    }
+}
+
+/// The next line of a request's answer as a `T`.
+fn next<T: serde::de::DeserializeOwned>(
+    answers: &mut Answers,
+    what: &'static str,
+) -> Result<T, RecordError> {
+    let line = answers.next_line()?.ok_or(RecordError::Cut(what))?;
+    serde_json::from_slice(&line).map_err(|source| {
+        RecordError::Store(ToolError::Protocol {
+            name: tools::STORE,
+            source: contractor_protocol::jsonl::JsonlError::Parse { line: 0, source },
+        })
+    })
+}
+
+/// All builds of the project whose store is `store_root`, oldest first
+/// (`contractor-store record list`).
+pub fn list(store_root: &Path) -> Result<Vec<RecordEntry>, RecordError> {
+    let (child, mut answers, header) =
+        started_request::<RecordList>(request("list", store_root, None)?)?;
+    let entries = (0..header.builds)
+        .map(|_| next::<RecordEntry>(&mut answers, "a build is missing from the list"))
+        .collect::<Result<Vec<_>, _>>()?;
+    finished(child, answers)?;
+    Ok(entries)
+}
+
+/// The record of build `id`, or of the newest one (`contractor-store record show`): its
+/// result, its artifacts with their sizes and digests, the tally of its downloads.
+pub fn show(store_root: &Path, id: Option<&str>) -> Result<RecordShown, RecordError> {
+    let mut command = request("show", store_root, id)?;
+    command.stdin(Stdio::null());
+    Ok(tools::answer_of(tools::STORE, command)?)
 }
 
 /// The build `id`, or the newest one.
 pub fn open(store_root: &Path, id: Option<&str>) -> Result<Record, RecordError> {
-    let builds = store_root.join("builds");
-    let id = match id {
-        Some(id) => id.to_string(),
-        None => {
-            let mut newest = None;
-            if let Ok(entries) = std::fs::read_dir(&builds) {
-                newest = entries
-                    .flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .max();
-            }
-            newest.ok_or_else(|| RecordError::NoBuilds(store_root.to_path_buf()))?
-        }
-    };
-    let dir = builds.join(&id);
-    if id.contains('/') || id.starts_with('.') || !dir.is_dir() {
-        return Err(RecordError::NoSuchBuild { id, dir: builds });
+    let shown = show(store_root, id)?;
+    Ok(Record {
+        id: shown.id,
+        dir: shown.dir,
+        result: shown.result,
+    })
+}
+
+/// The downloads of build `id` (the newest), checked and typed by the store
+/// (`contractor-store record downloads`), and the build's id.
+pub fn downloads(
+    store_root: &Path,
+    id: Option<&str>,
+) -> Result<(String, Vec<Download>), RecordError> {
+    let (child, mut answers, header) =
+        started_request::<RecordDownloads>(request("downloads", store_root, id)?)?;
+    let downloads = (0..header.downloads)
+        .map(|_| next::<Download>(&mut answers, "a download is missing"))
+        .collect::<Result<Vec<_>, _>>()?;
+    finished(child, answers)?;
+    Ok((header.id, downloads))
+}
+
+/// Copies the log of build `id` (the newest; its console log with `console`) to `out`, as
+/// the store sends it (`contractor-store record log`: the bytes as written).
+pub fn log(
+    store_root: &Path,
+    id: Option<&str>,
+    console: bool,
+    out: &mut dyn Write,
+) -> Result<(), RecordError> {
+    let mut command = request("log", store_root, id)?;
+    if console {
+        command.arg("--console");
     }
-    let path = dir.join("result.json");
-    let result = match contractor_protocol::file::read_regular_if_exists(&path, MAX_RESULT_BYTES) {
-        Ok(Some(text)) => Some(
-            serde_json::from_slice(&text)
-                .map_err(|source| RecordError::BadResult { path, source })?,
-        ),
-        Ok(None) => None,
-        Err(source) => return Err(RecordError::Read { path, source }),
-    };
-    Ok(Record { id, dir, result })
+    let (child, mut answers, header) = started_request::<RecordLog>(command)?;
+    let copied = std::io::copy(&mut answers.rest().take(header.bytes), out)
+        .and_then(|copied| out.flush().map(|()| copied))
+        .map_err(|source| RecordError::Write {
+            what: "log",
+            source,
+        })?;
+    if copied != header.bytes {
+        return Err(RecordError::Cut("the log is shorter than it said"));
+    }
+    finished(child, answers)
 }
-
-/// Most bytes of a `result.json` read back (ours have a few KiB; error chains are capped).
-pub const MAX_RESULT_BYTES: u64 = 1 << 20;
-
-/// Most bytes of a record's file read back whole: a log is at most `build.max_log` plus
-/// its cut marker, and `build.max_log` is at most this.
-pub const MAX_RECORD_FILE_BYTES: u64 = 16 << 30;
-
-/// A file of a record, as bytes (logs are printed exactly as written). Only a regular
-/// file is opened (never a link or a FIFO a project may have shipped in `.contractor`).
-pub fn read_file(record: &Record, name: &str) -> Result<Vec<u8>, RecordError> {
-    read_file_capped(record, name, MAX_RECORD_FILE_BYTES)
-}
-
-/// The file `name` of `record`, which must be a regular file of at most `limit` bytes.
-pub fn read_file_capped(record: &Record, name: &str, limit: u64) -> Result<Vec<u8>, RecordError> {
-    let path = record.dir.join(name);
-    contractor_protocol::file::read_regular(&path, limit)
-        .map_err(|source| RecordError::Read { path, source })
-}
-
-pub use contractor_protocol::file::MAX_DOWNLOADS_FILE;
 
 /// Most bytes of a record's `artifacts.json` read back (an entry is about 150 bytes; the
 /// store indexes at most what a build may upload).
@@ -289,96 +364,9 @@ pub fn close_abandoned(store_root: &Path) -> Result<Vec<String>, ToolError> {
     Ok(closed.closed)
 }
 
-/// When a build started, from its id (`20261125-141502-3fa2c1` → `2026-11-25 14:15:02`).
-pub fn started(id: &str) -> String {
-    let digits: Vec<&str> = id.splitn(3, '-').collect();
-    match digits.as_slice() {
-        [date, time, _] if date.len() == 8 && time.len() == 6 => format!(
-            "{}-{}-{} {}:{}:{}",
-            &date[0..4],
-            &date[4..6],
-            &date[6..8],
-            &time[0..2],
-            &time[2..4],
-            &time[4..6]
-        ),
-        _ => "-".to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use contractor_protocol::result::Outcome;
-
-    fn write_record(store: &Path, id: &str, outcome: Option<Outcome>) {
-        let dir = store.join("builds").join(id);
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        std::fs::write(dir.join("build.log"), format!("log of {id}\n")).expect("log");
-        if let Some(outcome) = outcome {
-            let result = BuildResult {
-                version: 1,
-                id: id.into(),
-                outcome,
-                exit_code: Some(0),
-                duration_secs: 1.5,
-                log: dir.join("build.log"),
-                console_log: dir.join("console.log"),
-                artifacts: vec![],
-                refused_hosts: vec![],
-                refused_offline: vec![],
-                upstream_failures: vec![],
-                limit: None,
-                error: None,
-                host: None,
-            };
-            std::fs::write(
-                dir.join("result.json"),
-                serde_json::to_string(&result).expect("json"),
-            )
-            .expect("result");
-        }
-    }
-
-    #[test]
-    fn lists_oldest_first_and_opens_the_newest_by_default() {
-        let store = tempfile::tempdir().expect("tempdir");
-        write_record(
-            store.path(),
-            "20261125-100000-aaaaaa",
-            Some(Outcome::Success),
-        );
-        write_record(
-            store.path(),
-            "20261125-110000-bbbbbb",
-            Some(Outcome::Failed),
-        );
-        write_record(store.path(), "20261125-120000-cccccc", None);
-        let records = list(store.path()).expect("list");
-        let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
-        assert_eq!(
-            ids,
-            [
-                "20261125-100000-aaaaaa",
-                "20261125-110000-bbbbbb",
-                "20261125-120000-cccccc"
-            ]
-        );
-        assert_eq!(
-            records[1].result.as_ref().map(|r| r.outcome),
-            Some(Outcome::Failed)
-        );
-        assert!(
-            records[2].result.is_none(),
-            "a running build has no result yet"
-        );
-        let newest = open(store.path(), None).expect("newest");
-        assert_eq!(newest.id, "20261125-120000-cccccc");
-        assert_eq!(
-            read_file(&newest, "build.log").expect("log"),
-            b"log of 20261125-120000-cccccc\n"
-        );
-    }
 
     #[test]
     fn artifacts_are_what_the_stores_index_names() {
@@ -417,24 +405,5 @@ mod tests {
         std::fs::remove_file(record.join("artifacts.json")).expect("rm");
         std::os::unix::fs::symlink("/etc/passwd", record.join("artifacts.json")).expect("link");
         assert_eq!(stored_artifacts(&record), Vec::<PathBuf>::new());
-    }
-
-    #[test]
-    fn unknown_ids_and_empty_projects_say_what_to_do() {
-        let store = tempfile::tempdir().expect("tempdir");
-        let err = open(store.path(), None).expect_err("no builds");
-        assert!(
-            err.to_string().contains("run `contractor build` first"),
-            "{err}"
-        );
-        write_record(store.path(), "20261125-100000-aaaaaa", None);
-        for id in ["nope", "../builds", ".hidden"] {
-            let err = open(store.path(), Some(id)).expect_err(id);
-            assert!(
-                err.to_string().contains("`contractor builds` lists them"),
-                "{err}"
-            );
-        }
-        assert_eq!(started("20261125-100000-aaaaaa"), "2026-11-25 10:00:00");
     }
 }

@@ -145,7 +145,8 @@ changed, the recorded image gone or changed without --any-image), 3 infrastructu
     Downloads {
         /// Build id (default: the newest).
         id: Option<String>,
-        /// Print the record's JSON lines as they are, one per response.
+        /// Print the record's download lines as JSON, one per response (checked by the
+        /// store: a damaged line and the cut marker are left out).
         #[arg(long)]
         json: bool,
         /// The project's spec file (the project is its directory).
@@ -849,7 +850,7 @@ fn build_here(
 fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
     let (record, kept) = match id {
         Some(id) => {
-            let record = match records::open(&store_of(file), Some(id)) {
+            let record = match records::show(&store_of(file), Some(id)) {
                 Ok(record) => record,
                 Err(err) => {
                     eprintln!("contractor: {}", chain(&err));
@@ -1034,7 +1035,7 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
         Err(err) => return input(&err),
     };
     let store = store_of(file);
-    let original = match records::open(&store, id) {
+    let original = match records::show(&store, id) {
         Ok(record) => record,
         Err(err) => return input(&err),
     };
@@ -1139,7 +1140,7 @@ fn rebuild_plan(dir: &Path, spec: &spec::BuildSpec) -> Result<crate::rebuild::Pl
 /// The rebuild's report: each artifact's verdict on stdout, then how it ended and what
 /// differs on stderr; the exit code (0: every artifact identical and the same ending).
 fn rebuild_summary(
-    original: &records::Record,
+    original: &contractor_protocol::store::RecordShown,
     result: &BuildResult,
     compared: &crate::rebuild::Comparison,
     cache_warning: Option<String>,
@@ -1230,7 +1231,7 @@ fn verify_provenance(file: &Path, target: Option<&str>, key: Option<&Path>) -> R
         Some(t) if t.contains('/') || t.ends_with(".json") => PathBuf::from(t),
         _ => {
             // Every record error is the input's here: the record is what is checked.
-            let record = records::open(&store_of(file), target).map_err(Failure::input)?;
+            let record = records::show(&store_of(file), target).map_err(Failure::input)?;
             record.dir.join(provenance::PROVENANCE_FILE)
         }
     };
@@ -1462,7 +1463,7 @@ fn allow_hosts(file: &Path, hosts: &[String], from_last: bool, yes: bool) -> Res
         candidates.push(host.clone());
     }
     if from_last {
-        let record = records::open(&store_of(file), None).map_err(Failure::record)?;
+        let record = records::show(&store_of(file), None).map_err(Failure::record)?;
         let Some(result) = &record.result else {
             return Err(Failure::input(AllowError::Running(record.id)));
         };
@@ -1564,7 +1565,7 @@ fn pin_downloads(file: &Path, id: Option<&str>) -> Result<(), Failure> {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let record = records::open(&store_of(file), id).map_err(Failure::record)?;
+    let record = records::show(&store_of(file), id).map_err(Failure::record)?;
     if record.result.as_ref().map(|r| r.outcome)
         != Some(contractor_protocol::result::Outcome::Success)
     {

@@ -12,7 +12,7 @@
 use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Child, Stdio};
 
 use contractor_protocol::error::ToolCode;
 use contractor_protocol::proxy::Download;
@@ -22,7 +22,9 @@ use contractor_protocol::store::{
     RecordsClosed,
 };
 
-use crate::tools::{self, Answers, ToolError, ToolMessages};
+use serde::de::DeserializeOwned;
+
+use crate::tools::{self, Answers, Reply, ToolError, ToolMessages};
 
 /// Errors reading records.
 #[derive(Debug, thiserror::Error)]
@@ -31,24 +33,13 @@ pub enum RecordError {
     /// one): its words, which say what to do.
     #[error(transparent)]
     NotThere(ToolMessages),
-    /// The store could not read the record: its words.
+    /// The store could not read the record (its words), could not be asked, or answered
+    /// something else than its protocol.
     #[error(transparent)]
-    Unreadable(ToolMessages),
-    /// The store could not be asked, or answered something else than its protocol.
-    #[error(transparent)]
-    Store(ToolError),
-    /// The store's answer ended early.
-    #[error("contractor-store's answer ended early: {0}")]
-    Cut(&'static str),
-    /// What was read could not be written out.
-    #[error("cannot write the {what}")]
-    Write {
-        /// What was being written.
-        what: &'static str,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    Store(Box<dyn std::error::Error + Send + Sync>),
+    /// The log could not be copied out.
+    #[error("cannot write the log")]
+    Write(#[source] std::io::Error),
 }
 
 impl RecordError {
@@ -67,48 +58,29 @@ impl From<ToolError> for RecordError {
         );
         match error.messages() {
             Some(messages) if not_there => RecordError::NotThere(messages),
-            Some(messages) => RecordError::Unreadable(messages),
-            None => RecordError::Store(error),
+            Some(messages) => RecordError::Store(Box::new(messages)),
+            None => RecordError::Store(Box::new(error)),
         }
     }
 }
 
-/// One build's record, as `contractor-store record show` tells it.
-#[derive(Debug, Clone)]
-pub struct Record {
-    /// Its id.
-    pub id: String,
-    /// Its directory.
-    pub dir: PathBuf,
-    /// Its result, or `None` while it runs.
-    pub result: Option<BuildResult>,
-}
-
-/// A store request about the records under `store_root`: `record SUBCOMMAND --root ROOT`,
-/// with `--build ID` when `id` names one. The store's stderr is not shown: its error object
-/// says the same, and the caller reports it once.
-fn request(
+/// A store request about the records under `store_root` (`record SUBCOMMAND --root ROOT
+/// [--build ID] --json-errors`), started; returns it, the reader of its stdout and its first
+/// line. The store's stderr is not shown: its error object says the same, reported once.
+fn request<T: DeserializeOwned>(
     subcommand: &str,
     store_root: &Path,
     id: Option<&str>,
-) -> Result<std::process::Command, ToolError> {
+    more: &[&str],
+) -> Result<(Child, Answers, T), ToolError> {
     let mut command = tools::command(tools::STORE)?;
     command
         .args(["record", subcommand, "--root"])
         .arg(store_root)
+        .args(id.map(|id| ["--build", id]).into_iter().flatten())
+        .args(more)
+        .arg("--json-errors")
         .stderr(Stdio::null());
-    if let Some(id) = id {
-        command.arg("--build").arg(id);
-    }
-    Ok(command)
-}
-
-/// Starts a store request whose answer is a first line and what follows it; returns the
-/// child, the reader of its stdout and the first line.
-fn started_request<T: serde::de::DeserializeOwned>(
-    mut command: std::process::Command,
-) -> Result<(std::process::Child, Answers, T), ToolError> {
-    command.arg("--json-errors");
     let mut child = tools::spawn(tools::STORE, command)?;
     drop(child.stdin.take());
     let mut answers = Answers::of(tools::STORE, &mut child)?;
@@ -116,61 +88,55 @@ fn started_request<T: serde::de::DeserializeOwned>(
     Ok((child, answers, first))
 }
 
-/// Waits for a store request that answered; its failure after the first line is an error.
-fn finished(mut child: std::process::Child, answers: Answers) -> Result<(), RecordError> {
+/// The `count` lines that follow a request's first line, each a `T`; then the request's
+/// end, whose failure is an error.
+fn rest<T: DeserializeOwned>(
+    (mut child, mut answers): (Child, Answers),
+    count: u64,
+) -> Result<Vec<T>, RecordError> {
+    let mut lines = Vec::new();
+    for _ in 0..count {
+        let error = match answers.next_reply::<T>()? {
+            Some(Reply::Answer(line)) => {
+                lines.push(line);
+                continue;
+            }
+            Some(Reply::Error(error)) => Some(error),
+            None => None,
+        };
+        let exit_code = child.wait().ok().and_then(|status| status.code());
+        let name = tools::STORE;
+        return Err(ToolError::Failed {
+            name,
+            exit_code,
+            error,
+        }
+        .into());
+    }
     answers.drain();
     let status = child.wait().map_err(|source| ToolError::Io {
         name: tools::STORE,
         source,
     })?;
     match status.success() {
-        true => Ok(()),
+        true => Ok(lines),
         false => Err(ToolError::exited(tools::STORE, status.code()).into()),
     }
-}
-
-/// The next line of a request's answer as a `T`.
-fn next<T: serde::de::DeserializeOwned>(
-    answers: &mut Answers,
-    what: &'static str,
-) -> Result<T, RecordError> {
-    let line = answers.next_line()?.ok_or(RecordError::Cut(what))?;
-    serde_json::from_slice(&line).map_err(|source| {
-        RecordError::Store(ToolError::Protocol {
-            name: tools::STORE,
-            source: contractor_protocol::jsonl::JsonlError::Parse { line: 0, source },
-        })
-    })
 }
 
 /// All builds of the project whose store is `store_root`, oldest first
 /// (`contractor-store record list`).
 pub fn list(store_root: &Path) -> Result<Vec<RecordEntry>, RecordError> {
-    let (child, mut answers, header) =
-        started_request::<RecordList>(request("list", store_root, None)?)?;
-    let entries = (0..header.builds)
-        .map(|_| next::<RecordEntry>(&mut answers, "a build is missing from the list"))
-        .collect::<Result<Vec<_>, _>>()?;
-    finished(child, answers)?;
-    Ok(entries)
+    let (child, answers, header) = request::<RecordList>("list", store_root, None, &[])?;
+    rest((child, answers), header.builds)
 }
 
 /// The record of build `id`, or of the newest one (`contractor-store record show`): its
 /// result, its artifacts with their sizes and digests, the tally of its downloads.
 pub fn show(store_root: &Path, id: Option<&str>) -> Result<RecordShown, RecordError> {
-    let mut command = request("show", store_root, id)?;
-    command.stdin(Stdio::null());
-    Ok(tools::answer_of(tools::STORE, command)?)
-}
-
-/// The build `id`, or the newest one.
-pub fn open(store_root: &Path, id: Option<&str>) -> Result<Record, RecordError> {
-    let shown = show(store_root, id)?;
-    Ok(Record {
-        id: shown.id,
-        dir: shown.dir,
-        result: shown.result,
-    })
+    let (child, answers, shown) = request::<RecordShown>("show", store_root, id, &[])?;
+    rest::<RecordShown>((child, answers), 0)?;
+    Ok(shown)
 }
 
 /// The downloads of build `id` (the newest), checked and typed by the store
@@ -179,13 +145,8 @@ pub fn downloads(
     store_root: &Path,
     id: Option<&str>,
 ) -> Result<(String, Vec<Download>), RecordError> {
-    let (child, mut answers, header) =
-        started_request::<RecordDownloads>(request("downloads", store_root, id)?)?;
-    let downloads = (0..header.downloads)
-        .map(|_| next::<Download>(&mut answers, "a download is missing"))
-        .collect::<Result<Vec<_>, _>>()?;
-    finished(child, answers)?;
-    Ok((header.id, downloads))
+    let (child, answers, header) = request::<RecordDownloads>("downloads", store_root, id, &[])?;
+    Ok((header.id, rest((child, answers), header.downloads)?))
 }
 
 /// Copies the log of build `id` (the newest; its console log with `console`) to `out`, as
@@ -196,21 +157,13 @@ pub fn log(
     console: bool,
     out: &mut dyn Write,
 ) -> Result<(), RecordError> {
-    let mut command = request("log", store_root, id)?;
-    if console {
-        command.arg("--console");
-    }
-    let (child, mut answers, header) = started_request::<RecordLog>(command)?;
+    let more: &[&str] = if console { &["--console"] } else { &[] };
+    let (child, mut answers, header) = request::<RecordLog>("log", store_root, id, more)?;
     let copied = std::io::copy(&mut answers.rest().take(header.bytes), out)
         .and_then(|copied| out.flush().map(|()| copied))
-        .map_err(|source| RecordError::Write {
-            what: "log",
-            source,
-        })?;
-    if copied != header.bytes {
-        return Err(RecordError::Cut("the log is shorter than it said"));
-    }
-    finished(child, answers)
+        .map_err(RecordError::Write)?;
+    // A log cut short is the store's failure, said by its end.
+    rest::<RecordLog>((child, answers), u64::from(copied != header.bytes)).map(drop)
 }
 
 /// Most bytes of a record's `artifacts.json` read back (an entry is about 150 bytes; the

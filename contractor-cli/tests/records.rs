@@ -133,6 +133,7 @@ fn builds_show_log_and_downloads_render_what_the_store_read() {
     let json = project.contractor(&["downloads", "--json", OLD]);
     let line: serde_json::Value = serde_json::from_slice(&json.stdout).expect("one JSON line");
     assert_eq!(line["url"], "http://deb.debian.org/x.deb");
+    project.write(&format!("{NEW}/downloads.jsonl"), b"");
     let none = project.contractor(&["downloads"]);
     assert!(none.status.success());
     assert!(text(&none.stderr).contains("downloaded nothing through its proxy"));

@@ -188,7 +188,7 @@ pub fn list(root: &Path) -> Result<(Vec<RecordEntry>, u64), ReadError> {
 
 /// `record show`: the record `id` (the newest): its result, each artifact the result names
 /// with its size and SHA-256 (from `artifacts.json` when it names the file with that size,
-/// else hashed here), and the tally of its downloads.
+/// else hashed here), and the tally of its downloads (none when they cannot be read).
 pub fn show(root: &Path, id: Option<&str>) -> Result<RecordShown, ReadError> {
     let (id, dir) = resolve(root, id)?;
     let result = result(&dir)?;
@@ -280,13 +280,11 @@ fn shown_artifact(
 }
 
 /// The download lines of the record `dir`'s `downloads.jsonl` (at most
-/// [`MAX_DOWNLOADS_FILE`] bytes; none when it does not exist), and how many other lines it
-/// has.
+/// [`MAX_DOWNLOADS_FILE`] bytes), and how many other lines it has.
 fn downloads_of(dir: &Path) -> Result<(Vec<Download>, u64), ReadError> {
     let path = dir.join("downloads.jsonl");
-    let bytes = contractor_protocol::file::read_regular_if_exists(&path, MAX_DOWNLOADS_FILE)
-        .map_err(read_error(&path))?
-        .unwrap_or_default();
+    let bytes = contractor_protocol::file::read_regular(&path, MAX_DOWNLOADS_FILE)
+        .map_err(read_error(&path))?;
     let mut downloads = Vec::new();
     let mut skipped = 0u64;
     for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {

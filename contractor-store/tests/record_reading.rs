@@ -290,15 +290,14 @@ fn downloads_are_typed_lines_and_the_log_its_exact_bytes() {
     let header: RecordLog = serde_json::from_slice(&stdout[..newline]).expect("header");
     assert_eq!(header.bytes, 8);
     assert_eq!(&stdout[newline + 1..], b"console\n");
-    // A build that has no downloads.jsonl downloaded nothing.
+    // A build that has no downloads.jsonl (its proxy never ran): refused, naming it.
     let (code, stdout, _) = record(&fixture.root, &["downloads"]);
-    assert_eq!(code, 0);
-    assert_eq!(
-        lines(&stdout),
-        [format!(
-            r#"{{"type":"record_downloads","version":1,"id":"{NEW}","downloads":0,"skipped":0}}"#
-        )
-        .as_bytes()]
+    assert_eq!(code, 3);
+    let error = error_of(&stdout);
+    assert_eq!(error.code.as_str(), "record_read");
+    assert!(
+        error.chain[0].ends_with(&format!("{NEW}/downloads.jsonl")),
+        "{error:?}"
     );
 }
 

@@ -10,6 +10,7 @@ use crate::{image, records, spec};
 use clap::{Parser, Subcommand, ValueEnum};
 use contractor_protocol::agent::Keep;
 use contractor_protocol::error::{ErrorObject, ToolCode};
+use contractor_protocol::proxy::Download;
 use contractor_protocol::result::error_chain;
 use contractor_protocol::result::{BuildCode, BuildResult, Outcome};
 use contractor_protocol::vm::Accel;
@@ -144,7 +145,8 @@ changed, the recorded image gone or changed without --any-image), 3 infrastructu
     Downloads {
         /// Build id (default: the newest).
         id: Option<String>,
-        /// Print the record's JSON lines as they are, one per response.
+        /// Print the record's download lines as JSON, one per response (checked by the
+        /// store: a damaged line and the cut marker are left out).
         #[arg(long)]
         json: bool,
         /// The project's spec file (the project is its directory).
@@ -848,7 +850,7 @@ fn build_here(
 fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
     let (record, kept) = match id {
         Some(id) => {
-            let record = match records::open(&store_of(file), Some(id)) {
+            let record = match records::show(&store_of(file), Some(id)) {
                 Ok(record) => record,
                 Err(err) => {
                     eprintln!("contractor: {}", chain(&err));
@@ -1002,11 +1004,9 @@ impl Failure {
 
     /// A build record could not be found or read: a missing build is the user's input.
     fn record(error: records::RecordError) -> Failure {
-        match error {
-            records::RecordError::NoBuilds(_) | records::RecordError::NoSuchBuild { .. } => {
-                Failure::input(error)
-            }
-            _ => Failure::host(error),
+        match error.is_not_there() {
+            true => Failure::input(error),
+            false => Failure::host(error),
         }
     }
 }
@@ -1035,7 +1035,7 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
         Err(err) => return input(&err),
     };
     let store = store_of(file);
-    let original = match records::open(&store, id) {
+    let original = match records::show(&store, id) {
         Ok(record) => record,
         Err(err) => return input(&err),
     };
@@ -1140,7 +1140,7 @@ fn rebuild_plan(dir: &Path, spec: &spec::BuildSpec) -> Result<crate::rebuild::Pl
 /// The rebuild's report: each artifact's verdict on stdout, then how it ended and what
 /// differs on stderr; the exit code (0: every artifact identical and the same ending).
 fn rebuild_summary(
-    original: &records::Record,
+    original: &contractor_protocol::store::RecordShown,
     result: &BuildResult,
     compared: &crate::rebuild::Comparison,
     cache_warning: Option<String>,
@@ -1231,7 +1231,7 @@ fn verify_provenance(file: &Path, target: Option<&str>, key: Option<&Path>) -> R
         Some(t) if t.contains('/') || t.ends_with(".json") => PathBuf::from(t),
         _ => {
             // Every record error is the input's here: the record is what is checked.
-            let record = records::open(&store_of(file), target).map_err(Failure::input)?;
+            let record = records::show(&store_of(file), target).map_err(Failure::input)?;
             record.dir.join(provenance::PROVENANCE_FILE)
         }
     };
@@ -1326,17 +1326,16 @@ fn list_builds(file: &Path) -> Result<(), Failure> {
         "BUILD", "STARTED", "RESULT", "DURATION"
     );
     for record in records.iter().rev() {
-        let (outcome, duration) = match &record.result {
-            Some(r) => (
-                outcome_name(r.outcome).to_string(),
-                format!("{:.1}s", r.duration_secs),
-            ),
-            None => ("running".to_string(), "-".to_string()),
+        let (outcome, duration) = match (record.outcome, record.duration_secs) {
+            (Some(outcome), Some(secs)) => {
+                (outcome_name(outcome).to_string(), format!("{secs:.1}s"))
+            }
+            _ => ("running".to_string(), "-".to_string()),
         };
         println!(
             "{:<24} {:<19} {:<14} {:>9}",
             escape(&record.id),
-            records::started(&record.id),
+            record.started.as_deref().unwrap_or("-"),
             outcome,
             duration
         );
@@ -1398,9 +1397,9 @@ fn outcome_name(outcome: Outcome) -> &'static str {
 }
 
 fn show_build(file: &Path, id: Option<&str>) -> Result<(), Failure> {
-    let record = records::open(&store_of(file), id).map_err(Failure::record)?;
+    let record = records::show(&store_of(file), id).map_err(Failure::record)?;
     println!("build:     {}", escape(&record.id));
-    println!("started:   {}", records::started(&record.id));
+    println!("started:   {}", record.started.as_deref().unwrap_or("-"));
     let Some(result) = &record.result else {
         println!("result:    running (no result.json yet)");
         return Ok(());
@@ -1418,32 +1417,17 @@ fn show_build(file: &Path, id: Option<&str>) -> Result<(), Failure> {
     }
     println!("log:       {}", escape_path(&result.log));
     println!("console:   {}", escape_path(&result.console_log));
-    for artifact in &result.artifacts {
-        // Only a regular file is read (a record may come with the project).
-        let regular = std::fs::symlink_metadata(artifact).is_ok_and(|m| m.is_file());
-        let sha = match regular {
-            true => image::sha256_file(artifact).unwrap_or_else(|_| "(missing)".to_string()),
-            false => "(missing)".to_string(),
-        };
-        let size = std::fs::metadata(artifact)
-            .map(|m| human_bytes(m.len()))
-            .unwrap_or_default();
-        println!("artifact:  {} ({size}) sha256:{sha}", escape_path(artifact));
+    // The store read them (a record may come with the project: only its regular files).
+    for artifact in &record.artifacts {
+        let size = artifact.size.map(human_bytes).unwrap_or_default();
+        let sha = artifact.sha256.as_deref().unwrap_or("(missing)");
+        println!(
+            "artifact:  {} ({size}) sha256:{}",
+            escape_path(&artifact.path),
+            escape(sha)
+        );
     }
-    let (downloads, cached) =
-        records::read_file_capped(&record, "downloads.jsonl", records::MAX_DOWNLOADS_FILE)
-            .map(|bytes| {
-                let shown: Vec<String> = bytes
-                    .split(|b| *b == b'\n')
-                    .filter_map(shown_download)
-                    .collect();
-                let cached = shown
-                    .iter()
-                    .filter(|l| l.contains("from the download cache"))
-                    .count();
-                (shown.len(), cached)
-            })
-            .unwrap_or((0, 0));
+    let (downloads, cached) = (record.downloads, record.from_cache);
     if downloads > 0 {
         println!(
             "downloads: {downloads}, {cached} from the download cache (`contractor downloads {}` lists them)",
@@ -1479,7 +1463,7 @@ fn allow_hosts(file: &Path, hosts: &[String], from_last: bool, yes: bool) -> Res
         candidates.push(host.clone());
     }
     if from_last {
-        let record = records::open(&store_of(file), None).map_err(Failure::record)?;
+        let record = records::show(&store_of(file), None).map_err(Failure::record)?;
         let Some(result) = &record.result else {
             return Err(Failure::input(AllowError::Running(record.id)));
         };
@@ -1536,36 +1520,42 @@ fn allow_hosts(file: &Path, hosts: &[String], from_last: bool, yes: bool) -> Res
     Ok(())
 }
 
-/// One line of a record's downloads.jsonl as `contractor downloads` shows it, or `None`
-/// for a line that is not a download (the `cut` marker, a damaged line).
-fn shown_download(line: &[u8]) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_slice(line).ok()?;
-    if value["type"] != "download" {
-        return None;
-    }
-    let size = value["size"].as_u64()?;
+/// One download of a record as `contractor downloads` shows it.
+fn shown_download(download: &Download) -> String {
     let mut flags = Vec::new();
-    if let Some(phase) = value["phase"].as_str() {
-        flags.push(phase.to_string());
+    if let Some(phase) = download.phase {
+        flags.push(phase.as_str().to_string());
     }
-    if value["complete"] == false {
+    if !download.complete {
         flags.push("cut short".to_string());
     }
-    if value["from_cache"] == true {
+    if download.from_cache {
         flags.push("from the download cache".to_string());
     }
     let flags = match flags.is_empty() {
         true => String::new(),
         false => format!("  ({})", flags.join(", ")),
     };
-    Some(format!(
+    format!(
         "{:<6} {:>3} {:>10}  {}  {}{flags}",
-        escape_capped(value["method"].as_str()?, 16),
-        value["status"].as_u64()?,
-        human_bytes(size),
-        escape_capped(value["sha256"].as_str()?, 64),
-        escape_capped(value["url"].as_str()?, 4096),
-    ))
+        escape_capped(&download.method, 16),
+        download.status,
+        human_bytes(download.size),
+        escape_capped(&download.sha256, 64),
+        escape_capped(&download.url, 4096),
+    )
+}
+
+/// Downloads as JSON Lines, one typed line each (what `contractor downloads --json`
+/// prints and `contractor pin` reads).
+fn download_lines(downloads: &[Download]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for download in downloads {
+        if serde_json::to_writer(&mut out, download).is_ok() {
+            out.push(b'\n');
+        }
+    }
+    out
 }
 
 /// `contractor pin`: contractor.lock from the downloads of build `id` (the newest).
@@ -1575,15 +1565,15 @@ fn pin_downloads(file: &Path, id: Option<&str>) -> Result<(), Failure> {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let record = records::open(&store_of(file), id).map_err(Failure::record)?;
+    let record = records::show(&store_of(file), id).map_err(Failure::record)?;
     if record.result.as_ref().map(|r| r.outcome)
         != Some(contractor_protocol::result::Outcome::Success)
     {
         return Err(Failure::input(LockError::NotSuccessful(record.id)));
     }
-    let bytes = records::read_file_capped(&record, "downloads.jsonl", records::MAX_DOWNLOADS_FILE)
-        .map_err(Failure::record)?;
-    let new = lock::from_downloads(&bytes);
+    let (_, downloads) =
+        records::downloads(&store_of(file), Some(&record.id)).map_err(Failure::record)?;
+    let new = lock::from_downloads(&download_lines(&downloads));
     let old = lock::load(project).map_err(Failure::input)?;
     let path = lock::write(project, &lock::render(&new, &record.id)).map_err(Failure::host)?;
     let (added, changed, removed) = match &old {
@@ -1601,21 +1591,16 @@ fn pin_downloads(file: &Path, id: Option<&str>) -> Result<(), Failure> {
 
 fn print_downloads(file: &Path, id: Option<&str>, json: bool) -> Result<(), Failure> {
     use std::io::Write;
-    let record = records::open(&store_of(file), id).map_err(Failure::record)?;
-    let bytes = records::read_file_capped(&record, "downloads.jsonl", records::MAX_DOWNLOADS_FILE)
-        .map_err(Failure::record)?;
+    let (id, downloads) = records::downloads(&store_of(file), id).map_err(Failure::record)?;
     let mut out = Vec::new();
     if json {
-        out = bytes;
+        out = download_lines(&downloads);
     } else {
-        let lines: Vec<String> = bytes
-            .split(|b| *b == b'\n')
-            .filter_map(shown_download)
-            .collect();
+        let lines: Vec<String> = downloads.iter().map(shown_download).collect();
         if lines.is_empty() {
             eprintln!(
                 "contractor: build {} downloaded nothing through its proxy",
-                escape(&record.id)
+                escape(&id)
             );
         } else {
             let _ = writeln!(
@@ -1641,20 +1626,8 @@ fn print_downloads(file: &Path, id: Option<&str>, json: bool) -> Result<(), Fail
 }
 
 fn print_log(file: &Path, id: Option<&str>, console: bool) -> Result<(), Failure> {
-    use std::io::Write;
-    let record = records::open(&store_of(file), id).map_err(Failure::record)?;
-    let bytes = records::read_file(&record, if console { "console.log" } else { "build.log" })
-        .map_err(Failure::record)?;
     let mut stdout = std::io::stdout().lock();
-    stdout
-        .write_all(&bytes)
-        .and_then(|()| stdout.flush())
-        .map_err(|e| {
-            Failure::host(Context {
-                doing: "cannot write the log".into(),
-                source: Box::new(e),
-            })
-        })
+    records::log(&store_of(file), id, console, &mut stdout).map_err(Failure::record)
 }
 
 fn console_tail(path: &std::path::Path) -> Vec<String> {
@@ -1683,18 +1656,17 @@ mod tests {
 
     #[test]
     fn a_download_line_is_shown_with_its_hash_url_and_phase() {
-        let line = br#"{"type":"download","time":1.0,"method":"GET","url":"http://deb.debian.org/x.deb","status":200,"size":2048,"sha256":"ab12","complete":false,"phase":"fetch"}"#;
-        let shown = shown_download(line).expect("a download");
+        let download = |line: &str| -> Download { serde_json::from_str(line).expect("a download") };
+        let line = r#"{"type":"download","time":1.0,"method":"GET","url":"http://deb.debian.org/x.deb","status":200,"size":2048,"sha256":"ab12","complete":false,"phase":"fetch"}"#;
         assert_eq!(
-            shown,
+            shown_download(&download(line)),
             "GET    200    2.0 KiB  ab12  http://deb.debian.org/x.deb  (fetch, cut short)"
         );
         // A URL with control characters is shown escaped, never raw.
-        let hostile = br#"{"type":"download","time":1.0,"method":"GET","url":"http://a/\u001b[2J","status":200,"size":1,"sha256":"ab","complete":true}"#;
-        assert!(!shown_download(hostile)
-            .expect("a download")
-            .contains('\u{1b}'));
-        assert_eq!(shown_download(br#"{"type":"cut","limit":1}"#), None);
-        assert_eq!(shown_download(b"not json"), None);
+        let hostile = r#"{"type":"download","time":1.0,"method":"GET","url":"http://a/\u001b[2J","status":200,"size":1,"sha256":"ab","complete":true}"#;
+        assert!(!shown_download(&download(hostile)).contains('\u{1b}'));
+        // What `--json` prints and `pin` reads: the typed lines, one each.
+        let lines = download_lines(&[download(line), download(hostile)]);
+        assert_eq!(lines.split(|b| *b == b'\n').count(), 3);
     }
 }

@@ -1,142 +1,170 @@
-//! Reading build records: `contractor builds`, `contractor show`, `contractor log`.
+//! Build records, as the store keeps them: `contractor builds`, `show`, `log`, `downloads`,
+//! `pin`, and the record `contractor shell ID` and `contractor rebuild` start from.
 //!
-//! A record is `<project>/.contractor/builds/<id>/`; ids sort by time, so the newest build
-//! is the greatest id. These commands only read: they never change a record. What writes
-//! record files the front end did not make itself is `contractor-store record ...`: the
-//! store opens a build's record ([`open_new`]) and closes it ([`close`]: `artifacts.json` and
-//! `result.json`), receives a build host's record (confined to it), and decides which
-//! builds are abandoned and closes them.
+//! A record is `<project>/.contractor/builds/<id>/`. The front end opens no file of one to
+//! read it: it asks the store (`contractor-store record list|show|downloads|log`, confined
+//! read-only to `builds/`), which checks the id, refuses links and bounds every read, and
+//! only renders the answer. What writes record files is also the store's: it opens a build's
+//! record ([`open_new`]) and closes it ([`close`]: `artifacts.json` and `result.json`),
+//! receives a build host's record (confined to it), and decides which builds are abandoned
+//! and closes them.
 
 use std::ffi::OsStr;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
 
+use contractor_protocol::error::ToolCode;
+use contractor_protocol::proxy::Download;
 use contractor_protocol::result::{BuildResult, ErrorInfo, Limit, Outcome};
-use contractor_protocol::store::{RecordClosed, RecordOpened, RecordsClosed};
+use contractor_protocol::store::{
+    RecordClosed, RecordDownloads, RecordEntry, RecordList, RecordLog, RecordOpened, RecordShown,
+    RecordsClosed,
+};
 
-use crate::tools::{self, ToolError};
+use serde::de::DeserializeOwned;
+
+use crate::tools::{self, Answers, Reply, ToolError, ToolMessages};
 
 /// Errors reading records.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    /// The project has no builds yet.
-    #[error("no builds in {0} yet; run `contractor build` first")]
-    NoBuilds(PathBuf),
-    /// No build has this id.
-    #[error("no build {id:?} in {dir}; `contractor builds` lists them")]
-    NoSuchBuild {
-        /// The id asked for.
-        id: String,
-        /// Where it was looked for.
-        dir: PathBuf,
-    },
-    /// A file of the record could not be read.
-    #[error("cannot read {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// `result.json` is not a valid build result.
-    #[error("{path} is not a valid build result")]
-    BadResult {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: serde_json::Error,
-    },
+    /// The store answered that there is no such build (or no build yet, or the id is not
+    /// one): its words, which say what to do.
+    #[error(transparent)]
+    NotThere(ToolMessages),
+    /// The store could not read the record (its words), could not be asked, or answered
+    /// something else than its protocol.
+    #[error(transparent)]
+    Store(Box<dyn std::error::Error + Send + Sync>),
+    /// The log could not be copied out.
+    #[error("cannot write the log")]
+    Write(#[source] std::io::Error),
 }
 
-/// One build as listed.
-#[derive(Debug, Clone)]
-pub struct Record {
-    /// Its id.
-    pub id: String,
-    /// Its directory.
-    pub dir: PathBuf,
-    /// Its result, or `None` while it runs.
-    pub result: Option<BuildResult>,
-}
-
-/// All builds of the project whose store is `store_root`, oldest first.
-pub fn list(store_root: &Path) -> Result<Vec<Record>, RecordError> {
-    let builds = store_root.join("builds");
-    let entries = match std::fs::read_dir(&builds) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(RecordError::Read {
-                path: builds,
-                source,
-            })
-        }
-    };
-    let mut ids: Vec<String> = entries
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    ids.sort();
-    ids.into_iter()
-        .map(|id| open(store_root, Some(&id)))
-        .collect()
-}
-
-/// The build `id`, or the newest one.
-pub fn open(store_root: &Path, id: Option<&str>) -> Result<Record, RecordError> {
-    let builds = store_root.join("builds");
-    let id = match id {
-        Some(id) => id.to_string(),
-        None => {
-            let mut newest = None;
-            if let Ok(entries) = std::fs::read_dir(&builds) {
-                newest = entries
-                    .flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .max();
-            }
-            newest.ok_or_else(|| RecordError::NoBuilds(store_root.to_path_buf()))?
-        }
-    };
-    let dir = builds.join(&id);
-    if id.contains('/') || id.starts_with('.') || !dir.is_dir() {
-        return Err(RecordError::NoSuchBuild { id, dir: builds });
+impl RecordError {
+    /// True when the build asked for is not there (the user's input), false when its record
+    /// could not be read.
+    pub fn is_not_there(&self) -> bool {
+        matches!(self, RecordError::NotThere(_))
     }
-    let path = dir.join("result.json");
-    let result = match contractor_protocol::file::read_regular_if_exists(&path, MAX_RESULT_BYTES) {
-        Ok(Some(text)) => Some(
-            serde_json::from_slice(&text)
-                .map_err(|source| RecordError::BadResult { path, source })?,
-        ),
-        Ok(None) => None,
-        Err(source) => return Err(RecordError::Read { path, source }),
-    };
-    Ok(Record { id, dir, result })
 }
 
-/// Most bytes of a `result.json` read back (ours have a few KiB; error chains are capped).
-pub const MAX_RESULT_BYTES: u64 = 1 << 20;
-
-/// Most bytes of a record's file read back whole: a log is at most `build.max_log` plus
-/// its cut marker, and `build.max_log` is at most this.
-pub const MAX_RECORD_FILE_BYTES: u64 = 16 << 30;
-
-/// A file of a record, as bytes (logs are printed exactly as written). Only a regular
-/// file is opened (never a link or a FIFO a project may have shipped in `.contractor`).
-pub fn read_file(record: &Record, name: &str) -> Result<Vec<u8>, RecordError> {
-    read_file_capped(record, name, MAX_RECORD_FILE_BYTES)
+impl From<ToolError> for RecordError {
+    fn from(error: ToolError) -> RecordError {
+        let not_there = matches!(
+            error.tool_code(),
+            Some(ToolCode::NoBuilds | ToolCode::NoSuchBuild | ToolCode::BadBuild)
+        );
+        match error.messages() {
+            Some(messages) if not_there => RecordError::NotThere(messages),
+            Some(messages) => RecordError::Store(Box::new(messages)),
+            None => RecordError::Store(Box::new(error)),
+        }
+    }
 }
 
-/// The file `name` of `record`, which must be a regular file of at most `limit` bytes.
-pub fn read_file_capped(record: &Record, name: &str, limit: u64) -> Result<Vec<u8>, RecordError> {
-    let path = record.dir.join(name);
-    contractor_protocol::file::read_regular(&path, limit)
-        .map_err(|source| RecordError::Read { path, source })
+/// A store request about the records under `store_root` (`record SUBCOMMAND --root ROOT
+/// [--build ID] --json-errors`), started; returns it, the reader of its stdout and its first
+/// line. The store's stderr is not shown: its error object says the same, reported once.
+fn request<T: DeserializeOwned>(
+    subcommand: &str,
+    store_root: &Path,
+    id: Option<&str>,
+    more: &[&str],
+) -> Result<(Child, Answers, T), ToolError> {
+    let mut command = tools::command(tools::STORE)?;
+    command
+        .args(["record", subcommand, "--root"])
+        .arg(store_root)
+        .args(id.map(|id| ["--build", id]).into_iter().flatten())
+        .args(more)
+        .arg("--json-errors")
+        .stderr(Stdio::null());
+    let mut child = tools::spawn(tools::STORE, command)?;
+    drop(child.stdin.take());
+    let mut answers = Answers::of(tools::STORE, &mut child)?;
+    let first = answers.first(&mut child)?;
+    Ok((child, answers, first))
 }
 
-pub use contractor_protocol::file::MAX_DOWNLOADS_FILE;
+/// The `count` lines that follow a request's first line, each a `T`; then the request's
+/// end, whose failure is an error.
+fn rest<T: DeserializeOwned>(
+    (mut child, mut answers): (Child, Answers),
+    count: u64,
+) -> Result<Vec<T>, RecordError> {
+    let mut lines = Vec::new();
+    for _ in 0..count {
+        let error = match answers.next_reply::<T>()? {
+            Some(Reply::Answer(line)) => {
+                lines.push(line);
+                continue;
+            }
+            Some(Reply::Error(error)) => Some(error),
+            None => None,
+        };
+        let exit_code = child.wait().ok().and_then(|status| status.code());
+        let name = tools::STORE;
+        return Err(ToolError::Failed {
+            name,
+            exit_code,
+            error,
+        }
+        .into());
+    }
+    answers.drain();
+    let status = child.wait().map_err(|source| ToolError::Io {
+        name: tools::STORE,
+        source,
+    })?;
+    match status.success() {
+        true => Ok(lines),
+        false => Err(ToolError::exited(tools::STORE, status.code()).into()),
+    }
+}
+
+/// All builds of the project whose store is `store_root`, oldest first
+/// (`contractor-store record list`).
+pub fn list(store_root: &Path) -> Result<Vec<RecordEntry>, RecordError> {
+    let (child, answers, header) = request::<RecordList>("list", store_root, None, &[])?;
+    rest((child, answers), header.builds)
+}
+
+/// The record of build `id`, or of the newest one (`contractor-store record show`): its
+/// result, its artifacts with their sizes and digests, the tally of its downloads.
+pub fn show(store_root: &Path, id: Option<&str>) -> Result<RecordShown, RecordError> {
+    let (child, answers, shown) = request::<RecordShown>("show", store_root, id, &[])?;
+    rest::<RecordShown>((child, answers), 0)?;
+    Ok(shown)
+}
+
+/// The downloads of build `id` (the newest), checked and typed by the store
+/// (`contractor-store record downloads`), and the build's id.
+pub fn downloads(
+    store_root: &Path,
+    id: Option<&str>,
+) -> Result<(String, Vec<Download>), RecordError> {
+    let (child, answers, header) = request::<RecordDownloads>("downloads", store_root, id, &[])?;
+    Ok((header.id, rest((child, answers), header.downloads)?))
+}
+
+/// Copies the log of build `id` (the newest; its console log with `console`) to `out`, as
+/// the store sends it (`contractor-store record log`: the bytes as written).
+pub fn log(
+    store_root: &Path,
+    id: Option<&str>,
+    console: bool,
+    out: &mut dyn Write,
+) -> Result<(), RecordError> {
+    let more: &[&str] = if console { &["--console"] } else { &[] };
+    let (child, mut answers, header) = request::<RecordLog>("log", store_root, id, more)?;
+    let copied = std::io::copy(&mut answers.rest().take(header.bytes), out)
+        .and_then(|copied| out.flush().map(|()| copied))
+        .map_err(RecordError::Write)?;
+    // A log cut short is the store's failure, said by its end.
+    rest::<RecordLog>((child, answers), u64::from(copied != header.bytes)).map(drop)
+}
 
 /// Most bytes of a record's `artifacts.json` read back (an entry is about 150 bytes; the
 /// store indexes at most what a build may upload).
@@ -289,96 +317,9 @@ pub fn close_abandoned(store_root: &Path) -> Result<Vec<String>, ToolError> {
     Ok(closed.closed)
 }
 
-/// When a build started, from its id (`20261125-141502-3fa2c1` → `2026-11-25 14:15:02`).
-pub fn started(id: &str) -> String {
-    let digits: Vec<&str> = id.splitn(3, '-').collect();
-    match digits.as_slice() {
-        [date, time, _] if date.len() == 8 && time.len() == 6 => format!(
-            "{}-{}-{} {}:{}:{}",
-            &date[0..4],
-            &date[4..6],
-            &date[6..8],
-            &time[0..2],
-            &time[2..4],
-            &time[4..6]
-        ),
-        _ => "-".to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use contractor_protocol::result::Outcome;
-
-    fn write_record(store: &Path, id: &str, outcome: Option<Outcome>) {
-        let dir = store.join("builds").join(id);
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        std::fs::write(dir.join("build.log"), format!("log of {id}\n")).expect("log");
-        if let Some(outcome) = outcome {
-            let result = BuildResult {
-                version: 1,
-                id: id.into(),
-                outcome,
-                exit_code: Some(0),
-                duration_secs: 1.5,
-                log: dir.join("build.log"),
-                console_log: dir.join("console.log"),
-                artifacts: vec![],
-                refused_hosts: vec![],
-                refused_offline: vec![],
-                upstream_failures: vec![],
-                limit: None,
-                error: None,
-                host: None,
-            };
-            std::fs::write(
-                dir.join("result.json"),
-                serde_json::to_string(&result).expect("json"),
-            )
-            .expect("result");
-        }
-    }
-
-    #[test]
-    fn lists_oldest_first_and_opens_the_newest_by_default() {
-        let store = tempfile::tempdir().expect("tempdir");
-        write_record(
-            store.path(),
-            "20261125-100000-aaaaaa",
-            Some(Outcome::Success),
-        );
-        write_record(
-            store.path(),
-            "20261125-110000-bbbbbb",
-            Some(Outcome::Failed),
-        );
-        write_record(store.path(), "20261125-120000-cccccc", None);
-        let records = list(store.path()).expect("list");
-        let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
-        assert_eq!(
-            ids,
-            [
-                "20261125-100000-aaaaaa",
-                "20261125-110000-bbbbbb",
-                "20261125-120000-cccccc"
-            ]
-        );
-        assert_eq!(
-            records[1].result.as_ref().map(|r| r.outcome),
-            Some(Outcome::Failed)
-        );
-        assert!(
-            records[2].result.is_none(),
-            "a running build has no result yet"
-        );
-        let newest = open(store.path(), None).expect("newest");
-        assert_eq!(newest.id, "20261125-120000-cccccc");
-        assert_eq!(
-            read_file(&newest, "build.log").expect("log"),
-            b"log of 20261125-120000-cccccc\n"
-        );
-    }
 
     #[test]
     fn artifacts_are_what_the_stores_index_names() {
@@ -417,24 +358,5 @@ mod tests {
         std::fs::remove_file(record.join("artifacts.json")).expect("rm");
         std::os::unix::fs::symlink("/etc/passwd", record.join("artifacts.json")).expect("link");
         assert_eq!(stored_artifacts(&record), Vec::<PathBuf>::new());
-    }
-
-    #[test]
-    fn unknown_ids_and_empty_projects_say_what_to_do() {
-        let store = tempfile::tempdir().expect("tempdir");
-        let err = open(store.path(), None).expect_err("no builds");
-        assert!(
-            err.to_string().contains("run `contractor build` first"),
-            "{err}"
-        );
-        write_record(store.path(), "20261125-100000-aaaaaa", None);
-        for id in ["nope", "../builds", ".hidden"] {
-            let err = open(store.path(), Some(id)).expect_err(id);
-            assert!(
-                err.to_string().contains("`contractor builds` lists them"),
-                "{err}"
-            );
-        }
-        assert_eq!(started("20261125-100000-aaaaaa"), "2026-11-25 10:00:00");
     }
 }

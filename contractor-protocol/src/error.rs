@@ -178,8 +178,15 @@ tool_codes! {
     /// `record close`: no such record, or it is closed already (it has a `result.json`);
     /// exit 2.
     RecordNotOpen = "record_not_open",
-    /// `cache`, `record open`: not a build id; exit 2.
+    /// `cache`, `record open`, `record show|list|downloads|log`: not a build id; exit 2.
     BadBuild = "bad_build",
+    /// `record show|downloads|log`: the store has no builds yet (no `--build` given); exit 2.
+    NoBuilds = "no_builds",
+    /// `record show|downloads|log`: no record of that build id; exit 2.
+    NoSuchBuild = "no_such_build",
+    /// `record list|show|downloads|log`: a file of a record cannot be read: a link, a FIFO,
+    /// too big, not valid; exit 3.
+    RecordRead = "record_read",
     /// `cache`: not a path the cache may keep; exit 2.
     BadCachePath = "bad_cache_path",
     /// `cache`: file work failed; exit 3.

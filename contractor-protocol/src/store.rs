@@ -75,6 +75,158 @@ tag!(
     RecordClosed
 );
 
+tag!(
+    /// The `"type"` of [`RecordList`]: `"record_list"`.
+    RecordListTag,
+    RecordList
+);
+tag!(
+    /// The `"type"` of [`RecordEntry`]: `"record_entry"`.
+    RecordEntryTag,
+    RecordEntry
+);
+tag!(
+    /// The `"type"` of [`RecordShown`]: `"record_shown"`.
+    RecordShownTag,
+    RecordShown
+);
+tag!(
+    /// The `"type"` of [`RecordDownloads`]: `"record_downloads"`.
+    RecordDownloadsTag,
+    RecordDownloads
+);
+tag!(
+    /// The `"type"` of [`RecordLog`]: `"record_log"`.
+    RecordLogTag,
+    RecordLog
+);
+
+/// `record list`'s first line: how many [`RecordEntry`] lines follow (oldest build first).
+/// `{"type":"record_list","version":1,"builds":2,"left_out":0}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordList {
+    /// Always `record_list`.
+    #[serde(rename = "type")]
+    pub kind: RecordListTag,
+    /// Protocol version, 1.
+    pub version: u32,
+    /// The number of `record_entry` lines that follow.
+    pub builds: u64,
+    /// Older builds not listed (beyond the newest `MAX_LISTED_BUILDS`).
+    pub left_out: u64,
+}
+
+impl RecordList {
+    /// The first line of a list of `builds` entries, `left_out` older ones not listed.
+    pub fn new(builds: u64, left_out: u64) -> RecordList {
+        RecordList {
+            kind: RecordListTag::RecordList,
+            version: PROTOCOL_VERSION,
+            builds,
+            left_out,
+        }
+    }
+}
+
+/// One build of `record list`.
+/// `{"type":"record_entry","id":"20261125-141502-3fa2c1","started":"2026-11-25 14:15:02",
+/// "outcome":"success","duration_secs":12.5}`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordEntry {
+    /// Always `record_entry`.
+    #[serde(rename = "type")]
+    pub kind: RecordEntryTag,
+    /// The build id.
+    pub id: String,
+    /// When it started (UTC, `YYYY-MM-DD HH:MM:SS`, from its id); null for an id of
+    /// another form.
+    pub started: Option<String>,
+    /// How it ended; null while it runs (no `result.json` yet).
+    pub outcome: Option<crate::result::Outcome>,
+    /// How long it ran; null while it runs.
+    pub duration_secs: Option<f64>,
+}
+
+/// One artifact of a [`RecordShown`]: the path `result.json` names, and what is there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShownArtifact {
+    /// The path as `result.json` names it.
+    pub path: PathBuf,
+    /// Its size in bytes; null when it is missing (or not a regular file of the record).
+    pub size: Option<u64>,
+    /// Its SHA-256, lower-case hex (from the record's `artifacts.json`, else hashed); null
+    /// when it is missing.
+    pub sha256: Option<String>,
+}
+
+/// `record show`: one build's record.
+/// `{"type":"record_shown","version":1,"id":"…","dir":"/p/.contractor/builds/…",
+/// "started":"2026-11-25 14:15:02","result":{…}|null,"artifacts":[{"path":"…","size":3,
+/// "sha256":"…"}],"downloads":2,"from_cache":1}`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordShown {
+    /// Always `record_shown`.
+    #[serde(rename = "type")]
+    pub kind: RecordShownTag,
+    /// Protocol version, 1.
+    pub version: u32,
+    /// The build id.
+    pub id: String,
+    /// The record's directory.
+    pub dir: PathBuf,
+    /// When it started, as in [`RecordEntry::started`].
+    pub started: Option<String>,
+    /// Its `result.json`; null while it runs.
+    pub result: Option<crate::result::BuildResult>,
+    /// Each artifact the result names, in its order.
+    pub artifacts: Vec<ShownArtifact>,
+    /// The download lines of its `downloads.jsonl`.
+    pub downloads: u64,
+    /// Of those, the ones served from the download cache.
+    pub from_cache: u64,
+}
+
+/// `record downloads`' first line: how many lines follow, each a
+/// [`crate::proxy::Download`] of the record's `downloads.jsonl`, in its order.
+/// `{"type":"record_downloads","version":1,"id":"…","downloads":2,"skipped":1}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordDownloads {
+    /// Always `record_downloads`.
+    #[serde(rename = "type")]
+    pub kind: RecordDownloadsTag,
+    /// Protocol version, 1.
+    pub version: u32,
+    /// The build id.
+    pub id: String,
+    /// The number of download lines that follow.
+    pub downloads: u64,
+    /// Lines of the file that are not downloads (the `cut` marker, a damaged line).
+    pub skipped: u64,
+}
+
+/// `record log`'s first line; exactly `bytes` bytes of the log follow it.
+/// `{"type":"record_log","version":1,"id":"…","path":"/p/.contractor/builds/…/build.log","bytes":1234}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordLog {
+    /// Always `record_log`.
+    #[serde(rename = "type")]
+    pub kind: RecordLogTag,
+    /// Protocol version, 1.
+    pub version: u32,
+    /// The build id.
+    pub id: String,
+    /// The log file.
+    pub path: PathBuf,
+    /// The bytes that follow.
+    pub bytes: u64,
+}
+
 /// `record receive`: the record of a build host's build, received and indexed.
 /// `{"type":"record_received","version":1,"files":7,"charged_bytes":57344,"artifacts":2}`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,7 +5,8 @@
 //! read again when it changes; TCP bind only to the port it already listens on, and no TCP
 //! connect at all. Nothing else on the host: not the user's home, not the rest of the store.
 //! `record receive` and `record follow` ([`receipt_policy`]), which read a build host's
-//! stream, may write only that one record, and make no socket at all.
+//! stream, may write only that one record, and make no socket at all. `record
+//! list|show|downloads|log` ([`reading_policy`]) may only read `ROOT/builds/`.
 
 use std::path::{Path, PathBuf};
 
@@ -55,4 +56,10 @@ pub const RECEIPT_OPEN_FILES: u64 = 64;
 pub fn receipt_policy(record: &Path) -> Policy {
     // No RLIMIT_FSIZE: the receipt charges every file against the record's limit.
     Policy::offline(Vec::new(), vec![record.to_path_buf()], RECEIPT_OPEN_FILES)
+}
+
+/// The confinement policy of `record list|show|downloads|log` beneath `builds` (canonical
+/// `ROOT/builds`): that directory read-only, nothing else; no TCP, no new socket, no exec.
+pub fn reading_policy(builds: &Path) -> Policy {
+    Policy::offline(vec![builds.to_path_buf()], Vec::new(), RECEIPT_OPEN_FILES)
 }

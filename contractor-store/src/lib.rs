@@ -11,7 +11,7 @@
 //! and [`closing`] writes its `result.json`, and [`server`]
 //! speaks HTTP; [`confinement`] says what a serving store may still reach once it confines
 //! itself (before its first read from a client); [`receipt`] receives the record of a build
-//! run on a build host, confined to that record. Off the wire, [`pack`] packs a project's tree into a record's `source.tar`
+//! run on a build host, confined to that record; [`reading`] reads records back for the front end. Off the wire, [`pack`] packs a project's tree into a record's `source.tar`
 //! and [`cache`] keeps a project's build cache in the store directory.
 
 #![warn(missing_docs)]
@@ -28,6 +28,7 @@ pub mod opening;
 pub mod pack;
 pub mod path;
 pub mod range;
+pub mod reading;
 pub mod receipt;
 pub mod records;
 pub mod server;

@@ -2,7 +2,8 @@
 //! stops on SIGTERM or SIGINT), write a build's artifact `index`, collect garbage (`gc`),
 //! make a build `token`, `pack` a project's source into a record, keep a project's build
 //! `cache`, or `record open|close` a build's record, `record follow|receive` a build host's
-//! stream and record, and close abandoned ones. Flags map onto library calls; errors become
+//! stream and record, close abandoned ones, and `record list|show|downloads|log` read them
+//! back. Flags map onto library calls; errors become
 //! exit codes here only.
 
 use std::io::Write;
@@ -16,8 +17,8 @@ use contractor_protocol::error::ToolCode;
 use contractor_protocol::result::{ErrorInfo, Limit, Outcome};
 use contractor_protocol::service::{Confinement, Ready, ReadyOut};
 use contractor_protocol::store::{
-    CacheCleared, CacheKept, CacheList, CachePrepared, RecordClosed, RecordOpened, RecordReceived,
-    RecordsClosed,
+    CacheCleared, CacheKept, CacheList, CachePrepared, RecordClosed, RecordList, RecordOpened,
+    RecordReceived, RecordsClosed,
 };
 use contractor_protocol::units::{parse_duration, parse_size};
 use contractor_protocol::ExitCode;
@@ -25,6 +26,7 @@ use contractor_store::cache::CacheError;
 use contractor_store::confinement::Needs;
 use contractor_store::follow::{self, FollowError};
 use contractor_store::pack::MAX_SOURCE_ENTRIES;
+use contractor_store::reading;
 use contractor_store::receipt::ReceiptError;
 use contractor_store::{GcOptions, Store, StoreConfig, TokenTable};
 use tokio::signal::unix::{signal, SignalKind};
@@ -118,7 +120,7 @@ With --json-errors a failure is also one {\"type\":\"error\",...} object on stdo
     #[command(subcommand)]
     Cache(CacheCommand),
     /// A build's record: open one, close one that ran, receive one from a build host, close
-    /// abandoned ones.
+    /// abandoned ones; list the builds, show one, its downloads or its log.
     #[command(subcommand)]
     Record(RecordCommand),
 }
@@ -191,7 +193,8 @@ struct Receipt {
 #[derive(Debug, Subcommand)]
 #[command(
     after_help = "Exit codes: 0 done; 2 a bad build id or owner, a record that exists (open) or is\n\
-closed (close), or a refused record stream; 3 the record could not be made, read or written.\n\
+closed (close), no such record or no records (show, downloads, log), or a refused record\n\
+stream; 3 the record could not be made, read or written.\n\
 With --json-errors a failure is also one {\"type\":\"error\",...} object on stdout."
 )]
 enum RecordCommand {
@@ -231,6 +234,32 @@ enum RecordCommand {
         #[arg(long, value_name = "PID")]
         owner: u32,
     },
+    /// List the builds, oldest first (the newest 100000): print
+    /// {"type":"record_list","version":1,"builds":N,"left_out":M}, then N lines
+    /// {"type":"record_entry","id":ID,"started":"YYYY-MM-DD HH:MM:SS","outcome":O|null,"duration_secs":S|null}.
+    List {
+        /// The store directory.
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+    },
+    /// Show a build's record (default: the newest): print
+    /// {"type":"record_shown","version":1,"id":ID,"dir":DIR,"started":...,"result":{...}|null,
+    /// "artifacts":[{"path":P,"size":N|null,"sha256":H|null}],"downloads":N,"from_cache":M}.
+    Show(Reading),
+    /// A build's downloads (default: the newest's): print
+    /// {"type":"record_downloads","version":1,"id":ID,"downloads":N,"skipped":M}, then N
+    /// download lines of its downloads.jsonl (at most 65 MiB read), checked and typed.
+    Downloads(Reading),
+    /// A build's log (default: the newest's): print
+    /// {"type":"record_log","version":1,"id":ID,"path":FILE,"bytes":N}, then exactly N bytes
+    /// of build.log (console.log with --console; at most 16 GiB).
+    Log {
+        #[command(flatten)]
+        reading: Reading,
+        /// The VM's console log instead of the build log.
+        #[arg(long)]
+        console: bool,
+    },
     /// Close the record of a build that ran: read contractor-run's events on stdin (or take
     /// how it ended from --outcome and its flags), write ROOT/builds/ID/artifacts.json and
     /// result.json (the `finished` event's outcome, the stored artifacts, each declared one
@@ -256,6 +285,17 @@ enum RecordCommand {
         #[arg(long)]
         no_confine: bool,
     },
+}
+
+/// `record show|downloads|log`'s flags: which record.
+#[derive(Debug, clap::Args)]
+struct Reading {
+    /// The store directory.
+    #[arg(long, value_name = "DIR")]
+    root: PathBuf,
+    /// The build (default: the newest).
+    #[arg(long, value_name = "ID")]
+    build: Option<String>,
 }
 
 /// `record close`'s flags that say how the build ended, when its caller decided that (stdin
@@ -627,6 +667,35 @@ fn record(command: RecordCommand) -> std::process::ExitCode {
                 }
             }
         }
+        RecordCommand::List { root } => read_record(&root, |root, out| {
+            let (entries, left_out) = reading::list(root)?;
+            write_line(out, &RecordList::new(entries.len() as u64, left_out))?;
+            entries.iter().try_for_each(|entry| write_line(out, entry))
+        }),
+        RecordCommand::Show(Reading { root, build }) => read_record(&root, |root, out| {
+            write_line(out, &reading::show(root, build.as_deref())?)
+        }),
+        RecordCommand::Downloads(Reading { root, build }) => read_record(&root, |root, out| {
+            let (header, downloads) = reading::downloads(root, build.as_deref())?;
+            write_line(out, &header)?;
+            downloads.iter().try_for_each(|d| write_line(out, d))
+        }),
+        RecordCommand::Log {
+            reading: Reading { root, build },
+            console,
+        } => read_record(&root, |root, out| {
+            let (header, mut body) = reading::log(root, build.as_deref(), console)?;
+            write_line(out, &header)?;
+            let copied = std::io::copy(&mut body, out).context("cannot write stdout")?;
+            if copied != header.bytes {
+                anyhow::bail!(
+                    "{} ended after {copied} of its {} bytes",
+                    header.path.display(),
+                    header.bytes
+                );
+            }
+            Ok(())
+        }),
         RecordCommand::CloseAbandoned { root } => {
             match contractor_store::records::close_abandoned(&root, SystemTime::now()) {
                 Ok(closed) => print_json(&RecordsClosed::new(closed)),
@@ -638,6 +707,38 @@ fn record(command: RecordCommand) -> std::process::ExitCode {
             }
         }
     }
+}
+
+/// `record list|show|downloads|log`: confines this process to `ROOT/builds/`, read-only,
+/// then writes what `answer` reads on stdout. A record that is not there is exit 2; one
+/// that cannot be read, exit 3.
+fn read_record(
+    root: &std::path::Path,
+    answer: impl FnOnce(&std::path::Path, &mut std::io::StdoutLock<'static>) -> anyhow::Result<()>,
+) -> std::process::ExitCode {
+    let builds = root.join("builds");
+    if let Ok(builds) = builds.canonicalize() {
+        let policy = contractor_store::confinement::reading_policy(&builds);
+        if let Err(e) = contractor_confine::confine("contractor-store", &policy) {
+            let e = anyhow::Error::new(e).context("cannot confine the reading");
+            return fail(ExitCode::Infrastructure, ToolCode::Confine, &e);
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    match answer(root, &mut out).and_then(|()| out.flush().context("cannot write stdout")) {
+        Ok(()) => ExitCode::Success.into(),
+        Err(e) => match e.downcast_ref::<reading::ReadError>() {
+            Some(r) if r.is_bad_input() => fail(ExitCode::BadInput, r.code(), &e),
+            Some(r) => fail(ExitCode::Infrastructure, r.code(), &e),
+            None => fail(ExitCode::Infrastructure, ToolCode::Stdout, &e),
+        },
+    }
+}
+
+/// Writes `value` as one JSON line.
+fn write_line(out: &mut impl Write, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    serde_json::to_writer(&mut *out, value).context("cannot write stdout")?;
+    out.write_all(b"\n").context("cannot write stdout")
 }
 
 /// `record close`: confines this process to the record (as `record receive` does: what it

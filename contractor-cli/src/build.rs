@@ -424,22 +424,6 @@ fn announce(display: &Display, spec: &BuildSpec, setup: &Setup, packed: &source:
     }
 }
 
-/// Writes the record's `owner.json` (this process, by pid and start time: the store's
-/// liveness rule); returns its path, removed when the build ends. For a build on a build
-/// host (remote.rs); a local build's record is opened by the store (`records::open_new`).
-pub(crate) fn write_owner(record: &Path) -> Result<PathBuf, BuildError> {
-    let owner_file = record.join(OWNER_FILE);
-    let owner = serde_json::json!({
-        "pid": std::process::id(),
-        "start": contractor_protocol::process::start_time(std::process::id()),
-    });
-    std::fs::write(&owner_file, owner.to_string()).map_err(|source| BuildError::Record {
-        path: owner_file.clone(),
-        source,
-    })?;
-    Ok(owner_file)
-}
-
 /// A build's running parts: the VM being started, the store, the proxies, and the job the
 /// agent is to run.
 struct Session {
@@ -1278,23 +1262,13 @@ impl Vm {
             uri: uri.to_string(),
             spec: spec.clone(),
         };
-        let mut stdin = child.stdin.take();
-        let sent = match stdin.as_mut() {
-            Some(stdin) => contractor_protocol::jsonl::write_line(stdin, &request)
-                .map_err(|source| ToolError::Request { name, source }),
-            None => Err(ToolError::Io {
-                name,
-                source: std::io::Error::other("no stdin pipe"),
-            }),
+        let stdin = match tools::send(name, &mut child, &request) {
+            Ok(stdin) => hold.then_some(stdin),
+            Err(err) => {
+                stop_child(&mut child);
+                return Err(err);
+            }
         };
-        if let Err(err) = sent {
-            drop(stdin);
-            stop_child(&mut child);
-            return Err(err);
-        }
-        if !hold {
-            drop(stdin.take());
-        }
         Ok(Spawned {
             child: Some(child),
             stdin,
@@ -1451,11 +1425,9 @@ impl Releasing {
                     Ok(()) => Ok(()),
                     Err(ToolError::Failed {
                         error: Some(error), ..
-                    }) if error.code == ToolCode::NotFound => Err(ToolError::Failed {
-                        name: tool,
-                        exit_code: status.code(),
-                        error: None,
-                    }),
+                    }) if error.code == ToolCode::NotFound => {
+                        Err(ToolError::exited(tool, status.code()))
+                    }
                     Err(err) => Err(err),
                 }
             }
@@ -1623,15 +1595,10 @@ fn run(
     command.arg("--json-errors").stderr(tools_log.stderr());
     let mut child = tools::spawn(name, command)?;
     interruption.track(&child);
-    let sent = match child.stdin.take() {
-        Some(mut stdin) => contractor_protocol::jsonl::write_line(&mut stdin, request)
-            .map_err(|source| ToolError::Request { name, source }),
-        None => Err(ToolError::Io {
-            name,
-            source: std::io::Error::other("no stdin pipe"),
-        }),
-    };
-    let result = sent.and_then(|()| read_events(&mut child, display));
+    let result = tools::send(name, &mut child, request).and_then(|stdin| {
+        drop(stdin);
+        read_events(&mut child, display)
+    });
     stop_child(&mut child);
     result
 }
@@ -1664,11 +1631,7 @@ fn read_events(child: &mut Child, display: &Display) -> Result<RunEvent, ToolErr
             }
             None => {
                 let exit_code = child.wait().ok().and_then(|s| s.code());
-                return Err(ToolError::Failed {
-                    name,
-                    exit_code,
-                    error: None,
-                });
+                return Err(ToolError::exited(name, exit_code));
             }
         }
     }
@@ -1677,33 +1640,6 @@ fn read_events(child: &mut Child, display: &Display) -> Result<RunEvent, ToolErr
 /// While a build runs, its record holds this file naming the `contractor` process (pid and
 /// start time); it is removed when `result.json` is written.
 pub const OWNER_FILE: &str = contractor_protocol::process::OWNER_FILE;
-
-/// Gives every record whose build was abandoned (its `contractor` process died without
-/// finishing: SIGKILL, power loss) a `result.json` saying it was interrupted. Which builds
-/// still run is the store's one rule (`contractor-store record close-abandoned`); a store
-/// that cannot answer is a warning, not a reason to refuse the build.
-pub fn close_abandoned_records(store_root: &Path) {
-    if let Err(err) = crate::records::close_abandoned(store_root) {
-        eprintln!(
-            "contractor: warning: cannot close abandoned records: {}",
-            contractor_protocol::result::joined_chain(&err)
-        );
-    }
-}
-
-/// `latest` → the newest build, so `.contractor/latest/build.log` is always at hand (a
-/// build on a build host; `contractor-store record open` points it for a local one).
-pub fn update_latest(store_root: &Path, id: &str) {
-    let link = store_root.join("latest");
-    let temp = store_root.join(format!(".latest-{}", std::process::id()));
-    let _ = std::fs::remove_file(&temp);
-    if std::os::unix::fs::symlink(Path::new("builds").join(id), &temp).is_ok() {
-        let _ = std::fs::rename(&temp, &link);
-    }
-}
-
-/// `20261125-130501-3f2a9c`: sortable by time, unique across concurrent builds.
-pub use contractor_protocol::hosted::new_build_id;
 
 #[cfg(test)]
 mod tests {

@@ -1234,7 +1234,39 @@ impl Drop for Interruption {
 struct Vm {
     info: VmInfo,
     uri: String,
-    holder: Option<Child>,
+    holder: Option<Holder>,
+}
+
+/// A `contractor-vm create` process, its stdin (with `--hold`, the VM lives while it is
+/// open) in its `Child`. Dropped, its stdin closes and it is waited for ([`wait_or_stop`]):
+/// a holder destroys its VM then.
+struct Holder(Option<Child>);
+
+impl Holder {
+    /// The process, which dropping this no longer waits for.
+    fn take(mut self) -> Option<Child> {
+        self.0.take()
+    }
+
+    /// Closes its stdin and stops it at once ([`stop_child`]) unless it has ended (and
+    /// been reaped: its pid may be another process's).
+    fn stop(self) {
+        if let Some(mut child) = self.take() {
+            drop(child.stdin.take());
+            if matches!(child.try_wait(), Ok(None)) {
+                stop_child(&mut child);
+            }
+        }
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            drop(child.stdin.take());
+            let _ = wait_or_stop(&mut child);
+        }
+    }
 }
 
 impl Vm {
@@ -1262,92 +1294,74 @@ impl Vm {
             uri: uri.to_string(),
             spec: spec.clone(),
         };
-        let stdin = match tools::send(name, &mut child, &request) {
-            Ok(stdin) => hold.then_some(stdin),
+        match tools::send(name, &mut child, &request) {
+            Ok(stdin) => child.stdin = hold.then_some(stdin),
             Err(err) => {
                 stop_child(&mut child);
                 return Err(err);
             }
-        };
+        }
         Ok(Spawned {
-            child: Some(child),
-            stdin,
+            holder: Holder(Some(child)),
             uri: uri.to_string(),
             hold,
         })
     }
 }
 
-/// `contractor-vm create`, started and asked, not yet answered.
+/// `contractor-vm create`, started and asked, not yet answered; dropped, it is never asked
+/// for its VM: the holder destroys it once its stdin closes.
 struct Spawned {
-    child: Option<Child>,
-    stdin: Option<std::process::ChildStdin>,
+    holder: Holder,
     uri: String,
     hold: bool,
 }
 
 impl Spawned {
     /// Waits for the VM.
-    fn finish(mut self) -> Result<Vm, ToolError> {
+    fn finish(self) -> Result<Vm, ToolError> {
         let name = tools::VM;
-        let (Some(mut child), stdin) = (self.child.take(), self.stdin.take()) else {
-            return Err(ToolError::Io {
+        let Spawned {
+            mut holder,
+            uri,
+            hold,
+        } = self;
+        let answered = match holder.0.as_mut() {
+            Some(child) => Answers::of(name, child).and_then(|mut answers| {
+                let answer: VmResult = answers.first(child)?;
+                Ok((answers, answer))
+            }),
+            None => Err(ToolError::Io {
                 name,
                 source: std::io::Error::other("contractor-vm was already waited for"),
-            });
+            }),
         };
-        let mut answers = match Answers::of(name, &mut child) {
-            Ok(answers) => answers,
+        let (answers, vm) = match answered {
+            Ok((answers, VmResult::Vm { vm, .. })) => (answers, vm),
+            Ok(_) => {
+                holder.stop();
+                return Err(ToolError::Failed {
+                    name,
+                    exit_code: None,
+                    error: Some(contractor_protocol::error::ErrorObject::with_chain(
+                        ToolCode::WrongAnswer,
+                        vec!["it answered create with something other than a vm".into()],
+                    )),
+                });
+            }
             Err(err) => {
-                drop(stdin);
-                stop_child(&mut child);
+                holder.stop();
                 return Err(err);
             }
-        };
-        let answer: VmResult = match answers.first(&mut child) {
-            Ok(answer) => answer,
-            Err(err) => {
-                drop(stdin);
-                stop_child(&mut child);
-                return Err(err);
-            }
-        };
-        let VmResult::Vm { vm, .. } = answer else {
-            drop(stdin);
-            stop_child(&mut child);
-            return Err(ToolError::Failed {
-                name,
-                exit_code: None,
-                error: Some(contractor_protocol::error::ErrorObject::with_chain(
-                    ToolCode::WrongAnswer,
-                    vec!["it answered create with something other than a vm".into()],
-                )),
-            });
         };
         // The holder writes nothing more; a thread keeps its stdout drained regardless.
         std::thread::spawn(move || answers.drain());
-        let holder = if self.hold {
-            child.stdin = stdin;
-            Some(child)
-        } else {
-            let _ = wait_or_stop(&mut child);
-            None
-        };
         Ok(Vm {
             info: vm,
-            uri: self.uri.clone(),
-            holder,
+            uri,
+            // Not held: it has answered and ends now (waited for as the holder drops).
+            holder: hold.then_some(holder),
         })
-    }
-}
-
-impl Drop for Spawned {
-    /// Never asked for its VM: the holder destroys it once its stdin closes.
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        if let Some(mut child) = self.child.take() {
-            let _ = wait_or_stop(&mut child);
-        }
     }
 }
 
@@ -1355,7 +1369,7 @@ impl Vm {
     /// Has the holder begin destroying the VM (its stdin closes) and returns at once; a VM
     /// that is not held is destroyed here with `contractor-vm destroy`.
     fn start_release(mut self) -> Releasing {
-        match self.holder.take() {
+        match self.holder.take().and_then(Holder::take) {
             Some(mut holder) => {
                 drop(holder.stdin.take());
                 Releasing::Holder {
@@ -1436,15 +1450,6 @@ impl Releasing {
                 work();
                 Ok(())
             }
-        }
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        if let Some(mut holder) = self.holder.take() {
-            drop(holder.stdin.take());
-            let _ = wait_or_stop(&mut holder);
         }
     }
 }

@@ -424,22 +424,6 @@ fn announce(display: &Display, spec: &BuildSpec, setup: &Setup, packed: &source:
     }
 }
 
-/// Writes the record's `owner.json` (this process, by pid and start time: the store's
-/// liveness rule); returns its path, removed when the build ends. For a build on a build
-/// host (remote.rs); a local build's record is opened by the store (`records::open_new`).
-pub(crate) fn write_owner(record: &Path) -> Result<PathBuf, BuildError> {
-    let owner_file = record.join(OWNER_FILE);
-    let owner = serde_json::json!({
-        "pid": std::process::id(),
-        "start": contractor_protocol::process::start_time(std::process::id()),
-    });
-    std::fs::write(&owner_file, owner.to_string()).map_err(|source| BuildError::Record {
-        path: owner_file.clone(),
-        source,
-    })?;
-    Ok(owner_file)
-}
-
 /// A build's running parts: the VM being started, the store, the proxies, and the job the
 /// agent is to run.
 struct Session {
@@ -1250,7 +1234,39 @@ impl Drop for Interruption {
 struct Vm {
     info: VmInfo,
     uri: String,
-    holder: Option<Child>,
+    holder: Option<Holder>,
+}
+
+/// A `contractor-vm create` process, its stdin (with `--hold`, the VM lives while it is
+/// open) in its `Child`. Dropped, its stdin closes and it is waited for ([`wait_or_stop`]):
+/// a holder destroys its VM then.
+struct Holder(Option<Child>);
+
+impl Holder {
+    /// The process, which dropping this no longer waits for.
+    fn take(mut self) -> Option<Child> {
+        self.0.take()
+    }
+
+    /// Closes its stdin and stops it at once ([`stop_child`]) unless it has ended (and
+    /// been reaped: its pid may be another process's).
+    fn stop(self) {
+        if let Some(mut child) = self.take() {
+            drop(child.stdin.take());
+            if matches!(child.try_wait(), Ok(None)) {
+                stop_child(&mut child);
+            }
+        }
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            drop(child.stdin.take());
+            let _ = wait_or_stop(&mut child);
+        }
+    }
 }
 
 impl Vm {
@@ -1278,102 +1294,74 @@ impl Vm {
             uri: uri.to_string(),
             spec: spec.clone(),
         };
-        let mut stdin = child.stdin.take();
-        let sent = match stdin.as_mut() {
-            Some(stdin) => contractor_protocol::jsonl::write_line(stdin, &request)
-                .map_err(|source| ToolError::Request { name, source }),
-            None => Err(ToolError::Io {
-                name,
-                source: std::io::Error::other("no stdin pipe"),
-            }),
-        };
-        if let Err(err) = sent {
-            drop(stdin);
-            stop_child(&mut child);
-            return Err(err);
-        }
-        if !hold {
-            drop(stdin.take());
+        match tools::send(name, &mut child, &request) {
+            Ok(stdin) => child.stdin = hold.then_some(stdin),
+            Err(err) => {
+                stop_child(&mut child);
+                return Err(err);
+            }
         }
         Ok(Spawned {
-            child: Some(child),
-            stdin,
+            holder: Holder(Some(child)),
             uri: uri.to_string(),
             hold,
         })
     }
 }
 
-/// `contractor-vm create`, started and asked, not yet answered.
+/// `contractor-vm create`, started and asked, not yet answered; dropped, it is never asked
+/// for its VM: the holder destroys it once its stdin closes.
 struct Spawned {
-    child: Option<Child>,
-    stdin: Option<std::process::ChildStdin>,
+    holder: Holder,
     uri: String,
     hold: bool,
 }
 
 impl Spawned {
     /// Waits for the VM.
-    fn finish(mut self) -> Result<Vm, ToolError> {
+    fn finish(self) -> Result<Vm, ToolError> {
         let name = tools::VM;
-        let (Some(mut child), stdin) = (self.child.take(), self.stdin.take()) else {
-            return Err(ToolError::Io {
+        let Spawned {
+            mut holder,
+            uri,
+            hold,
+        } = self;
+        let answered = match holder.0.as_mut() {
+            Some(child) => Answers::of(name, child).and_then(|mut answers| {
+                let answer: VmResult = answers.first(child)?;
+                Ok((answers, answer))
+            }),
+            None => Err(ToolError::Io {
                 name,
                 source: std::io::Error::other("contractor-vm was already waited for"),
-            });
+            }),
         };
-        let mut answers = match Answers::of(name, &mut child) {
-            Ok(answers) => answers,
+        let (answers, vm) = match answered {
+            Ok((answers, VmResult::Vm { vm, .. })) => (answers, vm),
+            Ok(_) => {
+                holder.stop();
+                return Err(ToolError::Failed {
+                    name,
+                    exit_code: None,
+                    error: Some(contractor_protocol::error::ErrorObject::with_chain(
+                        ToolCode::WrongAnswer,
+                        vec!["it answered create with something other than a vm".into()],
+                    )),
+                });
+            }
             Err(err) => {
-                drop(stdin);
-                stop_child(&mut child);
+                holder.stop();
                 return Err(err);
             }
-        };
-        let answer: VmResult = match answers.first(&mut child) {
-            Ok(answer) => answer,
-            Err(err) => {
-                drop(stdin);
-                stop_child(&mut child);
-                return Err(err);
-            }
-        };
-        let VmResult::Vm { vm, .. } = answer else {
-            drop(stdin);
-            stop_child(&mut child);
-            return Err(ToolError::Failed {
-                name,
-                exit_code: None,
-                error: Some(contractor_protocol::error::ErrorObject::with_chain(
-                    ToolCode::WrongAnswer,
-                    vec!["it answered create with something other than a vm".into()],
-                )),
-            });
         };
         // The holder writes nothing more; a thread keeps its stdout drained regardless.
         std::thread::spawn(move || answers.drain());
-        let holder = if self.hold {
-            child.stdin = stdin;
-            Some(child)
-        } else {
-            let _ = wait_or_stop(&mut child);
-            None
-        };
         Ok(Vm {
             info: vm,
-            uri: self.uri.clone(),
-            holder,
+            uri,
+            // Not held: it has answered and ends now (waited for as the holder drops).
+            holder: hold.then_some(holder),
         })
-    }
-}
-
-impl Drop for Spawned {
-    /// Never asked for its VM: the holder destroys it once its stdin closes.
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        if let Some(mut child) = self.child.take() {
-            let _ = wait_or_stop(&mut child);
-        }
     }
 }
 
@@ -1381,7 +1369,7 @@ impl Vm {
     /// Has the holder begin destroying the VM (its stdin closes) and returns at once; a VM
     /// that is not held is destroyed here with `contractor-vm destroy`.
     fn start_release(mut self) -> Releasing {
-        match self.holder.take() {
+        match self.holder.take().and_then(Holder::take) {
             Some(mut holder) => {
                 drop(holder.stdin.take());
                 Releasing::Holder {
@@ -1451,11 +1439,9 @@ impl Releasing {
                     Ok(()) => Ok(()),
                     Err(ToolError::Failed {
                         error: Some(error), ..
-                    }) if error.code == ToolCode::NotFound => Err(ToolError::Failed {
-                        name: tool,
-                        exit_code: status.code(),
-                        error: None,
-                    }),
+                    }) if error.code == ToolCode::NotFound => {
+                        Err(ToolError::exited(tool, status.code()))
+                    }
                     Err(err) => Err(err),
                 }
             }
@@ -1464,15 +1450,6 @@ impl Releasing {
                 work();
                 Ok(())
             }
-        }
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        if let Some(mut holder) = self.holder.take() {
-            drop(holder.stdin.take());
-            let _ = wait_or_stop(&mut holder);
         }
     }
 }
@@ -1623,15 +1600,10 @@ fn run(
     command.arg("--json-errors").stderr(tools_log.stderr());
     let mut child = tools::spawn(name, command)?;
     interruption.track(&child);
-    let sent = match child.stdin.take() {
-        Some(mut stdin) => contractor_protocol::jsonl::write_line(&mut stdin, request)
-            .map_err(|source| ToolError::Request { name, source }),
-        None => Err(ToolError::Io {
-            name,
-            source: std::io::Error::other("no stdin pipe"),
-        }),
-    };
-    let result = sent.and_then(|()| read_events(&mut child, display));
+    let result = tools::send(name, &mut child, request).and_then(|stdin| {
+        drop(stdin);
+        read_events(&mut child, display)
+    });
     stop_child(&mut child);
     result
 }
@@ -1664,11 +1636,7 @@ fn read_events(child: &mut Child, display: &Display) -> Result<RunEvent, ToolErr
             }
             None => {
                 let exit_code = child.wait().ok().and_then(|s| s.code());
-                return Err(ToolError::Failed {
-                    name,
-                    exit_code,
-                    error: None,
-                });
+                return Err(ToolError::exited(name, exit_code));
             }
         }
     }
@@ -1677,33 +1645,6 @@ fn read_events(child: &mut Child, display: &Display) -> Result<RunEvent, ToolErr
 /// While a build runs, its record holds this file naming the `contractor` process (pid and
 /// start time); it is removed when `result.json` is written.
 pub const OWNER_FILE: &str = contractor_protocol::process::OWNER_FILE;
-
-/// Gives every record whose build was abandoned (its `contractor` process died without
-/// finishing: SIGKILL, power loss) a `result.json` saying it was interrupted. Which builds
-/// still run is the store's one rule (`contractor-store record close-abandoned`); a store
-/// that cannot answer is a warning, not a reason to refuse the build.
-pub fn close_abandoned_records(store_root: &Path) {
-    if let Err(err) = crate::records::close_abandoned(store_root) {
-        eprintln!(
-            "contractor: warning: cannot close abandoned records: {}",
-            contractor_protocol::result::joined_chain(&err)
-        );
-    }
-}
-
-/// `latest` → the newest build, so `.contractor/latest/build.log` is always at hand (a
-/// build on a build host; `contractor-store record open` points it for a local one).
-pub fn update_latest(store_root: &Path, id: &str) {
-    let link = store_root.join("latest");
-    let temp = store_root.join(format!(".latest-{}", std::process::id()));
-    let _ = std::fs::remove_file(&temp);
-    if std::os::unix::fs::symlink(Path::new("builds").join(id), &temp).is_ok() {
-        let _ = std::fs::rename(&temp, &link);
-    }
-}
-
-/// `20261125-130501-3f2a9c`: sortable by time, unique across concurrent builds.
-pub use contractor_protocol::hosted::new_build_id;
 
 #[cfg(test)]
 mod tests {

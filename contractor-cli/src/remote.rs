@@ -269,13 +269,10 @@ pub fn build_on(
     let started = Instant::now();
     let started_on = std::time::SystemTime::now();
     let store_root = paths::checked_store_dir(&spec.project_dir).map_err(BuildError::StoreDir)?;
-    build::close_abandoned_records(&store_root);
-    let id = build::new_build_id();
+    // Opened by the store as a local build's record is: abandoned ones closed first, its
+    // `owner.json` naming this process, `latest` pointing at it.
+    let id = crate::records::open_new(&store_root, None).map_err(BuildError::Open)?;
     let record = store_root.join("builds").join(&id);
-    paths::create_dir_world_readable(&record).map_err(|source| BuildError::Record {
-        path: record.clone(),
-        source,
-    })?;
     let close = |err: BuildError| build::close_failed_record(&record, &id, started, err);
     let tar = record.join("source.tar");
     let packed = source::pack(&spec.project_dir, &tar)
@@ -289,8 +286,6 @@ pub fn build_on(
     for warning in &packed.warnings {
         display.warning(warning);
     }
-    build::update_latest(&store_root, &id);
-    let owner_file = build::write_owner(&record).map_err(close)?;
     let session = SessionRequest {
         id: id.clone(),
         record: record.clone(),
@@ -318,9 +313,12 @@ pub fn build_on(
     let mut result = answer.into_result(&host, &record, artifacts);
     result.id = id;
     result.duration_secs = started.elapsed().as_secs_f64();
+    // Written here, not by `contractor-store record close`: the result is the build host's
+    // (its refusals, and its host, which `record close` does not write), not one the store
+    // re-derives from the record.
     build::write_result(&record, &result);
     sign_here(&host, spec, options, &record, &result, started_on, display);
-    let _ = std::fs::remove_file(&owner_file);
+    let _ = std::fs::remove_file(record.join(build::OWNER_FILE));
     display.event(&BuildEvent::Finished {
         result: result.clone(),
     });

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use contractor_protocol::error::ErrorObject;
 use contractor_protocol::fleet::{Fleet, HostProbe, Room, SendLine};
+use contractor_protocol::tool::{Signaller, Supervised};
 use contractor_protocol::PROTOCOL_VERSION;
 
 use crate::buildhost::{self, BuildHost};
@@ -43,11 +44,11 @@ pub type Probe = Result<Room, String>;
 /// release, or does not answer within [`PROBE_TIMEOUT`].
 pub fn probe_all(hosts: &[BuildHost], cpus: u32, memory_mib: u64) -> Vec<Probe> {
     let (tx, rx) = mpsc::channel::<(usize, Probe)>();
-    let pids = Arc::new(Mutex::new(Vec::<u32>::new()));
+    let running = Arc::new(Mutex::new(Vec::<Signaller>::new()));
     for (i, host) in hosts.iter().enumerate() {
-        let (tx, host, pids) = (tx.clone(), host.clone(), pids.clone());
+        let (tx, host, running) = (tx.clone(), host.clone(), running.clone());
         std::thread::spawn(move || {
-            let _ = tx.send((i, probe(&host, cpus, memory_mib, &pids)));
+            let _ = tx.send((i, probe(&host, cpus, memory_mib, &running)));
         });
     }
     drop(tx);
@@ -60,11 +61,10 @@ pub fn probe_all(hosts: &[BuildHost], cpus: u32, memory_mib: u64) -> Vec<Probe> 
             Err(_) => break,
         }
     }
-    for pid in pids.lock().map(|p| p.clone()).unwrap_or_default() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+    // Those that did not answer in time are stopped; one that ended was reaped, and its
+    // signaller sends nothing (its pid may be another process's by now).
+    for probe in running.lock().map(|r| r.clone()).unwrap_or_default() {
+        probe.signal(nix::sys::signal::Signal::SIGTERM);
     }
     probes
         .into_iter()
@@ -74,25 +74,25 @@ pub fn probe_all(hosts: &[BuildHost], cpus: u32, memory_mib: u64) -> Vec<Probe> 
         .collect()
 }
 
-/// Asks `host` for its capacity; `pids` gets the ssh process while it runs.
-fn probe(host: &BuildHost, cpus: u32, memory_mib: u64, pids: &Mutex<Vec<u32>>) -> Probe {
+/// Asks `host` for its capacity; `running` gets what signals the ssh process until it is
+/// reaped.
+fn probe(host: &BuildHost, cpus: u32, memory_mib: u64, running: &Mutex<Vec<Signaller>>) -> Probe {
     use contractor_protocol::hosted::{room, CapacityReport};
+    let cannot = |e: std::io::Error| format!("cannot run ssh: {e}");
+    let (stdout, out_end) = std::io::pipe().map_err(cannot)?;
+    let (stderr, err_end) = std::io::pipe().map_err(cannot)?;
     let mut ssh = host.ssh(&["contractor-vm", "capacity", "--json-errors"]);
-    ssh.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = crate::spawn::start(&mut ssh).map_err(|e| format!("cannot run ssh: {e}"))?;
-    if let Ok(mut pids) = pids.lock() {
-        pids.push(child.id());
+    ssh.stdin(Stdio::null()).stdout(out_end).stderr(err_end);
+    let child = Supervised::start(&mut ssh).map_err(cannot)?;
+    // The pipes' write ends are the child's alone from here on.
+    drop(ssh);
+    if let Ok(mut running) = running.lock() {
+        running.push(child.signaller());
     }
     let mut out = Vec::new();
     let mut err = Vec::new();
-    if let Some(stdout) = child.stdout.take() {
-        let _ = stdout.take(MAX_PROBE_BYTES).read_to_end(&mut out);
-    }
-    if let Some(stderr) = child.stderr.take() {
-        let _ = stderr.take(MAX_PROBE_BYTES).read_to_end(&mut err);
-    }
+    let _ = stdout.take(MAX_PROBE_BYTES).read_to_end(&mut out);
+    let _ = stderr.take(MAX_PROBE_BYTES).read_to_end(&mut err);
     let status = child
         .wait()
         .map_err(|e| format!("cannot wait for ssh: {e}"))?;

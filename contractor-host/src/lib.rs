@@ -22,7 +22,6 @@ pub mod buildhost;
 pub mod fleet;
 pub mod queries;
 pub mod send;
-mod spawn;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};

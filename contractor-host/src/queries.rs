@@ -133,7 +133,7 @@ pub fn vm(args: &[String]) -> std::process::ExitCode {
     let mut remote = vec!["contractor-vm"];
     remote.extend(rest.iter().map(String::as_str));
     let mut ssh = host.ssh(&remote);
-    let status = crate::spawn::start(&mut ssh).and_then(|mut child| child.wait());
+    let status = contractor_protocol::tool::start(&mut ssh).and_then(|mut child| child.wait());
     match status.map(|s| s.code()) {
         // ssh's own exit code (255: it could not connect), as the front end reports it.
         Ok(Some(code)) => std::process::ExitCode::from(u8::try_from(code).unwrap_or(255)),

@@ -20,7 +20,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdout, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,7 +32,9 @@ use contractor_protocol::hosted::{
     is_build_id, FollowedLine, HostedRequest, HOSTED_COMMAND, MAX_REQUEST_BYTES,
 };
 use contractor_protocol::jsonl::{self, JsonlReader};
+use contractor_protocol::result::error_chain;
 use contractor_protocol::result::{BuildCode, BuildResult, ErrorInfo};
+use contractor_protocol::tool::{self, stop_child, Answers, Locator, ToolError};
 use contractor_protocol::{ExitCode, PROTOCOL_VERSION};
 
 use crate::buildhost::{self, BuildHost};
@@ -49,6 +51,15 @@ pub const INTERRUPT_GRACE: Duration = Duration::from_secs(20);
 
 /// The store tool, which receives the record.
 const STORE: &str = "contractor-store";
+
+/// Where this tool finds the others it starts (`contractor-store`): beside itself, or in
+/// `$CONTRACTOR_BIN`.
+const TOOLS: Locator = Locator {
+    unit_test: cfg!(test),
+    hint_env: "install the tools of one release together, or set CONTRACTOR_BIN to their directory",
+    hint_beside:
+        "install the tools of one release together, or set CONTRACTOR_BIN to their directory",
+};
 
 /// A request this tool refuses: its code, its messages and its exit code.
 pub struct Refused {
@@ -291,13 +302,15 @@ fn follow_record(
     stream: ChildStdout,
     record: &Path,
     limit: u64,
-) -> Result<(Child, JsonlReader<BufReader<ChildStdout>>), String> {
+) -> Result<(Child, Answers), String> {
     let root = record
         .parent()
         .and_then(Path::parent)
         .ok_or_else(|| format!("{} is not in a store's builds/", record.display()))?;
     let id = record.file_name().unwrap_or_default();
-    let mut command = Command::new(crate::spawn::tool(STORE)?);
+    let mut command = TOOLS
+        .command(STORE)
+        .map_err(|e| error_chain(&e).join(": "))?;
     command
         .args(["record", "follow", "--root"])
         .arg(root)
@@ -305,17 +318,12 @@ fn follow_record(
         .arg(id)
         .arg("--max-bytes")
         .arg(limit.to_string())
-        .arg("--json-errors")
-        .stdin(Stdio::from(stream))
-        .stdout(Stdio::piped());
+        .arg("--json-errors");
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
-    let mut child =
-        crate::spawn::start(&mut command).map_err(|e| format!("cannot start {STORE}: {e}"))?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| format!("{STORE} has no stdout pipe"))?;
-    Ok((child, JsonlReader::new(BufReader::new(stdout))))
+    let failed = |e: ToolError| error_chain(&e).join(": ");
+    let mut child = tool::spawn_reading(STORE, command, Stdio::from(stream)).map_err(failed)?;
+    let answers = Answers::of(STORE, &mut child).map_err(failed)?;
+    Ok((child, answers))
 }
 
 /// How a session ended without a complete record.
@@ -363,7 +371,7 @@ impl Session {
         // Its own process group: Ctrl-C reaches this process, which ends the session in
         // order, not ssh, which would cut it.
         std::os::unix::process::CommandExt::process_group(&mut ssh, 0);
-        let mut child = crate::spawn::start(&mut ssh)?;
+        let mut child = tool::start(&mut ssh)?;
         let stdout = child.stdout.take();
         let mut stdin = child
             .stdin
@@ -441,10 +449,10 @@ impl Session {
         })?;
         let ended = self.followed(host, &mut answers, &mut ticket, out);
         if ended.is_err() {
-            let _ = store.kill();
+            stop_child(&mut store);
         }
         // Drained so that the store never blocks on a full pipe.
-        let _ = std::io::copy(answers.get_mut(), &mut std::io::sink());
+        answers.drain();
         let _ = store.wait();
         ended
     }
@@ -455,19 +463,19 @@ impl Session {
     fn followed(
         &mut self,
         host: &BuildHost,
-        answers: &mut JsonlReader<BufReader<ChildStdout>>,
+        answers: &mut Answers,
         ticket: &mut Option<Ticket>,
         out: &mut impl Write,
     ) -> Result<BuildResult, RemoteEnd> {
         let mut finished = None;
         loop {
             let line = match answers.next_line() {
-                Ok(Some(line)) => line.to_vec(),
+                Ok(Some(line)) => line,
                 Ok(None) => {
                     let why = "contractor-store record follow ended without an answer";
                     return Err(self.lost(host, Some(why.into())));
                 }
-                Err(err) => return Err(self.lost(host, Some(err.to_string()))),
+                Err(err) => return Err(self.lost(host, Some(error_chain(&err).join(": ")))),
             };
             let value: serde_json::Value = serde_json::from_slice(&line).map_err(|err| {
                 host_error(vec![format!(
@@ -570,6 +578,8 @@ impl Session {
         if let Some(close) = self.close.take() {
             let _ = close.send(Step::Close);
         }
+        // Killed, not stopped (`tool::stop_child`): ssh ends on SIGTERM with 255, which
+        // would read as a lost connection.
         let _ = self.child.kill();
         let status = self.child.wait().ok();
         let how = match status.and_then(|s| s.code()) {

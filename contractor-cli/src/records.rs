@@ -19,7 +19,6 @@ use contractor_protocol::proxy::Download;
 use contractor_protocol::result::{BuildResult, ErrorInfo, Limit, Outcome};
 use contractor_protocol::store::{
     RecordClosed, RecordDownloads, RecordEntry, RecordList, RecordLog, RecordOpened, RecordShown,
-    RecordsClosed,
 };
 
 use serde::de::DeserializeOwned;
@@ -299,22 +298,6 @@ pub fn stored_artifacts(record: &Path) -> Vec<PathBuf> {
         .collect();
     found.sort();
     found
-}
-
-/// Asks the store to close every abandoned record under `store_root`
-/// (`contractor-store record close-abandoned`: the store alone decides which builds still
-/// run); returns the ids it closed.
-pub fn close_abandoned(store_root: &Path) -> Result<Vec<String>, ToolError> {
-    let closed: RecordsClosed = tools::answer(
-        tools::STORE,
-        &[
-            OsStr::new("record"),
-            OsStr::new("close-abandoned"),
-            OsStr::new("--root"),
-            store_root.as_os_str(),
-        ],
-    )?;
-    Ok(closed.closed)
 }
 
 #[cfg(test)]

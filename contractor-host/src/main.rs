@@ -24,7 +24,7 @@ fn main() -> std::process::ExitCode {
             eprintln!(
                 "usage: contractor-host {HOSTED_COMMAND}|{SEND_COMMAND}|{RESOLVE_COMMAND}|{HOSTS_COMMAND}  \
                  (requests on stdin, answers on stdout, docs/protocol.md), or \
-                 contractor-host {VM_COMMAND} --host HOST (check [--uri URI] | image list)"
+                 contractor-host {VM_COMMAND} --host HOST check [--uri URI]"
             );
             contractor_protocol::ExitCode::BadInput
         }

@@ -1,6 +1,6 @@
 //! The front end's questions to `contractor-host` besides `send`: `resolve` (which build
 //! hosts: those given, else the configuration's), `hosts` (each one's room and the line)
-//! and `vm` (`contractor-vm check` or `image list` run on a build host, for `contractor
+//! and `vm` (`contractor-vm check` run on a build host, for `contractor
 //! doctor --host`). Each reads at most one request line and answers in JSON on stdout.
 
 use std::io::BufReader;
@@ -77,8 +77,8 @@ pub fn hosts() -> ExitCode {
     }
 }
 
-/// What `contractor-host vm --host H …` may run there: `contractor-vm check [--uri U]` or
-/// `contractor-vm image list`, each with `--json-errors` allowed last.
+/// What `contractor-host vm --host H …` may run there: `contractor-vm check [--uri U]` (the
+/// doctor's one question, its findings judged there), with `--json-errors` allowed last.
 fn allowed_vm_args(args: &[String]) -> bool {
     let args = match args.last().map(String::as_str) {
         Some("--json-errors") => &args[..args.len() - 1],
@@ -94,7 +94,6 @@ fn allowed_vm_args(args: &[String]) -> bool {
                     .bytes()
                     .all(|b| b.is_ascii_graphic() && !b"'\"\\`$;&|<>(){}*?!#~".contains(&b))
         }
-        [image, list] => image == "image" && list == "list",
         _ => false,
     }
 }
@@ -115,7 +114,11 @@ pub fn vm(args: &[String]) -> std::process::ExitCode {
     };
     let (host, rest) = match args {
         [flag, host, rest @ ..] if flag == "--host" => (host, rest),
-        _ => return refuse("usage: contractor-host vm --host HOST (check [--uri URI] | image list) [--json-errors]".into()),
+        _ => {
+            return refuse(
+                "usage: contractor-host vm --host HOST check [--uri URI] [--json-errors]".into(),
+            )
+        }
     };
     let host = match BuildHost::parse(host) {
         Ok(host) => host,
@@ -127,7 +130,7 @@ pub fn vm(args: &[String]) -> std::process::ExitCode {
     };
     if !allowed_vm_args(rest) {
         return refuse(format!(
-            "{rest:?}: only `check [--uri URI]` and `image list` are run on a build host"
+            "{rest:?}: only `check [--uri URI]` is run on a build host"
         ));
     }
     let mut remote = vec!["contractor-vm"];
@@ -158,7 +161,7 @@ mod tests {
             "--uri",
             "qemu:///session"
         ])));
-        assert!(allowed_vm_args(&args(&["image", "list", "--json-errors"])));
+        assert!(!allowed_vm_args(&args(&["image", "list", "--json-errors"])));
         assert!(!allowed_vm_args(&args(&["destroy", "x"])));
         assert!(!allowed_vm_args(&args(&["check", "--uri", "x;rm -rf ~"])));
         assert!(!allowed_vm_args(&args(&[])));

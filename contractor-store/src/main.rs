@@ -8,7 +8,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
@@ -648,25 +648,7 @@ fn record(command: RecordCommand) -> std::process::ExitCode {
                 }
             }
         }
-        RecordCommand::Open { root, id, owner } => {
-            // An abandoned record is closed before a new one opens; a store that cannot
-            // close them still opens the build's (said on stderr).
-            if let Err(e) = contractor_store::records::close_abandoned(&root, SystemTime::now()) {
-                let e = anyhow::Error::new(e);
-                eprintln!("contractor-store: warning: cannot close abandoned records: {e:#}");
-            }
-            match contractor_store::opening::open(&root, id.as_deref(), owner) {
-                Ok(opened) => print_json(&RecordOpened::new(opened.id, opened.dir)),
-                Err(e) => {
-                    let exit = if e.is_bad_input() {
-                        ExitCode::BadInput
-                    } else {
-                        ExitCode::Infrastructure
-                    };
-                    fail(exit, e.code(), &anyhow::Error::new(e))
-                }
-            }
-        }
+        RecordCommand::Open { root, id, owner } => open_record(&root, id.as_deref(), owner),
         RecordCommand::List { root } => read_record(&root, |root, out| {
             let (entries, left_out) = reading::list(root)?;
             write_line(out, &RecordList::new(entries.len() as u64, left_out))?;
@@ -684,17 +666,7 @@ fn record(command: RecordCommand) -> std::process::ExitCode {
             reading: Reading { root, build },
             console,
         } => read_record(&root, |root, out| {
-            let (header, mut body) = reading::log(root, build.as_deref(), console)?;
-            write_line(out, &header)?;
-            let copied = std::io::copy(&mut body, out).context("cannot write stdout")?;
-            if copied != header.bytes {
-                anyhow::bail!(
-                    "{} ended after {copied} of its {} bytes",
-                    header.path.display(),
-                    header.bytes
-                );
-            }
-            Ok(())
+            copy_log(root, build.as_deref(), console, out)
         }),
         RecordCommand::CloseAbandoned { root } => {
             match contractor_store::records::close_abandoned(&root, SystemTime::now()) {
@@ -707,6 +679,46 @@ fn record(command: RecordCommand) -> std::process::ExitCode {
             }
         }
     }
+}
+
+/// `record open`: closes the abandoned records first (a store that cannot still opens the
+/// build's, saying so on stderr), then opens a new one owned by `owner`.
+fn open_record(root: &Path, id: Option<&str>, owner: u32) -> std::process::ExitCode {
+    if let Err(e) = contractor_store::records::close_abandoned(root, SystemTime::now()) {
+        let e = anyhow::Error::new(e);
+        eprintln!("contractor-store: warning: cannot close abandoned records: {e:#}");
+    }
+    match contractor_store::opening::open(root, id, owner) {
+        Ok(opened) => print_json(&RecordOpened::new(opened.id, opened.dir)),
+        Err(e) => {
+            let exit = if e.is_bad_input() {
+                ExitCode::BadInput
+            } else {
+                ExitCode::Infrastructure
+            };
+            fail(exit, e.code(), &anyhow::Error::new(e))
+        }
+    }
+}
+
+/// `record log`: its header line, then exactly the bytes it announces.
+fn copy_log(
+    root: &Path,
+    build: Option<&str>,
+    console: bool,
+    out: &mut std::io::StdoutLock<'static>,
+) -> anyhow::Result<()> {
+    let (header, mut body) = reading::log(root, build, console)?;
+    write_line(out, &header)?;
+    let copied = std::io::copy(&mut body, out).context("cannot write stdout")?;
+    if copied != header.bytes {
+        anyhow::bail!(
+            "{} ended after {copied} of its {} bytes",
+            header.path.display(),
+            header.bytes
+        );
+    }
+    Ok(())
 }
 
 /// `record list|show|downloads|log`: confines this process to `ROOT/builds/`, read-only,

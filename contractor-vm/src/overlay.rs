@@ -76,6 +76,14 @@ pub enum OverlayError {
         /// What it printed on stderr.
         stderr: String,
     },
+    /// `qemu-img` or `mke2fs` printed more than [`MAX_OUTPUT_BYTES`] on stdout.
+    #[error("`{command}` printed more than {limit} bytes (is the image damaged or hostile?)")]
+    Output {
+        /// The command line.
+        command: String,
+        /// The limit.
+        limit: u64,
+    },
     /// `qemu-img info` printed something unexpected.
     #[error("cannot read `qemu-img info` output for {}", path.display())]
     Info {
@@ -123,33 +131,38 @@ pub struct ImageInfo {
     pub virtual_size: u64,
 }
 
+/// The most of a program's stdout that is read: 4 MiB (`qemu-img info` of a chain of
+/// [`MAX_BACKING_CHAIN`] layers is a few KiB, more with many internal snapshots); a program
+/// that prints more is an error.
+pub const MAX_OUTPUT_BYTES: u64 = 4 << 20;
+
+/// Runs `qemu-img` or `mke2fs` and returns its stdout, at most [`MAX_OUTPUT_BYTES`] of it,
+/// through the image tools' bounded runner (its error keeps the last lines of stderr): an
+/// image file is the user's input (`contractor image import`), and what a program prints
+/// about it must not grow this process without bound.
 fn run(command: &mut Command) -> Result<Vec<u8>, OverlayError> {
-    let output = command.output().map_err(|source| {
-        let program = command.get_program().to_string_lossy().into_owned();
-        let package = if program == "mke2fs" {
-            "e2fsprogs"
-        } else {
-            "qemu-utils"
-        };
-        OverlayError::Spawn {
+    use crate::image::ImageError;
+    let program = command.get_program().to_string_lossy().into_owned();
+    crate::image::tool::bytes(command, MAX_OUTPUT_BYTES).map_err(|err| match err {
+        ImageError::TooMuchOutput { command, limit } => OverlayError::Output { command, limit },
+        ImageError::Tool { command, detail } => OverlayError::QemuImg {
+            command,
+            stderr: detail.trim().to_owned(),
+        },
+        ImageError::Spawn { source, .. } => OverlayError::Spawn {
+            package: if program == "mke2fs" {
+                "e2fsprogs"
+            } else {
+                "qemu-utils"
+            },
             program,
-            package,
             source,
-        }
-    })?;
-    if output.status.success() {
-        Ok(output.stdout)
-    } else {
-        let line = std::iter::once(command.get_program())
-            .chain(command.get_args())
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ");
-        Err(OverlayError::QemuImg {
-            command: line,
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        })
-    }
+        },
+        other => OverlayError::QemuImg {
+            command: program,
+            stderr: other.to_string(),
+        },
+    })
 }
 
 /// Reads an image's format and virtual size (`qemu-img info -U`, so an image in use by
@@ -437,6 +450,38 @@ pub fn delete_overlay(path: &Path, name: &str) -> Result<bool, OverlayError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_program_that_prints_too_much_is_stopped_and_named() {
+        let mut flood = Command::new("sh");
+        flood.args(["-c", "head -c 5000000 /dev/zero"]);
+        match run(&mut flood) {
+            Err(OverlayError::Output { command, limit }) => {
+                assert_eq!(limit, MAX_OUTPUT_BYTES);
+                assert!(command.starts_with("sh -c head -c 5000000"), "{command}");
+            }
+            other => panic!(
+                "expected an output error, got {:?}",
+                other.map(|out| out.len())
+            ),
+        }
+    }
+
+    #[test]
+    fn a_failing_program_s_stderr_is_kept_only_up_to_its_bound() {
+        let mut noisy = Command::new("sh");
+        noisy.args([
+            "-c",
+            "echo start >&2; head -c 1000000 /dev/zero | tr '\\0' x >&2; exit 1",
+        ]);
+        match run(&mut noisy) {
+            Err(OverlayError::QemuImg { stderr, .. }) => {
+                assert!(stderr.contains("xxx"), "{}", &stderr[..20]);
+                assert!(stderr.len() < 100_000, "{}", stderr.len());
+            }
+            other => panic!("expected a failure, got {:?}", other.map(|out| out.len())),
+        }
+    }
 
     #[test]
     fn deletes_only_files_named_after_the_vm() {

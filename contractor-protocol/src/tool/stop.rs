@@ -32,8 +32,12 @@ pub fn stop_child(child: &mut Child) {
     let _ = stop_within(child, STOP_GRACE);
 }
 
-/// SIGTERM, then wait for at most `grace`; then SIGKILL.
+/// SIGTERM, then wait for at most `grace`; then SIGKILL. A child already reaped is not
+/// signalled: its pid may be another process's by now.
 fn stop_within(child: &mut Child, grace: Duration) -> std::io::Result<ExitStatus> {
+    if let Some(status) = child.try_wait()? {
+        return Ok(status);
+    }
     let _ = kill(child_pid(child), Signal::SIGTERM);
     kill_after(child, grace)
 }

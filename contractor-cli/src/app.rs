@@ -669,7 +669,7 @@ fn run_build(
         fail(BuildCode::BadSpec.as_str(), chain);
         return ExitCode::BadInput;
     }
-    let spec = match overrides.load(file) {
+    let spec = match overrides.load(file, &spec::imported_images()) {
         Ok(spec) => spec,
         Err(err) => {
             fail(BuildCode::BadSpec.as_str(), vec![err.to_string()]);
@@ -1453,15 +1453,8 @@ fn show_build(file: &Path, id: Option<&str>) -> Result<(), Failure> {
 /// refused, added to the spec `file` once shown and confirmed.
 fn allow_hosts(file: &Path, hosts: &[String], from_last: bool, yes: bool) -> Result<(), Failure> {
     use crate::allow::{self, AllowError};
-    let text = allow::read_spec(file).map_err(Failure::input)?;
-    let spec = spec::parse_installed(file, &text).map_err(Failure::input)?;
-    let mut candidates = Vec::new();
-    for host in hosts {
-        if !spec::is_allow_rule(&host.to_ascii_lowercase()) {
-            return Err(Failure::input(AllowError::BadHost(host.clone())));
-        }
-        candidates.push(host.clone());
-    }
+    let edit = allow::Edit::open(file, hosts, &spec::imported_images()).map_err(Failure::input)?;
+    let mut candidates = hosts.to_vec();
     if from_last {
         let record = records::show(&store_of(file), None).map_err(Failure::record)?;
         let Some(result) = &record.result else {
@@ -1474,7 +1467,7 @@ fn allow_hosts(file: &Path, hosts: &[String], from_last: bool, yes: bool) -> Res
         );
         candidates.extend(result.refused_hosts.iter().take(allow::MAX_HOSTS).cloned());
     }
-    let (fresh, rejected) = allow::new_hosts(&spec.allow, &candidates);
+    let (fresh, rejected) = allow::new_hosts(&edit.allowed, &candidates);
     if !rejected.is_empty() {
         eprintln!(
             "contractor: left out, not host names: {}",
@@ -1488,10 +1481,9 @@ fn allow_hosts(file: &Path, hosts: &[String], from_last: bool, yes: bool) -> Res
         );
         return Ok(());
     }
-    let new = allow::edited(file, &text, &fresh).map_err(Failure::input)?;
-    spec::parse_installed(file, &new).map_err(|e| Failure::input(AllowError::Invalid(e)))?;
+    let new = edit.with(&fresh).map_err(Failure::input)?;
     eprintln!("contractor: {}:", escape_path(file));
-    for line in allow::diff(&text, &new).lines() {
+    for line in edit.diff(&new).lines() {
         eprintln!("{}", escape(line));
     }
     if !yes {

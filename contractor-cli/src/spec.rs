@@ -7,7 +7,7 @@ pub use contractor_spec::spec::*;
 
 /// The names of the images imported here; none when contractor-vm cannot list them (then
 /// only the built images are valid names).
-fn imported_images() -> Vec<String> {
+pub fn imported_images() -> Vec<String> {
     crate::image::list()
         .unwrap_or_default()
         .into_iter()

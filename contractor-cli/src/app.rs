@@ -43,9 +43,8 @@ or no kept VM, 3 the VM could not be reached."
     Shell {
         /// The build whose kept VM to enter (default: a fresh VM).
         id: Option<String>,
-        /// The project's spec file (the project is its directory).
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
         /// libvirt connection URI for a fresh VM (default as for `build`).
         #[arg(long)]
         uri: Option<String>,
@@ -53,9 +52,8 @@ or no kept VM, 3 the VM could not be reached."
     /// List the builds of this project: id, start, result, duration.
     #[command(after_help = "Example:\n  contractor builds")]
     Builds {
-        /// The project's spec file (the project is its directory).
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
     },
     /// Print the public key (PEM, SubjectPublicKeyInfo) that signs builds' provenance,
     /// making the key (the data directory's `signing-key`, mode 0600) on first use.
@@ -79,9 +77,8 @@ Exit codes: 0 verified, 1 does not verify (what differs is named), 2 bad input."
         /// The signer's public key (PEM); default: this user's key (`contractor key`).
         #[arg(long = "key")]
         key: Option<PathBuf>,
-        /// The project's spec file (the project is its directory).
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
     },
     /// Build a recorded build's own source again in a fresh VM from the same image,
     /// offline (every download from the download cache by the SHA-256 its statement
@@ -110,9 +107,8 @@ changed, the recorded image gone or changed without --any-image), 3 infrastructu
         /// Boot the VM cold instead of restoring a saved builder.
         #[arg(long)]
         cold: bool,
-        /// The project's spec file (the project is its directory).
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
     },
     /// Show a build's result: outcome, log, artifacts with sha256, refused hosts.
     #[command(
@@ -121,21 +117,20 @@ changed, the recorded image gone or changed without --any-image), 3 infrastructu
     Show {
         /// Build id (default: the newest).
         id: Option<String>,
-        /// The project's spec file (the project is its directory).
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
     },
-    /// Pin what a successful build downloaded: write contractor.lock (URL → SHA-256 of
-    /// every complete GET answered 200), which later builds must then match byte for byte.
+    /// Pin what a successful build downloaded: write contractor.lock beside the spec (URL →
+    /// SHA-256 of every complete GET answered 200), which later builds must then match byte
+    /// for byte.
     #[command(
         after_help = "Example:\n  contractor build && contractor pin      # the newest build\n  contractor pin 20261125-141502-3fa2c1"
     )]
     Pin {
         /// Build id (default: the newest).
         id: Option<String>,
-        /// The project's spec file (the lock is written beside it).
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
     },
     /// List what a build downloaded through its proxy: status, size, SHA-256 and URL of
     /// each response (downloads.jsonl of its record).
@@ -149,9 +144,8 @@ changed, the recorded image gone or changed without --any-image), 3 infrastructu
         /// store: a damaged line and the cut marker are left out).
         #[arg(long)]
         json: bool,
-        /// The project's spec file (the project is its directory).
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
     },
     /// Print a build's log (or, with --console, its VM's serial console).
     #[command(
@@ -163,9 +157,8 @@ changed, the recorded image gone or changed without --any-image), 3 infrastructu
         /// Print the VM's serial console instead of the build's output.
         #[arg(long)]
         console: bool,
-        /// The project's spec file (the project is its directory).
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
     },
     /// Check everything a build needs, and say how to fix each problem.
     #[command(
@@ -182,17 +175,15 @@ changed, the recorded image gone or changed without --any-image), 3 infrastructu
     },
     /// List the build hosts (`--host`, else those of ~/.config/contractor/config.toml) with
     /// their room for this project's build and the Contractor VMs running there.
-    #[command(
-        after_help = "Example:\n  contractor hosts\n\nExit codes: 0 a host answered (or none is configured), 2 a bad host or contractor.toml, 3 no host answered."
-    )]
+    #[command(after_help = "Example:\n  contractor hosts\n\n\
+Room is counted for builds of the spec's shape (`[vm] cpus`, `memory`; 2 CPUs, 2 GiB when\n\
+the file is missing).\n\nExit codes: 0 a host answered (or none is configured), 2 a bad host or contractor.toml, 3 no host answered.")]
     Hosts {
         /// List this build host ([ssh://][user@]host[:port]; repeat for more) instead.
         #[arg(long = "host", value_name = "HOST")]
         hosts: Vec<String>,
-        /// The spec whose build's shape (`[vm] cpus`, `memory`) room is counted for
-        /// (default: 2 CPUs, 2 GiB when the file is missing).
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
     },
     /// Write a commented contractor.toml for the project in this directory.
     #[command(after_help = "Example:\n  cd my-project && contractor init && contractor build")]
@@ -219,19 +210,33 @@ changed, the recorded image gone or changed without --any-image), 3 infrastructu
         /// Write the change without asking (needed when stdin is not a terminal).
         #[arg(long)]
         yes: bool,
-        /// The project's spec file.
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
     },
+}
+
+/// `-f/--file`, the same in every command that reads a project.
+#[derive(clap::Args)]
+struct SpecFile {
+    /// The project's spec file (the project is its directory).
+    #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
+    file: PathBuf,
+}
+
+impl std::ops::Deref for SpecFile {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.file
+    }
 }
 
 /// `contractor build`'s flags, as given; [`build_command`] turns them into one checked
 /// [`BuildOptions`] and the display mode.
 #[derive(clap::Args)]
 struct BuildArgs {
-    /// The spec file.
-    #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-    file: PathBuf,
+    #[command(flatten)]
+    file: SpecFile,
     /// libvirt connection URI (default: qemu:///system as root, qemu:///session otherwise;
     /// or $CONTRACTOR_LIBVIRT_URI).
     #[arg(long)]
@@ -296,9 +301,8 @@ enum CacheCommand {
     /// List the project's caches: size, the build that saved it, the paths it holds.
     #[command(after_help = "Example:\n  contractor cache list")]
     List {
-        /// The project's spec file (the project is its directory).
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
     },
     /// Delete the project's caches; the next build starts without one. With --downloads,
     /// empty the download cache all builds share instead.
@@ -306,9 +310,8 @@ enum CacheCommand {
         after_help = "Examples:\n  contractor cache clear\n  contractor cache clear --downloads"
     )]
     Clear {
-        /// The project's spec file (the project is its directory).
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
         /// Empty the download cache (every build's downloads by SHA-256) instead.
         #[arg(long)]
         downloads: bool,
@@ -1660,5 +1663,29 @@ mod tests {
         // What `--json` prints and `pin` reads: the typed lines, one each.
         let lines = download_lines(&[download(line), download(hostile)]);
         assert_eq!(lines.split(|b| *b == b'\n').count(), 3);
+    }
+
+    #[test]
+    fn every_command_that_reads_a_project_takes_the_same_file_flag() {
+        use clap::CommandFactory;
+        fn file_flags(command: &clap::Command, found: &mut Vec<(String, String, String)>) {
+            for arg in command.get_arguments().filter(|a| a.get_id() == "file") {
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                let default = format!("{:?}", arg.get_default_values());
+                let flags = format!("{:?} {:?}", arg.get_short(), arg.get_long());
+                found.push((help, default, flags));
+            }
+            for sub in command.get_subcommands() {
+                file_flags(sub, found);
+            }
+        }
+        let mut found = Vec::new();
+        file_flags(&Cli::command(), &mut found);
+        assert_eq!(found.len(), 13, "{found:?}");
+        assert!(found.iter().all(|f| f == &found[0]), "{found:#?}");
+        assert_eq!(
+            found[0].0,
+            "The project's spec file (the project is its directory)"
+        );
     }
 }

@@ -5,7 +5,9 @@
 //! and written: the first spec of a project (`contractor init`), hosts added to its allow
 //! list with its comments and layout kept (`contractor allow`), the lock (`contractor pin`);
 //! and changed for one build by `contractor build`'s flags (`--script-file`, `--allow`,
-//! `--timeout`, `--no-artifacts`), each checked as the field it replaces.
+//! `--timeout`, `--no-artifacts`), each checked as the field it replaces. Beside them, the
+//! facts of the project directory a build needs: its store directory (`.contractor`,
+//! checked before a build writes into it) and its key on build hosts.
 //! Reading never follows a link and is bounded; an error names the file, the field and
 //! what is accepted.
 
@@ -16,4 +18,5 @@ pub mod external;
 pub mod init;
 pub mod lock;
 pub mod overrides;
+pub mod project;
 pub mod spec;

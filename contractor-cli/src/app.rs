@@ -590,41 +590,25 @@ fn list_hosts(given: &[String], file: &Path) -> ExitCode {
     }
 }
 
-/// `contractor build`: its flags made into the build's options, then [`run_build`].
+/// `contractor build`: its flags, the build hosts configured and contractor.toml made into
+/// one checked build ([`Checked::new`]), then [`run_build`].
 fn build_command(args: BuildArgs) -> std::process::ExitCode {
-    let overrides = crate::overrides::Overrides {
-        script_file: args.script_file,
-        allow: args.allow,
-        timeout: args.timeout,
-        no_artifacts: args.no_artifacts,
-    };
     let mode = match (args.quiet, args.json) {
         (_, true) => Mode::Json,
         (true, false) => Mode::Quiet,
         (false, false) => Mode::Auto,
     };
-    let options = BuildOptions {
-        id: args.id,
-        packed: args.packed_source.map(|tar| crate::build::PackedSource {
-            tar,
-            entries: args.source_entries.unwrap_or_default(),
-        }),
-        ..BuildOptions::new(
-            args.uri,
-            args.accel.into(),
-            args.keep.then_some(Keep::OnFailure),
-            !args.cold,
-            args.offline,
-        )
-    };
-    run_build(
-        &args.file,
-        options,
-        mode,
-        (&args.hosts, args.local),
-        &overrides,
-    )
-    .into()
+    match Checked::new(args) {
+        Ok(build) => run_build(build, mode).into(),
+        Err(problem) => {
+            fail(
+                mode == Mode::Json,
+                BuildCode::BadSpec.as_str(),
+                vec![problem],
+            );
+            ExitCode::BadInput.into()
+        }
+    }
 }
 
 /// `--id`'s value: a build id as the front end makes them.
@@ -637,79 +621,111 @@ fn parse_build_id(value: &str) -> Result<String, String> {
     }
 }
 
-/// `contractor build`: with `hosts` the `--host` options and `--local`.
-fn run_build(
-    file: &std::path::Path,
+/// A build as `contractor build`'s flags ask for it, checked in one place against each
+/// other, the build hosts configured and the spec (ripgrep's LowArgs→HiArgs: [`BuildArgs`]
+/// as given, this as used).
+struct Checked {
+    /// The spec file.
+    file: PathBuf,
+    /// The spec, with `--script-file`, `--allow`, `--timeout` and `--no-artifacts` applied.
+    spec: spec::BuildSpec,
+    /// The build's options.
     options: BuildOptions,
-    mode: Mode,
-    hosts: (&[String], bool),
-    overrides: &crate::overrides::Overrides,
-) -> ExitCode {
-    let json = mode == Mode::Json;
-    let fail = |code: &str, chain: Vec<String>| {
-        // JSON escapes what it carries; text goes to a terminal.
-        let chain = if json {
-            chain
-        } else {
-            chain.iter().map(|m| escape(m).into_owned()).collect()
+    /// The build hosts to choose from (`--host`'s, else none with `--local`, else the
+    /// configuration's); none builds here.
+    hosts: Vec<String>,
+}
+
+impl Checked {
+    /// Checks `args`; the error is the one message of a `bad_spec` failure (exit code 2).
+    fn new(args: BuildArgs) -> Result<Checked, String> {
+        let overrides = crate::overrides::Overrides {
+            script_file: args.script_file,
+            allow: args.allow,
+            timeout: args.timeout,
+            no_artifacts: args.no_artifacts,
         };
-        ErrorObject::report("contractor", ToolCode::parse(code), chain, json);
-    };
-    // `--host`'s, else none with `--local`, else the configuration's.
-    let hosts = match hosts.1 {
-        true => Ok(Vec::new()),
-        false => crate::remote::resolve(hosts.0).map(|(hosts, _)| hosts),
-    };
-    let hosts = match hosts {
-        Ok(hosts) => hosts,
-        Err(problem) => {
-            fail(BuildCode::BadSpec.as_str(), vec![problem]);
-            return ExitCode::BadInput;
+        let options = BuildOptions {
+            id: args.id,
+            packed: args.packed_source.map(|tar| crate::build::PackedSource {
+                tar,
+                entries: args.source_entries.unwrap_or_default(),
+            }),
+            ..BuildOptions::new(
+                args.uri,
+                args.accel.into(),
+                args.keep.then_some(Keep::OnFailure),
+                !args.cold,
+                args.offline,
+            )
+        };
+        let hosts = match args.local {
+            true => Vec::new(),
+            false => crate::remote::resolve(&args.hosts)?.0,
+        };
+        if !hosts.is_empty() && !overrides.is_empty() {
+            return Err("--script-file, --allow, --timeout and --no-artifacts apply to builds on this machine: add --local".to_string());
         }
-    };
-    if !hosts.is_empty() && !overrides.is_empty() {
-        let chain = vec!["--script-file, --allow, --timeout and --no-artifacts apply to builds on this machine: add --local".to_string()];
-        fail(BuildCode::BadSpec.as_str(), chain);
-        return ExitCode::BadInput;
-    }
-    let spec = match overrides.load(file, &spec::imported_images()) {
-        Ok(spec) => spec,
-        Err(err) => {
-            fail(BuildCode::BadSpec.as_str(), vec![err.to_string()]);
-            return ExitCode::BadInput;
+        let file = args.file.file;
+        let spec = overrides
+            .load(&file, &spec::imported_images())
+            .map_err(|err| err.to_string())?;
+        if options.offline && spec.lock.is_none() {
+            let lock = spec.project_dir.join(crate::lock::LOCK_FILE);
+            return Err(format!(
+                "--offline builds from the downloads {} pins, and there is no such file; build \
+                 once with the network, then `contractor pin`",
+                lock.display()
+            ));
         }
+        if !hosts.is_empty() && options.keep.is_some() {
+            return Err("--keep keeps the VM for `contractor shell`, which reaches only VMs on this machine: build with --local".to_string());
+        }
+        Ok(Checked {
+            file,
+            spec,
+            options,
+            hosts,
+        })
+    }
+}
+
+/// Reports a failure of `contractor build` before or instead of its result: one error
+/// object, as JSON with `json`, else as text (escaped: it goes to a terminal).
+fn fail(json: bool, code: &str, chain: Vec<String>) {
+    let chain = if json {
+        chain
+    } else {
+        chain.iter().map(|m| escape(m).into_owned()).collect()
     };
-    if options.offline && spec.lock.is_none() {
-        let lock = spec.project_dir.join(crate::lock::LOCK_FILE);
-        let chain = vec![format!(
-            "--offline builds from the downloads {} pins, and there is no such file; build once \
-             with the network, then `contractor pin`",
-            lock.display()
-        )];
-        fail(BuildCode::BadSpec.as_str(), chain);
-        return ExitCode::BadInput;
-    }
-    if !hosts.is_empty() && options.keep.is_some() {
-        let chain = vec!["--keep keeps the VM for `contractor shell`, which reaches only VMs on this machine: build with --local".to_string()];
-        fail(BuildCode::BadSpec.as_str(), chain);
-        return ExitCode::BadInput;
-    }
+    ErrorObject::report("contractor", ToolCode::parse(code), chain, json);
+}
+
+/// `contractor build` of a checked build, shown in `mode`.
+fn run_build(build: Checked, mode: Mode) -> ExitCode {
+    let Checked {
+        file,
+        spec,
+        options,
+        hosts,
+    } = build;
+    let json = mode == Mode::Json;
     let chosen = match hosts.is_empty() {
         true => None,
         false => {
             match crate::remote::choose(&hosts, spec.cpus, spec.memory_mib, mode != Mode::Quiet) {
                 Ok(taken) => Some(taken),
                 Err(chain) => {
-                    fail(BuildCode::BuildHost.as_str(), chain);
+                    fail(json, BuildCode::BuildHost.as_str(), chain);
                     return ExitCode::Infrastructure;
                 }
             }
         }
     };
-    let report = match build_here(&spec, &options, mode, chosen.map(|s| (s, file))) {
+    let report = match build_here(&spec, &options, mode, chosen.map(|s| (s, file.as_path()))) {
         Ok(report) => report,
         Err((code, chain, exit)) => {
-            fail(code, chain);
+            fail(json, code, chain);
             return exit;
         }
     };
@@ -726,7 +742,7 @@ fn run_build(
     if json || (mode == Mode::Quiet && result.outcome == Outcome::Success) {
         return result.outcome.exit_code();
     }
-    print_summary(result, &spec, file);
+    print_summary(result, &spec, &file);
     result.outcome.exit_code()
 }
 

@@ -20,8 +20,3 @@ pub fn imported_images() -> Vec<String> {
 pub fn load(path: &Path) -> Result<BuildSpec, SpecError> {
     load_with_images(path, &imported_images())
 }
-
-/// Parses and checks spec text as [`load`] does (imported images are valid names).
-pub fn parse_installed(path: &Path, text: &str) -> Result<BuildSpec, SpecError> {
-    parse_with_images(path, text, &imported_images())
-}

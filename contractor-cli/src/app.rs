@@ -43,9 +43,8 @@ or no kept VM, 3 the VM could not be reached."
     Shell {
         /// The build whose kept VM to enter (default: a fresh VM).
         id: Option<String>,
-        /// The project's spec file (the project is its directory).
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
         /// libvirt connection URI for a fresh VM (default as for `build`).
         #[arg(long)]
         uri: Option<String>,
@@ -53,9 +52,8 @@ or no kept VM, 3 the VM could not be reached."
     /// List the builds of this project: id, start, result, duration.
     #[command(after_help = "Example:\n  contractor builds")]
     Builds {
-        /// The project's spec file (the project is its directory).
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
     },
     /// Print the public key (PEM, SubjectPublicKeyInfo) that signs builds' provenance,
     /// making the key (the data directory's `signing-key`, mode 0600) on first use.
@@ -79,9 +77,8 @@ Exit codes: 0 verified, 1 does not verify (what differs is named), 2 bad input."
         /// The signer's public key (PEM); default: this user's key (`contractor key`).
         #[arg(long = "key")]
         key: Option<PathBuf>,
-        /// The project's spec file (the project is its directory).
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
     },
     /// Build a recorded build's own source again in a fresh VM from the same image,
     /// offline (every download from the download cache by the SHA-256 its statement
@@ -110,9 +107,8 @@ changed, the recorded image gone or changed without --any-image), 3 infrastructu
         /// Boot the VM cold instead of restoring a saved builder.
         #[arg(long)]
         cold: bool,
-        /// The project's spec file (the project is its directory).
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
     },
     /// Show a build's result: outcome, log, artifacts with sha256, refused hosts.
     #[command(
@@ -121,21 +117,20 @@ changed, the recorded image gone or changed without --any-image), 3 infrastructu
     Show {
         /// Build id (default: the newest).
         id: Option<String>,
-        /// The project's spec file (the project is its directory).
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
     },
-    /// Pin what a successful build downloaded: write contractor.lock (URL → SHA-256 of
-    /// every complete GET answered 200), which later builds must then match byte for byte.
+    /// Pin what a successful build downloaded: write contractor.lock beside the spec (URL →
+    /// SHA-256 of every complete GET answered 200), which later builds must then match byte
+    /// for byte.
     #[command(
         after_help = "Example:\n  contractor build && contractor pin      # the newest build\n  contractor pin 20261125-141502-3fa2c1"
     )]
     Pin {
         /// Build id (default: the newest).
         id: Option<String>,
-        /// The project's spec file (the lock is written beside it).
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
     },
     /// List what a build downloaded through its proxy: status, size, SHA-256 and URL of
     /// each response (downloads.jsonl of its record).
@@ -149,9 +144,8 @@ changed, the recorded image gone or changed without --any-image), 3 infrastructu
         /// store: a damaged line and the cut marker are left out).
         #[arg(long)]
         json: bool,
-        /// The project's spec file (the project is its directory).
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
     },
     /// Print a build's log (or, with --console, its VM's serial console).
     #[command(
@@ -163,9 +157,8 @@ changed, the recorded image gone or changed without --any-image), 3 infrastructu
         /// Print the VM's serial console instead of the build's output.
         #[arg(long)]
         console: bool,
-        /// The project's spec file (the project is its directory).
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
     },
     /// Check everything a build needs, and say how to fix each problem.
     #[command(
@@ -182,17 +175,15 @@ changed, the recorded image gone or changed without --any-image), 3 infrastructu
     },
     /// List the build hosts (`--host`, else those of ~/.config/contractor/config.toml) with
     /// their room for this project's build and the Contractor VMs running there.
-    #[command(
-        after_help = "Example:\n  contractor hosts\n\nExit codes: 0 a host answered (or none is configured), 2 a bad host or contractor.toml, 3 no host answered."
-    )]
+    #[command(after_help = "Example:\n  contractor hosts\n\n\
+Room is counted for builds of the spec's shape (`[vm] cpus`, `memory`; 2 CPUs, 2 GiB when\n\
+the file is missing).\n\nExit codes: 0 a host answered (or none is configured), 2 a bad host or contractor.toml, 3 no host answered.")]
     Hosts {
         /// List this build host ([ssh://][user@]host[:port]; repeat for more) instead.
         #[arg(long = "host", value_name = "HOST")]
         hosts: Vec<String>,
-        /// The spec whose build's shape (`[vm] cpus`, `memory`) room is counted for
-        /// (default: 2 CPUs, 2 GiB when the file is missing).
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
     },
     /// Write a commented contractor.toml for the project in this directory.
     #[command(after_help = "Example:\n  cd my-project && contractor init && contractor build")]
@@ -219,19 +210,33 @@ changed, the recorded image gone or changed without --any-image), 3 infrastructu
         /// Write the change without asking (needed when stdin is not a terminal).
         #[arg(long)]
         yes: bool,
-        /// The project's spec file.
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
     },
+}
+
+/// `-f/--file`, the same in every command that reads a project.
+#[derive(clap::Args)]
+struct SpecFile {
+    /// The project's spec file (the project is its directory).
+    #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
+    file: PathBuf,
+}
+
+impl std::ops::Deref for SpecFile {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.file
+    }
 }
 
 /// `contractor build`'s flags, as given; [`build_command`] turns them into one checked
 /// [`BuildOptions`] and the display mode.
 #[derive(clap::Args)]
 struct BuildArgs {
-    /// The spec file.
-    #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-    file: PathBuf,
+    #[command(flatten)]
+    file: SpecFile,
     /// libvirt connection URI (default: qemu:///system as root, qemu:///session otherwise;
     /// or $CONTRACTOR_LIBVIRT_URI).
     #[arg(long)]
@@ -296,9 +301,8 @@ enum CacheCommand {
     /// List the project's caches: size, the build that saved it, the paths it holds.
     #[command(after_help = "Example:\n  contractor cache list")]
     List {
-        /// The project's spec file (the project is its directory).
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
     },
     /// Delete the project's caches; the next build starts without one. With --downloads,
     /// empty the download cache all builds share instead.
@@ -306,9 +310,8 @@ enum CacheCommand {
         after_help = "Examples:\n  contractor cache clear\n  contractor cache clear --downloads"
     )]
     Clear {
-        /// The project's spec file (the project is its directory).
-        #[arg(short = 'f', long = "file", default_value = "contractor.toml")]
-        file: PathBuf,
+        #[command(flatten)]
+        file: SpecFile,
         /// Empty the download cache (every build's downloads by SHA-256) instead.
         #[arg(long)]
         downloads: bool,
@@ -587,41 +590,25 @@ fn list_hosts(given: &[String], file: &Path) -> ExitCode {
     }
 }
 
-/// `contractor build`: its flags made into the build's options, then [`run_build`].
+/// `contractor build`: its flags, the build hosts configured and contractor.toml made into
+/// one checked build ([`Checked::new`]), then [`run_build`].
 fn build_command(args: BuildArgs) -> std::process::ExitCode {
-    let overrides = crate::overrides::Overrides {
-        script_file: args.script_file,
-        allow: args.allow,
-        timeout: args.timeout,
-        no_artifacts: args.no_artifacts,
-    };
     let mode = match (args.quiet, args.json) {
         (_, true) => Mode::Json,
         (true, false) => Mode::Quiet,
         (false, false) => Mode::Auto,
     };
-    let options = BuildOptions {
-        id: args.id,
-        packed: args.packed_source.map(|tar| crate::build::PackedSource {
-            tar,
-            entries: args.source_entries.unwrap_or_default(),
-        }),
-        ..BuildOptions::new(
-            args.uri,
-            args.accel.into(),
-            args.keep.then_some(Keep::OnFailure),
-            !args.cold,
-            args.offline,
-        )
-    };
-    run_build(
-        &args.file,
-        options,
-        mode,
-        (&args.hosts, args.local),
-        &overrides,
-    )
-    .into()
+    match Checked::new(args) {
+        Ok(build) => run_build(build, mode).into(),
+        Err(problem) => {
+            fail(
+                mode == Mode::Json,
+                BuildCode::BadSpec.as_str(),
+                vec![problem],
+            );
+            ExitCode::BadInput.into()
+        }
+    }
 }
 
 /// `--id`'s value: a build id as the front end makes them.
@@ -634,79 +621,111 @@ fn parse_build_id(value: &str) -> Result<String, String> {
     }
 }
 
-/// `contractor build`: with `hosts` the `--host` options and `--local`.
-fn run_build(
-    file: &std::path::Path,
+/// A build as `contractor build`'s flags ask for it, checked in one place against each
+/// other, the build hosts configured and the spec (ripgrep's LowArgs→HiArgs: [`BuildArgs`]
+/// as given, this as used).
+struct Checked {
+    /// The spec file.
+    file: PathBuf,
+    /// The spec, with `--script-file`, `--allow`, `--timeout` and `--no-artifacts` applied.
+    spec: spec::BuildSpec,
+    /// The build's options.
     options: BuildOptions,
-    mode: Mode,
-    hosts: (&[String], bool),
-    overrides: &crate::overrides::Overrides,
-) -> ExitCode {
-    let json = mode == Mode::Json;
-    let fail = |code: &str, chain: Vec<String>| {
-        // JSON escapes what it carries; text goes to a terminal.
-        let chain = if json {
-            chain
-        } else {
-            chain.iter().map(|m| escape(m).into_owned()).collect()
+    /// The build hosts to choose from (`--host`'s, else none with `--local`, else the
+    /// configuration's); none builds here.
+    hosts: Vec<String>,
+}
+
+impl Checked {
+    /// Checks `args`; the error is the one message of a `bad_spec` failure (exit code 2).
+    fn new(args: BuildArgs) -> Result<Checked, String> {
+        let overrides = crate::overrides::Overrides {
+            script_file: args.script_file,
+            allow: args.allow,
+            timeout: args.timeout,
+            no_artifacts: args.no_artifacts,
         };
-        ErrorObject::report("contractor", ToolCode::parse(code), chain, json);
-    };
-    // `--host`'s, else none with `--local`, else the configuration's.
-    let hosts = match hosts.1 {
-        true => Ok(Vec::new()),
-        false => crate::remote::resolve(hosts.0).map(|(hosts, _)| hosts),
-    };
-    let hosts = match hosts {
-        Ok(hosts) => hosts,
-        Err(problem) => {
-            fail(BuildCode::BadSpec.as_str(), vec![problem]);
-            return ExitCode::BadInput;
+        let options = BuildOptions {
+            id: args.id,
+            packed: args.packed_source.map(|tar| crate::build::PackedSource {
+                tar,
+                entries: args.source_entries.unwrap_or_default(),
+            }),
+            ..BuildOptions::new(
+                args.uri,
+                args.accel.into(),
+                args.keep.then_some(Keep::OnFailure),
+                !args.cold,
+                args.offline,
+            )
+        };
+        let hosts = match args.local {
+            true => Vec::new(),
+            false => crate::remote::resolve(&args.hosts)?.0,
+        };
+        if !hosts.is_empty() && !overrides.is_empty() {
+            return Err("--script-file, --allow, --timeout and --no-artifacts apply to builds on this machine: add --local".to_string());
         }
-    };
-    if !hosts.is_empty() && !overrides.is_empty() {
-        let chain = vec!["--script-file, --allow, --timeout and --no-artifacts apply to builds on this machine: add --local".to_string()];
-        fail(BuildCode::BadSpec.as_str(), chain);
-        return ExitCode::BadInput;
-    }
-    let spec = match overrides.load(file) {
-        Ok(spec) => spec,
-        Err(err) => {
-            fail(BuildCode::BadSpec.as_str(), vec![err.to_string()]);
-            return ExitCode::BadInput;
+        let file = args.file.file;
+        let spec = overrides
+            .load(&file, &spec::imported_images())
+            .map_err(|err| err.to_string())?;
+        if options.offline && spec.lock.is_none() {
+            let lock = spec.project_dir.join(crate::lock::LOCK_FILE);
+            return Err(format!(
+                "--offline builds from the downloads {} pins, and there is no such file; build \
+                 once with the network, then `contractor pin`",
+                lock.display()
+            ));
         }
+        if !hosts.is_empty() && options.keep.is_some() {
+            return Err("--keep keeps the VM for `contractor shell`, which reaches only VMs on this machine: build with --local".to_string());
+        }
+        Ok(Checked {
+            file,
+            spec,
+            options,
+            hosts,
+        })
+    }
+}
+
+/// Reports a failure of `contractor build` before or instead of its result: one error
+/// object, as JSON with `json`, else as text (escaped: it goes to a terminal).
+fn fail(json: bool, code: &str, chain: Vec<String>) {
+    let chain = if json {
+        chain
+    } else {
+        chain.iter().map(|m| escape(m).into_owned()).collect()
     };
-    if options.offline && spec.lock.is_none() {
-        let lock = spec.project_dir.join(crate::lock::LOCK_FILE);
-        let chain = vec![format!(
-            "--offline builds from the downloads {} pins, and there is no such file; build once \
-             with the network, then `contractor pin`",
-            lock.display()
-        )];
-        fail(BuildCode::BadSpec.as_str(), chain);
-        return ExitCode::BadInput;
-    }
-    if !hosts.is_empty() && options.keep.is_some() {
-        let chain = vec!["--keep keeps the VM for `contractor shell`, which reaches only VMs on this machine: build with --local".to_string()];
-        fail(BuildCode::BadSpec.as_str(), chain);
-        return ExitCode::BadInput;
-    }
+    ErrorObject::report("contractor", ToolCode::parse(code), chain, json);
+}
+
+/// `contractor build` of a checked build, shown in `mode`.
+fn run_build(build: Checked, mode: Mode) -> ExitCode {
+    let Checked {
+        file,
+        spec,
+        options,
+        hosts,
+    } = build;
+    let json = mode == Mode::Json;
     let chosen = match hosts.is_empty() {
         true => None,
         false => {
             match crate::remote::choose(&hosts, spec.cpus, spec.memory_mib, mode != Mode::Quiet) {
                 Ok(taken) => Some(taken),
                 Err(chain) => {
-                    fail(BuildCode::BuildHost.as_str(), chain);
+                    fail(json, BuildCode::BuildHost.as_str(), chain);
                     return ExitCode::Infrastructure;
                 }
             }
         }
     };
-    let report = match build_here(&spec, &options, mode, chosen.map(|s| (s, file))) {
+    let report = match build_here(&spec, &options, mode, chosen.map(|s| (s, file.as_path()))) {
         Ok(report) => report,
         Err((code, chain, exit)) => {
-            fail(code, chain);
+            fail(json, code, chain);
             return exit;
         }
     };
@@ -723,7 +742,7 @@ fn run_build(
     if json || (mode == Mode::Quiet && result.outcome == Outcome::Success) {
         return result.outcome.exit_code();
     }
-    print_summary(result, &spec, file);
+    print_summary(result, &spec, &file);
     result.outcome.exit_code()
 }
 
@@ -1453,15 +1472,8 @@ fn show_build(file: &Path, id: Option<&str>) -> Result<(), Failure> {
 /// refused, added to the spec `file` once shown and confirmed.
 fn allow_hosts(file: &Path, hosts: &[String], from_last: bool, yes: bool) -> Result<(), Failure> {
     use crate::allow::{self, AllowError};
-    let text = allow::read_spec(file).map_err(Failure::input)?;
-    let spec = spec::parse_installed(file, &text).map_err(Failure::input)?;
-    let mut candidates = Vec::new();
-    for host in hosts {
-        if !spec::is_allow_rule(&host.to_ascii_lowercase()) {
-            return Err(Failure::input(AllowError::BadHost(host.clone())));
-        }
-        candidates.push(host.clone());
-    }
+    let edit = allow::Edit::open(file, hosts, &spec::imported_images()).map_err(Failure::input)?;
+    let mut candidates = hosts.to_vec();
     if from_last {
         let record = records::show(&store_of(file), None).map_err(Failure::record)?;
         let Some(result) = &record.result else {
@@ -1474,7 +1486,7 @@ fn allow_hosts(file: &Path, hosts: &[String], from_last: bool, yes: bool) -> Res
         );
         candidates.extend(result.refused_hosts.iter().take(allow::MAX_HOSTS).cloned());
     }
-    let (fresh, rejected) = allow::new_hosts(&spec.allow, &candidates);
+    let (fresh, rejected) = allow::new_hosts(&edit.allowed, &candidates);
     if !rejected.is_empty() {
         eprintln!(
             "contractor: left out, not host names: {}",
@@ -1488,10 +1500,9 @@ fn allow_hosts(file: &Path, hosts: &[String], from_last: bool, yes: bool) -> Res
         );
         return Ok(());
     }
-    let new = allow::edited(file, &text, &fresh).map_err(Failure::input)?;
-    spec::parse_installed(file, &new).map_err(|e| Failure::input(AllowError::Invalid(e)))?;
+    let new = edit.with(&fresh).map_err(Failure::input)?;
     eprintln!("contractor: {}:", escape_path(file));
-    for line in allow::diff(&text, &new).lines() {
+    for line in edit.diff(&new).lines() {
         eprintln!("{}", escape(line));
     }
     if !yes {
@@ -1668,5 +1679,29 @@ mod tests {
         // What `--json` prints and `pin` reads: the typed lines, one each.
         let lines = download_lines(&[download(line), download(hostile)]);
         assert_eq!(lines.split(|b| *b == b'\n').count(), 3);
+    }
+
+    #[test]
+    fn every_command_that_reads_a_project_takes_the_same_file_flag() {
+        use clap::CommandFactory;
+        fn file_flags(command: &clap::Command, found: &mut Vec<(String, String, String)>) {
+            for arg in command.get_arguments().filter(|a| a.get_id() == "file") {
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                let default = format!("{:?}", arg.get_default_values());
+                let flags = format!("{:?} {:?}", arg.get_short(), arg.get_long());
+                found.push((help, default, flags));
+            }
+            for sub in command.get_subcommands() {
+                file_flags(sub, found);
+            }
+        }
+        let mut found = Vec::new();
+        file_flags(&Cli::command(), &mut found);
+        assert_eq!(found.len(), 13, "{found:?}");
+        assert!(found.iter().all(|f| f == &found[0]), "{found:#?}");
+        assert_eq!(
+            found[0].0,
+            "The project's spec file (the project is its directory)"
+        );
     }
 }

@@ -14,7 +14,7 @@ pub mod downloads;
 pub mod image;
 pub use contractor_spec::init;
 pub use contractor_spec::lock;
-pub mod overrides;
+pub use contractor_spec::overrides;
 pub mod paths;
 pub mod provenance;
 pub mod rebuild;

@@ -2,7 +2,7 @@
 //! XDG data directory (or /var/lib/contractor for root, so that libvirt's QEMU user can
 //! read them), and each project's build records in `<project>/.contractor/`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The data directory: `$CONTRACTOR_DATA_DIR`, else `/var/lib/contractor` for root, else
 /// `$XDG_DATA_HOME/contractor`, else `~/.local/share/contractor` (the same rule as
@@ -11,118 +11,10 @@ pub fn data_dir() -> Result<PathBuf, contractor_protocol::image::NoDataDir> {
     contractor_protocol::image::data_dir()
 }
 
-/// The store root of a project: its build records and artifacts.
-pub fn store_dir(project_dir: &Path) -> PathBuf {
-    project_dir.join(".contractor")
-}
-
-/// The directories of a project's store that Contractor writes into.
-const STORE_SUBDIRS: [&str; 2] = ["builds", "cache"];
-
-/// Why a project's store directory cannot be written.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreDirError {
-    /// The project ships something else than a directory of this user's there.
-    #[error(
-        "{path} is {what}: Contractor keeps its build records there and never follows a link \
-         or writes into what a project ships; remove it (`rm -r {path}`) and build again"
-    )]
-    NotOwnDirectory {
-        /// The path.
-        path: PathBuf,
-        /// What it is instead ("a symbolic link", "owned by uid 0", …).
-        what: String,
-    },
-    /// It could not be inspected.
-    #[error("cannot inspect {path}")]
-    Inspect {
-        /// The path.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// The store root of a project, checked before a build writes into it: `.contractor` and
-/// its `builds` and `cache` directories, where they exist, must be real directories (not
-/// links) owned by this user, so that a hostile project cannot point the build's record,
-/// cache or artifacts anywhere else on the host.
-pub fn checked_store_dir(project_dir: &Path) -> Result<PathBuf, StoreDirError> {
-    use std::os::unix::fs::MetadataExt;
-    let root = store_dir(project_dir);
-    let uid = nix::unistd::geteuid().as_raw();
-    let mut paths = vec![root.clone()];
-    paths.extend(STORE_SUBDIRS.iter().map(|sub| root.join(sub)));
-    for path in paths {
-        let meta = match std::fs::symlink_metadata(&path) {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(source) => return Err(StoreDirError::Inspect { path, source }),
-        };
-        let what = if !meta.is_dir() {
-            contractor_protocol::file::kind_name(meta.file_type()).to_string()
-        } else if meta.uid() != uid {
-            format!(
-                "a directory owned by uid {}, not by you (uid {uid})",
-                meta.uid()
-            )
-        } else {
-            continue;
-        };
-        return Err(StoreDirError::NotOwnDirectory { path, what });
-    }
-    Ok(root)
-}
+/// The project's store directory (`.contractor`), checked before a build writes into it,
+/// and its key on build hosts: facts about the project, which contractor-spec keeps.
+pub use contractor_spec::project::{checked_store_dir, project_key, store_dir, StoreDirError};
 
 /// Creates `dir` and its parents with mode 0755, so that libvirt's QEMU user can reach
 /// what is inside when it runs as another user.
 pub use contractor_protocol::file::create_dir_world_readable;
-
-/// The key of the project directory `dir` on build hosts: the same for every build of it
-/// from this machine, so that its build cache there is reused.
-pub fn project_key(dir: &Path) -> String {
-    let machine = std::fs::read("/etc/machine-id")
-        .or_else(|_| std::fs::read("/proc/sys/kernel/hostname"))
-        .unwrap_or_default();
-    use sha2::Digest;
-    let mut hash = sha2::Sha256::new();
-    hash.update(&machine);
-    hash.update([0]);
-    hash.update(dir.as_os_str().as_encoded_bytes());
-    hash.finalize()
-        .iter()
-        .take(16)
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_store_directory_shipped_as_a_link_is_refused_and_a_real_one_is_taken() {
-        let project = tempfile::tempdir().expect("tempdir");
-        assert_eq!(
-            checked_store_dir(project.path()).expect("no store yet"),
-            project.path().join(".contractor")
-        );
-        let elsewhere = tempfile::tempdir().expect("tempdir");
-        std::os::unix::fs::symlink(elsewhere.path(), project.path().join(".contractor"))
-            .expect("symlink");
-        let err = checked_store_dir(project.path()).expect_err("a link is refused");
-        assert!(err.to_string().contains("a symbolic link"), "{err}");
-
-        std::fs::remove_file(project.path().join(".contractor")).expect("rm");
-        std::fs::create_dir_all(project.path().join(".contractor")).expect("mkdir");
-        std::os::unix::fs::symlink(elsewhere.path(), project.path().join(".contractor/builds"))
-            .expect("symlink");
-        let err = checked_store_dir(project.path()).expect_err("a linked builds is refused");
-        assert!(err.to_string().contains("builds"), "{err}");
-
-        std::fs::remove_file(project.path().join(".contractor/builds")).expect("rm");
-        std::fs::create_dir(project.path().join(".contractor/builds")).expect("mkdir");
-        assert!(checked_store_dir(project.path()).is_ok());
-    }
-}

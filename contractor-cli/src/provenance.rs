@@ -15,7 +15,6 @@ pub use contractor_protocol::attest::{PREDICATE_TYPE, PROVENANCE_FILE, STATEMENT
 use contractor_protocol::image::Manifest;
 use contractor_protocol::result::Outcome;
 use contractor_protocol::PROTOCOL_VERSION;
-use serde_json::{json, Value};
 
 use crate::spec::BuildSpec;
 use crate::tools::{self, ToolError};
@@ -244,31 +243,8 @@ pub fn ran_script(outcome: Outcome, exit_code: Option<i32>) -> bool {
         )
 }
 
-/// The statement's `externalParameters`: the spec as given.
-pub fn external_parameters(spec: &BuildSpec) -> Value {
-    json!({
-        "script": spec.script,
-        "fetch": spec.fetch,
-        "env": spec.env,
-        "artifacts": spec.artifacts,
-        "image": {
-            "name": spec.image,
-            "base": spec.derived.as_ref().map(|d| d.base.clone()),
-            "packages": spec.derived.as_ref().map(|d| d.packages.clone()).unwrap_or_default(),
-        },
-        "network": {
-            "allow": spec.allow,
-            "inspect": spec.inspect,
-            "tunnel": spec.tunnel,
-        },
-        "limits": {
-            "timeoutSecs": spec.timeout.as_secs(),
-            "maxLogBytes": spec.max_log_bytes,
-            "maxArtifactsBytes": spec.max_artifacts_bytes,
-        },
-        "lockedDownloads": spec.lock.as_ref().map(|l| l.downloads.len()),
-    })
-}
+/// The statement's `externalParameters`: the spec as given (made by contractor-spec).
+pub use contractor_spec::external::external_parameters;
 
 /// `2026-11-25T14:15:02Z`.
 fn rfc3339(time: SystemTime) -> String {

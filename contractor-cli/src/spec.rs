@@ -7,7 +7,7 @@ pub use contractor_spec::spec::*;
 
 /// The names of the images imported here; none when contractor-vm cannot list them (then
 /// only the built images are valid names).
-fn imported_images() -> Vec<String> {
+pub fn imported_images() -> Vec<String> {
     crate::image::list()
         .unwrap_or_default()
         .into_iter()
@@ -19,9 +19,4 @@ fn imported_images() -> Vec<String> {
 /// Reads and checks the spec file at `path` and the project's contractor.lock.
 pub fn load(path: &Path) -> Result<BuildSpec, SpecError> {
     load_with_images(path, &imported_images())
-}
-
-/// Parses and checks spec text as [`load`] does (imported images are valid names).
-pub fn parse_installed(path: &Path, text: &str) -> Result<BuildSpec, SpecError> {
-    parse_with_images(path, text, &imported_images())
 }

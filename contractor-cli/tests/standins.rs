@@ -781,3 +781,36 @@ fn ctrl_c_while_the_source_is_packed_is_an_interruption() {
 fn ctrl_c_while_the_store_makes_a_token_is_an_interruption() {
     interrupted_at("store-token", "hang");
 }
+
+#[test]
+fn flags_that_cannot_go_together_or_with_the_spec_are_refused_before_a_build_starts() {
+    let bench = Bench::new();
+    let mut command = bench.command();
+    command.arg("--offline");
+    let ended = bench.finish(command.spawn().expect("start contractor"));
+    ended.assert_exit(2);
+    ended.assert_says(&[
+        "--offline builds from the downloads",
+        "contractor.lock pins, and there is no such file",
+        "then `contractor pin`",
+    ]);
+
+    let config = bench.path("home/.config/contractor");
+    std::fs::create_dir_all(&config).expect("config dir");
+    std::fs::write(config.join("config.toml"), "hosts = [\"build.example\"]\n").expect("config");
+    let mut command = bench.command();
+    command.args(["--allow", "a.example"]);
+    let ended = bench.finish(command.spawn().expect("start contractor"));
+    ended.assert_exit(2);
+    ended.assert_says(&["--script-file, --allow, --timeout and --no-artifacts apply to builds on this machine: add --local"]);
+    let mut command = bench.command();
+    command.arg("--keep");
+    let ended = bench.finish(command.spawn().expect("start contractor"));
+    ended.assert_exit(2);
+    ended.assert_says(&[
+        "--keep keeps the VM for `contractor shell`",
+        "build with --local",
+    ]);
+
+    assert!(bench.records().is_empty(), "no build was started");
+}

@@ -117,7 +117,7 @@ mod tests {
             Path::new("/builds/0/g/p"),
             &vec![b'#'; MAX_STAGE_SCRIPT_BYTES as usize],
         );
-        // contractor-cli's MAX_SCRIPT_FILE_BYTES (overrides.rs).
+        // contractor_spec::overrides::MAX_SCRIPT_FILE_BYTES.
         assert!(script.len() < 3 << 20, "{}", script.len());
         let dir = tempfile::tempdir().expect("test setup");
         let big = dir.path().join("big");

@@ -45,6 +45,9 @@ pub enum AllowError {
         /// What it must be.
         wanted: &'static str,
     },
+    /// The spec is not a valid spec.
+    #[error(transparent)]
+    Spec(#[from] crate::spec::SpecError),
     /// A host given on the command line is not an allow rule.
     #[error("{0:?} is not a host name: use a host (\"deb.debian.org\") or a wildcard for its subdomains (\"*.crates.io\"), without ports or paths")]
     BadHost(String),
@@ -66,6 +69,54 @@ pub enum AllowError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// A spec opened for `contractor allow`: read for editing ([`read_spec`]), checked as a
+/// spec, with the hosts named on the command line checked as allow rules. The front end
+/// adds the hosts the newest build was refused, shows [`Edit::diff`], asks, and writes
+/// [`Edit::with`]'s text with [`write_spec`].
+#[derive(Debug)]
+pub struct Edit {
+    path: PathBuf,
+    text: String,
+    imported: Vec<String>,
+    /// The spec's `[network] allow` as it is.
+    pub allowed: Vec<String>,
+}
+
+impl Edit {
+    /// Reads the spec at `path` and checks it (the names of `imported` images are valid
+    /// too), and each host of `named` (one of [`AllowError::BadHost`] otherwise).
+    pub fn open(path: &Path, named: &[String], imported: &[String]) -> Result<Edit, AllowError> {
+        let text = read_spec(path)?;
+        let spec = crate::spec::parse_with_images(path, &text, imported)?;
+        if let Some(bad) = named
+            .iter()
+            .find(|host| !crate::spec::is_allow_rule(&host.to_ascii_lowercase()))
+        {
+            return Err(AllowError::BadHost(bad.clone()));
+        }
+        Ok(Edit {
+            path: path.to_path_buf(),
+            text,
+            imported: imported.to_vec(),
+            allowed: spec.allow,
+        })
+    }
+
+    /// The spec's text with `hosts` (see [`new_hosts`]) added to `[network] allow`
+    /// ([`edited`]), checked as a spec again before it may be written.
+    pub fn with(&self, hosts: &[String]) -> Result<String, AllowError> {
+        let new = edited(&self.path, &self.text, hosts)?;
+        crate::spec::parse_with_images(&self.path, &new, &self.imported)
+            .map_err(AllowError::Invalid)?;
+        Ok(new)
+    }
+
+    /// The change from the spec as read to `new`, as [`diff`] shows it.
+    pub fn diff(&self, new: &str) -> String {
+        diff(&self.text, new)
+    }
 }
 
 /// The hosts of `candidates` that are valid allow rules and not yet allowed, lower case,
@@ -292,6 +343,29 @@ mod tests {
         );
         let err = edited(path, "[network\n", &hosts(&["a.org"])).expect_err("not TOML");
         assert!(err.to_string().contains("is not valid TOML"), "{err}");
+    }
+
+    #[test]
+    fn an_edit_checks_the_spec_and_the_named_hosts_then_the_changed_spec() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("contractor.toml");
+        std::fs::write(&path, "[build]\nscript = \"make\"\nimage = \"mine\"\n").expect("write");
+        let err = Edit::open(&path, &[], &[]).expect_err("mine is not imported");
+        assert!(matches!(err, AllowError::Spec(_)), "{err}");
+        assert!(err.to_string().contains("mine"), "{err}");
+        let imported = hosts(&["mine"]);
+        let err = Edit::open(&path, &hosts(&["a.org", "x.io:443"]), &imported)
+            .expect_err("a port is no host");
+        assert!(
+            err.to_string()
+                .starts_with("\"x.io:443\" is not a host name"),
+            "{err}"
+        );
+        let edit = Edit::open(&path, &hosts(&["A.org"]), &imported).expect("opened");
+        assert!(edit.allowed.is_empty());
+        let new = edit.with(&hosts(&["a.org"])).expect("edited");
+        assert!(new.ends_with("[network]\nallow = [\"a.org\"]\n"), "{new:?}");
+        assert!(edit.diff(&new).contains("+ allow = [\"a.org\"]"), "{new}");
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! What `contractor build`'s flags change in the project's `contractor.toml` for one build:
 //! `--script-file`, `--allow`, `--timeout`, `--no-artifacts` (what a CI engine's executor,
 //! such as `contractor-gitlab-executor`, hands over). The spec is read and checked as
-//! always, then the flags apply, each checked as the field it replaces; with
-//! `--script-file` the file may be missing (the defaults then apply, the project being its
-//! directory).
+//! always, then the flags apply, each checked as the field it replaces (the same checks as
+//! the spec's own fields, so they live here with them); with `--script-file` the file may
+//! be missing (the defaults then apply, the project being its directory). The front end
+//! only fills [`Overrides`] from its flags.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -60,17 +61,19 @@ impl Overrides {
         *self == Overrides::default()
     }
 
-    /// The spec at `path` (see [`spec::load`]) with these flags applied.
-    pub fn load(&self, path: &Path) -> Result<BuildSpec, OverrideError> {
+    /// The spec at `path` (see [`spec::load_with_images`]; the names of `imported` images
+    /// are valid too) with these flags applied.
+    pub fn load(&self, path: &Path, imported: &[String]) -> Result<BuildSpec, OverrideError> {
         let script = match &self.script_file {
             Some(file) => Some(read_script(file)?),
             None => None,
         };
-        let mut spec = match spec::load(path) {
+        let mut spec = match spec::load_with_images(path, imported) {
             Err(SpecError::Read { source, .. })
                 if script.is_some() && source.kind() == std::io::ErrorKind::NotFound =>
             {
-                let mut spec = spec::parse_installed(path, "[build]\nscript = \"true\"\n")?;
+                let mut spec =
+                    spec::parse_with_images(path, "[build]\nscript = \"true\"\n", imported)?;
                 spec.project_dir = std::path::absolute(&spec.project_dir)
                     .unwrap_or_else(|_| spec.project_dir.clone());
                 spec.lock = crate::lock::load(&spec.project_dir).map_err(SpecError::from)?;
@@ -167,7 +170,7 @@ mod tests {
             timeout: Some("15m".into()),
             no_artifacts: true,
         };
-        let spec = overrides.load(&file).expect("loads");
+        let spec = overrides.load(&file, &[]).expect("loads");
         assert_eq!(spec.script, "echo from the file\n");
         assert_eq!(spec.allow, vec!["deb.debian.org", "*.crates.io"]);
         assert_eq!(spec.timeout, Duration::from_secs(900));
@@ -184,14 +187,33 @@ mod tests {
             script_file: Some(script),
             ..Overrides::default()
         };
-        let spec = overrides.load(&file).expect("defaults");
+        let spec = overrides.load(&file, &[]).expect("defaults");
         assert_eq!(spec.project_dir, dir.path());
         assert_eq!(spec.image, spec::DEFAULT_IMAGE);
-        assert!(Overrides::default().load(&file).is_err());
+        assert!(Overrides::default().load(&file, &[]).is_err());
         std::fs::write(&file, "[build]\nscript = \"x\"\n[vm]\ncpus = \"many\"\n")
             .expect("test setup");
-        let err = overrides.load(&file).expect_err("broken");
+        let err = overrides.load(&file, &[]).expect_err("broken");
         assert!(err.to_string().contains("\"many\""), "{err}");
+    }
+
+    #[test]
+    fn the_names_of_imported_images_are_valid_with_the_flags_too() {
+        let dir = tempfile::tempdir().expect("test setup");
+        let file = dir.path().join("contractor.toml");
+        std::fs::write(&file, "[build]\nscript = \"make\"\nimage = \"my-distro\"\n")
+            .expect("test setup");
+        let overrides = Overrides {
+            timeout: Some("90s".into()),
+            ..Overrides::default()
+        };
+        let err = overrides.load(&file, &[]).expect_err("not imported");
+        assert!(err.to_string().contains("my-distro"), "{err}");
+        let spec = overrides
+            .load(&file, &["my-distro".to_string()])
+            .expect("imported");
+        assert_eq!(spec.image, "my-distro");
+        assert_eq!(spec.timeout, Duration::from_secs(90));
     }
 
     #[test]
@@ -203,13 +225,16 @@ mod tests {
             allow: vec!["http://localhost:8080".into()],
             ..Overrides::default()
         };
-        let err = allow.load(&file).expect_err("a bad rule").to_string();
+        let err = allow.load(&file, &[]).expect_err("a bad rule").to_string();
         assert!(err.contains("--allow \"http://localhost:8080\""), "{err}");
         let timeout = Overrides {
             timeout: Some("soon".into()),
             ..Overrides::default()
         };
-        let err = timeout.load(&file).expect_err("a bad timeout").to_string();
+        let err = timeout
+            .load(&file, &[])
+            .expect_err("a bad timeout")
+            .to_string();
         assert!(
             err.contains("--timeout \"soon\"") && err.contains("10m"),
             "{err}"
@@ -220,7 +245,7 @@ mod tests {
             script_file: Some(big),
             ..Overrides::default()
         };
-        let err = script.load(&file).expect_err("too big").to_string();
+        let err = script.load(&file, &[]).expect_err("too big").to_string();
         assert!(err.contains("big.sh") && err.contains("3145728"), "{err}");
     }
 }

@@ -895,7 +895,7 @@ fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
                         .result
                         .error
                         .map(|e| shown_chain(&e.chain))
-                        .unwrap_or_else(|| outcome_name(report.result.outcome).to_string());
+                        .unwrap_or_else(|| report.result.outcome.as_str().to_string());
                     eprintln!("contractor: the VM for the shell did not start: {reason}");
                     return ExitCode::BuildFailed;
                 }
@@ -972,13 +972,8 @@ impl Failure {
 
     /// A tool failed while doing `doing`: bad input when the tool refused its input.
     fn tool(doing: String, error: crate::tools::ToolError) -> Failure {
-        let exit = if error.is_bad_input() {
-            ExitCode::BadInput
-        } else {
-            ExitCode::Infrastructure
-        };
         Failure {
-            exit,
+            exit: error.exit_code(),
             error: Box::new(Context {
                 doing,
                 source: Box::new(error),
@@ -1327,9 +1322,7 @@ fn list_builds(file: &Path) -> Result<(), Failure> {
     );
     for record in records.iter().rev() {
         let (outcome, duration) = match (record.outcome, record.duration_secs) {
-            (Some(outcome), Some(secs)) => {
-                (outcome_name(outcome).to_string(), format!("{secs:.1}s"))
-            }
+            (Some(outcome), Some(secs)) => (outcome.as_str().to_string(), format!("{secs:.1}s")),
             _ => ("running".to_string(), "-".to_string()),
         };
         println!(
@@ -1354,7 +1347,7 @@ fn list_images() -> Result<(), Failure> {
             "{:<22} {:>9} {:<19} {:<14} {}",
             image.manifest.name,
             human_bytes(image.size),
-            image::format_time(image.manifest.created),
+            crate::clock::format_utc(image.manifest.created),
             image.manifest.agent_version,
             image.manifest.disk_sha256
         );
@@ -1379,21 +1372,11 @@ fn list_images() -> Result<(), Failure> {
                 snapshot.cpus,
                 snapshot.memory_mib,
                 snapshot.accel,
-                image::format_time(snapshot.created)
+                crate::clock::format_utc(snapshot.created)
             );
         }
     }
     Ok(())
-}
-
-fn outcome_name(outcome: Outcome) -> &'static str {
-    match outcome {
-        Outcome::Success => "success",
-        Outcome::Failed => "failed",
-        Outcome::Timeout => "timeout",
-        Outcome::Infrastructure => "infrastructure",
-        Outcome::Interrupted => "interrupted",
-    }
 }
 
 fn show_build(file: &Path, id: Option<&str>) -> Result<(), Failure> {
@@ -1404,7 +1387,7 @@ fn show_build(file: &Path, id: Option<&str>) -> Result<(), Failure> {
         println!("result:    running (no result.json yet)");
         return Ok(());
     };
-    println!("result:    {}", outcome_name(result.outcome));
+    println!("result:    {}", result.outcome.as_str());
     if let Some(code) = result.exit_code {
         println!("exit code: {code}");
     }

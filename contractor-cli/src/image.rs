@@ -7,14 +7,12 @@
 //! knows of an image is what contractor-vm printed.
 
 use std::ffi::OsStr;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use contractor_protocol::image::{ImageInfo, ImageResult};
 pub use contractor_protocol::image::{Manifest, IMPORTED};
 use contractor_protocol::vm::BootImage;
 use contractor_protocol::ExitCode;
-use sha2::{Digest, Sha256};
 
 use crate::tools::{self, ToolError};
 
@@ -39,8 +37,8 @@ impl ImageError {
     /// or unknown name, a bad file to import), `Infrastructure` otherwise.
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            ImageError::Tool(e) if e.is_bad_input() => ExitCode::BadInput,
-            _ => ExitCode::Infrastructure,
+            ImageError::Tool(e) => e.exit_code(),
+            ImageError::Unexpected { .. } => ExitCode::Infrastructure,
         }
     }
 }
@@ -177,31 +175,6 @@ pub fn gc(days: u32) -> Result<Vec<String>, ImageError> {
     }
 }
 
-/// `2026-11-25 14:15:02` (UTC) from Unix seconds.
-pub fn format_time(unix: u64) -> String {
-    crate::clock::format_utc(unix)
-}
-
-/// sha256 of a file, hex.
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex(&hasher.finalize()))
-}
-
-/// Lower-case hex of bytes.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,11 +202,5 @@ mod tests {
             one_image("build", removed),
             Err(ImageError::Unexpected { got: "removed", .. })
         ));
-    }
-
-    #[test]
-    fn times_are_printed_in_utc() {
-        assert_eq!(format_time(0), "1970-01-01 00:00:00");
-        assert_eq!(format_time(1_795_615_977), "2026-11-25 14:12:57");
     }
 }

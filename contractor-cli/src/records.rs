@@ -12,7 +12,6 @@
 use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 
 use contractor_protocol::error::ToolCode;
 use contractor_protocol::proxy::Download;
@@ -23,7 +22,7 @@ use contractor_protocol::store::{
 
 use serde::de::DeserializeOwned;
 
-use crate::tools::{self, Answers, Reply, ToolError, ToolMessages};
+use crate::tools::{self, Lines, ToolError, ToolMessages};
 
 /// Errors reading records.
 #[derive(Debug, thiserror::Error)]
@@ -64,77 +63,34 @@ impl From<ToolError> for RecordError {
 }
 
 /// A store request about the records under `store_root` (`record SUBCOMMAND --root ROOT
-/// [--build ID] --json-errors`), started; returns it, the reader of its stdout and its first
-/// line. The store's stderr is not shown: its error object says the same, reported once.
+/// [--build ID] --json-errors`), started; returns it, being read, and its first line.
 fn request<T: DeserializeOwned>(
     subcommand: &str,
     store_root: &Path,
     id: Option<&str>,
     more: &[&str],
-) -> Result<(Child, Answers, T), ToolError> {
+) -> Result<(Lines, T), ToolError> {
     let mut command = tools::command(tools::STORE)?;
     command
         .args(["record", subcommand, "--root"])
         .arg(store_root)
         .args(id.map(|id| ["--build", id]).into_iter().flatten())
-        .args(more)
-        .arg("--json-errors")
-        .stderr(Stdio::null());
-    let mut child = tools::spawn(tools::STORE, command)?;
-    drop(child.stdin.take());
-    let mut answers = Answers::of(tools::STORE, &mut child)?;
-    let first = answers.first(&mut child)?;
-    Ok((child, answers, first))
-}
-
-/// The `count` lines that follow a request's first line, each a `T`; then the request's
-/// end, whose failure is an error.
-fn rest<T: DeserializeOwned>(
-    (mut child, mut answers): (Child, Answers),
-    count: u64,
-) -> Result<Vec<T>, RecordError> {
-    let mut lines = Vec::new();
-    for _ in 0..count {
-        let error = match answers.next_reply::<T>()? {
-            Some(Reply::Answer(line)) => {
-                lines.push(line);
-                continue;
-            }
-            Some(Reply::Error(error)) => Some(error),
-            None => None,
-        };
-        let exit_code = child.wait().ok().and_then(|status| status.code());
-        let name = tools::STORE;
-        return Err(ToolError::Failed {
-            name,
-            exit_code,
-            error,
-        }
-        .into());
-    }
-    answers.drain();
-    let status = child.wait().map_err(|source| ToolError::Io {
-        name: tools::STORE,
-        source,
-    })?;
-    match status.success() {
-        true => Ok(lines),
-        false => Err(ToolError::exited(tools::STORE, status.code()).into()),
-    }
+        .args(more);
+    Lines::start(tools::STORE, command)
 }
 
 /// All builds of the project whose store is `store_root`, oldest first
 /// (`contractor-store record list`).
 pub fn list(store_root: &Path) -> Result<Vec<RecordEntry>, RecordError> {
-    let (child, answers, header) = request::<RecordList>("list", store_root, None, &[])?;
-    rest((child, answers), header.builds)
+    let (lines, header) = request::<RecordList>("list", store_root, None, &[])?;
+    Ok(lines.rest(header.builds)?)
 }
 
 /// The record of build `id`, or of the newest one (`contractor-store record show`): its
 /// result, its artifacts with their sizes and digests, the tally of its downloads.
 pub fn show(store_root: &Path, id: Option<&str>) -> Result<RecordShown, RecordError> {
-    let (child, answers, shown) = request::<RecordShown>("show", store_root, id, &[])?;
-    rest::<RecordShown>((child, answers), 0)?;
+    let (lines, shown) = request::<RecordShown>("show", store_root, id, &[])?;
+    lines.rest::<RecordShown>(0)?;
     Ok(shown)
 }
 
@@ -144,8 +100,8 @@ pub fn downloads(
     store_root: &Path,
     id: Option<&str>,
 ) -> Result<(String, Vec<Download>), RecordError> {
-    let (child, answers, header) = request::<RecordDownloads>("downloads", store_root, id, &[])?;
-    Ok((header.id, rest((child, answers), header.downloads)?))
+    let (lines, header) = request::<RecordDownloads>("downloads", store_root, id, &[])?;
+    Ok((header.id, lines.rest(header.downloads)?))
 }
 
 /// Copies the log of build `id` (the newest; its console log with `console`) to `out`, as
@@ -157,12 +113,13 @@ pub fn log(
     out: &mut dyn Write,
 ) -> Result<(), RecordError> {
     let more: &[&str] = if console { &["--console"] } else { &[] };
-    let (child, mut answers, header) = request::<RecordLog>("log", store_root, id, more)?;
-    let copied = std::io::copy(&mut answers.rest().take(header.bytes), out)
+    let (mut lines, header) = request::<RecordLog>("log", store_root, id, more)?;
+    let copied = std::io::copy(&mut lines.bytes().take(header.bytes), out)
         .and_then(|copied| out.flush().map(|()| copied))
         .map_err(RecordError::Write)?;
     // A log cut short is the store's failure, said by its end.
-    rest::<RecordLog>((child, answers), u64::from(copied != header.bytes)).map(drop)
+    lines.rest::<RecordLog>(u64::from(copied != header.bytes))?;
+    Ok(())
 }
 
 /// Most bytes of a record's `artifacts.json` read back (an entry is about 150 bytes; the
@@ -232,12 +189,7 @@ pub fn close(record: &Path, ended: &Ended) -> Result<BuildResult, ToolError> {
         .arg(root)
         .arg("--build")
         .arg(id)
-        .args([
-            "--started",
-            &started,
-            "--outcome",
-            &wire_name(ended.outcome),
-        ]);
+        .args(["--started", &started, "--outcome", ended.outcome.as_str()]);
     // `--flag=VALUE`: a value may begin with `-` (a guest's error message).
     for pattern in ended.artifacts {
         command.arg(format!("--artifact={pattern}"));
@@ -246,7 +198,7 @@ pub fn close(record: &Path, ended: &Ended) -> Result<BuildResult, ToolError> {
         command.args(["--exit-code", &exit_code.to_string()]);
     }
     if let Some(limit) = ended.limit {
-        command.args(["--limit", &wire_name(limit)]);
+        command.args(["--limit", limit.as_str()]);
     }
     if let Some(error) = ended.error {
         command.arg(format!("--error-code={}", error.code));
@@ -256,14 +208,6 @@ pub fn close(record: &Path, ended: &Ended) -> Result<BuildResult, ToolError> {
     }
     let closed: RecordClosed = tools::answer_of(tools::STORE, command)?;
     Ok(closed.result)
-}
-
-/// An outcome's or a limit's name on the wire (`"interrupted"`, `"max_log"`).
-fn wire_name(value: impl serde::Serialize) -> String {
-    match serde_json::to_value(value) {
-        Ok(serde_json::Value::String(name)) => name,
-        _ => String::new(),
-    }
 }
 
 /// The artifacts of `record` as the store's index (`artifacts.json`, at most

@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 /// The data directory: `$CONTRACTOR_DATA_DIR`, else `/var/lib/contractor` for root, else
 /// `$XDG_DATA_HOME/contractor`, else `~/.local/share/contractor` (the same rule as
 /// contractor-vm's, which keeps the images there).
-pub fn data_dir() -> Result<PathBuf, contractor_protocol::image::NoDataDir> {
-    contractor_protocol::image::data_dir()
-}
+pub use contractor_protocol::image::data_dir;
 
 /// The store root of a project: its build records and artifacts.
 pub fn store_dir(project_dir: &Path) -> PathBuf {
@@ -79,23 +77,9 @@ pub fn checked_store_dir(project_dir: &Path) -> Result<PathBuf, StoreDirError> {
 /// what is inside when it runs as another user.
 pub use contractor_protocol::file::create_dir_world_readable;
 
-/// The key of the project directory `dir` on build hosts: the same for every build of it
-/// from this machine, so that its build cache there is reused.
-pub fn project_key(dir: &Path) -> String {
-    let machine = std::fs::read("/etc/machine-id")
-        .or_else(|_| std::fs::read("/proc/sys/kernel/hostname"))
-        .unwrap_or_default();
-    use sha2::Digest;
-    let mut hash = sha2::Sha256::new();
-    hash.update(&machine);
-    hash.update([0]);
-    hash.update(dir.as_os_str().as_encoded_bytes());
-    hash.finalize()
-        .iter()
-        .take(16)
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+/// The key of the project directory `dir` in the download cache and on build hosts
+/// (`contractor_protocol::downloads`, as examples/pipeline.sh makes it too).
+pub use contractor_protocol::downloads::project_key;
 
 #[cfg(test)]
 mod tests {

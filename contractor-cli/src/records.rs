@@ -9,7 +9,6 @@
 //! receives a build host's record (confined to it), and decides which builds are abandoned
 //! and closes them.
 
-use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -140,19 +139,13 @@ fn store_and_id(record: &Path) -> (&Path, &std::ffi::OsStr) {
 /// (`contractor-store record open`: abandoned records closed, the directory made, owned by
 /// this process, `latest` pointed at it) with the id `id` (else a new one); returns its id.
 pub fn open_new(store_root: &Path, id: Option<&str>) -> Result<String, ToolError> {
-    let owner = std::process::id().to_string();
-    let mut args = vec![
-        OsStr::new("record"),
-        OsStr::new("open"),
-        OsStr::new("--root"),
-        store_root.as_os_str(),
-        OsStr::new("--owner"),
-        OsStr::new(&owner),
-    ];
-    if let Some(id) = id {
-        args.extend([OsStr::new("--id"), OsStr::new(id)]);
-    }
-    let opened: RecordOpened = tools::answer(tools::STORE, &args)?;
+    let mut command = tools::command(tools::STORE)?;
+    command
+        .args(["record", "open", "--root"])
+        .arg(store_root)
+        .args(["--owner", &std::process::id().to_string()])
+        .args(id.map(|id| ["--id", id]).into_iter().flatten());
+    let opened: RecordOpened = tools::answer_of(tools::STORE, command)?;
     Ok(opened.id)
 }
 

@@ -1,10 +1,13 @@
 //! The download cache that the builds' proxies share (`contractor-proxy --cache`), as every
 //! program that starts a proxy for a build finds it: its directory (`downloads/` in the data
 //! directory), the most bytes it may hold (`CONTRACTOR_DOWNLOAD_CACHE_SIZE`, the proxy's
-//! `--cache-size`) and the most one build may add (the proxy's `--cache-max`). The proxy keeps
-//! the cache under those bounds itself (docs/proxy.md, "The download cache").
+//! `--cache-size`), the most one build may add (the proxy's `--cache-max`) and the key of a
+//! project's index in it (the proxy's `--cache-project`). The proxy keeps the cache under
+//! those bounds itself (docs/proxy.md, "The download cache").
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use sha2::Digest;
 
 /// The download cache's size unless `CONTRACTOR_DOWNLOAD_CACHE_SIZE` says otherwise.
 pub const DEFAULT_MAX_BYTES: u64 = 10 << 30;
@@ -23,6 +26,26 @@ pub fn build_quota(size: u64) -> u64 {
 /// ([`crate::image::data_dir`]).
 pub fn dir() -> Result<PathBuf, crate::image::NoDataDir> {
     Ok(crate::image::data_dir()?.join("downloads"))
+}
+
+/// The key of the project directory `dir` (`--cache-project`): the first 16 bytes, in hex,
+/// of the SHA-256 of this machine's id (`/etc/machine-id`, else its host name), a zero byte
+/// and the directory's path. The same for every build of the project from this machine, so
+/// that its index (and on a build host its build cache) is reused; another machine's project
+/// of the same path gets another.
+pub fn project_key(dir: &Path) -> String {
+    let machine = std::fs::read("/etc/machine-id")
+        .or_else(|_| std::fs::read("/proc/sys/kernel/hostname"))
+        .unwrap_or_default();
+    let mut hash = sha2::Sha256::new();
+    hash.update(&machine);
+    hash.update([0]);
+    hash.update(dir.as_os_str().as_encoded_bytes());
+    hash.finalize()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The most bytes the cache may hold: `CONTRACTOR_DOWNLOAD_CACHE_SIZE`, else
@@ -64,6 +87,26 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    #[test]
+    fn a_projects_key_is_its_path_on_this_machine() {
+        // Moved with the key from contractor-cli's paths.rs; examples/pipeline.sh makes the
+        // same key with sha256sum.
+        let key = project_key(Path::new("/src/app"));
+        assert_eq!(key.len(), 32);
+        assert!(key
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_eq!(key, project_key(Path::new("/src/app")));
+        assert_ne!(key, project_key(Path::new("/src/other")));
+        let machine = std::fs::read("/etc/machine-id")
+            .or_else(|_| std::fs::read("/proc/sys/kernel/hostname"))
+            .unwrap_or_default();
+        let mut hash = sha2::Sha256::new();
+        hash.update([machine.as_slice(), b"\0/src/app"].concat());
+        let whole: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(key, whole[..32]);
     }
 
     #[test]

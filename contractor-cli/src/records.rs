@@ -12,7 +12,6 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use contractor_protocol::error::ToolCode;
 use contractor_protocol::proxy::Download;
 use contractor_protocol::result::{BuildResult, ErrorInfo, Limit, Outcome};
 use contractor_protocol::store::{
@@ -48,11 +47,10 @@ impl RecordError {
 }
 
 impl From<ToolError> for RecordError {
+    /// The store refuses a request for a build that is not there (`no_builds`,
+    /// `no_such_build`, `bad_build`) as bad input (exit code 2), and only those.
     fn from(error: ToolError) -> RecordError {
-        let not_there = matches!(
-            error.tool_code(),
-            Some(ToolCode::NoBuilds | ToolCode::NoSuchBuild | ToolCode::BadBuild)
-        );
+        let not_there = error.is_bad_input();
         match error.messages() {
             Some(messages) if not_there => RecordError::NotThere(messages),
             Some(messages) => RecordError::Store(Box::new(messages)),

@@ -1610,15 +1610,25 @@ fn print_downloads(file: &Path, id: Option<&str>, json: bool) -> Result<(), Fail
 
 fn print_log(file: &Path, id: Option<&str>, console: bool) -> Result<(), Failure> {
     let mut stdout = std::io::stdout().lock();
-    records::log(&store_of(file), id, console, &mut stdout).map_err(Failure::record)
+    records::log(&store_of(file), id, console, None, &mut stdout).map_err(Failure::record)
 }
 
-fn console_tail(path: &std::path::Path) -> Vec<String> {
-    // The console log is the guest's; virtlogd rotates it at 2 MiB.
-    let bytes = contractor_protocol::file::read_regular(path, 8 << 20).unwrap_or_default();
-    let text = String::from_utf8_lossy(&bytes);
-    let lines: Vec<String> = text.lines().map(str::to_string).collect();
-    lines[lines.len().saturating_sub(10)..].to_vec()
+/// The last 10 lines of the console log `path` of a record (`<store>/builds/<id>/`), as the
+/// store reads them (`record log --console --tail 10`: the guest's bytes are read by the
+/// confined store, never opened here); none when it cannot.
+fn console_tail(path: &Path) -> Vec<String> {
+    let (store, id) = records::store_and_id(path.parent().unwrap_or(path));
+    let mut tail = Vec::new();
+    match id
+        .to_str()
+        .map(|id| records::log(store, Some(id), true, Some(10), &mut tail))
+    {
+        Some(Ok(())) => String::from_utf8_lossy(&tail)
+            .lines()
+            .map(str::to_string)
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// A result's error chain as shown: each message escaped and cut to
@@ -1636,6 +1646,28 @@ use contractor_protocol::result::joined_chain as chain;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_console_tail_is_the_stores_reading_of_the_logs_end() {
+        // Runs the real contractor-store of this build (`cargo build -p contractor-store`).
+        // The log is longer than the front end ever read itself (8 MiB; sparse here): its
+        // end is the store's to find.
+        use std::io::Write;
+        let store = tempfile::tempdir().expect("tempdir");
+        let record = store.path().join("builds/20261125-100000-aaaaaa");
+        std::fs::create_dir_all(&record).expect("record");
+        let path = record.join("console.log");
+        let mut log = std::fs::File::create(&path).expect("log");
+        log.set_len(9 << 20).expect("a long log");
+        std::io::Seek::seek(&mut log, std::io::SeekFrom::End(0)).expect("its end");
+        for n in 0..12 {
+            writeln!(log, "line {n}").expect("a line");
+        }
+        let lines: Vec<String> = (2..12).map(|n| format!("line {n}")).collect();
+        assert_eq!(console_tail(&path), lines);
+        // No record there: no lines, no error.
+        assert!(console_tail(&store.path().join("builds/x/console.log")).is_empty());
+    }
 
     #[test]
     fn a_download_line_is_shown_with_its_hash_url_and_phase() {

@@ -102,15 +102,20 @@ pub fn downloads(
 }
 
 /// Copies the log of build `id` (the newest; its console log with `console`) to `out`, as
-/// the store sends it (`contractor-store record log`: the bytes as written).
+/// the store sends it (`contractor-store record log`: the bytes as written; with `tail`,
+/// only its last `tail` lines, at most 1,000).
 pub fn log(
     store_root: &Path,
     id: Option<&str>,
     console: bool,
+    tail: Option<u32>,
     out: &mut dyn Write,
 ) -> Result<(), RecordError> {
-    let more: &[&str] = if console { &["--console"] } else { &[] };
-    let (mut lines, header) = request::<RecordLog>("log", store_root, id, more)?;
+    let tail = tail.map(|lines| lines.to_string());
+    let mut more = Vec::new();
+    more.extend(console.then_some("--console"));
+    more.extend(tail.iter().flat_map(|lines| ["--tail", lines.as_str()]));
+    let (mut lines, header) = request::<RecordLog>("log", store_root, id, &more)?;
     let copied = std::io::copy(&mut lines.bytes().take(header.bytes), out)
         .and_then(|copied| out.flush().map(|()| copied))
         .map_err(RecordError::Write)?;
@@ -125,7 +130,7 @@ pub const MAX_INDEX_BYTES: u64 = 64 << 20;
 
 /// The store directory and build id of the record directory `record`
 /// (`<store>/builds/<id>`).
-fn store_and_id(record: &Path) -> (&Path, &std::ffi::OsStr) {
+pub fn store_and_id(record: &Path) -> (&Path, &std::ffi::OsStr) {
     let root = record
         .parent()
         .and_then(Path::parent)

@@ -290,6 +290,20 @@ fn downloads_are_typed_lines_and_the_log_its_exact_bytes() {
     let header: RecordLog = serde_json::from_slice(&stdout[..newline]).expect("header");
     assert_eq!(header.bytes, 8);
     assert_eq!(&stdout[newline + 1..], b"console\n");
+    // Its tail: the last lines only, counted; a count out of range is refused (exit 2).
+    fixture.write(&format!("builds/{OLD}/console.log"), b"a\nb\nc\n");
+    let (code, stdout, _) = record(
+        &fixture.root,
+        &["log", "--build", OLD, "--console", "--tail", "2"],
+    );
+    assert_eq!(code, 0);
+    let newline = stdout.iter().position(|b| *b == b'\n').expect("header");
+    let header: RecordLog = serde_json::from_slice(&stdout[..newline]).expect("header");
+    assert_eq!((header.bytes, &stdout[newline + 1..]), (4, &b"b\nc\n"[..]));
+    for bad in ["0", "1001"] {
+        let (code, _, stderr) = record(&fixture.root, &["log", "--console", "--tail", bad]);
+        assert_eq!(code, 2, "{stderr}");
+    }
     // A build that has no downloads.jsonl (its proxy never ran): refused, naming it.
     let (code, stdout, _) = record(&fixture.root, &["downloads"]);
     assert_eq!(code, 3);

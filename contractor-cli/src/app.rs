@@ -1256,13 +1256,16 @@ fn verify_provenance(file: &Path, target: Option<&str>, key: Option<&Path>) -> R
     Ok(())
 }
 
-/// The store directory of the project whose spec is `file` (the spec need not be valid).
-fn store_of(file: &Path) -> PathBuf {
-    let dir = file
-        .parent()
+/// The directory of the project whose spec is `file` (the spec need not be valid).
+fn project_of(file: &Path) -> &Path {
+    file.parent()
         .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    crate::paths::store_dir(dir)
+        .unwrap_or(Path::new("."))
+}
+
+/// The store directory of the project whose spec is `file`.
+fn store_of(file: &Path) -> PathBuf {
+    crate::paths::store_dir(project_of(file))
 }
 
 /// `contractor cache clear --downloads`.
@@ -1544,10 +1547,7 @@ fn download_lines(downloads: &[Download]) -> Vec<u8> {
 /// `contractor pin`: contractor.lock from the downloads of build `id` (the newest).
 fn pin_downloads(file: &Path, id: Option<&str>) -> Result<(), Failure> {
     use crate::lock::{self, LockError};
-    let project = file
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let project = project_of(file);
     let record = records::show(&store_of(file), id).map_err(Failure::record)?;
     if record.result.as_ref().map(|r| r.outcome)
         != Some(contractor_protocol::result::Outcome::Success)

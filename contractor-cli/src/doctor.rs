@@ -14,10 +14,6 @@ use contractor_protocol::tool::Service;
 use contractor_protocol::vm::HostCheck;
 pub use contractor_protocol::vm::{Finding, FindingStatus as Status};
 
-fn finding(status: Status, what: &str, detail: String) -> Finding {
-    Finding::new(status, what, detail)
-}
-
 /// Runs every check against the libvirt URI `uri`: of this machine, or with `host` of that
 /// build host (its `contractor-vm check`, over ssh).
 pub fn check(uri: Option<&str>, host: Option<&str>) -> Vec<Finding> {
@@ -40,7 +36,7 @@ pub fn check(uri: Option<&str>, host: Option<&str>) -> Vec<Finding> {
         command.and_then(|command| crate::tools::answer_of::<HostCheck>(crate::tools::VM, command));
     let mut findings = match checked {
         Ok(checked) => checked.findings,
-        Err(err) => vec![finding(Status::Fail, "contractor-vm", chain(&err))],
+        Err(err) => vec![Finding::new(Status::Fail, "contractor-vm", chain(&err))],
     };
     if host.is_none() {
         findings.push(confinement());
@@ -62,12 +58,11 @@ fn confinement() -> Finding {
         Service::start(name, command, |_| {}, crate::tools::Answers::drain)
     });
     match started.map(|proxy| proxy.confinement.clone()) {
-        Err(err) => finding(Status::Fail, WHAT, chain(&err)),
-        Ok(None) => finding(
+        Err(err) => Finding::new(Status::Fail, WHAT, chain(&err)),
+        Ok(None) => Finding::new(
             Status::Warn,
             WHAT,
-            "contractor-proxy reported none (a tool of another release?); reinstall contractor"
-                .into(),
+            "contractor-proxy reported none (a tool of another release?); reinstall contractor",
         ),
         Ok(Some(c)) => c.finding(),
     }

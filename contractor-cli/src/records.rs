@@ -124,10 +124,6 @@ pub fn log(
     Ok(())
 }
 
-/// Most bytes of a record's `artifacts.json` read back (an entry is about 150 bytes; the
-/// store indexes at most what a build may upload).
-pub const MAX_INDEX_BYTES: u64 = 64 << 20;
-
 /// The store directory and build id of the record directory `record`
 /// (`<store>/builds/<id>`).
 pub fn store_and_id(record: &Path) -> (&Path, &std::ffi::OsStr) {
@@ -206,38 +202,16 @@ pub fn close(record: &Path, ended: &Ended) -> Result<BuildResult, ToolError> {
     Ok(closed.result)
 }
 
-/// The artifacts of `record` as the store's index (`artifacts.json`, at most
-/// [`MAX_INDEX_BYTES`], a regular file) names them, sorted: each a path beneath
-/// `artifacts/` of plain names. None when there is no readable index.
+/// The artifacts of `record` (`<store>/builds/<id>`, not closed yet: a build host's record
+/// just received) as the store's index names them, sorted: each a path beneath `artifacts/`
+/// of plain names (`contractor-store record show`, which reads `artifacts.json` confined).
+/// None when the store cannot say.
 pub fn stored_artifacts(record: &Path) -> Vec<PathBuf> {
-    #[derive(serde::Deserialize)]
-    struct Index {
-        artifacts: Vec<Entry>,
+    let (root, id) = store_and_id(record);
+    match id.to_str().map(|id| show(root, Some(id))) {
+        Some(Ok(shown)) => shown.artifacts.into_iter().map(|a| a.path).collect(),
+        _ => Vec::new(),
     }
-    #[derive(serde::Deserialize)]
-    struct Entry {
-        path: String,
-    }
-    let path = record.join("artifacts.json");
-    let Ok(bytes) = contractor_protocol::file::read_regular(&path, MAX_INDEX_BYTES) else {
-        return Vec::new();
-    };
-    let Ok(index) = serde_json::from_slice::<Index>(&bytes) else {
-        return Vec::new();
-    };
-    let dir = record.join("artifacts");
-    let mut found: Vec<PathBuf> = index
-        .artifacts
-        .into_iter()
-        .map(|a| PathBuf::from(a.path))
-        .filter(|p| {
-            p.components()
-                .all(|c| matches!(c, std::path::Component::Normal(_)))
-        })
-        .map(|p| dir.join(p))
-        .collect();
-    found.sort();
-    found
 }
 
 #[cfg(test)]
@@ -246,6 +220,18 @@ mod tests {
 
     #[test]
     fn artifacts_are_what_the_stores_index_names() {
+        // Runs the real contractor-store of this build (`cargo build -p contractor-store`).
+        // An index as the store writes it, naming `paths`.
+        let index = |paths: &[&str]| {
+            let entries: Vec<String> = paths
+                .iter()
+                .map(|p| format!(r#"{{"path":"{p}","size":1,"sha256":"ab","executable":false}}"#))
+                .collect();
+            format!(
+                r#"{{"version":1,"build":"b","artifacts":[{}]}}"#,
+                entries.join(",")
+            )
+        };
         let store = tempfile::tempdir().expect("tempdir");
         let record = store.path().join("builds/20261125-100000-aaaaaa");
         std::fs::create_dir_all(record.join("artifacts/bin")).expect("mkdir");
@@ -256,11 +242,8 @@ mod tests {
             Vec::<PathBuf>::new(),
             "no index yet"
         );
-        std::fs::write(
-            record.join("artifacts.json"),
-            r#"{"version":1,"build":"b","artifacts":[{"path":"bin/tool"},{"path":"a.txt"}]}"#,
-        )
-        .expect("index");
+        std::fs::write(record.join("artifacts.json"), index(&["bin/tool", "a.txt"]))
+            .expect("index");
         assert_eq!(
             stored_artifacts(&record),
             [
@@ -273,7 +256,7 @@ mod tests {
         std::fs::write(record.join("artifacts/later"), "x").expect("write");
         std::fs::write(
             record.join("artifacts.json"),
-            r#"{"version":1,"build":"b","artifacts":[{"path":"a.txt"},{"path":"../../x"},{"path":"/etc/passwd"}]}"#,
+            index(&["a.txt", "../../x", "/etc/passwd"]),
         )
         .expect("index");
         assert_eq!(stored_artifacts(&record), [record.join("artifacts/a.txt")]);

@@ -200,11 +200,14 @@ pub fn show(root: &Path, id: Option<&str>) -> Result<RecordShown, ReadError> {
     let (id, dir) = resolve(root, id)?;
     let result = result(&dir)?;
     let index = artifact_index(&dir);
-    let artifacts = result
-        .iter()
-        .flat_map(|r| r.artifacts.iter())
-        .map(|path| shown_artifact(&dir, path, &index))
-        .collect();
+    let artifacts = match &result {
+        Some(result) => result
+            .artifacts
+            .iter()
+            .map(|path| shown_artifact(&dir, path, &index))
+            .collect(),
+        None => indexed_artifacts(&dir, index),
+    };
     let (downloads, from_cache) = match downloads_of(&dir) {
         Ok((downloads, _)) => (
             downloads.len() as u64,
@@ -240,6 +243,28 @@ fn artifact_index(dir: &Path) -> HashMap<String, (u64, String)> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The artifacts of a record without a result (one received from a build host, not closed
+/// yet) as its index names them, sorted: each beneath `artifacts/`, reached by plain names
+/// (an index entry that would leave it is left out).
+fn indexed_artifacts(dir: &Path, index: HashMap<String, (u64, String)>) -> Vec<ShownArtifact> {
+    let artifacts = dir.join("artifacts");
+    let mut shown: Vec<ShownArtifact> = index
+        .into_iter()
+        .filter(|(path, _)| {
+            Path::new(path)
+                .components()
+                .all(|c| matches!(c, Component::Normal(_)))
+        })
+        .map(|(path, (size, sha256))| ShownArtifact {
+            path: artifacts.join(path),
+            size: Some(size),
+            sha256: Some(sha256),
+        })
+        .collect();
+    shown.sort_by(|a, b| a.path.cmp(&b.path));
+    shown
 }
 
 /// What is at the artifact `path` of a result: only a regular file beneath the record's

@@ -914,7 +914,7 @@ fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
                         .result
                         .error
                         .map(|e| shown_chain(&e.chain))
-                        .unwrap_or_else(|| outcome_name(report.result.outcome).to_string());
+                        .unwrap_or_else(|| report.result.outcome.as_str().to_string());
                     eprintln!("contractor: the VM for the shell did not start: {reason}");
                     return ExitCode::BuildFailed;
                 }
@@ -991,13 +991,8 @@ impl Failure {
 
     /// A tool failed while doing `doing`: bad input when the tool refused its input.
     fn tool(doing: String, error: crate::tools::ToolError) -> Failure {
-        let exit = if error.is_bad_input() {
-            ExitCode::BadInput
-        } else {
-            ExitCode::Infrastructure
-        };
         Failure {
-            exit,
+            exit: error.exit_code(),
             error: Box::new(Context {
                 doing,
                 source: Box::new(error),
@@ -1280,13 +1275,16 @@ fn verify_provenance(file: &Path, target: Option<&str>, key: Option<&Path>) -> R
     Ok(())
 }
 
-/// The store directory of the project whose spec is `file` (the spec need not be valid).
-fn store_of(file: &Path) -> PathBuf {
-    let dir = file
-        .parent()
+/// The directory of the project whose spec is `file` (the spec need not be valid).
+fn project_of(file: &Path) -> &Path {
+    file.parent()
         .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    crate::paths::store_dir(dir)
+        .unwrap_or(Path::new("."))
+}
+
+/// The store directory of the project whose spec is `file`.
+fn store_of(file: &Path) -> PathBuf {
+    crate::paths::store_dir(project_of(file))
 }
 
 /// `contractor cache clear --downloads`.
@@ -1346,9 +1344,7 @@ fn list_builds(file: &Path) -> Result<(), Failure> {
     );
     for record in records.iter().rev() {
         let (outcome, duration) = match (record.outcome, record.duration_secs) {
-            (Some(outcome), Some(secs)) => {
-                (outcome_name(outcome).to_string(), format!("{secs:.1}s"))
-            }
+            (Some(outcome), Some(secs)) => (outcome.as_str().to_string(), format!("{secs:.1}s")),
             _ => ("running".to_string(), "-".to_string()),
         };
         println!(
@@ -1373,7 +1369,7 @@ fn list_images() -> Result<(), Failure> {
             "{:<22} {:>9} {:<19} {:<14} {}",
             image.manifest.name,
             human_bytes(image.size),
-            image::format_time(image.manifest.created),
+            crate::clock::format_utc(image.manifest.created),
             image.manifest.agent_version,
             image.manifest.disk_sha256
         );
@@ -1398,21 +1394,11 @@ fn list_images() -> Result<(), Failure> {
                 snapshot.cpus,
                 snapshot.memory_mib,
                 snapshot.accel,
-                image::format_time(snapshot.created)
+                crate::clock::format_utc(snapshot.created)
             );
         }
     }
     Ok(())
-}
-
-fn outcome_name(outcome: Outcome) -> &'static str {
-    match outcome {
-        Outcome::Success => "success",
-        Outcome::Failed => "failed",
-        Outcome::Timeout => "timeout",
-        Outcome::Infrastructure => "infrastructure",
-        Outcome::Interrupted => "interrupted",
-    }
 }
 
 fn show_build(file: &Path, id: Option<&str>) -> Result<(), Failure> {
@@ -1423,7 +1409,7 @@ fn show_build(file: &Path, id: Option<&str>) -> Result<(), Failure> {
         println!("result:    running (no result.json yet)");
         return Ok(());
     };
-    println!("result:    {}", outcome_name(result.outcome));
+    println!("result:    {}", result.outcome.as_str());
     if let Some(code) = result.exit_code {
         println!("exit code: {code}");
     }
@@ -1572,10 +1558,7 @@ fn download_lines(downloads: &[Download]) -> Vec<u8> {
 /// `contractor pin`: contractor.lock from the downloads of build `id` (the newest).
 fn pin_downloads(file: &Path, id: Option<&str>) -> Result<(), Failure> {
     use crate::lock::{self, LockError};
-    let project = file
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let project = project_of(file);
     let record = records::show(&store_of(file), id).map_err(Failure::record)?;
     if record.result.as_ref().map(|r| r.outcome)
         != Some(contractor_protocol::result::Outcome::Success)
@@ -1638,15 +1621,25 @@ fn print_downloads(file: &Path, id: Option<&str>, json: bool) -> Result<(), Fail
 
 fn print_log(file: &Path, id: Option<&str>, console: bool) -> Result<(), Failure> {
     let mut stdout = std::io::stdout().lock();
-    records::log(&store_of(file), id, console, &mut stdout).map_err(Failure::record)
+    records::log(&store_of(file), id, console, None, &mut stdout).map_err(Failure::record)
 }
 
-fn console_tail(path: &std::path::Path) -> Vec<String> {
-    // The console log is the guest's; virtlogd rotates it at 2 MiB.
-    let bytes = contractor_protocol::file::read_regular(path, 8 << 20).unwrap_or_default();
-    let text = String::from_utf8_lossy(&bytes);
-    let lines: Vec<String> = text.lines().map(str::to_string).collect();
-    lines[lines.len().saturating_sub(10)..].to_vec()
+/// The last 10 lines of the console log `path` of a record (`<store>/builds/<id>/`), as the
+/// store reads them (`record log --console --tail 10`: the guest's bytes are read by the
+/// confined store, never opened here); none when it cannot.
+fn console_tail(path: &Path) -> Vec<String> {
+    let (store, id) = records::store_and_id(path.parent().unwrap_or(path));
+    let mut tail = Vec::new();
+    match id
+        .to_str()
+        .map(|id| records::log(store, Some(id), true, Some(10), &mut tail))
+    {
+        Some(Ok(())) => String::from_utf8_lossy(&tail)
+            .lines()
+            .map(str::to_string)
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// A result's error chain as shown: each message escaped and cut to
@@ -1664,6 +1657,28 @@ use contractor_protocol::result::joined_chain as chain;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_console_tail_is_the_stores_reading_of_the_logs_end() {
+        // Runs the real contractor-store of this build (`cargo build -p contractor-store`).
+        // The log is longer than the front end ever read itself (8 MiB; sparse here): its
+        // end is the store's to find.
+        use std::io::Write;
+        let store = tempfile::tempdir().expect("tempdir");
+        let record = store.path().join("builds/20261125-100000-aaaaaa");
+        std::fs::create_dir_all(&record).expect("record");
+        let path = record.join("console.log");
+        let mut log = std::fs::File::create(&path).expect("log");
+        log.set_len(9 << 20).expect("a long log");
+        std::io::Seek::seek(&mut log, std::io::SeekFrom::End(0)).expect("its end");
+        for n in 0..12 {
+            writeln!(log, "line {n}").expect("a line");
+        }
+        let lines: Vec<String> = (2..12).map(|n| format!("line {n}")).collect();
+        assert_eq!(console_tail(&path), lines);
+        // No record there: no lines, no error.
+        assert!(console_tail(&store.path().join("builds/x/console.log")).is_empty());
+    }
 
     #[test]
     fn a_download_line_is_shown_with_its_hash_url_and_phase() {

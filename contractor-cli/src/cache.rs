@@ -5,8 +5,8 @@
 //! after it keeps what the build saved, [`list`] and [`clear`] serve `contractor cache`.
 //! Each is one run of the store tool with one JSON answer.
 
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use contractor_protocol::agent::CacheJob;
 use contractor_protocol::store::{CacheCleared, CacheKept, CacheList, CachePrepared};
@@ -54,11 +54,15 @@ fn check_record(store_root: &Path, record: &Path, id: &str) -> Result<(), CacheE
     }
 }
 
-/// `--path P` for each of `paths`.
-fn path_args(paths: &[String]) -> impl Iterator<Item = &OsStr> {
-    paths
-        .iter()
-        .flat_map(|path| [OsStr::new("--path"), OsStr::new(path)])
+/// A `contractor-store cache ACTION --root ROOT` command, with `--path P` for each of
+/// `paths`.
+fn cache_request(action: &str, store_root: &Path, paths: &[String]) -> Result<Command, ToolError> {
+    let mut command = tools::command(tools::STORE)?;
+    command.args(["cache", action, "--root"]).arg(store_root);
+    for path in paths {
+        command.arg("--path").arg(path);
+    }
+    Ok(command)
 }
 
 /// Prepares build `id`'s cache job (`contractor-store cache prepare`): links the existing
@@ -73,20 +77,10 @@ pub fn prepare(
     max_bytes: u64,
 ) -> std::io::Result<Option<CacheJob>> {
     check_record(store_root, record, id).map_err(std::io::Error::other)?;
-    let max = max_bytes.to_string();
-    let mut args: Vec<&OsStr> = vec![
-        OsStr::new("cache"),
-        OsStr::new("prepare"),
-        OsStr::new("--root"),
-        store_root.as_os_str(),
-        OsStr::new("--build"),
-        OsStr::new(id),
-        OsStr::new("--max-bytes"),
-        OsStr::new(&max),
-    ];
-    args.extend(path_args(paths));
-    let prepared: CachePrepared = tools::answer(tools::STORE, &args)
-        .map_err(|e| std::io::Error::other(CacheError::Tool(e)))?;
+    let tool = |e| std::io::Error::other(CacheError::Tool(e));
+    let mut command = cache_request("prepare", store_root, paths).map_err(tool)?;
+    command.args(["--build", id, "--max-bytes", &max_bytes.to_string()]);
+    let prepared: CachePrepared = tools::answer_of(tools::STORE, command).map_err(tool)?;
     for warning in &prepared.warnings {
         eprintln!("contractor: warning: {}", crate::display::escape(warning));
     }
@@ -104,44 +98,27 @@ pub fn keep(
     succeeded: bool,
 ) -> Result<Option<u64>, CacheError> {
     check_record(store_root, record, id)?;
-    let mut args: Vec<&OsStr> = vec![
-        OsStr::new("cache"),
-        OsStr::new("keep"),
-        OsStr::new("--root"),
-        store_root.as_os_str(),
-        OsStr::new("--build"),
-        OsStr::new(id),
-    ];
-    args.extend(path_args(paths));
+    let mut command = cache_request("keep", store_root, paths).map_err(CacheError::Tool)?;
+    command.args(["--build", id]);
     if succeeded {
-        args.push(OsStr::new("--success"));
+        command.arg("--success");
     }
-    let kept: CacheKept = tools::answer(tools::STORE, &args).map_err(CacheError::Tool)?;
+    let kept: CacheKept = tools::answer_of(tools::STORE, command).map_err(CacheError::Tool)?;
     Ok(kept.bytes)
 }
 
 /// The project's caches (`contractor-store cache list`), sorted by tar.
 pub fn list(store_root: &Path) -> Result<Vec<CacheEntry>, ToolError> {
-    let args = [
-        OsStr::new("cache"),
-        OsStr::new("list"),
-        OsStr::new("--root"),
-        store_root.as_os_str(),
-    ];
-    let listed: CacheList = tools::answer(tools::STORE, &args)?;
+    let listed: CacheList =
+        tools::answer_of(tools::STORE, cache_request("list", store_root, &[])?)?;
     Ok(listed.caches)
 }
 
 /// Deletes the project's caches (`contractor-store cache clear`); returns how many bytes
 /// that freed.
 pub fn clear(store_root: &Path) -> Result<u64, ToolError> {
-    let args = [
-        OsStr::new("cache"),
-        OsStr::new("clear"),
-        OsStr::new("--root"),
-        store_root.as_os_str(),
-    ];
-    let cleared: CacheCleared = tools::answer(tools::STORE, &args)?;
+    let command = cache_request("clear", store_root, &[])?;
+    let cleared: CacheCleared = tools::answer_of(tools::STORE, command)?;
     Ok(cleared.freed_bytes)
 }
 

@@ -7,15 +7,12 @@
 //! `contractor-vm check`, whose answer carries its findings: here, or on a build host over
 //! ssh (`contractor doctor --host`, asked through `contractor-host vm`), where that host's
 //! own contractor-vm judges its own facts. The front end adds only its own finding: the
-//! confinement this machine's tools get.
+//! confinement this machine's tools get, as a proxy reports it (judged by
+//! `contractor_protocol::confinement`).
 
 use contractor_protocol::tool::Service;
 use contractor_protocol::vm::HostCheck;
 pub use contractor_protocol::vm::{Finding, FindingStatus as Status};
-
-fn finding(status: Status, what: &str, detail: String) -> Finding {
-    Finding::new(status, what, detail)
-}
 
 /// Runs every check against the libvirt URI `uri`: of this machine, or with `host` of that
 /// build host (its `contractor-vm check`, over ssh).
@@ -39,7 +36,7 @@ pub fn check(uri: Option<&str>, host: Option<&str>) -> Vec<Finding> {
         command.and_then(|command| crate::tools::answer_of::<HostCheck>(crate::tools::VM, command));
     let mut findings = match checked {
         Ok(checked) => checked.findings,
-        Err(err) => vec![finding(Status::Fail, "contractor-vm", chain(&err))],
+        Err(err) => vec![Finding::new(Status::Fail, "contractor-vm", chain(&err))],
     };
     if host.is_none() {
         findings.push(confinement());
@@ -61,118 +58,14 @@ fn confinement() -> Finding {
         Service::start(name, command, |_| {}, crate::tools::Answers::drain)
     });
     match started.map(|proxy| proxy.confinement.clone()) {
-        Err(err) => finding(Status::Fail, WHAT, chain(&err)),
-        Ok(None) => finding(
+        Err(err) => Finding::new(Status::Fail, WHAT, chain(&err)),
+        Ok(None) => Finding::new(
             Status::Warn,
             WHAT,
-            "contractor-proxy reported none (a tool of another release?); reinstall contractor"
-                .into(),
+            "contractor-proxy reported none (a tool of another release?); reinstall contractor",
         ),
-        Ok(Some(c)) => confinement_finding(&c),
+        Ok(Some(c)) => c.finding(),
     }
-}
-
-/// The doctor's line for what a tool said of its confinement.
-fn confinement_finding(c: &contractor_protocol::service::Confinement) -> Finding {
-    const WHAT: &str = "confinement";
-    let landlock = match (c.landlock_abi, c.landlock_fs, c.landlock_net) {
-        (0, _, _) => "no Landlock".to_string(),
-        (abi, true, true) => format!("Landlock ABI {abi} (files and TCP)"),
-        (abi, true, false) => format!("Landlock ABI {abi} (files only)"),
-        (abi, false, _) => format!("Landlock ABI {abi} (not enforced)"),
-    };
-    let seccomp = if c.seccomp { "seccomp" } else { "no seccomp" };
-    let level = format!("{landlock}, {seccomp}, no_new_privs, rlimits");
-    if c.enforced && c.warnings.is_empty() {
-        return finding(
-            Status::Ok,
-            WHAT,
-            format!(
-                "{level}: the store, proxy and relay each reach only their own files and ports"
-            ),
-        );
-    }
-    let mut fixes = Vec::new();
-    if c.landlock_abi == 0 {
-        fixes.push("Landlock needs Linux 5.13 or later with `landlock` in the lsm= boot parameter (or CONFIG_LSM)");
-    } else if !c.landlock_net {
-        fixes.push("Landlock's TCP rules need Linux 6.7 or later (ABI 4)");
-    }
-    if !c.seccomp {
-        fixes.push("seccomp filters need a kernel with CONFIG_SECCOMP_FILTER");
-    }
-    let fix = if fixes.is_empty() {
-        String::new()
-    } else {
-        format!(". {}", fixes.join("; "))
-    };
-    finding(
-        Status::Warn,
-        WHAT,
-        format!(
-            "{level}; what does not hold: {}{fix}",
-            c.warnings.join("; ")
-        ),
-    )
 }
 
 use contractor_protocol::result::joined_chain as chain;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use contractor_protocol::service::Confinement;
-
-    fn confinement(abi: u32, net: bool, seccomp: bool, warnings: &[&str]) -> Confinement {
-        Confinement {
-            enforced: true,
-            no_new_privs: true,
-            landlock_abi: abi,
-            landlock_fs: abi > 0,
-            landlock_net: net,
-            seccomp,
-            rlimits: true,
-            warnings: warnings.iter().map(ToString::to_string).collect(),
-        }
-    }
-
-    #[test]
-    fn the_doctor_names_the_level_and_what_is_missing() {
-        let full = confinement_finding(&confinement(7, true, true, &[]));
-        assert_eq!(full.status, Status::Ok);
-        assert!(
-            full.detail
-                .contains("Landlock ABI 7 (files and TCP), seccomp"),
-            "{}",
-            full.detail
-        );
-
-        let debian = confinement_finding(&confinement(2, false, true, &["TCP is NOT confined"]));
-        assert_eq!(debian.status, Status::Warn);
-        assert!(
-            debian.detail.contains("ABI 2 (files only)"),
-            "{}",
-            debian.detail
-        );
-        assert!(
-            debian.detail.contains("TCP is NOT confined"),
-            "{}",
-            debian.detail
-        );
-        assert!(debian.detail.contains("Linux 6.7"), "{}", debian.detail);
-
-        let bare = confinement_finding(&confinement(
-            0,
-            false,
-            false,
-            &["no Landlock", "no seccomp"],
-        ));
-        assert_eq!(bare.status, Status::Warn);
-        assert!(bare.detail.contains("lsm="), "{}", bare.detail);
-        assert!(
-            bare.detail.contains("CONFIG_SECCOMP_FILTER"),
-            "{}",
-            bare.detail
-        );
-    }
-}

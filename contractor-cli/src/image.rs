@@ -7,14 +7,12 @@
 //! knows of an image is what contractor-vm printed.
 
 use std::ffi::OsStr;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use contractor_protocol::image::{ImageInfo, ImageResult};
 pub use contractor_protocol::image::{Manifest, IMPORTED};
 use contractor_protocol::vm::BootImage;
 use contractor_protocol::ExitCode;
-use sha2::{Digest, Sha256};
 
 use crate::tools::{self, ToolError};
 
@@ -39,8 +37,8 @@ impl ImageError {
     /// or unknown name, a bad file to import), `Infrastructure` otherwise.
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            ImageError::Tool(e) if e.is_bad_input() => ExitCode::BadInput,
-            _ => ExitCode::Infrastructure,
+            ImageError::Tool(e) => e.exit_code(),
+            ImageError::Unexpected { .. } => ExitCode::Infrastructure,
         }
     }
 }
@@ -87,27 +85,33 @@ fn type_of(result: &ImageResult) -> &'static str {
     }
 }
 
-/// Runs `contractor-vm image <command> <args>`.
-fn image_tool(command: &'static str, args: &[&OsStr]) -> Result<ImageResult, ImageError> {
+/// Runs `contractor-vm image <command> <args>` and takes from its answer what `pick` finds
+/// there; any other message than the one asked for is [`ImageError::Unexpected`].
+fn image_tool<T>(
+    command: &'static str,
+    args: &[&OsStr],
+    pick: impl FnOnce(ImageResult) -> Result<T, ImageResult>,
+) -> Result<T, ImageError> {
     let mut all: Vec<&OsStr> = vec![OsStr::new("image"), OsStr::new(command)];
     all.extend_from_slice(args);
-    Ok(tools::answer::<ImageResult>(tools::VM, &all)?)
+    pick(tools::answer::<ImageResult>(tools::VM, &all)?).map_err(|other| ImageError::Unexpected {
+        command,
+        got: type_of(&other),
+    })
 }
 
-fn one_image(command: &'static str, result: ImageResult) -> Result<Image, ImageError> {
+/// The image of an `image` answer (`image build`, `image import`).
+fn one_image(result: ImageResult) -> Result<Image, ImageResult> {
     match result {
         ImageResult::Image { image, .. } => Ok((*image).into()),
-        other => Err(ImageError::Unexpected {
-            command,
-            got: type_of(&other),
-        }),
+        other => Err(other),
     }
 }
 
 /// Returns the image `name`, which contractor-vm builds first if it is missing or carries
 /// another agent.
 pub fn ensure(name: &str) -> Result<Image, ImageError> {
-    one_image("build", image_tool("build", &[OsStr::new(name)])?)
+    image_tool("build", &[OsStr::new(name)], one_image)
 }
 
 /// The image derived from `base` with `packages` (`[image]` of a spec), built first when
@@ -125,7 +129,7 @@ pub fn ensure_derived(
     if !check_valid_until {
         args.push(OsStr::new("--no-check-valid-until"));
     }
-    one_image("build", image_tool("build", &args)?)
+    image_tool("build", &args, one_image)
 }
 
 /// Imports `disk` as the image `name`, with `boot` (kernel, initrd) when given, else with
@@ -140,66 +144,33 @@ pub fn import(name: &str, disk: &Path, boot: Option<(&Path, &Path)>) -> Result<I
             initrd.as_os_str(),
         ]);
     }
-    one_image("import", image_tool("import", &args)?)
+    image_tool("import", &args, one_image)
 }
 
 /// The images contractor-vm has, by name.
 pub fn list() -> Result<Vec<Image>, ImageError> {
-    match image_tool("list", &[])? {
+    image_tool("list", &[], |result| match result {
         ImageResult::Images { images, .. } => Ok(images.into_iter().map(Image::from).collect()),
-        other => Err(ImageError::Unexpected {
-            command: "list",
-            got: type_of(&other),
-        }),
-    }
+        other => Err(other),
+    })
 }
 
 /// Removes the image `name`.
 pub fn remove(name: &str) -> Result<(), ImageError> {
-    match image_tool("rm", &[OsStr::new(name)])? {
+    image_tool("rm", &[OsStr::new(name)], |result| match result {
         ImageResult::Removed { .. } => Ok(()),
-        other => Err(ImageError::Unexpected {
-            command: "rm",
-            got: type_of(&other),
-        }),
-    }
+        other => Err(other),
+    })
 }
 
 /// Removes the derived images no build used for `days` days; returns their names.
 pub fn gc(days: u32) -> Result<Vec<String>, ImageError> {
     let days = days.to_string();
-    match image_tool("gc", &[OsStr::new("--days"), OsStr::new(&days)])? {
+    let args = [OsStr::new("--days"), OsStr::new(&days)];
+    image_tool("gc", &args, |result| match result {
         ImageResult::Collected { removed, .. } => Ok(removed),
-        other => Err(ImageError::Unexpected {
-            command: "gc",
-            got: type_of(&other),
-        }),
-    }
-}
-
-/// `2026-11-25 14:15:02` (UTC) from Unix seconds.
-pub fn format_time(unix: u64) -> String {
-    crate::clock::format_utc(unix)
-}
-
-/// sha256 of a file, hex.
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex(&hasher.finalize()))
-}
-
-/// Lower-case hex of bytes.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+        other => Err(other),
+    })
 }
 
 #[cfg(test)]
@@ -215,7 +186,7 @@ mod tests {
             "disk_sha256":"d","agent_version":"0.1.0","agent_sha256":"a",
             "cmdline":"root=/dev/vda"}}}"#;
         let result: ImageResult = serde_json::from_str(line).expect("an image answer");
-        let image = one_image("build", result).expect("an image");
+        let image = one_image(result).expect("an image");
         assert_eq!(image.dir, Path::new("/d/images/x"));
         assert_eq!(
             image.boot().initrd.as_deref(),
@@ -225,15 +196,7 @@ mod tests {
             version: 1,
             name: "x".into(),
         };
-        assert!(matches!(
-            one_image("build", removed),
-            Err(ImageError::Unexpected { got: "removed", .. })
-        ));
-    }
-
-    #[test]
-    fn times_are_printed_in_utc() {
-        assert_eq!(format_time(0), "1970-01-01 00:00:00");
-        assert_eq!(format_time(1_795_615_977), "2026-11-25 14:12:57");
+        let other = one_image(removed).expect_err("not an image");
+        assert_eq!(type_of(&other), "removed");
     }
 }

@@ -9,12 +9,9 @@
 //! receives a build host's record (confined to it), and decides which builds are abandoned
 //! and closes them.
 
-use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 
-use contractor_protocol::error::ToolCode;
 use contractor_protocol::proxy::Download;
 use contractor_protocol::result::{BuildResult, ErrorInfo, Limit, Outcome};
 use contractor_protocol::store::{
@@ -23,7 +20,7 @@ use contractor_protocol::store::{
 
 use serde::de::DeserializeOwned;
 
-use crate::tools::{self, Answers, Reply, ToolError, ToolMessages};
+use crate::tools::{self, Lines, ToolError, ToolMessages};
 
 /// Errors reading records.
 #[derive(Debug, thiserror::Error)]
@@ -50,11 +47,10 @@ impl RecordError {
 }
 
 impl From<ToolError> for RecordError {
+    /// The store refuses a request for a build that is not there (`no_builds`,
+    /// `no_such_build`, `bad_build`) as bad input (exit code 2), and only those.
     fn from(error: ToolError) -> RecordError {
-        let not_there = matches!(
-            error.tool_code(),
-            Some(ToolCode::NoBuilds | ToolCode::NoSuchBuild | ToolCode::BadBuild)
-        );
+        let not_there = error.is_bad_input();
         match error.messages() {
             Some(messages) if not_there => RecordError::NotThere(messages),
             Some(messages) => RecordError::Store(Box::new(messages)),
@@ -64,77 +60,34 @@ impl From<ToolError> for RecordError {
 }
 
 /// A store request about the records under `store_root` (`record SUBCOMMAND --root ROOT
-/// [--build ID] --json-errors`), started; returns it, the reader of its stdout and its first
-/// line. The store's stderr is not shown: its error object says the same, reported once.
+/// [--build ID] --json-errors`), started; returns it, being read, and its first line.
 fn request<T: DeserializeOwned>(
     subcommand: &str,
     store_root: &Path,
     id: Option<&str>,
     more: &[&str],
-) -> Result<(Child, Answers, T), ToolError> {
+) -> Result<(Lines, T), ToolError> {
     let mut command = tools::command(tools::STORE)?;
     command
         .args(["record", subcommand, "--root"])
         .arg(store_root)
         .args(id.map(|id| ["--build", id]).into_iter().flatten())
-        .args(more)
-        .arg("--json-errors")
-        .stderr(Stdio::null());
-    let mut child = tools::spawn(tools::STORE, command)?;
-    drop(child.stdin.take());
-    let mut answers = Answers::of(tools::STORE, &mut child)?;
-    let first = answers.first(&mut child)?;
-    Ok((child, answers, first))
-}
-
-/// The `count` lines that follow a request's first line, each a `T`; then the request's
-/// end, whose failure is an error.
-fn rest<T: DeserializeOwned>(
-    (mut child, mut answers): (Child, Answers),
-    count: u64,
-) -> Result<Vec<T>, RecordError> {
-    let mut lines = Vec::new();
-    for _ in 0..count {
-        let error = match answers.next_reply::<T>()? {
-            Some(Reply::Answer(line)) => {
-                lines.push(line);
-                continue;
-            }
-            Some(Reply::Error(error)) => Some(error),
-            None => None,
-        };
-        let exit_code = child.wait().ok().and_then(|status| status.code());
-        let name = tools::STORE;
-        return Err(ToolError::Failed {
-            name,
-            exit_code,
-            error,
-        }
-        .into());
-    }
-    answers.drain();
-    let status = child.wait().map_err(|source| ToolError::Io {
-        name: tools::STORE,
-        source,
-    })?;
-    match status.success() {
-        true => Ok(lines),
-        false => Err(ToolError::exited(tools::STORE, status.code()).into()),
-    }
+        .args(more);
+    Lines::start(tools::STORE, command)
 }
 
 /// All builds of the project whose store is `store_root`, oldest first
 /// (`contractor-store record list`).
 pub fn list(store_root: &Path) -> Result<Vec<RecordEntry>, RecordError> {
-    let (child, answers, header) = request::<RecordList>("list", store_root, None, &[])?;
-    rest((child, answers), header.builds)
+    let (lines, header) = request::<RecordList>("list", store_root, None, &[])?;
+    Ok(lines.rest(header.builds)?)
 }
 
 /// The record of build `id`, or of the newest one (`contractor-store record show`): its
 /// result, its artifacts with their sizes and digests, the tally of its downloads.
 pub fn show(store_root: &Path, id: Option<&str>) -> Result<RecordShown, RecordError> {
-    let (child, answers, shown) = request::<RecordShown>("show", store_root, id, &[])?;
-    rest::<RecordShown>((child, answers), 0)?;
+    let (lines, shown) = request::<RecordShown>("show", store_root, id, &[])?;
+    lines.rest::<RecordShown>(0)?;
     Ok(shown)
 }
 
@@ -144,34 +97,36 @@ pub fn downloads(
     store_root: &Path,
     id: Option<&str>,
 ) -> Result<(String, Vec<Download>), RecordError> {
-    let (child, answers, header) = request::<RecordDownloads>("downloads", store_root, id, &[])?;
-    Ok((header.id, rest((child, answers), header.downloads)?))
+    let (lines, header) = request::<RecordDownloads>("downloads", store_root, id, &[])?;
+    Ok((header.id, lines.rest(header.downloads)?))
 }
 
 /// Copies the log of build `id` (the newest; its console log with `console`) to `out`, as
-/// the store sends it (`contractor-store record log`: the bytes as written).
+/// the store sends it (`contractor-store record log`: the bytes as written; with `tail`,
+/// only its last `tail` lines, at most 1,000).
 pub fn log(
     store_root: &Path,
     id: Option<&str>,
     console: bool,
+    tail: Option<u32>,
     out: &mut dyn Write,
 ) -> Result<(), RecordError> {
-    let more: &[&str] = if console { &["--console"] } else { &[] };
-    let (child, mut answers, header) = request::<RecordLog>("log", store_root, id, more)?;
-    let copied = std::io::copy(&mut answers.rest().take(header.bytes), out)
+    let tail = tail.map(|lines| lines.to_string());
+    let mut more = Vec::new();
+    more.extend(console.then_some("--console"));
+    more.extend(tail.iter().flat_map(|lines| ["--tail", lines.as_str()]));
+    let (mut lines, header) = request::<RecordLog>("log", store_root, id, &more)?;
+    let copied = std::io::copy(&mut lines.bytes().take(header.bytes), out)
         .and_then(|copied| out.flush().map(|()| copied))
         .map_err(RecordError::Write)?;
     // A log cut short is the store's failure, said by its end.
-    rest::<RecordLog>((child, answers), u64::from(copied != header.bytes)).map(drop)
+    lines.rest::<RecordLog>(u64::from(copied != header.bytes))?;
+    Ok(())
 }
-
-/// Most bytes of a record's `artifacts.json` read back (an entry is about 150 bytes; the
-/// store indexes at most what a build may upload).
-pub const MAX_INDEX_BYTES: u64 = 64 << 20;
 
 /// The store directory and build id of the record directory `record`
 /// (`<store>/builds/<id>`).
-fn store_and_id(record: &Path) -> (&Path, &std::ffi::OsStr) {
+pub fn store_and_id(record: &Path) -> (&Path, &std::ffi::OsStr) {
     let root = record
         .parent()
         .and_then(Path::parent)
@@ -183,19 +138,13 @@ fn store_and_id(record: &Path) -> (&Path, &std::ffi::OsStr) {
 /// (`contractor-store record open`: abandoned records closed, the directory made, owned by
 /// this process, `latest` pointed at it) with the id `id` (else a new one); returns its id.
 pub fn open_new(store_root: &Path, id: Option<&str>) -> Result<String, ToolError> {
-    let owner = std::process::id().to_string();
-    let mut args = vec![
-        OsStr::new("record"),
-        OsStr::new("open"),
-        OsStr::new("--root"),
-        store_root.as_os_str(),
-        OsStr::new("--owner"),
-        OsStr::new(&owner),
-    ];
-    if let Some(id) = id {
-        args.extend([OsStr::new("--id"), OsStr::new(id)]);
-    }
-    let opened: RecordOpened = tools::answer(tools::STORE, &args)?;
+    let mut command = tools::command(tools::STORE)?;
+    command
+        .args(["record", "open", "--root"])
+        .arg(store_root)
+        .args(["--owner", &std::process::id().to_string()])
+        .args(id.map(|id| ["--id", id]).into_iter().flatten());
+    let opened: RecordOpened = tools::answer_of(tools::STORE, command)?;
     Ok(opened.id)
 }
 
@@ -232,12 +181,7 @@ pub fn close(record: &Path, ended: &Ended) -> Result<BuildResult, ToolError> {
         .arg(root)
         .arg("--build")
         .arg(id)
-        .args([
-            "--started",
-            &started,
-            "--outcome",
-            &wire_name(ended.outcome),
-        ]);
+        .args(["--started", &started, "--outcome", ended.outcome.as_str()]);
     // `--flag=VALUE`: a value may begin with `-` (a guest's error message).
     for pattern in ended.artifacts {
         command.arg(format!("--artifact={pattern}"));
@@ -246,7 +190,7 @@ pub fn close(record: &Path, ended: &Ended) -> Result<BuildResult, ToolError> {
         command.args(["--exit-code", &exit_code.to_string()]);
     }
     if let Some(limit) = ended.limit {
-        command.args(["--limit", &wire_name(limit)]);
+        command.args(["--limit", limit.as_str()]);
     }
     if let Some(error) = ended.error {
         command.arg(format!("--error-code={}", error.code));
@@ -258,46 +202,16 @@ pub fn close(record: &Path, ended: &Ended) -> Result<BuildResult, ToolError> {
     Ok(closed.result)
 }
 
-/// An outcome's or a limit's name on the wire (`"interrupted"`, `"max_log"`).
-fn wire_name(value: impl serde::Serialize) -> String {
-    match serde_json::to_value(value) {
-        Ok(serde_json::Value::String(name)) => name,
-        _ => String::new(),
-    }
-}
-
-/// The artifacts of `record` as the store's index (`artifacts.json`, at most
-/// [`MAX_INDEX_BYTES`], a regular file) names them, sorted: each a path beneath
-/// `artifacts/` of plain names. None when there is no readable index.
+/// The artifacts of `record` (`<store>/builds/<id>`, not closed yet: a build host's record
+/// just received) as the store's index names them, sorted: each a path beneath `artifacts/`
+/// of plain names (`contractor-store record show`, which reads `artifacts.json` confined).
+/// None when the store cannot say.
 pub fn stored_artifacts(record: &Path) -> Vec<PathBuf> {
-    #[derive(serde::Deserialize)]
-    struct Index {
-        artifacts: Vec<Entry>,
+    let (root, id) = store_and_id(record);
+    match id.to_str().map(|id| show(root, Some(id))) {
+        Some(Ok(shown)) => shown.artifacts.into_iter().map(|a| a.path).collect(),
+        _ => Vec::new(),
     }
-    #[derive(serde::Deserialize)]
-    struct Entry {
-        path: String,
-    }
-    let path = record.join("artifacts.json");
-    let Ok(bytes) = contractor_protocol::file::read_regular(&path, MAX_INDEX_BYTES) else {
-        return Vec::new();
-    };
-    let Ok(index) = serde_json::from_slice::<Index>(&bytes) else {
-        return Vec::new();
-    };
-    let dir = record.join("artifacts");
-    let mut found: Vec<PathBuf> = index
-        .artifacts
-        .into_iter()
-        .map(|a| PathBuf::from(a.path))
-        .filter(|p| {
-            p.components()
-                .all(|c| matches!(c, std::path::Component::Normal(_)))
-        })
-        .map(|p| dir.join(p))
-        .collect();
-    found.sort();
-    found
 }
 
 #[cfg(test)]
@@ -306,6 +220,18 @@ mod tests {
 
     #[test]
     fn artifacts_are_what_the_stores_index_names() {
+        // Runs the real contractor-store of this build (`cargo build -p contractor-store`).
+        // An index as the store writes it, naming `paths`.
+        let index = |paths: &[&str]| {
+            let entries: Vec<String> = paths
+                .iter()
+                .map(|p| format!(r#"{{"path":"{p}","size":1,"sha256":"ab","executable":false}}"#))
+                .collect();
+            format!(
+                r#"{{"version":1,"build":"b","artifacts":[{}]}}"#,
+                entries.join(",")
+            )
+        };
         let store = tempfile::tempdir().expect("tempdir");
         let record = store.path().join("builds/20261125-100000-aaaaaa");
         std::fs::create_dir_all(record.join("artifacts/bin")).expect("mkdir");
@@ -316,11 +242,8 @@ mod tests {
             Vec::<PathBuf>::new(),
             "no index yet"
         );
-        std::fs::write(
-            record.join("artifacts.json"),
-            r#"{"version":1,"build":"b","artifacts":[{"path":"bin/tool"},{"path":"a.txt"}]}"#,
-        )
-        .expect("index");
+        std::fs::write(record.join("artifacts.json"), index(&["bin/tool", "a.txt"]))
+            .expect("index");
         assert_eq!(
             stored_artifacts(&record),
             [
@@ -333,7 +256,7 @@ mod tests {
         std::fs::write(record.join("artifacts/later"), "x").expect("write");
         std::fs::write(
             record.join("artifacts.json"),
-            r#"{"version":1,"build":"b","artifacts":[{"path":"a.txt"},{"path":"../../x"},{"path":"/etc/passwd"}]}"#,
+            index(&["a.txt", "../../x", "/etc/passwd"]),
         )
         .expect("index");
         assert_eq!(stored_artifacts(&record), [record.join("artifacts/a.txt")]);

@@ -6,16 +6,12 @@
 //! and, when packing fails, whether the project or the host is at fault (the tool's error
 //! code), with the tool's own messages as the error's chain.
 
-use std::ffi::OsStr;
 use std::path::Path;
 
 use contractor_protocol::error::ToolCode;
 use contractor_protocol::store::SourceSelection;
 
 use crate::tools::{self, ToolError, ToolMessages};
-
-/// The shared readers of files someone else chose (one copy, in contractor-protocol).
-pub use contractor_protocol::file::{kind_name, open_regular, read_regular};
 
 /// Errors packing the source.
 #[derive(Debug, thiserror::Error)]
@@ -73,19 +69,17 @@ pub fn pack_at_most(project: &Path, tar: &Path, max_entries: usize) -> Result<Pa
 }
 
 fn run_pack(project: &Path, tar: &Path, max_entries: Option<usize>) -> Result<Packed, SourceError> {
-    let max = max_entries.map(|n| n.to_string());
-    let mut args: Vec<&OsStr> = vec![
-        OsStr::new("pack"),
-        OsStr::new("--project"),
-        project.as_os_str(),
-        OsStr::new("--out"),
-        tar.as_os_str(),
-    ];
-    if let Some(max) = &max {
-        args.extend([OsStr::new("--max-entries"), OsStr::new(max)]);
+    let mut command = tools::command(tools::STORE).map_err(SourceError::Tool)?;
+    command
+        .args(["pack", "--project"])
+        .arg(project)
+        .arg("--out")
+        .arg(tar);
+    if let Some(max) = max_entries {
+        command.args(["--max-entries", &max.to_string()]);
     }
-    let packed: contractor_protocol::store::Packed =
-        tools::answer(tools::STORE, &args).map_err(|err| {
+    let packed: contractor_protocol::store::Packed = tools::answer_of(tools::STORE, command)
+        .map_err(|err| {
             let messages = err.messages();
             match (err.tool_code(), messages) {
                 (Some(ToolCode::SourceTooManyEntries), Some(m)) => SourceError::TooManyEntries(m),

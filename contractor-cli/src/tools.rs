@@ -14,8 +14,8 @@ use std::process::Command;
 
 use contractor_protocol::tool::Locator;
 pub use contractor_protocol::tool::{
-    answer_of, ask_of, send, signal_running, spawn, spawn_reading, start, text, Answers, Reply,
-    ToolError, ToolMessages, MAX_TEXT_BYTES,
+    answer_of, ask_of, send, signal_running, spawn, spawn_reading, start, text, Answers, Lines,
+    Reply, ToolError, ToolMessages, MAX_TEXT_BYTES,
 };
 use serde::de::DeserializeOwned;
 

@@ -12,6 +12,8 @@ pub mod agent;
 pub mod attest;
 pub mod build;
 pub mod clock;
+pub mod confinement;
+pub mod downloads;
 pub mod error;
 pub mod exit;
 pub mod file;

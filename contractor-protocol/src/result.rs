@@ -22,6 +22,17 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The outcome's name on the wire and on screen (`"success"`, `"interrupted"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failed => "failed",
+            Outcome::Timeout => "timeout",
+            Outcome::Infrastructure => "infrastructure",
+            Outcome::Interrupted => "interrupted",
+        }
+    }
+
     /// The exit code a tool reports for this outcome.
     pub fn exit_code(self) -> crate::ExitCode {
         use crate::ExitCode;
@@ -51,6 +62,17 @@ pub enum Limit {
 }
 
 impl Limit {
+    /// The limit's name on the wire (`"max_log"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::Timeout => "timeout",
+            Limit::MaxLog => "max_log",
+            Limit::MaxArtifacts => "max_artifacts",
+            Limit::Memory => "memory",
+            Limit::Disk => "disk",
+        }
+    }
+
     /// The spec field that sets this limit.
     pub fn field(self) -> &'static str {
         match self {
@@ -305,6 +327,26 @@ mod tests {
             BuildCode::SourceTooManyEntries.as_str(),
             "source_too_many_entries"
         );
+    }
+
+    #[test]
+    fn an_outcome_and_a_limit_read_on_the_wire_as_their_names() {
+        use Outcome::*;
+        for outcome in [Success, Failed, Timeout, Infrastructure, Interrupted] {
+            let json = serde_json::to_string(&outcome).expect("json");
+            assert_eq!(json, format!("\"{}\"", outcome.as_str()));
+        }
+        let limits = [
+            Limit::Timeout,
+            Limit::MaxLog,
+            Limit::MaxArtifacts,
+            Limit::Memory,
+            Limit::Disk,
+        ];
+        for limit in limits {
+            let json = serde_json::to_string(&limit).expect("json");
+            assert_eq!(json, format!("\"{}\"", limit.as_str()));
+        }
     }
 
     #[derive(Debug, thiserror::Error)]

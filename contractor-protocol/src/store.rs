@@ -182,7 +182,9 @@ pub struct RecordShown {
     pub started: Option<String>,
     /// Its `result.json`; null while it runs.
     pub result: Option<crate::result::BuildResult>,
-    /// Each artifact the result names, in its order.
+    /// Each artifact the result names, in its order; while there is no result, each
+    /// artifact the record's `artifacts.json` names (a build host's record, received and
+    /// not closed yet), sorted.
     pub artifacts: Vec<ShownArtifact>,
     /// The download lines of its `downloads.jsonl`.
     pub downloads: u64,

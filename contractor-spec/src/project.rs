@@ -1,7 +1,6 @@
 //! Facts about a project directory beyond its spec: where Contractor keeps the project's
 //! build records and caches (`<project>/.contractor`, which a build checks is the user's
-//! own real directory before writing into it, since the project ships its directory), and
-//! the project's key on build hosts.
+//! own real directory before writing into it, since the project ships its directory).
 
 use std::path::{Path, PathBuf};
 
@@ -69,24 +68,6 @@ pub fn checked_store_dir(project_dir: &Path) -> Result<PathBuf, StoreDirError> {
     Ok(root)
 }
 
-/// The key of the project directory `dir` on build hosts: the same for every build of it
-/// from this machine, so that its build cache there is reused.
-pub fn project_key(dir: &Path) -> String {
-    let machine = std::fs::read("/etc/machine-id")
-        .or_else(|_| std::fs::read("/proc/sys/kernel/hostname"))
-        .unwrap_or_default();
-    use sha2::Digest;
-    let mut hash = sha2::Sha256::new();
-    hash.update(&machine);
-    hash.update([0]);
-    hash.update(dir.as_os_str().as_encoded_bytes());
-    hash.finalize()
-        .iter()
-        .take(16)
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,13 +95,5 @@ mod tests {
         std::fs::remove_file(project.path().join(".contractor/builds")).expect("rm");
         std::fs::create_dir(project.path().join(".contractor/builds")).expect("mkdir");
         assert!(checked_store_dir(project.path()).is_ok());
-    }
-
-    #[test]
-    fn a_project_key_is_the_same_for_a_directory_and_differs_between_them() {
-        let key = project_key(Path::new("/src/app"));
-        assert_eq!(key, project_key(Path::new("/src/app")));
-        assert_ne!(key, project_key(Path::new("/src/other")));
-        assert!(contractor_protocol::hosted::is_project_key(&key), "{key}");
     }
 }

@@ -259,6 +259,9 @@ enum RecordCommand {
         /// The VM's console log instead of the build log.
         #[arg(long)]
         console: bool,
+        /// Only its last LINES lines (1 to 1000; found in its last 64 KiB).
+        #[arg(long, value_name = "LINES", value_parser = clap::value_parser!(u32).range(1..=1000))]
+        tail: Option<u32>,
     },
     /// Close the record of a build that ran: read contractor-run's events on stdin (or take
     /// how it ended from --outcome and its flags), write ROOT/builds/ID/artifacts.json and
@@ -665,8 +668,9 @@ fn record(command: RecordCommand) -> std::process::ExitCode {
         RecordCommand::Log {
             reading: Reading { root, build },
             console,
+            tail,
         } => read_record(&root, |root, out| {
-            copy_log(root, build.as_deref(), console, out)
+            copy_log(root, build.as_deref(), console, tail, out)
         }),
         RecordCommand::CloseAbandoned { root } => {
             match contractor_store::records::close_abandoned(&root, SystemTime::now()) {
@@ -706,9 +710,10 @@ fn copy_log(
     root: &Path,
     build: Option<&str>,
     console: bool,
+    tail: Option<u32>,
     out: &mut std::io::StdoutLock<'static>,
 ) -> anyhow::Result<()> {
-    let (header, mut body) = reading::log(root, build, console)?;
+    let (header, mut body) = reading::log(root, build, console, tail)?;
     write_line(out, &header)?;
     let copied = std::io::copy(&mut body, out).context("cannot write stdout")?;
     if copied != header.bytes {

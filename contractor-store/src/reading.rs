@@ -39,6 +39,13 @@ pub const MAX_INDEX_BYTES: u64 = 64 << 20;
 /// marker, and `build.max_log` is at most this.
 pub const MAX_LOG_BYTES: u64 = 16 << 30;
 
+/// Most lines `record log --tail` sends.
+pub const MAX_TAIL_LINES: u32 = 1000;
+
+/// Most bytes of the end of a log that `record log --tail` reads to find its last lines: a
+/// line that begins before them is sent from within.
+pub const TAIL_WINDOW_BYTES: u64 = 64 << 10;
+
 pub use contractor_protocol::file::MAX_DOWNLOADS_FILE;
 
 /// Why a record could not be read back.
@@ -193,11 +200,14 @@ pub fn show(root: &Path, id: Option<&str>) -> Result<RecordShown, ReadError> {
     let (id, dir) = resolve(root, id)?;
     let result = result(&dir)?;
     let index = artifact_index(&dir);
-    let artifacts = result
-        .iter()
-        .flat_map(|r| r.artifacts.iter())
-        .map(|path| shown_artifact(&dir, path, &index))
-        .collect();
+    let artifacts = match &result {
+        Some(result) => result
+            .artifacts
+            .iter()
+            .map(|path| shown_artifact(&dir, path, &index))
+            .collect(),
+        None => indexed_artifacts(&dir, index),
+    };
     let (downloads, from_cache) = match downloads_of(&dir) {
         Ok((downloads, _)) => (
             downloads.len() as u64,
@@ -233,6 +243,28 @@ fn artifact_index(dir: &Path) -> HashMap<String, (u64, String)> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The artifacts of a record without a result (one received from a build host, not closed
+/// yet) as its index names them, sorted: each beneath `artifacts/`, reached by plain names
+/// (an index entry that would leave it is left out).
+fn indexed_artifacts(dir: &Path, index: HashMap<String, (u64, String)>) -> Vec<ShownArtifact> {
+    let artifacts = dir.join("artifacts");
+    let mut shown: Vec<ShownArtifact> = index
+        .into_iter()
+        .filter(|(path, _)| {
+            Path::new(path)
+                .components()
+                .all(|c| matches!(c, Component::Normal(_)))
+        })
+        .map(|(path, (size, sha256))| ShownArtifact {
+            path: artifacts.join(path),
+            size: Some(size),
+            sha256: Some(sha256),
+        })
+        .collect();
+    shown.sort_by(|a, b| a.path.cmp(&b.path));
+    shown
 }
 
 /// What is at the artifact `path` of a result: only a regular file beneath the record's
@@ -318,16 +350,18 @@ pub fn downloads(
 
 /// `record log`: the record `id`'s (the newest's) `build.log` (`console.log` with
 /// `console`), opened as a regular file of at most [`MAX_LOG_BYTES`], and the first line
-/// that says how many bytes follow.
+/// that says how many bytes follow. With `tail`, only its last `tail` lines are sent (at
+/// most [`MAX_TAIL_LINES`], found in its last [`TAIL_WINDOW_BYTES`]).
 pub fn log(
     root: &Path,
     id: Option<&str>,
     console: bool,
-) -> Result<(RecordLog, impl Read), ReadError> {
+    tail: Option<u32>,
+) -> Result<(RecordLog, Box<dyn Read>), ReadError> {
     let (id, dir) = resolve(root, id)?;
     let path = dir.join(if console { "console.log" } else { "build.log" });
-    let file = contractor_protocol::file::open_regular(&path).map_err(read_error(&path))?;
-    let bytes = file.metadata().map_err(read_error(&path))?.len();
+    let mut file = contractor_protocol::file::open_regular(&path).map_err(read_error(&path))?;
+    let mut bytes = file.metadata().map_err(read_error(&path))?.len();
     if bytes > MAX_LOG_BYTES {
         return Err(ReadError::Read {
             path,
@@ -337,6 +371,21 @@ pub fn log(
             ),
         });
     }
+    let body: Box<dyn Read> = match tail {
+        None => Box::new(file.take(bytes)),
+        Some(lines) => {
+            let window = bytes.min(TAIL_WINDOW_BYTES);
+            let mut end = Vec::new();
+            io::Seek::seek(&mut file, io::SeekFrom::Start(bytes - window))
+                .and_then(|_| file.take(window).read_to_end(&mut end))
+                .map_err(read_error(&path))?;
+            let lines = usize::try_from(lines.min(MAX_TAIL_LINES)).unwrap_or(1);
+            let start = end.len() - last_lines(&end, lines).len();
+            end.drain(..start);
+            bytes = end.len() as u64;
+            Box::new(io::Cursor::new(end))
+        }
+    };
     let header = RecordLog {
         kind: RecordLogTag::RecordLog,
         version: PROTOCOL_VERSION,
@@ -344,7 +393,21 @@ pub fn log(
         path,
         bytes,
     };
-    Ok((header, file.take(bytes)))
+    Ok((header, body))
+}
+
+/// The last `lines` lines of `text`: a last line without its newline counts, and the
+/// newline that ends the text begins no other.
+fn last_lines(text: &[u8], lines: usize) -> &[u8] {
+    let body = text.strip_suffix(b"\n").unwrap_or(text);
+    let start = body
+        .iter()
+        .enumerate()
+        .rev()
+        .filter(|(_, b)| **b == b'\n')
+        .nth(lines.saturating_sub(1))
+        .map_or(0, |(at, _)| at + 1);
+    &text[start..]
 }
 
 /// When a build started, from its id (`20261125-141502-3fa2c1` → `2026-11-25 14:15:02`);
@@ -374,6 +437,15 @@ pub fn started(id: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_lines_are_those_the_text_ends_with() {
+        assert_eq!(last_lines(b"a\nb\nc\n", 2), b"b\nc\n");
+        assert_eq!(last_lines(b"a\nb\nc", 2), b"b\nc");
+        assert_eq!(last_lines(b"a\nb\n", 10), b"a\nb\n");
+        assert_eq!(last_lines(b"a\n\n\n", 2), b"\n\n");
+        assert_eq!(last_lines(b"", 3), b"");
+    }
     use contractor_protocol::result::Outcome;
 
     fn write_record(store: &Path, id: &str, outcome: Option<Outcome>) {
@@ -437,11 +509,26 @@ mod tests {
         );
         let newest = show(store.path(), None).expect("newest");
         assert_eq!(newest.id, "20261125-120000-cccccc");
-        let (header, mut body) = log(store.path(), None, false).expect("log");
+        let (header, mut body) = log(store.path(), None, false, None).expect("log");
         let mut text = Vec::new();
         body.read_to_end(&mut text).expect("read");
         assert_eq!(text, b"log of 20261125-120000-cccccc\n");
         assert_eq!(header.bytes, text.len() as u64);
+        // Its tail: the last lines, found in the log's end, and the count that says so.
+        let dir = store.path().join("builds/20261125-120000-cccccc");
+        let long = "x".repeat(usize::try_from(TAIL_WINDOW_BYTES).expect("window"));
+        std::fs::write(dir.join("console.log"), format!("{long}\nboot\npanic\n")).expect("log");
+        let (header, mut body) = log(store.path(), None, true, Some(2)).expect("tail");
+        let mut text = Vec::new();
+        body.read_to_end(&mut text).expect("read");
+        assert_eq!(text, b"boot\npanic\n");
+        assert_eq!(header.bytes, text.len() as u64);
+        // Fewer lines than asked, in a log longer than the window: from within its first.
+        let (_, mut body) = log(store.path(), None, true, Some(5)).expect("tail");
+        let mut text = Vec::new();
+        body.read_to_end(&mut text).expect("read");
+        assert_eq!(text.len() as u64, TAIL_WINDOW_BYTES);
+        assert!(text.ends_with(b"x\nboot\npanic\n"));
     }
 
     #[test]

@@ -181,6 +181,35 @@ fn show_gives_the_result_each_artifact_hashed_or_indexed_and_the_downloads_tally
     assert_eq!(code, 0);
     let shown: RecordShown = serde_json::from_slice(&stdout).expect("record_shown");
     assert_eq!((shown.id.as_str(), shown.result), (NEW, None));
+    assert!(shown.artifacts.is_empty(), "no index, no result");
+
+    // A record without a result but with an index (a build host's, received): the index's
+    // artifacts, sorted, and never one whose path would leave artifacts/.
+    let entry =
+        |path: &str| format!(r#"{{"path":"{path}","size":2,"sha256":"ix","executable":false}}"#);
+    let index = format!(
+        r#"{{"version":1,"build":"b","artifacts":[{},{},{}]}}"#,
+        entry("z/b"),
+        entry("a"),
+        entry("../../etc/passwd")
+    );
+    fixture.write(&format!("builds/{NEW}/artifacts.json"), index.as_bytes());
+    let (code, stdout, _) = record(&fixture.root, &["show"]);
+    assert_eq!(code, 0);
+    let shown: RecordShown = serde_json::from_slice(&stdout).expect("record_shown");
+    let artifacts = fixture.root.join("builds").join(NEW).join("artifacts");
+    let listed: Vec<_> = shown
+        .artifacts
+        .iter()
+        .map(|a| (a.path.clone(), a.size, a.sha256.as_deref()))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (artifacts.join("a"), Some(2), Some("ix")),
+            (artifacts.join("z/b"), Some(2), Some("ix")),
+        ]
+    );
 }
 
 #[test]
@@ -290,6 +319,20 @@ fn downloads_are_typed_lines_and_the_log_its_exact_bytes() {
     let header: RecordLog = serde_json::from_slice(&stdout[..newline]).expect("header");
     assert_eq!(header.bytes, 8);
     assert_eq!(&stdout[newline + 1..], b"console\n");
+    // Its tail: the last lines only, counted; a count out of range is refused (exit 2).
+    fixture.write(&format!("builds/{OLD}/console.log"), b"a\nb\nc\n");
+    let (code, stdout, _) = record(
+        &fixture.root,
+        &["log", "--build", OLD, "--console", "--tail", "2"],
+    );
+    assert_eq!(code, 0);
+    let newline = stdout.iter().position(|b| *b == b'\n').expect("header");
+    let header: RecordLog = serde_json::from_slice(&stdout[..newline]).expect("header");
+    assert_eq!((header.bytes, &stdout[newline + 1..]), (4, &b"b\nc\n"[..]));
+    for bad in ["0", "1001"] {
+        let (code, _, stderr) = record(&fixture.root, &["log", "--console", "--tail", bad]);
+        assert_eq!(code, 2, "{stderr}");
+    }
     // A build that has no downloads.jsonl (its proxy never ran): refused, naming it.
     let (code, stdout, _) = record(&fixture.root, &["downloads"]);
     assert_eq!(code, 3);

@@ -306,7 +306,7 @@ pub fn build_json(
 }
 
 pub fn sha256(path: &Path) -> String {
-    contractor_cli::image::sha256_file(path).expect("sha256")
+    contractor_vm::image::sha256_file(path).expect("sha256")
 }
 
 /// Runs `program` with `args` and returns its stdout; a failure panics with its output.

@@ -2,8 +2,9 @@
 //! statement, and how the rebuild's artifacts and inputs compare with the original's.
 //!
 //! The invariant: a record's statement and artifacts are read here, in the confined tool,
-//! and the front end only gets typed facts back (the downloads to pin, the fields that
-//! differ, each artifact's verdict). The statement's signature is not checked by `plan`:
+//! and the front end only gets typed facts back (the downloads to pin, the warnings to
+//! say, each artifact's verdict) or the refusal to rebuild (the spec's fields that differ,
+//! the image that does), which it says as it is. The statement's signature is not checked by `plan`:
 //! `verify` does that. Artifacts are compared by the SHA-256 of the files in the two
 //! records' `artifacts/`; their contents are never parsed.
 
@@ -11,46 +12,62 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use contractor_protocol::attest::{
-    read_statement, Compared, PlanRequest, StatedDownload, StatementError, Verdict, PROVENANCE_FILE,
+    read_statement, Compared, PlanRequest, RebuildPlan, StatedDownload, StatementError, Verdict,
+    PROVENANCE_FILE,
 };
 use contractor_protocol::image::Manifest;
+use contractor_protocol::service::Confinement;
 use contractor_protocol::store::CACHE_UPLOAD_NAME;
+use contractor_protocol::PROTOCOL_VERSION;
 use serde_json::{json, Value};
 
 use crate::AttestError;
 
-/// What `plan` found, besides how the tool was confined.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Plan {
-    /// The downloads the statement lists, in its order.
-    pub downloads: Vec<StatedDownload>,
-    /// The fields in which the spec differs from the statement.
-    pub spec_differences: Vec<String>,
-    /// How the image on this host differs from the one stated.
-    pub image_differences: Vec<String>,
-    /// Why the statement's list of downloads is not complete.
-    pub incomplete_downloads: Vec<String>,
-    /// Why the rebuild may lack an input of the original.
-    pub cache_warning: Option<String>,
-}
-
-/// Reads the statement of `request.record` and weighs the spec and images given against it.
-pub fn plan(request: &PlanRequest) -> Result<Plan, AttestError> {
+/// Reads the statement of `request.record` and weighs the spec and images given against
+/// it: what a rebuild takes from it, and what to warn of. A spec that says something else
+/// is refused, and so is another image unless `request.any_image`.
+pub fn plan(request: &PlanRequest, confinement: Confinement) -> Result<RebuildPlan, AttestError> {
     let path = request.record.join(PROVENANCE_FILE);
     let statement = read_statement(&path).map_err(|e| match e {
         StatementError::Read { path, source } => AttestError::NoStatement { path, source },
         other => AttestError::Statement(other),
     })?;
+    let id = request
+        .record
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let fields = spec_differences(&statement, request);
+    if !fields.is_empty() {
+        return Err(AttestError::SpecChanged {
+            file: request.spec.clone(),
+            id,
+            fields,
+        });
+    }
     let recorded = recorded_image(&statement);
     let current = recorded
         .as_ref()
         .and_then(|(name, _)| request.images.iter().find(|m| &m.name == name));
-    Ok(Plan {
+    let image_differences = image_differences(&statement, current);
+    if !image_differences.is_empty() && !request.any_image {
+        return Err(AttestError::ImageChanged(image_differences.join("; ")));
+    }
+    let incomplete_downloads = incomplete_downloads(&statement);
+    let cache_warning = cache_warning(&statement, !request.cache_paths.is_empty());
+    let warnings = incomplete_downloads
+        .iter()
+        .map(|reason| format!("build {id} did not record every download ({reason}): what it did not record cannot be served offline"))
+        .chain(cache_warning.clone())
+        .collect();
+    Ok(RebuildPlan {
+        version: PROTOCOL_VERSION,
         downloads: stated_downloads(&statement),
-        spec_differences: spec_differences(&statement, request),
-        image_differences: image_differences(&statement, current),
-        incomplete_downloads: incomplete_downloads(&statement),
-        cache_warning: cache_warning(&statement, !request.cache_paths.is_empty()),
+        image_differences,
+        incomplete_downloads,
+        cache_warning,
+        warnings,
+        confinement,
     })
 }
 

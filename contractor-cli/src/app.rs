@@ -1025,7 +1025,7 @@ fn report(result: Result<(), Failure>) -> std::process::ExitCode {
 /// `contractor rebuild [ID]` (crate::rebuild): the exit code says whether every artifact
 /// came out identical.
 fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOptions) -> ExitCode {
-    use crate::rebuild::{self, RebuildError};
+    use crate::rebuild;
     let input = |err: &dyn std::error::Error| {
         eprintln!("contractor: {}", escape(&chain(err)));
         ExitCode::BadInput
@@ -1039,26 +1039,16 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
         Ok(record) => record,
         Err(err) => return input(&err),
     };
-    let plan = match rebuild_plan(&original.dir, &spec) {
+    let plan = match rebuild_plan(&original.dir, file, &spec, any_image) {
         Ok(plan) => plan,
         Err(exit) => return exit,
     };
-    if !plan.spec_differences.is_empty() {
-        return input(&RebuildError::SpecChanged {
-            file: file.to_path_buf(),
-            id: original.id.clone(),
-            fields: plan.spec_differences,
-        });
+    for warning in &plan.warnings {
+        eprintln!("contractor: warning: {}", escape(warning));
     }
-    if !plan.image_differences.is_empty() && !any_image {
-        return input(&RebuildError::ImageChanged(
-            plan.image_differences.join("; "),
-        ));
-    }
-    let cache_warning = warn_of_missing_inputs(&original.id, &plan);
     // The record's pins are the lock, offline; the build cache is left out: a rebuild
     // starts from the source alone.
-    spec.lock = Some(plan.pins);
+    spec.lock = Some(rebuild::pins(&plan.downloads));
     spec.cache_paths.clear();
     let tar = store.join(format!(".rebuild-{}.tar", std::process::id()));
     if let Err(err) = rebuild::copy_source(&original.dir, &tar) {
@@ -1089,7 +1079,7 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
     let result = &report.result;
     let rebuilt = store.join("builds").join(&result.id);
     match rebuild::compare(&original.dir, &rebuilt, &plan.image_differences) {
-        Ok(compared) => rebuild_summary(&original, result, &compared, cache_warning),
+        Ok(compared) => rebuild_summary(&original, result, &compared, plan.cache_warning),
         Err(err) => {
             eprintln!(
                 "contractor: cannot compare the artifacts: {}",
@@ -1100,29 +1090,15 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
     }
 }
 
-/// Says what the original's record may lack for an offline rebuild (downloads it did not
-/// record, a build cache it restored); returns the cache's warning, said again at the end.
-fn warn_of_missing_inputs(id: &str, plan: &crate::rebuild::Plan) -> Option<String> {
-    for reason in &plan.incomplete_downloads {
-        eprintln!(
-            "contractor: warning: build {} did not record every download ({}): what it did not record cannot be served offline",
-            escape(id),
-            escape(reason)
-        );
-    }
-    if let Some(warning) = &plan.cache_warning {
-        eprintln!("contractor: warning: {}", escape(warning));
-    }
-    plan.cache_warning.clone()
-}
-
-/// What `contractor-attest plan` says of the record in `dir`, weighed against `spec` and
-/// this host's images; on failure, the exit code (said on stderr).
-fn rebuild_plan(dir: &Path, spec: &spec::BuildSpec) -> Result<crate::rebuild::Plan, ExitCode> {
-    let said = |err: &dyn std::error::Error, exit: ExitCode| {
-        eprintln!("contractor: {}", escape(&chain(err)));
-        exit
-    };
+/// What `contractor-attest plan` says of the record in `dir`, weighed against `spec` (read
+/// from `file`) and this host's images; on failure or refusal, the exit code (said on
+/// stderr).
+fn rebuild_plan(
+    dir: &Path,
+    file: &Path,
+    spec: &spec::BuildSpec,
+    any_image: bool,
+) -> Result<crate::rebuild::RebuildPlan, ExitCode> {
     let images = image::list().map_err(|err| {
         eprintln!(
             "contractor: cannot list the images: {}",
@@ -1131,9 +1107,12 @@ fn rebuild_plan(dir: &Path, spec: &spec::BuildSpec) -> Result<crate::rebuild::Pl
         err.exit_code()
     })?;
     let manifests: Vec<image::Manifest> = images.into_iter().map(|i| i.manifest).collect();
-    crate::rebuild::plan(dir, spec, &manifests).map_err(|err| match err.is_bad_input() {
-        true => said(&err, ExitCode::BadInput),
-        false => said(&err, ExitCode::Infrastructure),
+    crate::rebuild::plan(dir, file, spec, &manifests, any_image).map_err(|err| {
+        eprintln!("contractor: {}", escape(&chain(&err)));
+        match err.is_bad_input() {
+            true => ExitCode::BadInput,
+            false => ExitCode::Infrastructure,
+        }
     })
 }
 
@@ -1142,11 +1121,11 @@ fn rebuild_plan(dir: &Path, spec: &spec::BuildSpec) -> Result<crate::rebuild::Pl
 fn rebuild_summary(
     original: &contractor_protocol::store::RecordShown,
     result: &BuildResult,
-    compared: &crate::rebuild::Comparison,
+    compared: &crate::rebuild::RebuildComparison,
     cache_warning: Option<String>,
 ) -> ExitCode {
     use crate::rebuild;
-    let rows = &compared.rows;
+    let rows = &compared.artifacts;
     eprintln!();
     for line in rebuild::report_lines(rows) {
         println!("{line}");

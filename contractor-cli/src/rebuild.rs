@@ -11,14 +11,16 @@
 //! rebuilt (`internalParameters.rebuildOf`) and holds `rebuild.json`, the comparison.
 //!
 //! The invariant: the front end reads neither statement nor artifact. `contractor-attest
-//! plan` reads the original's statement (confined) and answers what to pin and what
-//! differs; `contractor-attest compare` hashes both records' artifacts, compares them and
+//! plan` reads the original's statement (confined) and answers what to pin and what to
+//! warn of, or refuses a spec or an image that differs, in the words this front end says; `contractor-attest compare` hashes both records' artifacts, compares them and
 //! writes `rebuild.json`. This module asks and renders.
 
 use std::path::{Path, PathBuf};
 
 use contractor_protocol::attest::{AttestAnswer, AttestRequest, PlanRequest, StatedDownload};
-pub use contractor_protocol::attest::{Compared, Verdict, REBUILD_FILE};
+pub use contractor_protocol::attest::{
+    Compared, RebuildComparison, RebuildPlan, Verdict, REBUILD_FILE,
+};
 use contractor_protocol::PROTOCOL_VERSION;
 
 use crate::image::Manifest;
@@ -27,51 +29,28 @@ use crate::provenance::{self, ProvenanceError};
 use crate::spec::BuildSpec;
 use crate::tools;
 
-/// Why a record cannot be rebuilt as it is (bad input).
+/// The record has no `source.tar` to rebuild from, or it could not be copied.
 #[derive(Debug, thiserror::Error)]
-pub enum RebuildError {
-    /// The record has no `source.tar`.
-    #[error("cannot read {path}: a rebuild builds the record's own packed source")]
-    NoSource {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The spec says something else than the statement's `externalParameters`.
-    #[error("{file} is not what build {id} was built with: {} differ ({}); restore it (e.g. `git checkout` the commit of that build) to rebuild", fields.len(), fields.join(", "))]
-    SpecChanged {
-        /// The spec file.
-        file: PathBuf,
-        /// The build.
-        id: String,
-        /// The fields that differ (`externalParameters.<name>`, `vm.<name>`).
-        fields: Vec<String>,
-    },
-    /// The recorded image is gone or has other bytes (`--any-image` goes on).
-    #[error("{0}; `contractor rebuild --any-image` rebuilds with the current image (and says which inputs differ)")]
-    ImageChanged(String),
+#[error("cannot read {path}: a rebuild builds the record's own packed source")]
+pub struct NoSource {
+    /// The file.
+    path: PathBuf,
+    /// Why.
+    #[source]
+    source: std::io::Error,
 }
 
-/// What `contractor-attest plan` said of a record to rebuild.
-#[derive(Debug)]
-pub struct Plan {
-    /// The downloads to pin.
-    pub pins: Lock,
-    /// The fields in which the spec differs from the statement.
-    pub spec_differences: Vec<String>,
-    /// How the image on this host differs from the one stated.
-    pub image_differences: Vec<String>,
-    /// Why the statement's list of downloads is not complete.
-    pub incomplete_downloads: Vec<String>,
-    /// Why the rebuild may lack an input of the original.
-    pub cache_warning: Option<String>,
-}
-
-/// Has `contractor-attest` read the statement of `record` and weigh `spec` and the
-/// `images` on this host against it.
-pub fn plan(record: &Path, spec: &BuildSpec, images: &[Manifest]) -> Result<Plan, ProvenanceError> {
+/// Has `contractor-attest` read the statement of `record` and weigh `spec` (read from
+/// `file`) and the `images` on this host against it: what to pin and warn of, or the
+/// refusal to rebuild (a spec that differs; an image, unless `any_image`), said by the
+/// tool (codes `spec_changed`, `image_changed`: bad input).
+pub fn plan(
+    record: &Path,
+    file: &Path,
+    spec: &BuildSpec,
+    images: &[Manifest],
+    any_image: bool,
+) -> Result<RebuildPlan, ProvenanceError> {
     let request = AttestRequest::Plan(Box::new(PlanRequest {
         version: PROTOCOL_VERSION,
         record: record.to_path_buf(),
@@ -81,25 +60,11 @@ pub fn plan(record: &Path, spec: &BuildSpec, images: &[Manifest]) -> Result<Plan
         disk_gib: spec.disk_gib,
         cache_paths: spec.cache_paths.clone(),
         images: images.to_vec(),
+        spec: file.to_path_buf(),
+        any_image,
     }));
     match tools::ask(tools::ATTEST, &request)? {
-        (
-            AttestAnswer::Plan {
-                downloads,
-                spec_differences,
-                image_differences,
-                incomplete_downloads,
-                cache_warning,
-                ..
-            },
-            _,
-        ) => Ok(Plan {
-            pins: pins(&downloads),
-            spec_differences,
-            image_differences,
-            incomplete_downloads,
-            cache_warning,
-        }),
+        (AttestAnswer::Plan(plan), _) => Ok(*plan),
         _ => Err(ProvenanceError::Answer("plan")),
     }
 }
@@ -115,24 +80,13 @@ pub fn pins(downloads: &[StatedDownload]) -> Lock {
     }))
 }
 
-/// How the rebuild in `rebuild` compares with the build in `original`.
-#[derive(Debug)]
-pub struct Comparison {
-    /// Each artifact, by path.
-    pub rows: Vec<Compared>,
-    /// Whether every artifact is identical.
-    pub identical: bool,
-    /// The inputs that differ.
-    pub inputs_differ: Vec<String>,
-}
-
 /// Has `contractor-attest` compare the two records (`known`: the inputs already known to
 /// differ) and write the rebuild's `rebuild.json`.
 pub fn compare(
     original: &Path,
     rebuild: &Path,
     known: &[String],
-) -> Result<Comparison, ProvenanceError> {
+) -> Result<RebuildComparison, ProvenanceError> {
     let request = AttestRequest::Compare {
         version: PROTOCOL_VERSION,
         original: original.to_path_buf(),
@@ -140,19 +94,7 @@ pub fn compare(
         inputs_differ: known.to_vec(),
     };
     match tools::ask(tools::ATTEST, &request)? {
-        (
-            AttestAnswer::Comparison {
-                artifacts,
-                identical,
-                inputs_differ,
-                ..
-            },
-            _,
-        ) => Ok(Comparison {
-            rows: artifacts,
-            identical,
-            inputs_differ,
-        }),
+        (AttestAnswer::Comparison(compared), _) => Ok(*compared),
         _ => Err(ProvenanceError::Answer("compare")),
     }
 }
@@ -183,9 +125,9 @@ pub fn report_lines(rows: &[Compared]) -> Vec<String> {
 
 /// Copies the record's `source.tar` to `to` (a new file, on the file system of the
 /// record to come, so that the build can move it there).
-pub fn copy_source(record: &Path, to: &Path) -> Result<(), RebuildError> {
+pub fn copy_source(record: &Path, to: &Path) -> Result<(), NoSource> {
     let from = record.join("source.tar");
-    let no_source = |source| RebuildError::NoSource {
+    let no_source = |source| NoSource {
         path: from.clone(),
         source,
     };
@@ -197,7 +139,7 @@ pub fn copy_source(record: &Path, to: &Path) -> Result<(), RebuildError> {
         .and_then(|mut output| std::io::copy(&mut input, &mut output));
     copied.map(|_| ()).map_err(|source| {
         let _ = std::fs::remove_file(to);
-        RebuildError::NoSource {
+        NoSource {
             path: to.to_path_buf(),
             source,
         }

@@ -338,7 +338,8 @@ fn artifacts_linked_out_of_the_record_are_not_read() {
 
 /// `contractor rebuild`'s first step, as the front end asks it of the real
 /// `contractor-attest`: a record signed from the front end's own facts plans with no
-/// difference; a changed spec and a rebuilt image are named.
+/// difference; a changed spec is refused by the tool, in the words `contractor rebuild`
+/// says.
 #[test]
 fn a_rebuild_plan_of_a_record_signed_here_finds_what_changed() {
     let fixture = signed_record();
@@ -347,36 +348,64 @@ fn a_rebuild_plan_of_a_record_signed_here_finds_what_changed() {
         .expect("the tools' directory");
     // The tools are the ones beside `contractor` (this test process is not).
     std::env::set_var("CONTRACTOR_BIN", bin);
-    let parse = |text: &str| {
-        contractor_cli::spec::parse(&fixture.project.join("contractor.toml"), text).expect("spec")
-    };
+    let file = fixture.project.join("contractor.toml");
+    let parse = |text: &str| contractor_cli::spec::parse(&file, text).expect("spec");
     let spec = parse(FIXTURE_SPEC);
-    let plan = contractor_cli::rebuild::plan(&fixture.record, &spec, &[]).expect("plan");
-    assert!(
-        plan.spec_differences.is_empty(),
-        "{:?}",
-        plan.spec_differences
-    );
+    let plan = |spec: &contractor_cli::spec::BuildSpec| {
+        contractor_cli::rebuild::plan(&fixture.record, &file, spec, &[], false)
+    };
+    let planned = plan(&spec).expect("plan");
     // The statement names no image digest here (signed without a manifest): nothing to weigh.
-    assert!(plan.image_differences.is_empty());
-    assert_eq!(plan.pins.downloads.len(), 2);
-    assert!(plan.cache_warning.is_none() && plan.incomplete_downloads.is_empty());
+    assert!(planned.image_differences.is_empty());
+    assert_eq!(
+        contractor_cli::rebuild::pins(&planned.downloads)
+            .downloads
+            .len(),
+        2
+    );
+    assert!(planned.warnings.is_empty() && planned.cache_warning.is_none());
 
     let changed =
         FIXTURE_SPEC.replace("script = \"make\"", "script = \"make all\"") + "\n[vm]\ncpus = 1\n";
-    let plan = contractor_cli::rebuild::plan(&fixture.record, &parse(&changed), &[]).expect("plan");
+    let err = plan(&parse(&changed)).expect_err("a changed spec");
+    assert!(err.is_bad_input(), "{err}");
     assert_eq!(
-        plan.spec_differences,
-        ["externalParameters.script", "vm.cpus"]
+        err.to_string(),
+        format!(
+            "{} is not what build {ID} was built with: 2 differ (externalParameters.script, \
+             vm.cpus); restore it (e.g. `git checkout` the commit of that build) to rebuild",
+            file.display()
+        )
     );
 
     // No statement: bad input, named as `contractor rebuild` says it.
     std::fs::remove_file(fixture.record.join(provenance::PROVENANCE_FILE)).expect("rm");
-    let err = contractor_cli::rebuild::plan(&fixture.record, &spec, &[]).expect_err("none");
+    let err = plan(&spec).expect_err("none");
     assert!(err.is_bad_input(), "{err}");
     assert!(
         err.to_string()
             .contains("a rebuild needs the record's signed statement"),
         "{err}"
+    );
+}
+
+/// `contractor rebuild` of a record whose spec has changed since: refused before anything
+/// runs, exit 2, the file and the fields named (no VM needed to get there).
+#[test]
+fn contractor_rebuild_refuses_a_changed_spec_with_exit_2() {
+    let fixture = signed_record();
+    let file = fixture.project.join("contractor.toml");
+    let changed = FIXTURE_SPEC.replace("script = \"make\"", "script = \"make all\"");
+    std::fs::write(&file, changed).expect("spec");
+    let out = contractor(&fixture, &["rebuild", ID]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    // The file as the user named it (the default, in the project directory).
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "contractor: contractor.toml is not what build {ID} was built with: 1 differ \
+             (externalParameters.script); restore it (e.g. `git checkout` the commit of that \
+             build) to rebuild\n"
+        )
     );
 }

@@ -105,6 +105,54 @@ pub struct PlanRequest {
     pub cache_paths: Vec<String>,
     /// The images on this host (their manifests).
     pub images: Vec<Manifest>,
+    /// The spec file (`contractor.toml`) the spec is read from: named when it says
+    /// something else than the statement (the refusal `spec_changed`).
+    pub spec: PathBuf,
+    /// Rebuild with the image on this host even when it is not the one stated
+    /// (`contractor rebuild --any-image`); else that is refused (`image_changed`).
+    #[serde(default)]
+    pub any_image: bool,
+}
+
+/// `plan`'s answer: what a rebuild takes from the statement, and what it may lack.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebuildPlan {
+    /// Protocol version, 1.
+    pub version: u32,
+    /// The downloads the statement lists, in its order.
+    pub downloads: Vec<StatedDownload>,
+    /// How the image on this host differs from the one stated (only with `any_image`; an
+    /// input known to differ); empty when the same.
+    pub image_differences: Vec<String>,
+    /// Why the statement's list of downloads is not complete; empty when it is.
+    pub incomplete_downloads: Vec<String>,
+    /// Why the rebuild may lack an input of the original (a restored build cache).
+    pub cache_warning: Option<String>,
+    /// What to warn of before the rebuild, in words: each reason the statement's list of
+    /// downloads is not complete, then the cache's warning.
+    pub warnings: Vec<String>,
+    /// How the tool was confined while it read the record.
+    pub confinement: Confinement,
+}
+
+/// `compare`'s answer: each artifact of either build, by path, and the inputs that differ.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebuildComparison {
+    /// Protocol version, 1.
+    pub version: u32,
+    /// Each artifact, sorted by path (the build cache's upload left out).
+    pub artifacts: Vec<Compared>,
+    /// Whether every artifact is identical (true for none).
+    pub identical: bool,
+    /// The inputs that differ (the given ones first, then the image's and the guest
+    /// agent's digests in the two statements).
+    pub inputs_differ: Vec<String>,
+    /// The file the comparison was written to.
+    pub path: PathBuf,
+    /// How the tool was confined while it read the records.
+    pub confinement: Confinement,
 }
 
 /// A download a statement lists (`resolvedDependencies` of kind `download`).
@@ -252,40 +300,11 @@ pub enum AttestAnswer {
         /// Path → lower-case hex SHA-256.
         artifacts: BTreeMap<String, String>,
     },
-    /// `plan`: what a rebuild takes from the statement, and what differs from it now.
-    Plan {
-        /// Protocol version, 1.
-        version: u32,
-        /// The downloads the statement lists, in its order.
-        downloads: Vec<StatedDownload>,
-        /// The fields in which the spec differs from the statement
-        /// (`externalParameters.<name>`, `vm.<name>`); empty when none.
-        spec_differences: Vec<String>,
-        /// How the image on this host differs from the one stated; empty when the same.
-        image_differences: Vec<String>,
-        /// Why the statement's list of downloads is not complete; empty when it is.
-        incomplete_downloads: Vec<String>,
-        /// Why the rebuild may lack an input of the original (a restored build cache).
-        cache_warning: Option<String>,
-        /// How the tool was confined while it read the record.
-        confinement: Confinement,
-    },
+    /// `plan`: what a rebuild takes from the statement. A spec that differs from it, or
+    /// (without `any_image`) an image, is refused instead (`spec_changed`, `image_changed`).
+    Plan(Box<RebuildPlan>),
     /// `compare`: each artifact of either build, by path, and the inputs that differ.
-    Comparison {
-        /// Protocol version, 1.
-        version: u32,
-        /// Each artifact, sorted by path (the build cache's upload left out).
-        artifacts: Vec<Compared>,
-        /// Whether every artifact is identical (true for none).
-        identical: bool,
-        /// The inputs that differ (the given ones first, then the image's and the guest
-        /// agent's digests in the two statements).
-        inputs_differ: Vec<String>,
-        /// The file the comparison was written to.
-        path: PathBuf,
-        /// How the tool was confined while it read the records.
-        confinement: Confinement,
-    },
+    Comparison(Box<RebuildComparison>),
 }
 
 /// Why a statement could not be read out of its envelope.

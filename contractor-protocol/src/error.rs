@@ -217,6 +217,12 @@ tool_codes! {
     BadEnvelope = "bad_envelope",
     /// Signing or checking failed on the host (a file, the key); exit 3.
     Attest = "attest",
+    /// `plan`: the spec says something else than the record's statement (the chain names
+    /// the spec file and the fields); exit 2.
+    SpecChanged = "spec_changed",
+    /// `plan`: the image the statement names is gone or has other bytes, and the request
+    /// did not say `any_image`; exit 2.
+    ImageChanged = "image_changed",
     // The front end's own, for a tool's answer it could not use (never written by a tool).
     /// A tool answered with another message than the one asked for.
     WrongAnswer = "wrong_answer",

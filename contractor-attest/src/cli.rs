@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use contractor_protocol::attest::{
-    AttestAnswer, AttestRequest, RebuildComparison, SignRequest, MAX_REQUEST_BYTES,
+    AttestAnswer, AttestRequest, RebuildComparison, SignRequest, Verified, MAX_REQUEST_BYTES,
     PROVENANCE_FILE, REBUILD_FILE,
 };
 use contractor_protocol::error::{ErrorObject, ToolCode};
@@ -188,14 +188,14 @@ fn handle(request: AttestRequest, confine: bool) -> Result<(AttestAnswer, ExitCo
                 true => ExitCode::Success,
                 false => ExitCode::BuildFailed,
             };
-            let answer = AttestAnswer::Verdict {
+            let answer = AttestAnswer::Verdict(Box::new(Verified {
                 version: PROTOCOL_VERSION,
                 problems: verdict.problems,
                 artifacts: verdict.artifacts,
                 downloads: verdict.downloads,
                 key_id: crate::key::key_id(&key),
                 confinement,
-            };
+            }));
             Ok((answer, exit))
         }
         AttestRequest::Digests { record, .. } => {

@@ -78,24 +78,20 @@ fn signs_then_verifies_confined_and_names_what_differs() {
         String::from_utf8_lossy(&out.stderr)
     );
     match answer(&out) {
-        AttestAnswer::Verdict {
-            problems,
-            artifacts,
-            downloads,
-            key_id: checked,
-            ..
-        } => {
-            assert!(problems.is_empty(), "{problems:?}");
-            assert_eq!((artifacts, downloads, checked), (2, 2, key_id));
+        AttestAnswer::Verdict(verified) => {
+            assert!(verified.problems.is_empty(), "{:?}", verified.problems);
+            let checked = (verified.artifacts, verified.downloads, verified.key_id);
+            assert_eq!(checked, (2, 2, key_id));
         }
         other => panic!("{other:?}"),
     }
     std::fs::write(request.record.join("artifacts/hello"), b"trojan\n").expect("tamper");
     let out = attest(&verify, &[]);
     assert_eq!(out.status.code(), Some(1));
-    let AttestAnswer::Verdict { problems, .. } = answer(&out) else {
+    let AttestAnswer::Verdict(verified) = answer(&out) else {
         panic!("no verdict");
     };
+    let problems = verified.problems;
     assert!(
         problems[0].contains("artifact \"hello\" differs"),
         "{problems:?}"

@@ -27,7 +27,6 @@ use crate::image::Manifest;
 use crate::lock::{self, Lock};
 use crate::provenance::{self, ProvenanceError};
 use crate::spec::BuildSpec;
-use crate::tools;
 
 /// The record has no `source.tar` to rebuild from, or it could not be copied.
 #[derive(Debug, thiserror::Error)]
@@ -63,9 +62,9 @@ pub fn plan(
         spec: file.to_path_buf(),
         any_image,
     }));
-    match tools::ask(tools::ATTEST, &request)? {
-        (AttestAnswer::Plan(plan), _) => Ok(*plan),
-        _ => Err(ProvenanceError::Answer("plan")),
+    match provenance::ask(&request)? {
+        AttestAnswer::Plan(plan) => Ok(*plan),
+        _ => Err(provenance::wrong_answer("plan")),
     }
 }
 
@@ -93,9 +92,9 @@ pub fn compare(
         rebuild: rebuild.to_path_buf(),
         inputs_differ: known.to_vec(),
     };
-    match tools::ask(tools::ATTEST, &request)? {
-        (AttestAnswer::Comparison(compared), _) => Ok(*compared),
-        _ => Err(ProvenanceError::Answer("compare")),
+    match provenance::ask(&request)? {
+        AttestAnswer::Comparison(compared) => Ok(*compared),
+        _ => Err(provenance::wrong_answer("compare")),
     }
 }
 

@@ -52,22 +52,21 @@ fn signed_record() -> Fixture {
             .expect("the key contractor key made");
     let spec = contractor_cli::spec::parse(&fixture.project.join("contractor.toml"), FIXTURE_SPEC)
         .expect("spec");
-    let facts = provenance::Facts {
-        id: ID,
-        spec: &spec,
-        accel: contractor_protocol::vm::Accel::Auto,
-        boot: "cold".into(),
-        offline: false,
-        image: None,
-        host: None,
-        started_on: std::time::SystemTime::now(),
-        finished_on: std::time::SystemTime::now(),
-        outcome: contractor_protocol::result::Outcome::Failed,
-        exit_code: Some(2),
-        rebuild_of: None,
+    let result: contractor_protocol::result::BuildResult = serde_json::from_slice(
+        &std::fs::read(fixture.record.join("result.json")).expect("the fixture's result"),
+    )
+    .expect("result");
+    let request = provenance::sign_request(
+        &fixture.record,
+        &spec,
+        &result,
+        std::time::SystemTime::now(),
+    )
+    .expect("the request");
+    let request = contractor_protocol::attest::SignRequest {
         cache_restored: Some(false),
+        ..request
     };
-    let request = provenance::sign_request(&fixture.record, &facts, Path::new("unused"), false);
     let statement = contractor_attest::statement::statement(&request).expect("statement");
     let envelope = contractor_attest::dsse::envelope(&statement, &key);
     std::fs::write(

@@ -114,6 +114,24 @@ pub struct PlanRequest {
     pub any_image: bool,
 }
 
+/// `verify`'s answer: what does not verify (exit 1 when any), else nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Verified {
+    /// Protocol version, 1.
+    pub version: u32,
+    /// Each thing that does not verify, named; empty when everything verifies.
+    pub problems: Vec<String>,
+    /// The artifacts checked.
+    pub artifacts: usize,
+    /// The downloads checked.
+    pub downloads: usize,
+    /// The key id of the key checked against.
+    pub key_id: String,
+    /// How the tool was confined while it read the record.
+    pub confinement: Confinement,
+}
+
 /// `plan`'s answer: what a rebuild takes from the statement, and what it may lack.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -270,20 +288,7 @@ pub enum AttestAnswer {
         confinement: Confinement,
     },
     /// `verify`: what does not verify (exit 1 when any), else nothing.
-    Verdict {
-        /// Protocol version, 1.
-        version: u32,
-        /// Each thing that does not verify, named; empty when everything verifies.
-        problems: Vec<String>,
-        /// The artifacts checked.
-        artifacts: usize,
-        /// The downloads checked.
-        downloads: usize,
-        /// The key id of the key checked against.
-        key_id: String,
-        /// How the tool was confined while it read the record.
-        confinement: Confinement,
-    },
+    Verdict(Box<Verified>),
     /// `key`: the public key.
     PublicKey {
         /// Protocol version, 1.

@@ -1051,7 +1051,7 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
     spec.lock = Some(rebuild::pins(&plan.downloads));
     spec.cache_paths.clear();
     let tar = store.join(format!(".rebuild-{}.tar", std::process::id()));
-    if let Err(err) = rebuild::copy_source(&original.dir, &tar) {
+    if let Err(err) = rebuild::copy_source(&store, &original.id, &tar) {
         return input(&err);
     }
     options.packed = Some(build::PackedSource {

@@ -10,34 +10,28 @@
 //! pins as its lock), with its own record and signed statement, which names the build it
 //! rebuilt (`internalParameters.rebuildOf`) and holds `rebuild.json`, the comparison.
 //!
-//! The invariant: the front end reads neither statement nor artifact. `contractor-attest
-//! plan` reads the original's statement (confined) and answers what to pin and what to
-//! warn of, or refuses a spec or an image that differs, in the words this front end says; `contractor-attest compare` hashes both records' artifacts, compares them and
-//! writes `rebuild.json`. This module asks and renders.
+//! The invariant: the front end reads no file of a record. `contractor-attest plan` reads
+//! the original's statement (confined) and answers what to pin and what to warn of, or
+//! refuses a spec or an image that differs, in the words this front end says;
+//! `contractor-store record source` copies the record's `source.tar` out (confined);
+//! `contractor-attest compare` hashes both records' artifacts, compares them and writes
+//! `rebuild.json`. This module asks and renders.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use contractor_protocol::attest::{AttestAnswer, AttestRequest, PlanRequest, StatedDownload};
 pub use contractor_protocol::attest::{
     Compared, RebuildComparison, RebuildPlan, Verdict, REBUILD_FILE,
 };
+use contractor_protocol::store::RecordSource;
+use contractor_protocol::tool::ToolFailure;
 use contractor_protocol::PROTOCOL_VERSION;
 
 use crate::image::Manifest;
 use crate::lock::{self, Lock};
 use crate::provenance::{self, ProvenanceError};
 use crate::spec::BuildSpec;
-
-/// The record has no `source.tar` to rebuild from, or it could not be copied.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot read {path}: a rebuild builds the record's own packed source")]
-pub struct NoSource {
-    /// The file.
-    path: PathBuf,
-    /// Why.
-    #[source]
-    source: std::io::Error,
-}
+use crate::tools;
 
 /// Has `contractor-attest` read the statement of `record` and weigh `spec` (read from
 /// `file`) and the `images` on this host against it: what to pin and warn of, or the
@@ -122,27 +116,24 @@ pub fn report_lines(rows: &[Compared]) -> Vec<String> {
         .collect()
 }
 
-/// Copies the record's `source.tar` to `to` (a new file, on the file system of the
-/// record to come, so that the build can move it there).
-pub fn copy_source(record: &Path, to: &Path) -> Result<(), NoSource> {
-    let from = record.join("source.tar");
-    let no_source = |source| NoSource {
-        path: from.clone(),
-        source,
-    };
-    let mut input = contractor_protocol::file::open_regular(&from).map_err(no_source)?;
-    let copied = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(to)
-        .and_then(|mut output| std::io::copy(&mut input, &mut output));
-    copied.map(|_| ()).map_err(|source| {
+/// Has `contractor-store` copy the `source.tar` of build `id` in `store` to `to`, a new
+/// file on the file system of the record to come, so that the build can move it there
+/// (removed again when the copy failed). The store's stderr is not shown: its error object
+/// says the same, reported once by the caller.
+pub fn copy_source(store: &Path, id: &str, to: &Path) -> Result<(), ToolFailure> {
+    let copied = tools::command(tools::STORE).and_then(|mut command| {
+        command
+            .args(["record", "source", "--root"])
+            .arg(store)
+            .args(["--build", id, "--to"])
+            .arg(to)
+            .stderr(std::process::Stdio::null());
+        tools::answer_of::<RecordSource>(tools::STORE, command)
+    });
+    if copied.is_err() {
         let _ = std::fs::remove_file(to);
-        NoSource {
-            path: to.to_path_buf(),
-            source,
-        }
-    })
+    }
+    copied.map(|_| ()).map_err(ToolFailure::from)
 }
 
 #[cfg(test)]

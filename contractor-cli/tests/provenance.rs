@@ -408,3 +408,29 @@ fn contractor_rebuild_refuses_a_changed_spec_with_exit_2() {
         )
     );
 }
+
+/// `contractor rebuild` of a record without its `source.tar`: `contractor-store record
+/// source` refuses it, exit 2, the file named, and no copy is left in the store.
+#[test]
+fn contractor_rebuild_of_a_record_without_its_source_is_exit_2() {
+    let fixture = signed_record();
+    let tar = fixture.record.join("source.tar");
+    std::fs::remove_file(&tar).expect("rm");
+    let out = contractor(&fixture, &["rebuild", ID]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    // Said once, the record's directory as the store names it.
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "contractor: cannot read ./.contractor/builds/{ID}/source.tar: a rebuild builds \
+             the record's own packed source: No such file or directory (os error 2)\n"
+        )
+    );
+    let store = fixture.project.join(".contractor");
+    let left: Vec<_> = std::fs::read_dir(&store)
+        .expect("store")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".rebuild-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -187,6 +187,10 @@ tool_codes! {
     /// `record list|show|downloads|log`: a file of a record cannot be read: a link, a FIFO,
     /// too big, not valid; exit 3.
     RecordRead = "record_read",
+    /// `record source`: the record has no `source.tar` that can be read; exit 2.
+    NoSource = "no_source",
+    /// `record source`: the copy cannot be written; exit 3.
+    SourceCopy = "source_copy",
     /// `cache`: not a path the cache may keep; exit 2.
     BadCachePath = "bad_cache_path",
     /// `cache`: file work failed; exit 3.

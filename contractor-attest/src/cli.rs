@@ -216,8 +216,9 @@ fn handle(request: AttestRequest, confine: bool) -> Result<(AttestAnswer, ExitCo
             original,
             rebuild,
             inputs_differ,
+            cache_warning,
             ..
-        } => compare(&original, &rebuild, &inputs_differ, confined),
+        } => compare(&original, &rebuild, &inputs_differ, cache_warning, confined),
     }
 }
 
@@ -227,6 +228,7 @@ fn compare(
     original: &Path,
     rebuild: &Path,
     known: &[String],
+    cache_warning: Option<String>,
     confined: impl Fn(Vec<PathBuf>) -> Result<Confinement, CliError>,
 ) -> Result<(AttestAnswer, ExitCode), CliError> {
     let path = rebuild.join(REBUILD_FILE);
@@ -239,11 +241,21 @@ fn compare(
         .unwrap_or_default();
     let json = crate::rebuild::record_json(&id, &artifacts, &inputs_differ);
     write_output(&mut file, &path, &json)?;
+    let ended = crate::rebuild::Ended {
+        original_id: &id,
+        original: crate::rebuild::result_of(original)?,
+        rebuild: crate::rebuild::result_of(rebuild)?
+            .ok_or_else(|| crate::rebuild::no_result(rebuild))?,
+    };
+    let (summary, same_end) =
+        crate::rebuild::summary(&ended, &artifacts, &inputs_differ, cache_warning.as_deref());
     let answer = AttestAnswer::Comparison(Box::new(RebuildComparison {
         version: PROTOCOL_VERSION,
         identical: crate::rebuild::all_identical(&artifacts),
         artifacts,
         inputs_differ,
+        same_end,
+        summary,
         path,
         confinement,
     }));

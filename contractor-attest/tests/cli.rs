@@ -301,8 +301,19 @@ fn compare_writes_rebuild_json_and_names_each_artifact() {
     .expect("copy");
     std::fs::write(again.join("artifacts/sub/notes.txt"), b"other\n").expect("write");
     let compare = json!({"type": "compare", "version": 1, "original": request.record,
-        "rebuild": again, "inputs_differ": ["image: known"]})
+        "rebuild": again, "inputs_differ": ["image: known"], "cache_warning": "no cache"})
     .to_string();
+    // The rebuild's record has no result.json yet: nothing to say how it ended.
+    let out = attest(&compare, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    // The rebuild succeeded where the original failed; it was refused a host offline.
+    let mut result: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(request.record.join("result.json")).expect("result"))
+            .expect("json");
+    result["id"] = json!("b2");
+    result["outcome"] = json!("success");
+    result["duration_secs"] = json!(4.25);
+    std::fs::write(again.join("result.json"), result.to_string()).expect("write");
     let out = attest(&compare, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let AttestAnswer::Comparison(compared) = answer(&out) else {
@@ -312,10 +323,23 @@ fn compare_writes_rebuild_json_and_names_each_artifact() {
         artifacts,
         identical,
         inputs_differ,
+        same_end,
+        summary,
         path,
         confinement,
         ..
     } = *compared;
+    assert!(!same_end);
+    assert_eq!(
+        summary,
+        [
+            "rebuild b2 of build b1: 1 of 2 artifact(s) identical; the rebuild succeeded in 4.2s",
+            "  the original ended failed, the rebuild success: `contractor log b2` says why",
+            "  no cache",
+            "  refused offline: evil.example (not in the record's downloads, or not in the download cache any more)",
+            "  input differs: image: known",
+        ]
+    );
     let verdicts: Vec<(&str, contractor_protocol::attest::Verdict)> = artifacts
         .iter()
         .map(|r| (r.path.as_str(), r.verdict))

@@ -1078,8 +1078,8 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
     };
     let result = &report.result;
     let rebuilt = store.join("builds").join(&result.id);
-    match rebuild::compare(&original.dir, &rebuilt, &plan.image_differences) {
-        Ok(compared) => rebuild_summary(&original, result, &compared, plan.cache_warning),
+    match rebuild::compare(&original.dir, &rebuilt, &plan) {
+        Ok(compared) => rebuild_summary(result, &compared),
         Err(err) => {
             eprintln!(
                 "contractor: cannot compare the artifacts: {}",
@@ -1117,69 +1117,20 @@ fn rebuild_plan(
 }
 
 /// The rebuild's report: each artifact's verdict on stdout, then how it ended and what
-/// differs on stderr; the exit code (0: every artifact identical and the same ending).
-fn rebuild_summary(
-    original: &contractor_protocol::store::RecordShown,
-    result: &BuildResult,
-    compared: &crate::rebuild::RebuildComparison,
-    cache_warning: Option<String>,
-) -> ExitCode {
-    use crate::rebuild;
-    let rows = &compared.artifacts;
+/// differs on stderr (`contractor-attest compare`'s summary); the exit code (0: every
+/// artifact identical and the same ending).
+fn rebuild_summary(result: &BuildResult, compared: &crate::rebuild::RebuildComparison) -> ExitCode {
     eprintln!();
-    for line in rebuild::report_lines(rows) {
+    for line in crate::rebuild::report_lines(&compared.artifacts) {
         println!("{line}");
     }
-    let identical = rows
-        .iter()
-        .filter(|r| r.verdict == rebuild::Verdict::Identical)
-        .count();
-    let same_end = original
-        .result
-        .as_ref()
-        .is_none_or(|r| r.outcome == result.outcome);
-    eprintln!(
-        "rebuild {} of build {}: {identical} of {} artifact(s) identical; the rebuild {} in {:.1}s",
-        escape(&result.id),
-        escape(&original.id),
-        rows.len(),
-        match result.outcome {
-            Outcome::Success => "succeeded".to_string(),
-            other => format!("ended {other:?}").to_lowercase(),
-        },
-        result.duration_secs
-    );
-    if !same_end {
-        let ended = |o: Outcome| format!("{o:?}").to_lowercase();
-        eprintln!(
-            "  the original ended {}, the rebuild {}: `contractor log {}` says why",
-            original
-                .result
-                .as_ref()
-                .map_or("unknown".into(), |r| ended(r.outcome)),
-            ended(result.outcome),
-            escape(&result.id)
-        );
-    }
-    if let Some(warning) = cache_warning.filter(|_| !same_end) {
-        eprintln!("  {}", escape(&warning));
-    }
-    if !result.refused_hosts.is_empty() {
-        eprintln!(
-            "  refused offline: {} (not in the record's downloads, or not in the download cache any more)",
-            escape(&result.refused_hosts.join(", "))
-        );
-    }
-    for found in &compared.inputs_differ {
-        eprintln!("  input differs: {}", escape(found));
-    }
-    if rows.is_empty() {
-        eprintln!("  no artifacts to compare");
+    for line in &compared.summary {
+        eprintln!("{}", escape(line));
     }
     match result.outcome {
         Outcome::Infrastructure => ExitCode::Infrastructure,
         Outcome::Interrupted => ExitCode::Interrupted,
-        _ if compared.identical && same_end => ExitCode::Success,
+        _ if compared.identical && compared.same_end => ExitCode::Success,
         _ => ExitCode::BuildFailed,
     }
 }

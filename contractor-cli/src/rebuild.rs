@@ -73,18 +73,19 @@ pub fn pins(downloads: &[StatedDownload]) -> Lock {
     }))
 }
 
-/// Has `contractor-attest` compare the two records (`known`: the inputs already known to
-/// differ) and write the rebuild's `rebuild.json`.
+/// Has `contractor-attest` compare the two records (the inputs `plan` found to differ
+/// first), write the rebuild's `rebuild.json` and sum the rebuild up.
 pub fn compare(
     original: &Path,
     rebuild: &Path,
-    known: &[String],
+    plan: &RebuildPlan,
 ) -> Result<RebuildComparison, ProvenanceError> {
     let request = AttestRequest::Compare {
         version: PROTOCOL_VERSION,
         original: original.to_path_buf(),
         rebuild: rebuild.to_path_buf(),
-        inputs_differ: known.to_vec(),
+        inputs_differ: plan.image_differences.clone(),
+        cache_warning: plan.cache_warning.clone(),
     };
     match provenance::ask(&request)? {
         AttestAnswer::Comparison(compared) => Ok(*compared),

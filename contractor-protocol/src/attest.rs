@@ -78,6 +78,10 @@ pub enum AttestRequest {
         rebuild: PathBuf,
         /// Differences of inputs already known (the image's, `--any-image`), kept first.
         inputs_differ: Vec<String>,
+        /// What the rebuild may lack (`plan`'s `cache_warning`), said again in the summary
+        /// when the rebuild did not end as the original did.
+        #[serde(default)]
+        cache_warning: Option<String>,
     },
 }
 
@@ -167,6 +171,13 @@ pub struct RebuildComparison {
     /// The inputs that differ (the given ones first, then the image's and the guest
     /// agent's digests in the two statements).
     pub inputs_differ: Vec<String>,
+    /// Whether the rebuild ended as the original did (true when the original's end is
+    /// not known: it has no `result.json`).
+    pub same_end: bool,
+    /// The summary of the rebuild, in words, one line each: how many artifacts are
+    /// identical and how the rebuild ended, then how the ends differ, what was refused
+    /// offline, each input that differs, or that there was nothing to compare.
+    pub summary: Vec<String>,
     /// The file the comparison was written to.
     pub path: PathBuf,
     /// How the tool was confined while it read the records.

@@ -226,6 +226,38 @@ pub struct Compared {
     pub rebuild: Option<String>,
 }
 
+impl std::fmt::Display for Compared {
+    /// The artifact's line of `contractor rebuild`'s report: its verdict, its path and the
+    /// digests on each side (`identical  hello  sha256 98ea…`). The path is the project's
+    /// choice: a caller that shows it on a terminal escapes it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let path = &self.path;
+        let a = self.original.as_deref().unwrap_or_default();
+        let b = self.rebuild.as_deref().unwrap_or_default();
+        match self.verdict {
+            Verdict::Identical => write!(f, "identical  {path}  sha256 {a}"),
+            Verdict::Different => {
+                write!(
+                    f,
+                    "DIFFERENT  {path}  original sha256 {a}, rebuild sha256 {b}"
+                )
+            }
+            Verdict::MissingInRebuild => {
+                write!(
+                    f,
+                    "MISSING    {path}  not in the rebuild (original sha256 {a})"
+                )
+            }
+            Verdict::MissingInOriginal => {
+                write!(
+                    f,
+                    "MISSING    {path}  not in the original (rebuild sha256 {b})"
+                )
+            }
+        }
+    }
+}
+
 /// What `sign` needs besides the record's files: the facts the front end knows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -433,6 +465,33 @@ pub fn read_statement(path: &Path) -> Result<Value, StatementError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_verdict_has_its_line() {
+        let (a, b) = ("3bd1", "2cf2");
+        let row = |path: &str, verdict, a: Option<&str>, b: Option<&str>| Compared {
+            path: path.into(),
+            verdict,
+            original: a.map(String::from),
+            rebuild: b.map(String::from),
+        };
+        let lines = [
+            row("gone", Verdict::MissingInRebuild, Some(a), None),
+            row("hello", Verdict::Identical, Some(a), Some(a)),
+            row("new", Verdict::MissingInOriginal, None, Some(b)),
+            row("stamp", Verdict::Different, Some(a), Some(b)),
+        ]
+        .map(|r| r.to_string());
+        assert_eq!(
+            lines,
+            [
+                "MISSING    gone  not in the rebuild (original sha256 3bd1)",
+                "identical  hello  sha256 3bd1",
+                "MISSING    new  not in the original (rebuild sha256 2cf2)",
+                "DIFFERENT  stamp  original sha256 3bd1, rebuild sha256 2cf2",
+            ]
+        );
+    }
 
     #[test]
     fn a_statement_comes_out_of_its_envelope_and_bad_ones_are_named() {

@@ -13,12 +13,12 @@ use std::time::SystemTime;
 use contractor_protocol::attest::{AttestAnswer, AttestRequest, SignRequest};
 pub use contractor_protocol::attest::{Verified, PREDICATE_TYPE, PROVENANCE_FILE, STATEMENT_TYPE};
 use contractor_protocol::result::{BuildResult, Outcome};
+use contractor_protocol::tool::ToolFailure;
 use contractor_protocol::PROTOCOL_VERSION;
 use serde_json::{json, Value};
 
 use crate::spec::BuildSpec;
 use crate::tools;
-use contractor_protocol::tool::ToolFailure;
 
 /// The file name of the key made on first use, in the data directory.
 pub const KEY_FILE: &str = "signing-key";

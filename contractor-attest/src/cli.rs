@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use contractor_protocol::attest::{
-    AttestAnswer, AttestRequest, SignRequest, MAX_REQUEST_BYTES, PROVENANCE_FILE, REBUILD_FILE,
+    AttestAnswer, AttestRequest, RebuildComparison, SignRequest, Verified, MAX_REQUEST_BYTES,
+    PROVENANCE_FILE, REBUILD_FILE,
 };
 use contractor_protocol::error::{ErrorObject, ToolCode};
 use contractor_protocol::service::Confinement;
@@ -76,6 +77,8 @@ impl CliError {
             CliError::Confine(_) => ToolCode::Confine,
             CliError::Attest(AttestError::BadKey { .. }) => ToolCode::BadKey,
             CliError::Attest(AttestError::Statement(_)) => ToolCode::BadEnvelope,
+            CliError::Attest(AttestError::SpecChanged { .. }) => ToolCode::SpecChanged,
+            CliError::Attest(AttestError::ImageChanged(_)) => ToolCode::ImageChanged,
             CliError::Attest(_) => ToolCode::Attest,
         }
     }
@@ -140,12 +143,12 @@ fn reparse(key: &str, value: &str) -> Option<serde_json::Error> {
         serde_json::from_str::<T>(value).err()
     }
     match key {
-        "record" | "original" | "rebuild" | "envelope" | "key" | "project" => {
+        "record" | "original" | "rebuild" | "envelope" | "key" | "project" | "spec" => {
             as_type::<PathBuf>(value)
         }
         "version" | "cpus" => as_type::<u32>(value),
         "memory_mib" | "disk_gib" => as_type::<u64>(value),
-        "create" | "create_key" => as_type::<bool>(value),
+        "create" | "create_key" | "any_image" => as_type::<bool>(value),
         "inputs_differ" | "cache_paths" => as_type::<Vec<String>>(value),
         "images" => as_type::<Vec<Manifest>>(value),
         _ => None,
@@ -185,14 +188,14 @@ fn handle(request: AttestRequest, confine: bool) -> Result<(AttestAnswer, ExitCo
                 true => ExitCode::Success,
                 false => ExitCode::BuildFailed,
             };
-            let answer = AttestAnswer::Verdict {
+            let answer = AttestAnswer::Verdict(Box::new(Verified {
                 version: PROTOCOL_VERSION,
                 problems: verdict.problems,
                 artifacts: verdict.artifacts,
                 downloads: verdict.downloads,
                 key_id: crate::key::key_id(&key),
                 confinement,
-            };
+            }));
             Ok((answer, exit))
         }
         AttestRequest::Digests { record, .. } => {
@@ -206,24 +209,16 @@ fn handle(request: AttestRequest, confine: bool) -> Result<(AttestAnswer, ExitCo
         }
         AttestRequest::Plan(request) => {
             let confinement = confined(vec![request.record.clone()])?;
-            let plan = crate::rebuild::plan(&request)?;
-            let answer = AttestAnswer::Plan {
-                version: PROTOCOL_VERSION,
-                downloads: plan.downloads,
-                spec_differences: plan.spec_differences,
-                image_differences: plan.image_differences,
-                incomplete_downloads: plan.incomplete_downloads,
-                cache_warning: plan.cache_warning,
-                confinement,
-            };
-            Ok((answer, ExitCode::Success))
+            let plan = crate::rebuild::plan(&request, confinement)?;
+            Ok((AttestAnswer::Plan(Box::new(plan)), ExitCode::Success))
         }
         AttestRequest::Compare {
             original,
             rebuild,
             inputs_differ,
+            cache_warning,
             ..
-        } => compare(&original, &rebuild, &inputs_differ, confined),
+        } => compare(&original, &rebuild, &inputs_differ, cache_warning, confined),
     }
 }
 
@@ -233,6 +228,7 @@ fn compare(
     original: &Path,
     rebuild: &Path,
     known: &[String],
+    cache_warning: Option<String>,
     confined: impl Fn(Vec<PathBuf>) -> Result<Confinement, CliError>,
 ) -> Result<(AttestAnswer, ExitCode), CliError> {
     let path = rebuild.join(REBUILD_FILE);
@@ -245,14 +241,24 @@ fn compare(
         .unwrap_or_default();
     let json = crate::rebuild::record_json(&id, &artifacts, &inputs_differ);
     write_output(&mut file, &path, &json)?;
-    let answer = AttestAnswer::Comparison {
+    let ended = crate::rebuild::Ended {
+        original_id: &id,
+        original: crate::rebuild::result_of(original)?,
+        rebuild: crate::rebuild::result_of(rebuild)?
+            .ok_or_else(|| crate::rebuild::no_result(rebuild))?,
+    };
+    let (summary, same_end) =
+        crate::rebuild::summary(&ended, &artifacts, &inputs_differ, cache_warning.as_deref());
+    let answer = AttestAnswer::Comparison(Box::new(RebuildComparison {
         version: PROTOCOL_VERSION,
         identical: crate::rebuild::all_identical(&artifacts),
         artifacts,
         inputs_differ,
+        same_end,
+        summary,
         path,
         confinement,
-    };
+    }));
     Ok((answer, ExitCode::Success))
 }
 

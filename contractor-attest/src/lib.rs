@@ -60,6 +60,21 @@ pub enum AttestError {
         #[source]
         source: std::io::Error,
     },
+    /// The spec says something else than the statement's `externalParameters` (a rebuild
+    /// builds what the record states).
+    #[error("{file} is not what build {id} was built with: {} differ ({}); restore it (e.g. `git checkout` the commit of that build) to rebuild", fields.len(), fields.join(", "))]
+    SpecChanged {
+        /// The spec file.
+        file: PathBuf,
+        /// The build.
+        id: String,
+        /// The fields that differ (`externalParameters.<name>`, `vm.<name>`).
+        fields: Vec<String>,
+    },
+    /// The stated image is gone from this host or has other bytes, and the rebuild was not
+    /// asked to go on with the current one: how it differs.
+    #[error("{0}; `contractor rebuild --any-image` rebuilds with the current image (and says which inputs differ)")]
+    ImageChanged(String),
     /// A key could not be encoded.
     #[error("cannot encode the key: {0}")]
     Encode(String),
@@ -77,6 +92,8 @@ impl AttestError {
                 | AttestError::Statement(_)
                 | AttestError::Io { .. }
                 | AttestError::NoStatement { .. }
+                | AttestError::SpecChanged { .. }
+                | AttestError::ImageChanged(_)
         )
     }
 }

@@ -2,8 +2,9 @@
 //! statement, and how the rebuild's artifacts and inputs compare with the original's.
 //!
 //! The invariant: a record's statement and artifacts are read here, in the confined tool,
-//! and the front end only gets typed facts back (the downloads to pin, the fields that
-//! differ, each artifact's verdict). The statement's signature is not checked by `plan`:
+//! and the front end only gets typed facts back (the downloads to pin, the warnings to
+//! say, each artifact's verdict) or the refusal to rebuild (the spec's fields that differ,
+//! the image that does), which it says as it is. The statement's signature is not checked by `plan`:
 //! `verify` does that. Artifacts are compared by the SHA-256 of the files in the two
 //! records' `artifacts/`; their contents are never parsed.
 
@@ -11,46 +12,64 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use contractor_protocol::attest::{
-    read_statement, Compared, PlanRequest, StatedDownload, StatementError, Verdict, PROVENANCE_FILE,
+    read_statement, Compared, PlanRequest, RebuildPlan, StatedDownload, StatementError, Verdict,
+    PROVENANCE_FILE,
 };
+use contractor_protocol::file::read_regular_if_exists;
 use contractor_protocol::image::Manifest;
+use contractor_protocol::result::{BuildResult, Outcome};
+use contractor_protocol::service::Confinement;
 use contractor_protocol::store::CACHE_UPLOAD_NAME;
+use contractor_protocol::PROTOCOL_VERSION;
 use serde_json::{json, Value};
 
 use crate::AttestError;
 
-/// What `plan` found, besides how the tool was confined.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Plan {
-    /// The downloads the statement lists, in its order.
-    pub downloads: Vec<StatedDownload>,
-    /// The fields in which the spec differs from the statement.
-    pub spec_differences: Vec<String>,
-    /// How the image on this host differs from the one stated.
-    pub image_differences: Vec<String>,
-    /// Why the statement's list of downloads is not complete.
-    pub incomplete_downloads: Vec<String>,
-    /// Why the rebuild may lack an input of the original.
-    pub cache_warning: Option<String>,
-}
-
-/// Reads the statement of `request.record` and weighs the spec and images given against it.
-pub fn plan(request: &PlanRequest) -> Result<Plan, AttestError> {
+/// Reads the statement of `request.record` and weighs the spec and images given against
+/// it: what a rebuild takes from it, and what to warn of. A spec that says something else
+/// is refused, and so is another image unless `request.any_image`.
+pub fn plan(request: &PlanRequest, confinement: Confinement) -> Result<RebuildPlan, AttestError> {
     let path = request.record.join(PROVENANCE_FILE);
     let statement = read_statement(&path).map_err(|e| match e {
         StatementError::Read { path, source } => AttestError::NoStatement { path, source },
         other => AttestError::Statement(other),
     })?;
+    let id = request
+        .record
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let fields = spec_differences(&statement, request);
+    if !fields.is_empty() {
+        return Err(AttestError::SpecChanged {
+            file: request.spec.clone(),
+            id,
+            fields,
+        });
+    }
     let recorded = recorded_image(&statement);
     let current = recorded
         .as_ref()
         .and_then(|(name, _)| request.images.iter().find(|m| &m.name == name));
-    Ok(Plan {
+    let image_differences = image_differences(&statement, current);
+    if !image_differences.is_empty() && !request.any_image {
+        return Err(AttestError::ImageChanged(image_differences.join("; ")));
+    }
+    let incomplete_downloads = incomplete_downloads(&statement);
+    let cache_warning = cache_warning(&statement, !request.cache_paths.is_empty());
+    let warnings = incomplete_downloads
+        .iter()
+        .map(|reason| format!("build {id} did not record every download ({reason}): what it did not record cannot be served offline"))
+        .chain(cache_warning.clone())
+        .collect();
+    Ok(RebuildPlan {
+        version: PROTOCOL_VERSION,
         downloads: stated_downloads(&statement),
-        spec_differences: spec_differences(&statement, request),
-        image_differences: image_differences(&statement, current),
-        incomplete_downloads: incomplete_downloads(&statement),
-        cache_warning: cache_warning(&statement, !request.cache_paths.is_empty()),
+        image_differences,
+        incomplete_downloads,
+        cache_warning,
+        warnings,
+        confinement,
     })
 }
 
@@ -254,6 +273,104 @@ pub fn comparison(
     Ok((compare(&before, &after), inputs_differ))
 }
 
+/// Most bytes of a record's `result.json` read (ours have a few KiB, their error chains
+/// capped; the store reads back at most as much).
+pub const MAX_RESULT_BYTES: u64 = 1 << 20;
+
+/// The `result.json` of `record` (a regular file, never through a link, at most
+/// [`MAX_RESULT_BYTES`], typed); None when it has none.
+pub fn result_of(record: &Path) -> Result<Option<BuildResult>, AttestError> {
+    let path = record.join("result.json");
+    let bytes =
+        read_regular_if_exists(&path, MAX_RESULT_BYTES).map_err(crate::io("read", &path))?;
+    bytes
+        .map(|bytes| {
+            serde_json::from_slice(&bytes).map_err(|e| {
+                crate::io("read", &path)(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            })
+        })
+        .transpose()
+}
+
+/// The rebuild's record has no `result.json` to say how it ended.
+pub fn no_result(record: &Path) -> AttestError {
+    let path = record.join("result.json");
+    crate::io("read", &path)(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        "the rebuild's record has no result",
+    ))
+}
+
+/// How the two builds ended.
+#[derive(Debug)]
+pub struct Ended<'a> {
+    /// The build rebuilt.
+    pub original_id: &'a str,
+    /// Its result, when its record has one.
+    pub original: Option<BuildResult>,
+    /// The rebuild's result.
+    pub rebuild: BuildResult,
+}
+
+/// The summary of a rebuild whose artifacts compared as `rows` and whose inputs differ as
+/// `inputs_differ` (`cache_warning`: what it may lack, said when the ends differ): its
+/// lines, and whether it ended as the original did.
+pub fn summary(
+    ended: &Ended,
+    rows: &[Compared],
+    inputs_differ: &[String],
+    cache_warning: Option<&str>,
+) -> (Vec<String>, bool) {
+    let rebuild = &ended.rebuild;
+    let word = |o: Outcome| format!("{o:?}").to_lowercase();
+    let identical = rows
+        .iter()
+        .filter(|r| r.verdict == Verdict::Identical)
+        .count();
+    let same_end = ended
+        .original
+        .as_ref()
+        .is_none_or(|r| r.outcome == rebuild.outcome);
+    let mut lines = vec![format!(
+        "rebuild {} of build {}: {identical} of {} artifact(s) identical; the rebuild {} in {:.1}s",
+        rebuild.id,
+        ended.original_id,
+        rows.len(),
+        match rebuild.outcome {
+            Outcome::Success => "succeeded".to_string(),
+            other => format!("ended {}", word(other)),
+        },
+        rebuild.duration_secs
+    )];
+    if !same_end {
+        lines.push(format!(
+            "  the original ended {}, the rebuild {}: `contractor log {}` says why",
+            ended
+                .original
+                .as_ref()
+                .map_or("unknown".into(), |r| word(r.outcome)),
+            word(rebuild.outcome),
+            rebuild.id
+        ));
+        lines.extend(cache_warning.map(|warning| format!("  {warning}")));
+    }
+    if !rebuild.refused_hosts.is_empty() {
+        lines.push(format!(
+            "  refused offline: {} (not in the record's downloads, or not in the download cache any more)",
+            rebuild.refused_hosts.join(", ")
+        ));
+    }
+    lines.extend(
+        inputs_differ
+            .iter()
+            .map(|found| format!("  input differs: {found}")),
+    );
+    if rows.is_empty() {
+        lines.push("  no artifacts to compare".into());
+    }
+    (lines, same_end)
+}
+
 /// `rebuild.json` of a rebuild's record.
 pub fn record_json(original_id: &str, rows: &[Compared], inputs_differ: &[String]) -> Value {
     json!({
@@ -363,6 +480,63 @@ mod tests {
         assert!(cache_warning(&silent, false).is_none());
         let said = cache_warning(&silent, true).expect("may have");
         assert!(said.contains("may have restored"), "{said}");
+    }
+
+    fn result(id: &str, outcome: Outcome) -> BuildResult {
+        serde_json::from_value(json!({"version": 1, "id": id, "outcome": outcome,
+            "exit_code": null, "duration_secs": 12.0, "log": "/r/build.log",
+            "console_log": "/r/console.log", "artifacts": [], "refused_hosts": [],
+            "refused_offline": [], "upstream_failures": [], "limit": null, "error": null,
+            "host": null}))
+        .expect("a result")
+    }
+
+    #[test]
+    fn the_summary_says_how_many_are_identical_and_how_each_build_ended() {
+        let row = |path: &str, verdict| Compared {
+            path: path.into(),
+            verdict,
+            original: Some(A.into()),
+            rebuild: Some(A.into()),
+        };
+        let rows = [row("a", Verdict::Identical), row("b", Verdict::Different)];
+        let ended = Ended {
+            original_id: "b1",
+            original: Some(result("b1", Outcome::Success)),
+            rebuild: result("b2", Outcome::Success),
+        };
+        let (lines, same_end) = summary(&ended, &rows, &[], Some("no cache"));
+        assert!(same_end);
+        // The cache's warning is said only when the ends differ.
+        assert_eq!(
+            lines,
+            ["rebuild b2 of build b1: 1 of 2 artifact(s) identical; the rebuild succeeded in 12.0s"]
+        );
+
+        let ended = Ended {
+            original_id: "b1",
+            original: Some(result("b1", Outcome::Success)),
+            rebuild: result("b2", Outcome::Failed),
+        };
+        let (lines, same_end) = summary(&ended, &[], &["image: x".into()], Some("no cache"));
+        assert!(!same_end);
+        assert_eq!(
+            lines,
+            [
+                "rebuild b2 of build b1: 0 of 0 artifact(s) identical; the rebuild ended failed in 12.0s",
+                "  the original ended success, the rebuild failed: `contractor log b2` says why",
+                "  no cache",
+                "  input differs: image: x",
+                "  no artifacts to compare",
+            ]
+        );
+        // An original without a result: its end is not known, so not different.
+        let ended = Ended {
+            original_id: "b1",
+            original: None,
+            rebuild: result("b2", Outcome::Failed),
+        };
+        assert!(summary(&ended, &rows, &[], None).1);
     }
 
     #[test]

@@ -78,24 +78,20 @@ fn signs_then_verifies_confined_and_names_what_differs() {
         String::from_utf8_lossy(&out.stderr)
     );
     match answer(&out) {
-        AttestAnswer::Verdict {
-            problems,
-            artifacts,
-            downloads,
-            key_id: checked,
-            ..
-        } => {
-            assert!(problems.is_empty(), "{problems:?}");
-            assert_eq!((artifacts, downloads, checked), (2, 2, key_id));
+        AttestAnswer::Verdict(verified) => {
+            assert!(verified.problems.is_empty(), "{:?}", verified.problems);
+            let checked = (verified.artifacts, verified.downloads, verified.key_id);
+            assert_eq!(checked, (2, 2, key_id));
         }
         other => panic!("{other:?}"),
     }
     std::fs::write(request.record.join("artifacts/hello"), b"trojan\n").expect("tamper");
     let out = attest(&verify, &[]);
     assert_eq!(out.status.code(), Some(1));
-    let AttestAnswer::Verdict { problems, .. } = answer(&out) else {
+    let AttestAnswer::Verdict(verified) = answer(&out) else {
         panic!("no verdict");
     };
+    let problems = verified.problems;
     assert!(
         problems[0].contains("artifact \"hello\" differs"),
         "{problems:?}"
@@ -188,7 +184,15 @@ fn plan_request(
     json!({"type": "plan", "version": 1, "record": request.record,
         "external_parameters": request.external_parameters, "cpus": request.cpus,
         "memory_mib": request.memory_mib, "disk_gib": request.disk_gib,
-        "cache_paths": [], "images": images})
+        "cache_paths": [], "images": images, "spec": "/p/contractor.toml"})
+}
+
+/// The error object of a request refused as bad input (exit 2), with its chain joined.
+fn refused(out: &Output) -> (String, String) {
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let error: contractor_protocol::error::ErrorObject =
+        serde_json::from_slice(&out.stdout).expect("error object");
+    (error.code.as_str().to_string(), error.chain.join(": "))
 }
 
 #[test]
@@ -198,65 +202,90 @@ fn plan_reads_the_statement_confined_and_names_what_differs_now() {
     let image = serde_json::to_value(request.image.as_ref().expect("image")).expect("json");
     let out = attest(&plan_request(&request, json!([image])).to_string(), &[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    match answer(&out) {
-        AttestAnswer::Plan {
-            downloads,
-            spec_differences,
-            image_differences,
-            incomplete_downloads,
-            cache_warning,
-            confinement,
-            ..
-        } => {
-            let urls: Vec<(&str, bool)> = downloads
-                .iter()
-                .map(|d| (d.url.as_str(), d.complete_get_200))
-                .collect();
-            assert_eq!(
-                urls,
-                [
-                    ("https://deb.debian.org/a.deb", true),
-                    ("https://static.crates.io/crates/x/x-1.0.crate", true)
-                ]
-            );
-            assert!(spec_differences.is_empty(), "{spec_differences:?}");
-            assert!(image_differences.is_empty(), "{image_differences:?}");
-            assert!(incomplete_downloads.is_empty() && cache_warning.is_none());
-            assert!(confinement.enforced && confinement.seccomp);
-        }
-        other => panic!("{other:?}"),
-    }
+    let AttestAnswer::Plan(plan) = answer(&out) else {
+        panic!("no plan");
+    };
+    let urls: Vec<(&str, bool)> = plan
+        .downloads
+        .iter()
+        .map(|d| (d.url.as_str(), d.complete_get_200))
+        .collect();
+    assert_eq!(
+        urls,
+        [
+            ("https://deb.debian.org/a.deb", true),
+            ("https://static.crates.io/crates/x/x-1.0.crate", true)
+        ]
+    );
+    assert!(plan.image_differences.is_empty() && plan.warnings.is_empty());
+    assert!(plan.incomplete_downloads.is_empty() && plan.cache_warning.is_none());
+    assert!(plan.confinement.enforced && plan.confinement.seccomp);
 
-    // The spec's script and the VM's shape changed; the image was rebuilt.
-    let mut changed = plan_request(&request, json!([]));
+    // The spec's script and the VM's shape changed: refused, naming the file and fields.
+    let mut changed = plan_request(&request, json!([image]));
     changed["external_parameters"]["script"] = json!("make all");
     changed["cpus"] = json!(1);
+    changed["any_image"] = json!(true);
+    let (code, said) = refused(&attest(&changed.to_string(), &[]));
+    assert_eq!(code, "spec_changed");
+    assert_eq!(
+        said,
+        "/p/contractor.toml is not what build b1 was built with: 2 differ \
+         (externalParameters.script, vm.cpus); restore it (e.g. `git checkout` the commit \
+         of that build) to rebuild"
+    );
+
+    // The image was rebuilt since: refused, unless the request says `any_image`.
     let mut other = image.clone();
     other["disk_sha256"] = json!("e".repeat(64));
-    changed["images"] = json!([other]);
-    let AttestAnswer::Plan {
-        spec_differences,
-        image_differences,
-        ..
-    } = answer(&attest(&changed.to_string(), &[]))
-    else {
-        panic!("no plan");
-    };
-    assert_eq!(spec_differences, ["externalParameters.script", "vm.cpus"]);
-    let said = image_differences.join("\n");
+    let mut rebuilt = plan_request(&request, json!([other]));
+    let (code, said) = refused(&attest(&rebuilt.to_string(), &[]));
+    assert_eq!(code, "image_changed");
     assert!(
         said.contains(&format!("was {}", "d".repeat(64)))
-            && said.contains(&format!("it is {} now (built 2026-11-25 ", "e".repeat(64))),
+            && said.contains(&format!("it is {} now (built 2026-11-25 ", "e".repeat(64)))
+            && said.ends_with("; `contractor rebuild --any-image` rebuilds with the current image (and says which inputs differ)"),
         "{said}"
     );
+    rebuilt["any_image"] = json!(true);
+    let AttestAnswer::Plan(plan) = answer(&attest(&rebuilt.to_string(), &[])) else {
+        panic!("no plan");
+    };
+    assert!(plan.image_differences[0].contains("has changed since"));
     // The image is gone from this host.
-    let AttestAnswer::Plan {
-        image_differences, ..
-    } = answer(&attest(&plan_request(&request, json!([])).to_string(), &[]))
+    let (code, said) = refused(&attest(&plan_request(&request, json!([])).to_string(), &[]));
+    assert_eq!(code, "image_changed");
+    assert!(said.contains("is gone from this host"), "{said}");
+}
+
+/// The warnings are worded by the tool: a statement whose downloads are incomplete, and
+/// one whose build restored a build cache.
+#[test]
+fn plan_words_the_warnings_of_inputs_a_rebuild_may_lack() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut request = fixture(dir.path());
+    request.cache_restored = Some(true);
+    request.cache_paths = vec!["/build/target".into()];
+    request.image = None;
+    // Traffic not inspected: the statement says its list of downloads is not complete.
+    request.inspect = false;
+    let sign =
+        serde_json::to_string(&AttestRequest::Sign(Box::new(request.clone()))).expect("json");
+    assert_eq!(attest(&sign, &[]).status.code(), Some(0));
+    let AttestAnswer::Plan(plan) =
+        answer(&attest(&plan_request(&request, json!([])).to_string(), &[]))
     else {
         panic!("no plan");
     };
-    assert!(image_differences[0].contains("is gone from this host"));
+    assert_eq!(plan.warnings.len(), 2, "{:?}", plan.warnings);
+    assert!(
+        plan.warnings[0].starts_with("build b1 did not record every download (")
+            && plan.warnings[0].ends_with("): what it did not record cannot be served offline"),
+        "{}",
+        plan.warnings[0]
+    );
+    assert_eq!(plan.warnings[1], plan.cache_warning.clone().expect("cache"));
+    assert!(plan.warnings[1].starts_with("the original restored the build cache"));
 }
 
 #[test]
@@ -272,21 +301,45 @@ fn compare_writes_rebuild_json_and_names_each_artifact() {
     .expect("copy");
     std::fs::write(again.join("artifacts/sub/notes.txt"), b"other\n").expect("write");
     let compare = json!({"type": "compare", "version": 1, "original": request.record,
-        "rebuild": again, "inputs_differ": ["image: known"]})
+        "rebuild": again, "inputs_differ": ["image: known"], "cache_warning": "no cache"})
     .to_string();
+    // The rebuild's record has no result.json yet: nothing to say how it ended.
+    let out = attest(&compare, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    // The rebuild succeeded where the original failed; it was refused a host offline.
+    let mut result: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(request.record.join("result.json")).expect("result"))
+            .expect("json");
+    result["id"] = json!("b2");
+    result["outcome"] = json!("success");
+    result["duration_secs"] = json!(4.25);
+    std::fs::write(again.join("result.json"), result.to_string()).expect("write");
     let out = attest(&compare, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let AttestAnswer::Comparison {
+    let AttestAnswer::Comparison(compared) = answer(&out) else {
+        panic!("no comparison");
+    };
+    let contractor_protocol::attest::RebuildComparison {
         artifacts,
         identical,
         inputs_differ,
+        same_end,
+        summary,
         path,
         confinement,
         ..
-    } = answer(&out)
-    else {
-        panic!("no comparison");
-    };
+    } = *compared;
+    assert!(!same_end);
+    assert_eq!(
+        summary,
+        [
+            "rebuild b2 of build b1: 1 of 2 artifact(s) identical; the rebuild succeeded in 4.2s",
+            "  the original ended failed, the rebuild success: `contractor log b2` says why",
+            "  no cache",
+            "  refused offline: evil.example (not in the record's downloads, or not in the download cache any more)",
+            "  input differs: image: known",
+        ]
+    );
     let verdicts: Vec<(&str, contractor_protocol::attest::Verdict)> = artifacts
         .iter()
         .map(|r| (r.path.as_str(), r.verdict))

@@ -1039,7 +1039,7 @@ fn report(result: Result<(), Failure>) -> std::process::ExitCode {
 /// `contractor rebuild [ID]` (crate::rebuild): the exit code says whether every artifact
 /// came out identical.
 fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOptions) -> ExitCode {
-    use crate::rebuild::{self, RebuildError};
+    use crate::rebuild;
     let input = |err: &dyn std::error::Error| {
         eprintln!("contractor: {}", escape(&chain(err)));
         ExitCode::BadInput
@@ -1053,29 +1053,19 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
         Ok(record) => record,
         Err(err) => return input(&err),
     };
-    let plan = match rebuild_plan(&original.dir, &spec) {
+    let plan = match rebuild_plan(&original.dir, file, &spec, any_image) {
         Ok(plan) => plan,
         Err(exit) => return exit,
     };
-    if !plan.spec_differences.is_empty() {
-        return input(&RebuildError::SpecChanged {
-            file: file.to_path_buf(),
-            id: original.id.clone(),
-            fields: plan.spec_differences,
-        });
+    for warning in &plan.warnings {
+        eprintln!("contractor: warning: {}", escape(warning));
     }
-    if !plan.image_differences.is_empty() && !any_image {
-        return input(&RebuildError::ImageChanged(
-            plan.image_differences.join("; "),
-        ));
-    }
-    let cache_warning = warn_of_missing_inputs(&original.id, &plan);
     // The record's pins are the lock, offline; the build cache is left out: a rebuild
     // starts from the source alone.
-    spec.lock = Some(plan.pins);
+    spec.lock = Some(rebuild::pins(&plan.downloads));
     spec.cache_paths.clear();
     let tar = store.join(format!(".rebuild-{}.tar", std::process::id()));
-    if let Err(err) = rebuild::copy_source(&original.dir, &tar) {
+    if let Err(err) = rebuild::copy_source(&store, &original.id, &tar) {
         return input(&err);
     }
     options.packed = Some(build::PackedSource {
@@ -1102,8 +1092,8 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
     };
     let result = &report.result;
     let rebuilt = store.join("builds").join(&result.id);
-    match rebuild::compare(&original.dir, &rebuilt, &plan.image_differences) {
-        Ok(compared) => rebuild_summary(&original, result, &compared, cache_warning),
+    match rebuild::compare(&original.dir, &rebuilt, &plan) {
+        Ok(compared) => rebuild_summary(result, &compared),
         Err(err) => {
             eprintln!(
                 "contractor: cannot compare the artifacts: {}",
@@ -1114,29 +1104,15 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
     }
 }
 
-/// Says what the original's record may lack for an offline rebuild (downloads it did not
-/// record, a build cache it restored); returns the cache's warning, said again at the end.
-fn warn_of_missing_inputs(id: &str, plan: &crate::rebuild::Plan) -> Option<String> {
-    for reason in &plan.incomplete_downloads {
-        eprintln!(
-            "contractor: warning: build {} did not record every download ({}): what it did not record cannot be served offline",
-            escape(id),
-            escape(reason)
-        );
-    }
-    if let Some(warning) = &plan.cache_warning {
-        eprintln!("contractor: warning: {}", escape(warning));
-    }
-    plan.cache_warning.clone()
-}
-
-/// What `contractor-attest plan` says of the record in `dir`, weighed against `spec` and
-/// this host's images; on failure, the exit code (said on stderr).
-fn rebuild_plan(dir: &Path, spec: &spec::BuildSpec) -> Result<crate::rebuild::Plan, ExitCode> {
-    let said = |err: &dyn std::error::Error, exit: ExitCode| {
-        eprintln!("contractor: {}", escape(&chain(err)));
-        exit
-    };
+/// What `contractor-attest plan` says of the record in `dir`, weighed against `spec` (read
+/// from `file`) and this host's images; on failure or refusal, the exit code (said on
+/// stderr).
+fn rebuild_plan(
+    dir: &Path,
+    file: &Path,
+    spec: &spec::BuildSpec,
+    any_image: bool,
+) -> Result<crate::rebuild::RebuildPlan, ExitCode> {
     let images = image::list().map_err(|err| {
         eprintln!(
             "contractor: cannot list the images: {}",
@@ -1145,76 +1121,30 @@ fn rebuild_plan(dir: &Path, spec: &spec::BuildSpec) -> Result<crate::rebuild::Pl
         err.exit_code()
     })?;
     let manifests: Vec<image::Manifest> = images.into_iter().map(|i| i.manifest).collect();
-    crate::rebuild::plan(dir, spec, &manifests).map_err(|err| match err.is_bad_input() {
-        true => said(&err, ExitCode::BadInput),
-        false => said(&err, ExitCode::Infrastructure),
+    crate::rebuild::plan(dir, file, spec, &manifests, any_image).map_err(|err| {
+        eprintln!("contractor: {}", escape(&chain(&err)));
+        match err.is_bad_input() {
+            true => ExitCode::BadInput,
+            false => ExitCode::Infrastructure,
+        }
     })
 }
 
 /// The rebuild's report: each artifact's verdict on stdout, then how it ended and what
-/// differs on stderr; the exit code (0: every artifact identical and the same ending).
-fn rebuild_summary(
-    original: &contractor_protocol::store::RecordShown,
-    result: &BuildResult,
-    compared: &crate::rebuild::Comparison,
-    cache_warning: Option<String>,
-) -> ExitCode {
-    use crate::rebuild;
-    let rows = &compared.rows;
+/// differs on stderr (`contractor-attest compare`'s summary); the exit code (0: every
+/// artifact identical and the same ending).
+fn rebuild_summary(result: &BuildResult, compared: &crate::rebuild::RebuildComparison) -> ExitCode {
     eprintln!();
-    for line in rebuild::report_lines(rows) {
+    for line in crate::rebuild::report_lines(&compared.artifacts) {
         println!("{line}");
     }
-    let identical = rows
-        .iter()
-        .filter(|r| r.verdict == rebuild::Verdict::Identical)
-        .count();
-    let same_end = original
-        .result
-        .as_ref()
-        .is_none_or(|r| r.outcome == result.outcome);
-    eprintln!(
-        "rebuild {} of build {}: {identical} of {} artifact(s) identical; the rebuild {} in {:.1}s",
-        escape(&result.id),
-        escape(&original.id),
-        rows.len(),
-        match result.outcome {
-            Outcome::Success => "succeeded".to_string(),
-            other => format!("ended {other:?}").to_lowercase(),
-        },
-        result.duration_secs
-    );
-    if !same_end {
-        let ended = |o: Outcome| format!("{o:?}").to_lowercase();
-        eprintln!(
-            "  the original ended {}, the rebuild {}: `contractor log {}` says why",
-            original
-                .result
-                .as_ref()
-                .map_or("unknown".into(), |r| ended(r.outcome)),
-            ended(result.outcome),
-            escape(&result.id)
-        );
-    }
-    if let Some(warning) = cache_warning.filter(|_| !same_end) {
-        eprintln!("  {}", escape(&warning));
-    }
-    if !result.refused_hosts.is_empty() {
-        eprintln!(
-            "  refused offline: {} (not in the record's downloads, or not in the download cache any more)",
-            escape(&result.refused_hosts.join(", "))
-        );
-    }
-    for found in &compared.inputs_differ {
-        eprintln!("  input differs: {}", escape(found));
-    }
-    if rows.is_empty() {
-        eprintln!("  no artifacts to compare");
+    for line in &compared.summary {
+        eprintln!("{}", escape(line));
     }
     match result.outcome {
         Outcome::Infrastructure => ExitCode::Infrastructure,
         Outcome::Interrupted => ExitCode::Interrupted,
-        _ if compared.identical && same_end => ExitCode::Success,
+        _ if compared.identical && compared.same_end => ExitCode::Success,
         _ => ExitCode::BuildFailed,
     }
 }

@@ -799,22 +799,20 @@ fn sign(
 ) {
     let signs_here = options.packed.is_none() || options.rebuild_of.is_some();
     if signs_here && crate::provenance::ran_script(result.outcome, result.exit_code) {
-        let facts = crate::provenance::Facts {
-            id: &result.id,
-            spec,
-            accel: vm_started.map_or(options.accel, |v| v.0),
-            boot: crate::provenance::boot(how.snapshot, vm_started.and_then(|v| v.1.as_ref())),
-            offline: options.offline,
-            image: Some(&how.setup.image.manifest),
-            host: None,
-            started_on: how.started_on,
-            finished_on: std::time::SystemTime::now(),
-            outcome: result.outcome,
-            exit_code: result.exit_code,
-            rebuild_of: options.rebuild_of.as_deref(),
-            cache_restored: Some(how.cache_restored.unwrap_or(false)),
-        };
-        if let Err(err) = crate::provenance::write_signed(&how.setup.record, &facts) {
+        let asked =
+            crate::provenance::sign_request(&how.setup.record, spec, result, how.started_on);
+        let signed = asked.and_then(|request| {
+            crate::provenance::write_signed(contractor_protocol::attest::SignRequest {
+                accelerator: vm_started.map_or(options.accel, |v| v.0),
+                boot: crate::provenance::boot(how.snapshot, vm_started.and_then(|v| v.1.as_ref())),
+                offline: options.offline,
+                image: Some(how.setup.image.manifest.clone()),
+                rebuild_of: options.rebuild_of.clone(),
+                cache_restored: Some(how.cache_restored.unwrap_or(false)),
+                ..request
+            })
+        });
+        if let Err(err) = signed {
             display.warning(&format!(
                 "cannot write the signed provenance: {}",
                 contractor_protocol::result::joined_chain(&err)

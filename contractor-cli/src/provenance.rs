@@ -11,13 +11,13 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use contractor_protocol::attest::{AttestAnswer, AttestRequest, SignRequest};
-pub use contractor_protocol::attest::{PREDICATE_TYPE, PROVENANCE_FILE, STATEMENT_TYPE};
-use contractor_protocol::image::Manifest;
-use contractor_protocol::result::Outcome;
+pub use contractor_protocol::attest::{Verified, PREDICATE_TYPE, PROVENANCE_FILE, STATEMENT_TYPE};
+use contractor_protocol::result::{BuildResult, Outcome};
+use contractor_protocol::tool::ToolFailure;
 use contractor_protocol::PROTOCOL_VERSION;
 
 use crate::spec::BuildSpec;
-use crate::tools::{self, ToolError};
+use crate::tools;
 
 /// The file name of the key made on first use, in the data directory.
 pub const KEY_FILE: &str = "signing-key";
@@ -30,39 +30,38 @@ pub enum ProvenanceError {
     /// There is no data directory for the key.
     #[error("no place for the signing key")]
     DataDir(#[source] contractor_protocol::image::NoDataDir),
-    /// contractor-attest could not be run or talked to.
+    /// contractor-attest refused its input (a bad key or envelope, a rebuild it refuses),
+    /// failed, or could not be asked: its own messages when it said why.
     #[error(transparent)]
-    Tool(ToolError),
-    /// contractor-attest refused its input (a bad key or envelope, exit code 2) and said
-    /// why: its messages, as if the work had been done here.
-    #[error(transparent)]
-    Refused(tools::ToolMessages),
-    /// contractor-attest failed and said why.
-    #[error(transparent)]
-    Failed(tools::ToolMessages),
-    /// contractor-attest answered something else than what was asked.
-    #[error("contractor-attest answered a `{0}` request with another kind of answer")]
-    Answer(&'static str),
+    Attest(#[from] ToolFailure),
 }
 
 impl ProvenanceError {
     /// True when the input is at fault (a bad key or envelope): exit code 2.
     pub fn is_bad_input(&self) -> bool {
-        matches!(
-            self,
-            ProvenanceError::DataDir(_) | ProvenanceError::Refused(_)
-        )
+        match self {
+            ProvenanceError::DataDir(_) => true,
+            ProvenanceError::Attest(failure) => failure.is_bad_input(),
+        }
     }
 }
 
-impl From<ToolError> for ProvenanceError {
-    fn from(error: ToolError) -> Self {
-        match error.messages() {
-            Some(messages) if error.is_bad_input() => ProvenanceError::Refused(messages),
-            Some(messages) => ProvenanceError::Failed(messages),
-            None => ProvenanceError::Tool(error),
-        }
+/// Asks `contractor-attest` `request` and returns its answer (whatever its exit code: a
+/// verdict that does not verify is the caller's to judge).
+pub(crate) fn ask(request: &AttestRequest) -> Result<AttestAnswer, ProvenanceError> {
+    match tools::ask(tools::ATTEST, request) {
+        Ok((answer, _)) => Ok(answer),
+        Err(error) => Err(ToolFailure::from(error).into()),
     }
+}
+
+/// contractor-attest answered a `request` request with another kind of answer.
+pub(crate) fn wrong_answer(request: &'static str) -> ProvenanceError {
+    ToolFailure::WrongAnswer {
+        name: tools::ATTEST,
+        request,
+    }
+    .into()
 }
 
 /// Where the signing key is: `$CONTRACTOR_SIGNING_KEY`, else `signing-key` in the data
@@ -79,49 +78,26 @@ pub fn key_path() -> Result<(PathBuf, bool), ProvenanceError> {
     }
 }
 
-/// What the front end knows of a build besides its record's files.
-#[derive(Debug, Clone)]
-pub struct Facts<'a> {
-    /// The build id.
-    pub id: &'a str,
-    /// The spec as given.
-    pub spec: &'a BuildSpec,
-    /// The accelerator the VM ran with (`kvm`, `tcg`), else the one asked for (`auto`).
-    pub accel: contractor_protocol::vm::Accel,
-    /// How the VM booted ([`boot`]).
-    pub boot: String,
-    /// `--offline`: downloads only from the download cache.
-    pub offline: bool,
-    /// The image's manifest, when the image is on this host.
-    pub image: Option<&'a Manifest>,
-    /// The build host of a `--host` build.
-    pub host: Option<&'a str>,
-    /// When the build started.
-    pub started_on: SystemTime,
-    /// When it finished.
-    pub finished_on: SystemTime,
-    /// How it ended.
-    pub outcome: Outcome,
-    /// The script's exit status.
-    pub exit_code: Option<i32>,
-    /// The build this one rebuilt (`contractor rebuild`), if it is a rebuild.
-    pub rebuild_of: Option<&'a str>,
-    /// Whether the build restored the project's build cache (`[cache] paths`) from an
-    /// earlier build (inputs its record does not hold); None when not known here (a
-    /// `--host` build's).
-    pub cache_restored: Option<bool>,
-}
-
-/// The request that signs the build in `record` with `key` (made when `create`).
-pub fn sign_request(record: &Path, facts: &Facts, key: &Path, create: bool) -> SignRequest {
-    let spec = facts.spec;
-    SignRequest {
+/// The request that signs `result`'s build in `record` with this user's key
+/// ([`key_path`]): the spec as given and how the build ended, and, for the facts only the
+/// caller knows, a build on this host that started at `started_on` and finished now, with
+/// the accelerator asked for by default (`auto`), booted cold, not offline, no image
+/// manifest, not a rebuild, its build cache not known. The caller sets what differs
+/// (`SignRequest { boot, .. }`).
+pub fn sign_request(
+    record: &Path,
+    spec: &BuildSpec,
+    result: &BuildResult,
+    started_on: SystemTime,
+) -> Result<SignRequest, ProvenanceError> {
+    let (key, create_key) = key_path()?;
+    Ok(SignRequest {
         version: PROTOCOL_VERSION,
         record: record.to_path_buf(),
-        key: key.to_path_buf(),
-        create_key: create,
+        key,
+        create_key,
         project: spec.project_dir.clone(),
-        id: facts.id.to_string(),
+        id: result.id.clone(),
         external_parameters: external_parameters(spec),
         cpus: spec.cpus,
         memory_mib: spec.memory_mib,
@@ -129,29 +105,27 @@ pub fn sign_request(record: &Path, facts: &Facts, key: &Path, create: bool) -> S
         inspect: spec.inspect,
         tunnel: spec.tunnel.clone(),
         cache_paths: spec.cache_paths.clone(),
-        cache_restored: facts.cache_restored,
-        accelerator: facts.accel,
-        boot: facts.boot.clone(),
-        offline: facts.offline,
+        cache_restored: None,
+        accelerator: contractor_protocol::vm::Accel::Auto,
+        boot: "cold".into(),
+        offline: false,
         image_name: spec.image.clone(),
-        image: facts.image.cloned(),
-        build_host: facts.host.map(String::from),
-        started_on: rfc3339(facts.started_on),
-        finished_on: rfc3339(facts.finished_on),
-        outcome: facts.outcome,
-        exit_code: facts.exit_code,
-        rebuild_of: facts.rebuild_of.map(String::from),
-    }
+        image: None,
+        build_host: None,
+        started_on: rfc3339(started_on),
+        finished_on: rfc3339(SystemTime::now()),
+        outcome: result.outcome,
+        exit_code: result.exit_code,
+        rebuild_of: None,
+    })
 }
 
-/// Has `contractor-attest` write `provenance.json` into `record`, signed with this user's
-/// key ([`key_path`]).
-pub fn write_signed(record: &Path, facts: &Facts) -> Result<PathBuf, ProvenanceError> {
-    let (key, create) = key_path()?;
-    let request = AttestRequest::Sign(Box::new(sign_request(record, facts, &key, create)));
-    match tools::ask(tools::ATTEST, &request)? {
-        (AttestAnswer::Signed { path, .. }, _) => Ok(path),
-        _ => Err(ProvenanceError::Answer("sign")),
+/// Has `contractor-attest` write `provenance.json` into the request's record, signed with
+/// the key it names.
+pub fn write_signed(request: SignRequest) -> Result<PathBuf, ProvenanceError> {
+    match ask(&AttestRequest::Sign(Box::new(request)))? {
+        AttestAnswer::Signed { path, .. } => Ok(path),
+        _ => Err(wrong_answer("sign")),
     }
 }
 
@@ -164,28 +138,15 @@ pub fn public_key() -> Result<String, ProvenanceError> {
         key,
         create,
     };
-    match tools::ask(tools::ATTEST, &request)? {
-        (AttestAnswer::PublicKey { pem, .. }, _) => Ok(pem),
-        _ => Err(ProvenanceError::Answer("key")),
+    match ask(&request)? {
+        AttestAnswer::PublicKey { pem, .. } => Ok(pem),
+        _ => Err(wrong_answer("key")),
     }
-}
-
-/// What `contractor verify` found.
-#[derive(Debug, Default)]
-pub struct Verdict {
-    /// Each thing that does not verify, named; empty when everything verifies.
-    pub problems: Vec<String>,
-    /// The artifacts checked.
-    pub artifacts: usize,
-    /// The downloads checked.
-    pub downloads: usize,
-    /// The key checked against.
-    pub key_id: String,
 }
 
 /// Has `contractor-attest` check the envelope at `envelope` with the key at `key` (this
 /// user's signing key when None).
-pub fn verify(envelope: &Path, key: Option<&Path>) -> Result<Verdict, ProvenanceError> {
+pub fn verify(envelope: &Path, key: Option<&Path>) -> Result<Verified, ProvenanceError> {
     let key = match key {
         Some(key) => key.to_path_buf(),
         None => key_path()?.0,
@@ -195,23 +156,9 @@ pub fn verify(envelope: &Path, key: Option<&Path>) -> Result<Verdict, Provenance
         envelope: envelope.to_path_buf(),
         key,
     };
-    match tools::ask(tools::ATTEST, &request)? {
-        (
-            AttestAnswer::Verdict {
-                problems,
-                artifacts,
-                downloads,
-                key_id,
-                ..
-            },
-            _,
-        ) => Ok(Verdict {
-            problems,
-            artifacts,
-            downloads,
-            key_id,
-        }),
-        _ => Err(ProvenanceError::Answer("verify")),
+    match ask(&request)? {
+        AttestAnswer::Verdict(verified) => Ok(*verified),
+        _ => Err(wrong_answer("verify")),
     }
 }
 

@@ -10,15 +10,21 @@
 //! pins as its lock), with its own record and signed statement, which names the build it
 //! rebuilt (`internalParameters.rebuildOf`) and holds `rebuild.json`, the comparison.
 //!
-//! The invariant: the front end reads neither statement nor artifact. `contractor-attest
-//! plan` reads the original's statement (confined) and answers what to pin and what
-//! differs; `contractor-attest compare` hashes both records' artifacts, compares them and
-//! writes `rebuild.json`. This module asks and renders.
+//! The invariant: the front end reads no file of a record. `contractor-attest plan` reads
+//! the original's statement (confined) and answers what to pin and what to warn of, or
+//! refuses a spec or an image that differs, in the words this front end says;
+//! `contractor-store record source` copies the record's `source.tar` out (confined);
+//! `contractor-attest compare` hashes both records' artifacts, compares them and writes
+//! `rebuild.json`. This module asks and renders.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use contractor_protocol::attest::{AttestAnswer, AttestRequest, PlanRequest, StatedDownload};
-pub use contractor_protocol::attest::{Compared, Verdict, REBUILD_FILE};
+pub use contractor_protocol::attest::{
+    Compared, RebuildComparison, RebuildPlan, Verdict, REBUILD_FILE,
+};
+use contractor_protocol::store::RecordSource;
+use contractor_protocol::tool::ToolFailure;
 use contractor_protocol::PROTOCOL_VERSION;
 
 use crate::image::Manifest;
@@ -27,51 +33,17 @@ use crate::provenance::{self, ProvenanceError};
 use crate::spec::BuildSpec;
 use crate::tools;
 
-/// Why a record cannot be rebuilt as it is (bad input).
-#[derive(Debug, thiserror::Error)]
-pub enum RebuildError {
-    /// The record has no `source.tar`.
-    #[error("cannot read {path}: a rebuild builds the record's own packed source")]
-    NoSource {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The spec says something else than the statement's `externalParameters`.
-    #[error("{file} is not what build {id} was built with: {} differ ({}); restore it (e.g. `git checkout` the commit of that build) to rebuild", fields.len(), fields.join(", "))]
-    SpecChanged {
-        /// The spec file.
-        file: PathBuf,
-        /// The build.
-        id: String,
-        /// The fields that differ (`externalParameters.<name>`, `vm.<name>`).
-        fields: Vec<String>,
-    },
-    /// The recorded image is gone or has other bytes (`--any-image` goes on).
-    #[error("{0}; `contractor rebuild --any-image` rebuilds with the current image (and says which inputs differ)")]
-    ImageChanged(String),
-}
-
-/// What `contractor-attest plan` said of a record to rebuild.
-#[derive(Debug)]
-pub struct Plan {
-    /// The downloads to pin.
-    pub pins: Lock,
-    /// The fields in which the spec differs from the statement.
-    pub spec_differences: Vec<String>,
-    /// How the image on this host differs from the one stated.
-    pub image_differences: Vec<String>,
-    /// Why the statement's list of downloads is not complete.
-    pub incomplete_downloads: Vec<String>,
-    /// Why the rebuild may lack an input of the original.
-    pub cache_warning: Option<String>,
-}
-
-/// Has `contractor-attest` read the statement of `record` and weigh `spec` and the
-/// `images` on this host against it.
-pub fn plan(record: &Path, spec: &BuildSpec, images: &[Manifest]) -> Result<Plan, ProvenanceError> {
+/// Has `contractor-attest` read the statement of `record` and weigh `spec` (read from
+/// `file`) and the `images` on this host against it: what to pin and warn of, or the
+/// refusal to rebuild (a spec that differs; an image, unless `any_image`), said by the
+/// tool (codes `spec_changed`, `image_changed`: bad input).
+pub fn plan(
+    record: &Path,
+    file: &Path,
+    spec: &BuildSpec,
+    images: &[Manifest],
+    any_image: bool,
+) -> Result<RebuildPlan, ProvenanceError> {
     let request = AttestRequest::Plan(Box::new(PlanRequest {
         version: PROTOCOL_VERSION,
         record: record.to_path_buf(),
@@ -81,26 +53,12 @@ pub fn plan(record: &Path, spec: &BuildSpec, images: &[Manifest]) -> Result<Plan
         disk_gib: spec.disk_gib,
         cache_paths: spec.cache_paths.clone(),
         images: images.to_vec(),
+        spec: file.to_path_buf(),
+        any_image,
     }));
-    match tools::ask(tools::ATTEST, &request)? {
-        (
-            AttestAnswer::Plan {
-                downloads,
-                spec_differences,
-                image_differences,
-                incomplete_downloads,
-                cache_warning,
-                ..
-            },
-            _,
-        ) => Ok(Plan {
-            pins: pins(&downloads),
-            spec_differences,
-            image_differences,
-            incomplete_downloads,
-            cache_warning,
-        }),
-        _ => Err(ProvenanceError::Answer("plan")),
+    match provenance::ask(&request)? {
+        AttestAnswer::Plan(plan) => Ok(*plan),
+        _ => Err(provenance::wrong_answer("plan")),
     }
 }
 
@@ -115,93 +73,51 @@ pub fn pins(downloads: &[StatedDownload]) -> Lock {
     }))
 }
 
-/// How the rebuild in `rebuild` compares with the build in `original`.
-#[derive(Debug)]
-pub struct Comparison {
-    /// Each artifact, by path.
-    pub rows: Vec<Compared>,
-    /// Whether every artifact is identical.
-    pub identical: bool,
-    /// The inputs that differ.
-    pub inputs_differ: Vec<String>,
-}
-
-/// Has `contractor-attest` compare the two records (`known`: the inputs already known to
-/// differ) and write the rebuild's `rebuild.json`.
+/// Has `contractor-attest` compare the two records (the inputs `plan` found to differ
+/// first), write the rebuild's `rebuild.json` and sum the rebuild up.
 pub fn compare(
     original: &Path,
     rebuild: &Path,
-    known: &[String],
-) -> Result<Comparison, ProvenanceError> {
+    plan: &RebuildPlan,
+) -> Result<RebuildComparison, ProvenanceError> {
     let request = AttestRequest::Compare {
         version: PROTOCOL_VERSION,
         original: original.to_path_buf(),
         rebuild: rebuild.to_path_buf(),
-        inputs_differ: known.to_vec(),
+        inputs_differ: plan.image_differences.clone(),
+        cache_warning: plan.cache_warning.clone(),
     };
-    match tools::ask(tools::ATTEST, &request)? {
-        (
-            AttestAnswer::Comparison {
-                artifacts,
-                identical,
-                inputs_differ,
-                ..
-            },
-            _,
-        ) => Ok(Comparison {
-            rows: artifacts,
-            identical,
-            inputs_differ,
-        }),
-        _ => Err(ProvenanceError::Answer("compare")),
+    match provenance::ask(&request)? {
+        AttestAnswer::Comparison(compared) => Ok(*compared),
+        _ => Err(provenance::wrong_answer("compare")),
     }
 }
 
-/// The report, one line per artifact (names escaped for a terminal).
+/// The report, one line per artifact (`Compared`'s words), names escaped for a terminal.
 pub fn report_lines(rows: &[Compared]) -> Vec<String> {
-    let none = String::new();
     rows.iter()
-        .map(|r| {
-            let path = crate::display::escape(&r.path);
-            let a = r.original.as_ref().unwrap_or(&none);
-            let b = r.rebuild.as_ref().unwrap_or(&none);
-            match r.verdict {
-                Verdict::Identical => format!("identical  {path}  sha256 {a}"),
-                Verdict::Different => {
-                    format!("DIFFERENT  {path}  original sha256 {a}, rebuild sha256 {b}")
-                }
-                Verdict::MissingInRebuild => {
-                    format!("MISSING    {path}  not in the rebuild (original sha256 {a})")
-                }
-                Verdict::MissingInOriginal => {
-                    format!("MISSING    {path}  not in the original (rebuild sha256 {b})")
-                }
-            }
-        })
+        .map(|r| crate::display::escape(&r.to_string()).into_owned())
         .collect()
 }
 
-/// Copies the record's `source.tar` to `to` (a new file, on the file system of the
-/// record to come, so that the build can move it there).
-pub fn copy_source(record: &Path, to: &Path) -> Result<(), RebuildError> {
-    let from = record.join("source.tar");
-    let no_source = |source| RebuildError::NoSource {
-        path: from.clone(),
-        source,
-    };
-    let mut input = contractor_protocol::file::open_regular(&from).map_err(no_source)?;
-    let copied = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(to)
-        .and_then(|mut output| std::io::copy(&mut input, &mut output));
-    copied.map(|_| ()).map_err(|source| {
+/// Has `contractor-store` copy the `source.tar` of build `id` in `store` to `to`, a new
+/// file on the file system of the record to come, so that the build can move it there
+/// (removed again when the copy failed). The store's stderr is not shown: its error object
+/// says the same, reported once by the caller.
+pub fn copy_source(store: &Path, id: &str, to: &Path) -> Result<(), ToolFailure> {
+    let copied = tools::command(tools::STORE).and_then(|mut command| {
+        command
+            .args(["record", "source", "--root"])
+            .arg(store)
+            .args(["--build", id, "--to"])
+            .arg(to)
+            .stderr(std::process::Stdio::null());
+        tools::answer_of::<RecordSource>(tools::STORE, command)
+    });
+    if copied.is_err() {
         let _ = std::fs::remove_file(to);
-        RebuildError::NoSource {
-            path: to.to_path_buf(),
-            source,
-        }
-    })
+    }
+    copied.map(|_| ()).map_err(ToolFailure::from)
 }
 
 #[cfg(test)]
@@ -246,29 +162,23 @@ mod tests {
     }
 
     #[test]
-    fn the_report_names_each_verdict_and_escapes_names() {
-        let row = |path: &str, verdict, a: Option<&str>, b: Option<&str>| Compared {
+    fn the_report_escapes_the_names_the_project_chose() {
+        let row = |path: &str| Compared {
             path: path.into(),
-            verdict,
-            original: a.map(String::from),
-            rebuild: b.map(String::from),
+            verdict: Verdict::MissingInRebuild,
+            original: Some(A.into()),
+            rebuild: None,
         };
-        let rows = [
-            row("gone", Verdict::MissingInRebuild, Some(A), None),
-            row("hello", Verdict::Identical, Some(A), Some(A)),
-            row("new", Verdict::MissingInOriginal, None, Some(B)),
-            row("stamp", Verdict::Different, Some(A), Some(B)),
-        ];
-        let lines = report_lines(&rows);
-        assert_eq!(lines[1], format!("identical  hello  sha256 {A}"));
+        let lines = report_lines(&[row("gone"), row("a\u{1b}[2J")]);
         assert_eq!(
-            lines[3],
-            format!("DIFFERENT  stamp  original sha256 {A}, rebuild sha256 {B}")
+            lines[0],
+            format!("MISSING    gone  not in the rebuild (original sha256 {A})")
         );
-        assert!(lines[0].contains("not in the rebuild") && lines[0].contains(A));
-        assert!(lines[2].contains("not in the original") && lines[2].contains(B));
         // A name the project chose is escaped before it reaches a terminal.
-        let odd = [row("a\u{1b}[2J", Verdict::MissingInRebuild, Some(A), None)];
-        assert!(!report_lines(&odd)[0].contains('\u{1b}'));
+        assert!(
+            !lines[1].contains('\u{1b}') && lines[1].contains("a\\x1b[2J"),
+            "{}",
+            lines[1]
+        );
     }
 }

@@ -343,25 +343,22 @@ fn sign_here(
     if !crate::provenance::ran_script(result.outcome, result.exit_code) {
         return;
     }
-    let facts = crate::provenance::Facts {
-        id: &result.id,
-        spec,
-        accel: options.accel,
-        boot: match options.snapshot {
-            true => "on the build host: restored from a snapshot if it keeps one, else cold".into(),
-            false => "cold".into(),
-        },
-        offline: options.offline,
-        image: None,
-        host: Some(host),
-        started_on,
-        finished_on: std::time::SystemTime::now(),
-        outcome: result.outcome,
-        exit_code: result.exit_code,
-        rebuild_of: None,
-        cache_restored: None,
-    };
-    if let Err(err) = crate::provenance::write_signed(record, &facts) {
+    let asked = crate::provenance::sign_request(record, spec, result, started_on);
+    let signed = asked.and_then(|request| {
+        crate::provenance::write_signed(contractor_protocol::attest::SignRequest {
+            accelerator: options.accel,
+            boot: match options.snapshot {
+                true => {
+                    "on the build host: restored from a snapshot if it keeps one, else cold".into()
+                }
+                false => "cold".into(),
+            },
+            offline: options.offline,
+            build_host: Some(host.to_string()),
+            ..request
+        })
+    });
+    if let Err(err) = signed {
         display.warning(&format!(
             "cannot write the signed provenance: {}",
             contractor_protocol::result::joined_chain(&err)

@@ -52,22 +52,21 @@ fn signed_record() -> Fixture {
             .expect("the key contractor key made");
     let spec = contractor_cli::spec::parse(&fixture.project.join("contractor.toml"), FIXTURE_SPEC)
         .expect("spec");
-    let facts = provenance::Facts {
-        id: ID,
-        spec: &spec,
-        accel: contractor_protocol::vm::Accel::Auto,
-        boot: "cold".into(),
-        offline: false,
-        image: None,
-        host: None,
-        started_on: std::time::SystemTime::now(),
-        finished_on: std::time::SystemTime::now(),
-        outcome: contractor_protocol::result::Outcome::Failed,
-        exit_code: Some(2),
-        rebuild_of: None,
+    let result: contractor_protocol::result::BuildResult = serde_json::from_slice(
+        &std::fs::read(fixture.record.join("result.json")).expect("the fixture's result"),
+    )
+    .expect("result");
+    let request = provenance::sign_request(
+        &fixture.record,
+        &spec,
+        &result,
+        std::time::SystemTime::now(),
+    )
+    .expect("the request");
+    let request = contractor_protocol::attest::SignRequest {
         cache_restored: Some(false),
+        ..request
     };
-    let request = provenance::sign_request(&fixture.record, &facts, Path::new("unused"), false);
     let statement = contractor_attest::statement::statement(&request).expect("statement");
     let envelope = contractor_attest::dsse::envelope(&statement, &key);
     std::fs::write(
@@ -338,7 +337,8 @@ fn artifacts_linked_out_of_the_record_are_not_read() {
 
 /// `contractor rebuild`'s first step, as the front end asks it of the real
 /// `contractor-attest`: a record signed from the front end's own facts plans with no
-/// difference; a changed spec and a rebuilt image are named.
+/// difference; a changed spec is refused by the tool, in the words `contractor rebuild`
+/// says.
 #[test]
 fn a_rebuild_plan_of_a_record_signed_here_finds_what_changed() {
     let fixture = signed_record();
@@ -347,36 +347,90 @@ fn a_rebuild_plan_of_a_record_signed_here_finds_what_changed() {
         .expect("the tools' directory");
     // The tools are the ones beside `contractor` (this test process is not).
     std::env::set_var("CONTRACTOR_BIN", bin);
-    let parse = |text: &str| {
-        contractor_cli::spec::parse(&fixture.project.join("contractor.toml"), text).expect("spec")
-    };
+    let file = fixture.project.join("contractor.toml");
+    let parse = |text: &str| contractor_cli::spec::parse(&file, text).expect("spec");
     let spec = parse(FIXTURE_SPEC);
-    let plan = contractor_cli::rebuild::plan(&fixture.record, &spec, &[]).expect("plan");
-    assert!(
-        plan.spec_differences.is_empty(),
-        "{:?}",
-        plan.spec_differences
-    );
+    let plan = |spec: &contractor_cli::spec::BuildSpec| {
+        contractor_cli::rebuild::plan(&fixture.record, &file, spec, &[], false)
+    };
+    let planned = plan(&spec).expect("plan");
     // The statement names no image digest here (signed without a manifest): nothing to weigh.
-    assert!(plan.image_differences.is_empty());
-    assert_eq!(plan.pins.downloads.len(), 2);
-    assert!(plan.cache_warning.is_none() && plan.incomplete_downloads.is_empty());
+    assert!(planned.image_differences.is_empty());
+    assert_eq!(
+        contractor_cli::rebuild::pins(&planned.downloads)
+            .downloads
+            .len(),
+        2
+    );
+    assert!(planned.warnings.is_empty() && planned.cache_warning.is_none());
 
     let changed =
         FIXTURE_SPEC.replace("script = \"make\"", "script = \"make all\"") + "\n[vm]\ncpus = 1\n";
-    let plan = contractor_cli::rebuild::plan(&fixture.record, &parse(&changed), &[]).expect("plan");
+    let err = plan(&parse(&changed)).expect_err("a changed spec");
+    assert!(err.is_bad_input(), "{err}");
     assert_eq!(
-        plan.spec_differences,
-        ["externalParameters.script", "vm.cpus"]
+        err.to_string(),
+        format!(
+            "{} is not what build {ID} was built with: 2 differ (externalParameters.script, \
+             vm.cpus); restore it (e.g. `git checkout` the commit of that build) to rebuild",
+            file.display()
+        )
     );
 
     // No statement: bad input, named as `contractor rebuild` says it.
     std::fs::remove_file(fixture.record.join(provenance::PROVENANCE_FILE)).expect("rm");
-    let err = contractor_cli::rebuild::plan(&fixture.record, &spec, &[]).expect_err("none");
+    let err = plan(&spec).expect_err("none");
     assert!(err.is_bad_input(), "{err}");
     assert!(
         err.to_string()
             .contains("a rebuild needs the record's signed statement"),
         "{err}"
     );
+}
+
+/// `contractor rebuild` of a record whose spec has changed since: refused before anything
+/// runs, exit 2, the file and the fields named (no VM needed to get there).
+#[test]
+fn contractor_rebuild_refuses_a_changed_spec_with_exit_2() {
+    let fixture = signed_record();
+    let file = fixture.project.join("contractor.toml");
+    let changed = FIXTURE_SPEC.replace("script = \"make\"", "script = \"make all\"");
+    std::fs::write(&file, changed).expect("spec");
+    let out = contractor(&fixture, &["rebuild", ID]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    // The file as the user named it (the default, in the project directory).
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "contractor: contractor.toml is not what build {ID} was built with: 1 differ \
+             (externalParameters.script); restore it (e.g. `git checkout` the commit of that \
+             build) to rebuild\n"
+        )
+    );
+}
+
+/// `contractor rebuild` of a record without its `source.tar`: `contractor-store record
+/// source` refuses it, exit 2, the file named, and no copy is left in the store.
+#[test]
+fn contractor_rebuild_of_a_record_without_its_source_is_exit_2() {
+    let fixture = signed_record();
+    let tar = fixture.record.join("source.tar");
+    std::fs::remove_file(&tar).expect("rm");
+    let out = contractor(&fixture, &["rebuild", ID]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    // Said once, the record's directory as the store names it.
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "contractor: cannot read ./.contractor/builds/{ID}/source.tar: a rebuild builds \
+             the record's own packed source: No such file or directory (os error 2)\n"
+        )
+    );
+    let store = fixture.project.join(".contractor");
+    let left: Vec<_> = std::fs::read_dir(&store)
+        .expect("store")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".rebuild-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -78,6 +78,10 @@ pub enum AttestRequest {
         rebuild: PathBuf,
         /// Differences of inputs already known (the image's, `--any-image`), kept first.
         inputs_differ: Vec<String>,
+        /// What the rebuild may lack (`plan`'s `cache_warning`), said again in the summary
+        /// when the rebuild did not end as the original did.
+        #[serde(default)]
+        cache_warning: Option<String>,
     },
 }
 
@@ -105,6 +109,79 @@ pub struct PlanRequest {
     pub cache_paths: Vec<String>,
     /// The images on this host (their manifests).
     pub images: Vec<Manifest>,
+    /// The spec file (`contractor.toml`) the spec is read from: named when it says
+    /// something else than the statement (the refusal `spec_changed`).
+    pub spec: PathBuf,
+    /// Rebuild with the image on this host even when it is not the one stated
+    /// (`contractor rebuild --any-image`); else that is refused (`image_changed`).
+    #[serde(default)]
+    pub any_image: bool,
+}
+
+/// `verify`'s answer: what does not verify (exit 1 when any), else nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Verified {
+    /// Protocol version, 1.
+    pub version: u32,
+    /// Each thing that does not verify, named; empty when everything verifies.
+    pub problems: Vec<String>,
+    /// The artifacts checked.
+    pub artifacts: usize,
+    /// The downloads checked.
+    pub downloads: usize,
+    /// The key id of the key checked against.
+    pub key_id: String,
+    /// How the tool was confined while it read the record.
+    pub confinement: Confinement,
+}
+
+/// `plan`'s answer: what a rebuild takes from the statement, and what it may lack.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebuildPlan {
+    /// Protocol version, 1.
+    pub version: u32,
+    /// The downloads the statement lists, in its order.
+    pub downloads: Vec<StatedDownload>,
+    /// How the image on this host differs from the one stated (only with `any_image`; an
+    /// input known to differ); empty when the same.
+    pub image_differences: Vec<String>,
+    /// Why the statement's list of downloads is not complete; empty when it is.
+    pub incomplete_downloads: Vec<String>,
+    /// Why the rebuild may lack an input of the original (a restored build cache).
+    pub cache_warning: Option<String>,
+    /// What to warn of before the rebuild, in words: each reason the statement's list of
+    /// downloads is not complete, then the cache's warning.
+    pub warnings: Vec<String>,
+    /// How the tool was confined while it read the record.
+    pub confinement: Confinement,
+}
+
+/// `compare`'s answer: each artifact of either build, by path, and the inputs that differ.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebuildComparison {
+    /// Protocol version, 1.
+    pub version: u32,
+    /// Each artifact, sorted by path (the build cache's upload left out).
+    pub artifacts: Vec<Compared>,
+    /// Whether every artifact is identical (true for none).
+    pub identical: bool,
+    /// The inputs that differ (the given ones first, then the image's and the guest
+    /// agent's digests in the two statements).
+    pub inputs_differ: Vec<String>,
+    /// Whether the rebuild ended as the original did (true when the original's end is
+    /// not known: it has no `result.json`).
+    pub same_end: bool,
+    /// The summary of the rebuild, in words, one line each: how many artifacts are
+    /// identical and how the rebuild ended, then how the ends differ, what was refused
+    /// offline, each input that differs, or that there was nothing to compare.
+    pub summary: Vec<String>,
+    /// The file the comparison was written to.
+    pub path: PathBuf,
+    /// How the tool was confined while it read the records.
+    pub confinement: Confinement,
 }
 
 /// A download a statement lists (`resolvedDependencies` of kind `download`).
@@ -147,6 +224,38 @@ pub struct Compared {
     pub original: Option<String>,
     /// Its SHA-256 in the rebuild, if there.
     pub rebuild: Option<String>,
+}
+
+impl std::fmt::Display for Compared {
+    /// The artifact's line of `contractor rebuild`'s report: its verdict, its path and the
+    /// digests on each side (`identical  hello  sha256 98ea…`). The path is the project's
+    /// choice: a caller that shows it on a terminal escapes it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let path = &self.path;
+        let a = self.original.as_deref().unwrap_or_default();
+        let b = self.rebuild.as_deref().unwrap_or_default();
+        match self.verdict {
+            Verdict::Identical => write!(f, "identical  {path}  sha256 {a}"),
+            Verdict::Different => {
+                write!(
+                    f,
+                    "DIFFERENT  {path}  original sha256 {a}, rebuild sha256 {b}"
+                )
+            }
+            Verdict::MissingInRebuild => {
+                write!(
+                    f,
+                    "MISSING    {path}  not in the rebuild (original sha256 {a})"
+                )
+            }
+            Verdict::MissingInOriginal => {
+                write!(
+                    f,
+                    "MISSING    {path}  not in the original (rebuild sha256 {b})"
+                )
+            }
+        }
+    }
 }
 
 /// What `sign` needs besides the record's files: the facts the front end knows.
@@ -222,20 +331,7 @@ pub enum AttestAnswer {
         confinement: Confinement,
     },
     /// `verify`: what does not verify (exit 1 when any), else nothing.
-    Verdict {
-        /// Protocol version, 1.
-        version: u32,
-        /// Each thing that does not verify, named; empty when everything verifies.
-        problems: Vec<String>,
-        /// The artifacts checked.
-        artifacts: usize,
-        /// The downloads checked.
-        downloads: usize,
-        /// The key id of the key checked against.
-        key_id: String,
-        /// How the tool was confined while it read the record.
-        confinement: Confinement,
-    },
+    Verdict(Box<Verified>),
     /// `key`: the public key.
     PublicKey {
         /// Protocol version, 1.
@@ -252,40 +348,11 @@ pub enum AttestAnswer {
         /// Path → lower-case hex SHA-256.
         artifacts: BTreeMap<String, String>,
     },
-    /// `plan`: what a rebuild takes from the statement, and what differs from it now.
-    Plan {
-        /// Protocol version, 1.
-        version: u32,
-        /// The downloads the statement lists, in its order.
-        downloads: Vec<StatedDownload>,
-        /// The fields in which the spec differs from the statement
-        /// (`externalParameters.<name>`, `vm.<name>`); empty when none.
-        spec_differences: Vec<String>,
-        /// How the image on this host differs from the one stated; empty when the same.
-        image_differences: Vec<String>,
-        /// Why the statement's list of downloads is not complete; empty when it is.
-        incomplete_downloads: Vec<String>,
-        /// Why the rebuild may lack an input of the original (a restored build cache).
-        cache_warning: Option<String>,
-        /// How the tool was confined while it read the record.
-        confinement: Confinement,
-    },
+    /// `plan`: what a rebuild takes from the statement. A spec that differs from it, or
+    /// (without `any_image`) an image, is refused instead (`spec_changed`, `image_changed`).
+    Plan(Box<RebuildPlan>),
     /// `compare`: each artifact of either build, by path, and the inputs that differ.
-    Comparison {
-        /// Protocol version, 1.
-        version: u32,
-        /// Each artifact, sorted by path (the build cache's upload left out).
-        artifacts: Vec<Compared>,
-        /// Whether every artifact is identical (true for none).
-        identical: bool,
-        /// The inputs that differ (the given ones first, then the image's and the guest
-        /// agent's digests in the two statements).
-        inputs_differ: Vec<String>,
-        /// The file the comparison was written to.
-        path: PathBuf,
-        /// How the tool was confined while it read the records.
-        confinement: Confinement,
-    },
+    Comparison(Box<RebuildComparison>),
 }
 
 /// Why a statement could not be read out of its envelope.
@@ -398,6 +465,33 @@ pub fn read_statement(path: &Path) -> Result<Value, StatementError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_verdict_has_its_line() {
+        let (a, b) = ("3bd1", "2cf2");
+        let row = |path: &str, verdict, a: Option<&str>, b: Option<&str>| Compared {
+            path: path.into(),
+            verdict,
+            original: a.map(String::from),
+            rebuild: b.map(String::from),
+        };
+        let lines = [
+            row("gone", Verdict::MissingInRebuild, Some(a), None),
+            row("hello", Verdict::Identical, Some(a), Some(a)),
+            row("new", Verdict::MissingInOriginal, None, Some(b)),
+            row("stamp", Verdict::Different, Some(a), Some(b)),
+        ]
+        .map(|r| r.to_string());
+        assert_eq!(
+            lines,
+            [
+                "MISSING    gone  not in the rebuild (original sha256 3bd1)",
+                "identical  hello  sha256 3bd1",
+                "MISSING    new  not in the original (rebuild sha256 2cf2)",
+                "DIFFERENT  stamp  original sha256 3bd1, rebuild sha256 2cf2",
+            ]
+        );
+    }
 
     #[test]
     fn a_statement_comes_out_of_its_envelope_and_bad_ones_are_named() {

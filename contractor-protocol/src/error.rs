@@ -187,6 +187,10 @@ tool_codes! {
     /// `record list|show|downloads|log`: a file of a record cannot be read: a link, a FIFO,
     /// too big, not valid; exit 3.
     RecordRead = "record_read",
+    /// `record source`: the record has no `source.tar` that can be read; exit 2.
+    NoSource = "no_source",
+    /// `record source`: the copy cannot be written; exit 3.
+    SourceCopy = "source_copy",
     /// `cache`: not a path the cache may keep; exit 2.
     BadCachePath = "bad_cache_path",
     /// `cache`: file work failed; exit 3.
@@ -217,6 +221,12 @@ tool_codes! {
     BadEnvelope = "bad_envelope",
     /// Signing or checking failed on the host (a file, the key); exit 3.
     Attest = "attest",
+    /// `plan`: the spec says something else than the record's statement (the chain names
+    /// the spec file and the fields); exit 2.
+    SpecChanged = "spec_changed",
+    /// `plan`: the image the statement names is gone or has other bytes, and the request
+    /// did not say `any_image`; exit 2.
+    ImageChanged = "image_changed",
     // The front end's own, for a tool's answer it could not use (never written by a tool).
     /// A tool answered with another message than the one asked for.
     WrongAnswer = "wrong_answer",

@@ -529,6 +529,30 @@ impl CacheCleared {
     }
 }
 
+tag!(
+    /// The `"type"` of [`RecordSource`]: `"record_source"`.
+    RecordSourceTag,
+    RecordSource
+);
+
+/// `record source`: the record's packed source, copied out for a rebuild.
+/// `{"type":"record_source","version":1,"id":"…","path":"/p/.contractor/.rebuild-4242.tar","bytes":10240}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordSource {
+    /// Always `record_source`.
+    #[serde(rename = "type")]
+    pub kind: RecordSourceTag,
+    /// Protocol version, 1.
+    pub version: u32,
+    /// The build id.
+    pub id: String,
+    /// The new file written.
+    pub path: PathBuf,
+    /// The bytes copied (the size of the record's `source.tar`).
+    pub bytes: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

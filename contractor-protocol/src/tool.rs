@@ -9,6 +9,7 @@
 //! leaves nothing running. Every error names the tool it is about ([`ToolError`]).
 
 pub mod answers;
+pub mod failure;
 pub mod lines;
 pub mod stop;
 
@@ -21,6 +22,7 @@ use crate::jsonl::JsonlError;
 use crate::PROTOCOL_VERSION;
 
 pub use answers::{answer_of, ask_of, send, text, Answers, Reply, MAX_TEXT_BYTES};
+pub use failure::ToolFailure;
 pub use lines::Lines;
 pub use stop::{
     child_pid, handed_over, stop_child, wait_or_stop, Service, Signaller, Supervised, STOP_GRACE,

@@ -32,6 +32,7 @@ pub mod reading;
 pub mod receipt;
 pub mod records;
 pub mod server;
+pub mod sourcing;
 mod sys;
 pub mod worktree;
 

@@ -28,6 +28,7 @@ use contractor_store::follow::{self, FollowError};
 use contractor_store::pack::MAX_SOURCE_ENTRIES;
 use contractor_store::reading;
 use contractor_store::receipt::ReceiptError;
+use contractor_store::sourcing;
 use contractor_store::{GcOptions, Store, StoreConfig, TokenTable};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -262,6 +263,17 @@ enum RecordCommand {
         /// Only its last LINES lines (1 to 1000; found in its last 64 KiB).
         #[arg(long, value_name = "LINES", value_parser = clap::value_parser!(u32).range(1..=1000))]
         tail: Option<u32>,
+    },
+    /// Copy a build's packed source (default: the newest's) to TAR, a new file (never over
+    /// an existing one), for `contractor rebuild`; print
+    /// {"type":"record_source","version":1,"id":ID,"path":TAR,"bytes":N}. A failed copy
+    /// leaves TAR for the caller to remove.
+    Source {
+        #[command(flatten)]
+        reading: Reading,
+        /// The new file to write.
+        #[arg(long, value_name = "TAR")]
+        to: PathBuf,
     },
     /// Close the record of a build that ran: read contractor-run's events on stdin (or take
     /// how it ended from --outcome and its flags), write ROOT/builds/ID/artifacts.json and
@@ -672,6 +684,10 @@ fn record(command: RecordCommand) -> std::process::ExitCode {
         } => read_record(&root, |root, out| {
             copy_log(root, build.as_deref(), console, tail, out)
         }),
+        RecordCommand::Source {
+            reading: Reading { root, build },
+            to,
+        } => copy_source(&root, build.as_deref(), &to),
         RecordCommand::CloseAbandoned { root } => {
             match contractor_store::records::close_abandoned(&root, SystemTime::now()) {
                 Ok(closed) => print_json(&RecordsClosed::new(closed)),
@@ -703,6 +719,17 @@ fn open_record(root: &Path, id: Option<&str>, owner: u32) -> std::process::ExitC
             fail(exit, e.code(), &anyhow::Error::new(e))
         }
     }
+}
+
+/// `record source`: TAR is made before the process confines itself to reading the records.
+fn copy_source(root: &Path, build: Option<&str>, to: &Path) -> std::process::ExitCode {
+    let mut file = match sourcing::create(to) {
+        Ok(file) => file,
+        Err(e) => return fail(ExitCode::Infrastructure, e.code(), &anyhow::Error::new(e)),
+    };
+    read_record(root, |root, out| {
+        write_line(out, &sourcing::copy(root, build, &mut file, to)?)
+    })
 }
 
 /// `record log`: its header line, then exactly the bytes it announces.
@@ -747,7 +774,11 @@ fn read_record(
         Err(e) => match e.downcast_ref::<reading::ReadError>() {
             Some(r) if r.is_bad_input() => fail(ExitCode::BadInput, r.code(), &e),
             Some(r) => fail(ExitCode::Infrastructure, r.code(), &e),
-            None => fail(ExitCode::Infrastructure, ToolCode::Stdout, &e),
+            None => match e.downcast_ref::<sourcing::SourceError>() {
+                Some(s) if s.is_bad_input() => fail(ExitCode::BadInput, s.code(), &e),
+                Some(s) => fail(ExitCode::Infrastructure, s.code(), &e),
+                None => fail(ExitCode::Infrastructure, ToolCode::Stdout, &e),
+            },
         },
     }
 }

@@ -1,5 +1,6 @@
-//! `contractor-store record list|show|downloads|log` against real directories: what the
-//! front end's `contractor builds|show|downloads|log|pin` render. Each answer is checked
+//! `contractor-store record list|show|downloads|log|source` against real directories: what
+//! the front end's `contractor builds|show|downloads|log|pin` render, and the source
+//! `contractor rebuild` builds. Each answer is checked
 //! against the wire types, ids are checked, a missing or malformed id is refused naming it,
 //! a link in a record is refused, and each read is bounded.
 
@@ -11,7 +12,7 @@ use contractor_protocol::error::ErrorObject;
 use contractor_protocol::proxy::Download;
 use contractor_protocol::result::{BuildResult, Outcome};
 use contractor_protocol::store::{
-    RecordDownloads, RecordEntry, RecordList, RecordLog, RecordShown,
+    RecordDownloads, RecordEntry, RecordList, RecordLog, RecordShown, RecordSource,
 };
 use util::{binary, Fixture};
 
@@ -381,4 +382,42 @@ fn reads_are_bounded() {
     let (code, stdout, _) = record(&fixture.root, &["log", "--build", OLD]);
     assert_eq!(code, 3);
     assert!(error_of(&stdout).chain[1].contains("bigger than"));
+}
+
+/// `record source`: the record's `source.tar` copied to a new file, confined; the newest
+/// build's by default; a record without one, or a TAR that exists, is refused.
+#[test]
+fn source_is_copied_to_a_new_file_and_a_missing_one_is_refused() {
+    let fixture = two_builds();
+    fixture.write(&format!("builds/{OLD}/source.tar"), b"the old tar");
+    let to = fixture.dir.path().join("copy.tar");
+    let to_arg = to.to_str().expect("utf-8");
+    let (code, stdout, stderr) = record(&fixture.root, &["source", "--build", OLD, "--to", to_arg]);
+    assert_eq!(code, 0, "{stderr}");
+    let answer: RecordSource = serde_json::from_slice(&stdout).expect("record_source");
+    assert_eq!((answer.id.as_str(), answer.bytes), (OLD, 11));
+    assert_eq!(answer.path, to);
+    assert_eq!(std::fs::read(&to).expect("copy"), b"the old tar");
+
+    // Never over an existing file: host failure, nothing read.
+    let (code, stdout, _) = record(&fixture.root, &["source", "--build", OLD, "--to", to_arg]);
+    assert_eq!(code, 3);
+    assert_eq!(error_of(&stdout).code.as_str(), "source_copy");
+
+    // The newest build has no source.tar: bad input, the file named.
+    let other = fixture.dir.path().join("other.tar");
+    let (code, stdout, _) = record(
+        &fixture.root,
+        &["source", "--to", other.to_str().expect("utf-8")],
+    );
+    assert_eq!(code, 2);
+    let error = error_of(&stdout);
+    assert_eq!(error.code.as_str(), "no_source");
+    assert!(
+        error.chain[0].ends_with(&format!(
+            "{NEW}/source.tar: a rebuild builds the record's own packed source"
+        )),
+        "{:?}",
+        error.chain
+    );
 }

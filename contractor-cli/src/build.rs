@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use contractor_protocol::agent::{Job, Keep, Phase};
@@ -23,7 +23,7 @@ use contractor_protocol::proxy::{RecordTally, Summary};
 use contractor_protocol::result::{BuildCode, BuildResult, ErrorInfo, Limit, Outcome};
 use contractor_protocol::run::{RunEvent, RunRequest};
 use contractor_protocol::tool::{
-    child_pid, handed_over, stop_child, wait_or_stop, Service, STOP_GRACE,
+    child_pid, handed_over, stop_child, wait_or_stop, Service, SignalWatch, STOP_GRACE,
 };
 use contractor_protocol::vm::{Accel, VmInfo, VmRequest, VmResult, VmSpec};
 use contractor_protocol::PROTOCOL_VERSION;
@@ -1121,88 +1121,62 @@ impl Ran {
 /// noted ([`Interruption::signal_behind`]).
 const SIGNAL_NOTE_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Ctrl-C and SIGTERM while the build runs: remembered, and passed on as SIGTERM to every
-/// tool running then (`tools::signal_running`) and to each tool of the build started later
-/// ([tracked](Interruption::track)): `contractor-run` then ends without `finished`,
-/// `contractor-vm` destroys the VM it creates or holds, a service stops, and whatever the
-/// build waits for ends. A tool still running [`STOP_GRACE`] later, or at a second signal,
-/// is killed (SIGKILL). The terminal sends Ctrl-C to every tool anyway; a CI engine or
-/// `kill` signals only this process.
+/// Ctrl-C and SIGTERM while the build runs ([`SignalWatch`]): remembered, and passed on as
+/// SIGTERM to every tool running then (`tools::signal_running`) and to each tool of the
+/// build started later ([tracked](Interruption::track)): `contractor-run` then ends without
+/// `finished`, `contractor-vm` destroys the VM it creates or holds, a service stops, and
+/// whatever the build waits for ends. A tool still running [`STOP_GRACE`] later, or at a
+/// second signal, is killed (SIGKILL). The terminal sends Ctrl-C to every tool anyway; a CI
+/// engine or `kill` signals only this process.
 struct Interruption {
-    signal: Arc<Mutex<Option<&'static str>>>,
+    watch: SignalWatch,
+    /// Cleared when the build is over: a grace that ends later kills nothing.
     watching: Arc<AtomicBool>,
 }
 
 impl Interruption {
     fn watch() -> Interruption {
-        let interruption = Interruption {
-            signal: Arc::new(Mutex::new(None)),
-            watching: Arc::new(AtomicBool::new(true)),
-        };
-        let signal = interruption.signal.clone();
-        let watching = interruption.watching.clone();
-        use signal_hook::consts::{SIGINT, SIGTERM};
-        match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
-            Ok(mut signals) => {
-                std::thread::spawn(move || {
-                    for number in signals.forever() {
-                        if !watching.load(Ordering::SeqCst) {
-                            continue;
-                        }
-                        let name = if number == SIGINT { "Ctrl-C" } else { "SIGTERM" };
-                        let first = match signal.lock() {
-                            Ok(mut signal) => {
-                                let first = signal.is_none();
-                                signal.get_or_insert(name);
-                                first
-                            }
-                            Err(_) => true,
-                        };
-                        if !first {
-                            tools::signal_running(Signal::SIGKILL);
-                            continue;
-                        }
-                        tools::signal_running(Signal::SIGTERM);
-                        let watching = watching.clone();
-                        std::thread::spawn(move || {
-                            std::thread::sleep(STOP_GRACE);
-                            if watching.load(Ordering::SeqCst) {
-                                tools::signal_running(Signal::SIGKILL);
-                            }
-                        });
-                    }
-                });
+        let watching = Arc::new(AtomicBool::new(true));
+        let on = watching.clone();
+        let watch = SignalWatch::start(move |caught| {
+            if !on.load(Ordering::SeqCst) {
+                return;
             }
-            Err(err) => eprintln!(
+            if !caught.first {
+                tools::signal_running(Signal::SIGKILL);
+                return;
+            }
+            tools::signal_running(Signal::SIGTERM);
+            let on = on.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(STOP_GRACE);
+                if on.load(Ordering::SeqCst) {
+                    tools::signal_running(Signal::SIGKILL);
+                }
+            });
+        })
+        .unwrap_or_else(|err| {
+            eprintln!(
                 "contractor: warning: cannot watch for Ctrl-C ({err}); an interrupted build is not recorded as such"
-            ),
-        }
-        interruption
+            );
+            SignalWatch::default()
+        });
+        Interruption { watch, watching }
     }
 
     /// The signal that interrupted the build, if any.
     fn signal(&self) -> Option<&'static str> {
-        self.signal.lock().ok().and_then(|s| *s)
+        self.watch.signal()
     }
 
-    /// The signal behind `err`, a tool's failure: a tool killed by a signal may have had
-    /// the terminal's Ctrl-C at the same moment as this process, whose watcher thread may not
-    /// have noted it yet; it is given [`SIGNAL_NOTE_WAIT`] to.
+    /// The signal behind `err`, a tool's failure: a tool killed by a signal is given
+    /// [`SIGNAL_NOTE_WAIT`] for this process's own Ctrl-C to be noted.
     fn signal_behind(&self, err: &ToolError) -> Option<&'static str> {
-        let killed = matches!(
-            err,
+        match err {
             ToolError::Failed {
-                exit_code: None,
-                ..
-            }
-        );
-        let deadline = std::time::Instant::now() + SIGNAL_NOTE_WAIT;
-        loop {
-            let signal = self.signal();
-            if signal.is_some() || !killed || std::time::Instant::now() >= deadline {
-                return signal;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
+                exit_code: None, ..
+            } => self.watch.signal_within(SIGNAL_NOTE_WAIT),
+            _ => self.signal(),
         }
     }
 

@@ -147,7 +147,8 @@ pub enum BuildError {
     /// A local service could not start.
     #[error("cannot start the {0}")]
     Service(&'static str, #[source] ToolError),
-    /// The build's private directory (its store token) could not be made.
+    /// The build's private directory (contractor.lock's pins for the proxy) could not be
+    /// made.
     #[error("cannot create the build's private directory {path}")]
     Private {
         /// The directory.
@@ -472,20 +473,24 @@ impl Session {
         };
         let private = Private::create(id)?;
         let tools_log = ToolsLog::open(&record.join(TOOLS_LOG))?;
-        let store_token = new_store_token(id, &private.token_file(), &tools_log)
-            .map_err(|e| BuildError::Service("store", e))?;
         let console_log = record.join("console.log");
         let (vm, snapshot) =
             spawn_vm(spec, options, setup, &console_log, &tools_log, interruption)?;
-        let store = start_store(
-            &setup.store_root,
-            id,
-            &private.token_file(),
-            store_limit,
-            &tools_log,
-            interruption,
-        )
-        .map_err(|e| BuildError::Service("store", e))?;
+        let store = start_store(&setup.store_root, id, store_limit, &tools_log, interruption)
+            .map_err(|e| BuildError::Service("store", e))?;
+        // Asked for (`--own-token`), so a store of another release that gives none is one
+        // the build cannot use.
+        let store_token = store.token.clone().ok_or_else(|| {
+            let why = "its ready line carries no build token (a store of another release?)";
+            let source = std::io::Error::other(why);
+            BuildError::Service(
+                "store",
+                ToolError::Io {
+                    name: tools::STORE,
+                    source,
+                },
+            )
+        })?;
         let (proxy, script_proxy) =
             start_proxies(spec, options, setup, &private, &tools_log, interruption)?;
         // A service that could not confine itself fully says so; the user must hear it.
@@ -852,8 +857,8 @@ impl ToolsLog {
     }
 }
 
-/// A directory only this user can read, for what the guest must not see: the store's
-/// token file. Removed when dropped.
+/// A directory only this user can read, for the files of the build's tools that are no
+/// record's: contractor.lock's pins for the proxy. Removed when dropped.
 struct Private(PathBuf);
 
 impl Private {
@@ -865,10 +870,6 @@ impl Private {
             .create(&path)
             .map(|()| Private(path.clone()))
             .map_err(|source| BuildError::Private { path, source })
-    }
-
-    fn token_file(&self) -> PathBuf {
-        self.0.join("tokens")
     }
 
     /// The pins of contractor.lock, for the proxy.
@@ -883,36 +884,12 @@ impl Drop for Private {
     }
 }
 
-/// `contractor-store token`: a fresh token for build `id`, appended to `file`.
-fn new_store_token(id: &str, file: &Path, log: &ToolsLog) -> Result<String, ToolError> {
-    let mut command = tools::command(tools::STORE)?;
-    command
-        .args(["token", "--build", id, "--token-file"])
-        .arg(file)
-        .stderr(log.stderr());
-    let token = tools::text(tools::STORE, command)?;
-    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_alphanumeric()) {
-        return Err(ToolError::Failed {
-            name: tools::STORE,
-            exit_code: Some(0),
-            error: Some(contractor_protocol::error::ErrorObject::with_chain(
-                ToolCode::Token,
-                vec![format!(
-                    "it printed {:?}, not a token",
-                    crate::display::escape_capped(&token, 80)
-                )],
-            )),
-        });
-    }
-    Ok(token)
-}
-
 /// Starts the build's store: it serves only build `id`'s files, and only to requests with
-/// the token in `token_file` (the guest agent's), within the token's scope.
+/// the token it made for it (`--own-token`: given in its ready line, held in no file; the
+/// guest agent's), within the token's scope.
 fn start_store(
     root: &Path,
     id: &str,
-    token_file: &Path,
     max_artifacts_bytes: u64,
     log: &ToolsLog,
     interruption: &Interruption,
@@ -922,9 +899,7 @@ fn start_store(
         .arg("serve")
         .arg("--root")
         .arg(root)
-        .args(["--only-build", id, "--token-file"])
-        .arg(token_file)
-        .arg("--max-build-bytes")
+        .args(["--only-build", id, "--own-token", "--max-build-bytes"])
         .arg(max_artifacts_bytes.to_string())
         .args(["--no-access-log", "--json-errors"])
         .stderr(log.stderr());

@@ -19,7 +19,7 @@ use std::time::Instant;
 use contractor_protocol::agent::{Job, Keep, Phase};
 use contractor_protocol::build::BuildEvent;
 use contractor_protocol::error::ToolCode;
-use contractor_protocol::proxy::{RecordTally, Summary};
+use contractor_protocol::proxy::Summary;
 use contractor_protocol::result::{BuildCode, BuildResult, ErrorInfo, Limit, Outcome};
 use contractor_protocol::run::{RunEvent, RunRequest};
 use contractor_protocol::tool::{
@@ -217,21 +217,10 @@ pub fn close_failed_record(
 /// close it (the store may be what failed).
 fn failed_result(record: &Path, id: &str, duration_secs: f64, err: &BuildError) -> BuildResult {
     let (outcome, code) = err.outcome();
+    let error = Some(ErrorInfo::from_error(code.as_str(), err));
     let result = BuildResult {
-        version: PROTOCOL_VERSION,
-        id: id.to_string(),
-        outcome,
-        exit_code: None,
         duration_secs,
-        log: record.join("build.log"),
-        console_log: record.join("console.log"),
-        artifacts: Vec::new(),
-        refused_hosts: Vec::new(),
-        refused_offline: Vec::new(),
-        upstream_failures: Vec::new(),
-        limit: None,
-        error: Some(ErrorInfo::from_error(code.as_str(), err)),
-        host: None,
+        ..BuildResult::ended(id, record, outcome, error)
     };
     write_result(record, &result);
     let _ = std::fs::remove_file(record.join(OWNER_FILE));
@@ -431,8 +420,8 @@ struct Session {
     vm: Result<Spawned, Ran>,
     job: Job,
     store: Service<()>,
-    proxy: Service<ProxyReport>,
-    script_proxy: Option<Service<ProxyReport>>,
+    proxy: ProxyService,
+    script_proxy: Option<ProxyService>,
     private: Private,
     tools_log: ToolsLog,
     log: PathBuf,
@@ -572,7 +561,7 @@ fn start_proxies(
     private: &Private,
     tools_log: &ToolsLog,
     interruption: &Interruption,
-) -> Result<(Service<ProxyReport>, Option<Service<ProxyReport>>), BuildError> {
+) -> Result<(ProxyService, Option<ProxyService>), BuildError> {
     let phased = spec.fetch.is_some();
     let pins = match &spec.lock {
         Some(lock) => {
@@ -631,15 +620,15 @@ fn start_proxies(
 /// proxy refused are in the record's `proxy.jsonl`, which the store tallies when it closes
 /// the record).
 struct Stopped {
-    proxy: Result<ProxyReport, ToolError>,
+    proxy: Result<Option<Summary>, ToolError>,
 }
 
 impl Stopped {
     /// Stops the proxies and the store (a service that did not stop cleanly is a warning),
     /// and removes the build's private files.
     fn stop(
-        proxy: Service<ProxyReport>,
-        script_proxy: Option<Service<ProxyReport>>,
+        proxy: ProxyService,
+        script_proxy: Option<ProxyService>,
         store: Service<()>,
         private: Private,
         display: &Display,
@@ -673,8 +662,10 @@ impl Stopped {
     /// match contractor.lock (which fail the build, whatever the guest said: it never had
     /// them whole); warnings for downloads not pinned or not kept in the download cache.
     fn judge(self, ran: &mut Ran, display: &Display, download_cache_max: u64) {
-        let report = self.proxy.unwrap_or_default();
-        let filed = report.filed;
+        // A proxy that wrote no summary (or did not stop cleanly) reports nothing.
+        let summary = self.proxy.ok().flatten();
+        let cache_not_kept = summary.as_ref().map_or(0, |s| s.cache_not_kept);
+        let filed = summary.and_then(|s| s.record).unwrap_or_default();
         if filed.mismatches > 0 {
             ran.outcome = Outcome::Failed;
             let mut chain = vec![format!(
@@ -702,12 +693,12 @@ impl Stopped {
                 filed.unpinned
             ));
         }
-        if report.cache_not_kept > 0 {
+        if cache_not_kept > 0 {
             display.warning(&format!(
                 "{} download(s) were passed on but not kept in the download cache: a build adds at \
                  most half of {} bytes ({}), and entries other projects' locks pin are never removed \
                  to make room",
-                report.cache_not_kept,
+                cache_not_kept,
                 download_cache_max,
                 crate::downloads::SIZE_VARIABLE
             ));
@@ -917,7 +908,7 @@ fn start_proxy(
     phase: Option<Phase>,
     log: &ToolsLog,
     interruption: &Interruption,
-) -> Result<Service<ProxyReport>, ToolError> {
+) -> Result<ProxyService, ToolError> {
     let mut command = tools::command(tools::PROXY)?;
     command.args(["--record-downloads", "--json-errors", "--record"]);
     command.arg(record);
@@ -953,17 +944,14 @@ fn start_proxy(
     command.stderr(log.stderr());
     let track = |c: &Child| interruption.track(c);
     Service::start(tools::PROXY, command, track, |mut answers| {
-        let mut report = ProxyReport::default();
+        let mut last = None;
         while let Ok(Some(line)) = answers.next_line() {
             if let Ok(summary) = serde_json::from_slice::<Summary>(&line) {
-                report = ProxyReport {
-                    filed: summary.record.unwrap_or_default(),
-                    cache_not_kept: summary.cache_not_kept,
-                };
+                last = Some(summary);
             }
         }
         answers.drain();
-        report
+        last
     })
 }
 
@@ -991,15 +979,9 @@ struct DownloadCachePolicy<'a> {
     size: u64,
 }
 
-/// What a build's proxy saw that the build's result reports: its summary's.
-#[derive(Default)]
-struct ProxyReport {
-    /// What it filed in the record: the hosts refused and failed, the downloads that did
-    /// not match contractor.lock, those it does not pin.
-    filed: RecordTally,
-    /// Downloads passed on but not kept in the download cache.
-    cache_not_kept: u64,
-}
+/// A build's proxy: what it gives when stopped is its last `summary` (none from a proxy
+/// that wrote none), which says what the build's end depends on ([`Stopped::judge`]).
+type ProxyService = Service<Option<Summary>>;
 
 /// Shows what a service's `ready` line said is missing from its confinement: its warnings,
 /// or that it reported none at all (a tool of another release).
@@ -1056,6 +1038,7 @@ struct Ran {
 }
 
 impl Ran {
+    /// A run that ended `outcome`, code `code`, saying `message`, with nothing else to report.
     fn failed(outcome: Outcome, code: BuildCode, message: String) -> Ran {
         Ran {
             outcome,
@@ -1071,15 +1054,11 @@ impl Ran {
         }
     }
 
+    /// An infrastructure failure (code `code`) whose chain is `err`'s.
     fn infrastructure(code: BuildCode, err: &(dyn std::error::Error + 'static)) -> Ran {
         Ran {
-            outcome: Outcome::Infrastructure,
-            exit_code: None,
             error: Some(ErrorInfo::from_error(code.as_str(), err)),
-            limit: None,
-            kept: None,
-            releasing: None,
-            vm_started: None,
+            ..Ran::failed(Outcome::Infrastructure, code, String::new())
         }
     }
 

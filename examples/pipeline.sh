@@ -73,9 +73,9 @@ packed=$("$STORE_TOOL" pack --project "$PROJECT" --out "$REC/source.tar" --json-
 printf '%s\n' "$packed" | jq -r '.warnings[] | "pipeline: warning: \(.)"' >&2
 say "build $ID: source packed ($(printf '%s\n' "$packed" | jq -r .entries) entries)"
 
-# 3. The build cache, the agent's store token, the store, and the proxy (with the download
-# cache; it files its lines in the record); each service writes its ready line on
-# descriptor 3, read here from a FIFO.
+# 3. The build cache, the store (it makes the agent's token and gives it in its ready line),
+# and the proxy (with the download cache; it files its lines in the record); each service
+# writes its ready line on descriptor 3, read here from a FIFO.
 cache_tool() { # cache_tool prepare|keep FLAGS...: one --path per CACHE_PATHS
     sub=$1 && shift && for p in $CACHE_PATHS; do set -- "$@" --path "$p"; done
     "$STORE_TOOL" cache "$sub" --root "$STORE" --build "$ID" --json-errors "$@"
@@ -84,10 +84,8 @@ cache=$(cache_tool prepare --max-bytes "$CACHE_MAX_BYTES") || die 3 "cannot prep
 printf '%s\n' "$cache" | jq -r '.warnings[] | "pipeline: warning: \(.)"' >&2
 store_limit=$MAX_ARTIFACTS_BYTES # the new cache travels with the artifacts
 [ "$(printf '%s' "$cache" | jq .cache)" = null ] || store_limit=$((MAX_ARTIFACTS_BYTES + CACHE_MAX_BYTES))
-token=$("$STORE_TOOL" token --build "$ID" --token-file "$TMP/tokens" 2>>"$REC/tools.log") ||
-    die 3 "cannot make the store token (see $REC/tools.log)"
 mkfifo "$TMP/store.ready" "$TMP/proxy.ready" "$TMP/vm.in" "$TMP/vm.out" "$TMP/run.out"
-"$STORE_TOOL" serve --root "$STORE" --only-build "$ID" --token-file "$TMP/tokens" --no-access-log \
+"$STORE_TOOL" serve --root "$STORE" --only-build "$ID" --own-token --no-access-log \
     --max-build-bytes "$store_limit" --ready-fd 3 3>"$TMP/store.ready" >/dev/null 2>>"$REC/tools.log" &
 store_pid=$! started="$! $started"
 IFS= read -r store_ready <"$TMP/store.ready" || die 3 "the store did not start (see $REC/tools.log)"
@@ -121,7 +119,8 @@ printf '%s\n' "$vm" | jq -r 'select(.type == "vm") | .vm | "pipeline: VM \(.name
 jq -n --arg proxy "$(printf '%s' "$proxy_ready" | jq -r .addr)" --arg id "$ID" \
     --arg store "$(printf '%s' "$store_ready" | jq -r .addr)" --arg log "$REC/build.log" \
     --argjson timeout "$TIMEOUT_SECS" --argjson max_log "$MAX_LOG_BYTES" --arg script "$BUILD_SCRIPT" \
-    --argjson memory "$MEMORY_MIB" --argjson disk "$DISK_GIB" --arg token "$token" \
+    --argjson memory "$MEMORY_MIB" --argjson disk "$DISK_GIB" \
+    --arg token "$(printf '%s' "$store_ready" | jq -r .token)" \
     --arg artifacts "$ARTIFACTS" --argjson cache "$(printf '%s' "$cache" | jq .cache)" \
     --argjson ca "$(printf '%s' "$proxy_ready" | jq .ca_certificate)" \
     '{version: 1, proxy: $proxy, store: $store, log: $log, timeout_secs: $timeout,

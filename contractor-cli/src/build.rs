@@ -13,17 +13,17 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use contractor_protocol::agent::{Job, Keep, Phase};
 use contractor_protocol::build::BuildEvent;
 use contractor_protocol::error::ToolCode;
-use contractor_protocol::proxy::{RecordTally, Summary};
+use contractor_protocol::proxy::Summary;
 use contractor_protocol::result::{BuildCode, BuildResult, ErrorInfo, Limit, Outcome};
 use contractor_protocol::run::{RunEvent, RunRequest};
 use contractor_protocol::tool::{
-    child_pid, handed_over, stop_child, wait_or_stop, Service, STOP_GRACE,
+    child_pid, handed_over, stop_child, wait_or_stop, Service, SignalWatch, STOP_GRACE,
 };
 use contractor_protocol::vm::{Accel, VmInfo, VmRequest, VmResult, VmSpec};
 use contractor_protocol::PROTOCOL_VERSION;
@@ -147,7 +147,8 @@ pub enum BuildError {
     /// A local service could not start.
     #[error("cannot start the {0}")]
     Service(&'static str, #[source] ToolError),
-    /// The build's private directory (its store token) could not be made.
+    /// The build's private directory (contractor.lock's pins for the proxy) could not be
+    /// made.
     #[error("cannot create the build's private directory {path}")]
     Private {
         /// The directory.
@@ -216,21 +217,10 @@ pub fn close_failed_record(
 /// close it (the store may be what failed).
 fn failed_result(record: &Path, id: &str, duration_secs: f64, err: &BuildError) -> BuildResult {
     let (outcome, code) = err.outcome();
+    let error = Some(ErrorInfo::from_error(code.as_str(), err));
     let result = BuildResult {
-        version: PROTOCOL_VERSION,
-        id: id.to_string(),
-        outcome,
-        exit_code: None,
         duration_secs,
-        log: record.join("build.log"),
-        console_log: record.join("console.log"),
-        artifacts: Vec::new(),
-        refused_hosts: Vec::new(),
-        refused_offline: Vec::new(),
-        upstream_failures: Vec::new(),
-        limit: None,
-        error: Some(ErrorInfo::from_error(code.as_str(), err)),
-        host: None,
+        ..BuildResult::ended(id, record, outcome, error)
     };
     write_result(record, &result);
     let _ = std::fs::remove_file(record.join(OWNER_FILE));
@@ -430,8 +420,8 @@ struct Session {
     vm: Result<Spawned, Ran>,
     job: Job,
     store: Service<()>,
-    proxy: Service<ProxyReport>,
-    script_proxy: Option<Service<ProxyReport>>,
+    proxy: ProxyService,
+    script_proxy: Option<ProxyService>,
     private: Private,
     tools_log: ToolsLog,
     log: PathBuf,
@@ -472,20 +462,24 @@ impl Session {
         };
         let private = Private::create(id)?;
         let tools_log = ToolsLog::open(&record.join(TOOLS_LOG))?;
-        let store_token = new_store_token(id, &private.token_file(), &tools_log)
-            .map_err(|e| BuildError::Service("store", e))?;
         let console_log = record.join("console.log");
         let (vm, snapshot) =
             spawn_vm(spec, options, setup, &console_log, &tools_log, interruption)?;
-        let store = start_store(
-            &setup.store_root,
-            id,
-            &private.token_file(),
-            store_limit,
-            &tools_log,
-            interruption,
-        )
-        .map_err(|e| BuildError::Service("store", e))?;
+        let store = start_store(&setup.store_root, id, store_limit, &tools_log, interruption)
+            .map_err(|e| BuildError::Service("store", e))?;
+        // Asked for (`--own-token`), so a store of another release that gives none is one
+        // the build cannot use.
+        let store_token = store.token.clone().ok_or_else(|| {
+            let why = "its ready line carries no build token (a store of another release?)";
+            let source = std::io::Error::other(why);
+            BuildError::Service(
+                "store",
+                ToolError::Io {
+                    name: tools::STORE,
+                    source,
+                },
+            )
+        })?;
         let (proxy, script_proxy) =
             start_proxies(spec, options, setup, &private, &tools_log, interruption)?;
         // A service that could not confine itself fully says so; the user must hear it.
@@ -567,7 +561,7 @@ fn start_proxies(
     private: &Private,
     tools_log: &ToolsLog,
     interruption: &Interruption,
-) -> Result<(Service<ProxyReport>, Option<Service<ProxyReport>>), BuildError> {
+) -> Result<(ProxyService, Option<ProxyService>), BuildError> {
     let phased = spec.fetch.is_some();
     let pins = match &spec.lock {
         Some(lock) => {
@@ -626,15 +620,15 @@ fn start_proxies(
 /// proxy refused are in the record's `proxy.jsonl`, which the store tallies when it closes
 /// the record).
 struct Stopped {
-    proxy: Result<ProxyReport, ToolError>,
+    proxy: Result<Option<Summary>, ToolError>,
 }
 
 impl Stopped {
     /// Stops the proxies and the store (a service that did not stop cleanly is a warning),
     /// and removes the build's private files.
     fn stop(
-        proxy: Service<ProxyReport>,
-        script_proxy: Option<Service<ProxyReport>>,
+        proxy: ProxyService,
+        script_proxy: Option<ProxyService>,
         store: Service<()>,
         private: Private,
         display: &Display,
@@ -668,8 +662,10 @@ impl Stopped {
     /// match contractor.lock (which fail the build, whatever the guest said: it never had
     /// them whole); warnings for downloads not pinned or not kept in the download cache.
     fn judge(self, ran: &mut Ran, display: &Display, download_cache_max: u64) {
-        let report = self.proxy.unwrap_or_default();
-        let filed = report.filed;
+        // A proxy that wrote no summary (or did not stop cleanly) reports nothing.
+        let summary = self.proxy.ok().flatten();
+        let cache_not_kept = summary.as_ref().map_or(0, |s| s.cache_not_kept);
+        let filed = summary.and_then(|s| s.record).unwrap_or_default();
         if filed.mismatches > 0 {
             ran.outcome = Outcome::Failed;
             let mut chain = vec![format!(
@@ -697,12 +693,12 @@ impl Stopped {
                 filed.unpinned
             ));
         }
-        if report.cache_not_kept > 0 {
+        if cache_not_kept > 0 {
             display.warning(&format!(
                 "{} download(s) were passed on but not kept in the download cache: a build adds at \
                  most half of {} bytes ({}), and entries other projects' locks pin are never removed \
                  to make room",
-                report.cache_not_kept,
+                cache_not_kept,
                 download_cache_max,
                 crate::downloads::SIZE_VARIABLE
             ));
@@ -850,8 +846,8 @@ impl ToolsLog {
     }
 }
 
-/// A directory only this user can read, for what the guest must not see: the store's
-/// token file. Removed when dropped.
+/// A directory only this user can read, for the files of the build's tools that are no
+/// record's: contractor.lock's pins for the proxy. Removed when dropped.
 struct Private(PathBuf);
 
 impl Private {
@@ -863,10 +859,6 @@ impl Private {
             .create(&path)
             .map(|()| Private(path.clone()))
             .map_err(|source| BuildError::Private { path, source })
-    }
-
-    fn token_file(&self) -> PathBuf {
-        self.0.join("tokens")
     }
 
     /// The pins of contractor.lock, for the proxy.
@@ -881,36 +873,12 @@ impl Drop for Private {
     }
 }
 
-/// `contractor-store token`: a fresh token for build `id`, appended to `file`.
-fn new_store_token(id: &str, file: &Path, log: &ToolsLog) -> Result<String, ToolError> {
-    let mut command = tools::command(tools::STORE)?;
-    command
-        .args(["token", "--build", id, "--token-file"])
-        .arg(file)
-        .stderr(log.stderr());
-    let token = tools::text(tools::STORE, command)?;
-    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_alphanumeric()) {
-        return Err(ToolError::Failed {
-            name: tools::STORE,
-            exit_code: Some(0),
-            error: Some(contractor_protocol::error::ErrorObject::with_chain(
-                ToolCode::Token,
-                vec![format!(
-                    "it printed {:?}, not a token",
-                    crate::display::escape_capped(&token, 80)
-                )],
-            )),
-        });
-    }
-    Ok(token)
-}
-
 /// Starts the build's store: it serves only build `id`'s files, and only to requests with
-/// the token in `token_file` (the guest agent's), within the token's scope.
+/// the token it made for it (`--own-token`: given in its ready line, held in no file; the
+/// guest agent's), within the token's scope.
 fn start_store(
     root: &Path,
     id: &str,
-    token_file: &Path,
     max_artifacts_bytes: u64,
     log: &ToolsLog,
     interruption: &Interruption,
@@ -920,9 +888,7 @@ fn start_store(
         .arg("serve")
         .arg("--root")
         .arg(root)
-        .args(["--only-build", id, "--token-file"])
-        .arg(token_file)
-        .arg("--max-build-bytes")
+        .args(["--only-build", id, "--own-token", "--max-build-bytes"])
         .arg(max_artifacts_bytes.to_string())
         .args(["--no-access-log", "--json-errors"])
         .stderr(log.stderr());
@@ -940,7 +906,7 @@ fn start_proxy(
     phase: Option<Phase>,
     log: &ToolsLog,
     interruption: &Interruption,
-) -> Result<Service<ProxyReport>, ToolError> {
+) -> Result<ProxyService, ToolError> {
     let mut command = tools::command(tools::PROXY)?;
     command.args(["--record-downloads", "--json-errors", "--record"]);
     command.arg(record);
@@ -976,17 +942,14 @@ fn start_proxy(
     command.stderr(log.stderr());
     let track = |c: &Child| interruption.track(c);
     Service::start(tools::PROXY, command, track, |mut answers| {
-        let mut report = ProxyReport::default();
+        let mut last = None;
         while let Ok(Some(line)) = answers.next_line() {
             if let Ok(summary) = serde_json::from_slice::<Summary>(&line) {
-                report = ProxyReport {
-                    filed: summary.record.unwrap_or_default(),
-                    cache_not_kept: summary.cache_not_kept,
-                };
+                last = Some(summary);
             }
         }
         answers.drain();
-        report
+        last
     })
 }
 
@@ -1014,15 +977,9 @@ struct DownloadCachePolicy<'a> {
     size: u64,
 }
 
-/// What a build's proxy saw that the build's result reports: its summary's.
-#[derive(Default)]
-struct ProxyReport {
-    /// What it filed in the record: the hosts refused and failed, the downloads that did
-    /// not match contractor.lock, those it does not pin.
-    filed: RecordTally,
-    /// Downloads passed on but not kept in the download cache.
-    cache_not_kept: u64,
-}
+/// A build's proxy: what it gives when stopped is its last `summary` (none from a proxy
+/// that wrote none), which says what the build's end depends on ([`Stopped::judge`]).
+type ProxyService = Service<Option<Summary>>;
 
 /// Shows what a service's `ready` line said is missing from its confinement: its warnings,
 /// or that it reported none at all (a tool of another release).
@@ -1079,6 +1036,7 @@ struct Ran {
 }
 
 impl Ran {
+    /// A run that ended `outcome`, code `code`, saying `message`, with nothing else to report.
     fn failed(outcome: Outcome, code: BuildCode, message: String) -> Ran {
         Ran {
             outcome,
@@ -1094,15 +1052,11 @@ impl Ran {
         }
     }
 
+    /// An infrastructure failure (code `code`) whose chain is `err`'s.
     fn infrastructure(code: BuildCode, err: &(dyn std::error::Error + 'static)) -> Ran {
         Ran {
-            outcome: Outcome::Infrastructure,
-            exit_code: None,
             error: Some(ErrorInfo::from_error(code.as_str(), err)),
-            limit: None,
-            kept: None,
-            releasing: None,
-            vm_started: None,
+            ..Ran::failed(Outcome::Infrastructure, code, String::new())
         }
     }
 
@@ -1119,88 +1073,62 @@ impl Ran {
 /// noted ([`Interruption::signal_behind`]).
 const SIGNAL_NOTE_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Ctrl-C and SIGTERM while the build runs: remembered, and passed on as SIGTERM to every
-/// tool running then (`tools::signal_running`) and to each tool of the build started later
-/// ([tracked](Interruption::track)): `contractor-run` then ends without `finished`,
-/// `contractor-vm` destroys the VM it creates or holds, a service stops, and whatever the
-/// build waits for ends. A tool still running [`STOP_GRACE`] later, or at a second signal,
-/// is killed (SIGKILL). The terminal sends Ctrl-C to every tool anyway; a CI engine or
-/// `kill` signals only this process.
+/// Ctrl-C and SIGTERM while the build runs ([`SignalWatch`]): remembered, and passed on as
+/// SIGTERM to every tool running then (`tools::signal_running`) and to each tool of the
+/// build started later ([tracked](Interruption::track)): `contractor-run` then ends without
+/// `finished`, `contractor-vm` destroys the VM it creates or holds, a service stops, and
+/// whatever the build waits for ends. A tool still running [`STOP_GRACE`] later, or at a
+/// second signal, is killed (SIGKILL). The terminal sends Ctrl-C to every tool anyway; a CI
+/// engine or `kill` signals only this process.
 struct Interruption {
-    signal: Arc<Mutex<Option<&'static str>>>,
+    watch: SignalWatch,
+    /// Cleared when the build is over: a grace that ends later kills nothing.
     watching: Arc<AtomicBool>,
 }
 
 impl Interruption {
     fn watch() -> Interruption {
-        let interruption = Interruption {
-            signal: Arc::new(Mutex::new(None)),
-            watching: Arc::new(AtomicBool::new(true)),
-        };
-        let signal = interruption.signal.clone();
-        let watching = interruption.watching.clone();
-        use signal_hook::consts::{SIGINT, SIGTERM};
-        match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
-            Ok(mut signals) => {
-                std::thread::spawn(move || {
-                    for number in signals.forever() {
-                        if !watching.load(Ordering::SeqCst) {
-                            continue;
-                        }
-                        let name = if number == SIGINT { "Ctrl-C" } else { "SIGTERM" };
-                        let first = match signal.lock() {
-                            Ok(mut signal) => {
-                                let first = signal.is_none();
-                                signal.get_or_insert(name);
-                                first
-                            }
-                            Err(_) => true,
-                        };
-                        if !first {
-                            tools::signal_running(Signal::SIGKILL);
-                            continue;
-                        }
-                        tools::signal_running(Signal::SIGTERM);
-                        let watching = watching.clone();
-                        std::thread::spawn(move || {
-                            std::thread::sleep(STOP_GRACE);
-                            if watching.load(Ordering::SeqCst) {
-                                tools::signal_running(Signal::SIGKILL);
-                            }
-                        });
-                    }
-                });
+        let watching = Arc::new(AtomicBool::new(true));
+        let on = watching.clone();
+        let watch = SignalWatch::start(move |caught| {
+            if !on.load(Ordering::SeqCst) {
+                return;
             }
-            Err(err) => eprintln!(
+            if !caught.first {
+                tools::signal_running(Signal::SIGKILL);
+                return;
+            }
+            tools::signal_running(Signal::SIGTERM);
+            let on = on.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(STOP_GRACE);
+                if on.load(Ordering::SeqCst) {
+                    tools::signal_running(Signal::SIGKILL);
+                }
+            });
+        })
+        .unwrap_or_else(|err| {
+            eprintln!(
                 "contractor: warning: cannot watch for Ctrl-C ({err}); an interrupted build is not recorded as such"
-            ),
-        }
-        interruption
+            );
+            SignalWatch::default()
+        });
+        Interruption { watch, watching }
     }
 
     /// The signal that interrupted the build, if any.
     fn signal(&self) -> Option<&'static str> {
-        self.signal.lock().ok().and_then(|s| *s)
+        self.watch.signal()
     }
 
-    /// The signal behind `err`, a tool's failure: a tool killed by a signal may have had
-    /// the terminal's Ctrl-C at the same moment as this process, whose watcher thread may not
-    /// have noted it yet; it is given [`SIGNAL_NOTE_WAIT`] to.
+    /// The signal behind `err`, a tool's failure: a tool killed by a signal is given
+    /// [`SIGNAL_NOTE_WAIT`] for this process's own Ctrl-C to be noted.
     fn signal_behind(&self, err: &ToolError) -> Option<&'static str> {
-        let killed = matches!(
-            err,
+        match err {
             ToolError::Failed {
-                exit_code: None,
-                ..
-            }
-        );
-        let deadline = std::time::Instant::now() + SIGNAL_NOTE_WAIT;
-        loop {
-            let signal = self.signal();
-            if signal.is_some() || !killed || std::time::Instant::now() >= deadline {
-                return signal;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
+                exit_code: None, ..
+            } => self.watch.signal_within(SIGNAL_NOTE_WAIT),
+            _ => self.signal(),
         }
     }
 

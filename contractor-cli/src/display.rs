@@ -277,7 +277,7 @@ impl State {
                 )
             }
             BuildEvent::AgentReady { .. } => "contractor: VM booted".to_string(),
-            BuildEvent::Phase { phase } => format!("contractor: phase {}", phase_name(*phase)),
+            BuildEvent::Phase { phase } => format!("contractor: phase {}", phase.as_str()),
             BuildEvent::Output { text } => {
                 let _ = self.out.write_all(text.as_bytes());
                 let _ = self.out.flush();
@@ -452,15 +452,6 @@ fn snapshot_note(snapshot: Option<&SnapshotReport>) -> &'static str {
             restored: false, ..
         }) => ", booted cold",
         None => "",
-    }
-}
-
-fn phase_name(phase: Phase) -> &'static str {
-    match phase {
-        Phase::Source => "source",
-        Phase::Fetch => "fetch",
-        Phase::Script => "script",
-        Phase::Artifacts => "artifacts",
     }
 }
 

@@ -14,7 +14,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use contractor_protocol::build::BuildEvent;
@@ -23,6 +22,7 @@ use contractor_protocol::fleet::{
 };
 use contractor_protocol::hosted::RECORD_OVERHEAD_BYTES;
 use contractor_protocol::result::{error_chain, BuildCode, BuildResult, ErrorInfo};
+use contractor_protocol::tool::SignalWatch;
 use contractor_protocol::PROTOCOL_VERSION;
 
 use crate::build::{self, BuildError, BuildOptions, BuildReport, PendingRelease};
@@ -191,8 +191,7 @@ impl Sender {
             // A `send` that cannot take it has ended: its answer, or its exit, says why.
             let _ = contractor_protocol::jsonl::write_line(stdin, session);
         }
-        let forwarded = Arc::new(Mutex::new(None::<&'static str>));
-        let signals = forward_signals(self.child.id(), forwarded.clone());
+        let signals = forward_signals(self.child.id());
         let answer = loop {
             match self.next() {
                 Ok(Said::Event(event)) => display.event(&event),
@@ -200,11 +199,10 @@ impl Sender {
                 Err(why) => break failed(why),
             }
         };
-        if let Some(handle) = signals {
-            handle.close();
-        }
+        let forwarded = signals.signal();
+        drop(signals);
         // A `send` that a forwarded signal ended before its answer was interrupted.
-        match (forwarded.lock().ok().and_then(|s| *s), &answer) {
+        match (forwarded, &answer) {
             (Some(signal), SendLine::SessionFailed { .. })
                 if self.child.try_wait().is_ok_and(|s| s.is_some()) =>
             {
@@ -224,34 +222,16 @@ impl Sender {
     }
 }
 
-/// Forwards Ctrl-C and SIGTERM to `send` (pid `pid`), noting the first one's name.
-fn forward_signals(
-    pid: u32,
-    forwarded: Arc<Mutex<Option<&'static str>>>,
-) -> Option<signal_hook::iterator::Handle> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
-        Ok(signals) => signals,
-        Err(err) => {
-            eprintln!("contractor: warning: cannot watch for Ctrl-C ({err})");
-            return None;
-        }
-    };
-    let handle = signals.handle();
+/// Forwards Ctrl-C and SIGTERM to `send` (pid `pid`); the watch notes the first one's name.
+fn forward_signals(pid: u32) -> SignalWatch {
     let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
-    std::thread::spawn(move || {
-        for number in signals.forever() {
-            let (signal, name) = match number {
-                SIGINT => (nix::sys::signal::Signal::SIGINT, "Ctrl-C"),
-                _ => (nix::sys::signal::Signal::SIGTERM, "SIGTERM"),
-            };
-            if let Ok(mut first) = forwarded.lock() {
-                first.get_or_insert(name);
-            }
-            let _ = nix::sys::signal::kill(pid, signal);
-        }
-    });
-    Some(handle)
+    SignalWatch::start(move |caught| {
+        let _ = nix::sys::signal::kill(pid, caught.signal);
+    })
+    .unwrap_or_else(|err| {
+        eprintln!("contractor: warning: cannot watch for Ctrl-C ({err})");
+        SignalWatch::default()
+    })
 }
 
 /// Runs one build of `spec` (read from `file`) on the host `sender` chose. The same

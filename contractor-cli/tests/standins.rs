@@ -462,17 +462,38 @@ fn a_missing_tool_is_named_with_where_it_was_looked_for() {
     ended.assert_says(&["the tool contractor-vm is missing", "CONTRACTOR_BIN"]);
 }
 
-// Starting: the store's token, the VM, the services.
+// Starting: the VM, the services (the store with the build's token).
 
 #[test]
-fn a_store_that_cannot_make_a_token_closes_the_record() {
+fn the_token_the_store_made_reaches_the_job() {
+    let bench = Bench::new();
+    bench.build().assert_exit(0);
+    let request = std::fs::read_to_string(bench.path("standin/run-request")).expect("request");
+    let request: serde_json::Value = serde_json::from_str(&request).expect("JSON");
+    assert_eq!(request["job"]["store_token"], "standintoken0");
+}
+
+#[test]
+fn a_store_whose_ready_line_gives_no_token_closes_the_record() {
     fails(
-        "store-token",
-        "die",
+        "store-token-value",
+        "",
         3,
         Outcome::Infrastructure,
         "service_start",
-        &["contractor-store", FAILED_3],
+        &["contractor-store", "its ready line carries no build token"],
+    );
+}
+
+#[test]
+fn a_store_whose_token_is_not_one_closes_the_record() {
+    fails(
+        "store-token-value",
+        "not-a-token",
+        3,
+        Outcome::Infrastructure,
+        "service_start",
+        &["contractor-store", GARBAGE, "not-a-token"],
     );
 }
 
@@ -775,11 +796,6 @@ fn ctrl_c_in_a_terminal_reaches_every_tool_and_the_released_vm_is_no_warning() {
 #[test]
 fn ctrl_c_while_the_source_is_packed_is_an_interruption() {
     interrupted_at("store-pack", "hang");
-}
-
-#[test]
-fn ctrl_c_while_the_store_makes_a_token_is_an_interruption() {
-    interrupted_at("store-token", "hang");
 }
 
 #[test]

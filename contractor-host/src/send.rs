@@ -22,7 +22,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdout, Stdio};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use contractor_protocol::build::BuildEvent;
@@ -34,7 +33,7 @@ use contractor_protocol::hosted::{
 use contractor_protocol::jsonl::{self, JsonlReader};
 use contractor_protocol::result::error_chain;
 use contractor_protocol::result::{BuildCode, BuildResult, ErrorInfo};
-use contractor_protocol::tool::{self, stop_child, Answers, Locator, ToolError};
+use contractor_protocol::tool::{self, stop_child, Answers, Locator, SignalWatch, ToolError};
 use contractor_protocol::{ExitCode, PROTOCOL_VERSION};
 
 use crate::buildhost::{self, BuildHost};
@@ -358,8 +357,8 @@ struct Session {
     /// to close the session's stdin (as does dropping every sender).
     close: Option<mpsc::Sender<Step>>,
     writer: Option<std::thread::JoinHandle<std::io::Result<()>>>,
-    interrupted: Arc<Mutex<Option<&'static str>>>,
-    signals: Option<signal_hook::iterator::Handle>,
+    /// Ctrl-C and SIGTERM ([`watch_signals`]); the first one's name is the interruption.
+    signals: SignalWatch,
 }
 
 impl Session {
@@ -402,27 +401,23 @@ impl Session {
             drop(stdin);
             Ok(())
         });
-        let interrupted = Arc::new(Mutex::new(None));
-        let mut session = Session {
+        let signals = watch_signals(
+            Some(close.clone()),
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::unistd::getppid(),
+        );
+        Ok(Session {
             child,
             stdout,
             close: Some(close),
             writer: Some(writer),
-            interrupted: interrupted.clone(),
-            signals: None,
-        };
-        session.signals = watch_signals(
-            session.close.clone(),
-            interrupted,
-            nix::unistd::Pid::from_raw(session.child.id() as i32),
-            nix::unistd::getppid(),
-        );
-        Ok(session)
+            signals,
+        })
     }
 
     /// The signal that interrupted the session, if any.
     fn interruption(&self) -> Option<&'static str> {
-        self.interrupted.lock().ok().and_then(|s| *s)
+        self.signals.signal()
     }
 
     /// Follows the session to its end: the store's confined `record follow` reads the build
@@ -602,9 +597,7 @@ impl Session {
 
     /// Closes the session and waits for ssh.
     fn end(mut self) {
-        if let Some(handle) = self.signals.take() {
-            handle.close();
-        }
+        drop(std::mem::take(&mut self.signals));
         if let Some(close) = self.close.take() {
             let _ = close.send(Step::Close);
         }
@@ -621,48 +614,26 @@ impl Session {
 /// the front end is gone (its death is what sent it: nothing is to outlive it).
 fn watch_signals(
     close: Option<mpsc::Sender<Step>>,
-    interrupted: Arc<Mutex<Option<&'static str>>>,
     ssh: nix::unistd::Pid,
     parent: nix::unistd::Pid,
-) -> Option<signal_hook::iterator::Handle> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
-        Ok(signals) => signals,
-        Err(err) => {
-            eprintln!("contractor-host: warning: cannot watch for Ctrl-C ({err})");
-            return None;
-        }
-    };
-    let handle = signals.handle();
-    std::thread::spawn(move || {
-        let mut close = close;
-        for number in signals.forever() {
-            let name = if number == SIGINT {
-                "Ctrl-C"
-            } else {
-                "SIGTERM"
-            };
-            let first = interrupted
-                .lock()
-                .map(|mut s| {
-                    let first = s.is_none();
-                    s.get_or_insert(name);
-                    first
-                })
-                .unwrap_or(false);
-            let orphaned = nix::unistd::getppid() != parent;
-            if first && !orphaned {
-                if let Some(close) = close.take() {
-                    let _ = close.send(Step::Close);
-                }
-                std::thread::spawn(move || {
-                    std::thread::sleep(INTERRUPT_GRACE);
-                    let _ = nix::sys::signal::kill(ssh, nix::sys::signal::Signal::SIGTERM);
-                });
-            } else {
-                let _ = nix::sys::signal::kill(ssh, nix::sys::signal::Signal::SIGTERM);
+) -> SignalWatch {
+    let mut close = close;
+    SignalWatch::start(move |caught| {
+        let orphaned = nix::unistd::getppid() != parent;
+        if caught.first && !orphaned {
+            if let Some(close) = close.take() {
+                let _ = close.send(Step::Close);
             }
+            std::thread::spawn(move || {
+                std::thread::sleep(INTERRUPT_GRACE);
+                let _ = nix::sys::signal::kill(ssh, nix::sys::signal::Signal::SIGTERM);
+            });
+        } else {
+            let _ = nix::sys::signal::kill(ssh, nix::sys::signal::Signal::SIGTERM);
         }
-    });
-    Some(handle)
+    })
+    .unwrap_or_else(|err| {
+        eprintln!("contractor-host: warning: cannot watch for Ctrl-C ({err})");
+        SignalWatch::default()
+    })
 }

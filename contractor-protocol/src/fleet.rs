@@ -229,20 +229,9 @@ impl SendLine {
     /// build host's failure.
     pub fn into_result(self, host: &str, record: &Path, artifacts: Vec<PathBuf>) -> BuildResult {
         let mut result = BuildResult {
-            version: crate::PROTOCOL_VERSION,
-            id: String::new(),
-            outcome: Outcome::Infrastructure,
-            exit_code: None,
-            duration_secs: 0.0,
-            log: record.join("build.log"),
-            console_log: record.join("console.log"),
             artifacts,
-            refused_hosts: Vec::new(),
-            refused_offline: Vec::new(),
-            upstream_failures: Vec::new(),
-            limit: None,
-            error: None,
             host: Some(host.to_string()),
+            ..BuildResult::ended("", record, Outcome::Infrastructure, None)
         };
         let error = |code: BuildCode, message: String| ErrorInfo {
             code: code.as_str().into(),

@@ -1,7 +1,7 @@
 //! How a build ended: the outcome shared by `contractor-run`'s closing event and the build
 //! record's `result.json`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -261,6 +261,31 @@ pub struct BuildResult {
     pub host: Option<String>,
 }
 
+impl BuildResult {
+    /// The result of build `id`, its record `record`, that ended `outcome` with `error`
+    /// and nothing else to report: no exit code, artifacts, refusals, limit or host (the
+    /// caller sets those it has), no duration yet. How a record is closed when its build
+    /// failed before its run or its run's answer was lost.
+    pub fn ended(id: &str, record: &Path, outcome: Outcome, error: Option<ErrorInfo>) -> Self {
+        BuildResult {
+            version: crate::PROTOCOL_VERSION,
+            id: id.to_string(),
+            outcome,
+            exit_code: None,
+            duration_secs: 0.0,
+            log: record.join("build.log"),
+            console_log: record.join("console.log"),
+            artifacts: Vec::new(),
+            refused_hosts: Vec::new(),
+            refused_offline: Vec::new(),
+            upstream_failures: Vec::new(),
+            limit: None,
+            error,
+            host: None,
+        }
+    }
+}
+
 /// An allowed host the proxy could not reach during a build.
 /// `{"host":"registry.npmjs.org","reason":"cannot resolve the host: no answer within 10 s","count":611}`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -318,6 +343,31 @@ pub fn artifact_missing_error(pattern: &str) -> ErrorInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_result_that_ended_without_a_run_names_its_record_and_reports_nothing_else() {
+        let error = ErrorInfo {
+            code: BuildCode::ServiceStart.as_str().into(),
+            chain: vec!["cannot start the store".into()],
+        };
+        let record = Path::new("/p/.contractor/builds/b1");
+        let result = BuildResult::ended("b1", record, Outcome::Infrastructure, Some(error));
+        let json = serde_json::to_value(&result).expect("json");
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "version": 1,
+                "id": "b1",
+                "outcome": "infrastructure",
+                "duration_secs": 0.0,
+                "log": "/p/.contractor/builds/b1/build.log",
+                "console_log": "/p/.contractor/builds/b1/console.log",
+                "artifacts": [],
+                "refused_hosts": [],
+                "error": {"code": "service_start", "chain": ["cannot start the store"]},
+            })
+        );
+    }
 
     #[test]
     fn a_build_code_reads_on_the_wire_as_its_name() {

@@ -30,6 +30,11 @@ pub struct Ready {
     /// authority, which clients must trust.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_certificate: Option<String>,
+    /// A store serving one build that made that build's token itself (`contractor-store
+    /// serve --only-build ID --own-token`): the token the build's agent presents. It is
+    /// never written to a file; [`is_token`] is its form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// What holds a service once it serves: `no_new_privs`, Landlock (the kernel's ABI and
@@ -69,6 +74,7 @@ impl Ready {
             addr,
             confinement: None,
             ca_certificate: None,
+            token: None,
         }
     }
 
@@ -83,6 +89,24 @@ impl Ready {
         self.ca_certificate = pem;
         self
     }
+
+    /// This ready line, with the build token the store made (`--own-token`).
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
+    }
+}
+
+/// The most bytes of a build token a ready line may carry (the store's are 64).
+pub const MAX_TOKEN_BYTES: usize = 256;
+
+/// Whether `text` has the form of a build token on a ready line: 1 to [`MAX_TOKEN_BYTES`]
+/// ASCII letters and digits (a store makes 64 hex digits), so that it can travel in the
+/// job and in an HTTP header as it is.
+pub fn is_token(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= MAX_TOKEN_BYTES
+        && text.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 /// Where a service writes its [`Ready`] line: stdout, or the descriptor `--ready-fd N`

@@ -1,6 +1,7 @@
 //! Starting and supervising Contractor's own executables, for every tool that starts
 //! another (the front end, contractor-host, contractor-gitlab): where they are, how each is
-//! started, how its JSON answers are read ([`answers`]) and how it is stopped ([`stop`]).
+//! started, how its JSON answers are read ([`answers`]), how it is stopped ([`stop`]) and how
+//! Ctrl-C and SIGTERM reach what it started ([`signals`]).
 //!
 //! A tool is found in `$CONTRACTOR_BIN` when that is set, else beside the running executable
 //! ([`Locator`]). Every child is started so that it is sent SIGTERM when this process dies,
@@ -11,6 +12,7 @@
 pub mod answers;
 pub mod failure;
 pub mod lines;
+pub mod signals;
 pub mod stop;
 
 use std::path::PathBuf;
@@ -24,6 +26,7 @@ use crate::PROTOCOL_VERSION;
 pub use answers::{answer_of, ask_of, send, text, Answers, Reply, MAX_TEXT_BYTES};
 pub use failure::ToolFailure;
 pub use lines::Lines;
+pub use signals::{signal_name, Caught, SignalWatch};
 pub use stop::{
     child_pid, handed_over, stop_child, wait_or_stop, Service, Signaller, Supervised, STOP_GRACE,
 };

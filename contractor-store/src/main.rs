@@ -142,6 +142,10 @@ struct ServeArgs {
     /// when it changes.
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// Require a build token made here for the --only-build build, given in the ready line
+    /// ("token") and kept in memory only: no file holds it.
+    #[arg(long, requires = "only_build", conflicts_with = "token_file")]
+    own_token: bool,
     /// Largest single upload (bytes, or with K/M/G/T).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     max_artifact_bytes: Option<u64>,
@@ -548,6 +552,7 @@ async fn serve(args: ServeArgs, ready_out: ReadyOut) -> std::process::ExitCode {
         listen,
         only_build,
         token_file,
+        own_token,
         max_artifact_bytes,
         max_build_bytes,
         body_idle_timeout,
@@ -557,8 +562,24 @@ async fn serve(args: ServeArgs, ready_out: ReadyOut) -> std::process::ExitCode {
         ready_fd: _,
         workers,
     } = args;
+    let own = match only_build
+        .as_deref()
+        .filter(|_| own_token)
+        .map(own_build_token)
+    {
+        Some(Ok((table, token))) => Some((table, token)),
+        Some(Err(e)) => {
+            let exit = match e {
+                contractor_store::access::TokenError::Random(_) => ExitCode::Infrastructure,
+                _ => ExitCode::BadInput,
+            };
+            return fail(exit, ToolCode::Token, &anyhow::Error::new(e));
+        }
+        None => None,
+    };
+    let (own_tokens, token) = own.unzip();
     let tokens = match token_file.as_deref().map(TokenTable::load).transpose() {
-        Ok(tokens) => tokens,
+        Ok(tokens) => tokens.or(own_tokens),
         Err(e) => {
             return fail(
                 ExitCode::BadInput,
@@ -597,7 +618,7 @@ async fn serve(args: ServeArgs, ready_out: ReadyOut) -> std::process::ExitCode {
         || std::thread::available_parallelism().map_or(1, usize::from),
         usize::from,
     );
-    match run(store, listen, workers, &confine, ready_out).await {
+    match run(store, listen, workers, &confine, ready_out, token).await {
         Ok(()) => ExitCode::Success.into(),
         Err(e) => fail(ExitCode::Infrastructure, ToolCode::Serve, &e),
     }
@@ -918,6 +939,17 @@ fn cache(command: CacheCommand) -> std::process::ExitCode {
     })
 }
 
+/// `serve --own-token`: a new token for `build`, and the table that accepts only it
+/// (held in memory, never written). The error: no randomness, or `build` is no build id.
+fn own_build_token(
+    build: &str,
+) -> Result<(TokenTable, String), contractor_store::access::TokenError> {
+    let token = contractor_store::generate_token()?;
+    let mut table = TokenTable::new();
+    table.insert(build, &token)?;
+    Ok((table, token))
+}
+
 /// Makes a token for `build` and appends it to `file` (mode 0600 when created).
 fn add_token(build: &str, file: &std::path::Path) -> anyhow::Result<String> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -995,6 +1027,7 @@ async fn run(
     workers: usize,
     confine: &Confine,
     ready_out: ReadyOut,
+    token: Option<String>,
 ) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch for SIGINT")?;
@@ -1006,7 +1039,11 @@ async fn run(
         .context("cannot read the bound address")?;
     let confinement = confine.apply(&store, addr.port())?;
     ready_out
-        .write(&Ready::new("store", addr).confined(confinement))
+        .write(
+            &Ready::new("store", addr)
+                .confined(confinement)
+                .with_token(token),
+        )
         .context("cannot write the ready line")?;
     eprintln!(
         "contractor-store: serving {} on http://{addr}",

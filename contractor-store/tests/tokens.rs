@@ -210,3 +210,64 @@ fn tokens_and_only_build_narrow_together() {
         response.text()
     );
 }
+
+#[test]
+fn an_own_token_is_made_for_the_one_build_said_in_the_ready_line_and_kept_in_no_file() {
+    let fixture = Fixture::new();
+    inputs(&fixture);
+    let mut command = binary();
+    command
+        .args(["serve", "--only-build", "a", "--own-token", "--root"])
+        .arg(&fixture.root);
+    let store = StoreProcess::spawn(command);
+    let token = store
+        .ready
+        .token
+        .clone()
+        .expect("the ready line carries a token");
+    assert!(
+        contractor_protocol::service::is_token(&token) && token.len() == 64,
+        "{token:?}"
+    );
+    let response = with_token(&store, "GET", "/builds/a/source.tar", &token);
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(response.body, b"a");
+    assert_eq!(store.get("/builds/a/source.tar").status, 401);
+    let response = with_token(&store, "GET", "/builds/b/source.tar", &token);
+    assert!(response.status >= 400, "{}", response.status);
+    // Nothing beside the root nor beneath it holds the token.
+    for file in fixture.files() {
+        let text = std::fs::read(fixture.root.join(&file)).expect("read");
+        assert!(!String::from_utf8_lossy(&text).contains(&token), "{file}");
+    }
+    let beside: Vec<_> = std::fs::read_dir(fixture.dir.path())
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(beside.len(), 2, "{beside:?}");
+}
+
+#[test]
+fn an_own_token_needs_one_build_and_no_token_file() {
+    let fixture = Fixture::new();
+    for args in [
+        vec!["serve", "--own-token"],
+        vec![
+            "serve",
+            "--only-build",
+            "a",
+            "--own-token",
+            "--token-file",
+            "t",
+        ],
+    ] {
+        let output = binary()
+            .args(&args)
+            .arg("--root")
+            .arg(&fixture.root)
+            .output()
+            .expect("run");
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(output.stdout.is_empty(), "{args:?}");
+    }
+}

@@ -43,9 +43,17 @@ step() {
 confinement='{"enforced":true,"no_new_privs":true,"landlock_abi":7,"landlock_fs":true,"landlock_net":true,"seccomp":true,"rlimits":true,"warnings":[]}'
 
 # A service: its ready line, then serving until SIGTERM (exit 0, as the real ones do).
+# A store asked for its own token (--own-token) gives $STANDIN_STORE_TOKEN_VALUE (default
+# standintoken0; empty: none) in its ready line.
 serve() {
 	step "$1-serve"
-	printf '{"type":"ready","version":1,"service":"%s","addr":"127.0.0.1:9","confinement":%s}\n' "$1" "$confinement"
+	token=
+	case " $* " in
+	*" --own-token "*)
+		value=${STANDIN_STORE_TOKEN_VALUE-standintoken0}
+		[ -n "$value" ] && token=$(printf ',"token":"%s"' "$value") ;;
+	esac
+	printf '{"type":"ready","version":1,"service":"%s","addr":"127.0.0.1:9","confinement":%s%s}\n' "$1" "$confinement" "$token"
 	step "$1-serving"
 	sleep 100000 >/dev/null &
 	sleeper=$!
@@ -97,16 +105,13 @@ contractor-store)
 		while [ $# -gt 0 ] && [ "$1" != --out ]; do shift; done
 		: >"$2"
 		echo '{"type":"packed","version":1,"entries":1,"bytes":0,"warnings":[]}' ;;
-	token)
-		step store-token
-		echo standintoken0 ;;
 	cache)
 		step "store-cache-$2"
 		case $2 in
 		prepare) echo '{"type":"cache_prepared","version":1,"cache":null,"warnings":[]}' ;;
 		keep) echo '{"type":"cache_kept","version":1,"bytes":null}' ;;
 		esac ;;
-	serve) serve store ;;
+	serve) serve store "$@" ;;
 	record)
 		# The record is the real store's to open and close (it needs no VM):
 		# $STANDIN_STORE names the built contractor-store.

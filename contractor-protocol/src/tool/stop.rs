@@ -111,6 +111,9 @@ pub struct Service<T> {
     pub confinement: Option<Confinement>,
     /// The authority certificate a proxy that inspects TLS gave in its `ready` line.
     pub ca_certificate: Option<String>,
+    /// The build token a store made itself gave in its `ready` line (checked: a token
+    /// of another form fails the start, [`crate::service::is_token`]).
+    pub token: Option<String>,
     reader: Option<JoinHandle<T>>,
     grace: Duration,
 }
@@ -130,7 +133,10 @@ impl<T: Send + 'static> Service<T> {
         started(&child);
         drop(child.stdin.take());
         let mut answers = Answers::of(name, &mut child)?;
-        let ready: Ready = match answers.first(&mut child) {
+        let ready: Ready = match answers
+            .first(&mut child)
+            .and_then(|ready| checked(name, ready))
+        {
             Ok(ready) => ready,
             Err(err) => {
                 stop_child(&mut child);
@@ -143,6 +149,7 @@ impl<T: Send + 'static> Service<T> {
             addr: ready.addr,
             confinement: ready.confinement,
             ca_certificate: ready.ca_certificate,
+            token: ready.token,
             reader: Some(std::thread::spawn(move || rest(answers))),
             grace: STOP_GRACE,
         })
@@ -171,6 +178,24 @@ impl<T: Send + 'static> Service<T> {
                 source: std::io::Error::other("its output reader ended abnormally"),
             }),
         }
+    }
+}
+
+/// `ready`, unless it carries a token of another form than a build token's
+/// ([`crate::service::is_token`]; a service of another release, or a broken one): that is
+/// not the documented line, and the error quotes the token's start.
+fn checked(name: &'static str, ready: Ready) -> Result<Ready, ToolError> {
+    match ready.token.as_deref() {
+        Some(token) if !crate::service::is_token(token) => Err(ToolError::Garbage {
+            name,
+            line: 1,
+            start: format!("{:?}", token.chars().take(80).collect::<String>()),
+            source: serde::de::Error::custom(format!(
+                "its token is not 1 to {} ASCII letters and digits",
+                crate::service::MAX_TOKEN_BYTES
+            )),
+        }),
+        _ => Ok(ready),
     }
 }
 

@@ -868,22 +868,13 @@ fn build_here(
 /// `contractor shell [ID]`.
 fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
     let (record, kept) = match id {
-        Some(id) => {
-            let record = match records::show(&store_of(file), Some(id)) {
-                Ok(record) => record,
-                Err(err) => {
-                    eprintln!("contractor: {}", chain(&err));
-                    return ExitCode::BadInput;
-                }
-            };
-            match crate::shell::kept_vm(&record.dir, id) {
-                Ok(kept) => (record.dir, kept),
-                Err(err) => {
-                    eprintln!("contractor: {}", chain(&err));
-                    return ExitCode::BadInput;
-                }
+        Some(id) => match records::kept_vm(&store_of(file), id) {
+            Ok(kept) => kept,
+            Err(err) => {
+                eprintln!("contractor: {}", chain(&err));
+                return ExitCode::BadInput;
             }
-        }
+        },
         None => {
             // A fresh VM with the source: a build whose script does nothing, kept.
             let mut spec = match spec::load(file) {
@@ -1544,7 +1535,7 @@ fn shown_download(download: &Download) -> String {
 }
 
 /// Downloads as JSON Lines, one typed line each (what `contractor downloads --json`
-/// prints and `contractor pin` reads).
+/// prints).
 fn download_lines(downloads: &[Download]) -> Vec<u8> {
     let mut out = Vec::new();
     for download in downloads {
@@ -1567,7 +1558,7 @@ fn pin_downloads(file: &Path, id: Option<&str>) -> Result<(), Failure> {
     }
     let (_, downloads) =
         records::downloads(&store_of(file), Some(&record.id)).map_err(Failure::record)?;
-    let new = lock::from_downloads(&download_lines(&downloads));
+    let new = lock::from_downloads(&downloads);
     let old = lock::load(project).map_err(Failure::input)?;
     let path = lock::write(project, &lock::render(&new, &record.id)).map_err(Failure::host)?;
     let (added, changed, removed) = match &old {
@@ -1691,7 +1682,7 @@ mod tests {
         // A URL with control characters is shown escaped, never raw.
         let hostile = r#"{"type":"download","time":1.0,"method":"GET","url":"http://a/\u001b[2J","status":200,"size":1,"sha256":"ab","complete":true}"#;
         assert!(!shown_download(&download(hostile)).contains('\u{1b}'));
-        // What `--json` prints and `pin` reads: the typed lines, one each.
+        // What `--json` prints: the typed lines, one each.
         let lines = download_lines(&[download(line), download(hostile)]);
         assert_eq!(lines.split(|b| *b == b'\n').count(), 3);
     }

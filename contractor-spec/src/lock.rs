@@ -22,8 +22,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use contractor_protocol::proxy::Download;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 /// The lock file's name, in the project directory.
 pub const LOCK_FILE: &str = "contractor.lock";
@@ -196,14 +196,6 @@ pub struct Fetched<'a> {
     pub complete_get_200: bool,
 }
 
-impl Fetched<'_> {
-    /// Whether a download line's (or a statement annotation's) `method`, `status` and
-    /// `complete` make a complete `GET` answered 200.
-    pub fn complete_get_200(method: &Value, status: &Value, complete: &Value) -> bool {
-        *method == "GET" && *status == 200 && *complete == true
-    }
-}
-
 /// The rule of `contractor pin`: every complete `GET` answered 200 with a SHA-256, the last
 /// of each URL, sorted by URL, at most [`MAX_PINS`].
 pub fn lock_of<'a>(fetched: impl IntoIterator<Item = Fetched<'a>>) -> Lock {
@@ -228,24 +220,14 @@ pub fn lock_of<'a>(fetched: impl IntoIterator<Item = Fetched<'a>>) -> Lock {
     }
 }
 
-/// The lock of a build's `downloads.jsonl` ([`lock_of`] its download lines).
-pub fn from_downloads(jsonl: &[u8]) -> Lock {
-    let lines: Vec<Value> = jsonl
-        .split(|b| *b == b'\n')
-        .filter_map(|line| serde_json::from_slice::<Value>(line).ok())
-        .filter(|download| download["type"] == "download")
-        .collect();
-    lock_of(lines.iter().filter_map(|download| {
-        Some(Fetched {
-            url: download["url"].as_str()?,
-            sha256: download["sha256"].as_str()?,
-            size: download["size"].as_u64()?,
-            complete_get_200: Fetched::complete_get_200(
-                &download["method"],
-                &download["status"],
-                &download["complete"],
-            ),
-        })
+/// The lock of a build's downloads (`contractor-store record downloads`' typed lines):
+/// [`lock_of`] them.
+pub fn from_downloads(downloads: &[Download]) -> Lock {
+    lock_of(downloads.iter().map(|download| Fetched {
+        url: &download.url,
+        sha256: &download.sha256,
+        size: download.size,
+        complete_get_200: download.method == "GET" && download.status == 200 && download.complete,
     }))
 }
 
@@ -314,25 +296,25 @@ mod tests {
     const A: &str = "3bd1574e617a9a6c1f8f8181bd7e841e1f20e4277607ef28945765188d6284d4";
     const B: &str = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
 
-    fn line(method: &str, url: &str, status: u16, sha: &str, complete: bool) -> String {
-        format!(
+    fn line(method: &str, url: &str, status: u16, sha: &str, complete: bool) -> Download {
+        let line = format!(
             r#"{{"type":"download","time":1.0,"method":"{method}","url":"{url}","status":{status},"size":3,"sha256":"{sha}","complete":{complete},"phase":"fetch"}}"#
-        )
+        );
+        serde_json::from_str(&line).expect("a download line")
     }
 
     #[test]
     fn only_complete_successful_gets_are_pinned_sorted_once_each() {
-        let jsonl = [
+        let downloads = [
             line("GET", "https://z.test/last", 200, A, true),
             line("GET", "https://a.test/first", 200, A, true),
             line("GET", "https://a.test/first", 200, B, true),
             line("HEAD", "https://a.test/head", 200, A, true),
             line("GET", "https://a.test/missing", 404, A, true),
             line("GET", "https://a.test/cut", 200, A, false),
-            r#"{"type":"cut","limit":1}"#.to_string(),
-        ]
-        .join("\n");
-        let lock = from_downloads(jsonl.as_bytes());
+            line("GET", "https://a.test/not-a-hash", 200, "ab12", true),
+        ];
+        let lock = from_downloads(&downloads);
         let pinned: Vec<(&str, &str)> = lock
             .downloads
             .iter()

@@ -123,6 +123,14 @@ pub enum LockError {
     },
 }
 
+impl LockError {
+    /// True when the project's lock (or the build asked for) is at fault, false when the
+    /// lock could not be written.
+    pub fn is_bad_input(&self) -> bool {
+        !matches!(self, LockError::Write { .. })
+    }
+}
+
 fn is_sha256(text: &str) -> bool {
     text.len() == 64
         && text
@@ -273,6 +281,46 @@ pub fn changes(old: &Lock, new: &Lock) -> (usize, usize, usize) {
     (added, changed, removed)
 }
 
+/// What [`pin`] wrote: the file, how many downloads it pins, and the URLs added, pinned to
+/// other bytes, and removed since the lock it replaced (all added when there was none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pinned {
+    /// The lock file.
+    pub path: PathBuf,
+    /// The downloads it pins.
+    pub pins: usize,
+    /// URLs the old lock did not pin.
+    pub added: usize,
+    /// URLs pinned to other bytes than before.
+    pub changed: usize,
+    /// URLs no longer pinned.
+    pub removed: usize,
+}
+
+/// `contractor pin`: writes the lock of `downloads`, those of build `build_id`, as the lock
+/// of `project_dir`. The lock it replaces is read (and checked) first: a bad one is
+/// refused, left as it is.
+pub fn pin(
+    project_dir: &Path,
+    build_id: &str,
+    downloads: &[Download],
+) -> Result<Pinned, LockError> {
+    let new = from_downloads(downloads);
+    let old = load(project_dir)?;
+    let path = write(project_dir, &render(&new, build_id))?;
+    let (added, changed, removed) = match &old {
+        Some(old) => changes(old, &new),
+        None => (new.downloads.len(), 0, 0),
+    };
+    Ok(Pinned {
+        path,
+        pins: new.downloads.len(),
+        added,
+        changed,
+        removed,
+    })
+}
+
 /// Writes `text` as the lock of `project_dir` (through a temporary file, renamed).
 pub fn write(project_dir: &Path, text: &str) -> Result<PathBuf, LockError> {
     let path = project_dir.join(LOCK_FILE);
@@ -357,6 +405,39 @@ mod tests {
             assert!(err.starts_with("proj/contractor.lock"), "{err}");
             assert!(err.contains(says), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn pinning_writes_the_lock_and_counts_what_changed_and_keeps_a_bad_one() {
+        let project = tempfile::tempdir().expect("tempdir");
+        let first = [
+            line("GET", "https://a.test/a", 200, A, true),
+            line("GET", "https://a.test/b", 200, A, true),
+        ];
+        let pinned = pin(project.path(), "20261202-120000-abcdef", &first).expect("pin");
+        assert_eq!(pinned.path, project.path().join(LOCK_FILE));
+        assert_eq!((pinned.pins, pinned.added, pinned.changed), (2, 2, 0));
+        let written = load(project.path()).expect("load").expect("a lock");
+        assert_eq!(written, from_downloads(&first));
+        let second = [
+            line("GET", "https://a.test/b", 200, B, true),
+            line("GET", "https://a.test/c", 200, A, true),
+        ];
+        let pinned = pin(project.path(), "20261202-130000-abcdef", &second).expect("pin");
+        assert_eq!(
+            (pinned.pins, pinned.added, pinned.changed, pinned.removed),
+            (2, 1, 1, 1)
+        );
+        // A lock that does not parse is the user's to fix, and stays as it is.
+        std::fs::write(project.path().join(LOCK_FILE), "version = 2\n").expect("write");
+        let err = pin(project.path(), "20261202-140000-abcdef", &first).expect_err("bad lock");
+        assert!(err.is_bad_input(), "{err}");
+        let text = std::fs::read_to_string(project.path().join(LOCK_FILE)).expect("read");
+        assert_eq!(text, "version = 2\n");
+        // One that cannot be written is not.
+        let gone = project.path().join("gone");
+        let err = pin(&gone, "20261202-140000-abcdef", &first).expect_err("no directory");
+        assert!(!err.is_bad_input(), "{err}");
     }
 
     #[test]

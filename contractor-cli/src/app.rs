@@ -551,7 +551,7 @@ fn list_hosts(given: &[String], file: &Path) -> ExitCode {
                 return ExitCode::BadInput;
             }
         },
-        false => (2, 2048),
+        false => (spec::DEFAULT_CPUS, spec::DEFAULT_MEMORY_MIB),
     };
     let fleet = match crate::remote::fleet(&hosts, cpus, memory_mib) {
         Ok(fleet) => fleet,
@@ -1261,16 +1261,9 @@ fn verify_provenance(file: &Path, target: Option<&str>, key: Option<&Path>) -> R
     Ok(())
 }
 
-/// The directory of the project whose spec is `file` (the spec need not be valid).
-fn project_of(file: &Path) -> &Path {
-    file.parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-}
-
-/// The store directory of the project whose spec is `file`.
+/// The store directory of the project whose spec is `file` (the spec need not be valid).
 fn store_of(file: &Path) -> PathBuf {
-    crate::paths::store_dir(project_of(file))
+    crate::paths::store_dir(&spec::project_dir_of(file))
 }
 
 /// `contractor cache clear --downloads`.
@@ -1538,12 +1531,13 @@ fn pin_downloads(file: &Path, id: Option<&str>) -> Result<(), Failure> {
     }
     let (_, downloads) =
         records::downloads(&store_of(file), Some(&record.id)).map_err(Failure::record)?;
-    let pinned = lock::pin(project_of(file), &record.id, &downloads).map_err(|e| {
-        match e.is_bad_input() {
-            true => Failure::input(e),
-            false => Failure::host(e),
-        }
-    })?;
+    let pinned =
+        lock::pin(&spec::project_dir_of(file), &record.id, &downloads).map_err(|e| {
+            match e.is_bad_input() {
+                true => Failure::input(e),
+                false => Failure::host(e),
+            }
+        })?;
     eprintln!(
         "contractor: wrote {}: {} download(s) of build {} pinned ({} added, {} changed, {} removed)",
         escape_path(&pinned.path),

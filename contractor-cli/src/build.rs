@@ -441,7 +441,6 @@ impl Session {
         let (record, id) = (&setup.record, &setup.id);
         let cache_job = crate::cache::prepare(
             &setup.store_root,
-            record,
             id,
             &spec.cache_paths,
             spec.cache_max_bytes,
@@ -719,7 +718,6 @@ fn close_record(
     let (setup, record) = (how.setup, &how.setup.record);
     let cache_saved = crate::cache::keep(
         &setup.store_root,
-        record,
         &setup.id,
         &spec.cache_paths,
         ran.outcome == Outcome::Success,

@@ -806,7 +806,7 @@ fn a_failed_build_kept_with_keep_opens_a_shell_where_it_failed_and_exiting_destr
         "{stderr}"
     );
     let record = project.path().join(".contractor/builds").join(&id);
-    let kept: contractor_cli::build::KeptVm =
+    let kept: contractor_protocol::store::KeptVm =
         serde_json::from_slice(&std::fs::read(record.join("vm.json")).expect("vm.json"))
             .expect("vm.json is a KeptVm");
     assert!(

@@ -492,16 +492,11 @@ fn image_command(command: ImageCommand) -> std::process::ExitCode {
                 );
                 return ExitCode::BadInput.into();
             }
-            match image::ensure(&name) {
-                Ok(image) => {
-                    println!("{}", image.dir.display());
-                    ExitCode::Success.into()
-                }
-                Err(err) => {
-                    eprintln!("contractor: {}", chain(&err));
-                    err.exit_code().into()
-                }
-            }
+            report(
+                image::ensure(&name)
+                    .map(|image| println!("{}", image.dir.display()))
+                    .map_err(Failure::image),
+            )
         }
     }
 }
@@ -556,7 +551,7 @@ fn list_hosts(given: &[String], file: &Path) -> ExitCode {
                 return ExitCode::BadInput;
             }
         },
-        false => (2, 2048),
+        false => (spec::DEFAULT_CPUS, spec::DEFAULT_MEMORY_MIB),
     };
     let fleet = match crate::remote::fleet(&hosts, cpus, memory_mib) {
         Ok(fleet) => fleet,
@@ -868,22 +863,13 @@ fn build_here(
 /// `contractor shell [ID]`.
 fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
     let (record, kept) = match id {
-        Some(id) => {
-            let record = match records::show(&store_of(file), Some(id)) {
-                Ok(record) => record,
-                Err(err) => {
-                    eprintln!("contractor: {}", chain(&err));
-                    return ExitCode::BadInput;
-                }
-            };
-            match crate::shell::kept_vm(&record.dir, id) {
-                Ok(kept) => (record.dir, kept),
-                Err(err) => {
-                    eprintln!("contractor: {}", chain(&err));
-                    return ExitCode::BadInput;
-                }
+        Some(id) => match records::kept_vm(&store_of(file), id) {
+            Ok(kept) => kept,
+            Err(err) => {
+                eprintln!("contractor: {}", chain(&err));
+                return ExitCode::BadInput;
             }
-        }
+        },
         None => {
             // A fresh VM with the source: a build whose script does nothing, kept.
             let mut spec = match spec::load(file) {
@@ -1205,16 +1191,9 @@ fn verify_provenance(file: &Path, target: Option<&str>, key: Option<&Path>) -> R
     Ok(())
 }
 
-/// The directory of the project whose spec is `file` (the spec need not be valid).
-fn project_of(file: &Path) -> &Path {
-    file.parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-}
-
-/// The store directory of the project whose spec is `file`.
+/// The store directory of the project whose spec is `file` (the spec need not be valid).
 fn store_of(file: &Path) -> PathBuf {
-    crate::paths::store_dir(project_of(file))
+    crate::paths::store_dir(&spec::project_dir_of(file))
 }
 
 /// `contractor cache clear --downloads`.
@@ -1473,42 +1452,30 @@ fn shown_download(download: &Download) -> String {
     )
 }
 
-/// Downloads as JSON Lines, one typed line each (what `contractor downloads --json`
-/// prints and `contractor pin` reads).
-fn download_lines(downloads: &[Download]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for download in downloads {
-        if serde_json::to_writer(&mut out, download).is_ok() {
-            out.push(b'\n');
-        }
-    }
-    out
-}
-
 /// `contractor pin`: contractor.lock from the downloads of build `id` (the newest).
 fn pin_downloads(file: &Path, id: Option<&str>) -> Result<(), Failure> {
     use crate::lock::{self, LockError};
-    let project = project_of(file);
     let record = records::show(&store_of(file), id).map_err(Failure::record)?;
-    if record.result.as_ref().map(|r| r.outcome)
-        != Some(contractor_protocol::result::Outcome::Success)
-    {
+    if record.result.as_ref().map(|r| r.outcome) != Some(Outcome::Success) {
         return Err(Failure::input(LockError::NotSuccessful(record.id)));
     }
     let (_, downloads) =
         records::downloads(&store_of(file), Some(&record.id)).map_err(Failure::record)?;
-    let new = lock::from_downloads(&download_lines(&downloads));
-    let old = lock::load(project).map_err(Failure::input)?;
-    let path = lock::write(project, &lock::render(&new, &record.id)).map_err(Failure::host)?;
-    let (added, changed, removed) = match &old {
-        Some(old) => lock::changes(old, &new),
-        None => (new.downloads.len(), 0, 0),
-    };
+    let pinned =
+        lock::pin(&spec::project_dir_of(file), &record.id, &downloads).map_err(|e| {
+            match e.is_bad_input() {
+                true => Failure::input(e),
+                false => Failure::host(e),
+            }
+        })?;
     eprintln!(
-        "contractor: wrote {}: {} download(s) of build {} pinned ({added} added, {changed} changed, {removed} removed)",
-        escape_path(&path),
-        new.downloads.len(),
-        escape(&record.id)
+        "contractor: wrote {}: {} download(s) of build {} pinned ({} added, {} changed, {} removed)",
+        escape_path(&pinned.path),
+        pinned.pins,
+        escape(&record.id),
+        pinned.added,
+        pinned.changed,
+        pinned.removed
     );
     Ok(())
 }
@@ -1518,7 +1485,10 @@ fn print_downloads(file: &Path, id: Option<&str>, json: bool) -> Result<(), Fail
     let (id, downloads) = records::downloads(&store_of(file), id).map_err(Failure::record)?;
     let mut out = Vec::new();
     if json {
-        out = download_lines(&downloads);
+        // One typed line each, as the store sent them.
+        for download in &downloads {
+            let _ = contractor_protocol::jsonl::encode_line(&mut out, download);
+        }
     } else {
         let lines: Vec<String> = downloads.iter().map(shown_download).collect();
         if lines.is_empty() {
@@ -1621,9 +1591,6 @@ mod tests {
         // A URL with control characters is shown escaped, never raw.
         let hostile = r#"{"type":"download","time":1.0,"method":"GET","url":"http://a/\u001b[2J","status":200,"size":1,"sha256":"ab","complete":true}"#;
         assert!(!shown_download(&download(hostile)).contains('\u{1b}'));
-        // What `--json` prints and `pin` reads: the typed lines, one each.
-        let lines = download_lines(&[download(line), download(hostile)]);
-        assert_eq!(lines.split(|b| *b == b'\n').count(), 3);
     }
 
     #[test]

@@ -22,6 +22,7 @@ use contractor_protocol::error::ToolCode;
 use contractor_protocol::proxy::Summary;
 use contractor_protocol::result::{BuildCode, BuildResult, ErrorInfo, Limit, Outcome};
 use contractor_protocol::run::{RunEvent, RunRequest};
+use contractor_protocol::store::{KeptVm, KEPT_VM_FILE};
 use contractor_protocol::tool::{
     child_pid, handed_over, stop_child, wait_or_stop, Service, SignalWatch, STOP_GRACE,
 };
@@ -95,21 +96,6 @@ pub struct PackedSource {
     /// Its entries, as its packer counted them.
     pub entries: u64,
 }
-
-/// A VM kept after its build for `contractor shell`: `vm.json` in the build record.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KeptVm {
-    /// The VM's name.
-    pub name: String,
-    /// The libvirt connection it runs under.
-    pub uri: String,
-    /// The host end of its control channel.
-    pub control_socket: PathBuf,
-}
-
-/// The file in a build record that names its kept VM.
-pub const KEPT_VM_FILE: &str = "vm.json";
 
 /// Failures before the build could run. After the VM starts, failures are outcomes.
 #[derive(Debug, thiserror::Error)]
@@ -337,7 +323,7 @@ pub fn build(
 /// cache, and the record (`<store>/builds/<id>`), opened here by the store
 /// (`contractor-store record open`, which also closes abandoned ones first).
 struct Setup {
-    image: crate::image::Image,
+    image: crate::image::ImageInfo,
     download_cache: PathBuf,
     download_cache_max: u64,
     store_root: PathBuf,
@@ -445,7 +431,6 @@ impl Session {
         let (record, id) = (&setup.record, &setup.id);
         let cache_job = crate::cache::prepare(
             &setup.store_root,
-            record,
             id,
             &spec.cache_paths,
             spec.cache_max_bytes,
@@ -528,7 +513,7 @@ fn spawn_vm(
 ) -> Result<(Result<Spawned, Ran>, bool), BuildError> {
     let vm_spec = VmSpec {
         name: None,
-        image: setup.image.boot(),
+        image: setup.image.boot.clone(),
         cpus: spec.cpus,
         memory_mib: spec.memory_mib,
         disk_gib: Some(spec.disk_gib),
@@ -729,7 +714,6 @@ fn close_record(
     let (setup, record) = (how.setup, &how.setup.record);
     let cache_saved = crate::cache::keep(
         &setup.store_root,
-        record,
         &setup.id,
         &spec.cache_paths,
         ran.outcome == Outcome::Success,

@@ -7,11 +7,10 @@
 //! knows of an image is what contractor-vm printed.
 
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use contractor_protocol::image::{ImageInfo, ImageResult};
-pub use contractor_protocol::image::{Manifest, IMPORTED};
-use contractor_protocol::vm::BootImage;
+use contractor_protocol::image::ImageResult;
+pub use contractor_protocol::image::{ImageInfo, Manifest, IMPORTED};
 use contractor_protocol::ExitCode;
 
 use crate::tools::{self, ToolError};
@@ -43,48 +42,6 @@ impl ImageError {
     }
 }
 
-/// An image, as `contractor-vm image` reported it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Image {
-    /// Its directory (on the host contractor-vm runs on).
-    pub dir: PathBuf,
-    /// Its total size in bytes.
-    pub size: u64,
-    /// Its manifest.
-    pub manifest: Manifest,
-    /// The snapshots of booted builders kept for it.
-    pub snapshots: Vec<contractor_protocol::image::SnapshotInfo>,
-    boot: BootImage,
-}
-
-impl Image {
-    /// The boot files for contractor-vm.
-    pub fn boot(&self) -> BootImage {
-        self.boot.clone()
-    }
-}
-
-impl From<ImageInfo> for Image {
-    fn from(info: ImageInfo) -> Image {
-        Image {
-            dir: info.dir,
-            size: info.size,
-            manifest: info.manifest,
-            snapshots: info.snapshots,
-            boot: info.boot,
-        }
-    }
-}
-
-fn type_of(result: &ImageResult) -> &'static str {
-    match result {
-        ImageResult::Image { .. } => "image",
-        ImageResult::Images { .. } => "images",
-        ImageResult::Removed { .. } => "removed",
-        ImageResult::Collected { .. } => "collected",
-    }
-}
-
 /// Runs `contractor-vm image <command> <args>` and takes from its answer what `pick` finds
 /// there; any other message than the one asked for is [`ImageError::Unexpected`].
 fn image_tool<T>(
@@ -96,21 +53,21 @@ fn image_tool<T>(
     all.extend_from_slice(args);
     pick(tools::answer::<ImageResult>(tools::VM, &all)?).map_err(|other| ImageError::Unexpected {
         command,
-        got: type_of(&other),
+        got: other.kind(),
     })
 }
 
 /// The image of an `image` answer (`image build`, `image import`).
-fn one_image(result: ImageResult) -> Result<Image, ImageResult> {
+fn one_image(result: ImageResult) -> Result<ImageInfo, ImageResult> {
     match result {
-        ImageResult::Image { image, .. } => Ok((*image).into()),
+        ImageResult::Image { image, .. } => Ok(*image),
         other => Err(other),
     }
 }
 
 /// Returns the image `name`, which contractor-vm builds first if it is missing or carries
 /// another agent.
-pub fn ensure(name: &str) -> Result<Image, ImageError> {
+pub fn ensure(name: &str) -> Result<ImageInfo, ImageError> {
     image_tool("build", &[OsStr::new(name)], one_image)
 }
 
@@ -120,7 +77,7 @@ pub fn ensure_derived(
     base: &str,
     packages: &[String],
     check_valid_until: bool,
-) -> Result<Image, ImageError> {
+) -> Result<ImageInfo, ImageError> {
     let mut args = vec![OsStr::new("--base"), OsStr::new(base)];
     for package in packages {
         args.push(OsStr::new("--package"));
@@ -134,7 +91,11 @@ pub fn ensure_derived(
 
 /// Imports `disk` as the image `name`, with `boot` (kernel, initrd) when given, else with
 /// the kernel and initrd contractor-vm finds in the disk.
-pub fn import(name: &str, disk: &Path, boot: Option<(&Path, &Path)>) -> Result<Image, ImageError> {
+pub fn import(
+    name: &str,
+    disk: &Path,
+    boot: Option<(&Path, &Path)>,
+) -> Result<ImageInfo, ImageError> {
     let mut args = vec![OsStr::new(name), OsStr::new("--disk"), disk.as_os_str()];
     if let Some((kernel, initrd)) = boot {
         args.extend([
@@ -148,9 +109,9 @@ pub fn import(name: &str, disk: &Path, boot: Option<(&Path, &Path)>) -> Result<I
 }
 
 /// The images contractor-vm has, by name.
-pub fn list() -> Result<Vec<Image>, ImageError> {
+pub fn list() -> Result<Vec<ImageInfo>, ImageError> {
     image_tool("list", &[], |result| match result {
-        ImageResult::Images { images, .. } => Ok(images.into_iter().map(Image::from).collect()),
+        ImageResult::Images { images, .. } => Ok(images),
         other => Err(other),
     })
 }
@@ -189,7 +150,7 @@ mod tests {
         let image = one_image(result).expect("an image");
         assert_eq!(image.dir, Path::new("/d/images/x"));
         assert_eq!(
-            image.boot().initrd.as_deref(),
+            image.boot.initrd.as_deref(),
             Some(Path::new("/d/images/x/initramfs.img"))
         );
         let removed = ImageResult::Removed {
@@ -197,6 +158,6 @@ mod tests {
             name: "x".into(),
         };
         let other = one_image(removed).expect_err("not an image");
-        assert_eq!(type_of(&other), "removed");
+        assert_eq!(other.kind(), "removed");
     }
 }

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use contractor_protocol::proxy::Download;
 use contractor_protocol::result::{BuildResult, ErrorInfo, Limit, Outcome};
 use contractor_protocol::store::{
-    RecordClosed, RecordDownloads, RecordEntry, RecordList, RecordLog, RecordOpened, RecordShown,
+    KeptVm, RecordClosed, RecordDownloads, RecordEntry, RecordList, RecordLog, RecordOpened,
+    RecordShown,
 };
 
 use serde::de::DeserializeOwned;
@@ -89,6 +90,19 @@ pub fn show(store_root: &Path, id: Option<&str>) -> Result<RecordShown, RecordEr
     let (lines, shown) = request::<RecordShown>("show", store_root, id, &[])?;
     lines.rest::<RecordShown>(0)?;
     Ok(shown)
+}
+
+/// The record directory and kept VM of build `id` (`contractor-store record show
+/// --kept-vm`: the store reads its `vm.json`, confined and bounded); a record without one
+/// is the user's input, its words say what to do.
+pub fn kept_vm(store_root: &Path, id: &str) -> Result<(PathBuf, KeptVm), RecordError> {
+    let (lines, shown) = request::<RecordShown>("show", store_root, Some(id), &["--kept-vm"])?;
+    lines.rest::<RecordShown>(0)?;
+    let kept = shown.kept_vm.ok_or_else(|| {
+        let unasked = "contractor-store answered `record show --kept-vm` without the kept VM";
+        RecordError::Store(unasked.into())
+    })?;
+    Ok((shown.dir, kept))
 }
 
 /// The downloads of build `id` (the newest), checked and typed by the store

@@ -12,37 +12,16 @@ use std::io::{IsTerminal, Read, Write};
 use std::path::Path;
 
 use contractor_protocol::run::{ShellEvent, ShellRequest};
+use contractor_protocol::store::{KeptVm, KEPT_VM_FILE};
 use contractor_protocol::vm::VmResult;
 use contractor_protocol::PROTOCOL_VERSION;
 use nix::sys::termios::{self, SetArg, Termios};
 
-use crate::build::{KeptVm, KEPT_VM_FILE};
 use crate::tools::{Answers, ToolError, RUN};
 
 /// Why a shell could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum ShellError {
-    /// The record has no kept VM.
-    #[error(
-        "build {id} has no kept VM ({} is missing): run `contractor build --keep`, or \
-         `contractor shell` without an id for a fresh VM",
-        file.display()
-    )]
-    NotKept {
-        /// The build id.
-        id: String,
-        /// The file that would name the VM.
-        file: std::path::PathBuf,
-    },
-    /// `vm.json` is unreadable.
-    #[error("cannot read {}", file.display())]
-    Record {
-        /// The file.
-        file: std::path::PathBuf,
-        /// Why.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
     /// `contractor-run shell` could not open the shell, or failed while carrying it.
     #[error("cannot open the shell in VM {name}")]
     Run {
@@ -52,30 +31,6 @@ pub enum ShellError {
         #[source]
         source: ToolError,
     },
-}
-
-/// Reads the kept VM of the build record `record` (build `id`).
-pub fn kept_vm(record: &Path, id: &str) -> Result<KeptVm, ShellError> {
-    let file = record.join(KEPT_VM_FILE);
-    let text = match contractor_protocol::file::read_regular(&file, 64 * 1024) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(ShellError::NotKept {
-                id: id.to_string(),
-                file,
-            })
-        }
-        Err(e) => {
-            return Err(ShellError::Record {
-                file,
-                source: e.into(),
-            })
-        }
-    };
-    serde_json::from_slice(&text).map_err(|e| ShellError::Record {
-        file,
-        source: e.into(),
-    })
 }
 
 /// Opens the shell in `vm` and returns when it has ended; then destroys the VM and removes

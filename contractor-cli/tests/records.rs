@@ -176,3 +176,36 @@ fn a_missing_build_is_the_users_input_and_an_unreadable_record_the_hosts() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_shell_in_a_build_without_a_readable_kept_vm_names_the_file_and_what_to_do() {
+    let project = Project::new();
+    let outside = project.path.join("not-an-artifact");
+    project.finished(&outside);
+    let file = format!("builds/{OLD}/vm.json");
+    let out = project.contractor(&["shell", OLD]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.starts_with(&format!("contractor: build {OLD} has no kept VM ("))
+            && stderr.contains(&format!(
+                "{file} is missing): run `contractor build --keep`"
+            ))
+            && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+    // One the store cannot read (not a kept VM, or a link): named, still the user's to fix.
+    project.write(&format!("{OLD}/vm.json"), b"{\"name\":1}");
+    let out = project.contractor(&["shell", OLD]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.starts_with("contractor: cannot read ") && stderr.contains(&file),
+        "{stderr}"
+    );
+    std::fs::remove_file(project.record(OLD).join("vm.json")).expect("rm");
+    std::os::unix::fs::symlink("/etc/passwd", project.record(OLD).join("vm.json")).expect("ln");
+    let out = project.contractor(&["shell", OLD]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains(&file), "{}", text(&out.stderr));
+}

@@ -184,6 +184,8 @@ tool_codes! {
     NoBuilds = "no_builds",
     /// `record show|downloads|log`: no record of that build id; exit 2.
     NoSuchBuild = "no_such_build",
+    /// `record show --kept-vm`: the record has no `vm.json` (its VM was not kept); exit 2.
+    NoKeptVm = "no_kept_vm",
     /// `record list|show|downloads|log`: a file of a record cannot be read: a link, a FIFO,
     /// too big, not valid; exit 3.
     RecordRead = "record_read",

@@ -263,6 +263,19 @@ pub enum ImageResult {
     },
 }
 
+impl ImageResult {
+    /// The message's `type`, as written on the wire (`image`, `images`, `removed`,
+    /// `collected`): what an answer was, when it was not the one asked for.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ImageResult::Image { .. } => "image",
+            ImageResult::Images { .. } => "images",
+            ImageResult::Removed { .. } => "removed",
+            ImageResult::Collected { .. } => "collected",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,6 +359,7 @@ mod tests {
         );
         let back: ImageResult = serde_json::from_str(&text).expect("parse");
         assert_eq!(back, result);
+        assert_eq!(back.kind(), "image");
         let removed = ImageResult::Removed {
             version: 1,
             name: "x".into(),
@@ -354,5 +368,27 @@ mod tests {
             serde_json::to_string(&removed).expect("json"),
             r#"{"type":"removed","version":1,"name":"x"}"#
         );
+    }
+
+    #[test]
+    fn an_answers_kind_is_its_type_on_the_wire() {
+        let answers = [
+            ImageResult::Images {
+                version: 1,
+                images: vec![],
+            },
+            ImageResult::Removed {
+                version: 1,
+                name: "x".into(),
+            },
+            ImageResult::Collected {
+                version: 1,
+                removed: vec![],
+            },
+        ];
+        for answer in answers {
+            let text = serde_json::to_value(&answer).expect("json");
+            assert_eq!(text["type"], answer.kind(), "{text}");
+        }
     }
 }

@@ -162,6 +162,26 @@ pub struct ShownArtifact {
     pub sha256: Option<String>,
 }
 
+/// The file in a build record that names its kept VM (`contractor build --keep`).
+pub const KEPT_VM_FILE: &str = "vm.json";
+
+/// Most bytes of a record's [`KEPT_VM_FILE`] read back (ours have a few hundred).
+pub const MAX_KEPT_VM_BYTES: u64 = 64 << 10;
+
+/// A VM kept after its build for `contractor shell`: [`KEPT_VM_FILE`] in the build record,
+/// and [`RecordShown::kept_vm`] as `record show --kept-vm` reads it.
+/// `{"name":"contractor-…","uri":"qemu:///system","control_socket":"/…/control.sock"}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeptVm {
+    /// The VM's name.
+    pub name: String,
+    /// The libvirt connection it runs under.
+    pub uri: String,
+    /// The host end of its control channel.
+    pub control_socket: PathBuf,
+}
+
 /// `record show`: one build's record.
 /// `{"type":"record_shown","version":1,"id":"…","dir":"/p/.contractor/builds/…",
 /// "started":"2026-11-25 14:15:02","result":{…}|null,"artifacts":[{"path":"…","size":3,
@@ -190,6 +210,10 @@ pub struct RecordShown {
     pub downloads: u64,
     /// Of those, the ones served from the download cache.
     pub from_cache: u64,
+    /// With `--kept-vm`, the VM kept for `contractor shell` (its [`KEPT_VM_FILE`]); left
+    /// out otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_vm: Option<KeptVm>,
 }
 
 /// `record downloads`' first line: how many lines follow, each a

@@ -22,8 +22,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use contractor_protocol::proxy::Download;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 /// The lock file's name, in the project directory.
 pub const LOCK_FILE: &str = "contractor.lock";
@@ -123,6 +123,14 @@ pub enum LockError {
     },
 }
 
+impl LockError {
+    /// True when the project's lock (or the build asked for) is at fault, false when the
+    /// lock could not be written.
+    pub fn is_bad_input(&self) -> bool {
+        !matches!(self, LockError::Write { .. })
+    }
+}
+
 fn is_sha256(text: &str) -> bool {
     text.len() == 64
         && text
@@ -196,14 +204,6 @@ pub struct Fetched<'a> {
     pub complete_get_200: bool,
 }
 
-impl Fetched<'_> {
-    /// Whether a download line's (or a statement annotation's) `method`, `status` and
-    /// `complete` make a complete `GET` answered 200.
-    pub fn complete_get_200(method: &Value, status: &Value, complete: &Value) -> bool {
-        *method == "GET" && *status == 200 && *complete == true
-    }
-}
-
 /// The rule of `contractor pin`: every complete `GET` answered 200 with a SHA-256, the last
 /// of each URL, sorted by URL, at most [`MAX_PINS`].
 pub fn lock_of<'a>(fetched: impl IntoIterator<Item = Fetched<'a>>) -> Lock {
@@ -228,24 +228,14 @@ pub fn lock_of<'a>(fetched: impl IntoIterator<Item = Fetched<'a>>) -> Lock {
     }
 }
 
-/// The lock of a build's `downloads.jsonl` ([`lock_of`] its download lines).
-pub fn from_downloads(jsonl: &[u8]) -> Lock {
-    let lines: Vec<Value> = jsonl
-        .split(|b| *b == b'\n')
-        .filter_map(|line| serde_json::from_slice::<Value>(line).ok())
-        .filter(|download| download["type"] == "download")
-        .collect();
-    lock_of(lines.iter().filter_map(|download| {
-        Some(Fetched {
-            url: download["url"].as_str()?,
-            sha256: download["sha256"].as_str()?,
-            size: download["size"].as_u64()?,
-            complete_get_200: Fetched::complete_get_200(
-                &download["method"],
-                &download["status"],
-                &download["complete"],
-            ),
-        })
+/// The lock of a build's downloads (`contractor-store record downloads`' typed lines):
+/// [`lock_of`] them.
+pub fn from_downloads(downloads: &[Download]) -> Lock {
+    lock_of(downloads.iter().map(|download| Fetched {
+        url: &download.url,
+        sha256: &download.sha256,
+        size: download.size,
+        complete_get_200: download.method == "GET" && download.status == 200 && download.complete,
     }))
 }
 
@@ -291,6 +281,46 @@ pub fn changes(old: &Lock, new: &Lock) -> (usize, usize, usize) {
     (added, changed, removed)
 }
 
+/// What [`pin`] wrote: the file, how many downloads it pins, and the URLs added, pinned to
+/// other bytes, and removed since the lock it replaced (all added when there was none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pinned {
+    /// The lock file.
+    pub path: PathBuf,
+    /// The downloads it pins.
+    pub pins: usize,
+    /// URLs the old lock did not pin.
+    pub added: usize,
+    /// URLs pinned to other bytes than before.
+    pub changed: usize,
+    /// URLs no longer pinned.
+    pub removed: usize,
+}
+
+/// `contractor pin`: writes the lock of `downloads`, those of build `build_id`, as the lock
+/// of `project_dir`. The lock it replaces is read (and checked) first: a bad one is
+/// refused, left as it is.
+pub fn pin(
+    project_dir: &Path,
+    build_id: &str,
+    downloads: &[Download],
+) -> Result<Pinned, LockError> {
+    let new = from_downloads(downloads);
+    let old = load(project_dir)?;
+    let path = write(project_dir, &render(&new, build_id))?;
+    let (added, changed, removed) = match &old {
+        Some(old) => changes(old, &new),
+        None => (new.downloads.len(), 0, 0),
+    };
+    Ok(Pinned {
+        path,
+        pins: new.downloads.len(),
+        added,
+        changed,
+        removed,
+    })
+}
+
 /// Writes `text` as the lock of `project_dir` (through a temporary file, renamed).
 pub fn write(project_dir: &Path, text: &str) -> Result<PathBuf, LockError> {
     let path = project_dir.join(LOCK_FILE);
@@ -314,25 +344,25 @@ mod tests {
     const A: &str = "3bd1574e617a9a6c1f8f8181bd7e841e1f20e4277607ef28945765188d6284d4";
     const B: &str = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
 
-    fn line(method: &str, url: &str, status: u16, sha: &str, complete: bool) -> String {
-        format!(
+    fn line(method: &str, url: &str, status: u16, sha: &str, complete: bool) -> Download {
+        let line = format!(
             r#"{{"type":"download","time":1.0,"method":"{method}","url":"{url}","status":{status},"size":3,"sha256":"{sha}","complete":{complete},"phase":"fetch"}}"#
-        )
+        );
+        serde_json::from_str(&line).expect("a download line")
     }
 
     #[test]
     fn only_complete_successful_gets_are_pinned_sorted_once_each() {
-        let jsonl = [
+        let downloads = [
             line("GET", "https://z.test/last", 200, A, true),
             line("GET", "https://a.test/first", 200, A, true),
             line("GET", "https://a.test/first", 200, B, true),
             line("HEAD", "https://a.test/head", 200, A, true),
             line("GET", "https://a.test/missing", 404, A, true),
             line("GET", "https://a.test/cut", 200, A, false),
-            r#"{"type":"cut","limit":1}"#.to_string(),
-        ]
-        .join("\n");
-        let lock = from_downloads(jsonl.as_bytes());
+            line("GET", "https://a.test/not-a-hash", 200, "ab12", true),
+        ];
+        let lock = from_downloads(&downloads);
         let pinned: Vec<(&str, &str)> = lock
             .downloads
             .iter()
@@ -375,6 +405,39 @@ mod tests {
             assert!(err.starts_with("proj/contractor.lock"), "{err}");
             assert!(err.contains(says), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn pinning_writes_the_lock_and_counts_what_changed_and_keeps_a_bad_one() {
+        let project = tempfile::tempdir().expect("tempdir");
+        let first = [
+            line("GET", "https://a.test/a", 200, A, true),
+            line("GET", "https://a.test/b", 200, A, true),
+        ];
+        let pinned = pin(project.path(), "20261202-120000-abcdef", &first).expect("pin");
+        assert_eq!(pinned.path, project.path().join(LOCK_FILE));
+        assert_eq!((pinned.pins, pinned.added, pinned.changed), (2, 2, 0));
+        let written = load(project.path()).expect("load").expect("a lock");
+        assert_eq!(written, from_downloads(&first));
+        let second = [
+            line("GET", "https://a.test/b", 200, B, true),
+            line("GET", "https://a.test/c", 200, A, true),
+        ];
+        let pinned = pin(project.path(), "20261202-130000-abcdef", &second).expect("pin");
+        assert_eq!(
+            (pinned.pins, pinned.added, pinned.changed, pinned.removed),
+            (2, 1, 1, 1)
+        );
+        // A lock that does not parse is the user's to fix, and stays as it is.
+        std::fs::write(project.path().join(LOCK_FILE), "version = 2\n").expect("write");
+        let err = pin(project.path(), "20261202-140000-abcdef", &first).expect_err("bad lock");
+        assert!(err.is_bad_input(), "{err}");
+        let text = std::fs::read_to_string(project.path().join(LOCK_FILE)).expect("read");
+        assert_eq!(text, "version = 2\n");
+        // One that cannot be written is not.
+        let gone = project.path().join("gone");
+        let err = pin(&gone, "20261202-140000-abcdef", &first).expect_err("no directory");
+        assert!(!err.is_bad_input(), "{err}");
     }
 
     #[test]

@@ -14,6 +14,11 @@ use toml::Spanned;
 pub const DEFAULT_IMAGE: &str = contractor_protocol::image::DEFAULT_IMAGE;
 const MIB: u64 = 1024 * 1024;
 
+/// `[vm] cpus` when it is not given.
+pub const DEFAULT_CPUS: u32 = 2;
+/// `[vm] memory` when it is not given, in MiB.
+pub const DEFAULT_MEMORY_MIB: u64 = 2048;
+
 /// Images Contractor knows how to build.
 pub const KNOWN_IMAGES: &[&str] = &[DEFAULT_IMAGE, "debian-13-build"];
 
@@ -356,8 +361,9 @@ pub fn parse_with_images(
     })
 }
 
-/// The directory of the spec file `path` (`.` for a bare file name).
-fn project_dir_of(path: &Path) -> PathBuf {
+/// The directory of the spec file `path` (`.` for a bare file name): the project, whose
+/// records are in its store directory (`project::store_dir`). The spec need not be valid.
+pub fn project_dir_of(path: &Path) -> PathBuf {
     match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
@@ -559,7 +565,7 @@ impl Checker<'_> {
     /// in GiB (whole, at least 1, default 8).
     fn vm(&self, vm: RawVm) -> Result<(u32, u64, u64), SpecError> {
         let cpus = match vm.cpus {
-            None => 2,
+            None => DEFAULT_CPUS,
             Some(c) => match u32::try_from(*c.get_ref()) {
                 Ok(n @ 1..=64) => n,
                 _ => {
@@ -573,7 +579,7 @@ impl Checker<'_> {
             },
         };
         let memory_mib = match vm.memory {
-            None => 2048,
+            None => DEFAULT_MEMORY_MIB,
             Some(m) => match parse_size_mib(m.get_ref()) {
                 Some(n) if (128..=1024 * 1024).contains(&n) => n,
                 _ => {
@@ -806,10 +812,25 @@ allow = []
     }
 
     #[test]
+    fn the_project_is_the_spec_files_directory() {
+        assert_eq!(project_dir_of(Path::new("contractor.toml")), Path::new("."));
+        assert_eq!(project_dir_of(Path::new("a/b/x.toml")), Path::new("a/b"));
+        assert_eq!(
+            project_dir_of(Path::new("/p/contractor.toml")),
+            Path::new("/p")
+        );
+    }
+
+    #[test]
     fn defaults_apply_only_to_absent_fields() {
         let spec = parse_text("[build]\nscript = \"true\"\n").expect("minimal spec");
         assert_eq!(spec.image, DEFAULT_IMAGE);
         assert_eq!((spec.cpus, spec.memory_mib, spec.disk_gib), (2, 2048, 8));
+        // What `contractor hosts` counts room for when there is no contractor.toml.
+        assert_eq!(
+            (spec.cpus, spec.memory_mib),
+            (DEFAULT_CPUS, DEFAULT_MEMORY_MIB)
+        );
         assert_eq!(
             (spec.max_log_bytes, spec.max_artifacts_bytes),
             (64 << 20, 1 << 30)

@@ -198,8 +198,8 @@ struct Receipt {
 #[derive(Debug, Subcommand)]
 #[command(
     after_help = "Exit codes: 0 done; 2 a bad build id or owner, a record that exists (open) or is\n\
-closed (close), no such record or no records (show, downloads, log), or a refused record\n\
-stream; 3 the record could not be made, read or written.\n\
+closed (close), no such record or no records (show, downloads, log), no kept VM (show\n\
+--kept-vm), or a refused record stream; 3 the record could not be made, read or written.\n\
 With --json-errors a failure is also one {\"type\":\"error\",...} object on stdout."
 )]
 enum RecordCommand {
@@ -250,7 +250,15 @@ enum RecordCommand {
     /// Show a build's record (default: the newest): print
     /// {"type":"record_shown","version":1,"id":ID,"dir":DIR,"started":...,"result":{...}|null,
     /// "artifacts":[{"path":P,"size":N|null,"sha256":H|null}],"downloads":N,"from_cache":M}.
-    Show(Reading),
+    Show {
+        #[command(flatten)]
+        reading: Reading,
+        /// Also answer the build's kept VM (its vm.json, at most 64 KiB) as
+        /// "kept_vm":{"name":...,"uri":...,"control_socket":...}; a record without one is
+        /// `no_kept_vm` (exit 2).
+        #[arg(long)]
+        kept_vm: bool,
+    },
     /// A build's downloads (default: the newest's): print
     /// {"type":"record_downloads","version":1,"id":ID,"downloads":N,"skipped":M}, then N
     /// download lines of its downloads.jsonl (at most 65 MiB read), checked and typed.
@@ -690,8 +698,11 @@ fn record(command: RecordCommand) -> std::process::ExitCode {
             write_line(out, &RecordList::new(entries.len() as u64, left_out))?;
             entries.iter().try_for_each(|entry| write_line(out, entry))
         }),
-        RecordCommand::Show(Reading { root, build }) => read_record(&root, |root, out| {
-            write_line(out, &reading::show(root, build.as_deref())?)
+        RecordCommand::Show {
+            reading: Reading { root, build },
+            kept_vm,
+        } => read_record(&root, |root, out| {
+            write_line(out, &reading::show(root, build.as_deref(), kept_vm)?)
         }),
         RecordCommand::Downloads(Reading { root, build }) => read_record(&root, |root, out| {
             let (header, downloads) = reading::downloads(root, build.as_deref())?;

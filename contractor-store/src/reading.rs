@@ -17,8 +17,8 @@ use contractor_protocol::error::ToolCode;
 use contractor_protocol::proxy::Download;
 use contractor_protocol::result::BuildResult;
 use contractor_protocol::store::{
-    RecordDownloads, RecordDownloadsTag, RecordEntry, RecordEntryTag, RecordLog, RecordLogTag,
-    RecordShown, RecordShownTag, ShownArtifact,
+    KeptVm, RecordDownloads, RecordDownloadsTag, RecordEntry, RecordEntryTag, RecordLog,
+    RecordLogTag, RecordShown, RecordShownTag, ShownArtifact, KEPT_VM_FILE, MAX_KEPT_VM_BYTES,
 };
 use contractor_protocol::PROTOCOL_VERSION;
 
@@ -67,6 +67,18 @@ pub enum ReadError {
         /// Where it was looked for (`ROOT/builds`).
         dir: PathBuf,
     },
+    /// `--kept-vm`: the record has no kept VM.
+    #[error(
+        "build {id} has no kept VM ({} is missing): run `contractor build --keep`, or \
+         `contractor shell` without an id for a fresh VM",
+        file.display()
+    )]
+    NotKept {
+        /// The build id.
+        id: String,
+        /// The file that would name the VM.
+        file: PathBuf,
+    },
     /// A file or directory of the record could not be read (a link, a FIFO, too big, ...).
     #[error("cannot read {path}")]
     Read {
@@ -94,6 +106,7 @@ impl ReadError {
             ReadError::BadBuildId(_) => ToolCode::BadBuild,
             ReadError::NoBuilds(_) => ToolCode::NoBuilds,
             ReadError::NoSuchBuild { .. } => ToolCode::NoSuchBuild,
+            ReadError::NotKept { .. } => ToolCode::NoKeptVm,
             ReadError::Read { .. } | ReadError::BadResult { .. } => ToolCode::RecordRead,
         }
     }
@@ -103,7 +116,10 @@ impl ReadError {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            ReadError::BadBuildId(_) | ReadError::NoBuilds(_) | ReadError::NoSuchBuild { .. }
+            ReadError::BadBuildId(_)
+                | ReadError::NoBuilds(_)
+                | ReadError::NoSuchBuild { .. }
+                | ReadError::NotKept { .. }
         )
     }
 }
@@ -195,10 +211,12 @@ pub fn list(root: &Path) -> Result<(Vec<RecordEntry>, u64), ReadError> {
 
 /// `record show`: the record `id` (the newest): its result, each artifact the result names
 /// with its size and SHA-256 (from `artifacts.json` when it names the file with that size,
-/// else hashed here), and the tally of its downloads (none when they cannot be read).
-pub fn show(root: &Path, id: Option<&str>) -> Result<RecordShown, ReadError> {
+/// else hashed here), and the tally of its downloads (none when they cannot be read); with
+/// `kept`, its kept VM, which it must have.
+pub fn show(root: &Path, id: Option<&str>, kept: bool) -> Result<RecordShown, ReadError> {
     let (id, dir) = resolve(root, id)?;
     let result = result(&dir)?;
+    let kept_vm = kept.then(|| kept_vm(&id, &dir)).transpose()?;
     let index = artifact_index(&dir);
     let artifacts = match &result {
         Some(result) => result
@@ -225,7 +243,25 @@ pub fn show(root: &Path, id: Option<&str>) -> Result<RecordShown, ReadError> {
         artifacts,
         downloads,
         from_cache,
+        kept_vm,
     })
+}
+
+/// The kept VM of the record `dir` (build `id`): its `vm.json`, a regular file of at most
+/// [`MAX_KEPT_VM_BYTES`]; a record without one is [`ReadError::NotKept`].
+fn kept_vm(id: &str, dir: &Path) -> Result<KeptVm, ReadError> {
+    let path = dir.join(KEPT_VM_FILE);
+    match contractor_protocol::file::read_regular_if_exists(&path, MAX_KEPT_VM_BYTES) {
+        Ok(Some(text)) => serde_json::from_slice(&text).map_err(|e| ReadError::Read {
+            path,
+            source: io::Error::new(io::ErrorKind::InvalidData, e),
+        }),
+        Ok(None) => Err(ReadError::NotKept {
+            id: id.to_string(),
+            file: path,
+        }),
+        Err(source) => Err(ReadError::Read { path, source }),
+    }
 }
 
 /// The size and digest of each file `artifacts.json` names, by its path beneath
@@ -507,7 +543,7 @@ mod tests {
             records[2].outcome.is_none(),
             "a running build has no result"
         );
-        let newest = show(store.path(), None).expect("newest");
+        let newest = show(store.path(), None, false).expect("newest");
         assert_eq!(newest.id, "20261125-120000-cccccc");
         let (header, mut body) = log(store.path(), None, false, None).expect("log");
         let mut text = Vec::new();
@@ -532,16 +568,70 @@ mod tests {
     }
 
     #[test]
+    fn the_kept_vm_is_read_only_when_asked_and_bounded() {
+        let store = tempfile::tempdir().expect("tempdir");
+        let id = "20261125-100000-aaaaaa";
+        write_record(store.path(), id, Some(Outcome::Failed));
+        let file = store.path().join("builds").join(id).join(KEPT_VM_FILE);
+        // Not asked: not read, not answered.
+        assert_eq!(
+            show(store.path(), Some(id), false).expect("show").kept_vm,
+            None
+        );
+        // Asked of a record without one: the user's input, naming the file and what to do.
+        let err = show(store.path(), Some(id), true).expect_err("no vm.json");
+        assert!(err.is_bad_input());
+        assert_eq!(err.code(), ToolCode::NoKeptVm);
+        let said = err.to_string();
+        assert!(
+            said.contains(&format!(
+                "build {id} has no kept VM ({} is missing)",
+                file.display()
+            )) && said.contains("`contractor build --keep`"),
+            "{said}"
+        );
+        let kept = KeptVm {
+            name: "contractor-x".into(),
+            uri: "qemu:///system".into(),
+            control_socket: "/run/x/control.sock".into(),
+        };
+        std::fs::write(&file, serde_json::to_vec(&kept).expect("json")).expect("vm.json");
+        let shown = show(store.path(), Some(id), true).expect("show");
+        assert_eq!(shown.kept_vm, Some(kept));
+        // What it answers reads back as the protocol's type.
+        let line = serde_json::to_string(&shown).expect("json");
+        let back: RecordShown = serde_json::from_str(&line).expect("a record_shown line");
+        assert_eq!(back, shown);
+        // Not valid, too big, or a link: the record cannot be read (exit 3), the file named.
+        let too_big = vec![b' '; usize::try_from(MAX_KEPT_VM_BYTES).expect("bound") + 1];
+        let cases: [&dyn Fn(); 3] = [
+            &|| std::fs::write(&file, b"{\"name\":1}").expect("write"),
+            &|| std::fs::write(&file, &too_big).expect("write"),
+            &|| {
+                std::fs::remove_file(&file).expect("rm");
+                std::os::unix::fs::symlink("/etc/hostname", &file).expect("link");
+            },
+        ];
+        for make in cases {
+            make();
+            let err = show(store.path(), Some(id), true).expect_err("unreadable");
+            assert!(!err.is_bad_input(), "{err}");
+            assert_eq!(err.code(), ToolCode::RecordRead);
+            assert_eq!(err.to_string(), format!("cannot read {}", file.display()));
+        }
+    }
+
+    #[test]
     fn unknown_ids_and_empty_projects_say_what_to_do() {
         let store = tempfile::tempdir().expect("tempdir");
-        let err = show(store.path(), None).expect_err("no builds");
+        let err = show(store.path(), None, false).expect_err("no builds");
         assert!(
             err.to_string().contains("run `contractor build` first"),
             "{err}"
         );
         write_record(store.path(), "20261125-100000-aaaaaa", None);
         for id in ["nope", "../builds", ".hidden"] {
-            let err = show(store.path(), Some(id)).expect_err(id);
+            let err = show(store.path(), Some(id), false).expect_err(id);
             assert!(
                 err.to_string().contains("`contractor builds` lists them")
                     && err.to_string().contains(id),

@@ -303,6 +303,13 @@ fn sign(
     request: &SignRequest,
     confined: impl Fn(Vec<PathBuf>) -> Result<Confinement, CliError>,
 ) -> Result<(AttestAnswer, ExitCode), CliError> {
+    if !crate::statement::ran_script(request) {
+        let answer = AttestAnswer::NotSigned {
+            version: PROTOCOL_VERSION,
+            reason: format!("build {} did not run its script", request.id),
+        };
+        return Ok((answer, ExitCode::Success));
+    }
     let key = crate::key::load_or_create_key(&request.key, request.create_key)?;
     let path = request.record.join(PROVENANCE_FILE);
     let mut file = open_output(&path)?;

@@ -92,7 +92,8 @@ pub fn fixture_request(record: &Path, project: &Path, key: &Path) -> SignRequest
         cache_paths: vec![],
         cache_restored: Some(false),
         accelerator: contractor_protocol::vm::Accel::Auto,
-        boot: "cold".into(),
+        snapshot: false,
+        snapshot_report: None,
         offline: false,
         image_name: "debian-12-build".into(),
         image: Some(contractor_protocol::image::Manifest {
@@ -110,8 +111,9 @@ pub fn fixture_request(record: &Path, project: &Path, key: &Path) -> SignRequest
             source: None,
         }),
         build_host: None,
-        started_on: "2026-11-25T14:12:57Z".into(),
-        finished_on: "2026-11-25T14:13:10Z".into(),
+        // 2026-11-25T14:12:57Z and 14:13:10Z.
+        started_on: 1_795_615_977,
+        finished_on: 1_795_615_990,
         outcome: Outcome::Success,
         exit_code: Some(0),
         rebuild_of: None,

@@ -8,6 +8,8 @@ use std::path::Path;
 
 use contractor_protocol::attest::{SignRequest, PREDICATE_TYPE, STATEMENT_TYPE};
 use contractor_protocol::file::{read_regular_if_exists, MAX_DOWNLOADS_FILE};
+use contractor_protocol::result::Outcome;
+use contractor_protocol::vm::SnapshotReport;
 use serde_json::{json, Value};
 
 use crate::digest::{artifact_digests, file_sha256};
@@ -20,6 +22,44 @@ pub const BUILD_TYPE: &str = "urn:contractor:build-type:v1";
 pub const BUILDER_ID: &str = "urn:contractor:builder:v1";
 /// Most bytes of `.git/HEAD`, a ref file, or `.git/packed-refs` read.
 const MAX_GIT_FILE_BYTES: u64 = 4 << 20;
+
+/// Whether a build ran its script, so that its record gets provenance: it has an exit
+/// status, or it ended in success, failure or timeout.
+pub fn ran_script(facts: &SignRequest) -> bool {
+    facts.exit_code.is_some()
+        || matches!(
+            facts.outcome,
+            Outcome::Success | Outcome::Failed | Outcome::Timeout
+        )
+}
+
+/// How the VM booted, in words: `cold`, `restored from a snapshot`, `cold, then saved as a
+/// snapshot and restored`; with the reason when a snapshot was asked for and not used. A
+/// build host does not report it: that it restores a snapshot if it keeps one.
+fn boot(facts: &SignRequest) -> String {
+    let why = |report: &SnapshotReport| {
+        report
+            .reason
+            .as_ref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default()
+    };
+    match &facts.snapshot_report {
+        _ if !facts.snapshot => "cold".into(),
+        _ if facts.build_host.is_some() => {
+            "on the build host: restored from a snapshot if it keeps one, else cold".into()
+        }
+        None => "cold".into(),
+        Some(r) if r.restored && r.created => "cold, then saved as a snapshot and restored".into(),
+        Some(r) if r.restored => "restored from a snapshot".into(),
+        Some(r) => format!("cold{}", why(r)),
+    }
+}
+
+/// `2026-11-25T14:15:02Z`, of seconds since the Unix epoch.
+fn rfc3339(secs: u64) -> String {
+    contractor_protocol::clock::format_utc(secs).replacen(' ', "T", 1) + "Z"
+}
 
 /// The in-toto statement of the build in `record`.
 pub fn statement(facts: &SignRequest) -> Result<Value, AttestError> {
@@ -46,7 +86,7 @@ pub fn statement(facts: &SignRequest) -> Result<Value, AttestError> {
             "network": "none (virtio-serial to the proxy and the store only)",
         },
         "accelerator": facts.accelerator,
-        "boot": facts.boot,
+        "boot": boot(facts),
         "offline": facts.offline,
         "rebuildOf": facts.rebuild_of,
         "buildCache": {
@@ -80,8 +120,8 @@ pub fn statement(facts: &SignRequest) -> Result<Value, AttestError> {
                 "builder": {"id": BUILDER_ID, "version": {"contractor": env!("CARGO_PKG_VERSION")}},
                 "metadata": {
                     "invocationId": facts.id,
-                    "startedOn": facts.started_on,
-                    "finishedOn": facts.finished_on,
+                    "startedOn": rfc3339(facts.started_on),
+                    "finishedOn": rfc3339(facts.finished_on),
                 },
                 "byproducts": byproducts,
             },
@@ -274,6 +314,62 @@ mod tests {
 
     fn sha(bytes: &[u8]) -> String {
         crate::hex(&Sha256::digest(bytes))
+    }
+
+    #[test]
+    fn boot_says_how_the_vm_started() {
+        // Moved with the words from contractor-cli's provenance.rs.
+        let (_dir, request) = fixture();
+        let booted = |snapshot, restored, created, reason: Option<&str>, host: Option<&str>| {
+            let report = SnapshotReport {
+                restored,
+                created,
+                reason: reason.map(String::from),
+                dir: None,
+            };
+            boot(&SignRequest {
+                snapshot,
+                snapshot_report: Some(report),
+                build_host: host.map(String::from),
+                ..request.clone()
+            })
+        };
+        assert_eq!(boot(&request), "cold");
+        assert_eq!(booted(false, true, false, None, None), "cold");
+        assert_eq!(
+            booted(true, true, false, None, None),
+            "restored from a snapshot"
+        );
+        assert_eq!(
+            booted(true, true, true, None, None),
+            "cold, then saved as a snapshot and restored"
+        );
+        assert_eq!(
+            booted(true, false, false, Some("all in use"), None),
+            "cold (all in use)"
+        );
+        assert_eq!(
+            booted(true, false, false, None, Some("builder")),
+            "on the build host: restored from a snapshot if it keeps one, else cold"
+        );
+        assert_eq!(booted(false, false, false, None, Some("builder")), "cold");
+    }
+
+    #[test]
+    fn only_a_build_that_ran_its_script_gets_provenance() {
+        let (_dir, request) = fixture();
+        let ended = |outcome, exit_code| {
+            ran_script(&SignRequest {
+                outcome,
+                exit_code,
+                ..request.clone()
+            })
+        };
+        assert!(ended(Outcome::Success, Some(0)));
+        assert!(ended(Outcome::Timeout, None));
+        assert!(ended(Outcome::Interrupted, Some(130)));
+        assert!(!ended(Outcome::Infrastructure, None));
+        assert!(!ended(Outcome::Interrupted, None));
     }
 
     #[test]

@@ -161,6 +161,27 @@ fn bad_requests_and_keys_are_exit_2_with_an_error_object() {
     );
 }
 
+#[test]
+fn a_build_whose_script_did_not_run_is_not_signed_and_no_key_is_made() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let request = contractor_protocol::attest::SignRequest {
+        outcome: contractor_protocol::result::Outcome::Infrastructure,
+        exit_code: None,
+        ..fixture(dir.path())
+    };
+    let sign =
+        serde_json::to_string(&AttestRequest::Sign(Box::new(request.clone()))).expect("json");
+    let out = attest(&sign, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        matches!(answer(&out), AttestAnswer::NotSigned { reason, .. } if reason == "build 20261125-141502-3fa2c1 did not run its script"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(!request.record.join("provenance.json").exists());
+    assert!(!request.key.exists());
+}
+
 /// Signs the fixture's record (whose statement `plan` and `compare` read) and returns the
 /// sign request.
 fn signed_fixture(dir: &Path) -> contractor_protocol::attest::SignRequest {

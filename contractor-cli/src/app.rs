@@ -484,20 +484,12 @@ fn image_command(command: ImageCommand) -> std::process::ExitCode {
                 })
                 .map_err(Failure::image),
         ),
-        ImageCommand::Build { name } => {
-            if !spec::KNOWN_IMAGES.contains(&name.as_str()) {
-                eprintln!(
-                    "contractor: unknown image {name:?}; known images: {}",
-                    spec::KNOWN_IMAGES.join(", ")
-                );
-                return ExitCode::BadInput.into();
-            }
-            report(
-                image::ensure(&name)
-                    .map(|image| println!("{}", image.dir.display()))
-                    .map_err(Failure::image),
-            )
-        }
+        // contractor-vm refuses an unknown name, naming it and the images it builds.
+        ImageCommand::Build { name } => report(
+            image::ensure(&name)
+                .map(|image| println!("{}", image.dir.display()))
+                .map_err(Failure::image),
+        ),
     }
 }
 
@@ -1002,12 +994,17 @@ impl Failure {
         }
     }
 
-    /// A build record could not be found or read: a missing build is the user's input.
-    fn record(error: records::RecordError) -> Failure {
-        match error.is_not_there() {
+    /// The user's input was at fault when `bad_input`, else the host or a tool.
+    fn judged(bad_input: bool, error: impl std::error::Error + 'static) -> Failure {
+        match bad_input {
             true => Failure::input(error),
             false => Failure::host(error),
         }
+    }
+
+    /// A build record could not be found or read: a missing build is the user's input.
+    fn record(error: records::RecordError) -> Failure {
+        Failure::judged(error.is_bad_input(), error)
     }
 }
 
@@ -1137,10 +1134,7 @@ fn rebuild_summary(result: &BuildResult, compared: &crate::rebuild::RebuildCompa
 
 /// `contractor key`: the public key that signs provenance, as PEM.
 fn print_key() -> Result<(), Failure> {
-    let pem = crate::provenance::public_key().map_err(|e| match e.is_bad_input() {
-        true => Failure::input(e),
-        false => Failure::host(e),
-    })?;
+    let pem = crate::provenance::public_key().map_err(|e| Failure::judged(e.is_bad_input(), e))?;
     print!("{pem}");
     Ok(())
 }
@@ -1165,10 +1159,8 @@ fn verify_provenance(file: &Path, target: Option<&str>, key: Option<&Path>) -> R
             record.dir.join(provenance::PROVENANCE_FILE)
         }
     };
-    let verdict = provenance::verify(&path, key).map_err(|e| match e.is_bad_input() {
-        true => Failure::input(e),
-        false => Failure::host(e),
-    })?;
+    let verdict =
+        provenance::verify(&path, key).map_err(|e| Failure::judged(e.is_bad_input(), e))?;
     if !verdict.problems.is_empty() {
         for problem in &verdict.problems {
             eprintln!("contractor: {}", escape(problem));
@@ -1461,13 +1453,8 @@ fn pin_downloads(file: &Path, id: Option<&str>) -> Result<(), Failure> {
     }
     let (_, downloads) =
         records::downloads(&store_of(file), Some(&record.id)).map_err(Failure::record)?;
-    let pinned =
-        lock::pin(&spec::project_dir_of(file), &record.id, &downloads).map_err(|e| {
-            match e.is_bad_input() {
-                true => Failure::input(e),
-                false => Failure::host(e),
-            }
-        })?;
+    let pinned = lock::pin(&spec::project_dir_of(file), &record.id, &downloads)
+        .map_err(|e| Failure::judged(e.is_bad_input(), e))?;
     eprintln!(
         "contractor: wrote {}: {} download(s) of build {} pinned ({} added, {} changed, {} removed)",
         escape_path(&pinned.path),

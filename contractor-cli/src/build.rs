@@ -778,13 +778,14 @@ fn sign(
     display: &Display,
 ) {
     let signs_here = options.packed.is_none() || options.rebuild_of.is_some();
-    if signs_here && crate::provenance::ran_script(result.outcome, result.exit_code) {
+    if signs_here {
         let asked =
             crate::provenance::sign_request(&how.setup.record, spec, result, how.started_on);
         let signed = asked.and_then(|request| {
             crate::provenance::write_signed(contractor_protocol::attest::SignRequest {
                 accelerator: vm_started.map_or(options.accel, |v| v.0),
-                boot: crate::provenance::boot(how.snapshot, vm_started.and_then(|v| v.1.as_ref())),
+                snapshot: how.snapshot,
+                snapshot_report: vm_started.and_then(|v| v.1.clone()),
                 offline: options.offline,
                 image: Some(how.setup.image.manifest.clone()),
                 rebuild_of: options.rebuild_of.clone(),
@@ -965,27 +966,17 @@ struct DownloadCachePolicy<'a> {
 /// that wrote none), which says what the build's end depends on ([`Stopped::judge`]).
 type ProxyService = Service<Option<Summary>>;
 
-/// Shows what a service's `ready` line said is missing from its confinement: its warnings,
-/// or that it reported none at all (a tool of another release).
+/// Shows what a service's `ready` line said is missing from its confinement
+/// ([`contractor_protocol::confinement::warning_lines`]).
 fn show_confinement(
     display: &Display,
     name: &str,
     confinement: Option<&contractor_protocol::service::Confinement>,
 ) {
-    match confinement {
-        Some(confinement) => {
-            for warning in confinement.warnings.iter().take(MAX_CONFINEMENT_WARNINGS) {
-                display.warning(&format!("{name}: {warning}"));
-            }
-        }
-        None => display.warning(&format!(
-            "{name} did not report its confinement; it may run unconfined"
-        )),
+    for line in contractor_protocol::confinement::warning_lines(name, confinement) {
+        display.warning(&line);
     }
 }
-
-/// The most confinement warnings shown per service.
-const MAX_CONFINEMENT_WARNINGS: usize = 16;
 
 /// Where the build's proxy and store listen.
 #[derive(Debug, Clone, Copy)]

@@ -12,17 +12,14 @@ use std::time::SystemTime;
 
 use contractor_protocol::attest::{AttestAnswer, AttestRequest, SignRequest};
 pub use contractor_protocol::attest::{Verified, PREDICATE_TYPE, PROVENANCE_FILE, STATEMENT_TYPE};
-use contractor_protocol::result::{BuildResult, Outcome};
+use contractor_protocol::result::BuildResult;
 use contractor_protocol::tool::ToolFailure;
 use contractor_protocol::PROTOCOL_VERSION;
 
 use crate::spec::BuildSpec;
 use crate::tools;
 
-/// The file name of the key made on first use, in the data directory.
-pub const KEY_FILE: &str = "signing-key";
-/// The variable naming a signing key (PKCS#8 PEM) to use instead of the data directory's.
-pub const KEY_VARIABLE: &str = "CONTRACTOR_SIGNING_KEY";
+pub use contractor_protocol::attest::{KEY_FILE, KEY_VARIABLE};
 
 /// Why provenance could not be written, checked, or a key shown.
 #[derive(Debug, thiserror::Error)]
@@ -64,26 +61,19 @@ pub(crate) fn wrong_answer(request: &'static str) -> ProvenanceError {
     .into()
 }
 
-/// Where the signing key is: `$CONTRACTOR_SIGNING_KEY`, else `signing-key` in the data
-/// directory. The flag says whether it is ours to make when missing.
+/// Where the signing key is ([`contractor_protocol::attest::key_path`]). The flag says
+/// whether it is ours to make when missing.
 pub fn key_path() -> Result<(PathBuf, bool), ProvenanceError> {
-    match std::env::var_os(KEY_VARIABLE).filter(|v| !v.is_empty()) {
-        Some(path) => Ok((PathBuf::from(path), false)),
-        None => Ok((
-            crate::paths::data_dir()
-                .map_err(ProvenanceError::DataDir)?
-                .join(KEY_FILE),
-            true,
-        )),
-    }
+    contractor_protocol::attest::key_path().map_err(ProvenanceError::DataDir)
 }
 
 /// The request that signs `result`'s build in `record` with this user's key
 /// ([`key_path`]): the spec as given and how the build ended, and, for the facts only the
 /// caller knows, a build on this host that started at `started_on` and finished now, with
-/// the accelerator asked for by default (`auto`), booted cold, not offline, no image
-/// manifest, not a rebuild, its build cache not known. The caller sets what differs
-/// (`SignRequest { boot, .. }`).
+/// the accelerator asked for by default (`auto`), no snapshot asked for, not offline, no
+/// image manifest, not a rebuild, its build cache not known. The caller sets what differs
+/// (`SignRequest { snapshot, .. }`). contractor-attest signs only a build that ran its
+/// script.
 pub fn sign_request(
     record: &Path,
     spec: &BuildSpec,
@@ -107,13 +97,14 @@ pub fn sign_request(
         cache_paths: spec.cache_paths.clone(),
         cache_restored: None,
         accelerator: contractor_protocol::vm::Accel::Auto,
-        boot: "cold".into(),
+        snapshot: false,
+        snapshot_report: None,
         offline: false,
         image_name: spec.image.clone(),
         image: None,
         build_host: None,
-        started_on: rfc3339(started_on),
-        finished_on: rfc3339(SystemTime::now()),
+        started_on: unix_seconds(started_on),
+        finished_on: unix_seconds(SystemTime::now()),
         outcome: result.outcome,
         exit_code: result.exit_code,
         rebuild_of: None,
@@ -121,10 +112,10 @@ pub fn sign_request(
 }
 
 /// Has `contractor-attest` write `provenance.json` into the request's record, signed with
-/// the key it names.
-pub fn write_signed(request: SignRequest) -> Result<PathBuf, ProvenanceError> {
+/// the key it names, when the build ran its script (else it writes nothing).
+pub fn write_signed(request: SignRequest) -> Result<(), ProvenanceError> {
     match ask(&AttestRequest::Sign(Box::new(request)))? {
-        AttestAnswer::Signed { path, .. } => Ok(path),
+        AttestAnswer::Signed { .. } | AttestAnswer::NotSigned { .. } => Ok(()),
         _ => Err(wrong_answer("sign")),
     }
 }
@@ -162,71 +153,12 @@ pub fn verify(envelope: &Path, key: Option<&Path>) -> Result<Verified, Provenanc
     }
 }
 
-/// How the VM booted, in words: `cold`, `restored from a snapshot`, `cold, then saved as a
-/// snapshot and restored`; with the reason when a snapshot was asked for and not used.
-pub fn boot(asked: bool, report: Option<&contractor_protocol::vm::SnapshotReport>) -> String {
-    let why = |report: &contractor_protocol::vm::SnapshotReport| {
-        report
-            .reason
-            .as_ref()
-            .map(|r| format!(" ({r})"))
-            .unwrap_or_default()
-    };
-    match report {
-        _ if !asked => "cold".into(),
-        None => "cold".into(),
-        Some(r) if r.restored && r.created => "cold, then saved as a snapshot and restored".into(),
-        Some(r) if r.restored => "restored from a snapshot".into(),
-        Some(r) => format!("cold{}", why(r)),
-    }
-}
-
-/// Whether a build ran its script, so that its record gets provenance.
-pub fn ran_script(outcome: Outcome, exit_code: Option<i32>) -> bool {
-    exit_code.is_some()
-        || matches!(
-            outcome,
-            Outcome::Success | Outcome::Failed | Outcome::Timeout
-        )
-}
-
 /// The statement's `externalParameters`: the spec as given (made by contractor-spec).
 pub use contractor_spec::external::external_parameters;
 
-/// `2026-11-25T14:15:02Z`.
-fn rfc3339(time: SystemTime) -> String {
-    let secs = time
-        .duration_since(SystemTime::UNIX_EPOCH)
+/// Seconds since the Unix epoch.
+fn unix_seconds(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
-        .as_secs();
-    crate::clock::format_utc(secs).replacen(' ', "T", 1) + "Z"
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn boot_says_how_the_vm_started() {
-        use contractor_protocol::vm::SnapshotReport;
-        let report = |restored, created, reason: Option<&str>| SnapshotReport {
-            restored,
-            created,
-            reason: reason.map(String::from),
-            dir: None,
-        };
-        assert_eq!(boot(false, None), "cold");
-        assert_eq!(
-            boot(true, Some(&report(true, false, None))),
-            "restored from a snapshot"
-        );
-        assert_eq!(
-            boot(true, Some(&report(true, true, None))),
-            "cold, then saved as a snapshot and restored"
-        );
-        assert_eq!(
-            boot(true, Some(&report(false, false, Some("all in use")))),
-            "cold (all in use)"
-        );
-    }
+        .as_secs()
 }

@@ -21,42 +21,35 @@ use contractor_protocol::store::{
 
 use serde::de::DeserializeOwned;
 
-use crate::tools::{self, Lines, ToolError, ToolMessages};
+use contractor_protocol::tool::ToolFailure;
+
+use crate::tools::{self, Lines, ToolError};
 
 /// Errors reading records.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    /// The store answered that there is no such build (or no build yet, or the id is not
-    /// one): its words, which say what to do.
+    /// The store refused the request for a build that is not there (or no build yet, or the
+    /// id is not one: `no_builds`, `no_such_build`, `bad_build`, its words say what to do),
+    /// could not read the record (its words), could not be asked, or answered something
+    /// else than its protocol.
     #[error(transparent)]
-    NotThere(ToolMessages),
-    /// The store could not read the record (its words), could not be asked, or answered
-    /// something else than its protocol.
-    #[error(transparent)]
-    Store(Box<dyn std::error::Error + Send + Sync>),
+    Store(#[from] ToolFailure),
     /// The log could not be copied out.
     #[error("cannot write the log")]
     Write(#[source] std::io::Error),
 }
 
 impl RecordError {
-    /// True when the build asked for is not there (the user's input), false when its record
-    /// could not be read.
-    pub fn is_not_there(&self) -> bool {
-        matches!(self, RecordError::NotThere(_))
+    /// True when the build asked for is not there (the user's input: the store refused it),
+    /// false when its record could not be read.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, RecordError::Store(failure) if failure.is_bad_input())
     }
 }
 
 impl From<ToolError> for RecordError {
-    /// The store refuses a request for a build that is not there (`no_builds`,
-    /// `no_such_build`, `bad_build`) as bad input (exit code 2), and only those.
     fn from(error: ToolError) -> RecordError {
-        let not_there = error.is_bad_input();
-        match error.messages() {
-            Some(messages) if not_there => RecordError::NotThere(messages),
-            Some(messages) => RecordError::Store(Box::new(messages)),
-            None => RecordError::Store(Box::new(error)),
-        }
+        RecordError::Store(error.into())
     }
 }
 
@@ -98,9 +91,9 @@ pub fn show(store_root: &Path, id: Option<&str>) -> Result<RecordShown, RecordEr
 pub fn kept_vm(store_root: &Path, id: &str) -> Result<(PathBuf, KeptVm), RecordError> {
     let (lines, shown) = request::<RecordShown>("show", store_root, Some(id), &["--kept-vm"])?;
     lines.rest::<RecordShown>(0)?;
-    let kept = shown.kept_vm.ok_or_else(|| {
-        let unasked = "contractor-store answered `record show --kept-vm` without the kept VM";
-        RecordError::Store(unasked.into())
+    let kept = shown.kept_vm.ok_or(ToolFailure::WrongAnswer {
+        name: tools::STORE,
+        request: "record show --kept-vm",
     })?;
     Ok((shown.dir, kept))
 }

@@ -320,19 +320,11 @@ fn sign_here(
     started_on: std::time::SystemTime,
     display: &Display,
 ) {
-    if !crate::provenance::ran_script(result.outcome, result.exit_code) {
-        return;
-    }
     let asked = crate::provenance::sign_request(record, spec, result, started_on);
     let signed = asked.and_then(|request| {
         crate::provenance::write_signed(contractor_protocol::attest::SignRequest {
             accelerator: options.accel,
-            boot: match options.snapshot {
-                true => {
-                    "on the build host: restored from a snapshot if it keeps one, else cold".into()
-                }
-                false => "cold".into(),
-            },
+            snapshot: options.snapshot,
             offline: options.offline,
             build_host: Some(host.to_string()),
             ..request

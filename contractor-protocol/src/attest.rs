@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::image::Manifest;
 use crate::result::Outcome;
 use crate::service::Confinement;
-use crate::vm::Accel;
+use crate::vm::{Accel, SnapshotReport};
 
 /// The record file the signed statement is written to.
 pub const PROVENANCE_FILE: &str = "provenance.json";
@@ -258,6 +258,21 @@ impl std::fmt::Display for Compared {
     }
 }
 
+/// The file name of the signing key made on first use, in the data directory.
+pub const KEY_FILE: &str = "signing-key";
+/// The variable naming a signing key (PKCS#8 PEM) to use instead of the data directory's.
+pub const KEY_VARIABLE: &str = "CONTRACTOR_SIGNING_KEY";
+
+/// Where this user's signing key is: `$CONTRACTOR_SIGNING_KEY`, else [`KEY_FILE`] in the
+/// data directory ([`crate::image::data_dir`]). The flag says whether it is the data
+/// directory's own, made on first use (`create`, `create_key`).
+pub fn key_path() -> Result<(PathBuf, bool), crate::image::NoDataDir> {
+    match std::env::var_os(KEY_VARIABLE).filter(|v| !v.is_empty()) {
+        Some(path) => Ok((PathBuf::from(path), false)),
+        None => Ok((crate::image::data_dir()?.join(KEY_FILE), true)),
+    }
+}
+
 /// What `sign` needs besides the record's files: the facts the front end knows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -293,8 +308,11 @@ pub struct SignRequest {
     pub cache_restored: Option<bool>,
     /// The accelerator the VM ran with, else the one asked for.
     pub accelerator: Accel,
-    /// How the VM booted, in words.
-    pub boot: String,
+    /// A snapshot boot was asked for (`--snapshot`).
+    pub snapshot: bool,
+    /// contractor-vm's report of the snapshot, as it gave it (None when it gave none, or
+    /// from a build host). `sign` says in words how the VM booted.
+    pub snapshot_report: Option<SnapshotReport>,
     /// `--offline`.
     pub offline: bool,
     /// The image's name (the spec's).
@@ -303,13 +321,15 @@ pub struct SignRequest {
     pub image: Option<Manifest>,
     /// The build host of a `--host` build.
     pub build_host: Option<String>,
-    /// When the build started, RFC 3339 (`2026-11-25T14:15:02Z`).
-    pub started_on: String,
-    /// When it finished, RFC 3339.
-    pub finished_on: String,
+    /// When the build started, seconds since the Unix epoch (stated in RFC 3339, UTC).
+    pub started_on: u64,
+    /// When it finished, seconds since the Unix epoch.
+    pub finished_on: u64,
     /// How it ended.
     pub outcome: Outcome,
-    /// The script's exit status.
+    /// The script's exit status. A build whose script did not run (no exit status, and an
+    /// ending other than success, failure or timeout) gets no provenance: `sign` answers
+    /// `not_signed`.
     pub exit_code: Option<i32>,
     /// The build this one rebuilt, if it is a rebuild.
     pub rebuild_of: Option<String>,
@@ -329,6 +349,13 @@ pub enum AttestAnswer {
         key_id: String,
         /// How the tool was confined while it read the record.
         confinement: Confinement,
+    },
+    /// `sign` of a build whose script did not run: nothing was written (exit 0).
+    NotSigned {
+        /// Protocol version, 1.
+        version: u32,
+        /// Why, in words.
+        reason: String,
     },
     /// `verify`: what does not verify (exit 1 when any), else nothing.
     Verdict(Box<Verified>),
@@ -465,6 +492,19 @@ pub fn read_statement(path: &Path) -> Result<Value, StatementError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_signing_key_is_the_variables_else_the_data_directorys() {
+        // Only this test sets the variable.
+        std::env::set_var(KEY_VARIABLE, "/keys/ci.pem");
+        let named = key_path().expect("key path");
+        std::env::set_var(KEY_VARIABLE, "");
+        let default = key_path().expect("key path");
+        std::env::remove_var(KEY_VARIABLE);
+        assert_eq!(named, (PathBuf::from("/keys/ci.pem"), false));
+        let data = crate::image::data_dir().expect("data dir");
+        assert_eq!(default, (data.join("signing-key"), true));
+    }
 
     #[test]
     fn each_verdict_has_its_line() {

@@ -10,6 +10,26 @@ use crate::vm::{Finding, FindingStatus};
 /// What a finding about confinement is about.
 const WHAT: &str = "confinement";
 
+/// The most confinement warnings shown per service.
+pub const MAX_SHOWN_WARNINGS: usize = 16;
+
+/// The warning lines to show for the confinement service `name` reported in its `ready`
+/// line: each of its warnings (at most [`MAX_SHOWN_WARNINGS`]), or, when it reported none
+/// at all (a tool of another release), that it may run unconfined.
+pub fn warning_lines(name: &str, confinement: Option<&Confinement>) -> Vec<String> {
+    match confinement {
+        Some(confinement) => confinement
+            .warnings
+            .iter()
+            .take(MAX_SHOWN_WARNINGS)
+            .map(|warning| format!("{name}: {warning}"))
+            .collect(),
+        None => vec![format!(
+            "{name} did not report its confinement; it may run unconfined"
+        )],
+    }
+}
+
 impl Confinement {
     /// The finding for this report: ok when everything holds, else a warning that says what
     /// does not hold and what would make it hold.
@@ -116,5 +136,22 @@ mod tests {
             ..confinement(7, true, true, &[])
         };
         assert_eq!(off.finding().status, FindingStatus::Warn);
+    }
+
+    #[test]
+    fn warning_lines_name_the_service_and_are_bounded() {
+        let many: Vec<String> = (0..40).map(|i| format!("w{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let report = confinement(2, false, true, &many);
+        let lines = warning_lines("contractor-proxy", Some(&report));
+        assert_eq!(lines.len(), MAX_SHOWN_WARNINGS);
+        assert_eq!(lines[0], "contractor-proxy: w0");
+        assert!(
+            warning_lines("contractor-store", Some(&confinement(7, true, true, &[]))).is_empty()
+        );
+        assert_eq!(
+            warning_lines("contractor-store", None),
+            ["contractor-store did not report its confinement; it may run unconfined"]
+        );
     }
 }

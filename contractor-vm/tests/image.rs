@@ -100,6 +100,12 @@ fn bad_names_and_missing_images_are_exit_2_naming_them() {
             "\"../etc\"",
         ),
         (
+            // Named, with what is accepted, before the agent is looked for.
+            &["image", "build", "no-such-image"][..],
+            "no_image",
+            "no image no-such-image: Contractor builds debian-12-build, debian-13-build",
+        ),
+        (
             &["image", "rm", "nothing-here"][..],
             "no_image",
             "nothing-here",

@@ -576,13 +576,14 @@ pub fn ensure_derived(
 fn ensure_with(name: &str, recipe: Option<Recipe>) -> Result<Image, ImageError> {
     check_name(name)?;
     let images = images_dir()?;
-    let agent = agent_path()?;
-    let agent_sha = sha256_file(&agent)?;
+    // An unknown name is refused before anything else is looked for, the agent included.
     if load(&images.join(name))?.is_none() && recipe.is_none() {
         return Err(ImageError::Unknown {
             name: name.to_string(),
         });
     }
+    let agent = agent_path()?;
+    let agent_sha = sha256_file(&agent)?;
     create_dir_world_readable(&images)?;
     let _lock = DirLock::image(&images, name, &format!("checking or building image {name}"))?;
     let dir = images.join(name);

@@ -8,7 +8,10 @@
 //! `failed` (`artifact_missing`; without `finished`, the stream's error object or code
 //! `run`), and the refusals of `proxy.jsonl` tallied by the
 //! protocol's one rule (`Refusals`; lines marked `"phase":"script"` are the offline script's,
-//! `refused_offline`). The invariant: a record is closed once; one with a `result.json` is
+//! `refused_offline`). A download that did not match its pin (contractor.lock), as the
+//! proxies' summaries filed last in `proxy.jsonl` count them, fails the build whatever it
+//! ended as (`download_mismatch`, one chain line per mismatch: its URL, both hashes, and
+//! whether the bytes were the download cache's copy). The invariant: a record is closed once; one with a `result.json` is
 //! refused, and `result.json` appears whole (written aside, then renamed).
 
 use std::io::{self, BufRead, Write};
@@ -17,7 +20,7 @@ use std::time::SystemTime;
 
 use contractor_protocol::agent::Phase;
 use contractor_protocol::jsonl::JsonlReader;
-use contractor_protocol::proxy::{Decision, Refusals};
+use contractor_protocol::proxy::{Decision, Mismatch, Refusals, Summary, MAX_MISMATCHES};
 use contractor_protocol::result::{BuildCode, BuildResult, ErrorInfo, Outcome};
 use contractor_protocol::run::RunEvent;
 
@@ -61,8 +64,7 @@ pub struct Closing {
     /// The declared artifact patterns; each must match a stored artifact for a success.
     pub artifacts: Vec<String>,
     /// How the build ended as its caller decided (`contractor build`: an interruption, a
-    /// download that did not match its pin, a VM that did not start...); `None`: as the
-    /// run's events on stdin say.
+    /// VM that did not start...); `None`: as the run's events on stdin say.
     pub ended: Option<Ended>,
 }
 
@@ -135,7 +137,12 @@ pub fn close(
             ));
         }
     }
-    let (refusals, offline) = proxy_refusals(&record)?;
+    let filed = proxy_filed(&record)?;
+    if filed.mismatches > 0 {
+        outcome = Outcome::Failed;
+        error = Some(mismatch_error(filed.mismatches, &filed.mismatched));
+    }
+    let (refusals, offline) = (filed.build, filed.offline);
     let result = BuildResult {
         version: contractor_protocol::PROTOCOL_VERSION,
         id: id.to_string(),
@@ -224,16 +231,28 @@ fn last_finished(events: impl BufRead) -> Result<Ran, CloseError> {
     Ok((outcome, None, Some(error), None))
 }
 
-/// The refusals of the record's `proxy.jsonl`: of the build's proxy, and of the offline
-/// script's (lines marked `"phase":"script"`). Lines that are no decision are skipped; a
-/// record without the file has none.
-fn proxy_refusals(record: &Path) -> Result<(Refusals, Refusals), CloseError> {
+/// What the proxies filed in the record's `proxy.jsonl` that the result depends on.
+#[derive(Default)]
+struct Filed {
+    /// The refusals of the build's proxy.
+    build: Refusals,
+    /// The refusals of the offline script's (lines marked `"phase":"script"`).
+    offline: Refusals,
+    /// Downloads that did not match their pins, all of them counted (the proxies'
+    /// summaries' `record.mismatches`).
+    mismatches: u64,
+    /// The first [`MAX_MISMATCHES`] of them.
+    mismatched: Vec<Mismatch>,
+}
+
+/// What the record's `proxy.jsonl` says: the refusals of its decision lines and the pin
+/// mismatches of its summary lines (each proxy files its summary last). Other lines are
+/// skipped; a record without the file has none.
+fn proxy_filed(record: &Path) -> Result<Filed, CloseError> {
     let path = record.join("proxy.jsonl");
     let file = match std::fs::File::open(&path) {
         Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Ok((Refusals::default(), Refusals::default()))
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Filed::default()),
         Err(source) => {
             return Err(RecordError::Io {
                 action: "read",
@@ -243,19 +262,50 @@ fn proxy_refusals(record: &Path) -> Result<(Refusals, Refusals), CloseError> {
             .into())
         }
     };
-    let (mut build, mut offline) = (Refusals::default(), Refusals::default());
+    let mut filed = Filed::default();
     let mut reader = JsonlReader::new(io::BufReader::new(file));
     // A line past the reader's bound (MAX_LINE_BYTES) ends the tally, as the end would.
     while let Ok(Some(line)) = reader.next_line() {
-        let Ok(decision) = serde_json::from_slice::<Decision>(line) else {
-            continue;
-        };
-        match decision.phase {
-            Some(Phase::Script) => offline.note(&decision),
-            _ => build.note(&decision),
+        if let Ok(decision) = serde_json::from_slice::<Decision>(line) {
+            match decision.phase {
+                Some(Phase::Script) => filed.offline.note(&decision),
+                _ => filed.build.note(&decision),
+            }
+        } else if let Ok(Summary {
+            record: Some(tally),
+            ..
+        }) = serde_json::from_slice::<Summary>(line)
+        {
+            filed.mismatches = filed.mismatches.saturating_add(tally.mismatches);
+            let room = MAX_MISMATCHES.saturating_sub(filed.mismatched.len());
+            filed
+                .mismatched
+                .extend(tally.mismatched.into_iter().take(room));
         }
     }
-    Ok((build, offline))
+    Ok(filed)
+}
+
+/// The error of a build with `count` downloads that did not match contractor.lock, the
+/// first of them `mismatched`: one line, then one per mismatch.
+fn mismatch_error(count: u64, mismatched: &[Mismatch]) -> ErrorInfo {
+    let mut chain = vec![format!(
+        "{count} download(s) did not match contractor.lock (tampering, or a moved tag; `contractor pin` after a build you trust)"
+    )];
+    chain.extend(mismatched.iter().map(|m| {
+        let whose = match m.from_cache {
+            true => "the download cache's copy has",
+            false => "its bytes have",
+        };
+        format!(
+            "{}: {whose} SHA-256 {}, contractor.lock pins {}",
+            m.url, m.sha256, m.pinned
+        )
+    }));
+    ErrorInfo {
+        code: BuildCode::DownloadMismatch.as_str().into(),
+        chain,
+    }
 }
 
 /// Writes `result` as the record's `result.json`: pretty, ending with a newline, aside

@@ -290,7 +290,8 @@ enum RecordCommand {
     /// Close the record of a build that ran: read contractor-run's events on stdin (or take
     /// how it ended from --outcome and its flags), write ROOT/builds/ID/artifacts.json and
     /// result.json (the `finished` event's outcome, the stored artifacts, each declared one
-    /// checked, the refusals of proxy.jsonl), remove owner.json, and print
+    /// checked, the refusals of proxy.jsonl, a download that did not match its pin failed
+    /// from the proxies' summaries there), remove owner.json, and print
     /// {"type":"record_closed","version":1,"result":{...}}.
     Close {
         /// The store directory.

@@ -22,7 +22,7 @@ use contractor_protocol::error::ToolCode;
 use contractor_protocol::proxy::Summary;
 use contractor_protocol::result::{BuildCode, BuildResult, ErrorInfo, Limit, Outcome};
 use contractor_protocol::run::{RunEvent, RunRequest};
-use contractor_protocol::store::{KeptVm, KEPT_VM_FILE};
+use contractor_protocol::store::KeptVm;
 use contractor_protocol::tool::{
     child_pid, handed_over, stop_child, wait_or_stop, Service, SignalWatch, STOP_GRACE,
 };
@@ -680,8 +680,9 @@ struct Started<'a> {
 
 /// Closes the record of a build that ran: keeps its build cache, has the store close the
 /// record (`contractor-store record close`: the artifacts indexed, each declared one checked,
-/// the proxies' refusals tallied, `result.json` written) with the end decided here, signs
-/// the provenance (when this front end packed the source), and notes a kept VM. A record
+/// the proxies' refusals tallied, a download that did not match its pin failed, a kept VM's
+/// `vm.json` and `result.json` written) with the end decided here, and signs the
+/// provenance (when this front end packed the source). A record
 /// the store cannot close is closed here, as an infrastructure failure (code `record`).
 fn close_record(
     spec: &BuildSpec,
@@ -707,6 +708,7 @@ fn close_record(
         exit_code: ran.exit_code,
         limit: ran.limit,
         error: ran.error.as_ref(),
+        kept_vm: ran.kept.as_ref(),
     };
     let result = crate::records::close(record, &ended).unwrap_or_else(|err| {
         let duration = how.started_on.elapsed().unwrap_or_default();
@@ -725,13 +727,6 @@ fn close_record(
         &result,
         display,
     );
-    if let Some(kept) = &ran.kept {
-        let path = record.join(KEPT_VM_FILE);
-        let text = serde_json::to_string_pretty(kept).unwrap_or_default();
-        if let Err(err) = std::fs::write(&path, text + "\n") {
-            eprintln!("contractor: cannot write {}: {err}", path.display());
-        }
-    }
     (result, ran.kept)
 }
 

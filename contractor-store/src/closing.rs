@@ -12,7 +12,9 @@
 //! proxies' summaries filed last in `proxy.jsonl` count them, fails the build whatever it
 //! ended as (`download_mismatch`, one chain line per mismatch: its URL, both hashes, and
 //! whether the bytes were the download cache's copy). The invariant: a record is closed once; one with a `result.json` is
-//! refused, and `result.json` appears whole (written aside, then renamed).
+//! refused, and `result.json` appears whole (written aside, then renamed). A VM kept for
+//! `contractor shell` (`--kept-vm`) is written as the record's `vm.json` before it, and
+//! removed by `record forget-vm` ([`forget_kept_vm`]) once the VM is gone.
 
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -66,6 +68,8 @@ pub struct Closing {
     /// How the build ended as its caller decided (`contractor build`: an interruption, a
     /// VM that did not start...); `None`: as the run's events on stdin say.
     pub ended: Option<Ended>,
+    /// The VM kept for `contractor shell`, written as the record's `vm.json`.
+    pub kept_vm: Option<contractor_protocol::store::KeptVm>,
 }
 
 /// How a build ended, as the caller of `record close` says (`--outcome` and its flags): what
@@ -165,7 +169,11 @@ pub fn close(
         error: error.map(|e| ErrorInfo::capped(&e.code, &e.chain)),
         host: None,
     };
-    write_result(&record, &result)?;
+    // The record is whole before it is closed: the kept VM's file first.
+    if let Some(kept) = &closing.kept_vm {
+        write_json(&record, contractor_protocol::store::KEPT_VM_FILE, kept)?;
+    }
+    write_json(&record, "result.json", &result)?;
     let _ = std::fs::remove_file(record.join(contractor_protocol::process::OWNER_FILE));
     Ok(result)
 }
@@ -308,11 +316,11 @@ fn mismatch_error(count: u64, mismatched: &[Mismatch]) -> ErrorInfo {
     }
 }
 
-/// Writes `result` as the record's `result.json`: pretty, ending with a newline, aside
-/// first and then renamed into place.
-fn write_result(record: &Path, result: &BuildResult) -> Result<(), RecordError> {
-    let destination = record.join("result.json");
-    let temp = record.join(format!("{TEMP_PREFIX}result-{}", std::process::id()));
+/// Writes `value` as the record's file `name` (`result.json`, `vm.json`): pretty, ending
+/// with a newline, aside first and then renamed into place.
+fn write_json(record: &Path, name: &str, value: &impl serde::Serialize) -> Result<(), RecordError> {
+    let destination = record.join(name);
+    let temp = record.join(format!("{TEMP_PREFIX}{name}-{}", std::process::id()));
     let written = (|| {
         use std::os::unix::fs::OpenOptionsExt;
         let mut file = std::fs::OpenOptions::new()
@@ -320,7 +328,7 @@ fn write_result(record: &Path, result: &BuildResult) -> Result<(), RecordError> 
             .create_new(true)
             .mode(0o644)
             .open(&temp)?;
-        serde_json::to_writer_pretty(&mut file, result).map_err(io::Error::other)?;
+        serde_json::to_writer_pretty(&mut file, value).map_err(io::Error::other)?;
         file.write_all(b"\n")?;
         std::fs::rename(&temp, &destination)
     })();
@@ -332,4 +340,25 @@ fn write_result(record: &Path, result: &BuildResult) -> Result<(), RecordError> 
             source,
         }
     })
+}
+
+/// Removes the record `root/builds/<id>`'s `vm.json` once its VM is gone (`record
+/// forget-vm`); a record without one is fine.
+pub fn forget_kept_vm(root: &Path, id: &str) -> Result<(), RecordError> {
+    if !is_build_id(id) {
+        return Err(RecordError::BadBuildId(id.to_string()));
+    }
+    let path = root
+        .join("builds")
+        .join(id)
+        .join(contractor_protocol::store::KEPT_VM_FILE);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(RecordError::Io {
+            action: "remove",
+            path,
+            source,
+        }),
+    }
 }

@@ -17,8 +17,8 @@ use contractor_protocol::error::ToolCode;
 use contractor_protocol::result::{ErrorInfo, Limit, Outcome};
 use contractor_protocol::service::{Confinement, Ready, ReadyOut};
 use contractor_protocol::store::{
-    CacheCleared, CacheKept, CacheList, CachePrepared, RecordClosed, RecordList, RecordOpened,
-    RecordReceived, RecordsClosed,
+    CacheCleared, CacheKept, CacheList, CachePrepared, KeptVm, KeptVmForgotten, RecordClosed,
+    RecordList, RecordOpened, RecordReceived, RecordsClosed, MAX_KEPT_VM_BYTES,
 };
 use contractor_protocol::units::{parse_duration, parse_size};
 use contractor_protocol::ExitCode;
@@ -309,7 +309,25 @@ enum RecordCommand {
         artifacts: Vec<String>,
         #[command(flatten)]
         ended: EndedArgs,
+        /// The VM kept for `contractor shell`, written as the record's vm.json: its JSON
+        /// ({"name":...,"uri":...,"control_socket":...}) or a file holding it (at most
+        /// 64 KiB).
+        #[arg(long, value_name = "JSON|FILE", value_parser = parse_kept_vm)]
+        kept_vm: Option<KeptVm>,
         /// Do not confine the close (Landlock, seccomp, rlimits): for debugging only.
+        #[arg(long)]
+        no_confine: bool,
+    },
+    /// Remove a build's vm.json once its kept VM is gone (a record without one is fine),
+    /// confined to ROOT/builds/ID/; print {"type":"kept_vm_forgotten","version":1,"id":ID}.
+    ForgetVm {
+        /// The store directory.
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+        /// The build.
+        #[arg(long, value_name = "ID")]
+        build: String,
+        /// Do not confine the removal (Landlock, seccomp, rlimits): for debugging only.
         #[arg(long)]
         no_confine: bool,
     },
@@ -378,6 +396,27 @@ impl EndedArgs {
 fn parse_outcome(text: &str) -> Result<Outcome, String> {
     serde_json::from_value(serde_json::Value::from(text)).map_err(|_| {
         format!("{text:?} is not an outcome; give success, failed, timeout, infrastructure or interrupted")
+    })
+}
+
+/// `--kept-vm`: a kept VM's JSON (text beginning with `{`) or a file holding it, read
+/// before the close confines itself, at most `MAX_KEPT_VM_BYTES`.
+fn parse_kept_vm(text: &str) -> Result<KeptVm, String> {
+    let (bytes, what) = if text.trim_start().starts_with('{') {
+        (text.as_bytes().to_vec(), "the JSON".to_string())
+    } else {
+        let path = std::path::Path::new(text);
+        let bytes = contractor_protocol::file::read_regular(path, MAX_KEPT_VM_BYTES)
+            .map_err(|e| format!("cannot read {text}: {e} (give the kept VM's JSON or a file of at most {MAX_KEPT_VM_BYTES} bytes)"))?;
+        (bytes, text.to_string())
+    };
+    if bytes.len() as u64 > MAX_KEPT_VM_BYTES {
+        return Err(format!(
+            "the kept VM's JSON is over {MAX_KEPT_VM_BYTES} bytes"
+        ));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| {
+        format!("{what} is not a kept VM ({e}); give {{\"name\":...,\"uri\":...,\"control_socket\":...}}")
     })
 }
 
@@ -674,12 +713,14 @@ fn record(command: RecordCommand) -> std::process::ExitCode {
             started,
             artifacts,
             ended,
+            kept_vm,
             no_confine,
         } => {
             let closing = contractor_store::closing::Closing {
                 started,
                 artifacts,
                 ended: ended.ended(),
+                kept_vm,
             };
             match close_record(&root, &build, &closing, !no_confine) {
                 Ok(result) => print_json(&RecordClosed::new(result)),
@@ -721,6 +762,25 @@ fn record(command: RecordCommand) -> std::process::ExitCode {
             reading: Reading { root, build },
             to,
         } => copy_source(&root, build.as_deref(), &to),
+        RecordCommand::ForgetVm {
+            root,
+            build,
+            no_confine,
+        } => {
+            let forgotten = confined_record(&root, &build, !no_confine)
+                .and_then(|_| Ok(contractor_store::closing::forget_kept_vm(&root, &build)?));
+            match forgotten {
+                Ok(()) => print_json(&KeptVmForgotten::new(build)),
+                // A build id that is not one, or no such record: the caller's input.
+                Err(e)
+                    if !contractor_store::path::is_build_id(&build)
+                        || !root.join("builds").join(&build).is_dir() =>
+                {
+                    fail(ExitCode::BadInput, ToolCode::RecordNotOpen, &e)
+                }
+                Err(e) => fail(ExitCode::Infrastructure, ToolCode::RecordClose, &e),
+            }
+        }
         RecordCommand::CloseAbandoned { root } => {
             match contractor_store::records::close_abandoned(&root, SystemTime::now()) {
                 Ok(closed) => print_json(&RecordsClosed::new(closed)),

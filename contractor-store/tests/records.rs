@@ -761,3 +761,77 @@ fn record_open_refuses_a_malformed_or_taken_id_and_an_owner_that_is_gone_naming_
         "nothing was opened for the refused requests"
     );
 }
+
+#[test]
+fn record_close_writes_the_kept_vm_and_forget_vm_removes_it() {
+    use contractor_protocol::store::{KeptVm, KEPT_VM_FILE};
+    let fixture = Fixture::new();
+    let kept = KeptVm {
+        name: "contractor-20261125-141502-000040".into(),
+        uri: "qemu:///system".into(),
+        control_socket: "/run/x/control.sock".into(),
+    };
+    let json = serde_json::to_string(&kept).expect("json");
+    let file = fixture.root.join("kept.json");
+    std::fs::write(&file, &json).expect("write");
+    // As JSON, and as a file holding it.
+    let given = [json.clone(), file.display().to_string()];
+    for (n, given) in given.iter().enumerate() {
+        let id = format!("20261125-141502-00004{n}");
+        fixture.write(&format!("builds/{id}/build.log"), b"log");
+        let flag = format!("--kept-vm={given}");
+        let ended = ["--outcome", "failed", "--exit-code", "1", &flag];
+        let out = close_record_with(&fixture.root, &id, &[], &ended, "");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let record = fixture.root.join("builds").join(&id);
+        let written: KeptVm =
+            serde_json::from_slice(&std::fs::read(record.join(KEPT_VM_FILE)).expect("vm.json"))
+                .expect("a KeptVm");
+        assert_eq!(written, kept);
+        // What `contractor shell ID` reads back.
+        let (ok, shown, stderr) = run(
+            &["record", "show", "--kept-vm", "--build", &id],
+            &fixture.root,
+        );
+        assert!(ok, "{stderr}");
+        assert_eq!(shown["kept_vm"]["name"], kept.name.as_str());
+
+        // Once the VM is gone; twice is fine.
+        for _ in 0..2 {
+            let (ok, answer, stderr) = run(&["record", "forget-vm", "--build", &id], &fixture.root);
+            assert!(ok, "{stderr}");
+            assert_eq!(answer["type"], "kept_vm_forgotten");
+            assert_eq!(answer["id"], id.as_str());
+            assert!(!record.join(KEPT_VM_FILE).exists());
+        }
+    }
+
+    // Not a kept VM: refused before anything is written, naming what is wrong.
+    let id = "20261125-141502-000049";
+    fixture.write(&format!("builds/{id}/build.log"), b"log");
+    for bad in [
+        r#"{"name":"x"}"#.to_string(),
+        "/nonexistent/kept.json".to_string(),
+    ] {
+        let flag = format!("--kept-vm={bad}");
+        let out = close_record_with(&fixture.root, id, &[], &["--outcome", "failed", &flag], "");
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--kept-vm"), "{stderr}");
+        assert!(stderr.contains("kept VM"), "{stderr}");
+        assert!(!fixture
+            .root
+            .join(format!("builds/{id}/result.json"))
+            .exists());
+    }
+    let (ok, answer, _) = run(
+        &["record", "forget-vm", "--json-errors", "--build", "../x"],
+        &fixture.root,
+    );
+    assert!(!ok);
+    assert_eq!(answer["code"], "record_not_open", "{answer}");
+}

@@ -225,15 +225,10 @@ pub fn close(record: &Path, ended: &Ended) -> Result<BuildResult, ToolError> {
 
 /// Asks the store to remove `record`'s `vm.json` once its VM is gone (`contractor-store
 /// record forget-vm`, confined to the record).
-pub fn forget_kept_vm(record: &Path) -> Result<(), ToolError> {
+pub fn forget_kept_vm(record: &Path) -> Result<(), RecordError> {
     let (root, id) = store_and_id(record);
-    let mut command = tools::command(tools::STORE)?;
-    command
-        .args(["record", "forget-vm", "--root"])
-        .arg(root)
-        .arg("--build")
-        .arg(id);
-    let _: KeptVmForgotten = tools::answer_of(tools::STORE, command)?;
+    let (lines, _) = request::<KeptVmForgotten>("forget-vm", root, id.to_str(), &[])?;
+    lines.rest::<KeptVmForgotten>(0)?;
     Ok(())
 }
 

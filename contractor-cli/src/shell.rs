@@ -55,11 +55,7 @@ pub fn attach(vm: &KeptVm, record: &Path) -> Result<(), ShellError> {
         ),
     }
     if let Err(err) = crate::records::forget_kept_vm(record) {
-        eprintln!(
-            "contractor: cannot remove the kept VM from the record {}: {}",
-            record.display(),
-            contractor_protocol::result::joined_chain(&err)
-        );
+        eprintln!("contractor: cannot remove the record's vm.json: {err}");
     }
     result
 }

@@ -722,17 +722,7 @@ fn record(command: RecordCommand) -> std::process::ExitCode {
                 ended: ended.ended(),
                 kept_vm,
             };
-            match close_record(&root, &build, &closing, !no_confine) {
-                Ok(result) => print_json(&RecordClosed::new(result)),
-                Err(e) => {
-                    let (exit, code) = if e.is_bad_input() {
-                        (ExitCode::BadInput, ToolCode::RecordNotOpen)
-                    } else {
-                        (ExitCode::Infrastructure, ToolCode::RecordClose)
-                    };
-                    fail(exit, code, &anyhow::Error::new(e))
-                }
-            }
+            close_record(&root, &build, &closing, !no_confine)
         }
         RecordCommand::Open { root, id, owner } => open_record(&root, id.as_deref(), owner),
         RecordCommand::List { root } => read_record(&root, |root, out| {
@@ -766,21 +756,7 @@ fn record(command: RecordCommand) -> std::process::ExitCode {
             root,
             build,
             no_confine,
-        } => {
-            let forgotten = confined_record(&root, &build, !no_confine)
-                .and_then(|_| Ok(contractor_store::closing::forget_kept_vm(&root, &build)?));
-            match forgotten {
-                Ok(()) => print_json(&KeptVmForgotten::new(build)),
-                // A build id that is not one, or no such record: the caller's input.
-                Err(e)
-                    if !contractor_store::path::is_build_id(&build)
-                        || !root.join("builds").join(&build).is_dir() =>
-                {
-                    fail(ExitCode::BadInput, ToolCode::RecordNotOpen, &e)
-                }
-                Err(e) => fail(ExitCode::Infrastructure, ToolCode::RecordClose, &e),
-            }
-        }
+        } => forget_vm(&root, &build, !no_confine),
         RecordCommand::CloseAbandoned { root } => {
             match contractor_store::records::close_abandoned(&root, SystemTime::now()) {
                 Ok(closed) => print_json(&RecordsClosed::new(closed)),
@@ -882,9 +858,23 @@ fn write_line(out: &mut impl Write, value: &impl serde::Serialize) -> anyhow::Re
     out.write_all(b"\n").context("cannot write stdout")
 }
 
-/// `record close`: confines this process to the record (as `record receive` does: what it
-/// reads, the run's events and `proxy.jsonl`, carries the guest's words), then closes it.
+/// `record close`: closes the record ([`close_confined`]) and answers what it wrote.
 fn close_record(
+    root: &std::path::Path,
+    build: &str,
+    closing: &contractor_store::closing::Closing,
+    confine: bool,
+) -> std::process::ExitCode {
+    match close_confined(root, build, closing, confine) {
+        Ok(result) => print_json(&RecordClosed::new(result)),
+        Err(e) if e.is_bad_input() => fail(ExitCode::BadInput, ToolCode::RecordNotOpen, &e.into()),
+        Err(e) => fail(ExitCode::Infrastructure, ToolCode::RecordClose, &e.into()),
+    }
+}
+
+/// Confines this process to the record (as `record receive` does: what it reads, the run's
+/// events and `proxy.jsonl`, carries the guest's words), then closes it.
+fn close_confined(
     root: &std::path::Path,
     build: &str,
     closing: &contractor_store::closing::Closing,
@@ -900,6 +890,23 @@ fn close_record(
         }
     }
     contractor_store::closing::close(root, build, std::io::stdin().lock(), closing)
+}
+
+/// `record forget-vm`: confines this process to the record, then removes its `vm.json`. A
+/// build id that is not one, or no such record, is the caller's input (exit 2).
+fn forget_vm(root: &std::path::Path, build: &str, confine: bool) -> std::process::ExitCode {
+    let forgotten = confined_record(root, build, confine)
+        .and_then(|_| Ok(contractor_store::closing::forget_kept_vm(root, build)?));
+    match forgotten {
+        Ok(()) => print_json(&KeptVmForgotten::new(build.to_string())),
+        Err(e)
+            if !contractor_store::path::is_build_id(build)
+                || !root.join("builds").join(build).is_dir() =>
+        {
+            fail(ExitCode::BadInput, ToolCode::RecordNotOpen, &e)
+        }
+        Err(e) => fail(ExitCode::Infrastructure, ToolCode::RecordClose, &e),
+    }
 }
 
 /// `record receive`: confines this process to the record, then receives the stream on

@@ -22,7 +22,7 @@ use contractor_protocol::error::ToolCode;
 use contractor_protocol::proxy::Summary;
 use contractor_protocol::result::{BuildCode, BuildResult, ErrorInfo, Limit, Outcome};
 use contractor_protocol::run::{RunEvent, RunRequest};
-use contractor_protocol::store::{KeptVm, KEPT_VM_FILE};
+use contractor_protocol::store::KeptVm;
 use contractor_protocol::tool::{
     child_pid, handed_over, stop_child, wait_or_stop, Service, SignalWatch, STOP_GRACE,
 };
@@ -301,7 +301,7 @@ pub fn build(
         display,
     );
     let release = PendingRelease(ran.releasing.take());
-    stopped.judge(&mut ran, display, setup.download_cache_max);
+    stopped.warn(display, setup.download_cache_max);
     let how = Started {
         setup: &setup,
         snapshot: session.snapshot,
@@ -643,35 +643,14 @@ impl Stopped {
         }
     }
 
-    /// What the build's proxy saw that the build's end depends on: downloads that did not
-    /// match contractor.lock (which fail the build, whatever the guest said: it never had
-    /// them whole); warnings for downloads not pinned or not kept in the download cache.
-    fn judge(self, ran: &mut Ran, display: &Display, download_cache_max: u64) {
+    /// Warnings for what the build's proxy saw: downloads not pinned or not kept in the
+    /// download cache. (A download that did not match contractor.lock fails the build: the
+    /// store decides that when it closes the record, from what the proxy filed there.)
+    fn warn(self, display: &Display, download_cache_max: u64) {
         // A proxy that wrote no summary (or did not stop cleanly) reports nothing.
         let summary = self.proxy.ok().flatten();
         let cache_not_kept = summary.as_ref().map_or(0, |s| s.cache_not_kept);
         let filed = summary.and_then(|s| s.record).unwrap_or_default();
-        if filed.mismatches > 0 {
-            ran.outcome = Outcome::Failed;
-            let mut chain = vec![format!(
-                "{} download(s) did not match contractor.lock (tampering, or a moved tag; `contractor pin` after a build you trust)",
-                filed.mismatches
-            )];
-            chain.extend(filed.mismatched.iter().map(|m| {
-                let whose = match m.from_cache {
-                    true => "the download cache's copy has",
-                    false => "its bytes have",
-                };
-                format!(
-                    "{}: {whose} SHA-256 {}, contractor.lock pins {}",
-                    m.url, m.sha256, m.pinned
-                )
-            }));
-            ran.error = Some(ErrorInfo {
-                code: BuildCode::DownloadMismatch.as_str().into(),
-                chain,
-            });
-        }
         if filed.unpinned > 0 {
             display.warning(&format!(
                 "{} download(s) are not in contractor.lock (`contractor downloads` lists them, `contractor pin` pins them)",
@@ -701,8 +680,9 @@ struct Started<'a> {
 
 /// Closes the record of a build that ran: keeps its build cache, has the store close the
 /// record (`contractor-store record close`: the artifacts indexed, each declared one checked,
-/// the proxies' refusals tallied, `result.json` written) with the end decided here, signs
-/// the provenance (when this front end packed the source), and notes a kept VM. A record
+/// the proxies' refusals tallied, a download that did not match its pin failed, a kept VM's
+/// `vm.json` and `result.json` written) with the end decided here, and signs the
+/// provenance (when this front end packed the source). A record
 /// the store cannot close is closed here, as an infrastructure failure (code `record`).
 fn close_record(
     spec: &BuildSpec,
@@ -728,6 +708,7 @@ fn close_record(
         exit_code: ran.exit_code,
         limit: ran.limit,
         error: ran.error.as_ref(),
+        kept_vm: ran.kept.as_ref(),
     };
     let result = crate::records::close(record, &ended).unwrap_or_else(|err| {
         let duration = how.started_on.elapsed().unwrap_or_default();
@@ -746,13 +727,6 @@ fn close_record(
         &result,
         display,
     );
-    if let Some(kept) = &ran.kept {
-        let path = record.join(KEPT_VM_FILE);
-        let text = serde_json::to_string_pretty(kept).unwrap_or_default();
-        if let Err(err) = std::fs::write(&path, text + "\n") {
-            eprintln!("contractor: cannot write {}: {err}", path.display());
-        }
-    }
     (result, ran.kept)
 }
 
@@ -963,7 +937,7 @@ struct DownloadCachePolicy<'a> {
 }
 
 /// A build's proxy: what it gives when stopped is its last `summary` (none from a proxy
-/// that wrote none), which says what the build's end depends on ([`Stopped::judge`]).
+/// that wrote none), which says what the build's warnings depend on ([`Stopped::warn`]).
 type ProxyService = Service<Option<Summary>>;
 
 /// Shows what a service's `ready` line said is missing from its confinement

@@ -5,7 +5,8 @@
 //! read it: it asks the store (`contractor-store record list|show|downloads|log`, confined
 //! read-only to `builds/`), which checks the id, refuses links and bounds every read, and
 //! only renders the answer. What writes record files is also the store's: it opens a build's
-//! record ([`open_new`]) and closes it ([`close`]: `artifacts.json` and `result.json`),
+//! record ([`open_new`]) and closes it ([`close`]: `artifacts.json`, `result.json`, a kept
+//! VM's `vm.json`, which [`forget_kept_vm`] removes once the VM is gone),
 //! receives a build host's record (confined to it), and decides which builds are abandoned
 //! and closes them.
 
@@ -15,8 +16,8 @@ use std::path::{Path, PathBuf};
 use contractor_protocol::proxy::Download;
 use contractor_protocol::result::{BuildResult, ErrorInfo, Limit, Outcome};
 use contractor_protocol::store::{
-    KeptVm, RecordClosed, RecordDownloads, RecordEntry, RecordList, RecordLog, RecordOpened,
-    RecordShown,
+    KeptVm, KeptVmForgotten, RecordClosed, RecordDownloads, RecordEntry, RecordList, RecordLog,
+    RecordOpened, RecordShown,
 };
 
 use serde::de::DeserializeOwned;
@@ -169,6 +170,8 @@ pub struct Ended<'a> {
     pub limit: Option<Limit>,
     /// What went wrong.
     pub error: Option<&'a ErrorInfo>,
+    /// The VM kept for `contractor shell`: the store writes it as the record's `vm.json`.
+    pub kept_vm: Option<&'a KeptVm>,
 }
 
 /// Asks the store to close `record` (`contractor-store record close`: the artifacts indexed,
@@ -205,8 +208,21 @@ pub fn close(record: &Path, ended: &Ended) -> Result<BuildResult, ToolError> {
             command.arg(format!("--error={message}"));
         }
     }
+    if let Some(kept) = ended.kept_vm {
+        let json = serde_json::to_string(kept).unwrap_or_default();
+        command.arg(format!("--kept-vm={json}"));
+    }
     let closed: RecordClosed = tools::answer_of(tools::STORE, command)?;
     Ok(closed.result)
+}
+
+/// Asks the store to remove `record`'s `vm.json` once its VM is gone (`contractor-store
+/// record forget-vm`, confined to the record).
+pub fn forget_kept_vm(record: &Path) -> Result<(), RecordError> {
+    let (root, id) = store_and_id(record);
+    let (lines, _) = request::<KeptVmForgotten>("forget-vm", root, id.to_str(), &[])?;
+    lines.rest::<KeptVmForgotten>(0)?;
+    Ok(())
 }
 
 /// The artifacts of `record` (`<store>/builds/<id>`, not closed yet: a build host's record

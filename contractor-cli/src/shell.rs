@@ -5,14 +5,15 @@
 //! stdin, waits for its `shell_started` line, then puts the terminal in raw mode and carries
 //! bytes between the terminal and the tool until the tool ends (the shell exited and the VM
 //! powers off). The VM's channel is opened, and the agent spoken to, only by that confined
-//! tool. Then the front end destroys what is left of the VM and its record file.
+//! tool. Then the front end destroys what is left of the VM and has the store remove its
+//! record file (`contractor-store record forget-vm`).
 
 use std::ffi::OsStr;
 use std::io::{IsTerminal, Read, Write};
 use std::path::Path;
 
 use contractor_protocol::run::{ShellEvent, ShellRequest};
-use contractor_protocol::store::{KeptVm, KEPT_VM_FILE};
+use contractor_protocol::store::KeptVm;
 use contractor_protocol::vm::VmResult;
 use contractor_protocol::PROTOCOL_VERSION;
 use nix::sys::termios::{self, SetArg, Termios};
@@ -53,7 +54,9 @@ pub fn attach(vm: &KeptVm, record: &Path) -> Result<(), ShellError> {
             contractor_protocol::result::joined_chain(&err)
         ),
     }
-    let _ = std::fs::remove_file(record.join(KEPT_VM_FILE));
+    if let Err(err) = crate::records::forget_kept_vm(record) {
+        eprintln!("contractor: cannot remove the record's vm.json: {err}");
+    }
     result
 }
 

@@ -282,7 +282,8 @@ pub struct Summary {
 
 /// The most bytes the proxy writes to each of a record's `proxy.jsonl` and
 /// `downloads.jsonl` (`--record`): 64 MiB; past it, one `{"type":"cut",...}` line says so
-/// and later lines are counted in [`RecordTally::left_out`], not written. A guest decides
+/// and later lines are counted in [`RecordTally::left_out`], not written (but for the
+/// proxy's summary, filed last whatever the size: one bounded line). A guest decides
 /// how many requests it makes. Two proxies of one build (the fetch and the script phase's)
 /// each write at most this much.
 pub const MAX_RECORD_FILE: u64 = 64 << 20;

@@ -65,6 +65,11 @@ tag!(
     RecordsClosed
 );
 tag!(
+    /// The `"type"` of [`KeptVmForgotten`]: `"kept_vm_forgotten"`.
+    KeptVmForgottenTag,
+    KeptVmForgotten
+);
+tag!(
     /// The `"type"` of [`RecordOpened`]: `"record_opened"`.
     RecordOpenedTag,
     RecordOpened
@@ -305,6 +310,31 @@ impl RecordsClosed {
             kind: RecordsClosedTag::RecordsClosed,
             version: PROTOCOL_VERSION,
             closed,
+        }
+    }
+}
+
+/// `record forget-vm`: the record's [`KEPT_VM_FILE`] removed (or there was none), once its
+/// VM is gone. `{"type":"kept_vm_forgotten","version":1,"id":"20261125-141502-3fa2c1"}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeptVmForgotten {
+    /// Always `kept_vm_forgotten`.
+    #[serde(rename = "type")]
+    pub kind: KeptVmForgottenTag,
+    /// Protocol version, 1.
+    pub version: u32,
+    /// The build.
+    pub id: String,
+}
+
+impl KeptVmForgotten {
+    /// The answer naming the build `id`.
+    pub fn new(id: String) -> KeptVmForgotten {
+        KeptVmForgotten {
+            kind: KeptVmForgottenTag::KeptVmForgotten,
+            version: PROTOCOL_VERSION,
+            id,
         }
     }
 }

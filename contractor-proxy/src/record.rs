@@ -9,7 +9,8 @@
 //! past that one `cut` line says so and the rest is counted. What the lines say that the
 //! build's result needs (the hosts refused, the downloads that did not match their pins) is
 //! tallied on the way and reported in the summary ([`RecordTally`]), which is also filed
-//! last in `proxy.jsonl`.
+//! last in `proxy.jsonl` (even past the file's limit: it is one bounded line, and what
+//! `contractor-store record close` fails a build with a pin mismatch from).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -71,7 +72,9 @@ impl Record {
     }
 
     /// Once the last line is written: puts the tally into `summary` and files it last in
-    /// `proxy.jsonl`.
+    /// `proxy.jsonl`, even when the file has reached its limit (the summary is one bounded
+    /// line: `contractor-store record close` fails a build whose download did not match its
+    /// pin from it).
     pub fn finish(mut self, summary: &mut Summary) -> Result<(), JsonlError> {
         let mut tally = std::mem::take(&mut self.tally).with_refusals(&self.refusals);
         tally.left_out = self.decisions.left_out + self.downloads.left_out;
@@ -79,7 +82,10 @@ impl Record {
         summary.phase = self.phase;
         self.line.clear();
         encode_line(&mut self.line, summary)?;
-        let written = self.decisions.write(&self.line).map_err(JsonlError::Io);
+        let written = self
+            .decisions
+            .write_last(&self.line)
+            .map_err(JsonlError::Io);
         summary.phase = None;
         written
     }
@@ -124,6 +130,12 @@ impl Capped {
             return Ok(());
         }
         self.written += size;
+        self.file.write_all(line)
+    }
+
+    /// Writes `line`, the file's last (a bounded one), whether or not the file is full.
+    fn write_last(&mut self, line: &[u8]) -> std::io::Result<()> {
+        self.written += line.len() as u64;
         self.file.write_all(line)
     }
 }
@@ -257,6 +269,45 @@ mod tests {
         );
         assert_eq!(lines.len(), 4);
         assert_eq!(one.left_out, 2);
+    }
+
+    #[test]
+    fn the_summary_is_filed_last_even_in_a_full_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut record = Record::open(dir.path(), None, true).expect("open");
+        // Files that hold one line each.
+        record.decisions.limit = 200;
+        record.downloads.limit = 300;
+        for host in ["a.example", "b.example"] {
+            record
+                .write(decision(host, Verdict::Deny, Some(DecisionClass::Policy)))
+                .expect("write");
+        }
+        for url in ["http://a/x", "http://a/y"] {
+            record
+                .write(download(url, &"1".repeat(64), Some(&"2".repeat(64))))
+                .expect("write");
+        }
+        let mut summary: Summary = serde_json::from_str(
+            r#"{"type":"summary","allowed":0,"denied":{},"bytes_up":0,"bytes_down":0,"connections":2,"active_connections":0}"#,
+        )
+        .expect("a summary");
+        record.finish(&mut summary).expect("finish");
+        let decisions = lines(&dir.path().join(DECISIONS_FILE));
+        assert_eq!(decisions.len(), 3, "{decisions:?}");
+        assert_eq!(decisions[1]["type"], "cut");
+        // What `record close` fails the build from: both mismatches, though the second's
+        // line was left out of downloads.jsonl.
+        let filed: Summary = serde_json::from_value(decisions[2].clone()).expect("a summary");
+        let tally = filed.record.expect("the tally");
+        assert_eq!(tally.mismatches, 2);
+        assert_eq!(tally.mismatched.len(), 2);
+        assert_eq!(tally.left_out, 2);
+        assert_eq!(
+            lines(&dir.path().join(DOWNLOADS_FILE)).len(),
+            2,
+            "one, then the cut"
+        );
     }
 
     #[test]

@@ -8,8 +8,13 @@
 //! `failed` (`artifact_missing`; without `finished`, the stream's error object or code
 //! `run`), and the refusals of `proxy.jsonl` tallied by the
 //! protocol's one rule (`Refusals`; lines marked `"phase":"script"` are the offline script's,
-//! `refused_offline`). The invariant: a record is closed once; one with a `result.json` is
-//! refused, and `result.json` appears whole (written aside, then renamed).
+//! `refused_offline`). A download that did not match its pin (contractor.lock), as the
+//! proxies' summaries filed last in `proxy.jsonl` count them, fails the build whatever it
+//! ended as (`download_mismatch`, one chain line per mismatch: its URL, both hashes, and
+//! whether the bytes were the download cache's copy). The invariant: a record is closed once; one with a `result.json` is
+//! refused, and `result.json` appears whole (written aside, then renamed). A VM kept for
+//! `contractor shell` (`--kept-vm`) is written as the record's `vm.json` before it, and
+//! removed by `record forget-vm` ([`forget_kept_vm`]) once the VM is gone.
 
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -17,7 +22,7 @@ use std::time::SystemTime;
 
 use contractor_protocol::agent::Phase;
 use contractor_protocol::jsonl::JsonlReader;
-use contractor_protocol::proxy::{Decision, Refusals};
+use contractor_protocol::proxy::{Decision, Mismatch, Refusals, Summary, MAX_MISMATCHES};
 use contractor_protocol::result::{BuildCode, BuildResult, ErrorInfo, Outcome};
 use contractor_protocol::run::RunEvent;
 
@@ -61,9 +66,10 @@ pub struct Closing {
     /// The declared artifact patterns; each must match a stored artifact for a success.
     pub artifacts: Vec<String>,
     /// How the build ended as its caller decided (`contractor build`: an interruption, a
-    /// download that did not match its pin, a VM that did not start...); `None`: as the
-    /// run's events on stdin say.
+    /// VM that did not start...); `None`: as the run's events on stdin say.
     pub ended: Option<Ended>,
+    /// The VM kept for `contractor shell`, written as the record's `vm.json`.
+    pub kept_vm: Option<contractor_protocol::store::KeptVm>,
 }
 
 /// How a build ended, as the caller of `record close` says (`--outcome` and its flags): what
@@ -135,7 +141,12 @@ pub fn close(
             ));
         }
     }
-    let (refusals, offline) = proxy_refusals(&record)?;
+    let filed = proxy_filed(&record)?;
+    if filed.mismatches > 0 {
+        outcome = Outcome::Failed;
+        error = Some(mismatch_error(filed.mismatches, &filed.mismatched));
+    }
+    let (refusals, offline) = (filed.build, filed.offline);
     let result = BuildResult {
         version: contractor_protocol::PROTOCOL_VERSION,
         id: id.to_string(),
@@ -158,7 +169,11 @@ pub fn close(
         error: error.map(|e| ErrorInfo::capped(&e.code, &e.chain)),
         host: None,
     };
-    write_result(&record, &result)?;
+    // The record is whole before it is closed: the kept VM's file first.
+    if let Some(kept) = &closing.kept_vm {
+        write_json(&record, contractor_protocol::store::KEPT_VM_FILE, kept)?;
+    }
+    write_json(&record, "result.json", &result)?;
     let _ = std::fs::remove_file(record.join(contractor_protocol::process::OWNER_FILE));
     Ok(result)
 }
@@ -224,16 +239,28 @@ fn last_finished(events: impl BufRead) -> Result<Ran, CloseError> {
     Ok((outcome, None, Some(error), None))
 }
 
-/// The refusals of the record's `proxy.jsonl`: of the build's proxy, and of the offline
-/// script's (lines marked `"phase":"script"`). Lines that are no decision are skipped; a
-/// record without the file has none.
-fn proxy_refusals(record: &Path) -> Result<(Refusals, Refusals), CloseError> {
+/// What the proxies filed in the record's `proxy.jsonl` that the result depends on.
+#[derive(Default)]
+struct Filed {
+    /// The refusals of the build's proxy.
+    build: Refusals,
+    /// The refusals of the offline script's (lines marked `"phase":"script"`).
+    offline: Refusals,
+    /// Downloads that did not match their pins, all of them counted (the proxies'
+    /// summaries' `record.mismatches`).
+    mismatches: u64,
+    /// The first [`MAX_MISMATCHES`] of them.
+    mismatched: Vec<Mismatch>,
+}
+
+/// What the record's `proxy.jsonl` says: the refusals of its decision lines and the pin
+/// mismatches of its summary lines (each proxy files its summary last). Other lines are
+/// skipped; a record without the file has none.
+fn proxy_filed(record: &Path) -> Result<Filed, CloseError> {
     let path = record.join("proxy.jsonl");
     let file = match std::fs::File::open(&path) {
         Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Ok((Refusals::default(), Refusals::default()))
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Filed::default()),
         Err(source) => {
             return Err(RecordError::Io {
                 action: "read",
@@ -243,26 +270,57 @@ fn proxy_refusals(record: &Path) -> Result<(Refusals, Refusals), CloseError> {
             .into())
         }
     };
-    let (mut build, mut offline) = (Refusals::default(), Refusals::default());
+    let mut filed = Filed::default();
     let mut reader = JsonlReader::new(io::BufReader::new(file));
     // A line past the reader's bound (MAX_LINE_BYTES) ends the tally, as the end would.
     while let Ok(Some(line)) = reader.next_line() {
-        let Ok(decision) = serde_json::from_slice::<Decision>(line) else {
-            continue;
-        };
-        match decision.phase {
-            Some(Phase::Script) => offline.note(&decision),
-            _ => build.note(&decision),
+        if let Ok(decision) = serde_json::from_slice::<Decision>(line) {
+            match decision.phase {
+                Some(Phase::Script) => filed.offline.note(&decision),
+                _ => filed.build.note(&decision),
+            }
+        } else if let Ok(Summary {
+            record: Some(tally),
+            ..
+        }) = serde_json::from_slice::<Summary>(line)
+        {
+            filed.mismatches = filed.mismatches.saturating_add(tally.mismatches);
+            let room = MAX_MISMATCHES.saturating_sub(filed.mismatched.len());
+            filed
+                .mismatched
+                .extend(tally.mismatched.into_iter().take(room));
         }
     }
-    Ok((build, offline))
+    Ok(filed)
 }
 
-/// Writes `result` as the record's `result.json`: pretty, ending with a newline, aside
-/// first and then renamed into place.
-fn write_result(record: &Path, result: &BuildResult) -> Result<(), RecordError> {
-    let destination = record.join("result.json");
-    let temp = record.join(format!("{TEMP_PREFIX}result-{}", std::process::id()));
+/// The error of a build with `count` downloads that did not match contractor.lock, the
+/// first of them `mismatched`: one line, then one per mismatch.
+fn mismatch_error(count: u64, mismatched: &[Mismatch]) -> ErrorInfo {
+    let mut chain = vec![format!(
+        "{count} download(s) did not match contractor.lock (tampering, or a moved tag; `contractor pin` after a build you trust)"
+    )];
+    chain.extend(mismatched.iter().map(|m| {
+        let whose = match m.from_cache {
+            true => "the download cache's copy has",
+            false => "its bytes have",
+        };
+        format!(
+            "{}: {whose} SHA-256 {}, contractor.lock pins {}",
+            m.url, m.sha256, m.pinned
+        )
+    }));
+    ErrorInfo {
+        code: BuildCode::DownloadMismatch.as_str().into(),
+        chain,
+    }
+}
+
+/// Writes `value` as the record's file `name` (`result.json`, `vm.json`): pretty, ending
+/// with a newline, aside first and then renamed into place.
+fn write_json(record: &Path, name: &str, value: &impl serde::Serialize) -> Result<(), RecordError> {
+    let destination = record.join(name);
+    let temp = record.join(format!("{TEMP_PREFIX}{name}-{}", std::process::id()));
     let written = (|| {
         use std::os::unix::fs::OpenOptionsExt;
         let mut file = std::fs::OpenOptions::new()
@@ -270,7 +328,7 @@ fn write_result(record: &Path, result: &BuildResult) -> Result<(), RecordError> 
             .create_new(true)
             .mode(0o644)
             .open(&temp)?;
-        serde_json::to_writer_pretty(&mut file, result).map_err(io::Error::other)?;
+        serde_json::to_writer_pretty(&mut file, value).map_err(io::Error::other)?;
         file.write_all(b"\n")?;
         std::fs::rename(&temp, &destination)
     })();
@@ -282,4 +340,25 @@ fn write_result(record: &Path, result: &BuildResult) -> Result<(), RecordError> 
             source,
         }
     })
+}
+
+/// Removes the record `root/builds/<id>`'s `vm.json` once its VM is gone (`record
+/// forget-vm`); a record without one is fine.
+pub fn forget_kept_vm(root: &Path, id: &str) -> Result<(), RecordError> {
+    if !is_build_id(id) {
+        return Err(RecordError::BadBuildId(id.to_string()));
+    }
+    let path = root
+        .join("builds")
+        .join(id)
+        .join(contractor_protocol::store::KEPT_VM_FILE);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(RecordError::Io {
+            action: "remove",
+            path,
+            source,
+        }),
+    }
 }

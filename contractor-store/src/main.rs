@@ -17,8 +17,8 @@ use contractor_protocol::error::ToolCode;
 use contractor_protocol::result::{ErrorInfo, Limit, Outcome};
 use contractor_protocol::service::{Confinement, Ready, ReadyOut};
 use contractor_protocol::store::{
-    CacheCleared, CacheKept, CacheList, CachePrepared, RecordClosed, RecordList, RecordOpened,
-    RecordReceived, RecordsClosed,
+    CacheCleared, CacheKept, CacheList, CachePrepared, KeptVm, KeptVmForgotten, RecordClosed,
+    RecordList, RecordOpened, RecordReceived, RecordsClosed, MAX_KEPT_VM_BYTES,
 };
 use contractor_protocol::units::{parse_duration, parse_size};
 use contractor_protocol::ExitCode;
@@ -290,7 +290,8 @@ enum RecordCommand {
     /// Close the record of a build that ran: read contractor-run's events on stdin (or take
     /// how it ended from --outcome and its flags), write ROOT/builds/ID/artifacts.json and
     /// result.json (the `finished` event's outcome, the stored artifacts, each declared one
-    /// checked, the refusals of proxy.jsonl), remove owner.json, and print
+    /// checked, the refusals of proxy.jsonl, a download that did not match its pin failed
+    /// from the proxies' summaries there), remove owner.json, and print
     /// {"type":"record_closed","version":1,"result":{...}}.
     Close {
         /// The store directory.
@@ -308,7 +309,25 @@ enum RecordCommand {
         artifacts: Vec<String>,
         #[command(flatten)]
         ended: EndedArgs,
+        /// The VM kept for `contractor shell`, written as the record's vm.json: its JSON
+        /// ({"name":...,"uri":...,"control_socket":...}) or a file holding it (at most
+        /// 64 KiB).
+        #[arg(long, value_name = "JSON|FILE", value_parser = parse_kept_vm)]
+        kept_vm: Option<KeptVm>,
         /// Do not confine the close (Landlock, seccomp, rlimits): for debugging only.
+        #[arg(long)]
+        no_confine: bool,
+    },
+    /// Remove a build's vm.json once its kept VM is gone (a record without one is fine),
+    /// confined to ROOT/builds/ID/; print {"type":"kept_vm_forgotten","version":1,"id":ID}.
+    ForgetVm {
+        /// The store directory.
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+        /// The build.
+        #[arg(long, value_name = "ID")]
+        build: String,
+        /// Do not confine the removal (Landlock, seccomp, rlimits): for debugging only.
         #[arg(long)]
         no_confine: bool,
     },
@@ -377,6 +396,27 @@ impl EndedArgs {
 fn parse_outcome(text: &str) -> Result<Outcome, String> {
     serde_json::from_value(serde_json::Value::from(text)).map_err(|_| {
         format!("{text:?} is not an outcome; give success, failed, timeout, infrastructure or interrupted")
+    })
+}
+
+/// `--kept-vm`: a kept VM's JSON (text beginning with `{`) or a file holding it, read
+/// before the close confines itself, at most `MAX_KEPT_VM_BYTES`.
+fn parse_kept_vm(text: &str) -> Result<KeptVm, String> {
+    let (bytes, what) = if text.trim_start().starts_with('{') {
+        (text.as_bytes().to_vec(), "the JSON".to_string())
+    } else {
+        let path = std::path::Path::new(text);
+        let bytes = contractor_protocol::file::read_regular(path, MAX_KEPT_VM_BYTES)
+            .map_err(|e| format!("cannot read {text}: {e} (give the kept VM's JSON or a file of at most {MAX_KEPT_VM_BYTES} bytes)"))?;
+        (bytes, text.to_string())
+    };
+    if bytes.len() as u64 > MAX_KEPT_VM_BYTES {
+        return Err(format!(
+            "the kept VM's JSON is over {MAX_KEPT_VM_BYTES} bytes"
+        ));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| {
+        format!("{what} is not a kept VM ({e}); give {{\"name\":...,\"uri\":...,\"control_socket\":...}}")
     })
 }
 
@@ -673,24 +713,16 @@ fn record(command: RecordCommand) -> std::process::ExitCode {
             started,
             artifacts,
             ended,
+            kept_vm,
             no_confine,
         } => {
             let closing = contractor_store::closing::Closing {
                 started,
                 artifacts,
                 ended: ended.ended(),
+                kept_vm,
             };
-            match close_record(&root, &build, &closing, !no_confine) {
-                Ok(result) => print_json(&RecordClosed::new(result)),
-                Err(e) => {
-                    let (exit, code) = if e.is_bad_input() {
-                        (ExitCode::BadInput, ToolCode::RecordNotOpen)
-                    } else {
-                        (ExitCode::Infrastructure, ToolCode::RecordClose)
-                    };
-                    fail(exit, code, &anyhow::Error::new(e))
-                }
-            }
+            close_record(&root, &build, &closing, !no_confine)
         }
         RecordCommand::Open { root, id, owner } => open_record(&root, id.as_deref(), owner),
         RecordCommand::List { root } => read_record(&root, |root, out| {
@@ -720,6 +752,11 @@ fn record(command: RecordCommand) -> std::process::ExitCode {
             reading: Reading { root, build },
             to,
         } => copy_source(&root, build.as_deref(), &to),
+        RecordCommand::ForgetVm {
+            root,
+            build,
+            no_confine,
+        } => forget_vm(&root, &build, !no_confine),
         RecordCommand::CloseAbandoned { root } => {
             match contractor_store::records::close_abandoned(&root, SystemTime::now()) {
                 Ok(closed) => print_json(&RecordsClosed::new(closed)),
@@ -821,9 +858,23 @@ fn write_line(out: &mut impl Write, value: &impl serde::Serialize) -> anyhow::Re
     out.write_all(b"\n").context("cannot write stdout")
 }
 
-/// `record close`: confines this process to the record (as `record receive` does: what it
-/// reads, the run's events and `proxy.jsonl`, carries the guest's words), then closes it.
+/// `record close`: closes the record ([`close_confined`]) and answers what it wrote.
 fn close_record(
+    root: &std::path::Path,
+    build: &str,
+    closing: &contractor_store::closing::Closing,
+    confine: bool,
+) -> std::process::ExitCode {
+    match close_confined(root, build, closing, confine) {
+        Ok(result) => print_json(&RecordClosed::new(result)),
+        Err(e) if e.is_bad_input() => fail(ExitCode::BadInput, ToolCode::RecordNotOpen, &e.into()),
+        Err(e) => fail(ExitCode::Infrastructure, ToolCode::RecordClose, &e.into()),
+    }
+}
+
+/// Confines this process to the record (as `record receive` does: what it reads, the run's
+/// events and `proxy.jsonl`, carries the guest's words), then closes it.
+fn close_confined(
     root: &std::path::Path,
     build: &str,
     closing: &contractor_store::closing::Closing,
@@ -839,6 +890,23 @@ fn close_record(
         }
     }
     contractor_store::closing::close(root, build, std::io::stdin().lock(), closing)
+}
+
+/// `record forget-vm`: confines this process to the record, then removes its `vm.json`. A
+/// build id that is not one, or no such record, is the caller's input (exit 2).
+fn forget_vm(root: &std::path::Path, build: &str, confine: bool) -> std::process::ExitCode {
+    let forgotten = confined_record(root, build, confine)
+        .and_then(|_| Ok(contractor_store::closing::forget_kept_vm(root, build)?));
+    match forgotten {
+        Ok(()) => print_json(&KeptVmForgotten::new(build.to_string())),
+        Err(e)
+            if !contractor_store::path::is_build_id(build)
+                || !root.join("builds").join(build).is_dir() =>
+        {
+            fail(ExitCode::BadInput, ToolCode::RecordNotOpen, &e)
+        }
+        Err(e) => fail(ExitCode::Infrastructure, ToolCode::RecordClose, &e),
+    }
 }
 
 /// `record receive`: confines this process to the record, then receives the stream on

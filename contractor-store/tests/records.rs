@@ -417,6 +417,69 @@ fn record_close_writes_the_result_from_the_run_the_index_and_the_proxy() {
 }
 
 #[test]
+fn record_close_fails_a_build_whose_download_did_not_match_its_pin() {
+    let fixture = Fixture::new();
+    let (pinned, got, cached) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
+    // Two proxies' summaries, as each files its own last in proxy.jsonl: the build's (with
+    // its tally of downloads.jsonl: two mismatches, one the download cache's copy) and
+    // the script phase's (none).
+    let summary = |phase: &str, record: &str| {
+        format!(
+            r#"{{"type":"summary","allowed":2,"denied":{{}},"bytes_up":0,"bytes_down":0,"connections":2,"active_connections":0,"record":{record},"phase":"{phase}"}}"#
+        )
+    };
+    let tally = format!(
+        r#"{{"refused_hosts":[],"upstream_failures":[],"mismatches":2,"mismatched":[{{"url":"https://x.example/a.tar.gz","sha256":"{got}","pinned":"{pinned}","from_cache":false}},{{"url":"https://x.example/b.tar.gz","sha256":"{cached}","pinned":"{pinned}","from_cache":true}}],"unpinned":0,"left_out":0}}"#
+    );
+    let none = r#"{"refused_hosts":[],"upstream_failures":[],"mismatches":0,"mismatched":[],"unpinned":0,"left_out":0}"#;
+    let proxy = [summary("fetch", &tally), summary("script", none)].join("\n") + "\n";
+    let expected_chain = [
+        "2 download(s) did not match contractor.lock (tampering, or a moved tag; `contractor pin` after a build you trust)".to_string(),
+        format!("https://x.example/a.tar.gz: its bytes have SHA-256 {got}, contractor.lock pins {pinned}"),
+        format!("https://x.example/b.tar.gz: the download cache's copy has SHA-256 {cached}, contractor.lock pins {pinned}"),
+    ];
+    // Whatever the run said (a success from its events, or the caller's outcome), the
+    // build failed: the guest never had those downloads whole.
+    let ended: [&[&str]; 2] = [&[], &["--outcome", "success", "--exit-code", "0"]];
+    for (n, ended) in ended.iter().enumerate() {
+        let id = format!("20261125-141502-00003{n}");
+        fixture.write(&format!("builds/{id}/artifacts/hello"), b"hello");
+        fixture.write(&format!("builds/{id}/proxy.jsonl"), proxy.as_bytes());
+        let out = close_record_with(&fixture.root, &id, &["hello"], ended, RUN_EVENTS);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let closed: contractor_protocol::store::RecordClosed =
+            serde_json::from_slice(&out.stdout).expect("answer");
+        let result = closed.result;
+        assert_eq!(result.outcome, contractor_protocol::result::Outcome::Failed);
+        assert_eq!(result.exit_code, Some(0), "the script's own exit is kept");
+        let error = result.error.expect("the mismatch");
+        assert_eq!(error.code, "download_mismatch");
+        assert_eq!(error.chain, expected_chain);
+        let written =
+            std::fs::read_to_string(fixture.root.join(format!("builds/{id}/result.json")))
+                .expect("result.json");
+        assert!(written.contains("download_mismatch"), "{written}");
+    }
+
+    // Without a mismatch in any summary, the success stands.
+    let id = "20261125-141502-000039";
+    fixture.write(&format!("builds/{id}/artifacts/hello"), b"hello");
+    let proxy = summary("fetch", none) + "\n";
+    fixture.write(&format!("builds/{id}/proxy.jsonl"), proxy.as_bytes());
+    let out = close_record(&fixture.root, id, &["hello"], RUN_EVENTS);
+    let closed: contractor_protocol::store::RecordClosed =
+        serde_json::from_slice(&out.stdout).expect("answer");
+    assert_eq!(
+        closed.result.outcome,
+        contractor_protocol::result::Outcome::Success
+    );
+}
+
+#[test]
 fn record_close_fails_a_success_without_its_artifact_and_a_run_without_finished_by_its_error() {
     let fixture = Fixture::new();
     let missing = "20261125-141502-000001";
@@ -472,8 +535,7 @@ fn record_close_fails_a_success_without_its_artifact_and_a_run_without_finished_
     assert_eq!(closed.result.error.expect("error").code, "run");
 }
 
-/// The front end decides some ends itself (Ctrl-C, a download that did not match its pin, a
-/// VM that never started): `--outcome` and its flags are what `result.json` says, whatever
+/// The front end decides some ends itself (Ctrl-C, a VM that never started): `--outcome` and its flags are what `result.json` says, whatever
 /// stdin holds, but a success still needs its declared artifacts; artifacts are listed in
 /// path order, as `contractor build` lists them.
 #[test]
@@ -698,4 +760,78 @@ fn record_open_refuses_a_malformed_or_taken_id_and_an_owner_that_is_gone_naming_
         1,
         "nothing was opened for the refused requests"
     );
+}
+
+#[test]
+fn record_close_writes_the_kept_vm_and_forget_vm_removes_it() {
+    use contractor_protocol::store::{KeptVm, KEPT_VM_FILE};
+    let fixture = Fixture::new();
+    let kept = KeptVm {
+        name: "contractor-20261125-141502-000040".into(),
+        uri: "qemu:///system".into(),
+        control_socket: "/run/x/control.sock".into(),
+    };
+    let json = serde_json::to_string(&kept).expect("json");
+    let file = fixture.root.join("kept.json");
+    std::fs::write(&file, &json).expect("write");
+    // As JSON, and as a file holding it.
+    let given = [json.clone(), file.display().to_string()];
+    for (n, given) in given.iter().enumerate() {
+        let id = format!("20261125-141502-00004{n}");
+        fixture.write(&format!("builds/{id}/build.log"), b"log");
+        let flag = format!("--kept-vm={given}");
+        let ended = ["--outcome", "failed", "--exit-code", "1", &flag];
+        let out = close_record_with(&fixture.root, &id, &[], &ended, "");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let record = fixture.root.join("builds").join(&id);
+        let written: KeptVm =
+            serde_json::from_slice(&std::fs::read(record.join(KEPT_VM_FILE)).expect("vm.json"))
+                .expect("a KeptVm");
+        assert_eq!(written, kept);
+        // What `contractor shell ID` reads back.
+        let (ok, shown, stderr) = run(
+            &["record", "show", "--kept-vm", "--build", &id],
+            &fixture.root,
+        );
+        assert!(ok, "{stderr}");
+        assert_eq!(shown["kept_vm"]["name"], kept.name.as_str());
+
+        // Once the VM is gone; twice is fine.
+        for _ in 0..2 {
+            let (ok, answer, stderr) = run(&["record", "forget-vm", "--build", &id], &fixture.root);
+            assert!(ok, "{stderr}");
+            assert_eq!(answer["type"], "kept_vm_forgotten");
+            assert_eq!(answer["id"], id.as_str());
+            assert!(!record.join(KEPT_VM_FILE).exists());
+        }
+    }
+
+    // Not a kept VM: refused before anything is written, naming what is wrong.
+    let id = "20261125-141502-000049";
+    fixture.write(&format!("builds/{id}/build.log"), b"log");
+    for bad in [
+        r#"{"name":"x"}"#.to_string(),
+        "/nonexistent/kept.json".to_string(),
+    ] {
+        let flag = format!("--kept-vm={bad}");
+        let out = close_record_with(&fixture.root, id, &[], &["--outcome", "failed", &flag], "");
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--kept-vm"), "{stderr}");
+        assert!(stderr.contains("kept VM"), "{stderr}");
+        assert!(!fixture
+            .root
+            .join(format!("builds/{id}/result.json"))
+            .exists());
+    }
+    let (ok, answer, _) = run(
+        &["record", "forget-vm", "--json-errors", "--build", "../x"],
+        &fixture.root,
+    );
+    assert!(!ok);
+    assert_eq!(answer["code"], "record_not_open", "{answer}");
 }

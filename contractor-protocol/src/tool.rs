@@ -339,9 +339,17 @@ pub fn signal_running(signal: nix::sys::signal::Signal) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::process::ExitStatusExt;
+
+    /// `sh -c SCRIPT`, a stand-in tool for the tests of this module (a `--json-errors`
+    /// added after the script becomes its `$0`).
+    pub(crate) fn sh(script: &str) -> Command {
+        let mut command = Command::new("sh");
+        command.args(["-c", script]);
+        command
+    }
 
     #[test]
     fn a_tool_chain_reads_as_an_error_and_its_causes() {

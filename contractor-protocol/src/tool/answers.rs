@@ -256,12 +256,7 @@ pub fn text(name: &'static str, mut command: Command) -> Result<String, ToolErro
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sh(script: &str) -> Command {
-        let mut command = Command::new("sh");
-        command.args(["-c", script]);
-        command
-    }
+    use crate::tool::tests::sh;
 
     #[test]
     fn a_garbage_answer_is_refused_naming_the_tool_and_the_lines_start_bounded() {

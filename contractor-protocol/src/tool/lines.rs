@@ -89,14 +89,8 @@ impl Lines {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tool::tests::sh;
     use std::io::Read;
-
-    fn sh(script: &str) -> Command {
-        let mut command = Command::new("sh");
-        // `--json-errors` is added after the script: it becomes `$0`.
-        command.args(["-c", script]);
-        command
-    }
 
     #[derive(serde::Deserialize, Debug, PartialEq)]
     struct Count {

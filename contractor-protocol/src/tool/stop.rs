@@ -262,13 +262,8 @@ impl Supervised {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tool::tests::sh;
     use std::os::unix::process::ExitStatusExt;
-
-    fn sh(script: &str) -> Command {
-        let mut command = Command::new("sh");
-        command.args(["-c", script]);
-        command
-    }
 
     const READY: &str =
         r#"echo '{"type":"ready","version":1,"service":"test","addr":"127.0.0.1:9"}'"#;

@@ -12,8 +12,13 @@ use std::net::TcpStream;
 /// The proxy's connection slots in this test: its file limit is then 2 × 120 + 256.
 const SLOTS: usize = 120;
 
-/// Opens a CONNECT tunnel to `target` through `proxy` and sees one line echoed through it.
-fn echoing_tunnel(proxy: std::net::SocketAddr, target: &str, n: usize) -> TcpStream {
+/// Opens a CONNECT tunnel to `target` through `proxy` and sees one line echoed through it;
+/// the proxy's status when it answers anything but 200, with its headers.
+fn try_tunnel(
+    proxy: std::net::SocketAddr,
+    target: &str,
+    n: usize,
+) -> Result<TcpStream, (u16, Vec<(String, String)>)> {
     let mut stream = util::connect(proxy);
     write!(
         stream,
@@ -21,7 +26,9 @@ fn echoing_tunnel(proxy: std::net::SocketAddr, target: &str, n: usize) -> TcpStr
     )
     .expect("send CONNECT");
     let (status, headers) = util::read_head(&mut stream);
-    assert_eq!(status, 200, "tunnel {n}: {headers:?}");
+    if status != 200 {
+        return Err((status, headers));
+    }
     let line = format!("tunnel {n}\n");
     stream.write_all(line.as_bytes()).expect("write");
     let mut echoed = vec![0u8; line.len()];
@@ -29,7 +36,13 @@ fn echoing_tunnel(proxy: std::net::SocketAddr, target: &str, n: usize) -> TcpStr
         panic!("tunnel {n}: no echo: {e}");
     }
     assert_eq!(echoed, line.as_bytes(), "tunnel {n}");
-    stream
+    Ok(stream)
+}
+
+/// [`try_tunnel`], which must succeed.
+fn echoing_tunnel(proxy: std::net::SocketAddr, target: &str, n: usize) -> TcpStream {
+    try_tunnel(proxy, target, n)
+        .unwrap_or_else(|(status, headers)| panic!("tunnel {n}: status {status}: {headers:?}"))
 }
 
 #[test]
@@ -55,8 +68,22 @@ fn every_connection_slot_holds_an_open_tunnel_and_the_proxy_answers_after_them()
     let last = echoing_tunnel(proxy.addr, &target, SLOTS - 1);
     drop(last);
     drop(open);
-    // Every tunnel gone, the proxy still resolves and dials.
-    let after = echoing_tunnel(proxy.addr, &target, SLOTS);
+    // Every tunnel gone, the proxy still resolves and dials. It frees a slot when it sees
+    // its tunnel's end, which may come just after our close: until then it answers 503
+    // with `Retry-After`, and a client that waits as told gets its tunnel (at most 10 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let after = loop {
+        match try_tunnel(proxy.addr, &target, SLOTS) {
+            Ok(stream) => break stream,
+            Err((503, headers))
+                if std::time::Instant::now() < deadline
+                    && headers.iter().any(|(name, _)| name == "retry-after") =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err((status, headers)) => panic!("after the tunnels: status {status}: {headers:?}"),
+        }
+    };
     drop(after);
     assert!(
         !proxy.stderr().contains("dialer"),

@@ -1123,14 +1123,12 @@ impl Holder {
         self.0.take()
     }
 
-    /// Closes its stdin and stops it at once ([`stop_child`]) unless it has ended (and
-    /// been reaped: its pid may be another process's).
+    /// Closes its stdin and stops it at once ([`stop_child`], which leaves one that has
+    /// ended alone).
     fn stop(self) {
         if let Some(mut child) = self.take() {
             drop(child.stdin.take());
-            if matches!(child.try_wait(), Ok(None)) {
-                stop_child(&mut child);
-            }
+            stop_child(&mut child);
         }
     }
 }

@@ -753,26 +753,18 @@ fn sign(
 ) {
     let signs_here = options.packed.is_none() || options.rebuild_of.is_some();
     if signs_here {
-        let asked =
-            crate::provenance::sign_request(&how.setup.record, spec, result, how.started_on);
-        let signed = asked.and_then(|request| {
-            crate::provenance::write_signed(contractor_protocol::attest::SignRequest {
-                accelerator: vm_started.map_or(options.accel, |v| v.0),
-                snapshot: how.snapshot,
-                snapshot_report: vm_started.and_then(|v| v.1.clone()),
-                offline: options.offline,
-                image: Some(how.setup.image.manifest.clone()),
-                rebuild_of: options.rebuild_of.clone(),
-                cache_restored: Some(how.cache_restored.unwrap_or(false)),
-                ..request
-            })
-        });
-        if let Err(err) = signed {
-            display.warning(&format!(
-                "cannot write the signed provenance: {}",
-                contractor_protocol::result::joined_chain(&err)
-            ));
-        }
+        let facts = |request| contractor_protocol::attest::SignRequest {
+            accelerator: vm_started.map_or(options.accel, |v| v.0),
+            snapshot: how.snapshot,
+            snapshot_report: vm_started.and_then(|v| v.1.clone()),
+            offline: options.offline,
+            image: Some(how.setup.image.manifest.clone()),
+            rebuild_of: options.rebuild_of.clone(),
+            cache_restored: Some(how.cache_restored.unwrap_or(false)),
+            ..request
+        };
+        let record = &how.setup.record;
+        crate::provenance::sign(record, spec, result, how.started_on, facts, display);
     }
 }
 

@@ -21,7 +21,7 @@ use contractor_protocol::fleet::{
     Fleet, FleetRequest, HostProbe, ResolveRequest, Resolved, SendLine, SessionRequest,
 };
 use contractor_protocol::hosted::RECORD_OVERHEAD_BYTES;
-use contractor_protocol::result::{error_chain, BuildCode, BuildResult, ErrorInfo};
+use contractor_protocol::result::{error_chain, BuildCode, ErrorInfo};
 use contractor_protocol::tool::SignalWatch;
 use contractor_protocol::PROTOCOL_VERSION;
 
@@ -297,7 +297,15 @@ pub fn build_on(
     // (its refusals, and its host, which `record close` does not write), not one the store
     // re-derives from the record.
     build::write_result(&record, &result);
-    sign_here(&host, spec, options, &record, &result, started_on, display);
+    // Signed here, after the record came back: the build host never holds the key.
+    let facts = |request| contractor_protocol::attest::SignRequest {
+        accelerator: options.accel,
+        snapshot: options.snapshot,
+        offline: options.offline,
+        build_host: Some(host.clone()),
+        ..request
+    };
+    crate::provenance::sign(&record, spec, &result, started_on, facts, display);
     let _ = std::fs::remove_file(record.join(build::OWNER_FILE));
     display.event(&BuildEvent::Finished {
         result: result.clone(),
@@ -307,33 +315,4 @@ pub fn build_on(
         kept: None,
         release,
     })
-}
-
-/// Signs the provenance of a build whose script ran on `host`, here, after its record came
-/// back: the build host never holds the key.
-fn sign_here(
-    host: &str,
-    spec: &spec::BuildSpec,
-    options: &BuildOptions,
-    record: &Path,
-    result: &BuildResult,
-    started_on: std::time::SystemTime,
-    display: &Display,
-) {
-    let asked = crate::provenance::sign_request(record, spec, result, started_on);
-    let signed = asked.and_then(|request| {
-        crate::provenance::write_signed(contractor_protocol::attest::SignRequest {
-            accelerator: options.accel,
-            snapshot: options.snapshot,
-            offline: options.offline,
-            build_host: Some(host.to_string()),
-            ..request
-        })
-    });
-    if let Err(err) = signed {
-        display.warning(&format!(
-            "cannot write the signed provenance: {}",
-            contractor_protocol::result::joined_chain(&err)
-        ));
-    }
 }

@@ -27,7 +27,7 @@ use contractor_protocol::PROTOCOL_VERSION;
 
 use crate::build::{self, BuildError, BuildOptions, BuildReport, PendingRelease};
 use crate::display::{escape, Display};
-use crate::tools::{self, Answers};
+use crate::tools::{self, Answers, Reply};
 use crate::{lock, paths, source, spec};
 
 /// The build hosts: those `given` (`--host`), else the configuration's, as `contractor-host
@@ -160,22 +160,20 @@ impl Sender {
         })
     }
 
-    /// The next line of `send`; the error says why there is none.
+    /// The next line of `send`; the error says why there is none (its error object's
+    /// chain, a line that is not its documented JSON with its number and start).
     fn next(&mut self) -> Result<Said, String> {
-        let line = match self.answers.next_line() {
-            Ok(Some(line)) => line,
+        match self.answers.next_reply::<Said>() {
+            Ok(Some(Reply::Answer(said))) => Ok(said),
+            Ok(Some(Reply::Error(error))) => Err(error.chain.join(": ")),
             Ok(None) => {
                 let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
-                return Err(format!(
+                Err(format!(
                     "contractor-host send ended without an answer ({status}); its own message is above"
-                ));
+                ))
             }
-            Err(err) => return Err(error_chain(&err).join(": ")),
-        };
-        serde_json::from_slice(&line).map_err(|_| {
-            let line = String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
-            format!("contractor-host send wrote something other than its documented JSON: {line}")
-        })
+            Err(err) => Err(error_chain(&err).join(": ")),
+        }
     }
 
     /// Sends the build and follows the session to `send`'s answer, showing the build's

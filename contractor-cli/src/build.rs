@@ -753,26 +753,18 @@ fn sign(
 ) {
     let signs_here = options.packed.is_none() || options.rebuild_of.is_some();
     if signs_here {
-        let asked =
-            crate::provenance::sign_request(&how.setup.record, spec, result, how.started_on);
-        let signed = asked.and_then(|request| {
-            crate::provenance::write_signed(contractor_protocol::attest::SignRequest {
-                accelerator: vm_started.map_or(options.accel, |v| v.0),
-                snapshot: how.snapshot,
-                snapshot_report: vm_started.and_then(|v| v.1.clone()),
-                offline: options.offline,
-                image: Some(how.setup.image.manifest.clone()),
-                rebuild_of: options.rebuild_of.clone(),
-                cache_restored: Some(how.cache_restored.unwrap_or(false)),
-                ..request
-            })
-        });
-        if let Err(err) = signed {
-            display.warning(&format!(
-                "cannot write the signed provenance: {}",
-                contractor_protocol::result::joined_chain(&err)
-            ));
-        }
+        let facts = |request| contractor_protocol::attest::SignRequest {
+            accelerator: vm_started.map_or(options.accel, |v| v.0),
+            snapshot: how.snapshot,
+            snapshot_report: vm_started.and_then(|v| v.1.clone()),
+            offline: options.offline,
+            image: Some(how.setup.image.manifest.clone()),
+            rebuild_of: options.rebuild_of.clone(),
+            cache_restored: Some(how.cache_restored.unwrap_or(false)),
+            ..request
+        };
+        let record = &how.setup.record;
+        crate::provenance::sign(record, spec, result, how.started_on, facts, display);
     }
 }
 
@@ -1123,14 +1115,12 @@ impl Holder {
         self.0.take()
     }
 
-    /// Closes its stdin and stops it at once ([`stop_child`]) unless it has ended (and
-    /// been reaped: its pid may be another process's).
+    /// Closes its stdin and stops it at once ([`stop_child`], which leaves one that has
+    /// ended alone).
     fn stop(self) {
         if let Some(mut child) = self.take() {
             drop(child.stdin.take());
-            if matches!(child.try_wait(), Ok(None)) {
-                stop_child(&mut child);
-            }
+            stop_child(&mut child);
         }
     }
 }

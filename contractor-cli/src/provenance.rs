@@ -16,6 +16,7 @@ use contractor_protocol::result::BuildResult;
 use contractor_protocol::tool::ToolFailure;
 use contractor_protocol::PROTOCOL_VERSION;
 
+use crate::display::Display;
 use crate::spec::BuildSpec;
 use crate::tools;
 
@@ -111,9 +112,30 @@ pub fn sign_request(
     })
 }
 
+/// Signs `result`'s build in `record` as [`sign_request`] states it, with the facts only the
+/// caller knows set by `facts` (`|request| SignRequest { snapshot, ..request }`), and
+/// warns on `display` when the provenance cannot be written: the build's outcome stands.
+pub fn sign(
+    record: &Path,
+    spec: &BuildSpec,
+    result: &BuildResult,
+    started_on: SystemTime,
+    facts: impl FnOnce(SignRequest) -> SignRequest,
+    display: &Display,
+) {
+    let signed =
+        sign_request(record, spec, result, started_on).and_then(|r| write_signed(facts(r)));
+    if let Err(err) = signed {
+        display.warning(&format!(
+            "cannot write the signed provenance: {}",
+            contractor_protocol::result::joined_chain(&err)
+        ));
+    }
+}
+
 /// Has `contractor-attest` write `provenance.json` into the request's record, signed with
 /// the key it names, when the build ran its script (else it writes nothing).
-pub fn write_signed(request: SignRequest) -> Result<(), ProvenanceError> {
+fn write_signed(request: SignRequest) -> Result<(), ProvenanceError> {
     match ask(&AttestRequest::Sign(Box::new(request)))? {
         AttestAnswer::Signed { .. } | AttestAnswer::NotSigned { .. } => Ok(()),
         _ => Err(wrong_answer("sign")),

@@ -21,13 +21,13 @@ use contractor_protocol::fleet::{
     Fleet, FleetRequest, HostProbe, ResolveRequest, Resolved, SendLine, SessionRequest,
 };
 use contractor_protocol::hosted::RECORD_OVERHEAD_BYTES;
-use contractor_protocol::result::{error_chain, BuildCode, BuildResult, ErrorInfo};
+use contractor_protocol::result::{error_chain, BuildCode, ErrorInfo};
 use contractor_protocol::tool::SignalWatch;
 use contractor_protocol::PROTOCOL_VERSION;
 
 use crate::build::{self, BuildError, BuildOptions, BuildReport, PendingRelease};
 use crate::display::{escape, Display};
-use crate::tools::{self, Answers};
+use crate::tools::{self, Answers, Reply};
 use crate::{lock, paths, source, spec};
 
 /// The build hosts: those `given` (`--host`), else the configuration's, as `contractor-host
@@ -160,22 +160,20 @@ impl Sender {
         })
     }
 
-    /// The next line of `send`; the error says why there is none.
+    /// The next line of `send`; the error says why there is none (its error object's
+    /// chain, a line that is not its documented JSON with its number and start).
     fn next(&mut self) -> Result<Said, String> {
-        let line = match self.answers.next_line() {
-            Ok(Some(line)) => line,
+        match self.answers.next_reply::<Said>() {
+            Ok(Some(Reply::Answer(said))) => Ok(said),
+            Ok(Some(Reply::Error(error))) => Err(error.chain.join(": ")),
             Ok(None) => {
                 let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
-                return Err(format!(
+                Err(format!(
                     "contractor-host send ended without an answer ({status}); its own message is above"
-                ));
+                ))
             }
-            Err(err) => return Err(error_chain(&err).join(": ")),
-        };
-        serde_json::from_slice(&line).map_err(|_| {
-            let line = String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
-            format!("contractor-host send wrote something other than its documented JSON: {line}")
-        })
+            Err(err) => Err(error_chain(&err).join(": ")),
+        }
     }
 
     /// Sends the build and follows the session to `send`'s answer, showing the build's
@@ -297,7 +295,15 @@ pub fn build_on(
     // (its refusals, and its host, which `record close` does not write), not one the store
     // re-derives from the record.
     build::write_result(&record, &result);
-    sign_here(&host, spec, options, &record, &result, started_on, display);
+    // Signed here, after the record came back: the build host never holds the key.
+    let facts = |request| contractor_protocol::attest::SignRequest {
+        accelerator: options.accel,
+        snapshot: options.snapshot,
+        offline: options.offline,
+        build_host: Some(host.clone()),
+        ..request
+    };
+    crate::provenance::sign(&record, spec, &result, started_on, facts, display);
     let _ = std::fs::remove_file(record.join(build::OWNER_FILE));
     display.event(&BuildEvent::Finished {
         result: result.clone(),
@@ -307,33 +313,4 @@ pub fn build_on(
         kept: None,
         release,
     })
-}
-
-/// Signs the provenance of a build whose script ran on `host`, here, after its record came
-/// back: the build host never holds the key.
-fn sign_here(
-    host: &str,
-    spec: &spec::BuildSpec,
-    options: &BuildOptions,
-    record: &Path,
-    result: &BuildResult,
-    started_on: std::time::SystemTime,
-    display: &Display,
-) {
-    let asked = crate::provenance::sign_request(record, spec, result, started_on);
-    let signed = asked.and_then(|request| {
-        crate::provenance::write_signed(contractor_protocol::attest::SignRequest {
-            accelerator: options.accel,
-            snapshot: options.snapshot,
-            offline: options.offline,
-            build_host: Some(host.to_string()),
-            ..request
-        })
-    });
-    if let Err(err) = signed {
-        display.warning(&format!(
-            "cannot write the signed provenance: {}",
-            contractor_protocol::result::joined_chain(&err)
-        ));
-    }
 }

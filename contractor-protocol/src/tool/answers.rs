@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 
 use super::{start_noted, ToolError};
 use crate::error::ErrorObject;
-use crate::jsonl::{JsonlError, JsonlReader};
+use crate::jsonl::JsonlReader;
 use crate::PROTOCOL_VERSION;
 
 /// The most bytes of a line that is not JSON shown in the error ([`ToolError::Garbage`]).
@@ -73,12 +73,19 @@ impl Answers {
                 return Ok(Some(Reply::Error(error)));
             }
         }
-        serde_json::from_value(value)
-            .map(|v| Some(Reply::Answer(v)))
-            .map_err(|source| ToolError::Protocol {
-                name,
-                source: JsonlError::Parse { line: 0, source },
-            })
+        match serde_json::from_value(value) {
+            Ok(answer) => Ok(Some(Reply::Answer(answer))),
+            Err(source) => {
+                let start = quoted_start(line);
+                let line = self.reader.line();
+                Err(ToolError::Garbage {
+                    name,
+                    line,
+                    start,
+                    source,
+                })
+            }
+        }
     }
 
     /// The tool's first answer; its error object, or its end, is the tool's failure (after
@@ -283,6 +290,33 @@ mod tests {
         assert!(text.len() < 300, "{text}");
         // The child that wrote it was ended, not left running.
         assert!(child.try_wait().expect("try_wait").is_some());
+    }
+
+    #[test]
+    fn json_that_is_not_the_documented_answer_is_refused_naming_the_line_and_its_start() {
+        #[derive(Debug, serde::Deserialize)]
+        struct Ready {
+            #[allow(dead_code)]
+            port: u16,
+        }
+        let mut child = super::super::spawn(
+            "contractor-test",
+            sh(r#"echo; echo '{"type":"ready","port":"not a port"}'"#),
+        )
+        .expect("sh starts");
+        let mut answers = Answers::of("contractor-test", &mut child).expect("stdout");
+        let err = answers.next_reply::<Ready>().err().expect("not a Ready");
+        let text = err.to_string();
+        assert!(
+            text.starts_with("contractor-test wrote something other than its documented JSON"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"line 2, starting "{\"type\":\"ready\""#),
+            "{text}"
+        );
+        answers.drain();
+        let _ = child.wait();
     }
 
     #[test]

@@ -889,13 +889,8 @@ fn doctor(uri: Option<&str>, host: Option<String>) -> ExitCode {
         println!("build host {host}:");
     }
     let findings = crate::doctor::check(uri, host.as_deref());
-    for f in &findings {
-        let status = match f.status {
-            Status::Ok => "ok  ",
-            Status::Warn => "warn",
-            Status::Fail => "FAIL",
-        };
-        println!("{status} {:<17} {}", f.what, f.detail);
+    for finding in &findings {
+        println!("{}", escape(&finding.to_string()));
     }
     if findings.iter().any(|f| f.status == Status::Fail) {
         ExitCode::Infrastructure

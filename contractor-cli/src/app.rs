@@ -391,17 +391,14 @@ pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Build(args) => build_command(*args),
-        Command::Shell { id, file, uri } => shell(&file, id.as_deref(), uri).into(),
+        Command::Shell { id, file, uri } => ended(shell(&file, id.as_deref(), uri)),
         Command::Builds { file } => report(list_builds(&file)),
-        Command::Doctor { uri, host } => {
-            match host.map(|h| crate::remote::resolve(&[h])).transpose() {
-                Ok(host) => doctor(uri.as_deref(), host.and_then(|h| h.0.first().cloned())).into(),
-                Err(why) => {
-                    eprintln!("contractor: {why}");
-                    ExitCode::BadInput.into()
-                }
-            }
-        }
+        Command::Doctor { uri, host } => ended(
+            host.map(|h| crate::remote::resolve(&[h]))
+                .transpose()
+                .map(|host| doctor(uri.as_deref(), host.and_then(|h| h.0.first().cloned())))
+                .map_err(Failure::setting),
+        ),
         Command::Hosts { hosts, file } => list_hosts(&hosts, &file).into(),
         Command::Init => report(
             crate::init::write(Path::new("."))
@@ -412,10 +409,7 @@ pub fn main() -> std::process::ExitCode {
                         kind.described()
                     )
                 })
-                .map_err(|e| match e {
-                    crate::init::InitError::Exists(_) => Failure::input(e),
-                    crate::init::InitError::Write { .. } => Failure::host(e),
-                }),
+                .map_err(|e| Failure::judged(matches!(e, crate::init::InitError::Exists(_)), e)),
         ),
         Command::Key => report(print_key()),
         Command::Verify { target, key, file } => {
@@ -428,13 +422,12 @@ pub fn main() -> std::process::ExitCode {
             accel,
             cold,
             file,
-        } => rebuild(
+        } => ended(rebuild(
             &file,
             id.as_deref(),
             any_image,
             BuildOptions::new(uri, accel.into(), None, !cold, true),
-        )
-        .into(),
+        )),
         Command::Show { id, file } => report(show_build(&file, id.as_deref())),
         Command::Allow {
             hosts,
@@ -461,16 +454,11 @@ fn image_command(command: ImageCommand) -> std::process::ExitCode {
             disk,
             kernel,
             initrd,
-        } => match image::import(&name, &disk, kernel.as_deref().zip(initrd.as_deref())) {
-            Ok(image) => {
-                println!("{}", image.dir.display());
-                ExitCode::Success.into()
-            }
-            Err(err) => {
-                eprintln!("contractor: cannot import {name}: {}", chain(&err));
-                err.exit_code().into()
-            }
-        },
+        } => report(
+            image::import(&name, &disk, kernel.as_deref().zip(initrd.as_deref()))
+                .map(|image| println!("{}", image.dir.display()))
+                .map_err(|e| Failure::doing(e.exit_code(), format!("cannot import {name}"), e)),
+        ),
         ImageCommand::Rm { name } => report(image::remove(&name).map_err(Failure::image)),
         ImageCommand::Gc { days } => report(
             image::gc(days)
@@ -853,24 +841,12 @@ fn build_here(
 }
 
 /// `contractor shell [ID]`.
-fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
+fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> Result<ExitCode, Failure> {
     let (record, kept) = match id {
-        Some(id) => match records::kept_vm(&store_of(file), id) {
-            Ok(kept) => kept,
-            Err(err) => {
-                eprintln!("contractor: {}", chain(&err));
-                return ExitCode::BadInput;
-            }
-        },
+        Some(id) => records::kept_vm(&store_of(file), id).map_err(Failure::input)?,
         None => {
             // A fresh VM with the source: a build whose script does nothing, kept.
-            let mut spec = match spec::load(file) {
-                Ok(spec) => spec,
-                Err(err) => {
-                    eprintln!("contractor: {err}");
-                    return ExitCode::BadInput;
-                }
-            };
+            let mut spec = spec::load(file).map_err(|e| Failure::setting(e.to_string()))?;
             spec.script = "true".into();
             spec.artifacts.clear();
             spec.cache_paths.clear();
@@ -894,22 +870,17 @@ fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> ExitCode {
                         .map(|e| shown_chain(&e.chain))
                         .unwrap_or_else(|| report.result.outcome.as_str().to_string());
                     eprintln!("contractor: the VM for the shell did not start: {reason}");
-                    return ExitCode::BuildFailed;
+                    return Ok(ExitCode::BuildFailed);
                 }
                 Err((code, chain, exit)) => {
                     ErrorObject::report("contractor", ToolCode::parse(code), chain, false);
-                    return exit;
+                    return Ok(exit);
                 }
             }
         }
     };
-    match crate::shell::attach(&kept, &record) {
-        Ok(()) => ExitCode::Success,
-        Err(err) => {
-            eprintln!("contractor: {}", chain(&err));
-            ExitCode::Infrastructure
-        }
-    }
+    crate::shell::attach(&kept, &record).map_err(Failure::host)?;
+    Ok(ExitCode::Success)
 }
 
 fn doctor(uri: Option<&str>, host: Option<String>) -> ExitCode {
@@ -918,13 +889,8 @@ fn doctor(uri: Option<&str>, host: Option<String>) -> ExitCode {
         println!("build host {host}:");
     }
     let findings = crate::doctor::check(uri, host.as_deref());
-    for f in &findings {
-        let status = match f.status {
-            Status::Ok => "ok  ",
-            Status::Warn => "warn",
-            Status::Fail => "FAIL",
-        };
-        println!("{status} {:<17} {}", f.what, f.detail);
+    for finding in &findings {
+        println!("{}", escape(&finding.to_string()));
     }
     if findings.iter().any(|f| f.status == Status::Fail) {
         ExitCode::Infrastructure
@@ -969,10 +935,19 @@ impl Failure {
 
     /// A tool failed while doing `doing`: bad input when the tool refused its input.
     fn tool(doing: String, error: crate::tools::ToolError) -> Failure {
+        Failure::doing(error.exit_code(), doing, error)
+    }
+
+    /// `error` happened while doing `doing`, and means `exit`.
+    fn doing(
+        exit: ExitCode,
+        doing: impl Into<String>,
+        error: impl std::error::Error + 'static,
+    ) -> Failure {
         Failure {
-            exit: error.exit_code(),
+            exit,
             error: Box::new(Context {
-                doing,
+                doing: doing.into(),
                 source: Box::new(error),
             }),
         }
@@ -1010,8 +985,14 @@ impl Failure {
 
 /// Prints a command's error, if any, with its chain, and turns it into the exit code.
 fn report(result: Result<(), Failure>) -> std::process::ExitCode {
+    ended(result.map(|()| ExitCode::Success))
+}
+
+/// A command's exit code, or its error printed with its chain and turned into the exit
+/// code.
+fn ended(result: Result<ExitCode, Failure>) -> std::process::ExitCode {
     match result {
-        Ok(()) => ExitCode::Success.into(),
+        Ok(exit) => exit.into(),
         Err(failure) => {
             eprintln!("contractor: {}", escape(&chain(failure.error.as_ref())));
             failure.exit.into()
@@ -1021,25 +1002,17 @@ fn report(result: Result<(), Failure>) -> std::process::ExitCode {
 
 /// `contractor rebuild [ID]` (crate::rebuild): the exit code says whether every artifact
 /// came out identical.
-fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOptions) -> ExitCode {
+fn rebuild(
+    file: &Path,
+    id: Option<&str>,
+    any_image: bool,
+    mut options: BuildOptions,
+) -> Result<ExitCode, Failure> {
     use crate::rebuild;
-    let input = |err: &dyn std::error::Error| {
-        eprintln!("contractor: {}", escape(&chain(err)));
-        ExitCode::BadInput
-    };
-    let mut spec = match spec::load(file) {
-        Ok(spec) => spec,
-        Err(err) => return input(&err),
-    };
+    let mut spec = spec::load(file).map_err(Failure::input)?;
     let store = store_of(file);
-    let original = match records::show(&store, id) {
-        Ok(record) => record,
-        Err(err) => return input(&err),
-    };
-    let plan = match rebuild_plan(&original.dir, file, &spec, any_image) {
-        Ok(plan) => plan,
-        Err(exit) => return exit,
-    };
+    let original = records::show(&store, id).map_err(Failure::input)?;
+    let plan = rebuild_plan(&original.dir, file, &spec, any_image)?;
     for warning in &plan.warnings {
         eprintln!("contractor: warning: {}", escape(warning));
     }
@@ -1048,9 +1021,7 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
     spec.lock = Some(rebuild::pins(&plan.downloads));
     spec.cache_paths.clear();
     let tar = store.join(format!(".rebuild-{}.tar", std::process::id()));
-    if let Err(err) = rebuild::copy_source(&store, &original.id, &tar) {
-        return input(&err);
-    }
+    rebuild::copy_source(&store, &original.id, &tar).map_err(Failure::input)?;
     options.packed = Some(build::PackedSource {
         tar: tar.clone(),
         entries: 0,
@@ -1070,47 +1041,29 @@ fn rebuild(file: &Path, id: Option<&str>, any_image: bool, mut options: BuildOpt
                 "contractor: the rebuild could not run: {}",
                 shown_chain(&lines)
             );
-            return exit;
+            return Ok(exit);
         }
     };
     let result = &report.result;
     let rebuilt = store.join("builds").join(&result.id);
-    match rebuild::compare(&original.dir, &rebuilt, &plan) {
-        Ok(compared) => rebuild_summary(result, &compared),
-        Err(err) => {
-            eprintln!(
-                "contractor: cannot compare the artifacts: {}",
-                escape(&chain(&err))
-            );
-            ExitCode::Infrastructure
-        }
-    }
+    let compared = rebuild::compare(&original.dir, &rebuilt, &plan)
+        .map_err(|e| Failure::doing(ExitCode::Infrastructure, "cannot compare the artifacts", e))?;
+    Ok(rebuild_summary(result, &compared))
 }
 
 /// What `contractor-attest plan` says of the record in `dir`, weighed against `spec` (read
-/// from `file`) and this host's images; on failure or refusal, the exit code (said on
-/// stderr).
+/// from `file`) and this host's images.
 fn rebuild_plan(
     dir: &Path,
     file: &Path,
     spec: &spec::BuildSpec,
     any_image: bool,
-) -> Result<crate::rebuild::RebuildPlan, ExitCode> {
-    let images = image::list().map_err(|err| {
-        eprintln!(
-            "contractor: cannot list the images: {}",
-            escape(&chain(&err))
-        );
-        err.exit_code()
-    })?;
+) -> Result<crate::rebuild::RebuildPlan, Failure> {
+    let images =
+        image::list().map_err(|e| Failure::doing(e.exit_code(), "cannot list the images", e))?;
     let manifests: Vec<image::Manifest> = images.into_iter().map(|i| i.manifest).collect();
-    crate::rebuild::plan(dir, file, spec, &manifests, any_image).map_err(|err| {
-        eprintln!("contractor: {}", escape(&chain(&err)));
-        match err.is_bad_input() {
-            true => ExitCode::BadInput,
-            false => ExitCode::Infrastructure,
-        }
-    })
+    crate::rebuild::plan(dir, file, spec, &manifests, any_image)
+        .map_err(|e| Failure::judged(e.is_bad_input(), e))
 }
 
 /// The rebuild's report: each artifact's verdict on stdout, then how it ended and what

@@ -209,3 +209,27 @@ fn a_shell_in_a_build_without_a_readable_kept_vm_names_the_file_and_what_to_do()
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains(&file), "{}", text(&out.stderr));
 }
+
+#[test]
+fn a_shell_or_doctor_refusing_a_hostile_name_shows_it_escaped() {
+    // A spec path or a build host's name with a terminal escape in it: refused as the
+    // user's input (exit 2) in the one way every command reports, never written raw.
+    let project = Project::new();
+    let file = project.path.join("\u{1b}[2J/contractor.toml");
+    let file = file.to_str().expect("utf-8");
+    for args in [
+        &["shell", "-f", file][..],
+        &["doctor", "--host", "\u{1b}[2Jx y"],
+    ] {
+        let out = project.contractor(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.starts_with("contractor: ")
+                && stderr.contains("[2J")
+                && !stderr.contains('\u{1b}')
+                && stderr.lines().count() == 1,
+            "{args:?}: {stderr:?}"
+        );
+    }
+}

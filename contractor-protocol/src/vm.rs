@@ -272,6 +272,19 @@ impl Finding {
     }
 }
 
+impl std::fmt::Display for Finding {
+    /// Its line in `contractor doctor`: `ok  `, `warn` or `FAIL`, what was checked (padded
+    /// to 17 columns), and what was found.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let status = match self.status {
+            FindingStatus::Ok => "ok  ",
+            FindingStatus::Warn => "warn",
+            FindingStatus::Fail => "FAIL",
+        };
+        write!(f, "{status} {:<17} {}", self.what, self.detail)
+    }
+}
+
 /// How a [`Finding`] came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -338,4 +351,27 @@ pub struct Probe {
     /// When not fine: the error and its causes, outermost first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub error: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_finding_is_one_doctor_line_with_its_status_in_four_columns() {
+        let line =
+            |status, what: &str, detail: &str| Finding::new(status, what, detail).to_string();
+        assert_eq!(
+            line(FindingStatus::Ok, "libvirt", "qemu:///system answers"),
+            "ok   libvirt           qemu:///system answers"
+        );
+        assert_eq!(
+            line(FindingStatus::Warn, "kvm", "absent: builds run under TCG"),
+            "warn kvm               absent: builds run under TCG"
+        );
+        assert_eq!(
+            line(FindingStatus::Fail, "a-longer-what-than-17", "x"),
+            "FAIL a-longer-what-than-17 x"
+        );
+    }
 }

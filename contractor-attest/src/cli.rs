@@ -20,7 +20,7 @@ use contractor_protocol::{ExitCode, PROTOCOL_VERSION};
 
 use crate::{io, AttestError};
 
-const TOOL: &str = "contractor-attest";
+const TOOL: &str = contractor_protocol::tool::names::ATTEST;
 
 /// Sign a build record's provenance, verify it, show the signing key, or plan and compare
 /// a rebuild.

@@ -1223,7 +1223,7 @@ fn list_images() -> Result<(), Failure> {
             "{:<22} {:>9} {:<19} {:<14} {}",
             image.manifest.name,
             human_bytes(image.size),
-            crate::clock::format_utc(image.manifest.created),
+            contractor_protocol::clock::format_utc(image.manifest.created),
             image.manifest.agent_version,
             image.manifest.disk_sha256
         );
@@ -1248,7 +1248,7 @@ fn list_images() -> Result<(), Failure> {
                 snapshot.cpus,
                 snapshot.memory_mib,
                 snapshot.accel,
-                crate::clock::format_utc(snapshot.created)
+                contractor_protocol::clock::format_utc(snapshot.created)
             );
         }
     }

@@ -171,15 +171,6 @@ impl Display {
         }
     }
 
-    /// Whether the build's output and summary go to the user as text (not `--json`).
-    pub fn is_json(&self) -> bool {
-        self.shared
-            .state
-            .lock()
-            .map(|s| s.style == Style::Json)
-            .unwrap_or(false)
-    }
-
     /// Shows one event.
     pub fn event(&self, event: &BuildEvent) {
         if let Ok(mut state) = self.shared.state.lock() {

@@ -7,7 +7,6 @@ pub use contractor_spec::allow;
 pub mod app;
 pub mod build;
 pub mod cache;
-pub mod clock;
 pub mod display;
 pub mod doctor;
 pub mod downloads;

@@ -7,7 +7,7 @@
 //! `signing-key` in the data directory) and the facts only it knows (the spec as given, how
 //! the VM ran), and the confined tool does the rest (docs/provenance.md, docs/security.md).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::SystemTime;
 
 use contractor_protocol::attest::{AttestAnswer, AttestRequest, SignRequest};
@@ -27,7 +27,7 @@ pub use contractor_protocol::attest::{KEY_FILE, KEY_VARIABLE};
 pub enum ProvenanceError {
     /// There is no data directory for the key.
     #[error("no place for the signing key")]
-    DataDir(#[source] contractor_protocol::image::NoDataDir),
+    DataDir(#[from] contractor_protocol::image::NoDataDir),
     /// contractor-attest refused its input (a bad key or envelope, a rebuild it refuses),
     /// failed, or could not be asked: its own messages when it said why.
     #[error(transparent)]
@@ -47,7 +47,7 @@ impl ProvenanceError {
 /// Asks `contractor-attest` `request` and returns its answer (whatever its exit code: a
 /// verdict that does not verify is the caller's to judge).
 pub(crate) fn ask(request: &AttestRequest) -> Result<AttestAnswer, ProvenanceError> {
-    match tools::ask(tools::ATTEST, request) {
+    match tools::ask(tools::ATTEST, &[], request) {
         Ok((answer, _)) => Ok(answer),
         Err(error) => Err(ToolFailure::from(error).into()),
     }
@@ -62,17 +62,12 @@ pub(crate) fn wrong_answer(request: &'static str) -> ProvenanceError {
     .into()
 }
 
-/// Where the signing key is ([`contractor_protocol::attest::key_path`]). The flag says
-/// whether it is ours to make when missing.
-pub fn key_path() -> Result<(PathBuf, bool), ProvenanceError> {
-    contractor_protocol::attest::key_path().map_err(ProvenanceError::DataDir)
-}
-
 /// The request that signs `result`'s build in `record` with this user's key
-/// ([`key_path`]): the spec as given and how the build ended, and, for the facts only the
-/// caller knows, a build on this host that started at `started_on` and finished now, with
-/// the accelerator asked for by default (`auto`), no snapshot asked for, not offline, no
-/// image manifest, not a rebuild, its build cache not known. The caller sets what differs
+/// ([`contractor_protocol::attest::key_path`]): the spec as given and how the build ended,
+/// and, for the facts only the caller knows, a build on this host that started at
+/// `started_on` and finished now, with the accelerator asked for by default (`auto`), no
+/// snapshot asked for, not offline, no image manifest, not a rebuild, its build cache not
+/// known. The caller sets what differs
 /// (`SignRequest { snapshot, .. }`). contractor-attest signs only a build that ran its
 /// script.
 pub fn sign_request(
@@ -81,7 +76,7 @@ pub fn sign_request(
     result: &BuildResult,
     started_on: SystemTime,
 ) -> Result<SignRequest, ProvenanceError> {
-    let (key, create_key) = key_path()?;
+    let (key, create_key) = contractor_protocol::attest::key_path()?;
     Ok(SignRequest {
         version: PROTOCOL_VERSION,
         record: record.to_path_buf(),
@@ -145,7 +140,7 @@ fn write_signed(request: SignRequest) -> Result<(), ProvenanceError> {
 /// This user's public key as PEM, the key made on first use when it is the data
 /// directory's.
 pub fn public_key() -> Result<String, ProvenanceError> {
-    let (key, create) = key_path()?;
+    let (key, create) = contractor_protocol::attest::key_path()?;
     let request = AttestRequest::Key {
         version: PROTOCOL_VERSION,
         key,
@@ -162,7 +157,7 @@ pub fn public_key() -> Result<String, ProvenanceError> {
 pub fn verify(envelope: &Path, key: Option<&Path>) -> Result<Verified, ProvenanceError> {
     let key = match key {
         Some(key) => key.to_path_buf(),
-        None => key_path()?.0,
+        None => contractor_protocol::attest::key_path()?.0,
     };
     let request = AttestRequest::Verify {
         version: PROTOCOL_VERSION,

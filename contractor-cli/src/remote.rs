@@ -19,6 +19,7 @@ use std::time::Instant;
 use contractor_protocol::build::BuildEvent;
 use contractor_protocol::fleet::{
     Fleet, FleetRequest, HostProbe, ResolveRequest, Resolved, SendLine, SessionRequest,
+    HOSTS_COMMAND, RESOLVE_COMMAND,
 };
 use contractor_protocol::hosted::RECORD_OVERHEAD_BYTES;
 use contractor_protocol::result::{error_chain, BuildCode, ErrorInfo};
@@ -38,9 +39,9 @@ pub fn resolve(given: &[String]) -> Result<(Vec<String>, Option<PathBuf>), Strin
         version: PROTOCOL_VERSION,
         hosts: given.to_vec(),
     };
-    let asked = ask::<Resolved>(contractor_protocol::fleet::RESOLVE_COMMAND, &request);
+    let asked = tools::ask::<_, Resolved>(tools::HOST, &[RESOLVE_COMMAND], &request);
     asked
-        .map(|r| (r.hosts, r.config))
+        .map(|(r, _)| (r.hosts, r.config))
         .map_err(|err| match err.messages() {
             Some(messages) if err.is_bad_input() => error_chain(&messages).join(": "),
             _ => error_chain(&err).join(": "),
@@ -56,17 +57,7 @@ pub fn fleet(hosts: &[String], cpus: u32, memory_mib: u64) -> Result<Fleet, tool
         cpus,
         memory_mib,
     };
-    ask(contractor_protocol::fleet::HOSTS_COMMAND, &request)
-}
-
-/// `contractor-host`'s one answer to `request` on its `subcommand`.
-fn ask<T: serde::de::DeserializeOwned>(
-    subcommand: &str,
-    request: &impl serde::Serialize,
-) -> Result<T, tools::ToolError> {
-    let mut command = tools::command(tools::HOST)?;
-    command.arg(subcommand);
-    tools::ask_of(tools::HOST, command, request).map(|(answer, _)| answer)
+    tools::ask(tools::HOST, &[HOSTS_COMMAND], &request).map(|(fleet, _)| fleet)
 }
 
 /// A `contractor-host send` that has chosen the build host and waits for the build.

@@ -19,21 +19,8 @@ pub use contractor_protocol::tool::{
 };
 use serde::de::DeserializeOwned;
 
-/// The store tool.
-pub const STORE: &str = "contractor-store";
-/// The proxy tool.
-pub const PROXY: &str = "contractor-proxy";
-/// The VM tool.
-pub const VM: &str = "contractor-vm";
-/// The run tool.
-pub const RUN: &str = "contractor-run";
-/// The provenance tool (signs, verifies, holds the key).
-pub const ATTEST: &str = "contractor-attest";
-/// The build hosts' tool (`send` runs a session with a build host, `hosts` reports them).
-pub const HOST: &str = "contractor-host";
-/// The launcher that confines QEMU under `qemu:///session` (started by libvirt, found by
-/// `contractor-vm`).
-pub const QEMU_LAUNCHER: &str = "contractor-qemu";
+/// The tools' names (`STORE`, `PROXY`, `VM`, `RUN`, `ATTEST`, `HOST`, `QEMU_LAUNCHER`).
+pub use contractor_protocol::tool::names::*;
 
 /// Where the front end looks for the tools.
 const TOOLS: Locator = Locator {
@@ -60,11 +47,14 @@ pub fn answer<T: DeserializeOwned>(
     answer_of(name, command)
 }
 
-/// Runs tool `name` to completion with `request` as its stdin (one JSON line) and returns
-/// its one JSON answer and its exit code (`contractor_protocol::tool::ask_of`).
+/// Tool `name`'s one answer to `request`, run with `args` (a subcommand), and its exit
+/// code.
 pub fn ask<R: serde::Serialize, T: DeserializeOwned>(
     name: &'static str,
+    args: &[&str],
     request: &R,
 ) -> Result<(T, Option<i32>), ToolError> {
-    ask_of(name, command(name)?, request)
+    let mut command = command(name)?;
+    command.args(args);
+    ask_of(name, command, request)
 }

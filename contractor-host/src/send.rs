@@ -42,14 +42,14 @@ use crate::RELEASE;
 
 /// The executable the build host runs for a hosted build (found on its `PATH`;
 /// `contractor` and the tools it composes are taken from beside it).
-pub const REMOTE_TOOL: &str = "contractor-host";
+pub const REMOTE_TOOL: &str = contractor_protocol::tool::names::HOST;
 
 /// After Ctrl-C, how long the build host has to end the build and send its record back
 /// before the session is cut.
 pub const INTERRUPT_GRACE: Duration = Duration::from_secs(20);
 
 /// The store tool, which receives the record.
-const STORE: &str = "contractor-store";
+use contractor_protocol::tool::names::STORE;
 
 /// Where this tool finds the others it starts (`contractor-store`): beside itself, or in
 /// `$CONTRACTOR_BIN`.

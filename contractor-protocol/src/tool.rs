@@ -12,6 +12,7 @@
 pub mod answers;
 pub mod failure;
 pub mod lines;
+pub mod names;
 pub mod signals;
 pub mod stop;
 

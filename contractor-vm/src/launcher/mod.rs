@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 pub use policy::{QemuPolicy, POLICY_ENV};
 
 /// The launcher's file name, looked for beside `contractor-vm` (or in `$CONTRACTOR_BIN`).
-pub const LAUNCHER_NAME: &str = "contractor-qemu";
+pub const LAUNCHER_NAME: &str = contractor_protocol::tool::names::QEMU_LAUNCHER;
 
 /// Where the real QEMU is looked for when no policy names it (libvirt's probe).
 pub const QEMU_CANDIDATES: &[&str] = &["/usr/bin/qemu-system-x86_64", "/usr/libexec/qemu-kvm"];

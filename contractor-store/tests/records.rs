@@ -316,6 +316,16 @@ fn close_record(root: &Path, id: &str, artifacts: &[&str], events: &str) -> std:
     close_record_with(root, id, artifacts, &[], events)
 }
 
+/// The `record_closed` answer of a close that must have succeeded (its stderr shown if not).
+fn closed(out: &std::process::Output) -> contractor_protocol::store::RecordClosed {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one record_closed answer")
+}
+
 /// [`close_record`] with the flags `ended` (how the caller says the build ended).
 fn close_record_with(
     root: &Path,
@@ -378,13 +388,7 @@ fn record_close_writes_the_result_from_the_run_the_index_and_the_proxy() {
         (proxy.join("\n") + "\n").as_bytes(),
     );
     let out = close_record(&fixture.root, id, &["hello"], RUN_EVENTS);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let answer: contractor_protocol::store::RecordClosed =
-        serde_json::from_slice(&out.stdout).expect("one record_closed answer");
+    let answer = closed(&out);
     let record = fixture.root.join("builds").join(id);
     let written: contractor_protocol::result::BuildResult =
         serde_json::from_slice(&std::fs::read(record.join("result.json")).expect("result.json"))
@@ -446,13 +450,7 @@ fn record_close_fails_a_build_whose_download_did_not_match_its_pin() {
         fixture.write(&format!("builds/{id}/artifacts/hello"), b"hello");
         fixture.write(&format!("builds/{id}/proxy.jsonl"), proxy.as_bytes());
         let out = close_record_with(&fixture.root, &id, &["hello"], ended, RUN_EVENTS);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let closed: contractor_protocol::store::RecordClosed =
-            serde_json::from_slice(&out.stdout).expect("answer");
+        let closed = closed(&out);
         let result = closed.result;
         assert_eq!(result.outcome, contractor_protocol::result::Outcome::Failed);
         assert_eq!(result.exit_code, Some(0), "the script's own exit is kept");
@@ -485,13 +483,7 @@ fn record_close_fails_a_success_without_its_artifact_and_a_run_without_finished_
     let missing = "20261125-141502-000001";
     fixture.write(&format!("builds/{missing}/build.log"), b"log");
     let out = close_record(&fixture.root, missing, &["hello", "*.deb"], RUN_EVENTS);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let closed: contractor_protocol::store::RecordClosed =
-        serde_json::from_slice(&out.stdout).expect("answer");
+    let closed = closed(&out);
     assert_eq!(
         closed.result.outcome,
         contractor_protocol::result::Outcome::Failed
@@ -554,13 +546,7 @@ fn record_close_writes_the_callers_outcome_and_still_fails_a_success_without_its
         "-bash: a message may begin with a dash",
     ];
     let out = close_record_with(&fixture.root, stopped, &["hello"], &ended, RUN_EVENTS);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let closed: contractor_protocol::store::RecordClosed =
-        serde_json::from_slice(&out.stdout).expect("answer");
+    let closed = closed(&out);
     let result = closed.result;
     assert_eq!(
         result.outcome,

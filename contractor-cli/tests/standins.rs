@@ -109,9 +109,14 @@ impl Bench {
 
     /// `contractor build` in the project, with the stand-ins.
     fn command(&self) -> Command {
+        self.contractor(&["build"])
+    }
+
+    /// `contractor ARGS` in the project, with the stand-ins.
+    fn contractor(&self, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_contractor"));
         command
-            .arg("build")
+            .args(args)
             .current_dir(self.path("project"))
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -828,5 +833,57 @@ fn flags_that_cannot_go_together_or_with_the_spec_are_refused_before_a_build_sta
         "build with --local",
     ]);
 
+    assert!(bench.records().is_empty(), "no build was started");
+}
+
+#[test]
+fn a_bad_or_missing_spec_or_config_is_one_readable_line_saying_each_thing_once() {
+    let bench = Bench::new();
+    let spec = bench.path("project/contractor.toml");
+    std::fs::write(&spec, "[build]\nscript = \"x\"\nfoo = 1\n").expect("spec");
+    let commands: [&[&str]; 5] = [
+        &["build"],
+        &["allow", "a.example", "--yes"],
+        &["rebuild"],
+        &["shell"],
+        &["hosts", "--host", "build.example"],
+    ];
+    for args in commands {
+        let ended = bench.finish(bench.contractor(args).spawn().expect("start contractor"));
+        ended.assert_exit(2);
+        assert_eq!(
+            ended.stderr,
+            "contractor: contractor.toml: line 3, column 1, at `foo = 1`: unknown field `foo`, \
+             expected one of `image`, `script`, `fetch`, `env`, `artifacts`, `timeout`, \
+             `max_log`, `max_artifacts`\n",
+            "contractor {args:?}"
+        );
+    }
+
+    std::fs::remove_file(&spec).expect("remove the spec");
+    for args in [&["build"][..], &["rebuild"], &["shell"]] {
+        let ended = bench.finish(bench.contractor(args).spawn().expect("start contractor"));
+        ended.assert_exit(2);
+        assert_eq!(
+            ended.stderr,
+            "contractor: cannot read contractor.toml: No such file or directory (os error 2) \
+             (run `contractor build` in a directory with a contractor.toml, or pass -f FILE)\n",
+            "contractor {args:?}"
+        );
+    }
+
+    std::fs::write(&spec, "[build]\nscript = \"x\"\n").expect("spec");
+    let config = bench.path("home/.config/contractor/config.toml");
+    std::fs::create_dir_all(config.parent().expect("its directory")).expect("config dir");
+    std::fs::write(&config, "hosts = []\n[x\n").expect("config");
+    let ended = bench.build();
+    ended.assert_exit(2);
+    assert_eq!(
+        ended.stderr,
+        format!(
+            "contractor: {}: line 2, column 3, at `[x`: invalid table header; expected `.`, `]`\n",
+            config.display()
+        )
+    );
     assert!(bench.records().is_empty(), "no build was started");
 }

@@ -246,8 +246,10 @@ pub fn configured_hosts() -> Result<Vec<BuildHost>, String> {
     };
     let text =
         String::from_utf8(text).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
-    let config: Config =
-        toml::from_str(&text).map_err(|err| format!("{}: {err}", path.display()))?;
+    let config: Config = toml::from_str(&text).map_err(|err| {
+        let problem = contractor_spec::spec::toml_problem(&text, err.message(), err.span());
+        format!("{}: {problem}", path.display())
+    })?;
     let names = match (config.host, config.hosts) {
         (Some(_), Some(_)) => {
             return Err(format!(

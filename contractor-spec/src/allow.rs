@@ -153,7 +153,7 @@ pub fn edited(path: &Path, text: &str, hosts: &[String]) -> Result<String, Allow
         text.parse()
             .map_err(|e: toml_edit::TomlError| AllowError::Toml {
                 path: path.to_path_buf(),
-                detail: e.message().to_string(),
+                detail: crate::spec::toml_problem(text, e.message(), e.span()),
             })?;
     let shape = |field, wanted| AllowError::Shape {
         path: path.to_path_buf(),

@@ -61,19 +61,21 @@ pub struct Pin {
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     /// The file could not be read.
-    #[error("cannot read {path} (a regular file of at most {MAX_LOCK_BYTES} bytes): {source}")]
+    #[error("cannot read {path} (a regular file of at most {MAX_LOCK_BYTES} bytes): {error}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why: said in the message, and so not a `#[source]` (a printed chain would say
+        /// it twice).
+        error: std::io::Error,
     },
     /// The TOML did not parse, or has unknown fields.
     #[error("{path}: {message}")]
     Parse {
         /// The file.
         path: PathBuf,
-        /// toml's message, with line and field.
+        /// `line L, column C: ` and toml's message, naming the field
+        /// ([`crate::spec::toml_problem`]).
         message: String,
     },
     /// A version this release does not read.
@@ -148,7 +150,7 @@ pub fn load(project_dir: &Path) -> Result<Option<Lock>, LockError> {
         contractor_protocol::file::read_regular(&path, MAX_LOCK_BYTES).map_err(|source| {
             LockError::Read {
                 path: path.clone(),
-                source,
+                error: source,
             }
         })?;
     parse(&path, &String::from_utf8_lossy(&bytes)).map(Some)
@@ -158,7 +160,7 @@ pub fn load(project_dir: &Path) -> Result<Option<Lock>, LockError> {
 pub fn parse(path: &Path, text: &str) -> Result<Lock, LockError> {
     let lock: Lock = toml::from_str(text).map_err(|e| LockError::Parse {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        message: crate::spec::toml_problem(text, e.message(), e.span()),
     })?;
     if lock.version != LOCK_VERSION {
         return Err(LockError::Version {
@@ -405,6 +407,26 @@ mod tests {
             assert!(err.starts_with("proj/contractor.lock"), "{err}");
             assert!(err.contains(says), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn lock_toml_errors_are_one_line_and_read_errors_said_once() {
+        let err = parse(
+            Path::new("proj/contractor.lock"),
+            "version = 1\nextra = true\n",
+        )
+        .expect_err("unknown field");
+        assert_eq!(
+            err.to_string(),
+            "proj/contractor.lock: line 2, column 1, at `extra = true`: unknown field `extra`, \
+             expected `version` or `download`"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join(LOCK_FILE)).expect("a directory");
+        let err = load(dir.path()).expect_err("not a file");
+        let chain = contractor_protocol::result::error_chain(&err);
+        assert_eq!(chain.len(), 1, "{chain:?}");
+        assert!(chain[0].contains("not a regular file"), "{chain:?}");
     }
 
     #[test]

@@ -69,8 +69,8 @@ impl Overrides {
             None => None,
         };
         let mut spec = match spec::load_with_images(path, imported) {
-            Err(SpecError::Read { source, .. })
-                if script.is_some() && source.kind() == std::io::ErrorKind::NotFound =>
+            Err(SpecError::Read { error, .. })
+                if script.is_some() && error.kind() == std::io::ErrorKind::NotFound =>
             {
                 let mut spec =
                     spec::parse_with_images(path, "[build]\nscript = \"true\"\n", imported)?;

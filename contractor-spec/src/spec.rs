@@ -73,19 +73,20 @@ pub struct BuildSpec {
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     /// The file could not be read.
-    #[error("cannot read {path}: {source} (run `contractor build` in a directory with a contractor.toml, or pass -f FILE)")]
+    #[error("cannot read {path}: {error} (run `contractor build` in a directory with a contractor.toml, or pass -f FILE)")]
     Read {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why: said in the message, and so not a `#[source]` (a printed chain would say
+        /// it twice).
+        error: std::io::Error,
     },
     /// The TOML did not parse or had unknown fields.
     #[error("{path}: {message}")]
     Parse {
         /// The file.
         path: PathBuf,
-        /// toml's message, with line, column and field.
+        /// `line L, column C: ` and toml's message, naming the field ([`toml_problem`]).
         message: String,
     },
     /// The project's contractor.lock is unreadable or invalid.
@@ -202,12 +203,12 @@ pub fn load_with_images(path: &Path, imported: &[String]) -> Result<BuildSpec, S
         contractor_protocol::file::read_regular(path, MAX_SPEC_BYTES).map_err(|source| {
             SpecError::Read {
                 path: path.to_path_buf(),
-                source,
+                error: source,
             }
         })?;
     let text = String::from_utf8(bytes).map_err(|_| SpecError::Read {
         path: path.to_path_buf(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "it is not UTF-8 text"),
+        error: std::io::Error::new(std::io::ErrorKind::InvalidData, "it is not UTF-8 text"),
     })?;
     let mut spec = parse_with_images(path, &text, imported)?;
     // Absolute, so that the paths in the build record and the summary work from anywhere.
@@ -314,7 +315,7 @@ pub fn parse_with_images(
 ) -> Result<BuildSpec, SpecError> {
     let raw: RawSpec = toml::from_str(text).map_err(|e| SpecError::Parse {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        message: toml_problem(text, e.message(), e.span()),
     })?;
     let check = Checker { path, text };
     let (image, derived) = check.image(raw.build.image, raw.image, imported)?;
@@ -705,6 +706,44 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
+/// The most characters of the offending line that [`toml_problem`] quotes.
+const MAX_QUOTED_CHARS: usize = 80;
+
+/// A TOML parser's complaint about `text` as one line: `line L, column C, at `LINE`: `
+/// (1-based, the column in characters, from `span`; the line as written, trimmed, at most
+/// [`MAX_QUOTED_CHARS`] characters, which names the field when `message` names only the
+/// value) and `message`, its lines joined with `; `. The parser's own rendering is several
+/// lines (the file's line and a caret), which a front end that escapes control characters
+/// would print as one line of `\n`s.
+pub fn toml_problem(text: &str, message: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let what = message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let Some(span) = span else {
+        return what;
+    };
+    let offset = (0..=span.start.min(text.len()))
+        .rev()
+        .find(|&at| text.is_char_boundary(at))
+        .unwrap_or(0);
+    let before = &text[..offset];
+    let line_start = before.rfind('\n').map_or(0, |at| at + 1);
+    let column = before[line_start..].chars().count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    let quoted = match line.char_indices().nth(MAX_QUOTED_CHARS) {
+        _ if line.is_empty() => String::new(),
+        Some((cut, _)) => format!(", at `{}…`", &line[..cut]),
+        None => format!(", at `{line}`"),
+    };
+    format!(
+        "line {}, column {column}{quoted}: {what}",
+        line_of(text, offset)
+    )
+}
+
 /// A spec's duration: contractor-protocol's duration syntax (`90s`, `10m`, `1h30m`), more
 /// than zero.
 pub fn parse_duration(text: &str) -> Option<Duration> {
@@ -1001,6 +1040,64 @@ allow = []
             assert!(message.contains(&format!("`{field}`")), "{message}");
             assert!(message.contains(hint), "{message}");
         }
+    }
+
+    #[test]
+    fn toml_errors_are_one_line_naming_file_line_column_and_field() {
+        for (text, expected) in [
+            (
+                "[build]\nscript = \"x\"\nfoo = 1\n".to_string(),
+                "proj/contractor.toml: line 3, column 1, at `foo = 1`: unknown field `foo`, \
+                 expected one of `image`, `script`, `fetch`, `env`, `artifacts`, `timeout`, \
+                 `max_log`, `max_artifacts`"
+                    .to_string(),
+            ),
+            (
+                "[build]\nscript = \"x\"\n[vm]\ncpus = \"two\"\n".to_string(),
+                "proj/contractor.toml: line 4, column 8, at `cpus = \"two\"`: invalid type: \
+                 string \"two\", expected i64"
+                    .to_string(),
+            ),
+            (
+                "[build]\nscript = x\n".to_string(),
+                "proj/contractor.toml: line 2, column 10, at `script = x`: invalid string; \
+                 expected `\"`, `'`"
+                    .to_string(),
+            ),
+            (
+                "[build]\n  script = \"é\" \"y\"\n".to_string(),
+                "proj/contractor.toml: line 2, column 16, at `script = \"é\" \"y\"`: expected \
+                 newline, `#`"
+                    .to_string(),
+            ),
+            (
+                format!(
+                    "[build]\nscript = \"x\"\n[vm]\ncpus = \"{}\"\n",
+                    "é".repeat(100)
+                ),
+                format!(
+                    "proj/contractor.toml: line 4, column 8, at `cpus = \"{}…`: invalid type: \
+                     string \"{}\", expected i64",
+                    "é".repeat(72),
+                    "é".repeat(100)
+                ),
+            ),
+        ] {
+            let err = parse_text(&text).expect_err(&text);
+            assert_eq!(err.to_string(), expected);
+        }
+    }
+
+    #[test]
+    fn an_unreadable_spec_says_why_once_in_its_chain() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = load_with_images(&dir.path().join("contractor.toml"), &[]).expect_err("missing");
+        let chain = contractor_protocol::result::error_chain(&err).join(": ");
+        assert_eq!(
+            chain.matches("No such file or directory").count(),
+            1,
+            "{chain}"
+        );
     }
 
     #[test]

@@ -17,17 +17,18 @@ calc() {
     awk "BEGIN { printf \"%.3f\", ($1) }"
 }
 
-# median X...: the median of the numbers given (mean of the middle two for an even count).
+# median X...: the median of the numbers given (mean of the middle two for an even count);
+# empty arguments are left out, and with none left it prints nothing (so a row says "-").
 median() {
-    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
-        if (NR == 0) { print ""; exit }
-        if (NR % 2) printf "%.3f", v[(NR + 1) / 2]
-        else printf "%.3f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+    printf '%s\n' "$@" | sort -g | awk '$1 != "" { v[++n] = $1 } END {
+        if (n == 0) { print ""; exit }
+        if (n % 2) printf "%.3f", v[(n + 1) / 2]
+        else printf "%.3f", (v[n / 2] + v[n / 2 + 1]) / 2 }'
 }
 
-# mean X...: the arithmetic mean.
+# mean X...: the arithmetic mean (of the non-empty arguments; nothing when there are none).
 mean() {
-    printf '%s\n' "$@" | awk '{ s += $1 } END { if (NR) printf "%.3f", s / NR }'
+    printf '%s\n' "$@" | awk '$1 != "" { s += $1; n++ } END { if (n) printf "%.3f", s / n }'
 }
 
 # secs X: "1.23 s" (or "-" when X is empty).

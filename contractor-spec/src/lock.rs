@@ -74,7 +74,7 @@ pub enum LockError {
     Parse {
         /// The file.
         path: PathBuf,
-        /// `line L, column C: ` and toml's message, naming the field
+        /// `line L, column C, at `…`: ` and toml's message
         /// ([`crate::spec::toml_problem`]).
         message: String,
     },
@@ -116,12 +116,13 @@ pub enum LockError {
     #[error("build {0} did not succeed; pin the downloads of a build you trust (`contractor builds` lists them)")]
     NotSuccessful(String),
     /// The file could not be written.
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {error}")]
     Write {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why: said in the message, and so not a `#[source]` (a printed chain would say
+        /// it twice).
+        error: std::io::Error,
     },
 }
 
@@ -333,7 +334,7 @@ pub fn write(project_dir: &Path, text: &str) -> Result<PathBuf, LockError> {
             let _ = std::fs::remove_file(&temporary);
             LockError::Write {
                 path: path.clone(),
-                source,
+                error: source,
             }
         })?;
     Ok(path)

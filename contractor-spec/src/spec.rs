@@ -86,7 +86,7 @@ pub enum SpecError {
     Parse {
         /// The file.
         path: PathBuf,
-        /// `line L, column C: ` and toml's message, naming the field ([`toml_problem`]).
+        /// `line L, column C, at `…`: ` and toml's message ([`toml_problem`]).
         message: String,
     },
     /// The project's contractor.lock is unreadable or invalid.
@@ -709,19 +709,26 @@ fn line_of(text: &str, offset: usize) -> usize {
 /// The most characters of the offending line that [`toml_problem`] quotes.
 const MAX_QUOTED_CHARS: usize = 80;
 
-/// A TOML parser's complaint about `text` as one line: `line L, column C, at `LINE`: `
-/// (1-based, the column in characters, from `span`; the line as written, trimmed, at most
-/// [`MAX_QUOTED_CHARS`] characters, which names the field when `message` names only the
-/// value) and `message`, its lines joined with `; `. The parser's own rendering is several
-/// lines (the file's line and a caret), which a front end that escapes control characters
-/// would print as one line of `\n`s.
+/// The most characters of the parser's message that [`toml_problem`] keeps (it repeats a
+/// wrong value whole, and a spec may be 1 MiB).
+const MAX_MESSAGE_CHARS: usize = 300;
+
+/// A TOML parser's complaint about `text` as one line: `line L, column C, at `…`: MESSAGE`
+/// (1-based, the column in characters, from `span`; the quote is the offending line as
+/// written, at most [`MAX_QUOTED_CHARS`] characters around the column with `…` where it is
+/// cut, which names the field when the message names only the value), or MESSAGE alone
+/// without a span. MESSAGE is the parser's, its lines joined with `; `, at most
+/// [`MAX_MESSAGE_CHARS`] characters. The parser's own rendering is several lines (the
+/// file's line and a caret), which a front end that escapes control characters would print
+/// as one line of `\n`s.
 pub fn toml_problem(text: &str, message: &str, span: Option<std::ops::Range<usize>>) -> String {
-    let what = message
+    let joined = message
         .lines()
         .map(str::trim)
         .filter(|line| !line.is_empty())
         .collect::<Vec<_>>()
         .join("; ");
+    let what = cut_chars(&joined, 0, MAX_MESSAGE_CHARS);
     let Some(span) = span else {
         return what;
     };
@@ -732,16 +739,34 @@ pub fn toml_problem(text: &str, message: &str, span: Option<std::ops::Range<usiz
     let before = &text[..offset];
     let line_start = before.rfind('\n').map_or(0, |at| at + 1);
     let column = before[line_start..].chars().count() + 1;
-    let line = text[line_start..].lines().next().unwrap_or("").trim();
-    let quoted = match line.char_indices().nth(MAX_QUOTED_CHARS) {
-        _ if line.is_empty() => String::new(),
-        Some((cut, _)) => format!(", at `{}…`", &line[..cut]),
-        None => format!(", at `{line}`"),
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let indent = line.chars().take_while(|c| c.is_whitespace()).count();
+    let from = (column - 1)
+        .saturating_sub(MAX_QUOTED_CHARS / 2)
+        .saturating_sub(indent);
+    let quoted = cut_chars(line.trim(), from, MAX_QUOTED_CHARS);
+    let quoted = match quoted.as_str() {
+        "" => String::new(),
+        _ => format!(", at `{quoted}`"),
     };
     format!(
         "line {}, column {column}{quoted}: {what}",
         line_of(text, offset)
     )
+}
+
+/// At most `max` characters of `text` from character `from` on, with `…` before when
+/// `from` cut some off and after when the end did.
+fn cut_chars(text: &str, from: usize, max: usize) -> String {
+    let mut chars = text.chars().skip(from);
+    let kept: String = chars.by_ref().take(max).collect();
+    let before = if from > 0 && !kept.is_empty() {
+        "…"
+    } else {
+        ""
+    };
+    let after = if chars.next().is_some() { "…" } else { "" };
+    format!("{before}{kept}{after}")
 }
 
 /// A spec's duration: contractor-protocol's duration syntax (`90s`, `10m`, `1h30m`), more
@@ -1086,6 +1111,33 @@ allow = []
             let err = parse_text(&text).expect_err(&text);
             assert_eq!(err.to_string(), expected);
         }
+    }
+
+    #[test]
+    fn a_toml_error_far_into_a_long_line_is_quoted_around_its_column_and_its_message_is_cut() {
+        // The error is at column 113 of a 114-character line: the quote starts 40
+        // characters before it, with `…` for what it leaves out.
+        let long = "a".repeat(100);
+        let text = format!("[build]\nscript = \"{long}\" x\n");
+        let err = parse_text(&text).expect_err("a value after the string");
+        let line = format!("script = \"{long}\" x");
+        let expected_quote = format!("…{}", &line[72..]);
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "proj/contractor.toml: line 2, column 113, at `{expected_quote}`: expected \
+                 newline, `#`"
+            )
+        );
+        // A wrong value of 1,000 characters: the message keeps 300 and says it was cut.
+        let value = "v".repeat(1000);
+        let text = format!("[build]\nscript = \"x\"\n[vm]\ncpus = \"{value}\"\n");
+        let message = parse_text(&text)
+            .expect_err("a string for cpus")
+            .to_string();
+        let what = message.split_once("`: ").expect("a quote").1;
+        assert_eq!(what.chars().count(), MAX_MESSAGE_CHARS + 1, "{what}");
+        assert!(what.ends_with('…'), "{what}");
     }
 
     #[test]

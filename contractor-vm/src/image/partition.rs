@@ -50,12 +50,13 @@ pub enum Layout {
 #[derive(Debug, thiserror::Error)]
 pub enum PartitionError {
     /// The disk could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         /// The disk.
         path: String,
-        /// Why.
-        source: std::io::Error,
+        /// Why: said in the message, and so not a `#[source]` (a printed chain would say
+        /// it twice).
+        error: std::io::Error,
     },
     /// Neither a file system nor a partition table at the start.
     #[error(
@@ -143,9 +144,9 @@ pub fn file_system_at(file: &mut File, offset: u64) -> std::io::Result<FileSyste
 /// The layout of the raw disk `path`.
 pub fn read(path: &Path) -> Result<Layout, PartitionError> {
     let shown = path.display().to_string();
-    let io = |source| PartitionError::Read {
+    let io = |error| PartitionError::Read {
         path: shown.clone(),
-        source,
+        error,
     };
     let mut file = File::open(path).map_err(io)?;
     let len = file.metadata().map_err(io)?.len();

@@ -202,9 +202,10 @@ fn python_cryptography_verifies_the_envelope_independently() {
         .output()
         .is_ok_and(|o| o.status.success());
     if !have {
-        eprintln!(
-            "SKIPPED: python3 with the cryptography package is missing (apt-get install python3-cryptography; scripts/setup installs it)"
-        );
+        // To the stderr handle: libtest captures eprintln!.
+        let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!(
+            "SKIPPED: python3 with the cryptography package is missing (apt-get install python3-cryptography; scripts/setup installs it)\n"
+        ));
         return;
     }
     let fixture = signed_record();
@@ -262,7 +263,13 @@ fn the_front_end_never_opens_the_signing_key() {
         .output()
         .is_ok_and(|o| o.status.success());
     if !have {
-        eprintln!("SKIPPED: strace is missing (apt-get install strace; scripts/setup installs it)");
+        // To the stderr handle: libtest captures eprintln!.
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!(
+                "SKIPPED: strace is missing (apt-get install strace; scripts/setup installs it)\n"
+            ),
+        );
         return;
     }
     let fixture = signed_record();

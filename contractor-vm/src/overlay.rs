@@ -523,7 +523,11 @@ mod tests {
     #[test]
     fn overlays_keep_the_base_size_and_never_write_the_base() {
         if Command::new("qemu-img").arg("--version").output().is_err() {
-            eprintln!("SKIPPED: qemu-img is not installed");
+            // To the stderr handle: libtest captures eprintln!.
+            let _ = std::io::Write::write_fmt(
+                &mut std::io::stderr(),
+                format_args!("SKIPPED: qemu-img is not installed\n"),
+            );
             return;
         }
         let dir = tempfile::tempdir().expect("tempdir");

@@ -90,7 +90,9 @@ fn a_bad_policy_is_refused_naming_the_field() {
 #[test]
 fn confined_qemu_reads_what_the_policy_grants_and_not_its_neighbour() {
     if !Path::new(QEMU).exists() {
-        eprintln!("skipped: no {QEMU}");
+        // To the stderr handle: libtest captures eprintln!.
+        let _ =
+            std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("skipped: no {QEMU}\n"));
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -124,7 +126,9 @@ fn confined_qemu_reads_what_the_policy_grants_and_not_its_neighbour() {
 #[test]
 fn the_capability_probe_runs_qemu_with_a_warning() {
     if !Path::new(QEMU).exists() {
-        eprintln!("skipped: no {QEMU}");
+        // To the stderr handle: libtest captures eprintln!.
+        let _ =
+            std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("skipped: no {QEMU}\n"));
         return;
     }
     let output = launcher(None, &["-machine", "none", "-version"], "");
@@ -140,7 +144,9 @@ fn the_capability_probe_runs_qemu_with_a_warning() {
 #[test]
 fn confined_qemu_cannot_connect_to_a_unix_socket_of_the_user() {
     if !Path::new(QEMU).exists() {
-        eprintln!("skipped: no {QEMU}");
+        // To the stderr handle: libtest captures eprintln!.
+        let _ =
+            std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("skipped: no {QEMU}\n"));
         return;
     }
     // Landlock does not govern connect(2) to a Unix socket by path; QEMU's policy refuses
@@ -169,7 +175,9 @@ fn confined_qemu_cannot_connect_to_a_unix_socket_of_the_user() {
 #[test]
 fn confined_qemu_cannot_open_a_terminal_of_the_user_nor_make_a_pty() {
     if !Path::new(QEMU).exists() {
-        eprintln!("skipped: no {QEMU}");
+        // To the stderr handle: libtest captures eprintln!.
+        let _ =
+            std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("skipped: no {QEMU}\n"));
         return;
     }
     // A terminal of this test's own, as a user's other terminals are: a QEMU taken over by

@@ -305,7 +305,11 @@ mod tests {
     #[test]
     fn an_overlay_written_here_is_one_qemu_img_checks_clean_and_reads_through() {
         if qemu_img(&["--version".as_ref()]).is_none() {
-            eprintln!("SKIPPED: qemu-img is not installed");
+            // To the stderr handle: libtest captures eprintln!.
+            let _ = std::io::Write::write_fmt(
+                &mut std::io::stderr(),
+                format_args!("SKIPPED: qemu-img is not installed\n"),
+            );
             return;
         }
         let dir = tempfile::tempdir().expect("tempdir");

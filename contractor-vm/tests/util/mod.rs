@@ -103,7 +103,11 @@ pub fn fixture(test: &str) -> Option<Fixture> {
         if std::env::var_os("CONTRACTOR_REQUIRE_VM").is_some() {
             panic!("{message}, and CONTRACTOR_REQUIRE_VM is set");
         }
-        eprintln!("\n!!!!!!!! SKIPPED {test}: {message} !!!!!!!!\n");
+        // To the stderr handle: libtest captures eprintln!.
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("\n!!!!!!!! SKIPPED {test}: {message} !!!!!!!!\n\n"),
+        );
         return None;
     }
     require_libvirt();

@@ -54,8 +54,8 @@ use virt::connect::Connect;
 
 use crate::accel::{is_local_uri, resolve};
 use crate::lifecycle::{
-    checked_spec, conn_uri, create, create_owned, destroy, exists, info_from, launcher_for,
-    libvirt, lookup, own_boot_files, planned_xml, Plan,
+    checked_spec, conn_uri, create, create_owned, destroy, destroy_vm, exists, info_from,
+    launcher_for, libvirt, lookup, own_boot_files, planned_xml, Plan,
 };
 use crate::overlay::{
     build_disk_path, build_overlay_path, create_overlay_on, create_work_dir, delete_overlay,
@@ -68,8 +68,9 @@ use crate::VmError;
 mod seal;
 
 /// The layout version of a snapshot; part of its key. 2: its files are sealed
-/// (`snapshot.json`'s `files`, see [`seal`]).
-pub const SNAPSHOT_LAYOUT: u32 = 2;
+/// (`snapshot.json`'s `files`, see [`seal`]). 3: under KVM the guest's CPU hides vmx and
+/// svm ([`crate::xml::HIDDEN_CPU_FEATURES`]), which a saved state must match.
+pub const SNAPSHOT_LAYOUT: u32 = 3;
 /// The most snapshots (and so restored VMs at once) of one image and shape: 16. A slot is
 /// made only when a build finds every made one in use (that build boots cold and saves
 /// it), so a shape has as many as the most builds of it that ran at once; a build past
@@ -121,6 +122,12 @@ struct Key {
     /// Under `qemu:///session`: the launcher and the QEMU it executes.
     emulator: Option<(PathBuf, PathBuf)>,
     accel: Accel,
+    /// Under KVM, where the guest's CPU is the host's (`host-passthrough`): the sha256 of
+    /// libvirt's description of the host CPU (model, vendor, microcode, features;
+    /// [`host_cpu_signature`]), so that a state saved on one CPU, or before a microcode or
+    /// kernel update changed what the host offers, is never restored onto another. None
+    /// under TCG, whose CPU is QEMU's (its version is above).
+    host_cpu: Option<String>,
     cpus: u32,
     memory_mib: u64,
     disk_gib: Option<u64>,
@@ -333,10 +340,36 @@ fn key_of(
         machine: crate::xml::MACHINE.to_string(),
         emulator: launcher.cloned(),
         accel,
+        host_cpu: match accel {
+            Accel::Kvm => Some(
+                conn.capabilities()
+                    .ok()
+                    .as_deref()
+                    .and_then(host_cpu_signature)
+                    .ok_or("libvirt's capabilities describe no host CPU")?,
+            ),
+            Accel::Tcg | Accel::Auto => None,
+        },
         cpus: spec.cpus,
         memory_mib: spec.memory_mib,
         disk_gib: spec.disk_gib,
     })
+}
+
+/// The sha256 (hex) of the `<cpu>` element of the `<host>` in a libvirt capabilities
+/// document, as written: what KVM's `host-passthrough` gives a guest follows from it. None
+/// when the document has no such element.
+fn host_cpu_signature(capabilities: &str) -> Option<String> {
+    let doc = roxmltree::Document::parse(capabilities).ok()?;
+    let cpu = doc
+        .root_element()
+        .children()
+        .find(|n| n.has_tag_name("host"))?
+        .children()
+        .find(|n| n.has_tag_name("cpu"))?;
+    Some(crate::image::hex(&Sha256::digest(
+        &capabilities.as_bytes()[cpu.range()],
+    )))
 }
 
 fn stamp(path: &Path) -> Result<FileStamp, String> {
@@ -569,8 +602,11 @@ fn make(conn: &Connect, spec: &VmSpec, slot: &Slot, key: &Key, owner: &VmOwner) 
         Ok(vm) => vm,
         Err(err) => return Made::Failed(contractor_protocol::result::joined_chain(&err)),
     };
+    // By the VM as created, not by name: a guest that died (its agent crashed, its kernel
+    // panicked) leaves no domain to look up, and its overlay and copies would stay behind,
+    // so that every later build found them and could not make this slot again.
     let fail = |why: String| {
-        let _ = destroy(conn, &slot.name);
+        let _ = destroy_vm(conn, &vm);
         let _ = std::fs::remove_dir_all(&slot.dir);
         Made::Failed(why)
     };
@@ -921,6 +957,7 @@ mod tests {
             machine: "q35".into(),
             emulator: None,
             accel: Accel::Tcg,
+            host_cpu: None,
             cpus: 2,
             memory_mib: 2048,
             disk_gib: Some(8),
@@ -939,6 +976,40 @@ mod tests {
         );
         assert!(text.contains("memory_mib was 2048, is 4096"), "{text}");
         assert!(!text.contains("cpus"), "{text}");
+    }
+
+    #[test]
+    fn under_kvm_the_key_follows_the_host_cpu_libvirt_describes() {
+        let caps = |microcode: &str| {
+            format!(
+                "<capabilities><host><uuid>u</uuid><cpu><arch>x86_64</arch>\
+                 <model>Skylake-Client-IBRS</model><vendor>Intel</vendor>\
+                 <microcode version='{microcode}'/><feature name='vmx'/></cpu>\
+                 <power_management/></host><guest><os_type>hvm</os_type></guest>\
+                 </capabilities>"
+            )
+        };
+        let before = host_cpu_signature(&caps("240")).expect("a host cpu");
+        assert_eq!(before.len(), 64);
+        assert_eq!(host_cpu_signature(&caps("240")), Some(before.clone()));
+        let after = host_cpu_signature(&caps("248")).expect("a host cpu");
+        assert_ne!(before, after, "a microcode update makes another key");
+        assert_eq!(
+            host_cpu_signature("<capabilities><host><uuid>u</uuid></host></capabilities>"),
+            None
+        );
+        assert_eq!(host_cpu_signature("not xml"), None);
+        let mut kvm = key();
+        kvm.accel = Accel::Kvm;
+        kvm.host_cpu = Some(before);
+        let mut moved = kvm.clone();
+        moved.host_cpu = Some(after);
+        assert_ne!(key_hash(&kvm), key_hash(&moved));
+        assert!(
+            difference(&kvm, &moved).contains("host_cpu"),
+            "{}",
+            difference(&kvm, &moved)
+        );
     }
 
     #[test]

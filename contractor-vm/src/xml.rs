@@ -195,6 +195,27 @@ pub struct Emulator<'a> {
     pub policy: &'a QemuPolicy,
 }
 
+/// The CPU features a build's guest never gets under KVM: hardware virtualisation. With the
+/// host's CPU passed through, `vmx`/`svm` would let the guest run nested VMs and so drive the
+/// host kernel's nested-virtualisation code (the KVM code that guest-to-host escapes have
+/// come through), which no confinement of QEMU covers. A build needs neither. Under TCG the
+/// CPU is left as QEMU's `maximum`: it has no VMX, its SVM is QEMU's own emulation inside the
+/// confined QEMU process, and QEMU 7.2's TCG guest with `svm=off` did not start our agent
+/// (glibc's `_dl_get_origin` assertion in the guest; `vmx=off` alone started it).
+pub const HIDDEN_CPU_FEATURES: [&str; 2] = ["vmx", "svm"];
+
+/// The `<cpu>` element in `mode`, with `hidden` features disabled.
+fn cpu_xml(mode: &str, hidden: &[&str]) -> String {
+    let features: String = hidden
+        .iter()
+        .map(|name| format!("\n    <feature policy='disable' name='{name}'/>"))
+        .collect();
+    if features.is_empty() {
+        return format!("<cpu mode='{mode}' check='none'/>");
+    }
+    format!("<cpu mode='{mode}' check='none'>{features}\n  </cpu>")
+}
+
 /// The XML of a transient builder domain. It carries a `<genid/>` (a VM generation ID,
 /// which libvirt renews whenever the domain is restored from a saved state).
 ///
@@ -218,8 +239,8 @@ pub fn domain_xml(
     let name = identity.name;
     let (uuid, genid) = identity_xml(identity);
     let (domain_type, cpu) = match accel {
-        Accel::Kvm => ("kvm", "<cpu mode='host-passthrough' check='none'/>"),
-        Accel::Tcg | Accel::Auto => ("qemu", "<cpu mode='maximum' check='none'/>"),
+        Accel::Kvm => ("kvm", cpu_xml("host-passthrough", &HIDDEN_CPU_FEATURES)),
+        Accel::Tcg | Accel::Auto => ("qemu", cpu_xml("maximum", &[])),
     };
     let image = &spec.image;
     let initrd = image
@@ -691,6 +712,25 @@ mod tests {
             .find(|n| n.has_tag_name("cpu"))
             .expect("cpu");
         assert_eq!(cpu.attribute("mode"), Some("host-passthrough"));
+    }
+
+    #[test]
+    fn under_kvm_the_guest_never_gets_hardware_virtualisation() {
+        for (accel, hidden) in [(Accel::Kvm, vec!["vmx", "svm"]), (Accel::Tcg, vec![])] {
+            let text = xml(accel);
+            let doc = roxmltree::Document::parse(&text).expect("well-formed XML");
+            let cpu = doc
+                .descendants()
+                .find(|n| n.has_tag_name("cpu"))
+                .expect("cpu");
+            let disabled: Vec<_> = cpu
+                .children()
+                .filter(|n| n.has_tag_name("feature"))
+                .filter(|n| n.attribute("policy") == Some("disable"))
+                .filter_map(|n| n.attribute("name"))
+                .collect();
+            assert_eq!(disabled, hidden, "{accel:?}: {text}");
+        }
     }
 
     #[test]

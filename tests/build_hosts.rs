@@ -526,6 +526,18 @@ fn same_as_local(
             artifact.display()
         );
     }
+    // The signed statement says what the build host's VM ran with, as the local one does
+    // (not the `auto` the front end asked for).
+    let internal = |b: &Build| {
+        let statement =
+            contractor_protocol::attest::read_statement(&b.record.join("provenance.json"))
+                .unwrap_or_else(|e| panic!("the statement of {}: {e}", b.record.display()));
+        statement["predicate"]["buildDefinition"]["internalParameters"].clone()
+    };
+    let (here, there) = (internal(&local), internal(&remote));
+    assert_eq!(there["accelerator"], here["accelerator"], "{there}");
+    assert_ne!(there["accelerator"], "auto", "{there}");
+    assert_eq!(there["buildHost"], host.name().as_str(), "{there}");
     assert!(remote.result.log.starts_with(&remote.record));
     assert!(
         remote.log().contains(output_line),

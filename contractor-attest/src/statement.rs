@@ -34,8 +34,9 @@ pub fn ran_script(facts: &SignRequest) -> bool {
 }
 
 /// How the VM booted, in words: `cold`, `restored from a snapshot`, `cold, then saved as a
-/// snapshot and restored`; with the reason when a snapshot was asked for and not used. A
-/// build host does not report it: that it restores a snapshot if it keeps one.
+/// snapshot and restored`; with the reason when a snapshot was asked for and not used. For a
+/// build host's VM, its report as the front end relayed it; without one, that it restores a
+/// snapshot if it keeps one.
 fn boot(facts: &SignRequest) -> String {
     let why = |report: &SnapshotReport| {
         report
@@ -46,7 +47,7 @@ fn boot(facts: &SignRequest) -> String {
     };
     match &facts.snapshot_report {
         _ if !facts.snapshot => "cold".into(),
-        _ if facts.build_host.is_some() => {
+        None if facts.build_host.is_some() => {
             "on the build host: restored from a snapshot if it keeps one, else cold".into()
         }
         None => "cold".into(),
@@ -348,11 +349,26 @@ mod tests {
             booted(true, false, false, Some("all in use"), None),
             "cold (all in use)"
         );
+        // A build host's VM: its report as relayed, worded as a local one.
         assert_eq!(
-            booted(true, false, false, None, Some("builder")),
-            "on the build host: restored from a snapshot if it keeps one, else cold"
+            booted(true, true, false, None, Some("builder")),
+            "restored from a snapshot"
+        );
+        assert_eq!(
+            booted(true, false, false, Some("all in use"), Some("builder")),
+            "cold (all in use)"
         );
         assert_eq!(booted(false, false, false, None, Some("builder")), "cold");
+        // Without a report (no VM started there): what the build host does.
+        assert_eq!(
+            boot(&SignRequest {
+                snapshot: true,
+                snapshot_report: None,
+                build_host: Some("builder".into()),
+                ..request.clone()
+            }),
+            "on the build host: restored from a snapshot if it keeps one, else cold"
+        );
     }
 
     #[test]

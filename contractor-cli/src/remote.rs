@@ -24,6 +24,7 @@ use contractor_protocol::fleet::{
 use contractor_protocol::hosted::RECORD_OVERHEAD_BYTES;
 use contractor_protocol::result::{error_chain, BuildCode, ErrorInfo};
 use contractor_protocol::tool::SignalWatch;
+use contractor_protocol::vm::Accel;
 use contractor_protocol::PROTOCOL_VERSION;
 
 use crate::build::{self, BuildError, BuildOptions, BuildReport, PendingRelease};
@@ -168,8 +169,9 @@ impl Sender {
     }
 
     /// Sends the build and follows the session to `send`'s answer, showing the build's
-    /// events; Ctrl-C and SIGTERM are forwarded to `send`.
-    fn follow(&mut self, session: &SessionRequest, display: &Display) -> SendLine {
+    /// events; Ctrl-C and SIGTERM are forwarded to `send`. Also gives the build host's VM
+    /// as it started (its accelerator and snapshot report), which the provenance records.
+    fn follow(&mut self, session: &SessionRequest, display: &Display) -> (SendLine, VmFacts) {
         let failed = |why: String| SendLine::SessionFailed {
             error: ErrorInfo {
                 code: BuildCode::BuildHost.as_str().into(),
@@ -181,9 +183,18 @@ impl Sender {
             let _ = contractor_protocol::jsonl::write_line(stdin, session);
         }
         let signals = forward_signals(self.child.id());
+        let mut vm = None;
         let answer = loop {
             match self.next() {
-                Ok(Said::Event(event)) => display.event(&event),
+                Ok(Said::Event(event)) => {
+                    if let BuildEvent::VmStarted {
+                        accel, snapshot, ..
+                    } = &*event
+                    {
+                        vm = Some((*accel, snapshot.clone()));
+                    }
+                    display.event(&event)
+                }
                 Ok(Said::Send(answer)) => break answer,
                 Err(why) => break failed(why),
             }
@@ -191,7 +202,7 @@ impl Sender {
         let forwarded = signals.signal();
         drop(signals);
         // A `send` that a forwarded signal ended before its answer was interrupted.
-        match (forwarded, &answer) {
+        let answer = match (forwarded, &answer) {
             (Some(signal), SendLine::SessionFailed { .. })
                 if self.child.try_wait().is_ok_and(|s| s.is_some()) =>
             {
@@ -200,7 +211,8 @@ impl Sender {
                 }
             }
             _ => answer,
-        }
+        };
+        (answer, vm)
     }
 
     /// Waits for `send` to end the session (closes its stdin first).
@@ -210,6 +222,10 @@ impl Sender {
         let _ = self.child.wait();
     }
 }
+
+/// The build host's VM as its `vm_started` event described it: its accelerator and snapshot
+/// report; none when no VM started.
+type VmFacts = Option<(Accel, Option<contractor_protocol::vm::SnapshotReport>)>;
 
 /// Forwards Ctrl-C and SIGTERM to `send` (pid `pid`); the watch notes the first one's name.
 fn forward_signals(pid: u32) -> SignalWatch {
@@ -274,7 +290,7 @@ pub fn build_on(
             .saturating_add(spec.max_log_bytes)
             .saturating_add(RECORD_OVERHEAD_BYTES),
     };
-    let answer = sender.follow(&session, display);
+    let (answer, vm_started) = sender.follow(&session, display);
     // The build host releases its VM after the record is sent, and `send` ends with the
     // session: waited for after the summary, as a local build's release is.
     let release = PendingRelease::later(move || sender.end());
@@ -287,8 +303,11 @@ pub fn build_on(
     // re-derives from the record.
     build::write_result(&record, &result);
     // Signed here, after the record came back: the build host never holds the key.
+    // The accelerator and snapshot the build host's VM started with, as its `vm_started`
+    // event said (the request's `auto` only when no VM started).
     let facts = |request| contractor_protocol::attest::SignRequest {
-        accelerator: options.accel,
+        accelerator: vm_started.as_ref().map_or(options.accel, |v| v.0),
+        snapshot_report: vm_started.as_ref().and_then(|v| v.1.clone()),
         snapshot: options.snapshot,
         offline: options.offline,
         build_host: Some(host.clone()),

@@ -217,8 +217,7 @@ impl Bench {
     fn assert_no_standin_left(&self, ended: &Ended) {
         let deadline = Instant::now() + HUNG;
         loop {
-            let alive = self.standin_pids().into_iter().filter(|pid| alive(*pid));
-            let alive: Vec<i32> = alive.collect();
+            let alive = self.live_standins();
             if alive.is_empty() {
                 return;
             }
@@ -241,8 +240,25 @@ impl Bench {
             .collect()
     }
 
+    /// The stand-ins of this bench still running: a recorded pid whose process is alive and
+    /// has this bench's `STANDIN_DIR` in its environment. A pid alone is not enough: once a
+    /// stand-in ended, its pid may be another process's (pids wrap at 32768 here, and a
+    /// busy machine goes through them in a minute), which must be neither blamed nor killed.
+    fn live_standins(&self) -> Vec<i32> {
+        let mut mark = b"STANDIN_DIR=".to_vec();
+        mark.extend_from_slice(self.path("standin").as_os_str().as_encoded_bytes());
+        self.standin_pids()
+            .into_iter()
+            .filter(|pid| alive(*pid))
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == mark.as_slice()))
+            })
+            .collect()
+    }
+
     fn stop_standins(&self) {
-        for pid in self.standin_pids() {
+        for pid in self.live_standins() {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
@@ -613,11 +629,7 @@ fn the_front_end_returns_while_its_detached_holder_still_destroys_the_vm() {
         assert!(Instant::now() < deadline, "contractor build hung");
         std::thread::sleep(Duration::from_millis(20));
     };
-    let holders: Vec<i32> = bench
-        .standin_pids()
-        .into_iter()
-        .filter(|pid| alive(*pid))
-        .collect();
+    let holders = bench.live_standins();
     bench.stop_standins();
     let mut stderr = String::new();
     child

@@ -47,6 +47,10 @@ confinement='{"enforced":true,"no_new_privs":true,"landlock_abi":7,"landlock_fs"
 # standintoken0; empty: none) in its ready line.
 serve() {
 	step "$1-serve"
+	# Trapped before the ready line: the front end may stop the service as soon as it has
+	# read it (another service failed), and a TERM before the trap would leave the sleeper.
+	sleeper=
+	trap 'kill $sleeper 2>/dev/null; exit 0' TERM INT
 	token=
 	case " $* " in
 	*" --own-token "*)
@@ -58,7 +62,6 @@ serve() {
 	sleep 100000 >/dev/null &
 	sleeper=$!
 	echo $sleeper >>"$STANDIN_DIR/pids"
-	trap 'kill $sleeper; exit 0' TERM INT
 	wait $sleeper
 }
 

@@ -101,7 +101,8 @@ changed, the recorded image gone or changed without --any-image), 3 infrastructu
         /// libvirt connection URI (default as for `build`).
         #[arg(long)]
         uri: Option<String>,
-        /// Accelerator: auto uses KVM when the CPU has vmx/svm, TCG otherwise.
+        /// Accelerator: auto uses KVM where it can work (vmx/svm, /dev/kvm open to QEMU's
+        /// user, libvirt offers it), TCG otherwise; kvm where it cannot is refused.
         #[arg(long, value_enum, default_value = "auto")]
         accel: AccelArg,
         /// Boot the VM cold instead of restoring a saved builder.
@@ -241,7 +242,8 @@ struct BuildArgs {
     /// or $CONTRACTOR_LIBVIRT_URI).
     #[arg(long)]
     uri: Option<String>,
-    /// Accelerator: auto uses KVM when the CPU has vmx/svm, TCG otherwise.
+    /// Accelerator: auto uses KVM where it can work (vmx/svm, /dev/kvm open to QEMU's
+    /// user, libvirt offers it), TCG otherwise; kvm where it cannot is refused.
     #[arg(long, value_enum, default_value = "auto")]
     accel: AccelArg,
     /// Show nothing while the build runs, and the summary only if it does not succeed.

@@ -88,6 +88,10 @@ tool_codes! {
     MissingLauncher = "missing_launcher",
     /// No real QEMU for the launcher to execute; exit 3.
     NoQemu = "no_qemu",
+    /// `accel: kvm` where KVM cannot work (no vmx/svm flag, no `/dev/kvm`, the user cannot
+    /// open it under `qemu:///session`, libvirt offers no KVM); exit 2 (3 when libvirt did
+    /// not report its capabilities).
+    KvmUnusable = "kvm_unusable",
     // contractor-vm image.
     /// Not an image name; exit 2.
     BadImageName = "bad_image_name",

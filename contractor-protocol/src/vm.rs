@@ -26,10 +26,12 @@ pub fn default_uri() -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Accel {
-    /// KVM when the CPU has the vmx or svm flag, otherwise TCG.
+    /// KVM where it can work (the CPU has the vmx or svm flag, the user QEMU runs as can
+    /// open `/dev/kvm`, libvirt offers it), otherwise TCG.
     #[default]
     Auto,
-    /// Hardware virtualisation; fails where KVM cannot boot the guest.
+    /// Hardware virtualisation; contractor-vm refuses it where KVM cannot work
+    /// (`kvm_unusable`).
     Kvm,
     /// Software emulation; works everywhere, slower.
     Tcg,
@@ -215,10 +217,22 @@ pub struct HostCheck {
     pub uri: String,
     /// Whether libvirt answers at `uri`.
     pub libvirt: Probe,
-    /// Whether the CPU has the vmx or svm flag (hardware virtualisation).
+    /// Whether the CPU has the vmx or svm flag (hardware virtualisation): this host's, or
+    /// for a remote URI the host CPU of libvirt's capabilities there.
     pub cpu_virt: bool,
-    /// Whether `/dev/kvm` exists.
+    /// Whether `/dev/kvm` exists on this host (false for a remote URI: not seen from here).
     pub dev_kvm: bool,
+    /// Under `qemu:///session`: whether this user may read and write `/dev/kvm` (QEMU runs
+    /// as this user there). Absent under another URI, and from an older contractor-vm's
+    /// answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev_kvm_yours: Option<bool>,
+    /// Whether libvirt's capabilities offer the `kvm` domain type for x86_64 guests (it
+    /// lists it only when the user it runs QEMU as can use KVM). Absent when they were not
+    /// read (a local CPU without the flag) or libvirt did not answer, and from an older
+    /// contractor-vm's answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt_kvm: Option<bool>,
     /// Whether the static guest agent that images are built with is there.
     pub agent: Probe,
     /// The programs the VM host needs (QEMU, qemu-img, mmdebstrap, e2fsprogs), each with
@@ -226,7 +240,8 @@ pub struct HostCheck {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub programs: Vec<ProgramProbe>,
     /// Whether `/dev/kvm` is readable and writable by its group (without udev it may stay
-    /// root-only: libvirt then re-probes QEMU on every call); absent without `/dev/kvm`.
+    /// root-only: libvirt then re-probes QEMU on every call); absent without `/dev/kvm`,
+    /// and for a remote URI.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dev_kvm_group_rw: Option<bool>,
     /// For a user other than root: whether they have subordinate uids (image builds run

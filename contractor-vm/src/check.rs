@@ -17,11 +17,9 @@ use contractor_protocol::vm::{
 };
 use contractor_protocol::PROTOCOL_VERSION;
 
+use crate::accel::{kvm_verdict, KvmFacts, QemuPlace};
 use crate::image::{Image, ImageError};
 use crate::lifecycle::connect;
-
-/// The most of `/proc/cpuinfo` read (its flags lines repeat per CPU; the first suffices).
-const MAX_CPUINFO: u64 = 1 << 20;
 
 /// A probe's answer: fine (with the file found, if any), or the error and its causes.
 fn probe<E: std::error::Error>(found: Result<Option<PathBuf>, E>) -> Probe {
@@ -41,11 +39,14 @@ fn probe<E: std::error::Error>(found: Result<Option<PathBuf>, E>) -> Probe {
 
 /// What `check` reports of this host for libvirt at `uri`: the facts and their findings.
 pub fn host_check(uri: String) -> HostCheck {
-    let libvirt = probe(connect(&uri).map(|_| None));
-    let mut cpuinfo = String::new();
-    if let Ok(file) = std::fs::File::open("/proc/cpuinfo") {
-        let _ = file.take(MAX_CPUINFO).read_to_string(&mut cpuinfo);
-    }
+    let conn = connect(&uri);
+    let libvirt = probe(conn.as_ref().map(|_| None));
+    // The facts `auto` and an explicit `kvm` are decided on, gathered the same way.
+    let kvm = crate::accel::probe(&uri, || {
+        conn.as_ref().ok().and_then(|c| c.capabilities().ok())
+    });
+    drop(conn);
+    let local = kvm.place != QemuPlace::Remote;
     let agent = probe(crate::image::agent_path().map(Some));
     let launcher = crate::lifecycle::session_launcher(&uri).map(|found| probe(found.map(Some)));
     let mut check = HostCheck {
@@ -53,8 +54,10 @@ pub fn host_check(uri: String) -> HostCheck {
         version: PROTOCOL_VERSION,
         uri,
         libvirt,
-        cpu_virt: crate::accel::cpuinfo_has_virt(&cpuinfo),
-        dev_kvm: std::path::Path::new("/dev/kvm").exists(),
+        cpu_virt: kvm.cpu_virt,
+        dev_kvm: kvm.dev_kvm,
+        dev_kvm_yours: kvm.dev_kvm_yours,
+        libvirt_kvm: kvm.libvirt_kvm,
         agent,
         programs: NEEDED_PROGRAMS
             .iter()
@@ -64,7 +67,7 @@ pub fn host_check(uri: String) -> HostCheck {
                 path: which(name),
             })
             .collect(),
-        dev_kvm_group_rw: dev_kvm_group_rw(),
+        dev_kvm_group_rw: dev_kvm_group_rw().filter(|_| local),
         subuids: subuids(),
         space: space(),
         launcher,
@@ -158,20 +161,7 @@ pub fn findings(host: &HostCheck, images: Result<Vec<Image>, ImageError>) -> Vec
     } else {
         Finding::new(Fail, "libvirt", host.libvirt.error.join(": "))
     });
-    found.push(if host.cpu_virt && host.dev_kvm {
-        Finding::new(
-            Ok,
-            "accelerator",
-            "KVM: the CPU has vmx/svm and /dev/kvm exists",
-        )
-    } else {
-        Finding::new(
-            Warn,
-            "accelerator",
-            "TCG (software emulation, several times slower): the CPU has no vmx/svm flag; \
-             builds work, boot takes seconds. On real hardware enable virtualisation in the firmware.",
-        )
-    });
+    found.push(accelerator_finding(host));
     found.push(match (&host.agent.ok, &host.agent.path) {
         (true, Some(path)) => Finding::new(Ok, "guest agent", path.display().to_string()),
         _ => Finding::new(Fail, "guest agent", host.agent.error.join(": ")),
@@ -296,6 +286,38 @@ fn image_finding(images: Result<Vec<Image>, ImageError>) -> Finding {
     }
 }
 
+/// What `auto` picks for `host` and why, judged by [`kvm_verdict`] as `auto` judges it.
+fn accelerator_finding(host: &HostCheck) -> Finding {
+    let facts = KvmFacts {
+        place: QemuPlace::of(&host.uri),
+        cpu_virt: host.cpu_virt,
+        dev_kvm: host.dev_kvm,
+        dev_kvm_yours: host.dev_kvm_yours,
+        libvirt_kvm: host.libvirt_kvm,
+    };
+    let tcg = "TCG (software emulation, several times slower; builds work, boot takes seconds)";
+    match kvm_verdict(&host.uri, &facts) {
+        Ok(()) if facts.place == QemuPlace::Remote => Finding::new(
+            FindingStatus::Ok,
+            "accelerator",
+            format!(
+                "KVM: the host's CPU has vmx/svm and libvirt at {} offers KVM",
+                host.uri
+            ),
+        ),
+        Ok(()) => Finding::new(
+            FindingStatus::Ok,
+            "accelerator",
+            "KVM: the CPU has vmx/svm, /dev/kvm is open to QEMU's user and libvirt offers KVM",
+        ),
+        Err(reason) => Finding::new(
+            FindingStatus::Warn,
+            "accelerator",
+            format!("{tcg}: {reason}"),
+        ),
+    }
+}
+
 fn gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
@@ -318,6 +340,8 @@ mod tests {
             libvirt: ok.clone(),
             cpu_virt: true,
             dev_kvm: true,
+            dev_kvm_yours: Some(true),
+            libvirt_kvm: Some(true),
             agent: ok,
             programs: vec![ProgramProbe {
                 name: "mmdebstrap".into(),
@@ -391,6 +415,74 @@ mod tests {
         assert!(
             found.iter().all(|f| f.what != "QEMU confinement"),
             "{found:?}"
+        );
+    }
+
+    #[test]
+    fn the_accelerator_finding_gives_tcgs_reason_as_auto_decides_it() {
+        use FindingStatus::{Ok, Warn};
+        let session = troubled_host();
+        let accelerator = |host: &HostCheck| {
+            line(
+                &findings(host, std::result::Result::Ok(vec![])),
+                "accelerator",
+            )
+            .clone()
+        };
+        assert_eq!(accelerator(&session).status, Ok);
+        // Not in group kvm: libvirt's own user may use KVM, QEMU running as you may not.
+        let not_yours = accelerator(&HostCheck {
+            dev_kvm_yours: Some(false),
+            ..session.clone()
+        });
+        assert_eq!(not_yours.status, Warn);
+        assert!(
+            not_yours.detail.contains("you cannot open /dev/kvm")
+                && not_yours.detail.contains("group kvm"),
+            "{not_yours:?}"
+        );
+        let no_flag = accelerator(&HostCheck {
+            cpu_virt: false,
+            ..session.clone()
+        });
+        assert!(
+            no_flag.status == Warn && no_flag.detail.contains("no vmx or svm flag"),
+            "{no_flag:?}"
+        );
+        let no_device = accelerator(&HostCheck {
+            dev_kvm: false,
+            ..session.clone()
+        });
+        assert!(
+            no_device.detail.contains("/dev/kvm does not exist"),
+            "{no_device:?}"
+        );
+        let system = HostCheck {
+            uri: "qemu:///system".into(),
+            dev_kvm_yours: None,
+            libvirt_kvm: Some(false),
+            ..session.clone()
+        };
+        let not_offered = accelerator(&system);
+        assert!(
+            not_offered.status == Warn
+                && not_offered
+                    .detail
+                    .contains("libvirt at qemu:///system does not offer KVM"),
+            "{not_offered:?}"
+        );
+        // A remote host goes by its own capabilities, whatever this host has.
+        let remote = HostCheck {
+            uri: "qemu+ssh://builder/system".into(),
+            dev_kvm: false,
+            dev_kvm_yours: None,
+            libvirt_kvm: Some(true),
+            ..session
+        };
+        let there = accelerator(&remote);
+        assert!(
+            there.status == Ok && there.detail.contains("qemu+ssh://builder/system"),
+            "{there:?}"
         );
     }
 

@@ -170,9 +170,10 @@ contractor-vm image import my-distro --disk root.qcow2 --kernel vmlinuz --initrd
 /// Accelerator names on the command line.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum AccelArg {
-    /// KVM when the CPU has vmx/svm and /dev/kvm exists, else TCG.
+    /// KVM where it can work (vmx/svm, /dev/kvm open to QEMU's user, libvirt offers it),
+    /// else TCG.
     Auto,
-    /// Hardware virtualisation.
+    /// Hardware virtualisation; refused (exit 2, `kvm_unusable`) where it cannot work.
     Kvm,
     /// Software emulation.
     Tcg,
@@ -349,6 +350,7 @@ impl CliError {
                 VmError::Unsupported { .. } => ToolCode::Unsupported,
                 VmError::MissingLauncher { .. } => ToolCode::MissingLauncher,
                 VmError::NoQemu => ToolCode::NoQemu,
+                VmError::KvmUnusable { .. } => ToolCode::KvmUnusable,
             },
         }
     }

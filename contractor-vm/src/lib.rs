@@ -36,6 +36,8 @@ use std::path::PathBuf;
 use contractor_protocol::vm::{VmRequest, VmResult};
 use contractor_protocol::{ExitCode, PROTOCOL_VERSION};
 
+use crate::accel::KvmUnusable;
+
 pub use lifecycle::{
     connect, create, create_owned, default_uri, destroy, destroy_vm, list, reap, status, URI_ENV,
 };
@@ -120,12 +122,24 @@ pub enum VmError {
         launcher::QEMU_CANDIDATES.join(", ")
     )]
     NoQemu,
+    /// KVM was asked for explicitly (`accel: kvm`) where it cannot work.
+    #[error("cannot use KVM: {reason}; or use --accel tcg (software emulation, slower)")]
+    KvmUnusable {
+        /// Why, with what would make it work.
+        reason: KvmUnusable,
+    },
     /// This build of contractor-vm does not support the request.
     #[error("unsupported request: {reason}")]
     Unsupported {
         /// What and why.
         reason: String,
     },
+}
+
+impl From<KvmUnusable> for VmError {
+    fn from(reason: KvmUnusable) -> VmError {
+        VmError::KvmUnusable { reason }
+    }
 }
 
 impl VmError {
@@ -138,6 +152,10 @@ impl VmError {
             | VmError::MissingFile { .. }
             | VmError::NotFound { .. }
             | VmError::Unsupported { .. } => ExitCode::BadInput,
+            VmError::KvmUnusable {
+                reason: KvmUnusable::NoCapabilities { .. },
+            } => ExitCode::Infrastructure,
+            VmError::KvmUnusable { .. } => ExitCode::BadInput,
             VmError::Connect { .. }
             | VmError::Overlay(_)
             | VmError::MissingLauncher { .. }

@@ -19,7 +19,7 @@ use virt::domain::{Domain, DomainState};
 use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 
-use crate::accel::{is_local_uri, resolve};
+use crate::accel::{is_local_uri, resolve, KvmUnusable};
 use crate::launcher::policy::{overlay_max_bytes, WritableFile, POLICY_VERSION};
 use crate::launcher::{launcher_path, QemuPolicy, QEMU_CANDIDATES};
 use crate::name::{generate_name, is_contractor_name, validate_name};
@@ -196,7 +196,7 @@ pub fn create_owned(
         Err(e) if is_code(&e, ErrorNumber::NoDomain) => {}
         Err(e) => return Err(libvirt(format!("look up domain {name}"))(e)),
     }
-    let accel = resolve(spec.accel, &uri, || conn.capabilities().ok());
+    let accel = resolve(spec.accel, &uri, || conn.capabilities().ok())?;
     // Under qemu:///session the launcher must exist before any file is made.
     let launcher = launcher_for(conn, &uri)?;
     if let Some(dir) = spec.console_log.parent() {
@@ -668,8 +668,9 @@ pub fn exists(conn: &Connect, name: &str) -> bool {
     }
 }
 
-/// The accelerator `spec` would get at `conn` (resolving `auto`).
-pub fn chosen_accel(conn: &Connect, requested: Accel) -> Accel {
+/// The accelerator `spec` would get at `conn` (resolving `auto`), or why an explicit `kvm`
+/// cannot work there.
+pub fn chosen_accel(conn: &Connect, requested: Accel) -> Result<Accel, KvmUnusable> {
     resolve(requested, &conn_uri(conn), || conn.capabilities().ok())
 }
 

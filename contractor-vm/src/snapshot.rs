@@ -198,7 +198,7 @@ pub fn create_held(conn: &Connect, spec: &VmSpec) -> Result<(VmInfo, Option<Slot
         );
     }
     let spec = checked_spec(spec, true)?;
-    let accel = resolve(spec.accel, &uri, || conn.capabilities().ok());
+    let accel = resolve(spec.accel, &uri, || conn.capabilities().ok())?;
     let launcher = launcher_for(conn, &uri)?;
     let key = match key_of(conn, &spec, accel, &uri, launcher.as_ref()) {
         Ok(key) => key,

@@ -44,6 +44,10 @@ struct Check {
     libvirt: Probe,
     cpu_virt: bool,
     dev_kvm: bool,
+    #[serde(default)]
+    dev_kvm_yours: Option<bool>,
+    #[serde(default)]
+    libvirt_kvm: Option<bool>,
     agent: Probe,
     programs: Vec<serde_json::Value>,
     #[serde(default)]
@@ -256,6 +260,35 @@ fn check_answers_its_findings_each_judged_with_the_fix() {
         line("image")
     );
     assert!(check.findings.iter().all(|f| f.what != "QEMU confinement"));
+}
+
+#[test]
+fn check_of_a_remote_uri_judges_kvm_by_that_libvirts_capabilities() {
+    // libvirt's test driver stands for a remote host: its capabilities list no vmx/svm and
+    // no kvm domain type, whatever this host's CPU and /dev/kvm are.
+    let data = tempfile::tempdir().expect("tempdir");
+    let uri = "test:///default";
+    let out = run(data.path(), &["check", "--uri", uri]);
+    assert!(out.status.success(), "{out:?}");
+    let check: Check = one_line(&out);
+    assert!(check.libvirt.ok, "{:?}", check.libvirt);
+    assert_eq!(
+        (check.cpu_virt, check.dev_kvm, check.libvirt_kvm),
+        (false, false, Some(false))
+    );
+    assert_eq!((check.dev_kvm_yours, check.dev_kvm_group_rw), (None, None));
+    let accelerator = check
+        .findings
+        .iter()
+        .find(|f| f.what == "accelerator")
+        .expect("an accelerator finding");
+    assert_eq!(accelerator.status, "warn");
+    assert!(
+        accelerator
+            .detail
+            .contains("the CPU of libvirt's host at test:///default has no vmx or svm flag"),
+        "{accelerator:?}"
+    );
 }
 
 #[test]

@@ -151,6 +151,46 @@ fn other_bad_input_is_exit_2_with_its_code() {
 }
 
 #[test]
+fn explicit_kvm_where_libvirt_offers_none_is_refused_with_the_reason_and_its_code() {
+    // libvirt's test driver answers capabilities with no vmx/svm and no kvm domain type:
+    // KVM is refused before anything is made, naming the URI and what works instead.
+    let work = tempfile::tempdir().expect("tempdir");
+    let work_dir = work.path().join("vms");
+    let work_dir = work_dir.to_str().expect("utf-8");
+    let out = run(
+        &[
+            "create",
+            "--uri",
+            "test:///default",
+            "--disk",
+            "/nonexistent/base.qcow2",
+            "--kernel",
+            "/nonexistent/vmlinuz",
+            "--work-dir",
+            work_dir,
+            "--accel",
+            "kvm",
+            "--json-errors",
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let error = error_object(&out);
+    assert_eq!(error.code, "kvm_unusable", "{error:?}");
+    let said = &error.chain[0];
+    assert!(
+        said.starts_with(
+            "cannot use KVM: the CPU of libvirt's host at test:///default has no vmx or svm flag"
+        ) && said.contains("--accel tcg"),
+        "{error:?}"
+    );
+    assert!(
+        !work.path().join("vms").exists(),
+        "nothing is made for a refused VM"
+    );
+}
+
+#[test]
 fn help_shows_json_in_and_out_and_json_errors() {
     let out = run(&["--help"], "");
     assert!(out.status.success());

@@ -214,6 +214,44 @@ fn missing_kernel_is_bad_input_naming_the_path() {
 }
 
 #[test]
+fn explicit_kvm_on_a_cpu_without_the_flag_is_refused_before_libvirt_starts_anything() {
+    let Some(fx) =
+        fixture("explicit_kvm_on_a_cpu_without_the_flag_is_refused_before_libvirt_starts_anything")
+    else {
+        return;
+    };
+    use contractor_vm::accel::{cpuinfo_has_virt, read_cpuinfo};
+    if cpuinfo_has_virt(&read_cpuinfo()) {
+        eprintln!(
+            "\n!!!!!!!! SKIPPED: this CPU has vmx/svm; the refusal needs one without !!!!!!!!\n"
+        );
+        return;
+    }
+    let name = vm_name("kvm");
+    let _guard = VmGuard(name.clone());
+    let mut args = fx.create_args(&name);
+    let at = args.iter().position(|a| a == "--accel").expect("--accel") + 1;
+    args[at] = "kvm".into();
+    args.push("--json-errors".into());
+    let out = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let error: contractor_protocol::error::ErrorObject =
+        serde_json::from_str(&stdout).expect("one error object");
+    assert_eq!(error.code.as_str(), "kvm_unusable", "{error:?}");
+    assert!(
+        error.chain[0].starts_with("cannot use KVM: this CPU has no vmx or svm flag")
+            && error.chain[0].ends_with("or use --accel tcg (software emulation, slower)"),
+        "{error:?}"
+    );
+    assert!(!vm_exists(&name));
+    assert!(
+        !fx.work_dir().join(format!("{name}.qcow2")).exists(),
+        "no overlay made"
+    );
+}
+
+#[test]
 fn reap_destroys_vms_whose_owner_exited() {
     let Some(fx) = fixture("reap_destroys_vms_whose_owner_exited") else {
         return;

@@ -2022,3 +2022,56 @@ fn a_build_restored_from_a_snapshot_starts_no_qemu_img() {
         "a restore reads its chain and writes its overlays itself, but ran qemu-img:\n{runs}"
     );
 }
+
+/// Where `auto` picks KVM (a CPU with vmx or svm, a /dev/kvm that libvirt offers and QEMU's
+/// user can open: contractor-vm's own probe decides), a build boots, saves and restores a
+/// snapshot under KVM, its guest sees neither vmx nor svm, and its signed statement says
+/// `kvm`. The development machine has no usable KVM, so there it is skipped, saying so on
+/// stderr; CONTRACTOR_REQUIRE_KVM=1 fails it instead (for a CI runner with KVM).
+#[test]
+fn under_kvm_a_build_restores_hides_vmx_and_svm_and_is_recorded_as_kvm() {
+    let test = "under_kvm_a_build_restores_hides_vmx_and_svm_and_is_recorded_as_kvm";
+    if util::skip_without_vm(test) {
+        return;
+    }
+    let uri = contractor_protocol::vm::default_uri();
+    let capabilities = Command::new("virsh")
+        .args(["-c", &uri, "capabilities"])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned());
+    let facts = contractor_vm::accel::probe(&uri, || capabilities);
+    if let Err(why) = contractor_vm::accel::kvm_verdict(&uri, &facts) {
+        if std::env::var_os("CONTRACTOR_REQUIRE_KVM").is_some_and(|v| v == "1") {
+            panic!("{test} needs KVM and CONTRACTOR_REQUIRE_KVM=1, but {why}");
+        }
+        // To the stderr handle: libtest captures eprintln!.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {test}: no usable KVM here: {why}"
+        );
+        return;
+    }
+    let project = shaped_project("grep -c -w -E 'vmx|svm' /proc/cpuinfo || true", 864);
+    let run = || {
+        let (snapshot, result, stderr) = util::build_json(&project);
+        assert_eq!(result.outcome, Outcome::Success, "stderr:\n{stderr}");
+        assert!(stderr.contains("started (Kvm)"), "stderr:\n{stderr}");
+        let log = std::fs::read_to_string(&result.log).expect("log");
+        assert_eq!(log.trim(), "0", "the guest's CPUs with vmx or svm:\n{log}");
+        let statement = contractor_protocol::attest::read_statement(
+            &result.log.parent().expect("record").join("provenance.json"),
+        )
+        .expect("the statement");
+        assert_eq!(
+            statement["predicate"]["buildDefinition"]["internalParameters"]["accelerator"],
+            "kvm"
+        );
+        snapshot.expect("a snapshot report")
+    };
+    let first = run();
+    assert!(first.restored, "{first:?}");
+    let second = run();
+    assert!(second.restored && !second.created, "{second:?}");
+}

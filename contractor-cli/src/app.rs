@@ -103,8 +103,9 @@ changed, the recorded image gone or changed without --any-image), 3 infrastructu
         uri: Option<String>,
         /// Accelerator: auto uses KVM where it can work (vmx/svm, /dev/kvm open to QEMU's
         /// user, libvirt offers it), TCG otherwise; kvm where it cannot is refused.
-        #[arg(long, value_enum, default_value = "auto")]
-        accel: AccelArg,
+        /// Default: $CONTRACTOR_ACCEL, else auto.
+        #[arg(long, value_enum)]
+        accel: Option<AccelArg>,
         /// Boot the VM cold instead of restoring a saved builder.
         #[arg(long)]
         cold: bool,
@@ -244,8 +245,9 @@ struct BuildArgs {
     uri: Option<String>,
     /// Accelerator: auto uses KVM where it can work (vmx/svm, /dev/kvm open to QEMU's
     /// user, libvirt offers it), TCG otherwise; kvm where it cannot is refused.
-    #[arg(long, value_enum, default_value = "auto")]
-    accel: AccelArg,
+    /// Default: $CONTRACTOR_ACCEL, else auto.
+    #[arg(long, value_enum)]
+    accel: Option<AccelArg>,
     /// Show nothing while the build runs, and the summary only if it does not succeed.
     #[arg(short, long, conflicts_with = "json")]
     quiet: bool,
@@ -378,6 +380,15 @@ enum AccelArg {
     Tcg,
 }
 
+/// `--accel` as given, else `$CONTRACTOR_ACCEL`, else auto; a bad variable is the
+/// problem's words.
+fn accel_of(given: Option<AccelArg>) -> Result<Accel, String> {
+    match given {
+        Some(arg) => Ok(arg.into()),
+        None => contractor_protocol::vm::default_accel(),
+    }
+}
+
 impl From<AccelArg> for Accel {
     fn from(arg: AccelArg) -> Accel {
         match arg {
@@ -424,12 +435,15 @@ pub fn main() -> std::process::ExitCode {
             accel,
             cold,
             file,
-        } => ended(rebuild(
-            &file,
-            id.as_deref(),
-            any_image,
-            BuildOptions::new(uri, accel.into(), None, !cold, true),
-        )),
+        } => match accel_of(accel) {
+            Ok(accel) => ended(rebuild(
+                &file,
+                id.as_deref(),
+                any_image,
+                BuildOptions::new(uri, accel, None, !cold, true),
+            )),
+            Err(problem) => report(Err(Failure::setting(problem))),
+        },
         Command::Show { id, file } => report(show_build(&file, id.as_deref())),
         Command::Allow {
             hosts,
@@ -630,7 +644,7 @@ impl Checked {
             }),
             ..BuildOptions::new(
                 args.uri,
-                args.accel.into(),
+                accel_of(args.accel)?,
                 args.keep.then_some(Keep::OnFailure),
                 !args.cold,
                 args.offline,
@@ -852,7 +866,8 @@ fn shell(file: &Path, id: Option<&str>, uri: Option<String>) -> Result<ExitCode,
             spec.script = "true".into();
             spec.artifacts.clear();
             spec.cache_paths.clear();
-            let options = BuildOptions::new(uri, Accel::Auto, Some(Keep::Always), false, false);
+            let accel = contractor_protocol::vm::default_accel().map_err(Failure::setting)?;
+            let options = BuildOptions::new(uri, accel, Some(Keep::Always), false, false);
             let built = build_here(&spec, &options, Mode::Auto, None);
             match built {
                 Ok(build::BuildReport {

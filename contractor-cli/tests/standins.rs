@@ -816,6 +816,42 @@ fn ctrl_c_while_the_source_is_packed_is_an_interruption() {
 }
 
 #[test]
+fn contractor_accel_sets_the_accelerator_unless_accel_is_given_and_a_bad_value_is_refused() {
+    let accel_asked = |env: Option<&str>, flag: Option<&str>| {
+        let bench = Bench::new();
+        let mut command = bench.command();
+        if let Some(value) = env {
+            command.env("CONTRACTOR_ACCEL", value);
+        }
+        if let Some(value) = flag {
+            command.args(["--accel", value]);
+        }
+        let ended = bench.finish(command.spawn().expect("start contractor"));
+        ended.assert_exit(0);
+        let request = std::fs::read_to_string(bench.path("standin/vm-request"))
+            .expect("contractor-vm's request");
+        let request: serde_json::Value = serde_json::from_str(&request).expect("json");
+        request["spec"]["accel"]
+            .as_str()
+            .or(request["accel"].as_str())
+            .map(String::from)
+            .unwrap_or_else(|| panic!("no accel in {request}"))
+    };
+    assert_eq!(accel_asked(None, None), "auto");
+    assert_eq!(accel_asked(Some("tcg"), None), "tcg");
+    assert_eq!(accel_asked(Some(""), None), "auto");
+    assert_eq!(accel_asked(Some("tcg"), Some("kvm")), "kvm", "--accel wins");
+
+    let bench = Bench::new();
+    let mut command = bench.command();
+    command.env("CONTRACTOR_ACCEL", "fast");
+    let ended = bench.finish(command.spawn().expect("start contractor"));
+    ended.assert_exit(2);
+    ended.assert_says(&["CONTRACTOR_ACCEL is \"fast\"", "auto, kvm or tcg"]);
+    assert!(!bench.reached("vm-create"), "no VM was asked for");
+}
+
+#[test]
 fn flags_that_cannot_go_together_or_with_the_spec_are_refused_before_a_build_starts() {
     let bench = Bench::new();
     let mut command = bench.command();

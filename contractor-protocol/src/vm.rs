@@ -22,6 +22,30 @@ pub fn default_uri() -> String {
     }
 }
 
+/// The environment variable that sets the accelerator when no `--accel` is given: `auto`,
+/// `kvm` or `tcg` ([`default_accel`]); for a machine or a runner whose `auto` should be
+/// overridden without changing every command line.
+pub const ACCEL_ENV: &str = "CONTRACTOR_ACCEL";
+
+/// The accelerator to use when none is given: `$CONTRACTOR_ACCEL` if set and not empty, else
+/// [`Accel::Auto`]; any other value is refused, naming the variable and what it takes.
+pub fn default_accel() -> Result<Accel, String> {
+    match std::env::var(ACCEL_ENV) {
+        Err(std::env::VarError::NotPresent) => Ok(Accel::Auto),
+        Ok(value) => match value.as_str() {
+            "" | "auto" => Ok(Accel::Auto),
+            "kvm" => Ok(Accel::Kvm),
+            "tcg" => Ok(Accel::Tcg),
+            _ => Err(format!(
+                "{ACCEL_ENV} is {value:?}: it takes auto, kvm or tcg (or unset it)"
+            )),
+        },
+        Err(std::env::VarError::NotUnicode(value)) => Err(format!(
+            "{ACCEL_ENV} is {value:?}: it takes auto, kvm or tcg (or unset it)"
+        )),
+    }
+}
+
 /// Which accelerator QEMU uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

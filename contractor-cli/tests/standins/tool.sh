@@ -13,7 +13,8 @@
 #   deaf     the same, and ignores SIGTERM (only SIGKILL ends it)
 #   detached leaves the caller's session (setsid, as the real VM holder does when it lets go
 #            of its VM) and then behaves as deaf: a destroy libvirt is slow to confirm
-# contractor-run keeps the request it read in "$STANDIN_DIR/run-request" for the test to check.
+# contractor-run keeps the request it read in "$STANDIN_DIR/run-request", and contractor-vm
+# create its request in "$STANDIN_DIR/vm-request", for the test to check.
 # contractor-store's `record` requests are the real store's ($STANDIN_STORE), after their step.
 # Every process (and each child it starts) records its pid in "$STANDIN_DIR/pids", so that
 # a test can tell whether one outlived the front end, and stop it if so.
@@ -74,6 +75,7 @@ contractor-vm)
 		printf '{"type":"image","version":1,"image":{"name":"debian-12-build","dir":"%s","boot":{"disk":"%s/disk.qcow2","kernel":"%s/vmlinuz","initrd":"%s/initramfs.img","cmdline":"root=/dev/vda"},"size":3,"manifest":{"version":2,"name":"debian-12-build","suite":"bookworm","created":1,"disk_sha256":"d","agent_version":"0.1.0","agent_sha256":"a","cmdline":"root=/dev/vda"}}}\n' "$dir" "$dir" "$dir" "$dir" ;;
 	create)
 		read -r request
+		printf '%s\n' "$request" >"$STANDIN_DIR/vm-request"
 		step vm-create
 		printf '{"type":"vm","version":1,"vm":{"name":"contractor-standin0001","uri":"qemu:///system","state":"running","control_socket":"%s/control","tunnel_socket":"%s/tunnel","accel":"tcg"}}\n' "$STANDIN_DIR" "$STANDIN_DIR"
 		case $* in

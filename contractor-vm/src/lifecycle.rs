@@ -19,7 +19,7 @@ use virt::domain::{Domain, DomainState};
 use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 
-use crate::accel::{is_local_uri, resolve, KvmUnusable};
+use crate::accel::{is_local_uri, resolve};
 use crate::launcher::policy::{overlay_max_bytes, WritableFile, POLICY_VERSION};
 use crate::launcher::{launcher_path, QemuPolicy, QEMU_CANDIDATES};
 use crate::name::{generate_name, is_contractor_name, validate_name};
@@ -666,12 +666,6 @@ pub fn exists(conn: &Connect, name: &str) -> bool {
         Ok(_) => true,
         Err(e) => !is_code(&e, ErrorNumber::NoDomain),
     }
-}
-
-/// The accelerator `spec` would get at `conn` (resolving `auto`), or why an explicit `kvm`
-/// cannot work there.
-pub fn chosen_accel(conn: &Connect, requested: Accel) -> Result<Accel, KvmUnusable> {
-    resolve(requested, &conn_uri(conn), || conn.capabilities().ok())
 }
 
 #[cfg(test)]
